@@ -1,0 +1,83 @@
+"""Aggregation of site updates (pure numpy). The Controller picks a function from AGGREGATORS by name; robust
+aggregators (geometric median and baselines) register here too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    params: dict  # name -> np.ndarray, the new global parameters
+    site_weights: np.ndarray  # normalised weight each site got, in input order
+
+
+def check_same_keys_and_shapes(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    ref = updates[0]
+    for i, u in enumerate(updates[1:], start=1):
+        if set(u) != set(ref):
+            diff = sorted(set(u) ^ set(ref))[:5]
+            raise ValueError(f"update {i} has different parameter names than update 0: {diff}")
+        for k, v in u.items():
+            if np.shape(v) != np.shape(ref[k]):
+                raise ValueError(f"update {i}: parameter {k} has shape {np.shape(v)}, update 0 has {np.shape(ref[k])}")
+
+
+def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> AggregationResult:
+    """FedAvg: sample-weighted mean of each parameter. Integer buffers (BatchNorm's num_batches_tracked) are
+    averaged too and rounded back to their dtype, so the result loads into the model unchanged."""
+    check_same_keys_and_shapes(updates)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(updates),):
+        raise ValueError(f"need one weight per update: {len(updates)} updates, weights shape {w.shape}")
+    if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w.tolist()}")
+    w = w / w.sum()
+    out = {}
+    for k, ref in updates[0].items():
+        acc = sum(wi * np.asarray(u[k], dtype=np.float64) for wi, u in zip(w, updates))
+        ref = np.asarray(ref)
+        out[k] = np.rint(acc).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else acc.astype(ref.dtype)
+    return AggregationResult(out, w)
+
+
+Aggregator = Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[float]], AggregationResult]
+AGGREGATORS: dict[str, Aggregator] = {"fedavg": weighted_mean}
+
+
+def get_aggregator(name: str) -> Aggregator:
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation {name!r}; choose one of {sorted(AGGREGATORS)}")
+    return AGGREGATORS[name]
+
+
+def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of (update - reference) over all floating-point parameters: how far a site moved the model."""
+    sq = 0.0
+    for k, v in update.items():
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.floating):
+            sq += float(np.sum((v.astype(np.float64) - np.asarray(reference[k], dtype=np.float64)) ** 2))
+    return float(np.sqrt(sq))
+
+
+def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """Why an update cannot be aggregated against the current global model, or None if it can."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing:
+        return f"missing parameters: {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+    if extra:
+        return f"unexpected parameters: {extra[:3]}{' ...' if len(extra) > 3 else ''}"
+    for k, ref in reference.items():
+        v = np.asarray(update[k])
+        if v.shape != np.shape(ref):
+            return f"parameter {k}: shape {v.shape}, expected {np.shape(ref)}"
+        if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+            return f"parameter {k}: contains NaN or Inf"
+    return None

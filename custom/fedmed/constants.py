@@ -1,0 +1,39 @@
+"""Names shared by the core and the NVFlare adapters (keys that cross the wire are defined once, here)."""
+
+# ChestX-ray14 finding order, as in NIH's Data_Entry_2017.csv and most published models.
+CXR14_FINDINGS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+NO_FINDING = "No Finding"
+
+# Keys in FLModel.meta / metrics sent between clients and server.
+META_NUM_SAMPLES = "num_samples"
+META_SITE = "site"
+META_TRAIN_LOSS = "train_loss"
+META_VAL_LOSS = "val_loss"
+META_VAL_MEAN_AUROC = "val_mean_auroc"
+META_VAL_AUROC_PREFIX = "val_auroc/"
+META_EPOCHS = "epochs"
+META_ERROR = "error"
+
+# Columns of a site label CSV (plus one 0/1 column per finding).
+COL_SOP_UID = "SOPInstanceUID"
+COL_STUDY_UID = "StudyInstanceUID"
+COL_SPLIT = "split"
+COL_PATH = "path"
+
+ENV_DB_URL = "FEDMED_DB_URL"
+ENV_SITE_CONFIG = "FEDMED_SITE_CONFIG"

@@ -1,0 +1,220 @@
+"""NVFlare server workflow: rounds of train -> screen -> aggregate -> evaluate -> persist -> record.
+
+Thin adapter over fedmed.aggregation (the math), fedmed.training (evaluation) and fedmed.store (the record).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.security.logging import secure_format_exception
+
+from fedmed import constants as C
+from fedmed.aggregation import find_update_problem, get_aggregator, update_norm
+from fedmed.data.loading import load_test
+from fedmed.flare.persistor import FedMedModelPersistor, params_sha256
+from fedmed.model import build_densenet121, load_numpy_state
+from fedmed.store.models import utcnow
+from fedmed.store.repository import Repository, RoundRecord, UpdateRecord, resolve_db_url
+from fedmed.training import evaluate
+
+
+class FedMedController(ModelController):
+    def __init__(
+        self,
+        num_rounds: int = 5,
+        min_clients: int = 3,
+        round_timeout: int = 0,
+        aggregation: str = "fedavg",
+        test_dicom_root: Optional[str] = None,
+        test_labels_csv: Optional[str] = None,
+        image_size: int = 128,
+        num_outputs: int = 14,
+        db_url: Optional[str] = None,
+        run_name: str = "fedmed",
+        persistor_id: str = AppConstants.DEFAULT_PERSISTOR_ID,
+        train_task_name: str = AppConstants.TASK_TRAIN,
+    ):
+        """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
+
+        Args:
+            num_rounds: number of FL rounds.
+            min_clients: sites that must return a valid update for a round to aggregate; fewer stops the job.
+            round_timeout: seconds to wait for updates each round (0 = wait for all targeted sites).
+            aggregation: name in fedmed.aggregation.AGGREGATORS ("fedavg").
+            test_dicom_root / test_labels_csv: the global test set evaluated each round on the server. Without it
+                the round's score is the sample-weighted mean of the sites' validation AUROC.
+            image_size: input size, same as the sites'.
+            num_outputs: classifier outputs.
+            db_url: SQLAlchemy URL; default $FEDMED_DB_URL, else SQLite fedmed.db in the server workspace.
+            run_name: name recorded for this run.
+            persistor_id: component id of the FedMedModelPersistor.
+            train_task_name: task sent to the sites.
+        """
+        super().__init__(persistor_id=persistor_id, ignore_result_error=None)
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        if min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        if round_timeout < 0:
+            raise ValueError(f"round_timeout must be >= 0, got {round_timeout}")
+        get_aggregator(aggregation)  # raises naming the valid choices
+        if bool(test_dicom_root) != bool(test_labels_csv):
+            raise ValueError("test_dicom_root and test_labels_csv must be given together")
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.round_timeout = round_timeout
+        self.aggregation = aggregation
+        self.test_dicom_root = test_dicom_root
+        self.test_labels_csv = test_labels_csv
+        self.image_size = image_size
+        self.num_outputs = num_outputs
+        self.db_url = db_url
+        self.run_name = run_name
+        self.train_task_name = train_task_name
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def run(self):
+        job_id = self.fl_ctx.get_job_id()
+        workspace_root = Path(self.engine.get_workspace().get_root_dir())
+        repo = Repository(resolve_db_url(workspace_root, self.db_url))
+        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size")}
+        run_id = repo.start_run(self.run_name, job_id, self.aggregation, self.num_rounds, config)
+        self.info(f"run {run_id} ({self.run_name}, job {job_id}): {self.num_rounds} rounds, aggregation {self.aggregation}, "
+                  f"min_clients {self.min_clients}; database {repo.engine.url.render_as_string(hide_password=True)}")
+        test_ds = None
+        if self.test_dicom_root:
+            test_ds = load_test(Path(self.test_dicom_root), Path(self.test_labels_csv), self.image_size)
+            self.info(f"global test set: {len(test_ds)} images")
+        else:
+            self.warning("no global test set configured; rounds are scored by the sites' validation AUROC")
+        eval_model = build_densenet121(self.num_outputs)
+        aggregate = get_aggregator(self.aggregation)
+
+        model = self.load_model()
+        best_round, best_score, status = None, -math.inf, "finished"
+        try:
+            for round_num in range(self.num_rounds):
+                if self.abort_signal.triggered:
+                    status = "aborted"
+                    break
+                started = utcnow()
+                t0 = time.monotonic()
+                targets = self.sample_clients()
+                if len(targets) < self.min_clients:
+                    raise RuntimeError(f"round {round_num}: {len(targets)} site(s) connected, min_clients is {self.min_clients}")
+                model.current_round, model.total_rounds, model.start_round = round_num, self.num_rounds, 0
+                self.info(f"round {round_num + 1}/{self.num_rounds}: sending the global model to {targets}")
+                results = self.send_model_and_wait(
+                    task_name=self.train_task_name, data=model, targets=targets,
+                    min_responses=self.min_clients, timeout=self.round_timeout,
+                )
+                if self.abort_signal.triggered:
+                    status = "aborted"
+                    break
+                accepted, records = self._screen(results, targets, model.params)
+                if len(accepted) < self.min_clients:
+                    repo.record_round(run_id, RoundRecord(round_num, tuple(records), started_at=started))
+                    raise RuntimeError(f"round {round_num}: {len(accepted)} valid update(s), min_clients is "
+                                       f"{self.min_clients}; not aggregating (the global model is left unchanged)")
+                agg = aggregate([r.params for r in accepted], [r.meta[C.META_NUM_SAMPLES] for r in accepted])
+                weight_of = {r.meta["client_name"]: w for r, w in zip(accepted, agg.site_weights)}
+                records = [_with_weight(u, weight_of.get(u.site)) for u in records]
+
+                new_params = agg.params
+                score, test_loss, test_metrics = self._score(eval_model, new_params, test_ds, accepted)
+                model = FLModel(params_type=ParamsType.FULL, params=new_params, meta={"round": round_num})
+                self.save_model(model)
+                sha = params_sha256(new_params)
+                if score > best_score:
+                    best_round, best_score = round_num, score
+                    self._save_best(new_params, {"round": round_num, "score": score, "sha256": sha})
+                try:
+                    repo.record_round(run_id, RoundRecord(round_num, tuple(records), test_loss, score, test_metrics, sha, started))
+                except Exception as e:  # the record must not stop training; the PostgreSQL issue adds a journal
+                    self.error(f"round {round_num}: could not write to the database: {secure_format_exception(e)}")
+                self.info(
+                    f"round {round_num + 1}/{self.num_rounds} done in {time.monotonic() - t0:.0f}s: "
+                    f"{len(accepted)}/{len(targets)} sites, {'test' if test_ds else 'val'} mean AUROC {score:.4f}"
+                    + (f", test loss {test_loss:.4f}" if test_loss is not None else "")
+                    + f"; best {best_score:.4f} (round {best_round + 1})"
+                )
+        except Exception as e:
+            status = "failed"
+            self.error(f"run {run_id} failed: {secure_format_exception(e)}")
+            raise
+        finally:
+            repo.finish_run(run_id, status, best_round, best_score if best_round is not None else None)
+            repo.close()
+        self.info(f"run {run_id} {status}; best mean AUROC {best_score:.4f} at round {best_round + 1 if best_round is not None else '-'}")
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _screen(self, results: list, targets: list, global_params: dict):
+        """Split results into aggregatable updates and DB records (accepted / rejected with reason / missing)."""
+        accepted, records, seen = [], [], set()
+        for r in results:
+            site = r.meta.get("client_name", "?")
+            seen.add(site)
+            n = r.meta.get(C.META_NUM_SAMPLES)
+            metrics = dict(r.metrics or {})
+            reason = None
+            if not isinstance(n, int) or n < 1:
+                reason = f"num_samples must be a positive integer, got {n!r}"
+            elif r.params is None:
+                reason = "no parameters"
+            else:
+                reason = find_update_problem(r.params, global_params)
+            common = dict(site=site, num_samples=n if isinstance(n, int) else 0,
+                          train_loss=metrics.get(C.META_TRAIN_LOSS), val_loss=metrics.get(C.META_VAL_LOSS),
+                          val_mean_auroc=_finite_or_none(metrics.get(C.META_VAL_MEAN_AUROC)),
+                          metrics={k: v for k, v in metrics.items() if _finite_or_none(v) is not None})
+            if reason:
+                self.warning(f"update from {site} rejected: {reason}")
+                records.append(UpdateRecord(status="rejected", reason=reason, **common))
+                continue
+            accepted.append(r)
+            records.append(UpdateRecord(status="accepted", update_norm=update_norm(r.params, global_params),
+                                        update_sha256=params_sha256(r.params), **common))
+        for site in targets:
+            if site not in seen:
+                self.warning(f"no valid result from {site} this round")
+                records.append(UpdateRecord(site=site, status="missing", reason="no result before the round closed"))
+        return accepted, records
+
+    def _score(self, eval_model, params, test_ds, accepted):
+        if test_ds is not None:
+            load_numpy_state(eval_model, params)
+            ev = evaluate(eval_model, test_ds, [f for f in C.CXR14_FINDINGS][: self.num_outputs])
+            metrics = {f"auroc/{k}": v for k, v in ev.aurocs.items()}
+            metrics["loss"] = ev.loss
+            return ev.mean_auroc, ev.loss, metrics
+        scores = [(r.metrics or {}).get(C.META_VAL_MEAN_AUROC) for r in accepted]
+        pairs = [(s, r.meta[C.META_NUM_SAMPLES]) for s, r in zip(scores, accepted) if _finite_or_none(s) is not None]
+        if not pairs:
+            return float("nan"), None, {}
+        return sum(s * n for s, n in pairs) / sum(n for _, n in pairs), None, {}
+
+    def _save_best(self, params, meta):
+        if isinstance(self.persistor, FedMedModelPersistor):
+            path = self.persistor.save_best(params, meta, self.fl_ctx)
+            self.info(f"new best model (round {meta['round'] + 1}, mean AUROC {meta['score']:.4f}) saved to {path}")
+
+
+def _finite_or_none(v):
+    try:
+        return float(v) if v is not None and math.isfinite(float(v)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _with_weight(u: UpdateRecord, weight) -> UpdateRecord:
+    return replace(u, aggregation_weight=float(weight)) if weight is not None else u

@@ -1,0 +1,156 @@
+"""NVFlare Executor run at each hospital: receive the global model, train locally, validate, return the update.
+
+Thin adapter: converts Shareable <-> FLModel <-> numpy params and calls fedmed.training; no math here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.security.logging import secure_format_exception
+
+from fedmed import constants as C
+from fedmed.data.loading import load_train_val
+from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.site_config import SiteConfig, load_site_config
+from fedmed.training import TrainingAborted, evaluate, train_epochs
+
+SITE_CONFIG_FILENAME = "fedmed_site.json"
+
+
+class FedMedTrainer(Executor):
+    def __init__(
+        self,
+        site_config: Optional[str] = None,
+        image_size: int = 128,
+        local_epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 16,
+        seed: int = 0,
+        train_task_name: str = AppConstants.TASK_TRAIN,
+    ):
+        """Local trainer for one hospital.
+
+        Args:
+            site_config: path to this hospital's fedmed_site.json. Default: $FEDMED_SITE_CONFIG, else
+                <site workspace>/local/fedmed_site.json (what site_configs/install puts into a startup kit).
+            image_size: square input size after resizing (the server must use the same).
+            local_epochs: epochs over the local training set per round.
+            lr: Adam learning rate.
+            batch_size: training batch size.
+            seed: base seed; each round and site derive their own from it.
+            train_task_name: the task this executor answers.
+        """
+        super().__init__()
+        if image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {image_size}")
+        if local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.site_config = site_config  # same name as the argument: FedJob serialises attributes by name
+        self.image_size = image_size
+        self.local_epochs = local_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.seed = seed
+        self.train_task_name = train_task_name
+        self._site: Optional[SiteConfig] = None
+        self._train_ds = None
+        self._val_ds = None
+        self._model = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            # Fail at start-up, with the reason, rather than at round 1.
+            try:
+                self._setup(fl_ctx)
+            except Exception as e:
+                self.system_panic(f"fedmed site setup failed: {secure_format_exception(e)}", fl_ctx)
+
+    def _resolve_config_path(self, fl_ctx: FLContext) -> Path:
+        if self.site_config:
+            return Path(self.site_config)
+        if os.environ.get(C.ENV_SITE_CONFIG):
+            return Path(os.environ[C.ENV_SITE_CONFIG])
+        workspace = fl_ctx.get_engine().get_workspace()
+        return Path(workspace.get_site_config_dir()) / SITE_CONFIG_FILENAME
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        site = fl_ctx.get_identity_name()
+        path = self._resolve_config_path(fl_ctx)
+        self._site = load_site_config(path)
+        if self._site.site_name != site:
+            raise ValueError(f"{path} is for site {self._site.site_name!r}, but this client is {site!r}")
+        if self._site.num_threads:
+            torch.set_num_threads(self._site.num_threads)
+        t0 = time.monotonic()
+        self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed)
+        self._model = build_densenet121(len(C.CXR14_FINDINGS))
+        self.log_info(
+            fl_ctx,
+            f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
+            f"data, loaded in {time.monotonic() - t0:.1f}s",
+        )
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name != self.train_task_name:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {self.train_task_name!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if self._model is None:
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        site = fl_ctx.get_identity_name()
+        try:
+            global_model = FLModelUtils.from_shareable(shareable)
+            round_num = int(global_model.current_round or 0)
+            load_numpy_state(self._model, global_model.params)
+            result = self._train_and_validate(site, round_num, fl_ctx, abort_signal)
+            return FLModelUtils.to_shareable(result)
+        except TrainingAborted:
+            self.log_warning(fl_ctx, f"site {site}: training aborted by the server")
+            return make_reply(ReturnCode.TASK_ABORTED)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"site {site}: training failed: {secure_format_exception(e)}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _train_and_validate(self, site: str, round_num: int, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        t0 = time.monotonic()
+
+        def on_epoch_end(epoch: int, loss: float):
+            self.log_info(fl_ctx, f"site {site} round {round_num}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}")
+
+        # Seed differs per round and site so sites don't share augmentation/shuffle streams.
+        seed = self.seed + 1000 * round_num + sum(site.encode())
+        train_loss = train_epochs(
+            self._model, self._train_ds, self.local_epochs, self.lr, self.batch_size, seed,
+            should_abort=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end,
+        )
+        val = evaluate(self._model, self._val_ds, C.CXR14_FINDINGS)
+        self.log_info(
+            fl_ctx,
+            f"site {site} round {round_num}: val loss {val.loss:.4f} mean AUROC {val.mean_auroc:.4f} "
+            f"({len(self._train_ds)} samples, {time.monotonic() - t0:.0f}s)",
+        )
+        metrics = {C.META_TRAIN_LOSS: train_loss, C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc}
+        metrics.update({C.META_VAL_AUROC_PREFIX + k: v for k, v in val.aurocs.items()})
+        return FLModel(
+            params_type=ParamsType.FULL,
+            params=state_to_numpy(self._model),
+            metrics=metrics,
+            meta={C.META_NUM_SAMPLES: len(self._train_ds), C.META_SITE: site, C.META_EPOCHS: self.local_epochs},
+        )

@@ -1,0 +1,36 @@
+"""Model factory. DenseNet-121 from MONAI, single-channel input; the classifier head is named for selective HE."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DenseNet121
+
+# Parameter-name prefix of the classifier head (the part selected for encryption by default).
+HEAD_PREFIX = "class_layers.out."
+
+
+def build_densenet121(num_outputs: int = 14, in_channels: int = 1) -> torch.nn.Module:
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_outputs)
+
+
+def state_to_numpy(model: torch.nn.Module) -> dict:
+    """State dict as numpy arrays (what travels in an FLModel); includes BatchNorm buffers."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: torch.nn.Module, params: dict) -> None:
+    """Load numpy params; raises naming missing/unexpected keys or mismatched shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(params))
+    extra = sorted(set(params) - set(own))
+    if missing or extra:
+        raise ValueError(f"model parameters do not match: missing {missing[:5]}, unexpected {extra[:5]}")
+    tensors = {}
+    for k, v in params.items():
+        t = torch.as_tensor(v)
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise ValueError(f"parameter {k}: shape {tuple(t.shape)} != model's {tuple(own[k].shape)}")
+        tensors[k] = t.to(own[k].dtype)
+    model.load_state_dict(tensors)

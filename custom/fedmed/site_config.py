@@ -1,0 +1,79 @@
+"""A hospital's own settings (one JSON file under site_configs/<site>/), parsed into a frozen, validated object.
+
+Relative paths in the file are resolved against the file's folder, so a site folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+DATA_FORMATS = ("dicom", "chestxray14", "csv_manifest")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: str
+    root: Path  # DICOM tree, ChestX-ray14 folder, or manifest CSV
+    labels_csv: Optional[Path] = None  # DICOM only: labels keyed by SOPInstanceUID
+    val_fraction: float = 0.2  # used when the labels carry no train/val split
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_name: str
+    data: DataConfig
+    num_threads: Optional[int] = None
+    source: Optional[Path] = None
+
+
+def _path(value, base: Path, key: str, source: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{source}: '{key}' must be a non-empty path string, got {value!r}")
+    p = Path(os.path.expandvars(os.path.expanduser(value)))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def parse_site_config(raw: dict, source: Path) -> SiteConfig:
+    base = Path(source).resolve().parent
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: top level must be a JSON object")
+    name = raw.get("site_name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source}: 'site_name' must be a non-empty string, got {name!r}")
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: 'data' must be an object with 'format' and 'root'")
+    fmt = data.get("format")
+    if fmt not in DATA_FORMATS:
+        raise ValueError(f"{source}: data.format must be one of {DATA_FORMATS}, got {fmt!r}")
+    labels = data.get("labels_csv")
+    if fmt == "dicom" and not labels:
+        raise ValueError(f"{source}: data.labels_csv is required for format 'dicom'")
+    val_fraction = data.get("val_fraction", 0.2)
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ValueError(f"{source}: data.val_fraction must be in (0, 1), got {val_fraction!r}")
+    threads = raw.get("resources", {}).get("num_threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{source}: resources.num_threads must be a positive integer, got {threads!r}")
+    return SiteConfig(
+        site_name=name,
+        data=DataConfig(fmt, _path(data.get("root"), base, "data.root", source),
+                        _path(labels, base, "data.labels_csv", source) if labels else None, float(val_fraction)),
+        num_threads=threads,
+        source=Path(source),
+    )
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"site config not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return parse_site_config(raw, path)

@@ -1,0 +1,89 @@
+"""SQLAlchemy 2 models of the FL record: runs, sites, rounds, client updates, round metrics.
+
+Portable types only (no JSONB, no arrays) so one schema runs on SQLite and PostgreSQL. Natural unique keys make
+every write idempotent: replaying a round cannot duplicate it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Optional
+
+from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    job_id: Mapped[str] = mapped_column(String(200), unique=True)
+    aggregation: Mapped[str] = mapped_column(String(50))
+    num_rounds: Mapped[int] = mapped_column(Integer)
+    config_json: Mapped[str] = mapped_column(Text, default="{}")
+    status: Mapped[str] = mapped_column(String(30), default="running")  # running / finished / failed / aborted
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    best_round: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    best_metric: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+
+
+class Site(Base):
+    __tablename__ = "sites"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "round_num"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_num: Mapped[int] = mapped_column(Integer)
+    num_sites: Mapped[int] = mapped_column(Integer)
+    test_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    test_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    global_model_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ClientUpdate(Base):
+    __tablename__ = "client_updates"
+    __table_args__ = (UniqueConstraint("run_id", "round_num", "site_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_num: Mapped[int] = mapped_column(Integer)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    status: Mapped[str] = mapped_column(String(30))  # accepted / rejected / missing
+    reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    num_samples: Mapped[int] = mapped_column(Integer, default=0)
+    update_norm: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    update_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    aggregation_weight: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    train_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    val_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    val_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RoundMetric(Base):
+    """One number per (run, round, scope, metric): scope is 'global_test' or a site name; metric e.g. 'auroc/Mass'."""
+
+    __tablename__ = "round_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "round_num", "scope", "metric"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_num: Mapped[int] = mapped_column(Integer)
+    scope: Mapped[str] = mapped_column(String(200))
+    metric: Mapped[str] = mapped_column(String(200))
+    value: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,84 @@
+"""Local training and evaluation loops (plain PyTorch; the Executor and the Controller call these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedmed.metrics import mean_auroc, per_finding_auroc
+
+
+class TrainingAborted(RuntimeError):
+    """Raised when the caller's abort check fires between batches."""
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    aurocs: dict = field(default_factory=dict)
+    num_samples: int = 0
+
+    @property
+    def mean_auroc(self) -> float:
+        return mean_auroc(self.aurocs)
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    should_abort: Callable[[], bool] = lambda: False,
+    on_epoch_end: Optional[Callable[[int, float], None]] = None,
+) -> float:
+    """Train with Adam and BCE-with-logits; returns the last epoch's mean loss. The optimizer is fresh each call
+    (each FL round starts from the new global model)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(dataset) > batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    epoch_loss = float("nan")
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for images, labels in loader:
+            if should_abort():
+                raise TrainingAborted(f"aborted during epoch {epoch + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+        epoch_loss = total / max(count, 1)
+        if on_epoch_end:
+            on_epoch_end(epoch + 1, epoch_loss)
+    return epoch_loss
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Return (labels, sigmoid probabilities) over the dataset in order."""
+    model.eval()
+    ys, ps = [], []
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        ps.append(torch.sigmoid(model(images)).numpy())
+        ys.append(labels.numpy())
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def evaluate(model: torch.nn.Module, dataset: Dataset, findings: Sequence[str], batch_size: int = 64) -> EvalResult:
+    y, p = predict(model, dataset, batch_size)
+    eps = 1e-7
+    loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
+    return EvalResult(loss=loss, aurocs=per_finding_auroc(y, p, findings), num_samples=len(y))
