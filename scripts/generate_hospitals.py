@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +22,10 @@ from tqdm import tqdm  # noqa: E402
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, generate_hospitals  # noqa: E402
 
 
-def write_site_config(site_dir: Path, site: str) -> Path:
+def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:
     """The same fedmed_site.json a hospital writes by hand (see site_configs/), pointing at the generated data."""
-    cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"}}
+    cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+           "resources": {"num_threads": num_threads}}
     path = site_dir / "fedmed_site.json"
     path.write_text(json.dumps(cfg, indent=2) + "\n")
     return path
@@ -39,11 +41,15 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=20.0, help="Dirichlet concentration of site label priors")
     p.add_argument("--min-prevalence", type=float, default=0.05,
                    help="floor on each finding's prevalence so small sites see rare findings (0 = NIH table)")
+    p.add_argument("--site-threads", type=int, default=max(1, (os.cpu_count() or 1) // len(DEFAULT_HOSPITALS)),
+                   help="torch threads per simulated site (all sites share this machine's cores)")
     a = p.parse_args(argv)
     if a.scale <= 0:
         p.error(f"--scale must be > 0, got {a.scale}")
     if (a.out / "global_test" / "labels.csv").exists():
-        print(f"{a.out} already holds generated hospitals; delete it to regenerate")
+        for h in DEFAULT_HOSPITALS:
+            write_site_config(a.out / h.name, h.name, a.site_threads)
+        print(f"{a.out} already holds generated hospitals (delete it to regenerate)")
         return 0
     hospitals = [replace(h, num_images=max(4, int(round(h.num_images * a.scale)))) for h in DEFAULT_HOSPITALS]
     total = sum(h.num_images for h in hospitals) + a.num_test
@@ -51,7 +57,7 @@ def main(argv=None) -> int:
         written = generate_hospitals(a.out, hospitals, a.num_test, a.seed, a.alpha, a.min_prevalence,
                                      size=a.size, progress=bar.update)
     for h in hospitals:
-        write_site_config(a.out / h.name, h.name)
+        write_site_config(a.out / h.name, h.name, a.site_threads)
     for site, csv_path in written.items():
         print(f"{site}: {csv_path}")
     return 0

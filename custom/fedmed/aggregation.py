@@ -1,18 +1,22 @@
-"""Aggregation of site updates (pure numpy). The Controller picks a function from AGGREGATORS by name; robust
-aggregators (geometric median and baselines) register here too."""
+"""Aggregation of site updates (pure numpy). The Controller picks a function from AGGREGATORS by name: FedAvg here,
+the robust ones (geometric median and baselines) from fedmed.robust behind the same interface."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from fedmed.robust.baselines import coordinate_median, krum, trimmed_mean
+from fedmed.robust.geometric_median import distance_keys, geometric_median
 
 
 @dataclass(frozen=True)
 class AggregationResult:
     params: dict  # name -> np.ndarray, the new global parameters
     site_weights: np.ndarray  # normalised weight each site got, in input order
+    diagnostics: dict = field(default_factory=dict)  # e.g. Weiszfeld iterations and convergence
 
 
 def check_same_keys_and_shapes(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -46,14 +50,42 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
     return AggregationResult(out, w)
 
 
+def geometric_median_aggregation(updates, weights) -> AggregationResult:
+    r = geometric_median(updates, weights)
+    return AggregationResult(r.median, r.site_weights, {"iterations": r.iterations, "converged": r.converged})
+
+
+def _baseline(fn):
+    def aggregate(updates, weights) -> AggregationResult:
+        params, site_weights = fn(updates, weights)
+        return AggregationResult(params, site_weights)
+
+    aggregate.__name__ = fn.__name__
+    return aggregate
+
+
 Aggregator = Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[float]], AggregationResult]
-AGGREGATORS: dict[str, Aggregator] = {"fedavg": weighted_mean}
+AGGREGATORS: dict[str, Aggregator] = {
+    "fedavg": weighted_mean,
+    "geometric_median": geometric_median_aggregation,
+    "coordinate_median": _baseline(coordinate_median),
+    "trimmed_mean": _baseline(trimmed_mean),
+    "krum": _baseline(krum),
+}
 
 
 def get_aggregator(name: str) -> Aggregator:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation {name!r}; choose one of {sorted(AGGREGATORS)}")
     return AGGREGATORS[name]
+
+
+def distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray]) -> float:
+    """L2 distance over the trainable parameters (BatchNorm statistics excluded), accumulated in float64."""
+    sq = 0.0
+    for k in distance_keys(center):
+        sq += float(np.sum((np.asarray(update[k], np.float64) - np.asarray(center[k], np.float64)) ** 2))
+    return float(np.sqrt(sq))
 
 
 def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:

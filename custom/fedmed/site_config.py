@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from fedmed.robust.attacks import Attack, parse_attack
+
 DATA_FORMATS = ("dicom", "chestxray14", "csv_manifest")
 
 
@@ -27,6 +29,7 @@ class SiteConfig:
     site_name: str
     data: DataConfig
     num_threads: Optional[int] = None
+    hostile: Optional[Attack] = None  # rehearsal only: makes this site send hostile updates
     source: Optional[Path] = None
 
 
@@ -59,11 +62,16 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
     threads = raw.get("resources", {}).get("num_threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"{source}: resources.num_threads must be a positive integer, got {threads!r}")
+    try:
+        hostile = parse_attack(raw.get("hostile"))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
     return SiteConfig(
         site_name=name,
         data=DataConfig(fmt, _path(data.get("root"), base, "data.root", source),
                         _path(labels, base, "data.labels_csv", source) if labels else None, float(val_fraction)),
         num_threads=threads,
+        hostile=hostile,
         source=Path(source),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -82,3 +83,14 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, findings: Sequence[str], 
     eps = 1e-7
     loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
     return EvalResult(loss=loss, aurocs=per_finding_auroc(y, p, findings), num_samples=len(y))
+
+
+def round_lr(base_lr: float, round_num: int, total_rounds: int, floor: float = 0.1) -> float:
+    """Cosine decay of the local learning rate over FL rounds, from base_lr to floor*base_lr at the last round:
+    late rounds refine instead of re-perturbing the shared model."""
+    if total_rounds <= 1:
+        return base_lr
+    if not 0 <= round_num < total_rounds:
+        raise ValueError(f"round_num must be in [0, {total_rounds}), got {round_num}")
+    cos = 0.5 * (1 + math.cos(math.pi * round_num / (total_rounds - 1)))
+    return base_lr * (floor + (1 - floor) * cos)

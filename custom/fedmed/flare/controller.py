@@ -17,12 +17,13 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
-from fedmed.aggregation import find_update_problem, get_aggregator, update_norm
+from fedmed.aggregation import distance, find_update_problem, get_aggregator, update_norm
 from fedmed.data.loading import load_test
 from fedmed.flare.persistor import FedMedModelPersistor, params_sha256
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.store.models import utcnow
-from fedmed.store.repository import Repository, RoundRecord, UpdateRecord, resolve_db_url
+from fedmed.robust.trust import SiteTrust, TrustPolicy, round_scores, update_trust
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord, resolve_db_url
 from fedmed.training import evaluate
 
 
@@ -41,6 +42,11 @@ class FedMedController(ModelController):
         run_name: str = "fedmed",
         persistor_id: str = AppConstants.DEFAULT_PERSISTOR_ID,
         train_task_name: str = AppConstants.TASK_TRAIN,
+        trust_smoothing: float = 0.5,
+        trust_ok_ratio: float = 2.0,
+        trust_bad_ratio: float = 4.0,
+        quarantine_below: float = 0.5,
+        readmit_after: int = 2,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -57,6 +63,11 @@ class FedMedController(ModelController):
             run_name: name recorded for this run.
             persistor_id: component id of the FedMedModelPersistor.
             train_task_name: task sent to the sites.
+            trust_smoothing / trust_ok_ratio / trust_bad_ratio / quarantine_below / readmit_after: the trust rule
+                (fedmed.robust.trust.TrustPolicy). Each round a site scores 1 at or below ok_ratio x the median
+                site distance to the aggregate and 0 at or above bad_ratio; trust is a moving average of scores;
+                below quarantine_below the site is excluded from aggregation (still trained and scored) until
+                readmit_after consecutive good rounds.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -79,6 +90,14 @@ class FedMedController(ModelController):
         self.db_url = db_url
         self.run_name = run_name
         self.train_task_name = train_task_name
+        self.trust_smoothing = trust_smoothing
+        self.trust_ok_ratio = trust_ok_ratio
+        self.trust_bad_ratio = trust_bad_ratio
+        self.quarantine_below = quarantine_below
+        self.readmit_after = readmit_after
+        self._policy = TrustPolicy(smoothing=trust_smoothing, ok_ratio=trust_ok_ratio, bad_ratio=trust_bad_ratio,
+                                   quarantine_below=quarantine_below, readmit_after=readmit_after)
+        self._trust: dict[str, SiteTrust] = {}
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -120,17 +139,20 @@ class FedMedController(ModelController):
                 if self.abort_signal.triggered:
                     status = "aborted"
                     break
-                accepted, records = self._screen(results, targets, model.params)
-                if len(accepted) < self.min_clients:
-                    repo.record_round(run_id, RoundRecord(round_num, tuple(records), started_at=started))
-                    raise RuntimeError(f"round {round_num}: {len(accepted)} valid update(s), min_clients is "
+                valid, records = self._screen(results, targets, model.params)
+                active = [r for r in valid if not self._is_quarantined(_site_of(r))]
+                if len(active) < self.min_clients:
+                    repo.record_round(run_id, RoundRecord(round_num, tuple(records.values()), started_at=started))
+                    raise RuntimeError(f"round {round_num}: {len(active)} valid, trusted update(s), min_clients is "
                                        f"{self.min_clients}; not aggregating (the global model is left unchanged)")
-                agg = aggregate([r.params for r in accepted], [r.meta[C.META_NUM_SAMPLES] for r in accepted])
-                weight_of = {r.meta["client_name"]: w for r, w in zip(accepted, agg.site_weights)}
-                records = [_with_weight(u, weight_of.get(u.site)) for u in records]
-
+                agg = aggregate([r.params for r in active], [r.meta[C.META_NUM_SAMPLES] for r in active])
+                weight_of = {_site_of(r): float(w) for r, w in zip(active, agg.site_weights)}
+                alerts = self._score_trust(valid, agg.params, records, weight_of)
                 new_params = agg.params
-                score, test_loss, test_metrics = self._score(eval_model, new_params, test_ds, accepted)
+                if not agg.diagnostics.get("converged", True):
+                    self.warning(f"round {round_num}: geometric median did not converge "
+                                 f"in {agg.diagnostics.get('iterations')} iterations; using the last iterate")
+                score, test_loss, test_metrics = self._score(eval_model, new_params, test_ds, active)
                 model = FLModel(params_type=ParamsType.FULL, params=new_params, meta={"round": round_num})
                 self.save_model(model)
                 sha = params_sha256(new_params)
@@ -138,12 +160,15 @@ class FedMedController(ModelController):
                     best_round, best_score = round_num, score
                     self._save_best(new_params, {"round": round_num, "score": score, "sha256": sha})
                 try:
-                    repo.record_round(run_id, RoundRecord(round_num, tuple(records), test_loss, score, test_metrics, sha, started))
+                    repo.record_round(run_id, RoundRecord(round_num, tuple(records.values()), test_loss, score,
+                                                          test_metrics, sha, started, tuple(alerts)))
                 except Exception as e:  # the record must not stop training; the PostgreSQL issue adds a journal
                     self.error(f"round {round_num}: could not write to the database: {secure_format_exception(e)}")
                 self.info(
                     f"round {round_num + 1}/{self.num_rounds} done in {time.monotonic() - t0:.0f}s: "
-                    f"{len(accepted)}/{len(targets)} sites, {'test' if test_ds else 'val'} mean AUROC {score:.4f}"
+                    f"{len(active)}/{len(targets)} sites aggregated ({self.aggregation}"
+                    + (f", {agg.diagnostics['iterations']} Weiszfeld iterations" if "iterations" in agg.diagnostics else "")
+                    + f"), {'test' if test_ds else 'val'} mean AUROC {score:.4f}"
                     + (f", test loss {test_loss:.4f}" if test_loss is not None else "")
                     + f"; best {best_score:.4f} (round {best_round + 1})"
                 )
@@ -159,11 +184,10 @@ class FedMedController(ModelController):
     # ------------------------------------------------------------------------------------------------------------
 
     def _screen(self, results: list, targets: list, global_params: dict):
-        """Split results into aggregatable updates and DB records (accepted / rejected with reason / missing)."""
-        accepted, records, seen = [], [], set()
+        """Split results into valid updates and per-site DB records (accepted / rejected with reason / missing)."""
+        valid, records = [], {}
         for r in results:
-            site = r.meta.get("client_name", "?")
-            seen.add(site)
+            site = _site_of(r)
             n = r.meta.get(C.META_NUM_SAMPLES)
             metrics = dict(r.metrics or {})
             reason = None
@@ -179,16 +203,49 @@ class FedMedController(ModelController):
                           metrics={k: v for k, v in metrics.items() if _finite_or_none(v) is not None})
             if reason:
                 self.warning(f"update from {site} rejected: {reason}")
-                records.append(UpdateRecord(status="rejected", reason=reason, **common))
+                records[site] = UpdateRecord(status="rejected", reason=reason, **common)
                 continue
-            accepted.append(r)
-            records.append(UpdateRecord(status="accepted", update_norm=update_norm(r.params, global_params),
-                                        update_sha256=params_sha256(r.params), **common))
+            valid.append(r)
+            records[site] = UpdateRecord(status="accepted", update_norm=update_norm(r.params, global_params),
+                                         update_sha256=params_sha256(r.params), **common)
         for site in targets:
-            if site not in seen:
-                self.warning(f"no valid result from {site} this round")
-                records.append(UpdateRecord(site=site, status="missing", reason="no result before the round closed"))
-        return accepted, records
+            if site not in records:
+                self.warning(f"no result from {site} this round")
+                records[site] = UpdateRecord(site=site, status="missing", reason="no result before the round closed")
+        return valid, records
+
+    def _is_quarantined(self, site: str) -> bool:
+        state = self._trust.get(site)
+        return state is not None and state.quarantined
+
+    def _score_trust(self, valid: list, center: dict, records: dict, weight_of: dict) -> list:
+        """Score every valid update (quarantined ones too) by its distance to the aggregate; rejected updates
+        score 0. Updates records in place with distance, score, trust, weight and the final decision."""
+        dist = {_site_of(r): distance(r.params, center) for r in valid}
+        scored = round_scores(dist, self._policy)
+        scores = {site: sc for site, (_, sc) in scored.items()}
+        scores.update({site: 0.0 for site, u in records.items() if u.status == "rejected"})
+        was_quarantined = {site for site in scores if self._is_quarantined(site)}
+        self._trust, events = update_trust(self._trust, scores, self._policy)
+        alerts = [AlertRecord(site, "rejected", u.reason) for site, u in records.items() if u.status == "rejected"]
+        alerts += [AlertRecord(site, kind, msg) for site, kind, msg in events]
+        for site, kind, msg in events:
+            self.warning(msg)
+        for site, u in list(records.items()):
+            if site not in scores:
+                continue
+            status = "quarantined" if site in was_quarantined and u.status == "accepted" else u.status
+            reason = u.reason
+            if status == "quarantined":
+                reason = f"quarantined (trust {self._trust[site].trust:.3f}); scored, not aggregated"
+            records[site] = replace(
+                u, status=status, reason=reason, distance=dist.get(site), round_score=scores[site],
+                trust=self._trust[site].trust, aggregation_weight=weight_of.get(site, 0.0),
+            )
+            ratio = scored.get(site, (float("nan"),))[0]
+            self.info(f"site {site}: distance {dist.get(site, float('nan')):.4g} (x{ratio:.2f} median), "
+                      f"score {scores[site]:.2f}, trust {self._trust[site].trust:.3f}, {status}")
+        return alerts
 
     def _score(self, eval_model, params, test_ds, accepted):
         if test_ds is not None:
@@ -216,5 +273,5 @@ def _finite_or_none(v):
         return None
 
 
-def _with_weight(u: UpdateRecord, weight) -> UpdateRecord:
-    return replace(u, aggregation_weight=float(weight)) if weight is not None else u
+def _site_of(result: FLModel) -> str:
+    return result.meta.get("client_name", "?")

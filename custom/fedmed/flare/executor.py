@@ -25,8 +25,9 @@ from nvflare.security.logging import secure_format_exception
 from fedmed import constants as C
 from fedmed.data.loading import load_train_val
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
-from fedmed.training import TrainingAborted, evaluate, train_epochs
+from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
 
@@ -49,7 +50,7 @@ class FedMedTrainer(Executor):
                 <site workspace>/local/fedmed_site.json (what site_configs/install puts into a startup kit).
             image_size: square input size after resizing (the server must use the same).
             local_epochs: epochs over the local training set per round.
-            lr: Adam learning rate.
+            lr: Adam learning rate of round 1; cosine-decayed to 10% by the last round.
             batch_size: training batch size.
             seed: base seed; each round and site derive their own from it.
             train_task_name: the task this executor answers.
@@ -101,6 +102,11 @@ class FedMedTrainer(Executor):
             torch.set_num_threads(self._site.num_threads)
         t0 = time.monotonic()
         self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed)
+        if self._site.hostile is not None:
+            self.log_warning(fl_ctx, f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
+                                     f"rehearsal: its updates are deliberately corrupted")
+            if self._site.hostile.poisons_labels:
+                self._train_ds.labels = 1.0 - self._train_ds.labels
         self._model = build_densenet121(len(C.CXR14_FINDINGS))
         self.log_info(
             fl_ctx,
@@ -119,7 +125,10 @@ class FedMedTrainer(Executor):
             global_model = FLModelUtils.from_shareable(shareable)
             round_num = int(global_model.current_round or 0)
             load_numpy_state(self._model, global_model.params)
-            result = self._train_and_validate(site, round_num, fl_ctx, abort_signal)
+            total_rounds = int(global_model.total_rounds or 1)
+            result = self._train_and_validate(site, round_num, total_rounds, fl_ctx, abort_signal)
+            if self._site.hostile is not None:
+                result.params = apply_attack(result.params, global_model.params, self._site.hostile, round_num)
             return FLModelUtils.to_shareable(result)
         except TrainingAborted:
             self.log_warning(fl_ctx, f"site {site}: training aborted by the server")
@@ -128,8 +137,10 @@ class FedMedTrainer(Executor):
             self.log_exception(fl_ctx, f"site {site}: training failed: {secure_format_exception(e)}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
-    def _train_and_validate(self, site: str, round_num: int, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+    def _train_and_validate(self, site: str, round_num: int, total_rounds: int, fl_ctx: FLContext,
+                            abort_signal: Signal) -> FLModel:
         t0 = time.monotonic()
+        lr = round_lr(self.lr, min(round_num, total_rounds - 1), total_rounds)
 
         def on_epoch_end(epoch: int, loss: float):
             self.log_info(fl_ctx, f"site {site} round {round_num}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}")
@@ -137,14 +148,14 @@ class FedMedTrainer(Executor):
         # Seed differs per round and site so sites don't share augmentation/shuffle streams.
         seed = self.seed + 1000 * round_num + sum(site.encode())
         train_loss = train_epochs(
-            self._model, self._train_ds, self.local_epochs, self.lr, self.batch_size, seed,
+            self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
             should_abort=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end,
         )
         val = evaluate(self._model, self._val_ds, C.CXR14_FINDINGS)
         self.log_info(
             fl_ctx,
             f"site {site} round {round_num}: val loss {val.loss:.4f} mean AUROC {val.mean_auroc:.4f} "
-            f"({len(self._train_ds)} samples, {time.monotonic() - t0:.0f}s)",
+            f"({len(self._train_ds)} samples, lr {lr:.2e}, {time.monotonic() - t0:.0f}s)",
         )
         metrics = {C.META_TRAIN_LOSS: train_loss, C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc}
         metrics.update({C.META_VAL_AUROC_PREFIX + k: v for k, v in val.aurocs.items()})

@@ -25,7 +25,7 @@ class Run(Base):
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    job_id: Mapped[str] = mapped_column(String(200), unique=True)
+    job_id: Mapped[str] = mapped_column(String(200), index=True)  # the simulator reuses "simulate_job"
     aggregation: Mapped[str] = mapped_column(String(50))
     num_rounds: Mapped[int] = mapped_column(Integer)
     config_json: Mapped[str] = mapped_column(Text, default="{}")
@@ -64,12 +64,15 @@ class ClientUpdate(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     round_num: Mapped[int] = mapped_column(Integer)
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
-    status: Mapped[str] = mapped_column(String(30))  # accepted / rejected / missing
+    status: Mapped[str] = mapped_column(String(30))  # accepted / rejected / quarantined / missing
     reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     num_samples: Mapped[int] = mapped_column(Integer, default=0)
     update_norm: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     update_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     aggregation_weight: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    distance: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # to this round's aggregate
+    round_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # this round's trust score
+    trust: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # smoothed trust after this round
     train_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
@@ -87,3 +90,17 @@ class RoundMetric(Base):
     scope: Mapped[str] = mapped_column(String(200))
     metric: Mapped[str] = mapped_column(String(200))
     value: Mapped[float] = mapped_column(Float)
+
+
+class Alert(Base):
+    """Something the FL admin should see: a site quarantined or re-admitted, an update rejected."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("run_id", "round_num", "site_id", "kind"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_num: Mapped[int] = mapped_column(Integer)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    kind: Mapped[str] = mapped_column(String(50))  # quarantined / readmitted / rejected
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

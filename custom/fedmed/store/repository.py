@@ -17,9 +17,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
-from fedmed.store.models import Base, ClientUpdate, Round, RoundMetric, Run, Site, utcnow
+from fedmed.store.models import Alert, Base, ClientUpdate, Round, RoundMetric, Run, Site, utcnow
 
-UPDATE_STATUSES = ("accepted", "rejected", "missing")
+UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "missing")
+ALERT_KINDS = ("quarantined", "readmitted", "rejected")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class UpdateRecord:
     update_norm: Optional[float] = None
     update_sha256: Optional[str] = None
     aggregation_weight: Optional[float] = None
+    distance: Optional[float] = None
+    round_score: Optional[float] = None
+    trust: Optional[float] = None
     train_loss: Optional[float] = None
     val_loss: Optional[float] = None
     val_mean_auroc: Optional[float] = None
@@ -42,6 +46,17 @@ class UpdateRecord:
 
 
 @dataclass(frozen=True)
+class AlertRecord:
+    site: str
+    kind: str  # one of ALERT_KINDS
+    message: str
+
+    def __post_init__(self):
+        if self.kind not in ALERT_KINDS:
+            raise ValueError(f"alert kind must be one of {ALERT_KINDS}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     round_num: int
     updates: tuple  # of UpdateRecord
@@ -50,6 +65,7 @@ class RoundRecord:
     test_metrics: dict = field(default_factory=dict)  # metric name -> value, scope 'global_test'
     global_model_sha256: Optional[str] = None
     started_at: Optional[dt.datetime] = None
+    alerts: tuple = ()  # of AlertRecord
 
 
 @dataclass(frozen=True)
@@ -102,20 +118,18 @@ class Repository:
     # --- writes -------------------------------------------------------------------------------------------------
 
     def start_run(self, name: str, job_id: str, aggregation: str, num_rounds: int, config: dict) -> int:
-        """Create the run row, or return the existing one for this job id (a restarted server resumes it)."""
+        """Create a run row. Every start is a new run: the simulator gives every job the same id."""
         with self._session.begin() as s:
-            run = s.scalar(select(Run).where(Run.job_id == job_id))
-            if run is None:
-                run = Run(name=name, job_id=job_id, aggregation=aggregation, num_rounds=num_rounds,
-                          config_json=json.dumps(config, sort_keys=True, default=str))
-                s.add(run)
-                s.flush()
+            run = Run(name=name, job_id=job_id, aggregation=aggregation, num_rounds=num_rounds,
+                      config_json=json.dumps(config, sort_keys=True, default=str))
+            s.add(run)
+            s.flush()
             return run.id
 
     def record_round(self, run_id: int, record: RoundRecord) -> None:
         """Write a round, its updates and metrics in one transaction. Idempotent: re-recording replaces the round."""
         with self._session.begin() as s:
-            for model in (Round, ClientUpdate, RoundMetric):
+            for model in (Round, ClientUpdate, RoundMetric, Alert):
                 s.execute(delete(model).where(model.run_id == run_id, model.round_num == record.round_num))
             accepted = sum(1 for u in record.updates if u.status == "accepted")
             s.add(Round(run_id=run_id, round_num=record.round_num, num_sites=accepted, test_loss=record.test_loss,
@@ -126,9 +140,12 @@ class Repository:
                 s.add(ClientUpdate(run_id=run_id, round_num=record.round_num, site_id=site.id, status=u.status,
                                    reason=u.reason, num_samples=u.num_samples, update_norm=u.update_norm,
                                    update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
-                                   train_loss=u.train_loss, val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc))
+                                   distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss, val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc))
                 for metric, value in u.metrics.items():
                     s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope=u.site, metric=metric, value=float(value)))
+            for a in record.alerts:
+                s.add(Alert(run_id=run_id, round_num=record.round_num, site_id=self._site(s, a.site).id, kind=a.kind,
+                            message=a.message))
             for metric, value in record.test_metrics.items():
                 s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope="global_test", metric=metric, value=float(value)))
 
@@ -184,7 +201,8 @@ class Repository:
                 .where(ClientUpdate.run_id == run_id).order_by(ClientUpdate.round_num, Site.name)
             ).all()
         return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
-                 "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc}
+                 "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
+                 "distance": u.distance, "round_score": u.round_score, "trust": u.trust}
                 for u, name in rows]
 
     def round_metrics(self, run_id: int, scope: str) -> dict[int, dict[str, float]]:
@@ -195,3 +213,9 @@ class Repository:
         for rn, metric, value in rows:
             out.setdefault(rn, {})[metric] = value
         return out
+
+    def alerts(self, run_id: int) -> list[dict]:
+        with self._session() as s:
+            rows = s.execute(select(Alert, Site.name).join(Site, Site.id == Alert.site_id)
+                             .where(Alert.run_id == run_id).order_by(Alert.round_num, Site.name)).all()
+        return [{"round": a.round_num, "site": name, "kind": a.kind, "message": a.message} for a, name in rows]

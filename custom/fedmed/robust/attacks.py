@@ -1,0 +1,79 @@
+"""Hostile-hospital simulation: what a compromised or broken site could send. Used by the robustness tests and
+benchmarks, and switchable per site (fedmed_site.json "hostile") to rehearse a real deployment's defences.
+Attacks act on the site's update (local - global) after honest local training, except label flipping, which
+poisons the training itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from fedmed.robust.geometric_median import NON_TRAINABLE_SUFFIXES
+
+ATTACKS = ("sign_flip", "scale", "gaussian_noise", "label_flip", "nan", "little_is_enough")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Args:
+    kind: one of ATTACKS.
+    factor: sign_flip / scale multiply the update by -factor / factor; gaussian_noise uses factor x the update's
+        RMS as noise std; little_is_enough shifts by factor (z) standard deviations (Baruch et al. 2019 use z ~ 1).
+    seed: noise seed.
+    """
+
+    kind: str
+    factor: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ATTACKS:
+            raise ValueError(f"attack kind must be one of {ATTACKS}, got {self.kind!r}")
+        if not np.isfinite(self.factor) or self.factor < 0:
+            raise ValueError(f"attack factor must be finite and >= 0, got {self.factor}")
+
+    @property
+    def poisons_labels(self) -> bool:
+        return self.kind == "label_flip"
+
+
+def parse_attack(raw: dict | None) -> Attack | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise ValueError(f"hostile must be an object with 'kind' (one of {ATTACKS}), got {raw!r}")
+    unknown = set(raw) - {"kind", "factor", "seed"}
+    if unknown:
+        raise ValueError(f"hostile has unknown keys {sorted(unknown)}")
+    return Attack(raw["kind"], float(raw.get("factor", 1.0)), int(raw.get("seed", 0)))
+
+
+def apply_attack(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray], attack: Attack,
+                 round_num: int = 0) -> dict:
+    """Return the hostile version of a site's parameters. BatchNorm statistics pass through unchanged."""
+    rng = np.random.default_rng([attack.seed, round_num])
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        if not np.issubdtype(v.dtype, np.floating) or k.endswith(NON_TRAINABLE_SUFFIXES) or attack.poisons_labels:
+            out[k] = v.copy()
+            continue
+        g = np.asarray(global_[k], np.float64)
+        delta = v.astype(np.float64) - g
+        if attack.kind == "sign_flip":
+            delta = -attack.factor * delta
+        elif attack.kind == "scale":
+            delta = attack.factor * delta
+        elif attack.kind == "gaussian_noise":
+            rms = float(np.sqrt(np.mean(delta**2))) if delta.size else 0.0
+            delta = delta + rng.normal(0.0, attack.factor * rms + 1e-12, delta.shape)
+        elif attack.kind == "nan":
+            delta = np.full_like(delta, np.nan)
+        elif attack.kind == "little_is_enough":
+            # One colluder's estimate of the benign spread: its own update's magnitude per coordinate. The shift
+            # stays within the benign spread, against the benign direction, which distance filters struggle to see.
+            delta = delta - attack.factor * np.abs(delta)
+        out[k] = (g + delta).astype(v.dtype)
+    return out

@@ -1,0 +1,94 @@
+"""Per-site trust, round by round: a scale-free score from each site's distance to the aggregate, smoothed over
+rounds, with quarantine below a threshold and re-admission after consistently good rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """All thresholds of the trust rule.
+
+    Args:
+        smoothing: weight of the newest round in the running trust (exponential moving average), in (0, 1].
+        ok_ratio: distance / median site distance at or below which a round scores 1.
+        bad_ratio: ratio at or above which a round scores 0 (linear in between).
+        quarantine_below: trust under which a site is quarantined (excluded from aggregation, still evaluated).
+        readmit_after: consecutive good rounds a quarantined site needs to be re-admitted.
+        good_score: round score that counts as good for re-admission.
+        initial_trust: trust of a site never seen before.
+    """
+
+    smoothing: float = 0.5
+    ok_ratio: float = 2.0
+    bad_ratio: float = 4.0
+    quarantine_below: float = 0.5
+    readmit_after: int = 2
+    good_score: float = 0.8
+    initial_trust: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
+        if not 0 < self.ok_ratio < self.bad_ratio:
+            raise ValueError(f"need 0 < ok_ratio < bad_ratio, got {self.ok_ratio}, {self.bad_ratio}")
+        if not 0 <= self.quarantine_below <= 1:
+            raise ValueError(f"quarantine_below must be in [0, 1], got {self.quarantine_below}")
+        if self.readmit_after < 1:
+            raise ValueError(f"readmit_after must be >= 1, got {self.readmit_after}")
+        if not 0 <= self.good_score <= 1:
+            raise ValueError(f"good_score must be in [0, 1], got {self.good_score}")
+        if not 0 <= self.initial_trust <= 1:
+            raise ValueError(f"initial_trust must be in [0, 1], got {self.initial_trust}")
+
+
+@dataclass(frozen=True)
+class SiteTrust:
+    trust: float
+    quarantined: bool = False
+    good_streak: int = 0
+
+
+def round_scores(distances: Mapping[str, float], policy: TrustPolicy) -> dict[str, tuple[float, float]]:
+    """site -> (ratio to the median distance, round score in [0, 1]). Scale-free: multiplying every update's
+    distance by the same factor changes nothing."""
+    if not distances:
+        return {}
+    values = np.array(list(distances.values()), dtype=np.float64)
+    if np.any(~np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"distances must be finite and >= 0, got {values.tolist()}")
+    med = float(np.median(values))
+    out = {}
+    for site, d in distances.items():
+        ratio = d / med if med > 0 else (1.0 if d == 0 else np.inf)
+        score = float(np.clip((policy.bad_ratio - ratio) / (policy.bad_ratio - policy.ok_ratio), 0.0, 1.0))
+        out[site] = (float(ratio), score)
+    return out
+
+
+def update_trust(
+    previous: Mapping[str, SiteTrust], scores: Mapping[str, float], policy: TrustPolicy
+) -> tuple[dict[str, SiteTrust], list[tuple[str, str, str]]]:
+    """Fold one round's scores into the running trust. Sites without a score this round keep their state.
+    Returns the new states and events (site, "quarantined" | "readmitted", message)."""
+    states, events = dict(previous), []
+    for site, score in scores.items():
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"score for {site} must be in [0, 1], got {score}")
+        old = states.get(site, SiteTrust(policy.initial_trust))
+        trust = (1 - policy.smoothing) * old.trust + policy.smoothing * score
+        streak = old.good_streak + 1 if score >= policy.good_score else 0
+        new = replace(old, trust=trust, good_streak=streak)
+        if not old.quarantined and trust < policy.quarantine_below:
+            new = replace(new, quarantined=True, good_streak=0)
+            events.append((site, "quarantined", f"{site} quarantined: trust {trust:.3f} < {policy.quarantine_below}"))
+        elif old.quarantined and streak >= policy.readmit_after:
+            # Re-admitted at the threshold, so one more bad round sends it straight back.
+            new = replace(new, quarantined=False, trust=max(trust, policy.quarantine_below))
+            events.append((site, "readmitted", f"{site} re-admitted after {streak} good rounds"))
+        states[site] = new
+    return states, events

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Idempotent set-up: creates .venv and installs the pinned requirements (skipped when already up to date).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.fedmed-requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "[setup] installing requirements (a few minutes on a fresh machine)"
+  # The CPU build of torch first, by exact version, so no other package can pull a multi-GB CUDA build.
+  .venv/bin/pip install -q "$(grep -E '^torch==' requirements.txt)"
+  .venv/bin/pip install -q -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+# Make the fedmed package importable from this checkout (scripts, tests and simulator subprocesses alike).
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/custom" > "$site/fedmed-checkout.pth"
+.venv/bin/python -c 'import fedmed, torch, nvflare, monai, tenseal; print(f"[setup] ok: fedmed {fedmed.__version__}, torch {torch.__version__}, nvflare {nvflare.__version__}, monai {monai.__version__}")'

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# README command 2 (and what CI runs): set up, then the fast suite, then the real-process (integration) suite.
+# Plain `pytest` runs only the fast suite. pytest's exit 5 ("no tests collected") counts as a failure here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh || exit 1
+run() {
+  .venv/bin/python -m pytest "$@"
+  rc=$?
+  if [ "$rc" -eq 5 ]; then echo "[test] no tests were collected for: pytest $*" >&2; exit 1; fi
+  [ "$rc" -eq 0 ] || exit "$rc"
+}
+echo "[test] fast suite"
+run -q
+echo "[test] integration suite (NVFlare simulator and other real processes)"
+run -q -m integration

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmed.aggregation import find_update_problem, get_aggregator, update_norm, weighted_mean
+
+
+def _site(value, n_batches):
+    return {"w": np.full((2, 3), value, np.float32), "bn.num_batches_tracked": np.array(n_batches, np.int64)}
+
+
+def test_weighted_mean_weights_sites_by_samples():
+    # Sites differ, so a wrong weighting shows: (1*100 + 4*300) / 400 = 3.25
+    res = weighted_mean([_site(1.0, 10), _site(4.0, 30)], [100, 300])
+    np.testing.assert_allclose(res.params["w"], 3.25)
+    np.testing.assert_allclose(res.site_weights, [0.25, 0.75])
+    assert res.params["w"].dtype == np.float32
+    assert res.params["bn.num_batches_tracked"].dtype == np.int64 and int(res.params["bn.num_batches_tracked"]) == 25
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-5, 5), st.integers(1, 1000)), min_size=1, max_size=6), st.randoms())
+def test_weighted_mean_ignores_site_order(sites, rnd):
+    updates = [{"w": np.full(4, v, np.float64)} for v, _ in sites]
+    weights = [n for _, n in sites]
+    order = list(range(len(sites)))
+    rnd.shuffle(order)
+    a = weighted_mean(updates, weights).params["w"]
+    b = weighted_mean([updates[i] for i in order], [weights[i] for i in order]).params["w"]
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_weighted_mean_does_not_mutate_inputs():
+    a, b = _site(1.0, 1), _site(2.0, 2)
+    before = a["w"].copy()
+    weighted_mean([a, b], [1, 1])
+    np.testing.assert_array_equal(a["w"], before)
+
+
+@pytest.mark.parametrize(
+    "updates, weights, match",
+    [
+        ([], [], "zero updates"),
+        ([{"w": np.zeros(2)}, {"v": np.zeros(2)}], [1, 1], "different parameter names"),
+        ([{"w": np.zeros(2)}, {"w": np.zeros(3)}], [1, 1], "shape"),
+        ([{"w": np.zeros(2)}], [0], "not all zero"),
+        ([{"w": np.zeros(2)}], [1, 2], "one weight per update"),
+    ],
+)
+def test_weighted_mean_rejects_bad_input(updates, weights, match):
+    with pytest.raises(ValueError, match=match):
+        weighted_mean(updates, weights)
+
+
+@pytest.mark.parametrize(
+    "update, reason",
+    [
+        ({"w": np.zeros((2, 3))}, "missing parameters"),  # a key dropped
+        ({"w": np.zeros((2, 3)), "b": np.zeros(3), "x": np.zeros(1)}, "unexpected parameters"),
+        ({"w": np.zeros((3, 2)), "b": np.zeros(3)}, "shape"),
+        ({"w": np.full((2, 3), np.nan), "b": np.zeros(3)}, "NaN or Inf"),
+        ({"w": np.full((2, 3), np.inf), "b": np.zeros(3)}, "NaN or Inf"),
+    ],
+)
+def test_update_problems_are_named(update, reason):
+    ref = {"w": np.zeros((2, 3)), "b": np.zeros(3)}
+    assert reason in find_update_problem(update, ref)
+
+
+def test_good_update_has_no_problem_and_a_norm():
+    ref = {"w": np.zeros((2, 3)), "b": np.zeros(3)}
+    upd = {"w": np.ones((2, 3)), "b": np.zeros(3)}
+    assert find_update_problem(upd, ref) is None
+    assert update_norm(upd, ref) == pytest.approx(np.sqrt(6))
+
+
+def test_unknown_aggregation_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown aggregation 'median'.*fedavg"):
+        get_aggregator("median")

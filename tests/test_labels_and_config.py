@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.data.labels import load_chestxray14, load_csv_manifest, load_dicom_site, read_site_label_csv
+from fedmed.data.loading import load_items, split_items
+from fedmed.site_config import load_site_config
+
+
+def test_dicom_site_joins_images_to_labels_by_sop_uid(tiny_hospitals):
+    site = tiny_hospitals / "hospital-a"
+    table = read_site_label_csv(site / "labels.csv")
+    train = load_dicom_site(site / "dicom", site / "labels.csv", split="train")
+    val = load_dicom_site(site / "dicom", site / "labels.csv", split="val")
+    assert len(train) + len(val) == len(table) == 16
+    assert {it.split for it in train} == {"train"} and {it.split for it in val} == {"val"}
+
+
+def test_unlabelled_and_unreadable_files_are_skipped_with_a_warning(tiny_hospitals, tmp_path, caplog):
+    import shutil
+
+    dicom = tmp_path / "dicom"
+    shutil.copytree(tiny_hospitals / "hospital-a" / "dicom", dicom)
+    (dicom / "README.txt").write_text("not dicom")
+    items = load_dicom_site(dicom, tiny_hospitals / "hospital-a" / "labels.csv")
+    assert len(items) == 16
+    assert "not readable DICOM" in caplog.text
+
+
+def test_wrong_label_file_says_nothing_matches(tiny_hospitals):
+    with pytest.raises(ValueError, match="no labelled images"):
+        load_dicom_site(tiny_hospitals / "hospital-a" / "dicom", tiny_hospitals / "hospital-b" / "labels.csv")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("", "empty label CSV"),  # no header at all
+        ("SOPInstanceUID,split\n1.2,train\n", "missing column 'Atelectasis'"),
+        ("Foo\n1\n", "needs a SOPInstanceUID or StudyInstanceUID column"),
+    ],
+)
+def test_bad_label_csv_names_the_problem(tmp_path, content, match):
+    p = tmp_path / "labels.csv"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        read_site_label_csv(p)
+
+
+def test_label_values_must_be_binary(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("SOPInstanceUID," + ",".join(CXR14_FINDINGS) + "\n1.2," + ",".join(["0"] * 13 + ["yes"]) + "\n")
+    with pytest.raises(ValueError, match="line 2: column 'Hernia' must be 0 or 1"):
+        read_site_label_csv(p)
+
+
+def test_chestxray14_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name in ("00000001_000.png", "00000002_000.png"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "images" / name)
+    (tmp_path / "Data_Entry_2017.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #\n00000001_000.png,Cardiomegaly|Effusion,0\n00000002_000.png,No Finding,0\n"
+    )
+    items = load_chestxray14(tmp_path)
+    assert items[0].labels[CXR14_FINDINGS.index("Cardiomegaly")] == 1
+    assert items[0].labels[CXR14_FINDINGS.index("Effusion")] == 1 and items[0].labels.sum() == 2
+    assert items[1].labels.sum() == 0
+    (tmp_path / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels\n00000001_000.png,Covid\n")
+    with pytest.raises(ValueError, match="unknown finding 'Covid'"):
+        load_chestxray14(tmp_path)
+
+
+def test_csv_manifest_and_random_split(tmp_path):
+    rows = []
+    for i in range(10):
+        Image.fromarray(np.full((32, 32), i * 20, np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png," + ",".join(["1" if k == i % 14 else "0" for k in range(14)]))
+    (tmp_path / "m.csv").write_text("path," + ",".join(CXR14_FINDINGS) + "\n" + "\n".join(rows) + "\n")
+    items = load_csv_manifest(tmp_path / "m.csv")
+    train, val = split_items(items, 0.2, seed=0)
+    assert len(train) == 8 and len(val) == 2
+    assert {str(i.path) for i in train}.isdisjoint({str(i.path) for i in val})
+
+
+def test_site_config_resolves_relative_paths(tmp_path):
+    (tmp_path / "fedmed_site.json").write_text(json.dumps(
+        {"site_name": "hospital-a", "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+         "resources": {"num_threads": 1}}))
+    cfg = load_site_config(tmp_path / "fedmed_site.json")
+    assert cfg.data.root == (tmp_path / "dicom").resolve() and cfg.num_threads == 1
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"data": {}}, "'site_name' must be a non-empty string"),
+        ({"site_name": "h", "data": {"format": "nifti", "root": "x"}}, "data.format must be one of"),
+        ({"site_name": "h", "data": {"format": "dicom", "root": "x"}}, "labels_csv is required"),
+        ({"site_name": "h", "data": {"format": "chestxray14", "root": ""}}, "'data.root' must be a non-empty path"),
+        ({"site_name": "h", "data": {"format": "chestxray14", "root": "x"}, "resources": {"num_threads": 0}}, "num_threads"),
+    ],
+)
+def test_bad_site_config_names_the_key(tmp_path, raw, match):
+    p = tmp_path / "fedmed_site.json"
+    p.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        load_site_config(p)
+
+
+def test_site_config_not_json(tmp_path):
+    p = tmp_path / "fedmed_site.json"
+    p.write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_site_config(p)
+    with pytest.raises(FileNotFoundError, match="site config not found"):
+        load_site_config(tmp_path / "missing.json")

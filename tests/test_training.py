@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.data.loading import load_train_val
+from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.site_config import DataConfig
+from fedmed.training import TrainingAborted, evaluate, train_epochs
+
+
+@pytest.fixture(scope="module")
+def site_data(tiny_hospitals):
+    site = tiny_hospitals / "hospital-b"  # the MONOCHROME1 / CR site
+    return load_train_val(DataConfig("dicom", site / "dicom", site / "labels.csv"), image_size=64, seed=0)
+
+
+def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
+    train, val = site_data
+    torch.manual_seed(0)
+    model = build_densenet121(14)
+    before = state_to_numpy(model)
+    epochs = []
+    loss = train_epochs(model, train, 1, 1e-3, 4, seed=0, on_epoch_end=lambda e, l: epochs.append((e, l)))
+    after = state_to_numpy(model)
+    assert np.isfinite(loss) and epochs == [(1, pytest.approx(loss))]
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    ev = evaluate(model, val, CXR14_FINDINGS)
+    assert ev.num_samples == len(val) and np.isfinite(ev.loss)
+    assert all(0.0 <= v <= 1.0 for v in ev.aurocs.values())
+
+
+def test_abort_stops_between_batches(site_data):
+    train, _ = site_data
+    with pytest.raises(TrainingAborted, match="epoch 1"):
+        train_epochs(build_densenet121(14), train, 1, 1e-3, 4, seed=0, should_abort=lambda: True)
+
+
+def test_state_round_trip_and_mismatch_is_named():
+    m = build_densenet121(14)
+    params = state_to_numpy(m)
+    load_numpy_state(m, params)
+    bad = dict(params)
+    bad["class_layers.out.weight"] = np.zeros((3, 1024), np.float32)
+    with pytest.raises(ValueError, match="class_layers.out.weight: shape"):
+        load_numpy_state(m, bad)
+    del bad["class_layers.out.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        load_numpy_state(m, bad)
