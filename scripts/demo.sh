@@ -17,9 +17,11 @@ echo "[demo] federated run: 3 hospitals, NVFlare simulator, workspace $WS/cxr_de
 .venv/bin/python jobs/cxr_densenet/job.py --data-root "$DATA" --workspace "$WS" "$@"
 echo
 .venv/bin/python scripts/rounds_table.py
+.venv/bin/python scripts/report.py --out "$WS/report" >/dev/null
 app="$WS/cxr_densenet/server/simulate_job/app_server"
 echo
 echo "[demo] global model:  $app/global_model.pt"
 echo "[demo] best model:    $app/best_model.pt"
 echo "[demo] server log:    $WS/cxr_densenet/server/simulate_job/log.txt (site logs: $WS/cxr_densenet/<site>/)"
 echo "[demo] database:      $FEDMED_DB_URL"
+echo "[demo] report:        $WS/report/report.html"

@@ -4,6 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh || exit 1
+./scripts/ensure_postgres.sh || exit 1
+export FEDMED_REQUIRE_POSTGRES=1  # the PostgreSQL tests must run, not skip
 run() {
   .venv/bin/python -m pytest "$@"
   rc=$?
@@ -12,5 +14,5 @@ run() {
 }
 echo "[test] fast suite"
 run -q
-echo "[test] integration suite (NVFlare simulator and other real processes)"
+echo "[test] integration suite (NVFlare simulator, real PostgreSQL server)"
 run -q -m integration

@@ -6,6 +6,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "custom"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/pgcluster.py
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,29 @@ def tiny_hospitals(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A real PostgreSQL server for the session. CI sets FEDMED_REQUIRE_POSTGRES=1 so a missing server fails."""
+    import os
+
+    from pgcluster import PgCluster, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("FEDMED_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL server binaries not found (apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries not installed")
+    cluster = PgCluster(bin_dir)
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db_url(request, tmp_path):
+    """The repository contract runs on both engines: SQLite file, and a fresh database on the real server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fedmed.db'}"
+    return request.getfixturevalue("pg_cluster").create_database()

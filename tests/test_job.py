@@ -51,20 +51,32 @@ def test_bad_controller_arguments_fail_at_construction():
         FedMedController(test_dicom_root="/x")
 
 
-@pytest.mark.integration
-def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
+def _write_site_configs(root, hostile=None):
     for site in SITES:
-        (tiny_hospitals / site / "fedmed_site.json").write_text(json.dumps(
-            {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
-             "resources": {"num_threads": 1}}))
-    db = tmp_path / "fedmed.db"
+        cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+               "resources": {"num_threads": 1}}
+        if hostile and site in hostile:
+            cfg["hostile"] = hostile[site]
+        (root / site / "fedmed_site.json").write_text(json.dumps(cfg))
+
+
+def _simulate(data_root, workspace, db, *extra, sites=SITES):
     env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}", PYTHONPATH=str(REPO / "custom"))
     proc = subprocess.run(
-        [sys.executable, str(JOB), "--data-root", str(tiny_hospitals), "--workspace", str(tmp_path / "ws"),
-         "--rounds", "2", "--image-size", "64", "--batch-size", "4"],
+        [sys.executable, str(JOB), "--data-root", str(data_root), "--workspace", str(workspace),
+         "--image-size", "64", "--batch-size", "4", "--sites", ",".join(sites), *extra],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    repo = Repository(f"sqlite:///{db}", create_schema=False)
+    return repo, repo.latest_run_id()
+
+
+@pytest.mark.integration
+def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
+    _write_site_configs(tiny_hospitals)
+    db = tmp_path / "fedmed.db"
+    _simulate(tiny_hospitals, tmp_path / "ws", db, "--rounds", "2")
 
     repo = Repository(f"sqlite:///{db}", create_schema=False)
     run_id = repo.latest_run_id()
@@ -87,3 +99,31 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     changed = [k for k in initial if not np.allclose(initial[k], final[k].numpy())]
     assert len(changed) > len(initial) // 2
     assert (app / "best_model.pt").is_file()
+
+    report = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--db-url", f"sqlite:///{db}",
+                             "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "global_auroc_loss.png").stat().st_size > 10_000
+    assert repo.verify_audit() is None
+
+
+@pytest.mark.integration
+def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
+    # hospital-c sends updates scaled 50x; the geometric median discounts it, trust falls, it is quarantined.
+    _write_site_configs(tiny_hospitals, hostile={"hospital-c": {"kind": "scale", "factor": 50}})
+    try:
+        repo, run_id = _simulate(tiny_hospitals, tmp_path / "ws", tmp_path / "h.db", "--rounds", "3",
+                                 "--aggregation", "geometric_median", "--min-clients", "2")
+    finally:
+        _write_site_configs(tiny_hospitals)
+    ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
+    assert ups[(0, "hospital-c")]["trust"] < ups[(0, "hospital-a")]["trust"]
+    quarantined_by = min(r for (r, s), u in ups.items() if s == "hospital-c" and u["trust"] < 0.5)
+    assert quarantined_by <= 1  # within 2 rounds
+    later = ups[(quarantined_by + 1, "hospital-c")]
+    assert later["status"] == "quarantined" and "quarantined (trust" in later["reason"]
+    assert later["aggregation_weight"] == 0.0
+    assert all(ups[(r, s)]["status"] == "accepted" for r in range(3) for s in ("hospital-a", "hospital-b"))
+    alerts = repo.alerts(run_id)
+    assert [(a["site"], a["kind"]) for a in alerts] == [("hospital-c", "quarantined")]
+    assert "trust" in alerts[0]["message"]

@@ -187,3 +187,12 @@ def test_scores_outside_unit_interval_are_refused():
     with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
         update_trust({}, {"a": 1.5}, TrustPolicy())
     assert update_trust({"a": SiteTrust(0.9)}, {}, TrustPolicy())[0]["a"].trust == 0.9
+
+
+def test_two_updates_fall_back_to_the_weighted_mean():
+    # The weighted geometric median of two points is the heavier point: it would drop the lighter hospital.
+    a, b = _upd(np.zeros(6)), _upd(np.ones(6))
+    assert np.allclose(_flat(geometric_median([a, b], [3, 1]).median), 0.0, atol=1e-3)
+    res = get_aggregator("geometric_median")([a, b], [3, 1])
+    np.testing.assert_allclose(_flat(res.params), 0.25, atol=1e-6)
+    assert "fallback" in res.diagnostics

@@ -51,6 +51,12 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
 
 
 def geometric_median_aggregation(updates, weights) -> AggregationResult:
+    """Geometric median for K >= 3. With one or two updates there is no majority to be robust with, and for two
+    points with unequal weights the weighted geometric median is the heavier point itself, which would silently
+    drop the other hospital; the weighted mean is used instead (and said so in the diagnostics)."""
+    if len(updates) < 3:
+        res = weighted_mean(updates, weights)
+        return AggregationResult(res.params, res.site_weights, {"fallback": "weighted_mean (fewer than 3 updates)"})
     r = geometric_median(updates, weights)
     return AggregationResult(r.median, r.site_weights, {"iterations": r.iterations, "converged": r.converged})
 

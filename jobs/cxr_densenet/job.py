@@ -39,6 +39,7 @@ def build_job(
     num_rounds: int = 5,
     min_clients: int | None = None,
     round_timeout: int = 0,
+    straggler_wait: int = 600,
     aggregation: str = "fedavg",
     image_size: int = 128,
     local_epochs: int = 1,
@@ -62,6 +63,7 @@ def build_job(
         num_rounds=num_rounds,
         min_clients=min_clients,
         round_timeout=round_timeout,
+        straggler_wait=straggler_wait,
         aggregation=aggregation,
         test_dicom_root=str(test_root / "dicom") if test_root else None,
         test_labels_csv=str(test_root / "labels.csv") if test_root else None,
@@ -105,7 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--sites", default=",".join(DEFAULT_SITES), help="comma-separated site names")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-clients", type=int)
-    p.add_argument("--round-timeout", type=int, default=0, help="seconds; 0 waits for every site")
+    p.add_argument("--round-timeout", type=int, default=0, help="seconds before a round gives up (0 = no limit)")
+    p.add_argument("--straggler-wait", type=int, default=600,
+                   help="seconds to wait for the remaining sites once --min-clients have answered")
     p.add_argument("--aggregation", default="fedavg")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--local-epochs", type=int, default=1)
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
             p.error(f"no fedmed_site.json for {missing} under {a.data_root}; generate the hospitals first")
     job = build_job(
         sites, a.data_root.resolve() if a.data_root else None, a.rounds, a.min_clients, a.round_timeout,
-        a.aggregation, a.image_size, a.local_epochs, a.lr, a.batch_size, a.seed, a.db_url,
+        a.straggler_wait, a.aggregation, a.image_size, a.local_epochs, a.lr, a.batch_size, a.seed, a.db_url,
     )
     if a.export:
         job.export_job(str(a.export))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ from fedmed.flare.persistor import FedMedModelPersistor, params_sha256
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.store.models import utcnow
 from fedmed.robust.trust import SiteTrust, TrustPolicy, round_scores, update_trust
+from fedmed.store.journal import JOURNAL_NAME, Journal, ResilientRecorder
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord, resolve_db_url
 from fedmed.training import evaluate
 
@@ -33,6 +35,7 @@ class FedMedController(ModelController):
         num_rounds: int = 5,
         min_clients: int = 3,
         round_timeout: int = 0,
+        straggler_wait: int = 600,
         aggregation: str = "fedavg",
         test_dicom_root: Optional[str] = None,
         test_labels_csv: Optional[str] = None,
@@ -53,7 +56,9 @@ class FedMedController(ModelController):
         Args:
             num_rounds: number of FL rounds.
             min_clients: sites that must return a valid update for a round to aggregate; fewer stops the job.
-            round_timeout: seconds to wait for updates each round (0 = wait for all targeted sites).
+            round_timeout: seconds before a round's task times out whatever has arrived (0 = no limit).
+            straggler_wait: once min_clients sites have answered, seconds to keep waiting for the rest (a round
+                ends at once when every site has answered).
             aggregation: name in fedmed.aggregation.AGGREGATORS ("fedavg").
             test_dicom_root / test_labels_csv: the global test set evaluated each round on the server. Without it
                 the round's score is the sample-weighted mean of the sites' validation AUROC.
@@ -76,12 +81,15 @@ class FedMedController(ModelController):
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         if round_timeout < 0:
             raise ValueError(f"round_timeout must be >= 0, got {round_timeout}")
+        if straggler_wait < 0:
+            raise ValueError(f"straggler_wait must be >= 0, got {straggler_wait}")
         get_aggregator(aggregation)  # raises naming the valid choices
         if bool(test_dicom_root) != bool(test_labels_csv):
             raise ValueError("test_dicom_root and test_labels_csv must be given together")
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.round_timeout = round_timeout
+        self.straggler_wait = straggler_wait
         self.aggregation = aggregation
         self.test_dicom_root = test_dicom_root
         self.test_labels_csv = test_labels_csv
@@ -104,11 +112,18 @@ class FedMedController(ModelController):
     def run(self):
         job_id = self.fl_ctx.get_job_id()
         workspace_root = Path(self.engine.get_workspace().get_root_dir())
-        repo = Repository(resolve_db_url(workspace_root, self.db_url))
+        url = resolve_db_url(workspace_root, self.db_url)
+        # The journal lives at the workspace root so a later job replays what an earlier one could not write.
+        db = ResilientRecorder(lambda: Repository(url), Journal(workspace_root / JOURNAL_NAME), self.logger)
+        if db.journal.pending():
+            self.info(f"replaying {len(db.journal.pending())} journaled database write(s) from an earlier job")
+        run_uid = uuid.uuid4().hex
         config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size")}
-        run_id = repo.start_run(self.run_name, job_id, self.aggregation, self.num_rounds, config)
-        self.info(f"run {run_id} ({self.run_name}, job {job_id}): {self.num_rounds} rounds, aggregation {self.aggregation}, "
-                  f"min_clients {self.min_clients}; database {repo.engine.url.render_as_string(hide_password=True)}")
+        db.write("start_run", uid=run_uid, name=self.run_name, job_id=job_id, aggregation=self.aggregation,
+                 num_rounds=self.num_rounds, config=config)
+        safe_url = url.split("@")[-1] if "@" in url else url  # never log a password
+        self.info(f"run {run_uid} ({self.run_name}, job {job_id}): {self.num_rounds} rounds, aggregation "
+                  f"{self.aggregation}, min_clients {self.min_clients}; database {safe_url}")
         test_ds = None
         if self.test_dicom_root:
             test_ds = load_test(Path(self.test_dicom_root), Path(self.test_labels_csv), self.image_size)
@@ -132,9 +147,11 @@ class FedMedController(ModelController):
                     raise RuntimeError(f"round {round_num}: {len(targets)} site(s) connected, min_clients is {self.min_clients}")
                 model.current_round, model.total_rounds, model.start_round = round_num, self.num_rounds, 0
                 self.info(f"round {round_num + 1}/{self.num_rounds}: sending the global model to {targets}")
-                results = self.send_model_and_wait(
-                    task_name=self.train_task_name, data=model, targets=targets,
-                    min_responses=self.min_clients, timeout=self.round_timeout,
+                # ModelController.send_model_and_wait ends the round at min_responses; we want every site that
+                # answers within straggler_wait, so call the base broadcast with its grace period.
+                results = self.broadcast_model(
+                    task_name=self.train_task_name, data=model, targets=targets, min_responses=self.min_clients,
+                    timeout=self.round_timeout, wait_time_after_min_received=self.straggler_wait,
                 )
                 if self.abort_signal.triggered:
                     status = "aborted"
@@ -142,13 +159,16 @@ class FedMedController(ModelController):
                 valid, records = self._screen(results, targets, model.params)
                 active = [r for r in valid if not self._is_quarantined(_site_of(r))]
                 if len(active) < self.min_clients:
-                    repo.record_round(run_id, RoundRecord(round_num, tuple(records.values()), started_at=started))
+                    db.write("record_round", run_uid=run_uid,
+                             record=RoundRecord(round_num, tuple(records.values()), started_at=started))
                     raise RuntimeError(f"round {round_num}: {len(active)} valid, trusted update(s), min_clients is "
                                        f"{self.min_clients}; not aggregating (the global model is left unchanged)")
                 agg = aggregate([r.params for r in active], [r.meta[C.META_NUM_SAMPLES] for r in active])
                 weight_of = {_site_of(r): float(w) for r, w in zip(active, agg.site_weights)}
                 alerts = self._score_trust(valid, agg.params, records, weight_of)
                 new_params = agg.params
+                if "fallback" in agg.diagnostics:
+                    self.info(f"round {round_num}: {self.aggregation} used {agg.diagnostics['fallback']}")
                 if not agg.diagnostics.get("converged", True):
                     self.warning(f"round {round_num}: geometric median did not converge "
                                  f"in {agg.diagnostics.get('iterations')} iterations; using the last iterate")
@@ -159,11 +179,8 @@ class FedMedController(ModelController):
                 if score > best_score:
                     best_round, best_score = round_num, score
                     self._save_best(new_params, {"round": round_num, "score": score, "sha256": sha})
-                try:
-                    repo.record_round(run_id, RoundRecord(round_num, tuple(records.values()), test_loss, score,
-                                                          test_metrics, sha, started, tuple(alerts)))
-                except Exception as e:  # the record must not stop training; the PostgreSQL issue adds a journal
-                    self.error(f"round {round_num}: could not write to the database: {secure_format_exception(e)}")
+                db.write("record_round", run_uid=run_uid, record=RoundRecord(
+                    round_num, tuple(records.values()), test_loss, score, test_metrics, sha, started, tuple(alerts)))
                 self.info(
                     f"round {round_num + 1}/{self.num_rounds} done in {time.monotonic() - t0:.0f}s: "
                     f"{len(active)}/{len(targets)} sites aggregated ({self.aggregation}"
@@ -174,12 +191,16 @@ class FedMedController(ModelController):
                 )
         except Exception as e:
             status = "failed"
-            self.error(f"run {run_id} failed: {secure_format_exception(e)}")
+            self.error(f"run {run_uid} failed: {secure_format_exception(e)}")
             raise
         finally:
-            repo.finish_run(run_id, status, best_round, best_score if best_round is not None else None)
-            repo.close()
-        self.info(f"run {run_id} {status}; best mean AUROC {best_score:.4f} at round {best_round + 1 if best_round is not None else '-'}")
+            db.write("finish_run", run_uid=run_uid, status=status, best_round=best_round,
+                     best_metric=best_score if best_round is not None else None)
+            if not db.flush():  # final flush; what is left stays journaled for the next job start
+                self.error(f"database still unavailable at job end; {len(db.journal.pending())} write(s) remain in "
+                           f"{db.journal.path}")
+            db.close()
+        self.info(f"run {run_uid} {status}; best mean AUROC {best_score:.4f} at round {best_round + 1 if best_round is not None else '-'}")
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ class Base(DeclarativeBase):
 class Run(Base):
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = mapped_column(String(64), unique=True)  # made by the server before the DB is reached
     name: Mapped[str] = mapped_column(String(200))
     job_id: Mapped[str] = mapped_column(String(200), index=True)  # the simulator reuses "simulate_job"
     aggregation: Mapped[str] = mapped_column(String(50))
@@ -104,3 +105,32 @@ class Alert(Base):
     kind: Mapped[str] = mapped_column(String(50))  # quarantined / readmitted / rejected
     message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only, hash-chained record of every write: row_hash = sha256(prev_hash + canonical content), so
+    editing or deleting any row breaks every hash after it (scripts/audit_verify.py names the first bad row)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[str] = mapped_column(String(40))  # ISO text: hashed exactly as stored on both engines
+    action: Mapped[str] = mapped_column(String(50))
+    payload_json: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class PrivacySpend(Base):
+    """Cumulative (epsilon, delta) a site reports after a round of DP-SGD, from its own accountant."""
+
+    __tablename__ = "privacy_spend"
+    __table_args__ = (UniqueConstraint("run_id", "round_num", "site_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_num: Mapped[int] = mapped_column(Integer)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    epsilon_budget: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    noise_multiplier: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    accountant: Mapped[Optional[str]] = mapped_column(String(30), nullable=True)

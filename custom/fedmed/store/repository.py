@@ -6,18 +6,20 @@ URL from FEDMED_DB_URL; the embedded default is a SQLite file. PostgreSQL works 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import create_engine, delete, event, select
+from sqlalchemy import create_engine, delete, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
-from fedmed.store.models import Alert, Base, ClientUpdate, Round, RoundMetric, Run, Site, utcnow
+from fedmed.store.migrate import upgrade
+from fedmed.store.models import Alert, AuditEntry, ClientUpdate, PrivacySpend, Round, RoundMetric, Run, Site, utcnow
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "missing")
 ALERT_KINDS = ("quarantined", "readmitted", "rejected")
@@ -35,6 +37,10 @@ class UpdateRecord:
     distance: Optional[float] = None
     round_score: Optional[float] = None
     trust: Optional[float] = None
+    epsilon: Optional[float] = None  # cumulative privacy spend the site reports (DP-SGD), with delta
+    delta: Optional[float] = None
+    epsilon_budget: Optional[float] = None
+    noise_multiplier: Optional[float] = None
     train_loss: Optional[float] = None
     val_loss: Optional[float] = None
     val_mean_auroc: Optional[float] = None
@@ -79,6 +85,20 @@ class RoundRow:
     test_loss: Optional[float]
 
 
+GENESIS_HASH = "0" * 64
+
+
+def audit_hash(prev_hash: str, created_at: str, action: str, payload_json: str) -> str:
+    content = json.dumps([prev_hash, created_at, action, payload_json], separators=(",", ":"))
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    row_id: int
+    reason: str
+
+
 def default_db_url(workspace: Path) -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'fedmed.db'}"
 
@@ -110,27 +130,46 @@ class Repository:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         if create_schema:
-            Base.metadata.create_all(self.engine)
+            upgrade(self.engine)  # Alembic: the same revisions on SQLite and PostgreSQL
 
     def close(self) -> None:
         self.engine.dispose()
 
     # --- writes -------------------------------------------------------------------------------------------------
 
-    def start_run(self, name: str, job_id: str, aggregation: str, num_rounds: int, config: dict) -> int:
-        """Create a run row. Every start is a new run: the simulator gives every job the same id."""
+    def start_run(self, uid: str, name: str, job_id: str, aggregation: str, num_rounds: int, config: dict) -> int:
+        """Create the run row for uid, or return the existing one (a replayed start is a no-op)."""
+        if not uid:
+            raise ValueError("run uid must be a non-empty string")
         with self._session.begin() as s:
-            run = Run(name=name, job_id=job_id, aggregation=aggregation, num_rounds=num_rounds,
-                      config_json=json.dumps(config, sort_keys=True, default=str))
-            s.add(run)
-            s.flush()
+            run = s.scalar(select(Run).where(Run.uid == uid))
+            if run is None:
+                run = Run(uid=uid, name=name, job_id=job_id, aggregation=aggregation, num_rounds=num_rounds,
+                          config_json=json.dumps(config, sort_keys=True, default=str))
+                s.add(run)
+                s.flush()
+                self._audit(s, "start_run", {"run": uid, "job_id": job_id, "aggregation": aggregation,
+                                             "num_rounds": num_rounds})
             return run.id
 
-    def record_round(self, run_id: int, record: RoundRecord) -> None:
-        """Write a round, its updates and metrics in one transaction. Idempotent: re-recording replaces the round."""
+    def _run_id(self, s: Session, uid: str) -> int:
+        run_id = s.scalar(select(Run.id).where(Run.uid == uid))
+        if run_id is None:
+            raise ValueError(f"no run with uid {uid!r}; start_run first")
+        return run_id
+
+    def record_round(self, run_uid: str, record: RoundRecord) -> None:
+        """Write a round, its updates, metrics and alerts in one transaction. Idempotent: re-recording replaces it."""
         with self._session.begin() as s:
-            for model in (Round, ClientUpdate, RoundMetric, Alert):
+            run_id = self._run_id(s, run_uid)
+            replaced = s.scalar(select(Round.id).where(Round.run_id == run_id, Round.round_num == record.round_num))
+            for model in (Round, ClientUpdate, RoundMetric, Alert, PrivacySpend):
                 s.execute(delete(model).where(model.run_id == run_id, model.round_num == record.round_num))
+            self._audit(s, "record_round", {
+                "run": run_uid, "round": record.round_num, "replaced": replaced is not None,
+                "global_model_sha256": record.global_model_sha256,
+                "updates": [[u.site, u.status, u.num_samples, u.update_sha256, u.trust] for u in record.updates],
+            })
             accepted = sum(1 for u in record.updates if u.status == "accepted")
             s.add(Round(run_id=run_id, round_num=record.round_num, num_sites=accepted, test_loss=record.test_loss,
                         test_mean_auroc=record.test_mean_auroc, global_model_sha256=record.global_model_sha256,
@@ -140,21 +179,52 @@ class Repository:
                 s.add(ClientUpdate(run_id=run_id, round_num=record.round_num, site_id=site.id, status=u.status,
                                    reason=u.reason, num_samples=u.num_samples, update_norm=u.update_norm,
                                    update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
-                                   distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss, val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc))
+                                   distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss,
+                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc))
                 for metric, value in u.metrics.items():
                     s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope=u.site, metric=metric, value=float(value)))
+                if u.epsilon is not None:
+                    s.add(PrivacySpend(run_id=run_id, round_num=record.round_num, site_id=site.id, epsilon=u.epsilon,
+                                       delta=u.delta if u.delta is not None else 0.0, epsilon_budget=u.epsilon_budget,
+                                       noise_multiplier=u.noise_multiplier, accountant="rdp"))
             for a in record.alerts:
                 s.add(Alert(run_id=run_id, round_num=record.round_num, site_id=self._site(s, a.site).id, kind=a.kind,
                             message=a.message))
             for metric, value in record.test_metrics.items():
                 s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope="global_test", metric=metric, value=float(value)))
 
-    def finish_run(self, run_id: int, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
+    def finish_run(self, run_uid: str, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
         with self._session.begin() as s:
-            run = s.get(Run, run_id)
-            if run is None:
-                raise ValueError(f"no run with id {run_id}")
+            run = s.get(Run, self._run_id(s, run_uid))
             run.status, run.finished_at, run.best_round, run.best_metric = status, utcnow(), best_round, best_metric
+            self._audit(s, "finish_run", {"run": run_uid, "status": status, "best_round": best_round})
+
+    def _audit(self, s: Session, action: str, payload: dict) -> None:
+        """Append one chained audit row inside the caller's transaction (so it exists iff the write does)."""
+        if self.engine.dialect.name == "postgresql":
+            # Serialise appenders so two servers writing at once cannot fork the chain.
+            s.execute(text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE"))
+        prev = s.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1)) or GENESIS_HASH
+        created = utcnow().isoformat()
+        body = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+        s.add(AuditEntry(created_at=created, action=action, payload_json=body, prev_hash=prev,
+                         row_hash=audit_hash(prev, created, action, body)))
+
+    def verify_audit(self) -> Optional[AuditProblem]:
+        """Walk the chain in id order; the first row whose link or content hash is wrong, or None if intact."""
+        prev = GENESIS_HASH
+        with self._session() as s:
+            for row in s.scalars(select(AuditEntry).order_by(AuditEntry.id)).yield_per(1000):
+                if row.prev_hash != prev:
+                    return AuditProblem(row.id, "prev_hash does not match the previous row (a row was removed or reordered)")
+                if audit_hash(row.prev_hash, row.created_at, row.action, row.payload_json) != row.row_hash:
+                    return AuditProblem(row.id, "content does not match its hash (the row was edited)")
+                prev = row.row_hash
+        return None
+
+    def audit_rows(self) -> int:
+        with self._session() as s:
+            return len(s.scalars(select(AuditEntry.id)).all())
 
     @staticmethod
     def _site(s: Session, name: str) -> Site:
@@ -213,6 +283,13 @@ class Repository:
         for rn, metric, value in rows:
             out.setdefault(rn, {})[metric] = value
         return out
+
+    def privacy_spend(self, run_id: int) -> list[dict]:
+        with self._session() as s:
+            rows = s.execute(select(PrivacySpend, Site.name).join(Site, Site.id == PrivacySpend.site_id)
+                             .where(PrivacySpend.run_id == run_id).order_by(PrivacySpend.round_num, Site.name)).all()
+        return [{"round": p.round_num, "site": name, "epsilon": p.epsilon, "delta": p.delta,
+                 "epsilon_budget": p.epsilon_budget, "noise_multiplier": p.noise_multiplier} for p, name in rows]
 
     def alerts(self, run_id: int) -> list[dict]:
         with self._session() as s:

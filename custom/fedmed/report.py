@@ -1,0 +1,132 @@
+"""A report for people: one HTML page plus the same figures as PNG, built from the database only."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from fedmed.store.repository import Repository
+
+FIGURES = ("global_auroc_loss.png", "site_trust.png", "privacy_spend.png", "update_decisions.png")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
+    """Write <out_dir>/report.html and its PNG figures; returns the HTML path."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = repo.get_run(run_id)
+    rows = repo.rounds_table(run_id)
+    updates = repo.client_updates(run_id)
+    alerts = repo.alerts(run_id)
+    if not rows:
+        raise ValueError(f"run {run_id} has no recorded rounds; nothing to report")
+    rounds = [r.round_num + 1 for r in rows]
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(rounds, [r.test_mean_auroc for r in rows], "o-", label="global test mean AUROC")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean AUROC")
+    ax2 = ax.twinx()
+    ax2.plot(rounds, [r.test_loss for r in rows], "s--", color="tab:red", label="test loss")
+    ax2.set_ylabel("loss")
+    fig.legend(loc="lower right", fontsize=8)
+    ax.set_title("Global model per round")
+    fig.tight_layout()
+    fig.savefig(out_dir / FIGURES[0], dpi=110)
+    plt.close(fig)
+
+    sites = sorted({u["site"] for u in updates})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for site in sites:
+        pts = [(u["round"] + 1, u["trust"]) for u in updates if u["site"] == site and u["trust"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=site)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("round")
+    ax.set_ylabel("trust")
+    ax.set_title("Per-site trust")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / FIGURES[1], dpi=110)
+    plt.close(fig)
+
+    spend = repo.privacy_spend(run_id)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if spend:
+        for site in sorted({p["site"] for p in spend}):
+            pts = [(p["round"] + 1, p["epsilon"]) for p in spend if p["site"] == site]
+            ax.plot(*zip(*pts), "o-", label=site)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent (cumulative)")
+    ax.set_title("Privacy spend per site")
+    fig.tight_layout()
+    fig.savefig(out_dir / FIGURES[2], dpi=110)
+    plt.close(fig)
+
+    statuses = ("accepted", "quarantined", "rejected", "missing")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bottom = [0] * len(rounds)
+    for status in statuses:
+        counts = [sum(1 for u in updates if u["round"] + 1 == r and u["status"] == status) for r in rounds]
+        ax.bar(rounds, counts, bottom=bottom, label=status)
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("site updates")
+    ax.set_title("Update decisions per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / FIGURES[3], dpi=110)
+    plt.close(fig)
+
+    def table(header, body):
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in body)
+        return f"<table><tr>{head}</tr>{trs}</table>"
+
+    round_table = table(
+        ["round", "sites aggregated", "other sites", "test mean AUROC", "test loss"],
+        [[r.round_num + 1, ", ".join(r.sites_accepted), ", ".join(f"{s} ({st})" for s, st in r.sites_other),
+          r.test_mean_auroc, r.test_loss] for r in rows],
+    )
+    update_table = table(
+        ["round", "site", "status", "reason", "samples", "distance", "trust", "weight"],
+        [[u["round"] + 1, u["site"], u["status"], u["reason"] or "", u["num_samples"], u["distance"], u["trust"],
+          u["aggregation_weight"]] for u in updates],
+    )
+    alert_table = table(["round", "site", "kind", "message"], [[a["round"] + 1, a["site"], a["kind"], a["message"]]
+                                                              for a in alerts]) if alerts else "<p>No alerts.</p>"
+    imgs = "".join(f'<img src="{f}" alt="{f}">' for f in FIGURES)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedmed run {run.id}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:540px;margin:4px}}</style></head><body>
+<h1>fedmed run {run.id}: {html.escape(run.name)}</h1>
+<p>job {html.escape(run.job_id)} · aggregation {html.escape(run.aggregation)} · status {html.escape(run.status)} ·
+started {run.started_at} · best round {_fmt(None if run.best_round is None else run.best_round + 1)}
+(mean AUROC {_fmt(run.best_metric)})</p>
+{imgs}
+<h2>Rounds</h2>{round_table}<h2>Alerts</h2>{alert_table}<h2>Site updates</h2>{update_table}
+</body></html>"""
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)

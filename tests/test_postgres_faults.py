@@ -1,0 +1,49 @@
+"""Nothing is lost when the real PostgreSQL server goes away in the middle of a run."""
+
+import logging
+
+import pytest
+
+from fedmed.store.journal import Journal, ResilientRecorder
+from fedmed.store.repository import Repository, RoundRecord, UpdateRecord
+
+pytestmark = pytest.mark.integration
+
+
+def _record(n):
+    return RoundRecord(n, tuple(UpdateRecord(s, "accepted", 10 + n, trust=1.0) for s in ("hospital-a", "hospital-b")),
+                       test_mean_auroc=0.5 + n / 100)
+
+
+def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, tmp_path, caplog):
+    url = pg_cluster.create_database()
+    rec = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("fault"))
+    assert rec.write("start_run", uid="run-1", name="fault", job_id="j", aggregation="geometric_median",
+                     num_rounds=8, config={})
+    for n in range(3):
+        assert rec.write("record_round", run_uid="run-1", record=_record(n)) is True
+
+    pg_cluster.stop()  # the database goes away mid-run
+    try:
+        with caplog.at_level(logging.ERROR):
+            for n in range(3, 6):
+                assert rec.write("record_round", run_uid="run-1", record=_record(n)) is False  # training goes on
+        assert rec.degraded and len(rec.journal.pending()) == 3
+        assert "database unavailable" in caplog.text
+    finally:
+        pg_cluster.start()  # and comes back later
+
+    for n in range(6, 8):
+        assert rec.write("record_round", run_uid="run-1", record=_record(n)) is True  # replays first, in order
+    assert rec.write("finish_run", run_uid="run-1", status="finished", best_round=7, best_metric=0.57)
+    rec.close()
+
+    repo = Repository(url)
+    run_id = repo.latest_run_id()
+    rows = repo.rounds_table(run_id)
+    assert [r.round_num for r in rows] == list(range(8))  # every round exactly once
+    assert len(repo.client_updates(run_id)) == 16
+    assert rec.journal.pending() == []
+    assert repo.verify_audit() is None  # 1 start + 8 rounds + 1 finish, chained
+    assert repo.audit_rows() == 10
+    repo.close()
