@@ -28,6 +28,11 @@ META_VAL_MEAN_AUROC = "val_mean_auroc"
 META_VAL_AUROC_PREFIX = "val_auroc/"
 META_EPOCHS = "epochs"
 META_ERROR = "error"
+META_REFUSED = "refused"  # a site declined the round (e.g. privacy budget); the value says why
+META_EPSILON = "dp_epsilon"  # cumulative epsilon after this round, from the site's accountant
+META_DELTA = "dp_delta"
+META_EPSILON_BUDGET = "dp_epsilon_budget"
+META_NOISE_MULTIPLIER = "dp_noise_multiplier"
 
 # Columns of a site label CSV (plus one 0/1 column per finding).
 COL_SOP_UID = "SOPInstanceUID"

@@ -9,9 +9,20 @@ from monai.networks.nets import DenseNet121
 HEAD_PREFIX = "class_layers.out."
 
 
-def build_densenet121(num_outputs: int = 14, in_channels: int = 1) -> torch.nn.Module:
+NORMS = ("batch", "group")
+
+
+def build_densenet121(num_outputs: int = 14, in_channels: int = 1, norm: str = "batch") -> torch.nn.Module:
+    """norm="group" gives the DP-SGD-compatible variant: GroupNorm (Opacus cannot privatise BatchNorm, which mixes
+    samples) and non-inplace ReLUs (in-place ones break Opacus' backward hooks, Opacus issue #828). Use the same
+    norm with and without DP when comparing."""
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "group":
+        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_outputs,
+                           norm=("group", {"num_groups": 32}), act=("relu", {"inplace": False}))
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_outputs)
 
 

@@ -19,6 +19,12 @@ def _plt():
     return plt
 
 
+def _integer_rounds(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
     """Write <out_dir>/report.html and its PNG figures; returns the HTML path."""
     plt = _plt()
@@ -34,6 +40,7 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(rounds, [r.test_mean_auroc for r in rows], "o-", label="global test mean AUROC")
+    _integer_rounds(ax)
     ax.set_xlabel("round")
     ax.set_ylabel("mean AUROC")
     ax2 = ax.twinx()
@@ -52,6 +59,7 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
         if pts:
             ax.plot(*zip(*pts), "o-", label=site)
     ax.set_ylim(-0.05, 1.05)
+    _integer_rounds(ax)
     ax.set_xlabel("round")
     ax.set_ylabel("trust")
     ax.set_title("Per-site trust")
@@ -69,6 +77,7 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
+    _integer_rounds(ax)
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_title("Privacy spend per site")
@@ -83,6 +92,7 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
         counts = [sum(1 for u in updates if u["round"] + 1 == r and u["status"] == status) for r in rounds]
         ax.bar(rounds, counts, bottom=bottom, label=status)
         bottom = [b + c for b, c in zip(bottom, counts)]
+    _integer_rounds(ax)
     ax.set_xlabel("round")
     ax.set_ylabel("site updates")
     ax.set_title("Update decisions per round")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from fedmed.privacy.policy import PrivacyPolicy, parse_privacy
 from fedmed.robust.attacks import Attack, parse_attack
 
 DATA_FORMATS = ("dicom", "chestxray14", "csv_manifest")
@@ -30,6 +31,7 @@ class SiteConfig:
     data: DataConfig
     num_threads: Optional[int] = None
     hostile: Optional[Attack] = None  # rehearsal only: makes this site send hostile updates
+    privacy: Optional[PrivacyPolicy] = None  # DP-SGD with this ceiling; None = no DP at this site
     source: Optional[Path] = None
 
 
@@ -64,6 +66,7 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
         raise ValueError(f"{source}: resources.num_threads must be a positive integer, got {threads!r}")
     try:
         hostile = parse_attack(raw.get("hostile"))
+        privacy = parse_privacy(raw.get("privacy"))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
     return SiteConfig(
@@ -72,6 +75,7 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
                         _path(labels, base, "data.labels_csv", source) if labels else None, float(val_fraction)),
         num_threads=threads,
         hostile=hostile,
+        privacy=privacy,
         source=Path(source),
     )
 

@@ -24,7 +24,8 @@ from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
 from fedmed.data.loading import load_train_val
-from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.model import NORMS, build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
 from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
@@ -41,6 +42,7 @@ class FedMedTrainer(Executor):
         lr: float = 1e-3,
         batch_size: int = 16,
         seed: int = 0,
+        norm: str = "batch",
         train_task_name: str = AppConstants.TASK_TRAIN,
     ):
         """Local trainer for one hospital.
@@ -53,6 +55,8 @@ class FedMedTrainer(Executor):
             lr: Adam learning rate of round 1; cosine-decayed to 10% by the last round.
             batch_size: training batch size.
             seed: base seed; each round and site derive their own from it.
+            norm: "batch" or "group" (DenseNet-121 normalisation; "group" is required at sites with a privacy
+                policy, because DP-SGD cannot privatise BatchNorm). Must match the server's.
             train_task_name: the task this executor answers.
         """
         super().__init__()
@@ -64,12 +68,16 @@ class FedMedTrainer(Executor):
             raise ValueError(f"lr must be > 0, got {lr}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.site_config = site_config  # same name as the argument: FedJob serialises attributes by name
         self.image_size = image_size
         self.local_epochs = local_epochs
         self.lr = lr
         self.batch_size = batch_size
         self.seed = seed
+        self.norm = norm
+        self._privacy = None
         self.train_task_name = train_task_name
         self._site: Optional[SiteConfig] = None
         self._train_ds = None
@@ -107,7 +115,15 @@ class FedMedTrainer(Executor):
                                      f"rehearsal: its updates are deliberately corrupted")
             if self._site.hostile.poisons_labels:
                 self._train_ds.labels = 1.0 - self._train_ds.labels
-        self._model = build_densenet121(len(C.CXR14_FINDINGS))
+        self._model = build_densenet121(len(C.CXR14_FINDINGS), norm=self.norm)
+        if self._site.privacy is not None:
+            if self.norm != "group":
+                raise ValueError(f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
+                                 "normalisation, which DP-SGD cannot privatise; the job must use norm='group'")
+            self._privacy = SitePrivacy(self._site.privacy)
+            p = self._site.privacy
+            self.log_info(fl_ctx, f"site {site}: DP-SGD on, ceiling epsilon {p.epsilon} ({p.preset}), delta {p.delta}, "
+                                  f"clip {p.max_grad_norm}")
         self.log_info(
             fl_ctx,
             f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
@@ -130,6 +146,12 @@ class FedMedTrainer(Executor):
             if self._site.hostile is not None:
                 result.params = apply_attack(result.params, global_model.params, self._site.hostile, round_num)
             return FLModelUtils.to_shareable(result)
+        except BudgetExceeded as e:
+            self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")
+            return FLModelUtils.to_shareable(FLModel(
+                metrics={C.META_EPSILON: self._privacy.epsilon_spent},
+                meta={C.META_REFUSED: str(e), C.META_SITE: site, C.META_EPSILON: self._privacy.epsilon_spent,
+                      C.META_DELTA: self._privacy.policy.delta, C.META_EPSILON_BUDGET: self._privacy.policy.epsilon}))
         except TrainingAborted:
             self.log_warning(fl_ctx, f"site {site}: training aborted by the server")
             return make_reply(ReturnCode.TASK_ABORTED)
@@ -147,10 +169,22 @@ class FedMedTrainer(Executor):
 
         # Seed differs per round and site so sites don't share augmentation/shuffle streams.
         seed = self.seed + 1000 * round_num + sum(site.encode())
-        train_loss = train_epochs(
-            self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
-            should_abort=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end,
-        )
+        privacy_meta = {}
+        if self._privacy is not None:
+            self._model, dp = self._privacy.train_round(
+                self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
+                total_epochs=total_rounds * self.local_epochs, should_abort=lambda: abort_signal.triggered,
+            )
+            train_loss = dp.train_loss
+            privacy_meta = {C.META_EPSILON: dp.epsilon, C.META_DELTA: dp.delta,
+                            C.META_EPSILON_BUDGET: self._privacy.policy.epsilon, C.META_NOISE_MULTIPLIER: dp.noise_multiplier}
+            self.log_info(fl_ctx, f"site {site} round {round_num}: DP-SGD {dp.steps} steps, sigma "
+                                  f"{dp.noise_multiplier:.3f}, epsilon spent {dp.epsilon:.3f} of {self._privacy.policy.epsilon}")
+        else:
+            train_loss = train_epochs(
+                self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
+                should_abort=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end,
+            )
         val = evaluate(self._model, self._val_ds, C.CXR14_FINDINGS)
         self.log_info(
             fl_ctx,
@@ -163,5 +197,6 @@ class FedMedTrainer(Executor):
             params_type=ParamsType.FULL,
             params=state_to_numpy(self._model),
             metrics=metrics,
-            meta={C.META_NUM_SAMPLES: len(self._train_ds), C.META_SITE: site, C.META_EPOCHS: self.local_epochs},
+            meta={C.META_NUM_SAMPLES: len(self._train_ds), C.META_SITE: site, C.META_EPOCHS: self.local_epochs,
+                  **privacy_meta},
         )

@@ -134,3 +134,19 @@ class PrivacySpend(Base):
     epsilon_budget: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     noise_multiplier: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     accountant: Mapped[Optional[str]] = mapped_column(String(30), nullable=True)
+
+
+class InferenceLog(Base):
+    """One clinician inference run on one study. Identifiers are pseudonymised (keyed hash), never in clear."""
+
+    __tablename__ = "inference_logs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    study_pseudonym: Mapped[str] = mapped_column(String(64), index=True)
+    patient_pseudonym: Mapped[str] = mapped_column(String(64))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(100))
+    num_images: Mapped[int] = mapped_column(Integer)
+    positive_findings: Mapped[str] = mapped_column(Text)  # '|'-joined finding names
+    status: Mapped[str] = mapped_column(String(30))  # ok / skipped
+    message: Mapped[Optional[str]] = mapped_column(Text, nullable=True)

@@ -21,8 +21,8 @@ from fedmed.constants import ENV_DB_URL
 from fedmed.store.migrate import upgrade
 from fedmed.store.models import Alert, AuditEntry, ClientUpdate, PrivacySpend, Round, RoundMetric, Run, Site, utcnow
 
-UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "missing")
-ALERT_KINDS = ("quarantined", "readmitted", "rejected")
+UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
+ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused")
 
 
 @dataclass(frozen=True)

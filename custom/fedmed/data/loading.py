@@ -1,0 +1,40 @@
+"""Turn a site's DataConfig into train/validation datasets, whatever the on-disk format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedmed.data.dataset import RadiographDataset
+from fedmed.data.labels import LabelledImage, load_chestxray14, load_csv_manifest, load_dicom_site
+from fedmed.data.splitting import train_val_split
+from fedmed.site_config import DataConfig
+
+
+def load_items(data: DataConfig) -> list[LabelledImage]:
+    if data.format == "dicom":
+        return load_dicom_site(data.root, data.labels_csv)
+    if data.format == "chestxray14":
+        return load_chestxray14(data.root)
+    if data.format == "csv_manifest":
+        return load_csv_manifest(data.root)
+    raise ValueError(f"unknown data format {data.format!r}")
+
+
+def split_items(items: list[LabelledImage], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Use the labels' own train/val split when they carry one, else a seeded random split."""
+    train = [it for it in items if it.split == "train"]
+    val = [it for it in items if it.split == "val"]
+    if train and val:
+        return train, val
+    tr_idx, va_idx = train_val_split(len(items), val_fraction, seed)
+    return [items[i] for i in tr_idx], [items[i] for i in va_idx]
+
+
+def load_train_val(data: DataConfig, image_size: int, seed: int) -> tuple[RadiographDataset, RadiographDataset]:
+    train, val = split_items(load_items(data), data.val_fraction, seed)
+    return RadiographDataset(train, image_size, train=True, seed=seed), RadiographDataset(val, image_size, train=False)
+
+
+def load_test(dicom_root: Path, labels_csv: Path, image_size: int) -> RadiographDataset:
+    """The global test set: every labelled image under the folder, whatever its split column says."""
+    return RadiographDataset(load_dicom_site(Path(dicom_root), Path(labels_csv)), image_size, train=False)

@@ -1,0 +1,127 @@
+"""DP-SGD local training with Opacus and one RDP accountant that lives across all rounds of a job at one site.
+
+The accountant is Opacus' own (RDPAccountant); we only keep it alive between rounds and ask it, before training,
+what epsilon would be after this round, so the site can refuse a round that would break its ceiling.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, Dataset
+
+from fedmed.privacy.policy import PrivacyPolicy
+from fedmed.training import TrainingAborted
+
+
+class BudgetExceeded(RuntimeError):
+    """This round would take the site past its epsilon ceiling; the message says by how much."""
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    epsilon: float  # cumulative after this round
+    delta: float
+    noise_multiplier: float
+    steps: int
+    train_loss: float
+
+
+def check_dp_compatible(model: torch.nn.Module) -> None:
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model cannot be trained with DP-SGD (build it with norm='group'): {errors[0]}")
+
+
+class SitePrivacy:
+    """Per-site DP state for one job: the policy, the calibrated noise, and the accountant."""
+
+    def __init__(self, policy: PrivacyPolicy):
+        self.policy = policy
+        self.accountant = RDPAccountant()
+        self.noise_multiplier: Optional[float] = policy.noise_multiplier
+
+    @property
+    def epsilon_spent(self) -> float:
+        return self.accountant.get_epsilon(self.policy.delta) if self.accountant.history else 0.0
+
+    def calibrate(self, sample_rate: float, total_epochs: int) -> float:
+        """Noise so that total_epochs of DP-SGD at this sample rate spend exactly the ceiling (once per job)."""
+        if self.noise_multiplier is None:
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=self.policy.epsilon, target_delta=self.policy.delta, sample_rate=sample_rate,
+                epochs=total_epochs, accountant="rdp",
+            )
+        return self.noise_multiplier
+
+    def predicted_epsilon(self, sample_rate: float, steps: int) -> float:
+        """Epsilon after `steps` more steps, without spending anything."""
+        trial = RDPAccountant()
+        trial.history = list(self.accountant.history) + [(self.noise_multiplier, sample_rate, steps)]
+        return trial.get_epsilon(self.policy.delta)
+
+    def train_round(
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        seed: int,
+        total_epochs: int,
+        should_abort: Callable[[], bool] = lambda: False,
+    ) -> tuple[torch.nn.Module, RoundPrivacy]:
+        """One round of DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise). Raises BudgetExceeded
+        before touching the data if the round would exceed the ceiling. Returns the trained plain module."""
+        check_dp_compatible(model)
+        sample_rate = min(1.0, batch_size / len(dataset))
+        self.calibrate(sample_rate, total_epochs)
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        engine.accountant = self.accountant  # the site's accountant, across rounds
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure RNG: documented, we run without secure_mode
+            private_model, private_opt, private_loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.policy.max_grad_norm, poisson_sampling=True,
+            )
+        steps = epochs * len(private_loader)
+        eps_after = self.predicted_epsilon(sample_rate, steps)
+        if eps_after > self.policy.epsilon * (1 + 1e-6):  # checked before any data is touched
+            private_model.remove_hooks()
+            raise BudgetExceeded(
+                f"privacy budget: this round would bring epsilon from {self.epsilon_spent:.3f} to {eps_after:.3f}, "
+                f"over the site's ceiling {self.policy.epsilon} (delta {self.policy.delta})"
+            )
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        private_model.train()
+        total, count = 0.0, 0
+        for epoch in range(epochs):
+            for images, labels in private_loader:
+                if should_abort():
+                    raise TrainingAborted(f"aborted during DP epoch {epoch + 1}")
+                if len(labels) == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                private_opt.zero_grad(set_to_none=True)
+                loss = loss_fn(private_model(images), labels)
+                loss.backward()
+                private_opt.step()
+                total += loss.item() * len(labels)
+                count += len(labels)
+        plain = private_model._module
+        for p in plain.parameters():  # drop Opacus' per-sample state so the module is a plain one again
+            for attr in ("grad_sample", "_forward_counter", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        private_model.remove_hooks()
+        spent = self.epsilon_spent
+        return plain, RoundPrivacy(spent, self.policy.delta, float(self.noise_multiplier), steps, total / max(count, 1))
