@@ -51,12 +51,14 @@ def test_bad_controller_arguments_fail_at_construction():
         FedMedController(test_dicom_root="/x")
 
 
-def _write_site_configs(root, hostile=None):
+def _write_site_configs(root, hostile=None, privacy=None):
     for site in SITES:
         cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
                "resources": {"num_threads": 1}}
         if hostile and site in hostile:
             cfg["hostile"] = hostile[site]
+        if privacy and site in privacy:
+            cfg["privacy"] = privacy[site]
         (root / site / "fedmed_site.json").write_text(json.dumps(cfg))
 
 
@@ -127,3 +129,27 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     alerts = repo.alerts(run_id)
     assert [(a["site"], a["kind"]) for a in alerts] == [("hospital-c", "quarantined")]
     assert "trust" in alerts[0]["message"]
+
+
+@pytest.mark.integration
+def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_path):
+    # hospital-c's own policy (sigma 1.0, ceiling 5.5) allows one round, not two: it refuses round 2 itself.
+    privacy = {"hospital-a": {"preset": "moderate"}, "hospital-b": {"preset": "weak"},
+               "hospital-c": {"epsilon": 5.5, "noise_multiplier": 1.0}}
+    _write_site_configs(tiny_hospitals, privacy=privacy)
+    try:
+        repo, run_id = _simulate(tiny_hospitals, tmp_path / "ws", tmp_path / "dp.db", "--rounds", "2", "--norm", "group",
+                                 "--min-clients", "2")
+    finally:
+        _write_site_configs(tiny_hospitals)
+    assert repo.get_run(run_id).status == "finished"
+    spend = {(p["round"], p["site"]): p for p in repo.privacy_spend(run_id)}
+    for r in (0, 1):
+        for site in ("hospital-a", "hospital-b"):
+            assert 0 < spend[(r, site)]["epsilon"] <= spend[(r, site)]["epsilon_budget"] * 1.000001
+    assert spend[(1, "hospital-a")]["epsilon"] == pytest.approx(3.0, rel=0.02)  # calibrated to the ceiling
+    assert spend[(0, "hospital-c")]["epsilon"] < 5.5
+    ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
+    assert ups[(1, "hospital-c")]["status"] == "refused" and "privacy budget" in ups[(1, "hospital-c")]["reason"]
+    assert ups[(1, "hospital-a")]["status"] == "accepted" and ups[(1, "hospital-b")]["status"] == "accepted"
+    assert ("hospital-c", "refused") in [(a["site"], a["kind"]) for a in repo.alerts(run_id)]

@@ -46,6 +46,7 @@ def build_job(
     lr: float = 1e-3,
     batch_size: int = 16,
     seed: int = 0,
+    norm: str = "batch",
     db_url: str | None = None,
     name: str = JOB_NAME,
 ) -> FedJob:
@@ -68,15 +69,16 @@ def build_job(
         test_dicom_root=str(test_root / "dicom") if test_root else None,
         test_labels_csv=str(test_root / "labels.csv") if test_root else None,
         image_size=image_size,
+        norm=norm,
         db_url=db_url,
         run_name=name,
     )
     job.to_server(controller)
-    job.to_server(FedMedModelPersistor(num_outputs=14, seed=seed), id="persistor")
+    job.to_server(FedMedModelPersistor(num_outputs=14, seed=seed, norm=norm), id="persistor")
     for site in sites:
         site_config = str(Path(data_root) / site / "fedmed_site.json") if data_root else None
         trainer = FedMedTrainer(site_config=site_config, image_size=image_size, local_epochs=local_epochs, lr=lr,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, seed=seed, norm=norm)
         job.to(trainer, site, tasks=["train"])
     return job
 
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--norm", choices=("batch", "group"), default="batch",
+                   help="DenseNet normalisation; 'group' is required when sites train with DP-SGD")
     p.add_argument("--threads", type=int, help="sites trained concurrently in the simulator (default: all)")
     p.add_argument("--db-url", help="SQLAlchemy URL (default $FEDMED_DB_URL, else SQLite in the server workspace)")
     a = p.parse_args(argv)
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
             p.error(f"no fedmed_site.json for {missing} under {a.data_root}; generate the hospitals first")
     job = build_job(
         sites, a.data_root.resolve() if a.data_root else None, a.rounds, a.min_clients, a.round_timeout,
-        a.straggler_wait, a.aggregation, a.image_size, a.local_epochs, a.lr, a.batch_size, a.seed, a.db_url,
+        a.straggler_wait, a.aggregation, a.image_size, a.local_epochs, a.lr, a.batch_size, a.seed, a.norm, a.db_url,
     )
     if a.export:
         job.export_job(str(a.export))

@@ -41,6 +41,7 @@ class FedMedController(ModelController):
         test_labels_csv: Optional[str] = None,
         image_size: int = 128,
         num_outputs: int = 14,
+        norm: str = "batch",
         db_url: Optional[str] = None,
         run_name: str = "fedmed",
         persistor_id: str = AppConstants.DEFAULT_PERSISTOR_ID,
@@ -64,6 +65,7 @@ class FedMedController(ModelController):
                 the round's score is the sample-weighted mean of the sites' validation AUROC.
             image_size: input size, same as the sites'.
             num_outputs: classifier outputs.
+            norm: DenseNet-121 normalisation, "batch" or "group" (the DP-SGD-compatible one); same as the sites'.
             db_url: SQLAlchemy URL; default $FEDMED_DB_URL, else SQLite fedmed.db in the server workspace.
             run_name: name recorded for this run.
             persistor_id: component id of the FedMedModelPersistor.
@@ -95,6 +97,7 @@ class FedMedController(ModelController):
         self.test_labels_csv = test_labels_csv
         self.image_size = image_size
         self.num_outputs = num_outputs
+        self.norm = norm
         self.db_url = db_url
         self.run_name = run_name
         self.train_task_name = train_task_name
@@ -118,7 +121,7 @@ class FedMedController(ModelController):
         if db.journal.pending():
             self.info(f"replaying {len(db.journal.pending())} journaled database write(s) from an earlier job")
         run_uid = uuid.uuid4().hex
-        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size")}
+        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size", "norm")}
         db.write("start_run", uid=run_uid, name=self.run_name, job_id=job_id, aggregation=self.aggregation,
                  num_rounds=self.num_rounds, config=config)
         safe_url = url.split("@")[-1] if "@" in url else url  # never log a password
@@ -130,7 +133,7 @@ class FedMedController(ModelController):
             self.info(f"global test set: {len(test_ds)} images")
         else:
             self.warning("no global test set configured; rounds are scored by the sites' validation AUROC")
-        eval_model = build_densenet121(self.num_outputs)
+        eval_model = build_densenet121(self.num_outputs, norm=self.norm)
         aggregate = get_aggregator(self.aggregation)
 
         model = self.load_model()
@@ -211,6 +214,16 @@ class FedMedController(ModelController):
             site = _site_of(r)
             n = r.meta.get(C.META_NUM_SAMPLES)
             metrics = dict(r.metrics or {})
+            privacy = dict(epsilon=_finite_or_none(r.meta.get(C.META_EPSILON)),
+                           delta=_finite_or_none(r.meta.get(C.META_DELTA)),
+                           epsilon_budget=_finite_or_none(r.meta.get(C.META_EPSILON_BUDGET)),
+                           noise_multiplier=_finite_or_none(r.meta.get(C.META_NOISE_MULTIPLIER)))
+            if r.meta.get(C.META_REFUSED):
+                # The site declined this round itself (e.g. its privacy budget): record why, carry on without it.
+                self.warning(f"{site} refused the round: {r.meta[C.META_REFUSED]}")
+                records[site] = UpdateRecord(site=site, status="refused", reason=str(r.meta[C.META_REFUSED]),
+                                             **{k: v for k, v in privacy.items() if k != "noise_multiplier"})
+                continue
             reason = None
             if not isinstance(n, int) or n < 1:
                 reason = f"num_samples must be a positive integer, got {n!r}"
@@ -228,7 +241,7 @@ class FedMedController(ModelController):
                 continue
             valid.append(r)
             records[site] = UpdateRecord(status="accepted", update_norm=update_norm(r.params, global_params),
-                                         update_sha256=params_sha256(r.params), **common)
+                                         update_sha256=params_sha256(r.params), **privacy, **common)
         for site in targets:
             if site not in records:
                 self.warning(f"no result from {site} this round")
@@ -248,7 +261,8 @@ class FedMedController(ModelController):
         scores.update({site: 0.0 for site, u in records.items() if u.status == "rejected"})
         was_quarantined = {site for site in scores if self._is_quarantined(site)}
         self._trust, events = update_trust(self._trust, scores, self._policy)
-        alerts = [AlertRecord(site, "rejected", u.reason) for site, u in records.items() if u.status == "rejected"]
+        alerts = [AlertRecord(site, u.status, u.reason) for site, u in records.items()
+                  if u.status in ("rejected", "refused")]
         alerts += [AlertRecord(site, kind, msg) for site, kind, msg in events]
         for site, kind, msg in events:
             self.warning(msg)

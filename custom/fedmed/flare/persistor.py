@@ -41,12 +41,13 @@ def save_state(params: dict, path: Path, meta: Optional[dict] = None) -> None:
 
 
 class FedMedModelPersistor(ModelPersistor):
-    def __init__(self, num_outputs: int = 14, initial_weights: Optional[str] = None, seed: int = 0):
+    def __init__(self, num_outputs: int = 14, initial_weights: Optional[str] = None, seed: int = 0, norm: str = "batch"):
         """Args:
         num_outputs: classifier outputs (14 findings for chest X-ray).
         initial_weights: optional path to a torch state dict (e.g. a previous run's best_model.pt) to start from;
             no weights are ever downloaded.
         seed: torch seed for a fresh initialisation.
+        norm: DenseNet-121 normalisation, "batch" or "group"; same as the sites'.
         """
         super().__init__()
         if num_outputs < 1:
@@ -54,6 +55,7 @@ class FedMedModelPersistor(ModelPersistor):
         self.num_outputs = num_outputs
         self.initial_weights = initial_weights
         self.seed = seed
+        self.norm = norm
 
     def _model_dir(self, fl_ctx: FLContext) -> Path:
         workspace = fl_ctx.get_engine().get_workspace()
@@ -61,7 +63,7 @@ class FedMedModelPersistor(ModelPersistor):
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         torch.manual_seed(self.seed)
-        model = build_densenet121(self.num_outputs)
+        model = build_densenet121(self.num_outputs, norm=self.norm)
         if self.initial_weights:
             path = Path(self.initial_weights)
             if not path.is_file():

@@ -6,6 +6,7 @@ what epsilon would be after this round, so the site can refuse a round that woul
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -52,12 +53,12 @@ class SitePrivacy:
     def epsilon_spent(self) -> float:
         return self.accountant.get_epsilon(self.policy.delta) if self.accountant.history else 0.0
 
-    def calibrate(self, sample_rate: float, total_epochs: int) -> float:
-        """Noise so that total_epochs of DP-SGD at this sample rate spend exactly the ceiling (once per job)."""
+    def calibrate(self, sample_rate: float, total_steps: int) -> float:
+        """Noise so that total_steps of DP-SGD at this sample rate spend exactly the ceiling (once per job)."""
         if self.noise_multiplier is None:
             self.noise_multiplier = get_noise_multiplier(
                 target_epsilon=self.policy.epsilon, target_delta=self.policy.delta, sample_rate=sample_rate,
-                epochs=total_epochs, accountant="rdp",
+                steps=total_steps, accountant="rdp",
             )
         return self.noise_multiplier
 
@@ -80,9 +81,13 @@ class SitePrivacy:
     ) -> tuple[torch.nn.Module, RoundPrivacy]:
         """One round of DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise). Raises BudgetExceeded
         before touching the data if the round would exceed the ceiling. Returns the trained plain module."""
+        model.train()  # Opacus validates (and hooks) a model in training mode
         check_dp_compatible(model)
-        sample_rate = min(1.0, batch_size / len(dataset))
-        self.calibrate(sample_rate, total_epochs)
+        # Opacus' Poisson loader draws len(loader) = ceil(N / B) batches per epoch at rate 1 / len(loader);
+        # calibrate and predict with exactly those numbers, so the ceiling is met at the last round, not overshot.
+        steps_per_epoch = math.ceil(len(dataset) / batch_size)
+        sample_rate = 1.0 / steps_per_epoch
+        self.calibrate(sample_rate, total_epochs * steps_per_epoch)
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         engine.accountant = self.accountant  # the site's accountant, across rounds
         generator = torch.Generator().manual_seed(seed)

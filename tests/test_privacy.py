@@ -1,0 +1,84 @@
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch.utils.data import TensorDataset
+
+from fedmed.model import build_densenet121
+from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy, check_dp_compatible
+from fedmed.privacy.policy import PRESETS, PrivacyPolicy, parse_privacy
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(24, 1, 32, 32, generator=g), (torch.rand(24, 14, generator=g) > 0.8).float())
+
+
+def test_reported_epsilon_is_opacus_rdp_for_the_same_q_sigma_steps(tiny):
+    site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.1))
+    model = build_densenet121(14, norm="group")
+    _, r1 = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, total_epochs=3)
+    _, r2 = site.train_round(model, tiny, 1, 1e-3, 6, seed=1, total_epochs=3)
+    q = 6 / 24
+    ref = RDPAccountant()
+    ref.history = [(1.1, q, r1.steps + r2.steps)]  # an independent accountant, same (q, sigma, steps)
+    assert r2.epsilon == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
+    assert r1.epsilon < r2.epsilon
+
+
+def test_calibrated_noise_spends_the_ceiling_by_the_last_round(tiny):
+    site = SitePrivacy(PrivacyPolicy(epsilon=3.0))
+    model = build_densenet121(14, norm="group")
+    for r in range(2):
+        model, info = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, total_epochs=2)
+    assert info.epsilon == pytest.approx(3.0, rel=0.02) and info.epsilon <= 3.0 * 1.000001
+
+
+def test_a_round_past_the_ceiling_is_refused_before_training(tiny):
+    site = SitePrivacy(PrivacyPolicy(epsilon=5.0, noise_multiplier=1.0))
+    model = build_densenet121(14, norm="group")
+    model, first = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, total_epochs=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spent = site.epsilon_spent
+    with pytest.raises(BudgetExceeded, match="over the site's ceiling 5.0"):
+        for r in range(1, 10):
+            model, _ = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, total_epochs=10)
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            spent = site.epsilon_spent
+    assert site.epsilon_spent == spent <= 5.0  # refusing spends nothing
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # and trains nothing
+
+
+def test_batchnorm_model_is_refused_for_dp(tiny):
+    with pytest.raises(ValueError, match="norm='group'"):
+        check_dp_compatible(build_densenet121(14, norm="batch"))
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"preset": "strong"}, (1.0, 1e-5)),
+        ({"preset": "moderate", "delta": 1e-6}, (3.0, 1e-6)),  # a site may set a smaller delta
+        ({"preset": "weak"}, (8.0, 1e-5)),
+        ({"epsilon": 2.5, "noise_multiplier": 1.3}, (2.5, 1e-5)),
+    ],
+)
+def test_presets_and_custom(raw, expected):
+    p = parse_privacy(raw)
+    assert (p.epsilon, p.delta) == expected and PRESETS["moderate"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"preset": "paranoid"}, "preset must be one of"),
+        ({"preset": "strong", "epsilon": 5}, "means epsilon 1.0"),
+        ({"preset": "weak", "delta": 1e-3}, "delta <= 1e-05"),
+        ({"delta": 1e-5}, "needs 'epsilon'"),
+        ({"epsilon": -1}, "epsilon must be > 0"),
+        ({"epsilon": 1, "clip": 1}, "unknown keys"),
+    ],
+)
+def test_bad_policies_are_named(raw, match):
+    with pytest.raises(ValueError, match=match):
+        parse_privacy(raw)
