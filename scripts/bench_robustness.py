@@ -11,71 +11,31 @@ clean 3 sites, 1-of-3 hostile, 2-of-5 hostile, and the honest sites alone as the
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from fedmed.aggregation import distance, get_aggregator  # noqa: E402
-from fedmed.constants import CXR14_FINDINGS  # noqa: E402
 from fedmed.data.loading import load_test, load_train_val  # noqa: E402
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals  # noqa: E402
-from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy  # noqa: E402
-from fedmed.robust.attacks import Attack, apply_attack  # noqa: E402
-from fedmed.robust.trust import TrustPolicy, round_scores, update_trust  # noqa: E402
+from fedmed.inprocess import federate  # noqa: E402
+from fedmed.robust.attacks import Attack  # noqa: E402
 from fedmed.site_config import DataConfig  # noqa: E402
-from fedmed.training import evaluate, round_lr, train_epochs  # noqa: E402
 
 AGGREGATIONS = ("fedavg", "geometric_median", "coordinate_median", "trimmed_mean")
 
 
 def make_sites(root: Path, n_sites: int, per_site: int, seed: int) -> list[str]:
+    """Synthetic sites site-0..site-(n-1) plus a 200-image global test set, generated once into root."""
     if (root / "global_test" / "labels.csv").exists():
         return sorted(p.name for p in root.iterdir() if p.name.startswith("site-"))
     specs = [HospitalSpec(f"site-{i}", per_site, DEFAULT_HOSPITALS[i % 3].scanner) for i in range(n_sites)]
     generate_hospitals(root, specs, num_test=200, seed=seed, size=128)
     return [s.name for s in specs]
-
-
-def federate(datasets, hostile: dict, aggregation: str, rounds: int, test_ds, seed: int, use_trust: bool) -> float:
-    torch.manual_seed(seed)
-    global_params = state_to_numpy(build_densenet121(14))
-    model = build_densenet121(14)
-    aggregate = get_aggregator(aggregation)
-    policy, trust = TrustPolicy(), {}
-    for r in range(rounds):
-        updates, counts, names = [], [], []
-        for name, (train, _) in datasets.items():
-            load_numpy_state(model, global_params)
-            ds = train
-            if name in hostile and hostile[name].poisons_labels:
-                ds = copy.copy(train)
-                ds.labels = 1.0 - train.labels
-            train_epochs(model, ds, 1, round_lr(1e-3, r, rounds), 16, seed + 100 * r)
-            params = state_to_numpy(model)
-            if name in hostile:
-                params = apply_attack(params, global_params, hostile[name], r)
-            updates.append(params)
-            counts.append(len(train))
-            names.append(name)
-        keep = [i for i, n in enumerate(names) if not (use_trust and trust.get(n) and trust[n].quarantined)]
-        finite = [i for i in keep if all(np.all(np.isfinite(v)) for v in updates[i].values() if v.dtype.kind == "f")]
-        agg = aggregate([updates[i] for i in finite], [counts[i] for i in finite])
-        if use_trust:
-            dist = {names[i]: distance(updates[i], agg.params) for i in range(len(names))
-                    if all(np.all(np.isfinite(v)) for v in updates[i].values() if v.dtype.kind == "f")}
-            scores = {s: sc for s, (_, sc) in round_scores(dist, policy).items()}
-            trust, _ = update_trust(trust, scores, policy)
-        global_params = agg.params
-    load_numpy_state(model, global_params)
-    return evaluate(model, test_ds, CXR14_FINDINGS).mean_auroc
 
 
 def main(argv=None) -> int:
@@ -91,8 +51,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     sites = make_sites(a.data, 5, a.per_site, a.seed)
-    datasets = {s: load_train_val(DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"), a.image_size, a.seed)
-                for s in tqdm(sites, desc="loading sites")}
+    datasets = {s: load_train_val(DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"), a.image_size,
+                                  a.seed)[0] for s in tqdm(sites, desc="loading sites")}
     test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size)
     attack = Attack(a.attack, a.factor, a.seed)
     scenarios = {
@@ -105,9 +65,10 @@ def main(argv=None) -> int:
     cells = [(sc, agg) for sc in scenarios for agg in AGGREGATIONS]
     for sc, agg in tqdm(cells, desc="cells"):
         names, hostile = scenarios[sc]
-        results[(sc, agg)] = federate({n: datasets[n] for n in names}, hostile, agg, a.rounds, test_ds, a.seed,
-                                      use_trust=agg == "geometric_median")
-    honest = {sc: federate({n: datasets[n] for n in names}, {}, "geometric_median", a.rounds, test_ds, a.seed, True)
+        results[(sc, agg)] = federate({n: datasets[n] for n in names}, test_ds, a.rounds, agg, hostile, seed=a.seed,
+                                      use_trust=agg == "geometric_median")["auroc"]
+    honest = {sc: federate({n: datasets[n] for n in names}, test_ds, a.rounds, "geometric_median", seed=a.seed,
+                           use_trust=True)["auroc"]
               for sc, names in tqdm(references.items(), desc="honest-only references")}
     lines = [
         "# bench_robustness",

@@ -29,10 +29,7 @@ def main(argv=None) -> int:
         p.error(f"give --db-url or set {ENV_DB_URL}")
     repo = Repository(a.db_url, create_schema=False)
     try:
-        run_id = a.run_id or repo.latest_run_id()
-        if run_id is None:
-            print(f"no runs recorded in {a.db_url}", file=sys.stderr)
-            return 1
+        run_id = repo.run_id_or_latest(a.run_id)
         path = write_report(repo, run_id, a.out)
     except ValueError as e:
         print(f"cannot write report: {e}", file=sys.stderr)

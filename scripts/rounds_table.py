@@ -43,11 +43,11 @@ def main(argv=None) -> int:
         p.error(f"give --db-url or set {ENV_DB_URL}")
     repo = Repository(a.db_url, create_schema=False)
     try:
-        run_id = a.run_id or repo.latest_run_id()
-        if run_id is None:
-            print(f"no runs recorded in {a.db_url}", file=sys.stderr)
-            return 1
+        run_id = repo.run_id_or_latest(a.run_id)
         print(format_table(repo, run_id))
+    except ValueError as e:
+        print(f"cannot print the table: {e}", file=sys.stderr)
+        return 1
     finally:
         repo.close()
     return 0

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fedmed.robust.baselines import coordinate_median, krum, trimmed_mean
-from fedmed.robust.geometric_median import distance_keys, geometric_median
+from fedmed.robust.geometric_median import combine, distance_keys, geometric_median
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,7 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
     if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w.tolist()}")
     w = w / w.sum()
-    out = {}
-    for k, ref in updates[0].items():
-        acc = sum(wi * np.asarray(u[k], dtype=np.float64) for wi, u in zip(w, updates))
-        ref = np.asarray(ref)
-        out[k] = np.rint(acc).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else acc.astype(ref.dtype)
-    return AggregationResult(out, w)
+    return AggregationResult(combine(updates, w), w)
 
 
 def geometric_median_aggregation(updates, weights) -> AggregationResult:

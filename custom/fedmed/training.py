@@ -47,24 +47,31 @@ def train_epochs(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(dataset) > batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     epoch_loss = float("nan")
     for epoch in range(epochs):
-        total, count = 0.0, 0
-        for images, labels in loader:
-            if should_abort():
-                raise TrainingAborted(f"aborted during epoch {epoch + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-        epoch_loss = total / max(count, 1)
+        epoch_loss = run_epoch(model, loader, opt, should_abort, f"epoch {epoch + 1}")
         if on_epoch_end:
             on_epoch_end(epoch + 1, epoch_loss)
     return epoch_loss
+
+
+def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label: str) -> float:
+    """One pass of BCE-with-logits training over loader (plain or Opacus-private alike); mean loss per sample."""
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    total, count = 0.0, 0
+    for images, labels in loader:
+        if should_abort():
+            raise TrainingAborted(f"aborted during {label}")
+        if len(labels) == 0:  # Opacus' Poisson sampling can draw an empty batch
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(labels)
+        count += len(labels)
+    return total / max(count, 1)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.training import TrainingAborted
+from fedmed.training import run_epoch
 
 
 class BudgetExceeded(RuntimeError):
@@ -107,21 +107,10 @@ class SitePrivacy:
                 f"privacy budget: this round would bring epsilon from {self.epsilon_spent:.3f} to {eps_after:.3f}, "
                 f"over the site's ceiling {self.policy.epsilon} (delta {self.policy.delta})"
             )
-        loss_fn = torch.nn.BCEWithLogitsLoss()
         private_model.train()
-        total, count = 0.0, 0
+        loss = float("nan")
         for epoch in range(epochs):
-            for images, labels in private_loader:
-                if should_abort():
-                    raise TrainingAborted(f"aborted during DP epoch {epoch + 1}")
-                if len(labels) == 0:  # Poisson sampling can draw an empty batch
-                    continue
-                private_opt.zero_grad(set_to_none=True)
-                loss = loss_fn(private_model(images), labels)
-                loss.backward()
-                private_opt.step()
-                total += loss.item() * len(labels)
-                count += len(labels)
+            loss = run_epoch(private_model, private_loader, private_opt, should_abort, f"DP epoch {epoch + 1}")
         plain = private_model._module
         for p in plain.parameters():  # drop Opacus' per-sample state so the module is a plain one again
             for attr in ("grad_sample", "_forward_counter", "summed_grad"):
@@ -129,4 +118,4 @@ class SitePrivacy:
                     delattr(p, attr)
         private_model.remove_hooks()
         spent = self.epsilon_spent
-        return plain, RoundPrivacy(spent, self.policy.delta, float(self.noise_multiplier), steps, total / max(count, 1))
+        return plain, RoundPrivacy(spent, self.policy.delta, float(self.noise_multiplier), steps, loss)

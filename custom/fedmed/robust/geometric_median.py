@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-CHUNK = 1 << 18  # coordinates per pass chunk: K x 256k float64 = 32 MB for K = 16
+CHUNK = 1 << 14  # coordinates per pass chunk: K x 16k float64 = 2 MB for K = 16, cache-sized (measured fastest)
 
 
 @dataclass(frozen=True)
@@ -41,21 +41,26 @@ def distance_keys(update: Mapping[str, np.ndarray]) -> list[str]:
     ]
 
 
-def _chunks(updates: Sequence[Mapping[str, np.ndarray]], keys: list[str]):
-    """Yield (key, slice, K x B float64 block) over the flattened float parameters, in fixed key order."""
+def _blocks(updates: Sequence[Mapping[str, np.ndarray]], keys: list[str]):
+    """Yield (key, slice, K x B float64 block) over the given parameters in fixed order. The block is one reused
+    buffer filled by converting copies (no per-chunk allocation); callers may modify it in place."""
+    buf = np.empty((len(updates), CHUNK), np.float64)
     for k in keys:
         flat = [np.asarray(u[k]).reshape(-1) for u in updates]
         n = flat[0].size
         for start in range(0, n, CHUNK):
             sl = slice(start, min(n, start + CHUNK))
-            yield k, sl, np.stack([f[sl] for f in flat]).astype(np.float64)
+            block = buf[:, : sl.stop - sl.start]
+            for row, f in zip(block, flat):
+                row[:] = f[sl]
+            yield k, sl, block
 
 
 def centred_gram(updates: Sequence[Mapping[str, np.ndarray]], w: np.ndarray, keys: list[str]) -> np.ndarray:
     """C = (X - 1 mu^T)(X - 1 mu^T)^T with mu the w-weighted mean, accumulated in float64, chunk by chunk."""
     k = len(updates)
     gram = np.zeros((k, k), np.float64)
-    for _, _, block in _chunks(updates, keys):
+    for _, _, block in _blocks(updates, keys):
         block -= w @ block
         gram += block @ block.T
     return gram
@@ -97,14 +102,17 @@ def _normalised(weights: Sequence[float], k: int) -> np.ndarray:
 
 
 def combine(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray) -> dict:
-    """sum_i beta_i x_i per parameter in float64, cast back to each parameter's dtype (integers rounded)."""
+    """sum_i beta_i x_i per parameter, accumulated in float64 chunk by chunk, cast back to each parameter's dtype
+    (integers rounded)."""
+    beta = np.asarray(beta, dtype=np.float64)
+    acc = {k: np.empty(np.asarray(v).size, np.float64) for k, v in updates[0].items()}
+    for key, sl, block in _blocks(updates, list(updates[0])):
+        acc[key][sl] = beta @ block
     out = {}
     for key, ref in updates[0].items():
         ref = np.asarray(ref)
-        acc = np.zeros(ref.shape, np.float64)
-        for b, u in zip(beta, updates):
-            acc += b * np.asarray(u[key], dtype=np.float64)
-        out[key] = np.rint(acc).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else acc.astype(ref.dtype)
+        a = acc[key].reshape(ref.shape)
+        out[key] = np.rint(a).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else a.astype(ref.dtype)
     return out
 
 

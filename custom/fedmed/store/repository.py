@@ -237,6 +237,13 @@ class Repository:
 
     # --- reads --------------------------------------------------------------------------------------------------
 
+    def run_id_or_latest(self, run_id: Optional[int]) -> int:
+        """The given run id, or the latest run's; raises naming the database when there is none."""
+        rid = run_id or self.latest_run_id()
+        if rid is None:
+            raise ValueError(f"no runs recorded in {self.engine.url.render_as_string(hide_password=True)}")
+        return rid
+
     def latest_run_id(self) -> Optional[int]:
         with self._session() as s:
             return s.scalar(select(Run.id).order_by(Run.id.desc()).limit(1))

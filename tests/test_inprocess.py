@@ -1,0 +1,32 @@
+import math
+
+import pytest
+
+from fedmed.data.loading import load_test, load_train_val
+from fedmed.inprocess import federate
+from fedmed.privacy.policy import PrivacyPolicy
+from fedmed.robust.attacks import Attack
+from fedmed.site_config import DataConfig
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+@pytest.fixture(scope="module")
+def sets(tiny_hospitals):
+    train = {s: load_train_val(DataConfig("dicom", tiny_hospitals / s / "dicom", tiny_hospitals / s / "labels.csv"), 32, 0)[0]
+             for s in SITES}
+    return train, load_test(tiny_hospitals / "global_test" / "dicom", tiny_hospitals / "global_test" / "labels.csv", 32)
+
+
+def test_benchmark_loop_survives_a_nan_site_with_the_geometric_median(sets):
+    train, test = sets
+    res = federate(train, test, 1, "geometric_median", hostile={"hospital-c": Attack("nan")}, use_trust=True,
+                   batch_size=4)
+    assert 0.0 <= res["auroc"] <= 1.0 and res["epsilon"] == {}
+
+
+def test_benchmark_loop_reports_epsilon_per_site(sets):
+    train, test = sets
+    res = federate(train, test, 1, "fedavg", privacy=PrivacyPolicy(epsilon=8.0), norm="group", batch_size=4)
+    assert set(res["epsilon"]) == set(SITES)
+    assert all(0 < e <= 8.0 * 1.000001 and math.isfinite(e) for e in res["epsilon"].values())
