@@ -38,6 +38,27 @@ def make_sites(root: Path, n_sites: int, per_site: int, seed: int) -> list[str]:
     return [s.name for s in specs]
 
 
+def plot(results: dict, honest: dict, scenarios: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / (len(AGGREGATIONS) + 1)
+    for j, agg in enumerate(AGGREGATIONS):
+        ax.bar([i + j * width for i in range(len(scenarios))], [results[(sc, agg)] for sc in scenarios], width, label=agg)
+    ax.bar([i + len(AGGREGATIONS) * width for i in range(len(scenarios))], [honest.get(sc, 0) for sc in scenarios],
+           width, label="honest sites alone", color="grey")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(scenarios))], scenarios)
+    ax.set_ylim(0.4, 1.0)
+    ax.axhline(0.5, color="k", lw=0.5, ls=":")
+    ax.set_ylabel("final global test mean AUROC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("data/bench_robustness"))
@@ -86,6 +107,7 @@ def main(argv=None) -> int:
         lines.append(f"| {sc} | " + " | ".join(f"{results[(sc, g)]:.3f}" for g in AGGREGATIONS) + f" | {ref} |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
+    plot(results, honest, list(scenarios), a.out.with_suffix(".png"))
     print("\n".join(lines))
     return 0
 

@@ -119,6 +119,8 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     finally:
         _write_site_configs(tiny_hospitals)
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
+    first = ups[(0, "hospital-c")]  # left out of the very round it turned hostile
+    assert first["status"] == "rejected" and "far outlier" in first["reason"] and first["aggregation_weight"] == 0.0
     assert ups[(0, "hospital-c")]["trust"] < ups[(0, "hospital-a")]["trust"]
     quarantined_by = min(r for (r, s), u in ups.items() if s == "hospital-c" and u["trust"] < 0.5)
     assert quarantined_by <= 1  # within 2 rounds
@@ -126,9 +128,9 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     assert later["status"] == "quarantined" and "quarantined (trust" in later["reason"]
     assert later["aggregation_weight"] == 0.0
     assert all(ups[(r, s)]["status"] == "accepted" for r in range(3) for s in ("hospital-a", "hospital-b"))
-    alerts = repo.alerts(run_id)
-    assert [(a["site"], a["kind"]) for a in alerts] == [("hospital-c", "quarantined")]
-    assert "trust" in alerts[0]["message"]
+    kinds = [(a["round"], a["site"], a["kind"]) for a in repo.alerts(run_id)]
+    assert (0, "hospital-c", "rejected") in kinds and (quarantined_by, "hospital-c", "quarantined") in kinds
+    assert {s for _, s, _ in kinds} == {"hospital-c"}
 
 
 @pytest.mark.integration

@@ -196,3 +196,18 @@ def test_two_updates_fall_back_to_the_weighted_mean():
     res = get_aggregator("geometric_median")([a, b], [3, 1])
     np.testing.assert_allclose(_flat(res.params), 0.25, atol=1e-6)
     assert "fallback" in res.diagnostics
+
+
+def test_far_outlier_is_left_out_of_the_round_it_turns_hostile():
+    from fedmed.aggregation import aggregate_and_score
+
+    ups = {"a": _upd(np.full(6, 1.0)), "b": _upd(np.full(6, 1.2)), "c": _upd(np.full(6, 0.9)), "evil": _upd(np.full(6, -500.0))}
+    counts = {"a": 10, "b": 10, "c": 10, "evil": 10}
+    out = aggregate_and_score(ups, counts, get_aggregator("geometric_median"), TrustPolicy(), list(ups), min_keep=2)
+    assert out.excluded == ("evil",) and out.weights["evil"] == 0.0
+    assert out.scored["evil"][1] == 0.0 and all(out.scored[n][1] == 1.0 for n in "abc")
+    honest = get_aggregator("geometric_median")([ups[n] for n in "abc"], [10, 10, 10])
+    np.testing.assert_allclose(_flat(out.result.params), _flat(honest.params))  # exactly the honest aggregate
+    # Not enough sites would remain: the robust aggregate stands, nobody is dropped.
+    out = aggregate_and_score(ups, counts, get_aggregator("geometric_median"), TrustPolicy(), list(ups), min_keep=4)
+    assert out.excluded == () and out.weights["evil"] < 0.05

@@ -114,3 +114,46 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
         if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
             return f"parameter {k}: contains NaN or Inf"
     return None
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    result: AggregationResult
+    weights: dict  # site -> weight in the final aggregate (0 for sites left out)
+    distances: dict  # site -> distance to the final aggregate
+    scored: dict  # site -> (ratio to the median distance, round score in [0, 1])
+    excluded: tuple  # active sites dropped this round as far outliers
+
+
+def aggregate_and_score(
+    updates: Mapping[str, Mapping[str, np.ndarray]],
+    counts: Mapping[str, int],
+    aggregate: Aggregator,
+    policy,
+    active: Sequence[str],
+    min_keep: int,
+) -> RoundOutcome:
+    """Choose, then aggregate (as Flower's Multi-Krum separates selection from averaging): aggregate the active
+    sites, score every site (quarantined ones too) by its distance to that aggregate, and if some active sites are
+    far outliers (ratio >= policy.bad_ratio, round score 0), aggregate again without them, provided min_keep remain.
+    A hostile site is thus kept out of the very round it turns hostile, not only from the next one."""
+    from fedmed.robust.trust import round_scores  # trust imports nothing from here; keep module load order simple
+
+    def run(names):
+        res = aggregate([updates[n] for n in names], [counts[n] for n in names])
+        dist = {n: distance(u, res.params) for n, u in updates.items()}
+        return res, dist, round_scores(dist, policy)
+
+    active = list(active)
+    if not active:
+        raise ValueError("no active site to aggregate")
+    res, dist, scored = run(active)
+    far = [n for n in active if scored[n][0] >= policy.bad_ratio]
+    keep = [n for n in active if n not in far]
+    excluded: tuple = ()
+    if far and len(keep) >= min_keep:
+        res, dist, scored = run(keep)
+        excluded, active = tuple(far), keep
+    weights = {n: 0.0 for n in updates}
+    weights.update({n: float(w) for n, w in zip(active, res.site_weights)})
+    return RoundOutcome(res, weights, dist, scored, excluded)

@@ -10,13 +10,13 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from fedmed.aggregation import distance, get_aggregator
+from fedmed.aggregation import aggregate_and_score, get_aggregator
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.robust.attacks import Attack, apply_attack
-from fedmed.robust.trust import TrustPolicy, round_scores, update_trust
+from fedmed.robust.trust import TrustPolicy, update_trust
 from fedmed.training import evaluate, round_lr, train_epochs
 
 
@@ -67,14 +67,16 @@ def federate(
             updates.append(params)
             counts.append(len(train))
             names.append(name)
-        keep = [i for i, n in enumerate(names)
-                if _finite(updates[i]) and not (use_trust and n in trust and trust[n].quarantined)]
-        if not keep:
+        valid = {n: u for n, u in zip(names, updates) if _finite(u)}
+        active = [n for n in valid if not (use_trust and n in trust and trust[n].quarantined)]
+        if not active:
             raise RuntimeError(f"round {r}: no update to aggregate")
-        agg = aggregate([updates[i] for i in keep], [counts[i] for i in keep])
         if use_trust:
-            dist = {names[i]: distance(updates[i], agg.params) for i in range(len(names)) if _finite(updates[i])}
-            trust, _ = update_trust(trust, {s: sc for s, (_, sc) in round_scores(dist, policy).items()}, policy)
+            outcome = aggregate_and_score(valid, dict(zip(names, counts)), aggregate, policy, active, min_keep=2)
+            trust, _ = update_trust(trust, {s: sc for s, (_, sc) in outcome.scored.items()}, policy)
+            agg = outcome.result
+        else:
+            agg = aggregate([valid[n] for n in active], [counts[names.index(n)] for n in active])
         global_params = agg.params
     load_numpy_state(model, global_params)
     result = evaluate(model, test_set, CXR14_FINDINGS)

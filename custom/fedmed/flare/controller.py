@@ -18,12 +18,12 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
-from fedmed.aggregation import distance, find_update_problem, get_aggregator, update_norm
+from fedmed.aggregation import aggregate_and_score, find_update_problem, get_aggregator, update_norm
 from fedmed.data.loading import load_test
 from fedmed.flare.persistor import FedMedModelPersistor, params_sha256
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.store.models import utcnow
-from fedmed.robust.trust import SiteTrust, TrustPolicy, round_scores, update_trust
+from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.store.journal import JOURNAL_NAME, Journal, ResilientRecorder
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord, resolve_db_url
 from fedmed.training import evaluate
@@ -166,9 +166,12 @@ class FedMedController(ModelController):
                              record=RoundRecord(round_num, tuple(records.values()), started_at=started))
                     raise RuntimeError(f"round {round_num}: {len(active)} valid, trusted update(s), min_clients is "
                                        f"{self.min_clients}; not aggregating (the global model is left unchanged)")
-                agg = aggregate([r.params for r in active], [r.meta[C.META_NUM_SAMPLES] for r in active])
-                weight_of = {_site_of(r): float(w) for r, w in zip(active, agg.site_weights)}
-                alerts = self._score_trust(valid, agg.params, records, weight_of)
+                outcome = aggregate_and_score(
+                    {_site_of(r): r.params for r in valid}, {_site_of(r): r.meta[C.META_NUM_SAMPLES] for r in valid},
+                    aggregate, self._policy, [_site_of(r) for r in active], self.min_clients,
+                )
+                agg = outcome.result
+                alerts = self._score_trust(outcome, records)
                 new_params = agg.params
                 if "fallback" in agg.diagnostics:
                     self.info(f"round {round_num}: {self.aggregation} used {agg.diagnostics['fallback']}")
@@ -252,18 +255,16 @@ class FedMedController(ModelController):
         state = self._trust.get(site)
         return state is not None and state.quarantined
 
-    def _score_trust(self, valid: list, center: dict, records: dict, weight_of: dict) -> list:
-        """Score every valid update (quarantined ones too) by its distance to the aggregate; rejected updates
-        score 0. Updates records in place with distance, score, trust, weight and the final decision."""
-        dist = {_site_of(r): distance(r.params, center) for r in valid}
-        scored = round_scores(dist, self._policy)
+    def _score_trust(self, outcome, records: dict) -> list:
+        """Fold the round's scores (rejected updates score 0) into trust; updates records in place with distance,
+        score, trust, weight and the final decision; returns the alerts."""
+        dist, scored, weight_of = outcome.distances, outcome.scored, outcome.weights
+        for site in outcome.excluded:
+            self.warning(f"{site} left out of this round's aggregate: {scored[site][0]:.1f}x the median distance")
         scores = {site: sc for site, (_, sc) in scored.items()}
         scores.update({site: 0.0 for site, u in records.items() if u.status == "rejected"})
         was_quarantined = {site for site in scores if self._is_quarantined(site)}
         self._trust, events = update_trust(self._trust, scores, self._policy)
-        alerts = [AlertRecord(site, u.status, u.reason) for site, u in records.items()
-                  if u.status in ("rejected", "refused")]
-        alerts += [AlertRecord(site, kind, msg) for site, kind, msg in events]
         for site, kind, msg in events:
             self.warning(msg)
         for site, u in list(records.items()):
@@ -273,6 +274,9 @@ class FedMedController(ModelController):
             reason = u.reason
             if status == "quarantined":
                 reason = f"quarantined (trust {self._trust[site].trust:.3f}); scored, not aggregated"
+            elif site in outcome.excluded:
+                status = "rejected"
+                reason = f"far outlier this round: {scored[site][0]:.1f}x the median distance to the aggregate"
             records[site] = replace(
                 u, status=status, reason=reason, distance=dist.get(site), round_score=scores[site],
                 trust=self._trust[site].trust, aggregation_weight=weight_of.get(site, 0.0),
@@ -280,7 +284,9 @@ class FedMedController(ModelController):
             ratio = scored.get(site, (float("nan"),))[0]
             self.info(f"site {site}: distance {dist.get(site, float('nan')):.4g} (x{ratio:.2f} median), "
                       f"score {scores[site]:.2f}, trust {self._trust[site].trust:.3f}, {status}")
-        return alerts
+        alerts = [AlertRecord(site, u.status, u.reason) for site, u in records.items()
+                  if u.status in ("rejected", "refused")]
+        return alerts + [AlertRecord(site, kind, msg) for site, kind, msg in events]
 
     def _score(self, eval_model, params, test_ds, accepted):
         if test_ds is not None:
