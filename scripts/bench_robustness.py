@@ -51,7 +51,7 @@ def plot(results: dict, honest: dict, scenarios: list, path: Path) -> None:
     ax.bar([i + len(AGGREGATIONS) * width for i in range(len(scenarios))], [honest.get(sc, 0) for sc in scenarios],
            width, label="honest sites alone", color="grey")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(scenarios))], scenarios)
-    ax.set_ylim(0.4, 1.0)
+    ax.set_ylim(0.3, 1.0)
     ax.axhline(0.5, color="k", lw=0.5, ls=":")
     ax.set_ylabel("final global test mean AUROC")
     ax.legend(fontsize=7)

@@ -82,3 +82,10 @@ def test_presets_and_custom(raw, expected):
 def test_bad_policies_are_named(raw, match):
     with pytest.raises(ValueError, match=match):
         parse_privacy(raw)
+
+
+def test_an_uncertifiable_ceiling_is_refused_with_the_reason(tiny):
+    site = SitePrivacy(PrivacyPolicy(epsilon=0.01))
+    with pytest.raises(BudgetExceeded, match="no noise level lets the RDP accountant certify epsilon 0.01"):
+        site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, total_epochs=50)
+    assert site.epsilon_spent == 0.0

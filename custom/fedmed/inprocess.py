@@ -70,7 +70,7 @@ def federate(
         valid = {n: u for n, u in zip(names, updates) if _finite(u)}
         active = [n for n in valid if not (use_trust and n in trust and trust[n].quarantined)]
         if not active:
-            raise RuntimeError(f"round {r}: no update to aggregate")
+            raise RuntimeError(f"round {r}: no update to aggregate (every site refused or was unusable)")
         if use_trust:
             outcome = aggregate_and_score(valid, dict(zip(names, counts)), aggregate, policy, active, min_keep=2)
             trust, _ = update_trust(trust, {s: sc for s, (_, sc) in outcome.scored.items()}, policy)

@@ -40,7 +40,7 @@ def build_job(
     min_clients: int | None = None,
     round_timeout: int = 0,
     straggler_wait: int = 600,
-    aggregation: str = "fedavg",
+    aggregation: str = "geometric_median",
     image_size: int = 128,
     local_epochs: int = 1,
     lr: float = 1e-3,
@@ -54,7 +54,8 @@ def build_job(
     <data_root>/<site>/fedmed_site.json and the server at <data_root>/global_test; without it (deployment) sites use
     their kit's local/fedmed_site.json and the server evaluates by the sites' validation scores."""
     sites = list(sites)
-    min_clients = len(sites) if min_clients is None else min_clients
+    # Default: one site may fail, refuse or be quarantined without stopping the job (all are still waited for).
+    min_clients = (len(sites) - 1 if len(sites) >= 3 else len(sites)) if min_clients is None else min_clients
     job = FedJob(name=name, min_clients=min_clients)
     # fedmed is installed at each site (site_configs/install.sh), not shipped inside the job: hospitals run only
     # code they installed and allow-listed.
@@ -108,11 +109,12 @@ def main(argv=None) -> int:
     p.add_argument("--export", type=Path, help="export the job folder here instead of simulating")
     p.add_argument("--sites", default=",".join(DEFAULT_SITES), help="comma-separated site names")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--min-clients", type=int)
+    p.add_argument("--min-clients", type=int, help="valid updates needed per round (default: sites - 1, min 1)")
     p.add_argument("--round-timeout", type=int, default=0, help="seconds before a round gives up (0 = no limit)")
     p.add_argument("--straggler-wait", type=int, default=600,
                    help="seconds to wait for the remaining sites once --min-clients have answered")
-    p.add_argument("--aggregation", default="fedavg")
+    p.add_argument("--aggregation", default="geometric_median",
+                   help="geometric_median, fedavg, coordinate_median, trimmed_mean or krum")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)

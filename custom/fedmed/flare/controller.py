@@ -36,7 +36,7 @@ class FedMedController(ModelController):
         min_clients: int = 3,
         round_timeout: int = 0,
         straggler_wait: int = 600,
-        aggregation: str = "fedavg",
+        aggregation: str = "geometric_median",
         test_dicom_root: Optional[str] = None,
         test_labels_csv: Optional[str] = None,
         image_size: int = 128,
@@ -60,7 +60,7 @@ class FedMedController(ModelController):
             round_timeout: seconds before a round's task times out whatever has arrived (0 = no limit).
             straggler_wait: once min_clients sites have answered, seconds to keep waiting for the rest (a round
                 ends at once when every site has answered).
-            aggregation: name in fedmed.aggregation.AGGREGATORS ("fedavg").
+            aggregation: name in fedmed.aggregation.AGGREGATORS ("geometric_median", "fedavg", ...).
             test_dicom_root / test_labels_csv: the global test set evaluated each round on the server. Without it
                 the round's score is the sample-weighted mean of the sites' validation AUROC.
             image_size: input size, same as the sites'.

@@ -56,10 +56,17 @@ class SitePrivacy:
     def calibrate(self, sample_rate: float, total_steps: int) -> float:
         """Noise so that total_steps of DP-SGD at this sample rate spend exactly the ceiling (once per job)."""
         if self.noise_multiplier is None:
-            self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=self.policy.epsilon, target_delta=self.policy.delta, sample_rate=sample_rate,
-                steps=total_steps, accountant="rdp",
-            )
+            try:
+                self.noise_multiplier = get_noise_multiplier(
+                    target_epsilon=self.policy.epsilon, target_delta=self.policy.delta, sample_rate=sample_rate,
+                    steps=total_steps, accountant="rdp",
+                )
+            except ValueError as e:  # Opacus: "The privacy budget is too low."
+                raise BudgetExceeded(
+                    f"privacy budget: no noise level lets the RDP accountant certify epsilon {self.policy.epsilon} "
+                    f"(delta {self.policy.delta}) over {total_steps} steps at sample rate {sample_rate:.3f} ({e}); "
+                    "raise the ceiling, or train fewer rounds or epochs"
+                ) from e
         return self.noise_multiplier
 
     def predicted_epsilon(self, sample_rate: float, steps: int) -> float:
