@@ -117,3 +117,11 @@ def test_site_config_not_json(tmp_path):
         load_site_config(p)
     with pytest.raises(FileNotFoundError, match="site config not found"):
         load_site_config(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("site", ["hospital-a", "hospital-b", "hospital-c"])
+def test_shipped_site_config_templates_are_valid(site):
+    from pathlib import Path
+
+    cfg = load_site_config(Path(__file__).resolve().parents[1] / "site_configs" / site / "fedmed_site.json")
+    assert cfg.site_name == site and cfg.data.format == "dicom"
