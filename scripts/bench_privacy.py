@@ -21,13 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench_robustness import make_sites  # noqa: E402
-from fedmed.data.loading import load_test, load_train_val  # noqa: E402
+from bench_robustness import load_train_sets, make_sites  # noqa: E402
+from fedmed.data.loading import load_test  # noqa: E402
 from fedmed.inprocess import federate  # noqa: E402
 from fedmed.model import build_densenet121  # noqa: E402
 from fedmed.privacy.dp_sgd import SitePrivacy  # noqa: E402
 from fedmed.privacy.policy import PrivacyPolicy  # noqa: E402
-from fedmed.site_config import DataConfig  # noqa: E402
 from fedmed.training import train_epochs  # noqa: E402
 
 LEVELS = (("no DP", math.inf), ("weak", 8.0), ("moderate", 3.0), ("strong", 1.0), ("not a preset", 0.1))
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     sites = make_sites(a.data, 5, a.per_site, a.seed)[:3]
-    train = {s: load_train_val(DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"), a.image_size,
-                               a.seed)[0] for s in sites}
+    train = load_train_sets(a.data, sites, a.image_size, a.seed)
     test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size)
     t0 = time.time()
     plain_s, dp_s = epoch_times(train[sites[0]], a.batch_size, a.seed)

@@ -38,6 +38,12 @@ def make_sites(root: Path, n_sites: int, per_site: int, seed: int) -> list[str]:
     return [s.name for s in specs]
 
 
+def load_train_sets(root: Path, sites: list, image_size: int, seed: int) -> dict:
+    """Each site's training split, decoded once (the benchmarks do not use the validation split)."""
+    return {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
+            for s in tqdm(sites, desc="loading sites")}
+
+
 def plot(results: dict, honest: dict, scenarios: list, path: Path) -> None:
     import matplotlib
 
@@ -72,8 +78,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     sites = make_sites(a.data, 5, a.per_site, a.seed)
-    datasets = {s: load_train_val(DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"), a.image_size,
-                                  a.seed)[0] for s in tqdm(sites, desc="loading sites")}
+    datasets = load_train_sets(a.data, sites, a.image_size, a.seed)
     test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size)
     attack = Attack(a.attack, a.factor, a.seed)
     scenarios = {

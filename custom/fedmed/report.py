@@ -40,67 +40,25 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(rounds, [r.test_mean_auroc for r in rows], "o-", label="global test mean AUROC")
-    _integer_rounds(ax)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean AUROC")
     ax2 = ax.twinx()
     ax2.plot(rounds, [r.test_loss for r in rows], "s--", color="tab:red", label="test loss")
     ax2.set_ylabel("loss")
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
-    ax.set_title("Global model per round")
-    fig.tight_layout()
-    fig.savefig(out_dir / FIGURES[0], dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, "mean AUROC", "Global model per round", out_dir / FIGURES[0])
 
-    sites = sorted({u["site"] for u in updates})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for site in sites:
-        pts = [(u["round"] + 1, u["trust"]) for u in updates if u["site"] == site and u["trust"] is not None]
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=site)
-    ax.set_ylim(-0.05, 1.05)
-    _integer_rounds(ax)
-    ax.set_xlabel("round")
-    ax.set_ylabel("trust")
-    ax.set_title("Per-site trust")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / FIGURES[1], dpi=110)
-    plt.close(fig)
+    _per_site_figure(updates, "trust", "trust", "Per-site trust", out_dir / FIGURES[1], "no trust scores", (-0.05, 1.05))
+    _per_site_figure(repo.privacy_spend(run_id), "epsilon", "ε spent (cumulative)", "Privacy spend per site",
+                     out_dir / FIGURES[2], "no differential privacy in this run")
 
-    spend = repo.privacy_spend(run_id)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    if spend:
-        for site in sorted({p["site"] for p in spend}):
-            pts = [(p["round"] + 1, p["epsilon"]) for p in spend if p["site"] == site]
-            ax.plot(*zip(*pts), "o-", label=site)
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
-    _integer_rounds(ax)
-    ax.set_xlabel("round")
-    ax.set_ylabel("ε spent (cumulative)")
-    ax.set_title("Privacy spend per site")
-    fig.tight_layout()
-    fig.savefig(out_dir / FIGURES[2], dpi=110)
-    plt.close(fig)
-
-    statuses = ("accepted", "quarantined", "rejected", "missing")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bottom = [0] * len(rounds)
-    for status in statuses:
+    for status in ("accepted", "quarantined", "rejected", "refused", "missing"):
         counts = [sum(1 for u in updates if u["round"] + 1 == r and u["status"] == status) for r in rounds]
         ax.bar(rounds, counts, bottom=bottom, label=status)
         bottom = [b + c for b, c in zip(bottom, counts)]
-    _integer_rounds(ax)
-    ax.set_xlabel("round")
-    ax.set_ylabel("site updates")
-    ax.set_title("Update decisions per round")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / FIGURES[3], dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, "site updates", "Update decisions per round", out_dir / FIGURES[3])
 
     def table(header, body):
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
@@ -133,6 +91,32 @@ started {run.started_at} · best round {_fmt(None if run.best_round is None else
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _per_site_figure(rows: list, key: str, ylabel: str, title: str, path: Path, empty_text: str, ylim=None) -> None:
+    """One line per site of rows[key] over rounds (rows: dicts with 'round', 'site' and key)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    points = [r for r in rows if r.get(key) is not None]
+    for site in sorted({r["site"] for r in points}):
+        ax.plot(*zip(*[(r["round"] + 1, r[key]) for r in points if r["site"] == site]), "o-", label=site)
+    if points:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, empty_text, ha="center", va="center", transform=ax.transAxes)
+    if ylim:
+        ax.set_ylim(*ylim)
+    _finish(fig, ax, ylabel, title, path)
+
+
+def _finish(fig, ax, ylabel: str, title: str, path: Path) -> None:
+    _integer_rounds(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
 
 
 def _fmt(v) -> str:
