@@ -30,3 +30,11 @@ def test_benchmark_loop_reports_epsilon_per_site(sets):
     res = federate(train, test, 1, "fedavg", privacy=PrivacyPolicy(epsilon=8.0), norm="group", batch_size=4)
     assert set(res["epsilon"]) == set(SITES)
     assert all(0 < e <= 8.0 * 1.000001 and math.isfinite(e) for e in res["epsilon"].values())
+
+
+def test_benchmark_runs_repeat_exactly_on_shared_datasets(sets):
+    # Benchmarks reuse decoded datasets across runs; a rerun must not see a different augmentation stream.
+    train, test = sets
+    a = federate(train, test, 1, "fedavg", batch_size=4, seed=3)
+    b = federate(train, test, 1, "fedavg", batch_size=4, seed=3)
+    assert a["auroc"] == b["auroc"]

@@ -49,6 +49,9 @@ def federate(
         updates, counts, names = [], [], []
         for name, train in train_sets.items():
             load_numpy_state(model, global_params)
+            # Datasets are shared between benchmark runs: restart their augmentation so every run of the same
+            # site and round sees the same images, and runs differ only by what they compare.
+            train.reseed(seed + 100 * r + sorted(train_sets).index(name))
             ds = train
             if name in hostile and hostile[name].poisons_labels:
                 ds = copy.copy(train)

@@ -41,7 +41,12 @@ class RadiographDataset(Dataset):
         self.images = torch.stack([torch.as_tensor(np.asarray(prep(read_image(it.path))), dtype=torch.float32) for it in items])
         self.labels = torch.as_tensor(np.stack([it.labels for it in items]), dtype=torch.float32)
         self.augment = augment(image_size) if train else None
-        if self.augment is not None and seed is not None:
+        if seed is not None:
+            self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation stream, so a run can be repeated exactly on the same decoded images."""
+        if self.augment is not None:
             self.augment.set_random_state(seed)
 
     def __len__(self) -> int:
