@@ -90,13 +90,8 @@ def distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray])
 
 
 def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of (update - reference) over all floating-point parameters: how far a site moved the model."""
-    sq = 0.0
-    for k, v in update.items():
-        v = np.asarray(v)
-        if np.issubdtype(v.dtype, np.floating):
-            sq += float(np.sum((v.astype(np.float64) - np.asarray(reference[k], dtype=np.float64)) ** 2))
-    return float(np.sqrt(sq))
+    """How far a site moved the model: its distance to the global model it started from."""
+    return distance(update, reference)
 
 
 def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:

@@ -291,7 +291,7 @@ class FedMedController(ModelController):
     def _score(self, eval_model, params, test_ds, accepted):
         if test_ds is not None:
             load_numpy_state(eval_model, params)
-            ev = evaluate(eval_model, test_ds, [f for f in C.CXR14_FINDINGS][: self.num_outputs])
+            ev = evaluate(eval_model, test_ds, C.CXR14_FINDINGS[: self.num_outputs])
             metrics = {f"auroc/{k}": v for k, v in ev.aurocs.items()}
             metrics["loss"] = ev.loss
             return ev.mean_auroc, ev.loss, metrics
