@@ -33,6 +33,11 @@ META_EPSILON = "dp_epsilon"  # cumulative epsilon after this round, from the sit
 META_DELTA = "dp_delta"
 META_EPSILON_BUDGET = "dp_epsilon_budget"
 META_NOISE_MULTIPLIER = "dp_noise_multiplier"
+META_ENCRYPTED = "he_encrypted"  # the CKKS-encrypted layers (fedmed.crypto.ckks.EncryptedLayers.to_wire())
+META_HE_SECONDS = "he_seconds"  # time a site spent encrypting its update
+
+# Task a site answers after the last round: receive the final global model (decrypted there when HE is on) and keep it.
+TASK_FINAL_MODEL = "fedmed_final_model"
 
 # Columns of a site label CSV (plus one 0/1 column per finding).
 COL_SOP_UID = "SOPInstanceUID"

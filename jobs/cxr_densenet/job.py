@@ -25,9 +25,12 @@ from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIS
 from nvflare.job_config.api import FedJob  # noqa: E402
 from nvflare.recipe import SimEnv  # noqa: E402
 
+from fedmed import constants as C  # noqa: E402
+from fedmed.crypto import ckks  # noqa: E402
 from fedmed.flare.controller import FedMedController  # noqa: E402
 from fedmed.flare.executor import FedMedTrainer  # noqa: E402
 from fedmed.flare.persistor import FedMedModelPersistor  # noqa: E402
+from fedmed.model import HEAD_PREFIX  # noqa: E402
 
 JOB_NAME = "cxr_densenet"
 DEFAULT_SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -49,10 +52,14 @@ def build_job(
     norm: str = "batch",
     db_url: str | None = None,
     name: str = JOB_NAME,
+    he_layers: list | None = None,
+    he_keys_dir: Path | None = None,
 ) -> FedJob:
     """The job as code. With data_root (simulation) each site's executor is pointed at
     <data_root>/<site>/fedmed_site.json and the server at <data_root>/global_test; without it (deployment) sites use
-    their kit's local/fedmed_site.json and the server evaluates by the sites' validation scores."""
+    their kit's local/fedmed_site.json and the server evaluates by the sites' validation scores.
+    With he_layers those parameters travel CKKS-encrypted; the keys come from the startup kits (provisioning), or
+    in simulation from he_keys_dir/<site>/ (see prepare_simulator_keys)."""
     sites = list(sites)
     # Default: one site may fail, refuse or be quarantined without stopping the job (all are still waited for).
     min_clients = (len(sites) - 1 if len(sites) >= 3 else len(sites)) if min_clients is None else min_clients
@@ -73,14 +80,17 @@ def build_job(
         norm=norm,
         db_url=db_url,
         run_name=name,
+        he_layers=he_layers,
     )
     job.to_server(controller)
     job.to_server(FedMedModelPersistor(num_outputs=14, seed=seed, norm=norm), id="persistor")
     for site in sites:
         site_config = str(Path(data_root) / site / "fedmed_site.json") if data_root else None
+        he_context = str(Path(he_keys_dir) / site / ckks.CLIENT_CONTEXT_FILE) if he_layers and he_keys_dir else None
         trainer = FedMedTrainer(site_config=site_config, image_size=image_size, local_epochs=local_epochs, lr=lr,
-                                batch_size=batch_size, seed=seed, norm=norm)
-        job.to(trainer, site, tasks=["train"])
+                                batch_size=batch_size, seed=seed, norm=norm, he_layers=he_layers,
+                                he_context_file=he_context)
+        job.to(trainer, site, tasks=["train", C.TASK_FINAL_MODEL])
     return job
 
 
@@ -91,6 +101,22 @@ def allow_fedmed_components(workspace: Path) -> None:
     local.mkdir(parents=True, exist_ok=True)
     resources = {"format_version": 2, CLASS_ALLOW_LIST: sorted(set(DEFAULT_CLASS_ALLOW_LIST) | {"fedmed."})}
     (local / "resources.json").write_text(json.dumps(resources, indent=2))
+
+
+def he_keys_dir_for(workspace_root: Path, job_name: str = JOB_NAME) -> Path:
+    """Where a simulation keeps its hospitals' secret keys: beside the simulator workspace, never inside it."""
+    return Path(workspace_root).resolve() / f"{job_name}_he_keys"
+
+
+def prepare_simulator_keys(workspace_root: Path, sites, job_name: str = JOB_NAME) -> str:
+    """What provisioning does for a real federation, for the simulator: a fresh CKKS key set; the secret-free
+    server context goes into <workspace>/<job>/startup/ (the simulator copies that folder to every participant,
+    which is harmless for a public context), each hospital's secret context and the key id into
+    <workspace>/<job>_he_keys/<site>/. Returns the key id."""
+    keys = ckks.generate_key_set()
+    sim_root = Path(workspace_root).resolve() / job_name
+    ckks.write_key_files(keys, sim_root / "startup", [he_keys_dir_for(workspace_root, job_name) / s for s in sites])
+    return keys.key_id
 
 
 def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int) -> Path:
@@ -124,6 +150,10 @@ def main(argv=None) -> int:
                    help="DenseNet normalisation; 'group' is required when sites train with DP-SGD")
     p.add_argument("--threads", type=int, help="sites trained concurrently in the simulator (default: all)")
     p.add_argument("--db-url", help="SQLAlchemy URL (default $FEDMED_DB_URL, else SQLite in the server workspace)")
+    p.add_argument("--he", action="store_true",
+                   help=f"send the classifier head ({HEAD_PREFIX}*) CKKS-encrypted; the server aggregates it blind")
+    p.add_argument("--he-layers", help="comma-separated parameter names or prefixes ending in '.' to encrypt "
+                                       "(implies --he; default the classifier head)")
     a = p.parse_args(argv)
     sites = [s.strip() for s in a.sites.split(",") if s.strip()]
     if not sites:
@@ -134,14 +164,23 @@ def main(argv=None) -> int:
         missing = [s for s in sites if not (a.data_root / s / "fedmed_site.json").is_file()]
         if missing:
             p.error(f"no fedmed_site.json for {missing} under {a.data_root}; generate the hospitals first")
+    he_layers = [x.strip() for x in a.he_layers.split(",") if x.strip()] if a.he_layers else None
+    if a.he and not he_layers:
+        he_layers = [HEAD_PREFIX]
+    simulate = a.export is None
+    he_keys = he_keys_dir_for(a.workspace) if he_layers and simulate else None
     job = build_job(
         sites, a.data_root.resolve() if a.data_root else None, a.rounds, a.min_clients, a.round_timeout,
         a.straggler_wait, a.aggregation, a.image_size, a.local_epochs, a.lr, a.batch_size, a.seed, a.norm, a.db_url,
+        he_layers=he_layers, he_keys_dir=he_keys,
     )
     if a.export:
         job.export_job(str(a.export))
         print(f"job exported to {a.export / job.name}")
         return 0
+    if he_layers:
+        key_id = prepare_simulator_keys(a.workspace, sites)
+        print(f"HE keys for the simulation: key set {key_id[:12]}, hospital keys in {he_keys}")
     out = run_simulation(job, sites, a.workspace, a.threads or len(sites))
     print(f"simulation finished; workspace {out}")
     return 0

@@ -5,6 +5,7 @@ Thin adapter over fedmed.aggregation (the math), fedmed.training (evaluation) an
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import uuid
@@ -18,6 +19,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
+from fedmed.crypto import ckks
 from fedmed.aggregation import aggregate_and_score, find_update_problem, get_aggregator, update_norm
 from fedmed.data.loading import load_test
 from fedmed.flare.persistor import FedMedModelPersistor, params_sha256
@@ -51,6 +53,9 @@ class FedMedController(ModelController):
         trust_bad_ratio: float = 4.0,
         quarantine_below: float = 0.5,
         readmit_after: int = 2,
+        he_layers: Optional[list] = None,
+        he_context_file: Optional[str] = None,
+        final_model_timeout: int = 600,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -75,6 +80,14 @@ class FedMedController(ModelController):
                 site distance to the aggregate and 0 at or above bad_ratio; trust is a moving average of scores;
                 below quarantine_below the site is excluded from aggregation (still trained and scored) until
                 readmit_after consecutive good rounds.
+            he_layers: parameters the sites send CKKS-encrypted (exact names or prefixes ending in '.'); None or
+                empty = no HE. The server combines them homomorphically with the weights the robust aggregation gave
+                the clear part, never decrypts them, and keeps them encrypted in the saved global model. It cannot
+                evaluate such a model, so rounds are then scored by the sites' validation AUROC.
+            he_context_file: the server's TenSEAL context (no secret key; refused if it has one). Default:
+                <startup kit>/startup/server_context.tenseal, written at provisioning.
+            final_model_timeout: seconds to wait for the sites to acknowledge the final global model, which each
+                keeps as its own usable (decrypted) copy.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -106,6 +119,16 @@ class FedMedController(ModelController):
         self.trust_bad_ratio = trust_bad_ratio
         self.quarantine_below = quarantine_below
         self.readmit_after = readmit_after
+        if he_layers is not None and (isinstance(he_layers, str) or not all(isinstance(x, str) for x in he_layers)):
+            raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
+        if final_model_timeout < 0:
+            raise ValueError(f"final_model_timeout must be >= 0, got {final_model_timeout}")
+        self.he_layers = list(he_layers) if he_layers else None
+        self.he_context_file = he_context_file
+        self.final_model_timeout = final_model_timeout
+        self._he: Optional[ckks.LoadedContext] = None
+        self._he_names: tuple = ()
+        self._he_shapes: dict = {}
         self._policy = TrustPolicy(smoothing=trust_smoothing, ok_ratio=trust_ok_ratio, bad_ratio=trust_bad_ratio,
                                    quarantine_below=quarantine_below, readmit_after=readmit_after)
         self._trust: dict[str, SiteTrust] = {}
@@ -121,7 +144,8 @@ class FedMedController(ModelController):
         if db.journal.pending():
             self.info(f"replaying {len(db.journal.pending())} journaled database write(s) from an earlier job")
         run_uid = uuid.uuid4().hex
-        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size", "norm")}
+        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size", "norm",
+                                             "he_layers")}
         db.write("start_run", uid=run_uid, name=self.run_name, job_id=job_id, aggregation=self.aggregation,
                  num_rounds=self.num_rounds, config=config)
         safe_url = url.split("@")[-1] if "@" in url else url  # never log a password
@@ -139,6 +163,8 @@ class FedMedController(ModelController):
         model = self.load_model()
         best_round, best_score, status = None, -math.inf, "finished"
         try:
+            if self.he_layers:  # inside the try: a refused context ends the run recorded as failed, with the reason
+                test_ds = self._setup_he(eval_model, test_ds)
             for round_num in range(self.num_rounds):
                 if self.abort_signal.triggered:
                     status = "aborted"
@@ -159,7 +185,8 @@ class FedMedController(ModelController):
                 if self.abort_signal.triggered:
                     status = "aborted"
                     break
-                valid, records = self._screen(results, targets, model.params)
+                reference = {k: v for k, v in model.params.items() if k not in self._he_names}
+                valid, records = self._screen(results, targets, reference)
                 active = [r for r in valid if not self._is_quarantined(_site_of(r))]
                 if len(active) < self.min_clients:
                     db.write("record_round", run_uid=run_uid,
@@ -172,19 +199,21 @@ class FedMedController(ModelController):
                 )
                 agg = outcome.result
                 alerts = self._score_trust(outcome, records)
-                new_params = agg.params
+                new_params, new_meta = agg.params, {"round": round_num}
+                if self._he is not None:
+                    new_meta[C.META_ENCRYPTED] = self._combine_encrypted(round_num, valid, outcome.weights).to_wire()
                 if "fallback" in agg.diagnostics:
                     self.info(f"round {round_num}: {self.aggregation} used {agg.diagnostics['fallback']}")
                 if not agg.diagnostics.get("converged", True):
                     self.warning(f"round {round_num}: geometric median did not converge "
                                  f"in {agg.diagnostics.get('iterations')} iterations; using the last iterate")
                 score, test_loss, test_metrics = self._score(eval_model, new_params, test_ds, active)
-                model = FLModel(params_type=ParamsType.FULL, params=new_params, meta={"round": round_num})
+                model = FLModel(params_type=ParamsType.FULL, params=new_params, meta=new_meta)
                 self.save_model(model)
-                sha = params_sha256(new_params)
+                sha = _model_sha256(new_params, new_meta.get(C.META_ENCRYPTED))
                 if score > best_score:
                     best_round, best_score = round_num, score
-                    self._save_best(new_params, {"round": round_num, "score": score, "sha256": sha})
+                    self._save_best(new_params, {**new_meta, "score": score, "sha256": sha})
                 db.write("record_round", run_uid=run_uid, record=RoundRecord(
                     round_num, tuple(records.values()), test_loss, score, test_metrics, sha, started, tuple(alerts)))
                 self.info(
@@ -195,6 +224,8 @@ class FedMedController(ModelController):
                     + (f", test loss {test_loss:.4f}" if test_loss is not None else "")
                     + f"; best {best_score:.4f} (round {best_round + 1})"
                 )
+            if status == "finished":
+                self._send_final_model(model)
         except Exception as e:
             status = "failed"
             self.error(f"run {run_uid} failed: {secure_format_exception(e)}")
@@ -209,6 +240,55 @@ class FedMedController(ModelController):
         self.info(f"run {run_uid} {status}; best mean AUROC {best_score:.4f} at round {best_round + 1 if best_round is not None else '-'}")
 
     # ------------------------------------------------------------------------------------------------------------
+
+    def _setup_he(self, eval_model, test_ds):
+        """Load the server's secret-free context and the encrypted layers' names/shapes; returns the test set to
+        use (none: the server cannot evaluate a model whose head it cannot read)."""
+        path = Path(self.he_context_file) if self.he_context_file else \
+            Path(self.engine.get_workspace().get_file_path_in_startup(ckks.SERVER_CONTEXT_FILE))
+        self._he = ckks.load_server_context(path)  # raises if the context holds a secret key
+        state = eval_model.state_dict()
+        self._he_names = ckks.resolve_encrypted_names(list(state), self.he_layers)
+        self._he_shapes = {n: tuple(state[n].shape) for n in self._he_names}
+        self.info(f"HE on: {list(self._he_names)} arrive CKKS-encrypted and are aggregated without decryption "
+                  f"(server context {path}, no secret key, key set {self._he.key_id[:12]})")
+        if test_ds is not None:
+            self.warning("HE on: the server cannot evaluate the global model (its encrypted layers are unreadable "
+                         "here); rounds are scored by the sites' validation AUROC instead of the global test set")
+        return None
+
+    def _combine_encrypted(self, round_num: int, valid: list, weights: dict) -> ckks.EncryptedLayers:
+        """The encrypted layers combined with the same per-site weights the robust aggregation gave the clear part."""
+        t0 = time.monotonic()
+        blocks, w = [], []
+        for r in valid:
+            site = _site_of(r)
+            if weights.get(site, 0.0) > 0.0:
+                blocks.append(ckks.EncryptedLayers.from_wire(r.meta[C.META_ENCRYPTED]))
+                w.append(weights[site])
+        combined = ckks.weighted_sum(blocks, w, self._he)
+        self.info(f"round {round_num}: combined {len(blocks)} encrypted update(s) homomorphically "
+                  f"({combined.nbytes / 1e6:.2f} MB, {time.monotonic() - t0:.2f}s)")
+        return combined
+
+    def _send_final_model(self, model: FLModel) -> None:
+        """Each site keeps the final global model as its own usable copy (decrypted there when HE is on)."""
+        targets = self.sample_clients()
+        results = self.broadcast_model(task_name=C.TASK_FINAL_MODEL, data=model, targets=targets,
+                                       timeout=self.final_model_timeout)
+        kept = sorted(_site_of(r) for r in results if (r.metrics or {}).get("saved"))
+        missing = sorted(set(targets) - set(kept))
+        self.info(f"final global model kept by {kept}" + (f"; not acknowledged by {missing}" if missing else ""))
+
+    def _find_encrypted_problem(self, result: FLModel) -> Optional[str]:
+        if self._he is None:
+            if C.META_ENCRYPTED in result.meta:
+                return "update carries encrypted layers but this job has no he_layers"
+            return None
+        block = result.meta.get(C.META_ENCRYPTED)
+        if block is None:
+            return f"no encrypted layers: this job requires {list(self._he_names)} to arrive CKKS-encrypted"
+        return ckks.find_encrypted_problem(block, self._he_names, self._he_shapes, self._he)
 
     def _screen(self, results: list, targets: list, global_params: dict):
         """Split results into valid updates and per-site DB records (accepted / rejected with reason / missing)."""
@@ -233,7 +313,7 @@ class FedMedController(ModelController):
             elif r.params is None:
                 reason = "no parameters"
             else:
-                reason = find_update_problem(r.params, global_params)
+                reason = find_update_problem(r.params, global_params) or self._find_encrypted_problem(r)
             common = dict(site=site, num_samples=n if isinstance(n, int) else 0,
                           train_loss=metrics.get(C.META_TRAIN_LOSS), val_loss=metrics.get(C.META_VAL_LOSS),
                           val_mean_auroc=_finite_or_none(metrics.get(C.META_VAL_MEAN_AUROC)),
@@ -244,7 +324,8 @@ class FedMedController(ModelController):
                 continue
             valid.append(r)
             records[site] = UpdateRecord(status="accepted", update_norm=update_norm(r.params, global_params),
-                                         update_sha256=params_sha256(r.params), **privacy, **common)
+                                         update_sha256=_model_sha256(r.params, r.meta.get(C.META_ENCRYPTED)),
+                                         **privacy, **common)
         for site in targets:
             if site not in records:
                 self.warning(f"no result from {site} this round")
@@ -312,6 +393,15 @@ def _finite_or_none(v):
         return float(v) if v is not None and math.isfinite(float(v)) else None
     except (TypeError, ValueError):
         return None
+
+
+def _model_sha256(params: dict, encrypted_block=None) -> str:
+    """Hash of the clear parameters, extended with the ciphertexts when some layers are encrypted."""
+    sha = params_sha256(params)
+    if encrypted_block is None:
+        return sha
+    enc_sha = ckks.encrypted_sha256(ckks.EncryptedLayers.from_wire(encrypted_block))
+    return hashlib.sha256(f"{sha}:{enc_sha}".encode()).hexdigest()
 
 
 def _site_of(result: FLModel) -> str:

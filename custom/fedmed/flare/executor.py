@@ -23,7 +23,9 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
+from fedmed.crypto import ckks
 from fedmed.data.loading import load_train_val
+from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.robust.attacks import apply_attack
@@ -31,6 +33,7 @@ from fedmed.site_config import SiteConfig, load_site_config
 from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
+FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of the federation's result
 
 
 class FedMedTrainer(Executor):
@@ -44,6 +47,8 @@ class FedMedTrainer(Executor):
         seed: int = 0,
         norm: str = "batch",
         train_task_name: str = AppConstants.TASK_TRAIN,
+        he_layers: Optional[list] = None,
+        he_context_file: Optional[str] = None,
     ):
         """Local trainer for one hospital.
 
@@ -57,7 +62,11 @@ class FedMedTrainer(Executor):
             seed: base seed; each round and site derive their own from it.
             norm: "batch" or "group" (DenseNet-121 normalisation; "group" is required at sites with a privacy
                 policy, because DP-SGD cannot privatise BatchNorm). Must match the server's.
-            train_task_name: the task this executor answers.
+            train_task_name: the training task this executor answers (it also answers fedmed's final-model task).
+            he_layers: parameters sent CKKS-encrypted (exact names or prefixes ending in '.', e.g.
+                ["class_layers.out."]); None or empty = no HE. Must match the server's.
+            he_context_file: this hospital's TenSEAL context with the secret key. Default:
+                <startup kit>/startup/client_context.tenseal, written at provisioning.
         """
         super().__init__()
         if image_size < 32:
@@ -79,6 +88,12 @@ class FedMedTrainer(Executor):
         self.norm = norm
         self._privacy = None
         self.train_task_name = train_task_name
+        if he_layers is not None and (isinstance(he_layers, str) or not all(isinstance(x, str) for x in he_layers)):
+            raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
+        self.he_layers = list(he_layers) if he_layers else None
+        self.he_context_file = he_context_file
+        self._he: Optional[ckks.LoadedContext] = None
+        self._he_names: tuple = ()
         self._site: Optional[SiteConfig] = None
         self._train_ds = None
         self._val_ds = None
@@ -116,6 +131,16 @@ class FedMedTrainer(Executor):
             if self._site.hostile.poisons_labels:
                 self._train_ds.labels = 1.0 - self._train_ds.labels
         self._model = build_densenet121(len(C.CXR14_FINDINGS), norm=self.norm)
+        if self.he_layers:
+            ctx_path = Path(self.he_context_file) if self.he_context_file else \
+                Path(fl_ctx.get_engine().get_workspace().get_file_path_in_startup(ckks.CLIENT_CONTEXT_FILE))
+            self._he = ckks.load_client_context(ctx_path)
+            self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), self.he_layers)
+            if self._he.key_id is None:
+                self.log_warning(fl_ctx, f"no {ckks.KEY_ID_FILE} beside {ctx_path}: the server will refuse this "
+                                         "site's encrypted updates; provision with fedmed's HE builder")
+            self.log_info(fl_ctx, f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
+                                  f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}")
         if self._site.privacy is not None:
             if self.norm != "group":
                 raise ValueError(f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
@@ -131,20 +156,26 @@ class FedMedTrainer(Executor):
         )
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name != self.train_task_name:
-            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {self.train_task_name!r}")
+        if task_name not in (self.train_task_name, C.TASK_FINAL_MODEL):
+            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {self.train_task_name!r} "
+                                   f"and {C.TASK_FINAL_MODEL!r}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
         if self._model is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         site = fl_ctx.get_identity_name()
         try:
             global_model = FLModelUtils.from_shareable(shareable)
+            global_params = self._global_params(global_model)
+            if task_name == C.TASK_FINAL_MODEL:
+                return self._keep_final_model(site, global_params, global_model, fl_ctx)
             round_num = int(global_model.current_round or 0)
-            load_numpy_state(self._model, global_model.params)
+            load_numpy_state(self._model, global_params)
             total_rounds = int(global_model.total_rounds or 1)
             result = self._train_and_validate(site, round_num, total_rounds, fl_ctx, abort_signal)
             if self._site.hostile is not None:
-                result.params = apply_attack(result.params, global_model.params, self._site.hostile, round_num)
+                result.params = apply_attack(result.params, global_params, self._site.hostile, round_num)
+            if self._he is not None:
+                self._encrypt_result(site, round_num, result, fl_ctx)
             return FLModelUtils.to_shareable(result)
         except BudgetExceeded as e:
             self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")
@@ -158,6 +189,33 @@ class FedMedTrainer(Executor):
         except Exception as e:
             self.log_exception(fl_ctx, f"site {site}: training failed: {secure_format_exception(e)}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _global_params(self, global_model: FLModel) -> dict:
+        """The global model in clear: its encrypted layers (if any) decrypted with this hospital's key."""
+        block = (global_model.meta or {}).get(C.META_ENCRYPTED)
+        if block is None:
+            return global_model.params  # no HE, or round 1's freshly initialised (public) model
+        if self._he is None:
+            raise ValueError("the global model carries encrypted layers but this site's job has no he_layers")
+        return ckks.merge_decrypted(global_model.params, block, self._he)
+
+    def _encrypt_result(self, site: str, round_num: int, result: FLModel, fl_ctx: FLContext) -> None:
+        t0 = time.monotonic()
+        result.params, block = ckks.encrypt_selected(result.params, self._he_names, self._he)
+        seconds = time.monotonic() - t0
+        result.meta[C.META_ENCRYPTED] = block.to_wire()
+        result.meta[C.META_HE_SECONDS] = seconds
+        self.log_info(fl_ctx, f"site {site} round {round_num}: encrypted {block.num_values} values in "
+                              f"{len(block.chunks)} CKKS ciphertext(s), {block.nbytes / 1e6:.2f} MB, {seconds:.2f}s")
+
+    def _keep_final_model(self, site: str, params: dict, global_model: FLModel, fl_ctx: FLContext) -> Shareable:
+        """Save the final global model, usable (decrypted) at this hospital, in the job's app folder."""
+        load_numpy_state(self._model, params)  # validates names and shapes before anything is written
+        app_dir = Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id()))
+        path = app_dir / FINAL_MODEL_FILE
+        save_state(params, path, {k: v for k, v in (global_model.meta or {}).items() if k != C.META_ENCRYPTED})
+        self.log_info(fl_ctx, f"site {site}: final global model saved to {path}")
+        return FLModelUtils.to_shareable(FLModel(metrics={"saved": 1.0}, meta={C.META_SITE: site}))
 
     def _train_and_validate(self, site: str, round_num: int, total_rounds: int, fl_ctx: FLContext,
                             abort_signal: Signal) -> FLModel:
