@@ -279,7 +279,8 @@ class Repository:
             ).all()
         return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
                  "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
-                 "distance": u.distance, "round_score": u.round_score, "trust": u.trust}
+                 "distance": u.distance, "round_score": u.round_score, "trust": u.trust,
+                 "update_sha256": u.update_sha256}
                 for u, name in rows]
 
     def round_metrics(self, run_id: int, scope: str) -> dict[int, dict[str, float]]:
