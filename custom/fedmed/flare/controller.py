@@ -274,8 +274,14 @@ class FedMedController(ModelController):
     def _send_final_model(self, model: FLModel) -> None:
         """Each site keeps the final global model as its own usable copy (decrypted there when HE is on)."""
         targets = self.sample_clients()
-        results = self.broadcast_model(task_name=C.TASK_FINAL_MODEL, data=model, targets=targets,
-                                       timeout=self.final_model_timeout)
+        try:
+            # min_responses=1: a site that cannot take the model (e.g. other keys) must not fail a finished run.
+            results = self.broadcast_model(task_name=C.TASK_FINAL_MODEL, data=model, targets=targets, min_responses=1,
+                                           timeout=self.final_model_timeout,
+                                           wait_time_after_min_received=self.final_model_timeout)
+        except Exception as e:
+            self.error(f"sending the final global model to the sites failed: {secure_format_exception(e)}")
+            return
         kept = sorted(_site_of(r) for r in results if (r.metrics or {}).get("saved"))
         missing = sorted(set(targets) - set(kept))
         self.info(f"final global model kept by {kept}" + (f"; not acknowledged by {missing}" if missing else ""))
