@@ -2,6 +2,7 @@
 inference log, bad inputs that do not stop the batch, threshold choice, and the exported MONAI bundle."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,11 +20,12 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
 from fedmed.inference.model_file import (META_THRESHOLD_METHOD, META_THRESHOLDS, choose_thresholds, file_sha256,
-                                         read_model_file, write_model_file, youden_thresholds)
+                                         read_model_file, write_model_file)
 from fedmed.inference.predict import positive_findings
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key, pseudonymise
 from fedmed.inference.run import InferenceOptions, run_inference
 from fedmed.inference.studies import selection_verdict
+from fedmed.metrics import youden_thresholds
 from fedmed.model import build_densenet121
 from fedmed.store.repository import InferenceRecord, Repository
 
@@ -291,7 +293,7 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
 
     out = tmp_path / "out"
     env = {**os.environ, ENV_PSEUDONYM_KEY: KEY.decode(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "infer.py"), str(root), "--model", str(model_path),
+    proc = subprocess.run([str(REPO / "scripts" / "infer"), str(root), "--model", str(model_path),
                            "--out", str(out), "--no-heatmaps", "--threads", "1"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1, proc.stderr
@@ -312,6 +314,26 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
     skipped = [r for r in logs if r["status"] == "skipped"]
     assert len(logs) == 4 and len(skipped) == 1
     assert "no pixel data" in skipped[0]["message"] and str(root) not in skipped[0]["message"]  # reasons, no paths
+
+
+def _infer_main():
+    spec = importlib.util.spec_from_file_location("infer_cli", REPO / "scripts" / "infer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_infer_exits_2_with_a_message_for_unusable_arguments(tmp_path, model_path, studies, monkeypatch, capsys):
+    main = _infer_main()
+    monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
+    assert main([str(studies["root"]), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--model", str(model_path), "--out", str(tmp_path / "o")]) == 2
+    assert "DICOM input does not exist" in capsys.readouterr().err
+    monkeypatch.delenv(ENV_PSEUDONYM_KEY)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(studies["root"]), "--model", str(model_path), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "no pseudonym key" in capsys.readouterr().err
 
 
 # --- thresholds chosen on validation data, and the bundle --------------------------------------------------------

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
-from sklearn.metrics import roc_curve
 
 from fedmed.constants import CXR14_FINDINGS
+from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
 
 DEFAULT_THRESHOLD = 0.5
@@ -117,24 +116,6 @@ def write_model_file(path: Path, state_dict: dict, meta: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"state_dict": state_dict, "meta": meta}, tmp)
     os.replace(tmp, path)
-
-
-def youden_thresholds(labels: np.ndarray, probs: np.ndarray, findings: Sequence[str]) -> dict:
-    """Per finding, the probability threshold maximising Youden's J = sensitivity + specificity - 1 on (labels,
-    probs). A finding with no positive or no negative example gets no threshold (it is left out of the dict)."""
-    labels, probs = np.asarray(labels), np.asarray(probs)
-    if labels.shape != probs.shape or labels.ndim != 2 or labels.shape[1] != len(findings):
-        raise ValueError(f"labels {labels.shape} and probs {probs.shape} must both be (N, {len(findings)})")
-    out = {}
-    for k, finding in enumerate(findings):
-        y = labels[:, k]
-        if y.min() == y.max():
-            continue
-        fpr, tpr, thr = roc_curve(y, probs[:, k])
-        j = tpr - fpr
-        best = int(np.argmax(j[1:])) + 1  # thr[0] is +inf (nothing positive): never a useful operating point
-        out[finding] = float(thr[best])
-    return out
 
 
 def choose_thresholds(

@@ -234,6 +234,8 @@ def run_inference(
         on_problem: called with each skipped file as soon as it is known (the CLI prints it).
         progress: called as progress(studies_done, studies_total) after each chunk.
     """
+    if not Path(input_path).exists():
+        raise FileNotFoundError(f"DICOM input does not exist: {input_path}")
     run = InferenceRun(model_path, options)
     try:
         discovery = discover_studies(Path(input_path))
