@@ -260,8 +260,11 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
     good = [_dicom(root / "good", f"G{i}", f"PATG{i}", generate_uid() if i else good_uid, seed=10 + i) for i in range(3)]
     cut_source = _dicom(root / "bad", "cut.dcm", "PATBAD", bad_uid, seed=5)
     cut_source.write_bytes(cut_source.read_bytes()[:2000])  # the file ends inside the pixel data
-    multiframe = _dicom(root / "bad", "mr_volume.dcm", "PATBAD", bad_uid, seed=6, Modality="MR", NumberOfFrames=1)
-    _rewrite(multiframe, lambda ds: (setattr(ds, "NumberOfFrames", 2), setattr(ds, "PixelData", ds.PixelData * 2)))
+    def two_frames(ds):
+        ds.NumberOfFrames, ds.PixelData = 2, ds.PixelData * 2
+
+    mr_volume = _rewrite(_dicom(root / "bad", "mr_volume.dcm", "PATBAD", bad_uid, seed=6, Modality="MR"), two_frames)
+    dx_cine = _rewrite(_dicom(root / "bad", "dx_cine.dcm", "PATBAD", bad_uid, seed=12), two_frames)
     bad = {
         # non-image objects
         _bare(root / "bad" / "sr.dcm", "SR", bad_uid): "modality SR is not an image",
@@ -269,7 +272,8 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
         _bare(root / "bad" / "rt.dcm", "RTSTRUCT", bad_uid): "modality RTSTRUCT is not an image",
         # a CT slice and an MR volume given to the chest model
         _dicom(root / "bad", "ct.dcm", "PATBAD", bad_uid, seed=4, Modality="CT"): "modality CT is not one of ['CR', 'DX']",
-        multiframe: "modality MR is not one of ['CR', 'DX']",
+        mr_volume: "modality MR is not one of ['CR', 'DX']",
+        dx_cine: "2 frames; a single 2-D image is required",  # multi-frame, even of the right modality
         # a colour image
         _rewrite(_dicom(root / "bad", "rgb.dcm", "PATBAD", bad_uid, seed=7),
                  lambda ds: (setattr(ds, "PhotometricInterpretation", "RGB"), setattr(ds, "SamplesPerPixel", 3))):
