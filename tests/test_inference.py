@@ -320,6 +320,19 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
     assert "no pixel data" in skipped[0]["message"] and str(root) not in skipped[0]["message"]  # reasons, no paths
 
 
+def test_model_files_that_cannot_be_used_are_named(tmp_path, model_path):
+    state = torch.load(model_path, weights_only=True)["state_dict"]
+    body = {k: v for k, v in state.items() if not k.startswith("class_layers.out.")}
+    write_model_file(tmp_path / "he.pt", body, {"round": 4, "he_encrypted": {"layers": ["class_layers.out.weight"]}})
+    with pytest.raises(ValueError, match="head is CKKS-encrypted.*final_global_model.pt"):
+        read_model_file(tmp_path / "he.pt")  # an HE run's server-side model: the head is not readable there
+    write_model_file(tmp_path / "body.pt", body, {})
+    with pytest.raises(ValueError, match="body.pt: no class_layers.out.weight"):
+        read_model_file(tmp_path / "body.pt")
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        read_model_file(tmp_path / "missing.pt")
+
+
 def _infer_main():
     spec = importlib.util.spec_from_file_location("infer_cli", REPO / "scripts" / "infer.py")
     module = importlib.util.module_from_spec(spec)

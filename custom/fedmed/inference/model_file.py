@@ -26,6 +26,8 @@ META_THRESHOLDS = "thresholds"
 META_THRESHOLD_METHOD = "threshold_method"
 META_THRESHOLD_DATA = "threshold_data"
 META_IMAGE_SIZE = "image_size"
+# Where an HE run's server-side model keeps the CKKS-encrypted head (fedmed.constants.META_ENCRYPTED on the HE branch).
+META_HE_ENCRYPTED = "he_encrypted"
 
 
 def file_sha256(path: Path) -> str:
@@ -103,6 +105,9 @@ def read_model_file(path: Path) -> ModelFile:
         raise ValueError(f"{path}: expected a state dict or {{'state_dict', 'meta'}}, got {type(blob).__name__}")
     state = blob.get("state_dict", blob)
     meta = dict(blob.get("meta") or {}) if "state_dict" in blob else {}
+    if HEAD_PREFIX + "weight" not in state and META_HE_ENCRYPTED in meta:
+        raise ValueError(f"{path}: the classifier head is CKKS-encrypted (the server's copy of an HE run); use a "
+                         f"hospital's final_global_model.pt, which holds the decrypted model")
     if HEAD_PREFIX + "weight" not in state:
         raise ValueError(f"{path}: no {HEAD_PREFIX}weight; not a fedmed DenseNet-121 state dict")
     state = {k: torch.as_tensor(v) for k, v in state.items()}
