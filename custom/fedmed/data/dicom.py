@@ -22,7 +22,18 @@ PROJECTION_MODALITIES = {"DX", "CR", "DR", "RG"}
 
 
 class UnusableDicomError(ValueError):
-    """A file that is not a usable 2-D greyscale projection radiograph; the message says why."""
+    """A file that is not a usable 2-D greyscale projection radiograph; the message says which file and why.
+
+    ``reason`` alone (without the path, which may hold patient names) is what goes into logs and the database.
+    """
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across DataLoader workers despite the two-argument constructor
+        return type(self), (self.path, self.reason)
 
 
 @dataclass(frozen=True)
@@ -38,10 +49,10 @@ def read_header(path: Path) -> DicomHeader:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError, ValueError) as e:
-        raise UnusableDicomError(f"{path}: not a readable DICOM file ({e})") from e
+        raise UnusableDicomError(path, f"not a readable DICOM file ({e})") from e
     sop = getattr(ds, "SOPInstanceUID", None)
     if not sop:
-        raise UnusableDicomError(f"{path}: DICOM file has no SOPInstanceUID")
+        raise UnusableDicomError(path, "DICOM file has no SOPInstanceUID")
     return DicomHeader(Path(path), str(sop), str(getattr(ds, "StudyInstanceUID", "")), str(getattr(ds, "Modality", "")))
 
 
@@ -49,17 +60,17 @@ def check_usable(ds: pydicom.Dataset, path: Path, allowed_modalities=PROJECTION_
     """Raise UnusableDicomError naming the reason if ds is not a 2-D greyscale image of an allowed modality."""
     modality = str(getattr(ds, "Modality", ""))
     if modality in NON_IMAGE_MODALITIES:
-        raise UnusableDicomError(f"{path}: modality {modality} is not an image (structured report/presentation/RT)")
+        raise UnusableDicomError(path, f"modality {modality} is not an image (structured report/presentation/RT)")
     if "PixelData" not in ds:
-        raise UnusableDicomError(f"{path}: no pixel data")
+        raise UnusableDicomError(path, "no pixel data")
     if allowed_modalities and modality not in allowed_modalities:
-        raise UnusableDicomError(f"{path}: modality {modality or '(missing)'} is not one of {sorted(allowed_modalities)}")
+        raise UnusableDicomError(path, f"modality {modality or '(missing)'} is not one of {sorted(allowed_modalities)}")
     photometric = str(getattr(ds, "PhotometricInterpretation", ""))
     if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnusableDicomError(f"{path}: colour image ({photometric}); a greyscale radiograph is required")
+        raise UnusableDicomError(path, f"colour image ({photometric}); a greyscale radiograph is required")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames != 1:
-        raise UnusableDicomError(f"{path}: {frames} frames; a single 2-D image is required")
+        raise UnusableDicomError(path, f"{frames} frames; a single 2-D image is required")
 
 
 def read_dicom_image(path: Path, allowed_modalities=PROJECTION_MODALITIES) -> np.ndarray:
@@ -69,18 +80,23 @@ def read_dicom_image(path: Path, allowed_modalities=PROJECTION_MODALITIES) -> np
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as e:
-        raise UnusableDicomError(f"{path}: not a readable DICOM file ({e})") from e
+        raise UnusableDicomError(path, f"not a readable DICOM file ({e})") from e
+    return image_from_dataset(ds, path, allowed_modalities)
+
+
+def image_from_dataset(ds: pydicom.Dataset, path: Path, allowed_modalities=PROJECTION_MODALITIES) -> np.ndarray:
+    """read_dicom_image for a dataset already read (with its pixel data); path only names it in errors."""
     check_usable(ds, path, allowed_modalities)
     try:
         pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as e:
         ts = getattr(ds.file_meta, "TransferSyntaxUID", None)
         name = ts.name if ts is not None else "unknown"
-        raise UnusableDicomError(f"{path}: cannot decode transfer syntax {name} (no decoder installed: {e})") from e
+        raise UnusableDicomError(path, f"cannot decode transfer syntax {name} (no decoder installed: {e})") from e
     except (ValueError, EOFError) as e:
-        raise UnusableDicomError(f"{path}: pixel data is truncated or corrupt ({e})") from e
+        raise UnusableDicomError(path, f"pixel data is truncated or corrupt ({e})") from e
     if pixels.ndim != 2:
-        raise UnusableDicomError(f"{path}: pixel array has shape {pixels.shape}; a 2-D image is required")
+        raise UnusableDicomError(path, f"pixel array has shape {pixels.shape}; a 2-D image is required")
     image = apply_rescale(pixels.astype(np.float32), ds).astype(np.float32)
     return invert_if_monochrome1(image, ds)
 

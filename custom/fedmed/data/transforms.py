@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirst,
+    MapTransform,
     RandAffine,
     RandGaussianNoise,
     RandScaleIntensity,
     Resize,
     ScaleIntensityRangePercentiles,
 )
+
+from fedmed.data.dicom import read_dicom_image
+
+# The preprocessing's parameters, named once: the exported MONAI bundle spells the same transforms from these.
+INTENSITY_PERCENTILES = (0.5, 99.5)
+RESIZE_MODE = "area"
 
 
 def preprocess(image_size: int) -> Compose:
@@ -20,10 +29,27 @@ def preprocess(image_size: int) -> Compose:
     return Compose(
         [
             EnsureChannelFirst(channel_dim="no_channel"),
-            ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
-            Resize((image_size, image_size), mode="area"),
+            ScaleIntensityRangePercentiles(*INTENSITY_PERCENTILES, b_min=0.0, b_max=1.0, clip=True),
+            Resize((image_size, image_size), mode=RESIZE_MODE),
         ]
     )
+
+
+class LoadRadiographd(MapTransform):
+    """Dictionary transform: a DICOM path -> (rows, cols) float32 MetaTensor read by fedmed.data.dicom (rescale
+    applied, MONOCHROME1 inverted, unusable files rejected with the reason), ``filename_or_obj`` in its meta.
+    MONAI's own PydicomReader returns (cols, rows) and leaves MONOCHROME1 inverted, so the bundle uses this.
+
+    Args:
+        keys: keys whose values are DICOM file paths.
+    """
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            d[key] = MetaTensor(torch.as_tensor(read_dicom_image(path)), meta={"filename_or_obj": path})
+        return d
 
 
 def augment(image_size: int) -> Compose:

@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
 from fedmed.store.migrate import upgrade
-from fedmed.store.models import Alert, AuditEntry, ClientUpdate, PrivacySpend, Round, RoundMetric, Run, Site, utcnow
+from fedmed.store.models import (Alert, AuditEntry, ClientUpdate, InferenceLog, PrivacySpend, Round, RoundMetric, Run, Site,
+                                 utcnow)
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
 ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused")
@@ -83,6 +84,27 @@ class RoundRow:
     sites_other: tuple  # (site, status) pairs for rejected or missing contributions
     test_mean_auroc: Optional[float]
     test_loss: Optional[float]
+
+
+INFERENCE_STATUSES = ("ok", "skipped")
+
+
+@dataclass(frozen=True)
+class InferenceRecord:
+    """One study read by scripts/infer. Identifiers must already be pseudonyms (keyed hashes), never in clear."""
+
+    study_pseudonym: str
+    patient_pseudonym: str
+    model_sha256: str
+    model_version: str
+    num_images: int
+    positive_findings: tuple  # finding names
+    status: str  # one of INFERENCE_STATUSES
+    message: Optional[str] = None
+
+    def __post_init__(self):
+        if self.status not in INFERENCE_STATUSES:
+            raise ValueError(f"inference status must be one of {INFERENCE_STATUSES}, got {self.status!r}")
 
 
 GENESIS_HASH = "0" * 64
@@ -199,6 +221,16 @@ class Repository:
             run.status, run.finished_at, run.best_round, run.best_metric = status, utcnow(), best_round, best_metric
             self._audit(s, "finish_run", {"run": run_uid, "status": status, "best_round": best_round})
 
+    def record_inference(self, record: InferenceRecord) -> None:
+        """Append one inference log row (and its audit row, in the same transaction)."""
+        with self._session.begin() as s:
+            s.add(InferenceLog(study_pseudonym=record.study_pseudonym, patient_pseudonym=record.patient_pseudonym,
+                               model_sha256=record.model_sha256, model_version=record.model_version,
+                               num_images=record.num_images, positive_findings="|".join(record.positive_findings),
+                               status=record.status, message=record.message))
+            self._audit(s, "inference", {"study": record.study_pseudonym, "model_sha256": record.model_sha256,
+                                         "status": record.status})
+
     def _audit(self, s: Session, action: str, payload: dict) -> None:
         """Append one chained audit row inside the caller's transaction (so it exists iff the write does)."""
         if self.engine.dialect.name == "postgresql":
@@ -304,3 +336,10 @@ class Repository:
             rows = s.execute(select(Alert, Site.name).join(Site, Site.id == Alert.site_id)
                              .where(Alert.run_id == run_id).order_by(Alert.round_num, Site.name)).all()
         return [{"round": a.round_num, "site": name, "kind": a.kind, "message": a.message} for a, name in rows]
+
+    def inference_logs(self) -> list[dict]:
+        with self._session() as s:
+            rows = s.scalars(select(InferenceLog).order_by(InferenceLog.id)).all()
+        return [{"created_at": r.created_at, "study_pseudonym": r.study_pseudonym, "patient_pseudonym": r.patient_pseudonym,
+                 "model_sha256": r.model_sha256, "model_version": r.model_version, "num_images": r.num_images,
+                 "positive_findings": r.positive_findings, "status": r.status, "message": r.message} for r in rows]

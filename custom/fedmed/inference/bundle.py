@@ -1,0 +1,178 @@
+"""Export the global model as a MONAI Bundle: configs/metadata.json, configs/inference.json, models/model.pt, README.md.
+
+The bundle runs with ``python -m monai.bundle run --config_file configs/inference.json --bundle_root B
+--dataset_dir DICOM_FOLDER --output_dir OUT`` and writes ``OUT/predictions.csv`` (file, 14 probabilities).
+Network, preprocessing, inferer and evaluator are MONAI components named by ``_target_``; fedmed supplies only the
+DICOM side (which files are frontal chest radiographs, and reading them with rescale/MONOCHROME1 handled), so the
+bundle needs the ``fedmed`` package importable. The JSON holds data: the dataset folder is a config item to override.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Optional
+
+import monai
+import numpy as np
+import pydicom
+import torch
+
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.data.transforms import INTENSITY_PERCENTILES, RESIZE_MODE
+from fedmed.inference.model_file import read_model_file
+
+BUNDLE_VERSION = "0.1.0"
+PREDICTIONS_CSV = "predictions.csv"
+
+
+def network_def(norm: str, num_outputs: int) -> dict:
+    """fedmed.model.build_densenet121 spelled as MONAI's DenseNet121 config (the same module tree and weights)."""
+    net = {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": num_outputs}
+    if norm == "group":
+        net.update({"norm": ["group", {"num_groups": 32}], "act": ["relu", {"inplace": False}]})
+    return net
+
+
+def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: int = 16) -> dict:
+    keys = "image"
+    return {
+        "bundle_root": ".",
+        "ckpt_path": "$@bundle_root + '/models/model.pt'",
+        "dataset_dir": "",  # override: --dataset_dir /path/to/dicom (a file, a study folder or a tree)
+        "output_dir": "$@bundle_root + '/eval'",
+        "device": "$torch.device('cpu')",
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "network_def": network_def(norm, num_outputs),
+        "network": "$@network_def.to(@device)",
+        "datalist": {"_target_": "fedmed.inference.studies.frontal_image_datalist", "root": "@dataset_dir"},
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "fedmed.data.transforms.LoadRadiographd", "keys": keys},
+                {"_target_": "EnsureChannelFirstd", "keys": keys, "channel_dim": "no_channel"},
+                {"_target_": "ScaleIntensityRangePercentilesd", "keys": keys, "lower": INTENSITY_PERCENTILES[0],
+                 "upper": INTENSITY_PERCENTILES[1], "b_min": 0.0, "b_max": 1.0, "clip": True},
+                {"_target_": "Resized", "keys": keys, "spatial_size": ["@image_size", "@image_size"], "mode": RESIZE_MODE},
+            ],
+        },
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": "@batch_size", "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose",
+                           "transforms": [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}]},
+        "handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
+             "map_location": "cpu"},
+            {"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": PREDICTIONS_CSV,
+             "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
+             "output_transform": "$lambda x: [xx['pred'] for xx in x]"},
+        ],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def metadata(model, image_size: int, findings: list) -> dict:
+    thresholds = model.thresholds(findings)
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
+        "version": BUNDLE_VERSION,
+        "changelog": {BUNDLE_VERSION: f"exported from {model.path.name} ({model.version})"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"pydicom": pydicom.__version__, "fedmed": "this repository's custom/fedmed"},
+        "name": "fedmed chest X-ray DenseNet-121",
+        "task": "Multi-label classification of 14 ChestX-ray14 findings on frontal chest radiographs",
+        "description": "DenseNet-121 trained by federated learning (NVFlare, fedmed) across hospitals; "
+                       "outputs one sigmoid probability per finding.",
+        "authors": "fedmed",
+        "copyright": "fedmed",
+        "intended_use": "Research and decision support only; not for primary diagnosis.",
+        "data_source": "Federated hospital DICOM (CR/DX, PA/AP); no data leaves a hospital",
+        "data_type": "dicom",
+        "image_classes": "single-channel radiograph, rescaled and MONOCHROME1-inverted, percentile-scaled to [0, 1]",
+        "label_classes": {str(i): f for i, f in enumerate(findings)},
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CR/DX", "num_channels": 1,
+                                 "spatial_shape": [image_size, image_size], "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": False, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(findings),
+                                 "spatial_shape": [1], "dtype": "float32", "value_range": [0, 1],
+                                 "is_onehot": False, "channel_def": {str(i): f for i, f in enumerate(findings)}}},
+        },
+        "fedmed": {"source_model_file": model.path.name, "source_model_sha256": model.sha256,
+                   "round": model.meta.get("round"), "norm": model.norm, "thresholds": thresholds.values,
+                   "thresholds_source": thresholds.source, "platform": platform.platform()},
+    }
+
+
+README = """# fedmed chest X-ray DenseNet-121 (MONAI Bundle)
+
+Exported by `scripts/export_bundle` from `{source}` ({version}, sha256 `{sha256}`).
+14 ChestX-ray14 findings, one sigmoid probability each, from frontal (PA/AP) CR/DX chest radiographs.
+Research and decision support only; not for primary diagnosis.
+
+## Run
+
+Needs MONAI {monai_version}, PyTorch, pydicom and the `fedmed` package importable (its `custom/` folder on
+`PYTHONPATH`, or the fedmed venv): the bundle uses fedmed's DICOM reader (RescaleSlope/Intercept, MONOCHROME1,
+rejection of non-image/colour/multi-frame/undecodable files) and its frontal-view selection; network,
+preprocessing and evaluation are MONAI components.
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\
+    --dataset_dir /path/to/dicom --output_dir ./eval
+```
+
+`dataset_dir` is a DICOM file, study folder or tree (files with or without `.dcm`). Output: `eval/{predictions}`,
+one line per frontal image: file path, then the 14 probabilities in this order: {findings}.
+
+## Preprocessing (the same as training)
+
+Read with rescale applied and MONOCHROME1 inverted (bright = dense), channel first, intensity scaled between the
+{lo}th and {hi}th percentiles to [0, 1] (clipped), resized to {size}x{size} ({mode}).
+
+## Decision thresholds
+
+Per finding, probability >= threshold is positive ({thresholds_source}):
+
+{thresholds_table}
+"""
+
+
+def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = None, batch_size: int = 16) -> Path:
+    """Write the bundle folder; returns it.
+
+    Args:
+        model_path: the server's global/best model file (with or without thresholds).
+        out_dir: the bundle folder to create (existing files in it are overwritten).
+        image_size: input size; default the model file's, else 128.
+        batch_size: images per forward pass in the bundle's evaluator.
+    """
+    model = read_model_file(model_path)
+    size = model.image_size(image_size)
+    findings = list(CXR14_FINDINGS[: model.num_outputs])
+    out_dir = Path(out_dir)
+    (out_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (out_dir / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict, out_dir / "models" / "model.pt")
+    meta = metadata(model, size, findings)
+    (out_dir / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+    config = inference_config(size, model.norm, model.num_outputs, batch_size)
+    (out_dir / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    thresholds = meta["fedmed"]["thresholds"]
+    table = "\n".join(["| finding | threshold |", "|---|---|"] + [f"| {f} | {t:.4f} |" for f, t in thresholds.items()])
+    (out_dir / "README.md").write_text(README.format(
+        source=model.path.name, version=model.version, sha256=model.sha256, monai_version=monai.__version__,
+        predictions=PREDICTIONS_CSV, findings=", ".join(findings), lo=INTENSITY_PERCENTILES[0],
+        hi=INTENSITY_PERCENTILES[1], size=size, mode=RESIZE_MODE, thresholds_source=meta["fedmed"]["thresholds_source"],
+        thresholds_table=table))
+    return out_dir

@@ -1,0 +1,166 @@
+"""The global model file as inference sees it: weights, meta (round, thresholds, image size), content hash; and
+choosing each finding's decision threshold on labelled validation data (Youden's J), stored in the file's meta.
+
+The server's persistor writes ``{"state_dict": ..., "meta": {...}}``; a plain state dict (a bundle's model.pt) is
+read too. Thresholds live in ``meta["thresholds"]`` as {finding: probability}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.metrics import youden_thresholds
+from fedmed.model import HEAD_PREFIX, build_densenet121
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_IMAGE_SIZE = 128  # the job's default training size (jobs/cxr_densenet/job.py --image-size)
+META_ROUND = "round"
+META_THRESHOLDS = "thresholds"
+META_THRESHOLD_METHOD = "threshold_method"
+META_THRESHOLD_DATA = "threshold_data"
+META_IMAGE_SIZE = "image_size"
+# Where an HE run's server-side model keeps the CKKS-encrypted head (fedmed.constants.META_ENCRYPTED on the HE branch).
+META_HE_ENCRYPTED = "he_encrypted"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-finding decision thresholds and where each came from (the model file, or the 0.5 fallback)."""
+
+    values: dict  # finding -> threshold
+    from_model: dict  # finding -> bool
+    method: Optional[str]
+
+    @property
+    def source(self) -> str:
+        n = sum(self.from_model.values())
+        if n == len(self.values):
+            return f"model ({self.method})"
+        if n == 0:
+            return f"default {DEFAULT_THRESHOLD} (the model file has no thresholds)"
+        missing = [f for f, ok in self.from_model.items() if not ok]
+        return f"model ({self.method}); default {DEFAULT_THRESHOLD} for {', '.join(missing)} (no threshold stored)"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    state_dict: dict
+    meta: dict
+    sha256: str
+
+    @property
+    def norm(self) -> str:
+        # BatchNorm keeps running statistics; the DP (GroupNorm) variant has none.
+        return "batch" if any(k.endswith("running_mean") for k in self.state_dict) else "group"
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.state_dict[HEAD_PREFIX + "weight"].shape[0])
+
+    @property
+    def version(self) -> str:
+        """Human-readable version: the federated round the weights come from (the file hash identifies them)."""
+        r = self.meta.get(META_ROUND)
+        return f"round {r}" if r is not None else "unversioned (no round in meta)"
+
+    def image_size(self, override: Optional[int] = None) -> int:
+        size = override or self.meta.get(META_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE
+        return int(size)
+
+    def thresholds(self, findings: Sequence[str] = CXR14_FINDINGS) -> Thresholds:
+        stored = self.meta.get(META_THRESHOLDS) or {}
+        values = {f: float(stored.get(f, DEFAULT_THRESHOLD)) for f in findings}
+        return Thresholds(values, {f: f in stored for f in findings}, self.meta.get(META_THRESHOLD_METHOD))
+
+    def build(self) -> torch.nn.Module:
+        """The DenseNet-121 with these weights, in eval mode."""
+        model = build_densenet121(self.num_outputs, norm=self.norm)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def read_model_file(path: Path) -> ModelFile:
+    """Raises FileNotFoundError / ValueError naming the file when it is missing or holds no DenseNet weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: expected a state dict or {{'state_dict', 'meta'}}, got {type(blob).__name__}")
+    state = blob.get("state_dict", blob)
+    meta = dict(blob.get("meta") or {}) if "state_dict" in blob else {}
+    if HEAD_PREFIX + "weight" not in state and META_HE_ENCRYPTED in meta:
+        raise ValueError(f"{path}: the classifier head is CKKS-encrypted (the server's copy of an HE run); use a "
+                         f"hospital's final_global_model.pt, which holds the decrypted model")
+    if HEAD_PREFIX + "weight" not in state:
+        raise ValueError(f"{path}: no {HEAD_PREFIX}weight; not a fedmed DenseNet-121 state dict")
+    state = {k: torch.as_tensor(v) for k, v in state.items()}
+    return ModelFile(path, state, meta, file_sha256(path))
+
+
+def write_model_file(path: Path, state_dict: dict, meta: dict) -> None:
+    """Atomic write in the persistor's format (a crash never leaves half a model)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": state_dict, "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def choose_thresholds(
+    model_path: Path,
+    dicom_root: Path,
+    labels_csv: Path,
+    out_path: Path,
+    split: Optional[str] = "val",
+    image_size: Optional[int] = None,
+    batch_size: int = 32,
+) -> dict:
+    """Predict the labelled validation images with the model file, pick each finding's threshold by Youden's J,
+    and write a copy of the model file with them (and the image size) in its meta. Returns the new meta.
+
+    Args:
+        model_path: the global (or best) model file written by the server.
+        dicom_root: labelled DICOM tree (a site's ``dicom/`` folder or the global test set).
+        labels_csv: its labels CSV (SOPInstanceUID or StudyInstanceUID, split, one 0/1 column per finding).
+        out_path: where to write the model file with thresholds (may equal model_path).
+        split: which rows of the CSV to use; None for all.
+        image_size: preprocessing size; default the meta's, else 128.
+        batch_size: images per forward pass.
+    """
+    from fedmed.data.dataset import RadiographDataset
+    from fedmed.data.labels import load_dicom_site
+    from fedmed.training import predict
+
+    model_file = read_model_file(model_path)
+    size = model_file.image_size(image_size)
+    items = load_dicom_site(Path(dicom_root), Path(labels_csv), split)
+    labels, probs = predict(model_file.build(), RadiographDataset(items, size, train=False), batch_size)
+    findings = CXR14_FINDINGS[: model_file.num_outputs]
+    chosen = youden_thresholds(labels, probs, findings)
+    meta = dict(model_file.meta)
+    meta.update({
+        META_THRESHOLDS: chosen,
+        META_THRESHOLD_METHOD: "youden_j",
+        META_THRESHOLD_DATA: {"images": len(items), "split": split, "source_model_sha256": model_file.sha256,
+                              "positives": {f: int(labels[:, k].sum()) for k, f in enumerate(findings)}},
+        META_IMAGE_SIZE: size,
+    })
+    write_model_file(out_path, model_file.state_dict, meta)
+    return meta

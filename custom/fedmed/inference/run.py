@@ -1,0 +1,279 @@
+"""One inference run: discover studies, read the frontal images, predict in batches, decide per finding, draw
+heatmaps, write per-study JSON + one CSV row, and log each study (pseudonymised) in the database.
+
+Outputs under ``out_dir``: ``results.csv`` (one row per study), ``summary.json`` (counts, every skipped file with its
+reason), and ``studies/<StudyInstanceUID>/result.json`` with ``<finding>.png`` overlays (and ``<finding>.dcm``
+Secondary Captures when asked) for each positive finding.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pydicom
+import torch
+
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.inference.model_file import ModelFile, read_model_file
+from fedmed.inference.predict import (HeatmapMaker, Preprocessor, overlay_rgb, positive_findings, predict_batches,
+                                      secondary_capture, write_png)
+from fedmed.inference.pseudonym import pseudonymise
+from fedmed.inference.studies import FileProblem, StudyPlan, discover_studies, load_study
+from fedmed.store.repository import InferenceRecord, Repository, resolve_db_url
+
+RESULTS_CSV = "results.csv"
+SUMMARY_JSON = "summary.json"
+STUDY_JSON = "result.json"
+STATUS_OK, STATUS_SKIPPED = "ok", "skipped"
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Args:
+    out_dir: where results go (created).
+    pseudonym_key: the site secret for the keyed hashes written to the database.
+    image_size: preprocessing size; default the model file's, else 128.
+    batch_size: images per forward pass (and studies per read-ahead chunk).
+    heatmaps: draw a Grad-CAM overlay PNG per positive finding.
+    secondary_capture: also write each overlay as a DICOM Secondary Capture in the source study.
+    db_url: inference log database; default $FEDMED_DB_URL, else SQLite ``out_dir/fedmed.db``.
+    """
+
+    out_dir: Path
+    pseudonym_key: bytes
+    image_size: Optional[int] = None
+    batch_size: int = 16
+    heatmaps: bool = True
+    secondary_capture: bool = False
+    db_url: Optional[str] = None
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class StudyResult:
+    study_uid: str
+    study_pseudonym: str
+    status: str
+    probabilities: dict = field(default_factory=dict)  # finding -> study-level probability (max over its images)
+    positive: list = field(default_factory=list)
+    images: list = field(default_factory=list)  # per image: sop uid, view, file, probabilities
+    heatmaps: dict = field(default_factory=dict)  # finding -> PNG path
+    secondary_captures: dict = field(default_factory=dict)  # finding -> DICOM path
+    problems: list = field(default_factory=list)  # FileProblem
+    ignored: list = field(default_factory=list)  # FileProblem
+    message: Optional[str] = None
+
+
+@dataclass
+class InferenceSummary:
+    model: ModelFile
+    thresholds_source: str
+    results: list
+    unassigned: list  # FileProblem: files of no study
+    out_dir: Path
+    db_url: str
+
+    @property
+    def skipped_files(self) -> list:
+        return list(self.unassigned) + [p for r in self.results for p in r.problems]
+
+    @property
+    def exit_status(self) -> int:
+        """0 when every file was read (ignored lateral views do not count), 1 when anything was skipped."""
+        return 1 if self.skipped_files or any(r.status == STATUS_SKIPPED for r in self.results) else 0
+
+
+def _safe_name(uid: str) -> str:
+    return re.sub(r"[^0-9A-Za-z.\-]", "_", uid)[:128] or "_"
+
+
+def _reasons(problems: list) -> str:
+    """Reasons only, never paths (they may contain patient names), for the database."""
+    counts: dict[str, int] = {}
+    for p in problems:
+        counts[p.reason] = counts.get(p.reason, 0) + 1
+    return "; ".join(f"{n} x {reason}" if n > 1 else reason for reason, n in counts.items())
+
+
+class InferenceRun:
+    """Holds the model, preprocessing, heatmap maker, output files and database for one run."""
+
+    def __init__(self, model_path: Path, options: InferenceOptions):
+        self.options = options
+        self.model_file = read_model_file(model_path)
+        self.findings = list(CXR14_FINDINGS[: self.model_file.num_outputs])
+        self.thresholds = self.model_file.thresholds(self.findings)
+        self.image_size = self.model_file.image_size(options.image_size)
+        self.model = self.model_file.build()
+        self.preprocess = Preprocessor(self.image_size)
+        self.heatmap = HeatmapMaker(self.model, self.findings) if options.heatmaps else None
+        self.out_dir = Path(options.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.db_url = resolve_db_url(self.out_dir, options.db_url)
+        self.repository = Repository(self.db_url)
+
+    def close(self) -> None:
+        self.repository.close()
+
+    def model_json(self) -> dict:
+        m = self.model_file
+        return {"file": m.path.name, "sha256": m.sha256, "version": m.version, "round": m.meta.get("round"),
+                "image_size": self.image_size, "norm": m.norm}
+
+    def process(self, plans: list) -> list:
+        """Read, predict (one batched pass over all their images) and write results for a chunk of studies."""
+        loaded = [(plan, *load_study(plan)) for plan in plans]
+        images = [im for _, ims, _ in loaded for im in ims]
+        tensors = torch.stack([self.preprocess(im.pixels) for im in images]) if images else None
+        probs = predict_batches(self.model, tensors, self.options.batch_size) if images else np.zeros((0, 0))
+        results, start = [], 0
+        for plan, ims, problems in loaded:
+            n = len(ims)
+            results.append(self._study(plan, ims, problems, probs[start:start + n], tensors[start:start + n] if n else None))
+            start += n
+        return results
+
+    def _study(self, plan: StudyPlan, images: list, problems: list, probs: np.ndarray, tensors) -> StudyResult:
+        result = StudyResult(plan.study_uid, pseudonymise(self.options.pseudonym_key, "study", plan.study_uid),
+                             STATUS_OK, problems=list(plan.problems) + problems, ignored=list(plan.ignored))
+        study_dir = self.out_dir / "studies" / _safe_name(plan.study_uid)
+        if not images:
+            result.status = STATUS_SKIPPED
+            result.message = "no usable frontal chest radiograph (CR/DX, PA/AP)"
+        else:
+            study_probs = probs.max(axis=0)  # a finding seen on any frontal view counts for the study
+            result.probabilities = {f: float(p) for f, p in zip(self.findings, study_probs)}
+            result.positive = positive_findings(result.probabilities, self.thresholds.values)
+            result.images = [{"sop_instance_uid": im.file.sop_instance_uid, "view": im.file.view, "file": str(im.file.path),
+                              "probabilities": {f: float(p) for f, p in zip(self.findings, row)}}
+                             for im, row in zip(images, probs)]
+            for finding in result.positive if self.heatmap else ():
+                k = self.findings.index(finding)
+                best = int(np.argmax(probs[:, k]))  # the image that gave the study its probability
+                self._draw(result, study_dir, finding, images[best], tensors[best])
+            if result.problems:
+                result.message = f"{len(result.problems)} file(s) skipped: {_reasons(result.problems)}"
+        self._write_json(result, study_dir)
+        self.repository.record_inference(InferenceRecord(
+            study_pseudonym=result.study_pseudonym,
+            patient_pseudonym=pseudonymise(self.options.pseudonym_key, "patient", plan.patient_id),
+            model_sha256=self.model_file.sha256, model_version=self.model_file.version[:100], num_images=len(images),
+            positive_findings=tuple(result.positive), status=result.status,
+            message=_reasons(result.problems) if result.status == STATUS_SKIPPED and result.problems else result.message))
+        return result
+
+    def _draw(self, result: StudyResult, study_dir: Path, finding: str, image, tensor: torch.Tensor) -> None:
+        rgb = overlay_rgb(tensor[0].numpy(), self.heatmap(tensor, finding), image.pixels.shape)
+        png = study_dir / f"{finding}.png"
+        write_png(rgb, png)
+        result.heatmaps[finding] = str(png)
+        if self.options.secondary_capture:
+            description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} "
+                           f"(threshold {self.thresholds.values[finding]:.3f}); model {self.model_file.sha256[:12]}")
+            source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
+            dcm = study_dir / f"{finding}.dcm"
+            secondary_capture(rgb, source, description).save_as(dcm, enforce_file_format=True)
+            result.secondary_captures[finding] = str(dcm)
+
+    def study_json(self, result: StudyResult) -> dict:
+        return {
+            "study_instance_uid": result.study_uid,
+            "study_pseudonym": result.study_pseudonym,
+            "status": result.status,
+            "message": result.message,
+            "model": self.model_json(),
+            "thresholds": {"source": self.thresholds.source, "values": self.thresholds.values},
+            "probabilities": result.probabilities,
+            "positive_findings": result.positive,
+            "negative_findings": [f for f in result.probabilities if f not in result.positive],
+            "heatmaps": result.heatmaps,
+            "secondary_captures": result.secondary_captures,
+            "images": result.images,
+            "skipped_files": [{"file": str(p.path), "reason": p.reason} for p in result.problems],
+            "ignored_files": [{"file": str(p.path), "reason": p.reason} for p in result.ignored],
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+
+    def _write_json(self, result: StudyResult, study_dir: Path) -> None:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        (study_dir / STUDY_JSON).write_text(json.dumps(self.study_json(result), indent=2))
+
+    def csv_header(self) -> list:
+        return (["study_instance_uid", "study_pseudonym", "status", "num_images", "positive_findings"]
+                + [f"p_{f}" for f in self.findings] + ["model_version", "model_sha256", "thresholds", "message"])
+
+    def csv_row(self, result: StudyResult) -> list:
+        probs = [f"{result.probabilities[f]:.6f}" if result.probabilities else "" for f in self.findings]
+        return ([result.study_uid, result.study_pseudonym, result.status, len(result.images), "|".join(result.positive)]
+                + probs + [self.model_file.version, self.model_file.sha256, self.thresholds.source, result.message or ""])
+
+
+def run_inference(
+    input_path: Path,
+    model_path: Path,
+    options: InferenceOptions,
+    on_problem: Optional[Callable[[FileProblem], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> InferenceSummary:
+    """Read every study under input_path (a file, a study folder or a tree) and write the outputs.
+
+    Args:
+        input_path: DICOM file or folder.
+        model_path: model file (server's global/best model, with or without thresholds).
+        options: see InferenceOptions.
+        on_problem: called with each skipped file as soon as it is known (the CLI prints it).
+        progress: called as progress(studies_done, studies_total) after each chunk.
+    """
+    if not Path(input_path).exists():
+        raise FileNotFoundError(f"DICOM input does not exist: {input_path}")
+    run = InferenceRun(model_path, options)
+    try:
+        discovery = discover_studies(Path(input_path))
+        for p in discovery.unassigned:
+            if on_problem:
+                on_problem(p)
+        results = []
+        plans = list(discovery.studies)
+        with open(run.out_dir / RESULTS_CSV, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(run.csv_header())
+            for i in range(0, len(plans), options.batch_size):
+                for r in run.process(plans[i:i + options.batch_size]):
+                    writer.writerow(run.csv_row(r))
+                    for p in r.problems:
+                        if on_problem:
+                            on_problem(p)
+                    results.append(r)
+                f.flush()
+                if progress:
+                    progress(len(results), len(plans))
+        summary = InferenceSummary(run.model_file, run.thresholds.source, results, list(discovery.unassigned),
+                                   run.out_dir, run.db_url)
+        (run.out_dir / SUMMARY_JSON).write_text(json.dumps(summary_json(summary), indent=2))
+        return summary
+    finally:
+        run.close()
+
+
+def summary_json(summary: InferenceSummary) -> dict:
+    return {
+        "model": {"file": str(summary.model.path), "sha256": summary.model.sha256, "version": summary.model.version},
+        "thresholds": summary.thresholds_source,
+        "studies": len(summary.results),
+        "studies_ok": sum(r.status == STATUS_OK for r in summary.results),
+        "studies_skipped": [r.study_uid for r in summary.results if r.status == STATUS_SKIPPED],
+        "images_read": sum(len(r.images) for r in summary.results),
+        "skipped_files": [{"file": str(p.path), "reason": p.reason} for p in summary.skipped_files],
+        "ignored_files": [{"file": str(p.path), "reason": p.reason} for r in summary.results for p in r.ignored],
+        "exit_status": summary.exit_status,
+    }

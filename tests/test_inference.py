@@ -1,0 +1,403 @@
+"""Clinician inference: study selection, decisions by threshold, outputs (JSON/CSV/PNG/SC), the pseudonymised
+inference log, bad inputs that do not stop the batch, threshold choice, and the exported MONAI bundle."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
+from fedmed.inference.model_file import (META_THRESHOLD_METHOD, META_THRESHOLDS, choose_thresholds, file_sha256,
+                                         read_model_file, write_model_file)
+from fedmed.inference.predict import positive_findings
+from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key, pseudonymise
+from fedmed.inference.run import InferenceOptions, run_inference
+from fedmed.inference.studies import selection_verdict
+from fedmed.metrics import youden_thresholds
+from fedmed.model import build_densenet121
+from fedmed.store.repository import InferenceRecord, Repository
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = b"test-site-secret-0123456789"
+SIZE = 64  # stored pixels and model input: tiny, to keep the suite fast
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A freshly initialised, seeded DenseNet-121 in the persistor's file format, without thresholds."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "global_model.pt"
+    write_model_file(path, build_densenet121(14).state_dict(), {"round": 3, "image_size": SIZE})
+    return path
+
+
+def _dicom(folder: Path, name: str, patient: str, study_uid: str, view="PA", seed=0, labels=None,
+           scanner=ScannerProfile(), **overrides) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = acquire(render_chest(labels if labels is not None else [0] * 14, rng, SIZE), scanner, rng)
+    ds = make_dicom(pixels, scanner, patient, study_uid, generate_uid(), generate_uid(), 1, view, "hospital-x")
+    for k, v in overrides.items():
+        setattr(ds, k, v)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Two patients' studies: A has a PA and a lateral view, B one AP view (MONOCHROME1 CR)."""
+    root = tmp_path_factory.mktemp("studies")
+    a_uid, b_uid = generate_uid(), generate_uid()
+    # folder names carry no identifier, so the outputs (which list file paths for the clinician) can be checked
+    _dicom(root / "p1" / "s1", "IM1", "PATA1", a_uid, "PA", seed=1, labels=[0, 0, 1] + [0] * 11)
+    _dicom(root / "p1" / "s1", "IM2", "PATA1", a_uid, "LL", seed=2)
+    _dicom(root / "p2" / "s1", "IM1", "PATB2", b_uid, "AP", seed=3,
+           scanner=ScannerProfile("CR", "MONOCHROME1", rescale_intercept=-512.0))
+    return {"root": root, "A": a_uid, "B": b_uid, "patients": {"A": "PATA1", "B": "PATB2"}}
+
+
+def _options(out, **kw):
+    return InferenceOptions(out_dir=out, pseudonym_key=KEY, **kw)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- pure pieces ------------------------------------------------------------------------------------------------
+
+
+def test_youden_picks_the_threshold_that_separates_and_skips_one_class_findings():
+    labels = np.array([[0, 0], [0, 0], [1, 0], [1, 0]])
+    probs = np.array([[0.1, 0.3], [0.2, 0.1], [0.6, 0.9], [0.7, 0.2]])
+    # finding a: 0.6 separates perfectly (J = 1); finding b has no positive, so no threshold
+    assert youden_thresholds(labels, probs, ["a", "b"]) == {"a": pytest.approx(0.6)}
+    with pytest.raises(ValueError, match="must both be"):
+        youden_thresholds(labels, probs[:, :1], ["a", "b"])
+
+
+def test_positive_findings_reach_their_own_threshold():
+    probs = {"a": 0.30, "b": 0.30, "c": 0.90}
+    # a: exactly at its threshold counts; b: same probability, higher threshold; c: below a high threshold
+    assert positive_findings(probs, {"a": 0.30, "b": 0.31, "c": 0.95}) == ["a"]
+
+
+def test_pseudonyms_are_keyed_and_the_key_must_be_real(tmp_path, monkeypatch):
+    p = pseudonymise(KEY, "patient", "PATA1")
+    assert len(p) == 64 and "PATA1" not in p
+    assert p != pseudonymise(b"another-secret-0123456789", "patient", "PATA1")  # a different site cannot link
+    assert p != pseudonymise(KEY, "study", "PATA1")  # namespaces do not collide
+    monkeypatch.delenv(ENV_PSEUDONYM_KEY, raising=False)
+    with pytest.raises(ValueError, match="no pseudonym key"):
+        load_pseudonym_key()
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(ValueError, match="3 bytes; at least 16"):
+        load_pseudonym_key(tmp_path / "short")
+    monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
+    assert load_pseudonym_key() == KEY
+
+
+@pytest.mark.parametrize(
+    "attrs, verdict, reason",
+    [
+        ({"Modality": "DX", "ViewPosition": "PA", "BodyPartExamined": "CHEST"}, "read", None),
+        ({"Modality": "CR", "ViewPosition": "AP"}, "read", None),  # no body part: accepted
+        ({"Modality": "DX", "ViewPosition": "LL"}, "ignored", "view LL is not frontal"),  # lateral of the study
+        ({"Modality": "DX", "ViewPosition": ""}, "problem", "no ViewPosition"),
+        ({"Modality": "DX", "ViewPosition": "PA", "BodyPartExamined": "HAND"}, "problem", "body part HAND"),
+        ({"Modality": "CT"}, "read", None),  # other modalities: the full read names the reason
+    ],
+)
+def test_selection_verdict(attrs, verdict, reason):
+    ds = Dataset()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    got_verdict, got_reason = selection_verdict(ds)
+    assert got_verdict == verdict
+    assert (got_reason is None) if reason is None else (reason in got_reason)
+
+
+def test_inference_log_round_trip(db_url):
+    repo = Repository(db_url)
+    repo.record_inference(InferenceRecord("s" * 64, "p" * 64, "m" * 64, "round 3", 2, ("Effusion", "Mass"), "ok"))
+    repo.record_inference(InferenceRecord("t" * 64, "p" * 64, "m" * 64, "round 3", 0, (), "skipped", "no pixel data"))
+    rows = repo.inference_logs()
+    assert [(r["status"], r["positive_findings"], r["num_images"]) for r in rows] == [("ok", "Effusion|Mass", 2),
+                                                                                     ("skipped", "", 0)]
+    assert rows[1]["message"] == "no pixel data" and repo.verify_audit() is None
+    with pytest.raises(ValueError, match="inference status must be one of"):
+        InferenceRecord("s", "p", "m", "v", 1, (), "maybe")
+    repo.close()
+
+
+# --- the whole run ----------------------------------------------------------------------------------------------
+
+
+def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_path, studies):
+    # First run: the model file has no thresholds, and every output says so.
+    first = run_inference(studies["root"], model_path, _options(tmp_path / "r1", heatmaps=False))
+    j = json.loads((tmp_path / "r1" / "studies" / studies["A"] / "result.json").read_text())
+    assert j["thresholds"]["source"] == "default 0.5 (the model file has no thresholds)"
+    assert _read_csv(tmp_path / "r1" / "results.csv")[0]["thresholds"].startswith("default 0.5")
+    probs = {r.study_uid: r.probabilities for r in first.results}
+
+    # Thresholds set so Effusion is positive for A only and every other finding negative for both.
+    p_a, p_b = probs[studies["A"]]["Effusion"], probs[studies["B"]]["Effusion"]
+    assert p_a != p_b
+    thresholds = {f: 1.0 for f in CXR14_FINDINGS}
+    thresholds["Effusion"] = p_a if p_a > p_b else p_b
+    positive_study = studies["A"] if p_a > p_b else studies["B"]
+    negative_study = studies["B"] if p_a > p_b else studies["A"]
+    blob = torch.load(model_path, weights_only=True)
+    with_thr = tmp_path / "model_thr.pt"
+    write_model_file(with_thr, blob["state_dict"], {**blob["meta"], META_THRESHOLDS: thresholds,
+                                                    META_THRESHOLD_METHOD: "manual"})
+
+    out = tmp_path / "r2"
+    summary = run_inference(studies["root"], with_thr, _options(out, secondary_capture=True))
+    assert summary.exit_status == 0  # the lateral view is ignored, not an error
+    by_uid = {r.study_uid: r for r in summary.results}
+    assert by_uid[positive_study].positive == ["Effusion"] and by_uid[negative_study].positive == []
+    # probabilities do not depend on thresholds, heatmaps or the second model file
+    assert by_uid[positive_study].probabilities == pytest.approx(probs[positive_study], abs=1e-6)
+
+    pos = json.loads((out / "studies" / positive_study / "result.json").read_text())
+    assert pos["model"] == {"file": "model_thr.pt", "sha256": file_sha256(with_thr), "version": "round 3", "round": 3,
+                            "image_size": SIZE, "norm": "batch"}
+    assert pos["thresholds"]["source"] == "model (manual)"
+    assert pos["positive_findings"] == ["Effusion"] and "Effusion" not in pos["negative_findings"]
+    assert len(pos["negative_findings"]) == 13
+    if positive_study == studies["A"]:
+        assert [f["reason"] for f in pos["ignored_files"]] == ["view LL is not frontal (PA/AP); only frontal views are read"]
+    # one overlay per positive finding, an RGB PNG with the source's aspect, and its Secondary Capture
+    png = Path(pos["heatmaps"]["Effusion"])
+    assert png.name == "Effusion.png" and Image.open(png).mode == "RGB"
+    assert sorted(p.name for p in png.parent.iterdir()) == ["Effusion.dcm", "Effusion.png", "result.json"]
+    sc = pydicom.dcmread(pos["secondary_captures"]["Effusion"])
+    source = pydicom.dcmread(pos["images"][0]["file"], stop_before_pixels=True)
+    assert sc.SOPClassUID.name == "Secondary Capture Image Storage"
+    assert sc.StudyInstanceUID == positive_study and sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.pixel_array.shape == (512, 512, 3) and "Effusion" in sc.DerivationDescription
+    neg = json.loads((out / "studies" / negative_study / "result.json").read_text())
+    assert neg["heatmaps"] == {} and neg["positive_findings"] == []
+
+    rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
+    assert rows[positive_study]["positive_findings"] == "Effusion" and rows[negative_study]["positive_findings"] == ""
+    assert float(rows[positive_study]["p_Effusion"]) == pytest.approx(max(p_a, p_b), abs=1e-6)
+    assert rows[positive_study]["model_sha256"] == file_sha256(with_thr)
+
+    # The inference log: one row per study, pseudonyms only, reproducible with the site key.
+    logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
+    expected = {pseudonymise(KEY, "study", studies[s]): pseudonymise(KEY, "patient", studies["patients"][s])
+                for s in ("A", "B")}
+    assert {r["study_pseudonym"]: r["patient_pseudonym"] for r in logs} == expected
+    assert {r["positive_findings"] for r in logs} == {"Effusion", ""}
+    assert all(r["model_sha256"] == file_sha256(with_thr) and r["model_version"] == "round 3" for r in logs)
+    # no patient identifier in clear anywhere (database file included) but the Secondary Capture, which must name
+    # its patient to be filed in the PACS
+    clear = [v.encode() for v in studies["patients"].values()] + [b"SYNTHETIC^"]
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix != ".dcm":
+            data = f.read_bytes()
+            assert not any(c in data for c in clear), f"patient identifier in clear in {f.name}"
+
+
+def test_batch_size_does_not_change_probabilities(tmp_path, model_path, studies):
+    one = run_inference(studies["root"], model_path, _options(tmp_path / "b1", batch_size=1, heatmaps=False))
+    many = run_inference(studies["root"], model_path, _options(tmp_path / "b4", batch_size=4, heatmaps=False))
+    for a, b in zip(one.results, many.results):
+        assert a.study_uid == b.study_uid
+        np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-5)
+
+
+def _bare(path: Path, modality: str, study_uid: str, **attrs) -> Path:
+    """A non-image object (SR, PR, RT...): header only."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.Modality, ds.PatientID = study_uid, modality, "PATBAD"
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _rewrite(path: Path, change) -> Path:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path)
+    return path
+
+
+def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, model_path):
+    root = tmp_path / "mixed"
+    good_uid, bad_uid = generate_uid(), generate_uid()
+    good = [_dicom(root / "good", f"G{i}", f"PATG{i}", generate_uid() if i else good_uid, seed=10 + i) for i in range(3)]
+    cut_source = _dicom(root / "bad", "cut.dcm", "PATBAD", bad_uid, seed=5)
+    cut_source.write_bytes(cut_source.read_bytes()[:2000])  # the file ends inside the pixel data
+    def two_frames(ds):
+        ds.NumberOfFrames, ds.PixelData = 2, ds.PixelData * 2
+
+    mr_volume = _rewrite(_dicom(root / "bad", "mr_volume.dcm", "PATBAD", bad_uid, seed=6, Modality="MR"), two_frames)
+    dx_cine = _rewrite(_dicom(root / "bad", "dx_cine.dcm", "PATBAD", bad_uid, seed=12), two_frames)
+    bad = {
+        # non-image objects
+        _bare(root / "bad" / "sr.dcm", "SR", bad_uid): "modality SR is not an image",
+        _bare(root / "bad" / "pr.dcm", "PR", good_uid): "modality PR is not an image",  # beside a good image
+        _bare(root / "bad" / "rt.dcm", "RTSTRUCT", bad_uid): "modality RTSTRUCT is not an image",
+        # a CT slice and an MR volume given to the chest model
+        _dicom(root / "bad", "ct.dcm", "PATBAD", bad_uid, seed=4, Modality="CT"): "modality CT is not one of ['CR', 'DX']",
+        mr_volume: "modality MR is not one of ['CR', 'DX']",
+        dx_cine: "2 frames; a single 2-D image is required",  # multi-frame, even of the right modality
+        # a colour image
+        _rewrite(_dicom(root / "bad", "rgb.dcm", "PATBAD", bad_uid, seed=7),
+                 lambda ds: (setattr(ds, "PhotometricInterpretation", "RGB"), setattr(ds, "SamplesPerPixel", 3))):
+            "colour image (RGB)",
+        # JPEG-LS: no decoder installed (pydicom would need pylibjpeg-libjpeg or gdcm)
+        _rewrite(_dicom(root / "bad", "jpegls.dcm", "PATBAD", bad_uid, seed=8),
+                 lambda ds: (setattr(ds.file_meta, "TransferSyntaxUID", JPEGLSLossless),
+                             setattr(ds, "PixelData", pydicom.encaps.encapsulate([b"\xff\xd8" + b"\x00" * 62])))):
+            "cannot decode transfer syntax JPEG-LS Lossless",
+        # pixel data shorter than rows x columns, and a file cut short mid-pixel-data
+        _rewrite(_dicom(root / "bad", "short_pixels.dcm", "PATBAD", bad_uid, seed=9),
+                 lambda ds: setattr(ds, "PixelData", ds.PixelData[:100])): "pixel data is truncated or corrupt",
+        cut_source: "pixel data is truncated or corrupt",
+        # an image header with no pixel data
+        _rewrite(_dicom(root / "bad", "nopix.dcm", "PATBAD", bad_uid, seed=11), lambda ds: ds.pop("PixelData")):
+            "no pixel data",
+        # not DICOM at all
+        (root / "bad" / "notes.txt"): "not a readable DICOM file",
+    }
+    (root / "bad" / "notes.txt").write_text("ward round notes")
+
+    out = tmp_path / "out"
+    env = {**os.environ, ENV_PSEUDONYM_KEY: KEY.decode(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(REPO / "scripts" / "infer"), str(root), "--model", str(model_path),
+                           "--out", str(out), "--no-heatmaps", "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    for path, reason in bad.items():
+        line = next((ln for ln in proc.stderr.splitlines() if ln.startswith(f"SKIPPED {path}:")), None)
+        assert line is not None, f"{path.name} not reported:\n{proc.stderr}"
+        assert reason in line, line
+    summary = json.loads((out / "summary.json").read_text())
+    assert {Path(f["file"]) for f in summary["skipped_files"]} == set(bad)
+    assert summary["exit_status"] == 1 and summary["images_read"] == len(good)
+    assert summary["studies_skipped"] == [bad_uid]  # the study with only bad files
+    assert f"SKIPPED study {bad_uid}: no usable frontal chest radiograph" in proc.stderr
+    rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
+    assert sum(r["status"] == "ok" for r in rows.values()) == 3 and rows[bad_uid]["status"] == "skipped"
+    assert "1 file(s) skipped: modality PR is not an image" in rows[good_uid]["message"]
+    assert "3 studies read" not in proc.stdout and "4 studies: 3 read (3 images" in proc.stdout
+    logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
+    skipped = [r for r in logs if r["status"] == "skipped"]
+    assert len(logs) == 4 and len(skipped) == 1
+    assert "no pixel data" in skipped[0]["message"] and str(root) not in skipped[0]["message"]  # reasons, no paths
+
+
+def test_model_files_that_cannot_be_used_are_named(tmp_path, model_path):
+    state = torch.load(model_path, weights_only=True)["state_dict"]
+    body = {k: v for k, v in state.items() if not k.startswith("class_layers.out.")}
+    write_model_file(tmp_path / "he.pt", body, {"round": 4, "he_encrypted": {"layers": ["class_layers.out.weight"]}})
+    with pytest.raises(ValueError, match="head is CKKS-encrypted.*final_global_model.pt"):
+        read_model_file(tmp_path / "he.pt")  # an HE run's server-side model: the head is not readable there
+    write_model_file(tmp_path / "body.pt", body, {})
+    with pytest.raises(ValueError, match="body.pt: no class_layers.out.weight"):
+        read_model_file(tmp_path / "body.pt")
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        read_model_file(tmp_path / "missing.pt")
+
+
+def _infer_main():
+    spec = importlib.util.spec_from_file_location("infer_cli", REPO / "scripts" / "infer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_infer_exits_2_with_a_message_for_unusable_arguments(tmp_path, model_path, studies, monkeypatch, capsys):
+    main = _infer_main()
+    monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
+    assert main([str(studies["root"]), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--model", str(model_path), "--out", str(tmp_path / "o")]) == 2
+    assert "DICOM input does not exist" in capsys.readouterr().err
+    monkeypatch.delenv(ENV_PSEUDONYM_KEY)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(studies["root"]), "--model", str(model_path), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "no pseudonym key" in capsys.readouterr().err
+
+
+# --- thresholds chosen on validation data, and the bundle --------------------------------------------------------
+
+
+def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
+    labels = np.zeros((8, 14), int)
+    labels[:4, 2] = 1  # Effusion: 4 positives, 4 negatives; every other finding has no positive
+    rng = np.random.default_rng(0)
+    csv_path = write_site(tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), rng, "val-site", SIZE)
+    out = tmp_path / "thr.pt"
+    meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, out, split="val")
+    assert list(meta[META_THRESHOLDS]) == ["Effusion"] and 0.0 <= meta[META_THRESHOLDS]["Effusion"] <= 1.0
+    assert meta["threshold_data"]["images"] == 6 and meta["threshold_data"]["positives"]["Effusion"] >= 1
+    assert meta["round"] == 3 and meta["threshold_data"]["source_model_sha256"] == file_sha256(model_path)
+    thresholds = read_model_file(out).thresholds()
+    assert thresholds.values["Effusion"] == meta[META_THRESHOLDS]["Effusion"] and thresholds.values["Mass"] == 0.5
+    assert thresholds.source.startswith("model (youden_j); default 0.5 for Atelectasis, Cardiomegaly")
+    # the weights are the source model's
+    assert all(torch.equal(a, b) for a, b in zip(read_model_file(out).state_dict.values(),
+                                                 read_model_file(model_path).state_dict.values()))
+
+
+def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, model_path, studies):
+    from fedmed.inference.bundle import export_bundle
+
+    bundle = export_bundle(model_path, tmp_path / "bundle")
+    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()) == [
+        "README.md", "configs/inference.json", "configs/metadata.json", "models/model.pt"]
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert config["dataset_dir"] == "" and str(tmp_path) not in json.dumps(config)  # no hard-coded paths
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["fedmed"]["source_model_sha256"] == file_sha256(model_path)
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [SIZE, SIZE]
+
+    out = tmp_path / "bundle_out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                           "--dataset_dir", str(studies["root"]), "--output_dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "predictions.csv", newline="") as f:
+        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
+
+    summary = run_inference(studies["root"], model_path, _options(tmp_path / "infer", heatmaps=False))
+    from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
+    assert set(from_bundle) == set(from_infer) and len(from_infer) == 2  # the lateral view is left out by both
+    for path, probs in from_infer.items():
+        np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)
