@@ -17,6 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
+from fedmed import constants as C
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
 from fedmed.inference.model_file import (META_THRESHOLD_METHOD, META_THRESHOLDS, choose_thresholds, file_sha256,
@@ -323,7 +324,7 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
 def test_model_files_that_cannot_be_used_are_named(tmp_path, model_path):
     state = torch.load(model_path, weights_only=True)["state_dict"]
     body = {k: v for k, v in state.items() if not k.startswith("class_layers.out.")}
-    write_model_file(tmp_path / "he.pt", body, {"round": 4, "he_encrypted": {"layers": ["class_layers.out.weight"]}})
+    write_model_file(tmp_path / "he.pt", body, {"round": 4, C.META_ENCRYPTED: {"layers": ["class_layers.out.weight"]}})
     with pytest.raises(ValueError, match="head is CKKS-encrypted.*final_global_model.pt"):
         read_model_file(tmp_path / "he.pt")  # an HE run's server-side model: the head is not readable there
     write_model_file(tmp_path / "body.pt", body, {})

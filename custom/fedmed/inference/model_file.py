@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fedmed.constants import CXR14_FINDINGS
+from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
 from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
 
@@ -26,8 +26,6 @@ META_THRESHOLDS = "thresholds"
 META_THRESHOLD_METHOD = "threshold_method"
 META_THRESHOLD_DATA = "threshold_data"
 META_IMAGE_SIZE = "image_size"
-# Where an HE run's server-side model keeps the CKKS-encrypted head (fedmed.constants.META_ENCRYPTED on the HE branch).
-META_HE_ENCRYPTED = "he_encrypted"
 
 
 def file_sha256(path: Path) -> str:
@@ -105,7 +103,7 @@ def read_model_file(path: Path) -> ModelFile:
         raise ValueError(f"{path}: expected a state dict or {{'state_dict', 'meta'}}, got {type(blob).__name__}")
     state = blob.get("state_dict", blob)
     meta = dict(blob.get("meta") or {}) if "state_dict" in blob else {}
-    if HEAD_PREFIX + "weight" not in state and META_HE_ENCRYPTED in meta:
+    if HEAD_PREFIX + "weight" not in state and META_ENCRYPTED in meta:
         raise ValueError(f"{path}: the classifier head is CKKS-encrypted (the server's copy of an HE run); use a "
                          f"hospital's final_global_model.pt, which holds the decrypted model")
     if HEAD_PREFIX + "weight" not in state:
