@@ -199,7 +199,9 @@ class FedMedController(ModelController):
                 )
                 agg = outcome.result
                 alerts = self._score_trust(outcome, records)
-                new_params, new_meta = agg.params, {"round": round_num}
+                # image_size and norm travel with the weights: inference preprocesses and rebuilds the same way.
+                new_params = agg.params
+                new_meta = {"round": round_num, "image_size": self.image_size, "norm": self.norm}
                 if self._he is not None:
                     new_meta[C.META_ENCRYPTED] = self._combine_encrypted(round_num, valid, outcome.weights).to_wire()
                 if "fallback" in agg.diagnostics:
