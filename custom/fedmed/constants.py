@@ -35,6 +35,12 @@ META_EPSILON_BUDGET = "dp_epsilon_budget"
 META_NOISE_MULTIPLIER = "dp_noise_multiplier"
 META_ENCRYPTED = "he_encrypted"  # the CKKS-encrypted layers (fedmed.crypto.ckks.EncryptedLayers.to_wire())
 META_HE_SECONDS = "he_seconds"  # time a site spent encrypting its update
+META_UPDATE_CLIP_NORM = "user_dp_clip_norm"  # set by fedmed.flare.filters.UpdateNoiseFilter
+META_UPDATE_NOISE_MULTIPLIER = "user_dp_noise_multiplier"
+
+# FLContext property (site side, one task): the global model in clear that the site trained from, for the
+# site's own result filters (UpdateNoiseFilter measures the update against it).
+CTX_GLOBAL_PARAMS = "fedmed.global_params"
 
 # Task a site answers after the last round: receive the final global model (decrypted there when HE is on) and keep it.
 TASK_FINAL_MODEL = "fedmed_final_model"
@@ -44,6 +50,10 @@ COL_SOP_UID = "SOPInstanceUID"
 COL_STUDY_UID = "StudyInstanceUID"
 COL_SPLIT = "split"
 COL_PATH = "path"
+
+# Key, inside a scope's "properties" in a site's NVFlare local/privacy.json, holding a fedmed privacy policy
+# (same form as fedmed_site.json's "privacy"): jobs submitted with that scope train under it.
+SCOPE_PRIVACY_KEY = "fedmed_privacy"
 
 ENV_DB_URL = "FEDMED_DB_URL"
 ENV_SITE_CONFIG = "FEDMED_SITE_CONFIG"

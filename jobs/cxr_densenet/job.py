@@ -54,16 +54,18 @@ def build_job(
     name: str = JOB_NAME,
     he_layers: list | None = None,
     he_keys_dir: Path | None = None,
+    privacy_scope: str | None = None,
 ) -> FedJob:
     """The job as code. With data_root (simulation) each site's executor is pointed at
     <data_root>/<site>/fedmed_site.json and the server at <data_root>/global_test; without it (deployment) sites use
     their kit's local/fedmed_site.json and the server evaluates by the sites' validation scores.
     With he_layers those parameters travel CKKS-encrypted; the keys come from the startup kits (provisioning), or
-    in simulation from he_keys_dir/<site>/ (see prepare_simulator_keys)."""
+    in simulation from he_keys_dir/<site>/ (see prepare_simulator_keys). privacy_scope names the NVFlare privacy
+    scope the job runs under at each site (its local/privacy.json may set a DP ceiling for that scope)."""
     sites = list(sites)
     # Default: one site may fail, refuse or be quarantined without stopping the job (all are still waited for).
     min_clients = (len(sites) - 1 if len(sites) >= 3 else len(sites)) if min_clients is None else min_clients
-    job = FedJob(name=name, min_clients=min_clients)
+    job = FedJob(name=name, min_clients=min_clients, meta_props={"scope": privacy_scope} if privacy_scope else None)
     # fedmed is installed at each site (site_configs/install.sh), not shipped inside the job: hospitals run only
     # code they installed and allow-listed.
     job.set_app_packages(["fedmed"])
@@ -150,6 +152,8 @@ def main(argv=None) -> int:
                    help="DenseNet normalisation; 'group' is required when sites train with DP-SGD")
     p.add_argument("--threads", type=int, help="sites trained concurrently in the simulator (default: all)")
     p.add_argument("--db-url", help="SQLAlchemy URL (default $FEDMED_DB_URL, else SQLite in the server workspace)")
+    p.add_argument("--scope", help="NVFlare privacy scope of the job (a site's local/privacy.json may give it a "
+                                   "DP ceiling under properties.fedmed_privacy)")
     p.add_argument("--he", action="store_true",
                    help=f"send the classifier head ({HEAD_PREFIX}*) CKKS-encrypted; the server aggregates it blind")
     p.add_argument("--he-layers", help="comma-separated parameter names or prefixes ending in '.' to encrypt "
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
     job = build_job(
         sites, a.data_root.resolve() if a.data_root else None, a.rounds, a.min_clients, a.round_timeout,
         a.straggler_wait, a.aggregation, a.image_size, a.local_epochs, a.lr, a.batch_size, a.seed, a.norm, a.db_url,
-        he_layers=he_layers, he_keys_dir=he_keys,
+        he_layers=he_layers, he_keys_dir=he_keys, privacy_scope=a.scope,
     )
     if a.export:
         job.export_job(str(a.export))

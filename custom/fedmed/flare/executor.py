@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -28,6 +28,7 @@ from fedmed.data.loading import load_train_val
 from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
+from fedmed.privacy.policy import parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
 from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
@@ -141,19 +142,34 @@ class FedMedTrainer(Executor):
                                          "site's encrypted updates; provision with fedmed's HE builder")
             self.log_info(fl_ctx, f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
                                   f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}")
-        if self._site.privacy is not None:
+        policy, source = self._privacy_policy(fl_ctx)
+        if policy is not None:
             if self.norm != "group":
                 raise ValueError(f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
                                  "normalisation, which DP-SGD cannot privatise; the job must use norm='group'")
-            self._privacy = SitePrivacy(self._site.privacy)
-            p = self._site.privacy
-            self.log_info(fl_ctx, f"site {site}: DP-SGD on, ceiling epsilon {p.epsilon} ({p.preset}), delta {p.delta}, "
-                                  f"clip {p.max_grad_norm}")
+            self._privacy = SitePrivacy(policy)
+            self.log_info(fl_ctx, f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
+                                  f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}")
         self.log_info(
             fl_ctx,
             f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
             f"data, loaded in {time.monotonic() - t0:.1f}s",
         )
+
+    def _privacy_policy(self, fl_ctx: FLContext):
+        """The strictest of this site's fedmed_site.json policy and the one in the job's NVFlare privacy scope
+        (<kit>/local/privacy.json, scope properties["fedmed_privacy"]), with where it came from."""
+        scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or ""
+        props = fl_ctx.get_prop(FLContextKey.SCOPE_PROPERTIES) or {}
+        raw = props.get(C.SCOPE_PRIVACY_KEY) if isinstance(props, dict) else None
+        try:
+            scope_policy = parse_privacy(raw)
+        except ValueError as e:
+            raise ValueError(f"privacy scope {scope!r} in local/privacy.json: {e}") from e
+        policy = strictest(self._site.privacy, scope_policy)
+        sources = [name for name, p in (("fedmed_site.json", self._site.privacy),
+                                        (f"privacy scope {scope!r}", scope_policy)) if p is policy]
+        return policy, (sources[0] if sources else "fedmed_site.json and privacy scope combined")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (self.train_task_name, C.TASK_FINAL_MODEL):
@@ -166,6 +182,7 @@ class FedMedTrainer(Executor):
         try:
             global_model = FLModelUtils.from_shareable(shareable)
             global_params = self._global_params(global_model)
+            fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, global_params, private=True, sticky=False)
             if task_name == C.TASK_FINAL_MODEL:
                 return self._keep_final_model(site, global_params, global_model, fl_ctx)
             round_num = int(global_model.current_round or 0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 # Presets a privacy officer can sign off by name. epsilon 0.1 was measured and is deliberately not a preset
@@ -60,3 +60,15 @@ def parse_privacy(raw: Optional[dict]) -> Optional[PrivacyPolicy]:
         raise ValueError(f"presets use delta <= {DEFAULT_DELTA}; got {delta}")
     nm = raw.get("noise_multiplier")
     return PrivacyPolicy(epsilon, delta, float(raw.get("max_grad_norm", 1.0)), None if nm is None else float(nm), preset)
+
+
+def strictest(*policies: Optional[PrivacyPolicy]) -> Optional[PrivacyPolicy]:
+    """The policy that promises the most of those given (None = no policy from that source): the lowest epsilon
+    ceiling, with the lowest delta of all. A hospital can set its ceiling in fedmed_site.json and in an NVFlare
+    privacy scope; neither can loosen the other."""
+    given = [p for p in policies if p is not None]
+    if not given:
+        return None
+    tightest = min(given, key=lambda p: p.epsilon)
+    delta = min(p.delta for p in given)
+    return tightest if delta == tightest.delta else replace(tightest, delta=delta)
