@@ -63,10 +63,12 @@ def render_brain(label: int, rng: np.random.Generator, size: int = 256) -> np.nd
 
     # Lateral ventricles: a dark pair either side of the midline (size varies with age).
     vent_ry, vent_rx, vent_cy = u(0.08, 0.14), u(0.018, 0.035), cy + u(0.0, 0.04)
-    vent_shift = {-1: 0.0, 1: 0.0}  # a glioma compresses and pushes the ventricle on its side
-    side = -1 if rng.random() < 0.5 else 1
+    # A glioma compresses and pushes the ventricle on its side. Every class draws the same numbers up to its own
+    # sign, so one seed gives the same head with and without a lesion.
+    side, push = (-1 if rng.random() < 0.5 else 1), u(0.01, 0.03)
+    vent_shift = {-1: 0.0, 1: 0.0}
     if cls == "glioma":
-        vent_shift[side] = u(0.01, 0.03)
+        vent_shift[side] = push
     for s in (-1, 1):
         squeeze = 0.6 if vent_shift[s] else 1.0
         v = _soft(_ellipse(yy, xx, vent_cy, cx + s * (vent_rx + 0.012) - s * vent_shift[s], vent_ry, vent_rx * squeeze), 0.25)
@@ -79,6 +81,9 @@ def render_brain(label: int, rng: np.random.Generator, size: int = 256) -> np.nd
         rr = u(0.006, 0.014)
         img += (u(0.15, 0.3) if rng.random() < 0.5 else -u(0.1, 0.2)) * _soft(_ellipse(yy, xx, py, px, rr, rr), 0.3) * brain
 
+    # Coil inhomogeneity: a smooth multiplicative bias field (drawn before the lesion, see `push` above).
+    bias = 1 + 0.15 * (gaussian_filter(rng.standard_normal((8, 8)), 1.5) * 3).clip(-1, 1)
+    bias = gaussian_filter(np.kron(bias, np.ones((size // 8 + 1, size // 8 + 1)))[:size, :size], size / 16)
     contrast = u(0.6, 1.0)  # how conspicuous this lesion is
     if cls == "glioma":
         r0 = u(0.045, 0.09)
@@ -110,10 +115,7 @@ def render_brain(label: int, rng: np.random.Generator, size: int = 256) -> np.nd
         mass = _soft(_ellipse(yy, xx, py, px, r * u(0.9, 1.2), r), 0.15)
         img = img * (1 - mass) + mass * (0.5 + 0.3 * contrast)
 
-    bias = 1 + 0.15 * (gaussian_filter(rng.standard_normal((8, 8)), 1.5) * 3).clip(-1, 1)  # coil inhomogeneity
-    bias_full = np.kron(bias, np.ones((size // 8 + 1, size // 8 + 1)))[:size, :size]
-    img = img * gaussian_filter(bias_full, size / 16)
-    return np.clip(img * head, 0.0, 1.0).astype(np.float32)
+    return np.clip(img * bias * head, 0.0, 1.0).astype(np.float32)
 
 
 def _site_labels(n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
