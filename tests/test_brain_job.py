@@ -4,25 +4,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fedmed.store.repository import Repository
-from jobscripts import load_job_script
 from fedmed.tasks import BRAIN_CLASSES
+from jobscripts import REPO, load_job_script
 
-REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "brain_mri_densenet" / "job.py"
-SITES = ("hospital-a", "hospital-b", "hospital-c")
-
-
-def _job_module():
-    return load_job_script("brain_mri_densenet")
+SITES = ("hospital-a", "hospital-b", "hospital-c")  # the brain family's default hospitals
 
 
 def test_exported_brain_job_configures_the_shared_components_with_its_task(tmp_path):
-    job = _job_module().build_job(num_rounds=2)
+    job = load_job_script("brain_mri_densenet").build_job(num_rounds=2)
     job.export_job(str(tmp_path))
     root = tmp_path / "brain_mri_densenet"
     server = json.loads((root / "app_server" / "config" / "config_fed_server.json").read_text())
