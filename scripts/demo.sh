@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
 # The main job: set up, generate 3 synthetic DICOM hospitals, run the federated DenseNet-121 job in the NVFlare
 # simulator (SimEnv) on the embedded defaults (SQLite), then print the per-round table from the database.
-# Extra arguments go to jobs/cxr_densenet/job.py (e.g. --rounds 3).
+#   ./scripts/demo.sh [--rounds 3 ...]             chest X-ray, 14 findings (jobs/cxr_densenet)
+#   ./scripts/demo.sh brain_mri [--rounds 3 ...]   brain MRI, 4 tumour classes (jobs/brain_mri_densenet)
+# Extra arguments go to the job's job.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TASK=chest_xray14 JOB=cxr_densenet DEFAULT_DATA=data/hospitals DEFAULT_WS=runs/demo
+if [[ "${1:-}" == "brain_mri" ]]; then
+  TASK=brain_mri JOB=brain_mri_densenet DEFAULT_DATA=data/brain_hospitals DEFAULT_WS=runs/demo_mri
+  shift
+fi
 ./scripts/setup.sh
-DATA=${FEDMED_DATA:-data/hospitals}
-WS=${FEDMED_WORKSPACE:-runs/demo}
+DATA=${FEDMED_DATA:-$DEFAULT_DATA}
+WS=${FEDMED_WORKSPACE:-$DEFAULT_WS}
 mkdir -p "$WS"
 WS=$(cd "$WS" && pwd)
 export FEDMED_DB_URL=${FEDMED_DB_URL:-sqlite:///$WS/fedmed.db}
 echo "[demo] hospitals in $DATA"
-.venv/bin/python scripts/generate_hospitals.py --out "$DATA"
-rm -rf "$WS/cxr_densenet"   # each demo is a fresh simulation; the database keeps every run
-echo "[demo] federated run: 3 hospitals, NVFlare simulator, workspace $WS/cxr_densenet"
-.venv/bin/python jobs/cxr_densenet/job.py --data-root "$DATA" --workspace "$WS" "$@"
+.venv/bin/python scripts/generate_hospitals.py --task "$TASK" --out "$DATA"
+rm -rf "${WS:?}/$JOB"   # each demo is a fresh simulation; the database keeps every run
+echo "[demo] federated run ($TASK): 3 hospitals, NVFlare simulator, workspace $WS/$JOB"
+.venv/bin/python "jobs/$JOB/job.py" --data-root "$DATA" --workspace "$WS" "$@"
 echo
 .venv/bin/python scripts/rounds_table.py
 .venv/bin/python scripts/report.py --out "$WS/report" >/dev/null
-app="$WS/cxr_densenet/server/simulate_job/app_server"
+app="$WS/$JOB/server/simulate_job/app_server"
 echo
 echo "[demo] global model:  $app/global_model.pt"
 echo "[demo] best model:    $app/best_model.pt"
-echo "[demo] server log:    $WS/cxr_densenet/server/simulate_job/log.txt (site logs: $WS/cxr_densenet/<site>/)"
+echo "[demo] server log:    $WS/$JOB/server/simulate_job/log.txt (site logs: $WS/$JOB/<site>/)"
 echo "[demo] database:      $FEDMED_DB_URL"
 echo "[demo] report:        $WS/report/report.html"

@@ -22,6 +22,31 @@ def tiny_hospitals(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_brain_hospitals(tmp_path_factory):
+    """Three small synthetic brain MR hospitals + global test set (4 tumour classes), generated once per session."""
+    from dataclasses import replace
+
+    from fedmed.data.synthetic import generate_hospitals
+    from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY
+
+    root = tmp_path_factory.mktemp("brain_hospitals")
+    specs = [replace(h, num_images=n) for h, n in zip(BRAIN_MRI_FAMILY.hospitals, (14, 12, 14))]
+    generate_hospitals(root, specs, num_test=16, seed=7, size=64, family=BRAIN_MRI_FAMILY)
+    return root
+
+
+TASK_HOSPITALS = {"chest_xray14": "tiny_hospitals", "brain_mri": "tiny_brain_hospitals"}
+
+
+@pytest.fixture(params=sorted(TASK_HOSPITALS))
+def task_data(request):
+    """(TaskSpec, root of its tiny hospitals): a test using it runs once per task, through the same code paths."""
+    from fedmed.tasks import get_task
+
+    return get_task(request.param), request.getfixturevalue(TASK_HOSPITALS[request.param])
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

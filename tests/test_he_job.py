@@ -97,9 +97,9 @@ def test_site_with_another_federations_keys_is_rejected_and_recorded(tiny_hospit
         from fedmed.crypto import ckks
         ws, sites = Path({str(ws)!r}), {list(SITES)!r}
         j = job.build_job(sites, Path({str(tiny_hospitals)!r}), num_rounds=1, min_clients=2, image_size=64,
-                          batch_size=4, he_layers=[{HEAD_PREFIX!r}], he_keys_dir=job.he_keys_dir_for(ws))
-        job.prepare_simulator_keys(ws, sites)
-        ckks.write_key_files(ckks.generate_key_set(), ws / "elsewhere", [job.he_keys_dir_for(ws) / "hospital-c"])
+                          batch_size=4, he_layers=[{HEAD_PREFIX!r}], he_keys_dir=job.he_keys_dir_for(ws, job.JOB_NAME))
+        job.prepare_simulator_keys(ws, sites, job.JOB_NAME)
+        ckks.write_key_files(ckks.generate_key_set(), ws / "elsewhere", [job.he_keys_dir_for(ws, job.JOB_NAME) / "hospital-c"])
         job.run_simulation(j, sites, ws, 3)
     """)
     env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}", PYTHONPATH=str(REPO / "custom"))

@@ -1,6 +1,5 @@
 """The job as NVFlare sees it: exported config and a real simulator run."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import torch
 
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.store.repository import Repository
+from jobscripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "cxr_densenet" / "job.py"
@@ -20,10 +20,7 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
 def _job_module():
-    spec = importlib.util.spec_from_file_location("cxr_job", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job_script("cxr_densenet")
 
 
 def test_exported_job_names_fedmed_components_and_ships_no_code(tmp_path):

@@ -90,7 +90,7 @@ def test_co_occurrence_raises_atelectasis_with_effusion():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(modality="CT"), "modality must be DX or CR"),  # chest model is for projection radiographs
+        (dict(modality="CT"), r"modality must be one of \['CR', 'DX', 'MR'\]"),  # projection radiographs or MR slices
         (dict(photometric="RGB"), "photometric"),
         (dict(gamma=10.0), "gamma"),
         (dict(rescale_slope=0.0), "rescale_slope"),

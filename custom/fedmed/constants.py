@@ -26,6 +26,7 @@ META_TRAIN_LOSS = "train_loss"
 META_VAL_LOSS = "val_loss"
 META_VAL_MEAN_AUROC = "val_mean_auroc"
 META_VAL_AUROC_PREFIX = "val_auroc/"
+META_VAL_PREFIX = "val_"  # + a task metric name: val_accuracy, val_macro_f1, val_mean_auroc, val_auroc/<class>
 META_EPOCHS = "epochs"
 META_ERROR = "error"
 META_REFUSED = "refused"  # a site declined the round (e.g. privacy budget); the value says why

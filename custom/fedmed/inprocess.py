@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from fedmed.aggregation import aggregate_and_score, get_aggregator
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.robust.attacks import Attack, apply_attack
 from fedmed.robust.trust import TrustPolicy, update_trust
+from fedmed.tasks import CHEST_XRAY14, TaskSpec
 from fedmed.training import evaluate, round_lr, train_epochs
 
 
@@ -36,12 +36,14 @@ def federate(
     lr: float = 1e-3,
     batch_size: int = 16,
     seed: int = 0,
+    task: TaskSpec = CHEST_XRAY14,
 ) -> dict:
-    """Run `rounds` of FL over the given site datasets; returns final test mean AUROC and per-site epsilon."""
+    """Run `rounds` of FL over the given site datasets; returns the final test mean AUROC ("auroc"), the task's
+    score ("score") and per-site epsilon."""
     hostile = hostile or {}
     torch.manual_seed(seed)
-    global_params = state_to_numpy(build_densenet121(14, norm=norm))
-    model = build_densenet121(14, norm=norm)
+    global_params = state_to_numpy(build_densenet121(task.num_outputs, norm=norm))
+    model = build_densenet121(task.num_outputs, norm=norm)
     aggregate = get_aggregator(aggregation)
     dp = {name: SitePrivacy(privacy) for name in train_sets} if privacy else {}
     policy, trust = TrustPolicy(), {}
@@ -55,15 +57,16 @@ def federate(
             ds = train
             if name in hostile and hostile[name].poisons_labels:
                 ds = copy.copy(train)
-                ds.labels = 1.0 - train.labels
+                ds.labels = task.poisoned_labels(train.labels)
             lr_r = round_lr(lr, r, rounds)
             if dp:
                 try:
-                    model, _ = dp[name].train_round(model, ds, 1, lr_r, batch_size, seed + 100 * r, total_epochs=rounds)
+                    model, _ = dp[name].train_round(model, ds, 1, lr_r, batch_size, seed + 100 * r, total_epochs=rounds,
+                                                    task=task)
                 except BudgetExceeded:
                     continue
             else:
-                train_epochs(model, ds, 1, lr_r, batch_size, seed + 100 * r)
+                train_epochs(model, ds, 1, lr_r, batch_size, seed + 100 * r, task=task)
             params = state_to_numpy(model)
             if name in hostile:
                 params = apply_attack(params, global_params, hostile[name], r)
@@ -82,5 +85,5 @@ def federate(
             agg = aggregate([valid[n] for n in active], [counts[names.index(n)] for n in active])
         global_params = agg.params
     load_numpy_state(model, global_params)
-    result = evaluate(model, test_set, CXR14_FINDINGS)
-    return {"auroc": result.mean_auroc, "epsilon": {n: s.epsilon_spent for n, s in dp.items()}}
+    result = evaluate(model, test_set, task)
+    return {"auroc": result.mean_auroc, "score": result.score, "epsilon": {n: s.epsilon_spent for n, s in dp.items()}}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedmed.metrics import mean_auroc, per_finding_auroc
+from fedmed.tasks import CHEST_XRAY14, TaskSpec
 
 
 class TrainingAborted(RuntimeError):
@@ -20,12 +20,14 @@ class TrainingAborted(RuntimeError):
 @dataclass
 class EvalResult:
     loss: float
-    aurocs: dict = field(default_factory=dict)
+    score: float  # the task's round score (mean AUROC for multilabel, accuracy for multiclass by default)
+    mean_auroc: float
+    metrics: dict = field(default_factory=dict)  # "auroc/<class>", plus "accuracy", "macro_f1" for multiclass
     num_samples: int = 0
 
     @property
-    def mean_auroc(self) -> float:
-        return mean_auroc(self.aurocs)
+    def aurocs(self) -> dict:
+        return {k.split("/", 1)[1]: v for k, v in self.metrics.items() if k.startswith("auroc/")}
 
 
 def train_epochs(
@@ -37,8 +39,9 @@ def train_epochs(
     seed: int,
     should_abort: Callable[[], bool] = lambda: False,
     on_epoch_end: Optional[Callable[[int, float], None]] = None,
+    task: TaskSpec = CHEST_XRAY14,
 ) -> float:
-    """Train with Adam and BCE-with-logits; returns the last epoch's mean loss. The optimizer is fresh each call
+    """Train with Adam and the task's loss; returns the last epoch's mean loss. The optimizer is fresh each call
     (each FL round starts from the new global model)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -50,15 +53,15 @@ def train_epochs(
     model.train()
     epoch_loss = float("nan")
     for epoch in range(epochs):
-        epoch_loss = run_epoch(model, loader, opt, should_abort, f"epoch {epoch + 1}")
+        epoch_loss = run_epoch(model, loader, opt, should_abort, f"epoch {epoch + 1}", task)
         if on_epoch_end:
             on_epoch_end(epoch + 1, epoch_loss)
     return epoch_loss
 
 
-def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label: str) -> float:
-    """One pass of BCE-with-logits training over loader (plain or Opacus-private alike); mean loss per sample."""
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label: str,
+              task: TaskSpec = CHEST_XRAY14) -> float:
+    """One pass of training with the task's loss over loader (plain or Opacus-private alike); mean loss per sample."""
     total, count = 0.0, 0
     for images, labels in loader:
         if should_abort():
@@ -66,7 +69,7 @@ def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label:
         if len(labels) == 0:  # Opacus' Poisson sampling can draw an empty batch
             continue
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), labels)
+        loss = task.loss(model(images), labels)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(labels)
@@ -75,21 +78,22 @@ def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Return (labels, sigmoid probabilities) over the dataset in order."""
+def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64,
+            task: TaskSpec = CHEST_XRAY14) -> tuple[np.ndarray, np.ndarray]:
+    """Return (labels, probabilities: sigmoid or softmax, as the task says) over the dataset in order."""
     model.eval()
     ys, ps = [], []
     for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        ps.append(torch.sigmoid(model(images)).numpy())
+        ps.append(task.probabilities(model(images)).numpy())
         ys.append(labels.numpy())
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, findings: Sequence[str], batch_size: int = 64) -> EvalResult:
-    y, p = predict(model, dataset, batch_size)
-    eps = 1e-7
-    loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
-    return EvalResult(loss=loss, aurocs=per_finding_auroc(y, p, findings), num_samples=len(y))
+def evaluate(model: torch.nn.Module, dataset: Dataset, task: TaskSpec = CHEST_XRAY14, batch_size: int = 64) -> EvalResult:
+    """Loss and the task's scores of the model on a labelled dataset."""
+    y, p = predict(model, dataset, batch_size, task)
+    s = task.scores(y, p)
+    return EvalResult(loss=task.nll(y, p), score=s.score, mean_auroc=s.mean_auroc, metrics=s.metrics, num_samples=len(y))
 
 
 def round_lr(base_lr: float, round_num: int, total_rounds: int, floor: float = 0.1) -> float:

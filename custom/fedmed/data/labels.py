@@ -1,5 +1,8 @@
 """Label sources a hospital may have: a per-site CSV keyed by SOPInstanceUID (our DICOM layout), NIH's ChestX-ray14
-layout (``images/*.png`` + ``Data_Entry_2017.csv``), or a generic manifest (``path,<finding columns>``)."""
+layout (``images/*.png`` + ``Data_Entry_2017.csv``), or a generic manifest (``path,<label columns>``).
+
+Label columns follow the task (fedmed.tasks): one 0/1 column per finding for a multi-label task, one ``label``
+column naming the class for a multi-class task."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import numpy as np
 
 from fedmed.constants import COL_PATH, COL_SOP_UID, COL_SPLIT, COL_STUDY_UID, CXR14_FINDINGS, NO_FINDING
 from fedmed.data.dicom import UnusableDicomError, iter_dicom_files, read_header
+from fedmed.tasks import CHEST_XRAY14, COL_CLASS_LABEL, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LabelledImage:
     path: Path
-    labels: np.ndarray  # float32 multi-hot, one entry per finding
+    labels: np.ndarray  # float32, one entry per class: multi-hot (multilabel task) or one-hot (multiclass task)
     split: str = "train"
 
 
@@ -47,7 +51,17 @@ def _binary_columns(row: dict, findings: Sequence[str], path: Path, line: int) -
     return out
 
 
-def read_site_label_csv(path: Path, findings: Sequence[str] = CXR14_FINDINGS) -> dict[str, tuple[str, np.ndarray]]:
+def _row_labels(row: dict, task: TaskSpec, path: Path, line: int) -> np.ndarray:
+    """The label vector of one CSV row, as the task reads it."""
+    if not task.is_multiclass:
+        return _binary_columns(row, task.classes, path, line)
+    if row.get(COL_CLASS_LABEL) is None:
+        raise ValueError(f"{path}: task {task.name} needs a {COL_CLASS_LABEL!r} column naming one of "
+                         f"{list(task.classes)}, has {list(row)}")
+    return task.encode_class(row[COL_CLASS_LABEL], f"{path} line {line}")
+
+
+def read_site_label_csv(path: Path, task: TaskSpec = CHEST_XRAY14) -> dict[str, tuple[str, np.ndarray]]:
     """SOPInstanceUID (or StudyInstanceUID when the CSV has no SOP column) -> (split, labels)."""
     rows = _read_csv(path)
     if not rows:
@@ -61,20 +75,21 @@ def read_site_label_csv(path: Path, findings: Sequence[str] = CXR14_FINDINGS) ->
         if not uid:
             raise ValueError(f"{path} line {line}: empty {key}")
         split = (row.get(COL_SPLIT) or "train").strip()
-        out[uid] = (split, _binary_columns(row, findings, path, line))
+        out[uid] = (split, _row_labels(row, task, path, line))
     return out
 
 
 def load_dicom_site(
-    dicom_root: Path, labels_csv: Path, split: Optional[str] = None, findings: Sequence[str] = CXR14_FINDINGS
+    dicom_root: Path, labels_csv: Path, split: Optional[str] = None, task: TaskSpec = CHEST_XRAY14
 ) -> list[LabelledImage]:
     """Walk a DICOM tree, join each image to its label row by SOPInstanceUID (or StudyInstanceUID).
 
-    Unreadable files and images without a label are skipped with one summary warning each cause (never silently);
-    raises if nothing matches, which almost always means the wrong folder or CSV.
+    Unreadable files, images of a modality the task does not accept and images without a label are skipped with
+    one summary warning each cause (never silently); raises if nothing matches, which almost always means the wrong
+    folder, CSV or task.
     """
-    table = read_site_label_csv(labels_csv, findings)
-    items, unreadable, unlabelled = [], [], 0
+    table = read_site_label_csv(labels_csv, task)
+    items, unreadable, unlabelled, wrong_modality = [], [], 0, []
     for path in iter_dicom_files(dicom_root):
         try:
             header = read_header(path)
@@ -85,16 +100,25 @@ def load_dicom_site(
         if entry is None:
             unlabelled += 1
             continue
+        if header.modality not in task.modalities:
+            wrong_modality.append(header.modality or "(missing)")
+            continue
         if split is None or entry[0] == split:
             items.append(LabelledImage(path, entry[1], entry[0]))
     if unreadable:
         log.warning(f"{len(unreadable)} file(s) under {dicom_root} are not readable DICOM and were skipped; first: {unreadable[0]}")
     if unlabelled:
         log.warning(f"{unlabelled} DICOM image(s) under {dicom_root} have no row in {labels_csv} and were skipped")
+    modality_note = ""
+    if wrong_modality:
+        modality_note = (f"{len(wrong_modality)} labelled image(s) under {dicom_root} have modality "
+                         f"{sorted(set(wrong_modality))}, which task {task.name} does not accept "
+                         f"({sorted(task.modalities)})")
+        log.warning(f"{modality_note}; skipped")
     if not items:
         raise ValueError(
-            f"no labelled images for split {split!r}: {dicom_root} has no DICOM file whose SOPInstanceUID or "
-            f"StudyInstanceUID appears in {labels_csv}"
+            f"no labelled images for split {split!r} and task {task.name}: {dicom_root} has no DICOM file whose "
+            f"SOPInstanceUID or StudyInstanceUID appears in {labels_csv}" + (f" ({modality_note})" if modality_note else "")
         )
     return items
 
@@ -124,8 +148,8 @@ def load_chestxray14(root: Path, csv_name: str = "Data_Entry_2017.csv", image_di
     return items
 
 
-def load_csv_manifest(csv_path: Path, findings: Sequence[str] = CXR14_FINDINGS) -> list[LabelledImage]:
-    """Generic manifest: a 'path' column (relative to the CSV's folder or absolute) and one 0/1 column per finding."""
+def load_csv_manifest(csv_path: Path, task: TaskSpec = CHEST_XRAY14) -> list[LabelledImage]:
+    """Generic manifest: a 'path' column (relative to the CSV's folder or absolute) and the task's label columns."""
     csv_path = Path(csv_path)
     rows = _read_csv(csv_path)
     items = []
@@ -136,5 +160,5 @@ def load_csv_manifest(csv_path: Path, findings: Sequence[str] = CXR14_FINDINGS) 
         path = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
         if not path.is_file():
             raise FileNotFoundError(f"{csv_path} line {line}: image {path} does not exist")
-        items.append(LabelledImage(path, _binary_columns(row, findings, csv_path, line), (row.get(COL_SPLIT) or "train").strip()))
+        items.append(LabelledImage(path, _row_labels(row, task, csv_path, line), (row.get(COL_SPLIT) or "train").strip()))
     return items

@@ -8,15 +8,18 @@ from fedmed.data.dataset import RadiographDataset
 from fedmed.data.labels import LabelledImage, load_chestxray14, load_csv_manifest, load_dicom_site
 from fedmed.data.splitting import train_val_split
 from fedmed.site_config import DataConfig
+from fedmed.tasks import CHEST_XRAY14, TaskSpec
 
 
-def load_items(data: DataConfig) -> list[LabelledImage]:
+def load_items(data: DataConfig, task: TaskSpec = CHEST_XRAY14) -> list[LabelledImage]:
     if data.format == "dicom":
-        return load_dicom_site(data.root, data.labels_csv)
+        return load_dicom_site(data.root, data.labels_csv, task=task)
     if data.format == "chestxray14":
+        if task != CHEST_XRAY14:
+            raise ValueError(f"data format 'chestxray14' holds chest X-ray findings; it cannot serve task {task.name!r}")
         return load_chestxray14(data.root)
     if data.format == "csv_manifest":
-        return load_csv_manifest(data.root)
+        return load_csv_manifest(data.root, task)
     raise ValueError(f"unknown data format {data.format!r}")
 
 
@@ -30,11 +33,14 @@ def split_items(items: list[LabelledImage], val_fraction: float, seed: int) -> t
     return [items[i] for i in tr_idx], [items[i] for i in va_idx]
 
 
-def load_train_val(data: DataConfig, image_size: int, seed: int) -> tuple[RadiographDataset, RadiographDataset]:
-    train, val = split_items(load_items(data), data.val_fraction, seed)
-    return RadiographDataset(train, image_size, train=True, seed=seed), RadiographDataset(val, image_size, train=False)
+def load_train_val(data: DataConfig, image_size: int, seed: int,
+                   task: TaskSpec = CHEST_XRAY14) -> tuple[RadiographDataset, RadiographDataset]:
+    train, val = split_items(load_items(data, task), data.val_fraction, seed)
+    return (RadiographDataset(train, image_size, train=True, seed=seed, modalities=task.modalities),
+            RadiographDataset(val, image_size, train=False, modalities=task.modalities))
 
 
-def load_test(dicom_root: Path, labels_csv: Path, image_size: int) -> RadiographDataset:
+def load_test(dicom_root: Path, labels_csv: Path, image_size: int, task: TaskSpec = CHEST_XRAY14) -> RadiographDataset:
     """The global test set: every labelled image under the folder, whatever its split column says."""
-    return RadiographDataset(load_dicom_site(Path(dicom_root), Path(labels_csv)), image_size, train=False)
+    return RadiographDataset(load_dicom_site(Path(dicom_root), Path(labels_csv), task=task), image_size, train=False,
+                             modalities=task.modalities)

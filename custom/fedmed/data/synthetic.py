@@ -1,9 +1,13 @@
-"""Deterministic synthetic chest-radiograph hospitals written as real DICOM.
+"""Deterministic synthetic hospitals written as real DICOM.
 
 No labelled chest X-ray data can be downloaded on our machines, so the demo and the tests generate hospitals:
 procedural PA/AP radiographs (body, lungs with vascular markings, mediastinum, heart, ribs, spine) in which each of
 the 14 ChestX-ray14 findings draws its own visible sign, written as 16-bit DICOM with per-site scanner differences,
 plus a label CSV keyed by SOPInstanceUID. Everything is a pure function of the seed.
+
+The hospital machinery (scanner profiles, DICOM writing, per-site non-IID label draws, the global test set) is
+shared by every image family: an ImageFamily says how to render and label one kind of image. Chest radiographs are
+defined here (`chest_family`); brain MR slices in fedmed.data.synthetic_mri.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ComputedRadiographyImageStorage
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ComputedRadiographyImageStorage, MRImageStorage
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from scipy.ndimage import gaussian_filter
 
@@ -45,11 +49,15 @@ CXR14_PREVALENCE = {
 CO_OCCURRENCE = (("Effusion", "Atelectasis", 0.30), ("Edema", "Cardiomegaly", 0.25), ("Pneumonia", "Infiltration", 0.40))
 
 
+SOP_CLASS_OF_MODALITY = {"DX": DigitalXRayImageStorageForPresentation, "CR": ComputedRadiographyImageStorage,
+                         "MR": MRImageStorage}
+
+
 @dataclass(frozen=True)
 class ScannerProfile:
     """How one hospital's detector turns attenuation into stored pixels."""
 
-    modality: str = "DX"  # DX or CR
+    modality: str = "DX"  # DX, CR or MR
     photometric: str = "MONOCHROME2"  # MONOCHROME1 stores inverted grey levels
     gamma: float = 1.0
     contrast: float = 1.0
@@ -60,8 +68,8 @@ class ScannerProfile:
     blur_sigma: float = 0.6
 
     def __post_init__(self):
-        if self.modality not in ("DX", "CR"):
-            raise ValueError(f"modality must be DX or CR, got {self.modality!r}")
+        if self.modality not in SOP_CLASS_OF_MODALITY:
+            raise ValueError(f"modality must be one of {sorted(SOP_CLASS_OF_MODALITY)}, got {self.modality!r}")
         if self.photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {self.photometric!r}")
         if not 0.3 <= self.gamma <= 3.0:
@@ -283,11 +291,12 @@ def make_dicom(
     series_uid: str,
     sop_uid: str,
     instance_number: int,
-    view: str = "PA",
+    tags: Optional[dict] = None,
     institution: str = "",
 ) -> Dataset:
-    """Wrap 12-bit stored pixels into a DX/CR DICOM dataset with the tags a PACS would carry."""
-    sop_class = DigitalXRayImageStorageForPresentation if scanner.modality == "DX" else ComputedRadiographyImageStorage
+    """Wrap 12-bit stored pixels into a DX/CR/MR DICOM dataset with the tags a PACS would carry; `tags` adds the
+    acquisition's own (BodyPartExamined, ViewPosition, MR sequence parameters, ...)."""
+    sop_class = SOP_CLASS_OF_MODALITY[scanner.modality]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -306,8 +315,6 @@ def make_dicom(
     ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = view
     ds.InstitutionName = institution
     ds.Manufacturer = "fedmed-synthetic"
     ds.Rows, ds.Columns = pixels.shape
@@ -323,7 +330,57 @@ def make_dicom(
     ds.WindowCenter = 1750
     ds.WindowWidth = 3500
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for keyword, value in (tags or {}).items():
+        setattr(ds, keyword, value)
     return ds
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    """What differs between synthetic image families; sites, scanners, DICOM writing and splits are shared.
+
+    Args:
+        name: the fedmed task these images serve (fedmed.tasks).
+        render: (label, rng, size) -> image in [0, 1], bright = dense (X-ray) or high signal (MR).
+        label_columns: label CSV columns after SOPInstanceUID, StudyInstanceUID, split.
+        label_cells: label -> the CSV cells of those columns.
+        site_labels: (n, alpha, rng) -> n labels from a site's own prior, drawn around the global one with
+            Dirichlet concentration alpha (non-IID sites).
+        test_labels: (n, rng) -> n labels from the global prior (the global test set).
+        tags: rng -> acquisition DICOM tags of one image (drawn after rendering and acquisition).
+        hospitals: default sites.
+        test_scanner: scanner of the global test set.
+    """
+
+    name: str
+    render: Callable
+    label_columns: tuple
+    label_cells: Callable
+    site_labels: Callable
+    test_labels: Callable
+    tags: Callable
+    hospitals: tuple
+    test_scanner: ScannerProfile
+
+
+def _chest_tags(rng: np.random.Generator) -> dict:
+    return {"BodyPartExamined": "CHEST", "ViewPosition": "PA" if rng.random() < 0.8 else "AP"}
+
+
+def chest_family(min_prevalence: float = 0.05) -> ImageFamily:
+    """Chest radiographs with ChestX-ray14 findings; min_prevalence floors each finding's global prevalence."""
+    floored = np.array([max(CXR14_PREVALENCE[f], min_prevalence) for f in CXR14_FINDINGS])
+    return ImageFamily(
+        name="chest_xray14",
+        render=render_chest,
+        label_columns=CXR14_FINDINGS,
+        label_cells=lambda label: [int(v) for v in label],
+        site_labels=lambda n, alpha, rng: sample_labels(site_prevalences(CXR14_PREVALENCE, alpha, rng, min_prevalence), n, rng),
+        test_labels=lambda n, rng: sample_labels(floored, n, rng),
+        tags=_chest_tags,
+        hospitals=DEFAULT_HOSPITALS,
+        test_scanner=GLOBAL_TEST_SCANNER,
+    )
 
 
 def write_site(
@@ -335,8 +392,11 @@ def write_site(
     institution: str,
     size: int = 256,
     progress: Optional[Callable[[int], None]] = None,
+    family: Optional[ImageFamily] = None,
 ) -> Path:
-    """Write one site's DICOM tree (patient/study/series/instance.dcm) and its labels.csv; returns the CSV path."""
+    """Write one site's DICOM tree (patient/study/series/instance.dcm) and its labels.csv; returns the CSV path.
+    family: what to render (default chest radiographs)."""
+    family = family or chest_family()
     out_dir = Path(out_dir)
     dicom_root = out_dir / "dicom"
     rows = []
@@ -346,20 +406,19 @@ def write_site(
         study_uid = generate_uid(uid_root, entropy_srcs=[institution, pid, "study"])
         series_uid = generate_uid(uid_root, entropy_srcs=[institution, pid, "series"])
         sop_uid = generate_uid(uid_root, entropy_srcs=[institution, pid, "sop"])
-        pixels = acquire(render_chest(label, rng, size), scanner, rng)
-        view = "PA" if rng.random() < 0.8 else "AP"
-        ds = make_dicom(pixels, scanner, pid, study_uid, series_uid, sop_uid, 1, view, institution)
+        pixels = acquire(family.render(label, rng, size), scanner, rng)
+        ds = make_dicom(pixels, scanner, pid, study_uid, series_uid, sop_uid, 1, family.tags(rng), institution)
         path = dicom_root / pid / f"study_{i:05d}" / "series_1" / f"{sop_uid}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
-        rows.append([sop_uid, study_uid, splits[i], *[int(v) for v in label]])
+        rows.append([sop_uid, study_uid, splits[i], *family.label_cells(label)])
         if progress:
             progress(1)
     csv_path = out_dir / "labels.csv"
     tmp = csv_path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([COL_SOP_UID, COL_STUDY_UID, COL_SPLIT, *CXR14_FINDINGS])
+        w.writerow([COL_SOP_UID, COL_STUDY_UID, COL_SPLIT, *family.label_columns])
         w.writerows(rows)
     os.replace(tmp, csv_path)  # a half-written label file never looks complete
     return csv_path
@@ -367,7 +426,7 @@ def write_site(
 
 def generate_hospitals(
     out_root: Path,
-    hospitals: Iterable[HospitalSpec] = DEFAULT_HOSPITALS,
+    hospitals: Optional[Iterable[HospitalSpec]] = None,
     num_test: int = 300,
     seed: int = 0,
     alpha: float = 20.0,
@@ -375,13 +434,16 @@ def generate_hospitals(
     val_fraction: float = 0.2,
     size: int = 256,
     progress: Optional[Callable[[int], None]] = None,
+    family: Optional[ImageFamily] = None,
 ) -> dict:
     """Generate every hospital plus a global test set under out_root; returns {site: labels.csv path}.
 
     Each site gets its own Dirichlet label prior (non-IID) and scanner profile; the global test set uses the global
-    prior. The same seed gives byte-identical pixel data and identical labels.
+    prior. The same seed gives byte-identical pixel data and identical labels. family: what to render (default
+    chest radiographs, with min_prevalence); hospitals default to the family's.
     """
-    hospitals = list(hospitals)
+    family = family or chest_family(min_prevalence)
+    hospitals = list(family.hospitals if hospitals is None else hospitals)
     if not hospitals:
         raise ValueError("at least one hospital is required")
     if not 0.0 < val_fraction < 1.0:
@@ -396,15 +458,15 @@ def generate_hospitals(
         if spec.num_images < 2:
             raise ValueError(f"{spec.name}: num_images must be >= 2, got {spec.num_images}")
         rng = np.random.default_rng(s)
-        prev = site_prevalences(CXR14_PREVALENCE, alpha, rng, min_prevalence)
-        labels = sample_labels(prev, spec.num_images, rng)
+        labels = family.site_labels(spec.num_images, alpha, rng)
         n_val = max(1, int(round(spec.num_images * val_fraction)))
         splits = ["val" if i < n_val else "train" for i in rng.permutation(spec.num_images)]
-        written[spec.name] = write_site(out_root / spec.name, labels, splits, spec.scanner, rng, spec.name, size, progress)
+        written[spec.name] = write_site(out_root / spec.name, labels, splits, spec.scanner, rng, spec.name, size,
+                                        progress, family)
     rng = np.random.default_rng(site_seeds[-1])
-    prev = np.array([max(CXR14_PREVALENCE[f], min_prevalence) for f in CXR14_FINDINGS])
-    labels = sample_labels(prev, num_test, rng)
+    labels = family.test_labels(num_test, rng)
     written["global_test"] = write_site(
-        out_root / "global_test", labels, ["test"] * num_test, GLOBAL_TEST_SCANNER, rng, "global_test", size, progress
+        out_root / "global_test", labels, ["test"] * num_test, family.test_scanner, rng, "global_test", size, progress,
+        family,
     )
     return written

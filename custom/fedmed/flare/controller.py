@@ -28,6 +28,7 @@ from fedmed.store.models import utcnow
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.store.journal import JOURNAL_NAME, Journal, ResilientRecorder
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord, resolve_db_url
+from fedmed.tasks import DEFAULT_TASK, get_task
 from fedmed.training import evaluate
 
 
@@ -42,7 +43,7 @@ class FedMedController(ModelController):
         test_dicom_root: Optional[str] = None,
         test_labels_csv: Optional[str] = None,
         image_size: int = 128,
-        num_outputs: int = 14,
+        num_outputs: Optional[int] = None,
         norm: str = "batch",
         db_url: Optional[str] = None,
         run_name: str = "fedmed",
@@ -53,6 +54,7 @@ class FedMedController(ModelController):
         trust_bad_ratio: float = 4.0,
         quarantine_below: float = 0.5,
         readmit_after: int = 2,
+        task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
         final_model_timeout: int = 600,
@@ -67,9 +69,9 @@ class FedMedController(ModelController):
                 ends at once when every site has answered).
             aggregation: name in fedmed.aggregation.AGGREGATORS ("geometric_median", "fedavg", ...).
             test_dicom_root / test_labels_csv: the global test set evaluated each round on the server. Without it
-                the round's score is the sample-weighted mean of the sites' validation AUROC.
+                the round's score is the sample-weighted mean of the sites' validation score.
             image_size: input size, same as the sites'.
-            num_outputs: classifier outputs.
+            num_outputs: classifier outputs; default (and the only valid value) the task's number of classes.
             norm: DenseNet-121 normalisation, "batch" or "group" (the DP-SGD-compatible one); same as the sites'.
             db_url: SQLAlchemy URL; default $FEDMED_DB_URL, else SQLite fedmed.db in the server workspace.
             run_name: name recorded for this run.
@@ -80,10 +82,12 @@ class FedMedController(ModelController):
                 site distance to the aggregate and 0 at or above bad_ratio; trust is a moving average of scores;
                 below quarantine_below the site is excluded from aggregation (still trained and scored) until
                 readmit_after consecutive good rounds.
+            task: what the job learns, a name in fedmed.tasks.TASKS ("chest_xray14", "brain_mri"); it decides the
+                round score (mean AUROC, or accuracy for brain_mri) and the metrics recorded per round.
             he_layers: parameters the sites send CKKS-encrypted (exact names or prefixes ending in '.'); None or
                 empty = no HE. The server combines them homomorphically with the weights the robust aggregation gave
                 the clear part, never decrypts them, and keeps them encrypted in the saved global model. It cannot
-                evaluate such a model, so rounds are then scored by the sites' validation AUROC.
+                evaluate such a model, so rounds are then scored by the sites' validation scores.
             he_context_file: the server's TenSEAL context (no secret key; refused if it has one). Default:
                 <startup kit>/startup/server_context.tenseal, written at provisioning.
             final_model_timeout: seconds to wait for the sites to acknowledge the final global model, which each
@@ -99,6 +103,9 @@ class FedMedController(ModelController):
         if straggler_wait < 0:
             raise ValueError(f"straggler_wait must be >= 0, got {straggler_wait}")
         get_aggregator(aggregation)  # raises naming the valid choices
+        self._task = get_task(task)  # raises naming the valid tasks
+        if num_outputs is not None and num_outputs != self._task.num_outputs:
+            raise ValueError(f"num_outputs {num_outputs} does not match task {task!r} ({self._task.num_outputs} classes)")
         if bool(test_dicom_root) != bool(test_labels_csv):
             raise ValueError("test_dicom_root and test_labels_csv must be given together")
         self.num_rounds = num_rounds
@@ -109,7 +116,8 @@ class FedMedController(ModelController):
         self.test_dicom_root = test_dicom_root
         self.test_labels_csv = test_labels_csv
         self.image_size = image_size
-        self.num_outputs = num_outputs
+        self.num_outputs = self._task.num_outputs
+        self.task = task
         self.norm = norm
         self.db_url = db_url
         self.run_name = run_name
@@ -144,8 +152,8 @@ class FedMedController(ModelController):
         if db.journal.pending():
             self.info(f"replaying {len(db.journal.pending())} journaled database write(s) from an earlier job")
         run_uid = uuid.uuid4().hex
-        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size", "norm",
-                                             "he_layers")}
+        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size",
+                                             "norm", "task", "he_layers")}
         db.write("start_run", uid=run_uid, name=self.run_name, job_id=job_id, aggregation=self.aggregation,
                  num_rounds=self.num_rounds, config=config)
         safe_url = url.split("@")[-1] if "@" in url else url  # never log a password
@@ -153,10 +161,10 @@ class FedMedController(ModelController):
                   f"{self.aggregation}, min_clients {self.min_clients}; database {safe_url}")
         test_ds = None
         if self.test_dicom_root:
-            test_ds = load_test(Path(self.test_dicom_root), Path(self.test_labels_csv), self.image_size)
+            test_ds = load_test(Path(self.test_dicom_root), Path(self.test_labels_csv), self.image_size, self._task)
             self.info(f"global test set: {len(test_ds)} images")
         else:
-            self.warning("no global test set configured; rounds are scored by the sites' validation AUROC")
+            self.warning(f"no global test set configured; rounds are scored by the sites' validation {self._task.score_name}")
         eval_model = build_densenet121(self.num_outputs, norm=self.norm)
         aggregate = get_aggregator(self.aggregation)
 
@@ -201,7 +209,7 @@ class FedMedController(ModelController):
                 alerts = self._score_trust(outcome, records)
                 # image_size and norm travel with the weights: inference preprocesses and rebuilds the same way.
                 new_params = agg.params
-                new_meta = {"round": round_num, "image_size": self.image_size, "norm": self.norm}
+                new_meta = {"round": round_num, "image_size": self.image_size, "norm": self.norm, "task": self.task}
                 if self._he is not None:
                     new_meta[C.META_ENCRYPTED] = self._combine_encrypted(round_num, valid, outcome.weights).to_wire()
                 if "fallback" in agg.diagnostics:
@@ -209,7 +217,7 @@ class FedMedController(ModelController):
                 if not agg.diagnostics.get("converged", True):
                     self.warning(f"round {round_num}: geometric median did not converge "
                                  f"in {agg.diagnostics.get('iterations')} iterations; using the last iterate")
-                score, test_loss, test_metrics = self._score(eval_model, new_params, test_ds, active)
+                score, mean_auroc, test_loss, test_metrics = self._score(eval_model, new_params, test_ds, active)
                 model = FLModel(params_type=ParamsType.FULL, params=new_params, meta=new_meta)
                 self.save_model(model)
                 sha = _model_sha256(new_params, new_meta.get(C.META_ENCRYPTED))
@@ -217,12 +225,12 @@ class FedMedController(ModelController):
                     best_round, best_score = round_num, score
                     self._save_best(new_params, {**new_meta, "score": score, "sha256": sha})
                 db.write("record_round", run_uid=run_uid, record=RoundRecord(
-                    round_num, tuple(records.values()), test_loss, score, test_metrics, sha, started, tuple(alerts)))
+                    round_num, tuple(records.values()), test_loss, mean_auroc, test_metrics, sha, started, tuple(alerts)))
                 self.info(
                     f"round {round_num + 1}/{self.num_rounds} done in {time.monotonic() - t0:.0f}s: "
                     f"{len(active)}/{len(targets)} sites aggregated ({self.aggregation}"
                     + (f", {agg.diagnostics['iterations']} Weiszfeld iterations" if "iterations" in agg.diagnostics else "")
-                    + f"), {'test' if test_ds else 'val'} mean AUROC {score:.4f}"
+                    + f"), {'test' if test_ds else 'val'} {self._task.score_name} {score:.4f}"
                     + (f", test loss {test_loss:.4f}" if test_loss is not None else "")
                     + f"; best {best_score:.4f} (round {best_round + 1})"
                 )
@@ -239,7 +247,7 @@ class FedMedController(ModelController):
                 self.error(f"database still unavailable at job end; {len(db.journal.pending())} write(s) remain in "
                            f"{db.journal.path}")
             db.close()
-        self.info(f"run {run_uid} {status}; best mean AUROC {best_score:.4f} at round {best_round + 1 if best_round is not None else '-'}")
+        self.info(f"run {run_uid} {status}; best {self._task.score_name} {best_score:.4f} at round {best_round + 1 if best_round is not None else '-'}")
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -256,7 +264,8 @@ class FedMedController(ModelController):
                   f"(server context {path}, no secret key, key set {self._he.key_id[:12]})")
         if test_ds is not None:
             self.warning("HE on: the server cannot evaluate the global model (its encrypted layers are unreadable "
-                         "here); rounds are scored by the sites' validation AUROC instead of the global test set")
+                         "here); rounds are scored by the sites' validation "
+                         f"{self._task.score_name} instead of the global test set")
         return None
 
     def _combine_encrypted(self, round_num: int, valid: list, weights: dict) -> ckks.EncryptedLayers:
@@ -378,22 +387,24 @@ class FedMedController(ModelController):
         return alerts + [AlertRecord(site, kind, msg) for site, kind, msg in events]
 
     def _score(self, eval_model, params, test_ds, accepted):
+        """(round score, mean AUROC, test loss, metrics for the DB): on the global test set, else the sample-weighted
+        mean of the sites' validation scores."""
         if test_ds is not None:
             load_numpy_state(eval_model, params)
-            ev = evaluate(eval_model, test_ds, C.CXR14_FINDINGS[: self.num_outputs])
-            metrics = {f"auroc/{k}": v for k, v in ev.aurocs.items()}
-            metrics["loss"] = ev.loss
-            return ev.mean_auroc, ev.loss, metrics
-        scores = [(r.metrics or {}).get(C.META_VAL_MEAN_AUROC) for r in accepted]
-        pairs = [(s, r.meta[C.META_NUM_SAMPLES]) for s, r in zip(scores, accepted) if _finite_or_none(s) is not None]
-        if not pairs:
-            return float("nan"), None, {}
-        return sum(s * n for s, n in pairs) / sum(n for _, n in pairs), None, {}
+            ev = evaluate(eval_model, test_ds, self._task)
+            return ev.score, _finite_or_none(ev.mean_auroc), ev.loss, {**ev.metrics, "loss": ev.loss}
+
+        def weighted_val(name):
+            pairs = [((r.metrics or {}).get(C.META_VAL_PREFIX + name), r.meta[C.META_NUM_SAMPLES]) for r in accepted]
+            pairs = [(v, n) for v, n in pairs if _finite_or_none(v) is not None]
+            return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else float("nan")
+
+        return weighted_val(self._task.score_name), _finite_or_none(weighted_val("mean_auroc")), None, {}
 
     def _save_best(self, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):
             path = self.persistor.save_best(params, meta, self.fl_ctx)
-            self.info(f"new best model (round {meta['round'] + 1}, mean AUROC {meta['score']:.4f}) saved to {path}")
+            self.info(f"new best model (round {meta['round'] + 1}, {self._task.score_name} {meta['score']:.4f}) saved to {path}")
 
 
 def _finite_or_none(v):

@@ -31,6 +31,7 @@ from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
+from fedmed.tasks import DEFAULT_TASK, get_task
 from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
@@ -48,6 +49,7 @@ class FedMedTrainer(Executor):
         seed: int = 0,
         norm: str = "batch",
         train_task_name: str = AppConstants.TASK_TRAIN,
+        task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
     ):
@@ -64,6 +66,8 @@ class FedMedTrainer(Executor):
             norm: "batch" or "group" (DenseNet-121 normalisation; "group" is required at sites with a privacy
                 policy, because DP-SGD cannot privatise BatchNorm). Must match the server's.
             train_task_name: the training task this executor answers (it also answers fedmed's final-model task).
+            task: what the job learns, a name in fedmed.tasks.TASKS ("chest_xray14", "brain_mri"): classes, label
+                columns, accepted modalities, loss and scores. Must match the server's.
             he_layers: parameters sent CKKS-encrypted (exact names or prefixes ending in '.', e.g.
                 ["class_layers.out."]); None or empty = no HE. Must match the server's.
             he_context_file: this hospital's TenSEAL context with the secret key. Default:
@@ -89,6 +93,8 @@ class FedMedTrainer(Executor):
         self.norm = norm
         self._privacy = None
         self.train_task_name = train_task_name
+        self.task = task
+        self._task = get_task(task)  # raises naming the valid tasks
         if he_layers is not None and (isinstance(he_layers, str) or not all(isinstance(x, str) for x in he_layers)):
             raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
         self.he_layers = list(he_layers) if he_layers else None
@@ -125,13 +131,13 @@ class FedMedTrainer(Executor):
         if self._site.num_threads:
             torch.set_num_threads(self._site.num_threads)
         t0 = time.monotonic()
-        self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed)
+        self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed, self._task)
         if self._site.hostile is not None:
             self.log_warning(fl_ctx, f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
                                      f"rehearsal: its updates are deliberately corrupted")
             if self._site.hostile.poisons_labels:
-                self._train_ds.labels = 1.0 - self._train_ds.labels
-        self._model = build_densenet121(len(C.CXR14_FINDINGS), norm=self.norm)
+                self._train_ds.labels = self._task.poisoned_labels(self._train_ds.labels)
+        self._model = build_densenet121(self._task.num_outputs, norm=self.norm)
         if self.he_layers:
             ctx_path = Path(self.he_context_file) if self.he_context_file else \
                 Path(fl_ctx.get_engine().get_workspace().get_file_path_in_startup(ckks.CLIENT_CONTEXT_FILE))
@@ -249,6 +255,7 @@ class FedMedTrainer(Executor):
             self._model, dp = self._privacy.train_round(
                 self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
                 total_epochs=total_rounds * self.local_epochs, should_abort=lambda: abort_signal.triggered,
+                task=self._task,
             )
             train_loss = dp.train_loss
             privacy_meta = {C.META_EPSILON: dp.epsilon, C.META_DELTA: dp.delta,
@@ -258,16 +265,16 @@ class FedMedTrainer(Executor):
         else:
             train_loss = train_epochs(
                 self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
-                should_abort=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end,
+                should_abort=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end, task=self._task,
             )
-        val = evaluate(self._model, self._val_ds, C.CXR14_FINDINGS)
+        val = evaluate(self._model, self._val_ds, self._task)
         self.log_info(
             fl_ctx,
-            f"site {site} round {round_num}: val loss {val.loss:.4f} mean AUROC {val.mean_auroc:.4f} "
+            f"site {site} round {round_num}: val loss {val.loss:.4f} {self._task.score_name} {val.score:.4f} "
             f"({len(self._train_ds)} samples, lr {lr:.2e}, {time.monotonic() - t0:.0f}s)",
         )
         metrics = {C.META_TRAIN_LOSS: train_loss, C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc}
-        metrics.update({C.META_VAL_AUROC_PREFIX + k: v for k, v in val.aurocs.items()})
+        metrics.update({C.META_VAL_PREFIX + k: v for k, v in val.metrics.items()})
         return FLModel(
             params_type=ParamsType.FULL,
             params=state_to_numpy(self._model),

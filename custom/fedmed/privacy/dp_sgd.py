@@ -19,6 +19,7 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.privacy.policy import PrivacyPolicy
+from fedmed.tasks import CHEST_XRAY14, TaskSpec
 from fedmed.training import run_epoch
 
 
@@ -85,6 +86,7 @@ class SitePrivacy:
         seed: int,
         total_epochs: int,
         should_abort: Callable[[], bool] = lambda: False,
+        task: TaskSpec = CHEST_XRAY14,
     ) -> tuple[torch.nn.Module, RoundPrivacy]:
         """One round of DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise). Raises BudgetExceeded
         before touching the data if the round would exceed the ceiling. Returns the trained plain module."""
@@ -117,7 +119,7 @@ class SitePrivacy:
         private_model.train()
         loss = float("nan")
         for epoch in range(epochs):
-            loss = run_epoch(private_model, private_loader, private_opt, should_abort, f"DP epoch {epoch + 1}")
+            loss = run_epoch(private_model, private_loader, private_opt, should_abort, f"DP epoch {epoch + 1}", task)
         plain = private_model._module
         for p in plain.parameters():  # drop Opacus' per-sample state so the module is a plain one again
             for attr in ("grad_sample", "_forward_counter", "summed_grad"):

@@ -1,0 +1,73 @@
+"""The brain MRI job: the same FedJob builder, Executor and Controller as the chest job, configured by task."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedmed.store.repository import Repository
+from fedmed.tasks import BRAIN_CLASSES
+from jobscripts import REPO, load_job_script
+
+JOB = REPO / "jobs" / "brain_mri_densenet" / "job.py"
+SITES = ("hospital-a", "hospital-b", "hospital-c")  # the brain family's default hospitals
+
+
+def test_exported_brain_job_configures_the_shared_components_with_its_task(tmp_path):
+    job = load_job_script("brain_mri_densenet").build_job(num_rounds=2)
+    job.export_job(str(tmp_path))
+    root = tmp_path / "brain_mri_densenet"
+    server = json.loads((root / "app_server" / "config" / "config_fed_server.json").read_text())
+    by_path = {c["path"]: c["args"] for c in server["components"]}
+    controller = next(w for w in server["workflows"] if w["path"].endswith("FedMedController"))["args"]
+    assert controller["task"] == "brain_mri" and controller["image_size"] == 96 and controller["num_rounds"] == 2
+    assert by_path["fedmed.flare.persistor.FedMedModelPersistor"]["num_outputs"] == len(BRAIN_CLASSES)
+    clients = list(root.rglob("config_fed_client.json"))
+    assert len(clients) == 3
+    for path in clients:
+        executor = json.loads(path.read_text())["executors"][0]["executor"]
+        assert executor["path"] == "fedmed.flare.executor.FedMedTrainer" and executor["args"]["task"] == "brain_mri"
+
+
+@pytest.mark.integration
+def test_brain_job_in_the_simulator_records_accuracy_per_round(tiny_brain_hospitals, tmp_path):
+    for site in SITES:
+        cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+               "resources": {"num_threads": 1}}
+        (tiny_brain_hospitals / site / "fedmed_site.json").write_text(json.dumps(cfg))
+    db = tmp_path / "fedmed.db"
+    env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}", PYTHONPATH=str(REPO / "custom"))
+    proc = subprocess.run(
+        [sys.executable, str(JOB), "--data-root", str(tiny_brain_hospitals), "--workspace", str(tmp_path / "ws"),
+         "--image-size", "32", "--batch-size", "4", "--rounds", "2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    repo = Repository(f"sqlite:///{db}", create_schema=False)
+    run_id = repo.latest_run_id()
+    run = repo.get_run(run_id)
+    assert run.status == "finished" and run.name == "brain_mri_densenet"
+    assert json.loads(run.config_json)["task"] == "brain_mri"
+    rows = repo.rounds_table(run_id)
+    assert [r.round_num for r in rows] == [0, 1]
+    assert all(set(r.sites_accepted) == set(SITES) for r in rows)
+    test = repo.round_metrics(run_id, "global_test")
+    for r in rows:
+        m = test[r.round_num]
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["macro_f1"] <= 1.0
+        assert {f"auroc/{c}" for c in BRAIN_CLASSES} <= set(m)  # one-vs-rest, every class is in the test set
+        assert r.test_mean_auroc == pytest.approx(m["mean_auroc"])
+    # The best round is chosen by accuracy, the task's round score.
+    assert run.best_metric == pytest.approx(max(test[r]["accuracy"] for r in test))
+    site_metrics = repo.round_metrics(run_id, "hospital-a")
+    assert {"val_accuracy", "val_macro_f1", "train_loss"} <= set(site_metrics[1])
+    app = tmp_path / "ws" / "brain_mri_densenet" / "server" / "simulate_job" / "app_server"
+    assert (app / "global_model.pt").is_file() and (app / "best_model.pt").is_file()
+
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "rounds_table.py"), "--db-url", f"sqlite:///{db}"],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "accuracy" in table.stdout and "macro_f1" in table.stdout
+    assert repo.verify_audit() is None
