@@ -20,6 +20,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.private.privacy_manager import PrivacyService
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
@@ -165,8 +166,13 @@ class FedMedTrainer(Executor):
     def _privacy_policy(self, fl_ctx: FLContext):
         """The strictest of this site's fedmed_site.json policy and the one in the job's NVFlare privacy scope
         (<kit>/local/privacy.json, scope properties["fedmed_privacy"]), with where it came from."""
-        scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or ""
-        props = fl_ctx.get_prop(FLContextKey.SCOPE_PROPERTIES) or {}
+        scope_obj = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
+        if scope_obj is None:
+            # NVFlare's simulator does not resolve the job's scope (its run manager sets only the job meta); the
+            # site's privacy.json is loaded all the same, so resolve it the way a deployed client does.
+            scope_obj = PrivacyService.get_scope((fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", ""))
+        scope = scope_obj.name if scope_obj is not None else ""
+        props = scope_obj.props if scope_obj is not None else {}
         raw = props.get(C.SCOPE_PRIVACY_KEY) if isinstance(props, dict) else None
         try:
             scope_policy = parse_privacy(raw)
