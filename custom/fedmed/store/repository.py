@@ -248,6 +248,11 @@ class Repository:
         with self._session() as s:
             return s.scalar(select(Run.id).order_by(Run.id.desc()).limit(1))
 
+    def run_id_for_job(self, job_id: str) -> Optional[int]:
+        """The latest run recorded for an NVFlare job id, or None."""
+        with self._session() as s:
+            return s.scalar(select(Run.id).where(Run.job_id == job_id).order_by(Run.id.desc()).limit(1))
+
     def get_run(self, run_id: int) -> Run:
         with self._session() as s:
             run = s.get(Run, run_id)
