@@ -10,9 +10,10 @@
 provision: `nvflare provision` of provision/project.yml (with --port replacing the server's port, so parallel
 federations don't collide) into <workspace>/provision, then site_configs/install.sh for the server and every
 hospital (--site-configs DIR takes each hospital's fedmed_site.json from DIR/<site>/ instead of site_configs/).
-start: each site's start_fedmed.sh --once in its own process group, PIDs in <workspace>/pids.json, console output
+start: each site's start_fedmed.sh --once as its own process, PIDs in <workspace>/pids.json, console output
 in <kit>/console.log; waits, polling the admin API, until every hospital is registered (or fails at --timeout).
-stop: SIGTERM to each process group, SIGKILL after a grace period, then checks that every PID is gone.
+stop: SIGTERM to each site's process and its job processes, SIGKILL after a grace period, then checks that
+every PID is gone.
 """
 
 from __future__ import annotations
@@ -136,23 +137,27 @@ class Federation:
         with open(kit / "console.log", "ab") as log:
             proc = subprocess.Popen(["bash", str(script), "--once"], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=kit, env=dict(os.environ, **(env or {})),
-                                    start_new_session=True)  # own process group: stop() reaches its job processes
+                                    start_new_session=True)  # detached from our terminal's signals
         pids[name] = proc.pid
         self._save_pids(pids)
         return proc.pid
 
     def stop_site(self, name: str, sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
-        """Signal the site's process group; SIGKILL after grace seconds; raises if anything survives."""
+        """Signal the site's process and its job processes (NVFlare starts those in their own sessions, so they
+        are found by parentage, before anything is killed); SIGKILL after grace seconds; raises if any survives."""
         pids = self._pids()
         pid = pids.get(name)
         if pid is None:
             return
-        _signal_group(pid, sig)
-        if not _wait_gone(pid, grace) and sig != signal.SIGKILL:
-            _signal_group(pid, signal.SIGKILL)
-        if not _wait_gone(pid, 10):
-            raise RuntimeError(f"{name} (pid {pid}) did not exit")
-        _signal_group(pid, signal.SIGKILL)  # job processes left in the group (a killed parent leaves orphans)
+        tree = [pid, *_descendants(pid)]
+        for p in tree:
+            _signal(p, sig)
+        if not all(_wait_gone(p, grace) for p in tree) and sig != signal.SIGKILL:
+            for p in tree:
+                _signal(p, signal.SIGKILL)
+        alive = [p for p in tree if not _wait_gone(p, 10)]
+        if alive:
+            raise RuntimeError(f"{name}: process(es) {alive} did not exit")
         pids.pop(name)
         self._save_pids(pids)
 
@@ -235,9 +240,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of pid, from /proc (children first found, then theirs)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent_of[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent_of.items() if pp in frontier and p not in found]
+        found += children
+        frontier = children
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
     try:
-        os.killpg(pid, sig)
+        os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
