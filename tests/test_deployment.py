@@ -48,6 +48,17 @@ def _wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(f"{what} not seen within {timeout:.0f}s")
 
 
+def _submit_until_first_round(session, repo: Repository, job: Path) -> tuple:
+    """Submit as the session's admin; return (job id, run id) once the server has recorded round 1."""
+    job_id = session.submit_job(str(job))
+
+    def first_round():
+        run_id = repo.run_id_for_job(job_id)
+        return run_id if run_id is not None and repo.rounds_table(run_id) else None
+
+    return job_id, _wait_for(first_round, JOB_TIMEOUT, f"round 1 of job {job_id} recorded")
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_hospitals):
     root = tmp_path_factory.mktemp("deploy")
@@ -139,9 +150,7 @@ def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(feder
     session = fed.session()
     repo = Repository(fed.db_url, create_schema=False)
     try:
-        job_id = session.submit_job(str(job))
-        run_id = _wait_for(lambda: repo.run_id_for_job(job_id) and repo.rounds_table(repo.run_id_for_job(job_id))
-                           and repo.run_id_for_job(job_id), JOB_TIMEOUT, "round 1 recorded")
+        job_id, run_id = _submit_until_first_round(session, repo, job)
         fed.stop_site("hospital-c", signal.SIGKILL)  # a crash: no goodbye to the server
         # IT restarts it; its first heartbeat tells the server it has no process for this job, which settles the
         # job's wait for hospital-c's outcome (otherwise NVFlare waits for the 600 s heartbeat timeout).
@@ -171,9 +180,7 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
     session = fed.session()
     repo = Repository(fed.db_url, create_schema=False)
     try:
-        job_id = session.submit_job(str(job))
-        run_id = _wait_for(lambda: repo.run_id_for_job(job_id) and repo.rounds_table(repo.run_id_for_job(job_id))
-                           and repo.run_id_for_job(job_id), JOB_TIMEOUT, "round 1 recorded")
+        job_id, run_id = _submit_until_first_round(session, repo, job)
         session.close()
         fed.stop_site("server", signal.SIGKILL)
         recorded = [r.round_num for r in repo.rounds_table(run_id)]
