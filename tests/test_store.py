@@ -124,3 +124,22 @@ def test_audit_chain_verifies_and_names_a_tampered_row(repo, db_url):
         conn.execute(text("DELETE FROM audit_log WHERE id = :i"), {"i": row_id})
     problem = repo.verify_audit()
     assert problem.row_id > row_id and "removed" in problem.reason
+
+
+def test_runs_orphaned_by_a_server_restart_end_interrupted_with_their_rounds(repo):
+    orphan = repo.start_run("uid-1", "demo", "job-1", "fedavg", 5, {})
+    repo.record_round("uid-1", _round(0, 0.6))
+    repo.record_round("uid-1", _round(1, 0.7))
+    repo.record_round("uid-1", _round(2, 0.65))
+    done = repo.start_run("uid-2", "demo", "job-2", "fedavg", 1, {})
+    repo.finish_run("uid-2", "finished", 0, 0.5)
+    other = repo.start_run("uid-3", "demo", "job-3", "fedavg", 1, {})
+    assert repo.mark_interrupted(["job-1", "job-2"], "server restarted") == ["uid-1"]
+    run = repo.get_run(orphan)
+    assert run.status == "interrupted" and run.finished_at is not None
+    assert (run.best_round, run.best_metric) == (1, pytest.approx(0.7))  # the best recorded round
+    assert [r.round_num for r in repo.rounds_table(orphan)] == [0, 1, 2]
+    assert repo.get_run(done).status == "finished" and repo.get_run(other).status == "running"
+    assert repo.mark_interrupted(["job-1"], "again") == []  # only 'running' runs change
+    assert repo.verify_audit() is None
+    assert repo.run_id_for_job("job-1") == orphan and repo.run_id_for_job("nope") is None

@@ -231,6 +231,23 @@ class Repository:
             self._audit(s, "inference", {"study": record.study_pseudonym, "model_sha256": record.model_sha256,
                                          "status": record.status})
 
+    def mark_interrupted(self, job_ids, reason: str) -> list[str]:
+        """Runs of these NVFlare jobs still marked 'running' (their server process died mid-job) become
+        'interrupted'; their recorded rounds stay, the best is taken from them. Returns the run uids changed."""
+        changed = []
+        with self._session.begin() as s:
+            runs = s.scalars(select(Run).where(Run.job_id.in_(list(job_ids)), Run.status == "running")).all()
+            for run in runs:
+                best = s.execute(select(Round.round_num, Round.test_mean_auroc)
+                                 .where(Round.run_id == run.id, Round.test_mean_auroc.is_not(None))
+                                 .order_by(Round.test_mean_auroc.desc(), Round.round_num).limit(1)).first()
+                run.status, run.finished_at = "interrupted", utcnow()
+                run.best_round, run.best_metric = (best[0], best[1]) if best else (None, None)
+                self._audit(s, "finish_run", {"run": run.uid, "status": "interrupted", "best_round": run.best_round,
+                                              "reason": reason})
+                changed.append(run.uid)
+        return changed
+
     def _audit(self, s: Session, action: str, payload: dict) -> None:
         """Append one chained audit row inside the caller's transaction (so it exists iff the write does)."""
         if self.engine.dialect.name == "postgresql":
@@ -279,6 +296,11 @@ class Repository:
     def latest_run_id(self) -> Optional[int]:
         with self._session() as s:
             return s.scalar(select(Run.id).order_by(Run.id.desc()).limit(1))
+
+    def run_id_for_job(self, job_id: str) -> Optional[int]:
+        """The latest run recorded for an NVFlare job id, or None."""
+        with self._session() as s:
+            return s.scalar(select(Run.id).where(Run.job_id == job_id).order_by(Run.id.desc()).limit(1))
 
     def get_run(self, run_id: int) -> Run:
         with self._session() as s:
