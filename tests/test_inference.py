@@ -53,7 +53,8 @@ def _dicom(folder: Path, name: str, patient: str, study_uid: str, view="PA", see
            scanner=ScannerProfile(), **overrides) -> Path:
     rng = np.random.default_rng(seed)
     pixels = acquire(render_chest(labels if labels is not None else [0] * 14, rng, SIZE), scanner, rng)
-    ds = make_dicom(pixels, scanner, patient, study_uid, generate_uid(), generate_uid(), 1, view, "hospital-x")
+    tags = {"BodyPartExamined": "CHEST", "ViewPosition": view}  # what make_dicom set itself before the MR task
+    ds = make_dicom(pixels, scanner, patient, study_uid, generate_uid(), generate_uid(), 1, tags, "hospital-x")
     for k, v in overrides.items():
         setattr(ds, k, v)
     folder.mkdir(parents=True, exist_ok=True)
