@@ -544,3 +544,35 @@ def test_task_option_overrides_the_model_file_and_must_fit_its_head(tmp_path, mo
         run_inference(studies["root"], model_path, _options(tmp_path / "o3", task="brain_mri"))
     with pytest.raises(ValueError, match="decision thresholds are for multi-label models only"):
         choose_thresholds(brain_model_path, brain_studies["root"], tmp_path / "labels.csv", tmp_path / "thr.pt")
+
+
+def test_brain_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, brain_model_path, brain_studies):
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "scripts" / "export_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bundle = tmp_path / "brain_bundle"
+    assert module.main(["--model", str(brain_model_path), "--out", str(bundle)]) == 0  # task from the model file
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert config["postprocessing"]["transforms"][0] == {"_target_": "Activationsd", "keys": "pred", "softmax": True}
+    assert config["datalist"]["task"] == "brain_mri" and config["dataset_dir"] == ""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["modality"] == "MR"
+    assert meta["label_classes"] == {str(i): c for i, c in enumerate(BRAIN_CLASSES)}
+    assert meta["fedmed"]["decision_rule"] == "multiclass: argmax" and "thresholds" not in meta["fedmed"]
+    assert "multiclass: argmax" in (bundle / "README.md").read_text()
+
+    out = tmp_path / "bundle_out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                           "--dataset_dir", str(brain_studies["root"]), "--output_dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "predictions.csv", newline="") as f:
+        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
+
+    summary = run_inference(brain_studies["root"], brain_model_path, _options(tmp_path / "infer", heatmaps=False))
+    from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
+    assert set(from_bundle) == set(from_infer) and len(from_infer) == 3  # sagittal slice and chest film left out
+    for path, probs in from_infer.items():
+        np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)

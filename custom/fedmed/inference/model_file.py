@@ -21,6 +21,7 @@ from fedmed.model import HEAD_PREFIX, build_densenet121
 from fedmed.tasks import TaskSpec, get_task
 
 DEFAULT_THRESHOLD = 0.5
+ARGMAX_RULE = "multiclass: argmax"  # the decision rule of a multi-class model (no thresholds)
 DEFAULT_IMAGE_SIZE = 128  # the job's default training size (jobs/cxr_densenet/job.py --image-size)
 META_ROUND = "round"
 META_THRESHOLDS = "thresholds"

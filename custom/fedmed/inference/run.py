@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import torch
 
-from fedmed.inference.model_file import ModelFile, read_model_file
+from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
 from fedmed.inference.predict import (HeatmapMaker, Preprocessor, overlay_rgb, positive_findings, predict_batches,
                                       secondary_capture, write_png)
 from fedmed.inference.pseudonym import pseudonymise
@@ -37,7 +37,6 @@ RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
 STUDY_JSON = "result.json"
 STATUS_OK, STATUS_SKIPPED = "ok", "skipped"
-ARGMAX_RULE = "multiclass: argmax"  # the decision rule of a multi-class model (no thresholds)
 
 
 @dataclass(frozen=True)
