@@ -379,6 +379,22 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
                                                  read_model_file(model_path).state_dict.values()))
 
 
+def _bundle_and_infer(bundle: Path, dicom_root: Path, model_path: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """Per-image probabilities {file: array} from `monai.bundle run` of the exported bundle and from infer."""
+    out = tmp_path / "bundle_out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                           "--dataset_dir", str(dicom_root), "--output_dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "predictions.csv", newline="") as f:
+        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
+    summary = run_inference(dicom_root, model_path, _options(tmp_path / "infer", heatmaps=False))
+    from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
+    return from_bundle, from_infer
+
+
 def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, model_path, studies):
     from fedmed.inference.bundle import export_bundle
 
@@ -391,18 +407,7 @@ def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, mode
     assert meta["fedmed"]["source_model_sha256"] == file_sha256(model_path)
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [SIZE, SIZE]
 
-    out = tmp_path / "bundle_out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-                           "--dataset_dir", str(studies["root"]), "--output_dir", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "predictions.csv", newline="") as f:
-        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
-
-    summary = run_inference(studies["root"], model_path, _options(tmp_path / "infer", heatmaps=False))
-    from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
+    from_bundle, from_infer = _bundle_and_infer(bundle, studies["root"], model_path, tmp_path)
     assert set(from_bundle) == set(from_infer) and len(from_infer) == 2  # the lateral view is left out by both
     for path, probs in from_infer.items():
         np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)
@@ -462,12 +467,11 @@ def brain_studies(tmp_path_factory):
     ],
 )
 def test_brain_selection_verdict(attrs, verdict, reason):
-    ds = Dataset()
-    for k, v in attrs.items():
-        setattr(ds, k, v)
-    got_verdict, got_reason = brain_selection_verdict(ds)
-    assert got_verdict == verdict
-    assert (got_reason is None) if reason is None else (reason in got_reason)
+    header = Dataset()
+    header.update(attrs)
+    got_verdict, got_reason = brain_selection_verdict(header)
+    assert (got_verdict, got_reason is None) == (verdict, reason is None)
+    assert reason is None or reason in got_reason
 
 
 def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brain_studies, monkeypatch, capsys):
@@ -561,18 +565,7 @@ def test_brain_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, brain_m
     assert meta["fedmed"]["decision_rule"] == "multiclass: argmax" and "thresholds" not in meta["fedmed"]
     assert "multiclass: argmax" in (bundle / "README.md").read_text()
 
-    out = tmp_path / "bundle_out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-                           "--dataset_dir", str(brain_studies["root"]), "--output_dir", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "predictions.csv", newline="") as f:
-        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
-
-    summary = run_inference(brain_studies["root"], brain_model_path, _options(tmp_path / "infer", heatmaps=False))
-    from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
+    from_bundle, from_infer = _bundle_and_infer(bundle, brain_studies["root"], brain_model_path, tmp_path)
     assert set(from_bundle) == set(from_infer) and len(from_infer) == 3  # sagittal slice and chest film left out
     for path, probs in from_infer.items():
         np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)
