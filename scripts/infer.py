@@ -3,6 +3,10 @@
 by the model's thresholds, model version and hash), a Grad-CAM overlay PNG per positive finding, optionally a DICOM
 Secondary Capture of each overlay; each study logged (pseudonymised) in the inference log.
 
+The task comes from the model file (meta "task", else chest_xray14) or --task. Chest X-ray (multi-label): frontal
+CR/DX radiographs, sigmoid probabilities, positive findings by threshold. Brain MRI (multi-class): axial MR slices,
+softmax probabilities (the study's are the mean over its slices), the predicted class by argmax, its overlay.
+
     scripts/infer --model global_model.pt --out results/ STUDY_OR_FOLDER [--secondary-capture]
 
 Exit status: 0 when every file was read; 1 when any file or study was skipped (each is printed with its reason and
@@ -20,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from fedmed.tasks import TASKS  # noqa: E402
+
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key  # noqa: E402
 from fedmed.inference.run import RESULTS_CSV, SUMMARY_JSON, InferenceOptions, run_inference  # noqa: E402
 
@@ -35,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM overlays")
     p.add_argument("--secondary-capture", action="store_true", help="also write each overlay as DICOM Secondary Capture")
+    p.add_argument("--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     if a.threads:
@@ -42,7 +49,8 @@ def main(argv=None) -> int:
     try:
         key = load_pseudonym_key(a.pseudonym_key_file)
         options = InferenceOptions(out_dir=a.out, pseudonym_key=key, image_size=a.image_size, batch_size=a.batch_size,
-                                   heatmaps=not a.no_heatmaps, secondary_capture=a.secondary_capture, db_url=a.db_url)
+                                   heatmaps=not a.no_heatmaps, secondary_capture=a.secondary_capture, db_url=a.db_url,
+                                   task=a.task)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
@@ -65,10 +73,15 @@ def main(argv=None) -> int:
     bar.close()
     ok = sum(r.status == "ok" for r in summary.results)
     images = sum(len(r.images) for r in summary.results)
-    positives = sum(bool(r.positive) for r in summary.results)
-    print(f"model {summary.model.path.name}: {summary.model.version}, sha256 {summary.model.sha256[:16]}…; "
-          f"thresholds: {summary.thresholds_source}")
-    print(f"{len(summary.results)} studies: {ok} read ({images} images, {positives} with positive findings), "
+    if summary.task.is_multiclass:
+        counts = {c: sum(r.predicted == c for r in summary.results) for c in summary.task.classes}
+        rule = f"task {summary.task.name}, decision: {summary.thresholds_source}"
+        decided = "predicted " + ", ".join(f"{c} {n}" for c, n in counts.items())
+    else:
+        rule = f"thresholds: {summary.thresholds_source}"
+        decided = f"{sum(bool(r.positive) for r in summary.results)} with positive findings"
+    print(f"model {summary.model.path.name}: {summary.model.version}, sha256 {summary.model.sha256[:16]}…; {rule}")
+    print(f"{len(summary.results)} studies: {ok} read ({images} images, {decided}), "
           f"{len(summary.results) - ok} skipped; {len(summary.skipped_files)} file(s) skipped")
     for r in summary.results:
         if r.status != "ok":

@@ -1,5 +1,6 @@
 """Clinician inference: study selection, decisions by threshold, outputs (JSON/CSV/PNG/SC), the pseudonymised
-inference log, bad inputs that do not stop the batch, threshold choice, and the exported MONAI bundle."""
+inference log, bad inputs that do not stop the batch, threshold choice, the exported MONAI bundle, and the same run
+for a brain MRI model (axial MR slices, softmax, the predicted class by argmax)."""
 
 import csv
 import importlib.util
@@ -20,15 +21,17 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 from fedmed import constants as C
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
+from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY, BRAIN_TEST_SCANNER, render_brain
 from fedmed.inference.model_file import (META_THRESHOLD_METHOD, META_THRESHOLDS, choose_thresholds, file_sha256,
                                          read_model_file, write_model_file)
 from fedmed.inference.predict import positive_findings
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key, pseudonymise
 from fedmed.inference.run import InferenceOptions, run_inference
-from fedmed.inference.studies import selection_verdict
+from fedmed.inference.studies import brain_selection_verdict, selection_verdict
 from fedmed.metrics import youden_thresholds
 from fedmed.model import build_densenet121
 from fedmed.store.repository import InferenceRecord, Repository
+from fedmed.tasks import BRAIN_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = b"test-site-secret-0123456789"
@@ -53,8 +56,8 @@ def _dicom(folder: Path, name: str, patient: str, study_uid: str, view="PA", see
            scanner=ScannerProfile(), **overrides) -> Path:
     rng = np.random.default_rng(seed)
     pixels = acquire(render_chest(labels if labels is not None else [0] * 14, rng, SIZE), scanner, rng)
-    ds = make_dicom(pixels, scanner, patient, study_uid, generate_uid(), generate_uid(), 1,
-                    {"BodyPartExamined": "CHEST", "ViewPosition": view}, "hospital-x")
+    tags = {"BodyPartExamined": "CHEST", "ViewPosition": view}  # what make_dicom set itself before the MR task
+    ds = make_dicom(pixels, scanner, patient, study_uid, generate_uid(), generate_uid(), 1, tags, "hospital-x")
     for k, v in overrides.items():
         setattr(ds, k, v)
     folder.mkdir(parents=True, exist_ok=True)
@@ -376,6 +379,22 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
                                                  read_model_file(model_path).state_dict.values()))
 
 
+def _bundle_and_infer(bundle: Path, dicom_root: Path, model_path: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """Per-image probabilities {file: array} from `monai.bundle run` of the exported bundle and from infer."""
+    out = tmp_path / "bundle_out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                           "--dataset_dir", str(dicom_root), "--output_dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "predictions.csv", newline="") as f:
+        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
+    summary = run_inference(dicom_root, model_path, _options(tmp_path / "infer", heatmaps=False))
+    from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
+    return from_bundle, from_infer
+
+
 def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, model_path, studies):
     from fedmed.inference.bundle import export_bundle
 
@@ -388,18 +407,165 @@ def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, mode
     assert meta["fedmed"]["source_model_sha256"] == file_sha256(model_path)
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [SIZE, SIZE]
 
-    out = tmp_path / "bundle_out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-                           "--dataset_dir", str(studies["root"]), "--output_dir", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "predictions.csv", newline="") as f:
-        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
-
-    summary = run_inference(studies["root"], model_path, _options(tmp_path / "infer", heatmaps=False))
-    from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
+    from_bundle, from_infer = _bundle_and_infer(bundle, studies["root"], model_path, tmp_path)
     assert set(from_bundle) == set(from_infer) and len(from_infer) == 2  # the lateral view is left out by both
+    for path, probs in from_infer.items():
+        np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)
+
+
+# --- the brain MRI task: same run, configured by the model file's task --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def brain_model_path(tmp_path_factory):
+    """A freshly initialised, seeded 4-class DenseNet-121 whose meta names its task, as the Controller writes it."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("brain_model") / "global_model.pt"
+    write_model_file(path, build_densenet121(len(BRAIN_CLASSES)).state_dict(),
+                     {"round": 2, "image_size": SIZE, "norm": "batch", "task": "brain_mri"})
+    return path
+
+
+def _mr_slice(folder: Path, name: str, patient: str, study_uid: str, label: int, seed: int, **overrides) -> Path:
+    """One synthetic axial T1 slice, tagged as the brain hospitals' scanners tag it."""
+    rng = np.random.default_rng(seed)
+    pixels = acquire(render_brain(label, rng, SIZE), BRAIN_TEST_SCANNER, rng)
+    ds = make_dicom(pixels, BRAIN_TEST_SCANNER, patient, study_uid, generate_uid(), generate_uid(), 1,
+                    BRAIN_MRI_FAMILY.tags(rng), "hospital-x")
+    for k, v in overrides.items():
+        setattr(ds, k, v)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / name, enforce_file_format=True)
+    return folder / name
+
+
+@pytest.fixture(scope="module")
+def brain_studies(tmp_path_factory):
+    """Study A: two axial slices, a sagittal one and a chest CR film filed in the same folder; study B: one slice."""
+    root = tmp_path_factory.mktemp("brain_studies")
+    a_uid, b_uid = generate_uid(), generate_uid()
+    _mr_slice(root / "a", "IM1", "PATMA", a_uid, BRAIN_CLASSES.index("glioma"), seed=1)
+    _mr_slice(root / "a", "IM2", "PATMA", a_uid, BRAIN_CLASSES.index("glioma"), seed=2)
+    sagittal = _mr_slice(root / "a", "IM3", "PATMA", a_uid, 0, seed=3, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    chest = _dicom(root / "a", "IM4", "PATMA", a_uid, "PA", seed=4, scanner=ScannerProfile("CR", "MONOCHROME1"))
+    _mr_slice(root / "b", "IM1", "PATMB", b_uid, BRAIN_CLASSES.index("meningioma"), seed=5)
+    return {"root": root, "A": a_uid, "B": b_uid, "sagittal": sagittal, "chest": chest}
+
+
+@pytest.mark.parametrize(
+    "attrs, verdict, reason",
+    [
+        ({"Modality": "MR", "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "BodyPartExamined": "BRAIN"}, "read", None),
+        # oblique axial (20 degrees about x, along the AC-PC line), no body part: still axial
+        ({"Modality": "MR", "ImageOrientationPatient": [1, 0, 0, 0, 0.94, -0.34]}, "read", None),
+        ({"Modality": "MR", "ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "ignored", "sagittal slice is not axial"),
+        ({"Modality": "MR", "ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}, "ignored", "coronal slice is not axial"),
+        ({"Modality": "MR"}, "problem", "no usable ImageOrientationPatient"),
+        ({"Modality": "MR", "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "BodyPartExamined": "KNEE"}, "problem",
+         "body part KNEE is not BRAIN/HEAD"),
+        ({"Modality": "CR", "ViewPosition": "PA"}, "read", None),  # the full read names the modality
+    ],
+)
+def test_brain_selection_verdict(attrs, verdict, reason):
+    header = Dataset()
+    header.update(attrs)
+    got_verdict, got_reason = brain_selection_verdict(header)
+    assert (got_verdict, got_reason is None) == (verdict, reason is None)
+    assert reason is None or reason in got_reason
+
+
+def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brain_studies, monkeypatch, capsys):
+    out = tmp_path / "brain"
+    monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
+    status = _infer_main()([str(brain_studies["root"]), "--model", str(brain_model_path), "--out", str(out),
+                            "--secondary-capture", "--threads", "1"])
+    printed = capsys.readouterr()
+    assert status == 1  # the chest film was skipped
+    assert f"SKIPPED {brain_studies['chest']}: modality CR is not one of ['MR']" in printed.err
+    assert "task brain_mri, decision: multiclass: argmax" in printed.out and "2 studies: 2 read (3 images" in printed.out
+
+    studies = {}
+    for key in ("A", "B"):
+        j = json.loads((out / "studies" / brain_studies[key] / "result.json").read_text())
+        studies[key] = j
+        assert j["task"] == "brain_mri" and j["decision_rule"] == "multiclass: argmax"
+        assert "thresholds" not in j and "positive_findings" not in j
+        assert list(j["probabilities"]) == list(BRAIN_CLASSES)
+        probs = np.array(list(j["probabilities"].values()))
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5) and np.all(probs > 0)
+        assert j["predicted_class"] == BRAIN_CLASSES[int(np.argmax(probs))]
+        slices = np.array([list(im["probabilities"].values()) for im in j["images"]])
+        np.testing.assert_allclose(slices.sum(axis=1), 1.0, atol=1e-5)  # softmax per slice
+        np.testing.assert_allclose(slices.mean(axis=0), probs, atol=1e-6)  # the study's: the mean over its slices
+        assert [im["predicted_class"] for im in j["images"]] == [BRAIN_CLASSES[int(k)] for k in slices.argmax(axis=1)]
+        assert {im["view"] for im in j["images"]} == {"axial"}
+        # one overlay, for the predicted class, and its Secondary Capture saying the decision rule
+        predicted = j["predicted_class"]
+        assert list(j["heatmaps"]) == [predicted] and Path(j["heatmaps"][predicted]).name == f"{predicted}.png"
+        assert Image.open(j["heatmaps"][predicted]).mode == "RGB"
+        sc = pydicom.dcmread(j["secondary_captures"][predicted])
+        assert sc.StudyInstanceUID == brain_studies[key] and f"{predicted} p=" in sc.DerivationDescription
+        assert "(multiclass: argmax)" in sc.DerivationDescription
+    assert len(studies["A"]["images"]) == 2 and len(studies["B"]["images"]) == 1
+    assert studies["A"]["ignored_files"] == [{"file": str(brain_studies["sagittal"]),
+                                              "reason": "sagittal slice is not axial; only axial slices are read"}]
+    assert studies["A"]["skipped_files"] == [{"file": str(brain_studies["chest"]),
+                                              "reason": "modality CR is not one of ['MR']"}]
+
+    rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
+    header = list(rows[brain_studies["A"]])
+    assert header[4] == "predicted_class" and header[5:9] == [f"p_{c}" for c in BRAIN_CLASSES]
+    assert "positive_findings" not in header and "thresholds" not in header
+    for key in ("A", "B"):
+        row, j = rows[brain_studies[key]], studies[key]
+        assert row["predicted_class"] == j["predicted_class"] and row["decision_rule"] == "multiclass: argmax"
+        assert [float(row[f"p_{c}"]) for c in BRAIN_CLASSES] == pytest.approx(list(j["probabilities"].values()), abs=1e-6)
+    assert "1 file(s) skipped: modality CR is not one of ['MR']" in rows[brain_studies["A"]]["message"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "brain_mri" and summary["decision_rule"] == "multiclass: argmax"
+    assert summary["images_read"] == 3 and [f["file"] for f in summary["skipped_files"]] == [str(brain_studies["chest"])]
+
+    # the inference log: the predicted class where the chest model logs its positive findings
+    logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
+    assert sorted(r["positive_findings"] for r in logs) == sorted(studies[k]["predicted_class"] for k in ("A", "B"))
+
+
+def test_task_option_overrides_the_model_file_and_must_fit_its_head(tmp_path, model_path, brain_model_path,
+                                                                     brain_studies, studies):
+    # a model file with no task in its meta, told by --task what it is
+    blob = torch.load(brain_model_path, weights_only=True)
+    untagged = tmp_path / "untagged.pt"
+    write_model_file(untagged, blob["state_dict"], {"round": 2, "image_size": SIZE})
+    summary = run_inference(brain_studies["root"], untagged, _options(tmp_path / "o1", heatmaps=False, task="brain_mri"))
+    assert summary.thresholds_source == "multiclass: argmax"
+    assert summary.results[0].predicted in BRAIN_CLASSES and summary.results[0].positive == []
+    # the chest model on brain slices: every MR slice is skipped naming its modality
+    chest_on_mr = run_inference(brain_studies["root"] / "b", model_path, _options(tmp_path / "o2", heatmaps=False))
+    assert chest_on_mr.results[0].status == "skipped"
+    assert [p.reason for p in chest_on_mr.results[0].problems] == ["modality MR is not one of ['CR', 'DX']"]
+    # a 14-output chest model is not a brain model
+    with pytest.raises(ValueError, match=r"model has 14 outputs but task brain_mri has 4 classes"):
+        run_inference(studies["root"], model_path, _options(tmp_path / "o3", task="brain_mri"))
+    with pytest.raises(ValueError, match="decision thresholds are for multi-label models only"):
+        choose_thresholds(brain_model_path, brain_studies["root"], tmp_path / "labels.csv", tmp_path / "thr.pt")
+
+
+def test_brain_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, brain_model_path, brain_studies):
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "scripts" / "export_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bundle = tmp_path / "brain_bundle"
+    assert module.main(["--model", str(brain_model_path), "--out", str(bundle)]) == 0  # task from the model file
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert config["postprocessing"]["transforms"][0] == {"_target_": "Activationsd", "keys": "pred", "softmax": True}
+    assert config["datalist"]["task"] == "brain_mri" and config["dataset_dir"] == ""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["modality"] == "MR"
+    assert meta["label_classes"] == {str(i): c for i, c in enumerate(BRAIN_CLASSES)}
+    assert meta["fedmed"]["decision_rule"] == "multiclass: argmax" and "thresholds" not in meta["fedmed"]
+    assert "multiclass: argmax" in (bundle / "README.md").read_text()
+
+    from_bundle, from_infer = _bundle_and_infer(bundle, brain_studies["root"], brain_model_path, tmp_path)
+    assert set(from_bundle) == set(from_infer) and len(from_infer) == 3  # sagittal slice and chest film left out
     for path, probs in from_infer.items():
         np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)

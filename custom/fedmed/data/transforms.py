@@ -15,7 +15,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
 )
 
-from fedmed.data.dicom import read_dicom_image
+from fedmed.data.dicom import PROJECTION_MODALITIES, read_dicom_image
 
 # The preprocessing's parameters, named once: the exported MONAI bundle spells the same transforms from these.
 INTENSITY_PERCENTILES = (0.5, 99.5)
@@ -42,13 +42,19 @@ class LoadRadiographd(MapTransform):
 
     Args:
         keys: keys whose values are DICOM file paths.
+        modalities: DICOM Modality values accepted (the task's, e.g. ["MR"]); default the projection radiographs.
+        allow_missing_keys: as for any MONAI MapTransform.
     """
+
+    def __init__(self, keys, modalities=None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.modalities = set(modalities) if modalities is not None else PROJECTION_MODALITIES
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
-            d[key] = MetaTensor(torch.as_tensor(read_dicom_image(path)), meta={"filename_or_obj": path})
+            d[key] = MetaTensor(torch.as_tensor(read_dicom_image(path, self.modalities)), meta={"filename_or_obj": path})
         return d
 
 

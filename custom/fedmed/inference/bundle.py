@@ -1,10 +1,12 @@
 """Export the global model as a MONAI Bundle: configs/metadata.json, configs/inference.json, models/model.pt, README.md.
 
 The bundle runs with ``python -m monai.bundle run --config_file configs/inference.json --bundle_root B
---dataset_dir DICOM_FOLDER --output_dir OUT`` and writes ``OUT/predictions.csv`` (file, 14 probabilities).
+--dataset_dir DICOM_FOLDER --output_dir OUT`` and writes ``OUT/predictions.csv`` (file, one probability per class).
 Network, preprocessing, inferer and evaluator are MONAI components named by ``_target_``; fedmed supplies only the
-DICOM side (which files are frontal chest radiographs, and reading them with rescale/MONOCHROME1 handled), so the
-bundle needs the ``fedmed`` package importable. The JSON holds data: the dataset folder is a config item to override.
+DICOM side (which files the task's model reads: frontal chest radiographs or axial brain MR slices, and reading them
+with rescale/MONOCHROME1 handled), so the bundle needs the ``fedmed`` package importable. The JSON holds data: the
+dataset folder is a config item to override. The task (model file meta "task", or ``task``) sets the data list,
+the activation (sigmoid or softmax) and the texts; BUNDLE_TEXTS holds the per-task wording.
 """
 
 from __future__ import annotations
@@ -19,12 +21,44 @@ import numpy as np
 import pydicom
 import torch
 
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.transforms import INTENSITY_PERCENTILES, RESIZE_MODE
-from fedmed.inference.model_file import read_model_file
+from fedmed.inference.model_file import ARGMAX_RULE, read_model_file
+from fedmed.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec
 
 BUNDLE_VERSION = "0.1.0"
 PREDICTIONS_CSV = "predictions.csv"
+
+# What the bundle's metadata and README say about each task's model (the code paths ask the task itself).
+BUNDLE_TEXTS = {
+    CHEST_XRAY14.name: {
+        "name": "fedmed chest X-ray DenseNet-121",
+        "task": "Multi-label classification of 14 ChestX-ray14 findings on frontal chest radiographs",
+        "description": "DenseNet-121 trained by federated learning (NVFlare, fedmed) across hospitals; "
+                       "outputs one sigmoid probability per finding.",
+        "data_source": "Federated hospital DICOM (CR/DX, PA/AP); no data leaves a hospital",
+        "image_classes": "single-channel radiograph, rescaled and MONOCHROME1-inverted, percentile-scaled to [0, 1]",
+        "modality": "CR/DX",
+        "outputs": "14 ChestX-ray14 findings, one sigmoid probability each, from frontal (PA/AP) CR/DX chest radiographs.",
+        "selection": "frontal-view selection",
+        "images": "frontal image",
+        "read_as": "MONOCHROME1 inverted (bright = dense)",
+    },
+    BRAIN_MRI.name: {
+        "name": "fedmed brain MRI DenseNet-121",
+        "task": "Multi-class classification of brain tumour type (glioma, meningioma, pituitary, no tumour) on axial "
+                "MR slices",
+        "description": "DenseNet-121 trained by federated learning (NVFlare, fedmed) across hospitals; "
+                       "outputs softmax probabilities over 4 classes; the predicted class is the argmax.",
+        "data_source": "Federated hospital DICOM (MR, axial T1-weighted slices); no data leaves a hospital",
+        "image_classes": "single-channel axial MR slice, rescaled, percentile-scaled to [0, 1]",
+        "modality": "MR",
+        "outputs": "4 classes (glioma, meningioma, pituitary, no tumour), softmax probabilities summing to 1, from "
+                   "axial MR slices of the brain.",
+        "selection": "axial-slice selection",
+        "images": "axial MR slice",
+        "read_as": "MONOCHROME1 inverted (bright = high signal)",
+    },
+}
 
 
 def network_def(norm: str, num_outputs: int) -> dict:
@@ -35,8 +69,25 @@ def network_def(norm: str, num_outputs: int) -> dict:
     return net
 
 
-def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: int = 16) -> dict:
+def datalist_def(task: TaskSpec) -> dict:
+    """The MONAI data list of the images infer would read for this task (chest keeps the name older bundles use)."""
+    if task.name == CHEST_XRAY14.name:
+        return {"_target_": "fedmed.inference.studies.frontal_image_datalist", "root": "@dataset_dir"}
+    return {"_target_": "fedmed.inference.studies.task_image_datalist", "root": "@dataset_dir", "task": task.name}
+
+
+def load_def(task: TaskSpec) -> dict:
+    """fedmed's DICOM reader for the task's modalities (chest: its default, the projection radiographs)."""
+    load = {"_target_": "fedmed.data.transforms.LoadRadiographd", "keys": "image"}
+    if task.name != CHEST_XRAY14.name:
+        load["modalities"] = sorted(task.modalities)
+    return load
+
+
+def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: int = 16,
+                     task: TaskSpec = CHEST_XRAY14) -> dict:
     keys = "image"
+    activation = "softmax" if task.is_multiclass else "sigmoid"
     return {
         "bundle_root": ".",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
@@ -47,11 +98,11 @@ def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: i
         "batch_size": batch_size,
         "network_def": network_def(norm, num_outputs),
         "network": "$@network_def.to(@device)",
-        "datalist": {"_target_": "fedmed.inference.studies.frontal_image_datalist", "root": "@dataset_dir"},
+        "datalist": datalist_def(task),
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {"_target_": "fedmed.data.transforms.LoadRadiographd", "keys": keys},
+                load_def(task),
                 {"_target_": "EnsureChannelFirstd", "keys": keys, "channel_dim": "no_channel"},
                 {"_target_": "ScaleIntensityRangePercentilesd", "keys": keys, "lower": INTENSITY_PERCENTILES[0],
                  "upper": INTENSITY_PERCENTILES[1], "b_min": 0.0, "b_max": 1.0, "clip": True},
@@ -63,7 +114,7 @@ def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: i
                        "num_workers": 0},
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {"_target_": "Compose",
-                           "transforms": [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}]},
+                           "transforms": [{"_target_": "Activationsd", "keys": "pred", activation: True}]},
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "cpu"},
@@ -79,8 +130,13 @@ def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: i
     }
 
 
-def metadata(model, image_size: int, findings: list) -> dict:
-    thresholds = model.thresholds(findings)
+def metadata(model, image_size: int, findings: list, task: TaskSpec = CHEST_XRAY14) -> dict:
+    text = BUNDLE_TEXTS[task.name]
+    if task.is_multiclass:
+        decision = {"task": task.name, "decision_rule": ARGMAX_RULE}
+    else:
+        thresholds = model.thresholds(findings)
+        decision = {"thresholds": thresholds.values, "thresholds_source": thresholds.source}
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
         "version": BUNDLE_VERSION,
@@ -89,19 +145,18 @@ def metadata(model, image_size: int, findings: list) -> dict:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"pydicom": pydicom.__version__, "fedmed": "this repository's custom/fedmed"},
-        "name": "fedmed chest X-ray DenseNet-121",
-        "task": "Multi-label classification of 14 ChestX-ray14 findings on frontal chest radiographs",
-        "description": "DenseNet-121 trained by federated learning (NVFlare, fedmed) across hospitals; "
-                       "outputs one sigmoid probability per finding.",
+        "name": text["name"],
+        "task": text["task"],
+        "description": text["description"],
         "authors": "fedmed",
         "copyright": "fedmed",
         "intended_use": "Research and decision support only; not for primary diagnosis.",
-        "data_source": "Federated hospital DICOM (CR/DX, PA/AP); no data leaves a hospital",
+        "data_source": text["data_source"],
         "data_type": "dicom",
-        "image_classes": "single-channel radiograph, rescaled and MONOCHROME1-inverted, percentile-scaled to [0, 1]",
+        "image_classes": text["image_classes"],
         "label_classes": {str(i): f for i, f in enumerate(findings)},
         "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CR/DX", "num_channels": 1,
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": text["modality"], "num_channels": 1,
                                  "spatial_shape": [image_size, image_size], "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": False, "channel_def": {"0": "image"}}},
             "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(findings),
@@ -109,22 +164,21 @@ def metadata(model, image_size: int, findings: list) -> dict:
                                  "is_onehot": False, "channel_def": {str(i): f for i, f in enumerate(findings)}}},
         },
         "fedmed": {"source_model_file": model.path.name, "source_model_sha256": model.sha256,
-                   "round": model.meta.get("round"), "norm": model.norm, "thresholds": thresholds.values,
-                   "thresholds_source": thresholds.source, "platform": platform.platform()},
+                   "round": model.meta.get("round"), "norm": model.norm, **decision, "platform": platform.platform()},
     }
 
 
-README = """# fedmed chest X-ray DenseNet-121 (MONAI Bundle)
+README = """# {name} (MONAI Bundle)
 
 Exported by `scripts/export_bundle` from `{source}` ({version}, sha256 `{sha256}`).
-14 ChestX-ray14 findings, one sigmoid probability each, from frontal (PA/AP) CR/DX chest radiographs.
+{outputs}
 Research and decision support only; not for primary diagnosis.
 
 ## Run
 
 Needs MONAI {monai_version}, PyTorch, pydicom and the `fedmed` package importable (its `custom/` folder on
 `PYTHONPATH`, or the fedmed venv): the bundle uses fedmed's DICOM reader (RescaleSlope/Intercept, MONOCHROME1,
-rejection of non-image/colour/multi-frame/undecodable files) and its frontal-view selection; network,
+rejection of non-image/colour/multi-frame/undecodable files) and its {selection}; network,
 preprocessing and evaluation are MONAI components.
 
 ```bash
@@ -133,22 +187,21 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 ```
 
 `dataset_dir` is a DICOM file, study folder or tree (files with or without `.dcm`). Output: `eval/{predictions}`,
-one line per frontal image: file path, then the 14 probabilities in this order: {findings}.
+one line per {images}: file path, then the {count} probabilities in this order: {findings}.
 
 ## Preprocessing (the same as training)
 
-Read with rescale applied and MONOCHROME1 inverted (bright = dense), channel first, intensity scaled between the
+Read with rescale applied and {read_as}, channel first, intensity scaled between the
 {lo}th and {hi}th percentiles to [0, 1] (clipped), resized to {size}x{size} ({mode}).
 
-## Decision thresholds
+## {decision_title}
 
-Per finding, probability >= threshold is positive ({thresholds_source}):
-
-{thresholds_table}
+{decision}
 """
 
 
-def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = None, batch_size: int = 16) -> Path:
+def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = None, batch_size: int = 16,
+                  task: Optional[str] = None) -> Path:
     """Write the bundle folder; returns it.
 
     Args:
@@ -156,23 +209,32 @@ def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = N
         out_dir: the bundle folder to create (existing files in it are overwritten).
         image_size: input size; default the model file's, else 128.
         batch_size: images per forward pass in the bundle's evaluator.
+        task: the model's task (fedmed.tasks name); default the model file's meta "task", else chest_xray14.
     """
     model = read_model_file(model_path)
+    spec = model.task(task)
     size = model.image_size(image_size)
-    findings = list(CXR14_FINDINGS[: model.num_outputs])
+    findings = model.classes(spec)
     out_dir = Path(out_dir)
     (out_dir / "configs").mkdir(parents=True, exist_ok=True)
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict, out_dir / "models" / "model.pt")
-    meta = metadata(model, size, findings)
+    meta = metadata(model, size, findings, spec)
     (out_dir / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
-    config = inference_config(size, model.norm, model.num_outputs, batch_size)
+    config = inference_config(size, model.norm, model.num_outputs, batch_size, spec)
     (out_dir / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
-    thresholds = meta["fedmed"]["thresholds"]
-    table = "\n".join(["| finding | threshold |", "|---|---|"] + [f"| {f} | {t:.4f} |" for f, t in thresholds.items()])
+    if spec.is_multiclass:
+        decision_title = "Decision"
+        decision = f"The predicted class is the one of highest probability ({ARGMAX_RULE}); there are no thresholds."
+    else:
+        decision_title = "Decision thresholds"
+        thresholds = meta["fedmed"]["thresholds"]
+        table = "\n".join(["| finding | threshold |", "|---|---|"]
+                          + [f"| {f} | {t:.4f} |" for f, t in thresholds.items()])
+        decision = f"Per finding, probability >= threshold is positive ({meta['fedmed']['thresholds_source']}):\n\n{table}"
     (out_dir / "README.md").write_text(README.format(
         source=model.path.name, version=model.version, sha256=model.sha256, monai_version=monai.__version__,
-        predictions=PREDICTIONS_CSV, findings=", ".join(findings), lo=INTENSITY_PERCENTILES[0],
-        hi=INTENSITY_PERCENTILES[1], size=size, mode=RESIZE_MODE, thresholds_source=meta["fedmed"]["thresholds_source"],
-        thresholds_table=table))
+        predictions=PREDICTIONS_CSV, findings=", ".join(findings), count=len(findings), lo=INTENSITY_PERCENTILES[0],
+        hi=INTENSITY_PERCENTILES[1], size=size, mode=RESIZE_MODE, decision_title=decision_title, decision=decision,
+        **{k: BUNDLE_TEXTS[spec.name][k] for k in ("name", "outputs", "selection", "images", "read_as")}))
     return out_dir

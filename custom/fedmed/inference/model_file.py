@@ -18,14 +18,17 @@ import torch
 from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
 from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
+from fedmed.tasks import TaskSpec, get_task
 
 DEFAULT_THRESHOLD = 0.5
+ARGMAX_RULE = "multiclass: argmax"  # the decision rule of a multi-class model (no thresholds)
 DEFAULT_IMAGE_SIZE = 128  # the job's default training size (jobs/cxr_densenet/job.py --image-size)
 META_ROUND = "round"
 META_THRESHOLDS = "thresholds"
 META_THRESHOLD_METHOD = "threshold_method"
 META_THRESHOLD_DATA = "threshold_data"
 META_IMAGE_SIZE = "image_size"
+META_TASK = "task"  # the job's task (fedmed.tasks), written by the Controller; absent in older files = chest
 
 
 def file_sha256(path: Path) -> str:
@@ -80,6 +83,19 @@ class ModelFile:
     def image_size(self, override: Optional[int] = None) -> int:
         size = override or self.meta.get(META_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE
         return int(size)
+
+    def task(self, override: Optional[str] = None) -> TaskSpec:
+        """The task these weights were trained for: `override`, else the meta's, else chest_xray14."""
+        return get_task(override or self.meta.get(META_TASK))
+
+    def classes(self, task: TaskSpec) -> list:
+        """The output names of these weights under `task`; raises naming the file when the head does not fit it
+        (a multi-label model may have fewer outputs than findings, a multi-class one must have exactly one per class)."""
+        n, k = self.num_outputs, task.num_outputs
+        if n > k or (task.is_multiclass and n != k):
+            raise ValueError(f"{self.path}: the model has {n} outputs but task {task.name} has {k} classes "
+                             f"{list(task.classes)}; wrong --task, or a model file of another task")
+        return list(task.classes[:n])
 
     def thresholds(self, findings: Sequence[str] = CXR14_FINDINGS) -> Thresholds:
         stored = self.meta.get(META_THRESHOLDS) or {}
@@ -147,6 +163,9 @@ def choose_thresholds(
     from fedmed.training import predict
 
     model_file = read_model_file(model_path)
+    if model_file.task().is_multiclass:
+        raise ValueError(f"{model_path}: a {model_file.task().name} model decides by argmax over its classes; "
+                         f"decision thresholds are for multi-label models only")
     size = model_file.image_size(image_size)
     items = load_dicom_site(Path(dicom_root), Path(labels_csv), split)
     labels, probs = predict(model_file.build(), RadiographDataset(items, size, train=False), batch_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -31,12 +31,17 @@ class Preprocessor:
 
 
 @torch.no_grad()
-def predict_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Sigmoid probabilities (N, K) for preprocessed images (N, 1, S, S), batch_size images per forward pass."""
+def predict_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                    probabilities: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> np.ndarray:
+    """Probabilities (N, K) for preprocessed images (N, 1, S, S), batch_size images per forward pass.
+
+    Args:
+        probabilities: logits -> probabilities; the task's (sigmoid for multi-label, softmax for multi-class).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
-    out = [torch.sigmoid(model(images[i:i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    out = [probabilities(model(images[i:i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -46,7 +51,7 @@ def positive_findings(probabilities: dict, thresholds: dict) -> list:
 
 
 class HeatmapMaker:
-    """Grad-CAM (monai.visualize.GradCAM) for one finding of one preprocessed image.
+    """Grad-CAM (monai.visualize.GradCAM) for one finding (or class) of one preprocessed image.
 
     Args:
         model: the classifier, in eval mode (its hooks stay registered for the maker's lifetime).

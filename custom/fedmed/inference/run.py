@@ -1,9 +1,14 @@
-"""One inference run: discover studies, read the frontal images, predict in batches, decide per finding, draw
+"""One inference run: discover studies, read the images the task's model is for, predict in batches, decide, draw
 heatmaps, write per-study JSON + one CSV row, and log each study (pseudonymised) in the database.
+
+The task (fedmed.tasks) comes from the model file's meta (or InferenceOptions.task): which images are read
+(studies.ImageSelection), the probabilities (sigmoid or softmax) and the decision. Multi-label (chest X-ray):
+positive findings by per-finding thresholds, an overlay per positive finding. Multi-class (brain MRI): the predicted
+class by argmax of the study's probabilities, an overlay for that class.
 
 Outputs under ``out_dir``: ``results.csv`` (one row per study), ``summary.json`` (counts, every skipped file with its
 reason), and ``studies/<StudyInstanceUID>/result.json`` with ``<finding>.png`` overlays (and ``<finding>.dcm``
-Secondary Captures when asked) for each positive finding.
+Secondary Captures when asked) for each positive finding or the predicted class.
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ import numpy as np
 import pydicom
 import torch
 
-from fedmed.constants import CXR14_FINDINGS
-from fedmed.inference.model_file import ModelFile, read_model_file
+from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
 from fedmed.inference.predict import (HeatmapMaker, Preprocessor, overlay_rgb, positive_findings, predict_batches,
                                       secondary_capture, write_png)
 from fedmed.inference.pseudonym import pseudonymise
-from fedmed.inference.studies import FileProblem, StudyPlan, discover_studies, load_study
+from fedmed.inference.studies import FileProblem, StudyPlan, discover_studies, load_study, selection_for
 from fedmed.store.repository import InferenceRecord, Repository, resolve_db_url
+from fedmed.tasks import CHEST_XRAY14, TaskSpec
 
 RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
@@ -44,6 +49,7 @@ class InferenceOptions:
     heatmaps: draw a Grad-CAM overlay PNG per positive finding.
     secondary_capture: also write each overlay as a DICOM Secondary Capture in the source study.
     db_url: inference log database; default $FEDMED_DB_URL, else SQLite ``out_dir/fedmed.db``.
+    task: the model's task (fedmed.tasks name); default the model file's meta "task", else chest_xray14.
     """
 
     out_dir: Path
@@ -53,6 +59,7 @@ class InferenceOptions:
     heatmaps: bool = True
     secondary_capture: bool = False
     db_url: Optional[str] = None
+    task: Optional[str] = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -65,7 +72,8 @@ class StudyResult:
     study_pseudonym: str
     status: str
     probabilities: dict = field(default_factory=dict)  # finding -> study-level probability (max over its images)
-    positive: list = field(default_factory=list)
+    positive: list = field(default_factory=list)  # multi-label: findings at or above their threshold
+    predicted: Optional[str] = None  # multi-class: the class of highest study probability
     images: list = field(default_factory=list)  # per image: sop uid, view, file, probabilities
     heatmaps: dict = field(default_factory=dict)  # finding -> PNG path
     secondary_captures: dict = field(default_factory=dict)  # finding -> DICOM path
@@ -77,11 +85,12 @@ class StudyResult:
 @dataclass
 class InferenceSummary:
     model: ModelFile
-    thresholds_source: str
+    thresholds_source: str  # the decision rule: where the thresholds came from, or ARGMAX_RULE
     results: list
     unassigned: list  # FileProblem: files of no study
     out_dir: Path
     db_url: str
+    task: TaskSpec = CHEST_XRAY14
 
     @property
     def skipped_files(self) -> list:
@@ -111,8 +120,12 @@ class InferenceRun:
     def __init__(self, model_path: Path, options: InferenceOptions):
         self.options = options
         self.model_file = read_model_file(model_path)
-        self.findings = list(CXR14_FINDINGS[: self.model_file.num_outputs])
-        self.thresholds = self.model_file.thresholds(self.findings)
+        self.task = self.model_file.task(options.task)
+        self.findings = self.model_file.classes(self.task)  # finding or class names, in output order
+        self.selection = selection_for(self.task)
+        self.multiclass = self.task.is_multiclass
+        self.thresholds = None if self.multiclass else self.model_file.thresholds(self.findings)
+        self.decision_rule = ARGMAX_RULE if self.multiclass else self.thresholds.source
         self.image_size = self.model_file.image_size(options.image_size)
         self.model = self.model_file.build()
         self.preprocess = Preprocessor(self.image_size)
@@ -135,7 +148,8 @@ class InferenceRun:
         loaded = [(plan, *load_study(plan)) for plan in plans]
         images = [im for _, ims, _ in loaded for im in ims]
         tensors = torch.stack([self.preprocess(im.pixels) for im in images]) if images else None
-        probs = predict_batches(self.model, tensors, self.options.batch_size) if images else np.zeros((0, 0))
+        probs = (predict_batches(self.model, tensors, self.options.batch_size, self.task.probabilities) if images
+                 else np.zeros((0, 0)))
         results, start = [], 0
         for plan, ims, problems in loaded:
             n = len(ims)
@@ -149,15 +163,20 @@ class InferenceRun:
         study_dir = self.out_dir / "studies" / _safe_name(plan.study_uid)
         if not images:
             result.status = STATUS_SKIPPED
-            result.message = "no usable frontal chest radiograph (CR/DX, PA/AP)"
+            result.message = f"no usable {self.selection.description}"
         else:
-            study_probs = probs.max(axis=0)  # a finding seen on any frontal view counts for the study
+            if self.multiclass:
+                # mean over the study's slices: still a distribution over the classes (sums to 1)
+                study_probs = probs.mean(axis=0)
+                result.predicted = self.findings[int(np.argmax(study_probs))]
+            else:
+                study_probs = probs.max(axis=0)  # a finding seen on any frontal view counts for the study
             result.probabilities = {f: float(p) for f, p in zip(self.findings, study_probs)}
-            result.positive = positive_findings(result.probabilities, self.thresholds.values)
-            result.images = [{"sop_instance_uid": im.file.sop_instance_uid, "view": im.file.view, "file": str(im.file.path),
-                              "probabilities": {f: float(p) for f, p in zip(self.findings, row)}}
-                             for im, row in zip(images, probs)]
-            for finding in result.positive if self.heatmap else ():
+            if not self.multiclass:
+                result.positive = positive_findings(result.probabilities, self.thresholds.values)
+            result.images = [self._image_json(im, row) for im, row in zip(images, probs)]
+            drawn = [result.predicted] if self.multiclass else result.positive
+            for finding in drawn if self.heatmap else ():
                 k = self.findings.index(finding)
                 best = int(np.argmax(probs[:, k]))  # the image that gave the study its probability
                 self._draw(result, study_dir, finding, images[best], tensors[best])
@@ -168,9 +187,22 @@ class InferenceRun:
             study_pseudonym=result.study_pseudonym,
             patient_pseudonym=pseudonymise(self.options.pseudonym_key, "patient", plan.patient_id),
             model_sha256=self.model_file.sha256, model_version=self.model_file.version[:100], num_images=len(images),
-            positive_findings=tuple(result.positive), status=result.status,
+            positive_findings=self._decided(result), status=result.status,
             message=_reasons(result.problems) if result.status == STATUS_SKIPPED and result.problems else result.message))
         return result
+
+    def _image_json(self, image, row: np.ndarray) -> dict:
+        out = {"sop_instance_uid": image.file.sop_instance_uid, "view": image.file.view, "file": str(image.file.path),
+               "probabilities": {f: float(p) for f, p in zip(self.findings, row)}}
+        if self.multiclass:
+            out["predicted_class"] = self.findings[int(np.argmax(row))]
+        return out
+
+    def _decided(self, result: StudyResult) -> tuple:
+        """What the log's positive_findings column holds: the positive findings, or the predicted class."""
+        if self.multiclass:
+            return (result.predicted,) if result.predicted else ()
+        return tuple(result.positive)
 
     def _draw(self, result: StudyResult, study_dir: Path, finding: str, image, tensor: torch.Tensor) -> None:
         rgb = overlay_rgb(tensor[0].numpy(), self.heatmap(tensor, finding), image.pixels.shape)
@@ -178,12 +210,25 @@ class InferenceRun:
         write_png(rgb, png)
         result.heatmaps[finding] = str(png)
         if self.options.secondary_capture:
+            rule = ARGMAX_RULE if self.multiclass else f"threshold {self.thresholds.values[finding]:.3f}"
             description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} "
-                           f"(threshold {self.thresholds.values[finding]:.3f}); model {self.model_file.sha256[:12]}")
+                           f"({rule}); model {self.model_file.sha256[:12]}")
             source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
             dcm = study_dir / f"{finding}.dcm"
             secondary_capture(rgb, source, description).save_as(dcm, enforce_file_format=True)
             result.secondary_captures[finding] = str(dcm)
+
+    def decision_json(self, result: StudyResult) -> dict:
+        """The task's decision: thresholds and positive/negative findings, or the rule and the predicted class."""
+        if self.multiclass:
+            return {"task": self.task.name, "decision_rule": ARGMAX_RULE, "probabilities": result.probabilities,
+                    "predicted_class": result.predicted}
+        return {
+            "thresholds": {"source": self.thresholds.source, "values": self.thresholds.values},
+            "probabilities": result.probabilities,
+            "positive_findings": result.positive,
+            "negative_findings": [f for f in result.probabilities if f not in result.positive],
+        }
 
     def study_json(self, result: StudyResult) -> dict:
         return {
@@ -192,10 +237,7 @@ class InferenceRun:
             "status": result.status,
             "message": result.message,
             "model": self.model_json(),
-            "thresholds": {"source": self.thresholds.source, "values": self.thresholds.values},
-            "probabilities": result.probabilities,
-            "positive_findings": result.positive,
-            "negative_findings": [f for f in result.probabilities if f not in result.positive],
+            **self.decision_json(result),
             "heatmaps": result.heatmaps,
             "secondary_captures": result.secondary_captures,
             "images": result.images,
@@ -209,13 +251,14 @@ class InferenceRun:
         (study_dir / STUDY_JSON).write_text(json.dumps(self.study_json(result), indent=2))
 
     def csv_header(self) -> list:
-        return (["study_instance_uid", "study_pseudonym", "status", "num_images", "positive_findings"]
-                + [f"p_{f}" for f in self.findings] + ["model_version", "model_sha256", "thresholds", "message"])
+        decision, rule = ("predicted_class", "decision_rule") if self.multiclass else ("positive_findings", "thresholds")
+        return (["study_instance_uid", "study_pseudonym", "status", "num_images", decision]
+                + [f"p_{f}" for f in self.findings] + ["model_version", "model_sha256", rule, "message"])
 
     def csv_row(self, result: StudyResult) -> list:
         probs = [f"{result.probabilities[f]:.6f}" if result.probabilities else "" for f in self.findings]
-        return ([result.study_uid, result.study_pseudonym, result.status, len(result.images), "|".join(result.positive)]
-                + probs + [self.model_file.version, self.model_file.sha256, self.thresholds.source, result.message or ""])
+        return ([result.study_uid, result.study_pseudonym, result.status, len(result.images), "|".join(self._decided(result))]
+                + probs + [self.model_file.version, self.model_file.sha256, self.decision_rule, result.message or ""])
 
 
 def run_inference(
@@ -238,7 +281,7 @@ def run_inference(
         raise FileNotFoundError(f"DICOM input does not exist: {input_path}")
     run = InferenceRun(model_path, options)
     try:
-        discovery = discover_studies(Path(input_path))
+        discovery = discover_studies(Path(input_path), run.selection)
         for p in discovery.unassigned:
             if on_problem:
                 on_problem(p)
@@ -257,8 +300,8 @@ def run_inference(
                 f.flush()
                 if progress:
                     progress(len(results), len(plans))
-        summary = InferenceSummary(run.model_file, run.thresholds.source, results, list(discovery.unassigned),
-                                   run.out_dir, run.db_url)
+        summary = InferenceSummary(run.model_file, run.decision_rule, results, list(discovery.unassigned),
+                                   run.out_dir, run.db_url, run.task)
         (run.out_dir / SUMMARY_JSON).write_text(json.dumps(summary_json(summary), indent=2))
         return summary
     finally:
@@ -266,9 +309,13 @@ def run_inference(
 
 
 def summary_json(summary: InferenceSummary) -> dict:
+    if summary.task.is_multiclass:
+        decision = {"task": summary.task.name, "decision_rule": summary.thresholds_source}
+    else:
+        decision = {"thresholds": summary.thresholds_source}
     return {
         "model": {"file": str(summary.model.path), "sha256": summary.model.sha256, "version": summary.model.version},
-        "thresholds": summary.thresholds_source,
+        **decision,
         "studies": len(summary.results),
         "studies_ok": sum(r.status == STATUS_OK for r in summary.results),
         "studies_skipped": [r.study_uid for r in summary.results if r.status == STATUS_SKIPPED],

@@ -1,24 +1,29 @@
-"""Finding the studies in a DICOM file, folder or tree, and choosing the frontal chest radiographs to read.
+"""Finding the studies in a DICOM file, folder or tree, and choosing the images the task's model reads: frontal
+chest radiographs (chest_xray14) or axial brain MR slices (brain_mri), see ImageSelection.
 
-Every file ends up in exactly one place: read (a frontal CR/DX image of a study), ignored (a readable image that is
-not for this model, e.g. a lateral view of the same study), or a problem with the reason (anything unusable).
+Every file ends up in exactly one place: read (an image of a study this model is for), ignored (a readable image that
+is not for this model, e.g. a lateral view or a sagittal slice of the same study), or a problem with the reason
+(anything unusable, including another modality: a chest film given to the brain model, and vice versa).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from fedmed.data.dicom import UnusableDicomError, image_from_dataset, iter_dicom_files
+from fedmed.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec, get_task
 
 FRONTAL_MODALITIES = ("CR", "DX")
 FRONTAL_VIEWS = ("PA", "AP")
 CHEST = "CHEST"
+BRAIN_BODY_PARTS = ("BRAIN", "HEAD")
+AXIAL = "axial"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class StudyFile:
     path: Path
     sop_instance_uid: str
     view: str
+    modalities: tuple = FRONTAL_MODALITIES  # what the full read accepts (the task's selection)
 
 
 @dataclass
@@ -89,8 +95,75 @@ def selection_verdict(ds: pydicom.Dataset) -> tuple[str, Optional[str]]:
     return "read", None
 
 
-def discover_studies(root: Path) -> Discovery:
-    """Group every file under root (one file, a study folder or a tree) by StudyInstanceUID, reading headers only."""
+def slice_plane(ds: pydicom.Dataset) -> Optional[str]:
+    """"axial", "coronal" or "sagittal": the standard plane nearest to the slice (oblique axial brain slices, angled
+    to the AC-PC line, count as axial); None when ImageOrientationPatient is missing or unusable."""
+    try:
+        iop = np.asarray([float(v) for v in getattr(ds, "ImageOrientationPatient", None) or ()], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if iop.shape != (6,):
+        return None
+    normal = np.cross(iop[:3], iop[3:])
+    if not np.linalg.norm(normal) > 1e-6:
+        return None
+    return ("sagittal", "coronal", AXIAL)[int(np.argmax(np.abs(normal)))]  # patient x, y, z
+
+
+def brain_selection_verdict(ds: pydicom.Dataset) -> tuple[str, Optional[str]]:
+    """selection_verdict for the brain MR model: ("read", None), ("ignored", reason) or ("problem", reason).
+
+    Only axial MR slices of the brain are read. Other modalities go to the full read, which names them (a chest
+    radiograph: "modality CR is not one of ['MR']"). A sagittal or coronal slice is ignored: brain studies hold them.
+    """
+    if _text(ds, "Modality") != "MR":
+        return "read", None
+    body_part = _text(ds, "BodyPartExamined")
+    if body_part and body_part not in BRAIN_BODY_PARTS:
+        return "problem", f"body part {body_part} is not {'/'.join(BRAIN_BODY_PARTS)}; this model reads brain MR only"
+    plane = slice_plane(ds)
+    if plane is None:
+        return "problem", "no usable ImageOrientationPatient: cannot tell an axial from a sagittal or coronal slice"
+    if plane != AXIAL:
+        return "ignored", f"{plane} slice is not axial; only axial slices are read"
+    return "read", None
+
+
+@dataclass(frozen=True)
+class ImageSelection:
+    """Which images of a study a task's model reads.
+
+    Args:
+        modalities: the DICOM Modality values read (the full read rejects any other, naming it).
+        verdict: header -> ("read" | "ignored" | "problem", reason or None).
+        view: header -> what the result lists as the image's view ("PA", "axial", ...).
+        description: what a study without one usable image lacks, e.g. "frontal chest radiograph (CR/DX, PA/AP)".
+    """
+
+    modalities: tuple
+    verdict: Callable[[pydicom.Dataset], tuple]
+    view: Callable[[pydicom.Dataset], str]
+    description: str
+
+
+CHEST_SELECTION = ImageSelection(FRONTAL_MODALITIES, selection_verdict, lambda ds: _text(ds, "ViewPosition"),
+                                 "frontal chest radiograph (CR/DX, PA/AP)")
+BRAIN_SELECTION = ImageSelection(tuple(sorted(BRAIN_MRI.modalities)), brain_selection_verdict,
+                                 lambda ds: slice_plane(ds) or "", "axial brain MR slice (MR, axial)")
+SELECTIONS = {CHEST_XRAY14.name: CHEST_SELECTION, BRAIN_MRI.name: BRAIN_SELECTION}
+
+
+def selection_for(task) -> ImageSelection:
+    """The image selection of a task (a TaskSpec or its name; None = chest); raises naming the tasks that have one."""
+    spec: TaskSpec = get_task(task)
+    if spec.name not in SELECTIONS:
+        raise ValueError(f"task {spec.name!r} has no inference image selection; tasks with one: {sorted(SELECTIONS)}")
+    return SELECTIONS[spec.name]
+
+
+def discover_studies(root: Path, selection: ImageSelection = CHEST_SELECTION) -> Discovery:
+    """Group every file under root (one file, a study folder or a tree) by StudyInstanceUID, reading headers only;
+    `selection` says which images are read."""
     plans: dict[str, StudyPlan] = {}
     unassigned = []
     for path in iter_dicom_files(root):
@@ -104,14 +177,14 @@ def discover_studies(root: Path) -> Discovery:
             unassigned.append(FileProblem(path, "no StudyInstanceUID; cannot tell which study it belongs to"))
             continue
         plan = plans.setdefault(study_uid, StudyPlan(study_uid, str(getattr(ds, "PatientID", "") or "")))
-        verdict, reason = selection_verdict(ds)
+        verdict, reason = selection.verdict(ds)
         if verdict == "ignored":
             plan.ignored.append(FileProblem(path, reason))
         elif verdict == "problem":
             plan.problems.append(FileProblem(path, reason))
         else:
             sop = str(getattr(ds, "SOPInstanceUID", "") or "")
-            plan.files.append(StudyFile(path, sop, _text(ds, "ViewPosition")))
+            plan.files.append(StudyFile(path, sop, selection.view(ds), selection.modalities))
     return Discovery(tuple(plans[k] for k in sorted(plans)), tuple(unassigned))
 
 
@@ -121,7 +194,7 @@ def read_study_file(file: StudyFile) -> StudyImage:
         ds = pydicom.dcmread(file.path)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as e:
         raise UnusableDicomError(file.path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
-    return StudyImage(file, image_from_dataset(ds, file.path, FRONTAL_MODALITIES))
+    return StudyImage(file, image_from_dataset(ds, file.path, file.modalities))
 
 
 def load_study(plan: StudyPlan) -> tuple[list, list]:
@@ -137,13 +210,19 @@ def load_study(plan: StudyPlan) -> tuple[list, list]:
     return images, problems
 
 
-def frontal_image_datalist(root: str) -> list[dict]:
-    """MONAI data list ``[{"image": path}, ...]`` of every decodable frontal chest radiograph under root, in
-    StudyInstanceUID then file order: the same selection scripts/infer makes (used by the exported bundle)."""
+def task_image_datalist(root: str, task: Optional[str] = None) -> list[dict]:
+    """MONAI data list ``[{"image": path}, ...]`` of every decodable image under root that the task's model reads,
+    in StudyInstanceUID then file order: the same selection scripts/infer makes (used by the exported bundle)."""
+    selection = selection_for(task)
     out = []
-    for plan in discover_studies(Path(root)).studies:
+    for plan in discover_studies(Path(root), selection).studies:
         images, _ = load_study(plan)
         out.extend({"image": str(im.file.path)} for im in images)
     if not out:
-        raise ValueError(f"no usable frontal chest radiograph (CR/DX, PA/AP) under {root}")
+        raise ValueError(f"no usable {selection.description} under {root}")
     return out
+
+
+def frontal_image_datalist(root: str) -> list[dict]:
+    """task_image_datalist for the chest model (the name bundles exported before the brain task refer to)."""
+    return task_image_datalist(root, CHEST_XRAY14.name)
