@@ -57,7 +57,7 @@ class FedMedController(ModelController):
         task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
-        final_model_timeout: int = 600,
+        final_model_timeout: int = 120,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -91,7 +91,8 @@ class FedMedController(ModelController):
             he_context_file: the server's TenSEAL context (no secret key; refused if it has one). Default:
                 <startup kit>/startup/server_context.tenseal, written at provisioning.
             final_model_timeout: seconds to wait for the sites to acknowledge the final global model, which each
-                keeps as its own usable (decrypted) copy.
+                keeps as its own usable (decrypted) copy. It goes, after the run is recorded finished, to the sites
+                that answered the last round (a site that died since is not waited for longer than this).
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -170,6 +171,7 @@ class FedMedController(ModelController):
 
         model = self.load_model()
         best_round, best_score, status = None, -math.inf, "finished"
+        last_round_sites: list = []
         try:
             if self.he_layers:  # inside the try: a refused context ends the run recorded as failed, with the reason
                 test_ds = self._setup_he(eval_model, test_ds)
@@ -193,6 +195,7 @@ class FedMedController(ModelController):
                 if self.abort_signal.triggered:
                     status = "aborted"
                     break
+                last_round_sites = [_site_of(r) for r in results]
                 reference = {k: v for k, v in model.params.items() if k not in self._he_names}
                 valid, records = self._screen(results, targets, reference)
                 active = [r for r in valid if not self._is_quarantined(_site_of(r))]
@@ -234,8 +237,6 @@ class FedMedController(ModelController):
                     + (f", test loss {test_loss:.4f}" if test_loss is not None else "")
                     + f"; best {best_score:.4f} (round {best_round + 1})"
                 )
-            if status == "finished":
-                self._send_final_model(model)
         except Exception as e:
             status = "failed"
             self.error(f"run {run_uid} failed: {secure_format_exception(e)}")
@@ -247,6 +248,8 @@ class FedMedController(ModelController):
                 self.error(f"database still unavailable at job end; {len(db.journal.pending())} write(s) remain in "
                            f"{db.journal.path}")
             db.close()
+        if status == "finished":
+            self._send_final_model(model, last_round_sites)
         self.info(f"run {run_uid} {status}; best {self._task.score_name} {best_score:.4f} at round {best_round + 1 if best_round is not None else '-'}")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -282,9 +285,13 @@ class FedMedController(ModelController):
                   f"({combined.nbytes / 1e6:.2f} MB, {time.monotonic() - t0:.2f}s)")
         return combined
 
-    def _send_final_model(self, model: FLModel) -> None:
+    def _send_final_model(self, model: FLModel, sites: list) -> None:
         """Each site keeps the final global model as its own usable copy (decrypted there when HE is on)."""
-        targets = self.sample_clients()
+        connected = set(self.sample_clients())
+        targets = [s for s in sites if s in connected]
+        if not targets:
+            self.warning("no site from the last round is connected: the final global model stays on the server")
+            return
         try:
             # min_responses=1: a site that cannot take the model (e.g. other keys) must not fail a finished run.
             results = self.broadcast_model(task_name=C.TASK_FINAL_MODEL, data=model, targets=targets, min_responses=1,
