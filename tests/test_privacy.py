@@ -89,3 +89,30 @@ def test_an_uncertifiable_ceiling_is_refused_with_the_reason(tiny):
     with pytest.raises(BudgetExceeded, match="no noise level lets the RDP accountant certify epsilon 0.01"):
         site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, total_epochs=50)
     assert site.epsilon_spent == 0.0
+
+
+def test_dp_sgd_trains_only_the_chosen_layers_and_leaves_the_model_whole(tiny):
+    site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0))
+    model = build_densenet121(14, norm="group")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, info = site.train_round(model, tiny, 1, 1e-2, 6, seed=0, total_epochs=2,
+                                   trainable=["features.denseblock4.denselayer16.", "class_layers."])
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("features.denseblock4.denselayer16.", "class_layers.")) for k in moved)
+    assert "class_layers.out.weight" in moved
+    assert all(p.requires_grad for p in model.parameters())  # frozen only for the round
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    # the accountant does not depend on how many coordinates are trained
+    ref = RDPAccountant()
+    ref.history = [(1.0, 6 / 24, info.steps)]
+    assert info.epsilon == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_unknown_trainable_layers_are_named(tiny):
+    site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0))
+    model = build_densenet121(14, norm="group")
+    with pytest.raises(ValueError, match=r"\['features.denseblock9'\] match no parameter"):
+        site.train_round(model, tiny, 1, 1e-3, 6, seed=0, total_epochs=2, trainable=["features.denseblock9"])
+    assert site.epsilon_spent == 0.0
+    assert all(p.requires_grad for p in model.parameters())

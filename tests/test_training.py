@@ -47,3 +47,15 @@ def test_state_round_trip_and_mismatch_is_named():
     del bad["class_layers.out.weight"]
     with pytest.raises(ValueError, match="missing"):
         load_numpy_state(m, bad)
+
+
+def test_training_only_chosen_layers_keeps_the_rest_frozen(site_data):
+    train, _ = site_data
+    torch.manual_seed(0)
+    model = build_densenet121(14, norm="group")
+    before = state_to_numpy(model)
+    train_epochs(model, train, 1, 1e-3, 4, seed=0, trainable=["features.norm5.", "class_layers.out."])
+    after = state_to_numpy(model)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved == {"features.norm5.weight", "features.norm5.bias", "class_layers.out.weight", "class_layers.out.bias"}
+    assert all(p.requires_grad for p in model.parameters())

@@ -5,7 +5,7 @@ compared quickly. It measures the algorithms, not NVFlare's transport; the simul
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,12 +37,17 @@ def federate(
     batch_size: int = 16,
     seed: int = 0,
     task: TaskSpec = CHEST_XRAY14,
+    trainable: Optional[Sequence[str]] = None,
+    initial_params: Optional[dict] = None,
 ) -> dict:
     """Run `rounds` of FL over the given site datasets; returns the final test mean AUROC ("auroc"), the task's
-    score ("score") and per-site epsilon."""
+    score ("score") and per-site epsilon. trainable: parameter-name prefixes the sites train (None = all);
+    initial_params: the global model of round 1 (None = a fresh DenseNet-121 from `seed`)."""
     hostile = hostile or {}
     torch.manual_seed(seed)
     global_params = state_to_numpy(build_densenet121(task.num_outputs, norm=norm))
+    if initial_params is not None:
+        global_params = {k: np.array(v, copy=True) for k, v in initial_params.items()}
     model = build_densenet121(task.num_outputs, norm=norm)
     aggregate = get_aggregator(aggregation)
     dp = {name: SitePrivacy(privacy) for name in train_sets} if privacy else {}
@@ -62,11 +67,11 @@ def federate(
             if dp:
                 try:
                     model, _ = dp[name].train_round(model, ds, 1, lr_r, batch_size, seed + 100 * r, total_epochs=rounds,
-                                                    task=task)
+                                                    task=task, trainable=trainable)
                 except BudgetExceeded:
                     continue
             else:
-                train_epochs(model, ds, 1, lr_r, batch_size, seed + 100 * r, task=task)
+                train_epochs(model, ds, 1, lr_r, batch_size, seed + 100 * r, task=task, trainable=trainable)
             params = state_to_numpy(model)
             if name in hostile:
                 params = apply_attack(params, global_params, hostile[name], r)

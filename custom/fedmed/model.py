@@ -45,3 +45,24 @@ def load_numpy_state(model: torch.nn.Module, params: dict) -> None:
             raise ValueError(f"parameter {k}: shape {tuple(t.shape)} != model's {tuple(own[k].shape)}")
         tensors[k] = t.to(own[k].dtype)
     model.load_state_dict(tensors)
+
+
+def set_trainable(model: torch.nn.Module, prefixes=None) -> list:
+    """Train only the parameters whose names start with one of `prefixes` (None = all); the rest are frozen at the
+    values they hold. Returns the trainable parameter names. DP-SGD spreads the same noise over every trainable
+    coordinate, so a small trainable set (e.g. the last dense block and the head) keeps more signal per step."""
+    names = [n for n, _ in model.named_parameters()]
+    if prefixes is None:
+        chosen = names
+    else:
+        if isinstance(prefixes, str) or not prefixes or not all(isinstance(p, str) and p for p in prefixes):
+            raise ValueError(f"trainable layers must be a non-empty list of parameter-name prefixes, got {prefixes!r}")
+        unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+        if unmatched:
+            raise ValueError(f"trainable layers {unmatched} match no parameter of the model "
+                             f"(its top-level blocks: {sorted({'.'.join(n.split('.')[:2]) for n in names})})")
+        chosen = [n for n in names if n.startswith(tuple(prefixes))]
+    wanted = set(chosen)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in wanted)
+    return chosen

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedmed.model import set_trainable
 from fedmed.tasks import CHEST_XRAY14, TaskSpec
 
 
@@ -40,22 +41,28 @@ def train_epochs(
     should_abort: Callable[[], bool] = lambda: False,
     on_epoch_end: Optional[Callable[[int, float], None]] = None,
     task: TaskSpec = CHEST_XRAY14,
+    trainable: Optional[Sequence[str]] = None,
 ) -> float:
     """Train with Adam and the task's loss; returns the last epoch's mean loss. The optimizer is fresh each call
-    (each FL round starts from the new global model)."""
+    (each FL round starts from the new global model). trainable: parameter-name prefixes to train (None = all);
+    the others stay frozen for this call."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(dataset) > batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    epoch_loss = float("nan")
-    for epoch in range(epochs):
-        epoch_loss = run_epoch(model, loader, opt, should_abort, f"epoch {epoch + 1}", task)
-        if on_epoch_end:
-            on_epoch_end(epoch + 1, epoch_loss)
+    set_trainable(model, trainable)
+    try:
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        model.train()
+        epoch_loss = float("nan")
+        for epoch in range(epochs):
+            epoch_loss = run_epoch(model, loader, opt, should_abort, f"epoch {epoch + 1}", task)
+            if on_epoch_end:
+                on_epoch_end(epoch + 1, epoch_loss)
+    finally:
+        set_trainable(model, None)
     return epoch_loss
 
 

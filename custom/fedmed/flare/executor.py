@@ -27,7 +27,7 @@ from fedmed import constants as C
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_train_val
 from fedmed.flare.persistor import save_state
-from fedmed.model import NORMS, build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
@@ -53,6 +53,7 @@ class FedMedTrainer(Executor):
         task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
+        dp_train_layers: Optional[list] = None,
     ):
         """Local trainer for one hospital.
 
@@ -73,6 +74,10 @@ class FedMedTrainer(Executor):
                 ["class_layers.out."]); None or empty = no HE. Must match the server's.
             he_context_file: this hospital's TenSEAL context with the secret key. Default:
                 <startup kit>/startup/client_context.tenseal, written at provisioning.
+            dp_train_layers: parameter-name prefixes a site trains when its policy says DP-SGD (e.g.
+                ["features.denseblock4.", "features.norm5.", "class_layers."]); the rest stay at the global model's
+                values. None = all. DP noise is spread over every trained coordinate, so fine-tuning the top of a
+                pretrained model privately keeps far more signal than training all 7M weights.
         """
         super().__init__()
         if image_size < 32:
@@ -100,6 +105,10 @@ class FedMedTrainer(Executor):
             raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
         self.he_layers = list(he_layers) if he_layers else None
         self.he_context_file = he_context_file
+        if dp_train_layers is not None and (isinstance(dp_train_layers, str) or not dp_train_layers
+                                            or not all(isinstance(x, str) and x for x in dp_train_layers)):
+            raise ValueError(f"dp_train_layers must be a non-empty list of parameter-name prefixes, got {dp_train_layers!r}")
+        self.dp_train_layers = list(dp_train_layers) if dp_train_layers else None
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
         self._site: Optional[SiteConfig] = None
@@ -155,8 +164,12 @@ class FedMedTrainer(Executor):
                 raise ValueError(f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
                                  "normalisation, which DP-SGD cannot privatise; the job must use norm='group'")
             self._privacy = SitePrivacy(policy)
+            trained = set_trainable(self._model, self.dp_train_layers)  # names a prefix that matches nothing
+            set_trainable(self._model, None)
+            what = "all" if self.dp_train_layers is None else f"{self.dp_train_layers}:"
             self.log_info(fl_ctx, f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
-                                  f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}")
+                                  f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}; trains "
+                                  f"{what} {len(trained)} parameter tensors")
         self.log_info(
             fl_ctx,
             f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
@@ -261,7 +274,7 @@ class FedMedTrainer(Executor):
             self._model, dp = self._privacy.train_round(
                 self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
                 total_epochs=total_rounds * self.local_epochs, should_abort=lambda: abort_signal.triggered,
-                task=self._task,
+                task=self._task, trainable=self.dp_train_layers,
             )
             train_loss = dp.train_loss
             privacy_meta = {C.META_EPSILON: dp.epsilon, C.META_DELTA: dp.delta,

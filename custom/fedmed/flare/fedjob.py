@@ -53,13 +53,17 @@ def build_job(
     he_layers: list | None = None,
     he_keys_dir: Path | None = None,
     privacy_scope: str | None = None,
+    dp_train_layers: list | None = None,
+    initial_weights: str | None = None,
 ) -> FedJob:
     """The job as code. With data_root (simulation) each site's executor is pointed at
     <data_root>/<site>/fedmed_site.json and the server at <data_root>/global_test; without it (deployment) sites use
     their kit's local/fedmed_site.json and the server evaluates by the sites' validation scores.
     With he_layers those parameters travel CKKS-encrypted; the keys come from the startup kits (provisioning), or
     in simulation from he_keys_dir/<site>/ (see prepare_simulator_keys). privacy_scope names the NVFlare privacy
-    scope the job runs under at each site (its local/privacy.json may set a DP ceiling for that scope)."""
+    scope the job runs under at each site (its local/privacy.json may set a DP ceiling for that scope).
+    dp_train_layers: parameter-name prefixes sites train under DP-SGD (None = all); initial_weights: a state-dict
+    file the server starts round 1 from (e.g. a model pretrained on public data), read on the server."""
     spec = get_task(task)  # fail here, naming the valid tasks, not in a site process
     sites = list(sites)
     # Default: one site may fail, refuse or be quarantined without stopping the job (all are still waited for).
@@ -85,13 +89,14 @@ def build_job(
         he_layers=he_layers,
     )
     job.to_server(controller)
-    job.to_server(FedMedModelPersistor(num_outputs=spec.num_outputs, seed=seed, norm=norm), id="persistor")
+    job.to_server(FedMedModelPersistor(num_outputs=spec.num_outputs, initial_weights=initial_weights, seed=seed,
+                                       norm=norm), id="persistor")
     for site in sites:
         site_config = str(Path(data_root) / site / "fedmed_site.json") if data_root else None
         he_context = str(Path(he_keys_dir) / site / ckks.CLIENT_CONTEXT_FILE) if he_layers and he_keys_dir else None
         trainer = FedMedTrainer(site_config=site_config, image_size=image_size, local_epochs=local_epochs, lr=lr,
                                 batch_size=batch_size, seed=seed, norm=norm, task=spec.name, he_layers=he_layers,
-                                he_context_file=he_context)
+                                he_context_file=he_context, dp_train_layers=dp_train_layers)
         job.to(trainer, site, tasks=["train", C.TASK_FINAL_MODEL])
     return job
 
@@ -169,6 +174,12 @@ def job_main(argv, name: str, task: str, description: str, default_workspace: Pa
                    help=f"send the classifier head ({HEAD_PREFIX}*) CKKS-encrypted; the server aggregates it blind")
     p.add_argument("--he-layers", help="comma-separated parameter names or prefixes ending in '.' to encrypt "
                                        "(implies --he; default the classifier head)")
+    p.add_argument("--dp-train-layers",
+                   help="comma-separated parameter-name prefixes a site trains under DP-SGD (default all), e.g. "
+                        "features.denseblock4.,features.norm5.,class_layers.")
+    p.add_argument("--initial-weights", type=Path,
+                   help="state-dict file (.pt) the global model starts from, e.g. one pretrained on public data; "
+                        "nothing is ever downloaded")
     p.set_defaults(**(defaults or {}))
     a = p.parse_args(argv)
     sites = [s.strip() for s in a.sites.split(",") if s.strip()]
@@ -182,6 +193,9 @@ def job_main(argv, name: str, task: str, description: str, default_workspace: Pa
         if missing:
             p.error(f"no fedmed_site.json for {missing} under {a.data_root}; generate the hospitals first")
     he_layers = [x.strip() for x in a.he_layers.split(",") if x.strip()] if a.he_layers else None
+    dp_train_layers = [x.strip() for x in a.dp_train_layers.split(",") if x.strip()] if a.dp_train_layers else None
+    if a.initial_weights is not None and not a.initial_weights.is_file():
+        p.error(f"--initial-weights {a.initial_weights}: no such file")
     if a.he and not he_layers:
         he_layers = [HEAD_PREFIX]
     he_keys = he_keys_dir_for(a.workspace, name) if he_layers and a.export is None else None
@@ -189,6 +203,8 @@ def job_main(argv, name: str, task: str, description: str, default_workspace: Pa
         sites, a.data_root.resolve() if a.data_root else None, a.rounds, a.min_clients, a.round_timeout,
         a.straggler_wait, a.aggregation, a.image_size, a.local_epochs, a.lr, a.batch_size, a.seed, a.norm, a.db_url,
         name=name, task=task, he_layers=he_layers, he_keys_dir=he_keys, privacy_scope=a.scope,
+        dp_train_layers=dp_train_layers,
+        initial_weights=str(a.initial_weights.resolve()) if a.initial_weights else None,
     )
     if a.export:
         job.export_job(str(a.export))

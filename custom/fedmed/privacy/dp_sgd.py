@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from opacus import PrivacyEngine
@@ -18,6 +18,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, Dataset
 
+from fedmed.model import set_trainable
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.tasks import CHEST_XRAY14, TaskSpec
 from fedmed.training import run_epoch
@@ -87,11 +88,21 @@ class SitePrivacy:
         total_epochs: int,
         should_abort: Callable[[], bool] = lambda: False,
         task: TaskSpec = CHEST_XRAY14,
+        trainable: Optional[Sequence[str]] = None,
     ) -> tuple[torch.nn.Module, RoundPrivacy]:
         """One round of DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise). Raises BudgetExceeded
-        before touching the data if the round would exceed the ceiling. Returns the trained plain module."""
+        before touching the data if the round would exceed the ceiling. Returns the trained plain module.
+        trainable: parameter-name prefixes trained with DP-SGD (None = all); the rest stay frozen at the global
+        model's values, so the clipped signal is not diluted by noise on coordinates that do not move."""
         model.train()  # Opacus validates (and hooks) a model in training mode
         check_dp_compatible(model)
+        set_trainable(model, trainable)
+        try:
+            return self._train_round(model, dataset, epochs, lr, batch_size, seed, total_epochs, should_abort, task)
+        finally:
+            set_trainable(model, None)
+
+    def _train_round(self, model, dataset, epochs, lr, batch_size, seed, total_epochs, should_abort, task):
         # Opacus' Poisson loader draws len(loader) = ceil(N / B) batches per epoch at rate 1 / len(loader);
         # calibrate and predict with exactly those numbers, so the ceiling is met at the last round, not overshot.
         steps_per_epoch = math.ceil(len(dataset) / batch_size)
@@ -101,7 +112,7 @@ class SitePrivacy:
         engine.accountant = self.accountant  # the site's accountant, across rounds
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure RNG: documented, we run without secure_mode
             private_model, private_opt, private_loader = engine.make_private(
