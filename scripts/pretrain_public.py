@@ -29,39 +29,48 @@ from fedmed.flare.persistor import save_state  # noqa: E402
 from fedmed.model import NORMS, build_densenet121, state_to_numpy  # noqa: E402
 from fedmed.site_config import DataConfig  # noqa: E402
 from fedmed.tasks import DEFAULT_TASK, TASKS, get_task  # noqa: E402
-from fedmed.training import evaluate, train_epochs  # noqa: E402
+from fedmed.training import evaluate, round_lr, train_epochs  # noqa: E402
 
 
 def pretrain(data: DataConfig, out: Path, task_name: str = DEFAULT_TASK, epochs: int = 5, image_size: int = 128,
              batch_size: int = 32, lr: float = 1e-3, norm: str = "group", seed: int = 0, progress: bool = True) -> dict:
     """Train on `data` (its train split), keep the epoch with the best validation score, save it to `out` with
     what it was trained on in the file's meta. Returns that meta."""
+    task = get_task(task_name)
+    train, val = load_train_val(data, image_size, seed, task)
+    params, meta = pretrain_on(train, val, task, epochs, batch_size, lr, norm, seed, progress)
+    meta.update(pretrained_on=str(data.root), format=data.format, image_size=image_size)
+    save_state(params, out, meta)  # atomic: an interrupted run never leaves a half-written weights file
+    return meta
+
+
+def pretrain_on(train, val, task, epochs: int, batch_size: int, lr: float, norm: str, seed: int,
+                progress: bool = True) -> tuple[dict, dict]:
+    """The training behind pretrain(), on datasets already loaded (the benchmarks pool several synthetic public
+    sites): returns (parameters of the best validation epoch, meta)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    task = get_task(task_name)
-    train, val = load_train_val(data, image_size, seed, task)
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"{data.root}: {len(train)} training and {len(val)} validation images; both must be > 0")
+        raise ValueError(f"{len(train)} training and {len(val)} validation images; both must be > 0")
     torch.manual_seed(seed)
     model = build_densenet121(task.num_outputs, norm=norm)
     best, best_score, history = None, -1.0, []
     bar = tqdm(range(epochs), desc="pretraining", unit="epoch", disable=not progress)
     t0 = time.perf_counter()
     for epoch in bar:
-        loss = train_epochs(model, train, 1, lr, batch_size, seed + epoch, task=task)
+        # cosine decay over the epochs, as over FL rounds: the last epochs refine rather than jump around
+        loss = train_epochs(model, train, 1, round_lr(lr, epoch, epochs), batch_size, seed + epoch, task=task)
         val_result = evaluate(model, val, task)
         history.append({"epoch": epoch + 1, "train_loss": loss, task.score_name: val_result.score})
         bar.set_postfix(loss=f"{loss:.4f}", **{task.score_name: f"{val_result.score:.3f}"})
         if val_result.score > best_score:
             best, best_score = state_to_numpy(model), val_result.score
-    meta = {"pretrained_on": str(data.root), "format": data.format, "task": task.name, "norm": norm,
-            "image_size": image_size, "epochs": epochs, "train_images": len(train), "val_images": len(val),
+    meta = {"task": task.name, "norm": norm, "epochs": epochs, "train_images": len(train), "val_images": len(val),
             "best_val_score": best_score, "score_name": task.score_name, "seconds": time.perf_counter() - t0,
             "history": history}
-    save_state(best, out, meta)  # atomic: an interrupted run never leaves a half-written weights file
-    return meta
+    return best, meta
 
 
 def main(argv=None) -> int:

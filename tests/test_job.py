@@ -136,12 +136,24 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
     privacy = {"hospital-a": {"preset": "moderate"}, "hospital-b": {"preset": "weak"},
                "hospital-c": {"epsilon": 5.5, "noise_multiplier": 1.0}}
     _write_site_configs(tiny_hospitals, privacy=privacy)
+    # Start from "pretrained" weights (another seed than the persistor's) and DP-train only the top of the network.
+    from fedmed.flare.persistor import save_state
+
+    torch.manual_seed(123)
+    pretrained = state_to_numpy(build_densenet121(14, norm="group"))
+    save_state(pretrained, tmp_path / "public.pt", {"pretrained_on": "test"})
+    trained = ("features.denseblock4.denselayer16.", "features.norm5.", "class_layers.")
     try:
         repo, run_id = _simulate(tiny_hospitals, tmp_path / "ws", tmp_path / "dp.db", "--rounds", "2", "--norm", "group",
-                                 "--min-clients", "2")
+                                 "--min-clients", "2", "--initial-weights", str(tmp_path / "public.pt"),
+                                 "--dp-train-layers", ",".join(trained))
     finally:
         _write_site_configs(tiny_hospitals)
     assert repo.get_run(run_id).status == "finished"
+    final = torch.load(tmp_path / "ws" / "cxr_densenet" / "server" / "simulate_job" / "app_server" / "global_model.pt",
+                       weights_only=True)["state_dict"]
+    moved = {k for k in pretrained if not np.allclose(pretrained[k], final[k].numpy(), atol=1e-6)}
+    assert "class_layers.out.weight" in moved and all(k.startswith(trained) for k in moved)
     spend = {(p["round"], p["site"]): p for p in repo.privacy_spend(run_id)}
     for r in (0, 1):
         for site in ("hospital-a", "hospital-b"):
