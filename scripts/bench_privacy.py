@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Benchmark: global test AUROC at each privacy level, and DP-SGD vs plain training time per local epoch.
 
-    python scripts/bench_privacy.py [--rounds 3] [--image-size 64] [--out docs/bench_privacy.md]
-    python scripts/bench_privacy.py --data data/bench_privacy_large --per-site 1000 --generate-sites 3 \
-        --batch-size 128 --levels inf,8 --out docs/bench_privacy_large.md     # hospital-sized sites
+    python scripts/bench_privacy.py                   # the recommended DP setup -> docs/bench_privacy.md
+    python scripts/bench_privacy.py --from-scratch --dp-train-layers all --levels inf,8 \
+        --out docs/bench_privacy_scratch.md           # DP-SGD on all 7M weights of a fresh model, for comparison
 
-Every run uses the same DP-compatible DenseNet-121 (GroupNorm, non-inplace ReLU), with and without DP, so the
-numbers compare. Sites: the first 3 synthetic sites of scripts/bench_robustness.py (generated if missing; --per-site
-and --generate-sites only apply when the data folder is generated, and 80% of each site is its training split).
+Setup: 3 synthetic hospitals (--per-site images each, 80% training), FedAvg, --rounds rounds of one local epoch,
+GroupNorm DenseNet-121 (non-inplace ReLU) in every row, with and without DP, so the numbers compare. Unless
+--from-scratch, the global model starts from a DenseNet-121 pretrained without DP on a separate synthetic "public"
+set (other seed, --public-images images), as a consortium would start from a model trained on public ChestX-ray14;
+DP sites then train only --dp-train-layers. Rows: the starting model itself, no DP training every layer (the
+baseline), no DP training only the DP layers, then each epsilon ceiling (delta 1e-5, clip 1.0, noise calibrated to
+spend the ceiling by the last round).
 """
 
 from __future__ import annotations
@@ -22,17 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from torch.utils.data import ConcatDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench_robustness import load_train_sets, make_sites  # noqa: E402
-from fedmed.data.loading import load_test  # noqa: E402
+from fedmed.data.loading import load_test, load_train_val  # noqa: E402
+from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals  # noqa: E402
+from fedmed.flare.persistor import save_state  # noqa: E402
 from fedmed.inprocess import federate  # noqa: E402
-from fedmed.model import build_densenet121  # noqa: E402
+from fedmed.model import build_densenet121, load_numpy_state, set_trainable  # noqa: E402
 from fedmed.privacy.dp_sgd import SitePrivacy  # noqa: E402
 from fedmed.privacy.policy import PrivacyPolicy  # noqa: E402
-from fedmed.training import train_epochs  # noqa: E402
+from fedmed.site_config import DataConfig  # noqa: E402
+from fedmed.tasks import CHEST_XRAY14  # noqa: E402
+from fedmed.training import evaluate, train_epochs  # noqa: E402
+from pretrain_public import pretrain_on  # noqa: E402
 
 LEVELS = (("no DP", math.inf), ("weak", 8.0), ("moderate", 3.0), ("strong", 1.0), ("not a preset", 0.1))
+DEFAULT_DP_LAYERS = "features.denseblock4.,features.norm5.,class_layers."
 
 
 def parse_levels(text: str) -> list:
@@ -52,92 +63,157 @@ def parse_levels(text: str) -> list:
     return [level for level in LEVELS if level[1] in wanted]
 
 
-def epoch_times(train, batch_size: int, lr: float, seed: int) -> tuple[float, float]:
-    """Seconds for one local epoch, plain vs DP-SGD, same model architecture, back to back in this process."""
-    torch.manual_seed(seed)
-    model = build_densenet121(14, norm="group")
-    t = time.perf_counter()
-    train_epochs(model, train, 1, lr, batch_size, seed)
-    plain = time.perf_counter() - t
-    site = SitePrivacy(PrivacyPolicy(epsilon=1e6, noise_multiplier=1.0))
-    t = time.perf_counter()
-    site.train_round(model, train, 1, lr, batch_size, seed, total_epochs=1)
-    return plain, time.perf_counter() - t
+def parse_layers(text: str):
+    """'all' -> None (every parameter), else the comma-separated prefixes."""
+    if text.strip() == "all":
+        return None
+    layers = [x.strip() for x in text.split(",") if x.strip()]
+    if not layers:
+        raise ValueError("--dp-train-layers is empty (use 'all' or parameter-name prefixes)")
+    return layers
+
+
+def public_model(root: Path, n_images: int, epochs: int, image_size: int, seed: int) -> tuple[dict, dict]:
+    """A DenseNet-121 pretrained without DP on a synthetic public set (3 scanners, another seed than the
+    hospitals'), generated and trained once, then cached beside it."""
+    weights = root / f"public_densenet121_{n_images}img_{image_size}px_{epochs}ep_seed{seed}.pt"
+    if not weights.is_file():
+        public = root / "public"
+        names = [f"public-{i}" for i in range(3)]
+        if not (public / "global_test" / "labels.csv").exists():
+            specs = [HospitalSpec(n, n_images // 3, DEFAULT_HOSPITALS[i].scanner) for i, n in enumerate(names)]
+            generate_hospitals(public, specs, num_test=20, seed=seed + 1, size=128)
+        splits = [load_train_val(DataConfig("dicom", public / n / "dicom", public / n / "labels.csv"), image_size, seed)
+                  for n in names]
+        params, meta = pretrain_on(ConcatDataset([s[0] for s in splits]), ConcatDataset([s[1] for s in splits]),
+                                   CHEST_XRAY14, epochs, 64, 1e-3, "group", seed)
+        meta.update(pretrained_on=str(public), format="dicom", image_size=image_size)
+        save_state(params, weights, meta)
+    blob = torch.load(weights, weights_only=True)
+    return {k: v.numpy() for k, v in blob["state_dict"].items()}, blob["meta"]
+
+
+def epoch_times(train, batch_size: int, lr: float, seed: int, layers) -> dict:
+    """Seconds for one local epoch, back to back in this process: plain and DP-SGD on every layer (same model),
+    and DP-SGD on `layers` only."""
+    out = {}
+    for label, dp, trainable in (("plain", False, None), ("dp", True, None), ("dp_layers", True, layers)):
+        if label == "dp_layers" and layers is None:
+            continue
+        torch.manual_seed(seed)
+        model = build_densenet121(14, norm="group")
+        t = time.perf_counter()
+        if dp:
+            SitePrivacy(PrivacyPolicy(epsilon=1e6, noise_multiplier=1.0)).train_round(
+                model, train, 1, lr, batch_size, seed, total_epochs=1, trainable=trainable)
+        else:
+            train_epochs(model, train, 1, lr, batch_size, seed)
+        out[label] = time.perf_counter() - t
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("data/bench_robustness"))
+    p.add_argument("--data", type=Path, default=Path("data/bench_privacy"))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--per-site", type=int, default=100, help="images per generated site (train + validation)")
-    p.add_argument("--generate-sites", type=int, default=5,
-                   help="sites to generate when --data is missing (5 = bench_robustness' layout; 3 are used)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--per-site", type=int, default=1000, help="images per generated hospital (train + validation)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of round 1 (cosine decay over rounds)")
     p.add_argument("--levels", default="inf,8,3,1,0.1", help="epsilon ceilings to run, comma-separated; inf = no DP")
+    p.add_argument("--dp-train-layers", default=DEFAULT_DP_LAYERS,
+                   help="parameter-name prefixes DP sites train, comma-separated, or 'all'")
+    p.add_argument("--from-scratch", action="store_true", help="start from a fresh model, not the public one")
+    p.add_argument("--public-images", type=int, default=3000, help="size of the synthetic public pretraining set")
+    p.add_argument("--public-epochs", type=int, default=6)
     p.add_argument("--skip-epoch-timing", action="store_true",
-                   help="do not time one plain and one DP-SGD epoch (saves two epochs on a long run)")
+                   help="do not time plain and DP-SGD epochs (saves three epochs on a long run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/bench_privacy.md"))
     a = p.parse_args(argv)
     try:
         levels = parse_levels(a.levels)
+        layers = parse_layers(a.dp_train_layers)
     except ValueError as e:
         p.error(str(e))
-    if a.generate_sites < 3:
-        p.error(f"--generate-sites must be >= 3 (the benchmark federates 3 sites), got {a.generate_sites}")
+    if a.per_site < 10 or a.public_images < 30:
+        p.error("--per-site must be >= 10 and --public-images >= 30")
     torch.set_num_threads(2)
-    sites = make_sites(a.data, a.generate_sites, a.per_site, a.seed)[:3]
+    t0 = time.time()
+    sites = make_sites(a.data, 3, a.per_site, a.seed)[:3]
     if len(sites) < 3:
         p.error(f"--data {a.data} holds {len(sites)} sites; the benchmark needs 3")
     train = load_train_sets(a.data, sites, a.image_size, a.seed)
     test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size)
-    t0 = time.time()
-    plain_s, dp_s = (None, None) if a.skip_epoch_timing else epoch_times(train[sites[0]], a.batch_size, a.lr, a.seed)
+    initial, start_note = None, "a fresh DenseNet-121 (seed 0)"
     rows = []
-    for name, eps in tqdm(levels, desc="privacy levels"):
+    if not a.from_scratch:
+        initial, meta = public_model(a.data, a.public_images, a.public_epochs, a.image_size, a.seed)
+        model = build_densenet121(14, norm="group")
+        load_numpy_state(model, initial)
+        rows.append(("public model, before any federated round", None, "-", evaluate(model, test_ds).mean_auroc, None))
+        start_note = (f"DenseNet-121 pretrained without DP on a synthetic public set ({meta['train_images']} training "
+                      f"images, {meta['epochs']} epochs, best public-validation AUROC {meta['best_val_score']:.3f}, "
+                      f"{meta['seconds']:.0f} s)")
+    model = build_densenet121(14, norm="group")
+    n_layers = sum(p.numel() for n, p in model.named_parameters() if n in set(set_trainable(model, layers)))
+    n_all = sum(p.numel() for p in model.parameters())
+    timing = None if a.skip_epoch_timing else epoch_times(train[sites[0]], a.batch_size, a.lr, a.seed, layers)
+    plan = [(name, eps, None) for name, eps in levels if math.isinf(eps)]
+    if layers is not None and any(math.isinf(eps) for _, eps in levels):
+        plan.append(("no DP, DP's layers only", math.inf, layers))
+    plan += [(name, eps, layers) for name, eps in levels if not math.isinf(eps)]
+    for name, eps, trainable in tqdm(plan, desc="privacy levels"):
         policy = None if math.isinf(eps) else PrivacyPolicy(epsilon=eps, delta=1e-5, max_grad_norm=1.0)
         try:
             res = federate(train, test_ds, a.rounds, "fedavg", privacy=policy, norm="group", lr=a.lr,
-                           batch_size=a.batch_size, seed=a.seed)
+                           batch_size=a.batch_size, seed=a.seed, trainable=trainable, initial_params=initial)
         except RuntimeError as e:  # every site refused: the ceiling cannot be certified at this data size
-            rows.append((name, eps, None, None, str(e)))
+            rows.append((name, eps, "-", None, str(e)))
             continue
-        rows.append((name, eps, res["auroc"], max(res["epsilon"].values()) if res["epsilon"] else None, ""))
+        spent = max(res["epsilon"].values()) if res["epsilon"] else None
+        rows.append((name, eps, "all" if trainable is None else ",".join(trainable), res["auroc"], spent))
         tqdm.write(f"{name}: AUROC {res['auroc']:.3f} ({time.time() - t0:.0f} s so far)")
-    base = rows[0][2]
-    options = "" if a.data == Path("data/bench_robustness") else f" --data {a.data}"
-    if a.generate_sites != 5:
-        options += f" --generate-sites {a.generate_sites}"
-    if a.lr != 1e-3:
-        options += f" --lr {a.lr:g}"
-    if len(levels) != len(LEVELS):
-        options += f" --levels {a.levels}"
-    if a.skip_epoch_timing:
-        options += " --skip-epoch-timing"
-    n_train = len(train[sites[0]])
+    base = next(r[3] for r in rows if r[0] == "no DP")
+    options = "" if a.data == Path("data/bench_privacy") else f" --data {a.data}"
+    for flag, value, default in (("--rounds", a.rounds, 3), ("--per-site", a.per_site, 1000),
+                                 ("--image-size", a.image_size, 32), ("--batch-size", a.batch_size, 128),
+                                 ("--lr", a.lr, 1e-3), ("--levels", a.levels, "inf,8,3,1,0.1"),
+                                 ("--dp-train-layers", a.dp_train_layers, DEFAULT_DP_LAYERS),
+                                 ("--public-images", a.public_images, 3000), ("--public-epochs", a.public_epochs, 6),
+                                 ("--seed", a.seed, 0), ("--out", a.out, Path("docs/bench_privacy.md"))):
+        if value != default:
+            options += f" {flag} {value}"
+    options += " --from-scratch" * a.from_scratch + " --skip-epoch-timing" * a.skip_epoch_timing
     lines = [
         "# bench_privacy",
         "",
-        f"Command: `python scripts/bench_privacy.py --rounds {a.rounds} --per-site {a.per_site} --image-size "
-        f"{a.image_size} --batch-size {a.batch_size}{options}` ({time.time() - t0:.0f} s on a 2-core CPU). 3 "
-        f"synthetic sites ({', '.join(str(len(train[s])) for s in sites)} training images), DP-SGD at every site "
-        f"(delta 1e-5, clip 1.0, noise calibrated to spend the ceiling over the {a.rounds} rounds), FedAvg, "
-        f"GroupNorm DenseNet-121 in every row.",
+        f"Command: `python scripts/bench_privacy.py{options}` ({time.time() - t0:.0f} s on a 2-core CPU, including "
+        f"data generation and pretraining when not cached). 3 synthetic hospitals "
+        f"({', '.join(str(len(train[s])) for s in sites)} training images, {a.image_size} px), FedAvg, {a.rounds} "
+        f"rounds of one local epoch, batch {a.batch_size}, Adam lr {a.lr:g} with cosine decay; GroupNorm DenseNet-121 "
+        f"in every row. Start: {start_note}. DP rows: Opacus DP-SGD at every site, delta 1e-5, clip 1.0, noise "
+        f"calibrated to spend the ceiling by the last round, training "
+        f"{'every layer' if layers is None else ', '.join(layers)} ({n_layers:,} of {n_all:,} weights).",
         "",
-        "| level | epsilon ceiling | epsilon spent (max site) | global test mean AUROC | vs no DP |",
-        "|---|---|---|---|---|",
+        "| row | epsilon ceiling | layers trained | epsilon spent (max site) | global test mean AUROC | vs no DP |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, eps, auroc, spent, note in rows:
+    for name, eps, trained, auroc, spent in rows:
+        eps_text = "-" if eps is None else ("∞" if math.isinf(eps) else f"{eps:g}")
         if auroc is None:
-            lines.append(f"| {name} | {eps} | - | no model: every site refused ({note}) | - |")
+            lines.append(f"| {name} | {eps_text} | {trained} | - | no model: every site refused ({spent}) | - |")
             continue
-        lines.append(f"| {name} | {'∞' if math.isinf(eps) else eps} | {'-' if spent is None else f'{spent:.3f}'} | "
-                     f"{auroc:.3f} | {auroc - base:+.3f} |")
-    if plain_s is not None:
-        lines += ["", f"One local epoch on {sites[0]} ({n_train} images, batch {a.batch_size}, "
-                  f"{a.image_size} px): plain {plain_s:.1f} s, DP-SGD {dp_s:.1f} s, ratio {dp_s / plain_s:.2f}x."]
+        spent_text = "-" if not isinstance(spent, float) else f"{spent:.3f}"
+        lines.append(f"| {name} | {eps_text} | {trained} | {spent_text} | {auroc:.3f} | {auroc - base:+.3f} |")
+    if timing is not None:
+        n_train = len(train[sites[0]])
+        lines += ["", f"One local epoch on {sites[0]} ({n_train} images, batch {a.batch_size}, {a.image_size} px, "
+                  f"fresh model): plain {timing['plain']:.1f} s, DP-SGD on every layer {timing['dp']:.1f} s, ratio "
+                  f"**{timing['dp'] / timing['plain']:.2f}x**."
+                  + (f" DP-SGD on the DP layers only: {timing['dp_layers']:.1f} s, "
+                     f"{timing['dp_layers'] / timing['plain']:.2f}x plain training of every layer."
+                     if "dp_layers" in timing else "")]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
