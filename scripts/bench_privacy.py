@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/bench_privacy"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--per-site", type=int, default=1000, help="images per generated hospital (train + validation)")
+    p.add_argument("--num-test", type=int, default=1000,
+                   help="global test images (AUROC differences of 0.01 need a test set this large to mean much)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of round 1 (cosine decay over rounds)")
@@ -136,11 +138,11 @@ def main(argv=None) -> int:
         layers = parse_layers(a.dp_train_layers)
     except ValueError as e:
         p.error(str(e))
-    if a.per_site < 10 or a.public_images < 30:
-        p.error("--per-site must be >= 10 and --public-images >= 30")
+    if a.per_site < 10 or a.public_images < 30 or a.num_test < 10:
+        p.error("--per-site and --num-test must be >= 10, --public-images >= 30")
     torch.set_num_threads(2)
     t0 = time.time()
-    sites = make_sites(a.data, 3, a.per_site, a.seed)[:3]
+    sites = make_sites(a.data, 3, a.per_site, a.seed, a.num_test)[:3]
     if len(sites) < 3:
         p.error(f"--data {a.data} holds {len(sites)} sites; the benchmark needs 3")
     train = load_train_sets(a.data, sites, a.image_size, a.seed)
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     base = next(r[3] for r in rows if r[0] == "no DP")
     options = "" if a.data == Path("data/bench_privacy") else f" --data {a.data}"
     for flag, value, default in (("--rounds", a.rounds, 3), ("--per-site", a.per_site, 1000),
-                                 ("--image-size", a.image_size, 32), ("--batch-size", a.batch_size, 128),
+                                 ("--num-test", a.num_test, 1000), ("--image-size", a.image_size, 32), ("--batch-size", a.batch_size, 128),
                                  ("--lr", a.lr, 1e-3), ("--levels", a.levels, "inf,8,3,1,0.1"),
                                  ("--dp-train-layers", a.dp_train_layers, DEFAULT_DP_LAYERS),
                                  ("--public-images", a.public_images, 3000), ("--public-epochs", a.public_epochs, 6),
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
         "",
         f"Command: `python scripts/bench_privacy.py{options}` ({time.time() - t0:.0f} s on a 2-core CPU, including "
         f"data generation and pretraining when not cached). 3 synthetic hospitals "
-        f"({', '.join(str(len(train[s])) for s in sites)} training images, {a.image_size} px), FedAvg, {a.rounds} "
+        f"({', '.join(str(len(train[s])) for s in sites)} training images, {a.image_size} px), a global test set of "
+        f"{len(test_ds)} images, FedAvg, {a.rounds} "
         f"rounds of one local epoch, batch {a.batch_size}, Adam lr {a.lr:g} with cosine decay; GroupNorm DenseNet-121 "
         f"in every row. Start: {start_note}. DP rows: Opacus DP-SGD at every site, delta 1e-5, clip 1.0, noise "
         f"calibrated to spend the ceiling by the last round, training "

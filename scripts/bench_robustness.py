@@ -29,12 +29,12 @@ from fedmed.site_config import DataConfig  # noqa: E402
 AGGREGATIONS = ("fedavg", "geometric_median", "coordinate_median", "trimmed_mean")
 
 
-def make_sites(root: Path, n_sites: int, per_site: int, seed: int) -> list[str]:
-    """Synthetic sites site-0..site-(n-1) plus a 200-image global test set, generated once into root."""
+def make_sites(root: Path, n_sites: int, per_site: int, seed: int, num_test: int = 200) -> list[str]:
+    """Synthetic sites site-0..site-(n-1) plus a num_test-image global test set, generated once into root."""
     if (root / "global_test" / "labels.csv").exists():
         return sorted(p.name for p in root.iterdir() if p.name.startswith("site-"))
     specs = [HospitalSpec(f"site-{i}", per_site, DEFAULT_HOSPITALS[i % 3].scanner) for i in range(n_sites)]
-    generate_hospitals(root, specs, num_test=200, seed=seed, size=128)
+    generate_hospitals(root, specs, num_test=num_test, seed=seed, size=128)
     return [s.name for s in specs]
 
 
