@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench_robustness import load_train_sets, make_sites  # noqa: E402
 from fedmed.data.loading import load_test, load_train_val  # noqa: E402
-from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals  # noqa: E402
+from fedmed.data.synthetic import HospitalSpec, ScannerProfile, generate_hospitals  # noqa: E402
 from fedmed.flare.persistor import save_state  # noqa: E402
 from fedmed.inprocess import federate  # noqa: E402
 from fedmed.model import build_densenet121, load_numpy_state, set_trainable  # noqa: E402
@@ -44,6 +44,11 @@ from pretrain_public import pretrain_on  # noqa: E402
 
 LEVELS = (("no DP", math.inf), ("weak", 8.0), ("moderate", 3.0), ("strong", 1.0), ("not a preset", 0.1))
 DEFAULT_DP_LAYERS = "features.denseblock4.,features.norm5.,class_layers."
+# The public set's scanners: none of them is a benchmark hospital's (those are DEFAULT_HOSPITALS'), as public data
+# comes from other hospitals' machines.
+PUBLIC_SCANNERS = (ScannerProfile("CR", "MONOCHROME2", 1.1, 0.95, 0.018, 1.5, 1.0, 0.0, 0.7),
+                   ScannerProfile("DX", "MONOCHROME1", 0.9, 1.05, 0.014, 1.3, 1.0, 0.0, 0.55),
+                   ScannerProfile("DX", "MONOCHROME2", 1.2, 1.0, 0.02, 1.4, 1.0, -1024.0, 0.9))
 
 
 def parse_levels(text: str) -> list:
@@ -74,14 +79,14 @@ def parse_layers(text: str):
 
 
 def public_model(root: Path, n_images: int, epochs: int, image_size: int, seed: int) -> tuple[dict, dict]:
-    """A DenseNet-121 pretrained without DP on a synthetic public set (3 scanners, another seed than the
-    hospitals'), generated and trained once, then cached beside it."""
+    """A DenseNet-121 pretrained without DP on a synthetic public set (3 scanners none of the hospitals has, another
+    seed than the hospitals'), generated and trained once, then cached beside it."""
     weights = root / f"public_densenet121_{n_images}img_{image_size}px_{epochs}ep_seed{seed}.pt"
     if not weights.is_file():
         public = root / "public"
         names = [f"public-{i}" for i in range(3)]
         if not (public / "global_test" / "labels.csv").exists():
-            specs = [HospitalSpec(n, n_images // 3, DEFAULT_HOSPITALS[i].scanner) for i, n in enumerate(names)]
+            specs = [HospitalSpec(n, n_images // 3, scanner) for n, scanner in zip(names, PUBLIC_SCANNERS)]
             generate_hospitals(public, specs, num_test=20, seed=seed + 1, size=128)
         splits = [load_train_val(DataConfig("dicom", public / n / "dicom", public / n / "labels.csv"), image_size, seed)
                   for n in names]
