@@ -83,7 +83,7 @@ def public_model(root: Path, n_images: int, epochs: int, image_size: int, seed: 
     seed than the hospitals'), generated and trained once, then cached beside it."""
     weights = root / f"public_densenet121_{n_images}img_{image_size}px_{epochs}ep_seed{seed}.pt"
     if not weights.is_file():
-        public = root / "public"
+        public = root / f"public_{n_images}img"
         names = [f"public-{i}" for i in range(3)]
         if not (public / "global_test" / "labels.csv").exists():
             specs = [HospitalSpec(n, n_images // 3, scanner) for n, scanner in zip(names, PUBLIC_SCANNERS)]
