@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 # Presets a privacy officer can sign off by name. epsilon 0.1 was measured and is deliberately not a preset
-# (see docs/bench_privacy.md): at our data sizes it leaves the model near chance.
+# (see README, Measured): at our data sizes it trains no better than the presets, which already keep little of
+# what the federation learns without DP.
 PRESETS = {"strong": 1.0, "moderate": 3.0, "weak": 8.0}
 DEFAULT_DELTA = 1e-5
 
