@@ -163,7 +163,8 @@ def main(argv=None) -> int:
                       f"images, {meta['epochs']} epochs, best public-validation AUROC {meta['best_val_score']:.3f}, "
                       f"{meta['seconds']:.0f} s)")
     model = build_densenet121(14, norm="group")
-    n_layers = sum(p.numel() for n, p in model.named_parameters() if n in set(set_trainable(model, layers)))
+    trained_names = set(set_trainable(model, layers))
+    n_layers = sum(p.numel() for n, p in model.named_parameters() if n in trained_names)
     n_all = sum(p.numel() for p in model.parameters())
     timing = None if a.skip_epoch_timing else epoch_times(train[sites[0]], a.batch_size, a.lr, a.seed, layers)
     plan = [(name, eps, None) for name, eps in levels if math.isinf(eps)]
