@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from torch.utils.data import ConcatDataset  # noqa: E402
+from torch.utils.data import ConcatDataset, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench_robustness import load_train_sets, make_sites  # noqa: E402
@@ -98,9 +98,23 @@ def public_model(root: Path, n_images: int, epochs: int, image_size: int, seed: 
     return {k: v.numpy() for k, v in blob["state_dict"].items()}, blob["meta"]
 
 
+def parse_timing_points(text: str) -> list:
+    """'32x128,128x16' -> [(32, 128), (128, 16)]: (image size, batch size) pairs to time an epoch at."""
+    points = []
+    for part in text.split(","):
+        try:
+            size, batch = (int(v) for v in part.strip().split("x"))
+        except ValueError:
+            raise ValueError(f"--timing-points: {part.strip()!r} is not SIZExBATCH (e.g. 128x16)") from None
+        if size < 32 or batch < 1:
+            raise ValueError(f"--timing-points: {part.strip()!r} needs an image size >= 32 and a batch >= 1")
+        points.append((size, batch))
+    return points
+
+
 def epoch_times(train, batch_size: int, lr: float, seed: int, layers) -> dict:
     """Seconds for one local epoch, back to back in this process: plain and DP-SGD on every layer (same model),
-    and DP-SGD on `layers` only."""
+    and DP-SGD on `layers` only. Measured together so the ratios share the machine's state."""
     out = {}
     for label, dp, trainable in (("plain", False, None), ("dp", True, None), ("dp_layers", True, layers)):
         if label == "dp_layers" and layers is None:
@@ -133,18 +147,23 @@ def main(argv=None) -> int:
     p.add_argument("--from-scratch", action="store_true", help="start from a fresh model, not the public one")
     p.add_argument("--public-images", type=int, default=3000, help="size of the synthetic public pretraining set")
     p.add_argument("--public-epochs", type=int, default=6)
+    p.add_argument("--timing-points", default="32x128,128x16",
+                   help="IMAGE_SIZExBATCH pairs at which to time plain vs DP-SGD epochs: Opacus' per-sample gradients "
+                        "cost the same per image at any resolution, so the ratio depends on both")
+    p.add_argument("--timing-images", type=int, default=400, help="site-0 training images timed per epoch")
     p.add_argument("--skip-epoch-timing", action="store_true",
-                   help="do not time plain and DP-SGD epochs (saves three epochs on a long run)")
+                   help="do not time plain and DP-SGD epochs (saves three epochs per timing point)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/bench_privacy.md"))
     a = p.parse_args(argv)
     try:
         levels = parse_levels(a.levels)
         layers = parse_layers(a.dp_train_layers)
+        timing_points = parse_timing_points(a.timing_points)
     except ValueError as e:
         p.error(str(e))
-    if a.per_site < 10 or a.public_images < 30 or a.num_test < 10:
-        p.error("--per-site and --num-test must be >= 10, --public-images >= 30")
+    if a.per_site < 10 or a.public_images < 30 or a.num_test < 10 or a.timing_images < 1:
+        p.error("--per-site and --num-test must be >= 10, --public-images >= 30, --timing-images >= 1")
     torch.set_num_threads(2)
     t0 = time.time()
     sites = make_sites(a.data, 3, a.per_site, a.seed, a.num_test)[:3]
@@ -166,7 +185,11 @@ def main(argv=None) -> int:
     trained_names = set(set_trainable(model, layers))
     n_layers = sum(p.numel() for n, p in model.named_parameters() if n in trained_names)
     n_all = sum(p.numel() for p in model.parameters())
-    timing = None if a.skip_epoch_timing else epoch_times(train[sites[0]], a.batch_size, a.lr, a.seed, layers)
+    timing = {}
+    for size, batch in ([] if a.skip_epoch_timing else tqdm(timing_points, desc="epoch timing")):
+        site_train = train[sites[0]] if size == a.image_size else load_train_sets(a.data, sites[:1], size, a.seed)[sites[0]]
+        subset = Subset(site_train, range(min(a.timing_images, len(site_train))))
+        timing[(size, batch)] = (len(subset), epoch_times(subset, batch, a.lr, a.seed, layers))
     plan = [(name, eps, None) for name, eps in levels if math.isinf(eps)]
     if layers is not None and any(math.isinf(eps) for _, eps in levels):
         plan.append(("no DP, DP's layers only", math.inf, layers))
@@ -192,6 +215,10 @@ def main(argv=None) -> int:
                                  ("--seed", a.seed, 0), ("--out", a.out, Path("docs/bench_privacy.md"))):
         if value != default:
             options += f" {flag} {value}"
+    for flag, value, default in (("--timing-points", a.timing_points, "32x128,128x16"),
+                                 ("--timing-images", a.timing_images, 400)):
+        if value != default and not a.skip_epoch_timing:
+            options += f" {flag} {value}"
     options += " --from-scratch" * a.from_scratch + " --skip-epoch-timing" * a.skip_epoch_timing
     lines = [
         "# bench_privacy",
@@ -215,14 +242,16 @@ def main(argv=None) -> int:
             continue
         spent_text = "-" if not isinstance(spent, float) else f"{spent:.3f}"
         lines.append(f"| {name} | {eps_text} | {trained} | {spent_text} | {auroc:.3f} | {auroc - base:+.3f} |")
-    if timing is not None:
-        n_train = len(train[sites[0]])
-        lines += ["", f"One local epoch on {sites[0]} ({n_train} images, batch {a.batch_size}, {a.image_size} px, "
-                  f"fresh model): plain {timing['plain']:.1f} s, DP-SGD on every layer {timing['dp']:.1f} s, ratio "
-                  f"**{timing['dp'] / timing['plain']:.2f}x**."
-                  + (f" DP-SGD on the DP layers only: {timing['dp_layers']:.1f} s, "
-                     f"{timing['dp_layers'] / timing['plain']:.2f}x plain training of every layer."
-                     if "dp_layers" in timing else "")]
+    if timing:
+        lines += ["", f"Time for one local epoch on {sites[0]}'s first training images (fresh model, measured back to back "
+                  "in this run; the target is DP-SGD <= 2x plain):", "",
+                  "| image size | batch | images | plain, every layer | DP-SGD, every layer | ratio | "
+                  "DP-SGD, DP layers only | ratio to plain every layer |", "|---|---|---|---|---|---|---|---|"]
+        for (size, batch), (n_images, t) in timing.items():
+            layers_cells = (f"{t['dp_layers']:.1f} s | **{t['dp_layers'] / t['plain']:.2f}x**" if "dp_layers" in t
+                            else "- | -")
+            lines.append(f"| {size} px | {batch} | {n_images} | {t['plain']:.1f} s | {t['dp']:.1f} s | "
+                         f"**{t['dp'] / t['plain']:.2f}x** | {layers_cells} |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
