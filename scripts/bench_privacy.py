@@ -11,7 +11,8 @@ GroupNorm DenseNet-121 (non-inplace ReLU) in every row, with and without DP, so 
 set (other seed, --public-images images), as a consortium would start from a model trained on public ChestX-ray14;
 DP sites then train only --dp-train-layers. Rows: the starting model itself, no DP training every layer (the
 baseline), no DP training only the DP layers, then each epsilon ceiling (delta 1e-5, clip 1.0, noise calibrated to
-spend the ceiling by the last round).
+spend the ceiling by the last round). Then one local epoch of plain training and of DP-SGD at each --timing-points
+(image size x batch), back to back, since Opacus' overhead depends on both.
 """
 
 from __future__ import annotations
