@@ -133,7 +133,8 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
 @pytest.mark.integration
 def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_path):
     # hospital-c's own policy (sigma 1.0, ceiling 5.5) allows one round, not two: it refuses round 2 itself.
-    privacy = {"hospital-a": {"preset": "moderate"}, "hospital-b": {"preset": "weak"},
+    # hospital-b keeps its losses and AUROCs home: only DP-trained weights and epsilon leave it.
+    privacy = {"hospital-a": {"preset": "moderate"}, "hospital-b": {"preset": "weak", "release_metrics": False},
                "hospital-c": {"epsilon": 5.5, "noise_multiplier": 1.0}}
     _write_site_configs(tiny_hospitals, privacy=privacy)
     # Start from "pretrained" weights (another seed than the persistor's) and DP-train only the top of the network.
@@ -163,4 +164,6 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
     assert ups[(1, "hospital-c")]["status"] == "refused" and "privacy budget" in ups[(1, "hospital-c")]["reason"]
     assert ups[(1, "hospital-a")]["status"] == "accepted" and ups[(1, "hospital-b")]["status"] == "accepted"
+    assert all(ups[(r, "hospital-a")]["val_mean_auroc"] is not None for r in (0, 1))
+    assert all(ups[(r, "hospital-b")]["val_mean_auroc"] is None for r in (0, 1))
     assert ("hospital-c", "refused") in [(a["site"], a["kind"]) for a in repo.alerts(run_id)]

@@ -68,6 +68,11 @@ def test_presets_and_custom(raw, expected):
     assert (p.epsilon, p.delta) == expected and PRESETS["moderate"] == 3.0
 
 
+def test_a_site_can_keep_its_metrics_home():
+    assert parse_privacy({"preset": "weak"}).release_metrics  # the default: losses and AUROCs go with the update
+    assert not parse_privacy({"preset": "weak", "release_metrics": False}).release_metrics
+
+
 @pytest.mark.parametrize(
     "raw, match",
     [
@@ -77,6 +82,7 @@ def test_presets_and_custom(raw, expected):
         ({"delta": 1e-5}, "needs 'epsilon'"),
         ({"epsilon": -1}, "epsilon must be > 0"),
         ({"epsilon": 1, "clip": 1}, "unknown keys"),
+        ({"epsilon": 1, "release_metrics": "no"}, "release_metrics must be true or false"),
     ],
 )
 def test_bad_policies_are_named(raw, match):

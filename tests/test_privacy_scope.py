@@ -15,6 +15,9 @@ from test_job import SITES, _simulate, _write_site_configs
     # the lower epsilon wins whichever file it is in; the lower delta of the two is kept
     (PrivacyPolicy(8.0, delta=1e-6), PrivacyPolicy(3.0, delta=1e-5), PrivacyPolicy(3.0, delta=1e-6)),
     (PrivacyPolicy(1.0, max_grad_norm=0.5), PrivacyPolicy(3.0), PrivacyPolicy(1.0, max_grad_norm=0.5)),
+    # either source can keep the site's metrics home; neither can send them if the other says no
+    (PrivacyPolicy(8.0), PrivacyPolicy(3.0, release_metrics=False), PrivacyPolicy(3.0, release_metrics=False)),
+    (PrivacyPolicy(8.0, release_metrics=False), PrivacyPolicy(3.0), PrivacyPolicy(3.0, release_metrics=False)),
     (None, None, None),
 ])
 def test_strictest_policy_never_loosens_either_source(site, scope, expected):

@@ -294,6 +294,9 @@ class FedMedTrainer(Executor):
         )
         metrics = {C.META_TRAIN_LOSS: train_loss, C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc}
         metrics.update({C.META_VAL_PREFIX + k: v for k, v in val.metrics.items()})
+        if self._privacy is not None and not self._privacy.policy.release_metrics:
+            # The site's policy: nothing its epsilon does not cover leaves; the numbers stay in its own log above.
+            metrics = {}
         return FLModel(
             params_type=ParamsType.FULL,
             params=state_to_numpy(self._model),

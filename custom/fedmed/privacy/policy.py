@@ -20,6 +20,9 @@ class PrivacyPolicy:
     max_grad_norm: per-sample gradient clipping norm C.
     noise_multiplier: sigma; None = calibrated so the ceiling is reached exactly at the job's last round.
     preset: name of the preset used, if any (for reports).
+    release_metrics: whether the site returns its training loss and validation loss/AUROCs with each update. They
+        are computed on the site's data outside DP-SGD, so the epsilon above does not cover them; a site that wants
+        nothing but the DP-trained weights (and its epsilon) to leave sets this false.
     """
 
     epsilon: float
@@ -27,6 +30,7 @@ class PrivacyPolicy:
     max_grad_norm: float = 1.0
     noise_multiplier: Optional[float] = None
     preset: str = "custom"
+    release_metrics: bool = True
 
     def __post_init__(self):
         if not self.epsilon > 0:
@@ -45,7 +49,7 @@ def parse_privacy(raw: Optional[dict]) -> Optional[PrivacyPolicy]:
         return None
     if not isinstance(raw, dict):
         raise ValueError(f"privacy must be an object, got {raw!r}")
-    unknown = set(raw) - {"preset", "epsilon", "delta", "max_grad_norm", "noise_multiplier"}
+    unknown = set(raw) - {"preset", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "release_metrics"}
     if unknown:
         raise ValueError(f"privacy has unknown keys {sorted(unknown)}")
     preset = raw.get("preset", "custom")
@@ -60,16 +64,23 @@ def parse_privacy(raw: Optional[dict]) -> Optional[PrivacyPolicy]:
     if delta > DEFAULT_DELTA and preset != "custom":
         raise ValueError(f"presets use delta <= {DEFAULT_DELTA}; got {delta}")
     nm = raw.get("noise_multiplier")
-    return PrivacyPolicy(epsilon, delta, float(raw.get("max_grad_norm", 1.0)), None if nm is None else float(nm), preset)
+    release = raw.get("release_metrics", True)
+    if not isinstance(release, bool):
+        raise ValueError(f"privacy release_metrics must be true or false, got {release!r}")
+    return PrivacyPolicy(epsilon, delta, float(raw.get("max_grad_norm", 1.0)), None if nm is None else float(nm), preset,
+                         release)
 
 
 def strictest(*policies: Optional[PrivacyPolicy]) -> Optional[PrivacyPolicy]:
     """The policy that promises the most of those given (None = no policy from that source): the lowest epsilon
-    ceiling, with the lowest delta of all. A hospital can set its ceiling in fedmed_site.json and in an NVFlare
-    privacy scope; neither can loosen the other."""
+    ceiling, with the lowest delta of all, releasing metrics only if every source allows it. A hospital can set its
+    ceiling in fedmed_site.json and in an NVFlare privacy scope; neither can loosen the other."""
     given = [p for p in policies if p is not None]
     if not given:
         return None
     tightest = min(given, key=lambda p: p.epsilon)
     delta = min(p.delta for p in given)
-    return tightest if delta == tightest.delta else replace(tightest, delta=delta)
+    release = all(p.release_metrics for p in given)
+    if (delta, release) == (tightest.delta, tightest.release_metrics):
+        return tightest
+    return replace(tightest, delta=delta, release_metrics=release)
