@@ -207,19 +207,14 @@ def main(argv=None) -> int:
         rows.append((name, eps, "all" if trainable is None else ",".join(trainable), res["auroc"], spent))
         tqdm.write(f"{name}: AUROC {res['auroc']:.3f} ({time.time() - t0:.0f} s so far)")
     base = next(r[3] for r in rows if r[0] == "no DP")
-    options = "" if a.data == Path("data/bench_privacy") else f" --data {a.data}"
-    for flag, value, default in (("--rounds", a.rounds, 3), ("--per-site", a.per_site, 1000),
-                                 ("--num-test", a.num_test, 1000), ("--image-size", a.image_size, 32), ("--batch-size", a.batch_size, 128),
-                                 ("--lr", a.lr, 1e-3), ("--levels", a.levels, "inf,8,3,1,0.1"),
-                                 ("--dp-train-layers", a.dp_train_layers, DEFAULT_DP_LAYERS),
-                                 ("--public-images", a.public_images, 3000), ("--public-epochs", a.public_epochs, 6),
-                                 ("--seed", a.seed, 0), ("--out", a.out, Path("docs/bench_privacy.md"))):
-        if value != default:
-            options += f" {flag} {value}"
-    for flag, value, default in (("--timing-points", a.timing_points, "32x128,128x16"),
-                                 ("--timing-images", a.timing_images, 400)):
-        if value != default and not a.skip_epoch_timing:
-            options += f" {flag} {value}"
+    # The command line that reproduces this run: every option that differs from its default.
+    options = ""
+    for flag in ("--data", "--rounds", "--per-site", "--num-test", "--image-size", "--batch-size", "--lr", "--levels",
+                 "--dp-train-layers", "--public-images", "--public-epochs", "--seed", "--out", "--timing-points",
+                 "--timing-images"):
+        dest = flag[2:].replace("-", "_")
+        if getattr(a, dest) != p.get_default(dest) and not (a.skip_epoch_timing and dest.startswith("timing_")):
+            options += f" {flag} {getattr(a, dest)}"
     options += " --from-scratch" * a.from_scratch + " --skip-epoch-timing" * a.skip_epoch_timing
     lines = [
         "# bench_privacy",

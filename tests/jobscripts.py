@@ -1,4 +1,4 @@
-"""Load a job script (jobs/<name>/job.py, not a package) as a module, as NVFlare users run it."""
+"""Load a job script (jobs/<name>/job.py) or a script (scripts/<name>.py), not packages, as modules."""
 
 import importlib.util
 from pathlib import Path
@@ -6,9 +6,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_job_script(name: str):
-    path = REPO / "jobs" / name / "job.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_job", path)
+def _load(module_name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(module_name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_job_script(name: str):
+    return _load(f"{name}_job", REPO / "jobs" / name / "job.py")
+
+
+def load_script(name: str):
+    """scripts/<name>.py as the module <name>."""
+    return _load(name, REPO / "scripts" / f"{name}.py")

@@ -1,21 +1,16 @@
 """scripts/bench_privacy.py end to end on tiny generated hospitals: every row is measured and written, and the
 epoch timing covers each requested (image size, batch) point."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_privacy.py"
+from jobscripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_privacy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_privacy")
 
 
 def test_timing_points_parse_and_name_what_is_wrong(bench):

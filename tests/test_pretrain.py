@@ -1,22 +1,15 @@
 """scripts/pretrain_public.py: a starting model from public data, in the file format --initial-weights reads."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from fedmed.model import build_densenet121, load_numpy_state
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_public.py"
+from jobscripts import load_script
 
 
 @pytest.fixture(scope="module")
 def pretrain_script():
-    spec = importlib.util.spec_from_file_location("pretrain_public", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pretrain_public")
 
 
 def test_pretrained_weights_load_into_the_job_model_and_say_what_they_saw(pretrain_script, tiny_hospitals, tmp_path):

@@ -78,9 +78,5 @@ def strictest(*policies: Optional[PrivacyPolicy]) -> Optional[PrivacyPolicy]:
     given = [p for p in policies if p is not None]
     if not given:
         return None
-    tightest = min(given, key=lambda p: p.epsilon)
-    delta = min(p.delta for p in given)
-    release = all(p.release_metrics for p in given)
-    if (delta, release) == (tightest.delta, tightest.release_metrics):
-        return tightest
-    return replace(tightest, delta=delta, release_metrics=release)
+    return replace(min(given, key=lambda p: p.epsilon), delta=min(p.delta for p in given),
+                   release_metrics=all(p.release_metrics for p in given))
