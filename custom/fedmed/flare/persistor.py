@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
@@ -15,29 +12,11 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 
+# Re-exported: the controller and executor import them from here.
+from fedmed.weights import params_sha256, save_state  # noqa: F401
+
 GLOBAL_MODEL_FILE = "global_model.pt"
 BEST_MODEL_FILE = "best_model.pt"
-
-
-def params_sha256(params: dict) -> str:
-    """Order-independent content hash of a parameter dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for k in sorted(params):
-        v = np.ascontiguousarray(params[k])
-        h.update(k.encode())
-        h.update(str(v.dtype).encode())
-        h.update(str(v.shape).encode())
-        h.update(v.tobytes())
-    return h.hexdigest()
-
-
-def save_state(params: dict, path: Path, meta: Optional[dict] = None) -> None:
-    """torch.save a state dict atomically (write then rename: a crash never leaves a half model)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, "meta": meta or {}}, tmp)
-    os.replace(tmp, path)
 
 
 class FedMedModelPersistor(ModelPersistor):

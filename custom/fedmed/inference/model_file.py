@@ -8,7 +8,6 @@ read too. Thresholds live in ``meta["thresholds"]`` as {finding: probability}.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +18,7 @@ from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
 from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
 from fedmed.tasks import TaskSpec, get_task
+from fedmed.weights import save_state
 
 DEFAULT_THRESHOLD = 0.5
 ARGMAX_RULE = "multiclass: argmax"  # the decision rule of a multi-class model (no thresholds)
@@ -129,12 +129,8 @@ def read_model_file(path: Path) -> ModelFile:
 
 
 def write_model_file(path: Path, state_dict: dict, meta: dict) -> None:
-    """Atomic write in the persistor's format (a crash never leaves half a model)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": state_dict, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    """Atomic write in the persistor's format (fedmed.weights.save_state, the one writer of model files)."""
+    save_state(state_dict, path, meta)
 
 
 def choose_thresholds(
