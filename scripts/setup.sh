@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up: creates .venv and installs the pinned requirements (skipped when already up to date).
+# Idempotent set-up: creates .venv, installs the pinned requirements (skipped when already up to date), then fedmed
+# itself from this checkout (`pip install -e .`: the console commands, and the package for scripts, tests and
+# simulator subprocesses alike).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   .venv/bin/pip install -q -r requirements.txt
   echo "$want" > "$stamp"
 fi
-# Make the fedmed package importable from this checkout (scripts, tests and simulator subprocesses alike).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$PWD/custom" > "$site/fedmed-checkout.pth"
+rm -f "$site/fedmed-checkout.pth"  # the path hack of earlier set-ups; the editable install replaces it
+# Editable, so a checkout's edits take effect at once; --no-deps: the pins above are the dependencies. Re-run every
+# time (a second or two): it also picks up console commands added to pyproject.toml.
+.venv/bin/pip install -q --no-deps -e .
 .venv/bin/python -c 'import fedmed, torch, nvflare, monai, tenseal; print(f"[setup] ok: fedmed {fedmed.__version__}, torch {torch.__version__}, nvflare {nvflare.__version__}, monai {monai.__version__}")'
