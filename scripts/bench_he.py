@@ -29,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "custom"))
 
 MODES = ("none", "selective", "full")
 

@@ -15,16 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from fedmed.data.loading import load_test, load_train_val  # noqa: E402
-from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals  # noqa: E402
-from fedmed.inprocess import federate  # noqa: E402
-from fedmed.robust.attacks import Attack  # noqa: E402
-from fedmed.site_config import DataConfig  # noqa: E402
+from fedmed.data.loading import load_test, load_train_val
+from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
+from fedmed.inprocess import federate
+from fedmed.robust.attacks import Attack
+from fedmed.site_config import DataConfig
 
 AGGREGATIONS = ("fedavg", "geometric_median", "coordinate_median", "trimmed_mean")
 

@@ -1,46 +1,9 @@
 #!/usr/bin/env python
-"""Choose each finding's decision threshold on labelled validation DICOM (Youden's J) and store them, with the image
-size, in a copy of the model file's meta; scripts/infer and scripts/export_bundle read them from there.
+"""`python scripts/choose_thresholds.py ...` = `fedmed-choose-thresholds ...` (fedmed.cli.choose_thresholds, see --help); run with the venv's Python."""
 
-    scripts/choose_thresholds --model global_model.pt --dicom site/dicom --labels site/labels.csv \\
-        --out global_model_thresholds.pt [--split val]
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
-
-from fedmed.inference.model_file import choose_thresholds  # noqa: E402
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--dicom", type=Path, required=True, help="labelled DICOM tree")
-    p.add_argument("--labels", type=Path, required=True, help="labels CSV (SOPInstanceUID/StudyInstanceUID, split, findings)")
-    p.add_argument("--out", type=Path, required=True, help="model file to write (may be --model itself)")
-    p.add_argument("--split", default="val", help="CSV split to use (default val; 'all' for every row)")
-    p.add_argument("--image-size", type=int, help="preprocessing size (default the model file's, else 128)")
-    a = p.parse_args(argv)
-    try:
-        meta = choose_thresholds(a.model, a.dicom, a.labels, a.out, None if a.split == "all" else a.split, a.image_size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    data = meta["threshold_data"]
-    print(f"{len(meta['thresholds'])} thresholds chosen on {data['images']} images (split {data['split']}), "
-          f"written to {a.out}")
-    for finding, t in meta["thresholds"].items():
-        print(f"  {finding:20s} {t:.4f}  ({data['positives'][finding]} positives)")
-    missing = [f for f in data["positives"] if f not in meta["thresholds"]]
-    if missing:
-        print(f"no threshold (no positive or no negative example; inference uses 0.5): {', '.join(missing)}")
-    return 0
-
+from fedmed.cli.choose_thresholds import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,95 +1,9 @@
 #!/usr/bin/env python
-"""Run the global model on DICOM studies: per study a JSON and a CSV row (probability per finding, positive findings
-by the model's thresholds, model version and hash), a Grad-CAM overlay PNG per positive finding, optionally a DICOM
-Secondary Capture of each overlay; each study logged (pseudonymised) in the inference log.
+"""`python scripts/infer.py ...` = `fedmed-infer ...` (fedmed.cli.infer, see --help); run with the venv's Python."""
 
-The task comes from the model file (meta "task", else chest_xray14) or --task. Chest X-ray (multi-label): frontal
-CR/DX radiographs, sigmoid probabilities, positive findings by threshold. Brain MRI (multi-class): axial MR slices,
-softmax probabilities (the study's are the mean over its slices), the predicted class by argmax, its overlay.
-
-    scripts/infer --model global_model.pt --out results/ STUDY_OR_FOLDER [--secondary-capture]
-
-Exit status: 0 when every file was read; 1 when any file or study was skipped (each is printed with its reason and
-listed in results/summary.json); 2 for bad arguments (missing model, no pseudonym key).
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
-
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from fedmed.tasks import TASKS  # noqa: E402
-
-from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key  # noqa: E402
-from fedmed.inference.run import RESULTS_CSV, SUMMARY_JSON, InferenceOptions, run_inference  # noqa: E402
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, help="a DICOM file, a study folder, or a tree of studies")
-    p.add_argument("--model", type=Path, required=True, help="model file (global_model.pt / best_model.pt)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--pseudonym-key-file", type=Path, help=f"site secret for pseudonyms (default ${ENV_PSEUDONYM_KEY})")
-    p.add_argument("--db-url", help="inference log database (default $FEDMED_DB_URL, else SQLite OUT/fedmed.db)")
-    p.add_argument("--image-size", type=int, help="preprocessing size (default the model file's, else 128)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM overlays")
-    p.add_argument("--secondary-capture", action="store_true", help="also write each overlay as DICOM Secondary Capture")
-    p.add_argument("--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
-        key = load_pseudonym_key(a.pseudonym_key_file)
-        options = InferenceOptions(out_dir=a.out, pseudonym_key=key, image_size=a.image_size, batch_size=a.batch_size,
-                                   heatmaps=not a.no_heatmaps, secondary_capture=a.secondary_capture, db_url=a.db_url,
-                                   task=a.task)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-
-    bar = tqdm(total=0, unit="study", desc="studies", disable=None)
-
-    def on_problem(problem):
-        tqdm.write(f"SKIPPED {problem.message()}", file=sys.stderr)
-
-    def progress(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
-        summary = run_inference(a.input, a.model, options, on_problem=on_problem, progress=progress)
-    except (ValueError, FileNotFoundError) as e:
-        bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    bar.close()
-    ok = sum(r.status == "ok" for r in summary.results)
-    images = sum(len(r.images) for r in summary.results)
-    if summary.task.is_multiclass:
-        counts = {c: sum(r.predicted == c for r in summary.results) for c in summary.task.classes}
-        rule = f"task {summary.task.name}, decision: {summary.thresholds_source}"
-        decided = "predicted " + ", ".join(f"{c} {n}" for c, n in counts.items())
-    else:
-        rule = f"thresholds: {summary.thresholds_source}"
-        decided = f"{sum(bool(r.positive) for r in summary.results)} with positive findings"
-    print(f"model {summary.model.path.name}: {summary.model.version}, sha256 {summary.model.sha256[:16]}…; {rule}")
-    print(f"{len(summary.results)} studies: {ok} read ({images} images, {decided}), "
-          f"{len(summary.results) - ok} skipped; {len(summary.skipped_files)} file(s) skipped")
-    for r in summary.results:
-        if r.status != "ok":
-            print(f"SKIPPED study {r.study_uid}: {r.message}", file=sys.stderr)
-    print(f"results: {summary.out_dir / RESULTS_CSV}, {summary.out_dir / SUMMARY_JSON}, studies/*/result.json; "
-          f"inference log: {summary.db_url.split('://')[0]}")
-    return summary.exit_status
-
+from fedmed.cli.infer import main
 
 if __name__ == "__main__":
     sys.exit(main())

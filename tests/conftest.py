@@ -1,12 +1,5 @@
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "custom"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/pgcluster.py
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Load a job script (jobs/<name>/job.py) or a script (scripts/<name>.py), not packages, as modules."""
+"""Load a job script (jobs/<name>/job.py), not a package, as a module."""
 
 import importlib.util
 from pathlib import Path
@@ -15,8 +15,3 @@ def _load(module_name: str, path: Path):
 
 def load_job_script(name: str):
     return _load(f"{name}_job", REPO / "jobs" / name / "job.py")
-
-
-def load_script(name: str):
-    """scripts/<name>.py as the module <name>."""
-    return _load(name, REPO / "scripts" / f"{name}.py")

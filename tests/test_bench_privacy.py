@@ -1,16 +1,16 @@
-"""scripts/bench_privacy.py end to end on tiny generated hospitals: every row is measured and written, and the
+"""fedmed.cli.bench_privacy (scripts/bench_privacy.py) end to end on tiny generated hospitals: every row is measured and written, and the
 epoch timing covers each requested (image size, batch) point."""
 
 import re
 
 import pytest
 
-from jobscripts import load_script
+from fedmed.cli import bench_privacy
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("bench_privacy")
+    return bench_privacy
 
 
 def test_timing_points_parse_and_name_what_is_wrong(bench):

@@ -38,7 +38,7 @@ def test_brain_job_in_the_simulator_records_accuracy_per_round(tiny_brain_hospit
                "resources": {"num_threads": 1}}
         (tiny_brain_hospitals / site / "fedmed_site.json").write_text(json.dumps(cfg))
     db = tmp_path / "fedmed.db"
-    env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}", PYTHONPATH=str(REPO / "custom"))
+    env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run(
         [sys.executable, str(JOB), "--data-root", str(tiny_brain_hospitals), "--workspace", str(tmp_path / "ws"),
          "--image-size", "32", "--batch-size", "4", "--rounds", "2"],

@@ -6,22 +6,17 @@ completes; the server killed mid-job is restarted and the run ends 'interrupted'
 Every process is stopped by its PID in the fixture's finaliser, whatever happens.
 """
 
-import importlib.util
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-from federation import PROJECT_ADMIN, Federation  # noqa: E402
-from submit_job import COMPLETED, submit_and_follow  # noqa: E402
-from test_provision import HOSPITALS, write_site_configs  # noqa: E402
-
-from fedmed.store.repository import Repository  # noqa: E402
+from fedmed.cli.federation import PROJECT_ADMIN, Federation
+from fedmed.cli.submit_job import COMPLETED, submit_and_follow
+from fedmed.store.repository import Repository
+from jobscripts import load_job_script
+from test_provision import HOSPITALS, write_site_configs
 
 pytestmark = pytest.mark.integration
 PORT = 18921  # not the project default, so a developer's running federation does not collide
@@ -30,9 +25,7 @@ JOB_TIMEOUT = 240
 
 
 def _export(dest: Path, **kw) -> Path:
-    spec = importlib.util.spec_from_file_location("cxr_job", REPO / "jobs" / "cxr_densenet" / "job.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_job_script("cxr_densenet")
     # Synthetic data: the hospitals' "rehearsal" privacy scope (no DP ceiling); their default scope demands DP-SGD.
     job = mod.build_job(image_size=64, batch_size=4, min_clients=2, privacy_scope="rehearsal", **kw)
     job.export_job(str(dest))

@@ -1,7 +1,6 @@
 """fedmed's HE provisioning builder with the real `nvflare provision`: server kit public, hospital kits private,
 and the key id that ties them."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +30,10 @@ builders:
 
 def test_provisioned_kits_carry_public_server_context_and_private_hospital_keys(tmp_path):
     (tmp_path / "project.yml").write_text(PROJECT)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "custom"))
+
     cmd = [sys.executable, "-c", "import sys; from nvflare.cli import main; sys.exit(main())", "provision",
            "-p", str(tmp_path / "project.yml"), "-w", str(tmp_path / "ws")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     kits = sorted((tmp_path / "ws" / "he_check").glob("prod_*"))[-1]
     server = ckks.load_server_context(kits / "localhost" / "startup" / ckks.SERVER_CONTEXT_FILE)

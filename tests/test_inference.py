@@ -22,8 +22,14 @@ from fedmed import constants as C
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY, BRAIN_TEST_SCANNER, render_brain
-from fedmed.inference.model_file import (META_THRESHOLD_METHOD, META_THRESHOLDS, choose_thresholds, file_sha256,
-                                         read_model_file, write_model_file)
+from fedmed.inference.model_file import (
+    META_THRESHOLD_METHOD,
+    META_THRESHOLDS,
+    choose_thresholds,
+    file_sha256,
+    read_model_file,
+    write_model_file,
+)
 from fedmed.inference.predict import positive_findings
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key, pseudonymise
 from fedmed.inference.run import InferenceOptions, run_inference
@@ -382,7 +388,7 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
 def _bundle_and_infer(bundle: Path, dicom_root: Path, model_path: Path, tmp_path: Path) -> tuple[dict, dict]:
     """Per-image probabilities {file: array} from `monai.bundle run` of the exported bundle and from infer."""
     out = tmp_path / "bundle_out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "custom")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
                            str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
                            "--dataset_dir", str(dicom_root), "--output_dir", str(out)],

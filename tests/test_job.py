@@ -60,7 +60,7 @@ def _write_site_configs(root, hostile=None, privacy=None):
 
 
 def _simulate(data_root, workspace, db, *extra, sites=SITES):
-    env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}", PYTHONPATH=str(REPO / "custom"))
+    env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run(
         [sys.executable, str(JOB), "--data-root", str(data_root), "--workspace", str(workspace),
          "--image-size", "64", "--batch-size", "4", "--sites", ",".join(sites), *extra],

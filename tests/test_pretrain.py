@@ -1,15 +1,15 @@
-"""scripts/pretrain_public.py: a starting model from public data, in the file format --initial-weights reads."""
+"""fedmed.cli.pretrain_public (scripts/pretrain_public.py): a starting model from public data, in the file format --initial-weights reads."""
 
 import pytest
 import torch
 
+from fedmed.cli import pretrain_public
 from fedmed.model import build_densenet121, load_numpy_state
-from jobscripts import load_script
 
 
 @pytest.fixture(scope="module")
 def pretrain_script():
-    return load_script("pretrain_public")
+    return pretrain_public
 
 
 def test_pretrained_weights_load_into_the_job_model_and_say_what_they_saw(pretrain_script, tiny_hospitals, tmp_path):

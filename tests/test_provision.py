@@ -1,17 +1,13 @@
 """provision/project.yml through the real `nvflare provision`, and site_configs installed into the kits."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import tenseal as ts
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-from federation import Federation  # noqa: E402
-from install_kit import install, merge_resources  # noqa: E402
+from fedmed.cli.federation import Federation
+from fedmed.cli.install_kit import install, merge_resources
 
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]
 

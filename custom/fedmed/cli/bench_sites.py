@@ -1,0 +1,27 @@
+"""Synthetic benchmark sites shared by the benchmarks (bench_privacy; scripts/bench_robustness.py keeps its own
+copy until its rewrite lands): site-0..site-(n-1) plus a global test set, and their training splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fedmed.data.loading import load_train_val
+from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
+from fedmed.site_config import DataConfig
+
+
+def make_sites(root: Path, n_sites: int, per_site: int, seed: int, num_test: int = 200) -> list[str]:
+    """Synthetic sites site-0..site-(n-1) plus a num_test-image global test set, generated once into root."""
+    if (root / "global_test" / "labels.csv").exists():
+        return sorted(p.name for p in root.iterdir() if p.name.startswith("site-"))
+    specs = [HospitalSpec(f"site-{i}", per_site, DEFAULT_HOSPITALS[i % 3].scanner) for i in range(n_sites)]
+    generate_hospitals(root, specs, num_test=num_test, seed=seed, size=128)
+    return [s.name for s in specs]
+
+
+def load_train_sets(root: Path, sites: list, image_size: int, seed: int) -> dict:
+    """Each site's training split, decoded once (the benchmarks do not use the validation split)."""
+    return {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
+            for s in tqdm(sites, desc="loading sites")}

@@ -1,0 +1,309 @@
+"""A whole fedmed federation on one machine: the FL server and N hospitals as separate processes on 127.0.0.1.
+
+    fedmed-federation provision --workspace runs/federation [--port 8102] [--db-url URL] [--site-configs DIR]
+    fedmed-federation start  --workspace runs/federation [--sites hospital-a,...] [--timeout 120]
+    fedmed-federation status --workspace runs/federation
+    fedmed-federation stop   --workspace runs/federation
+(or `python scripts/federation.py ...`, the same command)
+
+provision: `nvflare provision` of provision/project.yml (with --port replacing the server's port, so parallel
+federations don't collide) into <workspace>/provision, then site_configs/install.sh for the server and every
+hospital (--site-configs DIR takes each hospital's fedmed_site.json from DIR/<site>/ instead of site_configs/).
+start: each site's start_fedmed.sh --once as its own process, PIDs in <workspace>/pids.json, console output
+in <kit>/console.log; waits, polling the admin API, until every hospital is registered (or fails at --timeout).
+stop: SIGTERM to each site's process and its job processes, SIGKILL after a grace period, then checks that
+every PID is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from fedmed.cli.install_kit import SERVER, install
+from fedmed.paths import PROJECT_YML, RUNS
+
+PROJECT_ADMIN = "admin@fedmed.org"
+STATE_FILE = "federation.json"
+PIDS_FILE = "pids.json"
+
+
+def nvflare_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """NVFlare's own `nvflare` CLI, run with this interpreter (the venv's console script may point elsewhere; and
+    project.yml names fedmed's HE builder, so the provisioning process must import the installed fedmed)."""
+    code = "import sys; from nvflare.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _project_with_port(project: dict, port: int | None) -> dict:
+    if port is None:
+        return project
+    if not 1024 <= port <= 65535:
+        raise ValueError(f"--port must be in 1024..65535, got {port}")
+    for p in project["participants"]:
+        if p["type"] == "server":
+            p["fed_learn_port"] = p["admin_port"] = port
+    return project
+
+
+class Federation:
+    """Provisioned kits and running processes of one federation, kept under one workspace folder."""
+
+    def __init__(self, workspace: Path):
+        self.workspace = Path(workspace).resolve()
+
+    # --- provisioning --------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> dict:
+        path = self.workspace / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `fedmed-federation provision --workspace {self.workspace}`")
+        return json.loads(path.read_text())
+
+    def kit(self, name: str) -> Path:
+        return Path(self.state["kits"]) / name
+
+    @property
+    def hospitals(self) -> list[str]:
+        return list(self.state["hospitals"])
+
+    @property
+    def admins(self) -> dict:
+        return dict(self.state["admins"])
+
+    def provision(self, project_yml: Path = PROJECT_YML, port: int | None = None, db_url: str | None = None,
+                  site_configs: Path | None = None, install_sites: bool = True) -> dict:
+        """nvflare provision + install every site. Returns the state written to <workspace>/federation.json."""
+        project = _project_with_port(yaml.safe_load(Path(project_yml).read_text()), port)
+        out = self.workspace / "provision"
+        if out.exists():
+            shutil.rmtree(out)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            yml = Path(tmp) / "project.yml"
+            yml.write_text(yaml.safe_dump(project, sort_keys=False))
+            t0 = time.monotonic()
+            proc = nvflare_cli("provision", "-p", str(yml), "-w", str(out))
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvflare provision failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        kits = out / project["name"] / "prod_00"
+        server = next(p for p in project["participants"] if p["type"] == "server")
+        state = {
+            "kits": str(kits),
+            "port": server["fed_learn_port"],
+            "hospitals": [p["name"] for p in project["participants"] if p["type"] == "client"],
+            "admins": {p["name"]: p["role"] for p in project["participants"] if p["type"] == "admin"},
+            "provision_seconds": round(time.monotonic() - t0, 2),
+        }
+        (self.workspace / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if install_sites:
+            install(kits / SERVER, SERVER, db_url=db_url)
+            for site in state["hospitals"]:
+                custom = Path(site_configs) / site / "fedmed_site.json" if site_configs else None
+                install(kits / site, site, site_config=custom, check_import=False)
+        return state
+
+    # --- processes -----------------------------------------------------------------------------------------------
+
+    def _pids(self) -> dict:
+        path = self.workspace / PIDS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _save_pids(self, pids: dict) -> None:
+        (self.workspace / PIDS_FILE).write_text(json.dumps(pids, indent=2))
+
+    def start_site(self, name: str, kit: Path | None = None, env: dict | None = None) -> int:
+        """Start one site (server or hospital) from its kit; returns its PID (also the process group id)."""
+        kit = Path(kit or self.kit(name))
+        script = kit / "start_fedmed.sh"
+        if not script.is_file():
+            raise FileNotFoundError(f"{script} missing: the kit was not installed (site_configs/install.sh)")
+        pids = self._pids()
+        if name in pids and _alive(pids[name]):
+            raise RuntimeError(f"{name} is already running (pid {pids[name]})")
+        with open(kit / "console.log", "ab") as log:
+            proc = subprocess.Popen(["bash", str(script), "--once"], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=kit, env=dict(os.environ, **(env or {})),
+                                    start_new_session=True)  # detached from our terminal's signals
+        pids[name] = proc.pid
+        self._save_pids(pids)
+        return proc.pid
+
+    def stop_site(self, name: str, sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
+        """Signal the site's process and its job processes (NVFlare starts those in their own sessions, so they
+        are found by parentage, before anything is killed); SIGKILL after grace seconds; raises if any survives."""
+        pids = self._pids()
+        pid = pids.get(name)
+        if pid is None:
+            return
+        tree = [pid, *_descendants(pid)]
+        for p in tree:
+            _signal(p, sig)
+        if not all(_wait_gone(p, grace) for p in tree) and sig != signal.SIGKILL:
+            for p in tree:
+                _signal(p, signal.SIGKILL)
+        alive = [p for p in tree if not _wait_gone(p, 10)]
+        if alive:
+            raise RuntimeError(f"{name}: process(es) {alive} did not exit")
+        pids.pop(name)
+        self._save_pids(pids)
+
+    def stop(self) -> list[str]:
+        """Stop every recorded process, hospitals first; returns the names stopped."""
+        names = sorted(self._pids(), key=lambda n: n == SERVER)
+        errors = []
+        for name in names:
+            try:
+                self.stop_site(name)
+            except RuntimeError as e:
+                errors.append(str(e))
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return names
+
+    def running(self) -> dict:
+        return {name: pid for name, pid in self._pids().items() if _alive(pid)}
+
+    # --- admin API -----------------------------------------------------------------------------------------------
+
+    def session(self, user: str = PROJECT_ADMIN, timeout: float = 30.0):
+        from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+        return new_secure_session(user, str(self.kit(user)), timeout=timeout)
+
+    def connected_clients(self, user: str = PROJECT_ADMIN) -> list[str]:
+        s = self.session(user)
+        try:
+            return sorted(c.name for c in s.get_system_info().client_info)
+        finally:
+            s.close()
+
+    def wait_registered(self, sites: list[str], timeout: float, user: str = PROJECT_ADMIN) -> float:
+        """Poll the admin API until every site is connected; returns seconds waited, raises at the deadline."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            dead = [n for n, pid in self._pids().items() if not _alive(pid)]
+            if dead:
+                raise RuntimeError(f"{dead} exited during start-up; see {[str(self.kit(n) / 'console.log') for n in dead]}")
+            try:
+                seen = self.connected_clients(user)
+            except Exception:  # server not accepting admin logins yet
+                seen = []
+            if set(sites) <= set(seen):
+                return time.monotonic() - t0
+            time.sleep(1.0)
+        raise TimeoutError(f"after {timeout:.0f}s only {seen} of {sites} are registered with the server")
+
+    def start(self, sites: list[str] | None = None, timeout: float = 120.0) -> float:
+        """Server, then the hospitals; returns seconds until all are registered. Stops everything on failure."""
+        sites = self.hospitals if sites is None else sites
+        try:
+            self.start_site(SERVER)
+            for site in sites:
+                self.start_site(site)
+            return self.wait_registered(sites, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (our own exited child not yet reaped) is not alive
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of pid, from /proc (children first found, then theirs)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent_of[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent_of.items() if pp in frontier and p not in found]
+        found += children
+        frontier = children
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.2)
+    return not _alive(pid)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("provision", "start", "status", "stop"):
+        s = sub.add_parser(name)
+        s.add_argument("--workspace", type=Path, default=RUNS / "federation")
+        if name == "provision":
+            s.add_argument("--project", type=Path, default=PROJECT_YML)
+            s.add_argument("--port", type=int, help="server port (default: project.yml's)")
+            s.add_argument("--db-url", help="the server's FEDMED_DB_URL (default: site_configs/server/fedmed.env)")
+            s.add_argument("--site-configs", type=Path,
+                           help="folder with <site>/fedmed_site.json to install instead of site_configs/<site>/")
+        if name == "start":
+            s.add_argument("--sites", help="comma-separated hospitals to start (default: all)")
+            s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for registration")
+    a = p.parse_args(argv)
+    fed = Federation(a.workspace)
+    if a.cmd == "provision":
+        state = fed.provision(a.project, a.port, a.db_url, a.site_configs)
+        print(f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}")
+    elif a.cmd == "start":
+        sites = [s for s in a.sites.split(",") if s] if a.sites else None
+        waited = fed.start(sites, a.timeout)
+        print(f"federation up in {waited:.1f}s: {fed.running()}")
+    elif a.cmd == "status":
+        running = fed.running()
+        print(f"processes: {running or 'none'}")
+        if SERVER in running:
+            print(f"registered hospitals: {fed.connected_clients()}")
+    else:
+        print(f"stopped: {fed.stop() or 'nothing was running'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Generate synthetic DICOM hospitals (non-IID, per-site scanners) plus a global test set, deterministically.
+
+    python scripts/generate_hospitals.py --out data/hospitals [--scale 1.0] [--seed 0]
+    python scripts/generate_hospitals.py --task brain_mri --out data/brain_hospitals     (4-class brain MR)
+
+Writes <out>/<site>/{dicom/, labels.csv, fedmed_site.json} and <out>/global_test/{dicom/, labels.csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fedmed.data.synthetic import DEFAULT_HOSPITALS, chest_family, generate_hospitals
+from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY
+from fedmed.tasks import DEFAULT_TASK, TASKS
+
+
+def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:
+    """The same fedmed_site.json a hospital writes by hand (see site_configs/), pointing at the generated data."""
+    cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+           "resources": {"num_threads": num_threads}}
+    path = site_dir / "fedmed_site.json"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK,
+                   help="chest_xray14: radiographs with 14 findings; brain_mri: axial MR slices, 4 tumour classes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every site's image count (tests use ~0.1)")
+    p.add_argument("--num-test", type=int, default=300)
+    p.add_argument("--size", type=int, default=256, help="stored image size in pixels")
+    p.add_argument("--alpha", type=float, default=20.0, help="Dirichlet concentration of site label priors")
+    p.add_argument("--min-prevalence", type=float, default=0.05,
+                   help="chest only: floor on each finding's prevalence so small sites see rare findings (0 = NIH table)")
+    p.add_argument("--site-threads", type=int, default=max(1, (os.cpu_count() or 1) // len(DEFAULT_HOSPITALS)),
+                   help="torch threads per simulated site (all sites share this machine's cores)")
+    a = p.parse_args(argv)
+    if a.scale <= 0:
+        p.error(f"--scale must be > 0, got {a.scale}")
+    family = BRAIN_MRI_FAMILY if a.task == "brain_mri" else chest_family(a.min_prevalence)
+    if (a.out / "global_test" / "labels.csv").exists():
+        for h in family.hospitals:
+            write_site_config(a.out / h.name, h.name, a.site_threads)
+        print(f"{a.out} already holds generated hospitals (delete it to regenerate)")
+        return 0
+    hospitals = [replace(h, num_images=max(4, int(round(h.num_images * a.scale)))) for h in family.hospitals]
+    total = sum(h.num_images for h in hospitals) + a.num_test
+    with tqdm(total=total, desc=f"generating {a.task} DICOM", unit="img") as bar:
+        written = generate_hospitals(a.out, hospitals, a.num_test, a.seed, a.alpha, a.min_prevalence,
+                                     size=a.size, progress=bar.update, family=family)
+    for h in hospitals:
+        write_site_config(a.out / h.name, h.name, a.site_threads)
+    for site, csv_path in written.items():
+        print(f"{site}: {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

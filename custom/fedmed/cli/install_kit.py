@@ -1,0 +1,192 @@
+"""Install a site's settings from site_configs/ into its provisioned NVFlare startup kit.
+
+    fedmed-install-kit <kit_dir> <site> [--site-config FILE] [--db-url URL]
+    (site_configs/install.sh <kit_dir> <site> runs this with the project's .venv; so does
+    `python scripts/install_kit.py`)
+
+<kit_dir> is the participant folder written by `nvflare provision` (it holds startup/ and local/); <site> is
+`server` or a hospital name (hospital-a, ...). Writes into <kit_dir>/local/:
+    resources.json      NVFlare's default + site_configs/<site>/resources.json (fedmed allow-listed, own paths)
+    authorization.json  site_configs/authorization.json (who may submit, manage, download jobs at this site)
+    log_config.json     site_configs/<site>/log_config.json, else site_configs/log_config.json
+    privacy.json        hospitals: site_configs/<site>/privacy.json (NVFlare privacy scopes)
+    fedmed_site.json    hospitals: data location and format (validated; relative paths made absolute)
+    fedmed.env          environment for the site's processes (the server's FEDMED_DB_URL)
+and <kit_dir>/start_fedmed.sh, which starts the site with this checkout's Python
+(its venv, where fedmed is installed).
+Nothing under startup/ is touched: it is signed by the provisioner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from fedmed.constants import ENV_DB_URL
+from fedmed.paths import SITE_CONFIGS
+from fedmed.site_config import load_site_config
+
+SERVER = "server"
+FEDMED_ALLOW = "fedmed."
+# Locates (without importing torch) the modules a site's job process loads.
+FIND_MODULES = ("import importlib.util as u, sys; m = [n for n in ('nvflare', 'torch', 'fedmed.flare.executor') "
+                "if u.find_spec(n) is None]; sys.exit(f'cannot find {m}' if m else 0)")
+KIT_PLACEHOLDER = "{KIT}"  # in resources.json overrides: replaced by the kit's absolute path
+
+START_SCRIPT = """#!/usr/bin/env bash
+# Written by site_configs/install.sh: start this NVFlare site with the Python that has fedmed installed.
+#   ./start_fedmed.sh          NVFlare's start.sh (background daemon that restarts the site if it dies)
+#   ./start_fedmed.sh --once   the site in the foreground, one process (systemd, scripts/federation.py)
+set -euo pipefail
+KIT="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+export PATH={python_bin}:"$PATH"
+if [[ -f "$KIT/local/fedmed.env" ]]; then set -a; . "$KIT/local/fedmed.env"; set +a; fi
+if [[ "${{1:-}}" == "--once" ]]; then
+  exec "$KIT/startup/sub_start.sh" --once
+fi
+exec "$KIT/startup/start.sh" "$@"
+"""
+
+
+def kit_identity(kit: Path) -> tuple[str, str]:
+    """('server', project) or ('client', site name) read from the kit's startup config."""
+    startup = kit / "startup"
+    if (startup / "fed_server.json").is_file():
+        return SERVER, SERVER
+    client_cfg = startup / "fed_client.json"
+    if client_cfg.is_file():
+        return "client", json.loads(client_cfg.read_text())["client"]["fqsn"]
+    raise ValueError(f"{kit} is not an NVFlare server or client startup kit (no startup/fed_server.json or "
+                     f"startup/fed_client.json)")
+
+
+def merge_resources(default: dict, override: dict, kit: Path) -> dict:
+    """NVFlare's provisioned resources + our overrides: class_allow_list is extended (never narrowed), components
+    with the same id are replaced, other top-level keys are replaced; {KIT} in strings becomes the kit path."""
+    override = json.loads(json.dumps(override).replace(KIT_PLACEHOLDER, str(kit.resolve())))
+    merged = dict(default)
+    for key, value in override.items():
+        if key == "class_allow_list":
+            merged[key] = sorted(set(default.get(key, [])) | set(value))
+        elif key == "components":
+            by_id = {c["id"]: c for c in default.get("components", [])}
+            by_id.update({c["id"]: c for c in value})
+            merged[key] = list(by_id.values())
+        else:
+            merged[key] = value
+    merged["class_allow_list"] = sorted(set(merged.get("class_allow_list", [])) | {FEDMED_ALLOW})
+    return merged
+
+
+def site_file(site: str, name: str, shared: bool = False) -> Path | None:
+    own = SITE_CONFIGS / site / name
+    if own.is_file():
+        return own
+    common = SITE_CONFIGS / name
+    return common if shared and common.is_file() else None
+
+
+def install_site_config(source: Path, site: str, dest: Path) -> list[str]:
+    """Validate the hospital's fedmed_site.json and write it with absolute data paths; returns warnings."""
+    cfg = load_site_config(source)  # raises naming the file and the bad key
+    if cfg.site_name != site:
+        raise ValueError(f"{source} is for site {cfg.site_name!r}, not {site!r}")
+    raw = json.loads(source.read_text())
+    raw["data"]["root"] = str(cfg.data.root)
+    if cfg.data.labels_csv is not None:
+        raw["data"]["labels_csv"] = str(cfg.data.labels_csv)
+    dest.write_text(json.dumps(raw, indent=2) + "\n")
+    return [f"{site}: data path {p} does not exist (yet)" for p in (cfg.data.root, cfg.data.labels_csv)
+            if p is not None and not p.exists()]
+
+
+def write_env(path: Path, values: dict) -> None:
+    lines = ["# Environment of this site's NVFlare processes (sourced by start_fedmed.sh)."]
+    lines += [f"{k}={shlex.quote(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_env(path: Path) -> dict:
+    values = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+                k, v = line.split("=", 1)
+                values[k.strip()] = shlex.split(v)[0] if v.strip() else ""
+    return values
+
+
+def install(kit: Path, site: str, site_config: Path | None = None, db_url: str | None = None,
+            python_bin: Path | None = None, check_import: bool = True) -> list[str]:
+    """Install site_configs/<site> into the kit. Returns warnings (e.g. data not mounted yet); raises on errors."""
+    kit = Path(kit).resolve()
+    kind, name = kit_identity(kit)
+    if name != site:
+        raise ValueError(f"{kit} is the startup kit of {name!r}, not {site!r}")
+    if not (SITE_CONFIGS / site).is_dir():
+        raise ValueError(f"no site_configs/{site}/ folder; known: "
+                         f"{sorted(p.name for p in SITE_CONFIGS.iterdir() if p.is_dir())}")
+    local = kit / "local"
+    warnings = []
+    default = json.loads((local / "resources.json.default").read_text())
+    override_file = site_file(site, "resources.json")
+    override = json.loads(override_file.read_text()) if override_file else {}
+    (local / "resources.json").write_text(json.dumps(merge_resources(default, override, kit), indent=2) + "\n")
+    (local / "authorization.json").write_text((SITE_CONFIGS / "authorization.json").read_text())
+    (local / "log_config.json").write_text(site_file(site, "log_config.json", shared=True).read_text())
+    env = read_env(SITE_CONFIGS / site / "fedmed.env")
+    if kind == SERVER:
+        if db_url:
+            env[ENV_DB_URL] = db_url
+        if not env.get(ENV_DB_URL):
+            warnings.append(f"server: no {ENV_DB_URL}; the run record goes to SQLite fedmed.db in the server workspace")
+    else:
+        privacy = site_file(site, "privacy.json")
+        if privacy is None:
+            raise ValueError(f"site_configs/{site}/privacy.json is missing: every hospital states its privacy scopes")
+        policy = json.loads(privacy.read_text())
+        if policy.get("default_scope") not in {s.get("name") for s in policy.get("scopes", [])}:
+            raise ValueError(f"{privacy}: default_scope {policy.get('default_scope')!r} is not one of its scopes")
+        (local / "privacy.json").write_text(privacy.read_text())
+        warnings += install_site_config(Path(site_config or SITE_CONFIGS / site / "fedmed_site.json"), site,
+                                        local / "fedmed_site.json")
+    write_env(local / "fedmed.env", env)
+    python_bin = Path(python_bin or Path(sys.executable).parent)
+    start = kit / "start_fedmed.sh"
+    start.write_text(START_SCRIPT.format(python_bin=shlex.quote(str(python_bin))))
+    start.chmod(0o755)
+    if check_import:
+        # The same environment the site will run in: fail here, not when the first job is deployed.
+        probe = subprocess.run([str(python_bin / "python"), "-c", FIND_MODULES],
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode != 0:
+            raise RuntimeError(f"fedmed is not importable with {python_bin}/python (run scripts/setup.sh, which installs "
+                               f"it there): {probe.stderr.strip()[-2000:]}")
+    return warnings
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kit_dir", type=Path, help="the participant's provisioned folder (holds startup/ and local/)")
+    p.add_argument("site", help="server, hospital-a, hospital-b or hospital-c")
+    p.add_argument("--site-config", type=Path, help="fedmed_site.json to install instead of site_configs/<site>/")
+    p.add_argument("--db-url", help=f"server only: {ENV_DB_URL} for the run record")
+    a = p.parse_args(argv)
+    try:
+        warnings = install(a.kit_dir, a.site, a.site_config, a.db_url)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"install failed: {e}", file=sys.stderr)
+        return 1
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"installed site_configs/{a.site} into {a.kit_dir.resolve()}; start the site with "
+          f"{a.kit_dir.resolve() / 'start_fedmed.sh'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Pretrain DenseNet-121 on a public labelled dataset, outside the federation, to give the job a starting model.
+
+    python scripts/pretrain_public.py --format chestxray14 --root /data/ChestX-ray14 --out weights/cxr_public.pt
+    python scripts/pretrain_public.py --format dicom --root data/public/dicom --labels-csv data/public/labels.csv \
+        --out weights/cxr_public.pt --norm group --image-size 128 --epochs 5
+
+Then: `python jobs/cxr_densenet/job.py ... --initial-weights weights/cxr_public.pt`. Differentially private
+training from scratch loses most of its signal to the noise; starting from public features and DP-training only the
+top of the network (`--dp-train-layers`) is what keeps a DP model close to a non-DP one (docs/bench_privacy.md).
+Only public data belongs here: nothing this script sees is protected by DP. Nothing is downloaded; --root must
+already hold the data (the NIH ChestX-ray14 release: Data_Entry_2017.csv, train_val_list.txt and the PNG folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fedmed.data.loading import load_train_val
+from fedmed.model import NORMS, build_densenet121, state_to_numpy
+from fedmed.site_config import DataConfig
+from fedmed.tasks import DEFAULT_TASK, TASKS, get_task
+from fedmed.training import evaluate, round_lr, train_epochs
+from fedmed.weights import save_state
+
+
+def pretrain(data: DataConfig, out: Path, task_name: str = DEFAULT_TASK, epochs: int = 5, image_size: int = 128,
+             batch_size: int = 32, lr: float = 1e-3, norm: str = "group", seed: int = 0, progress: bool = True) -> dict:
+    """Train on `data` (its train split), keep the epoch with the best validation score, save it to `out` with
+    what it was trained on in the file's meta. Returns that meta."""
+    task = get_task(task_name)
+    train, val = load_train_val(data, image_size, seed, task)
+    params, meta = pretrain_on(train, val, task, epochs, batch_size, lr, norm, seed, progress)
+    meta.update(pretrained_on=str(data.root), format=data.format, image_size=image_size)
+    save_state(params, out, meta)  # atomic: an interrupted run never leaves a half-written weights file
+    return meta
+
+
+def pretrain_on(train, val, task, epochs: int, batch_size: int, lr: float, norm: str, seed: int,
+                progress: bool = True) -> tuple[dict, dict]:
+    """The training behind pretrain(), on datasets already loaded (the benchmarks pool several synthetic public
+    sites): returns (parameters of the best validation epoch, meta)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{len(train)} training and {len(val)} validation images; both must be > 0")
+    torch.manual_seed(seed)
+    model = build_densenet121(task.num_outputs, norm=norm)
+    best, best_score, history = None, -1.0, []
+    bar = tqdm(range(epochs), desc="pretraining", unit="epoch", disable=not progress)
+    t0 = time.perf_counter()
+    for epoch in bar:
+        # cosine decay over the epochs, as over FL rounds: the last epochs refine rather than jump around
+        loss = train_epochs(model, train, 1, round_lr(lr, epoch, epochs), batch_size, seed + epoch, task=task)
+        val_result = evaluate(model, val, task)
+        history.append({"epoch": epoch + 1, "train_loss": loss, task.score_name: val_result.score})
+        bar.set_postfix(loss=f"{loss:.4f}", **{task.score_name: f"{val_result.score:.3f}"})
+        if val_result.score > best_score:
+            best, best_score = state_to_numpy(model), val_result.score
+    meta = {"task": task.name, "norm": norm, "epochs": epochs, "train_images": len(train), "val_images": len(val),
+            "best_val_score": best_score, "score_name": task.score_name, "seconds": time.perf_counter() - t0,
+            "history": history}
+    return best, meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", choices=("chestxray14", "dicom", "csv_manifest"), required=True)
+    p.add_argument("--root", type=Path, required=True, help="ChestX-ray14 folder, DICOM tree, or manifest CSV")
+    p.add_argument("--labels-csv", type=Path, help="DICOM only: labels keyed by SOPInstanceUID")
+    p.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
+    p.add_argument("--out", type=Path, required=True, help="weights file to write (.pt)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--image-size", type=int, default=128, help="must equal the job's --image-size")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--norm", choices=NORMS, default="group",
+                   help="must equal the job's --norm ('group' for federations with DP-SGD sites)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not a.root.exists():
+        p.error(f"--root {a.root}: no such file or folder")
+    if a.format == "dicom" and a.labels_csv is None:
+        p.error("--format dicom needs --labels-csv")
+    if a.out.exists():
+        p.error(f"--out {a.out} already exists; choose another name (existing weights are never overwritten)")
+    try:
+        meta = pretrain(DataConfig(a.format, a.root, a.labels_csv), a.out, a.task, a.epochs, a.image_size,
+                        a.batch_size, a.lr, a.norm, a.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}: best validation {meta['score_name']} {meta['best_val_score']:.3f} over {a.epochs} epochs "
+          f"on {meta['train_images']} images ({meta['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Write an HTML report (global AUROC/loss per round, per-site trust, privacy spend, update decisions) with the
+same figures as PNG, from the database.
+
+    python scripts/report.py --out runs/report [--db-url URL] [--run-id N]     (default $FEDMED_DB_URL, latest run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fedmed.constants import ENV_DB_URL
+from fedmed.report import write_report
+from fedmed.store.repository import Repository
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db-url", default=os.environ.get(ENV_DB_URL))
+    p.add_argument("--run-id", type=int)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    if not a.db_url:
+        p.error(f"give --db-url or set {ENV_DB_URL}")
+    repo = Repository(a.db_url, create_schema=False)
+    try:
+        run_id = repo.run_id_or_latest(a.run_id)
+        path = write_report(repo, run_id, a.out)
+    except ValueError as e:
+        print(f"cannot write report: {e}", file=sys.stderr)
+        return 1
+    finally:
+        repo.close()
+    print(f"report written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Print the per-round table of a run, read back from the database.
+
+    python scripts/rounds_table.py [--db-url URL] [--run-id N]      (default: $FEDMED_DB_URL, latest run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from fedmed.constants import ENV_DB_URL
+from fedmed.store.repository import Repository
+from fedmed.tasks import get_task
+
+# Multi-class runs (task brain_mri) also record these global-test metrics per round; shown when present.
+MULTICLASS_COLUMNS = ("accuracy", "macro_f1")
+SCORE_LABELS = {"mean_auroc": "mean AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+
+def format_table(repo: Repository, run_id: int) -> str:
+    run = repo.get_run(run_id)
+    rows = repo.rounds_table(run_id)
+    test_metrics = repo.round_metrics(run_id, "global_test")
+    extra = [m for m in MULTICLASS_COLUMNS if any(m in v for v in test_metrics.values())]
+    lines = [f"run {run.id} '{run.name}' (job {run.job_id}, {run.aggregation}, status {run.status})",
+             f"{'round':>5}  {'sites':<40} {'test mean AUROC':>15}  {'test loss':>9}" + "".join(f"  {m:>9}" for m in extra)]
+    for r in rows:
+        sites = ",".join(r.sites_accepted) + "".join(f" -{s}({st})" for s, st in r.sites_other)
+        auroc = f"{r.test_mean_auroc:.4f}" if r.test_mean_auroc is not None else "-"
+        loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "-"
+        values = test_metrics.get(r.round_num, {})
+        cells = "".join(f"  {values[m]:>9.4f}" if m in values else f"  {'-':>9}" for m in extra)
+        lines.append(f"{r.round_num + 1:>5}  {sites:<40} {auroc:>15}  {loss:>9}{cells}")
+    if run.best_round is not None:
+        task = get_task(json.loads(run.config_json or "{}").get("task"))  # runs before tasks existed: chest
+        lines.append(f"best: round {run.best_round + 1}, {SCORE_LABELS[task.score_name]} {run.best_metric:.4f}")
+    if rows and rows[-1].test_mean_auroc is not None:
+        lines.append(f"final global test mean AUROC: {rows[-1].test_mean_auroc:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db-url", default=os.environ.get(ENV_DB_URL))
+    p.add_argument("--run-id", type=int)
+    a = p.parse_args(argv)
+    if not a.db_url:
+        p.error(f"give --db-url or set {ENV_DB_URL}")
+    repo = Repository(a.db_url, create_schema=False)
+    try:
+        run_id = repo.run_id_or_latest(a.run_id)
+        print(format_table(repo, run_id))
+    except ValueError as e:
+        print(f"cannot print the table: {e}", file=sys.stderr)
+        return 1
+    finally:
+        repo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
