@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from fedmed import constants as C
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
-from fedmed.model import HEAD_PREFIX, build_densenet121, load_numpy_state
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, generate_hospitals
+from fedmed.model import HEAD_PREFIX, build_densenet121, load_numpy_state
 from fedmed.training import evaluate, predict
-from fedmed import constants as C
-from test_job import JOB, REPO, SITES, _simulate, _write_site_configs
+from test_job import JOB, SITES, _simulate, _write_site_configs
 
 HEAD = ("class_layers.out.weight", "class_layers.out.bias")
 
@@ -90,19 +90,20 @@ def test_site_with_another_federations_keys_is_rejected_and_recorded(tiny_hospit
     _write_site_configs(tiny_hospitals)
     ws, db = tmp_path / "ws", tmp_path / "foreign.db"
     driver = textwrap.dedent(f"""
-        import importlib.util, sys
+        import importlib.util
         from pathlib import Path
+        from fedmed.crypto import ckks
+        from fedmed.flare.fedjob import he_keys_dir_for, prepare_simulator_keys, run_simulation
         spec = importlib.util.spec_from_file_location("job", {str(JOB)!r}); job = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(job)
-        from fedmed.crypto import ckks
-        ws, sites = Path({str(ws)!r}), {list(SITES)!r}
-        j = job.build_job(sites, Path({str(tiny_hospitals)!r}), num_rounds=1, min_clients=2, image_size=64,
-                          batch_size=4, he_layers=[{HEAD_PREFIX!r}], he_keys_dir=job.he_keys_dir_for(ws, job.JOB_NAME))
-        job.prepare_simulator_keys(ws, sites, job.JOB_NAME)
-        ckks.write_key_files(ckks.generate_key_set(), ws / "elsewhere", [job.he_keys_dir_for(ws, job.JOB_NAME) / "hospital-c"])
-        job.run_simulation(j, sites, ws, 3)
+        ws, sites, name = Path({str(ws)!r}), {list(SITES)!r}, job.CONFIG.name
+        j = job.build_job(sites=sites, data_root=Path({str(tiny_hospitals)!r}), num_rounds=1, min_clients=2,
+                          image_size=64, batch_size=4, he_layers=[{HEAD_PREFIX!r}], he_keys_dir=he_keys_dir_for(ws, name))
+        prepare_simulator_keys(ws, sites, name)
+        ckks.write_key_files(ckks.generate_key_set(), ws / "elsewhere", [he_keys_dir_for(ws, name) / "hospital-c"])
+        run_simulation(j, sites, ws, 3)
     """)
-    env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}", PYTHONPATH=str(REPO / "custom"))
+    env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from fedmed.store.repository import Repository

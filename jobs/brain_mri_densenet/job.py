@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "custom") not in sys.path:
-    sys.path.insert(0, str(REPO / "custom"))
+from fedmed.flare.fedjob import build_job as build_fedmed_job
+from fedmed.flare.fedjob import job_main
+from fedmed.jobconfig import JobConfig
+from fedmed.paths import RUNS
 
-from fedmed.flare.fedjob import build_job as build_fedmed_job, job_main  # noqa: E402
-
-JOB_NAME = "brain_mri_densenet"
-TASK = "brain_mri"
 # Tumours are large signs: 96 px keeps them visible and the simulated run to a few minutes on a 2-core CPU.
-DEFAULTS = {"image_size": 96, "rounds": 5}
-build_job = functools.partial(build_fedmed_job, name=JOB_NAME, task=TASK, image_size=DEFAULTS["image_size"],
-                              num_rounds=DEFAULTS["rounds"])
+CONFIG = JobConfig(name="brain_mri_densenet", task="brain_mri", image_size=96)
+build_job = functools.partial(build_fedmed_job, CONFIG)  # build_job(num_rounds=2, data_root=...) -> FedJob
 
 
 def main(argv=None) -> int:
-    return job_main(argv, JOB_NAME, TASK, __doc__, REPO / "runs" / "sim_mri", DEFAULTS)
+    return job_main(argv, CONFIG, __doc__, RUNS / "sim_mri")
 
 
 if __name__ == "__main__":

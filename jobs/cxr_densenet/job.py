@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "custom") not in sys.path:
-    sys.path.insert(0, str(REPO / "custom"))
+from fedmed.flare.fedjob import build_job as build_fedmed_job
+from fedmed.flare.fedjob import job_main
+from fedmed.jobconfig import JobConfig
+from fedmed.paths import RUNS
 
-from fedmed.flare.fedjob import (DEFAULT_SITES, build_job as build_fedmed_job, he_keys_dir_for,  # noqa: E402, F401
-                                 job_main, prepare_simulator_keys, run_simulation)
-
-JOB_NAME = "cxr_densenet"
-TASK = "chest_xray14"
-build_job = functools.partial(build_fedmed_job, name=JOB_NAME, task=TASK)
+# This job's settings; every option of main() defaults to them (the rest are JobConfig's defaults).
+CONFIG = JobConfig(name="cxr_densenet", task="chest_xray14")
+build_job = functools.partial(build_fedmed_job, CONFIG)  # build_job(num_rounds=2, data_root=...) -> FedJob
 
 
 def main(argv=None) -> int:
-    return job_main(argv, JOB_NAME, TASK, __doc__, REPO / "runs" / "sim")
+    return job_main(argv, CONFIG, __doc__, RUNS / "sim")
 
 
 if __name__ == "__main__":

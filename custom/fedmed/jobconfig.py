@@ -1,0 +1,132 @@
+"""One job's settings, and the single source of their defaults: the job scripts' options (jobs/*/job.py, through
+fedmed.flare.fedjob.job_main) take their defaults from here, and build_job configures the Controller, persistor
+and Executors from it. Pure (no NVFlare import) and frozen: a changed setting is a new object (`with_changes`).
+
+Each job script names its own: jobs/cxr_densenet/job.py has JobConfig(name="cxr_densenet", task="chest_xray14"),
+jobs/brain_mri_densenet/job.py JobConfig(name="brain_mri_densenet", task="brain_mri", image_size=96).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+from fedmed.aggregation import get_aggregator
+from fedmed.model import NORMS
+from fedmed.robust.trust import TrustPolicy
+from fedmed.tasks import get_task
+
+DEFAULT_SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def _names(value, what: str) -> Optional[tuple]:
+    """A list or tuple of names as a tuple; None or empty as None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(x, str) and x for x in value):
+        raise ValueError(f"{what} must be a list of non-empty names, got {value!r}")
+    return tuple(value) or None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a fedmed job sets at the server and the sites.
+
+    Args:
+        name: job name: the exported folder and the run name in the database.
+        task: what the job learns, a name in fedmed.tasks.TASKS; no default, so no job silently gets another's.
+        sites: the hospitals the job deploys to.
+        num_rounds: federated rounds.
+        min_clients: valid updates needed per round; None = all sites but one (at least 3 sites), else all.
+        round_timeout: seconds before a round gives up on the sites still missing (0 = no limit).
+        straggler_wait: once min_clients sites have answered, seconds to wait for the rest.
+        aggregation: name in fedmed.aggregation.AGGREGATORS.
+        image_size: square input size at the sites and the server.
+        local_epochs / lr / batch_size: each site's local training per round (Adam; lr is round 1's).
+        seed: base seed of the initial model and the sites' shuffling.
+        norm: DenseNet-121 normalisation, "batch" or "group" (required where sites train with DP-SGD).
+        db_url: the server's SQLAlchemy URL; None = $FEDMED_DB_URL, else SQLite in the server workspace.
+        privacy_scope: the NVFlare privacy scope the job runs under at each site.
+        he_layers: parameter names or prefixes ending in '.' sent CKKS-encrypted; None = no HE.
+        dp_train_layers: parameter-name prefixes a DP site trains; None = all.
+        initial_weights: state-dict file the server starts round 1 from; None = a fresh model (seed).
+        trust_smoothing / trust_ok_ratio / trust_bad_ratio / quarantine_below / readmit_after: the trust rule
+            (fedmed.robust.trust.TrustPolicy, whose defaults these are).
+        final_model_timeout: seconds the server waits for the sites to acknowledge the final model.
+    """
+
+    name: str
+    task: str
+    sites: tuple = DEFAULT_SITES
+    num_rounds: int = 5
+    min_clients: Optional[int] = None
+    round_timeout: int = 0
+    straggler_wait: int = 600
+    aggregation: str = "geometric_median"
+    image_size: int = 128
+    local_epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    norm: str = "batch"
+    db_url: Optional[str] = None
+    privacy_scope: Optional[str] = None
+    he_layers: Optional[tuple] = None
+    dp_train_layers: Optional[tuple] = None
+    initial_weights: Optional[str] = None
+    trust_smoothing: float = TrustPolicy.smoothing
+    trust_ok_ratio: float = TrustPolicy.ok_ratio
+    trust_bad_ratio: float = TrustPolicy.bad_ratio
+    quarantine_below: float = TrustPolicy.quarantine_below
+    readmit_after: int = TrustPolicy.readmit_after
+    final_model_timeout: int = 120
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("name must be a non-empty job name")
+        get_task(self.task)  # raises naming the valid tasks
+        sites = _names(self.sites, "sites")
+        if not sites:
+            raise ValueError("sites is empty: a job needs at least one hospital")
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"sites names a hospital twice: {list(sites)}")
+        object.__setattr__(self, "sites", sites)
+        object.__setattr__(self, "he_layers", _names(self.he_layers, "he_layers"))
+        object.__setattr__(self, "dp_train_layers", _names(self.dp_train_layers, "dp_train_layers"))
+        for key, low in (("num_rounds", 1), ("image_size", 32), ("local_epochs", 1), ("batch_size", 1),
+                         ("round_timeout", 0), ("straggler_wait", 0), ("final_model_timeout", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if self.min_clients is not None and not 1 <= self.min_clients <= len(sites):
+            raise ValueError(f"min_clients must be in 1..{len(sites)} (the number of sites), got {self.min_clients}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        get_aggregator(self.aggregation)  # raises naming the valid choices
+        try:
+            self.trust_policy()
+        except ValueError as e:
+            raise ValueError(f"trust rule (trust_smoothing, trust_ok_ratio, trust_bad_ratio, quarantine_below, "
+                             f"readmit_after): {e}") from None
+
+    @property
+    def required_clients(self) -> int:
+        """min_clients, or its default: one site may fail, refuse or be quarantined without stopping the job."""
+        if self.min_clients is not None:
+            return self.min_clients
+        return len(self.sites) - 1 if len(self.sites) >= 3 else len(self.sites)
+
+    def trust_policy(self) -> TrustPolicy:
+        return TrustPolicy(smoothing=self.trust_smoothing, ok_ratio=self.trust_ok_ratio,
+                           bad_ratio=self.trust_bad_ratio, quarantine_below=self.quarantine_below,
+                           readmit_after=self.readmit_after)
+
+    def with_changes(self, **changes) -> "JobConfig":
+        """A copy with these settings changed (validated again); an unknown setting is named in the error."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown job setting(s) {unknown}; known: {[f.name for f in fields(self)]}")
+        return replace(self, **changes)
