@@ -15,15 +15,13 @@ import time
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
+import numpy as np
+from geom_median.numpy import compute_geometric_median
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from geom_median.numpy import compute_geometric_median  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from fedmed.aggregation import weighted_mean  # noqa: E402
-from fedmed.model import build_densenet121, state_to_numpy  # noqa: E402
-from fedmed.robust.geometric_median import distance_keys, geometric_median  # noqa: E402
+from fedmed.aggregation import weighted_mean
+from fedmed.model import build_densenet121, state_to_numpy
+from fedmed.robust.geometric_median import distance_keys, geometric_median
 
 TOLERANCES = (1e-6, 1e-10, 1e-20)  # 1e-20 is geom-median's default (it then runs to maxiter)
 
@@ -82,7 +80,7 @@ def main(argv=None) -> int:
         mem = peak_memory(lambda: geometric_median(updates, w, ftol=1e-10))
         mem_avg = peak_memory(lambda: weighted_mean(updates, w))
         mem_rows.append((k, size, mem, mem_avg))
-        del flat, updates
+        flat = updates = None  # free this K's updates before the next K's are made
 
     lines = [
         "# bench_aggregation",

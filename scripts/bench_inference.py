@@ -17,19 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from fedmed.constants import CXR14_FINDINGS  # noqa: E402
-from fedmed.data.synthetic import DEFAULT_HOSPITALS, write_site  # noqa: E402
-from fedmed.inference.model_file import META_THRESHOLD_METHOD, META_THRESHOLDS, write_model_file  # noqa: E402
-from fedmed.inference.predict import HeatmapMaker, Preprocessor, predict_batches  # noqa: E402
-from fedmed.inference.run import InferenceOptions, run_inference  # noqa: E402
-from fedmed.inference.studies import discover_studies, load_study  # noqa: E402
-from fedmed.model import build_densenet121  # noqa: E402
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.data.synthetic import DEFAULT_HOSPITALS, write_site
+from fedmed.inference.model_file import META_THRESHOLD_METHOD, META_THRESHOLDS, write_model_file
+from fedmed.inference.predict import HeatmapMaker, Preprocessor, predict_batches
+from fedmed.inference.run import InferenceOptions, run_inference
+from fedmed.inference.studies import discover_studies, load_study
+from fedmed.model import build_densenet121
 
 KEY = b"benchmark-site-secret-0123456789"
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README command 2 (and what CI runs): set up, then the fast suite, then the real-process (integration) suite.
+# README command 2 (and what CI runs): set up, lint (ruff, configured in pyproject.toml), then the fast suite, then
+# the real-process (integration) suite.
 # Plain `pytest` runs only the fast suite. pytest's exit 5 ("no tests collected") counts as a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,8 @@ run() {
   if [ "$rc" -eq 5 ]; then echo "[test] no tests were collected for: pytest $*" >&2; exit 1; fi
   [ "$rc" -eq 0 ] || exit "$rc"
 }
+echo "[test] lint: ruff check"
+.venv/bin/ruff check custom scripts jobs tests || exit 1
 echo "[test] fast suite"
 run -q
 echo "[test] integration suite (NVFlare simulator, real PostgreSQL server)"

@@ -3,8 +3,8 @@ import logging
 import pytest
 
 from fedmed.store.journal import Journal, ResilientRecorder, op_from_json, op_to_json
-from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
 from fedmed.store.models import utcnow
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
 
 
 def _record(n):

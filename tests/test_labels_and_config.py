@@ -6,7 +6,7 @@ from PIL import Image
 
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.labels import load_chestxray14, load_csv_manifest, load_dicom_site, read_site_label_csv
-from fedmed.data.loading import load_items, split_items
+from fedmed.data.loading import split_items
 from fedmed.site_config import load_site_config
 
 

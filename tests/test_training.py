@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.loading import load_train_val
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.site_config import DataConfig
@@ -21,7 +20,7 @@ def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
     model = build_densenet121(14)
     before = state_to_numpy(model)
     epochs = []
-    loss = train_epochs(model, train, 1, 1e-3, 4, seed=0, on_epoch_end=lambda e, l: epochs.append((e, l)))
+    loss = train_epochs(model, train, 1, 1e-3, 4, seed=0, on_epoch_end=lambda e, loss_: epochs.append((e, loss_)))
     after = state_to_numpy(model)
     assert np.isfinite(loss) and epochs == [(1, pytest.approx(loss))]
     assert any(not np.array_equal(before[k], after[k]) for k in before)

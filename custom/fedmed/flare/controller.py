@@ -19,14 +19,14 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
-from fedmed.crypto import ckks
 from fedmed.aggregation import aggregate_and_score, find_update_problem, get_aggregator, update_norm
+from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare.persistor import FedMedModelPersistor, params_sha256
 from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.store.models import utcnow
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.store.journal import JOURNAL_NAME, Journal, ResilientRecorder
+from fedmed.store.models import utcnow
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord, resolve_db_url
 from fedmed.tasks import DEFAULT_TASK, get_task
 from fedmed.training import evaluate

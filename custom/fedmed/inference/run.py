@@ -26,8 +26,15 @@ import pydicom
 import torch
 
 from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
-from fedmed.inference.predict import (HeatmapMaker, Preprocessor, overlay_rgb, positive_findings, predict_batches,
-                                      secondary_capture, write_png)
+from fedmed.inference.predict import (
+    HeatmapMaker,
+    Preprocessor,
+    overlay_rgb,
+    positive_findings,
+    predict_batches,
+    secondary_capture,
+    write_png,
+)
 from fedmed.inference.pseudonym import pseudonymise
 from fedmed.inference.studies import FileProblem, StudyPlan, discover_studies, load_study, selection_for
 from fedmed.store.repository import InferenceRecord, Repository, resolve_db_url

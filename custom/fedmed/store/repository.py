@@ -19,8 +19,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
 from fedmed.store.migrate import upgrade
-from fedmed.store.models import (Alert, AuditEntry, ClientUpdate, InferenceLog, PrivacySpend, Round, RoundMetric, Run, Site,
-                                 utcnow)
+from fedmed.store.models import (
+    Alert,
+    AuditEntry,
+    ClientUpdate,
+    InferenceLog,
+    PrivacySpend,
+    Round,
+    RoundMetric,
+    Run,
+    Site,
+    utcnow,
+)
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
 ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused")
