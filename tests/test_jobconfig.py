@@ -138,3 +138,13 @@ def test_build_job_takes_settings_by_name_only(tmp_path):
     built.export_job(str(tmp_path))
     controller, _ = _server_args(tmp_path / "brain_mri_densenet")
     assert controller["num_rounds"] == 2 and controller["min_clients"] == 2 and controller["image_size"] == 96
+
+
+def test_the_admin_follows_as_many_rounds_as_the_exported_job_runs(tmp_path):
+    from fedmed.cli.submit_job import exported_num_rounds
+
+    job = load_job_script("cxr_densenet")
+    assert job.main(["--export-job", str(tmp_path / "default")]) == 0
+    assert job.main(["--export-job", str(tmp_path / "three"), "--rounds", "3"]) == 0
+    assert exported_num_rounds(tmp_path / "default" / "cxr_densenet") == job.CONFIG.num_rounds == 5
+    assert exported_num_rounds(tmp_path / "three" / "cxr_densenet") == 3

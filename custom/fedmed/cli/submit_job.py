@@ -13,6 +13,7 @@ the admin) each round is printed as the server records it. Exit code 0 only when
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fedmed.jobconfig import JobConfig
 from fedmed.paths import JOBS
 
 JOB_SCRIPT = JOBS / "cxr_densenet" / "job.py"
@@ -48,6 +50,14 @@ def export_job(dest: Path, job_args: list[str]) -> Path:
     if len(folders) != 1:
         raise RuntimeError(f"expected one exported job folder in {dest}, found {folders}")
     return folders[0]
+
+
+def exported_num_rounds(job_folder: Path) -> int:
+    """The exported job's number of rounds, as its server config says (NVFlare leaves out an argument equal to the
+    Controller's default, which is JobConfig's)."""
+    server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
+    controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
+    return int(controller.get("args", {}).get("num_rounds", JobConfig.num_rounds))
 
 
 class RoundFollower:
@@ -150,10 +160,9 @@ def main(argv=None) -> int:
     if a.kit is None:
         p.error("give --kit (the admin startup kit) or --workspace")
     user = a.user or a.kit.resolve().name
-    rounds = int(job_args[job_args.index("--rounds") + 1]) if "--rounds" in job_args else 5
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_job(Path(tmp), job_args)
-        outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, rounds)
+        outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, exported_num_rounds(folder))
     return 0 if outcome.status == COMPLETED else 1
 
 
