@@ -176,8 +176,8 @@ Research and decision support only; not for primary diagnosis.
 
 ## Run
 
-Needs MONAI {monai_version}, PyTorch, pydicom and the `fedmed` package importable (its `custom/` folder on
-`PYTHONPATH`, or the fedmed venv): the bundle uses fedmed's DICOM reader (RescaleSlope/Intercept, MONOCHROME1,
+Needs MONAI {monai_version}, PyTorch, pydicom and the `fedmed` package installed (the fedmed venv, or
+`pip install` of the fedmed checkout): the bundle uses fedmed's DICOM reader (RescaleSlope/Intercept, MONOCHROME1,
 rejection of non-image/colour/multi-frame/undecodable files) and its {selection}; network,
 preprocessing and evaluation are MONAI components.
 
