@@ -20,7 +20,14 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
 fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 rm -f "$site/fedmed-checkout.pth"  # the path hack of earlier set-ups; the editable install replaces it
-# Editable, so a checkout's edits take effect at once; --no-deps: the pins above are the dependencies. Re-run every
-# time (a second or two): it also picks up console commands added to pyproject.toml.
-.venv/bin/pip install -q --no-deps -e .
+# Editable, so a checkout's edits take effect at once; --no-deps: the pins above are the dependencies. Again when
+# pyproject.toml changed (e.g. a new console command) or the venv's fedmed is not this checkout's.
+pstamp=.venv/.fedmed-package.sha256
+pwant=$( (sha256sum pyproject.toml; pwd -P) | sha256sum | cut -d' ' -f1)
+installed=$(.venv/bin/python -c 'import fedmed.paths as p; print(p.CHECKOUT)' 2>/dev/null || true)
+if [ "$(cat "$pstamp" 2>/dev/null || true)" != "$pwant" ] || [ "$installed" != "$(pwd -P)" ]; then
+  echo "[setup] installing fedmed from this checkout (pip install -e .)"
+  .venv/bin/pip install -q --no-deps -e .
+  echo "$pwant" > "$pstamp"
+fi
 .venv/bin/python -c 'import fedmed, torch, nvflare, monai, tenseal; print(f"[setup] ok: fedmed {fedmed.__version__}, torch {torch.__version__}, nvflare {nvflare.__version__}, monai {monai.__version__}")'
