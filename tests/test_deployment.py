@@ -83,7 +83,7 @@ def test_rogue_kit_and_member_admin_are_refused(federation, tmp_path):
     # hospital-c's kit from ANOTHER provisioning (its own root CA), pointed at this server.
     rogue = Federation(tmp_path / "rogue")
     rogue.provision(port=PORT, install_sites=False)
-    from install_kit import install
+    from fedmed.cli.install_kit import install
 
     install(rogue.kit("hospital-c"), "hospital-c", site_config=fed.kit("hospital-c") / "local" / "fedmed_site.json",
             check_import=False)
