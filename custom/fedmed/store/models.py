@@ -101,8 +101,8 @@ class Alert(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     round_num: Mapped[int] = mapped_column(Integer)
-    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
-    kind: Mapped[str] = mapped_column(String(50))  # quarantined / readmitted / rejected
+    site_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sites.id"), nullable=True)  # None: about the run
+    kind: Mapped[str] = mapped_column(String(50))  # quarantined / readmitted / rejected / refused / dead_letter
     message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -18,12 +18,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
+from fedmed.wire_checks import find_metrics_problem
 from fedmed.store.migrate import upgrade
 from fedmed.store.models import (Alert, AuditEntry, ClientUpdate, InferenceLog, PrivacySpend, Round, RoundMetric, Run, Site,
                                  utcnow)
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
-ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused")
+ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter")
+CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in seconds, not after the OS's TCP timeout
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,22 @@ def resolve_db_url(workspace: Optional[Path] = None, explicit: Optional[str] = N
     return default_db_url(workspace)
 
 
+def _check_string_lengths(session: Session, _context, _instances) -> None:
+    for obj in (*session.new, *session.dirty):
+        for col in obj.__table__.columns:
+            limit = getattr(col.type, "length", None)
+            value = getattr(obj, col.key, None)
+            if limit and isinstance(value, str) and len(value) > limit:
+                raise ValueError(f"{obj.__tablename__}.{col.name} is {len(value)} characters, at most {limit} fit: "
+                                 f"{value[:60]!r}...")
+
+
+def _metrics_problem(metrics: dict, where: str) -> None:
+    problem = find_metrics_problem(metrics)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+
+
 def _sqlite_pragmas(dbapi_conn, _record):
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
@@ -147,10 +165,14 @@ class Repository:
         if "://" not in url:
             raise ValueError(f"database URL must look like dialect://..., got {url!r}")
         kwargs = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite stores any length and PostgreSQL refuses: check on both, so neither truncates nor differs.
+        event.listen(self._session, "before_flush", _check_string_lengths)
         if create_schema:
             upgrade(self.engine)  # Alembic: the same revisions on SQLite and PostgreSQL
 
@@ -182,6 +204,9 @@ class Repository:
 
     def record_round(self, run_uid: str, record: RoundRecord) -> None:
         """Write a round, its updates, metrics and alerts in one transaction. Idempotent: re-recording replaces it."""
+        for u in record.updates:  # refused whole, with the reason, before anything is written
+            _metrics_problem(u.metrics, f"round {record.round_num}, site {u.site!r}")
+        _metrics_problem(record.test_metrics, f"round {record.round_num}, global test metrics")
         with self._session.begin() as s:
             run_id = self._run_id(s, run_uid)
             replaced = s.scalar(select(Round.id).where(Round.run_id == run_id, Round.round_num == record.round_num))
@@ -220,6 +245,17 @@ class Repository:
             run = s.get(Run, self._run_id(s, run_uid))
             run.status, run.finished_at, run.best_round, run.best_metric = status, utcnow(), best_round, best_metric
             self._audit(s, "finish_run", {"run": run_uid, "status": status, "best_round": best_round})
+
+    def record_alert(self, run_uid: str, kind: str, message: str, site: Optional[str] = None,
+                     round_num: int = -1) -> None:
+        """One alert outside a round's record (round -1: about the run), e.g. a dead-lettered journal line."""
+        if kind not in ALERT_KINDS:
+            raise ValueError(f"alert kind must be one of {ALERT_KINDS}, got {kind!r}")
+        with self._session.begin() as s:
+            run_id = self._run_id(s, run_uid)
+            site_id = self._site(s, site).id if site else None
+            s.add(Alert(run_id=run_id, round_num=round_num, site_id=site_id, kind=kind, message=message))
+            self._audit(s, "alert", {"run": run_uid, "round": round_num, "site": site, "kind": kind, "message": message})
 
     def record_inference(self, record: InferenceRecord) -> None:
         """Append one inference log row (and its audit row, in the same transaction)."""
@@ -355,9 +391,9 @@ class Repository:
 
     def alerts(self, run_id: int) -> list[dict]:
         with self._session() as s:
-            rows = s.execute(select(Alert, Site.name).join(Site, Site.id == Alert.site_id)
-                             .where(Alert.run_id == run_id).order_by(Alert.round_num, Site.name)).all()
-        return [{"round": a.round_num, "site": name, "kind": a.kind, "message": a.message} for a, name in rows]
+            rows = s.execute(select(Alert, Site.name).outerjoin(Site, Site.id == Alert.site_id)
+                             .where(Alert.run_id == run_id).order_by(Alert.round_num, Site.name, Alert.id)).all()
+        return [{"round": a.round_num, "site": name or "", "kind": a.kind, "message": a.message} for a, name in rows]
 
     def inference_logs(self) -> list[dict]:
         with self._session() as s:
