@@ -47,6 +47,19 @@ def task_data(request):
     return get_task(request.param), request.getfixturevalue(TASK_HOSPITALS[request.param])
 
 
+@pytest.fixture(autouse=True)
+def audit_key_file(tmp_path, monkeypatch):
+    """Every test's record gets its own audit key, as a server kit's local/audit_key (made 0600 on first write); the
+    heads file goes next to that local/ folder. Processes a test starts inherit both."""
+    from fedmed.store.audit import ENV_AUDIT_HEADS, ENV_AUDIT_KEY, ENV_AUDIT_KEY_FILE
+
+    monkeypatch.delenv(ENV_AUDIT_KEY, raising=False)
+    monkeypatch.delenv(ENV_AUDIT_HEADS, raising=False)
+    path = tmp_path / "server-kit" / "local" / "audit_key"
+    monkeypatch.setenv(ENV_AUDIT_KEY_FILE, str(path))
+    return path
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -108,8 +108,10 @@ class Alert(Base):
 
 
 class AuditEntry(Base):
-    """Append-only, hash-chained record of every write: row_hash = sha256(prev_hash + canonical content), so
-    editing or deleting any row breaks every hash after it (scripts/audit_verify.py names the first bad row)."""
+    """Append-only, chained record of every write (fedmed.store.audit): row_hash = HMAC-SHA256 under a key kept
+    outside the database over (prev_hash, time, action, payload), the payload carrying the hashes of the rows the write
+    left, so editing an entry or a covered row is detected (scripts/audit_verify.py names the first that differs).
+    scheme NULL: an entry from before the keyed chain, row_hash = sha256 of the same content."""
 
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -118,6 +120,7 @@ class AuditEntry(Base):
     payload_json: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scheme: Mapped[Optional[str]] = mapped_column(String(20), nullable=True)
 
 
 class PrivacySpend(Base):
