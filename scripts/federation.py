@@ -33,7 +33,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from install_kit import SERVER, install  # noqa: E402
+from install_kit import SERVER, exchange_signing_keys, install  # noqa: E402
 
 PROJECT_YML = REPO / "provision" / "project.yml"
 PROJECT_ADMIN = "admin@fedmed.org"
@@ -116,6 +116,7 @@ class Federation:
             for site in state["hospitals"]:
                 custom = Path(site_configs) / site / "fedmed_site.json" if site_configs else None
                 install(kits / site, site, site_config=custom, check_import=False)
+            exchange_signing_keys(kits / SERVER, [kits / site for site in state["hospitals"]])
         return state
 
     # --- processes -----------------------------------------------------------------------------------------------
