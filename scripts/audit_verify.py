@@ -6,6 +6,7 @@ client update, privacy spend, metric, alert and inference row and compares it wi
 it, and compares the chain with the append-only heads file (so deleted newest rows are found too).
 
     python scripts/audit_verify.py [--db-url URL] [--key-file KIT/local/audit_key] [--heads WORKSPACE/audit_heads.log]
+                                   [--site-keys KIT/local/site_keys]
 
 Defaults: $FEDMED_DB_URL; $FEDMED_AUDIT_KEY or $FEDMED_AUDIT_KEY_FILE, else (SQLite) <db folder>/local/audit_key;
 $FEDMED_AUDIT_HEADS, else audit_heads.log above the key file's folder. See fedmed/store/audit.py.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 
+from fedmed import signing  # noqa: E402
 from fedmed.constants import ENV_DB_URL  # noqa: E402
 from fedmed.store.repository import Repository  # noqa: E402
 
@@ -29,12 +31,15 @@ def main(argv=None) -> int:
     p.add_argument("--db-url", default=os.environ.get(ENV_DB_URL))
     p.add_argument("--key-file", type=Path, help="the server kit's local/audit_key")
     p.add_argument("--heads", type=Path, help="the append-only heads file (audit_heads.log)")
+    p.add_argument("--site-keys", type=Path, help="the server kit's local/site_keys/: re-verify every stored update "
+                                                  "signature with the hospitals' public keys")
     a = p.parse_args(argv)
     if not a.db_url:
         p.error(f"give --db-url or set {ENV_DB_URL}")
     repo = Repository(a.db_url, create_schema=False, audit_key_file=a.key_file, heads_file=a.heads)
     try:
-        report = repo.audit_report()
+        site_keys = signing.load_public_keys_dir(a.site_keys) if a.site_keys else None
+        report = repo.audit_report(site_keys)
     except ValueError as e:
         print(f"cannot verify: {e}", file=sys.stderr)
         return 2
@@ -48,7 +53,8 @@ def main(argv=None) -> int:
             print(f"  also: {more}", file=sys.stderr)
         return 1
     print(f"audit chain intact: {report.entries} rows ({report.legacy_entries} unkeyed from before the keyed chain), "
-          f"{report.rows_checked} table rows match it, {report.heads_checked} head(s) in {report.heads_file}")
+          f"{report.rows_checked} table rows match it, {report.heads_checked} head(s) in {report.heads_file}"
+          + (f", {report.signatures_checked} update signature(s) verify" if a.site_keys else ""))
     return 0
 
 

@@ -200,3 +200,36 @@ def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted(tmp_path
     _exec(repo, "UPDATE runs SET status = 'failed' WHERE uid = 'old'")
     problem = repo.verify_audit()
     assert problem.table == "runs" and "(old)" in problem.reason
+
+
+def test_stored_update_signatures_are_re_verified_offline(db_url, tmp_path):
+    """The server stores each update's signature and digest; audit_verify re-checks them with the hospitals' public
+    keys. hospital-b's stored signature is not its own (say a server operator forged it): that row is named."""
+    from fedmed import signing
+
+    kit = tmp_path / "server-kit" / "local"
+    keys = {}
+    for site in ("hospital-a", "hospital-b", "intruder"):
+        signing.generate_site_keys(tmp_path / site, site)
+        keys[site] = signing.load_site_keys(tmp_path / site)
+    for site in ("hospital-a", "hospital-b"):
+        signing.install_public_keys(tmp_path / site / signing.PUBLIC_FILE, signing.site_key_path(kit, site), site)
+
+    def signed(site, signer):
+        digest = signing.update_digest("job", 0, site, {}, None, 10, {}, {})
+        return {"signature": signing.sign(digest, keys[signer]).hex(), "signed_digest": digest.hex()}
+
+    repo = Repository(db_url)
+    repo.start_run("run-s", "s", "job", "fedavg", 1, {})
+    repo.record_round("run-s", RoundRecord(0, (UpdateRecord("hospital-a", "accepted", 10, **signed("hospital-a", "hospital-a")),
+                                               UpdateRecord("hospital-b", "accepted", 10, **signed("hospital-b", "intruder")),
+                                               UpdateRecord("hospital-c", "missing"))))
+    report = repo.audit_report(signing.load_site_public_keys(kit))
+    assert report.signatures_checked == 2 and "1 client update(s) carry no signature" in report.notes
+    (problem,) = report.problems
+    assert problem.table == "client_updates" and "(run-s, 0, hospital-b) signature check failed" in problem.reason
+    assert "not hospital-b's installed key" in problem.reason
+    out = subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url, "--site-keys", str(kit / "site_keys")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and f"client_updates row {problem.row_id}" in out.stderr
+    repo.close()

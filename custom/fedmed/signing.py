@@ -191,9 +191,16 @@ def site_key_path(server_local: Path, site: str) -> Path:
 
 
 def load_site_public_keys(server_local: Path) -> dict[str, PublicKeys]:
-    """Every hospital key installed in a server kit's local/site_keys/, by site; each bundle must name its file's site."""
+    """Every hospital key installed in a server kit's local/site_keys/, by site."""
+    return load_public_keys_dir(Path(server_local) / SITE_KEYS_DIR)
+
+
+def load_public_keys_dir(folder: Path) -> dict[str, PublicKeys]:
+    """Every <site>.pub in a folder, by site; each bundle must name its file's site."""
+    if not Path(folder).is_dir():
+        raise KeyFileError(f"no folder of public keys at {folder}")
     out = {}
-    for path in sorted((Path(server_local) / SITE_KEYS_DIR).glob("*.pub")):
+    for path in sorted(Path(folder).glob("*.pub")):
         keys = load_public_keys(path)
         if keys.site != path.stem:
             raise KeyFileError(f"{path} holds the key of {keys.site!r}, not {path.stem!r}")

@@ -275,6 +275,7 @@ class AuditReport:
     legacy_entries: int = 0
     rows_checked: int = 0
     heads_checked: int = 0
+    signatures_checked: int = 0
     heads_file: Optional[str] = None
     problems: list = field(default_factory=list)  # of AuditProblem, first = earliest in the chain
     notes: list = field(default_factory=list)
@@ -288,9 +289,10 @@ def _key_str(key: tuple) -> str:
     return ", ".join(str(k) for k in key)
 
 
-def verify(session, settings: AuditSettings) -> AuditReport:
+def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -> AuditReport:
     """Walk the chain (links, MACs), rebuild from it what every covered row must hash to, compare with the tables,
-    then compare the chain's newest entries with the heads file. Problems come in the order found."""
+    then compare the chain's newest entries with the heads file, then (site_keys: site -> fedmed.signing.PublicKeys)
+    re-verify every stored update signature. Problems come in the order found."""
     rep = AuditReport(heads_file=str(settings.heads_file) if settings.heads_file else None)
     expected: dict[tuple, tuple[str, int]] = {}  # (table, key) -> (row hash, audit entry id that recorded it)
     prev, keyed_seen, chain_tag, macs = GENESIS_HASH, False, None, {}
@@ -325,7 +327,36 @@ def verify(session, settings: AuditSettings) -> AuditReport:
     if keyed_seen:
         _compare_tables(session, expected, rep)
     _compare_heads(settings.heads_file, chain_tag, macs, rep)
+    if site_keys is not None:
+        _check_signatures(session, site_keys, rep)
     return rep
+
+
+def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
+    from fedmed import signing  # only when asked: the record itself needs no signing keys
+
+    rows = session.execute(select(ClientUpdate.id, ClientUpdate.round_num, ClientUpdate.signature,
+                                  ClientUpdate.signed_digest, Site.name, Run.uid)
+                           .join(Site, Site.id == ClientUpdate.site_id).join(Run, Run.id == ClientUpdate.run_id)
+                           .order_by(ClientUpdate.id)).all()
+    unsigned = 0
+    for r in rows:
+        if r.signature is None:
+            unsigned += 1
+            continue
+        rep.signatures_checked += 1
+        where = f"({r.uid}, {r.round_num}, {r.name})"
+        keys = site_keys.get(r.name)
+        if keys is None:
+            rep.problems.append(AuditProblem(r.id, f"{where} is signed but no public key of {r.name!r} is installed",
+                                             "client_updates"))
+            continue
+        try:
+            signing.verify(bytes.fromhex(r.signed_digest or ""), bytes.fromhex(r.signature), keys)
+        except ValueError as e:  # SignatureError, or hex that is not hex
+            rep.problems.append(AuditProblem(r.id, f"{where} signature check failed: {e}", "client_updates"))
+    if unsigned:
+        rep.notes.append(f"{unsigned} client update(s) carry no signature")
 
 
 def _apply_entry(expected: dict, row) -> None:

@@ -77,6 +77,10 @@ class ClientUpdate(Base):
     train_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    # The site's fedmed.signing signature (hex) over signed_digest (hex update_digest, recomputed by the server from
+    # the update it received): audit_verify re-checks it offline with the site's installed public key.
+    signature: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    signed_digest: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

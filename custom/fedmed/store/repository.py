@@ -49,6 +49,8 @@ class UpdateRecord:
     val_loss: Optional[float] = None
     val_mean_auroc: Optional[float] = None
     metrics: dict = field(default_factory=dict)  # metric name -> value, stored under scope = site
+    signature: Optional[str] = None  # hex fedmed.signing signature of the update, as received
+    signed_digest: Optional[str] = None  # hex update_digest the server computed from the update and verified
 
     def __post_init__(self):
         if self.status not in UPDATE_STATUSES:
@@ -231,7 +233,8 @@ class Repository:
                                    reason=u.reason, num_samples=u.num_samples, update_norm=u.update_norm,
                                    update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
                                    distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss,
-                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc))
+                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc, signature=u.signature,
+                                   signed_digest=u.signed_digest))
                 for metric, value in u.metrics.items():
                     s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope=u.site, metric=metric, value=float(value)))
                 if u.epsilon is not None:
@@ -346,12 +349,13 @@ class Repository:
         path, tag, entry_id, mac, action = head
         audit.append_head(path, tag, entry_id, mac, action)
 
-    def audit_report(self) -> AuditReport:
+    def audit_report(self, site_keys: Optional[dict] = None) -> AuditReport:
         """Everything audit_verify checks: chain links and MACs, every covered row against the entry that recorded
-        it, and the chain's head against the heads file."""
+        it, the chain's head against the heads file, and (given the hospitals' public keys, site -> PublicKeys)
+        every stored update signature."""
         settings = self.audit_settings(create=False)
         with self._session() as s:
-            return audit.verify(s, settings)
+            return audit.verify(s, settings, site_keys)
 
     def verify_audit(self) -> Optional[AuditProblem]:
         """The first problem audit_report finds, or None if the record is intact."""
@@ -420,7 +424,7 @@ class Repository:
         return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
                  "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
                  "distance": u.distance, "round_score": u.round_score, "trust": u.trust,
-                 "update_sha256": u.update_sha256}
+                 "update_sha256": u.update_sha256, "signature": u.signature, "signed_digest": u.signed_digest}
                 for u, name in rows]
 
     def round_metrics(self, run_id: int, scope: str) -> dict[int, dict[str, float]]:
