@@ -233,3 +233,14 @@ def test_stored_update_signatures_are_re_verified_offline(db_url, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and f"client_updates row {problem.row_id}" in out.stderr
     repo.close()
+
+
+def test_a_heads_file_that_cannot_be_written_loses_no_record(tmp_path, caplog):
+    import logging
+
+    heads = tmp_path / "heads-is-a-folder"
+    heads.mkdir()
+    repo = Repository(f"sqlite:///{tmp_path / 'x.db'}", heads_file=heads)
+    with caplog.at_level(logging.ERROR):
+        repo.start_run("u", "n", "j", "fedavg", 1, {})
+    assert repo.latest_run_id() is not None and "could not be appended" in caplog.text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +348,12 @@ class Repository:
         if head is None or head[0] is None:
             return
         path, tag, entry_id, mac, action = head
-        audit.append_head(path, tag, entry_id, mac, action)
+        try:
+            audit.append_head(path, tag, entry_id, mac, action)
+        except OSError as e:  # the write is committed: failing it now would only lose it from the caller's view
+            logging.getLogger(__name__).error(f"audit entry {entry_id} is committed but its head could not be appended "
+                                              f"to {path} ({e}); deleting the newest rows would go unnoticed until the "
+                                              "next head is written")
 
     def audit_report(self, site_keys: Optional[dict] = None) -> AuditReport:
         """Everything audit_verify checks: chain links and MACs, every covered row against the entry that recorded
