@@ -153,8 +153,9 @@ def test_verifying_needs_the_key_and_never_makes_one(recorded, db_url, audit_key
 
 
 def test_the_sqlite_default_keeps_key_and_heads_beside_the_database(tmp_path, monkeypatch):
-    monkeypatch.delenv(audit.ENV_AUDIT_KEY_FILE)
+    monkeypatch.delenv(audit.ENV_AUDIT_KEY_FILE, raising=False)
     ws = tmp_path / "server"
+    ws.mkdir()
     repo = Repository(f"sqlite:///{ws / 'fedmed.db'}")
     repo.start_run("u", "n", "j", "fedavg", 1, {})
     assert stat.S_IMODE((ws / "local" / "audit_key").stat().st_mode) == 0o600

@@ -15,7 +15,7 @@ def _record(n):
                        test_mean_auroc=0.5 + n / 100)
 
 
-def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, tmp_path, caplog):
+def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, pg_audit_key, tmp_path, caplog):
     url = pg_cluster.create_database()
     rec = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("fault"))
     assert rec.write("start_run", uid="run-1", name="fault", job_id="j", aggregation="geometric_median",
@@ -49,7 +49,8 @@ def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, tmp_pat
     repo.close()
 
 
-def test_a_value_postgresql_refuses_is_dead_lettered_and_later_rounds_land(pg_cluster, tmp_path, caplog):
+def test_a_value_postgresql_refuses_is_dead_lettered_and_later_rounds_land(pg_cluster, pg_audit_key, tmp_path,
+                                                                          caplog):
     """A site claims 2**40 samples: SQLite would store it, PostgreSQL's integer column refuses it (DataError). That
     line can never be written, so it must not hold back the rounds after it."""
     from fedmed.store.journal import journal_path

@@ -175,8 +175,8 @@ class Repository:
         self._audit_args = (audit_key, audit_key_file, heads_file)
         self._audit_settings: Optional[AuditSettings] = None
         if create_schema:
-            self.audit_settings(create=True)
             upgrade(self.engine)  # Alembic: the same revisions on SQLite and PostgreSQL
+            self.audit_settings(create=True)  # after connecting: never make a missing database's folder
 
     def audit_settings(self, create: bool = True) -> AuditSettings:
         if self._audit_settings is None:
