@@ -43,8 +43,9 @@ def test_a_signed_update_survives_the_wire_and_verifies(keys):
     model = _update()
     wire_sig.sign_result(model, "job-1", 2, "hospital-a", keys["hospital-a"])
     received = _wire(model)
-    sig = wire_sig.verify_result(received, "job-1", 2, "hospital-a", keys["hospital-a"].public)
+    sig, digest = wire_sig.verify_result(received, "job-1", 2, "hospital-a", keys["hospital-a"].public)
     assert sig == model.meta[C.META_SIGNATURE] and len(sig) == signing.SIGNATURE_BYTES
+    assert signing.verify(digest, sig, keys["hospital-a"].public) is None  # what audit_verify re-checks offline
 
 
 @pytest.mark.parametrize("tamper, says", [

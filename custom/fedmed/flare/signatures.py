@@ -36,12 +36,14 @@ def sign_result(model: FLModel, job_id: str, round_num: int, site: str, keys: si
     model.meta[C.META_SIGNATURE] = signing.sign(result_digest(model, job_id, round_num, site), keys)
 
 
-def verify_result(model: FLModel, job_id: str, round_num: int, site: str, public: signing.PublicKeys) -> bytes:
-    """Server side: None-or-raise as fedmed.signing.verify (SignatureError naming the reason). Returns the signature
-    to store with the update."""
+def verify_result(model: FLModel, job_id: str, round_num: int, site: str,
+                  public: signing.PublicKeys) -> tuple[bytes, bytes]:
+    """Server side: raises fedmed.signing.SignatureError (a ValueError) naming the reason, else returns (signature,
+    digest) to store with the update (UpdateRecord.signature / signed_digest, as hex)."""
     sig = (model.meta or {}).get(C.META_SIGNATURE)
-    signing.verify(result_digest(model, job_id, round_num, site), sig, public)
-    return sig
+    digest = result_digest(model, job_id, round_num, site)
+    signing.verify(digest, sig, public)
+    return sig, digest
 
 
 def global_digest(model: FLModel, job_id: str, round_num: int) -> bytes:
