@@ -28,6 +28,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedmed.cli.bench_sites import measure_training
+
 REPO = Path(__file__).resolve().parents[1]
 
 MODES = ("none", "selective", "full")
@@ -152,30 +154,6 @@ def run_mode(mode: str, updates: list, global_params: dict) -> dict:
     if result is None:
         return {"mode": mode, "failed": f"exit code {proc.exitcode} (out of memory if -9)"}
     return result
-
-
-def measure_training(images: int, image_size: int, seed: int) -> tuple[float, dict, dict]:
-    """One real local epoch (Adam, batch 16) on a synthetic hospital; returns (seconds, start params, trained)."""
-    import torch
-
-    from fedmed.data.loading import load_train_val
-    from fedmed.data.synthetic import DEFAULT_HOSPITALS, generate_hospitals
-    from fedmed.model import build_densenet121, state_to_numpy
-    from fedmed.site_config import DataConfig
-    from fedmed.training import train_epochs
-
-    root = REPO / "runs" / "bench_he" / f"site_{images}"
-    spec = replace(DEFAULT_HOSPITALS[0], num_images=images)
-    if not (root / spec.name / "labels.csv").exists():
-        generate_hospitals(root, [spec], num_test=8, seed=seed, size=max(image_size, 128))
-    train, _ = load_train_val(DataConfig("dicom", root / spec.name / "dicom", root / spec.name / "labels.csv"),
-                              image_size, seed)
-    torch.manual_seed(seed)
-    model = build_densenet121(14)
-    start = state_to_numpy(model)
-    t0 = time.perf_counter()
-    train_epochs(model, train, 1, 1e-3, 16, seed)
-    return time.perf_counter() - t0, start, state_to_numpy(model)
 
 
 def write_report(rows: list, train_s: float, args, path: Path) -> None:

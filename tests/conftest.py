@@ -40,6 +40,26 @@ def task_data(request):
     return get_task(request.param), request.getfixturevalue(TASK_HOSPITALS[request.param])
 
 
+@pytest.fixture(autouse=True)
+def _no_audit_key_from_the_shell(monkeypatch):
+    """Tests choose their audit key themselves: none leaks in from the developer's environment."""
+    from fedmed.store.audit import ENV_AUDIT_HEADS, ENV_AUDIT_KEY, ENV_AUDIT_KEY_FILE
+
+    for name in (ENV_AUDIT_KEY, ENV_AUDIT_KEY_FILE, ENV_AUDIT_HEADS):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def pg_audit_key(tmp_path, monkeypatch):
+    """A PostgreSQL database has no folder of its own for the audit key: give it a server kit's local/audit_key
+    (made 0600 on first write; the heads file goes next to that local/) through the environment."""
+    from fedmed.store.audit import ENV_AUDIT_KEY_FILE
+
+    path = tmp_path / "server-kit" / "local" / "audit_key"
+    monkeypatch.setenv(ENV_AUDIT_KEY_FILE, str(path))
+    return path
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
@@ -67,5 +87,16 @@ def pg_cluster():
 def db_url(request, tmp_path):
     """The repository contract runs on both engines: SQLite file, and a fresh database on the real server."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'fedmed.db'}"
+        return f"sqlite:///{tmp_path / 'fedmed.db'}"  # audit key: the default, tmp_path/local/audit_key
+    request.getfixturevalue("pg_audit_key")
     return request.getfixturevalue("pg_cluster").create_database()
+
+
+@pytest.fixture
+def audit_key_file(db_url, tmp_path):
+    """Where the db_url fixture's record keeps its audit key."""
+    import os
+
+    from fedmed.store.audit import ENV_AUDIT_KEY_FILE
+
+    return Path(os.environ[ENV_AUDIT_KEY_FILE]) if db_url.startswith("postgresql") else tmp_path / "local" / "audit_key"

@@ -15,7 +15,7 @@ def _record(n):
                        test_mean_auroc=0.5 + n / 100)
 
 
-def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, tmp_path, caplog):
+def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, pg_audit_key, tmp_path, caplog):
     url = pg_cluster.create_database()
     rec = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("fault"))
     assert rec.write("start_run", uid="run-1", name="fault", job_id="j", aggregation="geometric_median",
@@ -46,4 +46,30 @@ def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, tmp_pat
     assert rec.journal.pending() == []
     assert repo.verify_audit() is None  # 1 start + 8 rounds + 1 finish, chained
     assert repo.audit_rows() == 10
+    repo.close()
+
+
+def test_a_value_postgresql_refuses_is_dead_lettered_and_later_rounds_land(pg_cluster, pg_audit_key, tmp_path,
+                                                                          caplog):
+    """A site claims 2**40 samples: SQLite would store it, PostgreSQL's integer column refuses it (DataError). That
+    line can never be written, so it must not hold back the rounds after it."""
+    from fedmed.store.journal import journal_path
+
+    url = pg_cluster.create_database()
+    rec = ResilientRecorder(lambda: Repository(url), Journal(journal_path(tmp_path, "job")), logging.getLogger("fault"))
+    assert rec.write("start_run", uid="run-1", name="dl", job_id="j", aggregation="fedavg", num_rounds=3, config={})
+    evil = RoundRecord(0, (UpdateRecord("hospital-a", "accepted", 2 ** 40),))
+    with caplog.at_level(logging.ERROR):
+        assert rec.write("record_round", run_uid="run-1", record=evil) is False
+    assert "DataError" in caplog.text and not rec.degraded and rec.journal.pending() == []
+    for n in (1, 2):
+        assert rec.write("record_round", run_uid="run-1", record=_record(n)) is True
+    rec.close()
+    dead = rec.journal.dead_letters.read_text().splitlines()
+    assert len(dead) == 1 and "DataError" in dead[0]
+    repo = Repository(url)
+    run_id = repo.latest_run_id()
+    assert [r.round_num for r in repo.rounds_table(run_id)] == [1, 2]
+    assert [a["kind"] for a in repo.alerts(run_id)] == ["dead_letter"]
+    assert repo.verify_audit() is None
     repo.close()

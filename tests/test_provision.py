@@ -90,6 +90,29 @@ def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_polici
         assert (local / "log_config.json").is_file() and (local / "authorization.json").is_file()
 
 
+
+def test_install_makes_each_sites_signing_keys_and_the_federation_exchanges_them(provisioned):
+    import stat
+
+    from fedmed import signing
+
+    server_local = provisioned.kit("server") / "local"
+    server_pub = signing.load_public_keys(server_local / signing.PUBLIC_FILE)
+    installed = signing.load_site_public_keys(server_local)
+    assert sorted(installed) == HOSPITALS
+    for site in HOSPITALS:
+        local = provisioned.kit(site) / "local"
+        assert stat.S_IMODE((local / signing.PRIVATE_FILE).stat().st_mode) == 0o600
+        keys = signing.load_site_keys(local)
+        assert installed[site].fingerprint == keys.public.fingerprint
+        assert signing.load_public_keys(local / signing.SERVER_KEY_FILE).fingerprint == server_pub.fingerprint
+        digest = signing.update_digest("job", 0, site, {}, None, 1, {}, {})
+        signing.verify(digest, signing.sign(digest, keys), installed[site])  # what the server will check
+    before = (provisioned.kit("hospital-a") / "local" / signing.PRIVATE_FILE).read_text()
+    install(provisioned.kit("hospital-a"), "hospital-a", check_import=False)  # a reinstall keeps the identity
+    assert (provisioned.kit("hospital-a") / "local" / signing.PRIVATE_FILE).read_text() == before
+
+
 def test_install_refuses_the_wrong_kit_and_a_bad_site_config(provisioned, tmp_path):
     with pytest.raises(ValueError, match="startup kit of 'hospital-a', not 'hospital-b'"):
         install(provisioned.kit("hospital-a"), "hospital-b", check_import=False)

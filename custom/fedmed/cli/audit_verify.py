@@ -1,6 +1,14 @@
-"""Verify the hash-chained audit log. Exit 0 if intact; exit 1 naming the first bad row.
+"""Verify the record against its keyed audit chain. Exit 0 if intact; exit 1 naming the first row that differs.
 
-    python scripts/audit_verify.py [--db-url URL]          (default $FEDMED_DB_URL)
+Checks every audit entry's link and HMAC (key outside the database), recomputes the hash of every run, round,
+client update, privacy spend, metric, alert and inference row and compares it with the latest entry that recorded
+it, and compares the chain with the append-only heads file (so deleted newest rows are found too).
+
+    fedmed-audit-verify [--db-url URL] [--key-file KIT/local/audit_key] [--heads WORKSPACE/audit_heads.log]
+                        [--site-keys KIT/local/site_keys]
+
+Defaults: $FEDMED_DB_URL; $FEDMED_AUDIT_KEY or $FEDMED_AUDIT_KEY_FILE, else (SQLite) <db folder>/local/audit_key;
+$FEDMED_AUDIT_HEADS, else audit_heads.log above the key file's folder. See fedmed/store/audit.py.
 """
 
 from __future__ import annotations
@@ -8,7 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
+from fedmed import signing
 from fedmed.constants import ENV_DB_URL
 from fedmed.store.repository import Repository
 
@@ -16,19 +26,32 @@ from fedmed.store.repository import Repository
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db-url", default=os.environ.get(ENV_DB_URL))
+    p.add_argument("--key-file", type=Path, help="the server kit's local/audit_key")
+    p.add_argument("--heads", type=Path, help="the append-only heads file (audit_heads.log)")
+    p.add_argument("--site-keys", type=Path, help="the server kit's local/site_keys/: re-verify every stored update "
+                                                  "signature with the hospitals' public keys")
     a = p.parse_args(argv)
     if not a.db_url:
         p.error(f"give --db-url or set {ENV_DB_URL}")
-    repo = Repository(a.db_url, create_schema=False)
+    repo = Repository(a.db_url, create_schema=False, audit_key_file=a.key_file, heads_file=a.heads)
     try:
-        problem = repo.verify_audit()
-        n = repo.audit_rows()
+        site_keys = signing.load_public_keys_dir(a.site_keys) if a.site_keys else None
+        report = repo.audit_report(site_keys)
+    except ValueError as e:
+        print(f"cannot verify: {e}", file=sys.stderr)
+        return 2
     finally:
         repo.close()
-    if problem:
-        print(f"audit chain BROKEN at row {problem.row_id}: {problem.reason}", file=sys.stderr)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if report.problems:
+        print(f"audit BROKEN at {report.first} ({len(report.problems)} problem(s) in all)", file=sys.stderr)
+        for more in report.problems[1:10]:
+            print(f"  also: {more}", file=sys.stderr)
         return 1
-    print(f"audit chain intact: {n} rows")
+    print(f"audit chain intact: {report.entries} rows ({report.legacy_entries} unkeyed from before the keyed chain), "
+          f"{report.rows_checked} table rows match it, {report.heads_checked} head(s) in {report.heads_file}"
+          + (f", {report.signatures_checked} update signature(s) verify" if a.site_keys else ""))
     return 0
 
 

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from fedmed.data.loading import load_train_val
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
+from fedmed.paths import RUNS
 from fedmed.site_config import DataConfig
 
 
@@ -25,3 +26,28 @@ def load_train_sets(root: Path, sites: list, image_size: int, seed: int) -> dict
     """Each site's training split, decoded once (the benchmarks do not use the validation split)."""
     return {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
             for s in tqdm(sites, desc="loading sites")}
+
+
+def measure_training(images: int, image_size: int, seed: int) -> tuple[float, dict, dict]:
+    """One real local epoch (Adam, batch 16) on a synthetic hospital; returns (seconds, start params, trained)."""
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.site_config import DataConfig
+    from fedmed.training import train_epochs
+
+    root = RUNS / "bench_he" / f"site_{images}"
+    spec = replace(DEFAULT_HOSPITALS[0], num_images=images)
+    if not (root / spec.name / "labels.csv").exists():
+        generate_hospitals(root, [spec], num_test=8, seed=seed, size=max(image_size, 128))
+    train, _ = load_train_val(DataConfig("dicom", root / spec.name / "dicom", root / spec.name / "labels.csv"),
+                              image_size, seed)
+    torch.manual_seed(seed)
+    model = build_densenet121(14)
+    start = state_to_numpy(model)
+    t0 = time.perf_counter()
+    train_epochs(model, train, 1, 1e-3, 16, seed)
+    return time.perf_counter() - t0, start, state_to_numpy(model)

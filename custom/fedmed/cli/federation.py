@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from fedmed.cli.install_kit import SERVER, install
+from fedmed.cli.install_kit import SERVER, exchange_signing_keys, install
 from fedmed.paths import PROJECT_YML, RUNS
 
 PROJECT_ADMIN = "admin@fedmed.org"
@@ -112,6 +112,7 @@ class Federation:
             for site in state["hospitals"]:
                 custom = Path(site_configs) / site / "fedmed_site.json" if site_configs else None
                 install(kits / site, site, site_config=custom, check_import=False)
+            exchange_signing_keys(kits / SERVER, [kits / site for site in state["hospitals"]])
         return state
 
     # --- processes -----------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@
     privacy.json        hospitals: site_configs/<site>/privacy.json (NVFlare privacy scopes)
     fedmed_site.json    hospitals: data location and format (validated; relative paths made absolute)
     fedmed.env          environment for the site's processes (the server's FEDMED_DB_URL)
+    fedmed_signing.key  this site's signing keys (ML-DSA-65 + Ed25519, 0600), made once, never replaced
+    fedmed_signing.pub  its public bundle: carry it to the other side (scripts/signing_keys.py export / install-*)
 and <kit_dir>/start_fedmed.sh, which starts the site with this checkout's Python
 (its venv, where fedmed is installed).
 Nothing under startup/ is touched: it is signed by the provisioner.
@@ -26,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedmed import signing
 from fedmed.constants import ENV_DB_URL
 from fedmed.paths import SITE_CONFIGS
 from fedmed.site_config import load_site_config
@@ -155,6 +158,8 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
         warnings += install_site_config(Path(site_config or SITE_CONFIGS / site / "fedmed_site.json"), site,
                                         local / "fedmed_site.json")
     write_env(local / "fedmed.env", env)
+    if not (local / signing.PRIVATE_FILE).exists():  # a reinstall keeps the site's identity
+        signing.generate_site_keys(local, site)
     python_bin = Path(python_bin or Path(sys.executable).parent)
     start = kit / "start_fedmed.sh"
     start.write_text(START_SCRIPT.format(python_bin=shlex.quote(str(python_bin))))
@@ -167,6 +172,17 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
             raise RuntimeError(f"fedmed is not importable with {python_bin}/python (run scripts/setup.sh, which installs "
                                f"it there): {probe.stderr.strip()[-2000:]}")
     return warnings
+
+
+def exchange_signing_keys(server_kit: Path, hospital_kits: list) -> None:
+    """What the operators do out of band, for kits on one machine (demo, tests): each hospital's public signing key
+    into the server kit's local/site_keys/, the server's into each hospital kit's local/server_signing.pub."""
+    server_pub = Path(server_kit) / "local" / signing.PUBLIC_FILE
+    for kit in hospital_kits:
+        _, site = kit_identity(Path(kit))
+        signing.install_public_keys(Path(kit) / "local" / signing.PUBLIC_FILE,
+                                    signing.site_key_path(Path(server_kit) / "local", site), site)
+        signing.install_public_keys(server_pub, Path(kit) / "local" / signing.SERVER_KEY_FILE, SERVER)
 
 
 def main(argv=None) -> int:
@@ -185,6 +201,9 @@ def main(argv=None) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print(f"installed site_configs/{a.site} into {a.kit_dir.resolve()}; start the site with "
           f"{a.kit_dir.resolve() / 'start_fedmed.sh'}")
+    pub = signing.load_public_keys(a.kit_dir / "local" / signing.PUBLIC_FILE)
+    print(f"signing key fingerprint {pub.fingerprint.hex()}; public bundle {a.kit_dir.resolve() / 'local' / signing.PUBLIC_FILE}"
+          f" (install it with scripts/signing_keys.py {'install-server' if a.site == SERVER else 'install-site'})")
     return 0
 
 

@@ -26,6 +26,7 @@ from nvflare.security.logging import secure_format_exception
 from fedmed import constants as C
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_train_val
+from fedmed.flare import signatures as wire_sig
 from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
@@ -54,6 +55,8 @@ class FedMedTrainer(Executor):
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
         dp_train_layers: Optional[list] = None,
+        signatures: bool = False,
+        signing_key_dir: Optional[str] = None,
     ):
         """Local trainer for one hospital.
 
@@ -78,6 +81,9 @@ class FedMedTrainer(Executor):
                 ["features.denseblock4.", "features.norm5.", "class_layers."]); the rest stay at the global model's
                 values. None = all. DP noise is spread over every trained coordinate, so fine-tuning the top of a
                 pretrained model privately keeps far more signal than training all 7M weights.
+            signatures: sign every update (ML-DSA-65 + Ed25519, fedmed.signing) and train only on a global model
+                the server signed; needs the site's keys and the server's public key in signing_key_dir.
+            signing_key_dir: where fedmed_signing.key and server_signing.pub are. Default: <site kit>/local/.
         """
         super().__init__()
         if image_size < 32:
@@ -115,6 +121,9 @@ class FedMedTrainer(Executor):
         self._train_ds = None
         self._val_ds = None
         self._model = None
+        self.signatures = bool(signatures)
+        self.signing_key_dir = signing_key_dir
+        self._sign_keys = self._server_key = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
@@ -158,6 +167,11 @@ class FedMedTrainer(Executor):
                                          "site's encrypted updates; provision with fedmed's HE builder")
             self.log_info(fl_ctx, f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
                                   f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}")
+        if self.signatures:  # missing keys fail the site at start, naming the file
+            key_dir = self.signing_key_dir or fl_ctx.get_engine().get_workspace().get_site_config_dir()
+            self._sign_keys, self._server_key = wire_sig.load_keys(key_dir)
+            if self._sign_keys.site != site:
+                raise ValueError(f"signing key in {key_dir} is {self._sign_keys.site!r}'s, but this client is {site!r}")
         policy, source = self._privacy_policy(fl_ctx)
         if policy is not None:
             if self.norm != "group":
@@ -206,6 +220,13 @@ class FedMedTrainer(Executor):
         site = fl_ctx.get_identity_name()
         try:
             global_model = FLModelUtils.from_shareable(shareable)
+            if self._server_key is not None:  # before decrypting or training on anything
+                try:
+                    wire_sig.verify_global(global_model, fl_ctx.get_job_id(), int(global_model.current_round or 0),
+                                           self._server_key)
+                except ValueError as e:
+                    self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
+                    return make_reply(ReturnCode.BAD_TASK_DATA)
             global_params = self._global_params(global_model)
             fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, global_params, private=True, sticky=False)
             if task_name == C.TASK_FINAL_MODEL:
@@ -218,6 +239,10 @@ class FedMedTrainer(Executor):
                 result.params = apply_attack(result.params, global_params, self._site.hostile, round_num)
             if self._he is not None:
                 self._encrypt_result(site, round_num, result, fl_ctx)
+            if self._sign_keys is not None:
+                wire_sig.sign_result(result, fl_ctx.get_job_id(), round_num, site, self._sign_keys)
+                fl_ctx.set_prop(C.CTX_SIGNER, (self._sign_keys, fl_ctx.get_job_id(), round_num, site), private=True,
+                                sticky=False)
             return FLModelUtils.to_shareable(result)
         except BudgetExceeded as e:
             self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")

@@ -10,8 +10,10 @@ from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedmed import constants as C
+from fedmed.flare.signatures import sign_result
 from fedmed.privacy.update_noise import clip_and_noise_update
 
 
@@ -60,4 +62,15 @@ class UpdateNoiseFilter(Filter):
         dxo.set_meta_prop(C.META_UPDATE_NOISE_MULTIPLIER, self.noise_multiplier)
         self.log_info(fl_ctx, f"user-level DP: update norm {noised.norm:.4g} clipped x{noised.scale:.3f} to "
                               f"{self.clip_norm}, Gaussian noise std {noised.noise_std:.3g}")
-        return dxo.update_shareable(shareable)
+        out = dxo.update_shareable(shareable)
+        if C.META_SIGNATURE in dxo.meta:  # the executor signed the un-noised update: sign what leaves instead
+            signer = fl_ctx.get_prop(C.CTX_SIGNER)
+            if signer is None:
+                raise RuntimeError("UpdateNoiseFilter: the update is signed but the signing key is not in the context; "
+                                   "refusing to release an update whose signature no longer matches")
+            keys, job_id, round_num, site = signer
+            model = FLModelUtils.from_shareable(out)
+            sign_result(model, job_id, round_num, site, keys)
+            dxo.set_meta_prop(C.META_SIGNATURE, model.meta[C.META_SIGNATURE])
+            out = dxo.update_shareable(shareable)
+        return out

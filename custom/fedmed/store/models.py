@@ -77,6 +77,10 @@ class ClientUpdate(Base):
     train_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    # The site's fedmed.signing signature (hex) over signed_digest (hex update_digest, recomputed by the server from
+    # the update it received): audit_verify re-checks it offline with the site's installed public key.
+    signature: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    signed_digest: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -101,15 +105,17 @@ class Alert(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     round_num: Mapped[int] = mapped_column(Integer)
-    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
-    kind: Mapped[str] = mapped_column(String(50))  # quarantined / readmitted / rejected
+    site_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sites.id"), nullable=True)  # None: about the run
+    kind: Mapped[str] = mapped_column(String(50))  # quarantined / readmitted / rejected / refused / dead_letter
     message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class AuditEntry(Base):
-    """Append-only, hash-chained record of every write: row_hash = sha256(prev_hash + canonical content), so
-    editing or deleting any row breaks every hash after it (scripts/audit_verify.py names the first bad row)."""
+    """Append-only, chained record of every write (fedmed.store.audit): row_hash = HMAC-SHA256 under a key kept
+    outside the database over (prev_hash, time, action, payload), the payload carrying the hashes of the rows the write
+    left, so editing an entry or a covered row is detected (scripts/audit_verify.py names the first that differs).
+    scheme NULL: an entry from before the keyed chain, row_hash = sha256 of the same content."""
 
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -118,6 +124,7 @@ class AuditEntry(Base):
     payload_json: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scheme: Mapped[Optional[str]] = mapped_column(String(20), nullable=True)
 
 
 class PrivacySpend(Base):

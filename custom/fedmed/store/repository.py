@@ -6,8 +6,8 @@ URL from FEDMED_DB_URL; the embedded default is a SQLite file. PostgreSQL works 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
+from fedmed.wire_checks import find_metrics_problem
+from fedmed.store import audit
+from fedmed.store.audit import AuditProblem, AuditReport, AuditSettings
 from fedmed.store.migrate import upgrade
 from fedmed.store.models import (
     Alert,
@@ -33,7 +36,8 @@ from fedmed.store.models import (
 )
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
-ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused")
+ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter")
+CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in seconds, not after the OS's TCP timeout
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class UpdateRecord:
     val_loss: Optional[float] = None
     val_mean_auroc: Optional[float] = None
     metrics: dict = field(default_factory=dict)  # metric name -> value, stored under scope = site
+    signature: Optional[str] = None  # hex fedmed.signing signature of the update, as received
+    signed_digest: Optional[str] = None  # hex update_digest the server computed from the update and verified
 
     def __post_init__(self):
         if self.status not in UPDATE_STATUSES:
@@ -117,18 +123,8 @@ class InferenceRecord:
             raise ValueError(f"inference status must be one of {INFERENCE_STATUSES}, got {self.status!r}")
 
 
-GENESIS_HASH = "0" * 64
-
-
-def audit_hash(prev_hash: str, created_at: str, action: str, payload_json: str) -> str:
-    content = json.dumps([prev_hash, created_at, action, payload_json], separators=(",", ":"))
-    return hashlib.sha256(content.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class AuditProblem:
-    row_id: int
-    reason: str
+GENESIS_HASH = audit.GENESIS_HASH
+audit_hash = audit.legacy_hash  # the unkeyed chain of databases written before the keyed one
 
 
 def default_db_url(workspace: Path) -> str:
@@ -145,6 +141,22 @@ def resolve_db_url(workspace: Optional[Path] = None, explicit: Optional[str] = N
     return default_db_url(workspace)
 
 
+def _check_string_lengths(session: Session, _context, _instances) -> None:
+    for obj in (*session.new, *session.dirty):
+        for col in obj.__table__.columns:
+            limit = getattr(col.type, "length", None)
+            value = getattr(obj, col.key, None)
+            if limit and isinstance(value, str) and len(value) > limit:
+                raise ValueError(f"{obj.__tablename__}.{col.name} is {len(value)} characters, at most {limit} fit: "
+                                 f"{value[:60]!r}...")
+
+
+def _metrics_problem(metrics: dict, where: str) -> None:
+    problem = find_metrics_problem(metrics)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+
+
 def _sqlite_pragmas(dbapi_conn, _record):
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
@@ -153,16 +165,35 @@ def _sqlite_pragmas(dbapi_conn, _record):
 
 
 class Repository:
-    def __init__(self, url: str, create_schema: bool = True):
+    """audit_key / audit_key_file / heads_file: see fedmed.store.audit (default: environment, else for SQLite
+    `<database folder>/local/audit_key` and `<database folder>/audit_heads.log`). A writer (create_schema=True)
+    resolves them at once, creating the key on first use, so a missing key fails before anything is written."""
+
+    def __init__(self, url: str, create_schema: bool = True, audit_key: Optional[bytes] = None,
+                 audit_key_file: Optional[Path] = None, heads_file: Optional[Path] = None):
         if "://" not in url:
             raise ValueError(f"database URL must look like dialect://..., got {url!r}")
         kwargs = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite stores any length and PostgreSQL refuses: check on both, so neither truncates nor differs.
+        event.listen(self._session, "before_flush", _check_string_lengths)
+        self._audit_args = (audit_key, audit_key_file, heads_file)
+        self._audit_settings: Optional[AuditSettings] = None
         if create_schema:
             upgrade(self.engine)  # Alembic: the same revisions on SQLite and PostgreSQL
+            self.audit_settings(create=True)  # after connecting: never make a missing database's folder
+
+    def audit_settings(self, create: bool = True) -> AuditSettings:
+        if self._audit_settings is None:
+            key, key_file, heads = self._audit_args
+            self._audit_settings = audit.audit_settings(self.engine.url.render_as_string(hide_password=False), key,
+                                                        key_file, heads, create=create)
+        return self._audit_settings
 
     def close(self) -> None:
         self.engine.dispose()
@@ -180,9 +211,12 @@ class Repository:
                           config_json=json.dumps(config, sort_keys=True, default=str))
                 s.add(run)
                 s.flush()
-                self._audit(s, "start_run", {"run": uid, "job_id": job_id, "aggregation": aggregation,
-                                             "num_rounds": num_rounds})
-            return run.id
+                head = self._audit(s, "start_run", {"run": uid, "job_id": job_id, "aggregation": aggregation,
+                                                    "num_rounds": num_rounds}, audit.table_rows(s, "runs", run_id=run.id))
+            else:
+                head = None
+        self._append_head(head)
+        return run.id
 
     def _run_id(self, s: Session, uid: str) -> int:
         run_id = s.scalar(select(Run.id).where(Run.uid == uid))
@@ -192,16 +226,14 @@ class Repository:
 
     def record_round(self, run_uid: str, record: RoundRecord) -> None:
         """Write a round, its updates, metrics and alerts in one transaction. Idempotent: re-recording replaces it."""
+        for u in record.updates:  # refused whole, with the reason, before anything is written
+            _metrics_problem(u.metrics, f"round {record.round_num}, site {u.site!r}")
+        _metrics_problem(record.test_metrics, f"round {record.round_num}, global test metrics")
         with self._session.begin() as s:
             run_id = self._run_id(s, run_uid)
             replaced = s.scalar(select(Round.id).where(Round.run_id == run_id, Round.round_num == record.round_num))
             for model in (Round, ClientUpdate, RoundMetric, Alert, PrivacySpend):
                 s.execute(delete(model).where(model.run_id == run_id, model.round_num == record.round_num))
-            self._audit(s, "record_round", {
-                "run": run_uid, "round": record.round_num, "replaced": replaced is not None,
-                "global_model_sha256": record.global_model_sha256,
-                "updates": [[u.site, u.status, u.num_samples, u.update_sha256, u.trust] for u in record.updates],
-            })
             accepted = sum(1 for u in record.updates if u.status == "accepted")
             s.add(Round(run_id=run_id, round_num=record.round_num, num_sites=accepted, test_loss=record.test_loss,
                         test_mean_auroc=record.test_mean_auroc, global_model_sha256=record.global_model_sha256,
@@ -212,7 +244,8 @@ class Repository:
                                    reason=u.reason, num_samples=u.num_samples, update_norm=u.update_norm,
                                    update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
                                    distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss,
-                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc))
+                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc, signature=u.signature,
+                                   signed_digest=u.signed_digest))
                 for metric, value in u.metrics.items():
                     s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope=u.site, metric=metric, value=float(value)))
                 if u.epsilon is not None:
@@ -224,27 +257,56 @@ class Repository:
                             message=a.message))
             for metric, value in record.test_metrics.items():
                 s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope="global_test", metric=metric, value=float(value)))
+            s.flush()
+            rows = [r for t in audit.ROUND_TABLES for r in audit.table_rows(s, t, run_id=run_id, round_num=record.round_num)]
+            head = self._audit(s, "record_round", {
+                "run": run_uid, "round": record.round_num, "replaced": replaced is not None,
+                "global_model_sha256": record.global_model_sha256,
+                "updates": [[u.site, u.status, u.num_samples, u.update_sha256, u.trust] for u in record.updates],
+            }, rows)
+        self._append_head(head)
 
     def finish_run(self, run_uid: str, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
         with self._session.begin() as s:
             run = s.get(Run, self._run_id(s, run_uid))
             run.status, run.finished_at, run.best_round, run.best_metric = status, utcnow(), best_round, best_metric
-            self._audit(s, "finish_run", {"run": run_uid, "status": status, "best_round": best_round})
+            s.flush()
+            head = self._audit(s, "finish_run", {"run": run_uid, "status": status, "best_round": best_round},
+                               audit.table_rows(s, "runs", run_id=run.id))
+        self._append_head(head)
+
+    def record_alert(self, run_uid: str, kind: str, message: str, site: Optional[str] = None,
+                     round_num: int = -1) -> None:
+        """One alert outside a round's record (round -1: about the run), e.g. a dead-lettered journal line."""
+        if kind not in ALERT_KINDS:
+            raise ValueError(f"alert kind must be one of {ALERT_KINDS}, got {kind!r}")
+        with self._session.begin() as s:
+            run_id = self._run_id(s, run_uid)
+            site_id = self._site(s, site).id if site else None
+            alert = Alert(run_id=run_id, round_num=round_num, site_id=site_id, kind=kind, message=message)
+            s.add(alert)
+            s.flush()
+            head = self._audit(s, "alert", {"run": run_uid, "round": round_num, "site": site, "kind": kind},
+                               audit.table_rows(s, "alerts", row_id=alert.id))
+        self._append_head(head)
 
     def record_inference(self, record: InferenceRecord) -> None:
         """Append one inference log row (and its audit row, in the same transaction)."""
         with self._session.begin() as s:
-            s.add(InferenceLog(study_pseudonym=record.study_pseudonym, patient_pseudonym=record.patient_pseudonym,
-                               model_sha256=record.model_sha256, model_version=record.model_version,
-                               num_images=record.num_images, positive_findings="|".join(record.positive_findings),
-                               status=record.status, message=record.message))
-            self._audit(s, "inference", {"study": record.study_pseudonym, "model_sha256": record.model_sha256,
-                                         "status": record.status})
+            log_row = InferenceLog(study_pseudonym=record.study_pseudonym, patient_pseudonym=record.patient_pseudonym,
+                                   model_sha256=record.model_sha256, model_version=record.model_version,
+                                   num_images=record.num_images, positive_findings="|".join(record.positive_findings),
+                                   status=record.status, message=record.message)
+            s.add(log_row)
+            s.flush()
+            head = self._audit(s, "inference", {"study": record.study_pseudonym, "model_sha256": record.model_sha256,
+                                                "status": record.status}, audit.table_rows(s, "inference_logs", row_id=log_row.id))
+        self._append_head(head)
 
     def mark_interrupted(self, job_ids, reason: str) -> list[str]:
         """Runs of these NVFlare jobs still marked 'running' (their server process died mid-job) become
         'interrupted'; their recorded rounds stay, the best is taken from them. Returns the run uids changed."""
-        changed = []
+        changed, heads = [], []
         with self._session.begin() as s:
             runs = s.scalars(select(Run).where(Run.job_id.in_(list(job_ids)), Run.status == "running")).all()
             for run in runs:
@@ -253,33 +315,67 @@ class Repository:
                                  .order_by(Round.test_mean_auroc.desc(), Round.round_num).limit(1)).first()
                 run.status, run.finished_at = "interrupted", utcnow()
                 run.best_round, run.best_metric = (best[0], best[1]) if best else (None, None)
-                self._audit(s, "finish_run", {"run": run.uid, "status": "interrupted", "best_round": run.best_round,
-                                              "reason": reason})
+                s.flush()
+                heads.append(self._audit(s, "finish_run", {"run": run.uid, "status": "interrupted",
+                                                           "best_round": run.best_round, "reason": reason},
+                                         audit.table_rows(s, "runs", run_id=run.id)))
                 changed.append(run.uid)
+        for head in heads:
+            self._append_head(head)
         return changed
 
-    def _audit(self, s: Session, action: str, payload: dict) -> None:
-        """Append one chained audit row inside the caller's transaction (so it exists iff the write does)."""
+    def _audit(self, s: Session, action: str, payload: dict, rows=()) -> tuple:
+        """Append one keyed audit entry inside the caller's transaction (so it exists iff the write does), covering
+        the hashes of the rows the write left. Returns what _append_head needs once the transaction commits."""
+        settings = self.audit_settings(create=True)
         if self.engine.dialect.name == "postgresql":
             # Serialise appenders so two servers writing at once cannot fork the chain.
             s.execute(text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE"))
-        prev = s.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1)) or GENESIS_HASH
+        last = s.execute(select(AuditEntry.row_hash, AuditEntry.scheme).order_by(AuditEntry.id.desc()).limit(1)).first()
+        if last is not None and last.scheme is None:
+            # First keyed write on a database from before the keyed chain: adopt what is there, as it is now.
+            every = [r for t in audit._TABLES for r in audit.table_rows(s, t)]
+            self._add_entry(s, settings, last.row_hash, "adopt_rows", {"note": "rows written before the keyed chain"},
+                            every)
+            last = s.execute(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1)).first()
+        entry = self._add_entry(s, settings, last.row_hash if last else GENESIS_HASH, action, payload, rows)
+        tag = entry.row_hash if last is None else s.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id).limit(1))
+        return settings.heads_file, tag, entry.id, entry.row_hash, action
+
+    @staticmethod
+    def _add_entry(s: Session, settings: AuditSettings, prev: str, action: str, payload: dict, rows) -> AuditEntry:
         created = utcnow().isoformat()
-        body = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
-        s.add(AuditEntry(created_at=created, action=action, payload_json=body, prev_hash=prev,
-                         row_hash=audit_hash(prev, created, action, body)))
+        body = audit.canonical_json({**payload, "rows": audit.rows_payload(rows)})
+        entry = AuditEntry(created_at=created, action=action, payload_json=body, prev_hash=prev, scheme=audit.SCHEME,
+                           row_hash=audit.entry_mac(settings.key, prev, created, action, body))
+        s.add(entry)
+        s.flush()
+        return entry
+
+    @staticmethod
+    def _append_head(head: Optional[tuple]) -> None:
+        """After the commit: the chain head goes to the append-only heads file, outside the database's reach."""
+        if head is None or head[0] is None:
+            return
+        path, tag, entry_id, mac, action = head
+        try:
+            audit.append_head(path, tag, entry_id, mac, action)
+        except OSError as e:  # the write is committed: failing it now would only lose it from the caller's view
+            logging.getLogger(__name__).error(f"audit entry {entry_id} is committed but its head could not be appended "
+                                              f"to {path} ({e}); deleting the newest rows would go unnoticed until the "
+                                              "next head is written")
+
+    def audit_report(self, site_keys: Optional[dict] = None) -> AuditReport:
+        """Everything audit_verify checks: chain links and MACs, every covered row against the entry that recorded
+        it, the chain's head against the heads file, and (given the hospitals' public keys, site -> PublicKeys)
+        every stored update signature."""
+        settings = self.audit_settings(create=False)
+        with self._session() as s:
+            return audit.verify(s, settings, site_keys)
 
     def verify_audit(self) -> Optional[AuditProblem]:
-        """Walk the chain in id order; the first row whose link or content hash is wrong, or None if intact."""
-        prev = GENESIS_HASH
-        with self._session() as s:
-            for row in s.scalars(select(AuditEntry).order_by(AuditEntry.id)).yield_per(1000):
-                if row.prev_hash != prev:
-                    return AuditProblem(row.id, "prev_hash does not match the previous row (a row was removed or reordered)")
-                if audit_hash(row.prev_hash, row.created_at, row.action, row.payload_json) != row.row_hash:
-                    return AuditProblem(row.id, "content does not match its hash (the row was edited)")
-                prev = row.row_hash
-        return None
+        """The first problem audit_report finds, or None if the record is intact."""
+        return self.audit_report().first
 
     def audit_rows(self) -> int:
         with self._session() as s:
@@ -344,7 +440,7 @@ class Repository:
         return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
                  "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
                  "distance": u.distance, "round_score": u.round_score, "trust": u.trust,
-                 "update_sha256": u.update_sha256}
+                 "update_sha256": u.update_sha256, "signature": u.signature, "signed_digest": u.signed_digest}
                 for u, name in rows]
 
     def round_metrics(self, run_id: int, scope: str) -> dict[int, dict[str, float]]:
@@ -365,9 +461,9 @@ class Repository:
 
     def alerts(self, run_id: int) -> list[dict]:
         with self._session() as s:
-            rows = s.execute(select(Alert, Site.name).join(Site, Site.id == Alert.site_id)
-                             .where(Alert.run_id == run_id).order_by(Alert.round_num, Site.name)).all()
-        return [{"round": a.round_num, "site": name, "kind": a.kind, "message": a.message} for a, name in rows]
+            rows = s.execute(select(Alert, Site.name).outerjoin(Site, Site.id == Alert.site_id)
+                             .where(Alert.run_id == run_id).order_by(Alert.round_num, Site.name, Alert.id)).all()
+        return [{"round": a.round_num, "site": name or "", "kind": a.kind, "message": a.message} for a, name in rows]
 
     def inference_logs(self) -> list[dict]:
         with self._session() as s:

@@ -1,0 +1,415 @@
+"""A keyed audit chain over the real rows.
+
+Each audited write appends one audit_log entry in its own transaction. The entry's payload names what was written
+and carries the SHA-256 of every row it wrote (run, round, each client update, privacy spend, alert, metric,
+inference log) in a canonical JSON form read back from the database; its MAC is HMAC-SHA256, under a key kept
+outside the database, over (previous MAC, time, action, payload). Someone with write access to the tables but not
+the key can neither edit a row (its hash no longer matches the latest entry that covers it), nor edit an entry (its
+MAC fails), nor drop rows and recompute the chain. After each write the chain head is appended to a separate
+append-only heads file, so deleting the newest entries (which no chain can reveal by itself) is detected too.
+
+Rows written before this scheme (audit_log.scheme NULL: plain SHA-256 chain) are checked as before; their last hash
+is pinned by the first keyed entry's MAC.
+
+Key: $FEDMED_AUDIT_KEY (hex, >= 32 bytes), else a key file ($FEDMED_AUDIT_KEY_FILE or the one given, e.g. the server
+kit's local/audit_key; for a SQLite database by default `<database folder>/local/audit_key`), created 0600 with 32
+random bytes on first write. Heads file: $FEDMED_AUDIT_HEADS, else `audit_heads.log` in the folder above the key
+file's (the kit's workspace), else next to the SQLite database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from fedmed.store.models import Alert, AuditEntry, ClientUpdate, InferenceLog, PrivacySpend, Round, RoundMetric, Run, Site
+
+ENV_AUDIT_KEY = "FEDMED_AUDIT_KEY"
+ENV_AUDIT_KEY_FILE = "FEDMED_AUDIT_KEY_FILE"
+ENV_AUDIT_HEADS = "FEDMED_AUDIT_HEADS"
+KEY_FILE_NAME = "audit_key"
+HEADS_NAME = "audit_heads.log"
+SCHEME = "hmac-sha256"
+GENESIS_HASH = "0" * 64
+MIN_KEY_BYTES = 32
+
+# --- key and heads file ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    key: bytes
+    key_source: str  # where the key came from (for messages; never the key)
+    heads_file: Optional[Path]
+
+
+def _key_from_hex(text: str, source: str) -> bytes:
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ValueError(f"audit key in {source} must be hex") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"audit key in {source} has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed")
+    return key
+
+
+def read_key_file(path: Path) -> bytes:
+    path = Path(path)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"audit key file {path} is readable by others (mode {mode:o}); chmod 600 it")
+    return _key_from_hex(path.read_text(), str(path))
+
+
+def create_key_file(path: Path) -> bytes:
+    """Make a 0600 key file with 32 random bytes, atomically: a concurrent creator's key wins, never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".audit_key.")  # mkstemp files are 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(MIN_KEY_BYTES) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return read_key_file(path)
+
+
+def default_key_file(url: str) -> Optional[Path]:
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        return Path(u.database).resolve().parent / "local" / KEY_FILE_NAME
+    return None
+
+
+def audit_settings(url: str, key: Optional[bytes] = None, key_file: Optional[Path] = None,
+                   heads_file: Optional[Path] = None, create: bool = True) -> AuditSettings:
+    """Resolve the key and heads file for a database (order in the module docstring). create=False (verifying) never
+    makes a new key: a missing one is an error naming where it was looked for."""
+    env_heads = os.environ.get(ENV_AUDIT_HEADS)
+    heads = Path(heads_file) if heads_file else Path(env_heads) if env_heads else None
+    if key is not None:
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"audit key has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed")
+        source = "the caller"
+    elif os.environ.get(ENV_AUDIT_KEY):
+        key, source = _key_from_hex(os.environ[ENV_AUDIT_KEY], f"${ENV_AUDIT_KEY}"), f"${ENV_AUDIT_KEY}"
+    else:
+        path = Path(key_file) if key_file else Path(os.environ[ENV_AUDIT_KEY_FILE]) if os.environ.get(
+            ENV_AUDIT_KEY_FILE) else default_key_file(url)
+        if path is None:
+            raise ValueError(f"no audit key for {make_url(url).render_as_string(hide_password=True)}: set "
+                             f"${ENV_AUDIT_KEY} (hex) or ${ENV_AUDIT_KEY_FILE} (e.g. the server kit's local/{KEY_FILE_NAME})")
+        if path.exists():
+            key = read_key_file(path)
+        elif create:
+            key = create_key_file(path)
+        else:
+            raise ValueError(f"audit key file {path} does not exist (give the server kit's local/{KEY_FILE_NAME})")
+        source = str(path)
+        if heads is None:
+            heads = path.parent.parent / HEADS_NAME
+    if heads is None:
+        sqlite_key = default_key_file(url)
+        heads = sqlite_key.parent.parent / HEADS_NAME if sqlite_key else None
+    return AuditSettings(key, source, heads)
+
+
+# --- canonical rows -------------------------------------------------------------------------------------------------
+
+
+def _canon(v):
+    if isinstance(v, dt.datetime):  # SQLite hands back naive UTC, PostgreSQL aware: one form for both
+        v = v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc)
+        return v.astimezone(dt.timezone.utc).isoformat()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    return v
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def row_hash(values: dict) -> str:
+    return hashlib.sha256(canonical_json({k: _canon(v) for k, v in values.items()}).encode()).hexdigest()
+
+
+_SKIP = {"id", "run_id", "site_id"}  # surrogate keys: the run uid and site name stand for them
+
+
+def _columns(model):
+    return [c for c in model.__table__.columns if c.name not in _SKIP]
+
+
+# table -> (model, has site, key columns after the run uid)
+_TABLES = {
+    "runs": (Run, False, ()),
+    "rounds": (Round, False, ("round_num",)),
+    "client_updates": (ClientUpdate, True, ("round_num", "site")),
+    "privacy_spend": (PrivacySpend, True, ("round_num", "site")),
+    "round_metrics": (RoundMetric, False, ("round_num", "scope", "metric")),
+    "alerts": (Alert, True, ("round_num", "id")),
+    "inference_logs": (InferenceLog, False, ("id",)),
+}
+ROUND_TABLES = ("rounds", "client_updates", "privacy_spend", "round_metrics", "alerts")
+
+
+@dataclass(frozen=True)
+class CoveredRow:
+    table: str
+    key: tuple  # (run uid, ...natural key) or (id,) for inference logs
+    row_id: int
+    hash: str
+
+
+def table_rows(s, table: str, run_id: Optional[int] = None, round_num: Optional[int] = None,
+               row_id: Optional[int] = None) -> list[CoveredRow]:
+    """The rows of one table as the audit chain sees them, read back from the database (so writer and verifier hash
+    exactly the same values on either engine)."""
+    model, has_site, key_cols = _TABLES[table]
+    cols = [c.label(c.name) for c in _columns(model)]
+    q = select(model.id.label("_id"), *cols)
+    if model is not InferenceLog:
+        q = q.add_columns(Run.uid.label("_uid"))
+        q = q.join(Run, Run.id == model.run_id) if model is not Run else q
+    if has_site:
+        q = q.add_columns(Site.name.label("site")).outerjoin(Site, Site.id == model.site_id)
+    if run_id is not None:
+        q = q.where((model.id if model is Run else model.run_id) == run_id)
+    if round_num is not None:
+        q = q.where(model.round_num == round_num)
+    if row_id is not None:
+        q = q.where(model.id == row_id)
+    out = []
+    for r in s.execute(q.order_by(model.id)).mappings():
+        values = {k: v for k, v in r.items() if not k.startswith("_")}
+        ident = {**values, "id": r["_id"]}
+        key = ((r["_uid"],) if model is not InferenceLog else ()) + tuple(ident[c] for c in key_cols)
+        out.append(CoveredRow(table, key, r["_id"], row_hash(values)))
+    return out
+
+
+def rows_payload(rows: Iterable[CoveredRow]) -> list:
+    return sorted([r.table, list(r.key), r.hash] for r in rows)
+
+
+# --- MACs -----------------------------------------------------------------------------------------------------------
+
+
+def legacy_hash(prev_hash: str, created_at: str, action: str, payload_json: str) -> str:
+    content = json.dumps([prev_hash, created_at, action, payload_json], separators=(",", ":"))
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def entry_mac(key: bytes, prev_hash: str, created_at: str, action: str, payload_json: str) -> str:
+    content = json.dumps([SCHEME, prev_hash, created_at, action, payload_json], separators=(",", ":"))
+    return hmac.new(key, content.encode(), hashlib.sha256).hexdigest()
+
+
+# --- heads file -----------------------------------------------------------------------------------------------------
+
+
+def append_head(path: Path, chain_tag: str, entry_id: int, mac: str, action: str) -> None:
+    """One fsynced line per audited write, under an fcntl lock (several jobs may share a workspace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = canonical_json({"chain": chain_tag, "id": entry_id, "mac": mac, "action": action,
+                           "at": dt.datetime.now(dt.timezone.utc).isoformat()}) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_heads(path: Path) -> list[dict]:
+    heads = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            h = json.loads(line)
+            heads.append({"chain": str(h["chain"]), "id": int(h["id"]), "mac": str(h["mac"]), "line": n})
+        except (ValueError, KeyError, TypeError):
+            heads.append({"chain": None, "id": None, "mac": None, "line": n})
+    return heads
+
+
+# --- verification ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    row_id: int  # the audit_log id, or the table row's id when `table` is not audit_log
+    reason: str
+    table: str = "audit_log"
+
+    def __str__(self) -> str:
+        return f"{self.table} row {self.row_id}: {self.reason}"
+
+
+@dataclass
+class AuditReport:
+    entries: int = 0
+    legacy_entries: int = 0
+    rows_checked: int = 0
+    heads_checked: int = 0
+    signatures_checked: int = 0
+    heads_file: Optional[str] = None
+    problems: list = field(default_factory=list)  # of AuditProblem, first = earliest in the chain
+    notes: list = field(default_factory=list)
+
+    @property
+    def first(self) -> Optional[AuditProblem]:
+        return self.problems[0] if self.problems else None
+
+
+def _key_str(key: tuple) -> str:
+    return ", ".join(str(k) for k in key)
+
+
+def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -> AuditReport:
+    """Walk the chain (links, MACs), rebuild from it what every covered row must hash to, compare with the tables,
+    then compare the chain's newest entries with the heads file, then (site_keys: site -> fedmed.signing.PublicKeys)
+    re-verify every stored update signature. Problems come in the order found."""
+    rep = AuditReport(heads_file=str(settings.heads_file) if settings.heads_file else None)
+    expected: dict[tuple, tuple[str, int]] = {}  # (table, key) -> (row hash, audit entry id that recorded it)
+    prev, keyed_seen, chain_tag, macs = GENESIS_HASH, False, None, {}
+    for row in session.scalars(select(AuditEntry).order_by(AuditEntry.id)).yield_per(1000):
+        rep.entries += 1
+        chain_tag = chain_tag or row.row_hash
+        macs[row.id] = row.row_hash
+        if row.prev_hash != prev:
+            rep.problems.append(AuditProblem(row.id, "prev_hash does not match the previous entry "
+                                                     "(an entry was removed or reordered)"))
+            return rep
+        if row.scheme is None:
+            if keyed_seen:
+                rep.problems.append(AuditProblem(row.id, "an unkeyed entry after keyed ones (forged or downgraded)"))
+                return rep
+            rep.legacy_entries += 1
+            if legacy_hash(row.prev_hash, row.created_at, row.action, row.payload_json) != row.row_hash:
+                rep.problems.append(AuditProblem(row.id, "content does not match its hash (the entry was edited)"))
+                return rep
+        else:
+            keyed_seen = True
+            if row.scheme != SCHEME:
+                rep.problems.append(AuditProblem(row.id, f"unknown scheme {row.scheme!r}"))
+                return rep
+            if not hmac.compare_digest(entry_mac(settings.key, row.prev_hash, row.created_at, row.action,
+                                                 row.payload_json), row.row_hash):
+                rep.problems.append(AuditProblem(row.id, "MAC does not verify: the entry was edited (or the audit "
+                                                         f"key from {settings.key_source} is not this database's)"))
+                return rep
+            _apply_entry(expected, row)
+        prev = row.row_hash
+    if keyed_seen:
+        _compare_tables(session, expected, rep)
+    _compare_heads(settings.heads_file, chain_tag, macs, rep)
+    if site_keys is not None:
+        _check_signatures(session, site_keys, rep)
+    return rep
+
+
+def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
+    from fedmed import signing  # only when asked: the record itself needs no signing keys
+
+    rows = session.execute(select(ClientUpdate.id, ClientUpdate.round_num, ClientUpdate.signature,
+                                  ClientUpdate.signed_digest, Site.name, Run.uid)
+                           .join(Site, Site.id == ClientUpdate.site_id).join(Run, Run.id == ClientUpdate.run_id)
+                           .order_by(ClientUpdate.id)).all()
+    unsigned = 0
+    for r in rows:
+        if r.signature is None:
+            unsigned += 1
+            continue
+        rep.signatures_checked += 1
+        where = f"({r.uid}, {r.round_num}, {r.name})"
+        keys = site_keys.get(r.name)
+        if keys is None:
+            rep.problems.append(AuditProblem(r.id, f"{where} is signed but no public key of {r.name!r} is installed",
+                                             "client_updates"))
+            continue
+        try:
+            signing.verify(bytes.fromhex(r.signed_digest or ""), bytes.fromhex(r.signature), keys)
+        except ValueError as e:  # SignatureError, or hex that is not hex
+            rep.problems.append(AuditProblem(r.id, f"{where} signature check failed: {e}", "client_updates"))
+    if unsigned:
+        rep.notes.append(f"{unsigned} client update(s) carry no signature")
+
+
+def _apply_entry(expected: dict, row) -> None:
+    payload = json.loads(row.payload_json)
+    if row.action == "record_round":  # a round is replaced whole: forget what an earlier entry said about it
+        prefix = (payload["run"], payload["round"])
+        for k in [k for k in expected if k[0] in ROUND_TABLES and k[1][:2] == prefix]:
+            del expected[k]
+    for table, key, h in payload.get("rows", ()):
+        expected[(table, tuple(key))] = (h, row.id)
+
+
+def _compare_tables(session, expected: dict, rep: AuditReport) -> None:
+    found = []
+    for table in _TABLES:
+        for r in table_rows(session, table):
+            rep.rows_checked += 1
+            want = expected.pop((table, r.key), None)
+            if want is None:
+                found.append((0, AuditProblem(r.row_id, f"({_key_str(r.key)}) is covered by no audit entry "
+                                                        "(inserted outside the record)", table)))
+            elif want[0] != r.hash:
+                found.append((want[1], AuditProblem(r.row_id, f"({_key_str(r.key)}) does not match what audit entry "
+                                                              f"{want[1]} recorded (the row was edited)", table)))
+    for (table, key), (_, entry_id) in expected.items():
+        found.append((entry_id, AuditProblem(entry_id, f"{table} row ({_key_str(key)}) recorded by this entry is "
+                                                       "missing (deleted)")))
+    rep.problems.extend(p for _, p in sorted(found, key=lambda x: (x[0], x[1].table, x[1].row_id)))
+
+
+def _compare_heads(path: Optional[Path], chain_tag: Optional[str], macs: dict, rep: AuditReport) -> None:
+    if path is None:
+        rep.notes.append("no heads file configured: deleting the newest entries cannot be detected")
+        return
+    if not Path(path).exists():
+        if rep.entries > rep.legacy_entries:
+            rep.problems.append(AuditProblem(0, f"heads file {path} is missing (it gets a line at every keyed write)",
+                                             "heads_file"))
+        return
+    mine = [h for h in read_heads(path) if h["chain"] is not None and h["chain"] == chain_tag]
+    other = [h for h in read_heads(path) if h["chain"] != chain_tag]
+    if other and chain_tag is None:
+        rep.problems.append(AuditProblem(0, f"the audit chain is empty but {path} records {len(other)} head(s)",
+                                         "heads_file"))
+        return
+    if other:
+        rep.notes.append(f"{len(other)} line(s) of {path} belong to other chains or are unreadable")
+    for h in mine:
+        rep.heads_checked += 1
+        if h["id"] not in macs:
+            rep.problems.append(AuditProblem(h["id"], f"missing: {path} line {h['line']} records entry {h['id']}, "
+                                                      f"the chain ends at {max(macs)} (the newest entries were deleted)"))
+            return
+        if macs[h["id"]] != h["mac"]:
+            rep.problems.append(AuditProblem(h["id"], f"MAC differs from {path} line {h['line']} (entry replaced)"))
+            return

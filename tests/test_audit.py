@@ -1,0 +1,247 @@
+"""An insider with write access to the database (but not the audit key) tries to rewrite the record."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from fedmed.store import audit
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "audit_verify.py"
+
+
+def _round(n):
+    return RoundRecord(n, (UpdateRecord("hospital-a", "accepted", 100, update_norm=1.5, trust=0.9, epsilon=1.0 + n,
+                                        delta=1e-5, metrics={"val_auroc/Mass": 0.7}),
+                           UpdateRecord("hospital-b", "rejected", 80, reason="norm too large", trust=0.4)),
+                       test_loss=0.3, test_mean_auroc=0.6 + n / 100, test_metrics={"auroc/Mass": 0.6},
+                       alerts=(AlertRecord("hospital-b", "rejected", "norm too large"),))
+
+
+@pytest.fixture
+def recorded(db_url):
+    repo = Repository(db_url)
+    repo.start_run("run-1", "demo", "job", "geometric_median", 3, {"lr": 1e-3})
+    for n in range(3):
+        repo.record_round("run-1", _round(n))
+    repo.record_alert("run-1", "dead_letter", "a journal line could not be written")
+    repo.finish_run("run-1", "finished", 2, 0.62)
+    assert repo.verify_audit() is None
+    yield repo
+    repo.close()
+
+
+def _verify(db_url):
+    return subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _exec(repo, sql, **params):
+    with repo.engine.begin() as conn:
+        return conn.execute(text(sql), params)
+
+
+def test_an_intact_record_verifies(recorded, db_url, audit_key_file):
+    ok = _verify(db_url)
+    assert ok.returncode == 0, ok.stderr
+    assert "intact: 6 rows" in ok.stdout and "6 head(s)" in ok.stdout
+    assert stat.S_IMODE(audit_key_file.stat().st_mode) == 0o600
+
+
+def test_an_edited_client_update_is_named(recorded, db_url):
+    """The insider turns hospital-b's rejected round-1 update into an accepted one with more samples."""
+    row_id = _exec(recorded, "SELECT cu.id FROM client_updates cu JOIN sites s ON s.id = cu.site_id "
+                             "WHERE cu.round_num = 1 AND s.name = 'hospital-b'").scalar()
+    _exec(recorded, "UPDATE client_updates SET status = 'accepted', num_samples = 5000 WHERE id = :i", i=row_id)
+    problem = recorded.verify_audit()
+    assert (problem.table, problem.row_id) == ("client_updates", row_id)
+    assert "run-1, 1, hospital-b" in problem.reason and "edited" in problem.reason
+    bad = _verify(db_url)
+    assert bad.returncode == 1 and f"client_updates row {row_id}" in bad.stderr
+
+
+@pytest.mark.parametrize("table, sql", [
+    ("rounds", "UPDATE rounds SET test_mean_auroc = 0.99 WHERE round_num = 2"),
+    ("privacy_spend", "UPDATE privacy_spend SET epsilon = 0.1 WHERE round_num = 0"),
+    ("alerts", "UPDATE alerts SET message = 'nothing happened' WHERE round_num = 1"),
+    ("round_metrics", "UPDATE round_metrics SET value = 0.95 WHERE round_num = 0 AND scope = 'global_test'"),
+    ("runs", "UPDATE runs SET best_round = 0"),
+])
+def test_an_edit_to_any_covered_table_is_named(recorded, table, sql):
+    _exec(recorded, sql)
+    problem = recorded.verify_audit()
+    assert problem.table == table and "edited" in problem.reason
+
+
+def test_deleted_rows_are_named(recorded):
+    _exec(recorded, "DELETE FROM privacy_spend WHERE round_num = 1")
+    problem = recorded.verify_audit()
+    assert "privacy_spend row (run-1, 1, hospital-a)" in problem.reason and "deleted" in problem.reason
+
+
+def test_an_inserted_row_is_named(recorded):
+    _exec(recorded, "INSERT INTO round_metrics (run_id, round_num, scope, metric, value) "
+                    "SELECT id, 1, 'hospital-a', 'val_auroc/Edema', 0.99 FROM runs")
+    problem = recorded.verify_audit()
+    assert problem.table == "round_metrics" and "covered by no audit entry" in problem.reason
+
+
+def test_deleting_the_newest_rows_and_their_entries_is_detected(recorded, db_url):
+    """The insider removes round 2 and everything after it, rows and audit entries alike: the chain that is left is
+    consistent, but the heads file outside the database still records the removed entries."""
+    last_round = _exec(recorded, "SELECT id FROM audit_log WHERE action = 'record_round' ORDER BY id DESC").scalar()
+    for table in ("client_updates", "privacy_spend", "round_metrics", "alerts", "rounds"):
+        _exec(recorded, f"DELETE FROM {table} WHERE round_num >= 2")
+    _exec(recorded, "UPDATE runs SET status = 'running', finished_at = NULL, best_round = NULL, best_metric = NULL")
+    _exec(recorded, "DELETE FROM alerts WHERE kind = 'dead_letter'")
+    _exec(recorded, "DELETE FROM audit_log WHERE id >= :i", i=last_round)
+    problem = recorded.verify_audit()
+    assert problem.row_id == last_round and "newest entries were deleted" in problem.reason
+    bad = _verify(db_url)
+    assert bad.returncode == 1 and "newest entries were deleted" in bad.stderr
+
+
+def test_a_chain_recomputed_without_the_key_is_refused(recorded):
+    """Plain SHA-256 (the old unkeyed chain) or an HMAC under a guessed key: the MAC check names the first entry."""
+    first_round = _exec(recorded, "SELECT id FROM audit_log WHERE action = 'record_round' ORDER BY id").scalar()
+    rows = _exec(recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log WHERE id >= :i "
+                           "ORDER BY id", i=first_round).all()
+    _exec(recorded, "UPDATE client_updates SET num_samples = 5000")
+    prev = rows[0].prev_hash
+    for r in rows:  # recompute every MAC from the edited payloads with a key the insider made up
+        payload = r.payload_json.replace('"num_samples":80', '"num_samples":5000')
+        mac = audit.entry_mac(b"k" * 32, prev, r.created_at, r.action, payload)
+        _exec(recorded, "UPDATE audit_log SET payload_json = :p, prev_hash = :v, row_hash = :m WHERE id = :i",
+              p=payload, v=prev, m=mac, i=r.id)
+        prev = mac
+    problem = recorded.verify_audit()
+    assert problem.row_id == first_round and "MAC does not verify" in problem.reason
+
+
+def test_downgrading_an_entry_to_the_unkeyed_scheme_is_refused(recorded):
+    last = _exec(recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log "
+                           "ORDER BY id DESC").first()
+    _exec(recorded, "UPDATE audit_log SET scheme = NULL, row_hash = :h WHERE id = :i",
+          h=audit.legacy_hash(last.prev_hash, last.created_at, last.action, last.payload_json), i=last.id)
+    problem = recorded.verify_audit()
+    assert problem.row_id == last.id and "unkeyed entry after keyed ones" in problem.reason
+
+
+def test_a_replayed_round_replaces_what_the_chain_expects(recorded):
+    recorded.record_round("run-1", _round(1))  # the journal replays a round: stored once, still verifies
+    assert recorded.verify_audit() is None
+
+
+def test_verifying_needs_the_key_and_never_makes_one(recorded, db_url, audit_key_file, tmp_path):
+    wrong = tmp_path / "other" / "local" / "audit_key"
+    audit.create_key_file(wrong)
+    problem = Repository(db_url, create_schema=False, audit_key_file=wrong, heads_file=tmp_path / "h").verify_audit()
+    assert problem.row_id == 1 and "is not this database's" in problem.reason
+    missing = tmp_path / "nowhere" / "audit_key"
+    out = subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url, "--key-file", str(missing)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"audit key file {missing} does not exist" in out.stderr
+    assert not missing.exists()
+    os.chmod(audit_key_file, 0o644)
+    with pytest.raises(ValueError, match="readable by others"):
+        Repository(db_url)
+
+
+def test_the_sqlite_default_keeps_key_and_heads_beside_the_database(tmp_path, monkeypatch):
+    monkeypatch.delenv(audit.ENV_AUDIT_KEY_FILE, raising=False)
+    ws = tmp_path / "server"
+    ws.mkdir()
+    repo = Repository(f"sqlite:///{ws / 'fedmed.db'}")
+    repo.start_run("u", "n", "j", "fedavg", 1, {})
+    assert stat.S_IMODE((ws / "local" / "audit_key").stat().st_mode) == 0o600
+    assert len((ws / "audit_heads.log").read_text().splitlines()) == 1
+    assert repo.verify_audit() is None
+
+
+def test_the_key_can_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(audit.ENV_AUDIT_KEY, "ab" * 32)
+    monkeypatch.setenv(audit.ENV_AUDIT_HEADS, str(tmp_path / "heads.log"))
+    repo = Repository(f"sqlite:///{tmp_path / 'x.db'}")
+    repo.start_run("u", "n", "j", "fedavg", 1, {})
+    assert repo.verify_audit() is None and (tmp_path / "heads.log").exists()
+    monkeypatch.setenv(audit.ENV_AUDIT_KEY, "abcd")
+    with pytest.raises(ValueError, match="at least 32 are needed"):
+        Repository(f"sqlite:///{tmp_path / 'y.db'}")
+
+
+def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted(tmp_path):
+    """An old database (revision 0005, unkeyed SHA-256 chain) keeps its history: the first keyed write adopts the
+    rows as they are; from then on they are covered like new ones."""
+    from sqlalchemy import create_engine
+
+    from fedmed.store.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    upgrade(engine, "0005")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO runs (uid, name, job_id, aggregation, num_rounds, config_json, status, "
+                          "started_at) VALUES ('old', 'n', 'j', 'fedavg', 1, '{}', 'finished', '2026-01-01 00:00:00')"))
+        created, payload = "2026-01-01T00:00:00+00:00", '{"run":"old"}'
+        h = audit.legacy_hash(audit.GENESIS_HASH, created, "start_run", payload)
+        conn.execute(text("INSERT INTO audit_log (created_at, action, payload_json, prev_hash, row_hash) "
+                          "VALUES (:c, 'start_run', :p, :g, :h)"), {"c": created, "p": payload, "g": audit.GENESIS_HASH,
+                                                                     "h": h})
+    engine.dispose()
+    repo = Repository(url)
+    assert repo.verify_audit() is None
+    repo.start_run("new", "n", "j", "fedavg", 1, {})
+    report = repo.audit_report()
+    assert report.first is None and report.legacy_entries == 1 and report.entries == 3  # old, adopt_rows, new
+    _exec(repo, "UPDATE runs SET status = 'failed' WHERE uid = 'old'")
+    problem = repo.verify_audit()
+    assert problem.table == "runs" and "(old)" in problem.reason
+
+
+def test_stored_update_signatures_are_re_verified_offline(db_url, tmp_path):
+    """The server stores each update's signature and digest; audit_verify re-checks them with the hospitals' public
+    keys. hospital-b's stored signature is not its own (say a server operator forged it): that row is named."""
+    from fedmed import signing
+
+    kit = tmp_path / "server-kit" / "local"
+    keys = {}
+    for site in ("hospital-a", "hospital-b", "intruder"):
+        signing.generate_site_keys(tmp_path / site, site)
+        keys[site] = signing.load_site_keys(tmp_path / site)
+    for site in ("hospital-a", "hospital-b"):
+        signing.install_public_keys(tmp_path / site / signing.PUBLIC_FILE, signing.site_key_path(kit, site), site)
+
+    def signed(site, signer):
+        digest = signing.update_digest("job", 0, site, {}, None, 10, {}, {})
+        return {"signature": signing.sign(digest, keys[signer]).hex(), "signed_digest": digest.hex()}
+
+    repo = Repository(db_url)
+    repo.start_run("run-s", "s", "job", "fedavg", 1, {})
+    repo.record_round("run-s", RoundRecord(0, (UpdateRecord("hospital-a", "accepted", 10, **signed("hospital-a", "hospital-a")),
+                                               UpdateRecord("hospital-b", "accepted", 10, **signed("hospital-b", "intruder")),
+                                               UpdateRecord("hospital-c", "missing"))))
+    report = repo.audit_report(signing.load_site_public_keys(kit))
+    assert report.signatures_checked == 2 and "1 client update(s) carry no signature" in report.notes
+    (problem,) = report.problems
+    assert problem.table == "client_updates" and "(run-s, 0, hospital-b) signature check failed" in problem.reason
+    assert "not hospital-b's installed key" in problem.reason
+    out = subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url, "--site-keys", str(kit / "site_keys")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and f"client_updates row {problem.row_id}" in out.stderr
+    repo.close()
+
+
+def test_a_heads_file_that_cannot_be_written_loses_no_record(tmp_path, caplog):
+    import logging
+
+    heads = tmp_path / "heads-is-a-folder"
+    heads.mkdir()
+    repo = Repository(f"sqlite:///{tmp_path / 'x.db'}", heads_file=heads)
+    with caplog.at_level(logging.ERROR):
+        repo.start_run("u", "n", "j", "fedavg", 1, {})
+    assert repo.latest_run_id() is not None and "could not be appended" in caplog.text

@@ -1,0 +1,91 @@
+"""The real FedMedTrainer with signatures on: it trains only on a global model the server signed, and signs its update."""
+
+import pytest
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.decomposers import common_decomposers
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.fuel.utils import fobs
+
+from fedmed import signing
+from fedmed.flare import signatures as wire_sig
+from fedmed.signing import SignatureError
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exec-keys")
+    for site in ("hospital-a", "server"):
+        signing.generate_site_keys(root / site, site)
+    return {site: signing.load_site_keys(root / site) for site in ("hospital-a", "server")}
+
+
+def _wire(model: FLModel) -> FLModel:
+    return FLModelUtils.from_shareable(fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model))))
+
+
+def _signing_trainer(tiny_hospitals, tmp_path, keys):
+    """The real FedMedTrainer of hospital-a with signatures on, set up as at START_RUN, and a sender of global models."""
+    import json
+
+    from nvflare.apis.fl_context import FLContextManager
+    from nvflare.apis.signal import Signal
+
+    from fedmed.flare.executor import FedMedTrainer
+    from fedmed.model import build_densenet121, state_to_numpy
+
+    common_decomposers.register()
+    site = "hospital-a"
+    cfg = tmp_path / "fedmed_site.json"
+    cfg.write_text(json.dumps({"site_name": site, "data": {"format": "dicom", "root": str(tiny_hospitals / site / "dicom"),
+                                                            "labels_csv": str(tiny_hospitals / site / "labels.csv")},
+                               "resources": {"num_threads": 1}}))
+    local = tmp_path / "local"
+    signing.generate_site_keys(local, site)
+    server_pub = tmp_path / "server.pub"
+    server_pub.write_text(keys["server"].public.to_json())
+    signing.install_public_keys(server_pub, local / signing.SERVER_KEY_FILE, "server")
+    site_pub = signing.load_public_keys(local / signing.PUBLIC_FILE)
+
+    ex = FedMedTrainer(site_config=str(cfg), image_size=32, batch_size=4, signatures=True, signing_key_dir=str(local))
+    ctx = FLContextManager(identity_name=site, job_id="job-1").new_context()
+    ex._setup(ctx)
+    params = state_to_numpy(build_densenet121(14))
+
+    def send(signed_by=None, tamper=None):
+        model = FLModel(params_type=ParamsType.FULL, params=params, current_round=0, total_rounds=1)
+        if signed_by is not None:
+            wire_sig.sign_global(model, "job-1", 0, signed_by)
+        shareable = fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model)))
+        if tamper:
+            tamper(shareable)
+        return ex.execute("train", shareable, ctx, Signal())
+
+    return send, site_pub
+
+
+def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospitals, tmp_path, keys):
+    """Unsigned, signed by a hospital, or altered after signing: refused before anything is decrypted or trained."""
+    from nvflare.apis.fl_constant import ReturnCode
+
+    send, _ = _signing_trainer(tiny_hospitals, tmp_path, keys)
+    assert send().get_return_code() == ReturnCode.BAD_TASK_DATA  # unsigned
+    assert send(keys["hospital-a"]).get_return_code() == ReturnCode.BAD_TASK_DATA  # signed by a hospital
+
+    def swap_weights(shareable):
+        first = sorted(shareable["DXO"]["data"])[0]
+        shareable["DXO"]["data"][first] = shareable["DXO"]["data"][first] + 1.0
+
+    assert send(keys["server"], swap_weights).get_return_code() == ReturnCode.BAD_TASK_DATA
+
+
+def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(tiny_hospitals, tmp_path, keys):
+    from nvflare.apis.fl_constant import ReturnCode
+
+    send, site_pub = _signing_trainer(tiny_hospitals, tmp_path, keys)
+    site = "hospital-a"
+    reply = send(keys["server"])
+    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    result = _wire(FLModelUtils.from_shareable(reply))
+    wire_sig.verify_result(result, "job-1", 0, site, site_pub)  # what the server will check
+    with pytest.raises(SignatureError, match="does not verify"):
+        wire_sig.verify_result(result, "job-1", 0, "hospital-b", site_pub)
