@@ -146,7 +146,7 @@ def generate_site_keys(local_dir: Path, site: str) -> PublicKeys:
 def load_site_keys(local_dir: Path) -> SiteKeys:
     path = Path(local_dir) / PRIVATE_FILE
     if not path.is_file():
-        raise KeyFileError(f"no signing key at {path}: run the site install (scripts/signing_keys.py generate)")
+        raise KeyFileError(f"no signing key at {path}: run the site install (fedmed-signing-keys generate)")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise KeyFileError(f"signing key {path} is readable by others (mode {mode:o}); chmod 600 it")

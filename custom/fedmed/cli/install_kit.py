@@ -13,7 +13,7 @@
     fedmed_site.json    hospitals: data location and format (validated; relative paths made absolute)
     fedmed.env          environment for the site's processes (the server's FEDMED_DB_URL)
     fedmed_signing.key  this site's signing keys (ML-DSA-65 + Ed25519, 0600), made once, never replaced
-    fedmed_signing.pub  its public bundle: carry it to the other side (scripts/signing_keys.py export / install-*)
+    fedmed_signing.pub  its public bundle: carry it to the other side (fedmed-signing-keys export / install-*)
 and <kit_dir>/start_fedmed.sh, which starts the site with this checkout's Python
 (its venv, where fedmed is installed).
 Nothing under startup/ is touched: it is signed by the provisioner.
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
           f"{a.kit_dir.resolve() / 'start_fedmed.sh'}")
     pub = signing.load_public_keys(a.kit_dir / "local" / signing.PUBLIC_FILE)
     print(f"signing key fingerprint {pub.fingerprint.hex()}; public bundle {a.kit_dir.resolve() / 'local' / signing.PUBLIC_FILE}"
-          f" (install it with scripts/signing_keys.py {'install-server' if a.site == SERVER else 'install-site'})")
+          f" (install it with fedmed-signing-keys {'install-server' if a.site == SERVER else 'install-site'})")
     return 0
 
 
