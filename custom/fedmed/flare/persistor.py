@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -13,22 +12,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
+from fedmed.hashing import params_sha256  # noqa: F401  (re-exported: callers import it from here)
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 
 GLOBAL_MODEL_FILE = "global_model.pt"
 BEST_MODEL_FILE = "best_model.pt"
-
-
-def params_sha256(params: dict) -> str:
-    """Order-independent content hash of a parameter dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for k in sorted(params):
-        v = np.ascontiguousarray(params[k])
-        h.update(k.encode())
-        h.update(str(v.dtype).encode())
-        h.update(str(v.shape).encode())
-        h.update(v.tobytes())
-    return h.hexdigest()
 
 
 def save_state(params: dict, path: Path, meta: Optional[dict] = None) -> None:

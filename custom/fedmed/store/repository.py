@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from fedmed.constants import ENV_DB_URL
 from fedmed.store.migrate import upgrade
 from fedmed.store.models import (Alert, AuditEntry, ClientUpdate, InferenceLog, PrivacySpend, Round, RoundMetric, Run, Site,
-                                 utcnow)
+                                 SiteTrustState, utcnow)
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
 ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused")
@@ -30,8 +30,9 @@ ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused")
 class UpdateRecord:
     site: str
     status: str  # one of UPDATE_STATUSES
-    num_samples: int = 0
+    num_samples: int = 0  # as the site claimed it
     reason: Optional[str] = None
+    weight_samples: Optional[float] = None  # the count after the cap (fedmed.aggregation.capped_counts)
     update_norm: Optional[float] = None
     update_sha256: Optional[str] = None
     aggregation_weight: Optional[float] = None
@@ -73,6 +74,15 @@ class RoundRecord:
     global_model_sha256: Optional[str] = None
     started_at: Optional[dt.datetime] = None
     alerts: tuple = ()  # of AlertRecord
+    trust: tuple = ()  # of TrustRecord: each scored site's state after this round, kept across jobs
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    site: str
+    trust: float
+    quarantined: bool
+    good_streak: int
 
 
 @dataclass(frozen=True)
@@ -199,7 +209,8 @@ class Repository:
             for u in record.updates:
                 site = self._site(s, u.site)
                 s.add(ClientUpdate(run_id=run_id, round_num=record.round_num, site_id=site.id, status=u.status,
-                                   reason=u.reason, num_samples=u.num_samples, update_norm=u.update_norm,
+                                   reason=u.reason, num_samples=u.num_samples, weight_samples=u.weight_samples,
+                                   update_norm=u.update_norm,
                                    update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
                                    distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss,
                                    val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc))
@@ -214,6 +225,18 @@ class Repository:
                             message=a.message))
             for metric, value in record.test_metrics.items():
                 s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope="global_test", metric=metric, value=float(value)))
+            for t in record.trust:
+                site_id = self._site(s, t.site).id
+                row = s.get(SiteTrustState, site_id) or SiteTrustState(site_id=site_id)
+                row.trust, row.quarantined, row.good_streak = float(t.trust), bool(t.quarantined), int(t.good_streak)
+                row.run_id, row.round_num, row.updated_at = run_id, record.round_num, utcnow()
+                s.add(row)
+
+    def load_trust(self) -> dict[str, TrustRecord]:
+        """Every site's trust state as the latest recorded round left it, whichever job that was."""
+        with self._session() as s:
+            rows = s.execute(select(Site.name, SiteTrustState).join(SiteTrustState, SiteTrustState.site_id == Site.id)).all()
+            return {name: TrustRecord(name, t.trust, t.quarantined, t.good_streak) for name, t in rows}
 
     def finish_run(self, run_uid: str, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
         with self._session.begin() as s:
@@ -332,7 +355,7 @@ class Repository:
                 .where(ClientUpdate.run_id == run_id).order_by(ClientUpdate.round_num, Site.name)
             ).all()
         return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
-                 "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
+                 "weight_samples": u.weight_samples, "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
                  "distance": u.distance, "round_score": u.round_score, "trust": u.trust,
                  "update_sha256": u.update_sha256}
                 for u, name in rows]

@@ -1,0 +1,36 @@
+"""Content hashes of parameter dicts and of whole models (clear part + ciphertexts). Pure: numpy and hashlib."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping, Optional
+
+import numpy as np
+
+
+def params_sha256(params: Mapping[str, np.ndarray]) -> str:
+    """Order-independent content hash of a parameter dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(params):
+        v = np.ascontiguousarray(params[k])
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(str(v.shape).encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
+
+
+def model_sha256(params: Mapping[str, np.ndarray], encrypted_block=None) -> str:
+    """Hash of the clear parameters, extended with the ciphertexts when some layers are encrypted."""
+    sha = params_sha256(params)
+    if encrypted_block is None:
+        return sha
+    from fedmed.crypto import ckks  # TenSEAL only when HE is in use
+
+    enc_sha = ckks.encrypted_sha256(ckks.EncryptedLayers.from_wire(encrypted_block)
+                                    if not isinstance(encrypted_block, ckks.EncryptedLayers) else encrypted_block)
+    return hashlib.sha256(f"{sha}:{enc_sha}".encode()).hexdigest()
+
+
+def optional_model_sha256(params: Optional[Mapping[str, np.ndarray]], encrypted_block=None) -> Optional[str]:
+    return None if params is None else model_sha256(params, encrypted_block)
