@@ -215,6 +215,8 @@ def aggregate_and_score(
     if not active:
         raise ValueError("no active site to aggregate")
     res, dist, scored = run(active)
+    # Every active site's count as the cap left it in the first pass; sites kept after exclusion get the final one.
+    used = {n: float(c) for n, c in zip(active, res.used_counts)} if res.used_counts is not None else {}
     far = [n for n in active if scored[n][0] >= policy.bad_ratio]
     keep = [n for n in active if n not in far]
     excluded: tuple = ()
@@ -223,5 +225,6 @@ def aggregate_and_score(
         excluded, active = tuple(far), keep
     weights = {n: 0.0 for n in updates}
     weights.update({n: float(w) for n, w in zip(active, res.site_weights)})
-    used = {n: float(c) for n, c in zip(active, res.used_counts)} if res.used_counts is not None else {}
+    if res.used_counts is not None:
+        used.update({n: float(c) for n, c in zip(active, res.used_counts)})
     return RoundOutcome(res, weights, dist, scored, excluded, used)

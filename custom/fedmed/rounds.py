@@ -107,7 +107,7 @@ class RoundReport:
         site claiming more samples does not weigh more in the round's score than in the model."""
         pairs = []
         for r in results:
-            if r.site in self.used_samples and self.weights.get(r.site, 0) > 0:
+            if self.weights.get(r.site, 0) > 0:
                 v = (r.metrics or {}).get(name)
                 if v is not None and isinstance(v, (int, float, np.floating)) and math.isfinite(float(v)):
                     pairs.append((float(v), self.used_samples[r.site]))
