@@ -270,7 +270,7 @@ class RoundEngine:
                 continue
             status, reason = u.status, u.reason
             if status == "accepted" and site in was_quarantined:
-                status, reason = "quarantined", f"quarantined (trust {self.trust[site].trust:.3f}); scored, not aggregated"
+                status, reason = "quarantined", f"quarantined (trust {self.trust[site].trust:.3f}): scored, not aggregated"
             elif status == "accepted" and site in excluded:
                 status = "rejected"
                 reason = f"far outlier this round: {scored[site][0]:.1f}x the median distance to the aggregate"
