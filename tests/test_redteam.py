@@ -45,7 +45,8 @@ def test_attack_is_rejected_every_round_with_the_reason_recorded(kind, federatio
 
 def test_inflated_count_weighs_no_more_than_an_honest_site(federation, tmp_path):
     res = play("inflate_count", federation, tmp_path)
-    assert res.max_weight_ratio is not None and res.max_weight_ratio <= 1.0 + 1e-9, res
+    assert res.max_count_ratio == 1.0, res  # the x100 claim counted as an honest site's
+    assert res.max_weight_ratio is not None and res.max_weight_ratio <= 1.0 + redteam.WEIGHT_SLACK, res
     assert res.server_did == "r1 accepted; r2 accepted"  # its update is honest: only its claim is hostile
 
 
@@ -69,4 +70,4 @@ def test_in_distribution_attacks_weigh_no_more_than_an_honest_site(kind, federat
     # These stay inside the honest spread, so they are bounded rather than rejected: the geometric median gives
     # the attacker at most an honest site's weight, and the full-size run checks the AUROC (docs/redteam.md).
     res = play(kind, federation, tmp_path)
-    assert res.max_weight_ratio is not None and res.max_weight_ratio <= 1.0 + 1e-6, res
+    assert res.max_weight_ratio is not None and res.max_weight_ratio <= 1.0 + redteam.WEIGHT_SLACK, res

@@ -3,8 +3,9 @@ what the server did, what the database holds, and the final AUROC against the ho
 
 An attack is held when the final global model is within `tolerance` AUROC of the honest-only federation, or when
 the attacker's update is rejected (or quarantined, or refused by the hospitals) in every round it attacked, with
-the reason recorded. For the inflated count, the attacker's aggregation weight must also never exceed an honest
-site's. Used by scripts/redteam.py (docs/redteam.md) and tests/test_redteam.py."""
+the reason recorded. For the inflated count, what a claim can buy must not exceed an honest site's: its count
+after the cap at most every honest site's, and its final aggregation weight (which also reflects where its update
+lies) within WEIGHT_SLACK of the largest honest site's. Used by scripts/redteam.py (docs/redteam.md) and tests/test_redteam.py."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ ROWS = (
 )
 HE_LAYERS = ("class_layers.out.",)
 BLOCKED = ("rejected", "quarantined", "refused")
+WEIGHT_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class RowResult:
     held: bool
     how: str  # "rejected", "bounded", "refused by the hospitals", or why it was not held
     max_weight_ratio: Optional[float] = None  # attacker weight / largest honest weight, worst round
+    max_count_ratio: Optional[float] = None  # attacker's capped count / smallest honest capped count, worst round
 
 
 def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, rounds: int, db_dir: Path,
@@ -75,12 +78,15 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
     refusals = [u for u in repo.client_updates(run_id) if u["status"] == "refused" and u["site"] != HOSTILE]
     repo.close()
 
-    per_round, blocked, ratios = [], [], []
+    per_round, blocked, ratios, count_ratios = [], [], [], []
     for report in fed.reports:
         u = next(x for x in report.updates if x.site == HOSTILE)
         honest_w = [w for s, w in report.weights.items() if s != HOSTILE]
         if honest_w and max(honest_w) > 0:
             ratios.append(report.weights.get(HOSTILE, 0.0) / max(honest_w))
+        honest_n = [n for s, n in report.used_samples.items() if s != HOSTILE]
+        if HOSTILE in report.used_samples and honest_n:
+            count_ratios.append(report.used_samples[HOSTILE] / min(honest_n))
         reason = f" ({u.reason[:90].replace(';', ',')})" if u.reason else ""
         per_round.append(f"r{report.round_num + 1} {u.status}{reason}")
         blocked.append(u.status in BLOCKED)
@@ -103,9 +109,14 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
     else:
         held, how = False, f"NOT held: AUROC {auroc:.3f} vs honest {honest_auroc:.3f}"
     worst = max(ratios) if ratios else None
-    if row.attack.kind == "inflate_count" and worst is not None and worst > 1.0 + 1e-9:
-        held, how = False, f"NOT held: the attacker weighed {worst:.2f}x an honest site"
-    return RowResult(row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst)
+    worst_count = max(count_ratios) if count_ratios else None
+    if row.attack.kind == "inflate_count":
+        if worst_count is None or worst_count > 1.0 + 1e-9 or worst is None or worst > 1.0 + WEIGHT_SLACK:
+            held, how = False, (f"NOT held: the attacker's count counted {worst_count}x and its weight {worst}x an "
+                                "honest site's")
+        else:
+            how += f"; its count counted {worst_count:.2f}x, its weight {worst:.3f}x the largest honest site's"
+    return RowResult(row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst, worst_count)
 
 
 def honest_reference(train_sets: Mapping, test_set, rounds: int, he: bool = False, **kw) -> float:
