@@ -25,7 +25,6 @@ import multiprocessing as mp
 import resource
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fedmed.cli.bench_sites import measure_training
@@ -60,10 +59,11 @@ def measure_mode(mode: str, updates: list, global_params: dict, queue) -> None:
     from nvflare.fuel.utils import fobs
 
     from fedmed import constants as C
-    from fedmed.aggregation import aggregate_and_score, find_update_problem, get_aggregator
+    from fedmed.aggregation import find_update_problem
     from fedmed.crypto import ckks
+    from fedmed.flare.wire import to_site_result
     from fedmed.model import HEAD_PREFIX
-    from fedmed.robust.trust import TrustPolicy
+    from fedmed.rounds import EncryptionSpec, RoundEngine, RoundRules
 
     common_decomposers.register()
     fobs.loads(fobs.dumps(FLModelUtils.to_shareable(FLModel(params={"warm": np.zeros(4)}))))  # first-call set-up
@@ -96,27 +96,34 @@ def measure_mode(mode: str, updates: list, global_params: dict, queue) -> None:
     # Server: deserialize, validate, aggregate, serialize the new global model.
     t0 = time.perf_counter()
     results = [FLModelUtils.from_shareable(fobs.loads(b)) for b in wire]
-    reference = {n: v for n, v in global_params.items() if n not in names}
-    for r in results:
-        problem = find_update_problem(r.params, reference)
-        if problem is None and names:
-            problem = ckks.find_encrypted_problem(r.meta[C.META_ENCRYPTED], names, shapes, server_ctx)
-        if problem:
-            raise RuntimeError(f"{mode}: update rejected: {problem}")
     sites = [f"site-{i}" for i in range(len(results))]
-    counts = {s: r.meta[C.META_NUM_SAMPLES] for s, r in zip(sites, results)}
-    if mode == "full":  # nothing in clear to take a median of: FedAvg on ciphertexts
+    if mode == "full":  # nothing in clear to take a median of (a benchmark-only mode): FedAvg on ciphertexts
+        reference = {n: v for n, v in global_params.items() if n not in names}
+        for r in results:
+            problem = find_update_problem(r.params, reference) or \
+                ckks.find_encrypted_problem(r.meta[C.META_ENCRYPTED], names, shapes, server_ctx)
+            if problem:
+                raise RuntimeError(f"{mode}: update rejected: {problem}")
+        counts = {s: r.meta[C.META_NUM_SAMPLES] for s, r in zip(sites, results)}
         clear_params = {n: v for n, v in results[0].params.items()}
         total = sum(counts.values())
         weights = {s: counts[s] / total for s in sites}
-    else:
-        outcome = aggregate_and_score({s: r.params for s, r in zip(sites, results)}, counts,
-                                      get_aggregator("geometric_median"), TrustPolicy(), sites, len(sites))
-        clear_params, weights = outcome.result.params, outcome.weights
-    meta = {"round": 0}
-    if names:
+        meta = {"round": 0}
         blocks = [ckks.EncryptedLayers.from_wire(r.meta[C.META_ENCRYPTED]) for r in results]
         meta[C.META_ENCRYPTED] = ckks.weighted_sum(blocks, [weights[s] for s in sites], server_ctx).to_wire()
+    else:  # the deployed server's round: the round engine, as the Controller calls it
+        for s, r in zip(sites, results):
+            r.meta["client_name"] = s  # what NVFlare's ModelController sets from the connection
+        encryption = EncryptionSpec(server_ctx, names, shapes) if names else None
+        engine = RoundEngine(RoundRules("geometric_median", min_clients=len(sites)), encryption)
+        reference = {n: v for n, v in global_params.items() if n not in names}
+        report = engine.step(0, reference, [to_site_result(r) for r in results], sites)
+        if not report.aggregated or any(u.status != "accepted" for u in report.updates):
+            raise RuntimeError(f"{mode}: round not aggregated as expected: {report.problem or report.updates}")
+        clear_params, weights = report.params, report.weights
+        meta = {"round": 0}
+        if names:
+            meta[C.META_ENCRYPTED] = report.encrypted.to_wire()
     down = fobs.dumps(FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=clear_params, meta=meta)))
     server_s = time.perf_counter() - t0
 

@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     import cryptography
     import torch
 
-    from fedmed.cli.bench_sites import measure_training
     from fedmed import signing
+    from fedmed.cli.bench_sites import measure_training
     from fedmed.crypto import ckks
     from fedmed.model import HEAD_PREFIX
 

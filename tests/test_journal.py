@@ -3,10 +3,17 @@ import logging
 
 import pytest
 
-from fedmed.store.journal import (DEAD_LETTER_NAME, JOURNAL_NAME, Journal, ResilientRecorder, journal_path,
-                                    op_from_json, op_to_json)
-from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
+from fedmed.store.journal import (
+    DEAD_LETTER_NAME,
+    JOURNAL_NAME,
+    Journal,
+    ResilientRecorder,
+    journal_path,
+    op_from_json,
+    op_to_json,
+)
 from fedmed.store.models import utcnow
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
 
 
 def _record(n):
@@ -163,7 +170,6 @@ def test_four_jobs_sharing_a_workspace_lose_no_journal_line(tmp_path, shared):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     url = f"sqlite:///{tmp_path / 'fedmed.db'}"
     Repository(url).close()  # schema first, so the workers do not race to migrate

@@ -1,5 +1,10 @@
-"""Aggregation of site updates (pure numpy). The Controller picks a function from AGGREGATORS by name: FedAvg here,
-the robust ones (geometric median and baselines) from fedmed.robust behind the same interface."""
+"""Aggregation of site updates (pure numpy). The round engine (fedmed.rounds) picks a function from AGGREGATORS by
+name: FedAvg here, the robust ones (geometric median and baselines) from fedmed.robust behind the same interface.
+
+Every aggregator in AGGREGATORS caps the sites' self-reported sample counts (capped_counts) before using them, so no
+caller can forget to: a site's count is a claim, and uncapped it buys the weighted median outright. The robust ones
+also take BatchNorm running statistics as a coordinate-wise median (median_of_statistics) instead of a weighted
+combination, so one site cannot steer the statistics the global model evaluates with."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fedmed.robust.baselines import coordinate_median, krum, trimmed_mean
-from fedmed.robust.geometric_median import combine, distance_keys, geometric_median
+from fedmed.robust.geometric_median import NON_TRAINABLE_SUFFIXES, combine, distance_keys, geometric_median
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,51 @@ class AggregationResult:
     params: dict  # name -> np.ndarray, the new global parameters
     site_weights: np.ndarray  # normalised weight each site got, in input order
     diagnostics: dict = field(default_factory=dict)  # e.g. Weiszfeld iterations and convergence
+    used_counts: np.ndarray | None = None  # the sample counts after the cap, in input order (what weighted them)
+
+
+# Default cap: no site's count weighs more than the (lower) median site's. See capped_counts.
+DEFAULT_COUNT_CAP = 1.0
+
+
+def capped_counts(claimed: Sequence[float], cap_multiple: float = DEFAULT_COUNT_CAP) -> np.ndarray:
+    """Self-reported sample counts capped at cap_multiple x their lower median.
+
+    Why the lower median: it is the smallest value that at least half of the sites reach, so only a majority of
+    sites can raise it, and the geometric median's guarantee already assumes an honest majority. Why a multiple of
+    1 by default: with it, a site claiming 100x the data (or any count) weighs at most what the median site weighs,
+    so the weight mass of f hostile sites is at most f/K of the prior; the price is that an honestly larger
+    hospital counts as the median one (its extra data still improves its own update). Smaller claims are kept as
+    they are: under-claiming only lowers the claimer's own weight."""
+    c = np.asarray(claimed, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0:
+        raise ValueError(f"need a non-empty list of counts, got shape {c.shape}")
+    if np.any(~np.isfinite(c)) or np.any(c < 0) or c.sum() <= 0:
+        raise ValueError(f"counts must be finite, >= 0 and not all zero, got {c.tolist()}")
+    if not np.isfinite(cap_multiple) or cap_multiple <= 0:
+        raise ValueError(f"cap_multiple must be > 0, got {cap_multiple}")
+    lower_median = float(np.sort(c)[(c.size - 1) // 2])
+    if lower_median <= 0:  # fewer than half the sites claim anything: cap at the smallest positive claim
+        lower_median = float(c[c > 0].min())
+    return np.minimum(c, cap_multiple * lower_median)
+
+
+def is_statistic(name: str) -> bool:
+    """A BatchNorm buffer (running mean / variance / batch counter): local data statistics, not learned weights."""
+    return name.endswith(NON_TRAINABLE_SUFFIXES)
+
+
+def median_of_statistics(updates: Sequence[Mapping[str, np.ndarray]]) -> dict:
+    """Coordinate-wise median of every BatchNorm statistic across the updates (integers rounded back). With two
+    updates this is their mean; from three on, one site cannot move any coordinate beyond the honest range."""
+    out = {}
+    for key, ref in updates[0].items():
+        if not is_statistic(key):
+            continue
+        ref = np.asarray(ref)
+        med = np.median(np.stack([np.asarray(u[key], np.float64) for u in updates]), axis=0)
+        out[key] = np.rint(med).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else med.astype(ref.dtype)
+    return out
 
 
 def check_same_keys_and_shapes(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -65,14 +115,35 @@ def _baseline(fn):
     return aggregate
 
 
+def _capped(fn, robust_statistics: bool):
+    """The aggregator as callers get it: counts capped first; BatchNorm statistics by coordinate median if robust."""
+
+    def aggregate(updates, counts) -> AggregationResult:
+        check_same_keys_and_shapes(updates)
+        used = capped_counts(counts)
+        res = fn(updates, used)
+        params = {**res.params, **median_of_statistics(updates)} if robust_statistics else res.params
+        return AggregationResult(params, res.site_weights, res.diagnostics, used)
+
+    aggregate.__name__ = fn.__name__
+    aggregate.robust_statistics = robust_statistics
+    return aggregate
+
+
 Aggregator = Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[float]], AggregationResult]
 AGGREGATORS: dict[str, Aggregator] = {
-    "fedavg": weighted_mean,
-    "geometric_median": geometric_median_aggregation,
-    "coordinate_median": _baseline(coordinate_median),
-    "trimmed_mean": _baseline(trimmed_mean),
-    "krum": _baseline(krum),
+    # FedAvg keeps the plain weighted mean of the statistics too (it is the non-robust reference); screening still
+    # bounds what any one site may send.
+    "fedavg": _capped(weighted_mean, robust_statistics=False),
+    "geometric_median": _capped(geometric_median_aggregation, robust_statistics=True),
+    "coordinate_median": _capped(_baseline(coordinate_median), robust_statistics=True),
+    "trimmed_mean": _capped(_baseline(trimmed_mean), robust_statistics=True),
+    "krum": _capped(_baseline(krum), robust_statistics=True),
 }
+# Aggregators whose result is a weighted sum of the updates (the weights say how much each site counted), so the
+# same weights can combine CKKS-encrypted layers homomorphically. Coordinate-wise median and trimmed mean are not
+# linear in the sites, so they cannot be computed on ciphertexts.
+LINEAR_AGGREGATORS = ("fedavg", "geometric_median", "krum")
 
 
 def get_aggregator(name: str) -> Aggregator:
@@ -118,6 +189,7 @@ class RoundOutcome:
     distances: dict  # site -> distance to the final aggregate
     scored: dict  # site -> (ratio to the median distance, round score in [0, 1])
     excluded: tuple  # active sites dropped this round as far outliers
+    used_counts: dict = field(default_factory=dict)  # aggregated site -> sample count after the cap
 
 
 def aggregate_and_score(
@@ -143,6 +215,8 @@ def aggregate_and_score(
     if not active:
         raise ValueError("no active site to aggregate")
     res, dist, scored = run(active)
+    # Every active site's count as the cap left it in the first pass; sites kept after exclusion get the final one.
+    used = {n: float(c) for n, c in zip(active, res.used_counts)} if res.used_counts is not None else {}
     far = [n for n in active if scored[n][0] >= policy.bad_ratio]
     keep = [n for n in active if n not in far]
     excluded: tuple = ()
@@ -151,4 +225,6 @@ def aggregate_and_score(
         excluded, active = tuple(far), keep
     weights = {n: 0.0 for n in updates}
     weights.update({n: float(w) for n, w in zip(active, res.site_weights)})
-    return RoundOutcome(res, weights, dist, scored, excluded)
+    if res.used_counts is not None:
+        used.update({n: float(c) for n, c in zip(active, res.used_counts)})
+    return RoundOutcome(res, weights, dist, scored, excluded, used)

@@ -1,27 +1,83 @@
-"""In-process federation for benchmarks: the same core functions the NVFlare Executor and Controller call
-(training, DP-SGD, attacks, aggregation, trust/quarantine), looped in one process so many configurations can be
-compared quickly. It measures the algorithms, not NVFlare's transport; the simulator tests cover that."""
+"""In-process federation for benchmarks and the red-team script: the sites' side done as the Executor does it
+(same training, DP-SGD, seeds, LR schedule, encryption and global-head check), and the server's side done by the
+same fedmed.rounds.RoundEngine the NVFlare Controller calls. It measures the algorithms, not NVFlare's transport;
+the simulator tests cover that."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from fedmed.aggregation import aggregate_and_score, get_aggregator
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.robust.attacks import Attack, apply_attack
-from fedmed.robust.trust import TrustPolicy, update_trust
-from fedmed.tasks import CHEST_XRAY14, TaskSpec
+from fedmed.robust.trust import TrustPolicy
+from fedmed.rounds import EncryptionSpec, RoundEngine, RoundReport, RoundRules, SiteResult
+from fedmed.tasks import TaskSpec
 from fedmed.training import evaluate, round_lr, train_epochs
 
+# Aggregation alone: nothing is excluded or quarantined (every valid update is aggregated), for benchmarks that
+# compare aggregators without the trust rule. Screening still runs.
+NO_TRUST = TrustPolicy(ok_ratio=1e12, bad_ratio=1e13, quarantine_below=0.0, quarantine_on_zero=False)
 
-def _finite(params: dict) -> bool:
-    return all(np.all(np.isfinite(v)) for v in params.values() if v.dtype.kind == "f")
+
+def site_seed(seed: int, round_num: int, site: str) -> int:
+    """The Executor's per-round, per-site seed (fedmed.flare.executor), so both loops draw the same streams."""
+    return seed + 1000 * round_num + sum(site.encode())
+
+
+@dataclass
+class Federation:
+    """Outcome of federate(): the final global model's scores and every round's report."""
+
+    auroc: float
+    score: float
+    epsilon: dict
+    reports: list = field(default_factory=list)  # RoundReport per round that ran
+    stopped: Optional[str] = None  # why the run stopped early (a round that could not aggregate)
+    params: Optional[dict] = None
+
+    def __getitem__(self, key):  # old callers read a dict
+        return getattr(self, key)
+
+
+def apply_wire_attack(result: SiteResult, attack: Attack, round_num: int, history: Mapping[str, list],
+                      others: Sequence[SiteResult], he=None) -> SiteResult:
+    """What a hostile site can do to its message besides its weights (fedmed.robust.attacks.WIRE_ATTACKS)."""
+    kind, factor = attack.kind, attack.factor
+    if kind == "inflate_count":
+        return replace(result, claimed_samples=int(result.claimed_samples * factor))
+    if kind == "bn_poison":
+        params = {k: (np.full_like(v, -factor) if k.endswith("running_var") else v) for k, v in result.params.items()}
+        return replace(result, params=params)
+    if kind == "long_metric":
+        return replace(result, metrics={**result.metrics, "x" * int(factor): 0.5})
+    if kind == "replay":
+        earlier = history.get(result.site, [])
+        return earlier[-1] if earlier else result  # round 1 has nothing to replay yet
+    if kind == "copy_site":
+        honest = [o for o in others if o.site != result.site and o.refused is None]
+        return replace(honest[0], site=result.site) if honest else result
+    if kind in ("he_scale", "he_other_scale"):
+        from fedmed.crypto import ckks
+
+        if he is None or result.encrypted is None:
+            raise ValueError(f"attack {kind} needs HE on")
+        block = ckks.EncryptedLayers.from_wire(result.encrypted)
+        clear = ckks.decrypt_layers(block, he)  # the site's own head: it holds the key
+        if kind == "he_scale":
+            enc = ckks.encrypt_layers({k: v * factor for k, v in clear.items()}, he)
+        else:  # same values, encrypted at another scale: a ciphertext the server's sum cannot take
+            other = ckks.LoadedContext(he.context.copy(), he.key_id, he.path)
+            other.context.global_scale = 2 ** 30
+            enc = ckks.encrypt_layers(clear, other)
+        return replace(result, encrypted=enc.to_wire())
+    raise ValueError(f"not a wire attack: {kind}")
 
 
 def federate(
@@ -32,63 +88,129 @@ def federate(
     hostile: Optional[Mapping[str, Attack]] = None,
     privacy: Optional[PrivacyPolicy] = None,
     norm: str = "batch",
-    use_trust: bool = False,
+    use_trust: bool = True,
     lr: float = 1e-3,
     batch_size: int = 16,
     seed: int = 0,
-    task: TaskSpec = CHEST_XRAY14,
+    task: Optional[TaskSpec] = None,
     trainable: Optional[Sequence[str]] = None,
     initial_params: Optional[dict] = None,
-) -> dict:
-    """Run `rounds` of FL over the given site datasets; returns the final test mean AUROC ("auroc"), the task's
-    score ("score") and per-site epsilon. trainable: parameter-name prefixes the sites train (None = all);
-    initial_params: the global model of round 1 (None = a fresh DenseNet-121 from `seed`)."""
+    min_clients: int = 2,
+    he_layers: Optional[Sequence[str]] = None,
+    local_epochs: int = 1,
+    on_round=None,
+) -> Federation:
+    """Run `rounds` of FL over the given site datasets through the round engine.
+
+    use_trust: the deployed trust rule (exclusion of far outliers, quarantine); False aggregates every valid
+    update (NO_TRUST). he_layers: encrypt those layers with a fresh key set, as hospitals do. initial_params: the
+    global model of round 1 (None = a fresh DenseNet-121 from `seed`). on_round(report): called after each round.
+    A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
+    if task is None:
+        from fedmed.tasks import CHEST_XRAY14 as task  # noqa: N811  (the benchmarks' default task)
     hostile = hostile or {}
     torch.manual_seed(seed)
-    global_params = state_to_numpy(build_densenet121(task.num_outputs, norm=norm))
-    if initial_params is not None:
-        global_params = {k: np.array(v, copy=True) for k, v in initial_params.items()}
     model = build_densenet121(task.num_outputs, norm=norm)
-    aggregate = get_aggregator(aggregation)
+    global_params = state_to_numpy(model) if initial_params is None else \
+        {k: np.array(v, copy=True) for k, v in initial_params.items()}
+    he_ctx, encryption, he_names = None, None, ()
+    if he_layers:
+        from fedmed.crypto import ckks
+
+        keys = ckks.generate_key_set()
+        he_ctx = ckks.LoadedContext(ckks.ts.context_from(keys.client_context), keys.key_id, None)
+        server = ckks.LoadedContext(ckks.ts.context_from(keys.server_context), keys.key_id, None)
+        he_names = ckks.resolve_encrypted_names(list(global_params), list(he_layers))
+        encryption = EncryptionSpec(server, he_names, {n: tuple(np.shape(global_params[n])) for n in he_names})
+    rules = RoundRules(aggregation=aggregation, min_clients=min_clients,
+                       trust=TrustPolicy() if use_trust else NO_TRUST)
+    engine = RoundEngine(rules, encryption)
     dp = {name: SitePrivacy(privacy) for name in train_sets} if privacy else {}
-    policy, trust = TrustPolicy(), {}
+    last_head: dict = {}
+    global_block = None
+    history: dict = {}
+    out = Federation(float("nan"), float("nan"), {})
     for r in range(rounds):
-        updates, counts, names = [], [], []
+        results = []
         for name, train in train_sets.items():
-            load_numpy_state(model, global_params)
-            # Datasets are shared between benchmark runs: restart their augmentation so every run of the same
-            # site and round sees the same images, and runs differ only by what they compare.
-            train.reseed(seed + 100 * r + sorted(train_sets).index(name))
-            ds = train
-            if name in hostile and hostile[name].poisons_labels:
-                ds = copy.copy(train)
-                ds.labels = task.poisoned_labels(train.labels)
-            lr_r = round_lr(lr, r, rounds)
-            if dp:
-                try:
-                    model, _ = dp[name].train_round(model, ds, 1, lr_r, batch_size, seed + 100 * r, total_epochs=rounds,
-                                                    task=task, trainable=trainable)
-                except BudgetExceeded:
-                    continue
-            else:
-                train_epochs(model, ds, 1, lr_r, batch_size, seed + 100 * r, task=task, trainable=trainable)
-            params = state_to_numpy(model)
-            if name in hostile:
-                params = apply_attack(params, global_params, hostile[name], r)
-            updates.append(params)
-            counts.append(len(train))
-            names.append(name)
-        valid = {n: u for n, u in zip(names, updates) if _finite(u)}
-        active = [n for n in valid if not (use_trust and n in trust and trust[n].quarantined)]
-        if not active:
-            raise RuntimeError(f"round {r}: no update to aggregate (every site refused or was unusable)")
-        if use_trust:
-            outcome = aggregate_and_score(valid, dict(zip(names, counts)), aggregate, policy, active, min_keep=2)
-            trust, _ = update_trust(trust, {s: sc for s, (_, sc) in outcome.scored.items()}, policy)
-            agg = outcome.result
-        else:
-            agg = aggregate([valid[n] for n in active], [counts[names.index(n)] for n in active])
-        global_params = agg.params
-    load_numpy_state(model, global_params)
+            results.append(_site_round(name, train, r, rounds, global_params, global_block, he_ctx, he_names,
+                                       last_head, model, dp, hostile.get(name), task, lr, batch_size, seed,
+                                       trainable, local_epochs))
+        for i, res in enumerate(results):
+            attack = hostile.get(res.site)
+            if attack is not None and attack.on_wire and res.refused is None:
+                results[i] = apply_wire_attack(res, attack, r, history, results, he_ctx)
+        for res in results:
+            history.setdefault(res.site, []).append(res)
+        clear_global = {k: v for k, v in global_params.items() if k not in he_names}
+        report = engine.step(r, clear_global, results, list(train_sets))
+        out.reports.append(report)
+        if on_round is not None:
+            on_round(report)
+        if not report.aggregated:
+            out.stopped = report.problem
+            break
+        global_params = dict(report.params)
+        global_block = report.encrypted
+    # Evaluate as a hospital would: with the encrypted layers decrypted.
+    final = dict(global_params)
+    if global_block is not None:
+        from fedmed.crypto import ckks
+
+        final = ckks.merge_decrypted(final, global_block, he_ctx)
+    load_numpy_state(model, final)
     result = evaluate(model, test_set, task)
-    return {"auroc": result.mean_auroc, "score": result.score, "epsilon": {n: s.epsilon_spent for n, s in dp.items()}}
+    out.auroc, out.score, out.params = result.mean_auroc, result.score, final
+    out.epsilon = {n: s.epsilon_spent for n, s in dp.items()}
+    return out
+
+
+def _site_round(name, train, r, rounds, global_params, global_block, he_ctx, he_names, last_head, model, dp, attack,
+                task, lr, batch_size, seed, trainable, local_epochs) -> SiteResult:
+    """One hospital's round, as fedmed.flare.executor.FedMedTrainer does it."""
+    from fedmed.crypto import ckks
+
+    params = dict(global_params)
+    if global_block is not None:
+        params = ckks.merge_decrypted({k: v for k, v in global_params.items() if k not in he_names}, global_block, he_ctx)
+        head = {n: params[n] for n in he_names}
+        problem = ckks.find_global_head_problem(head, last_head.get(name))
+        if problem:
+            return SiteResult(name, refused=f"global model rejected: {problem}")
+        last_head[name] = head
+    elif he_names:
+        last_head[name] = {n: params[n] for n in he_names}
+    load_numpy_state(model, params)
+    s = site_seed(seed, r, name)
+    # Datasets are shared between benchmark runs: restart their augmentation so every run of the same site and
+    # round sees the same images, and runs differ only by what they compare.
+    train.reseed(s)
+    ds = train
+    if attack is not None and attack.poisons_labels:
+        ds = copy.copy(train)
+        ds.labels = task.poisoned_labels(train.labels)
+    lr_r = round_lr(lr, min(r, rounds - 1), rounds)
+    privacy = {}
+    if dp:
+        try:
+            trained, res = dp[name].train_round(model, ds, local_epochs, lr_r, batch_size, s,
+                                                total_epochs=rounds * local_epochs, task=task, trainable=trainable)
+        except BudgetExceeded as e:
+            return SiteResult(name, refused=str(e), privacy={"epsilon": dp[name].epsilon_spent})
+        model.load_state_dict(trained.state_dict())
+        loss = res.train_loss
+        privacy = {"epsilon": res.epsilon, "delta": res.delta, "epsilon_budget": dp[name].policy.epsilon,
+                   "noise_multiplier": res.noise_multiplier}
+    else:
+        loss = train_epochs(model, ds, local_epochs, lr_r, batch_size, s, task=task, trainable=trainable)
+    out = state_to_numpy(model)
+    if attack is not None and not attack.on_wire:
+        out = apply_attack(out, params, attack, r)
+    encrypted = None
+    if he_names:
+        out, block = ckks.encrypt_selected(out, he_names, he_ctx)
+        encrypted = block.to_wire()
+    return SiteResult(name, out, len(train), {"train_loss": float(loss)}, privacy, encrypted)
+
+
+__all__ = ["NO_TRUST", "Federation", "RoundReport", "apply_wire_attack", "federate", "site_seed"]

@@ -268,11 +268,42 @@ def find_encrypted_problem(
     for i, chunk in enumerate(enc.chunks):
         want_size = min(slots, enc.num_values - i * slots)
         try:
-            size = ts.ckks_vector_from(ctx.context, chunk).size()
+            vec = ts.ckks_vector_from(ctx.context, chunk)
+            size = vec.size()
         except Exception as e:  # TenSEAL/SEAL raise ValueError or RuntimeError on unparsable data
             return f"ciphertext chunk {i} is unreadable with this federation's context ({e})"
         if size != want_size:
             return f"ciphertext chunk {i} holds {size} values, expected {want_size}"
+        problem = _find_ciphertext_problem(vec, ctx)
+        if problem:
+            return f"ciphertext chunk {i}: {problem}"
+    return None
+
+
+def _find_ciphertext_problem(vec, ctx: LoadedContext) -> Optional[str]:
+    """A fresh ciphertext as a hospital's encrypt_layers makes it: the context's global scale, the first level of
+    the modulus chain (nothing consumed yet), two polynomials, NTT form; and the plain-scalar multiply the weighted
+    sum will do must succeed on it. Anything else (another scale, a rescaled or multiplied ciphertext) would make
+    the homomorphic sum fail, or silently decode to garbage, for every site of the round."""
+    cts = vec.ciphertext()
+    if len(cts) != 1:
+        return f"{len(cts)} ciphertexts in one vector, expected 1"
+    ct = cts[0]
+    seal = ctx.context.data.seal_context()
+    if ct.scale != ctx.context.global_scale:
+        return f"scale 2^{math.log2(ct.scale) if ct.scale > 0 else float('nan'):.1f}, expected 2^{SCALE_BITS}"
+    if ct.parms_id() != seal.first_parms_id():
+        return "not at the first level of the modulus chain (it was rescaled or multiplied before sending)"
+    if ct.size() != 2:
+        return f"{ct.size()} polynomials, a fresh ciphertext has 2"
+    if ct.poly_modulus_degree() != slot_count(ctx.context) * 2:
+        return f"polynomial degree {ct.poly_modulus_degree()}, expected {slot_count(ctx.context) * 2}"
+    if not ct.is_ntt_form():
+        return "not in NTT form"
+    try:
+        _ = vec * 0.5
+    except Exception as e:  # SEAL: "scale out of bounds", "encrypted is not valid for encryption parameters", ...
+        return f"cannot be multiplied by a weight ({e})"
     return None
 
 
@@ -299,6 +330,33 @@ def weighted_sum(blocks: Sequence[EncryptedLayers], weights: Sequence[float], ct
             raise ValueError("every weight is zero")
         out.append(acc.serialize())
     return EncryptedLayers(ref.names, ref.shapes, tuple(out), ctx.key_id)
+
+
+def guarded_weighted_sum(blocks: Mapping[str, EncryptedLayers], weights: Mapping[str, float], ctx: LoadedContext):
+    """sum_site w_site * block_site on ciphertexts, adding each site's whole block under its own guard: a site whose
+    chunks cannot be multiplied or added (another scale or level that slipped past screening) is left out and named,
+    and the sum of the others stays intact. Returns (EncryptedLayers or None if nothing was added,
+    {site: reason})."""
+    acc, failed, ref = None, {}, None
+    for site, block in blocks.items():
+        w = float(weights.get(site, 0.0))
+        if w == 0.0:
+            continue
+        if not math.isfinite(w):
+            failed[site] = f"weight {w} is not finite"
+            continue
+        try:
+            terms = [ts.ckks_vector_from(ctx.context, c) * w for c in block.chunks]
+            new = terms if acc is None else [a + t for a, t in zip(acc, terms)]
+            if acc is not None and len(terms) != len(acc):
+                raise EncryptedUpdateError(f"{len(terms)} chunks, the others have {len(acc)}")
+        except Exception as e:  # SEAL: "scale out of bounds", "can't compute on vectors of different sizes", ...
+            failed[site] = f"encrypted layers could not be combined with the others' ({e})"
+            continue
+        acc, ref = new, ref or block
+    if acc is None:
+        return None, failed
+    return EncryptedLayers(ref.names, ref.shapes, tuple(v.serialize() for v in acc), ctx.key_id), failed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,3 +391,34 @@ def encrypted_sha256(block: Optional[EncryptedLayers]) -> Optional[str]:
     for c in block.chunks:
         h.update(c)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a hospital checks before training on a decrypted global model
+
+# The decrypted global head may move at most this factor times the larger of the previous head's norm and
+# MIN_HEAD_SCALE in one round. The server cannot see the encrypted layers, so it cannot bound a site that scales its
+# own head before encrypting; the hospitals, which can decrypt, check the sum they receive. Honest rounds of Adam
+# with lr 1e-3 move a DenseNet-121 head by well under its own norm; a site sending its head x100 moves the mean
+# of three far beyond 10x.
+MAX_HEAD_CHANGE = 10.0
+MIN_HEAD_SCALE = 1.0
+
+
+def find_global_head_problem(new: Mapping[str, np.ndarray], previous: Optional[Mapping[str, np.ndarray]],
+                             max_change: float = MAX_HEAD_CHANGE) -> Optional[str]:
+    """Why a hospital must not train on this decrypted global head, or None: non-finite values, or a change from
+    the previous global head (when the hospital saw one) larger than max_change x max(norm of previous, 1)."""
+    for name, v in new.items():
+        if not np.all(np.isfinite(v)):
+            return f"decrypted global layer {name} contains NaN or Inf"
+    if previous is None or set(previous) != set(new):
+        return None
+    prev_norm = math.sqrt(sum(float(np.sum(np.asarray(previous[k], np.float64) ** 2)) for k in new))
+    change = math.sqrt(sum(float(np.sum((np.asarray(new[k], np.float64) - np.asarray(previous[k], np.float64)) ** 2))
+                           for k in new))
+    bound = max_change * max(prev_norm, MIN_HEAD_SCALE)
+    if change > bound:
+        return (f"decrypted global head changed by {change:.4g} in one round (previous norm {prev_norm:.4g}, bound "
+                f"{bound:.4g}): a site may have scaled its encrypted head")
+    return None

@@ -40,6 +40,10 @@ SITE_CONFIG_FILENAME = "fedmed_site.json"
 FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of the federation's result
 
 
+class GlobalModelRejected(Exception):
+    """The global model this site was sent fails its own checks; the message says why."""
+
+
 class FedMedTrainer(Executor):
     def __init__(
         self,
@@ -117,6 +121,7 @@ class FedMedTrainer(Executor):
         self.dp_train_layers = list(dp_train_layers) if dp_train_layers else None
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
+        self._last_head: Optional[dict] = None  # the last decrypted global head this site accepted
         self._site: Optional[SiteConfig] = None
         self._train_ds = None
         self._val_ds = None
@@ -244,6 +249,11 @@ class FedMedTrainer(Executor):
                 fl_ctx.set_prop(C.CTX_SIGNER, (self._sign_keys, fl_ctx.get_job_id(), round_num, site), private=True,
                                 sticky=False)
             return FLModelUtils.to_shareable(result)
+        except GlobalModelRejected as e:
+            # Not trained on: the server records the reason (status refused) and the round goes on without us.
+            self.log_error(fl_ctx, f"site {site}: refusing round: {e}")
+            return FLModelUtils.to_shareable(FLModel(meta={C.META_REFUSED: f"global model rejected: {e}",
+                                                           C.META_SITE: site}))
         except BudgetExceeded as e:
             self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")
             return FLModelUtils.to_shareable(FLModel(
@@ -261,10 +271,20 @@ class FedMedTrainer(Executor):
         """The global model in clear: its encrypted layers (if any) decrypted with this hospital's key."""
         block = (global_model.meta or {}).get(C.META_ENCRYPTED)
         if block is None:
+            if self._he is not None and all(n in global_model.params for n in self._he_names):
+                self._last_head = {n: global_model.params[n] for n in self._he_names}  # round 1's public head
             return global_model.params  # no HE, or round 1's freshly initialised (public) model
         if self._he is None:
             raise ValueError("the global model carries encrypted layers but this site's job has no he_layers")
-        return ckks.merge_decrypted(global_model.params, block, self._he)
+        params = ckks.merge_decrypted(global_model.params, block, self._he)
+        # The server combined ciphertexts it cannot read, so it cannot bound a site that scaled its own head; this
+        # hospital can, and refuses to train on (or keep) a head that is not finite or jumped in one round.
+        head = {n: params[n] for n in self._he_names}
+        problem = ckks.find_global_head_problem(head, self._last_head)
+        if problem:
+            raise GlobalModelRejected(problem)
+        self._last_head = head
+        return params
 
     def _encrypt_result(self, site: str, round_num: int, result: FLModel, fl_ctx: FLContext) -> None:
         t0 = time.monotonic()

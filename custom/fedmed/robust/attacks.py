@@ -13,6 +13,10 @@ import numpy as np
 from fedmed.robust.geometric_median import NON_TRAINABLE_SUFFIXES
 
 ATTACKS = ("sign_flip", "scale", "gaussian_noise", "label_flip", "nan", "little_is_enough")
+# Attacks on what a site sends besides its weights (its claims, statistics, ciphertexts, metrics, or an earlier or
+# another site's update). The red-team script plays them in-process (fedmed.inprocess, apply_wire_attack); a
+# site's rehearsal config ("hostile" in fedmed_site.json) takes only ATTACKS.
+WIRE_ATTACKS = ("inflate_count", "bn_poison", "he_scale", "he_other_scale", "long_metric", "replay", "copy_site")
 
 
 @dataclass(frozen=True)
@@ -29,14 +33,18 @@ class Attack:
     seed: int = 0
 
     def __post_init__(self):
-        if self.kind not in ATTACKS:
-            raise ValueError(f"attack kind must be one of {ATTACKS}, got {self.kind!r}")
+        if self.kind not in ATTACKS + WIRE_ATTACKS:
+            raise ValueError(f"attack kind must be one of {ATTACKS + WIRE_ATTACKS}, got {self.kind!r}")
         if not np.isfinite(self.factor) or self.factor < 0:
             raise ValueError(f"attack factor must be finite and >= 0, got {self.factor}")
 
     @property
     def poisons_labels(self) -> bool:
         return self.kind == "label_flip"
+
+    @property
+    def on_wire(self) -> bool:
+        return self.kind in WIRE_ATTACKS
 
 
 def parse_attack(raw: dict | None) -> Attack | None:
@@ -47,6 +55,8 @@ def parse_attack(raw: dict | None) -> Attack | None:
     unknown = set(raw) - {"kind", "factor", "seed"}
     if unknown:
         raise ValueError(f"hostile has unknown keys {sorted(unknown)}")
+    if raw["kind"] not in ATTACKS:
+        raise ValueError(f"hostile kind must be one of {ATTACKS} in a site config, got {raw['kind']!r}")
     return Attack(raw["kind"], float(raw.get("factor", 1.0)), int(raw.get("seed", 0)))
 
 
@@ -57,7 +67,8 @@ def apply_attack(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarr
     out = {}
     for k, v in local.items():
         v = np.asarray(v)
-        if not np.issubdtype(v.dtype, np.floating) or k.endswith(NON_TRAINABLE_SUFFIXES) or attack.poisons_labels:
+        if (not np.issubdtype(v.dtype, np.floating) or k.endswith(NON_TRAINABLE_SUFFIXES) or attack.poisons_labels
+                or attack.on_wire):
             out[k] = v.copy()
             continue
         g = np.asarray(global_[k], np.float64)

@@ -21,6 +21,9 @@ class TrustPolicy:
         readmit_after: consecutive good rounds a quarantined site needs to be re-admitted.
         good_score: round score that counts as good for re-admission.
         initial_trust: trust of a site never seen before.
+        quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
+            once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
+            clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
     """
 
     smoothing: float = 0.5
@@ -30,6 +33,7 @@ class TrustPolicy:
     readmit_after: int = 2
     good_score: float = 0.8
     initial_trust: float = 1.0
+    quarantine_on_zero: bool = True
 
     def __post_init__(self):
         if not 0 < self.smoothing <= 1:
@@ -83,9 +87,11 @@ def update_trust(
         trust = (1 - policy.smoothing) * old.trust + policy.smoothing * score
         streak = old.good_streak + 1 if score >= policy.good_score else 0
         new = replace(old, trust=trust, good_streak=streak)
-        if not old.quarantined and trust < policy.quarantine_below:
+        hostile_round = policy.quarantine_on_zero and score == 0.0
+        if not old.quarantined and (trust < policy.quarantine_below or hostile_round):
             new = replace(new, quarantined=True, good_streak=0)
-            events.append((site, "quarantined", f"{site} quarantined: trust {trust:.3f} < {policy.quarantine_below}"))
+            why = "a round scoring 0" if trust >= policy.quarantine_below else f"trust {trust:.3f} < {policy.quarantine_below}"
+            events.append((site, "quarantined", f"{site} quarantined: {why}"))
         elif old.quarantined and streak >= policy.readmit_after:
             # Re-admitted at the threshold, so one more bad round sends it straight back.
             new = replace(new, quarantined=False, trust=max(trust, policy.quarantine_below))

@@ -36,7 +36,17 @@ from typing import Iterable, Optional
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from fedmed.store.models import Alert, AuditEntry, ClientUpdate, InferenceLog, PrivacySpend, Round, RoundMetric, Run, Site
+from fedmed.store.models import (
+    Alert,
+    AuditEntry,
+    ClientUpdate,
+    InferenceLog,
+    PrivacySpend,
+    Round,
+    RoundMetric,
+    Run,
+    Site,
+)
 
 ENV_AUDIT_KEY = "FEDMED_AUDIT_KEY"
 ENV_AUDIT_KEY_FILE = "FEDMED_AUDIT_KEY_FILE"

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 
 from sqlalchemy import exc as sa_exc
 
-from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, TrustRecord, UpdateRecord
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def op_from_json(line: str) -> tuple[str, dict]:
         rec = args["record"]
         rec["updates"] = tuple(UpdateRecord(**u) for u in rec["updates"])
         rec["alerts"] = tuple(AlertRecord(**a) for a in rec.get("alerts", ()))
+        rec["trust"] = tuple(TrustRecord(**t) for t in rec.get("trust", ()))
         args["record"] = RoundRecord(**rec)
     return op, args
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
-from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -67,7 +67,8 @@ class ClientUpdate(Base):
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
     status: Mapped[str] = mapped_column(String(30))  # accepted / rejected / quarantined / missing
     reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
-    num_samples: Mapped[int] = mapped_column(Integer, default=0)
+    num_samples: Mapped[int] = mapped_column(Integer, default=0)  # as the site claimed it
+    weight_samples: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # after the cap: what weighed
     update_norm: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     update_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     aggregation_weight: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
@@ -82,6 +83,20 @@ class ClientUpdate(Base):
     signature: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     signed_digest: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SiteTrustState(Base):
+    """Each site's trust after the latest round it was scored in, across jobs: a new job of the federation starts
+    from it (a site quarantined in one job is still quarantined in the next)."""
+
+    __tablename__ = "site_trust"
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    trust: Mapped[float] = mapped_column(Float)
+    quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
+    good_streak: Mapped[int] = mapped_column(Integer, default=0)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_num: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class RoundMetric(Base):

@@ -18,7 +18,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
-from fedmed.wire_checks import find_metrics_problem
 from fedmed.store import audit
 from fedmed.store.audit import AuditProblem, AuditReport, AuditSettings
 from fedmed.store.migrate import upgrade
@@ -32,8 +31,10 @@ from fedmed.store.models import (
     RoundMetric,
     Run,
     Site,
+    SiteTrustState,
     utcnow,
 )
+from fedmed.wire_checks import find_metrics_problem
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
 ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter")
@@ -44,8 +45,9 @@ CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in second
 class UpdateRecord:
     site: str
     status: str  # one of UPDATE_STATUSES
-    num_samples: int = 0
+    num_samples: int = 0  # as the site claimed it
     reason: Optional[str] = None
+    weight_samples: Optional[float] = None  # the count after the cap (fedmed.aggregation.capped_counts)
     update_norm: Optional[float] = None
     update_sha256: Optional[str] = None
     aggregation_weight: Optional[float] = None
@@ -89,6 +91,15 @@ class RoundRecord:
     global_model_sha256: Optional[str] = None
     started_at: Optional[dt.datetime] = None
     alerts: tuple = ()  # of AlertRecord
+    trust: tuple = ()  # of TrustRecord: each scored site's state after this round, kept across jobs
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    site: str
+    trust: float
+    quarantined: bool
+    good_streak: int
 
 
 @dataclass(frozen=True)
@@ -241,7 +252,8 @@ class Repository:
             for u in record.updates:
                 site = self._site(s, u.site)
                 s.add(ClientUpdate(run_id=run_id, round_num=record.round_num, site_id=site.id, status=u.status,
-                                   reason=u.reason, num_samples=u.num_samples, update_norm=u.update_norm,
+                                   reason=u.reason, num_samples=u.num_samples, weight_samples=u.weight_samples,
+                                   update_norm=u.update_norm,
                                    update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
                                    distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss,
                                    val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc, signature=u.signature,
@@ -257,14 +269,29 @@ class Repository:
                             message=a.message))
             for metric, value in record.test_metrics.items():
                 s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope="global_test", metric=metric, value=float(value)))
+            for t in record.trust:
+                site_id = self._site(s, t.site).id
+                row = s.get(SiteTrustState, site_id) or SiteTrustState(site_id=site_id)
+                row.trust, row.quarantined, row.good_streak = float(t.trust), bool(t.quarantined), int(t.good_streak)
+                row.run_id, row.round_num, row.updated_at = run_id, record.round_num, utcnow()
+                s.add(row)
             s.flush()
             rows = [r for t in audit.ROUND_TABLES for r in audit.table_rows(s, t, run_id=run_id, round_num=record.round_num)]
             head = self._audit(s, "record_round", {
                 "run": run_uid, "round": record.round_num, "replaced": replaced is not None,
                 "global_model_sha256": record.global_model_sha256,
                 "updates": [[u.site, u.status, u.num_samples, u.update_sha256, u.trust] for u in record.updates],
+                # Each site's trust state after the round (site_trust is rewritten every round: the keyed chain
+                # keeps what it was, so a later edit that un-quarantines a site can be found).
+                "trust": [[t.site, t.trust, t.quarantined, t.good_streak] for t in record.trust],
             }, rows)
         self._append_head(head)
+
+    def load_trust(self) -> dict[str, TrustRecord]:
+        """Every site's trust state as the latest recorded round left it, whichever job that was."""
+        with self._session() as s:
+            rows = s.execute(select(Site.name, SiteTrustState).join(SiteTrustState, SiteTrustState.site_id == Site.id)).all()
+            return {name: TrustRecord(name, t.trust, t.quarantined, t.good_streak) for name, t in rows}
 
     def finish_run(self, run_uid: str, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
         with self._session.begin() as s:
@@ -438,7 +465,7 @@ class Repository:
                 .where(ClientUpdate.run_id == run_id).order_by(ClientUpdate.round_num, Site.name)
             ).all()
         return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
-                 "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
+                 "weight_samples": u.weight_samples, "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
                  "distance": u.distance, "round_score": u.round_score, "trust": u.trust,
                  "update_sha256": u.update_sha256, "signature": u.signature, "signed_digest": u.signed_digest}
                 for u, name in rows]

@@ -1,0 +1,71 @@
+"""Red team: every attack one hostile hospital can make, played through fedmed's round engine in-process.
+
+    fedmed-redteam [--rounds 3] [--per-site 100] [--image-size 64] [--out docs/redteam.md]
+
+Writes one row per attack (what the server did, what the database holds, final AUROC against the honest sites
+alone) to --out, and exits 1 if any attack was not held. The logic is fedmed.redteam; this is its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fedmed import redteam
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/redteam"), help="synthetic hospitals (generated once)")
+    p.add_argument("--honest", type=int, default=4, help="honest hospitals beside the hostile one")
+    p.add_argument("--per-site", type=int, default=100)
+    p.add_argument("--num-test", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: two processes with 2 OpenMP threads each on 2 cores can run 100x slower)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tolerance", type=float, default=0.02, help="AUROC distance to honest-only that counts as held")
+    p.add_argument("--only", nargs="*", help="attack kinds to run (default: all)")
+    p.add_argument("--out", type=Path, default=Path("docs/redteam.md"))
+    a = p.parse_args(argv)
+    rows = [r for r in redteam.ROWS if not a.only or r.attack.kind in a.only]
+    if not rows:
+        p.error(f"--only matches no attack; kinds: {[r.attack.kind for r in redteam.ROWS]}")
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    names = redteam.make_sites(a.data, a.honest, a.per_site, seed=0, num_test=a.num_test)
+    train, test = redteam.load_sites(a.data, names, a.image_size)
+    kw = dict(batch_size=a.batch_size)
+    refs = {}
+    for he in sorted({r.he for r in rows}):
+        refs[he] = redteam.honest_reference(train, test, a.rounds, he=he, **kw)
+    results = []
+    with tempfile.TemporaryDirectory() as dbs:
+        for row in tqdm(rows, desc="attacks"):
+            res = redteam.run_row(row, train, test, refs[row.he], a.rounds, Path(dbs), a.tolerance, **kw)
+            tqdm.write(f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
+                       f"honest {res.honest_auroc:.3f}")
+            results.append(res)
+    setup = (f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
+             f"of data; it attacks from round 1), {a.rounds} rounds, {a.image_size} px, geometric median with trust "
+             f"and quarantine, global test set of {a.num_test} images. 'Honest only' is the same federation without "
+             f"the hostile site (with HE on for the HE rows). Held: within {a.tolerance} AUROC of honest only, or the "
+             "update rejected/quarantined/refused with a recorded reason in every round it attacked.")
+    command = "fedmed-redteam " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text = redteam.markdown(results, command.strip(), time.time() - t0, setup)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text)
+    print(text)
+    return 0 if all(r.held for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""FLModel <-> the round engine's plain types: the one place that knows which meta key carries what."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from fedmed import constants as C
+from fedmed.rounds import SiteResult
+
+PRIVACY_KEYS = {"epsilon": C.META_EPSILON, "delta": C.META_DELTA, "epsilon_budget": C.META_EPSILON_BUDGET,
+                "noise_multiplier": C.META_NOISE_MULTIPLIER}
+
+
+def site_of(result: FLModel) -> str:
+    # NVFlare's ModelController sets client_name from the authenticated connection, not from the site's payload.
+    return str((result.meta or {}).get("client_name", "?"))
+
+
+def to_site_result(result: FLModel) -> SiteResult:
+    meta = result.meta or {}
+    refused = meta.get(C.META_REFUSED)
+    return SiteResult(
+        site=site_of(result),
+        params=result.params,
+        claimed_samples=meta.get(C.META_NUM_SAMPLES),
+        metrics=result.metrics if result.metrics is not None else {},
+        privacy={k: meta.get(key) for k, key in PRIVACY_KEYS.items()},
+        encrypted=meta.get(C.META_ENCRYPTED),
+        refused=None if refused is None else str(refused),
+    )
+
+
+def global_model(params: Mapping, round_num: int, meta: Mapping, encrypted=None) -> FLModel:
+    """The model the server sends and saves: clear params, the meta inference needs, the encrypted layers."""
+    meta = {**meta, "round": round_num}
+    if encrypted is not None:
+        meta[C.META_ENCRYPTED] = encrypted.to_wire() if hasattr(encrypted, "to_wire") else encrypted
+    return FLModel(params_type=ParamsType.FULL, params=dict(params), meta=meta)

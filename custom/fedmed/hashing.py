@@ -1,0 +1,26 @@
+"""Content hash of a whole model (clear part + ciphertexts); the clear part by fedmed.weights.params_sha256."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping, Optional
+
+import numpy as np
+
+from fedmed.weights import params_sha256
+
+
+def model_sha256(params: Mapping[str, np.ndarray], encrypted_block=None) -> str:
+    """Hash of the clear parameters, extended with the ciphertexts when some layers are encrypted."""
+    sha = params_sha256(params)
+    if encrypted_block is None:
+        return sha
+    from fedmed.crypto import ckks  # TenSEAL only when HE is in use
+
+    enc_sha = ckks.encrypted_sha256(ckks.EncryptedLayers.from_wire(encrypted_block)
+                                    if not isinstance(encrypted_block, ckks.EncryptedLayers) else encrypted_block)
+    return hashlib.sha256(f"{sha}:{enc_sha}".encode()).hexdigest()
+
+
+def optional_model_sha256(params: Optional[Mapping[str, np.ndarray]], encrypted_block=None) -> Optional[str]:
+    return None if params is None else model_sha256(params, encrypted_block)

@@ -1,0 +1,159 @@
+"""The red-team suite: each attack one hospital can make, played through the one round engine in-process, with
+what the server did, what the database holds, and the final AUROC against the honest sites alone.
+
+An attack is held when the final global model is within `tolerance` AUROC of the honest-only federation, or when
+the attacker's update is rejected (or quarantined, or refused by the hospitals) in every round it attacked, with
+the reason recorded. For the inflated count, what a claim can buy must not exceed an honest site's: its count
+after the cap at most every honest site's, and its final aggregation weight (which also reflects where its update
+lies) within WEIGHT_SLACK of the largest honest site's. Used by scripts/redteam.py (docs/redteam.md) and tests/test_redteam.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+from fedmed.inprocess import federate
+from fedmed.robust.attacks import Attack
+from fedmed.store.repository import Repository, RoundRecord
+
+HOSTILE = "hostile"  # the attacker's site name in every row
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    name: str
+    attack: Attack
+    he: bool = False  # the attack needs the head encrypted
+
+
+ROWS = (
+    AttackRow("sign flip (x5)", Attack("sign_flip", 5.0)),
+    AttackRow("scale (x20)", Attack("scale", 20.0)),
+    AttackRow("gaussian noise (x5 RMS)", Attack("gaussian_noise", 5.0)),
+    AttackRow("label flip", Attack("label_flip")),
+    AttackRow("NaN", Attack("nan")),
+    AttackRow("a little is enough (z=1)", Attack("little_is_enough", 1.0)),
+    AttackRow("inflated sample count (x100)", Attack("inflate_count", 100.0)),
+    AttackRow("BatchNorm poisoning (running_var -1e6)", Attack("bn_poison", 1e6)),
+    AttackRow("encrypted-head scaling (x100, HE on)", Attack("he_scale", 100.0), he=True),
+    AttackRow("encrypted block at another scale (HE on)", Attack("he_other_scale"), he=True),
+    AttackRow("10 kB metric name", Attack("long_metric", 10_000)),
+    AttackRow("replay of its previous-round update", Attack("replay")),
+    AttackRow("two sites sending the same update", Attack("copy_site")),
+)
+HE_LAYERS = ("class_layers.out.",)
+BLOCKED = ("rejected", "quarantined", "refused")
+WEIGHT_SLACK = 0.05
+
+
+@dataclass(frozen=True)
+class RowResult:
+    name: str
+    server_did: str  # per round: the attacker's status and the recorded reason
+    database: str  # what the database holds for the attacker (statuses, alerts)
+    auroc: float
+    honest_auroc: float
+    held: bool
+    how: str  # "rejected", "bounded", "refused by the hospitals", or why it was not held
+    max_weight_ratio: Optional[float] = None  # attacker weight / largest honest weight, worst round
+    max_count_ratio: Optional[float] = None  # attacker's capped count / smallest honest capped count, worst round
+
+
+def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, rounds: int, db_dir: Path,
+            tolerance: float = 0.02, **kw) -> RowResult:
+    """Play one attack (the site HOSTILE attacks from round 1) and judge it."""
+    repo = Repository(f"sqlite:///{Path(db_dir) / (row.attack.kind + '.db')}")
+    uid = f"redteam-{row.attack.kind}"
+    repo.start_run(uid, row.name, uid, "geometric_median", rounds, {"attack": row.attack.kind})
+
+    def record(report):
+        repo.record_round(uid, RoundRecord(report.round_num, report.updates, alerts=report.alerts))
+
+    fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, seed=0, on_round=record,
+                   he_layers=HE_LAYERS if row.he else None, **kw)
+    run_id = repo.latest_run_id()
+    rows = [u for u in repo.client_updates(run_id) if u["site"] == HOSTILE]
+    alerts = [a for a in repo.alerts(run_id) if a["site"] == HOSTILE]
+    refusals = [u for u in repo.client_updates(run_id) if u["status"] == "refused" and u["site"] != HOSTILE]
+    repo.close()
+
+    per_round, blocked, ratios, count_ratios = [], [], [], []
+    for report in fed.reports:
+        u = next(x for x in report.updates if x.site == HOSTILE)
+        honest_w = [w for s, w in report.weights.items() if s != HOSTILE]
+        if honest_w and max(honest_w) > 0:
+            ratios.append(report.weights.get(HOSTILE, 0.0) / max(honest_w))
+        honest_n = [n for s, n in report.used_samples.items() if s != HOSTILE]
+        if HOSTILE in report.used_samples and honest_n:
+            count_ratios.append(report.used_samples[HOSTILE] / min(honest_n))
+        reason = f" ({u.reason[:90].replace(';', ',')})" if u.reason else ""
+        per_round.append(f"r{report.round_num + 1} {u.status}{reason}")
+        blocked.append(u.status in BLOCKED)
+    if fed.stopped:
+        per_round.append(f"run stopped: {fed.stopped[:90]}")
+    database = (", ".join(f"r{u['round'] + 1} {u['status']}" for u in rows)
+                + f"; {len(alerts)} alert(s)" + (f"; {len(refusals)} hospital refusal(s)" if refusals else ""))
+    auroc = float(fed.auroc)
+    bounded = abs(auroc - honest_auroc) <= tolerance
+    hospitals_refused = bool(refusals) and all(u.status == "refused" for r in fed.reports[-1:] for u in r.updates
+                                               if u.site != HOSTILE)
+    # Rounds where the attack had nothing to act on (a replay in round 1) are honest rounds.
+    attacked = [b for b, r in zip(blocked, fed.reports) if not (row.attack.kind == "replay" and r.round_num == 0)]
+    if attacked and all(attacked) and all(u["reason"] for u in rows if u["status"] in BLOCKED):
+        held, how = True, "rejected" if not any(u["status"] == "quarantined" for u in rows) else "rejected/quarantined"
+    elif hospitals_refused:
+        held, how = True, "refused by the hospitals (their check of the decrypted head)"
+    elif bounded:
+        held, how = True, "bounded"
+    else:
+        held, how = False, f"NOT held: AUROC {auroc:.3f} vs honest {honest_auroc:.3f}"
+    worst = max(ratios) if ratios else None
+    worst_count = max(count_ratios) if count_ratios else None
+    if row.attack.kind == "inflate_count":
+        if worst_count is None or worst_count > 1.0 + 1e-9 or worst is None or worst > 1.0 + WEIGHT_SLACK:
+            held, how = False, (f"NOT held: the attacker's count counted {worst_count}x and its weight {worst}x an "
+                                "honest site's")
+        else:
+            how += f"; its count counted {worst_count:.2f}x, its weight {worst:.3f}x the largest honest site's"
+    return RowResult(row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst, worst_count)
+
+
+def honest_reference(train_sets: Mapping, test_set, rounds: int, he: bool = False, **kw) -> float:
+    honest = {s: d for s, d in train_sets.items() if s != HOSTILE}
+    return float(federate(honest, test_set, rounds, "geometric_median", seed=0,
+                          he_layers=HE_LAYERS if he else None, **kw).auroc)
+
+
+def markdown(results: list, command: str, seconds: float, setup: str) -> str:
+    lines = ["# Red team: one hostile hospital against the round engine", "",
+             f"Command: `{command}` ({seconds:.0f} s on a 2-core CPU). {setup}", "",
+             "| attack | what the server did (hostile site, per round) | database holds | final AUROC | honest only | held |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.server_did.replace('|', '/')} | {r.database} | {r.auroc:.3f} | "
+                     f"{r.honest_auroc:.3f} | {'yes' if r.held else '**NO**'}: {r.how} |")
+    held = sum(r.held for r in results)
+    lines += ["", f"{held}/{len(results)} attacks held."]
+    return "\n".join(lines) + "\n"
+
+
+def make_sites(root: Path, n_honest: int, per_site: int, seed: int, num_test: int, size: int = 96) -> list:
+    """n_honest synthetic hospitals honest-0.. plus HOSTILE (its data is honest; what it sends is not) and a
+    global test set, generated once into root. Returns the site names."""
+    from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
+
+    names = [f"honest-{i}" for i in range(n_honest)] + [HOSTILE]
+    if not (root / "global_test" / "labels.csv").exists():
+        specs = [HospitalSpec(n, per_site, DEFAULT_HOSPITALS[i % 3].scanner) for i, n in enumerate(names)]
+        generate_hospitals(root, specs, num_test=num_test, seed=seed, size=size)
+    return names
+
+
+def load_sites(root: Path, names: list, image_size: int, seed: int = 0):
+    from fedmed.data.loading import load_test, load_train_val
+    from fedmed.site_config import DataConfig
+
+    train = {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
+             for s in names}
+    return train, load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size)

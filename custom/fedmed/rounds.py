@@ -1,0 +1,294 @@
+"""The round engine: everything the server decides about one round, as plain functions of what the sites sent.
+
+Pure core (no NVFlare import). The NVFlare Controller (fedmed.flare.controller) converts each site's FLModel into a
+SiteResult (fedmed.flare.wire) and calls RoundEngine.step; the in-process federation used by the benchmarks and the
+red-team script (fedmed.inprocess) calls the very same step. One round, in order:
+
+1. screen each result: refusal, claimed sample count, parameter names/shapes/finiteness, BatchNorm statistics,
+   metrics, encrypted block (scale, level, sizes, key set), replay of an earlier update of the job, and the same
+   update sent by two sites; a failing update is rejected with the reason and scores 0;
+2. aggregate the active (valid, not quarantined) sites with counts capped (fedmed.aggregation), score every valid
+   site by its distance to the aggregate, leave far outliers out of this very round and aggregate again;
+3. combine the encrypted layers homomorphically with the same weights, each site's block under its own guard
+   (one block that fails rejects that site and the round is aggregated again without it);
+4. fold the scores into trust (quarantine / re-admission) and return a RoundReport with the new global model, one
+   UpdateRecord per site, the alerts and what to log.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from fedmed.aggregation import LINEAR_AGGREGATORS, aggregate_and_score, find_update_problem, get_aggregator, update_norm
+from fedmed.hashing import model_sha256
+from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
+from fedmed.screening import (
+    DEFAULT_STATISTICS_FACTOR,
+    find_count_problem,
+    find_metrics_problem,
+    find_statistics_problem,
+)
+from fedmed.store.repository import AlertRecord, UpdateRecord
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """What one site returned for a round, as the server received it (nothing here is trusted)."""
+
+    site: str
+    params: Optional[Mapping[str, np.ndarray]] = None  # clear parameters (the encrypted ones are in `encrypted`)
+    claimed_samples: object = None  # the site's own claim; checked, then capped before it weighs anything
+    metrics: Mapping = field(default_factory=dict)  # train/validation metrics the site chose to release
+    privacy: Mapping = field(default_factory=dict)  # epsilon, delta, epsilon_budget, noise_multiplier
+    encrypted: object = None  # wire-format CKKS block (fedmed.crypto.ckks.EncryptedLayers.to_wire()) or None
+    refused: Optional[str] = None  # the site declined the round itself (privacy budget, a global model it rejects)
+
+
+@dataclass(frozen=True)
+class EncryptionSpec:
+    """The server's view of the encrypted layers: its secret-free context and the layers' names and shapes."""
+
+    context: object  # fedmed.crypto.ckks.LoadedContext
+    names: tuple
+    shapes: Mapping[str, tuple]
+
+
+@dataclass(frozen=True)
+class RoundRules:
+    """Every rule of a round. Args:
+    aggregation: a name in fedmed.aggregation.AGGREGATORS.
+    min_clients: valid, trusted updates a round needs to aggregate.
+    trust: the trust / quarantine rule.
+    statistics_factor: how far BatchNorm statistics may move per round (fedmed.screening).
+    """
+
+    aggregation: str = "geometric_median"
+    min_clients: int = 2
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
+    statistics_factor: float = DEFAULT_STATISTICS_FACTOR
+
+    def __post_init__(self):
+        get_aggregator(self.aggregation)  # raises naming the valid choices
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
+        if not self.statistics_factor > 1:
+            raise ValueError(f"statistics_factor must be > 1, got {self.statistics_factor}")
+
+
+def check_encryption_compatible(aggregation: str) -> None:
+    """Encrypted layers are combined as a weighted sum of the sites' ciphertexts; refuse, when the job is built, an
+    aggregator that is not one."""
+    if aggregation not in LINEAR_AGGREGATORS:
+        raise ValueError(f"aggregation {aggregation!r} cannot be used with HE: the encrypted layers can only be "
+                         f"combined as a weighted sum of the sites' ciphertexts, and {aggregation} is not one; "
+                         f"choose one of {list(LINEAR_AGGREGATORS)}")
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round_num: int
+    aggregated: bool  # False: too few valid, trusted updates; the global model is unchanged
+    params: Optional[dict]  # the new global clear parameters (None when not aggregated)
+    encrypted: object  # the combined EncryptedLayers (None without HE or when not aggregated)
+    updates: tuple  # one UpdateRecord per site (targets and any site that answered)
+    alerts: tuple  # AlertRecord
+    weights: dict  # site -> weight in the aggregate (0 for sites left out)
+    used_samples: dict  # aggregated site -> sample count after the cap
+    diagnostics: dict  # the aggregator's (Weiszfeld iterations, fallback, ...)
+    problem: Optional[str] = None  # why the round was not aggregated
+    log: tuple = ()  # (level, message) pairs for the adapter's logger: "info" | "warning"
+
+    @property
+    def aggregated_sites(self) -> list:
+        return [s for s, w in self.weights.items() if w > 0]
+
+    def weighted_site_metric(self, results: Sequence[SiteResult], name: str) -> float:
+        """Mean of a metric the aggregated sites reported, weighted by their capped counts (NaN if none has it): a
+        site claiming more samples does not weigh more in the round's score than in the model."""
+        pairs = []
+        for r in results:
+            if self.weights.get(r.site, 0) > 0:
+                v = (r.metrics or {}).get(name)
+                if v is not None and isinstance(v, (int, float, np.floating)) and math.isfinite(float(v)):
+                    pairs.append((float(v), self.used_samples[r.site]))
+        total = sum(n for _, n in pairs)
+        return sum(v * n for v, n in pairs) / total if pairs and total > 0 else float("nan")
+
+
+def _finite_or_none(v):
+    try:
+        return float(v) if v is not None and not isinstance(v, bool) and math.isfinite(float(v)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+class RoundEngine:
+    """Holds what persists between rounds (trust, the hashes of every update seen this job) and runs step()."""
+
+    def __init__(self, rules: RoundRules, encryption: Optional[EncryptionSpec] = None,
+                 trust: Optional[Mapping[str, SiteTrust]] = None):
+        if encryption is not None:
+            check_encryption_compatible(rules.aggregation)
+        self.rules = rules
+        self.encryption = encryption
+        self.trust: dict[str, SiteTrust] = dict(trust or {})
+        self._aggregate = get_aggregator(rules.aggregation)
+        self._seen: dict[str, tuple] = {}  # update hash -> (site, round) that first sent it, this job
+
+    def is_quarantined(self, site: str) -> bool:
+        state = self.trust.get(site)
+        return state is not None and state.quarantined
+
+    # -- 1. screening ---------------------------------------------------------------------------------------------
+
+    def _find_encrypted_problem(self, r: SiteResult) -> Optional[str]:
+        if self.encryption is None:
+            return "update carries encrypted layers but this job has no he_layers" if r.encrypted is not None else None
+        if r.encrypted is None:
+            return f"no encrypted layers: this job requires {list(self.encryption.names)} to arrive CKKS-encrypted"
+        from fedmed.crypto import ckks
+
+        return ckks.find_encrypted_problem(r.encrypted, self.encryption.names, self.encryption.shapes,
+                                           self.encryption.context)
+
+    def find_problem(self, r: SiteResult, reference: Mapping[str, np.ndarray]) -> Optional[str]:
+        """Why this result cannot be aggregated against the global model's clear part, or None."""
+        problem = find_count_problem(r.claimed_samples)
+        if problem:
+            return problem
+        if r.params is None:
+            return "no parameters"
+        return (find_update_problem(r.params, reference)
+                or find_statistics_problem(r.params, reference, self.rules.statistics_factor)
+                or find_metrics_problem(r.metrics)
+                or self._find_encrypted_problem(r))
+
+    def _screen(self, round_num: int, results: Sequence[SiteResult], targets: Sequence[str],
+                reference: Mapping[str, np.ndarray], log: list):
+        valid: dict[str, SiteResult] = {}
+        records: dict[str, UpdateRecord] = {}
+        hashes: dict[str, str] = {}
+        for r in results:
+            privacy = {k: _finite_or_none((r.privacy or {}).get(k))
+                       for k in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")}
+            if r.site in records:
+                log.append(("warning", f"second result from {r.site} this round ignored"))
+                continue
+            if r.refused is not None:
+                reason = str(r.refused)[:500]
+                log.append(("warning", f"{r.site} refused the round: {reason}"))
+                records[r.site] = UpdateRecord(site=r.site, status="refused", reason=reason,
+                                               **{k: v for k, v in privacy.items() if k != "noise_multiplier"})
+                continue
+            claimed = r.claimed_samples if isinstance(r.claimed_samples, (int, np.integer)) and \
+                not isinstance(r.claimed_samples, bool) else 0
+            metrics = r.metrics if isinstance(r.metrics, Mapping) else {}
+            common = dict(site=r.site, num_samples=int(min(max(claimed, 0), 2**31 - 1)))
+            reason = self.find_problem(r, reference)
+            sha = None
+            if reason is None:
+                sha = model_sha256(r.params, r.encrypted)
+                if sha in self._seen:
+                    first_site, first_round = self._seen[sha]
+                    reason = (f"replay: identical to the update {first_site} sent in round {first_round + 1}"
+                              if first_site == r.site or first_round != round_num else
+                              f"identical to the update {first_site} sent this round (counted once)")
+            if reason:
+                log.append(("warning", f"update from {r.site} rejected: {reason}"))
+                records[r.site] = UpdateRecord(status="rejected", reason=reason, update_sha256=sha, **common)
+                continue
+            self._seen[sha] = (r.site, round_num)
+            hashes[r.site] = sha
+            valid[r.site] = r
+            records[r.site] = UpdateRecord(
+                status="accepted", update_norm=update_norm(r.params, reference), update_sha256=sha, **privacy,
+                train_loss=_finite_or_none(metrics.get("train_loss")), val_loss=_finite_or_none(metrics.get("val_loss")),
+                val_mean_auroc=_finite_or_none(metrics.get("val_mean_auroc")),
+                metrics={k: float(v) for k, v in metrics.items() if _finite_or_none(v) is not None}, **common)
+        for site in targets:
+            if site not in records:
+                log.append(("warning", f"no result from {site} this round"))
+                records[site] = UpdateRecord(site=site, status="missing", reason="no result before the round closed")
+        return valid, records
+
+    # -- 2.-4. aggregate, combine, score ----------------------------------------------------------------------------
+
+    def step(self, round_num: int, global_params: Mapping[str, np.ndarray], results: Sequence[SiteResult],
+             targets: Sequence[str] = ()) -> RoundReport:
+        """One round. global_params: the clear part of the global model the sites were sent (the reference every
+        update is checked against); results: what came back; targets: the sites that were asked (those with no
+        result are recorded missing)."""
+        log: list = []
+        valid, records = self._screen(round_num, results, targets, global_params, log)
+        combined, outcome = None, None
+        while True:
+            active = [s for s in valid if not self.is_quarantined(s)]
+            if len(active) < self.rules.min_clients:
+                problem = (f"round {round_num + 1}: {len(active)} valid, trusted update(s), min_clients is "
+                           f"{self.rules.min_clients}; not aggregating (the global model is left unchanged)")
+                return self._finish(round_num, records, None, None, log, problem)
+            outcome = aggregate_and_score({s: r.params for s, r in valid.items()},
+                                          {s: int(r.claimed_samples) for s, r in valid.items()},
+                                          self._aggregate, self.rules.trust, active, self.rules.min_clients)
+            if self.encryption is None:
+                break
+            combined, failed = self._combine_encrypted(valid, outcome.weights)
+            if not failed:
+                break
+            for site, reason in failed.items():  # that site's block broke the sum: reject it, aggregate again
+                log.append(("warning", f"update from {site} rejected: {reason}"))
+                combined = None
+                records[site] = replace(records[site], status="rejected", reason=reason)
+                del valid[site]
+        return self._finish(round_num, records, outcome, combined, log, None)
+
+    def _combine_encrypted(self, valid: Mapping[str, SiteResult], weights: Mapping[str, float]):
+        """(combined block, {site: reason} for blocks that failed): each site's contribution is added under its
+        own guard, so one block that passed screening but still fails costs that site, not the round."""
+        from fedmed.crypto import ckks
+
+        blocks = {s: ckks.EncryptedLayers.from_wire(r.encrypted) for s, r in valid.items() if weights.get(s, 0.0) > 0}
+        return ckks.guarded_weighted_sum(blocks, weights, self.encryption.context)
+
+    def _finish(self, round_num, records, outcome, combined, log, problem) -> RoundReport:
+        alerts: list = []
+        weights, used, diagnostics, params = {}, {}, {}, None
+        scores = {s: 0.0 for s, u in records.items() if u.status == "rejected"}  # a rejected update scores 0
+        dist, scored, excluded = {}, {}, ()
+        if outcome is not None:
+            dist, scored, excluded = outcome.distances, outcome.scored, outcome.excluded
+            weights, used = outcome.weights, outcome.used_counts
+            diagnostics, params = dict(outcome.result.diagnostics), outcome.result.params
+            scores.update({s: sc for s, (_, sc) in scored.items()})
+            for s in excluded:
+                log.append(("warning", f"{s} left out of this round's aggregate: {scored[s][0]:.1f}x the median "
+                                       "distance"))
+        was_quarantined = {s for s in scores if self.is_quarantined(s)}
+        self.trust, events = update_trust(self.trust, scores, self.rules.trust)
+        for site, u in list(records.items()):
+            if site not in scores:
+                continue
+            status, reason = u.status, u.reason
+            if status == "accepted" and site in was_quarantined:
+                status, reason = "quarantined", f"quarantined (trust {self.trust[site].trust:.3f}): scored, not aggregated"
+            elif status == "accepted" and site in excluded:
+                status = "rejected"
+                reason = f"far outlier this round: {scored[site][0]:.1f}x the median distance to the aggregate"
+            elif status == "accepted" and outcome is None:
+                reason = "valid, but the round was not aggregated"
+            records[site] = replace(u, status=status, reason=reason, distance=dist.get(site),
+                                    round_score=scores[site], trust=self.trust[site].trust,
+                                    aggregation_weight=weights.get(site, 0.0), weight_samples=used.get(site))
+            if site in scored:
+                log.append(("info", f"site {site}: distance {dist[site]:.4g} (x{scored[site][0]:.2f} median), "
+                                    f"score {scores[site]:.2f}, trust {self.trust[site].trust:.3f}, {status}"))
+        alerts = [AlertRecord(s, u.status, u.reason or "") for s, u in records.items() if u.status in ("rejected", "refused")]
+        for site, kind, msg in events:
+            log.append(("warning", msg))
+            alerts.append(AlertRecord(site, kind, msg))
+        return RoundReport(round_num, outcome is not None and problem is None, params, combined,
+                           tuple(records.values()), tuple(alerts), weights, used, diagnostics, problem, tuple(log))

@@ -1,0 +1,268 @@
+"""Every round rule of fedmed.rounds.RoundEngine, without a simulator: screening, capped counts, robust BatchNorm
+statistics, replay and duplicates, trust and quarantine, encrypted blocks (real TenSEAL), and the record."""
+
+import numpy as np
+import pytest
+
+from fedmed.robust.trust import SiteTrust, TrustPolicy
+from fedmed.rounds import RoundEngine, RoundRules, SiteResult, check_encryption_compatible
+
+GLOBAL = {"w": np.zeros(8, np.float32), "bn.running_mean": np.zeros(3, np.float32),
+          "bn.running_var": np.ones(3, np.float32), "bn.num_batches_tracked": np.array(0, np.int64)}
+
+
+def upd(shift, var=1.0, seed=0, **bn):
+    rng = np.random.default_rng(seed)
+    p = {k: v.copy() for k, v in GLOBAL.items()}
+    p["w"] = (np.full(8, shift) + 0.01 * rng.standard_normal(8)).astype(np.float32)
+    p["bn.running_var"] = np.full(3, var, np.float32)
+    p["bn.num_batches_tracked"] = np.array(10, np.int64)
+    p.update(bn)
+    return p
+
+
+def honest(n=4, count=300, start=0):
+    return [SiteResult(f"h{i}", upd(1.0, seed=start + i), count, {"val_accuracy": 0.8}) for i in range(n)]
+
+
+def engine(**kw):
+    return RoundEngine(RoundRules(**{"aggregation": "geometric_median", "min_clients": 2, **kw}))
+
+
+def status(report, site):
+    return next(u for u in report.updates if u.site == site)
+
+
+def test_a_claimed_count_cannot_buy_the_median():
+    # Sign-flipped update claiming 5000 samples against four honest sites of 300 (the issue's numbers).
+    evil = SiteResult("evil", upd(-1.0, seed=9), 5000)
+    rep = engine().step(0, GLOBAL, honest() + [evil], [])
+    assert rep.aggregated
+    assert abs(float(rep.params["w"].mean()) - 1.0) < 0.05  # the honest mean, not the attacker's -1
+    u = status(rep, "evil")
+    assert u.num_samples == 5000 and u.weight_samples == 300  # claimed and used both recorded
+    assert u.status == "rejected" and "far outlier" in u.reason
+
+
+def test_an_inflated_count_on_an_honest_looking_update_weighs_no_more_than_an_honest_site():
+    sites = honest() + [SiteResult("big", upd(1.0, seed=7), 300 * 100)]
+    rep = engine().step(0, GLOBAL, sites, [])
+    assert rep.weights["big"] <= max(rep.weights[f"h{i}"] for i in range(4)) + 1e-9
+    assert rep.used_samples["big"] == 300
+
+
+def test_site_validation_scores_are_weighted_by_capped_counts():
+    sites = honest(3) + [SiteResult("big", upd(1.0, seed=7), 30000, {"val_accuracy": 0.0})]
+    rep = engine().step(0, GLOBAL, sites, [])
+    # Uncapped, the 30000-sample claim would pull the round score to ~0.02.
+    assert rep.weighted_site_metric(sites, "val_accuracy") == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("bad", [True, 2.5, -3, 0, "300", None, 10**12])
+def test_bad_sample_counts_are_rejected_with_the_reason(bad):
+    rep = engine().step(0, GLOBAL, honest(3) + [SiteResult("odd", upd(1.0, seed=5), bad)], [])
+    u = status(rep, "odd")
+    assert u.status == "rejected" and "num_samples" in u.reason
+    assert rep.aggregated and rep.weights.get("odd", 0.0) == 0.0
+
+
+@pytest.mark.parametrize("var", [-1e6, 0.0, 1e6, np.nan])
+def test_poisoned_batchnorm_variances_are_rejected(var):
+    evil = SiteResult("evil", upd(1.0, seed=4, **{"bn.running_var": np.full(3, var, np.float32)}), 300)
+    rep = engine().step(0, GLOBAL, honest(3) + [evil], [])
+    u = status(rep, "evil")
+    assert u.status == "rejected" and "bn.running_var" in u.reason
+    assert np.all(rep.params["bn.running_var"] > 0)
+
+
+def test_batchnorm_mean_moved_beyond_the_bound_is_rejected():
+    evil = SiteResult("evil", upd(1.0, seed=4, **{"bn.running_mean": np.full(3, 1e4, np.float32)}), 300)
+    u = status(engine().step(0, GLOBAL, honest(3) + [evil], []), "evil")
+    assert u.status == "rejected" and "running_mean" in u.reason
+
+
+def test_batchnorm_statistics_within_the_bound_are_taken_as_a_coordinate_median():
+    sites = [SiteResult(f"s{i}", upd(1.0, var=v, seed=i), 300) for i, v in enumerate([1.0, 1.2, 1.1, 90.0])]
+    rep = engine().step(0, GLOBAL, sites, [])
+    np.testing.assert_allclose(rep.params["bn.running_var"], np.median([1.0, 1.2, 1.1, 90.0]), rtol=1e-6)
+    assert rep.params["bn.num_batches_tracked"].dtype == np.int64
+
+
+def test_nan_update_is_rejected_and_quarantined_at_once():
+    evil = SiteResult("evil", {**upd(1.0), "w": np.full(8, np.nan, np.float32)}, 300)
+    eng = engine()
+    rep = eng.step(0, GLOBAL, honest(3) + [evil], [])
+    assert status(rep, "evil").status == "rejected" and "NaN" in status(rep, "evil").reason
+    assert eng.is_quarantined("evil")
+    assert any(a.kind == "quarantined" and a.site == "evil" for a in rep.alerts)
+
+
+def test_a_clearly_hostile_first_round_quarantines():
+    eng = engine()
+    eng.step(0, GLOBAL, honest(4) + [SiteResult("evil", upd(-50.0), 300)], [])
+    assert eng.is_quarantined("evil") and eng.trust["evil"].trust == 0.5
+    # Next round it is scored but not aggregated even with an honest-looking update.
+    rep = eng.step(1, GLOBAL, honest(4, start=10) + [SiteResult("evil", upd(1.0, seed=99), 300)], [])
+    assert status(rep, "evil").status == "quarantined" and rep.weights["evil"] == 0.0
+
+
+def test_without_zero_round_rule_trust_alone_needs_two_bad_rounds():
+    eng = engine(trust=TrustPolicy(quarantine_on_zero=False))
+    eng.step(0, GLOBAL, honest(4) + [SiteResult("evil", upd(-50.0), 300)], [])
+    assert not eng.is_quarantined("evil")  # 1.0 -> 0.5, not below 0.5: why quarantine_on_zero exists
+
+
+def test_trust_carried_from_an_earlier_job_keeps_a_site_quarantined():
+    eng = RoundEngine(RoundRules(min_clients=2), trust={"h0": SiteTrust(0.2, quarantined=True)})
+    rep = eng.step(0, GLOBAL, honest(4), [])
+    assert status(rep, "h0").status == "quarantined" and rep.weights["h0"] == 0.0
+
+
+def test_replayed_update_is_rejected():
+    eng = engine()
+    first = honest(4)
+    eng.step(0, GLOBAL, first, [])
+    rep = eng.step(1, GLOBAL, honest(3, start=20) + [first[3]], [])
+    u = status(rep, "h3")
+    assert u.status == "rejected" and "replay" in u.reason and "round 1" in u.reason
+
+
+def test_two_sites_sending_the_same_update_count_once():
+    sites = honest(3)
+    rep = engine().step(0, GLOBAL, sites + [SiteResult("twin", sites[0].params, 300)], [])
+    assert status(rep, "h0").status == "accepted"
+    u = status(rep, "twin")
+    assert u.status == "rejected" and "h0" in u.reason
+
+
+def test_a_10kb_metric_name_is_rejected_before_it_reaches_the_record():
+    evil = SiteResult("evil", upd(1.0, seed=3), 300, {"x" * 10_000: 0.5})
+    u = status(engine().step(0, GLOBAL, honest(3) + [evil], []), "evil")
+    assert u.status == "rejected" and "metric name" in u.reason and len(u.reason) < 200 and u.metrics == {}
+
+
+def test_missing_and_refused_sites_are_recorded_and_too_few_stops_aggregation():
+    sites = honest(1) + [SiteResult("tired", refused="privacy budget spent")]
+    rep = engine().step(0, GLOBAL, sites, ["h0", "tired", "gone"])
+    assert not rep.aggregated and "min_clients is 2" in rep.problem and rep.params is None
+    assert {u.site: u.status for u in rep.updates} == {"h0": "accepted", "tired": "refused", "gone": "missing"}
+
+
+def test_fedavg_keeps_the_weighted_mean_of_statistics_but_caps_counts():
+    sites = [SiteResult("a", upd(0.0, var=1.0), 100), SiteResult("b", upd(1.0, var=3.0, seed=1), 100000)]
+    rep = RoundEngine(RoundRules(aggregation="fedavg", min_clients=2)).step(0, GLOBAL, sites, [])
+    np.testing.assert_allclose(rep.params["bn.running_var"], 2.0, rtol=1e-6)  # equal weights after the cap
+
+
+# --- encrypted layers, real TenSEAL ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def he():
+    from fedmed.crypto import ckks
+
+    keys = ckks.generate_key_set()
+    client = ckks.LoadedContext(ckks.ts.context_from(keys.client_context), keys.key_id, None)
+    server = ckks.LoadedContext(ckks.ts.context_from(keys.server_context), keys.key_id, None)
+    return client, server
+
+
+def he_site(name, head_value, client, seed, scale=None):
+    from fedmed.crypto import ckks
+
+    p = upd(0.1, seed=seed)  # an honest clear part: only the encrypted head differs between sites
+    head = {"head": np.full(5, head_value, np.float32)}
+    ctx = client
+    if scale is not None:
+        ctx = ckks.LoadedContext(client.context.copy(), client.key_id, None)
+        ctx.context.global_scale = scale
+    return SiteResult(name, p, 300, {}, {}, ckks.encrypt_layers(head, ctx).to_wire())
+
+
+def he_engine(server, aggregation="geometric_median"):
+    from fedmed.rounds import EncryptionSpec
+
+    return RoundEngine(RoundRules(aggregation=aggregation, min_clients=2),
+                       EncryptionSpec(server, ("head",), {"head": (5,)}))
+
+
+def test_encrypted_block_at_another_scale_is_rejected_and_the_round_goes_on(he):
+    from fedmed.crypto import ckks
+
+    client, server = he
+    sites = [he_site(f"h{i}", 1.0, client, i) for i in range(3)] + [he_site("evil", 1.0, client, 9, scale=2**30)]
+    rep = he_engine(server).step(0, GLOBAL, sites, [])
+    u = status(rep, "evil")
+    assert u.status == "rejected" and "scale" in u.reason
+    head = ckks.decrypt_layers(rep.encrypted, client)["head"]
+    np.testing.assert_allclose(head, 1.0, atol=1e-3)
+
+
+def test_rescaled_ciphertext_is_rejected(he):
+    from fedmed.crypto import ckks
+
+    client, server = he
+    block = ckks.encrypt_layers({"head": np.ones(5)}, client)
+    multiplied = ckks.ts.ckks_vector_from(client.context, block.chunks[0]) * 1.0  # consumes a level
+    bad = ckks.EncryptedLayers(block.names, block.shapes, (multiplied.serialize(),), block.key_id)
+    problem = ckks.find_encrypted_problem(bad.to_wire(), ("head",), {"head": (5,)}, server)
+    assert problem and "level" in problem
+
+
+def test_guarded_sum_leaves_out_a_block_that_fails_and_keeps_the_rest(he):
+    from fedmed.crypto import ckks
+
+    client, server = he
+    good = [ckks.encrypt_layers({"head": np.full(5, float(i))}, client) for i in (1, 3)]
+    other = ckks.LoadedContext(client.context.copy(), client.key_id, None)
+    other.context.global_scale = 2**30
+    bad = ckks.encrypt_layers({"head": np.full(5, 100.0)}, other)
+    combined, failed = ckks.guarded_weighted_sum({"a": good[0], "bad": bad, "b": good[1]},
+                                                 {"a": 0.5, "bad": 0.2, "b": 0.5}, server)
+    assert set(failed) == {"bad"}
+    np.testing.assert_allclose(ckks.decrypt_layers(combined, client)["head"], 2.0, atol=1e-3)
+
+
+def test_hospitals_refuse_a_global_head_one_site_scaled(he):
+    from fedmed.crypto import ckks
+
+    client, server = he
+    sites = [he_site(f"h{i}", 0.1, client, i) for i in range(3)]
+    scaled = he_site("evil", 0.1 * 1000, client, 9)  # the server cannot see that this head is 1000x
+    rep = he_engine(server).step(0, GLOBAL, sites + [scaled], [])
+    assert rep.aggregated and status(rep, "evil").status == "accepted"
+    new_head = ckks.decrypt_layers(rep.encrypted, client)
+    problem = ckks.find_global_head_problem(new_head, {"head": np.full(5, 0.1, np.float32)})
+    assert problem and "scaled" in problem
+    honest_head = ckks.decrypt_layers(he_engine(server).step(0, GLOBAL, sites, []).encrypted, client)
+    assert ckks.find_global_head_problem(honest_head, {"head": np.full(5, 0.1, np.float32)}) is None
+
+
+@pytest.mark.parametrize("aggregation", ["coordinate_median", "trimmed_mean"])
+def test_non_linear_aggregators_are_refused_with_he(aggregation, he):
+    with pytest.raises(ValueError, match="cannot be used with HE"):
+        check_encryption_compatible(aggregation)
+    with pytest.raises(ValueError, match="weighted sum"):
+        he_engine(he[1], aggregation)
+
+
+# --- the record ---------------------------------------------------------------------------------------------------
+
+def test_capped_counts_and_trust_reach_the_database_and_come_back_for_the_next_job(tmp_path):
+    from fedmed.store.journal import op_from_json, op_to_json
+    from fedmed.store.repository import Repository, RoundRecord, TrustRecord
+
+    eng = engine()
+    rep = eng.step(0, GLOBAL, honest(3) + [SiteResult("evil", upd(-50.0), 30000)], [])
+    trust = tuple(TrustRecord(s, t.trust, t.quarantined, t.good_streak) for s, t in eng.trust.items())
+    record = RoundRecord(0, rep.updates, alerts=rep.alerts, trust=trust)
+    record = op_from_json(op_to_json("record_round", {"run_uid": "u", "record": record}))[1]["record"]  # journal
+    repo = Repository(f"sqlite:///{tmp_path / 'f.db'}")
+    repo.start_run("u", "t", "job", "geometric_median", 1, {})
+    repo.record_round("u", record)
+    rows = {r["site"]: r for r in repo.client_updates(repo.latest_run_id())}
+    assert rows["evil"]["num_samples"] == 30000 and rows["evil"]["weight_samples"] == 300
+    loaded = repo.load_trust()
+    assert loaded["evil"].quarantined and not loaded["h0"].quarantined
+    assert RoundEngine(RoundRules(min_clients=2), trust={s: SiteTrust(t.trust, t.quarantined, t.good_streak)
+                                                         for s, t in loaded.items()}).is_quarantined("evil")
+    repo.close()
