@@ -38,10 +38,14 @@ META_ENCRYPTED = "he_encrypted"  # the CKKS-encrypted layers (fedmed.crypto.ckks
 META_HE_SECONDS = "he_seconds"  # time a site spent encrypting its update
 META_UPDATE_CLIP_NORM = "user_dp_clip_norm"  # set by fedmed.flare.filters.UpdateNoiseFilter
 META_UPDATE_NOISE_MULTIPLIER = "user_dp_noise_multiplier"
+META_LIFETIME_EPSILON = "dp_lifetime_epsilon"  # the site's dataset's epsilon across all jobs, from its privacy ledger
 
 # FLContext property (site side, one task): the global model in clear that the site trained from, for the
 # site's own result filters (UpdateNoiseFilter measures the update against it).
 CTX_GLOBAL_PARAMS = "fedmed.global_params"
+# FLContext property (site side, one task): {"binding": fedmed.privacy.ledger.LedgerBinding, "round": int}, with
+# which the site's UpdateNoiseFilter charges its round to the site's lifetime privacy ledger.
+CTX_PRIVACY_LEDGER = "fedmed.privacy_ledger"
 
 # Task a site answers after the last round: receive the final global model (decrypted there when HE is on) and keep it.
 TASK_FINAL_MODEL = "fedmed_final_model"
