@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -239,7 +240,8 @@ class FedMedTrainer(Executor):
                                       "verify)")
         fingerprint = dataset_fingerprint(it.path for it in load_items(self._site.data, self._task))
         binding = LedgerBinding(ledger, fingerprint, str(fl_ctx.get_job_id()),
-                                policy.delta if policy else DEFAULT_DELTA, policy.lifetime_ceiling if policy else None)
+                                policy.delta if policy else DEFAULT_DELTA, policy.lifetime_ceiling if policy else None,
+                                run=uuid.uuid4().hex[:12])
         self.log_info(fl_ctx, f"site {site}: privacy ledger {path}, dataset {fingerprint[:12]}: lifetime epsilon "
                               f"{binding.lifetime_epsilon():.3f} of {binding.lifetime_ceiling}")
         return binding

@@ -228,6 +228,7 @@ class LedgerBinding:
     job_id: str
     delta: float
     lifetime_ceiling: Optional[float]
+    run: str = ""  # a random id of this job process: tells apart runs that share a job id (the simulator's)
 
     def check(self, history: Sequence[HistoryEntry]) -> float:
         return self.ledger.check(self.dataset, history, self.delta, self.lifetime_ceiling)
@@ -235,7 +236,7 @@ class LedgerBinding:
     def charge(self, round_num: int, mechanism: str, history: Sequence[HistoryEntry],
                details: Optional[dict] = None) -> LedgerEntry:
         return self.ledger.charge(self.dataset, self.job_id, round_num, mechanism, history, self.delta,
-                                  self.lifetime_ceiling, details)
+                                  self.lifetime_ceiling, {**(details or {}), "run": self.run})
 
     def lifetime_epsilon(self) -> float:
         return self.ledger.lifetime_epsilon(self.dataset, self.delta)

@@ -22,17 +22,18 @@ def render(ledger: PrivacyLedger) -> str:
     for dataset in dict.fromkeys(e.dataset for e in entries):
         mine = [e for e in entries if e.dataset == dataset]
         delta = min(e.delta for e in mine)
-        jobs = list(dict.fromkeys(e.job_id for e in mine))
+        jobs = list(dict.fromkeys((e.job_id, e.details.get("run", "")) for e in mine))
         lifetime = epsilon_of(PrivacyLedger.history_of(mine, dataset), delta)
         ceiling = mine[-1].lifetime_ceiling
         out.append(f"\ndataset {dataset}: {len(jobs)} job(s), lifetime epsilon {lifetime:.4f} at delta {delta:g}"
                    f" (ceiling {ceiling if ceiling is not None else 'none'})")
-        out.append(f"  {'seq':>4} {'recorded (UTC)':19} {'job':36} {'round':>5} {'mechanism':10} "
+        out.append(f"  {'seq':>4} {'recorded (UTC)':19} {'job (run)':36} {'round':>5} {'mechanism':10} "
                    f"{'sigma':>8} {'q':>7} {'steps':>6} {'eps after':>9}")
         for e in mine:
             when = datetime.fromtimestamp(e.recorded_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            job = f"{e.job_id} ({e.details['run']})" if e.details.get("run") else e.job_id
             for s, q, n in e.history:
-                out.append(f"  {e.seq:>4} {when:19} {e.job_id[:36]:36} {e.round:>5} {e.mechanism:10} {s:>8.4f} "
+                out.append(f"  {e.seq:>4} {when:19} {job[:36]:36} {e.round:>5} {e.mechanism:10} {s:>8.4f} "
                            f"{q:>7.4f} {n:>6} {e.epsilon_after:>9.4f}")
         user = [e for e in mine if e.mechanism == "user_level"]
         if user:
