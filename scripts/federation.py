@@ -87,8 +87,10 @@ class Federation:
         return dict(self.state["admins"])
 
     def provision(self, project_yml: Path = PROJECT_YML, port: int | None = None, db_url: str | None = None,
-                  site_configs: Path | None = None, install_sites: bool = True) -> dict:
-        """nvflare provision + install every site. Returns the state written to <workspace>/federation.json."""
+                  site_configs: Path | None = None, install_sites: bool = True, he_keys: Path | None = None) -> dict:
+        """nvflare provision + install every site. Returns the state written to <workspace>/federation.json.
+        he_keys: a key custodian's folder (scripts/he_keys.py make --out): its server/ context goes to the server
+        kit, its hospitals/ context to each hospital kit (on one machine, the out-of-band hand-over is a copy)."""
         project = _project_with_port(yaml.safe_load(Path(project_yml).read_text()), port)
         out = self.workspace / "provision"
         if out.exists():
@@ -112,10 +114,12 @@ class Federation:
         }
         (self.workspace / STATE_FILE).write_text(json.dumps(state, indent=2))
         if install_sites:
-            install(kits / SERVER, SERVER, db_url=db_url)
+            server_ctx = Path(he_keys) / "server" / "server_context.tenseal" if he_keys else None
+            client_ctx = Path(he_keys) / "hospitals" / "client_context.tenseal" if he_keys else None
+            install(kits / SERVER, SERVER, db_url=db_url, he_context=server_ctx)
             for site in state["hospitals"]:
                 custom = Path(site_configs) / site / "fedmed_site.json" if site_configs else None
-                install(kits / site, site, site_config=custom, check_import=False)
+                install(kits / site, site, site_config=custom, check_import=False, he_context=client_ctx)
         return state
 
     # --- processes -----------------------------------------------------------------------------------------------
