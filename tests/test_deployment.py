@@ -7,6 +7,7 @@ Every process is stopped by its PID in the fixture's finaliser, whatever happens
 """
 
 import importlib.util
+import json
 import signal
 import sys
 import time
@@ -142,6 +143,45 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
         repo.close()
     fed.timings.update(submit_s=out.submit_seconds, job_s=out.run_seconds, round_gaps_s=out.round_seconds)
     print(f"\nmeasured: {fed.timings}")
+
+
+def _patch_executor_args(job: Path, **args) -> Path:
+    """What a hostile submitter edits in the exported job: the hospitals' executor arguments."""
+    for cfg_path in job.rglob("config_fed_client.json"):
+        cfg = json.loads(cfg_path.read_text())
+        for ex in cfg["executors"]:
+            ex["executor"]["args"].update(args)
+        cfg_path.write_text(json.dumps(cfg))
+    return job
+
+
+@pytest.mark.parametrize("arg, value", [
+    # the submitter's own site config (e.g. without a privacy policy) and own CKKS context (a secret key it knows)
+    ("site_config", "/tmp/submitter/fedmed_site.json"),
+    ("he_context_file", "/tmp/submitter/client_context.tenseal"),
+])
+def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federation, tmp_path, arg, value):
+    fed = federation
+    job = _patch_executor_args(_export(tmp_path / "job", num_rounds=1, straggler_wait=5), **{arg: value})
+    out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
+                            db_url=fed.db_url, num_rounds=1)
+    assert out.status != COMPLETED
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        run_id = repo.run_id_for_job(out.job_id)
+        assert repo.get_run(run_id).status == "failed"
+        ups = repo.client_updates(run_id)
+        assert {u["site"] for u in ups} == set(HOSPITALS) and all(u["status"] == "refused" for u in ups)
+        assert all(f"the job sets {arg}={value!r}" in u["reason"] and "never from a job" in u["reason"] for u in ups)
+        assert [r.sites_accepted for r in repo.rounds_table(run_id)] == [()]  # nothing trained, nothing aggregated
+    finally:
+        repo.close()
+    # the reason is in the job's downloaded result (the server's log of the run)
+    assert out.result_dir is not None
+    logs = [p.read_text(errors="replace") for p in out.result_dir.rglob("log*.txt")]
+    assert any(f"refused the round: the job sets {arg}" in text for text in logs)
+    for site in HOSPITALS:  # and each hospital logged it at start-up, in its log of this job
+        assert any(_log_has(p, f"refuses this job: the job sets {arg}") for p in (fed.kit(site) / out.job_id).rglob("log*.txt"))
 
 
 def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation, tmp_path):
