@@ -2,7 +2,7 @@
 """A whole fedmed federation on one machine: the FL server and N hospitals as separate processes on 127.0.0.1.
 
     python scripts/federation.py provision --workspace runs/federation [--port 8102] [--db-url URL]
-                                            [--site-configs DIR]
+                                            [--site-configs DIR] [--he-keys DIR]
     python scripts/federation.py start  --workspace runs/federation [--sites hospital-a,...] [--timeout 120]
     python scripts/federation.py status --workspace runs/federation
     python scripts/federation.py stop   --workspace runs/federation
@@ -291,13 +291,15 @@ def main(argv=None) -> int:
             s.add_argument("--db-url", help="the server's FEDMED_DB_URL (default: site_configs/server/fedmed.env)")
             s.add_argument("--site-configs", type=Path,
                            help="folder with <site>/fedmed_site.json to install instead of site_configs/<site>/")
+            s.add_argument("--he-keys", type=Path,
+                           help="a key custodian's folder (scripts/he_keys.py make --out): installs its contexts")
         if name == "start":
             s.add_argument("--sites", help="comma-separated hospitals to start (default: all)")
             s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for registration")
     a = p.parse_args(argv)
     fed = Federation(a.workspace)
     if a.cmd == "provision":
-        state = fed.provision(a.project, a.port, a.db_url, a.site_configs)
+        state = fed.provision(a.project, a.port, a.db_url, a.site_configs, he_keys=a.he_keys)
         print(f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}")
     elif a.cmd == "start":
         sites = [s for s in a.sites.split(",") if s] if a.sites else None

@@ -181,7 +181,8 @@ def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federat
     logs = [p.read_text(errors="replace") for p in out.result_dir.rglob("log*.txt")]
     assert any(f"refused the round: the job sets {arg}" in text for text in logs)
     for site in HOSPITALS:  # and each hospital logged it at start-up, in its log of this job
-        assert any(_log_has(p, f"refuses this job: the job sets {arg}") for p in (fed.kit(site) / out.job_id).rglob("log*.txt"))
+        job_logs = (fed.kit(site) / out.job_id).rglob("log*.txt")
+        assert any(_log_has(p, f"refuses this job: the job sets {arg}") for p in job_logs)
 
 
 def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation, tmp_path):

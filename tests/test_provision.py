@@ -111,7 +111,8 @@ def test_install_refuses_swapped_he_contexts(provisioned):
     with pytest.raises(PermissionError, match="holds no CKKS secret key"):
         install(provisioned.kit("hospital-a"), "hospital-a", he_context=keys / "server" / "server_context.tenseal",
                 check_import=False)
-    assert not ts.context_from((provisioned.kit("server") / "startup" / "server_context.tenseal").read_bytes()).is_private()
+    server_ctx = provisioned.kit("server") / "startup" / "server_context.tenseal"
+    assert not ts.context_from(server_ctx.read_bytes()).is_private()
 
 
 def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_policies(provisioned):
@@ -150,7 +151,8 @@ def test_install_refuses_the_wrong_kit_and_a_bad_site_config(provisioned, tmp_pa
     with pytest.raises(ValueError, match="data.format must be one of"):
         install(provisioned.kit("hospital-a"), "hospital-a", site_config=bad, check_import=False)
     no_dp = tmp_path / "no_dp.json"
-    no_dp.write_text(json.dumps({"site_name": "hospital-a", "data": {"format": "dicom", "root": "d", "labels_csv": "l"}}))
+    no_dp.write_text(json.dumps({"site_name": "hospital-a",
+                                 "data": {"format": "dicom", "root": "d", "labels_csv": "l"}}))
     with pytest.raises(ValueError, match="has no 'privacy' policy: a hospital's own config must set its DP ceiling"):
         install(provisioned.kit("hospital-a"), "hospital-a", site_config=no_dp, check_import=False)
     other = tmp_path / "other.json"

@@ -99,8 +99,8 @@ def main(argv=None) -> int:
         print(f"he_keys: {e}", file=sys.stderr)
         return 1
     print(f"key set {keys.key_id[:12]} written to {a.out}:\n"
-          f"  {a.out / SERVER_DIR / SERVER_CONTEXT_FILE}: no secret key; give it to the FL admin, who installs it with\n"
-          f"      site_configs/install.sh <server kit> server --he-context <that file>\n"
+          f"  {a.out / SERVER_DIR / SERVER_CONTEXT_FILE}: no secret key; give it to the FL admin, who installs\n"
+          f"      it with site_configs/install.sh <server kit> server --he-context <that file>\n"
           f"  {a.out / HOSPITALS_DIR}/: THE SECRET KEY; hand it to each hospital's IT out of band (never through the\n"
           f"      FL server or its admin), who installs it with\n"
           f"      site_configs/install.sh <kit> <site> --he-context <folder>/{CLIENT_CONTEXT_FILE}")

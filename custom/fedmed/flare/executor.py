@@ -275,7 +275,8 @@ class FedMedTrainer(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         if self._refusal is not None:
-            return FLModelUtils.to_shareable(FLModel(metrics={}, meta={C.META_REFUSED: self._refusal, C.META_SITE: site}))
+            return FLModelUtils.to_shareable(FLModel(metrics={},
+                                                     meta={C.META_REFUSED: self._refusal, C.META_SITE: site}))
         if self._model is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         try:
@@ -304,7 +305,8 @@ class FedMedTrainer(Executor):
             if self._privacy is not None:
                 meta.update({C.META_EPSILON: self._privacy.epsilon_spent, C.META_DELTA: self._privacy.policy.delta,
                              C.META_EPSILON_BUDGET: self._privacy.policy.epsilon})
-            return FLModelUtils.to_shareable(FLModel(metrics={C.META_EPSILON: meta.get(C.META_EPSILON, 0.0)}, meta=meta))
+            return FLModelUtils.to_shareable(FLModel(metrics={C.META_EPSILON: meta.get(C.META_EPSILON, 0.0)},
+                                                     meta=meta))
         except TrainingAborted:
             self.log_warning(fl_ctx, f"site {site}: training aborted by the server")
             return make_reply(ReturnCode.TASK_ABORTED)

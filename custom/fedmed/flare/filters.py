@@ -76,8 +76,9 @@ class UpdateNoiseFilter(Filter):
         if dxo.data_kind == DataKind.METRICS:
             return shareable  # metrics-only replies (a refused round, the final-model acknowledgement)
         if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
-            return self._refuse(shareable, fl_ctx, f"payload kind {getattr(dxo.data_kind, 'value', dxo.data_kind)!r} cannot be clipped and noised "
-                                                   "(only WEIGHTS and WEIGHT_DIFF)")
+            kind = getattr(dxo.data_kind, "value", dxo.data_kind)
+            return self._refuse(shareable, fl_ctx, f"payload kind {kind!r} cannot be clipped and noised (only WEIGHTS "
+                                                   "and WEIGHT_DIFF)")
         if C.META_ENCRYPTED in (dxo.meta or {}):
             return self._refuse(shareable, fl_ctx, "the update carries CKKS-encrypted layers, which this filter "
                                                    "cannot clip or noise; use selective HE or user-level DP, not both")
