@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 PORT = 18921  # not the project default, so a developer's running federation does not collide
 THREADS = {"OMP_NUM_THREADS": "1"}
 JOB_TIMEOUT = 240
+USER_DP_SCOPE = "rehearsal_user_dp"
 
 
 def _export(dest: Path, **kw) -> Path:
@@ -67,6 +68,12 @@ def federation(tmp_path_factory, tiny_hospitals):
     fed = Federation(root / "fed")
     db_url = f"sqlite:///{root / 'fedmed.db'}"
     fed.provision(port=PORT, db_url=db_url, site_configs=write_site_configs(root / "configs", tiny_hospitals))
+    for site in HOSPITALS:  # a scope with the hospitals' own user-level DP filter (read when the site starts)
+        path = fed.kit(site) / "local" / "privacy.json"
+        policy = json.loads(path.read_text())
+        policy["scopes"].append({"name": USER_DP_SCOPE, "properties": {"fedmed_privacy": None}, "task_result_filters": [
+            {"path": "fedmed.flare.filters.UpdateNoiseFilter", "args": {"clip_norm": 50.0, "noise_multiplier": 0.01}}]})
+        path.write_text(json.dumps(policy))
     fed.db_url = db_url
     fed.timings = {}
     try:
@@ -143,6 +150,30 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
         repo.close()
     fed.timings.update(submit_s=out.submit_seconds, job_s=out.run_seconds, round_gaps_s=out.round_seconds)
     print(f"\nmeasured: {fed.timings}")
+
+
+def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federation, tmp_path):
+    from fedmed.privacy.ledger import PrivacyLedger
+
+    fed = federation
+    job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30)
+    meta = json.loads((job / "meta.json").read_text())
+    (job / "meta.json").write_text(json.dumps({**meta, "scope": USER_DP_SCOPE}))
+    out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
+                            db_url=fed.db_url, num_rounds=1)
+    assert out.status == COMPLETED
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        ups = repo.client_updates(repo.run_id_for_job(out.job_id))
+        assert {u["site"]: u["status"] for u in ups} == {s: "accepted" for s in HOSPITALS}
+    finally:
+        repo.close()
+    for site in HOSPITALS:  # charged in the kit's local/, before the update left the hospital
+        ledger = PrivacyLedger(fed.kit(site) / "local" / "privacy_ledger.jsonl")
+        mine = [e for e in ledger.entries() if e.job_id == out.job_id]
+        assert [(e.mechanism, e.round) for e in mine] == [("user_level", 0)] and ledger.verify() is None
+        assert mine[0].details["relation"] == "replace" and mine[0].details["noise_std"] == pytest.approx(1.0)
+        assert mine[0].history == ((0.01, 1.0, 1),)  # std / 2C at the example level
 
 
 def _patch_executor_args(job: Path, **args) -> Path:

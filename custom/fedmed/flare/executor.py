@@ -31,7 +31,7 @@ from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
-from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, PrivacyLedger, dataset_fingerprint
+from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, PrivacyLedger, dataset_fingerprint
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
@@ -299,7 +299,7 @@ class FedMedTrainer(Executor):
             if self._he is not None:
                 self._encrypt_result(site, round_num, result, fl_ctx)
             return FLModelUtils.to_shareable(result)
-        except BudgetExceeded as e:
+        except (BudgetExceeded, LedgerError) as e:  # before training: a ceiling, or a ledger damaged since start-up
             self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")
             meta = {C.META_REFUSED: str(e), C.META_SITE: site}
             if self._privacy is not None:
