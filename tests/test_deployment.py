@@ -6,6 +6,7 @@ completes; the server killed mid-job is restarted and the run ends 'interrupted'
 Every process is stopped by its PID in the fixture's finaliser, whatever happens.
 """
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.integration
 PORT = 18921  # not the project default, so a developer's running federation does not collide
 THREADS = {"OMP_NUM_THREADS": "1"}
 JOB_TIMEOUT = 240
+USER_DP_SCOPE = "rehearsal_user_dp"
 
 
 def _export(dest: Path, **kw) -> Path:
@@ -59,6 +61,12 @@ def federation(tmp_path_factory, tiny_hospitals):
     fed = Federation(root / "fed")
     db_url = f"sqlite:///{root / 'fedmed.db'}"
     fed.provision(port=PORT, db_url=db_url, site_configs=write_site_configs(root / "configs", tiny_hospitals))
+    for site in HOSPITALS:  # a scope with the hospitals' own user-level DP filter (read when the site starts)
+        path = fed.kit(site) / "local" / "privacy.json"
+        policy = json.loads(path.read_text())
+        policy["scopes"].append({"name": USER_DP_SCOPE, "properties": {"fedmed_privacy": None}, "task_result_filters": [
+            {"path": "fedmed.flare.filters.UpdateNoiseFilter", "args": {"clip_norm": 50.0, "noise_multiplier": 0.01}}]})
+        path.write_text(json.dumps(policy))
     fed.db_url = db_url
     fed.timings = {}
     try:
@@ -135,6 +143,70 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
         repo.close()
     fed.timings.update(submit_s=out.submit_seconds, job_s=out.run_seconds, round_gaps_s=out.round_seconds)
     print(f"\nmeasured: {fed.timings}")
+
+
+def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federation, tmp_path):
+    from fedmed.privacy.ledger import PrivacyLedger
+
+    fed = federation
+    job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30)
+    meta = json.loads((job / "meta.json").read_text())
+    (job / "meta.json").write_text(json.dumps({**meta, "scope": USER_DP_SCOPE}))
+    out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
+                            db_url=fed.db_url, num_rounds=1)
+    assert out.status == COMPLETED
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        ups = repo.client_updates(repo.run_id_for_job(out.job_id))
+        assert {u["site"]: u["status"] for u in ups} == {s: "accepted" for s in HOSPITALS}
+    finally:
+        repo.close()
+    for site in HOSPITALS:  # charged in the kit's local/, before the update left the hospital
+        ledger = PrivacyLedger(fed.kit(site) / "local" / "privacy_ledger.jsonl")
+        mine = [e for e in ledger.entries() if e.job_id == out.job_id]
+        assert [(e.mechanism, e.round) for e in mine] == [("user_level", 0)] and ledger.verify() is None
+        assert mine[0].details["relation"] == "replace" and mine[0].details["noise_std"] == pytest.approx(1.0)
+        assert mine[0].history == ((0.01, 1.0, 1),)  # std / 2C at the example level
+
+
+def _patch_executor_args(job: Path, **args) -> Path:
+    """What a hostile submitter edits in the exported job: the hospitals' executor arguments."""
+    for cfg_path in job.rglob("config_fed_client.json"):
+        cfg = json.loads(cfg_path.read_text())
+        for ex in cfg["executors"]:
+            ex["executor"]["args"].update(args)
+        cfg_path.write_text(json.dumps(cfg))
+    return job
+
+
+@pytest.mark.parametrize("arg, value", [
+    # the submitter's own site config (e.g. without a privacy policy) and own CKKS context (a secret key it knows)
+    ("site_config", "/tmp/submitter/fedmed_site.json"),
+    ("he_context_file", "/tmp/submitter/client_context.tenseal"),
+])
+def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federation, tmp_path, arg, value):
+    fed = federation
+    job = _patch_executor_args(_export(tmp_path / "job", num_rounds=1, straggler_wait=5), **{arg: value})
+    out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
+                            db_url=fed.db_url, num_rounds=1)
+    assert out.status != COMPLETED
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        run_id = repo.run_id_for_job(out.job_id)
+        assert repo.get_run(run_id).status == "failed"
+        ups = repo.client_updates(run_id)
+        assert {u["site"] for u in ups} == set(HOSPITALS) and all(u["status"] == "refused" for u in ups)
+        assert all(f"the job sets {arg}={value!r}" in u["reason"] and "never from a job" in u["reason"] for u in ups)
+        assert [r.sites_accepted for r in repo.rounds_table(run_id)] == [()]  # nothing trained, nothing aggregated
+    finally:
+        repo.close()
+    # the reason is in the job's downloaded result (the server's log of the run)
+    assert out.result_dir is not None
+    logs = [p.read_text(errors="replace") for p in out.result_dir.rglob("log*.txt")]
+    assert any(f"refused the round: the job sets {arg}" in text for text in logs)
+    for site in HOSPITALS:  # and each hospital logged it at start-up, in its log of this job
+        job_logs = (fed.kit(site) / out.job_id).rglob("log*.txt")
+        assert any(_log_has(p, f"refuses this job: the job sets {arg}") for p in job_logs)
 
 
 def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation, tmp_path):

@@ -1,6 +1,7 @@
 """provision/project.yml through the real `nvflare provision`, and site_configs installed into the kits."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import tenseal as ts
 
 from fedmed.cli.federation import Federation
 from fedmed.cli.install_kit import install, merge_resources
+from fedmed.crypto.keys import make_key_set
+from fedmed.paths import CHECKOUT as REPO
 
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]
 
@@ -19,7 +22,8 @@ def write_site_configs(dest: Path, data_root: Path) -> Path:
         rel = Path("..") / ".." / data_root.relative_to(dest.parent) / site if data_root.is_relative_to(dest.parent) \
             else data_root / site
         cfg = {"site_name": site, "data": {"format": "dicom", "root": str(rel / "dicom"),
-                                           "labels_csv": str(rel / "labels.csv")}, "resources": {"num_threads": 1}}
+                                           "labels_csv": str(rel / "labels.csv")}, "resources": {"num_threads": 1},
+               "synthetic_rehearsal": True}  # generated images: the only data a site may train without DP
         (dest / site / "fedmed_site.json").write_text(json.dumps(cfg))
     return dest
 
@@ -29,7 +33,9 @@ def provisioned(tmp_path_factory):
     root = tmp_path_factory.mktemp("prov")
     configs = write_site_configs(root / "configs", root / "data")
     fed = Federation(root / "fed")
-    fed.provision(port=18990, db_url="sqlite:////var/lib/fedmed/test.db", site_configs=configs)
+    make_key_set(root / "custodian")  # a hospital's key custodian, not provisioning, makes the CKKS keys
+    fed.provision(port=18990, db_url="sqlite:////var/lib/fedmed/test.db", site_configs=configs,
+                  he_keys=root / "custodian")
     return fed
 
 
@@ -50,19 +56,59 @@ def test_project_provisions_server_hospitals_and_admin_roles(provisioned):
     assert admin["host"] == "localhost" and admin["port"] == 18990
 
 
-def test_he_contexts_hospitals_hold_the_secret_key_and_the_server_does_not(provisioned):
+def _secret_key_windows(client_context: bytes) -> list[bytes]:
+    """Byte windows of the custodian's CKKS secret key as SEAL serialises it (they appear verbatim inside a client
+    context, so a copy of the key in any file, under any name, contains them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ts.context_from(client_context).secret_key().data.save(f"{tmp}/sk")
+        raw = Path(f"{tmp}/sk").read_bytes()
+    return [raw[i:i + 64] for i in range(len(raw) // 4, len(raw) - 64, len(raw) // 4)]
+
+
+def _holds_secret(path: Path, windows) -> bool:
+    data = path.read_bytes()
+    if any(w in data for w in windows):
+        return True
+    try:
+        return ts.context_from(data).is_private()  # any TenSEAL context, under any name, with a secret key
+    except Exception:
+        return False
+
+
+def test_no_file_of_the_provisioning_workspace_or_the_server_kit_holds_a_secret_key(provisioned, tmp_path):
+    keys = provisioned.workspace.parent / "custodian"  # made at a hospital, outside the provisioning machine
+    windows = _secret_key_windows((keys / "hospitals" / "client_context.tenseal").read_bytes())
+    assert _holds_secret(keys / "hospitals" / "client_context.tenseal", windows)  # the scan does find the key
+    # The FL admin's machine: provisioning, then the server kit installed with the custodian's server context (the
+    # hospital kits leave this machine before their IT installs the secret context).
+    fed = Federation(tmp_path / "admin")
+    fed.provision(port=18991, install_sites=False)
+    install(fed.kit("server"), "server", he_context=keys / "server" / "server_context.tenseal", check_import=False)
+    scanned = [p for p in fed.workspace.rglob("*") if p.is_file()]
+    assert len(scanned) > 20 and fed.kit("server") / "startup" / "server_context.tenseal" in scanned
+    assert [str(p) for p in scanned if _holds_secret(p, windows)] == []
+    # the installed federation's server kit too (its hospitals share this test machine)
+    assert [str(p) for p in provisioned.kit("server").rglob("*") if p.is_file() and _holds_secret(p, windows)] == []
     server_ctx = ts.context_from((provisioned.kit("server") / "startup" / "server_context.tenseal").read_bytes())
     assert not server_ctx.is_private() and server_ctx.is_public()
-    secrets = []
-    for site in HOSPITALS:
-        ctx = ts.context_from((provisioned.kit(site) / "startup" / "client_context.tenseal").read_bytes())
-        assert ctx.is_private()
-        secrets.append(ctx.serialize(save_secret_key=True))
-    assert len(set(secrets)) == 1  # one shared key pair: the server can aggregate what any hospital encrypts
-    # HEBuilder runs before SignatureBuilder, so the contexts are signed (NVFlare's HE loader requires it).
-    for name, ctx_file in [("server", "server_context.tenseal"), ("hospital-a", "client_context.tenseal")]:
-        signed = json.loads((provisioned.kit(name) / "startup" / "signature.json").read_text())
-        assert ctx_file in signed
+    for site in HOSPITALS:  # each hospital kit got the custodian's secret context and its key id at install
+        local = provisioned.kit(site) / "local"
+        assert ts.context_from((local / "client_context.tenseal").read_bytes()).is_private()
+        assert (local / "he_key_id.txt").read_text().strip() == \
+            (keys / "hospitals" / "he_key_id.txt").read_text().strip()
+        assert not list((provisioned.kit(site) / "startup").glob("*.tenseal"))  # provisioning made none
+
+
+def test_install_refuses_swapped_he_contexts(provisioned):
+    keys = provisioned.workspace.parent / "custodian"
+    with pytest.raises(PermissionError, match="holds a CKKS secret key"):
+        install(provisioned.kit("server"), "server", he_context=keys / "hospitals" / "client_context.tenseal",
+                check_import=False)
+    with pytest.raises(PermissionError, match="holds no CKKS secret key"):
+        install(provisioned.kit("hospital-a"), "hospital-a", he_context=keys / "server" / "server_context.tenseal",
+                check_import=False)
+    server_ctx = provisioned.kit("server") / "startup" / "server_context.tenseal"
+    assert not ts.context_from(server_ctx.read_bytes()).is_private()
 
 
 def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_policies(provisioned):
@@ -76,7 +122,10 @@ def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_polici
     assert "FEDMED_DB_URL=sqlite:////var/lib/fedmed/test.db" in (server_local / "fedmed.env").read_text()
     authz = json.loads((server_local / "authorization.json").read_text())["permissions"]
     assert authz["member"] == {"view": "any"} and authz["org_admin"]["submit_job"] == "none"
-    assert authz["lead"]["submit_job"] == "any" and authz["lead"]["byoc"] == "none"
+    # only the project admin submits jobs (a lead could otherwise send jobs to every hospital)
+    assert authz["lead"]["submit_job"] == "none" and authz["lead"]["byoc"] == "none"
+    assert [role for role, perms in authz.items() if perms == "any" or perms.get("submit_job", "none") != "none"] == \
+        ["project_admin"]
     for site in HOSPITALS:
         local = provisioned.kit(site) / "local"
         assert "fedmed." in json.loads((local / "resources.json").read_text())["class_allow_list"]
@@ -120,6 +169,11 @@ def test_install_refuses_the_wrong_kit_and_a_bad_site_config(provisioned, tmp_pa
     bad.write_text(json.dumps({"site_name": "hospital-a", "data": {"format": "png", "root": "x"}}))
     with pytest.raises(ValueError, match="data.format must be one of"):
         install(provisioned.kit("hospital-a"), "hospital-a", site_config=bad, check_import=False)
+    no_dp = tmp_path / "no_dp.json"
+    no_dp.write_text(json.dumps({"site_name": "hospital-a",
+                                 "data": {"format": "dicom", "root": "d", "labels_csv": "l"}}))
+    with pytest.raises(ValueError, match="has no 'privacy' policy: a hospital's own config must set its DP ceiling"):
+        install(provisioned.kit("hospital-a"), "hospital-a", site_config=no_dp, check_import=False)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"site_name": "hospital-b", "data": {"format": "dicom", "root": "d", "labels_csv": "l"}}))
     with pytest.raises(ValueError, match="is for site 'hospital-b', not 'hospital-a'"):
@@ -133,3 +187,15 @@ def test_resource_overrides_extend_the_allow_list_and_replace_components_by_id(t
     assert merged["class_allow_list"] == ["a.B", "fedmed."]
     assert merged["components"] == [{"id": "x", "args": {"p": f"{tmp_path.resolve()}/x"}}, {"id": "y"}]
     assert merged["servers"] == default["servers"]
+
+
+@pytest.mark.parametrize("site", HOSPITALS)
+def test_shipped_hospital_configs_carry_a_dp_policy_and_the_no_dp_scope_says_what_it_is_for(site):
+    from fedmed.site_config import load_site_config
+
+    cfg = load_site_config(REPO / "site_configs" / site / "fedmed_site.json")
+    assert cfg.privacy is not None and cfg.privacy.lifetime_epsilon is not None and not cfg.synthetic_rehearsal
+    scopes = {s["name"]: s["properties"] for s in json.loads((REPO / "site_configs" / site / "privacy.json")
+                                                              .read_text())["scopes"]}
+    assert all(props.get("fedmed_privacy") or "synthetic rehearsal data only" in props.get("note", "")
+               for props in scopes.values())

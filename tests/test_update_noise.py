@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedmed import constants as C
 from fedmed.flare.filters import UpdateNoiseFilter
+from fedmed.privacy.ledger import LedgerBinding, PrivacyLedger
 from fedmed.privacy.update_noise import clip_and_noise_update
 
 
@@ -39,17 +41,30 @@ def test_small_update_is_not_scaled(rng):
     np.testing.assert_allclose(out.params["w"], upd["w"], atol=1e-6)
 
 
-def test_noise_has_the_configured_scale_under_a_fixed_seed():
+@pytest.mark.parametrize("relation, std", [("add_remove", 1.0), ("replace", 2.0)])
+def test_noise_scale_follows_the_stated_neighbouring_relation(relation, std):
+    # add/remove one site moves the clipped update by at most C; replacing the site's data by up to 2C.
     ref = {"w": np.zeros(200_000, np.float32)}
-    a = clip_and_noise_update(ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1))
-    b = clip_and_noise_update(ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1))
-    assert a.noise_std == 1.0 and np.std(a.params["w"]) == pytest.approx(1.0, rel=0.01)
+    a = clip_and_noise_update(ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1),
+                              relation=relation)
+    b = clip_and_noise_update(ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1),
+                              relation=relation)
+    assert a.noise_std == std and a.sensitivity == std / 0.5
+    assert np.std(a.params["w"]) == pytest.approx(std, rel=0.01)
     np.testing.assert_array_equal(a.params["w"], b.params["w"])
+
+
+def test_the_default_relation_is_replace_one():
+    ref = {"w": np.zeros(10, np.float32)}
+    assert clip_and_noise_update(ref, ref, 1.0, 1.0, np.random.default_rng(0)).sensitivity == 2.0
+    assert UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=1.0).noise_std == 2.0
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(clip_norm=0.0, noise_multiplier=1.0), "clip_norm must be > 0"),
-    (dict(clip_norm=1.0, noise_multiplier=-1.0), "noise_multiplier must be >= 0"),
+    (dict(clip_norm=1.0, noise_multiplier=-1.0), "noise_multiplier must be > 0"),
+    (dict(clip_norm=1.0, noise_multiplier=0.0), "protects nothing"),
+    (dict(clip_norm=1.0, noise_multiplier=1.0, relation="swap"), "relation must be one of"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -63,17 +78,81 @@ def test_nan_update_is_never_released(rng):
         clip_and_noise_update(upd, ref, 1.0, 1.0, rng)
 
 
-def test_filter_noises_the_result_and_fails_closed_without_a_reference(rng):
+def _binding(tmp_path, ceiling=None):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    return LedgerBinding(ledger, "d" * 64, "job-1", 1e-5, ceiling)
+
+
+def _ctx(reference=None, binding=None, round_num=0):
+    ctx = FLContext()
+    if reference is not None:
+        ctx.set_prop(C.CTX_GLOBAL_PARAMS, reference, private=True, sticky=False)
+    if binding is not None:
+        ctx.set_prop(C.CTX_PRIVACY_LEDGER, {"binding": binding, "round": round_num}, private=True, sticky=False)
+    return ctx
+
+
+def _refusal(shareable):
+    return FLModelUtils.from_shareable(shareable).meta.get(C.META_REFUSED)
+
+
+def test_filter_noises_the_result_charges_the_ledger_and_fails_closed(rng, tmp_path):
     ref = _model(rng)
     upd = {k: v + (1.0 if v.dtype.kind == "f" else 0) for k, v in ref.items()}
     shareable = FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=upd, meta={"num_samples": 5}))
-    flt = UpdateNoiseFilter(clip_norm=2.0, noise_multiplier=0.1, seed=3)
-    ctx = FLContext()
+    flt = UpdateNoiseFilter(clip_norm=2.0, noise_multiplier=0.1, relation="add_remove", seed=3)
+    binding = _binding(tmp_path)
     with pytest.raises(RuntimeError, match="refusing to release an un-noised update"):
-        flt.process(shareable, ctx)
-    ctx.set_prop(C.CTX_GLOBAL_PARAMS, ref, private=True, sticky=False)
-    out = FLModelUtils.from_shareable(flt.process(shareable, ctx))
+        flt.process(shareable, _ctx(binding=binding))
+    # no ledger: nothing leaves, the server is told why
+    assert "privacy ledger is not open" in _refusal(flt.process(shareable, _ctx(reference=ref)))
+    assert binding.ledger.entries() == []
+    out = FLModelUtils.from_shareable(flt.process(shareable, _ctx(ref, binding, round_num=4)))
     assert out.meta[C.META_UPDATE_CLIP_NORM] == 2.0 and out.meta["num_samples"] == 5
     delta = _delta_norm(out.params, ref)
     noise_norm = 0.1 * 2.0 * np.sqrt(ref["w"].size + ref["b"].size)  # expected norm of the added noise
     assert abs(delta - np.sqrt(4.0 + noise_norm**2)) < 0.1 * noise_norm
+    [entry] = binding.ledger.entries()
+    # example level: any change to the site's data moves the clipped update by <= 2C, so sigma_eff = std / 2C
+    assert (entry.round, entry.mechanism, entry.history) == (4, "user_level", ((0.1 * 2.0 / 4.0, 1.0, 1),))
+    assert entry.details["relation"] == "add_remove" and entry.details["sensitivity"] == 2.0
+    assert out.meta[C.META_LIFETIME_EPSILON] == entry.epsilon_after > 0
+
+
+def test_filter_refuses_a_round_past_the_lifetime_ceiling(rng, tmp_path):
+    ref = _model(rng)
+    upd = {k: v + (1.0 if v.dtype.kind == "f" else 0) for k, v in ref.items()}
+    flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=2.0)
+    binding = _binding(tmp_path, ceiling=3.0)
+    released = 0
+    for r in range(20):
+        shareable = FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=upd, meta={}))
+        reason = _refusal(flt.process(shareable, _ctx(ref, binding, r)))
+        if reason:
+            break
+        released += 1
+    assert 0 < released < 20 and "over the site's lifetime ceiling 3.0" in reason
+    assert len(binding.ledger.entries()) == released and binding.lifetime_epsilon() <= 3.0
+
+
+def test_weight_diff_is_noised_as_the_delta_itself(rng, tmp_path):
+    diff = {"w": np.full((50, 40), 1.0, np.float32), "b": np.zeros(40, np.float32)}
+    shareable = FLModelUtils.to_shareable(FLModel(params_type=ParamsType.DIFF, params=diff, meta={}))
+    flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=1e-6, seed=0)
+    out = FLModelUtils.from_shareable(flt.process(shareable, _ctx(binding=_binding(tmp_path))))
+    norm = float(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in out.params.values())))
+    assert norm == pytest.approx(1.0, rel=1e-3)  # clipped from sqrt(2000) to C
+
+
+def test_payloads_the_filter_cannot_noise_are_refused_with_the_reason(rng, tmp_path):
+    ref = _model(rng)
+    flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=1.0)
+    binding = _binding(tmp_path)
+    encrypted = FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=ref,
+                                                  meta={C.META_ENCRYPTED: {"chunks": []}}))
+    assert "CKKS-encrypted layers" in _refusal(flt.process(encrypted, _ctx(ref, binding)))
+    other = DXO(DataKind.COLLECTION, data={"w": ref["w"]}).to_shareable()
+    assert "payload kind 'COLLECTION' cannot be clipped" in _refusal(flt.process(other, _ctx(ref, binding)))
+    metrics = FLModelUtils.to_shareable(FLModel(metrics={"saved": 1.0}))
+    assert flt.process(metrics, _ctx(ref, binding)) is metrics  # nothing of the model: passes as it is
+    assert binding.ledger.entries() == []

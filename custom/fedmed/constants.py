@@ -40,6 +40,7 @@ META_UPDATE_CLIP_NORM = "user_dp_clip_norm"  # set by fedmed.flare.filters.Updat
 META_UPDATE_NOISE_MULTIPLIER = "user_dp_noise_multiplier"
 META_SIGNATURE = "fedmed_signature"  # a site's ML-DSA-65 + Ed25519 signature of its update (fedmed.signing)
 META_GLOBAL_SIGNATURE = "fedmed_global_signature"  # the server's signature of the global model it sends
+META_LIFETIME_EPSILON = "dp_lifetime_epsilon"  # the site's dataset's epsilon across all jobs, from its privacy ledger
 
 # FLContext property (site side, one task): the global model in clear that the site trained from, for the
 # site's own result filters (UpdateNoiseFilter measures the update against it).
@@ -47,6 +48,9 @@ CTX_GLOBAL_PARAMS = "fedmed.global_params"
 # FLContext property (site side, one task): (keys, job id, round, site) the executor signed the update with, so a
 # result filter that changes the update (UpdateNoiseFilter) signs what it releases.
 CTX_SIGNER = "fedmed.signer"
+# FLContext property (site side, one task): {"binding": fedmed.privacy.ledger.LedgerBinding, "round": int}, with
+# which the site's UpdateNoiseFilter charges its round to the site's lifetime privacy ledger.
+CTX_PRIVACY_LEDGER = "fedmed.privacy_ledger"
 
 # Task a site answers after the last round: receive the final global model (decrypted there when HE is on) and keep it.
 TASK_FINAL_MODEL = "fedmed_final_model"

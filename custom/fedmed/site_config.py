@@ -33,6 +33,11 @@ class SiteConfig:
     hostile: Optional[Attack] = None  # rehearsal only: makes this site send hostile updates
     privacy: Optional[PrivacyPolicy] = None  # DP-SGD with this ceiling; None = no DP at this site
     source: Optional[Path] = None
+    # The site's lifetime privacy ledger; None = <kit>/local/privacy_ledger.jsonl. Only ever from this file.
+    privacy_ledger: Optional[Path] = None
+    # The data is synthetic (generated for a rehearsal): the only case in which a deployed site may run without a
+    # privacy policy. A real hospital's file never sets it.
+    synthetic_rehearsal: bool = False
 
 
 def _path(value, base: Path, key: str, source: Path) -> Path:
@@ -64,6 +69,14 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
     threads = raw.get("resources", {}).get("num_threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"{source}: resources.num_threads must be a positive integer, got {threads!r}")
+    unknown = set(raw) - {"site_name", "data", "resources", "hostile", "privacy", "privacy_ledger",
+                          "synthetic_rehearsal"}
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}")
+    synthetic = raw.get("synthetic_rehearsal", False)
+    if not isinstance(synthetic, bool):
+        raise ValueError(f"{source}: synthetic_rehearsal must be true or false, got {synthetic!r}")
+    ledger = raw.get("privacy_ledger")
     try:
         hostile = parse_attack(raw.get("hostile"))
         privacy = parse_privacy(raw.get("privacy"))
@@ -77,6 +90,8 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
         hostile=hostile,
         privacy=privacy,
         source=Path(source),
+        privacy_ledger=_path(ledger, base, "privacy_ledger", source) if ledger is not None else None,
+        synthetic_rehearsal=synthetic,
     )
 
 

@@ -1,6 +1,7 @@
 """A whole fedmed federation on one machine: the FL server and N hospitals as separate processes on 127.0.0.1.
 
     fedmed-federation provision --workspace runs/federation [--port 8102] [--db-url URL] [--site-configs DIR]
+                                [--he-keys DIR]
     fedmed-federation start  --workspace runs/federation [--sites hospital-a,...] [--timeout 120]
     fedmed-federation status --workspace runs/federation
     fedmed-federation stop   --workspace runs/federation
@@ -83,8 +84,10 @@ class Federation:
         return dict(self.state["admins"])
 
     def provision(self, project_yml: Path = PROJECT_YML, port: int | None = None, db_url: str | None = None,
-                  site_configs: Path | None = None, install_sites: bool = True) -> dict:
-        """nvflare provision + install every site. Returns the state written to <workspace>/federation.json."""
+                  site_configs: Path | None = None, install_sites: bool = True, he_keys: Path | None = None) -> dict:
+        """nvflare provision + install every site. Returns the state written to <workspace>/federation.json.
+        he_keys: a key custodian's folder (scripts/he_keys.py make --out): its server/ context goes to the server
+        kit, its hospitals/ context to each hospital kit (on one machine, the out-of-band hand-over is a copy)."""
         project = _project_with_port(yaml.safe_load(Path(project_yml).read_text()), port)
         out = self.workspace / "provision"
         if out.exists():
@@ -108,10 +111,12 @@ class Federation:
         }
         (self.workspace / STATE_FILE).write_text(json.dumps(state, indent=2))
         if install_sites:
-            install(kits / SERVER, SERVER, db_url=db_url)
+            server_ctx = Path(he_keys) / "server" / "server_context.tenseal" if he_keys else None
+            client_ctx = Path(he_keys) / "hospitals" / "client_context.tenseal" if he_keys else None
+            install(kits / SERVER, SERVER, db_url=db_url, he_context=server_ctx)
             for site in state["hospitals"]:
                 custom = Path(site_configs) / site / "fedmed_site.json" if site_configs else None
-                install(kits / site, site, site_config=custom, check_import=False)
+                install(kits / site, site, site_config=custom, check_import=False, he_context=client_ctx)
             exchange_signing_keys(kits / SERVER, [kits / site for site in state["hospitals"]])
         return state
 
@@ -284,13 +289,15 @@ def main(argv=None) -> int:
             s.add_argument("--db-url", help="the server's FEDMED_DB_URL (default: site_configs/server/fedmed.env)")
             s.add_argument("--site-configs", type=Path,
                            help="folder with <site>/fedmed_site.json to install instead of site_configs/<site>/")
+            s.add_argument("--he-keys", type=Path,
+                           help="a key custodian's folder (scripts/he_keys.py make --out): installs its contexts")
         if name == "start":
             s.add_argument("--sites", help="comma-separated hospitals to start (default: all)")
             s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for registration")
     a = p.parse_args(argv)
     fed = Federation(a.workspace)
     if a.cmd == "provision":
-        state = fed.provision(a.project, a.port, a.db_url, a.site_configs)
+        state = fed.provision(a.project, a.port, a.db_url, a.site_configs, he_keys=a.he_keys)
         print(f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}")
     elif a.cmd == "start":
         sites = [s for s in a.sites.split(",") if s] if a.sites else None

@@ -25,7 +25,8 @@ from fedmed.tasks import DEFAULT_TASK, TASKS
 def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:
     """The same fedmed_site.json a hospital writes by hand (see site_configs/), pointing at the generated data."""
     cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
-           "resources": {"num_threads": num_threads}}
+           "resources": {"num_threads": num_threads},
+           "synthetic_rehearsal": True}  # generated data: a deployed site may then run without a privacy policy
     path = site_dir / "fedmed_site.json"
     path.write_text(json.dumps(cfg, indent=2) + "\n")
     return path

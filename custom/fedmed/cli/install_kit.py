@@ -1,6 +1,6 @@
 """Install a site's settings from site_configs/ into its provisioned NVFlare startup kit.
 
-    fedmed-install-kit <kit_dir> <site> [--site-config FILE] [--db-url URL]
+    fedmed-install-kit <kit_dir> <site> [--site-config FILE] [--db-url URL] [--he-context FILE]
     (site_configs/install.sh <kit_dir> <site> runs this with the project's .venv; so does
     `python scripts/install_kit.py`)
 
@@ -14,9 +14,12 @@
     fedmed.env          environment for the site's processes (the server's FEDMED_DB_URL)
     fedmed_signing.key  this site's signing keys (ML-DSA-65 + Ed25519, 0600), made once, never replaced
     fedmed_signing.pub  its public bundle: carry it to the other side (fedmed-signing-keys export / install-*)
+    client_context.tenseal, he_key_id.txt   hospitals, with --he-context: the key custodian's secret context
+and, for the server with --he-context, startup/server_context.tenseal (the custodian's secret-free context, where
+fedmed's controller reads it; provisioning no longer makes keys: scripts/he_keys.py),
 and <kit_dir>/start_fedmed.sh, which starts the site with this checkout's Python
 (its venv, where fedmed is installed).
-Nothing under startup/ is touched: it is signed by the provisioner.
+Nothing else under startup/ is touched.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from fedmed import signing
 from fedmed.constants import ENV_DB_URL
+from fedmed.crypto.keys import install_client_context, install_server_context  # noqa: E402
 from fedmed.paths import SITE_CONFIGS
 from fedmed.site_config import load_site_config
 
@@ -98,6 +102,10 @@ def install_site_config(source: Path, site: str, dest: Path) -> list[str]:
     cfg = load_site_config(source)  # raises naming the file and the bad key
     if cfg.site_name != site:
         raise ValueError(f"{source} is for site {cfg.site_name!r}, not {site!r}")
+    if cfg.privacy is None and not cfg.synthetic_rehearsal:
+        # A job can name any scope in privacy.json; the site's own policy is what no job can loosen.
+        raise ValueError(f"{source} has no 'privacy' policy: a hospital's own config must set its DP ceiling; only "
+                         "synthetic rehearsal data (\"synthetic_rehearsal\": true) may run without one")
     raw = json.loads(source.read_text())
     raw["data"]["root"] = str(cfg.data.root)
     if cfg.data.labels_csv is not None:
@@ -124,7 +132,7 @@ def read_env(path: Path) -> dict:
 
 
 def install(kit: Path, site: str, site_config: Path | None = None, db_url: str | None = None,
-            python_bin: Path | None = None, check_import: bool = True) -> list[str]:
+            python_bin: Path | None = None, check_import: bool = True, he_context: Path | None = None) -> list[str]:
     """Install site_configs/<site> into the kit. Returns warnings (e.g. data not mounted yet); raises on errors."""
     kit = Path(kit).resolve()
     kind, name = kit_identity(kit)
@@ -135,6 +143,8 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
                          f"{sorted(p.name for p in SITE_CONFIGS.iterdir() if p.is_dir())}")
     local = kit / "local"
     warnings = []
+    if he_context is not None:  # first: a swapped context (secret to the server, public to a hospital) stops here
+        (install_server_context if kind == SERVER else install_client_context)(Path(he_context), kit)
     default = json.loads((local / "resources.json.default").read_text())
     override_file = site_file(site, "resources.json")
     override = json.loads(override_file.read_text()) if override_file else {}
@@ -191,10 +201,13 @@ def main(argv=None) -> int:
     p.add_argument("site", help="server, hospital-a, hospital-b or hospital-c")
     p.add_argument("--site-config", type=Path, help="fedmed_site.json to install instead of site_configs/<site>/")
     p.add_argument("--db-url", help=f"server only: {ENV_DB_URL} for the run record")
+    p.add_argument("--he-context", type=Path, help="the key custodian's (scripts/he_keys.py) server context for the "
+                                                   "server, its client context (with he_key_id.txt beside it) for a "
+                                                   "hospital")
     a = p.parse_args(argv)
     try:
-        warnings = install(a.kit_dir, a.site, a.site_config, a.db_url)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        warnings = install(a.kit_dir, a.site, a.site_config, a.db_url, he_context=a.he_context)
+    except (ValueError, FileNotFoundError, RuntimeError, PermissionError) as e:
         print(f"install failed: {e}", file=sys.stderr)
         return 1
     for w in warnings:

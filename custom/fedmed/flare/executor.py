@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -25,12 +26,14 @@ from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
 from fedmed.crypto import ckks
-from fedmed.data.loading import load_train_val
+from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
+from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
-from fedmed.privacy.policy import parse_privacy, strictest
+from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, PrivacyLedger, dataset_fingerprint
+from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
 from fedmed.tasks import DEFAULT_TASK, get_task
@@ -42,6 +45,21 @@ FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of th
 
 class GlobalModelRejected(Exception):
     """The global model this site was sent fails its own checks; the message says why."""
+
+
+class SiteSettingsRefused(RuntimeError):
+    """The job tried to set what only the site may set (or the site's own privacy state is unusable). The site
+    stays up and refuses every task of the job with this reason, so the server records it and the run fails."""
+
+
+def running_in_simulator(fl_ctx: FLContext) -> bool:
+    """True only under NVFlare's simulator, whose client engine is its SimulatorClientRunManager; a deployed kit's
+    client always runs NVFlare's ClientRunManager. Which engine runs a site is fixed by how the site was started,
+    never by the job, so a job submitter cannot make a hospital honour job-supplied site settings; the simulator and
+    the tests, which have no kits, keep passing them as job arguments."""
+    from nvflare.private.fed.simulator.simulator_app_runner import SimulatorClientRunManager
+
+    return isinstance(fl_ctx.get_engine(), SimulatorClientRunManager)
 
 
 class FedMedTrainer(Executor):
@@ -65,7 +83,8 @@ class FedMedTrainer(Executor):
         """Local trainer for one hospital.
 
         Args:
-            site_config: path to this hospital's fedmed_site.json. Default: $FEDMED_SITE_CONFIG, else
+            site_config: simulator only: path to this hospital's fedmed_site.json. A deployed hospital refuses a
+                job that sets it: it reads $FEDMED_SITE_CONFIG (the site's environment), else
                 <site workspace>/local/fedmed_site.json (what site_configs/install puts into a startup kit).
             image_size: square input size after resizing (the server must use the same).
             local_epochs: epochs over the local training set per round.
@@ -79,8 +98,9 @@ class FedMedTrainer(Executor):
                 columns, accepted modalities, loss and scores. Must match the server's.
             he_layers: parameters sent CKKS-encrypted (exact names or prefixes ending in '.', e.g.
                 ["class_layers.out."]); None or empty = no HE. Must match the server's.
-            he_context_file: this hospital's TenSEAL context with the secret key. Default:
-                <startup kit>/startup/client_context.tenseal, written at provisioning.
+            he_context_file: simulator only: this hospital's TenSEAL context with the secret key. A deployed
+                hospital refuses a job that sets it and reads <kit>/local/client_context.tenseal (installed from the
+                key custodian's key set, scripts/he_keys.py), else <kit>/startup/client_context.tenseal.
             dp_train_layers: parameter-name prefixes a site trains when its policy says DP-SGD (e.g.
                 ["features.denseblock4.", "features.norm5.", "class_layers."]); the rest stay at the global model's
                 values. None = all. DP noise is spread over every trained coordinate, so fine-tuning the top of a
@@ -123,6 +143,9 @@ class FedMedTrainer(Executor):
         self._he_names: tuple = ()
         self._last_head: Optional[dict] = None  # the last decrypted global head this site accepted
         self._site: Optional[SiteConfig] = None
+        self._ledger: Optional[LedgerBinding] = None
+        self._noise_filters: list = []  # the site's UpdateNoiseFilter(s) in the job's privacy scope
+        self._refusal: Optional[str] = None  # set at start-up when the site refuses the whole job
         self._train_ds = None
         self._val_ds = None
         self._model = None
@@ -135,19 +158,42 @@ class FedMedTrainer(Executor):
             # Fail at start-up, with the reason, rather than at round 1.
             try:
                 self._setup(fl_ctx)
+            except SiteSettingsRefused as e:
+                # Stay up and answer every task with the reason: the server records it and the run fails.
+                self._refusal = str(e)
+                self._model = None
+                self.log_error(fl_ctx, f"site {fl_ctx.get_identity_name()} refuses this job: {e}")
             except Exception as e:
                 self.system_panic(f"fedmed site setup failed: {secure_format_exception(e)}", fl_ctx)
 
+    def _refuse_job_settings(self, fl_ctx: FLContext) -> None:
+        """In a deployed kit, the site's config, privacy policy, HE secret context and data paths come only from
+        the kit or the site's environment: a job naming any of them is refused."""
+        named = [f"{arg}={getattr(self, arg)!r}" for arg in ("site_config", "he_context_file") if getattr(self, arg)]
+        if named and not running_in_simulator(fl_ctx):
+            raise SiteSettingsRefused(
+                f"the job sets {', '.join(named)}; this hospital takes its site config, privacy policy, data paths "
+                "and HE secret context only from its own kit (local/, startup/) or its environment "
+                f"({C.ENV_SITE_CONFIG}), never from a job")
+
     def _resolve_config_path(self, fl_ctx: FLContext) -> Path:
-        if self.site_config:
+        if self.site_config:  # simulator only (_refuse_job_settings)
             return Path(self.site_config)
         if os.environ.get(C.ENV_SITE_CONFIG):
             return Path(os.environ[C.ENV_SITE_CONFIG])
         workspace = fl_ctx.get_engine().get_workspace()
         return Path(workspace.get_site_config_dir()) / SITE_CONFIG_FILENAME
 
+    def _he_context_path(self, fl_ctx: FLContext) -> Path:
+        if self.he_context_file:  # simulator only (_refuse_job_settings)
+            return Path(self.he_context_file)
+        workspace = fl_ctx.get_engine().get_workspace()
+        local = Path(workspace.get_site_config_dir()) / ckks.CLIENT_CONTEXT_FILE
+        return local if local.is_file() else Path(workspace.get_file_path_in_startup(ckks.CLIENT_CONTEXT_FILE))
+
     def _setup(self, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
+        self._refuse_job_settings(fl_ctx)
         path = self._resolve_config_path(fl_ctx)
         self._site = load_site_config(path)
         if self._site.site_name != site:
@@ -163,8 +209,7 @@ class FedMedTrainer(Executor):
                 self._train_ds.labels = self._task.poisoned_labels(self._train_ds.labels)
         self._model = build_densenet121(self._task.num_outputs, norm=self.norm)
         if self.he_layers:
-            ctx_path = Path(self.he_context_file) if self.he_context_file else \
-                Path(fl_ctx.get_engine().get_workspace().get_file_path_in_startup(ckks.CLIENT_CONTEXT_FILE))
+            ctx_path = self._he_context_path(fl_ctx)
             self._he = ckks.load_client_context(ctx_path)
             self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), self.he_layers)
             if self._he.key_id is None:
@@ -178,11 +223,17 @@ class FedMedTrainer(Executor):
             if self._sign_keys.site != site:
                 raise ValueError(f"signing key in {key_dir} is {self._sign_keys.site!r}'s, but this client is {site!r}")
         policy, source = self._privacy_policy(fl_ctx)
+        if policy is None and not self._site.synthetic_rehearsal and not running_in_simulator(fl_ctx):
+            raise SiteSettingsRefused(
+                f"no privacy policy applies to this job at {site} (neither {path} nor the job's privacy scope sets "
+                "one); only a site whose fedmed_site.json marks its data \"synthetic_rehearsal\" trains without DP")
+        if policy is not None or self._noise_filters:
+            self._ledger = self._open_ledger(site, policy, fl_ctx)
         if policy is not None:
             if self.norm != "group":
                 raise ValueError(f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
                                  "normalisation, which DP-SGD cannot privatise; the job must use norm='group'")
-            self._privacy = SitePrivacy(policy)
+            self._privacy = SitePrivacy(policy, self._ledger)
             trained = set_trainable(self._model, self.dp_train_layers)  # names a prefix that matches nothing
             set_trainable(self._model, None)
             what = "all" if self.dp_train_layers is None else f"{self.dp_train_layers}:"
@@ -195,6 +246,25 @@ class FedMedTrainer(Executor):
             f"data, loaded in {time.monotonic() - t0:.1f}s",
         )
 
+    def _open_ledger(self, site: str, policy, fl_ctx: FLContext) -> LedgerBinding:
+        """The site's lifetime ledger (path from fedmed_site.json, else <kit>/local/), verified, bound to this
+        dataset (content fingerprint of every image the task reads) and this job."""
+        path = self._site.privacy_ledger or \
+            Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / LEDGER_FILENAME
+        ledger = PrivacyLedger(path)
+        problem = ledger.verify()
+        if problem:
+            raise SiteSettingsRefused(f"the site's privacy ledger is damaged, so no privacy spend can be accounted: "
+                                      f"{problem}; the privacy officer must check it (scripts/privacy_ledger.py "
+                                      "verify)")
+        fingerprint = dataset_fingerprint(it.path for it in load_items(self._site.data, self._task))
+        binding = LedgerBinding(ledger, fingerprint, str(fl_ctx.get_job_id()),
+                                policy.delta if policy else DEFAULT_DELTA, policy.lifetime_ceiling if policy else None,
+                                run=uuid.uuid4().hex[:12])
+        self.log_info(fl_ctx, f"site {site}: privacy ledger {path}, dataset {fingerprint[:12]}: lifetime epsilon "
+                              f"{binding.lifetime_epsilon():.3f} of {binding.lifetime_ceiling}")
+        return binding
+
     def _privacy_policy(self, fl_ctx: FLContext):
         """The strictest of this site's fedmed_site.json policy and the one in the job's NVFlare privacy scope
         (<kit>/local/privacy.json, scope properties["fedmed_privacy"]), with where it came from."""
@@ -206,6 +276,8 @@ class FedMedTrainer(Executor):
         scope = scope_obj.name if scope_obj is not None else ""
         props = scope_obj.props if scope_obj is not None else {}
         raw = props.get(C.SCOPE_PRIVACY_KEY) if isinstance(props, dict) else None
+        filters = getattr(scope_obj, "task_result_filters", None) or {}
+        self._noise_filters = [f for group in filters.values() for f in group if isinstance(f, UpdateNoiseFilter)]
         try:
             scope_policy = parse_privacy(raw)
         except ValueError as e:
@@ -220,9 +292,12 @@ class FedMedTrainer(Executor):
             self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {self.train_task_name!r} "
                                    f"and {C.TASK_FINAL_MODEL!r}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
+        site = fl_ctx.get_identity_name()
+        if self._refusal is not None:
+            return FLModelUtils.to_shareable(FLModel(metrics={},
+                                                     meta={C.META_REFUSED: self._refusal, C.META_SITE: site}))
         if self._model is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        site = fl_ctx.get_identity_name()
         try:
             global_model = FLModelUtils.from_shareable(shareable)
             if self._server_key is not None:  # before decrypting or training on anything
@@ -237,6 +312,11 @@ class FedMedTrainer(Executor):
             if task_name == C.TASK_FINAL_MODEL:
                 return self._keep_final_model(site, global_params, global_model, fl_ctx)
             round_num = int(global_model.current_round or 0)
+            if self._ledger is not None:  # the site's user-level filter charges its part of the round with this
+                fl_ctx.set_prop(C.CTX_PRIVACY_LEDGER, {"binding": self._ledger, "round": round_num}, private=True,
+                                sticky=False)
+                if self._privacy is None and self._noise_filters:  # no DP-SGD: check the filter's part up front
+                    self._ledger.check(self._filter_history())
             load_numpy_state(self._model, global_params)
             total_rounds = int(global_model.total_rounds or 1)
             result = self._train_and_validate(site, round_num, total_rounds, fl_ctx, abort_signal)
@@ -254,18 +334,23 @@ class FedMedTrainer(Executor):
             self.log_error(fl_ctx, f"site {site}: refusing round: {e}")
             return FLModelUtils.to_shareable(FLModel(meta={C.META_REFUSED: f"global model rejected: {e}",
                                                            C.META_SITE: site}))
-        except BudgetExceeded as e:
+        except (BudgetExceeded, LedgerError) as e:  # before training: a ceiling, or a ledger damaged since start-up
             self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")
-            return FLModelUtils.to_shareable(FLModel(
-                metrics={C.META_EPSILON: self._privacy.epsilon_spent},
-                meta={C.META_REFUSED: str(e), C.META_SITE: site, C.META_EPSILON: self._privacy.epsilon_spent,
-                      C.META_DELTA: self._privacy.policy.delta, C.META_EPSILON_BUDGET: self._privacy.policy.epsilon}))
+            meta = {C.META_REFUSED: str(e), C.META_SITE: site}
+            if self._privacy is not None:
+                meta.update({C.META_EPSILON: self._privacy.epsilon_spent, C.META_DELTA: self._privacy.policy.delta,
+                             C.META_EPSILON_BUDGET: self._privacy.policy.epsilon})
+            return FLModelUtils.to_shareable(FLModel(metrics={C.META_EPSILON: meta.get(C.META_EPSILON, 0.0)},
+                                                     meta=meta))
         except TrainingAborted:
             self.log_warning(fl_ctx, f"site {site}: training aborted by the server")
             return make_reply(ReturnCode.TASK_ABORTED)
         except Exception as e:
             self.log_exception(fl_ctx, f"site {site}: training failed: {secure_format_exception(e)}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _filter_history(self) -> list:
+        return [h for f in self._noise_filters for h in f.example_history()]
 
     def _global_params(self, global_model: FLModel) -> dict:
         """The global model in clear: its encrypted layers (if any) decrypted with this hospital's key."""
@@ -312,18 +397,22 @@ class FedMedTrainer(Executor):
         def on_epoch_end(epoch: int, loss: float):
             self.log_info(fl_ctx, f"site {site} round {round_num}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}")
 
-        # Seed differs per round and site so sites don't share augmentation/shuffle streams.
+        # Seed differs per round and site so sites don't share augmentation/shuffle streams (not used by DP-SGD,
+        # whose sampling and noise come from the OS).
         seed = self.seed + 1000 * round_num + sum(site.encode())
         privacy_meta = {}
         if self._privacy is not None:
             self._model, dp = self._privacy.train_round(
                 self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
                 total_epochs=total_rounds * self.local_epochs, should_abort=lambda: abort_signal.triggered,
-                task=self._task, trainable=self.dp_train_layers,
+                task=self._task, trainable=self.dp_train_layers, round_num=round_num,
+                also_released=self._filter_history(),
             )
             train_loss = dp.train_loss
             privacy_meta = {C.META_EPSILON: dp.epsilon, C.META_DELTA: dp.delta,
                             C.META_EPSILON_BUDGET: self._privacy.policy.epsilon, C.META_NOISE_MULTIPLIER: dp.noise_multiplier}
+            if dp.lifetime_epsilon is not None:
+                privacy_meta[C.META_LIFETIME_EPSILON] = dp.lifetime_epsilon
             self.log_info(fl_ctx, f"site {site} round {round_num}: DP-SGD {dp.steps} steps, sigma "
                                   f"{dp.noise_multiplier:.3f}, epsilon spent {dp.epsilon:.3f} of {self._privacy.policy.epsilon}")
         else:

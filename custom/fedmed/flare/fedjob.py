@@ -35,7 +35,8 @@ def build_job(config: JobConfig, *, data_root: Path | None = None, he_keys_dir: 
     With data_root (simulation) each site's executor is pointed at <data_root>/<site>/fedmed_site.json and the
     server at <data_root>/global_test; without it (deployment) sites use their kit's local/fedmed_site.json and the
     server scores rounds by the sites' validation scores. With config.he_layers those parameters travel
-    CKKS-encrypted; the keys come from the startup kits (provisioning), or in simulation from he_keys_dir/<site>/
+    CKKS-encrypted; the keys come from the kits (installed from a hospital key
+    custodian's set, scripts/he_keys.py), or in simulation from he_keys_dir/<site>/
     (see prepare_simulator_keys)."""
     config = config.with_changes(**changes) if changes else config
     spec = get_task(config.task)
@@ -98,7 +99,8 @@ def he_keys_dir_for(workspace_root: Path, job_name: str) -> Path:
 
 
 def prepare_simulator_keys(workspace_root: Path, sites, job_name: str) -> str:
-    """What provisioning does for a real federation, for the simulator: a fresh CKKS key set; the secret-free
+    """What the key custodian does for a real federation (fedmed.crypto.keys), for the simulator: a fresh CKKS key
+    set (the simulator has no hospitals to hand it to, so this process makes it); the secret-free
     server context goes into <workspace>/<job>/startup/ (the simulator copies that folder to every participant,
     which is harmless for a public context), each hospital's secret context and the key id into
     <workspace>/<job>_he_keys/<site>/. Returns the key id."""

@@ -1,36 +1,42 @@
-"""Provisioning builder: NVFlare's HEBuilder plus the key-set id fedmed uses to refuse foreign ciphertexts.
+"""Provisioning builder that places a key custodian's *secret-free* CKKS server context in the server kit.
 
-In project.yml, in place of nvflare.lighter.impl.he.HEBuilder:
+Provisioning no longer makes keys: NVFlare's HEBuilder generates the whole key set on the provisioning machine (the
+server operator's) and copies the secret key into every kit, so the operator could read every head. Keys are made at
+a hospital instead (scripts/he_keys.py, fedmed.crypto.keys) and the secret context reaches the hospitals out of
+band. This builder is optional: it only puts the custodian's server context into the server kit before
+SignatureBuilder, so that file is signed with the kit; `site_configs/install.sh <server kit> server --he-context`
+does the same after provisioning. It refuses a context that holds a secret key. In project.yml:
+
     - path: fedmed.flare.he_builder.FedMedHEBuilder
-      args: {poly_modulus_degree: 8192, coeff_mod_bit_sizes: [60, 40, 40], scale_bits: 40}
+      args: {server_context: /path/from/custodian/server/server_context.tenseal}
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from nvflare.lighter.constants import ProvFileName
-from nvflare.lighter.impl.he import HEBuilder
-from nvflare.lighter.spec import Project, ProvisionContext
+from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from fedmed.crypto.ckks import CLIENT_CONTEXT_FILE, KEY_ID_FILE, SERVER_CONTEXT_FILE, key_id_of
+from fedmed.crypto.ckks import SERVER_CONTEXT_FILE, load_server_context
 
 
-class FedMedHEBuilder(HEBuilder):
-    """Writes server_context.tenseal (no secret key) into the server kit and client_context.tenseal (secret key)
-    into each hospital's kit, as HEBuilder does, then he_key_id.txt (sha256 of the server context) beside each
-    client context so a hospital whose kit comes from another provisioning is refused with that reason."""
+class FedMedHEBuilder(Builder):
+    def __init__(self, server_context: str):
+        """Args:
+            server_context: the key custodian's server/server_context.tenseal (no secret key; checked).
+        """
+        super().__init__()
+        if not server_context:
+            raise ValueError("FedMedHEBuilder needs server_context: the key custodian's server context "
+                             "(scripts/he_keys.py make); provisioning does not create keys")
+        self.server_context = server_context
 
     def build(self, project: Project, ctx: ProvisionContext):
-        if (ProvFileName.SERVER_CONTEXT_TENSEAL, ProvFileName.CLIENT_CONTEXT_TENSEAL) != (SERVER_CONTEXT_FILE,
-                                                                                         CLIENT_CONTEXT_FILE):
-            raise RuntimeError("NVFlare's HE context file names changed; update fedmed.crypto.ckks")
-        super().build(project, ctx)
+        loaded = load_server_context(Path(self.server_context))  # PermissionError if it holds a secret key
         server = project.get_server()
         if server is None:
-            raise ValueError("project.yml has no server: the HE key id is derived from the server's context")
-        with open(os.path.join(ctx.get_kit_dir(server), SERVER_CONTEXT_FILE), "rb") as f:
-            key_id = key_id_of(f.read())
-        for client in project.get_clients():
-            with open(os.path.join(ctx.get_kit_dir(client), KEY_ID_FILE), "w") as f:
-                f.write(key_id + "\n")
+            raise ValueError("project.yml has no server to install the HE server context into")
+        with open(os.path.join(ctx.get_kit_dir(server), SERVER_CONTEXT_FILE), "wb") as f:
+            f.write(Path(self.server_context).read_bytes())
+        ctx.info(f"installed HE server context (key set {loaded.key_id[:12]}, no secret key) into the server kit")

@@ -1,52 +1,52 @@
 """DP-SGD local training with Opacus and one RDP accountant that lives across all rounds of a job at one site.
 
 The accountant is Opacus' own (RDPAccountant); we only keep it alive between rounds and ask it, before training,
-what epsilon would be after this round, so the site can refuse a round that would break its ceiling.
+what epsilon would be after this round, so the site can refuse a round that would break its ceiling. With a
+lifetime ledger (fedmed.privacy.ledger) the round is also checked against, and charged to, the dataset's lifetime
+budget before any data is touched.
+
+Randomness: Poisson sampling and the Gaussian noise each use a torch.Generator seeded with 63 bits from the
+operating system (secrets, i.e. os.urandom) at every round, never from the job's configuration, so the server cannot
+replay which images were sampled or what noise was added. torch's CPU generator is a Mersenne Twister, not a
+cryptographic generator: Opacus' secure_mode needs torchcsprng, whose last release (0.2.1, 2021) is built against
+torch 1.8 and does not install beside this torch. What that leaves open is written in docs/THREAT_MODEL.md.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.model import set_trainable
+from fedmed.privacy.accounting import BudgetExceeded, HistoryEntry, SiteRDPAccountant  # noqa: F401 (re-exported)
+from fedmed.privacy.ledger import LedgerBinding
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.tasks import CHEST_XRAY14, TaskSpec
 from fedmed.training import run_epoch
 
 
-class SiteRDPAccountant(RDPAccountant):
-    """Opacus' RDP accountant, asked over more Renyi orders. Opacus' default orders stop at 63, and at delta 1e-5
-    the conversion term log(1/delta)/(order-1) alone is then 0.19: no amount of noise could certify epsilon below
-    about 0.1, so a site asking for 0.1 had to refuse. Orders up to 2048 (as TF Privacy offers) keep the bound
-    tight for small epsilons and leave it unchanged where the best order is below 64 (every preset)."""
-
-    ORDERS = RDPAccountant.DEFAULT_ALPHAS + list(range(64, 256, 4)) + list(range(256, 2049, 32))
-
-    def get_privacy_spent(self, *, delta: float, alphas=None):
-        return super().get_privacy_spent(delta=delta, alphas=self.ORDERS if alphas is None else alphas)
-
-
-class BudgetExceeded(RuntimeError):
-    """This round would take the site past its epsilon ceiling; the message says by how much."""
+def os_seeded_generator() -> torch.Generator:
+    """A torch generator seeded from the OS entropy pool: nothing the job or the server knows determines it."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 @dataclass(frozen=True)
 class RoundPrivacy:
-    epsilon: float  # cumulative after this round
+    epsilon: float  # cumulative after this round (this job)
     delta: float
     noise_multiplier: float
     steps: int
     train_loss: float
+    lifetime_epsilon: Optional[float] = None  # the dataset's, across jobs, when the site keeps a ledger
 
 
 def check_dp_compatible(model: torch.nn.Module) -> None:
@@ -56,10 +56,12 @@ def check_dp_compatible(model: torch.nn.Module) -> None:
 
 
 class SitePrivacy:
-    """Per-site DP state for one job: the policy, the calibrated noise, and the accountant."""
+    """Per-site DP state for one job: the policy, the calibrated noise, the job's accountant, and (at a deployed
+    site) the ledger binding that charges each round to the dataset's lifetime budget."""
 
-    def __init__(self, policy: PrivacyPolicy):
+    def __init__(self, policy: PrivacyPolicy, ledger: Optional[LedgerBinding] = None):
         self.policy = policy
+        self.ledger = ledger
         self.accountant = SiteRDPAccountant()
         self.noise_multiplier: Optional[float] = policy.noise_multiplier
 
@@ -96,49 +98,78 @@ class SitePrivacy:
         epochs: int,
         lr: float,
         batch_size: int,
-        seed: int,
-        total_epochs: int,
+        seed: Optional[int] = None,
+        total_epochs: int = 1,
         should_abort: Callable[[], bool] = lambda: False,
         task: TaskSpec = CHEST_XRAY14,
         trainable: Optional[Sequence[str]] = None,
+        round_num: int = 0,
+        also_released: Sequence[HistoryEntry] = (),
     ) -> tuple[torch.nn.Module, RoundPrivacy]:
         """One round of DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise). Raises BudgetExceeded
-        before touching the data if the round would exceed the ceiling. Returns the trained plain module.
+        before touching the data if the round would exceed the job's ceiling or (with a ledger) the dataset's
+        lifetime ceiling; with a ledger the round is charged, fsynced, before training. Returns the trained module.
+
+        seed: not used for sampling or noise, which come from the OS (module docstring); accepted so callers that
+            pass a job seed keep working, and deliberately ignored.
         trainable: parameter-name prefixes trained with DP-SGD (None = all); the rest stay frozen at the global
-        model's values, so the clipped signal is not diluted by noise on coordinates that do not move."""
+            model's values, so the clipped signal is not diluted by noise on coordinates that do not move.
+        round_num: the federation round, recorded in the ledger.
+        also_released: RDP entries of what else this round will release from the same data (the site's user-level
+            filter), counted in the lifetime check so a round is refused before training rather than trained and
+            then blocked at release; charged by whoever releases them.
+        """
+        del seed  # the job's seed must not determine DP randomness
         model.train()  # Opacus validates (and hooks) a model in training mode
         check_dp_compatible(model)
         set_trainable(model, trainable)
         try:
-            return self._train_round(model, dataset, epochs, lr, batch_size, seed, total_epochs, should_abort, task)
+            return self._train_round(model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task,
+                                     round_num, also_released)
         finally:
             set_trainable(model, None)
 
-    def _train_round(self, model, dataset, epochs, lr, batch_size, seed, total_epochs, should_abort, task):
+    def _train_round(self, model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task, round_num,
+                     also_released):
         # Opacus' Poisson loader draws len(loader) = ceil(N / B) batches per epoch at rate 1 / len(loader);
         # calibrate and predict with exactly those numbers, so the ceiling is met at the last round, not overshot.
         steps_per_epoch = math.ceil(len(dataset) / batch_size)
         sample_rate = 1.0 / steps_per_epoch
         self.calibrate(sample_rate, total_epochs * steps_per_epoch)
+        steps = epochs * steps_per_epoch
+        this_round = [(float(self.noise_multiplier), sample_rate, steps)]
+        # Every check, and the ledger charge, before Opacus or the loader reads a single image.
+        eps_after = self.predicted_epsilon(sample_rate, steps)
+        if eps_after > self.policy.epsilon * (1 + 1e-6):
+            raise BudgetExceeded(
+                f"privacy budget: this round would bring epsilon from {self.epsilon_spent:.3f} to "
+                f"{eps_after:.3f}, over the site's ceiling {self.policy.epsilon} (delta {self.policy.delta})"
+            )
+        lifetime = None
+        if self.ledger is not None:
+            self.ledger.check(this_round + list(also_released))  # the whole round, the filter's part included
+            lifetime = self.ledger.charge(round_num, "dp_sgd", this_round, details={
+                "max_grad_norm": self.policy.max_grad_norm, "epochs": epochs, "batch_size": batch_size,
+                "dataset_size": len(dataset), "job_epsilon_after": eps_after,
+                "job_epsilon_ceiling": self.policy.epsilon}).epsilon_after
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         engine.accountant = self.accountant  # the site's accountant, across rounds
-        generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        # Opacus' Poisson sampler draws from the loader's generator, the noise from noise_generator: both fresh
+        # from the OS every round (module docstring).
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=os_seeded_generator())
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure RNG: documented, we run without secure_mode
+            # Opacus warns that secure_mode is off: torchcsprng does not install here; the OS-seeded generators and
+            # what they imply are documented (module docstring, docs/THREAT_MODEL.md).
+            warnings.simplefilter("ignore")
             private_model, private_opt, private_loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-                max_grad_norm=self.policy.max_grad_norm, poisson_sampling=True,
+                max_grad_norm=self.policy.max_grad_norm, poisson_sampling=True, noise_generator=os_seeded_generator(),
             )
-        steps = epochs * len(private_loader)
-        eps_after = self.predicted_epsilon(sample_rate, steps)
-        if eps_after > self.policy.epsilon * (1 + 1e-6):  # checked before any data is touched
+        if len(private_loader) != steps_per_epoch:  # what was charged must be what runs
             private_model.remove_hooks()
-            raise BudgetExceeded(
-                f"privacy budget: this round would bring epsilon from {self.epsilon_spent:.3f} to {eps_after:.3f}, "
-                f"over the site's ceiling {self.policy.epsilon} (delta {self.policy.delta})"
-            )
+            raise RuntimeError(f"Opacus' loader runs {len(private_loader)} steps per epoch, {steps_per_epoch} were "
+                               "accounted; not training")
         private_model.train()
         loss = float("nan")
         for epoch in range(epochs):
@@ -150,4 +181,4 @@ class SitePrivacy:
                     delattr(p, attr)
         private_model.remove_hooks()
         spent = self.epsilon_spent
-        return plain, RoundPrivacy(spent, self.policy.delta, float(self.noise_multiplier), steps, loss)
+        return plain, RoundPrivacy(spent, self.policy.delta, float(self.noise_multiplier), steps, loss, lifetime)

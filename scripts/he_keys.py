@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""CKKS keys for selective HE, made by one hospital (the key custodian), never at provisioning:
+
+    python scripts/he_keys.py make --out DIR
+(logic and the hand-over in fedmed.crypto.keys)
+"""
+
+import sys
+
+from fedmed.crypto.keys import main
+
+if __name__ == "__main__":
+    sys.exit(main())

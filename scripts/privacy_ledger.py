@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""A hospital's lifetime privacy ledger, for its privacy officer: show every charge, or verify the chain.
+
+    python scripts/privacy_ledger.py show   <kit>/local/privacy_ledger.jsonl
+    python scripts/privacy_ledger.py verify <kit>/local/privacy_ledger.jsonl
+(logic in fedmed.privacy.ledger_cli)
+"""
+
+import sys
+
+from fedmed.privacy.ledger_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
