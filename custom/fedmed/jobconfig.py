@@ -93,6 +93,10 @@ class JobConfig:
             raise ValueError(f"sites names a hospital twice: {list(sites)}")
         object.__setattr__(self, "sites", sites)
         object.__setattr__(self, "he_layers", _names(self.he_layers, "he_layers"))
+        if self.he_layers:
+            from fedmed.rounds import check_encryption_compatible
+
+            check_encryption_compatible(self.aggregation)  # an HE job with a non-linear aggregator: refused here
         object.__setattr__(self, "dp_train_layers", _names(self.dp_train_layers, "dp_train_layers"))
         for key, low in (("num_rounds", 1), ("image_size", 32), ("local_epochs", 1), ("batch_size", 1),
                          ("round_timeout", 0), ("straggler_wait", 0), ("final_model_timeout", 0)):

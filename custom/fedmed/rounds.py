@@ -46,6 +46,9 @@ class SiteResult:
     privacy: Mapping = field(default_factory=dict)  # epsilon, delta, epsilon_budget, noise_multiplier
     encrypted: object = None  # wire-format CKKS block (fedmed.crypto.ckks.EncryptedLayers.to_wire()) or None
     refused: Optional[str] = None  # the site declined the round itself (privacy budget, a global model it rejects)
+    signature: Optional[str] = None  # hex signature of the update (fedmed.signing), kept with the record
+    signed_digest: Optional[str] = None  # hex digest the server computed and verified the signature over
+    authentication: Optional[str] = None  # why the signature failed (set by the adapter that verified it)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class RoundEngine:
 
     def find_problem(self, r: SiteResult, reference: Mapping[str, np.ndarray]) -> Optional[str]:
         """Why this result cannot be aggregated against the global model's clear part, or None."""
+        if r.authentication is not None:
+            return f"signature: {r.authentication}"
         problem = find_count_problem(r.claimed_samples)
         if problem:
             return problem
@@ -187,7 +192,8 @@ class RoundEngine:
             claimed = r.claimed_samples if isinstance(r.claimed_samples, (int, np.integer)) and \
                 not isinstance(r.claimed_samples, bool) else 0
             metrics = r.metrics if isinstance(r.metrics, Mapping) else {}
-            common = dict(site=r.site, num_samples=int(min(max(claimed, 0), 2**31 - 1)))
+            common = dict(site=r.site, num_samples=int(min(max(claimed, 0), 2**31 - 1)), signature=r.signature,
+                          signed_digest=r.signed_digest)
             reason = self.find_problem(r, reference)
             sha = None
             if reason is None:

@@ -19,8 +19,10 @@ from nvflare.security.logging import secure_format_exception
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed import constants as C
+from fedmed import signing
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
+from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.hashing import model_sha256
@@ -62,6 +64,7 @@ class FedMedController(ModelController):
         he_context_file: Optional[str] = None,
         final_model_timeout: int = 120,
         statistics_factor: float = DEFAULT_STATISTICS_FACTOR,
+        signatures: bool = False,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -100,6 +103,9 @@ class FedMedController(ModelController):
                 that answered the last round (a site that died since is not waited for longer than this).
             statistics_factor: how far a site's BatchNorm running statistics may move from the global model's in one
                 round before its update is rejected (fedmed.screening).
+            signatures: require every update signed by its hospital and sign every global model (fedmed.signing).
+                A server kit whose local/site_keys/ holds hospitals' public keys (installed out of band, as
+                fedmed-federation does) requires them whatever the job says.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -142,6 +148,9 @@ class FedMedController(ModelController):
         self.he_context_file = he_context_file
         self.final_model_timeout = final_model_timeout
         self.statistics_factor = statistics_factor
+        self.signatures = bool(signatures)
+        self._signer = None  # the server's signing keys, when signatures are on
+        self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
         # is refused before anything runs.
         self._rules = RoundRules(
@@ -166,6 +175,7 @@ class FedMedController(ModelController):
             encryption = self._setup_he(eval_model) if self.he_layers else None
             test_ds = None if encryption is not None else test_ds
             engine = RoundEngine(self._rules, encryption, trust=self._load_trust(db))
+            self._setup_signatures()
             for round_num in range(self.num_rounds):
                 if self.abort_signal.triggered:
                     status = "aborted"
@@ -176,7 +186,7 @@ class FedMedController(ModelController):
                     status = "aborted"
                     break
                 last_round_sites = [wire.site_of(r) for r in results]
-                site_results = [wire.to_site_result(r) for r in results]
+                site_results = [wire.to_site_result(r, self._verifier(round_num)) for r in results]
                 report = engine.step(round_num, self._clear_part(model.params), site_results, targets)
                 self._log_report(report)
                 if not report.aggregated:
@@ -264,6 +274,8 @@ class FedMedController(ModelController):
         if len(targets) < self.min_clients:
             raise RuntimeError(f"round {round_num + 1}: {len(targets)} site(s) connected, min_clients is {self.min_clients}")
         model.current_round, model.total_rounds, model.start_round = round_num, self.num_rounds, 0
+        if self._signer is not None:  # hospitals train only on a global model the server signed for this round
+            wire_sig.sign_global(model, self.fl_ctx.get_job_id(), round_num, self._signer)
         self.info(f"round {round_num + 1}/{self.num_rounds}: sending the global model to {targets}")
         # ModelController.send_model_and_wait ends the round at min_responses; we want every site that answers
         # within straggler_wait, so call the base broadcast with its grace period.
@@ -272,6 +284,29 @@ class FedMedController(ModelController):
             timeout=self.round_timeout, wait_time_after_min_received=self.straggler_wait,
         )
         return results, targets
+
+    def _setup_signatures(self) -> None:
+        local = Path(self.engine.get_workspace().get_site_config_dir())
+        keys_dir = local / signing.SITE_KEYS_DIR
+        kit_requires = keys_dir.is_dir() and any(keys_dir.glob("*.pub"))
+        if not (self.signatures or kit_requires):
+            return
+        self._signer = signing.load_site_keys(local)  # raises naming the missing file
+        self._site_keys = signing.load_public_keys_dir(keys_dir)
+        self.info(f"signatures on: updates must be signed (ML-DSA-65 + Ed25519) by one of {sorted(self._site_keys)}; "
+                  f"global models are signed with {local / signing.PRIVATE_FILE}")
+
+    def _verifier(self, round_num: int):
+        if self._signer is None:
+            return None
+        job_id = self.fl_ctx.get_job_id()
+
+        def verify(result: FLModel, site: str):
+            if site not in self._site_keys:
+                raise ValueError(f"no public signing key installed for {site} in the server kit's local/site_keys/")
+            return wire_sig.verify_result(result, job_id, round_num, site, self._site_keys[site])
+
+        return verify
 
     def _clear_part(self, params: dict) -> dict:
         return {k: v for k, v in params.items() if k not in self._he_names}
@@ -330,6 +365,8 @@ class FedMedController(ModelController):
         if not targets:
             self.warning("no site from the last round is connected: the final global model stays on the server")
             return
+        if self._signer is not None:
+            wire_sig.sign_global(model, self.fl_ctx.get_job_id(), int(model.current_round or 0), self._signer)
         try:
             # min_responses=1: a site that cannot take the model (e.g. other keys) must not fail a finished run.
             results = self.broadcast_model(task_name=C.TASK_FINAL_MODEL, data=model, targets=targets, min_responses=1,

@@ -25,6 +25,7 @@ from nvflare.private.privacy_manager import PrivacyService
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
+from fedmed import signing
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
@@ -169,7 +170,8 @@ class FedMedTrainer(Executor):
     def _refuse_job_settings(self, fl_ctx: FLContext) -> None:
         """In a deployed kit, the site's config, privacy policy, HE secret context and data paths come only from
         the kit or the site's environment: a job naming any of them is refused."""
-        named = [f"{arg}={getattr(self, arg)!r}" for arg in ("site_config", "he_context_file") if getattr(self, arg)]
+        named = [f"{arg}={getattr(self, arg)!r}" for arg in ("site_config", "he_context_file", "signing_key_dir")
+                 if getattr(self, arg)]
         if named and not running_in_simulator(fl_ctx):
             raise SiteSettingsRefused(
                 f"the job sets {', '.join(named)}; this hospital takes its site config, privacy policy, data paths "
@@ -217,8 +219,12 @@ class FedMedTrainer(Executor):
                                          "site's encrypted updates; provision with fedmed's HE builder")
             self.log_info(fl_ctx, f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
                                   f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}")
-        if self.signatures:  # missing keys fail the site at start, naming the file
-            key_dir = self.signing_key_dir or fl_ctx.get_engine().get_workspace().get_site_config_dir()
+        kit_local = Path(fl_ctx.get_engine().get_workspace().get_site_config_dir())
+        # A deployed kit that holds its signing key (install makes one) always signs and checks the server's
+        # signature, whatever the job says: a job submitter cannot switch that off.
+        kit_signs = not running_in_simulator(fl_ctx) and (kit_local / signing.PRIVATE_FILE).is_file()
+        if self.signatures or kit_signs:  # missing keys fail the site at start, naming the file
+            key_dir = self.signing_key_dir or kit_local
             self._sign_keys, self._server_key = wire_sig.load_keys(key_dir)
             if self._sign_keys.site != site:
                 raise ValueError(f"signing key in {key_dir} is {self._sign_keys.site!r}'s, but this client is {site!r}")

@@ -18,9 +18,18 @@ def site_of(result: FLModel) -> str:
     return str((result.meta or {}).get("client_name", "?"))
 
 
-def to_site_result(result: FLModel) -> SiteResult:
+def to_site_result(result: FLModel, verify=None) -> SiteResult:
+    """verify(result, site) -> (signature, digest), raising ValueError naming why (fedmed.flare.signatures): when
+    given, every update that is not a refusal must carry a valid signature of its site."""
     meta = result.meta or {}
     refused = meta.get(C.META_REFUSED)
+    signature = digest = problem = None
+    if verify is not None and refused is None:
+        try:
+            sig, dig = verify(result, site_of(result))
+            signature, digest = _hex(sig), _hex(dig)
+        except ValueError as e:
+            problem = str(e)[:300]
     return SiteResult(
         site=site_of(result),
         params=result.params,
@@ -29,7 +38,14 @@ def to_site_result(result: FLModel) -> SiteResult:
         privacy={k: meta.get(key) for k, key in PRIVACY_KEYS.items()},
         encrypted=meta.get(C.META_ENCRYPTED),
         refused=None if refused is None else str(refused),
+        signature=signature,
+        signed_digest=digest,
+        authentication=problem,
     )
+
+
+def _hex(value):
+    return value.hex() if isinstance(value, (bytes, bytearray)) else (None if value is None else str(value))
 
 
 def global_model(params: Mapping, round_num: int, meta: Mapping, encrypted=None) -> FLModel:
