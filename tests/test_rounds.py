@@ -266,3 +266,48 @@ def test_capped_counts_and_trust_reach_the_database_and_come_back_for_the_next_j
     assert RoundEngine(RoundRules(min_clients=2), trust={s: SiteTrust(t.trust, t.quarantined, t.good_streak)
                                                          for s, t in loaded.items()}).is_quarantined("evil")
     repo.close()
+
+
+# --- signatures: the Controller's verifier through the wire module into the engine (real ML-DSA-65 + Ed25519) ---
+
+def test_unsigned_forged_and_wrong_site_updates_are_rejected_and_the_signature_is_recorded(tmp_path):
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from fedmed import signing
+    from fedmed.flare import signatures as wire_sig
+    from fedmed.flare.wire import to_site_result
+
+    keys = {s: signing.load_site_keys(_keys(tmp_path, s)) for s in ("h0", "h1", "h2", "evil")}
+    public = {s: k.public for s, k in keys.items() if s != "evil"}  # evil's key was never installed at the server
+
+    def verify(result, site):
+        if site not in public:
+            raise ValueError(f"no public signing key installed for {site}")
+        return wire_sig.verify_result(result, "job", 0, site, public[site])
+
+    def model(site, seed, sign_as=None):
+        m = FLModel(params=upd(1.0, seed=seed), metrics={"val_accuracy": 0.5},
+                    meta={"num_samples": 300, "client_name": site})
+        if sign_as is not None:
+            wire_sig.sign_result(m, "job", 0, sign_as, keys[sign_as])
+        m.meta["client_name"] = site  # NVFlare sets it from the connection, after the site signed
+        return m
+
+    forged = model("h2", 2, sign_as="h2")
+    forged.meta["num_samples"] = 30000  # changed after signing (a man in the middle, or a lying proxy)
+    results = [model("h0", 0, "h0"), model("h1", 1, "h1"), forged, model("unsigned", 3),
+               model("evil", 4, "evil"), model("h1x", 5, "h0")]
+    rep = engine().step(0, GLOBAL, [to_site_result(r, verify) for r in results], [])
+    by = {u.site: u for u in rep.updates}
+    assert by["h0"].status == "accepted" and by["h0"].signature and len(by["h0"].signed_digest) == 64
+    for site in ("h2", "unsigned", "evil", "h1x"):
+        assert by[site].status == "rejected" and by[site].reason.startswith("signature:"), (site, by[site].reason)
+    assert "public signing key" in by["evil"].reason
+
+
+def _keys(tmp_path, site):
+    from fedmed import signing
+
+    local = tmp_path / site
+    signing.generate_site_keys(local, site)
+    return local

@@ -91,14 +91,19 @@ def test_the_global_model_is_signed_by_the_server_and_checked_by_the_site(keys):
         wire_sig.verify_global(_wire(forged), "job-1", 4, keys["server"].public)
 
 
-def test_update_noise_filter_signs_what_it_releases(keys):
+def test_update_noise_filter_signs_what_it_releases(keys, tmp_path):
+    from fedmed.privacy.ledger import LedgerBinding, PrivacyLedger
+
     model = _update()
+    del model.meta[C.META_ENCRYPTED]  # the filter refuses encrypted payloads (user-level DP or selective HE)
     reference = {k: v.copy() for k, v in model.params.items()}
     model.params = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in model.params.items()}
     wire_sig.sign_result(model, "job-1", 2, "hospital-a", keys["hospital-a"])
     flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=0.1, seed=0)
     ctx = FLContext()
     ctx.set_prop(C.CTX_GLOBAL_PARAMS, reference, private=True, sticky=False)
+    binding = LedgerBinding(PrivacyLedger(tmp_path / "ledger.jsonl"), "d" * 64, "job-1", 1e-5, None)
+    ctx.set_prop(C.CTX_PRIVACY_LEDGER, {"binding": binding, "round": 2}, private=True, sticky=False)
     with pytest.raises(RuntimeError, match="signature no longer matches"):
         flt.process(FLModelUtils.to_shareable(model), ctx)
     ctx.set_prop(C.CTX_SIGNER, (keys["hospital-a"], "job-1", 2, "hospital-a"), private=True, sticky=False)
