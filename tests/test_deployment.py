@@ -209,6 +209,30 @@ def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federat
         assert any(_log_has(p, f"refuses this job: the job sets {arg}") for p in job_logs)
 
 
+def test_a_hospital_whose_own_config_has_no_privacy_policy_refuses_unless_its_data_is_synthetic(federation, tmp_path):
+    # hospital-a's IT edits its installed config by hand: no privacy policy, data not marked synthetic. The job's
+    # "rehearsal" scope sets no policy either, so nothing would bound what leaves: the hospital refuses the job.
+    fed = federation
+    cfg_path = fed.kit("hospital-a") / "local" / "fedmed_site.json"
+    original = cfg_path.read_text()
+    cfg_path.write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "synthetic_rehearsal"}))
+    try:
+        job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30)
+        out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
+                                db_url=fed.db_url, num_rounds=1)
+    finally:
+        cfg_path.write_text(original)  # read at each job's start: the next job sees it again
+    assert out.status == COMPLETED  # the other two hospitals meet min_clients
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        ups = {u["site"]: u for u in repo.client_updates(repo.run_id_for_job(out.job_id))}
+    finally:
+        repo.close()
+    assert ups["hospital-a"]["status"] == "refused"
+    assert "no privacy policy applies to this job at hospital-a" in ups["hospital-a"]["reason"]
+    assert ups["hospital-b"]["status"] == ups["hospital-c"]["status"] == "accepted"
+
+
 def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation, tmp_path):
     fed = federation
     # 3 local epochs: the kill lands while hospital-c trains round 2.
