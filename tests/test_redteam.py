@@ -18,7 +18,7 @@ BLOCKED_EVERY_ROUND = {"sign_flip": "far outlier", "scale": "far outlier", "nan"
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("redteam")
     names = redteam.make_sites(root, 3, 12, seed=3, num_test=16, size=64)
-    train, test = redteam.load_sites(root, names, 32)
+    train, test, _ = redteam.load_sites(root, names, 32)
     return train, test
 
 

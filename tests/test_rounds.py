@@ -88,6 +88,20 @@ def test_batchnorm_statistics_within_the_bound_are_taken_as_a_coordinate_median(
     assert rep.params["bn.num_batches_tracked"].dtype == np.int64
 
 
+def test_validation_screening_rejects_what_distance_cannot_see():
+    # The server's validation score of each update, here the mean weight: the label-flipped site's update is as
+    # close to the others as they are to each other, but scores far below the median site.
+    sites = [SiteResult(f"h{i}", upd(1.0, seed=i), 300) for i in range(3)] + [SiteResult("flip", upd(1.0, seed=9), 300)]
+    score = {id(r.params): (0.52 if r.site == "flip" else 0.60 + 0.005 * i) for i, r in enumerate(sites)}
+    eng = RoundEngine(RoundRules(min_clients=2, validation_margin=0.05), validate=lambda p: score[id(p)])
+    rep = eng.step(0, GLOBAL, sites, [])
+    u = status(rep, "flip")
+    assert u.status == "rejected" and "validation score" in u.reason and "below the median" in u.reason
+    assert all(status(rep, f"h{i}").status == "accepted" for i in range(3))
+    # Without the validation set the same update is aggregated: distance alone does not see it.
+    assert status(engine().step(0, GLOBAL, sites, []), "flip").status == "accepted"
+
+
 def test_nan_update_is_rejected_and_quarantined_at_once():
     evil = SiteResult("evil", {**upd(1.0), "w": np.full(8, np.nan, np.float32)}, 300)
     eng = engine()

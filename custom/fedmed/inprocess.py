@@ -99,12 +99,16 @@ def federate(
     he_layers: Optional[Sequence[str]] = None,
     local_epochs: int = 1,
     on_round=None,
+    server_validation=None,
+    attack_from: int = 0,
 ) -> Federation:
     """Run `rounds` of FL over the given site datasets through the round engine.
 
     use_trust: the deployed trust rule (exclusion of far outliers, quarantine); False aggregates every valid
     update (NO_TRUST). he_layers: encrypt those layers with a fresh key set, as hospitals do. initial_params: the
     global model of round 1 (None = a fresh DenseNet-121 from `seed`). on_round(report): called after each round.
+    server_validation: a labelled dataset the server scores each update on (the Controller's validation
+    screening). attack_from: the round index from which the hostile sites attack (before it they are honest).
     A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
     if task is None:
         from fedmed.tasks import CHEST_XRAY14 as task  # noqa: N811  (the benchmarks' default task)
@@ -124,7 +128,15 @@ def federate(
         encryption = EncryptionSpec(server, he_names, {n: tuple(np.shape(global_params[n])) for n in he_names})
     rules = RoundRules(aggregation=aggregation, min_clients=min_clients,
                        trust=TrustPolicy() if use_trust else NO_TRUST)
-    engine = RoundEngine(rules, encryption)
+    validate = None
+    if server_validation is not None and not he_names:  # the server cannot read an encrypted head
+        val_model = build_densenet121(task.num_outputs, norm=norm)
+
+        def validate(params):
+            load_numpy_state(val_model, params)
+            return evaluate(val_model, server_validation, task).score
+
+    engine = RoundEngine(rules, encryption, validate=validate)
     dp = {name: SitePrivacy(privacy) for name in train_sets} if privacy else {}
     last_head: dict = {}
     global_block = None
@@ -132,12 +144,13 @@ def federate(
     out = Federation(float("nan"), float("nan"), {})
     for r in range(rounds):
         results = []
+        attacks = hostile if r >= attack_from else {}
         for name, train in train_sets.items():
             results.append(_site_round(name, train, r, rounds, global_params, global_block, he_ctx, he_names,
-                                       last_head, model, dp, hostile.get(name), task, lr, batch_size, seed,
+                                       last_head, model, dp, attacks.get(name), task, lr, batch_size, seed,
                                        trainable, local_epochs))
         for i, res in enumerate(results):
-            attack = hostile.get(res.site)
+            attack = attacks.get(res.site)
             if attack is not None and attack.on_wire and res.refused is None:
                 results[i] = apply_wire_attack(res, attack, r, history, results, he_ctx)
         for res in results:

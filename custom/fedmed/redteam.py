@@ -18,6 +18,7 @@ from fedmed.robust.attacks import Attack
 from fedmed.store.repository import Repository, RoundRecord
 
 HOSTILE = "hostile"  # the attacker's site name in every row
+SERVER_VALIDATION = "server-validation"  # labelled images the server scores each update on (validation screening)
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ class RowResult:
 
 
 def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, rounds: int, db_dir: Path,
-            tolerance: float = 0.02, **kw) -> RowResult:
-    """Play one attack (the site HOSTILE attacks from round 1) and judge it."""
+            tolerance: float = 0.02, attack_from: int = 0, **kw) -> RowResult:
+    """Play one attack (the site HOSTILE attacks from round index attack_from; honest before) and judge it. kw go to
+    fedmed.inprocess.federate (e.g. server_validation, batch_size)."""
     repo = Repository(f"sqlite:///{Path(db_dir) / (row.attack.kind + '.db')}")
     uid = f"redteam-{row.attack.kind}"
     repo.start_run(uid, row.name, uid, "geometric_median", rounds, {"attack": row.attack.kind})
@@ -71,7 +73,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
         repo.record_round(uid, RoundRecord(report.round_num, report.updates, alerts=report.alerts))
 
     fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, seed=0, on_round=record,
-                   he_layers=HE_LAYERS if row.he else None, **kw)
+                   he_layers=HE_LAYERS if row.he else None, attack_from=attack_from, **kw)
     run_id = repo.latest_run_id()
     rows = [u for u in repo.client_updates(run_id) if u["site"] == HOSTILE]
     alerts = [a for a in repo.alerts(run_id) if a["site"] == HOSTILE]
@@ -80,6 +82,8 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
 
     per_round, blocked, ratios, count_ratios = [], [], [], []
     for report in fed.reports:
+        if report.round_num < attack_from:
+            continue  # honest rounds: nothing to judge
         u = next(x for x in report.updates if x.site == HOSTILE)
         honest_w = [w for s, w in report.weights.items() if s != HOSTILE]
         if honest_w and max(honest_w) > 0:
@@ -92,14 +96,15 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
         blocked.append(u.status in BLOCKED)
     if fed.stopped:
         per_round.append(f"run stopped: {fed.stopped[:90]}")
-    database = (", ".join(f"r{u['round'] + 1} {u['status']}" for u in rows)
+    database = (", ".join(f"r{u['round'] + 1} {u['status']}" for u in rows if u["round"] >= attack_from)
                 + f"; {len(alerts)} alert(s)" + (f"; {len(refusals)} hospital refusal(s)" if refusals else ""))
     auroc = float(fed.auroc)
     bounded = abs(auroc - honest_auroc) <= tolerance
     hospitals_refused = bool(refusals) and all(u.status == "refused" for r in fed.reports[-1:] for u in r.updates
                                                if u.site != HOSTILE)
     # Rounds where the attack had nothing to act on (a replay in round 1) are honest rounds.
-    attacked = [b for b, r in zip(blocked, fed.reports) if not (row.attack.kind == "replay" and r.round_num == 0)]
+    judged = [r for r in fed.reports if r.round_num >= attack_from]
+    attacked = [b for b, r in zip(blocked, judged) if not (row.attack.kind == "replay" and r.round_num == 0)]
     if attacked and all(attacked) and all(u["reason"] for u in rows if u["status"] in BLOCKED):
         held, how = True, "rejected" if not any(u["status"] == "quarantined" for u in rows) else "rejected/quarantined"
     elif hospitals_refused:
@@ -139,13 +144,15 @@ def markdown(results: list, command: str, seconds: float, setup: str) -> str:
 
 
 def make_sites(root: Path, n_honest: int, per_site: int, seed: int, num_test: int, size: int = 96) -> list:
-    """n_honest synthetic hospitals honest-0.. plus HOSTILE (its data is honest; what it sends is not) and a
-    global test set, generated once into root. Returns the site names."""
+    """n_honest synthetic hospitals honest-0.. plus HOSTILE (its data is honest; what it sends is not), the
+    server's validation images (SERVER_VALIDATION) and a global test set, generated once into root. Returns the
+    training sites' names."""
     from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
 
     names = [f"honest-{i}" for i in range(n_honest)] + [HOSTILE]
     if not (root / "global_test" / "labels.csv").exists():
-        specs = [HospitalSpec(n, per_site, DEFAULT_HOSPITALS[i % 3].scanner) for i, n in enumerate(names)]
+        specs = [HospitalSpec(n, per_site, DEFAULT_HOSPITALS[i % 3].scanner)
+                 for i, n in enumerate(names + [SERVER_VALIDATION])]
         generate_hospitals(root, specs, num_test=num_test, seed=seed, size=size)
     return names
 
@@ -156,4 +163,6 @@ def load_sites(root: Path, names: list, image_size: int, seed: int = 0):
 
     train = {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
              for s in names}
-    return train, load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size)
+    test = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size)
+    val = load_test(root / SERVER_VALIDATION / "dicom", root / SERVER_VALIDATION / "labels.csv", image_size)
+    return train, test, val

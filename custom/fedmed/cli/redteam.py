@@ -27,7 +27,11 @@ def main(argv=None) -> int:
     p.add_argument("--honest", type=int, default=4, help="honest hospitals beside the hostile one")
     p.add_argument("--per-site", type=int, default=100)
     p.add_argument("--num-test", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--attack-from", type=int, default=2,
+                   help="round (1-based) from which the hostile site attacks; before it, it is an honest hospital")
+    p.add_argument("--no-validation", action="store_true",
+                   help="no server validation set (the server has none, or HE is on): distance rules only")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: two processes with 2 OpenMP threads each on 2 cores can run 100x slower)")
@@ -42,21 +46,26 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     names = redteam.make_sites(a.data, a.honest, a.per_site, seed=0, num_test=a.num_test)
-    train, test = redteam.load_sites(a.data, names, a.image_size)
-    kw = dict(batch_size=a.batch_size)
+    if not 1 <= a.attack_from <= a.rounds:
+        p.error(f"--attack-from must be in [1, --rounds], got {a.attack_from}")
+    train, test, val = redteam.load_sites(a.data, names, a.image_size)
+    kw = dict(batch_size=a.batch_size, server_validation=None if a.no_validation else val)
     refs = {}
     for he in sorted({r.he for r in rows}):
         refs[he] = redteam.honest_reference(train, test, a.rounds, he=he, **kw)
     results = []
     with tempfile.TemporaryDirectory() as dbs:
         for row in tqdm(rows, desc="attacks"):
-            res = redteam.run_row(row, train, test, refs[row.he], a.rounds, Path(dbs), a.tolerance, **kw)
+            res = redteam.run_row(row, train, test, refs[row.he], a.rounds, Path(dbs), a.tolerance,
+                                  attack_from=a.attack_from - 1, **kw)
             tqdm.write(f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
                        f"honest {res.honest_auroc:.3f}")
             results.append(res)
     setup = (f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
-             f"of data; it attacks from round 1), {a.rounds} rounds, {a.image_size} px, geometric median with trust "
-             f"and quarantine, global test set of {a.num_test} images. 'Honest only' is the same federation without "
+             f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile), "
+             f"{a.rounds} rounds from a fresh model, {a.image_size} px, geometric median with trust and quarantine"
+             + ("" if a.no_validation else f", validation screening on {a.per_site} server images") +
+             f", global test set of {a.num_test} images. 'Honest only' is the same federation without "
              f"the hostile site (with HE on for the HE rows). Held: within {a.tolerance} AUROC of honest only, or the "
              "update rejected/quarantined/refused with a recorded reason in every round it attacked.")
     command = "fedmed-redteam " + shlex.join(argv if argv is not None else sys.argv[1:])

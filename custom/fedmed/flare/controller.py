@@ -65,6 +65,7 @@ class FedMedController(ModelController):
         final_model_timeout: int = 120,
         statistics_factor: float = DEFAULT_STATISTICS_FACTOR,
         signatures: bool = False,
+        validation_images: int = 128,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -106,6 +107,9 @@ class FedMedController(ModelController):
             signatures: require every update signed by its hospital and sign every global model (fedmed.signing).
                 A server kit whose local/site_keys/ holds hospitals' public keys (installed out of band, as
                 fedmed-federation does) requires them whatever the job says.
+            validation_images: with a global test set and no HE, each valid update is also scored on the first this
+                many test images, and one more than RoundRules.validation_margin below the median site's is rejected
+                (it catches updates trained toward wrong labels, which distance cannot see); 0 turns it off.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -149,6 +153,9 @@ class FedMedController(ModelController):
         self.final_model_timeout = final_model_timeout
         self.statistics_factor = statistics_factor
         self.signatures = bool(signatures)
+        if validation_images < 0:
+            raise ValueError(f"validation_images must be >= 0, got {validation_images}")
+        self.validation_images = validation_images
         self._signer = None  # the server's signing keys, when signatures are on
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
@@ -174,7 +181,8 @@ class FedMedController(ModelController):
             # Inside the try: a refused HE context ends the run recorded as failed, with the reason.
             encryption = self._setup_he(eval_model) if self.he_layers else None
             test_ds = None if encryption is not None else test_ds
-            engine = RoundEngine(self._rules, encryption, trust=self._load_trust(db))
+            engine = RoundEngine(self._rules, encryption, trust=self._load_trust(db),
+                                 validate=self._validator(eval_model, test_ds))
             self._setup_signatures()
             for round_num in range(self.num_rounds):
                 if self.abort_signal.triggered:
@@ -284,6 +292,20 @@ class FedMedController(ModelController):
             timeout=self.round_timeout, wait_time_after_min_received=self.straggler_wait,
         )
         return results, targets
+
+    def _validator(self, eval_model, test_ds):
+        if test_ds is None or self.validation_images == 0:
+            return None
+        import torch
+
+        subset = torch.utils.data.Subset(test_ds, range(min(len(test_ds), self.validation_images)))
+
+        def validate(params) -> float:
+            load_numpy_state(eval_model, params)
+            return evaluate(eval_model, subset, self._task).score
+
+        self.info(f"each update is also scored on {len(subset)} server test images (validation screening)")
+        return validate
 
     def _setup_signatures(self) -> None:
         local = Path(self.engine.get_workspace().get_site_config_dir())
