@@ -3,8 +3,8 @@
 
     python scripts/bench_robustness.py [--rounds 3] [--image-size 64] [--out docs/bench_robustness.md]
 
-Runs the federated rounds in-process with the same core functions the NVFlare Controller and Executor call
-(training, attacks, aggregation, trust/quarantine), so it measures the aggregators, not the transport. Scenarios:
+Runs the federated rounds in-process through the round engine the NVFlare Controller calls (fedmed.rounds, via
+fedmed.inprocess; sites train as the Executor does), so it measures the aggregators, not the transport. Scenarios:
 clean 3 sites, 1-of-3 hostile, 2-of-5 hostile, and the honest sites alone as the reference for each hostile case.
 """
 
@@ -18,28 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fedmed.data.loading import load_test, load_train_val
-from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
+from fedmed.cli.bench_sites import load_train_sets, make_sites
+from fedmed.data.loading import load_test
 from fedmed.inprocess import federate
 from fedmed.robust.attacks import Attack
-from fedmed.site_config import DataConfig
 
 AGGREGATIONS = ("fedavg", "geometric_median", "coordinate_median", "trimmed_mean")
-
-
-def make_sites(root: Path, n_sites: int, per_site: int, seed: int, num_test: int = 200) -> list[str]:
-    """Synthetic sites site-0..site-(n-1) plus a num_test-image global test set, generated once into root."""
-    if (root / "global_test" / "labels.csv").exists():
-        return sorted(p.name for p in root.iterdir() if p.name.startswith("site-"))
-    specs = [HospitalSpec(f"site-{i}", per_site, DEFAULT_HOSPITALS[i % 3].scanner) for i in range(n_sites)]
-    generate_hospitals(root, specs, num_test=num_test, seed=seed, size=128)
-    return [s.name for s in specs]
-
-
-def load_train_sets(root: Path, sites: list, image_size: int, seed: int) -> dict:
-    """Each site's training split, decoded once (the benchmarks do not use the validation split)."""
-    return {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
-            for s in tqdm(sites, desc="loading sites")}
 
 
 def plot(results: dict, honest: dict, scenarios: list, path: Path) -> None:
@@ -100,7 +84,8 @@ def main(argv=None) -> int:
         f"Command: `python scripts/bench_robustness.py --rounds {a.rounds} --per-site {a.per_site} --image-size "
         f"{a.image_size} --attack {a.attack} --factor {a.factor}` ({time.time() - t0:.0f} s on a 2-core CPU).",
         f"Hostile sites send `{a.attack}` x{a.factor}. Geometric median runs with trust scoring and quarantine; the "
-        "baselines aggregate every finite update. Cells: final global test mean AUROC (200 images).",
+        "baselines aggregate every update that passes screening (no trust rule). Cells: final global test mean AUROC "
+        "(200 images).",
         "",
         "| scenario | " + " | ".join(AGGREGATIONS) + " | honest sites alone (geometric median) |",
         "|---|" + "---|" * (len(AGGREGATIONS) + 1),
