@@ -23,10 +23,14 @@ def _wire(model: FLModel) -> FLModel:
     return FLModelUtils.from_shareable(fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model))))
 
 
-def _signing_trainer(tiny_hospitals, tmp_path, keys):
-    """The real FedMedTrainer of hospital-a with signatures on, set up as at START_RUN, and a sender of global models."""
+def _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch):
+    """The real FedMedTrainer of hospital-a with signatures on, set up as at START_RUN, and a sender of global models.
+    Its settings come as job arguments, which only NVFlare's simulator honours: run it as the simulator would."""
     import json
 
+    import fedmed.flare.executor as executor_module
+
+    monkeypatch.setattr(executor_module, "running_in_simulator", lambda fl_ctx: True)
     from nvflare.apis.fl_context import FLContextManager
     from nvflare.apis.signal import Signal
 
@@ -63,11 +67,11 @@ def _signing_trainer(tiny_hospitals, tmp_path, keys):
     return send, site_pub
 
 
-def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospitals, tmp_path, keys):
+def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospitals, tmp_path, keys, monkeypatch):
     """Unsigned, signed by a hospital, or altered after signing: refused before anything is decrypted or trained."""
     from nvflare.apis.fl_constant import ReturnCode
 
-    send, _ = _signing_trainer(tiny_hospitals, tmp_path, keys)
+    send, _ = _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch)
     assert send().get_return_code() == ReturnCode.BAD_TASK_DATA  # unsigned
     assert send(keys["hospital-a"]).get_return_code() == ReturnCode.BAD_TASK_DATA  # signed by a hospital
 
@@ -78,10 +82,10 @@ def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospit
     assert send(keys["server"], swap_weights).get_return_code() == ReturnCode.BAD_TASK_DATA
 
 
-def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(tiny_hospitals, tmp_path, keys):
+def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(tiny_hospitals, tmp_path, keys, monkeypatch):
     from nvflare.apis.fl_constant import ReturnCode
 
-    send, site_pub = _signing_trainer(tiny_hospitals, tmp_path, keys)
+    send, site_pub = _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch)
     site = "hospital-a"
     reply = send(keys["server"])
     assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK

@@ -219,10 +219,12 @@ class FedMedTrainer(Executor):
                                          "site's encrypted updates; provision with fedmed's HE builder")
             self.log_info(fl_ctx, f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
                                   f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}")
-        kit_local = Path(fl_ctx.get_engine().get_workspace().get_site_config_dir())
+        engine = fl_ctx.get_engine()
+        kit_local = Path(engine.get_workspace().get_site_config_dir()) if engine is not None else None
         # A deployed kit that holds its signing key (install makes one) always signs and checks the server's
         # signature, whatever the job says: a job submitter cannot switch that off.
-        kit_signs = not running_in_simulator(fl_ctx) and (kit_local / signing.PRIVATE_FILE).is_file()
+        kit_signs = (kit_local is not None and not running_in_simulator(fl_ctx)
+                     and (kit_local / signing.PRIVATE_FILE).is_file())
         if self.signatures or kit_signs:  # missing keys fail the site at start, naming the file
             key_dir = self.signing_key_dir or kit_local
             self._sign_keys, self._server_key = wire_sig.load_keys(key_dir)
