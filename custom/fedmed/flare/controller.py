@@ -30,7 +30,7 @@ from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.robust.trust import SiteTrust, TrustPolicy
 from fedmed.rounds import EncryptionSpec, RoundEngine, RoundReport, RoundRules, check_encryption_compatible
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
-from fedmed.store.journal import JOURNAL_NAME, Journal, ResilientRecorder
+from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord, resolve_db_url
 from fedmed.tasks import DEFAULT_TASK, get_task
@@ -227,10 +227,11 @@ class FedMedController(ModelController):
         job_id = self.fl_ctx.get_job_id()
         workspace_root = Path(self.engine.get_workspace().get_root_dir())
         self._db_url = resolve_db_url(workspace_root, self.db_url)
-        # The journal lives at the workspace root so a later job replays what an earlier one could not write.
-        db = ResilientRecorder(lambda: Repository(self._db_url), Journal(workspace_root / JOURNAL_NAME), self.logger)
-        if db.journal.pending():
-            self.info(f"replaying {len(db.journal.pending())} journaled database write(s) from an earlier job")
+        # One journal per job at the workspace root (concurrent jobs never share a file); the recorder replays the
+        # journals earlier jobs left before this job's own writes.
+        db = ResilientRecorder(lambda: Repository(self._db_url), Journal.for_job(workspace_root, job_id), self.logger)
+        if db.all_pending():
+            self.info(f"replaying {db.all_pending()} journaled database write(s) from earlier jobs")
         run_uid = uuid.uuid4().hex
         config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size",
                                              "norm", "task", "he_layers", "statistics_factor")}
@@ -251,7 +252,7 @@ class FedMedController(ModelController):
 
     def _load_trust(self, db) -> dict:
         """Each site's trust as earlier jobs of this federation left it (same database)."""
-        if db.journal.pending():
+        if db.all_pending():
             self.warning("earlier trust scores are still journaled (database unavailable): this job starts from them "
                          "once replayed; until then sites start at initial trust")
         try:
