@@ -102,3 +102,24 @@ def audit_key_file(db_url, tmp_path):
     from fedmed.store.audit import ENV_AUDIT_KEY_FILE
 
     return Path(os.environ[ENV_AUDIT_KEY_FILE]) if db_url.startswith("postgresql") else tmp_path / "local" / "audit_key"
+
+
+@pytest.fixture(scope="module")
+def signing_keys(tmp_path_factory):
+    """Real signing key pairs (ML-DSA-65 + Ed25519) of hospital-a and the server, as install makes them."""
+    from fedmed import signing
+
+    root = tmp_path_factory.mktemp("signing-keys")
+    for site in ("hospital-a", "server"):
+        signing.generate_site_keys(root / site, site)
+    return {site: signing.load_site_keys(root / site) for site in ("hospital-a", "server")}
+
+
+def over_the_wire(model):
+    """An FLModel as the other side receives it: FLModel -> Shareable -> FOBS bytes and back."""
+    from nvflare.app_common.decomposers import common_decomposers
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+    from nvflare.fuel.utils import fobs
+
+    common_decomposers.register()
+    return FLModelUtils.from_shareable(fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model))))

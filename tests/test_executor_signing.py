@@ -6,24 +6,13 @@ from nvflare.app_common.decomposers import common_decomposers
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils import fobs
 
+from conftest import over_the_wire
 from fedmed import signing
 from fedmed.flare import signatures as wire_sig
 from fedmed.signing import SignatureError
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exec-keys")
-    for site in ("hospital-a", "server"):
-        signing.generate_site_keys(root / site, site)
-    return {site: signing.load_site_keys(root / site) for site in ("hospital-a", "server")}
-
-
-def _wire(model: FLModel) -> FLModel:
-    return FLModelUtils.from_shareable(fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model))))
-
-
-def _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch):
+def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     """The real FedMedTrainer of hospital-a with signatures on, set up as at START_RUN, and a sender of global models.
     Its settings come as job arguments, which only NVFlare's simulator honours: run it as the simulator would."""
     import json
@@ -46,7 +35,7 @@ def _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch):
     local = tmp_path / "local"
     signing.generate_site_keys(local, site)
     server_pub = tmp_path / "server.pub"
-    server_pub.write_text(keys["server"].public.to_json())
+    server_pub.write_text(signing_keys["server"].public.to_json())
     signing.install_public_keys(server_pub, local / signing.SERVER_KEY_FILE, "server")
     site_pub = signing.load_public_keys(local / signing.PUBLIC_FILE)
 
@@ -67,29 +56,29 @@ def _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch):
     return send, site_pub
 
 
-def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospitals, tmp_path, keys, monkeypatch):
+def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     """Unsigned, signed by a hospital, or altered after signing: refused before anything is decrypted or trained."""
     from nvflare.apis.fl_constant import ReturnCode
 
-    send, _ = _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch)
+    send, _ = _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch)
     assert send().get_return_code() == ReturnCode.BAD_TASK_DATA  # unsigned
-    assert send(keys["hospital-a"]).get_return_code() == ReturnCode.BAD_TASK_DATA  # signed by a hospital
+    assert send(signing_keys["hospital-a"]).get_return_code() == ReturnCode.BAD_TASK_DATA  # signed by a hospital
 
     def swap_weights(shareable):
         first = sorted(shareable["DXO"]["data"])[0]
         shareable["DXO"]["data"][first] = shareable["DXO"]["data"][first] + 1.0
 
-    assert send(keys["server"], swap_weights).get_return_code() == ReturnCode.BAD_TASK_DATA
+    assert send(signing_keys["server"], swap_weights).get_return_code() == ReturnCode.BAD_TASK_DATA
 
 
-def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(tiny_hospitals, tmp_path, keys, monkeypatch):
+def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     from nvflare.apis.fl_constant import ReturnCode
 
-    send, site_pub = _signing_trainer(tiny_hospitals, tmp_path, keys, monkeypatch)
+    send, site_pub = _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch)
     site = "hospital-a"
-    reply = send(keys["server"])
+    reply = send(signing_keys["server"])
     assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
-    result = _wire(FLModelUtils.from_shareable(reply))
+    result = over_the_wire(FLModelUtils.from_shareable(reply))
     wire_sig.verify_result(result, "job-1", 0, site, site_pub)  # what the server will check
     with pytest.raises(SignatureError, match="does not verify"):
         wire_sig.verify_result(result, "job-1", 0, "hospital-b", site_pub)

@@ -4,28 +4,15 @@ import numpy as np
 import pytest
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.decomposers import common_decomposers
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils import fobs
 
+from conftest import over_the_wire
 from fedmed import constants as C
 from fedmed import signing
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.signing import SignatureError
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wire-keys")
-    for site in ("hospital-a", "server"):
-        signing.generate_site_keys(root / site, site)
-    return {site: signing.load_site_keys(root / site) for site in ("hospital-a", "server")}
-
-
-def _wire(model: FLModel) -> FLModel:
-    common_decomposers.register()
-    return FLModelUtils.from_shareable(fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model))))
 
 
 def _update():
@@ -39,13 +26,13 @@ def _update():
                                             "key_id": "k"}})
 
 
-def test_a_signed_update_survives_the_wire_and_verifies(keys):
+def test_a_signed_update_survives_the_wire_and_verifies(signing_keys):
     model = _update()
-    wire_sig.sign_result(model, "job-1", 2, "hospital-a", keys["hospital-a"])
-    received = _wire(model)
-    sig, digest = wire_sig.verify_result(received, "job-1", 2, "hospital-a", keys["hospital-a"].public)
+    wire_sig.sign_result(model, "job-1", 2, "hospital-a", signing_keys["hospital-a"])
+    received = over_the_wire(model)
+    sig, digest = wire_sig.verify_result(received, "job-1", 2, "hospital-a", signing_keys["hospital-a"].public)
     assert sig == model.meta[C.META_SIGNATURE] and len(sig) == signing.SIGNATURE_BYTES
-    assert signing.verify(digest, sig, keys["hospital-a"].public) is None  # what audit_verify re-checks offline
+    assert signing.verify(digest, sig, signing_keys["hospital-a"].public) is None  # what audit_verify re-checks offline
 
 
 @pytest.mark.parametrize("tamper, says", [
@@ -56,49 +43,49 @@ def test_a_signed_update_survives_the_wire_and_verifies(keys):
     (lambda m: m.meta[C.META_ENCRYPTED]["chunks"].__setitem__(0, b"\x08" * 64), "does not verify"),
     (lambda m: m.meta.pop(C.META_SIGNATURE), "unsigned"),
 ])
-def test_an_update_changed_after_signing_is_refused_with_the_reason(keys, tamper, says):
+def test_an_update_changed_after_signing_is_refused_with_the_reason(signing_keys, tamper, says):
     model = _update()
-    wire_sig.sign_result(model, "job-1", 2, "hospital-a", keys["hospital-a"])
-    received = _wire(model)
+    wire_sig.sign_result(model, "job-1", 2, "hospital-a", signing_keys["hospital-a"])
+    received = over_the_wire(model)
     tamper(received)
     with pytest.raises(SignatureError, match=says):
-        wire_sig.verify_result(received, "job-1", 2, "hospital-a", keys["hospital-a"].public)
+        wire_sig.verify_result(received, "job-1", 2, "hospital-a", signing_keys["hospital-a"].public)
 
 
-def test_an_update_replayed_into_another_round_or_job_is_refused(keys):
+def test_an_update_replayed_into_another_round_or_job_is_refused(signing_keys):
     model = _update()
-    wire_sig.sign_result(model, "job-1", 2, "hospital-a", keys["hospital-a"])
-    received = _wire(model)
+    wire_sig.sign_result(model, "job-1", 2, "hospital-a", signing_keys["hospital-a"])
+    received = over_the_wire(model)
     for job, rnd in (("job-1", 3), ("job-2", 2)):
         with pytest.raises(SignatureError, match="does not verify"):
-            wire_sig.verify_result(received, job, rnd, "hospital-a", keys["hospital-a"].public)
+            wire_sig.verify_result(received, job, rnd, "hospital-a", signing_keys["hospital-a"].public)
 
 
-def test_the_global_model_is_signed_by_the_server_and_checked_by_the_site(keys):
+def test_the_global_model_is_signed_by_the_server_and_checked_by_the_site(signing_keys):
     model = FLModel(params_type=ParamsType.FULL, params={"w": np.ones((3, 3), np.float32)}, current_round=4)
-    wire_sig.sign_global(model, "job-1", 4, keys["server"])
-    received = _wire(model)
-    assert wire_sig.verify_global(received, "job-1", 4, keys["server"].public) is None
+    wire_sig.sign_global(model, "job-1", 4, signing_keys["server"])
+    received = over_the_wire(model)
+    assert wire_sig.verify_global(received, "job-1", 4, signing_keys["server"].public) is None
     received.params["w"][0, 0] = 0.0  # a man in the middle (or a rogue relay) swaps in its own weights
     with pytest.raises(SignatureError, match="global model was altered"):
-        wire_sig.verify_global(received, "job-1", 4, keys["server"].public)
-    unsigned = _wire(FLModel(params_type=ParamsType.FULL, params={"w": np.ones((3, 3), np.float32)}))
+        wire_sig.verify_global(received, "job-1", 4, signing_keys["server"].public)
+    unsigned = over_the_wire(FLModel(params_type=ParamsType.FULL, params={"w": np.ones((3, 3), np.float32)}))
     with pytest.raises(SignatureError, match="unsigned: no signature from server"):
-        wire_sig.verify_global(unsigned, "job-1", 4, keys["server"].public)
+        wire_sig.verify_global(unsigned, "job-1", 4, signing_keys["server"].public)
     forged = _update()  # a hospital cannot sign as the server
-    wire_sig.sign_global(forged, "job-1", 4, keys["hospital-a"])
+    wire_sig.sign_global(forged, "job-1", 4, signing_keys["hospital-a"])
     with pytest.raises(SignatureError, match="not server's installed key"):
-        wire_sig.verify_global(_wire(forged), "job-1", 4, keys["server"].public)
+        wire_sig.verify_global(over_the_wire(forged), "job-1", 4, signing_keys["server"].public)
 
 
-def test_update_noise_filter_signs_what_it_releases(keys, tmp_path):
+def test_update_noise_filter_signs_what_it_releases(signing_keys, tmp_path):
     from fedmed.privacy.ledger import LedgerBinding, PrivacyLedger
 
     model = _update()
     del model.meta[C.META_ENCRYPTED]  # the filter refuses encrypted payloads (user-level DP or selective HE)
     reference = {k: v.copy() for k, v in model.params.items()}
     model.params = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in model.params.items()}
-    wire_sig.sign_result(model, "job-1", 2, "hospital-a", keys["hospital-a"])
+    wire_sig.sign_result(model, "job-1", 2, "hospital-a", signing_keys["hospital-a"])
     flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=0.1, seed=0)
     ctx = FLContext()
     ctx.set_prop(C.CTX_GLOBAL_PARAMS, reference, private=True, sticky=False)
@@ -106,9 +93,9 @@ def test_update_noise_filter_signs_what_it_releases(keys, tmp_path):
     ctx.set_prop(C.CTX_PRIVACY_LEDGER, {"binding": binding, "round": 2}, private=True, sticky=False)
     with pytest.raises(RuntimeError, match="signature no longer matches"):
         flt.process(FLModelUtils.to_shareable(model), ctx)
-    ctx.set_prop(C.CTX_SIGNER, (keys["hospital-a"], "job-1", 2, "hospital-a"), private=True, sticky=False)
+    ctx.set_prop(C.CTX_SIGNER, (signing_keys["hospital-a"], "job-1", 2, "hospital-a"), private=True, sticky=False)
     out = flt.process(FLModelUtils.to_shareable(model), ctx)
     received = FLModelUtils.from_shareable(fobs.loads(fobs.dumps(out)))
     assert received.meta[C.META_UPDATE_CLIP_NORM] == 1.0
     assert not np.allclose(received.params["w"], model.params["w"])  # noised after the executor signed
-    wire_sig.verify_result(received, "job-1", 2, "hospital-a", keys["hospital-a"].public)
+    wire_sig.verify_result(received, "job-1", 2, "hospital-a", signing_keys["hospital-a"].public)
