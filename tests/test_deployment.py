@@ -139,6 +139,14 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
         updates = repo.client_updates(run_id)
         assert len(updates) == 6 and all(u["num_samples"] > 0 and u["val_mean_auroc"] is not None for u in updates)
         assert repo.verify_audit() is None
+        # The kits hold signing keys, so every update was signed, verified by the server and stored with its
+        # signature; the keyed record and every stored signature verify offline with the hospitals' public keys.
+        from fedmed import signing
+
+        assert all(u["signature"] and u["signed_digest"] for u in updates)
+        report = repo.audit_report(signing.load_public_keys_dir(fed.kit("server") / "local" / signing.SITE_KEYS_DIR))
+        assert not report.problems, report.problems
+        assert report.signatures_checked >= 6
     finally:
         repo.close()
     fed.timings.update(submit_s=out.submit_seconds, job_s=out.run_seconds, round_gaps_s=out.round_seconds)
