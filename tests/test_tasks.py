@@ -4,7 +4,6 @@ files, training, evaluation and the Controller's round scoring."""
 import numpy as np
 import pytest
 import torch
-from nvflare.app_common.abstract.fl_model import FLModel
 
 from fedmed import constants as C
 from fedmed.data.labels import load_dicom_site, read_site_label_csv
@@ -149,15 +148,22 @@ def test_controller_scores_rounds_by_the_tasks_metric(task_data):
     test_ds = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", 32, task)
     torch.manual_seed(0)
     model = build_densenet121(task.num_outputs)
-    score, mean_auroc, loss, metrics = controller._score(model, state_to_numpy(model), test_ds, [])
+    from fedmed.rounds import RoundReport, SiteResult
+
+    def report(params, used=None):
+        used = used or {}
+        return RoundReport(0, True, params, None, (), (), {s: 0.5 for s in used}, used, {})
+
+    score, mean_auroc, loss, metrics = controller._score(model, report(state_to_numpy(model)), [], test_ds)
     assert metrics["loss"] == loss and np.isfinite(loss)
     assert mean_auroc == pytest.approx(np.mean([v for k, v in metrics.items() if k.startswith("auroc/")]))
     assert score == (metrics["accuracy"] if task.is_multiclass else mean_auroc)
-    # Without a test set: the sample-weighted mean of the sites' validation score for this task.
+    # Without a test set: the aggregated sites' validation score for this task, weighted by their used (capped)
+    # sample counts.
     key = C.META_VAL_PREFIX + task.score_name
-    sites = [FLModel(metrics={C.META_VAL_MEAN_AUROC: 0.7, key: 0.9}, meta={C.META_NUM_SAMPLES: 30}),
-             FLModel(metrics={C.META_VAL_MEAN_AUROC: 0.6, key: 0.5}, meta={C.META_NUM_SAMPLES: 10})]
-    score, mean_auroc, loss, metrics = controller._score(model, None, None, sites)
+    sites = [SiteResult("a", metrics={C.META_VAL_MEAN_AUROC: 0.7, key: 0.9}),
+             SiteResult("b", metrics={C.META_VAL_MEAN_AUROC: 0.6, key: 0.5})]
+    score, mean_auroc, loss, metrics = controller._score(model, report(None, {"a": 30, "b": 10}), sites, None)
     assert score == pytest.approx(0.8) and loss is None and metrics == {}
     # For the chest task the score is the mean AUROC itself (the same key); for brain it is reported beside it.
     assert mean_auroc == pytest.approx(0.675 if task.is_multiclass else 0.8)
