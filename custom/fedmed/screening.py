@@ -5,20 +5,18 @@ rejects the update with that sentence as the recorded reason."""
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Mapping, Optional
 
 import numpy as np
 
 from fedmed.aggregation import is_statistic
+from fedmed.wire_checks import METRIC_NAME_PATTERN
 
 # A site's claimed training-set size: an int in [1, MAX_CLAIMED_SAMPLES]. Larger claims are not plausible for one
 # hospital's local epoch and would only be capped anyway (fedmed.aggregation.capped_counts).
 MAX_CLAIMED_SAMPLES = 10_000_000
 # Metric names become database rows and log lines: a short, printable, fixed alphabet (a 10 kB or control-character
-# name must not reach either). Per-class AUROCs ("val_auroc/Pleural_Thickening") fit comfortably.
-METRIC_NAME = re.compile(r"[A-Za-z0-9_./:-]{1,64}")
+# name must not reach either); the repository refuses the same names. Per-class AUROCs fit comfortably.
 MAX_METRICS = 256
 # BatchNorm statistics may move by at most this factor per round relative to the global model's (variance ratio in
 # [1/F, F]; mean shift at most F global standard deviations). Honest local epochs stay far inside it (measured on
@@ -37,8 +35,9 @@ def find_count_problem(claimed) -> Optional[str]:
 
 
 def find_metrics_problem(metrics) -> Optional[str]:
-    """Metric names and values a site reports: a mapping of at most MAX_METRICS names matching METRIC_NAME to
-    finite numbers (None is allowed: a metric the site could not compute)."""
+    """Metric names and values a site reports: a mapping of at most MAX_METRICS names matching METRIC_NAME_PATTERN to
+    numbers (None, NaN and Inf are allowed and not recorded: a metric the site could not compute). The same name
+    rule as fedmed.wire_checks, which the repository applies to what it stores."""
     if metrics is None:
         return None
     if not isinstance(metrics, Mapping):
@@ -46,7 +45,7 @@ def find_metrics_problem(metrics) -> Optional[str]:
     if len(metrics) > MAX_METRICS:
         return f"{len(metrics)} metrics, at most {MAX_METRICS} allowed"
     for name, value in metrics.items():
-        if not isinstance(name, str) or not METRIC_NAME.fullmatch(name):
+        if not isinstance(name, str) or not METRIC_NAME_PATTERN.fullmatch(name):
             shown = repr(name)[:40] + ("..." if len(repr(name)) > 40 else "")
             return (f"metric name {shown} (length {len(name) if isinstance(name, str) else '?'}) is not 1-64 "
                     "characters of A-Z a-z 0-9 _ . / : -")
@@ -54,8 +53,8 @@ def find_metrics_problem(metrics) -> Optional[str]:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             return f"metric {name}: value must be a number, got {type(value).__name__}"
-        if not math.isfinite(float(value)):
-            return f"metric {name}: value {value} is not finite"
+        # A NaN or infinite value is not an attack on anything (an AUROC over a split without positives is NaN):
+        # it is left out of the record, not a reason to reject the update.
     return None
 
 
