@@ -325,3 +325,17 @@ def _keys(tmp_path, site):
     local = tmp_path / site
     signing.generate_site_keys(local, site)
     return local
+
+
+def test_a_federation_whose_sites_are_all_quarantined_recovers_through_probation_rounds():
+    # Every site quarantined (say, by one bad release at every hospital, carried over from an earlier job): the
+    # rounds are not aggregated, but every valid update is scored against their own robust aggregate, so after
+    # readmit_after good rounds the sites are back and aggregation resumes.
+    quarantined = {f"h{i}": SiteTrust(0.5, quarantined=True) for i in range(3)}
+    eng = RoundEngine(RoundRules(min_clients=2), trust=quarantined)
+    reports = [eng.step(r, GLOBAL, honest(3, start=10 * r), []) for r in range(3)]
+    assert [r.aggregated for r in reports] == [False, False, True]
+    assert reports[0].probation and "not aggregating" in reports[0].problem and reports[0].params is None
+    assert all(u.status == "quarantined" and u.aggregation_weight == 0.0 for u in reports[0].updates)
+    assert any(a.kind == "readmitted" for a in reports[1].alerts)
+    assert not reports[2].probation and all(reports[2].weights[f"h{i}"] > 0 for i in range(3))

@@ -156,3 +156,18 @@ def test_payloads_the_filter_cannot_noise_are_refused_with_the_reason(rng, tmp_p
     metrics = FLModelUtils.to_shareable(FLModel(metrics={"saved": 1.0}))
     assert flt.process(metrics, _ctx(ref, binding)) is metrics  # nothing of the model: passes as it is
     assert binding.ledger.entries() == []
+
+
+def test_batchnorm_statistics_are_not_released_but_the_global_models_sent_back(rng, tmp_path):
+    # Noised, a running variance goes negative (the server rejects it); released as is, it would leak the site's
+    # data outside the guarantee. The filter sends the global model's statistics instead.
+    ref = {"w": rng.normal(size=16).astype(np.float32), "bn.running_mean": np.zeros(4, np.float32),
+           "bn.running_var": np.ones(4, np.float32), "bn.num_batches_tracked": np.array(3, np.int64)}
+    upd = {**ref, "w": ref["w"] + 1.0, "bn.running_var": np.full(4, 2.5, np.float32),
+           "bn.running_mean": np.full(4, 0.7, np.float32), "bn.num_batches_tracked": np.array(9, np.int64)}
+    shareable = FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=upd, meta={"num_samples": 5}))
+    flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=5.0, seed=3)
+    out = FLModelUtils.from_shareable(flt.process(shareable, _ctx(ref, _binding(tmp_path), round_num=0)))
+    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        np.testing.assert_array_equal(out.params[key], ref[key])
+    assert not np.allclose(out.params["w"], upd["w"])  # the weights are noised

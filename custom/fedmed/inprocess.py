@@ -161,6 +161,8 @@ def federate(
         if on_round is not None:
             on_round(report)
         if not report.aggregated:
+            if report.probation:
+                continue  # as the Controller: the global model stands, trust was updated
             out.stopped = report.problem
             break
         global_params = dict(report.params)

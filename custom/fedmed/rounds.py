@@ -112,6 +112,7 @@ class RoundReport:
     diagnostics: dict  # the aggregator's (Weiszfeld iterations, fallback, ...)
     problem: Optional[str] = None  # why the round was not aggregated
     log: tuple = ()  # (level, message) pairs for the adapter's logger: "info" | "warning"
+    probation: bool = False  # not aggregated, but every valid update was scored (trust can recover)
 
     @property
     def aggregated_sites(self) -> list:
@@ -249,7 +250,19 @@ class RoundEngine:
             if len(active) < self.rules.min_clients:
                 problem = (f"round {round_num + 1}: {len(active)} valid, trusted update(s), min_clients is "
                            f"{self.rules.min_clients}; not aggregating (the global model is left unchanged)")
-                return self._finish(round_num, records, None, None, log, problem)
+                probation = None
+                if len(valid) >= self.rules.min_clients:
+                    # Quarantine holds back too many sites to aggregate. Score every valid update against the
+                    # robust aggregate of all of them (committing nothing), so quarantined sites that behave can
+                    # earn re-admission: otherwise a federation whose sites were all quarantined once (a bad
+                    # release at every site) could never aggregate again.
+                    probation = aggregate_and_score({s: r.params for s, r in valid.items()},
+                                                    {s: int(r.claimed_samples) for s, r in valid.items()},
+                                                    self._aggregate, self.rules.trust, list(valid),
+                                                    self.rules.min_clients)
+                    log.append(("warning", f"probation round: {len(valid)} valid update(s) scored against their "
+                                           "own robust aggregate; the global model is not changed"))
+                return self._finish(round_num, records, probation, None, log, problem)
             outcome = aggregate_and_score({s: r.params for s, r in valid.items()},
                                           {s: int(r.claimed_samples) for s, r in valid.items()},
                                           self._aggregate, self.rules.trust, active, self.rules.min_clients)
@@ -293,8 +306,9 @@ class RoundEngine:
         dist, scored, excluded = {}, {}, ()
         if outcome is not None:
             dist, scored, excluded = outcome.distances, outcome.scored, outcome.excluded
-            weights, used = outcome.weights, outcome.used_counts
-            diagnostics, params = dict(outcome.result.diagnostics), outcome.result.params
+            if problem is None:  # a probation round (problem set) commits no weights and no model
+                weights, used = outcome.weights, outcome.used_counts
+                diagnostics, params = dict(outcome.result.diagnostics), outcome.result.params
             scores.update({s: sc for s, (_, sc) in scored.items()})
             for s in excluded:
                 log.append(("warning", f"{s} left out of this round's aggregate: {scored[s][0]:.1f}x the median "
@@ -310,7 +324,7 @@ class RoundEngine:
             elif status == "accepted" and site in excluded:
                 status = "rejected"
                 reason = f"far outlier this round: {scored[site][0]:.1f}x the median distance to the aggregate"
-            elif status == "accepted" and outcome is None:
+            elif status == "accepted" and (outcome is None or problem is not None):
                 reason = "valid, but the round was not aggregated"
             records[site] = replace(u, status=status, reason=reason, distance=dist.get(site),
                                     round_score=scores[site], trust=self.trust[site].trust,
@@ -323,4 +337,5 @@ class RoundEngine:
             log.append(("warning", msg))
             alerts.append(AlertRecord(site, kind, msg))
         return RoundReport(round_num, outcome is not None and problem is None, params, combined,
-                           tuple(records.values()), tuple(alerts), weights, used, diagnostics, problem, tuple(log))
+                           tuple(records.values()), tuple(alerts), weights, used, diagnostics, problem, tuple(log),
+                           probation=outcome is not None and problem is not None)

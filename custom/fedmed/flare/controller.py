@@ -199,7 +199,9 @@ class FedMedController(ModelController):
                 self._log_report(report)
                 if not report.aggregated:
                     db.write("record_round", run_uid=run_uid, record=self._round_record(report, engine, started))
-                    raise RuntimeError(report.problem)
+                    if not report.probation:
+                        raise RuntimeError(report.problem)
+                    continue  # the global model stands; quarantined sites were scored and may be re-admitted
                 model = wire.global_model(report.params, round_num, self._model_meta(), report.encrypted)
                 sha = model_sha256(model.params, model.meta.get(C.META_ENCRYPTED))
                 score, mean_auroc, test_loss, test_metrics = self._score(eval_model, report, site_results, test_ds)

@@ -14,6 +14,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedmed import constants as C
+from fedmed.aggregation import is_statistic
 from fedmed.flare.signatures import sign_result
 from fedmed.privacy.accounting import BudgetExceeded
 from fedmed.privacy.ledger import LedgerError, user_level_example_history
@@ -106,7 +107,11 @@ class UpdateNoiseFilter(Filter):
                 "sensitivity": noised.sensitivity, "noise_std": noised.noise_std})
         except (BudgetExceeded, LedgerError) as e:
             return self._refuse(shareable, fl_ctx, str(e))
-        dxo.data = noised.params
+        # BatchNorm running statistics are not released: noised they stop being valid statistics (a variance
+        # below 0, which the server rejects), and un-noised they would leak the site's data outside the
+        # guarantee. The site sends the global model's statistics back instead (post-processing: no privacy cost).
+        dxo.data = {k: (np.asarray(reference[k]) if is_statistic(k) and k in reference else v)
+                    for k, v in noised.params.items()}
         dxo.set_meta_prop(C.META_UPDATE_CLIP_NORM, self.clip_norm)
         dxo.set_meta_prop(C.META_UPDATE_NOISE_MULTIPLIER, self.noise_multiplier)
         dxo.set_meta_prop(C.META_LIFETIME_EPSILON, entry.epsilon_after)
