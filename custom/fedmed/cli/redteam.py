@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--attack-from", type=int, default=2,
                    help="round (1-based) from which the hostile site attacks; before it, it is an honest hospital")
-    p.add_argument("--no-validation", action="store_true",
-                   help="no server validation set (the server has none, or HE is on): distance rules only")
+    p.add_argument("--validation", action="store_true",
+                   help="also screen by the server's validation score (the Controller's opt-in validation_images)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: two processes with 2 OpenMP threads each on 2 cores can run 100x slower)")
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     if not 1 <= a.attack_from <= a.rounds:
         p.error(f"--attack-from must be in [1, --rounds], got {a.attack_from}")
     train, test, val = redteam.load_sites(a.data, names, a.image_size)
-    kw = dict(batch_size=a.batch_size, server_validation=None if a.no_validation else val)
+    kw = dict(batch_size=a.batch_size, server_validation=val if a.validation else None)
     refs = {}
     for he in sorted({r.he for r in rows}):
         refs[he] = redteam.honest_reference(train, test, a.rounds, he=he, **kw)
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     setup = (f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
              f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile), "
              f"{a.rounds} rounds from a fresh model, {a.image_size} px, geometric median with trust and quarantine"
-             + ("" if a.no_validation else f", validation screening on {a.per_site} server images") +
+             + (f", validation screening on {a.per_site} server images" if a.validation else "") +
              f", global test set of {a.num_test} images. 'Honest only' is the same federation without "
              f"the hostile site (with HE on for the HE rows). Held: within {a.tolerance} AUROC of honest only, or the "
              "update rejected/quarantined/refused with a recorded reason in every round it attacked.")
