@@ -133,7 +133,8 @@ class RoundReport:
         return sum(v * n for v, n in pairs) / total if pairs and total > 0 else float("nan")
 
 
-def _finite_or_none(v):
+def finite_or_none(v):
+    """float(v) when it is a finite number (not a bool), else None: what a site reports may be anything."""
     try:
         return float(v) if v is not None and not isinstance(v, bool) and math.isfinite(float(v)) else None
     except (TypeError, ValueError):
@@ -192,7 +193,7 @@ class RoundEngine:
         records: dict[str, UpdateRecord] = {}
         hashes: dict[str, str] = {}
         for r in results:
-            privacy = {k: _finite_or_none((r.privacy or {}).get(k))
+            privacy = {k: finite_or_none((r.privacy or {}).get(k))
                        for k in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")}
             if r.site in records:
                 log.append(("warning", f"second result from {r.site} this round ignored"))
@@ -226,9 +227,9 @@ class RoundEngine:
             valid[r.site] = r
             records[r.site] = UpdateRecord(
                 status="accepted", update_norm=update_norm(r.params, reference), update_sha256=sha, **privacy,
-                train_loss=_finite_or_none(metrics.get("train_loss")), val_loss=_finite_or_none(metrics.get("val_loss")),
-                val_mean_auroc=_finite_or_none(metrics.get("val_mean_auroc")),
-                metrics={k: float(v) for k, v in metrics.items() if _finite_or_none(v) is not None}, **common)
+                train_loss=finite_or_none(metrics.get("train_loss")), val_loss=finite_or_none(metrics.get("val_loss")),
+                val_mean_auroc=finite_or_none(metrics.get("val_mean_auroc")),
+                metrics={k: float(v) for k, v in metrics.items() if finite_or_none(v) is not None}, **common)
         for site in targets:
             if site not in records:
                 log.append(("warning", f"no result from {site} this round"))

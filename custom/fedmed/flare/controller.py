@@ -28,7 +28,14 @@ from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.robust.trust import SiteTrust, TrustPolicy
-from fedmed.rounds import EncryptionSpec, RoundEngine, RoundReport, RoundRules, check_encryption_compatible
+from fedmed.rounds import (
+    EncryptionSpec,
+    RoundEngine,
+    RoundReport,
+    RoundRules,
+    check_encryption_compatible,
+    finite_or_none,
+)
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.models import utcnow
@@ -411,10 +418,10 @@ class FedMedController(ModelController):
         if test_ds is not None:
             load_numpy_state(eval_model, report.params)
             ev = evaluate(eval_model, test_ds, self._task)
-            return ev.score, _finite_or_none(ev.mean_auroc), ev.loss, {**ev.metrics, "loss": ev.loss}
+            return ev.score, finite_or_none(ev.mean_auroc), ev.loss, {**ev.metrics, "loss": ev.loss}
         score = report.weighted_site_metric(site_results, C.META_VAL_PREFIX + self._task.score_name)
         mean_auroc = report.weighted_site_metric(site_results, C.META_VAL_MEAN_AUROC)
-        return score, _finite_or_none(mean_auroc), None, {}
+        return score, finite_or_none(mean_auroc), None, {}
 
     def _save_best(self, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):
@@ -422,9 +429,3 @@ class FedMedController(ModelController):
             self.info(f"new best model (round {meta['round'] + 1}, {self._task.score_name} {meta['score']:.4f}) saved to {path}")
 
 
-
-def _finite_or_none(v):
-    try:
-        return float(v) if v is not None and math.isfinite(float(v)) else None
-    except (TypeError, ValueError):
-        return None
