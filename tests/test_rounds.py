@@ -339,3 +339,64 @@ def test_a_federation_whose_sites_are_all_quarantined_recovers_through_probation
     assert all(u.status == "quarantined" and u.aggregation_weight == 0.0 for u in reports[0].updates)
     assert any(a.kind == "readmitted" for a in reports[1].alerts)
     assert not reports[2].probation and all(reports[2].weights[f"h{i}"] > 0 for i in range(3))
+
+
+# -- the direction rule: a classifier moved against the aggregate's ---------------------------------------------------
+
+HEAD_GLOBAL = {**GLOBAL, "class_layers.out.weight": np.zeros((2, 4), np.float32),
+               "class_layers.out.bias": np.zeros(2, np.float32)}
+
+
+def head_upd(direction, seed):
+    """Body moved like every honest site; classifier moved along +direction with per-site noise."""
+    rng = np.random.default_rng(seed)
+    p = upd(1.0, seed=seed)
+    p["w"] += rng.standard_normal(8).astype(np.float32)  # site-specific body moves dominate the distances
+    p["class_layers.out.weight"] = (direction * 0.3 * np.linspace(0.5, 1.5, 8).reshape(2, 4)
+                                    + 0.05 * rng.standard_normal((2, 4))).astype(np.float32)
+    p["class_layers.out.bias"] = (direction * 0.3 * np.ones(2) + 0.05 * rng.standard_normal(2)).astype(np.float32)
+    return p
+
+
+def test_a_site_whose_classifier_moves_against_the_aggregate_is_left_out_and_quarantined():
+    # A label flipper: near the others in distance (the body dominates it), its classifier moving the other way.
+    sites = [SiteResult(f"h{i}", head_upd(1.0, i), 300) for i in range(4)] + [SiteResult("flip", head_upd(-1.0, 9), 300)]
+    eng = engine()
+    rep = eng.step(0, HEAD_GLOBAL, sites, [])
+    u = status(rep, "flip")
+    assert u.status == "rejected" and "classifier layers moved against the aggregate" in u.reason
+    assert rep.weights["flip"] == 0.0 and eng.is_quarantined("flip")
+    assert all(status(rep, f"h{i}").status == "accepted" for i in range(4))
+    assert float(rep.params["class_layers.out.bias"].mean()) > 0.2  # the honest direction
+    assert any(a.site == "flip" and a.kind == "quarantined" for a in rep.alerts)
+
+
+def test_honest_classifiers_that_disagree_somewhat_are_all_kept():
+    # Non-IID sites: classifiers moving in partly different directions, none against the aggregate.
+    rng = np.random.default_rng(3)
+    sites = []
+    for i in range(5):
+        p = head_upd(1.0, i)
+        p["class_layers.out.weight"] += (0.2 * rng.standard_normal((2, 4))).astype(np.float32)
+        sites.append(SiteResult(f"h{i}", p, 300))
+    rep = engine().step(0, HEAD_GLOBAL, sites, [])
+    assert all(u.status == "accepted" for u in rep.updates), [(u.site, u.reason) for u in rep.updates]
+
+
+def test_the_direction_rule_can_be_turned_off_and_skips_layers_the_server_cannot_read():
+    sites = [SiteResult(f"h{i}", head_upd(1.0, i), 300) for i in range(4)] + [SiteResult("flip", head_upd(-1.0, 9), 300)]
+    assert status(engine(head_layers=()).step(0, HEAD_GLOBAL, sites, []), "flip").status == "accepted"
+    # With the classifier encrypted it is not in the clear parameters: nothing to score it by.
+    clear = [SiteResult(s.site, {k: v for k, v in s.params.items() if not k.startswith("class_layers")}, 300)
+             for s in sites]
+    assert status(engine().step(0, GLOBAL, clear, []), "flip").status == "accepted"
+
+
+def test_head_cosine_scores_between_the_bounds():
+    from fedmed.robust.trust import round_scores
+
+    policy = TrustPolicy()
+    scores = round_scores({"a": 1.0, "b": 1.0, "c": 1.0}, policy, {"a": 0.2, "b": -0.25, "c": -0.7})
+    assert scores["a"][1] == 1.0 and scores["b"][1] == pytest.approx(0.5) and scores["c"][1] == 0.0
+    with pytest.raises(ValueError, match="head_cosine_bad"):
+        TrustPolicy(head_cosine_ok=-0.6, head_cosine_bad=-0.5)

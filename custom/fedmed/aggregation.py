@@ -160,6 +160,22 @@ def distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray])
     return float(np.sqrt(sq))
 
 
+def head_cosine(update: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray],
+                reference: Mapping[str, np.ndarray], keys: Sequence[str]) -> float:
+    """Cosine between a site's move of the given layers (update - reference) and the aggregate's move. 1.0 when
+    either move is zero (no evidence either way). On the classifier layers, honest sites move roughly with the
+    aggregate even under non-IID priors; a site trained on flipped labels moves them against it."""
+    dot = nu = na = 0.0
+    for k in keys:
+        ref = np.asarray(reference[k], np.float64)
+        u = np.asarray(update[k], np.float64) - ref
+        a = np.asarray(aggregate[k], np.float64) - ref
+        dot, nu, na = dot + float(np.sum(u * a)), nu + float(np.sum(u * u)), na + float(np.sum(a * a))
+    if nu <= 0 or na <= 0:
+        return 1.0
+    return float(np.clip(dot / np.sqrt(nu * na), -1.0, 1.0))
+
+
 def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
     """How far a site moved the model: its distance to the global model it started from."""
     return distance(update, reference)
@@ -188,8 +204,9 @@ class RoundOutcome:
     weights: dict  # site -> weight in the final aggregate (0 for sites left out)
     distances: dict  # site -> distance to the final aggregate
     scored: dict  # site -> (ratio to the median distance, round score in [0, 1])
-    excluded: tuple  # active sites dropped this round as far outliers
+    excluded: tuple  # active sites dropped this round (round score 0: far outliers or heads moved against)
     used_counts: dict = field(default_factory=dict)  # aggregated site -> sample count after the cap
+    head_cosines: dict = field(default_factory=dict)  # site -> fedmed.aggregation.head_cosine (empty: not checked)
 
 
 def aggregate_and_score(
@@ -199,32 +216,39 @@ def aggregate_and_score(
     policy,
     active: Sequence[str],
     min_keep: int,
+    reference: Mapping[str, np.ndarray] | None = None,
+    head_keys: Sequence[str] = (),
 ) -> RoundOutcome:
     """Choose, then aggregate (as Flower's Multi-Krum separates selection from averaging): aggregate the active
-    sites, score every site (quarantined ones too) by its distance to that aggregate, and if some active sites are
-    far outliers (ratio >= policy.bad_ratio, round score 0), aggregate again without them, provided min_keep remain.
-    A hostile site is thus kept out of the very round it turns hostile, not only from the next one."""
+    sites, score every site (quarantined ones too) by its distance to that aggregate and, given the global model
+    the round started from (reference) and the classifier layers (head_keys), by the direction its classifier
+    moved relative to the aggregate's; if some active sites score 0 (far outliers, or classifiers moved against
+    the aggregate's), aggregate again without them, provided min_keep remain. A hostile site is thus kept out of
+    the very round it turns hostile, not only from the next one."""
     from fedmed.robust.trust import round_scores  # trust imports nothing from here; keep module load order simple
+
+    check_heads = reference is not None and bool(head_keys)
 
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] for n in names])
         dist = {n: distance(u, res.params) for n, u in updates.items()}
-        return res, dist, round_scores(dist, policy)
+        cos = {n: head_cosine(u, res.params, reference, head_keys) for n, u in updates.items()} if check_heads else {}
+        return res, dist, round_scores(dist, policy, cos), cos
 
     active = list(active)
     if not active:
         raise ValueError("no active site to aggregate")
-    res, dist, scored = run(active)
+    res, dist, scored, cos = run(active)
     # Every active site's count as the cap left it in the first pass; sites kept after exclusion get the final one.
     used = {n: float(c) for n, c in zip(active, res.used_counts)} if res.used_counts is not None else {}
-    far = [n for n in active if scored[n][0] >= policy.bad_ratio]
+    far = [n for n in active if scored[n][1] == 0.0]
     keep = [n for n in active if n not in far]
     excluded: tuple = ()
     if far and len(keep) >= min_keep:
-        res, dist, scored = run(keep)
+        res, dist, scored, cos = run(keep)
         excluded, active = tuple(far), keep
     weights = {n: 0.0 for n in updates}
     weights.update({n: float(w) for n, w in zip(active, res.site_weights)})
     if res.used_counts is not None:
         used.update({n: float(c) for n, c in zip(active, res.used_counts)})
-    return RoundOutcome(res, weights, dist, scored, excluded, used)
+    return RoundOutcome(res, weights, dist, scored, excluded, used, cos)

@@ -23,7 +23,13 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedmed.aggregation import LINEAR_AGGREGATORS, aggregate_and_score, find_update_problem, get_aggregator, update_norm
+from fedmed.aggregation import (
+    LINEAR_AGGREGATORS,
+    aggregate_and_score,
+    find_update_problem,
+    get_aggregator,
+    update_norm,
+)
 from fedmed.hashing import model_sha256
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.screening import (
@@ -74,6 +80,9 @@ class RoundRules:
         label-flipping site 0.068 below; after one honest round the honest sites spread over 0.10 (one 0.046
         below the median) and the label flipper sat in the middle. So the default only rejects gross drops; a
         federation with larger, steadier sites can lower it.
+    head_layers: name prefixes of the classifier layers whose direction of change is scored against the
+        aggregate's (TrustPolicy.head_cosine_ok / head_cosine_bad); () turns the direction rule off. Layers the
+        server cannot read (encrypted with HE) are not checked: HE hides what would show a label flipper.
     """
 
     aggregation: str = "geometric_median"
@@ -81,6 +90,7 @@ class RoundRules:
     trust: TrustPolicy = field(default_factory=TrustPolicy)
     statistics_factor: float = DEFAULT_STATISTICS_FACTOR
     validation_margin: float = 0.1
+    head_layers: tuple = ("class_layers.out.",)
 
     def __post_init__(self):
         get_aggregator(self.aggregation)  # raises naming the valid choices
@@ -245,6 +255,9 @@ class RoundEngine:
         result are recorded missing)."""
         log: list = []
         valid, records = self._screen(round_num, results, targets, global_params, log)
+        head_keys = [k for k in sorted(global_params) if k.startswith(tuple(self.rules.head_layers))
+                     and np.issubdtype(np.asarray(global_params[k]).dtype, np.floating)]
+        direction = dict(reference=global_params, head_keys=head_keys)
         if self._validate is not None and len(valid) >= 3:
             self._screen_by_validation(valid, records, log)
         combined, outcome = None, None
@@ -262,13 +275,14 @@ class RoundEngine:
                     probation = aggregate_and_score({s: r.params for s, r in valid.items()},
                                                     {s: int(r.claimed_samples) for s, r in valid.items()},
                                                     self._aggregate, self.rules.trust, list(valid),
-                                                    self.rules.min_clients)
+                                                    self.rules.min_clients, **direction)
                     log.append(("warning", f"probation round: {len(valid)} valid update(s) scored against their "
                                            "own robust aggregate; the global model is not changed"))
                 return self._finish(round_num, records, probation, None, log, problem)
             outcome = aggregate_and_score({s: r.params for s, r in valid.items()},
                                           {s: int(r.claimed_samples) for s, r in valid.items()},
-                                          self._aggregate, self.rules.trust, active, self.rules.min_clients)
+                                          self._aggregate, self.rules.trust, active, self.rules.min_clients,
+                                          **direction)
             if self.encryption is None:
                 break
             combined, failed = self._combine_encrypted(valid, outcome.weights)
@@ -302,20 +316,26 @@ class RoundEngine:
         blocks = {s: ckks.EncryptedLayers.from_wire(r.encrypted) for s, r in valid.items() if weights.get(s, 0.0) > 0}
         return ckks.guarded_weighted_sum(blocks, weights, self.encryption.context)
 
+    def _why_excluded(self, site: str, scored: Mapping, cos: Mapping) -> str:
+        ratio = scored[site][0]
+        if ratio >= self.rules.trust.bad_ratio:
+            return f"far outlier this round: {ratio:.1f}x the median distance to the aggregate"
+        return (f"its classifier layers moved against the aggregate's this round (cosine {cos.get(site, float('nan')):+.2f}, "
+                f"at most {self.rules.trust.head_cosine_bad} scores 0)")
+
     def _finish(self, round_num, records, outcome, combined, log, problem) -> RoundReport:
         alerts: list = []
         weights, used, diagnostics, params = {}, {}, {}, None
         scores = {s: 0.0 for s, u in records.items() if u.status == "rejected"}  # a rejected update scores 0
-        dist, scored, excluded = {}, {}, ()
+        dist, scored, excluded, cos = {}, {}, (), {}
         if outcome is not None:
-            dist, scored, excluded = outcome.distances, outcome.scored, outcome.excluded
+            dist, scored, excluded, cos = outcome.distances, outcome.scored, outcome.excluded, outcome.head_cosines
             if problem is None:  # a probation round (problem set) commits no weights and no model
                 weights, used = outcome.weights, outcome.used_counts
                 diagnostics, params = dict(outcome.result.diagnostics), outcome.result.params
             scores.update({s: sc for s, (_, sc) in scored.items()})
             for s in excluded:
-                log.append(("warning", f"{s} left out of this round's aggregate: {scored[s][0]:.1f}x the median "
-                                       "distance"))
+                log.append(("warning", f"{s} left out of this round's aggregate: {self._why_excluded(s, scored, cos)}"))
         was_quarantined = {s for s in scores if self.is_quarantined(s)}
         self.trust, events = update_trust(self.trust, scores, self.rules.trust)
         for site, u in list(records.items()):
@@ -325,16 +345,17 @@ class RoundEngine:
             if status == "accepted" and site in was_quarantined:
                 status, reason = "quarantined", f"quarantined (trust {self.trust[site].trust:.3f}): scored, not aggregated"
             elif status == "accepted" and site in excluded:
-                status = "rejected"
-                reason = f"far outlier this round: {scored[site][0]:.1f}x the median distance to the aggregate"
+                status, reason = "rejected", self._why_excluded(site, scored, cos)
             elif status == "accepted" and (outcome is None or problem is not None):
                 reason = "valid, but the round was not aggregated"
             records[site] = replace(u, status=status, reason=reason, distance=dist.get(site),
                                     round_score=scores[site], trust=self.trust[site].trust,
                                     aggregation_weight=weights.get(site, 0.0), weight_samples=used.get(site))
             if site in scored:
-                log.append(("info", f"site {site}: distance {dist[site]:.4g} (x{scored[site][0]:.2f} median), "
-                                    f"score {scores[site]:.2f}, trust {self.trust[site].trust:.3f}, {status}"))
+                direction = f", head cosine {cos[site]:+.2f}" if site in cos else ""
+                log.append(("info", f"site {site}: distance {dist[site]:.4g} (x{scored[site][0]:.2f} median)"
+                                    f"{direction}, score {scores[site]:.2f}, trust {self.trust[site].trust:.3f}, "
+                                    f"{status}"))
         alerts = [AlertRecord(s, u.status, u.reason or "") for s, u in records.items() if u.status in ("rejected", "refused")]
         for site, kind, msg in events:
             log.append(("warning", msg))

@@ -21,6 +21,12 @@ class TrustPolicy:
         readmit_after: consecutive good rounds a quarantined site needs to be re-admitted.
         good_score: round score that counts as good for re-admission.
         initial_trust: trust of a site never seen before.
+        head_cosine_ok / head_cosine_bad: the direction rule. The cosine between a site's move of the classifier
+            layers and the aggregate's (fedmed.aggregation.head_cosine) scores 1 at or above head_cosine_ok, 0 at
+            or below head_cosine_bad (linear in between); a round's score is the lower of the distance and the
+            direction scores. Measured on the red team's hospitals (5 sites, 100 images, 64 px, 4 rounds): honest
+            sites' cosines ranged 0.11 to 1.00, a label-flipping site's -0.77 to -0.71, while its distance ratio
+            stayed under 1.3, so the distance rule alone let it in every round.
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
@@ -34,6 +40,8 @@ class TrustPolicy:
     good_score: float = 0.8
     initial_trust: float = 1.0
     quarantine_on_zero: bool = True
+    head_cosine_ok: float = 0.0
+    head_cosine_bad: float = -0.5
 
     def __post_init__(self):
         if not 0 < self.smoothing <= 1:
@@ -48,6 +56,9 @@ class TrustPolicy:
             raise ValueError(f"good_score must be in [0, 1], got {self.good_score}")
         if not 0 <= self.initial_trust <= 1:
             raise ValueError(f"initial_trust must be in [0, 1], got {self.initial_trust}")
+        if not -1 <= self.head_cosine_bad < self.head_cosine_ok <= 1:
+            raise ValueError(f"need -1 <= head_cosine_bad < head_cosine_ok <= 1, got {self.head_cosine_bad}, "
+                             f"{self.head_cosine_ok}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +68,11 @@ class SiteTrust:
     good_streak: int = 0
 
 
-def round_scores(distances: Mapping[str, float], policy: TrustPolicy) -> dict[str, tuple[float, float]]:
+def round_scores(distances: Mapping[str, float], policy: TrustPolicy,
+                 head_cosines: Mapping[str, float] | None = None) -> dict[str, tuple[float, float]]:
     """site -> (ratio to the median distance, round score in [0, 1]). Scale-free: multiplying every update's
-    distance by the same factor changes nothing."""
+    distance by the same factor changes nothing. With head_cosines (site -> cosine of its classifier's move with
+    the aggregate's), the score is the lower of the distance score and the direction score."""
     if not distances:
         return {}
     values = np.array(list(distances.values()), dtype=np.float64)
@@ -70,6 +83,10 @@ def round_scores(distances: Mapping[str, float], policy: TrustPolicy) -> dict[st
     for site, d in distances.items():
         ratio = d / med if med > 0 else (1.0 if d == 0 else np.inf)
         score = float(np.clip((policy.bad_ratio - ratio) / (policy.bad_ratio - policy.ok_ratio), 0.0, 1.0))
+        if head_cosines and site in head_cosines:
+            cos = float(head_cosines[site])
+            direction = (cos - policy.head_cosine_bad) / (policy.head_cosine_ok - policy.head_cosine_bad)
+            score = min(score, float(np.clip(direction, 0.0, 1.0)))
         out[site] = (float(ratio), score)
     return out
 
