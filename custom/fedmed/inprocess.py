@@ -101,6 +101,7 @@ def federate(
     on_round=None,
     server_validation=None,
     attack_from: int = 0,
+    absent: Optional[Mapping[str, int]] = None,
 ) -> Federation:
     """Run `rounds` of FL over the given site datasets through the round engine.
 
@@ -109,6 +110,7 @@ def federate(
     global model of round 1 (None = a fresh DenseNet-121 from `seed`). on_round(report): called after each round.
     server_validation: a labelled dataset the server scores each update on (the Controller's validation
     screening). attack_from: the round index from which the hostile sites attack (before it they are honest).
+    absent: site -> round index from which it sends nothing (recorded missing): a hospital that leaves.
     A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
     if task is None:
         from fedmed.tasks import CHEST_XRAY14 as task  # noqa: N811  (the benchmarks' default task)
@@ -146,6 +148,8 @@ def federate(
         results = []
         attacks = hostile if r >= attack_from else {}
         for name, train in train_sets.items():
+            if absent and name in absent and r >= absent[name]:
+                continue
             results.append(_site_round(name, train, r, rounds, global_params, global_block, he_ctx, he_names,
                                        last_head, model, dp, attacks.get(name), task, lr, batch_size, seed,
                                        trainable, local_epochs))

@@ -1,7 +1,11 @@
 """The red-team suite: each attack one hospital can make, played through the one round engine in-process, with
-what the server did, what the database holds, and the final AUROC against the honest sites alone.
+what the server did, what the database holds, and the final AUROC against honest references.
 
-An attack is held when the final global model is within `tolerance` AUROC of the honest-only federation, or when
+The reference an attack is judged against is the same federation with the hostile site honest throughout (what
+its behaviour is compared with; same seeds, so the two runs differ only by what it sent). Two more references
+show how much honest outcomes vary at this size: the site leaving when it turns hostile, and the honest sites
+alone from the start. An attack is held when the final global model is no more than `tolerance` AUROC below the
+stayed-honest reference, or when
 the attacker's update is rejected (or quarantined, or refused by the hospitals) in every round it attacked, with
 the reason recorded. For the inflated count, what a claim can buy must not exceed an honest site's: its count
 after the cap at most every honest site's, and its final aggregation weight (which also reflects where its update
@@ -59,12 +63,31 @@ class RowResult:
     how: str  # "rejected", "bounded", "refused by the hospitals", or why it was not held
     max_weight_ratio: Optional[float] = None  # attacker weight / largest honest weight, worst round
     max_count_ratio: Optional[float] = None  # attacker's capped count / smallest honest capped count, worst round
+    references: Optional["References"] = None  # every honest reference (honest_auroc is references.stayed_honest)
 
 
-def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, rounds: int, db_dir: Path,
+@dataclass(frozen=True)
+class References:
+    """Final AUROC of honest versions of the red-team federation (same seeds)."""
+
+    stayed_honest: float  # the hostile site honest in every round: the counterfactual an attack is judged against
+    left: float  # the hostile site honest until it would attack, then gone (recorded missing)
+    alone: float  # the honest sites alone, from the start
+    he: bool = False  # measured with the head encrypted (the HE rows' reference)
+
+    @property
+    def spread(self) -> float:
+        """How far apart honest outcomes land at this size: the noise floor of an AUROC comparison."""
+        return max(self.stayed_honest, self.left, self.alone) - min(self.stayed_honest, self.left, self.alone)
+
+
+def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds: int, db_dir: Path,
             tolerance: float = 0.02, attack_from: int = 0, **kw) -> RowResult:
-    """Play one attack (the site HOSTILE attacks from round index attack_from; honest before) and judge it. kw go to
-    fedmed.inprocess.federate (e.g. server_validation, batch_size)."""
+    """Play one attack (the site HOSTILE attacks from round index attack_from; honest before) and judge it.
+    honest_auroc: a References, or the stayed-honest AUROC alone. kw go to fedmed.inprocess.federate (e.g.
+    server_validation, batch_size)."""
+    references = honest_auroc if isinstance(honest_auroc, References) else None
+    honest_auroc = references.stayed_honest if references is not None else float(honest_auroc)
     repo = Repository(f"sqlite:///{Path(db_dir) / (row.attack.kind + '.db')}")
     uid = f"redteam-{row.attack.kind}"
     repo.start_run(uid, row.name, uid, "geometric_median", rounds, {"attack": row.attack.kind})
@@ -99,7 +122,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
     database = (", ".join(f"r{u['round'] + 1} {u['status']}" for u in rows if u["round"] >= attack_from)
                 + f"; {len(alerts)} alert(s)" + (f"; {len(refusals)} hospital refusal(s)" if refusals else ""))
     auroc = float(fed.auroc)
-    bounded = abs(auroc - honest_auroc) <= tolerance
+    bounded = auroc >= honest_auroc - tolerance  # ending higher than the honest run is no harm
     hospitals_refused = bool(refusals) and all(u.status == "refused" for r in fed.reports[-1:] for u in r.updates
                                                if u.site != HOSTILE)
     # Rounds where the attack had nothing to act on (a replay in round 1) are honest rounds.
@@ -112,7 +135,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
     elif bounded:
         held, how = True, "bounded"
     else:
-        held, how = False, f"NOT held: AUROC {auroc:.3f} vs honest {honest_auroc:.3f}"
+        held, how = False, f"NOT held: AUROC {auroc:.3f} vs {honest_auroc:.3f} had it stayed honest"
     worst = max(ratios) if ratios else None
     worst_count = max(count_ratios) if count_ratios else None
     if row.attack.kind == "inflate_count":
@@ -121,25 +144,38 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
                                 "honest site's")
         else:
             how += f"; its count counted {worst_count:.2f}x, its weight {worst:.3f}x the largest honest site's"
-    return RowResult(row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst, worst_count)
+    return RowResult(row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst, worst_count,
+                     references)
 
 
-def honest_reference(train_sets: Mapping, test_set, rounds: int, he: bool = False, **kw) -> float:
+def honest_references(train_sets: Mapping, test_set, rounds: int, he: bool = False, attack_from: int = 0,
+                      **kw) -> References:
+    """The three honest versions of the red-team federation (References), with HE on or off as the rows need."""
+    common = dict(seed=0, he_layers=HE_LAYERS if he else None, **kw)
     honest = {s: d for s, d in train_sets.items() if s != HOSTILE}
-    return float(federate(honest, test_set, rounds, "geometric_median", seed=0,
-                          he_layers=HE_LAYERS if he else None, **kw).auroc)
+    return References(
+        stayed_honest=float(federate(train_sets, test_set, rounds, "geometric_median", **common).auroc),
+        left=float(federate(train_sets, test_set, rounds, "geometric_median", absent={HOSTILE: attack_from},
+                            **common).auroc),
+        alone=float(federate(honest, test_set, rounds, "geometric_median", **common).auroc), he=he)
 
 
 def markdown(results: list, command: str, seconds: float, setup: str) -> str:
     lines = ["# Red team: one hostile hospital against the round engine", "",
              f"Command: `{command}` ({seconds:.0f} s on a 2-core CPU). {setup}", "",
-             "| attack | what the server did (hostile site, per round) | database holds | final AUROC | honest only | held |",
+             "| attack | what the server did (hostile site, per round) | database holds | final AUROC | had it stayed "
+             "honest | held |",
              "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.name} | {r.server_did.replace('|', '/')} | {r.database} | {r.auroc:.3f} | "
                      f"{r.honest_auroc:.3f} | {'yes' if r.held else '**NO**'}: {r.how} |")
     held = sum(r.held for r in results)
     lines += ["", f"{held}/{len(results)} attacks held."]
+    for ref in dict.fromkeys(r.references for r in results if r.references is not None):
+        lines += ["", f"Honest references{' (HE on)' if ref.he else ''}: the hostile "
+                      f"site honest throughout {ref.stayed_honest:.3f}; leaving when it would attack {ref.left:.3f}; "
+                      f"the honest sites alone {ref.alone:.3f}. Honest outcomes at this size spread over "
+                      f"{ref.spread:.3f} AUROC: the noise floor of any comparison here."]
     return "\n".join(lines) + "\n"
 
 

@@ -52,22 +52,24 @@ def main(argv=None) -> int:
     kw = dict(batch_size=a.batch_size, server_validation=val if a.validation else None)
     refs = {}
     for he in sorted({r.he for r in rows}):
-        refs[he] = redteam.honest_reference(train, test, a.rounds, he=he, **kw)
+        refs[he] = redteam.honest_references(train, test, a.rounds, he=he, attack_from=a.attack_from - 1, **kw)
+        tqdm.write(f"honest references{' (HE on)' if he else ''}: {refs[he]}")
     results = []
     with tempfile.TemporaryDirectory() as dbs:
         for row in tqdm(rows, desc="attacks"):
             res = redteam.run_row(row, train, test, refs[row.he], a.rounds, Path(dbs), a.tolerance,
                                   attack_from=a.attack_from - 1, **kw)
             tqdm.write(f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
-                       f"honest {res.honest_auroc:.3f}")
+                       f"{res.honest_auroc:.3f} had it stayed honest")
             results.append(res)
     setup = (f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
              f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile), "
              f"{a.rounds} rounds from a fresh model, {a.image_size} px, geometric median with trust and quarantine"
              + (f", validation screening on {a.per_site} server images" if a.validation else "") +
-             f", global test set of {a.num_test} images. 'Honest only' is the same federation without "
-             f"the hostile site (with HE on for the HE rows). Held: within {a.tolerance} AUROC of honest only, or the "
-             "update rejected/quarantined/refused with a recorded reason in every round it attacked.")
+             f", global test set of {a.num_test} images. 'Had it stayed honest' is the same federation, same "
+             "seeds, with the hostile site honest in every round (with HE on for the HE rows). Held: final AUROC "
+             f"no more than {a.tolerance} below that, or the update rejected/quarantined/refused with a recorded "
+             "reason in every round it attacked.")
     command = "fedmed-redteam " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = redteam.markdown(results, command.strip(), time.time() - t0, setup)
     a.out.parent.mkdir(parents=True, exist_ok=True)
