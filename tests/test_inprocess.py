@@ -38,3 +38,11 @@ def test_benchmark_runs_repeat_exactly_on_shared_datasets(sets):
     a = federate(train, test, 1, "fedavg", batch_size=4, seed=3)
     b = federate(train, test, 1, "fedavg", batch_size=4, seed=3)
     assert a["auroc"] == b["auroc"]
+
+
+def test_a_site_that_leaves_is_recorded_missing_from_that_round(sets):
+    train, test = sets
+    res = federate(train, test, 2, "geometric_median", batch_size=4, absent={"hospital-c": 1})
+    first, second = ({u.site: u.status for u in r.updates} for r in res.reports)
+    assert first["hospital-c"] == "accepted" and second["hospital-c"] == "missing"
+    assert res.reports[1].aggregated and "hospital-c" not in res.reports[1].aggregated_sites

@@ -71,3 +71,20 @@ def test_in_distribution_attacks_weigh_no_more_than_an_honest_site(kind, federat
     # the attacker at most an honest site's weight, and the full-size run checks the AUROC (docs/redteam.md).
     res = play(kind, federation, tmp_path)
     assert res.max_weight_ratio is not None and res.max_weight_ratio <= 1.0 + redteam.WEIGHT_SLACK, res
+
+
+def test_an_accepted_attack_is_judged_against_the_same_federation_with_the_site_honest(federation, tmp_path):
+    train, test = federation
+    refs = redteam.honest_references(train, test, 2, attack_from=1, batch_size=4)
+    assert all(0.0 <= v <= 1.0 for v in (refs.stayed_honest, refs.left, refs.alone)) and refs.spread >= 0
+    # inflate_count sends an honest update (only its claim is hostile) and its claim is capped: the run is the
+    # stayed-honest run, to the last digit.
+    res = redteam.run_row(ROWS["inflate_count"], train, test, refs, 2, tmp_path, attack_from=1, batch_size=4)
+    assert res.auroc == refs.stayed_honest and res.held and res.references is refs
+    assert "Honest references" in redteam.markdown([res], "fedmed-redteam", 1.0, "")
+
+
+def test_the_auroc_judgement_is_one_sided():
+    # Ending above the honest run is no harm; more than the tolerance below it is.
+    assert redteam.is_bounded(0.80, 0.70, 0.02) and redteam.is_bounded(0.69, 0.70, 0.02)
+    assert not redteam.is_bounded(0.67, 0.70, 0.02)

@@ -81,6 +81,12 @@ class References:
         return max(self.stayed_honest, self.left, self.alone) - min(self.stayed_honest, self.left, self.alone)
 
 
+def is_bounded(auroc: float, stayed_honest: float, tolerance: float) -> bool:
+    """An accepted attack is bounded when the final model is at most `tolerance` below the run where the site
+    stayed honest. One-sided: ending higher than the honest run is no harm."""
+    return auroc >= stayed_honest - tolerance
+
+
 def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds: int, db_dir: Path,
             tolerance: float = 0.02, attack_from: int = 0, **kw) -> RowResult:
     """Play one attack (the site HOSTILE attacks from round index attack_from; honest before) and judge it.
@@ -122,7 +128,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds:
     database = (", ".join(f"r{u['round'] + 1} {u['status']}" for u in rows if u["round"] >= attack_from)
                 + f"; {len(alerts)} alert(s)" + (f"; {len(refusals)} hospital refusal(s)" if refusals else ""))
     auroc = float(fed.auroc)
-    bounded = auroc >= honest_auroc - tolerance  # ending higher than the honest run is no harm
+    bounded = is_bounded(auroc, honest_auroc, tolerance)
     hospitals_refused = bool(refusals) and all(u.status == "refused" for r in fed.reports[-1:] for u in r.updates
                                                if u.site != HOSTILE)
     # Rounds where the attack had nothing to act on (a replay in round 1) are honest rounds.
