@@ -241,6 +241,59 @@ def test_a_hospital_whose_own_config_has_no_privacy_policy_refuses_unless_its_da
     assert ups["hospital-b"]["status"] == ups["hospital-c"]["status"] == "accepted"
 
 
+def _ensure_up(fed) -> None:
+    """Run alone (-k), the scenario starts the federation itself; in the module's order it is already up."""
+    for site in ["server", *HOSPITALS]:
+        if site not in fed.running():
+            fed.start_site(site, env=THREADS)
+    fed.wait_registered(HOSPITALS, timeout=120)
+
+
+def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(federation, tmp_path, capsys):
+    # hospital-b's IT points the kit's local/fedmed_site.json at data that is not mounted, while the site runs:
+    # no restart, the next job reads it. Its set-up fails; it answers the round at once with the reason instead
+    # of leaving the server to wait straggler_wait (600 s here) for a site whose job died.
+    from fedmed.cli.site import stop_kit
+
+    fed = federation
+    _ensure_up(fed)
+    cfg_path = fed.kit("hospital-b") / "local" / "fedmed_site.json"
+    original = cfg_path.read_text()
+    cfg = json.loads(original)
+    cfg["data"]["root"] = str(tmp_path / "not-mounted")
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        job = _export(tmp_path / "job", num_rounds=1, straggler_wait=600)
+        out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
+                                db_url=fed.db_url, num_rounds=1)
+    finally:
+        cfg_path.write_text(original)
+    printed = capsys.readouterr().out
+    assert out.status == COMPLETED  # hospital-a and -c meet min_clients
+    assert out.run_seconds < 300, f"the job took {out.run_seconds:.0f}s: the round waited for hospital-b"
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        ups = {u["site"]: u for u in repo.client_updates(repo.run_id_for_job(out.job_id))}
+    finally:
+        repo.close()
+    reason = ups["hospital-b"]["reason"]
+    assert ups["hospital-b"]["status"] == "missing"
+    assert reason.startswith("set-up failed at the site: FileNotFoundError") and "not-mounted" in reason
+    assert ups["hospital-a"]["status"] == ups["hospital-c"]["status"] == "accepted"
+    # printed by fedmed-submit, and kept in the downloaded result
+    assert f"round 1: hospital-b missing: {reason}" in printed
+    summary = json.loads((out.result_dir / "fedmed_summary.json").read_text())
+    assert {"round": 0, "site": "hospital-b", "status": "missing", "reason": reason} in summary["sites"]
+    assert out.models["best_model.pt"].is_file() and out.models["global_model.pt"].is_file()
+    assert f"best model: {out.models['best_model.pt']}" in printed
+    print(f"\nmeasured: job with a failing hospital {out.run_seconds:.0f}s (straggler_wait 600 s)")
+    # IT stops the site without NVFlare's interactive stop_fl.sh, and starts it again
+    assert stop_kit(fed.kit("hospital-b"))
+    assert "hospital-b" not in fed.running()
+    fed.start_site("hospital-b", env=THREADS)
+    fed.wait_registered(HOSPITALS, timeout=120)
+
+
 def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation, tmp_path):
     fed = federation
     # 3 local epochs: the kill lands while hospital-c trains round 2.

@@ -5,6 +5,7 @@
     fedmed-federation start  --workspace runs/federation [--sites hospital-a,...] [--timeout 120]
     fedmed-federation status --workspace runs/federation
     fedmed-federation stop   --workspace runs/federation
+    fedmed-federation stop-site NAME --workspace runs/federation      (one site; `start --sites NAME` restarts it)
 (or `python scripts/federation.py ...`, the same command)
 
 provision: `nvflare provision` of provision/project.yml (with --port replacing the server's port, so parallel
@@ -335,7 +336,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("provision", "start", "status", "stop"):
+    for name in ("provision", "start", "status", "stop", "stop-site"):
         s = sub.add_parser(name)
         s.add_argument("--workspace", type=Path, default=RUNS / "federation")
         if name == "provision":
@@ -348,6 +349,8 @@ def main(argv=None) -> int:
                            help="folder with <site>/fedmed_site.json to install instead of site_configs/<site>/")
             s.add_argument("--he-keys", type=Path,
                            help="a key custodian's folder (scripts/he_keys.py make --out): installs its contexts")
+        if name == "stop-site":
+            s.add_argument("name", help="server or a hospital")
         if name == "start":
             s.add_argument("--sites", help="comma-separated hospitals to start (default: all)")
             s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for registration")
@@ -370,6 +373,12 @@ def main(argv=None) -> int:
         print(f"processes: {running or 'none'}")
         if SERVER in running:
             print(f"registered hospitals: {fed.connected_clients()}")
+    elif a.cmd == "stop-site":
+        if a.name not in fed.running():
+            print(f"{a.name}: not running (pids.json has no live process for it)")
+        else:
+            fed.stop_site(a.name)
+            print(f"stopped {a.name}")
     else:
         print(f"stopped: {fed.stop() or 'nothing was running'}")
     return 0

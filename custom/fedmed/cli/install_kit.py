@@ -50,7 +50,8 @@ FEDMED_ALLOW = "fedmed."
 # Locates (without importing torch) the modules a site's job process loads.
 FIND_MODULES = ("import importlib.util as u, sys; m = [n for n in ('nvflare', 'torch', 'fedmed.flare.executor') "
                 "if u.find_spec(n) is None]; sys.exit(f'cannot find {m}' if m else 0)")
-KIT_PLACEHOLDER = "{KIT}"  # in resources.json overrides: replaced by the kit's absolute path
+KIT_PLACEHOLDER = "{KIT}"
+SITE_PID_FILE = "fedmed_site.pid"  # written by start_fedmed.sh --once; NVFlare's daemon writes pid.fl/daemon_pid.fl  # in resources.json overrides: replaced by the kit's absolute path
 
 START_SCRIPT = """#!/usr/bin/env bash
 # Written by site_configs/install.sh: start this NVFlare site with the Python that has fedmed installed.
@@ -66,6 +67,7 @@ if [[ "${{FEDMED_SKIP_CHECK:-}}" != 1 ]]; then
     echo "start_fedmed.sh: not started: fix the above in $KIT/local/ (install.sh --check re-checks)" >&2; exit 1; }}
 fi
 if [[ "${{1:-}}" == "--once" ]]; then
+  echo $$ > "$KIT/{pid_file}"   # exec keeps this PID for NVFlare's process: fedmed-site stop finds it here
   exec "$KIT/startup/sub_start.sh" --once
 fi
 exec "$KIT/startup/start.sh" "$@"
@@ -86,12 +88,16 @@ def kit_identity(kit: Path) -> tuple[str, str]:
 
 def merge_resources(default: dict, override: dict, kit: Path) -> dict:
     """NVFlare's provisioned resources + our overrides: class_allow_list is extended (never narrowed), components
-    with the same id are replaced, other top-level keys are replaced; {KIT} in strings becomes the kit path."""
+    with the same id are replaced, each "servers" entry updates the provisioned one's keys, other top-level keys
+    are replaced; {KIT} in strings becomes the kit path."""
     override = json.loads(json.dumps(override).replace(KIT_PLACEHOLDER, str(kit.resolve())))
     merged = dict(default)
     for key, value in override.items():
         if key == "class_allow_list":
             merged[key] = sorted(set(default.get(key, [])) | set(value))
+        elif key == "servers":  # per-server settings (heart_beat_timeout, ...) update NVFlare's, by position
+            base = default.get(key, [])
+            merged[key] = [{**(base[i] if i < len(base) else {}), **v} for i, v in enumerate(value)] + base[len(value):]
         elif key == "components":
             by_id = {c["id"]: c for c in default.get("components", [])}
             by_id.update({c["id"]: c for c in value})
@@ -184,7 +190,7 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
         signing.generate_site_keys(local, site)
     python_bin = Path(python_bin or Path(sys.executable).parent)
     start = kit / "start_fedmed.sh"
-    start.write_text(START_SCRIPT.format(python_bin=shlex.quote(str(python_bin))))
+    start.write_text(START_SCRIPT.format(python_bin=shlex.quote(str(python_bin)), pid_file=SITE_PID_FILE))
     start.chmod(0o755)
     if check_import:
         # The same environment the site will run in: fail here, not when the first job is deployed.
