@@ -129,10 +129,9 @@ def admin_target(kit: Path) -> tuple[str, int]:
     return str(admin.get("host")), int(admin.get("port"))
 
 
-def open_session(kit: Path, user: str, connect_timeout: float = 30.0):
-    """A secure admin session; an unreachable server is one SubmitError at once, not NVFlare's retries."""
-    from nvflare.fuel.flare_api.flare_api import new_secure_session
-
+def probe_server(kit: Path) -> tuple[str, int]:
+    """Raises SubmitError at once when nothing answers at the kit's server address (NVFlare's own session would
+    retry for its whole timeout, then end in a traceback)."""
     host, port = admin_target(kit)
     try:
         socket.create_connection((host, port), timeout=5).close()
@@ -140,6 +139,14 @@ def open_session(kit: Path, user: str, connect_timeout: float = 30.0):
         raise SubmitError(f"cannot reach the FL server at {host}:{port} ({e.strerror or e}): is it running? "
                           "(`fedmed-federation status --workspace W`, then `fedmed-federation start --workspace W`; "
                           "for a real deployment ask whoever runs the server)") from None
+    return host, port
+
+
+def open_session(kit: Path, user: str, connect_timeout: float = 30.0):
+    """A secure admin session; an unreachable server is one SubmitError at once, not NVFlare's retries."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    host, port = probe_server(kit)
     try:
         return new_secure_session(user, str(kit), timeout=connect_timeout)
     except Exception as e:  # NoConnection, AuthenticationError, ...: NVFlare's reason, one line
@@ -288,7 +295,7 @@ def main(argv=None) -> int:
         if a.abort:
             print(f"job {a.abort}: abort requested; status {abort(a.kit, user, a.abort)}")
             return 0
-        admin_target(a.kit)  # a wrong --kit is said before the ~20 s job export
+        probe_server(a.kit)  # a wrong --kit or a stopped server is said before the ~20 s job export
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_job(Path(tmp), job_args)
             outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, exported_num_rounds(folder))
