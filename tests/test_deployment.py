@@ -49,7 +49,12 @@ def _submit_until_first_round(session, repo: Repository, job: Path) -> tuple:
     job_id = session.submit_job(str(job))
 
     def first_round():
-        run_id = repo.run_id_for_job(job_id)
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            run_id = repo.run_id_for_job(job_id)
+        except OperationalError:  # the first job of a fresh database: the server has not created it yet
+            return None
         return run_id if run_id is not None and repo.rounds_table(run_id) else None
 
     return job_id, _wait_for(first_round, JOB_TIMEOUT, f"round 1 of job {job_id} recorded")
@@ -291,6 +296,37 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     assert stop_kit(fed.kit("hospital-b"))
     assert "hospital-b" not in fed.running()
     fed.start_site("hospital-b", env=THREADS)
+    fed.wait_registered(HOSPITALS, timeout=120)
+
+
+def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_the_straggler_wait(federation, tmp_path):
+    # The server kit: heart_beat_timeout 60 s, dead-client grace 10 s (site_configs/server/). The round stops
+    # waiting for hospital-c once NVFlare drops it, records why, and later rounds record it missing, not sent.
+    fed = federation
+    _ensure_up(fed)
+    job = _export(tmp_path / "job", num_rounds=3, straggler_wait=600, local_epochs=3)
+    session = fed.session()
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        job_id, run_id = _submit_until_first_round(session, repo, job)
+        fed.stop_site("hospital-c", signal.SIGKILL)  # a crash while it trains round 2; nobody restarts it
+        killed = time.monotonic()
+        _wait_for(lambda: len(repo.rounds_table(run_id)) >= 2, 60 + 10 + 120, "round 2 recorded")
+        round_2_after_kill = time.monotonic() - killed
+        meta = session.wait_for_job(job_id, timeout=JOB_TIMEOUT)
+        ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
+        assert repo.get_run(run_id).status == "finished", meta["status"]
+        assert [r.round_num for r in repo.rounds_table(run_id)] == [0, 1, 2]
+        assert ups[(1, "hospital-c")]["status"] == ups[(2, "hospital-c")]["status"] == "missing"
+        assert "NVFlare" in ups[(1, "hospital-c")]["reason"] or "logged it out" in ups[(1, "hospital-c")]["reason"]
+        assert ups[(2, "hospital-c")]["reason"].startswith("not sent this round: ")
+        assert all(ups[(r, s)]["status"] == "accepted" for r in (1, 2) for s in HOSPITALS[:2])
+        print(f"\nmeasured: round 2 recorded {round_2_after_kill:.0f}s after hospital-c was killed "
+              f"(heart_beat_timeout 60 s + grace 10 s; straggler_wait 600 s); reason: {ups[(1, 'hospital-c')]['reason']}")
+    finally:
+        repo.close()
+        session.close()
+    fed.start_site("hospital-c", env=THREADS)
     fed.wait_registered(HOSPITALS, timeout=120)
 
 

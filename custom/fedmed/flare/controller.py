@@ -180,6 +180,7 @@ class FedMedController(ModelController):
             check_encryption_compatible(aggregation)
         self._he_names: tuple = ()
         self._gone: dict = {}  # site -> why NVFlare dropped it (until it is heard from again in this job)
+        self._job_sites: set = set()  # every site sampled by this job so far
         self._gone_lock = threading.Lock()  # events arrive on NVFlare's threads
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -327,6 +328,12 @@ class FedMedController(ModelController):
         connected = self.sample_clients()
         targets = [s for s in connected if s not in gone]
         skipped = {s: f"not sent this round: {gone[s]}" for s in connected if s in gone}
+        # A site of this job that NVFlare logged out (no heartbeat for the server kit's heart_beat_timeout) is no
+        # longer among the clients: record it missing rather than leave it out of the round without a word.
+        for s in sorted(self._job_sites - set(connected)):
+            skipped[s] = "not sent this round: " + gone.get(s, "not connected to the server (NVFlare logged it out "
+                                                              "after its heartbeat stopped)")
+        self._job_sites.update(connected)
         if len(targets) < self.min_clients:
             raise RuntimeError(f"round {round_num + 1}: {len(targets)} site(s) connected"
                                + (f" ({', '.join(f'{s}: {why}' for s, why in skipped.items())})" if skipped else "")
