@@ -258,8 +258,6 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     # hospital-b's IT points the kit's local/fedmed_site.json at data that is not mounted, while the site runs:
     # no restart, the next job reads it. Its set-up fails; it answers the round at once with the reason instead
     # of leaving the server to wait straggler_wait (600 s here) for a site whose job died.
-    from fedmed.cli.site import stop_kit
-
     fed = federation
     _ensure_up(fed)
     cfg_path = fed.kit("hospital-b") / "local" / "fedmed_site.json"
@@ -292,11 +290,6 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     assert out.models["best_model.pt"].is_file() and out.models["global_model.pt"].is_file()
     assert f"best model: {out.models['best_model.pt']}" in printed
     print(f"\nmeasured: job with a failing hospital {out.run_seconds:.0f}s (straggler_wait 600 s)")
-    # IT stops the site without NVFlare's interactive stop_fl.sh, and starts it again
-    assert stop_kit(fed.kit("hospital-b"))
-    assert "hospital-b" not in fed.running()
-    fed.start_site("hospital-b", env=THREADS)
-    fed.wait_registered(HOSPITALS, timeout=120)
 
 
 def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_the_straggler_wait(federation, tmp_path):
@@ -385,3 +378,19 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
     finally:
         repo.close()
         session.close()
+
+
+def test_hospital_it_stops_its_site_without_nvflares_interactive_stop_script(federation):
+    # Last: the server keeps listing a stopped hospital until its heartbeat times out (60 s), so a test after this
+    # one would see it "registered" while it is not.
+    from fedmed.cli.site import main as site_main
+    from fedmed.cli.site import stop_kit
+
+    fed = federation
+    if "hospital-a" not in fed.running():
+        fed.start_site("hospital-a", env=THREADS)
+    pid = fed.running()["hospital-a"]
+    stopped = stop_kit(fed.kit("hospital-a"))
+    assert pid in stopped and "hospital-a" not in fed.running()
+    assert not (fed.kit("hospital-a") / "fedmed_site.pid").exists()
+    assert site_main(["stop", str(fed.kit("hospital-a"))]) == 0  # again: nothing left to stop, and it says so
