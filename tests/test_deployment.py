@@ -49,7 +49,12 @@ def _submit_until_first_round(session, repo: Repository, job: Path) -> tuple:
     job_id = session.submit_job(str(job))
 
     def first_round():
-        run_id = repo.run_id_for_job(job_id)
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            run_id = repo.run_id_for_job(job_id)
+        except OperationalError:  # the first job of a fresh database: the server has not created it yet
+            return None
         return run_id if run_id is not None and repo.rounds_table(run_id) else None
 
     return job_id, _wait_for(first_round, JOB_TIMEOUT, f"round 1 of job {job_id} recorded")
@@ -241,6 +246,83 @@ def test_a_hospital_whose_own_config_has_no_privacy_policy_refuses_unless_its_da
     assert ups["hospital-b"]["status"] == ups["hospital-c"]["status"] == "accepted"
 
 
+def _ensure_up(fed) -> None:
+    """Run alone (-k), the scenario starts the federation itself; in the module's order it is already up."""
+    for site in ["server", *HOSPITALS]:
+        if site not in fed.running():
+            fed.start_site(site, env=THREADS)
+    fed.wait_registered(HOSPITALS, timeout=120)
+
+
+def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(federation, tmp_path, capsys):
+    # hospital-b's IT points the kit's local/fedmed_site.json at data that is not mounted, while the site runs:
+    # no restart, the next job reads it. Its set-up fails; it answers the round at once with the reason instead
+    # of leaving the server to wait straggler_wait (600 s here) for a site whose job died.
+    fed = federation
+    _ensure_up(fed)
+    cfg_path = fed.kit("hospital-b") / "local" / "fedmed_site.json"
+    original = cfg_path.read_text()
+    cfg = json.loads(original)
+    cfg["data"]["root"] = str(tmp_path / "not-mounted")
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        job = _export(tmp_path / "job", num_rounds=1, straggler_wait=600)
+        out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
+                                db_url=fed.db_url, num_rounds=1)
+    finally:
+        cfg_path.write_text(original)
+    printed = capsys.readouterr().out
+    assert out.status == COMPLETED  # hospital-a and -c meet min_clients
+    assert out.run_seconds < 300, f"the job took {out.run_seconds:.0f}s: the round waited for hospital-b"
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        ups = {u["site"]: u for u in repo.client_updates(repo.run_id_for_job(out.job_id))}
+    finally:
+        repo.close()
+    reason = ups["hospital-b"]["reason"]
+    assert ups["hospital-b"]["status"] == "missing"
+    assert reason.startswith("set-up failed at the site: FileNotFoundError") and "not-mounted" in reason
+    assert ups["hospital-a"]["status"] == ups["hospital-c"]["status"] == "accepted"
+    # printed by fedmed-submit, and kept in the downloaded result
+    assert f"round 1: hospital-b missing: {reason}" in printed
+    summary = json.loads((out.result_dir / "fedmed_summary.json").read_text())
+    assert {"round": 0, "site": "hospital-b", "status": "missing", "reason": reason} in summary["sites"]
+    assert out.models["best_model.pt"].is_file() and out.models["global_model.pt"].is_file()
+    assert f"best model: {out.models['best_model.pt']}" in printed
+    print(f"\nmeasured: job with a failing hospital {out.run_seconds:.0f}s (straggler_wait 600 s)")
+
+
+def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_the_straggler_wait(federation, tmp_path):
+    # The server kit: heart_beat_timeout 60 s, dead-client grace 10 s (site_configs/server/). The round stops
+    # waiting for hospital-c once NVFlare drops it, records why, and later rounds record it missing, not sent.
+    fed = federation
+    _ensure_up(fed)
+    job = _export(tmp_path / "job", num_rounds=3, straggler_wait=600, local_epochs=3)
+    session = fed.session()
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        job_id, run_id = _submit_until_first_round(session, repo, job)
+        fed.stop_site("hospital-c", signal.SIGKILL)  # a crash while it trains round 2; nobody restarts it
+        killed = time.monotonic()
+        _wait_for(lambda: len(repo.rounds_table(run_id)) >= 2, 60 + 10 + 120, "round 2 recorded")
+        round_2_after_kill = time.monotonic() - killed
+        meta = session.wait_for_job(job_id, timeout=JOB_TIMEOUT)
+        ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
+        assert repo.get_run(run_id).status == "finished", meta["status"]
+        assert [r.round_num for r in repo.rounds_table(run_id)] == [0, 1, 2]
+        assert ups[(1, "hospital-c")]["status"] == ups[(2, "hospital-c")]["status"] == "missing"
+        assert "NVFlare" in ups[(1, "hospital-c")]["reason"] or "logged it out" in ups[(1, "hospital-c")]["reason"]
+        assert ups[(2, "hospital-c")]["reason"].startswith("not sent this round: ")
+        assert all(ups[(r, s)]["status"] == "accepted" for r in (1, 2) for s in HOSPITALS[:2])
+        print(f"\nmeasured: round 2 recorded {round_2_after_kill:.0f}s after hospital-c was killed "
+              f"(heart_beat_timeout 60 s + grace 10 s; straggler_wait 600 s); reason: {ups[(1, 'hospital-c')]['reason']}")
+    finally:
+        repo.close()
+        session.close()
+    fed.start_site("hospital-c", env=THREADS)
+    fed.wait_registered(HOSPITALS, timeout=120)
+
+
 def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation, tmp_path):
     fed = federation
     # 3 local epochs: the kill lands while hospital-c trains round 2.
@@ -296,3 +378,19 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
     finally:
         repo.close()
         session.close()
+
+
+def test_hospital_it_stops_its_site_without_nvflares_interactive_stop_script(federation):
+    # Last: the server keeps listing a stopped hospital until its heartbeat times out (60 s), so a test after this
+    # one would see it "registered" while it is not.
+    from fedmed.cli.site import main as site_main
+    from fedmed.cli.site import stop_kit
+
+    fed = federation
+    if "hospital-a" not in fed.running():
+        fed.start_site("hospital-a", env=THREADS)
+    pid = fed.running()["hospital-a"]
+    stopped = stop_kit(fed.kit("hospital-a"))
+    assert pid in stopped and "hospital-a" not in fed.running()
+    assert not (fed.kit("hospital-a") / "fedmed_site.pid").exists()
+    assert site_main(["stop", str(fed.kit("hospital-a"))]) == 0  # again: nothing left to stop, and it says so

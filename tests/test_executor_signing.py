@@ -82,3 +82,30 @@ def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(tiny_
     wire_sig.verify_result(result, "job-1", 0, site, site_pub)  # what the server will check
     with pytest.raises(SignatureError, match="does not verify"):
         wire_sig.verify_result(result, "job-1", 0, "hospital-b", site_pub)
+
+
+def test_a_site_whose_set_up_fails_answers_every_task_with_the_reason(tmp_path, monkeypatch):
+    # Not system_panic: the job process stays up, so the server hears why at once instead of waiting for the site.
+    import json
+
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.fl_context import FLContextManager
+    from nvflare.apis.signal import Signal
+
+    import fedmed.flare.executor as executor_module
+    from fedmed import constants as C
+    from fedmed.flare.executor import FedMedTrainer
+
+    monkeypatch.setattr(executor_module, "running_in_simulator", lambda fl_ctx: True)
+    common_decomposers.register()
+    cfg = tmp_path / "fedmed_site.json"
+    cfg.write_text(json.dumps({"site_name": "hospital-a", "synthetic_rehearsal": True, "data": {
+        "format": "dicom", "root": str(tmp_path / "not-mounted"), "labels_csv": str(tmp_path / "not-mounted" / "labels.csv")}}))
+    ex = FedMedTrainer(site_config=str(cfg), image_size=32)
+    ctx = FLContextManager(identity_name="hospital-a", job_id="job-1").new_context()
+    ex.handle_event(EventType.START_RUN, ctx)
+    for task in ("train", C.TASK_FINAL_MODEL):
+        reply = FLModelUtils.from_shareable(ex.execute(task, FLModelUtils.to_shareable(FLModel(params={})), ctx,
+                                                       Signal()))
+        reason = reply.meta[C.META_UNAVAILABLE]
+        assert reason.startswith("FileNotFoundError: ") and "not-mounted" in reason and not reply.params

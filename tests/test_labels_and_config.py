@@ -110,6 +110,57 @@ def test_bad_site_config_names_the_key(tmp_path, raw, match):
         load_site_config(p)
 
 
+GOOD = {"site_name": "h", "data": {"format": "chestxray14", "root": "x"}}
+
+
+@pytest.mark.parametrize("raw, match", [
+    # a misspelt privacy block would otherwise silently drop the hospital's DP ceiling
+    ({**GOOD, "privcy": {"preset": "strong"}}, r"unknown key\(s\) 'privcy' \(did you mean 'privacy'\?\)"),
+    # nested blocks are as strict as the top level
+    ({**GOOD, "data": {**GOOD["data"], "label_csv": "l.csv"}}, r"data: unknown key\(s\) 'label_csv' \(did you mean 'labels_csv'\?\)"),
+    ({**GOOD, "resources": {"num_thread": 2}}, r"resources: unknown key\(s\) 'num_thread' \(did you mean 'num_threads'\?\)"),
+    ({**GOOD, "privacy": {"preset": "strong", "epsilom": 2}}, r"privacy: unknown key\(s\) 'epsilom' \(did you mean 'epsilon'\?\)"),
+    # nothing close: no guess, but the valid keys are listed
+    ({**GOOD, "colour": 1}, r"unknown key\(s\) 'colour'; valid keys: data, hostile, privacy"),
+])
+def test_unknown_site_config_keys_are_refused_with_the_nearest_valid_key(tmp_path, raw, match):
+    p = tmp_path / "fedmed_site.json"
+    p.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        load_site_config(p)
+
+
+def _dicom_config(tmp_path, tiny_hospitals, **data):
+    p = tmp_path / "fedmed_site.json"
+    site = tiny_hospitals / "hospital-a"
+    p.write_text(json.dumps({"site_name": "hospital-a", "data": {
+        "format": "dicom", "root": str(site / "dicom"), "labels_csv": str(site / "labels.csv"), **data}}))
+    return load_site_config(p)
+
+
+def test_preflight_opens_the_labels_and_reads_one_image(tmp_path, tiny_hospitals):
+    from fedmed.data.preflight import check_site_data
+
+    found = check_site_data(_dicom_config(tmp_path, tiny_hospitals))
+    assert found.task == "chest_xray14" and found.labelled == 16 and found.image.is_file()
+    assert len(found.shape) == 2 and min(found.shape) > 0
+
+
+@pytest.mark.parametrize("data, error, match", [
+    # the data not mounted (the usual mistake)
+    ({"root": "/nonexistent/dicom"}, FileNotFoundError, "data.root /nonexistent/dicom does not exist"),
+    # another hospital's labels: nothing under root has a row
+    ({"labels_csv": "OTHER"}, ValueError, "with a row in data.labels_csv"),
+])
+def test_preflight_names_what_is_wrong(tmp_path, tiny_hospitals, data, error, match):
+    from fedmed.data.preflight import check_site_data
+
+    if data.get("labels_csv") == "OTHER":
+        data = {"labels_csv": str(tiny_hospitals / "hospital-b" / "labels.csv")}
+    with pytest.raises(error, match=match):
+        check_site_data(_dicom_config(tmp_path, tiny_hospitals, **data))
+
+
 def test_site_config_not_json(tmp_path):
     p = tmp_path / "fedmed_site.json"
     p.write_text("{oops")

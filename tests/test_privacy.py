@@ -81,7 +81,7 @@ def test_a_site_can_keep_its_metrics_home():
         ({"preset": "weak", "delta": 1e-3}, "delta <= 1e-05"),
         ({"delta": 1e-5}, "needs 'epsilon'"),
         ({"epsilon": -1}, "epsilon must be > 0"),
-        ({"epsilon": 1, "clip": 1}, "unknown keys"),
+        ({"epsilon": 1, "clip": 1}, "unknown key"),
         ({"epsilon": 1, "release_metrics": "no"}, "release_metrics must be true or false"),
     ],
 )

@@ -1,6 +1,7 @@
 """provision/project.yml through the real `nvflare provision`, and site_configs installed into the kits."""
 
 import json
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -119,7 +120,12 @@ def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_polici
     job_manager = next(c for c in resources["components"] if c["id"] == "job_manager")
     assert job_manager["args"]["uri_root"] == str(provisioned.kit("server") / "state" / "jobs-storage")
     assert any(c["path"] == "fedmed.flare.recovery.InterruptedJobRecorder" for c in resources["components"])
-    assert "FEDMED_DB_URL=sqlite:////var/lib/fedmed/test.db" in (server_local / "fedmed.env").read_text()
+    server_env = (server_local / "fedmed.env").read_text()
+    assert "FEDMED_DB_URL=sqlite:////var/lib/fedmed/test.db" in server_env
+    # a site gone from a job stops holding up rounds within about a minute (NVFlare's template waits 600 s)
+    assert "NVFLARE_DEAD_CLIENT_GRACE_PERIOD=10" in server_env
+    assert resources["servers"][0]["heart_beat_timeout"] == 60
+    assert resources["servers"][0]["admin_storage"] == "transfer"  # NVFlare's other per-server settings kept
     authz = json.loads((server_local / "authorization.json").read_text())["permissions"]
     assert authz["member"] == {"view": "any"} and authz["org_admin"]["submit_job"] == "none"
     # only the project admin submits jobs (a lead could otherwise send jobs to every hospital)
@@ -199,3 +205,89 @@ def test_shipped_hospital_configs_carry_a_dp_policy_and_the_no_dp_scope_says_wha
                                                               .read_text())["scopes"]}
     assert all(props.get("fedmed_privacy") or "synthetic rehearsal data only" in props.get("note", "")
                for props in scopes.values())
+
+
+def test_provision_refuses_an_existing_workspace_unless_forced(tmp_path, capsys):
+    from fedmed.cli import federation
+
+    fed = Federation(tmp_path / "fed")
+    fed.provision(port=18993, install_sites=False)
+    root_ca = fed.kit("server") / "startup" / "rootCA.pem"
+    first_ca = root_ca.read_bytes()
+    (fed.kit("admin@fedmed.org") / "transfer" / "a-downloaded-job").mkdir(parents=True)
+    (fed.kit("server") / "state" / "jobs-storage" / "a-job").mkdir(parents=True)
+    with pytest.raises(FileExistsError) as refused:
+        fed.provision(port=18993, install_sites=False)
+    message = str(refused.value)
+    for what in ("the root CA and every certificate", "startup kits: admin@fedmed.org", "hospital-a",
+                 "the server's job store: 1 job(s)", "1 downloaded job result(s)", "--force"):
+        assert what in message
+    assert root_ca.read_bytes() == first_ca  # nothing was touched
+    assert federation.main(["provision", "--workspace", str(fed.workspace), "--port", "18993"]) == 1
+    assert "provision refused:" in capsys.readouterr().err
+    fed.provision(port=18993, install_sites=False, force=True)
+    assert root_ca.read_bytes() != first_ca and not (fed.kit("admin@fedmed.org") / "transfer" / "a-downloaded-job").exists()
+
+
+def test_server_without_a_db_url_records_into_its_own_kit(tmp_path):
+    fed = Federation(tmp_path / "fed")
+    fed.provision(port=18994, install_sites=False)
+    install(fed.kit("server"), "server", check_import=False)
+    # written out where the admin's tools (fedmed-submit --workspace) and the server's start check read it
+    assert fed.db_url() == f"sqlite:///{fed.kit('server') / 'fedmed.db'}"
+    from fedmed.cli.install_kit import check_kit
+
+    assert check_kit(fed.kit("server")) == [f"server: run record {fed.db_url()}",
+                                            "server: listening for hospitals and admins at server:18994"]
+
+
+def test_preflight_refuses_a_wrong_data_path_before_the_site_starts(provisioned, capsys):
+    from fedmed.cli.install_kit import main as install_main
+
+    kit = provisioned.kit("hospital-a")  # its fedmed_site.json names data that was never generated
+    assert install_main(["--check", str(kit)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pre-flight check failed: data.root ")
+    assert "does not exist" in err
+    # start_fedmed.sh runs the same check and does not start NVFlare
+    proc = subprocess.run(["bash", str(kit / "start_fedmed.sh"), "--once"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "pre-flight check failed: data.root" in proc.stderr
+    assert "not started" in proc.stderr and not (kit / "log.txt").exists()
+
+
+def test_preflight_of_a_good_site_says_where_it_will_connect(provisioned, tiny_hospitals, tmp_path, monkeypatch):
+    from fedmed.cli.install_kit import check_kit
+
+    cfg = write_site_configs(tmp_path / "configs", tiny_hospitals) / "hospital-a" / "fedmed_site.json"
+    monkeypatch.setenv("FEDMED_SITE_CONFIG", str(cfg))  # the site's environment wins over local/
+    lines = check_kit(provisioned.kit("hospital-a"))
+    assert "16 labelled image(s) for task chest_xray14" in lines[0]
+    assert lines[1] == "hospital-a: waiting for the FL server at localhost:18990 (NVFlare retries until it answers)"
+    wrong = json.loads(cfg.read_text())
+    wrong["site_name"] = "hospital-b"
+    cfg.write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="is for site 'hospital-b', but this kit is 'hospital-a'"):
+        check_kit(provisioned.kit("hospital-a"))
+
+
+def test_submit_errors_are_one_line_saying_what_to_do(provisioned, tmp_path, capsys):
+    from fedmed.cli.site import main as site_main
+    from fedmed.cli.submit_job import SubmitError, export_job
+    from fedmed.cli.submit_job import main as submit_main
+
+    admin = provisioned.kit("admin@fedmed.org")
+    cases = [  # nothing listens on the provisioned port; a folder that is no kit; a workspace never provisioned
+        (["--kit", str(admin), "--", "--rounds", "1"], "cannot reach the FL server at localhost:18990 (Connection "
+                                                      "refused): is it running? (`fedmed-federation status"),
+        (["--kit", str(tmp_path), "--abort", "123"], "is not an admin startup kit"),
+        (["--workspace", str(tmp_path / "none")], "run `fedmed-federation provision"),
+    ]
+    for argv, says in cases:
+        assert submit_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    with pytest.raises(SubmitError, match=r"job options after -- were refused: .*unrecognized arguments: --roundz"):
+        export_job(tmp_path, ["--roundz", "2"])
+    assert site_main(["stop", str(provisioned.kit("hospital-b"))]) == 0
+    assert "nothing was running" in capsys.readouterr().out

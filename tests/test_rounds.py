@@ -162,6 +162,26 @@ def test_missing_and_refused_sites_are_recorded_and_too_few_stops_aggregation():
     assert {u.site: u.status for u in rep.updates} == {"h0": "accepted", "tired": "refused", "gone": "missing"}
 
 
+def test_a_site_whose_set_up_failed_and_a_dropped_site_are_missing_with_their_reasons():
+    sites = honest(2) + [SiteResult("broken", unavailable="FileNotFoundError: DICOM folder does not exist: /x")]
+    rep = engine().step(0, GLOBAL, sites, ["h0", "h1", "broken", "dead"],
+                        missing_reasons={"dead": "NVFlare dropped the site", "skipped": "not sent this round"})
+    assert rep.aggregated and set(rep.aggregated_sites) == {"h0", "h1"}
+    got = {u.site: (u.status, u.reason) for u in rep.updates}
+    assert got["broken"] == ("missing", "set-up failed at the site: FileNotFoundError: DICOM folder does not exist: /x")
+    assert got["dead"] == ("missing", "NVFlare dropped the site")
+    assert got["skipped"] == ("missing", "not sent this round")  # named by the caller though not asked
+    assert any("broken cannot take part: set-up failed" in msg for _, msg in rep.log)
+
+
+def test_a_hostile_unavailable_claim_is_only_a_missing_site_with_a_bounded_reason():
+    # A site may claim its set-up failed to skip a round: that is no more than not answering, and its text is capped.
+    evil = SiteResult("evil", upd(9.0, seed=4), 300, unavailable="x" * 10_000)
+    rep = engine().step(0, GLOBAL, honest(2) + [evil], ["h0", "h1", "evil"])
+    u = status(rep, "evil")
+    assert u.status == "missing" and len(u.reason) <= 520 and "evil" not in rep.aggregated_sites
+
+
 def test_fedavg_keeps_the_weighted_mean_of_statistics_but_caps_counts():
     sites = [SiteResult("a", upd(0.0, var=1.0), 100), SiteResult("b", upd(1.0, var=3.0, seed=1), 100000)]
     rep = RoundEngine(RoundRules(aggregation="fedavg", min_clients=2)).step(0, GLOBAL, sites, [])

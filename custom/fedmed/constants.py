@@ -30,6 +30,7 @@ META_VAL_PREFIX = "val_"  # + a task metric name: val_accuracy, val_macro_f1, va
 META_EPOCHS = "epochs"
 META_ERROR = "error"
 META_REFUSED = "refused"  # a site declined the round (e.g. privacy budget); the value says why
+META_UNAVAILABLE = "unavailable"  # a site cannot take part in this job (its set-up failed); the value says why
 META_EPSILON = "dp_epsilon"  # cumulative epsilon after this round, from the site's accountant
 META_DELTA = "dp_delta"
 META_EPSILON_BUDGET = "dp_epsilon_budget"

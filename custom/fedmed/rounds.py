@@ -52,6 +52,7 @@ class SiteResult:
     privacy: Mapping = field(default_factory=dict)  # epsilon, delta, epsilon_budget, noise_multiplier
     encrypted: object = None  # wire-format CKKS block (fedmed.crypto.ckks.EncryptedLayers.to_wire()) or None
     refused: Optional[str] = None  # the site declined the round itself (privacy budget, a global model it rejects)
+    unavailable: Optional[str] = None  # the site cannot take part in this job at all (its set-up failed): why
     signature: Optional[str] = None  # hex signature of the update (fedmed.signing), kept with the record
     signed_digest: Optional[str] = None  # hex digest the server computed and verified the signature over
     authentication: Optional[str] = None  # why the signature failed (set by the adapter that verified it)
@@ -198,7 +199,7 @@ class RoundEngine:
                 or self._find_encrypted_problem(r))
 
     def _screen(self, round_num: int, results: Sequence[SiteResult], targets: Sequence[str],
-                reference: Mapping[str, np.ndarray], log: list):
+                reference: Mapping[str, np.ndarray], log: list, missing_reasons: Mapping[str, str]):
         valid: dict[str, SiteResult] = {}
         records: dict[str, UpdateRecord] = {}
         hashes: dict[str, str] = {}
@@ -207,6 +208,11 @@ class RoundEngine:
                        for k in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")}
             if r.site in records:
                 log.append(("warning", f"second result from {r.site} this round ignored"))
+                continue
+            if r.unavailable is not None:  # not the site's choice and not its update: it is missing, with the reason
+                reason = f"set-up failed at the site: {str(r.unavailable)[:480]}"
+                log.append(("warning", f"{r.site} cannot take part: {reason}"))
+                records[r.site] = UpdateRecord(site=r.site, status="missing", reason=reason)
                 continue
             if r.refused is not None:
                 reason = str(r.refused)[:500]
@@ -240,21 +246,23 @@ class RoundEngine:
                 train_loss=finite_or_none(metrics.get("train_loss")), val_loss=finite_or_none(metrics.get("val_loss")),
                 val_mean_auroc=finite_or_none(metrics.get("val_mean_auroc")),
                 metrics={k: float(v) for k, v in metrics.items() if finite_or_none(v) is not None}, **common)
-        for site in targets:
+        for site in [*targets, *(s for s in missing_reasons if s not in targets)]:
             if site not in records:
-                log.append(("warning", f"no result from {site} this round"))
-                records[site] = UpdateRecord(site=site, status="missing", reason="no result before the round closed")
+                reason = missing_reasons.get(site) or "no result before the round closed"
+                log.append(("warning", f"no result from {site} this round: {reason}"))
+                records[site] = UpdateRecord(site=site, status="missing", reason=reason[:500])
         return valid, records
 
     # -- 2.-4. aggregate, combine, score ----------------------------------------------------------------------------
 
     def step(self, round_num: int, global_params: Mapping[str, np.ndarray], results: Sequence[SiteResult],
-             targets: Sequence[str] = ()) -> RoundReport:
+             targets: Sequence[str] = (), missing_reasons: Optional[Mapping[str, str]] = None) -> RoundReport:
         """One round. global_params: the clear part of the global model the sites were sent (the reference every
         update is checked against); results: what came back; targets: the sites that were asked (those with no
-        result are recorded missing)."""
+        result are recorded missing); missing_reasons: site -> why it gave no result, when the caller knows (its
+        connection was dropped); a site named here but not asked is recorded missing too."""
         log: list = []
-        valid, records = self._screen(round_num, results, targets, global_params, log)
+        valid, records = self._screen(round_num, results, targets, global_params, log, missing_reasons or {})
         head_keys = [k for k in sorted(global_params) if k.startswith(tuple(self.rules.head_layers))
                      and np.issubdtype(np.asarray(global_params[k]).dtype, np.floating)]
         direction = dict(reference=global_params, head_keys=head_keys)

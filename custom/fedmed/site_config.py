@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from fedmed.config_keys import check_keys
 from fedmed.privacy.policy import PrivacyPolicy, parse_privacy
 from fedmed.robust.attacks import Attack, parse_attack
 
 DATA_FORMATS = ("dicom", "chestxray14", "csv_manifest")
+TOP_KEYS = ("site_name", "data", "resources", "hostile", "privacy", "privacy_ledger", "synthetic_rehearsal")
+DATA_KEYS = ("format", "root", "labels_csv", "val_fraction")
+RESOURCES_KEYS = ("num_threads",)
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,14 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
     base = Path(source).resolve().parent
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: top level must be a JSON object")
+    check_keys(raw, TOP_KEYS, str(source))  # first: a misspelt key is the likeliest cause of what follows
     name = raw.get("site_name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{source}: 'site_name' must be a non-empty string, got {name!r}")
     data = raw.get("data")
     if not isinstance(data, dict):
         raise ValueError(f"{source}: 'data' must be an object with 'format' and 'root'")
+    check_keys(data, DATA_KEYS, f"{source}: data")
     fmt = data.get("format")
     if fmt not in DATA_FORMATS:
         raise ValueError(f"{source}: data.format must be one of {DATA_FORMATS}, got {fmt!r}")
@@ -66,13 +72,13 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
     val_fraction = data.get("val_fraction", 0.2)
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f"{source}: data.val_fraction must be in (0, 1), got {val_fraction!r}")
-    threads = raw.get("resources", {}).get("num_threads")
+    resources = raw.get("resources", {})
+    if not isinstance(resources, dict):
+        raise ValueError(f"{source}: 'resources' must be an object, got {resources!r}")
+    check_keys(resources, RESOURCES_KEYS, f"{source}: resources")
+    threads = resources.get("num_threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"{source}: resources.num_threads must be a positive integer, got {threads!r}")
-    unknown = set(raw) - {"site_name", "data", "resources", "hostile", "privacy", "privacy_ledger",
-                          "synthetic_rehearsal"}
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}")
     synthetic = raw.get("synthetic_rehearsal", False)
     if not isinstance(synthetic, bool):
         raise ValueError(f"{source}: synthetic_rehearsal must be true or false, got {synthetic!r}")

@@ -1,15 +1,19 @@
 """A whole fedmed federation on one machine: the FL server and N hospitals as separate processes on 127.0.0.1.
 
     fedmed-federation provision --workspace runs/federation [--port 8102] [--db-url URL] [--site-configs DIR]
-                                [--he-keys DIR]
+                                [--he-keys DIR] [--force]
     fedmed-federation start  --workspace runs/federation [--sites hospital-a,...] [--timeout 120]
     fedmed-federation status --workspace runs/federation
     fedmed-federation stop   --workspace runs/federation
+    fedmed-federation stop-site NAME --workspace runs/federation      (one site; `start --sites NAME` restarts it)
 (or `python scripts/federation.py ...`, the same command)
 
 provision: `nvflare provision` of provision/project.yml (with --port replacing the server's port, so parallel
 federations don't collide) into <workspace>/provision, then site_configs/install.sh for the server and every
 hospital (--site-configs DIR takes each hospital's fedmed_site.json from DIR/<site>/ instead of site_configs/).
+An already provisioned workspace is refused, listing what re-provisioning would replace or delete (root CA and
+every kit, the kits' signing keys, HE contexts and privacy ledgers, the server's job store, downloaded results),
+unless --force. The run record defaults to SQLite <workspace>/fedmed.db, outside what --force replaces.
 start: each site's start_fedmed.sh --once as its own process, PIDs in <workspace>/pids.json, console output
 in <kit>/console.log; waits, polling the admin API, until every hospital is registered (or fails at --timeout).
 stop: SIGTERM to each site's process and its job processes, SIGKILL after a grace period, then checks that
@@ -33,6 +37,7 @@ import yaml
 
 from fedmed.cli.install_kit import SERVER, exchange_signing_keys, install
 from fedmed.paths import PROJECT_YML, RUNS
+from fedmed.store.repository import default_db_url
 
 PROJECT_ADMIN = "admin@fedmed.org"
 STATE_FILE = "federation.json"
@@ -83,13 +88,64 @@ class Federation:
     def admins(self) -> dict:
         return dict(self.state["admins"])
 
+    def db_url(self) -> str | None:
+        """The server's FEDMED_DB_URL as installed in its kit (local/fedmed.env)."""
+        from fedmed.cli.install_kit import read_env
+        from fedmed.constants import ENV_DB_URL
+
+        return read_env(self.kit(SERVER) / "local" / "fedmed.env").get(ENV_DB_URL)
+
+    def existing_provisioning(self) -> list[str]:
+        """What re-provisioning this workspace would replace or delete, one line each; [] for a fresh workspace."""
+        out = self.workspace / "provision"
+        if not out.exists() and not (self.workspace / STATE_FILE).exists():
+            return []
+        lines = [f"the root CA and every certificate under {out} (kits already handed out stop matching the server)"]
+        kits = sorted(p for p in out.glob("*/prod_*/*") if (p / "startup").is_dir())
+        if kits:
+            lines.append(f"{len(kits)} startup kits: {', '.join(k.name for k in kits)}")
+
+        def found(pattern: str) -> list[Path]:
+            return sorted(p for k in kits for p in k.glob(pattern) if p.is_file())
+
+        for pattern, what in (("local/" + "fedmed_signing.key", "site signing key(s)"),
+                              ("*/*.tenseal", "installed HE context(s) (CKKS keys)"),
+                              ("local/privacy_ledger.jsonl", "hospital privacy ledger(s) (lifetime epsilon spent)"),
+                              ("fedmed.db", "run record database(s) inside a kit")):
+            hits = found(pattern)
+            if hits:
+                lines.append(f"{len(hits)} {what}: {', '.join(str(p.relative_to(self.workspace)) for p in hits)}")
+        jobs = [p for k in kits for p in (k / "state" / "jobs-storage").glob("*") if p.is_dir()]
+        if jobs:
+            lines.append(f"the server's job store: {len(jobs)} job(s) with their models and logs")
+        results = [p for k in kits for p in (k / "transfer").glob("*")]
+        if results:
+            lines.append(f"{len(results)} downloaded job result(s) in the admin kits' transfer/ folders")
+        return lines
+
     def provision(self, project_yml: Path = PROJECT_YML, port: int | None = None, db_url: str | None = None,
-                  site_configs: Path | None = None, install_sites: bool = True, he_keys: Path | None = None) -> dict:
+                  site_configs: Path | None = None, install_sites: bool = True, he_keys: Path | None = None,
+                  force: bool = False) -> dict:
         """nvflare provision + install every site. Returns the state written to <workspace>/federation.json.
         he_keys: a key custodian's folder (scripts/he_keys.py make --out): its server/ context goes to the server
-        kit, its hospitals/ context to each hospital kit (on one machine, the out-of-band hand-over is a copy)."""
+        kit, its hospitals/ context to each hospital kit (on one machine, the out-of-band hand-over is a copy).
+        db_url: the server's FEDMED_DB_URL; default SQLite <workspace>/fedmed.db (kept by a forced re-provision).
+        An existing provisioning is refused (FileExistsError listing what would go) unless force; a running
+        federation is refused whatever force says."""
         project = _project_with_port(yaml.safe_load(Path(project_yml).read_text()), port)
         out = self.workspace / "provision"
+        existing = self.existing_provisioning()
+        if existing:
+            running = self.running()
+            if running:
+                raise RuntimeError(f"{self.workspace} has running sites {sorted(running)}: run `fedmed-federation "
+                                   f"stop --workspace {self.workspace}` before re-provisioning")
+            if not force:
+                raise FileExistsError(
+                    f"{self.workspace} is already provisioned; provisioning again would replace or delete:\n  - "
+                    + "\n  - ".join(existing)
+                    + f"\nThe run record ({db_url or default_db_url(self.workspace)}) is kept. Add --force to do it, "
+                      "or give another --workspace.")
         if out.exists():
             shutil.rmtree(out)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -113,7 +169,7 @@ class Federation:
         if install_sites:
             server_ctx = Path(he_keys) / "server" / "server_context.tenseal" if he_keys else None
             client_ctx = Path(he_keys) / "hospitals" / "client_context.tenseal" if he_keys else None
-            install(kits / SERVER, SERVER, db_url=db_url, he_context=server_ctx)
+            install(kits / SERVER, SERVER, db_url=db_url or default_db_url(self.workspace), he_context=server_ctx)
             for site in state["hospitals"]:
                 custom = Path(site_configs) / site / "fedmed_site.json" if site_configs else None
                 install(kits / site, site, site_config=custom, check_import=False, he_context=client_ctx)
@@ -280,25 +336,34 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("provision", "start", "status", "stop"):
+    for name in ("provision", "start", "status", "stop", "stop-site"):
         s = sub.add_parser(name)
         s.add_argument("--workspace", type=Path, default=RUNS / "federation")
         if name == "provision":
             s.add_argument("--project", type=Path, default=PROJECT_YML)
             s.add_argument("--port", type=int, help="server port (default: project.yml's)")
-            s.add_argument("--db-url", help="the server's FEDMED_DB_URL (default: site_configs/server/fedmed.env)")
+            s.add_argument("--db-url", help="the server's FEDMED_DB_URL (default: SQLite <workspace>/fedmed.db)")
+            s.add_argument("--force", action="store_true",
+                           help="re-provision an existing workspace: new root CA and kits, job store and results deleted")
             s.add_argument("--site-configs", type=Path,
                            help="folder with <site>/fedmed_site.json to install instead of site_configs/<site>/")
             s.add_argument("--he-keys", type=Path,
                            help="a key custodian's folder (scripts/he_keys.py make --out): installs its contexts")
+        if name == "stop-site":
+            s.add_argument("name", help="server or a hospital")
         if name == "start":
             s.add_argument("--sites", help="comma-separated hospitals to start (default: all)")
             s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for registration")
     a = p.parse_args(argv)
     fed = Federation(a.workspace)
     if a.cmd == "provision":
-        state = fed.provision(a.project, a.port, a.db_url, a.site_configs, he_keys=a.he_keys)
-        print(f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}")
+        try:
+            state = fed.provision(a.project, a.port, a.db_url, a.site_configs, he_keys=a.he_keys, force=a.force)
+        except (FileExistsError, RuntimeError, ValueError, FileNotFoundError) as e:
+            print(f"provision refused: {e}", file=sys.stderr)
+            return 1
+        print(f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}; "
+              f"run record {fed.db_url()}")
     elif a.cmd == "start":
         sites = [s for s in a.sites.split(",") if s] if a.sites else None
         waited = fed.start(sites, a.timeout)
@@ -308,6 +373,12 @@ def main(argv=None) -> int:
         print(f"processes: {running or 'none'}")
         if SERVER in running:
             print(f"registered hospitals: {fed.connected_clients()}")
+    elif a.cmd == "stop-site":
+        if a.name not in fed.running():
+            print(f"{a.name}: not running (pids.json has no live process for it)")
+        else:
+            fed.stop_site(a.name)
+            print(f"stopped {a.name}")
     else:
         print(f"stopped: {fed.stop() or 'nothing was running'}")
     return 0

@@ -1,6 +1,7 @@
 """Install a site's settings from site_configs/ into its provisioned NVFlare startup kit.
 
     fedmed-install-kit <kit_dir> <site> [--site-config FILE] [--db-url URL] [--he-context FILE]
+    fedmed-install-kit --check <kit_dir> [<site>]     pre-flight check of an installed kit; writes nothing
     (site_configs/install.sh <kit_dir> <site> runs this with the project's .venv; so does
     `python scripts/install_kit.py`)
 
@@ -20,29 +21,37 @@ fedmed's controller reads it; provisioning no longer makes keys: scripts/he_keys
 and <kit_dir>/start_fedmed.sh, which starts the site with this checkout's Python
 (its venv, where fedmed is installed).
 Nothing else under startup/ is touched.
+
+--check (also run by start_fedmed.sh before NVFlare starts, and after every install): for a hospital, validates
+local/fedmed_site.json (or $FEDMED_SITE_CONFIG), opens its labels and reads one labelled image; for the server,
+names its run record. Then says which server address the site will dial. Exit 1, with one line saying what is
+wrong, when the check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from fedmed import signing
-from fedmed.constants import ENV_DB_URL
+from fedmed.constants import ENV_DB_URL, ENV_SITE_CONFIG
 from fedmed.crypto.keys import install_client_context, install_server_context  # noqa: E402
 from fedmed.paths import SITE_CONFIGS
 from fedmed.site_config import load_site_config
+from fedmed.store.repository import default_db_url
 
 SERVER = "server"
 FEDMED_ALLOW = "fedmed."
 # Locates (without importing torch) the modules a site's job process loads.
 FIND_MODULES = ("import importlib.util as u, sys; m = [n for n in ('nvflare', 'torch', 'fedmed.flare.executor') "
                 "if u.find_spec(n) is None]; sys.exit(f'cannot find {m}' if m else 0)")
-KIT_PLACEHOLDER = "{KIT}"  # in resources.json overrides: replaced by the kit's absolute path
+KIT_PLACEHOLDER = "{KIT}"
+SITE_PID_FILE = "fedmed_site.pid"  # written by start_fedmed.sh --once; NVFlare's daemon writes pid.fl/daemon_pid.fl  # in resources.json overrides: replaced by the kit's absolute path
 
 START_SCRIPT = """#!/usr/bin/env bash
 # Written by site_configs/install.sh: start this NVFlare site with the Python that has fedmed installed.
@@ -52,7 +61,13 @@ set -euo pipefail
 KIT="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 export PATH={python_bin}:"$PATH"
 if [[ -f "$KIT/local/fedmed.env" ]]; then set -a; . "$KIT/local/fedmed.env"; set +a; fi
+# Pre-flight: the site's data paths, labels and one image (hospitals), before any job; FEDMED_SKIP_CHECK=1 skips.
+if [[ "${{FEDMED_SKIP_CHECK:-}}" != 1 ]]; then
+  python -m fedmed.cli.install_kit --check "$KIT" || {{
+    echo "start_fedmed.sh: not started: fix the above in $KIT/local/ (install.sh --check re-checks)" >&2; exit 1; }}
+fi
 if [[ "${{1:-}}" == "--once" ]]; then
+  echo $$ > "$KIT/{pid_file}"   # exec keeps this PID for NVFlare's process: fedmed-site stop finds it here
   exec "$KIT/startup/sub_start.sh" --once
 fi
 exec "$KIT/startup/start.sh" "$@"
@@ -73,12 +88,16 @@ def kit_identity(kit: Path) -> tuple[str, str]:
 
 def merge_resources(default: dict, override: dict, kit: Path) -> dict:
     """NVFlare's provisioned resources + our overrides: class_allow_list is extended (never narrowed), components
-    with the same id are replaced, other top-level keys are replaced; {KIT} in strings becomes the kit path."""
+    with the same id are replaced, each "servers" entry updates the provisioned one's keys, other top-level keys
+    are replaced; {KIT} in strings becomes the kit path."""
     override = json.loads(json.dumps(override).replace(KIT_PLACEHOLDER, str(kit.resolve())))
     merged = dict(default)
     for key, value in override.items():
         if key == "class_allow_list":
             merged[key] = sorted(set(default.get(key, [])) | set(value))
+        elif key == "servers":  # per-server settings (heart_beat_timeout, ...) update NVFlare's, by position
+            base = default.get(key, [])
+            merged[key] = [{**(base[i] if i < len(base) else {}), **v} for i, v in enumerate(value)] + base[len(value):]
         elif key == "components":
             by_id = {c["id"]: c for c in default.get("components", [])}
             by_id.update({c["id"]: c for c in value})
@@ -111,8 +130,7 @@ def install_site_config(source: Path, site: str, dest: Path) -> list[str]:
     if cfg.data.labels_csv is not None:
         raw["data"]["labels_csv"] = str(cfg.data.labels_csv)
     dest.write_text(json.dumps(raw, indent=2) + "\n")
-    return [f"{site}: data path {p} does not exist (yet)" for p in (cfg.data.root, cfg.data.labels_csv)
-            if p is not None and not p.exists()]
+    return []  # the data itself is checked by check_kit once everything is installed
 
 
 def write_env(path: Path, values: dict) -> None:
@@ -155,8 +173,8 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
     if kind == SERVER:
         if db_url:
             env[ENV_DB_URL] = db_url
-        if not env.get(ENV_DB_URL):
-            warnings.append(f"server: no {ENV_DB_URL}; the run record goes to SQLite fedmed.db in the server workspace")
+        # Written out, never implied: the admin's tools read it from here, and the server logs it at start.
+        env.setdefault(ENV_DB_URL, default_db_url(kit))
     else:
         privacy = site_file(site, "privacy.json")
         if privacy is None:
@@ -172,7 +190,7 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
         signing.generate_site_keys(local, site)
     python_bin = Path(python_bin or Path(sys.executable).parent)
     start = kit / "start_fedmed.sh"
-    start.write_text(START_SCRIPT.format(python_bin=shlex.quote(str(python_bin))))
+    start.write_text(START_SCRIPT.format(python_bin=shlex.quote(str(python_bin)), pid_file=SITE_PID_FILE))
     start.chmod(0o755)
     if check_import:
         # The same environment the site will run in: fail here, not when the first job is deployed.
@@ -181,7 +199,47 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
         if probe.returncode != 0:
             raise RuntimeError(f"fedmed is not importable with {python_bin}/python (run scripts/setup.sh, which installs "
                                f"it there): {probe.stderr.strip()[-2000:]}")
+    if kind != SERVER:
+        try:
+            check_kit(kit)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            warnings.append(f"{site}: pre-flight check failed (start_fedmed.sh will refuse to start until fixed): {e}")
     return warnings
+
+
+def server_address(kit: Path) -> str:
+    """host:port the site dials (a hospital) or listens on (the server), from its signed startup config."""
+    kind, _ = kit_identity(kit)
+    name = "fed_server.json" if kind == SERVER else "fed_client.json"
+    servers = json.loads((kit / "startup" / name).read_text()).get("servers") or [{}]
+    return str(servers[0].get("service", {}).get("target", "?"))
+
+
+def installed_site_config(kit: Path) -> Path:
+    """Where a hospital's site reads its settings: $FEDMED_SITE_CONFIG, else <kit>/local/fedmed_site.json."""
+    env = os.environ.get(ENV_SITE_CONFIG)
+    return Path(env) if env else kit / "local" / "fedmed_site.json"
+
+
+def check_kit(kit: Path) -> list[str]:
+    """The pre-flight check of an installed kit; returns what it found, one line each; raises naming the problem."""
+    from fedmed.data.preflight import check_site_data
+
+    kit = Path(kit).resolve()
+    kind, site = kit_identity(kit)
+    if kind == SERVER:
+        env = read_env(kit / "local" / "fedmed.env")
+        url = os.environ.get(ENV_DB_URL) or env.get(ENV_DB_URL) or default_db_url(kit)
+        safe = url.split("@")[-1] if "@" in url else url  # never print a password
+        return [f"server: run record {safe}", f"server: listening for hospitals and admins at {server_address(kit)}"]
+    path = installed_site_config(kit)
+    cfg = load_site_config(path)  # raises naming the file and the bad key (with the nearest valid one)
+    if cfg.site_name != site:
+        raise ValueError(f"{path} is for site {cfg.site_name!r}, but this kit is {site!r}'s")
+    found = check_site_data(cfg)
+    return [f"{site}: {path}: {found.labelled} labelled image(s) for task {found.task}; read {found.image} "
+            f"({found.shape[0]}x{found.shape[1]})",
+            f"{site}: waiting for the FL server at {server_address(kit)} (NVFlare retries until it answers)"]
 
 
 def exchange_signing_keys(server_kit: Path, hospital_kits: list) -> None:
@@ -198,13 +256,26 @@ def exchange_signing_keys(server_kit: Path, hospital_kits: list) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kit_dir", type=Path, help="the participant's provisioned folder (holds startup/ and local/)")
-    p.add_argument("site", help="server, hospital-a, hospital-b or hospital-c")
+    p.add_argument("site", nargs="?", help="server, hospital-a, hospital-b or hospital-c (with --check: optional)")
+    p.add_argument("--check", action="store_true", help="only the pre-flight check of the installed kit")
     p.add_argument("--site-config", type=Path, help="fedmed_site.json to install instead of site_configs/<site>/")
     p.add_argument("--db-url", help=f"server only: {ENV_DB_URL} for the run record")
     p.add_argument("--he-context", type=Path, help="the key custodian's (scripts/he_keys.py) server context for the "
                                                    "server, its client context (with he_key_id.txt beside it) for a "
                                                    "hospital")
     a = p.parse_args(argv)
+    if a.check:
+        try:
+            if a.site and kit_identity(a.kit_dir.resolve())[1] != a.site:
+                raise ValueError(f"{a.kit_dir} is not the kit of {a.site!r}")
+            for line in check_kit(a.kit_dir):
+                print(line, flush=True)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            print(f"pre-flight check failed: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if a.site is None:
+        p.error("give the site (server, hospital-a, ...) to install")
     try:
         warnings = install(a.kit_dir, a.site, a.site_config, a.db_url, he_context=a.he_context)
     except (ValueError, FileNotFoundError, RuntimeError, PermissionError) as e:

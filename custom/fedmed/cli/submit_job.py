@@ -3,17 +3,23 @@
     fedmed-submit --kit <admin startup kit> --user admin@fedmed.org [--db-url URL]
                   [--timeout 3600] [--out DIR] -- [job.py options, e.g. --rounds 2 --image-size 64]
     fedmed-submit --workspace runs/federation -- --rounds 2      (a fedmed-federation federation)
+    fedmed-submit --workspace runs/federation --abort JOB_ID     (or --kit ...: abort a job on the server)
 (or `python scripts/submit_job.py ...`, the same command)
 
 Uses NVFlare's Session API: new_secure_session -> submit_job -> get_job_meta polled until the job ends (or
 --timeout, which aborts the job) -> download_job_result. With --db-url (the server's FEDMED_DB_URL, readable by
-the admin) each round is printed as the server records it. Exit code 0 only when the job finished normally.
+the admin) each round is printed as the server records it, with the reason for every site that did not count
+(missing, refused, rejected), and the run's summary is written into the downloaded result as fedmed_summary.json.
+At the end it prints where the best and the last global model are inside the downloaded result. Ctrl-C asks
+whether to abort the job on the server (otherwise it keeps running). Exit code 0 only when the job finished
+normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +34,12 @@ from fedmed.paths import JOBS
 
 JOB_SCRIPT = JOBS / "cxr_densenet" / "job.py"
 COMPLETED = "FINISHED:COMPLETED"
+SUMMARY_FILE = "fedmed_summary.json"
+MODEL_FILES = ("best_model.pt", "global_model.pt")  # fedmed.flare.persistor's, in the server's app folder
+
+
+class SubmitError(Exception):
+    """Something the admin can fix; main prints it as one line."""
 
 
 @dataclass
@@ -38,6 +50,8 @@ class JobOutcome:
     submit_seconds: float
     run_seconds: float
     round_seconds: list = field(default_factory=list)  # wall time between consecutive recorded rounds
+    models: dict = field(default_factory=dict)  # "best_model.pt" / "global_model.pt" -> path in the result
+    not_counted: list = field(default_factory=list)  # (round, site, status, reason) of every site that did not count
 
 
 def export_job(dest: Path, job_args: list[str]) -> Path:
@@ -45,7 +59,9 @@ def export_job(dest: Path, job_args: list[str]) -> Path:
     proc = subprocess.run([sys.executable, str(JOB_SCRIPT), "--export-job", str(dest), *job_args],
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(f"job export failed: {proc.stderr[-3000:]}")
+        # job.py's own last line (argparse's "error: ..." or the exception) is what the admin has to fix
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output")
+        raise SubmitError(f"the job options after -- were refused: {last.strip()} (see `python {JOB_SCRIPT} --help`)")
     folders = [p for p in dest.iterdir() if (p / "meta.json").is_file()]
     if len(folders) != 1:
         raise RuntimeError(f"expected one exported job folder in {dest}, found {folders}")
@@ -80,12 +96,18 @@ class RoundFollower:
             rows = self._repo.rounds_table(run_id) if run_id is not None else []
         except Exception:  # not created yet, or briefly locked: the next poll will see it
             return
-        for r in rows:
-            if r.round_num in self.printed:
-                continue
+        new = [r for r in rows if r.round_num not in self.printed]
+        reasons = {}
+        if any(r.sites_other for r in new):
+            try:
+                reasons = {(u["round"], u["site"]): u["reason"] for u in self._repo.client_updates(run_id)}
+            except Exception:  # briefly locked: print without reasons rather than not at all
+                reasons = {}
+        for r in new:
             self.printed.add(r.round_num)
             self.round_times.append(time.monotonic())
-            others = "".join(f", {s} {st}" for s, st in r.sites_other)
+            others = "".join(f", {s} {st}" + (f" ({reasons[(r.round_num, s)]})" if reasons.get((r.round_num, s)) else "")
+                             for s, st in r.sites_other)
             score = f"{r.test_mean_auroc:.4f}" if r.test_mean_auroc is not None else "-"
             self.bar.write(f"round {r.round_num + 1}: sites {', '.join(r.sites_accepted)}{others}; mean AUROC {score}")
             self.bar.update(1)
@@ -97,13 +119,100 @@ class RoundFollower:
             self._repo.close()
 
 
+def admin_target(kit: Path) -> tuple[str, int]:
+    """(host, port) of the server's admin endpoint, from the admin kit's startup/fed_admin.json."""
+    cfg = Path(kit) / "startup" / "fed_admin.json"
+    if not cfg.is_file():
+        raise SubmitError(f"{kit} is not an admin startup kit (no startup/fed_admin.json): give --kit the folder "
+                          "the FL admin received from provisioning (or --workspace of a fedmed-federation)")
+    admin = json.loads(cfg.read_text()).get("admin", {})
+    return str(admin.get("host")), int(admin.get("port"))
+
+
+def probe_server(kit: Path) -> tuple[str, int]:
+    """Raises SubmitError at once when nothing answers at the kit's server address (NVFlare's own session would
+    retry for its whole timeout, then end in a traceback)."""
+    host, port = admin_target(kit)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise SubmitError(f"cannot reach the FL server at {host}:{port} ({e.strerror or e}): is it running? "
+                          "(`fedmed-federation status --workspace W`, then `fedmed-federation start --workspace W`; "
+                          "for a real deployment ask whoever runs the server)") from None
+    return host, port
+
+
+def open_session(kit: Path, user: str, connect_timeout: float = 30.0):
+    """A secure admin session; an unreachable server is one SubmitError at once, not NVFlare's retries."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    host, port = probe_server(kit)
+    try:
+        return new_secure_session(user, str(kit), timeout=connect_timeout)
+    except Exception as e:  # NoConnection, AuthenticationError, ...: NVFlare's reason, one line
+        raise SubmitError(f"no admin session with the server at {host}:{port} as {user}: {type(e).__name__}: {e} "
+                          "(is this the admin's own kit, from the server's current provisioning?)") from None
+
+
+def _ask_abort(job_id: str) -> bool:
+    try:
+        answer = input(f"\nabort job {job_id} on the server? [y/N] ")
+    except (EOFError, KeyboardInterrupt):
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def abort(kit: Path, user: str, job_id: str) -> str:
+    """Abort job_id on the server; returns its status after the request."""
+    session = open_session(kit, user)
+    try:
+        try:
+            session.abort_job(job_id)
+        except Exception as e:  # JobNotFound, JobNotRunning, AuthorizationError
+            raise SubmitError(f"cannot abort job {job_id}: {type(e).__name__}: {e}") from None
+        return str(session.get_job_meta(job_id).get("status"))
+    finally:
+        session.close()
+
+
+def run_summary(db_url: str | None, job_id: str) -> dict | None:
+    """The job's fedmed run as recorded: status, best round and every site's status and reason per round."""
+    if not db_url:
+        return None
+    from fedmed.store.repository import Repository
+
+    try:
+        repo = Repository(db_url, create_schema=False)
+    except Exception:
+        return None
+    try:
+        run_id = repo.run_id_for_job(job_id)
+        if run_id is None:
+            return None
+        run = repo.get_run(run_id)
+        updates = [{k: u[k] for k in ("round", "site", "status", "reason")} for u in repo.client_updates(run_id)]
+        return {"job_id": job_id, "run_id": run_id, "status": run.status, "best_round": run.best_round,
+                "sites": updates}
+    except Exception:
+        return None
+    finally:
+        repo.close()
+
+
+def models_in(result: Path) -> dict:
+    found = {}
+    for name in MODEL_FILES:
+        paths = sorted(Path(result).rglob(name))
+        if paths:
+            found[name] = paths[0]
+    return found
+
+
 def submit_and_follow(kit: Path, user: str, job_folder: Path, timeout: float, out: Path | None = None,
                       db_url: str | None = None, num_rounds: int | None = None, poll_interval: float = 2.0,
                       connect_timeout: float = 30.0) -> JobOutcome:
     """Submit job_folder as user; wait for the job to end (abort it at timeout); download its result to out."""
-    from nvflare.fuel.flare_api.flare_api import new_secure_session
-
-    session = new_secure_session(user, str(kit), timeout=connect_timeout)
+    session = open_session(kit, user, connect_timeout)
     follower = RoundFollower(db_url, num_rounds)
     try:
         t0 = time.monotonic()
@@ -113,23 +222,44 @@ def submit_and_follow(kit: Path, user: str, job_folder: Path, timeout: float, ou
         deadline = submitted + timeout
         status = None
         while True:
-            status = session.get_job_meta(job_id).get("status")
-            follower.poll(job_id)
-            if status and status.startswith("FINISHED"):
-                break
-            if time.monotonic() > deadline:
-                session.abort_job(job_id)
-                raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s; aborted it")
-            time.sleep(poll_interval)
+            try:
+                status = session.get_job_meta(job_id).get("status")
+                follower.poll(job_id)
+                if status and status.startswith("FINISHED"):
+                    break
+                if time.monotonic() > deadline:
+                    session.abort_job(job_id)
+                    raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s; aborted it")
+                time.sleep(poll_interval)
+            except KeyboardInterrupt:
+                if _ask_abort(job_id):
+                    session.abort_job(job_id)
+                    print(f"job {job_id}: abort requested; its result is still downloaded", flush=True)
+                    continue  # follow it to FINISHED:ABORTED, then download what it left
+                print(f"job {job_id} keeps running on the server; abort it later with `fedmed-submit --abort "
+                      f"{job_id}` (and the same --kit/--workspace)", flush=True)
+                raise
         follower.poll(job_id)
         finished = time.monotonic()
         print(f"job {job_id}: {status} after {finished - submitted:.0f}s", flush=True)
         result = session.download_job_result(job_id, str(out) if out else None)
+        summary = run_summary(db_url, job_id)
+        not_counted = [(u["round"], u["site"], u["status"], u["reason"]) for u in (summary or {}).get("sites", [])
+                       if u["status"] != "accepted"]
+        for rnd, site, st, reason in not_counted:
+            print(f"round {rnd + 1}: {site} {st}: {reason or 'no reason recorded'}", flush=True)
+        models = {}
         if result:
             print(f"results downloaded to {result}")
+            if summary is not None:
+                (Path(result) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+                print(f"run summary (every site's status and reason, per round): {Path(result) / SUMMARY_FILE}")
+            models = models_in(Path(result))
+            for name, path in models.items():
+                print(f"{'best' if name.startswith('best') else 'last global'} model: {path}")
         times = follower.round_times
         return JobOutcome(job_id, status, Path(result) if result else None, submitted - t0, finished - submitted,
-                          [b - a for a, b in zip(times, times[1:])])
+                          [b - a for a, b in zip(times, times[1:])], models, not_counted)
     finally:
         follower.close()
         session.close()
@@ -146,23 +276,34 @@ def main(argv=None) -> int:
     p.add_argument("--db-url", help="the server's database, to print rounds as they are recorded")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the job is aborted")
     p.add_argument("--out", type=Path, help="download the job's results here (default: the kit's transfer/)")
+    p.add_argument("--abort", metavar="JOB_ID", help="abort this job on the server instead of submitting one")
     a = p.parse_args(argv)
-    if a.workspace:
-        from fedmed.cli.federation import PROJECT_ADMIN, Federation
+    try:
+        if a.workspace:
+            from fedmed.cli.federation import PROJECT_ADMIN, Federation
 
-        fed = Federation(a.workspace)
-        a.user = a.user or PROJECT_ADMIN
-        a.kit = a.kit or fed.kit(a.user)
-        if a.db_url is None:
-            from fedmed.cli.install_kit import read_env
-
-            a.db_url = read_env(fed.kit("server") / "local" / "fedmed.env").get("FEDMED_DB_URL")
-    if a.kit is None:
-        p.error("give --kit (the admin startup kit) or --workspace")
-    user = a.user or a.kit.resolve().name
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = export_job(Path(tmp), job_args)
-        outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, exported_num_rounds(folder))
+            fed = Federation(a.workspace)
+            a.user = a.user or PROJECT_ADMIN
+            try:
+                a.kit = a.kit or fed.kit(a.user)
+                a.db_url = a.db_url or fed.db_url()
+            except FileNotFoundError as e:
+                raise SubmitError(str(e)) from None
+        if a.kit is None:
+            raise SubmitError("give --kit (the admin startup kit) or --workspace (a fedmed-federation workspace)")
+        user = a.user or a.kit.resolve().name
+        if a.abort:
+            print(f"job {a.abort}: abort requested; status {abort(a.kit, user, a.abort)}")
+            return 0
+        probe_server(a.kit)  # a wrong --kit or a stopped server is said before the ~20 s job export
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_job(Path(tmp), job_args)
+            outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, exported_num_rounds(folder))
+    except SubmitError as e:
+        print(f"fedmed-submit: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return 0 if outcome.status == COMPLETED else 1
 
 

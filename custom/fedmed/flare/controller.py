@@ -7,11 +7,15 @@ fedmed.rounds.RoundEngine; FLModel conversion in fedmed.flare.wire; the record i
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Optional
 
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
@@ -175,6 +179,32 @@ class FedMedController(ModelController):
         if self.he_layers:
             check_encryption_compatible(aggregation)
         self._he_names: tuple = ()
+        self._gone: dict = {}  # site -> why NVFlare dropped it (until it is heard from again in this job)
+        self._job_sites: set = set()  # every site sampled by this job so far
+        self._gone_lock = threading.Lock()  # events arrive on NVFlare's threads
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        """NVFlare's dead-client watch: a site whose job process ended (its parent's heartbeat stops listing the job)
+        or whose heartbeat stopped (heart_beat_timeout in the server kit) is deemed disconnected after
+        dead_client_grace_period; a site heard from again in this job is reconnected. Rounds neither send to nor
+        wait for a disconnected site, and record why it is missing."""
+        super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.CLIENT_DISCONNECTED:
+            site = fl_ctx.get_prop(FLContextKey.DISCONNECTED_CLIENT_NAME)
+            with self._gone_lock:
+                self._gone[site] = (f"NVFlare dropped the site at {time.strftime('%H:%M:%S')} (its job process "
+                                    "ended or its heartbeat stopped; see the site's log)")
+            self.warning(f"{site} is disconnected: rounds stop waiting for it until it is heard from again")
+        elif event_type == EventType.CLIENT_RECONNECTED:
+            site = fl_ctx.get_prop(FLContextKey.RECONNECTED_CLIENT_NAME)
+            with self._gone_lock:
+                was_gone = self._gone.pop(site, None)
+            if was_gone:
+                self.info(f"{site} is connected again: it is sampled from the next round")
+
+    def _gone_now(self) -> dict:
+        with self._gone_lock:
+            return dict(self._gone)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -197,13 +227,16 @@ class FedMedController(ModelController):
                     status = "aborted"
                     break
                 started, t0 = utcnow(), time.monotonic()
-                results, targets = self._send(model, round_num)
+                results, targets, skipped = self._send(model, round_num)
                 if self.abort_signal.triggered:
                     status = "aborted"
                     break
                 last_round_sites = [wire.site_of(r) for r in results]
                 site_results = [wire.to_site_result(r, self._verifier(round_num)) for r in results]
-                report = engine.step(round_num, self._clear_part(model.params), site_results, targets)
+                answered = {r.site for r in site_results}
+                missing = {**skipped, **{s: why for s, why in self._gone_now().items()
+                                         if s in targets and s not in answered}}
+                report = engine.step(round_num, self._clear_part(model.params), site_results, targets, missing)
                 self._log_report(report)
                 if not report.aggregated:
                     db.write("record_round", run_uid=run_uid, record=self._round_record(report, engine, started))
@@ -289,9 +322,22 @@ class FedMedController(ModelController):
         return test_ds
 
     def _send(self, model: FLModel, round_num: int):
-        targets = self.sample_clients()
+        """Returns (results, the sites asked, {site: why not asked} for connected sites NVFlare dropped from this
+        job)."""
+        gone = self._gone_now()
+        connected = self.sample_clients()
+        targets = [s for s in connected if s not in gone]
+        skipped = {s: f"not sent this round: {gone[s]}" for s in connected if s in gone}
+        # A site of this job that NVFlare logged out (no heartbeat for the server kit's heart_beat_timeout) is no
+        # longer among the clients: record it missing rather than leave it out of the round without a word.
+        for s in sorted(self._job_sites - set(connected)):
+            skipped[s] = "not sent this round: " + gone.get(s, "not connected to the server (NVFlare logged it out "
+                                                              "after its heartbeat stopped)")
+        self._job_sites.update(connected)
         if len(targets) < self.min_clients:
-            raise RuntimeError(f"round {round_num + 1}: {len(targets)} site(s) connected, min_clients is {self.min_clients}")
+            raise RuntimeError(f"round {round_num + 1}: {len(targets)} site(s) connected"
+                               + (f" ({', '.join(f'{s}: {why}' for s, why in skipped.items())})" if skipped else "")
+                               + f", min_clients is {self.min_clients}")
         model.current_round, model.total_rounds, model.start_round = round_num, self.num_rounds, 0
         if self._signer is not None:  # hospitals train only on a global model the server signed for this round
             wire_sig.sign_global(model, self.fl_ctx.get_job_id(), round_num, self._signer)
@@ -302,7 +348,7 @@ class FedMedController(ModelController):
             task_name=self.train_task_name, data=model, targets=targets, min_responses=self.min_clients,
             timeout=self.round_timeout, wait_time_after_min_received=self.straggler_wait,
         )
-        return results, targets
+        return results, targets, skipped
 
     def _validator(self, eval_model, test_ds):
         if test_ds is None or self.validation_images == 0:

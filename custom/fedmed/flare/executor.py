@@ -147,6 +147,7 @@ class FedMedTrainer(Executor):
         self._ledger: Optional[LedgerBinding] = None
         self._noise_filters: list = []  # the site's UpdateNoiseFilter(s) in the job's privacy scope
         self._refusal: Optional[str] = None  # set at start-up when the site refuses the whole job
+        self._unavailable: Optional[str] = None  # set at start-up when the site's own set-up failed: why
         self._train_ds = None
         self._val_ds = None
         self._model = None
@@ -165,7 +166,14 @@ class FedMedTrainer(Executor):
                 self._model = None
                 self.log_error(fl_ctx, f"site {fl_ctx.get_identity_name()} refuses this job: {e}")
             except Exception as e:
-                self.system_panic(f"fedmed site setup failed: {secure_format_exception(e)}", fl_ctx)
+                # Not system_panic: a site whose job process ends is only noticed by the server through NVFlare's
+                # dead-client detection (a minute or more), and the reason stays in this site's error log. Staying
+                # up and answering every task with the reason ends the server's wait at once and records why.
+                self._unavailable = f"{type(e).__name__}: {e}"[:500]
+                self._model = None
+                self.log_error(fl_ctx, f"site {fl_ctx.get_identity_name()} cannot take part in this job: set-up "
+                                       f"failed: {self._unavailable}; fix it (install.sh --check <kit>); the next "
+                                       "job reads the site's settings again")
 
     def _refuse_job_settings(self, fl_ctx: FLContext) -> None:
         """In a deployed kit, the site's config, privacy policy, HE secret context and data paths come only from
@@ -304,6 +312,9 @@ class FedMedTrainer(Executor):
         if self._refusal is not None:
             return FLModelUtils.to_shareable(FLModel(metrics={},
                                                      meta={C.META_REFUSED: self._refusal, C.META_SITE: site}))
+        if self._unavailable is not None:
+            return FLModelUtils.to_shareable(FLModel(metrics={},
+                                                     meta={C.META_UNAVAILABLE: self._unavailable, C.META_SITE: site}))
         if self._model is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         try:

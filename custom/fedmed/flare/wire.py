@@ -24,7 +24,7 @@ def to_site_result(result: FLModel, verify=None) -> SiteResult:
     meta = result.meta or {}
     refused = meta.get(C.META_REFUSED)
     signature = digest = problem = None
-    if verify is not None and refused is None:
+    if verify is not None and refused is None and meta.get(C.META_UNAVAILABLE) is None:
         try:
             sig, dig = verify(result, site_of(result))
             signature, digest = _hex(sig), _hex(dig)
@@ -38,6 +38,7 @@ def to_site_result(result: FLModel, verify=None) -> SiteResult:
         privacy={k: meta.get(key) for k, key in PRIVACY_KEYS.items()},
         encrypted=meta.get(C.META_ENCRYPTED),
         refused=None if refused is None else str(refused),
+        unavailable=None if meta.get(C.META_UNAVAILABLE) is None else str(meta.get(C.META_UNAVAILABLE)),
         signature=signature,
         signed_digest=digest,
         authentication=problem,

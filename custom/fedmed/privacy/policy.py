@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from fedmed.config_keys import check_keys
+
 # Presets a privacy officer can sign off by name. epsilon 0.1 was measured and is deliberately not a preset
 # (see README, Measured): at our data sizes it trains no better than the presets, which already keep little of
 # what the federation learns without DP.
@@ -59,10 +61,8 @@ def parse_privacy(raw: Optional[dict]) -> Optional[PrivacyPolicy]:
         return None
     if not isinstance(raw, dict):
         raise ValueError(f"privacy must be an object, got {raw!r}")
-    unknown = set(raw) - {"preset", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "release_metrics",
-                        "lifetime_epsilon"}
-    if unknown:
-        raise ValueError(f"privacy has unknown keys {sorted(unknown)}")
+    check_keys(raw, ("preset", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "release_metrics",
+                     "lifetime_epsilon"), "privacy")
     preset = raw.get("preset", "custom")
     if preset != "custom" and preset not in PRESETS:
         raise ValueError(f"privacy preset must be one of {sorted(PRESETS)} or 'custom', got {preset!r}")

@@ -10,6 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
+from fedmed.config_keys import check_keys
 from fedmed.robust.geometric_median import NON_TRAINABLE_SUFFIXES
 
 ATTACKS = ("sign_flip", "scale", "gaussian_noise", "label_flip", "nan", "little_is_enough")
@@ -52,9 +53,7 @@ def parse_attack(raw: dict | None) -> Attack | None:
         return None
     if not isinstance(raw, dict) or "kind" not in raw:
         raise ValueError(f"hostile must be an object with 'kind' (one of {ATTACKS}), got {raw!r}")
-    unknown = set(raw) - {"kind", "factor", "seed"}
-    if unknown:
-        raise ValueError(f"hostile has unknown keys {sorted(unknown)}")
+    check_keys(raw, ("kind", "factor", "seed"), "hostile")
     if raw["kind"] not in ATTACKS:
         raise ValueError(f"hostile kind must be one of {ATTACKS} in a site config, got {raw['kind']!r}")
     return Attack(raw["kind"], float(raw.get("factor", 1.0)), int(raw.get("seed", 0)))
