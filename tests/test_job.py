@@ -41,11 +41,11 @@ def test_bad_controller_arguments_fail_at_construction():
     from fedmed.flare.controller import FedMedController
 
     with pytest.raises(ValueError, match="num_rounds must be >= 1"):
-        FedMedController(num_rounds=0)
+        FedMedController(task="chest_xray14", num_rounds=0)
     with pytest.raises(ValueError, match="unknown aggregation 'bulyan'"):
-        FedMedController(aggregation="bulyan")
+        FedMedController(task="chest_xray14", aggregation="bulyan")
     with pytest.raises(ValueError, match="given together"):
-        FedMedController(test_dicom_root="/x")
+        FedMedController(task="chest_xray14", test_dicom_root="/x")
 
 
 def _write_site_configs(root, hostile=None, privacy=None):

@@ -20,7 +20,9 @@ def _one_hot(indices, k):
 
 
 def test_get_task_names_the_choices():
-    assert get_task(None) is CHEST_XRAY14 and get_task("brain_mri") is BRAIN_MRI
+    assert get_task("chest_xray14") is CHEST_XRAY14 and get_task("brain_mri") is BRAIN_MRI
+    with pytest.raises(ValueError, match=r"unknown task None"):  # no silent chest default
+        get_task(None)
     with pytest.raises(ValueError, match=r"unknown task 'knee_mri'; choose one of \['brain_mri', 'chest_xray14'\]"):
         get_task("knee_mri")
 
@@ -176,3 +178,19 @@ def test_controller_refuses_a_task_it_does_not_know_or_a_wrong_head():
         FedMedController(task="knee_mri")
     with pytest.raises(ValueError, match="num_outputs 14 does not match task 'brain_mri' \\(4 classes\\)"):
         FedMedController(task="brain_mri", num_outputs=14)
+
+
+def test_the_core_has_no_default_task():
+    """A brain MRI caller that forgets the task must fail, not silently get the chest task's classes and loss."""
+    from fedmed.data.loading import load_test
+    from fedmed.flare.controller import FedMedController
+    from fedmed.flare.executor import FedMedTrainer
+    from fedmed.jobconfig import JobConfig
+
+    for component in (FedMedController, FedMedTrainer):
+        with pytest.raises(TypeError, match="task"):
+            component()
+    with pytest.raises(TypeError, match="task"):
+        JobConfig(name="job")
+    with pytest.raises(TypeError, match="task"):
+        load_test("dicom", "labels.csv", 32)

@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 from fedmed.inprocess import federate
 from fedmed.robust.attacks import Attack
 from fedmed.store.repository import Repository, RoundRecord
+from fedmed.tasks import CHEST_XRAY14
 
 HOSTILE = "hostile"  # the attacker's site name in every row
 SERVER_VALIDATION = "server-validation"  # labelled images the server scores each update on (validation screening)
@@ -72,7 +73,8 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
     def record(report):
         repo.record_round(uid, RoundRecord(report.round_num, report.updates, alerts=report.alerts))
 
-    fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, seed=0, on_round=record,
+    fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, task=CHEST_XRAY14,
+                   seed=0, on_round=record,
                    he_layers=HE_LAYERS if row.he else None, attack_from=attack_from, **kw)
     run_id = repo.latest_run_id()
     rows = [u for u in repo.client_updates(run_id) if u["site"] == HOSTILE]
@@ -126,7 +128,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
 
 def honest_reference(train_sets: Mapping, test_set, rounds: int, he: bool = False, **kw) -> float:
     honest = {s: d for s, d in train_sets.items() if s != HOSTILE}
-    return float(federate(honest, test_set, rounds, "geometric_median", seed=0,
+    return float(federate(honest, test_set, rounds, "geometric_median", task=CHEST_XRAY14, seed=0,
                           he_layers=HE_LAYERS if he else None, **kw).auroc)
 
 
@@ -161,8 +163,10 @@ def load_sites(root: Path, names: list, image_size: int, seed: int = 0):
     from fedmed.data.loading import load_test, load_train_val
     from fedmed.site_config import DataConfig
 
-    train = {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
+    train = {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed,
+                               CHEST_XRAY14)[0]
              for s in names}
-    test = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size)
-    val = load_test(root / SERVER_VALIDATION / "dicom", root / SERVER_VALIDATION / "labels.csv", image_size)
+    test = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size, CHEST_XRAY14)
+    val = load_test(root / SERVER_VALIDATION / "dicom", root / SERVER_VALIDATION / "labels.csv", image_size,
+                    CHEST_XRAY14)
     return train, test, val

@@ -40,13 +40,14 @@ from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord, resolve_db_url
-from fedmed.tasks import DEFAULT_TASK, get_task
+from fedmed.tasks import get_task
 from fedmed.training import evaluate
 
 
 class FedMedController(ModelController):
     def __init__(
         self,
+        task: str,
         num_rounds: int = 5,
         min_clients: int = 3,
         round_timeout: int = 0,
@@ -66,7 +67,6 @@ class FedMedController(ModelController):
         trust_bad_ratio: float = 4.0,
         quarantine_below: float = 0.5,
         readmit_after: int = 2,
-        task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
         final_model_timeout: int = 120,

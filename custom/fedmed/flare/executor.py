@@ -37,7 +37,7 @@ from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, P
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
-from fedmed.tasks import DEFAULT_TASK, get_task
+from fedmed.tasks import get_task
 from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
@@ -66,6 +66,7 @@ def running_in_simulator(fl_ctx: FLContext) -> bool:
 class FedMedTrainer(Executor):
     def __init__(
         self,
+        task: str,
         site_config: Optional[str] = None,
         image_size: int = 128,
         local_epochs: int = 1,
@@ -74,7 +75,6 @@ class FedMedTrainer(Executor):
         seed: int = 0,
         norm: str = "batch",
         train_task_name: str = AppConstants.TASK_TRAIN,
-        task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
         dp_train_layers: Optional[list] = None,

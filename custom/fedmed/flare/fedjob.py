@@ -68,6 +68,8 @@ def build_job(config: JobConfig, *, data_root: Path | None = None, he_keys_dir: 
         task=spec.name,
         he_layers=he_layers,
         final_model_timeout=config.final_model_timeout,
+        statistics_factor=config.statistics_factor,
+        validation_images=config.validation_images,
     )
     job.to_server(controller)
     job.to_server(FedMedModelPersistor(num_outputs=spec.num_outputs, initial_weights=config.initial_weights,
@@ -176,6 +178,12 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     p.add_argument("--final-model-timeout", type=int, default=c.final_model_timeout,
                    help=f"seconds the server waits for the sites to acknowledge the final model "
                         f"(default {c.final_model_timeout})")
+    p.add_argument("--statistics-factor", type=float, default=c.statistics_factor,
+                   help=f"how far a site's BatchNorm statistics may move from the global model's in one round before "
+                        f"its update is rejected (default {c.statistics_factor:g})")
+    p.add_argument("--validation-images", type=int, default=c.validation_images,
+                   help=f"score each update on this many server test images and reject one far below the median "
+                        f"site's; needs a test set and no HE (default {c.validation_images} = off)")
     trust = p.add_argument_group("trust", "the trust rule (fedmed.robust.trust): each round a site scores 1 at or "
                                  "below ok-ratio x the median site distance to the aggregate, 0 at or above "
                                  "bad-ratio; trust is a moving average of the scores; below quarantine-below the "
@@ -202,7 +210,8 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             initial_weights=str(Path(a.initial_weights).resolve()) if a.initial_weights else None,
             trust_smoothing=a.trust_smoothing, trust_ok_ratio=a.trust_ok_ratio, trust_bad_ratio=a.trust_bad_ratio,
             quarantine_below=a.quarantine_below, readmit_after=a.readmit_after,
-            final_model_timeout=a.final_model_timeout,
+            final_model_timeout=a.final_model_timeout, statistics_factor=a.statistics_factor,
+            validation_images=a.validation_images,
         )
     except ValueError as e:
         p.error(str(e))
