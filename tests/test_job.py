@@ -80,16 +80,17 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     repo = Repository(f"sqlite:///{db}", create_schema=False)
     run_id = repo.latest_run_id()
     rows = repo.rounds_table(run_id)
-    assert [r.round_num for r in rows] == [0, 1]
+    assert [r.round_num for r in rows] == [1, 2]  # numbered as the logs number them
     for r in rows:
         assert set(r.sites_accepted) == set(SITES) and r.sites_other == ()  # every site, every round
-        assert r.test_mean_auroc is not None and 0.0 <= r.test_mean_auroc <= 1.0
+        assert r.score is not None and 0.0 <= r.score <= 1.0 and r.score == r.mean_auroc
+        assert (r.score_name, r.score_source) == ("mean_auroc", "global_test")
     assert repo.get_run(run_id).status == "finished"
     test_metrics = repo.round_metrics(run_id, "global_test")
-    assert set(test_metrics) == {0, 1} and any(k.startswith("auroc/") for k in test_metrics[1])
+    assert set(test_metrics) == {1, 2} and any(k.startswith("auroc/") for k in test_metrics[2])
     updates = repo.client_updates(run_id)
     assert len(updates) == 6 and all(u["num_samples"] > 0 and u["update_norm"] > 0 for u in updates)
-    assert abs(sum(u["aggregation_weight"] for u in updates if u["round"] == 1) - 1.0) < 1e-6
+    assert abs(sum(u["aggregation_weight"] for u in updates if u["round"] == 2) - 1.0) < 1e-6
 
     app = tmp_path / "ws" / "cxr_densenet" / "server" / "simulate_job" / "app_server"
     final = torch.load(app / "global_model.pt", weights_only=True)["state_dict"]
@@ -97,12 +98,13 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     initial = state_to_numpy(build_densenet121(14))  # what the persistor starts from (seed 0)
     changed = [k for k in initial if not np.allclose(initial[k], final[k].numpy())]
     assert len(changed) > len(initial) // 2
-    assert (app / "best_model.pt").is_file()
+    best = torch.load(app / "best_model.pt", weights_only=True)["meta"]
+    assert best["round"] == repo.get_run(run_id).best_round  # the model file says the round the record and log say
 
     report = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--db-url", f"sqlite:///{db}",
                              "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
-    assert (tmp_path / "report" / "global_auroc_loss.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "global_score.png").stat().st_size > 10_000
     assert repo.verify_audit() is None
 
 
@@ -116,17 +118,17 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     finally:
         _write_site_configs(tiny_hospitals)
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
-    first = ups[(0, "hospital-c")]  # left out of the very round it turned hostile
+    first = ups[(1, "hospital-c")]  # left out of the very round it turned hostile
     assert first["status"] == "rejected" and "far outlier" in first["reason"] and first["aggregation_weight"] == 0.0
-    assert ups[(0, "hospital-c")]["trust"] < ups[(0, "hospital-a")]["trust"]
+    assert ups[(1, "hospital-c")]["trust"] < ups[(1, "hospital-a")]["trust"]
     quarantined_by = min(a["round"] for a in repo.alerts(run_id) if a["kind"] == "quarantined")
-    assert quarantined_by == 0  # a clearly hostile first round quarantines at once
+    assert quarantined_by == 1  # a clearly hostile first round quarantines at once
     later = ups[(quarantined_by + 1, "hospital-c")]
     assert later["status"] == "quarantined" and "quarantined (trust" in later["reason"]
     assert later["aggregation_weight"] == 0.0
-    assert all(ups[(r, s)]["status"] == "accepted" for r in range(3) for s in ("hospital-a", "hospital-b"))
+    assert all(ups[(r, s)]["status"] == "accepted" for r in (1, 2, 3) for s in ("hospital-a", "hospital-b"))
     kinds = [(a["round"], a["site"], a["kind"]) for a in repo.alerts(run_id)]
-    assert (0, "hospital-c", "rejected") in kinds and (quarantined_by, "hospital-c", "quarantined") in kinds
+    assert (1, "hospital-c", "rejected") in kinds and (quarantined_by, "hospital-c", "quarantined") in kinds
     assert {s for _, s, _ in kinds} == {"hospital-c"}
     # Trust outlives the job: the next job of this federation starts with hospital-c still quarantined.
     trust = repo.load_trust()
@@ -159,14 +161,14 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
     moved = {k for k in pretrained if not np.allclose(pretrained[k], final[k].numpy(), atol=1e-6)}
     assert "class_layers.out.weight" in moved and all(k.startswith(trained) for k in moved)
     spend = {(p["round"], p["site"]): p for p in repo.privacy_spend(run_id)}
-    for r in (0, 1):
+    for r in (1, 2):
         for site in ("hospital-a", "hospital-b"):
             assert 0 < spend[(r, site)]["epsilon"] <= spend[(r, site)]["epsilon_budget"] * 1.000001
-    assert spend[(1, "hospital-a")]["epsilon"] == pytest.approx(3.0, rel=0.02)  # calibrated to the ceiling
-    assert spend[(0, "hospital-c")]["epsilon"] < 5.5
+    assert spend[(2, "hospital-a")]["epsilon"] == pytest.approx(3.0, rel=0.02)  # calibrated to the ceiling
+    assert spend[(1, "hospital-c")]["epsilon"] < 5.5
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
-    assert ups[(1, "hospital-c")]["status"] == "refused" and "privacy budget" in ups[(1, "hospital-c")]["reason"]
-    assert ups[(1, "hospital-a")]["status"] == "accepted" and ups[(1, "hospital-b")]["status"] == "accepted"
-    assert all(ups[(r, "hospital-a")]["val_mean_auroc"] is not None for r in (0, 1))
-    assert all(ups[(r, "hospital-b")]["val_mean_auroc"] is None for r in (0, 1))
+    assert ups[(2, "hospital-c")]["status"] == "refused" and "privacy budget" in ups[(2, "hospital-c")]["reason"]
+    assert ups[(2, "hospital-a")]["status"] == "accepted" and ups[(2, "hospital-b")]["status"] == "accepted"
+    assert all(ups[(r, "hospital-a")]["val_score"] is not None for r in (1, 2))
+    assert all(ups[(r, "hospital-b")]["val_score"] is None for r in (1, 2))
     assert ("hospital-c", "refused") in [(a["site"], a["kind"]) for a in repo.alerts(run_id)]

@@ -95,7 +95,7 @@ def test_an_uncertifiable_ceiling_is_refused_with_the_reason(tiny):
     # below log(1/delta)/(max order - 1) = 11.5/2047 no noise level helps
     site = SitePrivacy(PrivacyPolicy(epsilon=0.001))
     with pytest.raises(BudgetExceeded, match="no noise level lets the RDP accountant certify epsilon 0.001"):
-        site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, total_epochs=50)
+        site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=50)
     assert site.epsilon_spent == 0.0
 
 
@@ -129,7 +129,7 @@ def test_unknown_trainable_layers_are_named(tiny):
 def test_epsilon_0_1_is_certified_with_the_wider_orders(tiny):
     # Opacus' default orders (up to 63) cannot get below about 0.1 at delta 1e-5; the site's accountant can.
     site = SitePrivacy(PrivacyPolicy(epsilon=0.1))
-    _, info = site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, total_epochs=3)
+    _, info = site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=3)
     ref = RDPAccountant()
     ref.history = [(info.noise_multiplier, 6 / 24, info.steps)]
     assert info.epsilon == pytest.approx(ref.get_epsilon(1e-5, alphas=SiteRDPAccountant.ORDERS), rel=1e-9)

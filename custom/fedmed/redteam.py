@@ -71,7 +71,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
     repo.start_run(uid, row.name, uid, "geometric_median", rounds, {"attack": row.attack.kind})
 
     def record(report):
-        repo.record_round(uid, RoundRecord(report.round_num, report.updates, alerts=report.alerts))
+        repo.record_round(uid, RoundRecord(report.round_num + 1, report.updates, alerts=report.alerts))  # from 1
 
     fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, task=CHEST_XRAY14,
                    seed=0, on_round=record,
@@ -98,7 +98,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc: float, 
         blocked.append(u.status in BLOCKED)
     if fed.stopped:
         per_round.append(f"run stopped: {fed.stopped[:90]}")
-    database = (", ".join(f"r{u['round'] + 1} {u['status']}" for u in rows if u["round"] >= attack_from)
+    database = (", ".join(f"r{u['round']} {u['status']}" for u in rows if u["round"] > attack_from)  # from 1
                 + f"; {len(alerts)} alert(s)" + (f"; {len(refusals)} hospital refusal(s)" if refusals else ""))
     auroc = float(fed.auroc)
     bounded = abs(auroc - honest_auroc) <= tolerance
