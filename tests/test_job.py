@@ -59,7 +59,7 @@ def _write_site_configs(root, hostile=None, privacy=None):
         (root / site / "fedmed_site.json").write_text(json.dumps(cfg))
 
 
-def _simulate(data_root, workspace, db, *extra, sites=SITES):
+def _run_job(data_root, workspace, db, *extra, sites=SITES):
     env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run(
         [sys.executable, str(JOB), "--data-root", str(data_root), "--workspace", str(workspace),
@@ -67,6 +67,11 @@ def _simulate(data_root, workspace, db, *extra, sites=SITES):
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _simulate(data_root, workspace, db, *extra, sites=SITES):
+    _run_job(data_root, workspace, db, *extra, sites=sites)
     repo = Repository(f"sqlite:///{db}", create_schema=False)
     return repo, repo.latest_run_id()
 
@@ -75,7 +80,20 @@ def _simulate(data_root, workspace, db, *extra, sites=SITES):
 def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     _write_site_configs(tiny_hospitals)
     db = tmp_path / "fedmed.db"
-    _simulate(tiny_hospitals, tmp_path / "ws", db, "--rounds", "2")
+    log = tmp_path / "sim.log"
+    proc = _run_job(tiny_hospitals, tmp_path / "ws", db, "--rounds", "2", "--log-file", str(log))
+    # The concise live view: one line per round per site, one per round for the server, the run's end; NVFlare's
+    # full output (thousands of lines in a real run) is in the log file the job names.
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert console[0] == f"full simulator log: {log}" and console[-1].startswith("simulation finished")
+    site_lines = [line for line in console if line.startswith("  round ")]
+    assert sorted((line.split()[1], line.split()[2]) for line in site_lines) == sorted(
+        (str(r), s) for r in (1, 2) for s in SITES)
+    assert [line.split(" done")[0] for line in console if " done in " in line] == ["round 1/2", "round 2/2"]
+    assert len(console) == 1 + len(site_lines) + 2 + 2, console  # header, sites, rounds, run end, finished
+    full = log.read_text()
+    assert all(line.strip() in full for line in site_lines[:1]) and "FedMedController" in full
+    assert len(full.splitlines()) > 3 * len(console)
 
     repo = Repository(f"sqlite:///{db}", create_schema=False)
     run_id = repo.latest_run_id()

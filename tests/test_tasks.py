@@ -156,8 +156,8 @@ def test_controller_scores_rounds_by_the_tasks_metric(task_data):
         used = used or {}
         return RoundReport(0, True, params, None, (), (), {s: 0.5 for s in used}, used, {})
 
-    score, mean_auroc, loss, metrics = controller._score(model, report(state_to_numpy(model)), [], test_ds)
-    assert metrics["loss"] == loss and np.isfinite(loss)
+    score, source, mean_auroc, loss, metrics = controller._score(model, report(state_to_numpy(model)), [], test_ds)
+    assert source == "global_test" and metrics["loss"] == loss and np.isfinite(loss)
     assert mean_auroc == pytest.approx(np.mean([v for k, v in metrics.items() if k.startswith("auroc/")]))
     assert score == (metrics["accuracy"] if task.is_multiclass else mean_auroc)
     # Without a test set: the aggregated sites' validation score for this task, weighted by their used (capped)
@@ -165,8 +165,8 @@ def test_controller_scores_rounds_by_the_tasks_metric(task_data):
     key = C.META_VAL_PREFIX + task.score_name
     sites = [SiteResult("a", metrics={C.META_VAL_MEAN_AUROC: 0.7, key: 0.9}),
              SiteResult("b", metrics={C.META_VAL_MEAN_AUROC: 0.6, key: 0.5})]
-    score, mean_auroc, loss, metrics = controller._score(model, report(None, {"a": 30, "b": 10}), sites, None)
-    assert score == pytest.approx(0.8) and loss is None and metrics == {}
+    score, source, mean_auroc, loss, metrics = controller._score(model, report(None, {"a": 30, "b": 10}), sites, None)
+    assert score == pytest.approx(0.8) and loss is None and metrics == {} and source == "site_validation"
     # For the chest task the score is the mean AUROC itself (the same key); for brain it is reported beside it.
     assert mean_auroc == pytest.approx(0.675 if task.is_multiclass else 0.8)
 
