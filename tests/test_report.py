@@ -103,3 +103,18 @@ def test_a_run_scored_by_the_sites_says_so_in_the_page(tmp_path):
     assert "best round 2 (sites&#x27; weighted validation accuracy 0.6000)" in page
     assert "test loss" not in page and "test mean AUROC" not in page
     assert "<td>run</td><td></td><td>dead_letter</td>" in page  # the run-level alert is not "round 0"
+
+
+def test_the_rounds_table_names_the_score_and_numbers_rounds_as_the_log(tmp_path):
+    from fedmed.cli.rounds_table import format_table
+
+    repo = Repository(f"sqlite:///{tmp_path / 't.db'}")
+    repo.start_run("u", "brain", "job", "fedavg", 2, {"task": "brain_mri"})
+    for n in (1, 2):
+        repo.record_round("u", RoundRecord(n, (UpdateRecord("hospital-a", "accepted", 10),), score=0.4 + n / 10,
+                                           score_name="accuracy", score_source="site_validation", mean_auroc=0.75))
+    repo.finish_run("u", "finished", 2, 0.6)
+    lines = format_table(repo, repo.latest_run_id()).splitlines()
+    assert "sites' val accuracy" in lines[1] and "mean AUROC" in lines[1] and "test" not in lines[1].split("AUROC")[0]
+    assert [line.split()[0] for line in lines[2:4]] == ["1", "2"]
+    assert lines[-2:] == ["best: round 2, sites' val accuracy 0.6000", "final global model: sites' val accuracy 0.6000"]
