@@ -5,7 +5,8 @@ import sys
 
 from fedmed.console import concise
 
-PREFIX = "2026-11-29 21:14:01,123 - {name} - {level} - [identity=hospital-a, run=simulate_job, peer=server]: "
+# A kit's log line (the simulator's console drops the logger name and the FL context).
+PREFIX = "2026-11-29 21:14:01,123 - {name} - {level} - [identity=hospital-a, run=simulate_job, peer=server] - "
 
 
 def test_only_the_lines_a_user_wants_reach_the_console():
@@ -19,9 +20,16 @@ def test_only_the_lines_a_user_wants_reach_the_console():
     assert concise(warning) == "  WARNING FedMedController: round 2: no result from hospital-c this round"
     error = PREFIX.format(name="ServerRunner", level="ERROR") + "job failed"
     assert concise(error) == "  ERROR ServerRunner: job failed"
+    # The simulator's console format has no logger name.
+    assert concise("2026-11-29 21:15:01,475 - WARNING - round 2: no result from hospital-c this round") == \
+        "  WARNING: round 2: no result from hospital-c this round"
     for noise in (PREFIX.format(name="nvflare.private.fed.simulator", level="INFO") + "deployed app to site-1",
                   PREFIX.format(name="FedMedTrainer", level="INFO") + "site hospital-a round 2: epoch 1/1 train loss 0.6",
-                  PREFIX.format(name="CellNet", level="WARNING") + "re-challenge after 2.0 seconds",
+                  "2026-11-29 21:15:01,475 - WARNING - Number of results (3) is different from number of expected "
+                  "responses (2).",
+                  "2026-11-29 21:14:22,086 - INFO - setup plugin alembic.autogenerate.schemas",
+                  PREFIX.format(name="FedMedController", level="WARNING") + "Number of results (3) is different from "
+                  "number of expected responses (1).",
                   "INFO  [alembic.runtime.migration] Running upgrade 0008 -> 0009", "Traceback (most recent call last):"):
         assert concise(noise) is None, noise
 

@@ -92,7 +92,7 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert [line.split(" done")[0] for line in console if " done in " in line] == ["round 1/2", "round 2/2"]
     assert len(console) == 1 + len(site_lines) + 2 + 2, console  # header, sites, rounds, run end, finished
     full = log.read_text()
-    assert all(line.split(None, 3)[3] in full for line in site_lines) and "FedMedController" in full
+    assert all(line.split(None, 3)[3] in full for line in site_lines) and "sending the global model" in full
     assert len(full.splitlines()) > 3 * len(console)
 
     repo = Repository(f"sqlite:///{db}", create_schema=False)

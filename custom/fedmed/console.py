@@ -1,5 +1,5 @@
-"""A concise live view of a simulated run: one line per round per site, one per round for the server, fedmed's
-warnings and every error, while the full output (NVFlare's and Alembic's logs of every process) goes to a file.
+"""A concise live view of a simulated run: one line per round per site, one per round for the server, warnings
+(without NVFlare's routine ones) and errors, while the full output (NVFlare's and Alembic's logs of every process) goes to a file.
 
 NVFlare's simulator starts the server and the sites as processes that inherit this process's stdout and stderr, and
 configures its own logging in each, so no logging filter can reach them: the file descriptors themselves are
@@ -22,8 +22,12 @@ from typing import Callable, Iterator, Optional, TextIO
 SITE_ROUND = re.compile(r"site (?P<site>\S+) round (?P<round>\d+): (?P<rest>val loss .*)$")
 SERVER_ROUND = re.compile(r"(?P<line>round \d+/\d+ done in .*)$")
 RUN_END = re.compile(r"(?P<line>run [0-9a-f]{32} (finished|failed|aborted); .*)$")
-LEVEL = re.compile(r" - (?P<name>[\w.]+) - (?P<level>WARNING|ERROR|CRITICAL) - (?:\[[^\]]*\]: )?(?P<msg>.*)$")
-FEDMED_LOGGERS = ("FedMed", "fedmed")
+# The simulator's console prints "<time> - <level> - <message>" (no logger name); a kit's log adds the logger name and
+# the FL context.
+LEVEL = re.compile(r" - (?:(?P<name>[\w.]+) - )?(?P<level>WARNING|ERROR|CRITICAL) - (?:\[[^\]]*\](?::| -) )?(?P<msg>.*)$")
+# NVFlare's own warnings that say nothing to a user: broadcast_model logs this whenever more sites answer than the
+# round's minimum, i.e. every round in which the straggler wait works as meant.
+NVFLARE_NOISE = re.compile(r"^Number of results \(\d+\) is different from number of expected responses")
 
 
 def concise(line: str) -> Optional[str]:
@@ -36,8 +40,8 @@ def concise(line: str) -> Optional[str]:
     if m:
         return m["line"]
     m = LEVEL.search(line)
-    if m and (m["level"] != "WARNING" or m["name"].startswith(FEDMED_LOGGERS)):
-        return f"  {m['level']} {m['name']}: {m['msg']}"
+    if m and not NVFLARE_NOISE.search(m["msg"]):
+        return f"  {m['level']}" + (f" {m['name']}" if m["name"] else "") + f": {m['msg']}"
     return None
 
 
