@@ -22,6 +22,7 @@ from fedmed.cli.bench_sites import load_train_sets, make_sites
 from fedmed.data.loading import load_test
 from fedmed.inprocess import federate
 from fedmed.robust.attacks import Attack
+from fedmed.tasks import CHEST_XRAY14
 
 AGGREGATIONS = ("fedavg", "geometric_median", "coordinate_median", "trimmed_mean")
 
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     sites = make_sites(a.data, 5, a.per_site, a.seed)
     datasets = load_train_sets(a.data, sites, a.image_size, a.seed)
-    test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size)
+    test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14)
     attack = Attack(a.attack, a.factor, a.seed)
     scenarios = {
         "clean, 3 sites": (sites[:3], {}),
@@ -73,9 +74,9 @@ def main(argv=None) -> int:
     cells = [(sc, agg) for sc in scenarios for agg in AGGREGATIONS]
     for sc, agg in tqdm(cells, desc="cells"):
         names, hostile = scenarios[sc]
-        results[(sc, agg)] = federate({n: datasets[n] for n in names}, test_ds, a.rounds, agg, hostile, seed=a.seed,
+        results[(sc, agg)] = federate({n: datasets[n] for n in names}, test_ds, a.rounds, agg, hostile, task=CHEST_XRAY14, seed=a.seed,
                                       use_trust=agg == "geometric_median")["auroc"]
-    honest = {sc: federate({n: datasets[n] for n in names}, test_ds, a.rounds, "geometric_median", seed=a.seed,
+    honest = {sc: federate({n: datasets[n] for n in names}, test_ds, a.rounds, "geometric_median", task=CHEST_XRAY14, seed=a.seed,
                            use_trust=True)["auroc"]
               for sc, names in tqdm(references.items(), desc="honest-only references")}
     lines = [

@@ -20,8 +20,10 @@ export FEDMED_DB_URL=${FEDMED_DB_URL:-sqlite:///$WS/fedmed.db}
 echo "[demo] hospitals in $DATA"
 .venv/bin/python scripts/generate_hospitals.py --task "$TASK" --out "$DATA"
 rm -rf "${WS:?}/$JOB"   # each demo is a fresh simulation; the database keeps every run
+LOG="$WS/$JOB.log"     # NVFlare's and Alembic's full output; the console shows one line per round per site
+rm -f "$LOG"
 echo "[demo] federated run ($TASK): 3 hospitals, NVFlare simulator, workspace $WS/$JOB"
-.venv/bin/python "jobs/$JOB/job.py" --data-root "$DATA" --workspace "$WS" "$@"
+.venv/bin/python "jobs/$JOB/job.py" --data-root "$DATA" --workspace "$WS" --log-file "$LOG" "$@"
 echo
 .venv/bin/python scripts/rounds_table.py
 .venv/bin/python scripts/report.py --out "$WS/report" >/dev/null
@@ -29,6 +31,7 @@ app="$WS/$JOB/server/simulate_job/app_server"
 echo
 echo "[demo] global model:  $app/global_model.pt"
 echo "[demo] best model:    $app/best_model.pt"
+echo "[demo] full log:      $LOG"
 echo "[demo] server log:    $WS/$JOB/server/simulate_job/log.txt (site logs: $WS/$JOB/<site>/)"
 echo "[demo] database:      $FEDMED_DB_URL"
 echo "[demo] report:        $WS/report/report.html"

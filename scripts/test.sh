@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# README command 2 (and what CI runs): set up, lint (ruff, configured in pyproject.toml), then the fast suite, then
-# the real-process (integration) suite.
+# README command 2 (and what CI runs): set up, lint and format check (ruff, configured in pyproject.toml), then the
+# fast suite, then the real-process (integration) suite.
 # Plain `pytest` runs only the fast suite. pytest's exit 5 ("no tests collected") counts as a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,8 @@ run() {
 }
 echo "[test] lint: ruff check"
 .venv/bin/ruff check custom scripts jobs tests || exit 1
+echo "[test] format: ruff format --check (run 'ruff format custom scripts jobs tests' to fix)"
+.venv/bin/ruff format --check custom scripts jobs tests || exit 1
 echo "[test] fast suite"
 run -q
 echo "[test] integration suite (NVFlare simulator, real PostgreSQL server)"

@@ -19,7 +19,8 @@ def _round(n):
     return RoundRecord(n, (UpdateRecord("hospital-a", "accepted", 100, update_norm=1.5, trust=0.9, epsilon=1.0 + n,
                                         delta=1e-5, metrics={"val_auroc/Mass": 0.7}),
                            UpdateRecord("hospital-b", "rejected", 80, reason="norm too large", trust=0.4)),
-                       test_loss=0.3, test_mean_auroc=0.6 + n / 100, test_metrics={"auroc/Mass": 0.6},
+                       test_loss=0.3, score=0.6 + n / 100, score_name="mean_auroc", score_source="global_test",
+                       mean_auroc=0.6 + n / 100, test_metrics={"auroc/Mass": 0.6},
                        alerts=(AlertRecord("hospital-b", "rejected", "norm too large"),))
 
 
@@ -27,10 +28,10 @@ def _round(n):
 def recorded(db_url):
     repo = Repository(db_url)
     repo.start_run("run-1", "demo", "job", "geometric_median", 3, {"lr": 1e-3})
-    for n in range(3):
+    for n in (1, 2, 3):
         repo.record_round("run-1", _round(n))
     repo.record_alert("run-1", "dead_letter", "a journal line could not be written")
-    repo.finish_run("run-1", "finished", 2, 0.62)
+    repo.finish_run("run-1", "finished", 3, 0.63)
     assert repo.verify_audit() is None
     yield repo
     repo.close()
@@ -54,23 +55,23 @@ def test_an_intact_record_verifies(recorded, db_url, audit_key_file):
 
 
 def test_an_edited_client_update_is_named(recorded, db_url):
-    """The insider turns hospital-b's rejected round-1 update into an accepted one with more samples."""
+    """The insider turns hospital-b's rejected round-2 update into an accepted one with more samples."""
     row_id = _exec(recorded, "SELECT cu.id FROM client_updates cu JOIN sites s ON s.id = cu.site_id "
-                             "WHERE cu.round_num = 1 AND s.name = 'hospital-b'").scalar()
+                             "WHERE cu.round_num = 2 AND s.name = 'hospital-b'").scalar()
     _exec(recorded, "UPDATE client_updates SET status = 'accepted', num_samples = 5000 WHERE id = :i", i=row_id)
     problem = recorded.verify_audit()
     assert (problem.table, problem.row_id) == ("client_updates", row_id)
-    assert "run-1, 1, hospital-b" in problem.reason and "edited" in problem.reason
+    assert "run-1, 2, hospital-b" in problem.reason and "edited" in problem.reason
     bad = _verify(db_url)
     assert bad.returncode == 1 and f"client_updates row {row_id}" in bad.stderr
 
 
 @pytest.mark.parametrize("table, sql", [
-    ("rounds", "UPDATE rounds SET test_mean_auroc = 0.99 WHERE round_num = 2"),
-    ("privacy_spend", "UPDATE privacy_spend SET epsilon = 0.1 WHERE round_num = 0"),
-    ("alerts", "UPDATE alerts SET message = 'nothing happened' WHERE round_num = 1"),
-    ("round_metrics", "UPDATE round_metrics SET value = 0.95 WHERE round_num = 0 AND scope = 'global_test'"),
-    ("runs", "UPDATE runs SET best_round = 0"),
+    ("rounds", "UPDATE rounds SET score = 0.99 WHERE round_num = 3"),
+    ("privacy_spend", "UPDATE privacy_spend SET epsilon = 0.1 WHERE round_num = 1"),
+    ("alerts", "UPDATE alerts SET message = 'nothing happened' WHERE round_num = 2"),
+    ("round_metrics", "UPDATE round_metrics SET value = 0.95 WHERE round_num = 1 AND scope = 'global_test'"),
+    ("runs", "UPDATE runs SET best_round = 1"),
 ])
 def test_an_edit_to_any_covered_table_is_named(recorded, table, sql):
     _exec(recorded, sql)
@@ -79,24 +80,24 @@ def test_an_edit_to_any_covered_table_is_named(recorded, table, sql):
 
 
 def test_deleted_rows_are_named(recorded):
-    _exec(recorded, "DELETE FROM privacy_spend WHERE round_num = 1")
+    _exec(recorded, "DELETE FROM privacy_spend WHERE round_num = 2")
     problem = recorded.verify_audit()
-    assert "privacy_spend row (run-1, 1, hospital-a)" in problem.reason and "deleted" in problem.reason
+    assert "privacy_spend row (run-1, 2, hospital-a)" in problem.reason and "deleted" in problem.reason
 
 
 def test_an_inserted_row_is_named(recorded):
     _exec(recorded, "INSERT INTO round_metrics (run_id, round_num, scope, metric, value) "
-                    "SELECT id, 1, 'hospital-a', 'val_auroc/Edema', 0.99 FROM runs")
+                    "SELECT id, 2, 'hospital-a', 'val_auroc/Edema', 0.99 FROM runs")
     problem = recorded.verify_audit()
     assert problem.table == "round_metrics" and "covered by no audit entry" in problem.reason
 
 
 def test_deleting_the_newest_rows_and_their_entries_is_detected(recorded, db_url):
-    """The insider removes round 2 and everything after it, rows and audit entries alike: the chain that is left is
+    """The insider removes round 3 and everything after it, rows and audit entries alike: the chain that is left is
     consistent, but the heads file outside the database still records the removed entries."""
     last_round = _exec(recorded, "SELECT id FROM audit_log WHERE action = 'record_round' ORDER BY id DESC").scalar()
     for table in ("client_updates", "privacy_spend", "round_metrics", "alerts", "rounds"):
-        _exec(recorded, f"DELETE FROM {table} WHERE round_num >= 2")
+        _exec(recorded, f"DELETE FROM {table} WHERE round_num >= 3")
     _exec(recorded, "UPDATE runs SET status = 'running', finished_at = NULL, best_round = NULL, best_metric = NULL")
     _exec(recorded, "DELETE FROM alerts WHERE kind = 'dead_letter'")
     _exec(recorded, "DELETE FROM audit_log WHERE id >= :i", i=last_round)
@@ -222,13 +223,13 @@ def test_stored_update_signatures_are_re_verified_offline(db_url, tmp_path):
 
     repo = Repository(db_url)
     repo.start_run("run-s", "s", "job", "fedavg", 1, {})
-    repo.record_round("run-s", RoundRecord(0, (UpdateRecord("hospital-a", "accepted", 10, **signed("hospital-a", "hospital-a")),
+    repo.record_round("run-s", RoundRecord(1, (UpdateRecord("hospital-a", "accepted", 10, **signed("hospital-a", "hospital-a")),
                                                UpdateRecord("hospital-b", "accepted", 10, **signed("hospital-b", "intruder")),
                                                UpdateRecord("hospital-c", "missing"))))
     report = repo.audit_report(signing.load_site_public_keys(kit))
     assert report.signatures_checked == 2 and "1 client update(s) carry no signature" in report.notes
     (problem,) = report.problems
-    assert problem.table == "client_updates" and "(run-s, 0, hospital-b) signature check failed" in problem.reason
+    assert problem.table == "client_updates" and "(run-s, 1, hospital-b) signature check failed" in problem.reason
     assert "not hospital-b's installed key" in problem.reason
     out = subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url, "--site-keys", str(kit / "site_keys")],
                          capture_output=True, text=True, timeout=120)

@@ -52,18 +52,22 @@ def test_brain_job_in_the_simulator_records_accuracy_per_round(tiny_brain_hospit
     assert run.status == "finished" and run.name == "brain_mri_densenet"
     assert json.loads(run.config_json)["task"] == "brain_mri"
     rows = repo.rounds_table(run_id)
-    assert [r.round_num for r in rows] == [0, 1]
+    assert [r.round_num for r in rows] == [1, 2]
     assert all(set(r.sites_accepted) == set(SITES) for r in rows)
     test = repo.round_metrics(run_id, "global_test")
     for r in rows:
         m = test[r.round_num]
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["macro_f1"] <= 1.0
         assert {f"auroc/{c}" for c in BRAIN_CLASSES} <= set(m)  # one-vs-rest, every class is in the test set
-        assert r.test_mean_auroc == pytest.approx(m["mean_auroc"])
+        assert r.mean_auroc == pytest.approx(m["mean_auroc"])
+        # The round's score is the task's (accuracy), named so, not the AUROC.
+        assert (r.score, r.score_name, r.score_source) == (pytest.approx(m["accuracy"]), "accuracy", "global_test")
     # The best round is chosen by accuracy, the task's round score.
     assert run.best_metric == pytest.approx(max(test[r]["accuracy"] for r in test))
     site_metrics = repo.round_metrics(run_id, "hospital-a")
-    assert {"val_accuracy", "val_macro_f1", "train_loss"} <= set(site_metrics[1])
+    assert {"val_accuracy", "val_macro_f1", "train_loss"} <= set(site_metrics[2])
+    site_a = [u for u in repo.client_updates(run_id) if u["site"] == "hospital-a"]
+    assert [u["val_score"] for u in site_a] == [pytest.approx(site_metrics[r]["val_accuracy"]) for r in (1, 2)]
     app = tmp_path / "ws" / "brain_mri_densenet" / "server" / "simulate_job" / "app_server"
     assert (app / "global_model.pt").is_file() and (app / "best_model.pt").is_file()
 

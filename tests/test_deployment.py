@@ -139,10 +139,10 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
         run_id = repo.run_id_for_job(out.job_id)
         assert repo.get_run(run_id).status == "finished"
         rows = repo.rounds_table(run_id)
-        assert [r.round_num for r in rows] == [0, 1]
+        assert [r.round_num for r in rows] == [1, 2]
         assert all(set(r.sites_accepted) == set(HOSPITALS) and r.sites_other == () for r in rows)
         updates = repo.client_updates(run_id)
-        assert len(updates) == 6 and all(u["num_samples"] > 0 and u["val_mean_auroc"] is not None for u in updates)
+        assert len(updates) == 6 and all(u["num_samples"] > 0 and u["val_score"] is not None for u in updates)
         assert repo.verify_audit() is None
         # The kits hold signing keys, so every update was signed, verified by the server and stored with its
         # signature; the keyed record and every stored signature verify offline with the hospitals' public keys.
@@ -339,10 +339,10 @@ def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(feder
         run = repo.get_run(run_id)
         ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
         assert run.status == "finished", (run.status, meta["status"])
-        assert [r.round_num for r in repo.rounds_table(run_id)] == [0, 1]
-        assert ups[(0, "hospital-c")]["status"] == "accepted"
-        assert ups[(1, "hospital-c")]["status"] == "missing"
-        assert ups[(1, "hospital-a")]["status"] == ups[(1, "hospital-b")]["status"] == "accepted"
+        assert [r.round_num for r in repo.rounds_table(run_id)] == [1, 2]
+        assert ups[(1, "hospital-c")]["status"] == "accepted"
+        assert ups[(2, "hospital-c")]["status"] == "missing"
+        assert ups[(2, "hospital-a")]["status"] == ups[(2, "hospital-b")]["status"] == "accepted"
         # The server's workflow finished every round, but NVFlare 2.9 never got hospital-c's job outcome; it ends the
         # job COMPLETED or ABNORMAL depending on whether hospital-c's restart or the job's end came first.
         assert meta["status"] in (COMPLETED, "FINISHED:ABNORMAL")
@@ -371,7 +371,7 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
         assert session.get_job_meta(job_id)["status"] == "FINISHED:ABNORMAL"
         run = repo.get_run(run_id)
         assert run.status == "interrupted" and run.finished_at is not None
-        assert [r.round_num for r in repo.rounds_table(run_id)] == recorded and recorded[0] == 0
+        assert [r.round_num for r in repo.rounds_table(run_id)] == recorded and recorded[0] == 1
         assert run.best_round in recorded
         assert repo.verify_audit() is None
         assert _log_has(fed.kit("server") / "log.txt", f"job {job_id} was running when the server stopped")

@@ -10,6 +10,7 @@ from conftest import over_the_wire
 from fedmed import signing
 from fedmed.flare import signatures as wire_sig
 from fedmed.signing import SignatureError
+from fedmed.tasks import CHEST_XRAY14
 
 
 def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
@@ -39,7 +40,7 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     signing.install_public_keys(server_pub, local / signing.SERVER_KEY_FILE, "server")
     site_pub = signing.load_public_keys(local / signing.PUBLIC_FILE)
 
-    ex = FedMedTrainer(site_config=str(cfg), image_size=32, batch_size=4, signatures=True, signing_key_dir=str(local))
+    ex = FedMedTrainer(task=CHEST_XRAY14.name, site_config=str(cfg), image_size=32, batch_size=4, signatures=True, signing_key_dir=str(local))
     ctx = FLContextManager(identity_name=site, job_id="job-1").new_context()
     ex._setup(ctx)
     params = state_to_numpy(build_densenet121(14))

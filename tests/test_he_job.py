@@ -16,6 +16,7 @@ from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, generate_hospitals
 from fedmed.model import HEAD_PREFIX, build_densenet121, load_numpy_state
+from fedmed.tasks import CHEST_XRAY14
 from fedmed.training import evaluate, predict
 from test_job import JOB, SITES, _simulate, _write_site_configs
 
@@ -34,7 +35,7 @@ def _site_final_model(ws, site):
 def _evaluate(params, test):
     model = build_densenet121(14)
     load_numpy_state(model, params)
-    return evaluate(model, test).mean_auroc, predict(model, test)[1]  # the chest task, the default
+    return evaluate(model, test, CHEST_XRAY14).mean_auroc, predict(model, test, task=CHEST_XRAY14)[1]
 
 
 @pytest.mark.integration
@@ -77,7 +78,7 @@ def test_he_run_matches_plain_run_and_server_never_holds_the_key(tiny_hospitals,
         assert np.max(np.abs(plain[k] - decrypted[k])) < 1e-3
     # Scored on 200 fresh test images (the 16-image tiny test set makes AUROC too coarse to compare at 0.01).
     generate_hospitals(tmp_path / "eval", [replace(DEFAULT_HOSPITALS[0], num_images=4)], num_test=200, seed=11, size=64)
-    test = load_test(tmp_path / "eval" / "global_test" / "dicom", tmp_path / "eval" / "global_test" / "labels.csv", 64)
+    test = load_test(tmp_path / "eval" / "global_test" / "dicom", tmp_path / "eval" / "global_test" / "labels.csv", 64, CHEST_XRAY14)
     (auroc_plain, p_plain), (auroc_he, p_he) = _evaluate(plain, test), _evaluate(copies["hospital-b"], test)
     assert np.max(np.abs(p_plain - p_he)) < 0.01
     assert abs(auroc_plain - auroc_he) <= 0.01, (auroc_plain, auroc_he)

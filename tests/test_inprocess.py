@@ -7,27 +7,28 @@ from fedmed.inprocess import federate
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.robust.attacks import Attack
 from fedmed.site_config import DataConfig
+from fedmed.tasks import CHEST_XRAY14
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
 @pytest.fixture(scope="module")
 def sets(tiny_hospitals):
-    train = {s: load_train_val(DataConfig("dicom", tiny_hospitals / s / "dicom", tiny_hospitals / s / "labels.csv"), 32, 0)[0]
+    train = {s: load_train_val(DataConfig("dicom", tiny_hospitals / s / "dicom", tiny_hospitals / s / "labels.csv"), 32, 0, CHEST_XRAY14)[0]
              for s in SITES}
-    return train, load_test(tiny_hospitals / "global_test" / "dicom", tiny_hospitals / "global_test" / "labels.csv", 32)
+    return train, load_test(tiny_hospitals / "global_test" / "dicom", tiny_hospitals / "global_test" / "labels.csv", 32, CHEST_XRAY14)
 
 
 def test_benchmark_loop_survives_a_nan_site_with_the_geometric_median(sets):
     train, test = sets
-    res = federate(train, test, 1, "geometric_median", hostile={"hospital-c": Attack("nan")}, use_trust=True,
+    res = federate(train, test, 1, "geometric_median", task=CHEST_XRAY14, hostile={"hospital-c": Attack("nan")}, use_trust=True,
                    batch_size=4)
     assert 0.0 <= res["auroc"] <= 1.0 and res["epsilon"] == {}
 
 
 def test_benchmark_loop_reports_epsilon_per_site(sets):
     train, test = sets
-    res = federate(train, test, 1, "fedavg", privacy=PrivacyPolicy(epsilon=8.0), norm="group", batch_size=4)
+    res = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, privacy=PrivacyPolicy(epsilon=8.0), norm="group", batch_size=4)
     assert set(res["epsilon"]) == set(SITES)
     assert all(0 < e <= 8.0 * 1.000001 and math.isfinite(e) for e in res["epsilon"].values())
 
@@ -35,8 +36,8 @@ def test_benchmark_loop_reports_epsilon_per_site(sets):
 def test_benchmark_runs_repeat_exactly_on_shared_datasets(sets):
     # Benchmarks reuse decoded datasets across runs; a rerun must not see a different augmentation stream.
     train, test = sets
-    a = federate(train, test, 1, "fedavg", batch_size=4, seed=3)
-    b = federate(train, test, 1, "fedavg", batch_size=4, seed=3)
+    a = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, batch_size=4, seed=3)
+    b = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, batch_size=4, seed=3)
     assert a["auroc"] == b["auroc"]
 
 

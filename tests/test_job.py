@@ -41,11 +41,11 @@ def test_bad_controller_arguments_fail_at_construction():
     from fedmed.flare.controller import FedMedController
 
     with pytest.raises(ValueError, match="num_rounds must be >= 1"):
-        FedMedController(num_rounds=0)
+        FedMedController(task="chest_xray14", num_rounds=0)
     with pytest.raises(ValueError, match="unknown aggregation 'bulyan'"):
-        FedMedController(aggregation="bulyan")
+        FedMedController(task="chest_xray14", aggregation="bulyan")
     with pytest.raises(ValueError, match="given together"):
-        FedMedController(test_dicom_root="/x")
+        FedMedController(task="chest_xray14", test_dicom_root="/x")
 
 
 def _write_site_configs(root, hostile=None, privacy=None):
@@ -59,7 +59,7 @@ def _write_site_configs(root, hostile=None, privacy=None):
         (root / site / "fedmed_site.json").write_text(json.dumps(cfg))
 
 
-def _simulate(data_root, workspace, db, *extra, sites=SITES):
+def _run_job(data_root, workspace, db, *extra, sites=SITES):
     env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run(
         [sys.executable, str(JOB), "--data-root", str(data_root), "--workspace", str(workspace),
@@ -67,6 +67,11 @@ def _simulate(data_root, workspace, db, *extra, sites=SITES):
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _simulate(data_root, workspace, db, *extra, sites=SITES):
+    _run_job(data_root, workspace, db, *extra, sites=sites)
     repo = Repository(f"sqlite:///{db}", create_schema=False)
     return repo, repo.latest_run_id()
 
@@ -75,21 +80,35 @@ def _simulate(data_root, workspace, db, *extra, sites=SITES):
 def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     _write_site_configs(tiny_hospitals)
     db = tmp_path / "fedmed.db"
-    _simulate(tiny_hospitals, tmp_path / "ws", db, "--rounds", "2")
+    log = tmp_path / "sim.log"
+    proc = _run_job(tiny_hospitals, tmp_path / "ws", db, "--rounds", "2", "--log-file", str(log))
+    # The concise live view: one line per round per site, one per round for the server, the run's end; NVFlare's
+    # full output (thousands of lines in a real run) is in the log file the job names.
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert console[0] == f"full simulator log: {log}" and console[-1].startswith("simulation finished")
+    site_lines = [line for line in console if line.startswith("  round ")]
+    assert sorted((line.split()[1], line.split()[2]) for line in site_lines) == sorted(
+        (str(r), s) for r in (1, 2) for s in SITES)
+    assert [line.split(" done")[0] for line in console if " done in " in line] == ["round 1/2", "round 2/2"]
+    assert len(console) == 1 + len(site_lines) + 2 + 2, console  # header, sites, rounds, run end, finished
+    full = log.read_text()
+    assert all(line.split(None, 3)[3] in full for line in site_lines) and "sending the global model" in full
+    assert len(full.splitlines()) > 3 * len(console)
 
     repo = Repository(f"sqlite:///{db}", create_schema=False)
     run_id = repo.latest_run_id()
     rows = repo.rounds_table(run_id)
-    assert [r.round_num for r in rows] == [0, 1]
+    assert [r.round_num for r in rows] == [1, 2]  # numbered as the logs number them
     for r in rows:
         assert set(r.sites_accepted) == set(SITES) and r.sites_other == ()  # every site, every round
-        assert r.test_mean_auroc is not None and 0.0 <= r.test_mean_auroc <= 1.0
+        assert r.score is not None and 0.0 <= r.score <= 1.0 and r.score == r.mean_auroc
+        assert (r.score_name, r.score_source) == ("mean_auroc", "global_test")
     assert repo.get_run(run_id).status == "finished"
     test_metrics = repo.round_metrics(run_id, "global_test")
-    assert set(test_metrics) == {0, 1} and any(k.startswith("auroc/") for k in test_metrics[1])
+    assert set(test_metrics) == {1, 2} and any(k.startswith("auroc/") for k in test_metrics[2])
     updates = repo.client_updates(run_id)
     assert len(updates) == 6 and all(u["num_samples"] > 0 and u["update_norm"] > 0 for u in updates)
-    assert abs(sum(u["aggregation_weight"] for u in updates if u["round"] == 1) - 1.0) < 1e-6
+    assert abs(sum(u["aggregation_weight"] for u in updates if u["round"] == 2) - 1.0) < 1e-6
 
     app = tmp_path / "ws" / "cxr_densenet" / "server" / "simulate_job" / "app_server"
     final = torch.load(app / "global_model.pt", weights_only=True)["state_dict"]
@@ -97,12 +116,13 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     initial = state_to_numpy(build_densenet121(14))  # what the persistor starts from (seed 0)
     changed = [k for k in initial if not np.allclose(initial[k], final[k].numpy())]
     assert len(changed) > len(initial) // 2
-    assert (app / "best_model.pt").is_file()
+    best = torch.load(app / "best_model.pt", weights_only=True)["meta"]
+    assert best["round"] == repo.get_run(run_id).best_round  # the model file says the round the record and log say
 
     report = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--db-url", f"sqlite:///{db}",
                              "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
-    assert (tmp_path / "report" / "global_auroc_loss.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "global_score.png").stat().st_size > 10_000
     assert repo.verify_audit() is None
 
 
@@ -116,17 +136,17 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     finally:
         _write_site_configs(tiny_hospitals)
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
-    first = ups[(0, "hospital-c")]  # left out of the very round it turned hostile
+    first = ups[(1, "hospital-c")]  # left out of the very round it turned hostile
     assert first["status"] == "rejected" and "far outlier" in first["reason"] and first["aggregation_weight"] == 0.0
-    assert ups[(0, "hospital-c")]["trust"] < ups[(0, "hospital-a")]["trust"]
+    assert ups[(1, "hospital-c")]["trust"] < ups[(1, "hospital-a")]["trust"]
     quarantined_by = min(a["round"] for a in repo.alerts(run_id) if a["kind"] == "quarantined")
-    assert quarantined_by == 0  # a clearly hostile first round quarantines at once
+    assert quarantined_by == 1  # a clearly hostile first round quarantines at once
     later = ups[(quarantined_by + 1, "hospital-c")]
     assert later["status"] == "quarantined" and "quarantined (trust" in later["reason"]
     assert later["aggregation_weight"] == 0.0
-    assert all(ups[(r, s)]["status"] == "accepted" for r in range(3) for s in ("hospital-a", "hospital-b"))
+    assert all(ups[(r, s)]["status"] == "accepted" for r in (1, 2, 3) for s in ("hospital-a", "hospital-b"))
     kinds = [(a["round"], a["site"], a["kind"]) for a in repo.alerts(run_id)]
-    assert (0, "hospital-c", "rejected") in kinds and (quarantined_by, "hospital-c", "quarantined") in kinds
+    assert (1, "hospital-c", "rejected") in kinds and (quarantined_by, "hospital-c", "quarantined") in kinds
     assert {s for _, s, _ in kinds} == {"hospital-c"}
     # Trust outlives the job: the next job of this federation starts with hospital-c still quarantined.
     trust = repo.load_trust()
@@ -159,14 +179,14 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
     moved = {k for k in pretrained if not np.allclose(pretrained[k], final[k].numpy(), atol=1e-6)}
     assert "class_layers.out.weight" in moved and all(k.startswith(trained) for k in moved)
     spend = {(p["round"], p["site"]): p for p in repo.privacy_spend(run_id)}
-    for r in (0, 1):
+    for r in (1, 2):
         for site in ("hospital-a", "hospital-b"):
             assert 0 < spend[(r, site)]["epsilon"] <= spend[(r, site)]["epsilon_budget"] * 1.000001
-    assert spend[(1, "hospital-a")]["epsilon"] == pytest.approx(3.0, rel=0.02)  # calibrated to the ceiling
-    assert spend[(0, "hospital-c")]["epsilon"] < 5.5
+    assert spend[(2, "hospital-a")]["epsilon"] == pytest.approx(3.0, rel=0.02)  # calibrated to the ceiling
+    assert spend[(1, "hospital-c")]["epsilon"] < 5.5
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
-    assert ups[(1, "hospital-c")]["status"] == "refused" and "privacy budget" in ups[(1, "hospital-c")]["reason"]
-    assert ups[(1, "hospital-a")]["status"] == "accepted" and ups[(1, "hospital-b")]["status"] == "accepted"
-    assert all(ups[(r, "hospital-a")]["val_mean_auroc"] is not None for r in (0, 1))
-    assert all(ups[(r, "hospital-b")]["val_mean_auroc"] is None for r in (0, 1))
+    assert ups[(2, "hospital-c")]["status"] == "refused" and "privacy budget" in ups[(2, "hospital-c")]["reason"]
+    assert ups[(2, "hospital-a")]["status"] == "accepted" and ups[(2, "hospital-b")]["status"] == "accepted"
+    assert all(ups[(r, "hospital-a")]["val_score"] is not None for r in (1, 2))
+    assert all(ups[(r, "hospital-b")]["val_score"] is None for r in (1, 2))
     assert ("hospital-c", "refused") in [(a["site"], a["kind"]) for a in repo.alerts(run_id)]

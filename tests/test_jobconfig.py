@@ -64,6 +64,8 @@ def test_config_is_frozen_and_changes_make_a_validated_copy():
     ({"trust_ok_ratio": 5.0}, r"trust rule .*ok_ratio < bad_ratio"),
     ({"quarantine_below": 1.5}, "quarantine_below must be in"),
     ({"readmit_after": 0}, "readmit_after must be >= 1"),
+    ({"statistics_factor": 1.0}, "statistics_factor must be a number > 1"),
+    ({"validation_images": -1}, "validation_images must be an integer >= 0"),
     ({"he_layers": ["class_layers.out.", ""]}, "he_layers must be a list of non-empty names"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(changes, message):
@@ -92,7 +94,7 @@ def test_job_script_defaults_come_from_its_config(job_name, tmp_path):
     c = job.CONFIG
     assert controller["task"] == c.task and controller["run_name"] == c.name
     for key in ("num_rounds", "round_timeout", "straggler_wait", "aggregation", "image_size", "norm",
-                "final_model_timeout", *TRUST):
+                "final_model_timeout", "statistics_factor", "validation_images", *TRUST):
         assert controller[key] == getattr(c, key), key
     assert controller["min_clients"] == c.required_clients and persistor["seed"] == c.seed
     client = json.loads(next((tmp_path / job_name).rglob("config_fed_client.json")).read_text())
@@ -105,12 +107,13 @@ def test_trust_options_reach_the_controller(tmp_path):
     job = load_job_script("cxr_densenet")
     rc = job.main(["--export-job", str(tmp_path), "--trust-smoothing", "0.25", "--trust-ok-ratio", "1.5",
                    "--trust-bad-ratio", "3", "--trust-quarantine-below", "0.4", "--trust-readmit-after", "3",
-                   "--final-model-timeout", "30"])
+                   "--final-model-timeout", "30", "--statistics-factor", "20", "--validation-images", "50"])
     assert rc == 0
     controller, _ = _server_args(tmp_path / "cxr_densenet")
-    assert {k: controller[k] for k in (*TRUST, "final_model_timeout")} == {
+    keys = (*TRUST, "final_model_timeout", "statistics_factor", "validation_images")
+    assert {k: controller[k] for k in keys} == {
         "trust_smoothing": 0.25, "trust_ok_ratio": 1.5, "trust_bad_ratio": 3.0, "quarantine_below": 0.4,
-        "readmit_after": 3, "final_model_timeout": 30}
+        "readmit_after": 3, "final_model_timeout": 30, "statistics_factor": 20.0, "validation_images": 50}
 
 
 @pytest.mark.parametrize("argv, message", [

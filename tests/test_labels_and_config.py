@@ -8,13 +8,14 @@ from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.labels import load_chestxray14, load_csv_manifest, load_dicom_site, read_site_label_csv
 from fedmed.data.loading import split_items
 from fedmed.site_config import load_site_config
+from fedmed.tasks import CHEST_XRAY14
 
 
 def test_dicom_site_joins_images_to_labels_by_sop_uid(tiny_hospitals):
     site = tiny_hospitals / "hospital-a"
-    table = read_site_label_csv(site / "labels.csv")
-    train = load_dicom_site(site / "dicom", site / "labels.csv", split="train")
-    val = load_dicom_site(site / "dicom", site / "labels.csv", split="val")
+    table = read_site_label_csv(site / "labels.csv", CHEST_XRAY14)
+    train = load_dicom_site(site / "dicom", site / "labels.csv", split="train", task=CHEST_XRAY14)
+    val = load_dicom_site(site / "dicom", site / "labels.csv", split="val", task=CHEST_XRAY14)
     assert len(train) + len(val) == len(table) == 16
     assert {it.split for it in train} == {"train"} and {it.split for it in val} == {"val"}
 
@@ -25,14 +26,14 @@ def test_unlabelled_and_unreadable_files_are_skipped_with_a_warning(tiny_hospita
     dicom = tmp_path / "dicom"
     shutil.copytree(tiny_hospitals / "hospital-a" / "dicom", dicom)
     (dicom / "README.txt").write_text("not dicom")
-    items = load_dicom_site(dicom, tiny_hospitals / "hospital-a" / "labels.csv")
+    items = load_dicom_site(dicom, tiny_hospitals / "hospital-a" / "labels.csv", task=CHEST_XRAY14)
     assert len(items) == 16
     assert "not readable DICOM" in caplog.text
 
 
 def test_wrong_label_file_says_nothing_matches(tiny_hospitals):
     with pytest.raises(ValueError, match="no labelled images"):
-        load_dicom_site(tiny_hospitals / "hospital-a" / "dicom", tiny_hospitals / "hospital-b" / "labels.csv")
+        load_dicom_site(tiny_hospitals / "hospital-a" / "dicom", tiny_hospitals / "hospital-b" / "labels.csv", task=CHEST_XRAY14)
 
 
 @pytest.mark.parametrize(
@@ -47,14 +48,14 @@ def test_bad_label_csv_names_the_problem(tmp_path, content, match):
     p = tmp_path / "labels.csv"
     p.write_text(content)
     with pytest.raises(ValueError, match=match):
-        read_site_label_csv(p)
+        read_site_label_csv(p, CHEST_XRAY14)
 
 
 def test_label_values_must_be_binary(tmp_path):
     p = tmp_path / "labels.csv"
     p.write_text("SOPInstanceUID," + ",".join(CXR14_FINDINGS) + "\n1.2," + ",".join(["0"] * 13 + ["yes"]) + "\n")
     with pytest.raises(ValueError, match="line 2: column 'Hernia' must be 0 or 1"):
-        read_site_label_csv(p)
+        read_site_label_csv(p, CHEST_XRAY14)
 
 
 def test_chestxray14_layout(tmp_path):
@@ -79,7 +80,7 @@ def test_csv_manifest_and_random_split(tmp_path):
         Image.fromarray(np.full((32, 32), i * 20, np.uint8)).save(tmp_path / f"{i}.png")
         rows.append(f"{i}.png," + ",".join(["1" if k == i % 14 else "0" for k in range(14)]))
     (tmp_path / "m.csv").write_text("path," + ",".join(CXR14_FINDINGS) + "\n" + "\n".join(rows) + "\n")
-    items = load_csv_manifest(tmp_path / "m.csv")
+    items = load_csv_manifest(tmp_path / "m.csv", CHEST_XRAY14)
     train, val = split_items(items, 0.2, seed=0)
     assert len(train) == 8 and len(val) == 2
     assert {str(i.path) for i in train}.isdisjoint({str(i.path) for i in val})

@@ -24,6 +24,7 @@ from fedmed.privacy.ledger import (
     dataset_fingerprint,
 )
 from fedmed.privacy.policy import PrivacyPolicy, parse_privacy, strictest
+from fedmed.tasks import CHEST_XRAY14
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "ab" * 32
@@ -175,7 +176,7 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
     model = build_densenet121(14, norm="group")
     job1 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-1", policy.delta, policy.lifetime_ceiling))
     for r in range(2):
-        model, info = job1.train_round(model, data, 1, 1e-3, 6, total_epochs=10, round_num=r, trainable=HEAD)
+        model, info = job1.train_round(model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD)
     assert info.lifetime_epsilon == pytest.approx(job1.epsilon_spent, rel=1e-9)  # one job so far: the same
     job2 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-2", policy.delta, policy.lifetime_ceiling))
     rounds = 0
@@ -183,7 +184,7 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
         for r in range(10):
             before = {k: v.clone() for k, v in model.state_dict().items()}
             data.seen.clear()
-            model, info = job2.train_round(model, data, 1, 1e-3, 6, total_epochs=10, round_num=r, trainable=HEAD)
+            model, info = job2.train_round(model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD)
             rounds += 1
     assert rounds == 1 and data.seen == []  # refused at its 2nd round, before reading a single image
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -204,7 +205,7 @@ def test_two_runs_of_the_same_job_config_draw_different_batches_and_noise():
         data = _Recording()
         torch.manual_seed(0)
         model = build_densenet121(14, norm="group")
-        model, _ = SitePrivacy(policy).train_round(model, data, 1, 1e-2, 6, seed=0, total_epochs=2,
+        model, _ = SitePrivacy(policy).train_round(model, data, 1, 1e-2, 6, seed=0, task=CHEST_XRAY14, total_epochs=2,
                                                    trainable=["class_layers."])
         runs.append((data.seen, model.state_dict()["class_layers.out.weight"].clone()))
     (seen_a, w_a), (seen_b, w_b) = runs

@@ -42,8 +42,8 @@ def test_second_job_is_refused_at_the_round_that_would_pass_the_lifetime_ceiling
     finally:
         _write_site_configs(tiny_hospitals)
     ups = {(u["round"], u["site"]): u for u in repo2.client_updates(run2)}
-    assert ups[(0, SITE)]["status"] == "accepted"
-    refused = ups[(1, SITE)]
+    assert ups[(1, SITE)]["status"] == "accepted"  # the record counts rounds from 1; the ledger from 0
+    refused = ups[(2, SITE)]
     assert refused["status"] == "refused" and "lifetime privacy budget" in refused["reason"]
     assert f"to {four:.3f}" in refused["reason"]
     assert repo2.get_run(run2).status == "finished"  # the other hospitals carry the job

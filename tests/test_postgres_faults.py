@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 def _record(n):
     return RoundRecord(n, tuple(UpdateRecord(s, "accepted", 10 + n, trust=1.0) for s in ("hospital-a", "hospital-b")),
-                       test_mean_auroc=0.5 + n / 100)
+                       score=0.5 + n / 100, score_name="mean_auroc", score_source="site_validation")
 
 
 def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, pg_audit_key, tmp_path, caplog):
@@ -20,28 +20,28 @@ def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, pg_audi
     rec = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("fault"))
     assert rec.write("start_run", uid="run-1", name="fault", job_id="j", aggregation="geometric_median",
                      num_rounds=8, config={})
-    for n in range(3):
+    for n in range(1, 4):
         assert rec.write("record_round", run_uid="run-1", record=_record(n)) is True
 
     pg_cluster.stop()  # the database goes away mid-run
     try:
         with caplog.at_level(logging.ERROR):
-            for n in range(3, 6):
+            for n in range(4, 7):
                 assert rec.write("record_round", run_uid="run-1", record=_record(n)) is False  # training goes on
         assert rec.degraded and len(rec.journal.pending()) == 3
         assert "database unavailable" in caplog.text
     finally:
         pg_cluster.start()  # and comes back later
 
-    for n in range(6, 8):
+    for n in range(7, 9):
         assert rec.write("record_round", run_uid="run-1", record=_record(n)) is True  # replays first, in order
-    assert rec.write("finish_run", run_uid="run-1", status="finished", best_round=7, best_metric=0.57)
+    assert rec.write("finish_run", run_uid="run-1", status="finished", best_round=8, best_metric=0.58)
     rec.close()
 
     repo = Repository(url)
     run_id = repo.latest_run_id()
     rows = repo.rounds_table(run_id)
-    assert [r.round_num for r in rows] == list(range(8))  # every round exactly once
+    assert [r.round_num for r in rows] == list(range(1, 9))  # every round exactly once
     assert len(repo.client_updates(run_id)) == 16
     assert rec.journal.pending() == []
     assert repo.verify_audit() is None  # 1 start + 8 rounds + 1 finish, chained
@@ -58,7 +58,7 @@ def test_a_value_postgresql_refuses_is_dead_lettered_and_later_rounds_land(pg_cl
     url = pg_cluster.create_database()
     rec = ResilientRecorder(lambda: Repository(url), Journal(journal_path(tmp_path, "job")), logging.getLogger("fault"))
     assert rec.write("start_run", uid="run-1", name="dl", job_id="j", aggregation="fedavg", num_rounds=3, config={})
-    evil = RoundRecord(0, (UpdateRecord("hospital-a", "accepted", 2 ** 40),))
+    evil = RoundRecord(1, (UpdateRecord("hospital-a", "accepted", 2 ** 40),))
     with caplog.at_level(logging.ERROR):
         assert rec.write("record_round", run_uid="run-1", record=evil) is False
     assert "DataError" in caplog.text and not rec.degraded and rec.journal.pending() == []

@@ -6,6 +6,7 @@ from torch.utils.data import TensorDataset
 from fedmed.model import build_densenet121
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy, SiteRDPAccountant, check_dp_compatible
 from fedmed.privacy.policy import PRESETS, PrivacyPolicy, parse_privacy
+from fedmed.tasks import CHEST_XRAY14
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +18,8 @@ def tiny():
 def test_reported_epsilon_is_opacus_rdp_for_the_same_q_sigma_steps(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.1))
     model = build_densenet121(14, norm="group")
-    _, r1 = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, total_epochs=3)
-    _, r2 = site.train_round(model, tiny, 1, 1e-3, 6, seed=1, total_epochs=3)
+    _, r1 = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=3)
+    _, r2 = site.train_round(model, tiny, 1, 1e-3, 6, seed=1, task=CHEST_XRAY14, total_epochs=3)
     q = 6 / 24
     ref = RDPAccountant()
     ref.history = [(1.1, q, r1.steps + r2.steps)]  # an independent accountant, same (q, sigma, steps)
@@ -30,19 +31,19 @@ def test_calibrated_noise_spends_the_ceiling_by_the_last_round(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=3.0))
     model = build_densenet121(14, norm="group")
     for r in range(2):
-        model, info = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, total_epochs=2)
+        model, info = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, task=CHEST_XRAY14, total_epochs=2)
     assert info.epsilon == pytest.approx(3.0, rel=0.02) and info.epsilon <= 3.0 * 1.000001
 
 
 def test_a_round_past_the_ceiling_is_refused_before_training(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=5.0, noise_multiplier=1.0))
     model = build_densenet121(14, norm="group")
-    model, first = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, total_epochs=10)
+    model, first = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     spent = site.epsilon_spent
     with pytest.raises(BudgetExceeded, match="over the site's ceiling 5.0"):
         for r in range(1, 10):
-            model, _ = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, total_epochs=10)
+            model, _ = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, task=CHEST_XRAY14, total_epochs=10)
             before = {k: v.clone() for k, v in model.state_dict().items()}
             spent = site.epsilon_spent
     assert site.epsilon_spent == spent <= 5.0  # refusing spends nothing
@@ -94,7 +95,7 @@ def test_an_uncertifiable_ceiling_is_refused_with_the_reason(tiny):
     # below log(1/delta)/(max order - 1) = 11.5/2047 no noise level helps
     site = SitePrivacy(PrivacyPolicy(epsilon=0.001))
     with pytest.raises(BudgetExceeded, match="no noise level lets the RDP accountant certify epsilon 0.001"):
-        site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, total_epochs=50)
+        site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=50)
     assert site.epsilon_spent == 0.0
 
 
@@ -102,7 +103,7 @@ def test_dp_sgd_trains_only_the_chosen_layers_and_leaves_the_model_whole(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0))
     model = build_densenet121(14, norm="group")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model, info = site.train_round(model, tiny, 1, 1e-2, 6, seed=0, total_epochs=2,
+    model, info = site.train_round(model, tiny, 1, 1e-2, 6, seed=0, task=CHEST_XRAY14, total_epochs=2,
                                    trainable=["features.denseblock4.denselayer16.", "class_layers."])
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -120,7 +121,7 @@ def test_unknown_trainable_layers_are_named(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0))
     model = build_densenet121(14, norm="group")
     with pytest.raises(ValueError, match=r"\['features.denseblock9'\] match no parameter"):
-        site.train_round(model, tiny, 1, 1e-3, 6, seed=0, total_epochs=2, trainable=["features.denseblock9"])
+        site.train_round(model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=2, trainable=["features.denseblock9"])
     assert site.epsilon_spent == 0.0
     assert all(p.requires_grad for p in model.parameters())
 
@@ -128,7 +129,7 @@ def test_unknown_trainable_layers_are_named(tiny):
 def test_epsilon_0_1_is_certified_with_the_wider_orders(tiny):
     # Opacus' default orders (up to 63) cannot get below about 0.1 at delta 1e-5; the site's accountant can.
     site = SitePrivacy(PrivacyPolicy(epsilon=0.1))
-    _, info = site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, total_epochs=3)
+    _, info = site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=3)
     ref = RDPAccountant()
     ref.history = [(info.noise_multiplier, 6 / 24, info.steps)]
     assert info.epsilon == pytest.approx(ref.get_epsilon(1e-5, alphas=SiteRDPAccountant.ORDERS), rel=1e-9)

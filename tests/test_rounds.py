@@ -288,7 +288,7 @@ def test_capped_counts_and_trust_reach_the_database_and_come_back_for_the_next_j
     eng = engine()
     rep = eng.step(0, GLOBAL, honest(3) + [SiteResult("evil", upd(-50.0), 30000)], [])
     trust = tuple(TrustRecord(s, t.trust, t.quarantined, t.good_streak) for s, t in eng.trust.items())
-    record = RoundRecord(0, rep.updates, alerts=rep.alerts, trust=trust)
+    record = RoundRecord(1, rep.updates, alerts=rep.alerts, trust=trust)
     record = op_from_json(op_to_json("record_round", {"run_uid": "u", "record": record}))[1]["record"]  # journal
     repo = Repository(f"sqlite:///{tmp_path / 'f.db'}")
     repo.start_run("u", "t", "job", "geometric_median", 1, {})

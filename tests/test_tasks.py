@@ -20,7 +20,9 @@ def _one_hot(indices, k):
 
 
 def test_get_task_names_the_choices():
-    assert get_task(None) is CHEST_XRAY14 and get_task("brain_mri") is BRAIN_MRI
+    assert get_task("chest_xray14") is CHEST_XRAY14 and get_task("brain_mri") is BRAIN_MRI
+    with pytest.raises(ValueError, match=r"unknown task None"):  # no silent chest default
+        get_task(None)
     with pytest.raises(ValueError, match=r"unknown task 'knee_mri'; choose one of \['brain_mri', 'chest_xray14'\]"):
         get_task("knee_mri")
 
@@ -154,8 +156,8 @@ def test_controller_scores_rounds_by_the_tasks_metric(task_data):
         used = used or {}
         return RoundReport(0, True, params, None, (), (), {s: 0.5 for s in used}, used, {})
 
-    score, mean_auroc, loss, metrics = controller._score(model, report(state_to_numpy(model)), [], test_ds)
-    assert metrics["loss"] == loss and np.isfinite(loss)
+    score, source, mean_auroc, loss, metrics = controller._score(model, report(state_to_numpy(model)), [], test_ds)
+    assert source == "global_test" and metrics["loss"] == loss and np.isfinite(loss)
     assert mean_auroc == pytest.approx(np.mean([v for k, v in metrics.items() if k.startswith("auroc/")]))
     assert score == (metrics["accuracy"] if task.is_multiclass else mean_auroc)
     # Without a test set: the aggregated sites' validation score for this task, weighted by their used (capped)
@@ -163,8 +165,8 @@ def test_controller_scores_rounds_by_the_tasks_metric(task_data):
     key = C.META_VAL_PREFIX + task.score_name
     sites = [SiteResult("a", metrics={C.META_VAL_MEAN_AUROC: 0.7, key: 0.9}),
              SiteResult("b", metrics={C.META_VAL_MEAN_AUROC: 0.6, key: 0.5})]
-    score, mean_auroc, loss, metrics = controller._score(model, report(None, {"a": 30, "b": 10}), sites, None)
-    assert score == pytest.approx(0.8) and loss is None and metrics == {}
+    score, source, mean_auroc, loss, metrics = controller._score(model, report(None, {"a": 30, "b": 10}), sites, None)
+    assert score == pytest.approx(0.8) and loss is None and metrics == {} and source == "site_validation"
     # For the chest task the score is the mean AUROC itself (the same key); for brain it is reported beside it.
     assert mean_auroc == pytest.approx(0.675 if task.is_multiclass else 0.8)
 
@@ -176,3 +178,19 @@ def test_controller_refuses_a_task_it_does_not_know_or_a_wrong_head():
         FedMedController(task="knee_mri")
     with pytest.raises(ValueError, match="num_outputs 14 does not match task 'brain_mri' \\(4 classes\\)"):
         FedMedController(task="brain_mri", num_outputs=14)
+
+
+def test_the_core_has_no_default_task():
+    """A brain MRI caller that forgets the task must fail, not silently get the chest task's classes and loss."""
+    from fedmed.data.loading import load_test
+    from fedmed.flare.controller import FedMedController
+    from fedmed.flare.executor import FedMedTrainer
+    from fedmed.jobconfig import JobConfig
+
+    for component in (FedMedController, FedMedTrainer):
+        with pytest.raises(TypeError, match="task"):
+            component()
+    with pytest.raises(TypeError, match="task"):
+        JobConfig(name="job")
+    with pytest.raises(TypeError, match="task"):
+        load_test("dicom", "labels.csv", 32)

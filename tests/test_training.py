@@ -5,13 +5,14 @@ import torch
 from fedmed.data.loading import load_train_val
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.site_config import DataConfig
+from fedmed.tasks import CHEST_XRAY14
 from fedmed.training import TrainingAborted, evaluate, train_epochs
 
 
 @pytest.fixture(scope="module")
 def site_data(tiny_hospitals):
     site = tiny_hospitals / "hospital-b"  # the MONOCHROME1 / CR site
-    return load_train_val(DataConfig("dicom", site / "dicom", site / "labels.csv"), image_size=64, seed=0)
+    return load_train_val(DataConfig("dicom", site / "dicom", site / "labels.csv"), image_size=64, seed=0, task=CHEST_XRAY14)
 
 
 def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
@@ -20,11 +21,11 @@ def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
     model = build_densenet121(14)
     before = state_to_numpy(model)
     epochs = []
-    loss = train_epochs(model, train, 1, 1e-3, 4, seed=0, on_epoch_end=lambda e, loss_: epochs.append((e, loss_)))
+    loss = train_epochs(model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, on_epoch_end=lambda e, loss_: epochs.append((e, loss_)))
     after = state_to_numpy(model)
     assert np.isfinite(loss) and epochs == [(1, pytest.approx(loss))]
     assert any(not np.array_equal(before[k], after[k]) for k in before)
-    ev = evaluate(model, val)
+    ev = evaluate(model, val, CHEST_XRAY14)
     assert ev.num_samples == len(val) and np.isfinite(ev.loss)
     assert all(0.0 <= v <= 1.0 for v in ev.aurocs.values())
 
@@ -32,7 +33,7 @@ def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
 def test_abort_stops_between_batches(site_data):
     train, _ = site_data
     with pytest.raises(TrainingAborted, match="epoch 1"):
-        train_epochs(build_densenet121(14), train, 1, 1e-3, 4, seed=0, should_abort=lambda: True)
+        train_epochs(build_densenet121(14), train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, should_abort=lambda: True)
 
 
 def test_state_round_trip_and_mismatch_is_named():
@@ -53,7 +54,7 @@ def test_training_only_chosen_layers_keeps_the_rest_frozen(site_data):
     torch.manual_seed(0)
     model = build_densenet121(14, norm="group")
     before = state_to_numpy(model)
-    train_epochs(model, train, 1, 1e-3, 4, seed=0, trainable=["features.norm5.", "class_layers.out."])
+    train_epochs(model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, trainable=["features.norm5.", "class_layers.out."])
     after = state_to_numpy(model)
     moved = {k for k in before if not np.array_equal(before[k], after[k])}
     assert moved == {"features.norm5.weight", "features.norm5.bias", "class_layers.out.weight", "class_layers.out.bias"}

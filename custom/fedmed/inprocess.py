@@ -86,13 +86,14 @@ def federate(
     rounds: int,
     aggregation: str = "fedavg",
     hostile: Optional[Mapping[str, Attack]] = None,
+    *,
+    task: TaskSpec,
     privacy: Optional[PrivacyPolicy] = None,
     norm: str = "batch",
     use_trust: bool = True,
     lr: float = 1e-3,
     batch_size: int = 16,
     seed: int = 0,
-    task: Optional[TaskSpec] = None,
     trainable: Optional[Sequence[str]] = None,
     initial_params: Optional[dict] = None,
     min_clients: int = 2,
@@ -112,8 +113,6 @@ def federate(
     screening). attack_from: the round index from which the hostile sites attack (before it they are honest).
     absent: site -> round index from which it sends nothing (recorded missing): a hospital that leaves.
     A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
-    if task is None:
-        from fedmed.tasks import CHEST_XRAY14 as task  # noqa: N811  (the benchmarks' default task)
     hostile = hostile or {}
     torch.manual_seed(seed)
     model = build_densenet121(task.num_outputs, norm=norm)

@@ -15,6 +15,7 @@ from typing import Optional
 from fedmed.aggregation import get_aggregator
 from fedmed.model import NORMS
 from fedmed.robust.trust import TrustPolicy
+from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.tasks import get_task
 
 DEFAULT_SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -54,6 +55,10 @@ class JobConfig:
         trust_smoothing / trust_ok_ratio / trust_bad_ratio / quarantine_below / readmit_after: the trust rule
             (fedmed.robust.trust.TrustPolicy, whose defaults these are).
         final_model_timeout: seconds the server waits for the sites to acknowledge the final model.
+        statistics_factor: how far a site's BatchNorm running statistics may move from the global model's in one
+            round before its update is rejected (fedmed.screening; > 1).
+        validation_images: with a server test set and no HE, score each update on the first this many test images
+            and reject one far below the median site's (0 = off, the default: too noisy on small sets).
     """
 
     name: str
@@ -81,6 +86,8 @@ class JobConfig:
     quarantine_below: float = TrustPolicy.quarantine_below
     readmit_after: int = TrustPolicy.readmit_after
     final_model_timeout: int = 120
+    statistics_factor: float = DEFAULT_STATISTICS_FACTOR
+    validation_images: int = 0
 
     def __post_init__(self):
         if not self.name:
@@ -99,7 +106,8 @@ class JobConfig:
             check_encryption_compatible(self.aggregation)  # an HE job with a non-linear aggregator: refused here
         object.__setattr__(self, "dp_train_layers", _names(self.dp_train_layers, "dp_train_layers"))
         for key, low in (("num_rounds", 1), ("image_size", 32), ("local_epochs", 1), ("batch_size", 1),
-                         ("round_timeout", 0), ("straggler_wait", 0), ("final_model_timeout", 0)):
+                         ("round_timeout", 0), ("straggler_wait", 0), ("final_model_timeout", 0),
+                         ("validation_images", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
@@ -107,6 +115,9 @@ class JobConfig:
             raise ValueError(f"min_clients must be in 1..{len(sites)} (the number of sites), got {self.min_clients}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.statistics_factor, (int, float)) and math.isfinite(self.statistics_factor)
+                and self.statistics_factor > 1):
+            raise ValueError(f"statistics_factor must be a number > 1, got {self.statistics_factor!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         get_aggregator(self.aggregation)  # raises naming the valid choices

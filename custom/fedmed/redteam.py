@@ -20,6 +20,7 @@ from typing import Mapping, Optional
 from fedmed.inprocess import federate
 from fedmed.robust.attacks import Attack
 from fedmed.store.repository import Repository, RoundRecord
+from fedmed.tasks import CHEST_XRAY14
 
 HOSTILE = "hostile"  # the attacker's site name in every row
 SERVER_VALIDATION = "server-validation"  # labelled images the server scores each update on (validation screening)
@@ -99,9 +100,10 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds:
     repo.start_run(uid, row.name, uid, "geometric_median", rounds, {"attack": row.attack.kind})
 
     def record(report):
-        repo.record_round(uid, RoundRecord(report.round_num, report.updates, alerts=report.alerts))
+        repo.record_round(uid, RoundRecord(report.round_num + 1, report.updates, alerts=report.alerts))  # from 1
 
-    fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, seed=0, on_round=record,
+    fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, task=CHEST_XRAY14,
+                   seed=0, on_round=record,
                    he_layers=HE_LAYERS if row.he else None, attack_from=attack_from, **kw)
     run_id = repo.latest_run_id()
     rows = [u for u in repo.client_updates(run_id) if u["site"] == HOSTILE]
@@ -125,7 +127,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds:
         blocked.append(u.status in BLOCKED)
     if fed.stopped:
         per_round.append(f"run stopped: {fed.stopped[:90]}")
-    database = (", ".join(f"r{u['round'] + 1} {u['status']}" for u in rows if u["round"] >= attack_from)
+    database = (", ".join(f"r{u['round']} {u['status']}" for u in rows if u["round"] > attack_from)  # from 1
                 + f"; {len(alerts)} alert(s)" + (f"; {len(refusals)} hospital refusal(s)" if refusals else ""))
     auroc = float(fed.auroc)
     bounded = is_bounded(auroc, honest_auroc, tolerance)
@@ -157,7 +159,7 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds:
 def honest_references(train_sets: Mapping, test_set, rounds: int, he: bool = False, attack_from: int = 0,
                       **kw) -> References:
     """The three honest versions of the red-team federation (References), with HE on or off as the rows need."""
-    common = dict(seed=0, he_layers=HE_LAYERS if he else None, **kw)
+    common = dict(task=CHEST_XRAY14, seed=0, he_layers=HE_LAYERS if he else None, **kw)
     honest = {s: d for s, d in train_sets.items() if s != HOSTILE}
     return References(
         stayed_honest=float(federate(train_sets, test_set, rounds, "geometric_median", **common).auroc),
@@ -203,8 +205,10 @@ def load_sites(root: Path, names: list, image_size: int, seed: int = 0):
     from fedmed.data.loading import load_test, load_train_val
     from fedmed.site_config import DataConfig
 
-    train = {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
+    train = {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed,
+                               CHEST_XRAY14)[0]
              for s in names}
-    test = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size)
-    val = load_test(root / SERVER_VALIDATION / "dicom", root / SERVER_VALIDATION / "labels.csv", image_size)
+    test = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size, CHEST_XRAY14)
+    val = load_test(root / SERVER_VALIDATION / "dicom", root / SERVER_VALIDATION / "labels.csv", image_size,
+                    CHEST_XRAY14)
     return train, test, val

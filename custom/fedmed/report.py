@@ -7,7 +7,21 @@ from pathlib import Path
 
 from fedmed.store.repository import Repository
 
-FIGURES = ("global_auroc_loss.png", "site_trust.png", "privacy_spend.png", "update_decisions.png")
+FIGURES = ("global_score.png", "site_trust.png", "privacy_spend.png", "update_decisions.png")
+# Per-site lines that coincide (two hospitals with the same trust) must stay two lines: each site gets its own marker
+# and line style and is drawn a little to the side of the round.
+SITE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+SITE_LINESTYLES = ("-", "--", "-.", ":")
+SITE_OFFSET = 0.06  # rounds
+SCORE_NAMES = {"mean_auroc": "mean AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+SOURCES = {"global_test": "global test", "site_validation": "sites' weighted validation"}
+
+
+def score_label(score_name, score_source) -> str:
+    """What a round's score is, e.g. "global test accuracy", or "sites' weighted validation mean AUROC" when the
+    server had no test set (the aggregated sites' validation scores weighted by their capped sample counts)."""
+    name = SCORE_NAMES.get(score_name, score_name or "score")
+    return f"{SOURCES[score_source]} {name}" if score_source in SOURCES else name
 
 
 def _plt():
@@ -25,6 +39,43 @@ def _integer_rounds(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def score_figure(rows: list):
+    """The global model per round: its score, named for what it is and where it came from (one line per source),
+    the mean AUROC where the task's score is another metric, and the test loss on a second axis only when the
+    server had a test set (no empty axis)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for source in [s for s in SOURCES if any(r.score_source == s for r in rows)]:
+        mine = [r for r in rows if r.score_source == source and r.score is not None]
+        names = {r.score_name for r in mine}
+        if mine:
+            ax.plot([r.round_num for r in mine], [r.score for r in mine], "o-",
+                    label=score_label(names.pop() if len(names) == 1 else None, source))
+        auroc = [r for r in rows if r.score_source == source and r.mean_auroc is not None
+                 and r.score_name != "mean_auroc"]
+        if auroc:
+            ax.plot([r.round_num for r in auroc], [r.mean_auroc for r in auroc], "^:",
+                    label=score_label("mean_auroc", source))
+    lines = list(ax.get_lines())
+    losses = [(r.round_num, r.test_loss) for r in rows if r.test_loss is not None]
+    if losses:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*losses), "s--", color="tab:red", label="global test loss")
+        ax2.set_ylabel("test loss")
+        lines += ax2.get_lines()
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no round was scored", ha="center", va="center", transform=ax.transAxes)
+    names = sorted({SCORE_NAMES.get(r.score_name, r.score_name) for r in rows if r.score_name})
+    ax.set_ylabel(" / ".join(names) or "score")
+    ax.set_xlabel("round")
+    ax.set_title("Global model per round")
+    _integer_rounds(ax)
+    fig.tight_layout()
+    return fig
+
+
 def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
     """Write <out_dir>/report.html and its PNG figures; returns the HTML path."""
     plt = _plt()
@@ -36,16 +87,11 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
     alerts = repo.alerts(run_id)
     if not rows:
         raise ValueError(f"run {run_id} has no recorded rounds; nothing to report")
-    rounds = [r.round_num + 1 for r in rows]
+    rounds = [r.round_num for r in rows]  # numbered from 1, as in the logs
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(rounds, [r.test_mean_auroc for r in rows], "o-", label="global test mean AUROC")
-    ax2 = ax.twinx()
-    ax2.plot(rounds, [r.test_loss for r in rows], "s--", color="tab:red", label="test loss")
-    ax2.set_ylabel("loss")
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
-    _finish(fig, ax, "mean AUROC", "Global model per round", out_dir / FIGURES[0])
+    fig = score_figure(rows)
+    fig.savefig(out_dir / FIGURES[0], dpi=110)
+    plt.close(fig)
 
     _per_site_figure(updates, "trust", "trust", "Per-site trust", out_dir / FIGURES[1], "no trust scores", (-0.05, 1.05))
     _per_site_figure(repo.privacy_spend(run_id), "epsilon", "ε spent (cumulative)", "Privacy spend per site",
@@ -54,7 +100,7 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bottom = [0] * len(rounds)
     for status in ("accepted", "quarantined", "rejected", "refused", "missing"):
-        counts = [sum(1 for u in updates if u["round"] + 1 == r and u["status"] == status) for r in rounds]
+        counts = [sum(1 for u in updates if u["round"] == r and u["status"] == status) for r in rounds]
         ax.bar(rounds, counts, bottom=bottom, label=status)
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.legend(fontsize=8)
@@ -65,27 +111,34 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
         trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in body)
         return f"<table><tr>{head}</tr>{trs}</table>"
 
+    has_loss = any(r.test_loss is not None for r in rows)
+    show_auroc = any(r.score_name != "mean_auroc" and r.mean_auroc is not None for r in rows)
     round_table = table(
-        ["round", "sites aggregated", "other sites", "test mean AUROC", "test loss"],
-        [[r.round_num + 1, ", ".join(r.sites_accepted), ", ".join(f"{s} ({st})" for s, st in r.sites_other),
-          r.test_mean_auroc, r.test_loss] for r in rows],
+        ["round", "sites aggregated", "other sites", "score", "score is"] + (["mean AUROC"] if show_auroc else [])
+        + (["test loss"] if has_loss else []),
+        [[r.round_num, ", ".join(r.sites_accepted), ", ".join(f"{s} ({st})" for s, st in r.sites_other), r.score,
+          score_label(r.score_name, r.score_source) if r.score is not None else "not scored"]
+         + ([r.mean_auroc] if show_auroc else []) + ([r.test_loss] if has_loss else []) for r in rows],
     )
     update_table = table(
         ["round", "site", "status", "reason", "samples", "distance", "trust", "weight"],
-        [[u["round"] + 1, u["site"], u["status"], u["reason"] or "", u["num_samples"], u["distance"], u["trust"],
+        [[u["round"], u["site"], u["status"], u["reason"] or "", u["num_samples"], u["distance"], u["trust"],
           u["aggregation_weight"]] for u in updates],
     )
-    alert_table = table(["round", "site", "kind", "message"], [[a["round"] + 1, a["site"], a["kind"], a["message"]]
+    alert_table = table(["round", "site", "kind", "message"], [[a["round"] or "run", a["site"], a["kind"], a["message"]]
                                                               for a in alerts]) if alerts else "<p>No alerts.</p>"
+    best = next((r for r in rows if r.round_num == run.best_round), None)
+    best_label = score_label(best.score_name, best.score_source) if best is not None else "score"
     imgs = "".join(f'<img src="{f}" alt="{f}">' for f in FIGURES)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedmed run {run.id}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:540px;margin:4px}}</style></head><body>
 <h1>fedmed run {run.id}: {html.escape(run.name)}</h1>
 <p>job {html.escape(run.job_id)} · aggregation {html.escape(run.aggregation)} · status {html.escape(run.status)} ·
-started {run.started_at} · best round {_fmt(None if run.best_round is None else run.best_round + 1)}
-(mean AUROC {_fmt(run.best_metric)})</p>
+started {run.started_at} · best round {_fmt(run.best_round)} ({html.escape(best_label)} {_fmt(run.best_metric)})</p>
 {imgs}
+<p><small>Per-site figures: each site has its own marker and line style and is drawn slightly to the side of the
+round, so sites with equal values stay visible.</small></p>
 <h2>Rounds</h2>{round_table}<h2>Alerts</h2>{alert_table}<h2>Site updates</h2>{update_table}
 </body></html>"""
     path = out_dir / "report.html"
@@ -93,13 +146,24 @@ started {run.started_at} · best round {_fmt(None if run.best_round is None else
     return path
 
 
+def site_lines(ax, rows: list, key: str) -> None:
+    """One line per site of rows[key] over rounds (rows: dicts with 'round', 'site' and key), each site with its own
+    marker, line style and a small sideways offset, so sites whose values coincide remain distinguishable."""
+    points = [r for r in rows if r.get(key) is not None]
+    sites = sorted({r["site"] for r in points})
+    for i, site in enumerate(sites):
+        offset = (i - (len(sites) - 1) / 2) * SITE_OFFSET
+        xs, ys = zip(*[(r["round"] + offset, r[key]) for r in points if r["site"] == site])
+        ax.plot(xs, ys, marker=SITE_MARKERS[i % len(SITE_MARKERS)],
+                linestyle=SITE_LINESTYLES[i % len(SITE_LINESTYLES)], markersize=7 - 3 * i / max(len(sites), 1),
+                label=site)
+
+
 def _per_site_figure(rows: list, key: str, ylabel: str, title: str, path: Path, empty_text: str, ylim=None) -> None:
-    """One line per site of rows[key] over rounds (rows: dicts with 'round', 'site' and key)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
+    site_lines(ax, rows, key)
     points = [r for r in rows if r.get(key) is not None]
-    for site in sorted({r["site"] for r in points}):
-        ax.plot(*zip(*[(r["round"] + 1, r[key]) for r in points if r["site"] == site]), "o-", label=site)
     if points:
         ax.legend(fontsize=8)
     else:

@@ -10,7 +10,6 @@ Labels travel as float32 vectors in both: multi-hot for multilabel, one-hot for 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -108,13 +107,11 @@ class TaskSpec:
 CHEST_XRAY14 = TaskSpec("chest_xray14", CXR14_FINDINGS, "multilabel", frozenset(PROJECTION_MODALITIES), "mean_auroc")
 BRAIN_MRI = TaskSpec("brain_mri", BRAIN_CLASSES, "multiclass", frozenset({"MR"}), "accuracy")
 TASKS = {t.name: t for t in (CHEST_XRAY14, BRAIN_MRI)}
-DEFAULT_TASK = CHEST_XRAY14.name
 
 
-def get_task(name: Optional[str]) -> TaskSpec:
-    """The registered task of that name (None = the chest X-ray task); raises naming the valid choices."""
-    if name is None:
-        return CHEST_XRAY14
+def get_task(name) -> TaskSpec:
+    """The registered task of that name (or the TaskSpec itself); raises naming the valid choices. No default: a
+    caller that forgets the task must fail, not silently get the chest task."""
     if isinstance(name, TaskSpec):
         return name
     if name not in TASKS:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.model import set_trainable
-from fedmed.tasks import CHEST_XRAY14, TaskSpec
+from fedmed.tasks import TaskSpec
 
 
 class TrainingAborted(RuntimeError):
@@ -40,7 +40,8 @@ def train_epochs(
     seed: int,
     should_abort: Callable[[], bool] = lambda: False,
     on_epoch_end: Optional[Callable[[int, float], None]] = None,
-    task: TaskSpec = CHEST_XRAY14,
+    *,
+    task: TaskSpec,
     trainable: Optional[Sequence[str]] = None,
 ) -> float:
     """Train with Adam and the task's loss; returns the last epoch's mean loss. The optimizer is fresh each call
@@ -66,8 +67,7 @@ def train_epochs(
     return epoch_loss
 
 
-def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label: str,
-              task: TaskSpec = CHEST_XRAY14) -> float:
+def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label: str, task: TaskSpec) -> float:
     """One pass of training with the task's loss over loader (plain or Opacus-private alike); mean loss per sample."""
     total, count = 0.0, 0
     for images, labels in loader:
@@ -85,8 +85,8 @@ def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64,
-            task: TaskSpec = CHEST_XRAY14) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64, *,
+            task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
     """Return (labels, probabilities: sigmoid or softmax, as the task says) over the dataset in order."""
     model.eval()
     ys, ps = [], []
@@ -96,9 +96,9 @@ def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64,
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, task: TaskSpec = CHEST_XRAY14, batch_size: int = 64) -> EvalResult:
+def evaluate(model: torch.nn.Module, dataset: Dataset, task: TaskSpec, batch_size: int = 64) -> EvalResult:
     """Loss and the task's scores of the model on a labelled dataset."""
-    y, p = predict(model, dataset, batch_size, task)
+    y, p = predict(model, dataset, batch_size, task=task)
     s = task.scores(y, p)
     return EvalResult(loss=task.nll(y, p), score=s.score, mean_auroc=s.mean_auroc, metrics=s.metrics, num_samples=len(y))
 

@@ -4,9 +4,9 @@ Executor, Controller, aggregation, DP and record as the chest X-ray job, configu
 
 One command (set-up, synthetic MR hospitals, simulation, per-round table):  ./scripts/demo.sh brain_mri
 Or by hand:
-    python scripts/generate_hospitals.py --task brain_mri --out data/brain_hospitals
-    python jobs/brain_mri_densenet/job.py --data-root data/brain_hospitals --workspace runs/demo_mri
-Export a job folder for the admin console:  python jobs/brain_mri_densenet/job.py --export-job /tmp/jobs
+    .venv/bin/fedmed-generate-hospitals --task brain_mri --out data/brain_hospitals
+    .venv/bin/python jobs/brain_mri_densenet/job.py --data-root data/brain_hospitals --workspace runs/demo_mri
+Export a job folder for the admin console:  .venv/bin/python jobs/brain_mri_densenet/job.py --export-job /tmp/jobs
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 (fedmed.flare.fedjob).
 
 Run in the simulator (NVFlare 2.9's SimEnv):
-    python jobs/cxr_densenet/job.py --data-root data/hospitals --workspace runs/demo
+    .venv/bin/python jobs/cxr_densenet/job.py --data-root data/hospitals --workspace runs/demo
 Export a job folder for the admin console (`submit_job` / `nvflare job submit`):
-    python jobs/cxr_densenet/job.py --export-job /tmp/jobs
+    .venv/bin/python jobs/cxr_densenet/job.py --export-job /tmp/jobs
 (NVFlare 2.9 strips a bare `--export` from sys.argv when nvflare.recipe is imported, hence the longer name.)
 In an exported job each hospital reads its own data location from its kit's local/fedmed_site.json.
 """

@@ -85,7 +85,8 @@ def public_model(root: Path, n_images: int, epochs: int, image_size: int, seed: 
         if not (public / "global_test" / "labels.csv").exists():
             specs = [HospitalSpec(n, n_images // 3, scanner) for n, scanner in zip(names, PUBLIC_SCANNERS)]
             generate_hospitals(public, specs, num_test=20, seed=seed + 1, size=128)
-        splits = [load_train_val(DataConfig("dicom", public / n / "dicom", public / n / "labels.csv"), image_size, seed)
+        splits = [load_train_val(DataConfig("dicom", public / n / "dicom", public / n / "labels.csv"), image_size, seed,
+                                 CHEST_XRAY14)
                   for n in names]
         params, meta = pretrain_on(ConcatDataset([s[0] for s in splits]), ConcatDataset([s[1] for s in splits]),
                                    CHEST_XRAY14, epochs, 64, 1e-3, "group", seed)
@@ -121,9 +122,9 @@ def epoch_times(train, batch_size: int, lr: float, seed: int, layers) -> dict:
         t = time.perf_counter()
         if dp:
             SitePrivacy(PrivacyPolicy(epsilon=1e6, noise_multiplier=1.0)).train_round(
-                model, train, 1, lr, batch_size, seed, total_epochs=1, trainable=trainable)
+                model, train, 1, lr, batch_size, seed, total_epochs=1, task=CHEST_XRAY14, trainable=trainable)
         else:
-            train_epochs(model, train, 1, lr, batch_size, seed)
+            train_epochs(model, train, 1, lr, batch_size, seed, task=CHEST_XRAY14)
         out[label] = time.perf_counter() - t
     return out
 
@@ -167,14 +168,14 @@ def main(argv=None) -> int:
     if len(sites) < 3:
         p.error(f"--data {a.data} holds {len(sites)} sites; the benchmark needs 3")
     train = load_train_sets(a.data, sites, a.image_size, a.seed)
-    test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size)
+    test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14)
     initial, start_note = None, "a fresh DenseNet-121 (seed 0)"
     rows = []
     if not a.from_scratch:
         initial, meta = public_model(a.data, a.public_images, a.public_epochs, a.image_size, a.seed)
         model = build_densenet121(14, norm="group")
         load_numpy_state(model, initial)
-        rows.append(("public model, before any federated round", None, "-", evaluate(model, test_ds).mean_auroc, None))
+        rows.append(("public model, before any federated round", None, "-", evaluate(model, test_ds, CHEST_XRAY14).mean_auroc, None))
         start_note = (f"DenseNet-121 pretrained without DP on a synthetic public set ({meta['train_images']} training "
                       f"images, {meta['epochs']} epochs, best public-validation AUROC {meta['best_val_score']:.3f}, "
                       f"{meta['seconds']:.0f} s)")
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
     for name, eps, trainable in tqdm(plan, desc="privacy levels"):
         policy = None if math.isinf(eps) else PrivacyPolicy(epsilon=eps, delta=1e-5, max_grad_norm=1.0)
         try:
-            res = federate(train, test_ds, a.rounds, "fedavg", privacy=policy, norm="group", lr=a.lr,
+            res = federate(train, test_ds, a.rounds, "fedavg", task=CHEST_XRAY14, privacy=policy, norm="group", lr=a.lr,
                            batch_size=a.batch_size, seed=a.seed, trainable=trainable, initial_params=initial)
         except RuntimeError as e:  # every site refused: the ceiling cannot be certified at this data size
             rows.append((name, eps, "-", None, str(e)))

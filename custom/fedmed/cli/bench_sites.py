@@ -11,6 +11,7 @@ from fedmed.data.loading import load_train_val
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
 from fedmed.paths import RUNS
 from fedmed.site_config import DataConfig
+from fedmed.tasks import CHEST_XRAY14
 
 
 def make_sites(root: Path, n_sites: int, per_site: int, seed: int, num_test: int = 200) -> list[str]:
@@ -24,7 +25,8 @@ def make_sites(root: Path, n_sites: int, per_site: int, seed: int, num_test: int
 
 def load_train_sets(root: Path, sites: list, image_size: int, seed: int) -> dict:
     """Each site's training split, decoded once (the benchmarks do not use the validation split)."""
-    return {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed)[0]
+    return {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed,
+                            CHEST_XRAY14)[0]
             for s in tqdm(sites, desc="loading sites")}
 
 
@@ -44,10 +46,10 @@ def measure_training(images: int, image_size: int, seed: int) -> tuple[float, di
     if not (root / spec.name / "labels.csv").exists():
         generate_hospitals(root, [spec], num_test=8, seed=seed, size=max(image_size, 128))
     train, _ = load_train_val(DataConfig("dicom", root / spec.name / "dicom", root / spec.name / "labels.csv"),
-                              image_size, seed)
+                              image_size, seed, CHEST_XRAY14)
     torch.manual_seed(seed)
     model = build_densenet121(14)
     start = state_to_numpy(model)
     t0 = time.perf_counter()
-    train_epochs(model, train, 1, 1e-3, 16, seed)
+    train_epochs(model, train, 1, 1e-3, 16, seed, task=CHEST_XRAY14)
     return time.perf_counter() - t0, start, state_to_numpy(model)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, chest_family, generate_hospitals
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY
-from fedmed.tasks import DEFAULT_TASK, TASKS
+from fedmed.tasks import CHEST_XRAY14, TASKS
 
 
 def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:
@@ -35,8 +35,9 @@ def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK,
-                   help="chest_xray14: radiographs with 14 findings; brain_mri: axial MR slices, 4 tumour classes")
+    p.add_argument("--task", choices=sorted(TASKS), default=CHEST_XRAY14.name,
+                   help="chest_xray14 (default): radiographs with 14 findings; brain_mri: axial MR slices, 4 tumour "
+                        "classes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every site's image count (tests use ~0.1)")
     p.add_argument("--num-test", type=int, default=300)

@@ -24,12 +24,12 @@ from tqdm import tqdm
 from fedmed.data.loading import load_train_val
 from fedmed.model import NORMS, build_densenet121, state_to_numpy
 from fedmed.site_config import DataConfig
-from fedmed.tasks import DEFAULT_TASK, TASKS, get_task
+from fedmed.tasks import CHEST_XRAY14, TASKS, get_task
 from fedmed.training import evaluate, round_lr, train_epochs
 from fedmed.weights import save_state
 
 
-def pretrain(data: DataConfig, out: Path, task_name: str = DEFAULT_TASK, epochs: int = 5, image_size: int = 128,
+def pretrain(data: DataConfig, out: Path, task_name: str, epochs: int = 5, image_size: int = 128,
              batch_size: int = 32, lr: float = 1e-3, norm: str = "group", seed: int = 0, progress: bool = True) -> dict:
     """Train on `data` (its train split), keep the epoch with the best validation score, save it to `out` with
     what it was trained on in the file's meta. Returns that meta."""
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=("chestxray14", "dicom", "csv_manifest"), required=True)
     p.add_argument("--root", type=Path, required=True, help="ChestX-ray14 folder, DICOM tree, or manifest CSV")
     p.add_argument("--labels-csv", type=Path, help="DICOM only: labels keyed by SOPInstanceUID")
-    p.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
+    p.add_argument("--task", choices=sorted(TASKS), default=CHEST_XRAY14.name, help="default chest_xray14")
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.pt)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--image-size", type=int, default=128, help="must equal the job's --image-size")

@@ -1,7 +1,8 @@
-"""Write an HTML report (global AUROC/loss per round, per-site trust, privacy spend, update decisions) with the
+"""Write an HTML report (the global model's score per round, named for what it is: global test or the sites'
+weighted validation; test loss when there is a test set; per-site trust, privacy spend, update decisions) with the
 same figures as PNG, from the database.
 
-    python scripts/report.py --out runs/report [--db-url URL] [--run-id N]     (default $FEDMED_DB_URL, latest run)
+    fedmed-report --out runs/report [--db-url URL] [--run-id N]     (default $FEDMED_DB_URL, latest run)
 """
 
 from __future__ import annotations

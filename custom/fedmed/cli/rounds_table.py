@@ -12,32 +12,48 @@ import sys
 
 from fedmed.constants import ENV_DB_URL
 from fedmed.store.repository import Repository
-from fedmed.tasks import get_task
+from fedmed.tasks import CHEST_XRAY14, get_task
 
 # Multi-class runs (task brain_mri) also record these global-test metrics per round; shown when present.
 MULTICLASS_COLUMNS = ("accuracy", "macro_f1")
 SCORE_LABELS = {"mean_auroc": "mean AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+SOURCE_LABELS = {"global_test": "test", "site_validation": "sites' val"}
+
+
+def score_label(row) -> str:
+    """What a round's score is: e.g. "test accuracy", or "sites' val mean AUROC" when the server had no test set
+    (the aggregated sites' validation scores, weighted by their capped counts)."""
+    name = SCORE_LABELS.get(row.score_name, row.score_name or "score")
+    return f"{SOURCE_LABELS.get(row.score_source, row.score_source or '')} {name}".strip()
 
 
 def format_table(repo: Repository, run_id: int) -> str:
     run = repo.get_run(run_id)
     rows = repo.rounds_table(run_id)
+    task = get_task(json.loads(run.config_json or "{}").get("task") or CHEST_XRAY14.name)  # runs before tasks: chest
     test_metrics = repo.round_metrics(run_id, "global_test")
-    extra = [m for m in MULTICLASS_COLUMNS if any(m in v for v in test_metrics.values())]
+    extra = [m for m in MULTICLASS_COLUMNS if m != task.score_name and any(m in v for v in test_metrics.values())]
+    labels = sorted({score_label(r) for r in rows if r.score is not None}) or [f"{SCORE_LABELS[task.score_name]}"]
+    score_head = " / ".join(labels)
+    show_auroc = task.score_name != "mean_auroc"
+    width = max(15, len(score_head))
     lines = [f"run {run.id} '{run.name}' (job {run.job_id}, {run.aggregation}, status {run.status})",
-             f"{'round':>5}  {'sites':<40} {'test mean AUROC':>15}  {'test loss':>9}" + "".join(f"  {m:>9}" for m in extra)]
+             f"{'round':>5}  {'sites':<40} {score_head:>{width}}" + (f"  {'mean AUROC':>10}" if show_auroc else "")
+             + f"  {'test loss':>9}" + "".join(f"  {m:>9}" for m in extra)]
     for r in rows:
         sites = ",".join(r.sites_accepted) + "".join(f" -{s}({st})" for s, st in r.sites_other)
-        auroc = f"{r.test_mean_auroc:.4f}" if r.test_mean_auroc is not None else "-"
+        score = f"{r.score:.4f}" if r.score is not None else "-"
+        auroc = (f"  {r.mean_auroc:>10.4f}" if r.mean_auroc is not None else f"  {'-':>10}") if show_auroc else ""
         loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "-"
         values = test_metrics.get(r.round_num, {})
         cells = "".join(f"  {values[m]:>9.4f}" if m in values else f"  {'-':>9}" for m in extra)
-        lines.append(f"{r.round_num + 1:>5}  {sites:<40} {auroc:>15}  {loss:>9}{cells}")
+        lines.append(f"{r.round_num:>5}  {sites:<40} {score:>{width}}{auroc}  {loss:>9}{cells}")
     if run.best_round is not None:
-        task = get_task(json.loads(run.config_json or "{}").get("task"))  # runs before tasks existed: chest
-        lines.append(f"best: round {run.best_round + 1}, {SCORE_LABELS[task.score_name]} {run.best_metric:.4f}")
-    if rows and rows[-1].test_mean_auroc is not None:
-        lines.append(f"final global test mean AUROC: {rows[-1].test_mean_auroc:.4f}")
+        best = next((r for r in rows if r.round_num == run.best_round), None)
+        label = score_label(best) if best is not None and best.score is not None else SCORE_LABELS[task.score_name]
+        lines.append(f"best: round {run.best_round}, {label} {run.best_metric:.4f}")
+    if rows and rows[-1].score is not None:
+        lines.append(f"final global model: {score_label(rows[-1])} {rows[-1].score:.4f}")
     return "\n".join(lines)
 
 

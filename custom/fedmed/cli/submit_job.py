@@ -108,8 +108,10 @@ class RoundFollower:
             self.round_times.append(time.monotonic())
             others = "".join(f", {s} {st}" + (f" ({reasons[(r.round_num, s)]})" if reasons.get((r.round_num, s)) else "")
                              for s, st in r.sites_other)
-            score = f"{r.test_mean_auroc:.4f}" if r.test_mean_auroc is not None else "-"
-            self.bar.write(f"round {r.round_num + 1}: sites {', '.join(r.sites_accepted)}{others}; mean AUROC {score}")
+            from fedmed.cli.rounds_table import score_label
+
+            score = f"{score_label(r)} {r.score:.4f}" if r.score is not None else "no score"
+            self.bar.write(f"round {r.round_num}: sites {', '.join(r.sites_accepted)}{others}; {score}")
             self.bar.update(1)
 
     def close(self) -> None:

@@ -61,7 +61,7 @@ def _row_labels(row: dict, task: TaskSpec, path: Path, line: int) -> np.ndarray:
     return task.encode_class(row[COL_CLASS_LABEL], f"{path} line {line}")
 
 
-def read_site_label_csv(path: Path, task: TaskSpec = CHEST_XRAY14) -> dict[str, tuple[str, np.ndarray]]:
+def read_site_label_csv(path: Path, task: TaskSpec) -> dict[str, tuple[str, np.ndarray]]:
     """SOPInstanceUID (or StudyInstanceUID when the CSV has no SOP column) -> (split, labels)."""
     rows = _read_csv(path)
     if not rows:
@@ -80,7 +80,7 @@ def read_site_label_csv(path: Path, task: TaskSpec = CHEST_XRAY14) -> dict[str, 
 
 
 def load_dicom_site(
-    dicom_root: Path, labels_csv: Path, split: Optional[str] = None, task: TaskSpec = CHEST_XRAY14
+    dicom_root: Path, labels_csv: Path, split: Optional[str] = None, *, task: TaskSpec
 ) -> list[LabelledImage]:
     """Walk a DICOM tree, join each image to its label row by SOPInstanceUID (or StudyInstanceUID).
 
@@ -148,7 +148,7 @@ def load_chestxray14(root: Path, csv_name: str = "Data_Entry_2017.csv", image_di
     return items
 
 
-def load_csv_manifest(csv_path: Path, task: TaskSpec = CHEST_XRAY14) -> list[LabelledImage]:
+def load_csv_manifest(csv_path: Path, task: TaskSpec) -> list[LabelledImage]:
     """Generic manifest: a 'path' column (relative to the CSV's folder or absolute) and the task's label columns."""
     csv_path = Path(csv_path)
     rows = _read_csv(csv_path)

@@ -11,7 +11,7 @@ from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14, TaskSpec
 
 
-def load_items(data: DataConfig, task: TaskSpec = CHEST_XRAY14) -> list[LabelledImage]:
+def load_items(data: DataConfig, task: TaskSpec) -> list[LabelledImage]:
     if data.format == "dicom":
         return load_dicom_site(data.root, data.labels_csv, task=task)
     if data.format == "chestxray14":
@@ -34,13 +34,13 @@ def split_items(items: list[LabelledImage], val_fraction: float, seed: int) -> t
 
 
 def load_train_val(data: DataConfig, image_size: int, seed: int,
-                   task: TaskSpec = CHEST_XRAY14) -> tuple[RadiographDataset, RadiographDataset]:
+                   task: TaskSpec) -> tuple[RadiographDataset, RadiographDataset]:
     train, val = split_items(load_items(data, task), data.val_fraction, seed)
     return (RadiographDataset(train, image_size, train=True, seed=seed, modalities=task.modalities),
             RadiographDataset(val, image_size, train=False, modalities=task.modalities))
 
 
-def load_test(dicom_root: Path, labels_csv: Path, image_size: int, task: TaskSpec = CHEST_XRAY14) -> RadiographDataset:
+def load_test(dicom_root: Path, labels_csv: Path, image_size: int, task: TaskSpec) -> RadiographDataset:
     """The global test set: every labelled image under the folder, whatever its split column says."""
     return RadiographDataset(load_dicom_site(Path(dicom_root), Path(labels_csv), task=task), image_size, train=False,
                              modalities=task.modalities)

@@ -10,6 +10,7 @@ import math
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -44,13 +45,14 @@ from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord, resolve_db_url
-from fedmed.tasks import DEFAULT_TASK, get_task
+from fedmed.tasks import get_task
 from fedmed.training import evaluate
 
 
 class FedMedController(ModelController):
     def __init__(
         self,
+        task: str,
         num_rounds: int = 5,
         min_clients: int = 3,
         round_timeout: int = 0,
@@ -70,7 +72,6 @@ class FedMedController(ModelController):
         trust_bad_ratio: float = 4.0,
         quarantine_below: float = 0.5,
         readmit_after: int = 2,
-        task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
         final_model_timeout: int = 120,
@@ -243,15 +244,19 @@ class FedMedController(ModelController):
                     if not report.probation:
                         raise RuntimeError(report.problem)
                     continue  # the global model stands; quarantined sites were scored and may be re-admitted
-                model = wire.global_model(report.params, round_num, self._model_meta(), report.encrypted)
+                # Rounds are numbered from 1 in the record, the model files and the logs; NVFlare's current_round
+                # (0-based) stays on the wire, where the sites' schedules and signatures use it.
+                model = wire.global_model(report.params, round_num + 1, self._model_meta(), report.encrypted)
                 sha = model_sha256(model.params, model.meta.get(C.META_ENCRYPTED))
-                score, mean_auroc, test_loss, test_metrics = self._score(eval_model, report, site_results, test_ds)
+                score, source, mean_auroc, test_loss, test_metrics = self._score(eval_model, report, site_results,
+                                                                                 test_ds)
                 self.save_model(model)
                 if score > best_score:
-                    best_round, best_score = round_num, score
-                    self._save_best(model.params, {**model.meta, "score": score, "sha256": sha})
+                    best_round, best_score = round_num + 1, score
+                    self._save_best(model.params, {**model.meta, "score": score, "score_name": self._task.score_name,
+                                                   "score_source": source, "sha256": sha})
                 db.write("record_round", run_uid=run_uid, record=self._round_record(
-                    report, engine, started, test_loss, mean_auroc, test_metrics, sha))
+                    report, engine, started, test_loss, (score, source, mean_auroc), test_metrics, sha))
                 self._log_round(report, targets, score, test_loss, best_score, best_round, time.monotonic() - t0)
         except Exception as e:
             status = "failed"
@@ -262,7 +267,7 @@ class FedMedController(ModelController):
         if status == "finished":
             self._send_final_model(model, last_round_sites)
         self.info(f"run {run_uid} {status}; best {self._task.score_name} {best_score:.4f} at round "
-                  f"{best_round + 1 if best_round is not None else '-'}")
+                  f"{best_round if best_round is not None else '-'}")
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -394,11 +399,16 @@ class FedMedController(ModelController):
         # image_size and norm travel with the weights: inference preprocesses and rebuilds the same way.
         return {"image_size": self.image_size, "norm": self.norm, "task": self.task}
 
-    def _round_record(self, report: RoundReport, engine: RoundEngine, started, test_loss=None, mean_auroc=None,
+    def _round_record(self, report: RoundReport, engine: RoundEngine, started, test_loss=None, scored=None,
                       test_metrics=None, sha=None) -> RoundRecord:
+        """scored: (score, score source, mean AUROC) of an aggregated round."""
         trust = tuple(TrustRecord(site, t.trust, t.quarantined, t.good_streak) for site, t in sorted(engine.trust.items()))
-        return RoundRecord(report.round_num, report.updates, test_loss, mean_auroc, test_metrics or {}, sha, started,
-                           report.alerts, trust)
+        val_name = C.META_VAL_PREFIX + self._task.score_name
+        updates = tuple(replace(u, val_score=finite_or_none(u.metrics.get(val_name))) for u in report.updates)
+        score, source, mean_auroc = scored if scored is not None else (None, None, None)
+        return RoundRecord(report.round_num + 1, updates, test_loss, finite_or_none(score),
+                           self._task.score_name if scored is not None else None, source, mean_auroc,
+                           test_metrics or {}, sha, started, report.alerts, trust)
 
     def _log_report(self, report: RoundReport) -> None:
         for level, msg in report.log:
@@ -418,7 +428,7 @@ class FedMedController(ModelController):
             + (", encrypted layers combined homomorphically" if report.encrypted is not None else "")
             + f"), {'val' if test_loss is None else 'test'} {self._task.score_name} {score:.4f}"
             + (f", test loss {test_loss:.4f}" if test_loss is not None else "")
-            + f"; best {best_score:.4f} (round {best_round + 1})"
+            + f"; best {best_score:.4f} (round {best_round})"
         )
 
     def _setup_he(self, eval_model) -> EncryptionSpec:
@@ -459,19 +469,20 @@ class FedMedController(ModelController):
         self.info(f"final global model kept by {kept}" + (f"; not acknowledged by {missing}" if missing else ""))
 
     def _score(self, eval_model, report: RoundReport, site_results: list, test_ds):
-        """(round score, mean AUROC, test loss, metrics for the DB): on the global test set, else the mean of the
-        aggregated sites' validation scores weighted by their capped sample counts."""
+        """(round score, its source, mean AUROC, test loss, metrics for the DB): on the global test set
+        ("global_test"), else the mean of the aggregated sites' validation scores weighted by their capped sample
+        counts ("site_validation")."""
         if test_ds is not None:
             load_numpy_state(eval_model, report.params)
             ev = evaluate(eval_model, test_ds, self._task)
-            return ev.score, finite_or_none(ev.mean_auroc), ev.loss, {**ev.metrics, "loss": ev.loss}
+            return ev.score, "global_test", finite_or_none(ev.mean_auroc), ev.loss, {**ev.metrics, "loss": ev.loss}
         score = report.weighted_site_metric(site_results, C.META_VAL_PREFIX + self._task.score_name)
         mean_auroc = report.weighted_site_metric(site_results, C.META_VAL_MEAN_AUROC)
-        return score, finite_or_none(mean_auroc), None, {}
+        return score, "site_validation", finite_or_none(mean_auroc), None, {}
 
     def _save_best(self, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):
             path = self.persistor.save_best(params, meta, self.fl_ctx)
-            self.info(f"new best model (round {meta['round'] + 1}, {self._task.score_name} {meta['score']:.4f}) saved to {path}")
+            self.info(f"new best model (round {meta['round']}, {self._task.score_name} {meta['score']:.4f}) saved to {path}")
 
 

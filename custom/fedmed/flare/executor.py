@@ -37,7 +37,7 @@ from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, P
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
 from fedmed.site_config import SiteConfig, load_site_config
-from fedmed.tasks import DEFAULT_TASK, get_task
+from fedmed.tasks import get_task
 from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
@@ -66,6 +66,7 @@ def running_in_simulator(fl_ctx: FLContext) -> bool:
 class FedMedTrainer(Executor):
     def __init__(
         self,
+        task: str,
         site_config: Optional[str] = None,
         image_size: int = 128,
         local_epochs: int = 1,
@@ -74,7 +75,6 @@ class FedMedTrainer(Executor):
         seed: int = 0,
         norm: str = "batch",
         train_task_name: str = AppConstants.TASK_TRAIN,
-        task: str = DEFAULT_TASK,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
         dp_train_layers: Optional[list] = None,
@@ -396,7 +396,7 @@ class FedMedTrainer(Executor):
         seconds = time.monotonic() - t0
         result.meta[C.META_ENCRYPTED] = block.to_wire()
         result.meta[C.META_HE_SECONDS] = seconds
-        self.log_info(fl_ctx, f"site {site} round {round_num}: encrypted {block.num_values} values in "
+        self.log_info(fl_ctx, f"site {site} round {round_num + 1}: encrypted {block.num_values} values in "
                               f"{len(block.chunks)} CKKS ciphertext(s), {block.nbytes / 1e6:.2f} MB, {seconds:.2f}s")
 
     def _keep_final_model(self, site: str, params: dict, global_model: FLModel, fl_ctx: FLContext) -> Shareable:
@@ -414,7 +414,7 @@ class FedMedTrainer(Executor):
         lr = round_lr(self.lr, min(round_num, total_rounds - 1), total_rounds)
 
         def on_epoch_end(epoch: int, loss: float):
-            self.log_info(fl_ctx, f"site {site} round {round_num}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}")
+            self.log_info(fl_ctx, f"site {site} round {round_num + 1}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}")
 
         # Seed differs per round and site so sites don't share augmentation/shuffle streams (not used by DP-SGD,
         # whose sampling and noise come from the OS).
@@ -432,7 +432,7 @@ class FedMedTrainer(Executor):
                             C.META_EPSILON_BUDGET: self._privacy.policy.epsilon, C.META_NOISE_MULTIPLIER: dp.noise_multiplier}
             if dp.lifetime_epsilon is not None:
                 privacy_meta[C.META_LIFETIME_EPSILON] = dp.lifetime_epsilon
-            self.log_info(fl_ctx, f"site {site} round {round_num}: DP-SGD {dp.steps} steps, sigma "
+            self.log_info(fl_ctx, f"site {site} round {round_num + 1}: DP-SGD {dp.steps} steps, sigma "
                                   f"{dp.noise_multiplier:.3f}, epsilon spent {dp.epsilon:.3f} of {self._privacy.policy.epsilon}")
         else:
             train_loss = train_epochs(
@@ -442,7 +442,7 @@ class FedMedTrainer(Executor):
         val = evaluate(self._model, self._val_ds, self._task)
         self.log_info(
             fl_ctx,
-            f"site {site} round {round_num}: val loss {val.loss:.4f} {self._task.score_name} {val.score:.4f} "
+            f"site {site} round {round_num + 1}: val loss {val.loss:.4f} {self._task.score_name} {val.score:.4f} "
             f"({len(self._train_ds)} samples, lr {lr:.2e}, {time.monotonic() - t0:.0f}s)",
         )
         metrics = {C.META_TRAIN_LOSS: train_loss, C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc}

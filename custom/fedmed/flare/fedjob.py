@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
@@ -19,6 +20,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe import SimEnv
 
 from fedmed import constants as C
+from fedmed.console import full_output_to
 from fedmed.crypto import ckks
 from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
@@ -68,6 +70,8 @@ def build_job(config: JobConfig, *, data_root: Path | None = None, he_keys_dir: 
         task=spec.name,
         he_layers=he_layers,
         final_model_timeout=config.final_model_timeout,
+        statistics_factor=config.statistics_factor,
+        validation_images=config.validation_images,
     )
     job.to_server(controller)
     job.to_server(FedMedModelPersistor(num_outputs=spec.num_outputs, initial_weights=config.initial_weights,
@@ -110,11 +114,19 @@ def prepare_simulator_keys(workspace_root: Path, sites, job_name: str) -> str:
     return keys.key_id
 
 
-def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int) -> Path:
+def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int, log_file: Optional[Path] = None) -> Path:
+    """Run the job in NVFlare's simulator. log_file: send the whole output of the simulation (NVFlare's and
+    Alembic's logs of the server and every site) there and show only fedmed.console's concise view: one line per
+    round per site, one per round for the server, fedmed's warnings and every error."""
     workspace_root = Path(workspace_root).resolve()
     allow_fedmed_components(workspace_root / job.name)
     # The simulated sites import fedmed as installed in this Python (scripts/setup.sh: pip install -e .).
-    SimEnv(clients=list(sites), num_threads=threads, workspace_root=str(workspace_root)).deploy(job)
+    env = SimEnv(clients=list(sites), num_threads=threads, workspace_root=str(workspace_root))
+    if log_file is None:
+        env.deploy(job)
+    else:
+        with full_output_to(log_file):
+            env.deploy(job)
     return workspace_root / job.name
 
 
@@ -139,6 +151,9 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     p.add_argument("--export-job", dest="export", type=Path,
                    help="export the job folder here instead of simulating (NVFlare 2.9 consumes a bare --export)")
     p.add_argument("--threads", type=int, help="sites trained concurrently in the simulator (default: all)")
+    p.add_argument("--log-file", type=Path,
+                   help="simulation: write the full NVFlare output there and show one line per round per site "
+                        "(default: everything on the console)")
     p.add_argument("--sites", default=",".join(c.sites), help=f"comma-separated site names (default {','.join(c.sites)})")
     p.add_argument("--rounds", dest="num_rounds", type=int, default=c.num_rounds, help=f"default {c.num_rounds}")
     p.add_argument("--min-clients", type=int, default=c.min_clients,
@@ -176,6 +191,12 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     p.add_argument("--final-model-timeout", type=int, default=c.final_model_timeout,
                    help=f"seconds the server waits for the sites to acknowledge the final model "
                         f"(default {c.final_model_timeout})")
+    p.add_argument("--statistics-factor", type=float, default=c.statistics_factor,
+                   help=f"how far a site's BatchNorm statistics may move from the global model's in one round before "
+                        f"its update is rejected (default {c.statistics_factor:g})")
+    p.add_argument("--validation-images", type=int, default=c.validation_images,
+                   help=f"score each update on this many server test images and reject one far below the median "
+                        f"site's; needs a test set and no HE (default {c.validation_images} = off)")
     trust = p.add_argument_group("trust", "the trust rule (fedmed.robust.trust): each round a site scores 1 at or "
                                  "below ok-ratio x the median site distance to the aggregate, 0 at or above "
                                  "bad-ratio; trust is a moving average of the scores; below quarantine-below the "
@@ -202,7 +223,8 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             initial_weights=str(Path(a.initial_weights).resolve()) if a.initial_weights else None,
             trust_smoothing=a.trust_smoothing, trust_ok_ratio=a.trust_ok_ratio, trust_bad_ratio=a.trust_bad_ratio,
             quarantine_below=a.quarantine_below, readmit_after=a.readmit_after,
-            final_model_timeout=a.final_model_timeout,
+            final_model_timeout=a.final_model_timeout, statistics_factor=a.statistics_factor,
+            validation_images=a.validation_images,
         )
     except ValueError as e:
         p.error(str(e))
@@ -223,6 +245,8 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     if config.he_layers:
         key_id = prepare_simulator_keys(a.workspace, sites, config.name)
         print(f"HE keys for the simulation: key set {key_id[:12]}, hospital keys in {he_keys}")
-    out = run_simulation(job, sites, a.workspace, a.threads or len(sites))
+    if a.log_file:
+        print(f"full simulator log: {a.log_file}")
+    out = run_simulation(job, sites, a.workspace, a.threads or len(sites), log_file=a.log_file)
     print(f"simulation finished; workspace {out}")
     return 0

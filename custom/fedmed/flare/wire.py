@@ -50,7 +50,8 @@ def _hex(value):
 
 
 def global_model(params: Mapping, round_num: int, meta: Mapping, encrypted=None) -> FLModel:
-    """The model the server sends and saves: clear params, the meta inference needs, the encrypted layers."""
+    """The model the server sends and saves: clear params, the meta inference needs (round: counted from 1, as in
+    the logs and the record), the encrypted layers."""
     meta = {**meta, "round": round_num}
     if encrypted is not None:
         meta[C.META_ENCRYPTED] = encrypted.to_wire() if hasattr(encrypted, "to_wire") else encrypted

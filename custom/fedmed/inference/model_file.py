@@ -17,7 +17,7 @@ import torch
 from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
 from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
-from fedmed.tasks import TaskSpec, get_task
+from fedmed.tasks import CHEST_XRAY14, TaskSpec, get_task
 from fedmed.weights import save_state
 
 DEFAULT_THRESHOLD = 0.5
@@ -86,7 +86,7 @@ class ModelFile:
 
     def task(self, override: Optional[str] = None) -> TaskSpec:
         """The task these weights were trained for: `override`, else the meta's, else chest_xray14."""
-        return get_task(override or self.meta.get(META_TASK))
+        return get_task(override or self.meta.get(META_TASK) or CHEST_XRAY14.name)  # files from before tasks: chest
 
     def classes(self, task: TaskSpec) -> list:
         """The output names of these weights under `task`; raises naming the file when the head does not fit it
@@ -163,8 +163,9 @@ def choose_thresholds(
         raise ValueError(f"{model_path}: a {model_file.task().name} model decides by argmax over its classes; "
                          f"decision thresholds are for multi-label models only")
     size = model_file.image_size(image_size)
-    items = load_dicom_site(Path(dicom_root), Path(labels_csv), split)
-    labels, probs = predict(model_file.build(), RadiographDataset(items, size, train=False), batch_size)
+    items = load_dicom_site(Path(dicom_root), Path(labels_csv), split, task=model_file.task())
+    labels, probs = predict(model_file.build(), RadiographDataset(items, size, train=False), batch_size,
+                            task=model_file.task())
     findings = CXR14_FINDINGS[: model_file.num_outputs]
     chosen = youden_thresholds(labels, probs, findings)
     meta = dict(model_file.meta)

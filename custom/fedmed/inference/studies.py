@@ -154,7 +154,7 @@ SELECTIONS = {CHEST_XRAY14.name: CHEST_SELECTION, BRAIN_MRI.name: BRAIN_SELECTIO
 
 
 def selection_for(task) -> ImageSelection:
-    """The image selection of a task (a TaskSpec or its name; None = chest); raises naming the tasks that have one."""
+    """The image selection of a task (a TaskSpec or its name); raises naming the tasks that have one."""
     spec: TaskSpec = get_task(task)
     if spec.name not in SELECTIONS:
         raise ValueError(f"task {spec.name!r} has no inference image selection; tasks with one: {sorted(SELECTIONS)}")
@@ -210,7 +210,7 @@ def load_study(plan: StudyPlan) -> tuple[list, list]:
     return images, problems
 
 
-def task_image_datalist(root: str, task: Optional[str] = None) -> list[dict]:
+def task_image_datalist(root: str, task: str) -> list[dict]:
     """MONAI data list ``[{"image": path}, ...]`` of every decodable image under root that the task's model reads,
     in StudyInstanceUID then file order: the same selection scripts/infer makes (used by the exported bundle)."""
     selection = selection_for(task)

@@ -30,7 +30,7 @@ from fedmed.model import set_trainable
 from fedmed.privacy.accounting import BudgetExceeded, HistoryEntry, SiteRDPAccountant  # noqa: F401 (re-exported)
 from fedmed.privacy.ledger import LedgerBinding
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.tasks import CHEST_XRAY14, TaskSpec
+from fedmed.tasks import TaskSpec
 from fedmed.training import run_epoch
 
 
@@ -101,7 +101,8 @@ class SitePrivacy:
         seed: Optional[int] = None,
         total_epochs: int = 1,
         should_abort: Callable[[], bool] = lambda: False,
-        task: TaskSpec = CHEST_XRAY14,
+        *,
+        task: TaskSpec,
         trainable: Optional[Sequence[str]] = None,
         round_num: int = 0,
         also_released: Sequence[HistoryEntry] = (),

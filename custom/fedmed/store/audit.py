@@ -191,9 +191,10 @@ class CoveredRow:
 
 
 def table_rows(s, table: str, run_id: Optional[int] = None, round_num: Optional[int] = None,
-               row_id: Optional[int] = None) -> list[CoveredRow]:
+               row_id: Optional[int] = None, form=None) -> list[CoveredRow]:
     """The rows of one table as the audit chain sees them, read back from the database (so writer and verifier hash
-    exactly the same values on either engine)."""
+    exactly the same values on either engine). form(table, values) -> values: the row as an earlier schema held it
+    (e.g. before_0009), to check a migrated row against what the chain recorded before the migration."""
     model, has_site, key_cols = _TABLES[table]
     cols = [c.label(c.name) for c in _columns(model)]
     q = select(model.id.label("_id"), *cols)
@@ -211,6 +212,8 @@ def table_rows(s, table: str, run_id: Optional[int] = None, round_num: Optional[
     out = []
     for r in s.execute(q.order_by(model.id)).mappings():
         values = {k: v for k, v in r.items() if not k.startswith("_")}
+        if form is not None:
+            values = form(table, values)
         ident = {**values, "id": r["_id"]}
         key = ((r["_uid"],) if model is not InferenceLog else ()) + tuple(ident[c] for c in key_cols)
         out.append(CoveredRow(table, key, r["_id"], row_hash(values)))
@@ -219,6 +222,36 @@ def table_rows(s, table: str, run_id: Optional[int] = None, round_num: Optional[
 
 def rows_payload(rows: Iterable[CoveredRow]) -> list:
     return sorted([r.table, list(r.key), r.hash] for r in rows)
+
+
+# --- schema migrations that change covered rows --------------------------------------------------------------------
+# A migration that renames a covered column or changes a covered value changes the rows' hashes. The repository then
+# writes one keyed entry (MIGRATION_ACTION) carrying every row's hash as it was before the migration, recomputed
+# from the migrated row by the revision's inverse (`previous`), and as it is now (`rows`). The verifier checks
+# `previous` against what the chain had recorded (so an edit made before the migration is still found) and
+# continues from `rows`.
+
+MIGRATION_ACTION = "schema_migration"
+
+
+def before_0009(table: str, values: dict) -> dict:
+    """A row as Alembic revision 0009 found it: rounds numbered from 0 (a run-level alert had -1), the round's mean
+    AUROC in rounds.test_mean_auroc, and neither the score columns nor client_updates.val_score."""
+    v = dict(values)
+    if v.get("round_num") is not None:
+        v["round_num"] -= 1
+    if table == "runs" and v.get("best_round") is not None:
+        v["best_round"] -= 1
+    if table == "rounds":
+        v["test_mean_auroc"] = v.pop("mean_auroc")
+        for column in ("score", "score_name", "score_source"):
+            v.pop(column)
+    if table == "client_updates":
+        v.pop("val_score")
+    return v
+
+
+MIGRATION_FORMS = {"0009": before_0009}
 
 
 # --- MACs -----------------------------------------------------------------------------------------------------------
@@ -332,7 +365,7 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
                 rep.problems.append(AuditProblem(row.id, "MAC does not verify: the entry was edited (or the audit "
                                                          f"key from {settings.key_source} is not this database's)"))
                 return rep
-            _apply_entry(expected, row)
+            _apply_entry(expected, row, rep)
         prev = row.row_hash
     if keyed_seen:
         _compare_tables(session, expected, rep)
@@ -369,14 +402,35 @@ def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
         rep.notes.append(f"{unsigned} client update(s) carry no signature")
 
 
-def _apply_entry(expected: dict, row) -> None:
+def _apply_entry(expected: dict, row, rep: AuditReport) -> None:
     payload = json.loads(row.payload_json)
+    if row.action == MIGRATION_ACTION:  # every row re-vouched for as migrated: check the rows as they were, go on
+        _check_before_migration(expected, row.id, payload, rep)
+        expected.clear()
     if row.action == "record_round":  # a round is replaced whole: forget what an earlier entry said about it
         prefix = (payload["run"], payload["round"])
         for k in [k for k in expected if k[0] in ROUND_TABLES and k[1][:2] == prefix]:
             del expected[k]
     for table, key, h in payload.get("rows", ()):
         expected[(table, tuple(key))] = (h, row.id)
+
+
+def _check_before_migration(expected: dict, entry_id: int, payload: dict, rep: AuditReport) -> None:
+    revision = payload.get("revision")
+    before = {(t, tuple(k)): h for t, k, h in payload.get("previous", ())}
+    for (table, key), (want, recorded_by) in sorted(expected.items(), key=lambda kv: kv[1][1]):
+        got = before.pop((table, key), None)
+        if got is None:
+            rep.problems.append(AuditProblem(recorded_by, f"{table} row ({_key_str(key)}) recorded by this entry was "
+                                                          f"missing when migration {revision} ran (audit entry "
+                                                          f"{entry_id}): deleted"))
+        elif got != want:
+            rep.problems.append(AuditProblem(recorded_by, f"{table} row ({_key_str(key)}) did not match what this "
+                                                          f"entry recorded when migration {revision} ran (audit "
+                                                          f"entry {entry_id}): edited before the migration"))
+    for table, key in sorted(before):
+        rep.problems.append(AuditProblem(entry_id, f"{table} row ({_key_str(key)}) was covered by no audit entry when "
+                                                   f"migration {revision} ran: inserted outside the record"))
 
 
 def _compare_tables(session, expected: dict, rep: AuditReport) -> None:

@@ -70,6 +70,9 @@ def _dec(d):
 
 
 OPS = ("start_run", "record_round", "finish_run")
+# Lines carry the round numbering they were written in; lines from before it (rounds from 0, the score in
+# test_mean_auroc) are converted on replay as Alembic revision 0009 converted the database.
+ROUNDS_FROM = 1
 
 
 def op_to_json(op: str, args: dict) -> str:
@@ -79,7 +82,24 @@ def op_to_json(op: str, args: dict) -> str:
     args = dict(args)
     if isinstance(args.get("record"), RoundRecord):
         args["record"] = dataclasses.asdict(args["record"])
-    return json.dumps({"op": op, "args": args}, default=_enc, sort_keys=True)
+    return json.dumps({"op": op, "args": args, "rounds_from": ROUNDS_FROM}, default=_enc, sort_keys=True)
+
+
+def _from_legacy(op: str, args: dict) -> None:
+    """A line journaled before revision 0009: rounds from 0, the chest task's mean AUROC as the only score."""
+    if op == "finish_run" and args.get("best_round") is not None:
+        args["best_round"] += 1
+    if op != "record_round":
+        return
+    rec = args["record"]
+    rec["round_num"] = int(rec["round_num"]) + 1
+    if "test_mean_auroc" in rec:
+        mean_auroc = rec.pop("test_mean_auroc")
+        rec.update(mean_auroc=mean_auroc, score=mean_auroc, score_name="mean_auroc",
+                   score_source="site_validation" if rec.get("test_loss") is None else "global_test")
+    for u in rec["updates"]:
+        if "val_score" not in u:
+            u["val_score"] = u.get("val_mean_auroc")
 
 
 def op_from_json(line: str) -> tuple[str, dict]:
@@ -89,6 +109,8 @@ def op_from_json(line: str) -> tuple[str, dict]:
     op, args = raw.get("op"), raw["args"]
     if op not in OPS:
         raise ValueError(f"unknown journal op {op!r}")
+    if raw.get("rounds_from") != ROUNDS_FROM:
+        _from_legacy(op, args)
     if op == "record_round":
         rec = args["record"]
         rec["updates"] = tuple(UpdateRecord(**u) for u in rec["updates"])

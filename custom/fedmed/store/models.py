@@ -2,6 +2,12 @@
 
 Portable types only (no JSONB, no arrays) so one schema runs on SQLite and PostgreSQL. Natural unique keys make
 every write idempotent: replaying a round cannot duplicate it.
+
+Rounds are numbered from 1, as the logs, the report and the model files' meta number them (Alembic revision 0009
+converted the 0-based rows of older databases); round_num 0 on an alert means "about the run, no round".
+Scores are named for what they are: each round's `score` is the task's score (fedmed.tasks: mean AUROC for the
+chest task, accuracy for the brain task), named by `score_name`, from `score_source` ("global_test": the server's
+test set; "site_validation": the aggregated sites' validation scores weighted by their capped counts).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class Run(Base):
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
     best_round: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
-    best_metric: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    best_metric: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the best round's score
 
 
 class Site(Base):
@@ -52,7 +58,10 @@ class Round(Base):
     round_num: Mapped[int] = mapped_column(Integer)
     num_sites: Mapped[int] = mapped_column(Integer)
     test_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
-    test_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the task's score: picks the best round
+    score_name: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)  # e.g. "mean_auroc", "accuracy"
+    score_source: Mapped[Optional[str]] = mapped_column(String(30), nullable=True)  # global_test / site_validation
+    mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # from the same source as score
     global_model_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     started_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -78,6 +87,7 @@ class ClientUpdate(Base):
     train_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    val_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the task's score on its validation set
     # The site's fedmed.signing signature (hex) over signed_digest (hex update_digest, recomputed by the server from
     # the update it received): audit_verify re-checks it offline with the site's installed public key.
     signature: Mapped[Optional[str]] = mapped_column(Text, nullable=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import create_engine, delete, event, select, text
+from sqlalchemy import create_engine, delete, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,6 +61,7 @@ class UpdateRecord:
     train_loss: Optional[float] = None
     val_loss: Optional[float] = None
     val_mean_auroc: Optional[float] = None
+    val_score: Optional[float] = None  # the task's score on the site's validation set (accuracy for brain_mri)
     metrics: dict = field(default_factory=dict)  # metric name -> value, stored under scope = site
     signature: Optional[str] = None  # hex fedmed.signing signature of the update, as received
     signed_digest: Optional[str] = None  # hex update_digest the server computed from the update and verified
@@ -81,17 +82,33 @@ class AlertRecord:
             raise ValueError(f"alert kind must be one of {ALERT_KINDS}, got {self.kind!r}")
 
 
+SCORE_SOURCES = ("global_test", "site_validation")
+
+
 @dataclass(frozen=True)
 class RoundRecord:
+    """round_num counts from 1, as the logs do. score: the task's score (score_name, e.g. "accuracy"), from
+    score_source: the server's global test set, or the aggregated sites' validation scores weighted by their capped
+    counts. mean_auroc comes from the same source."""
+
     round_num: int
     updates: tuple  # of UpdateRecord
     test_loss: Optional[float] = None
-    test_mean_auroc: Optional[float] = None
+    score: Optional[float] = None
+    score_name: Optional[str] = None
+    score_source: Optional[str] = None
+    mean_auroc: Optional[float] = None
     test_metrics: dict = field(default_factory=dict)  # metric name -> value, scope 'global_test'
     global_model_sha256: Optional[str] = None
     started_at: Optional[dt.datetime] = None
     alerts: tuple = ()  # of AlertRecord
     trust: tuple = ()  # of TrustRecord: each scored site's state after this round, kept across jobs
+
+    def __post_init__(self):
+        if isinstance(self.round_num, bool) or not isinstance(self.round_num, int) or self.round_num < 1:
+            raise ValueError(f"round_num counts from 1, got {self.round_num!r}")
+        if self.score_source is not None and self.score_source not in SCORE_SOURCES:
+            raise ValueError(f"score_source must be one of {SCORE_SOURCES}, got {self.score_source!r}")
 
 
 @dataclass(frozen=True)
@@ -104,12 +121,15 @@ class TrustRecord:
 
 @dataclass(frozen=True)
 class RoundRow:
-    """One line of the per-round table the FL admin reads."""
+    """One line of the per-round table the FL admin reads (round_num from 1)."""
 
     round_num: int
     sites_accepted: tuple
     sites_other: tuple  # (site, status) pairs for rejected or missing contributions
-    test_mean_auroc: Optional[float]
+    score: Optional[float]
+    score_name: Optional[str]
+    score_source: Optional[str]  # global_test / site_validation
+    mean_auroc: Optional[float]
     test_loss: Optional[float]
 
 
@@ -175,6 +195,15 @@ def _sqlite_pragmas(dbapi_conn, _record):
     cur.close()
 
 
+def _audited_migrations_ahead(engine: Engine) -> list[str]:
+    """The revisions in audit.MIGRATION_FORMS this database is about to go through (read before upgrading): a
+    database with a rounds table but without rounds.score is older than revision 0009."""
+    tables = inspect(engine)
+    if not tables.has_table("rounds"):
+        return []  # a new database: nothing recorded yet
+    return [] if "score" in {c["name"] for c in tables.get_columns("rounds")} else ["0009"]
+
+
 class Repository:
     """audit_key / audit_key_file / heads_file: see fedmed.store.audit (default: environment, else for SQLite
     `<database folder>/local/audit_key` and `<database folder>/audit_heads.log`). A writer (create_schema=True)
@@ -196,8 +225,11 @@ class Repository:
         self._audit_args = (audit_key, audit_key_file, heads_file)
         self._audit_settings: Optional[AuditSettings] = None
         if create_schema:
+            migrating = _audited_migrations_ahead(self.engine)
             upgrade(self.engine)  # Alembic: the same revisions on SQLite and PostgreSQL
             self.audit_settings(create=True)  # after connecting: never make a missing database's folder
+            for revision in migrating:
+                self._record_schema_migration(revision)
 
     def audit_settings(self, create: bool = True) -> AuditSettings:
         if self._audit_settings is None:
@@ -247,7 +279,8 @@ class Repository:
                 s.execute(delete(model).where(model.run_id == run_id, model.round_num == record.round_num))
             accepted = sum(1 for u in record.updates if u.status == "accepted")
             s.add(Round(run_id=run_id, round_num=record.round_num, num_sites=accepted, test_loss=record.test_loss,
-                        test_mean_auroc=record.test_mean_auroc, global_model_sha256=record.global_model_sha256,
+                        score=record.score, score_name=record.score_name, score_source=record.score_source,
+                        mean_auroc=record.mean_auroc, global_model_sha256=record.global_model_sha256,
                         started_at=record.started_at, finished_at=utcnow()))
             for u in record.updates:
                 site = self._site(s, u.site)
@@ -256,7 +289,8 @@ class Repository:
                                    update_norm=u.update_norm,
                                    update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
                                    distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss,
-                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc, signature=u.signature,
+                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc,
+                                   val_score=u.val_score, signature=u.signature,
                                    signed_digest=u.signed_digest))
                 for metric, value in u.metrics.items():
                     s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope=u.site, metric=metric, value=float(value)))
@@ -303,8 +337,8 @@ class Repository:
         self._append_head(head)
 
     def record_alert(self, run_uid: str, kind: str, message: str, site: Optional[str] = None,
-                     round_num: int = -1) -> None:
-        """One alert outside a round's record (round -1: about the run), e.g. a dead-lettered journal line."""
+                     round_num: int = 0) -> None:
+        """One alert outside a round's record (round 0: about the run), e.g. a dead-lettered journal line."""
         if kind not in ALERT_KINDS:
             raise ValueError(f"alert kind must be one of {ALERT_KINDS}, got {kind!r}")
         with self._session.begin() as s:
@@ -337,9 +371,10 @@ class Repository:
         with self._session.begin() as s:
             runs = s.scalars(select(Run).where(Run.job_id.in_(list(job_ids)), Run.status == "running")).all()
             for run in runs:
-                best = s.execute(select(Round.round_num, Round.test_mean_auroc)
-                                 .where(Round.run_id == run.id, Round.test_mean_auroc.is_not(None))
-                                 .order_by(Round.test_mean_auroc.desc(), Round.round_num).limit(1)).first()
+                # The Controller's rule: the highest task score, the earliest round on a tie.
+                best = s.execute(select(Round.round_num, Round.score)
+                                 .where(Round.run_id == run.id, Round.score.is_not(None))
+                                 .order_by(Round.score.desc(), Round.round_num).limit(1)).first()
                 run.status, run.finished_at = "interrupted", utcnow()
                 run.best_round, run.best_metric = (best[0], best[1]) if best else (None, None)
                 s.flush()
@@ -350,6 +385,23 @@ class Repository:
         for head in heads:
             self._append_head(head)
         return changed
+
+    def _record_schema_migration(self, revision: str) -> None:
+        """After a migration that changed covered rows: one keyed entry with every row's hash as it was before
+        (recomputed by the revision's inverse, checked against the chain by the verifier) and as it is now."""
+        note = f"Alembic revision {revision} changed covered rows; previous: each row as it was before"
+        with self._session.begin() as s:
+            keyed = s.scalar(select(AuditEntry.id).where(AuditEntry.scheme == audit.SCHEME).limit(1))
+            done = s.scalar(select(AuditEntry.id).where(AuditEntry.action == audit.MIGRATION_ACTION,
+                                                        AuditEntry.payload_json.contains(f'"revision":"{revision}"')))
+            if keyed is None or done is not None:  # no keyed chain yet (its first write adopts the rows), or done
+                return
+            form = audit.MIGRATION_FORMS[revision]
+            previous = [r for t in audit._TABLES for r in audit.table_rows(s, t, form=form)]
+            rows = [r for t in audit._TABLES for r in audit.table_rows(s, t)]
+            head = self._audit(s, audit.MIGRATION_ACTION, {"revision": revision, "note": note,
+                                                           "previous": audit.rows_payload(previous)}, rows)
+        self._append_head(head)
 
     def _audit(self, s: Session, action: str, payload: dict, rows=()) -> tuple:
         """Append one keyed audit entry inside the caller's transaction (so it exists iff the write does), covering
@@ -455,7 +507,8 @@ class Repository:
         for r in rounds:
             mine = [(site, status) for rn, site, status in updates if rn == r.round_num]
             rows.append(RoundRow(r.round_num, tuple(site for site, st in mine if st == "accepted"),
-                                 tuple((site, st) for site, st in mine if st != "accepted"), r.test_mean_auroc, r.test_loss))
+                                 tuple((site, st) for site, st in mine if st != "accepted"), r.score, r.score_name,
+                                 r.score_source, r.mean_auroc, r.test_loss))
         return rows
 
     def client_updates(self, run_id: int) -> list[dict]:
@@ -465,7 +518,8 @@ class Repository:
                 .where(ClientUpdate.run_id == run_id).order_by(ClientUpdate.round_num, Site.name)
             ).all()
         return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
-                 "weight_samples": u.weight_samples, "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight, "val_mean_auroc": u.val_mean_auroc,
+                 "weight_samples": u.weight_samples, "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight,
+                 "val_mean_auroc": u.val_mean_auroc, "val_score": u.val_score,
                  "distance": u.distance, "round_score": u.round_score, "trust": u.trust,
                  "update_sha256": u.update_sha256, "signature": u.signature, "signed_digest": u.signed_digest}
                 for u, name in rows]
