@@ -102,7 +102,7 @@ def test_a_site_whose_set_up_fails_answers_every_task_with_the_reason(tmp_path, 
     cfg = tmp_path / "fedmed_site.json"
     cfg.write_text(json.dumps({"site_name": "hospital-a", "synthetic_rehearsal": True, "data": {
         "format": "dicom", "root": str(tmp_path / "not-mounted"), "labels_csv": str(tmp_path / "not-mounted" / "labels.csv")}}))
-    ex = FedMedTrainer(site_config=str(cfg), image_size=32)
+    ex = FedMedTrainer("chest_xray14", site_config=str(cfg), image_size=32)
     ctx = FLContextManager(identity_name="hospital-a", job_id="job-1").new_context()
     ex.handle_event(EventType.START_RUN, ctx)
     for task in ("train", C.TASK_FINAL_MODEL):

@@ -43,7 +43,7 @@ def test_benchmark_runs_repeat_exactly_on_shared_datasets(sets):
 
 def test_a_site_that_leaves_is_recorded_missing_from_that_round(sets):
     train, test = sets
-    res = federate(train, test, 2, "geometric_median", batch_size=4, absent={"hospital-c": 1})
+    res = federate(train, test, 2, "geometric_median", task=CHEST_XRAY14, batch_size=4, absent={"hospital-c": 1})
     first, second = ({u.site: u.status for u in r.updates} for r in res.reports)
     assert first["hospital-c"] == "accepted" and second["hospital-c"] == "missing"
     assert res.reports[1].aggregated and "hospital-c" not in res.reports[1].aggregated_sites
