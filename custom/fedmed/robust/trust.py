@@ -25,7 +25,7 @@ class TrustPolicy:
             layers and the aggregate's (fedmed.aggregation.head_cosine) scores 1 at or above head_cosine_ok, 0 at
             or below head_cosine_bad (linear in between); a round's score is the lower of the distance and the
             direction scores. Measured on the red team's hospitals (5 sites, 100 images, 64 px, 4 rounds): honest
-            sites' cosines ranged 0.11 to 1.00, a label-flipping site's -0.77 to -0.71, while its distance ratio
+            sites' cosines ranged 0.11 to 1.00, a label-flipping site's -0.87 to -0.71, while its distance ratio
             stayed under 1.3, so the distance rule alone let it in every round.
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
