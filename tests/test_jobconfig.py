@@ -16,7 +16,8 @@ from fedmed.robust.trust import TrustPolicy
 from jobscripts import load_job_script
 
 TRUST = {"trust_smoothing": "smoothing", "trust_ok_ratio": "ok_ratio", "trust_bad_ratio": "bad_ratio",
-         "quarantine_below": "quarantine_below", "readmit_after": "readmit_after"}
+         "quarantine_below": "quarantine_below", "readmit_after": "readmit_after",
+         "trust_head_cosine_bad": "head_cosine_bad"}
 
 
 def _defaults(cls) -> dict:
@@ -107,17 +108,19 @@ def test_trust_options_reach_the_controller(tmp_path):
     job = load_job_script("cxr_densenet")
     rc = job.main(["--export-job", str(tmp_path), "--trust-smoothing", "0.25", "--trust-ok-ratio", "1.5",
                    "--trust-bad-ratio", "3", "--trust-quarantine-below", "0.4", "--trust-readmit-after", "3",
-                   "--final-model-timeout", "30", "--statistics-factor", "20", "--validation-images", "50"])
+                   "--trust-head-cosine-bad", "-0.6", "--final-model-timeout", "30", "--statistics-factor", "20", "--validation-images", "50"])
     assert rc == 0
     controller, _ = _server_args(tmp_path / "cxr_densenet")
     keys = (*TRUST, "final_model_timeout", "statistics_factor", "validation_images")
     assert {k: controller[k] for k in keys} == {
         "trust_smoothing": 0.25, "trust_ok_ratio": 1.5, "trust_bad_ratio": 3.0, "quarantine_below": 0.4,
-        "readmit_after": 3, "final_model_timeout": 30, "statistics_factor": 20.0, "validation_images": 50}
+        "readmit_after": 3, "trust_head_cosine_bad": -0.6, "final_model_timeout": 30, "statistics_factor": 20.0,
+        "validation_images": 50}
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--trust-bad-ratio", "1.0"], "need 0 < ok_ratio < bad_ratio"),
+    (["--trust-head-cosine-bad", "0.5"], "head_cosine_bad"),
     (["--sites", " , "], "sites is empty"),
     (["--min-clients", "5"], r"min_clients must be in 1\.\.3"),
     (["--aggregation", "bulyan"], "unknown aggregation 'bulyan'"),

@@ -53,7 +53,8 @@ class JobConfig:
         dp_train_layers: parameter-name prefixes a DP site trains; None = all.
         initial_weights: state-dict file the server starts round 1 from; None = a fresh model (seed).
         trust_smoothing / trust_ok_ratio / trust_bad_ratio / quarantine_below / readmit_after: the trust rule
-            (fedmed.robust.trust.TrustPolicy, whose defaults these are).
+            (fedmed.robust.trust.TrustPolicy, whose defaults these are); trust_head_cosine_bad: the direction rule's
+            cosine at or below which a site's classifier moved against the aggregate's (TrustPolicy.head_cosine_bad).
         final_model_timeout: seconds the server waits for the sites to acknowledge the final model.
         statistics_factor: how far a site's BatchNorm running statistics may move from the global model's in one
             round before its update is rejected (fedmed.screening; > 1).
@@ -85,6 +86,7 @@ class JobConfig:
     trust_bad_ratio: float = TrustPolicy.bad_ratio
     quarantine_below: float = TrustPolicy.quarantine_below
     readmit_after: int = TrustPolicy.readmit_after
+    trust_head_cosine_bad: float = TrustPolicy.head_cosine_bad
     final_model_timeout: int = 120
     statistics_factor: float = DEFAULT_STATISTICS_FACTOR
     validation_images: int = 0
@@ -125,7 +127,7 @@ class JobConfig:
             self.trust_policy()
         except ValueError as e:
             raise ValueError(f"trust rule (trust_smoothing, trust_ok_ratio, trust_bad_ratio, quarantine_below, "
-                             f"readmit_after): {e}") from None
+                             f"readmit_after, trust_head_cosine_bad): {e}") from None
 
     @property
     def required_clients(self) -> int:
@@ -137,7 +139,7 @@ class JobConfig:
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(smoothing=self.trust_smoothing, ok_ratio=self.trust_ok_ratio,
                            bad_ratio=self.trust_bad_ratio, quarantine_below=self.quarantine_below,
-                           readmit_after=self.readmit_after)
+                           readmit_after=self.readmit_after, head_cosine_bad=self.trust_head_cosine_bad)
 
     def with_changes(self, **changes) -> "JobConfig":
         """A copy with these settings changed (validated again); an unknown setting is named in the error."""

@@ -72,6 +72,7 @@ class FedMedController(ModelController):
         trust_bad_ratio: float = 4.0,
         quarantine_below: float = 0.5,
         readmit_after: int = 2,
+        trust_head_cosine_bad: float = TrustPolicy.head_cosine_bad,
         he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
         final_model_timeout: int = 120,
@@ -97,6 +98,8 @@ class FedMedController(ModelController):
             run_name: name recorded for this run.
             persistor_id: component id of the FedMedModelPersistor.
             train_task_name: task sent to the sites.
+            trust_head_cosine_bad: a round whose classifier moved against the aggregate's with this cosine or lower
+                scores 0 (TrustPolicy.head_cosine_bad).
             trust_smoothing / trust_ok_ratio / trust_bad_ratio / quarantine_below / readmit_after: the trust rule
                 (fedmed.robust.trust.TrustPolicy). Each round a site scores 1 at or below ok_ratio x the median
                 site distance to the aggregate and 0 at or above bad_ratio; trust is a moving average of scores;
@@ -157,6 +160,7 @@ class FedMedController(ModelController):
         self.trust_bad_ratio = trust_bad_ratio
         self.quarantine_below = quarantine_below
         self.readmit_after = readmit_after
+        self.trust_head_cosine_bad = trust_head_cosine_bad
         if he_layers is not None and (isinstance(he_layers, str) or not all(isinstance(x, str) for x in he_layers)):
             raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
         if final_model_timeout < 0:
@@ -176,7 +180,8 @@ class FedMedController(ModelController):
         self._rules = RoundRules(
             aggregation=aggregation, min_clients=min_clients, statistics_factor=statistics_factor,
             trust=TrustPolicy(smoothing=trust_smoothing, ok_ratio=trust_ok_ratio, bad_ratio=trust_bad_ratio,
-                              quarantine_below=quarantine_below, readmit_after=readmit_after))
+                              quarantine_below=quarantine_below, readmit_after=readmit_after,
+                              head_cosine_bad=trust_head_cosine_bad))
         if self.he_layers:
             check_encryption_compatible(aggregation)
         self._he_names: tuple = ()

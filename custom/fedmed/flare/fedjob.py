@@ -67,6 +67,7 @@ def build_job(config: JobConfig, *, data_root: Path | None = None, he_keys_dir: 
         trust_bad_ratio=config.trust_bad_ratio,
         quarantine_below=config.quarantine_below,
         readmit_after=config.readmit_after,
+        trust_head_cosine_bad=config.trust_head_cosine_bad,
         task=spec.name,
         he_layers=he_layers,
         final_model_timeout=config.final_model_timeout,
@@ -209,6 +210,10 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
                        help=f"default {c.quarantine_below}")
     trust.add_argument("--trust-readmit-after", dest="readmit_after", type=int, default=c.readmit_after,
                        help=f"default {c.readmit_after}")
+    trust.add_argument("--trust-head-cosine-bad", dest="trust_head_cosine_bad", type=float,
+                       default=c.trust_head_cosine_bad,
+                       help="a round whose classifier layers moved against the aggregate's with this cosine or lower "
+                            f"scores 0 (the direction rule; between -1 and 0; default {c.trust_head_cosine_bad})")
     a = p.parse_args(argv)
     he_layers = _names(a.he_layers) or ((HEAD_PREFIX,) if a.he else None)
     if a.initial_weights is not None and not a.initial_weights.is_file():
@@ -223,6 +228,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             initial_weights=str(Path(a.initial_weights).resolve()) if a.initial_weights else None,
             trust_smoothing=a.trust_smoothing, trust_ok_ratio=a.trust_ok_ratio, trust_bad_ratio=a.trust_bad_ratio,
             quarantine_below=a.quarantine_below, readmit_after=a.readmit_after,
+            trust_head_cosine_bad=a.trust_head_cosine_bad,
             final_model_timeout=a.final_model_timeout, statistics_factor=a.statistics_factor,
             validation_images=a.validation_images,
         )
