@@ -6,6 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh || exit 1
 ./scripts/ensure_postgres.sh || exit 1
+./scripts/ensure_orthanc.sh || exit 1  # the PACS the DICOMweb round-trip tests talk to
 export FEDMED_REQUIRE_POSTGRES=1  # the PostgreSQL tests must run, not skip
 run() {
   .venv/bin/python -m pytest "$@"
@@ -17,5 +18,5 @@ echo "[test] lint: ruff check"
 .venv/bin/ruff check custom scripts jobs tests || exit 1
 echo "[test] fast suite"
 run -q
-echo "[test] integration suite (NVFlare simulator, real PostgreSQL server)"
+echo "[test] integration suite (NVFlare simulator, real PostgreSQL server, real Orthanc PACS)"
 run -q -m integration
