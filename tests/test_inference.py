@@ -192,8 +192,10 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     assert by_uid[positive_study].probabilities == pytest.approx(probs[positive_study], abs=1e-6)
 
     pos = json.loads((out / "studies" / positive_study / "result.json").read_text())
-    assert pos["model"] == {"file": "model_thr.pt", "sha256": file_sha256(with_thr), "version": "round 3", "round": 3,
-                            "image_size": SIZE, "norm": "batch"}
+    # one model identity, the file hash labelled as such; no card in this file, and every output says what that means
+    assert pos["model"] == {"name": "model_thr.pt (chest_xray14, round 3)", "model_file_sha256": file_sha256(with_thr),
+                            "version": "round 3", "round": 3, "image_size": SIZE, "norm": "batch", "model_card": None}
+    assert pos["clinical_use_warning"].startswith("NOT FOR CLINICAL USE: this model file carries no model card")
     assert pos["thresholds"]["source"] == "model (manual)"
     assert pos["positive_findings"] == ["Effusion"] and "Effusion" not in pos["negative_findings"]
     assert len(pos["negative_findings"]) == 13
@@ -215,7 +217,9 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
     assert rows[positive_study]["positive_findings"] == "Effusion" and rows[negative_study]["positive_findings"] == ""
     assert float(rows[positive_study]["p_Effusion"]) == pytest.approx(max(p_a, p_b), abs=1e-6)
-    assert rows[positive_study]["model_sha256"] == file_sha256(with_thr)
+    assert rows[positive_study]["model_file_sha256"] == file_sha256(with_thr)
+    assert rows[positive_study]["clinical_use_warning"] == pos["clinical_use_warning"]
+    assert "NOT FOR CLINICAL USE" in sc.DerivationDescription
 
     # The inference log: one row per study, pseudonyms only, reproducible with the site key.
     logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
@@ -223,7 +227,8 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
                 for s in ("A", "B")}
     assert {r["study_pseudonym"]: r["patient_pseudonym"] for r in logs} == expected
     assert {r["positive_findings"] for r in logs} == {"Effusion", ""}
-    assert all(r["model_sha256"] == file_sha256(with_thr) and r["model_version"] == "round 3" for r in logs)
+    assert all(r["model_sha256"] == file_sha256(with_thr) and r["model_version"] == "model_thr.pt (chest_xray14, round 3)"
+               for r in logs)
     # no patient identifier in clear anywhere (database file included) but the Secondary Capture, which must name
     # its patient to be filed in the PACS
     clear = [v.encode() for v in studies["patients"].values()] + [b"SYNTHETIC^"]
@@ -376,7 +381,7 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
     meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, out, split="val")
     assert list(meta[META_THRESHOLDS]) == ["Effusion"] and 0.0 <= meta[META_THRESHOLDS]["Effusion"] <= 1.0
     assert meta["threshold_data"]["images"] == 6 and meta["threshold_data"]["positives"]["Effusion"] >= 1
-    assert meta["round"] == 3 and meta["threshold_data"]["source_model_sha256"] == file_sha256(model_path)
+    assert meta["round"] == 3 and meta["threshold_data"]["chosen_with_model_file_sha256"] == file_sha256(model_path)
     thresholds = read_model_file(out).thresholds()
     assert thresholds.values["Effusion"] == meta[META_THRESHOLDS]["Effusion"] and thresholds.values["Mass"] == 0.5
     assert thresholds.source.startswith("model (youden_j); default 0.5 for Atelectasis, Cardiomegaly")
@@ -395,7 +400,10 @@ def _bundle_and_infer(bundle: Path, dicom_root: Path, model_path: Path, tmp_path
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "predictions.csv", newline="") as f:
-        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
+        rows = list(csv.reader(f))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert rows[0] == ["file"] + [f"p_{c}" for c in meta["label_classes"].values()]  # the header says which is which
+    from_bundle = {row[0]: np.array(row[1:], float) for row in rows[1:]}
     summary = run_inference(dicom_root, model_path, _options(tmp_path / "infer", heatmaps=False))
     from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
     return from_bundle, from_infer
@@ -410,7 +418,7 @@ def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, mode
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     assert config["dataset_dir"] == "" and str(tmp_path) not in json.dumps(config)  # no hard-coded paths
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    assert meta["fedmed"]["source_model_sha256"] == file_sha256(model_path)
+    assert meta["fedmed"]["model"]["model_file_sha256"] == file_sha256(model_path)
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [SIZE, SIZE]
 
     from_bundle, from_infer = _bundle_and_infer(bundle, studies["root"], model_path, tmp_path)

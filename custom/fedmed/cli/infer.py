@@ -76,7 +76,15 @@ def main(argv=None) -> int:
     else:
         rule = f"thresholds: {summary.thresholds_source}"
         decided = f"{sum(bool(r.positive) for r in summary.results)} with positive findings"
-    print(f"model {summary.model.path.name}: {summary.model.version}, sha256 {summary.model.sha256[:16]}…; {rule}")
+    warning = summary.clinical_use_warning
+    if warning:
+        print(f"*** {warning} ***")
+    print(f"model {summary.model.name}; model file sha256 {summary.model.sha256}; {rule}")
+    card = summary.model.card
+    for line in card.lines() if card else ["model card: none in this model file"]:
+        print(f"  {line}")
+    if summary.heatmap_note:
+        print(summary.heatmap_note)
     print(f"{len(summary.results)} studies: {ok} read ({images} images, {decided}), "
           f"{len(summary.results) - ok} skipped; {len(summary.skipped_files)} file(s) skipped")
     for r in summary.results:
@@ -84,6 +92,8 @@ def main(argv=None) -> int:
             print(f"SKIPPED study {r.study_uid}: {r.message}", file=sys.stderr)
     print(f"results: {summary.out_dir / RESULTS_CSV}, {summary.out_dir / SUMMARY_JSON}, studies/*/result.json; "
           f"inference log: {summary.db_url.split('://')[0]}")
+    if warning:  # again at the end, where a reader of a long run's output looks
+        print(f"*** {warning} ***")
     return summary.exit_status
 
 

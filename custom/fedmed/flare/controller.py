@@ -27,6 +27,7 @@ from fedmed.flare import wire
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
+from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder
 from fedmed.robust.trust import SiteTrust, TrustPolicy
 from fedmed.rounds import (
     EncryptionSpec,
@@ -192,6 +193,7 @@ class FedMedController(ModelController):
             engine = RoundEngine(self._rules, encryption, trust=self._load_trust(db),
                                  validate=self._validator(eval_model, test_ds))
             self._setup_signatures()
+            card = ModelCardBuilder(self.task, self.aggregation, "NVFlare federation (fedmed)", self.he_layers or ())
             for round_num in range(self.num_rounds):
                 if self.abort_signal.triggered:
                     status = "aborted"
@@ -210,7 +212,9 @@ class FedMedController(ModelController):
                     if not report.probation:
                         raise RuntimeError(report.problem)
                     continue  # the global model stands; quarantined sites were scored and may be re-admitted
-                model = wire.global_model(report.params, round_num, self._model_meta(), report.encrypted)
+                card.add_round(report.aggregated_sites, site_results)
+                meta = {**self._model_meta(), META_MODEL_CARD: card.card().to_meta()}
+                model = wire.global_model(report.params, round_num, meta, report.encrypted)
                 sha = model_sha256(model.params, model.meta.get(C.META_ENCRYPTED))
                 score, mean_auroc, test_loss, test_metrics = self._score(eval_model, report, site_results, test_ds)
                 self.save_model(model)

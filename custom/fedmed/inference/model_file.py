@@ -17,6 +17,7 @@ import torch
 from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
 from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
+from fedmed.model_card import ModelCard, card_from_meta, clinical_use_warning
 from fedmed.tasks import TaskSpec, get_task
 from fedmed.weights import save_state
 
@@ -29,6 +30,7 @@ META_THRESHOLD_METHOD = "threshold_method"
 META_THRESHOLD_DATA = "threshold_data"
 META_IMAGE_SIZE = "image_size"
 META_TASK = "task"  # the job's task (fedmed.tasks), written by the Controller; absent in older files = chest
+META_WEIGHTS_SHA256 = "sha256"  # best_model.pt: the Controller's hash of the weights, as in the run's rounds table
 
 
 def file_sha256(path: Path) -> str:
@@ -80,6 +82,30 @@ class ModelFile:
         r = self.meta.get(META_ROUND)
         return f"round {r}" if r is not None else "unversioned (no round in meta)"
 
+    @property
+    def card(self) -> Optional[ModelCard]:
+        """The model card the file carries (fedmed.model_card), None for files written without one."""
+        return card_from_meta(self.meta, str(self.path.name))
+
+    @property
+    def clinical_use_warning(self) -> Optional[str]:
+        """The not-for-clinical-use line every output repeats (synthetic training data, or no card to say)."""
+        return clinical_use_warning(self.card)
+
+    @property
+    def name(self) -> str:
+        """The one human-readable model identity outputs show: file, task and round (the file hash beside it,
+        labelled model_file_sha256, identifies the exact bytes)."""
+        return f"{self.path.name} ({self.task().name}, {self.version})"
+
+    def identity(self) -> dict:
+        """The model identity for JSON outputs: one name, the hash of the model file's bytes, and (when the
+        Controller wrote it) the hash of the weights as the run's database records them, each labelled."""
+        out = {"name": self.name, "model_file_sha256": self.sha256}
+        if self.meta.get(META_WEIGHTS_SHA256):
+            out["weights_sha256_in_run_record"] = str(self.meta[META_WEIGHTS_SHA256])
+        return out
+
     def image_size(self, override: Optional[int] = None) -> int:
         size = override or self.meta.get(META_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE
         return int(size)
@@ -125,7 +151,9 @@ def read_model_file(path: Path) -> ModelFile:
     if HEAD_PREFIX + "weight" not in state:
         raise ValueError(f"{path}: no {HEAD_PREFIX}weight; not a fedmed DenseNet-121 state dict")
     state = {k: torch.as_tensor(v) for k, v in state.items()}
-    return ModelFile(path, state, meta, file_sha256(path))
+    model = ModelFile(path, state, meta, file_sha256(path))
+    model.card  # noqa: B018 - a malformed card is refused here, naming the file, before anything is written
+    return model
 
 
 def write_model_file(path: Path, state_dict: dict, meta: dict) -> None:
@@ -171,7 +199,9 @@ def choose_thresholds(
     meta.update({
         META_THRESHOLDS: chosen,
         META_THRESHOLD_METHOD: "youden_j",
-        META_THRESHOLD_DATA: {"images": len(items), "split": split, "source_model_sha256": model_file.sha256,
+        META_THRESHOLD_DATA: {"images": len(items), "split": split,
+                              # the file they were chosen with (this copy's bytes, and so its hash, differ)
+                              "chosen_with_model_file_sha256": model_file.sha256,
                               "positives": {f: int(labels[:, k].sum()) for k, f in enumerate(findings)}},
         META_IMAGE_SIZE: size,
     })

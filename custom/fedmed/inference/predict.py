@@ -18,6 +18,42 @@ from fedmed.data.transforms import preprocess
 GRADCAM_LAYER = "class_layers.relu"  # last activation before pooling: the finest map that still sees the whole image
 OVERLAY_LONG_SIDE = 512
 OVERLAY_HEAT_WEIGHT = 0.45
+MIN_GRADCAM_CELLS = 2  # a 1x1 last feature map gives one value per image: the normalised heatmap is uniform
+COARSE_GRADCAM_CELLS = 4  # below 4x4 cells a heatmap shows a region of the image, not where a lesion is
+
+
+def gradcam_grid(model: torch.nn.Module, image_size: int) -> tuple:
+    """(rows, cols) of the layer Grad-CAM reads (GRADCAM_LAYER) at this input size: the heatmap's real resolution,
+    measured by one forward pass rather than assumed (DenseNet-121 divides by 32)."""
+    layer = dict(model.named_modules())[GRADCAM_LAYER]
+    seen = {}
+
+    def record(_module, _inputs, output) -> None:  # returns None: a forward hook's return value replaces the output
+        seen["shape"] = tuple(output.shape[-2:])
+
+    hook = layer.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, image_size, image_size))
+    finally:
+        hook.remove()
+    return seen["shape"]
+
+
+def gradcam_resolution_note(grid: tuple, image_size: int) -> tuple:
+    """(draw, note): whether Grad-CAM can show anything at this resolution, and what to tell the reader.
+
+    Refused below MIN_GRADCAM_CELLS cells a side (a uniform map that looks like "no finding"); a warning below
+    COARSE_GRADCAM_CELLS; (True, None) otherwise."""
+    rows, cols = grid
+    if min(rows, cols) < MIN_GRADCAM_CELLS:
+        return False, (f"Grad-CAM not drawn: at {image_size} px the model's last feature map is {rows}x{cols}, so a "
+                       f"heatmap would be one uniform value and show nothing; it needs a model trained at >= "
+                       f"{image_size * MIN_GRADCAM_CELLS // max(1, min(rows, cols))} px")
+    if min(rows, cols) < COARSE_GRADCAM_CELLS:
+        return True, (f"Grad-CAM is coarse: the model's last feature map is {rows}x{cols} at {image_size} px, so each "
+                      f"heatmap cell covers {image_size // min(rows, cols)} px; it shows a region, not a lesion")
+    return True, None
 
 
 class Preprocessor:

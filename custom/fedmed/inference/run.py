@@ -29,6 +29,8 @@ from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
 from fedmed.inference.predict import (
     HeatmapMaker,
     Preprocessor,
+    gradcam_grid,
+    gradcam_resolution_note,
     overlay_rgb,
     positive_findings,
     predict_batches,
@@ -98,6 +100,11 @@ class InferenceSummary:
     out_dir: Path
     db_url: str
     task: TaskSpec = CHEST_XRAY14
+    heatmap_note: Optional[str] = None  # Grad-CAM refused or coarse at this model's resolution
+
+    @property
+    def clinical_use_warning(self) -> Optional[str]:
+        return self.model.clinical_use_warning
 
     @property
     def skipped_files(self) -> list:
@@ -136,7 +143,12 @@ class InferenceRun:
         self.image_size = self.model_file.image_size(options.image_size)
         self.model = self.model_file.build()
         self.preprocess = Preprocessor(self.image_size)
-        self.heatmap = HeatmapMaker(self.model, self.findings) if options.heatmaps else None
+        self.heatmap_note = None
+        draw = options.heatmaps
+        if draw:
+            draw, self.heatmap_note = gradcam_resolution_note(gradcam_grid(self.model, self.image_size), self.image_size)
+        self.heatmap = HeatmapMaker(self.model, self.findings) if draw else None
+        self.clinical_use_warning = self.model_file.clinical_use_warning
         self.out_dir = Path(options.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.db_url = resolve_db_url(self.out_dir, options.db_url)
@@ -147,8 +159,9 @@ class InferenceRun:
 
     def model_json(self) -> dict:
         m = self.model_file
-        return {"file": m.path.name, "sha256": m.sha256, "version": m.version, "round": m.meta.get("round"),
-                "image_size": self.image_size, "norm": m.norm}
+        card = m.card
+        return {**m.identity(), "version": m.version, "round": m.meta.get("round"), "image_size": self.image_size,
+                "norm": m.norm, "model_card": card.to_meta() if card else None}
 
     def process(self, plans: list) -> list:
         """Read, predict (one batched pass over all their images) and write results for a chunk of studies."""
@@ -193,7 +206,7 @@ class InferenceRun:
         self.repository.record_inference(InferenceRecord(
             study_pseudonym=result.study_pseudonym,
             patient_pseudonym=pseudonymise(self.options.pseudonym_key, "patient", plan.patient_id),
-            model_sha256=self.model_file.sha256, model_version=self.model_file.version[:100], num_images=len(images),
+            model_sha256=self.model_file.sha256, model_version=self.model_file.name[:100], num_images=len(images),
             positive_findings=self._decided(result), status=result.status,
             message=_reasons(result.problems) if result.status == STATUS_SKIPPED and result.problems else result.message))
         return result
@@ -218,8 +231,11 @@ class InferenceRun:
         result.heatmaps[finding] = str(png)
         if self.options.secondary_capture:
             rule = ARGMAX_RULE if self.multiclass else f"threshold {self.thresholds.values[finding]:.3f}"
-            description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} "
-                           f"({rule}); model {self.model_file.sha256[:12]}")
+            description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} ({rule}); model "
+                           f"{self.model_file.name}, model file sha256 {self.model_file.sha256[:12]}")
+            if self.clinical_use_warning:
+                description = f"{self.clinical_use_warning}. {description}"
+
             source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
             dcm = study_dir / f"{finding}.dcm"
             secondary_capture(rgb, source, description).save_as(dcm, enforce_file_format=True)
@@ -239,6 +255,7 @@ class InferenceRun:
 
     def study_json(self, result: StudyResult) -> dict:
         return {
+            "clinical_use_warning": self.clinical_use_warning,
             "study_instance_uid": result.study_uid,
             "study_pseudonym": result.study_pseudonym,
             "status": result.status,
@@ -246,6 +263,7 @@ class InferenceRun:
             "model": self.model_json(),
             **self.decision_json(result),
             "heatmaps": result.heatmaps,
+            "heatmap_note": self.heatmap_note,
             "secondary_captures": result.secondary_captures,
             "images": result.images,
             "skipped_files": [{"file": str(p.path), "reason": p.reason} for p in result.problems],
@@ -260,12 +278,13 @@ class InferenceRun:
     def csv_header(self) -> list:
         decision, rule = ("predicted_class", "decision_rule") if self.multiclass else ("positive_findings", "thresholds")
         return (["study_instance_uid", "study_pseudonym", "status", "num_images", decision]
-                + [f"p_{f}" for f in self.findings] + ["model_version", "model_sha256", rule, "message"])
+                + [f"p_{f}" for f in self.findings] + ["model", "model_file_sha256", rule, "message", "clinical_use_warning"])
 
     def csv_row(self, result: StudyResult) -> list:
         probs = [f"{result.probabilities[f]:.6f}" if result.probabilities else "" for f in self.findings]
         return ([result.study_uid, result.study_pseudonym, result.status, len(result.images), "|".join(self._decided(result))]
-                + probs + [self.model_file.version, self.model_file.sha256, self.decision_rule, result.message or ""])
+                + probs + [self.model_file.name, self.model_file.sha256, self.decision_rule, result.message or "",
+                           self.clinical_use_warning or ""])
 
 
 def run_inference(
@@ -308,7 +327,7 @@ def run_inference(
                 if progress:
                     progress(len(results), len(plans))
         summary = InferenceSummary(run.model_file, run.decision_rule, results, list(discovery.unassigned),
-                                   run.out_dir, run.db_url, run.task)
+                                   run.out_dir, run.db_url, run.task, run.heatmap_note)
         (run.out_dir / SUMMARY_JSON).write_text(json.dumps(summary_json(summary), indent=2))
         return summary
     finally:
@@ -320,9 +339,13 @@ def summary_json(summary: InferenceSummary) -> dict:
         decision = {"task": summary.task.name, "decision_rule": summary.thresholds_source}
     else:
         decision = {"thresholds": summary.thresholds_source}
+    card = summary.model.card
     return {
-        "model": {"file": str(summary.model.path), "sha256": summary.model.sha256, "version": summary.model.version},
+        "clinical_use_warning": summary.clinical_use_warning,
+        "model": {**summary.model.identity(), "file": str(summary.model.path), "version": summary.model.version,
+                  "model_card": card.to_meta() if card else None},
         **decision,
+        "heatmap_note": summary.heatmap_note,
         "studies": len(summary.results),
         "studies_ok": sum(r.status == STATUS_OK for r in summary.results),
         "studies_skipped": [r.study_uid for r in summary.results if r.status == STATUS_SKIPPED],
