@@ -583,3 +583,83 @@ def test_brain_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, brain_m
     assert set(from_bundle) == set(from_infer) and len(from_infer) == 3  # sagittal slice and chest film left out
     for path, probs in from_infer.items():
         np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)
+
+
+# --- model card, not-for-clinical-use, Grad-CAM resolution, the bundle's skipped files -----------------------------
+
+
+def _card_meta(synthetic: bool) -> dict:
+    from types import SimpleNamespace
+
+    from fedmed.model_card import ModelCardBuilder
+
+    builder = ModelCardBuilder("chest_xray14", "geometric_median", "NVFlare federation (fedmed)")
+    builder.add_round(["hospital-a", "hospital-b"], [
+        SimpleNamespace(site="hospital-a", data_synthetic=synthetic, privacy={"epsilon": 2.5}),
+        SimpleNamespace(site="hospital-b", data_synthetic=synthetic, privacy={})])
+    return builder.card().to_meta()
+
+
+def test_synthetic_model_says_so_in_every_output_and_refuses_a_1x1_gradcam(tmp_path, model_path, studies,
+                                                                          monkeypatch, capsys):
+    blob = torch.load(model_path, weights_only=True)
+    path = tmp_path / "synthetic.pt"
+    # image size 32: DenseNet-121's last feature map is 1x1; thresholds 0: every finding positive, so a heatmap
+    # would be drawn for each if Grad-CAM were not refused
+    write_model_file(path, blob["state_dict"], {**blob["meta"], "image_size": 32, "model_card": _card_meta(True),
+                                                META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS}})
+    out = tmp_path / "out"
+    monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
+    status = _infer_main()([str(studies["root"]), "--model", str(path), "--out", str(out), "--secondary-capture",
+                            "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    line = "NOT FOR CLINICAL USE: trained on synthetic data (hospital-a, hospital-b)"
+    assert printed.count(line) == 2  # first and last line of the console output
+    assert "hospital-a epsilon 2.50, hospital-b no DP" in printed and "Grad-CAM not drawn: at 32 px" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clinical_use_warning"].startswith(line) and summary["heatmap_note"].startswith("Grad-CAM not drawn")
+    assert summary["model"]["model_card"]["synthetic_sites"] == ["hospital-a", "hospital-b"]
+    for uid in (studies["A"], studies["B"]):
+        j = json.loads((out / "studies" / uid / "result.json").read_text())
+        assert j["clinical_use_warning"].startswith(line) and j["model"]["model_card"]["rounds"] == 1
+        assert j["positive_findings"] == list(CXR14_FINDINGS) and j["heatmaps"] == {} and j["secondary_captures"] == {}
+        assert j["heatmap_note"] == summary["heatmap_note"]
+    assert all(r["clinical_use_warning"].startswith(line) for r in _read_csv(out / "results.csv"))
+
+
+def test_real_data_card_has_no_warning_and_a_coarse_gradcam_is_flagged(tmp_path, model_path, studies):
+    blob = torch.load(model_path, weights_only=True)
+    path = tmp_path / "real.pt"
+    write_model_file(path, blob["state_dict"], {**blob["meta"], "model_card": _card_meta(False),
+                                                META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS}})
+    summary = run_inference(studies["root"], path, _options(tmp_path / "out"))
+    assert summary.clinical_use_warning is None
+    assert summary.heatmap_note.startswith(f"Grad-CAM is coarse: the model's last feature map is 2x2 at {SIZE} px")
+    j = json.loads((tmp_path / "out" / "studies" / studies["A"] / "result.json").read_text())
+    assert j["clinical_use_warning"] is None and len(j["heatmaps"]) == 14  # drawn, with the note beside them
+    assert _read_csv(tmp_path / "out" / "results.csv")[0]["clinical_use_warning"] == ""
+
+
+def test_a_malformed_model_card_is_refused_before_anything_is_written(tmp_path, model_path, studies):
+    blob = torch.load(model_path, weights_only=True)
+    path = tmp_path / "bad.pt"
+    write_model_file(path, blob["state_dict"], {**blob["meta"], "model_card": {"rounds": "many"}})
+    with pytest.raises(ValueError, match="bad.pt: model_card rounds must be an integer"):
+        run_inference(studies["root"], path, _options(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundle_lists_skipped_and_ignored_files_with_reasons(tmp_path, model_path, studies):
+    from fedmed.inference.studies import task_image_datalist
+
+    root = tmp_path / "dicom"
+    _dicom(root / "s", "IM1", "P1", generate_uid(), "PA", seed=1)
+    _dicom(root / "s", "IM2", "P1", generate_uid(), "LL", seed=2)
+    (root / "s" / "notes.txt").write_text("not DICOM")
+    skipped = tmp_path / "eval" / "skipped.csv"
+    items = task_image_datalist(str(root), None, str(skipped))
+    rows = _read_csv(skipped)
+    assert [Path(i["image"]).name for i in items] == ["IM1"]
+    assert {(Path(r["file"]).name, r["status"]) for r in rows} == {("IM2", "ignored"), ("notes.txt", "skipped")}
+    assert all(r["reason"] for r in rows)

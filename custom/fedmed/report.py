@@ -25,8 +25,13 @@ def _integer_rounds(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
-    """Write <out_dir>/report.html and its PNG figures; returns the HTML path."""
+def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Path:
+    """Write <out_dir>/report.html and its PNG figures; returns the HTML path.
+
+    Args:
+        model: optional fedmed.inference.model_file.ModelFile of this run (global or best model): its identity,
+            model card and not-for-clinical-use line head the report.
+    """
     plt = _plt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +83,14 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
     alert_table = table(["round", "site", "kind", "message"], [[a["round"] + 1, a["site"], a["kind"], a["message"]]
                                                               for a in alerts]) if alerts else "<p>No alerts.</p>"
     imgs = "".join(f'<img src="{f}" alt="{f}">' for f in FIGURES)
+    card_html = ""
+    if model is not None:
+        warning = model.clinical_use_warning
+        lines = model.card.lines() if model.card else ["This model file carries no model card."]
+        card_html = ((f'<p style="color:#b00;font-weight:bold">{html.escape(warning)}</p>' if warning else "")
+                     + f"<h2>Model card: {html.escape(model.name)}</h2><p>model file sha256 "
+                     f"<code>{html.escape(model.sha256)}</code></p><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedmed run {run.id}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:540px;margin:4px}}</style></head><body>
@@ -85,6 +98,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:540
 <p>job {html.escape(run.job_id)} · aggregation {html.escape(run.aggregation)} · status {html.escape(run.status)} ·
 started {run.started_at} · best round {_fmt(None if run.best_round is None else run.best_round + 1)}
 (mean AUROC {_fmt(run.best_metric)})</p>
+{card_html}
 {imgs}
 <h2>Rounds</h2>{round_table}<h2>Alerts</h2>{alert_table}<h2>Site updates</h2>{update_table}
 </body></html>"""
