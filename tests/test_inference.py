@@ -22,6 +22,7 @@ from fedmed import constants as C
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY, BRAIN_TEST_SCANNER, render_brain
+from fedmed.inference.dicom_out import read_structured_report
 from fedmed.inference.model_file import (
     META_THRESHOLD_METHOD,
     META_THRESHOLDS,
@@ -184,7 +185,7 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
                                                     META_THRESHOLD_METHOD: "manual"})
 
     out = tmp_path / "r2"
-    summary = run_inference(studies["root"], with_thr, _options(out, secondary_capture=True))
+    summary = run_inference(studies["root"], with_thr, _options(out, secondary_capture=True, structured_report=True))
     assert summary.exit_status == 0  # the lateral view is ignored, not an error
     by_uid = {r.study_uid: r for r in summary.results}
     assert by_uid[positive_study].positive == ["Effusion"] and by_uid[negative_study].positive == []
@@ -204,7 +205,8 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     # one overlay per positive finding, an RGB PNG with the source's aspect, and its Secondary Capture
     png = Path(pos["heatmaps"]["Effusion"])
     assert png.name == "Effusion.png" and Image.open(png).mode == "RGB"
-    assert sorted(p.name for p in png.parent.iterdir()) == ["Effusion.dcm", "Effusion.png", "result.json"]
+    assert sorted(p.name for p in png.parent.iterdir()) == ["Effusion.dcm", "Effusion.png", "report_sr.dcm",
+                                                            "result.json"]
     sc = pydicom.dcmread(pos["secondary_captures"]["Effusion"])
     source = pydicom.dcmread(pos["images"][0]["file"], stop_before_pixels=True)
     assert sc.SOPClassUID.name == "Secondary Capture Image Storage"
@@ -213,6 +215,16 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     assert sc.pixel_array.shape == (512, 512, 3) and "Effusion" in sc.DerivationDescription
     neg = json.loads((out / "studies" / negative_study / "result.json").read_text())
     assert neg["heatmaps"] == {} and neg["positive_findings"] == []
+    # the Structured Report of each study says what result.json says, read back with highdicom
+    for j in (pos, neg):
+        sr = pydicom.dcmread(j["structured_report"])
+        assert sr.SOPClassUID.name == "Comprehensive 3D SR Storage" and sr.StudyInstanceUID == j["study_instance_uid"]
+        said = read_structured_report(sr)
+        assert said["probabilities"] == pytest.approx(j["probabilities"], abs=1e-6)
+        assert said["thresholds"] == pytest.approx(thresholds, abs=1e-6)
+        assert [f for f, v in said["evaluations"].items() if v == "Present"] == j["positive_findings"]
+        assert said["evaluations"]["Clinical use"] == "Not for clinical use"
+        assert pos["clinical_use_warning"] in said["texts"] and f"model file sha256: {file_sha256(with_thr)}" in said["texts"]
 
     rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
     assert rows[positive_study]["positive_findings"] == "Effusion" and rows[negative_study]["positive_findings"] == ""

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM overlays")
     p.add_argument("--secondary-capture", action="store_true", help="also write each overlay as DICOM Secondary Capture")
+    p.add_argument("--structured-report", action="store_true",
+                   help="also write a DICOM Structured Report per study (findings, probabilities, thresholds, model)")
     p.add_argument("--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
     try:
         key = load_pseudonym_key(a.pseudonym_key_file)
         options = InferenceOptions(out_dir=a.out, pseudonym_key=key, image_size=a.image_size, batch_size=a.batch_size,
-                                   heatmaps=not a.no_heatmaps, secondary_capture=a.secondary_capture, db_url=a.db_url,
+                                   heatmaps=not a.no_heatmaps, secondary_capture=a.secondary_capture,
+                                   structured_report=a.structured_report, db_url=a.db_url,
                                    task=a.task)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))

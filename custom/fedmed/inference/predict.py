@@ -1,17 +1,14 @@
-"""Batched prediction, the decision per finding, Grad-CAM heatmaps and their overlays (PNG, DICOM Secondary Capture)."""
+"""Batched prediction, the decision per finding, Grad-CAM heatmaps and their overlays (PNG; the DICOM Secondary
+Capture is built in fedmed.inference.dicom_out)."""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import pydicom
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from fedmed.data.transforms import preprocess
 
@@ -133,52 +130,3 @@ def overlay_rgb(image: np.ndarray, heat: np.ndarray, shape: tuple) -> np.ndarray
 def write_png(rgb: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb, mode="RGB").save(path)
-
-
-def secondary_capture(rgb: np.ndarray, source: pydicom.Dataset, description: str) -> Dataset:
-    """A DICOM Secondary Capture of the overlay in the source's study (same patient and StudyInstanceUID, a new
-    series), referring to the source image, marked as derived and not for primary diagnosis.
-
-    Args:
-        rgb: (rows, cols, 3) uint8 overlay.
-        source: the source image's header (pixel data not needed).
-        description: what the overlay shows, e.g. "fedmed Grad-CAM Effusion p=0.81 (threshold 0.40)".
-    """
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = sop_uid
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
-        setattr(ds, keyword, getattr(source, keyword, ""))
-    now = dt.datetime.now(dt.timezone.utc)
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 9000
-    ds.InstanceNumber = 1
-    ds.Modality = "OT"
-    ds.ConversionType = "WSD"  # workstation
-    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.SeriesDescription = "fedmed Grad-CAM overlay (not for primary diagnosis)"
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.DerivationDescription = description
-    ds.BurnedInAnnotation = "NO"
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = getattr(source, "SOPClassUID", "")
-    ref.ReferencedSOPInstanceUID = getattr(source, "SOPInstanceUID", "")
-    ds.SourceImageSequence = [ref]
-    ds.ReferencedImageSequence = [ref]
-    ds.Rows, ds.Columns = rgb.shape[:2]
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
-    return ds

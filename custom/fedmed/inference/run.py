@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 import torch
 
+from fedmed.inference.dicom_out import StudyFindings, secondary_capture, structured_report
 from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
 from fedmed.inference.predict import (
     HeatmapMaker,
@@ -34,7 +35,6 @@ from fedmed.inference.predict import (
     overlay_rgb,
     positive_findings,
     predict_batches,
-    secondary_capture,
     write_png,
 )
 from fedmed.inference.pseudonym import pseudonymise
@@ -56,7 +56,9 @@ class InferenceOptions:
     image_size: preprocessing size; default the model file's, else 128.
     batch_size: images per forward pass (and studies per read-ahead chunk).
     heatmaps: draw a Grad-CAM overlay PNG per positive finding.
-    secondary_capture: also write each overlay as a DICOM Secondary Capture in the source study.
+    secondary_capture: also write each overlay as a DICOM Secondary Capture in the source study (highdicom).
+    structured_report: also write a DICOM Structured Report per study (highdicom, TID 1500): findings,
+        probabilities, thresholds, model identity and card, not-for-clinical-use and out-of-distribution flags.
     db_url: inference log database; default $FEDMED_DB_URL, else SQLite ``out_dir/fedmed.db``.
     task: the model's task (fedmed.tasks name); default the model file's meta "task", else chest_xray14.
     """
@@ -67,6 +69,7 @@ class InferenceOptions:
     batch_size: int = 16
     heatmaps: bool = True
     secondary_capture: bool = False
+    structured_report: bool = False
     db_url: Optional[str] = None
     task: Optional[str] = None
 
@@ -86,6 +89,7 @@ class StudyResult:
     images: list = field(default_factory=list)  # per image: sop uid, view, file, probabilities
     heatmaps: dict = field(default_factory=dict)  # finding -> PNG path
     secondary_captures: dict = field(default_factory=dict)  # finding -> DICOM path
+    structured_report: Optional[str] = None  # the study's SR (DICOM path)
     problems: list = field(default_factory=list)  # FileProblem
     ignored: list = field(default_factory=list)  # FileProblem
     message: Optional[str] = None
@@ -202,6 +206,8 @@ class InferenceRun:
                 self._draw(result, study_dir, finding, images[best], tensors[best])
             if result.problems:
                 result.message = f"{len(result.problems)} file(s) skipped: {_reasons(result.problems)}"
+            if self.options.structured_report:
+                self._write_sr(result, study_dir, images)
         self._write_json(result, study_dir)
         self.repository.record_inference(InferenceRecord(
             study_pseudonym=result.study_pseudonym,
@@ -238,8 +244,22 @@ class InferenceRun:
 
             source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
             dcm = study_dir / f"{finding}.dcm"
-            secondary_capture(rgb, source, description).save_as(dcm, enforce_file_format=True)
+            secondary_capture(rgb, source, description, self.clinical_use_warning).save_as(dcm, enforce_file_format=True)
             result.secondary_captures[finding] = str(dcm)
+
+    def _write_sr(self, result: StudyResult, study_dir: Path, images: list) -> None:
+        m = self.model_file
+        card = m.card
+        findings = StudyFindings(
+            probabilities=result.probabilities, thresholds={} if self.multiclass else self.thresholds.values,
+            decided=list(self._decided(result)), model_name=m.name, model_version=m.version,
+            model_file_sha256=m.sha256, card_lines=card.lines() if card else ("model card: none in this model file",),
+            clinical_use_warning=self.clinical_use_warning)
+        sources = [pydicom.dcmread(im.file.path, stop_before_pixels=True) for im in images]
+        dcm = study_dir / "report_sr.dcm"
+        study_dir.mkdir(parents=True, exist_ok=True)
+        structured_report(findings, sources).save_as(dcm, enforce_file_format=True)
+        result.structured_report = str(dcm)
 
     def decision_json(self, result: StudyResult) -> dict:
         """The task's decision: thresholds and positive/negative findings, or the rule and the predicted class."""
@@ -265,6 +285,7 @@ class InferenceRun:
             "heatmaps": result.heatmaps,
             "heatmap_note": self.heatmap_note,
             "secondary_captures": result.secondary_captures,
+            "structured_report": result.structured_report,
             "images": result.images,
             "skipped_files": [{"file": str(p.path), "reason": p.reason} for p in result.problems],
             "ignored_files": [{"file": str(p.path), "reason": p.reason} for p in result.ignored],
