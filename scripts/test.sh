@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 ./scripts/ensure_postgres.sh || exit 1
 ./scripts/ensure_orthanc.sh || exit 1  # the PACS the DICOMweb round-trip tests talk to
 export FEDMED_REQUIRE_POSTGRES=1  # the PostgreSQL tests must run, not skip
+export FEDMED_REQUIRE_ORTHANC=1  # and the PACS (Orthanc) tests
 run() {
   .venv/bin/python -m pytest "$@"
   rc=$?

@@ -6,10 +6,18 @@ The task comes from the model file (meta "task", else chest_xray14) or --task. C
 CR/DX radiographs, sigmoid probabilities, positive findings by threshold. Brain MRI (multi-class): axial MR slices,
 softmax probabilities (the study's are the mean over its slices), the predicted class by argmax, its overlay.
 
-    scripts/infer --model global_model.pt --out results/ STUDY_OR_FOLDER [--secondary-capture]
+    scripts/infer --model global_model.pt --out results/ STUDY_OR_FOLDER [--secondary-capture] [--structured-report]
+
+From the hospital's PACS over DICOMweb (QIDO-RS query, WADO-RS retrieve of the series the model reads), the
+Structured Report and Grad-CAM Secondary Captures stored back into each study with STOW-RS (--no-send: keep them
+local):
+
+    scripts/infer --model global_model.pt --out results/ --dicomweb http://pacs:8042/dicom-web \
+        [--study-uid UID ...] [--study-date 20260101-20260131] [--modality CR]
 
 Exit status: 0 when every file was read; 1 when any file or study was skipped (each is printed with its reason and
-listed in results/summary.json); 2 for bad arguments (missing model, no pseudonym key).
+listed in results/summary.json); 2 for bad arguments (missing model, no pseudonym key) or a PACS that cannot be
+reached or refuses a request.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from fedmed.tasks import TASKS
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, help="a DICOM file, a study folder, or a tree of studies")
+    p.add_argument("input", type=Path, nargs="?", help="a DICOM file, a study folder, or a tree of studies")
     p.add_argument("--model", type=Path, required=True, help="model file (global_model.pt / best_model.pt)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--pseudonym-key-file", type=Path, help=f"site secret for pseudonyms (default ${ENV_PSEUDONYM_KEY})")
@@ -41,7 +49,26 @@ def main(argv=None) -> int:
                    help="also write a DICOM Structured Report per study (findings, probabilities, thresholds, model)")
     p.add_argument("--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    pacs = p.add_argument_group("PACS (DICOMweb) instead of INPUT")
+    pacs.add_argument("--dicomweb", metavar="URL", help="DICOMweb root of the PACS, e.g. http://pacs:8042/dicom-web")
+    pacs.add_argument("--study-uid", action="append", default=[], help="StudyInstanceUID to fetch (repeatable)")
+    pacs.add_argument("--study-date", metavar="FROM-TO", help="StudyDate range YYYYMMDD-YYYYMMDD (either side may be empty)")
+    pacs.add_argument("--modality", help="only studies with this modality, e.g. CR or DX")
+    pacs.add_argument("--no-send", action="store_true", help="do not store the SR and Secondary Captures in the PACS")
     a = p.parse_args(argv)
+    if (a.input is None) == (a.dicomweb is None):
+        p.error("give either INPUT (a DICOM file or folder) or --dicomweb URL")
+    query = None
+    if a.dicomweb:
+        from fedmed.inference.pacs import StudyQuery
+
+        date_from, _, date_to = (a.study_date or "").partition("-")
+        if a.study_date and "-" not in a.study_date:
+            date_to = date_from  # one day
+        try:
+            query = StudyQuery(tuple(a.study_uid), date_from or None, date_to or None, a.modality)
+        except ValueError as e:
+            p.error(str(e))
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -63,13 +90,25 @@ def main(argv=None) -> int:
         bar.n = done
         bar.refresh()
 
+    from fedmed.inference.pacs import PacsError, infer_from_dicomweb
+
+    pacs_run = None
     try:
-        summary = run_inference(a.input, a.model, options, on_problem=on_problem, progress=progress)
-    except (ValueError, FileNotFoundError) as e:
+        if query is not None:
+            pacs_run = infer_from_dicomweb(a.dicomweb, query, a.model, options, send=not a.no_send,
+                                           on_problem=on_problem, progress=progress)
+            summary = pacs_run.summary
+        else:
+            summary = run_inference(a.input, a.model, options, on_problem=on_problem, progress=progress)
+    except (ValueError, FileNotFoundError, PacsError) as e:
         bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     bar.close()
+    if pacs_run is not None:
+        print(f"PACS {a.dicomweb}: {pacs_run.studies_found} study(ies) found, {pacs_run.instances_retrieved} "
+              f"instance(s) retrieved, {pacs_run.instances_stored} result object(s) stored back"
+              + (" (--no-send: kept in the output folder only)" if a.no_send else ""))
     ok = sum(r.status == "ok" for r in summary.results)
     images = sum(len(r.images) for r in summary.results)
     if summary.task.is_multiclass:
