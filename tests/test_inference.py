@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -675,3 +676,47 @@ def test_bundle_lists_skipped_and_ignored_files_with_reasons(tmp_path, model_pat
     assert [Path(i["image"]).name for i in items] == ["IM1"]
     assert {(Path(r["file"]).name, r["status"]) for r in rows} == {("IM2", "ignored"), ("notes.txt", "skipped")}
     assert all(r["reason"] for r in rows)
+
+
+def test_ood_guard_calibrated_with_the_thresholds_flags_an_image_unlike_them(tmp_path, model_path, studies):
+    labels = np.zeros((12, 14), int)
+    labels[:6, 2] = 1
+    rng = np.random.default_rng(0)
+    csv_path = write_site(tmp_path / "site", labels, ["val"] * 12, ScannerProfile(), rng, "cal-site", SIZE)
+    calibrated = tmp_path / "calibrated.pt"
+    meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, calibrated, split="val")
+    assert meta["ood"]["calibration"]["images"] == 12 and meta["ood"]["threshold"] > 0
+    # an image no chest scanner makes: uniform noise in a valid DX header
+    noise_uid = generate_uid()
+    pixels = np.random.default_rng(5).integers(0, 4095, (SIZE, SIZE)).astype(np.uint16)
+    ds = make_dicom(pixels, ScannerProfile(), "PATN", noise_uid, generate_uid(), generate_uid(), 1,
+                    {"BodyPartExamined": "CHEST", "ViewPosition": "PA"}, "hospital-x")
+    root = tmp_path / "in"
+    (root / "noise").mkdir(parents=True)
+    ds.save_as(root / "noise" / "IM1", enforce_file_format=True)
+    shutil.copytree(studies["root"], root / "chest")
+    out = tmp_path / "out"
+    summary = run_inference(root, calibrated, _options(out, heatmaps=False, structured_report=True))
+    noise = json.loads((out / "studies" / noise_uid / "result.json").read_text())
+    chest = json.loads((out / "studies" / studies["A"] / "result.json").read_text())
+    assert noise["out_of_distribution"]["flagged_images"] == [ds.SOPInstanceUID]
+    assert noise["images"][0]["out_of_distribution"] is True
+    assert noise["images"][0]["ood_score"] > noise["out_of_distribution"]["threshold"] > 0
+    assert chest["images"][0]["ood_score"] < noise["images"][0]["ood_score"]
+    assert summary.out_of_distribution[noise_uid] == [ds.SOPInstanceUID]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["out_of_distribution"]["checked"] and noise_uid in s["out_of_distribution"]["studies"]
+    row = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}[noise_uid]
+    assert row["ood_flagged_images"] == "1" and float(row["max_ood_score"]) == pytest.approx(
+        noise["images"][0]["ood_score"], abs=1e-3)
+    said = read_structured_report(pydicom.dcmread(noise["structured_report"]))
+    assert said["evaluations"]["Unlike the training images"] == "Present"
+    assert any(t.startswith("out-of-distribution score: feature distance to 12 calibration images") for t in said["texts"])
+
+
+def test_without_ood_statistics_outputs_say_not_checked(tmp_path, model_path, studies):
+    run_inference(studies["root"], model_path, _options(tmp_path / "out", heatmaps=False))
+    j = json.loads((tmp_path / "out" / "studies" / studies["A"] / "result.json").read_text())
+    assert j["out_of_distribution"]["checked"] is False and j["images"][0]["ood_score"] is None
+    assert j["out_of_distribution"]["note"].startswith("out-of-distribution: not checked")
+    assert _read_csv(tmp_path / "out" / "results.csv")[0]["ood_flagged_images"] == ""

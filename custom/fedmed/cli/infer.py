@@ -127,8 +127,14 @@ def main(argv=None) -> int:
         print(f"  {line}")
     if summary.heatmap_note:
         print(summary.heatmap_note)
+    print(summary.ood_note)
     print(f"{len(summary.results)} studies: {ok} read ({images} images, {decided}), "
           f"{len(summary.results) - ok} skipped; {len(summary.skipped_files)} file(s) skipped")
+    flagged = summary.out_of_distribution
+    if flagged:
+        print(f"OUT OF DISTRIBUTION: {sum(len(v) for v in flagged.values())} image(s) in {len(flagged)} study(ies) are "
+              f"unlike the images the model was calibrated on; their probabilities are unreliable: "
+              + ", ".join(flagged))
     for r in summary.results:
         if r.status != "ok":
             print(f"SKIPPED study {r.study_uid}: {r.message}", file=sys.stderr)

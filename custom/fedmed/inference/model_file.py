@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
+from fedmed.inference.ood import META_OOD, OodStatistics, fit_ood, ood_from_meta, pooled_features
 from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
 from fedmed.model_card import ModelCard, card_from_meta, clinical_use_warning
@@ -88,6 +89,11 @@ class ModelFile:
         return card_from_meta(self.meta, str(self.path.name))
 
     @property
+    def ood(self) -> Optional[OodStatistics]:
+        """The out-of-distribution statistics the file carries (fedmed.inference.ood), None when not calibrated."""
+        return ood_from_meta(self.meta, str(self.path.name))
+
+    @property
     def clinical_use_warning(self) -> Optional[str]:
         """The not-for-clinical-use line every output repeats (synthetic training data, or no card to say)."""
         return clinical_use_warning(self.card)
@@ -152,7 +158,8 @@ def read_model_file(path: Path) -> ModelFile:
         raise ValueError(f"{path}: no {HEAD_PREFIX}weight; not a fedmed DenseNet-121 state dict")
     state = {k: torch.as_tensor(v) for k, v in state.items()}
     model = ModelFile(path, state, meta, file_sha256(path))
-    model.card  # noqa: B018 - a malformed card is refused here, naming the file, before anything is written
+    model.card  # noqa: B018 - a malformed card or OOD statistics are refused here, naming the file, before
+    model.ood  # noqa: B018   anything is written
     return model
 
 
@@ -169,9 +176,12 @@ def choose_thresholds(
     split: Optional[str] = "val",
     image_size: Optional[int] = None,
     batch_size: int = 32,
+    ood: bool = True,
 ) -> dict:
     """Predict the labelled validation images with the model file, pick each finding's threshold by Youden's J,
     and write a copy of the model file with them (and the image size) in its meta. Returns the new meta.
+    With ood, the same images also calibrate the out-of-distribution guard (fedmed.inference.ood), stored in
+    meta["ood"]: statistics of these images' features (see docs/THREAT_MODEL.md for what they reveal).
 
     Args:
         model_path: the global (or best) model file written by the server.
@@ -192,7 +202,9 @@ def choose_thresholds(
                          f"decision thresholds are for multi-label models only")
     size = model_file.image_size(image_size)
     items = load_dicom_site(Path(dicom_root), Path(labels_csv), split)
-    labels, probs = predict(model_file.build(), RadiographDataset(items, size, train=False), batch_size)
+    model = model_file.build()
+    dataset = RadiographDataset(items, size, train=False)
+    labels, probs = predict(model, dataset, batch_size)
     findings = CXR14_FINDINGS[: model_file.num_outputs]
     chosen = youden_thresholds(labels, probs, findings)
     meta = dict(model_file.meta)
@@ -205,5 +217,8 @@ def choose_thresholds(
                               "positives": {f: int(labels[:, k].sum()) for k, f in enumerate(findings)}},
         META_IMAGE_SIZE: size,
     })
+    if ood:
+        where = f"{Path(dicom_root).name} ({'all rows' if split is None else 'split ' + split})"
+        meta[META_OOD] = fit_ood(pooled_features(model, dataset.images, batch_size), where).to_meta()
     write_model_file(out_path, model_file.state_dict, meta)
     return meta

@@ -27,6 +27,7 @@ import torch
 
 from fedmed.inference.dicom_out import StudyFindings, secondary_capture, structured_report
 from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
+from fedmed.inference.ood import FeatureTap
 from fedmed.inference.predict import (
     HeatmapMaker,
     Preprocessor,
@@ -46,6 +47,8 @@ RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
 STUDY_JSON = "result.json"
 STATUS_OK, STATUS_SKIPPED = "ok", "skipped"
+OOD_UNCHECKED = ("out-of-distribution: not checked (the model file has no OOD statistics; fedmed-choose-thresholds "
+                 "calibrates them)")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class StudyResult:
     secondary_captures: dict = field(default_factory=dict)  # finding -> DICOM path
     structured_report: Optional[str] = None  # the study's SR (DICOM path)
     problems: list = field(default_factory=list)  # FileProblem
+    out_of_distribution: list = field(default_factory=list)  # SOP Instance UIDs of images flagged as unlike training
     ignored: list = field(default_factory=list)  # FileProblem
     message: Optional[str] = None
 
@@ -105,6 +109,12 @@ class InferenceSummary:
     db_url: str
     task: TaskSpec = CHEST_XRAY14
     heatmap_note: Optional[str] = None  # Grad-CAM refused or coarse at this model's resolution
+    ood_note: str = OOD_UNCHECKED  # how images were checked for being unlike the training data
+
+    @property
+    def out_of_distribution(self) -> dict:
+        """Study UID -> SOP Instance UIDs of its images flagged as unlike the calibration data."""
+        return {r.study_uid: list(r.out_of_distribution) for r in self.results if r.out_of_distribution}
 
     @property
     def clinical_use_warning(self) -> Optional[str]:
@@ -153,6 +163,7 @@ class InferenceRun:
             draw, self.heatmap_note = gradcam_resolution_note(gradcam_grid(self.model, self.image_size), self.image_size)
         self.heatmap = HeatmapMaker(self.model, self.findings) if draw else None
         self.clinical_use_warning = self.model_file.clinical_use_warning
+        self.ood = self.model_file.ood
         self.out_dir = Path(options.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.db_url = resolve_db_url(self.out_dir, options.db_url)
@@ -172,16 +183,21 @@ class InferenceRun:
         loaded = [(plan, *load_study(plan)) for plan in plans]
         images = [im for _, ims, _ in loaded for im in ims]
         tensors = torch.stack([self.preprocess(im.pixels) for im in images]) if images else None
-        probs = (predict_batches(self.model, tensors, self.options.batch_size, self.task.probabilities) if images
-                 else np.zeros((0, 0)))
+        probs, scores = np.zeros((0, 0)), np.zeros(0)
+        if images:
+            with FeatureTap(self.model) as tap:  # the OOD score reads the same forward pass's pooled features
+                probs = predict_batches(self.model, tensors, self.options.batch_size, self.task.probabilities)
+            scores = self.ood.score(tap.features()) if self.ood is not None else np.full(len(images), np.nan)
         results, start = [], 0
         for plan, ims, problems in loaded:
             n = len(ims)
-            results.append(self._study(plan, ims, problems, probs[start:start + n], tensors[start:start + n] if n else None))
+            results.append(self._study(plan, ims, problems, probs[start:start + n], tensors[start:start + n] if n else None,
+                                       scores[start:start + n]))
             start += n
         return results
 
-    def _study(self, plan: StudyPlan, images: list, problems: list, probs: np.ndarray, tensors) -> StudyResult:
+    def _study(self, plan: StudyPlan, images: list, problems: list, probs: np.ndarray, tensors,
+               ood_scores: np.ndarray) -> StudyResult:
         result = StudyResult(plan.study_uid, pseudonymise(self.options.pseudonym_key, "study", plan.study_uid),
                              STATUS_OK, problems=list(plan.problems) + problems, ignored=list(plan.ignored))
         study_dir = self.out_dir / "studies" / _safe_name(plan.study_uid)
@@ -198,7 +214,8 @@ class InferenceRun:
             result.probabilities = {f: float(p) for f, p in zip(self.findings, study_probs)}
             if not self.multiclass:
                 result.positive = positive_findings(result.probabilities, self.thresholds.values)
-            result.images = [self._image_json(im, row) for im, row in zip(images, probs)]
+            result.images = [self._image_json(im, row, score) for im, row, score in zip(images, probs, ood_scores)]
+            result.out_of_distribution = [im["sop_instance_uid"] for im in result.images if im["out_of_distribution"]]
             drawn = [result.predicted] if self.multiclass else result.positive
             for finding in drawn if self.heatmap else ():
                 k = self.findings.index(finding)
@@ -217,9 +234,12 @@ class InferenceRun:
             message=_reasons(result.problems) if result.status == STATUS_SKIPPED and result.problems else result.message))
         return result
 
-    def _image_json(self, image, row: np.ndarray) -> dict:
+    def _image_json(self, image, row: np.ndarray, ood_score: float) -> dict:
+        checked = self.ood is not None
         out = {"sop_instance_uid": image.file.sop_instance_uid, "view": image.file.view, "file": str(image.file.path),
-               "probabilities": {f: float(p) for f, p in zip(self.findings, row)}}
+               "probabilities": {f: float(p) for f, p in zip(self.findings, row)},
+               "ood_score": float(ood_score) if checked else None,
+               "out_of_distribution": bool(ood_score > self.ood.threshold) if checked else None}
         if self.multiclass:
             out["predicted_class"] = self.findings[int(np.argmax(row))]
         return out
@@ -254,12 +274,21 @@ class InferenceRun:
             probabilities=result.probabilities, thresholds={} if self.multiclass else self.thresholds.values,
             decided=list(self._decided(result)), model_name=m.name, model_version=m.version,
             model_file_sha256=m.sha256, card_lines=card.lines() if card else ("model card: none in this model file",),
-            clinical_use_warning=self.clinical_use_warning)
+            clinical_use_warning=self.clinical_use_warning, out_of_distribution=tuple(result.out_of_distribution),
+            ood_note=self.ood_note)
         sources = [pydicom.dcmread(im.file.path, stop_before_pixels=True) for im in images]
         dcm = study_dir / "report_sr.dcm"
         study_dir.mkdir(parents=True, exist_ok=True)
         structured_report(findings, sources).save_as(dcm, enforce_file_format=True)
         result.structured_report = str(dcm)
+
+    @property
+    def ood_note(self) -> str:
+        return self.ood.note() if self.ood is not None else OOD_UNCHECKED
+
+    def ood_json(self, result: StudyResult) -> dict:
+        return {"checked": self.ood is not None, "threshold": self.ood.threshold if self.ood else None,
+                "flagged_images": result.out_of_distribution, "note": self.ood_note}
 
     def decision_json(self, result: StudyResult) -> dict:
         """The task's decision: thresholds and positive/negative findings, or the rule and the predicted class."""
@@ -282,6 +311,7 @@ class InferenceRun:
             "message": result.message,
             "model": self.model_json(),
             **self.decision_json(result),
+            "out_of_distribution": self.ood_json(result),
             "heatmaps": result.heatmaps,
             "heatmap_note": self.heatmap_note,
             "secondary_captures": result.secondary_captures,
@@ -299,12 +329,20 @@ class InferenceRun:
     def csv_header(self) -> list:
         decision, rule = ("predicted_class", "decision_rule") if self.multiclass else ("positive_findings", "thresholds")
         return (["study_instance_uid", "study_pseudonym", "status", "num_images", decision]
-                + [f"p_{f}" for f in self.findings] + ["model", "model_file_sha256", rule, "message", "clinical_use_warning"])
+                + [f"p_{f}" for f in self.findings] + ["ood_flagged_images", "max_ood_score", "model", "model_file_sha256",
+                                                       rule, "message", "clinical_use_warning"])
+
+    def _ood_cells(self, result: StudyResult) -> list:
+        """Flagged images (count) and the highest score; empty when the model file has no OOD statistics."""
+        scores = [im["ood_score"] for im in result.images if im["ood_score"] is not None]
+        if self.ood is None or not scores:
+            return ["", ""]
+        return [len(result.out_of_distribution), f"{max(scores):.3f}"]
 
     def csv_row(self, result: StudyResult) -> list:
         probs = [f"{result.probabilities[f]:.6f}" if result.probabilities else "" for f in self.findings]
         return ([result.study_uid, result.study_pseudonym, result.status, len(result.images), "|".join(self._decided(result))]
-                + probs + [self.model_file.name, self.model_file.sha256, self.decision_rule, result.message or "",
+                + probs + self._ood_cells(result) + [self.model_file.name, self.model_file.sha256, self.decision_rule, result.message or "",
                            self.clinical_use_warning or ""])
 
 
@@ -348,7 +386,7 @@ def run_inference(
                 if progress:
                     progress(len(results), len(plans))
         summary = InferenceSummary(run.model_file, run.decision_rule, results, list(discovery.unassigned),
-                                   run.out_dir, run.db_url, run.task, run.heatmap_note)
+                                   run.out_dir, run.db_url, run.task, run.heatmap_note, run.ood_note)
         (run.out_dir / SUMMARY_JSON).write_text(json.dumps(summary_json(summary), indent=2))
         return summary
     finally:
@@ -367,6 +405,9 @@ def summary_json(summary: InferenceSummary) -> dict:
                   "model_card": card.to_meta() if card else None},
         **decision,
         "heatmap_note": summary.heatmap_note,
+        "out_of_distribution": {"checked": summary.model.ood is not None, "note": summary.ood_note,
+                                "flagged_images": sum(len(v) for v in summary.out_of_distribution.values()),
+                                "studies": summary.out_of_distribution},
         "studies": len(summary.results),
         "studies_ok": sum(r.status == STATUS_OK for r in summary.results),
         "studies_skipped": [r.study_uid for r in summary.results if r.status == STATUS_SKIPPED],
