@@ -119,7 +119,9 @@ def _fit(features: np.ndarray, n_components: int) -> tuple:
 
     mean = features.mean(axis=0)
     centred = features - mean
-    k = max(1, min(n_components, len(features) - 1, features.shape[1]))
+    # at most half as many directions as images: with n - 1 the calibration features would lie entirely inside the
+    # subspace and the residual term (normalised by their residual) would explode on any new image
+    k = max(1, min(n_components, len(features) // 2, features.shape[1]))
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     components = vt[:k]
     z = centred @ components.T
