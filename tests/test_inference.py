@@ -432,6 +432,11 @@ def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, mode
     assert config["dataset_dir"] == "" and str(tmp_path) not in json.dumps(config)  # no hard-coded paths
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["fedmed"]["model"]["model_file_sha256"] == file_sha256(model_path)
+    # no card in this model file: the bundle says what that means, where a reader of the bundle looks
+    assert meta["fedmed"]["clinical_use_warning"].startswith("NOT FOR CLINICAL USE") and meta["fedmed"]["model_card"] is None
+    assert meta["intended_use"].startswith("NOT FOR CLINICAL USE")
+    readme = (bundle / "README.md").read_text()
+    assert "**NOT FOR CLINICAL USE" in readme and "## Model card" in readme and "skipped.csv" in readme
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [SIZE, SIZE]
 
     from_bundle, from_infer = _bundle_and_infer(bundle, studies["root"], model_path, tmp_path)
@@ -505,7 +510,7 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
     out = tmp_path / "brain"
     monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
     status = _infer_main()([str(brain_studies["root"]), "--model", str(brain_model_path), "--out", str(out),
-                            "--secondary-capture", "--threads", "1"])
+                            "--secondary-capture", "--structured-report", "--threads", "1"])
     printed = capsys.readouterr()
     assert status == 1  # the chest film was skipped
     assert f"SKIPPED {brain_studies['chest']}: modality CR is not one of ['MR']" in printed.err
@@ -546,6 +551,9 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
     for key in ("A", "B"):
         row, j = rows[brain_studies[key]], studies[key]
         assert row["predicted_class"] == j["predicted_class"] and row["decision_rule"] == "multiclass: argmax"
+        said = read_structured_report(pydicom.dcmread(j["structured_report"]))  # the SR: the argmax class Present
+        assert said["thresholds"] == {} and said["probabilities"] == pytest.approx(j["probabilities"], abs=1e-6)
+        assert [c for c in BRAIN_CLASSES if said["evaluations"][c] == "Present"] == [j["predicted_class"]]
         assert [float(row[f"p_{c}"]) for c in BRAIN_CLASSES] == pytest.approx(list(j["probabilities"].values()), abs=1e-6)
     assert "1 file(s) skipped: modality CR is not one of ['MR']" in rows[brain_studies["A"]]["message"]
     summary = json.loads((out / "summary.json").read_text())

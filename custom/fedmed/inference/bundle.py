@@ -189,7 +189,7 @@ def metadata(model, image_size: int, findings: list, task: TaskSpec = CHEST_XRAY
                                  "is_onehot": False, "channel_def": {str(i): f for i, f in enumerate(findings)}}},
         },
         "fedmed": {"clinical_use_warning": model.clinical_use_warning, "model": model.identity(),
-                   "source_model_file": model.path.name, "source_model_file_sha256": model.sha256,
+                   "source_model_file": model.path.name,
                    "round": model.meta.get("round"), "norm": model.norm,
                    "model_card": model.card.to_meta() if model.card else None, **decision,
                    "platform": platform.platform()},
