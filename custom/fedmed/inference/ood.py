@@ -3,9 +3,12 @@ space (the 1024 values DenseNet-121 feeds its classifier).
 
 The statistics are fitted on labelled calibration images by whoever runs fedmed-choose-thresholds (the server on its
 own global test set, or a hospital on its validation split) and stored in the model file's meta["ood"]: the
-feature mean, the top principal directions with a Ledoit-Wolf precision in that subspace, and the mean residual
-energy outside it. Score: sqrt(Mahalanobis^2 in the subspace + residual energy / its calibration mean), a distance
-in units of calibration spread. Threshold: a quantile of out-of-fold calibration scores (each fold scored by
+feature mean, the top principal directions with a Ledoit-Wolf precision in that subspace, and the variance per
+dimension left outside it (probabilistic PCA: the remaining D - K directions share one variance). Score:
+sqrt((Mahalanobis^2 in the subspace + residual energy / that variance) / D), a Mahalanobis distance under that
+Gaussian per feature dimension: about 1 for images like the calibration ones. (Normalising the residual by its mean
+energy instead, as a single term, let it drown in the subspace term: brain MR slices were then flagged 6% of the
+time, 100% with this one; docs/bench_ood.md.) Threshold: a quantile of out-of-fold calibration scores (each fold scored by
 statistics fitted without it), so it is not set on the very images it was fitted to. docs/THREAT_MODEL.md says what
 the statistics reveal about the calibration data.
 """
@@ -64,7 +67,7 @@ class OodStatistics:
     mean: (D,) calibration feature mean.
     components: (K, D) orthonormal principal directions.
     precision: (K, K) inverse of the Ledoit-Wolf covariance of the projected features.
-    residual: mean squared norm of the calibration features outside the K directions (> 0).
+    residual: variance per dimension of the calibration features outside the K directions (> 0).
     threshold: scores above it are flagged.
     calibration: where the statistics came from (images, data, quantile), for the outputs.
     """
@@ -81,7 +84,7 @@ class OodStatistics:
         z = f @ self.components.T
         maha = np.einsum("nk,kl,nl->n", z, self.precision, z)
         resid = np.sum((f - z @ self.components) ** 2, axis=1)
-        return np.sqrt(np.maximum(maha, 0) + resid / self.residual)
+        return np.sqrt((np.maximum(maha, 0) + resid / self.residual) / len(self.mean))
 
     def to_meta(self) -> dict:
         return {"mean": torch.as_tensor(self.mean, dtype=torch.float32),
@@ -126,7 +129,7 @@ def _fit(features: np.ndarray, n_components: int) -> tuple:
     components = vt[:k]
     z = centred @ components.T
     precision = LedoitWolf().fit(z).precision_
-    residual = float(np.mean(np.sum((centred - z @ components) ** 2, axis=1)))
+    residual = float(np.mean(np.sum((centred - z @ components) ** 2, axis=1))) / max(1, features.shape[1] - k)
     return mean, components, precision, max(residual, 1e-12)
 
 
