@@ -132,7 +132,7 @@ torch {torch.__version__}; training the model took {meta['seconds'] / 60:.1f} mi
 cached it in `--data`).
 
 Model: DenseNet-121 trained centrally for {a.epochs} epochs at {a.image_size} px on the training splits of the
-three default synthetic hospitals ({3 * a.per_site} images; validation mean AUROC {meta['best_val_score']:.3f}).
+three default synthetic hospitals ({meta['train_images']} images; validation mean AUROC {meta['best_val_score']:.3f}).
 Guard: calibrated on {len(calibration)} images of the global test set (the server's own data), threshold
 {stats.threshold:.2f} at the {stats.calibration['quantile']:.0%} quantile of out-of-fold calibration scores,
 {stats.calibration['components']} principal directions. Score: the Mahalanobis distance per feature dimension under
