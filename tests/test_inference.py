@@ -214,6 +214,9 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     assert sc.StudyInstanceUID == positive_study and sc.SeriesInstanceUID != source.SeriesInstanceUID
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert sc.pixel_array.shape == (512, 512, 3) and "Effusion" in sc.DerivationDescription
+    # no model card: the not-for-clinical-use banner is in the pictures themselves
+    assert tuple(np.asarray(Image.open(png))[2, 2]) == (150, 0, 0) and tuple(sc.pixel_array[2, 2]) == (150, 0, 0)
+    assert sc.BurnedInAnnotation == "YES"
     neg = json.loads((out / "studies" / negative_study / "result.json").read_text())
     assert neg["heatmaps"] == {} and neg["positive_findings"] == []
     # the Structured Report of each study says what result.json says, read back with highdicom
@@ -659,6 +662,7 @@ def test_real_data_card_has_no_warning_and_a_coarse_gradcam_is_flagged(tmp_path,
     assert summary.heatmap_note.startswith(f"Grad-CAM is coarse: the model's last feature map is 2x2 at {SIZE} px")
     j = json.loads((tmp_path / "out" / "studies" / studies["A"] / "result.json").read_text())
     assert j["clinical_use_warning"] is None and len(j["heatmaps"]) == 14  # drawn, with the note beside them
+    assert tuple(np.asarray(Image.open(j["heatmaps"]["Effusion"]))[2, 2]) != (150, 0, 0)  # no banner
     assert _read_csv(tmp_path / "out" / "results.csv")[0]["clinical_use_warning"] == ""
 
 

@@ -168,7 +168,8 @@ def secondary_capture(rgb: np.ndarray, source: pydicom.Dataset, description: str
     sc.SeriesDescription = _series_description("fedmed Grad-CAM overlay", clinical_use_warning)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (f"{clinical_use_warning}. {description}" if clinical_use_warning else description)[:1024]
-    sc.BurnedInAnnotation = "NO"
+    # the not-for-clinical-use banner (fedmed.inference.predict.stamp_banner) is text in the pixels; no patient data
+    sc.BurnedInAnnotation = "YES" if clinical_use_warning else "NO"
     ref = pydicom.Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID

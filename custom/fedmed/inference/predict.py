@@ -127,6 +127,22 @@ def overlay_rgb(image: np.ndarray, heat: np.ndarray, shape: tuple) -> np.ndarray
     return np.round(255 * ((1 - weight) * grey + weight * colour)).astype(np.uint8)
 
 
+BANNER_TEXT = "NOT FOR CLINICAL USE"
+
+
+def stamp_banner(rgb: np.ndarray, text: str = BANNER_TEXT) -> np.ndarray:
+    """A copy of the overlay with a dark red bar and `text` across its top: what a reader of the picture sees,
+    where a header field or a JSON key would go unread (no patient data in it)."""
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB")
+    height = max(12, image.height // 20)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, image.width, height], fill=(150, 0, 0))
+    draw.text((4, height // 2), text, fill=(255, 255, 255), anchor="lm", font=ImageFont.load_default(size=height * 0.7))
+    return np.asarray(image)
+
+
 def write_png(rgb: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb, mode="RGB").save(path)

@@ -36,6 +36,7 @@ from fedmed.inference.predict import (
     overlay_rgb,
     positive_findings,
     predict_batches,
+    stamp_banner,
     write_png,
 )
 from fedmed.inference.pseudonym import pseudonymise
@@ -252,6 +253,8 @@ class InferenceRun:
 
     def _draw(self, result: StudyResult, study_dir: Path, finding: str, image, tensor: torch.Tensor) -> None:
         rgb = overlay_rgb(tensor[0].numpy(), self.heatmap(tensor, finding), image.pixels.shape)
+        if self.clinical_use_warning:
+            rgb = stamp_banner(rgb)  # in the picture itself: PNG and Secondary Capture
         png = study_dir / f"{finding}.png"
         write_png(rgb, png)
         result.heatmaps[finding] = str(png)
