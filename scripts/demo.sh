@@ -26,7 +26,8 @@ echo
 .venv/bin/python scripts/rounds_table.py
 app="$WS/$JOB/server/simulate_job/app_server"
 # the best model's card (and its not-for-clinical-use line: the demo's data is synthetic) heads the report
-.venv/bin/python scripts/report.py --out "$WS/report" --model "$app/best_model.pt" >/dev/null
+card=(); [ -f "$app/best_model.pt" ] && card=(--model "$app/best_model.pt")
+.venv/bin/python scripts/report.py --out "$WS/report" "${card[@]}" >/dev/null
 echo
 echo "[demo] global model:  $app/global_model.pt"
 echo "[demo] best model:    $app/best_model.pt"
