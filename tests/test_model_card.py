@@ -81,4 +81,5 @@ def test_synthetic_data_is_recognised_from_the_generator_or_the_declaration(tmp_
     assert is_synthetic_dicom(paths[0]) is True and is_synthetic_dicom(paths[1]) is False
     assert is_synthetic_dicom(tmp_path / "x.png") is None
     assert data_is_synthetic([paths[1]]) is False and data_is_synthetic([paths[1]], declared=True) is True
-    assert data_is_synthetic([paths[1], paths[0]]) is True and data_is_synthetic([tmp_path / "x.png"]) is None
+    assert data_is_synthetic([paths[1], paths[0]]) is True and data_is_synthetic([tmp_path / "x.png"]) is False
+    assert data_is_synthetic([]) is None

@@ -180,10 +180,11 @@ def is_synthetic_dicom(path) -> Optional[bool]:
 
 def data_is_synthetic(paths: Sequence, declared: bool = False) -> Optional[bool]:
     """A site's answer for the card: True when its config declares rehearsal data or any of the first few images
-    was written by the generator; False when those were all readable DICOM from elsewhere; None otherwise."""
+    was written by fedmed's generator; False otherwise (the site does not declare it and its images, DICOM from
+    elsewhere or PNG, which the generator never writes, are not the generator's); None with no images to look at."""
     if declared:
         return True
-    flags = [is_synthetic_dicom(p) for p in list(paths)[:8]]
-    if any(f is True for f in flags):
+    sample = list(paths)[:8]
+    if any(is_synthetic_dicom(p) is True for p in sample):
         return True
-    return False if flags and all(f is False for f in flags) else None
+    return False if sample else None
