@@ -262,9 +262,6 @@ class InferenceRun:
             rule = ARGMAX_RULE if self.multiclass else f"threshold {self.thresholds.values[finding]:.3f}"
             description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} ({rule}); model "
                            f"{self.model_file.name}, model file sha256 {self.model_file.sha256[:12]}")
-            if self.clinical_use_warning:
-                description = f"{self.clinical_use_warning}. {description}"
-
             source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
             dcm = study_dir / f"{finding}.dcm"
             secondary_capture(rgb, source, description, self.clinical_use_warning).save_as(dcm, enforce_file_format=True)
