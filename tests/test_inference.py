@@ -641,6 +641,7 @@ def test_synthetic_model_says_so_in_every_output_and_refuses_a_1x1_gradcam(tmp_p
     line = "NOT FOR CLINICAL USE: trained on synthetic data (hospital-a, hospital-b)"
     assert printed.count(line) == 2  # first and last line of the console output
     assert "hospital-a epsilon 2.50, hospital-b no DP" in printed and "Grad-CAM not drawn: at 32 px" in printed
+    assert "out-of-distribution: not checked (the model file has no OOD statistics" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clinical_use_warning"].startswith(line) and summary["heatmap_note"].startswith("Grad-CAM not drawn")
     assert summary["model"]["model_card"]["synthetic_sites"] == ["hospital-a", "hospital-b"]
