@@ -39,6 +39,16 @@ def model_path(tmp_path_factory):
     return path
 
 
+OPTIONS = dict(pseudonym_key=b"k" * 16, heatmaps=False)
+
+
+@pytest.fixture(scope="module")
+def plain_results(tmp_path_factory, uncompressed, model_path):
+    """The uncompressed studies' results, once for every syntax."""
+    out = tmp_path_factory.mktemp("plain_out")
+    return run_inference(uncompressed, model_path, InferenceOptions(out_dir=out, **OPTIONS)).results
+
+
 def _compress(ds: pydicom.Dataset, syntax) -> None:
     if syntax == JPEGLosslessSV1:  # no encoder in pydicom/pylibjpeg/Pillow: tests/jpeg_lossless.py
         frame = encode_jpeg_lossless(ds.pixel_array, ds.BitsStored)
@@ -51,7 +61,8 @@ def _compress(ds: pydicom.Dataset, syntax) -> None:
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless],
                          ids=["jpeg2000-lossless", "jpeg-lossless-sv1", "jpeg-ls-lossless", "rle"])
-def test_compressed_copies_give_the_uncompressed_probabilities(tmp_path, uncompressed, model_path, syntax):
+def test_compressed_copies_give_the_uncompressed_probabilities(tmp_path, uncompressed, model_path, plain_results,
+                                                               syntax):
     copies = tmp_path / "compressed"
     copies.mkdir()
     for f in sorted(uncompressed.iterdir()):
@@ -62,10 +73,8 @@ def test_compressed_copies_give_the_uncompressed_probabilities(tmp_path, uncompr
         back = pydicom.dcmread(copies / f.name)
         assert back.file_meta.TransferSyntaxUID == syntax
         np.testing.assert_array_equal(back.pixel_array, original)  # lossless: decoded pixels are the originals
-    options = dict(pseudonym_key=b"k" * 16, heatmaps=False)
-    plain = run_inference(uncompressed, model_path, InferenceOptions(out_dir=tmp_path / "plain", **options))
-    packed = run_inference(copies, model_path, InferenceOptions(out_dir=tmp_path / "packed", **options))
-    assert packed.exit_status == 0 and len(packed.results) == len(plain.results) == 2
-    for a, b in zip(plain.results, packed.results):
+    packed = run_inference(copies, model_path, InferenceOptions(out_dir=tmp_path / "packed", **OPTIONS))
+    assert packed.exit_status == 0 and len(packed.results) == len(plain_results) == 2
+    for a, b in zip(plain_results, packed.results):
         assert a.study_uid == b.study_uid
         assert np.allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-3, rtol=0)
