@@ -105,6 +105,10 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert card["rounds"] == 2 and card["synthetic_data"] is True and set(card["synthetic_sites"]) == set(SITES)
     assert card["dp_epsilon"] == {s: None for s in SITES} and card["he_layers"] == [] and card["task"] == "chest_xray14"
     assert card["aggregation"] == "geometric_median" and card["intended_use"]
+    # both files carry OOD statistics of the server's own test set (16 images), calibrated at the end of the run
+    for name in ("global_model.pt", "best_model.pt"):
+        ood = torch.load(app / name, weights_only=True)["meta"]["ood"]
+        assert ood["calibration"]["data"] == "server global test set, 16 images" and ood["threshold"] > 0
 
     report = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--db-url", f"sqlite:///{db}",
                              "--out", str(tmp_path / "report"), "--model", str(app / "best_model.pt")],

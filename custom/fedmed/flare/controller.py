@@ -185,6 +185,7 @@ class FedMedController(ModelController):
         eval_model = build_densenet121(self.num_outputs, norm=self.norm)
         model = self.load_model()
         best_round, best_score, status = None, -math.inf, "finished"
+        best = None  # (params, meta) of the best model, for the OOD calibration at the end
         last_round_sites: list = []
         try:
             # Inside the try: a refused HE context ends the run recorded as failed, with the reason.
@@ -220,7 +221,8 @@ class FedMedController(ModelController):
                 self.save_model(model)
                 if score > best_score:
                     best_round, best_score = round_num, score
-                    self._save_best(model.params, {**model.meta, "score": score, "sha256": sha})
+                    best = (model.params, {**model.meta, "score": score, "sha256": sha})
+                    self._save_best(*best)
                 db.write("record_round", run_uid=run_uid, record=self._round_record(
                     report, engine, started, test_loss, mean_auroc, test_metrics, sha))
                 self._log_round(report, targets, score, test_loss, best_score, best_round, time.monotonic() - t0)
@@ -230,6 +232,8 @@ class FedMedController(ModelController):
             raise
         finally:
             self._finish_record(db, run_uid, status, best_round, best_score)
+        if status == "finished" and test_ds is not None:
+            self._calibrate_ood(eval_model, test_ds, model, best)
         if status == "finished":
             self._send_final_model(model, last_round_sites)
         self.info(f"run {run_uid} {status}; best {self._task.score_name} {best_score:.4f} at round "
@@ -426,6 +430,29 @@ class FedMedController(ModelController):
         score = report.weighted_site_metric(site_results, C.META_VAL_PREFIX + self._task.score_name)
         mean_auroc = report.weighted_site_metric(site_results, C.META_VAL_MEAN_AUROC)
         return score, finite_or_none(mean_auroc), None, {}
+
+    def _calibrate_ood(self, eval_model, test_ds, model: FLModel, best) -> None:
+        """Re-save the global and best model with out-of-distribution statistics of the server's own test set
+        (fedmed.inference.ood): data the server holds anyway, so the files reveal nothing of a hospital's."""
+        import torch
+
+        from fedmed.inference.ood import META_OOD, fit_ood, pooled_features
+
+        images = torch.stack([test_ds[i][0] for i in range(len(test_ds))])
+        what = f"server global test set, {len(images)} images"
+        targets = [("global", model.params, model.meta)] + ([("best", *best)] if best is not None else [])
+        try:
+            for which, params, meta in targets:
+                load_numpy_state(eval_model, params)
+                meta = {**meta, META_OOD: fit_ood(pooled_features(eval_model, images), what).to_meta()}
+                if which == "global":
+                    self.save_model(FLModel(params_type=model.params_type, params=params, meta=meta))
+                elif isinstance(self.persistor, FedMedModelPersistor):
+                    self.persistor.save_best(params, meta, self.fl_ctx)
+        except ValueError as e:  # e.g. a test set too small to calibrate: the models stand without the guard
+            self.warning(f"out-of-distribution guard not calibrated: {e}")
+            return
+        self.info(f"out-of-distribution guard calibrated on the {what} (global and best model)")
 
     def _save_best(self, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):
