@@ -26,8 +26,10 @@ echo "[demo] federated run ($TASK): 3 hospitals, NVFlare simulator, workspace $W
 .venv/bin/python "jobs/$JOB/job.py" --data-root "$DATA" --workspace "$WS" --log-file "$LOG" "$@"
 echo
 .venv/bin/python scripts/rounds_table.py
-.venv/bin/python scripts/report.py --out "$WS/report" >/dev/null
 app="$WS/$JOB/server/simulate_job/app_server"
+# the best model's card (and its not-for-clinical-use line: the demo's data is synthetic) heads the report
+card=(); [ -f "$app/best_model.pt" ] && card=(--model "$app/best_model.pt")
+.venv/bin/python scripts/report.py --out "$WS/report" "${card[@]}" >/dev/null
 echo
 echo "[demo] global model:  $app/global_model.pt"
 echo "[demo] best model:    $app/best_model.pt"

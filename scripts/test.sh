@@ -6,7 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh || exit 1
 ./scripts/ensure_postgres.sh || exit 1
+./scripts/ensure_orthanc.sh || exit 1  # the PACS the DICOMweb round-trip tests talk to
 export FEDMED_REQUIRE_POSTGRES=1  # the PostgreSQL tests must run, not skip
+export FEDMED_REQUIRE_ORTHANC=1  # and the PACS (Orthanc) tests
 run() {
   .venv/bin/python -m pytest "$@"
   rc=$?
@@ -19,5 +21,5 @@ echo "[test] format: ruff format --check (run 'ruff format custom scripts jobs t
 .venv/bin/ruff format --check custom scripts jobs tests || exit 1
 echo "[test] fast suite"
 run -q
-echo "[test] integration suite (NVFlare simulator, real PostgreSQL server)"
+echo "[test] integration suite (NVFlare simulator, real PostgreSQL server, real Orthanc PACS)"
 run -q -m integration

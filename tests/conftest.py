@@ -123,3 +123,21 @@ def over_the_wire(model):
 
     common_decomposers.register()
     return FLModelUtils.from_shareable(fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model))))
+
+
+@pytest.fixture(scope="session")
+def orthanc():
+    """A real Orthanc PACS with DICOMweb for the session. CI sets FEDMED_REQUIRE_ORTHANC=1 so a missing one fails."""
+    import os
+
+    from orthanc import OrthancServer, find_orthanc
+
+    found = find_orthanc()
+    if found is None:
+        if os.environ.get("FEDMED_REQUIRE_ORTHANC") == "1":
+            pytest.fail("Orthanc or its DICOMweb plugin not found (apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip("Orthanc with the DICOMweb plugin not installed")
+    server = OrthancServer(*found)
+    server.start()
+    yield server
+    server.destroy()

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from fedmed import constants as C
 from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY, BRAIN_TEST_SCANNER, render_brain
+from fedmed.inference.dicom_out import read_structured_report
 from fedmed.inference.model_file import (
     META_THRESHOLD_METHOD,
     META_THRESHOLDS,
@@ -184,7 +186,7 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
                                                     META_THRESHOLD_METHOD: "manual"})
 
     out = tmp_path / "r2"
-    summary = run_inference(studies["root"], with_thr, _options(out, secondary_capture=True))
+    summary = run_inference(studies["root"], with_thr, _options(out, secondary_capture=True, structured_report=True))
     assert summary.exit_status == 0  # the lateral view is ignored, not an error
     by_uid = {r.study_uid: r for r in summary.results}
     assert by_uid[positive_study].positive == ["Effusion"] and by_uid[negative_study].positive == []
@@ -192,8 +194,10 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     assert by_uid[positive_study].probabilities == pytest.approx(probs[positive_study], abs=1e-6)
 
     pos = json.loads((out / "studies" / positive_study / "result.json").read_text())
-    assert pos["model"] == {"file": "model_thr.pt", "sha256": file_sha256(with_thr), "version": "round 3", "round": 3,
-                            "image_size": SIZE, "norm": "batch"}
+    # one model identity, the file hash labelled as such; no card in this file, and every output says what that means
+    assert pos["model"] == {"name": "model_thr.pt (chest_xray14, round 3)", "model_file_sha256": file_sha256(with_thr),
+                            "version": "round 3", "round": 3, "image_size": SIZE, "norm": "batch", "model_card": None}
+    assert pos["clinical_use_warning"].startswith("NOT FOR CLINICAL USE: this model file carries no model card")
     assert pos["thresholds"]["source"] == "model (manual)"
     assert pos["positive_findings"] == ["Effusion"] and "Effusion" not in pos["negative_findings"]
     assert len(pos["negative_findings"]) == 13
@@ -202,20 +206,36 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     # one overlay per positive finding, an RGB PNG with the source's aspect, and its Secondary Capture
     png = Path(pos["heatmaps"]["Effusion"])
     assert png.name == "Effusion.png" and Image.open(png).mode == "RGB"
-    assert sorted(p.name for p in png.parent.iterdir()) == ["Effusion.dcm", "Effusion.png", "result.json"]
+    assert sorted(p.name for p in png.parent.iterdir()) == ["Effusion.dcm", "Effusion.png", "report_sr.dcm",
+                                                            "result.json"]
     sc = pydicom.dcmread(pos["secondary_captures"]["Effusion"])
     source = pydicom.dcmread(pos["images"][0]["file"], stop_before_pixels=True)
     assert sc.SOPClassUID.name == "Secondary Capture Image Storage"
     assert sc.StudyInstanceUID == positive_study and sc.SeriesInstanceUID != source.SeriesInstanceUID
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert sc.pixel_array.shape == (512, 512, 3) and "Effusion" in sc.DerivationDescription
+    # no model card: the not-for-clinical-use banner is in the pictures themselves
+    assert tuple(np.asarray(Image.open(png))[2, 2]) == (150, 0, 0) and tuple(sc.pixel_array[2, 2]) == (150, 0, 0)
+    assert sc.BurnedInAnnotation == "YES"
     neg = json.loads((out / "studies" / negative_study / "result.json").read_text())
     assert neg["heatmaps"] == {} and neg["positive_findings"] == []
+    # the Structured Report of each study says what result.json says, read back with highdicom
+    for j in (pos, neg):
+        sr = pydicom.dcmread(j["structured_report"])
+        assert sr.SOPClassUID.name == "Comprehensive 3D SR Storage" and sr.StudyInstanceUID == j["study_instance_uid"]
+        said = read_structured_report(sr)
+        assert said["probabilities"] == pytest.approx(j["probabilities"], abs=1e-6)
+        assert said["thresholds"] == pytest.approx(thresholds, abs=1e-6)
+        assert [f for f, v in said["evaluations"].items() if v == "Present"] == j["positive_findings"]
+        assert said["evaluations"]["Clinical use"] == "Not for clinical use"
+        assert pos["clinical_use_warning"] in said["texts"] and f"model file sha256: {file_sha256(with_thr)}" in said["texts"]
 
     rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
     assert rows[positive_study]["positive_findings"] == "Effusion" and rows[negative_study]["positive_findings"] == ""
     assert float(rows[positive_study]["p_Effusion"]) == pytest.approx(max(p_a, p_b), abs=1e-6)
-    assert rows[positive_study]["model_sha256"] == file_sha256(with_thr)
+    assert rows[positive_study]["model_file_sha256"] == file_sha256(with_thr)
+    assert rows[positive_study]["clinical_use_warning"] == pos["clinical_use_warning"]
+    assert "NOT FOR CLINICAL USE" in sc.DerivationDescription
 
     # The inference log: one row per study, pseudonyms only, reproducible with the site key.
     logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
@@ -223,7 +243,8 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
                 for s in ("A", "B")}
     assert {r["study_pseudonym"]: r["patient_pseudonym"] for r in logs} == expected
     assert {r["positive_findings"] for r in logs} == {"Effusion", ""}
-    assert all(r["model_sha256"] == file_sha256(with_thr) and r["model_version"] == "round 3" for r in logs)
+    assert all(r["model_sha256"] == file_sha256(with_thr) and r["model_version"] == "model_thr.pt (chest_xray14, round 3)"
+               for r in logs)
     # no patient identifier in clear anywhere (database file included) but the Secondary Capture, which must name
     # its patient to be filed in the PACS
     clear = [v.encode() for v in studies["patients"].values()] + [b"SYNTHETIC^"]
@@ -376,7 +397,7 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
     meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, out, split="val")
     assert list(meta[META_THRESHOLDS]) == ["Effusion"] and 0.0 <= meta[META_THRESHOLDS]["Effusion"] <= 1.0
     assert meta["threshold_data"]["images"] == 6 and meta["threshold_data"]["positives"]["Effusion"] >= 1
-    assert meta["round"] == 3 and meta["threshold_data"]["source_model_sha256"] == file_sha256(model_path)
+    assert meta["round"] == 3 and meta["threshold_data"]["chosen_with_model_file_sha256"] == file_sha256(model_path)
     thresholds = read_model_file(out).thresholds()
     assert thresholds.values["Effusion"] == meta[META_THRESHOLDS]["Effusion"] and thresholds.values["Mass"] == 0.5
     assert thresholds.source.startswith("model (youden_j); default 0.5 for Atelectasis, Cardiomegaly")
@@ -395,7 +416,10 @@ def _bundle_and_infer(bundle: Path, dicom_root: Path, model_path: Path, tmp_path
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "predictions.csv", newline="") as f:
-        from_bundle = {row[0]: np.array(row[1:], float) for row in csv.reader(f)}
+        rows = list(csv.reader(f))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert rows[0] == ["file"] + [f"p_{c}" for c in meta["label_classes"].values()]  # the header says which is which
+    from_bundle = {row[0]: np.array(row[1:], float) for row in rows[1:]}
     summary = run_inference(dicom_root, model_path, _options(tmp_path / "infer", heatmaps=False))
     from_infer = {im["file"]: np.array(list(im["probabilities"].values())) for r in summary.results for im in r.images}
     return from_bundle, from_infer
@@ -410,7 +434,12 @@ def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, mode
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     assert config["dataset_dir"] == "" and str(tmp_path) not in json.dumps(config)  # no hard-coded paths
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    assert meta["fedmed"]["source_model_sha256"] == file_sha256(model_path)
+    assert meta["fedmed"]["model"]["model_file_sha256"] == file_sha256(model_path)
+    # no card in this model file: the bundle says what that means, where a reader of the bundle looks
+    assert meta["fedmed"]["clinical_use_warning"].startswith("NOT FOR CLINICAL USE") and meta["fedmed"]["model_card"] is None
+    assert meta["intended_use"].startswith("NOT FOR CLINICAL USE")
+    readme = (bundle / "README.md").read_text()
+    assert "**NOT FOR CLINICAL USE" in readme and "## Model card" in readme and "skipped.csv" in readme
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [SIZE, SIZE]
 
     from_bundle, from_infer = _bundle_and_infer(bundle, studies["root"], model_path, tmp_path)
@@ -484,7 +513,7 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
     out = tmp_path / "brain"
     monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
     status = _infer_main()([str(brain_studies["root"]), "--model", str(brain_model_path), "--out", str(out),
-                            "--secondary-capture", "--threads", "1"])
+                            "--secondary-capture", "--structured-report", "--threads", "1"])
     printed = capsys.readouterr()
     assert status == 1  # the chest film was skipped
     assert f"SKIPPED {brain_studies['chest']}: modality CR is not one of ['MR']" in printed.err
@@ -525,6 +554,9 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
     for key in ("A", "B"):
         row, j = rows[brain_studies[key]], studies[key]
         assert row["predicted_class"] == j["predicted_class"] and row["decision_rule"] == "multiclass: argmax"
+        said = read_structured_report(pydicom.dcmread(j["structured_report"]))  # the SR: the argmax class Present
+        assert said["thresholds"] == {} and said["probabilities"] == pytest.approx(j["probabilities"], abs=1e-6)
+        assert [c for c in BRAIN_CLASSES if said["evaluations"][c] == "Present"] == [j["predicted_class"]]
         assert [float(row[f"p_{c}"]) for c in BRAIN_CLASSES] == pytest.approx(list(j["probabilities"].values()), abs=1e-6)
     assert "1 file(s) skipped: modality CR is not one of ['MR']" in rows[brain_studies["A"]]["message"]
     summary = json.loads((out / "summary.json").read_text())
@@ -575,3 +607,129 @@ def test_brain_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, brain_m
     assert set(from_bundle) == set(from_infer) and len(from_infer) == 3  # sagittal slice and chest film left out
     for path, probs in from_infer.items():
         np.testing.assert_allclose(from_bundle[path], probs, atol=1e-5, rtol=0)
+
+
+# --- model card, not-for-clinical-use, Grad-CAM resolution, the bundle's skipped files -----------------------------
+
+
+def _card_meta(synthetic: bool) -> dict:
+    from types import SimpleNamespace
+
+    from fedmed.model_card import ModelCardBuilder
+
+    builder = ModelCardBuilder("chest_xray14", "geometric_median", "NVFlare federation (fedmed)")
+    builder.add_round(["hospital-a", "hospital-b"], [
+        SimpleNamespace(site="hospital-a", data_synthetic=synthetic, privacy={"epsilon": 2.5}),
+        SimpleNamespace(site="hospital-b", data_synthetic=synthetic, privacy={})])
+    return builder.card().to_meta()
+
+
+def test_synthetic_model_says_so_in_every_output_and_refuses_a_1x1_gradcam(tmp_path, model_path, studies,
+                                                                          monkeypatch, capsys):
+    blob = torch.load(model_path, weights_only=True)
+    path = tmp_path / "synthetic.pt"
+    # image size 32: DenseNet-121's last feature map is 1x1; thresholds 0: every finding positive, so a heatmap
+    # would be drawn for each if Grad-CAM were not refused
+    write_model_file(path, blob["state_dict"], {**blob["meta"], "image_size": 32, "model_card": _card_meta(True),
+                                                META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS}})
+    out = tmp_path / "out"
+    monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
+    status = _infer_main()([str(studies["root"]), "--model", str(path), "--out", str(out), "--secondary-capture",
+                            "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    line = "NOT FOR CLINICAL USE: trained on synthetic data (hospital-a, hospital-b)"
+    assert printed.count(line) == 2  # first and last line of the console output
+    assert "hospital-a epsilon 2.50, hospital-b no DP" in printed and "Grad-CAM not drawn: at 32 px" in printed
+    assert "out-of-distribution: not checked (the model file has no OOD statistics" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clinical_use_warning"].startswith(line) and summary["heatmap_note"].startswith("Grad-CAM not drawn")
+    assert summary["model"]["model_card"]["synthetic_sites"] == ["hospital-a", "hospital-b"]
+    for uid in (studies["A"], studies["B"]):
+        j = json.loads((out / "studies" / uid / "result.json").read_text())
+        assert j["clinical_use_warning"].startswith(line) and j["model"]["model_card"]["rounds"] == 1
+        assert j["positive_findings"] == list(CXR14_FINDINGS) and j["heatmaps"] == {} and j["secondary_captures"] == {}
+        assert j["heatmap_note"] == summary["heatmap_note"]
+    assert all(r["clinical_use_warning"].startswith(line) for r in _read_csv(out / "results.csv"))
+
+
+def test_real_data_card_has_no_warning_and_a_coarse_gradcam_is_flagged(tmp_path, model_path, studies):
+    blob = torch.load(model_path, weights_only=True)
+    path = tmp_path / "real.pt"
+    write_model_file(path, blob["state_dict"], {**blob["meta"], "model_card": _card_meta(False),
+                                                META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS}})
+    summary = run_inference(studies["root"], path, _options(tmp_path / "out"))
+    assert summary.clinical_use_warning is None
+    assert summary.heatmap_note.startswith(f"Grad-CAM is coarse: the model's last feature map is 2x2 at {SIZE} px")
+    j = json.loads((tmp_path / "out" / "studies" / studies["A"] / "result.json").read_text())
+    assert j["clinical_use_warning"] is None and len(j["heatmaps"]) == 14  # drawn, with the note beside them
+    assert tuple(np.asarray(Image.open(j["heatmaps"]["Effusion"]))[2, 2]) != (150, 0, 0)  # no banner
+    assert _read_csv(tmp_path / "out" / "results.csv")[0]["clinical_use_warning"] == ""
+
+
+def test_a_malformed_model_card_is_refused_before_anything_is_written(tmp_path, model_path, studies):
+    blob = torch.load(model_path, weights_only=True)
+    path = tmp_path / "bad.pt"
+    write_model_file(path, blob["state_dict"], {**blob["meta"], "model_card": {"rounds": "many"}})
+    with pytest.raises(ValueError, match="bad.pt: model_card rounds must be an integer"):
+        run_inference(studies["root"], path, _options(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundle_lists_skipped_and_ignored_files_with_reasons(tmp_path, model_path, studies):
+    from fedmed.inference.studies import task_image_datalist
+
+    root = tmp_path / "dicom"
+    _dicom(root / "s", "IM1", "P1", generate_uid(), "PA", seed=1)
+    _dicom(root / "s", "IM2", "P1", generate_uid(), "LL", seed=2)
+    (root / "s" / "notes.txt").write_text("not DICOM")
+    skipped = tmp_path / "eval" / "skipped.csv"
+    items = task_image_datalist(str(root), None, str(skipped))
+    rows = _read_csv(skipped)
+    assert [Path(i["image"]).name for i in items] == ["IM1"]
+    assert {(Path(r["file"]).name, r["status"]) for r in rows} == {("IM2", "ignored"), ("notes.txt", "skipped")}
+    assert all(r["reason"] for r in rows)
+
+
+def test_ood_guard_calibrated_with_the_thresholds_flags_an_image_unlike_them(tmp_path, model_path, studies):
+    labels = np.zeros((12, 14), int)
+    labels[:6, 2] = 1
+    rng = np.random.default_rng(0)
+    csv_path = write_site(tmp_path / "site", labels, ["val"] * 12, ScannerProfile(), rng, "cal-site", SIZE)
+    calibrated = tmp_path / "calibrated.pt"
+    meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, calibrated, split="val")
+    assert meta["ood"]["calibration"]["images"] == 12 and meta["ood"]["threshold"] > 0
+    # an image no chest scanner makes: uniform noise in a valid DX header
+    noise_uid = generate_uid()
+    pixels = np.random.default_rng(5).integers(0, 4095, (SIZE, SIZE)).astype(np.uint16)
+    ds = make_dicom(pixels, ScannerProfile(), "PATN", noise_uid, generate_uid(), generate_uid(), 1,
+                    {"BodyPartExamined": "CHEST", "ViewPosition": "PA"}, "hospital-x")
+    root = tmp_path / "in"
+    (root / "noise").mkdir(parents=True)
+    ds.save_as(root / "noise" / "IM1", enforce_file_format=True)
+    shutil.copytree(studies["root"], root / "chest")
+    out = tmp_path / "out"
+    summary = run_inference(root, calibrated, _options(out, heatmaps=False, structured_report=True))
+    noise = json.loads((out / "studies" / noise_uid / "result.json").read_text())
+    chest = json.loads((out / "studies" / studies["A"] / "result.json").read_text())
+    assert noise["out_of_distribution"]["flagged_images"] == [ds.SOPInstanceUID]
+    assert noise["images"][0]["out_of_distribution"] is True
+    assert noise["images"][0]["ood_score"] > noise["out_of_distribution"]["threshold"] > 0
+    assert chest["images"][0]["ood_score"] < noise["images"][0]["ood_score"]
+    assert summary.out_of_distribution[noise_uid] == [ds.SOPInstanceUID]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["out_of_distribution"]["checked"] and noise_uid in s["out_of_distribution"]["studies"]
+    row = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}[noise_uid]
+    assert row["ood_flagged_images"] == "1" and float(row["max_ood_score"]) == pytest.approx(
+        noise["images"][0]["ood_score"], abs=1e-3)
+    said = read_structured_report(pydicom.dcmread(noise["structured_report"]))
+    assert said["evaluations"]["Unlike the training images"] == "Present"
+    assert any(t.startswith("out-of-distribution score: feature distance to 12 calibration images") for t in said["texts"])
+
+
+def test_without_ood_statistics_outputs_say_not_checked(tmp_path, model_path, studies):
+    run_inference(studies["root"], model_path, _options(tmp_path / "out", heatmaps=False))
+    j = json.loads((tmp_path / "out" / "studies" / studies["A"] / "result.json").read_text())
+    assert j["out_of_distribution"]["checked"] is False and j["images"][0]["ood_score"] is None
+    assert j["out_of_distribution"]["note"].startswith("out-of-distribution: not checked")
+    assert _read_csv(tmp_path / "out" / "results.csv")[0]["ood_flagged_images"] == ""

@@ -24,13 +24,18 @@ def test_benchmark_loop_survives_a_nan_site_with_the_geometric_median(sets):
     res = federate(train, test, 1, "geometric_median", task=CHEST_XRAY14, hostile={"hospital-c": Attack("nan")}, use_trust=True,
                    batch_size=4)
     assert 0.0 <= res["auroc"] <= 1.0 and res["epsilon"] == {}
+    # the model card names only the sites aggregated (the NaN site's update was rejected); data not declared
+    assert res.card["hospitals"] == ["hospital-a", "hospital-b"] and res.card["rounds"] == 1
+    assert res.card["synthetic_data"] is None and res.card["aggregation"] == "geometric_median"
 
 
 def test_benchmark_loop_reports_epsilon_per_site(sets):
     train, test = sets
-    res = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, privacy=PrivacyPolicy(epsilon=8.0), norm="group", batch_size=4)
+    res = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, privacy=PrivacyPolicy(epsilon=8.0), norm="group",
+                   batch_size=4, data_synthetic=True)
     assert set(res["epsilon"]) == set(SITES)
     assert all(0 < e <= 8.0 * 1.000001 and math.isfinite(e) for e in res["epsilon"].values())
+    assert res.card["dp_epsilon"] == pytest.approx(res["epsilon"]) and res.card["synthetic_sites"] == list(SITES)
 
 
 def test_benchmark_runs_repeat_exactly_on_shared_datasets(sets):

@@ -118,10 +118,24 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert len(changed) > len(initial) // 2
     best = torch.load(app / "best_model.pt", weights_only=True)["meta"]
     assert best["round"] == repo.get_run(run_id).best_round  # the model file says the round the record and log say
+    # The model card says what the run did: the sites' data is generated (their configs do not declare it; the
+    # images' Manufacturer does), no DP, no HE.
+    card = torch.load(app / "global_model.pt", weights_only=True)["meta"]["model_card"]
+    assert set(card["hospitals"]) == set(SITES)
+    assert card["rounds"] == 2 and card["synthetic_data"] is True and set(card["synthetic_sites"]) == set(SITES)
+    assert card["dp_epsilon"] == {s: None for s in SITES} and card["he_layers"] == [] and card["task"] == "chest_xray14"
+    assert card["aggregation"] == "geometric_median" and card["intended_use"]
+    # both files carry OOD statistics of the server's own test set (16 images), calibrated at the end of the run
+    for name in ("global_model.pt", "best_model.pt"):
+        ood = torch.load(app / name, weights_only=True)["meta"]["ood"]
+        assert ood["calibration"]["data"] == "server global test set, 16 images" and ood["threshold"] > 0
 
     report = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--db-url", f"sqlite:///{db}",
-                             "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
+                             "--out", str(tmp_path / "report"), "--model", str(app / "best_model.pt")],
+                            capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "NOT FOR CLINICAL USE: trained on synthetic data" in page and "Model card" in page
     assert (tmp_path / "report" / "global_score.png").stat().st_size > 10_000
     assert repo.verify_audit() is None
 

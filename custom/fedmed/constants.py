@@ -41,6 +41,7 @@ META_UPDATE_CLIP_NORM = "user_dp_clip_norm"  # set by fedmed.flare.filters.Updat
 META_UPDATE_NOISE_MULTIPLIER = "user_dp_noise_multiplier"
 META_SIGNATURE = "fedmed_signature"  # a site's ML-DSA-65 + Ed25519 signature of its update (fedmed.signing)
 META_GLOBAL_SIGNATURE = "fedmed_global_signature"  # the server's signature of the global model it sends
+META_DATA_SYNTHETIC = "data_synthetic"  # the site trained on synthetic (generated) data: True/False, absent = unknown
 META_LIFETIME_EPSILON = "dp_lifetime_epsilon"  # the site's dataset's epsilon across all jobs, from its privacy ledger
 
 # FLContext property (site side, one task): the global model in clear that the site trained from, for the

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.model_card import ModelCardBuilder
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.robust.attacks import Attack, apply_attack
@@ -41,6 +42,7 @@ class Federation:
     reports: list = field(default_factory=list)  # RoundReport per round that ran
     stopped: Optional[str] = None  # why the run stopped early (a round that could not aggregate)
     params: Optional[dict] = None
+    card: Optional[dict] = None  # the model card of `params` (fedmed.model_card), for whoever saves them
 
     def __getitem__(self, key):  # old callers read a dict
         return getattr(self, key)
@@ -103,6 +105,7 @@ def federate(
     server_validation=None,
     attack_from: int = 0,
     absent: Optional[Mapping[str, int]] = None,
+    data_synthetic: Optional[bool] = None,
 ) -> Federation:
     """Run `rounds` of FL over the given site datasets through the round engine.
 
@@ -112,6 +115,7 @@ def federate(
     server_validation: a labelled dataset the server scores each update on (the Controller's validation
     screening). attack_from: the round index from which the hostile sites attack (before it they are honest).
     absent: site -> round index from which it sends nothing (recorded missing): a hospital that leaves.
+    data_synthetic: whether the site datasets are synthetic, for the model card (None: not said).
     A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
     hostile = hostile or {}
     torch.manual_seed(seed)
@@ -143,6 +147,7 @@ def federate(
     global_block = None
     history: dict = {}
     out = Federation(float("nan"), float("nan"), {})
+    card = ModelCardBuilder(task.name, aggregation, "in-process federation (fedmed.inprocess)", tuple(he_names))
     for r in range(rounds):
         results = []
         attacks = hostile if r >= attack_from else {}
@@ -170,6 +175,7 @@ def federate(
             break
         global_params = dict(report.params)
         global_block = report.encrypted
+        card.add_round(report.aggregated_sites, [replace(res, data_synthetic=data_synthetic) for res in results])
     # Evaluate as a hospital would: with the encrypted layers decrypted.
     final = dict(global_params)
     if global_block is not None:
@@ -180,6 +186,7 @@ def federate(
     result = evaluate(model, test_set, task)
     out.auroc, out.score, out.params = result.mean_auroc, result.score, final
     out.epsilon = {n: s.epsilon_spent for n, s in dp.items()}
+    out.card = card.card().to_meta()
     return out
 
 

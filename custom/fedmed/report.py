@@ -76,8 +76,13 @@ def score_figure(rows: list):
     return fig
 
 
-def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
-    """Write <out_dir>/report.html and its PNG figures; returns the HTML path."""
+def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Path:
+    """Write <out_dir>/report.html and its PNG figures; returns the HTML path.
+
+    Args:
+        model: optional fedmed.inference.model_file.ModelFile of this run (global or best model): its identity,
+            model card and not-for-clinical-use line head the report.
+    """
     plt = _plt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,12 +135,21 @@ def write_report(repo: Repository, run_id: int, out_dir: Path) -> Path:
     best = next((r for r in rows if r.round_num == run.best_round), None)
     best_label = score_label(best.score_name, best.score_source) if best is not None else "score"
     imgs = "".join(f'<img src="{f}" alt="{f}">' for f in FIGURES)
+    card_html = ""
+    if model is not None:
+        warning = model.clinical_use_warning
+        lines = model.card.lines() if model.card else ["This model file carries no model card."]
+        card_html = ((f'<p style="color:#b00;font-weight:bold">{html.escape(warning)}</p>' if warning else "")
+                     + f"<h2>Model card: {html.escape(model.name)}</h2><p>model file sha256 "
+                     f"<code>{html.escape(model.sha256)}</code></p><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedmed run {run.id}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:540px;margin:4px}}</style></head><body>
 <h1>fedmed run {run.id}: {html.escape(run.name)}</h1>
 <p>job {html.escape(run.job_id)} · aggregation {html.escape(run.aggregation)} · status {html.escape(run.status)} ·
 started {run.started_at} · best round {_fmt(run.best_round)} ({html.escape(best_label)} {_fmt(run.best_metric)})</p>
+{card_html}
 {imgs}
 <p><small>Per-site figures: each site has its own marker and line style and is drawn slightly to the side of the
 round, so sites with equal values stay visible.</small></p>

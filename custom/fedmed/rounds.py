@@ -56,6 +56,7 @@ class SiteResult:
     signature: Optional[str] = None  # hex signature of the update (fedmed.signing), kept with the record
     signed_digest: Optional[str] = None  # hex digest the server computed and verified the signature over
     authentication: Optional[str] = None  # why the signature failed (set by the adapter that verified it)
+    data_synthetic: Optional[bool] = None  # the site says it trained on synthetic data (for the model card only)
 
 
 @dataclass(frozen=True)

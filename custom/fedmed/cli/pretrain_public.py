@@ -21,12 +21,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fedmed.data.loading import load_train_val
+from fedmed.data.loading import load_items, load_train_val
 from fedmed.model import NORMS, build_densenet121, state_to_numpy
+from fedmed.model_card import META_MODEL_CARD, ModelCard, data_is_synthetic
 from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14, TASKS, get_task
 from fedmed.training import evaluate, round_lr, train_epochs
 from fedmed.weights import save_state
+
+
+def pretraining_card(task: str, source: str, synthetic, rounds: int = 1) -> ModelCard:
+    """The model card of centrally pretrained weights: one data source, no DP, no HE."""
+    return ModelCard(task=task, hospitals=(source,), rounds=rounds,
+                     synthetic_sites=(source,) if synthetic is True else (),
+                     real_sites=(source,) if synthetic is False else (),
+                     unknown_sites=(source,) if synthetic is None else (), dp_epsilon={source: None},
+                     trained_by="central pretraining (fedmed-pretrain-public)", aggregation="none (one site)")
 
 
 def pretrain(data: DataConfig, out: Path, task_name: str, epochs: int = 5, image_size: int = 128,
@@ -37,6 +47,8 @@ def pretrain(data: DataConfig, out: Path, task_name: str, epochs: int = 5, image
     train, val = load_train_val(data, image_size, seed, task)
     params, meta = pretrain_on(train, val, task, epochs, batch_size, lr, norm, seed, progress)
     meta.update(pretrained_on=str(data.root), format=data.format, image_size=image_size)
+    meta[META_MODEL_CARD] = pretraining_card(task.name, Path(data.root).name, data_is_synthetic(
+        [it.path for it in load_items(data, task)])).to_meta()
     save_state(params, out, meta)  # atomic: an interrupted run never leaves a half-written weights file
     return meta
 

@@ -3,6 +3,7 @@ weighted validation; test loss when there is a test set; per-site trust, privacy
 same figures as PNG, from the database.
 
     fedmed-report --out runs/report [--db-url URL] [--run-id N]     (default $FEDMED_DB_URL, latest run)
+        [--model best_model.pt]     (its model card and not-for-clinical-use line head the report)
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ def main(argv=None) -> int:
     p.add_argument("--db-url", default=os.environ.get(ENV_DB_URL))
     p.add_argument("--run-id", type=int)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="the run's global or best model file: its model card is shown")
     a = p.parse_args(argv)
     if not a.db_url:
         p.error(f"give --db-url or set {ENV_DB_URL}")
     repo = Repository(a.db_url, create_schema=False)
     try:
         run_id = repo.run_id_or_latest(a.run_id)
-        path = write_report(repo, run_id, a.out)
-    except ValueError as e:
+        model = None
+        if a.model:
+            from fedmed.inference.model_file import read_model_file
+
+            model = read_model_file(a.model)
+        path = write_report(repo, run_id, a.out, model)
+    except (ValueError, FileNotFoundError) as e:
         print(f"cannot write report: {e}", file=sys.stderr)
         return 1
     finally:

@@ -32,6 +32,7 @@ from fedmed.flare import wire
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
+from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder
 from fedmed.robust.trust import SiteTrust, TrustPolicy
 from fedmed.rounds import (
     EncryptionSpec,
@@ -220,6 +221,7 @@ class FedMedController(ModelController):
         eval_model = build_densenet121(self.num_outputs, norm=self.norm)
         model = self.load_model()
         best_round, best_score, status = None, -math.inf, "finished"
+        best = None  # (params, meta) of the best model, for the OOD calibration at the end
         last_round_sites: list = []
         try:
             # Inside the try: a refused HE context ends the run recorded as failed, with the reason.
@@ -228,6 +230,7 @@ class FedMedController(ModelController):
             engine = RoundEngine(self._rules, encryption, trust=self._load_trust(db),
                                  validate=self._validator(eval_model, test_ds))
             self._setup_signatures()
+            card = ModelCardBuilder(self.task, self.aggregation, "NVFlare federation (fedmed)", self.he_layers or ())
             for round_num in range(self.num_rounds):
                 if self.abort_signal.triggered:
                     status = "aborted"
@@ -249,17 +252,20 @@ class FedMedController(ModelController):
                     if not report.probation:
                         raise RuntimeError(report.problem)
                     continue  # the global model stands; quarantined sites were scored and may be re-admitted
+                card.add_round(report.aggregated_sites, site_results)
+                meta = {**self._model_meta(), META_MODEL_CARD: card.card().to_meta()}
                 # Rounds are numbered from 1 in the record, the model files and the logs; NVFlare's current_round
                 # (0-based) stays on the wire, where the sites' schedules and signatures use it.
-                model = wire.global_model(report.params, round_num + 1, self._model_meta(), report.encrypted)
+                model = wire.global_model(report.params, round_num + 1, meta, report.encrypted)
                 sha = model_sha256(model.params, model.meta.get(C.META_ENCRYPTED))
                 score, source, mean_auroc, test_loss, test_metrics = self._score(eval_model, report, site_results,
                                                                                  test_ds)
                 self.save_model(model)
                 if score > best_score:
                     best_round, best_score = round_num + 1, score
-                    self._save_best(model.params, {**model.meta, "score": score, "score_name": self._task.score_name,
-                                                   "score_source": source, "sha256": sha})
+                    best = (model.params, {**model.meta, "score": score, "score_name": self._task.score_name,
+                                           "score_source": source, "sha256": sha})
+                    self._save_best(*best)
                 db.write("record_round", run_uid=run_uid, record=self._round_record(
                     report, engine, started, test_loss, (score, source, mean_auroc), test_metrics, sha))
                 self._log_round(report, targets, score, test_loss, best_score, best_round, time.monotonic() - t0)
@@ -269,6 +275,8 @@ class FedMedController(ModelController):
             raise
         finally:
             self._finish_record(db, run_uid, status, best_round, best_score)
+        if status == "finished" and test_ds is not None:
+            self._calibrate_ood(eval_model, test_ds, model, best)
         if status == "finished":
             self._send_final_model(model, last_round_sites)
         self.info(f"run {run_uid} {status}; best {self._task.score_name} {best_score:.4f} at round "
@@ -484,6 +492,29 @@ class FedMedController(ModelController):
         score = report.weighted_site_metric(site_results, C.META_VAL_PREFIX + self._task.score_name)
         mean_auroc = report.weighted_site_metric(site_results, C.META_VAL_MEAN_AUROC)
         return score, "site_validation", finite_or_none(mean_auroc), None, {}
+
+    def _calibrate_ood(self, eval_model, test_ds, model: FLModel, best) -> None:
+        """Re-save the global and best model with out-of-distribution statistics of the server's own test set
+        (fedmed.inference.ood): data the server holds anyway, so the files reveal nothing of a hospital's."""
+        import torch
+
+        from fedmed.inference.ood import META_OOD, fit_ood, pooled_features
+
+        images = torch.stack([test_ds[i][0] for i in range(len(test_ds))])
+        what = f"server global test set, {len(images)} images"
+        targets = [("global", model.params, model.meta)] + ([("best", *best)] if best is not None else [])
+        try:
+            for which, params, meta in targets:
+                load_numpy_state(eval_model, params)
+                meta = {**meta, META_OOD: fit_ood(pooled_features(eval_model, images), what).to_meta()}
+                if which == "global":
+                    self.save_model(FLModel(params_type=model.params_type, params=params, meta=meta))
+                elif isinstance(self.persistor, FedMedModelPersistor):
+                    self.persistor.save_best(params, meta, self.fl_ctx)
+        except ValueError as e:  # e.g. a test set too small to calibrate: the models stand without the guard
+            self.warning(f"out-of-distribution guard not calibrated: {e}")
+            return
+        self.info(f"out-of-distribution guard calibrated on the {what} (global and best model)")
 
     def _save_best(self, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):

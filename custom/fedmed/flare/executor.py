@@ -32,6 +32,7 @@ from fedmed.flare import signatures as wire_sig
 from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable, state_to_numpy
+from fedmed.model_card import data_is_synthetic
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, PrivacyLedger, dataset_fingerprint
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
@@ -144,6 +145,7 @@ class FedMedTrainer(Executor):
         self._he_names: tuple = ()
         self._last_head: Optional[dict] = None  # the last decrypted global head this site accepted
         self._site: Optional[SiteConfig] = None
+        self._data_synthetic: Optional[bool] = None  # for the model card: what this site trained on
         self._ledger: Optional[LedgerBinding] = None
         self._noise_filters: list = []  # the site's UpdateNoiseFilter(s) in the job's privacy scope
         self._refusal: Optional[str] = None  # set at start-up when the site refuses the whole job
@@ -212,6 +214,8 @@ class FedMedTrainer(Executor):
             torch.set_num_threads(self._site.num_threads)
         t0 = time.monotonic()
         self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed, self._task)
+        self._data_synthetic = data_is_synthetic([it.path for it in load_items(self._site.data, self._task)],
+                                                 self._site.synthetic_rehearsal)
         if self._site.hostile is not None:
             self.log_warning(fl_ctx, f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
                                      f"rehearsal: its updates are deliberately corrupted")
@@ -455,5 +459,5 @@ class FedMedTrainer(Executor):
             params=state_to_numpy(self._model),
             metrics=metrics,
             meta={C.META_NUM_SAMPLES: len(self._train_ds), C.META_SITE: site, C.META_EPOCHS: self.local_epochs,
-                  **privacy_meta},
+                  **privacy_meta, **({} if self._data_synthetic is None else {C.META_DATA_SYNTHETIC: self._data_synthetic})},
         )

@@ -23,6 +23,7 @@ def to_site_result(result: FLModel, verify=None) -> SiteResult:
     given, every update that is not a refusal must carry a valid signature of its site."""
     meta = result.meta or {}
     refused = meta.get(C.META_REFUSED)
+    synthetic = meta.get(C.META_DATA_SYNTHETIC)
     signature = digest = problem = None
     if verify is not None and refused is None and meta.get(C.META_UNAVAILABLE) is None:
         try:
@@ -42,6 +43,7 @@ def to_site_result(result: FLModel, verify=None) -> SiteResult:
         signature=signature,
         signed_digest=digest,
         authentication=problem,
+        data_synthetic=synthetic if isinstance(synthetic, bool) else None,  # anything but a bool: not reported
     )
 
 

@@ -20,13 +20,30 @@ import monai
 import numpy as np
 import pydicom
 import torch
+from monai.data import CSVSaver
 
 from fedmed.data.transforms import INTENSITY_PERCENTILES, RESIZE_MODE
 from fedmed.inference.model_file import ARGMAX_RULE, read_model_file
 from fedmed.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec
 
-BUNDLE_VERSION = "0.1.0"
+BUNDLE_VERSION = "0.2.0"  # 0.2.0: predictions.csv has a header row; skipped.csv lists the files left out
 PREDICTIONS_CSV = "predictions.csv"
+SKIPPED_CSV = "skipped.csv"
+
+
+class PredictionsSaver(CSVSaver):
+    """MONAI's CSVSaver with a header row (``file`` then one column per class), so the file says which
+    probability is which. MONAI's writes none; its rows and order are unchanged."""
+
+    def __init__(self, output_dir: str, filename: str, header: list):
+        super().__init__(output_dir=output_dir, filename=filename, overwrite=True)
+        self.header = list(header)
+
+    def finalize(self) -> None:
+        if not self._filepath.exists() or self._filepath.stat().st_size == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._filepath.write_text(self.delimiter.join(self.header) + "\n")
+        super().finalize()
 
 # What the bundle's metadata and README say about each task's model (the code paths ask the task itself).
 BUNDLE_TEXTS = {
@@ -70,10 +87,14 @@ def network_def(norm: str, num_outputs: int) -> dict:
 
 
 def datalist_def(task: TaskSpec) -> dict:
-    """The MONAI data list of the images infer would read for this task (chest keeps the name older bundles use)."""
+    """The MONAI data list of the images infer would read for this task (chest keeps the name older bundles use);
+    every file left out is listed with its reason in SKIPPED_CSV beside the predictions."""
+    skipped = f"$@output_dir + '/{SKIPPED_CSV}'"
     if task.name == CHEST_XRAY14.name:
-        return {"_target_": "fedmed.inference.studies.frontal_image_datalist", "root": "@dataset_dir"}
-    return {"_target_": "fedmed.inference.studies.task_image_datalist", "root": "@dataset_dir", "task": task.name}
+        return {"_target_": "fedmed.inference.studies.frontal_image_datalist", "root": "@dataset_dir",
+                "skipped_csv": skipped}
+    return {"_target_": "fedmed.inference.studies.task_image_datalist", "root": "@dataset_dir", "task": task.name,
+            "skipped_csv": skipped}
 
 
 def load_def(task: TaskSpec) -> dict:
@@ -85,7 +106,7 @@ def load_def(task: TaskSpec) -> dict:
 
 
 def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: int = 16,
-                     task: TaskSpec = CHEST_XRAY14) -> dict:
+                     task: TaskSpec = CHEST_XRAY14, classes: Optional[list] = None) -> dict:
     keys = "image"
     activation = "softmax" if task.is_multiclass else "sigmoid"
     return {
@@ -119,6 +140,9 @@ def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: i
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "cpu"},
             {"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": PREDICTIONS_CSV,
+             "saver": {"_target_": "fedmed.inference.bundle.PredictionsSaver", "output_dir": "@output_dir",
+                       "filename": PREDICTIONS_CSV,
+                       "header": ["file"] + [f"p_{c}" for c in (classes or task.classes[:num_outputs])]},
              "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
              "output_transform": "$lambda x: [xx['pred'] for xx in x]"},
         ],
@@ -150,7 +174,8 @@ def metadata(model, image_size: int, findings: list, task: TaskSpec = CHEST_XRAY
         "description": text["description"],
         "authors": "fedmed",
         "copyright": "fedmed",
-        "intended_use": "Research and decision support only; not for primary diagnosis.",
+        "intended_use": ((model.clinical_use_warning + ". ") if model.clinical_use_warning else "")
+        + (model.card.intended_use if model.card else "Research and decision support only; not for primary diagnosis."),
         "data_source": text["data_source"],
         "data_type": "dicom",
         "image_classes": text["image_classes"],
@@ -163,16 +188,23 @@ def metadata(model, image_size: int, findings: list, task: TaskSpec = CHEST_XRAY
                                  "spatial_shape": [1], "dtype": "float32", "value_range": [0, 1],
                                  "is_onehot": False, "channel_def": {str(i): f for i, f in enumerate(findings)}}},
         },
-        "fedmed": {"source_model_file": model.path.name, "source_model_sha256": model.sha256,
-                   "round": model.meta.get("round"), "norm": model.norm, **decision, "platform": platform.platform()},
+        "fedmed": {"clinical_use_warning": model.clinical_use_warning, "model": model.identity(),
+                   "source_model_file": model.path.name,
+                   "round": model.meta.get("round"), "norm": model.norm,
+                   "model_card": model.card.to_meta() if model.card else None, **decision,
+                   "platform": platform.platform()},
     }
 
 
 README = """# {name} (MONAI Bundle)
-
-Exported by `scripts/export_bundle` from `{source}` ({version}, sha256 `{sha256}`).
+{warning}
+Exported by `scripts/export_bundle` from model {identity} (model file sha256 `{sha256}`).
 {outputs}
 Research and decision support only; not for primary diagnosis.
+
+## Model card
+
+{card}
 
 ## Run
 
@@ -187,7 +219,9 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 ```
 
 `dataset_dir` is a DICOM file, study folder or tree (files with or without `.dcm`). Output: `eval/{predictions}`,
-one line per {images}: file path, then the {count} probabilities in this order: {findings}.
+a header row, then one line per {images}: file path, then the {count} probabilities in this order: {findings}.
+`eval/{skipped}` lists every file left out (`file,status,reason`): "skipped" for unusable files, "ignored" for
+images this model does not read, with the same reasons `fedmed-infer` gives.
 
 ## Preprocessing (the same as training)
 
@@ -221,7 +255,7 @@ def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = N
     torch.save(model.state_dict, out_dir / "models" / "model.pt")
     meta = metadata(model, size, findings, spec)
     (out_dir / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
-    config = inference_config(size, model.norm, model.num_outputs, batch_size, spec)
+    config = inference_config(size, model.norm, model.num_outputs, batch_size, spec, findings)
     (out_dir / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
     if spec.is_multiclass:
         decision_title = "Decision"
@@ -232,8 +266,11 @@ def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = N
         table = "\n".join(["| finding | threshold |", "|---|---|"]
                           + [f"| {f} | {t:.4f} |" for f, t in thresholds.items()])
         decision = f"Per finding, probability >= threshold is positive ({meta['fedmed']['thresholds_source']}):\n\n{table}"
+    card_lines = model.card.lines() if model.card else ["This model file carries no model card."]
+    warning = f"\n**{model.clinical_use_warning}**\n" if model.clinical_use_warning else ""
     (out_dir / "README.md").write_text(README.format(
-        source=model.path.name, version=model.version, sha256=model.sha256, monai_version=monai.__version__,
+        identity=model.name, sha256=model.sha256, warning=warning, skipped=SKIPPED_CSV,
+        card="\n".join(f"- {line}" for line in card_lines), monai_version=monai.__version__,
         predictions=PREDICTIONS_CSV, findings=", ".join(findings), count=len(findings), lo=INTENSITY_PERCENTILES[0],
         hi=INTENSITY_PERCENTILES[1], size=size, mode=RESIZE_MODE, decision_title=decision_title, decision=decision,
         **{k: BUNDLE_TEXTS[spec.name][k] for k in ("name", "outputs", "selection", "images", "read_as")}))

@@ -15,8 +15,10 @@ from typing import Optional, Sequence
 import torch
 
 from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
+from fedmed.inference.ood import META_OOD, OodStatistics, fit_ood, ood_from_meta, pooled_features
 from fedmed.metrics import youden_thresholds
 from fedmed.model import HEAD_PREFIX, build_densenet121
+from fedmed.model_card import ModelCard, card_from_meta, clinical_use_warning
 from fedmed.tasks import CHEST_XRAY14, TaskSpec, get_task
 from fedmed.weights import save_state
 
@@ -29,6 +31,7 @@ META_THRESHOLD_METHOD = "threshold_method"
 META_THRESHOLD_DATA = "threshold_data"
 META_IMAGE_SIZE = "image_size"
 META_TASK = "task"  # the job's task (fedmed.tasks), written by the Controller; absent in older files = chest
+META_WEIGHTS_SHA256 = "sha256"  # best_model.pt: the Controller's hash of the weights, as in the run's rounds table
 
 
 def file_sha256(path: Path) -> str:
@@ -80,6 +83,35 @@ class ModelFile:
         r = self.meta.get(META_ROUND)
         return f"round {r}" if r is not None else "unversioned (no round in meta)"
 
+    @property
+    def card(self) -> Optional[ModelCard]:
+        """The model card the file carries (fedmed.model_card), None for files written without one."""
+        return card_from_meta(self.meta, str(self.path.name))
+
+    @property
+    def ood(self) -> Optional[OodStatistics]:
+        """The out-of-distribution statistics the file carries (fedmed.inference.ood), None when not calibrated."""
+        return ood_from_meta(self.meta, str(self.path.name))
+
+    @property
+    def clinical_use_warning(self) -> Optional[str]:
+        """The not-for-clinical-use line every output repeats (synthetic training data, or no card to say)."""
+        return clinical_use_warning(self.card)
+
+    @property
+    def name(self) -> str:
+        """The one human-readable model identity outputs show: file, task and round (the file hash beside it,
+        labelled model_file_sha256, identifies the exact bytes)."""
+        return f"{self.path.name} ({self.task().name}, {self.version})"
+
+    def identity(self) -> dict:
+        """The model identity for JSON outputs: one name, the hash of the model file's bytes, and (when the
+        Controller wrote it) the hash of the weights as the run's database records them, each labelled."""
+        out = {"name": self.name, "model_file_sha256": self.sha256}
+        if self.meta.get(META_WEIGHTS_SHA256):
+            out["weights_sha256_in_run_record"] = str(self.meta[META_WEIGHTS_SHA256])
+        return out
+
     def image_size(self, override: Optional[int] = None) -> int:
         size = override or self.meta.get(META_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE
         return int(size)
@@ -125,7 +157,10 @@ def read_model_file(path: Path) -> ModelFile:
     if HEAD_PREFIX + "weight" not in state:
         raise ValueError(f"{path}: no {HEAD_PREFIX}weight; not a fedmed DenseNet-121 state dict")
     state = {k: torch.as_tensor(v) for k, v in state.items()}
-    return ModelFile(path, state, meta, file_sha256(path))
+    model = ModelFile(path, state, meta, file_sha256(path))
+    model.card  # noqa: B018 - a malformed card or OOD statistics are refused here, naming the file, before
+    model.ood  # noqa: B018   anything is written
+    return model
 
 
 def write_model_file(path: Path, state_dict: dict, meta: dict) -> None:
@@ -141,9 +176,12 @@ def choose_thresholds(
     split: Optional[str] = "val",
     image_size: Optional[int] = None,
     batch_size: int = 32,
+    ood: bool = True,
 ) -> dict:
     """Predict the labelled validation images with the model file, pick each finding's threshold by Youden's J,
     and write a copy of the model file with them (and the image size) in its meta. Returns the new meta.
+    With ood, the same images also calibrate the out-of-distribution guard (fedmed.inference.ood), stored in
+    meta["ood"]: statistics of these images' features (see docs/THREAT_MODEL.md for what they reveal).
 
     Args:
         model_path: the global (or best) model file written by the server.
@@ -164,17 +202,23 @@ def choose_thresholds(
                          f"decision thresholds are for multi-label models only")
     size = model_file.image_size(image_size)
     items = load_dicom_site(Path(dicom_root), Path(labels_csv), split, task=model_file.task())
-    labels, probs = predict(model_file.build(), RadiographDataset(items, size, train=False), batch_size,
-                            task=model_file.task())
+    model = model_file.build()
+    dataset = RadiographDataset(items, size, train=False)
+    labels, probs = predict(model, dataset, batch_size, task=model_file.task())
     findings = CXR14_FINDINGS[: model_file.num_outputs]
     chosen = youden_thresholds(labels, probs, findings)
     meta = dict(model_file.meta)
     meta.update({
         META_THRESHOLDS: chosen,
         META_THRESHOLD_METHOD: "youden_j",
-        META_THRESHOLD_DATA: {"images": len(items), "split": split, "source_model_sha256": model_file.sha256,
+        META_THRESHOLD_DATA: {"images": len(items), "split": split,
+                              # the file they were chosen with (this copy's bytes, and so its hash, differ)
+                              "chosen_with_model_file_sha256": model_file.sha256,
                               "positives": {f: int(labels[:, k].sum()) for k, f in enumerate(findings)}},
         META_IMAGE_SIZE: size,
     })
+    if ood:
+        where = f"{Path(dicom_root).name} ({'all rows' if split is None else 'split ' + split})"
+        meta[META_OOD] = fit_ood(pooled_features(model, dataset.images, batch_size), where).to_meta()
     write_model_file(out_path, model_file.state_dict, meta)
     return meta

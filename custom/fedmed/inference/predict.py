@@ -1,23 +1,56 @@
-"""Batched prediction, the decision per finding, Grad-CAM heatmaps and their overlays (PNG, DICOM Secondary Capture)."""
+"""Batched prediction, the decision per finding, Grad-CAM heatmaps and their overlays (PNG; the DICOM Secondary
+Capture is built in fedmed.inference.dicom_out)."""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import pydicom
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from fedmed.data.transforms import preprocess
 
 GRADCAM_LAYER = "class_layers.relu"  # last activation before pooling: the finest map that still sees the whole image
 OVERLAY_LONG_SIDE = 512
 OVERLAY_HEAT_WEIGHT = 0.45
+MIN_GRADCAM_CELLS = 2  # a 1x1 last feature map gives one value per image: the normalised heatmap is uniform
+COARSE_GRADCAM_CELLS = 4  # below 4x4 cells a heatmap shows a region of the image, not where a lesion is
+
+
+def gradcam_grid(model: torch.nn.Module, image_size: int) -> tuple:
+    """(rows, cols) of the layer Grad-CAM reads (GRADCAM_LAYER) at this input size: the heatmap's real resolution,
+    measured by one forward pass rather than assumed (DenseNet-121 divides by 32)."""
+    layer = dict(model.named_modules())[GRADCAM_LAYER]
+    seen = {}
+
+    def record(_module, _inputs, output) -> None:  # returns None: a forward hook's return value replaces the output
+        seen["shape"] = tuple(output.shape[-2:])
+
+    hook = layer.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, image_size, image_size))
+    finally:
+        hook.remove()
+    return seen["shape"]
+
+
+def gradcam_resolution_note(grid: tuple, image_size: int) -> tuple:
+    """(draw, note): whether Grad-CAM can show anything at this resolution, and what to tell the reader.
+
+    Refused below MIN_GRADCAM_CELLS cells a side (a uniform map that looks like "no finding"); a warning below
+    COARSE_GRADCAM_CELLS; (True, None) otherwise."""
+    rows, cols = grid
+    if min(rows, cols) < MIN_GRADCAM_CELLS:
+        return False, (f"Grad-CAM not drawn: at {image_size} px the model's last feature map is {rows}x{cols}, so a "
+                       f"heatmap would be one uniform value and show nothing; it needs a model trained at >= "
+                       f"{image_size * MIN_GRADCAM_CELLS // max(1, min(rows, cols))} px")
+    if min(rows, cols) < COARSE_GRADCAM_CELLS:
+        return True, (f"Grad-CAM is coarse: the model's last feature map is {rows}x{cols} at {image_size} px, so each "
+                      f"heatmap cell covers {image_size // min(rows, cols)} px; it shows a region, not a lesion")
+    return True, None
 
 
 class Preprocessor:
@@ -94,55 +127,22 @@ def overlay_rgb(image: np.ndarray, heat: np.ndarray, shape: tuple) -> np.ndarray
     return np.round(255 * ((1 - weight) * grey + weight * colour)).astype(np.uint8)
 
 
+BANNER_TEXT = "NOT FOR CLINICAL USE"
+
+
+def stamp_banner(rgb: np.ndarray, text: str = BANNER_TEXT) -> np.ndarray:
+    """A copy of the overlay with a dark red bar and `text` across its top: what a reader of the picture sees,
+    where a header field or a JSON key would go unread (no patient data in it)."""
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB")
+    height = max(12, image.height // 20)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, image.width, height], fill=(150, 0, 0))
+    draw.text((4, height // 2), text, fill=(255, 255, 255), anchor="lm", font=ImageFont.load_default(size=height * 0.7))
+    return np.asarray(image)
+
+
 def write_png(rgb: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb, mode="RGB").save(path)
-
-
-def secondary_capture(rgb: np.ndarray, source: pydicom.Dataset, description: str) -> Dataset:
-    """A DICOM Secondary Capture of the overlay in the source's study (same patient and StudyInstanceUID, a new
-    series), referring to the source image, marked as derived and not for primary diagnosis.
-
-    Args:
-        rgb: (rows, cols, 3) uint8 overlay.
-        source: the source image's header (pixel data not needed).
-        description: what the overlay shows, e.g. "fedmed Grad-CAM Effusion p=0.81 (threshold 0.40)".
-    """
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = sop_uid
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
-        setattr(ds, keyword, getattr(source, keyword, ""))
-    now = dt.datetime.now(dt.timezone.utc)
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 9000
-    ds.InstanceNumber = 1
-    ds.Modality = "OT"
-    ds.ConversionType = "WSD"  # workstation
-    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.SeriesDescription = "fedmed Grad-CAM overlay (not for primary diagnosis)"
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.DerivationDescription = description
-    ds.BurnedInAnnotation = "NO"
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = getattr(source, "SOPClassUID", "")
-    ref.ReferencedSOPInstanceUID = getattr(source, "SOPInstanceUID", "")
-    ds.SourceImageSequence = [ref]
-    ds.ReferencedImageSequence = [ref]
-    ds.Rows, ds.Columns = rgb.shape[:2]
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
-    return ds

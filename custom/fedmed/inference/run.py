@@ -25,14 +25,18 @@ import numpy as np
 import pydicom
 import torch
 
+from fedmed.inference.dicom_out import StudyFindings, secondary_capture, structured_report
 from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
+from fedmed.inference.ood import FeatureTap
 from fedmed.inference.predict import (
     HeatmapMaker,
     Preprocessor,
+    gradcam_grid,
+    gradcam_resolution_note,
     overlay_rgb,
     positive_findings,
     predict_batches,
-    secondary_capture,
+    stamp_banner,
     write_png,
 )
 from fedmed.inference.pseudonym import pseudonymise
@@ -44,6 +48,8 @@ RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
 STUDY_JSON = "result.json"
 STATUS_OK, STATUS_SKIPPED = "ok", "skipped"
+OOD_UNCHECKED = ("out-of-distribution: not checked (the model file has no OOD statistics; fedmed-choose-thresholds "
+                 "calibrates them)")
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,9 @@ class InferenceOptions:
     image_size: preprocessing size; default the model file's, else 128.
     batch_size: images per forward pass (and studies per read-ahead chunk).
     heatmaps: draw a Grad-CAM overlay PNG per positive finding.
-    secondary_capture: also write each overlay as a DICOM Secondary Capture in the source study.
+    secondary_capture: also write each overlay as a DICOM Secondary Capture in the source study (highdicom).
+    structured_report: also write a DICOM Structured Report per study (highdicom, TID 1500): findings,
+        probabilities, thresholds, model identity and card, not-for-clinical-use and out-of-distribution flags.
     db_url: inference log database; default $FEDMED_DB_URL, else SQLite ``out_dir/fedmed.db``.
     task: the model's task (fedmed.tasks name); default the model file's meta "task", else chest_xray14.
     """
@@ -65,6 +73,7 @@ class InferenceOptions:
     batch_size: int = 16
     heatmaps: bool = True
     secondary_capture: bool = False
+    structured_report: bool = False
     db_url: Optional[str] = None
     task: Optional[str] = None
 
@@ -84,7 +93,9 @@ class StudyResult:
     images: list = field(default_factory=list)  # per image: sop uid, view, file, probabilities
     heatmaps: dict = field(default_factory=dict)  # finding -> PNG path
     secondary_captures: dict = field(default_factory=dict)  # finding -> DICOM path
+    structured_report: Optional[str] = None  # the study's SR (DICOM path)
     problems: list = field(default_factory=list)  # FileProblem
+    out_of_distribution: list = field(default_factory=list)  # SOP Instance UIDs of images flagged as unlike training
     ignored: list = field(default_factory=list)  # FileProblem
     message: Optional[str] = None
 
@@ -98,6 +109,17 @@ class InferenceSummary:
     out_dir: Path
     db_url: str
     task: TaskSpec = CHEST_XRAY14
+    heatmap_note: Optional[str] = None  # Grad-CAM refused or coarse at this model's resolution
+    ood_note: str = OOD_UNCHECKED  # how images were checked for being unlike the training data
+
+    @property
+    def out_of_distribution(self) -> dict:
+        """Study UID -> SOP Instance UIDs of its images flagged as unlike the calibration data."""
+        return {r.study_uid: list(r.out_of_distribution) for r in self.results if r.out_of_distribution}
+
+    @property
+    def clinical_use_warning(self) -> Optional[str]:
+        return self.model.clinical_use_warning
 
     @property
     def skipped_files(self) -> list:
@@ -136,7 +158,13 @@ class InferenceRun:
         self.image_size = self.model_file.image_size(options.image_size)
         self.model = self.model_file.build()
         self.preprocess = Preprocessor(self.image_size)
-        self.heatmap = HeatmapMaker(self.model, self.findings) if options.heatmaps else None
+        self.heatmap_note = None
+        draw = options.heatmaps
+        if draw:
+            draw, self.heatmap_note = gradcam_resolution_note(gradcam_grid(self.model, self.image_size), self.image_size)
+        self.heatmap = HeatmapMaker(self.model, self.findings) if draw else None
+        self.clinical_use_warning = self.model_file.clinical_use_warning
+        self.ood = self.model_file.ood
         self.out_dir = Path(options.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.db_url = resolve_db_url(self.out_dir, options.db_url)
@@ -147,24 +175,30 @@ class InferenceRun:
 
     def model_json(self) -> dict:
         m = self.model_file
-        return {"file": m.path.name, "sha256": m.sha256, "version": m.version, "round": m.meta.get("round"),
-                "image_size": self.image_size, "norm": m.norm}
+        card = m.card
+        return {**m.identity(), "version": m.version, "round": m.meta.get("round"), "image_size": self.image_size,
+                "norm": m.norm, "model_card": card.to_meta() if card else None}
 
     def process(self, plans: list) -> list:
         """Read, predict (one batched pass over all their images) and write results for a chunk of studies."""
         loaded = [(plan, *load_study(plan)) for plan in plans]
         images = [im for _, ims, _ in loaded for im in ims]
         tensors = torch.stack([self.preprocess(im.pixels) for im in images]) if images else None
-        probs = (predict_batches(self.model, tensors, self.options.batch_size, self.task.probabilities) if images
-                 else np.zeros((0, 0)))
+        probs, scores = np.zeros((0, 0)), np.zeros(0)
+        if images:
+            with FeatureTap(self.model) as tap:  # the OOD score reads the same forward pass's pooled features
+                probs = predict_batches(self.model, tensors, self.options.batch_size, self.task.probabilities)
+            scores = self.ood.score(tap.features()) if self.ood is not None else np.full(len(images), np.nan)
         results, start = [], 0
         for plan, ims, problems in loaded:
             n = len(ims)
-            results.append(self._study(plan, ims, problems, probs[start:start + n], tensors[start:start + n] if n else None))
+            results.append(self._study(plan, ims, problems, probs[start:start + n], tensors[start:start + n] if n else None,
+                                       scores[start:start + n]))
             start += n
         return results
 
-    def _study(self, plan: StudyPlan, images: list, problems: list, probs: np.ndarray, tensors) -> StudyResult:
+    def _study(self, plan: StudyPlan, images: list, problems: list, probs: np.ndarray, tensors,
+               ood_scores: np.ndarray) -> StudyResult:
         result = StudyResult(plan.study_uid, pseudonymise(self.options.pseudonym_key, "study", plan.study_uid),
                              STATUS_OK, problems=list(plan.problems) + problems, ignored=list(plan.ignored))
         study_dir = self.out_dir / "studies" / _safe_name(plan.study_uid)
@@ -181,7 +215,8 @@ class InferenceRun:
             result.probabilities = {f: float(p) for f, p in zip(self.findings, study_probs)}
             if not self.multiclass:
                 result.positive = positive_findings(result.probabilities, self.thresholds.values)
-            result.images = [self._image_json(im, row) for im, row in zip(images, probs)]
+            result.images = [self._image_json(im, row, score) for im, row, score in zip(images, probs, ood_scores)]
+            result.out_of_distribution = [im["sop_instance_uid"] for im in result.images if im["out_of_distribution"]]
             drawn = [result.predicted] if self.multiclass else result.positive
             for finding in drawn if self.heatmap else ():
                 k = self.findings.index(finding)
@@ -189,18 +224,23 @@ class InferenceRun:
                 self._draw(result, study_dir, finding, images[best], tensors[best])
             if result.problems:
                 result.message = f"{len(result.problems)} file(s) skipped: {_reasons(result.problems)}"
+            if self.options.structured_report:
+                self._write_sr(result, study_dir, images)
         self._write_json(result, study_dir)
         self.repository.record_inference(InferenceRecord(
             study_pseudonym=result.study_pseudonym,
             patient_pseudonym=pseudonymise(self.options.pseudonym_key, "patient", plan.patient_id),
-            model_sha256=self.model_file.sha256, model_version=self.model_file.version[:100], num_images=len(images),
+            model_sha256=self.model_file.sha256, model_version=self.model_file.name[:100], num_images=len(images),
             positive_findings=self._decided(result), status=result.status,
             message=_reasons(result.problems) if result.status == STATUS_SKIPPED and result.problems else result.message))
         return result
 
-    def _image_json(self, image, row: np.ndarray) -> dict:
+    def _image_json(self, image, row: np.ndarray, ood_score: float) -> dict:
+        checked = self.ood is not None
         out = {"sop_instance_uid": image.file.sop_instance_uid, "view": image.file.view, "file": str(image.file.path),
-               "probabilities": {f: float(p) for f, p in zip(self.findings, row)}}
+               "probabilities": {f: float(p) for f, p in zip(self.findings, row)},
+               "ood_score": float(ood_score) if checked else None,
+               "out_of_distribution": bool(ood_score > self.ood.threshold) if checked else None}
         if self.multiclass:
             out["predicted_class"] = self.findings[int(np.argmax(row))]
         return out
@@ -213,17 +253,42 @@ class InferenceRun:
 
     def _draw(self, result: StudyResult, study_dir: Path, finding: str, image, tensor: torch.Tensor) -> None:
         rgb = overlay_rgb(tensor[0].numpy(), self.heatmap(tensor, finding), image.pixels.shape)
+        if self.clinical_use_warning:
+            rgb = stamp_banner(rgb)  # in the picture itself: PNG and Secondary Capture
         png = study_dir / f"{finding}.png"
         write_png(rgb, png)
         result.heatmaps[finding] = str(png)
         if self.options.secondary_capture:
             rule = ARGMAX_RULE if self.multiclass else f"threshold {self.thresholds.values[finding]:.3f}"
-            description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} "
-                           f"({rule}); model {self.model_file.sha256[:12]}")
+            description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} ({rule}); model "
+                           f"{self.model_file.name}, model file sha256 {self.model_file.sha256[:12]}")
             source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
             dcm = study_dir / f"{finding}.dcm"
-            secondary_capture(rgb, source, description).save_as(dcm, enforce_file_format=True)
+            secondary_capture(rgb, source, description, self.clinical_use_warning).save_as(dcm, enforce_file_format=True)
             result.secondary_captures[finding] = str(dcm)
+
+    def _write_sr(self, result: StudyResult, study_dir: Path, images: list) -> None:
+        m = self.model_file
+        card = m.card
+        findings = StudyFindings(
+            probabilities=result.probabilities, thresholds={} if self.multiclass else self.thresholds.values,
+            decided=list(self._decided(result)), model_name=m.name, model_version=m.version,
+            model_file_sha256=m.sha256, card_lines=card.lines() if card else ("model card: none in this model file",),
+            clinical_use_warning=self.clinical_use_warning, out_of_distribution=tuple(result.out_of_distribution),
+            ood_note=self.ood_note)
+        sources = [pydicom.dcmread(im.file.path, stop_before_pixels=True) for im in images]
+        dcm = study_dir / "report_sr.dcm"
+        study_dir.mkdir(parents=True, exist_ok=True)
+        structured_report(findings, sources).save_as(dcm, enforce_file_format=True)
+        result.structured_report = str(dcm)
+
+    @property
+    def ood_note(self) -> str:
+        return self.ood.note() if self.ood is not None else OOD_UNCHECKED
+
+    def ood_json(self, result: StudyResult) -> dict:
+        return {"checked": self.ood is not None, "threshold": self.ood.threshold if self.ood else None,
+                "flagged_images": result.out_of_distribution, "note": self.ood_note}
 
     def decision_json(self, result: StudyResult) -> dict:
         """The task's decision: thresholds and positive/negative findings, or the rule and the predicted class."""
@@ -239,14 +304,18 @@ class InferenceRun:
 
     def study_json(self, result: StudyResult) -> dict:
         return {
+            "clinical_use_warning": self.clinical_use_warning,
             "study_instance_uid": result.study_uid,
             "study_pseudonym": result.study_pseudonym,
             "status": result.status,
             "message": result.message,
             "model": self.model_json(),
             **self.decision_json(result),
+            "out_of_distribution": self.ood_json(result),
             "heatmaps": result.heatmaps,
+            "heatmap_note": self.heatmap_note,
             "secondary_captures": result.secondary_captures,
+            "structured_report": result.structured_report,
             "images": result.images,
             "skipped_files": [{"file": str(p.path), "reason": p.reason} for p in result.problems],
             "ignored_files": [{"file": str(p.path), "reason": p.reason} for p in result.ignored],
@@ -260,12 +329,21 @@ class InferenceRun:
     def csv_header(self) -> list:
         decision, rule = ("predicted_class", "decision_rule") if self.multiclass else ("positive_findings", "thresholds")
         return (["study_instance_uid", "study_pseudonym", "status", "num_images", decision]
-                + [f"p_{f}" for f in self.findings] + ["model_version", "model_sha256", rule, "message"])
+                + [f"p_{f}" for f in self.findings] + ["ood_flagged_images", "max_ood_score", "model", "model_file_sha256",
+                                                       rule, "message", "clinical_use_warning"])
+
+    def _ood_cells(self, result: StudyResult) -> list:
+        """Flagged images (count) and the highest score; empty when the model file has no OOD statistics."""
+        scores = [im["ood_score"] for im in result.images if im["ood_score"] is not None]
+        if self.ood is None or not scores:
+            return ["", ""]
+        return [len(result.out_of_distribution), f"{max(scores):.3f}"]
 
     def csv_row(self, result: StudyResult) -> list:
         probs = [f"{result.probabilities[f]:.6f}" if result.probabilities else "" for f in self.findings]
         return ([result.study_uid, result.study_pseudonym, result.status, len(result.images), "|".join(self._decided(result))]
-                + probs + [self.model_file.version, self.model_file.sha256, self.decision_rule, result.message or ""])
+                + probs + self._ood_cells(result) + [self.model_file.name, self.model_file.sha256, self.decision_rule, result.message or "",
+                           self.clinical_use_warning or ""])
 
 
 def run_inference(
@@ -308,7 +386,7 @@ def run_inference(
                 if progress:
                     progress(len(results), len(plans))
         summary = InferenceSummary(run.model_file, run.decision_rule, results, list(discovery.unassigned),
-                                   run.out_dir, run.db_url, run.task)
+                                   run.out_dir, run.db_url, run.task, run.heatmap_note, run.ood_note)
         (run.out_dir / SUMMARY_JSON).write_text(json.dumps(summary_json(summary), indent=2))
         return summary
     finally:
@@ -320,9 +398,16 @@ def summary_json(summary: InferenceSummary) -> dict:
         decision = {"task": summary.task.name, "decision_rule": summary.thresholds_source}
     else:
         decision = {"thresholds": summary.thresholds_source}
+    card = summary.model.card
     return {
-        "model": {"file": str(summary.model.path), "sha256": summary.model.sha256, "version": summary.model.version},
+        "clinical_use_warning": summary.clinical_use_warning,
+        "model": {**summary.model.identity(), "file": str(summary.model.path), "version": summary.model.version,
+                  "model_card": card.to_meta() if card else None},
         **decision,
+        "heatmap_note": summary.heatmap_note,
+        "out_of_distribution": {"checked": summary.model.ood is not None, "note": summary.ood_note,
+                                "flagged_images": sum(len(v) for v in summary.out_of_distribution.values()),
+                                "studies": summary.out_of_distribution},
         "studies": len(summary.results),
         "studies_ok": sum(r.status == STATUS_OK for r in summary.results),
         "studies_skipped": [r.study_uid for r in summary.results if r.status == STATUS_SKIPPED],

@@ -210,19 +210,37 @@ def load_study(plan: StudyPlan) -> tuple[list, list]:
     return images, problems
 
 
-def task_image_datalist(root: str, task: str) -> list[dict]:
+SKIPPED_CSV_HEADER = ("file", "status", "reason")
+
+
+def task_image_datalist(root: str, task: str, skipped_csv: Optional[str] = None) -> list[dict]:
     """MONAI data list ``[{"image": path}, ...]`` of every decodable image under root that the task's model reads,
-    in StudyInstanceUID then file order: the same selection scripts/infer makes (used by the exported bundle)."""
+    in StudyInstanceUID then file order: the same selection scripts/infer makes (used by the exported bundle).
+
+    Args:
+        skipped_csv: where to write every file left out, with status "skipped" (unusable) or "ignored" (not for
+            this model, e.g. a lateral view) and the reason, as infer reports them; None writes nothing.
+    """
     selection = selection_for(task)
-    out = []
-    for plan in discover_studies(Path(root), selection).studies:
-        images, _ = load_study(plan)
+    discovery = discover_studies(Path(root), selection)
+    out, left_out = [], [(p, "skipped") for p in discovery.unassigned]
+    for plan in discovery.studies:
+        images, problems = load_study(plan)
         out.extend({"image": str(im.file.path)} for im in images)
+        left_out += [(p, "skipped") for p in list(plan.problems) + problems] + [(p, "ignored") for p in plan.ignored]
+    if skipped_csv:
+        import csv
+
+        Path(skipped_csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(skipped_csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(SKIPPED_CSV_HEADER)
+            writer.writerows((str(p.path), status, p.reason) for p, status in left_out)
     if not out:
         raise ValueError(f"no usable {selection.description} under {root}")
     return out
 
 
-def frontal_image_datalist(root: str) -> list[dict]:
+def frontal_image_datalist(root: str, skipped_csv: Optional[str] = None) -> list[dict]:
     """task_image_datalist for the chest model (the name bundles exported before the brain task refer to)."""
-    return task_image_datalist(root, CHEST_XRAY14.name)
+    return task_image_datalist(root, CHEST_XRAY14.name, skipped_csv)
