@@ -33,8 +33,12 @@ def make_updates(k: int, seed: int) -> tuple[list[dict], np.ndarray]:
     updates = []
     for i in range(k):
         scale = 0.01 * (1 + i % 3)
-        updates.append({n: (v + rng.normal(0, scale, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v.copy()
-                        for n, v in base.items()})
+        updates.append(
+            {
+                n: (v + rng.normal(0, scale, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v.copy()
+                for n, v in base.items()
+            }
+        )
     return updates, rng.integers(100, 400, k).astype(float)
 
 
@@ -93,10 +97,17 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, tol, t_avg, t_ours, it, t_ref, it_ref, rel in rows:
-        lines.append(f"| {k} | {tol:g} | {t_avg:.2f} | {t_ours:.2f} | {t_ours / t_avg:.2f}x | {it} | {t_ref:.2f} | "
-                     f"{it_ref} | {t_ref / t_ours:.1f}x | {rel:.1e} |")
-    lines += ["", "Peak memory allocated during one aggregation (tracemalloc), relative to the K updates themselves:", "",
-              "| K | updates MB | geometric median peak MB | ratio | FedAvg peak MB |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {k} | {tol:g} | {t_avg:.2f} | {t_ours:.2f} | {t_ours / t_avg:.2f}x | {it} | {t_ref:.2f} | "
+            f"{it_ref} | {t_ref / t_ours:.1f}x | {rel:.1e} |"
+        )
+    lines += [
+        "",
+        "Peak memory allocated during one aggregation (tracemalloc), relative to the K updates themselves:",
+        "",
+        "| K | updates MB | geometric median peak MB | ratio | FedAvg peak MB |",
+        "|---|---|---|---|---|",
+    ]
     for k, size, mem, mem_avg in mem_rows:
         lines.append(f"| {k} | {size / 2**20:.0f} | {mem / 2**20:.0f} | {mem / size:.2f}x | {mem_avg / 2**20:.0f} |")
     a.out.parent.mkdir(parents=True, exist_ok=True)

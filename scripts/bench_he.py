@@ -45,8 +45,12 @@ def site_updates(base: dict, k: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(k):
-        out.append({n: (v + rng.normal(0, 1e-3, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v.copy()
-                    for n, v in base.items()})
+        out.append(
+            {
+                n: (v + rng.normal(0, 1e-3, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v.copy()
+                for n, v in base.items()
+            }
+        )
     return out
 
 
@@ -76,7 +80,9 @@ def measure_mode(mode: str, updates: list, global_params: dict, queue) -> None:
         ckks.write_key_files(keys, tmp / "server", [tmp / "site"])
         client_ctx = ckks.load_client_context(tmp / "site" / ckks.CLIENT_CONTEXT_FILE)
         server_ctx = ckks.load_server_context(tmp / "server" / ckks.SERVER_CONTEXT_FILE)
-        selectors = [HEAD_PREFIX] if mode == "selective" else [n for n, v in global_params.items() if v.dtype.kind == "f"]
+        selectors = (
+            [HEAD_PREFIX] if mode == "selective" else [n for n, v in global_params.items() if v.dtype.kind == "f"]
+        )
         names = ckks.resolve_encrypted_names(list(global_params), selectors)
     shapes = {n: global_params[n].shape for n in names}
 
@@ -90,7 +96,9 @@ def measure_mode(mode: str, updates: list, global_params: dict, queue) -> None:
             meta[C.META_ENCRYPTED] = block.to_wire()
         else:
             clear = params
-        wire.append(fobs.dumps(FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=clear, meta=meta))))
+        wire.append(
+            fobs.dumps(FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=clear, meta=meta)))
+        )
         encode_s.append(time.perf_counter() - t0)
 
     # Server: deserialize, validate, aggregate, serialize the new global model.
@@ -100,8 +108,9 @@ def measure_mode(mode: str, updates: list, global_params: dict, queue) -> None:
     if mode == "full":  # nothing in clear to take a median of (a benchmark-only mode): FedAvg on ciphertexts
         reference = {n: v for n, v in global_params.items() if n not in names}
         for r in results:
-            problem = find_update_problem(r.params, reference) or \
-                ckks.find_encrypted_problem(r.meta[C.META_ENCRYPTED], names, shapes, server_ctx)
+            problem = find_update_problem(r.params, reference) or ckks.find_encrypted_problem(
+                r.meta[C.META_ENCRYPTED], names, shapes, server_ctx
+            )
             if problem:
                 raise RuntimeError(f"{mode}: update rejected: {problem}")
         counts = {s: r.meta[C.META_NUM_SAMPLES] for s, r in zip(sites, results)}
@@ -136,13 +145,25 @@ def measure_mode(mode: str, updates: list, global_params: dict, queue) -> None:
         full = received.params
     decode_s = time.perf_counter() - t0
     # Check the round was right: the decrypted global model is the weighted combination of the updates.
-    expected = sum(weights[s] * updates[i][names[0] if names else "class_layers.out.bias"].astype(np.float64)
-                   for i, s in enumerate(sites))
+    expected = sum(
+        weights[s] * updates[i][names[0] if names else "class_layers.out.bias"].astype(np.float64)
+        for i, s in enumerate(sites)
+    )
     err = float(np.max(np.abs(full[names[0] if names else "class_layers.out.bias"] - expected)))
-    queue.put({"mode": mode, "encrypted_values": int(sum(np.prod(shapes[n]) for n in names)),
-               "bytes_up": [len(b) for b in wire], "bytes_down": len(down), "encode_s": encode_s,
-               "server_s": server_s, "decode_s": decode_s, "check_error": err,
-               "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss0})
+    queue.put(
+        {
+            "mode": mode,
+            "encrypted_values": int(sum(np.prod(shapes[n]) for n in names)),
+            "bytes_up": [len(b) for b in wire],
+            "bytes_down": len(down),
+            "encode_s": encode_s,
+            "server_s": server_s,
+            "decode_s": decode_s,
+            "check_error": err,
+            "peak_rss_mb": _peak_rss_mb(),
+            "rss_before_mb": rss0,
+        }
+    )
 
 
 def run_mode(mode: str, updates: list, global_params: dict) -> dict:
@@ -191,7 +212,8 @@ def write_report(rows: list, train_s: float, args, path: Path) -> None:
             f"{r['bytes_down'] / 1e6:.1f} MB | {total_bytes / 1e6:.1f} MB | {total_bytes / base_bytes:.3f} | "
             f"{max(r['encode_s']):.2f} | {r['server_s']:.2f} | {r['decode_s']:.2f} | {over:.2f} | "
             f"{over / base_over:.2f} | {train_s + over:.1f} | {(train_s + over) / (train_s + base_over):.3f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['check_error']:.1e} |")
+            f"{r['peak_rss_mb']:.0f} | {r['check_error']:.1e} |"
+        )
     lines += [
         "",
         "Round s = the local epoch + the slowest site's encode + the server + a site's decode (sites work in",

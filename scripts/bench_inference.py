@@ -59,8 +59,16 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         labels = (rng.random((a.studies, len(CXR14_FINDINGS))) < 0.1).astype(int)
         with tqdm(total=a.studies, desc="generating studies") as bar:
-            write_site(tmp / "site", labels, ["test"] * a.studies, DEFAULT_HOSPITALS[0].scanner, rng, "bench",
-                       a.stored_size, bar.update)
+            write_site(
+                tmp / "site",
+                labels,
+                ["test"] * a.studies,
+                DEFAULT_HOSPITALS[0].scanner,
+                rng,
+                "bench",
+                a.stored_size,
+                bar.update,
+            )
         dicom = tmp / "site" / "dicom"
         torch.manual_seed(0)
         model = build_densenet121(len(CXR14_FINDINGS)).eval()
@@ -68,11 +76,16 @@ def main(argv=None) -> int:
         # Thresholds that make exactly one finding positive per study, so the heatmap run draws one overlay each.
         thresholds = {f: 1.01 for f in CXR14_FINDINGS}
         thresholds["Effusion"] = 0.0
-        write_model_file(model_path, model.state_dict(), {"round": 0, "image_size": a.image_size,
-                                                          META_THRESHOLDS: thresholds, META_THRESHOLD_METHOD: "bench"})
+        write_model_file(
+            model_path,
+            model.state_dict(),
+            {"round": 0, "image_size": a.image_size, META_THRESHOLDS: thresholds, META_THRESHOLD_METHOD: "bench"},
+        )
 
         prep = Preprocessor(a.image_size)
-        images = torch.stack([prep(im.pixels) for plan in discover_studies(dicom).studies for im in load_study(plan)[0]])
+        images = torch.stack(
+            [prep(im.pixels) for plan in discover_studies(dicom).studies for im in load_study(plan)[0]]
+        )
         rows = []
         for batch in (1, 8, 32):
             predict_batches(model, images[:batch], batch)  # warm-up
@@ -85,8 +98,11 @@ def main(argv=None) -> int:
         t_cam, c_cam = (x / 8 for x in timed(lambda: [cam(images[i], "Effusion") for i in range(8)], a.repeats))
 
         def pipeline(heatmaps: bool, batch: int, root: Path, out: str):
-            return run_inference(root, model_path, InferenceOptions(out_dir=tmp / out, pseudonym_key=KEY,
-                                                                  batch_size=batch, heatmaps=heatmaps))
+            return run_inference(
+                root,
+                model_path,
+                InferenceOptions(out_dir=tmp / out, pseudonym_key=KEY, batch_size=batch, heatmaps=heatmaps),
+            )
 
         for heatmaps in (False, True):
             t, c = timed(lambda: pipeline(heatmaps, 16, dicom, f"run_{heatmaps}"), a.repeats)

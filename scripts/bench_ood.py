@@ -50,11 +50,29 @@ from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14
 from fedmed.weights import save_state
 
-UNSEEN_SCANNER = ScannerProfile("CR", "MONOCHROME1", gamma=1.9, contrast=0.6, noise_std=0.05, pixel_spacing_mm=2.0,
-                                rescale_slope=1.0, rescale_intercept=0.0, blur_sigma=1.6)
+UNSEEN_SCANNER = ScannerProfile(
+    "CR",
+    "MONOCHROME1",
+    gamma=1.9,
+    contrast=0.6,
+    noise_std=0.05,
+    pixel_spacing_mm=2.0,
+    rescale_slope=1.0,
+    rescale_intercept=0.0,
+    blur_sigma=1.6,
+)
 # close to the hospitals' own (between hospital-a's and hospital-c's settings): where the guard should stay quiet
-MILD_SCANNER = ScannerProfile("DX", "MONOCHROME2", gamma=0.95, contrast=1.05, noise_std=0.018, pixel_spacing_mm=1.3,
-                              rescale_slope=1.0, rescale_intercept=0.0, blur_sigma=0.7)
+MILD_SCANNER = ScannerProfile(
+    "DX",
+    "MONOCHROME2",
+    gamma=0.95,
+    contrast=1.05,
+    noise_std=0.018,
+    pixel_spacing_mm=1.3,
+    rescale_slope=1.0,
+    rescale_intercept=0.0,
+    blur_sigma=0.7,
+)
 
 
 def _stack(dataset) -> torch.Tensor:
@@ -88,10 +106,22 @@ def main(argv=None) -> int:
 
     weights = root / f"densenet121_{a.image_size}px_{a.epochs}ep.pt"  # trained once, reused by later runs
     if not weights.is_file():
-        splits = [load_train_val(DataConfig("dicom", root / s.name / "dicom", root / s.name / "labels.csv"),
-                                 a.image_size, a.seed) for s in tqdm(specs, desc="loading hospitals")]
-        params, meta = pretrain_on(ConcatDataset([s[0] for s in splits]), ConcatDataset([s[1] for s in splits]),
-                                   CHEST_XRAY14, a.epochs, 32, 1e-3, "batch", a.seed)
+        splits = [
+            load_train_val(
+                DataConfig("dicom", root / s.name / "dicom", root / s.name / "labels.csv"), a.image_size, a.seed
+            )
+            for s in tqdm(specs, desc="loading hospitals")
+        ]
+        params, meta = pretrain_on(
+            ConcatDataset([s[0] for s in splits]),
+            ConcatDataset([s[1] for s in splits]),
+            CHEST_XRAY14,
+            a.epochs,
+            32,
+            1e-3,
+            "batch",
+            a.seed,
+        )
         save_state(params, weights, meta)
     blob = torch.load(weights, weights_only=True)
     meta = blob["meta"]
@@ -101,27 +131,55 @@ def main(argv=None) -> int:
 
     test = _stack(load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", a.image_size))
     order = np.random.default_rng(a.seed).permutation(len(test))
-    calibration, held_out = test[order[: len(test) // 2]], test[order[len(test) // 2:]]
+    calibration, held_out = test[order[: len(test) // 2]], test[order[len(test) // 2 :]]
     unseen = _stack(load_test(unseen_dir / "dicom", unseen_dir / "labels.csv", a.image_size))
     mild = _stack(load_test(mild_dir / "dicom", mild_dir / "labels.csv", a.image_size))
     rng = np.random.default_rng(a.seed + 11)
     prep = preprocess(a.image_size)
-    brain = torch.stack([torch.as_tensor(np.asarray(prep(acquire(render_brain(int(rng.integers(4)), rng, 128),
-                                                                 BRAIN_TEST_SCANNER, rng).astype(np.float32))),
-                                         dtype=torch.float32)
-                         for _ in range(a.others)])
-    noise = torch.stack([torch.as_tensor(np.asarray(prep(rng.random((128, 128)).astype(np.float32))),
-                                         dtype=torch.float32) for _ in range(a.others)])
+    brain = torch.stack(
+        [
+            torch.as_tensor(
+                np.asarray(
+                    prep(
+                        acquire(render_brain(int(rng.integers(4)), rng, 128), BRAIN_TEST_SCANNER, rng).astype(
+                            np.float32
+                        )
+                    )
+                ),
+                dtype=torch.float32,
+            )
+            for _ in range(a.others)
+        ]
+    )
+    noise = torch.stack(
+        [
+            torch.as_tensor(np.asarray(prep(rng.random((128, 128)).astype(np.float32))), dtype=torch.float32)
+            for _ in range(a.others)
+        ]
+    )
 
     stats = fit_ood(pooled_features(model, calibration), f"server global test set, {len(calibration)} images")
-    scores = {name: stats.score(pooled_features(model, x)) for name, x in
-              tqdm([("held-out synthetic test (in distribution)", held_out), ("mild unseen scanner profile", mild),
-                    ("unseen scanner profile", unseen),
-                    ("synthetic brain MRI (non-chest)", brain), ("uniform noise", noise)], desc="scoring")}
+    scores = {
+        name: stats.score(pooled_features(model, x))
+        for name, x in tqdm(
+            [
+                ("held-out synthetic test (in distribution)", held_out),
+                ("mild unseen scanner profile", mild),
+                ("unseen scanner profile", unseen),
+                ("synthetic brain MRI (non-chest)", brain),
+                ("uniform noise", noise),
+            ],
+            desc="scoring",
+        )
+    }
     inside = scores["held-out synthetic test (in distribution)"]
     rows = []
     for name, s in scores.items():
-        auroc = "–" if s is inside else f"{roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(s))], np.r_[inside, s]):.3f}"
+        auroc = (
+            "–"
+            if s is inside
+            else f"{roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(s))], np.r_[inside, s]):.3f}"
+        )
         rows.append(f"| {name} | {len(s)} | {np.median(s):.2f} | {auroc} | {np.mean(s > stats.threshold):.1%} |")
     minutes = (time.perf_counter() - t0) / 60
     text = f"""# Out-of-distribution guard (measured)

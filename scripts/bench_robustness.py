@@ -36,9 +36,16 @@ def plot(results: dict, honest: dict, scenarios: list, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / (len(AGGREGATIONS) + 1)
     for j, agg in enumerate(AGGREGATIONS):
-        ax.bar([i + j * width for i in range(len(scenarios))], [results[(sc, agg)] for sc in scenarios], width, label=agg)
-    ax.bar([i + len(AGGREGATIONS) * width for i in range(len(scenarios))], [honest.get(sc, 0) for sc in scenarios],
-           width, label="honest sites alone", color="grey")
+        ax.bar(
+            [i + j * width for i in range(len(scenarios))], [results[(sc, agg)] for sc in scenarios], width, label=agg
+        )
+    ax.bar(
+        [i + len(AGGREGATIONS) * width for i in range(len(scenarios))],
+        [honest.get(sc, 0) for sc in scenarios],
+        width,
+        label="honest sites alone",
+        color="grey",
+    )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(scenarios))], scenarios)
     ax.set_ylim(0.3, 1.0)
     ax.axhline(0.5, color="k", lw=0.5, ls=":")
@@ -54,7 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--per-site", type=int, default=100)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--attack", default="sign_flip", help="sign_flip, scale, gaussian_noise, label_flip, little_is_enough")
+    p.add_argument(
+        "--attack", default="sign_flip", help="sign_flip, scale, gaussian_noise, label_flip, little_is_enough"
+    )
     p.add_argument("--factor", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/bench_robustness.md"))
@@ -62,7 +71,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     sites = make_sites(a.data, 5, a.per_site, a.seed)
     datasets = load_train_sets(a.data, sites, a.image_size, a.seed)
-    test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14)
+    test_ds = load_test(
+        a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14
+    )
     attack = Attack(a.attack, a.factor, a.seed)
     scenarios = {
         "clean, 3 sites": (sites[:3], {}),
@@ -74,11 +85,28 @@ def main(argv=None) -> int:
     cells = [(sc, agg) for sc in scenarios for agg in AGGREGATIONS]
     for sc, agg in tqdm(cells, desc="cells"):
         names, hostile = scenarios[sc]
-        results[(sc, agg)] = federate({n: datasets[n] for n in names}, test_ds, a.rounds, agg, hostile, task=CHEST_XRAY14, seed=a.seed,
-                                      use_trust=agg == "geometric_median")["auroc"]
-    honest = {sc: federate({n: datasets[n] for n in names}, test_ds, a.rounds, "geometric_median", task=CHEST_XRAY14, seed=a.seed,
-                           use_trust=True)["auroc"]
-              for sc, names in tqdm(references.items(), desc="honest-only references")}
+        results[(sc, agg)] = federate(
+            {n: datasets[n] for n in names},
+            test_ds,
+            a.rounds,
+            agg,
+            hostile,
+            task=CHEST_XRAY14,
+            seed=a.seed,
+            use_trust=agg == "geometric_median",
+        )["auroc"]
+    honest = {
+        sc: federate(
+            {n: datasets[n] for n in names},
+            test_ds,
+            a.rounds,
+            "geometric_median",
+            task=CHEST_XRAY14,
+            seed=a.seed,
+            use_trust=True,
+        )["auroc"]
+        for sc, names in tqdm(references.items(), desc="honest-only references")
+    }
     lines = [
         "# bench_robustness",
         "",

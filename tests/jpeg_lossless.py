@@ -64,5 +64,6 @@ def encode_jpeg_lossless(pixels: np.ndarray, precision: int) -> bytes:
     sof = struct.pack(">BHHB", precision, rows, cols, 1) + bytes([1, 0x11, 0])
     dht = bytes([0x00]) + bytes(counts) + bytes(range(17))
     sos = bytes([1, 1, 0x00, 1, 0, 0x00])  # one component, table 0, predictor 1, Se 0, no point transform
-    return (b"\xff\xd8" + _segment(0xFFC3, sof) + _segment(0xFFC4, dht) + _segment(0xFFDA, sos) + bits.flush()
-            + b"\xff\xd9")
+    return (
+        b"\xff\xd8" + _segment(0xFFC3, sof) + _segment(0xFFC4, dht) + _segment(0xFFDA, sos) + bits.flush() + b"\xff\xd9"
+    )

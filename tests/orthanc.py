@@ -40,12 +40,23 @@ class OrthancServer:
         self.root = Path(tempfile.mkdtemp(prefix="fedmed-orthanc-"))
         self.port = _free_port()
         self.config = self.root / "orthanc.json"
-        self.config.write_text(json.dumps({
-            "Name": "fedmed-test-pacs", "StorageDirectory": str(self.root / "db"),
-            "IndexDirectory": str(self.root / "db"), "HttpPort": self.port, "DicomServerEnabled": False,
-            "DicomPort": _free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StableAge": 1,
-        }))
+        self.config.write_text(
+            json.dumps(
+                {
+                    "Name": "fedmed-test-pacs",
+                    "StorageDirectory": str(self.root / "db"),
+                    "IndexDirectory": str(self.root / "db"),
+                    "HttpPort": self.port,
+                    "DicomServerEnabled": False,
+                    "DicomPort": _free_port(),
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "Plugins": [plugin],
+                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+                    "StableAge": 1,
+                }
+            )
+        )
         self.process: subprocess.Popen | None = None
 
     @property

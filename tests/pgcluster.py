@@ -58,7 +58,9 @@ class PgCluster:
 
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log.txt"), "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log.txt"), "-w", "-t", "60", "start"
+        )
 
     def stop(self) -> None:
         pid = self.pid

@@ -16,12 +16,29 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "audit_verify.py"
 
 
 def _round(n):
-    return RoundRecord(n, (UpdateRecord("hospital-a", "accepted", 100, update_norm=1.5, trust=0.9, epsilon=1.0 + n,
-                                        delta=1e-5, metrics={"val_auroc/Mass": 0.7}),
-                           UpdateRecord("hospital-b", "rejected", 80, reason="norm too large", trust=0.4)),
-                       test_loss=0.3, score=0.6 + n / 100, score_name="mean_auroc", score_source="global_test",
-                       mean_auroc=0.6 + n / 100, test_metrics={"auroc/Mass": 0.6},
-                       alerts=(AlertRecord("hospital-b", "rejected", "norm too large"),))
+    return RoundRecord(
+        n,
+        (
+            UpdateRecord(
+                "hospital-a",
+                "accepted",
+                100,
+                update_norm=1.5,
+                trust=0.9,
+                epsilon=1.0 + n,
+                delta=1e-5,
+                metrics={"val_auroc/Mass": 0.7},
+            ),
+            UpdateRecord("hospital-b", "rejected", 80, reason="norm too large", trust=0.4),
+        ),
+        test_loss=0.3,
+        score=0.6 + n / 100,
+        score_name="mean_auroc",
+        score_source="global_test",
+        mean_auroc=0.6 + n / 100,
+        test_metrics={"auroc/Mass": 0.6},
+        alerts=(AlertRecord("hospital-b", "rejected", "norm too large"),),
+    )
 
 
 @pytest.fixture
@@ -38,8 +55,9 @@ def recorded(db_url):
 
 
 def _verify(db_url):
-    return subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--db-url", db_url], capture_output=True, text=True, timeout=120
+    )
 
 
 def _exec(repo, sql, **params):
@@ -56,8 +74,11 @@ def test_an_intact_record_verifies(recorded, db_url, audit_key_file):
 
 def test_an_edited_client_update_is_named(recorded, db_url):
     """The insider turns hospital-b's rejected round-2 update into an accepted one with more samples."""
-    row_id = _exec(recorded, "SELECT cu.id FROM client_updates cu JOIN sites s ON s.id = cu.site_id "
-                             "WHERE cu.round_num = 2 AND s.name = 'hospital-b'").scalar()
+    row_id = _exec(
+        recorded,
+        "SELECT cu.id FROM client_updates cu JOIN sites s ON s.id = cu.site_id "
+        "WHERE cu.round_num = 2 AND s.name = 'hospital-b'",
+    ).scalar()
     _exec(recorded, "UPDATE client_updates SET status = 'accepted', num_samples = 5000 WHERE id = :i", i=row_id)
     problem = recorded.verify_audit()
     assert (problem.table, problem.row_id) == ("client_updates", row_id)
@@ -66,13 +87,16 @@ def test_an_edited_client_update_is_named(recorded, db_url):
     assert bad.returncode == 1 and f"client_updates row {row_id}" in bad.stderr
 
 
-@pytest.mark.parametrize("table, sql", [
-    ("rounds", "UPDATE rounds SET score = 0.99 WHERE round_num = 3"),
-    ("privacy_spend", "UPDATE privacy_spend SET epsilon = 0.1 WHERE round_num = 1"),
-    ("alerts", "UPDATE alerts SET message = 'nothing happened' WHERE round_num = 2"),
-    ("round_metrics", "UPDATE round_metrics SET value = 0.95 WHERE round_num = 1 AND scope = 'global_test'"),
-    ("runs", "UPDATE runs SET best_round = 1"),
-])
+@pytest.mark.parametrize(
+    "table, sql",
+    [
+        ("rounds", "UPDATE rounds SET score = 0.99 WHERE round_num = 3"),
+        ("privacy_spend", "UPDATE privacy_spend SET epsilon = 0.1 WHERE round_num = 1"),
+        ("alerts", "UPDATE alerts SET message = 'nothing happened' WHERE round_num = 2"),
+        ("round_metrics", "UPDATE round_metrics SET value = 0.95 WHERE round_num = 1 AND scope = 'global_test'"),
+        ("runs", "UPDATE runs SET best_round = 1"),
+    ],
+)
 def test_an_edit_to_any_covered_table_is_named(recorded, table, sql):
     _exec(recorded, sql)
     problem = recorded.verify_audit()
@@ -86,8 +110,11 @@ def test_deleted_rows_are_named(recorded):
 
 
 def test_an_inserted_row_is_named(recorded):
-    _exec(recorded, "INSERT INTO round_metrics (run_id, round_num, scope, metric, value) "
-                    "SELECT id, 2, 'hospital-a', 'val_auroc/Edema', 0.99 FROM runs")
+    _exec(
+        recorded,
+        "INSERT INTO round_metrics (run_id, round_num, scope, metric, value) "
+        "SELECT id, 2, 'hospital-a', 'val_auroc/Edema', 0.99 FROM runs",
+    )
     problem = recorded.verify_audit()
     assert problem.table == "round_metrics" and "covered by no audit entry" in problem.reason
 
@@ -110,25 +137,39 @@ def test_deleting_the_newest_rows_and_their_entries_is_detected(recorded, db_url
 def test_a_chain_recomputed_without_the_key_is_refused(recorded):
     """Plain SHA-256 (the old unkeyed chain) or an HMAC under a guessed key: the MAC check names the first entry."""
     first_round = _exec(recorded, "SELECT id FROM audit_log WHERE action = 'record_round' ORDER BY id").scalar()
-    rows = _exec(recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log WHERE id >= :i "
-                           "ORDER BY id", i=first_round).all()
+    rows = _exec(
+        recorded,
+        "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log WHERE id >= :i ORDER BY id",
+        i=first_round,
+    ).all()
     _exec(recorded, "UPDATE client_updates SET num_samples = 5000")
     prev = rows[0].prev_hash
     for r in rows:  # recompute every MAC from the edited payloads with a key the insider made up
         payload = r.payload_json.replace('"num_samples":80', '"num_samples":5000')
         mac = audit.entry_mac(b"k" * 32, prev, r.created_at, r.action, payload)
-        _exec(recorded, "UPDATE audit_log SET payload_json = :p, prev_hash = :v, row_hash = :m WHERE id = :i",
-              p=payload, v=prev, m=mac, i=r.id)
+        _exec(
+            recorded,
+            "UPDATE audit_log SET payload_json = :p, prev_hash = :v, row_hash = :m WHERE id = :i",
+            p=payload,
+            v=prev,
+            m=mac,
+            i=r.id,
+        )
         prev = mac
     problem = recorded.verify_audit()
     assert problem.row_id == first_round and "MAC does not verify" in problem.reason
 
 
 def test_downgrading_an_entry_to_the_unkeyed_scheme_is_refused(recorded):
-    last = _exec(recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log "
-                           "ORDER BY id DESC").first()
-    _exec(recorded, "UPDATE audit_log SET scheme = NULL, row_hash = :h WHERE id = :i",
-          h=audit.legacy_hash(last.prev_hash, last.created_at, last.action, last.payload_json), i=last.id)
+    last = _exec(
+        recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log ORDER BY id DESC"
+    ).first()
+    _exec(
+        recorded,
+        "UPDATE audit_log SET scheme = NULL, row_hash = :h WHERE id = :i",
+        h=audit.legacy_hash(last.prev_hash, last.created_at, last.action, last.payload_json),
+        i=last.id,
+    )
     problem = recorded.verify_audit()
     assert problem.row_id == last.id and "unkeyed entry after keyed ones" in problem.reason
 
@@ -144,8 +185,12 @@ def test_verifying_needs_the_key_and_never_makes_one(recorded, db_url, audit_key
     problem = Repository(db_url, create_schema=False, audit_key_file=wrong, heads_file=tmp_path / "h").verify_audit()
     assert problem.row_id == 1 and "is not this database's" in problem.reason
     missing = tmp_path / "nowhere" / "audit_key"
-    out = subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url, "--key-file", str(missing)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--db-url", db_url, "--key-file", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and f"audit key file {missing} does not exist" in out.stderr
     assert not missing.exists()
     os.chmod(audit_key_file, 0o644)
@@ -186,13 +231,21 @@ def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted(tmp_path
     engine = create_engine(url)
     upgrade(engine, "0005")
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO runs (uid, name, job_id, aggregation, num_rounds, config_json, status, "
-                          "started_at) VALUES ('old', 'n', 'j', 'fedavg', 1, '{}', 'finished', '2026-01-01 00:00:00')"))
+        conn.execute(
+            text(
+                "INSERT INTO runs (uid, name, job_id, aggregation, num_rounds, config_json, status, "
+                "started_at) VALUES ('old', 'n', 'j', 'fedavg', 1, '{}', 'finished', '2026-01-01 00:00:00')"
+            )
+        )
         created, payload = "2026-01-01T00:00:00+00:00", '{"run":"old"}'
         h = audit.legacy_hash(audit.GENESIS_HASH, created, "start_run", payload)
-        conn.execute(text("INSERT INTO audit_log (created_at, action, payload_json, prev_hash, row_hash) "
-                          "VALUES (:c, 'start_run', :p, :g, :h)"), {"c": created, "p": payload, "g": audit.GENESIS_HASH,
-                                                                     "h": h})
+        conn.execute(
+            text(
+                "INSERT INTO audit_log (created_at, action, payload_json, prev_hash, row_hash) "
+                "VALUES (:c, 'start_run', :p, :g, :h)"
+            ),
+            {"c": created, "p": payload, "g": audit.GENESIS_HASH, "h": h},
+        )
     engine.dispose()
     repo = Repository(url)
     assert repo.verify_audit() is None
@@ -223,16 +276,28 @@ def test_stored_update_signatures_are_re_verified_offline(db_url, tmp_path):
 
     repo = Repository(db_url)
     repo.start_run("run-s", "s", "job", "fedavg", 1, {})
-    repo.record_round("run-s", RoundRecord(1, (UpdateRecord("hospital-a", "accepted", 10, **signed("hospital-a", "hospital-a")),
-                                               UpdateRecord("hospital-b", "accepted", 10, **signed("hospital-b", "intruder")),
-                                               UpdateRecord("hospital-c", "missing"))))
+    repo.record_round(
+        "run-s",
+        RoundRecord(
+            1,
+            (
+                UpdateRecord("hospital-a", "accepted", 10, **signed("hospital-a", "hospital-a")),
+                UpdateRecord("hospital-b", "accepted", 10, **signed("hospital-b", "intruder")),
+                UpdateRecord("hospital-c", "missing"),
+            ),
+        ),
+    )
     report = repo.audit_report(signing.load_site_public_keys(kit))
     assert report.signatures_checked == 2 and "1 client update(s) carry no signature" in report.notes
     (problem,) = report.problems
     assert problem.table == "client_updates" and "(run-s, 1, hospital-b) signature check failed" in problem.reason
     assert "not hospital-b's installed key" in problem.reason
-    out = subprocess.run([sys.executable, str(SCRIPT), "--db-url", db_url, "--site-keys", str(kit / "site_keys")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--db-url", db_url, "--site-keys", str(kit / "site_keys")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and f"client_updates row {problem.row_id}" in out.stderr
     repo.close()
 

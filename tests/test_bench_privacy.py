@@ -25,9 +25,32 @@ def test_timing_points_parse_and_name_what_is_wrong(bench):
 
 def test_tiny_run_writes_every_row_and_each_timing_point(bench, tmp_path, capsys):
     out = tmp_path / "bench.md"
-    rc = bench.main(["--data", str(tmp_path / "data"), "--per-site", "20", "--num-test", "20", "--rounds", "1",
-                     "--public-images", "30", "--public-epochs", "1", "--batch-size", "8", "--levels", "inf,8",
-                     "--timing-points", "32x4,48x8", "--timing-images", "8", "--out", str(out)])
+    rc = bench.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--per-site",
+            "20",
+            "--num-test",
+            "20",
+            "--rounds",
+            "1",
+            "--public-images",
+            "30",
+            "--public-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--levels",
+            "inf,8",
+            "--timing-points",
+            "32x4,48x8",
+            "--timing-images",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = out.read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}

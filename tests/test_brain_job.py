@@ -34,15 +34,33 @@ def test_exported_brain_job_configures_the_shared_components_with_its_task(tmp_p
 @pytest.mark.integration
 def test_brain_job_in_the_simulator_records_accuracy_per_round(tiny_brain_hospitals, tmp_path):
     for site in SITES:
-        cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
-               "resources": {"num_threads": 1}}
+        cfg = {
+            "site_name": site,
+            "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+            "resources": {"num_threads": 1},
+        }
         (tiny_brain_hospitals / site / "fedmed_site.json").write_text(json.dumps(cfg))
     db = tmp_path / "fedmed.db"
     env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run(
-        [sys.executable, str(JOB), "--data-root", str(tiny_brain_hospitals), "--workspace", str(tmp_path / "ws"),
-         "--image-size", "32", "--batch-size", "4", "--rounds", "2"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(JOB),
+            "--data-root",
+            str(tiny_brain_hospitals),
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -71,7 +89,11 @@ def test_brain_job_in_the_simulator_records_accuracy_per_round(tiny_brain_hospit
     app = tmp_path / "ws" / "brain_mri_densenet" / "server" / "simulate_job" / "app_server"
     assert (app / "global_model.pt").is_file() and (app / "best_model.pt").is_file()
 
-    table = subprocess.run([sys.executable, str(REPO / "scripts" / "rounds_table.py"), "--db-url", f"sqlite:///{db}"],
-                           capture_output=True, text=True, timeout=120)
+    table = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "rounds_table.py"), "--db-url", f"sqlite:///{db}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert table.returncode == 0 and "accuracy" in table.stdout and "macro_f1" in table.stdout
     assert repo.verify_audit() is None

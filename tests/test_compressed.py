@@ -25,8 +25,17 @@ def uncompressed(tmp_path_factory):
     for n, scanner in enumerate(scanners):
         rng = np.random.default_rng(n)
         pixels = acquire(render_chest([0, 0, 1] + [0] * 11, rng, SIZE), scanner, rng)
-        ds = make_dicom(pixels, scanner, f"P{n}", generate_uid(), generate_uid(), generate_uid(), 1,
-                        {"BodyPartExamined": "CHEST", "ViewPosition": "PA"}, "hospital-x")
+        ds = make_dicom(
+            pixels,
+            scanner,
+            f"P{n}",
+            generate_uid(),
+            generate_uid(),
+            generate_uid(),
+            1,
+            {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+            "hospital-x",
+        )
         ds.save_as(root / f"IM{n}", enforce_file_format=True)
     return root
 
@@ -59,10 +68,14 @@ def _compress(ds: pydicom.Dataset, syntax) -> None:
         ds.compress(syntax)  # pydicom's encoders: RLE (its own), JPEG 2000 (pylibjpeg-openjpeg), JPEG-LS (pyjpegls)
 
 
-@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless],
-                         ids=["jpeg2000-lossless", "jpeg-lossless-sv1", "jpeg-ls-lossless", "rle"])
-def test_compressed_copies_give_the_uncompressed_probabilities(tmp_path, uncompressed, model_path, plain_results,
-                                                               syntax):
+@pytest.mark.parametrize(
+    "syntax",
+    [JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless],
+    ids=["jpeg2000-lossless", "jpeg-lossless-sv1", "jpeg-ls-lossless", "rle"],
+)
+def test_compressed_copies_give_the_uncompressed_probabilities(
+    tmp_path, uncompressed, model_path, plain_results, syntax
+):
     copies = tmp_path / "compressed"
     copies.mkdir()
     for f in sorted(uncompressed.iterdir()):

@@ -10,27 +10,38 @@ PREFIX = "2026-11-29 21:14:01,123 - {name} - {level} - [identity=hospital-a, run
 
 
 def test_only_the_lines_a_user_wants_reach_the_console():
-    site = PREFIX.format(name="FedMedTrainer", level="INFO") + \
-        "site hospital-a round 2: val loss 0.6225 accuracy 0.6667 (13 samples, lr 1.00e-04, 3s)"
+    site = (
+        PREFIX.format(name="FedMedTrainer", level="INFO")
+        + "site hospital-a round 2: val loss 0.6225 accuracy 0.6667 (13 samples, lr 1.00e-04, 3s)"
+    )
     assert concise(site) == "  round 2  hospital-a     val loss 0.6225 accuracy 0.6667 (13 samples, lr 1.00e-04, 3s)"
-    server = PREFIX.format(name="FedMedController", level="INFO") + \
-        "round 2/5 done in 7s: 3/3 sites aggregated (fedavg), test accuracy 0.52; best 0.52 (round 2)"
-    assert concise(server) == "round 2/5 done in 7s: 3/3 sites aggregated (fedavg), test accuracy 0.52; best 0.52 (round 2)"
+    server = (
+        PREFIX.format(name="FedMedController", level="INFO")
+        + "round 2/5 done in 7s: 3/3 sites aggregated (fedavg), test accuracy 0.52; best 0.52 (round 2)"
+    )
+    assert (
+        concise(server)
+        == "round 2/5 done in 7s: 3/3 sites aggregated (fedavg), test accuracy 0.52; best 0.52 (round 2)"
+    )
     warning = PREFIX.format(name="FedMedController", level="WARNING") + "round 2: no result from hospital-c this round"
     assert concise(warning) == "  WARNING FedMedController: round 2: no result from hospital-c this round"
     error = PREFIX.format(name="ServerRunner", level="ERROR") + "job failed"
     assert concise(error) == "  ERROR ServerRunner: job failed"
     # The simulator's console format has no logger name.
-    assert concise("2026-11-29 21:15:01,475 - WARNING - round 2: no result from hospital-c this round") == \
-        "  WARNING: round 2: no result from hospital-c this round"
-    for noise in (PREFIX.format(name="nvflare.private.fed.simulator", level="INFO") + "deployed app to site-1",
-                  PREFIX.format(name="FedMedTrainer", level="INFO") + "site hospital-a round 2: epoch 1/1 train loss 0.6",
-                  "2026-11-29 21:15:01,475 - WARNING - Number of results (3) is different from number of expected "
-                  "responses (2).",
-                  "2026-11-29 21:14:22,086 - INFO - setup plugin alembic.autogenerate.schemas",
-                  PREFIX.format(name="FedMedController", level="WARNING") + "Number of results (3) is different from "
-                  "number of expected responses (1).",
-                  "INFO  [alembic.runtime.migration] Running upgrade 0008 -> 0009", "Traceback (most recent call last):"):
+    assert (
+        concise("2026-11-29 21:15:01,475 - WARNING - round 2: no result from hospital-c this round")
+        == "  WARNING: round 2: no result from hospital-c this round"
+    )
+    for noise in (
+        PREFIX.format(name="nvflare.private.fed.simulator", level="INFO") + "deployed app to site-1",
+        PREFIX.format(name="FedMedTrainer", level="INFO") + "site hospital-a round 2: epoch 1/1 train loss 0.6",
+        "2026-11-29 21:15:01,475 - WARNING - Number of results (3) is different from number of expected responses (2).",
+        "2026-11-29 21:14:22,086 - INFO - setup plugin alembic.autogenerate.schemas",
+        PREFIX.format(name="FedMedController", level="WARNING") + "Number of results (3) is different from "
+        "number of expected responses (1).",
+        "INFO  [alembic.runtime.migration] Running upgrade 0008 -> 0009",
+        "Traceback (most recent call last):",
+    ):
         assert concise(noise) is None, noise
 
 

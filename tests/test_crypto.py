@@ -85,7 +85,7 @@ def _other_federation(tmp_path):
 def _tampered(block: ckks.EncryptedLayers) -> dict:
     chunk = bytearray(block.chunks[1])
     mid = len(chunk) // 2
-    chunk[mid:mid + 64] = bytes(b ^ 0xFF for b in chunk[mid:mid + 64])
+    chunk[mid : mid + 64] = bytes(b ^ 0xFF for b in chunk[mid : mid + 64])
     wire = block.to_wire()
     wire["chunks"][1] = bytes(chunk)
     return wire
@@ -99,20 +99,23 @@ def _small_params_ciphertext(block: ckks.EncryptedLayers) -> dict:
     return wire
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("ok", None),
-    # a kit from another provisioning: its key id is not this federation's
-    ("foreign_keys", "another key set"),
-    # bytes flipped in transit or by a hostile site: the ciphertext no longer parses
-    ("tampered", "unreadable"),
-    # a ciphertext made with other CKKS parameters
-    ("other_parameters", "unreadable"),
-    ("missing_chunk", "ciphertext chunk(s), expected 4"),
-    ("wrong_shape", "shape (1024, 14), expected (14, 1024)"),
-    ("wrong_names", "differ from the job's"),
-    ("not_a_mapping", "must be a mapping"),
-    ("missing_field", "malformed encrypted block"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("ok", None),
+        # a kit from another provisioning: its key id is not this federation's
+        ("foreign_keys", "another key set"),
+        # bytes flipped in transit or by a hostile site: the ciphertext no longer parses
+        ("tampered", "unreadable"),
+        # a ciphertext made with other CKKS parameters
+        ("other_parameters", "unreadable"),
+        ("missing_chunk", "ciphertext chunk(s), expected 4"),
+        ("wrong_shape", "shape (1024, 14), expected (14, 1024)"),
+        ("wrong_names", "differ from the job's"),
+        ("not_a_mapping", "must be a mapping"),
+        ("missing_field", "malformed encrypted block"),
+    ],
+)
 def test_bad_encrypted_blocks_are_rejected_with_a_reason(keys, rng, tmp_path, case, expected):
     block = ckks.encrypt_layers(_head(rng), keys["client"])
     wire = {
@@ -151,14 +154,17 @@ def test_a_site_with_other_keys_refuses_the_global_model(keys, rng, tmp_path):
         ckks.merge_decrypted({}, block.to_wire(), _other_federation(tmp_path))
 
 
-@pytest.mark.parametrize("selectors, match", [
-    (["class_layers.out.weight", "class_layers.out.bias"], None),  # exact names
-    (["class_layers.out.bias", "class_layers.out."], None),  # overlapping selectors: model order, no repeats
-    (["class_layers.*"], "matches no model parameter"),  # a regex is not a selector (NVFlare's broke export)
-    (["class_layers.out"], "matches no model parameter"),  # a prefix must end in '.'
-    ([], "no layers selected"),
-    ([""], "non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "selectors, match",
+    [
+        (["class_layers.out.weight", "class_layers.out.bias"], None),  # exact names
+        (["class_layers.out.bias", "class_layers.out."], None),  # overlapping selectors: model order, no repeats
+        (["class_layers.*"], "matches no model parameter"),  # a regex is not a selector (NVFlare's broke export)
+        (["class_layers.out"], "matches no model parameter"),  # a prefix must end in '.'
+        ([], "no layers selected"),
+        ([""], "non-empty strings"),
+    ],
+)
 def test_layer_selectors(selectors, match):
     names = ["features.conv0.weight", "class_layers.out.weight", "class_layers.out.bias"]
     if match is None:

@@ -69,8 +69,18 @@ def federation(tmp_path_factory, tiny_hospitals):
     for site in HOSPITALS:  # a scope with the hospitals' own user-level DP filter (read when the site starts)
         path = fed.kit(site) / "local" / "privacy.json"
         policy = json.loads(path.read_text())
-        policy["scopes"].append({"name": USER_DP_SCOPE, "properties": {"fedmed_privacy": None}, "task_result_filters": [
-            {"path": "fedmed.flare.filters.UpdateNoiseFilter", "args": {"clip_norm": 50.0, "noise_multiplier": 0.01}}]})
+        policy["scopes"].append(
+            {
+                "name": USER_DP_SCOPE,
+                "properties": {"fedmed_privacy": None},
+                "task_result_filters": [
+                    {
+                        "path": "fedmed.flare.filters.UpdateNoiseFilter",
+                        "args": {"clip_norm": 50.0, "noise_multiplier": 0.01},
+                    }
+                ],
+            }
+        )
         path.write_text(json.dumps(policy))
     fed.db_url = db_url
     fed.timings = {}
@@ -98,8 +108,12 @@ def test_rogue_kit_and_member_admin_are_refused(federation, tmp_path):
     rogue.provision(port=PORT, install_sites=False)
     from fedmed.cli.install_kit import install
 
-    install(rogue.kit("hospital-c"), "hospital-c", site_config=fed.kit("hospital-c") / "local" / "fedmed_site.json",
-            check_import=False)
+    install(
+        rogue.kit("hospital-c"),
+        "hospital-c",
+        site_config=fed.kit("hospital-c") / "local" / "fedmed_site.json",
+        check_import=False,
+    )
     # It trusts another root CA, so the TLS handshake fails (the hospital aborts it on our server's certificate;
     # NVFlare's server logs nothing for a handshake that never completed) and it never registers.
     fed.start_site("rogue-hospital-c", kit=rogue.kit("hospital-c"), env=THREADS)
@@ -130,8 +144,15 @@ def test_rogue_kit_and_member_admin_are_refused(federation, tmp_path):
 def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path):
     fed = federation
     job = _export(tmp_path / "job", num_rounds=2, straggler_wait=30)
-    out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
-                            db_url=fed.db_url, num_rounds=2)
+    out = submit_and_follow(
+        fed.kit(PROJECT_ADMIN),
+        PROJECT_ADMIN,
+        job,
+        JOB_TIMEOUT,
+        out=tmp_path / "results",
+        db_url=fed.db_url,
+        num_rounds=2,
+    )
     assert out.status == COMPLETED
     assert out.result_dir is not None and (out.result_dir / "workspace").exists()
     repo = Repository(fed.db_url, create_schema=False)
@@ -165,8 +186,15 @@ def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federatio
     job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30)
     meta = json.loads((job / "meta.json").read_text())
     (job / "meta.json").write_text(json.dumps({**meta, "scope": USER_DP_SCOPE}))
-    out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
-                            db_url=fed.db_url, num_rounds=1)
+    out = submit_and_follow(
+        fed.kit(PROJECT_ADMIN),
+        PROJECT_ADMIN,
+        job,
+        JOB_TIMEOUT,
+        out=tmp_path / "results",
+        db_url=fed.db_url,
+        num_rounds=1,
+    )
     assert out.status == COMPLETED
     repo = Repository(fed.db_url, create_schema=False)
     try:
@@ -192,16 +220,26 @@ def _patch_executor_args(job: Path, **args) -> Path:
     return job
 
 
-@pytest.mark.parametrize("arg, value", [
-    # the submitter's own site config (e.g. without a privacy policy) and own CKKS context (a secret key it knows)
-    ("site_config", "/tmp/submitter/fedmed_site.json"),
-    ("he_context_file", "/tmp/submitter/client_context.tenseal"),
-])
+@pytest.mark.parametrize(
+    "arg, value",
+    [
+        # the submitter's own site config (e.g. without a privacy policy) and own CKKS context (a secret key it knows)
+        ("site_config", "/tmp/submitter/fedmed_site.json"),
+        ("he_context_file", "/tmp/submitter/client_context.tenseal"),
+    ],
+)
 def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federation, tmp_path, arg, value):
     fed = federation
     job = _patch_executor_args(_export(tmp_path / "job", num_rounds=1, straggler_wait=5), **{arg: value})
-    out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
-                            db_url=fed.db_url, num_rounds=1)
+    out = submit_and_follow(
+        fed.kit(PROJECT_ADMIN),
+        PROJECT_ADMIN,
+        job,
+        JOB_TIMEOUT,
+        out=tmp_path / "results",
+        db_url=fed.db_url,
+        num_rounds=1,
+    )
     assert out.status != COMPLETED
     repo = Repository(fed.db_url, create_schema=False)
     try:
@@ -231,8 +269,15 @@ def test_a_hospital_whose_own_config_has_no_privacy_policy_refuses_unless_its_da
     cfg_path.write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "synthetic_rehearsal"}))
     try:
         job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30)
-        out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
-                                db_url=fed.db_url, num_rounds=1)
+        out = submit_and_follow(
+            fed.kit(PROJECT_ADMIN),
+            PROJECT_ADMIN,
+            job,
+            JOB_TIMEOUT,
+            out=tmp_path / "results",
+            db_url=fed.db_url,
+            num_rounds=1,
+        )
     finally:
         cfg_path.write_text(original)  # read at each job's start: the next job sees it again
     assert out.status == COMPLETED  # the other two hospitals meet min_clients
@@ -267,8 +312,15 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     cfg_path.write_text(json.dumps(cfg))
     try:
         job = _export(tmp_path / "job", num_rounds=1, straggler_wait=600)
-        out = submit_and_follow(fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results",
-                                db_url=fed.db_url, num_rounds=1)
+        out = submit_and_follow(
+            fed.kit(PROJECT_ADMIN),
+            PROJECT_ADMIN,
+            job,
+            JOB_TIMEOUT,
+            out=tmp_path / "results",
+            db_url=fed.db_url,
+            num_rounds=1,
+        )
     finally:
         cfg_path.write_text(original)
     printed = capsys.readouterr().out
@@ -314,8 +366,10 @@ def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_t
         assert "NVFlare" in ups[(1, "hospital-c")]["reason"] or "logged it out" in ups[(1, "hospital-c")]["reason"]
         assert ups[(2, "hospital-c")]["reason"].startswith("not sent this round: ")
         assert all(ups[(r, s)]["status"] == "accepted" for r in (1, 2) for s in HOSPITALS[:2])
-        print(f"\nmeasured: round 2 recorded {round_2_after_kill:.0f}s after hospital-c was killed "
-              f"(heart_beat_timeout 60 s + grace 10 s; straggler_wait 600 s); reason: {ups[(1, 'hospital-c')]['reason']}")
+        print(
+            f"\nmeasured: round 2 recorded {round_2_after_kill:.0f}s after hospital-c was killed "
+            f"(heart_beat_timeout 60 s + grace 10 s; straggler_wait 600 s); reason: {ups[(1, 'hospital-c')]['reason']}"
+        )
     finally:
         repo.close()
         session.close()

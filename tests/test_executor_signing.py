@@ -30,9 +30,19 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     common_decomposers.register()
     site = "hospital-a"
     cfg = tmp_path / "fedmed_site.json"
-    cfg.write_text(json.dumps({"site_name": site, "data": {"format": "dicom", "root": str(tiny_hospitals / site / "dicom"),
-                                                            "labels_csv": str(tiny_hospitals / site / "labels.csv")},
-                               "resources": {"num_threads": 1}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "site_name": site,
+                "data": {
+                    "format": "dicom",
+                    "root": str(tiny_hospitals / site / "dicom"),
+                    "labels_csv": str(tiny_hospitals / site / "labels.csv"),
+                },
+                "resources": {"num_threads": 1},
+            }
+        )
+    )
     local = tmp_path / "local"
     signing.generate_site_keys(local, site)
     server_pub = tmp_path / "server.pub"
@@ -40,7 +50,14 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     signing.install_public_keys(server_pub, local / signing.SERVER_KEY_FILE, "server")
     site_pub = signing.load_public_keys(local / signing.PUBLIC_FILE)
 
-    ex = FedMedTrainer(task=CHEST_XRAY14.name, site_config=str(cfg), image_size=32, batch_size=4, signatures=True, signing_key_dir=str(local))
+    ex = FedMedTrainer(
+        task=CHEST_XRAY14.name,
+        site_config=str(cfg),
+        image_size=32,
+        batch_size=4,
+        signatures=True,
+        signing_key_dir=str(local),
+    )
     ctx = FLContextManager(identity_name=site, job_id="job-1").new_context()
     ex._setup(ctx)
     params = state_to_numpy(build_densenet121(14))
@@ -57,7 +74,9 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     return send, site_pub
 
 
-def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
+def test_the_executor_refuses_a_global_model_the_server_did_not_sign(
+    tiny_hospitals, tmp_path, signing_keys, monkeypatch
+):
     """Unsigned, signed by a hospital, or altered after signing: refused before anything is decrypted or trained."""
     from nvflare.apis.fl_constant import ReturnCode
 
@@ -72,7 +91,9 @@ def test_the_executor_refuses_a_global_model_the_server_did_not_sign(tiny_hospit
     assert send(signing_keys["server"], swap_weights).get_return_code() == ReturnCode.BAD_TASK_DATA
 
 
-def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
+def test_the_executor_trains_on_a_signed_global_model_and_signs_its_update(
+    tiny_hospitals, tmp_path, signing_keys, monkeypatch
+):
     from nvflare.apis.fl_constant import ReturnCode
 
     send, site_pub = _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch)
@@ -100,13 +121,25 @@ def test_a_site_whose_set_up_fails_answers_every_task_with_the_reason(tmp_path, 
     monkeypatch.setattr(executor_module, "running_in_simulator", lambda fl_ctx: True)
     common_decomposers.register()
     cfg = tmp_path / "fedmed_site.json"
-    cfg.write_text(json.dumps({"site_name": "hospital-a", "synthetic_rehearsal": True, "data": {
-        "format": "dicom", "root": str(tmp_path / "not-mounted"), "labels_csv": str(tmp_path / "not-mounted" / "labels.csv")}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "site_name": "hospital-a",
+                "synthetic_rehearsal": True,
+                "data": {
+                    "format": "dicom",
+                    "root": str(tmp_path / "not-mounted"),
+                    "labels_csv": str(tmp_path / "not-mounted" / "labels.csv"),
+                },
+            }
+        )
+    )
     ex = FedMedTrainer("chest_xray14", site_config=str(cfg), image_size=32)
     ctx = FLContextManager(identity_name="hospital-a", job_id="job-1").new_context()
     ex.handle_event(EventType.START_RUN, ctx)
     for task in ("train", C.TASK_FINAL_MODEL):
-        reply = FLModelUtils.from_shareable(ex.execute(task, FLModelUtils.to_shareable(FLModel(params={})), ctx,
-                                                       Signal()))
+        reply = FLModelUtils.from_shareable(
+            ex.execute(task, FLModelUtils.to_shareable(FLModel(params={})), ctx, Signal())
+        )
         reason = reply.meta[C.META_UNAVAILABLE]
         assert reason.startswith("FileNotFoundError: ") and "not-mounted" in reason and not reply.params

@@ -78,7 +78,9 @@ def test_he_run_matches_plain_run_and_server_never_holds_the_key(tiny_hospitals,
         assert np.max(np.abs(plain[k] - decrypted[k])) < 1e-3
     # Scored on 200 fresh test images (the 16-image tiny test set makes AUROC too coarse to compare at 0.01).
     generate_hospitals(tmp_path / "eval", [replace(DEFAULT_HOSPITALS[0], num_images=4)], num_test=200, seed=11, size=64)
-    test = load_test(tmp_path / "eval" / "global_test" / "dicom", tmp_path / "eval" / "global_test" / "labels.csv", 64, CHEST_XRAY14)
+    test = load_test(
+        tmp_path / "eval" / "global_test" / "dicom", tmp_path / "eval" / "global_test" / "labels.csv", 64, CHEST_XRAY14
+    )
     (auroc_plain, p_plain), (auroc_he, p_he) = _evaluate(plain, test), _evaluate(copies["hospital-b"], test)
     assert np.max(np.abs(p_plain - p_he)) < 0.01
     assert abs(auroc_plain - auroc_he) <= 0.01, (auroc_plain, auroc_he)

@@ -35,8 +35,16 @@ builders:
 
 def _provision(tmp_path, ctx: Path):
     (tmp_path / "project.yml").write_text(PROJECT.format(ctx=ctx))
-    cmd = [sys.executable, "-c", "import sys; from nvflare.cli import main; sys.exit(main())", "provision",
-           "-p", str(tmp_path / "project.yml"), "-w", str(tmp_path / "ws")]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from nvflare.cli import main; sys.exit(main())",
+        "provision",
+        "-p",
+        str(tmp_path / "project.yml"),
+        "-w",
+        str(tmp_path / "ws"),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
 
 
@@ -75,6 +83,10 @@ def test_key_set_is_never_overwritten_and_the_secret_is_private(tmp_path):
     with pytest.raises(FileExistsError, match="never overwritten"):
         make_key_set(tmp_path / "k")
     assert secret.read_bytes() == before
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "he_keys.py"), "make", "--out", str(tmp_path / "k")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "he_keys.py"), "make", "--out", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "never overwritten" in out.stderr

@@ -60,8 +60,17 @@ def model_path(tmp_path_factory):
     return path
 
 
-def _dicom(folder: Path, name: str, patient: str, study_uid: str, view="PA", seed=0, labels=None,
-           scanner=ScannerProfile(), **overrides) -> Path:
+def _dicom(
+    folder: Path,
+    name: str,
+    patient: str,
+    study_uid: str,
+    view="PA",
+    seed=0,
+    labels=None,
+    scanner=ScannerProfile(),
+    **overrides,
+) -> Path:
     rng = np.random.default_rng(seed)
     pixels = acquire(render_chest(labels if labels is not None else [0] * 14, rng, SIZE), scanner, rng)
     tags = {"BodyPartExamined": "CHEST", "ViewPosition": view}  # what make_dicom set itself before the MR task
@@ -82,8 +91,15 @@ def studies(tmp_path_factory):
     # folder names carry no identifier, so the outputs (which list file paths for the clinician) can be checked
     _dicom(root / "p1" / "s1", "IM1", "PATA1", a_uid, "PA", seed=1, labels=[0, 0, 1] + [0] * 11)
     _dicom(root / "p1" / "s1", "IM2", "PATA1", a_uid, "LL", seed=2)
-    _dicom(root / "p2" / "s1", "IM1", "PATB2", b_uid, "AP", seed=3,
-           scanner=ScannerProfile("CR", "MONOCHROME1", rescale_intercept=-512.0))
+    _dicom(
+        root / "p2" / "s1",
+        "IM1",
+        "PATB2",
+        b_uid,
+        "AP",
+        seed=3,
+        scanner=ScannerProfile("CR", "MONOCHROME1", rescale_intercept=-512.0),
+    )
     return {"root": root, "A": a_uid, "B": b_uid, "patients": {"A": "PATA1", "B": "PATB2"}}
 
 
@@ -154,8 +170,10 @@ def test_inference_log_round_trip(db_url):
     repo.record_inference(InferenceRecord("s" * 64, "p" * 64, "m" * 64, "round 3", 2, ("Effusion", "Mass"), "ok"))
     repo.record_inference(InferenceRecord("t" * 64, "p" * 64, "m" * 64, "round 3", 0, (), "skipped", "no pixel data"))
     rows = repo.inference_logs()
-    assert [(r["status"], r["positive_findings"], r["num_images"]) for r in rows] == [("ok", "Effusion|Mass", 2),
-                                                                                     ("skipped", "", 0)]
+    assert [(r["status"], r["positive_findings"], r["num_images"]) for r in rows] == [
+        ("ok", "Effusion|Mass", 2),
+        ("skipped", "", 0),
+    ]
     assert rows[1]["message"] == "no pixel data" and repo.verify_audit() is None
     with pytest.raises(ValueError, match="inference status must be one of"):
         InferenceRecord("s", "p", "m", "v", 1, (), "maybe")
@@ -182,8 +200,9 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     negative_study = studies["B"] if p_a > p_b else studies["A"]
     blob = torch.load(model_path, weights_only=True)
     with_thr = tmp_path / "model_thr.pt"
-    write_model_file(with_thr, blob["state_dict"], {**blob["meta"], META_THRESHOLDS: thresholds,
-                                                    META_THRESHOLD_METHOD: "manual"})
+    write_model_file(
+        with_thr, blob["state_dict"], {**blob["meta"], META_THRESHOLDS: thresholds, META_THRESHOLD_METHOD: "manual"}
+    )
 
     out = tmp_path / "r2"
     summary = run_inference(studies["root"], with_thr, _options(out, secondary_capture=True, structured_report=True))
@@ -195,19 +214,32 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
 
     pos = json.loads((out / "studies" / positive_study / "result.json").read_text())
     # one model identity, the file hash labelled as such; no card in this file, and every output says what that means
-    assert pos["model"] == {"name": "model_thr.pt (chest_xray14, round 3)", "model_file_sha256": file_sha256(with_thr),
-                            "version": "round 3", "round": 3, "image_size": SIZE, "norm": "batch", "model_card": None}
+    assert pos["model"] == {
+        "name": "model_thr.pt (chest_xray14, round 3)",
+        "model_file_sha256": file_sha256(with_thr),
+        "version": "round 3",
+        "round": 3,
+        "image_size": SIZE,
+        "norm": "batch",
+        "model_card": None,
+    }
     assert pos["clinical_use_warning"].startswith("NOT FOR CLINICAL USE: this model file carries no model card")
     assert pos["thresholds"]["source"] == "model (manual)"
     assert pos["positive_findings"] == ["Effusion"] and "Effusion" not in pos["negative_findings"]
     assert len(pos["negative_findings"]) == 13
     if positive_study == studies["A"]:
-        assert [f["reason"] for f in pos["ignored_files"]] == ["view LL is not frontal (PA/AP); only frontal views are read"]
+        assert [f["reason"] for f in pos["ignored_files"]] == [
+            "view LL is not frontal (PA/AP); only frontal views are read"
+        ]
     # one overlay per positive finding, an RGB PNG with the source's aspect, and its Secondary Capture
     png = Path(pos["heatmaps"]["Effusion"])
     assert png.name == "Effusion.png" and Image.open(png).mode == "RGB"
-    assert sorted(p.name for p in png.parent.iterdir()) == ["Effusion.dcm", "Effusion.png", "report_sr.dcm",
-                                                            "result.json"]
+    assert sorted(p.name for p in png.parent.iterdir()) == [
+        "Effusion.dcm",
+        "Effusion.png",
+        "report_sr.dcm",
+        "result.json",
+    ]
     sc = pydicom.dcmread(pos["secondary_captures"]["Effusion"])
     source = pydicom.dcmread(pos["images"][0]["file"], stop_before_pixels=True)
     assert sc.SOPClassUID.name == "Secondary Capture Image Storage"
@@ -228,7 +260,10 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
         assert said["thresholds"] == pytest.approx(thresholds, abs=1e-6)
         assert [f for f, v in said["evaluations"].items() if v == "Present"] == j["positive_findings"]
         assert said["evaluations"]["Clinical use"] == "Not for clinical use"
-        assert pos["clinical_use_warning"] in said["texts"] and f"model file sha256: {file_sha256(with_thr)}" in said["texts"]
+        assert (
+            pos["clinical_use_warning"] in said["texts"]
+            and f"model file sha256: {file_sha256(with_thr)}" in said["texts"]
+        )
 
     rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
     assert rows[positive_study]["positive_findings"] == "Effusion" and rows[negative_study]["positive_findings"] == ""
@@ -239,12 +274,15 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
 
     # The inference log: one row per study, pseudonyms only, reproducible with the site key.
     logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
-    expected = {pseudonymise(KEY, "study", studies[s]): pseudonymise(KEY, "patient", studies["patients"][s])
-                for s in ("A", "B")}
+    expected = {
+        pseudonymise(KEY, "study", studies[s]): pseudonymise(KEY, "patient", studies["patients"][s]) for s in ("A", "B")
+    }
     assert {r["study_pseudonym"]: r["patient_pseudonym"] for r in logs} == expected
     assert {r["positive_findings"] for r in logs} == {"Effusion", ""}
-    assert all(r["model_sha256"] == file_sha256(with_thr) and r["model_version"] == "model_thr.pt (chest_xray14, round 3)"
-               for r in logs)
+    assert all(
+        r["model_sha256"] == file_sha256(with_thr) and r["model_version"] == "model_thr.pt (chest_xray14, round 3)"
+        for r in logs
+    )
     # no patient identifier in clear anywhere (database file included) but the Secondary Capture, which must name
     # its patient to be filed in the PACS
     clear = [v.encode() for v in studies["patients"].values()] + [b"SYNTHETIC^"]
@@ -289,9 +327,12 @@ def _rewrite(path: Path, change) -> Path:
 def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, model_path):
     root = tmp_path / "mixed"
     good_uid, bad_uid = generate_uid(), generate_uid()
-    good = [_dicom(root / "good", f"G{i}", f"PATG{i}", generate_uid() if i else good_uid, seed=10 + i) for i in range(3)]
+    good = [
+        _dicom(root / "good", f"G{i}", f"PATG{i}", generate_uid() if i else good_uid, seed=10 + i) for i in range(3)
+    ]
     cut_source = _dicom(root / "bad", "cut.dcm", "PATBAD", bad_uid, seed=5)
     cut_source.write_bytes(cut_source.read_bytes()[:2000])  # the file ends inside the pixel data
+
     def two_frames(ds):
         ds.NumberOfFrames, ds.PixelData = 2, ds.PixelData * 2
 
@@ -303,25 +344,34 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
         _bare(root / "bad" / "pr.dcm", "PR", good_uid): "modality PR is not an image",  # beside a good image
         _bare(root / "bad" / "rt.dcm", "RTSTRUCT", bad_uid): "modality RTSTRUCT is not an image",
         # a CT slice and an MR volume given to the chest model
-        _dicom(root / "bad", "ct.dcm", "PATBAD", bad_uid, seed=4, Modality="CT"): "modality CT is not one of ['CR', 'DX']",
+        _dicom(
+            root / "bad", "ct.dcm", "PATBAD", bad_uid, seed=4, Modality="CT"
+        ): "modality CT is not one of ['CR', 'DX']",
         mr_volume: "modality MR is not one of ['CR', 'DX']",
         dx_cine: "2 frames; a single 2-D image is required",  # multi-frame, even of the right modality
         # a colour image
-        _rewrite(_dicom(root / "bad", "rgb.dcm", "PATBAD", bad_uid, seed=7),
-                 lambda ds: (setattr(ds, "PhotometricInterpretation", "RGB"), setattr(ds, "SamplesPerPixel", 3))):
-            "colour image (RGB)",
+        _rewrite(
+            _dicom(root / "bad", "rgb.dcm", "PATBAD", bad_uid, seed=7),
+            lambda ds: (setattr(ds, "PhotometricInterpretation", "RGB"), setattr(ds, "SamplesPerPixel", 3)),
+        ): "colour image (RGB)",
         # JPEG-LS: no decoder installed (pydicom would need pylibjpeg-libjpeg or gdcm)
-        _rewrite(_dicom(root / "bad", "jpegls.dcm", "PATBAD", bad_uid, seed=8),
-                 lambda ds: (setattr(ds.file_meta, "TransferSyntaxUID", JPEGLSLossless),
-                             setattr(ds, "PixelData", pydicom.encaps.encapsulate([b"\xff\xd8" + b"\x00" * 62])))):
-            "cannot decode transfer syntax JPEG-LS Lossless",
+        _rewrite(
+            _dicom(root / "bad", "jpegls.dcm", "PATBAD", bad_uid, seed=8),
+            lambda ds: (
+                setattr(ds.file_meta, "TransferSyntaxUID", JPEGLSLossless),
+                setattr(ds, "PixelData", pydicom.encaps.encapsulate([b"\xff\xd8" + b"\x00" * 62])),
+            ),
+        ): "cannot decode transfer syntax JPEG-LS Lossless",
         # pixel data shorter than rows x columns, and a file cut short mid-pixel-data
-        _rewrite(_dicom(root / "bad", "short_pixels.dcm", "PATBAD", bad_uid, seed=9),
-                 lambda ds: setattr(ds, "PixelData", ds.PixelData[:100])): "pixel data is truncated or corrupt",
+        _rewrite(
+            _dicom(root / "bad", "short_pixels.dcm", "PATBAD", bad_uid, seed=9),
+            lambda ds: setattr(ds, "PixelData", ds.PixelData[:100]),
+        ): "pixel data is truncated or corrupt",
         cut_source: "pixel data is truncated or corrupt",
         # an image header with no pixel data
-        _rewrite(_dicom(root / "bad", "nopix.dcm", "PATBAD", bad_uid, seed=11), lambda ds: ds.pop("PixelData")):
-            "no pixel data",
+        _rewrite(
+            _dicom(root / "bad", "nopix.dcm", "PATBAD", bad_uid, seed=11), lambda ds: ds.pop("PixelData")
+        ): "no pixel data",
         # not DICOM at all
         (root / "bad" / "notes.txt"): "not a readable DICOM file",
     }
@@ -329,9 +379,23 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
 
     out = tmp_path / "out"
     env = {**os.environ, ENV_PSEUDONYM_KEY: KEY.decode(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(REPO / "scripts" / "infer"), str(root), "--model", str(model_path),
-                           "--out", str(out), "--no-heatmaps", "--threads", "1"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            str(REPO / "scripts" / "infer"),
+            str(root),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--no-heatmaps",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     for path, reason in bad.items():
         line = next((ln for ln in proc.stderr.splitlines() if ln.startswith(f"SKIPPED {path}:")), None)
@@ -392,7 +456,9 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
     labels = np.zeros((8, 14), int)
     labels[:4, 2] = 1  # Effusion: 4 positives, 4 negatives; every other finding has no positive
     rng = np.random.default_rng(0)
-    csv_path = write_site(tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), rng, "val-site", SIZE)
+    csv_path = write_site(
+        tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), rng, "val-site", SIZE
+    )
     out = tmp_path / "thr.pt"
     meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, out, split="val")
     assert list(meta[META_THRESHOLDS]) == ["Effusion"] and 0.0 <= meta[META_THRESHOLDS]["Effusion"] <= 1.0
@@ -402,18 +468,36 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
     assert thresholds.values["Effusion"] == meta[META_THRESHOLDS]["Effusion"] and thresholds.values["Mass"] == 0.5
     assert thresholds.source.startswith("model (youden_j); default 0.5 for Atelectasis, Cardiomegaly")
     # the weights are the source model's
-    assert all(torch.equal(a, b) for a, b in zip(read_model_file(out).state_dict.values(),
-                                                 read_model_file(model_path).state_dict.values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(read_model_file(out).state_dict.values(), read_model_file(model_path).state_dict.values())
+    )
 
 
 def _bundle_and_infer(bundle: Path, dicom_root: Path, model_path: Path, tmp_path: Path) -> tuple[dict, dict]:
     """Per-image probabilities {file: array} from `monai.bundle run` of the exported bundle and from infer."""
     out = tmp_path / "bundle_out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-                           "--dataset_dir", str(dicom_root), "--output_dir", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--bundle_root",
+            str(bundle),
+            "--dataset_dir",
+            str(dicom_root),
+            "--output_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -430,13 +514,20 @@ def test_exported_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, mode
 
     bundle = export_bundle(model_path, tmp_path / "bundle")
     assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()) == [
-        "README.md", "configs/inference.json", "configs/metadata.json", "models/model.pt"]
+        "README.md",
+        "configs/inference.json",
+        "configs/metadata.json",
+        "models/model.pt",
+    ]
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     assert config["dataset_dir"] == "" and str(tmp_path) not in json.dumps(config)  # no hard-coded paths
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["fedmed"]["model"]["model_file_sha256"] == file_sha256(model_path)
     # no card in this model file: the bundle says what that means, where a reader of the bundle looks
-    assert meta["fedmed"]["clinical_use_warning"].startswith("NOT FOR CLINICAL USE") and meta["fedmed"]["model_card"] is None
+    assert (
+        meta["fedmed"]["clinical_use_warning"].startswith("NOT FOR CLINICAL USE")
+        and meta["fedmed"]["model_card"] is None
+    )
     assert meta["intended_use"].startswith("NOT FOR CLINICAL USE")
     readme = (bundle / "README.md").read_text()
     assert "**NOT FOR CLINICAL USE" in readme and "## Model card" in readme and "skipped.csv" in readme
@@ -456,8 +547,11 @@ def brain_model_path(tmp_path_factory):
     """A freshly initialised, seeded 4-class DenseNet-121 whose meta names its task, as the Controller writes it."""
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("brain_model") / "global_model.pt"
-    write_model_file(path, build_densenet121(len(BRAIN_CLASSES)).state_dict(),
-                     {"round": 2, "image_size": SIZE, "norm": "batch", "task": "brain_mri"})
+    write_model_file(
+        path,
+        build_densenet121(len(BRAIN_CLASSES)).state_dict(),
+        {"round": 2, "image_size": SIZE, "norm": "batch", "task": "brain_mri"},
+    )
     return path
 
 
@@ -465,8 +559,17 @@ def _mr_slice(folder: Path, name: str, patient: str, study_uid: str, label: int,
     """One synthetic axial T1 slice, tagged as the brain hospitals' scanners tag it."""
     rng = np.random.default_rng(seed)
     pixels = acquire(render_brain(label, rng, SIZE), BRAIN_TEST_SCANNER, rng)
-    ds = make_dicom(pixels, BRAIN_TEST_SCANNER, patient, study_uid, generate_uid(), generate_uid(), 1,
-                    BRAIN_MRI_FAMILY.tags(rng), "hospital-x")
+    ds = make_dicom(
+        pixels,
+        BRAIN_TEST_SCANNER,
+        patient,
+        study_uid,
+        generate_uid(),
+        generate_uid(),
+        1,
+        BRAIN_MRI_FAMILY.tags(rng),
+        "hospital-x",
+    )
     for k, v in overrides.items():
         setattr(ds, k, v)
     folder.mkdir(parents=True, exist_ok=True)
@@ -496,8 +599,11 @@ def brain_studies(tmp_path_factory):
         ({"Modality": "MR", "ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "ignored", "sagittal slice is not axial"),
         ({"Modality": "MR", "ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}, "ignored", "coronal slice is not axial"),
         ({"Modality": "MR"}, "problem", "no usable ImageOrientationPatient"),
-        ({"Modality": "MR", "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "BodyPartExamined": "KNEE"}, "problem",
-         "body part KNEE is not BRAIN/HEAD"),
+        (
+            {"Modality": "MR", "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "BodyPartExamined": "KNEE"},
+            "problem",
+            "body part KNEE is not BRAIN/HEAD",
+        ),
         ({"Modality": "CR", "ViewPosition": "PA"}, "read", None),  # the full read names the modality
     ],
 )
@@ -512,12 +618,25 @@ def test_brain_selection_verdict(attrs, verdict, reason):
 def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brain_studies, monkeypatch, capsys):
     out = tmp_path / "brain"
     monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
-    status = _infer_main()([str(brain_studies["root"]), "--model", str(brain_model_path), "--out", str(out),
-                            "--secondary-capture", "--structured-report", "--threads", "1"])
+    status = _infer_main()(
+        [
+            str(brain_studies["root"]),
+            "--model",
+            str(brain_model_path),
+            "--out",
+            str(out),
+            "--secondary-capture",
+            "--structured-report",
+            "--threads",
+            "1",
+        ]
+    )
     printed = capsys.readouterr()
     assert status == 1  # the chest film was skipped
     assert f"SKIPPED {brain_studies['chest']}: modality CR is not one of ['MR']" in printed.err
-    assert "task brain_mri, decision: multiclass: argmax" in printed.out and "2 studies: 2 read (3 images" in printed.out
+    assert (
+        "task brain_mri, decision: multiclass: argmax" in printed.out and "2 studies: 2 read (3 images" in printed.out
+    )
 
     studies = {}
     for key in ("A", "B"):
@@ -542,10 +661,12 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
         assert sc.StudyInstanceUID == brain_studies[key] and f"{predicted} p=" in sc.DerivationDescription
         assert "(multiclass: argmax)" in sc.DerivationDescription
     assert len(studies["A"]["images"]) == 2 and len(studies["B"]["images"]) == 1
-    assert studies["A"]["ignored_files"] == [{"file": str(brain_studies["sagittal"]),
-                                              "reason": "sagittal slice is not axial; only axial slices are read"}]
-    assert studies["A"]["skipped_files"] == [{"file": str(brain_studies["chest"]),
-                                              "reason": "modality CR is not one of ['MR']"}]
+    assert studies["A"]["ignored_files"] == [
+        {"file": str(brain_studies["sagittal"]), "reason": "sagittal slice is not axial; only axial slices are read"}
+    ]
+    assert studies["A"]["skipped_files"] == [
+        {"file": str(brain_studies["chest"]), "reason": "modality CR is not one of ['MR']"}
+    ]
 
     rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
     header = list(rows[brain_studies["A"]])
@@ -557,24 +678,31 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
         said = read_structured_report(pydicom.dcmread(j["structured_report"]))  # the SR: the argmax class Present
         assert said["thresholds"] == {} and said["probabilities"] == pytest.approx(j["probabilities"], abs=1e-6)
         assert [c for c in BRAIN_CLASSES if said["evaluations"][c] == "Present"] == [j["predicted_class"]]
-        assert [float(row[f"p_{c}"]) for c in BRAIN_CLASSES] == pytest.approx(list(j["probabilities"].values()), abs=1e-6)
+        assert [float(row[f"p_{c}"]) for c in BRAIN_CLASSES] == pytest.approx(
+            list(j["probabilities"].values()), abs=1e-6
+        )
     assert "1 file(s) skipped: modality CR is not one of ['MR']" in rows[brain_studies["A"]]["message"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "brain_mri" and summary["decision_rule"] == "multiclass: argmax"
-    assert summary["images_read"] == 3 and [f["file"] for f in summary["skipped_files"]] == [str(brain_studies["chest"])]
+    assert summary["images_read"] == 3 and [f["file"] for f in summary["skipped_files"]] == [
+        str(brain_studies["chest"])
+    ]
 
     # the inference log: the predicted class where the chest model logs its positive findings
     logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
     assert sorted(r["positive_findings"] for r in logs) == sorted(studies[k]["predicted_class"] for k in ("A", "B"))
 
 
-def test_task_option_overrides_the_model_file_and_must_fit_its_head(tmp_path, model_path, brain_model_path,
-                                                                     brain_studies, studies):
+def test_task_option_overrides_the_model_file_and_must_fit_its_head(
+    tmp_path, model_path, brain_model_path, brain_studies, studies
+):
     # a model file with no task in its meta, told by --task what it is
     blob = torch.load(brain_model_path, weights_only=True)
     untagged = tmp_path / "untagged.pt"
     write_model_file(untagged, blob["state_dict"], {"round": 2, "image_size": SIZE})
-    summary = run_inference(brain_studies["root"], untagged, _options(tmp_path / "o1", heatmaps=False, task="brain_mri"))
+    summary = run_inference(
+        brain_studies["root"], untagged, _options(tmp_path / "o1", heatmaps=False, task="brain_mri")
+    )
     assert summary.thresholds_source == "multiclass: argmax"
     assert summary.results[0].predicted in BRAIN_CLASSES and summary.results[0].positive == []
     # the chest model on brain slices: every MR slice is skipped naming its modality
@@ -618,24 +746,38 @@ def _card_meta(synthetic: bool) -> dict:
     from fedmed.model_card import ModelCardBuilder
 
     builder = ModelCardBuilder("chest_xray14", "geometric_median", "NVFlare federation (fedmed)")
-    builder.add_round(["hospital-a", "hospital-b"], [
-        SimpleNamespace(site="hospital-a", data_synthetic=synthetic, privacy={"epsilon": 2.5}),
-        SimpleNamespace(site="hospital-b", data_synthetic=synthetic, privacy={})])
+    builder.add_round(
+        ["hospital-a", "hospital-b"],
+        [
+            SimpleNamespace(site="hospital-a", data_synthetic=synthetic, privacy={"epsilon": 2.5}),
+            SimpleNamespace(site="hospital-b", data_synthetic=synthetic, privacy={}),
+        ],
+    )
     return builder.card().to_meta()
 
 
-def test_synthetic_model_says_so_in_every_output_and_refuses_a_1x1_gradcam(tmp_path, model_path, studies,
-                                                                          monkeypatch, capsys):
+def test_synthetic_model_says_so_in_every_output_and_refuses_a_1x1_gradcam(
+    tmp_path, model_path, studies, monkeypatch, capsys
+):
     blob = torch.load(model_path, weights_only=True)
     path = tmp_path / "synthetic.pt"
     # image size 32: DenseNet-121's last feature map is 1x1; thresholds 0: every finding positive, so a heatmap
     # would be drawn for each if Grad-CAM were not refused
-    write_model_file(path, blob["state_dict"], {**blob["meta"], "image_size": 32, "model_card": _card_meta(True),
-                                                META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS}})
+    write_model_file(
+        path,
+        blob["state_dict"],
+        {
+            **blob["meta"],
+            "image_size": 32,
+            "model_card": _card_meta(True),
+            META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS},
+        },
+    )
     out = tmp_path / "out"
     monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
-    status = _infer_main()([str(studies["root"]), "--model", str(path), "--out", str(out), "--secondary-capture",
-                            "--threads", "1"])
+    status = _infer_main()(
+        [str(studies["root"]), "--model", str(path), "--out", str(out), "--secondary-capture", "--threads", "1"]
+    )
     printed = capsys.readouterr().out
     assert status == 0
     line = "NOT FOR CLINICAL USE: trained on synthetic data (hospital-a, hospital-b)"
@@ -656,8 +798,11 @@ def test_synthetic_model_says_so_in_every_output_and_refuses_a_1x1_gradcam(tmp_p
 def test_real_data_card_has_no_warning_and_a_coarse_gradcam_is_flagged(tmp_path, model_path, studies):
     blob = torch.load(model_path, weights_only=True)
     path = tmp_path / "real.pt"
-    write_model_file(path, blob["state_dict"], {**blob["meta"], "model_card": _card_meta(False),
-                                                META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS}})
+    write_model_file(
+        path,
+        blob["state_dict"],
+        {**blob["meta"], "model_card": _card_meta(False), META_THRESHOLDS: {f: 0.0 for f in CXR14_FINDINGS}},
+    )
     summary = run_inference(studies["root"], path, _options(tmp_path / "out"))
     assert summary.clinical_use_warning is None
     assert summary.heatmap_note.startswith(f"Grad-CAM is coarse: the model's last feature map is 2x2 at {SIZE} px")
@@ -702,8 +847,17 @@ def test_ood_guard_calibrated_with_the_thresholds_flags_an_image_unlike_them(tmp
     # an image no chest scanner makes: uniform noise in a valid DX header
     noise_uid = generate_uid()
     pixels = np.random.default_rng(5).integers(0, 4095, (SIZE, SIZE)).astype(np.uint16)
-    ds = make_dicom(pixels, ScannerProfile(), "PATN", noise_uid, generate_uid(), generate_uid(), 1,
-                    {"BodyPartExamined": "CHEST", "ViewPosition": "PA"}, "hospital-x")
+    ds = make_dicom(
+        pixels,
+        ScannerProfile(),
+        "PATN",
+        noise_uid,
+        generate_uid(),
+        generate_uid(),
+        1,
+        {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+        "hospital-x",
+    )
     root = tmp_path / "in"
     (root / "noise").mkdir(parents=True)
     ds.save_as(root / "noise" / "IM1", enforce_file_format=True)
@@ -721,10 +875,13 @@ def test_ood_guard_calibrated_with_the_thresholds_flags_an_image_unlike_them(tmp
     assert s["out_of_distribution"]["checked"] and noise_uid in s["out_of_distribution"]["studies"]
     row = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}[noise_uid]
     assert row["ood_flagged_images"] == "1" and float(row["max_ood_score"]) == pytest.approx(
-        noise["images"][0]["ood_score"], abs=1e-3)
+        noise["images"][0]["ood_score"], abs=1e-3
+    )
     said = read_structured_report(pydicom.dcmread(noise["structured_report"]))
     assert said["evaluations"]["Unlike the training images"] == "Present"
-    assert any(t.startswith("out-of-distribution score: feature distance to 12 calibration images") for t in said["texts"])
+    assert any(
+        t.startswith("out-of-distribution score: feature distance to 12 calibration images") for t in said["texts"]
+    )
 
 
 def test_without_ood_statistics_outputs_say_not_checked(tmp_path, model_path, studies):

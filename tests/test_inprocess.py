@@ -14,15 +14,29 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 @pytest.fixture(scope="module")
 def sets(tiny_hospitals):
-    train = {s: load_train_val(DataConfig("dicom", tiny_hospitals / s / "dicom", tiny_hospitals / s / "labels.csv"), 32, 0, CHEST_XRAY14)[0]
-             for s in SITES}
-    return train, load_test(tiny_hospitals / "global_test" / "dicom", tiny_hospitals / "global_test" / "labels.csv", 32, CHEST_XRAY14)
+    train = {
+        s: load_train_val(
+            DataConfig("dicom", tiny_hospitals / s / "dicom", tiny_hospitals / s / "labels.csv"), 32, 0, CHEST_XRAY14
+        )[0]
+        for s in SITES
+    }
+    return train, load_test(
+        tiny_hospitals / "global_test" / "dicom", tiny_hospitals / "global_test" / "labels.csv", 32, CHEST_XRAY14
+    )
 
 
 def test_benchmark_loop_survives_a_nan_site_with_the_geometric_median(sets):
     train, test = sets
-    res = federate(train, test, 1, "geometric_median", task=CHEST_XRAY14, hostile={"hospital-c": Attack("nan")}, use_trust=True,
-                   batch_size=4)
+    res = federate(
+        train,
+        test,
+        1,
+        "geometric_median",
+        task=CHEST_XRAY14,
+        hostile={"hospital-c": Attack("nan")},
+        use_trust=True,
+        batch_size=4,
+    )
     assert 0.0 <= res["auroc"] <= 1.0 and res["epsilon"] == {}
     # the model card names only the sites aggregated (the NaN site's update was rejected); data not declared
     assert res.card["hospitals"] == ["hospital-a", "hospital-b"] and res.card["rounds"] == 1
@@ -31,8 +45,17 @@ def test_benchmark_loop_survives_a_nan_site_with_the_geometric_median(sets):
 
 def test_benchmark_loop_reports_epsilon_per_site(sets):
     train, test = sets
-    res = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, privacy=PrivacyPolicy(epsilon=8.0), norm="group",
-                   batch_size=4, data_synthetic=True)
+    res = federate(
+        train,
+        test,
+        1,
+        "fedavg",
+        task=CHEST_XRAY14,
+        privacy=PrivacyPolicy(epsilon=8.0),
+        norm="group",
+        batch_size=4,
+        data_synthetic=True,
+    )
     assert set(res["epsilon"]) == set(SITES)
     assert all(0 < e <= 8.0 * 1.000001 and math.isfinite(e) for e in res["epsilon"].values())
     assert res.card["dp_epsilon"] == pytest.approx(res["epsilon"]) and res.card["synthetic_sites"] == list(SITES)

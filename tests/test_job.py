@@ -50,8 +50,11 @@ def test_bad_controller_arguments_fail_at_construction():
 
 def _write_site_configs(root, hostile=None, privacy=None):
     for site in SITES:
-        cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
-               "resources": {"num_threads": 1}}
+        cfg = {
+            "site_name": site,
+            "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+            "resources": {"num_threads": 1},
+        }
         if hostile and site in hostile:
             cfg["hostile"] = hostile[site]
         if privacy and site in privacy:
@@ -62,9 +65,25 @@ def _write_site_configs(root, hostile=None, privacy=None):
 def _run_job(data_root, workspace, db, *extra, sites=SITES):
     env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run(
-        [sys.executable, str(JOB), "--data-root", str(data_root), "--workspace", str(workspace),
-         "--image-size", "64", "--batch-size", "4", "--sites", ",".join(sites), *extra],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(JOB),
+            "--data-root",
+            str(data_root),
+            "--workspace",
+            str(workspace),
+            "--image-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--sites",
+            ",".join(sites),
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -88,7 +107,8 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert console[0] == f"full simulator log: {log}" and console[-1].startswith("simulation finished")
     site_lines = [line for line in console if line.startswith("  round ")]
     assert sorted((line.split()[1], line.split()[2]) for line in site_lines) == sorted(
-        (str(r), s) for r in (1, 2) for s in SITES)
+        (str(r), s) for r in (1, 2) for s in SITES
+    )
     assert [line.split(" done")[0] for line in console if " done in " in line] == ["round 1/2", "round 2/2"]
     assert len(console) == 1 + len(site_lines) + 2 + 2, console  # header, sites, rounds, run end, finished
     full = log.read_text()
@@ -130,9 +150,21 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         ood = torch.load(app / name, weights_only=True)["meta"]["ood"]
         assert ood["calibration"]["data"] == "server global test set, 16 images" and ood["threshold"] > 0
 
-    report = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--db-url", f"sqlite:///{db}",
-                             "--out", str(tmp_path / "report"), "--model", str(app / "best_model.pt")],
-                            capture_output=True, text=True, timeout=300)
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "report.py"),
+            "--db-url",
+            f"sqlite:///{db}",
+            "--out",
+            str(tmp_path / "report"),
+            "--model",
+            str(app / "best_model.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr
     page = (tmp_path / "report" / "report.html").read_text()
     assert "NOT FOR CLINICAL USE: trained on synthetic data" in page and "Model card" in page
@@ -145,8 +177,17 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     # hospital-c sends updates scaled 50x; the geometric median discounts it, trust falls, it is quarantined.
     _write_site_configs(tiny_hospitals, hostile={"hospital-c": {"kind": "scale", "factor": 50}})
     try:
-        repo, run_id = _simulate(tiny_hospitals, tmp_path / "ws", tmp_path / "h.db", "--rounds", "3",
-                                 "--aggregation", "geometric_median", "--min-clients", "2")
+        repo, run_id = _simulate(
+            tiny_hospitals,
+            tmp_path / "ws",
+            tmp_path / "h.db",
+            "--rounds",
+            "3",
+            "--aggregation",
+            "geometric_median",
+            "--min-clients",
+            "2",
+        )
     finally:
         _write_site_configs(tiny_hospitals)
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
@@ -171,8 +212,11 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
 def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_path):
     # hospital-c's own policy (sigma 1.0, ceiling 5.5) allows one round, not two: it refuses round 2 itself.
     # hospital-b keeps its losses and AUROCs home: only DP-trained weights and epsilon leave it.
-    privacy = {"hospital-a": {"preset": "moderate"}, "hospital-b": {"preset": "weak", "release_metrics": False},
-               "hospital-c": {"epsilon": 5.5, "noise_multiplier": 1.0}}
+    privacy = {
+        "hospital-a": {"preset": "moderate"},
+        "hospital-b": {"preset": "weak", "release_metrics": False},
+        "hospital-c": {"epsilon": 5.5, "noise_multiplier": 1.0},
+    }
     _write_site_configs(tiny_hospitals, privacy=privacy)
     # Start from "pretrained" weights (another seed than the persistor's) and DP-train only the top of the network.
     from fedmed.flare.persistor import save_state
@@ -182,14 +226,28 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
     save_state(pretrained, tmp_path / "public.pt", {"pretrained_on": "test"})
     trained = ("features.denseblock4.denselayer16.", "features.norm5.", "class_layers.")
     try:
-        repo, run_id = _simulate(tiny_hospitals, tmp_path / "ws", tmp_path / "dp.db", "--rounds", "2", "--norm", "group",
-                                 "--min-clients", "2", "--initial-weights", str(tmp_path / "public.pt"),
-                                 "--dp-train-layers", ",".join(trained))
+        repo, run_id = _simulate(
+            tiny_hospitals,
+            tmp_path / "ws",
+            tmp_path / "dp.db",
+            "--rounds",
+            "2",
+            "--norm",
+            "group",
+            "--min-clients",
+            "2",
+            "--initial-weights",
+            str(tmp_path / "public.pt"),
+            "--dp-train-layers",
+            ",".join(trained),
+        )
     finally:
         _write_site_configs(tiny_hospitals)
     assert repo.get_run(run_id).status == "finished"
-    final = torch.load(tmp_path / "ws" / "cxr_densenet" / "server" / "simulate_job" / "app_server" / "global_model.pt",
-                       weights_only=True)["state_dict"]
+    final = torch.load(
+        tmp_path / "ws" / "cxr_densenet" / "server" / "simulate_job" / "app_server" / "global_model.pt",
+        weights_only=True,
+    )["state_dict"]
     moved = {k for k in pretrained if not np.allclose(pretrained[k], final[k].numpy(), atol=1e-6)}
     assert "class_layers.out.weight" in moved and all(k.startswith(trained) for k in moved)
     spend = {(p["round"], p["site"]): p for p in repo.privacy_spend(run_id)}

@@ -15,14 +15,22 @@ from fedmed.jobconfig import DEFAULT_SITES, JobConfig
 from fedmed.robust.trust import TrustPolicy
 from jobscripts import load_job_script
 
-TRUST = {"trust_smoothing": "smoothing", "trust_ok_ratio": "ok_ratio", "trust_bad_ratio": "bad_ratio",
-         "quarantine_below": "quarantine_below", "readmit_after": "readmit_after",
-         "trust_head_cosine_bad": "head_cosine_bad"}
+TRUST = {
+    "trust_smoothing": "smoothing",
+    "trust_ok_ratio": "ok_ratio",
+    "trust_bad_ratio": "bad_ratio",
+    "quarantine_below": "quarantine_below",
+    "readmit_after": "readmit_after",
+    "trust_head_cosine_bad": "head_cosine_bad",
+}
 
 
 def _defaults(cls) -> dict:
-    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        n: p.default
+        for n, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def test_config_defaults_are_the_components_defaults():
@@ -51,24 +59,27 @@ def test_config_is_frozen_and_changes_make_a_validated_copy():
         config.with_changes(rounds=3)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"task": "lung_ct"}, "unknown task 'lung_ct'"),
-    ({"sites": []}, "sites is empty"),
-    ({"sites": "hospital-a"}, "sites must be a list"),
-    ({"sites": ["a", "a"]}, "names a hospital twice"),
-    ({"min_clients": 4}, r"min_clients must be in 1\.\.3"),
-    ({"num_rounds": 0}, "num_rounds must be an integer >= 1"),
-    ({"image_size": 16}, "image_size must be an integer >= 32"),
-    ({"lr": float("nan")}, "lr must be a positive number"),
-    ({"norm": "layer"}, "norm must be one of"),
-    ({"aggregation": "bulyan"}, "unknown aggregation 'bulyan'"),
-    ({"trust_ok_ratio": 5.0}, r"trust rule .*ok_ratio < bad_ratio"),
-    ({"quarantine_below": 1.5}, "quarantine_below must be in"),
-    ({"readmit_after": 0}, "readmit_after must be >= 1"),
-    ({"statistics_factor": 1.0}, "statistics_factor must be a number > 1"),
-    ({"validation_images": -1}, "validation_images must be an integer >= 0"),
-    ({"he_layers": ["class_layers.out.", ""]}, "he_layers must be a list of non-empty names"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"task": "lung_ct"}, "unknown task 'lung_ct'"),
+        ({"sites": []}, "sites is empty"),
+        ({"sites": "hospital-a"}, "sites must be a list"),
+        ({"sites": ["a", "a"]}, "names a hospital twice"),
+        ({"min_clients": 4}, r"min_clients must be in 1\.\.3"),
+        ({"num_rounds": 0}, "num_rounds must be an integer >= 1"),
+        ({"image_size": 16}, "image_size must be an integer >= 32"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+        ({"norm": "layer"}, "norm must be one of"),
+        ({"aggregation": "bulyan"}, "unknown aggregation 'bulyan'"),
+        ({"trust_ok_ratio": 5.0}, r"trust rule .*ok_ratio < bad_ratio"),
+        ({"quarantine_below": 1.5}, "quarantine_below must be in"),
+        ({"readmit_after": 0}, "readmit_after must be >= 1"),
+        ({"statistics_factor": 1.0}, "statistics_factor must be a number > 1"),
+        ({"validation_images": -1}, "validation_images must be an integer >= 0"),
+        ({"he_layers": ["class_layers.out.", ""]}, "he_layers must be a list of non-empty names"),
+    ],
+)
 def test_bad_settings_are_refused_naming_the_setting(changes, message):
     with pytest.raises(ValueError, match=message):
         JobConfig(**{"name": "x", "task": "chest_xray14", **changes})
@@ -94,37 +105,79 @@ def test_job_script_defaults_come_from_its_config(job_name, tmp_path):
     controller, persistor = _server_args(tmp_path / job_name)
     c = job.CONFIG
     assert controller["task"] == c.task and controller["run_name"] == c.name
-    for key in ("num_rounds", "round_timeout", "straggler_wait", "aggregation", "image_size", "norm",
-                "final_model_timeout", "statistics_factor", "validation_images", *TRUST):
+    for key in (
+        "num_rounds",
+        "round_timeout",
+        "straggler_wait",
+        "aggregation",
+        "image_size",
+        "norm",
+        "final_model_timeout",
+        "statistics_factor",
+        "validation_images",
+        *TRUST,
+    ):
         assert controller[key] == getattr(c, key), key
     assert controller["min_clients"] == c.required_clients and persistor["seed"] == c.seed
     client = json.loads(next((tmp_path / job_name).rglob("config_fed_client.json")).read_text())
     trainer = {**_defaults(FedMedTrainer), **client["executors"][0]["executor"]["args"]}
-    assert {k: trainer[k] for k in ("image_size", "local_epochs", "lr", "batch_size", "seed", "norm")} == \
-        {k: getattr(c, k) for k in ("image_size", "local_epochs", "lr", "batch_size", "seed", "norm")}
+    assert {k: trainer[k] for k in ("image_size", "local_epochs", "lr", "batch_size", "seed", "norm")} == {
+        k: getattr(c, k) for k in ("image_size", "local_epochs", "lr", "batch_size", "seed", "norm")
+    }
 
 
 def test_trust_options_reach_the_controller(tmp_path):
     job = load_job_script("cxr_densenet")
-    rc = job.main(["--export-job", str(tmp_path), "--trust-smoothing", "0.25", "--trust-ok-ratio", "1.5",
-                   "--trust-bad-ratio", "3", "--trust-quarantine-below", "0.4", "--trust-readmit-after", "3",
-                   "--trust-head-cosine-bad", "-0.6", "--final-model-timeout", "30", "--statistics-factor", "20", "--validation-images", "50"])
+    rc = job.main(
+        [
+            "--export-job",
+            str(tmp_path),
+            "--trust-smoothing",
+            "0.25",
+            "--trust-ok-ratio",
+            "1.5",
+            "--trust-bad-ratio",
+            "3",
+            "--trust-quarantine-below",
+            "0.4",
+            "--trust-readmit-after",
+            "3",
+            "--trust-head-cosine-bad",
+            "-0.6",
+            "--final-model-timeout",
+            "30",
+            "--statistics-factor",
+            "20",
+            "--validation-images",
+            "50",
+        ]
+    )
     assert rc == 0
     controller, _ = _server_args(tmp_path / "cxr_densenet")
     keys = (*TRUST, "final_model_timeout", "statistics_factor", "validation_images")
     assert {k: controller[k] for k in keys} == {
-        "trust_smoothing": 0.25, "trust_ok_ratio": 1.5, "trust_bad_ratio": 3.0, "quarantine_below": 0.4,
-        "readmit_after": 3, "trust_head_cosine_bad": -0.6, "final_model_timeout": 30, "statistics_factor": 20.0,
-        "validation_images": 50}
+        "trust_smoothing": 0.25,
+        "trust_ok_ratio": 1.5,
+        "trust_bad_ratio": 3.0,
+        "quarantine_below": 0.4,
+        "readmit_after": 3,
+        "trust_head_cosine_bad": -0.6,
+        "final_model_timeout": 30,
+        "statistics_factor": 20.0,
+        "validation_images": 50,
+    }
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--trust-bad-ratio", "1.0"], "need 0 < ok_ratio < bad_ratio"),
-    (["--trust-head-cosine-bad", "0.5"], "head_cosine_bad"),
-    (["--sites", " , "], "sites is empty"),
-    (["--min-clients", "5"], r"min_clients must be in 1\.\.3"),
-    (["--aggregation", "bulyan"], "unknown aggregation 'bulyan'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trust-bad-ratio", "1.0"], "need 0 < ok_ratio < bad_ratio"),
+        (["--trust-head-cosine-bad", "0.5"], "head_cosine_bad"),
+        (["--sites", " , "], "sites is empty"),
+        (["--min-clients", "5"], r"min_clients must be in 1\.\.3"),
+        (["--aggregation", "bulyan"], "unknown aggregation 'bulyan'"),
+    ],
+)
 def test_bad_job_options_exit_naming_the_problem_and_export_nothing(argv, message, tmp_path, capsys):
     job = load_job_script("cxr_densenet")
     with pytest.raises(SystemExit) as exit_info:

@@ -17,29 +17,54 @@ from fedmed.store.repository import AlertRecord, Repository, RoundRecord, Update
 
 
 def _record(n):
-    return RoundRecord(n, (UpdateRecord("hospital-a", "accepted", 10, trust=0.9, metrics={"val_auroc/Mass": 0.7}),
-                           UpdateRecord("hospital-b", "missing", reason="timeout")),
-                       score=0.5 + n / 10, score_name="mean_auroc", score_source="site_validation",
-                       mean_auroc=0.5 + n / 10, started_at=utcnow(),
-                       alerts=(AlertRecord("hospital-b", "rejected", "NaN"),))
+    return RoundRecord(
+        n,
+        (
+            UpdateRecord("hospital-a", "accepted", 10, trust=0.9, metrics={"val_auroc/Mass": 0.7}),
+            UpdateRecord("hospital-b", "missing", reason="timeout"),
+        ),
+        score=0.5 + n / 10,
+        score_name="mean_auroc",
+        score_source="site_validation",
+        mean_auroc=0.5 + n / 10,
+        started_at=utcnow(),
+        alerts=(AlertRecord("hospital-b", "rejected", "NaN"),),
+    )
 
 
 def test_a_line_journaled_before_rounds_counted_from_1_is_replayed_in_todays_numbering():
     """A journal left by the version before revision 0009 (rounds from 0, the mean AUROC in test_mean_auroc) is
     converted on replay as the migration converted the database."""
-    legacy = json.dumps({"op": "record_round", "args": {"run_uid": "u", "record": {
-        "round_num": 0, "updates": [{"site": "hospital-a", "status": "accepted", "num_samples": 10,
-                                     "val_mean_auroc": 0.7}],
-        "test_loss": 0.4, "test_mean_auroc": 0.66, "test_metrics": {}, "alerts": [], "trust": []}}})
+    legacy = json.dumps(
+        {
+            "op": "record_round",
+            "args": {
+                "run_uid": "u",
+                "record": {
+                    "round_num": 0,
+                    "updates": [{"site": "hospital-a", "status": "accepted", "num_samples": 10, "val_mean_auroc": 0.7}],
+                    "test_loss": 0.4,
+                    "test_mean_auroc": 0.66,
+                    "test_metrics": {},
+                    "alerts": [],
+                    "trust": [],
+                },
+            },
+        }
+    )
     op, args = op_from_json(legacy)
     rec = args["record"]
     assert (rec.round_num, rec.score, rec.score_name, rec.score_source) == (1, 0.66, "mean_auroc", "global_test")
     assert rec.updates[0].val_score == 0.7
-    _, finish = op_from_json(json.dumps({"op": "finish_run", "args": {"run_uid": "u", "status": "finished",
-                                                                      "best_round": 0, "best_metric": 0.66}}))
+    _, finish = op_from_json(
+        json.dumps(
+            {"op": "finish_run", "args": {"run_uid": "u", "status": "finished", "best_round": 0, "best_metric": 0.66}}
+        )
+    )
     assert finish["best_round"] == 1
-    _, today = op_from_json(op_to_json("finish_run", {"run_uid": "u", "status": "finished", "best_round": 1,
-                                                      "best_metric": 0.66}))
+    _, today = op_from_json(
+        op_to_json("finish_run", {"run_uid": "u", "status": "finished", "best_round": 1, "best_metric": 0.66})
+    )
     assert today["best_round"] == 1  # a line written today is not shifted again
 
 
@@ -57,7 +82,10 @@ def test_rounds_written_while_the_database_is_unreachable_are_replayed_once(tmp_
     url = f"sqlite:///{db_dir / 'fedmed.db'}"
     rec = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("t"))
     with caplog.at_level(logging.ERROR):
-        assert rec.write("start_run", uid="u1", name="demo", job_id="j", aggregation="fedavg", num_rounds=3, config={}) is False
+        assert (
+            rec.write("start_run", uid="u1", name="demo", job_id="j", aggregation="fedavg", num_rounds=3, config={})
+            is False
+        )
         for n in (1, 2, 3):
             assert rec.write("record_round", run_uid="u1", record=_record(n)) is False
     assert rec.degraded and len(rec.journal.pending()) == 4
@@ -119,8 +147,13 @@ def test_an_over_long_metric_name_is_dead_lettered_and_the_run_goes_on(tmp_path)
     url = f"sqlite:///{tmp_path / 'x.db'}"
     rec = ResilientRecorder(lambda: Repository(url), Journal.for_job(tmp_path, "job"), logging.getLogger("t"))
     assert rec.write("start_run", **_start_args("u"))
-    evil = RoundRecord(1, (UpdateRecord("hospital-a", "accepted", 10, metrics={"x" * 201: 1.0}),
-                           UpdateRecord("hospital-b", "accepted", 10)))
+    evil = RoundRecord(
+        1,
+        (
+            UpdateRecord("hospital-a", "accepted", 10, metrics={"x" * 201: 1.0}),
+            UpdateRecord("hospital-b", "accepted", 10),
+        ),
+    )
     assert rec.write("record_round", run_uid="u", record=evil) is False  # refused, not journaled for ever
     assert rec.journal.pending() == [] and not rec.degraded
     assert rec.write("record_round", run_uid="u", record=_record(2)) is True  # later rounds still land
@@ -144,8 +177,9 @@ def test_the_repository_refuses_values_too_long_for_their_column_on_every_engine
 
 def test_an_unopenable_database_keeps_lines_journaled_never_dead_lettered(tmp_path):
     """A misconfigured or unreachable database is no line's fault: everything stays journaled."""
-    rec = ResilientRecorder(lambda: Repository("nosuchdialect://x/y"), Journal.for_job(tmp_path, "j"),
-                            logging.getLogger("t"))
+    rec = ResilientRecorder(
+        lambda: Repository("nosuchdialect://x/y"), Journal.for_job(tmp_path, "j"), logging.getLogger("t")
+    )
     assert rec.write("start_run", **_start_args("u")) is False
     assert rec.write("record_round", run_uid="u", record=_record(1)) is False
     assert len(rec.journal.pending()) == 2 and rec.degraded
@@ -196,8 +230,12 @@ def test_four_jobs_sharing_a_workspace_lose_no_journal_line(tmp_path, shared):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the workers import the installed fedmed
     n, jobs = 30, [f"job{i}" for i in range(4)]
     paths = [tmp_path / JOURNAL_NAME if shared else journal_path(tmp_path, j) for j in jobs]
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(p), url, j, str(n)], env=env,
-                              stderr=subprocess.PIPE, text=True) for p, j in zip(paths, jobs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(p), url, j, str(n)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for p, j in zip(paths, jobs)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

@@ -33,7 +33,9 @@ def test_unlabelled_and_unreadable_files_are_skipped_with_a_warning(tiny_hospita
 
 def test_wrong_label_file_says_nothing_matches(tiny_hospitals):
     with pytest.raises(ValueError, match="no labelled images"):
-        load_dicom_site(tiny_hospitals / "hospital-a" / "dicom", tiny_hospitals / "hospital-b" / "labels.csv", task=CHEST_XRAY14)
+        load_dicom_site(
+            tiny_hospitals / "hospital-a" / "dicom", tiny_hospitals / "hospital-b" / "labels.csv", task=CHEST_XRAY14
+        )
 
 
 @pytest.mark.parametrize(
@@ -61,7 +63,9 @@ def test_label_values_must_be_binary(tmp_path):
 def test_chestxray14_layout(tmp_path):
     (tmp_path / "images").mkdir()
     for name in ("00000001_000.png", "00000002_000.png"):
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "images" / name)
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(
+            tmp_path / "images" / name
+        )
     (tmp_path / "Data_Entry_2017.csv").write_text(
         "Image Index,Finding Labels,Follow-up #\n00000001_000.png,Cardiomegaly|Effusion,0\n00000002_000.png,No Finding,0\n"
     )
@@ -87,9 +91,15 @@ def test_csv_manifest_and_random_split(tmp_path):
 
 
 def test_site_config_resolves_relative_paths(tmp_path):
-    (tmp_path / "fedmed_site.json").write_text(json.dumps(
-        {"site_name": "hospital-a", "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
-         "resources": {"num_threads": 1}}))
+    (tmp_path / "fedmed_site.json").write_text(
+        json.dumps(
+            {
+                "site_name": "hospital-a",
+                "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+                "resources": {"num_threads": 1},
+            }
+        )
+    )
     cfg = load_site_config(tmp_path / "fedmed_site.json")
     assert cfg.data.root == (tmp_path / "dicom").resolve() and cfg.num_threads == 1
 
@@ -101,7 +111,10 @@ def test_site_config_resolves_relative_paths(tmp_path):
         ({"site_name": "h", "data": {"format": "nifti", "root": "x"}}, "data.format must be one of"),
         ({"site_name": "h", "data": {"format": "dicom", "root": "x"}}, "labels_csv is required"),
         ({"site_name": "h", "data": {"format": "chestxray14", "root": ""}}, "'data.root' must be a non-empty path"),
-        ({"site_name": "h", "data": {"format": "chestxray14", "root": "x"}, "resources": {"num_threads": 0}}, "num_threads"),
+        (
+            {"site_name": "h", "data": {"format": "chestxray14", "root": "x"}, "resources": {"num_threads": 0}},
+            "num_threads",
+        ),
     ],
 )
 def test_bad_site_config_names_the_key(tmp_path, raw, match):
@@ -114,16 +127,28 @@ def test_bad_site_config_names_the_key(tmp_path, raw, match):
 GOOD = {"site_name": "h", "data": {"format": "chestxray14", "root": "x"}}
 
 
-@pytest.mark.parametrize("raw, match", [
-    # a misspelt privacy block would otherwise silently drop the hospital's DP ceiling
-    ({**GOOD, "privcy": {"preset": "strong"}}, r"unknown key\(s\) 'privcy' \(did you mean 'privacy'\?\)"),
-    # nested blocks are as strict as the top level
-    ({**GOOD, "data": {**GOOD["data"], "label_csv": "l.csv"}}, r"data: unknown key\(s\) 'label_csv' \(did you mean 'labels_csv'\?\)"),
-    ({**GOOD, "resources": {"num_thread": 2}}, r"resources: unknown key\(s\) 'num_thread' \(did you mean 'num_threads'\?\)"),
-    ({**GOOD, "privacy": {"preset": "strong", "epsilom": 2}}, r"privacy: unknown key\(s\) 'epsilom' \(did you mean 'epsilon'\?\)"),
-    # nothing close: no guess, but the valid keys are listed
-    ({**GOOD, "colour": 1}, r"unknown key\(s\) 'colour'; valid keys: data, hostile, privacy"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        # a misspelt privacy block would otherwise silently drop the hospital's DP ceiling
+        ({**GOOD, "privcy": {"preset": "strong"}}, r"unknown key\(s\) 'privcy' \(did you mean 'privacy'\?\)"),
+        # nested blocks are as strict as the top level
+        (
+            {**GOOD, "data": {**GOOD["data"], "label_csv": "l.csv"}},
+            r"data: unknown key\(s\) 'label_csv' \(did you mean 'labels_csv'\?\)",
+        ),
+        (
+            {**GOOD, "resources": {"num_thread": 2}},
+            r"resources: unknown key\(s\) 'num_thread' \(did you mean 'num_threads'\?\)",
+        ),
+        (
+            {**GOOD, "privacy": {"preset": "strong", "epsilom": 2}},
+            r"privacy: unknown key\(s\) 'epsilom' \(did you mean 'epsilon'\?\)",
+        ),
+        # nothing close: no guess, but the valid keys are listed
+        ({**GOOD, "colour": 1}, r"unknown key\(s\) 'colour'; valid keys: data, hostile, privacy"),
+    ],
+)
 def test_unknown_site_config_keys_are_refused_with_the_nearest_valid_key(tmp_path, raw, match):
     p = tmp_path / "fedmed_site.json"
     p.write_text(json.dumps(raw))
@@ -134,8 +159,19 @@ def test_unknown_site_config_keys_are_refused_with_the_nearest_valid_key(tmp_pat
 def _dicom_config(tmp_path, tiny_hospitals, **data):
     p = tmp_path / "fedmed_site.json"
     site = tiny_hospitals / "hospital-a"
-    p.write_text(json.dumps({"site_name": "hospital-a", "data": {
-        "format": "dicom", "root": str(site / "dicom"), "labels_csv": str(site / "labels.csv"), **data}}))
+    p.write_text(
+        json.dumps(
+            {
+                "site_name": "hospital-a",
+                "data": {
+                    "format": "dicom",
+                    "root": str(site / "dicom"),
+                    "labels_csv": str(site / "labels.csv"),
+                    **data,
+                },
+            }
+        )
+    )
     return load_site_config(p)
 
 
@@ -147,12 +183,15 @@ def test_preflight_opens_the_labels_and_reads_one_image(tmp_path, tiny_hospitals
     assert len(found.shape) == 2 and min(found.shape) > 0
 
 
-@pytest.mark.parametrize("data, error, match", [
-    # the data not mounted (the usual mistake)
-    ({"root": "/nonexistent/dicom"}, FileNotFoundError, "data.root /nonexistent/dicom does not exist"),
-    # another hospital's labels: nothing under root has a row
-    ({"labels_csv": "OTHER"}, ValueError, "with a row in data.labels_csv"),
-])
+@pytest.mark.parametrize(
+    "data, error, match",
+    [
+        # the data not mounted (the usual mistake)
+        ({"root": "/nonexistent/dicom"}, FileNotFoundError, "data.root /nonexistent/dicom does not exist"),
+        # another hospital's labels: nothing under root has a row
+        ({"labels_csv": "OTHER"}, ValueError, "with a row in data.labels_csv"),
+    ],
+)
 def test_preflight_names_what_is_wrong(tmp_path, tiny_hospitals, data, error, match):
     from fedmed.data.preflight import check_site_data
 

@@ -42,16 +42,23 @@ def test_entries_compose_exactly_across_jobs_and_survive_reopening(tmp_path):
     last = _charge(PrivacyLedger(path), "job-2", 0, [(1.5, 0.1, 20)])
     PrivacyLedger(path).charge("other" * 8, "job-3", 0, "dp_sgd", [(0.8, 0.5, 4)], 1e-5, None)  # another dataset
     entries = PrivacyLedger(path).entries()  # a fresh object: what a restarted site reads
-    assert [(e.seq, e.job_id, e.round) for e in entries] == [(1, "job-1", 0), (2, "job-1", 1), (3, "job-2", 0),
-                                                               (4, "job-3", 0)]
+    assert [(e.seq, e.job_id, e.round) for e in entries] == [
+        (1, "job-1", 0),
+        (2, "job-1", 1),
+        (3, "job-2", 0),
+        (4, "job-3", 0),
+    ]
     assert entries[0].prev == GENESIS and PrivacyLedger(path).verify() is None
     ref = RDPAccountant()
     ref.history = [(1.0, 0.25, 16), (1.5, 0.1, 20)]  # RDP composition, not a sum of epsilons
     expected = ref.get_epsilon(1e-5, alphas=SiteRDPAccountant.ORDERS)
     assert last.epsilon_after == pytest.approx(expected, rel=1e-9)
     assert PrivacyLedger(path).lifetime_epsilon(DATASET, 1e-5) == pytest.approx(expected, rel=1e-9)
-    assert expected < entries[1].epsilon_after + PrivacyLedger(tmp_path / "x").charge(
-        DATASET, "j", 0, "dp_sgd", [(1.5, 0.1, 20)], 1e-5, None).epsilon_after
+    assert (
+        expected
+        < entries[1].epsilon_after
+        + PrivacyLedger(tmp_path / "x").charge(DATASET, "j", 0, "dp_sgd", [(1.5, 0.1, 20)], 1e-5, None).epsilon_after
+    )
 
 
 def test_a_charge_past_the_lifetime_ceiling_writes_nothing(tmp_path):
@@ -63,13 +70,18 @@ def test_a_charge_past_the_lifetime_ceiling_writes_nothing(tmp_path):
     assert ledger.path.read_bytes() == before and first.epsilon_after < 4.0
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda b: b[:-20], "last line is incomplete"),  # a torn write
-    (lambda b: b.replace(b'"round":0', b'"round":7', 1), "hash does not match"),  # an edited field
-    (lambda b: b"\n".join(b.split(b"\n")[1:]), "'prev' does not match"),  # the first line removed
-    (lambda b: b.split(b"\n")[1] + b"\n" + b.split(b"\n")[0] + b"\n" + b"\n".join(b.split(b"\n")[2:]),
-     "'prev' does not match"),  # two lines swapped
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda b: b[:-20], "last line is incomplete"),  # a torn write
+        (lambda b: b.replace(b'"round":0', b'"round":7', 1), "hash does not match"),  # an edited field
+        (lambda b: b"\n".join(b.split(b"\n")[1:]), "'prev' does not match"),  # the first line removed
+        (
+            lambda b: b.split(b"\n")[1] + b"\n" + b.split(b"\n")[0] + b"\n" + b"\n".join(b.split(b"\n")[2:]),
+            "'prev' does not match",
+        ),  # two lines swapped
+    ],
+)
 def test_torn_edited_or_reordered_lines_are_found_and_no_more_is_charged(tmp_path, damage, match):
     ledger = PrivacyLedger(tmp_path / "l.jsonl")
     for r in range(3):
@@ -86,8 +98,12 @@ def test_the_officers_verify_names_the_damage(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.jsonl")
     _charge(ledger)
     ledger.path.write_bytes(ledger.path.read_bytes()[:-20])
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "verify", str(ledger.path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "verify", str(ledger.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "DAMAGED" in out.stderr and "last line is incomplete" in out.stderr
 
 
@@ -176,7 +192,9 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
     model = build_densenet121(14, norm="group")
     job1 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-1", policy.delta, policy.lifetime_ceiling))
     for r in range(2):
-        model, info = job1.train_round(model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD)
+        model, info = job1.train_round(
+            model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD
+        )
     assert info.lifetime_epsilon == pytest.approx(job1.epsilon_spent, rel=1e-9)  # one job so far: the same
     job2 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-2", policy.delta, policy.lifetime_ceiling))
     rounds = 0
@@ -184,7 +202,9 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
         for r in range(10):
             before = {k: v.clone() for k, v in model.state_dict().items()}
             data.seen.clear()
-            model, info = job2.train_round(model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD)
+            model, info = job2.train_round(
+                model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD
+            )
             rounds += 1
     assert rounds == 1 and data.seen == []  # refused at its 2nd round, before reading a single image
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -192,8 +212,12 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
     entries = ledger.entries()
     assert [e.job_id for e in entries] == ["job-1"] * 2 + ["job-2"] * rounds and ledger.verify() is None
     assert entries[-1].epsilon_after == pytest.approx(7.328, abs=1e-3)
-    show = subprocess.run([sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "show", str(ledger.path)],
-                          capture_output=True, text=True, timeout=60)
+    show = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "show", str(ledger.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert show.returncode == 0 and "2 job(s)" in show.stdout and "job-2" in show.stdout, show.stderr
 
 
@@ -205,8 +229,9 @@ def test_two_runs_of_the_same_job_config_draw_different_batches_and_noise():
         data = _Recording()
         torch.manual_seed(0)
         model = build_densenet121(14, norm="group")
-        model, _ = SitePrivacy(policy).train_round(model, data, 1, 1e-2, 6, seed=0, task=CHEST_XRAY14, total_epochs=2,
-                                                   trainable=["class_layers."])
+        model, _ = SitePrivacy(policy).train_round(
+            model, data, 1, 1e-2, 6, seed=0, task=CHEST_XRAY14, total_epochs=2, trainable=["class_layers."]
+        )
         runs.append((data.seen, model.state_dict()["class_layers.out.weight"].clone()))
     (seen_a, w_a), (seen_b, w_b) = runs
     assert seen_a and seen_b and seen_a != seen_b
@@ -216,14 +241,30 @@ def test_two_runs_of_the_same_job_config_draw_different_batches_and_noise():
 def test_ledger_cli_shows_each_job_and_the_lifetime_epsilon(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.jsonl")
     _charge(ledger, "job-1", 0)
-    ledger.charge(DATASET, "job-2", 0, "user_level", [(0.5, 1.0, 1)], 1e-5, None,
-                  details={"relation": "replace", "noise_multiplier": 1.0, "clip_norm": 1.0})
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "show", str(ledger.path)],
-                         capture_output=True, text=True, timeout=60)
+    ledger.charge(
+        DATASET,
+        "job-2",
+        0,
+        "user_level",
+        [(0.5, 1.0, 1)],
+        1e-5,
+        None,
+        details={"relation": "replace", "noise_multiplier": 1.0, "clip_norm": 1.0},
+    )
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "show", str(ledger.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "2 job(s)" in out.stdout and ledger.head() in out.stdout
     assert "user-level (whole-site, replace) epsilon over 1 round(s)" in out.stdout
-    ok = subprocess.run([sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "verify", str(ledger.path)],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "verify", str(ledger.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0 and "2 entries chained" in ok.stdout
     assert json.loads(ledger.path.read_text().splitlines()[0])["format"] == 1

@@ -53,6 +53,10 @@ def test_second_job_is_refused_at_the_round_that_would_pass_the_lifetime_ceiling
     assert [e.round for e in entries] == [0, 1, 0] and ledger.verify() is None
     assert entries[-1].epsilon_after == pytest.approx(three, rel=1e-9)
     assert len({e.dataset for e in entries}) == 1  # the same images, whatever the job's split seed
-    show = subprocess.run([sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "show", str(ledger.path)],
-                          capture_output=True, text=True, timeout=120)
+    show = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "show", str(ledger.path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert show.returncode == 0 and "2 job(s)" in show.stdout, show.stdout + show.stderr

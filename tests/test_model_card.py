@@ -71,8 +71,17 @@ def test_synthetic_data_is_recognised_from_the_generator_or_the_declaration(tmp_
 
     paths = []
     for name, institution in (("gen.dcm", "fedmed-synthetic"), ("real.dcm", "ACME")):
-        ds = make_dicom(np.zeros((8, 8), np.uint16), ScannerProfile(), "P", generate_uid(), generate_uid(),
-                        generate_uid(), 1, {"BodyPartExamined": "CHEST", "ViewPosition": "PA"}, "hospital-x")
+        ds = make_dicom(
+            np.zeros((8, 8), np.uint16),
+            ScannerProfile(),
+            "P",
+            generate_uid(),
+            generate_uid(),
+            generate_uid(),
+            1,
+            {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+            "hospital-x",
+        )
         if institution != "fedmed-synthetic":
             ds.Manufacturer = institution
         ds.save_as(tmp_path / name, enforce_file_format=True)

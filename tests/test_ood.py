@@ -45,8 +45,9 @@ def test_malformed_statistics_are_refused(rng, change, message):
         OodStatistics.from_meta(meta, "m.pt")
 
 
-@pytest.mark.parametrize("n, folds, message", [(3, None, "at least 4 calibration images"),
-                                               (10, 6, "folds must be in \\[2, 5\\]")])
+@pytest.mark.parametrize(
+    "n, folds, message", [(3, None, "at least 4 calibration images"), (10, 6, "folds must be in \\[2, 5\\]")]
+)
 def test_too_little_calibration_data_is_refused(rng, n, folds, message):
     with pytest.raises(ValueError, match=message):
         fit_ood(_features(rng, n), "test", folds=folds)

@@ -11,15 +11,21 @@ pytestmark = pytest.mark.integration
 
 
 def _record(n):
-    return RoundRecord(n, tuple(UpdateRecord(s, "accepted", 10 + n, trust=1.0) for s in ("hospital-a", "hospital-b")),
-                       score=0.5 + n / 100, score_name="mean_auroc", score_source="site_validation")
+    return RoundRecord(
+        n,
+        tuple(UpdateRecord(s, "accepted", 10 + n, trust=1.0) for s in ("hospital-a", "hospital-b")),
+        score=0.5 + n / 100,
+        score_name="mean_auroc",
+        score_source="site_validation",
+    )
 
 
 def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, pg_audit_key, tmp_path, caplog):
     url = pg_cluster.create_database()
     rec = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("fault"))
-    assert rec.write("start_run", uid="run-1", name="fault", job_id="j", aggregation="geometric_median",
-                     num_rounds=8, config={})
+    assert rec.write(
+        "start_run", uid="run-1", name="fault", job_id="j", aggregation="geometric_median", num_rounds=8, config={}
+    )
     for n in range(1, 4):
         assert rec.write("record_round", run_uid="run-1", record=_record(n)) is True
 
@@ -49,8 +55,7 @@ def test_server_stopped_mid_run_then_restarted_loses_nothing(pg_cluster, pg_audi
     repo.close()
 
 
-def test_a_value_postgresql_refuses_is_dead_lettered_and_later_rounds_land(pg_cluster, pg_audit_key, tmp_path,
-                                                                          caplog):
+def test_a_value_postgresql_refuses_is_dead_lettered_and_later_rounds_land(pg_cluster, pg_audit_key, tmp_path, caplog):
     """A site claims 2**40 samples: SQLite would store it, PostgreSQL's integer column refuses it (DataError). That
     line can never be written, so it must not hold back the rounds after it."""
     from fedmed.store.journal import journal_path
@@ -58,7 +63,7 @@ def test_a_value_postgresql_refuses_is_dead_lettered_and_later_rounds_land(pg_cl
     url = pg_cluster.create_database()
     rec = ResilientRecorder(lambda: Repository(url), Journal(journal_path(tmp_path, "job")), logging.getLogger("fault"))
     assert rec.write("start_run", uid="run-1", name="dl", job_id="j", aggregation="fedavg", num_rounds=3, config={})
-    evil = RoundRecord(1, (UpdateRecord("hospital-a", "accepted", 2 ** 40),))
+    evil = RoundRecord(1, (UpdateRecord("hospital-a", "accepted", 2**40),))
     with caplog.at_level(logging.ERROR):
         assert rec.write("record_round", run_uid="run-1", record=evil) is False
     assert "DataError" in caplog.text and not rec.degraded and rec.journal.pending() == []

@@ -15,9 +15,24 @@ def pretrain_script():
 def test_pretrained_weights_load_into_the_job_model_and_say_what_they_saw(pretrain_script, tiny_hospitals, tmp_path):
     site = tiny_hospitals / "hospital-a"
     out = tmp_path / "public.pt"
-    rc = pretrain_script.main(["--format", "dicom", "--root", str(site / "dicom"), "--labels-csv",
-                               str(site / "labels.csv"), "--out", str(out), "--epochs", "2", "--image-size", "32",
-                               "--batch-size", "4"])
+    rc = pretrain_script.main(
+        [
+            "--format",
+            "dicom",
+            "--root",
+            str(site / "dicom"),
+            "--labels-csv",
+            str(site / "labels.csv"),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     blob = torch.load(out, weights_only=True)
     meta = blob["meta"]
@@ -35,8 +50,18 @@ def test_existing_weights_are_never_overwritten(pretrain_script, tiny_hospitals,
     out.write_bytes(b"keep me")
     site = tiny_hospitals / "hospital-a"
     with pytest.raises(SystemExit):
-        pretrain_script.main(["--format", "dicom", "--root", str(site / "dicom"), "--labels-csv",
-                              str(site / "labels.csv"), "--out", str(out)])
+        pretrain_script.main(
+            [
+                "--format",
+                "dicom",
+                "--root",
+                str(site / "dicom"),
+                "--labels-csv",
+                str(site / "labels.csv"),
+                "--out",
+                str(out),
+            ]
+        )
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     with pytest.raises(SystemExit):
         pretrain_script.main(["--format", "dicom", "--root", str(site / "dicom"), "--out", str(tmp_path / "x.pt")])

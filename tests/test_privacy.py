@@ -95,7 +95,9 @@ def test_an_uncertifiable_ceiling_is_refused_with_the_reason(tiny):
     # below log(1/delta)/(max order - 1) = 11.5/2047 no noise level helps
     site = SitePrivacy(PrivacyPolicy(epsilon=0.001))
     with pytest.raises(BudgetExceeded, match="no noise level lets the RDP accountant certify epsilon 0.001"):
-        site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=50)
+        site.train_round(
+            build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=50
+        )
     assert site.epsilon_spent == 0.0
 
 
@@ -103,8 +105,17 @@ def test_dp_sgd_trains_only_the_chosen_layers_and_leaves_the_model_whole(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0))
     model = build_densenet121(14, norm="group")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model, info = site.train_round(model, tiny, 1, 1e-2, 6, seed=0, task=CHEST_XRAY14, total_epochs=2,
-                                   trainable=["features.denseblock4.denselayer16.", "class_layers."])
+    model, info = site.train_round(
+        model,
+        tiny,
+        1,
+        1e-2,
+        6,
+        seed=0,
+        task=CHEST_XRAY14,
+        total_epochs=2,
+        trainable=["features.denseblock4.denselayer16.", "class_layers."],
+    )
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith(("features.denseblock4.denselayer16.", "class_layers.")) for k in moved)
@@ -121,7 +132,9 @@ def test_unknown_trainable_layers_are_named(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0))
     model = build_densenet121(14, norm="group")
     with pytest.raises(ValueError, match=r"\['features.denseblock9'\] match no parameter"):
-        site.train_round(model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=2, trainable=["features.denseblock9"])
+        site.train_round(
+            model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=2, trainable=["features.denseblock9"]
+        )
     assert site.epsilon_spent == 0.0
     assert all(p.requires_grad for p in model.parameters())
 
@@ -129,7 +142,9 @@ def test_unknown_trainable_layers_are_named(tiny):
 def test_epsilon_0_1_is_certified_with_the_wider_orders(tiny):
     # Opacus' default orders (up to 63) cannot get below about 0.1 at delta 1e-5; the site's accountant can.
     site = SitePrivacy(PrivacyPolicy(epsilon=0.1))
-    _, info = site.train_round(build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=3)
+    _, info = site.train_round(
+        build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=3
+    )
     ref = RDPAccountant()
     ref.history = [(info.noise_multiplier, 6 / 24, info.steps)]
     assert info.epsilon == pytest.approx(ref.get_epsilon(1e-5, alphas=SiteRDPAccountant.ORDERS), rel=1e-9)

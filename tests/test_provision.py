@@ -20,11 +20,17 @@ def write_site_configs(dest: Path, data_root: Path) -> Path:
     """dest/<site>/fedmed_site.json for hospitals generated under data_root (relative paths, as IT may write)."""
     for site in HOSPITALS:
         (dest / site).mkdir(parents=True, exist_ok=True)
-        rel = Path("..") / ".." / data_root.relative_to(dest.parent) / site if data_root.is_relative_to(dest.parent) \
+        rel = (
+            Path("..") / ".." / data_root.relative_to(dest.parent) / site
+            if data_root.is_relative_to(dest.parent)
             else data_root / site
-        cfg = {"site_name": site, "data": {"format": "dicom", "root": str(rel / "dicom"),
-                                           "labels_csv": str(rel / "labels.csv")}, "resources": {"num_threads": 1},
-               "synthetic_rehearsal": True}  # generated images: the only data a site may train without DP
+        )
+        cfg = {
+            "site_name": site,
+            "data": {"format": "dicom", "root": str(rel / "dicom"), "labels_csv": str(rel / "labels.csv")},
+            "resources": {"num_threads": 1},
+            "synthetic_rehearsal": True,
+        }  # generated images: the only data a site may train without DP
         (dest / site / "fedmed_site.json").write_text(json.dumps(cfg))
     return dest
 
@@ -35,8 +41,9 @@ def provisioned(tmp_path_factory):
     configs = write_site_configs(root / "configs", root / "data")
     fed = Federation(root / "fed")
     make_key_set(root / "custodian")  # a hospital's key custodian, not provisioning, makes the CKKS keys
-    fed.provision(port=18990, db_url="sqlite:////var/lib/fedmed/test.db", site_configs=configs,
-                  he_keys=root / "custodian")
+    fed.provision(
+        port=18990, db_url="sqlite:////var/lib/fedmed/test.db", site_configs=configs, he_keys=root / "custodian"
+    )
     return fed
 
 
@@ -63,7 +70,7 @@ def _secret_key_windows(client_context: bytes) -> list[bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         ts.context_from(client_context).secret_key().data.save(f"{tmp}/sk")
         raw = Path(f"{tmp}/sk").read_bytes()
-    return [raw[i:i + 64] for i in range(len(raw) // 4, len(raw) - 64, len(raw) // 4)]
+    return [raw[i : i + 64] for i in range(len(raw) // 4, len(raw) - 64, len(raw) // 4)]
 
 
 def _holds_secret(path: Path, windows) -> bool:
@@ -95,19 +102,28 @@ def test_no_file_of_the_provisioning_workspace_or_the_server_kit_holds_a_secret_
     for site in HOSPITALS:  # each hospital kit got the custodian's secret context and its key id at install
         local = provisioned.kit(site) / "local"
         assert ts.context_from((local / "client_context.tenseal").read_bytes()).is_private()
-        assert (local / "he_key_id.txt").read_text().strip() == \
-            (keys / "hospitals" / "he_key_id.txt").read_text().strip()
+        assert (local / "he_key_id.txt").read_text().strip() == (
+            keys / "hospitals" / "he_key_id.txt"
+        ).read_text().strip()
         assert not list((provisioned.kit(site) / "startup").glob("*.tenseal"))  # provisioning made none
 
 
 def test_install_refuses_swapped_he_contexts(provisioned):
     keys = provisioned.workspace.parent / "custodian"
     with pytest.raises(PermissionError, match="holds a CKKS secret key"):
-        install(provisioned.kit("server"), "server", he_context=keys / "hospitals" / "client_context.tenseal",
-                check_import=False)
+        install(
+            provisioned.kit("server"),
+            "server",
+            he_context=keys / "hospitals" / "client_context.tenseal",
+            check_import=False,
+        )
     with pytest.raises(PermissionError, match="holds no CKKS secret key"):
-        install(provisioned.kit("hospital-a"), "hospital-a", he_context=keys / "server" / "server_context.tenseal",
-                check_import=False)
+        install(
+            provisioned.kit("hospital-a"),
+            "hospital-a",
+            he_context=keys / "server" / "server_context.tenseal",
+            check_import=False,
+        )
     server_ctx = provisioned.kit("server") / "startup" / "server_context.tenseal"
     assert not ts.context_from(server_ctx.read_bytes()).is_private()
 
@@ -130,8 +146,9 @@ def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_polici
     assert authz["member"] == {"view": "any"} and authz["org_admin"]["submit_job"] == "none"
     # only the project admin submits jobs (a lead could otherwise send jobs to every hospital)
     assert authz["lead"]["submit_job"] == "none" and authz["lead"]["byoc"] == "none"
-    assert [role for role, perms in authz.items() if perms == "any" or perms.get("submit_job", "none") != "none"] == \
-        ["project_admin"]
+    assert [role for role, perms in authz.items() if perms == "any" or perms.get("submit_job", "none") != "none"] == [
+        "project_admin"
+    ]
     for site in HOSPITALS:
         local = provisioned.kit(site) / "local"
         assert "fedmed." in json.loads((local / "resources.json").read_text())["class_allow_list"]
@@ -143,7 +160,6 @@ def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_polici
         assert site_cfg["data"]["root"] == str(provisioned.workspace.parent / "data" / site / "dicom")
         assert (provisioned.kit(site) / "start_fedmed.sh").stat().st_mode & 0o111
         assert (local / "log_config.json").is_file() and (local / "authorization.json").is_file()
-
 
 
 def test_install_makes_each_sites_signing_keys_and_the_federation_exchanges_them(provisioned):
@@ -176,19 +192,25 @@ def test_install_refuses_the_wrong_kit_and_a_bad_site_config(provisioned, tmp_pa
     with pytest.raises(ValueError, match="data.format must be one of"):
         install(provisioned.kit("hospital-a"), "hospital-a", site_config=bad, check_import=False)
     no_dp = tmp_path / "no_dp.json"
-    no_dp.write_text(json.dumps({"site_name": "hospital-a",
-                                 "data": {"format": "dicom", "root": "d", "labels_csv": "l"}}))
+    no_dp.write_text(
+        json.dumps({"site_name": "hospital-a", "data": {"format": "dicom", "root": "d", "labels_csv": "l"}})
+    )
     with pytest.raises(ValueError, match="has no 'privacy' policy: a hospital's own config must set its DP ceiling"):
         install(provisioned.kit("hospital-a"), "hospital-a", site_config=no_dp, check_import=False)
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({"site_name": "hospital-b", "data": {"format": "dicom", "root": "d", "labels_csv": "l"}}))
+    other.write_text(
+        json.dumps({"site_name": "hospital-b", "data": {"format": "dicom", "root": "d", "labels_csv": "l"}})
+    )
     with pytest.raises(ValueError, match="is for site 'hospital-b', not 'hospital-a'"):
         install(provisioned.kit("hospital-a"), "hospital-a", site_config=other, check_import=False)
 
 
 def test_resource_overrides_extend_the_allow_list_and_replace_components_by_id(tmp_path):
-    default = {"class_allow_list": ["a.B"], "components": [{"id": "x", "args": {"p": "/tmp/x"}}, {"id": "y"}],
-               "servers": [{"max_num_clients": 100}]}
+    default = {
+        "class_allow_list": ["a.B"],
+        "components": [{"id": "x", "args": {"p": "/tmp/x"}}, {"id": "y"}],
+        "servers": [{"max_num_clients": 100}],
+    }
     merged = merge_resources(default, {"components": [{"id": "x", "args": {"p": "{KIT}/x"}}]}, tmp_path)
     assert merged["class_allow_list"] == ["a.B", "fedmed."]
     assert merged["components"] == [{"id": "x", "args": {"p": f"{tmp_path.resolve()}/x"}}, {"id": "y"}]
@@ -201,10 +223,14 @@ def test_shipped_hospital_configs_carry_a_dp_policy_and_the_no_dp_scope_says_wha
 
     cfg = load_site_config(REPO / "site_configs" / site / "fedmed_site.json")
     assert cfg.privacy is not None and cfg.privacy.lifetime_epsilon is not None and not cfg.synthetic_rehearsal
-    scopes = {s["name"]: s["properties"] for s in json.loads((REPO / "site_configs" / site / "privacy.json")
-                                                              .read_text())["scopes"]}
-    assert all(props.get("fedmed_privacy") or "synthetic rehearsal data only" in props.get("note", "")
-               for props in scopes.values())
+    scopes = {
+        s["name"]: s["properties"]
+        for s in json.loads((REPO / "site_configs" / site / "privacy.json").read_text())["scopes"]
+    }
+    assert all(
+        props.get("fedmed_privacy") or "synthetic rehearsal data only" in props.get("note", "")
+        for props in scopes.values()
+    )
 
 
 def test_provision_refuses_an_existing_workspace_unless_forced(tmp_path, capsys):
@@ -219,14 +245,23 @@ def test_provision_refuses_an_existing_workspace_unless_forced(tmp_path, capsys)
     with pytest.raises(FileExistsError) as refused:
         fed.provision(port=18993, install_sites=False)
     message = str(refused.value)
-    for what in ("the root CA and every certificate", "startup kits: admin@fedmed.org", "hospital-a",
-                 "the server's job store: 1 job(s)", "1 downloaded job result(s)", "--force"):
+    for what in (
+        "the root CA and every certificate",
+        "startup kits: admin@fedmed.org",
+        "hospital-a",
+        "the server's job store: 1 job(s)",
+        "1 downloaded job result(s)",
+        "--force",
+    ):
         assert what in message
     assert root_ca.read_bytes() == first_ca  # nothing was touched
     assert federation.main(["provision", "--workspace", str(fed.workspace), "--port", "18993"]) == 1
     assert "provision refused:" in capsys.readouterr().err
     fed.provision(port=18993, install_sites=False, force=True)
-    assert root_ca.read_bytes() != first_ca and not (fed.kit("admin@fedmed.org") / "transfer" / "a-downloaded-job").exists()
+    assert (
+        root_ca.read_bytes() != first_ca
+        and not (fed.kit("admin@fedmed.org") / "transfer" / "a-downloaded-job").exists()
+    )
 
 
 def test_server_without_a_db_url_records_into_its_own_kit(tmp_path):
@@ -237,8 +272,10 @@ def test_server_without_a_db_url_records_into_its_own_kit(tmp_path):
     assert fed.db_url() == f"sqlite:///{fed.kit('server') / 'fedmed.db'}"
     from fedmed.cli.install_kit import check_kit
 
-    assert check_kit(fed.kit("server")) == [f"server: run record {fed.db_url()}",
-                                            "server: listening for hospitals and admins at server:18994"]
+    assert check_kit(fed.kit("server")) == [
+        f"server: run record {fed.db_url()}",
+        "server: listening for hospitals and admins at server:18994",
+    ]
 
 
 def test_preflight_refuses_a_wrong_data_path_before_the_site_starts(provisioned, capsys):
@@ -250,8 +287,7 @@ def test_preflight_refuses_a_wrong_data_path_before_the_site_starts(provisioned,
     assert len(err.splitlines()) == 1 and err.startswith("pre-flight check failed: data.root ")
     assert "does not exist" in err
     # start_fedmed.sh runs the same check and does not start NVFlare
-    proc = subprocess.run(["bash", str(kit / "start_fedmed.sh"), "--once"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(["bash", str(kit / "start_fedmed.sh"), "--once"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "pre-flight check failed: data.root" in proc.stderr
     assert "not started" in proc.stderr and not (kit / "log.txt").exists()
 
@@ -278,8 +314,11 @@ def test_submit_errors_are_one_line_saying_what_to_do(provisioned, tmp_path, cap
 
     admin = provisioned.kit("admin@fedmed.org")
     cases = [  # nothing listens on the provisioned port; a folder that is no kit; a workspace never provisioned
-        (["--kit", str(admin), "--", "--rounds", "1"], "cannot reach the FL server at localhost:18990 (Connection "
-                                                      "refused): is it running? (`fedmed-federation status"),
+        (
+            ["--kit", str(admin), "--", "--rounds", "1"],
+            "cannot reach the FL server at localhost:18990 (Connection "
+            "refused): is it running? (`fedmed-federation status",
+        ),
         (["--kit", str(tmp_path), "--abort", "123"], "is not an admin startup kit"),
         (["--workspace", str(tmp_path / "none")], "run `fedmed-federation provision"),
     ]

@@ -9,9 +9,16 @@ from fedmed import redteam
 
 ROWS = {r.attack.kind: r for r in redteam.ROWS}
 # Every round the attacker is rejected or quarantined, with a reason in the database.
-BLOCKED_EVERY_ROUND = {"sign_flip": "far outlier", "scale": "far outlier", "nan": "NaN",
-                       "bn_poison": "running_var", "long_metric": "metric name", "he_other_scale": "scale",
-                       "copy_site": "identical to the update", "gaussian_noise": "far outlier"}
+BLOCKED_EVERY_ROUND = {
+    "sign_flip": "far outlier",
+    "scale": "far outlier",
+    "nan": "NaN",
+    "bn_poison": "running_var",
+    "long_metric": "metric name",
+    "he_other_scale": "scale",
+    "copy_site": "identical to the update",
+    "gaussian_noise": "far outlier",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +35,21 @@ def play(kind, federation, tmp_path):
 
 
 def test_every_attack_the_issue_names_has_a_row():
-    assert set(ROWS) == {"sign_flip", "scale", "gaussian_noise", "label_flip", "nan", "little_is_enough",
-                         "inflate_count", "bn_poison", "he_scale", "he_other_scale", "long_metric", "replay",
-                         "copy_site"}
+    assert set(ROWS) == {
+        "sign_flip",
+        "scale",
+        "gaussian_noise",
+        "label_flip",
+        "nan",
+        "little_is_enough",
+        "inflate_count",
+        "bn_poison",
+        "he_scale",
+        "he_other_scale",
+        "long_metric",
+        "replay",
+        "copy_site",
+    }
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKED_EVERY_ROUND))

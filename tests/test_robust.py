@@ -58,7 +58,9 @@ def test_identical_points_give_that_point(p, k):
 def test_translation_and_scaling_equivariance(data, shift, scale):
     pts, w = data
     base = _flat(geometric_median([_upd(p) for p in pts], w, ftol=1e-14, maxiter=1000, eps=1e-10).median)
-    moved = _flat(geometric_median([_upd(p * scale + shift) for p in pts], w, ftol=1e-14, maxiter=1000, eps=1e-10).median)
+    moved = _flat(
+        geometric_median([_upd(p * scale + shift) for p in pts], w, ftol=1e-14, maxiter=1000, eps=1e-10).median
+    )
     tol = 1e-2 * max(1.0, np.abs(pts).max() * scale + np.abs(shift).max())
     np.testing.assert_allclose(moved, base * scale + shift, atol=tol)
 
@@ -203,7 +205,12 @@ def test_two_updates_fall_back_to_the_weighted_mean():
 def test_far_outlier_is_left_out_of_the_round_it_turns_hostile():
     from fedmed.aggregation import aggregate_and_score
 
-    ups = {"a": _upd(np.full(6, 1.0)), "b": _upd(np.full(6, 1.2)), "c": _upd(np.full(6, 0.9)), "evil": _upd(np.full(6, -500.0))}
+    ups = {
+        "a": _upd(np.full(6, 1.0)),
+        "b": _upd(np.full(6, 1.2)),
+        "c": _upd(np.full(6, 0.9)),
+        "evil": _upd(np.full(6, -500.0)),
+    }
     counts = {"a": 10, "b": 10, "c": 10, "evil": 10}
     out = aggregate_and_score(ups, counts, get_aggregator("geometric_median"), TrustPolicy(), list(ups), min_keep=2)
     assert out.excluded == ("evil",) and out.weights["evil"] == 0.0

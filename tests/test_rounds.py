@@ -7,8 +7,12 @@ import pytest
 from fedmed.robust.trust import SiteTrust, TrustPolicy
 from fedmed.rounds import RoundEngine, RoundRules, SiteResult, check_encryption_compatible
 
-GLOBAL = {"w": np.zeros(8, np.float32), "bn.running_mean": np.zeros(3, np.float32),
-          "bn.running_var": np.ones(3, np.float32), "bn.num_batches_tracked": np.array(0, np.int64)}
+GLOBAL = {
+    "w": np.zeros(8, np.float32),
+    "bn.running_mean": np.zeros(3, np.float32),
+    "bn.running_var": np.ones(3, np.float32),
+    "bn.num_batches_tracked": np.array(0, np.int64),
+}
 
 
 def upd(shift, var=1.0, seed=0, **bn):
@@ -164,8 +168,13 @@ def test_missing_and_refused_sites_are_recorded_and_too_few_stops_aggregation():
 
 def test_a_site_whose_set_up_failed_and_a_dropped_site_are_missing_with_their_reasons():
     sites = honest(2) + [SiteResult("broken", unavailable="FileNotFoundError: DICOM folder does not exist: /x")]
-    rep = engine().step(0, GLOBAL, sites, ["h0", "h1", "broken", "dead"],
-                        missing_reasons={"dead": "NVFlare dropped the site", "skipped": "not sent this round"})
+    rep = engine().step(
+        0,
+        GLOBAL,
+        sites,
+        ["h0", "h1", "broken", "dead"],
+        missing_reasons={"dead": "NVFlare dropped the site", "skipped": "not sent this round"},
+    )
     assert rep.aggregated and set(rep.aggregated_sites) == {"h0", "h1"}
     got = {u.site: (u.status, u.reason) for u in rep.updates}
     assert got["broken"] == ("missing", "set-up failed at the site: FileNotFoundError: DICOM folder does not exist: /x")
@@ -189,6 +198,7 @@ def test_fedavg_keeps_the_weighted_mean_of_statistics_but_caps_counts():
 
 
 # --- encrypted layers, real TenSEAL ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def he():
@@ -215,8 +225,9 @@ def he_site(name, head_value, client, seed, scale=None):
 def he_engine(server, aggregation="geometric_median"):
     from fedmed.rounds import EncryptionSpec
 
-    return RoundEngine(RoundRules(aggregation=aggregation, min_clients=2),
-                       EncryptionSpec(server, ("head",), {"head": (5,)}))
+    return RoundEngine(
+        RoundRules(aggregation=aggregation, min_clients=2), EncryptionSpec(server, ("head",), {"head": (5,)})
+    )
 
 
 def test_encrypted_block_at_another_scale_is_rejected_and_the_round_goes_on(he):
@@ -250,8 +261,9 @@ def test_guarded_sum_leaves_out_a_block_that_fails_and_keeps_the_rest(he):
     other = ckks.LoadedContext(client.context.copy(), client.key_id, None)
     other.context.global_scale = 2**30
     bad = ckks.encrypt_layers({"head": np.full(5, 100.0)}, other)
-    combined, failed = ckks.guarded_weighted_sum({"a": good[0], "bad": bad, "b": good[1]},
-                                                 {"a": 0.5, "bad": 0.2, "b": 0.5}, server)
+    combined, failed = ckks.guarded_weighted_sum(
+        {"a": good[0], "bad": bad, "b": good[1]}, {"a": 0.5, "bad": 0.2, "b": 0.5}, server
+    )
     assert set(failed) == {"bad"}
     np.testing.assert_allclose(ckks.decrypt_layers(combined, client)["head"], 2.0, atol=1e-3)
 
@@ -281,6 +293,7 @@ def test_non_linear_aggregators_are_refused_with_he(aggregation, he):
 
 # --- the record ---------------------------------------------------------------------------------------------------
 
+
 def test_capped_counts_and_trust_reach_the_database_and_come_back_for_the_next_job(tmp_path):
     from fedmed.store.journal import op_from_json, op_to_json
     from fedmed.store.repository import Repository, RoundRecord, TrustRecord
@@ -297,12 +310,15 @@ def test_capped_counts_and_trust_reach_the_database_and_come_back_for_the_next_j
     assert rows["evil"]["num_samples"] == 30000 and rows["evil"]["weight_samples"] == 300
     loaded = repo.load_trust()
     assert loaded["evil"].quarantined and not loaded["h0"].quarantined
-    assert RoundEngine(RoundRules(min_clients=2), trust={s: SiteTrust(t.trust, t.quarantined, t.good_streak)
-                                                         for s, t in loaded.items()}).is_quarantined("evil")
+    assert RoundEngine(
+        RoundRules(min_clients=2),
+        trust={s: SiteTrust(t.trust, t.quarantined, t.good_streak) for s, t in loaded.items()},
+    ).is_quarantined("evil")
     repo.close()
 
 
 # --- signatures: the Controller's verifier through the wire module into the engine (real ML-DSA-65 + Ed25519) ---
+
 
 def test_unsigned_forged_and_wrong_site_updates_are_rejected_and_the_signature_is_recorded(tmp_path):
     from nvflare.app_common.abstract.fl_model import FLModel
@@ -320,8 +336,9 @@ def test_unsigned_forged_and_wrong_site_updates_are_rejected_and_the_signature_i
         return wire_sig.verify_result(result, "job", 0, site, public[site])
 
     def model(site, seed, sign_as=None):
-        m = FLModel(params=upd(1.0, seed=seed), metrics={"val_accuracy": 0.5},
-                    meta={"num_samples": 300, "client_name": site})
+        m = FLModel(
+            params=upd(1.0, seed=seed), metrics={"val_accuracy": 0.5}, meta={"num_samples": 300, "client_name": site}
+        )
         if sign_as is not None:
             wire_sig.sign_result(m, "job", 0, sign_as, keys[sign_as])
         m.meta["client_name"] = site  # NVFlare sets it from the connection, after the site signed
@@ -329,8 +346,14 @@ def test_unsigned_forged_and_wrong_site_updates_are_rejected_and_the_signature_i
 
     forged = model("h2", 2, sign_as="h2")
     forged.meta["num_samples"] = 30000  # changed after signing (a man in the middle, or a lying proxy)
-    results = [model("h0", 0, "h0"), model("h1", 1, "h1"), forged, model("unsigned", 3),
-               model("evil", 4, "evil"), model("h1x", 5, "h0")]
+    results = [
+        model("h0", 0, "h0"),
+        model("h1", 1, "h1"),
+        forged,
+        model("unsigned", 3),
+        model("evil", 4, "evil"),
+        model("h1x", 5, "h0"),
+    ]
     rep = engine().step(0, GLOBAL, [to_site_result(r, verify) for r in results], [])
     by = {u.site: u for u in rep.updates}
     assert by["h0"].status == "accepted" and by["h0"].signature and len(by["h0"].signed_digest) == 64
@@ -363,8 +386,11 @@ def test_a_federation_whose_sites_are_all_quarantined_recovers_through_probation
 
 # -- the direction rule: a classifier moved against the aggregate's ---------------------------------------------------
 
-HEAD_GLOBAL = {**GLOBAL, "class_layers.out.weight": np.zeros((2, 4), np.float32),
-               "class_layers.out.bias": np.zeros(2, np.float32)}
+HEAD_GLOBAL = {
+    **GLOBAL,
+    "class_layers.out.weight": np.zeros((2, 4), np.float32),
+    "class_layers.out.bias": np.zeros(2, np.float32),
+}
 
 
 def head_upd(direction, seed):
@@ -372,15 +398,18 @@ def head_upd(direction, seed):
     rng = np.random.default_rng(seed)
     p = upd(1.0, seed=seed)
     p["w"] += rng.standard_normal(8).astype(np.float32)  # site-specific body moves dominate the distances
-    p["class_layers.out.weight"] = (direction * 0.3 * np.linspace(0.5, 1.5, 8).reshape(2, 4)
-                                    + 0.05 * rng.standard_normal((2, 4))).astype(np.float32)
+    p["class_layers.out.weight"] = (
+        direction * 0.3 * np.linspace(0.5, 1.5, 8).reshape(2, 4) + 0.05 * rng.standard_normal((2, 4))
+    ).astype(np.float32)
     p["class_layers.out.bias"] = (direction * 0.3 * np.ones(2) + 0.05 * rng.standard_normal(2)).astype(np.float32)
     return p
 
 
 def test_a_site_whose_classifier_moves_against_the_aggregate_is_left_out_and_quarantined():
     # A label flipper: near the others in distance (the body dominates it), its classifier moving the other way.
-    sites = [SiteResult(f"h{i}", head_upd(1.0, i), 300) for i in range(4)] + [SiteResult("flip", head_upd(-1.0, 9), 300)]
+    sites = [SiteResult(f"h{i}", head_upd(1.0, i), 300) for i in range(4)] + [
+        SiteResult("flip", head_upd(-1.0, 9), 300)
+    ]
     eng = engine()
     rep = eng.step(0, HEAD_GLOBAL, sites, [])
     u = status(rep, "flip")
@@ -404,11 +433,14 @@ def test_honest_classifiers_that_disagree_somewhat_are_all_kept():
 
 
 def test_the_direction_rule_can_be_turned_off_and_skips_layers_the_server_cannot_read():
-    sites = [SiteResult(f"h{i}", head_upd(1.0, i), 300) for i in range(4)] + [SiteResult("flip", head_upd(-1.0, 9), 300)]
+    sites = [SiteResult(f"h{i}", head_upd(1.0, i), 300) for i in range(4)] + [
+        SiteResult("flip", head_upd(-1.0, 9), 300)
+    ]
     assert status(engine(head_layers=()).step(0, HEAD_GLOBAL, sites, []), "flip").status == "accepted"
     # With the classifier encrypted it is not in the clear parameters: nothing to score it by.
-    clear = [SiteResult(s.site, {k: v for k, v in s.params.items() if not k.startswith("class_layers")}, 300)
-             for s in sites]
+    clear = [
+        SiteResult(s.site, {k: v for k, v in s.params.items() if not k.startswith("class_layers")}, 300) for s in sites
+    ]
     assert status(engine().step(0, GLOBAL, clear, []), "flip").status == "accepted"
 
 

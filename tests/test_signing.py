@@ -28,13 +28,24 @@ def keys(tmp_path_factory):
 
 def _update(**change):
     rng = np.random.default_rng(0)
-    args = dict(job_id="job-1", round_num=3, site="hospital-a",
-                params={"features.conv0.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
-                        "classifier.bias": np.zeros(14, np.float32)},
-                encrypted_block={"names": ["classifier.weight"], "shapes": [[14, 8]], "chunks": [b"\x01" * 40, b"\x02" * 9],
-                                 "key_id": "ctx-1"},
-                num_samples=120, metrics={"train_loss": 0.4, "val_auroc/Mass": 0.7},
-                privacy={"epsilon": 1.5, "delta": 1e-5})
+    args = dict(
+        job_id="job-1",
+        round_num=3,
+        site="hospital-a",
+        params={
+            "features.conv0.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            "classifier.bias": np.zeros(14, np.float32),
+        },
+        encrypted_block={
+            "names": ["classifier.weight"],
+            "shapes": [[14, 8]],
+            "chunks": [b"\x01" * 40, b"\x02" * 9],
+            "key_id": "ctx-1",
+        },
+        num_samples=120,
+        metrics={"train_loss": 0.4, "val_auroc/Mass": 0.7},
+        privacy={"epsilon": 1.5, "delta": 1e-5},
+    )
     args.update(change)
     return args
 
@@ -57,18 +68,32 @@ def test_a_missing_signature_is_refused_with_the_reason(keys):
         signing.verify(digest, b"FMS1" + b"\0" * 96, keys["hospital-a"].public)
 
 
-@pytest.mark.parametrize("change", [
-    {"params": {"features.conv0.weight": np.ones((4, 3, 3, 3), np.float32), "classifier.bias": np.zeros(14, np.float32)}},
-    {"num_samples": 100000},  # a site claims more data to weigh more
-    {"metrics": {"train_loss": 0.4, "val_auroc/Mass": 0.99}},
-    {"privacy": {"epsilon": 0.1, "delta": 1e-5}},
-    {"round_num": 4},  # replaying last round's update
-    {"job_id": "job-2"},
-    {"site": "hospital-b"},
-    {"encrypted_block": {"names": ["classifier.weight"], "shapes": [[14, 8]], "chunks": [b"\x01" * 40, b"\x03" * 9],
-                         "key_id": "ctx-1"}},
-    {"encrypted_block": None},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {
+            "params": {
+                "features.conv0.weight": np.ones((4, 3, 3, 3), np.float32),
+                "classifier.bias": np.zeros(14, np.float32),
+            }
+        },
+        {"num_samples": 100000},  # a site claims more data to weigh more
+        {"metrics": {"train_loss": 0.4, "val_auroc/Mass": 0.99}},
+        {"privacy": {"epsilon": 0.1, "delta": 1e-5}},
+        {"round_num": 4},  # replaying last round's update
+        {"job_id": "job-2"},
+        {"site": "hospital-b"},
+        {
+            "encrypted_block": {
+                "names": ["classifier.weight"],
+                "shapes": [[14, 8]],
+                "chunks": [b"\x01" * 40, b"\x03" * 9],
+                "key_id": "ctx-1",
+            }
+        },
+        {"encrypted_block": None},
+    ],
+)
 def test_an_altered_update_fails_both_signatures(keys, change):
     sig = signing.sign(signing.update_digest(**_update()), keys["hospital-a"])
     altered = signing.update_digest(**_update(**change))
@@ -84,8 +109,9 @@ def test_the_digest_covers_dtype_shape_and_names_not_just_bytes():
     assert signing.update_digest(**_update(params={"v": a})) != base
     assert signing.update_digest(**_update(params={"w": a.astype(">f4")})) != base  # other byte order
     assert signing.update_digest(**_update(params={"w": a.copy()})) == base
-    assert signing.update_digest(**_update(params={"w": np.asfortranarray(a.reshape(2, 3)).T.copy().T})) == \
-        signing.update_digest(**_update(params={"w": a.reshape(2, 3)}))  # memory layout does not matter
+    assert signing.update_digest(
+        **_update(params={"w": np.asfortranarray(a.reshape(2, 3)).T.copy().T})
+    ) == signing.update_digest(**_update(params={"w": a.reshape(2, 3)}))  # memory layout does not matter
 
 
 def test_one_half_of_the_hybrid_is_not_enough(keys):
@@ -96,7 +122,7 @@ def test_one_half_of_the_hybrid_is_not_enough(keys):
     forged_pq = bytes(sig[:-1]) + bytes([sig[-1] ^ 1])
     with pytest.raises(SignatureError, match=r"^ML-DSA-65 signature of hospital-a does not verify"):
         signing.verify(digest, forged_pq, keys["hospital-a"].public)
-    forged_ed = bytes(sig[:ed_at]) + bytes([sig[ed_at] ^ 1]) + bytes(sig[ed_at + 1:])
+    forged_ed = bytes(sig[:ed_at]) + bytes([sig[ed_at] ^ 1]) + bytes(sig[ed_at + 1 :])
     with pytest.raises(SignatureError, match=r"^Ed25519 signature of hospital-a does not verify"):
         signing.verify(digest, forged_ed, keys["hospital-a"].public)
 
@@ -108,7 +134,7 @@ def test_a_signature_by_another_hospital_is_refused(keys):
     with pytest.raises(SignatureError, match="not hospital-a's installed key"):
         signing.verify(digest, by_b, keys["hospital-a"].public)
     fp_a = keys["hospital-a"].public.fingerprint
-    disguised = signing.MAGIC + fp_a + by_b[len(signing.MAGIC) + signing.FINGERPRINT:]
+    disguised = signing.MAGIC + fp_a + by_b[len(signing.MAGIC) + signing.FINGERPRINT :]
     with pytest.raises(SignatureError, match="Ed25519 and ML-DSA-65 signature of hospital-a does not verify"):
         signing.verify(digest, disguised, keys["hospital-a"].public)
 
@@ -162,8 +188,9 @@ def test_a_swapped_public_key_is_not_installed_quietly(tmp_path, keys):
     dest = signing.install_public_keys(a, signing.site_key_path(server_local, "hospital-a"), "hospital-a")
     assert signing.install_public_keys(a, dest, "hospital-a") == dest  # the same key again: fine
     impostor = tmp_path / "impostor.pub"
-    impostor.write_text(signing.PublicKeys("hospital-a", keys["hospital-b"].public.mldsa,
-                                           keys["hospital-b"].public.ed25519).to_json())
+    impostor.write_text(
+        signing.PublicKeys("hospital-a", keys["hospital-b"].public.mldsa, keys["hospital-b"].public.ed25519).to_json()
+    )
     with pytest.raises(signing.KeyFileError, match="already holds another key of 'hospital-a'"):
         signing.install_public_keys(impostor, dest, "hospital-a")
     with pytest.raises(signing.KeyFileError, match="is the key of 'hospital-a', not 'hospital-b'"):
@@ -182,8 +209,9 @@ def test_a_swapped_public_key_is_not_installed_quietly(tmp_path, keys):
 
 def test_the_key_commands_generate_export_and_install(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120
+        )
 
     hosp, server = tmp_path / "hospital-a", tmp_path / "server"
     assert run("generate", hosp, "hospital-a").returncode == 0

@@ -23,8 +23,15 @@ def _round(n, auroc):
     return RoundRecord(
         round_num=n,
         updates=(
-            UpdateRecord("hospital-a", "accepted", 100, update_norm=1.5, aggregation_weight=0.4, val_mean_auroc=0.7,
-                         metrics={"val_auroc/Mass": 0.8}),
+            UpdateRecord(
+                "hospital-a",
+                "accepted",
+                100,
+                update_norm=1.5,
+                aggregation_weight=0.4,
+                val_mean_auroc=0.7,
+                metrics={"val_auroc/Mass": 0.8},
+            ),
             UpdateRecord("hospital-b", "accepted", 150, update_norm=2.0, aggregation_weight=0.6),
             UpdateRecord("hospital-c", "missing", reason="no result before the round closed"),
         ),
@@ -46,7 +53,11 @@ def test_rounds_round_trip(repo):
     assert [r.round_num for r in rows] == [1, 2]  # rounds count from 1, as the logs do
     assert rows[1].sites_accepted == ("hospital-a", "hospital-b")
     assert rows[1].sites_other == (("hospital-c", "missing"),)
-    assert (rows[1].score, rows[1].score_name, rows[1].score_source) == (pytest.approx(0.7), "mean_auroc", "global_test")
+    assert (rows[1].score, rows[1].score_name, rows[1].score_source) == (
+        pytest.approx(0.7),
+        "mean_auroc",
+        "global_test",
+    )
     assert repo.round_metrics(run, "global_test")[2]["auroc/Mass"] == pytest.approx(0.7)
     assert repo.round_metrics(run, "hospital-a")[1]["val_auroc/Mass"] == pytest.approx(0.8)
     assert repo.get_run(run).status == "finished" and repo.get_run(run).best_round == 2
@@ -128,9 +139,13 @@ def test_audit_chain_verifies_and_names_a_tampered_row(repo, db_url):
     assert ok.returncode == 0 and "intact: 4 rows" in ok.stdout
 
     with repo.engine.begin() as conn:  # an insider edits round 1's record
-        row_id = conn.execute(text("SELECT id FROM audit_log WHERE payload_json LIKE :p"), {"p": '%"round":2,%'}).scalar()
-        conn.execute(text("UPDATE audit_log SET payload_json = REPLACE(payload_json, 'accepted', 'rejected') WHERE id = :i"),
-                     {"i": row_id})
+        row_id = conn.execute(
+            text("SELECT id FROM audit_log WHERE payload_json LIKE :p"), {"p": '%"round":2,%'}
+        ).scalar()
+        conn.execute(
+            text("UPDATE audit_log SET payload_json = REPLACE(payload_json, 'accepted', 'rejected') WHERE id = :i"),
+            {"i": row_id},
+        )
     problem = repo.verify_audit()
     assert problem.row_id == row_id and "edited" in problem.reason
     bad = subprocess.run([sys.executable, str(script), "--db-url", db_url], capture_output=True, text=True)
@@ -165,8 +180,18 @@ def test_mark_interrupted_picks_the_best_round_by_the_tasks_score_not_its_auroc(
     """A brain run's score is accuracy: the round with the best accuracy is best even where its AUROC is lower."""
     run = repo.start_run("uid-b", "brain", "job-b", "fedavg", 3, {"task": "brain_mri"})
     for n, accuracy, auroc in ((1, 0.5, 0.9), (2, 0.8, 0.7)):
-        repo.record_round("uid-b", RoundRecord(n, (), test_loss=0.3, score=accuracy, score_name="accuracy",
-                                               score_source="global_test", mean_auroc=auroc))
+        repo.record_round(
+            "uid-b",
+            RoundRecord(
+                n,
+                (),
+                test_loss=0.3,
+                score=accuracy,
+                score_name="accuracy",
+                score_source="global_test",
+                mean_auroc=auroc,
+            ),
+        )
     repo.mark_interrupted(["job-b"], "server restarted")
     assert (repo.get_run(run).best_round, repo.get_run(run).best_metric) == (2, pytest.approx(0.8))
 
@@ -205,8 +230,12 @@ def _load_record_0008(db_url: str, tmp_path: Path, tamper=None):
         if engine.dialect.name == "postgresql":  # explicit ids: move each sequence past them
             for name in data["tables"]:
                 if "id" in meta.tables[name].c:
-                    conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), "
-                                      f"(SELECT COALESCE(MAX(id), 1) FROM {name}))"))
+                    conn.execute(
+                        text(
+                            f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), "
+                            f"(SELECT COALESCE(MAX(id), 1) FROM {name}))"
+                        )
+                    )
         if tamper:
             conn.execute(text(tamper))
     engine.dispose()
@@ -225,7 +254,8 @@ def test_migration_0009_numbers_rounds_from_1_names_scores_and_keeps_the_audit_c
         assert [r.round_num for r in rows] == [1, 2] and repo.get_run(chest).best_round == 2
         assert [(r.score, r.score_name, r.score_source, r.mean_auroc) for r in rows] == [
             (pytest.approx(0.61), "mean_auroc", "global_test", pytest.approx(0.61)),
-            (pytest.approx(0.72), "mean_auroc", "global_test", pytest.approx(0.72))]
+            (pytest.approx(0.72), "mean_auroc", "global_test", pytest.approx(0.72)),
+        ]
         assert sorted(repo.round_metrics(chest, "global_test")) == [1, 2]
         assert [p["round"] for p in repo.privacy_spend(chest)] == [1, 2]
         assert sorted(a["round"] for a in repo.alerts(chest)) == [0, 1, 2]  # 0: the run-level alert
@@ -234,11 +264,15 @@ def test_migration_0009_numbers_rounds_from_1_names_scores_and_keeps_the_audit_c
         # stays the mean AUROC and is no longer called the score.
         brain_rows = repo.rounds_table(brain)
         assert [(r.round_num, r.score, r.score_name, r.score_source) for r in brain_rows] == [
-            (1, None, "accuracy", "site_validation"), (2, None, "accuracy", "site_validation")]
+            (1, None, "accuracy", "site_validation"),
+            (2, None, "accuracy", "site_validation"),
+        ]
         assert [r.mean_auroc for r in brain_rows] == [pytest.approx(0.72), pytest.approx(0.82)]
         brain_a = [u for u in repo.client_updates(brain) if u["site"] == "hospital-a"]
         assert [(u["val_score"], u["val_mean_auroc"]) for u in brain_a] == [
-            (pytest.approx(0.5), pytest.approx(0.7)), (pytest.approx(0.6), pytest.approx(0.8))]
+            (pytest.approx(0.5), pytest.approx(0.7)),
+            (pytest.approx(0.6), pytest.approx(0.8)),
+        ]
         assert repo.verify_audit() is None
         assert repo.mark_interrupted(["job-orphan"], "server restarted") == ["orphan-run"]
         assert (repo.get_run(orphan).best_round, repo.get_run(orphan).best_metric) == (1, pytest.approx(0.66))
@@ -246,8 +280,12 @@ def test_migration_0009_numbers_rounds_from_1_names_scores_and_keeps_the_audit_c
     finally:
         repo.close()
     env = {**os.environ, "FEDMED_AUDIT_KEY": key.hex()}
-    cli = subprocess.run([sys.executable, "-m", "fedmed.cli.audit_verify", "--db-url", db_url, "--heads", str(heads)],
-                         capture_output=True, text=True, env=env)
+    cli = subprocess.run(
+        [sys.executable, "-m", "fedmed.cli.audit_verify", "--db-url", db_url, "--heads", str(heads)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     again = Repository(db_url, audit_key=key, heads_file=heads)  # a second start migrates and re-vouches nothing
     try:
@@ -257,8 +295,11 @@ def test_migration_0009_numbers_rounds_from_1_names_scores_and_keeps_the_audit_c
 
 
 def test_an_edit_made_before_migration_0009_is_still_found(db_url, tmp_path):
-    key, heads = _load_record_0008(db_url, tmp_path, tamper="UPDATE client_updates SET num_samples = 999 "
-                                                            "WHERE id = (SELECT MIN(id) FROM client_updates)")
+    key, heads = _load_record_0008(
+        db_url,
+        tmp_path,
+        tamper="UPDATE client_updates SET num_samples = 999 WHERE id = (SELECT MIN(id) FROM client_updates)",
+    )
     repo = Repository(db_url, audit_key=key, heads_file=heads)
     try:
         problem = repo.verify_audit()
@@ -282,6 +323,7 @@ def test_migration_0009_goes_back_down(db_url, tmp_path):
         best = conn.execute(text("SELECT best_round FROM runs ORDER BY id")).scalars().all()
     engine.dispose()
     original = json.loads(RECORD_0008.read_text())["tables"]
-    assert [tuple(r) for r in rounds] == [(r["round_num"], pytest.approx(r["test_mean_auroc"]))
-                                          for r in original["rounds"]]
+    assert [tuple(r) for r in rounds] == [
+        (r["round_num"], pytest.approx(r["test_mean_auroc"])) for r in original["rounds"]
+    ]
     assert best == [r["best_round"] for r in original["runs"]]

@@ -31,7 +31,9 @@ def test_generated_sites_are_mr_dicom_with_per_site_scanners(tiny_brain_hospital
     for site in ("hospital-a", "hospital-b", "hospital-c", "global_test"):
         path = next((tiny_brain_hospitals / site / "dicom").rglob("*.dcm"))
         ds = pydicom.dcmread(path)
-        assert ds.Modality == "MR" and ds.SOPClassUID == MRImageStorage and ds.PhotometricInterpretation == "MONOCHROME2"
+        assert (
+            ds.Modality == "MR" and ds.SOPClassUID == MRImageStorage and ds.PhotometricInterpretation == "MONOCHROME2"
+        )
         assert ds.BodyPartExamined == "BRAIN" and ds.ScanningSequence == "SE" and ds.MRAcquisitionType == "2D"
         assert ds.BitsStored == 12 and ds.pixel_array.shape == (64, 64) and ds.pixel_array.max() <= 4095
         assert read_dicom_image(path, BRAIN_MRI.modalities).shape == (64, 64)  # the task's reader accepts it
@@ -42,8 +44,12 @@ def test_generated_sites_are_mr_dicom_with_per_site_scanners(tiny_brain_hospital
 
 
 def test_site_class_priors_are_non_iid_dirichlet_draws():
-    draws = np.stack([np.bincount(BRAIN_MRI_FAMILY.site_labels(400, 20.0, np.random.default_rng(s)), minlength=4) / 400
-                      for s in range(200)])
+    draws = np.stack(
+        [
+            np.bincount(BRAIN_MRI_FAMILY.site_labels(400, 20.0, np.random.default_rng(s)), minlength=4) / 400
+            for s in range(200)
+        ]
+    )
     assert np.abs(draws.mean(axis=0) - BRAIN_PRIOR).max() < 0.02  # centred on the global prior
     assert draws.std(axis=0).min() > 0.05  # but each site has its own mix
     with pytest.raises(ValueError, match="alpha must be > 0"):

@@ -163,8 +163,10 @@ def test_controller_scores_rounds_by_the_tasks_metric(task_data):
     # Without a test set: the aggregated sites' validation score for this task, weighted by their used (capped)
     # sample counts.
     key = C.META_VAL_PREFIX + task.score_name
-    sites = [SiteResult("a", metrics={C.META_VAL_MEAN_AUROC: 0.7, key: 0.9}),
-             SiteResult("b", metrics={C.META_VAL_MEAN_AUROC: 0.6, key: 0.5})]
+    sites = [
+        SiteResult("a", metrics={C.META_VAL_MEAN_AUROC: 0.7, key: 0.9}),
+        SiteResult("b", metrics={C.META_VAL_MEAN_AUROC: 0.6, key: 0.5}),
+    ]
     score, source, mean_auroc, loss, metrics = controller._score(model, report(None, {"a": 30, "b": 10}), sites, None)
     assert score == pytest.approx(0.8) and loss is None and metrics == {} and source == "site_validation"
     # For the chest task the score is the mean AUROC itself (the same key); for brain it is reported beside it.

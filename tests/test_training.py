@@ -12,7 +12,9 @@ from fedmed.training import TrainingAborted, evaluate, train_epochs
 @pytest.fixture(scope="module")
 def site_data(tiny_hospitals):
     site = tiny_hospitals / "hospital-b"  # the MONOCHROME1 / CR site
-    return load_train_val(DataConfig("dicom", site / "dicom", site / "labels.csv"), image_size=64, seed=0, task=CHEST_XRAY14)
+    return load_train_val(
+        DataConfig("dicom", site / "dicom", site / "labels.csv"), image_size=64, seed=0, task=CHEST_XRAY14
+    )
 
 
 def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
@@ -21,7 +23,9 @@ def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
     model = build_densenet121(14)
     before = state_to_numpy(model)
     epochs = []
-    loss = train_epochs(model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, on_epoch_end=lambda e, loss_: epochs.append((e, loss_)))
+    loss = train_epochs(
+        model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, on_epoch_end=lambda e, loss_: epochs.append((e, loss_))
+    )
     after = state_to_numpy(model)
     assert np.isfinite(loss) and epochs == [(1, pytest.approx(loss))]
     assert any(not np.array_equal(before[k], after[k]) for k in before)
@@ -54,7 +58,9 @@ def test_training_only_chosen_layers_keeps_the_rest_frozen(site_data):
     torch.manual_seed(0)
     model = build_densenet121(14, norm="group")
     before = state_to_numpy(model)
-    train_epochs(model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, trainable=["features.norm5.", "class_layers.out."])
+    train_epochs(
+        model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, trainable=["features.norm5.", "class_layers.out."]
+    )
     after = state_to_numpy(model)
     moved = {k for k in before if not np.array_equal(before[k], after[k])}
     assert moved == {"features.norm5.weight", "features.norm5.bias", "class_layers.out.weight", "class_layers.out.bias"}

@@ -14,8 +14,11 @@ from fedmed.privacy.update_noise import clip_and_noise_update
 
 
 def _model(rng, shift=0.0):
-    return {"w": (rng.normal(size=(50, 40)) + shift).astype(np.float32), "b": np.zeros(40, np.float32) + shift,
-            "bn.num_batches_tracked": np.array(7, np.int64)}
+    return {
+        "w": (rng.normal(size=(50, 40)) + shift).astype(np.float32),
+        "b": np.zeros(40, np.float32) + shift,
+        "bn.num_batches_tracked": np.array(7, np.int64),
+    }
 
 
 def _delta_norm(a, b):
@@ -45,10 +48,12 @@ def test_small_update_is_not_scaled(rng):
 def test_noise_scale_follows_the_stated_neighbouring_relation(relation, std):
     # add/remove one site moves the clipped update by at most C; replacing the site's data by up to 2C.
     ref = {"w": np.zeros(200_000, np.float32)}
-    a = clip_and_noise_update(ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1),
-                              relation=relation)
-    b = clip_and_noise_update(ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1),
-                              relation=relation)
+    a = clip_and_noise_update(
+        ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1), relation=relation
+    )
+    b = clip_and_noise_update(
+        ref, ref, clip_norm=2.0, noise_multiplier=0.5, rng=np.random.default_rng(1), relation=relation
+    )
     assert a.noise_std == std and a.sensitivity == std / 0.5
     assert np.std(a.params["w"]) == pytest.approx(std, rel=0.01)
     np.testing.assert_array_equal(a.params["w"], b.params["w"])
@@ -60,12 +65,15 @@ def test_the_default_relation_is_replace_one():
     assert UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=1.0).noise_std == 2.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(clip_norm=0.0, noise_multiplier=1.0), "clip_norm must be > 0"),
-    (dict(clip_norm=1.0, noise_multiplier=-1.0), "noise_multiplier must be > 0"),
-    (dict(clip_norm=1.0, noise_multiplier=0.0), "protects nothing"),
-    (dict(clip_norm=1.0, noise_multiplier=1.0, relation="swap"), "relation must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(clip_norm=0.0, noise_multiplier=1.0), "clip_norm must be > 0"),
+        (dict(clip_norm=1.0, noise_multiplier=-1.0), "noise_multiplier must be > 0"),
+        (dict(clip_norm=1.0, noise_multiplier=0.0), "protects nothing"),
+        (dict(clip_norm=1.0, noise_multiplier=1.0, relation="swap"), "relation must be one of"),
+    ],
+)
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UpdateNoiseFilter(**kwargs)
@@ -148,8 +156,9 @@ def test_payloads_the_filter_cannot_noise_are_refused_with_the_reason(rng, tmp_p
     ref = _model(rng)
     flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=1.0)
     binding = _binding(tmp_path)
-    encrypted = FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=ref,
-                                                  meta={C.META_ENCRYPTED: {"chunks": []}}))
+    encrypted = FLModelUtils.to_shareable(
+        FLModel(params_type=ParamsType.FULL, params=ref, meta={C.META_ENCRYPTED: {"chunks": []}})
+    )
     assert "CKKS-encrypted layers" in _refusal(flt.process(encrypted, _ctx(ref, binding)))
     other = DXO(DataKind.COLLECTION, data={"w": ref["w"]}).to_shareable()
     assert "payload kind 'COLLECTION' cannot be clipped" in _refusal(flt.process(other, _ctx(ref, binding)))
@@ -161,10 +170,19 @@ def test_payloads_the_filter_cannot_noise_are_refused_with_the_reason(rng, tmp_p
 def test_batchnorm_statistics_are_not_released_but_the_global_models_sent_back(rng, tmp_path):
     # Noised, a running variance goes negative (the server rejects it); released as is, it would leak the site's
     # data outside the guarantee. The filter sends the global model's statistics instead.
-    ref = {"w": rng.normal(size=16).astype(np.float32), "bn.running_mean": np.zeros(4, np.float32),
-           "bn.running_var": np.ones(4, np.float32), "bn.num_batches_tracked": np.array(3, np.int64)}
-    upd = {**ref, "w": ref["w"] + 1.0, "bn.running_var": np.full(4, 2.5, np.float32),
-           "bn.running_mean": np.full(4, 0.7, np.float32), "bn.num_batches_tracked": np.array(9, np.int64)}
+    ref = {
+        "w": rng.normal(size=16).astype(np.float32),
+        "bn.running_mean": np.zeros(4, np.float32),
+        "bn.running_var": np.ones(4, np.float32),
+        "bn.num_batches_tracked": np.array(3, np.int64),
+    }
+    upd = {
+        **ref,
+        "w": ref["w"] + 1.0,
+        "bn.running_var": np.full(4, 2.5, np.float32),
+        "bn.running_mean": np.full(4, 0.7, np.float32),
+        "bn.num_batches_tracked": np.array(9, np.int64),
+    }
     shareable = FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=upd, meta={"num_samples": 5}))
     flt = UpdateNoiseFilter(clip_norm=1.0, noise_multiplier=5.0, seed=3)
     out = FLModelUtils.from_shareable(flt.process(shareable, _ctx(ref, _binding(tmp_path), round_num=0)))

@@ -17,13 +17,22 @@ from fedmed.signing import SignatureError
 
 def _update():
     rng = np.random.default_rng(1)
-    return FLModel(params_type=ParamsType.FULL,
-                   params={"w": rng.normal(size=(8, 4)).astype(np.float32), "b": np.zeros(4, np.float32),
-                           "n": np.array(3, np.int64)},
-                   metrics={C.META_TRAIN_LOSS: 0.41, C.META_VAL_MEAN_AUROC: np.float32(0.63)},
-                   meta={C.META_NUM_SAMPLES: 120, C.META_SITE: "hospital-a", C.META_EPSILON: 1.2, C.META_DELTA: 1e-5,
-                         C.META_ENCRYPTED: {"names": ["head.w"], "shapes": [[4, 2]], "chunks": [b"\x07" * 64],
-                                            "key_id": "k"}})
+    return FLModel(
+        params_type=ParamsType.FULL,
+        params={
+            "w": rng.normal(size=(8, 4)).astype(np.float32),
+            "b": np.zeros(4, np.float32),
+            "n": np.array(3, np.int64),
+        },
+        metrics={C.META_TRAIN_LOSS: 0.41, C.META_VAL_MEAN_AUROC: np.float32(0.63)},
+        meta={
+            C.META_NUM_SAMPLES: 120,
+            C.META_SITE: "hospital-a",
+            C.META_EPSILON: 1.2,
+            C.META_DELTA: 1e-5,
+            C.META_ENCRYPTED: {"names": ["head.w"], "shapes": [[4, 2]], "chunks": [b"\x07" * 64], "key_id": "k"},
+        },
+    )
 
 
 def test_a_signed_update_survives_the_wire_and_verifies(signing_keys):
@@ -35,14 +44,17 @@ def test_a_signed_update_survives_the_wire_and_verifies(signing_keys):
     assert signing.verify(digest, sig, signing_keys["hospital-a"].public) is None  # what audit_verify re-checks offline
 
 
-@pytest.mark.parametrize("tamper, says", [
-    (lambda m: m.meta.update({C.META_NUM_SAMPLES: 10_000}), "does not verify"),  # weigh more in the aggregate
-    (lambda m: m.meta.update({C.META_EPSILON: 0.01}), "does not verify"),  # under-report the privacy spend
-    (lambda m: m.params["w"].__setitem__((0, 0), 9.0), "does not verify"),
-    (lambda m: m.metrics.update({C.META_VAL_MEAN_AUROC: 0.99}), "does not verify"),
-    (lambda m: m.meta[C.META_ENCRYPTED]["chunks"].__setitem__(0, b"\x08" * 64), "does not verify"),
-    (lambda m: m.meta.pop(C.META_SIGNATURE), "unsigned"),
-])
+@pytest.mark.parametrize(
+    "tamper, says",
+    [
+        (lambda m: m.meta.update({C.META_NUM_SAMPLES: 10_000}), "does not verify"),  # weigh more in the aggregate
+        (lambda m: m.meta.update({C.META_EPSILON: 0.01}), "does not verify"),  # under-report the privacy spend
+        (lambda m: m.params["w"].__setitem__((0, 0), 9.0), "does not verify"),
+        (lambda m: m.metrics.update({C.META_VAL_MEAN_AUROC: 0.99}), "does not verify"),
+        (lambda m: m.meta[C.META_ENCRYPTED]["chunks"].__setitem__(0, b"\x08" * 64), "does not verify"),
+        (lambda m: m.meta.pop(C.META_SIGNATURE), "unsigned"),
+    ],
+)
 def test_an_update_changed_after_signing_is_refused_with_the_reason(signing_keys, tamper, says):
     model = _update()
     wire_sig.sign_result(model, "job-1", 2, "hospital-a", signing_keys["hospital-a"])

@@ -160,8 +160,12 @@ def distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray])
     return float(np.sqrt(sq))
 
 
-def head_cosine(update: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray],
-                reference: Mapping[str, np.ndarray], keys: Sequence[str]) -> float:
+def head_cosine(
+    update: Mapping[str, np.ndarray],
+    aggregate: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+) -> float:
     """Cosine between a site's move of the given layers (update - reference) and the aggregate's move. 1.0 when
     either move is zero (no evidence either way). On the classifier layers, honest sites move roughly with the
     aggregate even under non-IID priors; a site trained on flipped labels moves them against it."""

@@ -24,7 +24,9 @@ SERVER_ROUND = re.compile(r"(?P<line>round \d+/\d+ done in .*)$")
 RUN_END = re.compile(r"(?P<line>run [0-9a-f]{32} (finished|failed|aborted); .*)$")
 # The simulator's console prints "<time> - <level> - <message>" (no logger name); a kit's log adds the logger name and
 # the FL context.
-LEVEL = re.compile(r" - (?:(?P<name>[\w.]+) - )?(?P<level>WARNING|ERROR|CRITICAL) - (?:\[[^\]]*\](?::| -) )?(?P<msg>.*)$")
+LEVEL = re.compile(
+    r" - (?:(?P<name>[\w.]+) - )?(?P<level>WARNING|ERROR|CRITICAL) - (?:\[[^\]]*\](?::| -) )?(?P<msg>.*)$"
+)
 # NVFlare's own warnings that say nothing to a user: broadcast_model logs this whenever more sites answer than the
 # round's minimum, i.e. every round in which the straggler wait works as meant.
 NVFLARE_NOISE = re.compile(r"^Number of results \(\d+\) is different from number of expected responses")
@@ -46,8 +48,9 @@ def concise(line: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def full_output_to(log_file: Path, show: Callable[[str], Optional[str]] = concise,
-                   console: Optional[TextIO] = None) -> Iterator[Path]:
+def full_output_to(
+    log_file: Path, show: Callable[[str], Optional[str]] = concise, console: Optional[TextIO] = None
+) -> Iterator[Path]:
     """Within the block, everything written to stdout and stderr, by this process and the processes it starts, is
     appended to `log_file`; the lines `show` keeps are printed to `console` (the real stdout) as they come."""
     log_file = Path(log_file)
@@ -59,8 +62,10 @@ def full_output_to(log_file: Path, show: Callable[[str], Optional[str]] = concis
     sys.stderr.flush()
 
     def copy() -> None:
-        with open(read_fd, "r", encoding="utf-8", errors="replace", closefd=True) as pipe, \
-                open(log_file, "a", encoding="utf-8") as log:
+        with (
+            open(read_fd, "r", encoding="utf-8", errors="replace", closefd=True) as pipe,
+            open(log_file, "a", encoding="utf-8") as log,
+        ):
             for line in pipe:
                 log.write(line)
                 log.flush()

@@ -17,8 +17,11 @@ def model_sha256(params: Mapping[str, np.ndarray], encrypted_block=None) -> str:
         return sha
     from fedmed.crypto import ckks  # TenSEAL only when HE is in use
 
-    enc_sha = ckks.encrypted_sha256(ckks.EncryptedLayers.from_wire(encrypted_block)
-                                    if not isinstance(encrypted_block, ckks.EncryptedLayers) else encrypted_block)
+    enc_sha = ckks.encrypted_sha256(
+        ckks.EncryptedLayers.from_wire(encrypted_block)
+        if not isinstance(encrypted_block, ckks.EncryptedLayers)
+        else encrypted_block
+    )
     return hashlib.sha256(f"{sha}:{enc_sha}".encode()).hexdigest()
 
 

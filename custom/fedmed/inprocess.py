@@ -48,8 +48,14 @@ class Federation:
         return getattr(self, key)
 
 
-def apply_wire_attack(result: SiteResult, attack: Attack, round_num: int, history: Mapping[str, list],
-                      others: Sequence[SiteResult], he=None) -> SiteResult:
+def apply_wire_attack(
+    result: SiteResult,
+    attack: Attack,
+    round_num: int,
+    history: Mapping[str, list],
+    others: Sequence[SiteResult],
+    he=None,
+) -> SiteResult:
     """What a hostile site can do to its message besides its weights (fedmed.robust.attacks.WIRE_ATTACKS)."""
     kind, factor = attack.kind, attack.factor
     if kind == "inflate_count":
@@ -76,7 +82,7 @@ def apply_wire_attack(result: SiteResult, attack: Attack, round_num: int, histor
             enc = ckks.encrypt_layers({k: v * factor for k, v in clear.items()}, he)
         else:  # same values, encrypted at another scale: a ciphertext the server's sum cannot take
             other = ckks.LoadedContext(he.context.copy(), he.key_id, he.path)
-            other.context.global_scale = 2 ** 30
+            other.context.global_scale = 2**30
             enc = ckks.encrypt_layers(clear, other)
         return replace(result, encrypted=enc.to_wire())
     raise ValueError(f"not a wire attack: {kind}")
@@ -120,8 +126,11 @@ def federate(
     hostile = hostile or {}
     torch.manual_seed(seed)
     model = build_densenet121(task.num_outputs, norm=norm)
-    global_params = state_to_numpy(model) if initial_params is None else \
-        {k: np.array(v, copy=True) for k, v in initial_params.items()}
+    global_params = (
+        state_to_numpy(model)
+        if initial_params is None
+        else {k: np.array(v, copy=True) for k, v in initial_params.items()}
+    )
     he_ctx, encryption, he_names = None, None, ()
     if he_layers:
         from fedmed.crypto import ckks
@@ -131,8 +140,7 @@ def federate(
         server = ckks.LoadedContext(ckks.ts.context_from(keys.server_context), keys.key_id, None)
         he_names = ckks.resolve_encrypted_names(list(global_params), list(he_layers))
         encryption = EncryptionSpec(server, he_names, {n: tuple(np.shape(global_params[n])) for n in he_names})
-    rules = RoundRules(aggregation=aggregation, min_clients=min_clients,
-                       trust=TrustPolicy() if use_trust else NO_TRUST)
+    rules = RoundRules(aggregation=aggregation, min_clients=min_clients, trust=TrustPolicy() if use_trust else NO_TRUST)
     validate = None
     if server_validation is not None and not he_names:  # the server cannot read an encrypted head
         val_model = build_densenet121(task.num_outputs, norm=norm)
@@ -154,9 +162,28 @@ def federate(
         for name, train in train_sets.items():
             if absent and name in absent and r >= absent[name]:
                 continue
-            results.append(_site_round(name, train, r, rounds, global_params, global_block, he_ctx, he_names,
-                                       last_head, model, dp, attacks.get(name), task, lr, batch_size, seed,
-                                       trainable, local_epochs))
+            results.append(
+                _site_round(
+                    name,
+                    train,
+                    r,
+                    rounds,
+                    global_params,
+                    global_block,
+                    he_ctx,
+                    he_names,
+                    last_head,
+                    model,
+                    dp,
+                    attacks.get(name),
+                    task,
+                    lr,
+                    batch_size,
+                    seed,
+                    trainable,
+                    local_epochs,
+                )
+            )
         for i, res in enumerate(results):
             attack = attacks.get(res.site)
             if attack is not None and attack.on_wire and res.refused is None:
@@ -190,14 +217,34 @@ def federate(
     return out
 
 
-def _site_round(name, train, r, rounds, global_params, global_block, he_ctx, he_names, last_head, model, dp, attack,
-                task, lr, batch_size, seed, trainable, local_epochs) -> SiteResult:
+def _site_round(
+    name,
+    train,
+    r,
+    rounds,
+    global_params,
+    global_block,
+    he_ctx,
+    he_names,
+    last_head,
+    model,
+    dp,
+    attack,
+    task,
+    lr,
+    batch_size,
+    seed,
+    trainable,
+    local_epochs,
+) -> SiteResult:
     """One hospital's round, as fedmed.flare.executor.FedMedTrainer does it."""
     from fedmed.crypto import ckks
 
     params = dict(global_params)
     if global_block is not None:
-        params = ckks.merge_decrypted({k: v for k, v in global_params.items() if k not in he_names}, global_block, he_ctx)
+        params = ckks.merge_decrypted(
+            {k: v for k, v in global_params.items() if k not in he_names}, global_block, he_ctx
+        )
         head = {n: params[n] for n in he_names}
         problem = ckks.find_global_head_problem(head, last_head.get(name))
         if problem:
@@ -218,14 +265,27 @@ def _site_round(name, train, r, rounds, global_params, global_block, he_ctx, he_
     privacy = {}
     if dp:
         try:
-            trained, res = dp[name].train_round(model, ds, local_epochs, lr_r, batch_size, s,
-                                                total_epochs=rounds * local_epochs, task=task, trainable=trainable)
+            trained, res = dp[name].train_round(
+                model,
+                ds,
+                local_epochs,
+                lr_r,
+                batch_size,
+                s,
+                total_epochs=rounds * local_epochs,
+                task=task,
+                trainable=trainable,
+            )
         except BudgetExceeded as e:
             return SiteResult(name, refused=str(e), privacy={"epsilon": dp[name].epsilon_spent})
         model.load_state_dict(trained.state_dict())
         loss = res.train_loss
-        privacy = {"epsilon": res.epsilon, "delta": res.delta, "epsilon_budget": dp[name].policy.epsilon,
-                   "noise_multiplier": res.noise_multiplier}
+        privacy = {
+            "epsilon": res.epsilon,
+            "delta": res.delta,
+            "epsilon_budget": dp[name].policy.epsilon,
+            "noise_multiplier": res.noise_multiplier,
+        }
     else:
         loss = train_epochs(model, ds, local_epochs, lr_r, batch_size, s, task=task, trainable=trainable)
     out = state_to_numpy(model)

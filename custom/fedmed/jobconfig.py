@@ -107,9 +107,16 @@ class JobConfig:
 
             check_encryption_compatible(self.aggregation)  # an HE job with a non-linear aggregator: refused here
         object.__setattr__(self, "dp_train_layers", _names(self.dp_train_layers, "dp_train_layers"))
-        for key, low in (("num_rounds", 1), ("image_size", 32), ("local_epochs", 1), ("batch_size", 1),
-                         ("round_timeout", 0), ("straggler_wait", 0), ("final_model_timeout", 0),
-                         ("validation_images", 0)):
+        for key, low in (
+            ("num_rounds", 1),
+            ("image_size", 32),
+            ("local_epochs", 1),
+            ("batch_size", 1),
+            ("round_timeout", 0),
+            ("straggler_wait", 0),
+            ("final_model_timeout", 0),
+            ("validation_images", 0),
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
@@ -117,8 +124,11 @@ class JobConfig:
             raise ValueError(f"min_clients must be in 1..{len(sites)} (the number of sites), got {self.min_clients}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.statistics_factor, (int, float)) and math.isfinite(self.statistics_factor)
-                and self.statistics_factor > 1):
+        if not (
+            isinstance(self.statistics_factor, (int, float))
+            and math.isfinite(self.statistics_factor)
+            and self.statistics_factor > 1
+        ):
             raise ValueError(f"statistics_factor must be a number > 1, got {self.statistics_factor!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
@@ -126,8 +136,10 @@ class JobConfig:
         try:
             self.trust_policy()
         except ValueError as e:
-            raise ValueError(f"trust rule (trust_smoothing, trust_ok_ratio, trust_bad_ratio, quarantine_below, "
-                             f"readmit_after, trust_head_cosine_bad): {e}") from None
+            raise ValueError(
+                f"trust rule (trust_smoothing, trust_ok_ratio, trust_bad_ratio, quarantine_below, "
+                f"readmit_after, trust_head_cosine_bad): {e}"
+            ) from None
 
     @property
     def required_clients(self) -> int:
@@ -137,9 +149,14 @@ class JobConfig:
         return len(self.sites) - 1 if len(self.sites) >= 3 else len(self.sites)
 
     def trust_policy(self) -> TrustPolicy:
-        return TrustPolicy(smoothing=self.trust_smoothing, ok_ratio=self.trust_ok_ratio,
-                           bad_ratio=self.trust_bad_ratio, quarantine_below=self.quarantine_below,
-                           readmit_after=self.readmit_after, head_cosine_bad=self.trust_head_cosine_bad)
+        return TrustPolicy(
+            smoothing=self.trust_smoothing,
+            ok_ratio=self.trust_ok_ratio,
+            bad_ratio=self.trust_bad_ratio,
+            quarantine_below=self.quarantine_below,
+            readmit_after=self.readmit_after,
+            head_cosine_bad=self.trust_head_cosine_bad,
+        )
 
     def with_changes(self, **changes) -> "JobConfig":
         """A copy with these settings changed (validated again); an unknown setting is named in the error."""

@@ -52,8 +52,10 @@ def multiclass_scores(y_onehot: np.ndarray, probs: np.ndarray, classes: Sequence
         raise ValueError("multiclass_scores needs at least one sample")
     truth, pred = y_onehot.argmax(axis=1), probs.argmax(axis=1)
     aurocs = per_finding_auroc(y_onehot, probs, classes)  # one-vs-rest: class k against the rest
-    out = {"accuracy": float(np.mean(truth == pred)),
-           "macro_f1": float(f1_score(truth, pred, labels=np.union1d(truth, pred), average="macro", zero_division=0)),
-           "mean_auroc": mean_auroc(aurocs)}
+    out = {
+        "accuracy": float(np.mean(truth == pred)),
+        "macro_f1": float(f1_score(truth, pred, labels=np.union1d(truth, pred), average="macro", zero_division=0)),
+        "mean_auroc": mean_auroc(aurocs),
+    }
     out.update({f"auroc/{k}": v for k, v in aurocs.items()})
     return out

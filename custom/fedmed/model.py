@@ -21,8 +21,13 @@ def build_densenet121(num_outputs: int = 14, in_channels: int = 1, norm: str = "
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if norm == "group":
-        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_outputs,
-                           norm=("group", {"num_groups": 32}), act=("relu", {"inplace": False}))
+        return DenseNet121(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=num_outputs,
+            norm=("group", {"num_groups": 32}),
+            act=("relu", {"inplace": False}),
+        )
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_outputs)
 
 
@@ -59,8 +64,10 @@ def set_trainable(model: torch.nn.Module, prefixes=None) -> list:
             raise ValueError(f"trainable layers must be a non-empty list of parameter-name prefixes, got {prefixes!r}")
         unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
         if unmatched:
-            raise ValueError(f"trainable layers {unmatched} match no parameter of the model "
-                             f"(its top-level blocks: {sorted({'.'.join(n.split('.')[:2]) for n in names})})")
+            raise ValueError(
+                f"trainable layers {unmatched} match no parameter of the model "
+                f"(its top-level blocks: {sorted({'.'.join(n.split('.')[:2]) for n in names})})"
+            )
         chosen = [n for n in names if n.startswith(tuple(prefixes))]
     wanted = set(chosen)
     for n, p in model.named_parameters():

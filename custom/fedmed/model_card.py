@@ -14,8 +14,10 @@ from typing import Mapping, Optional, Sequence
 
 META_MODEL_CARD = "model_card"
 SYNTHETIC_MANUFACTURER = "fedmed-synthetic"  # the Manufacturer fedmed.data.synthetic writes into every image
-INTENDED_USE = ("Research and decision support for trained readers only; not for primary diagnosis. Not a medical "
-                "device; outputs are probabilities for a reader to weigh, never a diagnosis.")
+INTENDED_USE = (
+    "Research and decision support for trained readers only; not for primary diagnosis. Not a medical "
+    "device; outputs are probabilities for a reader to weigh, never a diagnosis."
+)
 CARD_VERSION = 1
 
 
@@ -55,11 +57,21 @@ class ModelCard:
         return None if self.unknown_sites or not self.hospitals else False
 
     def to_meta(self) -> dict:
-        return {"version": CARD_VERSION, "task": self.task, "hospitals": list(self.hospitals), "rounds": self.rounds,
-                "synthetic_data": self.synthetic_data, "synthetic_sites": list(self.synthetic_sites),
-                "real_sites": list(self.real_sites), "unknown_sites": list(self.unknown_sites),
-                "dp_epsilon": dict(self.dp_epsilon), "he_layers": list(self.he_layers),
-                "aggregation": self.aggregation, "trained_by": self.trained_by, "intended_use": self.intended_use}
+        return {
+            "version": CARD_VERSION,
+            "task": self.task,
+            "hospitals": list(self.hospitals),
+            "rounds": self.rounds,
+            "synthetic_data": self.synthetic_data,
+            "synthetic_sites": list(self.synthetic_sites),
+            "real_sites": list(self.real_sites),
+            "unknown_sites": list(self.unknown_sites),
+            "dp_epsilon": dict(self.dp_epsilon),
+            "he_layers": list(self.he_layers),
+            "aggregation": self.aggregation,
+            "trained_by": self.trained_by,
+            "intended_use": self.intended_use,
+        }
 
     @classmethod
     def from_meta(cls, raw: Mapping, source: str = "model file") -> "ModelCard":
@@ -79,19 +91,28 @@ class ModelCard:
         eps = raw.get("dp_epsilon", {})
         if not isinstance(eps, Mapping) or not all(v is None or isinstance(v, (int, float)) for v in eps.values()):
             raise ValueError(f"{source}: model_card dp_epsilon must map sites to a number or null, got {eps!r}")
-        return cls(task=str(raw.get("task", "")), hospitals=names("hospitals"), rounds=rounds,
-                   synthetic_sites=names("synthetic_sites"), real_sites=names("real_sites"),
-                   unknown_sites=names("unknown_sites"), dp_epsilon={str(k): v for k, v in eps.items()},
-                   he_layers=names("he_layers"), aggregation=str(raw.get("aggregation", "")),
-                   trained_by=str(raw.get("trained_by", "")), intended_use=str(raw.get("intended_use", INTENDED_USE)))
+        return cls(
+            task=str(raw.get("task", "")),
+            hospitals=names("hospitals"),
+            rounds=rounds,
+            synthetic_sites=names("synthetic_sites"),
+            real_sites=names("real_sites"),
+            unknown_sites=names("unknown_sites"),
+            dp_epsilon={str(k): v for k, v in eps.items()},
+            he_layers=names("he_layers"),
+            aggregation=str(raw.get("aggregation", "")),
+            trained_by=str(raw.get("trained_by", "")),
+            intended_use=str(raw.get("intended_use", INTENDED_USE)),
+        )
 
     def lines(self) -> list:
         """The card as short human-readable lines (console, reports, bundle README, the SR's text)."""
+
         def dp(site):
             e = self.dp_epsilon.get(site)
             return f"{site} epsilon {e:.2f}" if isinstance(e, (int, float)) else f"{site} no DP"
 
-        data = ("synthetic (" + ", ".join(self.synthetic_sites) + ")" if self.synthetic_sites else "")
+        data = "synthetic (" + ", ".join(self.synthetic_sites) + ")" if self.synthetic_sites else ""
         if self.real_sites:
             data += ("; " if data else "") + "real (" + ", ".join(self.real_sites) + ")"
         if self.unknown_sites:
@@ -111,14 +132,20 @@ class ModelCard:
 def clinical_use_warning(card: Optional[ModelCard]) -> Optional[str]:
     """The not-for-clinical-use line every inference output carries, or None for a card of real data only."""
     if card is None:
-        return ("NOT FOR CLINICAL USE: this model file carries no model card, so what it was trained on is unknown; "
-                "results are for testing only")
+        return (
+            "NOT FOR CLINICAL USE: this model file carries no model card, so what it was trained on is unknown; "
+            "results are for testing only"
+        )
     if card.synthetic_sites:
-        return (f"NOT FOR CLINICAL USE: trained on synthetic data ({', '.join(card.synthetic_sites)}); results mean "
-                "nothing for a real patient")
+        return (
+            f"NOT FOR CLINICAL USE: trained on synthetic data ({', '.join(card.synthetic_sites)}); results mean "
+            "nothing for a real patient"
+        )
     if card.synthetic_data is None:
-        return ("NOT FOR CLINICAL USE: the model card cannot say whether the training data was real "
-                f"(not reported by: {', '.join(card.unknown_sites) or 'any hospital'}); results are for testing only")
+        return (
+            "NOT FOR CLINICAL USE: the model card cannot say whether the training data was real "
+            f"(not reported by: {', '.join(card.unknown_sites) or 'any hospital'}); results are for testing only"
+        )
     return None
 
 
@@ -157,12 +184,18 @@ class ModelCardBuilder:
 
     def card(self) -> ModelCard:
         sites = tuple(self.hospitals)
-        return ModelCard(task=self.task, hospitals=sites, rounds=self.rounds,
-                         synthetic_sites=tuple(s for s in sites if self.hospitals[s] is True),
-                         real_sites=tuple(s for s in sites if self.hospitals[s] is False),
-                         unknown_sites=tuple(s for s in sites if self.hospitals[s] is None),
-                         dp_epsilon={s: self.epsilon.get(s) for s in sites}, he_layers=tuple(self.he_layers or ()),
-                         aggregation=self.aggregation, trained_by=self.trained_by)
+        return ModelCard(
+            task=self.task,
+            hospitals=sites,
+            rounds=self.rounds,
+            synthetic_sites=tuple(s for s in sites if self.hospitals[s] is True),
+            real_sites=tuple(s for s in sites if self.hospitals[s] is False),
+            unknown_sites=tuple(s for s in sites if self.hospitals[s] is None),
+            dp_epsilon={s: self.epsilon.get(s) for s in sites},
+            he_layers=tuple(self.he_layers or ()),
+            aggregation=self.aggregation,
+            trained_by=self.trained_by,
+        )
 
 
 def is_synthetic_dicom(path) -> Optional[bool]:

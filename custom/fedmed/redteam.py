@@ -88,8 +88,17 @@ def is_bounded(auroc: float, stayed_honest: float, tolerance: float) -> bool:
     return auroc >= stayed_honest - tolerance
 
 
-def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds: int, db_dir: Path,
-            tolerance: float = 0.02, attack_from: int = 0, **kw) -> RowResult:
+def run_row(
+    row: AttackRow,
+    train_sets: Mapping,
+    test_set,
+    honest_auroc,
+    rounds: int,
+    db_dir: Path,
+    tolerance: float = 0.02,
+    attack_from: int = 0,
+    **kw,
+) -> RowResult:
     """Play one attack (the site HOSTILE attacks from round index attack_from; honest before) and judge it.
     honest_auroc: a References, or the stayed-honest AUROC alone. kw go to fedmed.inprocess.federate (e.g.
     server_validation, batch_size)."""
@@ -102,9 +111,19 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds:
     def record(report):
         repo.record_round(uid, RoundRecord(report.round_num + 1, report.updates, alerts=report.alerts))  # from 1
 
-    fed = federate(train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, task=CHEST_XRAY14,
-                   seed=0, on_round=record,
-                   he_layers=HE_LAYERS if row.he else None, attack_from=attack_from, **kw)
+    fed = federate(
+        train_sets,
+        test_set,
+        rounds,
+        "geometric_median",
+        {HOSTILE: row.attack},
+        task=CHEST_XRAY14,
+        seed=0,
+        on_round=record,
+        he_layers=HE_LAYERS if row.he else None,
+        attack_from=attack_from,
+        **kw,
+    )
     run_id = repo.latest_run_id()
     rows = [u for u in repo.client_updates(run_id) if u["site"] == HOSTILE]
     alerts = [a for a in repo.alerts(run_id) if a["site"] == HOSTILE]
@@ -127,12 +146,16 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds:
         blocked.append(u.status in BLOCKED)
     if fed.stopped:
         per_round.append(f"run stopped: {fed.stopped[:90]}")
-    database = (", ".join(f"r{u['round']} {u['status']}" for u in rows if u["round"] > attack_from)  # from 1
-                + f"; {len(alerts)} alert(s)" + (f"; {len(refusals)} hospital refusal(s)" if refusals else ""))
+    database = (
+        ", ".join(f"r{u['round']} {u['status']}" for u in rows if u["round"] > attack_from)  # from 1
+        + f"; {len(alerts)} alert(s)"
+        + (f"; {len(refusals)} hospital refusal(s)" if refusals else "")
+    )
     auroc = float(fed.auroc)
     bounded = is_bounded(auroc, honest_auroc, tolerance)
-    hospitals_refused = bool(refusals) and all(u.status == "refused" for r in fed.reports[-1:] for u in r.updates
-                                               if u.site != HOSTILE)
+    hospitals_refused = bool(refusals) and all(
+        u.status == "refused" for r in fed.reports[-1:] for u in r.updates if u.site != HOSTILE
+    )
     # Rounds where the attack had nothing to act on (a replay in round 1) are honest rounds.
     judged = [r for r in fed.reports if r.round_num >= attack_from]
     attacked = [b for b, r in zip(blocked, judged) if not (row.attack.kind == "replay" and r.round_num == 0)]
@@ -148,42 +171,58 @@ def run_row(row: AttackRow, train_sets: Mapping, test_set, honest_auroc, rounds:
     worst_count = max(count_ratios) if count_ratios else None
     if row.attack.kind == "inflate_count":
         if worst_count is None or worst_count > 1.0 + 1e-9 or worst is None or worst > 1.0 + WEIGHT_SLACK:
-            held, how = False, (f"NOT held: the attacker's count counted {worst_count}x and its weight {worst}x an "
-                                "honest site's")
+            held, how = (
+                False,
+                (f"NOT held: the attacker's count counted {worst_count}x and its weight {worst}x an honest site's"),
+            )
         else:
             how += f"; its count counted {worst_count:.2f}x, its weight {worst:.3f}x the largest honest site's"
-    return RowResult(row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst, worst_count,
-                     references)
+    return RowResult(
+        row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst, worst_count, references
+    )
 
 
-def honest_references(train_sets: Mapping, test_set, rounds: int, he: bool = False, attack_from: int = 0,
-                      **kw) -> References:
+def honest_references(
+    train_sets: Mapping, test_set, rounds: int, he: bool = False, attack_from: int = 0, **kw
+) -> References:
     """The three honest versions of the red-team federation (References), with HE on or off as the rows need."""
     common = dict(task=CHEST_XRAY14, seed=0, he_layers=HE_LAYERS if he else None, **kw)
     honest = {s: d for s, d in train_sets.items() if s != HOSTILE}
     return References(
         stayed_honest=float(federate(train_sets, test_set, rounds, "geometric_median", **common).auroc),
-        left=float(federate(train_sets, test_set, rounds, "geometric_median", absent={HOSTILE: attack_from},
-                            **common).auroc),
-        alone=float(federate(honest, test_set, rounds, "geometric_median", **common).auroc), he=he)
+        left=float(
+            federate(train_sets, test_set, rounds, "geometric_median", absent={HOSTILE: attack_from}, **common).auroc
+        ),
+        alone=float(federate(honest, test_set, rounds, "geometric_median", **common).auroc),
+        he=he,
+    )
 
 
 def markdown(results: list, command: str, seconds: float, setup: str) -> str:
-    lines = ["# Red team: one hostile hospital against the round engine", "",
-             f"Command: `{command}` ({seconds:.0f} s on a 2-core CPU). {setup}", "",
-             "| attack | what the server did (hostile site, per round) | database holds | final AUROC | had it stayed "
-             "honest | held |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Red team: one hostile hospital against the round engine",
+        "",
+        f"Command: `{command}` ({seconds:.0f} s on a 2-core CPU). {setup}",
+        "",
+        "| attack | what the server did (hostile site, per round) | database holds | final AUROC | had it stayed "
+        "honest | held |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.name} | {r.server_did.replace('|', '/')} | {r.database} | {r.auroc:.3f} | "
-                     f"{r.honest_auroc:.3f} | {'yes' if r.held else '**NO**'}: {r.how} |")
+        lines.append(
+            f"| {r.name} | {r.server_did.replace('|', '/')} | {r.database} | {r.auroc:.3f} | "
+            f"{r.honest_auroc:.3f} | {'yes' if r.held else '**NO**'}: {r.how} |"
+        )
     held = sum(r.held for r in results)
     lines += ["", f"{held}/{len(results)} attacks held."]
     for ref in dict.fromkeys(r.references for r in results if r.references is not None):
-        lines += ["", f"Honest references{' (HE on)' if ref.he else ''}: the hostile "
-                      f"site honest throughout {ref.stayed_honest:.3f}; leaving when it would attack {ref.left:.3f}; "
-                      f"the honest sites alone {ref.alone:.3f}. Honest outcomes at this size spread over "
-                      f"{ref.spread:.3f} AUROC: the noise floor of any comparison here."]
+        lines += [
+            "",
+            f"Honest references{' (HE on)' if ref.he else ''}: the hostile "
+            f"site honest throughout {ref.stayed_honest:.3f}; leaving when it would attack {ref.left:.3f}; "
+            f"the honest sites alone {ref.alone:.3f}. Honest outcomes at this size spread over "
+            f"{ref.spread:.3f} AUROC: the noise floor of any comparison here.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -195,8 +234,10 @@ def make_sites(root: Path, n_honest: int, per_site: int, seed: int, num_test: in
 
     names = [f"honest-{i}" for i in range(n_honest)] + [HOSTILE]
     if not (root / "global_test" / "labels.csv").exists():
-        specs = [HospitalSpec(n, per_site, DEFAULT_HOSPITALS[i % 3].scanner)
-                 for i, n in enumerate(names + [SERVER_VALIDATION])]
+        specs = [
+            HospitalSpec(n, per_site, DEFAULT_HOSPITALS[i % 3].scanner)
+            for i, n in enumerate(names + [SERVER_VALIDATION])
+        ]
         generate_hospitals(root, specs, num_test=num_test, seed=seed, size=size)
     return names
 
@@ -205,10 +246,14 @@ def load_sites(root: Path, names: list, image_size: int, seed: int = 0):
     from fedmed.data.loading import load_test, load_train_val
     from fedmed.site_config import DataConfig
 
-    train = {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed,
-                               CHEST_XRAY14)[0]
-             for s in names}
+    train = {
+        s: load_train_val(
+            DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed, CHEST_XRAY14
+        )[0]
+        for s in names
+    }
     test = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", image_size, CHEST_XRAY14)
-    val = load_test(root / SERVER_VALIDATION / "dicom", root / SERVER_VALIDATION / "labels.csv", image_size,
-                    CHEST_XRAY14)
+    val = load_test(
+        root / SERVER_VALIDATION / "dicom", root / SERVER_VALIDATION / "labels.csv", image_size, CHEST_XRAY14
+    )
     return train, test, val

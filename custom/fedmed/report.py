@@ -49,13 +49,22 @@ def score_figure(rows: list):
         mine = [r for r in rows if r.score_source == source and r.score is not None]
         names = {r.score_name for r in mine}
         if mine:
-            ax.plot([r.round_num for r in mine], [r.score for r in mine], "o-",
-                    label=score_label(names.pop() if len(names) == 1 else None, source))
-        auroc = [r for r in rows if r.score_source == source and r.mean_auroc is not None
-                 and r.score_name != "mean_auroc"]
+            ax.plot(
+                [r.round_num for r in mine],
+                [r.score for r in mine],
+                "o-",
+                label=score_label(names.pop() if len(names) == 1 else None, source),
+            )
+        auroc = [
+            r for r in rows if r.score_source == source and r.mean_auroc is not None and r.score_name != "mean_auroc"
+        ]
         if auroc:
-            ax.plot([r.round_num for r in auroc], [r.mean_auroc for r in auroc], "^:",
-                    label=score_label("mean_auroc", source))
+            ax.plot(
+                [r.round_num for r in auroc],
+                [r.mean_auroc for r in auroc],
+                "^:",
+                label=score_label("mean_auroc", source),
+            )
     lines = list(ax.get_lines())
     losses = [(r.round_num, r.test_loss) for r in rows if r.test_loss is not None]
     if losses:
@@ -98,9 +107,17 @@ def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Pa
     fig.savefig(out_dir / FIGURES[0], dpi=110)
     plt.close(fig)
 
-    _per_site_figure(updates, "trust", "trust", "Per-site trust", out_dir / FIGURES[1], "no trust scores", (-0.05, 1.05))
-    _per_site_figure(repo.privacy_spend(run_id), "epsilon", "ε spent (cumulative)", "Privacy spend per site",
-                     out_dir / FIGURES[2], "no differential privacy in this run")
+    _per_site_figure(
+        updates, "trust", "trust", "Per-site trust", out_dir / FIGURES[1], "no trust scores", (-0.05, 1.05)
+    )
+    _per_site_figure(
+        repo.privacy_spend(run_id),
+        "epsilon",
+        "ε spent (cumulative)",
+        "Privacy spend per site",
+        out_dir / FIGURES[2],
+        "no differential privacy in this run",
+    )
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bottom = [0] * len(rounds)
@@ -119,19 +136,46 @@ def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Pa
     has_loss = any(r.test_loss is not None for r in rows)
     show_auroc = any(r.score_name != "mean_auroc" and r.mean_auroc is not None for r in rows)
     round_table = table(
-        ["round", "sites aggregated", "other sites", "score", "score is"] + (["mean AUROC"] if show_auroc else [])
+        ["round", "sites aggregated", "other sites", "score", "score is"]
+        + (["mean AUROC"] if show_auroc else [])
         + (["test loss"] if has_loss else []),
-        [[r.round_num, ", ".join(r.sites_accepted), ", ".join(f"{s} ({st})" for s, st in r.sites_other), r.score,
-          score_label(r.score_name, r.score_source) if r.score is not None else "not scored"]
-         + ([r.mean_auroc] if show_auroc else []) + ([r.test_loss] if has_loss else []) for r in rows],
+        [
+            [
+                r.round_num,
+                ", ".join(r.sites_accepted),
+                ", ".join(f"{s} ({st})" for s, st in r.sites_other),
+                r.score,
+                score_label(r.score_name, r.score_source) if r.score is not None else "not scored",
+            ]
+            + ([r.mean_auroc] if show_auroc else [])
+            + ([r.test_loss] if has_loss else [])
+            for r in rows
+        ],
     )
     update_table = table(
         ["round", "site", "status", "reason", "samples", "distance", "trust", "weight"],
-        [[u["round"], u["site"], u["status"], u["reason"] or "", u["num_samples"], u["distance"], u["trust"],
-          u["aggregation_weight"]] for u in updates],
+        [
+            [
+                u["round"],
+                u["site"],
+                u["status"],
+                u["reason"] or "",
+                u["num_samples"],
+                u["distance"],
+                u["trust"],
+                u["aggregation_weight"],
+            ]
+            for u in updates
+        ],
     )
-    alert_table = table(["round", "site", "kind", "message"], [[a["round"] or "run", a["site"], a["kind"], a["message"]]
-                                                              for a in alerts]) if alerts else "<p>No alerts.</p>"
+    alert_table = (
+        table(
+            ["round", "site", "kind", "message"],
+            [[a["round"] or "run", a["site"], a["kind"], a["message"]] for a in alerts],
+        )
+        if alerts
+        else "<p>No alerts.</p>"
+    )
     best = next((r for r in rows if r.round_num == run.best_round), None)
     best_label = score_label(best.score_name, best.score_source) if best is not None else "score"
     imgs = "".join(f'<img src="{f}" alt="{f}">' for f in FIGURES)
@@ -139,10 +183,13 @@ def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Pa
     if model is not None:
         warning = model.clinical_use_warning
         lines = model.card.lines() if model.card else ["This model file carries no model card."]
-        card_html = ((f'<p style="color:#b00;font-weight:bold">{html.escape(warning)}</p>' if warning else "")
-                     + f"<h2>Model card: {html.escape(model.name)}</h2><p>model file sha256 "
-                     f"<code>{html.escape(model.sha256)}</code></p><ul>"
-                     + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+        card_html = (
+            (f'<p style="color:#b00;font-weight:bold">{html.escape(warning)}</p>' if warning else "")
+            + f"<h2>Model card: {html.escape(model.name)}</h2><p>model file sha256 "
+            f"<code>{html.escape(model.sha256)}</code></p><ul>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+            + "</ul>"
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedmed run {run.id}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:540px;margin:4px}}</style></head><body>
@@ -168,9 +215,14 @@ def site_lines(ax, rows: list, key: str) -> None:
     for i, site in enumerate(sites):
         offset = (i - (len(sites) - 1) / 2) * SITE_OFFSET
         xs, ys = zip(*[(r["round"] + offset, r[key]) for r in points if r["site"] == site])
-        ax.plot(xs, ys, marker=SITE_MARKERS[i % len(SITE_MARKERS)],
-                linestyle=SITE_LINESTYLES[i % len(SITE_LINESTYLES)], markersize=7 - 3 * i / max(len(sites), 1),
-                label=site)
+        ax.plot(
+            xs,
+            ys,
+            marker=SITE_MARKERS[i % len(SITE_MARKERS)],
+            linestyle=SITE_LINESTYLES[i % len(SITE_LINESTYLES)],
+            markersize=7 - 3 * i / max(len(sites), 1),
+            label=site,
+        )
 
 
 def _per_site_figure(rows: list, key: str, ylabel: str, title: str, path: Path, empty_text: str, ylim=None) -> None:

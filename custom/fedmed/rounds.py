@@ -108,9 +108,11 @@ def check_encryption_compatible(aggregation: str) -> None:
     """Encrypted layers are combined as a weighted sum of the sites' ciphertexts; refuse, when the job is built, an
     aggregator that is not one."""
     if aggregation not in LINEAR_AGGREGATORS:
-        raise ValueError(f"aggregation {aggregation!r} cannot be used with HE: the encrypted layers can only be "
-                         f"combined as a weighted sum of the sites' ciphertexts, and {aggregation} is not one; "
-                         f"choose one of {list(LINEAR_AGGREGATORS)}")
+        raise ValueError(
+            f"aggregation {aggregation!r} cannot be used with HE: the encrypted layers can only be "
+            f"combined as a weighted sum of the sites' ciphertexts, and {aggregation} is not one; "
+            f"choose one of {list(LINEAR_AGGREGATORS)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,13 @@ def finite_or_none(v):
 class RoundEngine:
     """Holds what persists between rounds (trust, the hashes of every update seen this job) and runs step()."""
 
-    def __init__(self, rules: RoundRules, encryption: Optional[EncryptionSpec] = None,
-                 trust: Optional[Mapping[str, SiteTrust]] = None, validate=None):
+    def __init__(
+        self,
+        rules: RoundRules,
+        encryption: Optional[EncryptionSpec] = None,
+        trust: Optional[Mapping[str, SiteTrust]] = None,
+        validate=None,
+    ):
         """validate(params) -> score: the server's own validation of a clear model (None: no such set, or HE on,
         where the server cannot read the head)."""
         if encryption is not None:
@@ -182,8 +189,9 @@ class RoundEngine:
             return f"no encrypted layers: this job requires {list(self.encryption.names)} to arrive CKKS-encrypted"
         from fedmed.crypto import ckks
 
-        return ckks.find_encrypted_problem(r.encrypted, self.encryption.names, self.encryption.shapes,
-                                           self.encryption.context)
+        return ckks.find_encrypted_problem(
+            r.encrypted, self.encryption.names, self.encryption.shapes, self.encryption.context
+        )
 
     def find_problem(self, r: SiteResult, reference: Mapping[str, np.ndarray]) -> Optional[str]:
         """Why this result cannot be aggregated against the global model's clear part, or None."""
@@ -194,19 +202,30 @@ class RoundEngine:
             return problem
         if r.params is None:
             return "no parameters"
-        return (find_update_problem(r.params, reference)
-                or find_statistics_problem(r.params, reference, self.rules.statistics_factor)
-                or find_metrics_problem(r.metrics)
-                or self._find_encrypted_problem(r))
+        return (
+            find_update_problem(r.params, reference)
+            or find_statistics_problem(r.params, reference, self.rules.statistics_factor)
+            or find_metrics_problem(r.metrics)
+            or self._find_encrypted_problem(r)
+        )
 
-    def _screen(self, round_num: int, results: Sequence[SiteResult], targets: Sequence[str],
-                reference: Mapping[str, np.ndarray], log: list, missing_reasons: Mapping[str, str]):
+    def _screen(
+        self,
+        round_num: int,
+        results: Sequence[SiteResult],
+        targets: Sequence[str],
+        reference: Mapping[str, np.ndarray],
+        log: list,
+        missing_reasons: Mapping[str, str],
+    ):
         valid: dict[str, SiteResult] = {}
         records: dict[str, UpdateRecord] = {}
         hashes: dict[str, str] = {}
         for r in results:
-            privacy = {k: finite_or_none((r.privacy or {}).get(k))
-                       for k in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")}
+            privacy = {
+                k: finite_or_none((r.privacy or {}).get(k))
+                for k in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")
+            }
             if r.site in records:
                 log.append(("warning", f"second result from {r.site} this round ignored"))
                 continue
@@ -218,23 +237,36 @@ class RoundEngine:
             if r.refused is not None:
                 reason = str(r.refused)[:500]
                 log.append(("warning", f"{r.site} refused the round: {reason}"))
-                records[r.site] = UpdateRecord(site=r.site, status="refused", reason=reason,
-                                               **{k: v for k, v in privacy.items() if k != "noise_multiplier"})
+                records[r.site] = UpdateRecord(
+                    site=r.site,
+                    status="refused",
+                    reason=reason,
+                    **{k: v for k, v in privacy.items() if k != "noise_multiplier"},
+                )
                 continue
-            claimed = r.claimed_samples if isinstance(r.claimed_samples, (int, np.integer)) and \
-                not isinstance(r.claimed_samples, bool) else 0
+            claimed = (
+                r.claimed_samples
+                if isinstance(r.claimed_samples, (int, np.integer)) and not isinstance(r.claimed_samples, bool)
+                else 0
+            )
             metrics = r.metrics if isinstance(r.metrics, Mapping) else {}
-            common = dict(site=r.site, num_samples=int(min(max(claimed, 0), 2**31 - 1)), signature=r.signature,
-                          signed_digest=r.signed_digest)
+            common = dict(
+                site=r.site,
+                num_samples=int(min(max(claimed, 0), 2**31 - 1)),
+                signature=r.signature,
+                signed_digest=r.signed_digest,
+            )
             reason = self.find_problem(r, reference)
             sha = None
             if reason is None:
                 sha = model_sha256(r.params, r.encrypted)
                 if sha in self._seen:
                     first_site, first_round = self._seen[sha]
-                    reason = (f"replay: identical to the update {first_site} sent in round {first_round + 1}"
-                              if first_site == r.site or first_round != round_num else
-                              f"identical to the update {first_site} sent this round (counted once)")
+                    reason = (
+                        f"replay: identical to the update {first_site} sent in round {first_round + 1}"
+                        if first_site == r.site or first_round != round_num
+                        else f"identical to the update {first_site} sent this round (counted once)"
+                    )
             if reason:
                 log.append(("warning", f"update from {r.site} rejected: {reason}"))
                 records[r.site] = UpdateRecord(status="rejected", reason=reason, update_sha256=sha, **common)
@@ -243,10 +275,16 @@ class RoundEngine:
             hashes[r.site] = sha
             valid[r.site] = r
             records[r.site] = UpdateRecord(
-                status="accepted", update_norm=update_norm(r.params, reference), update_sha256=sha, **privacy,
-                train_loss=finite_or_none(metrics.get("train_loss")), val_loss=finite_or_none(metrics.get("val_loss")),
+                status="accepted",
+                update_norm=update_norm(r.params, reference),
+                update_sha256=sha,
+                **privacy,
+                train_loss=finite_or_none(metrics.get("train_loss")),
+                val_loss=finite_or_none(metrics.get("val_loss")),
                 val_mean_auroc=finite_or_none(metrics.get("val_mean_auroc")),
-                metrics={k: float(v) for k, v in metrics.items() if finite_or_none(v) is not None}, **common)
+                metrics={k: float(v) for k, v in metrics.items() if finite_or_none(v) is not None},
+                **common,
+            )
         for site in [*targets, *(s for s in missing_reasons if s not in targets)]:
             if site not in records:
                 reason = missing_reasons.get(site) or "no result before the round closed"
@@ -256,16 +294,26 @@ class RoundEngine:
 
     # -- 2.-4. aggregate, combine, score ----------------------------------------------------------------------------
 
-    def step(self, round_num: int, global_params: Mapping[str, np.ndarray], results: Sequence[SiteResult],
-             targets: Sequence[str] = (), missing_reasons: Optional[Mapping[str, str]] = None) -> RoundReport:
+    def step(
+        self,
+        round_num: int,
+        global_params: Mapping[str, np.ndarray],
+        results: Sequence[SiteResult],
+        targets: Sequence[str] = (),
+        missing_reasons: Optional[Mapping[str, str]] = None,
+    ) -> RoundReport:
         """One round. global_params: the clear part of the global model the sites were sent (the reference every
         update is checked against); results: what came back; targets: the sites that were asked (those with no
         result are recorded missing); missing_reasons: site -> why it gave no result, when the caller knows (its
         connection was dropped); a site named here but not asked is recorded missing too."""
         log: list = []
         valid, records = self._screen(round_num, results, targets, global_params, log, missing_reasons or {})
-        head_keys = [k for k in sorted(global_params) if k.startswith(tuple(self.rules.head_layers))
-                     and np.issubdtype(np.asarray(global_params[k]).dtype, np.floating)]
+        head_keys = [
+            k
+            for k in sorted(global_params)
+            if k.startswith(tuple(self.rules.head_layers))
+            and np.issubdtype(np.asarray(global_params[k]).dtype, np.floating)
+        ]
         direction = dict(reference=global_params, head_keys=head_keys)
         if self._validate is not None and len(valid) >= 3:
             self._screen_by_validation(valid, records, log)
@@ -273,25 +321,42 @@ class RoundEngine:
         while True:
             active = [s for s in valid if not self.is_quarantined(s)]
             if len(active) < self.rules.min_clients:
-                problem = (f"round {round_num + 1}: {len(active)} valid, trusted update(s), min_clients is "
-                           f"{self.rules.min_clients}; not aggregating (the global model is left unchanged)")
+                problem = (
+                    f"round {round_num + 1}: {len(active)} valid, trusted update(s), min_clients is "
+                    f"{self.rules.min_clients}; not aggregating (the global model is left unchanged)"
+                )
                 probation = None
                 if len(valid) >= self.rules.min_clients:
                     # Quarantine holds back too many sites to aggregate. Score every valid update against the
                     # robust aggregate of all of them (committing nothing), so quarantined sites that behave can
                     # earn re-admission: otherwise a federation whose sites were all quarantined once (a bad
                     # release at every site) could never aggregate again.
-                    probation = aggregate_and_score({s: r.params for s, r in valid.items()},
-                                                    {s: int(r.claimed_samples) for s, r in valid.items()},
-                                                    self._aggregate, self.rules.trust, list(valid),
-                                                    self.rules.min_clients, **direction)
-                    log.append(("warning", f"probation round: {len(valid)} valid update(s) scored against their "
-                                           "own robust aggregate; the global model is not changed"))
+                    probation = aggregate_and_score(
+                        {s: r.params for s, r in valid.items()},
+                        {s: int(r.claimed_samples) for s, r in valid.items()},
+                        self._aggregate,
+                        self.rules.trust,
+                        list(valid),
+                        self.rules.min_clients,
+                        **direction,
+                    )
+                    log.append(
+                        (
+                            "warning",
+                            f"probation round: {len(valid)} valid update(s) scored against their "
+                            "own robust aggregate; the global model is not changed",
+                        )
+                    )
                 return self._finish(round_num, records, probation, None, log, problem)
-            outcome = aggregate_and_score({s: r.params for s, r in valid.items()},
-                                          {s: int(r.claimed_samples) for s, r in valid.items()},
-                                          self._aggregate, self.rules.trust, active, self.rules.min_clients,
-                                          **direction)
+            outcome = aggregate_and_score(
+                {s: r.params for s, r in valid.items()},
+                {s: int(r.claimed_samples) for s, r in valid.items()},
+                self._aggregate,
+                self.rules.trust,
+                active,
+                self.rules.min_clients,
+                **direction,
+            )
             if self.encryption is None:
                 break
             combined, failed = self._combine_encrypted(valid, outcome.weights)
@@ -311,8 +376,10 @@ class RoundEngine:
         median = float(np.median(list(scores.values())))
         for site, score in scores.items():
             if score < median - self.rules.validation_margin:
-                reason = (f"validation score {score:.3f} on the server's set is {median - score:.3f} below the median "
-                          f"site's {median:.3f} (at most {self.rules.validation_margin} allowed)")
+                reason = (
+                    f"validation score {score:.3f} on the server's set is {median - score:.3f} below the median "
+                    f"site's {median:.3f} (at most {self.rules.validation_margin} allowed)"
+                )
                 log.append(("warning", f"update from {site} rejected: {reason}"))
                 records[site] = replace(records[site], status="rejected", reason=reason)
                 del valid[site]
@@ -329,8 +396,10 @@ class RoundEngine:
         ratio = scored[site][0]
         if ratio >= self.rules.trust.bad_ratio:
             return f"far outlier this round: {ratio:.1f}x the median distance to the aggregate"
-        return (f"its classifier layers moved against the aggregate's this round (cosine {cos.get(site, float('nan')):+.2f}, "
-                f"at most {self.rules.trust.head_cosine_bad} scores 0)")
+        return (
+            f"its classifier layers moved against the aggregate's this round (cosine {cos.get(site, float('nan')):+.2f}, "
+            f"at most {self.rules.trust.head_cosine_bad} scores 0)"
+        )
 
     def _finish(self, round_num, records, outcome, combined, log, problem) -> RoundReport:
         alerts: list = []
@@ -352,23 +421,51 @@ class RoundEngine:
                 continue
             status, reason = u.status, u.reason
             if status == "accepted" and site in was_quarantined:
-                status, reason = "quarantined", f"quarantined (trust {self.trust[site].trust:.3f}): scored, not aggregated"
+                status, reason = (
+                    "quarantined",
+                    f"quarantined (trust {self.trust[site].trust:.3f}): scored, not aggregated",
+                )
             elif status == "accepted" and site in excluded:
                 status, reason = "rejected", self._why_excluded(site, scored, cos)
             elif status == "accepted" and (outcome is None or problem is not None):
                 reason = "valid, but the round was not aggregated"
-            records[site] = replace(u, status=status, reason=reason, distance=dist.get(site),
-                                    round_score=scores[site], trust=self.trust[site].trust,
-                                    aggregation_weight=weights.get(site, 0.0), weight_samples=used.get(site))
+            records[site] = replace(
+                u,
+                status=status,
+                reason=reason,
+                distance=dist.get(site),
+                round_score=scores[site],
+                trust=self.trust[site].trust,
+                aggregation_weight=weights.get(site, 0.0),
+                weight_samples=used.get(site),
+            )
             if site in scored:
                 direction = f", head cosine {cos[site]:+.2f}" if site in cos else ""
-                log.append(("info", f"site {site}: distance {dist[site]:.4g} (x{scored[site][0]:.2f} median)"
-                                    f"{direction}, score {scores[site]:.2f}, trust {self.trust[site].trust:.3f}, "
-                                    f"{status}"))
-        alerts = [AlertRecord(s, u.status, u.reason or "") for s, u in records.items() if u.status in ("rejected", "refused")]
+                log.append(
+                    (
+                        "info",
+                        f"site {site}: distance {dist[site]:.4g} (x{scored[site][0]:.2f} median)"
+                        f"{direction}, score {scores[site]:.2f}, trust {self.trust[site].trust:.3f}, "
+                        f"{status}",
+                    )
+                )
+        alerts = [
+            AlertRecord(s, u.status, u.reason or "") for s, u in records.items() if u.status in ("rejected", "refused")
+        ]
         for site, kind, msg in events:
             log.append(("warning", msg))
             alerts.append(AlertRecord(site, kind, msg))
-        return RoundReport(round_num, outcome is not None and problem is None, params, combined,
-                           tuple(records.values()), tuple(alerts), weights, used, diagnostics, problem, tuple(log),
-                           probation=outcome is not None and problem is not None)
+        return RoundReport(
+            round_num,
+            outcome is not None and problem is None,
+            params,
+            combined,
+            tuple(records.values()),
+            tuple(alerts),
+            weights,
+            used,
+            diagnostics,
+            problem,
+            tuple(log),
+            probation=outcome is not None and problem is not None,
+        )

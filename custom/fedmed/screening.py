@@ -47,8 +47,10 @@ def find_metrics_problem(metrics) -> Optional[str]:
     for name, value in metrics.items():
         if not isinstance(name, str) or not METRIC_NAME_PATTERN.fullmatch(name):
             shown = repr(name)[:40] + ("..." if len(repr(name)) > 40 else "")
-            return (f"metric name {shown} (length {len(name) if isinstance(name, str) else '?'}) is not 1-64 "
-                    "characters of A-Z a-z 0-9 _ . / : -")
+            return (
+                f"metric name {shown} (length {len(name) if isinstance(name, str) else '?'}) is not 1-64 "
+                "characters of A-Z a-z 0-9 _ . / : -"
+            )
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -58,8 +60,9 @@ def find_metrics_problem(metrics) -> Optional[str]:
     return None
 
 
-def find_statistics_problem(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                            factor: float = DEFAULT_STATISTICS_FACTOR) -> Optional[str]:
+def find_statistics_problem(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], factor: float = DEFAULT_STATISTICS_FACTOR
+) -> Optional[str]:
     """BatchNorm running statistics: finite, variances > 0, within factor of the global model's (see
     DEFAULT_STATISTICS_FACTOR); batch counters non-negative. Call after find_update_problem (names and shapes)."""
     for key in sorted(k for k in reference if is_statistic(k)):

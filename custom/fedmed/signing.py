@@ -68,14 +68,25 @@ class PublicKeys:
 
     @property
     def fingerprint(self) -> bytes:
-        return hashlib.sha256(b"fedmed-signing-key/1" + self.mldsa.public_bytes_raw()
-                              + self.ed25519.public_bytes_raw()).digest()
+        return hashlib.sha256(
+            b"fedmed-signing-key/1" + self.mldsa.public_bytes_raw() + self.ed25519.public_bytes_raw()
+        ).digest()
 
     def to_json(self) -> str:
-        return json.dumps({"format": PUBLIC_FORMAT, "algorithm": ALGORITHM, "site": self.site,
-                           "mldsa65": self.mldsa.public_bytes_raw().hex(),
-                           "ed25519": self.ed25519.public_bytes_raw().hex(),
-                           "fingerprint": self.fingerprint.hex()}, indent=2) + "\n"
+        return (
+            json.dumps(
+                {
+                    "format": PUBLIC_FORMAT,
+                    "algorithm": ALGORITHM,
+                    "site": self.site,
+                    "mldsa65": self.mldsa.public_bytes_raw().hex(),
+                    "ed25519": self.ed25519.public_bytes_raw().hex(),
+                    "fingerprint": self.fingerprint.hex(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     @classmethod
     def from_json(cls, text: str, source: str = "public key bundle") -> "PublicKeys":
@@ -84,8 +95,11 @@ class PublicKeys:
             if raw.get("format") != PUBLIC_FORMAT or raw.get("algorithm") != ALGORITHM:
                 raise KeyFileError(f"{source}: not a {PUBLIC_FORMAT} {ALGORITHM} bundle")
             site = _check_site(raw["site"])
-            keys = cls(site, mldsa.MLDSA65PublicKey.from_public_bytes(bytes.fromhex(raw["mldsa65"])),
-                       ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw["ed25519"])))
+            keys = cls(
+                site,
+                mldsa.MLDSA65PublicKey.from_public_bytes(bytes.fromhex(raw["mldsa65"])),
+                ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw["ed25519"])),
+            )
         except KeyFileError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -123,8 +137,10 @@ def _write_private(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.link(tmp, path)
     except FileExistsError:
-        raise KeyFileError(f"{path} already exists: a site keeps its signing keys (remove it to make new ones, "
-                           f"and install the new public key everywhere)") from None
+        raise KeyFileError(
+            f"{path} already exists: a site keeps its signing keys (remove it to make new ones, "
+            f"and install the new public key everywhere)"
+        ) from None
     finally:
         os.unlink(tmp)
 
@@ -136,9 +152,18 @@ def generate_site_keys(local_dir: Path, site: str) -> PublicKeys:
     _check_site(site)
     local_dir.mkdir(parents=True, exist_ok=True)
     keys = SiteKeys(site, mldsa.MLDSA65PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate())
-    _write_private(local_dir / PRIVATE_FILE, json.dumps({
-        "algorithm": ALGORITHM, "site": site, "mldsa65_seed": keys.mldsa.private_bytes_raw().hex(),
-        "ed25519": keys.ed25519.private_bytes_raw().hex()}) + "\n")
+    _write_private(
+        local_dir / PRIVATE_FILE,
+        json.dumps(
+            {
+                "algorithm": ALGORITHM,
+                "site": site,
+                "mldsa65_seed": keys.mldsa.private_bytes_raw().hex(),
+                "ed25519": keys.ed25519.private_bytes_raw().hex(),
+            }
+        )
+        + "\n",
+    )
     (local_dir / PUBLIC_FILE).write_text(keys.public.to_json())
     return keys.public
 
@@ -152,8 +177,11 @@ def load_site_keys(local_dir: Path) -> SiteKeys:
         raise KeyFileError(f"signing key {path} is readable by others (mode {mode:o}); chmod 600 it")
     try:
         raw = json.loads(path.read_text())
-        return SiteKeys(_check_site(raw["site"]), mldsa.MLDSA65PrivateKey.from_seed_bytes(bytes.fromhex(raw["mldsa65_seed"])),
-                        ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw["ed25519"])))
+        return SiteKeys(
+            _check_site(raw["site"]),
+            mldsa.MLDSA65PrivateKey.from_seed_bytes(bytes.fromhex(raw["mldsa65_seed"])),
+            ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw["ed25519"])),
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise KeyFileError(f"{path}: malformed signing key ({type(e).__name__})") from None
 
@@ -175,8 +203,10 @@ def install_public_keys(bundle: Path, dest: Path, expected_site: Optional[str] =
     if dest.exists() and not replace:
         old = load_public_keys(dest)
         if old.fingerprint != keys.fingerprint:
-            raise KeyFileError(f"{dest} already holds another key of {old.site!r} (fingerprint "
-                               f"{old.fingerprint.hex()[:16]}...); pass replace to swap it")
+            raise KeyFileError(
+                f"{dest} already holds another key of {old.site!r} (fingerprint "
+                f"{old.fingerprint.hex()[:16]}...); pass replace to swap it"
+            )
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".")
     with os.fdopen(fd, "w") as f:
@@ -232,6 +262,7 @@ class _Digest:
         except ValueError as e:
             raise ValueError(f"cannot sign a non-finite number: {e}") from None
 
+
 def _jsonable(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -259,8 +290,11 @@ def _encrypted(d: _Digest, block: Optional[Mapping]) -> None:
         d.json(None)
         return
     try:
-        head = {"names": [str(n) for n in block["names"]], "shapes": [[int(x) for x in s] for s in block["shapes"]],
-                "key_id": block.get("key_id")}
+        head = {
+            "names": [str(n) for n in block["names"]],
+            "shapes": [[int(x) for x in s] for s in block["shapes"]],
+            "key_id": block.get("key_id"),
+        }
         chunks = list(block["chunks"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed encrypted block: {e!r}") from None
@@ -272,19 +306,37 @@ def _encrypted(d: _Digest, block: Optional[Mapping]) -> None:
         d.bytes(c)
 
 
-def update_digest(job_id: str, round_num: int, site: str, params: Mapping, encrypted_block: Optional[Mapping],
-                  num_samples: int, metrics: Optional[Mapping], privacy: Optional[Mapping]) -> bytes:
+def update_digest(
+    job_id: str,
+    round_num: int,
+    site: str,
+    params: Mapping,
+    encrypted_block: Optional[Mapping],
+    num_samples: int,
+    metrics: Optional[Mapping],
+    privacy: Optional[Mapping],
+) -> bytes:
     """32-byte digest of one site's update. params: name -> array (the plaintext part); encrypted_block: the CKKS
     block as sent (EncryptedLayers.to_wire()) or None; metrics: name -> number; privacy: e.g. epsilon, delta."""
     d = _Digest(b"fedmed-update/1")
-    d.json({"job_id": str(job_id), "round": int(round_num), "site": str(site), "num_samples": int(num_samples),
-            "metrics": dict(metrics or {}), "privacy": dict(privacy or {})})
+    d.json(
+        {
+            "job_id": str(job_id),
+            "round": int(round_num),
+            "site": str(site),
+            "num_samples": int(num_samples),
+            "metrics": dict(metrics or {}),
+            "privacy": dict(privacy or {}),
+        }
+    )
     _params(d, params)
     _encrypted(d, encrypted_block)
     return d.h.digest()
 
 
-def global_model_digest(job_id: str, round_num: int, params: Mapping, encrypted_block: Optional[Mapping] = None) -> bytes:
+def global_model_digest(
+    job_id: str, round_num: int, params: Mapping, encrypted_block: Optional[Mapping] = None
+) -> bytes:
     """32-byte digest of the global model the server sends for a round."""
     d = _Digest(b"fedmed-global-model/1")
     d.json({"job_id": str(job_id), "round": int(round_num)})
@@ -320,14 +372,18 @@ def verify(digest: bytes, signature, public_keys: PublicKeys, purpose: bytes = P
         raise SignatureError(f"signature must be bytes, got {type(signature).__name__}")
     signature = bytes(signature)
     if len(signature) != SIGNATURE_BYTES or not signature.startswith(MAGIC):
-        raise SignatureError(f"malformed signature: {len(signature)} bytes, expected {SIGNATURE_BYTES} "
-                             f"starting with {MAGIC!r} ({ALGORITHM})")
-    fp = signature[len(MAGIC):len(MAGIC) + FINGERPRINT]
+        raise SignatureError(
+            f"malformed signature: {len(signature)} bytes, expected {SIGNATURE_BYTES} "
+            f"starting with {MAGIC!r} ({ALGORITHM})"
+        )
+    fp = signature[len(MAGIC) : len(MAGIC) + FINGERPRINT]
     if fp != public_keys.fingerprint:
-        raise SignatureError(f"signed with key {fp.hex()[:16]}..., not {public_keys.site}'s installed key "
-                             f"{public_keys.fingerprint.hex()[:16]}...")
-    ed_sig = signature[len(MAGIC) + FINGERPRINT:len(MAGIC) + FINGERPRINT + ED25519_SIG]
-    pq_sig = signature[len(MAGIC) + FINGERPRINT + ED25519_SIG:]
+        raise SignatureError(
+            f"signed with key {fp.hex()[:16]}..., not {public_keys.site}'s installed key "
+            f"{public_keys.fingerprint.hex()[:16]}..."
+        )
+    ed_sig = signature[len(MAGIC) + FINGERPRINT : len(MAGIC) + FINGERPRINT + ED25519_SIG]
+    pq_sig = signature[len(MAGIC) + FINGERPRINT + ED25519_SIG :]
     msg = _message(purpose, fp, bytes(digest))
     failed = []
     try:
@@ -340,9 +396,11 @@ def verify(digest: bytes, signature, public_keys: PublicKeys, purpose: bytes = P
         failed.append("ML-DSA-65")
     if failed:
         what = " and ".join(failed)
-        raise SignatureError(f"{what} signature of {public_keys.site} does not verify: the "
-                             f"{'global model' if purpose == PURPOSE_GLOBAL else 'update'} was altered or signed by "
-                             f"someone else")
+        raise SignatureError(
+            f"{what} signature of {public_keys.site} does not verify: the "
+            f"{'global model' if purpose == PURPOSE_GLOBAL else 'update'} was altered or signed by "
+            f"someone else"
+        )
 
 
 def verify_global_model(digest: bytes, signature, server_keys: PublicKeys) -> None:

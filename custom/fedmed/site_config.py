@@ -90,8 +90,12 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
         raise ValueError(f"{source}: {e}") from e
     return SiteConfig(
         site_name=name,
-        data=DataConfig(fmt, _path(data.get("root"), base, "data.root", source),
-                        _path(labels, base, "data.labels_csv", source) if labels else None, float(val_fraction)),
+        data=DataConfig(
+            fmt,
+            _path(data.get("root"), base, "data.root", source),
+            _path(labels, base, "data.labels_csv", source) if labels else None,
+            float(val_fraction),
+        ),
         num_threads=threads,
         hostile=hostile,
         privacy=privacy,

@@ -52,7 +52,9 @@ def train_epochs(
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(dataset) > batch_size)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(dataset) > batch_size
+    )
     set_trainable(model, trainable)
     try:
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -85,8 +87,9 @@ def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64, *,
-            task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: torch.nn.Module, dataset: Dataset, batch_size: int = 64, *, task: TaskSpec
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (labels, probabilities: sigmoid or softmax, as the task says) over the dataset in order."""
     model.eval()
     ys, ps = [], []
@@ -100,7 +103,9 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, task: TaskSpec, batch_siz
     """Loss and the task's scores of the model on a labelled dataset."""
     y, p = predict(model, dataset, batch_size, task=task)
     s = task.scores(y, p)
-    return EvalResult(loss=task.nll(y, p), score=s.score, mean_auroc=s.mean_auroc, metrics=s.metrics, num_samples=len(y))
+    return EvalResult(
+        loss=task.nll(y, p), score=s.score, mean_auroc=s.mean_auroc, metrics=s.metrics, num_samples=len(y)
+    )
 
 
 def round_lr(base_lr: float, round_num: int, total_rounds: int, floor: float = 0.1) -> float:

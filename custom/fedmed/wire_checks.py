@@ -21,8 +21,10 @@ def find_metric_name_problem(name) -> Optional[str]:
         return f"metric name must be a string, got {type(name).__name__}"
     if not METRIC_NAME_PATTERN.fullmatch(name):
         shown = name if len(name) <= 80 else name[:80] + "..."
-        return (f"metric name {shown!r} ({len(name)} characters) must match {METRIC_NAME_PATTERN.pattern} "
-                f"(letters, digits, _ . / : -, at most 64 characters)")
+        return (
+            f"metric name {shown!r} ({len(name)} characters) must match {METRIC_NAME_PATTERN.pattern} "
+            f"(letters, digits, _ . / : -, at most 64 characters)"
+        )
     return None
 
 

@@ -28,8 +28,12 @@ def main(argv=None) -> int:
     p.add_argument("--db-url", default=os.environ.get(ENV_DB_URL))
     p.add_argument("--key-file", type=Path, help="the server kit's local/audit_key")
     p.add_argument("--heads", type=Path, help="the append-only heads file (audit_heads.log)")
-    p.add_argument("--site-keys", type=Path, help="the server kit's local/site_keys/: re-verify every stored update "
-                                                  "signature with the hospitals' public keys")
+    p.add_argument(
+        "--site-keys",
+        type=Path,
+        help="the server kit's local/site_keys/: re-verify every stored update "
+        "signature with the hospitals' public keys",
+    )
     a = p.parse_args(argv)
     if not a.db_url:
         p.error(f"give --db-url or set {ENV_DB_URL}")
@@ -49,9 +53,11 @@ def main(argv=None) -> int:
         for more in report.problems[1:10]:
             print(f"  also: {more}", file=sys.stderr)
         return 1
-    print(f"audit chain intact: {report.entries} rows ({report.legacy_entries} unkeyed from before the keyed chain), "
-          f"{report.rows_checked} table rows match it, {report.heads_checked} head(s) in {report.heads_file}"
-          + (f", {report.signatures_checked} update signature(s) verify" if a.site_keys else ""))
+    print(
+        f"audit chain intact: {report.entries} rows ({report.legacy_entries} unkeyed from before the keyed chain), "
+        f"{report.rows_checked} table rows match it, {report.heads_checked} head(s) in {report.heads_file}"
+        + (f", {report.signatures_checked} update signature(s) verify" if a.site_keys else "")
+    )
     return 0
 
 

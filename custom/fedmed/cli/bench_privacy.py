@@ -44,9 +44,11 @@ LEVELS = (("no DP", math.inf), ("weak", 8.0), ("moderate", 3.0), ("strong", 1.0)
 DEFAULT_DP_LAYERS = "features.denseblock4.,features.norm5.,class_layers."
 # The public set's scanners: none of them is a benchmark hospital's (those are DEFAULT_HOSPITALS'), as public data
 # comes from other hospitals' machines.
-PUBLIC_SCANNERS = (ScannerProfile("CR", "MONOCHROME2", 1.1, 0.95, 0.018, 1.5, 1.0, 0.0, 0.7),
-                   ScannerProfile("DX", "MONOCHROME1", 0.9, 1.05, 0.014, 1.3, 1.0, 0.0, 0.55),
-                   ScannerProfile("DX", "MONOCHROME2", 1.2, 1.0, 0.02, 1.4, 1.0, -1024.0, 0.9))
+PUBLIC_SCANNERS = (
+    ScannerProfile("CR", "MONOCHROME2", 1.1, 0.95, 0.018, 1.5, 1.0, 0.0, 0.7),
+    ScannerProfile("DX", "MONOCHROME1", 0.9, 1.05, 0.014, 1.3, 1.0, 0.0, 0.55),
+    ScannerProfile("DX", "MONOCHROME2", 1.2, 1.0, 0.02, 1.4, 1.0, -1024.0, 0.9),
+)
 
 
 def parse_levels(text: str) -> list:
@@ -86,11 +88,22 @@ def public_model(root: Path, n_images: int, epochs: int, image_size: int, seed: 
         if not (public / "global_test" / "labels.csv").exists():
             specs = [HospitalSpec(n, n_images // 3, scanner) for n, scanner in zip(names, PUBLIC_SCANNERS)]
             generate_hospitals(public, specs, num_test=20, seed=seed + 1, size=128)
-        splits = [load_train_val(DataConfig("dicom", public / n / "dicom", public / n / "labels.csv"), image_size, seed,
-                                 CHEST_XRAY14)
-                  for n in names]
-        params, meta = pretrain_on(ConcatDataset([s[0] for s in splits]), ConcatDataset([s[1] for s in splits]),
-                                   CHEST_XRAY14, epochs, 64, 1e-3, "group", seed)
+        splits = [
+            load_train_val(
+                DataConfig("dicom", public / n / "dicom", public / n / "labels.csv"), image_size, seed, CHEST_XRAY14
+            )
+            for n in names
+        ]
+        params, meta = pretrain_on(
+            ConcatDataset([s[0] for s in splits]),
+            ConcatDataset([s[1] for s in splits]),
+            CHEST_XRAY14,
+            epochs,
+            64,
+            1e-3,
+            "group",
+            seed,
+        )
         meta.update(pretrained_on=str(public), format="dicom", image_size=image_size)
         meta[META_MODEL_CARD] = pretraining_card(CHEST_XRAY14.name, public.name, True).to_meta()  # generated above
         save_state(params, weights, meta)
@@ -124,7 +137,8 @@ def epoch_times(train, batch_size: int, lr: float, seed: int, layers) -> dict:
         t = time.perf_counter()
         if dp:
             SitePrivacy(PrivacyPolicy(epsilon=1e6, noise_multiplier=1.0)).train_round(
-                model, train, 1, lr, batch_size, seed, total_epochs=1, task=CHEST_XRAY14, trainable=trainable)
+                model, train, 1, lr, batch_size, seed, total_epochs=1, task=CHEST_XRAY14, trainable=trainable
+            )
         else:
             train_epochs(model, train, 1, lr, batch_size, seed, task=CHEST_XRAY14)
         out[label] = time.perf_counter() - t
@@ -136,23 +150,36 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/bench_privacy"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--per-site", type=int, default=1000, help="images per generated hospital (train + validation)")
-    p.add_argument("--num-test", type=int, default=1000,
-                   help="global test images (AUROC differences of 0.01 need a test set this large to mean much)")
+    p.add_argument(
+        "--num-test",
+        type=int,
+        default=1000,
+        help="global test images (AUROC differences of 0.01 need a test set this large to mean much)",
+    )
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of round 1 (cosine decay over rounds)")
     p.add_argument("--levels", default="inf,8,3,1,0.1", help="epsilon ceilings to run, comma-separated; inf = no DP")
-    p.add_argument("--dp-train-layers", default=DEFAULT_DP_LAYERS,
-                   help="parameter-name prefixes DP sites train, comma-separated, or 'all'")
+    p.add_argument(
+        "--dp-train-layers",
+        default=DEFAULT_DP_LAYERS,
+        help="parameter-name prefixes DP sites train, comma-separated, or 'all'",
+    )
     p.add_argument("--from-scratch", action="store_true", help="start from a fresh model, not the public one")
     p.add_argument("--public-images", type=int, default=3000, help="size of the synthetic public pretraining set")
     p.add_argument("--public-epochs", type=int, default=6)
-    p.add_argument("--timing-points", default="32x128,128x16",
-                   help="IMAGE_SIZExBATCH pairs at which to time plain vs DP-SGD epochs: Opacus' per-sample gradients "
-                        "cost the same per image at any resolution, so the ratio depends on both")
+    p.add_argument(
+        "--timing-points",
+        default="32x128,128x16",
+        help="IMAGE_SIZExBATCH pairs at which to time plain vs DP-SGD epochs: Opacus' per-sample gradients "
+        "cost the same per image at any resolution, so the ratio depends on both",
+    )
     p.add_argument("--timing-images", type=int, default=400, help="site-0 training images timed per epoch")
-    p.add_argument("--skip-epoch-timing", action="store_true",
-                   help="do not time plain and DP-SGD epochs (saves three epochs per timing point)")
+    p.add_argument(
+        "--skip-epoch-timing",
+        action="store_true",
+        help="do not time plain and DP-SGD epochs (saves three epochs per timing point)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/bench_privacy.md"))
     a = p.parse_args(argv)
@@ -170,24 +197,38 @@ def main(argv=None) -> int:
     if len(sites) < 3:
         p.error(f"--data {a.data} holds {len(sites)} sites; the benchmark needs 3")
     train = load_train_sets(a.data, sites, a.image_size, a.seed)
-    test_ds = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14)
+    test_ds = load_test(
+        a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14
+    )
     initial, start_note = None, "a fresh DenseNet-121 (seed 0)"
     rows = []
     if not a.from_scratch:
         initial, meta = public_model(a.data, a.public_images, a.public_epochs, a.image_size, a.seed)
         model = build_densenet121(14, norm="group")
         load_numpy_state(model, initial)
-        rows.append(("public model, before any federated round", None, "-", evaluate(model, test_ds, CHEST_XRAY14).mean_auroc, None))
-        start_note = (f"DenseNet-121 pretrained without DP on a synthetic public set ({meta['train_images']} training "
-                      f"images, {meta['epochs']} epochs, best public-validation AUROC {meta['best_val_score']:.3f}, "
-                      f"{meta['seconds']:.0f} s)")
+        rows.append(
+            (
+                "public model, before any federated round",
+                None,
+                "-",
+                evaluate(model, test_ds, CHEST_XRAY14).mean_auroc,
+                None,
+            )
+        )
+        start_note = (
+            f"DenseNet-121 pretrained without DP on a synthetic public set ({meta['train_images']} training "
+            f"images, {meta['epochs']} epochs, best public-validation AUROC {meta['best_val_score']:.3f}, "
+            f"{meta['seconds']:.0f} s)"
+        )
     model = build_densenet121(14, norm="group")
     trained_names = set(set_trainable(model, layers))
     n_layers = sum(p.numel() for n, p in model.named_parameters() if n in trained_names)
     n_all = sum(p.numel() for p in model.parameters())
     timing = {}
-    for size, batch in ([] if a.skip_epoch_timing else tqdm(timing_points, desc="epoch timing")):
-        site_train = train[sites[0]] if size == a.image_size else load_train_sets(a.data, sites[:1], size, a.seed)[sites[0]]
+    for size, batch in [] if a.skip_epoch_timing else tqdm(timing_points, desc="epoch timing"):
+        site_train = (
+            train[sites[0]] if size == a.image_size else load_train_sets(a.data, sites[:1], size, a.seed)[sites[0]]
+        )
         subset = Subset(site_train, range(min(a.timing_images, len(site_train))))
         timing[(size, batch)] = (len(subset), epoch_times(subset, batch, a.lr, a.seed, layers))
     plan = [(name, eps, None) for name, eps in levels if math.isinf(eps)]
@@ -197,8 +238,20 @@ def main(argv=None) -> int:
     for name, eps, trainable in tqdm(plan, desc="privacy levels"):
         policy = None if math.isinf(eps) else PrivacyPolicy(epsilon=eps, delta=1e-5, max_grad_norm=1.0)
         try:
-            res = federate(train, test_ds, a.rounds, "fedavg", task=CHEST_XRAY14, privacy=policy, norm="group", lr=a.lr,
-                           batch_size=a.batch_size, seed=a.seed, trainable=trainable, initial_params=initial)
+            res = federate(
+                train,
+                test_ds,
+                a.rounds,
+                "fedavg",
+                task=CHEST_XRAY14,
+                privacy=policy,
+                norm="group",
+                lr=a.lr,
+                batch_size=a.batch_size,
+                seed=a.seed,
+                trainable=trainable,
+                initial_params=initial,
+            )
         except RuntimeError as e:  # every site refused: the ceiling cannot be certified at this data size
             rows.append((name, eps, "-", None, str(e)))
             continue
@@ -208,9 +261,23 @@ def main(argv=None) -> int:
     base = next(r[3] for r in rows if r[0] == "no DP")
     # The command line that reproduces this run: every option that differs from its default.
     options = ""
-    for flag in ("--data", "--rounds", "--per-site", "--num-test", "--image-size", "--batch-size", "--lr", "--levels",
-                 "--dp-train-layers", "--public-images", "--public-epochs", "--seed", "--out", "--timing-points",
-                 "--timing-images"):
+    for flag in (
+        "--data",
+        "--rounds",
+        "--per-site",
+        "--num-test",
+        "--image-size",
+        "--batch-size",
+        "--lr",
+        "--levels",
+        "--dp-train-layers",
+        "--public-images",
+        "--public-epochs",
+        "--seed",
+        "--out",
+        "--timing-points",
+        "--timing-images",
+    ):
         dest = flag[2:].replace("-", "_")
         if getattr(a, dest) != p.get_default(dest) and not (a.skip_epoch_timing and dest.startswith("timing_")):
             options += f" {flag} {getattr(a, dest)}"
@@ -238,15 +305,23 @@ def main(argv=None) -> int:
         spent_text = "-" if not isinstance(spent, float) else f"{spent:.3f}"
         lines.append(f"| {name} | {eps_text} | {trained} | {spent_text} | {auroc:.3f} | {auroc - base:+.3f} |")
     if timing:
-        lines += ["", f"Time for one local epoch on {sites[0]}'s first training images (fresh model, measured back to back "
-                  "in this run; the target is DP-SGD <= 2x plain):", "",
-                  "| image size | batch | images | plain, every layer | DP-SGD, every layer | ratio | "
-                  "DP-SGD, DP layers only | ratio to plain every layer |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Time for one local epoch on {sites[0]}'s first training images (fresh model, measured back to back "
+            "in this run; the target is DP-SGD <= 2x plain):",
+            "",
+            "| image size | batch | images | plain, every layer | DP-SGD, every layer | ratio | "
+            "DP-SGD, DP layers only | ratio to plain every layer |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for (size, batch), (n_images, t) in timing.items():
-            layers_cells = (f"{t['dp_layers']:.1f} s | **{t['dp_layers'] / t['plain']:.2f}x**" if "dp_layers" in t
-                            else "- | -")
-            lines.append(f"| {size} px | {batch} | {n_images} | {t['plain']:.1f} s | {t['dp']:.1f} s | "
-                         f"**{t['dp'] / t['plain']:.2f}x** | {layers_cells} |")
+            layers_cells = (
+                f"{t['dp_layers']:.1f} s | **{t['dp_layers'] / t['plain']:.2f}x**" if "dp_layers" in t else "- | -"
+            )
+            lines.append(
+                f"| {size} px | {batch} | {n_images} | {t['plain']:.1f} s | {t['dp']:.1f} s | "
+                f"**{t['dp'] / t['plain']:.2f}x** | {layers_cells} |"
+            )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

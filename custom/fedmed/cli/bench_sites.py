@@ -25,9 +25,12 @@ def make_sites(root: Path, n_sites: int, per_site: int, seed: int, num_test: int
 
 def load_train_sets(root: Path, sites: list, image_size: int, seed: int) -> dict:
     """Each site's training split, decoded once (the benchmarks do not use the validation split)."""
-    return {s: load_train_val(DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed,
-                            CHEST_XRAY14)[0]
-            for s in tqdm(sites, desc="loading sites")}
+    return {
+        s: load_train_val(
+            DataConfig("dicom", root / s / "dicom", root / s / "labels.csv"), image_size, seed, CHEST_XRAY14
+        )[0]
+        for s in tqdm(sites, desc="loading sites")
+    }
 
 
 def measure_training(images: int, image_size: int, seed: int) -> tuple[float, dict, dict]:
@@ -45,8 +48,9 @@ def measure_training(images: int, image_size: int, seed: int) -> tuple[float, di
     spec = replace(DEFAULT_HOSPITALS[0], num_images=images)
     if not (root / spec.name / "labels.csv").exists():
         generate_hospitals(root, [spec], num_test=8, seed=seed, size=max(image_size, 128))
-    train, _ = load_train_val(DataConfig("dicom", root / spec.name / "dicom", root / spec.name / "labels.csv"),
-                              image_size, seed, CHEST_XRAY14)
+    train, _ = load_train_val(
+        DataConfig("dicom", root / spec.name / "dicom", root / spec.name / "labels.csv"), image_size, seed, CHEST_XRAY14
+    )
     torch.manual_seed(seed)
     model = build_densenet121(14)
     start = state_to_numpy(model)

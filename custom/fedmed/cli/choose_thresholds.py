@@ -20,26 +20,33 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--dicom", type=Path, required=True, help="labelled DICOM tree")
-    p.add_argument("--labels", type=Path, required=True, help="labels CSV (SOPInstanceUID/StudyInstanceUID, split, findings)")
+    p.add_argument(
+        "--labels", type=Path, required=True, help="labels CSV (SOPInstanceUID/StudyInstanceUID, split, findings)"
+    )
     p.add_argument("--out", type=Path, required=True, help="model file to write (may be --model itself)")
     p.add_argument("--split", default="val", help="CSV split to use (default val; 'all' for every row)")
     p.add_argument("--image-size", type=int, help="preprocessing size (default the model file's, else 128)")
     p.add_argument("--no-ood", action="store_true", help="do not calibrate the out-of-distribution guard")
     a = p.parse_args(argv)
     try:
-        meta = choose_thresholds(a.model, a.dicom, a.labels, a.out, None if a.split == "all" else a.split, a.image_size,
-                                 ood=not a.no_ood)
+        meta = choose_thresholds(
+            a.model, a.dicom, a.labels, a.out, None if a.split == "all" else a.split, a.image_size, ood=not a.no_ood
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data = meta["threshold_data"]
-    print(f"{len(meta['thresholds'])} thresholds chosen on {data['images']} images (split {data['split']}), "
-          f"written to {a.out}")
+    print(
+        f"{len(meta['thresholds'])} thresholds chosen on {data['images']} images (split {data['split']}), "
+        f"written to {a.out}"
+    )
     for finding, t in meta["thresholds"].items():
         print(f"  {finding:20s} {t:.4f}  ({data['positives'][finding]} positives)")
     if "ood" in meta:
-        print(f"out-of-distribution guard calibrated on the same {meta['ood']['calibration']['images']} images: "
-              f"flag above {meta['ood']['threshold']:.2f}")
+        print(
+            f"out-of-distribution guard calibrated on the same {meta['ood']['calibration']['images']} images: "
+            f"flag above {meta['ood']['threshold']:.2f}"
+        )
     missing = [f for f in data["positives"] if f not in meta["thresholds"]]
     if missing:
         print(f"no threshold (no positive or no negative example; inference uses 0.5): {', '.join(missing)}")

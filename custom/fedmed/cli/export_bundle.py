@@ -22,15 +22,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--image-size", type=int, help="input size (default the model file's, else 128)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass in the bundle (default 16)")
-    p.add_argument("--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)")
+    p.add_argument(
+        "--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)"
+    )
     a = p.parse_args(argv)
     try:
         out = export_bundle(a.model, a.out, a.image_size, a.batch_size, a.task)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"bundle written to {out}; run it with:\n  python -m monai.bundle run --config_file "
-          f"{out}/configs/inference.json --bundle_root {out} --dataset_dir DICOM_FOLDER --output_dir OUT")
+    print(
+        f"bundle written to {out}; run it with:\n  python -m monai.bundle run --config_file "
+        f"{out}/configs/inference.json --bundle_root {out} --dataset_dir DICOM_FOLDER --output_dir OUT"
+    )
     return 0
 
 

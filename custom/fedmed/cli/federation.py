@@ -108,10 +108,12 @@ class Federation:
         def found(pattern: str) -> list[Path]:
             return sorted(p for k in kits for p in k.glob(pattern) if p.is_file())
 
-        for pattern, what in (("local/" + "fedmed_signing.key", "site signing key(s)"),
-                              ("*/*.tenseal", "installed HE context(s) (CKKS keys)"),
-                              ("local/privacy_ledger.jsonl", "hospital privacy ledger(s) (lifetime epsilon spent)"),
-                              ("fedmed.db", "run record database(s) inside a kit")):
+        for pattern, what in (
+            ("local/" + "fedmed_signing.key", "site signing key(s)"),
+            ("*/*.tenseal", "installed HE context(s) (CKKS keys)"),
+            ("local/privacy_ledger.jsonl", "hospital privacy ledger(s) (lifetime epsilon spent)"),
+            ("fedmed.db", "run record database(s) inside a kit"),
+        ):
             hits = found(pattern)
             if hits:
                 lines.append(f"{len(hits)} {what}: {', '.join(str(p.relative_to(self.workspace)) for p in hits)}")
@@ -123,9 +125,16 @@ class Federation:
             lines.append(f"{len(results)} downloaded job result(s) in the admin kits' transfer/ folders")
         return lines
 
-    def provision(self, project_yml: Path = PROJECT_YML, port: int | None = None, db_url: str | None = None,
-                  site_configs: Path | None = None, install_sites: bool = True, he_keys: Path | None = None,
-                  force: bool = False) -> dict:
+    def provision(
+        self,
+        project_yml: Path = PROJECT_YML,
+        port: int | None = None,
+        db_url: str | None = None,
+        site_configs: Path | None = None,
+        install_sites: bool = True,
+        he_keys: Path | None = None,
+        force: bool = False,
+    ) -> dict:
         """nvflare provision + install every site. Returns the state written to <workspace>/federation.json.
         he_keys: a key custodian's folder (scripts/he_keys.py make --out): its server/ context goes to the server
         kit, its hospitals/ context to each hospital kit (on one machine, the out-of-band hand-over is a copy).
@@ -138,14 +147,17 @@ class Federation:
         if existing:
             running = self.running()
             if running:
-                raise RuntimeError(f"{self.workspace} has running sites {sorted(running)}: run `fedmed-federation "
-                                   f"stop --workspace {self.workspace}` before re-provisioning")
+                raise RuntimeError(
+                    f"{self.workspace} has running sites {sorted(running)}: run `fedmed-federation "
+                    f"stop --workspace {self.workspace}` before re-provisioning"
+                )
             if not force:
                 raise FileExistsError(
                     f"{self.workspace} is already provisioned; provisioning again would replace or delete:\n  - "
                     + "\n  - ".join(existing)
                     + f"\nThe run record ({db_url or default_db_url(self.workspace)}) is kept. Add --force to do it, "
-                      "or give another --workspace.")
+                    "or give another --workspace."
+                )
         if out.exists():
             shutil.rmtree(out)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -155,7 +167,9 @@ class Federation:
             t0 = time.monotonic()
             proc = nvflare_cli("provision", "-p", str(yml), "-w", str(out))
         if proc.returncode != 0:
-            raise RuntimeError(f"nvflare provision failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"nvflare provision failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
         kits = out / project["name"] / "prod_00"
         server = next(p for p in project["participants"] if p["type"] == "server")
         state = {
@@ -195,9 +209,15 @@ class Federation:
         if name in pids and _alive(pids[name]):
             raise RuntimeError(f"{name} is already running (pid {pids[name]})")
         with open(kit / "console.log", "ab") as log:
-            proc = subprocess.Popen(["bash", str(script), "--once"], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=kit, env=dict(os.environ, **(env or {})),
-                                    start_new_session=True)  # detached from our terminal's signals
+            proc = subprocess.Popen(
+                ["bash", str(script), "--once"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=kit,
+                env=dict(os.environ, **(env or {})),
+                start_new_session=True,
+            )  # detached from our terminal's signals
         pids[name] = proc.pid
         self._save_pids(pids)
         return proc.pid
@@ -259,7 +279,9 @@ class Federation:
         while time.monotonic() < deadline:
             dead = [n for n, pid in self._pids().items() if not _alive(pid)]
             if dead:
-                raise RuntimeError(f"{dead} exited during start-up; see {[str(self.kit(n) / 'console.log') for n in dead]}")
+                raise RuntimeError(
+                    f"{dead} exited during start-up; see {[str(self.kit(n) / 'console.log') for n in dead]}"
+                )
             try:
                 seen = self.connected_clients(user)
             except Exception:  # server not accepting admin logins yet
@@ -343,12 +365,21 @@ def main(argv=None) -> int:
             s.add_argument("--project", type=Path, default=PROJECT_YML)
             s.add_argument("--port", type=int, help="server port (default: project.yml's)")
             s.add_argument("--db-url", help="the server's FEDMED_DB_URL (default: SQLite <workspace>/fedmed.db)")
-            s.add_argument("--force", action="store_true",
-                           help="re-provision an existing workspace: new root CA and kits, job store and results deleted")
-            s.add_argument("--site-configs", type=Path,
-                           help="folder with <site>/fedmed_site.json to install instead of site_configs/<site>/")
-            s.add_argument("--he-keys", type=Path,
-                           help="a key custodian's folder (scripts/he_keys.py make --out): installs its contexts")
+            s.add_argument(
+                "--force",
+                action="store_true",
+                help="re-provision an existing workspace: new root CA and kits, job store and results deleted",
+            )
+            s.add_argument(
+                "--site-configs",
+                type=Path,
+                help="folder with <site>/fedmed_site.json to install instead of site_configs/<site>/",
+            )
+            s.add_argument(
+                "--he-keys",
+                type=Path,
+                help="a key custodian's folder (scripts/he_keys.py make --out): installs its contexts",
+            )
         if name == "stop-site":
             s.add_argument("name", help="server or a hospital")
         if name == "start":
@@ -362,8 +393,10 @@ def main(argv=None) -> int:
         except (FileExistsError, RuntimeError, ValueError, FileNotFoundError) as e:
             print(f"provision refused: {e}", file=sys.stderr)
             return 1
-        print(f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}; "
-              f"run record {fed.db_url()}")
+        print(
+            f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}; "
+            f"run record {fed.db_url()}"
+        )
     elif a.cmd == "start":
         sites = [s for s in a.sites.split(",") if s] if a.sites else None
         waited = fed.start(sites, a.timeout)

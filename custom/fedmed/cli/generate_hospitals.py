@@ -24,9 +24,12 @@ from fedmed.tasks import CHEST_XRAY14, TASKS
 
 def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:
     """The same fedmed_site.json a hospital writes by hand (see site_configs/), pointing at the generated data."""
-    cfg = {"site_name": site, "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
-           "resources": {"num_threads": num_threads},
-           "synthetic_rehearsal": True}  # generated data: a deployed site may then run without a privacy policy
+    cfg = {
+        "site_name": site,
+        "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
+        "resources": {"num_threads": num_threads},
+        "synthetic_rehearsal": True,
+    }  # generated data: a deployed site may then run without a privacy policy
     path = site_dir / "fedmed_site.json"
     path.write_text(json.dumps(cfg, indent=2) + "\n")
     return path
@@ -35,18 +38,29 @@ def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--task", choices=sorted(TASKS), default=CHEST_XRAY14.name,
-                   help="chest_xray14 (default): radiographs with 14 findings; brain_mri: axial MR slices, 4 tumour "
-                        "classes")
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default=CHEST_XRAY14.name,
+        help="chest_xray14 (default): radiographs with 14 findings; brain_mri: axial MR slices, 4 tumour classes",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every site's image count (tests use ~0.1)")
     p.add_argument("--num-test", type=int, default=300)
     p.add_argument("--size", type=int, default=256, help="stored image size in pixels")
     p.add_argument("--alpha", type=float, default=20.0, help="Dirichlet concentration of site label priors")
-    p.add_argument("--min-prevalence", type=float, default=0.05,
-                   help="chest only: floor on each finding's prevalence so small sites see rare findings (0 = NIH table)")
-    p.add_argument("--site-threads", type=int, default=max(1, (os.cpu_count() or 1) // len(DEFAULT_HOSPITALS)),
-                   help="torch threads per simulated site (all sites share this machine's cores)")
+    p.add_argument(
+        "--min-prevalence",
+        type=float,
+        default=0.05,
+        help="chest only: floor on each finding's prevalence so small sites see rare findings (0 = NIH table)",
+    )
+    p.add_argument(
+        "--site-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // len(DEFAULT_HOSPITALS)),
+        help="torch threads per simulated site (all sites share this machine's cores)",
+    )
     a = p.parse_args(argv)
     if a.scale <= 0:
         p.error(f"--scale must be > 0, got {a.scale}")
@@ -59,8 +73,17 @@ def main(argv=None) -> int:
     hospitals = [replace(h, num_images=max(4, int(round(h.num_images * a.scale)))) for h in family.hospitals]
     total = sum(h.num_images for h in hospitals) + a.num_test
     with tqdm(total=total, desc=f"generating {a.task} DICOM", unit="img") as bar:
-        written = generate_hospitals(a.out, hospitals, a.num_test, a.seed, a.alpha, a.min_prevalence,
-                                     size=a.size, progress=bar.update, family=family)
+        written = generate_hospitals(
+            a.out,
+            hospitals,
+            a.num_test,
+            a.seed,
+            a.alpha,
+            a.min_prevalence,
+            size=a.size,
+            progress=bar.update,
+            family=family,
+        )
     for h in hospitals:
         write_site_config(a.out / h.name, h.name, a.site_threads)
     for site, csv_path in written.items():

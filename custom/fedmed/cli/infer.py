@@ -44,15 +44,24 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, help="preprocessing size (default the model file's, else 128)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM overlays")
-    p.add_argument("--secondary-capture", action="store_true", help="also write each overlay as DICOM Secondary Capture")
-    p.add_argument("--structured-report", action="store_true",
-                   help="also write a DICOM Structured Report per study (findings, probabilities, thresholds, model)")
-    p.add_argument("--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)")
+    p.add_argument(
+        "--secondary-capture", action="store_true", help="also write each overlay as DICOM Secondary Capture"
+    )
+    p.add_argument(
+        "--structured-report",
+        action="store_true",
+        help="also write a DICOM Structured Report per study (findings, probabilities, thresholds, model)",
+    )
+    p.add_argument(
+        "--task", choices=sorted(TASKS), help="the model's task (default the model file's, else chest_xray14)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     pacs = p.add_argument_group("PACS (DICOMweb) instead of INPUT")
     pacs.add_argument("--dicomweb", metavar="URL", help="DICOMweb root of the PACS, e.g. http://pacs:8042/dicom-web")
     pacs.add_argument("--study-uid", action="append", default=[], help="StudyInstanceUID to fetch (repeatable)")
-    pacs.add_argument("--study-date", metavar="FROM-TO", help="StudyDate range YYYYMMDD-YYYYMMDD (either side may be empty)")
+    pacs.add_argument(
+        "--study-date", metavar="FROM-TO", help="StudyDate range YYYYMMDD-YYYYMMDD (either side may be empty)"
+    )
     pacs.add_argument("--modality", help="only studies with this modality, e.g. CR or DX")
     pacs.add_argument("--no-send", action="store_true", help="do not store the SR and Secondary Captures in the PACS")
     a = p.parse_args(argv)
@@ -73,10 +82,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     try:
         key = load_pseudonym_key(a.pseudonym_key_file)
-        options = InferenceOptions(out_dir=a.out, pseudonym_key=key, image_size=a.image_size, batch_size=a.batch_size,
-                                   heatmaps=not a.no_heatmaps, secondary_capture=a.secondary_capture,
-                                   structured_report=a.structured_report, db_url=a.db_url,
-                                   task=a.task)
+        options = InferenceOptions(
+            out_dir=a.out,
+            pseudonym_key=key,
+            image_size=a.image_size,
+            batch_size=a.batch_size,
+            heatmaps=not a.no_heatmaps,
+            secondary_capture=a.secondary_capture,
+            structured_report=a.structured_report,
+            db_url=a.db_url,
+            task=a.task,
+        )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
@@ -95,8 +111,9 @@ def main(argv=None) -> int:
     pacs_run = None
     try:
         if query is not None:
-            pacs_run = infer_from_dicomweb(a.dicomweb, query, a.model, options, send=not a.no_send,
-                                           on_problem=on_problem, progress=progress)
+            pacs_run = infer_from_dicomweb(
+                a.dicomweb, query, a.model, options, send=not a.no_send, on_problem=on_problem, progress=progress
+            )
             summary = pacs_run.summary
         else:
             summary = run_inference(a.input, a.model, options, on_problem=on_problem, progress=progress)
@@ -106,9 +123,11 @@ def main(argv=None) -> int:
         return 2
     bar.close()
     if pacs_run is not None:
-        print(f"PACS {a.dicomweb}: {pacs_run.studies_found} study(ies) found, {pacs_run.instances_retrieved} "
-              f"instance(s) retrieved, {pacs_run.instances_stored} result object(s) stored back"
-              + (" (--no-send: kept in the output folder only)" if a.no_send else ""))
+        print(
+            f"PACS {a.dicomweb}: {pacs_run.studies_found} study(ies) found, {pacs_run.instances_retrieved} "
+            f"instance(s) retrieved, {pacs_run.instances_stored} result object(s) stored back"
+            + (" (--no-send: kept in the output folder only)" if a.no_send else "")
+        )
     ok = sum(r.status == "ok" for r in summary.results)
     images = sum(len(r.images) for r in summary.results)
     if summary.task.is_multiclass:
@@ -128,18 +147,23 @@ def main(argv=None) -> int:
     if summary.heatmap_note:
         print(summary.heatmap_note)
     print(summary.ood_note)
-    print(f"{len(summary.results)} studies: {ok} read ({images} images, {decided}), "
-          f"{len(summary.results) - ok} skipped; {len(summary.skipped_files)} file(s) skipped")
+    print(
+        f"{len(summary.results)} studies: {ok} read ({images} images, {decided}), "
+        f"{len(summary.results) - ok} skipped; {len(summary.skipped_files)} file(s) skipped"
+    )
     flagged = summary.out_of_distribution
     if flagged:
-        print(f"OUT OF DISTRIBUTION: {sum(len(v) for v in flagged.values())} image(s) in {len(flagged)} study(ies) are "
-              f"unlike the images the model was calibrated on; their probabilities are unreliable: "
-              + ", ".join(flagged))
+        print(
+            f"OUT OF DISTRIBUTION: {sum(len(v) for v in flagged.values())} image(s) in {len(flagged)} study(ies) are "
+            f"unlike the images the model was calibrated on; their probabilities are unreliable: " + ", ".join(flagged)
+        )
     for r in summary.results:
         if r.status != "ok":
             print(f"SKIPPED study {r.study_uid}: {r.message}", file=sys.stderr)
-    print(f"results: {summary.out_dir / RESULTS_CSV}, {summary.out_dir / SUMMARY_JSON}, studies/*/result.json; "
-          f"inference log: {summary.db_url.split('://')[0]}")
+    print(
+        f"results: {summary.out_dir / RESULTS_CSV}, {summary.out_dir / SUMMARY_JSON}, studies/*/result.json; "
+        f"inference log: {summary.db_url.split('://')[0]}"
+    )
     if warning:  # again at the end, where a reader of a long run's output looks
         print(f"*** {warning} ***")
     return summary.exit_status

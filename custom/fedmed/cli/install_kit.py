@@ -48,8 +48,10 @@ from fedmed.store.repository import default_db_url
 SERVER = "server"
 FEDMED_ALLOW = "fedmed."
 # Locates (without importing torch) the modules a site's job process loads.
-FIND_MODULES = ("import importlib.util as u, sys; m = [n for n in ('nvflare', 'torch', 'fedmed.flare.executor') "
-                "if u.find_spec(n) is None]; sys.exit(f'cannot find {m}' if m else 0)")
+FIND_MODULES = (
+    "import importlib.util as u, sys; m = [n for n in ('nvflare', 'torch', 'fedmed.flare.executor') "
+    "if u.find_spec(n) is None]; sys.exit(f'cannot find {m}' if m else 0)"
+)
 KIT_PLACEHOLDER = "{KIT}"
 SITE_PID_FILE = "fedmed_site.pid"  # written by start_fedmed.sh --once; NVFlare's daemon writes pid.fl/daemon_pid.fl  # in resources.json overrides: replaced by the kit's absolute path
 
@@ -82,8 +84,9 @@ def kit_identity(kit: Path) -> tuple[str, str]:
     client_cfg = startup / "fed_client.json"
     if client_cfg.is_file():
         return "client", json.loads(client_cfg.read_text())["client"]["fqsn"]
-    raise ValueError(f"{kit} is not an NVFlare server or client startup kit (no startup/fed_server.json or "
-                     f"startup/fed_client.json)")
+    raise ValueError(
+        f"{kit} is not an NVFlare server or client startup kit (no startup/fed_server.json or startup/fed_client.json)"
+    )
 
 
 def merge_resources(default: dict, override: dict, kit: Path) -> dict:
@@ -97,7 +100,9 @@ def merge_resources(default: dict, override: dict, kit: Path) -> dict:
             merged[key] = sorted(set(default.get(key, [])) | set(value))
         elif key == "servers":  # per-server settings (heart_beat_timeout, ...) update NVFlare's, by position
             base = default.get(key, [])
-            merged[key] = [{**(base[i] if i < len(base) else {}), **v} for i, v in enumerate(value)] + base[len(value):]
+            merged[key] = [{**(base[i] if i < len(base) else {}), **v} for i, v in enumerate(value)] + base[
+                len(value) :
+            ]
         elif key == "components":
             by_id = {c["id"]: c for c in default.get("components", [])}
             by_id.update({c["id"]: c for c in value})
@@ -123,8 +128,10 @@ def install_site_config(source: Path, site: str, dest: Path) -> list[str]:
         raise ValueError(f"{source} is for site {cfg.site_name!r}, not {site!r}")
     if cfg.privacy is None and not cfg.synthetic_rehearsal:
         # A job can name any scope in privacy.json; the site's own policy is what no job can loosen.
-        raise ValueError(f"{source} has no 'privacy' policy: a hospital's own config must set its DP ceiling; only "
-                         "synthetic rehearsal data (\"synthetic_rehearsal\": true) may run without one")
+        raise ValueError(
+            f"{source} has no 'privacy' policy: a hospital's own config must set its DP ceiling; only "
+            "synthetic rehearsal data (\"synthetic_rehearsal\": true) may run without one"
+        )
     raw = json.loads(source.read_text())
     raw["data"]["root"] = str(cfg.data.root)
     if cfg.data.labels_csv is not None:
@@ -149,16 +156,24 @@ def read_env(path: Path) -> dict:
     return values
 
 
-def install(kit: Path, site: str, site_config: Path | None = None, db_url: str | None = None,
-            python_bin: Path | None = None, check_import: bool = True, he_context: Path | None = None) -> list[str]:
+def install(
+    kit: Path,
+    site: str,
+    site_config: Path | None = None,
+    db_url: str | None = None,
+    python_bin: Path | None = None,
+    check_import: bool = True,
+    he_context: Path | None = None,
+) -> list[str]:
     """Install site_configs/<site> into the kit. Returns warnings (e.g. data not mounted yet); raises on errors."""
     kit = Path(kit).resolve()
     kind, name = kit_identity(kit)
     if name != site:
         raise ValueError(f"{kit} is the startup kit of {name!r}, not {site!r}")
     if not (SITE_CONFIGS / site).is_dir():
-        raise ValueError(f"no site_configs/{site}/ folder; known: "
-                         f"{sorted(p.name for p in SITE_CONFIGS.iterdir() if p.is_dir())}")
+        raise ValueError(
+            f"no site_configs/{site}/ folder; known: {sorted(p.name for p in SITE_CONFIGS.iterdir() if p.is_dir())}"
+        )
     local = kit / "local"
     warnings = []
     if he_context is not None:  # first: a swapped context (secret to the server, public to a hospital) stops here
@@ -183,8 +198,9 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
         if policy.get("default_scope") not in {s.get("name") for s in policy.get("scopes", [])}:
             raise ValueError(f"{privacy}: default_scope {policy.get('default_scope')!r} is not one of its scopes")
         (local / "privacy.json").write_text(privacy.read_text())
-        warnings += install_site_config(Path(site_config or SITE_CONFIGS / site / "fedmed_site.json"), site,
-                                        local / "fedmed_site.json")
+        warnings += install_site_config(
+            Path(site_config or SITE_CONFIGS / site / "fedmed_site.json"), site, local / "fedmed_site.json"
+        )
     write_env(local / "fedmed.env", env)
     if not (local / signing.PRIVATE_FILE).exists():  # a reinstall keeps the site's identity
         signing.generate_site_keys(local, site)
@@ -194,11 +210,14 @@ def install(kit: Path, site: str, site_config: Path | None = None, db_url: str |
     start.chmod(0o755)
     if check_import:
         # The same environment the site will run in: fail here, not when the first job is deployed.
-        probe = subprocess.run([str(python_bin / "python"), "-c", FIND_MODULES],
-                               capture_output=True, text=True, timeout=120)
+        probe = subprocess.run(
+            [str(python_bin / "python"), "-c", FIND_MODULES], capture_output=True, text=True, timeout=120
+        )
         if probe.returncode != 0:
-            raise RuntimeError(f"fedmed is not importable with {python_bin}/python (run scripts/setup.sh, which installs "
-                               f"it there): {probe.stderr.strip()[-2000:]}")
+            raise RuntimeError(
+                f"fedmed is not importable with {python_bin}/python (run scripts/setup.sh, which installs "
+                f"it there): {probe.stderr.strip()[-2000:]}"
+            )
     if kind != SERVER:
         try:
             check_kit(kit)
@@ -237,9 +256,11 @@ def check_kit(kit: Path) -> list[str]:
     if cfg.site_name != site:
         raise ValueError(f"{path} is for site {cfg.site_name!r}, but this kit is {site!r}'s")
     found = check_site_data(cfg)
-    return [f"{site}: {path}: {found.labelled} labelled image(s) for task {found.task}; read {found.image} "
-            f"({found.shape[0]}x{found.shape[1]})",
-            f"{site}: waiting for the FL server at {server_address(kit)} (NVFlare retries until it answers)"]
+    return [
+        f"{site}: {path}: {found.labelled} labelled image(s) for task {found.task}; read {found.image} "
+        f"({found.shape[0]}x{found.shape[1]})",
+        f"{site}: waiting for the FL server at {server_address(kit)} (NVFlare retries until it answers)",
+    ]
 
 
 def exchange_signing_keys(server_kit: Path, hospital_kits: list) -> None:
@@ -248,8 +269,9 @@ def exchange_signing_keys(server_kit: Path, hospital_kits: list) -> None:
     server_pub = Path(server_kit) / "local" / signing.PUBLIC_FILE
     for kit in hospital_kits:
         _, site = kit_identity(Path(kit))
-        signing.install_public_keys(Path(kit) / "local" / signing.PUBLIC_FILE,
-                                    signing.site_key_path(Path(server_kit) / "local", site), site)
+        signing.install_public_keys(
+            Path(kit) / "local" / signing.PUBLIC_FILE, signing.site_key_path(Path(server_kit) / "local", site), site
+        )
         signing.install_public_keys(server_pub, Path(kit) / "local" / signing.SERVER_KEY_FILE, SERVER)
 
 
@@ -260,9 +282,13 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="only the pre-flight check of the installed kit")
     p.add_argument("--site-config", type=Path, help="fedmed_site.json to install instead of site_configs/<site>/")
     p.add_argument("--db-url", help=f"server only: {ENV_DB_URL} for the run record")
-    p.add_argument("--he-context", type=Path, help="the key custodian's (scripts/he_keys.py) server context for the "
-                                                   "server, its client context (with he_key_id.txt beside it) for a "
-                                                   "hospital")
+    p.add_argument(
+        "--he-context",
+        type=Path,
+        help="the key custodian's (scripts/he_keys.py) server context for the "
+        "server, its client context (with he_key_id.txt beside it) for a "
+        "hospital",
+    )
     a = p.parse_args(argv)
     if a.check:
         try:
@@ -283,11 +309,15 @@ def main(argv=None) -> int:
         return 1
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"installed site_configs/{a.site} into {a.kit_dir.resolve()}; start the site with "
-          f"{a.kit_dir.resolve() / 'start_fedmed.sh'}")
+    print(
+        f"installed site_configs/{a.site} into {a.kit_dir.resolve()}; start the site with "
+        f"{a.kit_dir.resolve() / 'start_fedmed.sh'}"
+    )
     pub = signing.load_public_keys(a.kit_dir / "local" / signing.PUBLIC_FILE)
-    print(f"signing key fingerprint {pub.fingerprint.hex()}; public bundle {a.kit_dir.resolve() / 'local' / signing.PUBLIC_FILE}"
-          f" (install it with fedmed-signing-keys {'install-server' if a.site == SERVER else 'install-site'})")
+    print(
+        f"signing key fingerprint {pub.fingerprint.hex()}; public bundle {a.kit_dir.resolve() / 'local' / signing.PUBLIC_FILE}"
+        f" (install it with fedmed-signing-keys {'install-server' if a.site == SERVER else 'install-site'})"
+    )
     return 0
 
 

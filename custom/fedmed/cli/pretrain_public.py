@@ -32,29 +32,47 @@ from fedmed.weights import save_state
 
 def pretraining_card(task: str, source: str, synthetic, rounds: int = 1) -> ModelCard:
     """The model card of centrally pretrained weights: one data source, no DP, no HE."""
-    return ModelCard(task=task, hospitals=(source,), rounds=rounds,
-                     synthetic_sites=(source,) if synthetic is True else (),
-                     real_sites=(source,) if synthetic is False else (),
-                     unknown_sites=(source,) if synthetic is None else (), dp_epsilon={source: None},
-                     trained_by="central pretraining (fedmed-pretrain-public)", aggregation="none (one site)")
+    return ModelCard(
+        task=task,
+        hospitals=(source,),
+        rounds=rounds,
+        synthetic_sites=(source,) if synthetic is True else (),
+        real_sites=(source,) if synthetic is False else (),
+        unknown_sites=(source,) if synthetic is None else (),
+        dp_epsilon={source: None},
+        trained_by="central pretraining (fedmed-pretrain-public)",
+        aggregation="none (one site)",
+    )
 
 
-def pretrain(data: DataConfig, out: Path, task_name: str, epochs: int = 5, image_size: int = 128,
-             batch_size: int = 32, lr: float = 1e-3, norm: str = "group", seed: int = 0, progress: bool = True) -> dict:
+def pretrain(
+    data: DataConfig,
+    out: Path,
+    task_name: str,
+    epochs: int = 5,
+    image_size: int = 128,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    norm: str = "group",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Train on `data` (its train split), keep the epoch with the best validation score, save it to `out` with
     what it was trained on in the file's meta. Returns that meta."""
     task = get_task(task_name)
     train, val = load_train_val(data, image_size, seed, task)
     params, meta = pretrain_on(train, val, task, epochs, batch_size, lr, norm, seed, progress)
     meta.update(pretrained_on=str(data.root), format=data.format, image_size=image_size)
-    meta[META_MODEL_CARD] = pretraining_card(task.name, Path(data.root).name, data_is_synthetic(
-        [it.path for it in load_items(data, task)])).to_meta()
+    meta[META_MODEL_CARD] = pretraining_card(
+        task.name, Path(data.root).name, data_is_synthetic([it.path for it in load_items(data, task)])
+    ).to_meta()
     save_state(params, out, meta)  # atomic: an interrupted run never leaves a half-written weights file
     return meta
 
 
-def pretrain_on(train, val, task, epochs: int, batch_size: int, lr: float, norm: str, seed: int,
-                progress: bool = True) -> tuple[dict, dict]:
+def pretrain_on(
+    train, val, task, epochs: int, batch_size: int, lr: float, norm: str, seed: int, progress: bool = True
+) -> tuple[dict, dict]:
     """The training behind pretrain(), on datasets already loaded (the benchmarks pool several synthetic public
     sites): returns (parameters of the best validation epoch, meta)."""
     if epochs < 1:
@@ -76,9 +94,17 @@ def pretrain_on(train, val, task, epochs: int, batch_size: int, lr: float, norm:
         bar.set_postfix(loss=f"{loss:.4f}", **{task.score_name: f"{val_result.score:.3f}"})
         if val_result.score > best_score:
             best, best_score = state_to_numpy(model), val_result.score
-    meta = {"task": task.name, "norm": norm, "epochs": epochs, "train_images": len(train), "val_images": len(val),
-            "best_val_score": best_score, "score_name": task.score_name, "seconds": time.perf_counter() - t0,
-            "history": history}
+    meta = {
+        "task": task.name,
+        "norm": norm,
+        "epochs": epochs,
+        "train_images": len(train),
+        "val_images": len(val),
+        "best_val_score": best_score,
+        "score_name": task.score_name,
+        "seconds": time.perf_counter() - t0,
+        "history": history,
+    }
     return best, meta
 
 
@@ -93,8 +119,12 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=128, help="must equal the job's --image-size")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--norm", choices=NORMS, default="group",
-                   help="must equal the job's --norm ('group' for federations with DP-SGD sites)")
+    p.add_argument(
+        "--norm",
+        choices=NORMS,
+        default="group",
+        help="must equal the job's --norm ('group' for federations with DP-SGD sites)",
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if not a.root.exists():
@@ -104,13 +134,24 @@ def main(argv=None) -> int:
     if a.out.exists():
         p.error(f"--out {a.out} already exists; choose another name (existing weights are never overwritten)")
     try:
-        meta = pretrain(DataConfig(a.format, a.root, a.labels_csv), a.out, a.task, a.epochs, a.image_size,
-                        a.batch_size, a.lr, a.norm, a.seed)
+        meta = pretrain(
+            DataConfig(a.format, a.root, a.labels_csv),
+            a.out,
+            a.task,
+            a.epochs,
+            a.image_size,
+            a.batch_size,
+            a.lr,
+            a.norm,
+            a.seed,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out}: best validation {meta['score_name']} {meta['best_val_score']:.3f} over {a.epochs} epochs "
-          f"on {meta['train_images']} images ({meta['seconds']:.0f} s)")
+    print(
+        f"wrote {a.out}: best validation {meta['score_name']} {meta['best_val_score']:.3f} over {a.epochs} epochs "
+        f"on {meta['train_images']} images ({meta['seconds']:.0f} s)"
+    )
     return 0
 
 

@@ -28,13 +28,24 @@ def main(argv=None) -> int:
     p.add_argument("--per-site", type=int, default=100)
     p.add_argument("--num-test", type=int, default=200)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--attack-from", type=int, default=2,
-                   help="round (1-based) from which the hostile site attacks; before it, it is an honest hospital")
-    p.add_argument("--validation", action="store_true",
-                   help="also screen by the server's validation score (the Controller's opt-in validation_images)")
+    p.add_argument(
+        "--attack-from",
+        type=int,
+        default=2,
+        help="round (1-based) from which the hostile site attacks; before it, it is an honest hospital",
+    )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="also screen by the server's validation score (the Controller's opt-in validation_images)",
+    )
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: two processes with 2 OpenMP threads each on 2 cores can run 100x slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: two processes with 2 OpenMP threads each on 2 cores can run 100x slower)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tolerance", type=float, default=0.02, help="AUROC distance to honest-only that counts as held")
     p.add_argument("--only", nargs="*", help="attack kinds to run (default: all)")
@@ -57,19 +68,24 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as dbs:
         for row in tqdm(rows, desc="attacks"):
-            res = redteam.run_row(row, train, test, refs[row.he], a.rounds, Path(dbs), a.tolerance,
-                                  attack_from=a.attack_from - 1, **kw)
-            tqdm.write(f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
-                       f"{res.honest_auroc:.3f} had it stayed honest")
+            res = redteam.run_row(
+                row, train, test, refs[row.he], a.rounds, Path(dbs), a.tolerance, attack_from=a.attack_from - 1, **kw
+            )
+            tqdm.write(
+                f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
+                f"{res.honest_auroc:.3f} had it stayed honest"
+            )
             results.append(res)
-    setup = (f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
-             f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile), "
-             f"{a.rounds} rounds from a fresh model, {a.image_size} px, geometric median with trust and quarantine"
-             + (f", validation screening on {a.per_site} server images" if a.validation else "") +
-             f", global test set of {a.num_test} images. 'Had it stayed honest' is the same federation, same "
-             "seeds, with the hostile site honest in every round (with HE on for the HE rows). Held: final AUROC "
-             f"no more than {a.tolerance} below that, or the update rejected/quarantined/refused with a recorded "
-             "reason in every round it attacked.")
+    setup = (
+        f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
+        f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile), "
+        f"{a.rounds} rounds from a fresh model, {a.image_size} px, geometric median with trust and quarantine"
+        + (f", validation screening on {a.per_site} server images" if a.validation else "")
+        + f", global test set of {a.num_test} images. 'Had it stayed honest' is the same federation, same "
+        "seeds, with the hostile site honest in every round (with HE on for the HE rows). Held: final AUROC "
+        f"no more than {a.tolerance} below that, or the update rejected/quarantined/refused with a recorded "
+        "reason in every round it attacked."
+    )
     command = "fedmed-redteam " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = redteam.markdown(results, command.strip(), time.time() - t0, setup)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Print the per-round table of a run, read back from the database.
 
-    python scripts/rounds_table.py [--db-url URL] [--run-id N]      (default: $FEDMED_DB_URL, latest run)
+python scripts/rounds_table.py [--db-url URL] [--run-id N]      (default: $FEDMED_DB_URL, latest run)
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ def format_table(repo: Repository, run_id: int) -> str:
     score_head = " / ".join(labels)
     show_auroc = task.score_name != "mean_auroc"
     width = max(15, len(score_head))
-    lines = [f"run {run.id} '{run.name}' (job {run.job_id}, {run.aggregation}, status {run.status})",
-             f"{'round':>5}  {'sites':<40} {score_head:>{width}}" + (f"  {'mean AUROC':>10}" if show_auroc else "")
-             + f"  {'test loss':>9}" + "".join(f"  {m:>9}" for m in extra)]
+    lines = [
+        f"run {run.id} '{run.name}' (job {run.job_id}, {run.aggregation}, status {run.status})",
+        f"{'round':>5}  {'sites':<40} {score_head:>{width}}"
+        + (f"  {'mean AUROC':>10}" if show_auroc else "")
+        + f"  {'test loss':>9}"
+        + "".join(f"  {m:>9}" for m in extra),
+    ]
     for r in rows:
         sites = ",".join(r.sites_accepted) + "".join(f" -{s}({st})" for s, st in r.sites_other)
         score = f"{r.score:.4f}" if r.score is not None else "-"

@@ -55,8 +55,9 @@ def main(argv=None) -> int:
             site = a.site or signing.load_public_keys(a.bundle).site
             if site == "server":
                 raise signing.KeyFileError("that is the server's bundle: use install-server on a hospital kit")
-            dest = signing.install_public_keys(a.bundle, signing.site_key_path(a.server_kit / "local", site), site,
-                                               a.replace)
+            dest = signing.install_public_keys(
+                a.bundle, signing.site_key_path(a.server_kit / "local", site), site, a.replace
+            )
             print(f"installed {site}'s key ({signing.load_public_keys(dest).fingerprint.hex()}) at {dest}")
         else:
             dest = signing.install_public_keys(a.bundle, a.kit / "local" / signing.SERVER_KEY_FILE, "server", a.replace)

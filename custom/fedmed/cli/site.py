@@ -72,8 +72,11 @@ def main(argv=None) -> int:
                 print(line)
         else:
             stopped = stop_kit(a.kit, a.grace)
-            print(f"stopped {a.kit.resolve().name}: processes {stopped}" if stopped else
-                  f"{a.kit.resolve().name}: nothing was running (no live PID in {', '.join(PID_FILES)})")
+            print(
+                f"stopped {a.kit.resolve().name}: processes {stopped}"
+                if stopped
+                else f"{a.kit.resolve().name}: nothing was running (no live PID in {', '.join(PID_FILES)})"
+            )
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         print(f"fedmed-site {a.cmd}: {e}", file=sys.stderr)
         return 1

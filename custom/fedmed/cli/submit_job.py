@@ -56,8 +56,12 @@ class JobOutcome:
 
 def export_job(dest: Path, job_args: list[str]) -> Path:
     """jobs/cxr_densenet/job.py --export-job: the job folder the admin console takes (it names fedmed classes only)."""
-    proc = subprocess.run([sys.executable, str(JOB_SCRIPT), "--export-job", str(dest), *job_args],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(JOB_SCRIPT), "--export-job", str(dest), *job_args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         # job.py's own last line (argparse's "error: ..." or the exception) is what the admin has to fix
         last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output")
@@ -106,8 +110,10 @@ class RoundFollower:
         for r in new:
             self.printed.add(r.round_num)
             self.round_times.append(time.monotonic())
-            others = "".join(f", {s} {st}" + (f" ({reasons[(r.round_num, s)]})" if reasons.get((r.round_num, s)) else "")
-                             for s, st in r.sites_other)
+            others = "".join(
+                f", {s} {st}" + (f" ({reasons[(r.round_num, s)]})" if reasons.get((r.round_num, s)) else "")
+                for s, st in r.sites_other
+            )
             from fedmed.cli.rounds_table import score_label
 
             score = f"{score_label(r)} {r.score:.4f}" if r.score is not None else "no score"
@@ -125,8 +131,10 @@ def admin_target(kit: Path) -> tuple[str, int]:
     """(host, port) of the server's admin endpoint, from the admin kit's startup/fed_admin.json."""
     cfg = Path(kit) / "startup" / "fed_admin.json"
     if not cfg.is_file():
-        raise SubmitError(f"{kit} is not an admin startup kit (no startup/fed_admin.json): give --kit the folder "
-                          "the FL admin received from provisioning (or --workspace of a fedmed-federation)")
+        raise SubmitError(
+            f"{kit} is not an admin startup kit (no startup/fed_admin.json): give --kit the folder "
+            "the FL admin received from provisioning (or --workspace of a fedmed-federation)"
+        )
     admin = json.loads(cfg.read_text()).get("admin", {})
     return str(admin.get("host")), int(admin.get("port"))
 
@@ -138,9 +146,11 @@ def probe_server(kit: Path) -> tuple[str, int]:
     try:
         socket.create_connection((host, port), timeout=5).close()
     except OSError as e:
-        raise SubmitError(f"cannot reach the FL server at {host}:{port} ({e.strerror or e}): is it running? "
-                          "(`fedmed-federation status --workspace W`, then `fedmed-federation start --workspace W`; "
-                          "for a real deployment ask whoever runs the server)") from None
+        raise SubmitError(
+            f"cannot reach the FL server at {host}:{port} ({e.strerror or e}): is it running? "
+            "(`fedmed-federation status --workspace W`, then `fedmed-federation start --workspace W`; "
+            "for a real deployment ask whoever runs the server)"
+        ) from None
     return host, port
 
 
@@ -152,8 +162,10 @@ def open_session(kit: Path, user: str, connect_timeout: float = 30.0):
     try:
         return new_secure_session(user, str(kit), timeout=connect_timeout)
     except Exception as e:  # NoConnection, AuthenticationError, ...: NVFlare's reason, one line
-        raise SubmitError(f"no admin session with the server at {host}:{port} as {user}: {type(e).__name__}: {e} "
-                          "(is this the admin's own kit, from the server's current provisioning?)") from None
+        raise SubmitError(
+            f"no admin session with the server at {host}:{port} as {user}: {type(e).__name__}: {e} "
+            "(is this the admin's own kit, from the server's current provisioning?)"
+        ) from None
 
 
 def _ask_abort(job_id: str) -> bool:
@@ -193,8 +205,13 @@ def run_summary(db_url: str | None, job_id: str) -> dict | None:
             return None
         run = repo.get_run(run_id)
         updates = [{k: u[k] for k in ("round", "site", "status", "reason")} for u in repo.client_updates(run_id)]
-        return {"job_id": job_id, "run_id": run_id, "status": run.status, "best_round": run.best_round,
-                "sites": updates}
+        return {
+            "job_id": job_id,
+            "run_id": run_id,
+            "status": run.status,
+            "best_round": run.best_round,
+            "sites": updates,
+        }
     except Exception:
         return None
     finally:
@@ -210,9 +227,17 @@ def models_in(result: Path) -> dict:
     return found
 
 
-def submit_and_follow(kit: Path, user: str, job_folder: Path, timeout: float, out: Path | None = None,
-                      db_url: str | None = None, num_rounds: int | None = None, poll_interval: float = 2.0,
-                      connect_timeout: float = 30.0) -> JobOutcome:
+def submit_and_follow(
+    kit: Path,
+    user: str,
+    job_folder: Path,
+    timeout: float,
+    out: Path | None = None,
+    db_url: str | None = None,
+    num_rounds: int | None = None,
+    poll_interval: float = 2.0,
+    connect_timeout: float = 30.0,
+) -> JobOutcome:
     """Submit job_folder as user; wait for the job to end (abort it at timeout); download its result to out."""
     session = open_session(kit, user, connect_timeout)
     follower = RoundFollower(db_url, num_rounds)
@@ -238,16 +263,22 @@ def submit_and_follow(kit: Path, user: str, job_folder: Path, timeout: float, ou
                     session.abort_job(job_id)
                     print(f"job {job_id}: abort requested; its result is still downloaded", flush=True)
                     continue  # follow it to FINISHED:ABORTED, then download what it left
-                print(f"job {job_id} keeps running on the server; abort it later with `fedmed-submit --abort "
-                      f"{job_id}` (and the same --kit/--workspace)", flush=True)
+                print(
+                    f"job {job_id} keeps running on the server; abort it later with `fedmed-submit --abort "
+                    f"{job_id}` (and the same --kit/--workspace)",
+                    flush=True,
+                )
                 raise
         follower.poll(job_id)
         finished = time.monotonic()
         print(f"job {job_id}: {status} after {finished - submitted:.0f}s", flush=True)
         result = session.download_job_result(job_id, str(out) if out else None)
         summary = run_summary(db_url, job_id)
-        not_counted = [(u["round"], u["site"], u["status"], u["reason"]) for u in (summary or {}).get("sites", [])
-                       if u["status"] != "accepted"]
+        not_counted = [
+            (u["round"], u["site"], u["status"], u["reason"])
+            for u in (summary or {}).get("sites", [])
+            if u["status"] != "accepted"
+        ]
         for rnd, site, st, reason in not_counted:
             print(f"round {rnd + 1}: {site} {st}: {reason or 'no reason recorded'}", flush=True)
         models = {}
@@ -260,8 +291,16 @@ def submit_and_follow(kit: Path, user: str, job_folder: Path, timeout: float, ou
             for name, path in models.items():
                 print(f"{'best' if name.startswith('best') else 'last global'} model: {path}")
         times = follower.round_times
-        return JobOutcome(job_id, status, Path(result) if result else None, submitted - t0, finished - submitted,
-                          [b - a for a, b in zip(times, times[1:])], models, not_counted)
+        return JobOutcome(
+            job_id,
+            status,
+            Path(result) if result else None,
+            submitted - t0,
+            finished - submitted,
+            [b - a for a, b in zip(times, times[1:])],
+            models,
+            not_counted,
+        )
     finally:
         follower.close()
         session.close()
@@ -269,7 +308,7 @@ def submit_and_follow(kit: Path, user: str, job_folder: Path, timeout: float, ou
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    job_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    job_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kit", type=Path, help="the admin's startup kit folder (holds startup/fed_admin.json)")

@@ -64,8 +64,12 @@ def generate_key_set(
 ) -> KeySet:
     """A fresh CKKS key set, serialized exactly as NVFlare's HEBuilder does (symmetric encryption: only the
     secret-key holders can encrypt or decrypt; relinearisation keys are kept for compatibility with its files)."""
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=poly_modulus_degree,
-                     coeff_mod_bit_sizes=list(coeff_mod_bit_sizes), encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=poly_modulus_degree,
+        coeff_mod_bit_sizes=list(coeff_mod_bit_sizes),
+        encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+    )
     ctx.generate_relin_keys()
     ctx.global_scale = 2**scale_bits
     client = ctx.serialize(save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=True)
@@ -96,13 +100,16 @@ def load_server_context(path: Path) -> LoadedContext:
     """The server's context. Refuses a context that holds a secret key: the server must not be able to decrypt."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"HE server context not found: {path} (provision with the HE builder, or prepare "
-                                f"the simulator keys)")
+        raise FileNotFoundError(
+            f"HE server context not found: {path} (provision with the HE builder, or prepare the simulator keys)"
+        )
     data = path.read_bytes()
     ctx = _deserialize_context(data, path)
     if ctx.is_private():
-        raise PermissionError(f"{path} holds a CKKS secret key; the server must only ever hold a context without it "
-                              f"(this looks like a client context copied to the server)")
+        raise PermissionError(
+            f"{path} holds a CKKS secret key; the server must only ever hold a context without it "
+            f"(this looks like a client context copied to the server)"
+        )
     return LoadedContext(ctx, key_id_of(data), path)
 
 
@@ -110,8 +117,10 @@ def load_client_context(path: Path) -> LoadedContext:
     """A hospital's context (with the secret key) and the key id written beside it at provisioning."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"HE client context not found: {path} (this hospital's startup kit must carry "
-                                f"{CLIENT_CONTEXT_FILE}, written at provisioning)")
+        raise FileNotFoundError(
+            f"HE client context not found: {path} (this hospital's startup kit must carry "
+            f"{CLIENT_CONTEXT_FILE}, written at provisioning)"
+        )
     ctx = _deserialize_context(path.read_bytes(), path)
     if not ctx.is_private():
         raise PermissionError(f"{path} holds no CKKS secret key; a hospital needs the client context to decrypt")
@@ -151,8 +160,10 @@ def resolve_encrypted_names(param_names: Sequence[str], selectors: Sequence[str]
             raise ValueError(f"encrypted layer selectors must be non-empty strings, got {sel!r}")
         hits = [n for n in names if n == sel or (sel.endswith(".") and n.startswith(sel))]
         if not hits:
-            raise ValueError(f"encrypted layer selector {sel!r} matches no model parameter "
-                             f"(e.g. {names[-1]!r}); give an exact name or a prefix ending in '.'")
+            raise ValueError(
+                f"encrypted layer selector {sel!r} matches no model parameter "
+                f"(e.g. {names[-1]!r}); give an exact name or a prefix ending in '.'"
+            )
         picked.extend(h for h in hits if h not in picked)
     return tuple(n for n in names if n in picked)  # model order, whatever the selector order
 
@@ -187,8 +198,12 @@ class EncryptedLayers:
 
     def to_wire(self) -> dict:
         """Plain dict (lists, str, bytes) that NVFlare's FOBS serializes natively."""
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "chunks": list(self.chunks),
-                "key_id": self.key_id}
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "chunks": list(self.chunks),
+            "key_id": self.key_id,
+        }
 
     @classmethod
     def from_wire(cls, block) -> "EncryptedLayers":
@@ -222,8 +237,9 @@ def encrypt_layers(layers: Mapping[str, np.ndarray], ctx: LoadedContext) -> Encr
         bad = [n for n in names if not np.all(np.isfinite(layers[n]))]
         raise ValueError(f"cannot encrypt non-finite values in {bad}")
     slots = slot_count(ctx.context)
-    chunks = tuple(ts.ckks_vector(ctx.context, flat[i:i + slots].tolist()).serialize()
-                   for i in range(0, flat.size, slots))
+    chunks = tuple(
+        ts.ckks_vector(ctx.context, flat[i : i + slots].tolist()).serialize() for i in range(0, flat.size, slots)
+    )
     return EncryptedLayers(names, tuple(tuple(np.shape(layers[n])) for n in names), chunks, ctx.key_id)
 
 
@@ -231,14 +247,15 @@ def decrypt_layers(block: EncryptedLayers, ctx: LoadedContext, dtype=np.float32)
     """Back to named arrays (needs the secret key)."""
     if not ctx.context.is_private():
         raise PermissionError("decryption needs the client context (with the secret key)")
-    values = np.concatenate([np.asarray(ts.ckks_vector_from(ctx.context, c).decrypt(), dtype=np.float64)
-                             for c in block.chunks])
+    values = np.concatenate(
+        [np.asarray(ts.ckks_vector_from(ctx.context, c).decrypt(), dtype=np.float64) for c in block.chunks]
+    )
     if values.size != block.num_values:
         raise EncryptedUpdateError(f"decrypted {values.size} values, the block's shapes need {block.num_values}")
     out, i = {}, 0
     for name, shape in zip(block.names, block.shapes):
         n = math.prod(shape)
-        out[name] = values[i:i + n].reshape(shape).astype(dtype)
+        out[name] = values[i : i + n].reshape(shape).astype(dtype)
         i += n
     return out
 
@@ -254,8 +271,10 @@ def find_encrypted_problem(
     except EncryptedUpdateError as e:
         return str(e)
     if ctx.key_id is not None and enc.key_id != ctx.key_id:
-        return (f"encrypted with another key set (key id {str(enc.key_id)[:12]}, this federation's is "
-                f"{ctx.key_id[:12]}): the site's startup kit comes from another provisioning")
+        return (
+            f"encrypted with another key set (key id {str(enc.key_id)[:12]}, this federation's is "
+            f"{ctx.key_id[:12]}): the site's startup kit comes from another provisioning"
+        )
     if tuple(enc.names) != tuple(expected_names):
         return f"encrypted layers {list(enc.names)} differ from the job's {list(expected_names)}"
     for name, shape in zip(enc.names, enc.shapes):
@@ -373,8 +392,10 @@ def merge_decrypted(clear: Mapping[str, np.ndarray], block, ctx: LoadedContext) 
     """Full params from the clear part and a wire-format encrypted block (decrypted with the hospital's key)."""
     enc = block if isinstance(block, EncryptedLayers) else EncryptedLayers.from_wire(block)
     if ctx.key_id is not None and enc.key_id is not None and enc.key_id != ctx.key_id:
-        raise EncryptedUpdateError(f"the global model was encrypted with key set {enc.key_id[:12]}, this site holds "
-                                   f"{ctx.key_id[:12]}: the site's startup kit comes from another provisioning")
+        raise EncryptedUpdateError(
+            f"the global model was encrypted with key set {enc.key_id[:12]}, this site holds "
+            f"{ctx.key_id[:12]}: the site's startup kit comes from another provisioning"
+        )
     overlap = sorted(set(enc.names) & set(clear))
     if overlap:
         raise EncryptedUpdateError(f"parameters both in clear and encrypted: {overlap[:3]}")
@@ -405,8 +426,9 @@ MAX_HEAD_CHANGE = 10.0
 MIN_HEAD_SCALE = 1.0
 
 
-def find_global_head_problem(new: Mapping[str, np.ndarray], previous: Optional[Mapping[str, np.ndarray]],
-                             max_change: float = MAX_HEAD_CHANGE) -> Optional[str]:
+def find_global_head_problem(
+    new: Mapping[str, np.ndarray], previous: Optional[Mapping[str, np.ndarray]], max_change: float = MAX_HEAD_CHANGE
+) -> Optional[str]:
     """Why a hospital must not train on this decrypted global head, or None: non-finite values, or a change from
     the previous global head (when the hospital saw one) larger than max_change x max(norm of previous, 1)."""
     for name, v in new.items():
@@ -415,10 +437,13 @@ def find_global_head_problem(new: Mapping[str, np.ndarray], previous: Optional[M
     if previous is None or set(previous) != set(new):
         return None
     prev_norm = math.sqrt(sum(float(np.sum(np.asarray(previous[k], np.float64) ** 2)) for k in new))
-    change = math.sqrt(sum(float(np.sum((np.asarray(new[k], np.float64) - np.asarray(previous[k], np.float64)) ** 2))
-                           for k in new))
+    change = math.sqrt(
+        sum(float(np.sum((np.asarray(new[k], np.float64) - np.asarray(previous[k], np.float64)) ** 2)) for k in new)
+    )
     bound = max_change * max(prev_norm, MIN_HEAD_SCALE)
     if change > bound:
-        return (f"decrypted global head changed by {change:.4g} in one round (previous norm {prev_norm:.4g}, bound "
-                f"{bound:.4g}): a site may have scaled its encrypted head")
+        return (
+            f"decrypted global head changed by {change:.4g} in one round (previous norm {prev_norm:.4g}, bound "
+            f"{bound:.4g}): a site may have scaled its encrypted head"
+        )
     return None

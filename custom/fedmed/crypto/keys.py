@@ -38,8 +38,11 @@ def make_key_set(out: Path) -> KeySet:
     """A fresh key set written under out/ (server/ public, hospitals/ secret, mode 0600). Refuses to overwrite:
     replacing a federation's keys by accident would lock every hospital out of the current global model."""
     out = Path(out)
-    targets = [out / SERVER_DIR / SERVER_CONTEXT_FILE, out / HOSPITALS_DIR / CLIENT_CONTEXT_FILE,
-               out / HOSPITALS_DIR / KEY_ID_FILE]
+    targets = [
+        out / SERVER_DIR / SERVER_CONTEXT_FILE,
+        out / HOSPITALS_DIR / CLIENT_CONTEXT_FILE,
+        out / HOSPITALS_DIR / KEY_ID_FILE,
+    ]
     existing = [str(t) for t in targets if t.exists()]
     if existing:
         raise FileExistsError(f"{existing} already exist; a key set is never overwritten (choose another --out)")
@@ -105,10 +108,12 @@ def main(argv=None) -> int:
     except (FileExistsError, OSError) as e:
         print(f"he_keys: {e}", file=sys.stderr)
         return 1
-    print(f"key set {keys.key_id[:12]} written to {a.out}:\n"
-          f"  {a.out / SERVER_DIR / SERVER_CONTEXT_FILE}: no secret key; give it to the FL admin, who installs\n"
-          f"      it with site_configs/install.sh <server kit> server --he-context <that file>\n"
-          f"  {a.out / HOSPITALS_DIR}/: THE SECRET KEY; hand it to each hospital's IT out of band (never through the\n"
-          f"      FL server or its admin), who installs it with\n"
-          f"      site_configs/install.sh <kit> <site> --he-context <folder>/{CLIENT_CONTEXT_FILE}")
+    print(
+        f"key set {keys.key_id[:12]} written to {a.out}:\n"
+        f"  {a.out / SERVER_DIR / SERVER_CONTEXT_FILE}: no secret key; give it to the FL admin, who installs\n"
+        f"      it with site_configs/install.sh <server kit> server --he-context <that file>\n"
+        f"  {a.out / HOSPITALS_DIR}/: THE SECRET KEY; hand it to each hospital's IT out of band (never through the\n"
+        f"      FL server or its admin), who installs it with\n"
+        f"      site_configs/install.sh <kit> <site> --he-context <folder>/{CLIENT_CONTEXT_FILE}"
+    )
     return 0

@@ -139,7 +139,9 @@ class FedMedController(ModelController):
             raise ValueError(f"straggler_wait must be >= 0, got {straggler_wait}")
         self._task = get_task(task)  # raises naming the valid tasks
         if num_outputs is not None and num_outputs != self._task.num_outputs:
-            raise ValueError(f"num_outputs {num_outputs} does not match task {task!r} ({self._task.num_outputs} classes)")
+            raise ValueError(
+                f"num_outputs {num_outputs} does not match task {task!r} ({self._task.num_outputs} classes)"
+            )
         if bool(test_dicom_root) != bool(test_labels_csv):
             raise ValueError("test_dicom_root and test_labels_csv must be given together")
         self.num_rounds = num_rounds
@@ -179,10 +181,18 @@ class FedMedController(ModelController):
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
         # is refused before anything runs.
         self._rules = RoundRules(
-            aggregation=aggregation, min_clients=min_clients, statistics_factor=statistics_factor,
-            trust=TrustPolicy(smoothing=trust_smoothing, ok_ratio=trust_ok_ratio, bad_ratio=trust_bad_ratio,
-                              quarantine_below=quarantine_below, readmit_after=readmit_after,
-                              head_cosine_bad=trust_head_cosine_bad))
+            aggregation=aggregation,
+            min_clients=min_clients,
+            statistics_factor=statistics_factor,
+            trust=TrustPolicy(
+                smoothing=trust_smoothing,
+                ok_ratio=trust_ok_ratio,
+                bad_ratio=trust_bad_ratio,
+                quarantine_below=quarantine_below,
+                readmit_after=readmit_after,
+                head_cosine_bad=trust_head_cosine_bad,
+            ),
+        )
         if self.he_layers:
             check_encryption_compatible(aggregation)
         self._he_names: tuple = ()
@@ -199,8 +209,10 @@ class FedMedController(ModelController):
         if event_type == EventType.CLIENT_DISCONNECTED:
             site = fl_ctx.get_prop(FLContextKey.DISCONNECTED_CLIENT_NAME)
             with self._gone_lock:
-                self._gone[site] = (f"NVFlare dropped the site at {time.strftime('%H:%M:%S')} (its job process "
-                                    "ended or its heartbeat stopped; see the site's log)")
+                self._gone[site] = (
+                    f"NVFlare dropped the site at {time.strftime('%H:%M:%S')} (its job process "
+                    "ended or its heartbeat stopped; see the site's log)"
+                )
             self.warning(f"{site} is disconnected: rounds stop waiting for it until it is heard from again")
         elif event_type == EventType.CLIENT_RECONNECTED:
             site = fl_ctx.get_prop(FLContextKey.RECONNECTED_CLIENT_NAME)
@@ -227,8 +239,9 @@ class FedMedController(ModelController):
             # Inside the try: a refused HE context ends the run recorded as failed, with the reason.
             encryption = self._setup_he(eval_model) if self.he_layers else None
             test_ds = None if encryption is not None else test_ds
-            engine = RoundEngine(self._rules, encryption, trust=self._load_trust(db),
-                                 validate=self._validator(eval_model, test_ds))
+            engine = RoundEngine(
+                self._rules, encryption, trust=self._load_trust(db), validate=self._validator(eval_model, test_ds)
+            )
             self._setup_signatures()
             card = ModelCardBuilder(self.task, self.aggregation, "NVFlare federation (fedmed)", self.he_layers or ())
             for round_num in range(self.num_rounds):
@@ -243,8 +256,10 @@ class FedMedController(ModelController):
                 last_round_sites = [wire.site_of(r) for r in results]
                 site_results = [wire.to_site_result(r, self._verifier(round_num)) for r in results]
                 answered = {r.site for r in site_results}
-                missing = {**skipped, **{s: why for s, why in self._gone_now().items()
-                                         if s in targets and s not in answered}}
+                missing = {
+                    **skipped,
+                    **{s: why for s, why in self._gone_now().items() if s in targets and s not in answered},
+                }
                 report = engine.step(round_num, self._clear_part(model.params), site_results, targets, missing)
                 self._log_report(report)
                 if not report.aggregated:
@@ -258,16 +273,30 @@ class FedMedController(ModelController):
                 # (0-based) stays on the wire, where the sites' schedules and signatures use it.
                 model = wire.global_model(report.params, round_num + 1, meta, report.encrypted)
                 sha = model_sha256(model.params, model.meta.get(C.META_ENCRYPTED))
-                score, source, mean_auroc, test_loss, test_metrics = self._score(eval_model, report, site_results,
-                                                                                 test_ds)
+                score, source, mean_auroc, test_loss, test_metrics = self._score(
+                    eval_model, report, site_results, test_ds
+                )
                 self.save_model(model)
                 if score > best_score:
                     best_round, best_score = round_num + 1, score
-                    best = (model.params, {**model.meta, "score": score, "score_name": self._task.score_name,
-                                           "score_source": source, "sha256": sha})
+                    best = (
+                        model.params,
+                        {
+                            **model.meta,
+                            "score": score,
+                            "score_name": self._task.score_name,
+                            "score_source": source,
+                            "sha256": sha,
+                        },
+                    )
                     self._save_best(*best)
-                db.write("record_round", run_uid=run_uid, record=self._round_record(
-                    report, engine, started, test_loss, (score, source, mean_auroc), test_metrics, sha))
+                db.write(
+                    "record_round",
+                    run_uid=run_uid,
+                    record=self._round_record(
+                        report, engine, started, test_loss, (score, source, mean_auroc), test_metrics, sha
+                    ),
+                )
                 self._log_round(report, targets, score, test_loss, best_score, best_round, time.monotonic() - t0)
         except Exception as e:
             status = "failed"
@@ -279,8 +308,10 @@ class FedMedController(ModelController):
             self._calibrate_ood(eval_model, test_ds, model, best)
         if status == "finished":
             self._send_final_model(model, last_round_sites)
-        self.info(f"run {run_uid} {status}; best {self._task.score_name} {best_score:.4f} at round "
-                  f"{best_round if best_round is not None else '-'}")
+        self.info(
+            f"run {run_uid} {status}; best {self._task.score_name} {best_score:.4f} at round "
+            f"{best_round if best_round is not None else '-'}"
+        )
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -294,28 +325,58 @@ class FedMedController(ModelController):
         if db.all_pending():
             self.info(f"replaying {db.all_pending()} journaled database write(s) from earlier jobs")
         run_uid = uuid.uuid4().hex
-        config = {k: getattr(self, k) for k in ("num_rounds", "min_clients", "round_timeout", "aggregation", "image_size",
-                                             "norm", "task", "he_layers", "statistics_factor")}
-        db.write("start_run", uid=run_uid, name=self.run_name, job_id=job_id, aggregation=self.aggregation,
-                 num_rounds=self.num_rounds, config=config)
+        config = {
+            k: getattr(self, k)
+            for k in (
+                "num_rounds",
+                "min_clients",
+                "round_timeout",
+                "aggregation",
+                "image_size",
+                "norm",
+                "task",
+                "he_layers",
+                "statistics_factor",
+            )
+        }
+        db.write(
+            "start_run",
+            uid=run_uid,
+            name=self.run_name,
+            job_id=job_id,
+            aggregation=self.aggregation,
+            num_rounds=self.num_rounds,
+            config=config,
+        )
         safe_url = self._db_url.split("@")[-1] if "@" in self._db_url else self._db_url  # never log a password
-        self.info(f"run {run_uid} ({self.run_name}, job {job_id}): {self.num_rounds} rounds, aggregation "
-                  f"{self.aggregation}, min_clients {self.min_clients}; database {safe_url}")
+        self.info(
+            f"run {run_uid} ({self.run_name}, job {job_id}): {self.num_rounds} rounds, aggregation "
+            f"{self.aggregation}, min_clients {self.min_clients}; database {safe_url}"
+        )
         return db, run_uid
 
     def _finish_record(self, db, run_uid, status, best_round, best_score):
-        db.write("finish_run", run_uid=run_uid, status=status, best_round=best_round,
-                 best_metric=best_score if best_round is not None else None)
+        db.write(
+            "finish_run",
+            run_uid=run_uid,
+            status=status,
+            best_round=best_round,
+            best_metric=best_score if best_round is not None else None,
+        )
         if not db.flush():  # final flush; what is left stays journaled for the next job start
-            self.error(f"database still unavailable at job end; {len(db.journal.pending())} write(s) remain in "
-                       f"{db.journal.path}")
+            self.error(
+                f"database still unavailable at job end; {len(db.journal.pending())} write(s) remain in "
+                f"{db.journal.path}"
+            )
         db.close()
 
     def _load_trust(self, db) -> dict:
         """Each site's trust as earlier jobs of this federation left it (same database)."""
         if db.all_pending():
-            self.warning("earlier trust scores are still journaled (database unavailable): this job starts from them "
-                         "once replayed; until then sites start at initial trust")
+            self.warning(
+                "earlier trust scores are still journaled (database unavailable): this job starts from them "
+                "once replayed; until then sites start at initial trust"
+            )
         try:
             repo = Repository(self._db_url)
             try:
@@ -327,13 +388,19 @@ class FedMedController(ModelController):
             return {}
         trust = {site: SiteTrust(t.trust, t.quarantined, t.good_streak) for site, t in states.items()}
         if trust:
-            self.info("trust carried over from earlier jobs: " + ", ".join(
-                f"{s} {t.trust:.3f}{' (quarantined)' if t.quarantined else ''}" for s, t in sorted(trust.items())))
+            self.info(
+                "trust carried over from earlier jobs: "
+                + ", ".join(
+                    f"{s} {t.trust:.3f}{' (quarantined)' if t.quarantined else ''}" for s, t in sorted(trust.items())
+                )
+            )
         return trust
 
     def _load_test_set(self):
         if not self.test_dicom_root:
-            self.warning(f"no global test set configured; rounds are scored by the sites' validation {self._task.score_name}")
+            self.warning(
+                f"no global test set configured; rounds are scored by the sites' validation {self._task.score_name}"
+            )
             return None
         test_ds = load_test(Path(self.test_dicom_root), Path(self.test_labels_csv), self.image_size, self._task)
         self.info(f"global test set: {len(test_ds)} images")
@@ -349,13 +416,16 @@ class FedMedController(ModelController):
         # A site of this job that NVFlare logged out (no heartbeat for the server kit's heart_beat_timeout) is no
         # longer among the clients: record it missing rather than leave it out of the round without a word.
         for s in sorted(self._job_sites - set(connected)):
-            skipped[s] = "not sent this round: " + gone.get(s, "not connected to the server (NVFlare logged it out "
-                                                              "after its heartbeat stopped)")
+            skipped[s] = "not sent this round: " + gone.get(
+                s, "not connected to the server (NVFlare logged it out after its heartbeat stopped)"
+            )
         self._job_sites.update(connected)
         if len(targets) < self.min_clients:
-            raise RuntimeError(f"round {round_num + 1}: {len(targets)} site(s) connected"
-                               + (f" ({', '.join(f'{s}: {why}' for s, why in skipped.items())})" if skipped else "")
-                               + f", min_clients is {self.min_clients}")
+            raise RuntimeError(
+                f"round {round_num + 1}: {len(targets)} site(s) connected"
+                + (f" ({', '.join(f'{s}: {why}' for s, why in skipped.items())})" if skipped else "")
+                + f", min_clients is {self.min_clients}"
+            )
         model.current_round, model.total_rounds, model.start_round = round_num, self.num_rounds, 0
         if self._signer is not None:  # hospitals train only on a global model the server signed for this round
             wire_sig.sign_global(model, self.fl_ctx.get_job_id(), round_num, self._signer)
@@ -363,8 +433,12 @@ class FedMedController(ModelController):
         # ModelController.send_model_and_wait ends the round at min_responses; we want every site that answers
         # within straggler_wait, so call the base broadcast with its grace period.
         results = self.broadcast_model(
-            task_name=self.train_task_name, data=model, targets=targets, min_responses=self.min_clients,
-            timeout=self.round_timeout, wait_time_after_min_received=self.straggler_wait,
+            task_name=self.train_task_name,
+            data=model,
+            targets=targets,
+            min_responses=self.min_clients,
+            timeout=self.round_timeout,
+            wait_time_after_min_received=self.straggler_wait,
         )
         return results, targets, skipped
 
@@ -390,8 +464,10 @@ class FedMedController(ModelController):
             return
         self._signer = signing.load_site_keys(local)  # raises naming the missing file
         self._site_keys = signing.load_public_keys_dir(keys_dir)
-        self.info(f"signatures on: updates must be signed (ML-DSA-65 + Ed25519) by one of {sorted(self._site_keys)}; "
-                  f"global models are signed with {local / signing.PRIVATE_FILE}")
+        self.info(
+            f"signatures on: updates must be signed (ML-DSA-65 + Ed25519) by one of {sorted(self._site_keys)}; "
+            f"global models are signed with {local / signing.PRIVATE_FILE}"
+        )
 
     def _verifier(self, round_num: int):
         if self._signer is None:
@@ -412,16 +488,37 @@ class FedMedController(ModelController):
         # image_size and norm travel with the weights: inference preprocesses and rebuilds the same way.
         return {"image_size": self.image_size, "norm": self.norm, "task": self.task}
 
-    def _round_record(self, report: RoundReport, engine: RoundEngine, started, test_loss=None, scored=None,
-                      test_metrics=None, sha=None) -> RoundRecord:
+    def _round_record(
+        self,
+        report: RoundReport,
+        engine: RoundEngine,
+        started,
+        test_loss=None,
+        scored=None,
+        test_metrics=None,
+        sha=None,
+    ) -> RoundRecord:
         """scored: (score, score source, mean AUROC) of an aggregated round."""
-        trust = tuple(TrustRecord(site, t.trust, t.quarantined, t.good_streak) for site, t in sorted(engine.trust.items()))
+        trust = tuple(
+            TrustRecord(site, t.trust, t.quarantined, t.good_streak) for site, t in sorted(engine.trust.items())
+        )
         val_name = C.META_VAL_PREFIX + self._task.score_name
         updates = tuple(replace(u, val_score=finite_or_none(u.metrics.get(val_name))) for u in report.updates)
         score, source, mean_auroc = scored if scored is not None else (None, None, None)
-        return RoundRecord(report.round_num + 1, updates, test_loss, finite_or_none(score),
-                           self._task.score_name if scored is not None else None, source, mean_auroc,
-                           test_metrics or {}, sha, started, report.alerts, trust)
+        return RoundRecord(
+            report.round_num + 1,
+            updates,
+            test_loss,
+            finite_or_none(score),
+            self._task.score_name if scored is not None else None,
+            source,
+            mean_auroc,
+            test_metrics or {},
+            sha,
+            started,
+            report.alerts,
+            trust,
+        )
 
     def _log_report(self, report: RoundReport) -> None:
         for level, msg in report.log:
@@ -429,8 +526,10 @@ class FedMedController(ModelController):
         if "fallback" in report.diagnostics:
             self.info(f"round {report.round_num + 1}: {self.aggregation} used {report.diagnostics['fallback']}")
         if not report.diagnostics.get("converged", True):
-            self.warning(f"round {report.round_num + 1}: geometric median did not converge in "
-                         f"{report.diagnostics.get('iterations')} iterations; using the last iterate")
+            self.warning(
+                f"round {report.round_num + 1}: geometric median did not converge in "
+                f"{report.diagnostics.get('iterations')} iterations; using the last iterate"
+            )
 
     def _log_round(self, report, targets, score, test_loss, best_score, best_round, seconds) -> None:
         iters = report.diagnostics.get("iterations")
@@ -447,17 +546,24 @@ class FedMedController(ModelController):
     def _setup_he(self, eval_model) -> EncryptionSpec:
         """The server's secret-free context and the encrypted layers' names/shapes. The server cannot evaluate a
         model whose head it cannot read, so HE rounds are scored by the sites' validation scores."""
-        path = Path(self.he_context_file) if self.he_context_file else \
-            Path(self.engine.get_workspace().get_file_path_in_startup(ckks.SERVER_CONTEXT_FILE))
+        path = (
+            Path(self.he_context_file)
+            if self.he_context_file
+            else Path(self.engine.get_workspace().get_file_path_in_startup(ckks.SERVER_CONTEXT_FILE))
+        )
         context = ckks.load_server_context(path)  # raises if the context holds a secret key
         state = eval_model.state_dict()
         self._he_names = ckks.resolve_encrypted_names(list(state), self.he_layers)
-        self.info(f"HE on: {list(self._he_names)} arrive CKKS-encrypted and are aggregated without decryption "
-                  f"(server context {path}, no secret key, key set {context.key_id[:12]})")
+        self.info(
+            f"HE on: {list(self._he_names)} arrive CKKS-encrypted and are aggregated without decryption "
+            f"(server context {path}, no secret key, key set {context.key_id[:12]})"
+        )
         if self.test_dicom_root:
-            self.warning("HE on: the server cannot evaluate the global model (its encrypted layers are unreadable "
-                         f"here); rounds are scored by the sites' validation {self._task.score_name} instead of the "
-                         "global test set")
+            self.warning(
+                "HE on: the server cannot evaluate the global model (its encrypted layers are unreadable "
+                f"here); rounds are scored by the sites' validation {self._task.score_name} instead of the "
+                "global test set"
+            )
         return EncryptionSpec(context, self._he_names, {n: tuple(state[n].shape) for n in self._he_names})
 
     def _send_final_model(self, model: FLModel, sites: list) -> None:
@@ -471,9 +577,14 @@ class FedMedController(ModelController):
             wire_sig.sign_global(model, self.fl_ctx.get_job_id(), int(model.current_round or 0), self._signer)
         try:
             # min_responses=1: a site that cannot take the model (e.g. other keys) must not fail a finished run.
-            results = self.broadcast_model(task_name=C.TASK_FINAL_MODEL, data=model, targets=targets, min_responses=1,
-                                           timeout=self.final_model_timeout,
-                                           wait_time_after_min_received=self.final_model_timeout)
+            results = self.broadcast_model(
+                task_name=C.TASK_FINAL_MODEL,
+                data=model,
+                targets=targets,
+                min_responses=1,
+                timeout=self.final_model_timeout,
+                wait_time_after_min_received=self.final_model_timeout,
+            )
         except Exception as e:
             self.error(f"sending the final global model to the sites failed: {secure_format_exception(e)}")
             return
@@ -519,6 +630,6 @@ class FedMedController(ModelController):
     def _save_best(self, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):
             path = self.persistor.save_best(params, meta, self.fl_ctx)
-            self.info(f"new best model (round {meta['round']}, {self._task.score_name} {meta['score']:.4f}) saved to {path}")
-
-
+            self.info(
+                f"new best model (round {meta['round']}, {self._task.score_name} {meta['score']:.4f}) saved to {path}"
+            )

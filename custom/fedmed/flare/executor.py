@@ -137,9 +137,14 @@ class FedMedTrainer(Executor):
             raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
         self.he_layers = list(he_layers) if he_layers else None
         self.he_context_file = he_context_file
-        if dp_train_layers is not None and (isinstance(dp_train_layers, str) or not dp_train_layers
-                                            or not all(isinstance(x, str) and x for x in dp_train_layers)):
-            raise ValueError(f"dp_train_layers must be a non-empty list of parameter-name prefixes, got {dp_train_layers!r}")
+        if dp_train_layers is not None and (
+            isinstance(dp_train_layers, str)
+            or not dp_train_layers
+            or not all(isinstance(x, str) and x for x in dp_train_layers)
+        ):
+            raise ValueError(
+                f"dp_train_layers must be a non-empty list of parameter-name prefixes, got {dp_train_layers!r}"
+            )
         self.dp_train_layers = list(dp_train_layers) if dp_train_layers else None
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
@@ -173,20 +178,27 @@ class FedMedTrainer(Executor):
                 # up and answering every task with the reason ends the server's wait at once and records why.
                 self._unavailable = f"{type(e).__name__}: {e}"[:500]
                 self._model = None
-                self.log_error(fl_ctx, f"site {fl_ctx.get_identity_name()} cannot take part in this job: set-up "
-                                       f"failed: {self._unavailable}; fix it (install.sh --check <kit>); the next "
-                                       "job reads the site's settings again")
+                self.log_error(
+                    fl_ctx,
+                    f"site {fl_ctx.get_identity_name()} cannot take part in this job: set-up "
+                    f"failed: {self._unavailable}; fix it (install.sh --check <kit>); the next "
+                    "job reads the site's settings again",
+                )
 
     def _refuse_job_settings(self, fl_ctx: FLContext) -> None:
         """In a deployed kit, the site's config, privacy policy, HE secret context and data paths come only from
         the kit or the site's environment: a job naming any of them is refused."""
-        named = [f"{arg}={getattr(self, arg)!r}" for arg in ("site_config", "he_context_file", "signing_key_dir")
-                 if getattr(self, arg)]
+        named = [
+            f"{arg}={getattr(self, arg)!r}"
+            for arg in ("site_config", "he_context_file", "signing_key_dir")
+            if getattr(self, arg)
+        ]
         if named and not running_in_simulator(fl_ctx):
             raise SiteSettingsRefused(
                 f"the job sets {', '.join(named)}; this hospital takes its site config, privacy policy, data paths "
                 "and HE secret context only from its own kit (local/, startup/) or its environment "
-                f"({C.ENV_SITE_CONFIG}), never from a job")
+                f"({C.ENV_SITE_CONFIG}), never from a job"
+            )
 
     def _resolve_config_path(self, fl_ctx: FLContext) -> Path:
         if self.site_config:  # simulator only (_refuse_job_settings)
@@ -214,11 +226,15 @@ class FedMedTrainer(Executor):
             torch.set_num_threads(self._site.num_threads)
         t0 = time.monotonic()
         self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed, self._task)
-        self._data_synthetic = data_is_synthetic([it.path for it in load_items(self._site.data, self._task)],
-                                                 self._site.synthetic_rehearsal)
+        self._data_synthetic = data_is_synthetic(
+            [it.path for it in load_items(self._site.data, self._task)], self._site.synthetic_rehearsal
+        )
         if self._site.hostile is not None:
-            self.log_warning(fl_ctx, f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
-                                     f"rehearsal: its updates are deliberately corrupted")
+            self.log_warning(
+                fl_ctx,
+                f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
+                f"rehearsal: its updates are deliberately corrupted",
+            )
             if self._site.hostile.poisons_labels:
                 self._train_ds.labels = self._task.poisoned_labels(self._train_ds.labels)
         self._model = build_densenet121(self._task.num_outputs, norm=self.norm)
@@ -227,16 +243,23 @@ class FedMedTrainer(Executor):
             self._he = ckks.load_client_context(ctx_path)
             self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), self.he_layers)
             if self._he.key_id is None:
-                self.log_warning(fl_ctx, f"no {ckks.KEY_ID_FILE} beside {ctx_path}: the server will refuse this "
-                                         "site's encrypted updates; provision with fedmed's HE builder")
-            self.log_info(fl_ctx, f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
-                                  f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}")
+                self.log_warning(
+                    fl_ctx,
+                    f"no {ckks.KEY_ID_FILE} beside {ctx_path}: the server will refuse this "
+                    "site's encrypted updates; provision with fedmed's HE builder",
+                )
+            self.log_info(
+                fl_ctx,
+                f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
+                f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}",
+            )
         engine = fl_ctx.get_engine()
         kit_local = Path(engine.get_workspace().get_site_config_dir()) if engine is not None else None
         # A deployed kit that holds its signing key (install makes one) always signs and checks the server's
         # signature, whatever the job says: a job submitter cannot switch that off.
-        kit_signs = (kit_local is not None and not running_in_simulator(fl_ctx)
-                     and (kit_local / signing.PRIVATE_FILE).is_file())
+        kit_signs = (
+            kit_local is not None and not running_in_simulator(fl_ctx) and (kit_local / signing.PRIVATE_FILE).is_file()
+        )
         if self.signatures or kit_signs:  # missing keys fail the site at start, naming the file
             key_dir = self.signing_key_dir or kit_local
             self._sign_keys, self._server_key = wire_sig.load_keys(key_dir)
@@ -246,20 +269,26 @@ class FedMedTrainer(Executor):
         if policy is None and not self._site.synthetic_rehearsal and not running_in_simulator(fl_ctx):
             raise SiteSettingsRefused(
                 f"no privacy policy applies to this job at {site} (neither {path} nor the job's privacy scope sets "
-                "one); only a site whose fedmed_site.json marks its data \"synthetic_rehearsal\" trains without DP")
+                "one); only a site whose fedmed_site.json marks its data \"synthetic_rehearsal\" trains without DP"
+            )
         if policy is not None or self._noise_filters:
             self._ledger = self._open_ledger(site, policy, fl_ctx)
         if policy is not None:
             if self.norm != "group":
-                raise ValueError(f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
-                                 "normalisation, which DP-SGD cannot privatise; the job must use norm='group'")
+                raise ValueError(
+                    f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
+                    "normalisation, which DP-SGD cannot privatise; the job must use norm='group'"
+                )
             self._privacy = SitePrivacy(policy, self._ledger)
             trained = set_trainable(self._model, self.dp_train_layers)  # names a prefix that matches nothing
             set_trainable(self._model, None)
             what = "all" if self.dp_train_layers is None else f"{self.dp_train_layers}:"
-            self.log_info(fl_ctx, f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
-                                  f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}; trains "
-                                  f"{what} {len(trained)} parameter tensors")
+            self.log_info(
+                fl_ctx,
+                f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
+                f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}; trains "
+                f"{what} {len(trained)} parameter tensors",
+            )
         self.log_info(
             fl_ctx,
             f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
@@ -269,20 +298,32 @@ class FedMedTrainer(Executor):
     def _open_ledger(self, site: str, policy, fl_ctx: FLContext) -> LedgerBinding:
         """The site's lifetime ledger (path from fedmed_site.json, else <kit>/local/), verified, bound to this
         dataset (content fingerprint of every image the task reads) and this job."""
-        path = self._site.privacy_ledger or \
-            Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / LEDGER_FILENAME
+        path = (
+            self._site.privacy_ledger
+            or Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / LEDGER_FILENAME
+        )
         ledger = PrivacyLedger(path)
         problem = ledger.verify()
         if problem:
-            raise SiteSettingsRefused(f"the site's privacy ledger is damaged, so no privacy spend can be accounted: "
-                                      f"{problem}; the privacy officer must check it (scripts/privacy_ledger.py "
-                                      "verify)")
+            raise SiteSettingsRefused(
+                f"the site's privacy ledger is damaged, so no privacy spend can be accounted: "
+                f"{problem}; the privacy officer must check it (scripts/privacy_ledger.py "
+                "verify)"
+            )
         fingerprint = dataset_fingerprint(it.path for it in load_items(self._site.data, self._task))
-        binding = LedgerBinding(ledger, fingerprint, str(fl_ctx.get_job_id()),
-                                policy.delta if policy else DEFAULT_DELTA, policy.lifetime_ceiling if policy else None,
-                                run=uuid.uuid4().hex[:12])
-        self.log_info(fl_ctx, f"site {site}: privacy ledger {path}, dataset {fingerprint[:12]}: lifetime epsilon "
-                              f"{binding.lifetime_epsilon():.3f} of {binding.lifetime_ceiling}")
+        binding = LedgerBinding(
+            ledger,
+            fingerprint,
+            str(fl_ctx.get_job_id()),
+            policy.delta if policy else DEFAULT_DELTA,
+            policy.lifetime_ceiling if policy else None,
+            run=uuid.uuid4().hex[:12],
+        )
+        self.log_info(
+            fl_ctx,
+            f"site {site}: privacy ledger {path}, dataset {fingerprint[:12]}: lifetime epsilon "
+            f"{binding.lifetime_epsilon():.3f} of {binding.lifetime_ceiling}",
+        )
         return binding
 
     def _privacy_policy(self, fl_ctx: FLContext):
@@ -303,30 +344,39 @@ class FedMedTrainer(Executor):
         except ValueError as e:
             raise ValueError(f"privacy scope {scope!r} in local/privacy.json: {e}") from e
         policy = strictest(self._site.privacy, scope_policy)
-        sources = [name for name, p in (("fedmed_site.json", self._site.privacy),
-                                        (f"privacy scope {scope!r}", scope_policy)) if p is policy]
+        sources = [
+            name
+            for name, p in (("fedmed_site.json", self._site.privacy), (f"privacy scope {scope!r}", scope_policy))
+            if p is policy
+        ]
         return policy, (sources[0] if sources else "fedmed_site.json and privacy scope combined")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (self.train_task_name, C.TASK_FINAL_MODEL):
-            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {self.train_task_name!r} "
-                                   f"and {C.TASK_FINAL_MODEL!r}")
+            self.log_error(
+                fl_ctx,
+                f"unknown task {task_name!r}; this executor handles {self.train_task_name!r} "
+                f"and {C.TASK_FINAL_MODEL!r}",
+            )
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         if self._refusal is not None:
-            return FLModelUtils.to_shareable(FLModel(metrics={},
-                                                     meta={C.META_REFUSED: self._refusal, C.META_SITE: site}))
+            return FLModelUtils.to_shareable(
+                FLModel(metrics={}, meta={C.META_REFUSED: self._refusal, C.META_SITE: site})
+            )
         if self._unavailable is not None:
-            return FLModelUtils.to_shareable(FLModel(metrics={},
-                                                     meta={C.META_UNAVAILABLE: self._unavailable, C.META_SITE: site}))
+            return FLModelUtils.to_shareable(
+                FLModel(metrics={}, meta={C.META_UNAVAILABLE: self._unavailable, C.META_SITE: site})
+            )
         if self._model is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         try:
             global_model = FLModelUtils.from_shareable(shareable)
             if self._server_key is not None:  # before decrypting or training on anything
                 try:
-                    wire_sig.verify_global(global_model, fl_ctx.get_job_id(), int(global_model.current_round or 0),
-                                           self._server_key)
+                    wire_sig.verify_global(
+                        global_model, fl_ctx.get_job_id(), int(global_model.current_round or 0), self._server_key
+                    )
                 except ValueError as e:
                     self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
                     return make_reply(ReturnCode.BAD_TASK_DATA)
@@ -336,8 +386,9 @@ class FedMedTrainer(Executor):
                 return self._keep_final_model(site, global_params, global_model, fl_ctx)
             round_num = int(global_model.current_round or 0)
             if self._ledger is not None:  # the site's user-level filter charges its part of the round with this
-                fl_ctx.set_prop(C.CTX_PRIVACY_LEDGER, {"binding": self._ledger, "round": round_num}, private=True,
-                                sticky=False)
+                fl_ctx.set_prop(
+                    C.CTX_PRIVACY_LEDGER, {"binding": self._ledger, "round": round_num}, private=True, sticky=False
+                )
                 if self._privacy is None and self._noise_filters:  # no DP-SGD: check the filter's part up front
                     self._ledger.check(self._filter_history())
             load_numpy_state(self._model, global_params)
@@ -349,22 +400,30 @@ class FedMedTrainer(Executor):
                 self._encrypt_result(site, round_num, result, fl_ctx)
             if self._sign_keys is not None:
                 wire_sig.sign_result(result, fl_ctx.get_job_id(), round_num, site, self._sign_keys)
-                fl_ctx.set_prop(C.CTX_SIGNER, (self._sign_keys, fl_ctx.get_job_id(), round_num, site), private=True,
-                                sticky=False)
+                fl_ctx.set_prop(
+                    C.CTX_SIGNER, (self._sign_keys, fl_ctx.get_job_id(), round_num, site), private=True, sticky=False
+                )
             return FLModelUtils.to_shareable(result)
         except GlobalModelRejected as e:
             # Not trained on: the server records the reason (status refused) and the round goes on without us.
             self.log_error(fl_ctx, f"site {site}: refusing round: {e}")
-            return FLModelUtils.to_shareable(FLModel(meta={C.META_REFUSED: f"global model rejected: {e}",
-                                                           C.META_SITE: site}))
+            return FLModelUtils.to_shareable(
+                FLModel(meta={C.META_REFUSED: f"global model rejected: {e}", C.META_SITE: site})
+            )
         except (BudgetExceeded, LedgerError) as e:  # before training: a ceiling, or a ledger damaged since start-up
             self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")
             meta = {C.META_REFUSED: str(e), C.META_SITE: site}
             if self._privacy is not None:
-                meta.update({C.META_EPSILON: self._privacy.epsilon_spent, C.META_DELTA: self._privacy.policy.delta,
-                             C.META_EPSILON_BUDGET: self._privacy.policy.epsilon})
-            return FLModelUtils.to_shareable(FLModel(metrics={C.META_EPSILON: meta.get(C.META_EPSILON, 0.0)},
-                                                     meta=meta))
+                meta.update(
+                    {
+                        C.META_EPSILON: self._privacy.epsilon_spent,
+                        C.META_DELTA: self._privacy.policy.delta,
+                        C.META_EPSILON_BUDGET: self._privacy.policy.epsilon,
+                    }
+                )
+            return FLModelUtils.to_shareable(
+                FLModel(metrics={C.META_EPSILON: meta.get(C.META_EPSILON, 0.0)}, meta=meta)
+            )
         except TrainingAborted:
             self.log_warning(fl_ctx, f"site {site}: training aborted by the server")
             return make_reply(ReturnCode.TASK_ABORTED)
@@ -400,8 +459,11 @@ class FedMedTrainer(Executor):
         seconds = time.monotonic() - t0
         result.meta[C.META_ENCRYPTED] = block.to_wire()
         result.meta[C.META_HE_SECONDS] = seconds
-        self.log_info(fl_ctx, f"site {site} round {round_num + 1}: encrypted {block.num_values} values in "
-                              f"{len(block.chunks)} CKKS ciphertext(s), {block.nbytes / 1e6:.2f} MB, {seconds:.2f}s")
+        self.log_info(
+            fl_ctx,
+            f"site {site} round {round_num + 1}: encrypted {block.num_values} values in "
+            f"{len(block.chunks)} CKKS ciphertext(s), {block.nbytes / 1e6:.2f} MB, {seconds:.2f}s",
+        )
 
     def _keep_final_model(self, site: str, params: dict, global_model: FLModel, fl_ctx: FLContext) -> Shareable:
         """Save the final global model, usable (decrypted) at this hospital, in the job's app folder."""
@@ -412,13 +474,16 @@ class FedMedTrainer(Executor):
         self.log_info(fl_ctx, f"site {site}: final global model saved to {path}")
         return FLModelUtils.to_shareable(FLModel(metrics={"saved": 1.0}, meta={C.META_SITE: site}))
 
-    def _train_and_validate(self, site: str, round_num: int, total_rounds: int, fl_ctx: FLContext,
-                            abort_signal: Signal) -> FLModel:
+    def _train_and_validate(
+        self, site: str, round_num: int, total_rounds: int, fl_ctx: FLContext, abort_signal: Signal
+    ) -> FLModel:
         t0 = time.monotonic()
         lr = round_lr(self.lr, min(round_num, total_rounds - 1), total_rounds)
 
         def on_epoch_end(epoch: int, loss: float):
-            self.log_info(fl_ctx, f"site {site} round {round_num + 1}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}")
+            self.log_info(
+                fl_ctx, f"site {site} round {round_num + 1}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}"
+            )
 
         # Seed differs per round and site so sites don't share augmentation/shuffle streams (not used by DP-SGD,
         # whose sampling and noise come from the OS).
@@ -426,22 +491,44 @@ class FedMedTrainer(Executor):
         privacy_meta = {}
         if self._privacy is not None:
             self._model, dp = self._privacy.train_round(
-                self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
-                total_epochs=total_rounds * self.local_epochs, should_abort=lambda: abort_signal.triggered,
-                task=self._task, trainable=self.dp_train_layers, round_num=round_num,
+                self._model,
+                self._train_ds,
+                self.local_epochs,
+                lr,
+                self.batch_size,
+                seed,
+                total_epochs=total_rounds * self.local_epochs,
+                should_abort=lambda: abort_signal.triggered,
+                task=self._task,
+                trainable=self.dp_train_layers,
+                round_num=round_num,
                 also_released=self._filter_history(),
             )
             train_loss = dp.train_loss
-            privacy_meta = {C.META_EPSILON: dp.epsilon, C.META_DELTA: dp.delta,
-                            C.META_EPSILON_BUDGET: self._privacy.policy.epsilon, C.META_NOISE_MULTIPLIER: dp.noise_multiplier}
+            privacy_meta = {
+                C.META_EPSILON: dp.epsilon,
+                C.META_DELTA: dp.delta,
+                C.META_EPSILON_BUDGET: self._privacy.policy.epsilon,
+                C.META_NOISE_MULTIPLIER: dp.noise_multiplier,
+            }
             if dp.lifetime_epsilon is not None:
                 privacy_meta[C.META_LIFETIME_EPSILON] = dp.lifetime_epsilon
-            self.log_info(fl_ctx, f"site {site} round {round_num + 1}: DP-SGD {dp.steps} steps, sigma "
-                                  f"{dp.noise_multiplier:.3f}, epsilon spent {dp.epsilon:.3f} of {self._privacy.policy.epsilon}")
+            self.log_info(
+                fl_ctx,
+                f"site {site} round {round_num + 1}: DP-SGD {dp.steps} steps, sigma "
+                f"{dp.noise_multiplier:.3f}, epsilon spent {dp.epsilon:.3f} of {self._privacy.policy.epsilon}",
+            )
         else:
             train_loss = train_epochs(
-                self._model, self._train_ds, self.local_epochs, lr, self.batch_size, seed,
-                should_abort=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end, task=self._task,
+                self._model,
+                self._train_ds,
+                self.local_epochs,
+                lr,
+                self.batch_size,
+                seed,
+                should_abort=lambda: abort_signal.triggered,
+                on_epoch_end=on_epoch_end,
+                task=self._task,
             )
         val = evaluate(self._model, self._val_ds, self._task)
         self.log_info(
@@ -458,6 +545,11 @@ class FedMedTrainer(Executor):
             params_type=ParamsType.FULL,
             params=state_to_numpy(self._model),
             metrics=metrics,
-            meta={C.META_NUM_SAMPLES: len(self._train_ds), C.META_SITE: site, C.META_EPOCHS: self.local_epochs,
-                  **privacy_meta, **({} if self._data_synthetic is None else {C.META_DATA_SYNTHETIC: self._data_synthetic})},
+            meta={
+                C.META_NUM_SAMPLES: len(self._train_ds),
+                C.META_SITE: site,
+                C.META_EPOCHS: self.local_epochs,
+                **privacy_meta,
+                **({} if self._data_synthetic is None else {C.META_DATA_SYNTHETIC: self._data_synthetic}),
+            },
         )

@@ -22,8 +22,9 @@ from fedmed.privacy.update_noise import RELATIONS, clip_and_noise_update, sensit
 
 
 class UpdateNoiseFilter(Filter):
-    def __init__(self, clip_norm: float, noise_multiplier: float, relation: str = "replace",
-                 seed: Optional[int] = None):
+    def __init__(
+        self, clip_norm: float, noise_multiplier: float, relation: str = "replace", seed: Optional[int] = None
+    ):
         """Clip the whole update (its distance to the global model the site received) to clip_norm and add Gaussian
         noise of std noise_multiplier x sensitivity, before the result leaves the hospital; each round is charged to
         the site's lifetime privacy ledger first (fedmed.privacy.ledger), and refused if it would pass the ceiling.
@@ -48,8 +49,9 @@ class UpdateNoiseFilter(Filter):
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0 (a filter without noise protects nothing), got "
-                             f"{noise_multiplier}")
+            raise ValueError(
+                f"noise_multiplier must be > 0 (a filter without noise protects nothing), got {noise_multiplier}"
+            )
         if relation not in RELATIONS:
             raise ValueError(f"relation must be one of {sorted(RELATIONS)}, got {relation!r}")
         self.clip_norm = float(clip_norm)
@@ -68,8 +70,9 @@ class UpdateNoiseFilter(Filter):
     def _refuse(self, shareable: Shareable, fl_ctx: FLContext, reason: str) -> Shareable:
         self.log_error(fl_ctx, f"UpdateNoiseFilter: not releasing this update: {reason}")
         site = fl_ctx.get_identity_name()
-        return FLModelUtils.to_shareable(FLModel(metrics={}, meta={C.META_REFUSED: f"user-level DP filter: {reason}",
-                                                                   C.META_SITE: site}))
+        return FLModelUtils.to_shareable(
+            FLModel(metrics={}, meta={C.META_REFUSED: f"user-level DP filter: {reason}", C.META_SITE: site})
+        )
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
@@ -79,11 +82,16 @@ class UpdateNoiseFilter(Filter):
             return shareable  # metrics-only replies (a refused round, the final-model acknowledgement)
         if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
             kind = getattr(dxo.data_kind, "value", dxo.data_kind)
-            return self._refuse(shareable, fl_ctx, f"payload kind {kind!r} cannot be clipped and noised (only WEIGHTS "
-                                                   "and WEIGHT_DIFF)")
+            return self._refuse(
+                shareable, fl_ctx, f"payload kind {kind!r} cannot be clipped and noised (only WEIGHTS and WEIGHT_DIFF)"
+            )
         if C.META_ENCRYPTED in (dxo.meta or {}):
-            return self._refuse(shareable, fl_ctx, "the update carries CKKS-encrypted layers, which this filter "
-                                                   "cannot clip or noise; use selective HE or user-level DP, not both")
+            return self._refuse(
+                shareable,
+                fl_ctx,
+                "the update carries CKKS-encrypted layers, which this filter "
+                "cannot clip or noise; use selective HE or user-level DP, not both",
+            )
         if not dxo.data:
             return self._refuse(shareable, fl_ctx, "the update carries no parameters")
         if dxo.data_kind == DataKind.WEIGHT_DIFF:
@@ -91,39 +99,60 @@ class UpdateNoiseFilter(Filter):
         else:
             reference = fl_ctx.get_prop(C.CTX_GLOBAL_PARAMS)
             if reference is None:
-                raise RuntimeError("UpdateNoiseFilter: the global model this update started from is unknown; "
-                                   "refusing to release an un-noised update (is the site running fedmed's "
-                                   "FedMedTrainer?)")
+                raise RuntimeError(
+                    "UpdateNoiseFilter: the global model this update started from is unknown; "
+                    "refusing to release an un-noised update (is the site running fedmed's "
+                    "FedMedTrainer?)"
+                )
             reference = {k: reference[k] for k in dxo.data if k in reference}
         release = fl_ctx.get_prop(C.CTX_PRIVACY_LEDGER)
         if release is None:
-            return self._refuse(shareable, fl_ctx, "the site's privacy ledger is not open (the trainer did not set "
-                                                   "it), so this round cannot be accounted")
-        noised = clip_and_noise_update(dxo.data, reference, self.clip_norm, self.noise_multiplier, self._rng,
-                                       self.relation)
+            return self._refuse(
+                shareable,
+                fl_ctx,
+                "the site's privacy ledger is not open (the trainer did not set it), so this round cannot be accounted",
+            )
+        noised = clip_and_noise_update(
+            dxo.data, reference, self.clip_norm, self.noise_multiplier, self._rng, self.relation
+        )
         try:  # charged (fsynced) before anything leaves; the check refuses a round past the lifetime ceiling
-            entry = release["binding"].charge(release["round"], "user_level", self.example_history(), details={
-                "clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier, "relation": self.relation,
-                "sensitivity": noised.sensitivity, "noise_std": noised.noise_std})
+            entry = release["binding"].charge(
+                release["round"],
+                "user_level",
+                self.example_history(),
+                details={
+                    "clip_norm": self.clip_norm,
+                    "noise_multiplier": self.noise_multiplier,
+                    "relation": self.relation,
+                    "sensitivity": noised.sensitivity,
+                    "noise_std": noised.noise_std,
+                },
+            )
         except (BudgetExceeded, LedgerError) as e:
             return self._refuse(shareable, fl_ctx, str(e))
         # BatchNorm running statistics are not released: noised they stop being valid statistics (a variance
         # below 0, which the server rejects), and un-noised they would leak the site's data outside the
         # guarantee. The site sends the global model's statistics back instead (post-processing: no privacy cost).
-        dxo.data = {k: (np.asarray(reference[k]) if is_statistic(k) and k in reference else v)
-                    for k, v in noised.params.items()}
+        dxo.data = {
+            k: (np.asarray(reference[k]) if is_statistic(k) and k in reference else v) for k, v in noised.params.items()
+        }
         dxo.set_meta_prop(C.META_UPDATE_CLIP_NORM, self.clip_norm)
         dxo.set_meta_prop(C.META_UPDATE_NOISE_MULTIPLIER, self.noise_multiplier)
         dxo.set_meta_prop(C.META_LIFETIME_EPSILON, entry.epsilon_after)
-        self.log_info(fl_ctx, f"user-level DP ({self.relation}): update norm {noised.norm:.4g} clipped "
-                              f"x{noised.scale:.3f} to {self.clip_norm}, Gaussian noise std {noised.noise_std:.3g}; "
-                              f"dataset lifetime epsilon now {entry.epsilon_after:.3f}")
+        self.log_info(
+            fl_ctx,
+            f"user-level DP ({self.relation}): update norm {noised.norm:.4g} clipped "
+            f"x{noised.scale:.3f} to {self.clip_norm}, Gaussian noise std {noised.noise_std:.3g}; "
+            f"dataset lifetime epsilon now {entry.epsilon_after:.3f}",
+        )
         out = dxo.update_shareable(shareable)
         if C.META_SIGNATURE in dxo.meta:  # the executor signed the un-noised update: sign what leaves instead
             signer = fl_ctx.get_prop(C.CTX_SIGNER)
             if signer is None:
-                raise RuntimeError("UpdateNoiseFilter: the update is signed but the signing key is not in the context; "
-                                   "refusing to release an update whose signature no longer matches")
+                raise RuntimeError(
+                    "UpdateNoiseFilter: the update is signed but the signing key is not in the context; "
+                    "refusing to release an update whose signature no longer matches"
+                )
             keys, job_id, round_num, site = signer
             model = FLModelUtils.from_shareable(out)
             sign_result(model, job_id, round_num, site, keys)

@@ -24,12 +24,14 @@ from fedmed.crypto.ckks import SERVER_CONTEXT_FILE, load_server_context
 class FedMedHEBuilder(Builder):
     def __init__(self, server_context: str):
         """Args:
-            server_context: the key custodian's server/server_context.tenseal (no secret key; checked).
+        server_context: the key custodian's server/server_context.tenseal (no secret key; checked).
         """
         super().__init__()
         if not server_context:
-            raise ValueError("FedMedHEBuilder needs server_context: the key custodian's server context "
-                             "(scripts/he_keys.py make); provisioning does not create keys")
+            raise ValueError(
+                "FedMedHEBuilder needs server_context: the key custodian's server context "
+                "(scripts/he_keys.py make); provisioning does not create keys"
+            )
         self.server_context = server_context
 
     def build(self, project: Project, ctx: ProvisionContext):

@@ -20,7 +20,9 @@ BEST_MODEL_FILE = "best_model.pt"
 
 
 class FedMedModelPersistor(ModelPersistor):
-    def __init__(self, num_outputs: int = 14, initial_weights: Optional[str] = None, seed: int = 0, norm: str = "batch"):
+    def __init__(
+        self, num_outputs: int = 14, initial_weights: Optional[str] = None, seed: int = 0, norm: str = "batch"
+    ):
         """Args:
         num_outputs: classifier outputs (14 findings for chest X-ray).
         initial_weights: optional path to a torch state dict (e.g. a previous run's best_model.pt) to start from;

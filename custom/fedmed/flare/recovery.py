@@ -49,8 +49,11 @@ class InterruptedJobRecorder(FLComponent):
         job_ids = [job.job_id for job in stale]
         for job_id in job_ids:
             job_manager.set_status(job_id, RunStatus.FINISHED_ABNORMAL, fl_ctx)
-            self.log_warning(fl_ctx, f"job {job_id} was running when the server stopped: set to "
-                                     f"{RunStatus.FINISHED_ABNORMAL.value} (NVFlare does not resume it)")
+            self.log_warning(
+                fl_ctx,
+                f"job {job_id} was running when the server stopped: set to "
+                f"{RunStatus.FINISHED_ABNORMAL.value} (NVFlare does not resume it)",
+            )
         url = resolve_db_url(Path(engine.get_workspace().get_root_dir()), self.db_url)
         try:
             repo = Repository(url)

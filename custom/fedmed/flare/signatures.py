@@ -18,15 +18,28 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from fedmed import constants as C
 from fedmed import signing
 
-PRIVACY_KEYS = (C.META_EPSILON, C.META_DELTA, C.META_EPSILON_BUDGET, C.META_NOISE_MULTIPLIER, C.META_UPDATE_CLIP_NORM,
-                C.META_UPDATE_NOISE_MULTIPLIER)
+PRIVACY_KEYS = (
+    C.META_EPSILON,
+    C.META_DELTA,
+    C.META_EPSILON_BUDGET,
+    C.META_NOISE_MULTIPLIER,
+    C.META_UPDATE_CLIP_NORM,
+    C.META_UPDATE_NOISE_MULTIPLIER,
+)
 
 
 def result_digest(model: FLModel, job_id: str, round_num: int, site: str) -> bytes:
     meta = model.meta or {}
-    return signing.update_digest(job_id, round_num, site, model.params or {}, meta.get(C.META_ENCRYPTED),
-                                 int(meta.get(C.META_NUM_SAMPLES, 0)), model.metrics or {},
-                                 {k: meta[k] for k in PRIVACY_KEYS if k in meta})
+    return signing.update_digest(
+        job_id,
+        round_num,
+        site,
+        model.params or {},
+        meta.get(C.META_ENCRYPTED),
+        int(meta.get(C.META_NUM_SAMPLES, 0)),
+        model.metrics or {},
+        {k: meta[k] for k in PRIVACY_KEYS if k in meta},
+    )
 
 
 def sign_result(model: FLModel, job_id: str, round_num: int, site: str, keys: signing.SiteKeys) -> None:
@@ -36,8 +49,9 @@ def sign_result(model: FLModel, job_id: str, round_num: int, site: str, keys: si
     model.meta[C.META_SIGNATURE] = signing.sign(result_digest(model, job_id, round_num, site), keys)
 
 
-def verify_result(model: FLModel, job_id: str, round_num: int, site: str,
-                  public: signing.PublicKeys) -> tuple[bytes, bytes]:
+def verify_result(
+    model: FLModel, job_id: str, round_num: int, site: str, public: signing.PublicKeys
+) -> tuple[bytes, bytes]:
     """Server side: raises fedmed.signing.SignatureError (a ValueError) naming the reason, else returns (signature,
     digest) to store with the update (UpdateRecord.signature / signed_digest, as hex)."""
     sig = (model.meta or {}).get(C.META_SIGNATURE)
@@ -58,8 +72,9 @@ def sign_global(model: FLModel, job_id: str, round_num: int, keys: signing.SiteK
 
 def verify_global(model: FLModel, job_id: str, round_num: int, server: signing.PublicKeys) -> None:
     """Site side: raises SignatureError unless the server signed exactly this global model for this job and round."""
-    signing.verify_global_model(global_digest(model, job_id, round_num), (model.meta or {}).get(C.META_GLOBAL_SIGNATURE),
-                                server)
+    signing.verify_global_model(
+        global_digest(model, job_id, round_num), (model.meta or {}).get(C.META_GLOBAL_SIGNATURE), server
+    )
 
 
 def load_keys(local_dir, need_server_key: bool = True) -> tuple[signing.SiteKeys, Optional[signing.PublicKeys]]:

@@ -9,8 +9,12 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from fedmed import constants as C
 from fedmed.rounds import SiteResult
 
-PRIVACY_KEYS = {"epsilon": C.META_EPSILON, "delta": C.META_DELTA, "epsilon_budget": C.META_EPSILON_BUDGET,
-                "noise_multiplier": C.META_NOISE_MULTIPLIER}
+PRIVACY_KEYS = {
+    "epsilon": C.META_EPSILON,
+    "delta": C.META_DELTA,
+    "epsilon_budget": C.META_EPSILON_BUDGET,
+    "noise_multiplier": C.META_NOISE_MULTIPLIER,
+}
 
 
 def site_of(result: FLModel) -> str:

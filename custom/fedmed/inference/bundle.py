@@ -45,13 +45,14 @@ class PredictionsSaver(CSVSaver):
             self._filepath.write_text(self.delimiter.join(self.header) + "\n")
         super().finalize()
 
+
 # What the bundle's metadata and README say about each task's model (the code paths ask the task itself).
 BUNDLE_TEXTS = {
     CHEST_XRAY14.name: {
         "name": "fedmed chest X-ray DenseNet-121",
         "task": "Multi-label classification of 14 ChestX-ray14 findings on frontal chest radiographs",
         "description": "DenseNet-121 trained by federated learning (NVFlare, fedmed) across hospitals; "
-                       "outputs one sigmoid probability per finding.",
+        "outputs one sigmoid probability per finding.",
         "data_source": "Federated hospital DICOM (CR/DX, PA/AP); no data leaves a hospital",
         "image_classes": "single-channel radiograph, rescaled and MONOCHROME1-inverted, percentile-scaled to [0, 1]",
         "modality": "CR/DX",
@@ -63,14 +64,14 @@ BUNDLE_TEXTS = {
     BRAIN_MRI.name: {
         "name": "fedmed brain MRI DenseNet-121",
         "task": "Multi-class classification of brain tumour type (glioma, meningioma, pituitary, no tumour) on axial "
-                "MR slices",
+        "MR slices",
         "description": "DenseNet-121 trained by federated learning (NVFlare, fedmed) across hospitals; "
-                       "outputs softmax probabilities over 4 classes; the predicted class is the argmax.",
+        "outputs softmax probabilities over 4 classes; the predicted class is the argmax.",
         "data_source": "Federated hospital DICOM (MR, axial T1-weighted slices); no data leaves a hospital",
         "image_classes": "single-channel axial MR slice, rescaled, percentile-scaled to [0, 1]",
         "modality": "MR",
         "outputs": "4 classes (glioma, meningioma, pituitary, no tumour), softmax probabilities summing to 1, from "
-                   "axial MR slices of the brain.",
+        "axial MR slices of the brain.",
         "selection": "axial-slice selection",
         "images": "axial MR slice",
         "read_as": "MONOCHROME1 inverted (bright = high signal)",
@@ -91,10 +92,17 @@ def datalist_def(task: TaskSpec) -> dict:
     every file left out is listed with its reason in SKIPPED_CSV beside the predictions."""
     skipped = f"$@output_dir + '/{SKIPPED_CSV}'"
     if task.name == CHEST_XRAY14.name:
-        return {"_target_": "fedmed.inference.studies.frontal_image_datalist", "root": "@dataset_dir",
-                "skipped_csv": skipped}
-    return {"_target_": "fedmed.inference.studies.task_image_datalist", "root": "@dataset_dir", "task": task.name,
-            "skipped_csv": skipped}
+        return {
+            "_target_": "fedmed.inference.studies.frontal_image_datalist",
+            "root": "@dataset_dir",
+            "skipped_csv": skipped,
+        }
+    return {
+        "_target_": "fedmed.inference.studies.task_image_datalist",
+        "root": "@dataset_dir",
+        "task": task.name,
+        "skipped_csv": skipped,
+    }
 
 
 def load_def(task: TaskSpec) -> dict:
@@ -105,8 +113,14 @@ def load_def(task: TaskSpec) -> dict:
     return load
 
 
-def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: int = 16,
-                     task: TaskSpec = CHEST_XRAY14, classes: Optional[list] = None) -> dict:
+def inference_config(
+    image_size: int,
+    norm: str,
+    num_outputs: int,
+    batch_size: int = 16,
+    task: TaskSpec = CHEST_XRAY14,
+    classes: Optional[list] = None,
+) -> dict:
     keys = "image"
     activation = "softmax" if task.is_multiclass else "sigmoid"
     return {
@@ -125,30 +139,67 @@ def inference_config(image_size: int, norm: str, num_outputs: int, batch_size: i
             "transforms": [
                 load_def(task),
                 {"_target_": "EnsureChannelFirstd", "keys": keys, "channel_dim": "no_channel"},
-                {"_target_": "ScaleIntensityRangePercentilesd", "keys": keys, "lower": INTENSITY_PERCENTILES[0],
-                 "upper": INTENSITY_PERCENTILES[1], "b_min": 0.0, "b_max": 1.0, "clip": True},
-                {"_target_": "Resized", "keys": keys, "spatial_size": ["@image_size", "@image_size"], "mode": RESIZE_MODE},
+                {
+                    "_target_": "ScaleIntensityRangePercentilesd",
+                    "keys": keys,
+                    "lower": INTENSITY_PERCENTILES[0],
+                    "upper": INTENSITY_PERCENTILES[1],
+                    "b_min": 0.0,
+                    "b_max": 1.0,
+                    "clip": True,
+                },
+                {
+                    "_target_": "Resized",
+                    "keys": keys,
+                    "spatial_size": ["@image_size", "@image_size"],
+                    "mode": RESIZE_MODE,
+                },
             ],
         },
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": "@batch_size", "shuffle": False,
-                       "num_workers": 0},
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": "@batch_size",
+            "shuffle": False,
+            "num_workers": 0,
+        },
         "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {"_target_": "Compose",
-                           "transforms": [{"_target_": "Activationsd", "keys": "pred", activation: True}]},
+        "postprocessing": {
+            "_target_": "Compose",
+            "transforms": [{"_target_": "Activationsd", "keys": "pred", activation: True}],
+        },
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
-             "map_location": "cpu"},
-            {"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": PREDICTIONS_CSV,
-             "saver": {"_target_": "fedmed.inference.bundle.PredictionsSaver", "output_dir": "@output_dir",
-                       "filename": PREDICTIONS_CSV,
-                       "header": ["file"] + [f"p_{c}" for c in (classes or task.classes[:num_outputs])]},
-             "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
-             "output_transform": "$lambda x: [xx['pred'] for xx in x]"},
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "@ckpt_path",
+                "load_dict": {"model": "@network"},
+                "map_location": "cpu",
+            },
+            {
+                "_target_": "ClassificationSaver",
+                "output_dir": "@output_dir",
+                "filename": PREDICTIONS_CSV,
+                "saver": {
+                    "_target_": "fedmed.inference.bundle.PredictionsSaver",
+                    "output_dir": "@output_dir",
+                    "filename": PREDICTIONS_CSV,
+                    "header": ["file"] + [f"p_{c}" for c in (classes or task.classes[:num_outputs])],
+                },
+                "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
+                "output_transform": "$lambda x: [xx['pred'] for xx in x]",
+            },
         ],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
-                      "val_handlers": "@handlers", "amp": False},
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@network",
+            "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers",
+            "amp": False,
+        },
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@evaluator.run()"],
     }
@@ -181,18 +232,42 @@ def metadata(model, image_size: int, findings: list, task: TaskSpec = CHEST_XRAY
         "image_classes": text["image_classes"],
         "label_classes": {str(i): f for i, f in enumerate(findings)},
         "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": text["modality"], "num_channels": 1,
-                                 "spatial_shape": [image_size, image_size], "dtype": "float32", "value_range": [0, 1],
-                                 "is_patch_data": False, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(findings),
-                                 "spatial_shape": [1], "dtype": "float32", "value_range": [0, 1],
-                                 "is_onehot": False, "channel_def": {str(i): f for i, f in enumerate(findings)}}},
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": text["modality"],
+                    "num_channels": 1,
+                    "spatial_shape": [image_size, image_size],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": len(findings),
+                    "spatial_shape": [1],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_onehot": False,
+                    "channel_def": {str(i): f for i, f in enumerate(findings)},
+                }
+            },
         },
-        "fedmed": {"clinical_use_warning": model.clinical_use_warning, "model": model.identity(),
-                   "source_model_file": model.path.name,
-                   "round": model.meta.get("round"), "norm": model.norm,
-                   "model_card": model.card.to_meta() if model.card else None, **decision,
-                   "platform": platform.platform()},
+        "fedmed": {
+            "clinical_use_warning": model.clinical_use_warning,
+            "model": model.identity(),
+            "source_model_file": model.path.name,
+            "round": model.meta.get("round"),
+            "norm": model.norm,
+            "model_card": model.card.to_meta() if model.card else None,
+            **decision,
+            "platform": platform.platform(),
+        },
     }
 
 
@@ -234,8 +309,9 @@ Read with rescale applied and {read_as}, channel first, intensity scaled between
 """
 
 
-def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = None, batch_size: int = 16,
-                  task: Optional[str] = None) -> Path:
+def export_bundle(
+    model_path: Path, out_dir: Path, image_size: Optional[int] = None, batch_size: int = 16, task: Optional[str] = None
+) -> Path:
     """Write the bundle folder; returns it.
 
     Args:
@@ -263,15 +339,32 @@ def export_bundle(model_path: Path, out_dir: Path, image_size: Optional[int] = N
     else:
         decision_title = "Decision thresholds"
         thresholds = meta["fedmed"]["thresholds"]
-        table = "\n".join(["| finding | threshold |", "|---|---|"]
-                          + [f"| {f} | {t:.4f} |" for f, t in thresholds.items()])
-        decision = f"Per finding, probability >= threshold is positive ({meta['fedmed']['thresholds_source']}):\n\n{table}"
+        table = "\n".join(
+            ["| finding | threshold |", "|---|---|"] + [f"| {f} | {t:.4f} |" for f, t in thresholds.items()]
+        )
+        decision = (
+            f"Per finding, probability >= threshold is positive ({meta['fedmed']['thresholds_source']}):\n\n{table}"
+        )
     card_lines = model.card.lines() if model.card else ["This model file carries no model card."]
     warning = f"\n**{model.clinical_use_warning}**\n" if model.clinical_use_warning else ""
-    (out_dir / "README.md").write_text(README.format(
-        identity=model.name, sha256=model.sha256, warning=warning, skipped=SKIPPED_CSV,
-        card="\n".join(f"- {line}" for line in card_lines), monai_version=monai.__version__,
-        predictions=PREDICTIONS_CSV, findings=", ".join(findings), count=len(findings), lo=INTENSITY_PERCENTILES[0],
-        hi=INTENSITY_PERCENTILES[1], size=size, mode=RESIZE_MODE, decision_title=decision_title, decision=decision,
-        **{k: BUNDLE_TEXTS[spec.name][k] for k in ("name", "outputs", "selection", "images", "read_as")}))
+    (out_dir / "README.md").write_text(
+        README.format(
+            identity=model.name,
+            sha256=model.sha256,
+            warning=warning,
+            skipped=SKIPPED_CSV,
+            card="\n".join(f"- {line}" for line in card_lines),
+            monai_version=monai.__version__,
+            predictions=PREDICTIONS_CSV,
+            findings=", ".join(findings),
+            count=len(findings),
+            lo=INTENSITY_PERCENTILES[0],
+            hi=INTENSITY_PERCENTILES[1],
+            size=size,
+            mode=RESIZE_MODE,
+            decision_title=decision_title,
+            decision=decision,
+            **{k: BUNDLE_TEXTS[spec.name][k] for k in ("name", "outputs", "selection", "images", "read_as")},
+        )
+    )
     return out_dir

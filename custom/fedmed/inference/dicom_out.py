@@ -34,8 +34,17 @@ MAX_LO = 64  # DICOM LO: code meanings, series descriptions
 
 # Type 2 attributes highdicom copies from the source into the new object: present (maybe empty) in a valid image,
 # but PACS exports and older files sometimes omit them.
-PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                       "StudyID", "AccessionNumber", "ReferringPhysicianName")
+PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 
 
 def _complete_header(source: pydicom.Dataset) -> pydicom.Dataset:
@@ -89,8 +98,9 @@ def _algorithm(f: StudyFindings) -> hd.sr.AlgorithmIdentification:
         params.insert(0, f.clinical_use_warning)
     if f.ood_note:
         params.append(f.ood_note)
-    return hd.sr.AlgorithmIdentification(name="fedmed DenseNet-121", version=f.model_version[:MAX_LO],
-                                         parameters=params)
+    return hd.sr.AlgorithmIdentification(
+        name="fedmed DenseNet-121", version=f.model_version[:MAX_LO], parameters=params
+    )
 
 
 def structured_report(findings: StudyFindings, sources: Sequence[pydicom.Dataset]) -> hd.sr.Comprehensive3DSR:
@@ -106,32 +116,58 @@ def structured_report(findings: StudyFindings, sources: Sequence[pydicom.Dataset
     algorithm = _algorithm(findings)
     measurements, evaluations = [], []
     for name, p in findings.probabilities.items():
-        measurements.append(hd.sr.Measurement(name=finding_code(name), value=float(p), unit=codes.UCUM.NoUnits,
-                                              derivation=codes.DCM.Probability))
+        measurements.append(
+            hd.sr.Measurement(
+                name=finding_code(name), value=float(p), unit=codes.UCUM.NoUnits, derivation=codes.DCM.Probability
+            )
+        )
         if name in findings.thresholds:
-            measurements.append(hd.sr.Measurement(name=threshold_code(name), value=float(findings.thresholds[name]),
-                                                  unit=codes.UCUM.NoUnits))
+            measurements.append(
+                hd.sr.Measurement(
+                    name=threshold_code(name), value=float(findings.thresholds[name]), unit=codes.UCUM.NoUnits
+                )
+            )
         value = codes.SCT.Present if name in findings.decided else codes.SCT.Absent
         evaluations.append(hd.sr.QualitativeEvaluation(name=finding_code(name), value=value))
-    evaluations.append(hd.sr.QualitativeEvaluation(
-        name=CLINICAL_USE, value=NOT_FOR_CLINICAL_USE if findings.clinical_use_warning else RESEARCH_ONLY))
-    evaluations.append(hd.sr.QualitativeEvaluation(
-        name=OUT_OF_DISTRIBUTION, value=codes.SCT.Present if findings.out_of_distribution else codes.SCT.Absent))
+    evaluations.append(
+        hd.sr.QualitativeEvaluation(
+            name=CLINICAL_USE, value=NOT_FOR_CLINICAL_USE if findings.clinical_use_warning else RESEARCH_ONLY
+        )
+    )
+    evaluations.append(
+        hd.sr.QualitativeEvaluation(
+            name=OUT_OF_DISTRIBUTION, value=codes.SCT.Present if findings.out_of_distribution else codes.SCT.Absent
+        )
+    )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="fedmed study findings"),
-        algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources])
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources],
+    )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(), name="fedmed", model_name=findings.model_name[:MAX_LO]))
+            uid=generate_uid(), name="fedmed", model_name=findings.model_name[:MAX_LO]
+        ),
+    )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PROCEDURE, imaging_measurements=[group])
+        procedure_reported=PROCEDURE,
+        imaging_measurements=[group],
+    )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(sources), content=report, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
-        series_description=_series_description("fedmed AI findings", findings.clinical_use_warning))
+        evidence=list(sources),
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=_series_description("fedmed AI findings", findings.clinical_use_warning),
+    )
     return sr
 
 
@@ -139,8 +175,9 @@ def _series_description(what: str, warning: Optional[str]) -> str:
     return (f"{what} - NOT FOR CLINICAL USE" if warning else f"{what} (not for primary diagnosis)")[:MAX_LO]
 
 
-def secondary_capture(rgb: np.ndarray, source: pydicom.Dataset, description: str,
-                      clinical_use_warning: Optional[str] = None) -> hd.sc.SCImage:
+def secondary_capture(
+    rgb: np.ndarray, source: pydicom.Dataset, description: str, clinical_use_warning: Optional[str] = None
+) -> hd.sc.SCImage:
     """The Grad-CAM overlay as a Secondary Capture in the source's study (same patient, a new series), referring
     to the source image, marked derived, with what it shows (and the not-for-clinical-use line) in its
     DerivationDescription and SeriesDescription.
@@ -154,11 +191,20 @@ def secondary_capture(rgb: np.ndarray, source: pydicom.Dataset, description: str
     orientation = tuple(str(v) for v in (getattr(source, "PatientOrientation", None) or ()))
     known = len(orientation) == 2 and all(orientation)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8), photometric_interpretation="RGB",
-        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=generate_uid(),
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
+        ref_dataset=source,
+        pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=generate_uid(),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
         # the overlay keeps the source's rows and columns (resized), so its orientation is the source's
-        patient_orientation=orientation if known else ("L", "F"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
+        patient_orientation=orientation if known else ("L", "F"),
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+    )
     if not known:
         # highdicom wants an orientation; PatientOrientation is type 2 (may be empty) and guessing one would be
         # worse than saying nothing when the source does not say
@@ -167,7 +213,9 @@ def secondary_capture(rgb: np.ndarray, source: pydicom.Dataset, description: str
     sc.ContentDate, sc.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sc.SeriesDescription = _series_description("fedmed Grad-CAM overlay", clinical_use_warning)
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.DerivationDescription = (f"{clinical_use_warning}. {description}" if clinical_use_warning else description)[:1024]
+    sc.DerivationDescription = (f"{clinical_use_warning}. {description}" if clinical_use_warning else description)[
+        :1024
+    ]
     # the not-for-clinical-use banner (fedmed.inference.predict.stamp_banner) is text in the pixels; no patient data
     sc.BurnedInAnnotation = "YES" if clinical_use_warning else "NO"
     ref = pydicom.Dataset()
@@ -200,5 +248,9 @@ def read_structured_report(sr: pydicom.Dataset) -> dict:
         else:
             probabilities[m.name.meaning] = float(m.value)
     evaluations = {q.name.meaning: q.value.meaning for q in groups[0].get_qualitative_evaluations()}
-    return {"probabilities": probabilities, "thresholds": thresholds, "evaluations": evaluations,
-            "texts": list(dict.fromkeys(_texts(parsed.ContentSequence)))}
+    return {
+        "probabilities": probabilities,
+        "thresholds": thresholds,
+        "evaluations": evaluations,
+        "texts": list(dict.fromkeys(_texts(parsed.ContentSequence))),
+    }

@@ -125,8 +125,10 @@ class ModelFile:
         (a multi-label model may have fewer outputs than findings, a multi-class one must have exactly one per class)."""
         n, k = self.num_outputs, task.num_outputs
         if n > k or (task.is_multiclass and n != k):
-            raise ValueError(f"{self.path}: the model has {n} outputs but task {task.name} has {k} classes "
-                             f"{list(task.classes)}; wrong --task, or a model file of another task")
+            raise ValueError(
+                f"{self.path}: the model has {n} outputs but task {task.name} has {k} classes "
+                f"{list(task.classes)}; wrong --task, or a model file of another task"
+            )
         return list(task.classes[:n])
 
     def thresholds(self, findings: Sequence[str] = CXR14_FINDINGS) -> Thresholds:
@@ -152,8 +154,10 @@ def read_model_file(path: Path) -> ModelFile:
     state = blob.get("state_dict", blob)
     meta = dict(blob.get("meta") or {}) if "state_dict" in blob else {}
     if HEAD_PREFIX + "weight" not in state and META_ENCRYPTED in meta:
-        raise ValueError(f"{path}: the classifier head is CKKS-encrypted (the server's copy of an HE run); use a "
-                         f"hospital's final_global_model.pt, which holds the decrypted model")
+        raise ValueError(
+            f"{path}: the classifier head is CKKS-encrypted (the server's copy of an HE run); use a "
+            f"hospital's final_global_model.pt, which holds the decrypted model"
+        )
     if HEAD_PREFIX + "weight" not in state:
         raise ValueError(f"{path}: no {HEAD_PREFIX}weight; not a fedmed DenseNet-121 state dict")
     state = {k: torch.as_tensor(v) for k, v in state.items()}
@@ -198,8 +202,10 @@ def choose_thresholds(
 
     model_file = read_model_file(model_path)
     if model_file.task().is_multiclass:
-        raise ValueError(f"{model_path}: a {model_file.task().name} model decides by argmax over its classes; "
-                         f"decision thresholds are for multi-label models only")
+        raise ValueError(
+            f"{model_path}: a {model_file.task().name} model decides by argmax over its classes; "
+            f"decision thresholds are for multi-label models only"
+        )
     size = model_file.image_size(image_size)
     items = load_dicom_site(Path(dicom_root), Path(labels_csv), split, task=model_file.task())
     model = model_file.build()
@@ -208,15 +214,20 @@ def choose_thresholds(
     findings = CXR14_FINDINGS[: model_file.num_outputs]
     chosen = youden_thresholds(labels, probs, findings)
     meta = dict(model_file.meta)
-    meta.update({
-        META_THRESHOLDS: chosen,
-        META_THRESHOLD_METHOD: "youden_j",
-        META_THRESHOLD_DATA: {"images": len(items), "split": split,
-                              # the file they were chosen with (this copy's bytes, and so its hash, differ)
-                              "chosen_with_model_file_sha256": model_file.sha256,
-                              "positives": {f: int(labels[:, k].sum()) for k, f in enumerate(findings)}},
-        META_IMAGE_SIZE: size,
-    })
+    meta.update(
+        {
+            META_THRESHOLDS: chosen,
+            META_THRESHOLD_METHOD: "youden_j",
+            META_THRESHOLD_DATA: {
+                "images": len(items),
+                "split": split,
+                # the file they were chosen with (this copy's bytes, and so its hash, differ)
+                "chosen_with_model_file_sha256": model_file.sha256,
+                "positives": {f: int(labels[:, k].sum()) for k, f in enumerate(findings)},
+            },
+            META_IMAGE_SIZE: size,
+        }
+    )
     if ood:
         where = f"{Path(dicom_root).name} ({'all rows' if split is None else 'split ' + split})"
         meta[META_OOD] = fit_ood(pooled_features(model, dataset.images, batch_size), where).to_meta()

@@ -57,7 +57,7 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, batch_size: in
     model.eval()
     with FeatureTap(model) as tap:
         for i in range(0, len(images), batch_size):
-            model(images[i:i + batch_size])
+            model(images[i : i + batch_size])
     return tap.features()
 
 
@@ -87,11 +87,15 @@ class OodStatistics:
         return np.sqrt((np.maximum(maha, 0) + resid / self.residual) / len(self.mean))
 
     def to_meta(self) -> dict:
-        return {"mean": torch.as_tensor(self.mean, dtype=torch.float32),
-                "components": torch.as_tensor(self.components, dtype=torch.float32),
-                "precision": torch.as_tensor(self.precision, dtype=torch.float32),
-                "residual": float(self.residual), "threshold": float(self.threshold),
-                "calibration": dict(self.calibration), "feature_layer": FEATURE_LAYER}
+        return {
+            "mean": torch.as_tensor(self.mean, dtype=torch.float32),
+            "components": torch.as_tensor(self.components, dtype=torch.float32),
+            "precision": torch.as_tensor(self.precision, dtype=torch.float32),
+            "residual": float(self.residual),
+            "threshold": float(self.threshold),
+            "calibration": dict(self.calibration),
+            "feature_layer": FEATURE_LAYER,
+        }
 
     @classmethod
     def from_meta(cls, raw: Mapping, source: str = "model file") -> "OodStatistics":
@@ -105,16 +109,20 @@ class OodStatistics:
             raise ValueError(f"{source}: ood statistics are incomplete or malformed ({type(e).__name__}: {e})") from e
         k = len(components)
         if mean.ndim != 1 or components.shape != (k, len(mean)) or precision.shape != (k, k):
-            raise ValueError(f"{source}: ood statistics have inconsistent shapes mean {mean.shape}, components "
-                             f"{components.shape}, precision {precision.shape}")
+            raise ValueError(
+                f"{source}: ood statistics have inconsistent shapes mean {mean.shape}, components "
+                f"{components.shape}, precision {precision.shape}"
+            )
         if not (residual > 0 and np.isfinite(threshold) and np.all(np.isfinite(precision))):
             raise ValueError(f"{source}: ood statistics must be finite with residual > 0")
         return cls(mean, components, precision, residual, threshold, dict(raw.get("calibration") or {}))
 
     def note(self) -> str:
         n = self.calibration.get("images", "?")
-        return (f"out-of-distribution score: feature distance to {n} calibration images "
-                f"({self.calibration.get('data', 'unknown data')}); flagged above {self.threshold:.2f}")
+        return (
+            f"out-of-distribution score: feature distance to {n} calibration images "
+            f"({self.calibration.get('data', 'unknown data')}); flagged above {self.threshold:.2f}"
+        )
 
 
 def _fit(features: np.ndarray, n_components: int) -> tuple:
@@ -133,8 +141,14 @@ def _fit(features: np.ndarray, n_components: int) -> tuple:
     return mean, components, precision, max(residual, 1e-12)
 
 
-def fit_ood(features: np.ndarray, data: str, quantile: float = DEFAULT_QUANTILE,
-            n_components: int = DEFAULT_COMPONENTS, folds: Optional[int] = None, seed: int = 0) -> OodStatistics:
+def fit_ood(
+    features: np.ndarray,
+    data: str,
+    quantile: float = DEFAULT_QUANTILE,
+    n_components: int = DEFAULT_COMPONENTS,
+    folds: Optional[int] = None,
+    seed: int = 0,
+) -> OodStatistics:
     """Statistics from calibration features (N, D), N >= 4, and a threshold at `quantile` of the out-of-fold
     scores (folds: default DEFAULT_FOLDS, fewer when N is small, at least 2 images per fold).
 
@@ -145,8 +159,9 @@ def fit_ood(features: np.ndarray, data: str, quantile: float = DEFAULT_QUANTILE,
     if not 0.5 <= quantile < 1:
         raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
     if features.ndim != 2 or len(features) < MIN_CALIBRATION_IMAGES:
-        raise ValueError(f"need at least {MIN_CALIBRATION_IMAGES} calibration images for the OOD guard, "
-                         f"got {len(features)}")
+        raise ValueError(
+            f"need at least {MIN_CALIBRATION_IMAGES} calibration images for the OOD guard, got {len(features)}"
+        )
     folds = folds or min(DEFAULT_FOLDS, len(features) // 2)
     if not 2 <= folds <= len(features) // 2:
         raise ValueError(f"folds must be in [2, {len(features) // 2}] for {len(features)} images, got {folds}")
@@ -158,9 +173,14 @@ def fit_ood(features: np.ndarray, data: str, quantile: float = DEFAULT_QUANTILE,
         out_of_fold[fold] = held.score(features[fold])
     mean, components, precision, residual = _fit(features, n_components)
     threshold = float(np.quantile(out_of_fold, quantile))
-    return OodStatistics(mean, components, precision, residual, threshold,
-                         {"images": len(features), "data": data, "quantile": quantile, "folds": folds,
-                          "components": len(components)})
+    return OodStatistics(
+        mean,
+        components,
+        precision,
+        residual,
+        threshold,
+        {"images": len(features), "data": data, "quantile": quantile, "folds": folds, "components": len(components)},
+    )
 
 
 def ood_from_meta(meta: Mapping, source: str = "model file") -> Optional[OodStatistics]:

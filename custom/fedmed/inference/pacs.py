@@ -50,8 +50,10 @@ class StudyQuery:
         if self.modality is not None and not re.fullmatch(r"[A-Z]{2,16}", self.modality):
             raise ValueError(f"modality must be a DICOM modality code such as CR or DX, got {self.modality!r}")
         if not (self.study_uids or self.date_from or self.date_to or self.modality):
-            raise ValueError("a PACS query needs a study UID, a date range or a modality (fetching every study "
-                             "in the PACS is refused)")
+            raise ValueError(
+                "a PACS query needs a study UID, a date range or a modality (fetching every study "
+                "in the PACS is refused)"
+            )
 
     def filters(self) -> dict:
         out = {}
@@ -93,8 +95,9 @@ def find_studies(client, query: StudyQuery) -> list:
         filters = query.filters()
         if uid is not None:
             filters["StudyInstanceUID"] = uid
-        for item in _call(client, "QIDO-RS study search", client.search_for_studies, search_filters=filters,
-                          get_remaining=True):
+        for item in _call(
+            client, "QIDO-RS study search", client.search_for_studies, search_filters=filters, get_remaining=True
+        ):
             study = _value(item, STUDY_UID)
             if study:
                 found.add(study)
@@ -106,13 +109,23 @@ def retrieve_studies(client, study_uids: list, dest: Path, modalities) -> int:
     number of instances written."""
     count = 0
     for n, study in enumerate(study_uids):
-        series = _call(client, f"QIDO-RS series search of study {study}", client.search_for_series,
-                       study_instance_uid=study, get_remaining=True)
+        series = _call(
+            client,
+            f"QIDO-RS series search of study {study}",
+            client.search_for_series,
+            study_instance_uid=study,
+            get_remaining=True,
+        )
         for s in series:
             if _value(s, MODALITY) not in modalities or not _value(s, SERIES_UID):
                 continue
-            instances = _call(client, f"WADO-RS retrieve of a series of study {study}", client.retrieve_series,
-                              study_instance_uid=study, series_instance_uid=_value(s, SERIES_UID))
+            instances = _call(
+                client,
+                f"WADO-RS retrieve of a series of study {study}",
+                client.retrieve_series,
+                study_instance_uid=study,
+                series_instance_uid=_value(s, SERIES_UID),
+            )
             folder = dest / f"study{n:05d}"
             folder.mkdir(parents=True, exist_ok=True)
             for ds in instances:
@@ -139,12 +152,19 @@ def store_results(client, paths: list) -> int:
         by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
     stored = 0
     for study, datasets in by_study.items():
-        response = _call(client, f"STOW-RS of {len(datasets)} result object(s) to study {study}",
-                         client.store_instances, datasets=datasets, study_instance_uid=study)
+        response = _call(
+            client,
+            f"STOW-RS of {len(datasets)} result object(s) to study {study}",
+            client.store_instances,
+            datasets=datasets,
+            study_instance_uid=study,
+        )
         failed = getattr(response, "FailedSOPSequence", None) or []
         if failed:
-            raise PacsError(f"PACS {client.base_url}: STOW-RS refused {len(failed)} of {len(datasets)} result "
-                            f"object(s) of study {study}")
+            raise PacsError(
+                f"PACS {client.base_url}: STOW-RS refused {len(failed)} of {len(datasets)} result "
+                f"object(s) of study {study}"
+            )
         stored += len(datasets)
     return stored
 
@@ -157,8 +177,15 @@ class PacsRun:
     instances_stored: int
 
 
-def infer_from_dicomweb(url: str, query: StudyQuery, model_path: Path, options: InferenceOptions, send: bool = True,
-                        on_problem: Optional[Callable] = None, progress: Optional[Callable] = None) -> PacsRun:
+def infer_from_dicomweb(
+    url: str,
+    query: StudyQuery,
+    model_path: Path,
+    options: InferenceOptions,
+    send: bool = True,
+    on_problem: Optional[Callable] = None,
+    progress: Optional[Callable] = None,
+) -> PacsRun:
     """Find, retrieve, infer and (send=True) store the SR and Secondary Captures back in each study.
 
     Args:
@@ -179,8 +206,10 @@ def infer_from_dicomweb(url: str, query: StudyQuery, model_path: Path, options: 
     with tempfile.TemporaryDirectory(prefix="fedmed-pacs-") as tmp:
         retrieved = retrieve_studies(client, studies, Path(tmp), set(selection.modalities))
         if retrieved == 0:
-            raise PacsError(f"PACS {client.base_url}: the {len(studies)} matching study(ies) hold no "
-                            f"{'/'.join(selection.modalities)} series for this model")
+            raise PacsError(
+                f"PACS {client.base_url}: the {len(studies)} matching study(ies) hold no "
+                f"{'/'.join(selection.modalities)} series for this model"
+            )
         summary = run_inference(Path(tmp), model_path, options, on_problem=on_problem, progress=progress)
         stored = store_results(client, result_objects(summary)) if send else 0
     return PacsRun(summary, len(studies), retrieved, stored)

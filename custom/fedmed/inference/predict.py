@@ -44,12 +44,16 @@ def gradcam_resolution_note(grid: tuple, image_size: int) -> tuple:
     COARSE_GRADCAM_CELLS; (True, None) otherwise."""
     rows, cols = grid
     if min(rows, cols) < MIN_GRADCAM_CELLS:
-        return False, (f"Grad-CAM not drawn: at {image_size} px the model's last feature map is {rows}x{cols}, so a "
-                       f"heatmap would be one uniform value and show nothing; it needs a model trained at >= "
-                       f"{image_size * MIN_GRADCAM_CELLS // max(1, min(rows, cols))} px")
+        return False, (
+            f"Grad-CAM not drawn: at {image_size} px the model's last feature map is {rows}x{cols}, so a "
+            f"heatmap would be one uniform value and show nothing; it needs a model trained at >= "
+            f"{image_size * MIN_GRADCAM_CELLS // max(1, min(rows, cols))} px"
+        )
     if min(rows, cols) < COARSE_GRADCAM_CELLS:
-        return True, (f"Grad-CAM is coarse: the model's last feature map is {rows}x{cols} at {image_size} px, so each "
-                      f"heatmap cell covers {image_size // min(rows, cols)} px; it shows a region, not a lesion")
+        return True, (
+            f"Grad-CAM is coarse: the model's last feature map is {rows}x{cols} at {image_size} px, so each "
+            f"heatmap cell covers {image_size // min(rows, cols)} px; it shows a region, not a lesion"
+        )
     return True, None
 
 
@@ -64,8 +68,12 @@ class Preprocessor:
 
 
 @torch.no_grad()
-def predict_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
-                    probabilities: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> np.ndarray:
+def predict_batches(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    probabilities: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
+) -> np.ndarray:
     """Probabilities (N, K) for preprocessed images (N, 1, S, S), batch_size images per forward pass.
 
     Args:
@@ -74,7 +82,7 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: in
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
-    out = [probabilities(model(images[i:i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    out = [probabilities(model(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

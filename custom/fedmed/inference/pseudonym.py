@@ -27,8 +27,10 @@ def load_pseudonym_key(key_file: Optional[Path] = None) -> bytes:
     else:
         key, origin = os.environ.get(ENV_PSEUDONYM_KEY, "").strip().encode(), f"${ENV_PSEUDONYM_KEY}"
         if not key:
-            raise ValueError(f"no pseudonym key: give --pseudonym-key-file or set {ENV_PSEUDONYM_KEY} (a site secret, "
-                             f"e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+            raise ValueError(
+                f"no pseudonym key: give --pseudonym-key-file or set {ENV_PSEUDONYM_KEY} (a site secret, "
+                f"e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)"
+            )
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"pseudonym key from {origin} is {len(key)} bytes; at least {MIN_KEY_BYTES} are required")
     return key

@@ -48,8 +48,9 @@ RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
 STUDY_JSON = "result.json"
 STATUS_OK, STATUS_SKIPPED = "ok", "skipped"
-OOD_UNCHECKED = ("out-of-distribution: not checked (the model file has no OOD statistics; fedmed-choose-thresholds "
-                 "calibrates them)")
+OOD_UNCHECKED = (
+    "out-of-distribution: not checked (the model file has no OOD statistics; fedmed-choose-thresholds calibrates them)"
+)
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,9 @@ class InferenceRun:
         self.heatmap_note = None
         draw = options.heatmaps
         if draw:
-            draw, self.heatmap_note = gradcam_resolution_note(gradcam_grid(self.model, self.image_size), self.image_size)
+            draw, self.heatmap_note = gradcam_resolution_note(
+                gradcam_grid(self.model, self.image_size), self.image_size
+            )
         self.heatmap = HeatmapMaker(self.model, self.findings) if draw else None
         self.clinical_use_warning = self.model_file.clinical_use_warning
         self.ood = self.model_file.ood
@@ -176,8 +179,14 @@ class InferenceRun:
     def model_json(self) -> dict:
         m = self.model_file
         card = m.card
-        return {**m.identity(), "version": m.version, "round": m.meta.get("round"), "image_size": self.image_size,
-                "norm": m.norm, "model_card": card.to_meta() if card else None}
+        return {
+            **m.identity(),
+            "version": m.version,
+            "round": m.meta.get("round"),
+            "image_size": self.image_size,
+            "norm": m.norm,
+            "model_card": card.to_meta() if card else None,
+        }
 
     def process(self, plans: list) -> list:
         """Read, predict (one batched pass over all their images) and write results for a chunk of studies."""
@@ -192,15 +201,29 @@ class InferenceRun:
         results, start = [], 0
         for plan, ims, problems in loaded:
             n = len(ims)
-            results.append(self._study(plan, ims, problems, probs[start:start + n], tensors[start:start + n] if n else None,
-                                       scores[start:start + n]))
+            results.append(
+                self._study(
+                    plan,
+                    ims,
+                    problems,
+                    probs[start : start + n],
+                    tensors[start : start + n] if n else None,
+                    scores[start : start + n],
+                )
+            )
             start += n
         return results
 
-    def _study(self, plan: StudyPlan, images: list, problems: list, probs: np.ndarray, tensors,
-               ood_scores: np.ndarray) -> StudyResult:
-        result = StudyResult(plan.study_uid, pseudonymise(self.options.pseudonym_key, "study", plan.study_uid),
-                             STATUS_OK, problems=list(plan.problems) + problems, ignored=list(plan.ignored))
+    def _study(
+        self, plan: StudyPlan, images: list, problems: list, probs: np.ndarray, tensors, ood_scores: np.ndarray
+    ) -> StudyResult:
+        result = StudyResult(
+            plan.study_uid,
+            pseudonymise(self.options.pseudonym_key, "study", plan.study_uid),
+            STATUS_OK,
+            problems=list(plan.problems) + problems,
+            ignored=list(plan.ignored),
+        )
         study_dir = self.out_dir / "studies" / _safe_name(plan.study_uid)
         if not images:
             result.status = STATUS_SKIPPED
@@ -227,20 +250,32 @@ class InferenceRun:
             if self.options.structured_report:
                 self._write_sr(result, study_dir, images)
         self._write_json(result, study_dir)
-        self.repository.record_inference(InferenceRecord(
-            study_pseudonym=result.study_pseudonym,
-            patient_pseudonym=pseudonymise(self.options.pseudonym_key, "patient", plan.patient_id),
-            model_sha256=self.model_file.sha256, model_version=self.model_file.name[:100], num_images=len(images),
-            positive_findings=self._decided(result), status=result.status,
-            message=_reasons(result.problems) if result.status == STATUS_SKIPPED and result.problems else result.message))
+        self.repository.record_inference(
+            InferenceRecord(
+                study_pseudonym=result.study_pseudonym,
+                patient_pseudonym=pseudonymise(self.options.pseudonym_key, "patient", plan.patient_id),
+                model_sha256=self.model_file.sha256,
+                model_version=self.model_file.name[:100],
+                num_images=len(images),
+                positive_findings=self._decided(result),
+                status=result.status,
+                message=_reasons(result.problems)
+                if result.status == STATUS_SKIPPED and result.problems
+                else result.message,
+            )
+        )
         return result
 
     def _image_json(self, image, row: np.ndarray, ood_score: float) -> dict:
         checked = self.ood is not None
-        out = {"sop_instance_uid": image.file.sop_instance_uid, "view": image.file.view, "file": str(image.file.path),
-               "probabilities": {f: float(p) for f, p in zip(self.findings, row)},
-               "ood_score": float(ood_score) if checked else None,
-               "out_of_distribution": bool(ood_score > self.ood.threshold) if checked else None}
+        out = {
+            "sop_instance_uid": image.file.sop_instance_uid,
+            "view": image.file.view,
+            "file": str(image.file.path),
+            "probabilities": {f: float(p) for f, p in zip(self.findings, row)},
+            "ood_score": float(ood_score) if checked else None,
+            "out_of_distribution": bool(ood_score > self.ood.threshold) if checked else None,
+        }
         if self.multiclass:
             out["predicted_class"] = self.findings[int(np.argmax(row))]
         return out
@@ -260,22 +295,32 @@ class InferenceRun:
         result.heatmaps[finding] = str(png)
         if self.options.secondary_capture:
             rule = ARGMAX_RULE if self.multiclass else f"threshold {self.thresholds.values[finding]:.3f}"
-            description = (f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} ({rule}); model "
-                           f"{self.model_file.name}, model file sha256 {self.model_file.sha256[:12]}")
+            description = (
+                f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} ({rule}); model "
+                f"{self.model_file.name}, model file sha256 {self.model_file.sha256[:12]}"
+            )
             source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
             dcm = study_dir / f"{finding}.dcm"
-            secondary_capture(rgb, source, description, self.clinical_use_warning).save_as(dcm, enforce_file_format=True)
+            secondary_capture(rgb, source, description, self.clinical_use_warning).save_as(
+                dcm, enforce_file_format=True
+            )
             result.secondary_captures[finding] = str(dcm)
 
     def _write_sr(self, result: StudyResult, study_dir: Path, images: list) -> None:
         m = self.model_file
         card = m.card
         findings = StudyFindings(
-            probabilities=result.probabilities, thresholds={} if self.multiclass else self.thresholds.values,
-            decided=list(self._decided(result)), model_name=m.name, model_version=m.version,
-            model_file_sha256=m.sha256, card_lines=card.lines() if card else ("model card: none in this model file",),
-            clinical_use_warning=self.clinical_use_warning, out_of_distribution=tuple(result.out_of_distribution),
-            ood_note=self.ood_note)
+            probabilities=result.probabilities,
+            thresholds={} if self.multiclass else self.thresholds.values,
+            decided=list(self._decided(result)),
+            model_name=m.name,
+            model_version=m.version,
+            model_file_sha256=m.sha256,
+            card_lines=card.lines() if card else ("model card: none in this model file",),
+            clinical_use_warning=self.clinical_use_warning,
+            out_of_distribution=tuple(result.out_of_distribution),
+            ood_note=self.ood_note,
+        )
         sources = [pydicom.dcmread(im.file.path, stop_before_pixels=True) for im in images]
         dcm = study_dir / "report_sr.dcm"
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -287,14 +332,22 @@ class InferenceRun:
         return self.ood.note() if self.ood is not None else OOD_UNCHECKED
 
     def ood_json(self, result: StudyResult) -> dict:
-        return {"checked": self.ood is not None, "threshold": self.ood.threshold if self.ood else None,
-                "flagged_images": result.out_of_distribution, "note": self.ood_note}
+        return {
+            "checked": self.ood is not None,
+            "threshold": self.ood.threshold if self.ood else None,
+            "flagged_images": result.out_of_distribution,
+            "note": self.ood_note,
+        }
 
     def decision_json(self, result: StudyResult) -> dict:
         """The task's decision: thresholds and positive/negative findings, or the rule and the predicted class."""
         if self.multiclass:
-            return {"task": self.task.name, "decision_rule": ARGMAX_RULE, "probabilities": result.probabilities,
-                    "predicted_class": result.predicted}
+            return {
+                "task": self.task.name,
+                "decision_rule": ARGMAX_RULE,
+                "probabilities": result.probabilities,
+                "predicted_class": result.predicted,
+            }
         return {
             "thresholds": {"source": self.thresholds.source, "values": self.thresholds.values},
             "probabilities": result.probabilities,
@@ -327,10 +380,22 @@ class InferenceRun:
         (study_dir / STUDY_JSON).write_text(json.dumps(self.study_json(result), indent=2))
 
     def csv_header(self) -> list:
-        decision, rule = ("predicted_class", "decision_rule") if self.multiclass else ("positive_findings", "thresholds")
-        return (["study_instance_uid", "study_pseudonym", "status", "num_images", decision]
-                + [f"p_{f}" for f in self.findings] + ["ood_flagged_images", "max_ood_score", "model", "model_file_sha256",
-                                                       rule, "message", "clinical_use_warning"])
+        decision, rule = (
+            ("predicted_class", "decision_rule") if self.multiclass else ("positive_findings", "thresholds")
+        )
+        return (
+            ["study_instance_uid", "study_pseudonym", "status", "num_images", decision]
+            + [f"p_{f}" for f in self.findings]
+            + [
+                "ood_flagged_images",
+                "max_ood_score",
+                "model",
+                "model_file_sha256",
+                rule,
+                "message",
+                "clinical_use_warning",
+            ]
+        )
 
     def _ood_cells(self, result: StudyResult) -> list:
         """Flagged images (count) and the highest score; empty when the model file has no OOD statistics."""
@@ -341,9 +406,24 @@ class InferenceRun:
 
     def csv_row(self, result: StudyResult) -> list:
         probs = [f"{result.probabilities[f]:.6f}" if result.probabilities else "" for f in self.findings]
-        return ([result.study_uid, result.study_pseudonym, result.status, len(result.images), "|".join(self._decided(result))]
-                + probs + self._ood_cells(result) + [self.model_file.name, self.model_file.sha256, self.decision_rule, result.message or "",
-                           self.clinical_use_warning or ""])
+        return (
+            [
+                result.study_uid,
+                result.study_pseudonym,
+                result.status,
+                len(result.images),
+                "|".join(self._decided(result)),
+            ]
+            + probs
+            + self._ood_cells(result)
+            + [
+                self.model_file.name,
+                self.model_file.sha256,
+                self.decision_rule,
+                result.message or "",
+                self.clinical_use_warning or "",
+            ]
+        )
 
 
 def run_inference(
@@ -376,7 +456,7 @@ def run_inference(
             writer = csv.writer(f)
             writer.writerow(run.csv_header())
             for i in range(0, len(plans), options.batch_size):
-                for r in run.process(plans[i:i + options.batch_size]):
+                for r in run.process(plans[i : i + options.batch_size]):
                     writer.writerow(run.csv_row(r))
                     for p in r.problems:
                         if on_problem:
@@ -385,8 +465,17 @@ def run_inference(
                 f.flush()
                 if progress:
                     progress(len(results), len(plans))
-        summary = InferenceSummary(run.model_file, run.decision_rule, results, list(discovery.unassigned),
-                                   run.out_dir, run.db_url, run.task, run.heatmap_note, run.ood_note)
+        summary = InferenceSummary(
+            run.model_file,
+            run.decision_rule,
+            results,
+            list(discovery.unassigned),
+            run.out_dir,
+            run.db_url,
+            run.task,
+            run.heatmap_note,
+            run.ood_note,
+        )
         (run.out_dir / SUMMARY_JSON).write_text(json.dumps(summary_json(summary), indent=2))
         return summary
     finally:
@@ -401,13 +490,20 @@ def summary_json(summary: InferenceSummary) -> dict:
     card = summary.model.card
     return {
         "clinical_use_warning": summary.clinical_use_warning,
-        "model": {**summary.model.identity(), "file": str(summary.model.path), "version": summary.model.version,
-                  "model_card": card.to_meta() if card else None},
+        "model": {
+            **summary.model.identity(),
+            "file": str(summary.model.path),
+            "version": summary.model.version,
+            "model_card": card.to_meta() if card else None,
+        },
         **decision,
         "heatmap_note": summary.heatmap_note,
-        "out_of_distribution": {"checked": summary.model.ood is not None, "note": summary.ood_note,
-                                "flagged_images": sum(len(v) for v in summary.out_of_distribution.values()),
-                                "studies": summary.out_of_distribution},
+        "out_of_distribution": {
+            "checked": summary.model.ood is not None,
+            "note": summary.ood_note,
+            "flagged_images": sum(len(v) for v in summary.out_of_distribution.values()),
+            "studies": summary.out_of_distribution,
+        },
         "studies": len(summary.results),
         "studies_ok": sum(r.status == STATUS_OK for r in summary.results),
         "studies_skipped": [r.study_uid for r in summary.results if r.status == STATUS_SKIPPED],

@@ -96,7 +96,7 @@ def selection_verdict(ds: pydicom.Dataset) -> tuple[str, Optional[str]]:
 
 
 def slice_plane(ds: pydicom.Dataset) -> Optional[str]:
-    """"axial", "coronal" or "sagittal": the standard plane nearest to the slice (oblique axial brain slices, angled
+    """ "axial", "coronal" or "sagittal": the standard plane nearest to the slice (oblique axial brain slices, angled
     to the AC-PC line, count as axial); None when ImageOrientationPatient is missing or unusable."""
     try:
         iop = np.asarray([float(v) for v in getattr(ds, "ImageOrientationPatient", None) or ()], dtype=float)
@@ -146,10 +146,18 @@ class ImageSelection:
     description: str
 
 
-CHEST_SELECTION = ImageSelection(FRONTAL_MODALITIES, selection_verdict, lambda ds: _text(ds, "ViewPosition"),
-                                 "frontal chest radiograph (CR/DX, PA/AP)")
-BRAIN_SELECTION = ImageSelection(tuple(sorted(BRAIN_MRI.modalities)), brain_selection_verdict,
-                                 lambda ds: slice_plane(ds) or "", "axial brain MR slice (MR, axial)")
+CHEST_SELECTION = ImageSelection(
+    FRONTAL_MODALITIES,
+    selection_verdict,
+    lambda ds: _text(ds, "ViewPosition"),
+    "frontal chest radiograph (CR/DX, PA/AP)",
+)
+BRAIN_SELECTION = ImageSelection(
+    tuple(sorted(BRAIN_MRI.modalities)),
+    brain_selection_verdict,
+    lambda ds: slice_plane(ds) or "",
+    "axial brain MR slice (MR, axial)",
+)
 SELECTIONS = {CHEST_XRAY14.name: CHEST_SELECTION, BRAIN_MRI.name: BRAIN_SELECTION}
 
 

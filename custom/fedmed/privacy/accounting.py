@@ -31,8 +31,12 @@ class SiteRDPAccountant(RDPAccountant):
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     # Opacus' compute_rdp is linear in steps (it returns rdp x steps); caching one step per (sigma, q) makes a
     # ledger of hundreds of rounds cheap to re-check (each fresh computation costs ~0.5 s over these orders).
-    return np.asarray(privacy_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                                   orders=SiteRDPAccountant.ORDERS), dtype=np.float64)
+    return np.asarray(
+        privacy_analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=SiteRDPAccountant.ORDERS
+        ),
+        dtype=np.float64,
+    )
 
 
 def epsilon_of(history: Iterable[Sequence], delta: float) -> float:

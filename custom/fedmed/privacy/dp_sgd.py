@@ -74,8 +74,12 @@ class SitePrivacy:
         if self.noise_multiplier is None:
             try:
                 self.noise_multiplier = get_noise_multiplier(
-                    target_epsilon=self.policy.epsilon, target_delta=self.policy.delta, sample_rate=sample_rate,
-                    steps=total_steps, accountant="rdp", alphas=SiteRDPAccountant.ORDERS,
+                    target_epsilon=self.policy.epsilon,
+                    target_delta=self.policy.delta,
+                    sample_rate=sample_rate,
+                    steps=total_steps,
+                    accountant="rdp",
+                    alphas=SiteRDPAccountant.ORDERS,
                 )
             except ValueError as e:  # Opacus: "The privacy budget is too low."
                 raise BudgetExceeded(
@@ -125,13 +129,15 @@ class SitePrivacy:
         check_dp_compatible(model)
         set_trainable(model, trainable)
         try:
-            return self._train_round(model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task,
-                                     round_num, also_released)
+            return self._train_round(
+                model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task, round_num, also_released
+            )
         finally:
             set_trainable(model, None)
 
-    def _train_round(self, model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task, round_num,
-                     also_released):
+    def _train_round(
+        self, model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task, round_num, also_released
+    ):
         # Opacus' Poisson loader draws len(loader) = ceil(N / B) batches per epoch at rate 1 / len(loader);
         # calibrate and predict with exactly those numbers, so the ceiling is met at the last round, not overshot.
         steps_per_epoch = math.ceil(len(dataset) / batch_size)
@@ -149,10 +155,19 @@ class SitePrivacy:
         lifetime = None
         if self.ledger is not None:
             self.ledger.check(this_round + list(also_released))  # the whole round, the filter's part included
-            lifetime = self.ledger.charge(round_num, "dp_sgd", this_round, details={
-                "max_grad_norm": self.policy.max_grad_norm, "epochs": epochs, "batch_size": batch_size,
-                "dataset_size": len(dataset), "job_epsilon_after": eps_after,
-                "job_epsilon_ceiling": self.policy.epsilon}).epsilon_after
+            lifetime = self.ledger.charge(
+                round_num,
+                "dp_sgd",
+                this_round,
+                details={
+                    "max_grad_norm": self.policy.max_grad_norm,
+                    "epochs": epochs,
+                    "batch_size": batch_size,
+                    "dataset_size": len(dataset),
+                    "job_epsilon_after": eps_after,
+                    "job_epsilon_ceiling": self.policy.epsilon,
+                },
+            ).epsilon_after
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         engine.accountant = self.accountant  # the site's accountant, across rounds
         # Opacus' Poisson sampler draws from the loader's generator, the noise from noise_generator: both fresh
@@ -164,13 +179,20 @@ class SitePrivacy:
             # what they imply are documented (module docstring, docs/THREAT_MODEL.md).
             warnings.simplefilter("ignore")
             private_model, private_opt, private_loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-                max_grad_norm=self.policy.max_grad_norm, poisson_sampling=True, noise_generator=os_seeded_generator(),
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.policy.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=os_seeded_generator(),
             )
         if len(private_loader) != steps_per_epoch:  # what was charged must be what runs
             private_model.remove_hooks()
-            raise RuntimeError(f"Opacus' loader runs {len(private_loader)} steps per epoch, {steps_per_epoch} were "
-                               "accounted; not training")
+            raise RuntimeError(
+                f"Opacus' loader runs {len(private_loader)} steps per epoch, {steps_per_epoch} were "
+                "accounted; not training"
+            )
         private_model.train()
         loss = float("nan")
         for epoch in range(epochs):

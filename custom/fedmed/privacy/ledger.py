@@ -84,10 +84,21 @@ class LedgerEntry:
     hash: str = ""
 
     def fields(self) -> dict:
-        return {"format": FORMAT, "seq": self.seq, "prev": self.prev, "dataset": self.dataset, "job_id": self.job_id,
-                "round": self.round, "mechanism": self.mechanism, "history": [list(h) for h in self.history],
-                "delta": self.delta, "epsilon_after": self.epsilon_after, "lifetime_ceiling": self.lifetime_ceiling,
-                "recorded_at": self.recorded_at, "details": self.details}
+        return {
+            "format": FORMAT,
+            "seq": self.seq,
+            "prev": self.prev,
+            "dataset": self.dataset,
+            "job_id": self.job_id,
+            "round": self.round,
+            "mechanism": self.mechanism,
+            "history": [list(h) for h in self.history],
+            "delta": self.delta,
+            "epsilon_after": self.epsilon_after,
+            "lifetime_ceiling": self.lifetime_ceiling,
+            "recorded_at": self.recorded_at,
+            "details": self.details,
+        }
 
     def line(self) -> bytes:
         return _canonical({**self.fields(), "hash": self.hash})
@@ -105,16 +116,29 @@ def _parse_line(raw: bytes, lineno: int, prev: str, seq: int, path: Path) -> Led
     if claimed != _sha256(_canonical(d)):
         raise LedgerError(f"{where}: its hash does not match its content (the line was edited or damaged)")
     if d.get("prev") != prev:
-        raise LedgerError(f"{where}: 'prev' does not match the sha256 of line {lineno - 1} (a line before it was "
-                          "edited, removed or inserted)")
+        raise LedgerError(
+            f"{where}: 'prev' does not match the sha256 of line {lineno - 1} (a line before it was "
+            "edited, removed or inserted)"
+        )
     if d.get("seq") != seq:
         raise LedgerError(f"{where}: sequence number {d.get('seq')!r}, expected {seq}")
     try:
         history = tuple((float(s), float(q), int(n)) for s, q, n in d["history"])
-        entry = LedgerEntry(seq, prev, str(d["dataset"]), str(d["job_id"]), int(d["round"]), str(d["mechanism"]),
-                            history, float(d["delta"]), float(d["epsilon_after"]),
-                            None if d["lifetime_ceiling"] is None else float(d["lifetime_ceiling"]),
-                            float(d["recorded_at"]), dict(d.get("details") or {}), claimed)
+        entry = LedgerEntry(
+            seq,
+            prev,
+            str(d["dataset"]),
+            str(d["job_id"]),
+            int(d["round"]),
+            str(d["mechanism"]),
+            history,
+            float(d["delta"]),
+            float(d["epsilon_after"]),
+            None if d["lifetime_ceiling"] is None else float(d["lifetime_ceiling"]),
+            float(d["recorded_at"]),
+            dict(d.get("details") or {}),
+            claimed,
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise LedgerError(f"{where}: malformed field ({e!r})") from e
     if entry.mechanism not in MECHANISMS:
@@ -130,8 +154,10 @@ class PrivacyLedger:
 
     def _parse(self, data: bytes) -> list[LedgerEntry]:
         if data and not data.endswith(b"\n"):
-            raise LedgerError(f"{self.path}: the last line is incomplete (a write was torn); "
-                              "nothing more is charged until the privacy officer has checked the ledger")
+            raise LedgerError(
+                f"{self.path}: the last line is incomplete (a write was torn); "
+                "nothing more is charged until the privacy officer has checked the ledger"
+            )
         entries, prev = [], GENESIS
         for i, raw in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
             entry = _parse_line(raw, i, prev, i, self.path)
@@ -180,11 +206,21 @@ class PrivacyLedger:
             raise LifetimeBudgetExceeded(
                 f"lifetime privacy budget: this round would bring dataset {dataset[:12]}'s lifetime epsilon from "
                 f"{before:.3f} to {after:.3f} (delta {delta}), over the site's lifetime ceiling {ceiling}; "
-                f"{len(jobs)} earlier job(s) spent it ({self.path})")
+                f"{len(jobs)} earlier job(s) spent it ({self.path})"
+            )
         return after
 
-    def charge(self, dataset: str, job_id: str, round_num: int, mechanism: str, history: Sequence[HistoryEntry],
-               delta: float, ceiling: Optional[float], details: Optional[dict] = None) -> LedgerEntry:
+    def charge(
+        self,
+        dataset: str,
+        job_id: str,
+        round_num: int,
+        mechanism: str,
+        history: Sequence[HistoryEntry],
+        delta: float,
+        ceiling: Optional[float],
+        details: Optional[dict] = None,
+    ) -> LedgerEntry:
         """Check the lifetime ceiling and append one entry, fsynced, under an exclusive lock (so concurrent jobs
         at the site are serialised). Raises LifetimeBudgetExceeded (nothing written) or LedgerError."""
         if mechanism not in MECHANISMS:
@@ -202,8 +238,20 @@ class PrivacyLedger:
             entries = self._parse(data)
             after = self._check(entries, dataset, history, delta, ceiling)
             prev = _sha256(data.split(b"\n")[-2]) if entries else GENESIS
-            entry = LedgerEntry(len(entries) + 1, prev, dataset, str(job_id), int(round_num), mechanism, history,
-                                float(delta), after, ceiling, time.time(), dict(details or {}))
+            entry = LedgerEntry(
+                len(entries) + 1,
+                prev,
+                dataset,
+                str(job_id),
+                int(round_num),
+                mechanism,
+                history,
+                float(delta),
+                after,
+                ceiling,
+                time.time(),
+                dict(details or {}),
+            )
             entry = LedgerEntry(**{**entry.__dict__, "hash": _sha256(_canonical(entry.fields()))})
             os.write(fd, entry.line() + b"\n")
             os.fsync(fd)
@@ -233,10 +281,19 @@ class LedgerBinding:
     def check(self, history: Sequence[HistoryEntry]) -> float:
         return self.ledger.check(self.dataset, history, self.delta, self.lifetime_ceiling)
 
-    def charge(self, round_num: int, mechanism: str, history: Sequence[HistoryEntry],
-               details: Optional[dict] = None) -> LedgerEntry:
-        return self.ledger.charge(self.dataset, self.job_id, round_num, mechanism, history, self.delta,
-                                  self.lifetime_ceiling, {**(details or {}), "run": self.run})
+    def charge(
+        self, round_num: int, mechanism: str, history: Sequence[HistoryEntry], details: Optional[dict] = None
+    ) -> LedgerEntry:
+        return self.ledger.charge(
+            self.dataset,
+            self.job_id,
+            round_num,
+            mechanism,
+            history,
+            self.delta,
+            self.lifetime_ceiling,
+            {**(details or {}), "run": self.run},
+        )
 
     def lifetime_epsilon(self) -> float:
         return self.ledger.lifetime_epsilon(self.dataset, self.delta)

@@ -61,8 +61,11 @@ def parse_privacy(raw: Optional[dict]) -> Optional[PrivacyPolicy]:
         return None
     if not isinstance(raw, dict):
         raise ValueError(f"privacy must be an object, got {raw!r}")
-    check_keys(raw, ("preset", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "release_metrics",
-                     "lifetime_epsilon"), "privacy")
+    check_keys(
+        raw,
+        ("preset", "epsilon", "delta", "max_grad_norm", "noise_multiplier", "release_metrics", "lifetime_epsilon"),
+        "privacy",
+    )
     preset = raw.get("preset", "custom")
     if preset != "custom" and preset not in PRESETS:
         raise ValueError(f"privacy preset must be one of {sorted(PRESETS)} or 'custom', got {preset!r}")
@@ -81,8 +84,15 @@ def parse_privacy(raw: Optional[dict]) -> Optional[PrivacyPolicy]:
     lifetime = raw.get("lifetime_epsilon")
     if lifetime is not None and (isinstance(lifetime, bool) or not isinstance(lifetime, (int, float))):
         raise ValueError(f"privacy lifetime_epsilon must be a number, got {lifetime!r}")
-    return PrivacyPolicy(epsilon, delta, float(raw.get("max_grad_norm", 1.0)), None if nm is None else float(nm), preset,
-                         release, None if lifetime is None else float(lifetime))
+    return PrivacyPolicy(
+        epsilon,
+        delta,
+        float(raw.get("max_grad_norm", 1.0)),
+        None if nm is None else float(nm),
+        preset,
+        release,
+        None if lifetime is None else float(lifetime),
+    )
 
 
 def strictest(*policies: Optional[PrivacyPolicy]) -> Optional[PrivacyPolicy]:
@@ -95,5 +105,9 @@ def strictest(*policies: Optional[PrivacyPolicy]) -> Optional[PrivacyPolicy]:
         return None
     lifetimes = [p.lifetime_epsilon for p in given if p.lifetime_epsilon is not None]
     lifetime = min(p.lifetime_ceiling for p in given) if lifetimes else None
-    return replace(min(given, key=lambda p: p.epsilon), delta=min(p.delta for p in given),
-                   release_metrics=all(p.release_metrics for p in given), lifetime_epsilon=lifetime)
+    return replace(
+        min(given, key=lambda p: p.epsilon),
+        delta=min(p.delta for p in given),
+        release_metrics=all(p.release_metrics for p in given),
+        lifetime_epsilon=lifetime,
+    )

@@ -59,15 +59,20 @@ def parse_attack(raw: dict | None) -> Attack | None:
     return Attack(raw["kind"], float(raw.get("factor", 1.0)), int(raw.get("seed", 0)))
 
 
-def apply_attack(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray], attack: Attack,
-                 round_num: int = 0) -> dict:
+def apply_attack(
+    local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray], attack: Attack, round_num: int = 0
+) -> dict:
     """Return the hostile version of a site's parameters. BatchNorm statistics pass through unchanged."""
     rng = np.random.default_rng([attack.seed, round_num])
     out = {}
     for k, v in local.items():
         v = np.asarray(v)
-        if (not np.issubdtype(v.dtype, np.floating) or k.endswith(NON_TRAINABLE_SUFFIXES) or attack.poisons_labels
-                or attack.on_wire):
+        if (
+            not np.issubdtype(v.dtype, np.floating)
+            or k.endswith(NON_TRAINABLE_SUFFIXES)
+            or attack.poisons_labels
+            or attack.on_wire
+        ):
             out[k] = v.copy()
             continue
         g = np.asarray(global_[k], np.float64)

@@ -36,7 +36,8 @@ NON_TRAINABLE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 def distance_keys(update: Mapping[str, np.ndarray]) -> list[str]:
     """Parameters that define an update's position: floating-point and not a BatchNorm statistic."""
     return [
-        k for k in sorted(update)
+        k
+        for k in sorted(update)
         if np.issubdtype(np.asarray(update[k]).dtype, np.floating) and not k.endswith(NON_TRAINABLE_SUFFIXES)
     ]
 

@@ -57,8 +57,9 @@ class TrustPolicy:
         if not 0 <= self.initial_trust <= 1:
             raise ValueError(f"initial_trust must be in [0, 1], got {self.initial_trust}")
         if not -1 <= self.head_cosine_bad < self.head_cosine_ok <= 1:
-            raise ValueError(f"need -1 <= head_cosine_bad < head_cosine_ok <= 1, got {self.head_cosine_bad}, "
-                             f"{self.head_cosine_ok}")
+            raise ValueError(
+                f"need -1 <= head_cosine_bad < head_cosine_ok <= 1, got {self.head_cosine_bad}, {self.head_cosine_ok}"
+            )
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ class SiteTrust:
     good_streak: int = 0
 
 
-def round_scores(distances: Mapping[str, float], policy: TrustPolicy,
-                 head_cosines: Mapping[str, float] | None = None) -> dict[str, tuple[float, float]]:
+def round_scores(
+    distances: Mapping[str, float], policy: TrustPolicy, head_cosines: Mapping[str, float] | None = None
+) -> dict[str, tuple[float, float]]:
     """site -> (ratio to the median distance, round score in [0, 1]). Scale-free: multiplying every update's
     distance by the same factor changes nothing. With head_cosines (site -> cosine of its classifier's move with
     the aggregate's), the score is the lower of the distance score and the direction score."""
@@ -107,7 +109,11 @@ def update_trust(
         hostile_round = policy.quarantine_on_zero and score == 0.0
         if not old.quarantined and (trust < policy.quarantine_below or hostile_round):
             new = replace(new, quarantined=True, good_streak=0)
-            why = "a round scoring 0" if trust >= policy.quarantine_below else f"trust {trust:.3f} < {policy.quarantine_below}"
+            why = (
+                "a round scoring 0"
+                if trust >= policy.quarantine_below
+                else f"trust {trust:.3f} < {policy.quarantine_below}"
+            )
             events.append((site, "quarantined", f"{site} quarantined: {why}"))
         elif old.quarantined and streak >= policy.readmit_after:
             # Re-admitted at the threshold, so one more bad round sends it straight back.

@@ -109,8 +109,13 @@ def default_key_file(url: str) -> Optional[Path]:
     return None
 
 
-def audit_settings(url: str, key: Optional[bytes] = None, key_file: Optional[Path] = None,
-                   heads_file: Optional[Path] = None, create: bool = True) -> AuditSettings:
+def audit_settings(
+    url: str,
+    key: Optional[bytes] = None,
+    key_file: Optional[Path] = None,
+    heads_file: Optional[Path] = None,
+    create: bool = True,
+) -> AuditSettings:
     """Resolve the key and heads file for a database (order in the module docstring). create=False (verifying) never
     makes a new key: a missing one is an error naming where it was looked for."""
     env_heads = os.environ.get(ENV_AUDIT_HEADS)
@@ -122,11 +127,18 @@ def audit_settings(url: str, key: Optional[bytes] = None, key_file: Optional[Pat
     elif os.environ.get(ENV_AUDIT_KEY):
         key, source = _key_from_hex(os.environ[ENV_AUDIT_KEY], f"${ENV_AUDIT_KEY}"), f"${ENV_AUDIT_KEY}"
     else:
-        path = Path(key_file) if key_file else Path(os.environ[ENV_AUDIT_KEY_FILE]) if os.environ.get(
-            ENV_AUDIT_KEY_FILE) else default_key_file(url)
+        path = (
+            Path(key_file)
+            if key_file
+            else Path(os.environ[ENV_AUDIT_KEY_FILE])
+            if os.environ.get(ENV_AUDIT_KEY_FILE)
+            else default_key_file(url)
+        )
         if path is None:
-            raise ValueError(f"no audit key for {make_url(url).render_as_string(hide_password=True)}: set "
-                             f"${ENV_AUDIT_KEY} (hex) or ${ENV_AUDIT_KEY_FILE} (e.g. the server kit's local/{KEY_FILE_NAME})")
+            raise ValueError(
+                f"no audit key for {make_url(url).render_as_string(hide_password=True)}: set "
+                f"${ENV_AUDIT_KEY} (hex) or ${ENV_AUDIT_KEY_FILE} (e.g. the server kit's local/{KEY_FILE_NAME})"
+            )
         if path.exists():
             key = read_key_file(path)
         elif create:
@@ -190,8 +202,14 @@ class CoveredRow:
     hash: str
 
 
-def table_rows(s, table: str, run_id: Optional[int] = None, round_num: Optional[int] = None,
-               row_id: Optional[int] = None, form=None) -> list[CoveredRow]:
+def table_rows(
+    s,
+    table: str,
+    run_id: Optional[int] = None,
+    round_num: Optional[int] = None,
+    row_id: Optional[int] = None,
+    form=None,
+) -> list[CoveredRow]:
     """The rows of one table as the audit chain sees them, read back from the database (so writer and verifier hash
     exactly the same values on either engine). form(table, values) -> values: the row as an earlier schema held it
     (e.g. before_0009), to check a migrated row against what the chain recorded before the migration."""
@@ -274,8 +292,18 @@ def append_head(path: Path, chain_tag: str, entry_id: int, mac: str, action: str
     """One fsynced line per audited write, under an fcntl lock (several jobs may share a workspace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = canonical_json({"chain": chain_tag, "id": entry_id, "mac": mac, "action": action,
-                           "at": dt.datetime.now(dt.timezone.utc).isoformat()}) + "\n"
+    line = (
+        canonical_json(
+            {
+                "chain": chain_tag,
+                "id": entry_id,
+                "mac": mac,
+                "action": action,
+                "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }
+        )
+        + "\n"
+    )
     with open(path, "a", encoding="utf-8") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -344,8 +372,9 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
         chain_tag = chain_tag or row.row_hash
         macs[row.id] = row.row_hash
         if row.prev_hash != prev:
-            rep.problems.append(AuditProblem(row.id, "prev_hash does not match the previous entry "
-                                                     "(an entry was removed or reordered)"))
+            rep.problems.append(
+                AuditProblem(row.id, "prev_hash does not match the previous entry (an entry was removed or reordered)")
+            )
             return rep
         if row.scheme is None:
             if keyed_seen:
@@ -360,10 +389,16 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
             if row.scheme != SCHEME:
                 rep.problems.append(AuditProblem(row.id, f"unknown scheme {row.scheme!r}"))
                 return rep
-            if not hmac.compare_digest(entry_mac(settings.key, row.prev_hash, row.created_at, row.action,
-                                                 row.payload_json), row.row_hash):
-                rep.problems.append(AuditProblem(row.id, "MAC does not verify: the entry was edited (or the audit "
-                                                         f"key from {settings.key_source} is not this database's)"))
+            if not hmac.compare_digest(
+                entry_mac(settings.key, row.prev_hash, row.created_at, row.action, row.payload_json), row.row_hash
+            ):
+                rep.problems.append(
+                    AuditProblem(
+                        row.id,
+                        "MAC does not verify: the entry was edited (or the audit "
+                        f"key from {settings.key_source} is not this database's)",
+                    )
+                )
                 return rep
             _apply_entry(expected, row, rep)
         prev = row.row_hash
@@ -378,10 +413,19 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
 def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
     from fedmed import signing  # only when asked: the record itself needs no signing keys
 
-    rows = session.execute(select(ClientUpdate.id, ClientUpdate.round_num, ClientUpdate.signature,
-                                  ClientUpdate.signed_digest, Site.name, Run.uid)
-                           .join(Site, Site.id == ClientUpdate.site_id).join(Run, Run.id == ClientUpdate.run_id)
-                           .order_by(ClientUpdate.id)).all()
+    rows = session.execute(
+        select(
+            ClientUpdate.id,
+            ClientUpdate.round_num,
+            ClientUpdate.signature,
+            ClientUpdate.signed_digest,
+            Site.name,
+            Run.uid,
+        )
+        .join(Site, Site.id == ClientUpdate.site_id)
+        .join(Run, Run.id == ClientUpdate.run_id)
+        .order_by(ClientUpdate.id)
+    ).all()
     unsigned = 0
     for r in rows:
         if r.signature is None:
@@ -391,8 +435,9 @@ def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
         where = f"({r.uid}, {r.round_num}, {r.name})"
         keys = site_keys.get(r.name)
         if keys is None:
-            rep.problems.append(AuditProblem(r.id, f"{where} is signed but no public key of {r.name!r} is installed",
-                                             "client_updates"))
+            rep.problems.append(
+                AuditProblem(r.id, f"{where} is signed but no public key of {r.name!r} is installed", "client_updates")
+            )
             continue
         try:
             signing.verify(bytes.fromhex(r.signed_digest or ""), bytes.fromhex(r.signature), keys)
@@ -421,16 +466,31 @@ def _check_before_migration(expected: dict, entry_id: int, payload: dict, rep: A
     for (table, key), (want, recorded_by) in sorted(expected.items(), key=lambda kv: kv[1][1]):
         got = before.pop((table, key), None)
         if got is None:
-            rep.problems.append(AuditProblem(recorded_by, f"{table} row ({_key_str(key)}) recorded by this entry was "
-                                                          f"missing when migration {revision} ran (audit entry "
-                                                          f"{entry_id}): deleted"))
+            rep.problems.append(
+                AuditProblem(
+                    recorded_by,
+                    f"{table} row ({_key_str(key)}) recorded by this entry was "
+                    f"missing when migration {revision} ran (audit entry "
+                    f"{entry_id}): deleted",
+                )
+            )
         elif got != want:
-            rep.problems.append(AuditProblem(recorded_by, f"{table} row ({_key_str(key)}) did not match what this "
-                                                          f"entry recorded when migration {revision} ran (audit "
-                                                          f"entry {entry_id}): edited before the migration"))
+            rep.problems.append(
+                AuditProblem(
+                    recorded_by,
+                    f"{table} row ({_key_str(key)}) did not match what this "
+                    f"entry recorded when migration {revision} ran (audit "
+                    f"entry {entry_id}): edited before the migration",
+                )
+            )
     for table, key in sorted(before):
-        rep.problems.append(AuditProblem(entry_id, f"{table} row ({_key_str(key)}) was covered by no audit entry when "
-                                                   f"migration {revision} ran: inserted outside the record"))
+        rep.problems.append(
+            AuditProblem(
+                entry_id,
+                f"{table} row ({_key_str(key)}) was covered by no audit entry when "
+                f"migration {revision} ran: inserted outside the record",
+            )
+        )
 
 
 def _compare_tables(session, expected: dict, rep: AuditReport) -> None:
@@ -440,14 +500,35 @@ def _compare_tables(session, expected: dict, rep: AuditReport) -> None:
             rep.rows_checked += 1
             want = expected.pop((table, r.key), None)
             if want is None:
-                found.append((0, AuditProblem(r.row_id, f"({_key_str(r.key)}) is covered by no audit entry "
-                                                        "(inserted outside the record)", table)))
+                found.append(
+                    (
+                        0,
+                        AuditProblem(
+                            r.row_id,
+                            f"({_key_str(r.key)}) is covered by no audit entry (inserted outside the record)",
+                            table,
+                        ),
+                    )
+                )
             elif want[0] != r.hash:
-                found.append((want[1], AuditProblem(r.row_id, f"({_key_str(r.key)}) does not match what audit entry "
-                                                              f"{want[1]} recorded (the row was edited)", table)))
+                found.append(
+                    (
+                        want[1],
+                        AuditProblem(
+                            r.row_id,
+                            f"({_key_str(r.key)}) does not match what audit entry "
+                            f"{want[1]} recorded (the row was edited)",
+                            table,
+                        ),
+                    )
+                )
     for (table, key), (_, entry_id) in expected.items():
-        found.append((entry_id, AuditProblem(entry_id, f"{table} row ({_key_str(key)}) recorded by this entry is "
-                                                       "missing (deleted)")))
+        found.append(
+            (
+                entry_id,
+                AuditProblem(entry_id, f"{table} row ({_key_str(key)}) recorded by this entry is missing (deleted)"),
+            )
+        )
     rep.problems.extend(p for _, p in sorted(found, key=lambda x: (x[0], x[1].table, x[1].row_id)))
 
 
@@ -457,22 +538,29 @@ def _compare_heads(path: Optional[Path], chain_tag: Optional[str], macs: dict, r
         return
     if not Path(path).exists():
         if rep.entries > rep.legacy_entries:
-            rep.problems.append(AuditProblem(0, f"heads file {path} is missing (it gets a line at every keyed write)",
-                                             "heads_file"))
+            rep.problems.append(
+                AuditProblem(0, f"heads file {path} is missing (it gets a line at every keyed write)", "heads_file")
+            )
         return
     mine = [h for h in read_heads(path) if h["chain"] is not None and h["chain"] == chain_tag]
     other = [h for h in read_heads(path) if h["chain"] != chain_tag]
     if other and chain_tag is None:
-        rep.problems.append(AuditProblem(0, f"the audit chain is empty but {path} records {len(other)} head(s)",
-                                         "heads_file"))
+        rep.problems.append(
+            AuditProblem(0, f"the audit chain is empty but {path} records {len(other)} head(s)", "heads_file")
+        )
         return
     if other:
         rep.notes.append(f"{len(other)} line(s) of {path} belong to other chains or are unreadable")
     for h in mine:
         rep.heads_checked += 1
         if h["id"] not in macs:
-            rep.problems.append(AuditProblem(h["id"], f"missing: {path} line {h['line']} records entry {h['id']}, "
-                                                      f"the chain ends at {max(macs)} (the newest entries were deleted)"))
+            rep.problems.append(
+                AuditProblem(
+                    h["id"],
+                    f"missing: {path} line {h['line']} records entry {h['id']}, "
+                    f"the chain ends at {max(macs)} (the newest entries were deleted)",
+                )
+            )
             return
         if macs[h["id"]] != h["mac"]:
             rep.problems.append(AuditProblem(h["id"], f"MAC differs from {path} line {h['line']} (entry replaced)"))

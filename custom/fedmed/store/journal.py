@@ -95,8 +95,12 @@ def _from_legacy(op: str, args: dict) -> None:
     rec["round_num"] = int(rec["round_num"]) + 1
     if "test_mean_auroc" in rec:
         mean_auroc = rec.pop("test_mean_auroc")
-        rec.update(mean_auroc=mean_auroc, score=mean_auroc, score_name="mean_auroc",
-                   score_source="site_validation" if rec.get("test_loss") is None else "global_test")
+        rec.update(
+            mean_auroc=mean_auroc,
+            score=mean_auroc,
+            score_name="mean_auroc",
+            score_source="site_validation" if rec.get("test_loss") is None else "global_test",
+        )
     for u in rec["updates"]:
         if "val_score" not in u:
             u["val_score"] = u.get("val_mean_auroc")
@@ -204,14 +208,16 @@ class Journal:
         """Move one line to the dead-letter file (fsynced, under its own lock)."""
         op, run_uid, round_num = _describe(line)
         entry = DeadLetter(str(self.path), line, reason, op, run_uid, round_num)
-        record = json.dumps({"at": dt.datetime.now(dt.timezone.utc).isoformat(), **dataclasses.asdict(entry)},
-                            sort_keys=True)
+        record = json.dumps(
+            {"at": dt.datetime.now(dt.timezone.utc).isoformat(), **dataclasses.asdict(entry)}, sort_keys=True
+        )
         with _locked(self.dead_letters):
             _append_durably(self.dead_letters, record + "\n")
         return entry
 
-    def replay(self, write: Callable[[str, dict], None],
-               transient: Callable[[BaseException], bool] = is_transient) -> ReplayOutcome:
+    def replay(
+        self, write: Callable[[str, dict], None], transient: Callable[[BaseException], bool] = is_transient
+    ) -> ReplayOutcome:
         """Write pending lines in order. A transient error stops the replay and keeps that line and the rest; any
         other failure dead-letters the line and goes on. The whole replay holds the journal's lock."""
         out = ReplayOutcome()
@@ -268,8 +274,9 @@ class ResilientRecorder:
     idempotent, so a replay that is cut off and repeated stores each round exactly once.
     """
 
-    def __init__(self, repo_factory: Callable[[], Repository], journal: Journal, logger=log,
-                 replay_earlier: bool = True):
+    def __init__(
+        self, repo_factory: Callable[[], Repository], journal: Journal, logger=log, replay_earlier: bool = True
+    ):
         self._factory = repo_factory
         self._repo: Optional[Repository] = None
         self.journal = journal
@@ -314,8 +321,10 @@ class ResilientRecorder:
     def _replay(self, journal: Journal, whose: str) -> bool:
         out = journal.replay(self._apply)
         for d in out.dead:
-            self._alert(f"journal line from {whose} ({d.op or 'unreadable'}, run {d.run_uid}, round {d.round_num}) "
-                        f"cannot be written and was moved to {journal.dead_letters}: {d.reason}")
+            self._alert(
+                f"journal line from {whose} ({d.op or 'unreadable'}, run {d.run_uid}, round {d.round_num}) "
+                f"cannot be written and was moved to {journal.dead_letters}: {d.reason}"
+            )
         if out.written:
             self.log.info(f"replayed {out.written} journaled write(s) from {journal.path}")
         if out.stopped_by is not None:
@@ -338,8 +347,10 @@ class ResilientRecorder:
                 self._degrade(e)
                 return False
             d = self.journal.dead_letter(op_to_json(op, args), f"{type(e).__name__}: {_short(e)}")
-            self._alert(f"{op} (run {d.run_uid}, round {d.round_num}) refused by the database and moved to "
-                        f"{self.journal.dead_letters}: {d.reason}")
+            self._alert(
+                f"{op} (run {d.run_uid}, round {d.round_num}) refused by the database and moved to "
+                f"{self.journal.dead_letters}: {d.reason}"
+            )
             self._write_alerts()
             return False
         self._write_alerts()
@@ -364,8 +375,10 @@ class ResilientRecorder:
                 self._repo.record_alert(self.run_uid, "dead_letter", self._alerts[0])
             except Exception as e:
                 if not is_transient(e) and "no run with uid" not in str(e):
-                    self.log.error(f"dead-letter alert could not be recorded ({type(e).__name__}: {_short(e)}); "
-                                   f"it stays in the log and the dead-letter file")
+                    self.log.error(
+                        f"dead-letter alert could not be recorded ({type(e).__name__}: {_short(e)}); "
+                        f"it stays in the log and the dead-letter file"
+                    )
                     self._alerts.pop(0)
                     continue
                 return  # the database or this run's row is not there yet: try again after the next write
@@ -374,8 +387,10 @@ class ResilientRecorder:
     def _degrade(self, error: Exception) -> None:
         if not self.degraded:
             self.degraded = True
-            self.log.error(f"database unavailable ({type(error).__name__}: {_short(error, 200)}); writes are journaled to "
-                           f"{self.journal.path} and replayed when it answers again")
+            self.log.error(
+                f"database unavailable ({type(error).__name__}: {_short(error, 200)}); writes are journaled to "
+                f"{self.journal.path} and replayed when it answers again"
+            )
         self.close()  # reconnect next time
 
 

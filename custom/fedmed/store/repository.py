@@ -178,8 +178,9 @@ def _check_string_lengths(session: Session, _context, _instances) -> None:
             limit = getattr(col.type, "length", None)
             value = getattr(obj, col.key, None)
             if limit and isinstance(value, str) and len(value) > limit:
-                raise ValueError(f"{obj.__tablename__}.{col.name} is {len(value)} characters, at most {limit} fit: "
-                                 f"{value[:60]!r}...")
+                raise ValueError(
+                    f"{obj.__tablename__}.{col.name} is {len(value)} characters, at most {limit} fit: {value[:60]!r}..."
+                )
 
 
 def _metrics_problem(metrics: dict, where: str) -> None:
@@ -209,8 +210,14 @@ class Repository:
     `<database folder>/local/audit_key` and `<database folder>/audit_heads.log`). A writer (create_schema=True)
     resolves them at once, creating the key on first use, so a missing key fails before anything is written."""
 
-    def __init__(self, url: str, create_schema: bool = True, audit_key: Optional[bytes] = None,
-                 audit_key_file: Optional[Path] = None, heads_file: Optional[Path] = None):
+    def __init__(
+        self,
+        url: str,
+        create_schema: bool = True,
+        audit_key: Optional[bytes] = None,
+        audit_key_file: Optional[Path] = None,
+        heads_file: Optional[Path] = None,
+    ):
         if "://" not in url:
             raise ValueError(f"database URL must look like dialect://..., got {url!r}")
         kwargs = {"pool_pre_ping": True}
@@ -234,8 +241,9 @@ class Repository:
     def audit_settings(self, create: bool = True) -> AuditSettings:
         if self._audit_settings is None:
             key, key_file, heads = self._audit_args
-            self._audit_settings = audit.audit_settings(self.engine.url.render_as_string(hide_password=False), key,
-                                                        key_file, heads, create=create)
+            self._audit_settings = audit.audit_settings(
+                self.engine.url.render_as_string(hide_password=False), key, key_file, heads, create=create
+            )
         return self._audit_settings
 
     def close(self) -> None:
@@ -250,12 +258,22 @@ class Repository:
         with self._session.begin() as s:
             run = s.scalar(select(Run).where(Run.uid == uid))
             if run is None:
-                run = Run(uid=uid, name=name, job_id=job_id, aggregation=aggregation, num_rounds=num_rounds,
-                          config_json=json.dumps(config, sort_keys=True, default=str))
+                run = Run(
+                    uid=uid,
+                    name=name,
+                    job_id=job_id,
+                    aggregation=aggregation,
+                    num_rounds=num_rounds,
+                    config_json=json.dumps(config, sort_keys=True, default=str),
+                )
                 s.add(run)
                 s.flush()
-                head = self._audit(s, "start_run", {"run": uid, "job_id": job_id, "aggregation": aggregation,
-                                                    "num_rounds": num_rounds}, audit.table_rows(s, "runs", run_id=run.id))
+                head = self._audit(
+                    s,
+                    "start_run",
+                    {"run": uid, "job_id": job_id, "aggregation": aggregation, "num_rounds": num_rounds},
+                    audit.table_rows(s, "runs", run_id=run.id),
+                )
             else:
                 head = None
         self._append_head(head)
@@ -278,31 +296,85 @@ class Repository:
             for model in (Round, ClientUpdate, RoundMetric, Alert, PrivacySpend):
                 s.execute(delete(model).where(model.run_id == run_id, model.round_num == record.round_num))
             accepted = sum(1 for u in record.updates if u.status == "accepted")
-            s.add(Round(run_id=run_id, round_num=record.round_num, num_sites=accepted, test_loss=record.test_loss,
-                        score=record.score, score_name=record.score_name, score_source=record.score_source,
-                        mean_auroc=record.mean_auroc, global_model_sha256=record.global_model_sha256,
-                        started_at=record.started_at, finished_at=utcnow()))
+            s.add(
+                Round(
+                    run_id=run_id,
+                    round_num=record.round_num,
+                    num_sites=accepted,
+                    test_loss=record.test_loss,
+                    score=record.score,
+                    score_name=record.score_name,
+                    score_source=record.score_source,
+                    mean_auroc=record.mean_auroc,
+                    global_model_sha256=record.global_model_sha256,
+                    started_at=record.started_at,
+                    finished_at=utcnow(),
+                )
+            )
             for u in record.updates:
                 site = self._site(s, u.site)
-                s.add(ClientUpdate(run_id=run_id, round_num=record.round_num, site_id=site.id, status=u.status,
-                                   reason=u.reason, num_samples=u.num_samples, weight_samples=u.weight_samples,
-                                   update_norm=u.update_norm,
-                                   update_sha256=u.update_sha256, aggregation_weight=u.aggregation_weight,
-                                   distance=u.distance, round_score=u.round_score, trust=u.trust, train_loss=u.train_loss,
-                                   val_loss=u.val_loss, val_mean_auroc=u.val_mean_auroc,
-                                   val_score=u.val_score, signature=u.signature,
-                                   signed_digest=u.signed_digest))
+                s.add(
+                    ClientUpdate(
+                        run_id=run_id,
+                        round_num=record.round_num,
+                        site_id=site.id,
+                        status=u.status,
+                        reason=u.reason,
+                        num_samples=u.num_samples,
+                        weight_samples=u.weight_samples,
+                        update_norm=u.update_norm,
+                        update_sha256=u.update_sha256,
+                        aggregation_weight=u.aggregation_weight,
+                        distance=u.distance,
+                        round_score=u.round_score,
+                        trust=u.trust,
+                        train_loss=u.train_loss,
+                        val_loss=u.val_loss,
+                        val_mean_auroc=u.val_mean_auroc,
+                        val_score=u.val_score,
+                        signature=u.signature,
+                        signed_digest=u.signed_digest,
+                    )
+                )
                 for metric, value in u.metrics.items():
-                    s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope=u.site, metric=metric, value=float(value)))
+                    s.add(
+                        RoundMetric(
+                            run_id=run_id, round_num=record.round_num, scope=u.site, metric=metric, value=float(value)
+                        )
+                    )
                 if u.epsilon is not None:
-                    s.add(PrivacySpend(run_id=run_id, round_num=record.round_num, site_id=site.id, epsilon=u.epsilon,
-                                       delta=u.delta if u.delta is not None else 0.0, epsilon_budget=u.epsilon_budget,
-                                       noise_multiplier=u.noise_multiplier, accountant="rdp"))
+                    s.add(
+                        PrivacySpend(
+                            run_id=run_id,
+                            round_num=record.round_num,
+                            site_id=site.id,
+                            epsilon=u.epsilon,
+                            delta=u.delta if u.delta is not None else 0.0,
+                            epsilon_budget=u.epsilon_budget,
+                            noise_multiplier=u.noise_multiplier,
+                            accountant="rdp",
+                        )
+                    )
             for a in record.alerts:
-                s.add(Alert(run_id=run_id, round_num=record.round_num, site_id=self._site(s, a.site).id, kind=a.kind,
-                            message=a.message))
+                s.add(
+                    Alert(
+                        run_id=run_id,
+                        round_num=record.round_num,
+                        site_id=self._site(s, a.site).id,
+                        kind=a.kind,
+                        message=a.message,
+                    )
+                )
             for metric, value in record.test_metrics.items():
-                s.add(RoundMetric(run_id=run_id, round_num=record.round_num, scope="global_test", metric=metric, value=float(value)))
+                s.add(
+                    RoundMetric(
+                        run_id=run_id,
+                        round_num=record.round_num,
+                        scope="global_test",
+                        metric=metric,
+                        value=float(value),
+                    )
+                )
             for t in record.trust:
                 site_id = self._site(s, t.site).id
                 row = s.get(SiteTrustState, site_id) or SiteTrustState(site_id=site_id)
@@ -310,21 +382,32 @@ class Repository:
                 row.run_id, row.round_num, row.updated_at = run_id, record.round_num, utcnow()
                 s.add(row)
             s.flush()
-            rows = [r for t in audit.ROUND_TABLES for r in audit.table_rows(s, t, run_id=run_id, round_num=record.round_num)]
-            head = self._audit(s, "record_round", {
-                "run": run_uid, "round": record.round_num, "replaced": replaced is not None,
-                "global_model_sha256": record.global_model_sha256,
-                "updates": [[u.site, u.status, u.num_samples, u.update_sha256, u.trust] for u in record.updates],
-                # Each site's trust state after the round (site_trust is rewritten every round: the keyed chain
-                # keeps what it was, so a later edit that un-quarantines a site can be found).
-                "trust": [[t.site, t.trust, t.quarantined, t.good_streak] for t in record.trust],
-            }, rows)
+            rows = [
+                r for t in audit.ROUND_TABLES for r in audit.table_rows(s, t, run_id=run_id, round_num=record.round_num)
+            ]
+            head = self._audit(
+                s,
+                "record_round",
+                {
+                    "run": run_uid,
+                    "round": record.round_num,
+                    "replaced": replaced is not None,
+                    "global_model_sha256": record.global_model_sha256,
+                    "updates": [[u.site, u.status, u.num_samples, u.update_sha256, u.trust] for u in record.updates],
+                    # Each site's trust state after the round (site_trust is rewritten every round: the keyed chain
+                    # keeps what it was, so a later edit that un-quarantines a site can be found).
+                    "trust": [[t.site, t.trust, t.quarantined, t.good_streak] for t in record.trust],
+                },
+                rows,
+            )
         self._append_head(head)
 
     def load_trust(self) -> dict[str, TrustRecord]:
         """Every site's trust state as the latest recorded round left it, whichever job that was."""
         with self._session() as s:
-            rows = s.execute(select(Site.name, SiteTrustState).join(SiteTrustState, SiteTrustState.site_id == Site.id)).all()
+            rows = s.execute(
+                select(Site.name, SiteTrustState).join(SiteTrustState, SiteTrustState.site_id == Site.id)
+            ).all()
             return {name: TrustRecord(name, t.trust, t.quarantined, t.good_streak) for name, t in rows}
 
     def finish_run(self, run_uid: str, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
@@ -332,12 +415,17 @@ class Repository:
             run = s.get(Run, self._run_id(s, run_uid))
             run.status, run.finished_at, run.best_round, run.best_metric = status, utcnow(), best_round, best_metric
             s.flush()
-            head = self._audit(s, "finish_run", {"run": run_uid, "status": status, "best_round": best_round},
-                               audit.table_rows(s, "runs", run_id=run.id))
+            head = self._audit(
+                s,
+                "finish_run",
+                {"run": run_uid, "status": status, "best_round": best_round},
+                audit.table_rows(s, "runs", run_id=run.id),
+            )
         self._append_head(head)
 
-    def record_alert(self, run_uid: str, kind: str, message: str, site: Optional[str] = None,
-                     round_num: int = 0) -> None:
+    def record_alert(
+        self, run_uid: str, kind: str, message: str, site: Optional[str] = None, round_num: int = 0
+    ) -> None:
         """One alert outside a round's record (round 0: about the run), e.g. a dead-lettered journal line."""
         if kind not in ALERT_KINDS:
             raise ValueError(f"alert kind must be one of {ALERT_KINDS}, got {kind!r}")
@@ -347,21 +435,35 @@ class Repository:
             alert = Alert(run_id=run_id, round_num=round_num, site_id=site_id, kind=kind, message=message)
             s.add(alert)
             s.flush()
-            head = self._audit(s, "alert", {"run": run_uid, "round": round_num, "site": site, "kind": kind},
-                               audit.table_rows(s, "alerts", row_id=alert.id))
+            head = self._audit(
+                s,
+                "alert",
+                {"run": run_uid, "round": round_num, "site": site, "kind": kind},
+                audit.table_rows(s, "alerts", row_id=alert.id),
+            )
         self._append_head(head)
 
     def record_inference(self, record: InferenceRecord) -> None:
         """Append one inference log row (and its audit row, in the same transaction)."""
         with self._session.begin() as s:
-            log_row = InferenceLog(study_pseudonym=record.study_pseudonym, patient_pseudonym=record.patient_pseudonym,
-                                   model_sha256=record.model_sha256, model_version=record.model_version,
-                                   num_images=record.num_images, positive_findings="|".join(record.positive_findings),
-                                   status=record.status, message=record.message)
+            log_row = InferenceLog(
+                study_pseudonym=record.study_pseudonym,
+                patient_pseudonym=record.patient_pseudonym,
+                model_sha256=record.model_sha256,
+                model_version=record.model_version,
+                num_images=record.num_images,
+                positive_findings="|".join(record.positive_findings),
+                status=record.status,
+                message=record.message,
+            )
             s.add(log_row)
             s.flush()
-            head = self._audit(s, "inference", {"study": record.study_pseudonym, "model_sha256": record.model_sha256,
-                                                "status": record.status}, audit.table_rows(s, "inference_logs", row_id=log_row.id))
+            head = self._audit(
+                s,
+                "inference",
+                {"study": record.study_pseudonym, "model_sha256": record.model_sha256, "status": record.status},
+                audit.table_rows(s, "inference_logs", row_id=log_row.id),
+            )
         self._append_head(head)
 
     def mark_interrupted(self, job_ids, reason: str) -> list[str]:
@@ -372,15 +474,23 @@ class Repository:
             runs = s.scalars(select(Run).where(Run.job_id.in_(list(job_ids)), Run.status == "running")).all()
             for run in runs:
                 # The Controller's rule: the highest task score, the earliest round on a tie.
-                best = s.execute(select(Round.round_num, Round.score)
-                                 .where(Round.run_id == run.id, Round.score.is_not(None))
-                                 .order_by(Round.score.desc(), Round.round_num).limit(1)).first()
+                best = s.execute(
+                    select(Round.round_num, Round.score)
+                    .where(Round.run_id == run.id, Round.score.is_not(None))
+                    .order_by(Round.score.desc(), Round.round_num)
+                    .limit(1)
+                ).first()
                 run.status, run.finished_at = "interrupted", utcnow()
                 run.best_round, run.best_metric = (best[0], best[1]) if best else (None, None)
                 s.flush()
-                heads.append(self._audit(s, "finish_run", {"run": run.uid, "status": "interrupted",
-                                                           "best_round": run.best_round, "reason": reason},
-                                         audit.table_rows(s, "runs", run_id=run.id)))
+                heads.append(
+                    self._audit(
+                        s,
+                        "finish_run",
+                        {"run": run.uid, "status": "interrupted", "best_round": run.best_round, "reason": reason},
+                        audit.table_rows(s, "runs", run_id=run.id),
+                    )
+                )
                 changed.append(run.uid)
         for head in heads:
             self._append_head(head)
@@ -392,15 +502,23 @@ class Repository:
         note = f"Alembic revision {revision} changed covered rows; previous: each row as it was before"
         with self._session.begin() as s:
             keyed = s.scalar(select(AuditEntry.id).where(AuditEntry.scheme == audit.SCHEME).limit(1))
-            done = s.scalar(select(AuditEntry.id).where(AuditEntry.action == audit.MIGRATION_ACTION,
-                                                        AuditEntry.payload_json.contains(f'"revision":"{revision}"')))
+            done = s.scalar(
+                select(AuditEntry.id).where(
+                    AuditEntry.action == audit.MIGRATION_ACTION,
+                    AuditEntry.payload_json.contains(f'"revision":"{revision}"'),
+                )
+            )
             if keyed is None or done is not None:  # no keyed chain yet (its first write adopts the rows), or done
                 return
             form = audit.MIGRATION_FORMS[revision]
             previous = [r for t in audit._TABLES for r in audit.table_rows(s, t, form=form)]
             rows = [r for t in audit._TABLES for r in audit.table_rows(s, t)]
-            head = self._audit(s, audit.MIGRATION_ACTION, {"revision": revision, "note": note,
-                                                           "previous": audit.rows_payload(previous)}, rows)
+            head = self._audit(
+                s,
+                audit.MIGRATION_ACTION,
+                {"revision": revision, "note": note, "previous": audit.rows_payload(previous)},
+                rows,
+            )
         self._append_head(head)
 
     def _audit(self, s: Session, action: str, payload: dict, rows=()) -> tuple:
@@ -414,8 +532,9 @@ class Repository:
         if last is not None and last.scheme is None:
             # First keyed write on a database from before the keyed chain: adopt what is there, as it is now.
             every = [r for t in audit._TABLES for r in audit.table_rows(s, t)]
-            self._add_entry(s, settings, last.row_hash, "adopt_rows", {"note": "rows written before the keyed chain"},
-                            every)
+            self._add_entry(
+                s, settings, last.row_hash, "adopt_rows", {"note": "rows written before the keyed chain"}, every
+            )
             last = s.execute(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1)).first()
         entry = self._add_entry(s, settings, last.row_hash if last else GENESIS_HASH, action, payload, rows)
         tag = entry.row_hash if last is None else s.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id).limit(1))
@@ -425,8 +544,14 @@ class Repository:
     def _add_entry(s: Session, settings: AuditSettings, prev: str, action: str, payload: dict, rows) -> AuditEntry:
         created = utcnow().isoformat()
         body = audit.canonical_json({**payload, "rows": audit.rows_payload(rows)})
-        entry = AuditEntry(created_at=created, action=action, payload_json=body, prev_hash=prev, scheme=audit.SCHEME,
-                           row_hash=audit.entry_mac(settings.key, prev, created, action, body))
+        entry = AuditEntry(
+            created_at=created,
+            action=action,
+            payload_json=body,
+            prev_hash=prev,
+            scheme=audit.SCHEME,
+            row_hash=audit.entry_mac(settings.key, prev, created, action, body),
+        )
         s.add(entry)
         s.flush()
         return entry
@@ -440,9 +565,11 @@ class Repository:
         try:
             audit.append_head(path, tag, entry_id, mac, action)
         except OSError as e:  # the write is committed: failing it now would only lose it from the caller's view
-            logging.getLogger(__name__).error(f"audit entry {entry_id} is committed but its head could not be appended "
-                                              f"to {path} ({e}); deleting the newest rows would go unnoticed until the "
-                                              "next head is written")
+            logging.getLogger(__name__).error(
+                f"audit entry {entry_id} is committed but its head could not be appended "
+                f"to {path} ({e}); deleting the newest rows would go unnoticed until the "
+                "next head is written"
+            )
 
     def audit_report(self, site_keys: Optional[dict] = None) -> AuditReport:
         """Everything audit_verify checks: chain links and MACs, every covered row against the entry that recorded
@@ -506,28 +633,57 @@ class Repository:
         rows = []
         for r in rounds:
             mine = [(site, status) for rn, site, status in updates if rn == r.round_num]
-            rows.append(RoundRow(r.round_num, tuple(site for site, st in mine if st == "accepted"),
-                                 tuple((site, st) for site, st in mine if st != "accepted"), r.score, r.score_name,
-                                 r.score_source, r.mean_auroc, r.test_loss))
+            rows.append(
+                RoundRow(
+                    r.round_num,
+                    tuple(site for site, st in mine if st == "accepted"),
+                    tuple((site, st) for site, st in mine if st != "accepted"),
+                    r.score,
+                    r.score_name,
+                    r.score_source,
+                    r.mean_auroc,
+                    r.test_loss,
+                )
+            )
         return rows
 
     def client_updates(self, run_id: int) -> list[dict]:
         with self._session() as s:
             rows = s.execute(
-                select(ClientUpdate, Site.name).join(Site, Site.id == ClientUpdate.site_id)
-                .where(ClientUpdate.run_id == run_id).order_by(ClientUpdate.round_num, Site.name)
+                select(ClientUpdate, Site.name)
+                .join(Site, Site.id == ClientUpdate.site_id)
+                .where(ClientUpdate.run_id == run_id)
+                .order_by(ClientUpdate.round_num, Site.name)
             ).all()
-        return [{"round": u.round_num, "site": name, "status": u.status, "reason": u.reason, "num_samples": u.num_samples,
-                 "weight_samples": u.weight_samples, "update_norm": u.update_norm, "aggregation_weight": u.aggregation_weight,
-                 "val_mean_auroc": u.val_mean_auroc, "val_score": u.val_score,
-                 "distance": u.distance, "round_score": u.round_score, "trust": u.trust,
-                 "update_sha256": u.update_sha256, "signature": u.signature, "signed_digest": u.signed_digest}
-                for u, name in rows]
+        return [
+            {
+                "round": u.round_num,
+                "site": name,
+                "status": u.status,
+                "reason": u.reason,
+                "num_samples": u.num_samples,
+                "weight_samples": u.weight_samples,
+                "update_norm": u.update_norm,
+                "aggregation_weight": u.aggregation_weight,
+                "val_mean_auroc": u.val_mean_auroc,
+                "val_score": u.val_score,
+                "distance": u.distance,
+                "round_score": u.round_score,
+                "trust": u.trust,
+                "update_sha256": u.update_sha256,
+                "signature": u.signature,
+                "signed_digest": u.signed_digest,
+            }
+            for u, name in rows
+        ]
 
     def round_metrics(self, run_id: int, scope: str) -> dict[int, dict[str, float]]:
         with self._session() as s:
-            rows = s.execute(select(RoundMetric.round_num, RoundMetric.metric, RoundMetric.value)
-                             .where(RoundMetric.run_id == run_id, RoundMetric.scope == scope)).all()
+            rows = s.execute(
+                select(RoundMetric.round_num, RoundMetric.metric, RoundMetric.value).where(
+                    RoundMetric.run_id == run_id, RoundMetric.scope == scope
+                )
+            ).all()
         out: dict[int, dict[str, float]] = {}
         for rn, metric, value in rows:
             out.setdefault(rn, {})[metric] = value
@@ -535,20 +691,48 @@ class Repository:
 
     def privacy_spend(self, run_id: int) -> list[dict]:
         with self._session() as s:
-            rows = s.execute(select(PrivacySpend, Site.name).join(Site, Site.id == PrivacySpend.site_id)
-                             .where(PrivacySpend.run_id == run_id).order_by(PrivacySpend.round_num, Site.name)).all()
-        return [{"round": p.round_num, "site": name, "epsilon": p.epsilon, "delta": p.delta,
-                 "epsilon_budget": p.epsilon_budget, "noise_multiplier": p.noise_multiplier} for p, name in rows]
+            rows = s.execute(
+                select(PrivacySpend, Site.name)
+                .join(Site, Site.id == PrivacySpend.site_id)
+                .where(PrivacySpend.run_id == run_id)
+                .order_by(PrivacySpend.round_num, Site.name)
+            ).all()
+        return [
+            {
+                "round": p.round_num,
+                "site": name,
+                "epsilon": p.epsilon,
+                "delta": p.delta,
+                "epsilon_budget": p.epsilon_budget,
+                "noise_multiplier": p.noise_multiplier,
+            }
+            for p, name in rows
+        ]
 
     def alerts(self, run_id: int) -> list[dict]:
         with self._session() as s:
-            rows = s.execute(select(Alert, Site.name).outerjoin(Site, Site.id == Alert.site_id)
-                             .where(Alert.run_id == run_id).order_by(Alert.round_num, Site.name, Alert.id)).all()
+            rows = s.execute(
+                select(Alert, Site.name)
+                .outerjoin(Site, Site.id == Alert.site_id)
+                .where(Alert.run_id == run_id)
+                .order_by(Alert.round_num, Site.name, Alert.id)
+            ).all()
         return [{"round": a.round_num, "site": name or "", "kind": a.kind, "message": a.message} for a, name in rows]
 
     def inference_logs(self) -> list[dict]:
         with self._session() as s:
             rows = s.scalars(select(InferenceLog).order_by(InferenceLog.id)).all()
-        return [{"created_at": r.created_at, "study_pseudonym": r.study_pseudonym, "patient_pseudonym": r.patient_pseudonym,
-                 "model_sha256": r.model_sha256, "model_version": r.model_version, "num_images": r.num_images,
-                 "positive_findings": r.positive_findings, "status": r.status, "message": r.message} for r in rows]
+        return [
+            {
+                "created_at": r.created_at,
+                "study_pseudonym": r.study_pseudonym,
+                "patient_pseudonym": r.patient_pseudonym,
+                "model_sha256": r.model_sha256,
+                "model_version": r.model_version,
+                "num_images": r.num_images,
+                "positive_findings": r.positive_findings,
+                "status": r.status,
+                "message": r.message,
+            }
+            for r in rows
+        ]

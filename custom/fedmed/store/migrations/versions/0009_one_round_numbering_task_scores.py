@@ -22,6 +22,7 @@ Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-29 21:10:00
 """
+
 import json
 
 import sqlalchemy as sa
@@ -64,22 +65,33 @@ def upgrade() -> None:
     for run_id, config_json in conn.execute(sa.text("SELECT id, config_json FROM runs")).all():
         name = SCORE_NAMES.get(_task_of(config_json), 'mean_auroc')
         params = {'run': run_id, 'name': name}
-        conn.execute(sa.text(
-            "UPDATE rounds SET score_name = :name, score_source = CASE WHEN test_loss IS NULL THEN 'site_validation' "
-            "ELSE 'global_test' END WHERE run_id = :run"), params)
+        conn.execute(
+            sa.text(
+                "UPDATE rounds SET score_name = :name, score_source = CASE WHEN test_loss IS NULL THEN 'site_validation' "
+                "ELSE 'global_test' END WHERE run_id = :run"
+            ),
+            params,
+        )
         if name == 'mean_auroc':
             conn.execute(sa.text("UPDATE rounds SET score = mean_auroc WHERE run_id = :run"), params)
             conn.execute(sa.text("UPDATE client_updates SET val_score = val_mean_auroc WHERE run_id = :run"), params)
             continue
-        conn.execute(sa.text(
-            "UPDATE rounds SET score = (SELECT m.value FROM round_metrics m WHERE m.run_id = rounds.run_id "
-            "AND m.round_num = rounds.round_num AND m.scope = 'global_test' AND m.metric = :name) "
-            "WHERE run_id = :run"), params)
-        conn.execute(sa.text(
-            "UPDATE client_updates SET val_score = (SELECT m.value FROM round_metrics m JOIN sites s "
-            "ON s.name = m.scope WHERE m.run_id = client_updates.run_id AND m.round_num = client_updates.round_num "
-            "AND s.id = client_updates.site_id AND m.metric = :metric) WHERE run_id = :run"),
-            {**params, 'metric': 'val_' + name})
+        conn.execute(
+            sa.text(
+                "UPDATE rounds SET score = (SELECT m.value FROM round_metrics m WHERE m.run_id = rounds.run_id "
+                "AND m.round_num = rounds.round_num AND m.scope = 'global_test' AND m.metric = :name) "
+                "WHERE run_id = :run"
+            ),
+            params,
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE client_updates SET val_score = (SELECT m.value FROM round_metrics m JOIN sites s "
+                "ON s.name = m.scope WHERE m.run_id = client_updates.run_id AND m.round_num = client_updates.round_num "
+                "AND s.id = client_updates.site_id AND m.metric = :metric) WHERE run_id = :run"
+            ),
+            {**params, 'metric': 'val_' + name},
+        )
     _shift_rounds(+1)
 
 
