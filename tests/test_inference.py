@@ -829,7 +829,7 @@ def test_bundle_lists_skipped_and_ignored_files_with_reasons(tmp_path, model_pat
     _dicom(root / "s", "IM2", "P1", generate_uid(), "LL", seed=2)
     (root / "s" / "notes.txt").write_text("not DICOM")
     skipped = tmp_path / "eval" / "skipped.csv"
-    items = task_image_datalist(str(root), None, str(skipped))
+    items = task_image_datalist(str(root), "chest_xray14", str(skipped))
     rows = _read_csv(skipped)
     assert [Path(i["image"]).name for i in items] == ["IM1"]
     assert {(Path(r["file"]).name, r["status"]) for r in rows} == {("IM2", "ignored"), ("notes.txt", "skipped")}
