@@ -338,7 +338,7 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     # printed by fedmed-submit, and kept in the downloaded result
     assert f"round 1: hospital-b missing: {reason}" in printed
     summary = json.loads((out.result_dir / "fedmed_summary.json").read_text())
-    assert {"round": 0, "site": "hospital-b", "status": "missing", "reason": reason} in summary["sites"]
+    assert {"round": 1, "site": "hospital-b", "status": "missing", "reason": reason} in summary["sites"]
     assert out.models["best_model.pt"].is_file() and out.models["global_model.pt"].is_file()
     assert f"best model: {out.models['best_model.pt']}" in printed
     print(f"\nmeasured: job with a failing hospital {out.run_seconds:.0f}s (straggler_wait 600 s)")
@@ -361,14 +361,14 @@ def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_t
         meta = session.wait_for_job(job_id, timeout=JOB_TIMEOUT)
         ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
         assert repo.get_run(run_id).status == "finished", meta["status"]
-        assert [r.round_num for r in repo.rounds_table(run_id)] == [0, 1, 2]
-        assert ups[(1, "hospital-c")]["status"] == ups[(2, "hospital-c")]["status"] == "missing"
-        assert "NVFlare" in ups[(1, "hospital-c")]["reason"] or "logged it out" in ups[(1, "hospital-c")]["reason"]
-        assert ups[(2, "hospital-c")]["reason"].startswith("not sent this round: ")
-        assert all(ups[(r, s)]["status"] == "accepted" for r in (1, 2) for s in HOSPITALS[:2])
+        assert [r.round_num for r in repo.rounds_table(run_id)] == [1, 2, 3]  # numbered from 1
+        assert ups[(2, "hospital-c")]["status"] == ups[(3, "hospital-c")]["status"] == "missing"
+        assert "NVFlare" in ups[(2, "hospital-c")]["reason"] or "logged it out" in ups[(2, "hospital-c")]["reason"]
+        assert ups[(3, "hospital-c")]["reason"].startswith("not sent this round: ")
+        assert all(ups[(r, s)]["status"] == "accepted" for r in (2, 3) for s in HOSPITALS[:2])
         print(
             f"\nmeasured: round 2 recorded {round_2_after_kill:.0f}s after hospital-c was killed "
-            f"(heart_beat_timeout 60 s + grace 10 s; straggler_wait 600 s); reason: {ups[(1, 'hospital-c')]['reason']}"
+            f"(heart_beat_timeout 60 s + grace 10 s; straggler_wait 600 s); reason: {ups[(2, 'hospital-c')]['reason']}"
         )
     finally:
         repo.close()

@@ -280,7 +280,7 @@ def submit_and_follow(
             if u["status"] != "accepted"
         ]
         for rnd, site, st, reason in not_counted:
-            print(f"round {rnd + 1}: {site} {st}: {reason or 'no reason recorded'}", flush=True)
+            print(f"round {rnd}: {site} {st}: {reason or 'no reason recorded'}", flush=True)  # rounds from 1
         models = {}
         if result:
             print(f"results downloaded to {result}")
