@@ -98,8 +98,12 @@ def test_an_accepted_attack_is_judged_against_the_same_federation_with_the_site_
     assert all(0.0 <= v <= 1.0 for v in (refs.stayed_honest, refs.left, refs.alone)) and refs.spread >= 0
     # inflate_count sends an honest update (only its claim is hostile) and its claim is capped: the run is the
     # stayed-honest run, to the last digit.
-    res = redteam.run_row(ROWS["inflate_count"], train, test, refs, 2, tmp_path, attack_from=1, batch_size=4)
+    res = redteam.run_row(
+        ROWS["inflate_count"], train, test, refs, 2, tmp_path, attack_from=1, extra_seeds=(1,), batch_size=4
+    )
     assert res.auroc == refs.stayed_honest and res.held and res.references is refs
+    # An accepted attack is also judged over the extra seeds: here each seed's run equals its stayed-honest run.
+    assert res.seed_gaps == ((0, 0.0), (1, 0.0)) and "over seeds 0, 1: mean gap +0.000" in res.how
     assert "Honest references" in redteam.markdown([res], "fedmed-redteam", 1.0, "")
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
 
 from fedmed.inprocess import federate
 from fedmed.robust.attacks import Attack
@@ -65,6 +67,7 @@ class RowResult:
     max_weight_ratio: Optional[float] = None  # attacker weight / largest honest weight, worst round
     max_count_ratio: Optional[float] = None  # attacker's capped count / smallest honest capped count, worst round
     references: Optional["References"] = None  # every honest reference (honest_auroc is references.stayed_honest)
+    seed_gaps: tuple = ()  # accepted attacks: (seed, AUROC minus the stayed-honest run's) per seed judged
 
 
 @dataclass(frozen=True)
@@ -97,11 +100,13 @@ def run_row(
     db_dir: Path,
     tolerance: float = 0.02,
     attack_from: int = 0,
+    extra_seeds: Sequence[int] = (),
     **kw,
 ) -> RowResult:
     """Play one attack (the site HOSTILE attacks from round index attack_from; honest before) and judge it.
-    honest_auroc: a References, or the stayed-honest AUROC alone. kw go to fedmed.inprocess.federate (e.g.
-    server_validation, batch_size)."""
+    honest_auroc: a References, or the stayed-honest AUROC alone (both from training seed 0). extra_seeds: for an
+    attack that is accepted, also play it and its stayed-honest run with these training seeds and judge the mean
+    AUROC gap. kw go to fedmed.inprocess.federate (e.g. server_validation, batch_size)."""
     references = honest_auroc if isinstance(honest_auroc, References) else None
     honest_auroc = references.stayed_honest if references is not None else float(honest_auroc)
     repo = Repository(f"sqlite:///{Path(db_dir) / (row.attack.kind + '.db')}")
@@ -152,21 +157,34 @@ def run_row(
         + (f"; {len(refusals)} hospital refusal(s)" if refusals else "")
     )
     auroc = float(fed.auroc)
-    bounded = is_bounded(auroc, honest_auroc, tolerance)
     hospitals_refused = bool(refusals) and all(
         u.status == "refused" for r in fed.reports[-1:] for u in r.updates if u.site != HOSTILE
     )
     # Rounds where the attack had nothing to act on (a replay in round 1) are honest rounds.
     judged = [r for r in fed.reports if r.round_num >= attack_from]
     attacked = [b for b, r in zip(blocked, judged) if not (row.attack.kind == "replay" and r.round_num == 0)]
+    seed_gaps: tuple = ()
     if attacked and all(attacked) and all(u["reason"] for u in rows if u["status"] in BLOCKED):
         held, how = True, "rejected" if not any(u["status"] == "quarantined" for u in rows) else "rejected/quarantined"
     elif hospitals_refused:
         held, how = True, "refused by the hospitals (their check of the decrypted head)"
-    elif bounded:
-        held, how = True, "bounded"
     else:
-        held, how = False, f"NOT held: AUROC {auroc:.3f} vs {honest_auroc:.3f} had it stayed honest"
+        # Accepted: judged by its AUROC against the stayed-honest run. One run's gap carries the spread of honest
+        # outcomes at this size (References.spread), so with extra_seeds the gap is averaged over seeds.
+        seed_gaps = ((0, auroc - honest_auroc),) + tuple(
+            (s, _auroc_gap(row, train_sets, test_set, rounds, s, attack_from, **kw)) for s in extra_seeds
+        )
+        mean_gap = float(np.mean([g for _, g in seed_gaps]))
+        over = (
+            f" over seeds {', '.join(str(s) for s, _ in seed_gaps)}: mean gap {mean_gap:+.3f} "
+            f"({', '.join(f'{g:+.3f}' for _, g in seed_gaps)})"
+            if extra_seeds
+            else ""
+        )
+        if is_bounded(honest_auroc + mean_gap, honest_auroc, tolerance):
+            held, how = True, "bounded" + over
+        else:
+            held, how = False, f"NOT held: AUROC {auroc:.3f} vs {honest_auroc:.3f} had it stayed honest" + over
     worst = max(ratios) if ratios else None
     worst_count = max(count_ratios) if count_ratios else None
     if row.attack.kind == "inflate_count":
@@ -178,8 +196,28 @@ def run_row(
         else:
             how += f"; its count counted {worst_count:.2f}x, its weight {worst:.3f}x the largest honest site's"
     return RowResult(
-        row.name, "; ".join(per_round), database, auroc, honest_auroc, held, how, worst, worst_count, references
+        row.name,
+        "; ".join(per_round),
+        database,
+        auroc,
+        honest_auroc,
+        held,
+        how,
+        worst,
+        worst_count,
+        references,
+        seed_gaps,
     )
+
+
+def _auroc_gap(row: AttackRow, train_sets: Mapping, test_set, rounds: int, seed: int, attack_from: int, **kw) -> float:
+    """Final AUROC of the attacked federation minus that of the stayed-honest one, both with this training seed."""
+    common = dict(task=CHEST_XRAY14, seed=seed, he_layers=HE_LAYERS if row.he else None, **kw)
+    attacked = federate(
+        train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, attack_from=attack_from, **common
+    )
+    honest = federate(train_sets, test_set, rounds, "geometric_median", **common)
+    return float(attacked.auroc) - float(honest.auroc)
 
 
 def honest_references(

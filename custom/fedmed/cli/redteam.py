@@ -48,6 +48,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tolerance", type=float, default=0.02, help="AUROC distance to honest-only that counts as held")
+    p.add_argument(
+        "--extra-seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="training seeds besides 0 over which an accepted attack's AUROC gap to the stayed-honest run is averaged "
+        "(honest outcomes at this size spread over ~0.05 AUROC, so one run cannot judge 0.02); none: seed 0 alone",
+    )
     p.add_argument("--only", nargs="*", help="attack kinds to run (default: all)")
     p.add_argument("--out", type=Path, default=Path("docs/redteam.md"))
     a = p.parse_args(argv)
@@ -69,7 +77,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as dbs:
         for row in tqdm(rows, desc="attacks"):
             res = redteam.run_row(
-                row, train, test, refs[row.he], a.rounds, Path(dbs), a.tolerance, attack_from=a.attack_from - 1, **kw
+                row,
+                train,
+                test,
+                refs[row.he],
+                a.rounds,
+                Path(dbs),
+                a.tolerance,
+                attack_from=a.attack_from - 1,
+                extra_seeds=a.extra_seeds,
+                **kw,
             )
             tqdm.write(
                 f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
@@ -82,9 +99,16 @@ def main(argv=None) -> int:
         f"{a.rounds} rounds from a fresh model, {a.image_size} px, geometric median with trust and quarantine"
         + (f", validation screening on {a.per_site} server images" if a.validation else "")
         + f", global test set of {a.num_test} images. 'Had it stayed honest' is the same federation, same "
-        "seeds, with the hostile site honest in every round (with HE on for the HE rows). Held: final AUROC "
-        f"no more than {a.tolerance} below that, or the update rejected/quarantined/refused with a recorded "
-        "reason in every round it attacked."
+        "seeds, with the hostile site honest in every round (with HE on for the HE rows). Held: the update "
+        "rejected/quarantined/refused with a recorded reason in every round it attacked, or final AUROC no more "
+        f"than {a.tolerance} below that"
+        + (
+            f" (for an accepted attack, the mean gap over training seeds 0, {', '.join(map(str, a.extra_seeds))}: "
+            "one run's gap carries the honest spread shown below)"
+            if a.extra_seeds
+            else ""
+        )
+        + "."
     )
     command = "fedmed-redteam " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = redteam.markdown(results, command.strip(), time.time() - t0, setup)
