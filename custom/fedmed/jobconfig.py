@@ -60,6 +60,8 @@ class JobConfig:
             round before its update is rejected (fedmed.screening; > 1).
         validation_images: with a server test set and no HE, score each update on the first this many test images
             and reject one far below the median site's (0 = off, the default: too noisy on small sets).
+        resume_run: continue this interrupted or failed run (its uid in the database, or a unique prefix) from its
+            last recorded round instead of starting a new run (fedmed.resume); None = a new run.
     """
 
     name: str
@@ -90,6 +92,7 @@ class JobConfig:
     final_model_timeout: int = 120
     statistics_factor: float = DEFAULT_STATISTICS_FACTOR
     validation_images: int = 0
+    resume_run: Optional[str] = None
 
     def __post_init__(self):
         if not self.name:
@@ -130,6 +133,8 @@ class JobConfig:
             and self.statistics_factor > 1
         ):
             raise ValueError(f"statistics_factor must be a number > 1, got {self.statistics_factor!r}")
+        if self.resume_run is not None and not (isinstance(self.resume_run, str) and self.resume_run.strip()):
+            raise ValueError(f"resume_run must be a run uid or a prefix of one, got {self.resume_run!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         get_aggregator(self.aggregation)  # raises naming the valid choices

@@ -166,6 +166,17 @@ class ModelCardBuilder:
     epsilon: dict = field(default_factory=dict)  # site -> last reported epsilon or None
     rounds: int = 0
 
+    def continue_from(self, card: Optional[ModelCard]) -> "ModelCardBuilder":
+        """Carry on the card of a resumed run's global model (its hospitals, epsilons and rounds so far)."""
+        if card is not None:
+            for site in card.hospitals:
+                self.hospitals[site] = (
+                    True if site in card.synthetic_sites else False if site in card.real_sites else None
+                )
+            self.epsilon.update({s: e for s, e in card.dp_epsilon.items() if s in self.hospitals})
+            self.rounds = card.rounds
+        return self
+
     def add_round(self, aggregated_sites: Sequence[str], site_results: Sequence) -> None:
         """site_results: fedmed.rounds.SiteResult (or anything with .site, .privacy and .data_synthetic)."""
         by_site = {r.site: r for r in site_results}

@@ -37,3 +37,22 @@ def save_state(params: dict, path: Path, meta: Optional[dict] = None) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"state_dict": {k: _tensor(v) for k, v in params.items()}, "meta": dict(meta or {})}, tmp)
     os.replace(tmp, path)
+
+
+def load_state(path: Path) -> tuple[dict, dict]:
+    """(params as numpy arrays, meta) of a file save_state wrote. The file may be hostile (it sits on a disk others
+    can write): torch's weights-only loader runs no code, and anything that is not such a file is a ValueError
+    naming it."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for a damaged or foreign file
+        raise ValueError(f"{path.name} is not a readable model file ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ValueError(f"{path.name} is not a fedmed model file (no state_dict)")
+    params = {}
+    for k, v in blob["state_dict"].items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path.name}: {k!r} is not a tensor")
+        params[k] = v.numpy()
+    return params, dict(blob.get("meta") or {})

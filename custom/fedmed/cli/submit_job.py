@@ -4,6 +4,7 @@
                   [--timeout 3600] [--out DIR] -- [job.py options, e.g. --rounds 2 --image-size 64]
     fedmed-submit --workspace runs/federation -- --rounds 2      (a fedmed-federation federation)
     fedmed-submit --workspace runs/federation --abort JOB_ID     (or --kit ...: abort a job on the server)
+    fedmed-submit --workspace runs/federation --resume RUN -- --rounds 2   (continue an interrupted or failed run)
 (or `python scripts/submit_job.py ...`, the same command)
 
 Uses NVFlare's Session API: new_secure_session -> submit_job -> get_job_meta polled until the job ends (or
@@ -13,6 +14,12 @@ the admin) each round is printed as the server records it, with the reason for e
 At the end it prints where the best and the last global model are inside the downloaded result. Ctrl-C asks
 whether to abort the job on the server (otherwise it keeps running). Exit code 0 only when the job finished
 normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit.
+
+--resume RUN (the run's uid in the database, or a unique prefix) submits a job that continues that interrupted or
+failed run from its last recorded round (fedmed.resume): same run in the database, rounds numbered on. With
+--db-url it is checked before anything is submitted (the run exists and is resumable, and the job's task,
+aggregation, HE layers, norm, image size and rounds are the run's); the server checks it again, with the model
+file's sha256, and refuses with the reason, which is printed.
 """
 
 from __future__ import annotations
@@ -70,6 +77,58 @@ def export_job(dest: Path, job_args: list[str]) -> Path:
     if len(folders) != 1:
         raise RuntimeError(f"expected one exported job folder in {dest}, found {folders}")
     return folders[0]
+
+
+def exported_controller_args(job_folder: Path) -> dict:
+    """The exported FedMedController's arguments, its defaults filled in (NVFlare leaves out an argument equal to
+    the default)."""
+    import inspect
+
+    from fedmed.flare.controller import FedMedController
+
+    server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
+    controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
+    params = inspect.signature(FedMedController.__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **controller.get("args", {})}
+
+
+def check_resume(db_url: str | None, run: str, job_folder: Path) -> str:
+    """The full uid of the run --resume names, once the record says the exported job may continue it; raises
+    SubmitError with the one-line reason (nothing submitted). Without a database only the server can check."""
+    if not db_url:
+        print(f"--resume {run}: no --db-url, so the server checks the resumption (its reason is printed if it refuses)")
+        return run
+    from fedmed.resume import FIXED_OPTIONS, ResumeRefused, plan_resume, resolve_run_uid
+    from fedmed.store.repository import Repository
+
+    args = exported_controller_args(job_folder)
+    try:
+        repo = Repository(db_url, create_schema=False)
+    except Exception as e:
+        raise SubmitError(f"--resume: cannot open the database {db_url.split('@')[-1]}: {type(e).__name__}") from None
+    try:
+        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()))
+        plan = plan_resume(repo.run_history(uid), {k: args.get(k) for k in FIXED_OPTIONS})
+    except ResumeRefused as e:
+        raise SubmitError(str(e)) from None
+    finally:
+        repo.close()
+    print(
+        f"resuming run {uid} from round {plan.from_round} (last recorded round {plan.from_round - 1}, "
+        f"{plan.previous_status}; global model sha256 {plan.model_sha256[:16]}...)",
+        flush=True,
+    )
+    return uid
+
+
+def refusal_in(result: Path | None) -> str | None:
+    """The server's one-line reason for refusing a resumption, from the job's downloaded log."""
+    for log in sorted(Path(result).rglob("log*.txt")) if result else []:
+        for line in log.read_text(errors="replace").splitlines():
+            if "FedMedController" in line and "resume: " in line:
+                return line[line.index("resume: ") :]
+    return None
 
 
 def exported_num_rounds(job_folder: Path) -> int:
@@ -318,6 +377,12 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the job is aborted")
     p.add_argument("--out", type=Path, help="download the job's results here (default: the kit's transfer/)")
     p.add_argument("--abort", metavar="JOB_ID", help="abort this job on the server instead of submitting one")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue this interrupted or failed run (its uid in the database, or a unique prefix) from its last "
+        "recorded round; give the job options it ran with after --",
+    )
     a = p.parse_args(argv)
     try:
         if a.workspace:
@@ -337,9 +402,16 @@ def main(argv=None) -> int:
             print(f"job {a.abort}: abort requested; status {abort(a.kit, user, a.abort)}")
             return 0
         probe_server(a.kit)  # a wrong --kit or a stopped server is said before the ~20 s job export
+        if a.resume:
+            job_args = [*job_args, "--resume", a.resume]
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_job(Path(tmp), job_args)
+            if a.resume:
+                check_resume(a.db_url, a.resume, folder)
             outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, exported_num_rounds(folder))
+        refused = refusal_in(outcome.result_dir) if a.resume and outcome.status != COMPLETED else None
+        if refused:
+            raise SubmitError(f"the server refused: {refused}")
     except SubmitError as e:
         print(f"fedmed-submit: {e}", file=sys.stderr)
         return 2

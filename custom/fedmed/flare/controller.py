@@ -7,10 +7,11 @@ fedmed.rounds.RoundEngine; FLModel conversion in fedmed.flare.wire; the record i
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -29,10 +30,21 @@ from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
-from fedmed.flare.persistor import FedMedModelPersistor
+from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE, FedMedModelPersistor
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder
+from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder, card_from_meta
+from fedmed.resume import (
+    FIXED_OPTIONS,
+    ResumePlan,
+    ResumeRefused,
+    find_model_file,
+    plan_resume,
+    resolve_run_uid,
+    round_model_path,
+    run_models_dir,
+    stale_round_files,
+)
 from fedmed.robust.trust import SiteTrust, TrustPolicy
 from fedmed.rounds import (
     EncryptionSpec,
@@ -48,6 +60,18 @@ from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord, resolve_db_url
 from fedmed.tasks import get_task
 from fedmed.training import evaluate
+from fedmed.weights import load_state, save_state
+
+
+@dataclass(frozen=True)
+class ResumedRun:
+    """What this job continues: the plan, the model file it was checked against, the global model, (best round,
+    best score) so far."""
+
+    plan: ResumePlan
+    path: Path
+    model: FLModel
+    best: tuple
 
 
 class FedMedController(ModelController):
@@ -80,6 +104,7 @@ class FedMedController(ModelController):
         statistics_factor: float = DEFAULT_STATISTICS_FACTOR,
         signatures: bool = False,
         validation_images: int = 0,
+        resume_run: Optional[str] = None,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -127,6 +152,11 @@ class FedMedController(ModelController):
                 many test images, and one more than RoundRules.validation_margin below the median site's is rejected.
                 0 (default) turns it off: on small sites and small test sets the scores are too noisy (an honest
                 hospital of the simulator tests, scored on 16 images, fell 0.135 below the median and was rejected).
+            resume_run: continue this interrupted or failed run (its uid or a unique prefix) instead of starting one
+                (fedmed.resume): from the global model its last recorded round saved (found among the server's model
+                files by the sha256 it recorded), with rounds numbered on in the same run. Refused, with the reason
+                and nothing written, when the run is finished, its model file is missing or altered, or this job's
+                task, aggregation, HE layers, norm, image size or number of rounds differ from the run's.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -176,6 +206,7 @@ class FedMedController(ModelController):
         if validation_images < 0:
             raise ValueError(f"validation_images must be >= 0, got {validation_images}")
         self.validation_images = validation_images
+        self.resume_run = resume_run
         self._signer = None  # the server's signing keys, when signatures are on
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
@@ -228,11 +259,17 @@ class FedMedController(ModelController):
     # ------------------------------------------------------------------------------------------------------------
 
     def run(self):
-        db, run_uid = self._start_record()
+        try:
+            db, run_uid, resumed = self._start_record()  # resumed: a ResumedRun when this job continues a run
+        except ResumeRefused as e:  # the admin's mistake or a swapped model file: one line, no traceback
+            self.error(str(e))
+            self.panic(str(e))  # the job ends abnormally; nothing was written to the run's record
+            return
         test_ds = self._load_test_set()
         eval_model = build_densenet121(self.num_outputs, norm=self.norm)
-        model = self.load_model()
-        best_round, best_score, status = None, -math.inf, "finished"
+        model = resumed.model if resumed else self.load_model()
+        best_round, best_score = resumed.best if resumed else (None, -math.inf)
+        status = "finished"
         best = None  # (params, meta) of the best model, for the OOD calibration at the end
         last_round_sites: list = []
         try:
@@ -247,7 +284,8 @@ class FedMedController(ModelController):
             )
             self._setup_signatures()
             card = ModelCardBuilder(self.task, self.aggregation, "NVFlare federation (fedmed)", self.he_layers or ())
-            for round_num in range(self.num_rounds):
+            card.continue_from(card_from_meta(model.meta or {}) if resumed else None)
+            for round_num in range(resumed.plan.first_wire_round if resumed else 0, self.num_rounds):
                 if self.abort_signal.triggered:
                     status = "aborted"
                     break
@@ -280,6 +318,7 @@ class FedMedController(ModelController):
                     eval_model, report, site_results, test_ds
                 )
                 self.save_model(model)
+                self._keep_round_model(run_uid, model)
                 if score > best_score:
                     best_round, best_score = round_num + 1, score
                     best = (
@@ -292,7 +331,7 @@ class FedMedController(ModelController):
                             "sha256": sha,
                         },
                     )
-                    self._save_best(*best)
+                    self._save_best(run_uid, *best)
                 db.write(
                     "record_round",
                     run_uid=run_uid,
@@ -319,6 +358,8 @@ class FedMedController(ModelController):
     # ------------------------------------------------------------------------------------------------------------
 
     def _start_record(self):
+        """(recorder, run uid, ResumedRun or None): a new run recorded as started, or (resume_run) the run this job
+        continues, recorded as resumed. A refused resumption raises with its one-line reason, nothing written."""
         job_id = self.fl_ctx.get_job_id()
         workspace_root = Path(self.engine.get_workspace().get_root_dir())
         self._db_url = resolve_db_url(workspace_root, self.db_url)
@@ -327,6 +368,22 @@ class FedMedController(ModelController):
         db = ResilientRecorder(lambda: Repository(self._db_url), Journal.for_job(workspace_root, job_id), self.logger)
         if db.all_pending():
             self.info(f"replaying {db.all_pending()} journaled database write(s) from earlier jobs")
+        if self.resume_run:
+            try:
+                resumed = self._resume(db, workspace_root)
+            except Exception:
+                db.close()
+                raise
+            plan = resumed.plan
+            db.write(
+                "resume_run", uid=plan.run_uid, job_id=job_id, from_round=plan.from_round, model_sha256=plan.model_sha256
+            )
+            self.info(
+                f"run {plan.run_uid} ({self.run_name}) resumed by job {job_id} (was {plan.previous_status}; jobs "
+                f"{', '.join(plan.job_ids)}): rounds {plan.from_round}-{self.num_rounds} of {self.num_rounds} from "
+                f"round {plan.model_round}'s global model {resumed.path} (sha256 {plan.model_sha256[:16]}...)"
+            )
+            return db, plan.run_uid, resumed
         run_uid = uuid.uuid4().hex
         config = {
             k: getattr(self, k)
@@ -356,7 +413,57 @@ class FedMedController(ModelController):
             f"run {run_uid} ({self.run_name}, job {job_id}): {self.num_rounds} rounds, aggregation "
             f"{self.aggregation}, min_clients {self.min_clients}; database {safe_url}"
         )
-        return db, run_uid
+        return db, run_uid, None
+
+    def _resume(self, db, workspace_root: Path) -> ResumedRun:
+        """The run resume_run names, planned from the record and its model file checked; raises ResumeRefused."""
+        if not db.flush():
+            raise ResumeRefused(
+                f"resume: {len(db.journal.pending())} database write(s) of earlier jobs are still journaled (database "
+                "unavailable): the run's record may be incomplete; resume once the database answers"
+            )
+        repo = Repository(self._db_url)
+        try:
+            uid = resolve_run_uid(self.resume_run, repo.run_uids_starting_with(self.resume_run.strip()))
+            history = repo.run_history(uid)
+        finally:
+            repo.close()
+        plan = plan_resume(history, {k: getattr(self, k) for k in FIXED_OPTIONS})
+        workspace = self.engine.get_workspace()
+        candidates = [round_model_path(run_models_dir(workspace_root, uid), plan.model_round)] + [
+            Path(workspace.get_app_dir(j)) / GLOBAL_MODEL_FILE for j in reversed(plan.job_ids)
+        ]
+        loaded = {}
+
+        def sha_of(path: Path) -> str:
+            params, meta = load_state(path)
+            try:
+                sha = model_sha256(params, meta.get(C.META_ENCRYPTED))
+            except (TypeError, KeyError, AttributeError) as e:  # a malformed encrypted block
+                raise ValueError(f"its encrypted layers are malformed ({type(e).__name__})") from None
+            loaded[path] = (params, meta)
+            return sha
+
+        path = find_model_file(plan, candidates, sha_of)
+        params, meta = loaded[path]
+        meta = {k: v for k, v in meta.items() if k != C.META_GLOBAL_SIGNATURE}  # re-signed for this job's rounds
+        self._restore_best(workspace_root, plan)
+        best = (plan.best_round, plan.best_score) if plan.best_round is not None else (None, -math.inf)
+        return ResumedRun(plan, path, wire.global_model(params, plan.model_round, meta), best)
+
+    def _restore_best(self, workspace_root: Path, plan: ResumePlan) -> None:
+        """The run's best model so far into this job's folder, where the admin's download finds it."""
+        kept = run_models_dir(workspace_root, plan.run_uid) / BEST_MODEL_FILE
+        if plan.best_round is not None and kept.is_file():
+            shutil.copyfile(kept, Path(self.engine.get_workspace().get_app_dir(self.fl_ctx.get_job_id())) / kept.name)
+
+    def _keep_round_model(self, run_uid: str, model: FLModel) -> None:
+        """The run's recent global models, outside the job's folder, for a resumption (fedmed.resume)."""
+        models_dir = run_models_dir(Path(self.engine.get_workspace().get_root_dir()), run_uid)
+        round_num = int(model.meta["round"])
+        save_state(model.params, round_model_path(models_dir, round_num), model.meta)
+        for old in stale_round_files(models_dir, round_num):
+            old.unlink(missing_ok=True)
 
     def _finish_record(self, db, run_uid, status, best_round, best_score):
         db.write(
@@ -640,9 +747,11 @@ class FedMedController(ModelController):
             return
         self.info(f"out-of-distribution guard calibrated on the {what} (global and best model)")
 
-    def _save_best(self, params, meta):
+    def _save_best(self, run_uid, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):
             path = self.persistor.save_best(params, meta, self.fl_ctx)
+            models_dir = run_models_dir(Path(self.engine.get_workspace().get_root_dir()), run_uid)
+            save_state(params, models_dir / BEST_MODEL_FILE, meta)  # a resumption brings it into its job
             self.info(
                 f"new best model (round {meta['round']}, {self._task.score_name} {meta['score']:.4f}) saved to {path}"
             )

@@ -74,6 +74,7 @@ def build_job(
         final_model_timeout=config.final_model_timeout,
         statistics_factor=config.statistics_factor,
         validation_images=config.validation_images,
+        resume_run=config.resume_run,
     )
     job.to_server(controller)
     job.to_server(
@@ -269,6 +270,12 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         help=f"score each update on this many server test images and reject one far below the median "
         f"site's; needs a test set and no HE (default {c.validation_images} = off)",
     )
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue this interrupted or failed run (its uid in the database, or a unique prefix) from its last "
+        "recorded round, with the same task, aggregation, HE layers, norm, image size and rounds (fedmed.resume)",
+    )
     trust = p.add_argument_group(
         "trust",
         "the trust rule (fedmed.robust.trust): each round a site scores 1 at or "
@@ -338,6 +345,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             final_model_timeout=a.final_model_timeout,
             statistics_factor=a.statistics_factor,
             validation_images=a.validation_images,
+            resume_run=a.resume,
         )
     except ValueError as e:
         p.error(str(e))

@@ -69,14 +69,14 @@ def _dec(d):
     return dt.datetime.fromisoformat(d["__dt__"]) if set(d) == {"__dt__"} else d
 
 
-OPS = ("start_run", "record_round", "finish_run")
+OPS = ("start_run", "resume_run", "record_round", "finish_run")
 # Lines carry the round numbering they were written in; lines from before it (rounds from 0, the score in
 # test_mean_auroc) are converted on replay as Alembic revision 0009 converted the database.
 ROUNDS_FROM = 1
 
 
 def op_to_json(op: str, args: dict) -> str:
-    """One journal line: a repository write ('start_run', 'record_round' or 'finish_run') and its arguments."""
+    """One journal line: a repository write (one of OPS) and its arguments."""
     if op not in OPS:
         raise ValueError(f"journal op must be one of {OPS}, got {op!r}")
     args = dict(args)
@@ -334,7 +334,7 @@ class ResilientRecorder:
 
     def write(self, op: str, **args) -> bool:
         """True if written to the database now, False if journaled for later or dead-lettered."""
-        if op == "start_run":
+        if op in ("start_run", "resume_run"):
             self.run_uid = args.get("uid")
         if (self._earlier or self.journal.pending()) and not self.flush():
             self.journal.append(op, args)

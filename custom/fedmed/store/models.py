@@ -45,6 +45,22 @@ class Run(Base):
     best_metric: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the best round's score
 
 
+class RunResumption(Base):
+    """A run continued by another NVFlare job after it was interrupted or failed (fedmed.resume): which job, from which
+    round (the first round it ran, numbered from 1), from which recorded global model, and when."""
+
+    __tablename__ = "run_resumptions"
+    # The simulator reuses one job id for every job, so a job id alone does not name a resumption.
+    __table_args__ = (UniqueConstraint("run_id", "job_id", "from_round"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(String(200))
+    from_round: Mapped[int] = mapped_column(Integer)
+    model_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    previous_status: Mapped[str] = mapped_column(String(30))  # interrupted / failed / aborted, before this resumption
+    resumed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Site(Base):
     __tablename__ = "sites"
     id: Mapped[int] = mapped_column(primary_key=True)

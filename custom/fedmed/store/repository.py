@@ -30,6 +30,7 @@ from fedmed.store.models import (
     Round,
     RoundMetric,
     Run,
+    RunResumption,
     Site,
     SiteTrustState,
     utcnow,
@@ -133,6 +134,19 @@ class RoundRow:
     test_loss: Optional[float]
 
 
+@dataclass(frozen=True)
+class RunHistory:
+    """What a resumption needs to know of a recorded run (fedmed.resume plans from it): rounds from 1."""
+
+    uid: str
+    name: str
+    status: str
+    num_rounds: int
+    config: dict
+    job_ids: tuple  # the run's first job, then each resumption's, in order
+    rounds: tuple  # (round_num, global_model_sha256 or None, score or None), ascending
+
+
 INFERENCE_STATUSES = ("ok", "skipped")
 
 
@@ -187,6 +201,11 @@ def _metrics_problem(metrics: dict, where: str) -> None:
     problem = find_metrics_problem(metrics)
     if problem:
         raise ValueError(f"{where}: {problem}")
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive UTC, PostgreSQL aware: comparable either way."""
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def _sqlite_pragmas(dbapi_conn, _record):
@@ -484,12 +503,47 @@ class Repository:
             )
         self._append_head(head)
 
-    def mark_interrupted(self, job_ids, reason: str) -> list[str]:
-        """Runs of these NVFlare jobs still marked 'running' (their server process died mid-job) become
-        'interrupted'; their recorded rounds stay, the best is taken from them. Returns the run uids changed."""
-        changed, heads = [], []
+    def resume_run(self, uid: str, job_id: str, from_round: int, model_sha256: Optional[str]) -> None:
+        """Record that NVFlare job job_id continues run uid from round from_round (numbered from 1) and the recorded
+        global model model_sha256: the run is 'running' again, its rounds and best round stay. A replayed resumption
+        (same job) is a no-op. Raises naming the run when it does not exist."""
         with self._session.begin() as s:
-            runs = s.scalars(select(Run).where(Run.job_id.in_(list(job_ids)), Run.status == "running")).all()
+            run = s.get(Run, self._run_id(s, uid))
+            done = select(RunResumption.id).where(
+                RunResumption.run_id == run.id, RunResumption.job_id == job_id, RunResumption.from_round == from_round
+            )
+            if s.scalar(done) is not None:
+                return
+            resumption = RunResumption(
+                run_id=run.id,
+                job_id=job_id,
+                from_round=from_round,
+                model_sha256=model_sha256,
+                previous_status=run.status,
+            )
+            s.add(resumption)
+            run.status, run.finished_at = "running", None
+            s.flush()
+            head = self._audit(
+                s,
+                "resume_run",
+                {"run": uid, "job_id": job_id, "from_round": from_round, "model_sha256": model_sha256},
+                audit.table_rows(s, "runs", run_id=run.id)
+                + audit.table_rows(s, "run_resumptions", row_id=resumption.id),
+            )
+        self._append_head(head)
+
+    def mark_interrupted(self, job_ids, reason: str) -> list[str]:
+        """Runs of these NVFlare jobs (the first job or a resumption's) still marked 'running' (their server process
+        died mid-job) become 'interrupted'; their recorded rounds stay, the best is taken from them. Returns the run
+        uids changed."""
+        changed, heads = [], []
+        job_ids = list(job_ids)
+        with self._session.begin() as s:
+            resumed = select(RunResumption.run_id).where(RunResumption.job_id.in_(job_ids))
+            runs = s.scalars(
+                select(Run).where((Run.job_id.in_(job_ids)) | (Run.id.in_(resumed)), Run.status == "running")
+            ).all()
             for run in runs:
                 # The Controller's rule: the highest task score, the earliest round on a tie.
                 best = s.execute(
@@ -628,9 +682,70 @@ class Repository:
             return s.scalar(select(Run.id).order_by(Run.id.desc()).limit(1))
 
     def run_id_for_job(self, job_id: str) -> Optional[int]:
-        """The latest run recorded for an NVFlare job id, or None."""
+        """The latest run recorded for an NVFlare job id (the job that started it or one that resumed it), or
+        None."""
         with self._session() as s:
-            return s.scalar(select(Run.id).where(Run.job_id == job_id).order_by(Run.id.desc()).limit(1))
+            started = s.execute(
+                select(Run.started_at, Run.id).where(Run.job_id == job_id).order_by(Run.id.desc()).limit(1)
+            ).first()
+            resumed = s.execute(
+                select(RunResumption.resumed_at, RunResumption.run_id)
+                .where(RunResumption.job_id == job_id)
+                .order_by(RunResumption.id.desc())
+                .limit(1)
+            ).first()
+        # The simulator reuses its job id: the latest of the run it started and the run it resumed.
+        latest = max((r for r in (started, resumed) if r is not None), default=None, key=lambda r: _aware(r[0]))
+        return None if latest is None else latest[1]
+
+    def run_uids_starting_with(self, prefix: str) -> list[str]:
+        """Every run uid that starts with prefix (the admin may give a unique prefix of a run's uid)."""
+        if not prefix:
+            return []
+        with self._session() as s:
+            uids = s.scalars(select(Run.uid).order_by(Run.id)).all()
+        return [u for u in uids if u.startswith(prefix)]  # in Python: no LIKE wildcards from the admin's text
+
+    def run_history(self, uid: str) -> RunHistory:
+        """The run's status, config, jobs and recorded rounds; raises ValueError naming the uid if there is none."""
+        with self._session() as s:
+            run = s.scalar(select(Run).where(Run.uid == uid))
+            if run is None:
+                raise ValueError(f"no run with uid {uid!r}")
+            jobs = s.scalars(
+                select(RunResumption.job_id).where(RunResumption.run_id == run.id).order_by(RunResumption.id)
+            ).all()
+            rounds = s.execute(
+                select(Round.round_num, Round.global_model_sha256, Round.score)
+                .where(Round.run_id == run.id)
+                .order_by(Round.round_num)
+            ).all()
+            return RunHistory(
+                run.uid,
+                run.name,
+                run.status,
+                run.num_rounds,
+                json.loads(run.config_json or "{}"),
+                (run.job_id, *jobs),
+                tuple((r.round_num, r.global_model_sha256, r.score) for r in rounds),
+            )
+
+    def resumptions(self, run_id: int) -> list[dict]:
+        """Each resumption of the run, in order: when, which job, from which round and model."""
+        with self._session() as s:
+            rows = s.scalars(
+                select(RunResumption).where(RunResumption.run_id == run_id).order_by(RunResumption.id)
+            ).all()
+        return [
+            {
+                "job_id": r.job_id,
+                "from_round": r.from_round,
+                "model_sha256": r.model_sha256,
+                "previous_status": r.previous_status,
+                "resumed_at": r.resumed_at,
+            }
+            for r in rows
+        ]
 
     def get_run(self, run_id: int) -> Run:
         with self._session() as s:

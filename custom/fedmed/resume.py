@@ -1,0 +1,161 @@
+"""Resuming a run after a server crash or a failure: what a new NVFlare job needs to continue a recorded fedmed run.
+
+Pure core (no NVFlare). NVFlare 2.9 cannot resume a ModelController job (fedmed.flare.recovery marks a job its dead
+server left FINISHED_ABNORMAL and the fedmed run 'interrupted'); a resumption is a NEW job that continues the SAME
+run in the database: from the global model of its last recorded round (a server file found by the sha256 the round
+recorded, so a swapped or damaged file is refused), with rounds numbered on from there (no round twice), the trust
+and quarantine state the federation's record holds, and the best round so far. plan_resume decides, from the
+record alone, whether and from where; find_model_file then picks the file. Each refusal is one line naming why.
+
+The server keeps each run's recent global models under <server workspace>/fedmed_runs/<run uid>/ (round_<n>.pt,
+the last two: a crash between saving round n and recording it leaves round n-1's, which the record names).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+RESUMABLE = ("interrupted", "failed")
+# Job options a resumption must keep: changing one would make the run's record mean two things at once.
+FIXED_OPTIONS = ("task", "aggregation", "he_layers", "norm", "image_size", "num_rounds")
+RUNS_DIR = "fedmed_runs"
+_ROUND_FILE = re.compile(r"^round_(\d+)\.pt$")
+KEEP_ROUND_FILES = 2
+
+
+class ResumeRefused(ValueError):
+    """A resumption that cannot go ahead; the message is the one line the admin reads. Nothing was written."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    run_uid: str
+    from_round: int  # the first round this job runs, numbered from 1 (NVFlare's current_round is one less)
+    model_round: int  # the recorded round whose global model the job starts from
+    model_sha256: str
+    best_round: Optional[int]
+    best_score: Optional[float]
+    previous_status: str
+    job_ids: tuple  # the jobs that ran the run so far, first to last
+
+    @property
+    def first_wire_round(self) -> int:
+        """The 0-based current_round the sites see for from_round."""
+        return self.from_round - 1
+
+
+def resolve_run_uid(given: str, uids: Iterable[str]) -> str:
+    """The run uid an admin means by `given` (the uid or a unique prefix of it)."""
+    given = (given or "").strip()
+    if not given:
+        raise ResumeRefused("resume: no run given (the run's uid, or a unique prefix of it, as fedmed-report lists)")
+    matches = [u for u in uids if u.startswith(given)]
+    if not matches:
+        raise ResumeRefused(f"resume: no run {given!r} in the database")
+    if len(matches) > 1 and given not in matches:
+        raise ResumeRefused(f"resume: {given!r} is the start of {len(matches)} runs ({', '.join(matches[:4])}): give more")
+    return given if given in matches else matches[0]
+
+
+def _normal(option: str, value):
+    if option == "he_layers":
+        return tuple(value) if value else None  # None, [] and () all mean "no HE"
+    return value
+
+
+def config_conflicts(recorded: dict, job: dict) -> list[str]:
+    """The FIXED_OPTIONS on which the job differs from the recorded run's config (an option the record lacks, from a
+    run recorded before it was kept, is not held against the job)."""
+    return [
+        o
+        for o in FIXED_OPTIONS
+        if o in recorded and o in job and _normal(o, recorded[o]) != _normal(o, job[o])
+    ]
+
+
+def plan_resume(history, job: dict) -> ResumePlan:
+    """Where a new job continues the run `history` (fedmed.store.repository.RunHistory) configured as `job` (the
+    Controller's options by name). Raises ResumeRefused naming why: a run still running or finished, an option
+    that conflicts with the recorded run's, no recorded round or no recorded global model."""
+    uid = history.uid
+    if history.status == "finished":
+        raise ResumeRefused(f"resume: run {uid} is finished; nothing to resume")
+    if history.status == "running":
+        raise ResumeRefused(
+            f"resume: run {uid} is recorded as running (job {history.job_ids[-1]}); if its server died, restarting "
+            "the server marks it interrupted, otherwise abort that job first"
+        )
+    if history.status not in RESUMABLE:
+        raise ResumeRefused(
+            f"resume: run {uid} is {history.status}; only an {' or '.join(RESUMABLE)} run can be resumed"
+        )
+    for option in config_conflicts(history.config, job):
+        raise ResumeRefused(
+            f"resume: the job's {option} {job[option]!r} differs from run {uid}'s {history.config[option]!r}; "
+            f"a resumed run keeps its {', '.join(FIXED_OPTIONS)}"
+        )
+    if not history.rounds:
+        raise ResumeRefused(f"resume: run {uid} recorded no round; submit the job anew instead")
+    last_round = history.rounds[-1][0]
+    if last_round >= history.num_rounds:
+        raise ResumeRefused(f"resume: run {uid} recorded all its {history.num_rounds} rounds; nothing to resume")
+    with_model = [(r, sha) for r, sha, _ in history.rounds if sha]
+    if not with_model:
+        raise ResumeRefused(f"resume: run {uid} recorded no global model in its {last_round} round(s)")
+    model_round, sha = with_model[-1]  # a round that aggregated nothing left the global model as it stood
+    scored = [(r, score) for r, _, score in history.rounds if score is not None]
+    best = min(scored, key=lambda rs: (-rs[1], rs[0])) if scored else (None, None)  # the Controller's rule
+    return ResumePlan(uid, last_round + 1, model_round, sha, best[0], best[1], history.status, history.job_ids)
+
+
+# --- the server's model files of a run ------------------------------------------------------------------------------
+
+
+def run_models_dir(workspace_root: Path, run_uid: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{8,64}", run_uid or ""):
+        raise ValueError(f"run uid must be hex, got {run_uid!r}")  # it names a folder
+    return Path(workspace_root) / RUNS_DIR / run_uid
+
+
+def round_model_path(models_dir: Path, round_num: int) -> Path:
+    return Path(models_dir) / f"round_{int(round_num)}.pt"
+
+
+def stale_round_files(models_dir: Path, newest: int, keep: int = KEEP_ROUND_FILES) -> list[Path]:
+    """The round files older than the `keep` newest (up to round `newest`): what may be deleted once `newest` is
+    saved."""
+    if not Path(models_dir).is_dir():
+        return []
+    out = []
+    for p in Path(models_dir).iterdir():
+        m = _ROUND_FILE.match(p.name)
+        if m and int(m.group(1)) <= newest - keep:
+            out.append(p)
+    return sorted(out)
+
+
+def find_model_file(plan: ResumePlan, candidates: Iterable[Path], sha_of: Callable[[Path], str]) -> Path:
+    """The first candidate file whose content hash (sha_of) is the one the run recorded for its model round.
+    sha_of raises ValueError for a file it cannot read as a model. Refuses naming the files when none exists
+    (missing) or none matches (swapped, edited or damaged: never trained on)."""
+    files = [Path(p) for p in candidates if Path(p).is_file()]
+    what = f"run {plan.run_uid}'s global model of round {plan.model_round} (sha256 {plan.model_sha256[:16]}...)"
+    if not files:
+        raise ResumeRefused(f"resume: {what} is missing: no saved model file of the run on the server")
+    seen = []
+    for path in files:
+        try:
+            sha = sha_of(path)
+        except ValueError as e:
+            seen.append(f"{path.name}: unreadable ({e})")
+            continue
+        if sha == plan.model_sha256:
+            return path
+        seen.append(f"{path} has sha256 {sha[:16]}...")
+    raise ResumeRefused(
+        f"resume: no saved file matches {what}: {'; '.join(seen)} (edited or swapped since it was recorded); "
+        "refusing to resume from it"
+    )

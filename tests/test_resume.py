@@ -1,0 +1,278 @@
+"""Resuming a run (fedmed.resume): the plan from the record, the model file found by its recorded sha256 (a
+tampered or foreign file refused), the resumption in the audited record, and fedmed-submit's refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedmed.hashing import model_sha256
+from fedmed.resume import (
+    ResumeRefused,
+    find_model_file,
+    plan_resume,
+    resolve_run_uid,
+    round_model_path,
+    run_models_dir,
+    stale_round_files,
+)
+from fedmed.store.repository import Repository, RoundRecord, RunHistory, UpdateRecord
+from fedmed.weights import load_state, save_state
+
+UID = "0123456789abcdef0123456789abcdef"
+CONFIG = {
+    "task": "chest_xray14",
+    "aggregation": "geometric_median",
+    "he_layers": None,
+    "norm": "batch",
+    "image_size": 64,
+    "num_rounds": 4,
+    "min_clients": 2,
+}
+JOB = {k: CONFIG[k] for k in ("task", "aggregation", "he_layers", "norm", "image_size", "num_rounds")}
+
+
+def _history(status="interrupted", rounds=((1, "a" * 64, 0.6), (2, "b" * 64, 0.55)), **config):
+    return RunHistory(UID, "cxr_densenet", status, 4, {**CONFIG, **config}, ("job-1",), tuple(rounds))
+
+
+def test_a_run_interrupted_after_round_2_continues_at_round_3_from_round_2s_model():
+    plan = plan_resume(_history(), JOB)
+    assert (plan.from_round, plan.first_wire_round) == (3, 2)  # rounds from 1 in the record, 0-based on the wire
+    assert (plan.model_round, plan.model_sha256) == (2, "b" * 64)
+    assert (plan.best_round, plan.best_score) == (1, 0.6)  # the Controller's rule: highest score, earliest round
+    assert plan.previous_status == "interrupted" and plan.job_ids == ("job-1",)
+
+
+def test_a_round_that_aggregated_nothing_is_not_run_again_and_the_model_before_it_stands():
+    # round 2 recorded every site quarantined (no global model): the next round is 3, from round 1's model
+    plan = plan_resume(_history(status="failed", rounds=((1, "a" * 64, 0.6), (2, None, None))), JOB)
+    assert (plan.from_round, plan.model_round, plan.model_sha256) == (3, 1, "a" * 64)
+
+
+def test_equal_scores_keep_the_earliest_best_round():
+    plan = plan_resume(_history(rounds=((1, "a" * 64, 0.7), (2, "b" * 64, 0.7))), JOB)
+    assert plan.best_round == 1
+
+
+@pytest.mark.parametrize(
+    "history, job, reason",
+    [
+        # a run that ended normally has nothing left to run
+        (_history(status="finished"), JOB, "is finished; nothing to resume"),
+        # a run whose job may still be running (its server was never restarted)
+        (_history(status="running"), JOB, "is recorded as running .job job-1."),
+        # the admin stopped it on purpose
+        (_history(status="aborted"), JOB, "is aborted; only an interrupted or failed run"),
+        # each option the record's meaning hangs on, named
+        (_history(), {**JOB, "task": "brain_mri"}, "the job's task 'brain_mri' differs from run"),
+        (_history(), {**JOB, "aggregation": "fedavg"}, "the job's aggregation 'fedavg' differs"),
+        (_history(), {**JOB, "he_layers": ["classifier."]}, r"the job's he_layers \['classifier.'\] differs"),
+        (_history(), {**JOB, "num_rounds": 5}, "the job's num_rounds 5 differs from run .*'s 4"),
+        (_history(), {**JOB, "image_size": 128}, "the job's image_size 128 differs"),
+        # no round recorded: a new job is the same thing
+        (_history(rounds=()), JOB, "recorded no round; submit the job anew"),
+        # every round already recorded (a crash between the last round and the run's end)
+        (_history(rounds=[(r, "a" * 64, 0.5) for r in (1, 2, 3, 4)]), JOB, "recorded all its 4 rounds"),
+        # rounds that never produced a global model
+        (_history(rounds=((1, None, None),)), JOB, "recorded no global model"),
+    ],
+)
+def test_a_resumption_that_would_make_the_record_meaningless_is_refused_naming_why(history, job, reason):
+    with pytest.raises(ResumeRefused, match=reason):
+        plan_resume(history, job)
+
+
+def test_no_he_is_no_he_however_it_is_spelled():
+    assert plan_resume(_history(he_layers=[]), {**JOB, "he_layers": None}).from_round == 3
+    assert plan_resume(_history(he_layers=["classifier."]), {**JOB, "he_layers": ("classifier.",)}).from_round == 3
+
+
+@pytest.mark.parametrize(
+    "given, uids, expected",
+    [
+        ("0123", [UID, "ffff" + UID[4:]], UID),  # a unique prefix
+        (UID, [UID, UID + "00"], UID),  # the whole uid, even if it prefixes another
+        (" 0123 ", [UID], UID),  # pasted with blanks
+    ],
+)
+def test_a_run_is_named_by_its_uid_or_a_unique_prefix(given, uids, expected):
+    assert resolve_run_uid(given, uids) == expected
+
+
+@pytest.mark.parametrize(
+    "given, uids, reason",
+    [
+        ("0123", [UID, "0123" + "f" * 28], "is the start of 2 runs"),  # ambiguous
+        ("abc", [UID], "no run 'abc' in the database"),
+        ("", [UID], "no run given"),
+    ],
+)
+def test_an_unknown_or_ambiguous_run_is_refused(given, uids, reason):
+    with pytest.raises(ResumeRefused, match=reason):
+        resolve_run_uid(given, uids)
+
+
+def _params(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"features.w": rng.normal(size=(3, 4)).astype(np.float32), "n": np.array(7, dtype=np.int64)}
+
+
+def _sha_of(path):
+    params, meta = load_state(path)
+    return model_sha256(params, meta.get("he_encrypted"))
+
+
+def _saved(tmp_path, seed=0, round_num=2):
+    params = _params(seed)
+    path = round_model_path(run_models_dir(tmp_path, UID), round_num)
+    save_state(params, path, {"round": round_num, "task": "chest_xray14"})
+    return path, model_sha256(params)
+
+
+def test_the_saved_model_round_trips_to_the_recorded_sha(tmp_path):
+    path, sha = _saved(tmp_path)
+    plan = plan_resume(_history(rounds=((1, "a" * 64, 0.6), (2, sha, 0.5))), JOB)
+    assert find_model_file(plan, [tmp_path / "absent.pt", path], _sha_of) == path
+    params, meta = load_state(path)
+    assert meta["round"] == 2 and params["n"].dtype == np.int64
+
+
+def test_a_missing_model_file_is_refused(tmp_path):
+    plan = plan_resume(_history(), JOB)
+    with pytest.raises(ResumeRefused, match=r"global model of round 2 \(sha256 bbbbbbbbbbbbbbbb...\) is missing"):
+        find_model_file(plan, [round_model_path(run_models_dir(tmp_path, UID), 2)], _sha_of)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        # a server operator swaps in other weights, saved in the right format
+        lambda path: save_state(_params(1), path, {"round": 2}),
+        # one weight nudged in place
+        lambda path: save_state({**load_state(path)[0], "n": np.array(8, dtype=np.int64)}, path, load_state(path)[1]),
+    ],
+)
+def test_a_model_file_changed_since_it_was_recorded_is_refused(tmp_path, tamper):
+    path, sha = _saved(tmp_path)
+    tamper(path)
+    plan = plan_resume(_history(rounds=((1, "a" * 64, 0.6), (2, sha, 0.5))), JOB)
+    with pytest.raises(ResumeRefused, match=r"no saved file matches .*edited or swapped.*refusing to resume"):
+        find_model_file(plan, [path], _sha_of)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a model at all",  # garbage where the model was
+        # a pickle that would run code if loaded without torch's weights-only guard
+        b"cos\nsystem\n(S'touch /tmp/fedmed_pwned'\ntR.",
+    ],
+)
+def test_a_hostile_file_in_place_of_the_model_is_refused_without_running_it(tmp_path, content):
+    path, sha = _saved(tmp_path)
+    path.write_bytes(content)
+    plan = plan_resume(_history(rounds=((1, "a" * 64, 0.6), (2, sha, 0.5))), JOB)
+    with pytest.raises(ResumeRefused, match=r"round_2.pt: unreadable \(round_2.pt is not a readable model file"):
+        find_model_file(plan, [path], _sha_of)
+
+
+def test_only_the_two_newest_round_files_are_kept(tmp_path):
+    models = run_models_dir(tmp_path, UID)
+    for r in (1, 2, 3):
+        save_state(_params(r), round_model_path(models, r))
+    (models / "best_model.pt").write_bytes(b"kept")
+    assert [p.name for p in stale_round_files(models, 3)] == ["round_1.pt"]
+    assert stale_round_files(tmp_path / "none", 3) == []
+    with pytest.raises(ValueError, match="run uid must be hex"):
+        run_models_dir(tmp_path, "../etc")
+
+
+# --- the record -----------------------------------------------------------------------------------------------------
+
+
+def _round(n, sha):
+    return RoundRecord(
+        n,
+        (UpdateRecord("hospital-a", "accepted", 10), UpdateRecord("hospital-b", "accepted", 12)),
+        score=0.5 + n / 100,
+        score_name="mean_auroc",
+        score_source="site_validation",
+        global_model_sha256=sha,
+    )
+
+
+def test_a_resumption_is_recorded_in_the_same_run_and_covered_by_the_audit_chain(db_url):
+    repo = Repository(db_url)
+    try:
+        run_id = repo.start_run(UID, "cxr_densenet", "job-1", "geometric_median", 4, CONFIG)
+        for n in (1, 2):
+            repo.record_round(UID, _round(n, f"{n}" * 64))
+        assert repo.mark_interrupted(["job-1"], "server stopped") == [UID]
+        history = repo.run_history(UID)
+        assert (history.status, history.job_ids, [r[0] for r in history.rounds]) == ("interrupted", ("job-1",), [1, 2])
+        assert history.config["image_size"] == 64
+        plan = plan_resume(history, JOB)
+        repo.resume_run(UID, "job-2", plan.from_round, plan.model_sha256)
+        repo.resume_run(UID, "job-2", plan.from_round, plan.model_sha256)  # a replayed journal line: once
+        assert repo.get_run(run_id).status == "running" and repo.get_run(run_id).finished_at is None
+        assert repo.run_id_for_job("job-2") == run_id == repo.run_id_for_job("job-1")
+        (resumption,) = repo.resumptions(run_id)
+        assert {k: resumption[k] for k in ("job_id", "from_round", "model_sha256", "previous_status")} == {
+            "job_id": "job-2",
+            "from_round": 3,
+            "model_sha256": "2" * 64,
+            "previous_status": "interrupted",
+        }
+        for n in (3, 4):
+            repo.record_round(UID, _round(n, f"{n}" * 64))
+        assert [r.round_num for r in repo.rounds_table(run_id)] == [1, 2, 3, 4]
+        assert repo.run_history(UID).job_ids == ("job-1", "job-2")
+        # the resumption's server dies too: its job id marks the run interrupted again
+        assert repo.mark_interrupted(["job-2"], "server stopped") == [UID]
+        assert repo.get_run(run_id).status == "interrupted"
+        assert repo.verify_audit() is None
+        # an edit of the resumption row (which round it claims to start from) is found
+        with repo.engine.begin() as c:
+            from sqlalchemy import text
+
+            c.execute(text("UPDATE run_resumptions SET from_round = 1"))
+        problem = repo.verify_audit()
+        assert problem is not None and problem.table == "run_resumptions" and "edited" in problem.reason
+    finally:
+        repo.close()
+
+
+def test_fedmed_submit_refuses_a_resumption_before_submitting_anything(tmp_path):
+    from fedmed.cli.submit_job import SubmitError, check_resume
+
+    url = f"sqlite:///{tmp_path / 'fedmed.db'}"
+    repo = Repository(url)
+    try:
+        repo.start_run(UID, "cxr_densenet", "job-1", "geometric_median", 4, CONFIG)
+        repo.record_round(UID, _round(1, "1" * 64))
+        repo.finish_run(UID, "failed", 1, 0.51)
+        entries = repo.audit_rows()
+    finally:
+        repo.close()
+    job = tmp_path / "job"
+    server = job / "app_server" / "config" / "config_fed_server.json"
+    server.parent.mkdir(parents=True)
+
+    def export(**args):  # the exported server config, as NVFlare writes it (arguments equal to defaults left out)
+        workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"task": "chest_xray14", **args}}
+        server.write_text(json.dumps({"workflows": [workflow]}))
+        return job
+
+    with pytest.raises(SubmitError, match="the job's aggregation 'fedavg' differs from run"):
+        check_resume(url, UID[:6], export(num_rounds=4, image_size=64, aggregation="fedavg"))
+    with pytest.raises(SubmitError, match="the job's num_rounds 5 differs"):  # the Controller's default, filled in
+        check_resume(url, UID[:6], export(image_size=64))
+    with pytest.raises(SubmitError, match="no run 'feed' in the database"):
+        check_resume(url, "feed", export(num_rounds=4, image_size=64))
+    assert check_resume(url, UID[:6], export(num_rounds=4, image_size=64)) == UID
+    repo = Repository(url, create_schema=False)
+    try:
+        assert repo.audit_rows() == entries and repo.run_history(UID).status == "failed"  # nothing written
+    finally:
+        repo.close()
