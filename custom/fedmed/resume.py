@@ -56,7 +56,9 @@ def resolve_run_uid(given: str, uids: Iterable[str]) -> str:
     if not matches:
         raise ResumeRefused(f"resume: no run {given!r} in the database")
     if len(matches) > 1 and given not in matches:
-        raise ResumeRefused(f"resume: {given!r} is the start of {len(matches)} runs ({', '.join(matches[:4])}): give more")
+        raise ResumeRefused(
+            f"resume: {given!r} is the start of {len(matches)} runs ({', '.join(matches[:4])}): give more"
+        )
     return given if given in matches else matches[0]
 
 
@@ -69,11 +71,7 @@ def _normal(option: str, value):
 def config_conflicts(recorded: dict, job: dict) -> list[str]:
     """The FIXED_OPTIONS on which the job differs from the recorded run's config (an option the record lacks, from a
     run recorded before it was kept, is not held against the job)."""
-    return [
-        o
-        for o in FIXED_OPTIONS
-        if o in recorded and o in job and _normal(o, recorded[o]) != _normal(o, job[o])
-    ]
+    return [o for o in FIXED_OPTIONS if o in recorded and o in job and _normal(o, recorded[o]) != _normal(o, job[o])]
 
 
 def plan_resume(history, job: dict) -> ResumePlan:

@@ -376,7 +376,11 @@ class FedMedController(ModelController):
                 raise
             plan = resumed.plan
             db.write(
-                "resume_run", uid=plan.run_uid, job_id=job_id, from_round=plan.from_round, model_sha256=plan.model_sha256
+                "resume_run",
+                uid=plan.run_uid,
+                job_id=job_id,
+                from_round=plan.from_round,
+                model_sha256=plan.model_sha256,
             )
             self.info(
                 f"run {plan.run_uid} ({self.run_name}) resumed by job {job_id} (was {plan.previous_status}; jobs "
