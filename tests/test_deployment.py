@@ -29,18 +29,19 @@ USER_DP_SCOPE = "rehearsal_user_dp"
 def _export(dest: Path, **kw) -> Path:
     mod = load_job_script("cxr_densenet")
     # Synthetic data: the hospitals' "rehearsal" privacy scope (no DP ceiling); their default scope demands DP-SGD.
-    job = mod.build_job(image_size=64, batch_size=4, min_clients=2, privacy_scope="rehearsal", **kw)
+    kw.setdefault("privacy_scope", "rehearsal")
+    job = mod.build_job(image_size=64, batch_size=4, min_clients=2, **kw)
     job.export_job(str(dest))
     return dest / job.name
 
 
-def _wait_for(predicate, timeout: float, what: str):
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll)
     raise TimeoutError(f"{what} not seen within {timeout:.0f}s")
 
 
@@ -408,14 +409,18 @@ def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(feder
 
 
 def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federation, tmp_path):
-    # NVFlare 2.9 does not resume a job after a server restart; fedmed.flare.recovery closes it on start-up.
+    # NVFlare 2.9 does not resume a job after a server restart; fedmed.flare.recovery closes it on start-up. The
+    # hospitals' user-level DP filter charges each round to their ledgers, which the resumption below continues.
     fed = federation
-    job = _export(tmp_path / "job", num_rounds=4, straggler_wait=30)
+    _ensure_up(fed)
+    job = _export(tmp_path / "job", num_rounds=4, straggler_wait=30, privacy_scope=USER_DP_SCOPE)
     session = fed.session()
     repo = Repository(fed.db_url, create_schema=False)
     try:
         job_id, run_id = _submit_until_first_round(session, repo, job)
         session.close()
+        # killed as soon as round 2 is recorded, before the hospitals have trained (and charged) round 3
+        _wait_for(lambda: len(repo.rounds_table(run_id)) >= 2, JOB_TIMEOUT, "round 2 recorded", poll=0.05)
         fed.stop_site("server", signal.SIGKILL)
         recorded = [r.round_num for r in repo.rounds_table(run_id)]
         assert repo.get_run(run_id).status == "running"  # what the dead server left behind
@@ -425,13 +430,65 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
         assert session.get_job_meta(job_id)["status"] == "FINISHED:ABNORMAL"
         run = repo.get_run(run_id)
         assert run.status == "interrupted" and run.finished_at is not None
-        assert [r.round_num for r in repo.rounds_table(run_id)] == recorded and recorded[0] == 1
+        assert [r.round_num for r in repo.rounds_table(run_id)] == recorded == [1, 2]
         assert run.best_round in recorded
         assert repo.verify_audit() is None
         assert _log_has(fed.kit("server") / "log.txt", f"job {job_id} was running when the server stopped")
     finally:
         repo.close()
         session.close()
+    fed.interrupted = (job_id, run_id, run.uid)
+
+
+def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twice(federation, tmp_path, capsys):
+    # fedmed-submit --resume: a new NVFlare job continues the same run from round 2's recorded global model.
+    from fedmed.cli.submit_job import main as submit_main
+    from fedmed.privacy.accounting import epsilon_of
+    from fedmed.privacy.ledger import PrivacyLedger
+
+    fed = federation
+    if not hasattr(fed, "interrupted"):
+        pytest.skip("needs the interrupted run of test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds")
+    first_job, run_id, uid = fed.interrupted
+    job_options = ["--rounds", "4", "--image-size", "64", "--batch-size", "4", "--min-clients", "2"]
+    job_options += ["--straggler-wait", "30", "--privacy-scope", USER_DP_SCOPE]
+    admin = ["--kit", str(fed.kit(PROJECT_ADMIN)), "--user", PROJECT_ADMIN, "--db-url", fed.db_url]
+    admin += ["--timeout", str(JOB_TIMEOUT), "--out", str(tmp_path / "results")]
+    t0 = time.monotonic()
+    assert submit_main([*admin, "--resume", uid[:8], "--", *job_options]) == 0
+    resumed_s = time.monotonic() - t0
+    printed = capsys.readouterr().out
+    assert f"resuming run {uid} from round 3" in printed
+    repo = Repository(fed.db_url, create_schema=False)
+    try:
+        run = repo.get_run(run_id)
+        (resumption,) = repo.resumptions(run_id)
+        second_job = resumption["job_id"]
+        assert (resumption["from_round"], resumption["previous_status"]) == (3, "interrupted")
+        assert repo.run_id_for_job(second_job) == run_id and second_job != first_job
+        assert run.status == "finished"
+        assert [r.round_num for r in repo.rounds_table(run_id)] == [1, 2, 3, 4]  # the same run, no round twice
+        assert {u["site"] for u in repo.client_updates(run_id) if u["round"] == 4} == set(HOSPITALS)
+        assert repo.verify_audit() is None
+        last_sha = repo.run_history(uid).rounds[-1][1]
+    finally:
+        repo.close()
+    # the final global model, saved where the admin's download finds it, is the one round 4 recorded
+    from fedmed.hashing import model_sha256
+    from fedmed.weights import load_state
+
+    (final,) = (tmp_path / "results").rglob("global_model.pt")
+    params, meta = load_state(final)
+    assert meta["round"] == 4 and model_sha256(params) == last_sha
+    for site in HOSPITALS:  # each hospital's ledger: rounds 1-4 of this run charged once each (wire rounds 0-3)
+        ledger = PrivacyLedger(fed.kit(site) / "local" / "privacy_ledger.jsonl")
+        mine = [e for e in ledger.entries() if e.job_id in (first_job, second_job)]
+        assert sorted(e.round for e in mine) == [0, 1, 2, 3], [(e.job_id, e.round) for e in mine]
+        assert [e.round for e in mine if e.job_id == second_job] == [2, 3] and ledger.verify() is None
+        history = [h for e in mine for h in e.history]
+        assert epsilon_of(history, mine[0].delta) == pytest.approx(epsilon_of(mine[0].history * 4, mine[0].delta))
+        assert epsilon_of(history, mine[0].delta) < epsilon_of(mine[0].history * 6, mine[0].delta)
+    print(f"\nmeasured: resumed run (export, rounds 3-4, final model) {resumed_s:.0f}s")
 
 
 def test_hospital_it_stops_its_site_without_nvflares_interactive_stop_script(federation):
