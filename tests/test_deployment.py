@@ -451,7 +451,7 @@ def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twi
         pytest.skip("needs the interrupted run of test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds")
     first_job, run_id, uid = fed.interrupted
     job_options = ["--rounds", "4", "--image-size", "64", "--batch-size", "4", "--min-clients", "2"]
-    job_options += ["--straggler-wait", "30", "--privacy-scope", USER_DP_SCOPE]
+    job_options += ["--straggler-wait", "30", "--scope", USER_DP_SCOPE]
     admin = ["--kit", str(fed.kit(PROJECT_ADMIN)), "--user", PROJECT_ADMIN, "--db-url", fed.db_url]
     admin += ["--timeout", str(JOB_TIMEOUT), "--out", str(tmp_path / "results")]
     t0 = time.monotonic()

@@ -228,6 +228,10 @@ def test_a_resumption_is_recorded_in_the_same_run_and_covered_by_the_audit_chain
             repo.record_round(UID, _round(n, f"{n}" * 64))
         assert [r.round_num for r in repo.rounds_table(run_id)] == [1, 2, 3, 4]
         assert repo.run_history(UID).job_ids == ("job-1", "job-2")
+        from fedmed.cli.rounds_table import format_table
+
+        table = format_table(repo, run_id)  # what the admin reads to find the uid --resume takes
+        assert f"uid {UID}" in table.splitlines()[0] and "resumed by job job-2 from round 3 at " in table
         # the resumption's server dies too: its job id marks the run interrupted again
         assert repo.mark_interrupted(["job-2"], "server stopped") == [UID]
         assert repo.get_run(run_id).status == "interrupted"

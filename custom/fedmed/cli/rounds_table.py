@@ -38,7 +38,7 @@ def format_table(repo: Repository, run_id: int) -> str:
     show_auroc = task.score_name != "mean_auroc"
     width = max(15, len(score_head))
     lines = [
-        f"run {run.id} '{run.name}' (job {run.job_id}, {run.aggregation}, status {run.status})",
+        f"run {run.id} '{run.name}' uid {run.uid} (job {run.job_id}, {run.aggregation}, status {run.status})",
         f"{'round':>5}  {'sites':<40} {score_head:>{width}}"
         + (f"  {'mean AUROC':>10}" if show_auroc else "")
         + f"  {'test loss':>9}"
@@ -52,6 +52,11 @@ def format_table(repo: Repository, run_id: int) -> str:
         values = test_metrics.get(r.round_num, {})
         cells = "".join(f"  {values[m]:>9.4f}" if m in values else f"  {'-':>9}" for m in extra)
         lines.append(f"{r.round_num:>5}  {sites:<40} {score:>{width}}{auroc}  {loss:>9}{cells}")
+    for r in repo.resumptions(run_id):  # fedmed-submit --resume RUN takes the uid above (or a prefix)
+        lines.append(
+            f"resumed by job {r['job_id']} from round {r['from_round']} at {r['resumed_at']:%Y-%m-%d %H:%M} "
+            f"(was {r['previous_status']})"
+        )
     if run.best_round is not None:
         best = next((r for r in rows if r.round_num == run.best_round), None)
         label = score_label(best) if best is not None and best.score is not None else SCORE_LABELS[task.score_name]
