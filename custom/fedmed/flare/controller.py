@@ -433,10 +433,12 @@ class FedMedController(ModelController):
         finally:
             repo.close()
         plan = plan_resume(history, {k: getattr(self, k) for k in FIXED_OPTIONS})
-        workspace = self.engine.get_workspace()
-        candidates = [round_model_path(run_models_dir(workspace_root, uid), plan.model_round)] + [
-            Path(workspace.get_app_dir(j)) / GLOBAL_MODEL_FILE for j in reversed(plan.job_ids)
-        ]
+        candidates = [round_model_path(run_models_dir(workspace_root, uid), plan.model_round)]
+        for job_id in reversed(plan.job_ids):  # the jobs' own last saves, newest first
+            try:
+                candidates.append(Path(self.engine.get_workspace().get_app_dir(job_id)) / GLOBAL_MODEL_FILE)
+            except ValueError:  # a recorded job id NVFlare would not make a folder of
+                continue
         loaded = {}
 
         def sha_of(path: Path) -> str:
