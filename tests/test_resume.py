@@ -125,7 +125,7 @@ def _sha_of(path):
 
 def _saved(tmp_path, seed=0, round_num=2):
     params = _params(seed)
-    path = round_model_path(run_models_dir(tmp_path, UID), round_num)
+    path = round_model_path(run_models_dir(tmp_path / "fedmed_runs", UID), round_num)
     save_state(params, path, {"round": round_num, "task": "chest_xray14"})
     return path, model_sha256(params)
 
@@ -141,7 +141,7 @@ def test_the_saved_model_round_trips_to_the_recorded_sha(tmp_path):
 def test_a_missing_model_file_is_refused(tmp_path):
     plan = plan_resume(_history(), JOB)
     with pytest.raises(ResumeRefused, match=r"global model of round 2 \(sha256 bbbbbbbbbbbbbbbb...\) is missing"):
-        find_model_file(plan, [round_model_path(run_models_dir(tmp_path, UID), 2)], _sha_of)
+        find_model_file(plan, [round_model_path(run_models_dir(tmp_path / "fedmed_runs", UID), 2)], _sha_of)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ def test_a_hostile_file_in_place_of_the_model_is_refused_without_running_it(tmp_
 
 
 def test_only_the_two_newest_round_files_are_kept(tmp_path):
-    models = run_models_dir(tmp_path, UID)
+    models = run_models_dir(tmp_path / "fedmed_runs", UID)
     for r in (1, 2, 3):
         save_state(_params(r), round_model_path(models, r))
     (models / "best_model.pt").write_bytes(b"kept")

@@ -62,6 +62,8 @@ class JobConfig:
             and reject one far below the median site's (0 = off, the default: too noisy on small sets).
         resume_run: continue this interrupted or failed run (its uid in the database, or a unique prefix) from its
             last recorded round instead of starting a new run (fedmed.resume); None = a new run.
+        models_dir: where the server keeps each run's recent global models for a resumption; None = the server
+            workspace's fedmed_runs/ (the simulator's job script: <--workspace>/fedmed_runs, which it does not wipe).
     """
 
     name: str
@@ -93,6 +95,7 @@ class JobConfig:
     statistics_factor: float = DEFAULT_STATISTICS_FACTOR
     validation_images: int = 0
     resume_run: Optional[str] = None
+    models_dir: Optional[str] = None
 
     def __post_init__(self):
         if not self.name:

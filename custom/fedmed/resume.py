@@ -8,7 +8,8 @@ and quarantine state the federation's record holds, and the best round so far. p
 record alone, whether and from where; find_model_file then picks the file. Each refusal is one line naming why.
 
 The server keeps each run's recent global models under <server workspace>/fedmed_runs/<run uid>/ (round_<n>.pt,
-the last two: a crash between saving round n and recording it leaves round n-1's, which the record names).
+the last two: a crash between saving round n and recording it leaves round n-1's, which the record names; and the
+best model). The simulator wipes its workspace at every run, so there they go to <--workspace>/fedmed_runs/.
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ def plan_resume(history, job: dict) -> ResumePlan:
 # --- the server's model files of a run ------------------------------------------------------------------------------
 
 
-def run_models_dir(workspace_root: Path, run_uid: str) -> Path:
+def run_models_dir(runs_root: Path, run_uid: str) -> Path:
+    """One run's model folder under runs_root (default <server workspace>/fedmed_runs)."""
     if not re.fullmatch(r"[0-9a-f]{8,64}", run_uid or ""):
         raise ValueError(f"run uid must be hex, got {run_uid!r}")  # it names a folder
-    return Path(workspace_root) / RUNS_DIR / run_uid
+    return Path(runs_root) / run_uid
 
 
 def round_model_path(models_dir: Path, round_num: int) -> Path:

@@ -36,6 +36,7 @@ from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder, card_from_meta
 from fedmed.resume import (
     FIXED_OPTIONS,
+    RUNS_DIR,
     ResumePlan,
     ResumeRefused,
     find_model_file,
@@ -105,6 +106,7 @@ class FedMedController(ModelController):
         signatures: bool = False,
         validation_images: int = 0,
         resume_run: Optional[str] = None,
+        models_dir: Optional[str] = None,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -157,6 +159,8 @@ class FedMedController(ModelController):
                 files by the sha256 it recorded), with rounds numbered on in the same run. Refused, with the reason
                 and nothing written, when the run is finished, its model file is missing or altered, or this job's
                 task, aggregation, HE layers, norm, image size or number of rounds differ from the run's.
+            models_dir: where the server keeps each run's last two round models and best model, which a resumption
+                starts from; default <server workspace>/fedmed_runs.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -207,6 +211,7 @@ class FedMedController(ModelController):
             raise ValueError(f"validation_images must be >= 0, got {validation_images}")
         self.validation_images = validation_images
         self.resume_run = resume_run
+        self.models_dir = models_dir
         self._signer = None  # the server's signing keys, when signatures are on
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
@@ -370,7 +375,7 @@ class FedMedController(ModelController):
             self.info(f"replaying {db.all_pending()} journaled database write(s) from earlier jobs")
         if self.resume_run:
             try:
-                resumed = self._resume(db, workspace_root)
+                resumed = self._resume(db)
             except Exception:
                 db.close()
                 raise
@@ -419,7 +424,7 @@ class FedMedController(ModelController):
         )
         return db, run_uid, None
 
-    def _resume(self, db, workspace_root: Path) -> ResumedRun:
+    def _resume(self, db) -> ResumedRun:
         """The run resume_run names, planned from the record and its model file checked; raises ResumeRefused."""
         if not db.flush():
             raise ResumeRefused(
@@ -433,7 +438,7 @@ class FedMedController(ModelController):
         finally:
             repo.close()
         plan = plan_resume(history, {k: getattr(self, k) for k in FIXED_OPTIONS})
-        candidates = [round_model_path(run_models_dir(workspace_root, uid), plan.model_round)]
+        candidates = [round_model_path(self._run_models(uid), plan.model_round)]
         for job_id in reversed(plan.job_ids):  # the jobs' own last saves, newest first
             try:
                 candidates.append(Path(self.engine.get_workspace().get_app_dir(job_id)) / GLOBAL_MODEL_FILE)
@@ -453,19 +458,23 @@ class FedMedController(ModelController):
         path = find_model_file(plan, candidates, sha_of)
         params, meta = loaded[path]
         meta = {k: v for k, v in meta.items() if k != C.META_GLOBAL_SIGNATURE}  # re-signed for this job's rounds
-        self._restore_best(workspace_root, plan)
+        self._restore_best(plan)
         best = (plan.best_round, plan.best_score) if plan.best_round is not None else (None, -math.inf)
         return ResumedRun(plan, path, wire.global_model(params, plan.model_round, meta), best)
 
-    def _restore_best(self, workspace_root: Path, plan: ResumePlan) -> None:
+    def _run_models(self, run_uid: str) -> Path:
+        root = Path(self.models_dir) if self.models_dir else Path(self.engine.get_workspace().get_root_dir()) / RUNS_DIR
+        return run_models_dir(root, run_uid)
+
+    def _restore_best(self, plan: ResumePlan) -> None:
         """The run's best model so far into this job's folder, where the admin's download finds it."""
-        kept = run_models_dir(workspace_root, plan.run_uid) / BEST_MODEL_FILE
+        kept = self._run_models(plan.run_uid) / BEST_MODEL_FILE
         if plan.best_round is not None and kept.is_file():
             shutil.copyfile(kept, Path(self.engine.get_workspace().get_app_dir(self.fl_ctx.get_job_id())) / kept.name)
 
     def _keep_round_model(self, run_uid: str, model: FLModel) -> None:
         """The run's recent global models, outside the job's folder, for a resumption (fedmed.resume)."""
-        models_dir = run_models_dir(Path(self.engine.get_workspace().get_root_dir()), run_uid)
+        models_dir = self._run_models(run_uid)
         round_num = int(model.meta["round"])
         save_state(model.params, round_model_path(models_dir, round_num), model.meta)
         for old in stale_round_files(models_dir, round_num):
@@ -756,8 +765,7 @@ class FedMedController(ModelController):
     def _save_best(self, run_uid, params, meta):
         if isinstance(self.persistor, FedMedModelPersistor):
             path = self.persistor.save_best(params, meta, self.fl_ctx)
-            models_dir = run_models_dir(Path(self.engine.get_workspace().get_root_dir()), run_uid)
-            save_state(params, models_dir / BEST_MODEL_FILE, meta)  # a resumption brings it into its job
+            save_state(params, self._run_models(run_uid) / BEST_MODEL_FILE, meta)  # a resumption brings it into its job
             self.info(
                 f"new best model (round {meta['round']}, {self._task.score_name} {meta['score']:.4f}) saved to {path}"
             )

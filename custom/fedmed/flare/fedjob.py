@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,13 +22,17 @@ from nvflare.recipe import SimEnv
 
 from fedmed import constants as C
 from fedmed.console import full_output_to
+from fedmed.constants import ENV_DB_URL
 from fedmed.crypto import ckks
 from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.jobconfig import JobConfig
 from fedmed.model import HEAD_PREFIX
+from fedmed.resume import RUNS_DIR
 from fedmed.tasks import get_task
+
+SIMULATOR_JOB_ID = "simulate_job"  # NVFlare's simulator gives every job this id
 
 
 def build_job(
@@ -75,6 +80,7 @@ def build_job(
         statistics_factor=config.statistics_factor,
         validation_images=config.validation_images,
         resume_run=config.resume_run,
+        models_dir=config.models_dir,
     )
     job.to_server(controller)
     job.to_server(
@@ -143,6 +149,29 @@ def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int, log_f
         with full_output_to(log_file):
             env.deploy(job)
     return workspace_root / job.name
+
+
+def close_stopped_simulation(db_url: Optional[str], run: str) -> None:
+    """Before a simulator job resumes `run`: no recovery component runs in the simulator, so a simulation that was
+    killed leaves its run 'running'; the one this script is about to continue is marked interrupted (a simulation
+    is one process, and this script starts the next). Raises ValueError with the one-line reason otherwise."""
+    if not db_url:
+        raise ValueError(
+            f"--resume in the simulator needs --db-url or ${ENV_DB_URL}: the simulator wipes the default database "
+            "in its workspace at every run"
+        )
+    from fedmed.resume import resolve_run_uid
+    from fedmed.store.repository import Repository
+
+    repo = Repository(db_url)
+    try:
+        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()))
+        history = repo.run_history(uid)
+        if history.status == "running" and history.job_ids[-1] == SIMULATOR_JOB_ID:
+            repo.mark_interrupted([SIMULATOR_JOB_ID], "the simulation stopped before the run ended", run_uids=[uid])
+            print(f"run {uid}: its simulation had stopped mid-run; marked interrupted")
+    finally:
+        repo.close()
 
 
 def _names(text: str | None) -> tuple | None:
@@ -359,6 +388,13 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         missing = [s for s in sites if not (a.data_root / s / "fedmed_site.json").is_file()]
         if missing:
             p.error(f"no fedmed_site.json for {missing} under {a.data_root}; generate the hospitals first")
+    if a.export is None and config.models_dir is None:  # the simulator wipes its workspace at each run
+        config = config.with_changes(models_dir=str(Path(a.workspace).resolve() / RUNS_DIR))
+    if a.export is None and config.resume_run:
+        try:
+            close_stopped_simulation(config.db_url or os.environ.get(ENV_DB_URL), config.resume_run)
+        except ValueError as e:
+            p.error(str(e))
     he_keys = he_keys_dir_for(a.workspace, config.name) if config.he_layers and a.export is None else None
     job = build_job(config, data_root=a.data_root.resolve() if a.data_root else None, he_keys_dir=he_keys)
     if a.export:

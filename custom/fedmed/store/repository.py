@@ -533,17 +533,16 @@ class Repository:
             )
         self._append_head(head)
 
-    def mark_interrupted(self, job_ids, reason: str) -> list[str]:
+    def mark_interrupted(self, job_ids, reason: str, run_uids: Optional[list] = None) -> list[str]:
         """Runs of these NVFlare jobs (the first job or a resumption's) still marked 'running' (their server process
         died mid-job) become 'interrupted'; their recorded rounds stay, the best is taken from them. Returns the run
-        uids changed."""
+        uids changed. run_uids: only these runs (the simulator gives every job the same id)."""
         changed, heads = [], []
         job_ids = list(job_ids)
         with self._session.begin() as s:
             resumed = select(RunResumption.run_id).where(RunResumption.job_id.in_(job_ids))
-            runs = s.scalars(
-                select(Run).where((Run.job_id.in_(job_ids)) | (Run.id.in_(resumed)), Run.status == "running")
-            ).all()
+            q = select(Run).where((Run.job_id.in_(job_ids)) | (Run.id.in_(resumed)), Run.status == "running")
+            runs = s.scalars(q if run_uids is None else q.where(Run.uid.in_(list(run_uids)))).all()
             for run in runs:
                 # The Controller's rule: the highest task score, the earliest round on a tie.
                 best = s.execute(
