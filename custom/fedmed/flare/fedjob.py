@@ -151,18 +151,20 @@ def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int, log_f
     return workspace_root / job.name
 
 
-def close_stopped_simulation(db_url: Optional[str], run: str) -> None:
-    """Before a simulator job resumes `run`: no recovery component runs in the simulator, so a simulation that was
-    killed leaves its run 'running'; the one this script is about to continue is marked interrupted (a simulation
-    is one process, and this script starts the next). Raises ValueError with the one-line reason otherwise."""
+def check_simulation_resume(db_url: Optional[str], config: JobConfig) -> None:
+    """Before a simulator job resumes config.resume_run: no recovery component runs in the simulator, so a
+    simulation that was killed leaves its run 'running'; the one this script is about to continue is marked
+    interrupted (a simulation is one process, and this script starts the next). Then the record is checked as the
+    server will check it (fedmed.resume.plan_resume); raises ValueError with the one-line reason."""
     if not db_url:
         raise ValueError(
             f"--resume in the simulator needs --db-url or ${ENV_DB_URL}: the simulator wipes the default database "
             "in its workspace at every run"
         )
-    from fedmed.resume import resolve_run_uid
+    from fedmed.resume import FIXED_OPTIONS, plan_resume, resolve_run_uid
     from fedmed.store.repository import Repository
 
+    run = config.resume_run
     repo = Repository(db_url)
     try:
         uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()))
@@ -170,8 +172,11 @@ def close_stopped_simulation(db_url: Optional[str], run: str) -> None:
         if history.status == "running" and history.job_ids[-1] == SIMULATOR_JOB_ID:
             repo.mark_interrupted([SIMULATOR_JOB_ID], "the simulation stopped before the run ended", run_uids=[uid])
             print(f"run {uid}: its simulation had stopped mid-run; marked interrupted")
+            history = repo.run_history(uid)
+        plan = plan_resume(history, {k: getattr(config, k) for k in FIXED_OPTIONS})
     finally:
         repo.close()
+    print(f"resuming run {uid} from round {plan.from_round} ({plan.previous_status})")
 
 
 def _names(text: str | None) -> tuple | None:
@@ -392,7 +397,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         config = config.with_changes(models_dir=str(Path(a.workspace).resolve() / RUNS_DIR))
     if a.export is None and config.resume_run:
         try:
-            close_stopped_simulation(config.db_url or os.environ.get(ENV_DB_URL), config.resume_run)
+            check_simulation_resume(config.db_url or os.environ.get(ENV_DB_URL), config)
         except ValueError as e:
             p.error(str(e))
     he_keys = he_keys_dir_for(a.workspace, config.name) if config.he_layers and a.export is None else None
