@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import Dataset
 
 from fedmed.model import build_densenet121
-from fedmed.privacy.accounting import SiteRDPAccountant
+from fedmed.privacy.accounting import BudgetExceeded, SiteRDPAccountant
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.ledger import (
     GENESIS,
@@ -219,6 +219,35 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
         timeout=60,
     )
     assert show.returncode == 0 and "2 job(s)" in show.stdout and "job-2" in show.stdout, show.stderr
+
+
+def test_a_job_resuming_a_run_counts_the_runs_earlier_dp_sgd_spend_toward_its_ceiling(tmp_path):
+    # fedmed.resume: job-2 continues job-1's run. (sigma 1, q 1/4, 4 steps) a round: epsilon 4.87, 6.25, 7.33 after
+    # 1-3 rounds; the job ceiling 7.0 allows the run 2 rounds, whichever job runs them.
+    ledger = PrivacyLedger(tmp_path / "privacy_ledger.jsonl")
+    policy = PrivacyPolicy(epsilon=7.0, noise_multiplier=1.0, lifetime_epsilon=100.0)
+    data = _Recording()
+    model = build_densenet121(14, norm="group")
+    job1 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-1", policy.delta, policy.lifetime_ceiling))
+    for r in range(2):
+        model, _ = job1.train_round(
+            model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=3, round_num=r, trainable=HEAD
+        )
+    other = LedgerBinding(ledger, "another dataset", "job-1", policy.delta, None)
+    other.charge(0, "dp_sgd", [(0.5, 1.0, 9)])  # another dataset's spend is not this one's
+    job2_binding = LedgerBinding(ledger, DATASET, "job-2", policy.delta, policy.lifetime_ceiling)
+    job2_binding.charge(0, "user_level", [(2.0, 1.0, 1)])  # nor is a mechanism the job ceiling does not govern
+    earlier = job2_binding.history_of_jobs(["job-1", "job-0"], "dp_sgd")
+    assert earlier == [(1.0, 0.25, 4)] * 2
+    job2 = SitePrivacy(policy, job2_binding)
+    job2.continue_run(earlier)
+    assert job2.epsilon_spent == pytest.approx(job1.epsilon_spent, rel=1e-9)
+    data.seen.clear()
+    with pytest.raises(BudgetExceeded, match="from 6.253 to 7.328, over the site's ceiling 7.0"):
+        job2.train_round(model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=3, round_num=2, trainable=HEAD)
+    assert data.seen == []  # refused before reading an image
+    with pytest.raises(RuntimeError, match="before this job's first round"):
+        job1.continue_run(earlier)
 
 
 def test_two_runs_of_the_same_job_config_draw_different_batches_and_noise():

@@ -212,6 +212,7 @@ class FedMedController(ModelController):
         self.validation_images = validation_images
         self.resume_run = resume_run
         self.models_dir = models_dir
+        self._earlier_jobs: tuple = ()  # the jobs that ran the run this job resumes
         self._signer = None  # the server's signing keys, when signatures are on
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
@@ -380,6 +381,7 @@ class FedMedController(ModelController):
                 db.close()
                 raise
             plan = resumed.plan
+            self._earlier_jobs = plan.job_ids
             db.write(
                 "resume_run",
                 uid=plan.run_uid,
@@ -562,6 +564,8 @@ class FedMedController(ModelController):
                 + f", min_clients is {self.min_clients}"
             )
         model.current_round, model.total_rounds, model.start_round = round_num, self.num_rounds, 0
+        if self._earlier_jobs:  # the sites' DP-SGD accountants continue the run's (fedmed.resume)
+            model.meta[C.META_RESUMED_JOBS] = list(self._earlier_jobs)
         if self._signer is not None:  # hospitals train only on a global model the server signed for this round
             wire_sig.sign_global(model, self.fl_ctx.get_job_id(), round_num, self._signer)
         self.info(f"round {round_num + 1}/{self.num_rounds}: sending the global model to {targets}")

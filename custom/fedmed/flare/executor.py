@@ -152,6 +152,7 @@ class FedMedTrainer(Executor):
         self._site: Optional[SiteConfig] = None
         self._data_synthetic: Optional[bool] = None  # for the model card: what this site trained on
         self._ledger: Optional[LedgerBinding] = None
+        self._run_continued = False  # a resumed run's earlier DP-SGD spend counted (once per job)
         self._noise_filters: list = []  # the site's UpdateNoiseFilter(s) in the job's privacy scope
         self._refusal: Optional[str] = None  # set at start-up when the site refuses the whole job
         self._unavailable: Optional[str] = None  # set at start-up when the site's own set-up failed: why
@@ -295,6 +296,22 @@ class FedMedTrainer(Executor):
             f"data, loaded in {time.monotonic() - t0:.1f}s",
         )
 
+    def _continue_run_privacy(self, site: str, global_model: FLModel, fl_ctx: FLContext) -> None:
+        """A job that resumes a run (fedmed.resume): what the run's earlier jobs (named by the server) charged to this
+        dataset's ledger counts toward this job's DP-SGD ceiling. A server naming other jobs can only make the site
+        stricter; one naming none gets what any new job gets (the lifetime ceiling bounds every job)."""
+        earlier = (global_model.meta or {}).get(C.META_RESUMED_JOBS)
+        if self._run_continued or self._privacy is None or self._ledger is None or not earlier:
+            return
+        self._run_continued = True
+        jobs = [j for j in earlier if isinstance(j, str)] if isinstance(earlier, (list, tuple)) else []
+        self._privacy.continue_run(self._ledger.history_of_jobs(jobs, "dp_sgd"))
+        self.log_info(
+            fl_ctx,
+            f"site {site}: this job resumes a run of jobs {jobs}: their DP-SGD spend at this site, epsilon "
+            f"{self._privacy.epsilon_spent:.3f}, counts toward this job's ceiling {self._privacy.policy.epsilon}",
+        )
+
     def _open_ledger(self, site: str, policy, fl_ctx: FLContext) -> LedgerBinding:
         """The site's lifetime ledger (path from fedmed_site.json, else <kit>/local/), verified, bound to this
         dataset (content fingerprint of every image the task reads) and this job."""
@@ -391,6 +408,7 @@ class FedMedTrainer(Executor):
                 )
                 if self._privacy is None and self._noise_filters:  # no DP-SGD: check the filter's part up front
                     self._ledger.check(self._filter_history())
+            self._continue_run_privacy(site, global_model, fl_ctx)
             load_numpy_state(self._model, global_params)
             total_rounds = int(global_model.total_rounds or 1)
             result = self._train_and_validate(site, round_num, total_rounds, fl_ctx, abort_signal)

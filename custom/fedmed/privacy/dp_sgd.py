@@ -65,6 +65,13 @@ class SitePrivacy:
         self.accountant = SiteRDPAccountant()
         self.noise_multiplier: Optional[float] = policy.noise_multiplier
 
+    def continue_run(self, earlier: Sequence[HistoryEntry]) -> None:
+        """A job that resumes a run: what the run's earlier jobs spent counts toward this job's ceiling (once, before
+        this job's first round), so the run's rounds together stay within it."""
+        if self.accountant.history:
+            raise RuntimeError("continue_run must come before this job's first round")
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in earlier]
+
     @property
     def epsilon_spent(self) -> float:
         return self.accountant.get_epsilon(self.policy.delta) if self.accountant.history else 0.0

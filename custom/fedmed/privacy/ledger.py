@@ -298,6 +298,16 @@ class LedgerBinding:
     def lifetime_epsilon(self) -> float:
         return self.ledger.lifetime_epsilon(self.dataset, self.delta)
 
+    def history_of_jobs(self, job_ids: Sequence[str], mechanism: str) -> list[HistoryEntry]:
+        """What these jobs charged to this dataset by this mechanism (e.g. a resumed run's earlier jobs), in order."""
+        jobs = {str(j) for j in job_ids}
+        return [
+            h
+            for e in self.ledger.entries()
+            if e.dataset == self.dataset and e.job_id in jobs and e.mechanism == mechanism
+            for h in e.history
+        ]
+
 
 def user_level_example_history(clip_norm: float, noise_std: float) -> HistoryEntry:
     """One UpdateNoiseFilter round as an example-level RDP entry: the released update is the reference plus a delta
