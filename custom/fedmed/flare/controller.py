@@ -483,6 +483,8 @@ class FedMedController(ModelController):
             old.unlink(missing_ok=True)
 
     def _finish_record(self, db, run_uid, status, best_round, best_score):
+        if status == "finished":  # a finished run cannot be resumed: its round models are not needed any more
+            shutil.rmtree(self._run_models(run_uid), ignore_errors=True)
         db.write(
             "finish_run",
             run_uid=run_uid,
