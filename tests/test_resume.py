@@ -280,3 +280,35 @@ def test_fedmed_submit_refuses_a_resumption_before_submitting_anything(tmp_path)
         assert repo.audit_rows() == entries and repo.run_history(UID).status == "failed"  # nothing written
     finally:
         repo.close()
+
+
+def test_the_controllers_defaults_are_jobconfigs_for_the_options_a_resumption_keeps():
+    # fedmed-submit fills the options NVFlare left out of the exported job (equal to the Controller's defaults) from
+    # JobConfig: they must be the same values.
+    import inspect
+    from dataclasses import fields
+
+    from fedmed.flare.controller import FedMedController
+    from fedmed.jobconfig import JobConfig
+    from fedmed.resume import FIXED_OPTIONS
+
+    controller = inspect.signature(FedMedController.__init__).parameters
+    config = {f.name: f.default for f in fields(JobConfig)}
+    assert {o: controller[o].default for o in FIXED_OPTIONS if o != "task"} == {
+        o: config[o] for o in FIXED_OPTIONS if o != "task"
+    }
+
+
+def test_the_servers_refusal_is_found_in_the_jobs_downloaded_log(tmp_path):
+    # what fedmed-submit prints when the server refuses (e.g. a model file that no longer matches its sha256)
+    from fedmed.cli.submit_job import refusal_in
+
+    log = tmp_path / "job" / "workspace" / "log.txt"
+    log.parent.mkdir(parents=True)
+    reason = f"resume: no saved file matches run {UID}'s global model of round 2 (sha256 ...): refusing to resume"
+    log.write_text(
+        "2026-11-30 00:47:26,763 - FedMedController - INFO - [identity=fedmed, run=x] - Beginning model controller\n"
+        f"2026-11-30 00:47:26,764 - FedMedController - ERROR - [identity=fedmed, run=x] - {reason}\n"
+    )
+    assert refusal_in(tmp_path / "job") == reason
+    assert refusal_in(None) is None and refusal_in(tmp_path / "nothing") is None

@@ -80,16 +80,13 @@ def export_job(dest: Path, job_args: list[str]) -> Path:
 
 
 def exported_controller_args(job_folder: Path) -> dict:
-    """The exported FedMedController's arguments, its defaults filled in (NVFlare leaves out an argument equal to
-    the default)."""
-    import inspect
-
-    from fedmed.flare.controller import FedMedController
+    """The exported FedMedController's arguments, the rest filled in from JobConfig (NVFlare leaves out an argument
+    equal to the Controller's default, which is JobConfig's, as exported_num_rounds relies on)."""
+    from dataclasses import MISSING, fields
 
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
-    params = inspect.signature(FedMedController.__init__).parameters.values()
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
     return {**defaults, **controller.get("args", {})}
 
 
