@@ -2,7 +2,8 @@
 
 One federation serves every scenario (start-up is paid once): a rogue hospital kit and a `member` admin are refused;
 the admin's job completes 2 rounds on 3 hospitals; a hospital killed mid-run is recorded missing while the job
-completes; the server killed mid-job is restarted and the run ends 'interrupted' with its rounds kept.
+completes; the server killed mid-job is restarted and the run ends 'interrupted' with its rounds kept, then
+`fedmed-submit --resume` continues it in a new job.
 Every process is stopped by its PID in the fixture's finaliser, whatever happens.
 """
 

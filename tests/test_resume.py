@@ -232,7 +232,8 @@ def test_a_resumption_is_recorded_in_the_same_run_and_covered_by_the_audit_chain
 
         table = format_table(repo, run_id)  # what the admin reads to find the uid --resume takes
         assert f"uid {UID}" in table.splitlines()[0] and "resumed by job job-2 from round 3 at " in table
-        # the resumption's server dies too: its job id marks the run interrupted again
+        # the resumption's server dies too: its job id marks the run interrupted again (run_uids: only those runs)
+        assert repo.mark_interrupted(["job-2"], "server stopped", run_uids=["f" * 32]) == []
         assert repo.mark_interrupted(["job-2"], "server stopped") == [UID]
         assert repo.get_run(run_id).status == "interrupted"
         assert repo.verify_audit() is None
