@@ -37,8 +37,7 @@ def test_a_round_publishes_the_global_score_and_each_sites_validation_trust_weig
         "global/mean_auroc": 0.66,
         "global/test_loss": 0.31,
         "global/sites_aggregated": 2.0,
-        "global_test/auroc/Effusion": 0.7,
-        "global_test/loss": 0.31,
+        "global_test/auroc/Effusion": 0.7,  # the test loss once, as global/test_loss
         "site_validation/hospital-a": 0.64,
         "site_validation/hospital-b": 0.71,
         "trust/hospital-a": 0.85,  # trust after the round (the record's trust states), not the update's
@@ -115,3 +114,31 @@ def test_the_report_rewritten_after_each_round_shows_every_round_so_far(tmp_path
         assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     finally:
         repo.close()
+
+
+def test_reports_are_drawn_off_the_round_and_only_the_newest_waiting_one_is_drawn():
+    import threading
+
+    from fedmed.flare.live_metrics import LatestOnly
+
+    drawing, release = threading.Event(), threading.Event()
+    drawn, errors = [], []
+
+    def draw(round_num):
+        drawing.set()
+        release.wait(10)
+        if round_num == 4:
+            raise OSError("disk full")
+        drawn.append(round_num)
+
+    reports = LatestOnly(draw, errors.append, "test-report")
+    reports.submit(1)
+    assert drawing.wait(10)  # round 1's report is being drawn; the rounds go on meanwhile
+    for n in (2, 3):
+        reports.submit(n)  # round 2's is replaced by round 3's before it is started
+    release.set()
+    assert reports.wait(10) and drawn == [1, 3] and errors == []
+    reports.submit(4)  # a failing report reaches on_error, not the caller
+    assert reports.wait(10) and [str(e) for e in errors] == ["disk full"]
+    reports.submit(6)  # and the next round's report is drawn again
+    assert reports.wait(10) and drawn == [1, 3, 6]

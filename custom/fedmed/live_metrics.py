@@ -49,7 +49,7 @@ def round_scalars(record: RoundRecord) -> list[Scalar]:
         out.append((f"{GLOBAL}/mean_auroc", record.mean_auroc))
     out.append((f"{GLOBAL}/test_loss", record.test_loss))
     out.append((f"{GLOBAL}/sites_aggregated", sum(1 for u in record.updates if u.status == "accepted")))
-    out += [(f"{GLOBAL_TEST}/{name}", value) for name, value in sorted(record.test_metrics.items())]
+    out += [(f"{GLOBAL_TEST}/{k}", v) for k, v in sorted(record.test_metrics.items()) if k != "loss"]  # = test_loss
     trust_after = {t.site: t.trust for t in record.trust}
     for u in sorted(record.updates, key=lambda u: u.site):
         out.append((f"{SITE_VALIDATION}/{u.site}", u.val_score))
