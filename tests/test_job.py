@@ -151,7 +151,7 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         assert ood["calibration"]["data"] == "server global test set, 16 images" and ood["threshold"] > 0
 
     # Watched live: TensorBoard event files in the server's run dir hold every round, as recorded; the report there
-    # was rewritten after each round (the last one shows round 2, the run still running when it was written).
+    # was rewritten after each round, and once more at the end with the run's final status.
     run_dir = app.parent
     scalars = _tensorboard_scalars(run_dir / "tb_events")
     assert scalars["global/mean_auroc"] == pytest.approx({r.round_num: r.score for r in rows}, rel=1e-6)
@@ -166,7 +166,7 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
             assert scalars[f"{tag}/{site}"] == pytest.approx(recorded, rel=1e-6, abs=1e-7), (tag, site)
     assert not [t for t in scalars if t.startswith("epsilon/")]  # no DP in this run: no epsilon is made up
     live = (run_dir / "report" / "report.html").read_text()
-    assert "status running" in live and all(f"<tr><td>{n}</td>" in live for n in (1, 2))
+    assert "status finished" in live and all(f"<tr><td>{n}</td>" in live for n in (1, 2))
 
     report = subprocess.run(
         [

@@ -371,6 +371,7 @@ class FedMedController(ModelController):
                 f"{db.journal.path}"
             )
         db.close()
+        self._live.finish()  # the live report with the run's final status, before NVFlare packs the workspace
 
     def _load_trust(self, db) -> dict:
         """Each site's trust as earlier jobs of this federation left it (same database)."""

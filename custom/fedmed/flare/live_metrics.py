@@ -91,6 +91,7 @@ class LiveMetrics:
         self.component = component
         self._warned: set = set()
         self.reports = LatestOnly(self._write_report, self._report_failed, "fedmed-live-report")
+        self._last_report = None  # what the last round's report was drawn from
 
     def publish(self, record: RoundRecord, db_url: Optional[str], recorded: bool = True) -> None:
         """recorded: the round reached the database (not only the journal); the report reads it from there."""
@@ -108,9 +109,19 @@ class LiveMetrics:
             )
             return
         if recorded and db_url:
-            self.reports.submit((db_url, job_id, report_dir, record.round_num))
+            self._last_report = (db_url, job_id, report_dir, record.round_num)
+            self.reports.submit(self._last_report)
         else:
             self._warn_once("journaled", f"round {record.round_num}: report.html not rewritten: the round is journaled")
+
+    def finish(self, timeout: float = 120.0) -> None:
+        """At the run's end, once its status is recorded: the report once more, waited for, so the job's workspace
+        (which NVFlare packs when the job ends) holds it whole and with the run's final status."""
+        if self._last_report is None:
+            return
+        self.reports.submit(self._last_report)
+        if not self.reports.wait(timeout):
+            self._warn_once("slow", f"report.html still being drawn after {timeout:.0f}s at the run's end")
 
     @staticmethod
     def _write_report(item) -> Path:
