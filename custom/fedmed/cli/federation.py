@@ -15,8 +15,9 @@ hospital (--site-configs DIR takes each hospital's fedmed_site.json from DIR/<si
 An already provisioned workspace is refused, listing what re-provisioning would replace or delete (root CA and
 every kit, the kits' signing keys, HE contexts and privacy ledgers, the server's job store, downloaded results),
 unless --force. The run record defaults to SQLite <workspace>/fedmed.db, outside what --force replaces.
-start: each site's start_fedmed.sh --once as its own process, PIDs in <workspace>/pids.json, console output
-in <kit>/console.log; waits, polling the admin API, until every hospital is registered (or fails at --timeout).
+start: each site's start_fedmed.sh --once as its own process (sites already running are left alone), PIDs in
+<workspace>/pids.json, console output in <kit>/console.log; waits, polling the admin API, until every hospital is
+registered (or stops what it started and fails at --timeout).
 stop: SIGTERM to each site's process and its job processes, SIGKILL after a grace period, then checks that
 every PID is gone.
 add-site: a new hospital for a provisioned (possibly running) federation: `nvflare provision --add_client` with the
