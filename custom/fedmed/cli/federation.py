@@ -226,8 +226,9 @@ class Federation:
         return project
 
     def check_new_site(self, name: str, config_dir: Path | None = None, he_keys: Path | None = None) -> dict:
-        """Everything add_site needs, checked before anything is written. Returns (site files folder, HE client
-        context or None) as a dict; raises ValueError / FileNotFoundError / FileExistsError naming the fault."""
+        """Everything add_site needs, checked before anything is written. Returns {"config_dir": the hospital's
+        files, "he_context": the HE client context or None, "project": the project as provisioned}; raises
+        ValueError / FileNotFoundError / FileExistsError naming the fault."""
         if not (self.workspace / STATE_FILE).is_file():
             raise FileNotFoundError(
                 f"{self.workspace} was never provisioned (no {STATE_FILE}): run `fedmed-federation provision "
