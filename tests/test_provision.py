@@ -394,6 +394,9 @@ def test_add_site_refuses_a_workspace_never_provisioned_and_bad_hospital_files(p
     with pytest.raises(ValueError, match="privacy.json is missing"):
         provisioned.add_site("hospital-d", files)
     assert _file_hashes(provisioned.workspace) == before
+    with pytest.raises(ValueError, match=r"\['hospital-d'\] are not hospitals of this federation"):
+        provisioned.start(["hospital-d"])  # not added: nothing is started
+    assert provisioned.running() == {}
 
 
 def test_add_site_refuses_another_he_key_set(provisioned, tmp_path):
