@@ -95,18 +95,20 @@ class LiveMetrics:
 
     def publish(self, record: RoundRecord, db_url: Optional[str], recorded: bool = True) -> None:
         """recorded: the round reached the database (not only the journal); the report reads it from there."""
+        report_dir = None
         try:
             engine = self.component.engine
             with engine.new_context() as fl_ctx:
+                job_id = fl_ctx.get_job_id()
+                report_dir = Path(engine.get_workspace().get_run_dir(job_id)) / REPORT_FOLDER
                 for s in round_scalars(record):
                     dxo = create_analytic_dxo(s.tag, s.value, AnalyticsDataType.SCALAR, global_step=s.step)
                     send_analytic_dxo(self.component, dxo, fl_ctx)
-                job_id = fl_ctx.get_job_id()
-                report_dir = Path(engine.get_workspace().get_run_dir(job_id)) / REPORT_FOLDER
         except Exception as e:
             self._warn_once(
                 "tensorboard", f"round {record.round_num}: live metrics not sent: {secure_format_exception(e)}"
             )
+        if report_dir is None:
             return
         if recorded and db_url:
             self._last_report = (db_url, job_id, report_dir, record.round_num)
