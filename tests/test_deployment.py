@@ -512,3 +512,95 @@ def test_hospital_it_stops_its_site_without_nvflares_interactive_stop_script(fed
     assert pid in stopped and "hospital-a" not in fed.running()
     assert not (fed.kit("hospital-a") / "fedmed_site.pid").exists()
     assert site_main(["stop", str(fed.kit("hospital-a"))]) == 0  # again: nothing left to stop, and it says so
+
+
+_RUNTIME_LOGS = {"log.txt", "log_fl.txt", "log.json", "error_log.txt", "console.log"}
+
+
+def _kit_files(kits: Path) -> dict:
+    """sha256 of every file of every kit, except the logs the running sites append to (a heartbeat may land there)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(kits)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in kits.rglob("*")
+        if p.is_file() and p.name not in _RUNTIME_LOGS
+    }
+
+
+def test_a_hospital_added_to_the_running_federation_trains_in_the_next_job(federation, tmp_path):
+    # Last: hospital-d stays in the federation. The server keeps running: hospital-d's certificate is signed by the
+    # same root CA, and the server reads its public signing key (local/site_keys/) when the next job starts.
+    from dataclasses import replace
+
+    from fedmed.data.synthetic import DEFAULT_HOSPITALS, generate_hospitals
+    from fedmed.paths import SITE_CONFIGS
+
+    fed = federation
+    sites = ["hospital-b", "hospital-c"]  # hospital-a was stopped by its IT in the test before
+    for site in ["server", *sites]:
+        if site not in fed.running():
+            fed.start_site(site, env=THREADS)
+    fed.wait_registered(sites, timeout=120)
+    server_pid = fed.running()["server"]
+    data = tmp_path / "data" / "hospital-d"
+    generate_hospitals(
+        tmp_path / "data",
+        [replace(DEFAULT_HOSPITALS[0], name="hospital-d", num_images=12)],
+        num_test=1,
+        seed=11,
+        size=96,
+    )
+    files = tmp_path / "hospital-d"  # what hospital-d's IT hands over: its data location and privacy policy
+    files.mkdir()
+    cfg = {
+        "site_name": "hospital-d",
+        "data": {"format": "dicom", "root": str(data / "dicom"), "labels_csv": str(data / "labels.csv")},
+        "resources": {"num_threads": 1},
+        "synthetic_rehearsal": True,
+    }
+    (files / "fedmed_site.json").write_text(json.dumps(cfg))
+    (files / "privacy.json").write_text((SITE_CONFIGS / "hospital-a" / "privacy.json").read_text())
+
+    kits = fed.kit("server").parent
+    before = _kit_files(kits)
+    t0 = time.monotonic()
+    kit = fed.add_site("hospital-d", files)
+    fed.timings["add_site_s"] = time.monotonic() - t0
+    after = _kit_files(kits)
+    changed = sorted(p for p in before if after.get(p) != before[p])
+    assert changed == [], changed  # every file of every other kit, byte for byte
+    assert sorted(set(after) - set(before)) == ["server/local/site_keys/hospital-d.pub"]
+    assert fed.running()["server"] == server_pid  # not restarted
+    try:
+        t0 = time.monotonic()
+        fed.start(["hospital-d"], timeout=120, env=THREADS)  # only hospital-d starts: the others run already
+        fed.timings["hospital_d_registered_s"] = time.monotonic() - t0
+        assert fed.running()["server"] == server_pid
+        job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30, sites=(*sites, "hospital-d"))
+        out = submit_and_follow(
+            fed.kit(PROJECT_ADMIN),
+            PROJECT_ADMIN,
+            job,
+            JOB_TIMEOUT,
+            out=tmp_path / "results",
+            db_url=fed.db_url,
+            num_rounds=1,
+        )
+        assert out.status == COMPLETED
+        repo = Repository(fed.db_url, create_schema=False)
+        try:
+            ups = {u["site"]: u for u in repo.client_updates(repo.run_id_for_job(out.job_id))}
+        finally:
+            repo.close()
+        assert set(ups) == {*sites, "hospital-d"} and all(u["status"] == "accepted" for u in ups.values())
+        new = ups["hospital-d"]
+        assert new["num_samples"] > 0 and new["aggregation_weight"] > 0  # it trained and counted
+        assert new["signature"] and new["signed_digest"]  # signed with the key add-site gave the server
+        assert (kit / out.job_id).is_dir()  # the job ran in the new kit
+        # the job's live view in the downloaded server workspace: TensorBoard events and the report, with hospital-d
+        tb = list((out.result_dir / "workspace").rglob("events.out.tfevents.*"))
+        assert tb and "hospital-d" in (next((out.result_dir / "workspace").rglob("report.html"))).read_text()
+    finally:
+        fed.stop_site("hospital-d")
+    print(f"\nmeasured: {fed.timings}")

@@ -150,6 +150,24 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         ood = torch.load(app / name, weights_only=True)["meta"]["ood"]
         assert ood["calibration"]["data"] == "server global test set, 16 images" and ood["threshold"] > 0
 
+    # Watched live: TensorBoard event files in the server's run dir hold every round, as recorded; the report there
+    # was rewritten after each round, and once more at the end with the run's final status.
+    run_dir = app.parent
+    scalars = _tensorboard_scalars(run_dir / "tb_events")
+    assert scalars["global/mean_auroc"] == pytest.approx({r.round_num: r.score for r in rows}, rel=1e-6)
+    assert scalars["global/test_loss"] == pytest.approx({r.round_num: r.test_loss for r in rows}, rel=1e-6)
+    for key, tag in (
+        ("val_score", "site_validation"),
+        ("trust", "trust"),
+        ("aggregation_weight", "aggregation_weight"),
+    ):
+        for site in SITES:
+            recorded = {u["round"]: u[key] for u in updates if u["site"] == site}
+            assert scalars[f"{tag}/{site}"] == pytest.approx(recorded, rel=1e-6, abs=1e-7), (tag, site)
+    assert not [t for t in scalars if t.startswith("epsilon/")]  # no DP in this run: no epsilon is made up
+    live = (run_dir / "report" / "report.html").read_text()
+    assert "status finished" in live and all(f"<tr><td>{n}</td>" in live for n in (1, 2))
+
     report = subprocess.run(
         [
             sys.executable,
@@ -170,6 +188,17 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert "NOT FOR CLINICAL USE: trained on synthetic data" in page and "Model card" in page
     assert (tmp_path / "report" / "global_score.png").stat().st_size > 10_000
     assert repo.verify_audit() is None
+
+
+def _tensorboard_scalars(tb_events: Path) -> dict:
+    """{tag: {step: value}} of every scalar the server wrote under tb_events/<its name>/, read by TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    senders = [p for p in tb_events.iterdir() if p.is_dir()]
+    assert len(senders) == 1, senders  # the server ("simulator_server" in the simulator) and no one else
+    acc = EventAccumulator(str(senders[0]))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 @pytest.mark.integration
@@ -256,6 +285,9 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
             assert 0 < spend[(r, site)]["epsilon"] <= spend[(r, site)]["epsilon_budget"] * 1.000001
     assert spend[(2, "hospital-a")]["epsilon"] == pytest.approx(3.0, rel=0.02)  # calibrated to the ceiling
     assert spend[(1, "hospital-c")]["epsilon"] < 5.5
+    tb = _tensorboard_scalars(tmp_path / "ws" / "cxr_densenet" / "server" / "simulate_job" / "tb_events")
+    for site in ("hospital-a", "hospital-b"):  # the epsilon each site reported, per round, on the live dashboard
+        assert tb[f"epsilon/{site}"] == pytest.approx({r: spend[(r, site)]["epsilon"] for r in (1, 2)}, rel=1e-6)
     ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
     assert ups[(2, "hospital-c")]["status"] == "refused" and "privacy budget" in ups[(2, "hospital-c")]["reason"]
     assert ups[(2, "hospital-a")]["status"] == "accepted" and ups[(2, "hospital-b")]["status"] == "accepted"

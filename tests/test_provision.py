@@ -330,3 +330,109 @@ def test_submit_errors_are_one_line_saying_what_to_do(provisioned, tmp_path, cap
         export_job(tmp_path, ["--roundz", "2"])
     assert site_main(["stop", str(provisioned.kit("hospital-b"))]) == 0
     assert "nothing was running" in capsys.readouterr().out
+
+
+def _hospital_files(dest: Path, site: str, data_root: Path) -> Path:
+    """A new hospital's own folder as its IT hands it over: fedmed_site.json and privacy.json (hospital-a's policy)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "site_name": site,
+        "data": {"format": "dicom", "root": str(data_root / "dicom"), "labels_csv": str(data_root / "labels.csv")},
+        "resources": {"num_threads": 1},
+        "synthetic_rehearsal": True,
+    }
+    (dest / "fedmed_site.json").write_text(json.dumps(cfg))
+    (dest / "privacy.json").write_text((REPO / "site_configs" / "hospital-a" / "privacy.json").read_text())
+    return dest
+
+
+def _file_hashes(root: Path) -> dict:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "name, error, says",
+    [
+        ("hospital-a", FileExistsError, "'hospital-a' already exists"),  # a provisioned hospital
+        ("Hospital-A", FileExistsError, "'Hospital-A' already exists"),  # the same name but for case
+        ("server", FileExistsError, "'server' already exists"),  # the server's identity
+        ("hospital:d", ValueError, "invalid site name 'hospital:d'"),  # NVFlare's own pattern would let ':' in
+        ("-rf", ValueError, "invalid site name '-rf'"),  # would read as an option
+        ("../hospital-d", ValueError, "invalid site name"),  # a path
+        ("", ValueError, "invalid site name ''"),
+    ],
+)
+def test_add_site_refuses_a_name_that_exists_or_is_invalid_before_writing_anything(
+    provisioned, tmp_path, name, error, says
+):
+    files = _hospital_files(tmp_path / "files", "hospital-d", tmp_path / "data")
+    before = _file_hashes(provisioned.workspace)
+    with pytest.raises(error, match=says):
+        provisioned.add_site(name, files)
+    assert _file_hashes(provisioned.workspace) == before
+
+
+def test_add_site_refuses_a_workspace_never_provisioned_and_bad_hospital_files(provisioned, tmp_path, capsys):
+    from fedmed.cli import federation
+
+    files = _hospital_files(tmp_path / "files", "hospital-d", tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="was never provisioned"):
+        Federation(tmp_path / "nothing").add_site("hospital-d", files)
+    assert not (tmp_path / "nothing").exists()
+    assert federation.main(["add-site", "hospital-d", "--workspace", str(tmp_path / "nothing")]) == 1
+    assert "add-site refused:" in capsys.readouterr().err
+    before = _file_hashes(provisioned.workspace)
+    with pytest.raises(FileNotFoundError, match="no site files for 'hospital-d'"):
+        provisioned.add_site("hospital-d")  # no site_configs/hospital-d/ in the checkout, no --config-dir
+    with pytest.raises(ValueError, match="is for site 'hospital-d', not 'hospital-e'"):
+        provisioned.add_site("hospital-e", files)  # another hospital's config
+    (files / "privacy.json").unlink()
+    with pytest.raises(ValueError, match="privacy.json is missing"):
+        provisioned.add_site("hospital-d", files)
+    assert _file_hashes(provisioned.workspace) == before
+    with pytest.raises(ValueError, match=r"\['hospital-d'\] are not hospitals of this federation"):
+        provisioned.start(["hospital-d"])  # not added: nothing is started
+    assert provisioned.running() == {}
+
+
+def test_add_site_refuses_another_he_key_set(provisioned, tmp_path):
+    files = _hospital_files(tmp_path / "files", "hospital-d", tmp_path / "data")
+    make_key_set(tmp_path / "other_custodian")
+    with pytest.raises(ValueError, match="is key set .* but the server's context is key set"):
+        provisioned.add_site("hospital-d", files, he_keys=tmp_path / "other_custodian")
+
+
+def test_added_hospital_gets_a_kit_of_the_same_root_ca_and_no_other_kit_file_changes(provisioned, tmp_path):
+    # Last of the module's users of `provisioned`: hospital-d stays in its state.
+    from cryptography import x509
+
+    from fedmed import signing
+
+    files = _hospital_files(tmp_path / "files", "hospital-d", tmp_path / "data")
+    kits = provisioned.kit("server").parent
+    before = _file_hashes(kits)
+    kit = provisioned.add_site("hospital-d", files)
+    after = _file_hashes(kits)
+    assert {p: h for p, h in after.items() if p in before} == before  # every file of every kit, byte for byte
+    assert sorted(set(after) - set(before)) == ["server/local/site_keys/hospital-d.pub"]
+    assert kit.parent != kits and [p.name for p in kit.parent.iterdir()] == ["hospital-d"]  # only the new kit there
+    assert provisioned.kit("hospital-d") == kit and provisioned.state["hospitals"] == [*HOSPITALS, "hospital-d"]
+    client = json.loads((kit / "startup" / "fed_client.json").read_text())
+    assert client["client"]["fqsn"] == "hospital-d" and client["servers"][0]["service"]["target"] == "localhost:18990"
+    root_ca = (kits / "server" / "startup" / "rootCA.pem").read_bytes()
+    assert (kit / "startup" / "rootCA.pem").read_bytes() == root_ca  # the server will accept its certificate
+    cert = x509.load_pem_x509_certificate((kit / "startup" / "client.crt").read_bytes())
+    assert cert.issuer == x509.load_pem_x509_certificate(root_ca).subject
+    local = kit / "local"
+    assert json.loads((local / "fedmed_site.json").read_text())["site_name"] == "hospital-d"
+    assert (local / "privacy.json").read_text() == (files / "privacy.json").read_text()
+    assert ts.context_from((local / "client_context.tenseal").read_bytes()).is_private()  # the federation's HE keys
+    assert (local / "he_key_id.txt").read_text() == (kits / "hospital-a" / "local" / "he_key_id.txt").read_text()
+    installed = signing.load_site_public_keys(kits / "server" / "local")
+    assert installed["hospital-d"].fingerprint == signing.load_site_keys(local).public.fingerprint
+    with pytest.raises(FileExistsError, match="'hospital-d' already exists"):
+        provisioned.add_site("hospital-d", files)  # a second time

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import html
+import io
+import os
+import tempfile
 from pathlib import Path
 
 from fedmed.store.repository import Repository
@@ -104,7 +107,7 @@ def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Pa
     rounds = [r.round_num for r in rows]  # numbered from 1, as in the logs
 
     fig = score_figure(rows)
-    fig.savefig(out_dir / FIGURES[0], dpi=110)
+    save_figure(fig, out_dir / FIGURES[0])
     plt.close(fig)
 
     _per_site_figure(
@@ -203,8 +206,29 @@ round, so sites with equal values stay visible.</small></p>
 <h2>Rounds</h2>{round_table}<h2>Alerts</h2>{alert_table}<h2>Site updates</h2>{update_table}
 </body></html>"""
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_atomic(path, page.encode("utf-8"))  # last: the page never names a figure not yet written
     return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write data to path through a temporary file in the same folder and a rename: the server rewrites the report
+    after every round while someone may be reading it, and a reader must never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the report is for whoever may read the folder
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    write_atomic(path, buf.getvalue())
 
 
 def site_lines(ax, rows: list, key: str) -> None:
@@ -245,7 +269,7 @@ def _finish(fig, ax, ylabel: str, title: str, path: Path) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     _plt().close(fig)
 
 

@@ -6,6 +6,7 @@
     fedmed-federation status --workspace runs/federation
     fedmed-federation stop   --workspace runs/federation
     fedmed-federation stop-site NAME --workspace runs/federation      (one site; `start --sites NAME` restarts it)
+    fedmed-federation add-site NAME --workspace runs/federation [--config-dir DIR] [--org ORG] [--he-keys DIR]
 (or `python scripts/federation.py ...`, the same command)
 
 provision: `nvflare provision` of provision/project.yml (with --port replacing the server's port, so parallel
@@ -14,10 +15,20 @@ hospital (--site-configs DIR takes each hospital's fedmed_site.json from DIR/<si
 An already provisioned workspace is refused, listing what re-provisioning would replace or delete (root CA and
 every kit, the kits' signing keys, HE contexts and privacy ledgers, the server's job store, downloaded results),
 unless --force. The run record defaults to SQLite <workspace>/fedmed.db, outside what --force replaces.
-start: each site's start_fedmed.sh --once as its own process, PIDs in <workspace>/pids.json, console output
-in <kit>/console.log; waits, polling the admin API, until every hospital is registered (or fails at --timeout).
+start: each site's start_fedmed.sh --once as its own process (sites already running are left alone), PIDs in
+<workspace>/pids.json, console output in <kit>/console.log; waits, polling the admin API, until every hospital is
+registered (or stops what it started and fails at --timeout).
 stop: SIGTERM to each site's process and its job processes, SIGKILL after a grace period, then checks that
 every PID is gone.
+add-site: a new hospital for a provisioned (possibly running) federation: `nvflare provision --add_client` with the
+workspace's saved project.yml, which reuses the root CA and certificates in its provisioning state and writes the
+next prod_NN folder (fedmed keeps only the new kit there: the others' kits stay those already handed out), then
+installs the hospital's files (--config-dir, default site_configs/NAME/: fedmed_site.json and privacy.json, as for
+the others), the federation's HE client context when the server has one, and exchanges signing keys (its public key
+into the server kit's local/site_keys/, which the server reads at each job's start). No other kit file changes and
+the running server is not touched; the hospital trains from the next job that names it (`start --sites NAME`
+starts it). Refused, before anything is written, for a name that exists or is not a valid site name, and for a
+workspace that was never provisioned.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,13 +47,17 @@ from pathlib import Path
 
 import yaml
 
-from fedmed.cli.install_kit import SERVER, exchange_signing_keys, install
-from fedmed.paths import PROJECT_YML, RUNS
+from fedmed.cli.install_kit import SERVER, check_hospital_files, exchange_signing_keys, install
+from fedmed.paths import PROJECT_YML, RUNS, SITE_CONFIGS
 from fedmed.store.repository import default_db_url
 
 PROJECT_ADMIN = "admin@fedmed.org"
 STATE_FILE = "federation.json"
 PIDS_FILE = "pids.json"
+SAVED_PROJECT = "project.yml"  # under <workspace>/provision: what was provisioned, port included; add-site reuses it
+# Stricter than NVFlare's client pattern ([A-Za-z0-9-_], whose "9-_" is a character range that lets in ':', '@',
+# '[', ...): the name becomes a folder, a DB key and a certificate subject, and must not read as an option.
+SITE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
 
 
 def nvflare_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -78,7 +94,9 @@ class Federation:
         return json.loads(path.read_text())
 
     def kit(self, name: str) -> Path:
-        return Path(self.state["kits"]) / name
+        state = self.state
+        added = state.get("added_kits", {})  # hospitals added later live in their own prod_NN folder
+        return Path(added[name]) if name in added else Path(state["kits"]) / name
 
     @property
     def hospitals(self) -> list[str]:
@@ -171,6 +189,7 @@ class Federation:
                 f"nvflare provision failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
             )
         kits = out / project["name"] / "prod_00"
+        (out / SAVED_PROJECT).write_text(yaml.safe_dump(project, sort_keys=False))
         server = next(p for p in project["participants"] if p["type"] == "server")
         state = {
             "kits": str(kits),
@@ -178,6 +197,7 @@ class Federation:
             "hospitals": [p["name"] for p in project["participants"] if p["type"] == "client"],
             "admins": {p["name"]: p["role"] for p in project["participants"] if p["type"] == "admin"},
             "provision_seconds": round(time.monotonic() - t0, 2),
+            "he_keys": str(Path(he_keys).resolve()) if he_keys else None,
         }
         (self.workspace / STATE_FILE).write_text(json.dumps(state, indent=2))
         if install_sites:
@@ -189,6 +209,118 @@ class Federation:
                 install(kits / site, site, site_config=custom, check_import=False, he_context=client_ctx)
             exchange_signing_keys(kits / SERVER, [kits / site for site in state["hospitals"]])
         return state
+
+    def _saved_project(self, state: dict) -> dict:
+        """The project as provisioned (port included). A workspace provisioned before it was saved: project.yml with
+        the recorded port, if its hospitals are the recorded ones."""
+        saved = self.workspace / "provision" / SAVED_PROJECT
+        if saved.is_file():
+            return yaml.safe_load(saved.read_text())
+        project = _project_with_port(yaml.safe_load(PROJECT_YML.read_text()), state["port"])
+        clients = [p["name"] for p in project["participants"] if p["type"] == "client"]
+        if clients != state["hospitals"][: len(clients)] or len(clients) != len(state["hospitals"]):
+            raise RuntimeError(
+                f"{self.workspace / 'provision'} has no {SAVED_PROJECT} and {PROJECT_YML} names other hospitals "
+                f"({clients}) than were provisioned ({state['hospitals']}): cannot add to it"
+            )
+        return project
+
+    def check_new_site(self, name: str, config_dir: Path | None = None, he_keys: Path | None = None) -> dict:
+        """Everything add_site needs, checked before anything is written. Returns {"config_dir": the hospital's
+        files, "he_context": the HE client context or None, "project": the project as provisioned}; raises
+        ValueError / FileNotFoundError / FileExistsError naming the fault."""
+        if not (self.workspace / STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"{self.workspace} was never provisioned (no {STATE_FILE}): run `fedmed-federation provision "
+                f"--workspace {self.workspace}` first"
+            )
+        state = self.state
+        if not isinstance(name, str) or not SITE_NAME.match(name):
+            raise ValueError(
+                f"invalid site name {name!r}: use letters, digits, '-' and '_' (at most 63, starting and ending "
+                "with a letter or digit), e.g. hospital-d"
+            )
+        project = self._saved_project(state)
+        taken = {p["name"] for p in project["participants"]} | set(state["hospitals"]) | {SERVER}
+        if name in taken or name.lower() in {t.lower() for t in taken}:
+            raise FileExistsError(f"{name!r} already exists in this federation (participants: {sorted(taken)})")
+        server_kit = self.kit(SERVER)
+        from fedmed import signing
+
+        if signing.site_key_path(server_kit / "local", name).exists():
+            raise FileExistsError(
+                f"the server kit already holds a signing key for {name!r} "
+                f"({signing.site_key_path(server_kit / 'local', name)}): remove it first if it is stale"
+            )
+        config_dir = Path(config_dir or SITE_CONFIGS / name)
+        if not config_dir.is_dir():
+            raise FileNotFoundError(
+                f"no site files for {name!r} at {config_dir}: give --config-dir DIR holding its fedmed_site.json and "
+                f"privacy.json (or add site_configs/{name}/ as for the other hospitals)"
+            )
+        check_hospital_files(name, config_dir)
+        client_ctx = None
+        server_ctx = server_kit / "startup" / "server_context.tenseal"
+        if server_ctx.is_file():  # the federation runs HE: the newcomer needs the hospitals' key set
+            from fedmed.crypto.keys import load_client_context, load_server_context
+
+            folder = he_keys or state.get("he_keys")
+            if not folder:
+                raise FileNotFoundError(
+                    f"the federation uses HE ({server_ctx} is installed) but no key custodian's folder is known: "
+                    "give --he-keys DIR (scripts/he_keys.py make --out DIR)"
+                )
+            client_ctx = Path(folder) / "hospitals" / "client_context.tenseal"
+            theirs, ours = load_client_context(client_ctx).key_id, load_server_context(server_ctx).key_id
+            if theirs != ours:
+                raise ValueError(f"{client_ctx} is key set {theirs}, but the server's context is key set {ours}")
+        return {"config_dir": config_dir, "he_context": client_ctx, "project": project}
+
+    def add_site(
+        self, name: str, config_dir: Path | None = None, org: str | None = None, he_keys: Path | None = None
+    ) -> Path:
+        """A new hospital kit from `nvflare provision --add_client` (same root CA), installed and its signing key
+        given to the server kit; no other kit file is changed and no process is touched. Returns the new kit."""
+        checked = self.check_new_site(name, config_dir, he_keys)
+        org = org or name.replace("-", "_")
+        if not re.match(r"^[A-Za-z0-9_]+$", org):
+            raise ValueError(f"invalid org {org!r}: NVFlare allows only letters, digits and '_'")
+        project, state = checked["project"], self.state
+        out = self.workspace / "provision"
+        prods = out / project["name"]
+        before = {p.name for p in prods.glob("prod_*")}
+        with tempfile.TemporaryDirectory() as tmp:
+            yml, client = Path(tmp) / SAVED_PROJECT, Path(tmp) / "client.yml"
+            yml.write_text(yaml.safe_dump(project, sort_keys=False))
+            client.write_text(yaml.safe_dump({"name": name, "org": org}))
+            # --force: only NVFlare's "workspace exists, continue?" prompt; it writes a new prod_NN, never an old one.
+            proc = nvflare_cli("provision", "-p", str(yml), "-w", str(out), "--add_client", str(client), "--force")
+        new = sorted({p.name for p in prods.glob("prod_*")} - before)
+        if proc.returncode != 0 or len(new) != 1 or not (prods / new[0] / name).is_dir():
+            for folder in new:
+                shutil.rmtree(prods / folder)
+            raise RuntimeError(
+                f"nvflare provision --add_client failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
+        prod = prods / new[0]
+        # NVFlare rewrites every participant's kit into the new prod_NN (same certificates, from its state). Only
+        # the newcomer's is handed out: the copies would be a second "hospital-a kit" for someone to mix up.
+        for other in prod.iterdir():
+            if other.is_dir() and other.name != name:
+                shutil.rmtree(other)
+        kit = prod / name
+        try:
+            install(kit, name, check_import=False, he_context=checked["he_context"], site_dir=checked["config_dir"])
+            exchange_signing_keys(self.kit(SERVER), [kit])
+        except BaseException:
+            shutil.rmtree(prod)
+            raise
+        project["participants"].append({"name": name, "type": "client", "org": org})
+        (out / SAVED_PROJECT).write_text(yaml.safe_dump(project, sort_keys=False))
+        state["hospitals"].append(name)
+        state.setdefault("added_kits", {})[name] = str(kit)
+        (self.workspace / STATE_FILE).write_text(json.dumps(state, indent=2))
+        return kit
 
     # --- processes -----------------------------------------------------------------------------------------------
 
@@ -277,7 +409,8 @@ class Federation:
         deadline = t0 + timeout
         seen: list[str] = []
         while time.monotonic() < deadline:
-            dead = [n for n, pid in self._pids().items() if not _alive(pid)]
+            # only the processes waited for: a hospital stopped earlier by other means is no reason to fail
+            dead = [n for n, pid in self._pids().items() if n in {SERVER, *sites} and not _alive(pid)]
             if dead:
                 raise RuntimeError(
                     f"{dead} exited during start-up; see {[str(self.kit(n) / 'console.log') for n in dead]}"
@@ -291,16 +424,24 @@ class Federation:
             time.sleep(1.0)
         raise TimeoutError(f"after {timeout:.0f}s only {seen} of {sites} are registered with the server")
 
-    def start(self, sites: list[str] | None = None, timeout: float = 120.0) -> float:
-        """Server, then the hospitals; returns seconds until all are registered. Stops everything on failure."""
+    def start(self, sites: list[str] | None = None, timeout: float = 120.0, env: dict | None = None) -> float:
+        """The server, then the hospitals, each unless it runs already (`start --sites hospital-d` on a running
+        federation starts only hospital-d); returns seconds until all are registered. On failure stops what it
+        started, never a site that was already running."""
         sites = self.hospitals if sites is None else sites
+        unknown = sorted(set(sites) - set(self.hospitals))
+        if unknown:
+            raise ValueError(f"{unknown} are not hospitals of this federation ({self.hospitals})")
+        started = []
         try:
-            self.start_site(SERVER)
-            for site in sites:
-                self.start_site(site)
+            for name in [SERVER, *sites]:
+                if name not in self.running():
+                    self.start_site(name, env=env)
+                    started.append(name)
             return self.wait_registered(sites, timeout)
         except BaseException:
-            self.stop()
+            for name in reversed(started):
+                self.stop_site(name)
             raise
 
 
@@ -358,7 +499,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("provision", "start", "status", "stop", "stop-site"):
+    for name in ("provision", "start", "status", "stop", "stop-site", "add-site"):
         s = sub.add_parser(name)
         s.add_argument("--workspace", type=Path, default=RUNS / "federation")
         if name == "provision":
@@ -382,6 +523,19 @@ def main(argv=None) -> int:
             )
         if name == "stop-site":
             s.add_argument("name", help="server or a hospital")
+        if name == "add-site":
+            s.add_argument("name", help="the new hospital's site name, e.g. hospital-d")
+            s.add_argument(
+                "--config-dir",
+                type=Path,
+                help="folder with its fedmed_site.json and privacy.json (default site_configs/NAME/)",
+            )
+            s.add_argument("--org", help="its NVFlare org (letters, digits, '_'; default NAME with '_' for '-')")
+            s.add_argument(
+                "--he-keys",
+                type=Path,
+                help="the key custodian's folder, when the federation uses HE (default: the one given at provision)",
+            )
         if name == "start":
             s.add_argument("--sites", help="comma-separated hospitals to start (default: all)")
             s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for registration")
@@ -397,9 +551,24 @@ def main(argv=None) -> int:
             f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}; "
             f"run record {fed.db_url()}"
         )
+    elif a.cmd == "add-site":
+        try:
+            kit = fed.add_site(a.name, a.config_dir, a.org, a.he_keys)
+        except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
+            print(f"add-site refused: {e}", file=sys.stderr)
+            return 1
+        print(
+            f"added {a.name}: kit {kit} (hand it to the hospital's IT); its public signing key is in the server kit's "
+            f"local/site_keys/. Start it with `fedmed-federation start --sites {a.name}` (or its start_fedmed.sh); "
+            "it trains from the next job that names it."
+        )
     elif a.cmd == "start":
         sites = [s for s in a.sites.split(",") if s] if a.sites else None
-        waited = fed.start(sites, a.timeout)
+        try:
+            waited = fed.start(sites, a.timeout)
+        except ValueError as e:
+            print(f"start refused: {e}", file=sys.stderr)
+            return 1
         print(f"federation up in {waited:.1f}s: {fed.running()}")
     elif a.cmd == "status":
         running = fed.running()

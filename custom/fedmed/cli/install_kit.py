@@ -113,8 +113,9 @@ def merge_resources(default: dict, override: dict, kit: Path) -> dict:
     return merged
 
 
-def site_file(site: str, name: str, shared: bool = False) -> Path | None:
-    own = SITE_CONFIGS / site / name
+def site_file(site: str, name: str, shared: bool = False, site_dir: Path | None = None) -> Path | None:
+    """site_dir/<name> (default site_configs/<site>/), else with shared the project-wide site_configs/<name>."""
+    own = Path(site_dir or SITE_CONFIGS / site) / name
     if own.is_file():
         return own
     common = SITE_CONFIGS / name
@@ -156,6 +157,23 @@ def read_env(path: Path) -> dict:
     return values
 
 
+def check_hospital_files(site: str, site_dir: Path | None = None, site_config: Path | None = None) -> Path:
+    """Validate a hospital's privacy.json and fedmed_site.json (in site_dir, default site_configs/<site>/; or
+    site_config) before anything is written; returns the privacy.json path. Raises naming the file and the fault."""
+    privacy = site_file(site, "privacy.json", site_dir=site_dir)
+    if privacy is None:
+        where = site_dir or f"site_configs/{site}"
+        raise ValueError(f"{where}/privacy.json is missing: every hospital states its privacy scopes")
+    policy = json.loads(privacy.read_text())
+    if policy.get("default_scope") not in {s.get("name") for s in policy.get("scopes", [])}:
+        raise ValueError(f"{privacy}: default_scope {policy.get('default_scope')!r} is not one of its scopes")
+    source = Path(site_config or Path(site_dir or SITE_CONFIGS / site) / "fedmed_site.json")
+    cfg = load_site_config(source)  # raises naming the file and the bad key
+    if cfg.site_name != site:
+        raise ValueError(f"{source} is for site {cfg.site_name!r}, not {site!r}")
+    return privacy
+
+
 def install(
     kit: Path,
     site: str,
@@ -164,42 +182,43 @@ def install(
     python_bin: Path | None = None,
     check_import: bool = True,
     he_context: Path | None = None,
+    site_dir: Path | None = None,
 ) -> list[str]:
-    """Install site_configs/<site> into the kit. Returns warnings (e.g. data not mounted yet); raises on errors."""
+    """Install site_configs/<site> (or site_dir: a folder of the same files) into the kit. Returns warnings (e.g.
+    data not mounted yet); raises on errors."""
     kit = Path(kit).resolve()
     kind, name = kit_identity(kit)
     if name != site:
         raise ValueError(f"{kit} is the startup kit of {name!r}, not {site!r}")
-    if not (SITE_CONFIGS / site).is_dir():
+    site_dir = Path(site_dir or SITE_CONFIGS / site)
+    if not site_dir.is_dir():
         raise ValueError(
-            f"no site_configs/{site}/ folder; known: {sorted(p.name for p in SITE_CONFIGS.iterdir() if p.is_dir())}"
+            f"no {site_dir}/ folder; known in site_configs/: "
+            f"{sorted(p.name for p in SITE_CONFIGS.iterdir() if p.is_dir())}"
         )
     local = kit / "local"
     warnings = []
     if he_context is not None:  # first: a swapped context (secret to the server, public to a hospital) stops here
         (install_server_context if kind == SERVER else install_client_context)(Path(he_context), kit)
     default = json.loads((local / "resources.json.default").read_text())
-    override_file = site_file(site, "resources.json")
+    override_file = site_file(site, "resources.json", site_dir=site_dir)
     override = json.loads(override_file.read_text()) if override_file else {}
     (local / "resources.json").write_text(json.dumps(merge_resources(default, override, kit), indent=2) + "\n")
     (local / "authorization.json").write_text((SITE_CONFIGS / "authorization.json").read_text())
-    (local / "log_config.json").write_text(site_file(site, "log_config.json", shared=True).read_text())
-    env = read_env(SITE_CONFIGS / site / "fedmed.env")
+    (local / "log_config.json").write_text(
+        site_file(site, "log_config.json", shared=True, site_dir=site_dir).read_text()
+    )
+    env = read_env(site_dir / "fedmed.env")
     if kind == SERVER:
         if db_url:
             env[ENV_DB_URL] = db_url
         # Written out, never implied: the admin's tools read it from here, and the server logs it at start.
         env.setdefault(ENV_DB_URL, default_db_url(kit))
     else:
-        privacy = site_file(site, "privacy.json")
-        if privacy is None:
-            raise ValueError(f"site_configs/{site}/privacy.json is missing: every hospital states its privacy scopes")
-        policy = json.loads(privacy.read_text())
-        if policy.get("default_scope") not in {s.get("name") for s in policy.get("scopes", [])}:
-            raise ValueError(f"{privacy}: default_scope {policy.get('default_scope')!r} is not one of its scopes")
+        privacy = check_hospital_files(site, site_dir, site_config)
         (local / "privacy.json").write_text(privacy.read_text())
         warnings += install_site_config(
-            Path(site_config or SITE_CONFIGS / site / "fedmed_site.json"), site, local / "fedmed_site.json"
+            Path(site_config or site_dir / "fedmed_site.json"), site, local / "fedmed_site.json"
         )
     write_env(local / "fedmed.env", env)
     if not (local / signing.PRIVATE_FILE).exists():  # a reinstall keeps the site's identity

@@ -30,6 +30,7 @@ from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
+from fedmed.flare.live_metrics import LiveMetrics
 from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE, FedMedModelPersistor
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
@@ -236,6 +237,7 @@ class FedMedController(ModelController):
         self._gone: dict = {}  # site -> why NVFlare dropped it (until it is heard from again in this job)
         self._job_sites: set = set()  # every site sampled by this job so far
         self._gone_lock = threading.Lock()  # events arrive on NVFlare's threads
+        self._live = LiveMetrics(self)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         """NVFlare's dead-client watch: a site whose job process ended (its parent's heartbeat stops listing the job)
@@ -310,7 +312,7 @@ class FedMedController(ModelController):
                 report = engine.step(round_num, self._clear_part(model.params), site_results, targets, missing)
                 self._log_report(report)
                 if not report.aggregated:
-                    db.write("record_round", run_uid=run_uid, record=self._round_record(report, engine, started))
+                    self._record_round(db, run_uid, self._round_record(report, engine, started))
                     if not report.probation:
                         raise RuntimeError(report.problem)
                     continue  # the global model stands; quarantined sites were scored and may be re-admitted
@@ -338,10 +340,10 @@ class FedMedController(ModelController):
                         },
                     )
                     self._save_best(run_uid, *best)
-                db.write(
-                    "record_round",
-                    run_uid=run_uid,
-                    record=self._round_record(
+                self._record_round(
+                    db,
+                    run_uid,
+                    self._round_record(
                         report, engine, started, test_loss, (score, source, mean_auroc), test_metrics, sha
                     ),
                 )
@@ -498,6 +500,7 @@ class FedMedController(ModelController):
                 f"{db.journal.path}"
             )
         db.close()
+        self._live.finish()  # the live report with the run's final status, before NVFlare packs the workspace
 
     def _load_trust(self, db, run_uid: str) -> dict:
         """Each site's trust as earlier jobs of this federation left it (same database), as the keyed audit chain
@@ -628,6 +631,11 @@ class FedMedController(ModelController):
     def _model_meta(self) -> dict:
         # image_size and norm travel with the weights: inference preprocesses and rebuilds the same way.
         return {"image_size": self.image_size, "norm": self.norm, "task": self.task}
+
+    def _record_round(self, db, run_uid: str, record: RoundRecord) -> None:
+        """Into the run record, then out to TensorBoard and report.html (fedmed.flare.live_metrics: never raises)."""
+        recorded = db.write("record_round", run_uid=run_uid, record=record)
+        self._live.publish(record, self._db_url, recorded)
 
     def _round_record(
         self,

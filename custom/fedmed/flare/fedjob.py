@@ -26,6 +26,7 @@ from fedmed.constants import ENV_DB_URL
 from fedmed.crypto import ckks
 from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
+from fedmed.flare.live_metrics import LiveTBReceiver
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.jobconfig import JobConfig
 from fedmed.model import HEAD_PREFIX
@@ -89,6 +90,8 @@ def build_job(
         ),
         id="persistor",
     )
+    # The controller's per-round metrics, as TensorBoard event files in the server's run dir (fedmed.flare.live_metrics)
+    job.to_server(LiveTBReceiver(), id="tb_receiver")
     for site in config.sites:
         site_config = str(Path(data_root) / site / "fedmed_site.json") if data_root else None
         he_context = str(Path(he_keys_dir) / site / ckks.CLIENT_CONTEXT_FILE) if he_layers and he_keys_dir else None
