@@ -155,3 +155,46 @@ def heatmap_matrix(rows) -> Heatmap:
 
 def model_label(model: str) -> str:
     return "global model" if model == GLOBAL_MODEL else f"{model}'s local model"
+
+
+def evaluation_cell(
+    model: str,
+    site: str,
+    metrics,
+    reported_model,
+    num_samples,
+    task: TaskSpec,
+    refused: Optional[str] = None,
+    model_sha256: Optional[str] = None,
+) -> CrossSiteRecord:
+    """The recorded cell for one site's answer about one model: its refusal, the server's refusal of a hostile answer
+    (find_result_problem), or the checked scores."""
+    if refused is not None:
+        return CrossSiteRecord(model, site, "refused", str(refused)[:500], model_sha256=model_sha256)
+    problem = find_result_problem(metrics, reported_model, model, num_samples, task)
+    if problem:
+        return CrossSiteRecord(model, site, "rejected", f"{site} {problem}"[:500], model_sha256=model_sha256)
+    return CrossSiteRecord(
+        model,
+        site,
+        "evaluated",
+        score=float(metrics[task.score_name]),
+        num_samples=num_samples,
+        metrics={k: float(v) for k, v in metrics.items()},
+        model_sha256=model_sha256,
+    )
+
+
+def summary_line(cells, score_name: str) -> str:
+    """One line for the log and the concise console: each model's scores per site."""
+    by_model: dict = {}
+    for c in cells:
+        by_model.setdefault(c.model, []).append(c)
+    parts = []
+    for model in sorted(by_model, key=lambda m: (m != GLOBAL_MODEL, m)):
+        shown = ", ".join(
+            f"{c.site} {c.score:.3f}" if c.status == "evaluated" else f"{c.site} {c.status}"
+            for c in sorted(by_model[model], key=lambda c: c.site)
+        )
+        parts.append(f"{model_label(model)}: {shown}")
+    return f"cross-site evaluation done ({score_name}): " + "; ".join(parts)

@@ -29,6 +29,7 @@ from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
+from fedmed.flare.crosssite_eval import CrossSiteEvalMixin
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
@@ -50,7 +51,7 @@ from fedmed.tasks import get_task
 from fedmed.training import evaluate
 
 
-class FedMedController(ModelController):
+class FedMedController(CrossSiteEvalMixin, ModelController):
     def __init__(
         self,
         task: str,
@@ -80,6 +81,9 @@ class FedMedController(ModelController):
         statistics_factor: float = DEFAULT_STATISTICS_FACTOR,
         signatures: bool = False,
         validation_images: int = 0,
+        cross_site_eval: bool = True,
+        cross_site_eval_only: bool = False,
+        cross_site_timeout: int = 300,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -127,6 +131,12 @@ class FedMedController(ModelController):
                 many test images, and one more than RoundRules.validation_margin below the median site's is rejected.
                 0 (default) turns it off: on small sites and small test sets the scores are too noisy (an honest
                 hospital of the simulator tests, scored on 16 images, fell 0.135 below the median and was rejected).
+            cross_site_eval: after the last round, every hospital scores the final global model, and each local model
+                a hospital lends (its share_local_model), on its own validation data; the checked table is recorded
+                in the run (fedmed.crosssite, fedmed.flare.crosssite_eval).
+            cross_site_eval_only: train nothing: the hospitals score the model the persistor loads (the job's
+                initial_weights), recorded as a run of its own.
+            cross_site_timeout: seconds to wait for the hospitals' answers in each step of the cross-site evaluation.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -176,6 +186,16 @@ class FedMedController(ModelController):
         if validation_images < 0:
             raise ValueError(f"validation_images must be >= 0, got {validation_images}")
         self.validation_images = validation_images
+        if cross_site_timeout < 1:
+            raise ValueError(f"cross_site_timeout must be >= 1, got {cross_site_timeout}")
+        if cross_site_eval_only and he_layers:
+            raise ValueError(
+                "cross_site_eval_only cannot run with he_layers: the server would send a model in clear whose head "
+                "the federation keeps encrypted; HE runs are evaluated across sites at the end of training"
+            )
+        self.cross_site_eval = bool(cross_site_eval)
+        self.cross_site_eval_only = bool(cross_site_eval_only)
+        self.cross_site_timeout = cross_site_timeout
         self._signer = None  # the server's signing keys, when signatures are on
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
@@ -228,6 +248,8 @@ class FedMedController(ModelController):
     # ------------------------------------------------------------------------------------------------------------
 
     def run(self):
+        if self.cross_site_eval_only:
+            return self._run_cross_site_eval_only()
         db, run_uid = self._start_record()
         test_ds = self._load_test_set()
         eval_model = build_densenet121(self.num_outputs, norm=self.norm)
@@ -306,6 +328,8 @@ class FedMedController(ModelController):
             self._finish_record(db, run_uid, status, best_round, best_score)
         if status == "finished" and test_ds is not None:
             self._calibrate_ood(eval_model, test_ds, model, best)
+        if status == "finished" and self.cross_site_eval:
+            self._cross_site_eval(run_uid, model)
         if status == "finished":
             self._send_final_model(model, last_round_sites)
         self.info(
