@@ -63,9 +63,7 @@ def released_scores(metrics: Mapping, task: TaskSpec) -> dict:
     return {k: float(v) for k, v in metrics.items() if k in allowed and math.isfinite(float(v))}
 
 
-def find_result_problem(
-    metrics, reported_model, asked_model: str, num_samples, task: TaskSpec
-) -> Optional[str]:
+def find_result_problem(metrics, reported_model, asked_model: str, num_samples, task: TaskSpec) -> Optional[str]:
     """Why the server refuses a site's evaluation, or None. reported_model: the model the site says it scored (its
     meta); asked_model: the one the server's task named (NVFlare hands it back from the task, not from the site)."""
     if reported_model != asked_model:
@@ -92,9 +90,7 @@ def find_result_problem(
     return None
 
 
-def local_model_refusal(
-    share_local_model: bool, trained: bool, he_on: bool, update_noise: bool
-) -> Optional[str]:
+def local_model_refusal(share_local_model: bool, trained: bool, he_on: bool, update_noise: bool) -> Optional[str]:
     """Site side: why this hospital does not lend its last local model, or None when it may.
 
     A DP-SGD site's local model is exactly the update it already released (DP-trained, so lending it again is

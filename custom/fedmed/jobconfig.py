@@ -141,7 +141,9 @@ class JobConfig:
                     "federation keeps encrypted; HE runs are evaluated across sites at the end of training"
                 )
             if self.initial_weights:
-                raise ValueError("give cross_site_eval_only or initial_weights, not both: the model evaluated is the first")
+                raise ValueError(
+                    "give cross_site_eval_only or initial_weights, not both: the model evaluated is the first"
+                )
         if self.min_clients is not None and not 1 <= self.min_clients <= len(sites):
             raise ValueError(f"min_clients must be in 1..{len(sites)} (the number of sites), got {self.min_clients}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

@@ -356,7 +356,12 @@ class FedMedTrainer(Executor):
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         # Cross-site evaluation answers NVFlare's own task names (AppConstants.TASK_VALIDATION / TASK_SUBMIT_MODEL),
         # so NVFlare's CrossSiteEval workflow can drive this executor as well as fedmed's controller.
-        handled = (self.train_task_name, C.TASK_FINAL_MODEL, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL)
+        handled = (
+            self.train_task_name,
+            C.TASK_FINAL_MODEL,
+            AppConstants.TASK_VALIDATION,
+            AppConstants.TASK_SUBMIT_MODEL,
+        )
         if task_name not in handled:
             self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {list(handled)}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
