@@ -99,8 +99,7 @@ def cross_site_figure(cells: list, score_name):
         len(m.sites), len(m.models)
     )
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(len(m.models), 1), 1.2 + 0.55 * max(len(m.sites), 1)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for i in range(len(m.sites)):
         for j in range(len(m.models)):

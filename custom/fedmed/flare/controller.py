@@ -82,7 +82,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         signatures: bool = False,
         validation_images: int = 0,
         cross_site_eval: bool = True,
-        cross_site_eval_only: bool = False,
+        evaluate_only: bool = False,
         cross_site_timeout: int = 300,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
@@ -134,8 +134,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             cross_site_eval: after the last round, every hospital scores the final global model, and each local model
                 a hospital lends (its share_local_model), on its own validation data; the checked table is recorded
                 in the run (fedmed.crosssite, fedmed.flare.crosssite_eval).
-            cross_site_eval_only: train nothing: the hospitals score the model the persistor loads (the job's
-                initial_weights), recorded as a run of its own.
+            evaluate_only: train nothing: the hospitals score the model the persistor loads (the job's
+                initial_weights, JobConfig.cross_site_eval_only), recorded as a run of its own.
             cross_site_timeout: seconds to wait for the hospitals' answers in each step of the cross-site evaluation.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
@@ -188,13 +188,13 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         self.validation_images = validation_images
         if cross_site_timeout < 1:
             raise ValueError(f"cross_site_timeout must be >= 1, got {cross_site_timeout}")
-        if cross_site_eval_only and he_layers:
+        if evaluate_only and he_layers:
             raise ValueError(
-                "cross_site_eval_only cannot run with he_layers: the server would send a model in clear whose head "
+                "evaluate_only cannot run with he_layers: the server would send a model in clear whose head "
                 "the federation keeps encrypted; HE runs are evaluated across sites at the end of training"
             )
         self.cross_site_eval = bool(cross_site_eval)
-        self.cross_site_eval_only = bool(cross_site_eval_only)
+        self.evaluate_only = bool(evaluate_only)
         self.cross_site_timeout = cross_site_timeout
         self._signer = None  # the server's signing keys, when signatures are on
         self._site_keys: dict = {}
@@ -248,7 +248,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
     # ------------------------------------------------------------------------------------------------------------
 
     def run(self):
-        if self.cross_site_eval_only:
+        if self.evaluate_only:
             return self._run_cross_site_eval_only()
         db, run_uid = self._start_record()
         test_ds = self._load_test_set()

@@ -76,7 +76,7 @@ def build_job(
         statistics_factor=config.statistics_factor,
         validation_images=config.validation_images,
         cross_site_eval=config.cross_site_eval,
-        cross_site_eval_only=config.cross_site_eval_only is not None,
+        evaluate_only=config.cross_site_eval_only is not None,
         cross_site_timeout=config.cross_site_timeout,
     )
     job.to_server(controller)
