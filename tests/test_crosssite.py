@@ -271,3 +271,15 @@ def test_job_settings_for_cross_site_evaluation():
     with pytest.raises(ValueError, match="cross_site_timeout must be an integer >= 1"):
         c.with_changes(cross_site_timeout=0)
     assert json.dumps(c.with_changes(cross_site_eval=False).cross_site_eval) == "false"
+
+
+def test_fedmed_submit_prints_the_table():
+    from fedmed.cli.submit_job import cross_site_lines
+
+    rows = [{**r, "score_name": "mean_auroc", "reason": c.reason} for r, c in zip(_rows(_cells()), _cells())]
+    lines = cross_site_lines(rows)
+    assert lines[0].startswith("cross-site evaluation (mean_auroc;")
+    assert "global model" in lines[1] and "hospital-a's local model" in lines[1]
+    assert lines[2].split() == ["hospital-a", "0.700", "0.800"] and lines[4].split() == ["hospital-c", "-", "-"]
+    assert "  hospital-c on global model: refused: release_metrics false" in lines
+    assert cross_site_lines([]) == []

@@ -177,6 +177,7 @@ class CrossSiteEvalMixin:
     def _run_cross_site_eval_only(self) -> None:
         """A job that trains nothing: the hospitals score the model the persistor loads (the job's
         initial_weights, e.g. a recorded global model), recorded as a run of its own with no rounds."""
+        self.num_rounds, self.run_name = 0, f"{self.run_name} (cross-site evaluation only)"
         db, run_uid = self._start_record()
         status = "finished"
         model = None
