@@ -92,6 +92,16 @@ def _run_job(data_root, workspace, db, *extra, sites=SITES):
     return proc
 
 
+def write_report_for(db, run_id, out) -> str:
+    from fedmed.report import write_report
+
+    repo = Repository(f"sqlite:///{db}", create_schema=False)
+    try:
+        return write_report(repo, run_id, out).read_text()
+    finally:
+        repo.close()
+
+
 def _simulate(data_root, workspace, db, *extra, sites=SITES):
     _run_job(data_root, workspace, db, *extra, sites=sites)
     repo = Repository(f"sqlite:///{db}", create_schema=False)
@@ -194,6 +204,33 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert "NOT FOR CLINICAL USE: trained on synthetic data" in page and "Model card" in page
     assert (tmp_path / "report" / "global_score.png").stat().st_size > 10_000
     assert "<h2>Cross-site evaluation</h2>" in page and (tmp_path / "report" / "cross_site.png").stat().st_size > 5_000
+    assert repo.verify_audit() is None
+
+    # The recorded global model scored again in a job of its own (two hospitals): a run that trains nothing, whose
+    # cells match what the same hospitals' same validation data gave at the end of training.
+    eval_log = tmp_path / "eval.log"
+    proc = _run_job(
+        tiny_hospitals,
+        tmp_path / "ws_eval",
+        db,
+        "--cross-site-eval-only",
+        str(app / "global_model.pt"),
+        "--log-file",
+        str(eval_log),
+        sites=SITES[:2],
+    )
+    eval_run = repo.latest_run_id()
+    assert eval_run != run_id and repo.rounds_table(eval_run) == [] and repo.get_run(eval_run).num_rounds == 0
+    assert repo.get_run(eval_run).status == "finished" and "cross-site evaluation only" in repo.get_run(eval_run).name
+    again = repo.cross_site_results(eval_run)
+    assert [(c["model"], c["site"], c["status"]) for c in again] == [("global", s, "evaluated") for s in SITES[:2]]
+    for c in again:
+        assert c["score"] == pytest.approx(cross[("global", c["site"])]["score"], abs=1e-6)
+        assert c["model_sha256"] == cross[("global", c["site"])]["model_sha256"]
+    assert f"the global model of run {run_id} round 2" in eval_log.read_text()
+    assert any(line.startswith("cross-site evaluation done") for line in proc.stdout.splitlines())
+    page = write_report_for(db, eval_run, tmp_path / "eval_report")
+    assert "<h2>Cross-site evaluation</h2>" in page
     assert repo.verify_audit() is None
 
 
