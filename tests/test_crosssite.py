@@ -283,3 +283,68 @@ def test_fedmed_submit_prints_the_table():
     assert lines[2].split() == ["hospital-a", "0.700", "0.800"] and lines[4].split() == ["hospital-c", "-", "-"]
     assert "  hospital-c on global model: refused: release_metrics false" in lines
     assert cross_site_lines([]) == []
+
+
+def _site_trainer(tiny_hospitals, tmp_path, monkeypatch, **site_keys):
+    """The real FedMedTrainer of hospital-a, set up as at START_RUN (job arguments, as under the simulator)."""
+    from nvflare.apis.fl_context import FLContextManager
+
+    import fedmed.flare.executor as executor_module
+    from fedmed.flare.executor import FedMedTrainer
+
+    monkeypatch.setattr(executor_module, "running_in_simulator", lambda fl_ctx: True)
+    site = "hospital-a"
+    cfg = tmp_path / "fedmed_site.json"
+    data = {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"}
+    cfg.write_text(json.dumps({"site_name": site, "data": data, **site_keys}))
+    (tmp_path / "dicom").symlink_to(tiny_hospitals / site / "dicom")
+    (tmp_path / "labels.csv").symlink_to(tiny_hospitals / site / "labels.csv")
+    norm = "group" if "privacy" in site_keys else "batch"
+    ex = FedMedTrainer(task="chest_xray14", site_config=str(cfg), image_size=32, batch_size=4, norm=norm)
+    ctx = FLContextManager(identity_name=site, job_id="job-1").new_context()
+    ex._setup(ctx)
+    return ex, ctx
+
+
+def _ask(ex, ctx, task, model=None):
+    from nvflare.apis.signal import Signal
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from conftest import over_the_wire
+
+    shareable = FLModelUtils.to_shareable(model if model is not None else FLModel(params={}))
+    return over_the_wire(FLModelUtils.from_shareable(ex.execute(task, shareable, ctx, Signal())))
+
+
+def test_a_hospital_scores_a_model_and_lends_its_local_model_only_when_it_may(tiny_hospitals, tmp_path, monkeypatch):
+    from fedmed.model import build_densenet121, state_to_numpy
+
+    ex, ctx = _site_trainer(tiny_hospitals, tmp_path, monkeypatch, share_local_model=True)
+    params = state_to_numpy(build_densenet121(14))
+    asked = FLModel(params=params, meta={AppConstants.MODEL_OWNER: "hospital-b"})
+    reply = _ask(ex, ctx, AppConstants.TASK_VALIDATION, asked)
+    assert reply.meta[AppConstants.MODEL_OWNER] == "hospital-b" and reply.meta[C.META_NUM_SAMPLES] == len(ex._val_ds)
+    assert find_result_problem(reply.metrics, "hospital-b", "hospital-b", len(ex._val_ds), CHEST_XRAY14) is None
+    refused = _ask(ex, ctx, AppConstants.TASK_SUBMIT_MODEL)  # nothing trained yet in this job
+    assert "trained no local model" in refused.meta[C.META_REFUSED] and not refused.params
+    ex._last_local = params  # what a round leaves (the executor keeps the update it released)
+    lent = _ask(ex, ctx, AppConstants.TASK_SUBMIT_MODEL)
+    assert lent.meta[AppConstants.MODEL_OWNER] == "hospital-a" and set(lent.params) == set(params)
+
+
+def test_a_dp_hospital_that_keeps_metrics_home_sends_no_scores(tiny_hospitals, tmp_path, monkeypatch):
+    from fedmed.model import build_densenet121, state_to_numpy
+
+    ex, ctx = _site_trainer(
+        tiny_hospitals,
+        tmp_path,
+        monkeypatch,
+        privacy={"preset": "weak", "release_metrics": False},
+        privacy_ledger=str(tmp_path / "ledger.jsonl"),
+    )
+    model = FLModel(params=state_to_numpy(build_densenet121(14, norm="group")), meta={})
+    reply = _ask(ex, ctx, AppConstants.TASK_VALIDATION, model)
+    assert "release_metrics false" in reply.meta[C.META_REFUSED] and not reply.metrics
+    assert reply.meta[AppConstants.MODEL_OWNER] == GLOBAL_MODEL
+    lent = _ask(ex, ctx, AppConstants.TASK_SUBMIT_MODEL)
+    assert "share_local_model is off" in lent.meta[C.META_REFUSED]
