@@ -120,8 +120,8 @@ class CrossSiteEvalMixin:
         data = FLModel(params_type=ParamsType.FULL, params=model.params, meta={**(model.meta or {})})
         data.meta[AppConstants.MODEL_OWNER] = name
         data.meta.pop("lent_by", None)
-        if self._signer is not None:  # the sites score only what the server vouches it sent
-            wire_sig.sign_global(data, self.fl_ctx.get_job_id(), int(data.current_round or 0), self._signer)
+        if self._signer is not None:  # the sites score only what the server vouches it sent, for evaluation only
+            wire_sig.sign_global(data, self.fl_ctx.get_job_id(), C.CROSS_SITE_ROUND, self._signer)
         results = self.broadcast_model(
             task_name=AppConstants.TASK_VALIDATION,
             data=data,

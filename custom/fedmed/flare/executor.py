@@ -381,10 +381,15 @@ class FedMedTrainer(Executor):
         try:
             global_model = FLModelUtils.from_shareable(shareable)
             if self._server_key is not None:  # before decrypting or training on anything
+                # A model for cross-site evaluation is signed under C.CROSS_SITE_ROUND, which no training round has:
+                # the round checked comes from the task, so it never verifies as a round's global model.
+                signed_round = (
+                    C.CROSS_SITE_ROUND
+                    if task_name == AppConstants.TASK_VALIDATION
+                    else int(global_model.current_round or 0)
+                )
                 try:
-                    wire_sig.verify_global(
-                        global_model, fl_ctx.get_job_id(), int(global_model.current_round or 0), self._server_key
-                    )
+                    wire_sig.verify_global(global_model, fl_ctx.get_job_id(), signed_round, self._server_key)
                 except ValueError as e:
                     self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
                     return make_reply(ReturnCode.BAD_TASK_DATA)
