@@ -329,7 +329,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         if status == "finished" and test_ds is not None:
             self._calibrate_ood(eval_model, test_ds, model, best)
         if status == "finished" and self.cross_site_eval:
-            self._cross_site_eval(run_uid, model)
+            self._cross_site_eval(run_uid, model, last_round_sites)
         if status == "finished":
             self._send_final_model(model, last_round_sites)
         self.info(

@@ -36,17 +36,30 @@ class CrossSiteEvalMixin:
     """Needs from the controller: _task, norm, cross_site_timeout, he_layers, _signer, _db_url, _gone_now(),
     sample_clients(), broadcast_model(), fl_ctx, engine, logger, info/warning/error."""
 
-    def _cross_site_eval(self, run_uid: str, model: FLModel, lend_local_models: bool = True) -> list:
-        """Every connected hospital scores `model` (the global model) and every local model a hospital lends on its
-        own validation data; each answer is checked (fedmed.crosssite) and the table recorded in the run. Never
-        fails the run: a problem is logged and recorded as the cell's reason."""
+    def _cross_site_eval(self, run_uid: str, model: FLModel, sites=None, lend_local_models: bool = True) -> list:
+        """Every connected hospital (of `sites`, e.g. those that answered the last round: a site that died since is
+        not waited for) scores `model` (the global model) and every local model a hospital lends on its own
+        validation data; each answer is checked (fedmed.crosssite) and the table recorded in the run. Never fails the
+        run: a problem is logged and recorded as the cell's reason."""
         gone = self._gone_now()
-        targets = [s for s in self.sample_clients() if s not in gone]
+        connected = self.sample_clients()
+        targets = [s for s in connected if s not in gone and (sites is None or s in sites)]
+        cells: list = [
+            CrossSiteRecord(
+                GLOBAL_MODEL,
+                s,
+                "missing",
+                "not asked: "
+                + (gone.get(s) or ("not connected" if s not in connected else "no answer in the last round")),
+            )
+            for s in sorted(set(getattr(self, "_job_sites", ())) - set(targets))
+        ]
         if not targets:
-            self.warning("cross-site evaluation skipped: no hospital is connected")
-            return []
+            self.warning("cross-site evaluation skipped: no hospital to ask")
+            if cells:
+                self._record_cross_site(run_uid, cells)
+            return cells
         self.info(f"cross-site evaluation: {targets} score the global model on their validation data")
-        cells: list = []
         models = [(GLOBAL_MODEL, model)]
         try:
             if lend_local_models and self.he_layers:
@@ -197,7 +210,7 @@ class CrossSiteEvalMixin:
             raise
         finally:
             self._finish_record(db, run_uid, status, None, None)
-        self._cross_site_eval(run_uid, model, lend_local_models=False)
+        self._cross_site_eval(run_uid, model, lend_local_models=False)  # every connected hospital
         self.info(f"run {run_uid} {status}; cross-site evaluation only")
 
     def _recorded_round_of(self, sha: str):
