@@ -20,6 +20,6 @@ echo "[test] lint: ruff check"
 echo "[test] format: ruff format --check (run 'ruff format custom scripts jobs tests' to fix)"
 .venv/bin/ruff format --check custom scripts jobs tests || exit 1
 echo "[test] fast suite"
-run -q
+run -q --durations=15
 echo "[test] integration suite (NVFlare simulator, real PostgreSQL server, real Orthanc PACS)"
-run -q -m integration
+run -q -m integration --durations=15

@@ -311,3 +311,68 @@ def test_a_heads_file_that_cannot_be_written_loses_no_record(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         repo.start_run("u", "n", "j", "fedavg", 1, {})
     assert repo.latest_run_id() is not None and "could not be appended" in caplog.text
+
+
+# --- site_trust: read at every job's start, so an edit there would lift a quarantine --------------------------------
+
+
+@pytest.fixture
+def trusted(db_url):
+    """Two rounds in which hospital-b is quarantined, then stays quarantined."""
+    from fedmed.store.repository import TrustRecord
+
+    repo = Repository(db_url)
+    repo.start_run("run-t", "demo", "job", "geometric_median", 2, {})
+    for n, streak in ((1, 0), (2, 1)):
+        trust = (TrustRecord("hospital-a", 0.9, False, 3), TrustRecord("hospital-b", 0.1 * n, True, streak))
+        repo.record_round("run-t", RoundRecord(n, (), trust=trust))
+    assert repo.verify_audit() is None and repo.load_trust()["hospital-b"].quarantined
+    yield repo
+    repo.close()
+
+
+def _site_trust_sql(action: str, site: str = "hospital-b") -> str:
+    where = f"site_id = (SELECT id FROM sites WHERE name = '{site}')"
+    return {
+        "lift": f"UPDATE site_trust SET quarantined = false, trust = 1.0 WHERE {where}",
+        "delete": f"DELETE FROM site_trust WHERE {where}",
+    }[action]
+
+
+def test_a_lifted_quarantine_is_named_and_the_next_job_still_sees_the_audited_state(trusted):
+    _exec(trusted, _site_trust_sql("lift"))
+    problem = trusted.verify_audit()
+    assert problem.table == "site_trust" and "(hospital-b)" in problem.reason and "edited" in problem.reason
+    problems = []
+    loaded = trusted.load_trust(problems)
+    assert loaded["hospital-b"].quarantined and loaded["hospital-b"].trust == pytest.approx(0.2)
+    assert loaded["hospital-a"].trust == 0.9 and not loaded["hospital-a"].quarantined
+    assert len(problems) == 1 and "hospital-b" in problems[0] and "using the audited state" in problems[0]
+
+
+def test_a_deleted_trust_row_cannot_reset_a_site_to_initial_trust(trusted):
+    _exec(trusted, _site_trust_sql("delete"))
+    assert "missing (deleted)" in trusted.verify_audit().reason
+    problems = []
+    assert trusted.load_trust(problems)["hospital-b"].quarantined
+    assert "hospital-b" in problems[0] and "deleted" in problems[0]
+
+
+def test_a_trust_row_inserted_outside_the_record_is_ignored(trusted):
+    _exec(trusted, "INSERT INTO sites (name, first_seen) SELECT 'hospital-z', started_at FROM runs")
+    _exec(
+        trusted,
+        "INSERT INTO site_trust (site_id, trust, quarantined, good_streak, run_id, round_num, updated_at) "
+        "SELECT s.id, 0.0, true, 0, r.id, 2, r.started_at FROM sites s, runs r WHERE s.name = 'hospital-z'",
+    )
+    assert "covered by no audit entry" in trusted.verify_audit().reason
+    problems = []
+    assert "hospital-z" not in trusted.load_trust(problems) and "ignored" in problems[0]
+
+
+def test_trust_read_after_the_newest_entries_were_deleted_says_so(trusted):
+    last = _exec(trusted, "SELECT max(id) FROM audit_log").scalar()
+    _exec(trusted, "DELETE FROM audit_log WHERE id = :i", i=last)
+    problems = []
+    trusted.load_trust(problems)
+    assert any("newest entries were deleted" in p for p in problems)

@@ -262,7 +262,10 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             encryption = self._setup_he(eval_model) if self.he_layers else None
             test_ds = None if encryption is not None else test_ds
             engine = RoundEngine(
-                self._rules, encryption, trust=self._load_trust(db), validate=self._validator(eval_model, test_ds)
+                self._rules,
+                encryption,
+                trust=self._load_trust(db, run_uid),
+                validate=self._validator(eval_model, test_ds),
             )
             self._setup_signatures()
             card = ModelCardBuilder(self.task, self.aggregation, "NVFlare federation (fedmed)", self.he_layers or ())
@@ -394,8 +397,10 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             )
         db.close()
 
-    def _load_trust(self, db) -> dict:
-        """Each site's trust as earlier jobs of this federation left it (same database)."""
+    def _load_trust(self, db, run_uid: str) -> dict:
+        """Each site's trust as earlier jobs of this federation left it (same database), as the keyed audit chain
+        vouches for it: an edited site_trust row (a lifted quarantine) is replaced by the audited state, logged as an
+        error and recorded as a run alert."""
         if db.all_pending():
             self.warning(
                 "earlier trust scores are still journaled (database unavailable): this job starts from them "
@@ -404,11 +409,19 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         try:
             repo = Repository(self._db_url)
             try:
-                states = repo.load_trust()
+                problems: list = []
+                states = repo.load_trust(problems)
+                for problem in problems:
+                    self.error(f"the record was changed outside fedmed: {problem}")
+                    try:
+                        repo.record_alert(run_uid, "record_edited", problem)
+                    except (SQLAlchemyError, ValueError) as e:  # e.g. the run's start is still journaled
+                        self.error(f"could not record that alert ({type(e).__name__})")
             finally:
                 repo.close()
-        except SQLAlchemyError as e:
-            self.error(f"cannot read site trust from the database ({type(e).__name__}); sites start at initial trust")
+        except (SQLAlchemyError, ValueError) as e:  # ValueError: no audit key to check the trust against
+            why = type(e).__name__ if isinstance(e, SQLAlchemyError) else e  # a driver message may hold the URL
+            self.error(f"cannot read site trust from the database ({why}); sites start at initial trust")
             return {}
         trust = {site: SiteTrust(t.trust, t.quarantined, t.good_streak) for site, t in states.items()}
         if trust:

@@ -47,6 +47,7 @@ from fedmed.store.models import (
     RoundMetric,
     Run,
     Site,
+    SiteTrustState,
 )
 
 ENV_AUDIT_KEY = "FEDMED_AUDIT_KEY"
@@ -368,6 +369,7 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
     re-verify every stored update signature. Problems come in the order found."""
     rep = AuditReport(heads_file=str(settings.heads_file) if settings.heads_file else None)
     expected: dict[tuple, tuple[str, int]] = {}  # (table, key) -> (row hash, audit entry id that recorded it)
+    trust: dict[str, tuple] = {}  # site -> (its trust state as the newest round recorded it, that entry's id)
     prev, keyed_seen, chain_tag, macs = GENESIS_HASH, False, None, {}
     for row in session.scalars(select(AuditEntry).order_by(AuditEntry.id)).yield_per(1000):
         rep.entries += 1
@@ -403,9 +405,12 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
                 )
                 return rep
             _apply_entry(expected, row, rep)
+            if row.action == "record_round":
+                trust.update(trust_states_of(json.loads(row.payload_json), row.id))
         prev = row.row_hash
     if keyed_seen:
         _compare_tables(session, expected, rep)
+        _compare_trust(session, trust, rep)
     _compare_heads(settings.heads_file, chain_tag, macs, rep)
     if site_keys is not None:
         _check_signatures(session, site_keys, rep)
@@ -535,6 +540,104 @@ def _compare_tables(session, expected: dict, rep: AuditReport) -> None:
             )
         )
     rep.problems.extend(p for _, p in sorted(found, key=lambda x: (x[0], x[1].table, x[1].row_id)))
+
+
+def trust_states_of(payload: dict, entry_id: int) -> dict[str, tuple]:
+    """site -> ((trust, quarantined, good_streak), entry_id) from one record_round payload."""
+    return {
+        str(site): ((float(value), bool(quarantined), int(streak)), entry_id)
+        for site, value, quarantined, streak in payload.get("trust", ())
+    }
+
+
+def site_trust_table(session) -> dict[str, tuple]:
+    """site -> (trust, quarantined, good_streak, row id) as the site_trust table holds it now."""
+    rows = session.execute(
+        select(
+            Site.name,
+            SiteTrustState.site_id,
+            SiteTrustState.trust,
+            SiteTrustState.quarantined,
+            SiteTrustState.good_streak,
+        ).join(SiteTrustState, SiteTrustState.site_id == Site.id)
+    ).all()
+    return {r.name: (float(r.trust), bool(r.quarantined), int(r.good_streak), r.site_id) for r in rows}
+
+
+def trust_differences(table: dict[str, tuple], audited: dict[str, tuple]) -> list[tuple[str, int, str]]:
+    """(site, audit entry id or 0, why) for each site whose site_trust row differs from the trust state the newest
+    keyed record_round entry holds for it. site_trust is rewritten every round and read at the next job's start, so
+    an edit there (lifting a quarantine, deleting a row to reset a site to initial trust) would otherwise go unseen."""
+    out = []
+    for site in sorted(set(table) | set(audited)):
+        have, want = table.get(site), audited.get(site)
+        if want is None:
+            out.append((site, 0, "is covered by no audit entry (inserted outside the record)"))
+        elif have is None:
+            out.append((site, want[1], f"recorded by audit entry {want[1]} is missing (deleted)"))
+        elif tuple(have[:3]) != want[0]:
+            out.append(
+                (
+                    site,
+                    want[1],
+                    f"is (trust {have[0]:.4g}, quarantined {have[1]}, good streak {have[2]}) but audit entry "
+                    f"{want[1]} recorded (trust {want[0][0]:.4g}, quarantined {want[0][1]}, good streak "
+                    f"{want[0][2]}) (the row was edited)",
+                )
+            )
+    return out
+
+
+def _compare_trust(session, audited: dict, rep: AuditReport) -> None:
+    table = site_trust_table(session)
+    rep.rows_checked += len(table)
+    for site, entry_id, why in trust_differences(table, audited):
+        row_id = table[site][3] if site in table else entry_id
+        rep.problems.append(AuditProblem(row_id, f"({site}) {why}", "site_trust" if site in table else "audit_log"))
+
+
+def audited_trust(session, settings: AuditSettings) -> tuple[dict[str, tuple], list[str]]:
+    """Each site's trust state as the newest MAC-verified record_round entry holds it, and what stands in the way of
+    believing it (an entry whose MAC fails, newest entries deleted per the heads file). Cheaper than verify(): it
+    reads only record_round entries and checks the MACs of those it uses."""
+    problems: list[str] = []
+    found: dict[str, tuple] = {}
+    rows = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.action == "record_round", AuditEntry.scheme == SCHEME)
+        .order_by(AuditEntry.id.desc())
+    )
+    for row in rows:
+        states = trust_states_of(json.loads(row.payload_json), row.id)
+        if not set(states) - set(found):
+            continue
+        if not hmac.compare_digest(
+            entry_mac(settings.key, row.prev_hash, row.created_at, row.action, row.payload_json), row.row_hash
+        ):
+            problems.append(f"audit entry {row.id} (record_round) fails its MAC: edited")
+            continue
+        for site, state in states.items():
+            found.setdefault(site, state)
+    problems.extend(_tail_problems(session, settings))
+    return found, problems
+
+
+def _tail_problems(session, settings: AuditSettings) -> list[str]:
+    if settings.heads_file is None or not Path(settings.heads_file).exists():
+        return []
+    tag = session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id).limit(1))
+    mine = [h for h in read_heads(settings.heads_file) if h["chain"] is not None and h["chain"] == tag]
+    if not mine:
+        return []
+    newest = max(mine, key=lambda h: h["id"])
+    mac = session.scalar(select(AuditEntry.row_hash).where(AuditEntry.id == newest["id"]))
+    if mac is None:
+        return [
+            f"{settings.heads_file} records audit entry {newest['id']}, which is gone (the newest entries were deleted)"
+        ]
+    if mac != newest["mac"]:
+        return [f"audit entry {newest['id']} differs from {settings.heads_file} (entry replaced)"]
+    return []
 
 
 def _compare_heads(path: Optional[Path], chain_tag: Optional[str], macs: dict, rep: AuditReport) -> None:

@@ -39,7 +39,7 @@ from fedmed.store.models import (
 from fedmed.wire_checks import find_metrics_problem
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
-ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter")
+ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter", "record_edited")
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in seconds, not after the OS's TCP timeout
 
 
@@ -483,13 +483,31 @@ class Repository:
             ).first()
         return (row[0], row[1]) if row else None
 
-    def load_trust(self) -> dict[str, TrustRecord]:
-        """Every site's trust state as the latest recorded round left it, whichever job that was."""
+    def load_trust(self, problems: Optional[list] = None) -> dict[str, TrustRecord]:
+        """Every site's trust state as the latest recorded round left it, whichever job that was.
+
+        The site_trust table is checked against the keyed audit chain: where a row differs from what the newest
+        MAC-verified round entry recorded for its site (someone with write access to the database lifted a
+        quarantine, or deleted the row to reset the site), the audited state is returned and the difference is
+        appended to `problems` (strings), as is anything that keeps the chain from vouching for it (an entry that
+        fails its MAC, newest entries deleted per the heads file)."""
+        problems = problems if problems is not None else []
         with self._session() as s:
-            rows = s.execute(
-                select(Site.name, SiteTrustState).join(SiteTrustState, SiteTrustState.site_id == Site.id)
-            ).all()
-            return {name: TrustRecord(name, t.trust, t.quarantined, t.good_streak) for name, t in rows}
+            table = audit.site_trust_table(s)
+            has_keyed = s.scalar(select(AuditEntry.id).where(AuditEntry.scheme == audit.SCHEME).limit(1))
+            if has_keyed is None:  # a record from before the keyed chain: nothing to check against
+                return {n: TrustRecord(n, *v[:3]) for n, v in table.items()}
+            audited, chain_problems = audit.audited_trust(s, self.audit_settings(create=False))
+        problems.extend(chain_problems)
+        states = {n: TrustRecord(n, *v[:3]) for n, v in table.items()}
+        for site, _, why in audit.trust_differences(table, audited):
+            if site in audited:
+                states[site] = TrustRecord(site, *audited[site][0])
+                problems.append(f"site_trust of {site} {why}: using the audited state")
+            else:
+                del states[site]
+                problems.append(f"site_trust of {site} {why}: ignored")
+        return states
 
     def finish_run(self, run_uid: str, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
         with self._session.begin() as s:
