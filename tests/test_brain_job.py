@@ -88,6 +88,13 @@ def test_brain_job_in_the_simulator_records_accuracy_per_round(tiny_brain_hospit
     assert [u["val_score"] for u in site_a] == [pytest.approx(site_metrics[r]["val_accuracy"]) for r in (1, 2)]
     app = tmp_path / "ws" / "brain_mri_densenet" / "server" / "simulate_job" / "app_server"
     assert (app / "global_model.pt").is_file() and (app / "best_model.pt").is_file()
+    # Cross-site: each hospital scored the global model by the task's score, with the per-class metrics.
+    cross = {c["site"]: c for c in repo.cross_site_results(run_id) if c["model"] == "global"}
+    assert set(cross) == set(SITES)
+    for c in cross.values():
+        assert c["status"] == "evaluated" and c["score_name"] == "accuracy"
+        assert c["score"] == c["metrics"]["accuracy"] and 0.0 <= c["metrics"]["macro_f1"] <= 1.0
+        assert {k for k in c["metrics"] if k.startswith("auroc/")} <= {f"auroc/{k}" for k in BRAIN_CLASSES}
 
     table = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "rounds_table.py"), "--db-url", f"sqlite:///{db}"],

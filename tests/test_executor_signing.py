@@ -71,6 +71,7 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
             tamper(shareable)
         return ex.execute("train", shareable, ctx, Signal())
 
+    send.executor, send.ctx, send.params = ex, ctx, params  # for tests that send other tasks
     return send, site_pub
 
 
@@ -143,3 +144,34 @@ def test_a_site_whose_set_up_fails_answers_every_task_with_the_reason(tmp_path, 
         )
         reason = reply.meta[C.META_UNAVAILABLE]
         assert reason.startswith("FileNotFoundError: ") and "not-mounted" in reason and not reply.params
+
+
+def test_a_model_signed_for_cross_site_evaluation_is_scored_and_never_trained(
+    tiny_hospitals, tmp_path, signing_keys, monkeypatch
+):
+    """The server signs what it sends for cross-site evaluation under a round no training round has (the site takes
+    the round from the task): the site scores it, refuses it unsigned, and the same signed model sent as a training
+    task fails its signature check."""
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.signal import Signal
+    from nvflare.app_common.app_constant import AppConstants
+
+    from fedmed import constants as C
+
+    send, _ = _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch)
+    ex, ctx = send.executor, send.ctx
+
+    def model(signed: bool):
+        m = FLModel(params_type=ParamsType.FULL, params=send.params)
+        m.meta[AppConstants.MODEL_OWNER] = "global"
+        if signed:
+            wire_sig.sign_global(m, "job-1", C.CROSS_SITE_ROUND, signing_keys["server"])
+        return fobs.loads(fobs.dumps(FLModelUtils.to_shareable(m)))
+
+    unsigned = ex.execute(AppConstants.TASK_VALIDATION, model(False), ctx, Signal())
+    assert unsigned.get_return_code() == ReturnCode.BAD_TASK_DATA
+    scored = FLModelUtils.from_shareable(ex.execute(AppConstants.TASK_VALIDATION, model(True), ctx, Signal()))
+    assert scored.meta[AppConstants.MODEL_OWNER] == "global" and scored.meta[C.META_NUM_SAMPLES] == len(ex._val_ds)
+    assert scored.metrics and all(0.0 <= v <= 1.0 for v in scored.metrics.values())
+    replayed = ex.execute("train", model(True), ctx, Signal())
+    assert replayed.get_return_code() == ReturnCode.BAD_TASK_DATA and ex._last_local is None  # nothing trained

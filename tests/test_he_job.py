@@ -40,10 +40,21 @@ def _evaluate(params, test):
 
 @pytest.mark.integration
 def test_he_run_matches_plain_run_and_server_never_holds_the_key(tiny_hospitals, tmp_path):
-    _write_site_configs(tiny_hospitals)
+    _write_site_configs(tiny_hospitals, share={"hospital-a"})  # hospital-a's policy lends its local model
     common = ("--rounds", "2", "--aggregation", "fedavg")  # same weights in both runs: only HE differs
-    plain_repo, plain_run = _simulate(tiny_hospitals, tmp_path / "plain", tmp_path / "plain.db", *common)
-    he_repo, he_run = _simulate(tiny_hospitals, tmp_path / "he", tmp_path / "he.db", *common, "--he")
+    try:
+        plain_repo, plain_run = _simulate(tiny_hospitals, tmp_path / "plain", tmp_path / "plain.db", *common)
+        he_repo, he_run = _simulate(tiny_hospitals, tmp_path / "he", tmp_path / "he.db", *common, "--he")
+    finally:
+        _write_site_configs(tiny_hospitals)
+
+    # Cross-site evaluation with HE: every hospital scored the global model (its head decrypted at each site, never
+    # at the server); no local model was asked for, not even hospital-a's, which it lends without HE.
+    cross = {(c["model"], c["site"]): c for c in he_repo.cross_site_results(he_run)}
+    assert len(cross) == 6 and all(cross[("global", s)]["status"] == "evaluated" for s in SITES)
+    assert all(cross[(s, s)]["status"] == "not_shared" and "HE is on" in cross[(s, s)]["reason"] for s in SITES)
+    plain_cross = {(c["model"], c["site"]): c["status"] for c in plain_repo.cross_site_results(plain_run)}
+    assert all(plain_cross[("hospital-a", s)] == "evaluated" for s in SITES)
 
     ws = tmp_path / "he"
     server_ws = ws / "cxr_densenet" / "server"

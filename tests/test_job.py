@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedmed.constants import CXR14_FINDINGS
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.store.repository import Repository
 from jobscripts import load_job_script
@@ -48,13 +49,15 @@ def test_bad_controller_arguments_fail_at_construction():
         FedMedController(task="chest_xray14", test_dicom_root="/x")
 
 
-def _write_site_configs(root, hostile=None, privacy=None):
+def _write_site_configs(root, hostile=None, privacy=None, share=()):
     for site in SITES:
         cfg = {
             "site_name": site,
             "data": {"format": "dicom", "root": "dicom", "labels_csv": "labels.csv"},
             "resources": {"num_threads": 1},
         }
+        if site in share:
+            cfg["share_local_model"] = True
         if hostile and site in hostile:
             cfg["hostile"] = hostile[site]
         if privacy and site in privacy:
@@ -89,6 +92,16 @@ def _run_job(data_root, workspace, db, *extra, sites=SITES):
     return proc
 
 
+def write_report_for(db, run_id, out) -> str:
+    from fedmed.report import write_report
+
+    repo = Repository(f"sqlite:///{db}", create_schema=False)
+    try:
+        return write_report(repo, run_id, out).read_text()
+    finally:
+        repo.close()
+
+
 def _simulate(data_root, workspace, db, *extra, sites=SITES):
     _run_job(data_root, workspace, db, *extra, sites=sites)
     repo = Repository(f"sqlite:///{db}", create_schema=False)
@@ -97,10 +110,13 @@ def _simulate(data_root, workspace, db, *extra, sites=SITES):
 
 @pytest.mark.integration
 def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
-    _write_site_configs(tiny_hospitals)
+    _write_site_configs(tiny_hospitals, share={"hospital-a"})  # hospital-a lends its local model for evaluation
     db = tmp_path / "fedmed.db"
     log = tmp_path / "sim.log"
-    proc = _run_job(tiny_hospitals, tmp_path / "ws", db, "--rounds", "2", "--log-file", str(log))
+    try:
+        proc = _run_job(tiny_hospitals, tmp_path / "ws", db, "--rounds", "2", "--log-file", str(log))
+    finally:
+        _write_site_configs(tiny_hospitals)
     # The concise live view: one line per round per site, one per round for the server, the run's end; NVFlare's
     # full output (thousands of lines in a real run) is in the log file the job names.
     console = (proc.stdout + proc.stderr).splitlines()
@@ -110,7 +126,10 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         (str(r), s) for r in (1, 2) for s in SITES
     )
     assert [line.split(" done")[0] for line in console if " done in " in line] == ["round 1/2", "round 2/2"]
-    assert len(console) == 1 + len(site_lines) + 2 + 2, console  # header, sites, rounds, run end, finished
+    cross_line = [line for line in console if line.startswith("cross-site evaluation done (mean_auroc): ")]
+    assert len(cross_line) == 1 and "hospital-a's local model: " in cross_line[0], console
+    # header, sites, rounds, cross-site, run end, finished
+    assert len(console) == 1 + len(site_lines) + 2 + 1 + 2, console
     full = log.read_text()
     assert all(line.split(None, 3)[3] in full for line in site_lines) and "sending the global model" in full
     assert len(full.splitlines()) > 3 * len(console)
@@ -124,6 +143,21 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         assert r.score is not None and 0.0 <= r.score <= 1.0 and r.score == r.mean_auroc
         assert (r.score_name, r.score_source) == ("mean_auroc", "global_test")
     assert repo.get_run(run_id).status == "finished"
+    # Cross-site evaluation: every hospital scored the final global model on its own validation data, and
+    # hospital-a's lent local model; the others keep theirs (share_local_model is off by default).
+    cross = {(c["model"], c["site"]): c for c in repo.cross_site_results(run_id)}
+    for model in ("global", "hospital-a"):
+        for site in SITES:
+            cell = cross[(model, site)]
+            assert cell["status"] == "evaluated" and 0.0 <= cell["score"] <= 1.0 and cell["num_samples"] > 0, cell
+            assert cell["score_name"] == "mean_auroc" and cell["score"] == cell["metrics"]["mean_auroc"]
+            assert {k for k in cell["metrics"] if k != "mean_auroc"} <= {f"auroc/{f}" for f in CXR14_FINDINGS}
+    for site in ("hospital-b", "hospital-c"):
+        assert (
+            cross[(site, site)]["status"] == "not_shared"
+            and "share_local_model is off" in cross[(site, site)]["reason"]
+        )
+    assert len(cross) == 8
     test_metrics = repo.round_metrics(run_id, "global_test")
     assert set(test_metrics) == {1, 2} and any(k.startswith("auroc/") for k in test_metrics[2])
     updates = repo.client_updates(run_id)
@@ -187,6 +221,34 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     page = (tmp_path / "report" / "report.html").read_text()
     assert "NOT FOR CLINICAL USE: trained on synthetic data" in page and "Model card" in page
     assert (tmp_path / "report" / "global_score.png").stat().st_size > 10_000
+    assert "<h2>Cross-site evaluation</h2>" in page and (tmp_path / "report" / "cross_site.png").stat().st_size > 5_000
+    assert repo.verify_audit() is None
+
+    # The recorded global model scored again in a job of its own (two hospitals): a run that trains nothing, whose
+    # cells match what the same hospitals' same validation data gave at the end of training.
+    eval_log = tmp_path / "eval.log"
+    proc = _run_job(
+        tiny_hospitals,
+        tmp_path / "ws_eval",
+        db,
+        "--cross-site-eval-only",
+        str(app / "global_model.pt"),
+        "--log-file",
+        str(eval_log),
+        sites=SITES[:2],
+    )
+    eval_run = repo.latest_run_id()
+    assert eval_run != run_id and repo.rounds_table(eval_run) == [] and repo.get_run(eval_run).num_rounds == 0
+    assert repo.get_run(eval_run).status == "finished" and "cross-site evaluation only" in repo.get_run(eval_run).name
+    again = repo.cross_site_results(eval_run)
+    assert [(c["model"], c["site"], c["status"]) for c in again] == [("global", s, "evaluated") for s in SITES[:2]]
+    for c in again:
+        assert c["score"] == pytest.approx(cross[("global", c["site"])]["score"], abs=1e-6)
+        assert c["model_sha256"] == cross[("global", c["site"])]["model_sha256"]
+    assert f"the global model of run {run_id} round 2" in eval_log.read_text()
+    assert any(line.startswith("cross-site evaluation done") for line in proc.stdout.splitlines())
+    page = write_report_for(db, eval_run, tmp_path / "eval_report")
+    assert "<h2>Cross-site evaluation</h2>" in page
     assert repo.verify_audit() is None
 
 
@@ -246,7 +308,7 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
         "hospital-b": {"preset": "weak", "release_metrics": False},
         "hospital-c": {"epsilon": 5.5, "noise_multiplier": 1.0},
     }
-    _write_site_configs(tiny_hospitals, privacy=privacy)
+    _write_site_configs(tiny_hospitals, privacy=privacy, share={"hospital-a", "hospital-b"})
     # Start from "pretrained" weights (another seed than the persistor's) and DP-train only the top of the network.
     from fedmed.flare.persistor import save_state
 
@@ -294,3 +356,17 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
     assert all(ups[(r, "hospital-a")]["val_score"] is not None for r in (1, 2))
     assert all(ups[(r, "hospital-b")]["val_score"] is None for r in (1, 2))
     assert ("hospital-c", "refused") in [(a["site"], a["kind"]) for a in repo.alerts(run_id)]
+    # Cross-site: hospital-a's DP-SGD-trained local model is the update it already released, so it lends it;
+    # hospital-b keeps every score home (release_metrics false), of the global model and of hospital-a's.
+    cross = {(c["model"], c["site"]): c for c in repo.cross_site_results(run_id)}
+    assert {cross[(m, s)]["status"] for m in ("global", "hospital-a") for s in ("hospital-a", "hospital-c")} == {
+        "evaluated"
+    }
+    for m in ("global", "hospital-a"):
+        assert (
+            cross[(m, "hospital-b")]["status"] == "refused" and "release_metrics" in cross[(m, "hospital-b")]["reason"]
+        )
+    # hospital-b lends its DP-trained model too (its policy allows it): the others score it, it keeps its own score
+    assert cross[("hospital-b", "hospital-a")]["status"] == "evaluated"
+    assert cross[("hospital-b", "hospital-b")]["status"] == "refused"
+    assert cross[("hospital-c", "hospital-c")]["status"] == "not_shared"

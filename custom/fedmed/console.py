@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional, TextIO
 # "<time> - <logger> - <level> - <fl_ctx> - " prefix.
 SITE_ROUND = re.compile(r"site (?P<site>\S+) round (?P<round>\d+): (?P<rest>val loss .*)$")
 SERVER_ROUND = re.compile(r"(?P<line>round \d+/\d+ done in .*)$")
+CROSS_SITE = re.compile(r"(?P<line>cross-site evaluation done .*)$")
 RUN_END = re.compile(r"(?P<line>run [0-9a-f]{32} (finished|failed|aborted); .*)$")
 # The simulator's console prints "<time> - <level> - <message>" (no logger name); a kit's log adds the logger name and
 # the FL context.
@@ -38,7 +39,7 @@ def concise(line: str) -> Optional[str]:
     m = SITE_ROUND.search(line)
     if m:
         return f"  round {m['round']}  {m['site']:<14} {m['rest']}"
-    m = SERVER_ROUND.search(line) or RUN_END.search(line)
+    m = SERVER_ROUND.search(line) or CROSS_SITE.search(line) or RUN_END.search(line)
     if m:
         return m["line"]
     m = LEVEL.search(line)

@@ -60,6 +60,11 @@ CTX_PRIVACY_LEDGER = "fedmed.privacy_ledger"
 # Task a site answers after the last round: receive the final global model (decrypted there when HE is on) and keep it.
 TASK_FINAL_MODEL = "fedmed_final_model"
 
+# The round the server signs a model for cross-site evaluation under (and a site verifies it under, for that task only):
+# no training round has it, so a model signed for evaluation (e.g. a hospital's lent local model) never verifies as a
+# round's global model.
+CROSS_SITE_ROUND = -1
+
 # Columns of a site label CSV (plus one 0/1 column per finding).
 COL_SOP_UID = "SOPInstanceUID"
 COL_STUDY_UID = "StudyInstanceUID"

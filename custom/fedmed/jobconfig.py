@@ -64,6 +64,12 @@ class JobConfig:
             last recorded round instead of starting a new run (fedmed.resume); None = a new run.
         models_dir: where the server keeps each run's recent global models for a resumption; None = the server
             workspace's fedmed_runs/ (the simulator's job script: <--workspace>/fedmed_runs, which it does not wipe).
+        cross_site_eval: after training, every hospital scores the global model (and each local model a hospital
+            lends) on its own validation data; the table goes into the run's record (fedmed.crosssite).
+        cross_site_eval_only: a model file on the server (e.g. a recorded run's global_model.pt): train nothing, the
+            hospitals score this model; recorded as a run of its own. Not with he_layers (the server would send in
+            clear a head the federation keeps encrypted) nor with initial_weights.
+        cross_site_timeout: seconds the server waits for the hospitals' answers in each cross-site step.
     """
 
     name: str
@@ -96,6 +102,9 @@ class JobConfig:
     validation_images: int = 0
     resume_run: Optional[str] = None
     models_dir: Optional[str] = None
+    cross_site_eval: bool = True
+    cross_site_eval_only: Optional[str] = None
+    cross_site_timeout: int = 300
 
     def __post_init__(self):
         if not self.name:
@@ -122,10 +131,25 @@ class JobConfig:
             ("straggler_wait", 0),
             ("final_model_timeout", 0),
             ("validation_images", 0),
+            ("cross_site_timeout", 1),
         ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.cross_site_eval, bool):
+            raise ValueError(f"cross_site_eval must be true or false, got {self.cross_site_eval!r}")
+        if self.cross_site_eval_only is not None:
+            if not isinstance(self.cross_site_eval_only, str) or not self.cross_site_eval_only:
+                raise ValueError(f"cross_site_eval_only must be a model file path, got {self.cross_site_eval_only!r}")
+            if self.he_layers:
+                raise ValueError(
+                    "cross_site_eval_only cannot run with he_layers: the server would send in clear a head the "
+                    "federation keeps encrypted; HE runs are evaluated across sites at the end of training"
+                )
+            if self.initial_weights:
+                raise ValueError(
+                    "give cross_site_eval_only or initial_weights, not both: the model evaluated is the first"
+                )
         if self.min_clients is not None and not 1 <= self.min_clients <= len(sites):
             raise ValueError(f"min_clients must be in 1..{len(sites)} (the number of sites), got {self.min_clients}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

@@ -8,9 +8,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from fedmed.crosssite import heatmap_matrix, model_label
 from fedmed.store.repository import Repository
 
 FIGURES = ("global_score.png", "site_trust.png", "privacy_spend.png", "update_decisions.png")
+CROSS_SITE_FIGURE = "cross_site.png"
 # Per-site lines that coincide (two hospitals with the same trust) must stay two lines: each site gets its own marker
 # and line style and is drawn a little to the side of the round.
 SITE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -88,6 +90,42 @@ def score_figure(rows: list):
     return fig
 
 
+def cross_site_figure(cells: list, score_name):
+    """The site x model heatmap of a run's cross-site evaluation (rows: the hospital whose validation data scored
+    the model; columns: the global model, then each lent local model), each cell written out; a cell without a score
+    is grey and says so."""
+    import numpy as np
+
+    plt = _plt()
+    m = heatmap_matrix(cells)
+    values = np.array([[np.nan if v is None else v for v in row] for row in m.values], dtype=float).reshape(
+        len(m.sites), len(m.models)
+    )
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(len(m.models), 1), 1.2 + 0.55 * max(len(m.sites), 1)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(len(m.sites)):
+        for j in range(len(m.models)):
+            v = values[i, j]
+            ax.text(
+                j,
+                i,
+                "-" if np.isnan(v) else f"{v:.3f}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if np.isnan(v) or v > 0.6 else "white",
+            )
+    ax.set_xticks(range(len(m.models)), [model_label(x) for x in m.models], rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(range(len(m.sites)), m.sites, fontsize=8)
+    ax.set_xlabel("model")
+    ax.set_ylabel("hospital (its validation data)")
+    ax.set_title(f"Cross-site evaluation: {SCORE_NAMES.get(score_name, score_name or 'score')}")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return fig
+
+
 def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Path:
     """Write <out_dir>/report.html and its PNG figures; returns the HTML path.
 
@@ -102,8 +140,9 @@ def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Pa
     rows = repo.rounds_table(run_id)
     updates = repo.client_updates(run_id)
     alerts = repo.alerts(run_id)
-    if not rows:
-        raise ValueError(f"run {run_id} has no recorded rounds; nothing to report")
+    cross = repo.cross_site_results(run_id)
+    if not rows and not cross:
+        raise ValueError(f"run {run_id} has no recorded rounds and no cross-site evaluation; nothing to report")
     rounds = [r.round_num for r in rows]  # numbered from 1, as in the logs
 
     fig = score_figure(rows)
@@ -179,6 +218,27 @@ def write_report(repo: Repository, run_id: int, out_dir: Path, model=None) -> Pa
         if alerts
         else "<p>No alerts.</p>"
     )
+    cross_html = ""
+    if cross:
+        score_name = next((c["score_name"] for c in cross if c["score_name"]), None)
+        fig = cross_site_figure(cross, score_name)
+        fig.savefig(out_dir / CROSS_SITE_FIGURE, dpi=110)
+        plt.close(fig)
+        per_class = sorted({k for c in cross for k in c["metrics"] if k.startswith("auroc/")})
+        cross_html = (
+            "<h2>Cross-site evaluation</h2><p>Each hospital scored the global model (and each local model a hospital "
+            "lent) on its own validation data; a cell without a score says why.</p>"
+            f'<img src="{CROSS_SITE_FIGURE}" alt="{CROSS_SITE_FIGURE}">'
+            + table(
+                ["model", "hospital", "status", "score", "validation images", "reason"]
+                + [k.split("/", 1)[1] for k in per_class],
+                [
+                    [model_label(c["model"]), c["site"], c["status"], c["score"], c["num_samples"], c["reason"] or ""]
+                    + [c["metrics"].get(k) for k in per_class]
+                    for c in cross
+                ],
+            )
+        )
     best = next((r for r in rows if r.round_num == run.best_round), None)
     best_label = score_label(best.score_name, best.score_source) if best is not None else "score"
     imgs = "".join(f'<img src="{f}" alt="{f}">' for f in FIGURES)
@@ -203,7 +263,7 @@ started {run.started_at} · best round {_fmt(run.best_round)} ({html.escape(best
 {imgs}
 <p><small>Per-site figures: each site has its own marker and line style and is drawn slightly to the side of the
 round, so sites with equal values stay visible.</small></p>
-<h2>Rounds</h2>{round_table}<h2>Alerts</h2>{alert_table}<h2>Site updates</h2>{update_table}
+<h2>Rounds</h2>{round_table}{cross_html}<h2>Alerts</h2>{alert_table}<h2>Site updates</h2>{update_table}
 </body></html>"""
     path = out_dir / "report.html"
     write_atomic(path, page.encode("utf-8"))  # last: the page never names a figure not yet written

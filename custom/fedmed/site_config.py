@@ -16,7 +16,16 @@ from fedmed.privacy.policy import PrivacyPolicy, parse_privacy
 from fedmed.robust.attacks import Attack, parse_attack
 
 DATA_FORMATS = ("dicom", "chestxray14", "csv_manifest")
-TOP_KEYS = ("site_name", "data", "resources", "hostile", "privacy", "privacy_ledger", "synthetic_rehearsal")
+TOP_KEYS = (
+    "site_name",
+    "data",
+    "resources",
+    "hostile",
+    "privacy",
+    "privacy_ledger",
+    "synthetic_rehearsal",
+    "share_local_model",
+)
 DATA_KEYS = ("format", "root", "labels_csv", "val_fraction")
 RESOURCES_KEYS = ("num_threads",)
 
@@ -42,6 +51,9 @@ class SiteConfig:
     # The data is synthetic (generated for a rehearsal): the only case in which a deployed site may run without a
     # privacy policy. A real hospital's file never sets it.
     synthetic_rehearsal: bool = False
+    # Cross-site evaluation: lend this hospital's last local model to be scored at the other hospitals (fedmed.crosssite
+    # says when it still does not: HE on, or privacy from an update-noise filter). Off unless the site turns it on.
+    share_local_model: bool = False
 
 
 def _path(value, base: Path, key: str, source: Path) -> Path:
@@ -82,6 +94,9 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
     synthetic = raw.get("synthetic_rehearsal", False)
     if not isinstance(synthetic, bool):
         raise ValueError(f"{source}: synthetic_rehearsal must be true or false, got {synthetic!r}")
+    share = raw.get("share_local_model", False)
+    if not isinstance(share, bool):
+        raise ValueError(f"{source}: share_local_model must be true or false, got {share!r}")
     ledger = raw.get("privacy_ledger")
     try:
         hostile = parse_attack(raw.get("hostile"))
@@ -102,6 +117,7 @@ def parse_site_config(raw: dict, source: Path) -> SiteConfig:
         source=Path(source),
         privacy_ledger=_path(ledger, base, "privacy_ledger", source) if ledger is not None else None,
         synthetic_rehearsal=synthetic,
+        share_local_model=share,
     )
 
 

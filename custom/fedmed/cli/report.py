@@ -1,6 +1,6 @@
 """Write an HTML report (the global model's score per round, named for what it is: global test or the sites'
-weighted validation; test loss when there is a test set; per-site trust, privacy spend, update decisions) with the
-same figures as PNG, from the database.
+weighted validation; test loss when there is a test set; per-site trust, privacy spend, update decisions; the
+cross-site evaluation's site x model heatmap) with the same figures as PNG, from the database.
 
     fedmed-report --out runs/report [--db-url URL] [--run-id N]     (default $FEDMED_DB_URL, latest run)
         [--model best_model.pt]     (its model card and not-for-clinical-use line head the report)

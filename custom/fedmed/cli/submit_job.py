@@ -10,7 +10,9 @@
 Uses NVFlare's Session API: new_secure_session -> submit_job -> get_job_meta polled until the job ends (or
 --timeout, which aborts the job) -> download_job_result. With --db-url (the server's FEDMED_DB_URL, readable by
 the admin) each round is printed as the server records it, with the reason for every site that did not count
-(missing, refused, rejected), and the run's summary is written into the downloaded result as fedmed_summary.json.
+(missing, refused, rejected), and the run's summary is written into the downloaded result as fedmed_summary.json,
+with the cross-site evaluation table (each hospital's score of the global model and of each lent local model), which
+is printed too.
 At the end it prints where the best and the last global model are inside the downloaded result. Ctrl-C asks
 whether to abort the job on the server (otherwise it keeps running). Exit code 0 only when the job finished
 normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit.
@@ -261,17 +263,41 @@ def run_summary(db_url: str | None, job_id: str) -> dict | None:
             return None
         run = repo.get_run(run_id)
         updates = [{k: u[k] for k in ("round", "site", "status", "reason")} for u in repo.client_updates(run_id)]
+        cross = [
+            {k: c[k] for k in ("model", "site", "status", "score", "score_name", "reason")}
+            for c in repo.cross_site_results(run_id)
+        ]
         return {
             "job_id": job_id,
             "run_id": run_id,
             "status": run.status,
             "best_round": run.best_round,
             "sites": updates,
+            "cross_site": cross,
         }
     except Exception:
         return None
     finally:
         repo.close()
+
+
+def cross_site_lines(cells: list) -> list[str]:
+    """The cross-site table as the admin reads it: one line per hospital, its score of each model (or why none)."""
+    if not cells:
+        return []
+    from fedmed.crosssite import heatmap_matrix, model_label
+
+    m = heatmap_matrix(cells)
+    name = next((c["score_name"] for c in cells if c["score_name"]), "score")
+    width = max(len(s) for s in m.sites)
+    lines = [f"cross-site evaluation ({name}; rows: the hospital whose validation data scored the model):"]
+    lines.append(" " * (width + 2) + "  ".join(f"{model_label(x):>22}" for x in m.models))
+    for site, row in zip(m.sites, m.values):
+        lines.append(f"  {site:<{width}}" + "  ".join(f"{'-' if v is None else f'{v:.3f}':>22}" for v in row))
+    for c in cells:
+        if c["status"] != "evaluated":
+            lines.append(f"  {c['site']} on {model_label(c['model'])}: {c['status']}: {c['reason']}")
+    return lines
 
 
 def models_in(result: Path) -> dict:
@@ -337,6 +363,8 @@ def submit_and_follow(
         ]
         for rnd, site, st, reason in not_counted:
             print(f"round {rnd}: {site} {st}: {reason or 'no reason recorded'}", flush=True)  # rounds from 1
+        for line in cross_site_lines((summary or {}).get("cross_site", [])):
+            print(line, flush=True)
         models = {}
         if result:
             print(f"results downloaded to {result}")

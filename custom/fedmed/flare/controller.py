@@ -30,6 +30,7 @@ from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
+from fedmed.flare.crosssite_eval import CrossSiteEvalMixin
 from fedmed.flare.live_metrics import LiveMetrics
 from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE, FedMedModelPersistor
 from fedmed.hashing import model_sha256
@@ -76,7 +77,7 @@ class ResumedRun:
     best: tuple
 
 
-class FedMedController(ModelController):
+class FedMedController(CrossSiteEvalMixin, ModelController):
     def __init__(
         self,
         task: str,
@@ -108,6 +109,9 @@ class FedMedController(ModelController):
         validation_images: int = 0,
         resume_run: Optional[str] = None,
         models_dir: Optional[str] = None,
+        cross_site_eval: bool = True,
+        evaluate_only: bool = False,
+        cross_site_timeout: int = 300,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -162,6 +166,12 @@ class FedMedController(ModelController):
                 task, aggregation, HE layers, norm, image size or number of rounds differ from the run's.
             models_dir: where the server keeps each run's last two round models and best model, which a resumption
                 starts from; default <server workspace>/fedmed_runs.
+            cross_site_eval: after the last round, every hospital scores the final global model, and each local model
+                a hospital lends (its share_local_model), on its own validation data; the checked table is recorded
+                in the run (fedmed.crosssite, fedmed.flare.crosssite_eval).
+            evaluate_only: train nothing: the hospitals score the model the persistor loads (the job's
+                initial_weights, JobConfig.cross_site_eval_only), recorded as a run of its own.
+            cross_site_timeout: seconds to wait for the hospitals' answers in each step of the cross-site evaluation.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -214,6 +224,18 @@ class FedMedController(ModelController):
         self.resume_run = resume_run
         self.models_dir = models_dir
         self._earlier_jobs: tuple = ()  # the jobs that ran the run this job resumes
+        if cross_site_timeout < 1:
+            raise ValueError(f"cross_site_timeout must be >= 1, got {cross_site_timeout}")
+        if evaluate_only and he_layers:
+            raise ValueError(
+                "evaluate_only cannot run with he_layers: the server would send a model in clear whose head "
+                "the federation keeps encrypted; HE runs are evaluated across sites at the end of training"
+            )
+        if evaluate_only and resume_run:
+            raise ValueError("evaluate_only cannot resume a run: an evaluation-only job trains no round")
+        self.cross_site_eval = bool(cross_site_eval)
+        self.evaluate_only = bool(evaluate_only)
+        self.cross_site_timeout = cross_site_timeout
         self._signer = None  # the server's signing keys, when signatures are on
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
@@ -267,6 +289,8 @@ class FedMedController(ModelController):
     # ------------------------------------------------------------------------------------------------------------
 
     def run(self):
+        if self.evaluate_only:
+            return self._run_cross_site_eval_only()
         try:
             db, run_uid, resumed = self._start_record()  # resumed: a ResumedRun when this job continues a run
         except ResumeRefused as e:  # the admin's mistake or a swapped model file: one line, no traceback
@@ -356,6 +380,9 @@ class FedMedController(ModelController):
             self._finish_record(db, run_uid, status, best_round, best_score)
         if status == "finished" and test_ds is not None:
             self._calibrate_ood(eval_model, test_ds, model, best)
+        if status == "finished" and self.cross_site_eval:
+            self._cross_site_eval(run_uid, model, last_round_sites)
+            self._live.finish()  # the live report once more, now with the cross-site table
         if status == "finished":
             self._send_final_model(model, last_round_sites)
         self.info(

@@ -26,6 +26,7 @@ from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.crosssite import GLOBAL_MODEL, local_model_refusal, released_scores, scores_refusal
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
@@ -149,6 +150,7 @@ class FedMedTrainer(Executor):
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
         self._last_head: Optional[dict] = None  # the last decrypted global head this site accepted
+        self._last_local: Optional[dict] = None  # the last local model this site released as its update
         self._site: Optional[SiteConfig] = None
         self._data_synthetic: Optional[bool] = None  # for the model card: what this site trained on
         self._ledger: Optional[LedgerBinding] = None
@@ -369,12 +371,16 @@ class FedMedTrainer(Executor):
         return policy, (sources[0] if sources else "fedmed_site.json and privacy scope combined")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (self.train_task_name, C.TASK_FINAL_MODEL):
-            self.log_error(
-                fl_ctx,
-                f"unknown task {task_name!r}; this executor handles {self.train_task_name!r} "
-                f"and {C.TASK_FINAL_MODEL!r}",
-            )
+        # Cross-site evaluation answers NVFlare's own task names (AppConstants.TASK_VALIDATION / TASK_SUBMIT_MODEL),
+        # so NVFlare's CrossSiteEval workflow can drive this executor as well as fedmed's controller.
+        handled = (
+            self.train_task_name,
+            C.TASK_FINAL_MODEL,
+            AppConstants.TASK_VALIDATION,
+            AppConstants.TASK_SUBMIT_MODEL,
+        )
+        if task_name not in handled:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {list(handled)}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         if self._refusal is not None:
@@ -387,16 +393,25 @@ class FedMedTrainer(Executor):
             )
         if self._model is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if task_name == AppConstants.TASK_SUBMIT_MODEL:
+            return FLModelUtils.to_shareable(self._lend_local_model(site, fl_ctx))
         try:
             global_model = FLModelUtils.from_shareable(shareable)
             if self._server_key is not None:  # before decrypting or training on anything
+                # A model for cross-site evaluation is signed under C.CROSS_SITE_ROUND, which no training round has:
+                # the round checked comes from the task, so it never verifies as a round's global model.
+                signed_round = (
+                    C.CROSS_SITE_ROUND
+                    if task_name == AppConstants.TASK_VALIDATION
+                    else int(global_model.current_round or 0)
+                )
                 try:
-                    wire_sig.verify_global(
-                        global_model, fl_ctx.get_job_id(), int(global_model.current_round or 0), self._server_key
-                    )
+                    wire_sig.verify_global(global_model, fl_ctx.get_job_id(), signed_round, self._server_key)
                 except ValueError as e:
                     self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
                     return make_reply(ReturnCode.BAD_TASK_DATA)
+            if task_name == AppConstants.TASK_VALIDATION:
+                return FLModelUtils.to_shareable(self._evaluate_for_others(site, global_model, fl_ctx))
             global_params = self._global_params(global_model)
             fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, global_params, private=True, sticky=False)
             if task_name == C.TASK_FINAL_MODEL:
@@ -414,6 +429,7 @@ class FedMedTrainer(Executor):
             result = self._train_and_validate(site, round_num, total_rounds, fl_ctx, abort_signal)
             if self._site.hostile is not None:
                 result.params = apply_attack(result.params, global_params, self._site.hostile, round_num)
+            self._last_local = dict(result.params)  # in clear, before any encryption: what cross-site lends
             if self._he is not None:
                 self._encrypt_result(site, round_num, result, fl_ctx)
             if self._sign_keys is not None:
@@ -448,6 +464,46 @@ class FedMedTrainer(Executor):
         except Exception as e:
             self.log_exception(fl_ctx, f"site {site}: training failed: {secure_format_exception(e)}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _evaluate_for_others(self, site: str, model: FLModel, fl_ctx: FLContext) -> FLModel:
+        """Cross-site evaluation: score the model the server sent (the global model, or another hospital's lent
+        local model) on this hospital's validation data, and release the task's scores only if the site's privacy
+        policy releases metrics (fedmed.crosssite.scores_refusal)."""
+        owner = (model.meta or {}).get(AppConstants.MODEL_OWNER, GLOBAL_MODEL)
+        meta = {C.META_SITE: site, AppConstants.MODEL_OWNER: owner}
+        refusal = scores_refusal(self._privacy is None or self._privacy.policy.release_metrics)
+        if refusal:
+            self.log_info(fl_ctx, f"site {site}: cross-site evaluation of {owner}: not released: {refusal}")
+            return FLModel(metrics={}, meta={**meta, C.META_REFUSED: refusal})
+        # The global model carries the federation's encrypted head (decrypted and checked here like every global
+        # model); a lent local model never does (no hospital lends one with HE on), and must not become _last_head.
+        block = (model.meta or {}).get(C.META_ENCRYPTED)
+        params = self._global_params(model) if block is not None else model.params
+        load_numpy_state(self._model, params)  # refuses other names or shapes, naming them
+        ev = evaluate(self._model, self._val_ds, self._task)
+        scores = released_scores({**ev.metrics, "mean_auroc": ev.mean_auroc}, self._task)
+        self.log_info(
+            fl_ctx,
+            f"site {site}: cross-site evaluation of {owner}: {self._task.score_name} {ev.score:.4f} on "
+            f"{len(self._val_ds)} validation images",
+        )
+        return FLModel(metrics=scores, meta={**meta, C.META_NUM_SAMPLES: len(self._val_ds)})
+
+    def _lend_local_model(self, site: str, fl_ctx: FLContext) -> FLModel:
+        """Cross-site evaluation: this hospital's last local model, lent for the others to score, only when its
+        fedmed_site.json allows it and nothing its privacy promises forbids it (fedmed.crosssite.local_model_refusal)."""
+        refusal = local_model_refusal(
+            self._site.share_local_model, self._last_local is not None, self._he is not None, bool(self._noise_filters)
+        )
+        if refusal:
+            self.log_info(fl_ctx, f"site {site}: local model not lent for cross-site evaluation: {refusal}")
+            return FLModel(metrics={}, meta={C.META_REFUSED: refusal, C.META_SITE: site})
+        self.log_info(fl_ctx, f"site {site}: lending its last local model for cross-site evaluation")
+        return FLModel(
+            params_type=ParamsType.FULL,
+            params=self._last_local,
+            meta={C.META_SITE: site, AppConstants.MODEL_OWNER: site},
+        )
 
     def _filter_history(self) -> list:
         return [h for f in self._noise_filters for h in f.example_history()]

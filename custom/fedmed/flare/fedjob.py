@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
 from nvflare.job_config.api import FedJob
@@ -82,11 +83,17 @@ def build_job(
         validation_images=config.validation_images,
         resume_run=config.resume_run,
         models_dir=config.models_dir,
+        cross_site_eval=config.cross_site_eval,
+        evaluate_only=config.cross_site_eval_only is not None,
+        cross_site_timeout=config.cross_site_timeout,
     )
     job.to_server(controller)
     job.to_server(
         FedMedModelPersistor(
-            num_outputs=spec.num_outputs, initial_weights=config.initial_weights, seed=config.seed, norm=config.norm
+            num_outputs=spec.num_outputs,
+            initial_weights=config.cross_site_eval_only or config.initial_weights,
+            seed=config.seed,
+            norm=config.norm,
         ),
         id="persistor",
     )
@@ -108,7 +115,8 @@ def build_job(
             he_context_file=he_context,
             dp_train_layers=list(config.dp_train_layers) if config.dp_train_layers else None,
         )
-        job.to(trainer, site, tasks=["train", C.TASK_FINAL_MODEL])
+        tasks = ["train", C.TASK_FINAL_MODEL, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
+        job.to(trainer, site, tasks=tasks)
     return job
 
 
@@ -313,6 +321,28 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         help="continue this interrupted or failed run (its uid in the database, or a unique prefix) from its last "
         "recorded round, with the same task, aggregation, HE layers, norm, image size and rounds (fedmed.resume)",
     )
+    p.add_argument(
+        "--no-cross-site-eval",
+        dest="cross_site_eval",
+        action="store_false",
+        default=c.cross_site_eval,
+        help="skip the cross-site evaluation after training (every hospital scores the global model, and the local "
+        "models hospitals lend, on its own validation data)",
+    )
+    p.add_argument(
+        "--cross-site-eval-only",
+        type=Path,
+        default=c.cross_site_eval_only,
+        metavar="MODEL",
+        help="train nothing: every hospital scores this model file (on the server, e.g. a recorded run's "
+        "global_model.pt) on its own validation data; recorded as a run of its own",
+    )
+    p.add_argument(
+        "--cross-site-timeout",
+        type=int,
+        default=c.cross_site_timeout,
+        help=f"seconds to wait for the hospitals in each cross-site step (default {c.cross_site_timeout})",
+    )
     trust = p.add_argument_group(
         "trust",
         "the trust rule (fedmed.robust.trust): each round a site scores 1 at or "
@@ -354,6 +384,8 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     he_layers = _names(a.he_layers) or ((HEAD_PREFIX,) if a.he else None)
     if a.initial_weights is not None and not a.initial_weights.is_file():
         p.error(f"--initial-weights {a.initial_weights}: no such file")
+    if a.cross_site_eval_only is not None and not Path(a.cross_site_eval_only).is_file():
+        p.error(f"--cross-site-eval-only {a.cross_site_eval_only}: no such model file")
     try:
         config = c.with_changes(
             sites=_names(a.sites) or (),
@@ -383,6 +415,9 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             statistics_factor=a.statistics_factor,
             validation_images=a.validation_images,
             resume_run=a.resume,
+            cross_site_eval=a.cross_site_eval,
+            cross_site_eval_only=str(Path(a.cross_site_eval_only).resolve()) if a.cross_site_eval_only else None,
+            cross_site_timeout=a.cross_site_timeout,
         )
     except ValueError as e:
         p.error(str(e))

@@ -2,7 +2,7 @@
 
 Each audited write appends one audit_log entry in its own transaction. The entry's payload names what was written
 and carries the SHA-256 of every row it wrote (run, round, each client update, privacy spend, alert, metric,
-inference log, run resumption) in a canonical JSON form read back from the database; its MAC is HMAC-SHA256, under a key kept
+inference log, run resumption, cross-site evaluation result) in a canonical JSON form read back from the database; its MAC is HMAC-SHA256, under a key kept
 outside the database, over (previous MAC, time, action, payload). Someone with write access to the tables but not
 the key can neither edit a row (its hash no longer matches the latest entry that covers it), nor edit an entry (its
 MAC fails), nor drop rows and recompute the chain. After each write the chain head is appended to a separate
@@ -40,6 +40,7 @@ from fedmed.store.models import (
     Alert,
     AuditEntry,
     ClientUpdate,
+    CrossSiteResult,
     InferenceLog,
     PrivacySpend,
     Round,
@@ -193,6 +194,7 @@ _TABLES = {
     "alerts": (Alert, True, ("round_num", "id")),
     "inference_logs": (InferenceLog, False, ("id",)),
     "run_resumptions": (RunResumption, False, ("job_id", "id")),
+    "cross_site_results": (CrossSiteResult, True, ("model", "site")),
 }
 ROUND_TABLES = ("rounds", "client_updates", "privacy_spend", "round_metrics", "alerts")
 
@@ -462,6 +464,9 @@ def _apply_entry(expected: dict, row, rep: AuditReport) -> None:
     if row.action == "record_round":  # a round is replaced whole: forget what an earlier entry said about it
         prefix = (payload["run"], payload["round"])
         for k in [k for k in expected if k[0] in ROUND_TABLES and k[1][:2] == prefix]:
+            del expected[k]
+    if row.action == "record_cross_site":  # a run's cross-site table is replaced whole, like a round
+        for k in [k for k in expected if k[0] == "cross_site_results" and k[1][0] == payload["run"]]:
             del expected[k]
     for table, key, h in payload.get("rows", ()):
         expected[(table, tuple(key))] = (h, row.id)

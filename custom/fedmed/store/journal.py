@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 
 from sqlalchemy import exc as sa_exc
 
+from fedmed.crosssite import CrossSiteRecord
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, TrustRecord, UpdateRecord
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _dec(d):
     return dt.datetime.fromisoformat(d["__dt__"]) if set(d) == {"__dt__"} else d
 
 
-OPS = ("start_run", "resume_run", "record_round", "finish_run")
+OPS = ("start_run", "resume_run", "record_round", "finish_run", "record_cross_site")
 # Lines carry the round numbering they were written in; lines from before it (rounds from 0, the score in
 # test_mean_auroc) are converted on replay as Alembic revision 0009 converted the database.
 ROUNDS_FROM = 1
@@ -82,6 +83,8 @@ def op_to_json(op: str, args: dict) -> str:
     args = dict(args)
     if isinstance(args.get("record"), RoundRecord):
         args["record"] = dataclasses.asdict(args["record"])
+    if "records" in args:  # record_cross_site's cells
+        args["records"] = [dataclasses.asdict(r) for r in args["records"]]
     return json.dumps({"op": op, "args": args, "rounds_from": ROUNDS_FROM}, default=_enc, sort_keys=True)
 
 
@@ -121,6 +124,8 @@ def op_from_json(line: str) -> tuple[str, dict]:
         rec["alerts"] = tuple(AlertRecord(**a) for a in rec.get("alerts", ()))
         rec["trust"] = tuple(TrustRecord(**t) for t in rec.get("trust", ()))
         args["record"] = RoundRecord(**rec)
+    if op == "record_cross_site":
+        args["records"] = [CrossSiteRecord(**r) for r in args["records"]]
     return op, args
 
 

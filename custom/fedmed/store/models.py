@@ -200,3 +200,23 @@ class InferenceLog(Base):
     positive_findings: Mapped[str] = mapped_column(Text)  # '|'-joined finding names
     status: Mapped[str] = mapped_column(String(30))  # ok / skipped
     message: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+
+
+class CrossSiteResult(Base):
+    """Cross-site evaluation (fedmed.crosssite): `site` scored `model` ("global", or the site name whose last local
+    model it was) on its own validation data, or why not (status refused / rejected / missing / not_shared)."""
+
+    __tablename__ = "cross_site_results"
+    __table_args__ = (UniqueConstraint("run_id", "model", "site_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(200))
+    model_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    status: Mapped[str] = mapped_column(String(30))  # evaluated / refused / rejected / missing / not_shared
+    reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the task's score
+    score_name: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    num_samples: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    metrics_json: Mapped[str] = mapped_column(Text, default="{}")  # per-class scores, as checked and recorded
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

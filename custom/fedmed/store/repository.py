@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedmed.constants import ENV_DB_URL
+from fedmed.crosssite import CrossSiteRecord
 from fedmed.store import audit
 from fedmed.store.audit import AuditProblem, AuditReport, AuditSettings
 from fedmed.store.migrate import upgrade
@@ -25,6 +26,7 @@ from fedmed.store.models import (
     Alert,
     AuditEntry,
     ClientUpdate,
+    CrossSiteResult,
     InferenceLog,
     PrivacySpend,
     Round,
@@ -420,6 +422,85 @@ class Repository:
                 rows,
             )
         self._append_head(head)
+
+    def record_cross_site(self, run_uid: str, records, score_name: Optional[str] = None) -> None:
+        """The run's cross-site evaluation table (fedmed.crosssite.CrossSiteRecord cells), in one transaction.
+        Idempotent: re-recording replaces the run's table whole. Refused whole, with the reason, if a cell's metrics
+        cannot be recorded (the controller has checked them against the task already)."""
+        records = list(records)
+        for r in records:
+            if not isinstance(r, CrossSiteRecord):
+                raise TypeError(f"cross-site cells must be CrossSiteRecord, got {type(r).__name__}")
+            _metrics_problem(r.metrics, f"cross-site {r.site!r} on model {r.model!r}")
+        keys = [(r.model, r.site) for r in records]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"cross-site table names a (model, site) cell twice: {sorted(keys)}")
+        with self._session.begin() as s:
+            run_id = self._run_id(s, run_uid)
+            replaced = s.execute(delete(CrossSiteResult).where(CrossSiteResult.run_id == run_id)).rowcount
+            for r in records:
+                s.add(
+                    CrossSiteResult(
+                        run_id=run_id,
+                        model=r.model,
+                        model_sha256=r.model_sha256,
+                        site_id=self._site(s, r.site).id,
+                        status=r.status,
+                        reason=r.reason,
+                        score=r.score,
+                        score_name=score_name if r.score is not None else None,
+                        num_samples=r.num_samples,
+                        metrics_json=json.dumps({k: float(v) for k, v in r.metrics.items()}, sort_keys=True),
+                        created_at=utcnow(),
+                    )
+                )
+            s.flush()
+            head = self._audit(
+                s,
+                "record_cross_site",
+                {
+                    "run": run_uid,
+                    "replaced": bool(replaced),
+                    "cells": sorted([r.model, r.site, r.status] for r in records),
+                },
+                audit.table_rows(s, "cross_site_results", run_id=run_id),
+            )
+        self._append_head(head)
+
+    def cross_site_results(self, run_id: int) -> list[dict]:
+        """The run's cross-site table: one dict per (model, site) cell, ordered by model then site."""
+        with self._session() as s:
+            rows = s.execute(
+                select(CrossSiteResult, Site.name)
+                .join(Site, Site.id == CrossSiteResult.site_id)
+                .where(CrossSiteResult.run_id == run_id)
+                .order_by(CrossSiteResult.model, Site.name)
+            ).all()
+        return [
+            {
+                "model": r.model,
+                "site": name,
+                "status": r.status,
+                "reason": r.reason,
+                "score": r.score,
+                "score_name": r.score_name,
+                "num_samples": r.num_samples,
+                "metrics": json.loads(r.metrics_json or "{}"),
+                "model_sha256": r.model_sha256,
+            }
+            for r, name in rows
+        ]
+
+    def find_model_round(self, sha256: str) -> Optional[tuple]:
+        """(run id, round) of the latest recorded round whose global model has this sha256, or None."""
+        with self._session() as s:
+            row = s.execute(
+                select(Round.run_id, Round.round_num)
+                .where(Round.global_model_sha256 == sha256)
+                .order_by(Round.run_id.desc(), Round.round_num.desc())
+                .limit(1)
+            ).first()
+        return (row[0], row[1]) if row else None
 
     def load_trust(self, problems: Optional[list] = None) -> dict[str, TrustRecord]:
         """Every site's trust state as the latest recorded round left it, whichever job that was.

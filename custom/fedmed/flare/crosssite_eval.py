@@ -1,0 +1,224 @@
+"""Cross-site evaluation on the server, a part of FedMedController (fedmed.crosssite holds the rules).
+
+Why not NVFlare's CrossSiteEval / CrossSiteModelEval workflows: both are workflows of their own, run after ours,
+that cannot see this run's record (run uid, database journal), its signing keys, its HE state or the sites NVFlare
+dropped; CrossSiteEval re-broadcasts whatever model a site submits to every site without a check, and both keep the
+results in a JSON file only, unchecked. Here the same steps run inside FedMedController with NVFlare's own task names
+(AppConstants.TASK_SUBMIT_MODEL, then AppConstants.TASK_VALIDATION per model, AppConstants.MODEL_OWNER naming the
+model), so FedMedTrainer also answers NVFlare's stock workflows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.security.logging import secure_format_exception
+
+from fedmed import constants as C
+from fedmed.crosssite import GLOBAL_MODEL, CrossSiteRecord, evaluation_cell, summary_line
+from fedmed.flare import signatures as wire_sig
+from fedmed.flare import wire
+from fedmed.hashing import model_sha256
+from fedmed.model import build_densenet121, load_numpy_state
+from fedmed.store.journal import Journal, ResilientRecorder
+from fedmed.store.repository import Repository
+
+HE_NO_LOCAL_MODELS = (
+    "HE is on: a local model's head is encrypted and only the federation's aggregate is ever decrypted; the "
+    "server does not ask for local models"
+)
+
+
+class CrossSiteEvalMixin:
+    """Needs from the controller: _task, norm, cross_site_timeout, he_layers, _signer, _db_url, _gone_now(),
+    sample_clients(), broadcast_model(), fl_ctx, engine, logger, info/warning/error."""
+
+    def _cross_site_eval(self, run_uid: str, model: FLModel, sites=None, lend_local_models: bool = True) -> list:
+        """Every connected hospital (of `sites`, e.g. those that answered the last round: a site that died since is
+        not waited for) scores `model` (the global model) and every local model a hospital lends on its own
+        validation data; each answer is checked (fedmed.crosssite) and the table recorded in the run. Never fails the
+        run: a problem is logged and recorded as the cell's reason."""
+        gone = self._gone_now()
+        connected = self.sample_clients()
+        targets = [s for s in connected if s not in gone and (sites is None or s in sites)]
+        cells: list = [
+            CrossSiteRecord(
+                GLOBAL_MODEL,
+                s,
+                "missing",
+                "not asked: "
+                + (gone.get(s) or ("not connected" if s not in connected else "no answer in the last round")),
+            )
+            for s in sorted(set(getattr(self, "_job_sites", ())) - set(targets))
+        ]
+        if not targets:
+            self.warning("cross-site evaluation skipped: no hospital to ask")
+            if cells:
+                self._record_cross_site(run_uid, cells)
+            return cells
+        self.info(f"cross-site evaluation: {targets} score the global model on their validation data")
+        models = [(GLOBAL_MODEL, model)]
+        try:
+            if lend_local_models and self.he_layers:
+                cells += [CrossSiteRecord(s, s, "not_shared", HE_NO_LOCAL_MODELS) for s in targets]
+            elif lend_local_models:
+                lent, refusals = self._collect_local_models(targets)
+                cells += refusals
+                models += lent
+            for name, m in models:
+                cells += self._evaluate_everywhere(name, m, targets)
+        except Exception as e:  # the run is finished and recorded: its cross-site table must not undo that
+            self.error(f"cross-site evaluation stopped: {secure_format_exception(e)}")
+        if cells:
+            self._record_cross_site(run_uid, cells)
+            self.info(summary_line(cells, self._task.score_name))
+        return cells
+
+    def _collect_local_models(self, targets: list) -> tuple:
+        """([(site, its lent local model)], [not_shared / rejected cells]): each hospital decides (its
+        share_local_model and privacy, fedmed.crosssite.local_model_refusal); the server checks what comes back
+        before relaying it to anyone."""
+        results = self.broadcast_model(
+            task_name=AppConstants.TASK_SUBMIT_MODEL,
+            data=FLModel(params={}, meta={AppConstants.SUBMIT_MODEL_NAME: "last_local_model"}),
+            targets=targets,
+            min_responses=1,
+            timeout=self.cross_site_timeout,
+            wait_time_after_min_received=self.cross_site_timeout,
+        )
+        lent, cells, answered = [], [], set()
+        for r in results:
+            site = wire.site_of(r)
+            if site not in targets or site in answered:
+                continue
+            answered.add(site)
+            meta = r.meta or {}
+            refused = meta.get(C.META_REFUSED) or meta.get(C.META_UNAVAILABLE)
+            if refused is not None:
+                cells.append(CrossSiteRecord(site, site, "not_shared", str(refused)[:500]))
+                continue
+            problem = self._local_model_problem(r)
+            if problem:
+                self.warning(f"cross-site evaluation: {site}'s local model refused: {problem}")
+                cells.append(CrossSiteRecord(site, site, "rejected", f"{site}'s local model {problem}"[:500]))
+                continue
+            lent.append((site, FLModel(params_type=ParamsType.FULL, params=dict(r.params), meta={"lent_by": site})))
+        for site in sorted(set(targets) - answered):
+            cells.append(CrossSiteRecord(site, site, "not_shared", f"no answer within {self.cross_site_timeout}s"))
+        return lent, cells
+
+    def _local_model_problem(self, result: FLModel):
+        """Why a lent local model is not relayed to the other hospitals: not this job's architecture, not finite,
+        or carrying encrypted layers."""
+        if (result.meta or {}).get(C.META_ENCRYPTED) is not None:
+            return "carries encrypted layers, which no other hospital may decrypt"
+        params = result.params
+        if not isinstance(params, dict) or not params:
+            return "is empty"
+        try:
+            load_numpy_state(build_densenet121(self._task.num_outputs, norm=self.norm), params)
+        except Exception as e:  # names or shapes of another architecture
+            return f"does not fit this job's model: {e}"[:300]
+        for name, value in params.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                return f"has non-finite values in {name}"
+        return None
+
+    def _evaluate_everywhere(self, name: str, model: FLModel, targets: list) -> list:
+        sha = model_sha256(model.params, (model.meta or {}).get(C.META_ENCRYPTED))
+        data = FLModel(params_type=ParamsType.FULL, params=model.params, meta={**(model.meta or {})})
+        data.meta[AppConstants.MODEL_OWNER] = name
+        data.meta.pop("lent_by", None)
+        if self._signer is not None:  # the sites score only what the server vouches it sent, for evaluation only
+            wire_sig.sign_global(data, self.fl_ctx.get_job_id(), C.CROSS_SITE_ROUND, self._signer)
+        results = self.broadcast_model(
+            task_name=AppConstants.TASK_VALIDATION,
+            data=data,
+            targets=targets,
+            min_responses=1,
+            timeout=self.cross_site_timeout,
+            wait_time_after_min_received=self.cross_site_timeout,
+        )
+        return self._evaluation_cells(name, sha, targets, results)
+
+    def _evaluation_cells(self, name: str, sha, targets: list, results: list) -> list:
+        """One cell per target site from its answer about model `name` (the model this broadcast asked about;
+        NVFlare names the answering site from its connection, never from the payload)."""
+        cells, answered = [], set()
+        for r in results:
+            site = wire.site_of(r)
+            if site not in targets or site in answered:
+                continue
+            answered.add(site)
+            meta = r.meta or {}
+            refused = meta.get(C.META_REFUSED) or meta.get(C.META_UNAVAILABLE)
+            cell = evaluation_cell(
+                name,
+                site,
+                r.metrics,
+                meta.get(AppConstants.MODEL_OWNER),
+                meta.get(C.META_NUM_SAMPLES),
+                self._task,
+                refused=None if refused is None else str(refused),
+                model_sha256=sha,
+            )
+            if cell.status == "rejected":
+                self.warning(f"cross-site evaluation: result refused: {cell.reason}")
+            cells.append(cell)
+        for site in sorted(set(targets) - answered):
+            cells.append(
+                CrossSiteRecord(name, site, "missing", f"no answer within {self.cross_site_timeout}s", model_sha256=sha)
+            )
+        return cells
+
+    def _record_cross_site(self, run_uid: str, cells: list) -> None:
+        workspace_root = Path(self.engine.get_workspace().get_root_dir())
+        db = ResilientRecorder(
+            lambda: Repository(self._db_url), Journal.for_job(workspace_root, self.fl_ctx.get_job_id()), self.logger
+        )
+        try:
+            db.write("record_cross_site", run_uid=run_uid, records=cells, score_name=self._task.score_name)
+            if not db.flush():
+                self.error(f"cross-site results journaled in {db.journal.path}: the database is unavailable")
+        finally:
+            db.close()
+
+    def _run_cross_site_eval_only(self) -> None:
+        """A job that trains nothing: the hospitals score the model the persistor loads (the job's
+        initial_weights, e.g. a recorded global model), recorded as a run of its own with no rounds."""
+        self.num_rounds, self.run_name = 0, f"{self.run_name} (cross-site evaluation only)"
+        db, run_uid, _ = self._start_record()  # evaluate_only never resumes (refused in __init__)
+        status = "finished"
+        model = None
+        try:
+            self._setup_signatures()
+            model = self.load_model()
+            model.meta = {**self._model_meta(), **(model.meta or {}), "round": 0}
+            sha = model_sha256(model.params, None)
+            found = self._recorded_round_of(sha)
+            self.info(
+                f"cross-site evaluation only: model sha256 {sha[:12]}"
+                + (f", the global model of run {found[0]} round {found[1]}" if found else ", not a recorded round")
+            )
+        except Exception as e:
+            status = "failed"
+            self.error(f"run {run_uid} failed: {secure_format_exception(e)}")
+            raise
+        finally:
+            self._finish_record(db, run_uid, status, None, None)
+        self._cross_site_eval(run_uid, model, lend_local_models=False)  # every connected hospital
+        self.info(f"run {run_uid} {status}; cross-site evaluation only")
+
+    def _recorded_round_of(self, sha: str):
+        try:
+            repo = Repository(self._db_url)
+            try:
+                return repo.find_model_round(sha)
+            finally:
+                repo.close()
+        except Exception:  # only a log line depends on it
+            return None
