@@ -50,8 +50,12 @@ def build(setup: str, config: JobConfig, data_root: Path, workspace: Path, probe
     """The job of one set-up (its keys made in `workspace` where it needs them)."""
     from nvflare.job_config.api import FedJob
 
-    from fedmed.flare.fedjob import add_persistor_and_trainers, build_job, prepare_simulator_keys
-    from fedmed.flare.fedjob import prepare_simulator_signing
+    from fedmed.flare.fedjob import (
+        add_persistor_and_trainers,
+        build_job,
+        prepare_simulator_keys,
+        prepare_simulator_signing,
+    )
     from fedmed.flare.probes import ProbedFedAvg, ProbedFedMedController
 
     sites = list(config.sites)

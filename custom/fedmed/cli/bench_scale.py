@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fedmed.aggregation import is_statistic
 from fedmed.cli.bench_sim import command, environment, load_average, make_small_hospitals, median, run_probed
 from fedmed.flare.probes import memory_now
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.rounds import RoundEngine, RoundRules, SiteResult, finite_or_none
-from fedmed.aggregation import is_statistic
 from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord
 
@@ -350,7 +350,7 @@ def write_document(a, argv, rows, profile_text, sim, long, n_values, state_bytes
         "| sites | round | step s (CPU s) | "
         + " | ".join(f"record {k} s | step + record {k} s" for k in kinds)
         + " | updates MB | traced peak | server peak | RSS before / peak MB | Weiszfeld iterations |",
-        "|---" * (6 + 2 * len(kinds)) + "|---|",
+        "|---" * (8 + 2 * len(kinds)) + "|",
     ]
     for r in rows:
         lines.append(
