@@ -87,6 +87,16 @@ def run_probed(job, sites, workspace: Path, threads: int, probe_file: Path, log_
     return read_probe(probe_file), seconds
 
 
+def memory_now() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process, from /proc/self/status (Linux)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min)"

@@ -25,17 +25,8 @@ from pathlib import Path
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from fedmed.cli.bench_sim import memory_now
 from fedmed.flare.controller import FedMedController
-
-
-def memory_now() -> tuple[int, int]:
-    """(resident, peak resident) bytes of this process, from /proc/self/status (Linux)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
 
 
 class _RoundProbe:
