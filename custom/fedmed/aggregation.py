@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fedmed.parallel import thread_map
 from fedmed.robust.baselines import coordinate_median, krum, trimmed_mean
 from fedmed.robust.geometric_median import NON_TRAINABLE_SUFFIXES, combine, distance_keys, geometric_median
 
@@ -152,11 +153,18 @@ def get_aggregator(name: str) -> Aggregator:
     return AGGREGATORS[name]
 
 
-def distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray]) -> float:
-    """L2 distance over the trainable parameters (BatchNorm statistics excluded), accumulated in float64."""
+def distance(
+    update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray], keys: Sequence[str] | None = None
+) -> float:
+    """L2 distance over the trainable parameters (BatchNorm statistics excluded; `keys`: distance_keys(center),
+    when the caller has them), accumulated in float64."""
     sq = 0.0
-    for k in distance_keys(center):
-        sq += float(np.sum((np.asarray(update[k], np.float64) - np.asarray(center[k], np.float64)) ** 2))
+    for k in distance_keys(center) if keys is None else keys:
+        # The difference is computed in float64 straight from the stored values (the ufunc casts in small buffers,
+        # no float64 copy of either side) and squared-and-summed by one BLAS dot: half the time of the obvious
+        # (a64 - b64) ** 2 sum, the same value to rounding.
+        d = np.subtract(update[k], center[k], dtype=np.float64).reshape(-1)
+        sq += float(np.dot(d, d))
     return float(np.sqrt(sq))
 
 
@@ -180,9 +188,11 @@ def head_cosine(
     return float(np.clip(dot / np.sqrt(nu * na), -1.0, 1.0))
 
 
-def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+def update_norm(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], keys: Sequence[str] | None = None
+) -> float:
     """How far a site moved the model: its distance to the global model it started from."""
-    return distance(update, reference)
+    return distance(update, reference, keys)
 
 
 def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
@@ -197,7 +207,13 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
         v = np.asarray(update[k])
         if v.shape != np.shape(ref):
             return f"parameter {k}: shape {v.shape}, expected {np.shape(ref)}"
-        if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+        # A float64 sum of finite float32/float64 values is finite (no overflow) and any NaN or Inf makes it
+        # non-finite: one cheap reduction instead of a boolean array per parameter.
+        if (
+            np.issubdtype(v.dtype, np.floating)
+            and not np.isfinite(np.sum(v, dtype=np.float64))
+            and not np.all(np.isfinite(v))  # the sum can overflow on huge finite float64 values: then look closer
+        ):
             return f"parameter {k}: contains NaN or Inf"
     return None
 
@@ -235,7 +251,9 @@ def aggregate_and_score(
 
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] for n in names])
-        dist = {n: distance(u, res.params) for n, u in updates.items()}
+        keys = distance_keys(res.params)
+        sites = list(updates)
+        dist = dict(zip(sites, thread_map(lambda n: distance(updates[n], res.params, keys), sites)))
         cos = {n: head_cosine(u, res.params, reference, head_keys) for n, u in updates.items()} if check_heads else {}
         return res, dist, round_scores(dist, policy, cos), cos
 

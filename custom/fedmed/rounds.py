@@ -31,6 +31,8 @@ from fedmed.aggregation import (
     update_norm,
 )
 from fedmed.hashing import model_sha256
+from fedmed.parallel import thread_map
+from fedmed.robust.geometric_median import distance_keys
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.screening import (
     DEFAULT_STATISTICS_FACTOR,
@@ -209,6 +211,23 @@ class RoundEngine:
             or self._find_encrypted_problem(r)
         )
 
+    def _examine_all(self, results: Sequence[SiteResult], reference: Mapping[str, np.ndarray]) -> list:
+        """(problem, update hash, norm) of each result, the per-site work of screening (the checks, a SHA-256 of
+        the update, its distance to the global model), on the server's threads (fedmed.parallel): it is most of a
+        round's cost with many sites. The order-dependent rules (replay, copies) stay in _screen. With HE, one
+        thread: the encrypted checks use the one TenSEAL context."""
+        keys = distance_keys(reference)
+
+        def examine(r: SiteResult):
+            if r.unavailable is not None or r.refused is not None:
+                return None, None, None
+            problem = self.find_problem(r, reference)
+            if problem is not None:
+                return problem, None, None
+            return None, model_sha256(r.params, r.encrypted), update_norm(r.params, reference, keys)
+
+        return thread_map(examine, results, 1 if self.encryption is not None else None)
+
     def _screen(
         self,
         round_num: int,
@@ -221,7 +240,8 @@ class RoundEngine:
         valid: dict[str, SiteResult] = {}
         records: dict[str, UpdateRecord] = {}
         hashes: dict[str, str] = {}
-        for r in results:
+        examined = self._examine_all(results, reference)
+        for r, (problem, update_sha, norm) in zip(results, examined):
             privacy = {
                 k: finite_or_none((r.privacy or {}).get(k))
                 for k in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")
@@ -256,10 +276,8 @@ class RoundEngine:
                 signature=r.signature,
                 signed_digest=r.signed_digest,
             )
-            reason = self.find_problem(r, reference)
-            sha = None
+            reason, sha = problem, update_sha
             if reason is None:
-                sha = model_sha256(r.params, r.encrypted)
                 if sha in self._seen:
                     first_site, first_round = self._seen[sha]
                     reason = (
@@ -276,7 +294,7 @@ class RoundEngine:
             valid[r.site] = r
             records[r.site] = UpdateRecord(
                 status="accepted",
-                update_norm=update_norm(r.params, reference),
+                update_norm=norm,
                 update_sha256=sha,
                 **privacy,
                 train_loss=finite_or_none(metrics.get("train_loss")),

@@ -38,6 +38,7 @@ from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, PrivacyLedger, dataset_fingerprint
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
+from fedmed.rounds import finite_or_none
 from fedmed.site_config import SiteConfig, load_site_config
 from fedmed.tasks import get_task
 from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
@@ -612,6 +613,9 @@ class FedMedTrainer(Executor):
         )
         metrics = {C.META_TRAIN_LOSS: train_loss, C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc}
         metrics.update({C.META_VAL_PREFIX + k: v for k, v in val.metrics.items()})
+        # A metric the site could not compute (AUROC is NaN on a validation set that lacks a class) is left out: the
+        # server records nothing for it anyway, and a signed update can only carry finite numbers (fedmed.signing).
+        metrics = {k: finite_or_none(v) for k, v in metrics.items() if finite_or_none(v) is not None}
         if self._privacy is not None and not self._privacy.policy.release_metrics:
             # The site's policy: nothing its epsilon does not cover leaves; the numbers stay in its own log above.
             metrics = {}

@@ -38,7 +38,14 @@ SIMULATOR_JOB_ID = "simulate_job"  # NVFlare's simulator gives every job this id
 
 
 def build_job(
-    config: JobConfig, *, data_root: Path | None = None, he_keys_dir: Path | None = None, **changes
+    config: JobConfig,
+    *,
+    data_root: Path | None = None,
+    he_keys_dir: Path | None = None,
+    signing_keys_dir: Path | None = None,
+    controller_class: type = FedMedController,
+    controller_args: dict | None = None,
+    **changes,
 ) -> FedJob:
     """The job as code, configured by `config` (with `changes`, JobConfig settings by name, applied on top).
 
@@ -47,7 +54,9 @@ def build_job(
     server scores rounds by the sites' validation scores. With config.he_layers those parameters travel
     CKKS-encrypted; the keys come from the kits (installed from a hospital key
     custodian's set, scripts/he_keys.py), or in simulation from he_keys_dir/<site>/
-    (see prepare_simulator_keys)."""
+    (see prepare_simulator_keys). With signing_keys_dir (simulation) each site signs its updates with the keys in
+    signing_keys_dir/<site>/ (see prepare_simulator_signing). controller_class / controller_args: a FedMedController
+    subclass and its extra arguments (the benchmarks' fedmed.flare.probes)."""
     config = config.with_changes(**changes) if changes else config
     spec = get_task(config.task)
     min_clients = config.required_clients
@@ -58,7 +67,7 @@ def build_job(
     job.set_app_packages(["fedmed"])
     he_layers = list(config.he_layers) if config.he_layers else None
     test_root = Path(data_root) / "global_test" if data_root else None
-    controller = FedMedController(
+    controller_kwargs = dict(
         num_rounds=config.num_rounds,
         min_clients=min_clients,
         round_timeout=config.round_timeout,
@@ -87,7 +96,22 @@ def build_job(
         evaluate_only=config.cross_site_eval_only is not None,
         cross_site_timeout=config.cross_site_timeout,
     )
-    job.to_server(controller)
+    job.to_server(controller_class(**{**controller_kwargs, **(controller_args or {})}))
+    add_persistor_and_trainers(job, config, data_root, he_keys_dir, signing_keys_dir)
+    return job
+
+
+def add_persistor_and_trainers(
+    job: FedJob,
+    config: JobConfig,
+    data_root: Path | None = None,
+    he_keys_dir: Path | None = None,
+    signing_keys_dir: Path | None = None,
+) -> None:
+    """The server's model persistor (component id "persistor") and each site's FedMedTrainer, as build_job configures
+    them; also used by the benchmark that runs the same trainers under NVFlare's own FedAvg."""
+    spec = get_task(config.task)
+    he_layers = list(config.he_layers) if config.he_layers else None
     job.to_server(
         FedMedModelPersistor(
             num_outputs=spec.num_outputs,
@@ -114,10 +138,11 @@ def build_job(
             he_layers=he_layers,
             he_context_file=he_context,
             dp_train_layers=list(config.dp_train_layers) if config.dp_train_layers else None,
+            signatures=signing_keys_dir is not None,
+            signing_key_dir=str(Path(signing_keys_dir) / site) if signing_keys_dir else None,
         )
         tasks = ["train", C.TASK_FINAL_MODEL, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
         job.to(trainer, site, tasks=tasks)
-    return job
 
 
 def allow_fedmed_components(workspace: Path) -> None:
@@ -144,6 +169,25 @@ def prepare_simulator_keys(workspace_root: Path, sites, job_name: str) -> str:
     sim_root = Path(workspace_root).resolve() / job_name
     ckks.write_key_files(keys, sim_root / "startup", [he_keys_dir_for(workspace_root, job_name) / s for s in sites])
     return keys.key_id
+
+
+def prepare_simulator_signing(workspace_root: Path, sites, job_name: str) -> Path:
+    """What fedmed-federation does for a real federation (fedmed.signing), for the simulator: signing keys for the
+    server and each hospital. The server's private key and every hospital's public key go into
+    <workspace>/<job>/local/ (the simulator copies that folder to every participant; a server kit whose
+    local/site_keys/ holds hospitals' keys requires signed updates), each hospital's private key and the server's
+    public key into <workspace>/<job>_signing_keys/<site>/. Returns that folder (build_job's signing_keys_dir)."""
+    from fedmed import signing
+
+    local = Path(workspace_root).resolve() / job_name / "local"
+    keys_dir = Path(workspace_root).resolve() / f"{job_name}_signing_keys"
+    server_public = signing.generate_site_keys(local, "server")
+    for site in sites:
+        public = signing.generate_site_keys(keys_dir / site, site)
+        (local / signing.SITE_KEYS_DIR).mkdir(parents=True, exist_ok=True)
+        signing.site_key_path(local, site).write_text(public.to_json())
+        (keys_dir / site / signing.SERVER_KEY_FILE).write_text(server_public.to_json())
+    return keys_dir
 
 
 def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int, log_file: Optional[Path] = None) -> Path:
