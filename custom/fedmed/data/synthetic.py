@@ -15,7 +15,8 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -80,9 +81,13 @@ class ScannerProfile:
 
 @dataclass(frozen=True)
 class HospitalSpec:
+    """One synthetic hospital. prevalence: its own per-finding label prior (one value per class, in the family's
+    label order) instead of a Dirichlet draw around the global prior (see specialist_priors)."""
+
     name: str
     num_images: int
     scanner: ScannerProfile = field(default_factory=ScannerProfile)
+    prevalence: Optional[tuple] = None
 
 
 DEFAULT_HOSPITALS = (
@@ -107,6 +112,36 @@ def site_prevalences(base: dict, alpha: float, rng: np.random.Generator, min_pre
         raise ValueError(f"min_prevalence must be in [0, 0.5), got {min_prevalence}")
     p = np.array([max(base[f], min_prevalence) for f in CXR14_FINDINGS])
     return np.clip(rng.beta(alpha * p, alpha * (1.0 - p)), 1e-4, 0.95)
+
+
+def specialist_priors(n_sites: int, common: float, rare: float, num_classes: int = len(CXR14_FINDINGS)) -> list:
+    """Per-site label priors of specialist hospitals: finding i is common (prevalence `common`) at site i % n_sites
+    and rare (`rare`) at every other site, so each hospital alone sees few positives of most findings."""
+    if n_sites < 1:
+        raise ValueError(f"n_sites must be >= 1, got {n_sites}")
+    if not 0.0 <= rare <= common <= 0.95:
+        raise ValueError(f"need 0 <= rare <= common <= 0.95, got rare={rare}, common={common}")
+    return [tuple(common if i % n_sites == s else rare for i in range(num_classes)) for s in range(n_sites)]
+
+
+def shift_scanner(scanner: ScannerProfile, reference: ScannerProfile, factor: float) -> ScannerProfile:
+    """A scanner `factor` times as far from `reference` in gamma, contrast, noise and blur (1 = unchanged): larger
+    per-hospital acquisition differences. Values are kept in the profile's valid range."""
+    if factor < 0:
+        raise ValueError(f"scanner shift factor must be >= 0, got {factor}")
+    if factor == 1.0:
+        return scanner  # exactly as given: default hospitals stay byte-identical
+
+    def far(value, ref, lo, hi):
+        return float(np.clip(ref + factor * (value - ref), lo, hi))
+
+    return replace(
+        scanner,
+        gamma=far(scanner.gamma, reference.gamma, 0.3, 3.0),
+        contrast=far(scanner.contrast, reference.contrast, 0.2, 3.0),
+        noise_std=far(scanner.noise_std, reference.noise_std, 0.0, 0.2),
+        blur_sigma=far(scanner.blur_sigma, reference.blur_sigma, 0.0, 4.0),
+    )
 
 
 def sample_labels(prevalence: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -138,8 +173,12 @@ def _blob(yy, xx, cy, cx, sigma):
     return np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)))
 
 
-def render_chest(labels: Sequence[int], rng: np.random.Generator, size: int = 256) -> np.ndarray:
-    """Render one radiograph as attenuation in [0, 1] (bright = dense) with the signs of the given findings."""
+def render_chest(labels: Sequence[int], rng: np.random.Generator, size: int = 256, sign_scale: float = 1.0) -> np.ndarray:
+    """Render one radiograph as attenuation in [0, 1] (bright = dense) with the signs of the given findings.
+    sign_scale multiplies the contrast of the lesion signs (nodule, mass, patches, lines, rims; < 1 = fainter, harder
+    to learn); the shape signs (heart size, fluid level, hyperinflation, collapsed lung) are unchanged."""
+    if sign_scale < 0:
+        raise ValueError(f"sign_scale must be >= 0, got {sign_scale}")
     if len(labels) != len(CXR14_FINDINGS):
         raise ValueError(f"labels must have {len(CXR14_FINDINGS)} entries, got {len(labels)}")
     has = {f: bool(labels[i]) for i, f in enumerate(CXR14_FINDINGS)}
@@ -265,7 +304,7 @@ def render_chest(labels: Sequence[int], rng: np.random.Generator, size: int = 25
         hy, hx = bottom - u(0.06, 0.1), cx - u(0.0, 0.04)
         lesion += u(0.18, 0.26) * _soft(_ellipse(yy, xx, hy, hx, 0.06, 0.07), 0.15)
         lesion -= 0.12 * _soft(_ellipse(yy, xx, hy - 0.015, hx, 0.02, 0.04), 0.2)  # air-fluid level in the sac
-    img += lesion * body
+    img += sign_scale * lesion * body
     return np.clip(img, 0.0, 1.0)
 
 
@@ -346,6 +385,8 @@ class ImageFamily:
         label_cells: label -> the CSV cells of those columns.
         site_labels: (n, alpha, rng) -> n labels from a site's own prior, drawn around the global one with
             Dirichlet concentration alpha (non-IID sites).
+        labels_from_prior: (n, prevalence, rng) -> n labels from a given per-class prior (HospitalSpec.prevalence);
+            None: the family takes no fixed priors.
         test_labels: (n, rng) -> n labels from the global prior (the global test set).
         tags: rng -> acquisition DICOM tags of one image (drawn after rendering and acquisition).
         hospitals: default sites.
@@ -361,18 +402,22 @@ class ImageFamily:
     tags: Callable
     hospitals: tuple
     test_scanner: ScannerProfile
+    labels_from_prior: Optional[Callable] = None
 
 
 def _chest_tags(rng: np.random.Generator) -> dict:
     return {"BodyPartExamined": "CHEST", "ViewPosition": "PA" if rng.random() < 0.8 else "AP"}
 
 
-def chest_family(min_prevalence: float = 0.05) -> ImageFamily:
-    """Chest radiographs with ChestX-ray14 findings; min_prevalence floors each finding's global prevalence."""
+def chest_family(min_prevalence: float = 0.05, sign_scale: float = 1.0) -> ImageFamily:
+    """Chest radiographs with ChestX-ray14 findings; min_prevalence floors each finding's global prevalence;
+    sign_scale: contrast of the lesion signs (render_chest)."""
+    if sign_scale < 0:
+        raise ValueError(f"sign_scale must be >= 0, got {sign_scale}")
     floored = np.array([max(CXR14_PREVALENCE[f], min_prevalence) for f in CXR14_FINDINGS])
     return ImageFamily(
         name="chest_xray14",
-        render=render_chest,
+        render=render_chest if sign_scale == 1.0 else partial(render_chest, sign_scale=sign_scale),
         label_columns=CXR14_FINDINGS,
         label_cells=lambda label: [int(v) for v in label],
         site_labels=lambda n, alpha, rng: sample_labels(site_prevalences(CXR14_PREVALENCE, alpha, rng, min_prevalence), n, rng),
@@ -380,6 +425,7 @@ def chest_family(min_prevalence: float = 0.05) -> ImageFamily:
         tags=_chest_tags,
         hospitals=DEFAULT_HOSPITALS,
         test_scanner=GLOBAL_TEST_SCANNER,
+        labels_from_prior=lambda n, prevalence, rng: sample_labels(np.asarray(prevalence, dtype=float), n, rng),
     )
 
 
@@ -458,7 +504,17 @@ def generate_hospitals(
         if spec.num_images < 2:
             raise ValueError(f"{spec.name}: num_images must be >= 2, got {spec.num_images}")
         rng = np.random.default_rng(s)
-        labels = family.site_labels(spec.num_images, alpha, rng)
+        if spec.prevalence is None:
+            labels = family.site_labels(spec.num_images, alpha, rng)
+        elif family.labels_from_prior is None:
+            raise ValueError(f"{spec.name}: the {family.name} images take no per-site prevalence")
+        elif len(spec.prevalence) != len(family.label_columns):
+            raise ValueError(
+                f"{spec.name}: prevalence has {len(spec.prevalence)} values, the {family.name} images have "
+                f"{len(family.label_columns)} classes"
+            )
+        else:
+            labels = family.labels_from_prior(spec.num_images, spec.prevalence, rng)
         n_val = max(1, int(round(spec.num_images * val_fraction)))
         splits = ["val" if i < n_val else "train" for i in rng.permutation(spec.num_images)]
         written[spec.name] = write_site(out_root / spec.name, labels, splits, spec.scanner, rng, spec.name, size,

@@ -1,0 +1,414 @@
+"""Benchmark: does federation pay? Each hospital alone, centralised training on the pooled data, FedAvg and the
+geometric median, all with the same total epochs, scored on one shared global test set (mean AUROC).
+
+    python scripts/bench_learning.py [--epochs 8] [--seeds 0,1] [--image-size 64] [--out docs/bench_learning.md]
+
+The hospitals are made hard on purpose, so that a hospital alone has something to miss (see --help): few images
+each, specialist label priors (each finding common at one hospital and rare at the others), fainter lesion signs,
+scanners further apart, and a fresh DenseNet-121 (no pretraining). Every arm runs through fedmed.inprocess.federate,
+so every arm has the same training loop: a round = one local epoch (Adam, fresh each round, cosine learning-rate
+decay over the epochs, the Executor's per-round seeds). "Alone" and "centralised" are one-site federations whose
+aggregate is that site's model; "centralised" is one site holding every hospital's training images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fedmed.data.loading import load_test, load_train_val
+from fedmed.data.synthetic import (
+    DEFAULT_HOSPITALS,
+    GLOBAL_TEST_SCANNER,
+    chest_family,
+    generate_hospitals,
+    shift_scanner,
+    specialist_priors,
+)
+from fedmed.inprocess import federate
+from fedmed.model import build_densenet121, load_numpy_state
+from fedmed.site_config import DataConfig
+from fedmed.tasks import CHEST_XRAY14
+from fedmed.training import evaluate
+
+FEDERATED = ("fedavg", "geometric_median")
+CENTRAL = "centralised"
+TOLERANCE = 0.02  # the target: federated within this much mean AUROC of centralised
+
+
+def make_hospitals(root: Path, per_site, common, rare, sign_scale, scanner_shift, num_test, seed, size) -> list:
+    """Generate the hard hospitals once into root (regenerated when the settings differ); returns site names."""
+    settings = dict(
+        per_site=list(per_site),
+        specialist=[common, rare],
+        sign_scale=sign_scale,
+        scanner_shift=scanner_shift,
+        num_test=num_test,
+        seed=seed,
+        size=size,
+    )
+    stamp = root / "bench_learning.json"
+    names = [f"hospital-{chr(ord('a') + i)}" for i in range(len(per_site))]
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return names
+    if stamp.exists() or (root.exists() and any(root.iterdir())):
+        if not stamp.exists():
+            raise SystemExit(f"{root} holds other files; choose an empty --data folder")
+        import shutil
+
+        shutil.rmtree(root)  # our own earlier hospitals, made with other settings
+    priors = specialist_priors(len(per_site), common, rare)
+    specs = [
+        replace(
+            DEFAULT_HOSPITALS[i % len(DEFAULT_HOSPITALS)],
+            name=names[i],
+            num_images=n,
+            scanner=shift_scanner(DEFAULT_HOSPITALS[i % len(DEFAULT_HOSPITALS)].scanner, GLOBAL_TEST_SCANNER,
+                                  scanner_shift),
+            prevalence=priors[i],
+        )
+        for i, n in enumerate(per_site)
+    ]
+    with tqdm(total=sum(per_site) + num_test, desc="generating hospitals", unit="img") as bar:
+        generate_hospitals(
+            root, specs, num_test=num_test, seed=seed, size=size, progress=bar.update,
+            family=chest_family(sign_scale=sign_scale),
+        )
+    stamp.write_text(json.dumps(settings))
+    return names
+
+
+def pooled(datasets: list):
+    """Every hospital's training images in one dataset: the centralised arm's data (images are already decoded)."""
+    out = copy.copy(datasets[0])
+    out.images = torch.cat([d.images for d in datasets])
+    out.labels = torch.cat([d.labels for d in datasets])
+    return out
+
+
+def run_arm(train_sets: dict, test_set, epochs, aggregation, seed, lr, batch_size, curve: bool) -> dict:
+    """One arm: final per-finding AUROCs on the global test set and, when asked, its mean AUROC after every epoch."""
+    model = build_densenet121(CHEST_XRAY14.num_outputs)
+    points = []
+
+    def on_round(report):
+        if curve and report.aggregated:
+            load_numpy_state(model, report.params)
+            points.append(evaluate(model, test_set, CHEST_XRAY14).mean_auroc)
+
+    fed = federate(
+        train_sets,
+        test_set,
+        epochs,
+        aggregation,
+        task=CHEST_XRAY14,
+        use_trust=aggregation == "geometric_median",  # the deployed rule; FedAvg takes every valid update
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        min_clients=1 if len(train_sets) == 1 else 2,
+        on_round=on_round,
+    )
+    if fed.stopped:
+        raise RuntimeError(f"{aggregation} over {sorted(train_sets)} stopped: {fed.stopped}")
+    load_numpy_state(model, fed.params)
+    final = evaluate(model, test_set, CHEST_XRAY14)
+    return {"auroc": final.mean_auroc, "aurocs": final.aurocs, "curve": points}
+
+
+def specialty_split(aurocs: dict, site_index: int, n_sites: int) -> tuple:
+    """Mean AUROC over the findings common at that hospital, and over the findings rare there."""
+    findings = list(CHEST_XRAY14.classes)
+    own = [aurocs[f] for i, f in enumerate(findings) if f in aurocs and i % n_sites == site_index]
+    other = [aurocs[f] for i, f in enumerate(findings) if f in aurocs and i % n_sites != site_index]
+    return float(np.mean(own)) if own else float("nan"), float(np.mean(other)) if other else float("nan")
+
+
+def summary(values: list) -> tuple:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, sd, min(values), max(values)
+
+
+def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    means = [summary(results[a])[0] for a in arms]
+    lo = [summary(results[a])[0] - summary(results[a])[2] for a in arms]
+    hi = [summary(results[a])[3] - summary(results[a])[0] for a in arms]
+    colors = ["grey" if a.endswith("alone") else ("tab:blue" if a == CENTRAL else "tab:green") for a in arms]
+    ax.bar(range(len(arms)), means, yerr=[lo, hi], color=colors, capsize=4)
+    ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0.3, 1.0)
+    ax.axhline(0.5, color="k", lw=0.5, ls=":")
+    ax.set_ylabel("global test mean AUROC")
+    ax.set_title("final model: mean over seeds, whiskers min-max", fontsize=9)
+    for a, c in curves.items():
+        ax2.plot(range(1, len(c) + 1), c, marker="o", ms=3, label=a, ls="--" if a.endswith("alone") else "-")
+    ax2.set_xlabel("epoch (= federated round)")
+    ax2.set_ylabel("global test mean AUROC")
+    ax2.set_title("learning curves, one seed", fontsize=9)
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    ax2.axhline(0.5, color="k", lw=0.5, ls=":")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_ints(text: str, what: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{what} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise SystemExit(f"{what} is empty")
+    return values
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/bench_learning"), help="where the hospitals are made")
+    p.add_argument("--per-site", default="75,60,90", help="images per hospital (20%% of each is its validation split)")
+    p.add_argument("--num-test", type=int, default=200, help="images in the shared global test set")
+    p.add_argument("--specialist", default="0.3,0.01", metavar="COMMON,RARE",
+                   help="finding i has prevalence COMMON at hospital i mod n, RARE at the others")
+    p.add_argument("--sign-scale", type=float, default=1.0, help="lesion sign contrast (1 = the generator default)")
+    p.add_argument("--scanner-shift", type=float, default=2.0, help="scanner distance from the test scanner (1 = default)")
+    p.add_argument("--epochs", type=int, default=6, help="total epochs of every arm (federated: rounds of 1 epoch)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (model start, shuffling, augmentation)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--no-curves", action="store_true", help="skip the per-epoch test scores of the first seed")
+    p.add_argument("--out", type=Path, default=Path("docs/bench_learning.md"))
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="write the report from the result files (<out>.json) of runs that split the seeds between them",
+    )
+    a = p.parse_args(argv)
+    if a.combine:
+        record = combine([json.loads(path.read_text()) for path in a.combine])
+        write_report(record, a.out)
+        return 0
+    per_site = parse_ints(a.per_site, "--per-site")
+    seeds = parse_ints(a.seeds, "--seeds")
+    try:
+        common, rare = (float(v) for v in a.specialist.split(","))
+    except ValueError:
+        raise SystemExit(f"--specialist takes COMMON,RARE, got {a.specialist!r}") from None
+    if len(per_site) < 2 or min(per_site) < 4:
+        raise SystemExit(f"--per-site needs at least two hospitals of >= 4 images, got {per_site}")
+    if a.epochs < 1:
+        raise SystemExit(f"--epochs must be >= 1, got {a.epochs}")
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    size = max(a.image_size, 64)
+    sites = make_hospitals(a.data, per_site, common, rare, a.sign_scale, a.scanner_shift, a.num_test, a.data_seed, size)
+    train = {
+        s: load_train_val(
+            DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"), a.image_size, a.data_seed,
+            CHEST_XRAY14,
+        )[0]
+        for s in sites
+    }
+    test = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size,
+                     CHEST_XRAY14)
+    arms = {f"{s} alone": ({s: train[s]}, "fedavg") for s in sites}
+    arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, "fedavg")
+    for agg in FEDERATED:
+        arms[agg] = (train, agg)
+    record = {
+        "settings": {k: getattr(a, k) for k in SETTINGS},
+        "commands": [],
+        "environment": environment(),
+        "sites": sites,
+        "n_train": {s: len(train[s]) for s in sites},
+        "n_test": len(test),
+        "arms": list(arms),
+        "seeds": [],
+        "results": {arm: [] for arm in arms},
+        "finals": {arm: [] for arm in arms},
+        "curves": {},
+        "curve_seed": None,
+        "wall_s": [0.0],
+    }
+    bar = tqdm(total=len(seeds) * len(arms), desc="arms x seeds")
+    for k, seed in enumerate(seeds):
+        curve = not a.no_curves and k == 0
+        for arm, (sets, agg) in arms.items():
+            out = run_arm(sets, test, a.epochs, agg, seed, a.lr, a.batch_size, curve)
+            record["results"][arm].append(out["auroc"])
+            record["finals"][arm].append(out["aurocs"])
+            if out["curve"]:
+                record["curves"][arm] = out["curve"]
+            bar.update(1)
+            tqdm.write(f"seed {seed} {arm}: {out['auroc']:.3f}")
+        record["seeds"].append(seed)
+        record["curve_seed"] = seeds[0] if record["curves"] else None
+        record["wall_s"] = [time.time() - t0]
+        record["commands"] = [command(a, record["seeds"], a.out)]
+        # Written after every seed: a long run stopped early still leaves the seeds it finished.
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        write_report(record, a.out)
+    bar.close()
+    return 0
+
+
+SETTINGS = ("per_site", "num_test", "specialist", "sign_scale", "scanner_shift", "epochs", "data_seed",
+            "image_size", "lr", "batch_size")
+
+
+def command(a, seeds, out) -> str:
+    return (
+        f"python scripts/bench_learning.py --per-site {a.per_site} --num-test {a.num_test} --specialist {a.specialist} "
+        f"--sign-scale {a.sign_scale} --scanner-shift {a.scanner_shift} --epochs {a.epochs} "
+        f"--seeds {','.join(map(str, seeds))} --image-size {a.image_size} --batch-size {a.batch_size} --lr {a.lr}"
+        + (" --no-curves" if a.no_curves else "")
+        + f" --out {out}"
+    )
+
+
+def environment() -> str:
+    return (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__} on "
+        f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}"
+    )
+
+
+def combine(records: list) -> dict:
+    """One record from runs that split the seeds between them (same settings, different seeds)."""
+    first = records[0]
+    for r in records[1:]:
+        if r["settings"] != first["settings"] or r["arms"] != first["arms"]:
+            raise SystemExit(f"runs with different settings cannot be combined: {first['settings']} vs {r['settings']}")
+    seeds = [s for r in records for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"the runs repeat seeds: {seeds}")
+    out = dict(first)
+    out["seeds"] = seeds
+    out["results"] = {arm: [v for r in records for v in r["results"][arm]] for arm in first["arms"]}
+    out["finals"] = {arm: [v for r in records for v in r["finals"][arm]] for arm in first["arms"]}
+    with_curves = [r for r in records if r["curves"]]
+    out["curves"] = with_curves[0]["curves"] if with_curves else {}
+    out["curve_seed"] = with_curves[0]["curve_seed"] if with_curves else None
+    out["commands"] = [c for r in records for c in r["commands"]]
+    out["wall_s"] = [w for r in records for w in r["wall_s"]]
+    return out
+
+
+def write_report(record: dict, out: Path) -> None:
+    st = record["settings"]
+    sites, names, results = record["sites"], record["arms"], record["results"]
+    seeds, curves = record["seeds"], record["curves"]
+    central = summary(results[CENTRAL])[0]
+    best_alone = max(summary(results[f"{s} alone"])[0] for s in sites)
+    common, rare = st["specialist"].split(",")
+    walls = ", ".join(f"{w:.0f} s" for w in record["wall_s"])
+    lines = [
+        "# bench_learning: does federation pay?",
+        "",
+        "Command" + ("s (run side by side, each a share of the seeds)" if len(record["commands"]) > 1 else "") + ": "
+        + "; ".join(f"`{c}`" for c in record["commands"])
+        + (f"; then `python scripts/bench_learning.py --combine <their .json> --out {out}`"
+           if len(record["commands"]) > 1 else ""),
+        "",
+        f"Environment: {record['environment']}; wall time {walls} (including data generation when not cached).",
+        "",
+        "## Set-up",
+        "",
+        f"- {len(sites)} synthetic hospitals ("
+        + ", ".join(f"{s}: {n} training images" for s, n in record["n_train"].items())
+        + f"; 20% of each generated set is its validation split, unused here), a shared global test set of "
+        f"{record['n_test']} images from the global prior and the test scanner, {st['image_size']} px.",
+        f"- Hard on purpose: specialist label priors (finding i has prevalence {common} at hospital i mod "
+        f"{len(sites)} and {rare} at the others: each hospital sees few positives of two thirds of the findings); "
+        f"lesion signs at {st['sign_scale']}x contrast; scanners {st['scanner_shift']}x as far from the test scanner as "
+        "the default hospitals (gamma, contrast, noise, blur; one hospital writes MONOCHROME1); few images; a fresh "
+        "DenseNet-121 (BatchNorm, no pretraining).",
+        f"- Same total epochs: every arm trains {st['epochs']} epochs over its data (the federations: {st['epochs']} "
+        "rounds of one local epoch); the same loop for all (fedmed.inprocess: Adam "
+        f"lr {st['lr']} fresh each epoch, cosine decay over the epochs, batch {st['batch_size']}). FedAvg aggregates "
+        "every valid update; the geometric median runs with the deployed trust rule.",
+        f"- Seeds {','.join(map(str, seeds))}: the training seed (model start, shuffling, augmentation); the hospitals "
+        f"are the same data (data seed {st['data_seed']}).",
+        "",
+        "## Result",
+        "",
+        "| arm | mean AUROC | sd | min | max | vs centralised | per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in names:
+        m, sd, lo, hi = summary(results[arm])
+        per_seed = ", ".join(f"{v:.3f}" for v in results[arm])
+        lines.append(f"| {arm} | {m:.3f} | {sd:.3f} | {lo:.3f} | {hi:.3f} | {m - central:+.3f} | {per_seed} |")
+    lines += ["", f"Targets: federated within {TOLERANCE} AUROC of centralised, and above every hospital alone."]
+    for agg in FEDERATED:
+        m = summary(results[agg])[0]
+        near = m >= central - TOLERANCE
+        above = m > best_alone
+        lines.append(
+            f"- {agg}: {m - central:+.3f} vs centralised ({'met' if near else 'missed'}); "
+            f"{m - best_alone:+.3f} vs the best hospital alone ({'met' if above else 'missed'})."
+        )
+    lines += [
+        "",
+        "## Where a hospital alone falls short",
+        "",
+        "Mean AUROC (over seeds) on the findings common at that hospital and on the findings rare there:",
+        "",
+        "| hospital | findings | alone | centralised | fedavg | geometric_median |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, s in enumerate(sites):
+        for j, label in enumerate(("common there", "rare there")):
+            row = []
+            for arm in (f"{s} alone", CENTRAL, *FEDERATED):
+                vals = [specialty_split(f, i, len(sites))[j] for f in record["finals"][arm]]
+                row.append(f"{np.nanmean(vals):.3f}")
+            lines.append(f"| {s} | {label} | " + " | ".join(row) + " |")
+    if curves:
+        n = max(len(c) for c in curves.values())
+        lines += [
+            "",
+            f"## Learning curves (seed {record['curve_seed']})",
+            "",
+            "Global test mean AUROC after each epoch:",
+            "",
+            "| arm | " + " | ".join(str(e + 1) for e in range(n)) + " |",
+            "|---|" + "---|" * n,
+        ]
+        for arm, c in curves.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in c) + " |")
+    png = out.with_suffix(".png")
+    lines += ["", f"![bench_learning]({png.name})", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    plot(names, results, curves, png)
+    tqdm.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Does federation pay? (scripts/bench_learning.py) and the generator options it uses to make hospitals hard."""
+
+import csv
+import re
+
+import numpy as np
+import pytest
+
+from fedmed.constants import CXR14_FINDINGS
+from fedmed.data.synthetic import (
+    DEFAULT_HOSPITALS,
+    GLOBAL_TEST_SCANNER,
+    HospitalSpec,
+    generate_hospitals,
+    render_chest,
+    shift_scanner,
+    specialist_priors,
+)
+from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY
+
+
+def _column_sums(labels_csv):
+    with open(labels_csv) as f:
+        rows = list(csv.DictReader(f))
+    return {k: sum(int(r[k]) for r in rows) for k in CXR14_FINDINGS}, len(rows)
+
+
+def test_specialist_priors_make_each_finding_common_at_one_hospital():
+    priors = specialist_priors(3, 0.3, 0.01)
+    assert len(priors) == 3 and all(len(p) == len(CXR14_FINDINGS) for p in priors)
+    for i in range(len(CXR14_FINDINGS)):
+        assert [p[i] for p in priors].count(0.3) == 1 and priors[i % 3][i] == 0.3
+    with pytest.raises(ValueError, match="rare <= common"):
+        specialist_priors(3, 0.01, 0.3)
+
+
+def test_fainter_signs_scale_the_lesion_and_zero_removes_it():
+    nodule = np.array([f == "Nodule" for f in CXR14_FINDINGS], dtype=int)
+    none = render_chest(np.zeros(len(CXR14_FINDINGS), int), np.random.default_rng(5), 64)
+    full = render_chest(nodule, np.random.default_rng(5), 64)
+    faint = render_chest(nodule, np.random.default_rng(5), 64, sign_scale=0.4)
+    gone = render_chest(nodule, np.random.default_rng(5), 64, sign_scale=0.0)
+    assert np.array_equal(gone, none)
+    assert 0 < np.abs(faint - none).sum() < np.abs(full - none).sum()
+    with pytest.raises(ValueError, match="sign_scale"):
+        render_chest(nodule, np.random.default_rng(5), 64, sign_scale=-1)
+
+
+def test_scanner_shift_moves_hospitals_further_from_the_test_scanner():
+    b = DEFAULT_HOSPITALS[1].scanner
+    assert shift_scanner(b, GLOBAL_TEST_SCANNER, 1.0) is b
+    far = shift_scanner(b, GLOBAL_TEST_SCANNER, 2.0)
+    assert far.gamma == pytest.approx(GLOBAL_TEST_SCANNER.gamma + 2 * (b.gamma - GLOBAL_TEST_SCANNER.gamma))
+    assert abs(far.noise_std - GLOBAL_TEST_SCANNER.noise_std) > abs(b.noise_std - GLOBAL_TEST_SCANNER.noise_std)
+    assert far.photometric == b.photometric
+    assert shift_scanner(b, GLOBAL_TEST_SCANNER, 100.0).gamma <= 3.0  # kept valid
+    with pytest.raises(ValueError, match="shift"):
+        shift_scanner(b, GLOBAL_TEST_SCANNER, -1.0)
+
+
+def test_fixed_prevalence_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="prevalence has 2 values"):
+        generate_hospitals(tmp_path / "a", [HospitalSpec("h", 4, prevalence=(0.1, 0.2))], num_test=2, size=32)
+    spec = HospitalSpec("h", 4, BRAIN_MRI_FAMILY.hospitals[0].scanner, prevalence=(0.1,) * 4)
+    with pytest.raises(ValueError, match="no per-site prevalence"):
+        generate_hospitals(tmp_path / "b", [spec], num_test=2, size=32, family=BRAIN_MRI_FAMILY)
+    assert not (tmp_path / "a" / "global_test").exists()
+
+
+def test_generate_cli_makes_specialist_hospitals(tmp_path, capsys):
+    from fedmed.cli.generate_hospitals import main
+
+    out = tmp_path / "hard"
+    args = ["--out", str(out), "--scale", "0.1", "--size", "32", "--num-test", "4", "--specialist", "0.6,0.0"]
+    assert main(args + ["--sign-scale", "0.5", "--scanner-shift", "2"]) == 0
+    # Rare = 0: a finding appears at another hospital only through ChestX-ray14's co-occurrence rules.
+    co_occurring = {"Atelectasis", "Cardiomegaly", "Infiltration"}
+    for i, site in enumerate(h.name for h in DEFAULT_HOSPITALS):
+        sums, n = _column_sums(out / site / "labels.csv")
+        own = [f for j, f in enumerate(CXR14_FINDINGS) if j % 3 == i]
+        assert sum(sums[f] for f in own) > 0
+        assert all(sums[f] == 0 for j, f in enumerate(CXR14_FINDINGS) if j % 3 != i and f not in co_occurring)
+    for bad, match in ((["--specialist", "0.3"], "COMMON,RARE"), (["--specialist", "0.1,0.3"], "rare <= common"),
+                       (["--sign-scale", "-1"], "sign-scale"), (["--task", "brain_mri", "--specialist", "0.3,0.0"],
+                                                                 "chest_xray14 only")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "bad"), *bad])
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_summary_gives_mean_spread_and_range():
+    from fedmed.cli.bench_learning import summary
+
+    assert summary([0.6, 0.7, 0.8]) == pytest.approx((0.7, 0.1, 0.6, 0.8))
+    assert summary([0.6]) == (0.6, 0.0, 0.6, 0.6)
+
+
+def test_bench_learning_writes_real_numbers(tmp_path):
+    import json
+
+    from fedmed.cli.bench_learning import main, make_hospitals
+
+    common = ["--data", str(tmp_path / "data"), "--per-site", "8,6,8", "--num-test", "24", "--epochs", "1",
+              "--image-size", "32", "--batch-size", "8"]
+    first, second, out = tmp_path / "s3" / "b.md", tmp_path / "s4" / "b.md", tmp_path / "bench_learning.md"
+    assert main(common + ["--seeds", "3", "--out", str(first)]) == 0
+    assert main(common + ["--seeds", "4", "--no-curves", "--out", str(second)]) == 0
+    # Two runs that split the seeds, reported as one.
+    assert main(["--combine", str(first.with_suffix(".json")), str(second.with_suffix(".json")), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "python scripts/bench_learning.py --per-site 8,6,8" in text and "--combine" in text
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", text, re.M)}
+    arms = {"hospital-a alone", "hospital-b alone", "hospital-c alone", "centralised", "fedavg", "geometric_median"}
+    assert arms <= set(rows)
+    assert all(0.0 <= float(v) <= 1.0 for v in rows.values())
+    runs = [json.loads(p.with_suffix(".json").read_text()) for p in (first, second)]
+    fedavg = re.search(r"^\| fedavg \|.*\| ([0-9.]+), ([0-9.]+) \|$", text, re.M)
+    assert fedavg and [float(v) for v in fedavg.groups()] == pytest.approx(
+        [r["results"]["fedavg"][0] for r in runs], abs=6e-4)
+    assert re.search(r"^- fedavg: [+-][0-9.]+ vs centralised \((met|missed)\)", text, re.M)
+    assert re.search(r"^\| centralised \| ([0-9.]+) \|$", text, re.M), "a learning curve (of one epoch here)"
+    assert out.with_suffix(".png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="repeat seeds"):
+        main(["--combine", str(first.with_suffix(".json")), str(first.with_suffix(".json")), "--out", str(out)])
+    other = {**runs[1], "settings": {**runs[1]["settings"], "epochs": 3}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different settings"):
+        main(["--combine", str(first.with_suffix(".json")), str(tmp_path / "other.json"), "--out", str(out)])
+    # The same settings reuse the generated hospitals instead of writing them again.
+    stamp = (tmp_path / "data" / "bench_learning.json").stat().st_mtime_ns
+    assert make_hospitals(tmp_path / "data", [8, 6, 8], 0.3, 0.01, 1.0, 2.0, 24, 0, 64) == [
+        "hospital-a", "hospital-b", "hospital-c"]
+    assert (tmp_path / "data" / "bench_learning.json").stat().st_mtime_ns == stamp
