@@ -80,9 +80,12 @@ def test_generate_cli_makes_specialist_hospitals(tmp_path, capsys):
         own = [f for j, f in enumerate(CXR14_FINDINGS) if j % 3 == i]
         assert sum(sums[f] for f in own) > 0
         assert all(sums[f] == 0 for j, f in enumerate(CXR14_FINDINGS) if j % 3 != i and f not in co_occurring)
-    for bad, match in ((["--specialist", "0.3"], "COMMON,RARE"), (["--specialist", "0.1,0.3"], "rare <= common"),
-                       (["--sign-scale", "-1"], "sign-scale"), (["--task", "brain_mri", "--specialist", "0.3,0.0"],
-                                                                 "chest_xray14 only")):
+    for bad, match in (
+        (["--specialist", "0.3"], "COMMON,RARE"),
+        (["--specialist", "0.1,0.3"], "rare <= common"),
+        (["--sign-scale", "-1"], "sign-scale"),
+        (["--task", "brain_mri", "--specialist", "0.3,0.0"], "chest_xray14 only"),
+    ):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "bad"), *bad])
         assert match in capsys.readouterr().err
@@ -101,13 +104,27 @@ def test_bench_learning_writes_real_numbers(tmp_path):
 
     from fedmed.cli.bench_learning import main, make_hospitals
 
-    common = ["--data", str(tmp_path / "data"), "--per-site", "8,6,8", "--num-test", "24", "--epochs", "1",
-              "--image-size", "32", "--batch-size", "8"]
+    common = [
+        "--data",
+        str(tmp_path / "data"),
+        "--per-site",
+        "8,6,8",
+        "--num-test",
+        "24",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+    ]
     first, second, out = tmp_path / "s3" / "b.md", tmp_path / "s4" / "b.md", tmp_path / "bench_learning.md"
     assert main(common + ["--seeds", "3", "--out", str(first)]) == 0
     assert main(common + ["--seeds", "4", "--no-curves", "--out", str(second)]) == 0
     # Two runs that split the seeds, reported as one.
-    assert main(["--combine", str(first.with_suffix(".json")), str(second.with_suffix(".json")), "--out", str(out)]) == 0
+    assert (
+        main(["--combine", str(first.with_suffix(".json")), str(second.with_suffix(".json")), "--out", str(out)]) == 0
+    )
     text = out.read_text()
     assert "python scripts/bench_learning.py --per-site 8,6,8" in text and "--combine" in text
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", text, re.M)}
@@ -117,7 +134,8 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     runs = [json.loads(p.with_suffix(".json").read_text()) for p in (first, second)]
     fedavg = re.search(r"^\| fedavg \|.*\| ([0-9.]+), ([0-9.]+) \|$", text, re.M)
     assert fedavg and [float(v) for v in fedavg.groups()] == pytest.approx(
-        [r["results"]["fedavg"][0] for r in runs], abs=6e-4)
+        [r["results"]["fedavg"][0] for r in runs], abs=6e-4
+    )
     assert re.search(r"^- fedavg: [+-][0-9.]+ vs centralised \((met|missed)\)", text, re.M)
     assert re.search(r"^\| centralised \| ([0-9.]+) \|$", text, re.M), "a learning curve (of one epoch here)"
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -130,5 +148,8 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     # The same settings reuse the generated hospitals instead of writing them again.
     stamp = (tmp_path / "data" / "bench_learning.json").stat().st_mtime_ns
     assert make_hospitals(tmp_path / "data", [8, 6, 8], 0.3, 0.01, 1.0, 2.0, 24, 0, 64) == [
-        "hospital-a", "hospital-b", "hospital-c"]
+        "hospital-a",
+        "hospital-b",
+        "hospital-c",
+    ]
     assert (tmp_path / "data" / "bench_learning.json").stat().st_mtime_ns == stamp

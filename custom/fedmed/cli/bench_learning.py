@@ -75,15 +75,21 @@ def make_hospitals(root: Path, per_site, common, rare, sign_scale, scanner_shift
             DEFAULT_HOSPITALS[i % len(DEFAULT_HOSPITALS)],
             name=names[i],
             num_images=n,
-            scanner=shift_scanner(DEFAULT_HOSPITALS[i % len(DEFAULT_HOSPITALS)].scanner, GLOBAL_TEST_SCANNER,
-                                  scanner_shift),
+            scanner=shift_scanner(
+                DEFAULT_HOSPITALS[i % len(DEFAULT_HOSPITALS)].scanner, GLOBAL_TEST_SCANNER, scanner_shift
+            ),
             prevalence=priors[i],
         )
         for i, n in enumerate(per_site)
     ]
     with tqdm(total=sum(per_site) + num_test, desc="generating hospitals", unit="img") as bar:
         generate_hospitals(
-            root, specs, num_test=num_test, seed=seed, size=size, progress=bar.update,
+            root,
+            specs,
+            num_test=num_test,
+            seed=seed,
+            size=size,
+            progress=bar.update,
             family=chest_family(sign_scale=sign_scale),
         )
     stamp.write_text(json.dumps(settings))
@@ -187,10 +193,16 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/bench_learning"), help="where the hospitals are made")
     p.add_argument("--per-site", default="75,60,90", help="images per hospital (20%% of each is its validation split)")
     p.add_argument("--num-test", type=int, default=200, help="images in the shared global test set")
-    p.add_argument("--specialist", default="0.3,0.01", metavar="COMMON,RARE",
-                   help="finding i has prevalence COMMON at hospital i mod n, RARE at the others")
+    p.add_argument(
+        "--specialist",
+        default="0.3,0.01",
+        metavar="COMMON,RARE",
+        help="finding i has prevalence COMMON at hospital i mod n, RARE at the others",
+    )
     p.add_argument("--sign-scale", type=float, default=1.0, help="lesion sign contrast (1 = the generator default)")
-    p.add_argument("--scanner-shift", type=float, default=2.0, help="scanner distance from the test scanner (1 = default)")
+    p.add_argument(
+        "--scanner-shift", type=float, default=2.0, help="scanner distance from the test scanner (1 = default)"
+    )
     p.add_argument("--epochs", type=int, default=6, help="total epochs of every arm (federated: rounds of 1 epoch)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (model start, shuffling, augmentation)")
     p.add_argument("--data-seed", type=int, default=0)
@@ -228,13 +240,16 @@ def main(argv=None) -> int:
     sites = make_hospitals(a.data, per_site, common, rare, a.sign_scale, a.scanner_shift, a.num_test, a.data_seed, size)
     train = {
         s: load_train_val(
-            DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"), a.image_size, a.data_seed,
+            DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"),
+            a.image_size,
+            a.data_seed,
             CHEST_XRAY14,
         )[0]
         for s in sites
     }
-    test = load_test(a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size,
-                     CHEST_XRAY14)
+    test = load_test(
+        a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14
+    )
     arms = {f"{s} alone": ({s: train[s]}, "fedavg") for s in sites}
     arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, "fedavg")
     for agg in FEDERATED:
@@ -277,8 +292,18 @@ def main(argv=None) -> int:
     return 0
 
 
-SETTINGS = ("per_site", "num_test", "specialist", "sign_scale", "scanner_shift", "epochs", "data_seed",
-            "image_size", "lr", "batch_size")
+SETTINGS = (
+    "per_site",
+    "num_test",
+    "specialist",
+    "sign_scale",
+    "scanner_shift",
+    "epochs",
+    "data_seed",
+    "image_size",
+    "lr",
+    "batch_size",
+)
 
 
 def command(a, seeds, out) -> str:
@@ -330,10 +355,15 @@ def write_report(record: dict, out: Path) -> None:
     lines = [
         "# bench_learning: does federation pay?",
         "",
-        "Command" + ("s (run side by side, each a share of the seeds)" if len(record["commands"]) > 1 else "") + ": "
+        "Command"
+        + ("s (run side by side, each a share of the seeds)" if len(record["commands"]) > 1 else "")
+        + ": "
         + "; ".join(f"`{c}`" for c in record["commands"])
-        + (f"; then `python scripts/bench_learning.py --combine <their .json> --out {out}`"
-           if len(record["commands"]) > 1 else ""),
+        + (
+            f"; then `python scripts/bench_learning.py --combine <their .json> --out {out}`"
+            if len(record["commands"]) > 1
+            else ""
+        ),
         "",
         f"Environment: {record['environment']}; wall time {walls} (including data generation when not cached).",
         "",

@@ -121,7 +121,9 @@ class Databases:
 
             bin_dir = find_bin_dir()
             if bin_dir is None:
-                raise RuntimeError("--db postgres: PostgreSQL server binaries not found (run scripts/ensure_postgres.sh)")
+                raise RuntimeError(
+                    "--db postgres: PostgreSQL server binaries not found (run scripts/ensure_postgres.sh)"
+                )
             self.cluster = PgCluster(bin_dir)
             self.cluster.start()
 
