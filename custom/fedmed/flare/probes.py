@@ -141,8 +141,8 @@ class ProbedFedMedController(FedMedController):
                 self._probe.results()
 
     def _start_record(self):
-        db, run_uid = super()._start_record()
-        return _TimedRecorder(db, self._probe), run_uid
+        db, run_uid, resumed = super()._start_record()
+        return _TimedRecorder(db, self._probe), run_uid, resumed
 
     def _log_report(self, report) -> None:  # called right after engine.step
         if "t_results" in self._probe.marks:
