@@ -348,3 +348,21 @@ def test_a_dp_hospital_that_keeps_metrics_home_sends_no_scores(tiny_hospitals, t
     assert reply.meta[AppConstants.MODEL_OWNER] == GLOBAL_MODEL
     lent = _ask(ex, ctx, AppConstants.TASK_SUBMIT_MODEL)
     assert "share_local_model is off" in lent.meta[C.META_REFUSED]
+
+
+def test_a_model_whose_outputs_are_not_finite_gets_an_answer_with_the_reason_not_an_error(
+    tiny_hospitals, tmp_path, monkeypatch
+):
+    """Seen on loopback: heavy user-level noise left a global model whose outputs were NaN; the hospitals' scoring
+    raised, every validate task failed, and NVFlare aborted the finished job before the final model went out."""
+    import numpy as np
+
+    from fedmed.model import build_densenet121, state_to_numpy
+
+    ex, ctx = _site_trainer(tiny_hospitals, tmp_path, monkeypatch)
+    params = state_to_numpy(build_densenet121(14))
+    head = next(k for k in params if k.endswith("out.weight"))
+    params[head] = np.full_like(params[head], np.nan)
+    reply = _ask(ex, ctx, AppConstants.TASK_VALIDATION, FLModel(params=params, meta={}))
+    assert "not finite" in reply.meta[C.META_REFUSED] and "cannot be scored" in reply.meta[C.META_REFUSED]
+    assert not reply.metrics

@@ -99,9 +99,19 @@ def predict(
     return np.concatenate(ys), np.concatenate(ps)
 
 
+class NonFinitePredictions(ValueError):
+    """The model's outputs are NaN or infinite: it cannot be scored (e.g. a model whose weights blew up)."""
+
+
 def evaluate(model: torch.nn.Module, dataset: Dataset, task: TaskSpec, batch_size: int = 64) -> EvalResult:
-    """Loss and the task's scores of the model on a labelled dataset."""
+    """Loss and the task's scores of the model on a labelled dataset. Raises NonFinitePredictions, naming how many
+    images, when the model's outputs are not finite (a score of such a model would mean nothing)."""
     y, p = predict(model, dataset, batch_size, task=task)
+    bad = int((~np.isfinite(p)).reshape(len(p), -1).any(axis=1).sum()) if len(p) else 0
+    if bad:
+        raise NonFinitePredictions(
+            f"the model's outputs are not finite (NaN or infinite) on {bad} of {len(p)} images: it cannot be scored"
+        )
     s = task.scores(y, p)
     return EvalResult(
         loss=task.nll(y, p), score=s.score, mean_auroc=s.mean_auroc, metrics=s.metrics, num_samples=len(y)

@@ -77,11 +77,21 @@ class CrossSiteEvalMixin:
             self.info(summary_line(cells, self._task.score_name))
         return cells
 
+    def _broadcast_advisory(self, **kwargs) -> list:
+        """broadcast_model in NVFlare's resilient mode: cross-site answers come after the run is recorded and are
+        advisory, so no hospital's error (every hospital's included) may end the job or keep the final model from
+        the sites; a site that errs gets a missing cell."""
+        saved, self._ignore_result_error = self._ignore_result_error, True
+        try:
+            return self.broadcast_model(**kwargs)
+        finally:
+            self._ignore_result_error = saved
+
     def _collect_local_models(self, targets: list) -> tuple:
         """([(site, its lent local model)], [not_shared / rejected cells]): each hospital decides (its
         share_local_model and privacy, fedmed.crosssite.local_model_refusal); the server checks what comes back
         before relaying it to anyone."""
-        results = self.broadcast_model(
+        results = self._broadcast_advisory(
             task_name=AppConstants.TASK_SUBMIT_MODEL,
             data=FLModel(params={}, meta={AppConstants.SUBMIT_MODEL_NAME: "last_local_model"}),
             targets=targets,
@@ -135,7 +145,7 @@ class CrossSiteEvalMixin:
         data.meta.pop("lent_by", None)
         if self._signer is not None:  # the sites score only what the server vouches it sent, for evaluation only
             wire_sig.sign_global(data, self.fl_ctx.get_job_id(), C.CROSS_SITE_ROUND, self._signer)
-        results = self.broadcast_model(
+        results = self._broadcast_advisory(
             task_name=AppConstants.TASK_VALIDATION,
             data=data,
             targets=targets,

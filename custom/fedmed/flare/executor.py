@@ -41,7 +41,7 @@ from fedmed.robust.attacks import apply_attack
 from fedmed.rounds import finite_or_none
 from fedmed.site_config import SiteConfig, load_site_config
 from fedmed.tasks import get_task
-from fedmed.training import TrainingAborted, evaluate, round_lr, train_epochs
+from fedmed.training import NonFinitePredictions, TrainingAborted, evaluate, round_lr, train_epochs
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
 FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of the federation's result
@@ -481,7 +481,11 @@ class FedMedTrainer(Executor):
         block = (model.meta or {}).get(C.META_ENCRYPTED)
         params = self._global_params(model) if block is not None else model.params
         load_numpy_state(self._model, params)  # refuses other names or shapes, naming them
-        ev = evaluate(self._model, self._val_ds, self._task)
+        try:
+            ev = evaluate(self._model, self._val_ds, self._task)
+        except NonFinitePredictions as e:  # an answer with the reason, not an error that could end the job
+            self.log_warning(fl_ctx, f"site {site}: cross-site evaluation of {owner}: {e}")
+            return FLModel(metrics={}, meta={**meta, C.META_REFUSED: f"cannot score {owner}: {e}"})
         scores = released_scores({**ev.metrics, "mean_auroc": ev.mean_auroc}, self._task)
         self.log_info(
             fl_ctx,
