@@ -185,6 +185,7 @@ def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federatio
     from fedmed.privacy.ledger import PrivacyLedger
 
     fed = federation
+    _ensure_up(fed)
     job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30)
     meta = json.loads((job / "meta.json").read_text())
     (job / "meta.json").write_text(json.dumps({**meta, "scope": USER_DP_SCOPE}))
