@@ -75,7 +75,13 @@ def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label:
     for images, labels in loader:
         if should_abort():
             raise TrainingAborted(f"aborted during {label}")
-        if len(labels) == 0:  # Opacus' Poisson sampling can draw an empty batch
+        if len(labels) == 0:
+            # Opacus' Poisson sampling drew no image. It is still one step of the DP-SGD mechanism: the accountant
+            # counted it and the update must be the noise alone. Skipping it would report fewer steps than the
+            # calibration assumed and show anyone watching the weights that the batch was empty.
+            optimizer.zero_grad(set_to_none=True)
+            model(images).sum().backward()  # no samples: zero per-sample gradients, Opacus adds the noise
+            optimizer.step()
             continue
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model(images), labels)
