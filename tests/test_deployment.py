@@ -8,7 +8,9 @@ Every process is stopped by its PID in the fixture's finaliser, whatever happens
 """
 
 import json
+import random
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -21,7 +23,24 @@ from jobscripts import load_job_script
 from test_provision import HOSPITALS, write_site_configs
 
 pytestmark = pytest.mark.integration
-PORT = 18921  # not the project default, so a developer's running federation does not collide
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on now, below Linux's ephemeral range (32768+) so no outgoing connection takes
+    it before the server binds it: two test sessions, or a developer's federation, never collide on a fixed one."""
+    rng = random.Random()  # seeded from the OS: each session draws its own
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32000 after 100 tries")
+
+
+PORT = _free_port()
 THREADS = {"OMP_NUM_THREADS": "1"}
 JOB_TIMEOUT = 240
 USER_DP_SCOPE = "rehearsal_user_dp"
