@@ -289,6 +289,8 @@ def test_ledger_cli_shows_each_job_and_the_lifetime_epsilon(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "2 job(s)" in out.stdout and ledger.head() in out.stdout
     assert "user-level (whole-site, replace) epsilon over 1 round(s)" in out.stdout
+    row = next(line.split() for line in out.stdout.splitlines() if " job-1 " in line)
+    assert row[4] == "1"  # charged at wire round 0: shown from 1, as the record, logs and report number rounds
     ok = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "verify", str(ledger.path)],
         capture_output=True,

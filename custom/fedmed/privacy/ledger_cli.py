@@ -37,8 +37,9 @@ def render(ledger: PrivacyLedger) -> str:
             when = datetime.fromtimestamp(e.recorded_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
             job = f"{e.job_id} ({e.details['run']})" if e.details.get("run") else e.job_id
             for s, q, n in e.history:
+                # the ledger stores NVFlare's wire round (from 0); shown from 1, as in the record, logs and report
                 out.append(
-                    f"  {e.seq:>4} {when:19} {job[:36]:36} {e.round:>5} {e.mechanism:10} {s:>8.4f} "
+                    f"  {e.seq:>4} {when:19} {job[:36]:36} {e.round + 1:>5} {e.mechanism:10} {s:>8.4f} "
                     f"{q:>7.4f} {n:>6} {e.epsilon_after:>9.4f}"
                 )
         user = [e for e in mine if e.mechanism == "user_level"]
