@@ -15,13 +15,16 @@ from fedmed.crosssite import (
     GLOBAL_MODEL,
     CrossSiteRecord,
     allowed_metrics,
+    asked_sites,
     evaluation_cell,
     find_result_problem,
     heatmap_matrix,
     local_model_refusal,
+    quarantine_reasons,
     released_scores,
     scores_refusal,
 )
+from fedmed.robust.trust import SiteTrust
 from fedmed.site_config import parse_site_config
 from fedmed.store.journal import op_from_json, op_to_json
 from fedmed.store.repository import Repository, RoundRecord, UpdateRecord
@@ -366,3 +369,60 @@ def test_a_model_whose_outputs_are_not_finite_gets_an_answer_with_the_reason_not
     reply = _ask(ex, ctx, AppConstants.TASK_VALIDATION, FLModel(params=params, meta={}))
     assert "not finite" in reply.meta[C.META_REFUSED] and "cannot be scored" in reply.meta[C.META_REFUSED]
     assert not reply.metrics
+
+
+@pytest.mark.parametrize(
+    "events, why",
+    [
+        # quarantined in round 2 of this job: the round and the trust rule's reason
+        (
+            [(2, "hospital-c", "quarantined", "hospital-c quarantined: a round scoring 0")],
+            "since round 2: a round scoring 0",
+        ),
+        # re-admitted, then quarantined again: the latest quarantine counts
+        (
+            [
+                (1, "hospital-c", "quarantined", "hospital-c quarantined: trust 0.400 < 0.5"),
+                (3, "hospital-c", "readmitted", "hospital-c re-admitted after 2 good rounds"),
+                (4, "hospital-c", "quarantined", "hospital-c quarantined: a round scoring 0"),
+            ],
+            "since round 4: a round scoring 0",
+        ),
+        # quarantined before this job (trust carried over from the record): no round of this job to name
+        ([], "quarantined by an earlier job (trust 0.200)"),
+    ],
+)
+def test_why_a_quarantined_hospital_is_not_asked(events, why):
+    trust = {"hospital-a": SiteTrust(0.9), "hospital-c": SiteTrust(0.2, quarantined=True)}
+    reasons = quarantine_reasons(trust, events)
+    assert set(reasons) == {"hospital-c"} and why in reasons["hospital-c"]
+
+
+def test_a_quarantined_hospital_is_neither_asked_to_lend_nor_to_score_and_its_model_is_relayed_to_no_one():
+    """A quarantined hospital's model, sent anyway, reaches no other hospital: it is not a target of submit_model, so
+    the controller drops its answer; its cells (its own model's, the global model's, every lent model's) say why."""
+    from fedmed.flare.controller import FedMedController
+    from fedmed.model import build_densenet121, state_to_numpy
+
+    quarantined = quarantine_reasons(
+        {"hospital-c": SiteTrust(0.1, quarantined=True)},
+        [(1, "hospital-c", "quarantined", "hospital-c quarantined: a round scoring 0")],
+    )
+    connected = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    gone = {"hospital-d": "NVFlare dropped the site"}
+    targets, not_asked = asked_sites(connected, gone, connected, None, quarantined)
+    assert targets == ["hospital-a", "hospital-b"]
+    assert not_asked == {
+        "hospital-c": "not asked: quarantined since round 1: a round scoring 0",
+        "hospital-d": "not asked: NVFlare dropped the site",
+    }
+    controller = FedMedController(task="brain_mri")
+    params = state_to_numpy(build_densenet121(4))
+    answers = [
+        FLModel(params=params, meta={"client_name": "hospital-c", AppConstants.MODEL_OWNER: "hospital-c"}),
+        FLModel(params=params, meta={"client_name": "hospital-a", AppConstants.MODEL_OWNER: "hospital-a"}),
+        FLModel(params={}, meta={"client_name": "hospital-b", C.META_REFUSED: "share_local_model is off"}),
+    ]
+    lent, cells = controller._lent_models(targets, answers)
+    assert [site for site, _ in lent] == ["hospital-a"]
+    assert [(c.model, c.site, c.status) for c in cells] == [("hospital-b", "hospital-b", "not_shared")]

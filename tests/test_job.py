@@ -266,7 +266,10 @@ def _tensorboard_scalars(tb_events: Path) -> dict:
 @pytest.mark.integration
 def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     # hospital-c sends updates scaled 50x; the geometric median discounts it, trust falls, it is quarantined.
-    _write_site_configs(tiny_hospitals, hostile={"hospital-c": {"kind": "scale", "factor": 50}})
+    # Its policy would lend its local model, as hospital-a's does: quarantined, it is not asked to.
+    _write_site_configs(
+        tiny_hospitals, hostile={"hospital-c": {"kind": "scale", "factor": 50}}, share={"hospital-a", "hospital-c"}
+    )
     try:
         repo, run_id = _simulate(
             tiny_hospitals,
@@ -297,6 +300,16 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     # Trust outlives the job: the next job of this federation starts with hospital-c still quarantined.
     trust = repo.load_trust()
     assert trust["hospital-c"].quarantined and not trust["hospital-a"].quarantined
+    # Cross-site: quarantined hospital-c neither lends its model (which would run on the others' validation data)
+    # nor scores any: its cells say why; the others score the global model and hospital-a's.
+    cross = {(c["model"], c["site"]): c for c in repo.cross_site_results(run_id)}
+    why = f"not asked: quarantined since round {quarantined_by}: "
+    for model, status in (("global", "missing"), ("hospital-a", "missing"), ("hospital-c", "not_shared")):
+        assert cross[(model, "hospital-c")]["status"] == status and cross[(model, "hospital-c")]["reason"].startswith(
+            why
+        ), cross[(model, "hospital-c")]
+    assert all(cross[(m, s)]["status"] == "evaluated" for m in ("global", "hospital-a") for s in SITES[:2])
+    assert not [c for c in cross.values() if c["model"] == "hospital-c" and c["status"] == "evaluated"]
 
 
 @pytest.mark.integration

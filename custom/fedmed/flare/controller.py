@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.crosssite import quarantine_reasons
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
@@ -304,6 +305,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         status = "finished"
         best = None  # (params, meta) of the best model, for the OOD calibration at the end
         last_round_sites: list = []
+        trust_events: list = []  # (round from 1, site, "quarantined" | "readmitted", message): why a site is out
         try:
             # Inside the try: a refused HE context ends the run recorded as failed, with the reason.
             encryption = self._setup_he(eval_model) if self.he_layers else None
@@ -334,6 +336,11 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                     **{s: why for s, why in self._gone_now().items() if s in targets and s not in answered},
                 }
                 report = engine.step(round_num, self._clear_part(model.params), site_results, targets, missing)
+                trust_events += [
+                    (round_num + 1, a.site, a.kind, a.message)
+                    for a in report.alerts
+                    if a.kind in ("quarantined", "readmitted")
+                ]
                 self._log_report(report)
                 if not report.aggregated:
                     self._record_round(db, run_uid, self._round_record(report, engine, started))
@@ -381,7 +388,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         if status == "finished" and test_ds is not None:
             self._calibrate_ood(eval_model, test_ds, model, best)
         if status == "finished" and self.cross_site_eval:
-            self._cross_site_eval(run_uid, model, last_round_sites)
+            quarantined = quarantine_reasons(engine.trust, trust_events)  # neither lends nor scores
+            self._cross_site_eval(run_uid, model, last_round_sites, quarantined=quarantined)
             self._live.finish()  # the live report once more, now with the cross-site table
         if status == "finished":
             self._send_final_model(model, last_round_sites)

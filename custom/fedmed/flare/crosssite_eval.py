@@ -18,7 +18,14 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
-from fedmed.crosssite import GLOBAL_MODEL, CrossSiteRecord, evaluation_cell, summary_line
+from fedmed.crosssite import (
+    GLOBAL_MODEL,
+    CrossSiteRecord,
+    asked_sites,
+    evaluation_cell,
+    quarantine_reasons,
+    summary_line,
+)
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
 from fedmed.hashing import model_sha256
@@ -34,26 +41,24 @@ HE_NO_LOCAL_MODELS = (
 
 class CrossSiteEvalMixin:
     """Needs from the controller: _task, norm, cross_site_timeout, he_layers, _signer, _db_url, _gone_now(),
-    sample_clients(), broadcast_model(), fl_ctx, engine, logger, info/warning/error."""
+    _load_trust(), sample_clients(), broadcast_model(), fl_ctx, engine, logger, info/warning/error."""
 
-    def _cross_site_eval(self, run_uid: str, model: FLModel, sites=None, lend_local_models: bool = True) -> list:
+    def _cross_site_eval(
+        self, run_uid: str, model: FLModel, sites=None, lend_local_models: bool = True, quarantined=None
+    ) -> list:
         """Every connected hospital (of `sites`, e.g. those that answered the last round: a site that died since is
         not waited for) scores `model` (the global model) and every local model a hospital lends on its own
-        validation data; each answer is checked (fedmed.crosssite) and the table recorded in the run. Never fails the
-        run: a problem is logged and recorded as the cell's reason."""
-        gone = self._gone_now()
-        connected = self.sample_clients()
-        targets = [s for s in connected if s not in gone and (sites is None or s in sites)]
-        cells: list = [
-            CrossSiteRecord(
-                GLOBAL_MODEL,
-                s,
-                "missing",
-                "not asked: "
-                + (gone.get(s) or ("not connected" if s not in connected else "no answer in the last round")),
-            )
-            for s in sorted(set(getattr(self, "_job_sites", ())) - set(targets))
-        ]
+        validation data; each answer is checked (fedmed.crosssite) and the table recorded in the run. A quarantined
+        hospital (`quarantined`: site -> why, fedmed.crosssite.quarantine_reasons) is neither asked to lend nor to
+        score: its cells say why. Never fails the run: a problem is logged and recorded as the cell's reason."""
+        targets, not_asked = asked_sites(
+            self.sample_clients(), self._gone_now(), getattr(self, "_job_sites", ()), sites, quarantined or {}
+        )
+        cells: list = [CrossSiteRecord(GLOBAL_MODEL, s, "missing", why) for s, why in not_asked.items()]
+        if lend_local_models:  # a hospital not asked lends nothing
+            cells += [CrossSiteRecord(s, s, "not_shared", why) for s, why in not_asked.items()]
+        for s in sorted(set(quarantined or {}) & set(not_asked)):
+            self.warning(f"cross-site evaluation: {s} is not asked to lend or to score: {not_asked[s]}")
         if not targets:
             self.warning("cross-site evaluation skipped: no hospital to ask")
             if cells:
@@ -70,6 +75,8 @@ class CrossSiteEvalMixin:
                 models += lent
             for name, m in models:
                 cells += self._evaluate_everywhere(name, m, targets)
+                if name != GLOBAL_MODEL:  # a lent model's column names every hospital not asked, and why
+                    cells += [CrossSiteRecord(name, s, "missing", why) for s, why in not_asked.items()]
         except Exception as e:  # the run is finished and recorded: its cross-site table must not undo that
             self.error(f"cross-site evaluation stopped: {secure_format_exception(e)}")
         if cells:
@@ -99,6 +106,12 @@ class CrossSiteEvalMixin:
             timeout=self.cross_site_timeout,
             wait_time_after_min_received=self.cross_site_timeout,
         )
+        return self._lent_models(targets, results)
+
+    def _lent_models(self, targets: list, results: list) -> tuple:
+        """([(site, its lent local model)], [not_shared / rejected cells]) from the answers to submit_model: only an
+        asked site's first answer counts (a quarantined site is never asked, so a model it sends anyway is relayed
+        to no one)."""
         lent, cells, answered = [], [], set()
         for r in results:
             site = wire.site_of(r)
@@ -204,6 +217,8 @@ class CrossSiteEvalMixin:
         db, run_uid, _ = self._start_record()  # evaluate_only never resumes (refused in __init__)
         status = "finished"
         model = None
+        # The federation's trust as its last job left it: a quarantined hospital scores nothing here either.
+        quarantined = quarantine_reasons(self._load_trust(db, run_uid), ())
         try:
             self._setup_signatures()
             model = self.load_model()
@@ -220,7 +235,7 @@ class CrossSiteEvalMixin:
             raise
         finally:
             self._finish_record(db, run_uid, status, None, None)
-        self._cross_site_eval(run_uid, model, lend_local_models=False)  # every connected hospital
+        self._cross_site_eval(run_uid, model, lend_local_models=False, quarantined=quarantined)  # every connected one
         self.info(f"run {run_uid} {status}; cross-site evaluation only")
 
     def _recorded_round_of(self, sha: str):
