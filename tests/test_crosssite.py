@@ -16,6 +16,7 @@ from fedmed.crosssite import (
     CrossSiteRecord,
     allowed_metrics,
     asked_sites,
+    error_answer_reason,
     evaluation_cell,
     find_result_problem,
     heatmap_matrix,
@@ -24,6 +25,7 @@ from fedmed.crosssite import (
     released_scores,
     scores_refusal,
 )
+from fedmed.flare import wire
 from fedmed.robust.trust import SiteTrust
 from fedmed.site_config import parse_site_config
 from fedmed.store.journal import op_from_json, op_to_json
@@ -426,3 +428,67 @@ def test_a_quarantined_hospital_is_neither_asked_to_lend_nor_to_score_and_its_mo
     lent, cells = controller._lent_models(targets, answers)
     assert [site for site, _ in lent] == ["hospital-a"]
     assert [(c.model, c.site, c.status) for c in cells] == [("hospital-b", "hospital-b", "not_shared")]
+
+
+@pytest.mark.parametrize(
+    "code, why",
+    [
+        ("EXECUTION_EXCEPTION", "the site answered with an error: EXECUTION_EXCEPTION"),  # its executor raised
+        ("TASK_UNKNOWN", "the site answered with an error: TASK_UNKNOWN"),  # a site that does not score
+        ("x\nFAKE LOG LINE " * 20, "an unknown return code 'x\\nFAKE LOG LINE"),  # hostile: one line, cut short
+        (42, "an unknown return code '42'"),
+    ],
+)
+def test_an_error_answer_is_named_from_its_return_code(code, why):
+    reason = error_answer_reason(code)
+    assert reason.startswith("the site answered with an error: ") and why in reason
+    assert "\n" not in reason and len(reason) < 120
+
+
+def test_a_site_that_answers_with_an_error_is_not_called_silent():
+    """Answers as NVFlare hands them to the controller's result callback (BaseModelController._process_result, in
+    resilient mode as every cross-site step runs): a site whose executor raised answers at once with an error code,
+    which NVFlare drops from the results; its cell says its error, and only a site that never answered gets
+    "no answer within Ns"."""
+    from nvflare.apis.client import Client
+    from nvflare.apis.controller_spec import ClientTask
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.fl_context import FLContextManager
+    from nvflare.apis.shareable import make_reply
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from fedmed.flare.controller import FedMedController
+
+    controller = FedMedController(task="chest_xray14", cross_site_timeout=7)
+    ctx = FLContextManager(identity_name="server", job_id="job-1").new_context()
+    controller.fl_ctx = ctx
+    asked = FLModel(params={}, meta={AppConstants.MODEL_OWNER: "global"})
+    task = controller._prepare_task(data=asked, task_name=AppConstants.TASK_VALIDATION, timeout=7, callback=None)
+    answers = {
+        "hospital-a": FLModelUtils.to_shareable(_answer("hospital-a")),
+        "hospital-b": make_reply(ReturnCode.EXECUTION_EXCEPTION),
+        "hospital-c": make_reply(ReturnCode.TASK_UNKNOWN),
+    }
+    controller._ignore_result_error, controller._answer_errors = True, {}  # as _broadcast_advisory sets them
+    for site, shareable in answers.items():
+        client_task = ClientTask(Client(site, None), task)
+        client_task.result = shareable
+        controller._process_result(client_task, ctx)
+    assert [wire.site_of(r) for r in controller._results] == ["hospital-a"]  # NVFlare kept only the good answer
+    targets = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    cells = {
+        c.site: c
+        for c in controller._evaluation_cells(
+            "global", "ab" * 32, targets, controller._results, controller._answer_errors
+        )
+    }
+    assert cells["hospital-a"].status == "evaluated"
+    assert (cells["hospital-b"].status, cells["hospital-b"].reason) == (
+        "missing",
+        "the site answered with an error: EXECUTION_EXCEPTION",
+    )
+    assert cells["hospital-c"].reason == "the site answered with an error: TASK_UNKNOWN"
+    assert cells["hospital-d"].reason == "no answer within 7s"
+    # A local model asked for and answered with an error: not lent, with the site's error as the reason.
+    _, lent_cells = controller._lent_models(["hospital-b"], [], {"hospital-b": ReturnCode.EXECUTION_EXCEPTION})
+    assert lent_cells[0].reason == "the site answered with an error: EXECUTION_EXCEPTION"

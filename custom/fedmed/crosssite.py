@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
@@ -154,6 +155,17 @@ def asked_sites(connected, gone: Mapping, job_sites, sites, quarantined: Mapping
         )
         not_asked[s] = f"not asked: {why}"
     return targets, not_asked
+
+
+_RETURN_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # NVFlare's ReturnCode values: EXECUTION_EXCEPTION, ...
+
+
+def error_answer_reason(return_code) -> str:
+    """The cell's reason for a site that answered with an error return code (NVFlare drops such an answer from the
+    results; silence is "no answer within Ns"). The code comes from the site: anything but a return code's shape is
+    shown cut short, as a repr."""
+    code = return_code if isinstance(return_code, str) and _RETURN_CODE.fullmatch(return_code) else None
+    return "the site answered with an error: " + (code or f"an unknown return code {str(return_code)[:40]!r}")
 
 
 def scores_refusal(release_metrics: bool) -> Optional[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.security.logging import secure_format_exception
@@ -22,6 +23,7 @@ from fedmed.crosssite import (
     GLOBAL_MODEL,
     CrossSiteRecord,
     asked_sites,
+    error_answer_reason,
     evaluation_cell,
     quarantine_reasons,
     summary_line,
@@ -84,21 +86,37 @@ class CrossSiteEvalMixin:
             self.info(summary_line(cells, self._task.score_name))
         return cells
 
-    def _broadcast_advisory(self, **kwargs) -> list:
-        """broadcast_model in NVFlare's resilient mode: cross-site answers come after the run is recorded and are
-        advisory, so no hospital's error (every hospital's included) may end the job or keep the final model from
-        the sites; a site that errs gets a missing cell."""
+    def _broadcast_advisory(self, **kwargs) -> tuple:
+        """(results, {site: its error return code}): broadcast_model in NVFlare's resilient mode. Cross-site answers
+        come after the run is recorded and are advisory, so no hospital's error (every hospital's included) may end
+        the job or keep the final model from the sites; NVFlare drops an answer with an error code from the results,
+        and _accept_train_result notes it so that the site's cell says its error, not silence."""
         saved, self._ignore_result_error = self._ignore_result_error, True
+        self._answer_errors = {}
         try:
-            return self.broadcast_model(**kwargs)
+            results = self.broadcast_model(**kwargs)
+            return results, dict(self._answer_errors)
         finally:
             self._ignore_result_error = saved
+            self._answer_errors = None
+
+    _answer_errors = None  # {site: return code} while a cross-site step waits for its answers
+
+    def _accept_train_result(self, client_name: str, result, fl_ctx, is_unknown_task: bool = False) -> bool:
+        """NVFlare's check of every answer's return code (BaseModelController, on its own threads): an answer with an
+        error code (the site's executor raised, its filter failed, it does not know the task) is dropped there, in
+        resilient mode with a warning only. During a cross-site step the code is noted for the site's cell."""
+        errors = self._answer_errors
+        rc = result.get_return_code()
+        if errors is not None and not is_unknown_task and rc and rc != ReturnCode.OK:
+            errors.setdefault(client_name, rc)
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def _collect_local_models(self, targets: list) -> tuple:
         """([(site, its lent local model)], [not_shared / rejected cells]): each hospital decides (its
         share_local_model and privacy, fedmed.crosssite.local_model_refusal); the server checks what comes back
         before relaying it to anyone."""
-        results = self._broadcast_advisory(
+        results, errors = self._broadcast_advisory(
             task_name=AppConstants.TASK_SUBMIT_MODEL,
             data=FLModel(params={}, meta={AppConstants.SUBMIT_MODEL_NAME: "last_local_model"}),
             targets=targets,
@@ -106,9 +124,9 @@ class CrossSiteEvalMixin:
             timeout=self.cross_site_timeout,
             wait_time_after_min_received=self.cross_site_timeout,
         )
-        return self._lent_models(targets, results)
+        return self._lent_models(targets, results, errors)
 
-    def _lent_models(self, targets: list, results: list) -> tuple:
+    def _lent_models(self, targets: list, results: list, errors=None) -> tuple:
         """([(site, its lent local model)], [not_shared / rejected cells]) from the answers to submit_model: only an
         asked site's first answer counts (a quarantined site is never asked, so a model it sends anyway is relayed
         to no one)."""
@@ -130,7 +148,7 @@ class CrossSiteEvalMixin:
                 continue
             lent.append((site, FLModel(params_type=ParamsType.FULL, params=dict(r.params), meta={"lent_by": site})))
         for site in sorted(set(targets) - answered):
-            cells.append(CrossSiteRecord(site, site, "not_shared", f"no answer within {self.cross_site_timeout}s"))
+            cells.append(CrossSiteRecord(site, site, "not_shared", self._no_answer_reason(site, errors)))
         return lent, cells
 
     def _local_model_problem(self, result: FLModel):
@@ -158,7 +176,7 @@ class CrossSiteEvalMixin:
         data.meta.pop("lent_by", None)
         if self._signer is not None:  # the sites score only what the server vouches it sent, for evaluation only
             wire_sig.sign_global(data, self.fl_ctx.get_job_id(), C.CROSS_SITE_ROUND, self._signer)
-        results = self._broadcast_advisory(
+        results, errors = self._broadcast_advisory(
             task_name=AppConstants.TASK_VALIDATION,
             data=data,
             targets=targets,
@@ -166,9 +184,9 @@ class CrossSiteEvalMixin:
             timeout=self.cross_site_timeout,
             wait_time_after_min_received=self.cross_site_timeout,
         )
-        return self._evaluation_cells(name, sha, targets, results)
+        return self._evaluation_cells(name, sha, targets, results, errors)
 
-    def _evaluation_cells(self, name: str, sha, targets: list, results: list) -> list:
+    def _evaluation_cells(self, name: str, sha, targets: list, results: list, errors=None) -> list:
         """One cell per target site from its answer about model `name` (the model this broadcast asked about;
         NVFlare names the answering site from its connection, never from the payload)."""
         cells, answered = [], set()
@@ -193,10 +211,14 @@ class CrossSiteEvalMixin:
                 self.warning(f"cross-site evaluation: result refused: {cell.reason}")
             cells.append(cell)
         for site in sorted(set(targets) - answered):
-            cells.append(
-                CrossSiteRecord(name, site, "missing", f"no answer within {self.cross_site_timeout}s", model_sha256=sha)
-            )
+            cells.append(CrossSiteRecord(name, site, "missing", self._no_answer_reason(site, errors), model_sha256=sha))
         return cells
+
+    def _no_answer_reason(self, site: str, errors) -> str:
+        """Why an asked site has no answer in the results: the error it answered with, or silence."""
+        if errors and site in errors:
+            return error_answer_reason(errors[site])
+        return f"no answer within {self.cross_site_timeout}s"
 
     def _record_cross_site(self, run_uid: str, cells: list) -> None:
         workspace_root = Path(self.engine.get_workspace().get_root_dir())
