@@ -41,6 +41,19 @@ HE_NO_LOCAL_MODELS = (
 )
 
 
+def first_answers(targets, results) -> tuple:
+    """([(site, its answer)], [asked sites with no answer, sorted]): the first answer of each asked site, in order of
+    arrival (NVFlare names the site from its connection, never from the payload); an answer from a site not asked
+    (a quarantined one, say) and any second answer are dropped."""
+    answers, answered = [], set()
+    for r in results:
+        site = wire.site_of(r)
+        if site in targets and site not in answered:
+            answered.add(site)
+            answers.append((site, r))
+    return answers, sorted(set(targets) - answered)
+
+
 class CrossSiteEvalMixin:
     """Needs from the controller: _task, norm, cross_site_timeout, he_layers, _signer, _db_url, _gone_now(),
     _load_trust(), sample_clients(), broadcast_model(), fl_ctx, engine, logger, info/warning/error."""
@@ -130,12 +143,9 @@ class CrossSiteEvalMixin:
         """([(site, its lent local model)], [not_shared / rejected cells]) from the answers to submit_model: only an
         asked site's first answer counts (a quarantined site is never asked, so a model it sends anyway is relayed
         to no one)."""
-        lent, cells, answered = [], [], set()
-        for r in results:
-            site = wire.site_of(r)
-            if site not in targets or site in answered:
-                continue
-            answered.add(site)
+        lent, cells = [], []
+        answers, silent = first_answers(targets, results)
+        for site, r in answers:
             meta = r.meta or {}
             refused = meta.get(C.META_REFUSED) or meta.get(C.META_UNAVAILABLE)
             if refused is not None:
@@ -147,8 +157,7 @@ class CrossSiteEvalMixin:
                 cells.append(CrossSiteRecord(site, site, "rejected", f"{site}'s local model {problem}"[:500]))
                 continue
             lent.append((site, FLModel(params_type=ParamsType.FULL, params=dict(r.params), meta={"lent_by": site})))
-        for site in sorted(set(targets) - answered):
-            cells.append(CrossSiteRecord(site, site, "not_shared", self._no_answer_reason(site, errors)))
+        cells += [CrossSiteRecord(site, site, "not_shared", self._no_answer_reason(site, errors)) for site in silent]
         return lent, cells
 
     def _local_model_problem(self, result: FLModel):
@@ -189,12 +198,9 @@ class CrossSiteEvalMixin:
     def _evaluation_cells(self, name: str, sha, targets: list, results: list, errors=None) -> list:
         """One cell per target site from its answer about model `name` (the model this broadcast asked about;
         NVFlare names the answering site from its connection, never from the payload)."""
-        cells, answered = [], set()
-        for r in results:
-            site = wire.site_of(r)
-            if site not in targets or site in answered:
-                continue
-            answered.add(site)
+        cells = []
+        answers, silent = first_answers(targets, results)
+        for site, r in answers:
             meta = r.meta or {}
             refused = meta.get(C.META_REFUSED) or meta.get(C.META_UNAVAILABLE)
             cell = evaluation_cell(
@@ -210,9 +216,8 @@ class CrossSiteEvalMixin:
             if cell.status == "rejected":
                 self.warning(f"cross-site evaluation: result refused: {cell.reason}")
             cells.append(cell)
-        for site in sorted(set(targets) - answered):
-            cells.append(CrossSiteRecord(name, site, "missing", self._no_answer_reason(site, errors), model_sha256=sha))
-        return cells
+        why = {site: self._no_answer_reason(site, errors) for site in silent}
+        return cells + [CrossSiteRecord(name, site, "missing", why[site], model_sha256=sha) for site in silent]
 
     def _no_answer_reason(self, site: str, errors) -> str:
         """Why an asked site has no answer in the results: the error it answered with, or silence."""
