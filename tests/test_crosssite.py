@@ -275,6 +275,18 @@ def test_job_settings_for_cross_site_evaluation():
         c.with_changes(cross_site_eval_only="/m.pt", initial_weights="/w.pt")
     with pytest.raises(ValueError, match="cross_site_timeout must be an integer >= 1"):
         c.with_changes(cross_site_timeout=0)
+    # a recorded run's model instead of a file: named by its uid or a prefix, its final or best model
+    assert c.with_changes(cross_site_eval_run="3fa2").evaluates_only and not c.evaluates_only
+    with pytest.raises(ValueError, match="cross_site_eval_run must be a run uid or a prefix of one"):
+        c.with_changes(cross_site_eval_run="../runs")
+    with pytest.raises(ValueError, match="not both"):
+        c.with_changes(cross_site_eval_run="3fa2", cross_site_eval_only="/m.pt")
+    with pytest.raises(ValueError, match="cross_site_eval_run cannot run with he_layers"):
+        c.with_changes(cross_site_eval_run="3fa2", he_layers=("class_layers.",))
+    with pytest.raises(ValueError, match="give cross_site_eval_run or resume_run, not both"):
+        c.with_changes(cross_site_eval_run="3fa2", resume_run="3fa2")
+    with pytest.raises(ValueError, match="cross_site_eval_model must be 'final' or 'best', got 'last'"):
+        c.with_changes(cross_site_eval_model="last")
     assert json.dumps(c.with_changes(cross_site_eval=False).cross_site_eval) == "false"
 
 
@@ -492,3 +504,47 @@ def test_a_site_that_answers_with_an_error_is_not_called_silent():
     # A local model asked for and answered with an error: not lent, with the site's error as the reason.
     _, lent_cells = controller._lent_models(["hospital-b"], [], {"hospital-b": ReturnCode.EXECUTION_EXCEPTION})
     assert lent_cells[0].reason == "the site answered with an error: EXECUTION_EXCEPTION"
+
+
+def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
+    """--cross-site-eval-only: an existing file is scored as before (the persistor loads it on the server); anything
+    else must look like a run uid, which the exported controller resolves on the server (its kept models)."""
+    from fedmed.cli.submit_job import exported_controller_args
+    from fedmed.flare.fedjob import job_main
+    from fedmed.jobconfig import JobConfig
+    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.weights import save_state
+
+    config = JobConfig(name="cxr_densenet", task="chest_xray14")
+    model = tmp_path / "global_model.pt"
+    save_state(state_to_numpy(build_densenet121(14)), model)
+
+    def export(*argv):
+        out = tmp_path / f"job{len(list(tmp_path.iterdir()))}"
+        assert job_main([*argv, "--export-job", str(out)], config, "d", tmp_path / "ws") == 0
+        folder = out / config.name
+        persistor = json.loads((folder / "app_server" / "config" / "config_fed_server.json").read_text())
+        persistor = next(c for c in persistor["components"] if c["id"] == "persistor")
+        return exported_controller_args(folder), persistor.get("args", {})
+
+    controller, persistor = export("--cross-site-eval-only", str(model))
+    assert controller["evaluate_only"] is True and controller.get("evaluate_run") is None  # left out: the default
+    assert persistor["initial_weights"] == str(model.resolve())
+    controller, persistor = export("--cross-site-eval-only", "3fa2c1", "--cross-site-eval-model", "best")
+    assert (controller["evaluate_only"], controller["evaluate_run"], controller["evaluate_model"]) == (
+        True,
+        "3fa2c1",
+        "best",
+    )
+    assert "initial_weights" not in persistor
+    for argv, why in (
+        (["--cross-site-eval-only", str(tmp_path / "gone.pt")], "no such model file, nor a run uid"),
+        (
+            ["--cross-site-eval-only", str(model), "--cross-site-eval-model", "best"],
+            "goes with --cross-site-eval-only RUN",
+        ),
+    ):
+        with pytest.raises(SystemExit) as e:
+            job_main([*argv, "--export-job", str(tmp_path / "never")], config, "d", tmp_path / "ws")
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -224,19 +224,27 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert "<h2>Cross-site evaluation</h2>" in page and (tmp_path / "report" / "cross_site.png").stat().st_size > 5_000
     assert repo.verify_audit() is None
 
-    # The recorded global model scored again in a job of its own (two hospitals): a run that trains nothing, whose
-    # cells match what the same hospitals' same validation data gave at the end of training.
+    # The finished run keeps its final and best models where the server keeps its runs' models (the simulator's:
+    # <--workspace>/fedmed_runs, which it does not wipe); the older round's file is gone.
+    uid = repo.get_run(run_id).uid
+    kept = sorted(p.name for p in (tmp_path / "ws" / "fedmed_runs" / uid).iterdir())
+    assert kept == ["best_model.pt", "round_2.pt"], kept
+
+    # The recorded run's final global model scored again in a job of its own (two hospitals), the run named by a
+    # prefix of its uid: a run that trains nothing, whose cells match what the same hospitals' same validation data
+    # gave at the end of training.
     eval_log = tmp_path / "eval.log"
     proc = _run_job(
         tiny_hospitals,
-        tmp_path / "ws_eval",
+        tmp_path / "ws",
         db,
         "--cross-site-eval-only",
-        str(app / "global_model.pt"),
+        uid[:10],
         "--log-file",
         str(eval_log),
         sites=SITES[:2],
     )
+    assert f"scoring run {uid}'s final model (round 2, round_2.pt)" in proc.stdout
     eval_run = repo.latest_run_id()
     assert eval_run != run_id and repo.rounds_table(eval_run) == [] and repo.get_run(eval_run).num_rounds == 0
     assert repo.get_run(eval_run).status == "finished" and "cross-site evaluation only" in repo.get_run(eval_run).name
@@ -246,6 +254,9 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         assert c["score"] == pytest.approx(cross[("global", c["site"])]["score"], abs=1e-6)
         assert c["model_sha256"] == cross[("global", c["site"])]["model_sha256"]
     assert f"the global model of run {run_id} round 2" in eval_log.read_text()
+    assert f"run {uid}'s final model (round 2, sha256 {cross[('global', 'hospital-a')]['model_sha256'][:16]}" in (
+        eval_log.read_text()
+    )
     assert any(line.startswith("cross-site evaluation done") for line in proc.stdout.splitlines())
     page = write_report_for(db, eval_run, tmp_path / "eval_report")
     assert "<h2>Cross-site evaluation</h2>" in page

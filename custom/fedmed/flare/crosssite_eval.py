@@ -17,6 +17,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.security.logging import secure_format_exception
+from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed import constants as C
 from fedmed.crosssite import (
@@ -30,10 +31,12 @@ from fedmed.crosssite import (
 )
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
+from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
+from fedmed.resume import EvaluationRefused, pick_recorded_model, resolve_run_uid, round_model_path
 from fedmed.store.journal import Journal, ResilientRecorder
-from fedmed.store.repository import Repository
+from fedmed.store.repository import Repository, resolve_db_url
 
 HE_NO_LOCAL_MODELS = (
     "HE is on: a local model's head is encrypted and only the federation's aggregate is ever decrypted; the "
@@ -55,8 +58,9 @@ def first_answers(targets, results) -> tuple:
 
 
 class CrossSiteEvalMixin:
-    """Needs from the controller: _task, norm, cross_site_timeout, he_layers, _signer, _db_url, _gone_now(),
-    _load_trust(), sample_clients(), broadcast_model(), fl_ctx, engine, logger, info/warning/error."""
+    """Needs from the controller: _task, norm, cross_site_timeout, he_layers, _signer, db_url, _db_url, evaluate_run,
+    evaluate_model, _gone_now(), _load_trust(), _run_models(), _load_run_model(), sample_clients(), broadcast_model(),
+    fl_ctx, engine, logger, info/warning/error."""
 
     def _cross_site_eval(
         self, run_uid: str, model: FLModel, sites=None, lend_local_models: bool = True, quarantined=None
@@ -241,6 +245,14 @@ class CrossSiteEvalMixin:
         """A job that trains nothing: the hospitals score the model the persistor loads (the job's
         initial_weights, e.g. a recorded global model), recorded as a run of its own with no rounds."""
         self.num_rounds, self.run_name = 0, f"{self.run_name} (cross-site evaluation only)"
+        recorded = None
+        if self.evaluate_run:
+            try:
+                recorded = self._recorded_model()  # before anything is written: a refusal leaves no run behind
+            except EvaluationRefused as e:  # the admin's mistake or a swapped model file: one line, no traceback
+                self.error(str(e))
+                self.panic(str(e))
+                return
         db, run_uid, _ = self._start_record()  # evaluate_only never resumes (refused in __init__)
         status = "finished"
         model = None
@@ -248,7 +260,7 @@ class CrossSiteEvalMixin:
         quarantined = quarantine_reasons(self._load_trust(db, run_uid), ())
         try:
             self._setup_signatures()
-            model = self.load_model()
+            model = self.load_model() if recorded is None else recorded
             model.meta = {**self._model_meta(), **(model.meta or {}), "round": 0}
             sha = model_sha256(model.params, None)
             found = self._recorded_round_of(sha)
@@ -264,6 +276,36 @@ class CrossSiteEvalMixin:
             self._finish_record(db, run_uid, status, None, None)
         self._cross_site_eval(run_uid, model, lend_local_models=False, quarantined=quarantined)  # every connected one
         self.info(f"run {run_uid} {status}; cross-site evaluation only")
+
+    def _recorded_model(self) -> FLModel:
+        """evaluate_run's final or best global model (evaluate_model), from the server's kept files of the run whose
+        sha256 is the one its record holds; raises EvaluationRefused with the one-line reason."""
+        purpose = "cross-site evaluation"
+        self._db_url = resolve_db_url(Path(self.engine.get_workspace().get_root_dir()), self.db_url)
+        try:
+            repo = Repository(self._db_url)
+            try:
+                uid = resolve_run_uid(
+                    self.evaluate_run, repo.run_uids_starting_with(self.evaluate_run.strip()), purpose
+                )
+                history = repo.run_history(uid)
+            finally:
+                repo.close()
+        except SQLAlchemyError as e:  # a driver message may hold the URL: its type only
+            raise EvaluationRefused(f"{purpose}: cannot read the record ({type(e).__name__})") from None
+        recorded = pick_recorded_model(history, self.evaluate_model)
+        models_dir = self._run_models(uid)
+        kept = [round_model_path(models_dir, recorded.model_round)]
+        if recorded.which == "best":
+            kept.insert(0, models_dir / BEST_MODEL_FILE)
+        app_file = BEST_MODEL_FILE if recorded.which == "best" else GLOBAL_MODEL_FILE
+        path, params, meta = self._load_run_model(recorded, kept, history.job_ids, app_file, purpose)
+        self.info(
+            f"cross-site evaluation only: run {uid}'s {recorded.which} model (round {recorded.model_round}, sha256 "
+            f"{recorded.model_sha256[:16]}...) from {path}"
+        )
+        meta = {k: v for k, v in meta.items() if k != C.META_GLOBAL_SIGNATURE}  # signed anew for this evaluation
+        return FLModel(params_type=ParamsType.FULL, params=params, meta=meta)
 
     def _recorded_round_of(self, sha: str):
         try:
