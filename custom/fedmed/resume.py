@@ -9,7 +9,9 @@ record alone, whether and from where; find_model_file then picks the file. Each 
 
 The server keeps each run's recent global models under <server workspace>/fedmed_runs/<run uid>/ (round_<n>.pt,
 the last two: a crash between saving round n and recording it leaves round n-1's, which the record names; and the
-best model). The simulator wipes its workspace at every run, so there they go to <--workspace>/fedmed_runs/.
+best model); a finished run keeps its final round's and its best, which a cross-site evaluation of a recorded run
+scores (pick_recorded_model names the model from the record, find_model_file finds its file the same way). The
+simulator wipes its workspace at every run, so there they go to <--workspace>/fedmed_runs/.
 """
 
 from __future__ import annotations
