@@ -317,6 +317,14 @@ def test_the_servers_refusal_is_found_in_the_jobs_downloaded_log(tmp_path):
     )
     assert refusal_in(tmp_path / "job") == reason
     assert refusal_in(None) is None and refusal_in(tmp_path / "nothing") is None
+    # an evaluation-only job's refusal of a recorded run's model; the controller's ordinary cross-site lines are not
+    refusal = f"cross-site evaluation: run {UID}'s global model of round 2 (sha256 ...) is missing"
+    log.write_text(
+        "2026-11-30 00:47:26,763 - FedMedController - WARNING - [identity=fedmed, run=x] - cross-site evaluation: "
+        "hospital-c is not asked to lend or to score\n"
+        f"2026-11-30 00:47:26,764 - FedMedController - ERROR - [identity=fedmed, run=x] - {refusal}\n"
+    )
+    assert refusal_in(tmp_path / "job") == refusal
 
 
 # --- a recorded run's model scored in a cross-site evaluation of its own (--cross-site-eval-only RUN) ----------------
