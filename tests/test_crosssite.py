@@ -15,13 +15,18 @@ from fedmed.crosssite import (
     GLOBAL_MODEL,
     CrossSiteRecord,
     allowed_metrics,
+    asked_sites,
+    error_answer_reason,
     evaluation_cell,
     find_result_problem,
     heatmap_matrix,
     local_model_refusal,
+    quarantine_reasons,
     released_scores,
     scores_refusal,
 )
+from fedmed.flare import wire
+from fedmed.robust.trust import SiteTrust
 from fedmed.site_config import parse_site_config
 from fedmed.store.journal import op_from_json, op_to_json
 from fedmed.store.repository import Repository, RoundRecord, UpdateRecord
@@ -270,6 +275,18 @@ def test_job_settings_for_cross_site_evaluation():
         c.with_changes(cross_site_eval_only="/m.pt", initial_weights="/w.pt")
     with pytest.raises(ValueError, match="cross_site_timeout must be an integer >= 1"):
         c.with_changes(cross_site_timeout=0)
+    # a recorded run's model instead of a file: named by its uid or a prefix, its final or best model
+    assert c.with_changes(cross_site_eval_run="3fa2").evaluates_only and not c.evaluates_only
+    with pytest.raises(ValueError, match="cross_site_eval_run must be a run uid or a prefix of one"):
+        c.with_changes(cross_site_eval_run="../runs")
+    with pytest.raises(ValueError, match="not both"):
+        c.with_changes(cross_site_eval_run="3fa2", cross_site_eval_only="/m.pt")
+    with pytest.raises(ValueError, match="cross_site_eval_run cannot run with he_layers"):
+        c.with_changes(cross_site_eval_run="3fa2", he_layers=("class_layers.",))
+    with pytest.raises(ValueError, match="give cross_site_eval_run or resume_run, not both"):
+        c.with_changes(cross_site_eval_run="3fa2", resume_run="3fa2")
+    with pytest.raises(ValueError, match="cross_site_eval_model must be 'final' or 'best', got 'last'"):
+        c.with_changes(cross_site_eval_model="last")
     assert json.dumps(c.with_changes(cross_site_eval=False).cross_site_eval) == "false"
 
 
@@ -366,3 +383,168 @@ def test_a_model_whose_outputs_are_not_finite_gets_an_answer_with_the_reason_not
     reply = _ask(ex, ctx, AppConstants.TASK_VALIDATION, FLModel(params=params, meta={}))
     assert "not finite" in reply.meta[C.META_REFUSED] and "cannot be scored" in reply.meta[C.META_REFUSED]
     assert not reply.metrics
+
+
+@pytest.mark.parametrize(
+    "events, why",
+    [
+        # quarantined in round 2 of this job: the round and the trust rule's reason
+        (
+            [(2, "hospital-c", "quarantined", "hospital-c quarantined: a round scoring 0")],
+            "since round 2: a round scoring 0",
+        ),
+        # re-admitted, then quarantined again: the latest quarantine counts
+        (
+            [
+                (1, "hospital-c", "quarantined", "hospital-c quarantined: trust 0.400 < 0.5"),
+                (3, "hospital-c", "readmitted", "hospital-c re-admitted after 2 good rounds"),
+                (4, "hospital-c", "quarantined", "hospital-c quarantined: a round scoring 0"),
+            ],
+            "since round 4: a round scoring 0",
+        ),
+        # quarantined before this job (trust carried over from the record): no round of this job to name
+        ([], "quarantined by an earlier job (trust 0.200)"),
+    ],
+)
+def test_why_a_quarantined_hospital_is_not_asked(events, why):
+    trust = {"hospital-a": SiteTrust(0.9), "hospital-c": SiteTrust(0.2, quarantined=True)}
+    reasons = quarantine_reasons(trust, events)
+    assert set(reasons) == {"hospital-c"} and why in reasons["hospital-c"]
+
+
+def test_a_quarantined_hospital_is_neither_asked_to_lend_nor_to_score_and_its_model_is_relayed_to_no_one():
+    """A quarantined hospital's model, sent anyway, reaches no other hospital: it is not a target of submit_model, so
+    the controller drops its answer; its cells (its own model's, the global model's, every lent model's) say why."""
+    from fedmed.flare.controller import FedMedController
+    from fedmed.model import build_densenet121, state_to_numpy
+
+    quarantined = quarantine_reasons(
+        {"hospital-c": SiteTrust(0.1, quarantined=True)},
+        [(1, "hospital-c", "quarantined", "hospital-c quarantined: a round scoring 0")],
+    )
+    connected = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    gone = {"hospital-d": "NVFlare dropped the site"}
+    targets, not_asked = asked_sites(connected, gone, connected, None, quarantined)
+    assert targets == ["hospital-a", "hospital-b"]
+    assert not_asked == {
+        "hospital-c": "not asked: quarantined since round 1: a round scoring 0",
+        "hospital-d": "not asked: NVFlare dropped the site",
+    }
+    controller = FedMedController(task="brain_mri")
+    params = state_to_numpy(build_densenet121(4))
+    answers = [
+        FLModel(params=params, meta={"client_name": "hospital-c", AppConstants.MODEL_OWNER: "hospital-c"}),
+        FLModel(params=params, meta={"client_name": "hospital-a", AppConstants.MODEL_OWNER: "hospital-a"}),
+        FLModel(params={}, meta={"client_name": "hospital-b", C.META_REFUSED: "share_local_model is off"}),
+    ]
+    lent, cells = controller._lent_models(targets, answers)
+    assert [site for site, _ in lent] == ["hospital-a"]
+    assert [(c.model, c.site, c.status) for c in cells] == [("hospital-b", "hospital-b", "not_shared")]
+
+
+@pytest.mark.parametrize(
+    "code, why",
+    [
+        ("EXECUTION_EXCEPTION", "the site answered with an error: EXECUTION_EXCEPTION"),  # its executor raised
+        ("TASK_UNKNOWN", "the site answered with an error: TASK_UNKNOWN"),  # a site that does not score
+        ("x\nFAKE LOG LINE " * 20, "an unknown return code 'x\\nFAKE LOG LINE"),  # hostile: one line, cut short
+        (42, "an unknown return code '42'"),
+    ],
+)
+def test_an_error_answer_is_named_from_its_return_code(code, why):
+    reason = error_answer_reason(code)
+    assert reason.startswith("the site answered with an error: ") and why in reason
+    assert "\n" not in reason and len(reason) < 120
+
+
+def test_a_site_that_answers_with_an_error_is_not_called_silent():
+    """Answers as NVFlare hands them to the controller's result callback (BaseModelController._process_result, in
+    resilient mode as every cross-site step runs): a site whose executor raised answers at once with an error code,
+    which NVFlare drops from the results; its cell says its error, and only a site that never answered gets
+    "no answer within Ns"."""
+    from nvflare.apis.client import Client
+    from nvflare.apis.controller_spec import ClientTask
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.fl_context import FLContextManager
+    from nvflare.apis.shareable import make_reply
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from fedmed.flare.controller import FedMedController
+
+    controller = FedMedController(task="chest_xray14", cross_site_timeout=7)
+    ctx = FLContextManager(identity_name="server", job_id="job-1").new_context()
+    controller.fl_ctx = ctx
+    asked = FLModel(params={}, meta={AppConstants.MODEL_OWNER: "global"})
+    task = controller._prepare_task(data=asked, task_name=AppConstants.TASK_VALIDATION, timeout=7, callback=None)
+    answers = {
+        "hospital-a": FLModelUtils.to_shareable(_answer("hospital-a")),
+        "hospital-b": make_reply(ReturnCode.EXECUTION_EXCEPTION),
+        "hospital-c": make_reply(ReturnCode.TASK_UNKNOWN),
+    }
+    controller._ignore_result_error, controller._answer_errors = True, {}  # as _broadcast_advisory sets them
+    for site, shareable in answers.items():
+        client_task = ClientTask(Client(site, None), task)
+        client_task.result = shareable
+        controller._process_result(client_task, ctx)
+    assert [wire.site_of(r) for r in controller._results] == ["hospital-a"]  # NVFlare kept only the good answer
+    targets = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    cells = {
+        c.site: c
+        for c in controller._evaluation_cells(
+            "global", "ab" * 32, targets, controller._results, controller._answer_errors
+        )
+    }
+    assert cells["hospital-a"].status == "evaluated"
+    assert (cells["hospital-b"].status, cells["hospital-b"].reason) == (
+        "missing",
+        "the site answered with an error: EXECUTION_EXCEPTION",
+    )
+    assert cells["hospital-c"].reason == "the site answered with an error: TASK_UNKNOWN"
+    assert cells["hospital-d"].reason == "no answer within 7s"
+    # A local model asked for and answered with an error: not lent, with the site's error as the reason.
+    _, lent_cells = controller._lent_models(["hospital-b"], [], {"hospital-b": ReturnCode.EXECUTION_EXCEPTION})
+    assert lent_cells[0].reason == "the site answered with an error: EXECUTION_EXCEPTION"
+
+
+def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
+    """--cross-site-eval-only: an existing file is scored as before (the persistor loads it on the server); anything
+    else must look like a run uid, which the exported controller resolves on the server (its kept models)."""
+    from fedmed.cli.submit_job import exported_controller_args
+    from fedmed.flare.fedjob import job_main
+    from fedmed.jobconfig import JobConfig
+    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.weights import save_state
+
+    config = JobConfig(name="cxr_densenet", task="chest_xray14")
+    model = tmp_path / "global_model.pt"
+    save_state(state_to_numpy(build_densenet121(14)), model)
+
+    def export(*argv):
+        out = tmp_path / f"job{len(list(tmp_path.iterdir()))}"
+        assert job_main([*argv, "--export-job", str(out)], config, "d", tmp_path / "ws") == 0
+        folder = out / config.name
+        persistor = json.loads((folder / "app_server" / "config" / "config_fed_server.json").read_text())
+        persistor = next(c for c in persistor["components"] if c["id"] == "persistor")
+        return exported_controller_args(folder), persistor.get("args", {})
+
+    controller, persistor = export("--cross-site-eval-only", str(model))
+    assert controller["evaluate_only"] is True and controller.get("evaluate_run") is None  # left out: the default
+    assert persistor["initial_weights"] == str(model.resolve())
+    controller, persistor = export("--cross-site-eval-only", "3fa2c1", "--cross-site-eval-model", "best")
+    assert (controller["evaluate_only"], controller["evaluate_run"], controller["evaluate_model"]) == (
+        True,
+        "3fa2c1",
+        "best",
+    )
+    assert "initial_weights" not in persistor
+    for argv, why in (
+        (["--cross-site-eval-only", str(tmp_path / "gone.pt")], "no such model file, nor a run uid"),
+        (
+            ["--cross-site-eval-only", str(model), "--cross-site-eval-model", "best"],
+            "goes with --cross-site-eval-only RUN",
+        ),
+    ):
+        with pytest.raises(SystemExit) as e:
+            job_main([*argv, "--export-job", str(tmp_path / "never")], config, "d", tmp_path / "ws")
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

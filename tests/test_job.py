@@ -224,19 +224,27 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
     assert "<h2>Cross-site evaluation</h2>" in page and (tmp_path / "report" / "cross_site.png").stat().st_size > 5_000
     assert repo.verify_audit() is None
 
-    # The recorded global model scored again in a job of its own (two hospitals): a run that trains nothing, whose
-    # cells match what the same hospitals' same validation data gave at the end of training.
+    # The finished run keeps its final and best models where the server keeps its runs' models (the simulator's:
+    # <--workspace>/fedmed_runs, which it does not wipe); the older round's file is gone.
+    uid = repo.get_run(run_id).uid
+    kept = sorted(p.name for p in (tmp_path / "ws" / "fedmed_runs" / uid).iterdir())
+    assert kept == ["best_model.pt", "round_2.pt"], kept
+
+    # The recorded run's final global model scored again in a job of its own (two hospitals), the run named by a
+    # prefix of its uid: a run that trains nothing, whose cells match what the same hospitals' same validation data
+    # gave at the end of training.
     eval_log = tmp_path / "eval.log"
     proc = _run_job(
         tiny_hospitals,
-        tmp_path / "ws_eval",
+        tmp_path / "ws",
         db,
         "--cross-site-eval-only",
-        str(app / "global_model.pt"),
+        uid[:10],
         "--log-file",
         str(eval_log),
         sites=SITES[:2],
     )
+    assert f"scoring run {uid}'s final model (round 2, round_2.pt)" in proc.stdout
     eval_run = repo.latest_run_id()
     assert eval_run != run_id and repo.rounds_table(eval_run) == [] and repo.get_run(eval_run).num_rounds == 0
     assert repo.get_run(eval_run).status == "finished" and "cross-site evaluation only" in repo.get_run(eval_run).name
@@ -246,6 +254,9 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         assert c["score"] == pytest.approx(cross[("global", c["site"])]["score"], abs=1e-6)
         assert c["model_sha256"] == cross[("global", c["site"])]["model_sha256"]
     assert f"the global model of run {run_id} round 2" in eval_log.read_text()
+    assert f"run {uid}'s final model (round 2, sha256 {cross[('global', 'hospital-a')]['model_sha256'][:16]}" in (
+        eval_log.read_text()
+    )
     assert any(line.startswith("cross-site evaluation done") for line in proc.stdout.splitlines())
     page = write_report_for(db, eval_run, tmp_path / "eval_report")
     assert "<h2>Cross-site evaluation</h2>" in page
@@ -266,7 +277,10 @@ def _tensorboard_scalars(tb_events: Path) -> dict:
 @pytest.mark.integration
 def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     # hospital-c sends updates scaled 50x; the geometric median discounts it, trust falls, it is quarantined.
-    _write_site_configs(tiny_hospitals, hostile={"hospital-c": {"kind": "scale", "factor": 50}})
+    # Its policy would lend its local model, as hospital-a's does: quarantined, it is not asked to.
+    _write_site_configs(
+        tiny_hospitals, hostile={"hospital-c": {"kind": "scale", "factor": 50}}, share={"hospital-a", "hospital-c"}
+    )
     try:
         repo, run_id = _simulate(
             tiny_hospitals,
@@ -297,6 +311,16 @@ def test_hostile_site_is_quarantined_and_recorded(tiny_hospitals, tmp_path):
     # Trust outlives the job: the next job of this federation starts with hospital-c still quarantined.
     trust = repo.load_trust()
     assert trust["hospital-c"].quarantined and not trust["hospital-a"].quarantined
+    # Cross-site: quarantined hospital-c neither lends its model (which would run on the others' validation data)
+    # nor scores any: its cells say why; the others score the global model and hospital-a's.
+    cross = {(c["model"], c["site"]): c for c in repo.cross_site_results(run_id)}
+    why = f"not asked: quarantined since round {quarantined_by}: "
+    for model, status in (("global", "missing"), ("hospital-a", "missing"), ("hospital-c", "not_shared")):
+        assert cross[(model, "hospital-c")]["status"] == status and cross[(model, "hospital-c")]["reason"].startswith(
+            why
+        ), cross[(model, "hospital-c")]
+    assert all(cross[(m, s)]["status"] == "evaluated" for m in ("global", "hospital-a") for s in SITES[:2])
+    assert not [c for c in cross.values() if c["model"] == "hospital-c" and c["status"] == "evaluated"]
 
 
 @pytest.mark.integration

@@ -1,6 +1,7 @@
 """Resuming a run (fedmed.resume): the plan from the record, the model file found by its recorded sha256 (a
 tampered or foreign file refused), the resumption in the audited record, and fedmed-submit's refusals."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,8 +9,11 @@ import pytest
 
 from fedmed.hashing import model_sha256
 from fedmed.resume import (
+    EvaluationRefused,
     ResumeRefused,
     find_model_file,
+    finished_run_leftovers,
+    pick_recorded_model,
     plan_resume,
     resolve_run_uid,
     round_model_path,
@@ -313,3 +317,127 @@ def test_the_servers_refusal_is_found_in_the_jobs_downloaded_log(tmp_path):
     )
     assert refusal_in(tmp_path / "job") == reason
     assert refusal_in(None) is None and refusal_in(tmp_path / "nothing") is None
+    # an evaluation-only job's refusal of a recorded run's model; the controller's ordinary cross-site lines are not
+    refusal = f"cross-site evaluation: run {UID}'s global model of round 2 (sha256 ...) is missing"
+    log.write_text(
+        "2026-11-30 00:47:26,763 - FedMedController - WARNING - [identity=fedmed, run=x] - cross-site evaluation: "
+        "hospital-c is not asked to lend or to score\n"
+        f"2026-11-30 00:47:26,764 - FedMedController - ERROR - [identity=fedmed, run=x] - {refusal}\n"
+    )
+    assert refusal_in(tmp_path / "job") == refusal
+
+
+# --- a recorded run's model scored in a cross-site evaluation of its own (--cross-site-eval-only RUN) ----------------
+
+
+@pytest.mark.parametrize(
+    "which, rounds, expected",
+    [
+        ("final", ((1, "a" * 64, 0.6), (2, "b" * 64, 0.55)), (2, "b" * 64)),  # the last recorded global model
+        ("best", ((1, "a" * 64, 0.6), (2, "b" * 64, 0.55)), (1, "a" * 64)),  # the best scored round's
+        # a last round that aggregated nothing left the global model as it stood: that is the final model
+        ("final", ((1, "a" * 64, 0.6), (2, None, None)), (1, "a" * 64)),
+    ],
+)
+def test_a_recorded_runs_final_or_best_model_is_named_by_the_record(which, rounds, expected):
+    recorded = pick_recorded_model(_history(status="finished", rounds=rounds), which)
+    assert (recorded.run_uid, recorded.which, recorded.model_round, recorded.model_sha256) == (UID, which, *expected)
+
+
+@pytest.mark.parametrize(
+    "history, which, reason",
+    [
+        (_history(rounds=((1, None, None),)), "final", "recorded no global model"),
+        (_history(rounds=((1, "a" * 64, None),)), "best", "recorded no scored round: it has no best model"),
+        # an HE run's head is encrypted: an evaluation-only job would send it in clear
+        (_history(he_layers=["class_layers."]), "final", r"kept layers encrypted \(HE\)"),
+    ],
+)
+def test_a_recorded_model_that_cannot_be_scored_is_refused_naming_why(history, which, reason):
+    with pytest.raises(EvaluationRefused, match=f"^cross-site evaluation: run {UID} .*{reason}"):
+        pick_recorded_model(history, which)
+
+
+def test_a_finished_run_keeps_its_final_and_best_models(tmp_path):
+    models = run_models_dir(tmp_path / "fedmed_runs", UID)
+    for r in (2, 3):
+        save_state(_params(r), round_model_path(models, r))
+    (models / "best_model.pt").write_bytes(b"kept")
+    assert [p.name for p in finished_run_leftovers(models)] == ["round_2.pt"]
+    assert finished_run_leftovers(tmp_path / "none") == []
+
+
+def _recorded_simulation(tmp_path):
+    """A finished run recorded in a database, its models kept where the simulator's server keeps them."""
+    url = f"sqlite:///{tmp_path / 'fedmed.db'}"
+    models = run_models_dir(tmp_path / "fedmed_runs", UID)
+    shas = {}
+    for n in (1, 2):
+        save_state(_params(n), round_model_path(models, n), {"round": n})
+        shas[n] = model_sha256(_params(n))
+    save_state(_params(1), models / "best_model.pt", {"round": 1})
+    repo = Repository(url)
+    try:
+        repo.start_run(UID, "cxr_densenet", "simulate_job", "geometric_median", 2, CONFIG)
+        for n, score in ((1, 0.6), (2, 0.55)):  # round 1 the best, round 2 the final model
+            repo.record_round(UID, dataclasses.replace(_round(n, shas[n]), score=score))
+        repo.finish_run(UID, "finished", 1, 0.6)
+        entries = repo.audit_rows()
+    finally:
+        repo.close()
+    return url, models, entries
+
+
+def test_the_simulators_evaluation_of_a_recorded_run_checks_its_model_file_before_anything_runs(tmp_path, capsys):
+    """What job.py checks before a simulation that scores a recorded run's model: the server's own rule (the record
+    names the model, the kept file must hash to it); each refusal one line, nothing written."""
+    from fedmed.flare.fedjob import check_simulation_evaluation
+    from fedmed.jobconfig import JobConfig
+
+    url, models, entries = _recorded_simulation(tmp_path)
+    config = JobConfig(name="cxr_densenet", task="chest_xray14", models_dir=str(tmp_path / "fedmed_runs"))
+    check_simulation_evaluation(url, config.with_changes(cross_site_eval_run=UID[:6]))
+    check_simulation_evaluation(url, config.with_changes(cross_site_eval_run=UID[:6], cross_site_eval_model="best"))
+    out = capsys.readouterr().out
+    assert f"scoring run {UID}'s final model (round 2, round_2.pt)" in out
+    assert f"scoring run {UID}'s best model (round 1, best_model.pt)" in out
+    with pytest.raises(EvaluationRefused, match="cross-site evaluation: no run 'feed' in the database"):
+        check_simulation_evaluation(url, config.with_changes(cross_site_eval_run="feed"))
+    with pytest.raises(ValueError, match="needs --db-url"):
+        check_simulation_evaluation(None, config.with_changes(cross_site_eval_run=UID[:6]))
+    save_state(_params(7), round_model_path(models, 2), {"round": 2})  # swapped since it was recorded
+    with pytest.raises(EvaluationRefused, match=r"no saved file matches .* round 2 .*refusing to evaluate it"):
+        check_simulation_evaluation(url, config.with_changes(cross_site_eval_run=UID[:6]))
+    round_model_path(models, 2).unlink()
+    with pytest.raises(EvaluationRefused, match="global model of round 2 .* is missing"):
+        check_simulation_evaluation(url, config.with_changes(cross_site_eval_run=UID[:6]))
+    repo = Repository(url, create_schema=False)
+    try:
+        assert repo.audit_rows() == entries  # nothing written
+    finally:
+        repo.close()
+
+
+def test_fedmed_submit_refuses_the_evaluation_of_an_unknown_run_before_submitting_anything(tmp_path, capsys):
+    from fedmed.cli.submit_job import SubmitError, check_evaluation
+
+    url, _, entries = _recorded_simulation(tmp_path)
+    server = tmp_path / "job" / "app_server" / "config" / "config_fed_server.json"
+    server.parent.mkdir(parents=True)
+
+    def export(**args):  # the exported server config, as NVFlare writes it (arguments equal to defaults left out)
+        workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"evaluate_only": True, **args}}
+        server.write_text(json.dumps({"workflows": [workflow]}))
+        return tmp_path / "job"
+
+    with pytest.raises(SubmitError, match="cross-site evaluation: no run 'feed' in the database"):
+        check_evaluation(url, export(evaluate_run="feed"))
+    check_evaluation(url, export(evaluate_run=UID[:8], evaluate_model="best"))
+    assert f"scoring run {UID}'s best model (round 1, sha256 " in capsys.readouterr().out
+    check_evaluation(None, export(evaluate_run=UID[:8]))  # no database here: the server checks
+    assert "no --db-url, so the server checks the run and its model file" in capsys.readouterr().out
+    repo = Repository(url, create_schema=False)
+    try:
+        assert repo.audit_rows() == entries  # nothing written
+    finally:
+        repo.close()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 from fedmed.tasks import TaskSpec
 from fedmed.wire_checks import find_metric_name_problem
@@ -113,6 +114,58 @@ def local_model_refusal(share_local_model: bool, trained: bool, he_on: bool, upd
             "in clear is not covered by its epsilon"
         )
     return None
+
+
+def quarantine_reasons(trust: Mapping, trust_events: Iterable[tuple]) -> dict:
+    """site -> why a quarantined hospital is not asked to lend or to score: a hostile site must not have a crafted
+    model run on the others' validation data (the scores it is shown would leak about their data), nor put its
+    numbers in the table. trust: site -> its state at the end of training (anything with .quarantined and .trust,
+    fedmed.robust.trust.SiteTrust); trust_events: this job's (round numbered from 1, site, "quarantined" |
+    "readmitted", message) in order, the rounds' alerts."""
+    since: dict = {}
+    for round_num, site, kind, message in trust_events:
+        if kind == "quarantined":
+            since[site] = (round_num, str(message).removeprefix(f"{site} quarantined: "))
+        elif kind == "readmitted":
+            since.pop(site, None)
+    out = {}
+    for site, state in trust.items():
+        if not state.quarantined:
+            continue
+        if site in since:
+            round_num, why = since[site]
+            out[site] = f"quarantined since round {round_num}: {why}"
+        else:
+            out[site] = f"quarantined by an earlier job (trust {state.trust:.3f})"
+    return out
+
+
+def asked_sites(connected, gone: Mapping, job_sites, sites, quarantined: Mapping) -> tuple:
+    """(the hospitals to ask, {hospital not asked: why}). Asked: every connected hospital NVFlare has not dropped
+    (`gone`: site -> why), of `sites` when given (those that answered the last round), that is not quarantined
+    (site -> why, quarantine_reasons). Not asked, with the reason its cells carry: the job's other hospitals
+    (`job_sites`) and every connected quarantined one."""
+    targets = [s for s in connected if s not in gone and s not in quarantined and (sites is None or s in sites)]
+    not_asked = {}
+    for s in sorted((set(job_sites) | (set(connected) & set(quarantined))) - set(targets)):
+        why = (
+            quarantined.get(s)
+            or gone.get(s)
+            or ("not connected" if s not in connected else "no answer in the last round")
+        )
+        not_asked[s] = f"not asked: {why}"
+    return targets, not_asked
+
+
+_RETURN_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # NVFlare's ReturnCode values: EXECUTION_EXCEPTION, ...
+
+
+def error_answer_reason(return_code) -> str:
+    """The cell's reason for a site that answered with an error return code (NVFlare drops such an answer from the
+    results; silence is "no answer within Ns"). The code comes from the site: anything but a return code's shape is
+    shown cut short, as a repr."""
+    code = return_code if isinstance(return_code, str) and _RETURN_CODE.fullmatch(return_code) else None
+    return "the site answered with an error: " + (code or f"an unknown return code {str(return_code)[:40]!r}")
 
 
 def scores_refusal(release_metrics: bool) -> Optional[str]:

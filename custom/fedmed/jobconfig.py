@@ -9,6 +9,7 @@ jobs/brain_mri_densenet/job.py JobConfig(name="brain_mri_densenet", task="brain_
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -19,6 +20,7 @@ from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.tasks import get_task
 
 DEFAULT_SITES = ("hospital-a", "hospital-b", "hospital-c")
+RUN_PREFIX = re.compile(r"[0-9a-f]{1,64}")  # a run uid (uuid4 hex) or the start of one
 
 
 def _names(value, what: str) -> Optional[tuple]:
@@ -69,6 +71,12 @@ class JobConfig:
         cross_site_eval_only: a model file on the server (e.g. a recorded run's global_model.pt): train nothing, the
             hospitals score this model; recorded as a run of its own. Not with he_layers (the server would send in
             clear a head the federation keeps encrypted) nor with initial_weights.
+        cross_site_eval_run: the same on a recorded run's model instead of a file: the run's uid or a unique
+            prefix; the server finds its cross_site_eval_model among the model files it keeps of the run by the
+            sha256 the record holds, and refuses, with the reason and nothing written, when it cannot
+            (fedmed.resume.pick_recorded_model).
+        cross_site_eval_model: which model of cross_site_eval_run: "final" (its last recorded global model, the
+            default) or "best" (its best scored round's).
         cross_site_timeout: seconds the server waits for the hospitals' answers in each cross-site step.
     """
 
@@ -104,6 +112,8 @@ class JobConfig:
     models_dir: Optional[str] = None
     cross_site_eval: bool = True
     cross_site_eval_only: Optional[str] = None
+    cross_site_eval_run: Optional[str] = None
+    cross_site_eval_model: str = "final"
     cross_site_timeout: int = 300
 
     def __post_init__(self):
@@ -141,15 +151,26 @@ class JobConfig:
         if self.cross_site_eval_only is not None:
             if not isinstance(self.cross_site_eval_only, str) or not self.cross_site_eval_only:
                 raise ValueError(f"cross_site_eval_only must be a model file path, got {self.cross_site_eval_only!r}")
+        if self.cross_site_eval_run is not None:
+            if not isinstance(self.cross_site_eval_run, str) or not RUN_PREFIX.fullmatch(self.cross_site_eval_run):
+                raise ValueError(
+                    f"cross_site_eval_run must be a run uid or a prefix of one (hex), got {self.cross_site_eval_run!r}"
+                )
+            if self.cross_site_eval_only is not None:
+                raise ValueError("give cross_site_eval_only (a model file) or cross_site_eval_run, not both")
+        if self.cross_site_eval_model not in ("final", "best"):
+            raise ValueError(f"cross_site_eval_model must be 'final' or 'best', got {self.cross_site_eval_model!r}")
+        if self.evaluates_only:
+            what = "cross_site_eval_only" if self.cross_site_eval_only is not None else "cross_site_eval_run"
             if self.he_layers:
                 raise ValueError(
-                    "cross_site_eval_only cannot run with he_layers: the server would send in clear a head the "
+                    f"{what} cannot run with he_layers: the server would send in clear a head the "
                     "federation keeps encrypted; HE runs are evaluated across sites at the end of training"
                 )
             if self.initial_weights:
-                raise ValueError(
-                    "give cross_site_eval_only or initial_weights, not both: the model evaluated is the first"
-                )
+                raise ValueError(f"give {what} or initial_weights, not both: the model evaluated is the first")
+            if self.resume_run:
+                raise ValueError(f"give {what} or resume_run, not both: an evaluation-only job trains no round")
         if self.min_clients is not None and not 1 <= self.min_clients <= len(sites):
             raise ValueError(f"min_clients must be in 1..{len(sites)} (the number of sites), got {self.min_clients}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -172,6 +193,11 @@ class JobConfig:
                 f"trust rule (trust_smoothing, trust_ok_ratio, trust_bad_ratio, quarantine_below, "
                 f"readmit_after, trust_head_cosine_bad): {e}"
             ) from None
+
+    @property
+    def evaluates_only(self) -> bool:
+        """The job trains nothing: the hospitals score a model file or a recorded run's model."""
+        return self.cross_site_eval_only is not None or self.cross_site_eval_run is not None
 
     @property
     def required_clients(self) -> int:

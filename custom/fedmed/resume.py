@@ -9,7 +9,9 @@ record alone, whether and from where; find_model_file then picks the file. Each 
 
 The server keeps each run's recent global models under <server workspace>/fedmed_runs/<run uid>/ (round_<n>.pt,
 the last two: a crash between saving round n and recording it leaves round n-1's, which the record names; and the
-best model). The simulator wipes its workspace at every run, so there they go to <--workspace>/fedmed_runs/.
+best model); a finished run keeps its final round's and its best, which a cross-site evaluation of a recorded run
+scores (pick_recorded_model names the model from the record, find_model_file finds its file the same way). The
+simulator wipes its workspace at every run, so there they go to <--workspace>/fedmed_runs/.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class ResumeRefused(ValueError):
     """A resumption that cannot go ahead; the message is the one line the admin reads. Nothing was written."""
 
 
+class EvaluationRefused(ValueError):
+    """A cross-site evaluation of a recorded run's model that cannot go ahead (no such run, no such model, its file
+    missing or not the one recorded); the message is the one line the admin reads. Nothing was written."""
+
+
+PURPOSES = {"resume": ResumeRefused, "cross-site evaluation": EvaluationRefused}  # what names a run, and its refusal
+
+
 @dataclass(frozen=True)
 class ResumePlan:
     run_uid: str
@@ -48,19 +58,26 @@ class ResumePlan:
         return self.from_round - 1
 
 
-def resolve_run_uid(given: str, uids: Iterable[str]) -> str:
-    """The run uid an admin means by `given` (the uid or a unique prefix of it)."""
+def resolve_run_uid(given: str, uids: Iterable[str], purpose: str = "resume") -> str:
+    """The run uid an admin means by `given` (the uid or a unique prefix of it), for `purpose` (a key of PURPOSES:
+    the refusal's class and the first word of its message)."""
+    refused = PURPOSES[purpose]
     given = (given or "").strip()
     if not given:
-        raise ResumeRefused("resume: no run given (the run's uid, or a unique prefix of it, as fedmed-report lists)")
+        raise refused(f"{purpose}: no run given (the run's uid, or a unique prefix of it, as fedmed-report lists)")
     matches = [u for u in uids if u.startswith(given)]
     if not matches:
-        raise ResumeRefused(f"resume: no run {given!r} in the database")
+        raise refused(f"{purpose}: no run {given!r} in the database")
     if len(matches) > 1 and given not in matches:
-        raise ResumeRefused(
-            f"resume: {given!r} is the start of {len(matches)} runs ({', '.join(matches[:4])}): give more"
-        )
+        raise refused(f"{purpose}: {given!r} is the start of {len(matches)} runs ({', '.join(matches[:4])}): give more")
     return given if given in matches else matches[0]
+
+
+def best_scored_round(rounds) -> Optional[tuple]:
+    """(round, score) of the best scored round of (round, sha256, score) rows, the earliest of equals (the
+    Controller's rule: a later round must beat the best, not match it); None when no round was scored."""
+    scored = [(r, score) for r, _, score in rounds if score is not None]
+    return min(scored, key=lambda rs: (-rs[1], rs[0])) if scored else None
 
 
 def _normal(option: str, value):
@@ -105,9 +122,48 @@ def plan_resume(history, job: dict) -> ResumePlan:
     if not with_model:
         raise ResumeRefused(f"resume: run {uid} recorded no global model in its {last_round} round(s)")
     model_round, sha = with_model[-1]  # a round that aggregated nothing left the global model as it stood
-    scored = [(r, score) for r, _, score in history.rounds if score is not None]
-    best = min(scored, key=lambda rs: (-rs[1], rs[0])) if scored else (None, None)  # the Controller's rule
+    best = best_scored_round(history.rounds) or (None, None)
     return ResumePlan(uid, last_round + 1, model_round, sha, best[0], best[1], history.status, history.job_ids)
+
+
+# --- a recorded run's model, scored in a cross-site evaluation of its own --------------------------------------------
+
+EVAL_MODELS = ("final", "best")
+
+
+@dataclass(frozen=True)
+class RecordedModel:
+    """A recorded run's final or best global model, as the record names it (find_model_file finds its file)."""
+
+    run_uid: str
+    which: str  # "final" | "best"
+    model_round: int
+    model_sha256: str
+
+
+def pick_recorded_model(history, which: str) -> RecordedModel:
+    """The run's final global model (its last recorded round's) or its best (the best scored round's). Raises
+    EvaluationRefused naming why: no global model recorded, no round scored (no best), or HE layers (the model's
+    head is encrypted and an evaluation-only job sends in clear)."""
+    if which not in EVAL_MODELS:
+        raise ValueError(f"which must be one of {EVAL_MODELS}, got {which!r}")
+    uid = history.uid
+    if history.config.get("he_layers"):
+        raise EvaluationRefused(
+            f"cross-site evaluation: run {uid} kept layers encrypted (HE): its model's head is not in clear, and an "
+            "evaluation-only job sends the model in clear; HE runs are evaluated across sites at the end of training"
+        )
+    shas = {r: sha for r, sha, _ in history.rounds if sha}
+    if not shas:
+        raise EvaluationRefused(f"cross-site evaluation: run {uid} recorded no global model")
+    if which == "final":
+        model_round = max(shas)
+    else:
+        best = best_scored_round(history.rounds)
+        if best is None or best[0] not in shas:
+            raise EvaluationRefused(f"cross-site evaluation: run {uid} recorded no scored round: it has no best model")
+        model_round = best[0]
+    return RecordedModel(uid, which, model_round, shas[model_round])
 
 
 # --- the server's model files of a run ------------------------------------------------------------------------------
@@ -137,14 +193,25 @@ def stale_round_files(models_dir: Path, newest: int, keep: int = KEEP_ROUND_FILE
     return sorted(out)
 
 
-def find_model_file(plan: ResumePlan, candidates: Iterable[Path], sha_of: Callable[[Path], str]) -> Path:
-    """The first candidate file whose content hash (sha_of) is the one the run recorded for its model round.
-    sha_of raises ValueError for a file it cannot read as a model. Refuses naming the files when none exists
-    (missing) or none matches (swapped, edited or damaged: never trained on)."""
+def finished_run_leftovers(models_dir: Path) -> list[Path]:
+    """The round files of a finished run but its newest (its final global model): what may be deleted once the run
+    is finished. The final and best models stay, for a cross-site evaluation of them (pick_recorded_model)."""
+    if not Path(models_dir).is_dir():
+        return []
+    rounds = [int(m.group(1)) for p in Path(models_dir).iterdir() if (m := _ROUND_FILE.match(p.name))]
+    return stale_round_files(models_dir, max(rounds), keep=1) if rounds else []
+
+
+def find_model_file(plan, candidates: Iterable[Path], sha_of: Callable[[Path], str], purpose: str = "resume") -> Path:
+    """The first candidate file whose content hash (sha_of) is the one the run recorded for its model round (plan: a
+    ResumePlan or a RecordedModel). sha_of raises ValueError for a file it cannot read as a model. Refuses (for
+    `purpose`, a key of PURPOSES) naming the files when none exists (missing) or none matches (swapped, edited or
+    damaged: not the recorded model)."""
+    refused = PURPOSES[purpose]
     files = [Path(p) for p in candidates if Path(p).is_file()]
     what = f"run {plan.run_uid}'s global model of round {plan.model_round} (sha256 {plan.model_sha256[:16]}...)"
     if not files:
-        raise ResumeRefused(f"resume: {what} is missing: no saved model file of the run on the server")
+        raise refused(f"{purpose}: {what} is missing: no saved model file of the run on the server")
     seen = []
     for path in files:
         try:
@@ -155,7 +222,7 @@ def find_model_file(plan: ResumePlan, candidates: Iterable[Path], sha_of: Callab
         if sha == plan.model_sha256:
             return path
         seen.append(f"{path} has sha256 {sha[:16]}...")
-    raise ResumeRefused(
-        f"resume: no saved file matches {what}: {'; '.join(seen)} (edited or swapped since it was recorded); "
-        "refusing to resume from it"
+    raise refused(
+        f"{purpose}: no saved file matches {what}: {'; '.join(seen)} (edited or swapped since it was recorded); "
+        f"refusing to {'resume from' if purpose == 'resume' else 'evaluate'} it"
     )

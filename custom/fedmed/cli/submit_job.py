@@ -92,27 +92,37 @@ def exported_controller_args(job_folder: Path) -> dict:
     return {**defaults, **controller.get("args", {})}
 
 
+def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) -> tuple:
+    """(the full uid of `run`, decide(its RunHistory)) from the database; a refusal (fedmed.resume, for `purpose`)
+    becomes a SubmitError with its one line. Writes nothing."""
+    from fedmed.resume import PURPOSES, resolve_run_uid
+    from fedmed.store.repository import Repository
+
+    try:
+        repo = Repository(db_url, create_schema=False)
+    except Exception as e:
+        raise SubmitError(f"{option}: cannot open the database {db_url.split('@')[-1]}: {type(e).__name__}") from None
+    try:
+        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()), purpose)
+        return uid, decide(repo.run_history(uid))
+    except PURPOSES[purpose] as e:
+        raise SubmitError(str(e)) from None
+    finally:
+        repo.close()
+
+
 def check_resume(db_url: str | None, run: str, job_folder: Path) -> str:
     """The full uid of the run --resume names, once the record says the exported job may continue it; raises
     SubmitError with the one-line reason (nothing submitted). Without a database only the server can check."""
     if not db_url:
         print(f"--resume {run}: no --db-url, so the server checks the resumption (its reason is printed if it refuses)")
         return run
-    from fedmed.resume import FIXED_OPTIONS, ResumeRefused, plan_resume, resolve_run_uid
-    from fedmed.store.repository import Repository
+    from fedmed.resume import FIXED_OPTIONS, plan_resume
 
     args = exported_controller_args(job_folder)
-    try:
-        repo = Repository(db_url, create_schema=False)
-    except Exception as e:
-        raise SubmitError(f"--resume: cannot open the database {db_url.split('@')[-1]}: {type(e).__name__}") from None
-    try:
-        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()))
-        plan = plan_resume(repo.run_history(uid), {k: args.get(k) for k in FIXED_OPTIONS})
-    except ResumeRefused as e:
-        raise SubmitError(str(e)) from None
-    finally:
-        repo.close()
+    uid, plan = _decide_in_record(
+        db_url, "--resume", run, "resume", lambda history: plan_resume(history, {k: args.get(k) for k in FIXED_OPTIONS})
+    )
     print(
         f"resuming run {uid} from round {plan.from_round} (last recorded round {plan.from_round - 1}, "
         f"{plan.previous_status}; global model sha256 {plan.model_sha256[:16]}...)",
@@ -121,12 +131,43 @@ def check_resume(db_url: str | None, run: str, job_folder: Path) -> str:
     return uid
 
 
+def check_evaluation(db_url: str | None, job_folder: Path) -> None:
+    """When the exported job scores a recorded run's model (--cross-site-eval-only RUN): the run exists and recorded
+    that model; raises SubmitError with the one-line reason (nothing submitted). The model file is on the server,
+    which checks its sha256 and refuses with the reason, which is printed."""
+    args = exported_controller_args(job_folder)
+    run = args.get("evaluate_run")
+    if not run:
+        return
+    if not db_url:
+        print(f"--cross-site-eval-only {run}: no --db-url, so the server checks the run and its model file")
+        return
+    from fedmed.resume import pick_recorded_model
+
+    which = args.get("evaluate_model") or "final"
+    uid, recorded = _decide_in_record(
+        db_url, "--cross-site-eval-only", run, "cross-site evaluation", lambda h: pick_recorded_model(h, which)
+    )
+    print(
+        f"scoring run {uid}'s {recorded.which} model (round {recorded.model_round}, sha256 "
+        f"{recorded.model_sha256[:16]}...)",
+        flush=True,
+    )
+
+
+REFUSALS = ("resume: ", "cross-site evaluation: ")  # how the server's one-line refusals start (fedmed.resume)
+
+
 def refusal_in(result: Path | None) -> str | None:
-    """The server's one-line reason for refusing a resumption, from the job's downloaded log."""
+    """The server's one-line reason for refusing a resumption or the evaluation of a recorded run's model, from the
+    job's downloaded log (the controller's error line)."""
     for log in sorted(Path(result).rglob("log*.txt")) if result else []:
         for line in log.read_text(errors="replace").splitlines():
-            if "FedMedController" in line and "resume: " in line:
-                return line[line.index("resume: ") :]
+            if "FedMedController" not in line or "ERROR" not in line:
+                continue
+            for start in REFUSALS:
+                if start in line:
+                    return line[line.index(start) :]
     return None
 
 
@@ -433,8 +474,9 @@ def main(argv=None) -> int:
             folder = export_job(Path(tmp), job_args)
             if a.resume:
                 check_resume(a.db_url, a.resume, folder)
+            check_evaluation(a.db_url, folder)
             outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, exported_num_rounds(folder))
-        refused = refusal_in(outcome.result_dir) if a.resume and outcome.status != COMPLETED else None
+        refused = refusal_in(outcome.result_dir) if outcome.status != COMPLETED else None
         if refused:
             raise SubmitError(f"the server refused: {refused}")
     except SubmitError as e:

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.crosssite import quarantine_reasons
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
@@ -37,11 +38,13 @@ from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder, card_from_meta
 from fedmed.resume import (
+    EVAL_MODELS,
     FIXED_OPTIONS,
     RUNS_DIR,
     ResumePlan,
     ResumeRefused,
     find_model_file,
+    finished_run_leftovers,
     plan_resume,
     resolve_run_uid,
     round_model_path,
@@ -112,6 +115,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         cross_site_eval: bool = True,
         evaluate_only: bool = False,
         cross_site_timeout: int = 300,
+        evaluate_run: Optional[str] = None,
+        evaluate_model: str = "final",
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -165,13 +170,19 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 and nothing written, when the run is finished, its model file is missing or altered, or this job's
                 task, aggregation, HE layers, norm, image size or number of rounds differ from the run's.
             models_dir: where the server keeps each run's last two round models and best model, which a resumption
-                starts from; default <server workspace>/fedmed_runs.
+                starts from (a finished run keeps its final and best models, which an evaluation-only job of it
+                scores); default <server workspace>/fedmed_runs.
             cross_site_eval: after the last round, every hospital scores the final global model, and each local model
                 a hospital lends (its share_local_model), on its own validation data; the checked table is recorded
                 in the run (fedmed.crosssite, fedmed.flare.crosssite_eval).
             evaluate_only: train nothing: the hospitals score the model the persistor loads (the job's
-                initial_weights, JobConfig.cross_site_eval_only), recorded as a run of its own.
+                initial_weights, JobConfig.cross_site_eval_only), or evaluate_run's, recorded as a run of its own.
             cross_site_timeout: seconds to wait for the hospitals' answers in each step of the cross-site evaluation.
+            evaluate_run: with evaluate_only, score this recorded run's model (its uid or a unique prefix) instead:
+                its evaluate_model ("final": its last recorded global model; "best": its best scored round's), found
+                among the server's kept model files by the sha256 the record holds (fedmed.resume.pick_recorded_model).
+                Refused, with the reason and nothing written, when the run or its model file is missing or the file
+                is not the one recorded.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -233,6 +244,11 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             )
         if evaluate_only and resume_run:
             raise ValueError("evaluate_only cannot resume a run: an evaluation-only job trains no round")
+        if evaluate_run is not None and not (evaluate_only and isinstance(evaluate_run, str) and evaluate_run.strip()):
+            raise ValueError(f"evaluate_run needs evaluate_only and a run uid or a prefix of one, got {evaluate_run!r}")
+        if evaluate_model not in EVAL_MODELS:
+            raise ValueError(f"evaluate_model must be one of {EVAL_MODELS}, got {evaluate_model!r}")
+        self.evaluate_run, self.evaluate_model = evaluate_run, evaluate_model
         self.cross_site_eval = bool(cross_site_eval)
         self.evaluate_only = bool(evaluate_only)
         self.cross_site_timeout = cross_site_timeout
@@ -304,6 +320,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         status = "finished"
         best = None  # (params, meta) of the best model, for the OOD calibration at the end
         last_round_sites: list = []
+        trust_events: list = []  # (round from 1, site, "quarantined" | "readmitted", message): why a site is out
         try:
             # Inside the try: a refused HE context ends the run recorded as failed, with the reason.
             encryption = self._setup_he(eval_model) if self.he_layers else None
@@ -334,6 +351,11 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                     **{s: why for s, why in self._gone_now().items() if s in targets and s not in answered},
                 }
                 report = engine.step(round_num, self._clear_part(model.params), site_results, targets, missing)
+                trust_events += [
+                    (round_num + 1, a.site, a.kind, a.message)
+                    for a in report.alerts
+                    if a.kind in ("quarantined", "readmitted")
+                ]
                 self._log_report(report)
                 if not report.aggregated:
                     self._record_round(db, run_uid, self._round_record(report, engine, started))
@@ -381,7 +403,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         if status == "finished" and test_ds is not None:
             self._calibrate_ood(eval_model, test_ds, model, best)
         if status == "finished" and self.cross_site_eval:
-            self._cross_site_eval(run_uid, model, last_round_sites)
+            quarantined = quarantine_reasons(engine.trust, trust_events)  # neither lends nor scores
+            self._cross_site_eval(run_uid, model, last_round_sites, quarantined=quarantined)
             self._live.finish()  # the live report once more, now with the cross-site table
         if status == "finished":
             self._send_final_model(model, last_round_sites)
@@ -469,10 +492,21 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         finally:
             repo.close()
         plan = plan_resume(history, {k: getattr(self, k) for k in FIXED_OPTIONS})
-        candidates = [round_model_path(self._run_models(uid), plan.model_round)]
-        for job_id in reversed(plan.job_ids):  # the jobs' own last saves, newest first
+        kept = [round_model_path(self._run_models(uid), plan.model_round)]
+        path, params, meta = self._load_run_model(plan, kept, plan.job_ids, GLOBAL_MODEL_FILE, "resume")
+        meta = {k: v for k, v in meta.items() if k != C.META_GLOBAL_SIGNATURE}  # re-signed for this job's rounds
+        self._restore_best(plan)
+        best = (plan.best_round, plan.best_score) if plan.best_round is not None else (None, -math.inf)
+        return ResumedRun(plan, path, wire.global_model(params, plan.model_round, meta), best)
+
+    def _load_run_model(self, recorded, kept: list, job_ids, app_file: str, purpose: str) -> tuple:
+        """(path, params, meta) of the first of a run's saved model files whose sha256 is the one its record holds
+        for `recorded` (a ResumePlan or RecordedModel): the files the server keeps per run (`kept`), then `app_file`
+        in each of the run's jobs' folders, newest first. Raises ResumeRefused / EvaluationRefused (purpose)."""
+        candidates = list(kept)
+        for job_id in reversed(job_ids):  # the jobs' own last saves, newest first
             try:
-                candidates.append(Path(self.engine.get_workspace().get_app_dir(job_id)) / GLOBAL_MODEL_FILE)
+                candidates.append(Path(self.engine.get_workspace().get_app_dir(job_id)) / app_file)
             except ValueError:  # a recorded job id NVFlare would not make a folder of
                 continue
         loaded = {}
@@ -486,12 +520,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             loaded[path] = (params, meta)
             return sha
 
-        path = find_model_file(plan, candidates, sha_of)
-        params, meta = loaded[path]
-        meta = {k: v for k, v in meta.items() if k != C.META_GLOBAL_SIGNATURE}  # re-signed for this job's rounds
-        self._restore_best(plan)
-        best = (plan.best_round, plan.best_score) if plan.best_round is not None else (None, -math.inf)
-        return ResumedRun(plan, path, wire.global_model(params, plan.model_round, meta), best)
+        path = find_model_file(recorded, candidates, sha_of, purpose)
+        return (path, *loaded[path])
 
     def _run_models(self, run_uid: str) -> Path:
         root = Path(self.models_dir) if self.models_dir else Path(self.engine.get_workspace().get_root_dir()) / RUNS_DIR
@@ -512,8 +542,9 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             old.unlink(missing_ok=True)
 
     def _finish_record(self, db, run_uid, status, best_round, best_score):
-        if status == "finished":  # a finished run cannot be resumed: its round models are not needed any more
-            shutil.rmtree(self._run_models(run_uid), ignore_errors=True)
+        if status == "finished":  # a finished run is not resumed: its final and best models stay, to be scored
+            for old in finished_run_leftovers(self._run_models(run_uid)):
+                old.unlink(missing_ok=True)
         db.write(
             "finish_run",
             run_uid=run_uid,

@@ -29,7 +29,7 @@ from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
 from fedmed.flare.live_metrics import LiveTBReceiver
 from fedmed.flare.persistor import FedMedModelPersistor
-from fedmed.jobconfig import JobConfig
+from fedmed.jobconfig import RUN_PREFIX, JobConfig
 from fedmed.model import HEAD_PREFIX
 from fedmed.resume import RUNS_DIR
 from fedmed.tasks import get_task
@@ -93,8 +93,10 @@ def build_job(
         resume_run=config.resume_run,
         models_dir=config.models_dir,
         cross_site_eval=config.cross_site_eval,
-        evaluate_only=config.cross_site_eval_only is not None,
+        evaluate_only=config.evaluates_only,
         cross_site_timeout=config.cross_site_timeout,
+        evaluate_run=config.cross_site_eval_run,
+        evaluate_model=config.cross_site_eval_model,
     )
     job.to_server(controller_class(**{**controller_kwargs, **(controller_args or {})}))
     add_persistor_and_trainers(job, config, data_root, he_keys_dir, signing_keys_dir)
@@ -232,6 +234,39 @@ def check_simulation_resume(db_url: Optional[str], config: JobConfig) -> None:
     finally:
         repo.close()
     print(f"resuming run {uid} from round {plan.from_round} ({plan.previous_status})")
+
+
+def check_simulation_evaluation(db_url: Optional[str], config: JobConfig) -> None:
+    """Before a simulator job scores config.cross_site_eval_run's model: the record names the model and the file
+    the server will load is checked by its sha256, as the server checks it (the simulation runs here, on the
+    server's files); raises ValueError (EvaluationRefused) with the one-line reason, nothing written."""
+    if not db_url:
+        raise ValueError(
+            f"--cross-site-eval-only RUN in the simulator needs --db-url or ${ENV_DB_URL}: the simulator wipes the "
+            "default database in its workspace at every run"
+        )
+    from fedmed.flare.persistor import BEST_MODEL_FILE
+    from fedmed.hashing import model_sha256
+    from fedmed.resume import find_model_file, pick_recorded_model, resolve_run_uid, round_model_path, run_models_dir
+    from fedmed.store.repository import Repository
+    from fedmed.weights import load_state
+
+    purpose, run = "cross-site evaluation", config.cross_site_eval_run
+    repo = Repository(db_url)
+    try:
+        history = repo.run_history(resolve_run_uid(run, repo.run_uids_starting_with(run), purpose))
+    finally:
+        repo.close()
+    recorded = pick_recorded_model(history, config.cross_site_eval_model)
+    models = run_models_dir(Path(config.models_dir), recorded.run_uid)
+    kept = [models / BEST_MODEL_FILE] if recorded.which == "best" else []
+
+    def sha_of(path: Path) -> str:
+        params, meta = load_state(path)
+        return model_sha256(params, None)
+
+    path = find_model_file(recorded, [*kept, round_model_path(models, recorded.model_round)], sha_of, purpose)
+    print(f"scoring run {recorded.run_uid}'s {recorded.which} model (round {recorded.model_round}, {path.name})")
 
 
 def _names(text: str | None) -> tuple | None:
@@ -375,11 +410,18 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     )
     p.add_argument(
         "--cross-site-eval-only",
-        type=Path,
-        default=c.cross_site_eval_only,
-        metavar="MODEL",
+        default=c.cross_site_eval_only or c.cross_site_eval_run,
+        metavar="MODEL_OR_RUN",
         help="train nothing: every hospital scores this model file (on the server, e.g. a recorded run's "
-        "global_model.pt) on its own validation data; recorded as a run of its own",
+        "global_model.pt), or this recorded run's model (its uid or a unique prefix; --cross-site-eval-model "
+        "says which), on its own validation data; recorded as a run of its own",
+    )
+    p.add_argument(
+        "--cross-site-eval-model",
+        choices=("final", "best"),
+        default=None,
+        help="with --cross-site-eval-only RUN: the run's last recorded global model (final, the default) or its "
+        "best scored round's (best), found among the server's kept model files by the sha256 the record holds",
     )
     p.add_argument(
         "--cross-site-timeout",
@@ -428,8 +470,16 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     he_layers = _names(a.he_layers) or ((HEAD_PREFIX,) if a.he else None)
     if a.initial_weights is not None and not a.initial_weights.is_file():
         p.error(f"--initial-weights {a.initial_weights}: no such file")
-    if a.cross_site_eval_only is not None and not Path(a.cross_site_eval_only).is_file():
-        p.error(f"--cross-site-eval-only {a.cross_site_eval_only}: no such model file")
+    eval_file, eval_run = None, None
+    if a.cross_site_eval_only is not None:
+        if Path(a.cross_site_eval_only).is_file():
+            eval_file = str(Path(a.cross_site_eval_only).resolve())
+        elif RUN_PREFIX.fullmatch(a.cross_site_eval_only):
+            eval_run = a.cross_site_eval_only
+        else:
+            p.error(f"--cross-site-eval-only {a.cross_site_eval_only}: no such model file, nor a run uid (hex)")
+    if a.cross_site_eval_model is not None and eval_run is None:
+        p.error("--cross-site-eval-model goes with --cross-site-eval-only RUN (a recorded run, not a model file)")
     try:
         config = c.with_changes(
             sites=_names(a.sites) or (),
@@ -460,7 +510,9 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             validation_images=a.validation_images,
             resume_run=a.resume,
             cross_site_eval=a.cross_site_eval,
-            cross_site_eval_only=str(Path(a.cross_site_eval_only).resolve()) if a.cross_site_eval_only else None,
+            cross_site_eval_only=eval_file,
+            cross_site_eval_run=eval_run,
+            cross_site_eval_model=a.cross_site_eval_model or c.cross_site_eval_model,
             cross_site_timeout=a.cross_site_timeout,
         )
     except ValueError as e:
@@ -481,6 +533,11 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         try:
             check_simulation_resume(config.db_url or os.environ.get(ENV_DB_URL), config)
         except ValueError as e:
+            p.error(str(e))
+    if a.export is None and config.cross_site_eval_run:
+        try:
+            check_simulation_evaluation(config.db_url or os.environ.get(ENV_DB_URL), config)
+        except ValueError as e:  # EvaluationRefused: its one line; nothing written, no simulation started
             p.error(str(e))
     he_keys = he_keys_dir_for(a.workspace, config.name) if config.he_layers and a.export is None else None
     job = build_job(config, data_root=a.data_root.resolve() if a.data_root else None, he_keys_dir=he_keys)
