@@ -450,7 +450,8 @@ def write_document(a, argv, rows, profile_text, sim, long, n_values, state_bytes
             + (
                 "with the Controller's end-of-round heap trim turned off (FEDMED_TRIM_HEAP=0)"
                 if os.environ.get(ENV_TRIM_HEAP, "").strip() == "0"
-                else "after the Controller's end-of-round heap trim (fedmed.heap: glibc's malloc_trim)"
+                else "after the Controller's end-of-round heap trim (fedmed.heap: a garbage collection, then "
+                "glibc's malloc_trim)"
             )
             + ":",
             "",
