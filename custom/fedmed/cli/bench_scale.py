@@ -14,7 +14,9 @@
    (VmHWM reset just before), against the K updates held (K x the state's bytes).
 2. Simulator, many hospitals: one job of --sim-sites small hospitals end to end in NVFlare's simulator.
 3. Simulator, many rounds: --long-rounds rounds of a small job, the server process's RSS taken at the end of every
-   round (fedmed.flare.probes); the slope of a straight line through it says whether the server grows.
+   round (fedmed.flare.probes); the slope of a straight line through it says whether the server grows. The
+   Controller returns the round's freed heap to the operating system at the end of each round (fedmed.heap);
+   FEDMED_TRIM_HEAP=0 in the environment turns that off, to measure the growth without it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import sys
 import tempfile
@@ -44,6 +47,7 @@ from fedmed.cli.bench_sim import (
     memory_now,
     run_probed,
 )
+from fedmed.heap import ENV_TRIM_HEAP
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.rounds import RoundEngine, RoundRules, SiteResult, finite_or_none
 from fedmed.store.models import utcnow
@@ -442,7 +446,14 @@ def write_document(a, argv, rows, profile_text, sim, long, n_values, state_bytes
             "",
             f"One fedmed job of {a.long_sites} hospitals ({a.per_site} images, {a.image_size} px), "
             f"{a.long_rounds} rounds ({wall:.0f} s; median round {median([r.wall for r in rounds]):.1f} s). The "
-            "server process's resident memory at the end of every round (VmRSS):",
+            "server process's resident memory at the end of every round (VmRSS), "
+            + (
+                "with the Controller's end-of-round heap trim turned off (FEDMED_TRIM_HEAP=0)"
+                if os.environ.get(ENV_TRIM_HEAP, "").strip() == "0"
+                else "after the Controller's end-of-round heap trim (fedmed.heap: a garbage collection, then "
+                "glibc's malloc_trim)"
+            )
+            + ":",
             "",
             f"- first round {rss[0]:.0f} MB, last {rss[-1]:.0f} MB, min {rss.min():.0f}, max {rss.max():.0f} MB; "
             f"peak resident {rounds[-1].hwm / mb:.0f} MB.",

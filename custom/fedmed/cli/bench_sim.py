@@ -116,7 +116,7 @@ def environment() -> str:
 def command(script: str, argv) -> str:
     """The command line that reproduces the run, with the environment settings that change what it measures."""
     args = sys.argv[1:] if argv is None else list(argv)
-    env = [f"{k}={os.environ[k]}" for k in ("FEDMED_SERVER_THREADS",) if os.environ.get(k)]
+    env = [f"{k}={os.environ[k]}" for k in ("FEDMED_SERVER_THREADS", "FEDMED_TRIM_HEAP") if os.environ.get(k)]
     return " ".join([*env, "python", script, *(shlex.quote(str(a)) for a in args)])
 
 

@@ -19,6 +19,7 @@ difference of cpu. Only the benchmarks use these classes; a federation runs FedM
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 
 from fedmed.cli.bench_sim import memory_now
 from fedmed.flare.controller import FedMedController
+from fedmed.heap import ENV_TRIM_HEAP, release_round_memory
 
 
 class _RoundProbe:
@@ -86,6 +88,8 @@ class ProbedFedAvg(FedAvg):
 
     def save_model(self, model):  # the last step of a FedAvg round
         super().save_model(model)
+        if os.environ.get(ENV_TRIM_HEAP) == "1":  # NVFlare's FedAvg with fedmed's end-of-round release (fedmed.heap)
+            release_round_memory()
         self._probe.write()
 
 
