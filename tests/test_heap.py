@@ -23,6 +23,9 @@ def test_trim_returns_the_freed_pages_a_live_buffer_pins_below_it(monkeypatch):
     monkeypatch.delenv("FEDMED_TRIM_HEAP", raising=False)
     # 300 MB in 100 kB buffers (below glibc's mmap threshold, so from the heap, as a server's freed update buffers
     # are once the threshold has risen); every 20th kept alive, so the heap cannot shrink from its top.
+    # The suite's earlier tests leave free chunks in this process's heap: give them back first, so the buffers below
+    # fault in fresh pages whatever the allocator held before (else they reuse resident ones and RSS does not move).
+    trim_heap()
     before = memory_now()[0]
     blocks = [bytearray(100_000) for _ in range(3000)]
     kept = blocks[::20]
