@@ -51,6 +51,14 @@ def _no_audit_key_from_the_shell(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _inference_record_in_tmp(tmp_path_factory, monkeypatch):
+    """fedmed-infer's default record folder (fedmed.inference.record) is the user's state dir: tests keep theirs in
+    a temporary one, never in the developer's home."""
+    monkeypatch.delenv("FEDMED_INFER_RECORD_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg_state")))
+
+
 @pytest.fixture
 def pg_audit_key(tmp_path, monkeypatch):
     """A PostgreSQL database has no folder of its own for the audit key: give it a server kit's local/audit_key

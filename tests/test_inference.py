@@ -103,8 +103,18 @@ def studies(tmp_path_factory):
     return {"root": root, "A": a_uid, "B": b_uid, "patients": {"A": "PATA1", "B": "PATB2"}}
 
 
+def _record(out: Path) -> Path:
+    """Where a test keeps the inference record of the results folder `out`: beside it, never inside."""
+    return Path(out).parent / f"{Path(out).name}-record"
+
+
 def _options(out, **kw):
+    kw.setdefault("record_dir", _record(out))
     return InferenceOptions(out_dir=out, pseudonym_key=KEY, **kw)
+
+
+def _logs(out: Path) -> list:
+    return Repository(f"sqlite:///{_record(out) / 'fedmed.db'}").inference_logs()
 
 
 def _read_csv(path):
@@ -273,7 +283,7 @@ def test_infer_outputs_decisions_heatmaps_log_and_pseudonyms(tmp_path, model_pat
     assert "NOT FOR CLINICAL USE" in sc.DerivationDescription
 
     # The inference log: one row per study, pseudonyms only, reproducible with the site key.
-    logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
+    logs = _logs(out)
     expected = {
         pseudonymise(KEY, "study", studies[s]): pseudonymise(KEY, "patient", studies["patients"][s]) for s in ("A", "B")
     }
@@ -372,8 +382,8 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
         _rewrite(
             _dicom(root / "bad", "nopix.dcm", "PATBAD", bad_uid, seed=11), lambda ds: ds.pop("PixelData")
         ): "no pixel data",
-        # not DICOM at all
-        (root / "bad" / "notes.txt"): "not a readable DICOM file",
+        # not DICOM at all: said without pydicom's "Use force=True" (checked below), not a fedmed option
+        (root / "bad" / "notes.txt"): "not a DICOM file: no 'DICM' marker after a 128-byte preamble",
     }
     (root / "bad" / "notes.txt").write_text("ward round notes")
 
@@ -390,6 +400,8 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
             "--no-heatmaps",
             "--threads",
             "1",
+            "--record-dir",
+            str(_record(out)),
         ],
         capture_output=True,
         text=True,
@@ -397,6 +409,7 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
         timeout=300,
     )
     assert proc.returncode == 1, proc.stderr
+    assert "force" not in proc.stderr.lower()
     for path, reason in bad.items():
         line = next((ln for ln in proc.stderr.splitlines() if ln.startswith(f"SKIPPED {path}:")), None)
         assert line is not None, f"{path.name} not reported:\n{proc.stderr}"
@@ -410,7 +423,7 @@ def test_bad_inputs_are_each_named_with_a_reason_and_the_rest_is_read(tmp_path, 
     assert sum(r["status"] == "ok" for r in rows.values()) == 3 and rows[bad_uid]["status"] == "skipped"
     assert "1 file(s) skipped: modality PR is not an image" in rows[good_uid]["message"]
     assert "3 studies read" not in proc.stdout and "4 studies: 3 read (3 images" in proc.stdout
-    logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
+    logs = _logs(out)
     skipped = [r for r in logs if r["status"] == "skipped"]
     assert len(logs) == 4 and len(skipped) == 1
     assert "no pixel data" in skipped[0]["message"] and str(root) not in skipped[0]["message"]  # reasons, no paths
@@ -629,6 +642,8 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
             "--structured-report",
             "--threads",
             "1",
+            "--record-dir",
+            str(_record(out)),
         ]
     )
     printed = capsys.readouterr()
@@ -670,7 +685,7 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
 
     rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
     header = list(rows[brain_studies["A"]])
-    assert header[4] == "predicted_class" and header[5:9] == [f"p_{c}" for c in BRAIN_CLASSES]
+    assert header[6] == "predicted_class" and header[8:12] == [f"p_{c}" for c in BRAIN_CLASSES]
     assert "positive_findings" not in header and "thresholds" not in header
     for key in ("A", "B"):
         row, j = rows[brain_studies[key]], studies[key]
@@ -689,7 +704,7 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
     ]
 
     # the inference log: the predicted class where the chest model logs its positive findings
-    logs = Repository(f"sqlite:///{out / 'fedmed.db'}").inference_logs()
+    logs = _logs(out)
     assert sorted(r["positive_findings"] for r in logs) == sorted(studies[k]["predicted_class"] for k in ("A", "B"))
 
 

@@ -15,6 +15,10 @@ local):
     scripts/infer --model global_model.pt --out results/ --dicomweb http://pacs:8042/dicom-web \
         [--study-uid UID ...] [--study-date 20260101-20260131] [--modality CR]
 
+The console ends with one block per study: its accession number and study date, the positive findings each with
+its probability and threshold, findings withheld as out of distribution, and how each heatmap was made. The inference
+record (pseudonymised log, audit key and heads) goes to --record-dir, never into --out.
+
 Exit status: 0 when every file was read; 1 when any file or study was skipped (each is printed with its reason and
 listed in results/summary.json); 2 for bad arguments (missing model, no pseudonym key) or a PACS that cannot be
 reached or refuses a request.
@@ -30,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key
+from fedmed.inference.record import ENV_RECORD_DIR
 from fedmed.inference.run import RESULTS_CSV, SUMMARY_JSON, InferenceOptions, run_inference
 from fedmed.tasks import TASKS
 
@@ -40,7 +45,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", type=Path, required=True, help="model file (global_model.pt / best_model.pt)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--pseudonym-key-file", type=Path, help=f"site secret for pseudonyms (default ${ENV_PSEUDONYM_KEY})")
-    p.add_argument("--db-url", help="inference log database (default $FEDMED_DB_URL, else SQLite OUT/fedmed.db)")
+    p.add_argument(
+        "--record-dir",
+        type=Path,
+        help=f"the site's folder for the inference record: database, audit key, heads (default ${ENV_RECORD_DIR}, "
+        "else <kit>/local/inference when run from a site kit, else ~/.local/state/fedmed/inference); never inside --out",
+    )
+    p.add_argument("--db-url", help="inference log database (default $FEDMED_DB_URL, else SQLite RECORD_DIR/fedmed.db)")
     p.add_argument("--image-size", type=int, help="preprocessing size (default the model file's, else 128)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM overlays")
@@ -92,6 +103,7 @@ def main(argv=None) -> int:
             structured_report=a.structured_report,
             db_url=a.db_url,
             task=a.task,
+            record_dir=a.record_dir,
         )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
@@ -160,13 +172,51 @@ def main(argv=None) -> int:
     for r in summary.results:
         if r.status != "ok":
             print(f"SKIPPED study {r.study_uid}: {r.message}", file=sys.stderr)
+        else:
+            print("\n".join(study_lines(r, summary)))
     print(
         f"results: {summary.out_dir / RESULTS_CSV}, {summary.out_dir / SUMMARY_JSON}, studies/*/result.json; "
-        f"inference log: {summary.db_url.split('://')[0]}"
+        f"inference log: {record_location(summary)}"
     )
     if warning:  # again at the end, where a reader of a long run's output looks
         print(f"*** {warning} ***")
     return summary.exit_status
+
+
+def _finding(r, f: str) -> str:
+    t = r.thresholds.get(f)
+    return f"{f} p={r.probabilities[f]:.3f}" + (f" (threshold {t:.3f})" if t is not None else "")
+
+
+def study_lines(r, summary) -> list:
+    """One study for the console: identifiers the clinician can match, the decision with each probability beside
+    its threshold, the out-of-distribution flag, and how each heatmap was made."""
+    head = f"study {r.study_uid}: accession {r.accession_number or '(none)'}, date {r.study_date or '(none)'}"
+    lines = [head + f", {len(r.images)} image(s)"]
+    if summary.task.is_multiclass:
+        lines.append(f"  predicted: {_finding(r, r.predicted)}")
+    elif r.positive:
+        lines.append("  positive: " + ", ".join(_finding(r, f) for f in r.positive))
+    else:
+        closest = max(r.probabilities, key=lambda f: r.probabilities[f] - r.thresholds[f])
+        lines.append(f"  no positive finding (closest to its threshold: {_finding(r, closest)})")
+    if r.out_of_distribution:
+        what = "unreliable" if summary.task.is_multiclass else "unreliable, withheld from the positives"
+        withheld = f"; {what}: {', '.join(_finding(r, f) for f in r.unreliable)}" if r.unreliable else ""
+        lines.append(
+            f"  OUT OF DISTRIBUTION: {len(r.out_of_distribution)} image(s) unlike the training images{withheld}"
+        )
+    if r.heatmap_methods:
+        lines.append("  heatmaps: " + ", ".join(f"{f} {m}" for f, m in r.heatmap_methods.items()))
+        lines.extend(f"    {note}" for note in r.heatmap_notes.values())
+    return lines
+
+
+def record_location(summary) -> str:
+    """Where the pseudonymised log went: the SQLite file, or the database's dialect only (a URL may hold a
+    password)."""
+    url = summary.db_url
+    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.split("://")[0]
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class StudyFindings:
         clinical_use_warning: the not-for-clinical-use line, or None.
         out_of_distribution: SOP Instance UIDs of images flagged as unlike the training data.
         ood_note: how the flag was decided (score and threshold), for the text.
+        unreliable: findings above their threshold on an out-of-distribution image: "Indeterminate", not "Present".
     """
 
     probabilities: dict
@@ -90,6 +91,7 @@ class StudyFindings:
     clinical_use_warning: Optional[str] = None
     out_of_distribution: Sequence[str] = field(default_factory=tuple)
     ood_note: Optional[str] = None
+    unreliable: Sequence[str] = field(default_factory=tuple)
 
 
 def _algorithm(f: StudyFindings) -> hd.sr.AlgorithmIdentification:
@@ -105,7 +107,8 @@ def _algorithm(f: StudyFindings) -> hd.sr.AlgorithmIdentification:
 
 def structured_report(findings: StudyFindings, sources: Sequence[pydicom.Dataset]) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 measurement report for one study: per finding its probability (DCM Probability unit 1), its
-    threshold, and Present/Absent by the decision; clinical use and out-of-distribution as qualitative evaluations.
+    threshold, and Present/Absent by the decision (Indeterminate for a finding decided on an out-of-distribution
+    image); clinical use and out-of-distribution as qualitative evaluations.
 
     Args:
         sources: headers of the study's images the model read (the SR's evidence; same patient and study).
@@ -127,7 +130,13 @@ def structured_report(findings: StudyFindings, sources: Sequence[pydicom.Dataset
                     name=threshold_code(name), value=float(findings.thresholds[name]), unit=codes.UCUM.NoUnits
                 )
             )
-        value = codes.SCT.Present if name in findings.decided else codes.SCT.Absent
+        value = (
+            codes.SCT.Indeterminate
+            if name in findings.unreliable
+            else codes.SCT.Present
+            if name in findings.decided
+            else codes.SCT.Absent
+        )
         evaluations.append(hd.sr.QualitativeEvaluation(name=finding_code(name), value=value))
     evaluations.append(
         hd.sr.QualitativeEvaluation(
@@ -176,7 +185,12 @@ def _series_description(what: str, warning: Optional[str]) -> str:
 
 
 def secondary_capture(
-    rgb: np.ndarray, source: pydicom.Dataset, description: str, clinical_use_warning: Optional[str] = None
+    rgb: np.ndarray,
+    source: pydicom.Dataset,
+    description: str,
+    clinical_use_warning: Optional[str] = None,
+    out_of_distribution: bool = False,
+    burned_in: bool = False,
 ) -> hd.sc.SCImage:
     """The Grad-CAM overlay as a Secondary Capture in the source's study (same patient, a new series), referring
     to the source image, marked derived, with what it shows (and the not-for-clinical-use line) in its
@@ -186,6 +200,9 @@ def secondary_capture(
         rgb: (rows, cols, 3) uint8 overlay.
         source: the source image's header.
         description: what the overlay shows, e.g. "fedmed Grad-CAM Effusion p=0.81 (threshold 0.40)".
+        out_of_distribution: the source image was flagged as unlike the training images: said in the
+            SeriesDescription (what a PACS viewer lists) and ImageComments.
+        burned_in: text was stamped into the pixels (banners; never patient data): BurnedInAnnotation YES.
     """
     source = _complete_header(source)
     orientation = tuple(str(v) for v in (getattr(source, "PatientOrientation", None) or ()))
@@ -211,13 +228,17 @@ def secondary_capture(
         sc.PatientOrientation = ""
     now = dt.datetime.now(dt.timezone.utc)
     sc.ContentDate, sc.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    sc.SeriesDescription = _series_description("fedmed Grad-CAM overlay", clinical_use_warning)
+    what = "fedmed Grad-CAM - OUT OF DISTRIBUTION" if out_of_distribution else "fedmed Grad-CAM overlay"
+    sc.SeriesDescription = _series_description(what, clinical_use_warning)
+    if out_of_distribution:
+        sc.ImageComments = "OUT OF DISTRIBUTION: the source image is unlike the model's calibration images; unreliable"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (f"{clinical_use_warning}. {description}" if clinical_use_warning else description)[
         :1024
     ]
-    # the not-for-clinical-use banner (fedmed.inference.predict.stamp_banner) is text in the pixels; no patient data
-    sc.BurnedInAnnotation = "YES" if clinical_use_warning else "NO"
+    # banners (fedmed.inference.predict.stamp_banners: not for clinical use, out of distribution, heatmap flat) are
+    # text in the pixels; never patient data
+    sc.BurnedInAnnotation = "YES" if burned_in or clinical_use_warning else "NO"
     ref = pydicom.Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID

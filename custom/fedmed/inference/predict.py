@@ -3,8 +3,9 @@ Capture is built in fedmed.inference.dicom_out)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -91,8 +92,52 @@ def positive_findings(probabilities: dict, thresholds: dict) -> list:
     return [f for f, p in probabilities.items() if p >= thresholds[f]]
 
 
+HEAT_GRAD_CAM = "grad-cam"
+HEAT_RELATIVE = "relative"
+HEAT_FLAT = "flat"
+# Below this spread of the per-cell evidence (in logit units: what each cell would give the logit if the whole
+# image looked like it) no region stands out: a min-max scaling would paint float noise as heat.
+FLAT_LOGIT_SPREAD = 1e-3
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """One finding's map on one image.
+
+    Args:
+        heat: (S, S) in [0, 1]; all zero when method is HEAT_FLAT.
+        method: HEAT_GRAD_CAM (the positive part of Grad-CAM), HEAT_RELATIVE (Grad-CAM was negative everywhere:
+            where the evidence is least negative, relative to the rest of the image) or HEAT_FLAT (nothing stands out).
+        note: what the reader must know about this map (None for plain Grad-CAM).
+    """
+
+    heat: np.ndarray
+    method: str
+    note: Optional[str] = None
+
+    @property
+    def banner(self) -> Optional[str]:
+        """The short line stamped into the picture, where a JSON note would go unread."""
+        return {
+            HEAT_RELATIVE: "HEATMAP RELATIVE: evidence negative everywhere",
+            HEAT_FLAT: "HEATMAP FLAT: no region stands out",
+        }.get(self.method)
+
+
 class HeatmapMaker:
-    """Grad-CAM (monai.visualize.GradCAM) for one finding (or class) of one preprocessed image.
+    """Grad-CAM for one finding (or class) of one preprocessed image, with a stated fallback when it is empty.
+
+    Grad-CAM (Selvaraju et al.) weights the target layer's channels by their mean gradient and keeps the positive
+    part of the sum. Two things made fedmed's maps silently empty or wrong with monai.visualize.GradCAM:
+    - its default normaliser maps the minimum to 1 and the maximum to 0 (MONAI's docstring: "This will flip
+      magnitudes"; Project-MONAI/tutorials#1796): wherever the map had heat, the overlay was inverted;
+    - a weakly trained multi-label model pushes a rare finding's logit down through the features, not the bias: at
+      class_layers.relu (followed by average pooling and the linear head, so Grad-CAM there is CAM) every cell's
+      evidence is negative, the ReLU leaves zeros, and a finding positive by a low threshold (p=0.034) got an empty
+      map with no note.
+    So the map is computed here from MONAI's hooks (monai.visualize.ModelWithHooks): Grad-CAM scaled by its own
+    maximum (0 stays "no evidence"); when no cell is positive, the map of where the evidence is least negative,
+    named as such; when the evidence is the same everywhere, no heat and a note saying the map is flat.
 
     Args:
         model: the classifier, in eval mode (its hooks stay registered for the maker's lifetime).
@@ -100,15 +145,50 @@ class HeatmapMaker:
     """
 
     def __init__(self, model: torch.nn.Module, findings: Sequence[str]):
-        from monai.visualize import GradCAM
+        from monai.visualize import ModelWithHooks
 
-        self.cam = GradCAM(nn_module=model, target_layers=GRADCAM_LAYER)
+        self.hooks = ModelWithHooks(model, GRADCAM_LAYER, register_forward=True, register_backward=True)
         self.findings = list(findings)
 
-    def __call__(self, image: torch.Tensor, finding: str) -> np.ndarray:
-        """(1, S, S) image -> (S, S) heat in [0, 1]."""
-        heat = self.cam(image[None], class_idx=self.findings.index(finding))
-        return heat[0, 0].detach().numpy().astype(np.float32)
+    def evidence(self, image: torch.Tensor, finding: str) -> np.ndarray:
+        """(rows, cols) Grad-CAM before its ReLU, in logit units per cell: sum over channels of the channel's mean
+        gradient times its activation, times the number of cells (for a pooled linear head, the logit the image
+        would get if it looked like this cell everywhere, less the bias)."""
+        k = self.findings.index(finding)
+        _, acti, grad = self.hooks(image[None], class_idx=k)
+        acti, grad = acti[-1].detach(), grad[-1].detach()
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cells = acti.shape[2] * acti.shape[3]
+        return ((weights * acti).sum(1)[0] * cells).numpy().astype(np.float64)
+
+    def __call__(self, image: torch.Tensor, finding: str) -> Heatmap:
+        """(1, S, S) image -> its Heatmap for `finding` at (S, S)."""
+        cells = self.evidence(image, finding)
+        size = tuple(image.shape[-2:])
+        spread = float(cells.max() - cells.min())
+        if cells.max() > 0:
+            return Heatmap(_upsampled(np.maximum(cells, 0) / cells.max(), size), HEAT_GRAD_CAM)
+        if spread < FLAT_LOGIT_SPREAD:
+            return Heatmap(
+                np.zeros(size, np.float32),
+                HEAT_FLAT,
+                f"heatmap flat: the model's evidence for {finding} is the same in every region (spread "
+                f"{spread:.1e} logit), so no region is shown",
+            )
+        return Heatmap(
+            _upsampled((cells - cells.min()) / spread, size),
+            HEAT_RELATIVE,
+            f"heatmap relative: Grad-CAM for {finding} is negative in every region (the model's evidence is against "
+            f"it everywhere; the decision rests on its threshold); the map shows where the evidence is least "
+            f"negative",
+        )
+
+
+def _upsampled(cells: np.ndarray, size: tuple) -> np.ndarray:
+    """Bilinear upsampling of a (rows, cols) map in [0, 1] to the image size (MONAI's default upsampler)."""
+    t = torch.as_tensor(cells, dtype=torch.float32)[None, None]
+    up = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return up[0, 0].clamp(0, 1).numpy()
 
 
 def overlay_rgb(image: np.ndarray, heat: np.ndarray, shape: tuple) -> np.ndarray:
@@ -136,18 +216,25 @@ def overlay_rgb(image: np.ndarray, heat: np.ndarray, shape: tuple) -> np.ndarray
 
 
 BANNER_TEXT = "NOT FOR CLINICAL USE"
+TOP_BANNER_COLOUR = (150, 0, 0)  # dark red: not for clinical use
+BOTTOM_BANNER_COLOUR = (20, 20, 120)  # dark blue: out of distribution, heatmap relative or flat
 
 
-def stamp_banner(rgb: np.ndarray, text: str = BANNER_TEXT) -> np.ndarray:
-    """A copy of the overlay with a dark red bar and `text` across its top: what a reader of the picture sees,
-    where a header field or a JSON key would go unread (no patient data in it)."""
+def stamp_banners(rgb: np.ndarray, top: Sequence[str] = (), bottom: Sequence[str] = ()) -> np.ndarray:
+    """A copy of the overlay with one bar per line of text: `top` from the top edge down (dark red), `bottom` from
+    the bottom edge up (dark blue). What a reader of the picture sees, where a header field or a JSON key would go
+    unread (no patient data in it)."""
     from PIL import ImageDraw, ImageFont
 
     image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB")
     height = max(12, image.height // 20)
+    font = ImageFont.load_default(size=height * 0.7)
     draw = ImageDraw.Draw(image)
-    draw.rectangle([0, 0, image.width, height], fill=(150, 0, 0))
-    draw.text((4, height // 2), text, fill=(255, 255, 255), anchor="lm", font=ImageFont.load_default(size=height * 0.7))
+    bars = [(i * height, text, TOP_BANNER_COLOUR) for i, text in enumerate(top)]
+    bars += [(image.height - (i + 1) * height, text, BOTTOM_BANNER_COLOUR) for i, text in enumerate(bottom)]
+    for y, text, colour in bars:
+        draw.rectangle([0, y, image.width, y + height], fill=colour)
+        draw.text((4, y + height // 2), text, fill=(255, 255, 255), anchor="lm", font=font)
     return np.asarray(image)
 
 

@@ -6,9 +6,17 @@ The task (fedmed.tasks) comes from the model file's meta (or InferenceOptions.ta
 positive findings by per-finding thresholds, an overlay per positive finding. Multi-class (brain MRI): the predicted
 class by argmax of the study's probabilities, an overlay for that class.
 
-Outputs under ``out_dir``: ``results.csv`` (one row per study), ``summary.json`` (counts, every skipped file with its
-reason), and ``studies/<StudyInstanceUID>/result.json`` with ``<finding>.png`` overlays (and ``<finding>.dcm``
-Secondary Captures when asked) for each positive finding or the predicted class.
+Outputs under ``out_dir``: ``results.csv`` (one row per study, with the hospital's accession number and study date,
+each probability beside its threshold), ``summary.json`` (counts, every skipped file with its reason), and
+``studies/<StudyInstanceUID>/result.json`` with ``<finding>.png`` overlays (and ``<finding>.dcm`` Secondary Captures
+when asked) for each positive finding or the predicted class. The inference record (pseudonymised database rows and
+the audit chain's key) goes to the site's record folder (fedmed.inference.record), never under ``out_dir``.
+
+Out of distribution: a finding above its threshold whose study probability came from an image the OOD guard flags is
+withheld from the positive findings and listed as unreliable (``unreliable_findings``), with its probability,
+threshold and an overlay marked OUT OF DISTRIBUTION. Withheld rather than only marked, because the positive list is
+what the inference log, the SR's "Present" and any worklist built on the CSV act on; listed rather than dropped,
+because the clinician should still see what the model said.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import pydicom
 import torch
 
 from fedmed.inference.dicom_out import StudyFindings, secondary_capture, structured_report
 from fedmed.inference.model_file import ARGMAX_RULE, ModelFile, read_model_file
 from fedmed.inference.ood import FeatureTap
 from fedmed.inference.predict import (
+    BANNER_TEXT,
+    Heatmap,
     HeatmapMaker,
     Preprocessor,
     gradcam_grid,
@@ -36,12 +45,20 @@ from fedmed.inference.predict import (
     overlay_rgb,
     positive_findings,
     predict_batches,
-    stamp_banner,
+    stamp_banners,
     write_png,
 )
 from fedmed.inference.pseudonym import pseudonymise
-from fedmed.inference.studies import FileProblem, StudyPlan, discover_studies, load_study, selection_for
-from fedmed.store.repository import InferenceRecord, Repository, resolve_db_url
+from fedmed.inference.record import resolve_record
+from fedmed.inference.studies import (
+    FileProblem,
+    StudyPlan,
+    discover_studies,
+    load_study,
+    read_dataset,
+    selection_for,
+)
+from fedmed.store.repository import InferenceRecord, Repository, default_db_url
 from fedmed.tasks import CHEST_XRAY14, TaskSpec
 
 RESULTS_CSV = "results.csv"
@@ -50,6 +67,10 @@ STUDY_JSON = "result.json"
 STATUS_OK, STATUS_SKIPPED = "ok", "skipped"
 OOD_UNCHECKED = (
     "out-of-distribution: not checked (the model file has no OOD statistics; fedmed-choose-thresholds calibrates them)"
+)
+OOD_BANNER = "OUT OF DISTRIBUTION: unreliable"
+OOD_TEXT = (
+    "OUT OF DISTRIBUTION: this image is unlike the images the model was calibrated on; its probabilities are unreliable"
 )
 
 
@@ -64,7 +85,9 @@ class InferenceOptions:
     secondary_capture: also write each overlay as a DICOM Secondary Capture in the source study (highdicom).
     structured_report: also write a DICOM Structured Report per study (highdicom, TID 1500): findings,
         probabilities, thresholds, model identity and card, not-for-clinical-use and out-of-distribution flags.
-    db_url: inference log database; default $FEDMED_DB_URL, else SQLite ``out_dir/fedmed.db``.
+    db_url: inference log database; default $FEDMED_DB_URL, else SQLite ``<record_dir>/fedmed.db``.
+    record_dir: the site's folder for the inference record (database, audit key and heads); default
+        fedmed.inference.record.default_record_dir(). Refused inside out_dir.
     task: the model's task (fedmed.tasks name); default the model file's meta "task", else chest_xray14.
     """
 
@@ -77,6 +100,7 @@ class InferenceOptions:
     structured_report: bool = False
     db_url: Optional[str] = None
     task: Optional[str] = None
+    record_dir: Optional[Path] = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -88,11 +112,17 @@ class StudyResult:
     study_uid: str
     study_pseudonym: str
     status: str
+    accession_number: str = ""  # the hospital's identifiers, for the clinician's local results only
+    study_date: str = ""  # ISO (YYYY-MM-DD) when the header's is a valid YYYYMMDD, else as written
     probabilities: dict = field(default_factory=dict)  # finding -> study-level probability (max over its images)
-    positive: list = field(default_factory=list)  # multi-label: findings at or above their threshold
+    positive: list = field(default_factory=list)  # multi-label: findings at or above their threshold, not OOD
+    unreliable: list = field(default_factory=list)  # decided on an out-of-distribution image: withheld / marked
+    thresholds: dict = field(default_factory=dict)  # multi-label: finding -> its threshold
     predicted: Optional[str] = None  # multi-class: the class of highest study probability
     images: list = field(default_factory=list)  # per image: sop uid, view, file, probabilities
     heatmaps: dict = field(default_factory=dict)  # finding -> PNG path
+    heatmap_methods: dict = field(default_factory=dict)  # finding -> grad-cam | relative | flat
+    heatmap_notes: dict = field(default_factory=dict)  # finding -> what the reader must know about its map
     secondary_captures: dict = field(default_factory=dict)  # finding -> DICOM path
     structured_report: Optional[str] = None  # the study's SR (DICOM path)
     problems: list = field(default_factory=list)  # FileProblem
@@ -110,6 +140,7 @@ class InferenceSummary:
     out_dir: Path
     db_url: str
     task: TaskSpec = CHEST_XRAY14
+    record_dir: Optional[Path] = None  # the site's folder for the inference record
     heatmap_note: Optional[str] = None  # Grad-CAM refused or coarse at this model's resolution
     ood_note: str = OOD_UNCHECKED  # how images were checked for being unlike the training data
 
@@ -169,8 +200,10 @@ class InferenceRun:
         self.clinical_use_warning = self.model_file.clinical_use_warning
         self.ood = self.model_file.ood
         self.out_dir = Path(options.out_dir)
+        self.record_dir, self.db_url = resolve_record(self.out_dir, options.record_dir, options.db_url)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.db_url = resolve_db_url(self.out_dir, options.db_url)
+        if self.db_url == default_db_url(self.record_dir):
+            self.record_dir.mkdir(parents=True, exist_ok=True)  # the site's own folder, made on first use
         self.repository = Repository(self.db_url)
 
     def close(self) -> None:
@@ -221,6 +254,8 @@ class InferenceRun:
             plan.study_uid,
             pseudonymise(self.options.pseudonym_key, "study", plan.study_uid),
             STATUS_OK,
+            accession_number=plan.accession_number,
+            study_date=_iso_date(plan.study_date),
             problems=list(plan.problems) + problems,
             ignored=list(plan.ignored),
         )
@@ -236,17 +271,29 @@ class InferenceRun:
             else:
                 study_probs = probs.max(axis=0)  # a finding seen on any frontal view counts for the study
             result.probabilities = {f: float(p) for f, p in zip(self.findings, study_probs)}
-            if not self.multiclass:
-                result.positive = positive_findings(result.probabilities, self.thresholds.values)
             result.images = [self._image_json(im, row, score) for im, row, score in zip(images, probs, ood_scores)]
-            result.out_of_distribution = [im["sop_instance_uid"] for im in result.images if im["out_of_distribution"]]
-            drawn = [result.predicted] if self.multiclass else result.positive
+            flagged = [bool(im["out_of_distribution"]) for im in result.images]
+            result.out_of_distribution = [im["sop_instance_uid"] for im, f in zip(result.images, flagged) if f]
+            # the image that gave the study each finding's probability (multi-class: the mean uses every slice)
+            best = {f: int(np.argmax(probs[:, k])) for k, f in enumerate(self.findings)}
+            if self.multiclass:
+                drawn = [result.predicted]
+                result.unreliable = [result.predicted] if any(flagged) else []
+            else:
+                result.thresholds = dict(self.thresholds.values)
+                drawn = positive_findings(result.probabilities, self.thresholds.values)
+                result.unreliable = [f for f in drawn if flagged[best[f]]]
+                result.positive = [f for f in drawn if f not in result.unreliable]
             for finding in drawn if self.heatmap else ():
-                k = self.findings.index(finding)
-                best = int(np.argmax(probs[:, k]))  # the image that gave the study its probability
-                self._draw(result, study_dir, finding, images[best], tensors[best])
+                i = best[finding]
+                self._draw(result, study_dir, finding, images[i], tensors[i], flagged[i])
+            notes = []
             if result.problems:
-                result.message = f"{len(result.problems)} file(s) skipped: {_reasons(result.problems)}"
+                notes.append(f"{len(result.problems)} file(s) skipped: {_reasons(result.problems)}")
+            if result.unreliable:
+                what = "predicted class" if self.multiclass else "positive finding(s) withheld"
+                notes.append(f"out of distribution: {what} unreliable: {', '.join(result.unreliable)}")
+            result.message = "; ".join(notes) or None
             if self.options.structured_report:
                 self._write_sr(result, study_dir, images)
         self._write_json(result, study_dir)
@@ -286,24 +333,36 @@ class InferenceRun:
             return (result.predicted,) if result.predicted else ()
         return tuple(result.positive)
 
-    def _draw(self, result: StudyResult, study_dir: Path, finding: str, image, tensor: torch.Tensor) -> None:
-        rgb = overlay_rgb(tensor[0].numpy(), self.heatmap(tensor, finding), image.pixels.shape)
-        if self.clinical_use_warning:
-            rgb = stamp_banner(rgb)  # in the picture itself: PNG and Secondary Capture
+    def _draw(self, result: StudyResult, study_dir: Path, finding: str, image, tensor: torch.Tensor, ood: bool) -> None:
+        heatmap: Heatmap = self.heatmap(tensor, finding)
+        result.heatmap_methods[finding] = heatmap.method
+        if heatmap.note:
+            result.heatmap_notes[finding] = heatmap.note
+        rgb = overlay_rgb(tensor[0].numpy(), heatmap.heat, image.pixels.shape)
+        # what a reader of the picture must know is in the picture itself (PNG and Secondary Capture), where a header
+        # field or a JSON key would go unread
+        bottom = [b for b in (OOD_BANNER if ood else None, heatmap.banner) if b]
+        rgb = stamp_banners(rgb, top=[BANNER_TEXT] if self.clinical_use_warning else [], bottom=bottom)
         png = study_dir / f"{finding}.png"
         write_png(rgb, png)
         result.heatmaps[finding] = str(png)
         if self.options.secondary_capture:
             rule = ARGMAX_RULE if self.multiclass else f"threshold {self.thresholds.values[finding]:.3f}"
-            description = (
-                f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} ({rule}); model "
-                f"{self.model_file.name}, model file sha256 {self.model_file.sha256[:12]}"
+            description = " ".join(
+                t
+                for t in (
+                    OOD_TEXT + "." if ood else None,
+                    f"fedmed Grad-CAM {finding} p={result.probabilities[finding]:.3f} ({rule});",
+                    f"heatmap {heatmap.method}" + (f" ({heatmap.note});" if heatmap.note else ";"),
+                    f"model {self.model_file.name}, model file sha256 {self.model_file.sha256[:12]}",
+                )
+                if t
             )
-            source = pydicom.dcmread(image.file.path, stop_before_pixels=True)
+            source = read_dataset(image.file.path, stop_before_pixels=True)
             dcm = study_dir / f"{finding}.dcm"
-            secondary_capture(rgb, source, description, self.clinical_use_warning).save_as(
-                dcm, enforce_file_format=True
-            )
+            secondary_capture(
+                rgb, source, description, self.clinical_use_warning, out_of_distribution=ood, burned_in=True
+            ).save_as(dcm, enforce_file_format=True)
             result.secondary_captures[finding] = str(dcm)
 
     def _write_sr(self, result: StudyResult, study_dir: Path, images: list) -> None:
@@ -320,8 +379,9 @@ class InferenceRun:
             clinical_use_warning=self.clinical_use_warning,
             out_of_distribution=tuple(result.out_of_distribution),
             ood_note=self.ood_note,
+            unreliable=tuple(result.unreliable),
         )
-        sources = [pydicom.dcmread(im.file.path, stop_before_pixels=True) for im in images]
+        sources = [read_dataset(im.file.path, stop_before_pixels=True) for im in images]
         dcm = study_dir / "report_sr.dcm"
         study_dir.mkdir(parents=True, exist_ok=True)
         structured_report(findings, sources).save_as(dcm, enforce_file_format=True)
@@ -347,18 +407,23 @@ class InferenceRun:
                 "decision_rule": ARGMAX_RULE,
                 "probabilities": result.probabilities,
                 "predicted_class": result.predicted,
+                "unreliable_findings": result.unreliable,
             }
+        above = set(result.positive) | set(result.unreliable)
         return {
             "thresholds": {"source": self.thresholds.source, "values": self.thresholds.values},
             "probabilities": result.probabilities,
             "positive_findings": result.positive,
-            "negative_findings": [f for f in result.probabilities if f not in result.positive],
+            "unreliable_findings": result.unreliable,
+            "negative_findings": [f for f in result.probabilities if f not in above],
         }
 
     def study_json(self, result: StudyResult) -> dict:
         return {
             "clinical_use_warning": self.clinical_use_warning,
             "study_instance_uid": result.study_uid,
+            "accession_number": result.accession_number,
+            "study_date": result.study_date,
             "study_pseudonym": result.study_pseudonym,
             "status": result.status,
             "message": result.message,
@@ -366,6 +431,8 @@ class InferenceRun:
             **self.decision_json(result),
             "out_of_distribution": self.ood_json(result),
             "heatmaps": result.heatmaps,
+            "heatmap_methods": result.heatmap_methods,
+            "heatmap_notes": result.heatmap_notes,
             "heatmap_note": self.heatmap_note,
             "secondary_captures": result.secondary_captures,
             "structured_report": result.structured_report,
@@ -380,15 +447,22 @@ class InferenceRun:
         (study_dir / STUDY_JSON).write_text(json.dumps(self.study_json(result), indent=2))
 
     def csv_header(self) -> list:
-        decision, rule = (
-            ("predicted_class", "decision_rule") if self.multiclass else ("positive_findings", "thresholds")
-        )
+        """Identifiers first (the hospital's accession number and study date beside the UID), then the decision,
+        then each probability followed by its threshold (multi-label), so a positive at p=0.034 shows why."""
+        if self.multiclass:
+            decision, rule = ["predicted_class", "unreliable_findings"], "decision_rule"
+            scores = [f"p_{f}" for f in self.findings]
+        else:
+            decision, rule = ["positive_findings", "unreliable_findings"], "thresholds"
+            scores = [c for f in self.findings for c in (f"p_{f}", f"t_{f}")]
         return (
-            ["study_instance_uid", "study_pseudonym", "status", "num_images", decision]
-            + [f"p_{f}" for f in self.findings]
+            ["study_instance_uid", "accession_number", "study_date", "study_pseudonym", "status", "num_images"]
+            + decision
+            + scores
             + [
                 "ood_flagged_images",
                 "max_ood_score",
+                "heatmaps",
                 "model",
                 "model_file_sha256",
                 rule,
@@ -404,19 +478,34 @@ class InferenceRun:
             return ["", ""]
         return [len(result.out_of_distribution), f"{max(scores):.3f}"]
 
+    def heatmap_status(self, result: StudyResult) -> str:
+        """Per drawn finding how its map was made ("Effusion: grad-cam; Mass: flat"), or why none was drawn."""
+        if self.heatmap is None:
+            return "not drawn" + (f": {self.heatmap_note}" if self.heatmap_note else " (--no-heatmaps)")
+        return "; ".join(f"{f}: {m}" for f, m in result.heatmap_methods.items())
+
     def csv_row(self, result: StudyResult) -> list:
-        probs = [f"{result.probabilities[f]:.6f}" if result.probabilities else "" for f in self.findings]
+        scores = []
+        for f in self.findings:
+            scores.append(f"{result.probabilities[f]:.6f}" if result.probabilities else "")
+            if not self.multiclass:
+                scores.append(f"{self.thresholds.values[f]:.6f}")
+        decided = "|".join(result.positive) if not self.multiclass else result.predicted or ""
         return (
             [
                 result.study_uid,
+                result.accession_number,
+                result.study_date,
                 result.study_pseudonym,
                 result.status,
                 len(result.images),
-                "|".join(self._decided(result)),
+                decided,
+                "|".join(result.unreliable),
             ]
-            + probs
+            + scores
             + self._ood_cells(result)
             + [
+                self.heatmap_status(result) if result.status == STATUS_OK else "",
                 self.model_file.name,
                 self.model_file.sha256,
                 self.decision_rule,
@@ -424,6 +513,14 @@ class InferenceRun:
                 self.clinical_use_warning or "",
             ]
         )
+
+
+def _iso_date(value: str) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD, what a clinician reads without thinking; anything else as written."""
+    try:
+        return dt.datetime.strptime(value, "%Y%m%d").date().isoformat()
+    except ValueError:
+        return value
 
 
 def run_inference(
@@ -473,6 +570,7 @@ def run_inference(
             run.out_dir,
             run.db_url,
             run.task,
+            run.record_dir,
             run.heatmap_note,
             run.ood_note,
         )

@@ -8,13 +8,16 @@ is not for this model, e.g. a lateral view or a sagittal slice of the same study
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import pydicom
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from fedmed.data.dicom import UnusableDicomError, image_from_dataset, iter_dicom_files
 from fedmed.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec, get_task
@@ -52,6 +55,8 @@ class StudyPlan:
 
     study_uid: str
     patient_id: str
+    accession_number: str = ""  # the hospital's own identifiers: local results only, never the inference log
+    study_date: str = ""  # YYYYMMDD as in the header
     files: list = field(default_factory=list)  # StudyFile: frontal chest images to read
     problems: list = field(default_factory=list)  # FileProblem: unusable files of this study
     ignored: list = field(default_factory=list)  # FileProblem: readable images this model is not for
@@ -69,6 +74,64 @@ class StudyImage:
 
     file: StudyFile
     pixels: np.ndarray
+
+
+PREAMBLE = b"\0" * 128
+DICM = b"DICM"
+# the transfer syntax of a dataset read without file meta, from the encoding pydicom detected
+ENCODINGS = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+
+
+class UnreadableFile(Exception):
+    """A file that is not a DICOM dataset fedmed can read; ``reason`` says what is missing (no path in it)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """Read a DICOM file, including the two kinds a PACS export or an old modality may give without the standard
+    128-byte preamble and 'DICM' marker: file meta with no preamble, and a bare dataset with no file meta at all
+    (its transfer syntax then is the encoding pydicom detects). Raises UnreadableFile saying what is missing; the
+    reason never ends with pydicom's "Use force=True", which is not something a fedmed user can give."""
+    path = Path(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        pass  # no preamble or no 'DICM' marker: look at what the file holds below
+    except (OSError, EOFError, ValueError, TypeError) as e:
+        raise UnreadableFile(f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+    data = path.read_bytes()
+    if not data:
+        raise UnreadableFile("not a DICOM file: the file is empty")
+    if data.startswith(DICM):  # file meta without the preamble before it
+        try:
+            return pydicom.dcmread(io.BytesIO(PREAMBLE + data), stop_before_pixels=stop_before_pixels)
+        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as e:
+            raise UnreadableFile(f"DICOM file without a preamble whose file meta cannot be read ({e})") from e
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=True)
+        usable = "SOPClassUID" in ds and "StudyInstanceUID" in ds
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
+        ds, usable = None, False
+        parse_error = f" ({type(e).__name__}: {e})"
+    else:
+        parse_error = ""
+    if not usable:
+        raise UnreadableFile(
+            f"not a DICOM file: no 'DICM' marker after a 128-byte preamble, and no DICOM dataset with a SOPClassUID "
+            f"and StudyInstanceUID at its start{parse_error}"
+        )
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = ENCODINGS[(bool(implicit), bool(little))]
+    return ds
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -176,15 +239,22 @@ def discover_studies(root: Path, selection: ImageSelection = CHEST_SELECTION) ->
     unassigned = []
     for path in iter_dicom_files(root):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as e:
-            unassigned.append(FileProblem(path, f"not a readable DICOM file ({type(e).__name__}: {e})"))
+            ds = read_dataset(path, stop_before_pixels=True)
+        except UnreadableFile as e:
+            unassigned.append(FileProblem(path, e.reason))
             continue
         study_uid = str(getattr(ds, "StudyInstanceUID", "") or "").strip()
         if not study_uid:
             unassigned.append(FileProblem(path, "no StudyInstanceUID; cannot tell which study it belongs to"))
             continue
-        plan = plans.setdefault(study_uid, StudyPlan(study_uid, str(getattr(ds, "PatientID", "") or "")))
+        plan = plans.get(study_uid)
+        if plan is None:
+            plan = plans[study_uid] = StudyPlan(
+                study_uid,
+                str(getattr(ds, "PatientID", "") or ""),
+                str(getattr(ds, "AccessionNumber", "") or "").strip(),
+                str(getattr(ds, "StudyDate", "") or "").strip(),
+            )
         verdict, reason = selection.verdict(ds)
         if verdict == "ignored":
             plan.ignored.append(FileProblem(path, reason))
@@ -199,9 +269,9 @@ def discover_studies(root: Path, selection: ImageSelection = CHEST_SELECTION) ->
 def read_study_file(file: StudyFile) -> StudyImage:
     """Decode one chosen file; raises UnusableDicomError naming the reason."""
     try:
-        ds = pydicom.dcmread(file.path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as e:
-        raise UnusableDicomError(file.path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+        ds = read_dataset(file.path)
+    except UnreadableFile as e:
+        raise UnusableDicomError(file.path, e.reason) from e
     return StudyImage(file, image_from_dataset(ds, file.path, file.modalities))
 
 
