@@ -89,8 +89,11 @@ def studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("studies")
     a_uid, b_uid = generate_uid(), generate_uid()
     # folder names carry no identifier, so the outputs (which list file paths for the clinician) can be checked
-    _dicom(root / "p1" / "s1", "IM1", "PATA1", a_uid, "PA", seed=1, labels=[0, 0, 1] + [0] * 11)
-    _dicom(root / "p1" / "s1", "IM2", "PATA1", a_uid, "LL", seed=2)
+    # A carries the hospital's accession number (B none): the clinician's local results show it
+    _dicom(
+        root / "p1" / "s1", "IM1", "PATA1", a_uid, "PA", seed=1, labels=[0, 0, 1] + [0] * 11, AccessionNumber="ACC-A1"
+    )
+    _dicom(root / "p1" / "s1", "IM2", "PATA1", a_uid, "LL", seed=2, AccessionNumber="ACC-A1")
     _dicom(
         root / "p2" / "s1",
         "IM1",
@@ -905,3 +908,209 @@ def test_without_ood_statistics_outputs_say_not_checked(tmp_path, model_path, st
     assert j["out_of_distribution"]["checked"] is False and j["images"][0]["ood_score"] is None
     assert j["out_of_distribution"]["note"].startswith("out-of-distribution: not checked")
     assert _read_csv(tmp_path / "out" / "results.csv")[0]["ood_flagged_images"] == ""
+
+
+# --- issue 31: heatmaps never silently empty, thresholds and identifiers, OOD marks, the record outside --out ------
+
+
+def _set_head_row(weight: torch.Tensor, k: int, how: str) -> None:
+    """Make finding k's evidence positive, negative or absent in every cell: the activations Grad-CAM reads
+    (class_layers.relu) are >= 0, so the sign of the head's row decides the sign of every cell's evidence."""
+    with torch.no_grad():
+        weight[k] = {"positive": weight[k].abs(), "negative": -weight[k].abs(), "zero": torch.zeros_like(weight[k])}[
+            how
+        ]
+
+
+@pytest.mark.parametrize(
+    "how, method",
+    [
+        ("positive", "grad-cam"),  # evidence above zero somewhere: Grad-CAM's positive part, hot where it is highest
+        ("negative", "relative"),  # evidence below zero everywhere (the 2-round demo's model): was an all-zero map
+        ("zero", "flat"),  # no evidence anywhere: no heat, and said so
+    ],
+)
+def test_heatmap_is_never_silently_empty_nor_inverted(how, method):
+    from monai.visualize import GradCAM
+
+    from fedmed.data.synthetic import ScannerProfile as Scanner
+    from fedmed.inference.predict import GRADCAM_LAYER, HeatmapMaker, Preprocessor
+
+    torch.manual_seed(0)
+    model = build_densenet121(14).eval()
+    k = CXR14_FINDINGS.index("Effusion")
+    _set_head_row(model.class_layers.out.weight, k, how)
+    rng = np.random.default_rng(1)
+    image = Preprocessor(128)(acquire(render_chest([0] * 14, rng, 128), Scanner(), rng).astype(np.float32))
+    maker = HeatmapMaker(model, CXR14_FINDINGS)
+    cells = maker.evidence(image, "Effusion")
+    heat = maker(image, "Effusion")
+    assert cells.shape == (4, 4) and heat.method == method and heat.heat.shape == (128, 128)
+    if method == "flat":
+        assert not heat.heat.any() and heat.note.startswith("heatmap flat") and heat.banner.startswith("HEATMAP FLAT")
+        return
+    assert heat.heat.min() >= 0 and heat.heat.max() == pytest.approx(1.0, abs=0.02)
+    # the hottest pixel lies in the cell of highest evidence (monai's default normaliser put the coldest there)
+    row, col = np.unravel_index(heat.heat.argmax(), heat.heat.shape)
+    assert (row // 32, col // 32) == np.unravel_index(cells.argmax(), cells.shape)
+    if method == "grad-cam":
+        assert heat.note is None and heat.banner is None
+    else:
+        assert cells.max() <= 0 and "negative in every region" in heat.note
+        assert heat.banner.startswith("HEATMAP RELATIVE")
+        # the cause, reproduced: MONAI's Grad-CAM of this finding is zero everywhere
+        assert not GradCAM(nn_module=model, target_layers=GRADCAM_LAYER)(image[None], class_idx=k).any()
+
+
+def test_console_and_csv_give_thresholds_identifiers_and_each_heatmaps_status(
+    tmp_path, model_path, studies, monkeypatch, capsys
+):
+    from fedmed.inference.predict import BOTTOM_BANNER_COLOUR
+
+    blob = torch.load(model_path, weights_only=True)
+    state = dict(blob["state_dict"])
+    state["class_layers.out.weight"] = state["class_layers.out.weight"].clone()
+    _set_head_row(state["class_layers.out.weight"], CXR14_FINDINGS.index("Effusion"), "negative")
+    _set_head_row(state["class_layers.out.weight"], CXR14_FINDINGS.index("Mass"), "zero")
+    thresholds = {f: 1.0 for f in CXR14_FINDINGS} | {"Effusion": 0.0, "Mass": 0.0}  # both positive, all else not
+    path = tmp_path / "weak.pt"
+    write_model_file(path, state, {**blob["meta"], META_THRESHOLDS: thresholds, META_THRESHOLD_METHOD: "manual"})
+    out = tmp_path / "out"
+    monkeypatch.setenv(ENV_PSEUDONYM_KEY, KEY.decode())
+    args = [str(studies["root"]), "--model", str(path), "--out", str(out), "--secondary-capture", "--threads", "1"]
+    assert _infer_main()(args + ["--record-dir", str(_record(out))]) == 0
+    printed = capsys.readouterr().out
+
+    with open(out / "results.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:6] == [
+        "study_instance_uid",
+        "accession_number",
+        "study_date",
+        "study_pseudonym",
+        "status",
+        "num_images",
+    ]
+    assert header[8:12] == ["p_Atelectasis", "t_Atelectasis", "p_Cardiomegaly", "t_Cardiomegaly"]  # each beside its own
+    rows = {r["study_instance_uid"]: r for r in _read_csv(out / "results.csv")}
+    a, b = rows[studies["A"]], rows[studies["B"]]
+    assert (a["accession_number"], a["study_date"], b["accession_number"]) == ("ACC-A1", "2026-01-01", "")
+    assert a["positive_findings"] == "Effusion|Mass" and a["unreliable_findings"] == ""
+    assert (a["t_Effusion"], a["t_Emphysema"]) == ("0.000000", "1.000000")
+    assert a["heatmaps"] == "Effusion: relative; Mass: flat"
+
+    j = json.loads((out / "studies" / studies["A"] / "result.json").read_text())
+    assert (j["accession_number"], j["study_date"]) == ("ACC-A1", "2026-01-01")
+    assert j["heatmap_methods"] == {"Effusion": "relative", "Mass": "flat"}
+    assert j["heatmap_notes"]["Effusion"].startswith("heatmap relative") and "flat" in j["heatmap_notes"]["Mass"]
+    # each map's status is in the picture (bottom bar) and in the Secondary Capture's text; the two differ
+    effusion, mass = (np.asarray(Image.open(j["heatmaps"][f])) for f in ("Effusion", "Mass"))
+    assert tuple(effusion[-2, 2]) == BOTTOM_BANNER_COLOUR and tuple(mass[-2, 2]) == BOTTOM_BANNER_COLOUR
+    assert not np.array_equal(effusion, mass)
+    sc = pydicom.dcmread(j["secondary_captures"]["Effusion"])
+    assert "heatmap relative (heatmap relative: Grad-CAM for Effusion is negative" in sc.DerivationDescription
+
+    # one block per study: identifiers, each positive with its threshold, how each heatmap was made
+    assert f"study {studies['A']}: accession ACC-A1, date 2026-01-01, 1 image(s)" in printed
+    assert f"study {studies['B']}: accession (none), date 2026-01-01, 1 image(s)" in printed
+    p_eff = float(a["p_Effusion"])
+    assert f"  positive: Effusion p={p_eff:.3f} (threshold 0.000), Mass p=" in printed
+    assert "  heatmaps: Effusion relative, Mass flat" in printed
+
+
+def test_out_of_distribution_positives_are_withheld_and_every_output_marks_them(tmp_path, model_path, studies):
+    from fedmed.inference.predict import BOTTOM_BANNER_COLOUR
+
+    labels = np.zeros((12, 14), int)
+    labels[:6, 2] = 1
+    rng = np.random.default_rng(0)
+    csv_path = write_site(tmp_path / "site", labels, ["val"] * 12, ScannerProfile(), rng, "cal-site", SIZE)
+    calibrated = tmp_path / "calibrated.pt"
+    choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, calibrated, split="val")
+    blob = torch.load(calibrated, weights_only=True)
+    thresholds = {f: 1.0 for f in CXR14_FINDINGS} | {"Effusion": 0.0, "Mass": 0.0}  # both above for every image
+    marked = tmp_path / "marked.pt"
+    write_model_file(marked, blob["state_dict"], {**blob["meta"], META_THRESHOLDS: thresholds})
+    noise_uid = generate_uid()
+    pixels = np.random.default_rng(5).integers(0, 4095, (SIZE, SIZE)).astype(np.uint16)
+    tags = {"BodyPartExamined": "CHEST", "ViewPosition": "PA"}
+    ds = make_dicom(pixels, ScannerProfile(), "PATN", noise_uid, generate_uid(), generate_uid(), 1, tags, "x")
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "noise.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    summary = run_inference(tmp_path / "in", marked, _options(out, secondary_capture=True, structured_report=True))
+    result = summary.results[0]
+    assert result.out_of_distribution == [ds.SOPInstanceUID]
+    assert result.positive == [] and result.unreliable == ["Effusion", "Mass"]  # withheld, still listed
+
+    row = _read_csv(out / "results.csv")[0]
+    assert row["positive_findings"] == "" and row["unreliable_findings"] == "Effusion|Mass"
+    assert row["ood_flagged_images"] == "1" and "out of distribution: positive finding(s) withheld" in row["message"]
+    j = json.loads((out / "studies" / noise_uid / "result.json").read_text())
+    assert j["unreliable_findings"] == ["Effusion", "Mass"] and "Effusion" not in j["negative_findings"]
+    for finding in ("Effusion", "Mass"):  # overlays drawn, each marked in the picture and in the SC's text
+        assert tuple(np.asarray(Image.open(j["heatmaps"][finding]))[-2, 2]) == BOTTOM_BANNER_COLOUR
+        sc = pydicom.dcmread(j["secondary_captures"][finding])
+        assert "OUT OF DISTRIBUTION" in sc.SeriesDescription and sc.ImageComments.startswith("OUT OF DISTRIBUTION")
+        assert sc.DerivationDescription.startswith("NOT FOR CLINICAL USE") and "OUT OF DISTRIBUTION" in (
+            sc.DerivationDescription
+        )
+        assert sc.BurnedInAnnotation == "YES"
+    said = read_structured_report(pydicom.dcmread(j["structured_report"]))
+    assert said["evaluations"]["Effusion"] == said["evaluations"]["Mass"] == "Indeterminate"
+    assert said["evaluations"]["Unlike the training images"] == "Present"
+    log = _logs(out)[0]
+    assert log["positive_findings"] == "" and "withheld" in log["message"]
+
+
+def test_the_inference_record_and_its_key_stay_out_of_the_results_folder(tmp_path, model_path, studies, monkeypatch):
+    out = tmp_path / "results"
+    summary = run_inference(studies["root"], model_path, _options(out, heatmaps=False))
+    assert not {p.name for p in out.rglob("*")} & {"fedmed.db", "audit_key", "audit_heads.log", "local"}
+    record = _record(out)
+    assert summary.record_dir == record and summary.db_url == f"sqlite:///{(record / 'fedmed.db').resolve()}"
+    assert (record / "local" / "audit_key").stat().st_mode & 0o777 == 0o600 and (record / "audit_heads.log").is_file()
+    assert len(_logs(out)) == 2 and Repository(summary.db_url).verify_audit() is None
+    # a record folder inside the results, or a database there, is refused before anything is written
+    with pytest.raises(ValueError, match=r"record's database would be written inside the results folder"):
+        run_inference(studies["root"], model_path, _options(tmp_path / "r2", record_dir=tmp_path / "r2" / "rec"))
+    monkeypatch.setenv("FEDMED_DB_URL", f"sqlite:///{tmp_path / 'r3' / 'log.db'}")
+    with pytest.raises(ValueError, match=r"record's database would be written inside the results folder"):
+        run_inference(studies["root"], model_path, _options(tmp_path / "r3"))
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+def test_default_record_dir_is_the_sites_own_place(tmp_path):
+    from fedmed.inference.record import ENV_RECORD_DIR, default_record_dir
+
+    kit = tmp_path / "hospital-a"
+    (kit / "startup").mkdir(parents=True)
+    (kit / "startup" / "fed_client.json").write_text("{}")
+    assert default_record_dir(kit, {}) == kit / "local" / "inference"  # run from a site startup kit
+    assert default_record_dir(kit, {ENV_RECORD_DIR: str(tmp_path / "site")}) == tmp_path / "site"  # env wins
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    assert default_record_dir(tmp_path, state) == tmp_path / "state" / "fedmed" / "inference"  # not a kit
+    assert default_record_dir(tmp_path, {}) == Path.home() / ".local" / "state" / "fedmed" / "inference"
+
+
+def test_dicom_without_preamble_or_file_meta_is_read_and_a_non_dicom_file_is_named(tmp_path, model_path):
+    root = tmp_path / "in" / "s"
+    full = _dicom(root, "full.dcm", "PATP", generate_uid(), seed=1)
+    (root / "no_preamble.dcm").write_bytes(full.read_bytes()[128:])  # 'DICM' and file meta, no 128-byte preamble
+    bare = pydicom.dcmread(full)
+    del bare.file_meta  # a bare dataset: no preamble, no 'DICM', no file meta (older modalities, some exports)
+    bare.preamble, bare.SOPInstanceUID = None, generate_uid()
+    pydicom.dcmwrite(root / "bare.dcm", bare, implicit_vr=True, little_endian=True)
+    (root / "notes.txt").write_text("ward round notes")
+    (root / "empty.dcm").write_bytes(b"")
+    summary = run_inference(tmp_path / "in", model_path, _options(tmp_path / "out", heatmaps=False))
+    images = summary.results[0].images
+    assert [Path(im["file"]).name for im in images] == ["bare.dcm", "full.dcm", "no_preamble.dcm"]
+    for im in images:  # the same pixels, the same probabilities
+        assert im["probabilities"] == pytest.approx(images[1]["probabilities"], abs=1e-6)
+    reasons = {p.path.name: p.reason for p in summary.skipped_files}
+    assert reasons == {
+        "empty.dcm": "not a DICOM file: the file is empty",
+        "notes.txt": "not a DICOM file: no 'DICM' marker after a 128-byte preamble, and no DICOM dataset with a "
+        "SOPClassUID and StudyInstanceUID at its start",
+    }
