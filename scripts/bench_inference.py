@@ -101,7 +101,13 @@ def main(argv=None) -> int:
             return run_inference(
                 root,
                 model_path,
-                InferenceOptions(out_dir=tmp / out, pseudonym_key=KEY, batch_size=batch, heatmaps=heatmaps),
+                InferenceOptions(
+                    out_dir=tmp / out,
+                    pseudonym_key=KEY,
+                    batch_size=batch,
+                    heatmaps=heatmaps,
+                    record_dir=tmp / f"{out}-record",  # not the user's state dir
+                ),
             )
 
         for heatmaps in (False, True):
