@@ -9,6 +9,7 @@ is not for this model, e.g. a lateral view or a sagittal slice of the same study
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -106,17 +107,20 @@ def read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Datase
         pass  # no preamble or no 'DICM' marker: look at what the file holds below
     except (OSError, EOFError, ValueError, TypeError) as e:
         raise UnreadableFile(f"not a readable DICOM file ({type(e).__name__}: {e})") from e
-    data = path.read_bytes()
-    if not data:
+    with open(path, "rb") as f:
+        start = f.read(len(DICM))
+    if not start:
         raise UnreadableFile("not a DICOM file: the file is empty")
-    if data.startswith(DICM):  # file meta without the preamble before it
+    if start == DICM:  # file meta without the preamble before it
         try:
-            return pydicom.dcmread(io.BytesIO(PREAMBLE + data), stop_before_pixels=stop_before_pixels)
+            return pydicom.dcmread(io.BytesIO(PREAMBLE + path.read_bytes()), stop_before_pixels=stop_before_pixels)
         except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as e:
             raise UnreadableFile(f"DICOM file without a preamble whose file meta cannot be read ({e})") from e
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=True)
-        usable = "SOPClassUID" in ds and "StudyInstanceUID" in ds
+        with warnings.catch_warnings():  # pydicom warns about the VR it guesses for any bytes, DICOM or not
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+            usable = "SOPClassUID" in ds and "StudyInstanceUID" in ds
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
         ds, usable = None, False
         parse_error = f" ({type(e).__name__}: {e})"
