@@ -459,6 +459,9 @@ def test_infer_exits_2_with_a_message_for_unusable_arguments(tmp_path, model_pat
     assert "model file not found" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--model", str(model_path), "--out", str(tmp_path / "o")]) == 2
     assert "DICOM input does not exist" in capsys.readouterr().err
+    inside = ["--out", str(tmp_path / "o"), "--record-dir", str(tmp_path / "o" / "record")]
+    assert main([str(studies["root"]), "--model", str(model_path)] + inside) == 2
+    assert "inside the results folder" in capsys.readouterr().err and not (tmp_path / "o").exists()
     monkeypatch.delenv(ENV_PSEUDONYM_KEY)
     with pytest.raises(SystemExit) as exit_info:
         main([str(studies["root"]), "--model", str(model_path), "--out", str(tmp_path / "o")])
