@@ -1117,3 +1117,29 @@ def test_dicom_without_preamble_or_file_meta_is_read_and_a_non_dicom_file_is_nam
         "notes.txt": "not a DICOM file: no 'DICM' marker after a 128-byte preamble, and no DICOM dataset with a "
         "SOPClassUID and StudyInstanceUID at its start",
     }
+
+
+def test_brain_model_keeps_its_predicted_class_but_marks_it_unreliable_out_of_distribution(
+    tmp_path, brain_model_path, brain_studies
+):
+    from dataclasses import replace
+
+    from fedmed.inference.ood import META_OOD, fit_ood
+    from fedmed.inference.predict import BOTTOM_BANNER_COLOUR
+
+    blob = torch.load(brain_model_path, weights_only=True)
+    features = np.random.default_rng(0).normal(size=(8, 1024))
+    every_slice = replace(fit_ood(features, "test features"), threshold=-1.0)  # a guard that flags every slice
+    path = tmp_path / "guarded.pt"
+    write_model_file(path, blob["state_dict"], {**blob["meta"], META_OOD: every_slice.to_meta()})
+    out = tmp_path / "out"
+    summary = run_inference(brain_studies["root"] / "b", path, _options(out, structured_report=True))
+    result = summary.results[0]
+    # argmax always names a class: it stays, listed as unreliable (nothing to withhold it in favour of)
+    assert result.predicted in BRAIN_CLASSES and result.unreliable == [result.predicted]
+    row = _read_csv(out / "results.csv")[0]
+    assert row["predicted_class"] == result.predicted and row["unreliable_findings"] == result.predicted
+    j = json.loads((out / "studies" / brain_studies["B"] / "result.json").read_text())
+    said = read_structured_report(pydicom.dcmread(j["structured_report"]))
+    assert said["evaluations"][result.predicted] == "Indeterminate"
+    assert tuple(np.asarray(Image.open(j["heatmaps"][result.predicted]))[-2, 2]) == BOTTOM_BANNER_COLOUR
