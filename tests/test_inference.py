@@ -1019,6 +1019,8 @@ def test_console_and_csv_give_thresholds_identifiers_and_each_heatmaps_status(
     p_eff = float(a["p_Effusion"])
     assert f"  positive: Effusion p={p_eff:.3f} (threshold 0.000), Mass p=" in printed
     assert "  heatmaps: Effusion relative, Mass flat" in printed
+    assert "heatmaps: 2 flat, 2 relative" in printed  # the run's count, two studies
+    assert json.loads((out / "summary.json").read_text())["heatmap_methods"] == {"flat": 2, "relative": 2}
 
 
 def test_out_of_distribution_positives_are_withheld_and_every_output_marks_them(tmp_path, model_path, studies):

@@ -163,6 +163,8 @@ def main(argv=None) -> int:
         f"{len(summary.results)} studies: {ok} read ({images} images, {decided}), "
         f"{len(summary.results) - ok} skipped; {len(summary.skipped_files)} file(s) skipped"
     )
+    if summary.heatmap_methods:
+        print("heatmaps: " + ", ".join(f"{n} {m}" for m, n in summary.heatmap_methods.items()))
     flagged = summary.out_of_distribution
     if flagged:
         print(

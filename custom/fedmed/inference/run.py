@@ -150,6 +150,15 @@ class InferenceSummary:
         return {r.study_uid: list(r.out_of_distribution) for r in self.results if r.out_of_distribution}
 
     @property
+    def heatmap_methods(self) -> dict:
+        """How many overlays each heatmap method made (grad-cam, relative, flat), over every study."""
+        counts: dict = {}
+        for r in self.results:
+            for method in r.heatmap_methods.values():
+                counts[method] = counts.get(method, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
     def clinical_use_warning(self) -> Optional[str]:
         return self.model.clinical_use_warning
 
@@ -596,6 +605,7 @@ def summary_json(summary: InferenceSummary) -> dict:
         },
         **decision,
         "heatmap_note": summary.heatmap_note,
+        "heatmap_methods": summary.heatmap_methods,
         "out_of_distribution": {
             "checked": summary.model.ood is not None,
             "note": summary.ood_note,
