@@ -95,7 +95,7 @@ def exported_controller_args(job_folder: Path) -> dict:
 def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) -> tuple:
     """(the full uid of `run`, decide(its RunHistory)) from the database; a refusal (fedmed.resume, for `purpose`)
     becomes a SubmitError with its one line. Writes nothing."""
-    from fedmed.resume import PURPOSES, resolve_run_uid
+    from fedmed.resume import PURPOSES, find_run_uid
     from fedmed.store.repository import Repository
 
     try:
@@ -103,7 +103,7 @@ def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) 
     except Exception as e:
         raise SubmitError(f"{option}: cannot open the database {db_url.split('@')[-1]}: {type(e).__name__}") from None
     try:
-        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()), purpose)
+        uid = find_run_uid(repo, run, purpose)
         return uid, decide(repo.run_history(uid))
     except PURPOSES[purpose] as e:
         raise SubmitError(str(e)) from None

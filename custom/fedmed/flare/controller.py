@@ -45,9 +45,9 @@ from fedmed.resume import (
     ResumePlan,
     ResumeRefused,
     find_model_file,
+    find_run_uid,
     finished_run_leftovers,
     plan_resume,
-    resolve_run_uid,
     round_model_path,
     run_models_dir,
     stale_round_files,
@@ -492,7 +492,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             )
         repo = Repository(self._db_url)
         try:
-            uid = resolve_run_uid(self.resume_run, repo.run_uids_starting_with(self.resume_run.strip()))
+            uid = find_run_uid(repo, self.resume_run)
             history = repo.run_history(uid)
         finally:
             repo.close()

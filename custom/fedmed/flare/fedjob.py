@@ -218,13 +218,13 @@ def check_simulation_resume(db_url: Optional[str], config: JobConfig) -> None:
             f"--resume in the simulator needs --db-url or ${ENV_DB_URL}: the simulator wipes the default database "
             "in its workspace at every run"
         )
-    from fedmed.resume import FIXED_OPTIONS, plan_resume, resolve_run_uid
+    from fedmed.resume import FIXED_OPTIONS, find_run_uid, plan_resume
     from fedmed.store.repository import Repository
 
     run = config.resume_run
     repo = Repository(db_url)
     try:
-        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()))
+        uid = find_run_uid(repo, run)
         history = repo.run_history(uid)
         if history.status == "running" and history.job_ids[-1] == SIMULATOR_JOB_ID:
             repo.mark_interrupted([SIMULATOR_JOB_ID], "the simulation stopped before the run ended", run_uids=[uid])
@@ -247,14 +247,14 @@ def check_simulation_evaluation(db_url: Optional[str], config: JobConfig) -> Non
         )
     from fedmed.flare.persistor import BEST_MODEL_FILE
     from fedmed.hashing import model_sha256
-    from fedmed.resume import find_model_file, pick_recorded_model, resolve_run_uid, round_model_path, run_models_dir
+    from fedmed.resume import find_model_file, find_run_uid, pick_recorded_model, round_model_path, run_models_dir
     from fedmed.store.repository import Repository
     from fedmed.weights import load_state
 
     purpose, run = "cross-site evaluation", config.cross_site_eval_run
     repo = Repository(db_url)
     try:
-        history = repo.run_history(resolve_run_uid(run, repo.run_uids_starting_with(run), purpose))
+        history = repo.run_history(find_run_uid(repo, run, purpose))
     finally:
         repo.close()
     recorded = pick_recorded_model(history, config.cross_site_eval_model)

@@ -801,6 +801,11 @@ class Repository:
         latest = max((r for r in (started, resumed) if r is not None), default=None, key=lambda r: _aware(r[0]))
         return None if latest is None else latest[1]
 
+    def run_id_of(self, uid: str) -> int:
+        """The run number of a run uid; raises ValueError naming the uid if there is none."""
+        with self._session() as s:
+            return self._run_id(s, uid)
+
     def run_uids_starting_with(self, prefix: str) -> list[str]:
         """Every run uid that starts with prefix (the admin may give a unique prefix of a run's uid)."""
         if not prefix:
