@@ -358,7 +358,7 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     assert reason.startswith("set-up failed at the site: FileNotFoundError") and "not-mounted" in reason
     assert ups["hospital-a"]["status"] == ups["hospital-c"]["status"] == "accepted"
     # printed by fedmed-submit, and kept in the downloaded result
-    assert f"round 1: hospital-b missing: {reason}" in printed
+    assert f"hospital-b missing (from round 1): {reason}" in printed and printed.count(reason) == 1  # once
     summary = json.loads((out.result_dir / "fedmed_summary.json").read_text())
     assert {"round": 1, "site": "hospital-b", "status": "missing", "reason": reason} in summary["sites"]
     assert out.models["best_model.pt"].is_file() and out.models["global_model.pt"].is_file()
