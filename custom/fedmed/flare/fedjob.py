@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -550,6 +551,41 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         print(f"HE keys for the simulation: key set {key_id[:12]}, hospital keys in {he_keys}")
     if a.log_file:
         print(f"full simulator log: {a.log_file}")
-    out = run_simulation(job, sites, a.workspace, a.threads or len(sites), log_file=a.log_file)
+    try:
+        out = run_simulation(job, sites, a.workspace, a.threads or len(sites), log_file=a.log_file)
+    except RuntimeError as e:  # SimEnv: "Simulation failed with return code N" after the run's own error lines
+        db_url = config.db_url or os.environ.get(ENV_DB_URL)
+        for line in simulation_causes(db_url, Path(a.workspace).resolve() / job.name):
+            print(line, file=sys.stderr)
+        where = f"the full log is {a.log_file}" if a.log_file else "NVFlare's output above has the details"
+        print(f"{p.prog}: the simulation failed ({str(e).split('.')[0]}): {where}", file=sys.stderr)
+        return 2
     print(f"simulation finished; workspace {out}")
     return 0
+
+
+def simulation_causes(db_url: Optional[str], job_workspace: Path) -> list[str]:
+    """Why sites did not count in the simulation's run, one line per cause with every site it covers, from the run
+    record (the given database, else the one the simulated server wrote in its workspace); [] when none is found."""
+    from fedmed.cli.reading import ReadError, open_reader
+    from fedmed.cli.submit_job import Causes
+
+    if not db_url:
+        found = sorted(Path(job_workspace).rglob("fedmed.db"))
+        db_url = f"sqlite:///{found[0]}" if found else None
+    try:
+        repo = open_reader(db_url)
+    except ReadError:
+        return []
+    try:
+        run_id = repo.run_id_for_job(SIMULATOR_JOB_ID)
+        updates = repo.client_updates(run_id) if run_id is not None else []
+    except Exception:  # a record the run never wrote: the log above is all there is
+        updates = []
+    finally:
+        repo.close()
+    causes = Causes()
+    for u in updates:
+        if u["status"] != "accepted":
+            causes.add(u["round"], u["site"], u["status"], u["reason"])
+    return causes.new_lines()

@@ -40,7 +40,16 @@ from fedmed.store.models import (
 from fedmed.wire_checks import find_metrics_problem
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
-ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter", "record_edited")
+# global_model_unusable: the round's aggregate gives NaN/infinite or input-independent outputs (fedmed.model_health)
+ALERT_KINDS = (
+    "quarantined",
+    "readmitted",
+    "rejected",
+    "refused",
+    "dead_letter",
+    "record_edited",
+    "global_model_unusable",
+)
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in seconds, not after the OS's TCP timeout
 
 
@@ -76,7 +85,7 @@ class UpdateRecord:
 
 @dataclass(frozen=True)
 class AlertRecord:
-    site: str
+    site: Optional[str]  # None: about the round's global model, not one site
     kind: str  # one of ALERT_KINDS
     message: str
 
@@ -319,7 +328,7 @@ class Repository:
             accepted = sum(1 for u in record.updates if u.status == "accepted")
             # Every site this round names, looked up (and created) at once, before anything is added: a lookup per
             # row autoflushes the rows added so far, one INSERT round trip each (seconds with 50 sites on PostgreSQL).
-            sites = self._sites(s, [*(u.site for u in record.updates), *(a.site for a in record.alerts)])
+            sites = self._sites(s, [*(u.site for u in record.updates), *(a.site for a in record.alerts if a.site)])
             sites.update(self._sites(s, [t.site for t in record.trust]))
             trust_rows = {
                 row.site_id: row
@@ -391,7 +400,7 @@ class Repository:
                     Alert(
                         run_id=run_id,
                         round_num=record.round_num,
-                        site_id=sites[a.site].id,
+                        site_id=sites[a.site].id if a.site else None,
                         kind=a.kind,
                         message=a.message,
                     )
