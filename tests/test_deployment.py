@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.cli.federation import PROJECT_ADMIN, Federation
-from fedmed.cli.submit_job import COMPLETED, submit_and_follow
+from fedmed.cli.submit_job import COMPLETED, SubmitError, submit_and_follow
 from fedmed.store.repository import Repository
 from jobscripts import load_job_script
 from test_provision import HOSPITALS, write_site_configs
@@ -319,6 +319,22 @@ def _ensure_up(fed) -> None:
         if site not in fed.running():
             fed.start_site(site, env=THREADS)
     fed.wait_registered(HOSPITALS, timeout=120)
+
+
+def test_a_scope_typo_is_refused_by_every_hospital_and_said_once_at_the_admin(federation, tmp_path):
+    # `-- --scope rehersal`: NVFlare's deployer at each hospital refuses a scope its privacy.json does not list; the
+    # job ends FAILED_TO_RUN and the reason was only in the server kit's log.txt
+    fed = federation
+    _ensure_up(fed)
+    job = _export(tmp_path / "job", num_rounds=1, privacy_scope="rehersal")
+    with pytest.raises(SubmitError) as e:
+        submit_and_follow(
+            fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results", db_url=fed.db_url
+        )
+    text = str(e.value)
+    assert "did not start (FINISHED:FAILED_TO_RUN)" in text.splitlines()[0]
+    assert text.count("privacy scope 'rehersal' is not allowed") == 1, text
+    assert f"{', '.join(HOSPITALS)}: privacy scope 'rehersal' is not allowed; fix: give -- --scope NAME" in text
 
 
 def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(federation, tmp_path, capsys):

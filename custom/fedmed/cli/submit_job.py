@@ -574,7 +574,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue this interrupted or failed run (its uid in the database, or a unique prefix) from its last "
+        help="continue this interrupted or failed run (its number as fedmed-rounds prints it, its uid or a unique "
+        "prefix) from its last "
         "recorded round; give the job options it ran with after --",
     )
     a = p.parse_args(argv)

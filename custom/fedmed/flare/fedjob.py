@@ -398,7 +398,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue this interrupted or failed run (its uid in the database, or a unique prefix) from its last "
+        help="continue this interrupted or failed run (its number, its uid or a unique prefix) from its last "
         "recorded round, with the same task, aggregation, HE layers, norm, image size and rounds (fedmed.resume)",
     )
     p.add_argument(
@@ -414,7 +414,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         default=c.cross_site_eval_only or c.cross_site_eval_run,
         metavar="MODEL_OR_RUN",
         help="train nothing: every hospital scores this model file (on the server, e.g. a recorded run's "
-        "global_model.pt), or this recorded run's model (its uid or a unique prefix; --cross-site-eval-model "
+        "global_model.pt), or this recorded run's model (its number, uid or a unique prefix; --cross-site-eval-model "
         "says which), on its own validation data; recorded as a run of its own",
     )
     p.add_argument(
