@@ -334,7 +334,7 @@ def test_a_scope_typo_is_refused_by_every_hospital_and_said_once_at_the_admin(fe
     text = str(e.value)
     assert "did not start (FINISHED:FAILED_TO_RUN)" in text.splitlines()[0]
     assert text.count("privacy scope 'rehersal' is not allowed") == 1, text
-    assert f"{', '.join(HOSPITALS)}: privacy scope 'rehersal' is not allowed; fix: give -- --scope NAME" in text
+    assert f"{', '.join(HOSPITALS)}: privacy scope 'rehersal' is not allowed; fix: give -- --scope NAME" in text, text
 
 
 def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(federation, tmp_path, capsys):

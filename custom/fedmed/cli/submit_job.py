@@ -173,6 +173,7 @@ def refusal_in(result: Path | None) -> str | None:
 
 
 FAILED_TO_RUN = "FINISHED:FAILED_TO_RUN"
+NVFLARE_ERROR = "NVFLARE_ERROR:"
 DEPLOY_DETAIL = "job_deploy_detail"  # nvflare.apis.job_def.JobMetaKey.JOB_DEPLOY_DETAIL: each site's deploy answer
 # What the admin does about a cause, found by a piece of its text (the site's or NVFlare's own words).
 FIXES = (
@@ -201,8 +202,10 @@ def deploy_causes(detail) -> list[str]:
         if not sep or " " in site:
             general.append(str(entry))  # NVFlare's own conclusion, e.g. the min_sites count
         elif reason.strip() != "OK":
-            by_reason.setdefault(reason.strip(), []).append(site)
-    lines = [f"{', '.join(sites)}: {reason}{fix_for(reason)}" for reason, sites in by_reason.items()]
+            # a client's refusal arrives as "NVFLARE_ERROR: <why>" (nvflare.private.defs.ERROR_MSG_PREFIX)
+            why = reason.strip().removeprefix(NVFLARE_ERROR).strip()
+            by_reason.setdefault(why, []).append(site)
+    lines = [f"{', '.join(sorted(sites))}: {reason}{fix_for(reason)}" for reason, sites in by_reason.items()]
     return lines + [f"so the job did not start ({g})" for g in general]
 
 
@@ -611,6 +614,9 @@ def main(argv=None) -> int:
             raise SubmitError(f"the server refused: {refused}")
     except SubmitError as e:
         print(f"fedmed-submit: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # NVFlare's NoConnection outside a followed job (e.g. during --abort)
+        print(f"fedmed-submit: lost the FL server ({type(e).__name__}: {e}): is it still running?", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
