@@ -72,4 +72,7 @@ def test_the_alert_is_recorded_with_the_round_about_no_site(tmp_path):
     assert repo.alerts(run_id) == [{"round": 1, "site": "", "kind": "global_model_unusable", "message": alert.message}]
     assert repo.rounds_table(run_id)[0].score is None and repo.get_run(run_id).best_round is None
     assert repo.verify_audit() is None  # the audit chain covers a site-less alert row
+    from fedmed.cli.rounds_table import format_table
+
+    assert f"round 1: ALERT {alert.message}" in format_table(repo, run_id).splitlines()  # the admin's table says why
     repo.close()

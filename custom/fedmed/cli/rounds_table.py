@@ -59,6 +59,9 @@ def format_table(repo: Repository, run_id: int) -> str:
         values = test_metrics.get(r.round_num, {})
         cells = "".join(f"  {values[m]:>9.4f}" if m in values else f"  {'-':>9}" for m in extra)
         lines.append(f"{r.round_num:>5}  {sites:<40} {score:>{width}}{auroc}  {loss:>9}{cells}")
+    for a in repo.alerts(run_id):  # a round without a score because its global model was unusable says why
+        if a["kind"] == "global_model_unusable":
+            lines.append(f"round {a['round']}: ALERT {a['message']}")
     for r in repo.resumptions(run_id):  # fedmed-submit --resume RUN takes the uid above (or a prefix)
         lines.append(
             f"resumed by job {r['job_id']} from round {r['from_round']} at {r['resumed_at']:%Y-%m-%d %H:%M} "
