@@ -49,7 +49,7 @@ import yaml
 
 from fedmed.cli.install_kit import SERVER, check_hospital_files, exchange_signing_keys, install
 from fedmed.paths import PROJECT_YML, RUNS, SITE_CONFIGS
-from fedmed.store.repository import default_db_url
+from fedmed.store.urls import default_db_url
 
 PROJECT_ADMIN = "admin@fedmed.org"
 STATE_FILE = "federation.json"

@@ -39,7 +39,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fedmed.jobconfig import JobConfig
 from fedmed.paths import JOBS
 
 JOB_SCRIPT = JOBS / "cxr_densenet" / "job.py"
@@ -86,6 +85,8 @@ def exported_controller_args(job_folder: Path) -> dict:
     """The exported FedMedController's arguments, the rest filled in from JobConfig (NVFlare leaves out an argument
     equal to the Controller's default, which is JobConfig's, as exported_num_rounds relies on)."""
     from dataclasses import MISSING, fields
+
+    from fedmed.jobconfig import JobConfig  # torch and MONAI: only when a job is exported, not for --abort
 
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
@@ -234,6 +235,8 @@ class Causes:
 def exported_num_rounds(job_folder: Path) -> int:
     """The exported job's number of rounds, as its server config says (NVFlare leaves out an argument equal to the
     Controller's default, which is JobConfig's)."""
+    from fedmed.jobconfig import JobConfig
+
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
     return int(controller.get("args", {}).get("num_rounds", JobConfig.num_rounds))

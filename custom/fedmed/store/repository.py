@@ -37,6 +37,7 @@ from fedmed.store.models import (
     SiteTrustState,
     utcnow,
 )
+from fedmed.store.urls import default_db_url  # moved to urls (a light module); still importable from here
 from fedmed.wire_checks import find_metrics_problem
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
@@ -181,10 +182,6 @@ class InferenceRecord:
 
 GENESIS_HASH = audit.GENESIS_HASH
 audit_hash = audit.legacy_hash  # the unkeyed chain of databases written before the keyed one
-
-
-def default_db_url(workspace: Path) -> str:
-    return f"sqlite:///{Path(workspace).resolve() / 'fedmed.db'}"
 
 
 def resolve_db_url(workspace: Optional[Path] = None, explicit: Optional[str] = None) -> str:

@@ -18,6 +18,12 @@ class DatabaseUrlError(ValueError):
     """A database URL that cannot be what the admin meant; the message is the one line to print."""
 
 
+def default_db_url(workspace: Path) -> str:
+    """The SQLite record of a workspace or server kit: <workspace>/fedmed.db. Here, not in the repository module,
+    so the admin's commands that only name the database need not import SQLAlchemy, torch and scikit-learn."""
+    return f"{SQLITE_PREFIX}{Path(workspace).resolve() / 'fedmed.db'}"
+
+
 def check_url(url: Optional[str], option: str = "--db-url") -> str:
     """url itself when it looks like dialect://...; a bare path gets the sqlite:/// form it most likely meant."""
     url = (url or "").strip()
