@@ -16,10 +16,14 @@ with the cross-site evaluation table (each hospital's score of the global model 
 is printed too.
 At the end it prints where the best and the last global model are inside the downloaded result. Ctrl-C asks
 whether to abort the job on the server (otherwise it keeps running). Exit code 0 only when the job finished
-normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit.
+normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit, a server
+that stops answering mid-job, and a job the hospitals refused to start (FINISHED:FAILED_TO_RUN: each hospital's
+reason from the job's deploy record, one line per cause with the sites that gave it and the fix). Why sites did not
+count in rounds is printed once per cause, not once per round.
 
---resume RUN (the run's number as fedmed-rounds prints it, its uid in the database, or a unique prefix) submits a job that continues that interrupted or
-failed run from its last recorded round (fedmed.resume): same run in the database, rounds numbered on. With
+--resume RUN (the run's number as fedmed-rounds prints it, its uid in the database, or a unique prefix) submits a
+job that continues that interrupted or failed run from its last recorded round (fedmed.resume): same run in the
+database, rounds numbered on. With
 --db-url it is checked before anything is submitted (the run exists and is resumable, and the job's task,
 aggregation, HE layers, norm, image size and rounds are the run's); the server checks it again, with the model
 file's sha256, and refuses with the reason, which is printed.
