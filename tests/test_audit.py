@@ -288,7 +288,10 @@ def test_stored_update_signatures_are_re_verified_offline(db_url, tmp_path):
         ),
     )
     report = repo.audit_report(signing.load_site_public_keys(kit))
-    assert report.signatures_checked == 2 and "1 client update(s) carry no signature" in report.notes
+    assert report.signatures_checked == 2
+    # hospital-c sent nothing: its row is a missing site, not an update without a signature
+    assert "1 row(s) record a site that sent no update (status missing): nothing to verify" in report.notes
+    assert not any("carry no signature" in note for note in report.notes)
     (problem,) = report.problems
     assert problem.table == "client_updates" and "(run-s, 1, hospital-b) signature check failed" in problem.reason
     assert "not hospital-b's installed key" in problem.reason

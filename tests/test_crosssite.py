@@ -548,3 +548,12 @@ def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
             job_main([*argv, "--export-job", str(tmp_path / "never")], config, "d", tmp_path / "ws")
         assert e.value.code == 2 and why in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_the_summary_line_says_a_model_that_was_not_lent_stays_home():
+    from fedmed.crosssite import summary_line
+
+    line = summary_line(_cells(), "mean_auroc")
+    assert "hospital-b's local model: not lent (it stays at hospital-b)" in line
+    assert "hospital-b not_shared" not in line  # was: "hospital-b's local model: hospital-b not_shared"
+    assert "global model: hospital-a 0.700, hospital-b 0.600, hospital-c refused" in line

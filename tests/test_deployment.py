@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.cli.federation import PROJECT_ADMIN, Federation
-from fedmed.cli.submit_job import COMPLETED, submit_and_follow
+from fedmed.cli.submit_job import COMPLETED, SubmitError, submit_and_follow
 from fedmed.store.repository import Repository
 from jobscripts import load_job_script
 from test_provision import HOSPITALS, write_site_configs
@@ -321,6 +321,22 @@ def _ensure_up(fed) -> None:
     fed.wait_registered(HOSPITALS, timeout=120)
 
 
+def test_a_scope_typo_is_refused_by_every_hospital_and_said_once_at_the_admin(federation, tmp_path):
+    # `-- --scope rehersal`: NVFlare's deployer at each hospital refuses a scope its privacy.json does not list; the
+    # job ends FAILED_TO_RUN and the reason was only in the server kit's log.txt
+    fed = federation
+    _ensure_up(fed)
+    job = _export(tmp_path / "job", num_rounds=1, privacy_scope="rehersal")
+    with pytest.raises(SubmitError) as e:
+        submit_and_follow(
+            fed.kit(PROJECT_ADMIN), PROJECT_ADMIN, job, JOB_TIMEOUT, out=tmp_path / "results", db_url=fed.db_url
+        )
+    text = str(e.value)
+    assert "did not start (FINISHED:FAILED_TO_RUN)" in text.splitlines()[0]
+    assert text.count("privacy scope 'rehersal' is not allowed") == 1, text
+    assert f"{', '.join(HOSPITALS)}: privacy scope 'rehersal' is not allowed; fix: give -- --scope NAME" in text, text
+
+
 def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(federation, tmp_path, capsys):
     # hospital-b's IT points the kit's local/fedmed_site.json at data that is not mounted, while the site runs:
     # no restart, the next job reads it. Its set-up fails; it answers the round at once with the reason instead
@@ -358,7 +374,7 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     assert reason.startswith("set-up failed at the site: FileNotFoundError") and "not-mounted" in reason
     assert ups["hospital-a"]["status"] == ups["hospital-c"]["status"] == "accepted"
     # printed by fedmed-submit, and kept in the downloaded result
-    assert f"round 1: hospital-b missing: {reason}" in printed
+    assert f"hospital-b missing (from round 1): {reason}" in printed and printed.count(reason) == 1  # once
     summary = json.loads((out.result_dir / "fedmed_summary.json").read_text())
     assert {"round": 1, "site": "hospital-b", "status": "missing", "reason": reason} in summary["sites"]
     assert out.models["best_model.pt"].is_file() and out.models["global_model.pt"].is_file()

@@ -65,7 +65,7 @@ def _write_site_configs(root, hostile=None, privacy=None, share=()):
         (root / site / "fedmed_site.json").write_text(json.dumps(cfg))
 
 
-def _run_job(data_root, workspace, db, *extra, sites=SITES):
+def _run_job(data_root, workspace, db, *extra, sites=SITES, check=True):
     env = dict(os.environ, FEDMED_DB_URL=f"sqlite:///{db}")
     proc = subprocess.run(
         [
@@ -88,7 +88,7 @@ def _run_job(data_root, workspace, db, *extra, sites=SITES):
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -394,3 +394,26 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
     assert cross[("hospital-b", "hospital-a")]["status"] == "evaluated"
     assert cross[("hospital-b", "hospital-b")]["status"] == "refused"
     assert cross[("hospital-c", "hospital-c")]["status"] == "not_shared"
+
+
+@pytest.mark.integration
+def test_a_simulation_every_site_refuses_ends_in_one_line_per_cause_without_a_traceback(tiny_hospitals, tmp_path):
+    # Every hospital's policy demands DP-SGD and the job keeps batch normalisation: no site can take part.
+    _write_site_configs(tiny_hospitals, privacy={s: {"preset": "moderate"} for s in SITES})
+    log = tmp_path / "sim.log"
+    try:
+        proc = _run_job(
+            tiny_hospitals, tmp_path / "ws", tmp_path / "r.db", "--rounds", "1", "--log-file", str(log), check=False
+        )
+    finally:
+        _write_site_configs(tiny_hospitals)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in console, console
+    reason = "the job must use norm='group'"
+    summary = [line for line in proc.stderr.splitlines() if reason in line]
+    assert summary == [
+        next(line for line in summary if line.startswith(", ".join(SITES) + " missing (from round 1): "))
+    ]  # one line for the three hospitals, with the fix
+    assert summary[0].endswith("fix: submit with -- --norm group")
+    assert proc.stdout.count(reason) == 1  # the live view shows the reason once, not once per site and round
+    assert proc.stderr.strip().splitlines()[-1].startswith("job.py: the simulation failed")

@@ -30,7 +30,16 @@ LEVEL = re.compile(
 )
 # NVFlare's own warnings that say nothing to a user: broadcast_model logs this whenever more sites answer than the
 # round's minimum, i.e. every round in which the straggler wait works as meant.
-NVFLARE_NOISE = re.compile(r"^Number of results \(\d+\) is different from number of expected responses")
+NVFLARE_NOISE = re.compile(
+    r"^Number of results \(\d+\) is different from number of expected responses"
+    # ... and NVFlare repeating, after fedmed's own "run <uid> failed: <why>", that the controller raised
+    r"|^Traceback \(most recent call last\):$|^Exception in model controller run: |^Aborting current RUN due to "
+)
+# A site that cannot take part says so (the Executor), and the server says it again each round (fedmed.rounds):
+# the console shows each reason once.
+CANNOT_TAKE_PART = re.compile(
+    r"cannot take part(?: in this job)?: set-up failed(?: at the site)?: (?P<why>.*?)(?:; fix it|$)"
+)
 
 
 def concise(line: str) -> Optional[str]:
@@ -48,12 +57,29 @@ def concise(line: str) -> Optional[str]:
     return None
 
 
+class ConciseView:
+    """concise(), and a reason a site cannot take part shown once, however many sites and rounds repeat it."""
+
+    def __init__(self):
+        self._shown: set = set()
+
+    def __call__(self, line: str) -> Optional[str]:
+        shown = concise(line)
+        m = CANNOT_TAKE_PART.search(shown or "")
+        if m:
+            if m["why"] in self._shown:
+                return None
+            self._shown.add(m["why"])
+        return shown
+
+
 @contextlib.contextmanager
 def full_output_to(
-    log_file: Path, show: Callable[[str], Optional[str]] = concise, console: Optional[TextIO] = None
+    log_file: Path, show: Optional[Callable[[str], Optional[str]]] = None, console: Optional[TextIO] = None
 ) -> Iterator[Path]:
     """Within the block, everything written to stdout and stderr, by this process and the processes it starts, is
     appended to `log_file`; the lines `show` keeps are printed to `console` (the real stdout) as they come."""
+    show = ConciseView() if show is None else show
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     console_fd = os.dup(1 if console is None else console.fileno())

@@ -241,6 +241,9 @@ def summary_line(cells, score_name: str) -> str:
         by_model.setdefault(c.model, []).append(c)
     parts = []
     for model in sorted(by_model, key=lambda m: (m != GLOBAL_MODEL, m)):
+        if all(c.status == "not_shared" for c in by_model[model]):
+            parts.append(f"{model_label(model)}: not lent (it stays at {model})")  # no site scored it: say why
+            continue
         shown = ", ".join(
             f"{c.site} {c.score:.3f}" if c.status == "evaluated" else f"{c.site} {c.status}"
             for c in sorted(by_model[model], key=lambda c: c.site)

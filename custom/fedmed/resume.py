@@ -58,19 +58,54 @@ class ResumePlan:
         return self.from_round - 1
 
 
-def resolve_run_uid(given: str, uids: Iterable[str], purpose: str = "resume") -> str:
-    """The run uid an admin means by `given` (the uid or a unique prefix of it), for `purpose` (a key of PURPOSES:
-    the refusal's class and the first word of its message)."""
-    refused = PURPOSES[purpose]
+def match_prefix(given: str, names: Iterable[str], what: str, where: str = "") -> str:
+    """The one of `names` that `given` is or uniquely starts (an admin may paste a whole id or type its start);
+    ValueError naming `what` otherwise. The one rule behind every run and job identifier a command takes."""
     given = (given or "").strip()
     if not given:
-        raise refused(f"{purpose}: no run given (the run's uid, or a unique prefix of it, as fedmed-report lists)")
-    matches = [u for u in uids if u.startswith(given)]
+        raise ValueError(f"no {what} given (its id, or a unique prefix of it)")
+    names = list(names)
+    if given in names:
+        return given  # the whole id, even if it prefixes another
+    matches = [n for n in names if n.startswith(given)]
     if not matches:
-        raise refused(f"{purpose}: no run {given!r} in the database")
-    if len(matches) > 1 and given not in matches:
-        raise refused(f"{purpose}: {given!r} is the start of {len(matches)} runs ({', '.join(matches[:4])}): give more")
-    return given if given in matches else matches[0]
+        raise ValueError(f"no {what} {given!r}{where}")
+    if len(matches) > 1:
+        raise ValueError(f"{given!r} is the start of {len(matches)} {what}s ({', '.join(matches[:4])}): give more")
+    return matches[0]
+
+
+def resolve_run_uid(given: str, uids: Iterable[str], purpose: str = "resume", numbered: Optional[str] = None) -> str:
+    """The run uid an admin means by `given`: the run number fedmed-rounds prints (`numbered`, that run's uid, when
+    given is a number of a recorded run), its uid, or a unique prefix of it; for `purpose` (a key of PURPOSES: the
+    refusal's class and the first word of its message)."""
+    refused = PURPOSES[purpose]
+    given = (given or "").strip()
+    if is_run_number(given) and numbered:
+        return numbered
+    if not given:
+        raise refused(f"{purpose}: no run given (its number, its uid or a unique prefix of it, as fedmed-rounds lists)")
+    try:
+        return match_prefix(given, uids, "run", " in the database")
+    except ValueError as e:
+        raise refused(f"{purpose}: {e}") from None
+
+
+def is_run_number(given: str) -> bool:
+    """A run number as fedmed-rounds prints it ("3"); "03" is the start of a uid, as uids are hex."""
+    return given.isdigit() and given == str(int(given))
+
+
+def find_run_uid(repo, given: str, purpose: str = "resume") -> str:
+    """resolve_run_uid against a fedmed.store Repository: run number, uid or unique prefix."""
+    given = (given or "").strip()
+    numbered = None
+    if is_run_number(given):
+        try:
+            numbered = repo.get_run(int(given)).uid
+        except ValueError:  # no run with that number: maybe the start of a uid
+            numbered = None
+    return resolve_run_uid(given, repo.run_uids_starting_with(given), purpose, numbered)
 
 
 def best_scored_round(rounds) -> Optional[tuple]:

@@ -12,6 +12,11 @@ what scripts/<module>.py runs:
     fedmed-choose-thresholds    decision thresholds into a model file (choose_thresholds)
     fedmed-export-bundle        a MONAI bundle of a model file        (export_bundle)
     fedmed-pretrain-public      a starting model from public data     (pretrain_public)
+    fedmed-site                 check or stop one installed site kit  (site)
+    fedmed-signing-keys         the federation's update-signing keys  (signing_keys)
+    fedmed-redteam              the attack suite against the defences (redteam)
+    fedmed-he-keys              the CKKS key custodian's contexts     (fedmed.crypto.keys)
+    fedmed-privacy-ledger       a hospital's lifetime privacy ledger  (fedmed.privacy.ledger_cli)
 
 `python -m fedmed.cli.<module>` runs the same.
 """

@@ -21,6 +21,7 @@ from pathlib import Path
 from fedmed import signing
 from fedmed.constants import ENV_DB_URL
 from fedmed.store.repository import Repository
+from fedmed.store.urls import DatabaseUrlError, check_reader_url
 
 
 def main(argv=None) -> int:
@@ -37,6 +38,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.db_url:
         p.error(f"give --db-url or set {ENV_DB_URL}")
+    try:
+        check_reader_url(a.db_url)  # a misspelt SQLite path would otherwise be created, empty, and verify as intact
+    except DatabaseUrlError as e:
+        print(f"cannot verify: {e}", file=sys.stderr)
+        return 2
     repo = Repository(a.db_url, create_schema=False, audit_key_file=a.key_file, heads_file=a.heads)
     try:
         site_keys = signing.load_public_keys_dir(a.site_keys) if a.site_keys else None

@@ -49,7 +49,7 @@ import yaml
 
 from fedmed.cli.install_kit import SERVER, check_hospital_files, exchange_signing_keys, install
 from fedmed.paths import PROJECT_YML, RUNS, SITE_CONFIGS
-from fedmed.store.repository import default_db_url
+from fedmed.store.urls import default_db_url
 
 PROJECT_ADMIN = "admin@fedmed.org"
 STATE_FILE = "federation.json"
@@ -541,6 +541,16 @@ def main(argv=None) -> int:
             s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for registration")
     a = p.parse_args(argv)
     fed = Federation(a.workspace)
+    if a.cmd not in ("provision", "add-site"):
+        try:
+            fed.state  # noqa: B018 -- every other command needs a provisioned workspace: say so, not "none"
+        except FileNotFoundError:
+            print(
+                f"fedmed-federation {a.cmd}: {fed.workspace} is not a provisioned federation (no {STATE_FILE}): run "
+                f"`fedmed-federation provision --workspace {fed.workspace}` first",
+                file=sys.stderr,
+            )
+            return 2
     if a.cmd == "provision":
         try:
             state = fed.provision(a.project, a.port, a.db_url, a.site_configs, he_keys=a.he_keys, force=a.force)
@@ -568,13 +578,19 @@ def main(argv=None) -> int:
             waited = fed.start(sites, a.timeout)
         except ValueError as e:
             print(f"start refused: {e}", file=sys.stderr)
+            return 2
+        except (RuntimeError, TimeoutError) as e:  # a site died at start-up or never registered: what start stopped
+            print(f"start failed: {e}", file=sys.stderr)
             return 1
         print(f"federation up in {waited:.1f}s: {fed.running()}")
     elif a.cmd == "status":
         running = fed.running()
         print(f"processes: {running or 'none'}")
         if SERVER in running:
-            print(f"registered hospitals: {fed.connected_clients()}")
+            try:
+                print(f"registered hospitals: {fed.connected_clients()}")
+            except Exception as e:  # NoConnection while the server starts or stops: one line, not NVFlare's trace
+                print(f"registered hospitals: unknown, the server's admin API did not answer ({type(e).__name__})")
     elif a.cmd == "stop-site":
         if a.name not in fed.running():
             print(f"{a.name}: not running (pids.json has no live process for it)")

@@ -43,7 +43,7 @@ from fedmed.constants import ENV_DB_URL, ENV_SITE_CONFIG
 from fedmed.crypto.keys import install_client_context, install_server_context  # noqa: E402
 from fedmed.paths import SITE_CONFIGS
 from fedmed.site_config import load_site_config
-from fedmed.store.repository import default_db_url
+from fedmed.store.urls import default_db_url
 
 SERVER = "server"
 FEDMED_ALLOW = "fedmed."

@@ -1,6 +1,10 @@
 """Print the per-round table of a run, read back from the database.
 
-python scripts/rounds_table.py [--db-url URL] [--run-id N]      (default: $FEDMED_DB_URL, latest run)
+fedmed-rounds [--db-url URL] [--run-id RUN]      (default: $FEDMED_DB_URL, latest run)
+(or `python scripts/rounds_table.py ...`, the same command)
+
+RUN is the run number this table prints, the run's uid or a unique prefix of it (as fedmed-submit --resume takes).
+A wrong URL, a database that does not exist (nothing is created) or an unknown run is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ import json
 import os
 import sys
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from fedmed.cli.reading import ReadError, open_reader, pick_run
 from fedmed.constants import ENV_DB_URL
 from fedmed.store.repository import Repository
 from fedmed.tasks import CHEST_XRAY14, get_task
@@ -52,6 +59,9 @@ def format_table(repo: Repository, run_id: int) -> str:
         values = test_metrics.get(r.round_num, {})
         cells = "".join(f"  {values[m]:>9.4f}" if m in values else f"  {'-':>9}" for m in extra)
         lines.append(f"{r.round_num:>5}  {sites:<40} {score:>{width}}{auroc}  {loss:>9}{cells}")
+    for a in repo.alerts(run_id):  # a round without a score because its global model was unusable says why
+        if a["kind"] == "global_model_unusable":
+            lines.append(f"round {a['round']}: ALERT {a['message']}")
     for r in repo.resumptions(run_id):  # fedmed-submit --resume RUN takes the uid above (or a prefix)
         lines.append(
             f"resumed by job {r['job_id']} from round {r['from_round']} at {r['resumed_at']:%Y-%m-%d %H:%M} "
@@ -69,19 +79,21 @@ def format_table(repo: Repository, run_id: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db-url", default=os.environ.get(ENV_DB_URL))
-    p.add_argument("--run-id", type=int)
+    p.add_argument("--run-id", metavar="RUN", help="run number, uid or a unique prefix of it (default: the latest)")
     a = p.parse_args(argv)
     if not a.db_url:
         p.error(f"give --db-url or set {ENV_DB_URL}")
-    repo = Repository(a.db_url, create_schema=False)
     try:
-        run_id = repo.run_id_or_latest(a.run_id)
-        print(format_table(repo, run_id))
-    except ValueError as e:
-        print(f"cannot print the table: {e}", file=sys.stderr)
-        return 1
-    finally:
-        repo.close()
+        repo = open_reader(a.db_url)
+        try:
+            print(format_table(repo, pick_run(repo, a.run_id)))
+        except SQLAlchemyError as e:
+            raise ReadError(f"cannot read the database: {type(e).__name__}") from None
+        finally:
+            repo.close()
+    except ReadError as e:
+        print(f"fedmed-rounds: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,7 +3,8 @@
     fedmed-submit --kit <admin startup kit> --user admin@fedmed.org [--db-url URL]
                   [--timeout 3600] [--out DIR] -- [job.py options, e.g. --rounds 2 --image-size 64]
     fedmed-submit --workspace runs/federation -- --rounds 2      (a fedmed-federation federation)
-    fedmed-submit --workspace runs/federation --abort JOB_ID     (or --kit ...: abort a job on the server)
+    fedmed-submit --workspace runs/federation --abort JOB_ID     (or --kit ...: abort a job on the server; JOB_ID
+                                                                   may be a unique prefix, as for runs)
     fedmed-submit --workspace runs/federation --resume RUN -- --rounds 2   (continue an interrupted or failed run)
 (or `python scripts/submit_job.py ...`, the same command)
 
@@ -15,10 +16,14 @@ with the cross-site evaluation table (each hospital's score of the global model 
 is printed too.
 At the end it prints where the best and the last global model are inside the downloaded result. Ctrl-C asks
 whether to abort the job on the server (otherwise it keeps running). Exit code 0 only when the job finished
-normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit.
+normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit, a server
+that stops answering mid-job, and a job the hospitals refused to start (FINISHED:FAILED_TO_RUN: each hospital's
+reason from the job's deploy record, one line per cause with the sites that gave it and the fix). Why sites did not
+count in rounds is printed once per cause, not once per round.
 
---resume RUN (the run's uid in the database, or a unique prefix) submits a job that continues that interrupted or
-failed run from its last recorded round (fedmed.resume): same run in the database, rounds numbered on. With
+--resume RUN (the run's number as fedmed-rounds prints it, its uid in the database, or a unique prefix) submits a
+job that continues that interrupted or failed run from its last recorded round (fedmed.resume): same run in the
+database, rounds numbered on. With
 --db-url it is checked before anything is submitted (the run exists and is resumable, and the job's task,
 aggregation, HE layers, norm, image size and rounds are the run's); the server checks it again, with the model
 file's sha256, and refuses with the reason, which is printed.
@@ -38,7 +43,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fedmed.jobconfig import JobConfig
 from fedmed.paths import JOBS
 
 JOB_SCRIPT = JOBS / "cxr_densenet" / "job.py"
@@ -86,6 +90,8 @@ def exported_controller_args(job_folder: Path) -> dict:
     equal to the Controller's default, which is JobConfig's, as exported_num_rounds relies on)."""
     from dataclasses import MISSING, fields
 
+    from fedmed.jobconfig import JobConfig  # torch and MONAI: only when a job is exported, not for --abort
+
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
     defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
@@ -95,7 +101,7 @@ def exported_controller_args(job_folder: Path) -> dict:
 def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) -> tuple:
     """(the full uid of `run`, decide(its RunHistory)) from the database; a refusal (fedmed.resume, for `purpose`)
     becomes a SubmitError with its one line. Writes nothing."""
-    from fedmed.resume import PURPOSES, resolve_run_uid
+    from fedmed.resume import PURPOSES, find_run_uid
     from fedmed.store.repository import Repository
 
     try:
@@ -103,7 +109,7 @@ def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) 
     except Exception as e:
         raise SubmitError(f"{option}: cannot open the database {db_url.split('@')[-1]}: {type(e).__name__}") from None
     try:
-        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()), purpose)
+        uid = find_run_uid(repo, run, purpose)
         return uid, decide(repo.run_history(uid))
     except PURPOSES[purpose] as e:
         raise SubmitError(str(e)) from None
@@ -171,12 +177,81 @@ def refusal_in(result: Path | None) -> str | None:
     return None
 
 
+FAILED_TO_RUN = "FINISHED:FAILED_TO_RUN"
+NVFLARE_ERROR = "NVFLARE_ERROR:"
+DEPLOY_DETAIL = "job_deploy_detail"  # nvflare.apis.job_def.JobMetaKey.JOB_DEPLOY_DETAIL: each site's deploy answer
+# What the admin does about a cause, found by a piece of its text (the site's or NVFlare's own words).
+FIXES = (
+    (
+        "privacy scope",
+        "give -- --scope NAME with a scope every hospital's local/privacy.json lists (shipped: private, or "
+        "rehearsal for synthetic data; site_configs/README.md)",
+    ),
+    ("norm='group'", "submit with -- --norm group"),
+    ("no privacy policy applies", "give -- --scope private (DP), or mark synthetic data synthetic_rehearsal"),
+    ("no reply", "is the site running? (fedmed-federation status, or ask the hospital's IT)"),
+)
+
+
+def fix_for(reason: str) -> str:
+    return next((f"; fix: {fix}" for key, fix in FIXES if key in (reason or "")), "")
+
+
+def deploy_causes(detail) -> list[str]:
+    """One line per cause from NVFlare's job_deploy_detail ("hospital-a: privacy scope 'x' is not allowed", ...,
+    "num_ok_sites 0 < required_min_sites 3"): the sites that gave the same reason on one line, with the fix."""
+    by_reason: dict[str, list[str]] = {}
+    general = []
+    for entry in detail or []:
+        site, sep, reason = str(entry).partition(": ")
+        if not sep or " " in site:
+            general.append(str(entry))  # NVFlare's own conclusion, e.g. the min_sites count
+        elif reason.strip() != "OK":
+            # a client's refusal arrives as "NVFLARE_ERROR: <why>" (nvflare.private.defs.ERROR_MSG_PREFIX)
+            why = reason.strip().removeprefix(NVFLARE_ERROR).strip()
+            by_reason.setdefault(why, []).append(site)
+    lines = [f"{', '.join(sorted(sites))}: {reason}{fix_for(reason)}" for reason, sites in by_reason.items()]
+    return lines + [f"so the job did not start ({g})" for g in general]
+
+
+class Causes:
+    """Why sites did not count, one line per cause (status and reason), however many rounds and sites it covers;
+    a cause is printed again only when more sites share it."""
+
+    def __init__(self):
+        self._sites: dict[tuple, dict] = {}  # (status, reason) -> {site: first round}
+        self._printed: dict[tuple, set] = {}
+
+    def add(self, rnd: int, site: str, status: str, reason) -> None:
+        self._sites.setdefault((status, reason or "no reason recorded"), {}).setdefault(site, rnd)
+
+    def new_lines(self) -> list[str]:
+        lines = []
+        for (status, reason), sites in self._sites.items():
+            if set(sites) == self._printed.get((status, reason)):
+                continue
+            self._printed[(status, reason)] = set(sites)
+            first = min(sites.values())
+            lines.append(f"{', '.join(sorted(sites))} {status} (from round {first}): {reason}{fix_for(reason)}")
+        return lines
+
+
 def exported_num_rounds(job_folder: Path) -> int:
     """The exported job's number of rounds, as its server config says (NVFlare leaves out an argument equal to the
     Controller's default, which is JobConfig's)."""
+    from fedmed.jobconfig import JobConfig
+
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
     return int(controller.get("args", {}).get("num_rounds", JobConfig.num_rounds))
+
+
+def round_line(r, label) -> str:
+    """One round as the admin follows it: who counted, who did not (the reasons follow once per cause)."""
+    counted = f"sites {', '.join(r.sites_accepted)}" if r.sites_accepted else "no site counted"
+    others = "".join(f", {s} {st}" for s, st in r.sites_other)
+    score = f"{label} {r.score:.4f}" if label is not None else "no score"
+    return f"round {r.round_num}: {counted}{others}; {score}"
 
 
 class RoundFollower:
@@ -184,6 +259,8 @@ class RoundFollower:
 
     def __init__(self, db_url: str | None, num_rounds: int | None):
         self.db_url, self.printed, self.round_times = db_url, set(), []
+        self.causes = Causes()
+        self.job_id = self.status = None  # what the admin is told if the server stops answering
         self.bar = tqdm(total=num_rounds, desc="rounds", unit="round") if db_url else None
         self._repo = None
 
@@ -206,17 +283,16 @@ class RoundFollower:
                 reasons = {(u["round"], u["site"]): u["reason"] for u in self._repo.client_updates(run_id)}
             except Exception:  # briefly locked: print without reasons rather than not at all
                 reasons = {}
+        from fedmed.cli.rounds_table import score_label
+
         for r in new:
             self.printed.add(r.round_num)
             self.round_times.append(time.monotonic())
-            others = "".join(
-                f", {s} {st}" + (f" ({reasons[(r.round_num, s)]})" if reasons.get((r.round_num, s)) else "")
-                for s, st in r.sites_other
-            )
-            from fedmed.cli.rounds_table import score_label
-
-            score = f"{score_label(r)} {r.score:.4f}" if r.score is not None else "no score"
-            self.bar.write(f"round {r.round_num}: sites {', '.join(r.sites_accepted)}{others}; {score}")
+            for s, st in r.sites_other:
+                self.causes.add(r.round_num, s, st, reasons.get((r.round_num, s)))
+            self.bar.write(round_line(r, score_label(r) if r.score is not None else None))
+            for line in self.causes.new_lines():  # each reason once, not once a round
+                self.bar.write(f"  {line}")
             self.bar.update(1)
 
     def close(self) -> None:
@@ -245,12 +321,26 @@ def probe_server(kit: Path) -> tuple[str, int]:
     try:
         socket.create_connection((host, port), timeout=5).close()
     except OSError as e:
+        workspace = federation_workspace(kit)
+        hint = (
+            f"`fedmed-federation status --workspace {workspace}`, then `fedmed-federation start --workspace "
+            f"{workspace}`"
+            if workspace
+            else "ask whoever runs the server, or for a fedmed-federation run `fedmed-federation start --workspace "
+            "<its workspace>`"
+        )
         raise SubmitError(
-            f"cannot reach the FL server at {host}:{port} ({e.strerror or e}): is it running? "
-            "(`fedmed-federation status --workspace W`, then `fedmed-federation start --workspace W`; "
-            "for a real deployment ask whoever runs the server)"
+            f"cannot reach the FL server at {host}:{port} ({e.strerror or e}): is it running? ({hint})"
         ) from None
     return host, port
+
+
+def federation_workspace(kit: Path) -> Path | None:
+    """The fedmed-federation workspace a kit was provisioned in (the folder above it holding federation.json),
+    None for a kit handed out by a real deployment's provisioning."""
+    from fedmed.cli.federation import STATE_FILE
+
+    return next((p for p in Path(kit).resolve().parents if (p / STATE_FILE).is_file()), None)
 
 
 def open_session(kit: Path, user: str, connect_timeout: float = 30.0):
@@ -275,17 +365,37 @@ def _ask_abort(job_id: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def abort(kit: Path, user: str, job_id: str) -> str:
-    """Abort job_id on the server; returns its status after the request."""
+def resolve_job_id(session, given: str) -> str:
+    """The server's job id that `given` is or uniquely starts (fedmed.resume.match_prefix, the rule every run and
+    job identifier follows); SubmitError naming the ambiguity or the absence."""
+    from fedmed.resume import match_prefix
+
+    try:
+        jobs = session.list_jobs(id_prefix=given.strip())
+        return match_prefix(given, [j.get("job_id", "") for j in jobs], "job", " on the server")
+    except ValueError as e:
+        raise SubmitError(f"--abort: {e}") from None
+
+
+def abort(kit: Path, user: str, given: str) -> tuple[str, str]:
+    """Abort the job whose id is or starts with `given` on the server; returns (its id, its status after)."""
     session = open_session(kit, user)
     try:
+        job_id = resolve_job_id(session, given)
         try:
             session.abort_job(job_id)
-        except Exception as e:  # JobNotFound, JobNotRunning, AuthorizationError
+        except Exception as e:  # JobNotRunning, AuthorizationError
             raise SubmitError(f"cannot abort job {job_id}: {type(e).__name__}: {e}") from None
-        return str(session.get_job_meta(job_id).get("status"))
+        return job_id, str(session.get_job_meta(job_id).get("status"))
     finally:
+        _close(session)
+
+
+def _close(session) -> None:
+    try:
         session.close()
+    except Exception:  # the server is gone: nothing left to close there, and the cause is already said
+        pass
 
 
 def run_summary(db_url: str | None, job_id: str) -> dict | None:
@@ -361,74 +471,100 @@ def submit_and_follow(
     poll_interval: float = 2.0,
     connect_timeout: float = 30.0,
 ) -> JobOutcome:
-    """Submit job_folder as user; wait for the job to end (abort it at timeout); download its result to out."""
+    """Submit job_folder as user; wait for the job to end (abort it at timeout); download its result to out.
+    A server that stops answering, or a job the sites refused to start, is a SubmitError naming the cause."""
+    from nvflare.fuel.flare_api.api_spec import NoConnection, SessionClosed
+
     session = open_session(kit, user, connect_timeout)
     follower = RoundFollower(db_url, num_rounds)
     try:
-        t0 = time.monotonic()
-        job_id = session.submit_job(str(job_folder))  # raises AuthorizationError when the role may not submit
-        submitted = time.monotonic()
-        print(f"submitted {job_folder.name} as {user}: job {job_id} ({submitted - t0:.1f}s)", flush=True)
-        deadline = submitted + timeout
-        status = None
-        while True:
-            try:
-                status = session.get_job_meta(job_id).get("status")
-                follower.poll(job_id)
-                if status and status.startswith("FINISHED"):
-                    break
-                if time.monotonic() > deadline:
-                    session.abort_job(job_id)
-                    raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s; aborted it")
-                time.sleep(poll_interval)
-            except KeyboardInterrupt:
-                if _ask_abort(job_id):
-                    session.abort_job(job_id)
-                    print(f"job {job_id}: abort requested; its result is still downloaded", flush=True)
-                    continue  # follow it to FINISHED:ABORTED, then download what it left
-                print(
-                    f"job {job_id} keeps running on the server; abort it later with `fedmed-submit --abort "
-                    f"{job_id}` (and the same --kit/--workspace)",
-                    flush=True,
-                )
-                raise
-        follower.poll(job_id)
-        finished = time.monotonic()
-        print(f"job {job_id}: {status} after {finished - submitted:.0f}s", flush=True)
-        result = session.download_job_result(job_id, str(out) if out else None)
-        summary = run_summary(db_url, job_id)
-        not_counted = [
-            (u["round"], u["site"], u["status"], u["reason"])
-            for u in (summary or {}).get("sites", [])
-            if u["status"] != "accepted"
-        ]
-        for rnd, site, st, reason in not_counted:
-            print(f"round {rnd}: {site} {st}: {reason or 'no reason recorded'}", flush=True)  # rounds from 1
-        for line in cross_site_lines((summary or {}).get("cross_site", [])):
-            print(line, flush=True)
-        models = {}
-        if result:
-            print(f"results downloaded to {result}")
-            if summary is not None:
-                (Path(result) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-                print(f"run summary (every site's status and reason, per round): {Path(result) / SUMMARY_FILE}")
-            models = models_in(Path(result))
-            for name, path in models.items():
-                print(f"{'best' if name.startswith('best') else 'last global'} model: {path}")
-        times = follower.round_times
-        return JobOutcome(
-            job_id,
-            status,
-            Path(result) if result else None,
-            submitted - t0,
-            finished - submitted,
-            [b - a for a, b in zip(times, times[1:])],
-            models,
-            not_counted,
-        )
+        return _follow(session, follower, user, job_folder, timeout, out, db_url, poll_interval)
+    except (NoConnection, SessionClosed, ConnectionError) as e:
+        host, port = admin_target(kit)
+        where = f"job {follower.job_id} was {follower.status}" if follower.job_id else "submitting"
+        raise SubmitError(
+            f"lost the FL server at {host}:{port} while {where} ({type(e).__name__}): is it still running? When it "
+            "is back, its job list says what became of the job (a server restart marks it interrupted; "
+            "`fedmed-submit --resume RUN` continues the run)"
+        ) from None
     finally:
         follower.close()
-        session.close()
+        _close(session)
+
+
+def _follow(session, follower, user, job_folder, timeout, out, db_url, poll_interval) -> JobOutcome:
+    t0 = time.monotonic()
+    job_id = session.submit_job(str(job_folder))  # raises AuthorizationError when the role may not submit
+    follower.job_id, follower.status = job_id, "SUBMITTED"
+    submitted = time.monotonic()
+    print(f"submitted {job_folder.name} as {user}: job {job_id} ({submitted - t0:.1f}s)", flush=True)
+    deadline = submitted + timeout
+    status = None
+    while True:
+        try:
+            meta = session.get_job_meta(job_id)
+            status = follower.status = meta.get("status")
+            follower.poll(job_id)
+            if status and status.startswith("FINISHED"):
+                break
+            if time.monotonic() > deadline:
+                session.abort_job(job_id)
+                raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s; aborted it")
+            time.sleep(poll_interval)
+        except KeyboardInterrupt:
+            if _ask_abort(job_id):
+                session.abort_job(job_id)
+                print(f"job {job_id}: abort requested; its result is still downloaded", flush=True)
+                continue  # follow it to FINISHED:ABORTED, then download what it left
+            print(
+                f"job {job_id} keeps running on the server; abort it later with `fedmed-submit --abort "
+                f"{job_id[:8]}` (and the same --kit/--workspace)",
+                flush=True,
+            )
+            raise
+    follower.poll(job_id)
+    finished = time.monotonic()
+    print(f"job {job_id}: {status} after {finished - submitted:.0f}s", flush=True)
+    if status == FAILED_TO_RUN:
+        # The sites' refusals (a scope they do not list, no reply...) are in the job's meta, one entry per site.
+        causes = deploy_causes(meta.get(DEPLOY_DETAIL))
+        raise SubmitError(
+            f"job {job_id} did not start ({status})"
+            + ("".join(f"\n  {c}" for c in causes) if causes else ": the server's log.txt says why")
+        )
+    result = session.download_job_result(job_id, str(out) if out else None)
+    summary = run_summary(db_url, job_id)
+    not_counted = [
+        (u["round"], u["site"], u["status"], u["reason"])
+        for u in (summary or {}).get("sites", [])
+        if u["status"] != "accepted"
+    ]
+    for rnd, site, st, reason in not_counted:
+        follower.causes.add(rnd, site, st, reason)
+    for line in follower.causes.new_lines():  # only causes the rounds above did not already print
+        print(line, flush=True)
+    for line in cross_site_lines((summary or {}).get("cross_site", [])):
+        print(line, flush=True)
+    models = {}
+    if result:
+        print(f"results downloaded to {result}")
+        if summary is not None:
+            (Path(result) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            print(f"run summary (every site's status and reason, per round): {Path(result) / SUMMARY_FILE}")
+        models = models_in(Path(result))
+        for name, path in models.items():
+            print(f"{'best' if name.startswith('best') else 'last global'} model: {path}")
+    times = follower.round_times
+    return JobOutcome(
+        job_id,
+        status,
+        Path(result) if result else None,
+        submitted - t0,
+        finished - submitted,
+        [b - a for a, b in zip(times, times[1:])],
+        models,
+        not_counted,
+    )
 
 
 def main(argv=None) -> int:
@@ -442,11 +578,14 @@ def main(argv=None) -> int:
     p.add_argument("--db-url", help="the server's database, to print rounds as they are recorded")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the job is aborted")
     p.add_argument("--out", type=Path, help="download the job's results here (default: the kit's transfer/)")
-    p.add_argument("--abort", metavar="JOB_ID", help="abort this job on the server instead of submitting one")
+    p.add_argument(
+        "--abort", metavar="JOB_ID", help="abort this job (its id or a unique prefix) instead of submitting one"
+    )
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue this interrupted or failed run (its uid in the database, or a unique prefix) from its last "
+        help="continue this interrupted or failed run (its number as fedmed-rounds prints it, its uid or a unique "
+        "prefix) from its last "
         "recorded round; give the job options it ran with after --",
     )
     a = p.parse_args(argv)
@@ -465,7 +604,8 @@ def main(argv=None) -> int:
             raise SubmitError("give --kit (the admin startup kit) or --workspace (a fedmed-federation workspace)")
         user = a.user or a.kit.resolve().name
         if a.abort:
-            print(f"job {a.abort}: abort requested; status {abort(a.kit, user, a.abort)}")
+            job_id, status = abort(a.kit, user, a.abort)
+            print(f"job {job_id}: abort requested; status {status}")
             return 0
         probe_server(a.kit)  # a wrong --kit or a stopped server is said before the ~20 s job export
         if a.resume:
@@ -481,6 +621,9 @@ def main(argv=None) -> int:
             raise SubmitError(f"the server refused: {refused}")
     except SubmitError as e:
         print(f"fedmed-submit: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # NVFlare's NoConnection outside a followed job (e.g. during --abort)
+        print(f"fedmed-submit: lost the FL server ({type(e).__name__}: {e}): is it still running?", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -38,6 +38,7 @@ from fedmed.hashing import model_sha256
 from fedmed.heap import release_round_memory
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder, card_from_meta
+from fedmed.model_health import check_outputs, probe_images
 from fedmed.resume import (
     EVAL_MODELS,
     FIXED_OPTIONS,
@@ -45,9 +46,9 @@ from fedmed.resume import (
     ResumePlan,
     ResumeRefused,
     find_model_file,
+    find_run_uid,
     finished_run_leftovers,
     plan_resume,
-    resolve_run_uid,
     round_model_path,
     run_models_dir,
     stale_round_files,
@@ -64,7 +65,7 @@ from fedmed.rounds import (
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.models import utcnow
-from fedmed.store.repository import Repository, RoundRecord, TrustRecord, resolve_db_url
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, TrustRecord, resolve_db_url
 from fedmed.tasks import get_task
 from fedmed.training import evaluate
 from fedmed.weights import load_state, save_state
@@ -370,9 +371,14 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 # (0-based) stays on the wire, where the sites' schedules and signatures use it.
                 model = wire.global_model(report.params, round_num + 1, meta, report.encrypted)
                 sha = model_sha256(model.params, model.meta.get(C.META_ENCRYPTED))
-                score, source, mean_auroc, test_loss, test_metrics = self._score(
-                    eval_model, report, site_results, test_ds
-                )
+                unusable = self._unusable(eval_model, report)
+                if unusable is None:
+                    score, source, mean_auroc, test_loss, test_metrics = self._score(
+                        eval_model, report, site_results, test_ds
+                    )
+                else:  # alerted in this round, unscored, so never best (NaN > best is False)
+                    self.warning(f"round {round_num + 1}: ALERT {unusable}")
+                    score, source, mean_auroc, test_loss, test_metrics = math.nan, None, None, None, {}
                 self.save_model(model)
                 self._keep_round_model(run_uid, model)
                 if score > best_score:
@@ -392,7 +398,14 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                     db,
                     run_uid,
                     self._round_record(
-                        report, engine, started, test_loss, (score, source, mean_auroc), test_metrics, sha
+                        report,
+                        engine,
+                        started,
+                        test_loss,
+                        (score, source, mean_auroc),
+                        test_metrics,
+                        sha,
+                        () if unusable is None else (AlertRecord(None, "global_model_unusable", unusable),),
                     ),
                 )
                 # The round's buffers (updates, aggregate, saved model) back to the operating system: cycles and glibc
@@ -492,7 +505,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             )
         repo = Repository(self._db_url)
         try:
-            uid = resolve_run_uid(self.resume_run, repo.run_uids_starting_with(self.resume_run.strip()))
+            uid = find_run_uid(repo, self.resume_run)
             history = repo.run_history(uid)
         finally:
             repo.close()
@@ -709,8 +722,10 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         scored=None,
         test_metrics=None,
         sha=None,
+        alerts=(),
     ) -> RoundRecord:
-        """scored: (score, score source, mean AUROC) of an aggregated round."""
+        """scored: (score, score source, mean AUROC) of an aggregated round; alerts: the server's own, beside the
+        round engine's."""
         trust = tuple(
             TrustRecord(site, t.trust, t.quarantined, t.good_streak) for site, t in sorted(engine.trust.items())
         )
@@ -728,7 +743,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             test_metrics or {},
             sha,
             started,
-            report.alerts,
+            (*report.alerts, *alerts),
             trust,
         )
 
@@ -803,6 +818,14 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         kept = sorted(wire.site_of(r) for r in results if (r.metrics or {}).get("saved"))
         missing = sorted(set(targets) - set(kept))
         self.info(f"final global model kept by {kept}" + (f"; not acknowledged by {missing}" if missing else ""))
+
+    def _unusable(self, eval_model, report: RoundReport) -> Optional[str]:
+        """Why the round's aggregate is not a usable model (NaN/infinite or input-independent outputs on fixed
+        probe images, fedmed.model_health), or None. HE rounds: the server cannot read the encrypted layers."""
+        if report.encrypted is not None:
+            return None
+        load_numpy_state(eval_model, report.params)
+        return check_outputs(eval_model, probe_images(self.image_size)).problem
 
     def _score(self, eval_model, report: RoundReport, site_results: list, test_ds):
         """(round score, its source, mean AUROC, test loss, metrics for the DB): on the global test set

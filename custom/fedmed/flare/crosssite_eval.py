@@ -34,7 +34,7 @@ from fedmed.flare import wire
 from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.resume import EvaluationRefused, pick_recorded_model, resolve_run_uid, round_model_path
+from fedmed.resume import EvaluationRefused, find_run_uid, pick_recorded_model, round_model_path
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.repository import Repository, resolve_db_url
 
@@ -285,9 +285,7 @@ class CrossSiteEvalMixin:
         try:
             repo = Repository(self._db_url)
             try:
-                uid = resolve_run_uid(
-                    self.evaluate_run, repo.run_uids_starting_with(self.evaluate_run.strip()), purpose
-                )
+                uid = find_run_uid(repo, self.evaluate_run, purpose)
                 history = repo.run_history(uid)
             finally:
                 repo.close()

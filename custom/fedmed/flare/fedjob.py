@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -218,13 +219,13 @@ def check_simulation_resume(db_url: Optional[str], config: JobConfig) -> None:
             f"--resume in the simulator needs --db-url or ${ENV_DB_URL}: the simulator wipes the default database "
             "in its workspace at every run"
         )
-    from fedmed.resume import FIXED_OPTIONS, plan_resume, resolve_run_uid
+    from fedmed.resume import FIXED_OPTIONS, find_run_uid, plan_resume
     from fedmed.store.repository import Repository
 
     run = config.resume_run
     repo = Repository(db_url)
     try:
-        uid = resolve_run_uid(run, repo.run_uids_starting_with(run.strip()))
+        uid = find_run_uid(repo, run)
         history = repo.run_history(uid)
         if history.status == "running" and history.job_ids[-1] == SIMULATOR_JOB_ID:
             repo.mark_interrupted([SIMULATOR_JOB_ID], "the simulation stopped before the run ended", run_uids=[uid])
@@ -247,14 +248,14 @@ def check_simulation_evaluation(db_url: Optional[str], config: JobConfig) -> Non
         )
     from fedmed.flare.persistor import BEST_MODEL_FILE
     from fedmed.hashing import model_sha256
-    from fedmed.resume import find_model_file, pick_recorded_model, resolve_run_uid, round_model_path, run_models_dir
+    from fedmed.resume import find_model_file, find_run_uid, pick_recorded_model, round_model_path, run_models_dir
     from fedmed.store.repository import Repository
     from fedmed.weights import load_state
 
     purpose, run = "cross-site evaluation", config.cross_site_eval_run
     repo = Repository(db_url)
     try:
-        history = repo.run_history(resolve_run_uid(run, repo.run_uids_starting_with(run), purpose))
+        history = repo.run_history(find_run_uid(repo, run, purpose))
     finally:
         repo.close()
     recorded = pick_recorded_model(history, config.cross_site_eval_model)
@@ -397,7 +398,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue this interrupted or failed run (its uid in the database, or a unique prefix) from its last "
+        help="continue this interrupted or failed run (its number, its uid or a unique prefix) from its last "
         "recorded round, with the same task, aggregation, HE layers, norm, image size and rounds (fedmed.resume)",
     )
     p.add_argument(
@@ -413,7 +414,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         default=c.cross_site_eval_only or c.cross_site_eval_run,
         metavar="MODEL_OR_RUN",
         help="train nothing: every hospital scores this model file (on the server, e.g. a recorded run's "
-        "global_model.pt), or this recorded run's model (its uid or a unique prefix; --cross-site-eval-model "
+        "global_model.pt), or this recorded run's model (its number, uid or a unique prefix; --cross-site-eval-model "
         "says which), on its own validation data; recorded as a run of its own",
     )
     p.add_argument(
@@ -550,6 +551,41 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         print(f"HE keys for the simulation: key set {key_id[:12]}, hospital keys in {he_keys}")
     if a.log_file:
         print(f"full simulator log: {a.log_file}")
-    out = run_simulation(job, sites, a.workspace, a.threads or len(sites), log_file=a.log_file)
+    try:
+        out = run_simulation(job, sites, a.workspace, a.threads or len(sites), log_file=a.log_file)
+    except RuntimeError as e:  # SimEnv: "Simulation failed with return code N" after the run's own error lines
+        db_url = config.db_url or os.environ.get(ENV_DB_URL)
+        for line in simulation_causes(db_url, Path(a.workspace).resolve() / job.name):
+            print(line, file=sys.stderr)
+        where = f"the full log is {a.log_file}" if a.log_file else "NVFlare's output above has the details"
+        print(f"{p.prog}: the simulation failed ({str(e).split('.')[0]}): {where}", file=sys.stderr)
+        return 2
     print(f"simulation finished; workspace {out}")
     return 0
+
+
+def simulation_causes(db_url: Optional[str], job_workspace: Path) -> list[str]:
+    """Why sites did not count in the simulation's run, one line per cause with every site it covers, from the run
+    record (the given database, else the one the simulated server wrote in its workspace); [] when none is found."""
+    from fedmed.cli.reading import ReadError, open_reader
+    from fedmed.cli.submit_job import Causes
+
+    if not db_url:
+        found = sorted(Path(job_workspace).rglob("fedmed.db"))
+        db_url = f"sqlite:///{found[0]}" if found else None
+    try:
+        repo = open_reader(db_url)
+    except ReadError:
+        return []
+    try:
+        run_id = repo.run_id_for_job(SIMULATOR_JOB_ID)
+        updates = repo.client_updates(run_id) if run_id is not None else []
+    except Exception:  # a record the run never wrote: the log above is all there is
+        updates = []
+    finally:
+        repo.close()
+    causes = Causes()
+    for u in updates:
+        if u["status"] != "accepted":
+            causes.add(u["round"], u["site"], u["status"], u["reason"])
+    return causes.new_lines()

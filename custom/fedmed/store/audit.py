@@ -428,6 +428,7 @@ def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
             ClientUpdate.round_num,
             ClientUpdate.signature,
             ClientUpdate.signed_digest,
+            ClientUpdate.status,
             Site.name,
             Run.uid,
         )
@@ -435,10 +436,12 @@ def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
         .join(Run, Run.id == ClientUpdate.run_id)
         .order_by(ClientUpdate.id)
     ).all()
-    unsigned = 0
+    unsigned = absent = 0
     for r in rows:
         if r.signature is None:
-            unsigned += 1
+            # a `missing` row records a site that sent nothing (refused the job, gone): no update, so no signature
+            absent += r.status == "missing"
+            unsigned += r.status != "missing"
             continue
         rep.signatures_checked += 1
         where = f"({r.uid}, {r.round_num}, {r.name})"
@@ -454,6 +457,8 @@ def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
             rep.problems.append(AuditProblem(r.id, f"{where} signature check failed: {e}", "client_updates"))
     if unsigned:
         rep.notes.append(f"{unsigned} client update(s) carry no signature")
+    if absent:
+        rep.notes.append(f"{absent} row(s) record a site that sent no update (status missing): nothing to verify")
 
 
 def _apply_entry(expected: dict, row, rep: AuditReport) -> None:

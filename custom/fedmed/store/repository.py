@@ -37,10 +37,20 @@ from fedmed.store.models import (
     SiteTrustState,
     utcnow,
 )
+from fedmed.store.urls import default_db_url  # moved to urls (a light module); still importable from here
 from fedmed.wire_checks import find_metrics_problem
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
-ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter", "record_edited")
+# global_model_unusable: the round's aggregate gives NaN/infinite or input-independent outputs (fedmed.model_health)
+ALERT_KINDS = (
+    "quarantined",
+    "readmitted",
+    "rejected",
+    "refused",
+    "dead_letter",
+    "record_edited",
+    "global_model_unusable",
+)
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in seconds, not after the OS's TCP timeout
 
 
@@ -76,7 +86,7 @@ class UpdateRecord:
 
 @dataclass(frozen=True)
 class AlertRecord:
-    site: str
+    site: Optional[str]  # None: about the round's global model, not one site
     kind: str  # one of ALERT_KINDS
     message: str
 
@@ -172,10 +182,6 @@ class InferenceRecord:
 
 GENESIS_HASH = audit.GENESIS_HASH
 audit_hash = audit.legacy_hash  # the unkeyed chain of databases written before the keyed one
-
-
-def default_db_url(workspace: Path) -> str:
-    return f"sqlite:///{Path(workspace).resolve() / 'fedmed.db'}"
 
 
 def resolve_db_url(workspace: Optional[Path] = None, explicit: Optional[str] = None) -> str:
@@ -319,7 +325,7 @@ class Repository:
             accepted = sum(1 for u in record.updates if u.status == "accepted")
             # Every site this round names, looked up (and created) at once, before anything is added: a lookup per
             # row autoflushes the rows added so far, one INSERT round trip each (seconds with 50 sites on PostgreSQL).
-            sites = self._sites(s, [*(u.site for u in record.updates), *(a.site for a in record.alerts)])
+            sites = self._sites(s, [*(u.site for u in record.updates), *(a.site for a in record.alerts if a.site)])
             sites.update(self._sites(s, [t.site for t in record.trust]))
             trust_rows = {
                 row.site_id: row
@@ -391,7 +397,7 @@ class Repository:
                     Alert(
                         run_id=run_id,
                         round_num=record.round_num,
-                        site_id=sites[a.site].id,
+                        site_id=sites[a.site].id if a.site else None,
                         kind=a.kind,
                         message=a.message,
                     )
@@ -800,6 +806,11 @@ class Repository:
         # The simulator reuses its job id: the latest of the run it started and the run it resumed.
         latest = max((r for r in (started, resumed) if r is not None), default=None, key=lambda r: _aware(r[0]))
         return None if latest is None else latest[1]
+
+    def run_id_of(self, uid: str) -> int:
+        """The run number of a run uid; raises ValueError naming the uid if there is none."""
+        with self._session() as s:
+            return self._run_id(s, uid)
 
     def run_uids_starting_with(self, prefix: str) -> list[str]:
         """Every run uid that starts with prefix (the admin may give a unique prefix of a run's uid)."""

@@ -1,0 +1,78 @@
+"""A global model whose outputs are NaN or the same for every input is flagged in the round it appears (an alert,
+no score, never the best model), at the server, with or without a test set."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fedmed.flare.controller import FedMedController
+from fedmed.model import build_densenet121, state_to_numpy
+from fedmed.model_health import check_outputs, probe_images
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
+
+SIZE = 32  # the check needs no realistic size; small keeps DenseNet-121 fast
+
+
+def _params(break_it=None) -> dict:
+    torch.manual_seed(0)
+    params = state_to_numpy(build_densenet121(14))
+    if break_it == "nan_statistics":  # e.g. a BatchNorm variance that overflowed in aggregation
+        key = next(k for k in params if k.endswith("running_var"))
+        params[key] = np.full_like(params[key], np.nan)
+    if break_it == "collapsed":  # the classifier ignores its input: every image gets the same logits
+        key = next(k for k in params if k.startswith("class_layers") and k.endswith("weight"))
+        params[key] = np.zeros_like(params[key])
+    return params
+
+
+def _check(params):
+    model = build_densenet121(14)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+    return check_outputs(model, probe_images(SIZE))
+
+
+def test_a_healthy_model_passes_with_outputs_that_depend_on_the_input():
+    check = _check(_params())
+    assert check.problem is None and check.non_finite == 0 and check.spread > 1e-3
+
+
+@pytest.mark.parametrize(
+    "break_it, reason",
+    [
+        ("nan_statistics", "outputs are not finite (NaN or infinite) on 4 of 4 probe images"),  # NaN everywhere
+        ("collapsed", "has collapsed: its outputs are the same for all 4 probe images"),  # constant answers
+    ],
+)
+def test_an_unusable_model_is_named_with_why(break_it, reason):
+    problem = _check(_params(break_it)).problem
+    assert reason in problem and "will not be picked as best" in problem
+
+
+def test_the_probe_images_are_the_same_every_round():
+    assert torch.equal(probe_images(SIZE), probe_images(SIZE))
+
+
+def test_the_controller_flags_an_unusable_aggregate_but_cannot_read_an_encrypted_one():
+    controller = FedMedController(task="chest_xray14", image_size=SIZE)
+    eval_model = build_densenet121(14)
+    assert controller._unusable(eval_model, SimpleNamespace(encrypted=None, params=_params())) is None
+    nan_round = SimpleNamespace(encrypted=None, params=_params("nan_statistics"))
+    assert "not finite" in controller._unusable(eval_model, nan_round)
+    assert controller._unusable(eval_model, SimpleNamespace(encrypted={"x": b""}, params={})) is None
+
+
+def test_the_alert_is_recorded_with_the_round_about_no_site(tmp_path):
+    repo = Repository(f"sqlite:///{tmp_path / 'a.db'}")
+    repo.start_run("u", "nan", "job", "fedavg", 1, {})
+    alert = AlertRecord(None, "global_model_unusable", "the global model's outputs are not finite ...")
+    repo.record_round("u", RoundRecord(1, (UpdateRecord("hospital-a", "accepted", 10),), alerts=(alert,)))
+    run_id = repo.latest_run_id()
+    assert repo.alerts(run_id) == [{"round": 1, "site": "", "kind": "global_model_unusable", "message": alert.message}]
+    assert repo.rounds_table(run_id)[0].score is None and repo.get_run(run_id).best_round is None
+    assert repo.verify_audit() is None  # the audit chain covers a site-less alert row
+    from fedmed.cli.rounds_table import format_table
+
+    assert f"round 1: ALERT {alert.message}" in format_table(repo, run_id).splitlines()  # the admin's table says why
+    repo.close()
