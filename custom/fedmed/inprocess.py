@@ -16,7 +16,7 @@ from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.model_card import ModelCardBuilder
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.robust.attacks import Attack, apply_attack
+from fedmed.robust.attacks import Attack, apply_attack, craft_colluding
 from fedmed.robust.trust import TrustPolicy
 from fedmed.rounds import EncryptionSpec, RoundEngine, RoundReport, RoundRules, SiteResult
 from fedmed.tasks import TaskSpec
@@ -184,6 +184,7 @@ def federate(
                     local_epochs,
                 )
             )
+        results = _collude(results, attacks, global_params, len([s for s in hostile if s in train_sets]))
         for i, res in enumerate(results):
             attack = attacks.get(res.site)
             if attack is not None and attack.on_wire and res.refused is None:
@@ -214,6 +215,24 @@ def federate(
     out.auroc, out.score, out.params = result.mean_auroc, result.score, final
     out.epsilon = {n: s.epsilon_spent for n, s in dp.items()}
     out.card = card.card().to_meta()
+    return out
+
+
+def _collude(results: list, attacks: Mapping[str, Attack], global_params, n_hostile: int) -> list:
+    """Omniscient colluding attacks (fedmed.robust.attacks.COLLUDING_ATTACKS): after the honest sites trained, each
+    colluder replaces its clear trainable parameters with the common crafted point, keeping its own BatchNorm
+    statistics (and its encrypted block: HE hides the honest heads from it too)."""
+    crafted = {}
+    honest = [r.params for r in results if r.site not in attacks and r.refused is None and r.params is not None]
+    out = list(results)
+    for i, res in enumerate(results):
+        attack = attacks.get(res.site)
+        if attack is None or not attack.omniscient or res.refused is not None or len(honest) < 2:
+            continue
+        if attack not in crafted:
+            clear = {k: v for k, v in global_params.items() if k in res.params}
+            crafted[attack] = craft_colluding(honest, clear, attack, n_hostile)
+        out[i] = replace(res, params={**res.params, **crafted[attack]})
     return out
 
 

@@ -1,4 +1,5 @@
-"""Per-site trust, round by round: a scale-free score from each site's distance to the aggregate, smoothed over
+"""Per-site trust, round by round: a scale-free score from each site's distance to the judging reference (the
+coordinate median of the sites, fedmed.aggregation.aggregate_and_score), smoothed over
 rounds, with quarantine below a threshold and re-admission after consistently good rounds."""
 
 from __future__ import annotations

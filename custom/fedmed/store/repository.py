@@ -40,7 +40,16 @@ from fedmed.store.models import (
 from fedmed.wire_checks import find_metrics_problem
 
 UPDATE_STATUSES = ("accepted", "rejected", "quarantined", "refused", "missing")
-ALERT_KINDS = ("quarantined", "readmitted", "rejected", "refused", "dead_letter", "record_edited")
+ALERT_KINDS = (
+    "quarantined",
+    "readmitted",
+    "rejected",
+    "refused",
+    "dead_letter",
+    "record_edited",
+    "collusion",  # near-copy updates counted once (fedmed.robust.collusion)
+    "suspicion",  # a round not committed: its rules would have turned on half of the sites or more
+)
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in seconds, not after the OS's TCP timeout
 
 
