@@ -34,6 +34,7 @@ from fedmed.aggregation import (
 )
 from fedmed.hashing import model_sha256
 from fedmed.parallel import thread_map
+from fedmed.robust.centred_clipping import centred_clip, committed_move
 from fedmed.robust.collusion import NEAR_COPY_RATIO, CollusionTracker
 from fedmed.robust.geometric_median import distance_keys
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
@@ -92,6 +93,11 @@ class RoundRules:
         server cannot read (encrypted with HE) are not checked: HE hides what would show a label flipper.
     near_copy_ratio: sites whose moves (this round, or summed over the job's rounds) are closer than this fraction
         of the median nearest-neighbour distance are counted once together (fedmed.robust.collusion).
+    centred_clipping: combine the sites the rules kept by centred clipping around the server's momentum
+        (fedmed.robust.centred_clipping; Karimireddy, He and Jaggi 2021) instead of the aggregator's weights, so a
+        site's weight stays near its count share however central it sits (the small, consistent attacks: "a
+        little is enough", Min-Max / Min-Sum inverse-std). Off by default until measured at size (docs/
+        THREAT_MODEL.md); not with HE (the momentum of the encrypted layers is not kept).
     Whatever the rules: a round in which the distance and direction rules would reject or quarantine half of the
     valid sites or more is not committed (see RoundEngine.step).
     """
@@ -103,6 +109,7 @@ class RoundRules:
     validation_margin: float = 0.1
     head_layers: tuple = ("class_layers.out.",)
     near_copy_ratio: float = NEAR_COPY_RATIO
+    centred_clipping: bool = False
 
     def __post_init__(self):
         get_aggregator(self.aggregation)  # raises naming the valid choices
@@ -181,6 +188,11 @@ class RoundEngine:
         where the server cannot read the head)."""
         if encryption is not None:
             check_encryption_compatible(rules.aggregation)
+            if rules.centred_clipping:
+                raise ValueError(
+                    "centred_clipping cannot be used with HE: it clips around the server's momentum, which the "
+                    "server cannot form for the encrypted layers"
+                )
         self.rules = rules
         self.encryption = encryption
         self.trust: dict[str, SiteTrust] = dict(trust or {})
@@ -188,6 +200,7 @@ class RoundEngine:
         self._seen: dict[str, tuple] = {}  # update hash -> (site, round) that first sent it, this job
         self._validate = validate
         self._collusion = CollusionTracker(rules.near_copy_ratio)
+        self._momentum: Optional[dict] = None  # the last committed move (centred_clipping)
 
     def is_quarantined(self, site: str) -> bool:
         state = self.trust.get(site)
@@ -392,6 +405,8 @@ class RoundEngine:
             turned = self._would_turn_on_majority(outcome, valid)
             if turned:
                 return self._hold(round_num, records, outcome, log, turned, copies)
+            if self.rules.centred_clipping:
+                outcome = self._clip_around_momentum(outcome, valid, global_params)
             if self.encryption is None:
                 break
             combined, failed = self._combine_encrypted(valid, outcome.weights)
@@ -403,6 +418,23 @@ class RoundEngine:
                 records[site] = replace(records[site], status="rejected", reason=reason)
                 del valid[site]
         return self._finish(round_num, records, outcome, combined, log, None, copies=copies)
+
+    def _clip_around_momentum(self, outcome, valid: Mapping[str, SiteResult], global_params):
+        """The kept sites combined by centred clipping around global + momentum (RoundRules.centred_clipping); the
+        aggregator's BatchNorm statistics kept. The momentum becomes this round's move (committed by the caller)."""
+        kept = [s for s, w in outcome.weights.items() if w > 0]
+        clip = centred_clip(
+            [valid[s].params for s in kept], [outcome.used_counts[s] for s in kept], global_params, self._momentum
+        )
+        params = {**outcome.result.params, **clip.params}
+        weights = {s: 0.0 for s in outcome.weights}
+        weights.update({s: float(c) for s, c in zip(kept, clip.coefficients[1:])})
+        diagnostics = {
+            **outcome.result.diagnostics,
+            "centred_clipping": {"radius": clip.radius, "momentum_weight": float(clip.coefficients[0])},
+        }
+        self._momentum = committed_move(params, global_params)
+        return replace(outcome, result=replace(outcome.result, params=params, diagnostics=diagnostics), weights=weights)
 
     def _find_near_copies(self, valid: Mapping[str, SiteResult], reference, records: dict, log: list):
         """Near-copy groups among the valid updates (fedmed.robust.collusion): each member keeps its status, with
