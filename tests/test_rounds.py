@@ -531,6 +531,18 @@ def test_two_colluders_neither_capture_the_aggregate_nor_get_an_honest_site_quar
     assert not any(eng.is_quarantined(f"h{i}") for i in range(3))
 
 
+@pytest.mark.parametrize("kind,factor", COLLUSION_ROWS)
+def test_with_the_head_hidden_as_under_he_two_colluders_are_counted_once_and_honest_sites_kept(kind, factor):
+    # HE hides the classifier from the server: no direction rule. The copy test, the coordinate-median reference
+    # and the distance rule still hold the pair under half the weight and keep every honest site.
+    eng = engine(head_layers=())
+    for r in range(3):
+        rep = collusion_round(eng, kind, factor, r)
+        assert rep.aggregated and rep.weights["c0"] + rep.weights["c1"] < 0.5, rep.weights
+        assert all(status(rep, f"h{i}").status == "accepted" for i in range(3))
+    assert not any(eng.is_quarantined(f"h{i}") for i in range(3))
+
+
 def test_near_copies_share_one_weight_with_the_reason_and_an_alert():
     # Same trainable parameters, different BatchNorm statistics: no hash matches, the pair is still a copy.
     rep = collusion_round(engine(), "alie", 1.0)
