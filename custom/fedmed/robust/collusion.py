@@ -32,7 +32,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fedmed.robust.geometric_median import CHUNK, distance_keys
+from fedmed.parallel import thread_map
+from fedmed.robust.geometric_median import distance_keys, key_groups
 
 SKETCH_SIZE = 1 << 16  # sampled coordinates: distances on 65k of DenseNet-121's 7M agree with the full ones to ~1%
 SKETCH_SEED = 20200  # fixed: every round and every restart samples the same coordinates
@@ -41,6 +42,8 @@ SKETCH_SEED = 20200  # fixed: every round and every restart samples the same coo
 # an unusually close honest pair); identical trainable parameters with their own BatchNorm statistics give 0, and
 # noise small enough not to change what the copy does stays far below 0.1.
 NEAR_COPY_RATIO = 0.1
+MEDIAN_CHUNK = 1 << 18  # coordinates per median block: K x 256k float32, 5 MB for K = 5
+SORT_NETWORK_MAX = 16
 HISTORY_MIN_ROUNDS = 2  # the summed-moves test needs two rounds: one round is the per-round test
 
 
@@ -187,24 +190,50 @@ def _finding(now: Clusters, summed: Clusters, ratio: float) -> CollusionFinding:
     return out
 
 
+def _median_rows(rows: list) -> np.ndarray:
+    """Element-wise median of equal-length rows. Up to SORT_NETWORK_MAX rows, an odd-even transposition sort of
+    whole rows (element-wise min / max: K^2 / 2 vectorised passes), ~25x faster than np.median(axis=0) for K = 5
+    (measured: 5 ms against 130-290 ms per 256k-coordinate block); np.median beyond."""
+    k = len(rows)
+    if k > SORT_NETWORK_MAX:
+        return np.median(np.stack(rows), axis=0)
+    r = [np.array(x, copy=True) for x in rows]
+    for p in range(k):
+        for i in range(p % 2, k - 1, 2):
+            lo = np.minimum(r[i], r[i + 1])
+            np.maximum(r[i], r[i + 1], out=r[i + 1])
+            r[i] = lo
+    return r[k // 2] if k % 2 else (r[k // 2 - 1] + r[k // 2]) / 2
+
+
 def coordinate_median_reference(
     updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups: Sequence[Sequence[int]] = ()
 ) -> dict:
     """Coordinate-wise median of the given parameters across the updates, each group (indices of a near-copy
-    cluster) one vote (its members' mean). float32 in, float32 out for float32 parameters; chunked so the working
-    set is K x CHUNK values."""
+    cluster) one vote (its members' mean), in the parameters' own dtype (a reference, not a model: float32 is
+    enough). The parameters in key_groups on the server's threads (fedmed.parallel), each in chunks of
+    MEDIAN_CHUNK coordinates."""
     if not updates:
         raise ValueError("cannot take the median of zero updates")
     grouped = {i for g in groups for i in g}
     votes = [[i] for i in range(len(updates)) if i not in grouped] + [list(g) for g in groups]
-    out = {}
-    for key in keys:
-        ref = np.asarray(updates[0][key])
-        flat = [np.asarray(u[key]).reshape(-1) for u in updates]
-        res = np.empty(ref.size, np.float64)
-        for start in range(0, ref.size, CHUNK):
-            sl = slice(start, min(ref.size, start + CHUNK))
-            block = np.stack([np.mean([flat[i][sl] for i in v], axis=0, dtype=np.float64) for v in votes])
-            res[sl] = np.median(block, axis=0)
-        out[key] = res.reshape(ref.shape).astype(ref.dtype)
-    return out
+
+    def of_keys(part):
+        out = {}
+        for key in part:
+            ref = np.asarray(updates[0][key])
+            flat = [np.asarray(u[key]).reshape(-1) for u in updates]
+            rows = [
+                flat[v[0]] if len(v) == 1 else np.mean([flat[i] for i in v], axis=0, dtype=np.float64).astype(ref.dtype)
+                for v in votes
+            ]
+            res = np.empty(ref.size, ref.dtype)
+            for start in range(0, ref.size, MEDIAN_CHUNK):
+                sl = slice(start, min(ref.size, start + MEDIAN_CHUNK))
+                res[sl] = _median_rows([r[sl] for r in rows])
+            out[key] = res.reshape(ref.shape)
+        return out
+
+    parts = thread_map(of_keys, key_groups(updates[0], list(keys)))
+    merged = {k: v for part in parts for k, v in part.items()}
+    return {k: merged[k] for k in keys}
