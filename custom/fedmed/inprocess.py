@@ -112,6 +112,7 @@ def federate(
     attack_from: int = 0,
     absent: Optional[Mapping[str, int]] = None,
     data_synthetic: Optional[bool] = None,
+    centred_clipping: bool = False,
 ) -> Federation:
     """Run `rounds` of FL over the given site datasets through the round engine.
 
@@ -122,6 +123,7 @@ def federate(
     screening). attack_from: the round index from which the hostile sites attack (before it they are honest).
     absent: site -> round index from which it sends nothing (recorded missing): a hospital that leaves.
     data_synthetic: whether the site datasets are synthetic, for the model card (None: not said).
+    centred_clipping: RoundRules.centred_clipping (combine around the server's momentum).
     A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
     hostile = hostile or {}
     torch.manual_seed(seed)
@@ -140,7 +142,12 @@ def federate(
         server = ckks.LoadedContext(ckks.ts.context_from(keys.server_context), keys.key_id, None)
         he_names = ckks.resolve_encrypted_names(list(global_params), list(he_layers))
         encryption = EncryptionSpec(server, he_names, {n: tuple(np.shape(global_params[n])) for n in he_names})
-    rules = RoundRules(aggregation=aggregation, min_clients=min_clients, trust=TrustPolicy() if use_trust else NO_TRUST)
+    rules = RoundRules(
+        aggregation=aggregation,
+        min_clients=min_clients,
+        trust=TrustPolicy() if use_trust else NO_TRUST,
+        centred_clipping=centred_clipping,
+    )
     validate = None
     if server_validation is not None and not he_names:  # the server cannot read an encrypted head
         val_model = build_densenet121(task.num_outputs, norm=norm)
