@@ -89,7 +89,8 @@ class RoundRules:
         below the median) and the label flipper sat in the middle. So the default only rejects gross drops; a
         federation with larger, steadier sites can lower it.
     head_layers: name prefixes of the classifier layers whose direction of change is scored against the
-        aggregate's (TrustPolicy.head_cosine_ok / head_cosine_bad); () turns the direction rule off. Layers the
+        coordinate median of the sites' (TrustPolicy.head_cosine_ok / head_cosine_bad; the median rather than the
+        aggregate since issue 28); () turns the direction rule off. Layers the
         server cannot read (encrypted with HE) are not checked: HE hides what would show a label flipper.
     near_copy_ratio: sites whose moves (this round, or summed over the job's rounds) are closer than this fraction
         of the median nearest-neighbour distance are counted once together (fedmed.robust.collusion).
