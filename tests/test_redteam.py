@@ -7,7 +7,8 @@ import pytest
 
 from fedmed import redteam
 
-ROWS = {r.attack.kind: r for r in redteam.ROWS}
+ROWS = {r.attack.kind: r for r in redteam.ROWS if r.colluders == 1 and not r.attack.omniscient}
+COLLUSION_ROWS = {r.name: r for r in redteam.COLLUSION_ROWS}
 # Every round the attacker is rejected or quarantined, with a reason in the database.
 BLOCKED_EVERY_ROUND = {
     "sign_flip": "far outlier",
@@ -111,3 +112,41 @@ def test_the_auroc_judgement_is_one_sided():
     # Ending above the honest run is no harm; more than the tolerance below it is.
     assert redteam.is_bounded(0.80, 0.70, 0.02) and redteam.is_bounded(0.69, 0.70, 0.02)
     assert not redteam.is_bounded(0.67, 0.70, 0.02)
+
+
+# -- the published colluding attacks (issue 28), on five tiny hospitals: 3 honest and 2 colluders ---------------------
+
+
+@pytest.fixture(scope="module")
+def federation5(tmp_path_factory):
+    root = tmp_path_factory.mktemp("redteam5")
+    names = redteam.make_sites(root, 4, 12, seed=3, num_test=16, size=64)
+    train, test, _ = redteam.load_sites(root, names, 32)
+    return train, test
+
+
+def test_every_colluding_attack_has_a_row_with_one_and_with_two_colluders():
+    kinds = {(r.attack.kind, r.attack.factor, r.colluders) for r in redteam.COLLUSION_ROWS}
+    for kind, factor in [("alie", 0.0), ("alie", 1.0), ("ipm", 0.5), ("ipm", 100.0)] + [
+        (k, 1.0) for k in ("min_max_unit", "min_max_std", "min_sum_unit", "min_sum_std")
+    ]:
+        assert {(kind, factor, 1), (kind, factor, 2)} <= kinds, (kind, factor)
+    assert redteam.colluder_sites(
+        redteam.COLLUSION_ROWS[-1], ["honest-0", "honest-1", "honest-2", "honest-3", "hostile"]
+    ) == [
+        "hostile",
+        "honest-3",
+    ]
+
+
+@pytest.mark.parametrize("name", [r.name for r in redteam.COLLUSION_ROWS if r.colluders == 2])
+def test_two_colluders_never_get_an_honest_hospital_quarantined_nor_hold_the_aggregate(name, federation5, tmp_path):
+    # Two rounds, the colluders attacking from the first with full knowledge of the honest updates. The AUROC
+    # needs the full-size run (docs/redteam.md); here: no honest site quarantined, the pair never more than half
+    # the aggregate (the issue's capture gave it 1.0), and a rejection always with its reason.
+    train, test = federation5
+    res = redteam.run_row(COLLUSION_ROWS[name], train, test, 0.5, 2, tmp_path, batch_size=4)
+    assert res.honest_quarantined == (), res
+    assert res.max_weight_share is not None and res.max_weight_share < 0.5, res
+    for r in res.server_did.split("; "):
+        assert all("(" in part for part in r.split(" / ") if " rejected" in part), r

@@ -220,3 +220,16 @@ def test_far_outlier_is_left_out_of_the_round_it_turns_hostile():
     # Not enough sites would remain: the robust aggregate stands, nobody is dropped.
     out = aggregate_and_score(ups, counts, get_aggregator("geometric_median"), TrustPolicy(), list(ups), min_keep=4)
     assert out.excluded == () and out.weights["evil"] < 0.05
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 16, 17])  # the sorting network up to 16 rows, np.median beyond
+def test_the_judging_reference_median_equals_numpys(k):
+    from fedmed.robust.collusion import _median_rows, coordinate_median_reference
+
+    rng = np.random.default_rng(k)
+    rows = rng.standard_normal((k, 300)).astype(np.float32)
+    np.testing.assert_allclose(_median_rows(list(rows)), np.median(rows, axis=0), rtol=1e-6, atol=1e-6)
+    ups = [{"w": r.reshape(3, 100)} for r in rows]
+    ref = coordinate_median_reference(ups, ["w"])
+    assert ref["w"].shape == (3, 100) and ref["w"].dtype == np.float32
+    np.testing.assert_allclose(ref["w"].reshape(-1), np.median(rows, axis=0), rtol=1e-6, atol=1e-6)

@@ -222,7 +222,7 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
 class RoundOutcome:
     result: AggregationResult
     weights: dict  # site -> weight in the final aggregate (0 for sites left out)
-    distances: dict  # site -> distance to the final aggregate
+    distances: dict  # site -> distance to the judging reference (coordinate_median_reference of the kept sites)
     scored: dict  # site -> (ratio to the median distance, round score in [0, 1])
     excluded: tuple  # active sites dropped this round (round score 0: far outliers or heads moved against)
     used_counts: dict = field(default_factory=dict)  # aggregated site -> sample count after the cap
@@ -238,23 +238,37 @@ def aggregate_and_score(
     min_keep: int,
     reference: Mapping[str, np.ndarray] | None = None,
     head_keys: Sequence[str] = (),
+    weight_factors: Mapping[str, float] | None = None,
+    groups: Sequence[Sequence[str]] = (),
 ) -> RoundOutcome:
     """Choose, then aggregate (as Flower's Multi-Krum separates selection from averaging): aggregate the active
-    sites, score every site (quarantined ones too) by its distance to that aggregate and, given the global model
-    the round started from (reference) and the classifier layers (head_keys), by the direction its classifier
-    moved relative to the aggregate's; if some active sites score 0 (far outliers, or classifiers moved against
-    the aggregate's), aggregate again without them, provided min_keep remain. A hostile site is thus kept out of
-    the very round it turns hostile, not only from the next one."""
+    sites, score every site (quarantined ones too) by its distance to the judging reference and, given the global
+    model the round started from (reference) and the classifier layers (head_keys), by the direction its classifier
+    moved relative to the judging reference's; if some active sites score 0 (far outliers, or classifiers moved
+    against the reference's), aggregate again without them, provided min_keep remain. A hostile site is thus kept
+    out of the very round it turns hostile, not only from the next one.
+
+    The judging reference is the coordinate-wise median of the active sites, each near-copy group (groups, from
+    fedmed.robust.collusion) one vote, not the aggregate itself: two colluders of five at one point can hold the
+    weighted geometric median (issue 28), and every rule measured against a captured aggregate then turns on the
+    honest sites; the coordinate median stays inside the honest sites' range in every coordinate while hostile
+    votes are fewer than half (fedmed.robust.collusion.coordinate_median_reference). weight_factors: site ->
+    multiplier of its sample count (a near-copy group of m shares one site's weight: 1/m each)."""
+    from fedmed.robust.collusion import coordinate_median_reference
     from fedmed.robust.trust import round_scores  # trust imports nothing from here; keep module load order simple
 
     check_heads = reference is not None and bool(head_keys)
+    factors = dict(weight_factors or {})
 
     def run(names):
-        res = aggregate([updates[n] for n in names], [counts[n] for n in names])
+        res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])
         keys = distance_keys(res.params)
+        index = {n: i for i, n in enumerate(names)}
+        votes = [[index[s] for s in g if s in index] for g in groups]
+        judge = coordinate_median_reference([updates[n] for n in names], keys, [v for v in votes if len(v) > 1])
         sites = list(updates)
-        dist = dict(zip(sites, thread_map(lambda n: distance(updates[n], res.params, keys), sites)))
-        cos = {n: head_cosine(u, res.params, reference, head_keys) for n, u in updates.items()} if check_heads else {}
+        dist = dict(zip(sites, thread_map(lambda n: distance(updates[n], judge, keys), sites)))
+        cos = {n: head_cosine(u, judge, reference, head_keys) for n, u in updates.items()} if check_heads else {}
         return res, dist, round_scores(dist, policy, cos), cos
 
     active = list(active)

@@ -16,7 +16,7 @@ from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.model_card import ModelCardBuilder
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.robust.attacks import Attack, apply_attack
+from fedmed.robust.attacks import Attack, apply_attack, craft_colluding
 from fedmed.robust.trust import TrustPolicy
 from fedmed.rounds import EncryptionSpec, RoundEngine, RoundReport, RoundRules, SiteResult
 from fedmed.tasks import TaskSpec
@@ -112,6 +112,7 @@ def federate(
     attack_from: int = 0,
     absent: Optional[Mapping[str, int]] = None,
     data_synthetic: Optional[bool] = None,
+    centred_clipping: bool = False,
 ) -> Federation:
     """Run `rounds` of FL over the given site datasets through the round engine.
 
@@ -122,6 +123,7 @@ def federate(
     screening). attack_from: the round index from which the hostile sites attack (before it they are honest).
     absent: site -> round index from which it sends nothing (recorded missing): a hospital that leaves.
     data_synthetic: whether the site datasets are synthetic, for the model card (None: not said).
+    centred_clipping: RoundRules.centred_clipping (combine around the server's momentum).
     A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
     hostile = hostile or {}
     torch.manual_seed(seed)
@@ -140,7 +142,12 @@ def federate(
         server = ckks.LoadedContext(ckks.ts.context_from(keys.server_context), keys.key_id, None)
         he_names = ckks.resolve_encrypted_names(list(global_params), list(he_layers))
         encryption = EncryptionSpec(server, he_names, {n: tuple(np.shape(global_params[n])) for n in he_names})
-    rules = RoundRules(aggregation=aggregation, min_clients=min_clients, trust=TrustPolicy() if use_trust else NO_TRUST)
+    rules = RoundRules(
+        aggregation=aggregation,
+        min_clients=min_clients,
+        trust=TrustPolicy() if use_trust else NO_TRUST,
+        centred_clipping=centred_clipping,
+    )
     validate = None
     if server_validation is not None and not he_names:  # the server cannot read an encrypted head
         val_model = build_densenet121(task.num_outputs, norm=norm)
@@ -184,6 +191,7 @@ def federate(
                     local_epochs,
                 )
             )
+        results = _collude(results, attacks, global_params, len([s for s in hostile if s in train_sets]))
         for i, res in enumerate(results):
             attack = attacks.get(res.site)
             if attack is not None and attack.on_wire and res.refused is None:
@@ -214,6 +222,24 @@ def federate(
     out.auroc, out.score, out.params = result.mean_auroc, result.score, final
     out.epsilon = {n: s.epsilon_spent for n, s in dp.items()}
     out.card = card.card().to_meta()
+    return out
+
+
+def _collude(results: list, attacks: Mapping[str, Attack], global_params, n_hostile: int) -> list:
+    """Omniscient colluding attacks (fedmed.robust.attacks.COLLUDING_ATTACKS): after the honest sites trained, each
+    colluder replaces its clear trainable parameters with the common crafted point, keeping its own BatchNorm
+    statistics (and its encrypted block: HE hides the honest heads from it too)."""
+    crafted = {}
+    honest = [r.params for r in results if r.site not in attacks and r.refused is None and r.params is not None]
+    out = list(results)
+    for i, res in enumerate(results):
+        attack = attacks.get(res.site)
+        if attack is None or not attack.omniscient or res.refused is not None or len(honest) < 2:
+            continue
+        if attack not in crafted:
+            clear = {k: v for k, v in global_params.items() if k in res.params}
+            crafted[attack] = craft_colluding(honest, clear, attack, n_hostile)
+        out[i] = replace(res, params={**res.params, **crafted[attack]})
     return out
 
 

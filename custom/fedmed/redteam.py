@@ -1,4 +1,4 @@
-"""The red-team suite: each attack one hospital can make, played through the one round engine in-process, with
+"""The red-team suite: each attack one hospital (or, for the published colluding attacks, two) can make, played through the one round engine in-process, with
 what the server did, what the database holds, and the final AUROC against honest references.
 
 The reference an attack is judged against is the same federation with the hostile site honest throughout (what
@@ -33,6 +33,16 @@ class AttackRow:
     name: str
     attack: Attack
     he: bool = False  # the attack needs the head encrypted
+    colluders: int = 1  # hostile sites: HOSTILE, then the last honest sites turned hostile (colluder_sites)
+
+
+def colluder_sites(row: AttackRow, sites: Sequence[str]) -> list:
+    """The row's hostile sites: HOSTILE and, for a colluding row, the last colluders - 1 other sites (honest data,
+    hostile updates), so 2 colluders of 5 leave 3 honest hospitals."""
+    others = [s for s in sites if s != HOSTILE]
+    if not 1 <= row.colluders <= len(others):
+        raise ValueError(f"{row.name}: {row.colluders} colluders need {row.colluders - 1} sites beside {HOSTILE}")
+    return [HOSTILE] + others[len(others) - (row.colluders - 1) :]
 
 
 ROWS = (
@@ -50,6 +60,24 @@ ROWS = (
     AttackRow("replay of its previous-round update", Attack("replay")),
     AttackRow("two sites sending the same update", Attack("copy_site")),
 )
+# The published attacks of the robust-aggregation literature, omniscient (each colluder knows the round's honest
+# updates), with 1 and with 2 colluding hospitals of 5 (fedmed.robust.attacks.craft_colluding; issue 28).
+COLLUDING = (
+    ("omniscient ALIE, paper's z", Attack("alie", 0.0)),
+    ("omniscient ALIE, z=1", Attack("alie", 1.0)),
+    ("Min-Max, unit direction", Attack("min_max_unit")),
+    ("Min-Max, inverse-std direction", Attack("min_max_std")),
+    ("Min-Sum, unit direction", Attack("min_sum_unit")),
+    ("Min-Sum, inverse-std direction", Attack("min_sum_std")),
+    ("IPM, eps 0.5", Attack("ipm", 0.5)),
+    ("IPM, eps 100", Attack("ipm", 100.0)),
+)
+COLLUSION_ROWS = tuple(
+    AttackRow(f"{name} ({'1 hostile site' if n == 1 else f'{n} colluding sites'})", attack, colluders=n)
+    for n in (1, 2)
+    for name, attack in COLLUDING
+)
+ROWS = ROWS + COLLUSION_ROWS
 HE_LAYERS = ("class_layers.out.",)
 BLOCKED = ("rejected", "quarantined", "refused")
 WEIGHT_SLACK = 0.05
@@ -64,10 +92,12 @@ class RowResult:
     honest_auroc: float
     held: bool
     how: str  # "rejected", "bounded", "refused by the hospitals", or why it was not held
-    max_weight_ratio: Optional[float] = None  # attacker weight / largest honest weight, worst round
+    max_weight_ratio: Optional[float] = None  # attackers' weight together / largest honest weight, worst round
     max_count_ratio: Optional[float] = None  # attacker's capped count / smallest honest capped count, worst round
     references: Optional["References"] = None  # every honest reference (honest_auroc is references.stayed_honest)
     seed_gaps: tuple = ()  # accepted attacks: (seed, AUROC minus the stayed-honest run's) per seed judged
+    honest_quarantined: tuple = ()  # honest sites the engine quarantined during the row (a row holding none)
+    max_weight_share: Optional[float] = None  # attackers' share of the aggregate's weight, worst round (captured: 1)
 
 
 @dataclass(frozen=True)
@@ -109,7 +139,8 @@ def run_row(
     AUROC gap. kw go to fedmed.inprocess.federate (e.g. server_validation, batch_size)."""
     references = honest_auroc if isinstance(honest_auroc, References) else None
     honest_auroc = references.stayed_honest if references is not None else float(honest_auroc)
-    repo = Repository(f"sqlite:///{Path(db_dir) / (row.attack.kind + '.db')}")
+    hostile = colluder_sites(row, list(train_sets))
+    repo = Repository(f"sqlite:///{Path(db_dir) / (row.attack.kind + f'-{row.colluders}.db')}")
     uid = f"redteam-{row.attack.kind}"
     repo.start_run(uid, row.name, uid, "geometric_median", rounds, {"attack": row.attack.kind})
 
@@ -121,7 +152,7 @@ def run_row(
         test_set,
         rounds,
         "geometric_median",
-        {HOSTILE: row.attack},
+        {s: row.attack for s in hostile},
         task=CHEST_XRAY14,
         seed=0,
         on_round=record,
@@ -130,25 +161,35 @@ def run_row(
         **kw,
     )
     run_id = repo.latest_run_id()
-    rows = [u for u in repo.client_updates(run_id) if u["site"] == HOSTILE]
-    alerts = [a for a in repo.alerts(run_id) if a["site"] == HOSTILE]
-    refusals = [u for u in repo.client_updates(run_id) if u["status"] == "refused" and u["site"] != HOSTILE]
+    rows = [u for u in repo.client_updates(run_id) if u["site"] in hostile]
+    alerts = [a for a in repo.alerts(run_id) if a["site"] in hostile]
+    refusals = [u for u in repo.client_updates(run_id) if u["status"] == "refused" and u["site"] not in hostile]
+    honest_quarantined = tuple(
+        sorted({u["site"] for u in repo.client_updates(run_id) if u["status"] == "quarantined"} - set(hostile))
+    )
     repo.close()
 
-    per_round, blocked, ratios, count_ratios = [], [], [], []
+    per_round, blocked, ratios, count_ratios, shares = [], [], [], [], []
     for report in fed.reports:
         if report.round_num < attack_from:
             continue  # honest rounds: nothing to judge
-        u = next(x for x in report.updates if x.site == HOSTILE)
-        honest_w = [w for s, w in report.weights.items() if s != HOSTILE]
+        mine = [next(x for x in report.updates if x.site == s) for s in hostile]
+        honest_w = [w for s, w in report.weights.items() if s not in hostile]
         if honest_w and max(honest_w) > 0:
-            ratios.append(report.weights.get(HOSTILE, 0.0) / max(honest_w))
-        honest_n = [n for s, n in report.used_samples.items() if s != HOSTILE]
+            ratios.append(sum(report.weights.get(s, 0.0) for s in hostile) / max(honest_w))
+        if sum(report.weights.values()) > 0:
+            shares.append(sum(report.weights.get(s, 0.0) for s in hostile) / sum(report.weights.values()))
+        honest_n = [n for s, n in report.used_samples.items() if s not in hostile]
         if HOSTILE in report.used_samples and honest_n:
             count_ratios.append(report.used_samples[HOSTILE] / min(honest_n))
-        reason = f" ({u.reason[:90].replace(';', ',')})" if u.reason else ""
-        per_round.append(f"r{report.round_num + 1} {u.status}{reason}")
-        blocked.append(u.status in BLOCKED)
+        said = []
+        for u in mine:
+            reason = f" ({u.reason[:90].replace(';', ',')})" if u.reason else ""
+            said.append(f"{u.status}{reason}" if len(hostile) == 1 else f"{u.site} {u.status}{reason}")
+        if not report.aggregated and report.problem:
+            said.append(f"round held: {report.problem[:90].replace(';', ',')}")
+        per_round.append(f"r{report.round_num + 1} {' / '.join(said)}")
+        blocked.append(all(u.status in BLOCKED for u in mine))
     if fed.stopped:
         per_round.append(f"run stopped: {fed.stopped[:90]}")
     database = (
@@ -185,6 +226,8 @@ def run_row(
             held, how = True, "bounded" + over
         else:
             held, how = False, f"NOT held: AUROC {auroc:.3f} vs {honest_auroc:.3f} had it stayed honest" + over
+    if honest_quarantined:  # the defence turned on the honest majority: never held, whatever the AUROC
+        held, how = False, f"NOT held: honest site(s) {', '.join(honest_quarantined)} quarantined; " + how
     worst = max(ratios) if ratios else None
     worst_count = max(count_ratios) if count_ratios else None
     if row.attack.kind == "inflate_count":
@@ -207,15 +250,16 @@ def run_row(
         worst_count,
         references,
         seed_gaps,
+        honest_quarantined,
+        max(shares) if shares else None,
     )
 
 
 def _auroc_gap(row: AttackRow, train_sets: Mapping, test_set, rounds: int, seed: int, attack_from: int, **kw) -> float:
     """Final AUROC of the attacked federation minus that of the stayed-honest one, both with this training seed."""
     common = dict(task=CHEST_XRAY14, seed=seed, he_layers=HE_LAYERS if row.he else None, **kw)
-    attacked = federate(
-        train_sets, test_set, rounds, "geometric_median", {HOSTILE: row.attack}, attack_from=attack_from, **common
-    )
+    hostile = {s: row.attack for s in colluder_sites(row, list(train_sets))}
+    attacked = federate(train_sets, test_set, rounds, "geometric_median", hostile, attack_from=attack_from, **common)
     honest = federate(train_sets, test_set, rounds, "geometric_median", **common)
     return float(attacked.auroc) - float(honest.auroc)
 
@@ -238,7 +282,7 @@ def honest_references(
 
 def markdown(results: list, command: str, seconds: float, setup: str) -> str:
     lines = [
-        "# Red team: one hostile hospital against the round engine",
+        "# Red team: one hostile hospital, or two colluding, against the round engine",
         "",
         f"Command: `{command}` ({seconds:.0f} s on a 2-core CPU). {setup}",
         "",

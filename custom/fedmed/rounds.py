@@ -7,8 +7,10 @@ red-team script (fedmed.inprocess) calls the very same step. One round, in order
 1. screen each result: refusal, claimed sample count, parameter names/shapes/finiteness, BatchNorm statistics,
    metrics, encrypted block (scale, level, sizes, key set), replay of an earlier update of the job, and the same
    update sent by two sites; a failing update is rejected with the reason and scores 0;
-2. aggregate the active (valid, not quarantined) sites with counts capped (fedmed.aggregation), score every valid
-   site by its distance to the aggregate, leave far outliers out of this very round and aggregate again;
+2. count near-copies once (fedmed.robust.collusion), aggregate the active (valid, not quarantined) sites with
+   counts capped (fedmed.aggregation), score every valid site by its distance and classifier direction against the
+   coordinate median of the sites (a reference a minority cannot capture), leave far outliers out of this very
+   round and aggregate again; a round whose rules would turn on half of the sites or more is not committed;
 3. combine the encrypted layers homomorphically with the same weights, each site's block under its own guard
    (one block that fails rejects that site and the round is aggregated again without it);
 4. fold the scores into trust (quarantine / re-admission) and return a RoundReport with the new global model, one
@@ -32,6 +34,8 @@ from fedmed.aggregation import (
 )
 from fedmed.hashing import model_sha256
 from fedmed.parallel import thread_map
+from fedmed.robust.centred_clipping import centred_clip, committed_move
+from fedmed.robust.collusion import NEAR_COPY_RATIO, CollusionTracker
 from fedmed.robust.geometric_median import distance_keys
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.screening import (
@@ -85,8 +89,18 @@ class RoundRules:
         below the median) and the label flipper sat in the middle. So the default only rejects gross drops; a
         federation with larger, steadier sites can lower it.
     head_layers: name prefixes of the classifier layers whose direction of change is scored against the
-        aggregate's (TrustPolicy.head_cosine_ok / head_cosine_bad); () turns the direction rule off. Layers the
+        coordinate median of the sites' (TrustPolicy.head_cosine_ok / head_cosine_bad; the median rather than the
+        aggregate since issue 28); () turns the direction rule off. Layers the
         server cannot read (encrypted with HE) are not checked: HE hides what would show a label flipper.
+    near_copy_ratio: sites whose moves (this round, or summed over the job's rounds) are closer than this fraction
+        of the median nearest-neighbour distance are counted once together (fedmed.robust.collusion).
+    centred_clipping: combine the sites the rules kept by centred clipping around the server's momentum
+        (fedmed.robust.centred_clipping; Karimireddy, He and Jaggi 2021) instead of the aggregator's weights, so a
+        site's weight stays near its count share however central it sits (the small, consistent attacks: "a
+        little is enough", Min-Max / Min-Sum inverse-std). Off by default until measured at size (docs/
+        THREAT_MODEL.md); not with HE (the momentum of the encrypted layers is not kept).
+    Whatever the rules: a round in which the distance and direction rules would reject or quarantine half of the
+    valid sites or more is not committed (see RoundEngine.step).
     """
 
     aggregation: str = "geometric_median"
@@ -95,6 +109,8 @@ class RoundRules:
     statistics_factor: float = DEFAULT_STATISTICS_FACTOR
     validation_margin: float = 0.1
     head_layers: tuple = ("class_layers.out.",)
+    near_copy_ratio: float = NEAR_COPY_RATIO
+    centred_clipping: bool = False
 
     def __post_init__(self):
         get_aggregator(self.aggregation)  # raises naming the valid choices
@@ -104,6 +120,8 @@ class RoundRules:
             raise ValueError(f"statistics_factor must be > 1, got {self.statistics_factor}")
         if not 0 < self.validation_margin < 1:
             raise ValueError(f"validation_margin must be in (0, 1), got {self.validation_margin}")
+        if not 0 < self.near_copy_ratio < 1:
+            raise ValueError(f"near_copy_ratio must be in (0, 1), got {self.near_copy_ratio}")
 
 
 def check_encryption_compatible(aggregation: str) -> None:
@@ -171,12 +189,19 @@ class RoundEngine:
         where the server cannot read the head)."""
         if encryption is not None:
             check_encryption_compatible(rules.aggregation)
+            if rules.centred_clipping:
+                raise ValueError(
+                    "centred_clipping cannot be used with HE: it clips around the server's momentum, which the "
+                    "server cannot form for the encrypted layers"
+                )
         self.rules = rules
         self.encryption = encryption
         self.trust: dict[str, SiteTrust] = dict(trust or {})
         self._aggregate = get_aggregator(rules.aggregation)
         self._seen: dict[str, tuple] = {}  # update hash -> (site, round) that first sent it, this job
         self._validate = validate
+        self._collusion = CollusionTracker(rules.near_copy_ratio)
+        self._momentum: Optional[dict] = None  # the last committed move (centred_clipping)
 
     def is_quarantined(self, site: str) -> bool:
         state = self.trust.get(site)
@@ -332,9 +357,12 @@ class RoundEngine:
             if k.startswith(tuple(self.rules.head_layers))
             and np.issubdtype(np.asarray(global_params[k]).dtype, np.floating)
         ]
-        direction = dict(reference=global_params, head_keys=head_keys)
         if self._validate is not None and len(valid) >= 3:
             self._screen_by_validation(valid, records, log)
+        copies = self._find_near_copies(valid, global_params, records, log)
+        direction = dict(
+            reference=global_params, head_keys=head_keys, weight_factors=copies.factors, groups=copies.groups
+        )
         combined, outcome = None, None
         while True:
             active = [s for s in valid if not self.is_quarantined(s)]
@@ -365,7 +393,7 @@ class RoundEngine:
                             "own robust aggregate; the global model is not changed",
                         )
                     )
-                return self._finish(round_num, records, probation, None, log, problem)
+                return self._finish(round_num, records, probation, None, log, problem, copies=copies)
             outcome = aggregate_and_score(
                 {s: r.params for s, r in valid.items()},
                 {s: int(r.claimed_samples) for s, r in valid.items()},
@@ -375,6 +403,11 @@ class RoundEngine:
                 self.rules.min_clients,
                 **direction,
             )
+            turned = self._would_turn_on_majority(outcome, valid)
+            if turned:
+                return self._hold(round_num, records, outcome, log, turned, copies)
+            if self.rules.centred_clipping:
+                outcome = self._clip_around_momentum(outcome, valid, global_params)
             if self.encryption is None:
                 break
             combined, failed = self._combine_encrypted(valid, outcome.weights)
@@ -385,7 +418,61 @@ class RoundEngine:
                 combined = None
                 records[site] = replace(records[site], status="rejected", reason=reason)
                 del valid[site]
-        return self._finish(round_num, records, outcome, combined, log, None)
+        return self._finish(round_num, records, outcome, combined, log, None, copies=copies)
+
+    def _clip_around_momentum(self, outcome, valid: Mapping[str, SiteResult], global_params):
+        """The kept sites combined by centred clipping around global + momentum (RoundRules.centred_clipping); the
+        aggregator's BatchNorm statistics kept. The momentum becomes this round's move (committed by the caller)."""
+        kept = [s for s, w in outcome.weights.items() if w > 0]
+        clip = centred_clip(
+            [valid[s].params for s in kept], [outcome.used_counts[s] for s in kept], global_params, self._momentum
+        )
+        params = {**outcome.result.params, **clip.params}
+        weights = {s: 0.0 for s in outcome.weights}
+        weights.update({s: float(c) for s, c in zip(kept, clip.coefficients[1:])})
+        diagnostics = {
+            **outcome.result.diagnostics,
+            "centred_clipping": {"radius": clip.radius, "momentum_weight": float(clip.coefficients[0])},
+        }
+        self._momentum = committed_move(params, global_params)
+        return replace(outcome, result=replace(outcome.result, params=params, diagnostics=diagnostics), weights=weights)
+
+    def _find_near_copies(self, valid: Mapping[str, SiteResult], reference, records: dict, log: list):
+        """Near-copy groups among the valid updates (fedmed.robust.collusion): each member keeps its status, with
+        the reason recorded, and shares one site's weight with its group."""
+        finding = self._collusion.observe({s: r.params for s, r in valid.items()}, reference)
+        for site, reason in finding.reasons.items():
+            log.append(("warning", f"update from {site}: {reason}"))
+            records[site] = replace(records[site], reason=reason)
+        return finding
+
+    def _would_turn_on_majority(self, outcome, valid: Mapping[str, SiteResult]) -> tuple:
+        """The valid sites this round's rules would reject (excluded) or newly quarantine, when they are half of the
+        valid sites or more; () otherwise. An honest majority is the assumption every rule rests on: a verdict
+        against half or more of the sites says the reference was captured (issue 28: two colluders of five held
+        the aggregate and the rules measured against it rejected the honest three), not that most hospitals
+        turned hostile at once."""
+        scores = {s: sc for s, (_, sc) in outcome.scored.items() if s in valid}
+        _, events = update_trust(self.trust, scores, self.rules.trust)
+        flagged = set(outcome.excluded) | {s for s, kind, _ in events if kind == "quarantined"}
+        return tuple(sorted(flagged)) if flagged and 2 * len(flagged) >= len(valid) else ()
+
+    def _hold(self, round_num, records, outcome, log, flagged, copies) -> RoundReport:
+        """Not committed: the global model stands, no valid site's trust changes (the screening rejections still
+        count), every flagged site gets an alert naming the suspicion. Reported as a probation round, so the
+        callers go on to the next round as they do when quarantine leaves too few sites."""
+        valid = [s for s, u in records.items() if u.status == "accepted"]
+        groups = copies.groups
+        collusion = f"; near-copy groups: {', '.join('+'.join(g) for g in groups)}" if groups else ""
+        problem = (
+            f"round {round_num + 1} not committed: the rules would reject or quarantine {', '.join(flagged)}, "
+            f"{len(flagged)} of {len(valid)} valid sites (half or more), so a minority has likely captured the "
+            f"reference{collusion}; the global model is kept"
+        )
+        log.append(("warning", problem))
+        report = self._finish(round_num, records, outcome, None, log, problem, flagged, copies)
+        alerts = report.alerts + tuple(AlertRecord(s, "suspicion", problem[:500]) for s in flagged)
+        return replace(report, alerts=alerts)
 
     def _screen_by_validation(self, valid: dict, records: dict, log: list) -> None:
         """Score each valid update on the server's validation set; reject those more than validation_margin below
@@ -413,13 +500,17 @@ class RoundEngine:
     def _why_excluded(self, site: str, scored: Mapping, cos: Mapping) -> str:
         ratio = scored[site][0]
         if ratio >= self.rules.trust.bad_ratio:
-            return f"far outlier this round: {ratio:.1f}x the median distance to the aggregate"
+            return f"far outlier this round: {ratio:.1f}x the median distance to the coordinate median of the sites"
         return (
-            f"its classifier layers moved against the aggregate's this round (cosine {cos.get(site, float('nan')):+.2f}, "
+            "its classifier layers moved against the coordinate median of the sites' this round "
+            f"(cosine {cos.get(site, float('nan')):+.2f}, "
             f"at most {self.rules.trust.head_cosine_bad} scores 0)"
         )
 
-    def _finish(self, round_num, records, outcome, combined, log, problem) -> RoundReport:
+    def _finish(self, round_num, records, outcome, combined, log, problem, held=None, copies=None) -> RoundReport:
+        """held: the flagged sites of a round not committed (_hold), None otherwise; copies: this round's
+        CollusionFinding, whose groups are alerted."""
+        hold = held is not None
         alerts: list = []
         weights, used, diagnostics, params = {}, {}, {}, None
         scores = {s: 0.0 for s, u in records.items() if u.status == "rejected"}  # a rejected update scores 0
@@ -429,12 +520,25 @@ class RoundEngine:
             if problem is None:  # a probation round (problem set) commits no weights and no model
                 weights, used = outcome.weights, outcome.used_counts
                 diagnostics, params = dict(outcome.result.diagnostics), outcome.result.params
-            scores.update({s: sc for s, (_, sc) in scored.items()})
+            if not hold:  # a held round changes no valid site's trust
+                scores.update({s: sc for s, (_, sc) in scored.items()})
             for s in excluded:
-                log.append(("warning", f"{s} left out of this round's aggregate: {self._why_excluded(s, scored, cos)}"))
+                left = "would have been left out of" if hold else "left out of"
+                log.append(("warning", f"{s} {left} this round's aggregate: {self._why_excluded(s, scored, cos)}"))
         was_quarantined = {s for s in scores if self.is_quarantined(s)}
         self.trust, events = update_trust(self.trust, scores, self.rules.trust)
         for site, u in list(records.items()):
+            if hold and u.status == "accepted":
+                records[site] = replace(
+                    u,
+                    reason="valid, but the round was not committed"
+                    + (": the rules would have rejected or quarantined it" if site in held else ""),
+                    distance=dist.get(site),
+                    round_score=scored[site][1] if site in scored else None,
+                    trust=self.trust[site].trust if site in self.trust else None,
+                    aggregation_weight=0.0,
+                )
+                continue
             if site not in scores:
                 continue
             status, reason = u.status, u.reason
@@ -473,6 +577,8 @@ class RoundEngine:
         for site, kind, msg in events:
             log.append(("warning", msg))
             alerts.append(AlertRecord(site, kind, msg))
+        for site, reason in (copies.reasons if copies is not None else {}).items():
+            alerts.append(AlertRecord(site, "collusion", reason[:500]))
         return RoundReport(
             round_num,
             outcome is not None and problem is None,

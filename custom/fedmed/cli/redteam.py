@@ -1,4 +1,5 @@
-"""Red team: every attack one hostile hospital can make, played through fedmed's round engine in-process.
+"""Red team: every attack one hostile hospital can make, and the published colluding attacks by one or two
+hospitals (fedmed.redteam.COLLUSION_ROWS), played through fedmed's round engine in-process.
 
     fedmed-redteam [--rounds 3] [--per-site 100] [--image-size 64] [--out docs/redteam.md]
 
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
             results.append(res)
     setup = (
         f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
-        f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile), "
+        f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile; in the "
+        "rows marked '2 colluding sites' the last honest hospital colludes with it and both send the crafted point), "
         f"{a.rounds} rounds from a fresh model, {a.image_size} px, geometric median with trust and quarantine"
         + (f", validation screening on {a.per_site} server images" if a.validation else "")
         + f", global test set of {a.num_test} images. 'Had it stayed honest' is the same federation, same "

@@ -1,4 +1,5 @@
-"""Per-site trust, round by round: a scale-free score from each site's distance to the aggregate, smoothed over
+"""Per-site trust, round by round: a scale-free score from each site's distance to the judging reference (the
+coordinate median of the sites, fedmed.aggregation.aggregate_and_score), smoothed over
 rounds, with quarantine below a threshold and re-admission after consistently good rounds."""
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class TrustPolicy:
         good_score: round score that counts as good for re-admission.
         initial_trust: trust of a site never seen before.
         head_cosine_ok / head_cosine_bad: the direction rule. The cosine between a site's move of the classifier
-            layers and the aggregate's (fedmed.aggregation.head_cosine) scores 1 at or above head_cosine_ok, 0 at
+            layers and the judging reference's (fedmed.aggregation.head_cosine; the coordinate median of the sites,
+            the aggregate until issue 28: the thresholds below were measured against the aggregate) scores 1 at or above head_cosine_ok, 0 at
             or below head_cosine_bad (linear in between); a round's score is the lower of the distance and the
             direction scores. Measured on the red team's hospitals (5 sites, 100 images, 64 px, 4 rounds): honest
             sites' cosines ranged 0.11 to 1.00, a label-flipping site's -0.87 to -0.71, while its distance ratio

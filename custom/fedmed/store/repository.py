@@ -50,6 +50,8 @@ ALERT_KINDS = (
     "dead_letter",
     "record_edited",
     "global_model_unusable",
+    "collusion",  # near-copy updates counted once (fedmed.robust.collusion)
+    "suspicion",  # a round not committed: its rules would have turned on half of the sites or more
 )
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable host fails a write in seconds, not after the OS's TCP timeout
 
