@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from fedmed.store import audit
+from fedmed.store.audit import AuditKeyError, RecordTampered
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "audit_verify.py"
@@ -220,9 +221,10 @@ def test_the_key_can_come_from_the_environment(tmp_path, monkeypatch):
         Repository(f"sqlite:///{tmp_path / 'y.db'}")
 
 
-def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted(tmp_path):
-    """An old database (revision 0005, unkeyed SHA-256 chain) keeps its history: the first keyed write adopts the
-    rows as they are; from then on they are covered like new ones."""
+def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted_only_by_the_admin(tmp_path):
+    """An old database (revision 0005, unkeyed SHA-256 chain) keeps its history and still verifies; the server
+    refuses to write on top of it until the admin adopts its rows (an audited entry naming the reason); from then on
+    they are covered like new ones."""
     from sqlalchemy import create_engine
 
     from fedmed.store.migrate import upgrade
@@ -249,6 +251,11 @@ def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted(tmp_path
     engine.dispose()
     repo = Repository(url)
     assert repo.verify_audit() is None
+    with pytest.raises(RecordTampered, match="audit chain is unkeyed.*fedmed-audit-verify --adopt"):
+        repo.start_run("new", "n", "j", "fedavg", 1, {})
+    assert repo.audit_rows() == 1 and repo.run_uids_starting_with("new") == []
+    entry, rows, accepted = repo.adopt("rows of 2026-01 checked against the paper log by the privacy officer")
+    assert (entry, rows, accepted) == (2, 1, [])
     repo.start_run("new", "n", "j", "fedavg", 1, {})
     report = repo.audit_report()
     assert report.first is None and report.legacy_entries == 1 and report.entries == 3  # old, adopt_rows, new
@@ -376,3 +383,163 @@ def test_trust_read_after_the_newest_entries_were_deleted_says_so(trusted):
     problems = []
     trusted.load_trust(problems)
     assert any("newest entries were deleted" in p for p in problems)
+
+
+# --- no downgrade, no silent adoption (issue 29) ---------------------------------------------------------------------
+
+
+def _forge_score(repo) -> int:
+    """The insider's edit: round 3's score. Returns the rounds row's id."""
+    row_id = _exec(repo, "SELECT id FROM rounds WHERE round_num = 3").scalar()
+    _exec(repo, "UPDATE rounds SET score = 0.99 WHERE id = :i", i=row_id)
+    return row_id
+
+
+def _downgrade_every_entry(repo) -> None:
+    """Rewrite the whole chain as unkeyed legacy SHA-256 entries: no key needed."""
+    rows = _exec(repo, "SELECT id, created_at, action, payload_json FROM audit_log ORDER BY id").all()
+    prev = audit.GENESIS_HASH
+    for r in rows:
+        h = audit.legacy_hash(prev, r.created_at, r.action, r.payload_json)
+        _exec(
+            repo, "UPDATE audit_log SET scheme = NULL, prev_hash = :p, row_hash = :h WHERE id = :i", p=prev, h=h, i=r.id
+        )
+        prev = h
+
+
+def test_a_chain_downgraded_to_unkeyed_entries_fails_and_vouches_for_no_trust(recorded, db_url):
+    _forge_score(recorded)
+    _downgrade_every_entry(recorded)
+    problem = recorded.verify_audit()
+    assert problem.table == "heads_file" and "holds no keyed entry" in problem.reason and "downgrade" in problem.reason
+    bad = _verify(db_url)
+    assert bad.returncode == 1 and "a downgrade to unkeyed entries" in bad.stderr
+    with pytest.raises(RecordTampered, match="site trust cannot be vouched for.*downgrade"):
+        recorded.load_trust()
+
+
+def test_a_keyed_chain_missing_from_its_heads_file_fails(recorded, tmp_path):
+    """Recomputed or re-keyed: the chain in the database is not the one whose heads the file recorded."""
+    heads = recorded.audit_settings().heads_file
+    lines = heads.read_text().splitlines()
+    heads.write_text("\n".join(line.replace('"chain":"', '"chain":"0') for line in lines) + "\n")
+    problem = recorded.verify_audit()
+    assert problem.table == "heads_file" and "has no head in it" in problem.reason
+
+
+def test_an_emptied_chain_with_its_heads_file_deleted_fails(recorded, db_url):
+    _exec(recorded, "DELETE FROM audit_log")
+    recorded.audit_settings().heads_file.unlink()
+    problem = recorded.verify_audit()
+    assert "the audit chain is empty but the record holds 1 runs row(s), 3 rounds row(s)" in problem.reason
+    bad = _verify(db_url)
+    assert bad.returncode == 1 and "the chain was emptied" in bad.stderr
+    with pytest.raises(RecordTampered, match="the chain was emptied"):
+        Repository(db_url).record_alert("run-1", "dead_letter", "a line")
+
+
+@pytest.mark.parametrize("downgraded", [False, True], ids=["edited", "edited-and-downgraded"])
+def test_the_next_ordinary_write_refuses_a_forged_record_instead_of_adopting_it(recorded, db_url, downgraded):
+    """Before: the server's next write (an alert) adopted the forged rows under the real key and verify passed. Now
+    the next job's first write is refused, nothing is written, and the reason names the forged row (or the
+    downgrade that hides it)."""
+    row_id = _forge_score(recorded)
+    if downgraded:
+        _downgrade_every_entry(recorded)
+    entries = recorded.audit_rows()
+    with pytest.raises(RecordTampered, match="refusing to write alert") as refused:
+        Repository(db_url).record_alert("run-1", "dead_letter", "a journal line could not be written")
+    forged = f"rounds row {row_id}: (run-1, 3) does not match what audit entry"
+    assert ("holds no keyed entry" if downgraded else forged) in str(refused.value)
+    assert recorded.audit_rows() == entries
+
+
+def test_a_server_that_vouched_for_the_chain_checks_only_new_entries_and_still_adopts_nothing(recorded):
+    """Within one job the writer re-checks only the entries appended since its last write (a full check per round
+    would grow with the record): a row edited meanwhile is not re-vouched by its next write, the verifier still
+    names it, and the next job's first write refuses (test above). A rewritten chain is caught at once."""
+    row_id = _forge_score(recorded)
+    recorded.record_alert("run-1", "dead_letter", "written, covering only its own row")
+    problem = recorded.verify_audit()
+    assert (problem.table, problem.row_id) == ("rounds", row_id) and "edited" in problem.reason
+    _downgrade_every_entry(recorded)
+    with pytest.raises(RecordTampered, match="holds no keyed entry"):
+        recorded.record_alert("run-1", "dead_letter", "refused")
+
+
+def test_adoption_is_explicit_audited_and_names_what_it_accepted(recorded, db_url):
+    row_id = _forge_score(recorded)
+    no_reason = subprocess.run(
+        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt"], capture_output=True, text=True, timeout=120
+    )
+    assert no_reason.returncode == 2 and "--adopt needs --reason" in no_reason.stderr
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt", "--reason", "score corrected by hand, ticket 7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"accepted: rounds row {row_id}" in out.stdout
+    entry = _exec(recorded, "SELECT payload_json, scheme FROM audit_log ORDER BY id DESC").first()
+    assert entry.scheme == audit.SCHEME and "score corrected by hand, ticket 7" in entry.payload_json
+    assert f"rounds row {row_id}" in entry.payload_json
+    assert _verify(db_url).returncode == 0
+    recorded.record_alert("run-1", "dead_letter", "writes go on after the adoption")
+    assert recorded.verify_audit() is None
+    nothing = subprocess.run(
+        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt", "--reason", "again"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert nothing.returncode == 2 and "nothing to adopt" in nothing.stderr
+
+
+def test_adoption_cannot_repair_a_broken_chain(recorded, db_url):
+    """An unkeyed entry after keyed ones is a change to the chain itself: no adoption, restore from a backup."""
+    last = _exec(
+        recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log ORDER BY id DESC"
+    ).first()
+    _exec(
+        recorded,
+        "UPDATE audit_log SET scheme = NULL, row_hash = :h WHERE id = :i",
+        h=audit.legacy_hash(last.prev_hash, last.created_at, last.action, last.payload_json),
+        i=last.id,
+    )
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt", "--reason", "hide it"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "unkeyed entry after keyed ones" in out.stderr and "backup" in out.stderr
+    with pytest.raises(RecordTampered, match="restore the database and the heads file from a backup"):
+        recorded.record_alert("run-1", "dead_letter", "x")
+
+
+def test_an_adopted_trust_edit_is_what_the_next_job_reads(trusted, db_url):
+    _exec(trusted, _site_trust_sql("lift"))
+    with pytest.raises(RecordTampered, match="site_trust"):
+        Repository(db_url).record_alert("run-t", "record_edited", "x")
+    trusted.adopt("hospital-b readmitted by the federation's board, minutes of 2026-12-01")
+    problems = []
+    assert not trusted.load_trust(problems)["hospital-b"].quarantined and problems == []
+    assert trusted.verify_audit() is None
+
+
+# --- configuration errors fail fast (issue 29 item 7) ----------------------------------------------------------------
+
+
+def test_a_database_url_without_an_audit_key_is_refused_before_connecting(tmp_path):
+    """No server listens on port 1: the refusal comes before any connection, with the fix in one line."""
+    from fedmed.store.journal import Journal, ResilientRecorder
+
+    url = "postgresql://fedmed@127.0.0.1:1/fedmed"
+    with pytest.raises(AuditKeyError, match=r"no audit key for postgresql://.*install.sh <server kit> server --db-url"):
+        Repository(url)
+    journal = Journal(tmp_path / "journal.jsonl")
+    recorder = ResilientRecorder(lambda: Repository(url), journal)
+    with pytest.raises(AuditKeyError, match="FEDMED_AUDIT_KEY_FILE=<server kit>/local/audit_key"):
+        recorder.write("start_run", uid="u", name="n", job_id="j", aggregation="fedavg", num_rounds=1, config={})
+    assert journal.pending() == [] and not recorder.degraded  # not an outage, not journaled

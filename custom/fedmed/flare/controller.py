@@ -62,6 +62,7 @@ from fedmed.rounds import (
     finite_or_none,
 )
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
+from fedmed.store.audit import RecordRefused
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord, resolve_db_url
@@ -310,7 +311,9 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             return self._run_cross_site_eval_only()
         try:
             db, run_uid, resumed = self._start_record()  # resumed: a ResumedRun when this job continues a run
-        except ResumeRefused as e:  # the admin's mistake or a swapped model file: one line, no traceback
+        except (ResumeRefused, RecordRefused) as e:
+            # The admin's mistake, a swapped model file, no audit key, a record that does not verify: one line, no
+            # traceback (a RecordRefused is no database outage: the job must not run unrecorded).
             self.error(str(e))
             self.panic(str(e))  # the job ends abnormally; nothing was written to the run's record
             return
