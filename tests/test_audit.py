@@ -388,6 +388,21 @@ def test_trust_read_after_the_newest_entries_were_deleted_says_so(trusted):
 # --- no downgrade, no silent adoption (issue 29) ---------------------------------------------------------------------
 
 
+def _cli(capsys, *argv):
+    """fedmed-audit-verify in this process (the subprocess tests above cover the script's entry point)."""
+    from types import SimpleNamespace
+
+    from fedmed.cli.audit_verify import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
 def _forge_score(repo) -> int:
     """The insider's edit: round 3's score. Returns the rounds row's id."""
     row_id = _exec(repo, "SELECT id FROM rounds WHERE round_num = 3").scalar()
@@ -407,12 +422,12 @@ def _downgrade_every_entry(repo) -> None:
         prev = h
 
 
-def test_a_chain_downgraded_to_unkeyed_entries_fails_and_vouches_for_no_trust(recorded, db_url):
+def test_a_chain_downgraded_to_unkeyed_entries_fails_and_vouches_for_no_trust(recorded, db_url, capsys):
     _forge_score(recorded)
     _downgrade_every_entry(recorded)
     problem = recorded.verify_audit()
     assert problem.table == "heads_file" and "holds no keyed entry" in problem.reason and "downgrade" in problem.reason
-    bad = _verify(db_url)
+    bad = _cli(capsys, "--db-url", db_url)
     assert bad.returncode == 1 and "a downgrade to unkeyed entries" in bad.stderr
     with pytest.raises(RecordTampered, match="site trust cannot be vouched for.*downgrade"):
         recorded.load_trust()
@@ -427,12 +442,12 @@ def test_a_keyed_chain_missing_from_its_heads_file_fails(recorded, tmp_path):
     assert problem.table == "heads_file" and "has no head in it" in problem.reason
 
 
-def test_an_emptied_chain_with_its_heads_file_deleted_fails(recorded, db_url):
+def test_an_emptied_chain_with_its_heads_file_deleted_fails(recorded, db_url, capsys):
     _exec(recorded, "DELETE FROM audit_log")
     recorded.audit_settings().heads_file.unlink()
     problem = recorded.verify_audit()
     assert "the audit chain is empty but the record holds 1 runs row(s), 3 rounds row(s)" in problem.reason
-    bad = _verify(db_url)
+    bad = _cli(capsys, "--db-url", db_url)
     assert bad.returncode == 1 and "the chain was emptied" in bad.stderr
     with pytest.raises(RecordTampered, match="the chain was emptied"):
         Repository(db_url).record_alert("run-1", "dead_letter", "a line")
@@ -467,36 +482,24 @@ def test_a_server_that_vouched_for_the_chain_checks_only_new_entries_and_still_a
         recorded.record_alert("run-1", "dead_letter", "refused")
 
 
-def test_adoption_is_explicit_audited_and_names_what_it_accepted(recorded, db_url):
+def test_adoption_is_explicit_audited_and_names_what_it_accepted(recorded, db_url, capsys):
     row_id = _forge_score(recorded)
-    no_reason = subprocess.run(
-        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt"], capture_output=True, text=True, timeout=120
-    )
+    no_reason = _cli(capsys, "--db-url", db_url, "--adopt")
     assert no_reason.returncode == 2 and "--adopt needs --reason" in no_reason.stderr
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt", "--reason", "score corrected by hand, ticket 7"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _cli(capsys, "--db-url", db_url, "--adopt", "--reason", "score corrected by hand, ticket 7")
     assert out.returncode == 0, out.stderr
     assert f"accepted: rounds row {row_id}" in out.stdout
     entry = _exec(recorded, "SELECT payload_json, scheme FROM audit_log ORDER BY id DESC").first()
     assert entry.scheme == audit.SCHEME and "score corrected by hand, ticket 7" in entry.payload_json
     assert f"rounds row {row_id}" in entry.payload_json
-    assert _verify(db_url).returncode == 0
+    assert _cli(capsys, "--db-url", db_url).returncode == 0
     recorded.record_alert("run-1", "dead_letter", "writes go on after the adoption")
     assert recorded.verify_audit() is None
-    nothing = subprocess.run(
-        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt", "--reason", "again"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    nothing = _cli(capsys, "--db-url", db_url, "--adopt", "--reason", "again")
     assert nothing.returncode == 2 and "nothing to adopt" in nothing.stderr
 
 
-def test_adoption_cannot_repair_a_broken_chain(recorded, db_url):
+def test_adoption_cannot_repair_a_broken_chain(recorded, db_url, capsys):
     """An unkeyed entry after keyed ones is a change to the chain itself: no adoption, restore from a backup."""
     last = _exec(
         recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log ORDER BY id DESC"
@@ -507,12 +510,7 @@ def test_adoption_cannot_repair_a_broken_chain(recorded, db_url):
         h=audit.legacy_hash(last.prev_hash, last.created_at, last.action, last.payload_json),
         i=last.id,
     )
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--db-url", db_url, "--adopt", "--reason", "hide it"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _cli(capsys, "--db-url", db_url, "--adopt", "--reason", "hide it")
     assert out.returncode == 1 and "unkeyed entry after keyed ones" in out.stderr and "backup" in out.stderr
     with pytest.raises(RecordTampered, match="restore the database and the heads file from a backup"):
         recorded.record_alert("run-1", "dead_letter", "x")
@@ -543,3 +541,99 @@ def test_a_database_url_without_an_audit_key_is_refused_before_connecting(tmp_pa
     with pytest.raises(AuditKeyError, match="FEDMED_AUDIT_KEY_FILE=<server kit>/local/audit_key"):
         recorder.write("start_run", uid="u", name="n", job_id="j", aggregation="fedavg", num_rounds=1, config={})
     assert journal.pending() == [] and not recorder.degraded  # not an outage, not journaled
+
+
+# --- receipts at the hospitals: an anchor the key holder does not hold (issue 29 item 2) ------------------------------
+
+
+def _rewrite_with_the_key(repo, key: bytes, heads) -> None:
+    """What the server operator can do: edit round 3's score, put the edited row's hash in the entry that recorded
+    it, recompute every MAC from there on with the real key, and rewrite the heads file to match."""
+    import json
+
+    from sqlalchemy.orm import Session
+
+    _forge_score(repo)
+    with Session(repo.engine) as s:
+        (edited,) = audit.table_rows(s, "rounds", round_num=3)
+    rows = _exec(repo, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log ORDER BY id").all()
+    first = next(r.id for r in rows if r.action == "record_round" and '"round":3' in r.payload_json)
+    prev, macs = None, {}
+    for r in rows:
+        if r.id < first:
+            continue
+        payload = json.loads(r.payload_json)
+        payload["rows"] = [
+            [t, k, edited.hash if (t, k) == ("rounds", list(edited.key)) else h] for t, k, h in payload["rows"]
+        ]
+        body = audit.canonical_json(payload)
+        prev = prev or r.prev_hash
+        mac = audit.entry_mac(key, prev, r.created_at, r.action, body)
+        _exec(
+            repo,
+            "UPDATE audit_log SET payload_json = :p, prev_hash = :v, row_hash = :m WHERE id = :i",
+            p=body,
+            v=prev,
+            m=mac,
+            i=r.id,
+        )
+        prev, macs[r.id] = mac, mac
+    lines = []
+    for line in heads.read_text().splitlines():
+        h = json.loads(line)
+        h["mac"] = macs.get(h["id"], h["mac"])
+        lines.append(audit.canonical_json(h))
+    heads.write_text("\n".join(lines) + "\n")
+
+
+def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
+    recorded, db_url, audit_key_file, tmp_path, capsys
+):
+    from fedmed import signing
+    from fedmed.store import receipts
+
+    signing.generate_site_keys(tmp_path / "server-keys", "server")
+    server = signing.load_site_keys(tmp_path / "server-keys")
+    server_pub = tmp_path / "server-keys" / signing.PUBLIC_FILE
+    log = tmp_path / "hospital-a" / "local" / receipts.RECEIPTS_FILE
+    tag = _exec(recorded, "SELECT row_hash FROM audit_log ORDER BY id").scalar()
+    rounds = _exec(recorded, "SELECT id, row_hash FROM audit_log WHERE action = 'record_round' ORDER BY id").all()
+    for n, r in enumerate(rounds, 1):  # what the server sends after each round, and the hospital keeps
+        head = receipts.ChainHead(tag, r.id, r.row_hash)
+        receipts.append_receipt(log, receipts.make_receipt("run-1", n, head, server), server.public)
+    intact = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--db-url",
+            db_url,
+            "--receipts",
+            str(log.parent),
+            "--server-key",
+            str(server_pub),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert intact.returncode == 0 and "3 hospital receipt(s) match" in intact.stdout, intact.stderr
+
+    _rewrite_with_the_key(recorded, audit.read_key_file(audit_key_file), recorded.audit_settings().heads_file)
+    assert _cli(capsys, "--db-url", db_url).returncode == 0  # the chain alone cannot tell: its writer held the key
+    caught = _cli(capsys, "--db-url", db_url, "--receipts", str(log.parent))
+    assert caught.returncode == 1
+    assert "audit_receipts.jsonl line 3 (run run-1, round 3) records audit entry" in caught.stderr
+    assert "rewritten after the hospital received it" in caught.stderr
+
+    # a receipt the hospital made up itself (signed with another key) is named, not held against the server
+    signing.generate_site_keys(tmp_path / "hospital-keys", "hospital-a")
+    fake = receipts.make_receipt(
+        "run-1", 9, receipts.ChainHead(tag, 1, "0" * 64), signing.load_site_keys(tmp_path / "hospital-keys")
+    )
+    with pytest.raises(signing.SignatureError):
+        receipts.append_receipt(log, fake, server.public)
+    (log.parent / "forged.jsonl").write_text(audit.canonical_json(fake.__dict__) + "\n")
+    checked, problems = Repository(db_url, create_schema=False).check_receipts(
+        log.parent / "forged.jsonl", server.public
+    )
+    assert checked == 0 and "is not the server's" in problems[0].reason

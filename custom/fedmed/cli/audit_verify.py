@@ -8,8 +8,14 @@ No downgrade: unkeyed entries after keyed ones, a chain with no keyed entry besi
 heads, an empty chain beside rows, or a missing heads file beside a keyed chain all fail.
 
     fedmed-audit-verify [--db-url URL] [--key-file KIT/local/audit_key] [--heads WORKSPACE/audit_heads.log]
-                        [--site-keys KIT/local/site_keys]
+                        [--site-keys KIT/local/site_keys] [--receipts DIR [--server-key FILE]]
     fedmed-audit-verify --adopt --reason TEXT [--db-url URL] [--key-file ...] [--heads ...]
+
+--receipts DIR: also check the record against hospitals' receipt logs (*.jsonl in DIR, e.g. copies of each
+hospital's local/audit_receipts.jsonl; fedmed/store/receipts.py): the chain heads the server signed and sent them.
+A record rewritten together with its key (by whoever holds it) no longer holds the MACs the hospitals kept. With
+--server-key (the server's public bundle, a hospital kit's local/server_signing.pub) each receipt's signature is
+checked too.
 
 --adopt: the admin's explicit act after checking the record: vouch for every row as it is now (a record written
 before the keyed chain, or rows changed outside fedmed and accepted) in one keyed audit entry that names the reason
@@ -47,6 +53,8 @@ def main(argv=None) -> int:
         help="the server kit's local/site_keys/: re-verify every stored update "
         "signature with the hospitals' public keys",
     )
+    p.add_argument("--receipts", type=Path, help="folder of hospitals' receipt logs (audit_receipts.jsonl copies)")
+    p.add_argument("--server-key", type=Path, help="with --receipts: the server's public signing bundle")
     p.add_argument("--adopt", action="store_true", help="vouch for every row as it is now, in one keyed entry")
     p.add_argument("--reason", help="with --adopt: who checked the record and why its rows are accepted (recorded)")
     a = p.parse_args(argv)
@@ -60,6 +68,10 @@ def main(argv=None) -> int:
     try:
         site_keys = signing.load_public_keys_dir(a.site_keys) if a.site_keys else None
         report = repo.audit_report(site_keys)
+        if a.receipts:
+            server_public = signing.load_public_keys(a.server_key) if a.server_key else None
+            receipts_checked, problems = repo.check_receipts(a.receipts, server_public)
+            report.problems.extend(problems)
     except ValueError as e:
         print(f"cannot verify: {e}", file=sys.stderr)
         return 2
@@ -76,6 +88,7 @@ def main(argv=None) -> int:
         f"audit chain intact: {report.entries} rows ({report.legacy_entries} unkeyed from before the keyed chain), "
         f"{report.rows_checked} table rows match it, {report.heads_checked} head(s) in {report.heads_file}"
         + (f", {report.signatures_checked} update signature(s) verify" if a.site_keys else "")
+        + (f", {receipts_checked} hospital receipt(s) match" if a.receipts else "")
     )
     return 0
 

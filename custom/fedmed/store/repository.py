@@ -838,6 +838,20 @@ class Repository:
         with self._session() as s:
             return audit.verify(s, settings, site_keys)
 
+    def chain_head(self):
+        """The audit chain's tag and newest entry (fedmed.store.receipts.ChainHead), or None when it is empty."""
+        from fedmed.store import receipts
+
+        with self._session() as s:
+            return receipts.chain_head(s)
+
+    def check_receipts(self, folder: Path, server_public=None) -> tuple[int, list]:
+        """The record against hospitals' receipt logs (fedmed.store.receipts.check_receipts)."""
+        from fedmed.store import receipts  # signing keys are needed only here
+
+        with self._session() as s:
+            return receipts.check_receipts(s, folder, server_public)
+
     def verify_audit(self) -> Optional[AuditProblem]:
         """The first problem audit_report finds, or None if the record is intact."""
         return self.audit_report().first
