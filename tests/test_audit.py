@@ -637,3 +637,39 @@ def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
         log.parent / "forged.jsonl", server.public
     )
     assert checked == 0 and "is not the server's" in problems[0].reason
+
+
+def test_the_server_sends_each_rounds_head_and_the_hospital_keeps_only_what_the_server_signed(
+    tmp_path, signing_keys, capsys
+):
+    """The wiring: after a recorded round the Controller signs the chain head (audit_receipt), the next global
+    model carries it over the wire, the Executor keeps it (store_receipt) after checking the server's signature."""
+    import logging
+
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from conftest import over_the_wire
+    from fedmed import constants as C
+    from fedmed.flare import signatures as wire_sig
+    from fedmed.store import receipts
+    from fedmed.store.journal import Journal, ResilientRecorder
+
+    url = f"sqlite:///{tmp_path / 'fedmed.db'}"
+    server, hospital_local = signing_keys["server"], tmp_path / "hospital-a" / "local"
+    db = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("t"))
+    db.write("start_run", uid="run-w", name="n", job_id="j", aggregation="fedavg", num_rounds=2, config={})
+    assert wire_sig.audit_receipt(db, "run-w", 1, None) is None  # signatures off: nothing to send
+    for n in (1, 2):
+        assert db.write("record_round", run_uid="run-w", record=_round(n))
+        receipt = wire_sig.audit_receipt(db, "run-w", n, server)
+        model = over_the_wire(FLModel(params={}, meta={C.META_AUDIT_RECEIPT: receipt}))
+        wire_sig.store_receipt(model, server.public, hospital_local)
+    db.close()
+    kept = receipts.read_receipts(hospital_local / receipts.RECEIPTS_FILE)
+    assert [(r.run, r.round) for _, r in kept] == [("run-w", 1), ("run-w", 2)]
+    forged = dict(receipt, mac="f" * 64)  # a receipt altered on the way (or made up) is refused, not kept
+    with pytest.raises(ValueError, match="does not verify"):
+        wire_sig.store_receipt(FLModel(params={}, meta={C.META_AUDIT_RECEIPT: forged}), server.public, hospital_local)
+    assert len(receipts.read_receipts(hospital_local / receipts.RECEIPTS_FILE)) == 2
+    ok = _cli(capsys, "--db-url", url, "--receipts", hospital_local)
+    assert ok.returncode == 0 and "2 hospital receipt(s) match" in ok.stdout

@@ -255,6 +255,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         self.evaluate_only = bool(evaluate_only)
         self.cross_site_timeout = cross_site_timeout
         self._signer = None  # the server's signing keys, when signatures are on
+        self._receipt = None  # the signed audit chain head of the last recorded round, sent with the next model
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
         # is refused before anything runs.
@@ -638,6 +639,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         if self._earlier_jobs:  # the sites' DP-SGD accountants continue the run's (fedmed.resume)
             model.meta[C.META_RESUMED_JOBS] = list(self._earlier_jobs)
         if self._signer is not None:  # hospitals train only on a global model the server signed for this round
+            if self._receipt is not None:  # each hospital keeps the record's head: an anchor the key holder lacks
+                model.meta[C.META_AUDIT_RECEIPT] = self._receipt
             wire_sig.sign_global(model, self.fl_ctx.get_job_id(), round_num, self._signer)
         self.info(f"round {round_num + 1}/{self.num_rounds}: sending the global model to {targets}")
         # ModelController.send_model_and_wait ends the round at min_responses; we want every site that answers
@@ -701,6 +704,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
     def _record_round(self, db, run_uid: str, record: RoundRecord) -> None:
         """Into the run record, then out to TensorBoard and report.html (fedmed.flare.live_metrics: never raises)."""
         recorded = db.write("record_round", run_uid=run_uid, record=record)
+        self._receipt = wire_sig.audit_receipt(db, run_uid, record.round_num, self._signer) if recorded else None
         self._live.publish(record, self._db_url, recorded)
 
     def _round_record(

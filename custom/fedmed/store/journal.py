@@ -379,6 +379,16 @@ class ResilientRecorder:
         self._write_alerts()
         return True
 
+    def chain_head(self):
+        """The audit chain's head after the last write (fedmed.store.receipts.ChainHead), or None while degraded:
+        journaled writes are not in the chain yet, so no receipt is due for them."""
+        if self.degraded or self._repo is None:
+            return None
+        try:
+            return self._repo.chain_head()
+        except sa_exc.SQLAlchemyError:
+            return None
+
     def close(self) -> None:
         if self._repo is not None:
             self._repo.close()
