@@ -785,7 +785,12 @@ def _compare_heads(
     other = [h for h in heads if h["chain"] != chain_tag]
     if other and chain_tag is None:
         rep.problems.append(
-            AuditProblem(0, f"the audit chain is empty but {path} records {len(other)} head(s)", "heads_file")
+            AuditProblem(
+                0,
+                f"the audit chain is empty but {path} records {len(other)} head(s): the record was emptied, or this "
+                f"is a new database beside another record's heads file (give it its own ${ENV_AUDIT_HEADS})",
+                "heads_file",
+            )
         )
         return
     readable = [h for h in other if h["chain"] is not None]
