@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.db_url:
         p.error(f"give --db-url or set {ENV_DB_URL}")
+    if a.server_key and not a.receipts:
+        p.error("--server-key checks receipts: give --receipts DIR too")
     if a.adopt and not (a.reason or "").strip():
         p.error("--adopt needs --reason TEXT: the adoption entry records who checked the record and why")
     repo = Repository(a.db_url, create_schema=False, audit_key_file=a.key_file, heads_file=a.heads)
