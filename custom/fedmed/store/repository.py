@@ -693,7 +693,7 @@ class Repository:
                     AuditEntry.payload_json.contains(f'"revision":"{revision}"'),
                 )
             )
-            if keyed is None or done is not None:  # no keyed chain yet (its first write adopts the rows), or done
+            if keyed is None or done is not None:  # no keyed chain yet (an admin adopts the rows), or done
                 return
             form = audit.MIGRATION_FORMS[revision]
             previous = [r for t in audit._TABLES for r in audit.table_rows(s, t, form=form)]
