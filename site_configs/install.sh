@@ -2,6 +2,9 @@
 # Install site_configs/<site> into a provisioned startup kit:  site_configs/install.sh <kit_dir> <site> [options]
 # (options: --site-config FILE, --db-url URL; see scripts/install_kit.py --help). Uses this checkout's .venv,
 # or $FEDMED_PYTHON (a Python with fedmed installed: pip install -e <checkout>).
+# Server with a --db-url that is no SQLite file (PostgreSQL): also makes the record's audit key
+# <kit_dir>/local/audit_key (0600, never replaced) and sets FEDMED_AUDIT_KEY_FILE to it in <kit_dir>/local/fedmed.env;
+# a SQLite record keeps its key in <database folder>/local/audit_key. `install.sh --check <kit_dir>` names it.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"  # physical path, as Python resolves it
 PY="${FEDMED_PYTHON:-$REPO/.venv/bin/python}"

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from fedmed.store import audit
+from fedmed.store.audit import AuditKeyError, RecordTampered
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "audit_verify.py"
@@ -220,9 +221,10 @@ def test_the_key_can_come_from_the_environment(tmp_path, monkeypatch):
         Repository(f"sqlite:///{tmp_path / 'y.db'}")
 
 
-def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted(tmp_path):
-    """An old database (revision 0005, unkeyed SHA-256 chain) keeps its history: the first keyed write adopts the
-    rows as they are; from then on they are covered like new ones."""
+def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted_only_by_the_admin(tmp_path):
+    """An old database (revision 0005, unkeyed SHA-256 chain) keeps its history and still verifies; the server
+    refuses to write on top of it until the admin adopts its rows (an audited entry naming the reason); from then on
+    they are covered like new ones."""
     from sqlalchemy import create_engine
 
     from fedmed.store.migrate import upgrade
@@ -249,6 +251,11 @@ def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted(tmp_path
     engine.dispose()
     repo = Repository(url)
     assert repo.verify_audit() is None
+    with pytest.raises(RecordTampered, match="audit chain is unkeyed.*fedmed-audit-verify --adopt"):
+        repo.start_run("new", "n", "j", "fedavg", 1, {})
+    assert repo.audit_rows() == 1 and repo.run_uids_starting_with("new") == []
+    entry, rows, accepted = repo.adopt("rows of 2026-01 checked against the paper log by the privacy officer")
+    assert (entry, rows, accepted) == (2, 1, [])
     repo.start_run("new", "n", "j", "fedavg", 1, {})
     report = repo.audit_report()
     assert report.first is None and report.legacy_entries == 1 and report.entries == 3  # old, adopt_rows, new
@@ -379,3 +386,293 @@ def test_trust_read_after_the_newest_entries_were_deleted_says_so(trusted):
     problems = []
     trusted.load_trust(problems)
     assert any("newest entries were deleted" in p for p in problems)
+
+
+# --- no downgrade, no silent adoption (issue 29) ---------------------------------------------------------------------
+
+
+def _cli(capsys, *argv):
+    """fedmed-audit-verify in this process (the subprocess tests above cover the script's entry point)."""
+    from types import SimpleNamespace
+
+    from fedmed.cli.audit_verify import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
+def _forge_score(repo) -> int:
+    """The insider's edit: round 3's score. Returns the rounds row's id."""
+    row_id = _exec(repo, "SELECT id FROM rounds WHERE round_num = 3").scalar()
+    _exec(repo, "UPDATE rounds SET score = 0.99 WHERE id = :i", i=row_id)
+    return row_id
+
+
+def _downgrade_every_entry(repo) -> None:
+    """Rewrite the whole chain as unkeyed legacy SHA-256 entries: no key needed."""
+    rows = _exec(repo, "SELECT id, created_at, action, payload_json FROM audit_log ORDER BY id").all()
+    prev = audit.GENESIS_HASH
+    for r in rows:
+        h = audit.legacy_hash(prev, r.created_at, r.action, r.payload_json)
+        _exec(
+            repo, "UPDATE audit_log SET scheme = NULL, prev_hash = :p, row_hash = :h WHERE id = :i", p=prev, h=h, i=r.id
+        )
+        prev = h
+
+
+def test_a_chain_downgraded_to_unkeyed_entries_fails_and_vouches_for_no_trust(recorded, db_url, capsys):
+    _forge_score(recorded)
+    _downgrade_every_entry(recorded)
+    problem = recorded.verify_audit()
+    assert problem.table == "heads_file" and "holds no keyed entry" in problem.reason and "downgrade" in problem.reason
+    bad = _cli(capsys, "--db-url", db_url)
+    assert bad.returncode == 1 and "a downgrade to unkeyed entries" in bad.stderr
+    with pytest.raises(RecordTampered, match="site trust cannot be vouched for.*downgrade"):
+        recorded.load_trust()
+
+
+def test_a_keyed_chain_missing_from_its_heads_file_fails(recorded, tmp_path):
+    """Recomputed or re-keyed: the chain in the database is not the one whose heads the file recorded."""
+    heads = recorded.audit_settings().heads_file
+    lines = heads.read_text().splitlines()
+    heads.write_text("\n".join(line.replace('"chain":"', '"chain":"0') for line in lines) + "\n")
+    problem = recorded.verify_audit()
+    assert problem.table == "heads_file" and "has no head in it" in problem.reason
+
+
+def test_an_emptied_chain_with_its_heads_file_deleted_fails(recorded, db_url, capsys):
+    _exec(recorded, "DELETE FROM audit_log")
+    recorded.audit_settings().heads_file.unlink()
+    problem = recorded.verify_audit()
+    assert "the audit chain is empty but the record holds 1 runs row(s), 3 rounds row(s)" in problem.reason
+    bad = _cli(capsys, "--db-url", db_url)
+    assert bad.returncode == 1 and "the chain was emptied" in bad.stderr
+    with pytest.raises(RecordTampered, match="the chain was emptied"):
+        Repository(db_url).record_alert("run-1", "dead_letter", "a line")
+
+
+@pytest.mark.parametrize("downgraded", [False, True], ids=["edited", "edited-and-downgraded"])
+def test_the_next_ordinary_write_refuses_a_forged_record_instead_of_adopting_it(recorded, db_url, downgraded):
+    """Before: the server's next write (an alert) adopted the forged rows under the real key and verify passed. Now
+    the next job's first write is refused, nothing is written, and the reason names the forged row (or the
+    downgrade that hides it)."""
+    row_id = _forge_score(recorded)
+    if downgraded:
+        _downgrade_every_entry(recorded)
+    entries = recorded.audit_rows()
+    with pytest.raises(RecordTampered, match="refusing to write alert") as refused:
+        Repository(db_url).record_alert("run-1", "dead_letter", "a journal line could not be written")
+    forged = f"rounds row {row_id}: (run-1, 3) does not match what audit entry"
+    assert ("holds no keyed entry" if downgraded else forged) in str(refused.value)
+    assert recorded.audit_rows() == entries
+
+
+def test_a_server_that_vouched_for_the_chain_checks_only_new_entries_and_still_adopts_nothing(recorded):
+    """Within one job the writer re-checks only the entries appended since its last write (a full check per round
+    would grow with the record): a row edited meanwhile is not re-vouched by its next write, the verifier still
+    names it, and the next job's first write refuses (test above). A rewritten chain is caught at once."""
+    row_id = _forge_score(recorded)
+    recorded.record_alert("run-1", "dead_letter", "written, covering only its own row")
+    problem = recorded.verify_audit()
+    assert (problem.table, problem.row_id) == ("rounds", row_id) and "edited" in problem.reason
+    _downgrade_every_entry(recorded)
+    with pytest.raises(RecordTampered, match="holds no keyed entry"):
+        recorded.record_alert("run-1", "dead_letter", "refused")
+
+
+def test_adoption_is_explicit_audited_and_names_what_it_accepted(recorded, db_url, capsys):
+    row_id = _forge_score(recorded)
+    no_reason = _cli(capsys, "--db-url", db_url, "--adopt")
+    assert no_reason.returncode == 2 and "--adopt needs --reason" in no_reason.stderr
+    out = _cli(capsys, "--db-url", db_url, "--adopt", "--reason", "score corrected by hand, ticket 7")
+    assert out.returncode == 0, out.stderr
+    assert f"accepted: rounds row {row_id}" in out.stdout
+    entry = _exec(recorded, "SELECT payload_json, scheme FROM audit_log ORDER BY id DESC").first()
+    assert entry.scheme == audit.SCHEME and "score corrected by hand, ticket 7" in entry.payload_json
+    assert f"rounds row {row_id}" in entry.payload_json
+    assert _cli(capsys, "--db-url", db_url).returncode == 0
+    recorded.record_alert("run-1", "dead_letter", "writes go on after the adoption")
+    assert recorded.verify_audit() is None
+    nothing = _cli(capsys, "--db-url", db_url, "--adopt", "--reason", "again")
+    assert nothing.returncode == 2 and "nothing to adopt" in nothing.stderr
+
+
+def test_adoption_cannot_repair_a_broken_chain(recorded, db_url, capsys):
+    """An unkeyed entry after keyed ones is a change to the chain itself: no adoption, restore from a backup."""
+    last = _exec(
+        recorded, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log ORDER BY id DESC"
+    ).first()
+    _exec(
+        recorded,
+        "UPDATE audit_log SET scheme = NULL, row_hash = :h WHERE id = :i",
+        h=audit.legacy_hash(last.prev_hash, last.created_at, last.action, last.payload_json),
+        i=last.id,
+    )
+    out = _cli(capsys, "--db-url", db_url, "--adopt", "--reason", "hide it")
+    assert out.returncode == 1 and "unkeyed entry after keyed ones" in out.stderr and "backup" in out.stderr
+    with pytest.raises(RecordTampered, match="restore the database and the heads file from a backup"):
+        recorded.record_alert("run-1", "dead_letter", "x")
+
+
+def test_an_adopted_trust_edit_is_what_the_next_job_reads(trusted, db_url):
+    _exec(trusted, _site_trust_sql("lift"))
+    with pytest.raises(RecordTampered, match="site_trust"):
+        Repository(db_url).record_alert("run-t", "record_edited", "x")
+    trusted.adopt("hospital-b readmitted by the federation's board, minutes of 2026-12-01")
+    problems = []
+    assert not trusted.load_trust(problems)["hospital-b"].quarantined and problems == []
+    assert trusted.verify_audit() is None
+
+
+# --- configuration errors fail fast (issue 29 item 7) ----------------------------------------------------------------
+
+
+def test_a_database_url_without_an_audit_key_is_refused_before_connecting(tmp_path):
+    """No server listens on port 1: the refusal comes before any connection, with the fix in one line."""
+    from fedmed.store.journal import Journal, ResilientRecorder
+
+    url = "postgresql://fedmed@127.0.0.1:1/fedmed"
+    with pytest.raises(AuditKeyError, match=r"no audit key for postgresql://.*install.sh <server kit> server --db-url"):
+        Repository(url)
+    journal = Journal(tmp_path / "journal.jsonl")
+    recorder = ResilientRecorder(lambda: Repository(url), journal)
+    with pytest.raises(AuditKeyError, match="FEDMED_AUDIT_KEY_FILE=<server kit>/local/audit_key"):
+        recorder.write("start_run", uid="u", name="n", job_id="j", aggregation="fedavg", num_rounds=1, config={})
+    assert journal.pending() == [] and not recorder.degraded  # not an outage, not journaled
+
+
+# --- receipts at the hospitals: an anchor the key holder does not hold (issue 29 item 2) ------------------------------
+
+
+def _rewrite_with_the_key(repo, key: bytes, heads) -> None:
+    """What the server operator can do: edit round 3's score, put the edited row's hash in the entry that recorded
+    it, recompute every MAC from there on with the real key, and rewrite the heads file to match."""
+    import json
+
+    from sqlalchemy.orm import Session
+
+    _forge_score(repo)
+    with Session(repo.engine) as s:
+        (edited,) = audit.table_rows(s, "rounds", round_num=3)
+    rows = _exec(repo, "SELECT id, created_at, action, payload_json, prev_hash FROM audit_log ORDER BY id").all()
+    first = next(r.id for r in rows if r.action == "record_round" and '"round":3' in r.payload_json)
+    prev, macs = None, {}
+    for r in rows:
+        if r.id < first:
+            continue
+        payload = json.loads(r.payload_json)
+        payload["rows"] = [
+            [t, k, edited.hash if (t, k) == ("rounds", list(edited.key)) else h] for t, k, h in payload["rows"]
+        ]
+        body = audit.canonical_json(payload)
+        prev = prev or r.prev_hash
+        mac = audit.entry_mac(key, prev, r.created_at, r.action, body)
+        _exec(
+            repo,
+            "UPDATE audit_log SET payload_json = :p, prev_hash = :v, row_hash = :m WHERE id = :i",
+            p=body,
+            v=prev,
+            m=mac,
+            i=r.id,
+        )
+        prev, macs[r.id] = mac, mac
+    lines = []
+    for line in heads.read_text().splitlines():
+        h = json.loads(line)
+        h["mac"] = macs.get(h["id"], h["mac"])
+        lines.append(audit.canonical_json(h))
+    heads.write_text("\n".join(lines) + "\n")
+
+
+def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
+    recorded, db_url, audit_key_file, tmp_path, capsys
+):
+    from fedmed import signing
+    from fedmed.store import receipts
+
+    signing.generate_site_keys(tmp_path / "server-keys", "server")
+    server = signing.load_site_keys(tmp_path / "server-keys")
+    server_pub = tmp_path / "server-keys" / signing.PUBLIC_FILE
+    log = tmp_path / "hospital-a" / "local" / receipts.RECEIPTS_FILE
+    tag = _exec(recorded, "SELECT row_hash FROM audit_log ORDER BY id").scalar()
+    rounds = _exec(recorded, "SELECT id, row_hash FROM audit_log WHERE action = 'record_round' ORDER BY id").all()
+    for n, r in enumerate(rounds, 1):  # what the server sends after each round, and the hospital keeps
+        head = receipts.ChainHead(tag, r.id, r.row_hash)
+        receipts.append_receipt(log, receipts.make_receipt("run-1", n, head, server), server.public)
+    intact = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--db-url",
+            db_url,
+            "--receipts",
+            str(log.parent),
+            "--server-key",
+            str(server_pub),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert intact.returncode == 0 and "3 hospital receipt(s) match" in intact.stdout, intact.stderr
+
+    _rewrite_with_the_key(recorded, audit.read_key_file(audit_key_file), recorded.audit_settings().heads_file)
+    assert _cli(capsys, "--db-url", db_url).returncode == 0  # the chain alone cannot tell: its writer held the key
+    caught = _cli(capsys, "--db-url", db_url, "--receipts", str(log.parent))
+    assert caught.returncode == 1
+    assert "audit_receipts.jsonl line 3 (run run-1, round 3) records audit entry" in caught.stderr
+    assert "rewritten after the hospital received it" in caught.stderr
+
+    # a receipt the hospital made up itself (signed with another key) is named, not held against the server
+    signing.generate_site_keys(tmp_path / "hospital-keys", "hospital-a")
+    fake = receipts.make_receipt(
+        "run-1", 9, receipts.ChainHead(tag, 1, "0" * 64), signing.load_site_keys(tmp_path / "hospital-keys")
+    )
+    with pytest.raises(signing.SignatureError):
+        receipts.append_receipt(log, fake, server.public)
+    (log.parent / "forged.jsonl").write_text(audit.canonical_json(fake.__dict__) + "\n")
+    checked, problems = Repository(db_url, create_schema=False).check_receipts(
+        log.parent / "forged.jsonl", server.public
+    )
+    assert checked == 0 and "is not the server's" in problems[0].reason
+
+
+def test_the_server_sends_each_rounds_head_and_the_hospital_keeps_only_what_the_server_signed(
+    tmp_path, signing_keys, capsys
+):
+    """The wiring: after a recorded round the Controller signs the chain head (audit_receipt), the next global
+    model carries it over the wire, the Executor keeps it (store_receipt) after checking the server's signature."""
+    import logging
+
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from conftest import over_the_wire
+    from fedmed import constants as C
+    from fedmed.flare import signatures as wire_sig
+    from fedmed.store import receipts
+    from fedmed.store.journal import Journal, ResilientRecorder
+
+    url = f"sqlite:///{tmp_path / 'fedmed.db'}"
+    server, hospital_local = signing_keys["server"], tmp_path / "hospital-a" / "local"
+    db = ResilientRecorder(lambda: Repository(url), Journal(tmp_path / "journal.jsonl"), logging.getLogger("t"))
+    db.write("start_run", uid="run-w", name="n", job_id="j", aggregation="fedavg", num_rounds=2, config={})
+    assert wire_sig.audit_receipt(db, "run-w", 1, None) is None  # signatures off: nothing to send
+    for n in (1, 2):
+        assert db.write("record_round", run_uid="run-w", record=_round(n))
+        receipt = wire_sig.audit_receipt(db, "run-w", n, server)
+        model = over_the_wire(FLModel(params={}, meta={C.META_AUDIT_RECEIPT: receipt}))
+        wire_sig.store_receipt(model, server.public, hospital_local)
+    db.close()
+    kept = receipts.read_receipts(hospital_local / receipts.RECEIPTS_FILE)
+    assert [(r.run, r.round) for _, r in kept] == [("run-w", 1), ("run-w", 2)]
+    forged = dict(receipt, mac="f" * 64)  # a receipt altered on the way (or made up) is refused, not kept
+    with pytest.raises(ValueError, match="does not verify"):
+        wire_sig.store_receipt(FLModel(params={}, meta={C.META_AUDIT_RECEIPT: forged}), server.public, hospital_local)
+    assert len(receipts.read_receipts(hospital_local / receipts.RECEIPTS_FILE)) == 2
+    ok = _cli(capsys, "--db-url", url, "--receipts", hospital_local)
+    assert ok.returncode == 0 and "2 hospital receipt(s) match" in ok.stdout

@@ -194,6 +194,16 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
         report = repo.audit_report(signing.load_public_keys_dir(fed.kit("server") / "local" / signing.SITE_KEYS_DIR))
         assert not report.problems, report.problems
         assert report.signatures_checked >= 6
+        # Round 2's global model carried round 1's signed chain head: each hospital kept it in its own local/, and
+        # the record matches every hospital's receipts (fedmed.store.receipts).
+        from fedmed.store import receipts
+
+        for site in HOSPITALS:
+            log = fed.kit(site) / "local" / receipts.RECEIPTS_FILE
+            kept = [r for _, r in receipts.read_receipts(log) if r is not None and r.run == repo.get_run(run_id).uid]
+            assert [r.round for r in kept] == [1], (site, kept)
+            server_pub = signing.load_public_keys(fed.kit(site) / "local" / signing.SERVER_KEY_FILE)
+            assert repo.check_receipts(log, server_pub) == (len(receipts.read_receipts(log)), [])
     finally:
         repo.close()
     fed.timings.update(submit_s=out.submit_seconds, job_s=out.run_seconds, round_gaps_s=out.round_seconds)

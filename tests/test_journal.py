@@ -176,9 +176,12 @@ def test_the_repository_refuses_values_too_long_for_their_column_on_every_engine
 
 
 def test_an_unopenable_database_keeps_lines_journaled_never_dead_lettered(tmp_path):
-    """A misconfigured or unreachable database is no line's fault: everything stays journaled."""
+    """A database that cannot be opened is no line's fault: everything stays journaled. (With a key given: a URL
+    with no audit key is refused before any of this, test_audit.py.)"""
     rec = ResilientRecorder(
-        lambda: Repository("nosuchdialect://x/y"), Journal.for_job(tmp_path, "j"), logging.getLogger("t")
+        lambda: Repository("nosuchdialect://x/y", audit_key=b"k" * 32),
+        Journal.for_job(tmp_path, "j"),
+        logging.getLogger("t"),
     )
     assert rec.write("start_run", **_start_args("u")) is False
     assert rec.write("record_round", run_uid="u", record=_record(1)) is False

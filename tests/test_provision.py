@@ -274,8 +274,35 @@ def test_server_without_a_db_url_records_into_its_own_kit(tmp_path):
 
     assert check_kit(fed.kit("server")) == [
         f"server: run record {fed.db_url()}",
+        f"server: audit key {fed.kit('server') / 'local' / 'audit_key'} (made when the server first opens the record)",
         "server: listening for hospitals and admins at server:18994",
     ]
+
+
+def test_a_server_recording_to_postgresql_gets_its_audit_key_at_install(tmp_path):
+    """A PostgreSQL record has no folder for its key: install makes <kit>/local/audit_key (0600, kept across
+    reinstalls) and names it in local/fedmed.env; a kit whose env lost it is refused before the server starts, with
+    the fix in one line."""
+    import stat
+
+    from fedmed.cli.install_kit import check_kit, read_env, write_env
+
+    fed = Federation(tmp_path / "fed")
+    fed.provision(port=18995, install_sites=False)
+    kit = fed.kit("server")
+    url = "postgresql+psycopg2://fedmed:secret@db.example.org/fedmed"
+    install(kit, "server", db_url=url, check_import=False)
+    key = kit / "local" / "audit_key"
+    env = read_env(kit / "local" / "fedmed.env")
+    assert env["FEDMED_AUDIT_KEY_FILE"] == str(key) and stat.S_IMODE(key.stat().st_mode) == 0o600
+    first = key.read_text()
+    install(kit, "server", db_url=url, check_import=False)  # a reinstall keeps the record's key
+    assert key.read_text() == first
+    assert check_kit(kit)[1] == f"server: audit key {key}"
+    del env["FEDMED_AUDIT_KEY_FILE"]
+    write_env(kit / "local" / "fedmed.env", env)
+    with pytest.raises(ValueError, match=r"no audit key for postgresql\+psycopg2://fedmed:\*\*\*@db.*install.sh"):
+        check_kit(kit)
 
 
 def test_preflight_refuses_a_wrong_data_path_before_the_site_starts(provisioned, capsys):

@@ -41,6 +41,8 @@ META_UPDATE_CLIP_NORM = "user_dp_clip_norm"  # set by fedmed.flare.filters.Updat
 META_UPDATE_NOISE_MULTIPLIER = "user_dp_noise_multiplier"
 META_SIGNATURE = "fedmed_signature"  # a site's ML-DSA-65 + Ed25519 signature of its update (fedmed.signing)
 META_GLOBAL_SIGNATURE = "fedmed_global_signature"  # the server's signature of the global model it sends
+# The audit chain's head after the previous round, signed by the server; each hospital keeps it (fedmed.store.receipts).
+META_AUDIT_RECEIPT = "fedmed_audit_receipt"
 # On the global model of a job that resumes a run (fedmed.resume): the NVFlare job ids that ran the run before it.
 # A site's DP-SGD accountant counts what those jobs charged to its ledger toward this job's ceiling.
 META_RESUMED_JOBS = "fedmed_resumed_jobs"

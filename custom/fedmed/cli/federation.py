@@ -505,7 +505,12 @@ def main(argv=None) -> int:
         if name == "provision":
             s.add_argument("--project", type=Path, default=PROJECT_YML)
             s.add_argument("--port", type=int, help="server port (default: project.yml's)")
-            s.add_argument("--db-url", help="the server's FEDMED_DB_URL (default: SQLite <workspace>/fedmed.db)")
+            s.add_argument(
+                "--db-url",
+                help="the server's FEDMED_DB_URL (default: SQLite <workspace>/fedmed.db). Its audit key: for SQLite "
+                "sqlite:///W/fedmed.db, W/local/audit_key; otherwise (PostgreSQL) <server kit>/local/audit_key, made "
+                "by the install",
+            )
             s.add_argument(
                 "--force",
                 action="store_true",

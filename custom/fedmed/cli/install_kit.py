@@ -12,7 +12,10 @@
     log_config.json     site_configs/<site>/log_config.json, else site_configs/log_config.json
     privacy.json        hospitals: site_configs/<site>/privacy.json (NVFlare privacy scopes)
     fedmed_site.json    hospitals: data location and format (validated; relative paths made absolute)
-    fedmed.env          environment for the site's processes (the server's FEDMED_DB_URL)
+    fedmed.env          environment for the site's processes (the server's FEDMED_DB_URL, and with a --db-url that
+                        is no SQLite file, FEDMED_AUDIT_KEY_FILE=<kit>/local/audit_key)
+    audit_key           server, --db-url not a SQLite file (PostgreSQL): the run record's audit key (0600, made
+                        once, never replaced); a SQLite record keeps its key in <database folder>/local/audit_key
     fedmed_signing.key  this site's signing keys (ML-DSA-65 + Ed25519, 0600), made once, never replaced
     fedmed_signing.pub  its public bundle: carry it to the other side (fedmed-signing-keys export / install-*)
     client_context.tenseal, he_key_id.txt   hospitals, with --he-context: the key custodian's secret context
@@ -24,7 +27,7 @@ Nothing else under startup/ is touched.
 
 --check (also run by start_fedmed.sh before NVFlare starts, and after every install): for a hospital, validates
 local/fedmed_site.json (or $FEDMED_SITE_CONFIG), opens its labels and reads one labelled image; for the server,
-names its run record. Then says which server address the site will dial. Exit 1, with one line saying what is
+names its run record and its audit key (exit 1 when a record that is no SQLite file has none). Then says which server address the site will dial. Exit 1, with one line saying what is
 wrong, when the check fails.
 """
 
@@ -43,6 +46,7 @@ from fedmed.constants import ENV_DB_URL, ENV_SITE_CONFIG
 from fedmed.crypto.keys import install_client_context, install_server_context  # noqa: E402
 from fedmed.paths import SITE_CONFIGS
 from fedmed.site_config import load_site_config
+from fedmed.store import audit
 from fedmed.store.urls import default_db_url
 
 SERVER = "server"
@@ -214,6 +218,7 @@ def install(
             env[ENV_DB_URL] = db_url
         # Written out, never implied: the admin's tools read it from here, and the server logs it at start.
         env.setdefault(ENV_DB_URL, default_db_url(kit))
+        install_audit_key(local, env)
     else:
         privacy = check_hospital_files(site, site_dir, site_config)
         (local / "privacy.json").write_text(privacy.read_text())
@@ -245,6 +250,34 @@ def install(
     return warnings
 
 
+def install_audit_key(local: Path, env: dict) -> None:
+    """A record with no folder of its own (PostgreSQL) gets its audit key in the server kit's local/ (made once,
+    0600, never replaced) and FEDMED_AUDIT_KEY_FILE naming it in env; a SQLite record keeps the key beside itself
+    (<database folder>/local/audit_key, made at the server's first write). A key the env names already is kept."""
+    if env.get(audit.ENV_AUDIT_KEY) or env.get(audit.ENV_AUDIT_KEY_FILE):
+        return
+    if audit.default_key_file(env[ENV_DB_URL]) is not None:
+        return
+    path = local / audit.KEY_FILE_NAME
+    if not path.exists():
+        audit.create_key_file(path)
+    env[audit.ENV_AUDIT_KEY_FILE] = str(path)
+
+
+def audit_key_location(url: str, env: dict) -> str:
+    """Where the server's record keeps its audit key, as the server will resolve it; raises (one line naming the
+    fix) when a record that is no SQLite file has none."""
+    where = {**env, **{k: v for k, v in os.environ.items() if k in (audit.ENV_AUDIT_KEY, audit.ENV_AUDIT_KEY_FILE)}}
+    if where.get(audit.ENV_AUDIT_KEY):
+        return f"${audit.ENV_AUDIT_KEY}"
+    path = Path(where[audit.ENV_AUDIT_KEY_FILE]) if where.get(audit.ENV_AUDIT_KEY_FILE) else audit.default_key_file(url)
+    if path is None:
+        raise ValueError(audit.missing_key_message(url))
+    if where.get(audit.ENV_AUDIT_KEY_FILE) and not path.is_file():
+        raise ValueError(f"audit key file {path} ({audit.ENV_AUDIT_KEY_FILE}) does not exist")
+    return str(path) + ("" if path.is_file() else " (made when the server first opens the record)")
+
+
 def server_address(kit: Path) -> str:
     """host:port the site dials (a hospital) or listens on (the server), from its signed startup config."""
     kind, _ = kit_identity(kit)
@@ -269,7 +302,11 @@ def check_kit(kit: Path) -> list[str]:
         env = read_env(kit / "local" / "fedmed.env")
         url = os.environ.get(ENV_DB_URL) or env.get(ENV_DB_URL) or default_db_url(kit)
         safe = url.split("@")[-1] if "@" in url else url  # never print a password
-        return [f"server: run record {safe}", f"server: listening for hospitals and admins at {server_address(kit)}"]
+        return [
+            f"server: run record {safe}",
+            f"server: audit key {audit_key_location(url, env)}",
+            f"server: listening for hospitals and admins at {server_address(kit)}",
+        ]
     path = installed_site_config(kit)
     cfg = load_site_config(path)  # raises naming the file and the bad key (with the nearest valid one)
     if cfg.site_name != site:

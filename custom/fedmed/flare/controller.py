@@ -63,6 +63,7 @@ from fedmed.rounds import (
     finite_or_none,
 )
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
+from fedmed.store.audit import RecordRefused
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.models import utcnow
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, TrustRecord, resolve_db_url
@@ -255,6 +256,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         self.evaluate_only = bool(evaluate_only)
         self.cross_site_timeout = cross_site_timeout
         self._signer = None  # the server's signing keys, when signatures are on
+        self._receipt = None  # the signed audit chain head of the last recorded round, sent with the next model
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
         # is refused before anything runs.
@@ -311,7 +313,9 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             return self._run_cross_site_eval_only()
         try:
             db, run_uid, resumed = self._start_record()  # resumed: a ResumedRun when this job continues a run
-        except ResumeRefused as e:  # the admin's mistake or a swapped model file: one line, no traceback
+        except (ResumeRefused, RecordRefused) as e:
+            # The admin's mistake, a swapped model file, no audit key, a record that does not verify: one line, no
+            # traceback (a RecordRefused is no database outage: the job must not run unrecorded).
             self.error(str(e))
             self.panic(str(e))  # the job ends abnormally; nothing was written to the run's record
             return
@@ -648,6 +652,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         if self._earlier_jobs:  # the sites' DP-SGD accountants continue the run's (fedmed.resume)
             model.meta[C.META_RESUMED_JOBS] = list(self._earlier_jobs)
         if self._signer is not None:  # hospitals train only on a global model the server signed for this round
+            if self._receipt is not None:  # each hospital keeps the record's head: an anchor the key holder lacks
+                model.meta[C.META_AUDIT_RECEIPT] = self._receipt
             wire_sig.sign_global(model, self.fl_ctx.get_job_id(), round_num, self._signer)
         self.info(f"round {round_num + 1}/{self.num_rounds}: sending the global model to {targets}")
         # ModelController.send_model_and_wait ends the round at min_responses; we want every site that answers
@@ -711,6 +717,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
     def _record_round(self, db, run_uid: str, record: RoundRecord) -> None:
         """Into the run record, then out to TensorBoard and report.html (fedmed.flare.live_metrics: never raises)."""
         recorded = db.write("record_round", run_uid=run_uid, record=record)
+        self._receipt = wire_sig.audit_receipt(db, run_uid, record.round_num, self._signer) if recorded else None
         self._live.publish(record, self._db_url, recorded)
 
     def _round_record(

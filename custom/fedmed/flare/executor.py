@@ -408,6 +408,7 @@ class FedMedTrainer(Executor):
                 )
                 try:
                     wire_sig.verify_global(global_model, fl_ctx.get_job_id(), signed_round, self._server_key)
+                    wire_sig.keep_receipt(global_model, self._server_key, fl_ctx)
                 except ValueError as e:
                     self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
                     return make_reply(ReturnCode.BAD_TASK_DATA)

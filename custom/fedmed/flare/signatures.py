@@ -11,12 +11,15 @@ round or job fails to verify.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
 from typing import Optional
 
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.store import receipts
 
 PRIVACY_KEYS = (
     C.META_EPSILON,
@@ -68,6 +71,32 @@ def sign_global(model: FLModel, job_id: str, round_num: int, keys: signing.SiteK
     """Server side: sign the global model in place (meta[fedmed_global_signature]) just before it is sent."""
     model.meta = dict(model.meta or {})
     model.meta[C.META_GLOBAL_SIGNATURE] = signing.sign_global_model(global_digest(model, job_id, round_num), keys)
+
+
+def audit_receipt(db, run_uid: str, round_num: int, keys: Optional[signing.SiteKeys]) -> Optional[dict]:
+    """Server side: the audit chain's head this round's record left, signed, for the next global model to carry
+    (meta[fedmed_audit_receipt]). None when unsigned, or when the round is journaled (not in the chain yet)."""
+    head = db.chain_head() if keys is not None else None
+    return None if head is None else asdict(receipts.make_receipt(run_uid, round_num, head, keys))
+
+
+def keep_receipt(model: FLModel, server: signing.PublicKeys, fl_ctx) -> None:
+    """Site side, after verify_global: keep the receipt the global model carries in the kit's local/."""
+    if (model.meta or {}).get(C.META_AUDIT_RECEIPT) is not None:
+        store_receipt(model, server, Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()))
+
+
+def store_receipt(model: FLModel, server: signing.PublicKeys, local_dir: Path) -> None:
+    """Append the global model's receipt to local_dir/audit_receipts.jsonl, only if the server signed it (raises
+    SignatureError otherwise): the hospital's own copy of the record's head."""
+    raw = (model.meta or {}).get(C.META_AUDIT_RECEIPT)
+    if raw is None:
+        return
+    try:
+        receipt = receipts.Receipt(**raw)
+    except TypeError as e:
+        raise signing.SignatureError(f"malformed audit receipt: {e}") from None
+    receipts.append_receipt(Path(local_dir) / receipts.RECEIPTS_FILE, receipt, server)
 
 
 def verify_global(model: FLModel, job_id: str, round_num: int, server: signing.PublicKeys) -> None:

@@ -9,11 +9,19 @@ MAC fails), nor drop rows and recompute the chain. After each write the chain he
 append-only heads file, so deleting the newest entries (which no chain can reveal by itself) is detected too.
 
 Rows written before this scheme (audit_log.scheme NULL: plain SHA-256 chain) are checked as before; their last hash
-is pinned by the first keyed entry's MAC.
+is pinned by the first keyed entry's MAC. No downgrade: once the chain holds a keyed entry, an unkeyed one after it
+fails; a chain with no keyed entry beside a heads file that records keyed heads fails (its entries were rewritten as
+unkeyed ones); an empty chain beside rows fails. The server adopts rows it did not write (an unkeyed record, or rows
+changed outside it) only by an explicit admin action, `fedmed-audit-verify --adopt --reason ...`, itself a keyed entry
+(ADOPT_ACTION) naming the reason and the problems it accepted; it refuses to write on top of a chain that does not
+verify (RecordTampered).
 
-Key: $FEDMED_AUDIT_KEY (hex, >= 32 bytes), else a key file ($FEDMED_AUDIT_KEY_FILE or the one given, e.g. the server
-kit's local/audit_key; for a SQLite database by default `<database folder>/local/audit_key`), created 0600 with 32
-random bytes on first write. Heads file: $FEDMED_AUDIT_HEADS, else `audit_heads.log` in the folder above the key
+Key: $FEDMED_AUDIT_KEY (hex, >= 32 bytes), else a key file ($FEDMED_AUDIT_KEY_FILE or the one given; for a SQLite
+database by default `<database folder>/local/audit_key`: the server kit's local/audit_key for the kit's own
+fedmed.db, W/local/audit_key for `fedmed-federation --db-url sqlite:///W/fedmed.db`), created 0600 with 32 random
+bytes on first write. Any other database (PostgreSQL) has no folder of its own: without a key configured the server
+refuses to start (AuditKeyError); `site_configs/install.sh <kit> server --db-url URL` creates <kit>/local/audit_key
+and names it in <kit>/local/fedmed.env. Heads file: $FEDMED_AUDIT_HEADS, else `audit_heads.log` in the folder above the key
 file's (the kit's workspace), else next to the SQLite database.
 """
 
@@ -59,6 +67,22 @@ HEADS_NAME = "audit_heads.log"
 SCHEME = "hmac-sha256"
 GENESIS_HASH = "0" * 64
 MIN_KEY_BYTES = 32
+ADOPT_ACTION = "adopt_rows"
+
+
+class RecordRefused(Exception):
+    """The server will not write to this record until someone acts. Not an outage: retrying changes nothing, so a
+    write refused this way is never journaled as 'database unavailable'."""
+
+
+class AuditKeyError(RecordRefused, ValueError):
+    """The audit key is missing, unreadable or malformed: a configuration error, named with where the key must be."""
+
+
+class RecordTampered(RecordRefused):
+    """The record does not verify against its keyed chain (rows or entries changed outside fedmed, an unkeyed or
+    emptied chain): the server writes nothing on top of it until an admin adopts it (fedmed-audit-verify --adopt)."""
+
 
 # --- key and heads file ---------------------------------------------------------------------------------------------
 
@@ -74,9 +98,9 @@ def _key_from_hex(text: str, source: str) -> bytes:
     try:
         key = bytes.fromhex(text.strip())
     except ValueError:
-        raise ValueError(f"audit key in {source} must be hex") from None
+        raise AuditKeyError(f"audit key in {source} must be hex") from None
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"audit key in {source} has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed")
+        raise AuditKeyError(f"audit key in {source} has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed")
     return key
 
 
@@ -84,7 +108,7 @@ def read_key_file(path: Path) -> bytes:
     path = Path(path)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise ValueError(f"audit key file {path} is readable by others (mode {mode:o}); chmod 600 it")
+        raise AuditKeyError(f"audit key file {path} is readable by others (mode {mode:o}); chmod 600 it")
     return _key_from_hex(path.read_text(), str(path))
 
 
@@ -112,6 +136,29 @@ def default_key_file(url: str) -> Optional[Path]:
     return None
 
 
+def missing_key_message(url: str) -> str:
+    """The one line that names the fix when a database has no audit key (any database but a SQLite file)."""
+    return (
+        f"no audit key for {make_url(url).render_as_string(hide_password=True)}: this database has no folder for "
+        f"one, so the server will not write to it. Run `site_configs/install.sh <server kit> server --db-url URL` "
+        f"(it creates <server kit>/local/{KEY_FILE_NAME} and sets {ENV_AUDIT_KEY_FILE} in <server kit>/local/"
+        f"fedmed.env), or set {ENV_AUDIT_KEY_FILE}=<server kit>/local/{KEY_FILE_NAME} (or ${ENV_AUDIT_KEY}, hex)"
+    )
+
+
+def require_key_source(url: str, key: Optional[bytes] = None, key_file: Optional[Path] = None) -> None:
+    """Raise AuditKeyError at once when nothing names a key for this database: checked before connecting, so a
+    missing key is a configuration error at start, not a write that fails later and reads as an outage."""
+    if (
+        key is None
+        and key_file is None
+        and not os.environ.get(ENV_AUDIT_KEY)
+        and not os.environ.get(ENV_AUDIT_KEY_FILE)
+    ):
+        if default_key_file(url) is None:
+            raise AuditKeyError(missing_key_message(url))
+
+
 def audit_settings(
     url: str,
     key: Optional[bytes] = None,
@@ -125,7 +172,7 @@ def audit_settings(
     heads = Path(heads_file) if heads_file else Path(env_heads) if env_heads else None
     if key is not None:
         if len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"audit key has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed")
+            raise AuditKeyError(f"audit key has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed")
         source = "the caller"
     elif os.environ.get(ENV_AUDIT_KEY):
         key, source = _key_from_hex(os.environ[ENV_AUDIT_KEY], f"${ENV_AUDIT_KEY}"), f"${ENV_AUDIT_KEY}"
@@ -138,16 +185,16 @@ def audit_settings(
             else default_key_file(url)
         )
         if path is None:
-            raise ValueError(
-                f"no audit key for {make_url(url).render_as_string(hide_password=True)}: set "
-                f"${ENV_AUDIT_KEY} (hex) or ${ENV_AUDIT_KEY_FILE} (e.g. the server kit's local/{KEY_FILE_NAME})"
-            )
+            raise AuditKeyError(missing_key_message(url))
         if path.exists():
             key = read_key_file(path)
         elif create:
             key = create_key_file(path)
         else:
-            raise ValueError(f"audit key file {path} does not exist (give the server kit's local/{KEY_FILE_NAME})")
+            raise AuditKeyError(
+                f"audit key file {path} does not exist (give the key the record was written with: the server "
+                f"kit's local/{KEY_FILE_NAME}, or for a SQLite record <database folder>/local/{KEY_FILE_NAME})"
+            )
         source = str(path)
         if heads is None:
             heads = path.parent.parent / HEADS_NAME
@@ -340,6 +387,9 @@ class AuditProblem:
     row_id: int  # the audit_log id, or the table row's id when `table` is not audit_log
     reason: str
     table: str = "audit_log"
+    # False where the chain itself is broken (an entry edited, removed or downgraded, the newest entries deleted):
+    # adoption vouches for rows as they are, it cannot repair the entries that vouched for them before.
+    adoptable: bool = True
 
     def __str__(self) -> str:
         return f"{self.table} row {self.row_id}: {self.reason}"
@@ -360,6 +410,10 @@ class AuditReport:
     def first(self) -> Optional[AuditProblem]:
         return self.problems[0] if self.problems else None
 
+    @property
+    def keyed_entries(self) -> int:
+        return self.entries - self.legacy_entries
+
 
 def _key_str(key: tuple) -> str:
     return ", ".join(str(k) for k in key)
@@ -379,21 +433,27 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
         macs[row.id] = row.row_hash
         if row.prev_hash != prev:
             rep.problems.append(
-                AuditProblem(row.id, "prev_hash does not match the previous entry (an entry was removed or reordered)")
+                AuditProblem(
+                    row.id, "prev_hash does not match the previous entry (an entry was removed or reordered)", **_BROKEN
+                )
             )
             return rep
         if row.scheme is None:
             if keyed_seen:
-                rep.problems.append(AuditProblem(row.id, "an unkeyed entry after keyed ones (forged or downgraded)"))
+                rep.problems.append(
+                    AuditProblem(row.id, "an unkeyed entry after keyed ones (forged or downgraded)", **_BROKEN)
+                )
                 return rep
             rep.legacy_entries += 1
             if legacy_hash(row.prev_hash, row.created_at, row.action, row.payload_json) != row.row_hash:
-                rep.problems.append(AuditProblem(row.id, "content does not match its hash (the entry was edited)"))
+                rep.problems.append(
+                    AuditProblem(row.id, "content does not match its hash (the entry was edited)", **_BROKEN)
+                )
                 return rep
         else:
             keyed_seen = True
             if row.scheme != SCHEME:
-                rep.problems.append(AuditProblem(row.id, f"unknown scheme {row.scheme!r}"))
+                rep.problems.append(AuditProblem(row.id, f"unknown scheme {row.scheme!r}", **_BROKEN))
                 return rep
             if not hmac.compare_digest(
                 entry_mac(settings.key, row.prev_hash, row.created_at, row.action, row.payload_json), row.row_hash
@@ -403,20 +463,74 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
                         row.id,
                         "MAC does not verify: the entry was edited (or the audit "
                         f"key from {settings.key_source} is not this database's)",
+                        **_BROKEN,
                     )
                 )
                 return rep
             _apply_entry(expected, row, rep)
             if row.action == "record_round":
                 trust.update(trust_states_of(json.loads(row.payload_json), row.id))
+            elif row.action == ADOPT_ACTION:  # an adoption vouches for every site's trust as it stood, whole
+                trust = trust_states_of(json.loads(row.payload_json), row.id)
         prev = row.row_hash
     if keyed_seen:
         _compare_tables(session, expected, rep)
         _compare_trust(session, trust, rep)
-    _compare_heads(settings.heads_file, chain_tag, macs, rep)
+    elif rep.entries:
+        rep.notes.append(
+            f"the chain holds no keyed entry ({rep.entries} unkeyed): a record from before the keyed chain, or one "
+            "rewritten without the key whose heads file is gone; the server writes on it only after an admin's "
+            "fedmed-audit-verify --adopt"
+        )
+    else:
+        held = record_row_counts(session)
+        if held:
+            rep.problems.append(
+                AuditProblem(
+                    0,
+                    f"the audit chain is empty but the record holds {_counts_str(held)}: the chain was emptied, or "
+                    "the rows were written outside fedmed",
+                )
+            )
+    _compare_heads(settings.heads_file, chain_tag, macs, rep, keyed_seen)
     if site_keys is not None:
         _check_signatures(session, site_keys, rep)
     return rep
+
+
+_BROKEN = {"adoptable": False}
+
+
+def record_row_counts(session) -> dict[str, int]:
+    """table -> number of rows, for every covered table (and site_trust) that holds any."""
+    counts = {t: len(table_rows(session, t)) for t in _TABLES}
+    counts["site_trust"] = len(site_trust_table(session))
+    return {t: n for t, n in counts.items() if n}
+
+
+def _counts_str(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {t} row(s)" for t, n in counts.items())
+
+
+def extends(session, settings: AuditSettings, vouched: tuple) -> bool:
+    """True when the chain still holds the entry `vouched` = (id, MAC) unchanged and everything after it is keyed,
+    linked and MAC-verified (entries another keyed writer appended since). A writer that verified the record in full
+    then needs only this; anything else (the entry gone or changed, a bad link or MAC) calls for the full verify()."""
+    vouched_id, vouched_mac = vouched
+    rows = session.scalars(select(AuditEntry).where(AuditEntry.id >= vouched_id).order_by(AuditEntry.id))
+    prev = None
+    for row in rows:
+        if prev is None:
+            if row.id != vouched_id or row.row_hash != vouched_mac:
+                return False
+        elif row.prev_hash != prev or row.scheme != SCHEME:
+            return False
+        elif not hmac.compare_digest(
+            entry_mac(settings.key, row.prev_hash, row.created_at, row.action, row.payload_json), row.row_hash
+        ):
+            return False
+        prev = row.row_hash
+    return prev is not None
 
 
 def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
@@ -465,6 +579,8 @@ def _apply_entry(expected: dict, row, rep: AuditReport) -> None:
     payload = json.loads(row.payload_json)
     if row.action == MIGRATION_ACTION:  # every row re-vouched for as migrated: check the rows as they were, go on
         _check_before_migration(expected, row.id, payload, rep)
+        expected.clear()
+    if row.action == ADOPT_ACTION:  # an admin vouched for every row as it was (the entry names why): start from it
         expected.clear()
     if row.action == "record_round":  # a round is replaced whole: forget what an earlier entry said about it
         prefix = (payload["run"], payload["round"])
@@ -611,20 +727,22 @@ def audited_trust(session, settings: AuditSettings) -> tuple[dict[str, tuple], l
     found: dict[str, tuple] = {}
     rows = session.scalars(
         select(AuditEntry)
-        .where(AuditEntry.action == "record_round", AuditEntry.scheme == SCHEME)
+        .where(AuditEntry.action.in_(("record_round", ADOPT_ACTION)), AuditEntry.scheme == SCHEME)
         .order_by(AuditEntry.id.desc())
     )
     for row in rows:
         states = trust_states_of(json.loads(row.payload_json), row.id)
-        if not set(states) - set(found):
+        if row.action != ADOPT_ACTION and not set(states) - set(found):
             continue
         if not hmac.compare_digest(
             entry_mac(settings.key, row.prev_hash, row.created_at, row.action, row.payload_json), row.row_hash
         ):
-            problems.append(f"audit entry {row.id} (record_round) fails its MAC: edited")
+            problems.append(f"audit entry {row.id} ({row.action}) fails its MAC: edited")
             continue
         for site, state in states.items():
             found.setdefault(site, state)
+        if row.action == ADOPT_ACTION:  # every site as it stood then: nothing older counts
+            break
     problems.extend(_tail_problems(session, settings))
     return found, problems
 
@@ -647,21 +765,52 @@ def _tail_problems(session, settings: AuditSettings) -> list[str]:
     return []
 
 
-def _compare_heads(path: Optional[Path], chain_tag: Optional[str], macs: dict, rep: AuditReport) -> None:
+def _compare_heads(
+    path: Optional[Path], chain_tag: Optional[str], macs: dict, rep: AuditReport, keyed: bool = True
+) -> None:
     if path is None:
         rep.notes.append("no heads file configured: deleting the newest entries cannot be detected")
         return
     if not Path(path).exists():
-        if rep.entries > rep.legacy_entries:
+        if keyed:
             rep.problems.append(
                 AuditProblem(0, f"heads file {path} is missing (it gets a line at every keyed write)", "heads_file")
             )
         return
-    mine = [h for h in read_heads(path) if h["chain"] is not None and h["chain"] == chain_tag]
-    other = [h for h in read_heads(path) if h["chain"] != chain_tag]
+    try:
+        heads = read_heads(path)
+    except OSError as e:  # a folder, no permission: the tail cannot be checked
+        why = f"heads file {path} cannot be read ({type(e).__name__})"
+        if macs:
+            rep.problems.append(AuditProblem(0, why, "heads_file"))
+        else:
+            rep.notes.append(why)
+        return
+    mine = [h for h in heads if h["chain"] is not None and h["chain"] == chain_tag]
+    other = [h for h in heads if h["chain"] != chain_tag]
     if other and chain_tag is None:
         rep.problems.append(
-            AuditProblem(0, f"the audit chain is empty but {path} records {len(other)} head(s)", "heads_file")
+            AuditProblem(
+                0,
+                f"the audit chain is empty but {path} records {len(other)} head(s): the record was emptied, or this "
+                f"is a new database beside another record's heads file (give it its own ${ENV_AUDIT_HEADS})",
+                "heads_file",
+            )
+        )
+        return
+    readable = [h for h in other if h["chain"] is not None]
+    if readable and not mine:
+        # Every keyed write appends its head: a chain none of whose heads is here is not the chain that was written
+        # (rewritten as unkeyed entries, or re-keyed), unless the heads file belongs to another record.
+        what = "holds no keyed entry" if not keyed else "has no head in it"
+        rep.problems.append(
+            AuditProblem(
+                0,
+                f"the audit chain {what}, but {path} records {len(readable)} keyed head(s) of another chain (up to "
+                f"entry {max(h['id'] for h in readable)}): the chain was rewritten (a downgrade to unkeyed entries, "
+                "or recomputed), or this heads file is another record's (give --heads for this record's own)",
+                "heads_file",
+            )
         )
         return
     if other:
@@ -674,9 +823,12 @@ def _compare_heads(path: Optional[Path], chain_tag: Optional[str], macs: dict, r
                     h["id"],
                     f"missing: {path} line {h['line']} records entry {h['id']}, "
                     f"the chain ends at {max(macs)} (the newest entries were deleted)",
+                    **_BROKEN,
                 )
             )
             return
         if macs[h["id"]] != h["mac"]:
-            rep.problems.append(AuditProblem(h["id"], f"MAC differs from {path} line {h['line']} (entry replaced)"))
+            rep.problems.append(
+                AuditProblem(h["id"], f"MAC differs from {path} line {h['line']} (entry replaced)", **_BROKEN)
+            )
             return

@@ -10,6 +10,11 @@ file, rewrites through unique temporary files: jobs sharing a workspace cannot l
 recorder also replays the journals earlier jobs left behind (including the older shared `fedmed_db_journal.jsonl`).
 
 Replay is safe to repeat: Repository.record_round replaces a round, so a line written twice is stored once.
+
+A write the record refuses (fedmed.store.audit.RecordRefused: no audit key configured, or a record that does not
+verify) is neither an outage nor a bad line: it is raised to the caller with its one-line fix, never journaled as
+"database unavailable" nor dead-lettered. A round refused mid-job is kept in the journal first, to be replayed once
+an admin has dealt with the record.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Callable, Iterator, Optional
 from sqlalchemy import exc as sa_exc
 
 from fedmed.crosssite import CrossSiteRecord
+from fedmed.store.audit import RecordRefused
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, TrustRecord, UpdateRecord
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,8 @@ class RepositoryUnavailable(Exception):
 def is_transient(error: BaseException) -> bool:
     """True when the error means 'the database cannot be reached right now' (keep the line for a retry); anything
     else (a value refused, a constraint, a run that does not exist, a torn line) will fail the same way forever."""
+    if isinstance(error, RecordRefused):  # a configuration or tamper problem: waiting does not fix it
+        return False
     if isinstance(error, (RepositoryUnavailable, sa_exc.DisconnectionError, sa_exc.TimeoutError)):
         return True
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
@@ -303,6 +311,8 @@ class ResilientRecorder:
         if self._repo is None:
             try:
                 self._repo = self._factory()
+            except RecordRefused:  # no audit key: a configuration error, not an unreachable database
+                raise
             except Exception as e:
                 raise RepositoryUnavailable(f"{type(e).__name__}: {_short(e)}") from e
 
@@ -324,7 +334,9 @@ class ResilientRecorder:
         return True
 
     def _replay(self, journal: Journal, whose: str) -> bool:
-        out = journal.replay(self._apply)
+        out = journal.replay(self._apply, lambda e: isinstance(e, RecordRefused) or is_transient(e))
+        if isinstance(out.stopped_by, RecordRefused):  # the lines stay journaled; the caller gets the reason
+            raise self._refused(out.stopped_by)
         for d in out.dead:
             self._alert(
                 f"journal line from {whose} ({d.op or 'unreadable'}, run {d.run_uid}, round {d.round_num}) "
@@ -338,14 +350,20 @@ class ResilientRecorder:
         return True
 
     def write(self, op: str, **args) -> bool:
-        """True if written to the database now, False if journaled for later or dead-lettered."""
+        """True if written to the database now, False if journaled for later or dead-lettered. Raises
+        RecordRefused (logged as an alert) when the record refuses the write: no audit key, or it does not verify."""
         if op in ("start_run", "resume_run"):
             self.run_uid = args.get("uid")
-        if (self._earlier or self.journal.pending()) and not self.flush():
-            self.journal.append(op, args)
-            return False
+        try:
+            if (self._earlier or self.journal.pending()) and not self.flush():
+                self.journal.append(op, args)
+                return False
+        except RecordRefused as e:
+            raise self._refused_write(op, args, e) from None
         try:
             self._apply(op, args)
+        except RecordRefused as e:
+            raise self._refused_write(op, args, e) from None
         except Exception as e:
             if is_transient(e):
                 self.journal.append(op, args)
@@ -361,10 +379,32 @@ class ResilientRecorder:
         self._write_alerts()
         return True
 
+    def chain_head(self):
+        """The audit chain's head after the last write (fedmed.store.receipts.ChainHead), or None while degraded:
+        journaled writes are not in the chain yet, so no receipt is due for them."""
+        if self.degraded or self._repo is None:
+            return None
+        try:
+            return self._repo.chain_head()
+        except sa_exc.SQLAlchemyError:
+            return None
+
     def close(self) -> None:
         if self._repo is not None:
             self._repo.close()
             self._repo = None
+
+    def _refused_write(self, op: str, args: dict, error: RecordRefused) -> RecordRefused:
+        if op not in ("start_run", "resume_run"):  # a round already trained: kept for replay after the fix
+            self.journal.append(op, args)
+        return self._refused(error)
+
+    def _refused(self, error: RecordRefused) -> RecordRefused:
+        """Log the refusal once as an alert (it is no outage) and hand it back to raise."""
+        if not getattr(error, "_alerted", False):
+            self.log.error(f"ALERT record refused: {error}")
+            error._alerted = True
+        return error
 
     def _alert(self, message: str) -> None:
         self.log.error(f"ALERT dead letter: {message}")

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from fedmed.constants import ENV_DB_URL
 from fedmed.crosssite import CrossSiteRecord
 from fedmed.store import audit
-from fedmed.store.audit import AuditProblem, AuditReport, AuditSettings
+from fedmed.store.audit import AuditProblem, AuditReport, AuditSettings, RecordTampered
 from fedmed.store.migrate import upgrade
 from fedmed.store.models import (
     Alert,
@@ -237,7 +237,11 @@ def _audited_migrations_ahead(engine: Engine) -> list[str]:
 class Repository:
     """audit_key / audit_key_file / heads_file: see fedmed.store.audit (default: environment, else for SQLite
     `<database folder>/local/audit_key` and `<database folder>/audit_heads.log`). A writer (create_schema=True)
-    resolves them at once, creating the key on first use, so a missing key fails before anything is written."""
+    resolves them at once, creating the key on first use, so a missing key fails before anything is written: with
+    no key for a database that has no folder for one (PostgreSQL), before connecting (audit.AuditKeyError).
+
+    Every audited write first checks that the record verifies (audit.RecordTampered otherwise, nothing written):
+    in full at an instance's first write, then only the entries added since the one it last vouched for."""
 
     def __init__(
         self,
@@ -249,6 +253,8 @@ class Repository:
     ):
         if "://" not in url:
             raise ValueError(f"database URL must look like dialect://..., got {url!r}")
+        if create_schema:  # a writer with no key anywhere: refused before connecting, never read as an outage
+            audit.require_key_source(url, audit_key, audit_key_file)
         kwargs = {"pool_pre_ping": True}
         if url.startswith("postgresql"):
             kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
@@ -260,12 +266,14 @@ class Repository:
         event.listen(self._session, "before_flush", _check_string_lengths)
         self._audit_args = (audit_key, audit_key_file, heads_file)
         self._audit_settings: Optional[AuditSettings] = None
+        self._vouched: Optional[tuple] = None  # (audit entry id, MAC) this instance last verified or wrote
         if create_schema:
             migrating = _audited_migrations_ahead(self.engine)
             upgrade(self.engine)  # Alembic: the same revisions on SQLite and PostgreSQL
             self.audit_settings(create=True)  # after connecting: never make a missing database's folder
             for revision in migrating:
                 self._record_schema_migration(revision)
+            self._vouched = None  # a migration entry is checked by the verifier, not taken on trust by the writer
 
     def audit_settings(self, create: bool = True) -> AuditSettings:
         if self._audit_settings is None:
@@ -284,6 +292,7 @@ class Repository:
         """Create the run row for uid, or return the existing one (a replayed start is a no-op)."""
         if not uid:
             raise ValueError("run uid must be a non-empty string")
+        self._check_record("start_run")
         with self._session.begin() as s:
             run = s.scalar(select(Run).where(Run.uid == uid))
             if run is None:
@@ -319,6 +328,7 @@ class Repository:
         for u in record.updates:  # refused whole, with the reason, before anything is written
             _metrics_problem(u.metrics, f"round {record.round_num}, site {u.site!r}")
         _metrics_problem(record.test_metrics, f"round {record.round_num}, global test metrics")
+        self._check_record("record_round")
         with self._session.begin() as s:
             run_id = self._run_id(s, run_uid)
             replaced = s.scalar(select(Round.id).where(Round.run_id == run_id, Round.round_num == record.round_num))
@@ -453,6 +463,7 @@ class Repository:
         keys = [(r.model, r.site) for r in records]
         if len(set(keys)) != len(keys):
             raise ValueError(f"cross-site table names a (model, site) cell twice: {sorted(keys)}")
+        self._check_record("record_cross_site")
         with self._session.begin() as s:
             run_id = self._run_id(s, run_uid)
             replaced = s.execute(delete(CrossSiteResult).where(CrossSiteResult.run_id == run_id)).rowcount
@@ -532,7 +543,14 @@ class Repository:
         with self._session() as s:
             table = audit.site_trust_table(s)
             has_keyed = s.scalar(select(AuditEntry.id).where(AuditEntry.scheme == audit.SCHEME).limit(1))
-            if has_keyed is None:  # a record from before the keyed chain: nothing to check against
+            if has_keyed is None:
+                # A record from before the keyed chain has nothing to check site_trust against; one whose keyed
+                # entries were rewritten as unkeyed ones (or emptied) must not pass for such a record.
+                report = audit.verify(s, self.audit_settings(create=False))
+                if report.problems:
+                    raise RecordTampered(
+                        f"site trust cannot be vouched for: {report.first} (fedmed-audit-verify lists every problem)"
+                    )
                 return {n: TrustRecord(n, *v[:3]) for n, v in table.items()}
             audited, chain_problems = audit.audited_trust(s, self.audit_settings(create=False))
         problems.extend(chain_problems)
@@ -547,6 +565,7 @@ class Repository:
         return states
 
     def finish_run(self, run_uid: str, status: str, best_round: Optional[int], best_metric: Optional[float]) -> None:
+        self._check_record("finish_run")
         with self._session.begin() as s:
             run = s.get(Run, self._run_id(s, run_uid))
             run.status, run.finished_at, run.best_round, run.best_metric = status, utcnow(), best_round, best_metric
@@ -565,6 +584,7 @@ class Repository:
         """One alert outside a round's record (round 0: about the run), e.g. a dead-lettered journal line."""
         if kind not in ALERT_KINDS:
             raise ValueError(f"alert kind must be one of {ALERT_KINDS}, got {kind!r}")
+        self._check_record("alert")
         with self._session.begin() as s:
             run_id = self._run_id(s, run_uid)
             site_id = self._site(s, site).id if site else None
@@ -581,6 +601,7 @@ class Repository:
 
     def record_inference(self, record: InferenceRecord) -> None:
         """Append one inference log row (and its audit row, in the same transaction)."""
+        self._check_record("inference")
         with self._session.begin() as s:
             log_row = InferenceLog(
                 study_pseudonym=record.study_pseudonym,
@@ -606,6 +627,7 @@ class Repository:
         """Record that NVFlare job job_id continues run uid from round from_round (numbered from 1) and the recorded
         global model model_sha256: the run is 'running' again, its rounds and best round stay. A replayed resumption
         (same job) is a no-op. Raises naming the run when it does not exist."""
+        self._check_record("resume_run")
         with self._session.begin() as s:
             run = s.get(Run, self._run_id(s, uid))
             done = select(RunResumption.id).where(
@@ -638,6 +660,7 @@ class Repository:
         uids changed. run_uids: only these runs (the simulator gives every job the same id)."""
         changed, heads = [], []
         job_ids = list(job_ids)
+        self._check_record("finish_run")
         with self._session.begin() as s:
             resumed = select(RunResumption.run_id).where(RunResumption.job_id.in_(job_ids))
             q = select(Run).where((Run.job_id.in_(job_ids)) | (Run.id.in_(resumed)), Run.status == "running")
@@ -678,7 +701,7 @@ class Repository:
                     AuditEntry.payload_json.contains(f'"revision":"{revision}"'),
                 )
             )
-            if keyed is None or done is not None:  # no keyed chain yet (its first write adopts the rows), or done
+            if keyed is None or done is not None:  # no keyed chain yet (an admin adopts the rows), or done
                 return
             form = audit.MIGRATION_FORMS[revision]
             previous = [r for t in audit._TABLES for r in audit.table_rows(s, t, form=form)]
@@ -699,16 +722,90 @@ class Repository:
             # Serialise appenders so two servers writing at once cannot fork the chain.
             s.execute(text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE"))
         last = s.execute(select(AuditEntry.row_hash, AuditEntry.scheme).order_by(AuditEntry.id.desc()).limit(1)).first()
-        if last is not None and last.scheme is None:
-            # First keyed write on a database from before the keyed chain: adopt what is there, as it is now.
-            every = [r for t in audit._TABLES for r in audit.table_rows(s, t)]
-            self._add_entry(
-                s, settings, last.row_hash, "adopt_rows", {"note": "rows written before the keyed chain"}, every
-            )
-            last = s.execute(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1)).first()
+        if last is not None and last.scheme is None and action != audit.ADOPT_ACTION:
+            # Rows the server did not write are adopted only by an admin's explicit, audited act (adopt()).
+            raise RecordTampered(self._unkeyed_refusal(action))
         entry = self._add_entry(s, settings, last.row_hash if last else GENESIS_HASH, action, payload, rows)
         tag = entry.row_hash if last is None else s.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id).limit(1))
+        self._vouched = (entry.id, entry.row_hash)
         return settings.heads_file, tag, entry.id, entry.row_hash, action
+
+    def _safe_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def _unkeyed_refusal(self, action: str) -> str:
+        return (
+            f"refusing to write {action} to {self._safe_url()}: its audit chain is unkeyed (written before the "
+            "keyed chain, or rewritten as unkeyed entries) and the server adopts no rows it did not write; check "
+            "the record, then adopt it once: fedmed-audit-verify --adopt --reason '...'"
+        )
+
+    def _check_record(self, action: str) -> None:
+        """Refuse (RecordTampered, nothing written) to write on top of a record that does not verify. In full the
+        first time; later only the entries appended after the one this instance last vouched for (another job's
+        keyed writes), so a job pays for one full check, not one per round."""
+        settings = self.audit_settings(create=True)
+        with self._session() as s:
+            head = s.execute(select(AuditEntry.id, AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1)).first()
+            if head is not None and self._vouched is not None:
+                if tuple(head) == self._vouched or audit.extends(s, settings, self._vouched):
+                    self._vouched = tuple(head)
+                    return
+            report = audit.verify(s, settings)
+        if report.problems:
+            fix = (
+                "once they are explained, `fedmed-audit-verify --adopt --reason '...'` records the rows as they are "
+                "under the key, naming them"
+                if all(p.adoptable for p in report.problems)
+                else "the audit chain itself was changed: restore the database and the heads file from a backup"
+            )
+            raise RecordTampered(
+                f"refusing to write {action} to {self._safe_url()}: the record does not verify: {report.first} "
+                f"({len(report.problems)} problem(s) in all; fedmed-audit-verify lists them); nothing was written; "
+                f"{fix}"
+            )
+        if report.entries and not report.keyed_entries:
+            raise RecordTampered(self._unkeyed_refusal(action))
+        self._vouched = tuple(head) if head is not None else None
+
+    def adopt(self, reason: str) -> tuple[int, int, list[str]]:
+        """The admin's explicit act: vouch for every row as it is now (an unkeyed record from before the keyed
+        chain, or rows changed outside fedmed that were checked and accepted) in one keyed entry naming the reason
+        and every problem it accepted. Refused when the chain itself is broken (an entry edited, removed or
+        downgraded after keyed ones, the newest entries deleted): adoption cannot vouch for what the chain said.
+        Returns (audit entry id, rows adopted, problems accepted)."""
+        if not reason or not reason.strip():
+            raise ValueError("an adoption needs a reason (who checked the record, and why its rows are accepted)")
+        settings = self.audit_settings(create=False)
+        with self._session.begin() as s:
+            if self.engine.dialect.name == "postgresql":
+                s.execute(text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE"))
+            report = audit.verify(s, settings)
+            broken = [p for p in report.problems if not p.adoptable]
+            if broken:
+                raise RecordTampered(
+                    f"cannot adopt the record in {self._safe_url()}: {broken[0]}: the audit chain itself was "
+                    "changed; adoption vouches for rows, not for the entries that vouched for them before: restore "
+                    "the database and the heads file from a backup"
+                )
+            if not report.problems and report.keyed_entries:
+                raise ValueError(f"the record in {self._safe_url()} verifies: there is nothing to adopt")
+            accepted = [str(p) for p in report.problems]
+            every = [r for t in audit._TABLES for r in audit.table_rows(s, t)]
+            trust = audit.site_trust_table(s)
+            head = self._audit(
+                s,
+                audit.ADOPT_ACTION,
+                {
+                    "reason": reason.strip(),
+                    "unkeyed_entries": report.legacy_entries,
+                    "accepted": accepted,
+                    "trust": [[site, *v[:3]] for site, v in sorted(trust.items())],
+                },
+                every,
+            )
+        self._append_head(head)
+        return head[2], len(every), accepted
 
     @staticmethod
     def _add_entry(s: Session, settings: AuditSettings, prev: str, action: str, payload: dict, rows) -> AuditEntry:
@@ -748,6 +845,20 @@ class Repository:
         settings = self.audit_settings(create=False)
         with self._session() as s:
             return audit.verify(s, settings, site_keys)
+
+    def chain_head(self):
+        """The audit chain's tag and newest entry (fedmed.store.receipts.ChainHead), or None when it is empty."""
+        from fedmed.store import receipts
+
+        with self._session() as s:
+            return receipts.chain_head(s)
+
+    def check_receipts(self, folder: Path, server_public=None) -> tuple[int, list]:
+        """The record against hospitals' receipt logs (fedmed.store.receipts.check_receipts)."""
+        from fedmed.store import receipts  # signing keys are needed only here
+
+        with self._session() as s:
+            return receipts.check_receipts(s, folder, server_public)
 
     def verify_audit(self) -> Optional[AuditProblem]:
         """The first problem audit_report finds, or None if the record is intact."""
