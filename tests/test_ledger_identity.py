@@ -75,7 +75,7 @@ def test_retagging_one_image_per_site_does_not_give_a_fresh_budget(tmp_path):
     assert ledger.lifetime_epsilon(again, 1e-5) == pytest.approx(TWO, rel=1e-9)  # not 0: what its images spent
     with pytest.raises(LifetimeBudgetExceeded, match=rf"from {TWO:.3f} to {THREE:.3f} .*ceiling 7.0; 1 earlier"):
         _charge(ledger, again, "job-2", [0], ceiling=7.0)
-    assert len(ledger.entries()) == 2  # refused: nothing written
+    assert len(ledger.entries()) == 2 and len(list(ledger.index_dir.iterdir())) == 1  # refused: nothing written
 
 
 def test_a_subset_and_a_superset_compose_with_what_their_images_spent(tmp_path):

@@ -636,13 +636,13 @@ class PrivacyLedger:
             replayed = self._replay(entries, s, mechanism, history, float(delta), charge_key, resumes)
             if replayed is not None and any(e.replay_of is not None for e in entries if e.charge_key == charge_key):
                 replayed = None  # the one free replay of this key is used: charged in full
-            self._store_set(s)
             if replayed is not None:
                 after = self.spend(entries, s).worst(s, delta)[0]
                 history, replay_of = (), replayed.seq
             else:
                 after = self._check(entries, s, history, delta, ceiling)
                 replay_of = None
+            self._store_set(s)  # before the line that names it; after the check, so a refusal writes nothing
             entry = LedgerEntry(
                 len(entries) + 1,
                 _sha256(data.split(b"\n")[-2]) if entries else GENESIS,
