@@ -300,3 +300,18 @@ def test_key_file_is_private_and_concurrent_first_use_makes_one_key(tmp_path):
     keys = {PrivacyLedger(ledger.path).open_key().key_id for _ in range(3)}
     assert len(keys) == 1 and oct(os.stat(ledger.key_path).st_mode & 0o777) == "0o600"
     assert ledger.verify() is None and ledger.entries() == []
+
+
+def test_show_names_each_datasets_images_patients_and_the_replayed_round(tmp_path, capsys):
+    ledger = PrivacyLedger(tmp_path / "privacy_ledger.jsonl")
+    ids = _ids(ledger, _site(tmp_path / "a", [(1, "P1"), (2, "P1"), (3, "P2")]))
+    LedgerBinding(ledger, ids, "job-1", 1e-5, 9.0).charge(0, "dp_sgd", [ROUND])
+    resumed = LedgerBinding(ledger, ids, "job-2", 1e-5, 9.0)
+    resumed.continue_run(["job-1"])
+    resumed.charge(0, "dp_sgd", [ROUND])
+    assert ledger_cli.main(["show", str(ledger.path)]) == 0
+    out = capsys.readouterr().out
+    assert "(3 image(s), 2 patient(s)): 2 job(s)" in out and f"most-charged image or patient {ONE:.4f}" in out
+    assert "resumed run: charged at entry 1, not again" in out
+    assert ledger_cli.main(["verify", str(ledger.path)]) == 0
+    assert "2 entries chained (2 keyed)" in capsys.readouterr().out
