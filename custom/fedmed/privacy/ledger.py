@@ -350,11 +350,12 @@ class _Spend:
                     if other != root:
                         self._parent[other] = root
         self.legacy = [e for e in entries if e.format == LEGACY_FORMAT]  # untraceable: against every identity
-        self.by_root: dict[str, list[LedgerEntry]] = {}
+        self._by_set = {d: [e for e in entries if e.format == FORMAT and e.dataset == d] for d in sets}
+        # root -> the identity sets that hold one of its images (few per root, whatever the number of images)
+        self._sets_of_root: dict[str, set[str]] = {}
         for digest, s in sets.items():
-            charged = [e for e in entries if e.format == FORMAT and e.dataset == digest]
             for root in self.roots(s):
-                self.by_root.setdefault(root, []).extend(charged)
+                self._sets_of_root.setdefault(root, set()).add(digest)
 
     def _find(self, t: str) -> str:
         self._parent.setdefault(t, t)
@@ -366,19 +367,19 @@ class _Spend:
     def roots(self, s: IdentitySet) -> set[str]:
         return {self._find(img[0]) for img in s.images}
 
-    def charges(self, root: str) -> list[LedgerEntry]:
-        return self.legacy + self.by_root.get(root, [])
+    def _charges(self, digests: frozenset) -> list[LedgerEntry]:
+        return self.legacy + [e for d in sorted(digests) for e in self._by_set[d]]
 
     def worst(self, s: IdentitySet, delta: float, extra: Sequence[HistoryEntry] = ()) -> tuple[float, list]:
         """(the highest lifetime epsilon of any identity in s with `extra` added, that identity's charges)."""
         best, best_charges, memo = 0.0, list(self.legacy), {}
         for root in self.roots(s):
-            charges = self.charges(root)
-            seen = frozenset(e.seq for e in charges)
-            if seen not in memo:
-                memo[seen] = epsilon_of([h for e in charges for h in e.history] + list(extra), delta)
-            if memo[seen] > best:
-                best, best_charges = memo[seen], charges
+            digests = frozenset(self._sets_of_root.get(root, ()))
+            if digests not in memo:  # identities charged by the same sets spent the same
+                charges = self._charges(digests)
+                memo[digests] = (epsilon_of([h for e in charges for h in e.history] + list(extra), delta), charges)
+            if memo[digests][0] > best:
+                best, best_charges = memo[digests]
         return best, best_charges
 
 
