@@ -475,16 +475,9 @@ class PrivacyLedger:
 
     def head(self) -> str:
         """sha256 of the last line (GENESIS for an empty ledger): what a privacy officer records to pin the file."""
-        return self.head_at(None)
-
-    def head_at(self, count: Optional[int]) -> str:
-        """sha256 of line `count` (the newest for None; GENESIS for 0)."""
         data = self.path.read_bytes() if self.path.exists() else b""
         lines = data.split(b"\n")[:-1] if data.endswith(b"\n") else []
-        count = len(lines) if count is None else count
-        if not 0 <= count <= len(lines):
-            raise LedgerError(f"{self.path} has {len(lines)} entries, asked for the head at {count}")
-        return _sha256(lines[count - 1]) if count else GENESIS
+        return _sha256(lines[-1]) if lines else GENESIS
 
     def identity_set(self, digest: str) -> IdentitySet:
         """The identity set an entry names, from the index (checked against its digest)."""
@@ -509,11 +502,6 @@ class PrivacyLedger:
         """Who spent what: the identities of every charged set (and `current`), joined, with their charges."""
         entries = self.entries() if entries is None else entries
         return _Spend(entries, self._sets_of(entries), current)
-
-    @staticmethod
-    def history_of(entries: Sequence[LedgerEntry], dataset: str) -> list[HistoryEntry]:
-        """The histories of the entries charged to exactly this identity set (or format-1 fingerprint)."""
-        return [h for e in entries if e.dataset == dataset for h in e.history]
 
     def lifetime_epsilon(self, dataset: Dataset, delta: float, extra: Sequence[HistoryEntry] = ()) -> float:
         """The lifetime epsilon of the dataset's most-charged image or patient, with `extra` added."""
