@@ -315,3 +315,20 @@ def test_show_names_each_datasets_images_patients_and_the_replayed_round(tmp_pat
     assert "resumed run: charged at entry 1, not again" in out
     assert ledger_cli.main(["verify", str(ledger.path)]) == 0
     assert "2 entries chained (2 keyed)" in capsys.readouterr().out
+
+
+def test_the_pre_training_check_lets_a_free_replay_through_at_the_ceiling_and_refuses_the_next_round(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "privacy_ledger.jsonl")
+    job1 = LedgerBinding(ledger, "d" * 64, "job-1", 1e-5, THREE)
+    for r in range(3):  # the last of the lifetime budget, then the server dies before recording round 2
+        job1.charge(r, "dp_sgd", [ROUND])
+    job2 = LedgerBinding(ledger, "d" * 64, "job-2", 1e-5, THREE)
+    job2.continue_run(["job-1"])
+    assert job2.check_round(2, {"dp_sgd": [ROUND], "user_level": []}) == pytest.approx(THREE, rel=1e-9)
+    with pytest.raises(LifetimeBudgetExceeded, match="over the site's lifetime ceiling"):
+        job2.check([ROUND])  # counted in full, the same round would not pass
+    with pytest.raises(LifetimeBudgetExceeded, match="over the site's lifetime ceiling"):
+        job2.check_round(3, {"dp_sgd": [ROUND]})  # a round the run never charged
+    with pytest.raises(ChargeConflict, match="a resumed round must repeat"):
+        job2.check_round(2, {"dp_sgd": [(3.0, 0.25, 4)]})
+    assert len(ledger.entries()) == 3  # checks write nothing

@@ -623,8 +623,6 @@ class PrivacyLedger:
             entries = self._parse(data, key)
             self._check_heads(heads, data, entries, key)
             replayed = self._replay(entries, s, mechanism, history, float(delta), charge_key, resumes)
-            if replayed is not None and any(e.replay_of is not None for e in entries if e.charge_key == charge_key):
-                replayed = None  # the one free replay of this key is used: charged in full
             if replayed is not None:
                 after = self.spend(entries, s).worst(s, delta)[0]
                 history, replay_of = (), replayed.seq
@@ -659,9 +657,11 @@ class PrivacyLedger:
 
     @staticmethod
     def _replay(entries, s, mechanism, history, delta, charge_key, resumes) -> Optional[LedgerEntry]:
-        """The earlier charge of this key by one of the run's earlier jobs, if this charge repeats it."""
+        """The earlier charge of this key by one of the run's earlier jobs, if this charge repeats it for free."""
         if not charge_key or not resumes:
             return None
+        if any(e.replay_of is not None for e in entries if e.charge_key == charge_key):
+            return None  # the one free replay of this key is used: charged in full
         earlier = [e for e in entries if e.charge_key == charge_key and e.replay_of is None and e.job_id in resumes]
         if not earlier:
             return None
@@ -674,6 +674,13 @@ class PrivacyLedger:
                 "what was charged (same images, same DP parameters), so it is refused"
             )
         return first
+
+    def replays(self, dataset: Dataset, mechanism: str, history, delta: float, charge_key: str, resumes) -> bool:
+        """Whether charge() with these arguments would be a free replay; writes nothing, raises ChargeConflict as
+        charge() would."""
+        history = tuple((float(s), float(q), int(n)) for s, q, n in history)
+        s = _as_identities(dataset)
+        return self._replay(self.entries(), s, mechanism, history, float(delta), charge_key, resumes) is not None
 
     def head_report(self, dataset: Dataset, delta: float, previous_count: Optional[int] = None) -> LedgerHead:
         """The value a site puts into its signed update (LedgerHead); previous_count: the entry count the server
@@ -718,6 +725,21 @@ class LedgerBinding:
 
     def check(self, history: Sequence[HistoryEntry]) -> float:
         return self.ledger.check(self.dataset, history, self.delta, self.lifetime_ceiling)
+
+    def check_round(self, round_num: int, releases: dict) -> float:
+        """check() of what a round will release, by mechanism ({"dp_sgd": [...], "user_level": [...]}), leaving
+        out what charge() would replay free (a resumed run's round its earlier job charged), so the pre-training
+        check refuses exactly what the charge would."""
+        history = [
+            h
+            for mechanism, hist in releases.items()
+            if hist
+            and not self.ledger.replays(
+                self.dataset, mechanism, hist, self.delta, self.charge_key(round_num, mechanism), self.resumes
+            )
+            for h in hist
+        ]
+        return self.check(history)
 
     def charge(
         self, round_num: int, mechanism: str, history: Sequence[HistoryEntry], details: Optional[dict] = None
