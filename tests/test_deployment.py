@@ -466,8 +466,10 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
     try:
         job_id, run_id = _submit_until_first_round(session, repo, job)
         session.close()
-        # killed as soon as round 2 is recorded, before the hospitals have trained (and charged) round 3
+        # killed once round 2 is recorded and a hospital has charged round 3 (wire round 2) to its ledger, before
+        # the server records round 3: the resumption re-runs round 3, which that hospital must not charge twice
         _wait_for(lambda: len(repo.rounds_table(run_id)) >= 2, JOB_TIMEOUT, "round 2 recorded", poll=0.05)
+        _wait_for(lambda: _charged_round(fed, job_id, 2), JOB_TIMEOUT, "a hospital charged round 3", poll=0.05)
         fed.stop_site("server", signal.SIGKILL)
         recorded = [r.round_num for r in repo.rounds_table(run_id)]
         assert repo.get_run(run_id).status == "running"  # what the dead server left behind
@@ -485,6 +487,20 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
         repo.close()
         session.close()
     fed.interrupted = (job_id, run_id, run.uid)
+
+
+def _charged_round(fed, job_id: str, wire_round: int) -> bool:
+    """Whether any hospital's ledger holds a charge of this job's wire round (read-only: the ledger's shared lock)."""
+    from fedmed.privacy.ledger import LedgerError, PrivacyLedger
+
+    for site in HOSPITALS:
+        try:
+            entries = PrivacyLedger(fed.kit(site) / "local" / "privacy_ledger.jsonl").entries()
+        except LedgerError:
+            continue  # its first key or head file being written right now: read it at the next poll
+        if any(e.job_id == job_id and e.round == wire_round for e in entries):
+            return True
+    return False
 
 
 def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twice(federation, tmp_path, capsys):
@@ -533,14 +549,24 @@ def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twi
     (final,) = (tmp_path / "results").rglob("global_model.pt")
     params, meta = load_state(final)
     assert meta["round"] == 4 and model_sha256(params) == last_sha
+    replayed = 0
     for site in HOSPITALS:  # each hospital's ledger: rounds 1-4 of this run charged once each (wire rounds 0-3)
         ledger = PrivacyLedger(fed.kit(site) / "local" / "privacy_ledger.jsonl")
         mine = [e for e in ledger.entries() if e.job_id in (first_job, second_job)]
-        assert sorted(e.round for e in mine) == [0, 1, 2, 3], [(e.job_id, e.round) for e in mine]
+        charged = [e for e in mine if e.replay_of is None]
+        assert sorted(e.round for e in charged) == [0, 1, 2, 3], [(e.job_id, e.round, e.replay_of) for e in mine]
         assert [e.round for e in mine if e.job_id == second_job] == [2, 3] and ledger.verify() is None
+        # a hospital that charged round 3 before the server died wrote a zero-cost replay line when it re-ran it
+        for e in mine:
+            if e.replay_of is not None:
+                assert (e.job_id, e.round, e.history) == (second_job, 2, ())
+                assert ledger.entries()[e.replay_of - 1].job_id == first_job
+                replayed += 1
+        mine = charged
         history = [h for e in mine for h in e.history]
         assert epsilon_of(history, mine[0].delta) == pytest.approx(epsilon_of(mine[0].history * 4, mine[0].delta))
         assert epsilon_of(history, mine[0].delta) < epsilon_of(mine[0].history * 6, mine[0].delta)
+    assert replayed >= 1  # the server was killed after a hospital charged round 3
     print(f"\nmeasured: resumed run (export, rounds 3-4, final model) {resumed_s:.0f}s")
 
 

@@ -130,6 +130,7 @@ class Federation:
             ("local/" + "fedmed_signing.key", "site signing key(s)"),
             ("*/*.tenseal", "installed HE context(s) (CKKS keys)"),
             ("local/privacy_ledger.jsonl", "hospital privacy ledger(s) (lifetime epsilon spent)"),
+            ("local/privacy_ledger.key", "hospital privacy ledger key(s) (without one its ledger cannot be checked)"),
             ("fedmed.db", "run record database(s) inside a kit"),
         ):
             hits = found(pattern)

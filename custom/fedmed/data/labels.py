@@ -20,12 +20,18 @@ from fedmed.tasks import CHEST_XRAY14, COL_CLASS_LABEL, TaskSpec
 
 log = logging.getLogger(__name__)
 
+# Patient columns a CSV reader may have; the privacy ledger charges per patient where one is given (DICOM images
+# carry their own PatientID, read by fedmed.privacy.identity).
+CXR14_PATIENT_COL = "Patient ID"
+COL_PATIENT_ID = "patient_id"
+
 
 @dataclass(frozen=True)
 class LabelledImage:
     path: Path
     labels: np.ndarray  # float32, one entry per class: multi-hot (multilabel task) or one-hot (multiclass task)
     split: str = "train"
+    patient_id: Optional[str] = None  # from the reader's CSV, where it has a patient column
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -144,7 +150,7 @@ def load_chestxray14(root: Path, csv_name: str = "Data_Entry_2017.csv", image_di
         path = root / image_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"{root / csv_name} line {line}: image {path} does not exist")
-        items.append(LabelledImage(path, labels))
+        items.append(LabelledImage(path, labels, patient_id=(row.get(CXR14_PATIENT_COL) or "").strip() or None))
     return items
 
 
@@ -160,5 +166,6 @@ def load_csv_manifest(csv_path: Path, task: TaskSpec) -> list[LabelledImage]:
         path = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
         if not path.is_file():
             raise FileNotFoundError(f"{csv_path} line {line}: image {path} does not exist")
-        items.append(LabelledImage(path, _row_labels(row, task, csv_path, line), (row.get(COL_SPLIT) or "train").strip()))
+        items.append(LabelledImage(path, _row_labels(row, task, csv_path, line), (row.get(COL_SPLIT) or "train").strip(),
+                                   (row.get(COL_PATIENT_ID) or "").strip() or None))
     return items

@@ -35,7 +35,7 @@ from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable, state_to_numpy
 from fedmed.model_card import data_is_synthetic
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
-from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, PrivacyLedger, dataset_fingerprint
+from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, PrivacyLedger
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
 from fedmed.robust.attacks import apply_attack
 from fedmed.rounds import finite_or_none
@@ -317,7 +317,7 @@ class FedMedTrainer(Executor):
 
     def _open_ledger(self, site: str, policy, fl_ctx: FLContext) -> LedgerBinding:
         """The site's lifetime ledger (path from fedmed_site.json, else <kit>/local/), verified, bound to this
-        dataset (content fingerprint of every image the task reads) and this job."""
+        dataset (the pseudonymous identities of every image, and patient, the task reads) and this job."""
         path = (
             self._site.privacy_ledger
             or Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / LEDGER_FILENAME
@@ -330,10 +330,12 @@ class FedMedTrainer(Executor):
                 f"{problem}; the privacy officer must check it (scripts/privacy_ledger.py "
                 "verify)"
             )
-        fingerprint = dataset_fingerprint(it.path for it in load_items(self._site.data, self._task))
+        identities = ledger.dataset_identities(
+            (it.path, it.patient_id) for it in load_items(self._site.data, self._task)
+        )
         binding = LedgerBinding(
             ledger,
-            fingerprint,
+            identities,
             str(fl_ctx.get_job_id()),
             policy.delta if policy else DEFAULT_DELTA,
             policy.lifetime_ceiling if policy else None,
@@ -341,7 +343,7 @@ class FedMedTrainer(Executor):
         )
         self.log_info(
             fl_ctx,
-            f"site {site}: privacy ledger {path}, dataset {fingerprint[:12]}: lifetime epsilon "
+            f"site {site}: privacy ledger {path}, dataset {identities.digest[:12]} ({identities.describe()}): lifetime epsilon "
             f"{binding.lifetime_epsilon():.3f} of {binding.lifetime_ceiling}",
         )
         return binding
@@ -420,6 +422,7 @@ class FedMedTrainer(Executor):
                 return self._keep_final_model(site, global_params, global_model, fl_ctx)
             round_num = int(global_model.current_round or 0)
             if self._ledger is not None:  # the site's user-level filter charges its part of the round with this
+                self._ledger.continue_run((global_model.meta or {}).get(C.META_RESUMED_JOBS))  # keys charges to the run
                 fl_ctx.set_prop(
                     C.CTX_PRIVACY_LEDGER, {"binding": self._ledger, "round": round_num}, private=True, sticky=False
                 )

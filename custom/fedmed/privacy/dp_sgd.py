@@ -161,7 +161,8 @@ class SitePrivacy:
             )
         lifetime = None
         if self.ledger is not None:
-            self.ledger.check(this_round + list(also_released))  # the whole round, the filter's part included
+            # the whole round, the filter's part included (less what a resumed run's round replays free)
+            self.ledger.check_round(round_num, {"dp_sgd": this_round, "user_level": list(also_released)})
             lifetime = self.ledger.charge(
                 round_num,
                 "dp_sgd",
