@@ -32,6 +32,7 @@ from fedmed.aggregation import (
 )
 from fedmed.hashing import model_sha256
 from fedmed.parallel import thread_map
+from fedmed.records import AlertRecord, UpdateRecord
 from fedmed.robust.geometric_median import distance_keys
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.screening import (
@@ -40,7 +41,6 @@ from fedmed.screening import (
     find_metrics_problem,
     find_statistics_problem,
 )
-from fedmed.store.repository import AlertRecord, UpdateRecord
 
 
 @dataclass(frozen=True)
