@@ -174,4 +174,4 @@ def test_a_model_signed_for_cross_site_evaluation_is_scored_and_never_trained(
     assert scored.meta[AppConstants.MODEL_OWNER] == "global" and scored.meta[C.META_NUM_SAMPLES] == len(ex._val_ds)
     assert scored.metrics and all(0.0 <= v <= 1.0 for v in scored.metrics.values())
     replayed = ex.execute("train", model(True), ctx, Signal())
-    assert replayed.get_return_code() == ReturnCode.BAD_TASK_DATA and ex._last_local is None  # nothing trained
+    assert replayed.get_return_code() == ReturnCode.BAD_TASK_DATA and ex._state.last_local is None  # nothing trained
