@@ -5,6 +5,7 @@ Thin adapter: converts Shareable <-> FLModel <-> numpy params and calls fedmed.t
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -18,10 +19,10 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
+from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-from nvflare.private.privacy_manager import PrivacyService
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
@@ -51,14 +52,36 @@ class SiteSettingsRefused(RuntimeError):
     stays up and refuses every task of the job with this reason, so the server records it and the run fails."""
 
 
-def running_in_simulator(fl_ctx: FLContext) -> bool:
-    """True only under NVFlare's simulator, whose client engine is its SimulatorClientRunManager; a deployed kit's
-    client always runs NVFlare's ClientRunManager. Which engine runs a site is fixed by how the site was started,
-    never by the job, so a job submitter cannot make a hospital honour job-supplied site settings; the simulator and
-    the tests, which have no kits, keep passing them as job arguments."""
-    from nvflare.private.fed.simulator.simulator_app_runner import SimulatorClientRunManager
+def is_deployed_kit(workspace: Optional[Workspace]) -> bool:
+    """True in a provisioned client kit: its startup/ folder holds fed_client.json (NVFlare's public
+    Workspace.get_client_startup_file_path(), WorkspaceConstants.CLIENT_STARTUP_CONFIG), which a deployed client reads
+    to start at all; NVFlare's simulator gives each site a workspace whose startup/ it creates empty. The kit's files
+    are fixed by provisioning, never by a job, so a job submitter cannot make a hospital honour job-supplied site
+    settings. No workspace to look at counts as deployed: the stricter answer."""
+    return workspace is None or os.path.isfile(workspace.get_client_startup_file_path())
 
-    return isinstance(fl_ctx.get_engine(), SimulatorClientRunManager)
+
+def running_in_simulator(fl_ctx: FLContext) -> bool:
+    """True only for a site run by NVFlare's simulator (or the tests), which has no kit (is_deployed_kit)."""
+    engine = fl_ctx.get_engine()
+    return not is_deployed_kit(engine.get_workspace() if engine is not None else None)
+
+
+def scope_in_privacy_file(path: Path, name: str) -> Optional[tuple[str, dict]]:
+    """(scope name, properties) of the scope `name` (empty: the default scope) in a site's NVFlare privacy.json, as
+    NVFlare's privacy manager resolves it; None when the file or the scope is absent."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        scopes = {s["name"]: s for s in doc.get("scopes", [])}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path} is not a valid NVFlare privacy file: {e!r}") from None
+    scope = scopes.get(name or doc.get("default_scope") or "")
+    if scope is None:
+        return None
+    props = scope.get("properties") or {}
+    return scope["name"], props if isinstance(props, dict) else {}
 
 
 class FedMedTrainer(Executor):
@@ -366,12 +389,18 @@ class FedMedTrainer(Executor):
         """The strictest of this site's fedmed_site.json policy and the one in the job's NVFlare privacy scope
         (<kit>/local/privacy.json, scope properties["fedmed_privacy"]), with where it came from."""
         scope_obj = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
-        if scope_obj is None:
-            # NVFlare's simulator does not resolve the job's scope (its run manager sets only the job meta); the
-            # site's privacy.json is loaded all the same, so resolve it the way a deployed client does.
-            scope_obj = PrivacyService.get_scope((fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", ""))
         scope = scope_obj.name if scope_obj is not None else ""
         props = scope_obj.props if scope_obj is not None else {}
+        engine = fl_ctx.get_engine()
+        if scope_obj is None and engine is not None:
+            # NVFlare's simulator does not resolve the job's scope (its run manager sets only the job meta), nor
+            # applies the scope's filters; read the scope's properties from the site's privacy.json the way a
+            # deployed client resolves them, through the public workspace API.
+            found = scope_in_privacy_file(
+                Path(engine.get_workspace().get_site_privacy_file_path()),
+                (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", ""),
+            )
+            scope, props = found if found is not None else ("", {})
         raw = props.get(C.SCOPE_PRIVACY_KEY) if isinstance(props, dict) else None
         filters = getattr(scope_obj, "task_result_filters", None) or {}
         self._noise_filters = [f for group in filters.values() for f in group if isinstance(f, UpdateNoiseFilter)]
