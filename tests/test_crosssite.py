@@ -344,7 +344,7 @@ def test_a_hospital_scores_a_model_and_lends_its_local_model_only_when_it_may(ti
     assert find_result_problem(reply.metrics, "hospital-b", "hospital-b", len(ex._val_ds), CHEST_XRAY14) is None
     refused = _ask(ex, ctx, AppConstants.TASK_SUBMIT_MODEL)  # nothing trained yet in this job
     assert "trained no local model" in refused.meta[C.META_REFUSED] and not refused.params
-    ex._last_local = params  # what a round leaves (the executor keeps the update it released)
+    ex._state.last_local = params  # what a round leaves (the executor keeps the update it released)
     lent = _ask(ex, ctx, AppConstants.TASK_SUBMIT_MODEL)
     assert lent.meta[AppConstants.MODEL_OWNER] == "hospital-a" and set(lent.params) == set(params)
 

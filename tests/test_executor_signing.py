@@ -62,10 +62,10 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     ex._setup(ctx)
     params = state_to_numpy(build_densenet121(14))
 
-    def send(signed_by=None, tamper=None):
-        model = FLModel(params_type=ParamsType.FULL, params=params, current_round=0, total_rounds=1)
+    def send(signed_by=None, tamper=None, round_num=0):
+        model = FLModel(params_type=ParamsType.FULL, params=params, current_round=round_num, total_rounds=1)
         if signed_by is not None:
-            wire_sig.sign_global(model, "job-1", 0, signed_by)
+            wire_sig.sign_global(model, "job-1", round_num, signed_by)
         shareable = fobs.loads(fobs.dumps(FLModelUtils.to_shareable(model)))
         if tamper:
             tamper(shareable)
@@ -174,4 +174,4 @@ def test_a_model_signed_for_cross_site_evaluation_is_scored_and_never_trained(
     assert scored.meta[AppConstants.MODEL_OWNER] == "global" and scored.meta[C.META_NUM_SAMPLES] == len(ex._val_ds)
     assert scored.metrics and all(0.0 <= v <= 1.0 for v in scored.metrics.values())
     replayed = ex.execute("train", model(True), ctx, Signal())
-    assert replayed.get_return_code() == ReturnCode.BAD_TASK_DATA and ex._last_local is None  # nothing trained
+    assert replayed.get_return_code() == ReturnCode.BAD_TASK_DATA and ex._state.last_local is None  # nothing trained

@@ -1,35 +1,31 @@
-"""In-process federation for benchmarks and the red-team script: the sites' side done as the Executor does it
-(same training, DP-SGD, seeds, LR schedule, encryption and global-head check), and the server's side done by the
-same fedmed.rounds.RoundEngine the NVFlare Controller calls. It measures the algorithms, not NVFlare's transport;
-the simulator tests cover that."""
+"""In-process federation for benchmarks and the red-team script: each site's round is fedmed.site_round.run_round,
+the very function the NVFlare Executor calls (training, DP-SGD, seeds, LR schedule, global-head and freshness
+checks, encryption), and the server's side is the same fedmed.rounds.RoundEngine the NVFlare Controller calls. It
+measures the algorithms, not NVFlare's transport; the simulator tests cover that."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+from fedmed import site_round
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.model_card import ModelCardBuilder
-from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
+from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.robust.attacks import Attack, apply_attack, craft_colluding
+from fedmed.robust.attacks import Attack, craft_colluding
 from fedmed.robust.trust import TrustPolicy
 from fedmed.rounds import EncryptionSpec, RoundEngine, RoundReport, RoundRules, SiteResult
+from fedmed.site_round import GlobalModel, Site, Training, as_received, site_seed
 from fedmed.tasks import TaskSpec
-from fedmed.training import evaluate, round_lr, train_epochs
+from fedmed.training import evaluate
 
 # Aggregation alone: nothing is excluded or quarantined (every valid update is aggregated), for benchmarks that
 # compare aggregators without the trust rule. Screening still runs.
 NO_TRUST = TrustPolicy(ok_ratio=1e12, bad_ratio=1e13, quarantine_below=0.0, quarantine_on_zero=False)
-
-
-def site_seed(seed: int, round_num: int, site: str) -> int:
-    """The Executor's per-round, per-site seed (fedmed.flare.executor), so both loops draw the same streams."""
-    return seed + 1000 * round_num + sum(site.encode())
 
 
 @dataclass
@@ -157,8 +153,22 @@ def federate(
             return evaluate(val_model, server_validation, task).score
 
     engine = RoundEngine(rules, encryption, validate=validate)
-    dp = {name: SitePrivacy(privacy) for name in train_sets} if privacy else {}
-    last_head: dict = {}
+    training = Training(lr, batch_size, local_epochs, seed, None if trainable is None else tuple(trainable))
+    # Each hospital as the Executor builds it (no validation set: the benchmarks score the global model instead).
+    sites = {
+        name: Site(
+            name,
+            task,
+            train,
+            model,  # one module for every site: each round starts by loading the global model into it
+            training,
+            privacy=SitePrivacy(privacy) if privacy else None,
+            he=he_ctx,
+            he_names=tuple(he_names),
+            hostile=hostile.get(name),
+        )
+        for name, train in train_sets.items()
+    }
     global_block = None
     history: dict = {}
     out = Federation(float("nan"), float("nan"), {})
@@ -166,31 +176,14 @@ def federate(
     for r in range(rounds):
         results = []
         attacks = hostile if r >= attack_from else {}
-        for name, train in train_sets.items():
+        for name in train_sets:
             if absent and name in absent and r >= absent[name]:
                 continue
-            results.append(
-                _site_round(
-                    name,
-                    train,
-                    r,
-                    rounds,
-                    global_params,
-                    global_block,
-                    he_ctx,
-                    he_names,
-                    last_head,
-                    model,
-                    dp,
-                    attacks.get(name),
-                    task,
-                    lr,
-                    batch_size,
-                    seed,
-                    trainable,
-                    local_epochs,
-                )
-            )
+            site = sites[name]
+            site.hostile = attacks.get(name)  # before attack_from the hostile sites are honest
+            offer = GlobalModel(global_params, r, rounds, encrypted=global_block)
+            update = site_round.run_round(site, offer)  # through the module: what the Executor calls
+            results.append(as_received(name, update.params, update.metrics, update.meta))
         results = _collude(results, attacks, global_params, len([s for s in hostile if s in train_sets]))
         for i, res in enumerate(results):
             attack = attacks.get(res.site)
@@ -220,7 +213,7 @@ def federate(
     load_numpy_state(model, final)
     result = evaluate(model, test_set, task)
     out.auroc, out.score, out.params = result.mean_auroc, result.score, final
-    out.epsilon = {n: s.epsilon_spent for n, s in dp.items()}
+    out.epsilon = {n: s.privacy.epsilon_spent for n, s in sites.items() if s.privacy is not None}
     out.card = card.card().to_meta()
     return out
 
@@ -241,87 +234,6 @@ def _collude(results: list, attacks: Mapping[str, Attack], global_params, n_host
             crafted[attack] = craft_colluding(honest, clear, attack, n_hostile)
         out[i] = replace(res, params={**res.params, **crafted[attack]})
     return out
-
-
-def _site_round(
-    name,
-    train,
-    r,
-    rounds,
-    global_params,
-    global_block,
-    he_ctx,
-    he_names,
-    last_head,
-    model,
-    dp,
-    attack,
-    task,
-    lr,
-    batch_size,
-    seed,
-    trainable,
-    local_epochs,
-) -> SiteResult:
-    """One hospital's round, as fedmed.flare.executor.FedMedTrainer does it."""
-    from fedmed.crypto import ckks
-
-    params = dict(global_params)
-    if global_block is not None:
-        params = ckks.merge_decrypted(
-            {k: v for k, v in global_params.items() if k not in he_names}, global_block, he_ctx
-        )
-        head = {n: params[n] for n in he_names}
-        problem = ckks.find_global_head_problem(head, last_head.get(name))
-        if problem:
-            return SiteResult(name, refused=f"global model rejected: {problem}")
-        last_head[name] = head
-    elif he_names:
-        last_head[name] = {n: params[n] for n in he_names}
-    load_numpy_state(model, params)
-    s = site_seed(seed, r, name)
-    # Datasets are shared between benchmark runs: restart their augmentation so every run of the same site and
-    # round sees the same images, and runs differ only by what they compare.
-    train.reseed(s)
-    ds = train
-    if attack is not None and attack.poisons_labels:
-        ds = copy.copy(train)
-        ds.labels = task.poisoned_labels(train.labels)
-    lr_r = round_lr(lr, min(r, rounds - 1), rounds)
-    privacy = {}
-    if dp:
-        try:
-            trained, res = dp[name].train_round(
-                model,
-                ds,
-                local_epochs,
-                lr_r,
-                batch_size,
-                s,
-                total_epochs=rounds * local_epochs,
-                task=task,
-                trainable=trainable,
-            )
-        except BudgetExceeded as e:
-            return SiteResult(name, refused=str(e), privacy={"epsilon": dp[name].epsilon_spent})
-        model.load_state_dict(trained.state_dict())
-        loss = res.train_loss
-        privacy = {
-            "epsilon": res.epsilon,
-            "delta": res.delta,
-            "epsilon_budget": dp[name].policy.epsilon,
-            "noise_multiplier": res.noise_multiplier,
-        }
-    else:
-        loss = train_epochs(model, ds, local_epochs, lr_r, batch_size, s, task=task, trainable=trainable)
-    out = state_to_numpy(model)
-    if attack is not None and not attack.on_wire:
-        out = apply_attack(out, params, attack, r)
-    encrypted = None
-    if he_names:
-        out, block = ckks.encrypt_selected(out, he_names, he_ctx)
-        encrypted = block.to_wire()
-    return SiteResult(name, out, len(train), {"train_loss": float(loss)}, privacy, encrypted)
 
 
 __all__ = ["NO_TRUST", "Federation", "RoundReport", "apply_wire_attack", "federate", "site_seed"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from fedmed.store.repository import RoundRecord
+from fedmed.records import RoundRecord
 
 GLOBAL = "global"  # global/<score name>, global/test_loss, global/mean_auroc, global/sites_aggregated
 GLOBAL_TEST = "global_test"  # global_test/<metric>: the server's test-set metrics (e.g. auroc/<finding>)

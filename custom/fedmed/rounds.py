@@ -34,6 +34,7 @@ from fedmed.aggregation import (
 )
 from fedmed.hashing import model_sha256
 from fedmed.parallel import thread_map
+from fedmed.records import AlertRecord, UpdateRecord
 from fedmed.robust.centred_clipping import centred_clip, committed_move
 from fedmed.robust.collusion import NEAR_COPY_RATIO, CollusionTracker
 from fedmed.robust.geometric_median import distance_keys
@@ -44,7 +45,6 @@ from fedmed.screening import (
     find_metrics_problem,
     find_statistics_problem,
 )
-from fedmed.store.repository import AlertRecord, UpdateRecord
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Thin adapter: converts Shareable <-> FLModel <-> numpy params and calls fedmed.t
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -18,37 +19,32 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
+from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-from nvflare.private.privacy_manager import PrivacyService
 from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
-from fedmed import signing
+from fedmed import signing, site_round
 from fedmed.crosssite import GLOBAL_MODEL, local_model_refusal, released_scores, scores_refusal
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.flare.persistor import save_state
-from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable, state_to_numpy
+from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable
 from fedmed.model_card import data_is_synthetic
-from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy
-from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, LedgerError, PrivacyLedger
+from fedmed.privacy.dp_sgd import SitePrivacy
+from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, PrivacyLedger
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
-from fedmed.robust.attacks import apply_attack
-from fedmed.rounds import finite_or_none
 from fedmed.site_config import SiteConfig, load_site_config
+from fedmed.site_round import GlobalModelRejected
 from fedmed.tasks import get_task
-from fedmed.training import NonFinitePredictions, TrainingAborted, evaluate, round_lr, train_epochs
+from fedmed.training import NonFinitePredictions, TrainingAborted, evaluate
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
 FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of the federation's result
-
-
-class GlobalModelRejected(Exception):
-    """The global model this site was sent fails its own checks; the message says why."""
 
 
 class SiteSettingsRefused(RuntimeError):
@@ -56,14 +52,36 @@ class SiteSettingsRefused(RuntimeError):
     stays up and refuses every task of the job with this reason, so the server records it and the run fails."""
 
 
-def running_in_simulator(fl_ctx: FLContext) -> bool:
-    """True only under NVFlare's simulator, whose client engine is its SimulatorClientRunManager; a deployed kit's
-    client always runs NVFlare's ClientRunManager. Which engine runs a site is fixed by how the site was started,
-    never by the job, so a job submitter cannot make a hospital honour job-supplied site settings; the simulator and
-    the tests, which have no kits, keep passing them as job arguments."""
-    from nvflare.private.fed.simulator.simulator_app_runner import SimulatorClientRunManager
+def is_deployed_kit(workspace: Optional[Workspace]) -> bool:
+    """True in a provisioned client kit: its startup/ folder holds fed_client.json (NVFlare's public
+    Workspace.get_client_startup_file_path(), WorkspaceConstants.CLIENT_STARTUP_CONFIG), which a deployed client reads
+    to start at all; NVFlare's simulator gives each site a workspace whose startup/ it creates empty. The kit's files
+    are fixed by provisioning, never by a job, so a job submitter cannot make a hospital honour job-supplied site
+    settings. No workspace to look at counts as deployed: the stricter answer."""
+    return workspace is None or os.path.isfile(workspace.get_client_startup_file_path())
 
-    return isinstance(fl_ctx.get_engine(), SimulatorClientRunManager)
+
+def running_in_simulator(fl_ctx: FLContext) -> bool:
+    """True only for a site run by NVFlare's simulator (or the tests), which has no kit (is_deployed_kit)."""
+    engine = fl_ctx.get_engine()
+    return not is_deployed_kit(engine.get_workspace() if engine is not None else None)
+
+
+def scope_in_privacy_file(path: Path, name: str) -> Optional[tuple[str, dict]]:
+    """(scope name, properties) of the scope `name` (empty: the default scope) in a site's NVFlare privacy.json, as
+    NVFlare's privacy manager resolves it; None when the file or the scope is absent."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        scopes = {s["name"]: s for s in doc.get("scopes", [])}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path} is not a valid NVFlare privacy file: {e!r}") from None
+    scope = scopes.get(name or doc.get("default_scope") or "")
+    if scope is None:
+        return None
+    props = scope.get("properties") or {}
+    return scope["name"], props if isinstance(props, dict) else {}
 
 
 class FedMedTrainer(Executor):
@@ -150,8 +168,7 @@ class FedMedTrainer(Executor):
         self.dp_train_layers = list(dp_train_layers) if dp_train_layers else None
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
-        self._last_head: Optional[dict] = None  # the last decrypted global head this site accepted
-        self._last_local: Optional[dict] = None  # the last local model this site released as its update
+        self._state: Optional[site_round.Site] = None  # the site for fedmed.site_round, built at start-up
         self._site: Optional[SiteConfig] = None
         self._data_synthetic: Optional[bool] = None  # for the model card: what this site trained on
         self._ledger: Optional[LedgerBinding] = None
@@ -174,14 +191,14 @@ class FedMedTrainer(Executor):
             except SiteSettingsRefused as e:
                 # Stay up and answer every task with the reason: the server records it and the run fails.
                 self._refusal = str(e)
-                self._model = None
+                self._model = self._state = None
                 self.log_error(fl_ctx, f"site {fl_ctx.get_identity_name()} refuses this job: {e}")
             except Exception as e:
                 # Not system_panic: a site whose job process ends is only noticed by the server through NVFlare's
                 # dead-client detection (a minute or more), and the reason stays in this site's error log. Staying
                 # up and answering every task with the reason ends the server's wait at once and records why.
                 self._unavailable = f"{type(e).__name__}: {e}"[:500]
-                self._model = None
+                self._model = self._state = None
                 self.log_error(
                     fl_ctx,
                     f"site {fl_ctx.get_identity_name()} cannot take part in this job: set-up "
@@ -239,8 +256,6 @@ class FedMedTrainer(Executor):
                 f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
                 f"rehearsal: its updates are deliberately corrupted",
             )
-            if self._site.hostile.poisons_labels:
-                self._train_ds.labels = self._task.poisoned_labels(self._train_ds.labels)
         self._model = build_densenet121(self._task.num_outputs, norm=self.norm)
         if self.he_layers:
             ctx_path = self._he_context_path(fl_ctx)
@@ -293,11 +308,35 @@ class FedMedTrainer(Executor):
                 f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}; trains "
                 f"{what} {len(trained)} parameter tensors",
             )
+        self._state = site_round.Site(
+            name=site,
+            task=self._task,
+            train=self._train_ds,
+            model=self._model,
+            # The job's dp_train_layers restrict DP-SGD only: freezing keeps DP noise off coordinates that would
+            # not carry signal through it; a site training without DP has no noise and trains every layer.
+            training=site_round.Training(
+                self.lr, self.batch_size, self.local_epochs, self.seed, self._dp_trainable(policy)
+            ),
+            val=self._val_ds,
+            privacy=self._privacy,
+            ledger=self._ledger if self._privacy is None else None,  # DP-SGD charges through its SitePrivacy
+            also_released=self._filter_history,
+            he=self._he,
+            he_names=self._he_names,
+            sign_keys=self._sign_keys,
+            server_key=self._server_key,
+            hostile=self._site.hostile,
+            data_synthetic=self._data_synthetic,
+        )
         self.log_info(
             fl_ctx,
             f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
             f"data, loaded in {time.monotonic() - t0:.1f}s",
         )
+
+    def _dp_trainable(self, policy) -> Optional[tuple]:
+        return tuple(self.dp_train_layers) if policy is not None and self.dp_train_layers else None
 
     def _continue_run_privacy(self, site: str, global_model: FLModel, fl_ctx: FLContext) -> None:
         """A job that resumes a run (fedmed.resume): what the run's earlier jobs (named by the server) charged to this
@@ -352,12 +391,18 @@ class FedMedTrainer(Executor):
         """The strictest of this site's fedmed_site.json policy and the one in the job's NVFlare privacy scope
         (<kit>/local/privacy.json, scope properties["fedmed_privacy"]), with where it came from."""
         scope_obj = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
-        if scope_obj is None:
-            # NVFlare's simulator does not resolve the job's scope (its run manager sets only the job meta); the
-            # site's privacy.json is loaded all the same, so resolve it the way a deployed client does.
-            scope_obj = PrivacyService.get_scope((fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", ""))
         scope = scope_obj.name if scope_obj is not None else ""
         props = scope_obj.props if scope_obj is not None else {}
+        engine = fl_ctx.get_engine()
+        if scope_obj is None and engine is not None:
+            # NVFlare's simulator does not resolve the job's scope (its run manager sets only the job meta), nor
+            # applies the scope's filters; read the scope's properties from the site's privacy.json the way a
+            # deployed client resolves them, through the public workspace API.
+            found = scope_in_privacy_file(
+                Path(engine.get_workspace().get_site_privacy_file_path()),
+                (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", ""),
+            )
+            scope, props = found if found is not None else ("", {})
         raw = props.get(C.SCOPE_PRIVACY_KEY) if isinstance(props, dict) else None
         filters = getattr(scope_obj, "task_result_filters", None) or {}
         self._noise_filters = [f for group in filters.values() for f in group if isinstance(f, UpdateNoiseFilter)]
@@ -394,74 +439,60 @@ class FedMedTrainer(Executor):
             return FLModelUtils.to_shareable(
                 FLModel(metrics={}, meta={C.META_UNAVAILABLE: self._unavailable, C.META_SITE: site})
             )
-        if self._model is None:
+        if self._state is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if task_name == AppConstants.TASK_SUBMIT_MODEL:
             return FLModelUtils.to_shareable(self._lend_local_model(site, fl_ctx))
         try:
             global_model = FLModelUtils.from_shareable(shareable)
-            if self._server_key is not None:  # before decrypting or training on anything
-                # A model for cross-site evaluation is signed under C.CROSS_SITE_ROUND, which no training round has:
-                # the round checked comes from the task, so it never verifies as a round's global model.
-                signed_round = (
-                    C.CROSS_SITE_ROUND
-                    if task_name == AppConstants.TASK_VALIDATION
-                    else int(global_model.current_round or 0)
-                )
-                try:
-                    wire_sig.verify_global(global_model, fl_ctx.get_job_id(), signed_round, self._server_key)
-                    wire_sig.keep_receipt(global_model, self._server_key, fl_ctx)
-                except ValueError as e:
-                    self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
-                    return make_reply(ReturnCode.BAD_TASK_DATA)
+            offer = self._offer(global_model, fl_ctx)
+            if self._server_key is not None:  # the receipt carries the server's own signature, checked here
+                wire_sig.keep_receipt(global_model, self._server_key, fl_ctx)
             if task_name == AppConstants.TASK_VALIDATION:
-                return FLModelUtils.to_shareable(self._evaluate_for_others(site, global_model, fl_ctx))
-            global_params = self._global_params(global_model)
-            fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, global_params, private=True, sticky=False)
+                # A model for cross-site evaluation is signed under C.CROSS_SITE_ROUND, which no training round
+                # has: it never verifies as a round's global model, nor a round's global model as one of these.
+                site_round.verify_global(self._state, offer, C.CROSS_SITE_ROUND)
+                return FLModelUtils.to_shareable(self._evaluate_for_others(site, global_model, offer, fl_ctx))
             if task_name == C.TASK_FINAL_MODEL:
+                site_round.verify_global(self._state, offer, offer.round_num)
+                global_params = site_round.open_global(self._state, offer)
+                fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, global_params, private=True, sticky=False)
                 return self._keep_final_model(site, global_params, global_model, fl_ctx)
-            round_num = int(global_model.current_round or 0)
             if self._ledger is not None:  # the site's user-level filter charges its part of the round with this
                 self._ledger.continue_run((global_model.meta or {}).get(C.META_RESUMED_JOBS))  # keys charges to the run
                 fl_ctx.set_prop(
-                    C.CTX_PRIVACY_LEDGER, {"binding": self._ledger, "round": round_num}, private=True, sticky=False
+                    C.CTX_PRIVACY_LEDGER,
+                    {"binding": self._ledger, "round": offer.round_num},
+                    private=True,
+                    sticky=False,
                 )
-                if self._privacy is None and self._noise_filters:  # no DP-SGD: check the filter's part up front
-                    self._ledger.check(self._filter_history())
             self._continue_run_privacy(site, global_model, fl_ctx)
-            load_numpy_state(self._model, global_params)
-            total_rounds = int(global_model.total_rounds or 1)
-            result = self._train_and_validate(site, round_num, total_rounds, fl_ctx, abort_signal)
-            if self._site.hostile is not None:
-                result.params = apply_attack(result.params, global_params, self._site.hostile, round_num)
-            self._last_local = dict(result.params)  # in clear, before any encryption: what cross-site lends
-            if self._he is not None:
-                self._encrypt_result(site, round_num, result, fl_ctx)
-            if self._sign_keys is not None:
-                wire_sig.sign_result(result, fl_ctx.get_job_id(), round_num, site, self._sign_keys)
+            update = site_round.run_round(
+                self._state,
+                offer,
+                should_abort=lambda: abort_signal.triggered,
+                log=lambda message: self.log_info(fl_ctx, message),
+            )
+            if update.refused is not None:  # already logged; the server records the reason
+                return FLModelUtils.to_shareable(FLModel(metrics=update.metrics, meta=update.meta))
+            fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, update.base, private=True, sticky=False)
+            if self._sign_keys is not None:  # the user-level filter re-signs what it changes
                 fl_ctx.set_prop(
-                    C.CTX_SIGNER, (self._sign_keys, fl_ctx.get_job_id(), round_num, site), private=True, sticky=False
+                    C.CTX_SIGNER,
+                    (self._sign_keys, fl_ctx.get_job_id(), offer.round_num, site),
+                    private=True,
+                    sticky=False,
                 )
-            return FLModelUtils.to_shareable(result)
-        except GlobalModelRejected as e:
-            # Not trained on: the server records the reason (status refused) and the round goes on without us.
-            self.log_error(fl_ctx, f"site {site}: refusing round: {e}")
+            return FLModelUtils.to_shareable(
+                FLModel(params_type=ParamsType.FULL, params=update.params, metrics=update.metrics, meta=update.meta)
+            )
+        except signing.SignatureError as e:
+            self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        except GlobalModelRejected as e:  # the final model's head: not kept; the server records the reason
+            self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
             return FLModelUtils.to_shareable(
                 FLModel(meta={C.META_REFUSED: f"global model rejected: {e}", C.META_SITE: site})
-            )
-        except (BudgetExceeded, LedgerError) as e:  # before training: a ceiling, or a ledger damaged since start-up
-            self.log_warning(fl_ctx, f"site {site}: refusing round: {e}")
-            meta = {C.META_REFUSED: str(e), C.META_SITE: site}
-            if self._privacy is not None:
-                meta.update(
-                    {
-                        C.META_EPSILON: self._privacy.epsilon_spent,
-                        C.META_DELTA: self._privacy.policy.delta,
-                        C.META_EPSILON_BUDGET: self._privacy.policy.epsilon,
-                    }
-                )
-            return FLModelUtils.to_shareable(
-                FLModel(metrics={C.META_EPSILON: meta.get(C.META_EPSILON, 0.0)}, meta=meta)
             )
         except TrainingAborted:
             self.log_warning(fl_ctx, f"site {site}: training aborted by the server")
@@ -470,7 +501,20 @@ class FedMedTrainer(Executor):
             self.log_exception(fl_ctx, f"site {site}: training failed: {secure_format_exception(e)}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
-    def _evaluate_for_others(self, site: str, model: FLModel, fl_ctx: FLContext) -> FLModel:
+    def _offer(self, global_model: FLModel, fl_ctx: FLContext) -> site_round.GlobalModel:
+        meta = global_model.meta or {}
+        return site_round.GlobalModel(
+            params=global_model.params or {},
+            round_num=int(global_model.current_round or 0),
+            total_rounds=int(global_model.total_rounds or 1),
+            job_id=str(fl_ctx.get_job_id()),
+            encrypted=meta.get(C.META_ENCRYPTED),
+            signature=meta.get(C.META_GLOBAL_SIGNATURE),
+        )
+
+    def _evaluate_for_others(
+        self, site: str, model: FLModel, offer: site_round.GlobalModel, fl_ctx: FLContext
+    ) -> FLModel:
         """Cross-site evaluation: score the model the server sent (the global model, or another hospital's lent
         local model) on this hospital's validation data, and release the task's scores only if the site's privacy
         policy releases metrics (fedmed.crosssite.scores_refusal)."""
@@ -481,9 +525,8 @@ class FedMedTrainer(Executor):
             self.log_info(fl_ctx, f"site {site}: cross-site evaluation of {owner}: not released: {refusal}")
             return FLModel(metrics={}, meta={**meta, C.META_REFUSED: refusal})
         # The global model carries the federation's encrypted head (decrypted and checked here like every global
-        # model); a lent local model never does (no hospital lends one with HE on), and must not become _last_head.
-        block = (model.meta or {}).get(C.META_ENCRYPTED)
-        params = self._global_params(model) if block is not None else model.params
+        # model); a lent local model never does (no hospital lends one with HE on), and must not become last_head.
+        params = site_round.open_global(self._state, offer) if offer.encrypted is not None else model.params
         load_numpy_state(self._model, params)  # refuses other names or shapes, naming them
         try:
             ev = evaluate(self._model, self._val_ds, self._task)
@@ -501,8 +544,9 @@ class FedMedTrainer(Executor):
     def _lend_local_model(self, site: str, fl_ctx: FLContext) -> FLModel:
         """Cross-site evaluation: this hospital's last local model, lent for the others to score, only when its
         fedmed_site.json allows it and nothing its privacy promises forbids it (fedmed.crosssite.local_model_refusal)."""
+        last_local = self._state.last_local
         refusal = local_model_refusal(
-            self._site.share_local_model, self._last_local is not None, self._he is not None, bool(self._noise_filters)
+            self._site.share_local_model, last_local is not None, self._he is not None, bool(self._noise_filters)
         )
         if refusal:
             self.log_info(fl_ctx, f"site {site}: local model not lent for cross-site evaluation: {refusal}")
@@ -510,43 +554,12 @@ class FedMedTrainer(Executor):
         self.log_info(fl_ctx, f"site {site}: lending its last local model for cross-site evaluation")
         return FLModel(
             params_type=ParamsType.FULL,
-            params=self._last_local,
+            params=last_local,
             meta={C.META_SITE: site, AppConstants.MODEL_OWNER: site},
         )
 
     def _filter_history(self) -> list:
         return [h for f in self._noise_filters for h in f.example_history()]
-
-    def _global_params(self, global_model: FLModel) -> dict:
-        """The global model in clear: its encrypted layers (if any) decrypted with this hospital's key."""
-        block = (global_model.meta or {}).get(C.META_ENCRYPTED)
-        if block is None:
-            if self._he is not None and all(n in global_model.params for n in self._he_names):
-                self._last_head = {n: global_model.params[n] for n in self._he_names}  # round 1's public head
-            return global_model.params  # no HE, or round 1's freshly initialised (public) model
-        if self._he is None:
-            raise ValueError("the global model carries encrypted layers but this site's job has no he_layers")
-        params = ckks.merge_decrypted(global_model.params, block, self._he)
-        # The server combined ciphertexts it cannot read, so it cannot bound a site that scaled its own head; this
-        # hospital can, and refuses to train on (or keep) a head that is not finite or jumped in one round.
-        head = {n: params[n] for n in self._he_names}
-        problem = ckks.find_global_head_problem(head, self._last_head)
-        if problem:
-            raise GlobalModelRejected(problem)
-        self._last_head = head
-        return params
-
-    def _encrypt_result(self, site: str, round_num: int, result: FLModel, fl_ctx: FLContext) -> None:
-        t0 = time.monotonic()
-        result.params, block = ckks.encrypt_selected(result.params, self._he_names, self._he)
-        seconds = time.monotonic() - t0
-        result.meta[C.META_ENCRYPTED] = block.to_wire()
-        result.meta[C.META_HE_SECONDS] = seconds
-        self.log_info(
-            fl_ctx,
-            f"site {site} round {round_num + 1}: encrypted {block.num_values} values in "
-            f"{len(block.chunks)} CKKS ciphertext(s), {block.nbytes / 1e6:.2f} MB, {seconds:.2f}s",
-        )
 
     def _keep_final_model(self, site: str, params: dict, global_model: FLModel, fl_ctx: FLContext) -> Shareable:
         """Save the final global model, usable (decrypted) at this hospital, in the job's app folder."""
@@ -556,86 +569,3 @@ class FedMedTrainer(Executor):
         save_state(params, path, {k: v for k, v in (global_model.meta or {}).items() if k != C.META_ENCRYPTED})
         self.log_info(fl_ctx, f"site {site}: final global model saved to {path}")
         return FLModelUtils.to_shareable(FLModel(metrics={"saved": 1.0}, meta={C.META_SITE: site}))
-
-    def _train_and_validate(
-        self, site: str, round_num: int, total_rounds: int, fl_ctx: FLContext, abort_signal: Signal
-    ) -> FLModel:
-        t0 = time.monotonic()
-        lr = round_lr(self.lr, min(round_num, total_rounds - 1), total_rounds)
-
-        def on_epoch_end(epoch: int, loss: float):
-            self.log_info(
-                fl_ctx, f"site {site} round {round_num + 1}: epoch {epoch}/{self.local_epochs} train loss {loss:.4f}"
-            )
-
-        # Seed differs per round and site so sites don't share augmentation/shuffle streams (not used by DP-SGD,
-        # whose sampling and noise come from the OS).
-        seed = self.seed + 1000 * round_num + sum(site.encode())
-        privacy_meta = {}
-        if self._privacy is not None:
-            self._model, dp = self._privacy.train_round(
-                self._model,
-                self._train_ds,
-                self.local_epochs,
-                lr,
-                self.batch_size,
-                seed,
-                total_epochs=total_rounds * self.local_epochs,
-                should_abort=lambda: abort_signal.triggered,
-                task=self._task,
-                trainable=self.dp_train_layers,
-                round_num=round_num,
-                also_released=self._filter_history(),
-            )
-            train_loss = dp.train_loss
-            privacy_meta = {
-                C.META_EPSILON: dp.epsilon,
-                C.META_DELTA: dp.delta,
-                C.META_EPSILON_BUDGET: self._privacy.policy.epsilon,
-                C.META_NOISE_MULTIPLIER: dp.noise_multiplier,
-            }
-            if dp.lifetime_epsilon is not None:
-                privacy_meta[C.META_LIFETIME_EPSILON] = dp.lifetime_epsilon
-            self.log_info(
-                fl_ctx,
-                f"site {site} round {round_num + 1}: DP-SGD {dp.steps} steps, sigma "
-                f"{dp.noise_multiplier:.3f}, epsilon spent {dp.epsilon:.3f} of {self._privacy.policy.epsilon}",
-            )
-        else:
-            train_loss = train_epochs(
-                self._model,
-                self._train_ds,
-                self.local_epochs,
-                lr,
-                self.batch_size,
-                seed,
-                should_abort=lambda: abort_signal.triggered,
-                on_epoch_end=on_epoch_end,
-                task=self._task,
-            )
-        val = evaluate(self._model, self._val_ds, self._task)
-        self.log_info(
-            fl_ctx,
-            f"site {site} round {round_num + 1}: val loss {val.loss:.4f} {self._task.score_name} {val.score:.4f} "
-            f"({len(self._train_ds)} samples, lr {lr:.2e}, {time.monotonic() - t0:.0f}s)",
-        )
-        metrics = {C.META_TRAIN_LOSS: train_loss, C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc}
-        metrics.update({C.META_VAL_PREFIX + k: v for k, v in val.metrics.items()})
-        # A metric the site could not compute (AUROC is NaN on a validation set that lacks a class) is left out: the
-        # server records nothing for it anyway, and a signed update can only carry finite numbers (fedmed.signing).
-        metrics = {k: finite_or_none(v) for k, v in metrics.items() if finite_or_none(v) is not None}
-        if self._privacy is not None and not self._privacy.policy.release_metrics:
-            # The site's policy: nothing its epsilon does not cover leaves; the numbers stay in its own log above.
-            metrics = {}
-        return FLModel(
-            params_type=ParamsType.FULL,
-            params=state_to_numpy(self._model),
-            metrics=metrics,
-            meta={
-                C.META_NUM_SAMPLES: len(self._train_ds),
-                C.META_SITE: site,
-                C.META_EPOCHS: self.local_epochs,
-                **privacy_meta,
-                **({} if self._data_synthetic is None else {C.META_DATA_SYNTHETIC: self._data_synthetic}),
-            },
-        )

@@ -19,30 +19,14 @@ from nvflare.app_common.abstract.fl_model import FLModel
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.site_round import SIGNED_PRIVACY_KEYS, update_digest
 from fedmed.store import receipts
 
-PRIVACY_KEYS = (
-    C.META_EPSILON,
-    C.META_DELTA,
-    C.META_EPSILON_BUDGET,
-    C.META_NOISE_MULTIPLIER,
-    C.META_UPDATE_CLIP_NORM,
-    C.META_UPDATE_NOISE_MULTIPLIER,
-)
+PRIVACY_KEYS = SIGNED_PRIVACY_KEYS
 
 
 def result_digest(model: FLModel, job_id: str, round_num: int, site: str) -> bytes:
-    meta = model.meta or {}
-    return signing.update_digest(
-        job_id,
-        round_num,
-        site,
-        model.params or {},
-        meta.get(C.META_ENCRYPTED),
-        int(meta.get(C.META_NUM_SAMPLES, 0)),
-        model.metrics or {},
-        {k: meta[k] for k in PRIVACY_KEYS if k in meta},
-    )
+    return update_digest(model.params, model.metrics, model.meta, job_id, round_num, site)
 
 
 def sign_result(model: FLModel, job_id: str, round_num: int, site: str, keys: signing.SiteKeys) -> None:

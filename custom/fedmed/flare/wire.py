@@ -1,20 +1,15 @@
-"""FLModel <-> the round engine's plain types: the one place that knows which meta key carries what."""
+"""FLModel <-> the round engine's plain types (which meta key carries what: fedmed.site_round.as_received)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedmed import constants as C
 from fedmed.rounds import SiteResult
-
-PRIVACY_KEYS = {
-    "epsilon": C.META_EPSILON,
-    "delta": C.META_DELTA,
-    "epsilon_budget": C.META_EPSILON_BUDGET,
-    "noise_multiplier": C.META_NOISE_MULTIPLIER,
-}
+from fedmed.site_round import as_received
 
 
 def site_of(result: FLModel) -> str:
@@ -26,29 +21,15 @@ def to_site_result(result: FLModel, verify=None) -> SiteResult:
     """verify(result, site) -> (signature, digest), raising ValueError naming why (fedmed.flare.signatures): when
     given, every update that is not a refusal must carry a valid signature of its site."""
     meta = result.meta or {}
-    refused = meta.get(C.META_REFUSED)
-    synthetic = meta.get(C.META_DATA_SYNTHETIC)
     signature = digest = problem = None
-    if verify is not None and refused is None and meta.get(C.META_UNAVAILABLE) is None:
+    if verify is not None and meta.get(C.META_REFUSED) is None and meta.get(C.META_UNAVAILABLE) is None:
         try:
             sig, dig = verify(result, site_of(result))
             signature, digest = _hex(sig), _hex(dig)
         except ValueError as e:
             problem = str(e)[:300]
-    return SiteResult(
-        site=site_of(result),
-        params=result.params,
-        claimed_samples=meta.get(C.META_NUM_SAMPLES),
-        metrics=result.metrics if result.metrics is not None else {},
-        privacy={k: meta.get(key) for k, key in PRIVACY_KEYS.items()},
-        encrypted=meta.get(C.META_ENCRYPTED),
-        refused=None if refused is None else str(refused),
-        unavailable=None if meta.get(C.META_UNAVAILABLE) is None else str(meta.get(C.META_UNAVAILABLE)),
-        signature=signature,
-        signed_digest=digest,
-        authentication=problem,
-        data_synthetic=synthetic if isinstance(synthetic, bool) else None,  # anything but a bool: not reported
-    )
+    received = as_received(site_of(result), result.params, result.metrics, meta)
+    return replace(received, signature=signature, signed_digest=digest, authentication=problem)
 
 
 def _hex(value):

@@ -1,0 +1,95 @@
+"""One site round (fedmed.site_round): the Executor and the in-process federation run the same function, and a site
+refuses a global model that is not fresher than the last one it accepted."""
+
+import numpy as np
+import pytest
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from conftest import over_the_wire
+from fedmed import constants as C
+from fedmed import site_round
+from fedmed.data.loading import load_test, load_train_val
+from fedmed.flare.wire import to_site_result
+from fedmed.inprocess import federate
+from fedmed.site_config import DataConfig
+from fedmed.site_round import GlobalModelRejected, Site, check_fresh
+from fedmed.tasks import CHEST_XRAY14
+from test_executor_signing import _signing_trainer
+
+
+@pytest.mark.parametrize(
+    "last, offered, refused",
+    [
+        (None, 0, False),  # the job's first global model
+        (None, 5, False),  # a site that joins late accepts whatever round comes first
+        (1, 2, False),  # the next round
+        (1, 4, False),  # rounds the site missed (absent, refused) may be skipped
+        (1, 1, True),  # the same round again
+        (2, 0, True),  # round 0 replayed at round 2
+    ],
+)
+def test_a_global_model_must_be_later_than_the_last_one_accepted(last, offered, refused):
+    site = Site("hospital-a", CHEST_XRAY14, train=None, model=None, last_round=last)
+    if refused:
+        with pytest.raises(GlobalModelRejected, match=rf"stale global model: round {offered + 1} is not later"):
+            check_fresh(site, offered)
+    else:
+        check_fresh(site, offered)
+
+
+def test_a_replayed_server_signed_global_model_is_refused_and_the_reason_reaches_the_server(
+    tiny_hospitals, tmp_path, signing_keys, monkeypatch
+):
+    """A round-0 global model the server really signed, replayed at round 2: its signature verifies (it was signed
+    for round 0), so only the site's memory refuses it; the refusal travels back as a refused update."""
+    send, _ = _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch)
+    server = signing_keys["server"]
+    for r in (0, 2):
+        assert send(server, round_num=r).get_return_code(ReturnCode.OK) == ReturnCode.OK
+    trained = send.executor._state.last_local
+    reply = send(server, round_num=0)
+    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK  # an answer with the reason, not an error
+    received = to_site_result(over_the_wire(FLModelUtils.from_shareable(reply)))
+    assert received.refused == (
+        "global model rejected: stale global model: round 1 is not later than round 3, the last this site "
+        "accepted in this job (a replayed or reordered global model)"
+    )
+    assert received.params is None and send.executor._state.last_local is trained  # nothing trained on it
+    assert send.executor._state.last_round == 2
+
+
+def test_the_executor_and_the_in_process_federation_run_the_same_site_round(
+    tiny_hospitals, tmp_path, signing_keys, monkeypatch
+):
+    """Both reach fedmed.site_round.run_round, and from the same global model, data, seed and settings they release
+    the same weights: no second copy of the site's round is left to diverge."""
+    calls = []
+    real = site_round.run_round
+
+    def spy(site, offer, *args, **kwargs):
+        update = real(site, offer, *args, **kwargs)
+        calls.append((site.name, update))
+        return update
+
+    monkeypatch.setattr(site_round, "run_round", spy)
+    send, _ = _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch)
+    reply = FLModelUtils.from_shareable(send(signing_keys["server"]))  # hospital-a's Executor, round 1 of 1
+    assert [name for name, _ in calls] == ["hospital-a"]
+    assert reply.params.keys() == calls[0][1].params.keys()
+
+    train = {
+        s: load_train_val(
+            DataConfig("dicom", tiny_hospitals / s / "dicom", tiny_hospitals / s / "labels.csv"), 32, 0, CHEST_XRAY14
+        )[0]
+        for s in ("hospital-a", "hospital-b")
+    }
+    test_root = tiny_hospitals / "global_test"
+    test = load_test(test_root / "dicom", test_root / "labels.csv", 32, CHEST_XRAY14)
+    # The Executor's defaults (lr 1e-3, one local epoch, seed 0) and the harness's batch size 4.
+    federate(train, test, 1, "fedavg", task=CHEST_XRAY14, batch_size=4, seed=0, initial_params=send.params)
+    assert [name for name, _ in calls[1:]] == ["hospital-a", "hospital-b"]
+    in_process = calls[1][1]
+    assert in_process.meta[C.META_NUM_SAMPLES] == reply.meta[C.META_NUM_SAMPLES]
+    for name, value in reply.params.items():
+        np.testing.assert_array_equal(value, in_process.params[name], err_msg=name)
