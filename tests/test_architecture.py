@@ -4,7 +4,7 @@
   a job (cli/ may too, for the admin API and the job scripts).
 - entry points, custom/fedmed/cli/: every main; may import anything public.
 - store, custom/fedmed/store/: SQL and the journal; maps the core's records (fedmed.records) to tables; no nvflare.
-- tools of the record: report.py, redteam.py and inference/run.py read or write the record through the
+- tools of the record: report.py, redteam.py, inference/run.py and inference/record.py read or write the record through the
   store's Repository (a report of a run, the red team's recorded run, the inference log). They import no nvflare.
 - the core: every other module (data/, privacy/, crypto/, robust/, the round engine, the site round, records,
   training, model, ...): imports neither nvflare, nor fedmed.store, nor the adapters or entry points.
@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "custom" / "fedmed"
 ADAPTERS, ENTRY_POINTS, STORE = "flare", "cli", "store"
 # Modules outside store/ that are tools of the record: they may import the store, and nothing else the core may not.
-RECORD_TOOLS = ("report.py", "redteam.py", "inference/run.py")
+RECORD_TOOLS = ("report.py", "redteam.py", "inference/run.py", "inference/record.py")
 
 
 def _modules():
