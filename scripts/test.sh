@@ -4,9 +4,11 @@
 # Plain `pytest` runs only the fast suite. pytest's exit 5 ("no tests collected") counts as a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh || exit 1
-./scripts/ensure_postgres.sh || exit 1
-./scripts/ensure_orthanc.sh || exit 1  # the PACS the DICOMweb round-trip tests talk to
+# Debian's PostgreSQL and Orthanc (the PACS the DICOMweb round-trip tests talk to) install while pip installs.
+( ./scripts/ensure_postgres.sh && ./scripts/ensure_orthanc.sh ) &
+system_packages=$!
+./scripts/setup.sh || { wait "$system_packages"; exit 1; }
+wait "$system_packages" || exit 1
 export FEDMED_REQUIRE_POSTGRES=1  # the PostgreSQL tests must run, not skip
 export FEDMED_REQUIRE_ORTHANC=1  # and the PACS (Orthanc) tests
 run() {
