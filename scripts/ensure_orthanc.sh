@@ -15,7 +15,12 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "[orthanc] installing Debian's orthanc and orthanc-dicomweb packages"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null
+# One package-list refresh serves both ensure_*.sh (CI runs them back to back: the stamp says the other just did
+# it); should the list still be stale, the install is retried once after a refresh.
+stamp=/tmp/fedmed-apt-update.stamp
+if [ -z "$(find "$stamp" -newermt '-1 hour' 2>/dev/null)" ]; then
+  apt-get update -qq && touch "$stamp"
+fi
+apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null || { apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
 # The package may start a system service on port 8042/4242; ours do not need it. Stop it so nothing is left listening.
 if command -v service >/dev/null 2>&1; then service orthanc stop >/dev/null 2>&1 || true; fi

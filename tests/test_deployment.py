@@ -44,12 +44,20 @@ PORT = _free_port()
 THREADS = {"OMP_NUM_THREADS": "1"}
 JOB_TIMEOUT = 240
 USER_DP_SCOPE = "rehearsal_user_dp"
+# The test server kit's heart_beat_timeout (site_configs/server/ sets 60 s): how long a hospital whose whole site died
+# holds up a round. Hospitals beat every 10 s, so 30 s still leaves two beats' slack; the scenario that waits it out
+# takes half a minute less.
+HEART_BEAT_TIMEOUT = 30
+DEAD_CLIENT_GRACE = 10  # NVFLARE_DEAD_CLIENT_GRACE_PERIOD in site_configs/server/fedmed.env
 
 
 def _export(dest: Path, **kw) -> Path:
     mod = load_job_script("cxr_densenet")
     # Synthetic data: the hospitals' "rehearsal" privacy scope (no DP ceiling); their default scope demands DP-SGD.
     kw.setdefault("privacy_scope", "rehearsal")
+    # Only the admin's two-round job checks the whole default path; the scenarios check rounds, not the cross-site
+    # evaluation after them (each would add a step the server waits for the hospitals in).
+    kw.setdefault("cross_site_eval", False)
     job = mod.build_job(image_size=64, batch_size=4, min_clients=2, **kw)
     job.export_job(str(dest))
     return dest / job.name
@@ -87,6 +95,10 @@ def federation(tmp_path_factory, tiny_hospitals):
     fed = Federation(root / "fed")
     db_url = f"sqlite:///{root / 'fedmed.db'}"
     fed.provision(port=PORT, db_url=db_url, site_configs=write_site_configs(root / "configs", tiny_hospitals))
+    resources = fed.kit("server") / "local" / "resources.json"  # read when the server starts
+    merged = json.loads(resources.read_text())
+    merged["servers"][0]["heart_beat_timeout"] = HEART_BEAT_TIMEOUT
+    resources.write_text(json.dumps(merged, indent=2))
     for site in HOSPITALS:  # a scope with the hospitals' own user-level DP filter (read when the site starts)
         path = fed.kit(site) / "local" / "privacy.json"
         policy = json.loads(path.read_text())
@@ -164,7 +176,7 @@ def test_rogue_kit_and_member_admin_are_refused(federation, tmp_path):
 
 def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path):
     fed = federation
-    job = _export(tmp_path / "job", num_rounds=2, straggler_wait=30)
+    job = _export(tmp_path / "job", num_rounds=2, straggler_wait=30, cross_site_eval=True)
     out = submit_and_follow(
         fed.kit(PROJECT_ADMIN),
         PROJECT_ADMIN,
@@ -393,8 +405,9 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
 
 
 def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_the_straggler_wait(federation, tmp_path):
-    # The server kit: heart_beat_timeout 60 s, dead-client grace 10 s (site_configs/server/). The round stops
-    # waiting for hospital-c once NVFlare drops it, records why, and later rounds record it missing, not sent.
+    # The server kit: heart_beat_timeout HEART_BEAT_TIMEOUT (the fixture's), dead-client grace 10 s
+    # (site_configs/server/). The round stops waiting for hospital-c once NVFlare drops it, records why, and later
+    # rounds record it missing, not sent.
     fed = federation
     _ensure_up(fed)
     job = _export(tmp_path / "job", num_rounds=3, straggler_wait=600, local_epochs=3)
@@ -404,7 +417,8 @@ def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_t
         job_id, run_id = _submit_until_first_round(session, repo, job)
         fed.stop_site("hospital-c", signal.SIGKILL)  # a crash while it trains round 2; nobody restarts it
         killed = time.monotonic()
-        _wait_for(lambda: len(repo.rounds_table(run_id)) >= 2, 60 + 10 + 120, "round 2 recorded")
+        limit = HEART_BEAT_TIMEOUT + DEAD_CLIENT_GRACE + 120
+        _wait_for(lambda: len(repo.rounds_table(run_id)) >= 2, limit, "round 2 recorded")
         round_2_after_kill = time.monotonic() - killed
         meta = session.wait_for_job(job_id, timeout=JOB_TIMEOUT)
         ups = {(u["round"], u["site"]): u for u in repo.client_updates(run_id)}
@@ -416,7 +430,8 @@ def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_t
         assert all(ups[(r, s)]["status"] == "accepted" for r in (2, 3) for s in HOSPITALS[:2])
         print(
             f"\nmeasured: round 2 recorded {round_2_after_kill:.0f}s after hospital-c was killed "
-            f"(heart_beat_timeout 60 s + grace 10 s; straggler_wait 600 s); reason: {ups[(2, 'hospital-c')]['reason']}"
+            f"(heart_beat_timeout {HEART_BEAT_TIMEOUT} s + grace {DEAD_CLIENT_GRACE} s; straggler_wait 600 s); "
+            f"reason: {ups[(2, 'hospital-c')]['reason']}"
         )
     finally:
         repo.close()
@@ -514,7 +529,7 @@ def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twi
         pytest.skip("needs the interrupted run of test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds")
     first_job, run_id, uid = fed.interrupted
     job_options = ["--rounds", "4", "--image-size", "64", "--batch-size", "4", "--min-clients", "2"]
-    job_options += ["--straggler-wait", "30", "--scope", USER_DP_SCOPE]
+    job_options += ["--straggler-wait", "30", "--scope", USER_DP_SCOPE, "--no-cross-site-eval"]
     admin = ["--kit", str(fed.kit(PROJECT_ADMIN)), "--user", PROJECT_ADMIN, "--db-url", fed.db_url]
     admin += ["--timeout", str(JOB_TIMEOUT), "--out", str(tmp_path / "results")]
     t0 = time.monotonic()
@@ -571,8 +586,8 @@ def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twi
 
 
 def test_hospital_it_stops_its_site_without_nvflares_interactive_stop_script(federation):
-    # Last: the server keeps listing a stopped hospital until its heartbeat times out (60 s), so a test after this
-    # one would see it "registered" while it is not.
+    # Last: the server keeps listing a stopped hospital until its heartbeat times out (HEART_BEAT_TIMEOUT), so a
+    # test after this one would see it "registered" while it is not.
     from fedmed.cli.site import main as site_main
     from fedmed.cli.site import stop_kit
 

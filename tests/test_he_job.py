@@ -112,7 +112,8 @@ def test_site_with_another_federations_keys_is_rejected_and_recorded(tiny_hospit
         spec.loader.exec_module(job)
         ws, sites, name = Path({str(ws)!r}), {list(SITES)!r}, job.CONFIG.name
         j = job.build_job(sites=sites, data_root=Path({str(tiny_hospitals)!r}), num_rounds=1, min_clients=2,
-                          image_size=64, batch_size=4, he_layers=[{HEAD_PREFIX!r}], he_keys_dir=he_keys_dir_for(ws, name))
+                          image_size=64, batch_size=4, he_layers=[{HEAD_PREFIX!r}], he_keys_dir=he_keys_dir_for(ws, name),
+                          cross_site_eval=False)
         prepare_simulator_keys(ws, sites, name)
         ckks.write_key_files(ckks.generate_key_set(), ws / "elsewhere", [he_keys_dir_for(ws, name) / "hospital-c"])
         run_simulation(j, sites, ws, 3)

@@ -28,7 +28,8 @@ def _configure(root: Path, ledger: Path, lifetime=None):
 @pytest.mark.integration
 def test_second_job_is_refused_at_the_round_that_would_pass_the_lifetime_ceiling(tiny_hospitals, tmp_path):
     ledger = PrivacyLedger(tmp_path / "hospital-c-ledger" / "privacy_ledger.jsonl")
-    args = ("--rounds", "2", "--norm", "group", "--min-clients", "2")
+    # cross-site evaluation off: the ledger charges training rounds only, and each job would add a step
+    args = ("--rounds", "2", "--norm", "group", "--min-clients", "2", "--no-cross-site-eval")
     try:
         _configure(tiny_hospitals, ledger.path)
         repo1, run1 = _simulate(tiny_hospitals, tmp_path / "ws1", tmp_path / "one.db", *args)
