@@ -31,6 +31,7 @@ from fedmed.flare.live_metrics import LiveTBReceiver
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.jobconfig import RUN_PREFIX, JobConfig
 from fedmed.model import HEAD_PREFIX
+from fedmed.parallel import ENV_SITE_THREADS, simulated_site_threads
 from fedmed.resume import RUNS_DIR
 from fedmed.tasks import get_task
 
@@ -200,11 +201,19 @@ def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int, log_f
     allow_fedmed_components(workspace_root / job.name)
     # The simulated sites import fedmed as installed in this Python (scripts/setup.sh: pip install -e .).
     env = SimEnv(clients=list(sites), num_threads=threads, workspace_root=str(workspace_root))
-    if log_file is None:
-        env.deploy(job)
-    else:
-        with full_output_to(log_file):
+    # The sites trained at once share this machine's cores (fedmed.parallel): torch threads each = cores // threads,
+    # unless the caller's environment or a site's config says otherwise. The site processes inherit it.
+    previous = os.environ.get(ENV_SITE_THREADS)
+    os.environ.setdefault(ENV_SITE_THREADS, str(simulated_site_threads(threads)))
+    try:
+        if log_file is None:
             env.deploy(job)
+        else:
+            with full_output_to(log_file):
+                env.deploy(job)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_SITE_THREADS, None)
     return workspace_root / job.name
 
 
