@@ -1,5 +1,7 @@
 """fedmed.parallel: server threads x BLAS threads never exceed the cores, with overrides."""
 
+import os
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
@@ -100,3 +102,21 @@ def test_thread_map_keeps_order_and_results_under_the_limit(monkeypatch):
     mats = [rng.standard_normal((64, 64)) for _ in range(6)]
     got = thread_map(lambda m: m @ m.T, mats, 3)
     assert all(np.allclose(a, m @ m.T, rtol=1e-12, atol=1e-12) for a, m in zip(got, mats))
+
+
+def test_benchmark_thread_modes_set_and_restore_the_blas_limit(monkeypatch):
+    from fedmed.cli.bench_threads import THREAD_MODES, thread_mode
+
+    monkeypatch.delenv(ENV_BLAS_THREADS, raising=False)
+    before = blas_now()
+    seen = {}
+    for mode in THREAD_MODES:
+        with thread_mode(mode):
+            seen[mode] = (blas_now(), os.environ.get(ENV_BLAS_THREADS))
+    assert seen["one-thread"][0] == [1] * len(before)
+    assert seen["oversubscribed"][1] == str(parallel.available_cores())  # every server thread gets all the cores
+    assert seen["default"] == (before, None)
+    assert blas_now() == before and ENV_BLAS_THREADS not in os.environ
+    with pytest.raises(ValueError, match="unknown thread mode 'fast'; choose one of"):
+        with thread_mode("fast"):
+            pass
