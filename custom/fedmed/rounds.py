@@ -28,10 +28,10 @@ from fedmed.aggregation import (
     aggregate_and_score,
     find_update_problem,
     get_aggregator,
-    update_norm,
 )
-from fedmed.hashing import model_sha256
+from fedmed.hashing import with_ciphertexts
 from fedmed.parallel import thread_map
+from fedmed.passes import hash_and_norm
 from fedmed.robust.geometric_median import distance_keys
 from fedmed.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.screening import (
@@ -224,7 +224,8 @@ class RoundEngine:
             problem = self.find_problem(r, reference)
             if problem is not None:
                 return problem, None, None
-            return None, model_sha256(r.params, r.encrypted), update_norm(r.params, reference, keys)
+            sha, norm = hash_and_norm(r.params, reference, keys)  # one pass: the hash and the norm (fedmed.passes)
+            return None, with_ciphertexts(sha, r.encrypted), norm
 
         return thread_map(examine, results, 1 if self.encryption is not None else None)
 
