@@ -29,6 +29,7 @@ from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
 from fedmed.flare.live_metrics import LiveTBReceiver
 from fedmed.flare.persistor import FedMedModelPersistor
+from fedmed.flare.site_memory import SITE_MEMORY_ID, SiteMemoryRelease
 from fedmed.jobconfig import RUN_PREFIX, JobConfig
 from fedmed.model import HEAD_PREFIX
 from fedmed.parallel import ENV_SITE_THREADS, simulated_site_threads
@@ -146,6 +147,7 @@ def add_persistor_and_trainers(
         )
         tasks = ["train", C.TASK_FINAL_MODEL, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
         job.to(trainer, site, tasks=tasks)
+        job.to(SiteMemoryRelease(), site, id=SITE_MEMORY_ID)  # the site's heap back to the OS after each task
 
 
 def allow_fedmed_components(workspace: Path) -> None:
