@@ -1,5 +1,5 @@
-"""fedmed.passes: the one-pass kernels give the results of the passes they replace (same digest, same distances to
-rounding)."""
+"""fedmed.passes: the one-pass kernels give the results of the passes they replace (same digest; distances equal to
+1e-6 relative, the float32 chunks' rounding)."""
 
 import numpy as np
 import pytest
@@ -39,8 +39,8 @@ def test_hash_and_norm_equal_the_separate_hash_and_norm(seed):
     assert "norm.running_mean" not in keys and "conv.weight" in keys
     sha, norm = hash_and_norm(update, reference, keys)
     assert sha == params_sha256(update)  # byte for byte the digest stored in earlier records
-    assert norm == pytest.approx(old_distance(update, reference, keys), rel=1e-12)
-    assert norm == pytest.approx(update_norm(update, reference, keys), rel=1e-12)
+    assert norm == pytest.approx(old_distance(update, reference, keys), rel=1e-6)
+    assert norm == pytest.approx(update_norm(update, reference, keys), rel=1e-6)
 
 
 def test_the_hash_sees_every_parameter_and_the_norm_only_the_distance_keys():
@@ -58,8 +58,15 @@ def test_chunked_distance_equals_the_two_pass_formula(scale):
     rng = np.random.default_rng(4)
     a, b = state(rng, scale), state(rng, scale)
     keys = distance_keys(a)
-    assert distance(a, b) == pytest.approx(old_distance(a, b, keys), rel=1e-12)
-    assert squared_distance(a, b, keys) == pytest.approx(old_distance(a, b, keys) ** 2, rel=1e-12)
+    assert distance(a, b) == pytest.approx(old_distance(a, b, keys), rel=1e-6)
+    assert squared_distance(a, b, keys) == pytest.approx(old_distance(a, b, keys) ** 2, rel=1e-6)
+
+
+def test_values_near_the_float32_range_fall_back_to_float64_and_stay_finite():
+    a = {"w": np.full(CHUNK + 5, 3e38, np.float32)}
+    b = {"w": np.full(CHUNK + 5, -3e38, np.float32)}  # the float32 difference overflows; float64's does not
+    assert np.isfinite(distance(a, b))
+    assert distance(a, b) == pytest.approx(old_distance(a, b, ["w"]), rel=1e-12)
 
 
 def test_a_non_finite_value_makes_the_norm_non_finite():

@@ -3,15 +3,21 @@ fused with its distance to the global model (the screening's per-site work).
 
 Why chunked: the obvious `np.subtract(u, c, dtype=float64)` then a dot allocates a float64 copy of each parameter
 (up to 8 MB, fresh pages from the kernel each time), writes it and reads it back: 24 bytes of memory traffic per
-value instead of the 8 read here (two float32 inputs), for the same float64 sum to rounding (one float64 buffer of
-CHUNK values, reused). Why one BLAS thread: the dot of a chunk is memory- and latency-bound; with OpenBLAS's pool
-of threads it took 40x the CPU on a loaded 2-core machine (0.46-0.74 s instead of 12 ms per DenseNet-121 update,
+value instead of the 8 read here (two float32 inputs). Why float32 differences: the float32 -> float64 cast was
+the cost (the cast subtraction + float64 dot of a 32k chunk took 4.5x the float32 subtraction + BLAS sdot); two
+float32 values within a factor 2 of each other (an update and the model it started from, or the aggregate) have an
+exact float32 difference (Sterbenz), the chunk's sum of squares has only positive terms (relative error ~1e-7
+measured, 1e-6 tested), and the chunks' sums are added in float64. A chunk whose float32 sum is not finite (values
+near float32's range) is done again in float64, so the result never overflows where the float64 formula would
+not. Why one BLAS thread: the dot of a chunk is memory- and latency-bound; with OpenBLAS's pool of threads it took
+40x the CPU on a loaded 2-core machine (0.46-0.74 s instead of 12 ms per DenseNet-121 update,
 docs/bench_scale.md#passes-over-the-updates), and the server's threads (fedmed.parallel) already run one update each.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -21,24 +27,37 @@ from fedmed.parallel import limited_blas
 CHUNK = 1 << 15  # values per chunk: 256 kB of float64, in L2 beside the two float32 slices it is made from
 
 
-def _sq_diff(a: np.ndarray, b: np.ndarray, buf: np.ndarray) -> float:
-    """sum((a - b)^2) over flat arrays of equal size, the difference taken in float64 chunk by chunk in `buf`."""
-    sq = 0.0
-    for start in range(0, a.size, CHUNK):
-        stop = min(a.size, start + CHUNK)
-        d = buf[: stop - start]
-        np.subtract(a[start:stop], b[start:stop], out=d, dtype=np.float64)
-        sq += float(np.dot(d, d))
-    return sq
+class _Buffers:
+    """One chunk of float32 and one of float64, reused for every chunk of a pass."""
+
+    def __init__(self):
+        self.f32 = np.empty(CHUNK, np.float32)
+        self.f64 = np.empty(CHUNK, np.float64)
+
+    def sq_diff(self, a: np.ndarray, b: np.ndarray) -> float:
+        """sum((a - b)^2) of two flat chunks (at most CHUNK values): in float32 when both are, else (or when that
+        is not finite) in float64."""
+        n = a.size
+        if a.dtype == np.float32 and b.dtype == np.float32:
+            d = self.f32[:n]
+            np.subtract(a, b, out=d)
+            sq = float(np.dot(d, d))
+            if math.isfinite(sq):
+                return sq
+        d = self.f64[:n]
+        np.subtract(a, b, out=d, dtype=np.float64)
+        return float(np.dot(d, d))
 
 
 def squared_distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray], keys: Sequence[str]) -> float:
-    """sum over `keys` of ||update[k] - center[k]||^2, accumulated in float64, in one pass over both."""
-    buf = np.empty(CHUNK, np.float64)
+    """sum over `keys` of ||update[k] - center[k]||^2, chunk sums added in float64, in one pass over both."""
+    bufs = _Buffers()
     sq = 0.0
-    with limited_blas(1):
+    with limited_blas(1), np.errstate(over="ignore"):  # a float32 overflow is redone in float64
         for k in keys:
-            sq += _sq_diff(np.asarray(update[k]).reshape(-1), np.asarray(center[k]).reshape(-1), buf)
+            a, b = np.asarray(update[k]).reshape(-1), np.asarray(center[k]).reshape(-1)
+            for start in range(0, a.size, CHUNK):
+                sq += bufs.sq_diff(a[start : start + CHUNK], b[start : start + CHUNK])
     return sq
 
 
@@ -51,9 +70,9 @@ def hash_and_norm(
     shape, then the array's bytes), so records stay comparable with earlier rounds and runs."""
     h = hashlib.sha256()
     wanted = set(keys)
-    buf = np.empty(CHUNK, np.float64)
+    bufs = _Buffers()
     sq = 0.0
-    with limited_blas(1):
+    with limited_blas(1), np.errstate(over="ignore"):  # a float32 overflow is redone in float64
         for k in sorted(params):
             v = np.ascontiguousarray(params[k])
             h.update(k.encode())
@@ -65,11 +84,8 @@ def hash_and_norm(
                 h.update(raw)
                 continue
             ref = np.asarray(reference[k]).reshape(-1)
-            step = CHUNK * flat.itemsize
+            size = flat.itemsize
             for start in range(0, flat.size, CHUNK):
-                stop = min(flat.size, start + CHUNK)
-                h.update(raw[start * flat.itemsize : start * flat.itemsize + step])
-                d = buf[: stop - start]
-                np.subtract(flat[start:stop], ref[start:stop], out=d, dtype=np.float64)
-                sq += float(np.dot(d, d))
+                h.update(raw[start * size : (start + CHUNK) * size])
+                sq += bufs.sq_diff(flat[start : start + CHUNK], ref[start : start + CHUNK])
     return h.hexdigest(), float(np.sqrt(sq))
