@@ -1,6 +1,8 @@
-"""fedmed.flare.site_memory: every site releases its task's memory once the result is sent (issue 30 item 3)."""
+"""What each simulated or deployed site gets from the job: its end-of-task memory release (issue 30 item 3) and, in the
+simulator, its share of the cores (item 2)."""
 
 import json
+import os
 
 import pytest
 from nvflare.apis.event_type import EventType
@@ -35,3 +37,31 @@ def test_every_site_of_the_exported_job_has_the_release(tmp_path):
     for path in client_cfgs:
         components = {c["id"]: c for c in json.loads(path.read_text())["components"]}
         assert components[SITE_MEMORY_ID]["path"] == "fedmed.flare.site_memory.SiteMemoryRelease"
+
+
+def test_the_simulator_shares_the_cores_among_the_sites_it_trains_at_once(monkeypatch, tmp_path):
+    from fedmed import parallel
+    from fedmed.flare import fedjob
+
+    seen = {}
+
+    class FakeSimEnv:  # records what the site processes would inherit, instead of starting NVFlare
+        def __init__(self, clients, num_threads, workspace_root):
+            self.threads = num_threads
+
+        def deploy(self, job):
+            seen[self.threads] = os.environ.get(parallel.ENV_SITE_THREADS)
+
+    class Job:
+        name = "job"
+
+    monkeypatch.setattr(fedjob, "SimEnv", FakeSimEnv)
+    monkeypatch.setattr(parallel, "available_cores", lambda: 4)
+    monkeypatch.delenv(parallel.ENV_SITE_THREADS, raising=False)
+    for threads in (1, 2, 3):
+        fedjob.run_simulation(Job(), ["a", "b", "c"], tmp_path, threads)
+    assert seen == {1: "4", 2: "2", 3: "1"}
+    assert parallel.ENV_SITE_THREADS not in os.environ  # this process's own setting is left as it was
+    monkeypatch.setenv(parallel.ENV_SITE_THREADS, "3")  # the caller's choice wins
+    fedjob.run_simulation(Job(), ["a"], tmp_path, 2)
+    assert seen[2] == "3" and os.environ[parallel.ENV_SITE_THREADS] == "3"
