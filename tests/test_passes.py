@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedmed.aggregation import distance, update_norm
-from fedmed.passes import CHUNK, hash_and_norm, squared_distance
+from fedmed.passes import CHUNK, has_non_finite, hash_and_norm, squared_distance
 from fedmed.robust.geometric_median import distance_keys
 from fedmed.weights import params_sha256
 
@@ -75,3 +75,19 @@ def test_a_non_finite_value_makes_the_norm_non_finite():
     update = {k: v.copy() for k, v in reference.items()}
     update["conv.weight"][CHUNK // 3 + 1, 1] = np.nan  # in the second chunk
     assert np.isnan(hash_and_norm(update, reference, distance_keys(reference))[1])
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (np.zeros(5, np.float32), False),
+        (np.array([1, np.nan, 2], np.float32), True),
+        (np.array([1, -np.inf], np.float64), True),
+        (np.array([np.inf, -np.inf], np.float32), True),  # the sum is NaN
+        (np.full(4, 3e38, np.float32), False),  # finite values whose float32 sum overflows
+        (np.full(4, 1.7e308), False),  # the same in float64
+        (np.zeros(0, np.float32), False),  # no values
+    ],
+)
+def test_has_non_finite_matches_the_element_wise_check(values, expected):
+    assert has_non_finite(values) == expected == (not np.all(np.isfinite(values)))

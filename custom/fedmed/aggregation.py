@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fedmed.parallel import thread_map
-from fedmed.passes import squared_distance
+from fedmed.passes import has_non_finite, squared_distance
 from fedmed.robust.baselines import coordinate_median, krum, trimmed_mean
 from fedmed.robust.geometric_median import NON_TRAINABLE_SUFFIXES, combine, distance_keys, geometric_median
 
@@ -202,13 +202,7 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
         v = np.asarray(update[k])
         if v.shape != np.shape(ref):
             return f"parameter {k}: shape {v.shape}, expected {np.shape(ref)}"
-        # A float64 sum of finite float32/float64 values is finite (no overflow) and any NaN or Inf makes it
-        # non-finite: one cheap reduction instead of a boolean array per parameter.
-        if (
-            np.issubdtype(v.dtype, np.floating)
-            and not np.isfinite(np.sum(v, dtype=np.float64))
-            and not np.all(np.isfinite(v))  # the sum can overflow on huge finite float64 values: then look closer
-        ):
+        if np.issubdtype(v.dtype, np.floating) and has_non_finite(v):  # one sum, not a boolean array (fedmed.passes)
             return f"parameter {k}: contains NaN or Inf"
     return None
 

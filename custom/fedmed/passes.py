@@ -90,3 +90,13 @@ def hash_and_norm(
                 h.update(raw[start * size : (start + CHUNK) * size])
                 sq += bufs.sq_diff(flat[start : start + CHUNK], ref[start : start + CHUNK])
     return h.hexdigest(), float(np.sqrt(sq))
+
+
+def has_non_finite(values: np.ndarray) -> bool:
+    """Whether a floating-point array holds a NaN or an Inf. One sum in the array's own dtype (any NaN or Inf makes it
+    non-finite; a float64 sum of float32 values spent twice the CPU on the cast), and only when that sum is not
+    finite, which huge finite values can also cause, the element-wise look."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(values)):
+            return False
+    return not bool(np.all(np.isfinite(values)))
