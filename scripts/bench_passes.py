@@ -4,8 +4,8 @@
     python scripts/bench_passes.py [--sites 20] [--repeats 3] [--out /tmp/bench_passes.md]
 
 K DenseNet-121 updates (bench_scale's generator). For each update, `before` = model_sha256 then the two-pass
-distance (a float64 copy of each parameter's difference, then a dot), `after` = fedmed.passes.hash_and_norm; and the
-distance to another state (the aggregate's pass) by both formulas. Process CPU seconds per update (steadier than
+distance (a float64 copy of each parameter's difference, then a dot), `after` = fedmed.passes.hash_and_norm; the
+distance to another state (the aggregate's pass) by both formulas; and the screening's finiteness check. Process CPU seconds per update (steadier than
 wall time on a shared machine), under one BLAS thread (what fedmed.parallel gives each server thread on 2 cores) and
 under the BLAS library's default pool; the tracemalloc peak of one update's pass; bytes of memory traffic per value
 by construction. The digests and norms are checked equal.
@@ -26,7 +26,7 @@ from fedmed.cli.bench_sim import load_average
 from fedmed.hashing import model_sha256
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.parallel import limited_blas
-from fedmed.passes import hash_and_norm, squared_distance
+from fedmed.passes import has_non_finite, hash_and_norm, squared_distance
 from fedmed.robust.geometric_median import centred_gram, combine, distance_keys
 
 
@@ -72,6 +72,10 @@ def main(argv=None) -> int:
         if sha != model_sha256(u) or not np.isclose(norm, two_pass_distance(u, base, keys), rtol=1e-6):
             raise RuntimeError("hash_and_norm differs from model_sha256 + the two-pass distance")
     paths = {
+        "finiteness before: float64 sum": lambda u: [
+            np.isfinite(np.sum(v, dtype=np.float64)) for v in u.values() if v.dtype.kind == "f"
+        ],
+        "finiteness after: has_non_finite": lambda u: [has_non_finite(v) for v in u.values() if v.dtype.kind == "f"],
         "screening before: model_sha256 + two-pass norm": lambda u: (
             model_sha256(u),
             two_pass_distance(u, base, keys),
