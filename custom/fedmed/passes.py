@@ -11,7 +11,7 @@ measured, 1e-6 tested), and the chunks' sums are added in float64. A chunk whose
 near float32's range) is done again in float64, so the result never overflows where the float64 formula would
 not. Why one BLAS thread: the dot of a chunk is memory- and latency-bound; with OpenBLAS's pool of threads it took
 40x the CPU on a loaded 2-core machine (0.46-0.74 s instead of 12 ms per DenseNet-121 update,
-docs/bench_scale.md#passes-over-the-updates), and the server's threads (fedmed.parallel) already run one update each.
+docs/bench_scale.md#passes-over-the-updates-issue-30), and the server's threads (fedmed.parallel) already run one update each.
 Inside those threads their own limit holds (cores // threads: 1 on 2 cores; fedmed.parallel.limited_blas).
 """
 
