@@ -2,9 +2,13 @@
 """Benchmark: FedAvg vs our geometric median vs the `geom-median` reference on DenseNet-121-sized updates.
 
     python scripts/bench_aggregation.py [--ks 3,8,16] [--out docs/bench_aggregation.md]
+    python scripts/bench_aggregation.py --threads-only --thread-k 50 --burn 2     # thread settings, loaded machine
 
 All timings of one K are taken in the same process, back to back, and reported as ratios to FedAvg. Peak extra
-memory (tracemalloc, numpy allocations) is reported as a multiple of the K updates' own size.
+memory (tracemalloc, numpy allocations) is reported as a multiple of the K updates' own size. Then --thread-k
+updates through the geometric median and FedAvg under each thread setting (fedmed.cli.bench_threads: the default,
+one BLAS thread, and the oversubscribed pre-issue-30 behaviour), interleaved, with --burn CPU-spinning processes
+beside them to load the machine.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from geom_median.numpy import compute_geometric_median
 from tqdm import tqdm
 
 from fedmed.aggregation import weighted_mean
+from fedmed.cli.bench_sim import load_average
+from fedmed.cli.bench_threads import MODES_HEADER, THREAD_MODES, cpu_burners, modes_table, time_modes
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.robust.geometric_median import distance_keys, geometric_median
 
@@ -60,13 +66,46 @@ def peak_memory(fn) -> int:
     return peak
 
 
+def thread_section(a, argv) -> list[str]:
+    """--thread-k updates through the geometric median and FedAvg under each thread setting, interleaved."""
+    updates, w = make_updates(a.thread_k, a.seed)
+    with cpu_burners(a.burn):
+        load = load_average()
+        gm = time_modes(lambda: geometric_median(updates, w), THREAD_MODES, a.thread_repeats)
+        avg = time_modes(lambda: weighted_mean(updates, w), THREAD_MODES, a.thread_repeats)
+        load_end = load_average()
+    return [
+        f"## Thread settings: {a.thread_k} updates, {a.burn} CPU burner(s) beside them",
+        "",
+        f"Command: `python scripts/bench_aggregation.py {' '.join(sys.argv[1:] if argv is None else argv)}`. Load average when the timing started: {load}; "
+        f"at its end: {load_end}. The settings are interleaved in one process (fedmed.cli.bench_threads); "
+        "compare ratios, not seconds: on a shared machine the seconds move with the other jobs.",
+        "",
+        *MODES_HEADER,
+        *modes_table(gm, "geometric median"),
+        *modes_table(avg, "FedAvg"),
+    ]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ks", default="3,8,16")
     p.add_argument("--out", type=Path, default=Path("docs/bench_aggregation.md"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thread-k", type=int, default=50, help="updates for the thread-settings comparison (0: skip)")
+    p.add_argument("--thread-repeats", type=int, default=3)
+    p.add_argument("--burn", type=int, default=0, help="CPU-spinning processes beside the thread comparison")
+    p.add_argument("--threads-only", action="store_true", help="only the thread-settings comparison")
     a = p.parse_args(argv)
-    ks = [int(x) for x in a.ks.split(",")]
+    if a.thread_k < 0 or (a.thread_k and a.thread_k < 3) or a.thread_repeats < 1 or a.burn < 0:
+        p.error("--thread-k must be 0 or >= 3, --thread-repeats >= 1, --burn >= 0")
+    ks = [] if a.threads_only else [int(x) for x in a.ks.split(",")]
+    thread_lines = thread_section(a, argv) if a.thread_k else []
+    if a.threads_only:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text("\n".join(["# bench_aggregation: thread settings", "", *thread_lines]) + "\n")
+        print("\n".join(thread_lines))
+        return 0
     rows, mem_rows = [], []
     for k in tqdm(ks, desc="K"):
         updates, w = make_updates(k, a.seed)
@@ -110,6 +149,7 @@ def main(argv=None) -> int:
     ]
     for k, size, mem, mem_avg in mem_rows:
         lines.append(f"| {k} | {size / 2**20:.0f} | {mem / 2**20:.0f} | {mem / size:.2f}x | {mem_avg / 2**20:.0f} |")
+    lines += ["", *thread_lines]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
 

@@ -61,6 +61,7 @@ def test_weighted_mean_rejects_bad_input(updates, weights, match):
         ({"w": np.zeros((3, 2)), "b": np.zeros(3)}, "shape"),
         ({"w": np.full((2, 3), np.nan), "b": np.zeros(3)}, "NaN or Inf"),
         ({"w": np.full((2, 3), np.inf), "b": np.zeros(3)}, "NaN or Inf"),
+        ({"w": np.zeros((2, 3), np.float32), "b": np.array([0, np.nan, 0], np.float32)}, "NaN or Inf"),  # float32
     ],
 )
 def test_update_problems_are_named(update, reason):
@@ -78,3 +79,9 @@ def test_good_update_has_no_problem_and_a_norm():
 def test_unknown_aggregation_lists_the_choices():
     with pytest.raises(ValueError, match="unknown aggregation 'median'.*fedavg"):
         get_aggregator("median")
+
+
+def test_huge_finite_values_whose_sum_overflows_are_not_a_problem():
+    reference = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    huge = {"w": np.full((2, 3), 3e38, np.float32), "b": np.zeros(3, np.float32)}  # float32 sum is inf, values are not
+    assert find_update_problem(huge, reference) is None

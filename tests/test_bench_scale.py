@@ -27,6 +27,10 @@ def test_round_engine_part_writes_a_row_per_site_count_and_a_plot(tmp_path):
         assert step > 0 and record > 0 and float(r[4].strip("*")) == pytest.approx(step + record, abs=0.011)
         assert float(r[6].rstrip("x")) > 0  # traced peak, a multiple of the updates held
     assert re.search(r"step \+ record = -?\d+\.\d+ s \+ -?\d+ ms x sites, R\^2 = ", text)
+    # the step at the largest K under each thread setting, with its ratio to one BLAS thread
+    modes = {r[1]: r for r in _rows(text, "| step, 5 sites |")}
+    assert set(modes) == {"default", "one-thread", "oversubscribed"}
+    assert modes["one-thread"][4] == "1.00x" and all(float(r[3]) > 0 for r in modes.values())
     assert out.with_suffix(".png").stat().st_size > 1000
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fedmed.parallel import thread_map
+from fedmed.passes import has_non_finite, squared_distance
 from fedmed.robust.baselines import coordinate_median, krum, trimmed_mean
 from fedmed.robust.geometric_median import NON_TRAINABLE_SUFFIXES, combine, distance_keys, geometric_median
 
@@ -158,14 +159,8 @@ def distance(
 ) -> float:
     """L2 distance over the trainable parameters (BatchNorm statistics excluded; `keys`: distance_keys(center),
     when the caller has them), accumulated in float64."""
-    sq = 0.0
-    for k in distance_keys(center) if keys is None else keys:
-        # The difference is computed in float64 straight from the stored values (the ufunc casts in small buffers,
-        # no float64 copy of either side) and squared-and-summed by one BLAS dot: half the time of the obvious
-        # (a64 - b64) ** 2 sum, the same value to rounding.
-        d = np.subtract(update[k], center[k], dtype=np.float64).reshape(-1)
-        sq += float(np.dot(d, d))
-    return float(np.sqrt(sq))
+    # One pass over both, the float64 difference squared and summed chunk by chunk in cache (fedmed.passes).
+    return float(np.sqrt(squared_distance(update, center, distance_keys(center) if keys is None else keys)))
 
 
 def head_cosine(
@@ -207,13 +202,7 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
         v = np.asarray(update[k])
         if v.shape != np.shape(ref):
             return f"parameter {k}: shape {v.shape}, expected {np.shape(ref)}"
-        # A float64 sum of finite float32/float64 values is finite (no overflow) and any NaN or Inf makes it
-        # non-finite: one cheap reduction instead of a boolean array per parameter.
-        if (
-            np.issubdtype(v.dtype, np.floating)
-            and not np.isfinite(np.sum(v, dtype=np.float64))
-            and not np.all(np.isfinite(v))  # the sum can overflow on huge finite float64 values: then look closer
-        ):
+        if np.issubdtype(v.dtype, np.floating) and has_non_finite(v):  # one sum, not a boolean array (fedmed.passes)
             return f"parameter {k}: contains NaN or Inf"
     return None
 

@@ -12,7 +12,12 @@ from fedmed.weights import params_sha256
 
 def model_sha256(params: Mapping[str, np.ndarray], encrypted_block=None) -> str:
     """Hash of the clear parameters, extended with the ciphertexts when some layers are encrypted."""
-    sha = params_sha256(params)
+    return with_ciphertexts(params_sha256(params), encrypted_block)
+
+
+def with_ciphertexts(sha: str, encrypted_block=None) -> str:
+    """model_sha256 given the clear parameters' params_sha256 (computed elsewhere, e.g. fedmed.passes.hash_and_norm):
+    that hash itself without encrypted layers, else extended with the ciphertexts' hash."""
     if encrypted_block is None:
         return sha
     from fedmed.crypto import ckks  # TenSEAL only when HE is in use

@@ -30,10 +30,10 @@ from fedmed.aggregation import (
     aggregate_and_score,
     find_update_problem,
     get_aggregator,
-    update_norm,
 )
-from fedmed.hashing import model_sha256
+from fedmed.hashing import with_ciphertexts
 from fedmed.parallel import thread_map
+from fedmed.passes import hash_and_norm
 from fedmed.records import AlertRecord, UpdateRecord
 from fedmed.robust.centred_clipping import centred_clip, committed_move
 from fedmed.robust.collusion import NEAR_COPY_RATIO, CollusionTracker
@@ -249,7 +249,8 @@ class RoundEngine:
             problem = self.find_problem(r, reference)
             if problem is not None:
                 return problem, None, None
-            return None, model_sha256(r.params, r.encrypted), update_norm(r.params, reference, keys)
+            sha, norm = hash_and_norm(r.params, reference, keys)  # one pass: the hash and the norm (fedmed.passes)
+            return None, with_ciphertexts(sha, r.encrypted), norm
 
         return thread_map(examine, results, 1 if self.encryption is not None else None)
 

@@ -13,6 +13,9 @@
    during step + record (tracemalloc peak, a separate pass) and the process's peak RSS during the timed pass
    (VmHWM reset just before), against the K updates held (K x the state's bytes).
 2. Simulator, many hospitals: one job of --sim-sites small hospitals end to end in NVFlare's simulator.
+   Then, at the largest K, the same step under each thread setting (fedmed.cli.bench_threads: the default, one
+   BLAS thread, the oversubscribed pre-issue-30 behaviour), interleaved, --thread-repeats times, with --burn
+   CPU-spinning processes beside it (0: none; the machine's own load is reported either way).
 3. Simulator, many rounds: --long-rounds rounds of a small job, the server process's RSS taken at the end of every
    round (fedmed.flare.probes); the slope of a straight line through it says whether the server grows. The
    Controller returns the round's freed heap to the operating system at the end of each round (fedmed.heap);
@@ -47,6 +50,7 @@ from fedmed.cli.bench_sim import (
     memory_now,
     run_probed,
 )
+from fedmed.cli.bench_threads import MODES_HEADER, THREAD_MODES, cpu_burners, modes_table, time_modes
 from fedmed.heap import ENV_TRIM_HEAP
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.rounds import RoundEngine, RoundRules, SiteResult, finite_or_none
@@ -232,6 +236,21 @@ def engine_rounds(base, k: int, rounds: int, seed: int, dbs: Databases, kinds, p
     return rows, profile_text
 
 
+def engine_thread_modes(base, k: int, seed: int, repeats: int, burn: int) -> tuple[dict, str, str]:
+    """Wall seconds of one step of K sites under each thread setting (a fresh engine each time, so no update is a
+    replay), interleaved; with `burn` CPU burners beside it. Returns (mode -> seconds, load at start, at end)."""
+    rng = np.random.default_rng(seed + k + 1)
+    drift = {n: rng.normal(0, 0.003, v.shape).astype(v.dtype) for n, v in base.items() if v.dtype.kind == "f"}
+    results = site_updates(base, k, rng, drift)
+    rules = RoundRules(min_clients=k - 1 if k >= 3 else k)
+    targets = [r.site for r in results]
+    with cpu_burners(burn):
+        start = load_average()
+        times = time_modes(lambda: RoundEngine(rules).step(0, base, results, targets), THREAD_MODES, repeats)
+        end = load_average()
+    return times, start, end
+
+
 def linear_fit(xs, ys) -> tuple[float, float, float]:
     """(intercept, slope, R^2) of a least-squares line."""
     slope, intercept = np.polyfit(xs, ys, 1)
@@ -290,12 +309,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="simulated sites trained at once")
     p.add_argument("--work", type=Path, help="where data, databases and simulator workspaces go (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thread-repeats", type=int, default=2, help="steps per thread setting at the largest K (0: skip)")
+    p.add_argument("--burn", type=int, default=0, help="CPU-spinning processes beside the thread-setting comparison")
     p.add_argument("--quick", action="store_true", help="tiny run for the test: --sites 3 5, 1 round, 2x2 simulated")
     p.add_argument("--out", type=Path, default=Path("docs/bench_scale.md"))
     a = p.parse_args(argv)
     if a.quick:  # part 1 on a slice of the model's state, part 3 tiny, part 2 left out
         a.sites, a.rounds, a.sim_sites, a.long_sites, a.long_rounds = [3, 5], 1, 0, 2, 3
         a.per_site = min(a.per_site, 5)
+    if a.thread_repeats < 0 or a.burn < 0:
+        p.error("--thread-repeats and --burn must be >= 0")
     if min(a.sites) < 2 or a.rounds < 1 or a.sim_sites == 1 or a.long_rounds == 1 or a.per_site < 4:
         p.error("--sites must be >= 2, --rounds >= 1, --sim-sites and --long-rounds 0 (skip) or >= 2, --per-site >= 4")
     load_start = load_average()
@@ -317,6 +340,7 @@ def main(argv=None) -> int:
             profile_text = prof or profile_text
     finally:
         dbs.close()
+    threads = engine_thread_modes(base, max(a.sites), a.seed, a.thread_repeats, a.burn) if a.thread_repeats else None
     sim = long = None
     if not a.skip_simulator and (a.sim_sites or a.long_rounds):
         data = work / "hospitals"
@@ -331,6 +355,9 @@ def main(argv=None) -> int:
             tqdm.write(f"{a.long_rounds} rounds: {long[1]:.0f} s")
 
     lines = write_document(a, argv, rows, profile_text, sim, long, n_values, state_bytes, load_start, time.time() - t0)
+    if threads is not None:
+        lines += thread_lines(a, threads)
+        a.out.write_text("\n".join(lines) + "\n")
     plot(rows, a.out.with_suffix(".png"), list(a.db))
     print("\n".join(lines))
     tmp.cleanup()
@@ -464,6 +491,22 @@ def write_document(a, argv, rows, profile_text, sim, long, n_values, state_bytes
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
     return lines
+
+
+def thread_lines(a, threads) -> list:
+    times, start, end = threads
+    return [
+        "",
+        f"## Thread settings: one step of {max(a.sites)} sites, {a.burn} CPU burner(s) beside it",
+        "",
+        f"Load average when the timing started: {start}; at its end: {end}. The settings are interleaved in one "
+        "process (fedmed.cli.bench_threads); compare ratios, not seconds. `default` = fedmed.parallel's choice "
+        "(server threads x BLAS threads <= cores); `one-thread` = BLAS limited to one thread (what "
+        "OMP_NUM_THREADS=1 gave); `oversubscribed` = every server thread with a full BLAS pool (before issue 30).",
+        "",
+        *MODES_HEADER,
+        *modes_table(times, f"step, {max(a.sites)} sites"),
+    ]
 
 
 def plot(rows, path: Path, kinds) -> None:

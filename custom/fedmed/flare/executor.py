@@ -35,6 +35,7 @@ from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.flare.persistor import save_state
 from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable
 from fedmed.model_card import data_is_synthetic
+from fedmed.parallel import site_torch_threads
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, PrivacyLedger
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
@@ -243,8 +244,9 @@ class FedMedTrainer(Executor):
         self._site = load_site_config(path)
         if self._site.site_name != site:
             raise ValueError(f"{path} is for site {self._site.site_name!r}, but this client is {site!r}")
-        if self._site.num_threads:
-            torch.set_num_threads(self._site.num_threads)
+        threads = self._site.num_threads or site_torch_threads()  # the site's own setting first (fedmed.parallel)
+        if threads:
+            torch.set_num_threads(threads)
         t0 = time.monotonic()
         self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed, self._task)
         self._data_synthetic = data_is_synthetic(

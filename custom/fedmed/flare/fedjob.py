@@ -30,8 +30,10 @@ from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
 from fedmed.flare.live_metrics import LiveTBReceiver
 from fedmed.flare.persistor import FedMedModelPersistor
+from fedmed.flare.site_memory import SITE_MEMORY_ID, SiteMemoryRelease
 from fedmed.jobconfig import RUN_PREFIX, JobConfig
 from fedmed.model import HEAD_PREFIX
+from fedmed.parallel import ENV_SITE_THREADS, simulated_site_threads
 from fedmed.resume import RUNS_DIR
 from fedmed.tasks import get_task
 
@@ -146,6 +148,7 @@ def add_persistor_and_trainers(
         )
         tasks = ["train", C.TASK_FINAL_MODEL, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
         job.to(trainer, site, tasks=tasks)
+        job.to(SiteMemoryRelease(), site, id=SITE_MEMORY_ID)  # the site's heap back to the OS after each task
 
 
 def allow_fedmed_components(workspace: Path) -> None:
@@ -201,11 +204,19 @@ def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int, log_f
     allow_fedmed_components(workspace_root / job.name)
     # The simulated sites import fedmed as installed in this Python (scripts/setup.sh: pip install -e .).
     env = SimEnv(clients=list(sites), num_threads=threads, workspace_root=str(workspace_root))
-    if log_file is None:
-        env.deploy(job)
-    else:
-        with full_output_to(log_file):
+    # The sites trained at once share this machine's cores (fedmed.parallel): torch threads each = cores // threads,
+    # unless the caller's environment or a site's config says otherwise. The site processes inherit it.
+    previous = os.environ.get(ENV_SITE_THREADS)
+    os.environ.setdefault(ENV_SITE_THREADS, str(simulated_site_threads(threads)))
+    try:
+        if log_file is None:
             env.deploy(job)
+        else:
+            with full_output_to(log_file):
+                env.deploy(job)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_SITE_THREADS, None)
     return workspace_root / job.name
 
 

@@ -1,0 +1,93 @@
+"""fedmed.passes: the one-pass kernels give the results of the passes they replace (same digest; distances equal to
+1e-6 relative, the float32 chunks' rounding)."""
+
+import numpy as np
+import pytest
+
+from fedmed.aggregation import distance, update_norm
+from fedmed.passes import CHUNK, has_non_finite, hash_and_norm, squared_distance
+from fedmed.robust.geometric_median import distance_keys
+from fedmed.weights import params_sha256
+
+
+def old_distance(update, center, keys) -> float:
+    """The two-pass formula fedmed.aggregation.distance used before (a float64 copy of each difference, then a dot)."""
+    sq = 0.0
+    for k in keys:
+        d = np.subtract(update[k], center[k], dtype=np.float64).reshape(-1)
+        sq += float(np.dot(d, d))
+    return float(np.sqrt(sq))
+
+
+def state(rng, scale=1.0) -> dict:
+    return {
+        "conv.weight": (rng.standard_normal((CHUNK + 17, 3)) * scale).astype(np.float32),  # spans several chunks
+        "fc.weight": (rng.standard_normal((5, 7)) * scale).astype(np.float64).T,  # not C-contiguous
+        "fc.bias": rng.standard_normal(CHUNK).astype(np.float32),  # exactly one chunk
+        "empty": np.zeros((0, 4), np.float32),  # no values at all
+        "norm.running_mean": rng.standard_normal(11).astype(np.float32),  # a statistic: hashed, not in the norm
+        "norm.num_batches_tracked": np.array(12, np.int64),  # an integer buffer: hashed only
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hash_and_norm_equal_the_separate_hash_and_norm(seed):
+    rng = np.random.default_rng(seed)
+    reference = state(rng)
+    update = {k: v + np.asarray(rng.normal(0, 0.01, v.shape), v.dtype) for k, v in reference.items()}
+    keys = distance_keys(reference)
+    assert "norm.running_mean" not in keys and "conv.weight" in keys
+    sha, norm = hash_and_norm(update, reference, keys)
+    assert sha == params_sha256(update)  # byte for byte the digest stored in earlier records
+    assert norm == pytest.approx(old_distance(update, reference, keys), rel=1e-6)
+    assert norm == pytest.approx(update_norm(update, reference, keys), rel=1e-6)
+
+
+def test_the_hash_sees_every_parameter_and_the_norm_only_the_distance_keys():
+    rng = np.random.default_rng(3)
+    reference = state(rng)
+    update = {k: v.copy() for k, v in reference.items()}
+    update["norm.running_mean"] = update["norm.running_mean"] + 5  # a statistic moved: hash changes, norm does not
+    sha, norm = hash_and_norm(update, reference, distance_keys(reference))
+    assert norm == 0.0
+    assert sha != params_sha256(reference) and sha == params_sha256(update)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])  # tiny, ordinary and huge parameter values
+def test_chunked_distance_equals_the_two_pass_formula(scale):
+    rng = np.random.default_rng(4)
+    a, b = state(rng, scale), state(rng, scale)
+    keys = distance_keys(a)
+    assert distance(a, b) == pytest.approx(old_distance(a, b, keys), rel=1e-6)
+    assert squared_distance(a, b, keys) == pytest.approx(old_distance(a, b, keys) ** 2, rel=1e-6)
+
+
+def test_values_near_the_float32_range_fall_back_to_float64_and_stay_finite():
+    a = {"w": np.full(CHUNK + 5, 3e38, np.float32)}
+    b = {"w": np.full(CHUNK + 5, -3e38, np.float32)}  # the float32 difference overflows; float64's does not
+    assert np.isfinite(distance(a, b))
+    assert distance(a, b) == pytest.approx(old_distance(a, b, ["w"]), rel=1e-12)
+
+
+def test_a_non_finite_value_makes_the_norm_non_finite():
+    rng = np.random.default_rng(5)
+    reference = state(rng)
+    update = {k: v.copy() for k, v in reference.items()}
+    update["conv.weight"][CHUNK // 3 + 1, 1] = np.nan  # in the second chunk
+    assert np.isnan(hash_and_norm(update, reference, distance_keys(reference))[1])
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (np.zeros(5, np.float32), False),
+        (np.array([1, np.nan, 2], np.float32), True),
+        (np.array([1, -np.inf], np.float64), True),
+        (np.array([np.inf, -np.inf], np.float32), True),  # the sum is NaN
+        (np.full(4, 3e38, np.float32), False),  # finite values whose float32 sum overflows
+        (np.full(4, 1.7e308), False),  # the same in float64
+        (np.zeros(0, np.float32), False),  # no values
+    ],
+)
+def test_has_non_finite_matches_the_element_wise_check(values, expected):
+    assert has_non_finite(values) == expected == (not np.all(np.isfinite(values)))
