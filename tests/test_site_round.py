@@ -93,3 +93,35 @@ def test_the_executor_and_the_in_process_federation_run_the_same_site_round(
     assert in_process.meta[C.META_NUM_SAMPLES] == reply.meta[C.META_NUM_SAMPLES]
     for name, value in reply.params.items():
         np.testing.assert_array_equal(value, in_process.params[name], err_msg=name)
+
+
+def _site_and_model(tiny_hospitals):
+    from fedmed.model import build_densenet121, state_to_numpy
+
+    train, val = load_train_val(
+        DataConfig("dicom", tiny_hospitals / "hospital-a" / "dicom", tiny_hospitals / "hospital-a" / "labels.csv"),
+        32,
+        0,
+        CHEST_XRAY14,
+    )
+    model = build_densenet121(CHEST_XRAY14.num_outputs)
+    return Site("hospital-a", CHEST_XRAY14, train=train, model=model, val=val), state_to_numpy(model)
+
+
+@pytest.mark.parametrize("broken, reason", [("nan", "not finite"), ("zero", "collapsed")])
+def test_a_site_refuses_a_global_model_that_is_not_usable_and_says_why(tiny_hospitals, broken, reason):
+    """A global model whose outputs are NaN (or the same for every input) is refused before training, with the
+    reason the server records, and the site's freshness memory does not move."""
+    site, params = _site_and_model(tiny_hospitals)
+    head = [k for k in params if k.endswith("weight") and params[k].ndim == 2][-1]  # the classifier's weights
+    params[head] = np.full_like(params[head], np.nan) if broken == "nan" else np.zeros_like(params[head])
+    update = site_round.run_round(site, site_round.GlobalModel(params, 1, 3))
+    assert update.params is None
+    assert update.meta[C.META_REFUSED].startswith("global model rejected: ")
+    assert reason in update.meta[C.META_REFUSED]
+    assert site.last_round is None
+
+
+def test_a_usable_global_model_passes_the_sites_check(tiny_hospitals):
+    site, _ = _site_and_model(tiny_hospitals)  # the freshly initialised model: outputs finite and input-dependent
+    site_round.check_usable(site)  # raises GlobalModelRejected otherwise

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from fedmed import constants as C
 from fedmed import signing
 from fedmed.model import load_numpy_state, state_to_numpy
+from fedmed.model_health import COLLAPSED_SPREAD, check_outputs, probe_images
 from fedmed.privacy.dp_sgd import BudgetExceeded
 from fedmed.privacy.ledger import LedgerError
 from fedmed.robust.attacks import apply_attack
@@ -176,6 +177,22 @@ def check_fresh(site: Site, round_num: int) -> None:
         )
 
 
+def check_usable(site: Site) -> None:
+    """Raises GlobalModelRejected when the loaded global model's outputs are not finite, or the same for every input,
+    on fixed probe images of the site's image shape (fedmed.model_health, the server's own check): training on it
+    would only spend privacy budget, and the site's refusal names the problem in the record in that round."""
+    sample = (site.val if site.val is not None and len(site.val) else site.train)[0][0]
+    check = check_outputs(site.model, probe_images(int(sample.shape[-1]), int(sample.shape[0])))
+    if check.non_finite:
+        raise GlobalModelRejected(
+            f"its outputs are not finite (NaN or infinite) on {check.non_finite} of {check.images} probe images"
+        )
+    if check.spread < COLLAPSED_SPREAD:
+        raise GlobalModelRejected(
+            f"it has collapsed: its outputs are the same for all {check.images} probe images (spread {check.spread:.1e})"
+        )
+
+
 def run_round(
     site: Site,
     offer: GlobalModel,
@@ -187,6 +204,8 @@ def run_round(
     try:
         check_fresh(site, offer.round_num)
         global_params = open_global(site, offer)
+        load_numpy_state(site.model, global_params)
+        check_usable(site)
     except GlobalModelRejected as e:
         log(f"site {site.name}: refusing round: {e}")
         return SiteUpdate(None, {}, {C.META_REFUSED: f"global model rejected: {e}", C.META_SITE: site.name})
@@ -194,7 +213,6 @@ def run_round(
     try:
         if site.privacy is None and site.ledger is not None:  # only a user-level filter spends: check its part now
             site.ledger.check(list(site.also_released()))
-        load_numpy_state(site.model, global_params)
         update = _train_and_validate(site, offer, should_abort, log)
         update.base = global_params
     except (BudgetExceeded, LedgerError) as e:  # before training: a ceiling, or a ledger damaged since start-up
