@@ -12,7 +12,7 @@ import pytest
 from fedmed.cli.generate_hospitals import write_site_config
 from fedmed.jobconfig import JobConfig
 from fedmed.privacy.policy import parse_privacy, strictest
-from fedmed.site_config import load_site_config
+from fedmed.site_config import JobRefused, check_job_for_site, load_site_config
 from jobscripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,17 +35,17 @@ def _examples():
 
 def refusal(site_cfg, privacy: dict, scope: str, norm: str):
     """Why a hospital refuses a job in `scope` with `norm`, or None: NVFlare's scope check (app_deployer: a scope
-    the site's privacy.json does not list) and the Executor's two rules at set-up (fedmed.flare.executor: no policy
-    is allowed only on synthetic rehearsal data; DP-SGD needs norm group)."""
+    the site's privacy.json does not list), then the Executor's own start-up rules, called as the Executor calls
+    them (fedmed.site_config.check_job_for_site, on a deployed kit)."""
     scope = scope or privacy.get("default_scope", "")
     scopes = {s["name"]: s for s in privacy["scopes"]}
     if scope not in scopes:
         return f"privacy scope {scope!r} is not allowed"
     policy = strictest(site_cfg.privacy, parse_privacy(scopes[scope].get("properties", {}).get("fedmed_privacy")))
-    if policy is None and not site_cfg.synthetic_rehearsal:
-        return "no privacy policy applies"
-    if policy is not None and norm != "group":
-        return f"DP-SGD needs norm group, the job has {norm}"
+    try:
+        check_job_for_site(site_cfg, policy, norm, where="the site", config="fedmed_site.json", simulator=False)
+    except JobRefused as e:
+        return str(e)
     return None
 
 
@@ -80,7 +80,7 @@ def test_the_rule_refuses_what_the_hospitals_refuse():
     shipped = load_site_config(REPO / "site_configs" / "hospital-a" / "fedmed_site.json")
     privacy = json.loads((REPO / "site_configs" / "hospital-a" / "privacy.json").read_text())
     assert "not allowed" in refusal(shipped, privacy, "rehersal", "group")  # the scope typo
-    assert "norm group" in refusal(shipped, privacy, "", "batch")  # the old real-deployment example
+    assert "norm='group'" in refusal(shipped, privacy, "", "batch")  # the old real-deployment example
     assert refusal(shipped, privacy, "private", "group") is None
 
 

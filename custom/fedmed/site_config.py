@@ -130,3 +130,27 @@ def load_site_config(path: Path) -> SiteConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     return parse_site_config(raw, path)
+
+
+class JobRefused(ValueError):
+    """A job this hospital will not start under its own settings (the reason names the fix)."""
+
+
+def check_job_for_site(
+    site: SiteConfig, policy: Optional[PrivacyPolicy], norm: str, *, where: str, config: str, simulator: bool
+) -> None:
+    """The hospital's own start-up rules for a job, given `policy` (the strictest of the site's and the job's privacy
+    scope's) and the job's `norm`. Raises JobRefused naming the fix: no policy at all is allowed only on data the
+    site marks synthetic (or in the simulator, which has no scopes to set one); DP-SGD cannot privatise BatchNorm.
+    The Executor calls it at set-up, and tests/test_docs.py checks every documented job against it."""
+    if policy is None and not site.synthetic_rehearsal and not simulator:
+        raise JobRefused(
+            f"no privacy policy applies to this job at {where} (neither {config} nor the job's privacy scope sets "
+            "one); only a site whose fedmed_site.json marks its data \"synthetic_rehearsal\" "
+            "trains without DP"
+        )
+    if policy is not None and norm != "group":
+        raise JobRefused(
+            f"this site's privacy policy requires DP-SGD, but the job's model uses {norm} normalisation, which DP-SGD "
+            "cannot privatise; the job must use norm='group'"
+        )

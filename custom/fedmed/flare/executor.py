@@ -39,7 +39,7 @@ from fedmed.parallel import site_torch_threads
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, PrivacyLedger
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
-from fedmed.site_config import SiteConfig, load_site_config
+from fedmed.site_config import JobRefused, SiteConfig, check_job_for_site, load_site_config
 from fedmed.site_round import GlobalModelRejected
 from fedmed.tasks import get_task
 from fedmed.training import NonFinitePredictions, TrainingAborted, evaluate
@@ -287,19 +287,16 @@ class FedMedTrainer(Executor):
             if self._sign_keys.site != site:
                 raise ValueError(f"signing key in {key_dir} is {self._sign_keys.site!r}'s, but this client is {site!r}")
         policy, source = self._privacy_policy(fl_ctx)
-        if policy is None and not self._site.synthetic_rehearsal and not running_in_simulator(fl_ctx):
-            raise SiteSettingsRefused(
-                f"no privacy policy applies to this job at {site} (neither {path} nor the job's privacy scope sets "
-                "one); only a site whose fedmed_site.json marks its data \"synthetic_rehearsal\" trains without DP"
-            )
+        try:
+            simulator = running_in_simulator(fl_ctx)
+            check_job_for_site(self._site, policy, self.norm, where=site, config=str(path), simulator=simulator)
+        except JobRefused as e:
+            if policy is None:  # the site stays up and refuses every task of the job with the reason
+                raise SiteSettingsRefused(str(e)) from None
+            raise
         if policy is not None or self._noise_filters:
             self._ledger = self._open_ledger(site, policy, fl_ctx)
         if policy is not None:
-            if self.norm != "group":
-                raise ValueError(
-                    f"this site's privacy policy requires DP-SGD, but the job's model uses {self.norm} "
-                    "normalisation, which DP-SGD cannot privatise; the job must use norm='group'"
-                )
             self._privacy = SitePrivacy(policy, self._ledger)
             trained = set_trainable(self._model, self.dp_train_layers)  # names a prefix that matches nothing
             set_trainable(self._model, None)
