@@ -495,7 +495,11 @@ def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federati
         run = repo.get_run(run_id)
         assert run.status == "interrupted" and run.finished_at is not None
         assert [r.round_num for r in repo.rounds_table(run_id)] == recorded == [1, 2]
-        assert run.best_round in recorded
+        # This scope's user-level noise (std 1.0 on every weight) can leave an aggregate whose outputs overflow: such
+        # a round is alerted global_model_unusable and never best; the best round is among the usable ones, if any.
+        unusable = {a["round"] for a in repo.alerts(run_id) if a["kind"] == "global_model_unusable"}
+        usable = [r for r in recorded if r not in unusable]
+        assert run.best_round in usable if usable else run.best_round is None
         assert repo.verify_audit() is None
         assert _log_has(fed.kit("server") / "log.txt", f"job {job_id} was running when the server stopped")
     finally:

@@ -23,6 +23,13 @@ from test_job import JOB, SITES, _simulate, _write_site_configs
 HEAD = ("class_layers.out.weight", "class_layers.out.bias")
 
 
+def _own_folder(path):
+    """Each record in a folder of its own: records beside each other share the default audit key and heads file,
+    and a second, empty record beside the first one's heads is refused (it reads as an emptied record)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _server_app(ws):
     return ws / "cxr_densenet" / "server" / "simulate_job" / "app_server"
 
@@ -43,8 +50,12 @@ def test_he_run_matches_plain_run_and_server_never_holds_the_key(tiny_hospitals,
     _write_site_configs(tiny_hospitals, share={"hospital-a"})  # hospital-a's policy lends its local model
     common = ("--rounds", "2", "--aggregation", "fedavg")  # same weights in both runs: only HE differs
     try:
-        plain_repo, plain_run = _simulate(tiny_hospitals, tmp_path / "plain", tmp_path / "plain.db", *common)
-        he_repo, he_run = _simulate(tiny_hospitals, tmp_path / "he", tmp_path / "he.db", *common, "--he")
+        plain_repo, plain_run = _simulate(
+            tiny_hospitals, tmp_path / "plain", _own_folder(tmp_path / "plain-db") / "plain.db", *common
+        )
+        he_repo, he_run = _simulate(
+            tiny_hospitals, tmp_path / "he", _own_folder(tmp_path / "he-db") / "he.db", *common, "--he"
+        )
     finally:
         _write_site_configs(tiny_hospitals)
 

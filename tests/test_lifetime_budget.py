@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 SITE = "hospital-c"
 
 
+def _own_folder(path):
+    """Each record in a folder of its own: records beside each other share the default audit key and heads file,
+    and a second, empty record beside the first one's heads is refused (it reads as an emptied record)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _configure(root: Path, ledger: Path, lifetime=None):
     _write_site_configs(root)
     cfg_path = root / SITE / "fedmed_site.json"
@@ -32,14 +39,14 @@ def test_second_job_is_refused_at_the_round_that_would_pass_the_lifetime_ceiling
     args = ("--rounds", "2", "--norm", "group", "--min-clients", "2", "--no-cross-site-eval")
     try:
         _configure(tiny_hospitals, ledger.path)
-        repo1, run1 = _simulate(tiny_hospitals, tmp_path / "ws1", tmp_path / "one.db", *args)
+        repo1, run1 = _simulate(tiny_hospitals, tmp_path / "ws1", _own_folder(tmp_path / "db1") / "one.db", *args)
         first = ledger.entries()
         assert [(e.round, e.mechanism) for e in first] == [(0, "dp_sgd"), (1, "dp_sgd")]
         per_round = first[0].history[0]
         # The hospital's privacy officer allows 3 rounds' worth on these images, not 4: job 2 gets one round.
         three, four = (epsilon_of([per_round] * n, 1e-5) for n in (3, 4))
         _configure(tiny_hospitals, ledger.path, lifetime=(three + four) / 2)
-        repo2, run2 = _simulate(tiny_hospitals, tmp_path / "ws2", tmp_path / "two.db", *args)
+        repo2, run2 = _simulate(tiny_hospitals, tmp_path / "ws2", _own_folder(tmp_path / "db2") / "two.db", *args)
     finally:
         _write_site_configs(tiny_hospitals)
     ups = {(u["round"], u["site"]): u for u in repo2.client_updates(run2)}

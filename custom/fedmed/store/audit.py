@@ -419,10 +419,28 @@ def _key_str(key: tuple) -> str:
     return ", ".join(str(k) for k in key)
 
 
-def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -> AuditReport:
+class HeadsSnapshot:
+    """The heads file as read at one moment. Read it BEFORE the database: a head is appended only after its entry
+    commits, so every head read first is in any database snapshot taken after it. Read after the database, a head
+    another job appended in between looks like a deleted entry (a false alarm that refused concurrent writers)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.heads, self.error = path, None, None
+        if path is not None and Path(path).exists():
+            try:
+                self.heads = read_heads(path)
+            except OSError as e:  # a folder, no permission: the tail cannot be checked
+                self.error = e
+
+
+def verify(
+    session, settings: AuditSettings, site_keys: Optional[dict] = None, heads: Optional[HeadsSnapshot] = None
+) -> AuditReport:
     """Walk the chain (links, MACs), rebuild from it what every covered row must hash to, compare with the tables,
     then compare the chain's newest entries with the heads file, then (site_keys: site -> fedmed.signing.PublicKeys)
-    re-verify every stored update signature. Problems come in the order found."""
+    re-verify every stored update signature. Problems come in the order found. heads: the heads file as read before
+    the session's first query (read here when not given, which is before it only for a fresh session)."""
+    heads = heads if heads is not None else HeadsSnapshot(settings.heads_file)
     rep = AuditReport(heads_file=str(settings.heads_file) if settings.heads_file else None)
     expected: dict[tuple, tuple[str, int]] = {}  # (table, key) -> (row hash, audit entry id that recorded it)
     trust: dict[str, tuple] = {}  # site -> (its trust state as the newest round recorded it, that entry's id)
@@ -492,7 +510,7 @@ def verify(session, settings: AuditSettings, site_keys: Optional[dict] = None) -
                     "the rows were written outside fedmed",
                 )
             )
-    _compare_heads(settings.heads_file, chain_tag, macs, rep, keyed_seen)
+    _compare_heads(heads, chain_tag, macs, rep, keyed_seen)
     if site_keys is not None:
         _check_signatures(session, site_keys, rep)
     return rep
@@ -766,21 +784,20 @@ def _tail_problems(session, settings: AuditSettings) -> list[str]:
 
 
 def _compare_heads(
-    path: Optional[Path], chain_tag: Optional[str], macs: dict, rep: AuditReport, keyed: bool = True
+    snapshot: HeadsSnapshot, chain_tag: Optional[str], macs: dict, rep: AuditReport, keyed: bool = True
 ) -> None:
+    path, heads = snapshot.path, snapshot.heads
     if path is None:
         rep.notes.append("no heads file configured: deleting the newest entries cannot be detected")
         return
-    if not Path(path).exists():
+    if heads is None and snapshot.error is None:
         if keyed:
             rep.problems.append(
                 AuditProblem(0, f"heads file {path} is missing (it gets a line at every keyed write)", "heads_file")
             )
         return
-    try:
-        heads = read_heads(path)
-    except OSError as e:  # a folder, no permission: the tail cannot be checked
-        why = f"heads file {path} cannot be read ({type(e).__name__})"
+    if snapshot.error is not None:
+        why = f"heads file {path} cannot be read ({type(snapshot.error).__name__})"
         if macs:
             rep.problems.append(AuditProblem(0, why, "heads_file"))
         else:

@@ -456,13 +456,15 @@ class Repository:
         appended to `problems` (strings), as is anything that keeps the chain from vouching for it (an entry that
         fails its MAC, newest entries deleted per the heads file)."""
         problems = problems if problems is not None else []
+        settings = self.audit_settings(create=False)
+        heads = audit.HeadsSnapshot(settings.heads_file)  # before the database (audit.HeadsSnapshot says why)
         with self._session() as s:
             table = audit.site_trust_table(s)
             has_keyed = s.scalar(select(AuditEntry.id).where(AuditEntry.scheme == audit.SCHEME).limit(1))
             if has_keyed is None:
                 # A record from before the keyed chain has nothing to check site_trust against; one whose keyed
                 # entries were rewritten as unkeyed ones (or emptied) must not pass for such a record.
-                report = audit.verify(s, self.audit_settings(create=False))
+                report = audit.verify(s, settings, heads=heads)
                 if report.problems:
                     raise RecordTampered(
                         f"site trust cannot be vouched for: {report.first} (fedmed-audit-verify lists every problem)"
@@ -661,13 +663,15 @@ class Repository:
         first time; later only the entries appended after the one this instance last vouched for (another job's
         keyed writes), so a job pays for one full check, not one per round."""
         settings = self.audit_settings(create=True)
+        heads = audit.HeadsSnapshot(settings.heads_file)  # before the database: another job may be writing
         with self._session() as s:
+            self._one_snapshot(s)
             head = s.execute(select(AuditEntry.id, AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1)).first()
             if head is not None and self._vouched is not None:
                 if tuple(head) == self._vouched or audit.extends(s, settings, self._vouched):
                     self._vouched = tuple(head)
                     return
-            report = audit.verify(s, settings)
+            report = audit.verify(s, settings, heads=heads)
         if report.problems:
             fix = (
                 "once they are explained, `fedmed-audit-verify --adopt --reason '...'` records the rows as they are "
@@ -693,10 +697,11 @@ class Repository:
         if not reason or not reason.strip():
             raise ValueError("an adoption needs a reason (who checked the record, and why its rows are accepted)")
         settings = self.audit_settings(create=False)
+        heads = audit.HeadsSnapshot(settings.heads_file)  # before the database (audit.HeadsSnapshot says why)
         with self._session.begin() as s:
             if self.engine.dialect.name == "postgresql":
                 s.execute(text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE"))
-            report = audit.verify(s, settings)
+            report = audit.verify(s, settings, heads=heads)
             broken = [p for p in report.problems if not p.adoptable]
             if broken:
                 raise RecordTampered(
@@ -759,8 +764,19 @@ class Repository:
         it, the chain's head against the heads file, and (given the hospitals' public keys, site -> PublicKeys)
         every stored update signature."""
         settings = self.audit_settings(create=False)
+        heads = audit.HeadsSnapshot(settings.heads_file)  # before the database (audit.HeadsSnapshot says why)
         with self._session() as s:
-            return audit.verify(s, settings, site_keys)
+            self._one_snapshot(s)
+            return audit.verify(s, settings, site_keys, heads=heads)
+
+    def _one_snapshot(self, s: Session) -> None:
+        """Make every read of this (fresh) session see one snapshot. By default each SELECT sees the latest commit
+        (pysqlite reads outside a transaction; PostgreSQL's READ COMMITTED), so a row another job committed between
+        reading the chain and reading its table looked inserted outside the record, and a writer refused it."""
+        if self.engine.dialect.name == "sqlite":
+            s.connection().exec_driver_sql("BEGIN")  # WAL: a read transaction's snapshot, writers not blocked
+        elif self.engine.dialect.name == "postgresql":
+            s.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
 
     def chain_head(self):
         """The audit chain's tag and newest entry (fedmed.store.receipts.ChainHead), or None when it is empty."""
