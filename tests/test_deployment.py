@@ -609,13 +609,14 @@ _RUNTIME_LOGS = {"log.txt", "log_fl.txt", "log.json", "error_log.txt", "console.
 
 
 def _kit_files(kits: Path) -> dict:
-    """sha256 of every file of every kit, except the logs the running sites append to (a heartbeat may land there)."""
+    """sha256 of every file of every kit, except the logs the running sites append to (a heartbeat may land there)
+    and the server's job store (state/: NVFlare files an earlier job's late error logs there, not provisioning)."""
     import hashlib
 
     return {
         str(p.relative_to(kits)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in kits.rglob("*")
-        if p.is_file() and p.name not in _RUNTIME_LOGS
+        if p.is_file() and p.name not in _RUNTIME_LOGS and "state" not in p.relative_to(kits).parts[1:2]
     }
 
 
