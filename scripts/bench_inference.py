@@ -65,7 +65,6 @@ def main(argv=None) -> int:
                 ["test"] * a.studies,
                 DEFAULT_HOSPITALS[0].scanner,
                 rng,
-                "bench",
                 a.stored_size,
                 bar.update,
             )

@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
-from fedmed.cli.pretrain_public import pretrain_on
+from fedmed.cli.pretrain_public import Pretraining, pretrain_on
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.data.synthetic import (
     DEFAULT_HOSPITALS,
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         if not (folder / "labels.csv").exists():
             rng = np.random.default_rng(a.seed + 7 + n)
             labels = (rng.random((a.others, 14)) < 0.1).astype(int)
-            write_site(folder, labels, ["val"] * a.others, scanner, rng, folder.name, 128)
+            write_site(folder, labels, ["val"] * a.others, scanner, rng, 128)
 
     weights = root / f"densenet121_{a.image_size}px_{a.epochs}ep.pt"  # trained once, reused by later runs
     if not weights.is_file():
@@ -116,11 +116,7 @@ def main(argv=None) -> int:
             ConcatDataset([s[0] for s in splits]),
             ConcatDataset([s[1] for s in splits]),
             CHEST_XRAY14,
-            a.epochs,
-            32,
-            1e-3,
-            "batch",
-            a.seed,
+            Pretraining(a.epochs, a.image_size, 32, 1e-3, "batch", a.seed),
         )
         save_state(params, weights, meta)
     blob = torch.load(weights, weights_only=True)

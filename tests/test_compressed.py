@@ -32,7 +32,6 @@ def uncompressed(tmp_path_factory):
             generate_uid(),
             generate_uid(),
             generate_uid(),
-            1,
             {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
             "hospital-x",
         )

@@ -13,7 +13,7 @@ from fedmed.data.synthetic import ScannerProfile, make_dicom
 
 def _write(tmp_path, pixels, scanner=ScannerProfile(), name="img.dcm", **overrides):
     uid = generate_uid()
-    ds = make_dicom(pixels.astype(np.uint16), scanner, "P1", generate_uid(), generate_uid(), uid, 1)
+    ds = make_dicom(pixels.astype(np.uint16), scanner, "P1", generate_uid(), generate_uid(), uid)
     for k, v in overrides.items():
         setattr(ds, k, v)
     path = tmp_path / name

@@ -74,7 +74,7 @@ def _dicom(
     rng = np.random.default_rng(seed)
     pixels = acquire(render_chest(labels if labels is not None else [0] * 14, rng, SIZE), scanner, rng)
     tags = {"BodyPartExamined": "CHEST", "ViewPosition": view}  # what make_dicom set itself before the MR task
-    ds = make_dicom(pixels, scanner, patient, study_uid, generate_uid(), generate_uid(), 1, tags, "hospital-x")
+    ds = make_dicom(pixels, scanner, patient, study_uid, generate_uid(), generate_uid(), tags, "hospital-x")
     for k, v in overrides.items():
         setattr(ds, k, v)
     folder.mkdir(parents=True, exist_ok=True)
@@ -475,9 +475,7 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
     labels = np.zeros((8, 14), int)
     labels[:4, 2] = 1  # Effusion: 4 positives, 4 negatives; every other finding has no positive
     rng = np.random.default_rng(0)
-    csv_path = write_site(
-        tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), rng, "val-site", SIZE
-    )
+    csv_path = write_site(tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), rng, SIZE)
     out = tmp_path / "thr.pt"
     meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, out, split="val")
     assert list(meta[META_THRESHOLDS]) == ["Effusion"] and 0.0 <= meta[META_THRESHOLDS]["Effusion"] <= 1.0
@@ -585,7 +583,6 @@ def _mr_slice(folder: Path, name: str, patient: str, study_uid: str, label: int,
         study_uid,
         generate_uid(),
         generate_uid(),
-        1,
         BRAIN_MRI_FAMILY.tags(rng),
         "hospital-x",
     )
@@ -861,7 +858,7 @@ def test_ood_guard_calibrated_with_the_thresholds_flags_an_image_unlike_them(tmp
     labels = np.zeros((12, 14), int)
     labels[:6, 2] = 1
     rng = np.random.default_rng(0)
-    csv_path = write_site(tmp_path / "site", labels, ["val"] * 12, ScannerProfile(), rng, "cal-site", SIZE)
+    csv_path = write_site(tmp_path / "site", labels, ["val"] * 12, ScannerProfile(), rng, SIZE)
     calibrated = tmp_path / "calibrated.pt"
     meta = choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, calibrated, split="val")
     assert meta["ood"]["calibration"]["images"] == 12 and meta["ood"]["threshold"] > 0
@@ -875,7 +872,6 @@ def test_ood_guard_calibrated_with_the_thresholds_flags_an_image_unlike_them(tmp
         noise_uid,
         generate_uid(),
         generate_uid(),
-        1,
         {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
         "hospital-x",
     )
@@ -1029,7 +1025,7 @@ def test_out_of_distribution_positives_are_withheld_and_every_output_marks_them(
     labels = np.zeros((12, 14), int)
     labels[:6, 2] = 1
     rng = np.random.default_rng(0)
-    csv_path = write_site(tmp_path / "site", labels, ["val"] * 12, ScannerProfile(), rng, "cal-site", SIZE)
+    csv_path = write_site(tmp_path / "site", labels, ["val"] * 12, ScannerProfile(), rng, SIZE)
     calibrated = tmp_path / "calibrated.pt"
     choose_thresholds(model_path, tmp_path / "site" / "dicom", csv_path, calibrated, split="val")
     blob = torch.load(calibrated, weights_only=True)
@@ -1039,7 +1035,7 @@ def test_out_of_distribution_positives_are_withheld_and_every_output_marks_them(
     noise_uid = generate_uid()
     pixels = np.random.default_rng(5).integers(0, 4095, (SIZE, SIZE)).astype(np.uint16)
     tags = {"BodyPartExamined": "CHEST", "ViewPosition": "PA"}
-    ds = make_dicom(pixels, ScannerProfile(), "PATN", noise_uid, generate_uid(), generate_uid(), 1, tags, "x")
+    ds = make_dicom(pixels, ScannerProfile(), "PATN", noise_uid, generate_uid(), generate_uid(), tags, "x")
     (tmp_path / "in").mkdir()
     ds.save_as(tmp_path / "in" / "noise.dcm", enforce_file_format=True)
     out = tmp_path / "out"

@@ -40,7 +40,7 @@ def _pixels(seed: int) -> np.ndarray:
 
 
 def _dicom(folder: Path, name: str, seed: int, patient: str, sop=None, institution="General", compress=False):
-    ds = make_dicom(_pixels(seed), ScannerProfile(), patient, "1.2.3", "1.2.3.4", sop or f"1.2.3.4.{seed}", 1)
+    ds = make_dicom(_pixels(seed), ScannerProfile(), patient, "1.2.3", "1.2.3.4", sop or f"1.2.3.4.{seed}")
     ds.InstitutionName = institution
     if compress:
         ds.compress(RLELossless)

@@ -78,7 +78,6 @@ def test_synthetic_data_is_recognised_from_the_generator_or_the_declaration(tmp_
             generate_uid(),
             generate_uid(),
             generate_uid(),
-            1,
             {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
             "hospital-x",
         )

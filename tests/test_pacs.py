@@ -91,7 +91,6 @@ def _study_file(
         study_uid,
         generate_uid(),
         generate_uid(),
-        1,
         {"BodyPartExamined": "CHEST", "ViewPosition": view},
         "hospital-x",
     )

@@ -10,6 +10,7 @@ from fedmed.data.synthetic import (
     DEFAULT_HOSPITALS,
     HospitalSpec,
     ScannerProfile,
+    SiteSplit,
     generate_hospitals,
     render_chest,
     sample_labels,
@@ -103,6 +104,6 @@ def test_scanner_profile_rejects_bad_values(kwargs, match):
 
 def test_generate_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
-        generate_hospitals(tmp_path, DEFAULT_HOSPITALS, val_fraction=1.5)
+        generate_hospitals(tmp_path, DEFAULT_HOSPITALS, split=SiteSplit(val_fraction=1.5))
     with pytest.raises(ValueError, match="alpha"):
         site_prevalences(CXR14_PREVALENCE, 0.0, np.random.default_rng(0))

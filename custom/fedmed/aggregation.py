@@ -227,8 +227,7 @@ def aggregate_and_score(
     min_keep: int,
     reference: Mapping[str, np.ndarray] | None = None,
     head_keys: Sequence[str] = (),
-    weight_factors: Mapping[str, float] | None = None,
-    groups: Sequence[Sequence[str]] = (),
+    copies=None,
 ) -> RoundOutcome:
     """Choose, then aggregate (as Flower's Multi-Krum separates selection from averaging): aggregate the active
     sites, score every site (quarantined ones too) by its distance to the judging reference and, given the global
@@ -241,13 +240,15 @@ def aggregate_and_score(
     fedmed.robust.collusion) one vote, not the aggregate itself: two colluders of five at one point can hold the
     weighted geometric median (issue 28), and every rule measured against a captured aggregate then turns on the
     honest sites; the coordinate median stays inside the honest sites' range in every coordinate while hostile
-    votes are fewer than half (fedmed.robust.collusion.coordinate_median_reference). weight_factors: site ->
-    multiplier of its sample count (a near-copy group of m shares one site's weight: 1/m each)."""
+    votes are fewer than half (fedmed.robust.collusion.coordinate_median_reference). copies: the round's
+    fedmed.robust.collusion.CollusionFinding (None = no near-copies): its factors multiply each site's sample count
+    (a near-copy group of m shares one site's weight: 1/m each), its groups vote once."""
     from fedmed.robust.collusion import coordinate_median_reference
     from fedmed.robust.trust import round_scores  # trust imports nothing from here; keep module load order simple
 
     check_heads = reference is not None and bool(head_keys)
-    factors = dict(weight_factors or {})
+    factors = dict(copies.factors) if copies is not None else {}
+    groups = copies.groups if copies is not None else ()
 
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])

@@ -361,9 +361,7 @@ class RoundEngine:
         if self._validate is not None and len(valid) >= 3:
             self._screen_by_validation(valid, records, log)
         copies = self._find_near_copies(valid, global_params, records, log)
-        direction = dict(
-            reference=global_params, head_keys=head_keys, weight_factors=copies.factors, groups=copies.groups
-        )
+        direction = dict(reference=global_params, head_keys=head_keys, copies=copies)
         combined, outcome = None, None
         while True:
             active = [s for s in valid if not self.is_quarantined(s)]

@@ -27,7 +27,7 @@ from torch.utils.data import ConcatDataset, Subset
 from tqdm import tqdm
 
 from fedmed.cli.bench_sites import load_train_sets, make_sites
-from fedmed.cli.pretrain_public import pretrain_on, pretraining_card
+from fedmed.cli.pretrain_public import Pretraining, pretrain_on, pretraining_card
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.data.synthetic import HospitalSpec, ScannerProfile, generate_hospitals
 from fedmed.inprocess import federate
@@ -98,11 +98,7 @@ def public_model(root: Path, n_images: int, epochs: int, image_size: int, seed: 
             ConcatDataset([s[0] for s in splits]),
             ConcatDataset([s[1] for s in splits]),
             CHEST_XRAY14,
-            epochs,
-            64,
-            1e-3,
-            "group",
-            seed,
+            Pretraining(epochs, image_size, 64, 1e-3, "group", seed),
         )
         meta.update(pretrained_on=str(public), format="dicom", image_size=image_size)
         meta[META_MODEL_CARD] = pretraining_card(CHEST_XRAY14.name, public.name, True).to_meta()  # generated above

@@ -36,6 +36,7 @@ import tracemalloc
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -354,7 +355,8 @@ def main(argv=None) -> int:
             )
             tqdm.write(f"{a.long_rounds} rounds: {long[1]:.0f} s")
 
-    lines = write_document(a, argv, rows, profile_text, sim, long, n_values, state_bytes, load_start, time.time() - t0)
+    measured = ScaleRun(rows, profile_text, sim, long, n_values, state_bytes, load_start, time.time() - t0)
+    lines = write_document(a, argv, measured)
     if threads is not None:
         lines += thread_lines(a, threads)
         a.out.write_text("\n".join(lines) + "\n")
@@ -372,7 +374,29 @@ def last_rounds(rows) -> dict:
     return out
 
 
-def write_document(a, argv, rows, profile_text, sim, long, n_values, state_bytes, load_start, seconds) -> list:
+@dataclass(frozen=True)
+class ScaleRun:
+    """What one bench_scale run measured: the round engine's rows, the optional profile, the simulator runs
+    ((rounds, wall s) or None), the update's size, the load average at the start and the run's seconds."""
+
+    rows: list
+    profile_text: str
+    sim: Optional[tuple]
+    long: Optional[tuple]
+    n_values: int
+    state_bytes: int
+    load_start: str
+    seconds: float
+
+
+def write_document(a, argv, measured: ScaleRun) -> list:
+    rows, profile_text, sim, long = measured.rows, measured.profile_text, measured.sim, measured.long
+    n_values, state_bytes, load_start, seconds = (
+        measured.n_values,
+        measured.state_bytes,
+        measured.load_start,
+        measured.seconds,
+    )
     mb = 2**20
     kinds = list(a.db)
     last = last_rounds(rows)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fedmed.data.synthetic import (
     DEFAULT_HOSPITALS,
+    SiteSplit,
     chest_family,
     generate_hospitals,
     shift_scanner,
@@ -128,11 +129,10 @@ def main(argv=None) -> int:
             hospitals,
             a.num_test,
             a.seed,
-            a.alpha,
-            a.min_prevalence,
             size=a.size,
             progress=bar.update,
-            family=family,
+            family=family,  # carries --min-prevalence
+            split=SiteSplit(alpha=a.alpha),
         )
     for h in hospitals:
         write_site_config(a.out / h.name, h.name, a.site_threads)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,24 +46,28 @@ def pretraining_card(task: str, source: str, synthetic, rounds: int = 1) -> Mode
     )
 
 
+@dataclass(frozen=True)
+class Pretraining:
+    """How central pretraining trains: epochs, input size, batch, Adam's first learning rate (cosine-decayed over
+    the epochs), DenseNet-121 normalisation ('group' for federations with DP-SGD sites) and seed."""
+
+    epochs: int = 5
+    image_size: int = 128
+    batch_size: int = 32
+    lr: float = 1e-3
+    norm: str = "group"
+    seed: int = 0
+
+
 def pretrain(
-    data: DataConfig,
-    out: Path,
-    task_name: str,
-    epochs: int = 5,
-    image_size: int = 128,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    norm: str = "group",
-    seed: int = 0,
-    progress: bool = True,
+    data: DataConfig, out: Path, task_name: str, settings: Pretraining = Pretraining(), progress: bool = True
 ) -> dict:
     """Train on `data` (its train split), keep the epoch with the best validation score, save it to `out` with
     what it was trained on in the file's meta. Returns that meta."""
     task = get_task(task_name)
-    train, val = load_train_val(data, image_size, seed, task)
-    params, meta = pretrain_on(train, val, task, epochs, batch_size, lr, norm, seed, progress)
-    meta.update(pretrained_on=str(data.root), format=data.format, image_size=image_size)
+    train, val = load_train_val(data, settings.image_size, settings.seed, task)
+    params, meta = pretrain_on(train, val, task, settings, progress)
+    meta.update(pretrained_on=str(data.root), format=data.format, image_size=settings.image_size)
     meta[META_MODEL_CARD] = pretraining_card(
         task.name, Path(data.root).name, data_is_synthetic([it.path for it in load_items(data, task)])
     ).to_meta()
@@ -70,11 +75,10 @@ def pretrain(
     return meta
 
 
-def pretrain_on(
-    train, val, task, epochs: int, batch_size: int, lr: float, norm: str, seed: int, progress: bool = True
-) -> tuple[dict, dict]:
+def pretrain_on(train, val, task, settings: Pretraining, progress: bool = True) -> tuple[dict, dict]:
     """The training behind pretrain(), on datasets already loaded (the benchmarks pool several synthetic public
-    sites): returns (parameters of the best validation epoch, meta)."""
+    sites): returns (parameters of the best validation epoch, meta). settings.image_size is the loaded data's."""
+    epochs, batch_size, lr, norm, seed = settings.epochs, settings.batch_size, settings.lr, settings.norm, settings.seed
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if norm not in NORMS:
@@ -138,12 +142,7 @@ def main(argv=None) -> int:
             DataConfig(a.format, a.root, a.labels_csv),
             a.out,
             a.task,
-            a.epochs,
-            a.image_size,
-            a.batch_size,
-            a.lr,
-            a.norm,
-            a.seed,
+            Pretraining(a.epochs, a.image_size, a.batch_size, a.lr, a.norm, a.seed),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -329,12 +329,12 @@ def make_dicom(
     study_uid: str,
     series_uid: str,
     sop_uid: str,
-    instance_number: int,
     tags: Optional[dict] = None,
     institution: str = "",
 ) -> Dataset:
     """Wrap 12-bit stored pixels into a DX/CR/MR DICOM dataset with the tags a PACS would carry; `tags` adds the
-    acquisition's own (BodyPartExamined, ViewPosition, MR sequence parameters, ...)."""
+    acquisition's own (BodyPartExamined, ViewPosition, MR sequence parameters, ...). One image a series, as the
+    generated hospitals have: InstanceNumber 1."""
     sop_class = SOP_CLASS_OF_MODALITY[scanner.modality]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -353,7 +353,7 @@ def make_dicom(
     ds.StudyDate = datetime.date(2026, 1, 1).strftime("%Y%m%d")
     ds.StudyID = "1"
     ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
+    ds.InstanceNumber = 1
     ds.InstitutionName = institution
     ds.Manufacturer = "fedmed-synthetic"
     ds.Rows, ds.Columns = pixels.shape
@@ -435,15 +435,16 @@ def write_site(
     splits: Sequence[str],
     scanner: ScannerProfile,
     rng: np.random.Generator,
-    institution: str,
     size: int = 256,
     progress: Optional[Callable[[int], None]] = None,
     family: Optional[ImageFamily] = None,
 ) -> Path:
     """Write one site's DICOM tree (patient/study/series/instance.dcm) and its labels.csv; returns the CSV path.
-    family: what to render (default chest radiographs)."""
+    The folder's name is the institution (InstitutionName, the PatientID prefix, the UIDs' entropy). family: what
+    to render (default chest radiographs)."""
     family = family or chest_family()
     out_dir = Path(out_dir)
+    institution = out_dir.name
     dicom_root = out_dir / "dicom"
     rows = []
     uid_root = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
@@ -453,7 +454,7 @@ def write_site(
         series_uid = generate_uid(uid_root, entropy_srcs=[institution, pid, "series"])
         sop_uid = generate_uid(uid_root, entropy_srcs=[institution, pid, "sop"])
         pixels = acquire(family.render(label, rng, size), scanner, rng)
-        ds = make_dicom(pixels, scanner, pid, study_uid, series_uid, sop_uid, 1, family.tags(rng), institution)
+        ds = make_dicom(pixels, scanner, pid, study_uid, series_uid, sop_uid, family.tags(rng), institution)
         path = dicom_root / pid / f"study_{i:05d}" / "series_1" / f"{sop_uid}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
@@ -470,25 +471,34 @@ def write_site(
     return csv_path
 
 
+@dataclass(frozen=True)
+class SiteSplit:
+    """alpha: Dirichlet concentration of each site's label prior around the global one (large = close to it, small
+    = strongly non-IID); val_fraction: share of each site's images in its validation split."""
+
+    alpha: float = 20.0
+    val_fraction: float = 0.2
+
+
 def generate_hospitals(
     out_root: Path,
     hospitals: Optional[Iterable[HospitalSpec]] = None,
     num_test: int = 300,
     seed: int = 0,
-    alpha: float = 20.0,
-    min_prevalence: float = 0.05,
-    val_fraction: float = 0.2,
     size: int = 256,
     progress: Optional[Callable[[int], None]] = None,
     family: Optional[ImageFamily] = None,
+    split: SiteSplit = SiteSplit(),
 ) -> dict:
     """Generate every hospital plus a global test set under out_root; returns {site: labels.csv path}.
 
     Each site gets its own Dirichlet label prior (non-IID) and scanner profile; the global test set uses the global
     prior. The same seed gives byte-identical pixel data and identical labels. family: what to render (default
-    chest radiographs, with min_prevalence); hospitals default to the family's.
+    chest radiographs; chest_family(min_prevalence) floors rare findings); hospitals default to the family's.
+    split: how each site's labels scatter around the global prior and how many of its images are validation.
     """
-    family = family or chest_family(min_prevalence)
+    family = family or chest_family()
+    alpha, val_fraction = split.alpha, split.val_fraction
     hospitals = list(family.hospitals if hospitals is None else hospitals)
     if not hospitals:
         raise ValueError("at least one hospital is required")
@@ -517,12 +527,10 @@ def generate_hospitals(
             labels = family.labels_from_prior(spec.num_images, spec.prevalence, rng)
         n_val = max(1, int(round(spec.num_images * val_fraction)))
         splits = ["val" if i < n_val else "train" for i in rng.permutation(spec.num_images)]
-        written[spec.name] = write_site(out_root / spec.name, labels, splits, spec.scanner, rng, spec.name, size,
-                                        progress, family)
+        written[spec.name] = write_site(out_root / spec.name, labels, splits, spec.scanner, rng, size, progress, family)
     rng = np.random.default_rng(site_seeds[-1])
     labels = family.test_labels(num_test, rng)
     written["global_test"] = write_site(
-        out_root / "global_test", labels, ["test"] * num_test, family.test_scanner, rng, "global_test", size, progress,
-        family,
+        out_root / "global_test", labels, ["test"] * num_test, family.test_scanner, rng, size, progress, family
     )
     return written
