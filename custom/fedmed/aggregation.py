@@ -218,6 +218,15 @@ class RoundOutcome:
     head_cosines: dict = field(default_factory=dict)  # site -> fedmed.aggregation.head_cosine (empty: not checked)
 
 
+@dataclass(frozen=True)
+class DirectionCheck:
+    """The direction rule's inputs: the global model the round started from (start) and the classifier layers'
+    names (head_keys); a site whose classifier moved against the judging reference's scores 0."""
+
+    start: Mapping[str, np.ndarray] | None
+    head_keys: Sequence[str] = ()
+
+
 def aggregate_and_score(
     updates: Mapping[str, Mapping[str, np.ndarray]],
     counts: Mapping[str, int],
@@ -225,13 +234,12 @@ def aggregate_and_score(
     policy,
     active: Sequence[str],
     min_keep: int,
-    reference: Mapping[str, np.ndarray] | None = None,
-    head_keys: Sequence[str] = (),
+    direction: DirectionCheck | None = None,
     copies=None,
 ) -> RoundOutcome:
     """Choose, then aggregate (as Flower's Multi-Krum separates selection from averaging): aggregate the active
     sites, score every site (quarantined ones too) by its distance to the judging reference and, given the global
-    model the round started from (reference) and the classifier layers (head_keys), by the direction its classifier
+    model the round started from and the classifier layers (direction), by the direction its classifier
     moved relative to the judging reference's; if some active sites score 0 (far outliers, or classifiers moved
     against the reference's), aggregate again without them, provided min_keep remain. A hostile site is thus kept
     out of the very round it turns hostile, not only from the next one.
@@ -246,7 +254,8 @@ def aggregate_and_score(
     from fedmed.robust.collusion import coordinate_median_reference
     from fedmed.robust.trust import round_scores  # trust imports nothing from here; keep module load order simple
 
-    check_heads = reference is not None and bool(head_keys)
+    check_heads = direction is not None and direction.start is not None and bool(direction.head_keys)
+    reference, head_keys = (direction.start, direction.head_keys) if check_heads else (None, ())
     factors = dict(copies.factors) if copies is not None else {}
     groups = copies.groups if copies is not None else ()
 

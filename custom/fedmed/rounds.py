@@ -27,6 +27,7 @@ import numpy as np
 
 from fedmed.aggregation import (
     LINEAR_AGGREGATORS,
+    DirectionCheck,
     aggregate_and_score,
     find_update_problem,
     get_aggregator,
@@ -361,7 +362,7 @@ class RoundEngine:
         if self._validate is not None and len(valid) >= 3:
             self._screen_by_validation(valid, records, log)
         copies = self._find_near_copies(valid, global_params, records, log)
-        direction = dict(reference=global_params, head_keys=head_keys, copies=copies)
+        direction = dict(direction=DirectionCheck(global_params, tuple(head_keys)), copies=copies)
         combined, outcome = None, None
         while True:
             active = [s for s in valid if not self.is_quarantined(s)]
