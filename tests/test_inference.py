@@ -676,6 +676,10 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
     assert (
         "task brain_mri, decision: multiclass: argmax" in printed.out and "2 studies: 2 read (3 images" in printed.out
     )
+    # where the results are, each path as written (studies/*/result.json was printed without the --out folder)
+    assert f"results: {out / 'results.csv'}, {out / 'summary.json'}, {out / 'studies' / '*' / 'result.json'}; " in (
+        printed.out
+    )
 
     studies = {}
     for key in ("A", "B"):
