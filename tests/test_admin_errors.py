@@ -11,7 +11,7 @@ import pytest
 from nvflare.fuel.flare_api.api_spec import NoConnection
 
 from fedmed.cli import federation, submit_job
-from fedmed.cli.submit_job import Causes, SubmitError, deploy_causes, round_line
+from fedmed.cli.submit_job import Causes, JobFailed, JobOutcome, SubmitError, deploy_causes, failure_lines, round_line
 from fedmed.store.repository import RoundRow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,8 +98,9 @@ class _Session:
     """Stands in for NVFlare's admin Session where only a running server could answer: the meta and job list it
     returns have NVFlare's shape (status, job_deploy_detail, job_id), and its failure is NVFlare's NoConnection."""
 
-    def __init__(self, meta=None, jobs=(), dies_after=None):
+    def __init__(self, meta=None, jobs=(), dies_after=None, server_log=None):
         self.meta, self.jobs, self.dies_after, self.calls = meta or {}, list(jobs), dies_after, 0
+        self.server_log, self.aborted = server_log, []
 
     def submit_job(self, folder):
         return "4f2a9c10-0000-4000-8000-000000000001"
@@ -109,6 +110,16 @@ class _Session:
         if self.dies_after is not None and self.calls > self.dies_after:
             raise NoConnection("cannot connect to server")
         return self.meta
+
+    def download_job_result(self, job_id, dest=None):
+        """The job's result folder as NVFlare lays it out, holding the server's log.txt."""
+        result = Path(dest) / job_id
+        (result / "workspace").mkdir(parents=True)
+        (result / "workspace" / "log.txt").write_text(self.server_log or "")
+        return str(result)
+
+    def abort_job(self, job_id):
+        self.aborted.append(job_id)
 
     def list_jobs(self, id_prefix=None, **_):
         return [{"job_id": j} for j in self.jobs if j.startswith(id_prefix or "")]
@@ -120,7 +131,8 @@ class _Session:
 def _follow(monkeypatch, tmp_path, session):
     monkeypatch.setattr(submit_job, "open_session", lambda *a, **k: session)
     kit = _kit(tmp_path, 1, in_workspace=False)
-    return submit_job.submit_and_follow(kit, "admin@fedmed.org", tmp_path / "job", 60, poll_interval=0.01)
+    polling = submit_job.Polling(interval=0.01)
+    return submit_job.submit_and_follow(kit, "admin@fedmed.org", tmp_path / "job", 60, polling=polling)
 
 
 def test_a_server_that_dies_mid_job_is_one_line_naming_the_job(monkeypatch, tmp_path):
@@ -140,6 +152,95 @@ def test_a_job_the_sites_refused_to_start_names_each_cause_once(monkeypatch, tmp
     text = str(e.value)
     assert text.count("privacy scope 'rehersal' is not allowed") == 1 and ", ".join(HOSPITALS) in text
     assert text.splitlines()[0].endswith("did not start (FINISHED:FAILED_TO_RUN)")
+
+
+# The server's log of a job whose every hospital refused round 1 (the controller's lines, as NVFlare writes them).
+SITE_SETTINGS = "the job sets site_config='/tmp/x.json'; this hospital takes its site config ... never from a job"
+_PREFIX = "2026-12-07 13:00:00,000 - FedMedController - {} - [identity=fedmed, run=4f2a9c10] - "
+ALL_REFUSED_LOG = "\n".join(
+    [
+        _PREFIX.format("INFO") + "round 1/1: sending the global model to ['hospital-a', 'hospital-b', 'hospital-c']",
+        *(_PREFIX.format("WARNING") + f"round 1: {h} refused the round: {SITE_SETTINGS}" for h in HOSPITALS[:2]),
+        _PREFIX.format("WARNING") + "round 1: hospital-c cannot take part: set-up failed at the site: "
+        "FileNotFoundError: data.root /mnt/pacs does not exist",
+        _PREFIX.format("ERROR") + "run 9b1f failed: RuntimeError: round 1: 0 valid, trusted update(s), min_clients is "
+        "2; not aggregating (the global model is left unchanged)",
+    ]
+)
+
+
+def test_a_job_that_started_and_failed_because_every_site_refused_is_one_line_per_cause(monkeypatch, tmp_path):
+    # no --db-url: the causes come from the server's log in the downloaded result
+    session = _Session(meta={"status": "FINISHED:EXECUTION_EXCEPTION"}, server_log=ALL_REFUSED_LOG)
+    monkeypatch.setattr(submit_job, "open_session", lambda *a, **k: session)
+    kit = _kit(tmp_path, 1, in_workspace=False)
+    with pytest.raises(JobFailed) as e:
+        submit_job.submit_and_follow(
+            kit, "admin@fedmed.org", tmp_path / "job", 60, out=tmp_path / "out", polling=submit_job.Polling(0.01)
+        )
+    first, *causes = str(e.value).splitlines()
+    assert first.startswith("job 4f2a9c10-") and "ended FINISHED:EXECUTION_EXCEPTION: its run failed (RuntimeError: "
+    assert "min_clients is 2" in first
+    assert causes == [
+        f"  hospital-a, hospital-b refused (from round 1): {SITE_SETTINGS}; fix: leave that option out of the job: "
+        "each hospital sets it in its own kit (local/fedmed_site.json, its environment)",
+        "  hospital-c missing (from round 1): set-up failed at the site: FileNotFoundError: data.root /mnt/pacs does "
+        "not exist; fix: the hospital's IT fixes it (`site_configs/install.sh --check <kit>`, docs/hospital_it.md); "
+        "the next job reads the site's settings again",
+    ]
+    assert e.value.outcome.result_dir.is_dir()  # the result is downloaded all the same
+
+
+def test_the_failed_runs_causes_come_from_the_database_when_there_is_one(tmp_path):
+    outcome = JobOutcome("4f2a", "FINISHED:EXECUTION_EXCEPTION", None, 1.0, 2.0)
+    causes = Causes()
+    for h in HOSPITALS:
+        causes.add(1, h, "refused", "this site's privacy policy requires DP-SGD; the job must use norm='group'")
+    lines = failure_lines(outcome, {"status": "failed"}, causes)
+    assert lines[0] == "job 4f2a ended FINISHED:EXECUTION_EXCEPTION: its run failed"
+    assert lines[1:] == [
+        "hospital-a, hospital-b, hospital-c refused (from round 1): this site's privacy policy requires DP-SGD; the "
+        "job must use norm='group'; fix: submit with -- --norm group"
+    ]
+    # a run that finished (NVFlare may still say ABNORMAL) or an admin's abort names no cause: exit 1, not 2
+    assert failure_lines(outcome, {"status": "finished"}, causes) == []
+    assert failure_lines(JobOutcome("4f2a", "FINISHED:ABORTED", None, 1.0, 2.0), None, Causes()) == []
+
+
+def test_fedmed_submit_exits_2_with_each_cause_for_a_job_whose_run_failed(monkeypatch, tmp_path, capsys):
+    session = _Session(meta={"status": "FINISHED:EXECUTION_EXCEPTION"}, server_log=ALL_REFUSED_LOG)
+    monkeypatch.setattr(submit_job, "open_session", lambda *a, **k: session)
+    monkeypatch.setattr(submit_job, "probe_server", lambda kit: ("127.0.0.1", 1))
+    monkeypatch.setattr(submit_job, "export_job", lambda dest, args: _job_folder(dest))
+    kit = _kit(tmp_path, 1, in_workspace=False)
+    assert submit_job.main(["--kit", str(kit), "--out", str(tmp_path / "out"), "--", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("fedmed-submit: job 4f2a9c10-") and "its run failed" in err[0]
+    assert [line.split(" (from")[0] for line in err[1:]] == [
+        "  hospital-a, hospital-b refused",
+        "  hospital-c missing",
+    ]
+    assert all("; fix: " in line for line in err[1:])
+
+
+def _job_folder(dest: Path) -> Path:
+    """An exported job's server config, as job.py --export-job writes it (the rounds exported_num_rounds reads)."""
+    cfg = dest / "cxr_densenet" / "app_server" / "config"
+    cfg.mkdir(parents=True)
+    workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"num_rounds": 1}}
+    (cfg / "config_fed_server.json").write_text(json.dumps({"workflows": [workflow]}))
+    return dest / "cxr_densenet"
+
+
+def test_a_job_past_its_timeout_is_aborted_and_said_in_one_line(monkeypatch, tmp_path):
+    session = _Session(meta={"status": "RUNNING"})
+    monkeypatch.setattr(submit_job, "open_session", lambda *a, **k: session)
+    kit = _kit(tmp_path, 1, in_workspace=False)
+    with pytest.raises(SubmitError) as e:
+        submit_job.submit_and_follow(kit, "admin@fedmed.org", tmp_path / "job", 0.05, polling=submit_job.Polling(0.01))
+    (line,) = str(e.value).splitlines()
+    assert line.startswith("job 4f2a9c10-") and "still RUNNING after 0s, so it was aborted" in line
+    assert "--timeout" in line and session.aborted == ["4f2a9c10-0000-4000-8000-000000000001"]
 
 
 @pytest.mark.parametrize(

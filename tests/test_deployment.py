@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.cli.federation import PROJECT_ADMIN, Federation
-from fedmed.cli.submit_job import COMPLETED, SubmitError, submit_and_follow
+from fedmed.cli.submit_job import COMPLETED, JobFailed, SubmitError, submit_and_follow
 from fedmed.store.repository import Repository
 from jobscripts import load_job_script
 from test_provision import HOSPITALS, write_site_configs
@@ -279,16 +279,25 @@ def _patch_executor_args(job: Path, **args) -> Path:
 def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federation, tmp_path, arg, value):
     fed = federation
     job = _patch_executor_args(_export(tmp_path / "job", num_rounds=1, straggler_wait=5), **{arg: value})
-    out = submit_and_follow(
-        fed.kit(PROJECT_ADMIN),
-        PROJECT_ADMIN,
-        job,
-        JOB_TIMEOUT,
-        out=tmp_path / "results",
-        db_url=fed.db_url,
-        num_rounds=1,
-    )
+    with pytest.raises(JobFailed) as failed:  # the job started, then every hospital refused its round
+        submit_and_follow(
+            fed.kit(PROJECT_ADMIN),
+            PROJECT_ADMIN,
+            job,
+            JOB_TIMEOUT,
+            out=tmp_path / "results",
+            db_url=fed.db_url,
+            num_rounds=1,
+        )
+    out = failed.value.outcome
     assert out.status != COMPLETED
+    # what the admin reads (fedmed-submit exits 2): how the job ended, then one line for the one cause, with the fix
+    first, *causes = str(failed.value).splitlines()
+    assert first.startswith(f"job {out.job_id} ended FINISHED:") and "its run failed" in first, first
+    assert causes == [
+        f"  {', '.join(HOSPITALS)} refused (from round 1): {out.not_counted[0][3]}; fix: leave that option out of "
+        "the job: each hospital sets it in its own kit (local/fedmed_site.json, its environment)"
+    ], causes
     repo = Repository(fed.db_url, create_schema=False)
     try:
         run_id = repo.run_id_for_job(out.job_id)

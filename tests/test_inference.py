@@ -491,6 +491,24 @@ def test_choose_thresholds_stores_them_in_the_model_file(tmp_path, model_path):
     )
 
 
+@pytest.mark.parametrize("split, said", [("all", "(every labelled row: --split all)"), ("val", "(split val)")])
+def test_choose_thresholds_names_the_split_it_used(tmp_path, model_path, capsys, split, said):
+    # `--split all` printed "(split None)"
+    from fedmed.cli.choose_thresholds import main
+
+    labels = np.zeros((8, 14), int)
+    labels[:4, 2] = 1
+    csv_path = write_site(
+        tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), np.random.default_rng(0), "s", SIZE
+    )
+    args = ["--model", str(model_path), "--dicom", str(tmp_path / "site" / "dicom"), "--labels", str(csv_path)]
+    assert main([*args, "--split", split, "--out", str(tmp_path / "thr.pt"), "--no-ood"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert (
+        first == f"1 thresholds chosen on {8 if split == 'all' else 6} images {said}, written to {tmp_path / 'thr.pt'}"
+    )
+
+
 def _bundle_and_infer(bundle: Path, dicom_root: Path, model_path: Path, tmp_path: Path) -> tuple[dict, dict]:
     """Per-image probabilities {file: array} from `monai.bundle run` of the exported bundle and from infer."""
     out = tmp_path / "bundle_out"
@@ -654,6 +672,10 @@ def test_infer_brain_model_argmax_class_outputs(tmp_path, brain_model_path, brai
     assert f"SKIPPED {brain_studies['chest']}: modality CR is not one of ['MR']" in printed.err
     assert (
         "task brain_mri, decision: multiclass: argmax" in printed.out and "2 studies: 2 read (3 images" in printed.out
+    )
+    # where the results are, each path as written (studies/*/result.json was printed without the --out folder)
+    assert f"results: {out / 'results.csv'}, {out / 'summary.json'}, {out / 'studies' / '*' / 'result.json'}; " in (
+        printed.out
     )
 
     studies = {}

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         return 2
     data = meta["threshold_data"]
     print(
-        f"{len(meta['thresholds'])} thresholds chosen on {data['images']} images (split {data['split']}), "
+        f"{len(meta['thresholds'])} thresholds chosen on {data['images']} images "
+        f"({'split ' + data['split'] if data['split'] else 'every labelled row: --split all'}), "
         f"written to {a.out}"
     )
     for finding, t in meta["thresholds"].items():

@@ -177,7 +177,8 @@ def main(argv=None) -> int:
         else:
             print("\n".join(study_lines(r, summary)))
     print(
-        f"results: {summary.out_dir / RESULTS_CSV}, {summary.out_dir / SUMMARY_JSON}, studies/*/result.json; "
+        f"results: {summary.out_dir / RESULTS_CSV}, {summary.out_dir / SUMMARY_JSON}, "
+        f"{summary.out_dir / 'studies' / '*' / 'result.json'}; "
         f"inference log: {record_location(summary)}"
     )
     if warning:  # again at the end, where a reader of a long run's output looks

@@ -8,18 +8,28 @@
     fedmed-submit --workspace runs/federation --resume RUN -- --rounds 2   (continue an interrupted or failed run)
 (or `python scripts/submit_job.py ...`, the same command)
 
-Uses NVFlare's Session API: new_secure_session -> submit_job -> get_job_meta polled until the job ends (or
---timeout, which aborts the job) -> download_job_result. With --db-url (the server's FEDMED_DB_URL, readable by
-the admin) each round is printed as the server records it, with the reason for every site that did not count
-(missing, refused, rejected), and the run's summary is written into the downloaded result as fedmed_summary.json,
-with the cross-site evaluation table (each hospital's score of the global model and of each lent local model), which
-is printed too.
+Uses NVFlare's Session API (fedmed.cli.admin_session: the same secure session, logged in 1-2 s sooner):
+submit_job -> get_job_meta polled every 0.5 s until the job ends (or --timeout, which aborts the job) ->
+download_job_result. With --db-url (the server's FEDMED_DB_URL, readable by the admin) each round is printed as the
+server records it, with the reason for every site that did not count (missing, refused, rejected), and the run's
+summary is written into the downloaded result as fedmed_summary.json, with the cross-site evaluation table (each
+hospital's score of the global model and of each lent local model), which is printed too. Why sites did not count
+in rounds is printed once per cause, not once per round.
 At the end it prints where the best and the last global model are inside the downloaded result. Ctrl-C asks
-whether to abort the job on the server (otherwise it keeps running). Exit code 0 only when the job finished
-normally; 2, with one line saying what to do, for a bad option, an unreachable server or a missing kit, a server
-that stops answering mid-job, and a job the hospitals refused to start (FINISHED:FAILED_TO_RUN: each hospital's
-reason from the job's deploy record, one line per cause with the sites that gave it and the fix). Why sites did not
-count in rounds is printed once per cause, not once per round.
+whether to abort the job on the server (otherwise it keeps running).
+
+Exit codes (docs/fl_admin.md#fedmed-submit-exit-codes):
+  0    the job finished normally (FINISHED:COMPLETED)
+  2    a cause fedmed-submit can name, on stderr: one line, then one line per cause naming the sites and the fix.
+       A bad option or job option, a missing kit or unprovisioned workspace, an unreachable server or a refused
+       login, an admin whose role may not submit, a job the hospitals refused to start (FINISHED:FAILED_TO_RUN:
+       each hospital's reason from the job's deploy record), a job that started and whose run failed (e.g. every
+       site refused or could not take part in a round: each site's reason, from the database or, without
+       --db-url, from the server's log in the downloaded result), a resumption or evaluation the server refused,
+       a server that stops answering mid-job, and --timeout (the job is aborted)
+  1    the job ended otherwise with no cause on record (aborted by an admin; NVFlare's FINISHED:ABNORMAL after a
+       run that finished: the database has the training outcome)
+  130  Ctrl-C, the job left running on the server
 
 --resume RUN (the run's number as fedmed-rounds prints it, its uid in the database, or a unique prefix) submits a
 job that continues that interrupted or failed run from its last recorded round (fedmed.resume): same run in the
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -52,7 +63,25 @@ MODEL_FILES = ("best_model.pt", "global_model.pt")  # fedmed.flare.persistor's, 
 
 
 class SubmitError(Exception):
-    """Something the admin can fix; main prints it as one line."""
+    """Something the admin can fix; main prints it as one line (one more line per cause when there are several)."""
+
+
+class JobFailed(SubmitError):
+    """A job that started and ended without completing its run, with its causes; its result is still downloaded."""
+
+    def __init__(self, message: str, outcome: "JobOutcome"):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class Polling:
+    """How fedmed-submit waits on the server. NVFlare's own wait_for_job polls every 2 s: a job's end (and with it
+    the download and the exit) was seen up to 2 s late, 1 s on average (docs/bench_admin.md). get_job_meta on a
+    loopback server answers in milliseconds, so polling 4x as often costs the server nothing that matters."""
+
+    interval: float = 0.5  # seconds between get_job_meta calls
+    connect_timeout: float = 30.0  # seconds NVFlare may take to open the admin session
 
 
 @dataclass
@@ -190,6 +219,28 @@ FIXES = (
     ("norm='group'", "submit with -- --norm group"),
     ("no privacy policy applies", "give -- --scope private (DP), or mark synthetic data synthetic_rehearsal"),
     ("no reply", "is the site running? (fedmed-federation status, or ask the hospital's IT)"),
+    (
+        "never from a job",
+        "leave that option out of the job: each hospital sets it in its own kit (local/fedmed_site.json, its "
+        "environment)",
+    ),
+    (
+        "set-up failed at the site",
+        "the hospital's IT fixes it (`site_configs/install.sh --check <kit>`, docs/hospital_it.md); the next job "
+        "reads the site's settings again",
+    ),
+    ("no result", "is the site running? (fedmed-federation status, or ask the hospital's IT)"),
+    ("not connected to the server", "is the site running? (fedmed-federation status, or ask the hospital's IT)"),
+    (
+        "global model rejected",
+        "the global model is unusable (non-finite or collapsed outputs; `fedmed-rounds` shows the alert and the "
+        "sites' updates): resubmit with a lower -- --lr",
+    ),
+    (
+        "min_clients",
+        "fewer sites counted than the job's --min-clients: fix the causes above, or submit with a lower "
+        "-- --min-clients",
+    ),
 )
 
 
@@ -231,9 +282,51 @@ class Causes:
             if set(sites) == self._printed.get((status, reason)):
                 continue
             self._printed[(status, reason)] = set(sites)
-            first = min(sites.values())
-            lines.append(f"{', '.join(sorted(sites))} {status} (from round {first}): {reason}{fix_for(reason)}")
+            lines.append(self._line(status, reason, sites))
         return lines
+
+    def all_lines(self) -> list[str]:
+        """Every cause, printed before or not: what a failed job's last lines say."""
+        return [self._line(status, reason, sites) for (status, reason), sites in self._sites.items()]
+
+    @staticmethod
+    def _line(status: str, reason: str, sites: dict) -> str:
+        first = min(sites.values())
+        return f"{', '.join(sorted(sites))} {status} (from round {first}): {reason}{fix_for(reason)}"
+
+
+# The server's log lines for a site that did not count (fedmed.rounds' round log, "round N: ..." in the controller's
+# log): what fedmed-submit reads from the downloaded result when it has no database to ask.
+_SITE_LOG = (
+    (re.compile(r"round (\d+): (\S+) refused the round: (.*)$"), "refused"),
+    (re.compile(r"round (\d+): (\S+) cannot take part: (.*)$"), "missing"),
+    (re.compile(r"round (\d+): update from (\S+) rejected: (.*)$"), "rejected"),
+    (re.compile(r"round (\d+): no result from (\S+) this round: (.*)$"), "missing"),
+)
+_RUN_FAILED = re.compile(r" - run (\S+) failed: (.*)$")
+
+
+def _controller_lines(result: Path | None):
+    for log in sorted(Path(result).rglob("log*.txt")) if result else []:
+        for line in log.read_text(errors="replace").splitlines():
+            if "FedMedController" in line:
+                yield line
+
+
+def causes_in_log(result: Path | None, causes: Causes) -> str | None:
+    """Adds every site that did not count, as the server logged it, to `causes`; returns the server's reason for
+    failing the run ("round 1: 0 valid, trusted update(s), min_clients is 2; ..."), None when it did not fail."""
+    failed = None
+    for line in _controller_lines(result):
+        for pattern, status in _SITE_LOG:
+            m = pattern.search(line)
+            if m:
+                causes.add(int(m.group(1)), m.group(2), status, m.group(3).strip())
+                break
+        m = _RUN_FAILED.search(line)
+        if m and " ERROR " in line:
+            failed = m.group(2).strip()
+    return failed
 
 
 def exported_num_rounds(job_folder: Path) -> int:
@@ -344,12 +437,13 @@ def federation_workspace(kit: Path) -> Path | None:
 
 
 def open_session(kit: Path, user: str, connect_timeout: float = 30.0):
-    """A secure admin session; an unreachable server is one SubmitError at once, not NVFlare's retries."""
-    from nvflare.fuel.flare_api.flare_api import new_secure_session
+    """A secure admin session (fedmed.cli.admin_session: NVFlare's, without its avoidable waits); an unreachable
+    server is one SubmitError at once, not NVFlare's retries."""
+    from fedmed.cli.admin_session import new_admin_session
 
     host, port = probe_server(kit)
     try:
-        return new_secure_session(user, str(kit), timeout=connect_timeout)
+        return new_admin_session(kit, user, connect_timeout)
     except Exception as e:  # NoConnection, AuthenticationError, ...: NVFlare's reason, one line
         raise SubmitError(
             f"no admin session with the server at {host}:{port} as {user}: {type(e).__name__}: {e} "
@@ -460,6 +554,19 @@ def models_in(result: Path) -> dict:
     return found
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One job to submit and follow (submit_and_follow's arguments)."""
+
+    kit: Path
+    user: str
+    job_folder: Path
+    timeout: float
+    out: Path | None = None
+    db_url: str | None = None
+    polling: Polling = Polling()
+
+
 def submit_and_follow(
     kit: Path,
     user: str,
@@ -468,17 +575,19 @@ def submit_and_follow(
     out: Path | None = None,
     db_url: str | None = None,
     num_rounds: int | None = None,
-    poll_interval: float = 2.0,
-    connect_timeout: float = 30.0,
+    polling: Polling = Polling(),
 ) -> JobOutcome:
     """Submit job_folder as user; wait for the job to end (abort it at timeout); download its result to out.
-    A server that stops answering, or a job the sites refused to start, is a SubmitError naming the cause."""
+    A server that stops answering, a job the sites refused to start, or one that started and failed (every site
+    refused, a refused resumption...) is a SubmitError naming each cause (JobFailed, with the downloaded outcome,
+    for a job that ran)."""
     from nvflare.fuel.flare_api.api_spec import NoConnection, SessionClosed
 
-    session = open_session(kit, user, connect_timeout)
+    sub = Submission(kit, user, job_folder, timeout, out, db_url, polling)
+    session = open_session(kit, user, polling.connect_timeout)
     follower = RoundFollower(db_url, num_rounds)
     try:
-        return _follow(session, follower, user, job_folder, timeout, out, db_url, poll_interval)
+        return _follow(session, follower, sub)
     except (NoConnection, SessionClosed, ConnectionError) as e:
         host, port = admin_target(kit)
         where = f"job {follower.job_id} was {follower.status}" if follower.job_id else "submitting"
@@ -492,25 +601,37 @@ def submit_and_follow(
         _close(session)
 
 
-def _follow(session, follower, user, job_folder, timeout, out, db_url, poll_interval) -> JobOutcome:
-    t0 = time.monotonic()
-    job_id = session.submit_job(str(job_folder))  # raises AuthorizationError when the role may not submit
-    follower.job_id, follower.status = job_id, "SUBMITTED"
-    submitted = time.monotonic()
-    print(f"submitted {job_folder.name} as {user}: job {job_id} ({submitted - t0:.1f}s)", flush=True)
-    deadline = submitted + timeout
-    status = None
+def _submit(session, sub: Submission) -> str:
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError, InvalidJobDefinition
+
+    try:
+        return session.submit_job(str(sub.job_folder))
+    except AuthorizationError as e:
+        raise SubmitError(
+            f"{sub.user} may not submit jobs ({e}): submit with a project admin's or a lead's kit (the authorization "
+            "policy in provision/README.md)"
+        ) from None
+    except InvalidJobDefinition as e:
+        raise SubmitError(f"the server refused the job folder {sub.job_folder.name}: {e}") from None
+
+
+def _wait(session, follower, job_id: str, sub: Submission) -> dict:
+    """The job's meta once it has FINISHED; aborts it past sub.timeout (a SubmitError)."""
+    deadline = time.monotonic() + sub.timeout
     while True:
         try:
             meta = session.get_job_meta(job_id)
-            status = follower.status = meta.get("status")
+            follower.status = meta.get("status")
             follower.poll(job_id)
-            if status and status.startswith("FINISHED"):
-                break
+            if follower.status and follower.status.startswith("FINISHED"):
+                return meta
             if time.monotonic() > deadline:
                 session.abort_job(job_id)
-                raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s; aborted it")
-            time.sleep(poll_interval)
+                raise SubmitError(
+                    f"job {job_id} still {follower.status} after {sub.timeout:.0f}s, so it was aborted: give a longer "
+                    "--timeout (seconds), or fewer rounds"
+                )
+            time.sleep(min(sub.polling.interval, max(deadline - time.monotonic(), 0.0) + 0.01))
         except KeyboardInterrupt:
             if _ask_abort(job_id):
                 session.abort_job(job_id)
@@ -522,6 +643,16 @@ def _follow(session, follower, user, job_folder, timeout, out, db_url, poll_inte
                 flush=True,
             )
             raise
+
+
+def _follow(session, follower, sub: Submission) -> JobOutcome:
+    t0 = time.monotonic()
+    job_id = _submit(session, sub)
+    follower.job_id, follower.status = job_id, "SUBMITTED"
+    submitted = time.monotonic()
+    print(f"submitted {sub.job_folder.name} as {sub.user}: job {job_id} ({submitted - t0:.1f}s)", flush=True)
+    meta = _wait(session, follower, job_id, sub)
+    status = follower.status
     follower.poll(job_id)
     finished = time.monotonic()
     print(f"job {job_id}: {status} after {finished - submitted:.0f}s", flush=True)
@@ -532,8 +663,8 @@ def _follow(session, follower, user, job_folder, timeout, out, db_url, poll_inte
             f"job {job_id} did not start ({status})"
             + ("".join(f"\n  {c}" for c in causes) if causes else ": the server's log.txt says why")
         )
-    result = session.download_job_result(job_id, str(out) if out else None)
-    summary = run_summary(db_url, job_id)
+    result = session.download_job_result(job_id, str(sub.out) if sub.out else None)
+    summary = run_summary(sub.db_url, job_id)
     not_counted = [
         (u["round"], u["site"], u["status"], u["reason"])
         for u in (summary or {}).get("sites", [])
@@ -555,7 +686,7 @@ def _follow(session, follower, user, job_folder, timeout, out, db_url, poll_inte
         for name, path in models.items():
             print(f"{'best' if name.startswith('best') else 'last global'} model: {path}")
     times = follower.round_times
-    return JobOutcome(
+    outcome = JobOutcome(
         job_id,
         status,
         Path(result) if result else None,
@@ -565,6 +696,31 @@ def _follow(session, follower, user, job_folder, timeout, out, db_url, poll_inte
         models,
         not_counted,
     )
+    failure = failure_lines(outcome, summary, follower.causes)
+    if failure:
+        raise JobFailed("\n  ".join(failure), outcome)
+    return outcome
+
+
+def failure_lines(outcome: JobOutcome, summary: dict | None, causes: Causes) -> list[str]:
+    """Why a job that started did not complete its run: the first line says how it ended, one line follows per
+    cause (the sites that gave it, the fix). Empty for a completed job, and for one that ended otherwise with no
+    cause on record (aborted by an admin, or NVFlare's FINISHED:ABNORMAL after a run that finished)."""
+    if outcome.status == COMPLETED:
+        return []
+    refused = refusal_in(outcome.result_dir)
+    if refused:  # a resumption or an evaluation the server refused, before any round
+        return [f"job {outcome.job_id} ended {outcome.status}: the server refused: {refused}"]
+    logged = Causes()  # without a database, the server's own log in the downloaded result says it
+    failed = causes_in_log(outcome.result_dir, logged)
+    run_status = (summary or {}).get("status")
+    if run_status != "failed" and failed is None:
+        return []
+    lines = (causes if summary is not None else logged).all_lines()
+    why = f" ({failed})" if failed else ""
+    if failed and not lines:
+        lines = [f"fix: {fix}" for key, fix in FIXES if key in failed][:1]
+    return [f"job {outcome.job_id} ended {outcome.status}: its run failed{why}", *lines]
 
 
 def main(argv=None) -> int:
@@ -616,9 +772,6 @@ def main(argv=None) -> int:
                 check_resume(a.db_url, a.resume, folder)
             check_evaluation(a.db_url, folder)
             outcome = submit_and_follow(a.kit, user, folder, a.timeout, a.out, a.db_url, exported_num_rounds(folder))
-        refused = refusal_in(outcome.result_dir) if outcome.status != COMPLETED else None
-        if refused:
-            raise SubmitError(f"the server refused: {refused}")
     except SubmitError as e:
         print(f"fedmed-submit: {e}", file=sys.stderr)
         return 2
