@@ -1,6 +1,8 @@
 """fedmed.algorithms: FedOpt (FedAdam / FedYogi) on the robust aggregate, FedProx at the sites (also under DP-SGD), and
 SCAFFOLD's control variates, in the pure core, the round engine, a site's round and the in-process federation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -309,3 +311,53 @@ def test_a_simulator_job_runs_fedadam_fedprox_and_scaffold(tiny_hospitals, tmp_p
         assert all(set(r.sites_accepted) == set(SITES) for r in rows)  # every control delta passed screening
     finally:
         repo.close()
+
+
+def test_a_scaffold_site_refuses_a_model_without_c_and_a_round_its_user_level_filter_would_release(tiny_hospitals):
+    from fedmed.data.loading import load_train_val
+    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.site_config import DataConfig
+    from fedmed.site_round import GlobalModel, Site, Training, run_round
+
+    root = tiny_hospitals / "hospital-a"
+    train, val = load_train_val(DataConfig("dicom", root / "dicom", root / "labels.csv"), 32, 0, CHEST_XRAY14)
+    torch.manual_seed(0)
+    model = build_densenet121(14)
+    params = state_to_numpy(model)
+    site = Site("hospital-a", CHEST_XRAY14, train, model, Training(batch_size=4, scaffold=True), val=val)
+    no_c = run_round(site, GlobalModel(params, 0, 2))
+    assert no_c.refused == "global model rejected: SCAFFOLD: the global model came without the server's control variate"
+    wrong = {"features.conv0.weight": np.zeros(3, np.float32)}
+    assert "missing" in run_round(site, GlobalModel(params, 1, 3, control=wrong)).refused
+    c = RoundEngine(RoundRules("fedavg", scaffold=True)).control(params)
+    filtered = Site(
+        "hospital-b", CHEST_XRAY14, train, model, Training(scaffold=True), also_released=lambda: [(1.0, 1.0, 1)]
+    )
+    refused = run_round(filtered, GlobalModel(params, 0, 2, control=c)).refused
+    assert refused.startswith("SCAFFOLD with a user-level noise filter")
+
+
+def test_job_settings_carry_the_algorithms_to_the_exported_job_and_refuse_a_resume(tmp_path):
+    from fedmed.jobconfig import JobConfig
+    from jobscripts import load_job_script
+
+    c = JobConfig(name="x", task="chest_xray14", server_optimizer="fedyogi", server_lr=0.1, proximal_mu=0.1)
+    assert c.algorithm() == FedAlgorithm(ServerOptimizer("fedyogi", lr=0.1), proximal_mu=0.1)
+    for bad, match in (
+        ({"server_optimizer": "sgd"}, "must be one of"),
+        ({"proximal_mu": -1.0}, "proximal_mu"),
+        (
+            {"scaffold": True, "resume_run": "abc"},
+            "resume_run cannot continue a run with a server optimiser or SCAFFOLD",
+        ),
+    ):
+        with pytest.raises(ValueError, match=match):
+            JobConfig(name="x", task="chest_xray14", **bad)
+    job = load_job_script("cxr_densenet").build_job(server_optimizer="fedadam", proximal_mu=0.05, scaffold=True)
+    job.export_job(str(tmp_path))
+    server = json.loads(next(tmp_path.rglob("config_fed_server.json")).read_text())
+    client = json.loads(next(tmp_path.rglob("config_fed_client.json")).read_text())
+    controller = next(w for w in server["workflows"] if "FedMedController" in w["path"])["args"]
+    assert controller["fedopt"]["kind"] == "fedadam" and controller["scaffold"] is True
+    trainer = next(e for e in client["executors"] if "FedMedTrainer" in e["executor"]["path"])["executor"]["args"]
+    assert trainer["proximal_mu"] == 0.05 and trainer["scaffold"] is True

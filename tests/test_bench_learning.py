@@ -127,7 +127,8 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     )
     text = out.read_text()
     assert "python scripts/bench_learning.py --per-site 8,6,8" in text and "--combine" in text
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", text, re.M)}
+    result = text.split("## Result")[1].split("\n## ")[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", result, re.M)}
     arms = {"hospital-a alone", "hospital-b alone", "hospital-c alone", "centralised", "fedavg", "geometric_median"}
     arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold"}  # each algorithm on the robust aggregate
     assert arms <= set(rows)

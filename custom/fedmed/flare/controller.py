@@ -121,7 +121,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         cross_site_timeout: int = 300,
         evaluate_run: Optional[str] = None,
         evaluate_model: str = "final",
-        server_optimizer: Optional[dict] = None,
+        fedopt: Optional[dict] = None,
         scaffold: bool = False,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
@@ -187,7 +187,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             evaluate_run: with evaluate_only, score this recorded run's model (its uid or a unique prefix) instead:
                 its evaluate_model ("final": its last recorded global model; "best": its best scored round's), found
                 among the server's kept model files by the sha256 the record holds (fedmed.resume.pick_recorded_model).
-            server_optimizer: FedOpt on the robust aggregate: fedmed.algorithms.ServerOptimizer's fields as a dict
+            fedopt: FedOpt on the robust aggregate: fedmed.algorithms.ServerOptimizer's fields as a dict
                 (kind "fedadam" / "fedyogi", lr, beta1, beta2, tau); None = the aggregate is the new global model.
             scaffold: SCAFFOLD's server control variate, sent with each global model (not with signatures: neither
                 the global model's nor the update's signature covers the control variates yet).
@@ -262,7 +262,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         self.cross_site_eval = bool(cross_site_eval)
         self.evaluate_only = bool(evaluate_only)
         self.cross_site_timeout = cross_site_timeout
-        self.server_optimizer = dict(server_optimizer) if server_optimizer else None  # FedJob serialises by name
+        self.fedopt = dict(fedopt) if fedopt else None  # FedJob serialises by name
         self.scaffold = bool(scaffold)
         self._signer = None  # the server's signing keys, when signatures are on
         self._receipt = None  # the signed audit chain head of the last recorded round, sent with the next model
@@ -281,7 +281,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 readmit_after=readmit_after,
                 head_cosine_bad=trust_head_cosine_bad,
             ),
-            server_optimizer=ServerOptimizer(**(server_optimizer or {})),
+            server_optimizer=ServerOptimizer(**(fedopt or {})),
             scaffold=bool(scaffold),
         )
         if self.he_layers:

@@ -102,7 +102,7 @@ def build_job(
         cross_site_timeout=config.cross_site_timeout,
         evaluate_run=config.cross_site_eval_run,
         evaluate_model=config.cross_site_eval_model,
-        server_optimizer=asdict(config.algorithm().server_optimizer) if config.server_optimizer != "none" else None,
+        fedopt=asdict(config.algorithm().server_optimizer) if config.server_optimizer != "none" else None,
         scaffold=config.scaffold,
     )
     job.to_server(controller_class(**{**controller_kwargs, **(controller_args or {})}))
