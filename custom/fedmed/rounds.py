@@ -266,8 +266,7 @@ class RoundEngine:
             )
         if r.control_delta is None:
             return "no SCAFFOLD control-variate delta: this job runs SCAFFOLD"
-        c = self.control(reference)
-        problem = find_control_problem(r.control_delta, c)
+        problem = find_control_problem(r.control_delta, self._scaffold.c)  # c made before screening (step)
         return f"SCAFFOLD: {problem}" if problem else None
 
     def _examine_all(self, results: Sequence[SiteResult], reference: Mapping[str, np.ndarray]) -> list:
@@ -385,6 +384,8 @@ class RoundEngine:
         result are recorded missing); missing_reasons: site -> why it gave no result, when the caller knows (its
         connection was dropped); a site named here but not asked is recorded missing too."""
         log: list = []
+        if self.rules.scaffold:
+            self.control(global_params)  # c exists before the sites' deltas are screened against it (threads)
         valid, records = self._screen(round_num, results, targets, global_params, log, missing_reasons or {})
         head_keys = [
             k
@@ -462,7 +463,6 @@ class RoundEngine:
         diagnostics = dict(outcome.result.diagnostics)
         params = outcome.result.params
         if self.rules.scaffold:
-            self.control(global_params)  # c exists from the first round
             deltas = {s: r.control_delta for s, r in valid.items()}
             info = self._scaffold.update(deltas, outcome.weights, num_sites)
             if info["clipped"]:
