@@ -102,7 +102,7 @@ def test_summary_gives_mean_spread_and_range():
 def test_bench_learning_writes_real_numbers(tmp_path):
     import json
 
-    from fedmed.cli.bench_learning import main, make_hospitals
+    from fedmed.cli.bench_learning import HardHospitals, main, make_hospitals
 
     common = [
         "--data",
@@ -127,9 +127,17 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     )
     text = out.read_text()
     assert "python scripts/bench_learning.py --per-site 8,6,8" in text and "--combine" in text
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", text, re.M)}
+    result = text.split("## Result")[1].split("\n## ")[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", result, re.M)}
     arms = {"hospital-a alone", "hospital-b alone", "hospital-c alone", "centralised", "fedavg", "geometric_median"}
+    arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold"}  # each algorithm on the robust aggregate
     assert arms <= set(rows)
+    wall = text.split("## Gap to centralised at equal wall time (seed 3)")[1]
+    assert all(
+        re.search(rf"^\| {a} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \|$", wall, re.M)
+        for a in ("fedavg", "gm-scaffold")
+    )
+    assert "SMOKE RUN" not in text
     assert all(0.0 <= float(v) <= 1.0 for v in rows.values())
     runs = [json.loads(p.with_suffix(".json").read_text()) for p in (first, second)]
     fedavg = re.search(r"^\| fedavg \|.*\| ([0-9.]+), ([0-9.]+) \|$", text, re.M)
@@ -147,7 +155,7 @@ def test_bench_learning_writes_real_numbers(tmp_path):
         main(["--combine", str(first.with_suffix(".json")), str(tmp_path / "other.json"), "--out", str(out)])
     # The same settings reuse the generated hospitals instead of writing them again.
     stamp = (tmp_path / "data" / "bench_learning.json").stat().st_mtime_ns
-    assert make_hospitals(tmp_path / "data", [8, 6, 8], 0.3, 0.01, 1.0, 2.0, 24, 0, 64) == [
+    assert make_hospitals(tmp_path / "data", HardHospitals((8, 6, 8), 0.3, 0.01, 1.0, 2.0, 24, 0, 64)) == [
         "hospital-a",
         "hospital-b",
         "hospital-c",

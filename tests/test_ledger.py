@@ -25,6 +25,7 @@ from fedmed.privacy.ledger import (
 )
 from fedmed.privacy.policy import PrivacyPolicy, parse_privacy, strictest
 from fedmed.tasks import CHEST_XRAY14
+from fedmed.training import LocalTraining
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "ab" * 32
@@ -168,7 +169,7 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
     job1 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-1", policy.delta, policy.lifetime_ceiling))
     for r in range(2):
         model, info = job1.train_round(
-            model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD
+            model, data, LocalTraining(1, 1e-3, 6, trainable=HEAD, total_epochs=10), task=CHEST_XRAY14, round_num=r
         )
     assert info.lifetime_epsilon == pytest.approx(job1.epsilon_spent, rel=1e-9)  # one job so far: the same
     job2 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-2", policy.delta, policy.lifetime_ceiling))
@@ -178,7 +179,7 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
             before = {k: v.clone() for k, v in model.state_dict().items()}
             data.seen.clear()
             model, info = job2.train_round(
-                model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=10, round_num=r, trainable=HEAD
+                model, data, LocalTraining(1, 1e-3, 6, trainable=HEAD, total_epochs=10), task=CHEST_XRAY14, round_num=r
             )
             rounds += 1
     assert rounds == 1 and data.seen == []  # refused at its 2nd round, before reading a single image
@@ -206,7 +207,7 @@ def test_a_job_resuming_a_run_counts_the_runs_earlier_dp_sgd_spend_toward_its_ce
     job1 = SitePrivacy(policy, LedgerBinding(ledger, DATASET, "job-1", policy.delta, policy.lifetime_ceiling))
     for r in range(2):
         model, _ = job1.train_round(
-            model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=3, round_num=r, trainable=HEAD
+            model, data, LocalTraining(1, 1e-3, 6, trainable=HEAD, total_epochs=3), task=CHEST_XRAY14, round_num=r
         )
     other = LedgerBinding(ledger, "another dataset", "job-1", policy.delta, None)
     other.charge(0, "dp_sgd", [(0.5, 1.0, 9)])  # another dataset's spend is not this one's
@@ -219,7 +220,9 @@ def test_a_job_resuming_a_run_counts_the_runs_earlier_dp_sgd_spend_toward_its_ce
     assert job2.epsilon_spent == pytest.approx(job1.epsilon_spent, rel=1e-9)
     data.seen.clear()
     with pytest.raises(BudgetExceeded, match="from 6.253 to 7.328, over the site's ceiling 7.0"):
-        job2.train_round(model, data, 1, 1e-3, 6, task=CHEST_XRAY14, total_epochs=3, round_num=2, trainable=HEAD)
+        job2.train_round(
+            model, data, LocalTraining(1, 1e-3, 6, trainable=HEAD, total_epochs=3), task=CHEST_XRAY14, round_num=2
+        )
     assert data.seen == []  # refused before reading an image
     with pytest.raises(RuntimeError, match="before this job's first round"):
         job1.continue_run(earlier)
@@ -234,7 +237,7 @@ def test_two_runs_of_the_same_job_config_draw_different_batches_and_noise():
         torch.manual_seed(0)
         model = build_densenet121(14, norm="group")
         model, _ = SitePrivacy(policy).train_round(
-            model, data, 1, 1e-2, 6, seed=0, task=CHEST_XRAY14, total_epochs=2, trainable=["class_layers."]
+            model, data, LocalTraining(1, 1e-2, 6, trainable=["class_layers."], total_epochs=2), task=CHEST_XRAY14
         )
         runs.append((data.seen, model.state_dict()["class_layers.out.weight"].clone()))
     (seen_a, w_a), (seen_b, w_b) = runs

@@ -7,6 +7,7 @@ from fedmed.model import build_densenet121
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy, SiteRDPAccountant, check_dp_compatible
 from fedmed.privacy.policy import PRESETS, PrivacyPolicy, parse_privacy
 from fedmed.tasks import CHEST_XRAY14
+from fedmed.training import LocalTraining
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,8 @@ def tiny():
 def test_reported_epsilon_is_opacus_rdp_for_the_same_q_sigma_steps(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.1))
     model = build_densenet121(14, norm="group")
-    _, r1 = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=3)
-    _, r2 = site.train_round(model, tiny, 1, 1e-3, 6, seed=1, task=CHEST_XRAY14, total_epochs=3)
+    _, r1 = site.train_round(model, tiny, LocalTraining(1, 1e-3, 6, total_epochs=3), task=CHEST_XRAY14)
+    _, r2 = site.train_round(model, tiny, LocalTraining(1, 1e-3, 6, total_epochs=3), task=CHEST_XRAY14)
     q = 6 / 24
     ref = RDPAccountant()
     ref.history = [(1.1, q, r1.steps + r2.steps)]  # an independent accountant, same (q, sigma, steps)
@@ -31,19 +32,19 @@ def test_calibrated_noise_spends_the_ceiling_by_the_last_round(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=3.0))
     model = build_densenet121(14, norm="group")
     for r in range(2):
-        model, info = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, task=CHEST_XRAY14, total_epochs=2)
+        model, info = site.train_round(model, tiny, LocalTraining(1, 1e-3, 6, total_epochs=2), task=CHEST_XRAY14)
     assert info.epsilon == pytest.approx(3.0, rel=0.02) and info.epsilon <= 3.0 * 1.000001
 
 
 def test_a_round_past_the_ceiling_is_refused_before_training(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=5.0, noise_multiplier=1.0))
     model = build_densenet121(14, norm="group")
-    model, first = site.train_round(model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=10)
+    model, first = site.train_round(model, tiny, LocalTraining(1, 1e-3, 6, total_epochs=10), task=CHEST_XRAY14)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     spent = site.epsilon_spent
     with pytest.raises(BudgetExceeded, match="over the site's ceiling 5.0"):
         for r in range(1, 10):
-            model, _ = site.train_round(model, tiny, 1, 1e-3, 6, seed=r, task=CHEST_XRAY14, total_epochs=10)
+            model, _ = site.train_round(model, tiny, LocalTraining(1, 1e-3, 6, total_epochs=10), task=CHEST_XRAY14)
             before = {k: v.clone() for k, v in model.state_dict().items()}
             spent = site.epsilon_spent
     assert site.epsilon_spent == spent <= 5.0  # refusing spends nothing
@@ -96,7 +97,7 @@ def test_an_uncertifiable_ceiling_is_refused_with_the_reason(tiny):
     site = SitePrivacy(PrivacyPolicy(epsilon=0.001))
     with pytest.raises(BudgetExceeded, match="no noise level lets the RDP accountant certify epsilon 0.001"):
         site.train_round(
-            build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=50
+            build_densenet121(14, norm="group"), tiny, LocalTraining(1, 1e-3, 6, total_epochs=50), task=CHEST_XRAY14
         )
     assert site.epsilon_spent == 0.0
 
@@ -108,13 +109,8 @@ def test_dp_sgd_trains_only_the_chosen_layers_and_leaves_the_model_whole(tiny):
     model, info = site.train_round(
         model,
         tiny,
-        1,
-        1e-2,
-        6,
-        seed=0,
+        LocalTraining(1, 1e-2, 6, trainable=["features.denseblock4.denselayer16.", "class_layers."], total_epochs=2),
         task=CHEST_XRAY14,
-        total_epochs=2,
-        trainable=["features.denseblock4.denselayer16.", "class_layers."],
     )
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -133,7 +129,10 @@ def test_unknown_trainable_layers_are_named(tiny):
     model = build_densenet121(14, norm="group")
     with pytest.raises(ValueError, match=r"\['features.denseblock9'\] match no parameter"):
         site.train_round(
-            model, tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=2, trainable=["features.denseblock9"]
+            model,
+            tiny,
+            LocalTraining(1, 1e-3, 6, trainable=["features.denseblock9"], total_epochs=2),
+            task=CHEST_XRAY14,
         )
     assert site.epsilon_spent == 0.0
     assert all(p.requires_grad for p in model.parameters())
@@ -143,7 +142,7 @@ def test_epsilon_0_1_is_certified_with_the_wider_orders(tiny):
     # Opacus' default orders (up to 63) cannot get below about 0.1 at delta 1e-5; the site's accountant can.
     site = SitePrivacy(PrivacyPolicy(epsilon=0.1))
     _, info = site.train_round(
-        build_densenet121(14, norm="group"), tiny, 1, 1e-3, 6, seed=0, task=CHEST_XRAY14, total_epochs=3
+        build_densenet121(14, norm="group"), tiny, LocalTraining(1, 1e-3, 6, total_epochs=3), task=CHEST_XRAY14
     )
     ref = RDPAccountant()
     ref.history = [(info.noise_multiplier, 6 / 24, info.steps)]
@@ -160,7 +159,7 @@ def test_an_empty_poisson_batch_is_still_a_noised_step_that_the_accountant_count
     site = SitePrivacy(PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0))
     model = build_densenet121(14, norm="group")
     model, info = site.train_round(
-        model, four, 5, 1e-3, 1, task=CHEST_XRAY14, total_epochs=5, trainable=["class_layers."]
+        model, four, LocalTraining(5, 1e-3, 1, trainable=["class_layers."], total_epochs=5), task=CHEST_XRAY14
     )
     assert info.steps == 20
     assert sum(steps for _, _, steps in site.accountant.history) == 20

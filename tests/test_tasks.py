@@ -12,7 +12,7 @@ from fedmed.metrics import multiclass_scores
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.site_config import DataConfig
 from fedmed.tasks import BRAIN_CLASSES, BRAIN_MRI, CHEST_XRAY14, TaskSpec, get_task
-from fedmed.training import evaluate, train_epochs
+from fedmed.training import LocalTraining, evaluate, train_epochs
 
 
 def _one_hot(indices, k):
@@ -132,7 +132,7 @@ def test_one_training_step_and_evaluation(task_data):
     torch.manual_seed(0)
     model = build_densenet121(task.num_outputs)
     before = state_to_numpy(model)
-    loss = train_epochs(model, train, 1, 1e-3, 4, seed=0, task=task)
+    loss = train_epochs(model, train, LocalTraining(1, 1e-3, 4, seed=0), task=task)
     assert np.isfinite(loss) and any(not np.array_equal(before[k], v) for k, v in state_to_numpy(model).items())
     ev = evaluate(model, val, task)
     assert ev.num_samples == len(val) and np.isfinite(ev.loss)

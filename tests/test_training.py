@@ -6,7 +6,7 @@ from fedmed.data.loading import load_train_val
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import TrainingAborted, evaluate, train_epochs
+from fedmed.training import LocalTraining, TrainingAborted, evaluate, train_epochs
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,11 @@ def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
     before = state_to_numpy(model)
     epochs = []
     loss = train_epochs(
-        model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, on_epoch_end=lambda e, loss_: epochs.append((e, loss_))
+        model,
+        train,
+        LocalTraining(1, 1e-3, 4, seed=0),
+        task=CHEST_XRAY14,
+        on_epoch_end=lambda e, loss_: epochs.append((e, loss_)),
     )
     after = state_to_numpy(model)
     assert np.isfinite(loss) and epochs == [(1, pytest.approx(loss))]
@@ -37,7 +41,13 @@ def test_one_epoch_changes_the_model_and_reports_metrics(site_data):
 def test_abort_stops_between_batches(site_data):
     train, _ = site_data
     with pytest.raises(TrainingAborted, match="epoch 1"):
-        train_epochs(build_densenet121(14), train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, should_abort=lambda: True)
+        train_epochs(
+            build_densenet121(14),
+            train,
+            LocalTraining(1, 1e-3, 4, seed=0),
+            task=CHEST_XRAY14,
+            should_abort=lambda: True,
+        )
 
 
 def test_state_round_trip_and_mismatch_is_named():
@@ -59,7 +69,10 @@ def test_training_only_chosen_layers_keeps_the_rest_frozen(site_data):
     model = build_densenet121(14, norm="group")
     before = state_to_numpy(model)
     train_epochs(
-        model, train, 1, 1e-3, 4, seed=0, task=CHEST_XRAY14, trainable=["features.norm5.", "class_layers.out."]
+        model,
+        train,
+        LocalTraining(1, 1e-3, 4, seed=0, trainable=["features.norm5.", "class_layers.out."]),
+        task=CHEST_XRAY14,
     )
     after = state_to_numpy(model)
     moved = {k for k in before if not np.array_equal(before[k], after[k])}

@@ -47,6 +47,8 @@ META_AUDIT_RECEIPT = "fedmed_audit_receipt"
 # A site's DP-SGD accountant counts what those jobs charged to its ledger toward this job's ceiling.
 META_RESUMED_JOBS = "fedmed_resumed_jobs"
 META_DATA_SYNTHETIC = "data_synthetic"  # the site trained on synthetic (generated) data: True/False, absent = unknown
+META_CONTROL = "scaffold_control"  # SCAFFOLD: the server's control variate, sent with the global model
+META_CONTROL_DELTA = "scaffold_control_delta"  # SCAFFOLD: the site's control-variate change (fedmed.algorithms)
 META_LIFETIME_EPSILON = "dp_lifetime_epsilon"  # the site's dataset's epsilon across all jobs, from its privacy ledger
 
 # FLContext property (site side, one task): the global model in clear that the site trained from, for the

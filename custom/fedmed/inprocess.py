@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fedmed import site_round
+from fedmed.algorithms import FedAlgorithm
 from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.model_card import ModelCardBuilder
 from fedmed.privacy.dp_sgd import SitePrivacy
@@ -109,6 +110,7 @@ def federate(
     absent: Optional[Mapping[str, int]] = None,
     data_synthetic: Optional[bool] = None,
     centred_clipping: bool = False,
+    algorithm: FedAlgorithm = FedAlgorithm(),
 ) -> Federation:
     """Run `rounds` of FL over the given site datasets through the round engine.
 
@@ -120,6 +122,7 @@ def federate(
     absent: site -> round index from which it sends nothing (recorded missing): a hospital that leaves.
     data_synthetic: whether the site datasets are synthetic, for the model card (None: not said).
     centred_clipping: RoundRules.centred_clipping (combine around the server's momentum).
+    algorithm: FedOpt at the server, FedProx / SCAFFOLD at the sites (fedmed.algorithms.FedAlgorithm).
     A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
     hostile = hostile or {}
     torch.manual_seed(seed)
@@ -143,6 +146,8 @@ def federate(
         min_clients=min_clients,
         trust=TrustPolicy() if use_trust else NO_TRUST,
         centred_clipping=centred_clipping,
+        server_optimizer=algorithm.server_optimizer,
+        scaffold=algorithm.scaffold,
     )
     validate = None
     if server_validation is not None and not he_names:  # the server cannot read an encrypted head
@@ -153,7 +158,15 @@ def federate(
             return evaluate(val_model, server_validation, task).score
 
     engine = RoundEngine(rules, encryption, validate=validate)
-    training = Training(lr, batch_size, local_epochs, seed, None if trainable is None else tuple(trainable))
+    training = Training(
+        lr,
+        batch_size,
+        local_epochs,
+        seed,
+        None if trainable is None else tuple(trainable),
+        algorithm.proximal_mu,
+        algorithm.scaffold,
+    )
     # Each hospital as the Executor builds it (no validation set: the benchmarks score the global model instead).
     sites = {
         name: Site(
@@ -176,12 +189,13 @@ def federate(
     for r in range(rounds):
         results = []
         attacks = hostile if r >= attack_from else {}
+        control = engine.control({k: v for k, v in global_params.items() if k not in he_names})
         for name in train_sets:
             if absent and name in absent and r >= absent[name]:
                 continue
             site = sites[name]
             site.hostile = attacks.get(name)  # before attack_from the hostile sites are honest
-            offer = GlobalModel(global_params, r, rounds, encrypted=global_block)
+            offer = GlobalModel(global_params, r, rounds, encrypted=global_block, control=control)
             update = site_round.run_round(site, offer)  # through the module: what the Executor calls
             results.append(as_received(name, update.params, update.metrics, update.meta))
         results = _collude(results, attacks, global_params, len([s for s in hostile if s in train_sets]))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 from fedmed.aggregation import get_aggregator
+from fedmed.algorithms import FedAlgorithm, ServerOptimizer
 from fedmed.model import NORMS
 from fedmed.robust.trust import TrustPolicy
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
@@ -78,6 +79,13 @@ class JobConfig:
         cross_site_eval_model: which model of cross_site_eval_run: "final" (its last recorded global model, the
             default) or "best" (its best scored round's).
         cross_site_timeout: seconds the server waits for the hospitals' answers in each cross-site step.
+        server_optimizer: FedOpt on the robust aggregate, "none" (the aggregate is the new model), "fedadam" or
+            "fedyogi" (fedmed.algorithms); server_lr / server_beta1 / server_beta2 / server_tau its settings. Not with
+            resume_run: the moments are not kept with the run's model files.
+        proximal_mu: FedProx at the sites, mu of mu/2 ||w - w_global||^2 (0 = off); under DP-SGD added after the
+            noise, no extra epsilon.
+        scaffold: SCAFFOLD's control variates (server and sites; fedmed.algorithms). Not with resume_run (the control
+            variates are not kept), nor with a user-level noise filter at a site (it refuses the round).
     """
 
     name: str
@@ -115,6 +123,13 @@ class JobConfig:
     cross_site_eval_run: Optional[str] = None
     cross_site_eval_model: str = "final"
     cross_site_timeout: int = 300
+    server_optimizer: str = ServerOptimizer.kind
+    server_lr: float = ServerOptimizer.lr
+    server_beta1: float = ServerOptimizer.beta1
+    server_beta2: float = ServerOptimizer.beta2
+    server_tau: float = ServerOptimizer.tau
+    proximal_mu: float = 0.0
+    scaffold: bool = False
 
     def __post_init__(self):
         if not self.name:
@@ -186,6 +201,13 @@ class JobConfig:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         get_aggregator(self.aggregation)  # raises naming the valid choices
+        algorithm = self.algorithm()  # raises naming the bad setting
+        if self.resume_run and (algorithm.server_optimizer.active or algorithm.scaffold):
+            raise ValueError(
+                "resume_run cannot continue a run with a server optimiser or SCAFFOLD: their state (FedOpt's moments, "
+                "the control variates) is not kept with the run's model files, and restarting it at zero would "
+                "change the algorithm mid-run"
+            )
         try:
             self.trust_policy()
         except ValueError as e:
@@ -214,6 +236,16 @@ class JobConfig:
             quarantine_below=self.quarantine_below,
             readmit_after=self.readmit_after,
             head_cosine_bad=self.trust_head_cosine_bad,
+        )
+
+    def algorithm(self) -> FedAlgorithm:
+        """The federated algorithm on top of the robust round (fedmed.algorithms)."""
+        return FedAlgorithm(
+            ServerOptimizer(
+                self.server_optimizer, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau
+            ),
+            self.proximal_mu,
+            self.scaffold,
         )
 
     def with_changes(self, **changes) -> "JobConfig":

@@ -32,6 +32,7 @@ from fedmed.aggregation import (
     find_update_problem,
     get_aggregator,
 )
+from fedmed.algorithms import FedOpt, ScaffoldServer, ServerOptimizer, find_control_problem, is_weight
 from fedmed.hashing import with_ciphertexts
 from fedmed.parallel import thread_map
 from fedmed.passes import hash_and_norm
@@ -64,6 +65,7 @@ class SiteResult:
     signed_digest: Optional[str] = None  # hex digest the server computed and verified the signature over
     authentication: Optional[str] = None  # why the signature failed (set by the adapter that verified it)
     data_synthetic: Optional[bool] = None  # the site says it trained on synthetic data (for the model card only)
+    control_delta: object = None  # SCAFFOLD: the site's control-variate change (fedmed.algorithms), screened too
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ class RoundRules:
         site's weight stays near its count share however central it sits (the small, consistent attacks: "a
         little is enough", Min-Max / Min-Sum inverse-std). Off by default until measured at size (docs/
         THREAT_MODEL.md); not with HE (the momentum of the encrypted layers is not kept).
+    server_optimizer: FedOpt on the committed aggregate (fedmed.algorithms.ServerOptimizer: FedAdam / FedYogi; kind
+        "none", the default, commits the aggregate itself). Steps the clear weights only: BatchNorm statistics are
+        taken as aggregated, CKKS-encrypted layers as their weighted sum.
+    scaffold: keep SCAFFOLD's server control variate c (fedmed.algorithms): each update must carry a control-variate
+        delta, screened with it, and the kept deltas move c with the aggregator's weights.
     Whatever the rules: a round in which the distance and direction rules would reject or quarantine half of the
     valid sites or more is not committed (see RoundEngine.step).
     """
@@ -112,6 +119,8 @@ class RoundRules:
     head_layers: tuple = ("class_layers.out.",)
     near_copy_ratio: float = NEAR_COPY_RATIO
     centred_clipping: bool = False
+    server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    scaffold: bool = False
 
     def __post_init__(self):
         get_aggregator(self.aggregation)  # raises naming the valid choices
@@ -203,6 +212,17 @@ class RoundEngine:
         self._validate = validate
         self._collusion = CollusionTracker(rules.near_copy_ratio)
         self._momentum: Optional[dict] = None  # the last committed move (centred_clipping)
+        self._fedopt = FedOpt(rules.server_optimizer) if rules.server_optimizer.active else None
+        self._scaffold: Optional[ScaffoldServer] = None  # SCAFFOLD's c, over the clear weights (first step)
+
+    def control(self, global_params: Mapping[str, np.ndarray]) -> Optional[dict]:
+        """SCAFFOLD: the server control variate to send with this global model (zeros before the first round);
+        None without SCAFFOLD. Over the clear weights: the HE layers get none (fedmed.algorithms)."""
+        if not self.rules.scaffold:
+            return None
+        if self._scaffold is None:
+            self._scaffold = ScaffoldServer({k: np.shape(v) for k, v in global_params.items() if is_weight(k, v)})
+        return {k: v.copy() for k, v in self._scaffold.c.items()}
 
     def is_quarantined(self, site: str) -> bool:
         state = self.trust.get(site)
@@ -235,7 +255,20 @@ class RoundEngine:
             or find_statistics_problem(r.params, reference, self.rules.statistics_factor)
             or find_metrics_problem(r.metrics)
             or self._find_encrypted_problem(r)
+            or self._find_control_problem(r, reference)
         )
+
+    def _find_control_problem(self, r: SiteResult, reference: Mapping[str, np.ndarray]) -> Optional[str]:
+        if not self.rules.scaffold:
+            return (
+                "update carries a SCAFFOLD control-variate delta but this job runs no SCAFFOLD"
+                if (r.control_delta is not None)
+                else None
+            )
+        if r.control_delta is None:
+            return "no SCAFFOLD control-variate delta: this job runs SCAFFOLD"
+        problem = find_control_problem(r.control_delta, self._scaffold.c)  # c made before screening (step)
+        return f"SCAFFOLD: {problem}" if problem else None
 
     def _examine_all(self, results: Sequence[SiteResult], reference: Mapping[str, np.ndarray]) -> list:
         """(problem, update hash, norm) of each result, the per-site work of screening (the checks, a SHA-256 of
@@ -352,6 +385,8 @@ class RoundEngine:
         result are recorded missing); missing_reasons: site -> why it gave no result, when the caller knows (its
         connection was dropped); a site named here but not asked is recorded missing too."""
         log: list = []
+        if self.rules.scaffold:
+            self.control(global_params)  # c exists before the sites' deltas are screened against it (threads)
         valid, records = self._screen(round_num, results, targets, global_params, log, missing_reasons or {})
         head_keys = [
             k
@@ -418,7 +453,24 @@ class RoundEngine:
                 combined = None
                 records[site] = replace(records[site], status="rejected", reason=reason)
                 del valid[site]
+        outcome = self._optimise(outcome, valid, global_params, max(len(set(targets) | set(valid)), 1), log)
         return self._finish(round_num, records, outcome, combined, log, None, copies=copies)
+
+    def _optimise(self, outcome, valid: Mapping[str, SiteResult], global_params, num_sites: int, log: list):
+        """A committed round's server-side algorithms (fedmed.algorithms): SCAFFOLD's c moved by the kept sites'
+        deltas with the aggregator's weights, then FedOpt's step from the global model along global - aggregate."""
+        diagnostics = dict(outcome.result.diagnostics)
+        params = outcome.result.params
+        if self.rules.scaffold:
+            deltas = {s: r.control_delta for s, r in valid.items()}
+            info = self._scaffold.update(deltas, outcome.weights, num_sites)
+            if info["clipped"]:
+                log.append(("info", f"SCAFFOLD: control-variate deltas of {', '.join(info['clipped'])} clipped"))
+            diagnostics["scaffold"] = info
+        if self._fedopt is not None:
+            params = self._fedopt.step(global_params, params)
+            diagnostics["server_optimizer"] = {"kind": self.rules.server_optimizer.kind, "step": self._fedopt.steps}
+        return replace(outcome, result=replace(outcome.result, params=params, diagnostics=diagnostics))
 
     def _clip_around_momentum(self, outcome, valid: Mapping[str, SiteResult], global_params):
         """The kept sites combined by centred clipping around global + momentum (RoundRules.centred_clipping); the

@@ -23,15 +23,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from fedmed import algorithms, signing
 from fedmed import constants as C
-from fedmed import signing
 from fedmed.model import load_numpy_state, state_to_numpy
 from fedmed.model_health import COLLAPSED_SPREAD, check_outputs, probe_images
 from fedmed.privacy.dp_sgd import BudgetExceeded
 from fedmed.privacy.ledger import LedgerError
 from fedmed.robust.attacks import apply_attack
 from fedmed.rounds import SiteResult, finite_or_none
-from fedmed.training import evaluate, round_lr, train_epochs
+from fedmed.training import LocalTraining, evaluate, round_lr, train_epochs
 
 # The privacy spend a site reports in meta, covered by its signature (the user-level filter adds the last two).
 SIGNED_PRIVACY_KEYS = (
@@ -71,6 +71,8 @@ class Training:
     local_epochs: int = 1
     seed: int = 0
     trainable: Optional[tuple] = None
+    proximal_mu: float = 0.0  # FedProx: mu of the proximal term mu/2 ||w - w_global||^2 (0 = off)
+    scaffold: bool = False  # SCAFFOLD's control variates (fedmed.algorithms)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Site:
     last_head: Optional[dict] = None  # the last decrypted global head it accepted
     last_round: Optional[int] = None  # the last round whose global model it accepted for training
     last_local: Optional[dict] = None  # its last released local model, in clear (what cross-site evaluation lends)
+    control: Optional[dict] = None  # SCAFFOLD: its control variate c_i (fedmed.algorithms)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class GlobalModel:
     job_id: str = ""
     encrypted: Optional[Mapping] = None
     signature: object = None  # the server's signature (meta fedmed_global_signature)
+    control: Optional[Mapping] = None  # SCAFFOLD: the server's control variate c (name -> array)
 
 
 @dataclass
@@ -206,14 +210,23 @@ def run_round(
         global_params = open_global(site, offer)
         load_numpy_state(site.model, global_params)
         check_usable(site)
+        if site.training.scaffold:
+            check_control(site, offer, global_params)
     except GlobalModelRejected as e:
         log(f"site {site.name}: refusing round: {e}")
         return SiteUpdate(None, {}, {C.META_REFUSED: f"global model rejected: {e}", C.META_SITE: site.name})
     site.last_round = offer.round_num
+    if site.training.scaffold and list(site.also_released()):
+        reason = (
+            "SCAFFOLD with a user-level noise filter: the control-variate change is computed from the model before "
+            "the filter's noise and would be released past it; run SCAFFOLD with DP-SGD, or without the filter"
+        )
+        log(f"site {site.name}: refusing round: {reason}")
+        return _refusal(site, reason)
     try:
         if site.privacy is None and site.ledger is not None:  # only a user-level filter spends: check its part now
             site.ledger.check(list(site.also_released()))
-        update = _train_and_validate(site, offer, should_abort, log)
+        update = _train_and_validate(site, offer, global_params, should_abort, log)
         update.base = global_params
     except (BudgetExceeded, LedgerError) as e:  # before training: a ceiling, or a ledger damaged since start-up
         log(f"site {site.name}: refusing round: {e}")
@@ -242,7 +255,7 @@ def _refusal(site: Site, reason: str) -> SiteUpdate:
     return SiteUpdate(None, {C.META_EPSILON: meta.get(C.META_EPSILON, 0.0)}, meta)
 
 
-def _train_and_validate(site: Site, offer: GlobalModel, should_abort, log) -> SiteUpdate:
+def _train_and_validate(site: Site, offer: GlobalModel, global_params: Mapping, should_abort, log) -> SiteUpdate:
     t0 = time.monotonic()
     tr, r, total = site.training, offer.round_num, offer.total_rounds
     lr = round_lr(tr.lr, min(r, total - 1), total)
@@ -254,20 +267,18 @@ def _train_and_validate(site: Site, offer: GlobalModel, should_abort, log) -> Si
         data = copy.copy(site.train)  # the rehearsal's poisoned labels, leaving the shared dataset as it was
         data.labels = site.task.poisoned_labels(site.train.labels)
     privacy_meta = {}
+    settings = LocalTraining(tr.local_epochs, lr, tr.batch_size, seed, tr.trainable, total * tr.local_epochs)
+    correction = _local_correction(site, global_params, lr, offer.control)
     if site.privacy is not None:
         trained, dp = site.privacy.train_round(
             site.model,
             data,
-            tr.local_epochs,
-            lr,
-            tr.batch_size,
-            seed,
-            total_epochs=total * tr.local_epochs,
+            settings,
             should_abort=should_abort,
             task=site.task,
-            trainable=tr.trainable,
             round_num=r,
             also_released=list(site.also_released()),
+            correction=correction,
         )
         site.model.load_state_dict(trained.state_dict())
         train_loss = dp.train_loss
@@ -287,16 +298,13 @@ def _train_and_validate(site: Site, offer: GlobalModel, should_abort, log) -> Si
         train_loss = train_epochs(
             site.model,
             data,
-            tr.local_epochs,
-            lr,
-            tr.batch_size,
-            seed,
+            settings,
             should_abort=should_abort,
             on_epoch_end=lambda e, loss: log(
                 f"site {site.name} round {r + 1}: epoch {e}/{tr.local_epochs} train loss {loss:.4f}"
             ),
             task=site.task,
-            trainable=tr.trainable,
+            correction=correction,
         )
     metrics = {C.META_TRAIN_LOSS: train_loss}
     if site.val is not None:
@@ -320,7 +328,45 @@ def _train_and_validate(site: Site, offer: GlobalModel, should_abort, log) -> Si
         **privacy_meta,
         **({} if site.data_synthetic is None else {C.META_DATA_SYNTHETIC: site.data_synthetic}),
     }
-    return SiteUpdate(state_to_numpy(site.model), metrics, meta)
+    params = state_to_numpy(site.model)
+    if site.training.scaffold:
+        # From the released model y_i (DP-SGD's when the site trains with it), the global model and the control
+        # variates: post-processing of what is released, no extra epsilon (fedmed.algorithms).
+        site.control, delta = algorithms.site_control_update(
+            site.control, offer.control, global_params, params, max(correction.steps, 1), lr
+        )
+        meta[C.META_CONTROL_DELTA] = delta
+    return SiteUpdate(params, metrics, meta)
+
+
+def control_names(site: Site) -> tuple:
+    """The parameters SCAFFOLD corrects: the model's parameters except the HE layers (a clear control variate of
+    an encrypted layer would show the server the head's move that HE hides)."""
+    return tuple(n for n, _ in site.model.named_parameters() if n not in site.he_names)
+
+
+def check_control(site: Site, offer: GlobalModel, global_params: Mapping) -> None:
+    """Raises GlobalModelRejected unless the offer carries a usable server control variate for SCAFFOLD."""
+    if offer.control is None:
+        raise GlobalModelRejected("SCAFFOLD: the global model came without the server's control variate")
+    problem = algorithms.find_control_problem(offer.control, {n: global_params[n] for n in control_names(site)})
+    if problem:
+        raise GlobalModelRejected(f"SCAFFOLD: the server's control variate: {problem}")
+
+
+def _local_correction(site: Site, global_params: Mapping, lr: float, control=None):
+    """The round's fedmed.algorithms.LocalCorrection, or None: FedProx's anchor is the global model the site
+    accepted; SCAFFOLD corrects the clear trained parameters (control_names) by c - c_i."""
+    tr = site.training
+    if not tr.scaffold and tr.proximal_mu == 0:
+        return None
+    drift = None
+    if tr.scaffold:
+        names = control_names(site)
+        if site.control is None:
+            site.control = algorithms.zeros_like({n: global_params[n] for n in names})
+        drift = algorithms.drift(control, site.control, names)
+    return algorithms.LocalCorrection(site.model, global_params, tr.proximal_mu, drift, lr)
 
 
 def _encrypt(site: Site, round_num: int, update: SiteUpdate, log) -> None:
@@ -375,4 +421,5 @@ def as_received(site: str, params, metrics, meta: Mapping) -> SiteResult:
         refused=None if refused is None else str(refused),
         unavailable=None if unavailable is None else str(unavailable),
         data_synthetic=synthetic if isinstance(synthetic, bool) else None,  # anything but a bool: not reported
+        control_delta=meta.get(C.META_CONTROL_DELTA),
     )

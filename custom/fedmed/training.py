@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -31,37 +31,59 @@ class EvalResult:
         return {k.split("/", 1)[1]: v for k, v in self.metrics.items() if k.startswith("auroc/")}
 
 
+@dataclass(frozen=True)
+class LocalTraining:
+    """One round's local training at a site. epochs: passes over the data; lr: Adam's learning rate this round;
+    batch_size; seed: shuffling (plain training only: DP-SGD draws its randomness from the OS); trainable:
+    parameter-name prefixes trained (None = all; the others stay frozen for the round); total_epochs: the job's local
+    epochs over all its rounds (DP-SGD calibrates its noise once, for all of them)."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    trainable: Optional[tuple] = None
+    total_epochs: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.trainable is not None:
+            object.__setattr__(self, "trainable", tuple(self.trainable))
+
+
 def train_epochs(
     model: torch.nn.Module,
     dataset: Dataset,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    should_abort: Callable[[], bool] = lambda: False,
-    on_epoch_end: Optional[Callable[[int, float], None]] = None,
+    settings: LocalTraining,
     *,
     task: TaskSpec,
-    trainable: Optional[Sequence[str]] = None,
+    should_abort: Callable[[], bool] = lambda: False,
+    on_epoch_end: Optional[Callable[[int, float], None]] = None,
+    correction=None,
 ) -> float:
     """Train with Adam and the task's loss; returns the last epoch's mean loss. The optimizer is fresh each call
-    (each FL round starts from the new global model). trainable: parameter-name prefixes to train (None = all);
-    the others stay frozen for this call."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    generator = torch.Generator().manual_seed(seed)
+    (each FL round starts from the new global model). correction: a fedmed.algorithms.LocalCorrection (FedProx,
+    SCAFFOLD) applied around each step, or None."""
+    generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(dataset) > batch_size
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=len(dataset) > settings.batch_size,
     )
-    set_trainable(model, trainable)
+    set_trainable(model, settings.trainable)
     try:
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
         model.train()
         epoch_loss = float("nan")
-        for epoch in range(epochs):
-            epoch_loss = run_epoch(model, loader, opt, should_abort, f"epoch {epoch + 1}", task)
+        for epoch in range(settings.epochs):
+            epoch_loss = run_epoch(model, loader, opt, should_abort, f"epoch {epoch + 1}", task, correction)
             if on_epoch_end:
                 on_epoch_end(epoch + 1, epoch_loss)
     finally:
@@ -69,8 +91,12 @@ def train_epochs(
     return epoch_loss
 
 
-def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label: str, task: TaskSpec) -> float:
-    """One pass of training with the task's loss over loader (plain or Opacus-private alike); mean loss per sample."""
+def run_epoch(
+    model, loader, optimizer, should_abort: Callable[[], bool], label: str, task: TaskSpec, correction=None
+) -> float:
+    """One pass of training with the task's loss over loader (plain or Opacus-private alike); mean loss per sample.
+    correction: a fedmed.algorithms.LocalCorrection, its before_step after the backward pass and after_step after
+    the optimizer's step (under DP-SGD its proximal gradient comes from the DP optimizer's hook instead)."""
     total, count = 0.0, 0
     for images, labels in loader:
         if should_abort():
@@ -82,11 +108,17 @@ def run_epoch(model, loader, optimizer, should_abort: Callable[[], bool], label:
             optimizer.zero_grad(set_to_none=True)
             model(images).sum().backward()  # no samples: zero per-sample gradients, Opacus adds the noise
             optimizer.step()
+            if correction is not None:
+                correction.after_step()
             continue
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model(images), labels)
         loss.backward()
+        if correction is not None:
+            correction.before_step()
         optimizer.step()
+        if correction is not None:
+            correction.after_step()
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)

@@ -1,7 +1,10 @@
-"""Benchmark: does federation pay? Each hospital alone, centralised training on the pooled data, FedAvg and the
-geometric median, all with the same total epochs, scored on one shared global test set (mean AUROC).
+"""Benchmark: does federation pay? Each hospital alone, centralised training on the pooled data, FedAvg, the
+geometric median, and on the geometric median's robust aggregate FedAdam, FedYogi, FedProx and SCAFFOLD
+(fedmed.algorithms), all with the same total epochs, scored on one shared global test set (mean AUROC); the gap to
+centralised at equal epochs and at equal wall time. Writes <out>.md, <out>.json and <out>.png.
 
-    python scripts/bench_learning.py [--epochs 8] [--seeds 0,1] [--image-size 64] [--out docs/bench_learning.md]
+    python scripts/bench_learning.py [--epochs 8] [--seeds 0,1,2] [--arms fedavg,gm-scaffold] [--out docs/bench_learning.md]
+    python scripts/bench_learning.py --smoke --out docs/bench_learning_smoke.md   # proves it runs; measures nothing
 
 The hospitals are made hard on purpose, so that a hospital alone has something to miss (see --help): few images
 each, specialist label priors (each finding common at one hospital and rare at the others), fainter lesion signs,
@@ -21,13 +24,14 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from fedmed.algorithms import FedAlgorithm, ServerOptimizer
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.data.synthetic import (
     DEFAULT_HOSPITALS,
@@ -43,13 +47,72 @@ from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14
 from fedmed.training import evaluate
 
-FEDERATED = ("fedavg", "geometric_median")
 CENTRAL = "centralised"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A federated arm: the round's aggregation and the algorithm on top of it (fedmed.algorithms)."""
+
+    aggregation: str = "fedavg"
+    algorithm: FedAlgorithm = field(default_factory=FedAlgorithm)
+
+
+def federated_arms(server_lr: float, proximal_mu: float) -> dict:
+    """The federated arms: FedAvg, the geometric median (gm, with the deployed trust rule), and each algorithm on the
+    geometric median's robust aggregate."""
+    gm = "geometric_median"
+    return {
+        "fedavg": Arm("fedavg"),
+        gm: Arm(gm),
+        "gm-fedadam": Arm(gm, FedAlgorithm(ServerOptimizer("fedadam", lr=server_lr))),
+        "gm-fedyogi": Arm(gm, FedAlgorithm(ServerOptimizer("fedyogi", lr=server_lr))),
+        "gm-fedprox": Arm(gm, FedAlgorithm(proximal_mu=proximal_mu)),
+        "gm-scaffold": Arm(gm, FedAlgorithm(scaffold=True)),
+    }
+
+
+FEDERATED = tuple(federated_arms(0.01, 0.01))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every arm's training: total epochs (federated: rounds of one local epoch), Adam's lr, batch size."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+
+
 TOLERANCE = 0.02  # the target: federated within this much mean AUROC of centralised
 
 
-def make_hospitals(root: Path, per_site, common, rare, sign_scale, scanner_shift, num_test, seed, size) -> list:
+@dataclass(frozen=True)
+class HardHospitals:
+    """How the hard hospitals are made: images per hospital, specialist priors (COMMON at one hospital, RARE at the
+    others), lesion contrast, scanner distance from the test scanner, test-set size, data seed, image size."""
+
+    per_site: tuple
+    common: float = 0.3
+    rare: float = 0.01
+    sign_scale: float = 1.0
+    scanner_shift: float = 2.0
+    num_test: int = 200
+    seed: int = 0
+    size: int = 64
+
+
+def make_hospitals(root: Path, spec: HardHospitals) -> list:
     """Generate the hard hospitals once into root (regenerated when the settings differ); returns site names."""
+    per_site, common, rare, num_test, seed, size = (
+        spec.per_site,
+        spec.common,
+        spec.rare,
+        spec.num_test,
+        spec.seed,
+        spec.size,
+    )
+    sign_scale, scanner_shift = spec.sign_scale, spec.scanner_shift
     settings = dict(
         per_site=list(per_site),
         specialist=[common, rare],
@@ -104,34 +167,50 @@ def pooled(datasets: list):
     return out
 
 
-def run_arm(train_sets: dict, test_set, epochs, aggregation, seed, lr, batch_size, curve: bool) -> dict:
-    """One arm: final per-finding AUROCs on the global test set and, when asked, its mean AUROC after every epoch."""
+def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule, curve: bool) -> dict:
+    """One arm: final per-finding AUROCs on the global test set, its training wall time (the in-process federation
+    runs the sites one after the other; the curve's test scoring left out) and, when asked, its mean AUROC and
+    elapsed training time after every epoch."""
     model = build_densenet121(CHEST_XRAY14.num_outputs)
-    points = []
+    points, times = [], []
+    t0, scoring = time.perf_counter(), 0.0
 
     def on_round(report):
+        nonlocal scoring
         if curve and report.aggregated:
+            t = time.perf_counter()
+            times.append(t - t0 - scoring)
             load_numpy_state(model, report.params)
             points.append(evaluate(model, test_set, CHEST_XRAY14).mean_auroc)
+            scoring += time.perf_counter() - t
 
     fed = federate(
         train_sets,
         test_set,
-        epochs,
-        aggregation,
+        schedule.epochs,
+        arm.aggregation,
         task=CHEST_XRAY14,
-        use_trust=aggregation == "geometric_median",  # the deployed rule; FedAvg takes every valid update
-        lr=lr,
-        batch_size=batch_size,
+        use_trust=arm.aggregation == "geometric_median",  # the deployed rule; FedAvg takes every valid update
+        lr=schedule.lr,
+        batch_size=schedule.batch_size,
         seed=seed,
         min_clients=1 if len(train_sets) == 1 else 2,
         on_round=on_round,
+        algorithm=arm.algorithm,
     )
+    wall = time.perf_counter() - t0 - scoring
     if fed.stopped:
-        raise RuntimeError(f"{aggregation} over {sorted(train_sets)} stopped: {fed.stopped}")
+        raise RuntimeError(f"{arm} over {sorted(train_sets)} stopped: {fed.stopped}")
     load_numpy_state(model, fed.params)
     final = evaluate(model, test_set, CHEST_XRAY14)
-    return {"auroc": final.mean_auroc, "aurocs": final.aurocs, "curve": points}
+    return {"auroc": final.mean_auroc, "aurocs": final.aurocs, "curve": points, "times": times, "wall": wall}
+
+
+def at_time(times: list, values: list, t: float) -> tuple:
+    """(the curve's value at elapsed time t, linearly interpolated, capped at its ends; whether t was past its end)."""
+    if not times:
+        return float("nan"), False
+    return float(np.interp(t, times, values)), t > times[-1]
 
 
 def specialty_split(aurocs: dict, site_index: int, n_sites: int) -> tuple:
@@ -154,13 +233,14 @@ def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     means = [summary(results[a])[0] for a in arms]
     lo = [summary(results[a])[0] - summary(results[a])[2] for a in arms]
     hi = [summary(results[a])[3] - summary(results[a])[0] for a in arms]
     colors = ["grey" if a.endswith("alone") else ("tab:blue" if a == CENTRAL else "tab:green") for a in arms]
+    colors = [c if not a.startswith("gm-") else "tab:olive" for a, c in zip(arms, colors)]
     ax.bar(range(len(arms)), means, yerr=[lo, hi], color=colors, capsize=4)
-    ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right", fontsize=8)
+    ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
     ax.set_ylim(0.3, 1.0)
     ax.axhline(0.5, color="k", lw=0.5, ls=":")
     ax.set_ylabel("global test mean AUROC")
@@ -172,9 +252,9 @@ def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
     ax2.set_title("learning curves, one seed", fontsize=9)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     ax2.axhline(0.5, color="k", lw=0.5, ls=":")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: no curve hidden
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the rotated arm names and the legend kept whole
     plt.close(fig)
 
 
@@ -209,6 +289,19 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam / FedYogi server learning rate")
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
+    p.add_argument(
+        "--arms",
+        help=f"comma-separated federated arms to run (default all: {','.join(FEDERATED)}); the hospitals alone and "
+        "centralised always run",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest run that exercises every arm (2 hospitals of 8 images, 16 test images, 2 epochs, one "
+        "seed, 32 px), its report labelled SMOKE RUN: it proves the bench runs, it measures nothing",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--no-curves", action="store_true", help="skip the per-epoch test scores of the first seed")
     p.add_argument("--out", type=Path, default=Path("docs/bench_learning.md"))
@@ -220,6 +313,8 @@ def main(argv=None) -> int:
         help="write the report from the result files (<out>.json) of runs that split the seeds between them",
     )
     a = p.parse_args(argv)
+    if a.smoke:
+        a.per_site, a.num_test, a.epochs, a.seeds, a.image_size, a.batch_size = "8,8", 16, 2, "0", 32, 4
     if a.combine:
         record = combine([json.loads(path.read_text()) for path in a.combine])
         write_report(record, a.out)
@@ -237,7 +332,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     size = max(a.image_size, 64)
-    sites = make_hospitals(a.data, per_site, common, rare, a.sign_scale, a.scanner_shift, a.num_test, a.data_seed, size)
+    sites = make_hospitals(
+        a.data,
+        HardHospitals(tuple(per_site), common, rare, a.sign_scale, a.scanner_shift, a.num_test, a.data_seed, size),
+    )
     train = {
         s: load_train_val(
             DataConfig("dicom", a.data / s / "dicom", a.data / s / "labels.csv"),
@@ -250,10 +348,15 @@ def main(argv=None) -> int:
     test = load_test(
         a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14
     )
-    arms = {f"{s} alone": ({s: train[s]}, "fedavg") for s in sites}
-    arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, "fedavg")
-    for agg in FEDERATED:
-        arms[agg] = (train, agg)
+    available = federated_arms(a.server_lr, a.proximal_mu)
+    chosen = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else list(available)
+    unknown = sorted(set(chosen) - set(available))
+    if unknown or not chosen:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(available)}")
+    arms = {f"{s} alone": ({s: train[s]}, Arm()) for s in sites}
+    arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, Arm())
+    for name in chosen:
+        arms[name] = (train, available[name])
     record = {
         "settings": {k: getattr(a, k) for k in SETTINGS},
         "commands": [],
@@ -266,18 +369,24 @@ def main(argv=None) -> int:
         "results": {arm: [] for arm in arms},
         "finals": {arm: [] for arm in arms},
         "curves": {},
+        "curve_times": {},
+        "walls": {arm: [] for arm in arms},
         "curve_seed": None,
         "wall_s": [0.0],
+        "smoke": bool(a.smoke),
     }
+    schedule = Schedule(a.epochs, a.lr, a.batch_size)
     bar = tqdm(total=len(seeds) * len(arms), desc="arms x seeds")
     for k, seed in enumerate(seeds):
         curve = not a.no_curves and k == 0
-        for arm, (sets, agg) in arms.items():
-            out = run_arm(sets, test, a.epochs, agg, seed, a.lr, a.batch_size, curve)
+        for arm, (sets, spec) in arms.items():
+            out = run_arm(sets, test, spec, seed, schedule, curve)
             record["results"][arm].append(out["auroc"])
             record["finals"][arm].append(out["aurocs"])
+            record["walls"][arm].append(out["wall"])
             if out["curve"]:
                 record["curves"][arm] = out["curve"]
+                record["curve_times"][arm] = out["times"]
             bar.update(1)
             tqdm.write(f"seed {seed} {arm}: {out['auroc']:.3f}")
         record["seeds"].append(seed)
@@ -293,6 +402,8 @@ def main(argv=None) -> int:
 
 
 SETTINGS = (
+    "server_lr",
+    "proximal_mu",
     "per_site",
     "num_test",
     "specialist",
@@ -311,6 +422,8 @@ def command(a, seeds, out) -> str:
         f"python scripts/bench_learning.py --per-site {a.per_site} --num-test {a.num_test} --specialist {a.specialist} "
         f"--sign-scale {a.sign_scale} --scanner-shift {a.scanner_shift} --epochs {a.epochs} "
         f"--seeds {','.join(map(str, seeds))} --image-size {a.image_size} --batch-size {a.batch_size} --lr {a.lr}"
+        + f" --server-lr {a.server_lr} --proximal-mu {a.proximal_mu}"
+        + (f" --arms {a.arms}" if a.arms else "")
         + (" --no-curves" if a.no_curves else "")
         + f" --out {out}"
     )
@@ -338,10 +451,42 @@ def combine(records: list) -> dict:
     out["finals"] = {arm: [v for r in records for v in r["finals"][arm]] for arm in first["arms"]}
     with_curves = [r for r in records if r["curves"]]
     out["curves"] = with_curves[0]["curves"] if with_curves else {}
+    out["curve_times"] = with_curves[0].get("curve_times", {}) if with_curves else {}
     out["curve_seed"] = with_curves[0]["curve_seed"] if with_curves else None
+    out["walls"] = {arm: [v for r in records for v in r.get("walls", {}).get(arm, [])] for arm in first["arms"]}
+    out["smoke"] = any(r.get("smoke") for r in records)
     out["commands"] = [c for r in records for c in r["commands"]]
     out["wall_s"] = [w for r in records for w in r["wall_s"]]
     return out
+
+
+def equal_wall_time(record: dict, federated: list) -> list:
+    """The gap to centralised at equal wall time: each arm's final score against centralised's learning curve (curve
+    seed) at the training time the arm took, interpolated between epochs."""
+    times, curves, walls = record.get("curve_times", {}), record["curves"], record.get("walls", {})
+    seed = record["curve_seed"]
+    if CENTRAL not in times or seed is None or not all(walls.get(a) for a in federated):
+        return []
+    k = record["seeds"].index(seed)
+    lines = [
+        "",
+        f"## Gap to centralised at equal wall time (seed {seed})",
+        "",
+        "Training wall time of each arm (the in-process federation trains its sites one after the other, as one "
+        "machine would; deployed hospitals train at once, so a federated round's wall there is about its slowest "
+        "site's share), and centralised's score after the same training time, from its learning curve "
+        "(interpolated between epochs; 'ended' where the arm took longer than centralised's whole run):",
+        "",
+        "| arm | wall (s) | its final AUROC | centralised at that time | gap |",
+        "|---|---|---|---|---|",
+    ]
+    c_wall = walls[CENTRAL][k]
+    lines.append(f"| {CENTRAL} | {c_wall:.1f} | {record['results'][CENTRAL][k]:.3f} | - | - |")
+    for arm in federated:
+        wall, final = walls[arm][k], record["results"][arm][k]
+        at, past = at_time(times[CENTRAL], curves[CENTRAL], wall)
+        lines.append(f"| {arm} | {wall:.1f} | {final:.3f} | {at:.3f}{' (ended)' if past else ''} | {final - at:+.3f} |")
+    return lines
 
 
 def write_report(record: dict, out: Path) -> None:
@@ -352,9 +497,20 @@ def write_report(record: dict, out: Path) -> None:
     best_alone = max(summary(results[f"{s} alone"])[0] for s in sites)
     common, rare = st["specialist"].split(",")
     walls = ", ".join(f"{w:.0f} s" for w in record["wall_s"])
+    federated = [n for n in names if n != CENTRAL and not n.endswith(" alone")]
+    smoke = (
+        [
+            "**SMOKE RUN: the smallest size (`--smoke`), to prove the bench and every arm run. These numbers measure "
+            "nothing; the measured figures come from a full run (see docs/bench_learning.md).**",
+            "",
+        ]
+        if record.get("smoke")
+        else []
+    )
     lines = [
-        "# bench_learning: does federation pay?",
+        "# bench_learning: does federation pay?" + (" (SMOKE RUN)" if record.get("smoke") else ""),
         "",
+        *smoke,
         "Command"
         + ("s (run side by side, each a share of the seeds)" if len(record["commands"]) > 1 else "")
         + ": "
@@ -382,6 +538,9 @@ def write_report(record: dict, out: Path) -> None:
         "rounds of one local epoch); the same loop for all (fedmed.inprocess: Adam "
         f"lr {st['lr']} fresh each epoch, cosine decay over the epochs, batch {st['batch_size']}). FedAvg aggregates "
         "every valid update; the geometric median runs with the deployed trust rule.",
+        "- The algorithms (fedmed.algorithms), each on the geometric median's robust aggregate (gm-): FedAdam and "
+        f"FedYogi at the server (server lr {st.get('server_lr', 0.01)}, beta1 0.9, beta2 0.99, tau 1e-3), FedProx at "
+        f"the sites (mu {st.get('proximal_mu', 0.01)}), SCAFFOLD (control variates at the server and the sites).",
         f"- Seeds {','.join(map(str, seeds))}: the training seed (model start, shuffling, augmentation); the hospitals "
         f"are the same data (data seed {st['data_seed']}).",
         "",
@@ -395,7 +554,7 @@ def write_report(record: dict, out: Path) -> None:
         per_seed = ", ".join(f"{v:.3f}" for v in results[arm])
         lines.append(f"| {arm} | {m:.3f} | {sd:.3f} | {lo:.3f} | {hi:.3f} | {m - central:+.3f} | {per_seed} |")
     lines += ["", f"Targets: federated within {TOLERANCE} AUROC of centralised, and above every hospital alone."]
-    for agg in FEDERATED:
+    for agg in federated:
         m = summary(results[agg])[0]
         near = m >= central - TOLERANCE
         above = m > best_alone
@@ -409,13 +568,13 @@ def write_report(record: dict, out: Path) -> None:
         "",
         "Mean AUROC (over seeds) on the findings common at that hospital and on the findings rare there:",
         "",
-        "| hospital | findings | alone | centralised | fedavg | geometric_median |",
-        "|---|---|---|---|---|---|",
+        "| hospital | findings | alone | centralised | " + " | ".join(federated) + " |",
+        "|---|---|---|---|" + "---|" * len(federated),
     ]
     for i, s in enumerate(sites):
         for j, label in enumerate(("common there", "rare there")):
             row = []
-            for arm in (f"{s} alone", CENTRAL, *FEDERATED):
+            for arm in (f"{s} alone", CENTRAL, *federated):
                 vals = [specialty_split(f, i, len(sites))[j] for f in record["finals"][arm]]
                 row.append(f"{np.nanmean(vals):.3f}")
             lines.append(f"| {s} | {label} | " + " | ".join(row) + " |")
@@ -432,6 +591,7 @@ def write_report(record: dict, out: Path) -> None:
         ]
         for arm, c in curves.items():
             lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in c) + " |")
+    lines += equal_wall_time(record, federated)
     png = out.with_suffix(".png")
     lines += ["", f"![bench_learning]({png.name})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)

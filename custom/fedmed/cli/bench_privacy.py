@@ -37,7 +37,7 @@ from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import evaluate, train_epochs
+from fedmed.training import LocalTraining, evaluate, train_epochs
 from fedmed.weights import save_state
 
 LEVELS = (("no DP", math.inf), ("weak", 8.0), ("moderate", 3.0), ("strong", 1.0), ("not a preset", 0.1))
@@ -133,10 +133,10 @@ def epoch_times(train, batch_size: int, lr: float, seed: int, layers) -> dict:
         t = time.perf_counter()
         if dp:
             SitePrivacy(PrivacyPolicy(epsilon=1e6, noise_multiplier=1.0)).train_round(
-                model, train, 1, lr, batch_size, seed, total_epochs=1, task=CHEST_XRAY14, trainable=trainable
+                model, train, LocalTraining(1, lr, batch_size, trainable=trainable, total_epochs=1), task=CHEST_XRAY14
             )
         else:
-            train_epochs(model, train, 1, lr, batch_size, seed, task=CHEST_XRAY14)
+            train_epochs(model, train, LocalTraining(1, lr, batch_size, seed=seed), task=CHEST_XRAY14)
         out[label] = time.perf_counter() - t
     return out
 

@@ -42,7 +42,7 @@ def measure_training(images: int, image_size: int, seed: int) -> tuple[float, di
 
     from fedmed.model import build_densenet121, state_to_numpy
     from fedmed.site_config import DataConfig
-    from fedmed.training import train_epochs
+    from fedmed.training import LocalTraining, train_epochs
 
     root = RUNS / "bench_he" / f"site_{images}"
     spec = replace(DEFAULT_HOSPITALS[0], num_images=images)
@@ -55,5 +55,5 @@ def measure_training(images: int, image_size: int, seed: int) -> tuple[float, di
     model = build_densenet121(14)
     start = state_to_numpy(model)
     t0 = time.perf_counter()
-    train_epochs(model, train, 1, 1e-3, 16, seed, task=CHEST_XRAY14)
+    train_epochs(model, train, LocalTraining(1, 1e-3, 16, seed=seed), task=CHEST_XRAY14)
     return time.perf_counter() - t0, start, state_to_numpy(model)

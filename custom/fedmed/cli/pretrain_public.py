@@ -27,7 +27,7 @@ from fedmed.model import NORMS, build_densenet121, state_to_numpy
 from fedmed.model_card import META_MODEL_CARD, ModelCard, data_is_synthetic
 from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14, TASKS, get_task
-from fedmed.training import evaluate, round_lr, train_epochs
+from fedmed.training import LocalTraining, evaluate, round_lr, train_epochs
 from fedmed.weights import save_state
 
 
@@ -92,7 +92,9 @@ def pretrain_on(train, val, task, settings: Pretraining, progress: bool = True) 
     t0 = time.perf_counter()
     for epoch in bar:
         # cosine decay over the epochs, as over FL rounds: the last epochs refine rather than jump around
-        loss = train_epochs(model, train, 1, round_lr(lr, epoch, epochs), batch_size, seed + epoch, task=task)
+        loss = train_epochs(
+            model, train, LocalTraining(1, round_lr(lr, epoch, epochs), batch_size, seed=seed + epoch), task=task
+        )
         val_result = evaluate(model, val, task)
         history.append({"epoch": epoch + 1, "train_loss": loss, task.score_name: val_result.score})
         bar.set_postfix(loss=f"{loss:.4f}", **{task.score_name: f"{val_result.score:.3f}"})

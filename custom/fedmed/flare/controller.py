@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.algorithms import ServerOptimizer
 from fedmed.crosssite import quarantine_reasons
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
@@ -120,6 +121,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         cross_site_timeout: int = 300,
         evaluate_run: Optional[str] = None,
         evaluate_model: str = "final",
+        fedopt: Optional[dict] = None,
+        scaffold: bool = False,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -184,6 +187,10 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
             evaluate_run: with evaluate_only, score this recorded run's model (its uid or a unique prefix) instead:
                 its evaluate_model ("final": its last recorded global model; "best": its best scored round's), found
                 among the server's kept model files by the sha256 the record holds (fedmed.resume.pick_recorded_model).
+            fedopt: FedOpt on the robust aggregate: fedmed.algorithms.ServerOptimizer's fields as a dict
+                (kind "fedadam" / "fedyogi", lr, beta1, beta2, tau); None = the aggregate is the new global model.
+            scaffold: SCAFFOLD's server control variate, sent with each global model (not with signatures: neither
+                the global model's nor the update's signature covers the control variates yet).
                 Refused, with the reason and nothing written, when the run or its model file is missing or the file
                 is not the one recorded.
         """
@@ -255,6 +262,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         self.cross_site_eval = bool(cross_site_eval)
         self.evaluate_only = bool(evaluate_only)
         self.cross_site_timeout = cross_site_timeout
+        self.fedopt = dict(fedopt) if fedopt else None  # FedJob serialises by name
+        self.scaffold = bool(scaffold)
         self._signer = None  # the server's signing keys, when signatures are on
         self._receipt = None  # the signed audit chain head of the last recorded round, sent with the next model
         self._site_keys: dict = {}
@@ -272,6 +281,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 readmit_after=readmit_after,
                 head_cosine_bad=trust_head_cosine_bad,
             ),
+            server_optimizer=ServerOptimizer(**(fedopt or {})),
+            scaffold=bool(scaffold),
         )
         if self.he_layers:
             check_encryption_compatible(aggregation)
@@ -338,6 +349,11 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 validate=self._validator(eval_model, test_ds),
             )
             self._setup_signatures()
+            if self._rules.scaffold and self._signer is not None:
+                raise RuntimeError(
+                    "scaffold cannot run with signatures on: the control variates travel beside the signed model and "
+                    "update, not covered by either signature"
+                )
             card = ModelCardBuilder(self.task, self.aggregation, "NVFlare federation (fedmed)", self.he_layers or ())
             card.continue_from(card_from_meta(model.meta or {}) if resumed else None)
             for round_num in range(resumed.plan.first_wire_round if resumed else 0, self.num_rounds):
@@ -345,7 +361,11 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                     status = "aborted"
                     break
                 started, t0 = utcnow(), time.monotonic()
+                control = engine.control(self._clear_part(model.params))  # SCAFFOLD's c, None without it
+                if control is not None:
+                    model.meta[C.META_CONTROL] = control
                 results, targets, skipped = self._send(model, round_num)
+                model.meta.pop(C.META_CONTROL, None)  # sent, never saved with the model
                 if self.abort_signal.triggered:
                     status = "aborted"
                     break

@@ -27,6 +27,7 @@ from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
 from fedmed import signing, site_round
+from fedmed.algorithms import FedAlgorithm
 from fedmed.crosssite import GLOBAL_MODEL, local_model_refusal, released_scores, scores_refusal
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_items, load_train_val
@@ -102,6 +103,8 @@ class FedMedTrainer(Executor):
         dp_train_layers: Optional[list] = None,
         signatures: bool = False,
         signing_key_dir: Optional[str] = None,
+        proximal_mu: float = 0.0,
+        scaffold: bool = False,
     ):
         """Local trainer for one hospital.
 
@@ -131,6 +134,8 @@ class FedMedTrainer(Executor):
             signatures: sign every update (ML-DSA-65 + Ed25519, fedmed.signing) and train only on a global model
                 the server signed; needs the site's keys and the server's public key in signing_key_dir.
             signing_key_dir: where fedmed_signing.key and server_signing.pub are. Default: <site kit>/local/.
+            proximal_mu: FedProx's mu (0 = off; fedmed.algorithms): under DP-SGD added after the noise.
+            scaffold: SCAFFOLD's control variates (the server sends c with the global model). Must match the server's.
         """
         super().__init__()
         if image_size < 32:
@@ -143,6 +148,9 @@ class FedMedTrainer(Executor):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        FedAlgorithm(proximal_mu=proximal_mu, scaffold=scaffold)  # raises naming a bad setting
+        self.proximal_mu = float(proximal_mu)
+        self.scaffold = bool(scaffold)
         self.site_config = site_config  # same name as the argument: FedJob serialises attributes by name
         self.image_size = image_size
         self.local_epochs = local_epochs
@@ -315,7 +323,13 @@ class FedMedTrainer(Executor):
             # The job's dp_train_layers restrict DP-SGD only: freezing keeps DP noise off coordinates that would
             # not carry signal through it; a site training without DP has no noise and trains every layer.
             training=site_round.Training(
-                self.lr, self.batch_size, self.local_epochs, self.seed, self._dp_trainable(policy)
+                self.lr,
+                self.batch_size,
+                self.local_epochs,
+                self.seed,
+                self._dp_trainable(policy),
+                self.proximal_mu,
+                self.scaffold,
             ),
             val=self._val_ds,
             privacy=self._privacy,
@@ -509,6 +523,7 @@ class FedMedTrainer(Executor):
             job_id=str(fl_ctx.get_job_id()),
             encrypted=meta.get(C.META_ENCRYPTED),
             signature=meta.get(C.META_GLOBAL_SIGNATURE),
+            control=meta.get(C.META_CONTROL),
         )
 
     def _evaluate_for_others(

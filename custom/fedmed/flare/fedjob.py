@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe import SimEnv
 
 from fedmed import constants as C
+from fedmed.algorithms import SERVER_OPTIMIZERS
 from fedmed.console import full_output_to
 from fedmed.constants import ENV_DB_URL
 from fedmed.crypto import ckks
@@ -100,6 +102,8 @@ def build_job(
         cross_site_timeout=config.cross_site_timeout,
         evaluate_run=config.cross_site_eval_run,
         evaluate_model=config.cross_site_eval_model,
+        fedopt=asdict(config.algorithm().server_optimizer) if config.server_optimizer != "none" else None,
+        scaffold=config.scaffold,
     )
     job.to_server(controller_class(**{**controller_kwargs, **(controller_args or {})}))
     add_persistor_and_trainers(job, config, data_root, he_keys_dir, signing_keys_dir)
@@ -145,6 +149,8 @@ def add_persistor_and_trainers(
             dp_train_layers=list(config.dp_train_layers) if config.dp_train_layers else None,
             signatures=signing_keys_dir is not None,
             signing_key_dir=str(Path(signing_keys_dir) / site) if signing_keys_dir else None,
+            proximal_mu=config.proximal_mu,
+            scaffold=config.scaffold,
         )
         tasks = ["train", C.TASK_FINAL_MODEL, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
         job.to(trainer, site, tasks=tasks)
@@ -407,6 +413,44 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         f"site's; needs a test set and no HE (default {c.validation_images} = off)",
     )
     p.add_argument(
+        "--server-optimizer",
+        choices=SERVER_OPTIMIZERS,
+        default=c.server_optimizer,
+        help=f"FedOpt on the robust aggregate (fedmed.algorithms): the aggregate read as a step along global - "
+        f"aggregate, with FedAdam's or FedYogi's moments; 'none' takes the aggregate (default {c.server_optimizer})",
+    )
+    p.add_argument(
+        "--server-lr", type=float, default=c.server_lr, help=f"FedOpt's server learning rate (default {c.server_lr:g})"
+    )
+    p.add_argument(
+        "--server-beta1",
+        type=float,
+        default=c.server_beta1,
+        help=f"FedOpt's first-moment decay (default {c.server_beta1:g})",
+    )
+    p.add_argument(
+        "--server-beta2",
+        type=float,
+        default=c.server_beta2,
+        help=f"FedOpt's second-moment decay (default {c.server_beta2:g})",
+    )
+    p.add_argument(
+        "--server-tau", type=float, default=c.server_tau, help=f"FedOpt's adaptivity tau (default {c.server_tau:g})"
+    )
+    p.add_argument(
+        "--proximal-mu",
+        type=float,
+        default=c.proximal_mu,
+        help=f"FedProx at the sites: mu of mu/2 ||w - w_global||^2, added after DP-SGD's noise (default "
+        f"{c.proximal_mu:g} = off)",
+    )
+    p.add_argument(
+        "--scaffold",
+        action="store_true",
+        default=c.scaffold,
+        help="SCAFFOLD's control variates at the server and the sites (fedmed.algorithms; not with signatures)",
+    )
+    p.add_argument(
         "--resume",
         metavar="RUN",
         help="continue this interrupted or failed run (its number, its uid or a unique prefix) from its last "
@@ -526,6 +570,13 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             cross_site_eval_run=eval_run,
             cross_site_eval_model=a.cross_site_eval_model or c.cross_site_eval_model,
             cross_site_timeout=a.cross_site_timeout,
+            server_optimizer=a.server_optimizer,
+            server_lr=a.server_lr,
+            server_beta1=a.server_beta1,
+            server_beta2=a.server_beta2,
+            server_tau=a.server_tau,
+            proximal_mu=a.proximal_mu,
+            scaffold=a.scaffold,
         )
     except ValueError as e:
         p.error(str(e))

@@ -31,7 +31,7 @@ from fedmed.privacy.accounting import BudgetExceeded, HistoryEntry, SiteRDPAccou
 from fedmed.privacy.ledger import LedgerBinding
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.tasks import TaskSpec
-from fedmed.training import run_epoch
+from fedmed.training import LocalTraining, run_epoch
 
 
 def os_seeded_generator() -> torch.Generator:
@@ -106,50 +106,47 @@ class SitePrivacy:
         self,
         model: torch.nn.Module,
         dataset: Dataset,
-        epochs: int,
-        lr: float,
-        batch_size: int,
-        seed: Optional[int] = None,
-        total_epochs: int = 1,
-        should_abort: Callable[[], bool] = lambda: False,
+        settings: LocalTraining,
         *,
         task: TaskSpec,
-        trainable: Optional[Sequence[str]] = None,
+        should_abort: Callable[[], bool] = lambda: False,
         round_num: int = 0,
         also_released: Sequence[HistoryEntry] = (),
+        correction=None,
     ) -> tuple[torch.nn.Module, RoundPrivacy]:
         """One round of DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise). Raises BudgetExceeded
         before touching the data if the round would exceed the job's ceiling or (with a ledger) the dataset's
         lifetime ceiling; with a ledger the round is charged, fsynced, before training. Returns the trained module.
 
-        seed: not used for sampling or noise, which come from the OS (module docstring); accepted so callers that
-            pass a job seed keep working, and deliberately ignored.
-        trainable: parameter-name prefixes trained with DP-SGD (None = all); the rest stay frozen at the global
-            model's values, so the clipped signal is not diluted by noise on coordinates that do not move.
+        settings: epochs, lr, batch_size, trainable (parameter-name prefixes trained with DP-SGD, None = all; the
+            rest stay frozen at the global model's values, so the clipped signal is not diluted by noise on
+            coordinates that do not move) and total_epochs (the noise is calibrated once for the job's total). Its
+            seed is deliberately ignored: sampling and noise come from the OS (module docstring).
         round_num: the federation round, recorded in the ledger.
         also_released: RDP entries of what else this round will release from the same data (the site's user-level
             filter), counted in the lifetime check so a round is refused before training rather than trained and
             then blocked at release; charged by whoever releases them.
+        correction: a fedmed.algorithms.LocalCorrection (FedProx, SCAFFOLD). Its proximal gradient is added after
+            Opacus clipped and noised the per-sample gradients (from the DP optimizer's step hook), and SCAFFOLD's
+            correction after each step: both depend on no example, so the round's privacy charge is unchanged.
         """
-        del seed  # the job's seed must not determine DP randomness
         model.train()  # Opacus validates (and hooks) a model in training mode
         check_dp_compatible(model)
-        set_trainable(model, trainable)
+        set_trainable(model, settings.trainable)
         try:
-            return self._train_round(
-                model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task, round_num, also_released
-            )
+            return self._train_round(model, dataset, settings, task, round_num, should_abort, also_released, correction)
         finally:
             set_trainable(model, None)
 
     def _train_round(
-        self, model, dataset, epochs, lr, batch_size, total_epochs, should_abort, task, round_num, also_released
+        self, model, dataset, settings: LocalTraining, task, round_num, should_abort, also_released, correction
     ):
+        epochs, batch_size = settings.epochs, settings.batch_size
         # Opacus' Poisson loader draws len(loader) = ceil(N / B) batches per epoch at rate 1 / len(loader);
         # calibrate and predict with exactly those numbers, so the ceiling is met at the last round, not overshot.
         steps_per_epoch = math.ceil(len(dataset) / batch_size)
         sample_rate = 1.0 / steps_per_epoch
-        self.calibrate(sample_rate, total_epochs * steps_per_epoch)
+        self.calibrate(sample_rate, settings.total_epochs * steps_per_epoch)
         steps = epochs * steps_per_epoch
         this_round = [(float(self.noise_multiplier), sample_rate, steps)]
         # Every check, and the ledger charge, before Opacus or the loader reads a single image.
@@ -181,7 +178,7 @@ class SitePrivacy:
         # Opacus' Poisson sampler draws from the loader's generator, the noise from noise_generator: both fresh
         # from the OS every round (module docstring).
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=os_seeded_generator())
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off: torchcsprng does not install here; the OS-seeded generators and
             # what they imply are documented (module docstring, docs/THREAT_MODEL.md).
@@ -201,10 +198,14 @@ class SitePrivacy:
                 f"Opacus' loader runs {len(private_loader)} steps per epoch, {steps_per_epoch} were "
                 "accounted; not training"
             )
+        if correction is not None:
+            correction.dp_sgd_hook(private_opt)  # chained after the accountant's hook: after clipping and noise
         private_model.train()
         loss = float("nan")
         for epoch in range(epochs):
-            loss = run_epoch(private_model, private_loader, private_opt, should_abort, f"DP epoch {epoch + 1}", task)
+            loss = run_epoch(
+                private_model, private_loader, private_opt, should_abort, f"DP epoch {epoch + 1}", task, correction
+            )
         plain = private_model._module
         for p in plain.parameters():  # drop Opacus' per-sample state so the module is a plain one again
             for attr in ("grad_sample", "_forward_counter", "summed_grad"):
