@@ -33,7 +33,8 @@ from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.flare.persistor import save_state
-from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable
+from fedmed.jobconfig import JobConfig
+from fedmed.model import build_densenet121, load_numpy_state, set_trainable
 from fedmed.model_card import data_is_synthetic
 from fedmed.parallel import site_torch_threads
 from fedmed.privacy.dp_sgd import SitePrivacy
@@ -88,85 +89,39 @@ def scope_in_privacy_file(path: Path, name: str) -> Optional[tuple[str, dict]]:
 class FedMedTrainer(Executor):
     def __init__(
         self,
-        task: str,
+        job: dict,
         site_config: Optional[str] = None,
-        image_size: int = 128,
-        local_epochs: int = 1,
-        lr: float = 1e-3,
-        batch_size: int = 16,
-        seed: int = 0,
-        norm: str = "batch",
-        train_task_name: str = AppConstants.TASK_TRAIN,
-        he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
-        dp_train_layers: Optional[list] = None,
         signatures: bool = False,
         signing_key_dir: Optional[str] = None,
+        train_task_name: str = AppConstants.TASK_TRAIN,
     ):
         """Local trainer for one hospital.
 
         Args:
+            job: the job's settings for the sites, fedmed.jobconfig.JobConfig.to_dict(site=True) (a JobConfig is
+                taken too): task, image_size, local_epochs, lr, batch_size, seed, norm, he_layers, dp_train_layers;
+                each setting's meaning and default is in JobConfig. They must match the server's.
             site_config: simulator only: path to this hospital's fedmed_site.json. A deployed hospital refuses a
                 job that sets it: it reads $FEDMED_SITE_CONFIG (the site's environment), else
                 <site workspace>/local/fedmed_site.json (what site_configs/install puts into a startup kit).
-            image_size: square input size after resizing (the server must use the same).
-            local_epochs: epochs over the local training set per round.
-            lr: Adam learning rate of round 1; cosine-decayed to 10% by the last round.
-            batch_size: training batch size.
-            seed: base seed; each round and site derive their own from it.
-            norm: "batch" or "group" (DenseNet-121 normalisation; "group" is required at sites with a privacy
-                policy, because DP-SGD cannot privatise BatchNorm). Must match the server's.
-            train_task_name: the training task this executor answers (it also answers fedmed's final-model task).
-            task: what the job learns, a name in fedmed.tasks.TASKS ("chest_xray14", "brain_mri"): classes, label
-                columns, accepted modalities, loss and scores. Must match the server's.
-            he_layers: parameters sent CKKS-encrypted (exact names or prefixes ending in '.', e.g.
-                ["class_layers.out."]); None or empty = no HE. Must match the server's.
             he_context_file: simulator only: this hospital's TenSEAL context with the secret key. A deployed
                 hospital refuses a job that sets it and reads <kit>/local/client_context.tenseal (installed from the
                 key custodian's key set, scripts/he_keys.py), else <kit>/startup/client_context.tenseal.
-            dp_train_layers: parameter-name prefixes a site trains when its policy says DP-SGD (e.g.
-                ["features.denseblock4.", "features.norm5.", "class_layers."]); the rest stay at the global model's
-                values. None = all. DP noise is spread over every trained coordinate, so fine-tuning the top of a
-                pretrained model privately keeps far more signal than training all 7M weights.
             signatures: sign every update (ML-DSA-65 + Ed25519, fedmed.signing) and train only on a global model
                 the server signed; needs the site's keys and the server's public key in signing_key_dir.
             signing_key_dir: where fedmed_signing.key and server_signing.pub are. Default: <site kit>/local/.
+            train_task_name: the training task this executor answers (it also answers fedmed's final-model task).
         """
         super().__init__()
-        if image_size < 32:
-            raise ValueError(f"image_size must be >= 32, got {image_size}")
-        if local_epochs < 1:
-            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.site_config = site_config  # same name as the argument: FedJob serialises attributes by name
-        self.image_size = image_size
-        self.local_epochs = local_epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.seed = seed
-        self.norm = norm
+        config = JobConfig.from_dict(job)  # raises naming a bad or unknown setting
+        self.job = config.to_dict(site=True)  # same name as the argument: FedJob serialises attributes by name
+        self.config = config
+        self.site_config = site_config
         self._privacy = None
         self.train_task_name = train_task_name
-        self.task = task
-        self._task = get_task(task)  # raises naming the valid tasks
-        if he_layers is not None and (isinstance(he_layers, str) or not all(isinstance(x, str) for x in he_layers)):
-            raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
-        self.he_layers = list(he_layers) if he_layers else None
+        self._task = get_task(config.task)
         self.he_context_file = he_context_file
-        if dp_train_layers is not None and (
-            isinstance(dp_train_layers, str)
-            or not dp_train_layers
-            or not all(isinstance(x, str) and x for x in dp_train_layers)
-        ):
-            raise ValueError(
-                f"dp_train_layers must be a non-empty list of parameter-name prefixes, got {dp_train_layers!r}"
-            )
-        self.dp_train_layers = list(dp_train_layers) if dp_train_layers else None
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
         self._state: Optional[site_round.Site] = None  # the site for fedmed.site_round, built at start-up
@@ -248,7 +203,9 @@ class FedMedTrainer(Executor):
         if threads:
             torch.set_num_threads(threads)
         t0 = time.monotonic()
-        self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed, self._task)
+        self._train_ds, self._val_ds = load_train_val(
+            self._site.data, self.config.image_size, self.config.seed, self._task
+        )
         self._data_synthetic = data_is_synthetic(
             [it.path for it in load_items(self._site.data, self._task)], self._site.synthetic_rehearsal
         )
@@ -258,11 +215,11 @@ class FedMedTrainer(Executor):
                 f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
                 f"rehearsal: its updates are deliberately corrupted",
             )
-        self._model = build_densenet121(self._task.num_outputs, norm=self.norm)
-        if self.he_layers:
+        self._model = build_densenet121(self._task.num_outputs, norm=self.config.norm)
+        if self.config.he_layers:
             ctx_path = self._he_context_path(fl_ctx)
             self._he = ckks.load_client_context(ctx_path)
-            self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), self.he_layers)
+            self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), list(self.config.he_layers))
             if self._he.key_id is None:
                 self.log_warning(
                     fl_ctx,
@@ -289,7 +246,7 @@ class FedMedTrainer(Executor):
         policy, source = self._privacy_policy(fl_ctx)
         try:
             simulator = running_in_simulator(fl_ctx)
-            check_job_for_site(self._site, policy, self.norm, where=site, config=str(path), simulator=simulator)
+            check_job_for_site(self._site, policy, self.config.norm, where=site, config=str(path), simulator=simulator)
         except JobRefused as e:
             if policy is None:  # the site stays up and refuses every task of the job with the reason
                 raise SiteSettingsRefused(str(e)) from None
@@ -298,9 +255,9 @@ class FedMedTrainer(Executor):
             self._ledger = self._open_ledger(site, policy, fl_ctx)
         if policy is not None:
             self._privacy = SitePrivacy(policy, self._ledger)
-            trained = set_trainable(self._model, self.dp_train_layers)  # names a prefix that matches nothing
+            trained = set_trainable(self._model, self.config.dp_train_layers)  # names a prefix that matches nothing
             set_trainable(self._model, None)
-            what = "all" if self.dp_train_layers is None else f"{self.dp_train_layers}:"
+            what = "all" if self.config.dp_train_layers is None else f"{list(self.config.dp_train_layers)}:"
             self.log_info(
                 fl_ctx,
                 f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
@@ -315,7 +272,11 @@ class FedMedTrainer(Executor):
             # The job's dp_train_layers restrict DP-SGD only: freezing keeps DP noise off coordinates that would
             # not carry signal through it; a site training without DP has no noise and trains every layer.
             training=site_round.Training(
-                self.lr, self.batch_size, self.local_epochs, self.seed, self._dp_trainable(policy)
+                self.config.lr,
+                self.config.batch_size,
+                self.config.local_epochs,
+                self.config.seed,
+                self._dp_trainable(policy),
             ),
             val=self._val_ds,
             privacy=self._privacy,
@@ -335,7 +296,7 @@ class FedMedTrainer(Executor):
         )
 
     def _dp_trainable(self, policy) -> Optional[tuple]:
-        return tuple(self.dp_train_layers) if policy is not None and self.dp_train_layers else None
+        return tuple(self.config.dp_train_layers) if policy is not None and self.config.dp_train_layers else None
 
     def _continue_run_privacy(self, site: str, global_model: FLModel, fl_ctx: FLContext) -> None:
         """A job that resumes a run (fedmed.resume): what the run's earlier jobs (named by the server) charged to this
