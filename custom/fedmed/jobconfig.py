@@ -25,6 +25,7 @@ from typing import Any, Optional
 from fedmed.aggregation import get_aggregator
 from fedmed.model import NORMS
 from fedmed.robust.trust import TrustPolicy
+from fedmed.rounds import default_min_clients
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.tasks import get_task
 
@@ -65,12 +66,6 @@ def _names(value, what: str) -> Optional[tuple]:
     if isinstance(value, str) or not all(isinstance(x, str) and x for x in value):
         raise ValueError(f"{what} must be a list of non-empty names, got {value!r}")
     return tuple(value) or None
-
-
-def default_min_clients(num_sites: int) -> int:
-    """min_clients when a job does not say: one site may fail, refuse or be quarantined without stopping the job
-    (all sites but one with 3 or more sites, else all). The one place this default lives."""
-    return num_sites - 1 if num_sites >= 3 else num_sites
 
 
 @dataclass(frozen=True)
@@ -297,7 +292,7 @@ class JobConfig:
 
     @property
     def required_clients(self) -> int:
-        """min_clients, or its default (default_min_clients)."""
+        """min_clients, or its default (fedmed.rounds.default_min_clients)."""
         return self.min_clients if self.min_clients is not None else default_min_clients(len(self.sites))
 
     def trust_policy(self) -> TrustPolicy:

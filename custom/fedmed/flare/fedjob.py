@@ -81,7 +81,7 @@ def build_job(
         )
     )
     if config.cross_site_eval or config.evaluates_only:
-        job.to_server(FedMedCrossSiteEval(job=config.to_dict()))
+        job.to_server(FedMedCrossSiteEval(job=config.to_dict()), id="cross_site_eval")
     for cid, component in (server_components or {}).items():
         job.to_server(component, id=cid)
     add_persistor_and_trainers(job, config, data_root, he_keys_dir, signing_keys_dir)
@@ -269,7 +269,7 @@ def add_setting_options(p: argparse.ArgumentParser, config: JobConfig) -> None:
     script's JobConfig). An option not given is absent from the parsed arguments (argparse.SUPPRESS), so `config`'s
     own value stands; a bool setting is a switch that turns its default around (--no-cross-site-eval)."""
     groups: dict = {}
-    for f in fields(JobConfig):
+    for f in fields(type(config)):
         meta = f.metadata
         if not meta.get("cli", False) or meta.get("flag") == "":
             continue
@@ -280,7 +280,8 @@ def add_setting_options(p: argparse.ArgumentParser, config: JobConfig) -> None:
         name = meta.get("flag") or f.name.replace("_", "-")
         default = getattr(config, f.name)
         help_text = meta["help"].replace("%", "%%")
-        kind = str(f.type).removeprefix("Optional[").removesuffix("]")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = kind.replace("typing.", "").removeprefix("Optional[").removesuffix("]")  # Optional[int] -> int
         if kind == "bool":
             flag = f"--no-{name}" if default else f"--{name}"
             target.add_argument(
@@ -333,7 +334,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
     )
     add_setting_options(p, config)
     a = p.parse_args(argv)
-    changes = {f.name: getattr(a, f.name) for f in fields(JobConfig) if hasattr(a, f.name)}
+    changes = {f.name: getattr(a, f.name) for f in fields(type(config)) if hasattr(a, f.name)}
     if a.he and not changes.get("he_layers"):
         changes["he_layers"] = (HEAD_PREFIX,)
     if changes.get("initial_weights") is not None:
