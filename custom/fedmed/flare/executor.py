@@ -5,17 +5,15 @@ Thin adapter: converts Shareable <-> FLModel <-> numpy params and calls fedmed.t
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import torch
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -31,15 +29,15 @@ from fedmed.crosssite import GLOBAL_MODEL, local_model_refusal, released_scores,
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
-from fedmed.flare.filters import UpdateNoiseFilter
+from fedmed.flare import site_privacy
 from fedmed.flare.persistor import save_state
+from fedmed.flare.site_privacy import SiteSettingsRefused, scope_in_privacy_file  # noqa: F401 (the Executor's API)
 from fedmed.jobconfig import JobConfig
 from fedmed.model import build_densenet121, load_numpy_state, set_trainable
 from fedmed.model_card import data_is_synthetic
 from fedmed.parallel import site_torch_threads
 from fedmed.privacy.dp_sgd import SitePrivacy
-from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, PrivacyLedger
-from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
+from fedmed.privacy.ledger import LedgerBinding
 from fedmed.site_config import JobRefused, SiteConfig, check_job_for_site, load_site_config
 from fedmed.site_round import GlobalModelRejected
 from fedmed.tasks import get_task
@@ -47,11 +45,6 @@ from fedmed.training import NonFinitePredictions, TrainingAborted, evaluate
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
 FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of the federation's result
-
-
-class SiteSettingsRefused(RuntimeError):
-    """The job tried to set what only the site may set (or the site's own privacy state is unusable). The site
-    stays up and refuses every task of the job with this reason, so the server records it and the run fails."""
 
 
 def is_deployed_kit(workspace: Optional[Workspace]) -> bool:
@@ -67,23 +60,6 @@ def running_in_simulator(fl_ctx: FLContext) -> bool:
     """True only for a site run by NVFlare's simulator (or the tests), which has no kit (is_deployed_kit)."""
     engine = fl_ctx.get_engine()
     return not is_deployed_kit(engine.get_workspace() if engine is not None else None)
-
-
-def scope_in_privacy_file(path: Path, name: str) -> Optional[tuple[str, dict]]:
-    """(scope name, properties) of the scope `name` (empty: the default scope) in a site's NVFlare privacy.json, as
-    NVFlare's privacy manager resolves it; None when the file or the scope is absent."""
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        scopes = {s["name"]: s for s in doc.get("scopes", [])}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path} is not a valid NVFlare privacy file: {e!r}") from None
-    scope = scopes.get(name or doc.get("default_scope") or "")
-    if scope is None:
-        return None
-    props = scope.get("properties") or {}
-    return scope["name"], props if isinstance(props, dict) else {}
 
 
 class FedMedTrainer(Executor):
@@ -243,7 +219,7 @@ class FedMedTrainer(Executor):
             self._sign_keys, self._server_key = wire_sig.load_keys(key_dir)
             if self._sign_keys.site != site:
                 raise ValueError(f"signing key in {key_dir} is {self._sign_keys.site!r}'s, but this client is {site!r}")
-        policy, source = self._privacy_policy(fl_ctx)
+        policy, source, self._noise_filters = site_privacy.privacy_policy(self._site, fl_ctx)
         try:
             simulator = running_in_simulator(fl_ctx)
             check_job_for_site(self._site, policy, self.config.norm, where=site, config=str(path), simulator=simulator)
@@ -252,7 +228,13 @@ class FedMedTrainer(Executor):
                 raise SiteSettingsRefused(str(e)) from None
             raise
         if policy is not None or self._noise_filters:
-            self._ledger = self._open_ledger(site, policy, fl_ctx)
+            self._ledger = site_privacy.open_ledger(self._site, self._task, policy, fl_ctx)
+            b = self._ledger
+            self.log_info(
+                fl_ctx,
+                f"site {site}: privacy ledger {b.ledger.path}, dataset {b.dataset.digest[:12]} "
+                f"({b.dataset.describe()}): lifetime epsilon {b.lifetime_epsilon():.3f} of {b.lifetime_ceiling}",
+            )
         if policy is not None:
             self._privacy = SitePrivacy(policy, self._ledger)
             trained = set_trainable(self._model, self.config.dp_train_layers)  # names a prefix that matches nothing
@@ -313,70 +295,6 @@ class FedMedTrainer(Executor):
             f"site {site}: this job resumes a run of jobs {jobs}: their DP-SGD spend at this site, epsilon "
             f"{self._privacy.epsilon_spent:.3f}, counts toward this job's ceiling {self._privacy.policy.epsilon}",
         )
-
-    def _open_ledger(self, site: str, policy, fl_ctx: FLContext) -> LedgerBinding:
-        """The site's lifetime ledger (path from fedmed_site.json, else <kit>/local/), verified, bound to this
-        dataset (the pseudonymous identities of every image, and patient, the task reads) and this job."""
-        path = (
-            self._site.privacy_ledger
-            or Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / LEDGER_FILENAME
-        )
-        ledger = PrivacyLedger(path)
-        problem = ledger.verify()
-        if problem:
-            raise SiteSettingsRefused(
-                f"the site's privacy ledger is damaged, so no privacy spend can be accounted: "
-                f"{problem}; the privacy officer must check it (scripts/privacy_ledger.py "
-                "verify)"
-            )
-        identities = ledger.dataset_identities(
-            (it.path, it.patient_id) for it in load_items(self._site.data, self._task)
-        )
-        binding = LedgerBinding(
-            ledger,
-            identities,
-            str(fl_ctx.get_job_id()),
-            policy.delta if policy else DEFAULT_DELTA,
-            policy.lifetime_ceiling if policy else None,
-            run=uuid.uuid4().hex[:12],
-        )
-        self.log_info(
-            fl_ctx,
-            f"site {site}: privacy ledger {path}, dataset {identities.digest[:12]} ({identities.describe()}): lifetime epsilon "
-            f"{binding.lifetime_epsilon():.3f} of {binding.lifetime_ceiling}",
-        )
-        return binding
-
-    def _privacy_policy(self, fl_ctx: FLContext):
-        """The strictest of this site's fedmed_site.json policy and the one in the job's NVFlare privacy scope
-        (<kit>/local/privacy.json, scope properties["fedmed_privacy"]), with where it came from."""
-        scope_obj = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
-        scope = scope_obj.name if scope_obj is not None else ""
-        props = scope_obj.props if scope_obj is not None else {}
-        engine = fl_ctx.get_engine()
-        if scope_obj is None and engine is not None:
-            # NVFlare's simulator does not resolve the job's scope (its run manager sets only the job meta), nor
-            # applies the scope's filters; read the scope's properties from the site's privacy.json the way a
-            # deployed client resolves them, through the public workspace API.
-            found = scope_in_privacy_file(
-                Path(engine.get_workspace().get_site_privacy_file_path()),
-                (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", ""),
-            )
-            scope, props = found if found is not None else ("", {})
-        raw = props.get(C.SCOPE_PRIVACY_KEY) if isinstance(props, dict) else None
-        filters = getattr(scope_obj, "task_result_filters", None) or {}
-        self._noise_filters = [f for group in filters.values() for f in group if isinstance(f, UpdateNoiseFilter)]
-        try:
-            scope_policy = parse_privacy(raw)
-        except ValueError as e:
-            raise ValueError(f"privacy scope {scope!r} in local/privacy.json: {e}") from e
-        policy = strictest(self._site.privacy, scope_policy)
-        sources = [
-            name
-            for name, p in (("fedmed_site.json", self._site.privacy), (f"privacy scope {scope!r}", scope_policy))
-            if p is policy
-        ]
-        return policy, (sources[0] if sources else "fedmed_site.json and privacy scope combined")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         # Cross-site evaluation answers NVFlare's own task names (AppConstants.TASK_VALIDATION / TASK_SUBMIT_MODEL),
