@@ -151,7 +151,7 @@ def test_every_setting_reaches_the_controller_and_the_executors_of_an_exported_j
     build_job(config).export_job(str(tmp_path))
     workflows, trainers = _exported(tmp_path / "every")
     names = {f.name for f in dataclasses.fields(JobConfig)}
-    site_names = {f.name for f in dataclasses.fields(JobConfig) if f.metadata["site"]}
+    site_names = {f.name for f in dataclasses.fields(JobConfig) if f.metadata.get("site")}
     assert set(workflows["FedMedController"]) == {"job"} and set(workflows["FedMedController"]["job"]) == names
     assert FedMedController(**workflows["FedMedController"]).config == config
     if config.cross_site_eval or config.evaluates_only:
@@ -170,7 +170,7 @@ def test_the_executor_reads_only_the_settings_sent_to_the_sites():
     the default there, whatever the job says."""
     source = (REPO / "custom" / "fedmed" / "flare" / "executor.py").read_text()
     read = set(re.findall(r"self\.config\.(\w+)", source))
-    site_names = {f.name for f in dataclasses.fields(JobConfig) if f.metadata["site"]}
+    site_names = {f.name for f in dataclasses.fields(JobConfig) if f.metadata.get("site")}
     assert read and read <= site_names, read - site_names
 
 
@@ -188,6 +188,12 @@ def test_a_job_configuration_with_an_unknown_or_missing_setting_is_refused_namin
 
 
 NOT_OPTIONS = {"name", "task", "models_dir", "cross_site_eval_run"}  # named by the job script, or derived
+
+
+def test_every_setting_is_declared_with_its_help():
+    """A field declared without setting(...) would have no option, no help and would never reach the sites."""
+    plain = [f.name for f in dataclasses.fields(JobConfig) if not f.metadata.get("help")]
+    assert not plain, f"declare {plain} with fedmed.jobconfig.setting(default, help, ...)"
 
 
 def test_the_job_scripts_options_are_derived_from_the_settings():
