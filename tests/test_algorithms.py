@@ -358,6 +358,7 @@ def test_job_settings_carry_the_algorithms_to_the_exported_job_and_refuse_a_resu
     server = json.loads(next(tmp_path.rglob("config_fed_server.json")).read_text())
     client = json.loads(next(tmp_path.rglob("config_fed_client.json")).read_text())
     controller = next(w for w in server["workflows"] if "FedMedController" in w["path"])["args"]
-    assert controller["fedopt"]["kind"] == "fedadam" and controller["scaffold"] is True
+    assert controller["job"]["server_optimizer"] == "fedadam" and controller["job"]["scaffold"] is True
     trainer = next(e for e in client["executors"] if "FedMedTrainer" in e["executor"]["path"])["executor"]["args"]
-    assert trainer["proximal_mu"] == 0.05 and trainer["scaffold"] is True
+    assert trainer["job"]["proximal_mu"] == 0.05 and trainer["job"]["scaffold"] is True
+    assert "server_optimizer" not in trainer["job"]  # the server's setting stays at the server

@@ -21,14 +21,16 @@ def test_exported_brain_job_configures_the_shared_components_with_its_task(tmp_p
     root = tmp_path / "brain_mri_densenet"
     server = json.loads((root / "app_server" / "config" / "config_fed_server.json").read_text())
     by_path = {c["path"]: c["args"] for c in server["components"]}
-    controller = next(w for w in server["workflows"] if w["path"].endswith("FedMedController"))["args"]
+    controller = next(w for w in server["workflows"] if w["path"].endswith("FedMedController"))["args"]["job"]
     assert controller["task"] == "brain_mri" and controller["image_size"] == 96 and controller["num_rounds"] == 2
     assert by_path["fedmed.flare.persistor.FedMedModelPersistor"]["num_outputs"] == len(BRAIN_CLASSES)
     clients = list(root.rglob("config_fed_client.json"))
     assert len(clients) == 3
     for path in clients:
         executor = json.loads(path.read_text())["executors"][0]["executor"]
-        assert executor["path"] == "fedmed.flare.executor.FedMedTrainer" and executor["args"]["task"] == "brain_mri"
+        assert (
+            executor["path"] == "fedmed.flare.executor.FedMedTrainer" and executor["args"]["job"]["task"] == "brain_mri"
+        )
 
 
 @pytest.mark.integration

@@ -226,9 +226,9 @@ def test_the_controller_refuses_hostile_answers_sent_to_it():
     """Real FLModels as NVFlare hands them to the controller (client_name from the connection): a site lying about
     the model, scoring outside [0, 1], NaN or an unknown class is recorded rejected with the reason; a silent
     site missing; an answer from a site that was not asked is ignored."""
-    from fedmed.flare.controller import FedMedController
+    from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
 
-    controller = FedMedController(task="chest_xray14", cross_site_timeout=5)
+    controller = FedMedCrossSiteEval({"name": "j", "task": "chest_xray14", "cross_site_timeout": 5})
     answers = [
         _answer("hospital-a"),
         _answer("hospital-b", owner="hospital-a"),
@@ -251,10 +251,10 @@ def test_the_controller_refuses_hostile_answers_sent_to_it():
 
 
 def test_the_controller_relays_no_broken_local_model():
-    from fedmed.flare.controller import FedMedController
+    from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
     from fedmed.model import build_densenet121, state_to_numpy
 
-    controller = FedMedController(task="brain_mri")
+    controller = FedMedCrossSiteEval({"name": "j", "task": "brain_mri"})
     good = state_to_numpy(build_densenet121(4))
     assert controller._local_model_problem(FLModel(params=good)) is None
     poisoned = {**good, "class_layers.out.weight": np.full_like(good["class_layers.out.weight"], np.nan)}
@@ -317,7 +317,8 @@ def _site_trainer(tiny_hospitals, tmp_path, monkeypatch, **site_keys):
     (tmp_path / "dicom").symlink_to(tiny_hospitals / site / "dicom")
     (tmp_path / "labels.csv").symlink_to(tiny_hospitals / site / "labels.csv")
     norm = "group" if "privacy" in site_keys else "batch"
-    ex = FedMedTrainer(task="chest_xray14", site_config=str(cfg), image_size=32, batch_size=4, norm=norm)
+    job = {"name": "j", "task": "chest_xray14", "image_size": 32, "batch_size": 4, "norm": norm}
+    ex = FedMedTrainer(job, site_config=str(cfg))
     ctx = FLContextManager(identity_name=site, job_id="job-1").new_context()
     ex._setup(ctx)
     return ex, ctx
@@ -415,7 +416,7 @@ def test_why_a_quarantined_hospital_is_not_asked(events, why):
 def test_a_quarantined_hospital_is_neither_asked_to_lend_nor_to_score_and_its_model_is_relayed_to_no_one():
     """A quarantined hospital's model, sent anyway, reaches no other hospital: it is not a target of submit_model, so
     the controller drops its answer; its cells (its own model's, the global model's, every lent model's) say why."""
-    from fedmed.flare.controller import FedMedController
+    from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
     from fedmed.model import build_densenet121, state_to_numpy
 
     quarantined = quarantine_reasons(
@@ -430,7 +431,7 @@ def test_a_quarantined_hospital_is_neither_asked_to_lend_nor_to_score_and_its_mo
         "hospital-c": "not asked: quarantined since round 1: a round scoring 0",
         "hospital-d": "not asked: NVFlare dropped the site",
     }
-    controller = FedMedController(task="brain_mri")
+    controller = FedMedCrossSiteEval({"name": "j", "task": "brain_mri"})
     params = state_to_numpy(build_densenet121(4))
     answers = [
         FLModel(params=params, meta={"client_name": "hospital-c", AppConstants.MODEL_OWNER: "hospital-c"}),
@@ -469,9 +470,9 @@ def test_a_site_that_answers_with_an_error_is_not_called_silent():
     from nvflare.apis.shareable import make_reply
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-    from fedmed.flare.controller import FedMedController
+    from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
 
-    controller = FedMedController(task="chest_xray14", cross_site_timeout=7)
+    controller = FedMedCrossSiteEval({"name": "j", "task": "chest_xray14", "cross_site_timeout": 7})
     ctx = FLContextManager(identity_name="server", job_id="job-1").new_context()
     controller.fl_ctx = ctx
     asked = FLModel(params={}, meta={AppConstants.MODEL_OWNER: "global"})
@@ -528,14 +529,11 @@ def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
         return exported_controller_args(folder), persistor.get("args", {})
 
     controller, persistor = export("--cross-site-eval-only", str(model))
-    assert controller["evaluate_only"] is True and controller.get("evaluate_run") is None  # left out: the default
+    assert controller["cross_site_eval_only"] == str(model.resolve()) and controller["cross_site_eval_run"] is None
     assert persistor["initial_weights"] == str(model.resolve())
     controller, persistor = export("--cross-site-eval-only", "3fa2c1", "--cross-site-eval-model", "best")
-    assert (controller["evaluate_only"], controller["evaluate_run"], controller["evaluate_model"]) == (
-        True,
-        "3fa2c1",
-        "best",
-    )
+    assert (controller["cross_site_eval_only"], controller["cross_site_eval_run"]) == (None, "3fa2c1")
+    assert controller["cross_site_eval_model"] == "best"
     assert "initial_weights" not in persistor
     for argv, why in (
         (["--cross-site-eval-only", str(tmp_path / "gone.pt")], "no such model file, nor a run uid"),

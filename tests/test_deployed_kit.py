@@ -65,7 +65,7 @@ def test_no_workspace_counts_as_a_deployed_kit():
 
 @pytest.mark.parametrize("kit", [True, False])
 def test_a_job_naming_site_settings_is_refused_in_a_kit_and_honoured_in_the_simulator(tmp_path, kit):
-    trainer = FedMedTrainer(task=CHEST_XRAY14.name, site_config="/job/supplied/fedmed_site.json")
+    trainer = FedMedTrainer({"name": "j", "task": CHEST_XRAY14.name}, site_config="/job/supplied/fedmed_site.json")
     ctx = _context(_workspace(tmp_path / "site", kit))
     if kit:
         with pytest.raises(SiteSettingsRefused, match=r"the job sets site_config='/job/supplied/fedmed_site.json'"):

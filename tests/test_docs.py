@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from fedmed.cli.generate_hospitals import write_site_config
-from fedmed.jobconfig import JobConfig
 from fedmed.privacy.policy import parse_privacy, strictest
 from fedmed.site_config import JobRefused, check_job_for_site, load_site_config
 from jobscripts import load_job_script
@@ -64,7 +63,7 @@ def test_every_submit_example_is_accepted_by_the_hospitals_it_runs_on(own, job, 
     scope = json.loads((folder / "meta.json").read_text()).get("scope", "")
     client = json.loads(next(folder.glob("app_hospital-a/config/config_fed_client.json")).read_text())
     executor_args = client["executors"][0]["executor"].get("args", {})
-    norm = executor_args.get("norm", JobConfig.norm)
+    norm = executor_args["job"]["norm"]
     for site in HOSPITALS:
         if "--kit" in own:
             cfg = load_site_config(REPO / "site_configs" / site / "fedmed_site.json")

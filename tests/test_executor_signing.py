@@ -51,10 +51,8 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     site_pub = signing.load_public_keys(local / signing.PUBLIC_FILE)
 
     ex = FedMedTrainer(
-        task=CHEST_XRAY14.name,
+        {"name": "j", "task": CHEST_XRAY14.name, "image_size": 32, "batch_size": 4},
         site_config=str(cfg),
-        image_size=32,
-        batch_size=4,
         signatures=True,
         signing_key_dir=str(local),
     )
@@ -135,7 +133,7 @@ def test_a_site_whose_set_up_fails_answers_every_task_with_the_reason(tmp_path, 
             }
         )
     )
-    ex = FedMedTrainer("chest_xray14", site_config=str(cfg), image_size=32)
+    ex = FedMedTrainer({"name": "j", "task": "chest_xray14", "image_size": 32}, site_config=str(cfg))
     ctx = FLContextManager(identity_name="hospital-a", job_id="job-1").new_context()
     ex.handle_event(EventType.START_RUN, ctx)
     for task in ("train", C.TASK_FINAL_MODEL):

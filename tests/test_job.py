@@ -41,12 +41,13 @@ def test_exported_job_names_fedmed_components_and_ships_no_code(tmp_path):
 def test_bad_controller_arguments_fail_at_construction():
     from fedmed.flare.controller import FedMedController
 
-    with pytest.raises(ValueError, match="num_rounds must be >= 1"):
-        FedMedController(task="chest_xray14", num_rounds=0)
+    job = {"name": "j", "task": "chest_xray14"}
+    with pytest.raises(ValueError, match="num_rounds must be an integer >= 1"):
+        FedMedController({**job, "num_rounds": 0})
     with pytest.raises(ValueError, match="unknown aggregation 'bulyan'"):
-        FedMedController(task="chest_xray14", aggregation="bulyan")
+        FedMedController({**job, "aggregation": "bulyan"})
     with pytest.raises(ValueError, match="given together"):
-        FedMedController(task="chest_xray14", test_dicom_root="/x")
+        FedMedController(job, test_dicom_root="/x")
 
 
 def _write_site_configs(root, hostile=None, privacy=None, share=()):

@@ -2,19 +2,20 @@
 the exported job configures; bad settings are refused naming what is wrong, before anything is built or written."""
 
 import dataclasses
-import inspect
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
-from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.jobconfig import DEFAULT_SITES, JobConfig
 from fedmed.robust.trust import TrustPolicy
+from fedmed.rounds import RoundRules, default_min_clients
 from jobscripts import load_job_script
 
+REPO = Path(__file__).resolve().parents[1]
 TRUST = {
     "trust_smoothing": "smoothing",
     "trust_ok_ratio": "ok_ratio",
@@ -25,26 +26,17 @@ TRUST = {
 }
 
 
-def _defaults(cls) -> dict:
-    return {
-        n: p.default
-        for n, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
-def test_config_defaults_are_the_components_defaults():
-    """A component constructed without the job (e.g. in a hand-written config) behaves as the job's default."""
+def test_trust_and_min_clients_defaults_live_in_one_place():
+    """JobConfig's trust settings default to TrustPolicy's; min_clients has one default (fedmed.rounds.
+    default_min_clients), which the round engine's rules do not restate."""
     config = JobConfig(name="x", task="chest_xray14")
-    # min_clients: the job derives it from its sites; the task is the job's own choice, never a silent default.
-    derived = {"min_clients", "task"}
-    for cls in (FedMedController, FedMedTrainer, FedMedModelPersistor):
-        shared = {n: d for n, d in _defaults(cls).items() if hasattr(config, n) and n not in derived}
-        assert shared, cls
-        assert {n: getattr(config, n) for n in shared} == shared, cls.__name__
     policy = TrustPolicy()
     assert {k: getattr(config, k) for k in TRUST} == {k: getattr(policy, v) for k, v in TRUST.items()}
-    assert config.sites == DEFAULT_SITES and config.required_clients == 2
+    assert config.trust_policy() == policy
+    assert config.sites == DEFAULT_SITES and config.required_clients == default_min_clients(3) == 2
+    assert default_min_clients(2) == 2 and default_min_clients(5) == 4
+    with pytest.raises(TypeError, match="min_clients"):
+        RoundRules()
 
 
 def test_config_is_frozen_and_changes_make_a_validated_copy():
@@ -91,39 +83,157 @@ def test_a_job_without_a_task_is_refused():
 
 
 def _server_args(root):
-    """The arguments the server's components are constructed with (NVFlare exports only non-default ones)."""
+    """The job settings the Controller is constructed with, and the persistor's arguments."""
     server = json.loads((root / "app_server" / "config" / "config_fed_server.json").read_text())
-    controller = next(w for w in server["workflows"] if w["path"].endswith("FedMedController"))["args"]
+    controller = next(w for w in server["workflows"] if w["path"].endswith("FedMedController"))["args"]["job"]
     persistor = next(c for c in server["components"] if c["path"].endswith("FedMedModelPersistor"))["args"]
-    return {**_defaults(FedMedController), **controller}, {**_defaults(FedMedModelPersistor), **persistor}
+    return controller, persistor
+
+
+def _exported(root):
+    """({workflow class: its arguments}, [each site's FedMedTrainer arguments]) of an exported job folder."""
+    server = json.loads((root / "app_server" / "config" / "config_fed_server.json").read_text())
+    workflows = {w["path"].rsplit(".", 1)[-1]: w["args"] for w in server["workflows"]}
+    clients = [json.loads(p.read_text()) for p in sorted(root.rglob("config_fed_client.json"))]
+    trainers = [c["executors"][0]["executor"] for c in clients]
+    assert {t["path"] for t in trainers} == {"fedmed.flare.executor.FedMedTrainer"}
+    return workflows, [t["args"] for t in trainers]
+
+
+CHANGED = dict(
+    sites=("h1", "h2", "h3", "h4"),
+    num_rounds=3,
+    min_clients=2,
+    round_timeout=9,
+    straggler_wait=7,
+    aggregation="fedavg",
+    image_size=64,
+    local_epochs=2,
+    lr=0.01,
+    batch_size=8,
+    seed=3,
+    norm="group",
+    db_url="sqlite:////srv/fedmed.db",
+    privacy_scope="strict",
+    he_layers=("class_layers.out.",),
+    dp_train_layers=("class_layers.",),
+    initial_weights="/srv/w.pt",
+    trust_smoothing=0.25,
+    trust_ok_ratio=1.5,
+    trust_bad_ratio=3.0,
+    quarantine_below=0.4,
+    readmit_after=3,
+    trust_head_cosine_bad=-0.6,
+    final_model_timeout=30,
+    statistics_factor=20.0,
+    validation_images=5,
+    resume_run="3fa2",
+    models_dir="/srv/runs",
+    cross_site_eval=False,
+    cross_site_eval_model="best",
+    cross_site_timeout=9,
+)
+
+
+@pytest.mark.parametrize("changes", [{}, CHANGED, {"cross_site_eval_run": "3fa2"}], ids=["defaults", "changed", "eval"])
+def test_every_setting_reaches_the_controller_and_the_executors_of_an_exported_job(changes, tmp_path):
+    """build_job + FedJob.export_job: the exported server config holds every JobConfig setting for each workflow,
+    each site's config the settings marked for sites (never the server's database URL); the components constructed
+    from that JSON, as NVFlare constructs them, hold the same values (and so the same defaults) as the JobConfig."""
+    from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
+    from fedmed.flare.fedjob import build_job
+
+    config = JobConfig(name="every", task="brain_mri", **changes)
+    if changes is CHANGED:  # every setting but the job's name and task and the evaluation-only ones differs
+        default = JobConfig(name="every", task="brain_mri")
+        same = {f.name for f in dataclasses.fields(JobConfig) if getattr(config, f.name) == getattr(default, f.name)}
+        assert same == {"name", "task", "cross_site_eval_only", "cross_site_eval_run"}
+    build_job(config).export_job(str(tmp_path))
+    workflows, trainers = _exported(tmp_path / "every")
+    names = {f.name for f in dataclasses.fields(JobConfig)}
+    site_names = {f.name for f in dataclasses.fields(JobConfig) if f.metadata.get("site")}
+    assert set(workflows["FedMedController"]) == {"job"} and set(workflows["FedMedController"]["job"]) == names
+    assert FedMedController(**workflows["FedMedController"]).config == config
+    if config.cross_site_eval or config.evaluates_only:
+        assert FedMedCrossSiteEval(**workflows["FedMedCrossSiteEval"]).config == config
+    else:
+        assert "FedMedCrossSiteEval" not in workflows
+    assert len(trainers) == len(config.sites)
+    for args in trainers:
+        assert set(args["job"]) == site_names and "db_url" not in args["job"]
+        trainer = FedMedTrainer(**args)
+        assert {n: getattr(trainer.config, n) for n in site_names} == {n: getattr(config, n) for n in site_names}
+
+
+def test_the_executor_reads_only_the_settings_sent_to_the_sites():
+    """A setting the Executor reads must travel to the sites (metadata site=True): otherwise it would silently hold
+    the default there, whatever the job says."""
+    source = (REPO / "custom" / "fedmed" / "flare" / "executor.py").read_text()
+    read = set(re.findall(r"self\.config\.(\w+)", source))
+    site_names = {f.name for f in dataclasses.fields(JobConfig) if f.metadata.get("site")}
+    assert read and read <= site_names, read - site_names
+
+
+def test_a_job_configuration_with_an_unknown_or_missing_setting_is_refused_naming_it():
+    job = JobConfig(name="x", task="chest_xray14").to_dict()
+    assert JobConfig.from_dict(json.loads(json.dumps(job))) == JobConfig(name="x", task="chest_xray14")
+    with pytest.raises(ValueError, match=r"unknown job setting\(s\) \['rounds'\]"):
+        FedMedController({**job, "rounds": 3})
+    with pytest.raises(ValueError, match=r"unknown job setting\(s\) \['trust_tau'\]"):
+        FedMedTrainer({"name": "x", "task": "chest_xray14", "trust_tau": 1.0})
+    with pytest.raises(ValueError, match=r"lacks \['task'\]"):
+        JobConfig.from_dict({"name": "x"})
+    with pytest.raises(ValueError, match="job must be a dict"):
+        JobConfig.from_dict([("name", "x")])
+
+
+NOT_OPTIONS = {"name", "task", "models_dir", "cross_site_eval_run"}  # named by the job script, or derived
+
+
+def test_every_setting_is_declared_with_its_help():
+    """A field declared without setting(...) would have no option, no help and would never reach the sites."""
+    plain = [f.name for f in dataclasses.fields(JobConfig) if not f.metadata.get("help")]
+    assert not plain, f"declare {plain} with fedmed.jobconfig.setting(default, help, ...)"
+
+
+def test_the_job_scripts_options_are_derived_from_the_settings():
+    """One option per setting (but the few the job script names itself), its help the field's, its default shown
+    from the job script's JobConfig; a new field with a default and help is all a new option takes."""
+    import argparse
+
+    from fedmed.flare.fedjob import add_setting_options
+    from fedmed.jobconfig import setting
+
+    config = JobConfig(name="x", task="brain_mri", image_size=96)
+    p = argparse.ArgumentParser()
+    add_setting_options(p, config)
+    options = {a.dest: a for a in p._actions if a.dest != "help"}
+    fields_ = {f.name: f for f in dataclasses.fields(JobConfig)}
+    assert set(options) == set(fields_) - NOT_OPTIONS
+    for name, action in options.items():
+        assert fields_[name].metadata["help"].replace("%", "%%") in action.help, name
+    assert options["image_size"].help.endswith("(default 96)") and options["num_rounds"].option_strings == ["--rounds"]
+    assert options["cross_site_eval"].option_strings == ["--no-cross-site-eval"]
+    assert vars(p.parse_args([])) == {}  # an option not given leaves the JobConfig's value
+    parsed = vars(p.parse_args(["--sites", "a,b", "--no-cross-site-eval", "--lr", "0.5", "--he-layers", "x.,y"]))
+    assert parsed == {"sites": ("a", "b"), "cross_site_eval": False, "lr": 0.5, "he_layers": ("x.", "y")}
+
+    @dataclasses.dataclass(frozen=True)
+    class WithOneMore(JobConfig):
+        centred_clipping_tau: float = setting(1.0, "radius of centred clipping")
+
+    p = argparse.ArgumentParser()
+    add_setting_options(p, WithOneMore(name="x", task="brain_mri"))
+    assert p.parse_args(["--centred-clipping-tau", "0.5"]).centred_clipping_tau == 0.5
+    assert "radius of centred clipping (default 1.0)" in p.format_help()
 
 
 @pytest.mark.parametrize("job_name", ["cxr_densenet", "brain_mri_densenet"])
 def test_job_script_defaults_come_from_its_config(job_name, tmp_path):
     job = load_job_script(job_name)
     assert job.main(["--export-job", str(tmp_path)]) == 0
-    controller, persistor = _server_args(tmp_path / job_name)
-    c = job.CONFIG
-    assert controller["task"] == c.task and controller["run_name"] == c.name
-    for key in (
-        "num_rounds",
-        "round_timeout",
-        "straggler_wait",
-        "aggregation",
-        "image_size",
-        "norm",
-        "final_model_timeout",
-        "statistics_factor",
-        "validation_images",
-        *TRUST,
-    ):
-        assert controller[key] == getattr(c, key), key
-    assert controller["min_clients"] == c.required_clients and persistor["seed"] == c.seed
-    client = json.loads(next((tmp_path / job_name).rglob("config_fed_client.json")).read_text())
-    trainer = {**_defaults(FedMedTrainer), **client["executors"][0]["executor"]["args"]}
-    assert {k: trainer[k] for k in ("image_size", "local_epochs", "lr", "batch_size", "seed", "norm")} == {
-        k: getattr(c, k) for k in ("image_size", "local_epochs", "lr", "batch_size", "seed", "norm")
-    }
+    controller, _ = _server_args(tmp_path / job_name)
+    assert controller == job.CONFIG.to_dict()
 
 
 def test_trust_options_reach_the_controller(tmp_path):
@@ -196,7 +306,8 @@ def test_build_job_takes_settings_by_name_only(tmp_path):
     built = job.build_job(sites=["hospital-a", "hospital-b"], num_rounds=2)
     built.export_job(str(tmp_path))
     controller, _ = _server_args(tmp_path / "brain_mri_densenet")
-    assert controller["num_rounds"] == 2 and controller["min_clients"] == 2 and controller["image_size"] == 96
+    assert controller["num_rounds"] == 2 and controller["image_size"] == 96
+    assert JobConfig.from_dict(controller).required_clients == 2
 
 
 def test_the_admin_follows_as_many_rounds_as_the_exported_job_runs(tmp_path):

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed.flare.controller import FedMedController
+from fedmed.flare.round_scoring import RoundScorer
 from fedmed.model import build_densenet121, state_to_numpy
 from fedmed.model_health import check_outputs, probe_images
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
+from fedmed.tasks import CHEST_XRAY14
 
 SIZE = 32  # the check needs no realistic size; small keeps DenseNet-121 fast
 
@@ -55,12 +56,11 @@ def test_the_probe_images_are_the_same_every_round():
 
 
 def test_the_controller_flags_an_unusable_aggregate_but_cannot_read_an_encrypted_one():
-    controller = FedMedController(task="chest_xray14", image_size=SIZE)
-    eval_model = build_densenet121(14)
-    assert controller._unusable(eval_model, SimpleNamespace(encrypted=None, params=_params())) is None
+    scorer = RoundScorer(CHEST_XRAY14, SIZE, build_densenet121(14))
+    assert scorer.unusable(SimpleNamespace(encrypted=None, params=_params())) is None
     nan_round = SimpleNamespace(encrypted=None, params=_params("nan_statistics"))
-    assert "not finite" in controller._unusable(eval_model, nan_round)
-    assert controller._unusable(eval_model, SimpleNamespace(encrypted={"x": b""}, params={})) is None
+    assert "not finite" in scorer.unusable(nan_round)
+    assert scorer.unusable(SimpleNamespace(encrypted={"x": b""}, params={})) is None
 
 
 def test_the_alert_is_recorded_with_the_round_about_no_site(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedmed.hashing import model_sha256
+from fedmed.jobconfig import JobConfig
 from fedmed.resume import (
     EvaluationRefused,
     ResumeRefused,
@@ -268,14 +269,15 @@ def test_fedmed_submit_refuses_a_resumption_before_submitting_anything(tmp_path)
     server = job / "app_server" / "config" / "config_fed_server.json"
     server.parent.mkdir(parents=True)
 
-    def export(**args):  # the exported server config, as NVFlare writes it (arguments equal to defaults left out)
-        workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"task": "chest_xray14", **args}}
+    def export(**settings):  # the exported server config, as build_job writes it (the job's settings whole)
+        job_settings = JobConfig(name="j", task="chest_xray14", **settings).to_dict()
+        workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"job": job_settings}}
         server.write_text(json.dumps({"workflows": [workflow]}))
         return job
 
     with pytest.raises(SubmitError, match="the job's aggregation 'fedavg' differs from run"):
         check_resume(url, UID[:6], export(num_rounds=4, image_size=64, aggregation="fedavg"))
-    with pytest.raises(SubmitError, match="the job's num_rounds 5 differs"):  # the Controller's default, filled in
+    with pytest.raises(SubmitError, match="the job's num_rounds 5 differs"):  # JobConfig's default
         check_resume(url, UID[:6], export(image_size=64))
     with pytest.raises(SubmitError, match="no run 'feed' in the database"):
         check_resume(url, "feed", export(num_rounds=4, image_size=64))
@@ -287,21 +289,12 @@ def test_fedmed_submit_refuses_a_resumption_before_submitting_anything(tmp_path)
         repo.close()
 
 
-def test_the_controllers_defaults_are_jobconfigs_for_the_options_a_resumption_keeps():
-    # fedmed-submit fills the options NVFlare left out of the exported job (equal to the Controller's defaults) from
-    # JobConfig: they must be the same values.
-    import inspect
-    from dataclasses import fields
-
-    from fedmed.flare.controller import FedMedController
+def test_the_options_a_resumption_keeps_are_job_settings():
+    # fedmed-submit and the server compare these by name in the job's settings (JobConfig.to_dict()).
     from fedmed.jobconfig import JobConfig
     from fedmed.resume import FIXED_OPTIONS
 
-    controller = inspect.signature(FedMedController.__init__).parameters
-    config = {f.name: f.default for f in fields(JobConfig)}
-    assert {o: controller[o].default for o in FIXED_OPTIONS if o != "task"} == {
-        o: config[o] for o in FIXED_OPTIONS if o != "task"
-    }
+    assert set(FIXED_OPTIONS) <= set(JobConfig(name="j", task="chest_xray14").to_dict())
 
 
 def test_the_servers_refusal_is_found_in_the_jobs_downloaded_log(tmp_path):
@@ -425,16 +418,17 @@ def test_fedmed_submit_refuses_the_evaluation_of_an_unknown_run_before_submittin
     server = tmp_path / "job" / "app_server" / "config" / "config_fed_server.json"
     server.parent.mkdir(parents=True)
 
-    def export(**args):  # the exported server config, as NVFlare writes it (arguments equal to defaults left out)
-        workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"evaluate_only": True, **args}}
+    def export(**settings):  # the exported server config, as build_job writes it (the job's settings whole)
+        job_settings = JobConfig(name="j", task="chest_xray14", **settings).to_dict()
+        workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"job": job_settings}}
         server.write_text(json.dumps({"workflows": [workflow]}))
         return tmp_path / "job"
 
     with pytest.raises(SubmitError, match="cross-site evaluation: no run 'feed' in the database"):
-        check_evaluation(url, export(evaluate_run="feed"))
-    check_evaluation(url, export(evaluate_run=UID[:8], evaluate_model="best"))
+        check_evaluation(url, export(cross_site_eval_run="feed"))
+    check_evaluation(url, export(cross_site_eval_run=UID[:8], cross_site_eval_model="best"))
     assert f"scoring run {UID}'s best model (round 1, sha256 " in capsys.readouterr().out
-    check_evaluation(None, export(evaluate_run=UID[:8]))  # no database here: the server checks
+    check_evaluation(None, export(cross_site_eval_run=UID[:8]))  # no database here: the server checks
     assert "no --db-url, so the server checks the run and its model file" in capsys.readouterr().out
     repo = Repository(url, create_schema=False)
     try:

@@ -663,4 +663,4 @@ def test_centred_clipping_is_refused_with_he():
     from fedmed.rounds import EncryptionSpec
 
     with pytest.raises(ValueError, match="centred_clipping cannot be used with HE"):
-        RoundEngine(RoundRules(centred_clipping=True), EncryptionSpec(None, (), {}))
+        RoundEngine(RoundRules(min_clients=2, centred_clipping=True), EncryptionSpec(None, (), {}))

@@ -61,6 +61,15 @@ CTX_SIGNER = "fedmed.signer"
 # which the site's UpdateNoiseFilter charges its round to the site's lifetime privacy ledger.
 CTX_PRIVACY_LEDGER = "fedmed.privacy_ledger"
 
+# FLContext property (server side, sticky): the fedmed.flare.crosssite_eval.CrossSiteRequest the training workflow
+# hands to the cross-site evaluation workflow after it.
+CTX_CROSS_SITE = "fedmed.cross_site"
+
+# Server events beside NVFlare's AppEventType ones (ROUND_STARTED, BEFORE/AFTER_AGGREGATION, ROUND_DONE): the round's
+# database writes, for listeners such as the benchmarks' fedmed.flare.probes.RoundProbes.
+EVENT_BEFORE_RECORD = "fedmed.before_record_round"
+EVENT_AFTER_RECORD = "fedmed.after_record_round"
+
 # Task a site answers after the last round: receive the final global model (decrypted there when HE is on) and keep it.
 TASK_FINAL_MODEL = "fedmed_final_model"
 

@@ -1,6 +1,15 @@
-"""One job's settings, and the single source of their defaults: the job scripts' options (jobs/*/job.py, through
-fedmed.flare.fedjob.job_main) take their defaults from here, and build_job configures the Controller, persistor
-and Executors from it. Pure (no NVFlare import) and frozen: a changed setting is a new object (`with_changes`).
+"""One job's settings: the single place each setting's name, default and help live.
+
+Every component of a job takes the job whole: build_job passes `JobConfig.to_dict()` to the Controller (all of it)
+and to each Executor (the settings marked `site`, so the server's database URL never reaches a hospital); they parse
+it back with `JobConfig.from_dict`, which refuses an unknown key naming it. The job scripts' options
+(fedmed.flare.fedjob.job_main) are derived from the fields: flag, help text and option group come from each
+field's metadata (`setting(...)`), the default from the job script's own JobConfig. Pure (no NVFlare import) and
+frozen: a changed setting is a new, validated object (`with_changes`).
+
+Adding a setting: one `name: type = setting(default, "help", ...)` line here (plus its check in __post_init__ if
+it has a rule), and its use where it is read (`self.config.name` in the Controller or the Executor; `site=True` if
+the hospitals read it). The option, the exported job and the components follow from that line.
 
 Each job script names its own: jobs/cxr_densenet/job.py has JobConfig(name="cxr_densenet", task="chest_xray14"),
 jobs/brain_mri_densenet/job.py JobConfig(name="brain_mri_densenet", task="brain_mri", image_size=96).
@@ -10,18 +19,49 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields, replace
-from typing import Optional
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Optional
 
 from fedmed.aggregation import get_aggregator
-from fedmed.algorithms import FedAlgorithm, ServerOptimizer
+from fedmed.algorithms import SERVER_OPTIMIZERS, FedAlgorithm, ServerOptimizer
 from fedmed.model import NORMS
 from fedmed.robust.trust import TrustPolicy
+from fedmed.rounds import default_min_clients
 from fedmed.screening import DEFAULT_STATISTICS_FACTOR
 from fedmed.tasks import get_task
 
 DEFAULT_SITES = ("hospital-a", "hospital-b", "hospital-c")
 RUN_PREFIX = re.compile(r"[0-9a-f]{1,64}")  # a run uid (uuid4 hex) or the start of one
+_ALGORITHMS = (
+    "federated algorithms",
+    "on top of the robust round (fedmed.algorithms): FedOpt at the server, FedProx and SCAFFOLD at the sites",
+)
+TRUST_GROUP = (
+    "trust",
+    "the trust rule (fedmed.robust.trust): each round a site scores 1 at or below ok-ratio x the median site "
+    "distance to the aggregate, 0 at or above bad-ratio; trust is a moving average of the scores; below "
+    "quarantine-below the site is left out of aggregation until readmit-after good rounds",
+)
+
+
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    flag: Optional[str] = None,
+    site: bool = False,
+    cli: bool = True,
+    group: Optional[tuple] = None,
+    **option: Any,
+):
+    """A JobConfig field with what the job script's option needs.
+
+    help: the option's help text (its default is appended); flag: the option's name when not --<name-with-dashes>
+    ("" = no option of its own); site: the hospitals' Executors read it (it travels in config_fed_client.json);
+    cli: False for a setting the job script names itself (name, task); group: (title, description) of an option
+    group; option: more of argparse's add_argument keywords (choices, metavar)."""
+    meta = {"help": help, "flag": flag, "site": site, "cli": cli, "group": group, "option": option}
+    return field(default=default, metadata=meta)
 
 
 def _names(value, what: str) -> Optional[tuple]:
@@ -35,101 +75,169 @@ def _names(value, what: str) -> Optional[tuple]:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Everything a fedmed job sets at the server and the sites.
+    """Everything a fedmed job sets at the server and the sites; each field's help is in its metadata."""
 
-    Args:
-        name: job name: the exported folder and the run name in the database.
-        task: what the job learns, a name in fedmed.tasks.TASKS; no default, so no job silently gets another's.
-        sites: the hospitals the job deploys to.
-        num_rounds: federated rounds.
-        min_clients: valid updates needed per round; None = all sites but one (at least 3 sites), else all.
-        round_timeout: seconds before a round gives up on the sites still missing (0 = no limit).
-        straggler_wait: once min_clients sites have answered, seconds to wait for the rest.
-        aggregation: name in fedmed.aggregation.AGGREGATORS.
-        image_size: square input size at the sites and the server.
-        local_epochs / lr / batch_size: each site's local training per round (Adam; lr is round 1's).
-        seed: base seed of the initial model and the sites' shuffling.
-        norm: DenseNet-121 normalisation, "batch" or "group" (required where sites train with DP-SGD).
-        db_url: the server's SQLAlchemy URL; None = $FEDMED_DB_URL, else SQLite in the server workspace.
-        privacy_scope: the NVFlare privacy scope the job runs under at each site.
-        he_layers: parameter names or prefixes ending in '.' sent CKKS-encrypted; None = no HE.
-        dp_train_layers: parameter-name prefixes a DP site trains; None = all.
-        initial_weights: state-dict file the server starts round 1 from; None = a fresh model (seed).
-        trust_smoothing / trust_ok_ratio / trust_bad_ratio / quarantine_below / readmit_after: the trust rule
-            (fedmed.robust.trust.TrustPolicy, whose defaults these are); trust_head_cosine_bad: the direction rule's
-            cosine at or below which a site's classifier moved against the aggregate's (TrustPolicy.head_cosine_bad).
-        final_model_timeout: seconds the server waits for the sites to acknowledge the final model.
-        statistics_factor: how far a site's BatchNorm running statistics may move from the global model's in one
-            round before its update is rejected (fedmed.screening; > 1).
-        validation_images: with a server test set and no HE, score each update on the first this many test images
-            and reject one far below the median site's (0 = off, the default: too noisy on small sets).
-        resume_run: continue this interrupted or failed run (its uid in the database, or a unique prefix) from its
-            last recorded round instead of starting a new run (fedmed.resume); None = a new run.
-        models_dir: where the server keeps each run's recent global models for a resumption; None = the server
-            workspace's fedmed_runs/ (the simulator's job script: <--workspace>/fedmed_runs, which it does not wipe).
-        cross_site_eval: after training, every hospital scores the global model (and each local model a hospital
-            lends) on its own validation data; the table goes into the run's record (fedmed.crosssite).
-        cross_site_eval_only: a model file on the server (e.g. a recorded run's global_model.pt): train nothing, the
-            hospitals score this model; recorded as a run of its own. Not with he_layers (the server would send in
-            clear a head the federation keeps encrypted) nor with initial_weights.
-        cross_site_eval_run: the same on a recorded run's model instead of a file: the run's uid or a unique
-            prefix; the server finds its cross_site_eval_model among the model files it keeps of the run by the
-            sha256 the record holds, and refuses, with the reason and nothing written, when it cannot
-            (fedmed.resume.pick_recorded_model).
-        cross_site_eval_model: which model of cross_site_eval_run: "final" (its last recorded global model, the
-            default) or "best" (its best scored round's).
-        cross_site_timeout: seconds the server waits for the hospitals' answers in each cross-site step.
-        server_optimizer: FedOpt on the robust aggregate, "none" (the aggregate is the new model), "fedadam" or
-            "fedyogi" (fedmed.algorithms); server_lr / server_beta1 / server_beta2 / server_tau its settings. Not with
-            resume_run: the moments are not kept with the run's model files.
-        proximal_mu: FedProx at the sites, mu of mu/2 ||w - w_global||^2 (0 = off); under DP-SGD added after the
-            noise, no extra epsilon.
-        scaffold: SCAFFOLD's control variates (server and sites; fedmed.algorithms). Not with resume_run (the control
-            variates are not kept), nor with a user-level noise filter at a site (it refuses the round).
-    """
-
-    name: str
-    task: str
-    sites: tuple = DEFAULT_SITES
-    num_rounds: int = 5
-    min_clients: Optional[int] = None
-    round_timeout: int = 0
-    straggler_wait: int = 600
-    aggregation: str = "geometric_median"
-    image_size: int = 128
-    local_epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 16
-    seed: int = 0
-    norm: str = "batch"
-    db_url: Optional[str] = None
-    privacy_scope: Optional[str] = None
-    he_layers: Optional[tuple] = None
-    dp_train_layers: Optional[tuple] = None
-    initial_weights: Optional[str] = None
-    trust_smoothing: float = TrustPolicy.smoothing
-    trust_ok_ratio: float = TrustPolicy.ok_ratio
-    trust_bad_ratio: float = TrustPolicy.bad_ratio
-    quarantine_below: float = TrustPolicy.quarantine_below
-    readmit_after: int = TrustPolicy.readmit_after
-    trust_head_cosine_bad: float = TrustPolicy.head_cosine_bad
-    final_model_timeout: int = 120
-    statistics_factor: float = DEFAULT_STATISTICS_FACTOR
-    validation_images: int = 0
-    resume_run: Optional[str] = None
-    models_dir: Optional[str] = None
-    cross_site_eval: bool = True
-    cross_site_eval_only: Optional[str] = None
-    cross_site_eval_run: Optional[str] = None
-    cross_site_eval_model: str = "final"
-    cross_site_timeout: int = 300
-    server_optimizer: str = ServerOptimizer.kind
-    server_lr: float = ServerOptimizer.lr
-    server_beta1: float = ServerOptimizer.beta1
-    server_beta2: float = ServerOptimizer.beta2
-    server_tau: float = ServerOptimizer.tau
-    proximal_mu: float = 0.0
-    scaffold: bool = False
+    name: str = setting(help="job name: the exported folder and the run name in the database", site=True, cli=False)
+    task: str = setting(
+        help="what the job learns, a name in fedmed.tasks.TASKS; no default, so no job silently gets another's",
+        site=True,
+        cli=False,
+    )
+    sites: tuple = setting(DEFAULT_SITES, "comma-separated site names: the hospitals the job deploys to")
+    num_rounds: int = setting(5, "federated rounds", flag="rounds")
+    min_clients: Optional[int] = setting(
+        None, "valid updates needed per round (none given: sites - 1 with 3 or more sites, else all)"
+    )
+    round_timeout: int = setting(0, "seconds before a round gives up on the sites still missing (0 = no limit)")
+    straggler_wait: int = setting(600, "once --min-clients sites have answered, seconds to wait for the rest")
+    aggregation: str = setting(
+        "geometric_median",
+        "a name in fedmed.aggregation.AGGREGATORS: geometric_median, fedavg, coordinate_median, trimmed_mean or krum",
+    )
+    image_size: int = setting(128, "square input size at the sites and the server", site=True)
+    local_epochs: int = setting(1, "each site's local epochs per round", site=True)
+    lr: float = setting(
+        1e-3, "round 1's Adam learning rate at each site (cosine-decayed to 10% by the last)", site=True
+    )
+    batch_size: int = setting(16, "each site's training batch size", site=True)
+    seed: int = setting(0, "base seed of the initial model and the sites' shuffling", site=True)
+    norm: str = setting(
+        "batch",
+        "DenseNet-121 normalisation; 'group' is required where sites train with DP-SGD",
+        site=True,
+        choices=NORMS,
+    )
+    db_url: Optional[str] = setting(
+        None, "the server's SQLAlchemy URL (none given: $FEDMED_DB_URL, else SQLite in the server workspace)"
+    )
+    privacy_scope: Optional[str] = setting(
+        None,
+        "NVFlare privacy scope of the job at each site (a site's local/privacy.json may give it a DP ceiling under "
+        "properties.fedmed_privacy)",
+        flag="scope",
+    )
+    he_layers: Optional[tuple] = setting(
+        None,
+        "comma-separated parameter names or prefixes ending in '.' sent CKKS-encrypted (the server aggregates them "
+        "blind; --he: the classifier head); none = no HE",
+        site=True,
+    )
+    dp_train_layers: Optional[tuple] = setting(
+        None,
+        "comma-separated parameter-name prefixes a site trains under DP-SGD (none = all), e.g. "
+        "features.denseblock4.,features.norm5.,class_layers.",
+        site=True,
+    )
+    initial_weights: Optional[str] = setting(
+        None,
+        "state-dict file (.pt) the global model starts from, e.g. one pretrained on public data (none: a fresh "
+        "model from --seed); nothing is ever downloaded",
+        metavar="FILE",
+    )
+    trust_smoothing: float = setting(
+        TrustPolicy.smoothing, "weight of the newest round in a site's trust, in (0, 1]", group=TRUST_GROUP
+    )
+    trust_ok_ratio: float = setting(
+        TrustPolicy.ok_ratio, "a site at or below this x the median distance scores 1", group=TRUST_GROUP
+    )
+    trust_bad_ratio: float = setting(
+        TrustPolicy.bad_ratio, "a site at or above this x the median distance scores 0", group=TRUST_GROUP
+    )
+    quarantine_below: float = setting(
+        TrustPolicy.quarantine_below,
+        "trust below which a site is left out of aggregation",
+        flag="trust-quarantine-below",
+        group=TRUST_GROUP,
+    )
+    readmit_after: int = setting(
+        TrustPolicy.readmit_after,
+        "good rounds in a row that re-admit a quarantined site",
+        flag="trust-readmit-after",
+        group=TRUST_GROUP,
+    )
+    trust_head_cosine_bad: float = setting(
+        TrustPolicy.head_cosine_bad,
+        "a round whose classifier layers moved against the aggregate's with this cosine or lower scores 0 (the "
+        "direction rule; between -1 and 0)",
+        group=TRUST_GROUP,
+    )
+    final_model_timeout: int = setting(120, "seconds the server waits for the sites to acknowledge the final model")
+    statistics_factor: float = setting(
+        DEFAULT_STATISTICS_FACTOR,
+        "how far a site's BatchNorm running statistics may move from the global model's in one round before its "
+        "update is rejected (fedmed.screening; > 1)",
+    )
+    validation_images: int = setting(
+        0,
+        "with a server test set and no HE, score each update on the first this many test images and reject one far "
+        "below the median site's (0 = off: too noisy on small sets)",
+    )
+    resume_run: Optional[str] = setting(
+        None,
+        "continue this interrupted or failed run (its number, its uid or a unique prefix) from its last recorded "
+        "round, with the same task, aggregation, HE layers, norm, image size and rounds (fedmed.resume)",
+        flag="resume",
+        metavar="RUN",
+    )
+    models_dir: Optional[str] = setting(
+        None,
+        "where the server keeps each run's recent global models for a resumption (none: the server workspace's "
+        "fedmed_runs/; the simulator: <--workspace>/fedmed_runs, which it does not wipe)",
+        cli=False,
+    )
+    cross_site_eval: bool = setting(
+        True,
+        "after training, every hospital scores the global model, and the local models hospitals lend, on its own "
+        "validation data; the table goes into the run's record (fedmed.crosssite)",
+    )
+    cross_site_eval_only: Optional[str] = setting(
+        None,
+        "train nothing: every hospital scores this model file (on the server, e.g. a recorded run's "
+        "global_model.pt), or this recorded run's model (its number, uid or a unique prefix; "
+        "--cross-site-eval-model says which), on its own validation data; recorded as a run of its own. Not with "
+        "HE nor --initial-weights",
+        metavar="MODEL_OR_RUN",
+    )
+    cross_site_eval_run: Optional[str] = setting(
+        None,
+        "the recorded run (uid or unique prefix) whose model an evaluation-only job scores; the server finds it "
+        "among its kept model files by the sha256 the record holds (given through --cross-site-eval-only RUN)",
+        cli=False,
+    )
+    cross_site_eval_model: str = setting(
+        "final",
+        "with --cross-site-eval-only RUN: the run's last recorded global model (final) or its best scored "
+        "round's (best)",
+        choices=("final", "best"),
+    )
+    cross_site_timeout: int = setting(300, "seconds the server waits for the hospitals in each cross-site step")
+    server_optimizer: str = setting(
+        ServerOptimizer.kind,
+        "FedOpt on the robust aggregate (fedmed.algorithms): the aggregate read as a step along global - aggregate, "
+        "with FedAdam's or FedYogi's moments; 'none' takes the aggregate. Not with --resume (the moments are not "
+        "kept with the run's model files)",
+        choices=SERVER_OPTIMIZERS,
+        group=_ALGORITHMS,
+    )
+    server_lr: float = setting(ServerOptimizer.lr, "FedOpt's server learning rate", group=_ALGORITHMS)
+    server_beta1: float = setting(ServerOptimizer.beta1, "FedOpt's first-moment decay", group=_ALGORITHMS)
+    server_beta2: float = setting(ServerOptimizer.beta2, "FedOpt's second-moment decay", group=_ALGORITHMS)
+    server_tau: float = setting(ServerOptimizer.tau, "FedOpt's adaptivity tau", group=_ALGORITHMS)
+    proximal_mu: float = setting(
+        0.0,
+        "FedProx at the sites: mu of mu/2 ||w - w_global||^2 (0 = off); under DP-SGD added after the noise, no extra "
+        "epsilon",
+        site=True,
+        group=_ALGORITHMS,
+    )
+    scaffold: bool = setting(
+        False,
+        "SCAFFOLD's control variates at the server and the sites (fedmed.algorithms). Not with signatures (no "
+        "signature covers the control variates yet), nor --resume, nor a site's user-level noise filter (it "
+        "refuses the round)",
+        site=True,
+        group=_ALGORITHMS,
+    )
 
     def __post_init__(self):
         if not self.name:
@@ -223,10 +331,8 @@ class JobConfig:
 
     @property
     def required_clients(self) -> int:
-        """min_clients, or its default: one site may fail, refuse or be quarantined without stopping the job."""
-        if self.min_clients is not None:
-            return self.min_clients
-        return len(self.sites) - 1 if len(self.sites) >= 3 else len(self.sites)
+        """min_clients, or its default (fedmed.rounds.default_min_clients)."""
+        return self.min_clients if self.min_clients is not None else default_min_clients(len(self.sites))
 
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
@@ -254,3 +360,31 @@ class JobConfig:
         if unknown:
             raise TypeError(f"unknown job setting(s) {unknown}; known: {[f.name for f in fields(self)]}")
         return replace(self, **changes)
+
+    def to_dict(self, site: bool = False) -> dict:
+        """The settings as JSON-safe values by name (tuples as lists), what a component's `job` argument holds in the
+        exported job; site=True: only the settings the hospitals read (fields marked site)."""
+        return {
+            f.name: list(v) if isinstance(v, tuple) else v
+            for f in fields(self)
+            if not site or f.metadata.get("site")
+            for v in (getattr(self, f.name),)
+        }
+
+    @classmethod
+    def from_dict(cls, job) -> "JobConfig":
+        """The JobConfig of a component's `job` argument (to_dict's output; a JobConfig passes through). Refuses, naming
+        it, a key that is no setting (a misspelt or retired one must not be silently ignored) and a missing name or
+        task; every value is checked as JobConfig checks it."""
+        if isinstance(job, cls):
+            return job
+        if not isinstance(job, dict):
+            raise ValueError(f"job must be a dict of job settings (JobConfig.to_dict()), got {type(job).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(job) - known)
+        if unknown:
+            raise ValueError(f"unknown job setting(s) {unknown} in the job's configuration; known: {sorted(known)}")
+        missing = [k for k in ("name", "task") if k not in job]
+        if missing:
+            raise ValueError(f"the job's configuration lacks {missing}")
+        return cls(**job)

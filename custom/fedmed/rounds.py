@@ -112,7 +112,9 @@ class RoundRules:
     """
 
     aggregation: str = "geometric_median"
-    min_clients: int = 2
+    # No default: how many sites a round needs is the job's (fedmed.jobconfig.JobConfig.required_clients, whose
+    # default is default_min_clients); keyword-only so the fields after it keep theirs.
+    min_clients: int = field(kw_only=True)
     trust: TrustPolicy = field(default_factory=TrustPolicy)
     statistics_factor: float = DEFAULT_STATISTICS_FACTOR
     validation_margin: float = 0.1
@@ -132,6 +134,12 @@ class RoundRules:
             raise ValueError(f"validation_margin must be in (0, 1), got {self.validation_margin}")
         if not 0 < self.near_copy_ratio < 1:
             raise ValueError(f"near_copy_ratio must be in (0, 1), got {self.near_copy_ratio}")
+
+
+def default_min_clients(num_sites: int) -> int:
+    """A job's min_clients when it does not say: one site may fail, refuse or be quarantined without stopping the
+    job (all sites but one with 3 or more sites, else all). The one place this default lives."""
+    return num_sites - 1 if num_sites >= 3 else num_sites
 
 
 def check_encryption_compatible(aggregation: str) -> None:

@@ -56,7 +56,7 @@ def build(setup: str, config: JobConfig, data_root: Path, workspace: Path, probe
         prepare_simulator_keys,
         prepare_simulator_signing,
     )
-    from fedmed.flare.probes import ProbedFedAvg, ProbedFedMedController
+    from fedmed.flare.probes import ProbedFedAvg, RoundProbes
 
     sites = list(config.sites)
     if setup == "fedavg":
@@ -78,16 +78,9 @@ def build(setup: str, config: JobConfig, data_root: Path, workspace: Path, probe
         extra["he_keys_dir"] = he_keys_dir_for(workspace, config.name)
     if setup == "signatures":
         extra["signing_keys_dir"] = prepare_simulator_signing(workspace, sites, config.name)
-    args = {
-        "probe_file": str(probe),
-        "profile_file": str(profile) if profile else "",
-        # No server test set, as deployed (fedjob.build_job sets one in simulation): rounds scored by the sites'.
-        "test_dicom_root": None,
-        "test_labels_csv": None,
-    }
-    return build_job(
-        config, data_root=data_root, controller_class=ProbedFedMedController, controller_args=args, **extra
-    )
+    probes = RoundProbes(probe_file=str(probe), profile_file=str(profile) if profile else "")
+    # No server test set, as deployed (fedjob.build_job sets one in simulation): rounds scored by the sites'.
+    return build_job(config, data_root=data_root, server_components={"probes": probes}, server_test_set=False, **extra)
 
 
 def summarise(rounds: list) -> dict:

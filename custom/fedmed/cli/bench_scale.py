@@ -98,7 +98,7 @@ def site_updates(base: dict, k: int, rng: np.random.Generator, drift: dict) -> l
 
 def round_record(report, engine: RoundEngine, results: list, started) -> RoundRecord:
     """The record the Controller writes for an aggregated round scored by the sites' validation (no server test
-    set): every update, alert and each site's trust (FedMedController._round_record)."""
+    set): every update, alert and each site's trust (fedmed.flare.round_scoring.RoundScorer.record)."""
     trust = tuple(TrustRecord(s, t.trust, t.quarantined, t.good_streak) for s, t in sorted(engine.trust.items()))
     updates = tuple(replace(u, val_score=finite_or_none(u.metrics.get("val_auroc"))) for u in report.updates)
     score = report.weighted_site_metric(results, "val_auroc")
@@ -267,7 +267,7 @@ def linear_fit(xs, ys) -> tuple[float, float, float]:
 def simulate(data_root: Path, sites, rounds: int, work: Path, name: str, image_size: int, threads: int):
     """One fedmed job (the Controller measuring itself) in NVFlare's simulator: (rounds, wall seconds)."""
     from fedmed.flare.fedjob import build_job
-    from fedmed.flare.probes import ProbedFedMedController
+    from fedmed.flare.probes import RoundProbes
     from fedmed.jobconfig import JobConfig
 
     probe = work / f"{name}.probe.jsonl"
@@ -285,8 +285,7 @@ def simulate(data_root: Path, sites, rounds: int, work: Path, name: str, image_s
     job = build_job(
         config,
         data_root=data_root.resolve(),
-        controller_class=ProbedFedMedController,
-        controller_args={"probe_file": str(probe.resolve())},
+        server_components={"probes": RoundProbes(probe_file=str(probe.resolve()))},
     )
     return run_probed(job, sites, work / "workspace", threads, probe, work / f"{name}.log")
 

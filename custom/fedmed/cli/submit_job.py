@@ -115,16 +115,13 @@ def export_job(dest: Path, job_args: list[str]) -> Path:
 
 
 def exported_controller_args(job_folder: Path) -> dict:
-    """The exported FedMedController's arguments, the rest filled in from JobConfig (NVFlare leaves out an argument
-    equal to the Controller's default, which is JobConfig's, as exported_num_rounds relies on)."""
-    from dataclasses import MISSING, fields
-
+    """The exported job's settings by name (JobConfig.to_dict()), as its FedMedController takes them (its `job`
+    argument), checked as the server checks them."""
     from fedmed.jobconfig import JobConfig  # torch and MONAI: only when a job is exported, not for --abort
 
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
-    defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
-    return {**defaults, **controller.get("args", {})}
+    return JobConfig.from_dict(controller.get("args", {}).get("job", {})).to_dict()
 
 
 def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) -> tuple:
@@ -171,7 +168,7 @@ def check_evaluation(db_url: str | None, job_folder: Path) -> None:
     that model; raises SubmitError with the one-line reason (nothing submitted). The model file is on the server,
     which checks its sha256 and refuses with the reason, which is printed."""
     args = exported_controller_args(job_folder)
-    run = args.get("evaluate_run")
+    run = args.get("cross_site_eval_run")
     if not run:
         return
     if not db_url:
@@ -179,7 +176,7 @@ def check_evaluation(db_url: str | None, job_folder: Path) -> None:
         return
     from fedmed.resume import pick_recorded_model
 
-    which = args.get("evaluate_model") or "final"
+    which = args.get("cross_site_eval_model") or "final"
     uid, recorded = _decide_in_record(
         db_url, "--cross-site-eval-only", run, "cross-site evaluation", lambda h: pick_recorded_model(h, which)
     )
@@ -330,13 +327,12 @@ def causes_in_log(result: Path | None, causes: Causes) -> str | None:
 
 
 def exported_num_rounds(job_folder: Path) -> int:
-    """The exported job's number of rounds, as its server config says (NVFlare leaves out an argument equal to the
-    Controller's default, which is JobConfig's)."""
+    """The exported job's number of rounds, as its server config says (the Controller's `job` argument)."""
     from fedmed.jobconfig import JobConfig
 
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
-    return int(controller.get("args", {}).get("num_rounds", JobConfig.num_rounds))
+    return int(controller.get("args", {}).get("job", {}).get("num_rounds", JobConfig.num_rounds))
 
 
 def round_line(r, label) -> str:

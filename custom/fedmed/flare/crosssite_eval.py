@@ -1,23 +1,29 @@
-"""Cross-site evaluation on the server, a part of FedMedController (fedmed.crosssite holds the rules).
+"""Cross-site evaluation on the server: a workflow of its own, after the training workflow (as NVFlare's
+CrossSiteModelEval follows a training workflow in a job's workflow list); fedmed.crosssite holds the rules.
 
-Why not NVFlare's CrossSiteEval / CrossSiteModelEval workflows: both are workflows of their own, run after ours,
-that cannot see this run's record (run uid, database journal), its signing keys, its HE state or the sites NVFlare
-dropped; CrossSiteEval re-broadcasts whatever model a site submits to every site without a check, and both keep the
-results in a JSON file only, unchecked. Here the same steps run inside FedMedController with NVFlare's own task names
-(AppConstants.TASK_SUBMIT_MODEL, then AppConstants.TASK_VALIDATION per model, AppConstants.MODEL_OWNER naming the
-model), so FedMedTrainer also answers NVFlare's stock workflows.
+The training workflow (fedmed.flare.controller.FedMedController) hands this one what it needs, explicitly, as a
+CrossSiteRequest in a sticky FLContext property (C.CTX_CROSS_SITE): the model to score, the run's recorder (the
+table goes into the run's record), the sites to ask and why any is left out, the sites NVFlare dropped, the server's
+signing keys. No request (training failed, aborted, or the job turned cross-site evaluation off): nothing to do.
+
+Why not NVFlare's CrossSiteEval / CrossSiteModelEval themselves: they cannot see this run's record, its signing keys,
+its HE state or the sites NVFlare dropped; CrossSiteEval re-broadcasts whatever model a site submits to every site
+without a check, and both keep the results in a JSON file only, unchecked. The steps here use NVFlare's own task
+names (AppConstants.TASK_SUBMIT_MODEL, then AppConstants.TASK_VALIDATION per model, AppConstants.MODEL_OWNER naming
+the model), so FedMedTrainer also answers NVFlare's stock workflows.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.security.logging import secure_format_exception
-from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed import constants as C
 from fedmed.crosssite import (
@@ -26,22 +32,38 @@ from fedmed.crosssite import (
     asked_sites,
     error_answer_reason,
     evaluation_cell,
-    quarantine_reasons,
     summary_line,
 )
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
-from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE
+from fedmed.flare.site_watch import SiteWatch
 from fedmed.hashing import model_sha256
+from fedmed.jobconfig import JobConfig
 from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.resume import EvaluationRefused, find_run_uid, pick_recorded_model, round_model_path
-from fedmed.store.journal import Journal, ResilientRecorder
-from fedmed.store.repository import Repository, resolve_db_url
+from fedmed.tasks import get_task
 
 HE_NO_LOCAL_MODELS = (
     "HE is on: a local model's head is encrypted and only the federation's aggregate is ever decrypted; the "
     "server does not ask for local models"
 )
+
+
+@dataclass(frozen=True)
+class CrossSiteRequest:
+    """What the training workflow hands to the cross-site workflow.
+
+    model: the model every hospital scores (the global model). record(cells, score_name): puts the table into the
+    run's record (RunRecorder.cross_site). sites: the hospitals to ask (those that answered the last round), None =
+    every connected one. quarantined: site -> why it neither lends nor scores. lend_local_models: also ask each
+    hospital for its local model. watch: the sites NVFlare dropped. signer: the server's signing keys, or None."""
+
+    model: FLModel
+    record: object
+    sites: Optional[list] = None
+    quarantined: dict = field(default_factory=dict)
+    lend_local_models: bool = True
+    watch: SiteWatch = field(default_factory=SiteWatch)
+    signer: object = None
 
 
 def first_answers(targets, results) -> tuple:
@@ -57,38 +79,48 @@ def first_answers(targets, results) -> tuple:
     return answers, sorted(set(targets) - answered)
 
 
-class CrossSiteEvalMixin:
-    """Needs from the controller: _task, norm, cross_site_timeout, he_layers, _signer, db_url, _db_url, evaluate_run,
-    evaluate_model, _gone_now(), _load_trust(), _run_models(), _load_run_model(), sample_clients(), broadcast_model(),
-    fl_ctx, engine, logger, info/warning/error."""
+class FedMedCrossSiteEval(ModelController):
+    def __init__(self, job: dict):
+        """job: the job's settings (fedmed.jobconfig.JobConfig.to_dict()): task, norm, he_layers, cross_site_timeout."""
+        super().__init__(persistor_id="", ignore_result_error=None)
+        self.job = job  # same name as the argument: FedJob serialises attributes by name
+        self.config = JobConfig.from_dict(job)
+        self._task = get_task(self.config.task)
+        self._signer = None
+        self._answer_errors = None  # {site: return code} while a cross-site step waits for its answers
 
-    def _cross_site_eval(
-        self, run_uid: str, model: FLModel, sites=None, lend_local_models: bool = True, quarantined=None
-    ) -> list:
-        """Every connected hospital (of `sites`, e.g. those that answered the last round: a site that died since is
-        not waited for) scores `model` (the global model) and every local model a hospital lends on its own
-        validation data; each answer is checked (fedmed.crosssite) and the table recorded in the run. A quarantined
-        hospital (`quarantined`: site -> why, fedmed.crosssite.quarantine_reasons) is neither asked to lend nor to
-        score: its cells say why. Never fails the run: a problem is logged and recorded as the cell's reason."""
+    def run(self) -> None:
+        request = self.fl_ctx.get_prop(C.CTX_CROSS_SITE)
+        if not isinstance(request, CrossSiteRequest):
+            return  # training did not finish, or the job turned cross-site evaluation off
+        self._signer = request.signer
+        self.evaluate(request)
+
+    def evaluate(self, request: CrossSiteRequest) -> list:
+        """Every connected hospital (of request.sites: a site that died since is not waited for) scores the model and
+        every local model a hospital lends on its own validation data; each answer is checked (fedmed.crosssite) and
+        the table recorded in the run. A quarantined hospital is neither asked to lend nor to score: its cells say
+        why. Never fails the run: a problem is logged and recorded as the cell's reason."""
+        lend, quarantined = request.lend_local_models, request.quarantined
         targets, not_asked = asked_sites(
-            self.sample_clients(), self._gone_now(), getattr(self, "_job_sites", ()), sites, quarantined or {}
+            self.sample_clients(), request.watch.gone(), request.watch.job_sites, request.sites, quarantined
         )
         cells: list = [CrossSiteRecord(GLOBAL_MODEL, s, "missing", why) for s, why in not_asked.items()]
-        if lend_local_models:  # a hospital not asked lends nothing
+        if lend:  # a hospital not asked lends nothing
             cells += [CrossSiteRecord(s, s, "not_shared", why) for s, why in not_asked.items()]
-        for s in sorted(set(quarantined or {}) & set(not_asked)):
+        for s in sorted(set(quarantined) & set(not_asked)):
             self.warning(f"cross-site evaluation: {s} is not asked to lend or to score: {not_asked[s]}")
         if not targets:
             self.warning("cross-site evaluation skipped: no hospital to ask")
             if cells:
-                self._record_cross_site(run_uid, cells)
+                request.record(cells, self._task.score_name)
             return cells
         self.info(f"cross-site evaluation: {targets} score the global model on their validation data")
-        models = [(GLOBAL_MODEL, model)]
+        models = [(GLOBAL_MODEL, request.model)]
         try:
-            if lend_local_models and self.he_layers:
+            if lend and self.config.he_layers:
                 cells += [CrossSiteRecord(s, s, "not_shared", HE_NO_LOCAL_MODELS) for s in targets]
-            elif lend_local_models:
+            elif lend:
                 lent, refusals = self._collect_local_models(targets)
                 cells += refusals
                 models += lent
@@ -99,7 +131,7 @@ class CrossSiteEvalMixin:
         except Exception as e:  # the run is finished and recorded: its cross-site table must not undo that
             self.error(f"cross-site evaluation stopped: {secure_format_exception(e)}")
         if cells:
-            self._record_cross_site(run_uid, cells)
+            request.record(cells, self._task.score_name)
             self.info(summary_line(cells, self._task.score_name))
         return cells
 
@@ -116,8 +148,6 @@ class CrossSiteEvalMixin:
         finally:
             self._ignore_result_error = saved
             self._answer_errors = None
-
-    _answer_errors = None  # {site: return code} while a cross-site step waits for its answers
 
     def _accept_train_result(self, client_name: str, result, fl_ctx, is_unknown_task: bool = False) -> bool:
         """NVFlare's check of every answer's return code (BaseModelController, on its own threads): an answer with an
@@ -138,8 +168,8 @@ class CrossSiteEvalMixin:
             data=FLModel(params={}, meta={AppConstants.SUBMIT_MODEL_NAME: "last_local_model"}),
             targets=targets,
             min_responses=1,
-            timeout=self.cross_site_timeout,
-            wait_time_after_min_received=self.cross_site_timeout,
+            timeout=self.config.cross_site_timeout,
+            wait_time_after_min_received=self.config.cross_site_timeout,
         )
         return self._lent_models(targets, results, errors)
 
@@ -173,7 +203,7 @@ class CrossSiteEvalMixin:
         if not isinstance(params, dict) or not params:
             return "is empty"
         try:
-            load_numpy_state(build_densenet121(self._task.num_outputs, norm=self.norm), params)
+            load_numpy_state(build_densenet121(self._task.num_outputs, norm=self.config.norm), params)
         except Exception as e:  # names or shapes of another architecture
             return f"does not fit this job's model: {e}"[:300]
         for name, value in params.items():
@@ -194,8 +224,8 @@ class CrossSiteEvalMixin:
             data=data,
             targets=targets,
             min_responses=1,
-            timeout=self.cross_site_timeout,
-            wait_time_after_min_received=self.cross_site_timeout,
+            timeout=self.config.cross_site_timeout,
+            wait_time_after_min_received=self.config.cross_site_timeout,
         )
         return self._evaluation_cells(name, sha, targets, results, errors)
 
@@ -227,90 +257,4 @@ class CrossSiteEvalMixin:
         """Why an asked site has no answer in the results: the error it answered with, or silence."""
         if errors and site in errors:
             return error_answer_reason(errors[site])
-        return f"no answer within {self.cross_site_timeout}s"
-
-    def _record_cross_site(self, run_uid: str, cells: list) -> None:
-        workspace_root = Path(self.engine.get_workspace().get_root_dir())
-        db = ResilientRecorder(
-            lambda: Repository(self._db_url), Journal.for_job(workspace_root, self.fl_ctx.get_job_id()), self.logger
-        )
-        try:
-            db.write("record_cross_site", run_uid=run_uid, records=cells, score_name=self._task.score_name)
-            if not db.flush():
-                self.error(f"cross-site results journaled in {db.journal.path}: the database is unavailable")
-        finally:
-            db.close()
-
-    def _run_cross_site_eval_only(self) -> None:
-        """A job that trains nothing: the hospitals score the model the persistor loads (the job's
-        initial_weights, e.g. a recorded global model), recorded as a run of its own with no rounds."""
-        self.num_rounds, self.run_name = 0, f"{self.run_name} (cross-site evaluation only)"
-        recorded = None
-        if self.evaluate_run:
-            try:
-                recorded = self._recorded_model()  # before anything is written: a refusal leaves no run behind
-            except EvaluationRefused as e:  # the admin's mistake or a swapped model file: one line, no traceback
-                self.error(str(e))
-                self.panic(str(e))
-                return
-        db, run_uid, _ = self._start_record()  # evaluate_only never resumes (refused in __init__)
-        status = "finished"
-        model = None
-        # The federation's trust as its last job left it: a quarantined hospital scores nothing here either.
-        quarantined = quarantine_reasons(self._load_trust(db, run_uid), ())
-        try:
-            self._setup_signatures()
-            model = self.load_model() if recorded is None else recorded
-            model.meta = {**self._model_meta(), **(model.meta or {}), "round": 0}
-            sha = model_sha256(model.params, None)
-            found = self._recorded_round_of(sha)
-            self.info(
-                f"cross-site evaluation only: model sha256 {sha[:12]}"
-                + (f", the global model of run {found[0]} round {found[1]}" if found else ", not a recorded round")
-            )
-        except Exception as e:
-            status = "failed"
-            self.error(f"run {run_uid} failed: {secure_format_exception(e)}")
-            raise
-        finally:
-            self._finish_record(db, run_uid, status, None, None)
-        self._cross_site_eval(run_uid, model, lend_local_models=False, quarantined=quarantined)  # every connected one
-        self.info(f"run {run_uid} {status}; cross-site evaluation only")
-
-    def _recorded_model(self) -> FLModel:
-        """evaluate_run's final or best global model (evaluate_model), from the server's kept files of the run whose
-        sha256 is the one its record holds; raises EvaluationRefused with the one-line reason."""
-        purpose = "cross-site evaluation"
-        self._db_url = resolve_db_url(Path(self.engine.get_workspace().get_root_dir()), self.db_url)
-        try:
-            repo = Repository(self._db_url)
-            try:
-                uid = find_run_uid(repo, self.evaluate_run, purpose)
-                history = repo.run_history(uid)
-            finally:
-                repo.close()
-        except SQLAlchemyError as e:  # a driver message may hold the URL: its type only
-            raise EvaluationRefused(f"{purpose}: cannot read the record ({type(e).__name__})") from None
-        recorded = pick_recorded_model(history, self.evaluate_model)
-        models_dir = self._run_models(uid)
-        kept = [round_model_path(models_dir, recorded.model_round)]
-        if recorded.which == "best":
-            kept.insert(0, models_dir / BEST_MODEL_FILE)
-        app_file = BEST_MODEL_FILE if recorded.which == "best" else GLOBAL_MODEL_FILE
-        path, params, meta = self._load_run_model(recorded, kept, history.job_ids, app_file, purpose)
-        self.info(
-            f"cross-site evaluation only: run {uid}'s {recorded.which} model (round {recorded.model_round}, sha256 "
-            f"{recorded.model_sha256[:16]}...) from {path}"
-        )
-        meta = {k: v for k, v in meta.items() if k != C.META_GLOBAL_SIGNATURE}  # signed anew for this evaluation
-        return FLModel(params_type=ParamsType.FULL, params=params, meta=meta)
-
-    def _recorded_round_of(self, sha: str):
-        try:
-            repo = Repository(self._db_url)
-            try:
-                return repo.find_model_round(sha)
-            finally:
-                repo.close()
-        except Exception:  # only a log line depends on it
-            return None
+        return f"no answer within {self.config.cross_site_timeout}s"

@@ -5,17 +5,15 @@ Thin adapter: converts Shareable <-> FLModel <-> numpy params and calls fedmed.t
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import torch
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -27,19 +25,19 @@ from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
 from fedmed import signing, site_round
-from fedmed.algorithms import FedAlgorithm
 from fedmed.crosssite import GLOBAL_MODEL, local_model_refusal, released_scores, scores_refusal
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
-from fedmed.flare.filters import UpdateNoiseFilter
+from fedmed.flare import site_privacy
 from fedmed.flare.persistor import save_state
-from fedmed.model import NORMS, build_densenet121, load_numpy_state, set_trainable
+from fedmed.flare.site_privacy import SiteSettingsRefused, scope_in_privacy_file  # noqa: F401 (the Executor's API)
+from fedmed.jobconfig import JobConfig
+from fedmed.model import build_densenet121, load_numpy_state, set_trainable
 from fedmed.model_card import data_is_synthetic
 from fedmed.parallel import site_torch_threads
 from fedmed.privacy.dp_sgd import SitePrivacy
-from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, PrivacyLedger
-from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
+from fedmed.privacy.ledger import LedgerBinding
 from fedmed.site_config import JobRefused, SiteConfig, check_job_for_site, load_site_config
 from fedmed.site_round import GlobalModelRejected
 from fedmed.tasks import get_task
@@ -47,11 +45,6 @@ from fedmed.training import NonFinitePredictions, TrainingAborted, evaluate
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
 FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of the federation's result
-
-
-class SiteSettingsRefused(RuntimeError):
-    """The job tried to set what only the site may set (or the site's own privacy state is unusable). The site
-    stays up and refuses every task of the job with this reason, so the server records it and the run fails."""
 
 
 def is_deployed_kit(workspace: Optional[Workspace]) -> bool:
@@ -69,112 +62,42 @@ def running_in_simulator(fl_ctx: FLContext) -> bool:
     return not is_deployed_kit(engine.get_workspace() if engine is not None else None)
 
 
-def scope_in_privacy_file(path: Path, name: str) -> Optional[tuple[str, dict]]:
-    """(scope name, properties) of the scope `name` (empty: the default scope) in a site's NVFlare privacy.json, as
-    NVFlare's privacy manager resolves it; None when the file or the scope is absent."""
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        scopes = {s["name"]: s for s in doc.get("scopes", [])}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path} is not a valid NVFlare privacy file: {e!r}") from None
-    scope = scopes.get(name or doc.get("default_scope") or "")
-    if scope is None:
-        return None
-    props = scope.get("properties") or {}
-    return scope["name"], props if isinstance(props, dict) else {}
-
-
 class FedMedTrainer(Executor):
     def __init__(
         self,
-        task: str,
+        job: dict,
         site_config: Optional[str] = None,
-        image_size: int = 128,
-        local_epochs: int = 1,
-        lr: float = 1e-3,
-        batch_size: int = 16,
-        seed: int = 0,
-        norm: str = "batch",
-        train_task_name: str = AppConstants.TASK_TRAIN,
-        he_layers: Optional[list] = None,
         he_context_file: Optional[str] = None,
-        dp_train_layers: Optional[list] = None,
         signatures: bool = False,
         signing_key_dir: Optional[str] = None,
-        proximal_mu: float = 0.0,
-        scaffold: bool = False,
+        train_task_name: str = AppConstants.TASK_TRAIN,
     ):
         """Local trainer for one hospital.
 
         Args:
+            job: the job's settings for the sites, fedmed.jobconfig.JobConfig.to_dict(site=True) (a JobConfig is
+                taken too): task, image_size, local_epochs, lr, batch_size, seed, norm, he_layers, dp_train_layers, proximal_mu, scaffold;
+                each setting's meaning and default is in JobConfig. They must match the server's.
             site_config: simulator only: path to this hospital's fedmed_site.json. A deployed hospital refuses a
                 job that sets it: it reads $FEDMED_SITE_CONFIG (the site's environment), else
                 <site workspace>/local/fedmed_site.json (what site_configs/install puts into a startup kit).
-            image_size: square input size after resizing (the server must use the same).
-            local_epochs: epochs over the local training set per round.
-            lr: Adam learning rate of round 1; cosine-decayed to 10% by the last round.
-            batch_size: training batch size.
-            seed: base seed; each round and site derive their own from it.
-            norm: "batch" or "group" (DenseNet-121 normalisation; "group" is required at sites with a privacy
-                policy, because DP-SGD cannot privatise BatchNorm). Must match the server's.
-            train_task_name: the training task this executor answers (it also answers fedmed's final-model task).
-            task: what the job learns, a name in fedmed.tasks.TASKS ("chest_xray14", "brain_mri"): classes, label
-                columns, accepted modalities, loss and scores. Must match the server's.
-            he_layers: parameters sent CKKS-encrypted (exact names or prefixes ending in '.', e.g.
-                ["class_layers.out."]); None or empty = no HE. Must match the server's.
             he_context_file: simulator only: this hospital's TenSEAL context with the secret key. A deployed
                 hospital refuses a job that sets it and reads <kit>/local/client_context.tenseal (installed from the
                 key custodian's key set, scripts/he_keys.py), else <kit>/startup/client_context.tenseal.
-            dp_train_layers: parameter-name prefixes a site trains when its policy says DP-SGD (e.g.
-                ["features.denseblock4.", "features.norm5.", "class_layers."]); the rest stay at the global model's
-                values. None = all. DP noise is spread over every trained coordinate, so fine-tuning the top of a
-                pretrained model privately keeps far more signal than training all 7M weights.
             signatures: sign every update (ML-DSA-65 + Ed25519, fedmed.signing) and train only on a global model
                 the server signed; needs the site's keys and the server's public key in signing_key_dir.
             signing_key_dir: where fedmed_signing.key and server_signing.pub are. Default: <site kit>/local/.
-            proximal_mu: FedProx's mu (0 = off; fedmed.algorithms): under DP-SGD added after the noise.
-            scaffold: SCAFFOLD's control variates (the server sends c with the global model). Must match the server's.
+            train_task_name: the training task this executor answers (it also answers fedmed's final-model task).
         """
         super().__init__()
-        if image_size < 32:
-            raise ValueError(f"image_size must be >= 32, got {image_size}")
-        if local_epochs < 1:
-            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        FedAlgorithm(proximal_mu=proximal_mu, scaffold=scaffold)  # raises naming a bad setting
-        self.proximal_mu = float(proximal_mu)
-        self.scaffold = bool(scaffold)
-        self.site_config = site_config  # same name as the argument: FedJob serialises attributes by name
-        self.image_size = image_size
-        self.local_epochs = local_epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.seed = seed
-        self.norm = norm
+        config = JobConfig.from_dict(job)  # raises naming a bad or unknown setting
+        self.job = config.to_dict(site=True)  # same name as the argument: FedJob serialises attributes by name
+        self.config = config
+        self.site_config = site_config
         self._privacy = None
         self.train_task_name = train_task_name
-        self.task = task
-        self._task = get_task(task)  # raises naming the valid tasks
-        if he_layers is not None and (isinstance(he_layers, str) or not all(isinstance(x, str) for x in he_layers)):
-            raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
-        self.he_layers = list(he_layers) if he_layers else None
+        self._task = get_task(config.task)
         self.he_context_file = he_context_file
-        if dp_train_layers is not None and (
-            isinstance(dp_train_layers, str)
-            or not dp_train_layers
-            or not all(isinstance(x, str) and x for x in dp_train_layers)
-        ):
-            raise ValueError(
-                f"dp_train_layers must be a non-empty list of parameter-name prefixes, got {dp_train_layers!r}"
-            )
-        self.dp_train_layers = list(dp_train_layers) if dp_train_layers else None
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
         self._state: Optional[site_round.Site] = None  # the site for fedmed.site_round, built at start-up
@@ -256,7 +179,9 @@ class FedMedTrainer(Executor):
         if threads:
             torch.set_num_threads(threads)
         t0 = time.monotonic()
-        self._train_ds, self._val_ds = load_train_val(self._site.data, self.image_size, self.seed, self._task)
+        self._train_ds, self._val_ds = load_train_val(
+            self._site.data, self.config.image_size, self.config.seed, self._task
+        )
         self._data_synthetic = data_is_synthetic(
             [it.path for it in load_items(self._site.data, self._task)], self._site.synthetic_rehearsal
         )
@@ -266,11 +191,11 @@ class FedMedTrainer(Executor):
                 f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
                 f"rehearsal: its updates are deliberately corrupted",
             )
-        self._model = build_densenet121(self._task.num_outputs, norm=self.norm)
-        if self.he_layers:
+        self._model = build_densenet121(self._task.num_outputs, norm=self.config.norm)
+        if self.config.he_layers:
             ctx_path = self._he_context_path(fl_ctx)
             self._he = ckks.load_client_context(ctx_path)
-            self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), self.he_layers)
+            self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), list(self.config.he_layers))
             if self._he.key_id is None:
                 self.log_warning(
                     fl_ctx,
@@ -294,21 +219,27 @@ class FedMedTrainer(Executor):
             self._sign_keys, self._server_key = wire_sig.load_keys(key_dir)
             if self._sign_keys.site != site:
                 raise ValueError(f"signing key in {key_dir} is {self._sign_keys.site!r}'s, but this client is {site!r}")
-        policy, source = self._privacy_policy(fl_ctx)
+        policy, source, self._noise_filters = site_privacy.privacy_policy(self._site, fl_ctx)
         try:
             simulator = running_in_simulator(fl_ctx)
-            check_job_for_site(self._site, policy, self.norm, where=site, config=str(path), simulator=simulator)
+            check_job_for_site(self._site, policy, self.config.norm, where=site, config=str(path), simulator=simulator)
         except JobRefused as e:
             if policy is None:  # the site stays up and refuses every task of the job with the reason
                 raise SiteSettingsRefused(str(e)) from None
             raise
         if policy is not None or self._noise_filters:
-            self._ledger = self._open_ledger(site, policy, fl_ctx)
+            self._ledger = site_privacy.open_ledger(self._site, self._task, policy, fl_ctx)
+            b = self._ledger
+            self.log_info(
+                fl_ctx,
+                f"site {site}: privacy ledger {b.ledger.path}, dataset {b.dataset.digest[:12]} "
+                f"({b.dataset.describe()}): lifetime epsilon {b.lifetime_epsilon():.3f} of {b.lifetime_ceiling}",
+            )
         if policy is not None:
             self._privacy = SitePrivacy(policy, self._ledger)
-            trained = set_trainable(self._model, self.dp_train_layers)  # names a prefix that matches nothing
+            trained = set_trainable(self._model, self.config.dp_train_layers)  # names a prefix that matches nothing
             set_trainable(self._model, None)
-            what = "all" if self.dp_train_layers is None else f"{self.dp_train_layers}:"
+            what = "all" if self.config.dp_train_layers is None else f"{list(self.config.dp_train_layers)}:"
             self.log_info(
                 fl_ctx,
                 f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
@@ -323,13 +254,13 @@ class FedMedTrainer(Executor):
             # The job's dp_train_layers restrict DP-SGD only: freezing keeps DP noise off coordinates that would
             # not carry signal through it; a site training without DP has no noise and trains every layer.
             training=site_round.Training(
-                self.lr,
-                self.batch_size,
-                self.local_epochs,
-                self.seed,
+                self.config.lr,
+                self.config.batch_size,
+                self.config.local_epochs,
+                self.config.seed,
                 self._dp_trainable(policy),
-                self.proximal_mu,
-                self.scaffold,
+                self.config.proximal_mu,
+                self.config.scaffold,
             ),
             val=self._val_ds,
             privacy=self._privacy,
@@ -349,7 +280,7 @@ class FedMedTrainer(Executor):
         )
 
     def _dp_trainable(self, policy) -> Optional[tuple]:
-        return tuple(self.dp_train_layers) if policy is not None and self.dp_train_layers else None
+        return tuple(self.config.dp_train_layers) if policy is not None and self.config.dp_train_layers else None
 
     def _continue_run_privacy(self, site: str, global_model: FLModel, fl_ctx: FLContext) -> None:
         """A job that resumes a run (fedmed.resume): what the run's earlier jobs (named by the server) charged to this
@@ -366,70 +297,6 @@ class FedMedTrainer(Executor):
             f"site {site}: this job resumes a run of jobs {jobs}: their DP-SGD spend at this site, epsilon "
             f"{self._privacy.epsilon_spent:.3f}, counts toward this job's ceiling {self._privacy.policy.epsilon}",
         )
-
-    def _open_ledger(self, site: str, policy, fl_ctx: FLContext) -> LedgerBinding:
-        """The site's lifetime ledger (path from fedmed_site.json, else <kit>/local/), verified, bound to this
-        dataset (the pseudonymous identities of every image, and patient, the task reads) and this job."""
-        path = (
-            self._site.privacy_ledger
-            or Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / LEDGER_FILENAME
-        )
-        ledger = PrivacyLedger(path)
-        problem = ledger.verify()
-        if problem:
-            raise SiteSettingsRefused(
-                f"the site's privacy ledger is damaged, so no privacy spend can be accounted: "
-                f"{problem}; the privacy officer must check it (scripts/privacy_ledger.py "
-                "verify)"
-            )
-        identities = ledger.dataset_identities(
-            (it.path, it.patient_id) for it in load_items(self._site.data, self._task)
-        )
-        binding = LedgerBinding(
-            ledger,
-            identities,
-            str(fl_ctx.get_job_id()),
-            policy.delta if policy else DEFAULT_DELTA,
-            policy.lifetime_ceiling if policy else None,
-            run=uuid.uuid4().hex[:12],
-        )
-        self.log_info(
-            fl_ctx,
-            f"site {site}: privacy ledger {path}, dataset {identities.digest[:12]} ({identities.describe()}): lifetime epsilon "
-            f"{binding.lifetime_epsilon():.3f} of {binding.lifetime_ceiling}",
-        )
-        return binding
-
-    def _privacy_policy(self, fl_ctx: FLContext):
-        """The strictest of this site's fedmed_site.json policy and the one in the job's NVFlare privacy scope
-        (<kit>/local/privacy.json, scope properties["fedmed_privacy"]), with where it came from."""
-        scope_obj = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
-        scope = scope_obj.name if scope_obj is not None else ""
-        props = scope_obj.props if scope_obj is not None else {}
-        engine = fl_ctx.get_engine()
-        if scope_obj is None and engine is not None:
-            # NVFlare's simulator does not resolve the job's scope (its run manager sets only the job meta), nor
-            # applies the scope's filters; read the scope's properties from the site's privacy.json the way a
-            # deployed client resolves them, through the public workspace API.
-            found = scope_in_privacy_file(
-                Path(engine.get_workspace().get_site_privacy_file_path()),
-                (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", ""),
-            )
-            scope, props = found if found is not None else ("", {})
-        raw = props.get(C.SCOPE_PRIVACY_KEY) if isinstance(props, dict) else None
-        filters = getattr(scope_obj, "task_result_filters", None) or {}
-        self._noise_filters = [f for group in filters.values() for f in group if isinstance(f, UpdateNoiseFilter)]
-        try:
-            scope_policy = parse_privacy(raw)
-        except ValueError as e:
-            raise ValueError(f"privacy scope {scope!r} in local/privacy.json: {e}") from e
-        policy = strictest(self._site.privacy, scope_policy)
-        sources = [
-            name
-            for name, p in (("fedmed_site.json", self._site.privacy), (f"privacy scope {scope!r}", scope_policy))
-            if p is policy
-        ]
-        return policy, (sources[0] if sources else "fedmed_site.json and privacy scope combined")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         # Cross-site evaluation answers NVFlare's own task names (AppConstants.TASK_VALIDATION / TASK_SUBMIT_MODEL),

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -24,11 +24,11 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe import SimEnv
 
 from fedmed import constants as C
-from fedmed.algorithms import SERVER_OPTIMIZERS
 from fedmed.console import full_output_to
 from fedmed.constants import ENV_DB_URL
 from fedmed.crypto import ckks
 from fedmed.flare.controller import FedMedController
+from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
 from fedmed.flare.executor import FedMedTrainer
 from fedmed.flare.live_metrics import LiveTBReceiver
 from fedmed.flare.persistor import FedMedModelPersistor
@@ -48,64 +48,42 @@ def build_job(
     data_root: Path | None = None,
     he_keys_dir: Path | None = None,
     signing_keys_dir: Path | None = None,
-    controller_class: type = FedMedController,
-    controller_args: dict | None = None,
+    server_components: dict | None = None,
+    server_test_set: bool = True,
     **changes,
 ) -> FedJob:
     """The job as code, configured by `config` (with `changes`, JobConfig settings by name, applied on top).
 
+    The server's workflows are FedMedController (training) then, when the job evaluates across sites,
+    FedMedCrossSiteEval; each takes the job's settings whole (config.to_dict()), the hospitals' Executors the
+    settings marked for sites (config.to_dict(site=True): never the server's database URL).
+
     With data_root (simulation) each site's executor is pointed at <data_root>/<site>/fedmed_site.json and the
-    server at <data_root>/global_test; without it (deployment) sites use their kit's local/fedmed_site.json and the
+    server at <data_root>/global_test (unless server_test_set is False: scored as deployed); without it (deployment) sites use their kit's local/fedmed_site.json and the
     server scores rounds by the sites' validation scores. With config.he_layers those parameters travel
     CKKS-encrypted; the keys come from the kits (installed from a hospital key
     custodian's set, scripts/he_keys.py), or in simulation from he_keys_dir/<site>/
     (see prepare_simulator_keys). With signing_keys_dir (simulation) each site signs its updates with the keys in
-    signing_keys_dir/<site>/ (see prepare_simulator_signing). controller_class / controller_args: a FedMedController
-    subclass and its extra arguments (the benchmarks' fedmed.flare.probes)."""
+    signing_keys_dir/<site>/ (see prepare_simulator_signing). server_components: {id: component} added to the
+    server beside the workflows, e.g. an event listener (the benchmarks' fedmed.flare.probes.RoundProbes)."""
     config = config.with_changes(**changes) if changes else config
-    spec = get_task(config.task)
-    min_clients = config.required_clients
     scope = {"scope": config.privacy_scope} if config.privacy_scope else None
-    job = FedJob(name=config.name, min_clients=min_clients, meta_props=scope)
+    job = FedJob(name=config.name, min_clients=config.required_clients, meta_props=scope)
     # fedmed is installed at each site (site_configs/install.sh), not shipped inside the job: hospitals run only
     # code they installed and allow-listed.
     job.set_app_packages(["fedmed"])
-    he_layers = list(config.he_layers) if config.he_layers else None
-    test_root = Path(data_root) / "global_test" if data_root else None
-    controller_kwargs = dict(
-        num_rounds=config.num_rounds,
-        min_clients=min_clients,
-        round_timeout=config.round_timeout,
-        straggler_wait=config.straggler_wait,
-        aggregation=config.aggregation,
-        test_dicom_root=str(test_root / "dicom") if test_root else None,
-        test_labels_csv=str(test_root / "labels.csv") if test_root else None,
-        image_size=config.image_size,
-        norm=config.norm,
-        db_url=config.db_url,
-        run_name=config.name,
-        trust_smoothing=config.trust_smoothing,
-        trust_ok_ratio=config.trust_ok_ratio,
-        trust_bad_ratio=config.trust_bad_ratio,
-        quarantine_below=config.quarantine_below,
-        readmit_after=config.readmit_after,
-        trust_head_cosine_bad=config.trust_head_cosine_bad,
-        task=spec.name,
-        he_layers=he_layers,
-        final_model_timeout=config.final_model_timeout,
-        statistics_factor=config.statistics_factor,
-        validation_images=config.validation_images,
-        resume_run=config.resume_run,
-        models_dir=config.models_dir,
-        cross_site_eval=config.cross_site_eval,
-        evaluate_only=config.evaluates_only,
-        cross_site_timeout=config.cross_site_timeout,
-        evaluate_run=config.cross_site_eval_run,
-        evaluate_model=config.cross_site_eval_model,
-        fedopt=asdict(config.algorithm().server_optimizer) if config.server_optimizer != "none" else None,
-        scaffold=config.scaffold,
+    test_root = Path(data_root) / "global_test" if data_root and server_test_set else None
+    job.to_server(
+        FedMedController(
+            job=config.to_dict(),
+            test_dicom_root=str(test_root / "dicom") if test_root else None,
+            test_labels_csv=str(test_root / "labels.csv") if test_root else None,
+        )
     )
-    job.to_server(controller_class(**{**controller_kwargs, **(controller_args or {})}))
+    if config.cross_site_eval or config.evaluates_only:
+        job.to_server(FedMedCrossSiteEval(job=config.to_dict()), id="cross_site_eval")
+    for cid, component in (server_components or {}).items():
+        job.to_server(component, id=cid)
     add_persistor_and_trainers(job, config, data_root, he_keys_dir, signing_keys_dir)
     return job
 
@@ -120,7 +98,6 @@ def add_persistor_and_trainers(
     """The server's model persistor (component id "persistor") and each site's FedMedTrainer, as build_job configures
     them; also used by the benchmark that runs the same trainers under NVFlare's own FedAvg."""
     spec = get_task(config.task)
-    he_layers = list(config.he_layers) if config.he_layers else None
     job.to_server(
         FedMedModelPersistor(
             num_outputs=spec.num_outputs,
@@ -134,23 +111,15 @@ def add_persistor_and_trainers(
     job.to_server(LiveTBReceiver(), id="tb_receiver")
     for site in config.sites:
         site_config = str(Path(data_root) / site / "fedmed_site.json") if data_root else None
-        he_context = str(Path(he_keys_dir) / site / ckks.CLIENT_CONTEXT_FILE) if he_layers and he_keys_dir else None
+        he_context = (
+            str(Path(he_keys_dir) / site / ckks.CLIENT_CONTEXT_FILE) if config.he_layers and he_keys_dir else None
+        )
         trainer = FedMedTrainer(
+            job=config.to_dict(site=True),
             site_config=site_config,
-            image_size=config.image_size,
-            local_epochs=config.local_epochs,
-            lr=config.lr,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            norm=config.norm,
-            task=spec.name,
-            he_layers=he_layers,
             he_context_file=he_context,
-            dp_train_layers=list(config.dp_train_layers) if config.dp_train_layers else None,
             signatures=signing_keys_dir is not None,
             signing_key_dir=str(Path(signing_keys_dir) / site) if signing_keys_dir else None,
-            proximal_mu=config.proximal_mu,
-            scaffold=config.scaffold,
         )
         tasks = ["train", C.TASK_FINAL_MODEL, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
         job.to(trainer, site, tasks=tasks)
@@ -291,9 +260,49 @@ def _names(text: str | None) -> tuple | None:
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
 
 
+_OPTION_TYPES = {"int": int, "float": float, "str": str, "tuple": _names}
+
+
+def add_setting_options(p: argparse.ArgumentParser, config: JobConfig) -> None:
+    """One option per JobConfig setting, derived from the field: its flag, help text and group from the field's
+    metadata (fedmed.jobconfig.setting), its type from the annotation, its default shown from `config` (the job
+    script's JobConfig). An option not given is absent from the parsed arguments (argparse.SUPPRESS), so `config`'s
+    own value stands; a bool setting is a switch that turns its default around (--no-cross-site-eval)."""
+    groups: dict = {}
+    for f in fields(type(config)):
+        meta = f.metadata
+        if not meta.get("cli", False) or meta.get("flag") == "":
+            continue
+        target = p
+        if meta.get("group"):
+            title, description = meta["group"]
+            target = groups.get(title) or groups.setdefault(title, p.add_argument_group(title, description))
+        name = meta.get("flag") or f.name.replace("_", "-")
+        default = getattr(config, f.name)
+        help_text = meta["help"].replace("%", "%%")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = kind.replace("typing.", "").removeprefix("Optional[").removesuffix("]")  # Optional[int] -> int
+        if kind == "bool":
+            flag = f"--no-{name}" if default else f"--{name}"
+            target.add_argument(
+                flag, dest=f.name, action="store_false" if default else "store_true", default=argparse.SUPPRESS,
+                help=f"{'turn off' if default else 'turn on'}: {help_text}",
+            )  # fmt: skip
+            continue
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        target.add_argument(
+            f"--{name}",
+            dest=f.name,
+            type=_OPTION_TYPES[kind],
+            default=argparse.SUPPRESS,
+            help=help_text + (f" (default {shown})" if shown is not None else ""),
+            **meta.get("option", {}),
+        )
+
+
 def job_main(argv, config: JobConfig, description: str, default_workspace: Path) -> int:
-    """Command line of a job script: simulate on generated hospitals, or export the job folder. Every option's
-    default is `config`'s (the job script's JobConfig).
+    """Command line of a job script: simulate on generated hospitals, or export the job folder. One option per
+    JobConfig setting (add_setting_options), each defaulting to `config`'s (the job script's JobConfig).
 
     Args:
         argv: arguments (None = sys.argv).
@@ -301,7 +310,6 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         description: the script's --help text.
         default_workspace: simulator workspace root when --workspace is not given.
     """
-    c = config
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, help="hospitals generated by scripts/generate_hospitals.py")
     p.add_argument("--workspace", type=Path, default=default_workspace, help="simulator workspace root")
@@ -319,265 +327,33 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         "(default: everything on the console)",
     )
     p.add_argument(
-        "--sites", default=",".join(c.sites), help=f"comma-separated site names (default {','.join(c.sites)})"
-    )
-    p.add_argument("--rounds", dest="num_rounds", type=int, default=c.num_rounds, help=f"default {c.num_rounds}")
-    p.add_argument(
-        "--min-clients",
-        type=int,
-        default=c.min_clients,
-        help="valid updates needed per round (default: sites - 1 with 3 or more sites, else all)",
-    )
-    p.add_argument(
-        "--round-timeout",
-        type=int,
-        default=c.round_timeout,
-        help=f"seconds before a round gives up (0 = no limit; default {c.round_timeout})",
-    )
-    p.add_argument(
-        "--straggler-wait",
-        type=int,
-        default=c.straggler_wait,
-        help=f"seconds to wait for the remaining sites once --min-clients have answered (default {c.straggler_wait})",
-    )
-    p.add_argument(
-        "--aggregation",
-        default=c.aggregation,
-        help=f"geometric_median, fedavg, coordinate_median, trimmed_mean or krum (default {c.aggregation})",
-    )
-    p.add_argument("--image-size", type=int, default=c.image_size, help=f"default {c.image_size}")
-    p.add_argument("--local-epochs", type=int, default=c.local_epochs, help=f"default {c.local_epochs}")
-    p.add_argument("--lr", type=float, default=c.lr, help=f"default {c.lr}")
-    p.add_argument("--batch-size", type=int, default=c.batch_size, help=f"default {c.batch_size}")
-    p.add_argument("--seed", type=int, default=c.seed, help=f"default {c.seed}")
-    p.add_argument(
-        "--norm",
-        choices=("batch", "group"),
-        default=c.norm,
-        help=f"DenseNet normalisation; 'group' is required when sites train with DP-SGD (default {c.norm})",
-    )
-    p.add_argument(
-        "--db-url",
-        default=c.db_url,
-        help="SQLAlchemy URL (default $FEDMED_DB_URL, else SQLite in the server workspace)",
-    )
-    p.add_argument(
-        "--scope",
-        dest="privacy_scope",
-        default=c.privacy_scope,
-        help="NVFlare privacy scope of the job (a site's local/privacy.json may give it a DP ceiling under "
-        "properties.fedmed_privacy)",
-    )
-    p.add_argument(
         "--he",
         action="store_true",
-        help=f"send the classifier head ({HEAD_PREFIX}*) CKKS-encrypted; the server aggregates it blind",
+        help=f"send the classifier head ({HEAD_PREFIX}*) CKKS-encrypted (--he-layers {HEAD_PREFIX}); the server "
+        "aggregates it blind",
     )
-    p.add_argument(
-        "--he-layers",
-        default=",".join(c.he_layers or ()) or None,
-        help="comma-separated parameter names or prefixes ending in '.' to encrypt "
-        "(implies --he; default the classifier head)",
-    )
-    p.add_argument(
-        "--dp-train-layers",
-        default=",".join(c.dp_train_layers or ()) or None,
-        help="comma-separated parameter-name prefixes a site trains under DP-SGD (default all), e.g. "
-        "features.denseblock4.,features.norm5.,class_layers.",
-    )
-    p.add_argument(
-        "--initial-weights",
-        type=Path,
-        default=c.initial_weights,
-        help="state-dict file (.pt) the global model starts from, e.g. one pretrained on public data; "
-        "nothing is ever downloaded",
-    )
-    p.add_argument(
-        "--final-model-timeout",
-        type=int,
-        default=c.final_model_timeout,
-        help=f"seconds the server waits for the sites to acknowledge the final model (default {c.final_model_timeout})",
-    )
-    p.add_argument(
-        "--statistics-factor",
-        type=float,
-        default=c.statistics_factor,
-        help=f"how far a site's BatchNorm statistics may move from the global model's in one round before "
-        f"its update is rejected (default {c.statistics_factor:g})",
-    )
-    p.add_argument(
-        "--validation-images",
-        type=int,
-        default=c.validation_images,
-        help=f"score each update on this many server test images and reject one far below the median "
-        f"site's; needs a test set and no HE (default {c.validation_images} = off)",
-    )
-    p.add_argument(
-        "--server-optimizer",
-        choices=SERVER_OPTIMIZERS,
-        default=c.server_optimizer,
-        help=f"FedOpt on the robust aggregate (fedmed.algorithms): the aggregate read as a step along global - "
-        f"aggregate, with FedAdam's or FedYogi's moments; 'none' takes the aggregate (default {c.server_optimizer})",
-    )
-    p.add_argument(
-        "--server-lr", type=float, default=c.server_lr, help=f"FedOpt's server learning rate (default {c.server_lr:g})"
-    )
-    p.add_argument(
-        "--server-beta1",
-        type=float,
-        default=c.server_beta1,
-        help=f"FedOpt's first-moment decay (default {c.server_beta1:g})",
-    )
-    p.add_argument(
-        "--server-beta2",
-        type=float,
-        default=c.server_beta2,
-        help=f"FedOpt's second-moment decay (default {c.server_beta2:g})",
-    )
-    p.add_argument(
-        "--server-tau", type=float, default=c.server_tau, help=f"FedOpt's adaptivity tau (default {c.server_tau:g})"
-    )
-    p.add_argument(
-        "--proximal-mu",
-        type=float,
-        default=c.proximal_mu,
-        help=f"FedProx at the sites: mu of mu/2 ||w - w_global||^2, added after DP-SGD's noise (default "
-        f"{c.proximal_mu:g} = off)",
-    )
-    p.add_argument(
-        "--scaffold",
-        action="store_true",
-        default=c.scaffold,
-        help="SCAFFOLD's control variates at the server and the sites (fedmed.algorithms; not with signatures)",
-    )
-    p.add_argument(
-        "--resume",
-        metavar="RUN",
-        help="continue this interrupted or failed run (its number, its uid or a unique prefix) from its last "
-        "recorded round, with the same task, aggregation, HE layers, norm, image size and rounds (fedmed.resume)",
-    )
-    p.add_argument(
-        "--no-cross-site-eval",
-        dest="cross_site_eval",
-        action="store_false",
-        default=c.cross_site_eval,
-        help="skip the cross-site evaluation after training (every hospital scores the global model, and the local "
-        "models hospitals lend, on its own validation data)",
-    )
-    p.add_argument(
-        "--cross-site-eval-only",
-        default=c.cross_site_eval_only or c.cross_site_eval_run,
-        metavar="MODEL_OR_RUN",
-        help="train nothing: every hospital scores this model file (on the server, e.g. a recorded run's "
-        "global_model.pt), or this recorded run's model (its number, uid or a unique prefix; --cross-site-eval-model "
-        "says which), on its own validation data; recorded as a run of its own",
-    )
-    p.add_argument(
-        "--cross-site-eval-model",
-        choices=("final", "best"),
-        default=None,
-        help="with --cross-site-eval-only RUN: the run's last recorded global model (final, the default) or its "
-        "best scored round's (best), found among the server's kept model files by the sha256 the record holds",
-    )
-    p.add_argument(
-        "--cross-site-timeout",
-        type=int,
-        default=c.cross_site_timeout,
-        help=f"seconds to wait for the hospitals in each cross-site step (default {c.cross_site_timeout})",
-    )
-    trust = p.add_argument_group(
-        "trust",
-        "the trust rule (fedmed.robust.trust): each round a site scores 1 at or "
-        "below ok-ratio x the median site distance to the aggregate, 0 at or above "
-        "bad-ratio; trust is a moving average of the scores; below quarantine-below the "
-        "site is left out of aggregation until readmit-after good rounds",
-    )
-    trust.add_argument(
-        "--trust-smoothing",
-        type=float,
-        default=c.trust_smoothing,
-        help=f"weight of the newest round, in (0, 1] (default {c.trust_smoothing})",
-    )
-    trust.add_argument("--trust-ok-ratio", type=float, default=c.trust_ok_ratio, help=f"default {c.trust_ok_ratio}")
-    trust.add_argument("--trust-bad-ratio", type=float, default=c.trust_bad_ratio, help=f"default {c.trust_bad_ratio}")
-    trust.add_argument(
-        "--trust-quarantine-below",
-        dest="quarantine_below",
-        type=float,
-        default=c.quarantine_below,
-        help=f"default {c.quarantine_below}",
-    )
-    trust.add_argument(
-        "--trust-readmit-after",
-        dest="readmit_after",
-        type=int,
-        default=c.readmit_after,
-        help=f"default {c.readmit_after}",
-    )
-    trust.add_argument(
-        "--trust-head-cosine-bad",
-        dest="trust_head_cosine_bad",
-        type=float,
-        default=c.trust_head_cosine_bad,
-        help="a round whose classifier layers moved against the aggregate's with this cosine or lower "
-        f"scores 0 (the direction rule; between -1 and 0; default {c.trust_head_cosine_bad})",
-    )
+    add_setting_options(p, config)
     a = p.parse_args(argv)
-    he_layers = _names(a.he_layers) or ((HEAD_PREFIX,) if a.he else None)
-    if a.initial_weights is not None and not a.initial_weights.is_file():
-        p.error(f"--initial-weights {a.initial_weights}: no such file")
-    eval_file, eval_run = None, None
-    if a.cross_site_eval_only is not None:
-        if Path(a.cross_site_eval_only).is_file():
-            eval_file = str(Path(a.cross_site_eval_only).resolve())
-        elif RUN_PREFIX.fullmatch(a.cross_site_eval_only):
-            eval_run = a.cross_site_eval_only
+    changes = {f.name: getattr(a, f.name) for f in fields(type(config)) if hasattr(a, f.name)}
+    if a.he and not changes.get("he_layers"):
+        changes["he_layers"] = (HEAD_PREFIX,)
+    if changes.get("initial_weights") is not None:
+        if not Path(changes["initial_weights"]).is_file():
+            p.error(f"--initial-weights {changes['initial_weights']}: no such file")
+        changes["initial_weights"] = str(Path(changes["initial_weights"]).resolve())
+    # --cross-site-eval-only names a model file on the server or a recorded run: two settings
+    given = changes.pop("cross_site_eval_only", None)
+    if given is not None:
+        if Path(given).is_file():
+            changes["cross_site_eval_only"] = str(Path(given).resolve())
+        elif RUN_PREFIX.fullmatch(given):
+            changes["cross_site_eval_run"] = given
         else:
-            p.error(f"--cross-site-eval-only {a.cross_site_eval_only}: no such model file, nor a run uid (hex)")
-    if a.cross_site_eval_model is not None and eval_run is None:
+            p.error(f"--cross-site-eval-only {given}: no such model file, nor a run uid (hex)")
+    if "cross_site_eval_model" in changes and not changes.get("cross_site_eval_run"):
         p.error("--cross-site-eval-model goes with --cross-site-eval-only RUN (a recorded run, not a model file)")
     try:
-        config = c.with_changes(
-            sites=_names(a.sites) or (),
-            num_rounds=a.num_rounds,
-            min_clients=a.min_clients,
-            round_timeout=a.round_timeout,
-            straggler_wait=a.straggler_wait,
-            aggregation=a.aggregation,
-            image_size=a.image_size,
-            local_epochs=a.local_epochs,
-            lr=a.lr,
-            batch_size=a.batch_size,
-            seed=a.seed,
-            norm=a.norm,
-            db_url=a.db_url,
-            privacy_scope=a.privacy_scope,
-            he_layers=he_layers,
-            dp_train_layers=_names(a.dp_train_layers),
-            initial_weights=str(Path(a.initial_weights).resolve()) if a.initial_weights else None,
-            trust_smoothing=a.trust_smoothing,
-            trust_ok_ratio=a.trust_ok_ratio,
-            trust_bad_ratio=a.trust_bad_ratio,
-            quarantine_below=a.quarantine_below,
-            readmit_after=a.readmit_after,
-            trust_head_cosine_bad=a.trust_head_cosine_bad,
-            final_model_timeout=a.final_model_timeout,
-            statistics_factor=a.statistics_factor,
-            validation_images=a.validation_images,
-            resume_run=a.resume,
-            cross_site_eval=a.cross_site_eval,
-            cross_site_eval_only=eval_file,
-            cross_site_eval_run=eval_run,
-            cross_site_eval_model=a.cross_site_eval_model or c.cross_site_eval_model,
-            cross_site_timeout=a.cross_site_timeout,
-            server_optimizer=a.server_optimizer,
-            server_lr=a.server_lr,
-            server_beta1=a.server_beta1,
-            server_beta2=a.server_beta2,
-            server_tau=a.server_tau,
-            proximal_mu=a.proximal_mu,
-            scaffold=a.scaffold,
-        )
+        config = config.with_changes(**changes)
     except ValueError as e:
         p.error(str(e))
     sites = list(config.sites)

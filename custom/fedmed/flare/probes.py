@@ -1,7 +1,9 @@
 """Server workflows that measure themselves, for the benchmarks (fedmed.cli.bench_overhead, fedmed.cli.bench_scale).
 
-ProbedFedMedController is fedmed's Controller and ProbedFedAvg is NVFlare's own FedAvg, unchanged except that each
-appends one JSON line per round to `probe_file`, taken inside the server process:
+RoundProbes is a server component that listens to the events fedmed's Controller fires (NVFlare's ROUND_STARTED,
+BEFORE_AGGREGATION, AFTER_AGGREGATION, BEFORE/AFTER_LEARNABLE_PERSIST, ROUND_DONE and fedmed's record events), so the
+Controller runs unchanged; ProbedFedAvg is NVFlare's own FedAvg, unchanged except for its probe. Each appends one JSON
+line per round to `probe_file`, taken inside the server process:
 
 - t_send / t_results: monotonic seconds when the round's training task went out and when the workflow had every
   result back (the wait in between is the sites' training and the transfers; NVFlare's FedAvg aggregates each
@@ -13,7 +15,7 @@ appends one JSON line per round to `probe_file`, taken inside the server process
   (`step`), in saving the model (`save`) and in database writes (`record`).
 
 A round's wall time is t_end minus the previous round's t_end (round 1: minus its t_send); its server CPU is the
-difference of cpu. Only the benchmarks use these classes; a federation runs FedMedController.
+difference of cpu. Only the benchmarks use these classes (build_job(server_components={"probes": RoundProbes(...)})).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import os
 import time
 from pathlib import Path
 
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from fedmed import constants as C
 from fedmed.cli.bench_sim import memory_now
-from fedmed.flare.controller import FedMedController
 from fedmed.heap import ENV_TRIM_HEAP, release_round_memory
 
 
@@ -93,71 +97,51 @@ class ProbedFedAvg(FedAvg):
         self._probe.write()
 
 
-class _TimedRecorder:
-    """The Controller's database recorder, with the time of each write added to the round's `record` phase."""
-
-    def __init__(self, db, probe: _RoundProbe):
-        self._db, self._probe = db, probe
-
-    def write(self, op, **args):
-        t = time.monotonic()
-        try:
-            return self._db.write(op, **args)
-        finally:
-            self._probe.add("record", time.monotonic() - t)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-
-class ProbedFedMedController(FedMedController):
-    def __init__(self, *args, probe_file: str = "", profile_file: str = "", **kwargs):
-        """fedmed's Controller (every argument is FedMedController's) that appends a line per round to probe_file;
-        with profile_file, cProfile's statistics of the workflow thread's whole run() are dumped there."""
-        super().__init__(*args, **kwargs)
+class RoundProbes(FLComponent):
+    def __init__(self, probe_file: str = "", profile_file: str = ""):
+        """Appends a line per round of fedmed's Controller to probe_file; with profile_file, cProfile's statistics of
+        the workflow thread from TRAINING_STARTED to TRAINING_FINISHED are dumped there (events are fired on the
+        workflow's own thread)."""
+        super().__init__()
         self.probe_file = probe_file
         self.profile_file = profile_file
         self._probe = _RoundProbe(probe_file)
+        self._since: dict = {}  # phase -> monotonic time its "before" event came
+        self._profile = None
 
-    def run(self):
-        if not self.profile_file:
-            return super().run()
-        import cProfile
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        now = time.monotonic()
+        if event_type == AppEventType.TRAINING_STARTED and self.profile_file:
+            import cProfile
 
-        # This thread only (the workflow, where fedmed's round work runs), timed by its CPU time: on a shared
-        # machine wall time would count the waits for a core. The threads of fedmed.parallel are not seen.
-        profile = cProfile.Profile(time.thread_time)
-        profile.enable()
-        try:
-            return super().run()
-        finally:
-            profile.disable()
-            profile.dump_stats(self.profile_file)
-
-    def broadcast_model(self, *args, **kwargs):
-        training = kwargs.get("task_name") == self.train_task_name
-        if training:
+            # This thread only (the workflow, where fedmed's round work runs), timed by its CPU time: on a shared
+            # machine wall time would count the waits for a core. The threads of fedmed.parallel are not seen.
+            self._profile = cProfile.Profile(time.thread_time)
+            self._profile.enable()
+        elif event_type == AppEventType.TRAINING_FINISHED and self._profile is not None:
+            self._profile.disable()
+            self._profile.dump_stats(self.profile_file)
+            self._profile = None
+        elif event_type == AppEventType.ROUND_STARTED:
             self._probe.send()
-        try:
-            return super().broadcast_model(*args, **kwargs)
-        finally:
-            if training:
+        elif event_type in _STARTS:
+            if event_type == AppEventType.BEFORE_AGGREGATION:  # the wait for the sites' results is over
                 self._probe.results()
+            self._since[_STARTS[event_type]] = now
+        elif event_type in _ENDS and _ENDS[event_type] in self._since:
+            self._probe.add(_ENDS[event_type], now - self._since.pop(_ENDS[event_type]))
+        elif event_type == AppEventType.ROUND_DONE:
+            self._probe.write()
 
-    def _start_record(self):
-        db, run_uid, resumed = super()._start_record()
-        return _TimedRecorder(db, self._probe), run_uid, resumed
 
-    def _log_report(self, report) -> None:  # called right after engine.step
-        if "t_results" in self._probe.marks:
-            self._probe.add("step", time.monotonic() - self._probe.marks["t_results"])
-        super()._log_report(report)
-
-    def save_model(self, model):
-        t = time.monotonic()
-        super().save_model(model)
-        self._probe.add("save", time.monotonic() - t)
-
-    def _log_round(self, *args, **kwargs) -> None:  # the last call of an aggregated round
-        super()._log_round(*args, **kwargs)
-        self._probe.write()
+# phase -> the events that open and close it
+_STARTS = {
+    AppEventType.BEFORE_AGGREGATION: "step",  # wire conversion, signature checks and RoundEngine.step
+    AppEventType.BEFORE_LEARNABLE_PERSIST: "save",
+    C.EVENT_BEFORE_RECORD: "record",
+}
+_ENDS = {
+    AppEventType.AFTER_AGGREGATION: "step",
+    AppEventType.AFTER_LEARNABLE_PERSIST: "save",
+    C.EVENT_AFTER_RECORD: "record",
+}
