@@ -88,9 +88,9 @@ def site(name, w, control=None, count=100):
 
 
 def test_the_round_engine_steps_fedadam_from_the_robust_aggregate():
-    rules = RoundRules("fedavg", server_optimizer=ServerOptimizer("fedadam", lr=0.1))
+    rules = RoundRules("fedavg", min_clients=2, server_optimizer=ServerOptimizer("fedadam", lr=0.1))
     eng = RoundEngine(rules)
-    plain = RoundEngine(RoundRules("fedavg"))
+    plain = RoundEngine(RoundRules("fedavg", min_clients=2))
     results = [site(f"h{i}", GLOBAL["w"] + 0.1 + 0.001 * i) for i in range(3)]
     rep, ref = eng.step(0, GLOBAL, results, []), plain.step(0, GLOBAL, results, [])
     assert rep.aggregated and rep.diagnostics["server_optimizer"] == {"kind": "fedadam", "step": 1}
@@ -231,7 +231,7 @@ def test_the_server_control_variate_moves_by_the_aggregator_weights_and_clips_a_
 
 
 def test_the_round_engine_screens_control_deltas_and_moves_c():
-    eng = RoundEngine(RoundRules("fedavg", scaffold=True))
+    eng = RoundEngine(RoundRules("fedavg", min_clients=2, scaffold=True))
     c0 = eng.control(GLOBAL)
     assert set(c0) == {"w"} and not c0["w"].any()  # over the clear weights only
     ok = {"w": np.full(3, 0.2, np.float32)}
@@ -248,7 +248,9 @@ def test_the_round_engine_screens_control_deltas_and_moves_c():
     assert "no SCAFFOLD control-variate delta" in reasons["none"]
     assert "shape (2,), expected (3,)" in reasons["bad"] and "not finite" in reasons["nan"]
     np.testing.assert_allclose(eng.control(GLOBAL)["w"], 0.2 * 2 / 5, rtol=1e-6)  # 2 kept of 5 asked
-    no_scaffold = RoundEngine(RoundRules("fedavg")).step(0, GLOBAL, results[:2] + [site("h2", GLOBAL["w"] + 0.1)], [])
+    no_scaffold = RoundEngine(RoundRules("fedavg", min_clients=2)).step(
+        0, GLOBAL, results[:2] + [site("h2", GLOBAL["w"] + 0.1)], []
+    )
     assert all("runs no SCAFFOLD" in u.reason for u in no_scaffold.updates if u.site in ("h0", "h1"))
 
 
@@ -329,7 +331,7 @@ def test_a_scaffold_site_refuses_a_model_without_c_and_a_round_its_user_level_fi
     assert no_c.refused == "global model rejected: SCAFFOLD: the global model came without the server's control variate"
     wrong = {"features.conv0.weight": np.zeros(3, np.float32)}
     assert "missing" in run_round(site, GlobalModel(params, 1, 3, control=wrong)).refused
-    c = RoundEngine(RoundRules("fedavg", scaffold=True)).control(params)
+    c = RoundEngine(RoundRules("fedavg", min_clients=2, scaffold=True)).control(params)
     filtered = Site(
         "hospital-b", CHEST_XRAY14, train, model, Training(scaffold=True), also_released=lambda: [(1.0, 1.0, 1)]
     )

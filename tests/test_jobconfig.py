@@ -131,11 +131,24 @@ CHANGED = dict(
     models_dir="/srv/runs",
     cross_site_eval=False,
     cross_site_eval_model="best",
+    server_lr=0.1,
+    server_beta1=0.8,
+    server_beta2=0.9,
+    server_tau=0.01,
+    proximal_mu=0.05,
     cross_site_timeout=9,
 )
 
 
-@pytest.mark.parametrize("changes", [{}, CHANGED, {"cross_site_eval_run": "3fa2"}], ids=["defaults", "changed", "eval"])
+# A server optimiser or SCAFFOLD cannot resume a run (their state is not kept): changed in a case of their own.
+ALGORITHMS = dict(server_optimizer="fedyogi", scaffold=True)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, CHANGED, {"cross_site_eval_run": "3fa2"}, ALGORITHMS],
+    ids=["defaults", "changed", "eval", "algorithms"],
+)
 def test_every_setting_reaches_the_controller_and_the_executors_of_an_exported_job(changes, tmp_path):
     """build_job + FedJob.export_job: the exported server config holds every JobConfig setting for each workflow,
     each site's config the settings marked for sites (never the server's database URL); the components constructed
@@ -147,7 +160,7 @@ def test_every_setting_reaches_the_controller_and_the_executors_of_an_exported_j
     if changes is CHANGED:  # every setting but the job's name and task and the evaluation-only ones differs
         default = JobConfig(name="every", task="brain_mri")
         same = {f.name for f in dataclasses.fields(JobConfig) if getattr(config, f.name) == getattr(default, f.name)}
-        assert same == {"name", "task", "cross_site_eval_only", "cross_site_eval_run"}
+        assert same == {"name", "task", "cross_site_eval_only", "cross_site_eval_run", *ALGORITHMS}
     build_job(config).export_job(str(tmp_path))
     workflows, trainers = _exported(tmp_path / "every")
     names = {f.name for f in dataclasses.fields(JobConfig)}
