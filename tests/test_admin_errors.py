@@ -335,3 +335,23 @@ def test_submit_reads_the_exported_jobs_settings_without_importing_torch(tmp_pat
     assert {k: args[k] for k in ("aggregation", "he_layers", "norm", "image_size", "trust_ok_ratio")} == {
         k: defaults[k] for k in ("aggregation", "he_layers", "norm", "image_size", "trust_ok_ratio")
     }
+
+
+def test_an_admin_whose_role_may_not_submit_is_one_line_naming_the_fix(monkeypatch, tmp_path):
+    # NVFlare's answer to a `member` admin's submit_job (tests/test_deployment.py sees it from a real server)
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError
+
+    session = _Session()
+
+    def refused(folder):
+        raise AuthorizationError("user not authorized for the action 'submit_job'")
+
+    session.submit_job = refused
+    monkeypatch.setattr(submit_job, "open_session", lambda *a, **k: session)
+    kit = _kit(tmp_path, 1, in_workspace=False)
+    with pytest.raises(SubmitError) as e:
+        submit_job.submit_and_follow(kit, "member@fedmed.org", tmp_path / "job", 60)
+    (line,) = str(e.value).splitlines()
+    assert (
+        line.startswith("member@fedmed.org may not submit jobs (user not authorized") and "project admin's kit" in line
+    )

@@ -641,8 +641,8 @@ def _submit(session, sub: Submission) -> str:
         return session.submit_job(str(sub.job_folder))
     except AuthorizationError as e:
         raise SubmitError(
-            f"{sub.user} may not submit jobs ({e}): submit with a project admin's or a lead's kit (the authorization "
-            "policy in provision/README.md)"
+            f"{sub.user} may not submit jobs ({e}): submit with the project admin's kit (the shipped "
+            "site_configs/authorization.json lets only the project admin submit; provision/README.md)"
         ) from None
     except InvalidJobDefinition as e:
         raise SubmitError(f"the server refused the job folder {sub.job_folder.name}: {e}") from None
