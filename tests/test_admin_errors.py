@@ -313,3 +313,45 @@ def test_the_admin_commands_start_without_torch_or_scikit_learn():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_submit_reads_the_exported_jobs_settings_without_importing_torch(tmp_path):
+    # fedmed-submit read the exported job's rounds and run options through JobConfig, importing torch, MONAI and
+    # scikit-learn into the admin's process (9-27 s here); the export's own process now writes JobConfig's defaults
+    from dataclasses import MISSING, fields
+
+    from fedmed.jobconfig import JobConfig
+
+    code = (
+        "import json, sys; from pathlib import Path; import fedmed.cli.submit_job as s; "
+        f"f = s.export_job(Path({str(tmp_path)!r}), ['--rounds', '3', '--scope', 'rehearsal']); "
+        "a = s.exported_controller_args(f); "
+        "print(json.dumps([s.exported_num_rounds(f), a, [m for m in ('torch', 'monai', 'sklearn') if m in sys.modules]]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    rounds, args, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rounds == 3 and heavy == []
+    defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
+    assert {k: args[k] for k in ("aggregation", "he_layers", "norm", "image_size", "trust_ok_ratio")} == {
+        k: defaults[k] for k in ("aggregation", "he_layers", "norm", "image_size", "trust_ok_ratio")
+    }
+
+
+def test_an_admin_whose_role_may_not_submit_is_one_line_naming_the_fix(monkeypatch, tmp_path):
+    # NVFlare's answer to a `member` admin's submit_job (tests/test_deployment.py sees it from a real server)
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError
+
+    session = _Session()
+
+    def refused(folder):
+        raise AuthorizationError("user not authorized for the action 'submit_job'")
+
+    session.submit_job = refused
+    monkeypatch.setattr(submit_job, "open_session", lambda *a, **k: session)
+    kit = _kit(tmp_path, 1, in_workspace=False)
+    with pytest.raises(SubmitError) as e:
+        submit_job.submit_and_follow(kit, "member@fedmed.org", tmp_path / "job", 60)
+    (line,) = str(e.value).splitlines()
+    assert (
+        line.startswith("member@fedmed.org may not submit jobs (user not authorized") and "project admin's kit" in line
+    )

@@ -278,6 +278,7 @@ def _patch_executor_args(job: Path, **args) -> Path:
 )
 def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federation, tmp_path, arg, value):
     fed = federation
+    _ensure_up(fed)
     job = _patch_executor_args(_export(tmp_path / "job", num_rounds=1, straggler_wait=5), **{arg: value})
     with pytest.raises(JobFailed) as failed:  # the job started, then every hospital refused its round
         submit_and_follow(

@@ -96,10 +96,40 @@ class JobOutcome:
     not_counted: list = field(default_factory=list)  # (round, site, status, reason) of every site that did not count
 
 
+DEFAULTS_FILE = "fedmed_jobconfig_defaults.json"  # beside the exported job folder: JobConfig's defaults
+# job.py --export-job, then JobConfig's defaults written as JSON by the same process, which has imported them
+# already: the admin's own process then needs neither torch nor MONAI, whose import took 9-27 s here.
+_EXPORT = """
+import json, runpy, sys
+from dataclasses import MISSING, fields
+script, defaults_file = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+    if e.code not in (0, None):
+        raise
+from fedmed.jobconfig import JobConfig
+defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
+with open(defaults_file, "w") as out:
+    json.dump(defaults, out, default=str)
+"""
+
+
 def export_job(dest: Path, job_args: list[str]) -> Path:
-    """jobs/cxr_densenet/job.py --export-job: the job folder the admin console takes (it names fedmed classes only)."""
+    """jobs/cxr_densenet/job.py --export-job: the job folder the admin console takes (it names fedmed classes only),
+    with JobConfig's defaults beside it (DEFAULTS_FILE)."""
     proc = subprocess.run(
-        [sys.executable, str(JOB_SCRIPT), "--export-job", str(dest), *job_args],
+        [
+            sys.executable,
+            "-c",
+            _EXPORT,
+            str(JOB_SCRIPT),
+            str(dest / DEFAULTS_FILE),
+            "--export-job",
+            str(dest),
+            *job_args,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -114,14 +144,25 @@ def export_job(dest: Path, job_args: list[str]) -> Path:
     return folders[0]
 
 
-def exported_controller_args(job_folder: Path) -> dict:
-    """The exported job's settings by name (JobConfig.to_dict()), as its FedMedController takes them (its `job`
-    argument), checked as the server checks them."""
-    from fedmed.jobconfig import JobConfig  # torch and MONAI: only when a job is exported, not for --abort
+def _job_defaults(job_folder: Path) -> dict:
+    """JobConfig's defaults: from the export's DEFAULTS_FILE, else (a folder exported otherwise) from JobConfig."""
+    saved = job_folder.parent / DEFAULTS_FILE
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    from dataclasses import MISSING, fields
 
+    from fedmed.jobconfig import JobConfig  # torch and MONAI
+
+    return {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
+
+
+def exported_controller_args(job_folder: Path) -> dict:
+    """The exported job's settings by name: its FedMedController's `job` argument (JobConfig.to_dict(), every
+    setting; the server checks them again), with JobConfig's defaults from the export (_job_defaults) under it for
+    a folder exported otherwise: the admin's process imports neither torch nor MONAI."""
     server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
-    return JobConfig.from_dict(controller.get("args", {}).get("job", {})).to_dict()
+    return {**_job_defaults(job_folder), **controller.get("args", {}).get("job", {})}
 
 
 def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) -> tuple:
@@ -327,12 +368,8 @@ def causes_in_log(result: Path | None, causes: Causes) -> str | None:
 
 
 def exported_num_rounds(job_folder: Path) -> int:
-    """The exported job's number of rounds, as its server config says (the Controller's `job` argument)."""
-    from fedmed.jobconfig import JobConfig
-
-    server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
-    controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
-    return int(controller.get("args", {}).get("job", {}).get("num_rounds", JobConfig.num_rounds))
+    """The exported job's number of rounds, as its server config says."""
+    return int(exported_controller_args(job_folder)["num_rounds"])
 
 
 def round_line(r, label) -> str:
@@ -604,8 +641,8 @@ def _submit(session, sub: Submission) -> str:
         return session.submit_job(str(sub.job_folder))
     except AuthorizationError as e:
         raise SubmitError(
-            f"{sub.user} may not submit jobs ({e}): submit with a project admin's or a lead's kit (the authorization "
-            "policy in provision/README.md)"
+            f"{sub.user} may not submit jobs ({e}): submit with the project admin's kit (the shipped "
+            "site_configs/authorization.json lets only the project admin submit; provision/README.md)"
         ) from None
     except InvalidJobDefinition as e:
         raise SubmitError(f"the server refused the job folder {sub.job_folder.name}: {e}") from None
