@@ -625,7 +625,7 @@ def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
     assert _cli(capsys, "--db-url", db_url).returncode == 0  # the chain alone cannot tell: its writer held the key
     caught = _cli(capsys, "--db-url", db_url, "--receipts", str(log.parent))
     assert caught.returncode == 1
-    assert "audit_receipts.jsonl line 3 (run run-1, round 3) records audit entry" in caught.stderr
+    assert "audit_receipts.jsonl line 3: the receipt (run run-1, round 3) records audit entry" in caught.stderr
     assert "rewritten after the hospital received it" in caught.stderr
 
     # a receipt the hospital made up itself (signed with another key) is named, not held against the server

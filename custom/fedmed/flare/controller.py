@@ -26,11 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.anchors import AnchorWatch
 from fedmed.crosssite import quarantine_reasons
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
+from fedmed.flare.anchors import open_watch
 from fedmed.flare.crosssite_eval import CrossSiteEvalMixin
 from fedmed.flare.live_metrics import LiveMetrics
 from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE, FedMedModelPersistor
@@ -257,6 +259,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         self.cross_site_timeout = cross_site_timeout
         self._signer = None  # the server's signing keys, when signatures are on
         self._receipt = None  # the signed audit chain head of the last recorded round, sent with the next model
+        self._anchors = AnchorWatch()  # the sites' ledger heads and receipts (fedmed.anchors), opened in run()
         self._site_keys: dict = {}
         # Every rule checked here, when the job is built: a bad threshold or an HE job with a non-linear aggregator
         # is refused before anything runs.
@@ -338,6 +341,8 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 validate=self._validator(eval_model, test_ds),
             )
             self._setup_signatures()
+            # Insider checks (fedmed.anchors): each site's ledger head extends what it reported; its receipts are held.
+            self._anchors = open_watch(self._db_url, self._signer and self._signer.public, self.error)
             card = ModelCardBuilder(self.task, self.aggregation, "NVFlare federation (fedmed)", self.he_layers or ())
             card.continue_from(card_from_meta(model.meta or {}) if resumed else None)
             for round_num in range(resumed.plan.first_wire_round if resumed else 0, self.num_rounds):
@@ -345,12 +350,15 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                     status = "aborted"
                     break
                 started, t0 = utcnow(), time.monotonic()
+                model.meta = {**(model.meta or {}), C.META_LEDGER_SEEN: self._anchors.ledger_counts()}
                 results, targets, skipped = self._send(model, round_num)
                 if self.abort_signal.triggered:
                     status = "aborted"
                     break
                 last_round_sites = [wire.site_of(r) for r in results]
                 site_results = [wire.to_site_result(r, self._verifier(round_num)) for r in results]
+                for alert in self._anchors.check(round_num, site_results)[1]:  # recorded by _record_round
+                    self.error(f"round {round_num + 1}: ALERT {alert.kind} ({alert.site}): {alert.message}")
                 answered = {r.site for r in site_results}
                 missing = {
                     **skipped,
@@ -716,6 +724,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
 
     def _record_round(self, db, run_uid: str, record: RoundRecord) -> None:
         """Into the run record, then out to TensorBoard and report.html (fedmed.flare.live_metrics: never raises)."""
+        record = self._anchors.attach(record)  # the sites' anchors and their alerts (fedmed.anchors)
         recorded = db.write("record_round", run_uid=run_uid, record=record)
         self._receipt = wire_sig.audit_receipt(db, run_uid, record.round_num, self._signer) if recorded else None
         self._live.publish(record, self._db_url, recorded)

@@ -70,6 +70,13 @@ def keep_receipt(model: FLModel, server: signing.PublicKeys, fl_ctx) -> None:
         store_receipt(model, server, Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()))
 
 
+def last_receipt(fl_ctx) -> Optional[dict]:
+    """Site side, at job start: the newest receipt in the kit's local/audit_receipts.jsonl (an earlier job's), which
+    the site echoes in its first update until the server sends this job's."""
+    local = Path(fl_ctx.get_engine().get_workspace().get_site_config_dir())
+    return receipts.last_receipt(local / receipts.RECEIPTS_FILE)
+
+
 def store_receipt(model: FLModel, server: signing.PublicKeys, local_dir: Path) -> None:
     """Append the global model's receipt to local_dir/audit_receipts.jsonl, only if the server signed it (raises
     SignatureError otherwise): the hospital's own copy of the record's head."""

@@ -56,6 +56,7 @@ from fedmed.store.models import (
     Run,
     RunResumption,
     Site,
+    SiteAnchorRow,
     SiteTrustState,
 )
 
@@ -242,8 +243,9 @@ _TABLES = {
     "inference_logs": (InferenceLog, False, ("id",)),
     "run_resumptions": (RunResumption, False, ("job_id", "id")),
     "cross_site_results": (CrossSiteResult, True, ("model", "site")),
+    "site_anchors": (SiteAnchorRow, True, ("round_num", "site")),
 }
-ROUND_TABLES = ("rounds", "client_updates", "privacy_spend", "round_metrics", "alerts")
+ROUND_TABLES = ("rounds", "client_updates", "privacy_spend", "round_metrics", "alerts", "site_anchors")
 
 
 @dataclass(frozen=True)
