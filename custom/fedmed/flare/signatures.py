@@ -73,8 +73,10 @@ def keep_receipt(model: FLModel, server: signing.PublicKeys, fl_ctx) -> None:
 def last_receipt(fl_ctx) -> Optional[dict]:
     """Site side, at job start: the newest receipt in the kit's local/audit_receipts.jsonl (an earlier job's), which
     the site echoes in its first update until the server sends this job's."""
-    local = Path(fl_ctx.get_engine().get_workspace().get_site_config_dir())
-    return receipts.last_receipt(local / receipts.RECEIPTS_FILE)
+    engine = fl_ctx.get_engine()
+    if engine is None:  # a context with no engine (a bare executor harness) has no kit to read
+        return None
+    return receipts.last_receipt(Path(engine.get_workspace().get_site_config_dir()) / receipts.RECEIPTS_FILE)
 
 
 def store_receipt(model: FLModel, server: signing.PublicKeys, local_dir: Path) -> None:
