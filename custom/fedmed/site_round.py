@@ -10,7 +10,9 @@ In order:
    encrypted head decrypted with the site's key and checked against the last head it accepted;
 2. train from it: DP-SGD under the site's policy (the ledger is charged before the data is read) or plain Adam;
 3. validate on the site's validation set (when it has one) and keep only the metrics its policy releases;
-4. apply a rehearsal attack when the site is configured hostile, encrypt the head, sign the update.
+4. put into the update what the site vouches for to the federation (vouch: its privacy ledger's head, the last
+   audit receipt it saw; fedmed.anchors), apply a rehearsal attack when the site is configured hostile, encrypt
+   the head, sign the update.
 
 A refusal (the global model rejected, the privacy budget or ledger says no) comes back as a SiteUpdate whose
 `refused` says why, for the server to record; a bad signature raises fedmed.signing.SignatureError.

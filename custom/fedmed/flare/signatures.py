@@ -3,7 +3,8 @@
 Both sides compute the same digest from the same FLModel fields, so the site and the server never exchange the
 digest itself:
     update:       the clear params, meta[he_encrypted] (CKKS chunks), meta[num_samples], the metrics and the
-                  privacy spend in meta (DP-SGD epsilon/delta/budget/sigma, user-level DP clip/sigma)
+                  privacy spend in meta (DP-SGD epsilon/delta/budget/sigma, user-level DP clip/sigma, lifetime
+                  epsilon), the site's ledger head and the audit receipt it last saw (fedmed.anchors)
     global model: the clear params and meta[he_encrypted]
 The job id and round come from each side's own context, never from the message: an update replayed into another
 round or job fails to verify.
