@@ -218,6 +218,10 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
             assert [r.round for r in kept] == [1], (site, kept)
             server_pub = signing.load_public_keys(fed.kit(site) / "local" / signing.SERVER_KEY_FILE)
             assert repo.check_receipts(log, server_pub) == (len(receipts.read_receipts(log)), [])
+            # ... and signed it into its round-2 update, which the server checked against its record (fedmed.anchors)
+            anchor = [a for a in repo.site_anchors(run_id) if a["site"] == site and a["round"] == 2]
+            assert [(a["receipt_entry"], a["receipt_mac"]) for a in anchor] == [(kept[0].entry, kept[0].mac)], anchor
+        assert not [a for a in repo.alerts(run_id) if a["kind"] in ("receipt_mismatch", "ledger_reset")]
     finally:
         repo.close()
     fed.timings.update(submit_s=out.submit_seconds, job_s=out.run_seconds, round_gaps_s=out.round_seconds)
