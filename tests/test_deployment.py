@@ -248,12 +248,17 @@ def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federatio
     assert out.status == COMPLETED
     repo = Repository(fed.db_url, create_schema=False)
     try:
-        ups = repo.client_updates(repo.run_id_for_job(out.job_id))
+        run_id = repo.run_id_for_job(out.job_id)
+        ups = repo.client_updates(run_id)
         assert {u["site"]: u["status"] for u in ups} == {s: "accepted" for s in HOSPITALS}
+        anchors = {a["site"]: a for a in repo.site_anchors(run_id)}  # the signed ledger heads (fedmed.anchors)
+        assert not [a for a in repo.alerts(run_id) if a["kind"] == "ledger_reset"]
     finally:
         repo.close()
     for site in HOSPITALS:  # charged in the kit's local/, before the update left the hospital
         ledger = PrivacyLedger(fed.kit(site) / "local" / "privacy_ledger.jsonl")
+        # the head the server recorded is the ledger with this round's filter charge (re-reported by the filter)
+        assert (anchors[site]["ledger_entries"], anchors[site]["ledger_head"]) == (len(ledger.entries()), ledger.head())
         mine = [e for e in ledger.entries() if e.job_id == out.job_id]
         assert [(e.mechanism, e.round) for e in mine] == [("user_level", 0)] and ledger.verify() is None
         assert mine[0].details["relation"] == "replace" and mine[0].details["noise_std"] == pytest.approx(
