@@ -625,7 +625,7 @@ def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
     assert _cli(capsys, "--db-url", db_url).returncode == 0  # the chain alone cannot tell: its writer held the key
     caught = _cli(capsys, "--db-url", db_url, "--receipts", str(log.parent))
     assert caught.returncode == 1
-    assert "audit_receipts.jsonl line 3 (run run-1, round 3) records audit entry" in caught.stderr
+    assert "audit_receipts.jsonl line 3: the receipt (run run-1, round 3) records audit entry" in caught.stderr
     assert "rewritten after the hospital received it" in caught.stderr
 
     # a receipt the hospital made up itself (signed with another key) is named, not held against the server
@@ -640,6 +640,49 @@ def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
         log.parent / "forged.jsonl", server.public
     )
     assert checked == 0 and "is not the server's" in problems[0].reason
+
+
+def test_a_receipt_a_hospital_signs_into_its_update_is_checked_against_the_record_by_the_server(
+    recorded, audit_key_file, tmp_path
+):
+    """Issue 29 item 2: each hospital signs the last receipt it saw into its next update (fedmed.site_round.vouch);
+    the server (fedmed.anchors) alerts receipt_mismatch when its record does not hold that chain head: the record
+    was rewritten with its key after the hospital saw it, or the receipt is not one the server signed."""
+    from dataclasses import asdict
+
+    from fedmed import constants as C
+    from fedmed import signing
+    from fedmed.anchors import AnchorWatch
+    from fedmed.site_round import Site, as_received, vouch
+    from fedmed.store import receipts
+    from fedmed.tasks import CHEST_XRAY14
+
+    signing.generate_site_keys(tmp_path / "server-keys", "server")
+    server = signing.load_site_keys(tmp_path / "server-keys")
+    tag = _exec(recorded, "SELECT row_hash FROM audit_log ORDER BY id").scalar()
+    last = _exec(recorded, "SELECT id, row_hash FROM audit_log WHERE action = 'record_round' ORDER BY id").all()[-1]
+    receipt = asdict(receipts.make_receipt("run-1", 3, receipts.ChainHead(tag, last.id, last.row_hash), server))
+    site = Site("hospital-a", CHEST_XRAY14, None, None, last_receipt=receipt)
+    meta = {}
+    vouch(site, None, meta)  # what the site puts into its signed update
+    watch = AnchorWatch(receipt_check=lambda raw: recorded.receipt_problem(raw, server.public))
+    anchors, alerts = watch.check(3, [as_received("hospital-a", {}, {}, meta)])
+    assert alerts == () and [(a.receipt_entry, a.receipt_mac) for a in anchors] == [(last.id, last.row_hash)]
+
+    _rewrite_with_the_key(recorded, audit.read_key_file(audit_key_file), recorded.audit_settings().heads_file)
+    assert recorded.verify_audit() is None  # the chain alone cannot tell: its writer held the key
+    _, alerts = watch.check(4, [as_received("hospital-a", {}, {}, meta)])
+    assert [(a.site, a.kind) for a in alerts] == [("hospital-a", "receipt_mismatch")]
+    assert f"records audit entry {last.id} with MAC {last.row_hash[:16]}..., the record holds" in alerts[0].message
+    assert "the record was rewritten after the site received it" in alerts[0].message
+
+    signing.generate_site_keys(tmp_path / "hospital-keys", "hospital-a")
+    made_up = receipts.make_receipt(
+        "run-1", 9, receipts.ChainHead(tag, 1, "0" * 64), signing.load_site_keys(tmp_path / "hospital-keys")
+    )
+    _, alerts = watch.check(5, [as_received("hospital-a", {}, {}, {C.META_RECEIPT_SEEN: asdict(made_up)})])
+    assert [a.kind for a in alerts] == ["receipt_mismatch"]
+    assert "is not one the server signed" in alerts[0].message and "made up or altered at the site" in alerts[0].message
 
 
 def test_the_server_sends_each_rounds_head_and_the_hospital_keeps_only_what_the_server_signed(

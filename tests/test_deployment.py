@@ -218,6 +218,10 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
             assert [r.round for r in kept] == [1], (site, kept)
             server_pub = signing.load_public_keys(fed.kit(site) / "local" / signing.SERVER_KEY_FILE)
             assert repo.check_receipts(log, server_pub) == (len(receipts.read_receipts(log)), [])
+            # ... and signed it into its round-2 update, which the server checked against its record (fedmed.anchors)
+            anchor = [a for a in repo.site_anchors(run_id) if a["site"] == site and a["round"] == 2]
+            assert [(a["receipt_entry"], a["receipt_mac"]) for a in anchor] == [(kept[0].entry, kept[0].mac)], anchor
+        assert not [a for a in repo.alerts(run_id) if a["kind"] in ("receipt_mismatch", "ledger_reset")]
     finally:
         repo.close()
     fed.timings.update(submit_s=out.submit_seconds, job_s=out.run_seconds, round_gaps_s=out.round_seconds)
@@ -244,12 +248,17 @@ def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federatio
     assert out.status == COMPLETED
     repo = Repository(fed.db_url, create_schema=False)
     try:
-        ups = repo.client_updates(repo.run_id_for_job(out.job_id))
+        run_id = repo.run_id_for_job(out.job_id)
+        ups = repo.client_updates(run_id)
         assert {u["site"]: u["status"] for u in ups} == {s: "accepted" for s in HOSPITALS}
+        anchors = {a["site"]: a for a in repo.site_anchors(run_id)}  # the signed ledger heads (fedmed.anchors)
+        assert not [a for a in repo.alerts(run_id) if a["kind"] == "ledger_reset"]
     finally:
         repo.close()
     for site in HOSPITALS:  # charged in the kit's local/, before the update left the hospital
         ledger = PrivacyLedger(fed.kit(site) / "local" / "privacy_ledger.jsonl")
+        # the head the server recorded is the ledger with this round's filter charge (re-reported by the filter)
+        assert (anchors[site]["ledger_entries"], anchors[site]["ledger_head"]) == (len(ledger.entries()), ledger.head())
         mine = [e for e in ledger.entries() if e.job_id == out.job_id]
         assert [(e.mechanism, e.round) for e in mine] == [("user_level", 0)] and ledger.verify() is None
         assert mine[0].details["relation"] == "replace" and mine[0].details["noise_std"] == pytest.approx(

@@ -13,7 +13,7 @@ from fedmed.store.journal import (
     op_to_json,
 )
 from fedmed.store.models import utcnow
-from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, SiteAnchor, UpdateRecord
 
 
 def _record(n):
@@ -29,6 +29,7 @@ def _record(n):
         mean_auroc=0.5 + n / 10,
         started_at=utcnow(),
         alerts=(AlertRecord("hospital-b", "rejected", "NaN"),),
+        anchors=(SiteAnchor("hospital-a", 2, "ab" * 32, 1.5, 7, "cd" * 32),),  # journaled like the rest
     )
 
 

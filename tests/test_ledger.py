@@ -18,6 +18,7 @@ from fedmed.privacy.accounting import BudgetExceeded, SiteRDPAccountant
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.ledger import (
     GENESIS,
+    ChargeTag,
     LedgerBinding,
     LedgerError,
     LifetimeBudgetExceeded,
@@ -256,7 +257,7 @@ def test_ledger_cli_shows_each_job_and_the_lifetime_epsilon(tmp_path):
         [(0.5, 1.0, 1)],
         1e-5,
         None,
-        details={"relation": "replace", "noise_multiplier": 1.0, "clip_norm": 1.0},
+        ChargeTag(details={"relation": "replace", "noise_multiplier": 1.0, "clip_norm": 1.0}),
     )
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "privacy_ledger.py"), "show", str(ledger.path)],

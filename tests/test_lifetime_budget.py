@@ -68,3 +68,29 @@ def test_second_job_is_refused_at_the_round_that_would_pass_the_lifetime_ceiling
         timeout=120,
     )
     assert show.returncode == 0 and "2 job(s)" in show.stdout, show.stdout + show.stderr
+
+
+@pytest.mark.integration
+def test_a_ledger_deleted_between_two_jobs_is_alerted_in_the_second_jobs_record(tiny_hospitals, tmp_path):
+    """Issue 29 item 4 in NVFlare's simulator: two jobs record to one database; between them hospital-c's IT deletes
+    its ledger, head file and key (the site then starts a fresh ledger and trains). The second job's record holds a
+    ledger_reset alert naming the deleted ledger against the head the first job recorded."""
+    ledger = PrivacyLedger(tmp_path / "hospital-c-ledger" / "privacy_ledger.jsonl")
+    db = _own_folder(tmp_path / "db") / "fedmed.db"
+    args = ("--rounds", "2", "--norm", "group", "--min-clients", "2", "--no-cross-site-eval")
+    try:
+        _configure(tiny_hospitals, ledger.path)
+        repo, run1 = _simulate(tiny_hospitals, tmp_path / "ws1", db, *args)
+        heads = [(a["round"], a["ledger_entries"]) for a in repo.site_anchors(run1) if a["site"] == SITE]
+        assert heads == [(1, 1), (2, 2)] and repo.alerts(run1) == []
+        repo.close()
+        for p in (ledger.path, ledger.heads_path, ledger.key_path):
+            p.unlink()
+        repo, run2 = _simulate(tiny_hospitals, tmp_path / "ws2", db, *args)
+    finally:
+        _write_site_configs(tiny_hospitals)
+    alerts = [a for a in repo.alerts(run2) if a["kind"] == "ledger_reset"]
+    assert [(a["round"], a["site"]) for a in alerts] == [(1, SITE)], repo.alerts(run2)
+    assert "holds 1 entries, 2 before: it was deleted, truncated or replaced" in alerts[0]["message"]
+    assert [(a["round"], a["ledger_entries"]) for a in repo.site_anchors(run2) if a["site"] == SITE] == [(1, 1), (2, 2)]
+    assert repo.get_run(run2).status == "finished" and repo.verify_audit() is None

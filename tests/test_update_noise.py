@@ -189,3 +189,33 @@ def test_batchnorm_statistics_are_not_released_but_the_global_models_sent_back(r
     for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
         np.testing.assert_array_equal(out.params[key], ref[key])
     assert not np.allclose(out.params["w"], upd["w"])  # the weights are noised
+
+
+def test_the_filter_re_reports_the_ledger_head_with_its_charge_and_signs_it(rng, tmp_path, signing_keys):
+    """fedmed.anchors: the head the site's update vouches for includes the filter's own charge, inside the signature
+    the filter makes for what leaves."""
+    from fedmed import signing
+    from fedmed.flare.signatures import sign_result, verify_result
+    from fedmed.site_round import Site, vouch
+    from fedmed.tasks import CHEST_XRAY14
+
+    ref = _model(rng)
+    binding = _binding(tmp_path)
+    binding.charge(0, "user_level", [(1.0, 1.0, 1)])  # round 1's charge, reported to the server (count 1)
+    meta = {"num_samples": 5}
+    vouch(Site("hospital-a", CHEST_XRAY14, None, None, ledger=binding), 1, meta)  # the site round, before the filter
+    assert meta[C.META_LEDGER_HEAD]["entries"] == 1
+    model = FLModel(params_type=ParamsType.FULL, params={k: v + 1.0 for k, v in ref.items()}, meta=meta)
+    keys = signing_keys["hospital-a"]
+    sign_result(model, "job-1", 1, "hospital-a", keys)
+    ctx = _ctx(ref, binding, round_num=1)
+    ctx.set_prop(C.CTX_SIGNER, (keys, "job-1", 1, "hospital-a"), private=True, sticky=False)
+    flt = UpdateNoiseFilter(clip_norm=2.0, noise_multiplier=0.1, seed=3)
+    out = FLModelUtils.from_shareable(flt.process(FLModelUtils.to_shareable(model), ctx))
+    head = out.meta[C.META_LEDGER_HEAD]
+    assert head["entries"] == 2 and head["head"] == binding.ledger.head()  # with this round's charge
+    assert head["at_previous"][0] == 1 and head["lifetime_epsilon"] == out.meta[C.META_LIFETIME_EPSILON]
+    verify_result(out, "job-1", 1, "hospital-a", keys.public)  # signed as it leaves
+    out.meta[C.META_LEDGER_HEAD] = {**head, "entries": 1}
+    with pytest.raises(signing.SignatureError):
+        verify_result(out, "job-1", 1, "hospital-a", keys.public)

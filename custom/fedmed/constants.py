@@ -50,6 +50,14 @@ META_DATA_SYNTHETIC = "data_synthetic"  # the site trained on synthetic (generat
 META_CONTROL = "scaffold_control"  # SCAFFOLD: the server's control variate, sent with the global model
 META_CONTROL_DELTA = "scaffold_control_delta"  # SCAFFOLD: the site's control-variate change (fedmed.algorithms)
 META_LIFETIME_EPSILON = "dp_lifetime_epsilon"  # the site's dataset's epsilon across all jobs, from its privacy ledger
+# In a site's signed update (fedmed.anchors): its privacy ledger's head (fedmed.privacy.ledger.LedgerHead.to_wire:
+# entry count, newest line's sha256, lifetime epsilon, and the line at the count the record held before), and the
+# audit receipt it last saw (META_AUDIT_RECEIPT's value, from this job or its receipt log), for the server to check.
+META_LEDGER_HEAD = "fedmed_ledger_head"
+META_RECEIPT_SEEN = "fedmed_receipt_seen"
+# On the global model: {site: the ledger entry count the record holds for it}, so each site's head report says
+# what its ledger's line at that count is now (whether the ledger still extends what the federation saw).
+META_LEDGER_SEEN = "fedmed_ledger_seen"
 
 # FLContext property (site side, one task): the global model in clear that the site trained from, for the
 # site's own result filters (UpdateNoiseFilter measures the update against it).

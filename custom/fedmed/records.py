@@ -22,6 +22,8 @@ ALERT_KINDS = (
     "global_model_unusable",
     "collusion",  # near-copy updates counted once (fedmed.robust.collusion)
     "suspicion",  # a round not committed: its rules would have turned on half of the sites or more
+    "ledger_reset",  # a site's privacy ledger head does not extend the one it reported before (fedmed.anchors)
+    "receipt_mismatch",  # a site's audit receipt names a chain head the record does not hold (fedmed.anchors)
 )
 
 
@@ -87,6 +89,7 @@ class RoundRecord:
     started_at: Optional[dt.datetime] = None
     alerts: tuple = ()  # of AlertRecord
     trust: tuple = ()  # of TrustRecord: each scored site's state after this round, kept across jobs
+    anchors: tuple = ()  # of SiteAnchor: what each site vouched for in its signed update (fedmed.anchors)
 
     def __post_init__(self):
         if isinstance(self.round_num, bool) or not isinstance(self.round_num, int) or self.round_num < 1:
@@ -101,3 +104,17 @@ class TrustRecord:
     trust: float
     quarantined: bool
     good_streak: int
+
+
+@dataclass(frozen=True)
+class SiteAnchor:
+    """What one site vouched for in its signed update of a round (fedmed.anchors): its privacy ledger's entry count,
+    newest line's sha256 and the lifetime epsilon of the dataset the job reads (None: the job keeps no ledger at the
+    site), and the audit receipt it last saw (entry id and MAC; None: it had none)."""
+
+    site: str
+    ledger_entries: Optional[int] = None
+    ledger_head: Optional[str] = None
+    lifetime_epsilon: Optional[float] = None
+    receipt_entry: Optional[int] = None
+    receipt_mac: Optional[str] = None

@@ -66,6 +66,8 @@ class SiteResult:
     authentication: Optional[str] = None  # why the signature failed (set by the adapter that verified it)
     data_synthetic: Optional[bool] = None  # the site says it trained on synthetic data (for the model card only)
     control_delta: object = None  # SCAFFOLD: the site's control-variate change (fedmed.algorithms), screened too
+    ledger_head: object = None  # the site's privacy ledger head as it reported it (checked by fedmed.anchors)
+    receipt: object = None  # the audit receipt the site last saw, as it reported it (checked by fedmed.anchors)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ In order:
    encrypted head decrypted with the site's key and checked against the last head it accepted;
 2. train from it: DP-SGD under the site's policy (the ledger is charged before the data is read) or plain Adam;
 3. validate on the site's validation set (when it has one) and keep only the metrics its policy releases;
-4. apply a rehearsal attack when the site is configured hostile, encrypt the head, sign the update.
+4. put into the update what the site vouches for to the federation (vouch: its privacy ledger's head, the last
+   audit receipt it saw; fedmed.anchors), apply a rehearsal attack when the site is configured hostile, encrypt
+   the head, sign the update.
 
 A refusal (the global model rejected, the privacy budget or ledger says no) comes back as a SiteUpdate whose
 `refused` says why, for the server to record; a bad signature raises fedmed.signing.SignatureError.
@@ -41,6 +43,9 @@ SIGNED_PRIVACY_KEYS = (
     C.META_NOISE_MULTIPLIER,
     C.META_UPDATE_CLIP_NORM,
     C.META_UPDATE_NOISE_MULTIPLIER,
+    C.META_LIFETIME_EPSILON,
+    C.META_LEDGER_HEAD,  # what the site vouches for to the federation (fedmed.anchors)
+    C.META_RECEIPT_SEEN,
 )
 # meta key -> the round engine's SiteResult.privacy key
 RECEIVED_PRIVACY_KEYS = {
@@ -106,6 +111,7 @@ class Site:
     last_round: Optional[int] = None  # the last round whose global model it accepted for training
     last_local: Optional[dict] = None  # its last released local model, in clear (what cross-site evaluation lends)
     control: Optional[dict] = None  # SCAFFOLD: its control variate c_i (fedmed.algorithms)
+    last_receipt: Optional[dict] = None  # the last audit receipt it saw (this job's, or its receipt log's last)
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,8 @@ class GlobalModel:
     encrypted: Optional[Mapping] = None
     signature: object = None  # the server's signature (meta fedmed_global_signature)
     control: Optional[Mapping] = None  # SCAFFOLD: the server's control variate c (name -> array)
+    ledger_seen: Optional[int] = None  # the ledger entry count the record holds for this site (meta fedmed_ledger_seen)
+    receipt: Optional[Mapping] = None  # the record's head after the previous round, signed (meta fedmed_audit_receipt)
 
 
 @dataclass
@@ -223,11 +231,14 @@ def run_round(
         )
         log(f"site {site.name}: refusing round: {reason}")
         return _refusal(site, reason)
+    if isinstance(offer.receipt, Mapping):
+        site.last_receipt = dict(offer.receipt)
     try:
         if site.privacy is None and site.ledger is not None:  # only a user-level filter spends: check its part now
             site.ledger.check(list(site.also_released()))
         update = _train_and_validate(site, offer, global_params, should_abort, log)
         update.base = global_params
+        vouch(site, offer.ledger_seen, update.meta)
     except (BudgetExceeded, LedgerError) as e:  # before training: a ceiling, or a ledger damaged since start-up
         log(f"site {site.name}: refusing round: {e}")
         return _refusal(site, str(e))
@@ -239,6 +250,23 @@ def run_round(
     if site.sign_keys is not None:
         sign_update(update, offer.job_id, offer.round_num, site.name, site.sign_keys)
     return update
+
+
+def seen_count(counts, site: str) -> Optional[int]:
+    """This site's entry in the global model's {site: ledger entry count the record holds}; anything else: None."""
+    count = counts.get(site) if isinstance(counts, Mapping) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+
+
+def vouch(site: Site, ledger_seen: Optional[int], meta: dict) -> None:
+    """Put into the update's meta (signed with it) what the site vouches for to the federation (fedmed.anchors): its
+    ledger's head, with the line at the count the record held before (ledger_seen), and the last audit receipt it
+    saw. Raises LedgerError when the ledger no longer verifies (the round is then refused)."""
+    binding = site.privacy.ledger if site.privacy is not None else site.ledger
+    if binding is not None:
+        meta[C.META_LEDGER_HEAD] = binding.head_report(ledger_seen).to_wire()
+    if site.last_receipt is not None:
+        meta[C.META_RECEIPT_SEEN] = dict(site.last_receipt)
 
 
 def _refusal(site: Site, reason: str) -> SiteUpdate:
@@ -422,4 +450,6 @@ def as_received(site: str, params, metrics, meta: Mapping) -> SiteResult:
         unavailable=None if unavailable is None else str(unavailable),
         data_synthetic=synthetic if isinstance(synthetic, bool) else None,  # anything but a bool: not reported
         control_delta=meta.get(C.META_CONTROL_DELTA),
+        ledger_head=meta.get(C.META_LEDGER_HEAD),
+        receipt=meta.get(C.META_RECEIPT_SEEN),
     )

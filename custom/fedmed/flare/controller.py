@@ -27,11 +27,13 @@ from nvflare.security.logging import secure_format_exception
 
 from fedmed import constants as C
 from fedmed import signing
+from fedmed.anchors import AnchorWatch
 from fedmed.crosssite import quarantine_reasons
 from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
+from fedmed.flare.anchors import open_watch
 from fedmed.flare.best_model import BestModelKeeper
 from fedmed.flare.crosssite_eval import CrossSiteRequest
 from fedmed.flare.live_metrics import LiveMetrics
@@ -111,6 +113,7 @@ class FedMedController(ModelController):
             scaffold=c.scaffold,
         )
         self._signer = None  # the server's signing keys, when signatures are on
+        self._anchors = AnchorWatch()  # the sites' ledger heads and receipts (fedmed.anchors), opened in _prepare
         self._site_keys: dict = {}
         self._he_names: tuple = ()
         self._watch = SiteWatch()
@@ -171,6 +174,7 @@ class FedMedController(ModelController):
         control = run.engine.control(self._clear_part(model.params))  # SCAFFOLD's c, None without it
         if control is not None:
             model.meta[C.META_CONTROL] = control
+        model.meta = {**(model.meta or {}), C.META_LEDGER_SEEN: self._anchors.ledger_counts()}
         results, targets, skipped = self._send(model, round_num, run.record)
         model.meta.pop(C.META_CONTROL, None)  # sent, never saved with the model
         if self.abort_signal.triggered:
@@ -178,6 +182,8 @@ class FedMedController(ModelController):
         self.event(AppEventType.BEFORE_AGGREGATION)
         run.last_round_sites = [wire.site_of(r) for r in results]
         site_results = [wire.to_site_result(r, self._verifier(round_num)) for r in results]
+        for alert in self._anchors.check(round_num, site_results)[1]:  # recorded with the round (_record)
+            self.error(f"round {round_num + 1}: ALERT {alert.kind} ({alert.site}): {alert.message}")
         answered = {r.site for r in site_results}
         gone = {s: why for s, why in self._watch.gone().items() if s in targets and s not in answered}
         report = run.engine.step(round_num, self._clear_part(model.params), site_results, targets, {**skipped, **gone})
@@ -214,7 +220,7 @@ class FedMedController(ModelController):
 
     def _record(self, run: _Run, record) -> None:
         self.event(C.EVENT_BEFORE_RECORD)
-        run.record.round(record)
+        run.record.round(self._anchors.attach(record))  # with the sites' anchors and their alerts (fedmed.anchors)
         self.event(C.EVENT_AFTER_RECORD)
         # The round's buffers (updates, aggregate, saved model) back to the operating system: cycles and glibc
         # keep them resident otherwise, and the server's RSS grew ~35 MB a round (fedmed.heap).
@@ -232,6 +238,8 @@ class FedMedController(ModelController):
             self.info(f"each update is also scored on {n} server test images (validation screening)")
         engine = RoundEngine(self._rules, encryption, trust=record.load_trust(), validate=validate)
         self._setup_signatures(record)
+        # Insider checks (fedmed.anchors): each site's ledger head extends what it reported; its receipts are held.
+        self._anchors = open_watch(record.db_url, self._signer and self._signer.public, self.error)
         if self._rules.scaffold and self._signer is not None:
             raise RuntimeError(
                 "scaffold cannot run with signatures on: the control variates travel beside the signed model and "

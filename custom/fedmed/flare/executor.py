@@ -272,6 +272,7 @@ class FedMedTrainer(Executor):
             server_key=self._server_key,
             hostile=self._site.hostile,
             data_synthetic=self._data_synthetic,
+            last_receipt=wire_sig.last_receipt(fl_ctx),  # echoed in its first update (fedmed.anchors)
         )
         self.log_info(
             fl_ctx,
@@ -391,6 +392,9 @@ class FedMedTrainer(Executor):
             encrypted=meta.get(C.META_ENCRYPTED),
             signature=meta.get(C.META_GLOBAL_SIGNATURE),
             control=meta.get(C.META_CONTROL),
+            # fedmed.anchors: what the site vouches for in its update
+            ledger_seen=site_round.seen_count(meta.get(C.META_LEDGER_SEEN), fl_ctx.get_identity_name()),
+            receipt=meta.get(C.META_AUDIT_RECEIPT),
         )
 
     def _evaluate_for_others(

@@ -3,7 +3,8 @@
 Both sides compute the same digest from the same FLModel fields, so the site and the server never exchange the
 digest itself:
     update:       the clear params, meta[he_encrypted] (CKKS chunks), meta[num_samples], the metrics and the
-                  privacy spend in meta (DP-SGD epsilon/delta/budget/sigma, user-level DP clip/sigma)
+                  privacy spend in meta (DP-SGD epsilon/delta/budget/sigma, user-level DP clip/sigma, lifetime
+                  epsilon), the site's ledger head and the audit receipt it last saw (fedmed.anchors)
     global model: the clear params and meta[he_encrypted]
 The job id and round come from each side's own context, never from the message: an update replayed into another
 round or job fails to verify.
@@ -68,6 +69,15 @@ def keep_receipt(model: FLModel, server: signing.PublicKeys, fl_ctx) -> None:
     """Site side, after verify_global: keep the receipt the global model carries in the kit's local/."""
     if (model.meta or {}).get(C.META_AUDIT_RECEIPT) is not None:
         store_receipt(model, server, Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()))
+
+
+def last_receipt(fl_ctx) -> Optional[dict]:
+    """Site side, at job start: the newest receipt in the kit's local/audit_receipts.jsonl (an earlier job's), which
+    the site echoes in its first update until the server sends this job's."""
+    engine = fl_ctx.get_engine()
+    if engine is None:  # a context with no engine (a bare executor harness) has no kit to read
+        return None
+    return receipts.last_receipt(Path(engine.get_workspace().get_site_config_dir()) / receipts.RECEIPTS_FILE)
 
 
 def store_receipt(model: FLModel, server: signing.PublicKeys, local_dir: Path) -> None:

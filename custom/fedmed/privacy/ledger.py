@@ -17,8 +17,8 @@ fields under the site's ledger key (<ledger>.key, created on first use, mode 060
 tokens), so a torn write, a flipped byte, an edited line or a chain recomputed without the key is found by
 verify(). <ledger>.head records the entry count and the newest line's hash, under the same key: a deleted ledger,
 or one whose newest lines were removed, no longer matches it. Whoever holds the key can still rewrite all three;
-head_report() is the small value a site sends the federation so that such a reset shows there too
-(head_extends() is the server's check).
+head_report() is the small value a site puts into each signed update so that such a reset shows in the federation's
+record too (head_extends() is the server's check, run by fedmed.anchors).
 
 Charge once per (run, round). A charge carries a key (run, round, mechanism). A resumed run's job that charges a
 key one of the run's earlier jobs charged, with the same parameters, writes a zero-cost `replay_of` line and
@@ -270,6 +270,16 @@ def _parse_line(
 
 
 @dataclass(frozen=True)
+class ChargeTag:
+    """What a charge records beside its spend: details (the mechanism's parameters, shown to the officer), and
+    its key (run, round, mechanism) with the run's earlier jobs, which decide a resumed round's free replay."""
+
+    details: Optional[dict] = None
+    charge_key: Optional[str] = None
+    resumes: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
 class LedgerHead:
     """What a site reports of its ledger to the federation (in its signed update): how many entries, the newest
     line's sha256, the lifetime epsilon of the dataset this job reads, and (when asked for the count the server
@@ -292,14 +302,20 @@ class LedgerHead:
     def from_wire(cls, raw) -> "LedgerHead":
         try:
             at = raw.get("at_previous")
-            return cls(
+            head = cls(
                 int(raw["entries"]),
                 str(raw["head"]),
                 float(raw["lifetime_epsilon"]),
                 (int(at[0]), str(at[1])) if at else None,
             )
         except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"not a ledger head report: {raw!r} ({e!r})") from e
+            raise ValueError(f"not a ledger head report: {str(raw)[:200]} ({e!r})") from e
+        hashes = [head.head] + ([head.at_previous[1]] if head.at_previous else [])
+        if head.entries < 0 or not all(len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in hashes):
+            raise ValueError("not a ledger head report: an entry count below 0 or a hash that is not sha256 hex")
+        if not 0 <= head.lifetime_epsilon < float("inf"):
+            raise ValueError(f"not a ledger head report: lifetime epsilon {head.lifetime_epsilon}")
+        return head
 
 
 def head_extends(previous: Optional[LedgerHead], new: LedgerHead) -> Optional[str]:
@@ -317,7 +333,9 @@ def head_extends(previous: Optional[LedgerHead], new: LedgerHead) -> Optional[st
             None
             if new.head == previous.head
             else (
-                f"the site's privacy ledger holds {new.entries} entries as before, but its newest line changed: rewritten"
+                f"the site's privacy ledger holds {new.entries} entries, as it reported before, but entry "
+                f"{new.entries} is another line: its newest line(s) were removed and charged again, or it was "
+                "rewritten"
             )
         )
     if new.at_previous is None or new.at_previous[0] != previous.entries:
@@ -328,7 +346,7 @@ def head_extends(previous: Optional[LedgerHead], new: LedgerHead) -> Optional[st
     if new.at_previous[1] != previous.head:
         return (
             f"the site's privacy ledger entry {previous.entries} is not the one it reported before: the ledger was "
-            "rewritten"
+            "rewritten (its lines edited and re-MACed with its key) or replaced"
         )
     return None
 
@@ -600,16 +618,16 @@ class PrivacyLedger:
         history: Sequence[HistoryEntry],
         delta: float,
         ceiling: Optional[float],
-        details: Optional[dict] = None,
-        charge_key: Optional[str] = None,
-        resumes: Sequence[str] = (),
+        tag: Optional["ChargeTag"] = None,
     ) -> LedgerEntry:
         """Check the lifetime ceiling and append one entry, fsynced, under an exclusive lock (so concurrent jobs
         at the site are serialised). Raises LifetimeBudgetExceeded (nothing written) or LedgerError.
 
-        charge_key, resumes: a job resuming a run (`resumes`: the run's earlier jobs) that charges a key one of
-        those jobs charged gets the recorded charge back and a zero-cost replay line, once per key (module
-        docstring); with other parameters it raises ChargeConflict."""
+        tag (ChargeTag): the entry's details, and its charge key: a job resuming a run (tag.resumes: the run's
+        earlier jobs) that charges a key one of those jobs charged gets the recorded charge back and a zero-cost
+        replay line, once per key (module docstring); with other parameters it raises ChargeConflict."""
+        tag = tag or ChargeTag()
+        details, charge_key, resumes = tag.details, tag.charge_key, tag.resumes
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
         history = tuple((float(s), float(q), int(n)) for s, q, n in history)
@@ -752,9 +770,7 @@ class LedgerBinding:
             history,
             self.delta,
             self.lifetime_ceiling,
-            {**(details or {}), "run": self.run},
-            charge_key=self.charge_key(round_num, mechanism),
-            resumes=self.resumes,
+            ChargeTag({**(details or {}), "run": self.run}, self.charge_key(round_num, mechanism), self.resumes),
         )
 
     def lifetime_epsilon(self) -> float:

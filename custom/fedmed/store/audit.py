@@ -2,7 +2,7 @@
 
 Each audited write appends one audit_log entry in its own transaction. The entry's payload names what was written
 and carries the SHA-256 of every row it wrote (run, round, each client update, privacy spend, alert, metric,
-inference log, run resumption, cross-site evaluation result) in a canonical JSON form read back from the database; its MAC is HMAC-SHA256, under a key kept
+inference log, run resumption, cross-site evaluation result, site anchor) in a canonical JSON form read back from the database; its MAC is HMAC-SHA256, under a key kept
 outside the database, over (previous MAC, time, action, payload). Someone with write access to the tables but not
 the key can neither edit a row (its hash no longer matches the latest entry that covers it), nor edit an entry (its
 MAC fails), nor drop rows and recompute the chain. After each write the chain head is appended to a separate
@@ -56,6 +56,7 @@ from fedmed.store.models import (
     Run,
     RunResumption,
     Site,
+    SiteAnchorRow,
     SiteTrustState,
 )
 
@@ -242,8 +243,9 @@ _TABLES = {
     "inference_logs": (InferenceLog, False, ("id",)),
     "run_resumptions": (RunResumption, False, ("job_id", "id")),
     "cross_site_results": (CrossSiteResult, True, ("model", "site")),
+    "site_anchors": (SiteAnchorRow, True, ("round_num", "site")),
 }
-ROUND_TABLES = ("rounds", "client_updates", "privacy_spend", "round_metrics", "alerts")
+ROUND_TABLES = ("rounds", "client_updates", "privacy_spend", "round_metrics", "alerts", "site_anchors")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from sqlalchemy import exc as sa_exc
 
 from fedmed.crosssite import CrossSiteRecord
 from fedmed.store.audit import RecordRefused
-from fedmed.store.repository import AlertRecord, Repository, RoundRecord, TrustRecord, UpdateRecord
+from fedmed.store.repository import AlertRecord, Repository, RoundRecord, SiteAnchor, TrustRecord, UpdateRecord
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def op_from_json(line: str) -> tuple[str, dict]:
         rec["updates"] = tuple(UpdateRecord(**u) for u in rec["updates"])
         rec["alerts"] = tuple(AlertRecord(**a) for a in rec.get("alerts", ()))
         rec["trust"] = tuple(TrustRecord(**t) for t in rec.get("trust", ()))
+        rec["anchors"] = tuple(SiteAnchor(**a) for a in rec.get("anchors", ()))
         args["record"] = RoundRecord(**rec)
     if op == "record_cross_site":
         args["records"] = [CrossSiteRecord(**r) for r in args["records"]]

@@ -220,3 +220,20 @@ class CrossSiteResult(Base):
     num_samples: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     metrics_json: Mapped[str] = mapped_column(Text, default="{}")  # per-class scores, as checked and recorded
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SiteAnchorRow(Base):
+    """What a site vouched for in its signed update of a round (fedmed.records.SiteAnchor, fedmed.anchors): its
+    privacy ledger's entry count, newest line's sha256 and lifetime epsilon, and the audit receipt it last saw."""
+
+    __tablename__ = "site_anchors"
+    __table_args__ = (UniqueConstraint("run_id", "round_num", "site_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_num: Mapped[int] = mapped_column(Integer)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    ledger_entries: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    ledger_head: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    lifetime_epsilon: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    receipt_entry: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    receipt_mac: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)

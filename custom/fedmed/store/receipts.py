@@ -92,6 +92,15 @@ def append_receipt(path: Path, receipt: Receipt, server_public: signing.PublicKe
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def parse_receipt(raw) -> Receipt:
+    """A receipt from its JSON object; raises ValueError naming what is wrong."""
+    try:
+        return Receipt(str(raw["run"]), int(raw["round"]), str(raw["chain"]), int(raw["entry"]), str(raw["mac"]),
+                       str(raw["signature"]))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not an audit receipt ({type(e).__name__}: {e})") from None
+
+
 def read_receipts(path: Path) -> list[tuple[int, Optional[Receipt]]]:
     """(line number, Receipt or None for an unreadable line) for each non-empty line."""
     out = []
@@ -99,12 +108,53 @@ def read_receipts(path: Path) -> list[tuple[int, Optional[Receipt]]]:
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
-            out.append((n, Receipt(str(raw["run"]), int(raw["round"]), str(raw["chain"]), int(raw["entry"]),
-                                   str(raw["mac"]), str(raw["signature"]))))  # fmt: skip
-        except (ValueError, KeyError, TypeError):
+            out.append((n, parse_receipt(json.loads(line))))
+        except ValueError:
             out.append((n, None))
     return out
+
+
+def last_receipt(path: Path) -> Optional[dict]:
+    """The newest readable receipt of a hospital's log (what it echoes in its next update), None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    kept = [r for _, r in read_receipts(path) if r is not None]
+    return asdict(kept[-1]) if kept else None
+
+
+def _chain_tag(session) -> Optional[str]:
+    return session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id).limit(1))
+
+
+def _not_held(session, r: Receipt, tag: Optional[str]) -> Optional[str]:
+    """Why the record does not hold the head the receipt names (None when it does)."""
+    seen = f"run {r.run}, round {r.round}"
+    mac = session.scalar(select(AuditEntry.row_hash).where(AuditEntry.id == r.entry))
+    if r.chain != tag:
+        return f"the receipt ({seen}) names chain {r.chain[:16]}..., the record's is {(tag or 'empty')[:16]}..."
+    if mac is None:
+        return f"the receipt ({seen}) records audit entry {r.entry}, which is gone"
+    if mac != r.mac:
+        return f"the receipt ({seen}) records audit entry {r.entry} with MAC {r.mac[:16]}..., the record holds {mac[:16]}..."
+    return None
+
+
+def receipt_problem(session, raw, server_public: Optional[signing.PublicKeys] = None) -> Optional[str]:
+    """The server's check of the receipt a site echoes in its update (fedmed.anchors): None when the record holds
+    the chain head it names, else why not: the record was rewritten after the site saw it, or (with server_public)
+    the receipt is not one the server signed."""
+    try:
+        r = parse_receipt(raw)
+    except ValueError as e:
+        return f"the site's receipt is unreadable: {e}"
+    if server_public is not None:
+        try:
+            check_signature(r, server_public)
+        except signing.SignatureError as e:
+            return f"the site's receipt is not one the server signed ({e}): made up or altered at the site"
+    why = _not_held(session, r, _chain_tag(session))
+    return None if why is None else f"{why}: the record was rewritten after the site received it"
 
 
 def check_receipts(
@@ -118,7 +168,7 @@ def check_receipts(
     files = [folder] if folder.is_file() else sorted(folder.glob("*.jsonl"))
     if not files:
         raise ValueError(f"no receipt log (*.jsonl) in {folder}")
-    tag = session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id).limit(1))
+    tag = _chain_tag(session)
     checked, problems = 0, []
     for path in files:
         for line, r in read_receipts(path):
@@ -133,17 +183,11 @@ def check_receipts(
                     problems.append(AuditProblem(r.entry, f"{where} is not the server's: {e}", "receipts"))
                     continue
             checked += 1
-            seen = f"{where} (run {r.run}, round {r.round})"
-            mac = session.scalar(select(AuditEntry.row_hash).where(AuditEntry.id == r.entry))
-            if r.chain != tag:
-                why = f"{seen} names chain {r.chain[:16]}..., the record's is {(tag or 'empty')[:16]}..."
-            elif mac is None:
-                why = f"{seen} records audit entry {r.entry}, which is gone"
-            elif mac != r.mac:
-                why = f"{seen} records audit entry {r.entry} with MAC {r.mac[:16]}..., the record holds {mac[:16]}..."
-            else:
-                continue
-            problems.append(
-                AuditProblem(r.entry, f"{why}: the record was rewritten after the hospital received it", "receipts")
-            )
+            why = _not_held(session, r, tag)
+            if why is not None:
+                problems.append(
+                    AuditProblem(
+                        r.entry, f"{where}: {why}: the record was rewritten after the hospital received it", "receipts"
+                    )
+                )
     return checked, problems

@@ -24,6 +24,7 @@ from fedmed.records import SCORE_SOURCES as SCORE_SOURCES
 from fedmed.records import UPDATE_STATUSES as UPDATE_STATUSES
 from fedmed.records import AlertRecord as AlertRecord
 from fedmed.records import RoundRecord as RoundRecord
+from fedmed.records import SiteAnchor as SiteAnchor
 from fedmed.records import TrustRecord as TrustRecord
 from fedmed.records import UpdateRecord as UpdateRecord
 from fedmed.store import audit
@@ -41,6 +42,7 @@ from fedmed.store.models import (
     Run,
     RunResumption,
     Site,
+    SiteAnchorRow,
     SiteTrustState,
     utcnow,
 )
@@ -248,13 +250,13 @@ class Repository:
         with self._session.begin() as s:
             run_id = self._run_id(s, run_uid)
             replaced = s.scalar(select(Round.id).where(Round.run_id == run_id, Round.round_num == record.round_num))
-            for model in (Round, ClientUpdate, RoundMetric, Alert, PrivacySpend):
+            for model in (Round, ClientUpdate, RoundMetric, Alert, PrivacySpend, SiteAnchorRow):
                 s.execute(delete(model).where(model.run_id == run_id, model.round_num == record.round_num))
             accepted = sum(1 for u in record.updates if u.status == "accepted")
             # Every site this round names, looked up (and created) at once, before anything is added: a lookup per
             # row autoflushes the rows added so far, one INSERT round trip each (seconds with 50 sites on PostgreSQL).
             sites = self._sites(s, [*(u.site for u in record.updates), *(a.site for a in record.alerts if a.site)])
-            sites.update(self._sites(s, [t.site for t in record.trust]))
+            sites.update(self._sites(s, [*(t.site for t in record.trust), *(a.site for a in record.anchors)]))
             trust_rows = {
                 row.site_id: row
                 for row in s.scalars(
@@ -328,6 +330,19 @@ class Repository:
                         site_id=sites[a.site].id if a.site else None,
                         kind=a.kind,
                         message=a.message,
+                    )
+                )
+            for a in record.anchors:
+                s.add(
+                    SiteAnchorRow(
+                        run_id=run_id,
+                        round_num=record.round_num,
+                        site_id=sites[a.site].id,
+                        ledger_entries=a.ledger_entries,
+                        ledger_head=a.ledger_head,
+                        lifetime_epsilon=a.lifetime_epsilon,
+                        receipt_entry=a.receipt_entry,
+                        receipt_mac=a.receipt_mac,
                     )
                 )
             for metric, value in record.test_metrics.items():
@@ -784,6 +799,55 @@ class Repository:
 
         with self._session() as s:
             return receipts.chain_head(s)
+
+    def last_ledger_heads(self) -> dict[str, tuple[SiteAnchor, str, int]]:
+        """site -> (its newest anchor that names a ledger head, run uid, round): what the record holds of each site's
+        privacy ledger, for the next job's check that the site's ledger still extends it (fedmed.anchors)."""
+        with self._session() as s:
+            rows = s.execute(
+                select(SiteAnchorRow, Site.name, Run.uid)
+                .join(Site, Site.id == SiteAnchorRow.site_id)
+                .join(Run, Run.id == SiteAnchorRow.run_id)
+                .where(SiteAnchorRow.ledger_entries.is_not(None))
+                .order_by(SiteAnchorRow.id)
+            ).all()
+        out = {}
+        for a, name, uid in rows:  # by id: the newest write of each site last
+            anchor = SiteAnchor(
+                name, a.ledger_entries, a.ledger_head, a.lifetime_epsilon, a.receipt_entry, a.receipt_mac
+            )
+            out[name] = (anchor, uid, a.round_num)
+        return out
+
+    def site_anchors(self, run_id: int) -> list[dict]:
+        """Each round's anchors of a run (fedmed.records.SiteAnchor as dicts, with the round)."""
+        with self._session() as s:
+            rows = s.execute(
+                select(SiteAnchorRow, Site.name)
+                .join(Site, Site.id == SiteAnchorRow.site_id)
+                .where(SiteAnchorRow.run_id == run_id)
+                .order_by(SiteAnchorRow.round_num, Site.name)
+            ).all()
+        return [
+            {
+                "round": a.round_num,
+                "site": name,
+                "ledger_entries": a.ledger_entries,
+                "ledger_head": a.ledger_head,
+                "lifetime_epsilon": a.lifetime_epsilon,
+                "receipt_entry": a.receipt_entry,
+                "receipt_mac": a.receipt_mac,
+            }
+            for a, name in rows
+        ]
+
+    def receipt_problem(self, raw, server_public=None) -> Optional[str]:
+        """Why the record does not hold the chain head a site's receipt names (fedmed.store.receipts.receipt_problem),
+        None when it does."""
+        from fedmed.store import receipts
+
+        with self._session() as s:
+            return receipts.receipt_problem(s, raw, server_public)
 
     def check_receipts(self, folder: Path, server_public=None) -> tuple[int, list]:
         """The record against hospitals' receipt logs (fedmed.store.receipts.check_receipts)."""
