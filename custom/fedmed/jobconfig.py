@@ -57,6 +57,9 @@ class JobConfig:
         trust_smoothing / trust_ok_ratio / trust_bad_ratio / quarantine_below / readmit_after: the trust rule
             (fedmed.robust.trust.TrustPolicy, whose defaults these are); trust_head_cosine_bad: the direction rule's
             cosine at or below which a site's classifier moved against the aggregate's (TrustPolicy.head_cosine_bad).
+        centred_clipping: combine the sites the trust rule kept by centred clipping around the server's momentum
+            (Karimireddy, He and Jaggi 2021; RoundRules.centred_clipping), the time-coupled answer to small, consistent
+            attacks; not with he_layers (the server cannot form the momentum of encrypted layers).
         final_model_timeout: seconds the server waits for the sites to acknowledge the final model.
         statistics_factor: how far a site's BatchNorm running statistics may move from the global model's in one
             round before its update is rejected (fedmed.screening; > 1).
@@ -105,6 +108,7 @@ class JobConfig:
     quarantine_below: float = TrustPolicy.quarantine_below
     readmit_after: int = TrustPolicy.readmit_after
     trust_head_cosine_bad: float = TrustPolicy.head_cosine_bad
+    centred_clipping: bool = False
     final_model_timeout: int = 120
     statistics_factor: float = DEFAULT_STATISTICS_FACTOR
     validation_images: int = 0
@@ -131,6 +135,11 @@ class JobConfig:
             from fedmed.rounds import check_encryption_compatible
 
             check_encryption_compatible(self.aggregation)  # an HE job with a non-linear aggregator: refused here
+            if self.centred_clipping:
+                raise ValueError(
+                    "centred_clipping cannot be used with he_layers: it clips around the server's momentum, which "
+                    "the server cannot form for the encrypted layers"
+                )
         object.__setattr__(self, "dp_train_layers", _names(self.dp_train_layers, "dp_train_layers"))
         for key, low in (
             ("num_rounds", 1),

@@ -37,7 +37,7 @@ from fedmed.data.synthetic import (
     shift_scanner,
     specialist_priors,
 )
-from fedmed.inprocess import federate
+from fedmed.inprocess import FederationPlan, federate
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14
@@ -114,19 +114,17 @@ def run_arm(train_sets: dict, test_set, epochs, aggregation, seed, lr, batch_siz
             load_numpy_state(model, report.params)
             points.append(evaluate(model, test_set, CHEST_XRAY14).mean_auroc)
 
-    fed = federate(
-        train_sets,
-        test_set,
-        epochs,
-        aggregation,
+    plan = FederationPlan(
         task=CHEST_XRAY14,
+        rounds=epochs,
+        aggregation=aggregation,
         use_trust=aggregation == "geometric_median",  # the deployed rule; FedAvg takes every valid update
         lr=lr,
         batch_size=batch_size,
         seed=seed,
         min_clients=1 if len(train_sets) == 1 else 2,
-        on_round=on_round,
     )
+    fed = federate(train_sets, test_set, plan, on_round=on_round)
     if fed.stopped:
         raise RuntimeError(f"{aggregation} over {sorted(train_sets)} stopped: {fed.stopped}")
     load_numpy_state(model, fed.params)

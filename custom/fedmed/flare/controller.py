@@ -120,6 +120,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         cross_site_timeout: int = 300,
         evaluate_run: Optional[str] = None,
         evaluate_model: str = "final",
+        centred_clipping: bool = False,
     ):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
@@ -186,6 +187,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 among the server's kept model files by the sha256 the record holds (fedmed.resume.pick_recorded_model).
                 Refused, with the reason and nothing written, when the run or its model file is missing or the file
                 is not the one recorded.
+            centred_clipping: RoundRules.centred_clipping (JobConfig.centred_clipping); refused with he_layers.
         """
         super().__init__(persistor_id=persistor_id, ignore_result_error=None)
         if num_rounds < 1:
@@ -223,6 +225,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
         self.quarantine_below = quarantine_below
         self.readmit_after = readmit_after
         self.trust_head_cosine_bad = trust_head_cosine_bad
+        self.centred_clipping = bool(centred_clipping)  # NVFlare's job export reads the argument back from here
         if he_layers is not None and (isinstance(he_layers, str) or not all(isinstance(x, str) for x in he_layers)):
             raise ValueError(f"he_layers must be a list of parameter names or prefixes, got {he_layers!r}")
         if final_model_timeout < 0:
@@ -272,6 +275,7 @@ class FedMedController(CrossSiteEvalMixin, ModelController):
                 readmit_after=readmit_after,
                 head_cosine_bad=trust_head_cosine_bad,
             ),
+            centred_clipping=centred_clipping,
         )
         if self.he_layers:
             check_encryption_compatible(aggregation)

@@ -88,6 +88,7 @@ def build_job(
         quarantine_below=config.quarantine_below,
         readmit_after=config.readmit_after,
         trust_head_cosine_bad=config.trust_head_cosine_bad,
+        centred_clipping=config.centred_clipping,
         task=spec.name,
         he_layers=he_layers,
         final_model_timeout=config.final_model_timeout,
@@ -478,6 +479,13 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
         help="a round whose classifier layers moved against the aggregate's with this cosine or lower "
         f"scores 0 (the direction rule; between -1 and 0; default {c.trust_head_cosine_bad})",
     )
+    trust.add_argument(
+        "--centred-clipping",
+        action="store_true",
+        default=c.centred_clipping,
+        help="combine the kept sites by centred clipping around the server's momentum (Karimireddy, He and Jaggi "
+        "2021): bounds small, consistent attacks that win over rounds; not with --he (default off)",
+    )
     a = p.parse_args(argv)
     he_layers = _names(a.he_layers) or ((HEAD_PREFIX,) if a.he else None)
     if a.initial_weights is not None and not a.initial_weights.is_file():
@@ -517,6 +525,7 @@ def job_main(argv, config: JobConfig, description: str, default_workspace: Path)
             quarantine_below=a.quarantine_below,
             readmit_after=a.readmit_after,
             trust_head_cosine_bad=a.trust_head_cosine_bad,
+            centred_clipping=a.centred_clipping,
             final_model_timeout=a.final_model_timeout,
             statistics_factor=a.statistics_factor,
             validation_images=a.validation_images,
