@@ -149,3 +149,17 @@ def test_two_colluders_never_get_an_honest_hospital_quarantined_nor_hold_the_agg
     assert res.max_weight_share is not None and res.max_weight_share < 0.5, res
     for r in res.server_did.split("; "):
         assert all("(" in part for part in r.split(" / ") if " rejected" in part), r
+
+
+def test_centred_clipping_runs_the_colluding_rows_through_the_bench(federation5, tmp_path):
+    # The opt-in time-coupled defence on the in-distribution attack it is for (omniscient ALIE, 2 of 5): played
+    # end to end with RoundRules.centred_clipping on, no honest site quarantined and the pair under half the weight.
+    # Its AUROC effect needs the full-size run (docs/redteam_collusion.md).
+    train, test = federation5
+    row = next(
+        r for r in redteam.COLLUSION_ROWS if r.attack.kind == "alie" and r.attack.factor == 0.0 and r.colluders == 2
+    )
+    bench = redteam.Bench(train, test, 2, batch_size=4, centred_clipping=True)
+    assert bench.plan(0).centred_clipping and not redteam.Bench(train, test, 2).plan(0).centred_clipping
+    res = redteam.run_row(row, bench, 0.5, tmp_path)
+    assert res.honest_quarantined == () and res.max_weight_share is not None and res.max_weight_share < 0.5, res
