@@ -230,7 +230,7 @@ def cosine_table(runs: list) -> list:
         return ["No honest run measured yet."]
     q = np.percentile(cos, [0, 5, 50]).tolist()
     return [
-        f"{len(cos)} (site, round) cosines over {len(runs)} honest run(s): min {q[0]:+.3f}, 5th percentile "
+        f"{len(cos)} (site, round) cosines over {len(runs)} run(s): min {q[0]:+.3f}, 5th percentile "
         f"{q[1]:+.3f}, median {q[2]:+.3f}; {sum(c < TrustPolicy.head_cosine_ok for c in cos)} below head_cosine_ok "
         f"({TrustPolicy.head_cosine_ok}), {sum(c <= TrustPolicy.head_cosine_bad for c in cos)} at or below "
         f"head_cosine_bad ({TrustPolicy.head_cosine_bad}). Distance ratios (to the median site's): max "
@@ -320,11 +320,27 @@ def doc(runs: dict, command: str) -> str:
     else:
         lines.append("Not measured in this session's time (the runs queued after the rows above).")
     honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] != "fedavg"]
+    attacked = [
+        {
+            **r,
+            "rounds": [
+                {**rd, "sites": {s: v for s, v in rd["sites"].items() if s not in r["hostile"]}} for rd in r["rounds"]
+            ],
+        }
+        for r in runs.values()
+        if r["row"] is not None and r["rules"] != "fedavg"
+    ]
     lines += [
         "",
         "## The direction rule's thresholds against the coordinate-median reference",
         "",
-        *cosine_table(honest_runs),
+        "The cosine between each site's move of the classifier layers and the judging reference's (the coordinate "
+        "median of the sites, since issue 28; the thresholds were set against the aggregate), every round, from "
+        "the RoundEngine's per-site log line (recorded in the JSON). Honest runs: "
+        + " ".join(cosine_table(honest_runs)),
+        "",
+        "The honest sites of the attacked runs (the reference then includes the colluders' votes): "
+        + " ".join(cosine_table(attacked)),
     ]
     return "\n".join(lines) + "\n"
 
