@@ -6,9 +6,10 @@ what is there. `--doc` regenerates docs/redteam_collusion.md from the JSON alone
     python scripts/redteam_collusion.py --doc
 
 Order (CPU is scarce; what matters first runs first): the honest run and the two-colluder rows on seed 0; the
-honest runs on seeds 1 and 2; every two-colluder row the engine accepted on seeds 1 and 2 (the paired gap); the
-one-colluder rows likewise; plain FedAvg under the worst two-colluder attack; centred clipping on the honest run
-and under the accepted ALIE / Min-Max inverse-std rows. A row whose attackers are rejected, quarantined or refused
+honest runs on seeds 1 and 2; the accepted two-colluder ALIE (paper's z) and Min-Max inverse-std rows on seeds 1
+and 2 (the paired gap), then centred clipping on the honest run and on those two rows (seed 0); the other accepted
+two-colluder rows on seeds 1 and 2; the one-colluder rows likewise; plain FedAvg under the worst two-colluder
+attack; centred clipping on seeds 1 and 2. A row whose attackers are rejected, quarantined or refused
 in every round they attack holds on the reason (one seed); an accepted row needs its paired gap (attackers honest
 vs attacking, same seed) over seeds 0, 1, 2. The federation is the red team's default (fedmed-redteam)."""
 
@@ -127,6 +128,10 @@ def plan_jobs(runs: dict) -> list:
         first = runs.get(key(row.name, 0, rules))
         return first is not None and not blocked_every_round(first)
 
+    cc_rows = [r for r in rows2 if r.attack in (Attack("alie", 0.0), Attack("min_max_std"))]
+    # The rows centred clipping is for first (seeds 1, 2), then its effect on them (seed 0), then the rest.
+    jobs += [(r, s, "gm") for r in cc_rows if accepted(r) for s in (1, 2)]
+    jobs += [(None, 0, "gm+cc")] + [(r, 0, "gm+cc") for r in cc_rows]
     jobs += [(r, s, "gm") for r in rows2 if accepted(r) for s in (1, 2)]
     jobs += [(r, 0, "gm") for r in rows1]
     jobs += [(r, s, "gm") for r in rows1 if accepted(r) for s in (1, 2)]
@@ -135,12 +140,7 @@ def plan_jobs(runs: dict) -> list:
         worst = min(done2, key=lambda x: x["auroc"])
         row = next(r for r in rows2 if r.name == worst["row"])
         jobs += [(None, 0, "fedavg"), (row, 0, "fedavg")]
-    cc_rows = [
-        r
-        for r in redteam.COLLUSION_ROWS
-        if r.attack in (Attack("alie", 0.0), Attack("min_max_std")) and r.colluders == 2
-    ]
-    jobs += [(None, s, "gm+cc") for s in SEEDS] + [(r, s, "gm+cc") for r in cc_rows for s in SEEDS]
+    jobs += [(None, s, "gm+cc") for s in (1, 2)] + [(r, s, "gm+cc") for r in cc_rows for s in (1, 2)]
     return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
 
 
@@ -175,7 +175,7 @@ def summary(run: dict) -> str:
             u = r["updates"].get(s)
             if u is None:
                 continue
-            reason = f" ({u['reason'][:80]})" if u["status"] in BLOCKED and u["reason"] else ""
+            reason = f" ({u['reason'][:150]})" if u["status"] in BLOCKED and u["reason"] else ""
             said.append(f"{s} {u['status']}{reason}")
         share = sum(r["weights"].get(s, 0.0) for s in run["hostile"]) / (sum(r["weights"].values()) or 1.0)
         held = "" if r["aggregated"] else f"; round not committed: {(r['problem'] or '')[:80]}"
