@@ -238,6 +238,28 @@ def cosine_table(runs: list) -> list:
     ]
 
 
+def attacker_cosines(runs: dict) -> list:
+    """The colluders' own classifier cosines in the attacked rounds, by whether seed 0 rejected them."""
+    got = {True: [], False: []}
+    for r in runs.values():
+        if r["row"] is None or r["rules"] != "gm" or r["seed"] != 0:
+            continue
+        got[blocked_every_round(r)] += [
+            rd["sites"][s]["head_cosine"]
+            for rd in attacked_rounds(r)
+            for s in r["hostile"]
+            if s in rd["sites"] and rd["sites"][s]["head_cosine"] is not None
+        ]
+    out = []
+    for blocked, what in ((True, "rejected/quarantined"), (False, "accepted")):
+        if got[blocked]:
+            out.append(
+                f"The colluders of the {what} rows (seed 0, attacked rounds): cosines {min(got[blocked]):+.2f} to "
+                f"{max(got[blocked]):+.2f}."
+            )
+    return [" ".join(out)] if out else []
+
+
 def doc(runs: dict, command: str) -> str:
     honest = {s: runs[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in runs}
     spread = max(honest.values()) - min(honest.values()) if len(honest) > 1 else float("nan")
@@ -341,6 +363,8 @@ def doc(runs: dict, command: str) -> str:
         "",
         "The honest sites of the attacked runs (the reference then includes the colluders' votes): "
         + " ".join(cosine_table(attacked)),
+        "",
+        *attacker_cosines(runs),
     ]
     return "\n".join(lines) + "\n"
 
