@@ -338,7 +338,17 @@ def doc(runs: dict, command: str) -> str:
                 continue
             text, _ = verdict(runs, row.name, "gm+cc")
             base, _ = verdict(runs, row.name)
-            lines.append(f"- {row.name}: with centred clipping {text}; without: {base}.")
+            run = runs[key(row.name, 0, "gm+cc")]
+            share = max(
+                sum(r["weights"].get(s, 0.0) for s in run["hostile"]) / (sum(r["weights"].values()) or 1.0)
+                for r in attacked_rounds(run)
+            )
+            vs = honest.get(0)
+            vs_text = f", {run['auroc'] - vs:+.3f} against the default's honest run" if vs is not None else ""
+            lines.append(
+                f"- {row.name}: with centred clipping {text} (seed 0: AUROC {run['auroc']:.3f}{vs_text}; the "
+                f"pair's largest share of the combination {share:.2f}); without: {base}."
+            )
     else:
         lines.append("Not measured in this session's time (the runs queued after the rows above).")
     honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] != "fedavg"]
