@@ -166,6 +166,14 @@ def measure(a) -> None:
         print(f"  AUROC {out['auroc']:.3f} in {out['seconds']:.0f} s", flush=True)
 
 
+def max_share(run: dict) -> float:
+    """The attackers' largest share of the aggregate's weight over the attacked rounds."""
+    return max(
+        (sum(r["weights"].get(s, 0.0) for s in run["hostile"]) / (sum(r["weights"].values()) or 1.0))
+        for r in attacked_rounds(run)
+    )
+
+
 def summary(run: dict) -> str:
     """What the server did with the attackers, per attacked round (seed 0's run)."""
     out = []
@@ -312,6 +320,18 @@ def doc(runs: dict, command: str) -> str:
         + (f" ({'; '.join(n_open)})" if n_open else "")
         + ".**",
     ]
+    captured = [
+        r["row"]
+        for r in runs.values()
+        if r["row"] is not None and r["rules"] == "gm" and r["seed"] == 0 and max_share(r) >= 0.99
+    ]
+    if captured:
+        lines += [
+            "",
+            "Captured: in " + "; ".join(captured) + " the weighted geometric median sat on the attackers' point "
+            "(their weight 1.00 in an attacked round): a point at the centre of nearly orthogonal honest updates is "
+            "their geometric median, so the Weiszfeld weights give it everything, and the rules accepted it.",
+        ]
     fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]
     if fed:
         lines += ["", "## Plain FedAvg (no trust rule) under the worst two-colluder attack, for contrast", ""]
