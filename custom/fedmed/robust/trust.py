@@ -29,7 +29,7 @@ class TrustPolicy:
             on the red team's hospitals (5 sites, 100 images, 64 px, 4 rounds): against the aggregate, honest
             sites' cosines ranged 0.11 to 1.00, a label-flipping site's -0.87 to -0.71, while its distance ratio
             stayed under 1.3, so the distance rule alone let it in every round. Re-measured against the coordinate
-            median (docs/redteam_collusion.md): honest sites +0.01 at the lowest (80 site-rounds of 4 honest
+            median (docs/redteam_collusion.md): honest sites +0.01 at the lowest (120 site-rounds of 6 honest
             runs, none below 0), the IPM / unit-direction colluders -0.96 to -0.86, so both thresholds stand
             (head_cosine_ok has little slack on the honest side: a non-IID site a little further off would lose
             part of its score, never all of it above -0.5).
