@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from fedmed.cli.bench_sites import load_train_sets, make_sites
 from fedmed.data.loading import load_test
-from fedmed.inprocess import federate
+from fedmed.inprocess import Adversary, FederationPlan, federate
 from fedmed.robust.attacks import Attack
 from fedmed.tasks import CHEST_XRAY14
 
@@ -85,25 +85,15 @@ def main(argv=None) -> int:
     cells = [(sc, agg) for sc in scenarios for agg in AGGREGATIONS]
     for sc, agg in tqdm(cells, desc="cells"):
         names, hostile = scenarios[sc]
-        results[(sc, agg)] = federate(
-            {n: datasets[n] for n in names},
-            test_ds,
-            a.rounds,
-            agg,
-            hostile,
-            task=CHEST_XRAY14,
-            seed=a.seed,
-            use_trust=agg == "geometric_median",
-        )["auroc"]
+        plan = FederationPlan(
+            task=CHEST_XRAY14, rounds=a.rounds, aggregation=agg, seed=a.seed, use_trust=agg == "geometric_median"
+        )
+        results[(sc, agg)] = federate({n: datasets[n] for n in names}, test_ds, plan, Adversary(hostile))["auroc"]
     honest = {
         sc: federate(
             {n: datasets[n] for n in names},
             test_ds,
-            a.rounds,
-            "geometric_median",
-            task=CHEST_XRAY14,
-            seed=a.seed,
-            use_trust=True,
+            FederationPlan(task=CHEST_XRAY14, rounds=a.rounds, aggregation="geometric_median", seed=a.seed),
         )["auroc"]
         for sc, names in tqdm(references.items(), desc="honest-only references")
     }

@@ -274,7 +274,7 @@ def test_fed_algorithm_settings_are_checked():
 
 def test_the_in_process_federation_runs_each_algorithm(tiny_hospitals):
     from fedmed.data.loading import load_test, load_train_val
-    from fedmed.inprocess import federate
+    from fedmed.inprocess import FederationPlan, federate
     from fedmed.site_config import DataConfig
 
     sites = ("hospital-a", "hospital-b", "hospital-c")
@@ -288,7 +288,8 @@ def test_the_in_process_federation_runs_each_algorithm(tiny_hospitals):
         tiny_hospitals / "global_test" / "dicom", tiny_hospitals / "global_test" / "labels.csv", 32, CHEST_XRAY14
     )
     algorithm = FedAlgorithm(ServerOptimizer("fedyogi"), proximal_mu=0.1, scaffold=True)
-    res = federate(train, test, 2, "geometric_median", task=CHEST_XRAY14, batch_size=4, algorithm=algorithm)
+    plan = FederationPlan(CHEST_XRAY14, 2, "geometric_median", batch_size=4, algorithm=algorithm)
+    res = federate(train, test, plan)
     assert res.stopped is None and all(r.aggregated for r in res.reports)
     last = res.reports[-1].diagnostics
     assert last["server_optimizer"] == {"kind": "fedyogi", "step": 2} and last["scaffold"]["norm_cap"] > 0

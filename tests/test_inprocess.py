@@ -3,7 +3,7 @@ import math
 import pytest
 
 from fedmed.data.loading import load_test, load_train_val
-from fedmed.inprocess import federate
+from fedmed.inprocess import Adversary, FederationPlan, federate
 from fedmed.privacy.policy import PrivacyPolicy
 from fedmed.robust.attacks import Attack
 from fedmed.site_config import DataConfig
@@ -30,12 +30,8 @@ def test_benchmark_loop_survives_a_nan_site_with_the_geometric_median(sets):
     res = federate(
         train,
         test,
-        1,
-        "geometric_median",
-        task=CHEST_XRAY14,
-        hostile={"hospital-c": Attack("nan")},
-        use_trust=True,
-        batch_size=4,
+        FederationPlan(CHEST_XRAY14, 1, "geometric_median", use_trust=True, batch_size=4),
+        Adversary({"hospital-c": Attack("nan")}),
     )
     assert 0.0 <= res["auroc"] <= 1.0 and res["epsilon"] == {}
     # the model card names only the sites aggregated (the NaN site's update was rejected); data not declared
@@ -45,17 +41,10 @@ def test_benchmark_loop_survives_a_nan_site_with_the_geometric_median(sets):
 
 def test_benchmark_loop_reports_epsilon_per_site(sets):
     train, test = sets
-    res = federate(
-        train,
-        test,
-        1,
-        "fedavg",
-        task=CHEST_XRAY14,
-        privacy=PrivacyPolicy(epsilon=8.0),
-        norm="group",
-        batch_size=4,
-        data_synthetic=True,
+    plan = FederationPlan(
+        CHEST_XRAY14, 1, "fedavg", privacy=PrivacyPolicy(epsilon=8.0), norm="group", batch_size=4, data_synthetic=True
     )
+    res = federate(train, test, plan)
     assert set(res["epsilon"]) == set(SITES)
     assert all(0 < e <= 8.0 * 1.000001 and math.isfinite(e) for e in res["epsilon"].values())
     assert res.card["dp_epsilon"] == pytest.approx(res["epsilon"]) and res.card["synthetic_sites"] == list(SITES)
@@ -64,14 +53,16 @@ def test_benchmark_loop_reports_epsilon_per_site(sets):
 def test_benchmark_runs_repeat_exactly_on_shared_datasets(sets):
     # Benchmarks reuse decoded datasets across runs; a rerun must not see a different augmentation stream.
     train, test = sets
-    a = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, batch_size=4, seed=3)
-    b = federate(train, test, 1, "fedavg", task=CHEST_XRAY14, batch_size=4, seed=3)
+    plan = FederationPlan(CHEST_XRAY14, 1, "fedavg", batch_size=4, seed=3)
+    a = federate(train, test, plan)
+    b = federate(train, test, plan)
     assert a["auroc"] == b["auroc"]
 
 
 def test_a_site_that_leaves_is_recorded_missing_from_that_round(sets):
     train, test = sets
-    res = federate(train, test, 2, "geometric_median", task=CHEST_XRAY14, batch_size=4, absent={"hospital-c": 1})
+    plan = FederationPlan(CHEST_XRAY14, 2, "geometric_median", batch_size=4)
+    res = federate(train, test, plan, absent={"hospital-c": 1})
     first, second = ({u.site: u.status for u in r.updates} for r in res.reports)
     assert first["hospital-c"] == "accepted" and second["hospital-c"] == "missing"
     assert res.reports[1].aggregated and "hospital-c" not in res.reports[1].aggregated_sites

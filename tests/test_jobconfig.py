@@ -291,6 +291,16 @@ def test_trust_options_reach_the_controller(tmp_path):
     }
 
 
+def test_centred_clipping_option_reaches_the_round_rules(tmp_path):
+    # Off by default (the defaults test above); --centred-clipping reaches the controller and its RoundRules.
+    job = load_job_script("cxr_densenet")
+    assert job.main(["--export-job", str(tmp_path), "--centred-clipping"]) == 0
+    controller, _ = _server_args(tmp_path / "cxr_densenet")
+    assert controller["centred_clipping"] is True
+    assert FedMedController(controller)._rules.centred_clipping is True
+    assert JobConfig(name="x", task="chest_xray14").centred_clipping is False
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -299,6 +309,7 @@ def test_trust_options_reach_the_controller(tmp_path):
         (["--sites", " , "], "sites is empty"),
         (["--min-clients", "5"], r"min_clients must be in 1\.\.3"),
         (["--aggregation", "bulyan"], "unknown aggregation 'bulyan'"),
+        (["--he", "--centred-clipping"], "centred_clipping cannot be used with he_layers"),
     ],
 )
 def test_bad_job_options_exit_naming_the_problem_and_export_nothing(argv, message, tmp_path, capsys):

@@ -32,7 +32,7 @@ def federation(tmp_path_factory):
 
 def play(kind, federation, tmp_path):
     train, test = federation
-    return redteam.run_row(ROWS[kind], train, test, honest_auroc=0.5, rounds=2, db_dir=tmp_path, batch_size=4)
+    return redteam.run_row(ROWS[kind], redteam.Bench(train, test, 2, batch_size=4), 0.5, tmp_path)
 
 
 def test_every_attack_the_issue_names_has_a_row():
@@ -95,13 +95,12 @@ def test_in_distribution_attacks_weigh_no_more_than_an_honest_site(kind, federat
 
 def test_an_accepted_attack_is_judged_against_the_same_federation_with_the_site_honest(federation, tmp_path):
     train, test = federation
-    refs = redteam.honest_references(train, test, 2, attack_from=1, batch_size=4)
+    bench = redteam.Bench(train, test, 2, attack_from=1, batch_size=4)
+    refs = redteam.honest_references(bench)
     assert all(0.0 <= v <= 1.0 for v in (refs.stayed_honest, refs.left, refs.alone)) and refs.spread >= 0
     # inflate_count sends an honest update (only its claim is hostile) and its claim is capped: the run is the
     # stayed-honest run, to the last digit.
-    res = redteam.run_row(
-        ROWS["inflate_count"], train, test, refs, 2, tmp_path, attack_from=1, extra_seeds=(1,), batch_size=4
-    )
+    res = redteam.run_row(ROWS["inflate_count"], bench, refs, tmp_path, extra_seeds=(1,))
     assert res.auroc == refs.stayed_honest and res.held and res.references is refs
     # An accepted attack is also judged over the extra seeds: here each seed's run equals its stayed-honest run.
     assert res.seed_gaps == ((0, 0.0), (1, 0.0)) and "over seeds 0, 1: mean gap +0.000" in res.how
@@ -145,8 +144,22 @@ def test_two_colluders_never_get_an_honest_hospital_quarantined_nor_hold_the_agg
     # needs the full-size run (docs/redteam.md); here: no honest site quarantined, the pair never more than half
     # the aggregate (the issue's capture gave it 1.0), and a rejection always with its reason.
     train, test = federation5
-    res = redteam.run_row(COLLUSION_ROWS[name], train, test, 0.5, 2, tmp_path, batch_size=4)
+    res = redteam.run_row(COLLUSION_ROWS[name], redteam.Bench(train, test, 2, batch_size=4), 0.5, tmp_path)
     assert res.honest_quarantined == (), res
     assert res.max_weight_share is not None and res.max_weight_share < 0.5, res
     for r in res.server_did.split("; "):
         assert all("(" in part for part in r.split(" / ") if " rejected" in part), r
+
+
+def test_centred_clipping_runs_the_colluding_rows_through_the_bench(federation5, tmp_path):
+    # The opt-in time-coupled defence on the in-distribution attack it is for (omniscient ALIE, 2 of 5): played
+    # end to end with RoundRules.centred_clipping on, no honest site quarantined and the pair under half the weight.
+    # Its AUROC effect needs the full-size run (docs/redteam_collusion.md).
+    train, test = federation5
+    row = next(
+        r for r in redteam.COLLUSION_ROWS if r.attack.kind == "alie" and r.attack.factor == 0.0 and r.colluders == 2
+    )
+    bench = redteam.Bench(train, test, 2, batch_size=4, centred_clipping=True)
+    assert bench.plan(0).centred_clipping and not redteam.Bench(train, test, 2).plan(0).centred_clipping
+    res = redteam.run_row(row, bench, 0.5, tmp_path)
+    assert res.honest_quarantined == () and res.max_weight_share is not None and res.max_weight_share < 0.5, res

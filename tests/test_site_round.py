@@ -11,7 +11,7 @@ from fedmed import constants as C
 from fedmed import site_round
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.flare.wire import to_site_result
-from fedmed.inprocess import federate
+from fedmed.inprocess import FederationPlan, federate
 from fedmed.site_config import DataConfig
 from fedmed.site_round import GlobalModelRejected, Site, check_fresh
 from fedmed.tasks import CHEST_XRAY14
@@ -87,7 +87,8 @@ def test_the_executor_and_the_in_process_federation_run_the_same_site_round(
     test_root = tiny_hospitals / "global_test"
     test = load_test(test_root / "dicom", test_root / "labels.csv", 32, CHEST_XRAY14)
     # The Executor's defaults (lr 1e-3, one local epoch, seed 0) and the harness's batch size 4.
-    federate(train, test, 1, "fedavg", task=CHEST_XRAY14, batch_size=4, seed=0, initial_params=send.params)
+    plan = FederationPlan(CHEST_XRAY14, 1, "fedavg", batch_size=4, seed=0)
+    federate(train, test, plan, initial_params=send.params)
     assert [name for name, _ in calls[1:]] == ["hospital-a", "hospital-b"]
     in_process = calls[1][1]
     assert in_process.meta[C.META_NUM_SAMPLES] == reply.meta[C.META_NUM_SAMPLES]

@@ -85,46 +85,66 @@ def apply_wire_attack(
     raise ValueError(f"not a wire attack: {kind}")
 
 
+@dataclass(frozen=True)
+class FederationPlan:
+    """The federation's shape and rules for federate(): what every site trains and how the server combines.
+
+    use_trust: the deployed trust rule (exclusion of far outliers, quarantine); False aggregates every valid
+    update (NO_TRUST). he_layers: encrypt those layers with a fresh key set, as hospitals do. data_synthetic:
+    whether the site datasets are synthetic, for the model card (None: not said). centred_clipping:
+    RoundRules.centred_clipping (combine around the server's momentum). algorithm: FedOpt at the server, FedProx /
+    SCAFFOLD at the sites (fedmed.algorithms.FedAlgorithm)."""
+
+    task: TaskSpec
+    rounds: int
+    aggregation: str = "fedavg"
+    use_trust: bool = True
+    centred_clipping: bool = False
+    min_clients: int = 2
+    privacy: Optional[PrivacyPolicy] = None
+    norm: str = "batch"
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    trainable: Optional[Sequence[str]] = None
+    local_epochs: int = 1
+    he_layers: Optional[Sequence[str]] = None
+    data_synthetic: Optional[bool] = None
+    algorithm: FedAlgorithm = FedAlgorithm()
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """The hostile sites of a federate() run: site -> Attack, attacking from round index from_round (honest
+    before it: a site that turns hostile)."""
+
+    attacks: Mapping[str, Attack] = field(default_factory=dict)
+    from_round: int = 0
+
+
 def federate(
     train_sets: Mapping[str, torch.utils.data.Dataset],
     test_set,
-    rounds: int,
-    aggregation: str = "fedavg",
-    hostile: Optional[Mapping[str, Attack]] = None,
+    plan: FederationPlan,
+    adversary: Optional[Adversary] = None,
     *,
-    task: TaskSpec,
-    privacy: Optional[PrivacyPolicy] = None,
-    norm: str = "batch",
-    use_trust: bool = True,
-    lr: float = 1e-3,
-    batch_size: int = 16,
-    seed: int = 0,
-    trainable: Optional[Sequence[str]] = None,
-    initial_params: Optional[dict] = None,
-    min_clients: int = 2,
-    he_layers: Optional[Sequence[str]] = None,
-    local_epochs: int = 1,
-    on_round=None,
-    server_validation=None,
-    attack_from: int = 0,
     absent: Optional[Mapping[str, int]] = None,
-    data_synthetic: Optional[bool] = None,
-    centred_clipping: bool = False,
-    algorithm: FedAlgorithm = FedAlgorithm(),
+    initial_params: Optional[dict] = None,
+    server_validation=None,
+    on_round=None,
 ) -> Federation:
-    """Run `rounds` of FL over the given site datasets through the round engine.
+    """Run plan.rounds of FL over the given site datasets through the round engine.
 
-    use_trust: the deployed trust rule (exclusion of far outliers, quarantine); False aggregates every valid
-    update (NO_TRUST). he_layers: encrypt those layers with a fresh key set, as hospitals do. initial_params: the
-    global model of round 1 (None = a fresh DenseNet-121 from `seed`). on_round(report): called after each round.
-    server_validation: a labelled dataset the server scores each update on (the Controller's validation
-    screening). attack_from: the round index from which the hostile sites attack (before it they are honest).
-    absent: site -> round index from which it sends nothing (recorded missing): a hospital that leaves.
-    data_synthetic: whether the site datasets are synthetic, for the model card (None: not said).
-    centred_clipping: RoundRules.centred_clipping (combine around the server's momentum).
-    algorithm: FedOpt at the server, FedProx / SCAFFOLD at the sites (fedmed.algorithms.FedAlgorithm).
-    A round that cannot aggregate stops the run (as the Controller does); `stopped` says why."""
-    hostile = hostile or {}
+    initial_params: the global model of round 1 (None = a fresh DenseNet-121 from plan.seed). on_round(report):
+    called after each round. server_validation: a labelled dataset the server scores each update on (the
+    Controller's validation screening). absent: site -> round index from which it sends nothing (recorded
+    missing): a hospital that leaves. A round that cannot aggregate stops the run (as the Controller does);
+    `stopped` says why."""
+    adversary = adversary or Adversary()
+    hostile, attack_from = adversary.attacks, adversary.from_round
+    task, rounds, aggregation, norm, seed = plan.task, plan.rounds, plan.aggregation, plan.norm, plan.seed
+    privacy, he_layers, trainable = plan.privacy, plan.he_layers, plan.trainable
+    algorithm = plan.algorithm
     torch.manual_seed(seed)
     model = build_densenet121(task.num_outputs, norm=norm)
     global_params = (
@@ -143,9 +163,9 @@ def federate(
         encryption = EncryptionSpec(server, he_names, {n: tuple(np.shape(global_params[n])) for n in he_names})
     rules = RoundRules(
         aggregation=aggregation,
-        min_clients=min_clients,
-        trust=TrustPolicy() if use_trust else NO_TRUST,
-        centred_clipping=centred_clipping,
+        min_clients=plan.min_clients,
+        trust=TrustPolicy() if plan.use_trust else NO_TRUST,
+        centred_clipping=plan.centred_clipping,
         server_optimizer=algorithm.server_optimizer,
         scaffold=algorithm.scaffold,
     )
@@ -159,9 +179,9 @@ def federate(
 
     engine = RoundEngine(rules, encryption, validate=validate)
     training = Training(
-        lr,
-        batch_size,
-        local_epochs,
+        plan.lr,
+        plan.batch_size,
+        plan.local_epochs,
         seed,
         None if trainable is None else tuple(trainable),
         algorithm.proximal_mu,
@@ -217,7 +237,7 @@ def federate(
             break
         global_params = dict(report.params)
         global_block = report.encrypted
-        card.add_round(report.aggregated_sites, [replace(res, data_synthetic=data_synthetic) for res in results])
+        card.add_round(report.aggregated_sites, [replace(res, data_synthetic=plan.data_synthetic) for res in results])
     # Evaluate as a hospital would: with the encrypted layers decrypted.
     final = dict(global_params)
     if global_block is not None:
@@ -250,4 +270,13 @@ def _collude(results: list, attacks: Mapping[str, Attack], global_params, n_host
     return out
 
 
-__all__ = ["NO_TRUST", "Federation", "RoundReport", "apply_wire_attack", "federate", "site_seed"]
+__all__ = [
+    "NO_TRUST",
+    "Adversary",
+    "Federation",
+    "FederationPlan",
+    "RoundReport",
+    "apply_wire_attack",
+    "federate",
+    "site_seed",
+]

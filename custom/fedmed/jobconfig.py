@@ -161,6 +161,13 @@ class JobConfig:
         "direction rule; between -1 and 0)",
         group=TRUST_GROUP,
     )
+    centred_clipping: bool = setting(
+        False,
+        "combine the kept sites by centred clipping around the server's momentum (Karimireddy, He and Jaggi 2021; "
+        "RoundRules.centred_clipping): the time-coupled answer to small, consistent attacks; not with HE (the server "
+        "cannot form the momentum of encrypted layers)",
+        group=TRUST_GROUP,
+    )
     final_model_timeout: int = setting(120, "seconds the server waits for the sites to acknowledge the final model")
     statistics_factor: float = setting(
         DEFAULT_STATISTICS_FACTOR,
@@ -254,6 +261,11 @@ class JobConfig:
             from fedmed.rounds import check_encryption_compatible
 
             check_encryption_compatible(self.aggregation)  # an HE job with a non-linear aggregator: refused here
+            if self.centred_clipping:
+                raise ValueError(
+                    "centred_clipping cannot be used with he_layers: it clips around the server's momentum, which "
+                    "the server cannot form for the encrypted layers"
+                )
         object.__setattr__(self, "dp_train_layers", _names(self.dp_train_layers, "dp_train_layers"))
         for key, low in (
             ("num_rounds", 1),

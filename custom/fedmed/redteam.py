@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedmed.inprocess import federate
+from fedmed.inprocess import Adversary, FederationPlan, federate
 from fedmed.robust.attacks import Attack
 from fedmed.store.repository import Repository, RoundRecord
 from fedmed.tasks import CHEST_XRAY14
@@ -121,24 +121,64 @@ def is_bounded(auroc: float, stayed_honest: float, tolerance: float) -> bool:
     return auroc >= stayed_honest - tolerance
 
 
+@dataclass(frozen=True)
+class Bench:
+    """The red team's federation: the sites' training sets (HOSTILE among them), the global test set, the rounds,
+    the round index from which the hostile sites attack (honest before it), and the federate() settings every row
+    shares. centred_clipping: RoundRules.centred_clipping (issue 28's time-coupled defence)."""
+
+    train_sets: Mapping
+    test_set: Any
+    rounds: int
+    attack_from: int = 0
+    batch_size: int = 16
+    server_validation: Any = None  # labelled images the server scores each update on (None: no such screening)
+    centred_clipping: bool = False
+
+    def plan(self, seed: int, he: bool = False) -> FederationPlan:
+        """Geometric median with trust and quarantine, as deployed; HE_LAYERS encrypted when he."""
+        return FederationPlan(
+            task=CHEST_XRAY14,
+            rounds=self.rounds,
+            aggregation="geometric_median",
+            centred_clipping=self.centred_clipping,
+            batch_size=self.batch_size,
+            seed=seed,
+            he_layers=HE_LAYERS if he else None,
+        )
+
+    def adversary(self, row: AttackRow) -> Adversary:
+        return Adversary({s: row.attack for s in colluder_sites(row, list(self.train_sets))}, self.attack_from)
+
+    def federate(self, seed: int, he: bool = False, adversary=None, train_sets=None, absent=None, on_round=None):
+        """fedmed.inprocess.federate on this bench with this training seed; train_sets: a subset of the sites (the
+        honest sites alone), absent / on_round: as federate's."""
+        return federate(
+            self.train_sets if train_sets is None else train_sets,
+            self.test_set,
+            self.plan(seed, he),
+            adversary,
+            absent=absent,
+            server_validation=self.server_validation,
+            on_round=on_round,
+        )
+
+
 def run_row(
     row: AttackRow,
-    train_sets: Mapping,
-    test_set,
+    bench: Bench,
     honest_auroc,
-    rounds: int,
     db_dir: Path,
     tolerance: float = 0.02,
-    attack_from: int = 0,
     extra_seeds: Sequence[int] = (),
-    **kw,
 ) -> RowResult:
-    """Play one attack (the site HOSTILE attacks from round index attack_from; honest before) and judge it.
+    """Play one attack (the hostile sites attack from round index bench.attack_from; honest before) and judge it.
     honest_auroc: a References, or the stayed-honest AUROC alone (both from training seed 0). extra_seeds: for an
     attack that is accepted, also play it and its stayed-honest run with these training seeds and judge the mean
-    AUROC gap. kw go to fedmed.inprocess.federate (e.g. server_validation, batch_size)."""
+    AUROC gap."""
     references = honest_auroc if isinstance(honest_auroc, References) else None
     honest_auroc = references.stayed_honest if references is not None else float(honest_auroc)
+    train_sets, rounds, attack_from = bench.train_sets, bench.rounds, bench.attack_from
     hostile = colluder_sites(row, list(train_sets))
     repo = Repository(f"sqlite:///{Path(db_dir) / (row.attack.kind + f'-{row.colluders}.db')}")
     uid = f"redteam-{row.attack.kind}"
@@ -147,19 +187,7 @@ def run_row(
     def record(report):
         repo.record_round(uid, RoundRecord(report.round_num + 1, report.updates, alerts=report.alerts))  # from 1
 
-    fed = federate(
-        train_sets,
-        test_set,
-        rounds,
-        "geometric_median",
-        {s: row.attack for s in hostile},
-        task=CHEST_XRAY14,
-        seed=0,
-        on_round=record,
-        he_layers=HE_LAYERS if row.he else None,
-        attack_from=attack_from,
-        **kw,
-    )
+    fed = bench.federate(0, row.he, bench.adversary(row), on_round=record)
     run_id = repo.latest_run_id()
     rows = [u for u in repo.client_updates(run_id) if u["site"] in hostile]
     alerts = [a for a in repo.alerts(run_id) if a["site"] in hostile]
@@ -212,9 +240,7 @@ def run_row(
     else:
         # Accepted: judged by its AUROC against the stayed-honest run. One run's gap carries the spread of honest
         # outcomes at this size (References.spread), so with extra_seeds the gap is averaged over seeds.
-        seed_gaps = ((0, auroc - honest_auroc),) + tuple(
-            (s, _auroc_gap(row, train_sets, test_set, rounds, s, attack_from, **kw)) for s in extra_seeds
-        )
+        seed_gaps = ((0, auroc - honest_auroc),) + tuple((s, _auroc_gap(row, bench, s)) for s in extra_seeds)
         mean_gap = float(np.mean([g for _, g in seed_gaps]))
         over = (
             f" over seeds {', '.join(str(s) for s, _ in seed_gaps)}: mean gap {mean_gap:+.3f} "
@@ -255,27 +281,20 @@ def run_row(
     )
 
 
-def _auroc_gap(row: AttackRow, train_sets: Mapping, test_set, rounds: int, seed: int, attack_from: int, **kw) -> float:
+def _auroc_gap(row: AttackRow, bench: Bench, seed: int) -> float:
     """Final AUROC of the attacked federation minus that of the stayed-honest one, both with this training seed."""
-    common = dict(task=CHEST_XRAY14, seed=seed, he_layers=HE_LAYERS if row.he else None, **kw)
-    hostile = {s: row.attack for s in colluder_sites(row, list(train_sets))}
-    attacked = federate(train_sets, test_set, rounds, "geometric_median", hostile, attack_from=attack_from, **common)
-    honest = federate(train_sets, test_set, rounds, "geometric_median", **common)
+    attacked = bench.federate(seed, row.he, bench.adversary(row))
+    honest = bench.federate(seed, row.he)
     return float(attacked.auroc) - float(honest.auroc)
 
 
-def honest_references(
-    train_sets: Mapping, test_set, rounds: int, he: bool = False, attack_from: int = 0, **kw
-) -> References:
+def honest_references(bench: Bench, he: bool = False) -> References:
     """The three honest versions of the red-team federation (References), with HE on or off as the rows need."""
-    common = dict(task=CHEST_XRAY14, seed=0, he_layers=HE_LAYERS if he else None, **kw)
-    honest = {s: d for s, d in train_sets.items() if s != HOSTILE}
+    honest = {s: d for s, d in bench.train_sets.items() if s != HOSTILE}
     return References(
-        stayed_honest=float(federate(train_sets, test_set, rounds, "geometric_median", **common).auroc),
-        left=float(
-            federate(train_sets, test_set, rounds, "geometric_median", absent={HOSTILE: attack_from}, **common).auroc
-        ),
-        alone=float(federate(honest, test_set, rounds, "geometric_median", **common).auroc),
+        stayed_honest=float(bench.federate(0, he).auroc),
+        left=float(bench.federate(0, he, absent={HOSTILE: bench.attack_from}).auroc),
+        alone=float(bench.federate(0, he, train_sets=honest).auroc),
         he=he,
     )
 

@@ -41,7 +41,7 @@ from fedmed.data.synthetic import (
     shift_scanner,
     specialist_priors,
 )
-from fedmed.inprocess import federate
+from fedmed.inprocess import FederationPlan, federate
 from fedmed.model import build_densenet121, load_numpy_state
 from fedmed.site_config import DataConfig
 from fedmed.tasks import CHEST_XRAY14
@@ -184,20 +184,18 @@ def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule,
             points.append(evaluate(model, test_set, CHEST_XRAY14).mean_auroc)
             scoring += time.perf_counter() - t
 
-    fed = federate(
-        train_sets,
-        test_set,
-        schedule.epochs,
-        arm.aggregation,
+    plan = FederationPlan(
         task=CHEST_XRAY14,
+        rounds=schedule.epochs,
+        aggregation=arm.aggregation,
         use_trust=arm.aggregation == "geometric_median",  # the deployed rule; FedAvg takes every valid update
         lr=schedule.lr,
         batch_size=schedule.batch_size,
         seed=seed,
         min_clients=1 if len(train_sets) == 1 else 2,
-        on_round=on_round,
         algorithm=arm.algorithm,
     )
+    fed = federate(train_sets, test_set, plan, on_round=on_round)
     wall = time.perf_counter() - t0 - scoring
     if fed.stopped:
         raise RuntimeError(f"{arm} over {sorted(train_sets)} stopped: {fed.stopped}")

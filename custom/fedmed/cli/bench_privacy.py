@@ -30,7 +30,7 @@ from fedmed.cli.bench_sites import load_train_sets, make_sites
 from fedmed.cli.pretrain_public import Pretraining, pretrain_on, pretraining_card
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.data.synthetic import HospitalSpec, ScannerProfile, generate_hospitals
-from fedmed.inprocess import federate
+from fedmed.inprocess import FederationPlan, federate
 from fedmed.model import build_densenet121, load_numpy_state, set_trainable
 from fedmed.model_card import META_MODEL_CARD
 from fedmed.privacy.dp_sgd import SitePrivacy
@@ -237,15 +237,17 @@ def main(argv=None) -> int:
             res = federate(
                 train,
                 test_ds,
-                a.rounds,
-                "fedavg",
-                task=CHEST_XRAY14,
-                privacy=policy,
-                norm="group",
-                lr=a.lr,
-                batch_size=a.batch_size,
-                seed=a.seed,
-                trainable=trainable,
+                FederationPlan(
+                    task=CHEST_XRAY14,
+                    rounds=a.rounds,
+                    aggregation="fedavg",
+                    privacy=policy,
+                    norm="group",
+                    lr=a.lr,
+                    batch_size=a.batch_size,
+                    seed=a.seed,
+                    trainable=trainable,
+                ),
                 initial_params=initial,
             )
         except RuntimeError as e:  # every site refused: the ceiling cannot be certified at this data size

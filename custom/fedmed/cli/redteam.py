@@ -57,10 +57,17 @@ def main(argv=None) -> int:
         help="training seeds besides 0 over which an accepted attack's AUROC gap to the stayed-honest run is averaged "
         "(honest outcomes at this size spread over ~0.05 AUROC, so one run cannot judge 0.02); none: seed 0 alone",
     )
+    p.add_argument(
+        "--centred-clipping",
+        action="store_true",
+        help="combine by centred clipping around the server's momentum (RoundRules.centred_clipping; not with HE)",
+    )
     p.add_argument("--only", nargs="*", help="attack kinds to run (default: all)")
     p.add_argument("--out", type=Path, default=Path("docs/redteam.md"))
     a = p.parse_args(argv)
     rows = [r for r in redteam.ROWS if not a.only or r.attack.kind in a.only]
+    if a.centred_clipping:  # refused with HE by the round engine: the server cannot form an encrypted momentum
+        rows = [r for r in rows if not r.he]
     if not rows:
         p.error(f"--only matches no attack; kinds: {[r.attack.kind for r in redteam.ROWS]}")
     torch.set_num_threads(a.threads)
@@ -69,26 +76,17 @@ def main(argv=None) -> int:
     if not 1 <= a.attack_from <= a.rounds:
         p.error(f"--attack-from must be in [1, --rounds], got {a.attack_from}")
     train, test, val = redteam.load_sites(a.data, names, a.image_size)
-    kw = dict(batch_size=a.batch_size, server_validation=val if a.validation else None)
+    bench = redteam.Bench(
+        train, test, a.rounds, a.attack_from - 1, a.batch_size, val if a.validation else None, a.centred_clipping
+    )
     refs = {}
     for he in sorted({r.he for r in rows}):
-        refs[he] = redteam.honest_references(train, test, a.rounds, he=he, attack_from=a.attack_from - 1, **kw)
+        refs[he] = redteam.honest_references(bench, he=he)
         tqdm.write(f"honest references{' (HE on)' if he else ''}: {refs[he]}")
     results = []
     with tempfile.TemporaryDirectory() as dbs:
         for row in tqdm(rows, desc="attacks"):
-            res = redteam.run_row(
-                row,
-                train,
-                test,
-                refs[row.he],
-                a.rounds,
-                Path(dbs),
-                a.tolerance,
-                attack_from=a.attack_from - 1,
-                extra_seeds=a.extra_seeds,
-                **kw,
-            )
+            res = redteam.run_row(row, bench, refs[row.he], Path(dbs), a.tolerance, a.extra_seeds)
             tqdm.write(
                 f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
                 f"{res.honest_auroc:.3f} had it stayed honest"

@@ -109,6 +109,7 @@ class FedMedController(ModelController):
             min_clients=c.required_clients,
             statistics_factor=c.statistics_factor,
             trust=c.trust_policy(),
+            centred_clipping=c.centred_clipping,
             server_optimizer=c.algorithm().server_optimizer,
             scaffold=c.scaffold,
         )

@@ -24,11 +24,15 @@ class TrustPolicy:
         initial_trust: trust of a site never seen before.
         head_cosine_ok / head_cosine_bad: the direction rule. The cosine between a site's move of the classifier
             layers and the judging reference's (fedmed.aggregation.head_cosine; the coordinate median of the sites,
-            the aggregate until issue 28: the thresholds below were measured against the aggregate) scores 1 at or above head_cosine_ok, 0 at
-            or below head_cosine_bad (linear in between); a round's score is the lower of the distance and the
-            direction scores. Measured on the red team's hospitals (5 sites, 100 images, 64 px, 4 rounds): honest
+            the aggregate until issue 28) scores 1 at or above head_cosine_ok, 0 at or below head_cosine_bad
+            (linear in between); a round's score is the lower of the distance and the direction scores. Measured
+            on the red team's hospitals (5 sites, 100 images, 64 px, 4 rounds): against the aggregate, honest
             sites' cosines ranged 0.11 to 1.00, a label-flipping site's -0.87 to -0.71, while its distance ratio
-            stayed under 1.3, so the distance rule alone let it in every round.
+            stayed under 1.3, so the distance rule alone let it in every round. Re-measured against the coordinate
+            median (docs/redteam_collusion.md): honest sites +0.01 at the lowest (120 site-rounds of 6 honest
+            runs, none below 0), the IPM / unit-direction colluders -0.96 to -0.86, so both thresholds stand
+            (head_cosine_ok has little slack on the honest side: a non-IID site a little further off would lose
+            part of its score, never all of it above -0.5).
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
