@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                 DEFAULT_HOSPITALS[0].scanner,
                 rng,
                 a.stored_size,
-                bar.update,
+                progress=bar.update,
             )
         dicom = tmp / "site" / "dicom"
         torch.manual_seed(0)

@@ -499,7 +499,7 @@ def test_choose_thresholds_names_the_split_it_used(tmp_path, model_path, capsys,
     labels = np.zeros((8, 14), int)
     labels[:4, 2] = 1
     csv_path = write_site(
-        tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), np.random.default_rng(0), "s", SIZE
+        tmp_path / "site", labels, ["val"] * 6 + ["train"] * 2, ScannerProfile(), np.random.default_rng(0), SIZE
     )
     args = ["--model", str(model_path), "--dicom", str(tmp_path / "site" / "dicom"), "--labels", str(csv_path)]
     assert main([*args, "--split", split, "--out", str(tmp_path / "thr.pt"), "--no-ood"]) == 0

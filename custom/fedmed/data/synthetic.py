@@ -436,6 +436,7 @@ def write_site(
     scanner: ScannerProfile,
     rng: np.random.Generator,
     size: int = 256,
+    *,
     progress: Optional[Callable[[int], None]] = None,
     family: Optional[ImageFamily] = None,
 ) -> Path:
@@ -527,10 +528,12 @@ def generate_hospitals(
             labels = family.labels_from_prior(spec.num_images, spec.prevalence, rng)
         n_val = max(1, int(round(spec.num_images * val_fraction)))
         splits = ["val" if i < n_val else "train" for i in rng.permutation(spec.num_images)]
-        written[spec.name] = write_site(out_root / spec.name, labels, splits, spec.scanner, rng, size, progress, family)
+        written[spec.name] = write_site(
+            out_root / spec.name, labels, splits, spec.scanner, rng, size, progress=progress, family=family
+        )
     rng = np.random.default_rng(site_seeds[-1])
     labels = family.test_labels(num_test, rng)
     written["global_test"] = write_site(
-        out_root / "global_test", labels, ["test"] * num_test, family.test_scanner, rng, size, progress, family
+        out_root / "global_test", labels, ["test"] * num_test, family.test_scanner, rng, size, progress=progress, family=family
     )
     return written
