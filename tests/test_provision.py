@@ -255,7 +255,7 @@ def test_provision_refuses_an_existing_workspace_unless_forced(tmp_path, capsys)
     ):
         assert what in message
     assert root_ca.read_bytes() == first_ca  # nothing was touched
-    assert federation.main(["provision", "--workspace", str(fed.workspace), "--port", "18993"]) == 1
+    assert federation.main(["provision", "--workspace", str(fed.workspace), "--port", "18993"]) == 2
     assert "provision refused:" in capsys.readouterr().err
     fed.provision(port=18993, install_sites=False, force=True)
     assert (
@@ -410,7 +410,7 @@ def test_add_site_refuses_a_workspace_never_provisioned_and_bad_hospital_files(p
     with pytest.raises(FileNotFoundError, match="was never provisioned"):
         Federation(tmp_path / "nothing").add_site("hospital-d", files)
     assert not (tmp_path / "nothing").exists()
-    assert federation.main(["add-site", "hospital-d", "--workspace", str(tmp_path / "nothing")]) == 1
+    assert federation.main(["add-site", "hospital-d", "--workspace", str(tmp_path / "nothing")]) == 2
     assert "add-site refused:" in capsys.readouterr().err
     before = _file_hashes(provisioned.workspace)
     with pytest.raises(FileNotFoundError, match="no site files for 'hospital-d'"):

@@ -562,7 +562,7 @@ def main(argv=None) -> int:
             state = fed.provision(a.project, a.port, a.db_url, a.site_configs, he_keys=a.he_keys, force=a.force)
         except (FileExistsError, RuntimeError, ValueError, FileNotFoundError) as e:
             print(f"provision refused: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(
             f"provisioned in {state['provision_seconds']}s: kits in {state['kits']}, server port {state['port']}; "
             f"run record {fed.db_url()}"
@@ -572,7 +572,7 @@ def main(argv=None) -> int:
             kit = fed.add_site(a.name, a.config_dir, a.org, a.he_keys)
         except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
             print(f"add-site refused: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(
             f"added {a.name}: kit {kit} (hand it to the hospital's IT); its public signing key is in the server kit's "
             f"local/site_keys/. Start it with `fedmed-federation start --sites {a.name}` (or its start_fedmed.sh); "
