@@ -369,8 +369,16 @@ def append_head(path: Path, chain_tag: str, entry_id: int, mac: str, action: str
 
 
 def read_heads(path: Path) -> list[dict]:
+    # Under a shared lock: append_head writes under an exclusive one, so a concurrent job's head is read whole or
+    # not at all (a torn line read mid-append looked malformed: a false alarm that refused the reader's write).
+    with open(path, encoding="utf-8", errors="replace") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        try:
+            text = f.read()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     heads = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
