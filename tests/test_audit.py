@@ -719,3 +719,34 @@ def test_the_server_sends_each_rounds_head_and_the_hospital_keeps_only_what_the_
     assert len(receipts.read_receipts(hospital_local / receipts.RECEIPTS_FILE)) == 2
     ok = _cli(capsys, "--db-url", url, "--receipts", hospital_local)
     assert ok.returncode == 0 and "2 hospital receipt(s) match" in ok.stdout
+
+
+def test_a_writer_whose_heads_snapshot_raced_another_jobs_first_head_checks_again_instead_of_refusing(
+    recorded, db_url, monkeypatch
+):
+    """The CI flake: job A commits its entry, job B reads the heads file before A appends the head (or creates the
+    file), then B's database snapshot holds A's keyed entry: 'heads file is missing' or 'entry gone' against a
+    snapshot that is merely old. B dead-lettered its start_run for it. B now checks again on a fresh snapshot when
+    the heads file moved during its check. The interleaving is forced here by hiding the file for B's first read."""
+    heads = recorded.audit_settings().heads_file
+    hidden = heads.with_name(heads.name + ".being-appended")
+    heads.rename(hidden)
+    real, reads = audit.HeadsSnapshot, []
+
+    class AppendedRightAfterTheRead(real):
+        def __init__(self, path):
+            super().__init__(path)
+            if not reads:  # the other job's head lands after this read, before the database is read
+                hidden.rename(heads)
+            reads.append(path)
+
+    monkeypatch.setattr(audit, "HeadsSnapshot", AppendedRightAfterTheRead)
+    Repository(db_url).record_alert("run-1", "dead_letter", "written, not refused")
+    assert len(reads) == 2 and recorded.verify_audit() is None
+
+
+def test_a_heads_file_deleted_for_good_still_refuses_the_next_write(recorded, db_url):
+    """The recheck is for a file that moves during the check; one that stays gone is a problem every time."""
+    recorded.audit_settings().heads_file.unlink()
+    with pytest.raises(RecordTampered, match="heads file .* is missing"):
+        Repository(db_url).record_alert("run-1", "dead_letter", "a line")

@@ -436,11 +436,26 @@ class HeadsSnapshot:
 
     def __init__(self, path: Optional[Path]):
         self.path, self.heads, self.error = path, None, None
+        self._stat = _file_state(path)
         if path is not None and Path(path).exists():
             try:
                 self.heads = read_heads(path)
             except OSError as e:  # a folder, no permission: the tail cannot be checked
                 self.error = e
+
+    def moved(self) -> bool:
+        """True when the file was created, appended to or replaced since this snapshot: another job wrote while the
+        database was read, so a problem seen against this snapshot may be that job's head racing its commit (the
+        file created just after the entry committed looked like a deleted heads file). Check again, afresh."""
+        return _file_state(self.path) != self._stat
+
+
+def _file_state(path: Optional[Path]) -> Optional[tuple]:
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
 
 
 def verify(
