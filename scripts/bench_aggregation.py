@@ -23,11 +23,11 @@ import numpy as np
 from geom_median.numpy import compute_geometric_median
 from tqdm import tqdm
 
-from fedmed.aggregation import weighted_mean
 from fedmed.cli.bench_sim import load_average
 from fedmed.cli.bench_threads import MODES_HEADER, THREAD_MODES, cpu_burners, modes_table, time_modes
-from fedmed.model import build_densenet121, state_to_numpy
-from fedmed.robust.geometric_median import distance_keys, geometric_median
+from fedmed.models.network import build_densenet121, state_to_numpy
+from fedmed.server.aggregation import weighted_mean
+from fedmed.server.robust.geometric_median import distance_keys, geometric_median
 
 TOLERANCES = (1e-6, 1e-10, 1e-20)  # 1e-20 is geom-median's default (it then runs to maxiter)
 

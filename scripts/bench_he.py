@@ -6,7 +6,7 @@ full-model HE, on DenseNet-121 (7.0 M values) with 3 hospitals.
                                [--out docs/bench_he.md]
 
 Each mode runs in its own process (so its peak memory is its own) through the same code the Executor and the
-Controller run: the site encrypts its update (fedmed.crypto.ckks) and NVFlare serializes it exactly as it goes on
+Controller run: the site encrypts its update (fedmed.security.ckks) and NVFlare serializes it exactly as it goes on
 the wire (FLModel -> Shareable -> FOBS bytes); the server deserializes, validates (clear part and ciphertexts),
 aggregates (geometric median on the clear part, then the homomorphic weighted sum with the median's weights) and
 serializes the new global model for each site; a site deserializes and decrypts it. Full-model HE cannot use the
@@ -62,12 +62,12 @@ def measure_mode(mode: str, updates: list, global_params: dict, queue) -> None:
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
     from nvflare.fuel.utils import fobs
 
-    from fedmed import constants as C
-    from fedmed.aggregation import find_update_problem
-    from fedmed.crypto import ckks
     from fedmed.flare.wire import to_site_result
-    from fedmed.model import HEAD_PREFIX
-    from fedmed.rounds import EncryptionSpec, RoundEngine, RoundRules
+    from fedmed.job import constants as C
+    from fedmed.models.network import HEAD_PREFIX
+    from fedmed.security import ckks
+    from fedmed.server.aggregation import find_update_problem
+    from fedmed.server.rounds import EncryptionSpec, RoundEngine, RoundRules
 
     common_decomposers.register()
     fobs.loads(fobs.dumps(FLModelUtils.to_shareable(FLModel(params={"warm": np.zeros(4)}))))  # first-call set-up

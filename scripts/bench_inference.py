@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, write_site
 from fedmed.inference.model_file import META_THRESHOLD_METHOD, META_THRESHOLDS, write_model_file
 from fedmed.inference.predict import HeatmapMaker, Preprocessor, predict_batches
 from fedmed.inference.run import InferenceOptions, run_inference
 from fedmed.inference.studies import discover_studies, load_study
-from fedmed.model import build_densenet121
+from fedmed.job.constants import CXR14_FINDINGS
+from fedmed.models.network import build_densenet121
 
 KEY = b"benchmark-site-secret-0123456789"
 

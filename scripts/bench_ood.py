@@ -45,10 +45,10 @@ from fedmed.data.synthetic import (
 from fedmed.data.synthetic_mri import BRAIN_TEST_SCANNER, render_brain
 from fedmed.data.transforms import preprocess
 from fedmed.inference.ood import fit_ood, pooled_features
-from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.weights import save_state
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.models.network import build_densenet121, load_numpy_state
+from fedmed.models.weights import save_state
+from fedmed.site.site_config import DataConfig
 
 UNSEEN_SCANNER = ScannerProfile(
     "CR",

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark: the screening's per-update passes before and after fedmed.passes, in one process, interleaved.
+"""Benchmark: the screening's per-update passes before and after fedmed.server.passes, in one process, interleaved.
 
     python scripts/bench_passes.py [--sites 20] [--repeats 3] [--out /tmp/bench_passes.md]
 
 K DenseNet-121 updates (bench_scale's generator). For each update, `before` = model_sha256 then the two-pass
-distance (a float64 copy of each parameter's difference, then a dot), `after` = fedmed.passes.hash_and_norm; the
+distance (a float64 copy of each parameter's difference, then a dot), `after` = fedmed.server.passes.hash_and_norm; the
 distance to another state (the aggregate's pass) by both formulas; and the screening's finiteness check. Process CPU seconds per update (steadier than
-wall time on a shared machine), under one BLAS thread (what fedmed.parallel gives each server thread on 2 cores) and
+wall time on a shared machine), under one BLAS thread (what fedmed.server.parallel gives each server thread on 2 cores) and
 under the BLAS library's default pool; the tracemalloc peak of one update's pass; bytes of memory traffic per value
 by construction. The digests and norms are checked equal.
 """
@@ -23,15 +23,15 @@ import numpy as np
 
 from fedmed.cli.bench_scale import site_updates
 from fedmed.cli.bench_sim import load_average
-from fedmed.hashing import model_sha256
-from fedmed.model import build_densenet121, state_to_numpy
-from fedmed.parallel import limited_blas
-from fedmed.passes import has_non_finite, hash_and_norm, squared_distance
-from fedmed.robust.geometric_median import centred_gram, combine, distance_keys
+from fedmed.models.hashing import model_sha256
+from fedmed.models.network import build_densenet121, state_to_numpy
+from fedmed.server.parallel import limited_blas
+from fedmed.server.passes import has_non_finite, hash_and_norm, squared_distance
+from fedmed.server.robust.geometric_median import centred_gram, combine, distance_keys
 
 
 def two_pass_distance(update, center, keys) -> float:
-    """fedmed.aggregation.distance before issue 30."""
+    """fedmed.server.aggregation.distance before issue 30."""
     sq = 0.0
     for k in keys:
         d = np.subtract(update[k], center[k], dtype=np.float64).reshape(-1)

@@ -3,8 +3,8 @@
 
     python scripts/bench_robustness.py [--rounds 3] [--image-size 64] [--out docs/bench_robustness.md]
 
-Runs the federated rounds in-process through the round engine the NVFlare Controller calls (fedmed.rounds, via
-fedmed.inprocess; sites train as the Executor does), so it measures the aggregators, not the transport. Scenarios:
+Runs the federated rounds in-process through the round engine the NVFlare Controller calls (fedmed.server.rounds, via
+fedmed.sim.inprocess; sites train as the Executor does), so it measures the aggregators, not the transport. Scenarios:
 clean 3 sites, 1-of-3 hostile, 2-of-5 hostile, and the honest sites alone as the reference for each hostile case.
 """
 
@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from fedmed.cli.bench_sites import load_train_sets, make_sites
 from fedmed.data.loading import load_test
-from fedmed.inprocess import Adversary, FederationPlan, federate
-from fedmed.robust.attacks import Attack
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.sim.attacks import Attack
+from fedmed.sim.inprocess import Adversary, FederationPlan, federate
 
 AGGREGATIONS = ("fedavg", "geometric_median", "coordinate_median", "trimmed_mean")
 

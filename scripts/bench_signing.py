@@ -5,7 +5,7 @@
                                     [--out docs/bench_signing.md]
 
 Measured on a real DenseNet-121 update (7.0 M values, 28 MB) with its classifier head CKKS-encrypted as in
-selective HE (fedmed.crypto.ckks, real TenSEAL chunks): a site's update_digest + sign, the server's update_digest +
+selective HE (fedmed.security.ckks, real TenSEAL chunks): a site's update_digest + sign, the server's update_digest +
 verify per site, the server's global_model_digest + sign, and a site's digest + verify of the global model. Each
 step is timed `--repeats` times and the median kept. The round time it is compared with is one real local epoch
 (fedmed.cli.bench_sites.measure_training: the same images, size and single thread as docs/bench_he.md); sites sign in parallel,
@@ -49,10 +49,9 @@ def main(argv=None) -> int:
     import cryptography
     import torch
 
-    from fedmed import signing
     from fedmed.cli.bench_sites import measure_training
-    from fedmed.crypto import ckks
-    from fedmed.model import HEAD_PREFIX
+    from fedmed.models.network import HEAD_PREFIX
+    from fedmed.security import ckks, signing
 
     torch.set_num_threads(1)
     print(f"[bench_signing] timing one local epoch on {a.images} images at {a.image_size} px")

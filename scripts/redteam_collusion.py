@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmed import redteam
-from fedmed.inprocess import Adversary, FederationPlan, federate
-from fedmed.robust.attacks import Attack
-from fedmed.robust.trust import TrustPolicy
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.server.robust.trust import TrustPolicy
+from fedmed.sim import redteam
+from fedmed.sim.attacks import Attack
+from fedmed.sim.inprocess import Adversary, FederationPlan, federate
 
 SEEDS = (0, 1, 2)
 SIZE = dict(honest=4, per_site=100, num_test=200, rounds=4, attack_from=2, image_size=64, batch_size=16)

@@ -37,7 +37,7 @@ TASK_HOSPITALS = {"chest_xray14": "tiny_hospitals", "brain_mri": "tiny_brain_hos
 @pytest.fixture(params=sorted(TASK_HOSPITALS))
 def task_data(request):
     """(TaskSpec, root of its tiny hospitals): a test using it runs once per task, through the same code paths."""
-    from fedmed.tasks import get_task
+    from fedmed.job.tasks import get_task
 
     return get_task(request.param), request.getfixturevalue(TASK_HOSPITALS[request.param])
 
@@ -115,7 +115,7 @@ def audit_key_file(db_url, tmp_path):
 @pytest.fixture(scope="module")
 def signing_keys(tmp_path_factory):
     """Real signing key pairs (ML-DSA-65 + Ed25519) of hospital-a and the server, as install makes them."""
-    from fedmed import signing
+    from fedmed.security import signing
 
     root = tmp_path_factory.mktemp("signing-keys")
     for site in ("hospital-a", "server"):

@@ -305,8 +305,8 @@ def test_a_server_that_dies_during_abort_is_one_line(monkeypatch, tmp_path, caps
 
 def test_the_admin_commands_start_without_torch_or_scikit_learn():
     # `fedmed-federation status` and `fedmed-submit --abort` took 6-14 s on a quiet machine, 22-27 s on the loaded
-    # shared one, mostly importing torch, MONAI and scikit-learn through the repository module (fedmed.crosssite ->
-    # fedmed.tasks) and JobConfig, which neither command uses; now 1.4 s there
+    # shared one, mostly importing torch, MONAI and scikit-learn through the repository module (fedmed.server.crosssite ->
+    # fedmed.job.tasks) and JobConfig, which neither command uses; now 1.4 s there
     code = (
         "import sys, fedmed.cli.federation, fedmed.cli.submit_job; "
         "print(sorted(m for m in ('torch', 'sklearn', 'monai', 'scipy') if m in sys.modules))"
@@ -320,7 +320,7 @@ def test_submit_reads_the_exported_jobs_settings_without_importing_torch(tmp_pat
     # scikit-learn into the admin's process (9-27 s here); the export's own process now writes JobConfig's defaults
     from dataclasses import MISSING, fields
 
-    from fedmed.jobconfig import JobConfig
+    from fedmed.job.jobconfig import JobConfig
 
     code = (
         "import json, sys; from pathlib import Path; import fedmed.cli.submit_job as s; "

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmed.aggregation import find_update_problem, get_aggregator, update_norm, weighted_mean
+from fedmed.server.aggregation import find_update_problem, get_aggregator, update_norm, weighted_mean
 
 
 def _site(value, n_batches):

@@ -1,4 +1,4 @@
-"""fedmed.algorithms: FedOpt (FedAdam / FedYogi) on the robust aggregate, FedProx at the sites (also under DP-SGD), and
+"""fedmed.learning.algorithms: FedOpt (FedAdam / FedYogi) on the robust aggregate, FedProx at the sites (also under DP-SGD), and
 SCAFFOLD's control variates, in the pure core, the round engine, a site's round and the in-process federation."""
 
 import json
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedmed.algorithms import (
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.learning.algorithms import (
     FedAlgorithm,
     FedOpt,
     LocalCorrection,
@@ -18,11 +19,10 @@ from fedmed.algorithms import (
     find_control_problem,
     site_control_update,
 )
+from fedmed.learning.training import LocalTraining, train_epochs
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.rounds import RoundEngine, RoundRules, SiteResult
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import LocalTraining, train_epochs
+from fedmed.server.rounds import RoundEngine, RoundRules, SiteResult
 
 GLOBAL = {
     "w": np.array([1.0, -2.0, 0.5], np.float32),
@@ -274,8 +274,8 @@ def test_fed_algorithm_settings_are_checked():
 
 def test_the_in_process_federation_runs_each_algorithm(tiny_hospitals):
     from fedmed.data.loading import load_test, load_train_val
-    from fedmed.inprocess import FederationPlan, federate
-    from fedmed.site_config import DataConfig
+    from fedmed.sim.inprocess import FederationPlan, federate
+    from fedmed.site.site_config import DataConfig
 
     sites = ("hospital-a", "hospital-b", "hospital-c")
     train = {
@@ -318,9 +318,9 @@ def test_a_simulator_job_runs_fedadam_fedprox_and_scaffold(tiny_hospitals, tmp_p
 
 def test_a_scaffold_site_refuses_a_model_without_c_and_a_round_its_user_level_filter_would_release(tiny_hospitals):
     from fedmed.data.loading import load_train_val
-    from fedmed.model import build_densenet121, state_to_numpy
-    from fedmed.site_config import DataConfig
-    from fedmed.site_round import GlobalModel, Site, Training, run_round
+    from fedmed.models.network import build_densenet121, state_to_numpy
+    from fedmed.site.site_config import DataConfig
+    from fedmed.site.site_round import GlobalModel, Site, Training, run_round
 
     root = tiny_hospitals / "hospital-a"
     train, val = load_train_val(DataConfig("dicom", root / "dicom", root / "labels.csv"), 32, 0, CHEST_XRAY14)
@@ -341,7 +341,7 @@ def test_a_scaffold_site_refuses_a_model_without_c_and_a_round_its_user_level_fi
 
 
 def test_job_settings_carry_the_algorithms_to_the_exported_job_and_refuse_a_resume(tmp_path):
-    from fedmed.jobconfig import JobConfig
+    from fedmed.job.jobconfig import JobConfig
     from jobscripts import load_job_script
 
     c = JobConfig(name="x", task="chest_xray14", server_optimizer="fedyogi", server_lr=0.1, proximal_mu=0.1)

@@ -1,6 +1,6 @@
-"""Issue 29, item 4: a hospital's privacy ledger reset is seen by the server (fedmed.anchors).
+"""Issue 29, item 4: a hospital's privacy ledger reset is seen by the server (fedmed.server.anchors).
 
-Each hospital runs the real site round (fedmed.site_round.run_round: DP-SGD charged to its ledger, the update
+Each hospital runs the real site round (fedmed.site.site_round.run_round: DP-SGD charged to its ledger, the update
 signed); the server verifies the signature, runs the round engine and the anchor check on what arrived. The
 hospital's IT, holding the site's files and its ledger key, deletes the ledger, cuts its newest line, or rewrites it
 and re-MACs it: the ledger verifies again at the site, and the server alerts `ledger_reset` naming what it saw.
@@ -13,20 +13,20 @@ from dataclasses import replace
 
 import pytest
 
-from fedmed import constants as C
-from fedmed import signing
-from fedmed.anchors import AnchorWatch, from_record
 from fedmed.data.loading import load_train_val
-from fedmed.model import build_densenet121, state_to_numpy
+from fedmed.job import constants as C
+from fedmed.job.records import RoundRecord, UpdateRecord
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.models.network import build_densenet121, state_to_numpy
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.ledger import LedgerBinding, PrivacyLedger, _canonical, _sha256
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.records import RoundRecord, UpdateRecord
-from fedmed.rounds import RoundEngine, RoundRules
-from fedmed.site_config import DataConfig
-from fedmed.site_round import GlobalModel, Site, Training, as_received, run_round, seen_count, update_digest, vouch
+from fedmed.security import signing
+from fedmed.server.anchors import AnchorWatch, from_record
+from fedmed.server.rounds import RoundEngine, RoundRules
+from fedmed.site.site_config import DataConfig
+from fedmed.site.site_round import GlobalModel, Site, Training, as_received, run_round, seen_count, update_digest, vouch
 from fedmed.store.repository import Repository
-from fedmed.tasks import CHEST_XRAY14
 
 SITES = ("hospital-a", "hospital-b")
 POLICY = PrivacyPolicy(epsilon=50.0, noise_multiplier=1.0)

@@ -3,11 +3,11 @@
 - adapters, custom/fedmed/flare/: NVFlare types <-> core types; the only package that may import nvflare to run
   a job (cli/ may too, for the admin API and the job scripts).
 - entry points, custom/fedmed/cli/: every main; may import anything public.
-- store, custom/fedmed/store/: SQL and the journal; maps the core's records (fedmed.records) to tables; no nvflare.
-- tools of the record: report.py, redteam.py, inference/run.py and inference/record.py read or write the record through the
+- store, custom/fedmed/store/: SQL and the journal; maps the core's records (fedmed.job.records) to tables; no nvflare.
+- tools of the record: display/report.py, sim/redteam.py, inference/run.py and inference/record.py read or write the record through the
   store's Repository (a report of a run, the red team's recorded run, the inference log). They import no nvflare.
-- the core: every other module (data/, privacy/, crypto/, robust/, the round engine, the site round, records,
-  training, model, ...): imports neither nvflare, nor fedmed.store, nor the adapters or entry points.
+- the core: every other module (job/, models/, server/ with robust/, site/, learning/, security/, privacy/, data/,
+  sim/, display/'s console and live metrics, inference/ but its record tools): imports neither nvflare, nor fedmed.store, nor the adapters or entry points.
 Nothing anywhere imports nvflare.private: those are NVFlare's internals and change without notice.
 """
 
@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "custom" / "fedmed"
 ADAPTERS, ENTRY_POINTS, STORE = "flare", "cli", "store"
 # Modules outside store/ that are tools of the record: they may import the store, and nothing else the core may not.
-RECORD_TOOLS = ("report.py", "redteam.py", "inference/run.py", "inference/record.py")
+RECORD_TOOLS = ("display/report.py", "sim/redteam.py", "inference/run.py", "inference/record.py")
 
 
 def _modules():

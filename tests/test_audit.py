@@ -267,7 +267,7 @@ def test_a_database_from_before_the_keyed_chain_upgrades_and_is_adopted_only_by_
 def test_stored_update_signatures_are_re_verified_offline(db_url, tmp_path):
     """The server stores each update's signature and digest; audit_verify re-checks them with the hospitals' public
     keys. hospital-b's stored signature is not its own (say a server operator forged it): that row is named."""
-    from fedmed import signing
+    from fedmed.security import signing
 
     kit = tmp_path / "server-kit" / "local"
     keys = {}
@@ -592,7 +592,7 @@ def _rewrite_with_the_key(repo, key: bytes, heads) -> None:
 def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
     recorded, db_url, audit_key_file, tmp_path, capsys
 ):
-    from fedmed import signing
+    from fedmed.security import signing
     from fedmed.store import receipts
 
     signing.generate_site_keys(tmp_path / "server-keys", "server")
@@ -645,17 +645,17 @@ def test_a_record_rewritten_with_its_key_is_caught_by_a_hospitals_receipts(
 def test_a_receipt_a_hospital_signs_into_its_update_is_checked_against_the_record_by_the_server(
     recorded, audit_key_file, tmp_path
 ):
-    """Issue 29 item 2: each hospital signs the last receipt it saw into its next update (fedmed.site_round.vouch);
-    the server (fedmed.anchors) alerts receipt_mismatch when its record does not hold that chain head: the record
+    """Issue 29 item 2: each hospital signs the last receipt it saw into its next update (fedmed.site.site_round.vouch);
+    the server (fedmed.server.anchors) alerts receipt_mismatch when its record does not hold that chain head: the record
     was rewritten with its key after the hospital saw it, or the receipt is not one the server signed."""
     from dataclasses import asdict
 
-    from fedmed import constants as C
-    from fedmed import signing
-    from fedmed.anchors import AnchorWatch
-    from fedmed.site_round import Site, as_received, vouch
+    from fedmed.job import constants as C
+    from fedmed.job.tasks import CHEST_XRAY14
+    from fedmed.security import signing
+    from fedmed.server.anchors import AnchorWatch
+    from fedmed.site.site_round import Site, as_received, vouch
     from fedmed.store import receipts
-    from fedmed.tasks import CHEST_XRAY14
 
     signing.generate_site_keys(tmp_path / "server-keys", "server")
     server = signing.load_site_keys(tmp_path / "server-keys")
@@ -695,8 +695,8 @@ def test_the_server_sends_each_rounds_head_and_the_hospital_keeps_only_what_the_
     from nvflare.app_common.abstract.fl_model import FLModel
 
     from conftest import over_the_wire
-    from fedmed import constants as C
     from fedmed.flare import signatures as wire_sig
+    from fedmed.job import constants as C
     from fedmed.store import receipts
     from fedmed.store.journal import Journal, ResilientRecorder
 

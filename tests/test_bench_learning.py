@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import (
     DEFAULT_HOSPITALS,
     GLOBAL_TEST_SCANNER,
@@ -17,6 +16,7 @@ from fedmed.data.synthetic import (
     specialist_priors,
 )
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY
+from fedmed.job.constants import CXR14_FINDINGS
 
 
 def _column_sums(labels_csv):

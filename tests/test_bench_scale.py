@@ -6,7 +6,7 @@ import re
 import pytest
 
 from fedmed.cli import bench_overhead, bench_scale
-from fedmed.heap import _malloc_trim
+from fedmed.server.heap import _malloc_trim
 
 
 def _rows(text: str, first: str) -> list[list[str]]:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from fedmed.job.tasks import BRAIN_CLASSES
 from fedmed.store.repository import Repository
-from fedmed.tasks import BRAIN_CLASSES
 from jobscripts import REPO, load_job_script
 
 JOB = REPO / "jobs" / "brain_mri_densenet" / "job.py"

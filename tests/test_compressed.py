@@ -12,7 +12,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELo
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest
 from fedmed.inference.model_file import write_model_file
 from fedmed.inference.run import InferenceOptions, run_inference
-from fedmed.model import build_densenet121
+from fedmed.models.network import build_densenet121
 from jpeg_lossless import encode_jpeg_lossless
 
 SIZE = 64

@@ -1,9 +1,9 @@
-"""fedmed.console: the simulator's concise live view and the log file that takes everything else."""
+"""fedmed.display.console: the simulator's concise live view and the log file that takes everything else."""
 
 import subprocess
 import sys
 
-from fedmed.console import concise
+from fedmed.display.console import concise
 
 # A kit's log line (the simulator's console drops the logger name and the FL context).
 PREFIX = "2026-11-29 21:14:01,123 - {name} - {level} - [identity=hospital-a, run=simulate_job, peer=server] - "
@@ -52,7 +52,7 @@ def test_child_processes_output_goes_to_the_file_and_the_kept_lines_to_the_conso
     log.write_text("an earlier run\n")  # appended to, never replaced
     code = (
         "import subprocess, sys\n"
-        "from fedmed.console import full_output_to\n"
+        "from fedmed.display.console import full_output_to\n"
         f"with full_output_to({str(log)!r}):\n"
         "    print('noise from this process', flush=True)\n"
         "    subprocess.run([sys.executable, '-c', \"import sys; print('noise from a child'); "

@@ -10,8 +10,10 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 from sqlalchemy import text
 
-from fedmed import constants as C
-from fedmed.crosssite import (
+from fedmed.flare import wire
+from fedmed.job import constants as C
+from fedmed.job.tasks import BRAIN_MRI, CHEST_XRAY14
+from fedmed.server.crosssite import (
     GLOBAL_MODEL,
     CrossSiteRecord,
     allowed_metrics,
@@ -25,12 +27,10 @@ from fedmed.crosssite import (
     released_scores,
     scores_refusal,
 )
-from fedmed.flare import wire
-from fedmed.robust.trust import SiteTrust
-from fedmed.site_config import parse_site_config
+from fedmed.server.robust.trust import SiteTrust
+from fedmed.site.site_config import parse_site_config
 from fedmed.store.journal import op_from_json, op_to_json
 from fedmed.store.repository import Repository, RoundRecord, UpdateRecord
-from fedmed.tasks import BRAIN_MRI, CHEST_XRAY14
 
 GOOD_CXR = {"auroc/Mass": 0.71, "auroc/Nodule": 0.64, "mean_auroc": 0.675}
 GOOD_BRAIN = {"accuracy": 0.8, "macro_f1": 0.75, "mean_auroc": 0.9, "auroc/glioma": 0.88}
@@ -201,7 +201,7 @@ def test_cross_site_writes_survive_the_journal():
 def test_report_draws_the_heatmap(tmp_path):
     from PIL import Image
 
-    from fedmed.report import CROSS_SITE_FIGURE, write_report
+    from fedmed.display.report import CROSS_SITE_FIGURE, write_report
 
     repo = Repository(f"sqlite:///{tmp_path / 'r.db'}")
     try:
@@ -252,7 +252,7 @@ def test_the_controller_refuses_hostile_answers_sent_to_it():
 
 def test_the_controller_relays_no_broken_local_model():
     from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
-    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.models.network import build_densenet121, state_to_numpy
 
     controller = FedMedCrossSiteEval({"name": "j", "task": "brain_mri"})
     good = state_to_numpy(build_densenet121(4))
@@ -265,7 +265,7 @@ def test_the_controller_relays_no_broken_local_model():
 
 
 def test_job_settings_for_cross_site_evaluation():
-    from fedmed.jobconfig import JobConfig
+    from fedmed.job.jobconfig import JobConfig
 
     c = JobConfig(name="j", task="chest_xray14")
     assert c.cross_site_eval is True and c.cross_site_eval_only is None
@@ -335,7 +335,7 @@ def _ask(ex, ctx, task, model=None):
 
 
 def test_a_hospital_scores_a_model_and_lends_its_local_model_only_when_it_may(tiny_hospitals, tmp_path, monkeypatch):
-    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.models.network import build_densenet121, state_to_numpy
 
     ex, ctx = _site_trainer(tiny_hospitals, tmp_path, monkeypatch, share_local_model=True)
     params = state_to_numpy(build_densenet121(14))
@@ -351,7 +351,7 @@ def test_a_hospital_scores_a_model_and_lends_its_local_model_only_when_it_may(ti
 
 
 def test_a_dp_hospital_that_keeps_metrics_home_sends_no_scores(tiny_hospitals, tmp_path, monkeypatch):
-    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.models.network import build_densenet121, state_to_numpy
 
     ex, ctx = _site_trainer(
         tiny_hospitals,
@@ -375,7 +375,7 @@ def test_a_model_whose_outputs_are_not_finite_gets_an_answer_with_the_reason_not
     raised, every validate task failed, and NVFlare aborted the finished job before the final model went out."""
     import numpy as np
 
-    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.models.network import build_densenet121, state_to_numpy
 
     ex, ctx = _site_trainer(tiny_hospitals, tmp_path, monkeypatch)
     params = state_to_numpy(build_densenet121(14))
@@ -417,7 +417,7 @@ def test_a_quarantined_hospital_is_neither_asked_to_lend_nor_to_score_and_its_mo
     """A quarantined hospital's model, sent anyway, reaches no other hospital: it is not a target of submit_model, so
     the controller drops its answer; its cells (its own model's, the global model's, every lent model's) say why."""
     from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
-    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.models.network import build_densenet121, state_to_numpy
 
     quarantined = quarantine_reasons(
         {"hospital-c": SiteTrust(0.1, quarantined=True)},
@@ -512,9 +512,9 @@ def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
     else must look like a run uid, which the exported controller resolves on the server (its kept models)."""
     from fedmed.cli.submit_job import exported_controller_args
     from fedmed.flare.fedjob import job_main
-    from fedmed.jobconfig import JobConfig
-    from fedmed.model import build_densenet121, state_to_numpy
-    from fedmed.weights import save_state
+    from fedmed.job.jobconfig import JobConfig
+    from fedmed.models.network import build_densenet121, state_to_numpy
+    from fedmed.models.weights import save_state
 
     config = JobConfig(name="cxr_densenet", task="chest_xray14")
     model = tmp_path / "global_model.pt"
@@ -549,7 +549,7 @@ def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
 
 
 def test_the_summary_line_says_a_model_that_was_not_lent_stays_home():
-    from fedmed.crosssite import summary_line
+    from fedmed.server.crosssite import summary_line
 
     line = summary_line(_cells(), "mean_auroc")
     assert "hospital-b's local model: not lent (it stays at hospital-b)" in line

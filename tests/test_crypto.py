@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from fedmed.crypto import ckks
-from fedmed.model import HEAD_PREFIX, build_densenet121, state_to_numpy
+from fedmed.models.network import HEAD_PREFIX, build_densenet121, state_to_numpy
+from fedmed.security import ckks
 
 HEAD_SHAPES = {"class_layers.out.weight": (14, 1024), "class_layers.out.bias": (14,)}
 NAMES = tuple(HEAD_SHAPES)

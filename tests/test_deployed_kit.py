@@ -15,7 +15,7 @@ from fedmed.flare.executor import (
     running_in_simulator,
     scope_in_privacy_file,
 )
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.job.tasks import CHEST_XRAY14
 
 
 def _workspace(root, kit: bool) -> Workspace:

@@ -202,7 +202,7 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
         assert repo.verify_audit() is None
         # The kits hold signing keys, so every update was signed, verified by the server and stored with its
         # signature; the keyed record and every stored signature verify offline with the hospitals' public keys.
-        from fedmed import signing
+        from fedmed.security import signing
 
         assert all(u["signature"] and u["signed_digest"] for u in updates)
         report = repo.audit_report(signing.load_public_keys_dir(fed.kit("server") / "local" / signing.SITE_KEYS_DIR))
@@ -218,7 +218,7 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
             assert [r.round for r in kept] == [1], (site, kept)
             server_pub = signing.load_public_keys(fed.kit(site) / "local" / signing.SERVER_KEY_FILE)
             assert repo.check_receipts(log, server_pub) == (len(receipts.read_receipts(log)), [])
-            # ... and signed it into its round-2 update, which the server checked against its record (fedmed.anchors)
+            # ... and signed it into its round-2 update, which the server checked against its record (fedmed.server.anchors)
             anchor = [a for a in repo.site_anchors(run_id) if a["site"] == site and a["round"] == 2]
             assert [(a["receipt_entry"], a["receipt_mac"]) for a in anchor] == [(kept[0].entry, kept[0].mac)], anchor
         assert not [a for a in repo.alerts(run_id) if a["kind"] in ("receipt_mismatch", "ledger_reset")]
@@ -251,7 +251,7 @@ def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federatio
         run_id = repo.run_id_for_job(out.job_id)
         ups = repo.client_updates(run_id)
         assert {u["site"]: u["status"] for u in ups} == {s: "accepted" for s in HOSPITALS}
-        anchors = {a["site"]: a for a in repo.site_anchors(run_id)}  # the signed ledger heads (fedmed.anchors)
+        anchors = {a["site"]: a for a in repo.site_anchors(run_id)}  # the signed ledger heads (fedmed.server.anchors)
         assert not [a for a in repo.alerts(run_id) if a["kind"] == "ledger_reset"]
     finally:
         repo.close()
@@ -576,7 +576,7 @@ def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twi
         assert {u["site"] for u in repo.client_updates(run_id) if u["round"] == 4} == set(HOSPITALS)
         # rounds 3-4 were signed for the new job id and verified by the server; the record and every stored
         # signature verify offline
-        from fedmed import signing
+        from fedmed.security import signing
 
         assert all(u["signature"] for u in repo.client_updates(run_id) if u["round"] >= 3)
         report = repo.audit_report(signing.load_public_keys_dir(fed.kit("server") / "local" / signing.SITE_KEYS_DIR))
@@ -585,8 +585,8 @@ def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twi
     finally:
         repo.close()
     # the final global model, saved where the admin's download finds it, is the one round 4 recorded
-    from fedmed.hashing import model_sha256
-    from fedmed.weights import load_state
+    from fedmed.models.hashing import model_sha256
+    from fedmed.models.weights import load_state
 
     (final,) = (tmp_path / "results").rglob("global_model.pt")
     params, meta = load_state(final)

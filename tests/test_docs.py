@@ -11,7 +11,7 @@ import pytest
 
 from fedmed.cli.generate_hospitals import write_site_config
 from fedmed.privacy.policy import parse_privacy, strictest
-from fedmed.site_config import JobRefused, check_job_for_site, load_site_config
+from fedmed.site.site_config import JobRefused, check_job_for_site, load_site_config
 from jobscripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _examples():
     for doc in DOCS:
         for n, line in enumerate(doc.read_text().splitlines(), 1):
             m = SUBMIT.match(line)
-            if m and "--resume" not in m["own"]:  # a resumption needs a recorded run: fedmed.resume's tests
+            if m and "--resume" not in m["own"]:  # a resumption needs a recorded run: fedmed.server.resume's tests
                 found.append(pytest.param(m["own"], m["job"], id=f"{doc.relative_to(REPO)}:{n}"))
     return found
 
@@ -35,7 +35,7 @@ def _examples():
 def refusal(site_cfg, privacy: dict, scope: str, norm: str):
     """Why a hospital refuses a job in `scope` with `norm`, or None: NVFlare's scope check (app_deployer: a scope
     the site's privacy.json does not list), then the Executor's own start-up rules, called as the Executor calls
-    them (fedmed.site_config.check_job_for_site, on a deployed kit)."""
+    them (fedmed.site.site_config.check_job_for_site, on a deployed kit)."""
     scope = scope or privacy.get("default_scope", "")
     scopes = {s["name"]: s for s in privacy["scopes"]}
     if scope not in scopes:

@@ -7,10 +7,10 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils import fobs
 
 from conftest import over_the_wire
-from fedmed import signing
 from fedmed.flare import signatures as wire_sig
-from fedmed.signing import SignatureError
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.security import signing
+from fedmed.security.signing import SignatureError
 
 
 def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
@@ -25,7 +25,7 @@ def _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch):
     from nvflare.apis.signal import Signal
 
     from fedmed.flare.executor import FedMedTrainer
-    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.models.network import build_densenet121, state_to_numpy
 
     common_decomposers.register()
     site = "hospital-a"
@@ -114,8 +114,8 @@ def test_a_site_whose_set_up_fails_answers_every_task_with_the_reason(tmp_path, 
     from nvflare.apis.signal import Signal
 
     import fedmed.flare.executor as executor_module
-    from fedmed import constants as C
     from fedmed.flare.executor import FedMedTrainer
+    from fedmed.job import constants as C
 
     monkeypatch.setattr(executor_module, "running_in_simulator", lambda fl_ctx: True)
     common_decomposers.register()
@@ -154,7 +154,7 @@ def test_a_model_signed_for_cross_site_evaluation_is_scored_and_never_trained(
     from nvflare.apis.signal import Signal
     from nvflare.app_common.app_constant import AppConstants
 
-    from fedmed import constants as C
+    from fedmed.job import constants as C
 
     send, _ = _signing_trainer(tiny_hospitals, tmp_path, signing_keys, monkeypatch)
     ex, ctx = send.executor, send.ctx

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed import constants as C
-from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, generate_hospitals
-from fedmed.model import HEAD_PREFIX, build_densenet121, load_numpy_state
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import evaluate, predict
+from fedmed.job import constants as C
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.learning.training import evaluate, predict
+from fedmed.models.network import HEAD_PREFIX, build_densenet121, load_numpy_state
+from fedmed.security import ckks
 from test_job import JOB, SITES, _simulate, _write_site_configs
 
 HEAD = ("class_layers.out.weight", "class_layers.out.bias")
@@ -117,7 +117,7 @@ def test_site_with_another_federations_keys_is_rejected_and_recorded(tiny_hospit
     driver = textwrap.dedent(f"""
         import importlib.util
         from pathlib import Path
-        from fedmed.crypto import ckks
+        from fedmed.security import ckks
         from fedmed.flare.fedjob import he_keys_dir_for, prepare_simulator_keys, run_simulation
         spec = importlib.util.spec_from_file_location("job", {str(JOB)!r}); job = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(job)

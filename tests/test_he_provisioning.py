@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmed.crypto import ckks
-from fedmed.crypto.keys import install_client_context, make_key_set
+from fedmed.security import ckks
+from fedmed.security.he_keys import install_client_context, make_key_set
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = """\

@@ -1,13 +1,13 @@
-"""fedmed.heap: at the end of a round the server collects reference cycles and gives freed heap pages back to the OS."""
+"""fedmed.server.heap: at the end of a round the server collects reference cycles and gives freed heap pages back to the OS."""
 
 import gc
 import weakref
 
 import pytest
 
-from fedmed import heap
 from fedmed.cli.bench_sim import memory_now
-from fedmed.heap import _malloc_trim, release_round_memory, trim_heap
+from fedmed.server import heap
+from fedmed.server.heap import _malloc_trim, release_round_memory, trim_heap
 
 
 @pytest.fixture(autouse=True)

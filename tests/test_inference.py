@@ -19,8 +19,6 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from fedmed import constants as C
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest, write_site
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY, BRAIN_TEST_SCANNER, render_brain
 from fedmed.inference.dicom_out import read_structured_report
@@ -36,10 +34,12 @@ from fedmed.inference.predict import positive_findings
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key, pseudonymise
 from fedmed.inference.run import InferenceOptions, run_inference
 from fedmed.inference.studies import brain_selection_verdict, selection_verdict
-from fedmed.metrics import youden_thresholds
-from fedmed.model import build_densenet121
+from fedmed.job import constants as C
+from fedmed.job.constants import CXR14_FINDINGS
+from fedmed.job.tasks import BRAIN_CLASSES
+from fedmed.learning.metrics import youden_thresholds
+from fedmed.models.network import build_densenet121
 from fedmed.store.repository import InferenceRecord, Repository
-from fedmed.tasks import BRAIN_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = b"test-site-secret-0123456789"
@@ -783,7 +783,7 @@ def test_brain_bundle_runs_with_monai_bundle_and_matches_infer(tmp_path, brain_m
 def _card_meta(synthetic: bool) -> dict:
     from types import SimpleNamespace
 
-    from fedmed.model_card import ModelCardBuilder
+    from fedmed.models.model_card import ModelCardBuilder
 
     builder = ModelCardBuilder("chest_xray14", "geometric_median", "NVFlare federation (fedmed)")
     builder.add_round(

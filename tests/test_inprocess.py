@@ -3,11 +3,11 @@ import math
 import pytest
 
 from fedmed.data.loading import load_test, load_train_val
-from fedmed.inprocess import Adversary, FederationPlan, federate
+from fedmed.job.tasks import CHEST_XRAY14
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.robust.attacks import Attack
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.sim.attacks import Attack
+from fedmed.sim.inprocess import Adversary, FederationPlan, federate
+from fedmed.site.site_config import DataConfig
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 

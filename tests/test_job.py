@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed.constants import CXR14_FINDINGS
-from fedmed.model import build_densenet121, state_to_numpy
+from fedmed.job.constants import CXR14_FINDINGS
+from fedmed.models.network import build_densenet121, state_to_numpy
 from fedmed.store.repository import Repository
 from jobscripts import load_job_script
 
@@ -94,7 +94,7 @@ def _run_job(data_root, workspace, db, *extra, sites=SITES, check=True):
 
 
 def write_report_for(db, run_id, out) -> str:
-    from fedmed.report import write_report
+    from fedmed.display.report import write_report
 
     repo = Repository(f"sqlite:///{db}", create_schema=False)
     try:

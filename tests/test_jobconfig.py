@@ -1,4 +1,4 @@
-"""fedmed.jobconfig.JobConfig: the one source of a job's defaults, from the job scripts' options to the components
+"""fedmed.job.jobconfig.JobConfig: the one source of a job's defaults, from the job scripts' options to the components
 the exported job configures; bad settings are refused naming what is wrong, before anything is built or written."""
 
 import dataclasses
@@ -10,9 +10,9 @@ import pytest
 
 from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
-from fedmed.jobconfig import DEFAULT_SITES, JobConfig
-from fedmed.robust.trust import TrustPolicy
-from fedmed.rounds import RoundRules, default_min_clients
+from fedmed.job.jobconfig import DEFAULT_SITES, JobConfig
+from fedmed.server.robust.trust import TrustPolicy
+from fedmed.server.rounds import RoundRules, default_min_clients
 from jobscripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ TRUST = {
 
 
 def test_trust_and_min_clients_defaults_live_in_one_place():
-    """JobConfig's trust settings default to TrustPolicy's; min_clients has one default (fedmed.rounds.
+    """JobConfig's trust settings default to TrustPolicy's; min_clients has one default (fedmed.server.rounds.
     default_min_clients), which the round engine's rules do not restate."""
     config = JobConfig(name="x", task="chest_xray14")
     policy = TrustPolicy()
@@ -207,7 +207,7 @@ NOT_OPTIONS = {"name", "task", "models_dir", "cross_site_eval_run"}  # named by 
 def test_every_setting_is_declared_with_its_help():
     """A field declared without setting(...) would have no option, no help and would never reach the sites."""
     plain = [f.name for f in dataclasses.fields(JobConfig) if not f.metadata.get("help")]
-    assert not plain, f"declare {plain} with fedmed.jobconfig.setting(default, help, ...)"
+    assert not plain, f"declare {plain} with fedmed.job.jobconfig.setting(default, help, ...)"
 
 
 def test_the_job_scripts_options_are_derived_from_the_settings():
@@ -216,7 +216,7 @@ def test_the_job_scripts_options_are_derived_from_the_settings():
     import argparse
 
     from fedmed.flare.fedjob import add_setting_options
-    from fedmed.jobconfig import setting
+    from fedmed.job.jobconfig import setting
 
     config = JobConfig(name="x", task="brain_mri", image_size=96)
     p = argparse.ArgumentParser()

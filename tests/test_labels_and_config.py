@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.labels import load_chestxray14, load_csv_manifest, load_dicom_site, read_site_label_csv
 from fedmed.data.loading import split_items
-from fedmed.site_config import load_site_config
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.job.constants import CXR14_FINDINGS
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.site.site_config import load_site_config
 
 
 def test_dicom_site_joins_images_to_labels_by_sop_uid(tiny_hospitals):

@@ -13,7 +13,9 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch.utils.data import Dataset
 
-from fedmed.model import build_densenet121
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.learning.training import LocalTraining
+from fedmed.models.network import build_densenet121
 from fedmed.privacy.accounting import BudgetExceeded, SiteRDPAccountant
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.ledger import (
@@ -25,8 +27,6 @@ from fedmed.privacy.ledger import (
     PrivacyLedger,
 )
 from fedmed.privacy.policy import PrivacyPolicy, parse_privacy, strictest
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import LocalTraining
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "ab" * 32
@@ -199,7 +199,7 @@ def test_second_job_is_refused_at_the_lifetime_ceiling_before_training(tmp_path)
 
 
 def test_a_job_resuming_a_run_counts_the_runs_earlier_dp_sgd_spend_toward_its_ceiling(tmp_path):
-    # fedmed.resume: job-2 continues job-1's run. (sigma 1, q 1/4, 4 steps) a round: epsilon 4.87, 6.25, 7.33 after
+    # fedmed.server.resume: job-2 continues job-1's run. (sigma 1, q 1/4, 4 steps) a round: epsilon 4.87, 6.25, 7.33 after
     # 1-3 rounds; the job ceiling 7.0 allows the run 2 rounds, whichever job runs them.
     ledger = PrivacyLedger(tmp_path / "privacy_ledger.jsonl")
     policy = PrivacyPolicy(epsilon=7.0, noise_multiplier=1.0, lifetime_epsilon=100.0)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from fedmed.live_metrics import Scalar, round_scalars
-from fedmed.report import write_atomic, write_report
+from fedmed.display.live_metrics import Scalar, round_scalars
+from fedmed.display.report import write_atomic, write_report
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord, UpdateRecord
 
 

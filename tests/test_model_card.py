@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedmed.model_card import (
+from fedmed.models.model_card import (
     ModelCard,
     ModelCardBuilder,
     clinical_use_warning,

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fedmed.flare.round_scoring import RoundScorer
-from fedmed.model import build_densenet121, state_to_numpy
-from fedmed.model_health import check_outputs, probe_images
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.models.model_health import check_outputs, probe_images
+from fedmed.models.network import build_densenet121, state_to_numpy
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
-from fedmed.tasks import CHEST_XRAY14
 
 SIZE = 32  # the check needs no realistic size; small keeps DenseNet-121 fast
 

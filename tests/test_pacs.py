@@ -13,13 +13,13 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import ScannerProfile, acquire, make_dicom, render_chest
 from fedmed.inference.dicom_out import read_structured_report
 from fedmed.inference.model_file import META_THRESHOLDS, write_model_file
 from fedmed.inference.pacs import StudyQuery
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY
-from fedmed.model import build_densenet121
+from fedmed.job.constants import CXR14_FINDINGS
+from fedmed.models.network import build_densenet121
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64

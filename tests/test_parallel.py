@@ -1,4 +1,4 @@
-"""fedmed.parallel: server threads x BLAS threads never exceed the cores, with overrides."""
+"""fedmed.server.parallel: server threads x BLAS threads never exceed the cores, with overrides."""
 
 import os
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-from fedmed import parallel
-from fedmed.parallel import (
+from fedmed.server import parallel
+from fedmed.server.parallel import (
     ENV_BLAS_THREADS,
     ENV_SERVER_THREADS,
     ENV_SITE_THREADS,

@@ -1,17 +1,17 @@
-"""fedmed.passes: the one-pass kernels give the results of the passes they replace (same digest; distances equal to
+"""fedmed.server.passes: the one-pass kernels give the results of the passes they replace (same digest; distances equal to
 1e-6 relative, the float32 chunks' rounding)."""
 
 import numpy as np
 import pytest
 
-from fedmed.aggregation import distance, update_norm
-from fedmed.passes import CHUNK, has_non_finite, hash_and_norm, squared_distance
-from fedmed.robust.geometric_median import distance_keys
-from fedmed.weights import params_sha256
+from fedmed.models.weights import params_sha256
+from fedmed.server.aggregation import distance, update_norm
+from fedmed.server.passes import CHUNK, has_non_finite, hash_and_norm, squared_distance
+from fedmed.server.robust.geometric_median import distance_keys
 
 
 def old_distance(update, center, keys) -> float:
-    """The two-pass formula fedmed.aggregation.distance used before (a float64 copy of each difference, then a dot)."""
+    """The two-pass formula fedmed.server.aggregation.distance used before (a float64 copy of each difference, then a dot)."""
     sq = 0.0
     for k in keys:
         d = np.subtract(update[k], center[k], dtype=np.float64).reshape(-1)

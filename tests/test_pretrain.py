@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedmed.cli import pretrain_public
-from fedmed.model import build_densenet121, load_numpy_state
+from fedmed.models.network import build_densenet121, load_numpy_state
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
-from fedmed.model import build_densenet121
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.learning.training import LocalTraining
+from fedmed.models.network import build_densenet121
 from fedmed.privacy.dp_sgd import BudgetExceeded, SitePrivacy, SiteRDPAccountant, check_dp_compatible
 from fedmed.privacy.policy import PRESETS, PrivacyPolicy, parse_privacy
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import LocalTraining
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_an_empty_batch_moves_the_weights_by_the_noise_alone():
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
 
-    from fedmed.training import run_epoch
+    from fedmed.learning.training import run_epoch
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.rand(4, 1, 32, 32, generator=g), (torch.rand(4, 14, generator=g) > 0.8).float())

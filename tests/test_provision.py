@@ -10,8 +10,8 @@ import tenseal as ts
 
 from fedmed.cli.federation import Federation
 from fedmed.cli.install_kit import install, merge_resources
-from fedmed.crypto.keys import make_key_set
 from fedmed.paths import CHECKOUT as REPO
+from fedmed.security.he_keys import make_key_set
 
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]
 
@@ -165,7 +165,7 @@ def test_installed_kits_allow_fedmed_keep_state_out_of_tmp_and_carry_site_polici
 def test_install_makes_each_sites_signing_keys_and_the_federation_exchanges_them(provisioned):
     import stat
 
-    from fedmed import signing
+    from fedmed.security import signing
 
     server_local = provisioned.kit("server") / "local"
     server_pub = signing.load_public_keys(server_local / signing.PUBLIC_FILE)
@@ -219,7 +219,7 @@ def test_resource_overrides_extend_the_allow_list_and_replace_components_by_id(t
 
 @pytest.mark.parametrize("site", HOSPITALS)
 def test_shipped_hospital_configs_carry_a_dp_policy_and_the_no_dp_scope_says_what_it_is_for(site):
-    from fedmed.site_config import load_site_config
+    from fedmed.site.site_config import load_site_config
 
     cfg = load_site_config(REPO / "site_configs" / site / "fedmed_site.json")
     assert cfg.privacy is not None and cfg.privacy.lifetime_epsilon is not None and not cfg.synthetic_rehearsal
@@ -437,7 +437,7 @@ def test_added_hospital_gets_a_kit_of_the_same_root_ca_and_no_other_kit_file_cha
     # Last of the module's users of `provisioned`: hospital-d stays in its state.
     from cryptography import x509
 
-    from fedmed import signing
+    from fedmed.security import signing
 
     files = _hospital_files(tmp_path / "files", "hospital-d", tmp_path / "data")
     kits = provisioned.kit("server").parent

@@ -4,7 +4,7 @@ exit 2, a misspelt SQLite path creates nothing, and a run is named the one way e
 import pytest
 
 from fedmed.cli import audit_verify, report, rounds_table
-from fedmed.resume import ResumeRefused, match_prefix, resolve_run_uid
+from fedmed.server.resume import ResumeRefused, match_prefix, resolve_run_uid
 from fedmed.store.repository import Repository, RoundRecord, UpdateRecord
 
 UIDS = ("0123abcd", "0199ffff", "7fed0000")

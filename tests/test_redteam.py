@@ -1,11 +1,11 @@
 """The red-team suite on tiny hospitals: each attack one hostile hospital can make is a test, played through the
-round engine (fedmed.inprocess) and recorded in a real SQLite database, as scripts/redteam.py does at full size.
+round engine (fedmed.sim.inprocess) and recorded in a real SQLite database, as scripts/redteam.py does at full size.
 The AUROC comparison needs the full-size run (docs/redteam.md); here each test checks what the server did and what
 the database holds."""
 
 import pytest
 
-from fedmed import redteam
+from fedmed.sim import redteam
 
 ROWS = {r.attack.kind: r for r in redteam.ROWS if r.colluders == 1 and not r.attack.omniscient}
 COLLUSION_ROWS = {r.name: r for r in redteam.COLLUSION_ROWS}

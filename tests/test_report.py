@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedmed.report import FIGURES, write_report
+from fedmed.display.report import FIGURES, write_report
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, UpdateRecord
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
@@ -79,7 +79,7 @@ def _row(n, score, source, name="accuracy", auroc=None, loss=None):
 def test_the_score_is_named_for_what_it_is_and_no_axis_is_empty():
     """Without a server test set the score is the sites' weighted validation score, not a test score, and there is
     no test-loss axis to leave empty; with one, the test loss gets its axis."""
-    from fedmed.report import score_figure
+    from fedmed.display.report import score_figure
 
     fig = score_figure([_row(1, 0.5, "site_validation", auroc=0.7), _row(2, 0.6, "site_validation", auroc=0.8)])
     (ax,) = fig.axes  # no second (loss) axis
@@ -100,7 +100,7 @@ def test_sites_with_identical_values_stay_distinguishable():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedmed.report import site_lines
+    from fedmed.display.report import site_lines
 
     rows = [
         {"round": r, "site": s, "trust": 1.0} for r in (1, 2, 3) for s in ("hospital-a", "hospital-b", "hospital-c")

@@ -1,4 +1,4 @@
-"""Resuming a run (fedmed.resume): the plan from the record, the model file found by its recorded sha256 (a
+"""Resuming a run (fedmed.server.resume): the plan from the record, the model file found by its recorded sha256 (a
 tampered or foreign file refused), the resumption in the audited record, and fedmed-submit's refusals."""
 
 import dataclasses
@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from fedmed.hashing import model_sha256
-from fedmed.jobconfig import JobConfig
-from fedmed.resume import (
+from fedmed.job.jobconfig import JobConfig
+from fedmed.models.hashing import model_sha256
+from fedmed.models.weights import load_state, save_state
+from fedmed.server.resume import (
     EvaluationRefused,
     ResumeRefused,
     find_model_file,
@@ -22,7 +23,6 @@ from fedmed.resume import (
     stale_round_files,
 )
 from fedmed.store.repository import Repository, RoundRecord, RunHistory, UpdateRecord
-from fedmed.weights import load_state, save_state
 
 UID = "0123456789abcdef0123456789abcdef"
 CONFIG = {
@@ -291,8 +291,8 @@ def test_fedmed_submit_refuses_a_resumption_before_submitting_anything(tmp_path)
 
 def test_the_options_a_resumption_keeps_are_job_settings():
     # fedmed-submit and the server compare these by name in the job's settings (JobConfig.to_dict()).
-    from fedmed.jobconfig import JobConfig
-    from fedmed.resume import FIXED_OPTIONS
+    from fedmed.job.jobconfig import JobConfig
+    from fedmed.server.resume import FIXED_OPTIONS
 
     assert set(FIXED_OPTIONS) <= set(JobConfig(name="j", task="chest_xray14").to_dict())
 
@@ -385,7 +385,7 @@ def test_the_simulators_evaluation_of_a_recorded_run_checks_its_model_file_befor
     """What job.py checks before a simulation that scores a recorded run's model: the server's own rule (the record
     names the model, the kept file must hash to it); each refusal one line, nothing written."""
     from fedmed.flare.fedjob import check_simulation_evaluation
-    from fedmed.jobconfig import JobConfig
+    from fedmed.job.jobconfig import JobConfig
 
     url, models, entries = _recorded_simulation(tmp_path)
     config = JobConfig(name="cxr_densenet", task="chest_xray14", models_dir=str(tmp_path / "fedmed_runs"))

@@ -5,10 +5,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedmed.aggregation import AGGREGATORS, distance, get_aggregator
-from fedmed.robust.baselines import coordinate_median, krum, trimmed_mean
-from fedmed.robust.geometric_median import geometric_median
-from fedmed.robust.trust import SiteTrust, TrustPolicy, round_scores, update_trust
+from fedmed.server.aggregation import AGGREGATORS, distance, get_aggregator
+from fedmed.server.robust.baselines import coordinate_median, krum, trimmed_mean
+from fedmed.server.robust.geometric_median import geometric_median
+from fedmed.server.robust.trust import SiteTrust, TrustPolicy, round_scores, update_trust
 
 
 def _upd(vec, bn=(0.0, 1.0, 5)):
@@ -203,7 +203,7 @@ def test_two_updates_fall_back_to_the_weighted_mean():
 
 
 def test_far_outlier_is_left_out_of_the_round_it_turns_hostile():
-    from fedmed.aggregation import aggregate_and_score
+    from fedmed.server.aggregation import aggregate_and_score
 
     ups = {
         "a": _upd(np.full(6, 1.0)),
@@ -224,7 +224,7 @@ def test_far_outlier_is_left_out_of_the_round_it_turns_hostile():
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 16, 17])  # the sorting network up to 16 rows, np.median beyond
 def test_the_judging_reference_median_equals_numpys(k):
-    from fedmed.robust.collusion import _median_rows, coordinate_median_reference
+    from fedmed.server.robust.collusion import _median_rows, coordinate_median_reference
 
     rng = np.random.default_rng(k)
     rows = rng.standard_normal((k, 300)).astype(np.float32)

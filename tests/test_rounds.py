@@ -1,11 +1,11 @@
-"""Every round rule of fedmed.rounds.RoundEngine, without a simulator: screening, capped counts, robust BatchNorm
+"""Every round rule of fedmed.server.rounds.RoundEngine, without a simulator: screening, capped counts, robust BatchNorm
 statistics, replay and duplicates, trust and quarantine, encrypted blocks (real TenSEAL), and the record."""
 
 import numpy as np
 import pytest
 
-from fedmed.robust.trust import SiteTrust, TrustPolicy
-from fedmed.rounds import RoundEngine, RoundRules, SiteResult, check_encryption_compatible
+from fedmed.server.robust.trust import SiteTrust, TrustPolicy
+from fedmed.server.rounds import RoundEngine, RoundRules, SiteResult, check_encryption_compatible
 
 GLOBAL = {
     "w": np.zeros(8, np.float32),
@@ -202,7 +202,7 @@ def test_fedavg_keeps_the_weighted_mean_of_statistics_but_caps_counts():
 
 @pytest.fixture(scope="module")
 def he():
-    from fedmed.crypto import ckks
+    from fedmed.security import ckks
 
     keys = ckks.generate_key_set()
     client = ckks.LoadedContext(ckks.ts.context_from(keys.client_context), keys.key_id, None)
@@ -211,7 +211,7 @@ def he():
 
 
 def he_site(name, head_value, client, seed, scale=None):
-    from fedmed.crypto import ckks
+    from fedmed.security import ckks
 
     p = upd(0.1, seed=seed)  # an honest clear part: only the encrypted head differs between sites
     head = {"head": np.full(5, head_value, np.float32)}
@@ -223,7 +223,7 @@ def he_site(name, head_value, client, seed, scale=None):
 
 
 def he_engine(server, aggregation="geometric_median"):
-    from fedmed.rounds import EncryptionSpec
+    from fedmed.server.rounds import EncryptionSpec
 
     return RoundEngine(
         RoundRules(aggregation=aggregation, min_clients=2), EncryptionSpec(server, ("head",), {"head": (5,)})
@@ -231,7 +231,7 @@ def he_engine(server, aggregation="geometric_median"):
 
 
 def test_encrypted_block_at_another_scale_is_rejected_and_the_round_goes_on(he):
-    from fedmed.crypto import ckks
+    from fedmed.security import ckks
 
     client, server = he
     sites = [he_site(f"h{i}", 1.0, client, i) for i in range(3)] + [he_site("evil", 1.0, client, 9, scale=2**30)]
@@ -243,7 +243,7 @@ def test_encrypted_block_at_another_scale_is_rejected_and_the_round_goes_on(he):
 
 
 def test_rescaled_ciphertext_is_rejected(he):
-    from fedmed.crypto import ckks
+    from fedmed.security import ckks
 
     client, server = he
     block = ckks.encrypt_layers({"head": np.ones(5)}, client)
@@ -254,7 +254,7 @@ def test_rescaled_ciphertext_is_rejected(he):
 
 
 def test_guarded_sum_leaves_out_a_block_that_fails_and_keeps_the_rest(he):
-    from fedmed.crypto import ckks
+    from fedmed.security import ckks
 
     client, server = he
     good = [ckks.encrypt_layers({"head": np.full(5, float(i))}, client) for i in (1, 3)]
@@ -269,7 +269,7 @@ def test_guarded_sum_leaves_out_a_block_that_fails_and_keeps_the_rest(he):
 
 
 def test_hospitals_refuse_a_global_head_one_site_scaled(he):
-    from fedmed.crypto import ckks
+    from fedmed.security import ckks
 
     client, server = he
     sites = [he_site(f"h{i}", 0.1, client, i) for i in range(3)]
@@ -323,9 +323,9 @@ def test_capped_counts_and_trust_reach_the_database_and_come_back_for_the_next_j
 def test_unsigned_forged_and_wrong_site_updates_are_rejected_and_the_signature_is_recorded(tmp_path):
     from nvflare.app_common.abstract.fl_model import FLModel
 
-    from fedmed import signing
     from fedmed.flare import signatures as wire_sig
     from fedmed.flare.wire import to_site_result
+    from fedmed.security import signing
 
     keys = {s: signing.load_site_keys(_keys(tmp_path, s)) for s in ("h0", "h1", "h2", "evil")}
     public = {s: k.public for s, k in keys.items() if s != "evil"}  # evil's key was never installed at the server
@@ -363,7 +363,7 @@ def test_unsigned_forged_and_wrong_site_updates_are_rejected_and_the_signature_i
 
 
 def _keys(tmp_path, site):
-    from fedmed import signing
+    from fedmed.security import signing
 
     local = tmp_path / site
     signing.generate_site_keys(local, site)
@@ -445,7 +445,7 @@ def test_the_direction_rule_can_be_turned_off_and_skips_layers_the_server_cannot
 
 
 def test_head_cosine_scores_between_the_bounds():
-    from fedmed.robust.trust import round_scores
+    from fedmed.server.robust.trust import round_scores
 
     policy = TrustPolicy()
     scores = round_scores({"a": 1.0, "b": 1.0, "c": 1.0}, policy, {"a": 0.2, "b": -0.25, "c": -0.7})
@@ -483,7 +483,7 @@ def honest_big(i, round_num=0):
 def colluders(kind, factor, honest_params, noise=0.0, round_num=0):
     """Two colluders sending the crafted common point, each with its own BatchNorm statistics (what the issue's
     red team did) and, with noise, its own small per-round perturbation (norm `noise` x an honest update's)."""
-    from fedmed.robust.attacks import Attack, craft_colluding
+    from fedmed.sim.attacks import Attack, craft_colluding
 
     point = craft_colluding(honest_params, BIG_GLOBAL, Attack(kind, factor), 2)
     out = []
@@ -574,7 +574,7 @@ def test_colluders_that_add_noise_each_round_are_found_from_their_summed_moves()
 
 
 def test_the_judging_reference_stays_in_the_honest_range_whatever_two_of_five_send():
-    from fedmed.robust.collusion import coordinate_median_reference
+    from fedmed.server.robust.collusion import coordinate_median_reference
 
     rng = np.random.default_rng(0)
     honest_ups = [{"w": rng.standard_normal(50)} for _ in range(3)]
@@ -628,7 +628,7 @@ def test_a_round_whose_rules_would_turn_on_half_of_the_sites_is_not_committed():
 
 def one_central_attacker_round(eng, round_num):
     """Four honest hospitals and one omniscient ALIE site (z=1): inside the honest cloud, near its centre."""
-    from fedmed.robust.attacks import Attack, craft_colluding
+    from fedmed.sim.attacks import Attack, craft_colluding
 
     hon = [honest_big(i, round_num) for i in range(4)]
     evil = {**hon[0], **craft_colluding(hon, BIG_GLOBAL, Attack("alie", 1.0), 1)}
@@ -660,7 +660,7 @@ def test_centred_clipping_on_honest_sites_stays_near_the_geometric_median():
 
 
 def test_centred_clipping_is_refused_with_he():
-    from fedmed.rounds import EncryptionSpec
+    from fedmed.server.rounds import EncryptionSpec
 
     with pytest.raises(ValueError, match="centred_clipping cannot be used with HE"):
         RoundEngine(RoundRules(min_clients=2, centred_clipping=True), EncryptionSpec(None, (), {}))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmed import signing
-from fedmed.signing import SignatureError
+from fedmed.security import signing
+from fedmed.security.signing import SignatureError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "signing_keys.py"
 

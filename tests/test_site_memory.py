@@ -40,8 +40,8 @@ def test_every_site_of_the_exported_job_has_the_release(tmp_path):
 
 
 def test_the_simulator_shares_the_cores_among_the_sites_it_trains_at_once(monkeypatch, tmp_path):
-    from fedmed import parallel
     from fedmed.flare import fedjob
+    from fedmed.server import parallel
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""One site round (fedmed.site_round): the Executor and the in-process federation run the same function, and a site
+"""One site round (fedmed.site.site_round): the Executor and the in-process federation run the same function, and a site
 refuses a global model that is not fresher than the last one it accepted."""
 
 import numpy as np
@@ -7,14 +7,14 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from conftest import over_the_wire
-from fedmed import constants as C
-from fedmed import site_round
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.flare.wire import to_site_result
-from fedmed.inprocess import FederationPlan, federate
-from fedmed.site_config import DataConfig
-from fedmed.site_round import GlobalModelRejected, Site, check_fresh
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.job import constants as C
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.sim.inprocess import FederationPlan, federate
+from fedmed.site import site_round
+from fedmed.site.site_config import DataConfig
+from fedmed.site.site_round import GlobalModelRejected, Site, check_fresh
 from test_executor_signing import _signing_trainer
 
 
@@ -62,7 +62,7 @@ def test_a_replayed_server_signed_global_model_is_refused_and_the_reason_reaches
 def test_the_executor_and_the_in_process_federation_run_the_same_site_round(
     tiny_hospitals, tmp_path, signing_keys, monkeypatch
 ):
-    """Both reach fedmed.site_round.run_round, and from the same global model, data, seed and settings they release
+    """Both reach fedmed.site.site_round.run_round, and from the same global model, data, seed and settings they release
     the same weights: no second copy of the site's round is left to diverge."""
     calls = []
     real = site_round.run_round
@@ -97,7 +97,7 @@ def test_the_executor_and_the_in_process_federation_run_the_same_site_round(
 
 
 def _site_and_model(tiny_hospitals):
-    from fedmed.model import build_densenet121, state_to_numpy
+    from fedmed.models.network import build_densenet121, state_to_numpy
 
     train, val = load_train_val(
         DataConfig("dicom", tiny_hospitals / "hospital-a" / "dicom", tiny_hospitals / "hospital-a" / "labels.csv"),

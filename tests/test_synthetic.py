@@ -4,7 +4,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from fedmed.constants import CXR14_FINDINGS
 from fedmed.data.synthetic import (
     CXR14_PREVALENCE,
     DEFAULT_HOSPITALS,
@@ -16,6 +15,7 @@ from fedmed.data.synthetic import (
     sample_labels,
     site_prevalences,
 )
+from fedmed.job.constants import CXR14_FINDINGS
 
 
 def _digest(root):

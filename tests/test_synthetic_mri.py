@@ -7,7 +7,7 @@ from pydicom.uid import MRImageStorage
 
 from fedmed.data.dicom import read_dicom_image
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY, BRAIN_PRIOR, render_brain
-from fedmed.tasks import BRAIN_CLASSES, BRAIN_MRI
+from fedmed.job.tasks import BRAIN_CLASSES, BRAIN_MRI
 
 NO_TUMOUR = BRAIN_CLASSES.index("no_tumour")
 SIZE = 128

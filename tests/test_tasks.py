@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed import constants as C
 from fedmed.data.labels import load_dicom_site, read_site_label_csv
 from fedmed.data.loading import load_test, load_train_val
-from fedmed.metrics import multiclass_scores
-from fedmed.model import build_densenet121, state_to_numpy
-from fedmed.site_config import DataConfig
-from fedmed.tasks import BRAIN_CLASSES, BRAIN_MRI, CHEST_XRAY14, TaskSpec, get_task
-from fedmed.training import LocalTraining, evaluate, train_epochs
+from fedmed.job import constants as C
+from fedmed.job.tasks import BRAIN_CLASSES, BRAIN_MRI, CHEST_XRAY14, TaskSpec, get_task
+from fedmed.learning.metrics import multiclass_scores
+from fedmed.learning.training import LocalTraining, evaluate, train_epochs
+from fedmed.models.network import build_densenet121, state_to_numpy
+from fedmed.site.site_config import DataConfig
 
 
 def _one_hot(indices, k):
@@ -149,7 +149,7 @@ def test_controller_scores_rounds_by_the_tasks_metric(task_data):
     test_ds = load_test(root / "global_test" / "dicom", root / "global_test" / "labels.csv", 32, task)
     torch.manual_seed(0)
     model = build_densenet121(task.num_outputs)
-    from fedmed.rounds import RoundReport, SiteResult
+    from fedmed.server.rounds import RoundReport, SiteResult
 
     def scored(report, sites, test_ds):
         s = RoundScorer(task, 32, model, test_ds).score(report, sites)
@@ -188,7 +188,7 @@ def test_the_core_has_no_default_task():
     from fedmed.data.loading import load_test
     from fedmed.flare.controller import FedMedController
     from fedmed.flare.executor import FedMedTrainer
-    from fedmed.jobconfig import JobConfig
+    from fedmed.job.jobconfig import JobConfig
 
     for component in (FedMedController, FedMedTrainer):
         with pytest.raises(ValueError, match=r"lacks \['task'\]"):

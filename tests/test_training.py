@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from fedmed.data.loading import load_train_val
-from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import LocalTraining, TrainingAborted, evaluate, train_epochs
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.learning.training import LocalTraining, TrainingAborted, evaluate, train_epochs
+from fedmed.models.network import build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.site.site_config import DataConfig
 
 
 @pytest.fixture(scope="module")

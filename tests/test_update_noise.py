@@ -7,8 +7,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from fedmed import constants as C
 from fedmed.flare.filters import UpdateNoiseFilter
+from fedmed.job import constants as C
 from fedmed.privacy.ledger import LedgerBinding, PrivacyLedger
 from fedmed.privacy.update_noise import clip_and_noise_update
 
@@ -192,12 +192,12 @@ def test_batchnorm_statistics_are_not_released_but_the_global_models_sent_back(r
 
 
 def test_the_filter_re_reports_the_ledger_head_with_its_charge_and_signs_it(rng, tmp_path, signing_keys):
-    """fedmed.anchors: the head the site's update vouches for includes the filter's own charge, inside the signature
+    """fedmed.server.anchors: the head the site's update vouches for includes the filter's own charge, inside the signature
     the filter makes for what leaves."""
-    from fedmed import signing
     from fedmed.flare.signatures import sign_result, verify_result
-    from fedmed.site_round import Site, vouch
-    from fedmed.tasks import CHEST_XRAY14
+    from fedmed.job.tasks import CHEST_XRAY14
+    from fedmed.security import signing
+    from fedmed.site.site_round import Site, vouch
 
     ref = _model(rng)
     binding = _binding(tmp_path)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from fedmed.wire_checks import find_metrics_problem
+from fedmed.server.wire_checks import find_metrics_problem
 
 
 def test_the_executors_metrics_pass():

@@ -8,11 +8,11 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils import fobs
 
 from conftest import over_the_wire
-from fedmed import constants as C
-from fedmed import signing
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare.filters import UpdateNoiseFilter
-from fedmed.signing import SignatureError
+from fedmed.job import constants as C
+from fedmed.security import signing
+from fedmed.security.signing import SignatureError
 
 
 def _update():

@@ -16,7 +16,7 @@ import sys
 
 from fedmed.flare.fedjob import build_job as build_fedmed_job
 from fedmed.flare.fedjob import job_main
-from fedmed.jobconfig import JobConfig
+from fedmed.job.jobconfig import JobConfig
 from fedmed.paths import RUNS
 
 # Tumours are large signs: 96 px keeps them visible and the simulated run to a few minutes on a 2-core CPU.

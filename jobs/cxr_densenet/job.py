@@ -16,7 +16,7 @@ import sys
 
 from fedmed.flare.fedjob import build_job as build_fedmed_job
 from fedmed.flare.fedjob import job_main
-from fedmed.jobconfig import JobConfig
+from fedmed.job.jobconfig import JobConfig
 from fedmed.paths import RUNS
 
 # This job's settings; every option of main() defaults to them (the rest are JobConfig's defaults).

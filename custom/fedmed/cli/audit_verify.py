@@ -36,8 +36,8 @@ import os
 import sys
 from pathlib import Path
 
-from fedmed import signing
-from fedmed.constants import ENV_DB_URL
+from fedmed.job.constants import ENV_DB_URL
+from fedmed.security import signing
 from fedmed.store.audit import RecordTampered
 from fedmed.store.repository import Repository
 from fedmed.store.urls import DatabaseUrlError, check_reader_url

@@ -1,6 +1,6 @@
 """Benchmark: does federation pay? Each hospital alone, centralised training on the pooled data, FedAvg, the
 geometric median, and on the geometric median's robust aggregate FedAdam, FedYogi, FedProx and SCAFFOLD
-(fedmed.algorithms), all with the same total epochs, scored on one shared global test set (mean AUROC); the gap to
+(fedmed.learning.algorithms), all with the same total epochs, scored on one shared global test set (mean AUROC); the gap to
 centralised at equal epochs and at equal wall time. Writes <out>.md, <out>.json and <out>.png.
 
     python scripts/bench_learning.py [--epochs 8] [--seeds 0,1,2] [--arms fedavg,gm-scaffold] [--out docs/bench_learning.md]
@@ -8,7 +8,7 @@ centralised at equal epochs and at equal wall time. Writes <out>.md, <out>.json 
 
 The hospitals are made hard on purpose, so that a hospital alone has something to miss (see --help): few images
 each, specialist label priors (each finding common at one hospital and rare at the others), fainter lesion signs,
-scanners further apart, and a fresh DenseNet-121 (no pretraining). Every arm runs through fedmed.inprocess.federate,
+scanners further apart, and a fresh DenseNet-121 (no pretraining). Every arm runs through fedmed.sim.inprocess.federate,
 so every arm has the same training loop: a round = one local epoch (Adam, fresh each round, cosine learning-rate
 decay over the epochs, the Executor's per-round seeds). "Alone" and "centralised" are one-site federations whose
 aggregate is that site's model; "centralised" is one site holding every hospital's training images.
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedmed.algorithms import FedAlgorithm, ServerOptimizer
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.data.synthetic import (
     DEFAULT_HOSPITALS,
@@ -41,18 +40,19 @@ from fedmed.data.synthetic import (
     shift_scanner,
     specialist_priors,
 )
-from fedmed.inprocess import FederationPlan, federate
-from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import evaluate
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.learning.algorithms import FedAlgorithm, ServerOptimizer
+from fedmed.learning.training import evaluate
+from fedmed.models.network import build_densenet121, load_numpy_state
+from fedmed.sim.inprocess import FederationPlan, federate
+from fedmed.site.site_config import DataConfig
 
 CENTRAL = "centralised"
 
 
 @dataclass(frozen=True)
 class Arm:
-    """A federated arm: the round's aggregation and the algorithm on top of it (fedmed.algorithms)."""
+    """A federated arm: the round's aggregation and the algorithm on top of it (fedmed.learning.algorithms)."""
 
     aggregation: str = "fedavg"
     algorithm: FedAlgorithm = field(default_factory=FedAlgorithm)
@@ -533,10 +533,10 @@ def write_report(record: dict, out: Path) -> None:
         "the default hospitals (gamma, contrast, noise, blur; one hospital writes MONOCHROME1); few images; a fresh "
         "DenseNet-121 (BatchNorm, no pretraining).",
         f"- Same total epochs: every arm trains {st['epochs']} epochs over its data (the federations: {st['epochs']} "
-        "rounds of one local epoch); the same loop for all (fedmed.inprocess: Adam "
+        "rounds of one local epoch); the same loop for all (fedmed.sim.inprocess: Adam "
         f"lr {st['lr']} fresh each epoch, cosine decay over the epochs, batch {st['batch_size']}). FedAvg aggregates "
         "every valid update; the geometric median runs with the deployed trust rule.",
-        "- The algorithms (fedmed.algorithms), each on the geometric median's robust aggregate (gm-): FedAdam and "
+        "- The algorithms (fedmed.learning.algorithms), each on the geometric median's robust aggregate (gm-): FedAdam and "
         f"FedYogi at the server (server lr {st.get('server_lr', 0.01)}, beta1 0.9, beta2 0.99, tau 1e-3), FedProx at "
         f"the sites (mu {st.get('proximal_mu', 0.01)}), SCAFFOLD (control variates at the server and the sites).",
         f"- Seeds {','.join(map(str, seeds))}: the training seed (model start, shuffling, augmentation); the hospitals "

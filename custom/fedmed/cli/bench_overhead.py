@@ -34,8 +34,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fedmed.cli.bench_sim import command, environment, load_average, make_small_hospitals, median, run_probed
-from fedmed.jobconfig import JobConfig
-from fedmed.model import HEAD_PREFIX
+from fedmed.job.jobconfig import JobConfig
+from fedmed.models.network import HEAD_PREFIX
 
 SETUPS = ("fedavg", "fedmed", "he", "signatures")
 LABELS = {
@@ -228,7 +228,7 @@ def document(a, argv, results: dict, profile_text: str, load_start: str, seconds
         lines += [
             "",
             "cProfile of fedmed's server workflow thread (whole run, in that thread's CPU seconds, by cumulative "
-            "time; work it hands to fedmed.parallel's threads shows as waiting on them):",
+            "time; work it hands to fedmed.server.parallel's threads shows as waiting on them):",
             "",
             "```",
         ]

@@ -30,15 +30,15 @@ from fedmed.cli.bench_sites import load_train_sets, make_sites
 from fedmed.cli.pretrain_public import Pretraining, pretrain_on, pretraining_card
 from fedmed.data.loading import load_test, load_train_val
 from fedmed.data.synthetic import HospitalSpec, ScannerProfile, generate_hospitals
-from fedmed.inprocess import FederationPlan, federate
-from fedmed.model import build_densenet121, load_numpy_state, set_trainable
-from fedmed.model_card import META_MODEL_CARD
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.learning.training import LocalTraining, evaluate, train_epochs
+from fedmed.models.model_card import META_MODEL_CARD
+from fedmed.models.network import build_densenet121, load_numpy_state, set_trainable
+from fedmed.models.weights import save_state
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14
-from fedmed.training import LocalTraining, evaluate, train_epochs
-from fedmed.weights import save_state
+from fedmed.sim.inprocess import FederationPlan, federate
+from fedmed.site.site_config import DataConfig
 
 LEVELS = (("no DP", math.inf), ("weak", 8.0), ("moderate", 3.0), ("strong", 1.0), ("not a preset", 0.1))
 DEFAULT_DP_LAYERS = "features.denseblock4.,features.norm5.,class_layers."

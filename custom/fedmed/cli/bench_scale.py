@@ -18,7 +18,7 @@
    CPU-spinning processes beside it (0: none; the machine's own load is reported either way).
 3. Simulator, many rounds: --long-rounds rounds of a small job, the server process's RSS taken at the end of every
    round (fedmed.flare.probes); the slope of a straight line through it says whether the server grows. The
-   Controller returns the round's freed heap to the operating system at the end of each round (fedmed.heap);
+   Controller returns the round's freed heap to the operating system at the end of each round (fedmed.server.heap);
    FEDMED_TRIM_HEAP=0 in the environment turns that off, to measure the growth without it.
 """
 
@@ -41,7 +41,6 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from fedmed.aggregation import is_statistic
 from fedmed.cli.bench_sim import (
     command,
     environment,
@@ -52,9 +51,10 @@ from fedmed.cli.bench_sim import (
     run_probed,
 )
 from fedmed.cli.bench_threads import MODES_HEADER, THREAD_MODES, cpu_burners, modes_table, time_modes
-from fedmed.heap import ENV_TRIM_HEAP
-from fedmed.model import build_densenet121, state_to_numpy
-from fedmed.rounds import RoundEngine, RoundRules, SiteResult, finite_or_none
+from fedmed.models.network import build_densenet121, state_to_numpy
+from fedmed.server.aggregation import is_statistic
+from fedmed.server.heap import ENV_TRIM_HEAP
+from fedmed.server.rounds import RoundEngine, RoundRules, SiteResult, finite_or_none
 from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord
 
@@ -268,7 +268,7 @@ def simulate(data_root: Path, sites, rounds: int, work: Path, name: str, image_s
     """One fedmed job (the Controller measuring itself) in NVFlare's simulator: (rounds, wall seconds)."""
     from fedmed.flare.fedjob import build_job
     from fedmed.flare.probes import RoundProbes
-    from fedmed.jobconfig import JobConfig
+    from fedmed.job.jobconfig import JobConfig
 
     probe = work / f"{name}.probe.jsonl"
     probe.unlink(missing_ok=True)
@@ -500,7 +500,7 @@ def write_document(a, argv, measured: ScaleRun) -> list:
             + (
                 "with the Controller's end-of-round heap trim turned off (FEDMED_TRIM_HEAP=0)"
                 if os.environ.get(ENV_TRIM_HEAP, "").strip() == "0"
-                else "after the Controller's end-of-round heap trim (fedmed.heap: a garbage collection, then "
+                else "after the Controller's end-of-round heap trim (fedmed.server.heap: a garbage collection, then "
                 "glibc's malloc_trim)"
             )
             + ":",
@@ -523,7 +523,7 @@ def thread_lines(a, threads) -> list:
         f"## Thread settings: one step of {max(a.sites)} sites, {a.burn} CPU burner(s) beside it",
         "",
         f"Load average when the timing started: {start}; at its end: {end}. The settings are interleaved in one "
-        "process (fedmed.cli.bench_threads); compare ratios, not seconds. `default` = fedmed.parallel's choice "
+        "process (fedmed.cli.bench_threads); compare ratios, not seconds. `default` = fedmed.server.parallel's choice "
         "(server threads x BLAS threads <= cores); `one-thread` = BLAS limited to one thread (what "
         "OMP_NUM_THREADS=1 gave); `oversubscribed` = every server thread with a full BLAS pool (before issue 30).",
         "",

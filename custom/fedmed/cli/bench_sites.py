@@ -9,9 +9,9 @@ from tqdm import tqdm
 
 from fedmed.data.loading import load_train_val
 from fedmed.data.synthetic import DEFAULT_HOSPITALS, HospitalSpec, generate_hospitals
+from fedmed.job.tasks import CHEST_XRAY14
 from fedmed.paths import RUNS
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14
+from fedmed.site.site_config import DataConfig
 
 
 def make_sites(root: Path, n_sites: int, per_site: int, seed: int, num_test: int = 200) -> list[str]:
@@ -40,9 +40,9 @@ def measure_training(images: int, image_size: int, seed: int) -> tuple[float, di
 
     import torch
 
-    from fedmed.model import build_densenet121, state_to_numpy
-    from fedmed.site_config import DataConfig
-    from fedmed.training import LocalTraining, train_epochs
+    from fedmed.learning.training import LocalTraining, train_epochs
+    from fedmed.models.network import build_densenet121, state_to_numpy
+    from fedmed.site.site_config import DataConfig
 
     root = RUNS / "bench_he" / f"site_{images}"
     spec = replace(DEFAULT_HOSPITALS[0], num_images=images)

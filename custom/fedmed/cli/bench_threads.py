@@ -1,7 +1,7 @@
 """Thread settings the benchmarks compare (bench_aggregation, bench_scale), and a CPU burner to load the machine.
 
 Modes, each applied around one timed call in this process (interleaved, so all see the same machine load):
-  default         fedmed.parallel's choice: P server threads x cores // P BLAS threads
+  default         fedmed.server.parallel's choice: P server threads x cores // P BLAS threads
   one-thread      BLAS limited to one thread for the whole call (what OMP_NUM_THREADS=1 gave), server threads kept
   oversubscribed  P server threads x a full BLAS pool each (FEDMED_BLAS_THREADS = cores): the behaviour before
                   issue 30, kept to show what the default avoids
@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-from fedmed.parallel import ENV_BLAS_THREADS, available_cores, limited_blas
+from fedmed.server.parallel import ENV_BLAS_THREADS, available_cores, limited_blas
 
 THREAD_MODES = ("default", "one-thread", "oversubscribed")
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fedmed.inference.bundle import export_bundle
-from fedmed.tasks import TASKS
+from fedmed.job.tasks import TASKS
 
 
 def main(argv=None) -> int:

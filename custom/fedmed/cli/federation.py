@@ -109,7 +109,7 @@ class Federation:
     def db_url(self) -> str | None:
         """The server's FEDMED_DB_URL as installed in its kit (local/fedmed.env)."""
         from fedmed.cli.install_kit import read_env
-        from fedmed.constants import ENV_DB_URL
+        from fedmed.job.constants import ENV_DB_URL
 
         return read_env(self.kit(SERVER) / "local" / "fedmed.env").get(ENV_DB_URL)
 
@@ -246,7 +246,7 @@ class Federation:
         if name in taken or name.lower() in {t.lower() for t in taken}:
             raise FileExistsError(f"{name!r} already exists in this federation (participants: {sorted(taken)})")
         server_kit = self.kit(SERVER)
-        from fedmed import signing
+        from fedmed.security import signing
 
         if signing.site_key_path(server_kit / "local", name).exists():
             raise FileExistsError(
@@ -263,7 +263,7 @@ class Federation:
         client_ctx = None
         server_ctx = server_kit / "startup" / "server_context.tenseal"
         if server_ctx.is_file():  # the federation runs HE: the newcomer needs the hospitals' key set
-            from fedmed.crypto.keys import load_client_context, load_server_context
+            from fedmed.security.he_keys import load_client_context, load_server_context
 
             folder = he_keys or state.get("he_keys")
             if not folder:

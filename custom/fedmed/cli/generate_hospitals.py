@@ -28,7 +28,7 @@ from fedmed.data.synthetic import (
     specialist_priors,
 )
 from fedmed.data.synthetic_mri import BRAIN_MRI_FAMILY
-from fedmed.tasks import CHEST_XRAY14, TASKS
+from fedmed.job.tasks import CHEST_XRAY14, TASKS
 
 
 def write_site_config(site_dir: Path, site: str, num_threads: int) -> Path:

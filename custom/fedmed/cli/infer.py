@@ -36,7 +36,7 @@ from tqdm import tqdm
 from fedmed.inference.pseudonym import ENV_PSEUDONYM_KEY, load_pseudonym_key
 from fedmed.inference.record import ENV_RECORD_DIR
 from fedmed.inference.run import RESULTS_CSV, SUMMARY_JSON, InferenceOptions, run_inference
-from fedmed.tasks import TASKS
+from fedmed.job.tasks import TASKS
 
 
 def main(argv=None) -> int:

@@ -41,11 +41,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedmed import signing
-from fedmed.constants import ENV_DB_URL, ENV_SITE_CONFIG
-from fedmed.crypto.keys import install_client_context, install_server_context  # noqa: E402
+from fedmed.job.constants import ENV_DB_URL, ENV_SITE_CONFIG
 from fedmed.paths import SITE_CONFIGS
-from fedmed.site_config import load_site_config
+from fedmed.security import signing
+from fedmed.security.he_keys import install_client_context, install_server_context  # noqa: E402
+from fedmed.site.site_config import load_site_config
 from fedmed.store import audit
 from fedmed.store.urls import default_db_url
 

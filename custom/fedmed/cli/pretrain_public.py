@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from fedmed.data.loading import load_items, load_train_val
-from fedmed.model import NORMS, build_densenet121, state_to_numpy
-from fedmed.model_card import META_MODEL_CARD, ModelCard, data_is_synthetic
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14, TASKS, get_task
-from fedmed.training import LocalTraining, evaluate, round_lr, train_epochs
-from fedmed.weights import save_state
+from fedmed.job.tasks import CHEST_XRAY14, TASKS, get_task
+from fedmed.learning.training import LocalTraining, evaluate, round_lr, train_epochs
+from fedmed.models.model_card import META_MODEL_CARD, ModelCard, data_is_synthetic
+from fedmed.models.network import NORMS, build_densenet121, state_to_numpy
+from fedmed.models.weights import save_state
+from fedmed.site.site_config import DataConfig
 
 
 def pretraining_card(task: str, source: str, synthetic, rounds: int = 1) -> ModelCard:

@@ -1,5 +1,5 @@
 """What every read-only command does first: check the database URL, open it without ever creating it, and name the
-run the admin means the one way every command takes it (fedmed.resume.find_run_uid: run number, uid or unique
+run the admin means the one way every command takes it (fedmed.server.resume.find_run_uid: run number, uid or unique
 prefix)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Optional
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedmed.resume import find_run_uid
+from fedmed.server.resume import find_run_uid
 from fedmed.store.repository import Repository
 from fedmed.store.urls import check_reader_url, no_create_url
 

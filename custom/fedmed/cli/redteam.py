@@ -1,10 +1,10 @@
 """Red team: every attack one hostile hospital can make, and the published colluding attacks by one or two
-hospitals (fedmed.redteam.COLLUSION_ROWS), played through fedmed's round engine in-process.
+hospitals (fedmed.sim.redteam.COLLUSION_ROWS), played through fedmed's round engine in-process.
 
     fedmed-redteam [--rounds 3] [--per-site 100] [--image-size 64] [--out docs/redteam.md]
 
 Writes one row per attack (what the server did, what the database holds, final AUROC against the honest sites
-alone) to --out, and exits 1 if any attack was not held. The logic is fedmed.redteam; this is its command line.
+alone) to --out, and exits 1 if any attack was not held. The logic is fedmed.sim.redteam; this is its command line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fedmed import redteam
+from fedmed.sim import redteam
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from fedmed.cli.reading import ReadError, open_reader, pick_run
-from fedmed.constants import ENV_DB_URL
-from fedmed.report import write_report
+from fedmed.display.report import write_report
+from fedmed.job.constants import ENV_DB_URL
 
 
 def main(argv=None) -> int:

@@ -17,9 +17,9 @@ import sys
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedmed.cli.reading import ReadError, open_reader, pick_run
-from fedmed.constants import ENV_DB_URL
+from fedmed.job.constants import ENV_DB_URL
+from fedmed.job.tasks import CHEST_XRAY14, get_task
 from fedmed.store.repository import Repository
-from fedmed.tasks import CHEST_XRAY14, get_task
 
 # Multi-class runs (task brain_mri) also record these global-test metrics per round; shown when present.
 MULTICLASS_COLUMNS = ("accuracy", "macro_f1")

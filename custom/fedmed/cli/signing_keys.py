@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Signing keys of the federation (ML-DSA-65 + Ed25519, see custom/fedmed/signing.py).
+"""Signing keys of the federation (ML-DSA-65 + Ed25519, see custom/fedmed/security/signing.py).
 
     fedmed-signing-keys generate KIT SITE           make KIT/local/fedmed_signing.{key,pub} (install does it)
     fedmed-signing-keys export KIT [--out FILE]      print (or write) the kit's public key bundle
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedmed import signing
+from fedmed.security import signing
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ Exit codes (docs/fl_admin.md#fedmed-submit-exit-codes):
   130  Ctrl-C, the job left running on the server
 
 --resume RUN (the run's number as fedmed-rounds prints it, its uid in the database, or a unique prefix) submits a
-job that continues that interrupted or failed run from its last recorded round (fedmed.resume): same run in the
+job that continues that interrupted or failed run from its last recorded round (fedmed.server.resume): same run in the
 database, rounds numbered on. With
 --db-url it is checked before anything is submitted (the run exists and is resumable, and the job's task,
 aggregation, HE layers, norm, image size and rounds are the run's); the server checks it again, with the model
@@ -109,7 +109,7 @@ try:
 except SystemExit as e:
     if e.code not in (0, None):
         raise
-from fedmed.jobconfig import JobConfig
+from fedmed.job.jobconfig import JobConfig
 defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
 with open(defaults_file, "w") as out:
     json.dump(defaults, out, default=str)
@@ -151,7 +151,7 @@ def _job_defaults(job_folder: Path) -> dict:
         return json.loads(saved.read_text())
     from dataclasses import MISSING, fields
 
-    from fedmed.jobconfig import JobConfig  # torch and MONAI
+    from fedmed.job.jobconfig import JobConfig  # torch and MONAI
 
     return {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
 
@@ -166,9 +166,9 @@ def exported_controller_args(job_folder: Path) -> dict:
 
 
 def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) -> tuple:
-    """(the full uid of `run`, decide(its RunHistory)) from the database; a refusal (fedmed.resume, for `purpose`)
+    """(the full uid of `run`, decide(its RunHistory)) from the database; a refusal (fedmed.server.resume, for `purpose`)
     becomes a SubmitError with its one line. Writes nothing."""
-    from fedmed.resume import PURPOSES, find_run_uid
+    from fedmed.server.resume import PURPOSES, find_run_uid
     from fedmed.store.repository import Repository
 
     try:
@@ -190,7 +190,7 @@ def check_resume(db_url: str | None, run: str, job_folder: Path) -> str:
     if not db_url:
         print(f"--resume {run}: no --db-url, so the server checks the resumption (its reason is printed if it refuses)")
         return run
-    from fedmed.resume import FIXED_OPTIONS, plan_resume
+    from fedmed.server.resume import FIXED_OPTIONS, plan_resume
 
     args = exported_controller_args(job_folder)
     uid, plan = _decide_in_record(
@@ -215,7 +215,7 @@ def check_evaluation(db_url: str | None, job_folder: Path) -> None:
     if not db_url:
         print(f"--cross-site-eval-only {run}: no --db-url, so the server checks the run and its model file")
         return
-    from fedmed.resume import pick_recorded_model
+    from fedmed.server.resume import pick_recorded_model
 
     which = args.get("cross_site_eval_model") or "final"
     uid, recorded = _decide_in_record(
@@ -228,7 +228,7 @@ def check_evaluation(db_url: str | None, job_folder: Path) -> None:
     )
 
 
-REFUSALS = ("resume: ", "cross-site evaluation: ")  # how the server's one-line refusals start (fedmed.resume)
+REFUSALS = ("resume: ", "cross-site evaluation: ")  # how the server's one-line refusals start (fedmed.server.resume)
 
 
 def refusal_in(result: Path | None) -> str | None:
@@ -333,7 +333,7 @@ class Causes:
         return f"{', '.join(sorted(sites))} {status} (from round {first}): {reason}{fix_for(reason)}"
 
 
-# The server's log lines for a site that did not count (fedmed.rounds' round log, "round N: ..." in the controller's
+# The server's log lines for a site that did not count (fedmed.server.rounds' round log, "round N: ..." in the controller's
 # log): what fedmed-submit reads from the downloaded result when it has no database to ask.
 _SITE_LOG = (
     (re.compile(r"round (\d+): (\S+) refused the round: (.*)$"), "refused"),
@@ -493,9 +493,9 @@ def _ask_abort(job_id: str) -> bool:
 
 
 def resolve_job_id(session, given: str) -> str:
-    """The server's job id that `given` is or uniquely starts (fedmed.resume.match_prefix, the rule every run and
+    """The server's job id that `given` is or uniquely starts (fedmed.server.resume.match_prefix, the rule every run and
     job identifier follows); SubmitError naming the ambiguity or the absence."""
-    from fedmed.resume import match_prefix
+    from fedmed.server.resume import match_prefix
 
     try:
         jobs = session.list_jobs(id_prefix=given.strip())
@@ -563,7 +563,7 @@ def cross_site_lines(cells: list) -> list[str]:
     """The cross-site table as the admin reads it: one line per hospital, its score of each model (or why none)."""
     if not cells:
         return []
-    from fedmed.crosssite import heatmap_matrix, model_label
+    from fedmed.server.crosssite import heatmap_matrix, model_label
 
     m = heatmap_matrix(cells)
     name = next((c["score_name"] for c in cells if c["score_name"]), "score")

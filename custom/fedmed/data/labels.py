@@ -1,7 +1,7 @@
 """Label sources a hospital may have: a per-site CSV keyed by SOPInstanceUID (our DICOM layout), NIH's ChestX-ray14
 layout (``images/*.png`` + ``Data_Entry_2017.csv``), or a generic manifest (``path,<label columns>``).
 
-Label columns follow the task (fedmed.tasks): one 0/1 column per finding for a multi-label task, one ``label``
+Label columns follow the task (fedmed.job.tasks): one 0/1 column per finding for a multi-label task, one ``label``
 column naming the class for a multi-class task."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from fedmed.constants import COL_PATH, COL_SOP_UID, COL_SPLIT, COL_STUDY_UID, CXR14_FINDINGS, NO_FINDING
+from fedmed.job.constants import COL_PATH, COL_SOP_UID, COL_SPLIT, COL_STUDY_UID, CXR14_FINDINGS, NO_FINDING
 from fedmed.data.dicom import UnusableDicomError, iter_dicom_files, read_header
-from fedmed.tasks import CHEST_XRAY14, COL_CLASS_LABEL, TaskSpec
+from fedmed.job.tasks import CHEST_XRAY14, COL_CLASS_LABEL, TaskSpec
 
 log = logging.getLogger(__name__)
 

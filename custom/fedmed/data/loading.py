@@ -7,8 +7,8 @@ from pathlib import Path
 from fedmed.data.dataset import RadiographDataset
 from fedmed.data.labels import LabelledImage, load_chestxray14, load_csv_manifest, load_dicom_site
 from fedmed.data.splitting import train_val_split
-from fedmed.site_config import DataConfig
-from fedmed.tasks import CHEST_XRAY14, TaskSpec
+from fedmed.site.site_config import DataConfig
+from fedmed.job.tasks import CHEST_XRAY14, TaskSpec
 
 
 def load_items(data: DataConfig, task: TaskSpec) -> list[LabelledImage]:

@@ -14,13 +14,13 @@ from fedmed.data.dataset import read_image
 from fedmed.data.dicom import UnusableDicomError, iter_dicom_files, read_header
 from fedmed.data.labels import read_site_label_csv
 from fedmed.data.loading import load_items
-from fedmed.site_config import SiteConfig
-from fedmed.tasks import TASKS, TaskSpec
+from fedmed.site.site_config import SiteConfig
+from fedmed.job.tasks import TASKS, TaskSpec
 
 
 @dataclass(frozen=True)
 class PreflightResult:
-    task: str  # the first task (fedmed.tasks.TASKS) whose labels this site's file carries
+    task: str  # the first task (fedmed.job.tasks.TASKS) whose labels this site's file carries
     labelled: int  # rows in the labels file (DICOM) or labelled images (other formats)
     image: Path  # the image that was read
     shape: tuple

@@ -27,7 +27,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ComputedRadiogra
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from scipy.ndimage import gaussian_filter
 
-from fedmed.constants import COL_SOP_UID, COL_SPLIT, COL_STUDY_UID, CXR14_FINDINGS
+from fedmed.job.constants import COL_SOP_UID, COL_SPLIT, COL_STUDY_UID, CXR14_FINDINGS
 
 # NIH ChestX-ray14 prevalences (fraction of images with the finding), from Data_Entry_2017.
 CXR14_PREVALENCE = {
@@ -379,7 +379,7 @@ class ImageFamily:
     """What differs between synthetic image families; sites, scanners, DICOM writing and splits are shared.
 
     Args:
-        name: the fedmed task these images serve (fedmed.tasks).
+        name: the fedmed task these images serve (fedmed.job.tasks).
         render: (label, rng, size) -> image in [0, 1], bright = dense (X-ray) or high signal (MR).
         label_columns: label CSV columns after SOPInstanceUID, StudyInstanceUID, split.
         label_cells: label -> the CSV cells of those columns.

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from fedmed.data.synthetic import HospitalSpec, ImageFamily, ScannerProfile, _ellipse, _soft
-from fedmed.tasks import BRAIN_CLASSES, COL_CLASS_LABEL
+from fedmed.job.tasks import BRAIN_CLASSES, COL_CLASS_LABEL
 
 # Class prior of the global population (the public brain-tumour MRI collections are roughly balanced).
 BRAIN_PRIOR = np.array([0.24, 0.24, 0.24, 0.28])

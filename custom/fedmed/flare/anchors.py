@@ -1,6 +1,6 @@
-"""The Controller's side of fedmed.anchors: the check's memory from the record, and the record's answer to a receipt.
+"""The Controller's side of fedmed.server.anchors: the check's memory from the record, and the record's answer to a receipt.
 
-The check itself is pure (fedmed.anchors.AnchorWatch); this module only reads the store for it.
+The check itself is pure (fedmed.server.anchors.AnchorWatch); this module only reads the store for it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedmed.anchors import AnchorWatch, from_record
+from fedmed.server.anchors import AnchorWatch, from_record
 from fedmed.store.repository import Repository
 
 

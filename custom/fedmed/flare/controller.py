@@ -1,9 +1,9 @@
 """NVFlare server workflow: rounds of send -> engine.step -> save -> record, read like NVFlare's FedAvg.
 
 Thin adapter composed of small parts: every rule of a round (screening, aggregation, trust, quarantine, encrypted
-combination) lives in fedmed.rounds.RoundEngine; the run's record in fedmed.flare.run_record.RunRecorder; the best
+combination) lives in fedmed.server.rounds.RoundEngine; the run's record in fedmed.flare.run_record.RunRecorder; the best
 model in fedmed.flare.best_model.BestModelKeeper; scoring in fedmed.flare.round_scoring; the model card in
-fedmed.model_card.ModelCardBuilder; FLModel conversion in fedmed.flare.wire. Cross-site evaluation is the next
+fedmed.models.model_card.ModelCardBuilder; FLModel conversion in fedmed.flare.wire. Cross-site evaluation is the next
 workflow of the job (fedmed.flare.crosssite_eval), handed what it needs when training finishes. NVFlare's
 AppEventType events (ROUND_STARTED, BEFORE_AGGREGATION, AFTER_AGGREGATION, ROUND_DONE, ...) let other components
 observe the rounds (the benchmarks' fedmed.flare.probes).
@@ -25,11 +25,6 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.security.logging import secure_format_exception
 
-from fedmed import constants as C
-from fedmed import signing
-from fedmed.anchors import AnchorWatch
-from fedmed.crosssite import quarantine_reasons
-from fedmed.crypto import ckks
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
@@ -41,17 +36,21 @@ from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.flare.round_scoring import RoundScore, RoundScorer, report_lines, round_line
 from fedmed.flare.run_record import RunRecorder
 from fedmed.flare.site_watch import SiteWatch
-from fedmed.hashing import model_sha256
-from fedmed.heap import release_round_memory
-from fedmed.jobconfig import JobConfig
-from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.model_card import META_MODEL_CARD, ModelCardBuilder, card_from_meta
-from fedmed.resume import EvaluationRefused, ResumeRefused
-from fedmed.rounds import EncryptionSpec, RoundEngine, RoundRules
+from fedmed.job import constants as C
+from fedmed.job.jobconfig import JobConfig
+from fedmed.job.tasks import get_task
+from fedmed.models.hashing import model_sha256
+from fedmed.models.model_card import META_MODEL_CARD, ModelCardBuilder, card_from_meta
+from fedmed.models.network import build_densenet121, load_numpy_state
+from fedmed.security import ckks, signing
+from fedmed.server.anchors import AnchorWatch
+from fedmed.server.crosssite import quarantine_reasons
+from fedmed.server.heap import release_round_memory
+from fedmed.server.resume import EvaluationRefused, ResumeRefused
+from fedmed.server.rounds import EncryptionSpec, RoundEngine, RoundRules
 from fedmed.store.audit import RecordRefused
 from fedmed.store.models import utcnow
 from fedmed.store.repository import AlertRecord
-from fedmed.tasks import get_task
 
 
 @dataclass
@@ -81,14 +80,14 @@ class FedMedController(ModelController):
         """Federated rounds with pluggable aggregation, global test evaluation, persistence and a DB record.
 
         Args:
-            job: the job's settings, fedmed.jobconfig.JobConfig.to_dict() (a JobConfig is taken too): every
+            job: the job's settings, fedmed.job.jobconfig.JobConfig.to_dict() (a JobConfig is taken too): every
                 setting's meaning and default is in JobConfig; checked here, so a bad job fails when it is built.
             test_dicom_root / test_labels_csv: the global test set evaluated each round on the server. Without it
                 the round's score is the sample-weighted mean of the sites' validation score (so too with HE: the
                 server cannot evaluate a model whose head it cannot read).
             he_context_file: the server's TenSEAL context (no secret key; refused if it has one). Default:
                 <startup kit>/startup/server_context.tenseal, written at provisioning.
-            signatures: require every update signed by its hospital and sign every global model (fedmed.signing).
+            signatures: require every update signed by its hospital and sign every global model (fedmed.security.signing).
                 A server kit whose local/site_keys/ holds hospitals' public keys (installed out of band, as
                 fedmed-federation does) requires them whatever the job says.
             persistor_id: component id of the FedMedModelPersistor.
@@ -114,7 +113,9 @@ class FedMedController(ModelController):
             scaffold=c.scaffold,
         )
         self._signer = None  # the server's signing keys, when signatures are on
-        self._anchors = AnchorWatch()  # the sites' ledger heads and receipts (fedmed.anchors), opened in _prepare
+        self._anchors = (
+            AnchorWatch()
+        )  # the sites' ledger heads and receipts (fedmed.server.anchors), opened in _prepare
         self._site_keys: dict = {}
         self._he_names: tuple = ()
         self._watch = SiteWatch()
@@ -221,10 +222,12 @@ class FedMedController(ModelController):
 
     def _record(self, run: _Run, record) -> None:
         self.event(C.EVENT_BEFORE_RECORD)
-        run.record.round(self._anchors.attach(record))  # with the sites' anchors and their alerts (fedmed.anchors)
+        run.record.round(
+            self._anchors.attach(record)
+        )  # with the sites' anchors and their alerts (fedmed.server.anchors)
         self.event(C.EVENT_AFTER_RECORD)
         # The round's buffers (updates, aggregate, saved model) back to the operating system: cycles and glibc
-        # keep them resident otherwise, and the server's RSS grew ~35 MB a round (fedmed.heap).
+        # keep them resident otherwise, and the server's RSS grew ~35 MB a round (fedmed.server.heap).
         release_round_memory()
         self.event(AppEventType.ROUND_DONE)
 
@@ -239,7 +242,7 @@ class FedMedController(ModelController):
             self.info(f"each update is also scored on {n} server test images (validation screening)")
         engine = RoundEngine(self._rules, encryption, trust=record.load_trust(), validate=validate)
         self._setup_signatures(record)
-        # Insider checks (fedmed.anchors): each site's ledger head extends what it reported; its receipts are held.
+        # Insider checks (fedmed.server.anchors): each site's ledger head extends what it reported; its receipts are held.
         self._anchors = open_watch(record.db_url, self._signer and self._signer.public, self.error)
         if self._rules.scaffold and self._signer is not None:
             raise RuntimeError(
@@ -333,7 +336,7 @@ class FedMedController(ModelController):
                 + f", min_clients is {self.config.required_clients}"
             )
         model.current_round, model.total_rounds, model.start_round = round_num, self.config.num_rounds, 0
-        if record.earlier_jobs:  # the sites' DP-SGD accountants continue the run's (fedmed.resume)
+        if record.earlier_jobs:  # the sites' DP-SGD accountants continue the run's (fedmed.server.resume)
             model.meta[C.META_RESUMED_JOBS] = list(record.earlier_jobs)
         if self._signer is not None:  # hospitals train only on a global model the server signed for this round
             if record.receipt is not None:  # each hospital keeps the record's head: an anchor the key holder lacks

@@ -1,5 +1,5 @@
 """Cross-site evaluation on the server: a workflow of its own, after the training workflow (as NVFlare's
-CrossSiteModelEval follows a training workflow in a job's workflow list); fedmed.crosssite holds the rules.
+CrossSiteModelEval follows a training workflow in a job's workflow list); fedmed.server.crosssite holds the rules.
 
 The training workflow (fedmed.flare.controller.FedMedController) hands this one what it needs, explicitly, as a
 CrossSiteRequest in a sticky FLContext property (C.CTX_CROSS_SITE): the model to score, the run's recorder (the
@@ -25,8 +25,15 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.security.logging import secure_format_exception
 
-from fedmed import constants as C
-from fedmed.crosssite import (
+from fedmed.flare import signatures as wire_sig
+from fedmed.flare import wire
+from fedmed.flare.site_watch import SiteWatch
+from fedmed.job import constants as C
+from fedmed.job.jobconfig import JobConfig
+from fedmed.job.tasks import get_task
+from fedmed.models.hashing import model_sha256
+from fedmed.models.network import build_densenet121, load_numpy_state
+from fedmed.server.crosssite import (
     GLOBAL_MODEL,
     CrossSiteRecord,
     asked_sites,
@@ -34,13 +41,6 @@ from fedmed.crosssite import (
     evaluation_cell,
     summary_line,
 )
-from fedmed.flare import signatures as wire_sig
-from fedmed.flare import wire
-from fedmed.flare.site_watch import SiteWatch
-from fedmed.hashing import model_sha256
-from fedmed.jobconfig import JobConfig
-from fedmed.model import build_densenet121, load_numpy_state
-from fedmed.tasks import get_task
 
 HE_NO_LOCAL_MODELS = (
     "HE is on: a local model's head is encrypted and only the federation's aggregate is ever decrypted; the "
@@ -81,7 +81,7 @@ def first_answers(targets, results) -> tuple:
 
 class FedMedCrossSiteEval(ModelController):
     def __init__(self, job: dict):
-        """job: the job's settings (fedmed.jobconfig.JobConfig.to_dict()): task, norm, he_layers, cross_site_timeout."""
+        """job: the job's settings (fedmed.job.jobconfig.JobConfig.to_dict()): task, norm, he_layers, cross_site_timeout."""
         super().__init__(persistor_id="", ignore_result_error=None)
         self.job = job  # same name as the argument: FedJob serialises attributes by name
         self.config = JobConfig.from_dict(job)
@@ -98,7 +98,7 @@ class FedMedCrossSiteEval(ModelController):
 
     def evaluate(self, request: CrossSiteRequest) -> list:
         """Every connected hospital (of request.sites: a site that died since is not waited for) scores the model and
-        every local model a hospital lends on its own validation data; each answer is checked (fedmed.crosssite) and
+        every local model a hospital lends on its own validation data; each answer is checked (fedmed.server.crosssite) and
         the table recorded in the run. A quarantined hospital is neither asked to lend nor to score: its cells say
         why. Never fails the run: a problem is logged and recorded as the cell's reason."""
         lend, quarantined = request.lend_local_models, request.quarantined
@@ -161,7 +161,7 @@ class FedMedCrossSiteEval(ModelController):
 
     def _collect_local_models(self, targets: list) -> tuple:
         """([(site, its lent local model)], [not_shared / rejected cells]): each hospital decides (its
-        share_local_model and privacy, fedmed.crosssite.local_model_refusal); the server checks what comes back
+        share_local_model and privacy, fedmed.server.crosssite.local_model_refusal); the server checks what comes back
         before relaying it to anyone."""
         results, errors = self._broadcast_advisory(
             task_name=AppConstants.TASK_SUBMIT_MODEL,

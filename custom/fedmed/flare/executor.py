@@ -1,6 +1,6 @@
 """NVFlare Executor run at each hospital: receive the global model, train locally, validate, return the update.
 
-Thin adapter: converts Shareable <-> FLModel <-> numpy params and calls fedmed.training; no math here.
+Thin adapter: converts Shareable <-> FLModel <-> numpy params and calls fedmed.learning.training; no math here.
 """
 
 from __future__ import annotations
@@ -23,25 +23,25 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.security.logging import secure_format_exception
 
-from fedmed import constants as C
-from fedmed import signing, site_round
-from fedmed.crosssite import GLOBAL_MODEL, local_model_refusal, released_scores, scores_refusal
-from fedmed.crypto import ckks
 from fedmed.data.loading import load_items, load_train_val
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import site_privacy
 from fedmed.flare.persistor import save_state
 from fedmed.flare.site_privacy import SiteSettingsRefused, scope_in_privacy_file  # noqa: F401 (the Executor's API)
-from fedmed.jobconfig import JobConfig
-from fedmed.model import build_densenet121, load_numpy_state, set_trainable
-from fedmed.model_card import data_is_synthetic
-from fedmed.parallel import site_torch_threads
+from fedmed.job import constants as C
+from fedmed.job.jobconfig import JobConfig
+from fedmed.job.tasks import get_task
+from fedmed.learning.training import NonFinitePredictions, TrainingAborted, evaluate
+from fedmed.models.model_card import data_is_synthetic
+from fedmed.models.network import build_densenet121, load_numpy_state, set_trainable
 from fedmed.privacy.dp_sgd import SitePrivacy
 from fedmed.privacy.ledger import LedgerBinding
-from fedmed.site_config import JobRefused, SiteConfig, check_job_for_site, load_site_config
-from fedmed.site_round import GlobalModelRejected
-from fedmed.tasks import get_task
-from fedmed.training import NonFinitePredictions, TrainingAborted, evaluate
+from fedmed.security import ckks, signing
+from fedmed.server.crosssite import GLOBAL_MODEL, local_model_refusal, released_scores, scores_refusal
+from fedmed.server.parallel import site_torch_threads
+from fedmed.site import site_round
+from fedmed.site.site_config import JobRefused, SiteConfig, check_job_for_site, load_site_config
+from fedmed.site.site_round import GlobalModelRejected
 
 SITE_CONFIG_FILENAME = "fedmed_site.json"
 FINAL_MODEL_FILE = "final_global_model.pt"  # a hospital's own usable copy of the federation's result
@@ -75,7 +75,7 @@ class FedMedTrainer(Executor):
         """Local trainer for one hospital.
 
         Args:
-            job: the job's settings for the sites, fedmed.jobconfig.JobConfig.to_dict(site=True) (a JobConfig is
+            job: the job's settings for the sites, fedmed.job.jobconfig.JobConfig.to_dict(site=True) (a JobConfig is
                 taken too): task, image_size, local_epochs, lr, batch_size, seed, norm, he_layers, dp_train_layers, proximal_mu, scaffold;
                 each setting's meaning and default is in JobConfig. They must match the server's.
             site_config: simulator only: path to this hospital's fedmed_site.json. A deployed hospital refuses a
@@ -84,7 +84,7 @@ class FedMedTrainer(Executor):
             he_context_file: simulator only: this hospital's TenSEAL context with the secret key. A deployed
                 hospital refuses a job that sets it and reads <kit>/local/client_context.tenseal (installed from the
                 key custodian's key set, scripts/he_keys.py), else <kit>/startup/client_context.tenseal.
-            signatures: sign every update (ML-DSA-65 + Ed25519, fedmed.signing) and train only on a global model
+            signatures: sign every update (ML-DSA-65 + Ed25519, fedmed.security.signing) and train only on a global model
                 the server signed; needs the site's keys and the server's public key in signing_key_dir.
             signing_key_dir: where fedmed_signing.key and server_signing.pub are. Default: <site kit>/local/.
             train_task_name: the training task this executor answers (it also answers fedmed's final-model task).
@@ -100,7 +100,7 @@ class FedMedTrainer(Executor):
         self.he_context_file = he_context_file
         self._he: Optional[ckks.LoadedContext] = None
         self._he_names: tuple = ()
-        self._state: Optional[site_round.Site] = None  # the site for fedmed.site_round, built at start-up
+        self._state: Optional[site_round.Site] = None  # the site for fedmed.site.site_round, built at start-up
         self._site: Optional[SiteConfig] = None
         self._data_synthetic: Optional[bool] = None  # for the model card: what this site trained on
         self._ledger: Optional[LedgerBinding] = None
@@ -175,7 +175,9 @@ class FedMedTrainer(Executor):
         self._site = load_site_config(path)
         if self._site.site_name != site:
             raise ValueError(f"{path} is for site {self._site.site_name!r}, but this client is {site!r}")
-        threads = self._site.num_threads or site_torch_threads()  # the site's own setting first (fedmed.parallel)
+        threads = (
+            self._site.num_threads or site_torch_threads()
+        )  # the site's own setting first (fedmed.server.parallel)
         if threads:
             torch.set_num_threads(threads)
         t0 = time.monotonic()
@@ -272,7 +274,7 @@ class FedMedTrainer(Executor):
             server_key=self._server_key,
             hostile=self._site.hostile,
             data_synthetic=self._data_synthetic,
-            last_receipt=wire_sig.last_receipt(fl_ctx),  # echoed in its first update (fedmed.anchors)
+            last_receipt=wire_sig.last_receipt(fl_ctx),  # echoed in its first update (fedmed.server.anchors)
         )
         self.log_info(
             fl_ctx,
@@ -284,7 +286,7 @@ class FedMedTrainer(Executor):
         return tuple(self.config.dp_train_layers) if policy is not None and self.config.dp_train_layers else None
 
     def _continue_run_privacy(self, site: str, global_model: FLModel, fl_ctx: FLContext) -> None:
-        """A job that resumes a run (fedmed.resume): what the run's earlier jobs (named by the server) charged to this
+        """A job that resumes a run (fedmed.server.resume): what the run's earlier jobs (named by the server) charged to this
         dataset's ledger counts toward this job's DP-SGD ceiling. A server naming other jobs can only make the site
         stricter; one naming none gets what any new job gets (the lifetime ceiling bounds every job)."""
         earlier = (global_model.meta or {}).get(C.META_RESUMED_JOBS)
@@ -392,7 +394,7 @@ class FedMedTrainer(Executor):
             encrypted=meta.get(C.META_ENCRYPTED),
             signature=meta.get(C.META_GLOBAL_SIGNATURE),
             control=meta.get(C.META_CONTROL),
-            # fedmed.anchors: what the site vouches for in its update
+            # fedmed.server.anchors: what the site vouches for in its update
             ledger_seen=site_round.seen_count(meta.get(C.META_LEDGER_SEEN), fl_ctx.get_identity_name()),
             receipt=meta.get(C.META_AUDIT_RECEIPT),
         )
@@ -402,7 +404,7 @@ class FedMedTrainer(Executor):
     ) -> FLModel:
         """Cross-site evaluation: score the model the server sent (the global model, or another hospital's lent
         local model) on this hospital's validation data, and release the task's scores only if the site's privacy
-        policy releases metrics (fedmed.crosssite.scores_refusal)."""
+        policy releases metrics (fedmed.server.crosssite.scores_refusal)."""
         owner = (model.meta or {}).get(AppConstants.MODEL_OWNER, GLOBAL_MODEL)
         meta = {C.META_SITE: site, AppConstants.MODEL_OWNER: owner}
         refusal = scores_refusal(self._privacy is None or self._privacy.policy.release_metrics)
@@ -428,7 +430,7 @@ class FedMedTrainer(Executor):
 
     def _lend_local_model(self, site: str, fl_ctx: FLContext) -> FLModel:
         """Cross-site evaluation: this hospital's last local model, lent for the others to score, only when its
-        fedmed_site.json allows it and nothing its privacy promises forbids it (fedmed.crosssite.local_model_refusal)."""
+        fedmed_site.json allows it and nothing its privacy promises forbids it (fedmed.server.crosssite.local_model_refusal)."""
         last_local = self._state.last_local
         refusal = local_model_refusal(
             self._site.share_local_model, last_local is not None, self._he is not None, bool(self._noise_filters)

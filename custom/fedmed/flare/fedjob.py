@@ -1,5 +1,5 @@
 """The FedJob every fedmed job script builds: FedMedController + persistor on the server, FedMedTrainer at each
-site, for one task (fedmed.tasks), configured by one fedmed.jobconfig.JobConfig. The job scripts under jobs/ only
+site, for one task (fedmed.job.tasks), configured by one fedmed.job.jobconfig.JobConfig. The job scripts under jobs/ only
 name their JobConfig (job name, task and any default of their own).
 
 Run in the simulator (NVFlare 2.9's recommended SimEnv, which replaces the deprecated `nvflare simulator` CLI), or
@@ -23,21 +23,21 @@ from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIS
 from nvflare.job_config.api import FedJob
 from nvflare.recipe import SimEnv
 
-from fedmed import constants as C
-from fedmed.console import full_output_to
-from fedmed.constants import ENV_DB_URL
-from fedmed.crypto import ckks
+from fedmed.display.console import full_output_to
 from fedmed.flare.controller import FedMedController
 from fedmed.flare.crosssite_eval import FedMedCrossSiteEval
 from fedmed.flare.executor import FedMedTrainer
 from fedmed.flare.live_metrics import LiveTBReceiver
 from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.flare.site_memory import SITE_MEMORY_ID, SiteMemoryRelease
-from fedmed.jobconfig import RUN_PREFIX, JobConfig
-from fedmed.model import HEAD_PREFIX
-from fedmed.parallel import ENV_SITE_THREADS, simulated_site_threads
-from fedmed.resume import RUNS_DIR
-from fedmed.tasks import get_task
+from fedmed.job import constants as C
+from fedmed.job.constants import ENV_DB_URL
+from fedmed.job.jobconfig import RUN_PREFIX, JobConfig
+from fedmed.job.tasks import get_task
+from fedmed.models.network import HEAD_PREFIX
+from fedmed.security import ckks
+from fedmed.server.parallel import ENV_SITE_THREADS, simulated_site_threads
+from fedmed.server.resume import RUNS_DIR
 
 SIMULATOR_JOB_ID = "simulate_job"  # NVFlare's simulator gives every job this id
 
@@ -141,7 +141,7 @@ def he_keys_dir_for(workspace_root: Path, job_name: str) -> Path:
 
 
 def prepare_simulator_keys(workspace_root: Path, sites, job_name: str) -> str:
-    """What the key custodian does for a real federation (fedmed.crypto.keys), for the simulator: a fresh CKKS key
+    """What the key custodian does for a real federation (fedmed.security.he_keys), for the simulator: a fresh CKKS key
     set (the simulator has no hospitals to hand it to, so this process makes it); the secret-free
     server context goes into <workspace>/<job>/startup/ (the simulator copies that folder to every participant,
     which is harmless for a public context), each hospital's secret context and the key id into
@@ -153,12 +153,12 @@ def prepare_simulator_keys(workspace_root: Path, sites, job_name: str) -> str:
 
 
 def prepare_simulator_signing(workspace_root: Path, sites, job_name: str) -> Path:
-    """What fedmed-federation does for a real federation (fedmed.signing), for the simulator: signing keys for the
+    """What fedmed-federation does for a real federation (fedmed.security.signing), for the simulator: signing keys for the
     server and each hospital. The server's private key and every hospital's public key go into
     <workspace>/<job>/local/ (the simulator copies that folder to every participant; a server kit whose
     local/site_keys/ holds hospitals' keys requires signed updates), each hospital's private key and the server's
     public key into <workspace>/<job>_signing_keys/<site>/. Returns that folder (build_job's signing_keys_dir)."""
-    from fedmed import signing
+    from fedmed.security import signing
 
     local = Path(workspace_root).resolve() / job_name / "local"
     keys_dir = Path(workspace_root).resolve() / f"{job_name}_signing_keys"
@@ -173,13 +173,13 @@ def prepare_simulator_signing(workspace_root: Path, sites, job_name: str) -> Pat
 
 def run_simulation(job: FedJob, sites, workspace_root: Path, threads: int, log_file: Optional[Path] = None) -> Path:
     """Run the job in NVFlare's simulator. log_file: send the whole output of the simulation (NVFlare's and
-    Alembic's logs of the server and every site) there and show only fedmed.console's concise view: one line per
+    Alembic's logs of the server and every site) there and show only fedmed.display.console's concise view: one line per
     round per site, one per round for the server, fedmed's warnings and every error."""
     workspace_root = Path(workspace_root).resolve()
     allow_fedmed_components(workspace_root / job.name)
     # The simulated sites import fedmed as installed in this Python (scripts/setup.sh: pip install -e .).
     env = SimEnv(clients=list(sites), num_threads=threads, workspace_root=str(workspace_root))
-    # The sites trained at once share this machine's cores (fedmed.parallel): torch threads each = cores // threads,
+    # The sites trained at once share this machine's cores (fedmed.server.parallel): torch threads each = cores // threads,
     # unless the caller's environment or a site's config says otherwise. The site processes inherit it.
     previous = os.environ.get(ENV_SITE_THREADS)
     os.environ.setdefault(ENV_SITE_THREADS, str(simulated_site_threads(threads)))
@@ -199,13 +199,13 @@ def check_simulation_resume(db_url: Optional[str], config: JobConfig) -> None:
     """Before a simulator job resumes config.resume_run: no recovery component runs in the simulator, so a
     simulation that was killed leaves its run 'running'; the one this script is about to continue is marked
     interrupted (a simulation is one process, and this script starts the next). Then the record is checked as the
-    server will check it (fedmed.resume.plan_resume); raises ValueError with the one-line reason."""
+    server will check it (fedmed.server.resume.plan_resume); raises ValueError with the one-line reason."""
     if not db_url:
         raise ValueError(
             f"--resume in the simulator needs --db-url or ${ENV_DB_URL}: the simulator wipes the default database "
             "in its workspace at every run"
         )
-    from fedmed.resume import FIXED_OPTIONS, find_run_uid, plan_resume
+    from fedmed.server.resume import FIXED_OPTIONS, find_run_uid, plan_resume
     from fedmed.store.repository import Repository
 
     run = config.resume_run
@@ -233,10 +233,16 @@ def check_simulation_evaluation(db_url: Optional[str], config: JobConfig) -> Non
             "default database in its workspace at every run"
         )
     from fedmed.flare.persistor import BEST_MODEL_FILE
-    from fedmed.hashing import model_sha256
-    from fedmed.resume import find_model_file, find_run_uid, pick_recorded_model, round_model_path, run_models_dir
+    from fedmed.models.hashing import model_sha256
+    from fedmed.models.weights import load_state
+    from fedmed.server.resume import (
+        find_model_file,
+        find_run_uid,
+        pick_recorded_model,
+        round_model_path,
+        run_models_dir,
+    )
     from fedmed.store.repository import Repository
-    from fedmed.weights import load_state
 
     purpose, run = "cross-site evaluation", config.cross_site_eval_run
     repo = Repository(db_url)
@@ -265,7 +271,7 @@ _OPTION_TYPES = {"int": int, "float": float, "str": str, "tuple": _names}
 
 def add_setting_options(p: argparse.ArgumentParser, config: JobConfig) -> None:
     """One option per JobConfig setting, derived from the field: its flag, help text and group from the field's
-    metadata (fedmed.jobconfig.setting), its type from the annotation, its default shown from `config` (the job
+    metadata (fedmed.job.jobconfig.setting), its type from the annotation, its default shown from `config` (the job
     script's JobConfig). An option not given is absent from the parsed arguments (argparse.SUPPRESS), so `config`'s
     own value stands; a bool setting is a switch that turns its default around (--no-cross-site-eval)."""
     groups: dict = {}

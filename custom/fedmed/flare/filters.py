@@ -13,12 +13,12 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from fedmed import constants as C
-from fedmed.aggregation import is_statistic
 from fedmed.flare.signatures import sign_result
+from fedmed.job import constants as C
 from fedmed.privacy.accounting import BudgetExceeded
 from fedmed.privacy.ledger import LedgerError, LedgerHead, user_level_example_history
 from fedmed.privacy.update_noise import RELATIONS, clip_and_noise_update, sensitivity
+from fedmed.server.aggregation import is_statistic
 
 
 class UpdateNoiseFilter(Filter):
@@ -139,7 +139,9 @@ class UpdateNoiseFilter(Filter):
         dxo.set_meta_prop(C.META_UPDATE_CLIP_NORM, self.clip_norm)
         dxo.set_meta_prop(C.META_UPDATE_NOISE_MULTIPLIER, self.noise_multiplier)
         dxo.set_meta_prop(C.META_LIFETIME_EPSILON, entry.epsilon_after)
-        if C.META_LEDGER_HEAD in dxo.meta:  # the head the update vouches for (fedmed.anchors), now with this charge
+        if (
+            C.META_LEDGER_HEAD in dxo.meta
+        ):  # the head the update vouches for (fedmed.server.anchors), now with this charge
             at = LedgerHead.from_wire(dxo.meta[C.META_LEDGER_HEAD]).at_previous
             dxo.set_meta_prop(C.META_LEDGER_HEAD, release["binding"].head_report(at[0] if at else None).to_wire())
         self.log_info(

@@ -2,7 +2,7 @@
 
 Provisioning no longer makes keys: NVFlare's HEBuilder generates the whole key set on the provisioning machine (the
 server operator's) and copies the secret key into every kit, so the operator could read every head. Keys are made at
-a hospital instead (scripts/he_keys.py, fedmed.crypto.keys) and the secret context reaches the hospitals out of
+a hospital instead (scripts/he_keys.py, fedmed.security.he_keys) and the secret context reaches the hospitals out of
 band. This builder is optional: it only puts the custodian's server context into the server kit before
 SignatureBuilder, so that file is signed with the kit; `site_configs/install.sh <server kit> server --he-context`
 does the same after provisioning. It refuses a context that holds a secret key. In project.yml:
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from fedmed.crypto.ckks import SERVER_CONTEXT_FILE, load_server_context
+from fedmed.security.ckks import SERVER_CONTEXT_FILE, load_server_context
 
 
 class FedMedHEBuilder(Builder):

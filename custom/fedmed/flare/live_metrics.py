@@ -1,9 +1,9 @@
 """Watching a run while it trains: each recorded round goes to TensorBoard and report.html in the server workspace.
 
     <server run dir>/tb_events/<server name>/   TensorBoard event files (`tensorboard --logdir <run dir>/tb_events`)
-    <server run dir>/report/report.html         fedmed.report's page, rewritten after every round
+    <server run dir>/report/report.html         fedmed.display.report's page, rewritten after every round
 
-The scalars (fedmed.live_metrics.round_scalars) travel as NVFlare analytics events (nvflare.apis.analytix), the way
+The scalars (fedmed.display.live_metrics.round_scalars) travel as NVFlare analytics events (nvflare.apis.analytix), the way
 NVFlare's own widgets stream metrics, to LiveTBReceiver, NVFlare's TBAnalyticsReceiver in the job's server app.
 The report is drawn on a background thread (matplotlib takes about a second a round): the next round starts at
 once, and a report still being drawn when another round ends is followed by one for the newest round only.
@@ -24,7 +24,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.security.logging import secure_format_exception
 
-from fedmed.live_metrics import round_scalars
+from fedmed.display.live_metrics import round_scalars
 from fedmed.store.repository import RoundRecord
 
 TB_FOLDER = "tb_events"  # under the job's run dir (NVFlare's default), one sub-folder per sender
@@ -127,7 +127,7 @@ class LiveMetrics:
 
     @staticmethod
     def _write_report(item) -> Path:
-        from fedmed.report import write_report
+        from fedmed.display.report import write_report
         from fedmed.store.repository import Repository
 
         db_url, job_id, report_dir, _ = item

@@ -10,10 +10,10 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
-from fedmed.model import build_densenet121, load_numpy_state, state_to_numpy
+from fedmed.models.network import build_densenet121, load_numpy_state, state_to_numpy
 
 # Re-exported: the controller and executor import them from here.
-from fedmed.weights import params_sha256, save_state  # noqa: F401
+from fedmed.models.weights import params_sha256, save_state  # noqa: F401
 
 GLOBAL_MODEL_FILE = "global_model.pt"
 BEST_MODEL_FILE = "best_model.pt"

@@ -30,9 +30,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from fedmed import constants as C
 from fedmed.cli.bench_sim import memory_now
-from fedmed.heap import ENV_TRIM_HEAP, release_round_memory
+from fedmed.job import constants as C
+from fedmed.server.heap import ENV_TRIM_HEAP, release_round_memory
 
 
 class _RoundProbe:
@@ -92,7 +92,9 @@ class ProbedFedAvg(FedAvg):
 
     def save_model(self, model):  # the last step of a FedAvg round
         super().save_model(model)
-        if os.environ.get(ENV_TRIM_HEAP) == "1":  # NVFlare's FedAvg with fedmed's end-of-round release (fedmed.heap)
+        if (
+            os.environ.get(ENV_TRIM_HEAP) == "1"
+        ):  # NVFlare's FedAvg with fedmed's end-of-round release (fedmed.server.heap)
             release_round_memory()
         self._probe.write()
 
@@ -115,7 +117,7 @@ class RoundProbes(FLComponent):
             import cProfile
 
             # This thread only (the workflow, where fedmed's round work runs), timed by its CPU time: on a shared
-            # machine wall time would count the waits for a core. The threads of fedmed.parallel are not seen.
+            # machine wall time would count the waits for a core. The threads of fedmed.server.parallel are not seen.
             self._profile = cProfile.Profile(time.thread_time)
             self._profile.enable()
         elif event_type == AppEventType.TRAINING_FINISHED and self._profile is not None:

@@ -8,12 +8,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from fedmed import constants as C
-from fedmed.model import load_numpy_state
-from fedmed.model_health import check_outputs, probe_images
-from fedmed.rounds import RoundEngine, RoundReport, finite_or_none
+from fedmed.job import constants as C
+from fedmed.learning.training import evaluate
+from fedmed.models.model_health import check_outputs, probe_images
+from fedmed.models.network import load_numpy_state
+from fedmed.server.rounds import RoundEngine, RoundReport, finite_or_none
 from fedmed.store.repository import RoundRecord, TrustRecord
-from fedmed.training import evaluate
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RoundScorer:
 
     def unusable(self, report: RoundReport) -> Optional[str]:
         """Why the round's aggregate is not a usable model (NaN/infinite or input-independent outputs on fixed
-        probe images, fedmed.model_health), or None. HE rounds: the server cannot read the encrypted layers."""
+        probe images, fedmed.models.model_health), or None. HE rounds: the server cannot read the encrypted layers."""
         if report.encrypted is not None:
             return None
         load_numpy_state(self.eval_model, report.params)

@@ -14,13 +14,14 @@ from typing import Optional
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedmed import constants as C
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
 from fedmed.flare.persistor import BEST_MODEL_FILE, GLOBAL_MODEL_FILE
-from fedmed.hashing import model_sha256
-from fedmed.jobconfig import JobConfig
-from fedmed.resume import (
+from fedmed.job import constants as C
+from fedmed.job.jobconfig import JobConfig
+from fedmed.models.hashing import model_sha256
+from fedmed.models.weights import load_state, save_state
+from fedmed.server.resume import (
     FIXED_OPTIONS,
     RUNS_DIR,
     EvaluationRefused,
@@ -35,10 +36,9 @@ from fedmed.resume import (
     run_models_dir,
     stale_round_files,
 )
-from fedmed.robust.trust import SiteTrust
+from fedmed.server.robust.trust import SiteTrust
 from fedmed.store.journal import Journal, ResilientRecorder
 from fedmed.store.repository import Repository, RoundRecord, resolve_db_url
-from fedmed.weights import load_state, save_state
 
 RECORDED_OPTIONS = (*FIXED_OPTIONS, "min_clients", "round_timeout", "statistics_factor")
 
@@ -242,7 +242,7 @@ class RunRecorder:
         return run_models_dir(root, run_uid or self.run_uid)
 
     def keep_round_model(self, model: FLModel) -> None:
-        """The run's recent global models, outside the job's folder, for a resumption (fedmed.resume)."""
+        """The run's recent global models, outside the job's folder, for a resumption (fedmed.server.resume)."""
         models_dir = self.models_dir()
         round_num = int(model.meta["round"])
         save_state(model.params, round_model_path(models_dir, round_num), model.meta)

@@ -1,10 +1,10 @@
-"""Signatures on what crosses the wire, as FLModels carry it (fedmed.signing does the cryptography).
+"""Signatures on what crosses the wire, as FLModels carry it (fedmed.security.signing does the cryptography).
 
 Both sides compute the same digest from the same FLModel fields, so the site and the server never exchange the
 digest itself:
     update:       the clear params, meta[he_encrypted] (CKKS chunks), meta[num_samples], the metrics and the
                   privacy spend in meta (DP-SGD epsilon/delta/budget/sigma, user-level DP clip/sigma, lifetime
-                  epsilon), the site's ledger head and the audit receipt it last saw (fedmed.anchors)
+                  epsilon), the site's ledger head and the audit receipt it last saw (fedmed.server.anchors)
     global model: the clear params and meta[he_encrypted]
 The job id and round come from each side's own context, never from the message: an update replayed into another
 round or job fails to verify.
@@ -18,9 +18,9 @@ from typing import Optional
 
 from nvflare.app_common.abstract.fl_model import FLModel
 
-from fedmed import constants as C
-from fedmed import signing
-from fedmed.site_round import SIGNED_PRIVACY_KEYS, update_digest
+from fedmed.job import constants as C
+from fedmed.security import signing
+from fedmed.site.site_round import SIGNED_PRIVACY_KEYS, update_digest
 from fedmed.store import receipts
 
 PRIVACY_KEYS = SIGNED_PRIVACY_KEYS
@@ -40,7 +40,7 @@ def sign_result(model: FLModel, job_id: str, round_num: int, site: str, keys: si
 def verify_result(
     model: FLModel, job_id: str, round_num: int, site: str, public: signing.PublicKeys
 ) -> tuple[bytes, bytes]:
-    """Server side: raises fedmed.signing.SignatureError (a ValueError) naming the reason, else returns (signature,
+    """Server side: raises fedmed.security.signing.SignatureError (a ValueError) naming the reason, else returns (signature,
     digest) to store with the update (UpdateRecord.signature / signed_digest, as hex)."""
     sig = (model.meta or {}).get(C.META_SIGNATURE)
     digest = result_digest(model, job_id, round_num, site)

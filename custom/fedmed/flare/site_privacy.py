@@ -11,9 +11,9 @@ from typing import Optional
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 
-from fedmed import constants as C
 from fedmed.data.loading import load_items
 from fedmed.flare.filters import UpdateNoiseFilter
+from fedmed.job import constants as C
 from fedmed.privacy.ledger import LEDGER_FILENAME, LedgerBinding, PrivacyLedger
 from fedmed.privacy.policy import DEFAULT_DELTA, parse_privacy, strictest
 

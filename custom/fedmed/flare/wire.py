@@ -1,4 +1,4 @@
-"""FLModel <-> the round engine's plain types (which meta key carries what: fedmed.site_round.as_received)."""
+"""FLModel <-> the round engine's plain types (which meta key carries what: fedmed.site.site_round.as_received)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Mapping
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedmed import constants as C
-from fedmed.rounds import SiteResult
-from fedmed.site_round import as_received
+from fedmed.job import constants as C
+from fedmed.server.rounds import SiteResult
+from fedmed.site.site_round import as_received
 
 
 def site_of(result: FLModel) -> str:

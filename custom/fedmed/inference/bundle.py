@@ -24,7 +24,7 @@ from monai.data import CSVSaver
 
 from fedmed.data.transforms import INTENSITY_PERCENTILES, RESIZE_MODE
 from fedmed.inference.model_file import ARGMAX_RULE, read_model_file
-from fedmed.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec
+from fedmed.job.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec
 
 BUNDLE_VERSION = "0.2.0"  # 0.2.0: predictions.csv has a header row; skipped.csv lists the files left out
 PREDICTIONS_CSV = "predictions.csv"
@@ -80,7 +80,7 @@ BUNDLE_TEXTS = {
 
 
 def network_def(norm: str, num_outputs: int) -> dict:
-    """fedmed.model.build_densenet121 spelled as MONAI's DenseNet121 config (the same module tree and weights)."""
+    """fedmed.models.network.build_densenet121 spelled as MONAI's DenseNet121 config (the same module tree and weights)."""
     net = {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": num_outputs}
     if norm == "group":
         net.update({"norm": ["group", {"num_groups": 32}], "act": ["relu", {"inplace": False}]})
@@ -319,7 +319,7 @@ def export_bundle(
         out_dir: the bundle folder to create (existing files in it are overwritten).
         image_size: input size; default the model file's, else 128.
         batch_size: images per forward pass in the bundle's evaluator.
-        task: the model's task (fedmed.tasks name); default the model file's meta "task", else chest_xray14.
+        task: the model's task (fedmed.job.tasks name); default the model file's meta "task", else chest_xray14.
     """
     model = read_model_file(model_path)
     spec = model.task(task)

@@ -14,13 +14,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from fedmed.constants import CXR14_FINDINGS, META_ENCRYPTED
 from fedmed.inference.ood import META_OOD, OodStatistics, fit_ood, ood_from_meta, pooled_features
-from fedmed.metrics import youden_thresholds
-from fedmed.model import HEAD_PREFIX, build_densenet121
-from fedmed.model_card import ModelCard, card_from_meta, clinical_use_warning
-from fedmed.tasks import CHEST_XRAY14, TaskSpec, get_task
-from fedmed.weights import save_state
+from fedmed.job.constants import CXR14_FINDINGS, META_ENCRYPTED
+from fedmed.job.tasks import CHEST_XRAY14, TaskSpec, get_task
+from fedmed.learning.metrics import youden_thresholds
+from fedmed.models.model_card import ModelCard, card_from_meta, clinical_use_warning
+from fedmed.models.network import HEAD_PREFIX, build_densenet121
+from fedmed.models.weights import save_state
 
 DEFAULT_THRESHOLD = 0.5
 ARGMAX_RULE = "multiclass: argmax"  # the decision rule of a multi-class model (no thresholds)
@@ -30,7 +30,7 @@ META_THRESHOLDS = "thresholds"
 META_THRESHOLD_METHOD = "threshold_method"
 META_THRESHOLD_DATA = "threshold_data"
 META_IMAGE_SIZE = "image_size"
-META_TASK = "task"  # the job's task (fedmed.tasks), written by the Controller; absent in older files = chest
+META_TASK = "task"  # the job's task (fedmed.job.tasks), written by the Controller; absent in older files = chest
 META_WEIGHTS_SHA256 = "sha256"  # best_model.pt: the Controller's hash of the weights, as in the run's rounds table
 
 
@@ -85,7 +85,7 @@ class ModelFile:
 
     @property
     def card(self) -> Optional[ModelCard]:
-        """The model card the file carries (fedmed.model_card), None for files written without one."""
+        """The model card the file carries (fedmed.models.model_card), None for files written without one."""
         return card_from_meta(self.meta, str(self.path.name))
 
     @property
@@ -168,7 +168,7 @@ def read_model_file(path: Path) -> ModelFile:
 
 
 def write_model_file(path: Path, state_dict: dict, meta: dict) -> None:
-    """Atomic write in the persistor's format (fedmed.weights.save_state, the one writer of model files)."""
+    """Atomic write in the persistor's format (fedmed.models.weights.save_state, the one writer of model files)."""
     save_state(state_dict, path, meta)
 
 
@@ -198,7 +198,7 @@ def choose_thresholds(
     """
     from fedmed.data.dataset import RadiographDataset
     from fedmed.data.labels import load_dicom_site
-    from fedmed.training import predict
+    from fedmed.learning.training import predict
 
     model_file = read_model_file(model_path)
     if model_file.task().is_multiclass:

@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 from sqlalchemy.engine import make_url
 
-from fedmed.constants import ENV_DB_URL
+from fedmed.job.constants import ENV_DB_URL
 from fedmed.store.audit import ENV_AUDIT_HEADS, ENV_AUDIT_KEY, ENV_AUDIT_KEY_FILE, HEADS_NAME, default_key_file
 from fedmed.store.repository import default_db_url
 

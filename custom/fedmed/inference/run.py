@@ -1,7 +1,7 @@
 """One inference run: discover studies, read the images the task's model is for, predict in batches, decide, draw
 heatmaps, write per-study JSON + one CSV row, and log each study (pseudonymised) in the database.
 
-The task (fedmed.tasks) comes from the model file's meta (or InferenceOptions.task): which images are read
+The task (fedmed.job.tasks) comes from the model file's meta (or InferenceOptions.task): which images are read
 (studies.ImageSelection), the probabilities (sigmoid or softmax) and the decision. Multi-label (chest X-ray):
 positive findings by per-finding thresholds, an overlay per positive finding. Multi-class (brain MRI): the predicted
 class by argmax of the study's probabilities, an overlay for that class.
@@ -58,8 +58,8 @@ from fedmed.inference.studies import (
     read_dataset,
     selection_for,
 )
+from fedmed.job.tasks import CHEST_XRAY14, TaskSpec
 from fedmed.store.repository import InferenceRecord, Repository, default_db_url
-from fedmed.tasks import CHEST_XRAY14, TaskSpec
 
 RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
@@ -88,7 +88,7 @@ class InferenceOptions:
     db_url: inference log database; default $FEDMED_DB_URL, else SQLite ``<record_dir>/fedmed.db``.
     record_dir: the site's folder for the inference record (database, audit key and heads); default
         fedmed.inference.record.default_record_dir(). Refused inside out_dir.
-    task: the model's task (fedmed.tasks name); default the model file's meta "task", else chest_xray14.
+    task: the model's task (fedmed.job.tasks name); default the model file's meta "task", else chest_xray14.
     """
 
     out_dir: Path

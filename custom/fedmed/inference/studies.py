@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from fedmed.data.dicom import UnusableDicomError, image_from_dataset, iter_dicom_files
-from fedmed.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec, get_task
+from fedmed.job.tasks import BRAIN_MRI, CHEST_XRAY14, TaskSpec, get_task
 
 FRONTAL_MODALITIES = ("CR", "DX")
 FRONTAL_VIEWS = ("PA", "AP")

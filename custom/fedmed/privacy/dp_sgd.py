@@ -26,12 +26,12 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, Dataset
 
-from fedmed.model import set_trainable
+from fedmed.job.tasks import TaskSpec
+from fedmed.learning.training import LocalTraining, run_epoch
+from fedmed.models.network import set_trainable
 from fedmed.privacy.accounting import BudgetExceeded, HistoryEntry, SiteRDPAccountant  # noqa: F401 (re-exported)
 from fedmed.privacy.ledger import LedgerBinding
 from fedmed.privacy.policy import PrivacyPolicy
-from fedmed.tasks import TaskSpec
-from fedmed.training import LocalTraining, run_epoch
 
 
 def os_seeded_generator() -> torch.Generator:
@@ -126,7 +126,7 @@ class SitePrivacy:
         also_released: RDP entries of what else this round will release from the same data (the site's user-level
             filter), counted in the lifetime check so a round is refused before training rather than trained and
             then blocked at release; charged by whoever releases them.
-        correction: a fedmed.algorithms.LocalCorrection (FedProx, SCAFFOLD). Its proximal gradient is added after
+        correction: a fedmed.learning.algorithms.LocalCorrection (FedProx, SCAFFOLD). Its proximal gradient is added after
             Opacus clipped and noised the per-sample gradients (from the DP optimizer's step hook), and SCAFFOLD's
             correction after each step: both depend on no example, so the round's privacy charge is unchanged.
         """

@@ -18,7 +18,7 @@ tokens), so a torn write, a flipped byte, an edited line or a chain recomputed w
 verify(). <ledger>.head records the entry count and the newest line's hash, under the same key: a deleted ledger,
 or one whose newest lines were removed, no longer matches it. Whoever holds the key can still rewrite all three;
 head_report() is the small value a site puts into each signed update so that such a reset shows in the federation's
-record too (head_extends() is the server's check, run by fedmed.anchors).
+record too (head_extends() is the server's check, run by fedmed.server.anchors).
 
 Charge once per (run, round). A charge carries a key (run, round, mechanism). A resumed run's job that charges a
 key one of the run's earlier jobs charged, with the same parameters, writes a zero-cost `replay_of` line and

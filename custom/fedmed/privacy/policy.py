@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from fedmed.config_keys import check_keys
+from fedmed.job.config_keys import check_keys
 
 # Presets a privacy officer can sign off by name. epsilon 0.1 was measured and is deliberately not a preset
 # (see README, Measured): at our data sizes it trains no better than the presets, which already keep little of

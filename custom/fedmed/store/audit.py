@@ -462,7 +462,7 @@ def verify(
     session, settings: AuditSettings, site_keys: Optional[dict] = None, heads: Optional[HeadsSnapshot] = None
 ) -> AuditReport:
     """Walk the chain (links, MACs), rebuild from it what every covered row must hash to, compare with the tables,
-    then compare the chain's newest entries with the heads file, then (site_keys: site -> fedmed.signing.PublicKeys)
+    then compare the chain's newest entries with the heads file, then (site_keys: site -> fedmed.security.signing.PublicKeys)
     re-verify every stored update signature. Problems come in the order found. heads: the heads file as read before
     the session's first query (read here when not given, which is before it only for a fresh session)."""
     heads = heads if heads is not None else HeadsSnapshot(settings.heads_file)
@@ -577,7 +577,7 @@ def extends(session, settings: AuditSettings, vouched: tuple) -> bool:
 
 
 def _check_signatures(session, site_keys: dict, rep: AuditReport) -> None:
-    from fedmed import signing  # only when asked: the record itself needs no signing keys
+    from fedmed.security import signing  # only when asked: the record itself needs no signing keys
 
     rows = session.execute(
         select(

@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Optional
 
 from sqlalchemy import exc as sa_exc
 
-from fedmed.crosssite import CrossSiteRecord
+from fedmed.server.crosssite import CrossSiteRecord
 from fedmed.store.audit import RecordRefused
 from fedmed.store.repository import AlertRecord, Repository, RoundRecord, SiteAnchor, TrustRecord, UpdateRecord
 

@@ -5,7 +5,7 @@ every write idempotent: replaying a round cannot duplicate it.
 
 Rounds are numbered from 1, as the logs, the report and the model files' meta number them (Alembic revision 0009
 converted the 0-based rows of older databases); round_num 0 on an alert means "about the run, no round".
-Scores are named for what they are: each round's `score` is the task's score (fedmed.tasks: mean AUROC for the
+Scores are named for what they are: each round's `score` is the task's score (fedmed.job.tasks: mean AUROC for the
 chest task, accuracy for the brain task), named by `score_name`, from `score_source` ("global_test": the server's
 test set; "site_validation": the aggregated sites' validation scores weighted by their capped counts).
 """
@@ -46,7 +46,7 @@ class Run(Base):
 
 
 class RunResumption(Base):
-    """A run continued by another NVFlare job after it was interrupted or failed (fedmed.resume): which job, from which
+    """A run continued by another NVFlare job after it was interrupted or failed (fedmed.server.resume): which job, from which
     round (the first round it ran, numbered from 1), from which recorded global model, and when."""
 
     __tablename__ = "run_resumptions"
@@ -106,7 +106,7 @@ class ClientUpdate(Base):
     val_loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_mean_auroc: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     val_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the task's score on its validation set
-    # The site's fedmed.signing signature (hex) over signed_digest (hex update_digest, recomputed by the server from
+    # The site's fedmed.security.signing signature (hex) over signed_digest (hex update_digest, recomputed by the server from
     # the update it received): audit_verify re-checks it offline with the site's installed public key.
     signature: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     signed_digest: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
@@ -203,7 +203,7 @@ class InferenceLog(Base):
 
 
 class CrossSiteResult(Base):
-    """Cross-site evaluation (fedmed.crosssite): `site` scored `model` ("global", or the site name whose last local
+    """Cross-site evaluation (fedmed.server.crosssite): `site` scored `model` ("global", or the site name whose last local
     model it was) on its own validation data, or why not (status refused / rejected / missing / not_shared)."""
 
     __tablename__ = "cross_site_results"
@@ -223,7 +223,7 @@ class CrossSiteResult(Base):
 
 
 class SiteAnchorRow(Base):
-    """What a site vouched for in its signed update of a round (fedmed.records.SiteAnchor, fedmed.anchors): its
+    """What a site vouched for in its signed update of a round (fedmed.job.records.SiteAnchor, fedmed.server.anchors): its
     privacy ledger's entry count, newest line's sha256 and lifetime epsilon, and the audit receipt it last saw."""
 
     __tablename__ = "site_anchors"

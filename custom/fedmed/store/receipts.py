@@ -2,7 +2,7 @@
 
 The server operator holds the audit key and the heads file, so together with the database they can rewrite the
 record and its chain and still pass fedmed-audit-verify. A receipt is the chain head (run, round, chain tag, audit
-entry id, MAC) after a round, signed by the server's signing key (fedmed.signing, purpose RECEIPT_PURPOSE); each
+entry id, MAC) after a round, signed by the server's signing key (fedmed.security.signing, purpose RECEIPT_PURPOSE); each
 hospital checks it against the server's public key in its kit and appends it to its own receipt log,
 `local/audit_receipts.jsonl` (one canonical JSON object a line, fsynced, under an fcntl lock). `fedmed-audit-verify
 --receipts DIR` then checks the record against every receipt log in DIR (copied from any hospital): a record
@@ -10,7 +10,7 @@ rewritten after the hospital saw it no longer holds the MAC the hospital kept. A
 reported too, so a hospital cannot frame the server with a made-up one.
 
 Log line: {"chain": <first entry's MAC>, "entry": <audit entry id>, "mac": <its MAC>, "round": <round from 1>,
-"run": <run uid>, "signature": <hex fedmed.signing signature over receipt_digest>}.
+"run": <run uid>, "signature": <hex fedmed.security.signing signature over receipt_digest>}.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Optional
 
 from sqlalchemy import select
 
-from fedmed import signing
+from fedmed.security import signing
 from fedmed.store.audit import AuditProblem, canonical_json
 from fedmed.store.models import AuditEntry
 
@@ -141,7 +141,7 @@ def _not_held(session, r: Receipt, tag: Optional[str]) -> Optional[str]:
 
 
 def receipt_problem(session, raw, server_public: Optional[signing.PublicKeys] = None) -> Optional[str]:
-    """The server's check of the receipt a site echoes in its update (fedmed.anchors): None when the record holds
+    """The server's check of the receipt a site echoes in its update (fedmed.server.anchors): None when the record holds
     the chain head it names, else why not: the record was rewritten after the site saw it, or (with server_public)
     the receipt is not one the server signed."""
     try:

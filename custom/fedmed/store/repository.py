@@ -17,16 +17,19 @@ from sqlalchemy import create_engine, delete, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedmed.constants import ENV_DB_URL
-from fedmed.crosssite import CrossSiteRecord
-from fedmed.records import ALERT_KINDS as ALERT_KINDS  # the core's record types, re-exported for the store's callers
-from fedmed.records import SCORE_SOURCES as SCORE_SOURCES
-from fedmed.records import UPDATE_STATUSES as UPDATE_STATUSES
-from fedmed.records import AlertRecord as AlertRecord
-from fedmed.records import RoundRecord as RoundRecord
-from fedmed.records import SiteAnchor as SiteAnchor
-from fedmed.records import TrustRecord as TrustRecord
-from fedmed.records import UpdateRecord as UpdateRecord
+from fedmed.job.constants import ENV_DB_URL
+from fedmed.job.records import (
+    ALERT_KINDS as ALERT_KINDS,  # the core's record types, re-exported for the store's callers
+)
+from fedmed.job.records import SCORE_SOURCES as SCORE_SOURCES
+from fedmed.job.records import UPDATE_STATUSES as UPDATE_STATUSES
+from fedmed.job.records import AlertRecord as AlertRecord
+from fedmed.job.records import RoundRecord as RoundRecord
+from fedmed.job.records import SiteAnchor as SiteAnchor
+from fedmed.job.records import TrustRecord as TrustRecord
+from fedmed.job.records import UpdateRecord as UpdateRecord
+from fedmed.server.crosssite import CrossSiteRecord
+from fedmed.server.wire_checks import find_metrics_problem
 from fedmed.store import audit
 from fedmed.store.audit import AuditProblem, AuditReport, AuditSettings, RecordTampered
 from fedmed.store.migrate import upgrade
@@ -47,7 +50,6 @@ from fedmed.store.models import (
     utcnow,
 )
 from fedmed.store.urls import default_db_url  # moved to urls (a light module); still importable from here
-from fedmed.wire_checks import find_metrics_problem
 
 # A problem seen while another job appended to the heads file is checked again on a fresh snapshot, this many
 # times at most (a real tamper persists; each retry needs another job's write to happen during the check).
@@ -71,7 +73,7 @@ class RoundRow:
 
 @dataclass(frozen=True)
 class RunHistory:
-    """What a resumption needs to know of a recorded run (fedmed.resume plans from it): rounds from 1."""
+    """What a resumption needs to know of a recorded run (fedmed.server.resume plans from it): rounds from 1."""
 
     uid: str
     name: str
@@ -386,7 +388,7 @@ class Repository:
         self._append_head(head)
 
     def record_cross_site(self, run_uid: str, records, score_name: Optional[str] = None) -> None:
-        """The run's cross-site evaluation table (fedmed.crosssite.CrossSiteRecord cells), in one transaction.
+        """The run's cross-site evaluation table (fedmed.server.crosssite.CrossSiteRecord cells), in one transaction.
         Idempotent: re-recording replaces the run's table whole. Refused whole, with the reason, if a cell's metrics
         cannot be recorded (the controller has checked them against the task already)."""
         records = list(records)
@@ -814,7 +816,7 @@ class Repository:
 
     def last_ledger_heads(self) -> dict[str, tuple[SiteAnchor, str, int]]:
         """site -> (its newest anchor that names a ledger head, run uid, round): what the record holds of each site's
-        privacy ledger, for the next job's check that the site's ledger still extends it (fedmed.anchors)."""
+        privacy ledger, for the next job's check that the site's ledger still extends it (fedmed.server.anchors)."""
         with self._session() as s:
             rows = s.execute(
                 select(SiteAnchorRow, Site.name, Run.uid)
@@ -832,7 +834,7 @@ class Repository:
         return out
 
     def site_anchors(self, run_id: int) -> list[dict]:
-        """Each round's anchors of a run (fedmed.records.SiteAnchor as dicts, with the round)."""
+        """Each round's anchors of a run (fedmed.job.records.SiteAnchor as dicts, with the round)."""
         with self._session() as s:
             rows = s.execute(
                 select(SiteAnchorRow, Site.name)

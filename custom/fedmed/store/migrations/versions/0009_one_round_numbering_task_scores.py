@@ -34,7 +34,7 @@ branch_labels = None
 depends_on = None
 
 ROUND_TABLES = ('rounds', 'client_updates', 'round_metrics', 'privacy_spend', 'alerts', 'site_trust')
-# Frozen here (a migration must not change when fedmed.tasks does): each task's score when this revision was written.
+# Frozen here (a migration must not change when fedmed.job.tasks does): each task's score when this revision was written.
 SCORE_NAMES = {'chest_xray14': 'mean_auroc', 'brain_mri': 'accuracy'}
 SHIFT = 1_000_000  # renumber through values no row holds, so (run, round) stays unique at every step
 

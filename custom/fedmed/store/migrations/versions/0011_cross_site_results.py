@@ -1,7 +1,7 @@
 """cross-site evaluation results
 
 One row per (run, model, site): the site's scores of the global model or of another hospital's lent local model on
-its own validation data, or why there are none (fedmed.crosssite). A new table: no existing row changes, so the
+its own validation data, or why there are none (fedmed.server.crosssite). A new table: no existing row changes, so the
 keyed audit chain needs no migration entry; its rows are covered from their first write (fedmed.store.audit).
 
 Revision ID: 0011

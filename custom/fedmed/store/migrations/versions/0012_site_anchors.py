@@ -1,6 +1,6 @@
 """site anchors: each site's privacy ledger head and last audit receipt, per round
 
-One row per (run, round, site): what the site vouched for in its signed update (fedmed.anchors): its privacy
+One row per (run, round, site): what the site vouched for in its signed update (fedmed.server.anchors): its privacy
 ledger's entry count, newest line's sha256 and lifetime epsilon, and the audit receipt it last saw. A new table: no
 existing row changes, so the keyed audit chain needs no migration entry; its rows are covered from their first write.
 

@@ -1,1 +1,0 @@
-"""Selective homomorphic encryption (CKKS, TenSEAL): pack, encrypt, aggregate and decrypt chosen model layers."""

@@ -1,0 +1,1 @@
+"""The network, its weights file format, its model card, its content hash and its health check."""

@@ -1,0 +1,102 @@
+"""Single passes over one update, chunk by chunk in cache: its L2 distance to another state, and its content hash
+fused with its distance to the global model (the screening's per-site work).
+
+Why chunked: the obvious `np.subtract(u, c, dtype=float64)` then a dot allocates a float64 copy of each parameter
+(up to 8 MB, fresh pages from the kernel each time), writes it and reads it back: 24 bytes of memory traffic per
+value instead of the 8 read here (two float32 inputs). Why float32 differences: the float32 -> float64 cast was
+the cost (the cast subtraction + float64 dot of a 32k chunk took 4.5x the float32 subtraction + BLAS sdot); two
+float32 values within a factor 2 of each other (an update and the model it started from, or the aggregate) have an
+exact float32 difference (Sterbenz), the chunk's sum of squares has only positive terms (relative error ~1e-7
+measured, 1e-6 tested), and the chunks' sums are added in float64. A chunk whose float32 sum is not finite (values
+near float32's range) is done again in float64, so the result never overflows where the float64 formula would
+not. Why one BLAS thread: the dot of a chunk is memory- and latency-bound; with OpenBLAS's pool of threads it took
+40x the CPU on a loaded 2-core machine (0.46-0.74 s instead of 12 ms per DenseNet-121 update,
+docs/bench_scale.md#passes-over-the-updates-issue-30), and the server's threads (fedmed.server.parallel) already run one update each.
+Inside those threads their own limit holds (cores // threads: 1 on 2 cores; fedmed.server.parallel.limited_blas).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fedmed.server.parallel import limited_blas
+
+CHUNK = 1 << 15  # values per chunk: 256 kB of float64, in L2 beside the two float32 slices it is made from
+
+
+class _Buffers:
+    """One chunk of float32 and one of float64, reused for every chunk of a pass."""
+
+    def __init__(self):
+        self.f32 = np.empty(CHUNK, np.float32)
+        self.f64 = np.empty(CHUNK, np.float64)
+
+    def sq_diff(self, a: np.ndarray, b: np.ndarray) -> float:
+        """sum((a - b)^2) of two flat chunks (at most CHUNK values): in float32 when both are, else (or when that
+        is not finite) in float64."""
+        n = a.size
+        if a.dtype == np.float32 and b.dtype == np.float32:
+            d = self.f32[:n]
+            np.subtract(a, b, out=d)
+            sq = float(np.dot(d, d))
+            if math.isfinite(sq):
+                return sq
+        d = self.f64[:n]
+        np.subtract(a, b, out=d, dtype=np.float64)
+        return float(np.dot(d, d))
+
+
+def squared_distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray], keys: Sequence[str]) -> float:
+    """sum over `keys` of ||update[k] - center[k]||^2, chunk sums added in float64, in one pass over both."""
+    bufs = _Buffers()
+    sq = 0.0
+    with limited_blas(1), np.errstate(over="ignore"):  # a float32 overflow is redone in float64
+        for k in keys:
+            a, b = np.asarray(update[k]).reshape(-1), np.asarray(center[k]).reshape(-1)
+            for start in range(0, a.size, CHUNK):
+                sq += bufs.sq_diff(a[start : start + CHUNK], b[start : start + CHUNK])
+    return sq
+
+
+def hash_and_norm(
+    params: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], keys: Sequence[str]
+) -> tuple[str, float]:
+    """(fedmed.models.weights.params_sha256(params), fedmed.server.aggregation.update_norm(params, reference, keys)) in one pass:
+    each chunk of an update is hashed and, for the distance keys, its difference to the global model squared and
+    summed while it is in cache. The digest is byte for byte params_sha256's (the same SHA-256 stream: name, dtype,
+    shape, then the array's bytes), so records stay comparable with earlier rounds and runs."""
+    h = hashlib.sha256()
+    wanted = set(keys)
+    bufs = _Buffers()
+    sq = 0.0
+    with limited_blas(1), np.errstate(over="ignore"):  # a float32 overflow is redone in float64
+        for k in sorted(params):
+            v = np.ascontiguousarray(params[k])
+            h.update(k.encode())
+            h.update(str(v.dtype).encode())
+            h.update(str(v.shape).encode())
+            flat = v.reshape(-1)
+            raw = flat.view(np.uint8)
+            if k not in wanted:
+                h.update(raw)
+                continue
+            ref = np.asarray(reference[k]).reshape(-1)
+            size = flat.itemsize
+            for start in range(0, flat.size, CHUNK):
+                h.update(raw[start * size : (start + CHUNK) * size])
+                sq += bufs.sq_diff(flat[start : start + CHUNK], ref[start : start + CHUNK])
+    return h.hexdigest(), float(np.sqrt(sq))
+
+
+def has_non_finite(values: np.ndarray) -> bool:
+    """Whether a floating-point array holds a NaN or an Inf. One sum in the array's own dtype (any NaN or Inf makes it
+    non-finite; a float64 sum of float32 values spent twice the CPU on the cast), and only when that sum is not
+    finite, which huge finite values can also cause, the element-wise look."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(values)):
+            return False
+    return not bool(np.all(np.isfinite(values)))

@@ -1,0 +1,1 @@
+"""Robust aggregation and the defences: geometric median, trust, collusion, centred clipping, baselines."""

@@ -1,0 +1,129 @@
+"""Per-site trust, round by round: a scale-free score from each site's distance to the judging reference (the
+coordinate median of the sites, fedmed.server.aggregation.aggregate_and_score), smoothed over
+rounds, with quarantine below a threshold and re-admission after consistently good rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """All thresholds of the trust rule.
+
+    Args:
+        smoothing: weight of the newest round in the running trust (exponential moving average), in (0, 1].
+        ok_ratio: distance / median site distance at or below which a round scores 1.
+        bad_ratio: ratio at or above which a round scores 0 (linear in between).
+        quarantine_below: trust under which a site is quarantined (excluded from aggregation, still evaluated).
+        readmit_after: consecutive good rounds a quarantined site needs to be re-admitted.
+        good_score: round score that counts as good for re-admission.
+        initial_trust: trust of a site never seen before.
+        head_cosine_ok / head_cosine_bad: the direction rule. The cosine between a site's move of the classifier
+            layers and the judging reference's (fedmed.server.aggregation.head_cosine; the coordinate median of the sites,
+            the aggregate until issue 28) scores 1 at or above head_cosine_ok, 0 at or below head_cosine_bad
+            (linear in between); a round's score is the lower of the distance and the direction scores. Measured
+            on the red team's hospitals (5 sites, 100 images, 64 px, 4 rounds): against the aggregate, honest
+            sites' cosines ranged 0.11 to 1.00, a label-flipping site's -0.87 to -0.71, while its distance ratio
+            stayed under 1.3, so the distance rule alone let it in every round. Re-measured against the coordinate
+            median (docs/redteam_collusion.md): honest sites +0.01 at the lowest (120 site-rounds of 6 honest
+            runs, none below 0), the IPM / unit-direction colluders -0.96 to -0.86, so both thresholds stand
+            (head_cosine_ok has little slack on the honest side: a non-IID site a little further off would lose
+            part of its score, never all of it above -0.5).
+        quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
+            once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
+            clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
+    """
+
+    smoothing: float = 0.5
+    ok_ratio: float = 2.0
+    bad_ratio: float = 4.0
+    quarantine_below: float = 0.5
+    readmit_after: int = 2
+    good_score: float = 0.8
+    initial_trust: float = 1.0
+    quarantine_on_zero: bool = True
+    head_cosine_ok: float = 0.0
+    head_cosine_bad: float = -0.5
+
+    def __post_init__(self):
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
+        if not 0 < self.ok_ratio < self.bad_ratio:
+            raise ValueError(f"need 0 < ok_ratio < bad_ratio, got {self.ok_ratio}, {self.bad_ratio}")
+        if not 0 <= self.quarantine_below <= 1:
+            raise ValueError(f"quarantine_below must be in [0, 1], got {self.quarantine_below}")
+        if self.readmit_after < 1:
+            raise ValueError(f"readmit_after must be >= 1, got {self.readmit_after}")
+        if not 0 <= self.good_score <= 1:
+            raise ValueError(f"good_score must be in [0, 1], got {self.good_score}")
+        if not 0 <= self.initial_trust <= 1:
+            raise ValueError(f"initial_trust must be in [0, 1], got {self.initial_trust}")
+        if not -1 <= self.head_cosine_bad < self.head_cosine_ok <= 1:
+            raise ValueError(
+                f"need -1 <= head_cosine_bad < head_cosine_ok <= 1, got {self.head_cosine_bad}, {self.head_cosine_ok}"
+            )
+
+
+@dataclass(frozen=True)
+class SiteTrust:
+    trust: float
+    quarantined: bool = False
+    good_streak: int = 0
+
+
+def round_scores(
+    distances: Mapping[str, float], policy: TrustPolicy, head_cosines: Mapping[str, float] | None = None
+) -> dict[str, tuple[float, float]]:
+    """site -> (ratio to the median distance, round score in [0, 1]). Scale-free: multiplying every update's
+    distance by the same factor changes nothing. With head_cosines (site -> cosine of its classifier's move with
+    the aggregate's), the score is the lower of the distance score and the direction score."""
+    if not distances:
+        return {}
+    values = np.array(list(distances.values()), dtype=np.float64)
+    if np.any(~np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"distances must be finite and >= 0, got {values.tolist()}")
+    med = float(np.median(values))
+    out = {}
+    for site, d in distances.items():
+        ratio = d / med if med > 0 else (1.0 if d == 0 else np.inf)
+        score = float(np.clip((policy.bad_ratio - ratio) / (policy.bad_ratio - policy.ok_ratio), 0.0, 1.0))
+        if head_cosines and site in head_cosines:
+            cos = float(head_cosines[site])
+            direction = (cos - policy.head_cosine_bad) / (policy.head_cosine_ok - policy.head_cosine_bad)
+            score = min(score, float(np.clip(direction, 0.0, 1.0)))
+        out[site] = (float(ratio), score)
+    return out
+
+
+def update_trust(
+    previous: Mapping[str, SiteTrust], scores: Mapping[str, float], policy: TrustPolicy
+) -> tuple[dict[str, SiteTrust], list[tuple[str, str, str]]]:
+    """Fold one round's scores into the running trust. Sites without a score this round keep their state.
+    Returns the new states and events (site, "quarantined" | "readmitted", message)."""
+    states, events = dict(previous), []
+    for site, score in scores.items():
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"score for {site} must be in [0, 1], got {score}")
+        old = states.get(site, SiteTrust(policy.initial_trust))
+        trust = (1 - policy.smoothing) * old.trust + policy.smoothing * score
+        streak = old.good_streak + 1 if score >= policy.good_score else 0
+        new = replace(old, trust=trust, good_streak=streak)
+        hostile_round = policy.quarantine_on_zero and score == 0.0
+        if not old.quarantined and (trust < policy.quarantine_below or hostile_round):
+            new = replace(new, quarantined=True, good_streak=0)
+            why = (
+                "a round scoring 0"
+                if trust >= policy.quarantine_below
+                else f"trust {trust:.3f} < {policy.quarantine_below}"
+            )
+            events.append((site, "quarantined", f"{site} quarantined: {why}"))
+        elif old.quarantined and streak >= policy.readmit_after:
+            # Re-admitted at the threshold, so one more bad round sends it straight back.
+            new = replace(new, quarantined=False, trust=max(trust, policy.quarantine_below))
+            events.append((site, "readmitted", f"{site} re-admitted after {streak} good rounds"))
+        states[site] = new
+    return states, events
