@@ -2,12 +2,12 @@
 """CKKS keys for selective HE, made by one hospital (the key custodian), never at provisioning:
 
     python scripts/he_keys.py make --out DIR
-(logic and the hand-over in fedmed.security.he_keys)
+(fedmed.cli.he_keys; the keys and the hand-over in fedmed.security.he_keys)
 """
 
 import sys
 
-from fedmed.security.he_keys import main
+from fedmed.cli.he_keys import main
 
 if __name__ == "__main__":
     sys.exit(main())

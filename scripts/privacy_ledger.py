@@ -3,12 +3,12 @@
 
     python scripts/privacy_ledger.py show   <kit>/local/privacy_ledger.jsonl
     python scripts/privacy_ledger.py verify <kit>/local/privacy_ledger.jsonl
-(logic in fedmed.privacy.ledger_cli)
+(logic in fedmed.cli.privacy_ledger)
 """
 
 import sys
 
-from fedmed.privacy.ledger_cli import main
+from fedmed.cli.privacy_ledger import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from pydicom.uid import RLELossless, generate_uid
 
+from fedmed.cli import privacy_ledger as ledger_cli
 from fedmed.data.labels import load_chestxray14
 from fedmed.data.synthetic import ScannerProfile, make_dicom
-from fedmed.privacy import ledger_cli
 from fedmed.privacy.accounting import epsilon_of
 from fedmed.privacy.identity import IdentitySet, image_identifiers, pixel_digest
 from fedmed.privacy.ledger import (

@@ -15,8 +15,8 @@ what scripts/<module>.py runs:
     fedmed-site                 check or stop one installed site kit  (site)
     fedmed-signing-keys         the federation's update-signing keys  (signing_keys)
     fedmed-redteam              the attack suite against the defences (redteam)
-    fedmed-he-keys              the CKKS key custodian's contexts     (fedmed.security.he_keys)
-    fedmed-privacy-ledger       a hospital's lifetime privacy ledger  (fedmed.privacy.ledger_cli)
+    fedmed-he-keys              the CKKS key custodian's contexts     (he_keys)
+    fedmed-privacy-ledger       a hospital's lifetime privacy ledger  (privacy_ledger)
 
 `python -m fedmed.cli.<module>` runs the same.
 """

@@ -1,0 +1,131 @@
+"""Benchmark: what hybrid ML-DSA-65 + Ed25519 signatures cost per DenseNet-121 update, in time and bytes.
+
+    python scripts/bench_signing.py [--sites 3] [--images 64] [--image-size 128] [--repeats 5]
+                                    [--out docs/bench_signing.md]
+
+Measured on a real DenseNet-121 update (7.0 M values, 28 MB) with its classifier head CKKS-encrypted as in
+selective HE (fedmed.security.ckks, real TenSEAL chunks): a site's update_digest + sign, the server's update_digest +
+verify per site, the server's global_model_digest + sign, and a site's digest + verify of the global model. Each
+step is timed `--repeats` times and the median kept. The round time it is compared with is one real local epoch
+(fedmed.cli.bench_sites.measure_training: the same images, size and single thread as docs/bench_he.md); sites sign in parallel,
+the server verifies every site in turn, so the round overhead = a site's sign + the server's verify x sites + the
+server's global sign + a site's global verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from fedmed.paths import CHECKOUT as REPO
+
+
+def timed(fn, repeats: int):
+    out, times = None, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "bench_signing.md")
+    a = p.parse_args(argv)
+    if a.sites < 1 or a.repeats < 1:
+        p.error("--sites and --repeats must be >= 1")
+    import tempfile
+
+    import cryptography
+    import torch
+
+    from fedmed.cli.bench_sites import measure_training
+    from fedmed.models.network import HEAD_PREFIX
+    from fedmed.security import ckks, signing
+
+    torch.set_num_threads(1)
+    print(f"[bench_signing] timing one local epoch on {a.images} images at {a.image_size} px")
+    train_s, start, trained = measure_training(a.images, a.image_size, a.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        keys = ckks.generate_key_set()
+        ckks.write_key_files(keys, tmp / "server", [tmp / "site"])
+        ctx = ckks.load_client_context(tmp / "site" / ckks.CLIENT_CONTEXT_FILE)
+        names = ckks.resolve_encrypted_names(list(trained), [HEAD_PREFIX])
+        clear, block = ckks.encrypt_selected(trained, names, ctx)
+        wire = block.to_wire()
+        signing.generate_site_keys(tmp / "hospital" / "local", "hospital-a")
+        signing.generate_site_keys(tmp / "server" / "local", "server")
+        site_keys = signing.load_site_keys(tmp / "hospital" / "local")
+        server_keys = signing.load_site_keys(tmp / "server" / "local")
+    clear_bytes = sum(v.nbytes for v in clear.values())
+    enc_bytes = sum(len(c) for c in wire["chunks"])
+    metrics = {"train_loss": 0.41, "val_mean_auroc": 0.63, **{f"val_auroc/c{i}": 0.6 for i in range(14)}}
+    privacy = {"epsilon": 2.1, "delta": 1e-5}
+
+    def digest():
+        return signing.update_digest("job", 3, "hospital-a", clear, wire, 120, metrics, privacy)
+
+    d, digest_s = timed(digest, a.repeats)
+    sig, sign_s = timed(lambda: signing.sign(d, site_keys), a.repeats)
+    _, verify_s = timed(lambda: signing.verify(d, sig, site_keys.public), a.repeats)
+    g, gdigest_s = timed(lambda: signing.global_model_digest("job", 4, start), a.repeats)
+    gsig, gsign_s = timed(lambda: signing.sign_global_model(g, server_keys), a.repeats)
+    _, gverify_s = timed(lambda: signing.verify_global_model(g, gsig, server_keys.public), a.repeats)
+
+    site_up = digest_s + sign_s
+    server_per_site = digest_s + verify_s
+    server_global = gdigest_s + gsign_s
+    site_down = gdigest_s + gverify_s
+    overhead = site_up + a.sites * server_per_site + server_global + site_down
+    update_bytes = clear_bytes + enc_bytes
+    lines = [
+        "# bench_signing: hybrid ML-DSA-65 + Ed25519 signatures per DenseNet-121 update",
+        "",
+        f"`python scripts/bench_signing.py --sites {a.sites} --images {a.images} --image-size {a.image_size} "
+        f"--repeats {a.repeats}` on this machine ({time.strftime('%Y-%m-%d')}), cryptography "
+        f"{cryptography.__version__} (OpenSSL), one thread. Update: {sum(v.size for v in clear.values()):,} clear "
+        f"values ({clear_bytes / 1e6:.1f} MB) + the CKKS-encrypted classifier head ({len(wire['chunks'])} chunks, "
+        f"{enc_bytes / 1e6:.2f} MB). Median of {a.repeats}.",
+        "",
+        "| step | where | seconds |",
+        "|---|---|---|",
+        f"| update_digest (SHA-256 over canonical bytes) | site and server | {digest_s:.4f} |",
+        f"| sign (ML-DSA-65 + Ed25519) | site | {sign_s:.4f} |",
+        f"| verify (both) | server, per site | {verify_s:.4f} |",
+        f"| global_model_digest | server and site | {gdigest_s:.4f} |",
+        f"| sign global model | server | {gsign_s:.4f} |",
+        f"| verify global model | site | {gverify_s:.4f} |",
+        "",
+        f"- Site per round: {site_up:.3f} s to sign its update + {site_down:.3f} s to check the global model.",
+        f"- Server per round: {a.sites} x {server_per_site:.3f} s to check the updates + {server_global:.3f} s to sign "
+        "the global model.",
+        f"- Round overhead {overhead:.3f} s against one local epoch of **{train_s:.1f} s**: "
+        f"**{100 * overhead / train_s:.2f}%** of the round (target <= 1%).",
+        f"- Bytes added: {len(sig):,} per update (up) and {len(gsig):,} per global model (down), "
+        f"{100 * len(sig) / update_bytes:.4f}% of a {update_bytes / 1e6:.1f} MB update; public key bundle "
+        f"{len(site_keys.public.to_json()):,} bytes, once per site.",
+        "",
+        "The digest (SHA-256 over the 28 MB of parameters) dominates; the signatures themselves are fixed-size and "
+        "take milliseconds. The overhead is fixed per round while the epoch grows with a site's data: at this "
+        f"epoch's {train_s / a.images * 1000:.0f} ms per image it is <= 1% from about "
+        f"{int(overhead / 0.01 / (train_s / a.images)) + 1:,} images per site. The server already hashes each update "
+        "(update_sha256); storing the update digest there instead would save one of the two hashes per update.",
+    ]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text("\n".join(lines) + "\n")
+    print(a.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
