@@ -261,9 +261,8 @@ def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federatio
         assert (anchors[site]["ledger_entries"], anchors[site]["ledger_head"]) == (len(ledger.entries()), ledger.head())
         mine = [e for e in ledger.entries() if e.job_id == out.job_id]
         assert [(e.mechanism, e.round) for e in mine] == [("user_level", 0)] and ledger.verify() is None
-        assert mine[0].details["relation"] == "replace" and mine[0].details["noise_std"] == pytest.approx(
-            0.01
-        )  # 0.01 x 2C
+        # 0.01 x 2C
+        assert mine[0].details["relation"] == "replace" and mine[0].details["noise_std"] == pytest.approx(0.01)
         assert mine[0].history == ((0.01, 1.0, 1),)  # std / 2C at the example level
 
 

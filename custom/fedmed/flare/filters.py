@@ -139,9 +139,8 @@ class UpdateNoiseFilter(Filter):
         dxo.set_meta_prop(C.META_UPDATE_CLIP_NORM, self.clip_norm)
         dxo.set_meta_prop(C.META_UPDATE_NOISE_MULTIPLIER, self.noise_multiplier)
         dxo.set_meta_prop(C.META_LIFETIME_EPSILON, entry.epsilon_after)
-        if (
-            C.META_LEDGER_HEAD in dxo.meta
-        ):  # the head the update vouches for (fedmed.server.anchors), now with this charge
+        # the head the update vouches for (fedmed.server.anchors), now with this charge
+        if C.META_LEDGER_HEAD in dxo.meta:
             at = LedgerHead.from_wire(dxo.meta[C.META_LEDGER_HEAD]).at_previous
             dxo.set_meta_prop(C.META_LEDGER_HEAD, release["binding"].head_report(at[0] if at else None).to_wire())
         self.log_info(

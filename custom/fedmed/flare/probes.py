@@ -92,9 +92,8 @@ class ProbedFedAvg(FedAvg):
 
     def save_model(self, model):  # the last step of a FedAvg round
         super().save_model(model)
-        if (
-            os.environ.get(ENV_TRIM_HEAP) == "1"
-        ):  # NVFlare's FedAvg with fedmed's end-of-round release (fedmed.server.heap)
+        # NVFlare's FedAvg with fedmed's end-of-round release (fedmed.server.heap)
+        if os.environ.get(ENV_TRIM_HEAP) == "1":
             release_round_memory()
         self._probe.write()
 

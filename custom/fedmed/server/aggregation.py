@@ -202,9 +202,8 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
         v = np.asarray(update[k])
         if v.shape != np.shape(ref):
             return f"parameter {k}: shape {v.shape}, expected {np.shape(ref)}"
-        if np.issubdtype(v.dtype, np.floating) and has_non_finite(
-            v
-        ):  # one sum, not a boolean array (fedmed.server.passes)
+        # one sum, not a boolean array (fedmed.server.passes)
+        if np.issubdtype(v.dtype, np.floating) and has_non_finite(v):
             return f"parameter {k}: contains NaN or Inf"
     return None
 
@@ -217,9 +216,8 @@ class RoundOutcome:
     scored: dict  # site -> (ratio to the median distance, round score in [0, 1])
     excluded: tuple  # active sites dropped this round (round score 0: far outliers or heads moved against)
     used_counts: dict = field(default_factory=dict)  # aggregated site -> sample count after the cap
-    head_cosines: dict = field(
-        default_factory=dict
-    )  # site -> fedmed.server.aggregation.head_cosine (empty: not checked)
+    # site -> fedmed.server.aggregation.head_cosine (empty: not checked)
+    head_cosines: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -295,9 +295,8 @@ class RoundEngine:
             problem = self.find_problem(r, reference)
             if problem is not None:
                 return problem, None, None
-            sha, norm = hash_and_norm(
-                r.params, reference, keys
-            )  # one pass: the hash and the norm (fedmed.server.passes)
+            # one pass: the hash and the norm (fedmed.server.passes)
+            sha, norm = hash_and_norm(r.params, reference, keys)
             return None, with_ciphertexts(sha, r.encrypted), norm
 
         return thread_map(examine, results, 1 if self.encryption is not None else None)

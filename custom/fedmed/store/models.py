@@ -36,9 +36,8 @@ class Run(Base):
     aggregation: Mapped[str] = mapped_column(String(50))
     num_rounds: Mapped[int] = mapped_column(Integer)
     config_json: Mapped[str] = mapped_column(Text, default="{}")
-    status: Mapped[str] = mapped_column(
-        String(30), default="running"
-    )  # running / finished / failed / aborted / interrupted
+    # running / finished / failed / aborted / interrupted
+    status: Mapped[str] = mapped_column(String(30), default="running")
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
     best_round: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
