@@ -73,43 +73,12 @@ def key_groups(reference: Mapping[str, np.ndarray], keys: Sequence[str], groups:
     return [g for g in out if g]
 
 
-GRAM_CHUNK = 1 << 13  # coordinates per float32 Gram block: K x 8k float32 = 1.6 MB for K = 50, in L2
-
-
 def _gram_of(updates: Sequence[Mapping[str, np.ndarray]], w: np.ndarray, keys: list[str]) -> np.ndarray:
-    """The centred Gram matrix over `keys`: in float32 blocks when every update holds these keys in float32 (the
-    model's own dtype: half the bytes copied and BLAS's sgemm at ~1.7x dgemm's rate, 26 against 16 GFLOP/s on one
-    core here, issue 30), each block's K x K product added in float64; in float64 blocks otherwise, or when the
-    float32 sums are not finite (values near float32's range), so the result never overflows where the float64
-    formula would not. The float32 products agree with float64's to ~5e-8 of the largest entry (measured on 50
-    x 2M values), far inside what Weiszfeld's ftol and the distance rule can tell apart."""
-    if all(np.asarray(u[key]).dtype == np.float32 for u in updates for key in keys):
-        with np.errstate(over="ignore", invalid="ignore"):
-            gram = _gram_f32(updates, w.astype(np.float32), keys)
-        if np.all(np.isfinite(gram)):
-            return gram
     k = len(updates)
     gram = np.zeros((k, k), np.float64)
     for _, _, block in _blocks(updates, keys):
         block -= w @ block
         gram += block @ block.T
-    return gram
-
-
-def _gram_f32(updates: Sequence[Mapping[str, np.ndarray]], w32: np.ndarray, keys: list[str]) -> np.ndarray:
-    k = len(updates)
-    gram = np.zeros((k, k), np.float64)
-    buf = np.empty((k, GRAM_CHUNK), np.float32)
-    for key in keys:
-        flat = [np.asarray(u[key]).reshape(-1) for u in updates]
-        n = flat[0].size
-        for start in range(0, n, GRAM_CHUNK):
-            stop = min(n, start + GRAM_CHUNK)
-            block = buf[:, : stop - start]
-            for row, f in zip(block, flat):
-                row[:] = f[start:stop]
-            block -= w32 @ block  # centred on the weighted mean first: large common offsets do not cancel
-            gram += block @ block.T  # one BLAS call per block (numpy hands a @ a.T to syrk)
     return gram
 
 
