@@ -73,13 +73,18 @@ class UpdateSketch:
     def fits(self, reference: Mapping[str, np.ndarray]) -> bool:
         return tuple((k, np.shape(reference[k])) for k in distance_keys(reference)) == self.signature
 
-    def of(self, update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> np.ndarray:
-        parts = [
-            np.asarray(update[k]).reshape(-1)[idx].astype(np.float64)
-            - np.asarray(reference[k]).reshape(-1)[idx].astype(np.float64)
-            for k, idx in self._picks
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0)
+    def of(self, update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
+        """reference: a state, or its own sampled values (values(reference)), taken once for many updates."""
+        base = reference if isinstance(reference, np.ndarray) else self.values(reference)
+        return self.values(update) - base if self._picks else np.zeros(0)
+
+    def values(self, state: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The state's values at the sampled coordinates, float64 (each layer gathered, then one cast: the same
+        values as a cast per layer)."""
+        if not self._picks:
+            return np.zeros(0)
+        parts = [np.asarray(state[k]).reshape(-1)[idx] for k, idx in self._picks]
+        return np.concatenate(parts).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,9 @@ class CollusionTracker:
         """Fold this round's valid updates into the history and return the CollusionFinding."""
         if self.sketch is None or not self.sketch.fits(reference):
             self.sketch, self.history, self.rounds = UpdateSketch(reference, self.sketch_size), {}, {}
-        moves = {s: self.sketch.of(u, reference) for s, u in updates.items()}
+        base = self.sketch.values(reference)  # once, not once per site
+        sites = list(updates)  # each site's sketch on the server's threads (fedmed.parallel): a gather per layer
+        moves = dict(zip(sites, thread_map(lambda s: self.sketch.of(updates[s], base), sites)))
         for s, m in moves.items():
             self.history[s] = self.history.get(s, 0.0) + m
             self.rounds[s] = self.rounds.get(s, 0) + 1
