@@ -344,6 +344,10 @@ def main(argv=None) -> int:
             profile_text = prof or profile_text
     finally:
         dbs.close()
+    # Part 1 written now, so a run cut later (memory, a timeout) still leaves its figures.
+    write_document(
+        a, argv, ScaleRun(rows, profile_text, None, None, n_values, state_bytes, load_start, time.time() - t0)
+    )
     threads = engine_thread_modes(base, max(a.sites), a.seed, a.thread_repeats, a.burn) if a.thread_repeats else None
     sim = long = None
     if not a.skip_simulator and (a.sim_sites or a.long_rounds):
