@@ -15,8 +15,12 @@ def _rows(text: str, first: str) -> list[list[str]]:
 
 def test_round_engine_part_writes_a_row_per_site_count_and_a_plot(tmp_path):
     out = tmp_path / "bench_scale.md"
+    # an earlier document: its generated part is replaced, its hand-written part (from the marker on) kept
+    out.write_text(f"# old\n\n| 3 | stale |\n\n{bench_scale.KEEP_MARKER}\n\n## Floor\n\nhand-written analysis\n")
     assert bench_scale.main(["--quick", "--skip-simulator", "--db", "sqlite", "--out", str(out)]) == 0
     text = out.read_text()
+    assert "stale" not in text and text.count(bench_scale.KEEP_MARKER) == 1
+    assert text.index("| step, 5 sites |") < text.index(bench_scale.KEEP_MARKER) < text.index("hand-written analysis")
     assert "Command: `python scripts/bench_scale.py --quick --skip-simulator --db sqlite --out" in text
     assert "Load average at the start: " in text and "CPU cores" in text
     rows = _rows(text, "| 3 |") + _rows(text, "| 5 |")

@@ -222,7 +222,7 @@ def test_far_outlier_is_left_out_of_the_round_it_turns_hostile():
     assert out.excluded == () and out.weights["evil"] < 0.05
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 16, 17])  # the sorting network up to 16 rows, np.median beyond
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 16, 17, 24, 50, 51])  # the sorting network up to 16, sorting beyond
 def test_the_judging_reference_median_equals_numpys(k):
     from fedmed.server.robust.collusion import _median_rows, coordinate_median_reference
 
@@ -233,3 +233,17 @@ def test_the_judging_reference_median_equals_numpys(k):
     ref = coordinate_median_reference(ups, ["w"])
     assert ref["w"].shape == (3, 100) and ref["w"].dtype == np.float32
     np.testing.assert_allclose(ref["w"].reshape(-1), np.median(rows, axis=0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [17, 50, 51])
+def test_the_sorted_median_is_numpys_bit_for_bit_across_blocks(k):
+    """Many rows (fedmed.server.robust.collusion._median_by_sorting): the same float32 values np.median picks, over more
+    coordinates than one sorted block, with ties, and for an even count the same rounding of the middle pair."""
+    from fedmed.server.robust.collusion import SORT_CHUNK, _median_rows
+
+    rng = np.random.default_rng(k)
+    rows = rng.standard_normal((k, 2 * SORT_CHUNK + 37)).astype(np.float32)
+    rows[: k // 2, :100] = 1.5  # ties at the middle
+    got = _median_rows(list(rows))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.median(rows, axis=0))

@@ -59,6 +59,10 @@ from fedmed.store.models import utcnow
 from fedmed.store.repository import Repository, RoundRecord, TrustRecord
 
 DBS = ("sqlite", "postgres")
+TARGETS = {50: 2.0, 100: 4.0}  # sites -> step + record seconds on 2 cores (issue 30)
+# Everything from this line on in an existing --out file is hand-written (analysis, other runs) and kept when the
+# generated part above it is written again.
+KEEP_MARKER = "<!-- bench_scale: hand-written sections below are kept when the file is regenerated -->"
 QUICK_SLICE = ("features.conv0.", "features.norm0.", "features.denseblock1.denselayer1.", "class_layers.")
 
 
@@ -340,6 +344,10 @@ def main(argv=None) -> int:
             profile_text = prof or profile_text
     finally:
         dbs.close()
+    # Part 1 written now, so a run cut later (memory, a timeout) still leaves its figures.
+    write_document(
+        a, argv, ScaleRun(rows, profile_text, None, None, n_values, state_bytes, load_start, time.time() - t0)
+    )
     threads = engine_thread_modes(base, max(a.sites), a.seed, a.thread_repeats, a.burn) if a.thread_repeats else None
     sim = long = None
     if not a.skip_simulator and (a.sim_sites or a.long_rounds):
@@ -357,8 +365,9 @@ def main(argv=None) -> int:
     measured = ScaleRun(rows, profile_text, sim, long, n_values, state_bytes, load_start, time.time() - t0)
     lines = write_document(a, argv, measured)
     if threads is not None:
+        kept = kept_sections(a.out)
         lines += thread_lines(a, threads)
-        a.out.write_text("\n".join(lines) + "\n")
+        a.out.write_text("\n".join(lines) + "\n" + kept)
     plot(rows, a.out.with_suffix(".png"), list(a.db))
     print("\n".join(lines))
     tmp.cleanup()
@@ -442,12 +451,15 @@ def write_document(a, argv, measured: ScaleRun) -> list:
             )
         c0, c1, cr2 = linear_fit(ks, [last[k].step_cpu_s for k in ks])
         lines.append(f"- Step CPU: {c0:.2f} s + {c1 * 1000:.0f} ms x sites, R^2 = {cr2:.3f}.")
-    if 50 in last:
-        r = last[50]
-        worst = max(r.step_s + r.record_s[k] for k in kinds)
+    for k, target in TARGETS.items():
+        if k not in last:
+            continue
+        r = last[k]
+        worst = max(r.step_s + r.record_s[kind] for kind in kinds)
         lines.append(
-            f"- **At 50 sites: {worst:.2f} s** for step + record on the slower database (target <= 5 s: "
-            f"{'met' if worst <= 5 else 'missed'}); server peak {(r.updates_bytes + r.traced_peak) / r.updates_bytes:.2f}x "
+            f"- **At {k} sites: {worst:.2f} s** for step + record on the slower database, {r.step_cpu_s:.2f} s of "
+            f"step CPU (target <= {target:g} s on 2 cores, issue 30: {'met' if worst <= target else 'missed'}); "
+            f"server peak {(r.updates_bytes + r.traced_peak) / r.updates_bytes:.2f}x "
             f"the updates held (target <= 2x: {'met' if r.traced_peak <= r.updates_bytes else 'missed'})."
         )
     lines.append(f"- Plot: [{a.out.with_suffix('.png').name}]({a.out.with_suffix('.png').name}) (time vs sites).")
@@ -512,8 +524,17 @@ def write_document(a, argv, measured: ScaleRun) -> list:
             f"- per round (MB): {', '.join(f'{v:.0f}' for v in rss)}",
         ]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
+    a.out.write_text("\n".join(lines) + "\n" + kept_sections(a.out))
     return lines
+
+
+def kept_sections(path: Path) -> str:
+    """The hand-written part of an existing document (from KEEP_MARKER on), to write back after the generated one."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(KEEP_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
 
 
 def thread_lines(a, threads) -> list:

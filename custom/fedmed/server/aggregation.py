@@ -61,14 +61,15 @@ def is_statistic(name: str) -> bool:
 def median_of_statistics(updates: Sequence[Mapping[str, np.ndarray]]) -> dict:
     """Coordinate-wise median of every BatchNorm statistic across the updates (integers rounded back). With two
     updates this is their mean; from three on, one site cannot move any coordinate beyond the honest range."""
-    out = {}
-    for key, ref in updates[0].items():
-        if not is_statistic(key):
-            continue
-        ref = np.asarray(ref)
+
+    def of(key):
+        ref = np.asarray(updates[0][key])
         med = np.median(np.stack([np.asarray(u[key], np.float64) for u in updates]), axis=0)
-        out[key] = np.rint(med).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else med.astype(ref.dtype)
-    return out
+        return np.rint(med).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else med.astype(ref.dtype)
+
+    # ~360 small layers: on the server's threads (fedmed.server.parallel)
+    keys = [k for k in updates[0] if is_statistic(k)]
+    return dict(zip(keys, thread_map(of, keys)))
 
 
 def check_same_keys_and_shapes(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -202,8 +203,8 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
         v = np.asarray(update[k])
         if v.shape != np.shape(ref):
             return f"parameter {k}: shape {v.shape}, expected {np.shape(ref)}"
-        # one sum, not a boolean array (fedmed.server.passes)
-        if np.issubdtype(v.dtype, np.floating) and has_non_finite(v):
+        # dtype.kind "f" is np.issubdtype(dtype, np.floating) without its ~2 us a call (x 600 layers x K sites)
+        if v.dtype.kind == "f" and has_non_finite(v):  # one sum, not a boolean array (fedmed.server.passes)
             return f"parameter {k}: contains NaN or Inf"
     return None
 

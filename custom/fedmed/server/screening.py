@@ -64,7 +64,15 @@ def find_statistics_problem(
     update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], factor: float = DEFAULT_STATISTICS_FACTOR
 ) -> Optional[str]:
     """BatchNorm running statistics: finite, variances > 0, within factor of the global model's (see
-    DEFAULT_STATISTICS_FACTOR); batch counters non-negative. Call after find_update_problem (names and shapes)."""
+    DEFAULT_STATISTICS_FACTOR); batch counters non-negative. Call after find_update_problem (names and shapes).
+
+    An update that passes (nearly all) is told so by _statistics_pass, the same element-wise tests over all the
+    layers at once; only one that fails is walked layer by layer, for the sentence naming its first failing layer."""
+    try:
+        if _statistics_pass(update, reference, factor):
+            return None
+    except (TypeError, ValueError):  # something that does not convert: the walk below says what
+        pass
     for key in sorted(k for k in reference if is_statistic(k)):
         v = np.asarray(update[key])
         g = np.asarray(reference[key])
@@ -89,3 +97,42 @@ def find_statistics_problem(
             if shift > factor:
                 return f"{key}: mean moved {shift:.3g} global standard deviations (at most {factor:g} per round)"
     return None
+
+
+def _statistics_pass(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], factor: float) -> bool:
+    """Whether find_statistics_problem's walk would find nothing: the very same float64 element-wise quantities
+    (counters >= 0, finite, variances > 0, variance ratio and mean shift within factor), each over the layers
+    concatenated, so ~360 BatchNorm layers cost a few numpy calls per update instead of ~10 each (issue 30)."""
+    keys = [k for k in reference if is_statistic(k)]
+    counters = [k for k in keys if k.endswith("num_batches_tracked")]
+    variances = [k for k in keys if k.endswith("running_var")]
+    means = [k for k in keys if k.endswith("running_mean")]
+    others = [k for k in keys if k not in counters and k not in variances and k not in means]
+
+    def joined(state, names):
+        return np.concatenate([np.asarray(state[k]).reshape(-1).astype(np.float64) for k in names]) if names else None
+
+    if counters and any(np.any(np.asarray(update[k]) < 0) for k in counters):
+        return False
+    values = joined(update, variances + means + others)
+    if values is not None and not np.all(np.isfinite(values)):
+        return False
+    if variances:
+        v, g = joined(update, variances), joined(reference, variances)
+        if np.any(v <= 0):
+            return False
+        ratio = v / np.maximum(g, 1e-12)
+        if float(np.max(np.maximum(ratio, 1.0 / ratio))) > factor:
+            return False
+    if means:
+        v, g = joined(update, means), joined(reference, means)
+        var = [
+            np.asarray(reference.get(k[: -len("running_mean")] + "running_var", np.ones_like(np.asarray(reference[k]))))
+            .reshape(-1)
+            .astype(np.float64)
+            for k in means
+        ]
+        scale = np.sqrt(np.maximum(np.concatenate(var), 1e-12))
+        if float(np.max(np.abs(v - g) / scale)) > factor:
+            return False
+    return True
