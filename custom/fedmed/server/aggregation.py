@@ -1,5 +1,5 @@
 """Aggregation of site updates (pure numpy). The round engine (fedmed.server.rounds) picks a function from AGGREGATORS by
-name: FedAvg here, the robust ones (geometric median and baselines) from fedmed.robust behind the same interface.
+name: FedAvg here, the robust ones (geometric median and baselines) from fedmed.server.robust behind the same interface.
 
 Every aggregator in AGGREGATORS caps the sites' self-reported sample counts (capped_counts) before using them, so no
 caller can forget to: a site's count is a claim, and uncapped it buys the weighted median outright. The robust ones
