@@ -27,15 +27,16 @@ import torch
 
 from fedmed import redteam
 from fedmed.inprocess import Adversary, FederationPlan, federate
-from fedmed.robust.attacks import Attack
 from fedmed.robust.trust import TrustPolicy
 from fedmed.tasks import CHEST_XRAY14
 
 SEEDS = (0, 1, 2)
 SIZE = dict(honest=4, per_site=100, num_test=200, rounds=4, attack_from=2, image_size=64, batch_size=16)
 TOLERANCE = 0.02
-# "site X: distance D (xR median), head cosine +C, score ..." (RoundEngine's per-site log line)
-LOG_LINE = re.compile(r"site (\S+): distance \S+ \(x([0-9.]+) median\)(?:, head cosine ([+-][0-9.]+))?")
+# "site X: distance D (xR median), head cosine +C, sign balance +B, score ..." (RoundEngine's per-site log line)
+LOG_LINE = re.compile(
+    r"site (\S+): distance \S+ \(x([0-9.]+) median\)(?:, head cosine ([+-][0-9.]+))?(?:, sign balance ([+-][0-9.]+))?"
+)
 BLOCKED = ("rejected", "quarantined", "refused")
 
 
@@ -67,6 +68,7 @@ def play(data, row, seed: int, rules: str) -> dict:
                 per_site[m.group(1)] = {
                     "distance_ratio": float(m.group(2)),
                     "head_cosine": float(m.group(3)) if m.group(3) else None,
+                    "sign_balance": float(m.group(4)) if m.group(4) else None,
                 }
         rounds.append(
             {
@@ -118,29 +120,32 @@ def honest_quarantined(run: dict) -> list:
     )
 
 
+IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geometric median accepted (issue 28)
+
+
 def plan_jobs(runs: dict) -> list:
-    """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict)."""
-    rows2 = [r for r in redteam.COLLUSION_ROWS if r.colluders == 2]
-    rows1 = [r for r in redteam.COLLUSION_ROWS if r.colluders == 1]
-    jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in rows2] + [(None, 1, "gm"), (None, 2, "gm")]
+    """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict): the honest run
+    on seed 0 (the sign rule's cost, against the one measured before it), the in-distribution rows the engine
+    accepted before the sign rule (seed 0: a row rejected every round holds on the reason), the honest runs on
+    seeds 1 and 2, the other rows (seed 0), every row still accepted on seeds 1 and 2, plain FedAvg under the worst
+    two-colluder attack. Centred clipping is no longer measured here (its runs before the sign rule are kept in
+    BEFORE)."""
+    rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
+    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION]
+    rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION]
 
     def accepted(row, rules="gm"):
-        first = runs.get(key(row.name, 0, rules))
-        return first is not None and not blocked_every_round(first)
+        run = runs.get(key(row.name, 0, rules))
+        return run is not None and not blocked_every_round(run)
 
-    cc_rows = [r for r in rows2 if r.attack in (Attack("alie", 0.0), Attack("min_max_std"))]
-    # The rows centred clipping is for first (seeds 1, 2), then its effect on them (seed 0), then the rest.
-    jobs += [(r, s, "gm") for r in cc_rows if accepted(r) for s in (1, 2)]
-    jobs += [(None, 0, "gm+cc")] + [(r, 0, "gm+cc") for r in cc_rows]
-    jobs += [(r, s, "gm") for r in rows2 if accepted(r) for s in (1, 2)]
-    jobs += [(r, 0, "gm") for r in rows1]
-    jobs += [(r, s, "gm") for r in rows1 if accepted(r) for s in (1, 2)]
-    done2 = [runs[key(r.name, 0, "gm")] for r in rows2 if key(r.name, 0, "gm") in runs]
+    jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in first] + [(None, 1, "gm"), (None, 2, "gm")]
+    jobs += [(r, 0, "gm") for r in rest]
+    jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
+    done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])
-        row = next(r for r in rows2 if r.name == worst["row"])
+        row = next(r for r in rows if r.name == worst["row"])
         jobs += [(None, 0, "fedavg"), (row, 0, "fedavg")]
-    jobs += [(None, s, "gm+cc") for s in (1, 2)] + [(r, s, "gm+cc") for r in cc_rows for s in (1, 2)]
     return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
 
 
