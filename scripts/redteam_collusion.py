@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -160,15 +161,30 @@ def measure(a) -> None:
     train, test, _ = redteam.load_sites(a.data, names, SIZE["image_size"])
     t_end = time.time() + a.budget_s
     while time.time() < t_end:
-        jobs = plan_jobs(load_runs(a.runs))
-        if not jobs:
+        job = claim(a.runs, plan_jobs(load_runs(a.runs)))
+        if job is None:
             break
-        row, seed, rules = jobs[0]
-        name = key(row.name if row else "honest", seed, rules)
+        (row, seed, rules), name = job
         print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
-        out = play((train, test), row, seed, rules)
-        (a.runs / f"{name}.json").write_text(json.dumps(out, indent=1))
+        try:
+            out = play((train, test), row, seed, rules)
+            (a.runs / f"{name}.json").write_text(json.dumps(out, indent=1))
+        finally:
+            (a.runs / f"{name}.claim").unlink(missing_ok=True)
         print(f"  AUROC {out['auroc']:.3f} in {out['seconds']:.0f} s", flush=True)
+
+
+def claim(folder: Path, jobs: list):
+    """The first job no other worker has claimed ((job, name), its NAME.claim file created), or None: two workers
+    started on one --runs folder (each with its own --data copy) share the queue."""
+    for job in jobs:
+        name = key(job[0].name if job[0] else "honest", job[1], job[2])
+        try:
+            os.close(os.open(folder / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return job, name
+    return None
 
 
 def max_share(run: dict) -> float:
