@@ -361,6 +361,10 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         f"suffices: the reason is the criterion), or a mean paired gap of at least -{TOLERANCE} over seeds 0, 1, 2; "
         "never held when an honest hospital is quarantined.",
         "",
+        "A rejected row still loses what the attackers' data would have added: with the pair out from round 2 the "
+        "three honest hospitals train alone (seed 0: 0.727 against 0.752 with all five honest, the same for every "
+        "rejected two-colluder row); no rule can give that back.",
+        "",
         "| attack | what the server did (seed 0, attacked rounds) | AUROC seed 0 | held | before the sign rule |",
         "|---|---|---|---|---|",
     ]
@@ -377,6 +381,8 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
             verdicts.append((row.name, held))
             did = summary(run) if run else "-"
             auc = f"{run['auroc']:.3f}" if run else "-"
+            if run and 0 in honest:  # a rejected pair's data is lost too: the gap shows what that costs
+                auc += f" ({run['auroc'] - honest[0]:+.3f} vs honest)"
             old = before.get(key(row.name, 0, "gm"))
             old_auc = f"AUROC seed 0 {old['auroc']:.3f}; " if old else ""
             lines.append(f"| {row.name} | {did} | {auc} | {text} | {old_auc}{old_text} |")
