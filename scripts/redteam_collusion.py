@@ -334,7 +334,7 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         f"Command: `{command}` (two workers sharing one queue, each run written to docs/redteam_collusion/*.json "
         "as it finished; this page is regenerated from them by `python scripts/redteam_collusion.py --doc`). "
         f"{len(mine)} runs with the sign rule, {seconds:.0f} s of run time in all, under `nice -n 10` on a 2-core "
-        "CPU shared with four other agents' jobs (one run takes ~90 s alone, ~9.5 min here). The runs measured "
+        "CPU shared with four other agents' jobs (one run takes ~90 s alone, 5 to 24 min here). The runs measured "
         f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below.",
         "",
         f"Federation: the red team's default (fedmed-redteam): {SIZE['honest']} honest hospitals and one hostile of "
