@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -28,14 +29,15 @@ import torch
 from fedmed.job.tasks import CHEST_XRAY14
 from fedmed.server.robust.trust import TrustPolicy
 from fedmed.sim import redteam
-from fedmed.sim.attacks import Attack
 from fedmed.sim.inprocess import Adversary, FederationPlan, federate
 
 SEEDS = (0, 1, 2)
 SIZE = dict(honest=4, per_site=100, num_test=200, rounds=4, attack_from=2, image_size=64, batch_size=16)
 TOLERANCE = 0.02
-# "site X: distance D (xR median), head cosine +C, score ..." (RoundEngine's per-site log line)
-LOG_LINE = re.compile(r"site (\S+): distance \S+ \(x([0-9.]+) median\)(?:, head cosine ([+-][0-9.]+))?")
+# "site X: distance D (xR median), head cosine +C, sign balance +B, score ..." (RoundEngine's per-site log line)
+LOG_LINE = re.compile(
+    r"site (\S+): distance \S+ \(x([0-9.]+) median\)(?:, head cosine ([+-][0-9.]+))?(?:, sign balance ([+-][0-9.]+))?"
+)
 BLOCKED = ("rejected", "quarantined", "refused")
 
 
@@ -67,6 +69,7 @@ def play(data, row, seed: int, rules: str) -> dict:
                 per_site[m.group(1)] = {
                     "distance_ratio": float(m.group(2)),
                     "head_cosine": float(m.group(3)) if m.group(3) else None,
+                    "sign_balance": float(m.group(4)) if m.group(4) else None,
                 }
         rounds.append(
             {
@@ -118,29 +121,36 @@ def honest_quarantined(run: dict) -> list:
     )
 
 
+BEFORE = (
+    "before-sign-rule"  # the runs measured before the sign rule (fedmed.server.robust.sign_balance), kept as measured
+)
+SIGN_OK, SIGN_BAD = TrustPolicy.sign_balance_ok, TrustPolicy.sign_balance_bad
+IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geometric median accepted (issue 28)
+
+
 def plan_jobs(runs: dict) -> list:
-    """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict)."""
-    rows2 = [r for r in redteam.COLLUSION_ROWS if r.colluders == 2]
-    rows1 = [r for r in redteam.COLLUSION_ROWS if r.colluders == 1]
-    jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in rows2] + [(None, 1, "gm"), (None, 2, "gm")]
+    """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict): the honest run
+    on seed 0 (the sign rule's cost, against the one measured before it), the in-distribution rows the engine
+    accepted before the sign rule (seed 0: a row rejected every round holds on the reason), the honest runs on
+    seeds 1 and 2, the other rows (seed 0), every row still accepted on seeds 1 and 2, plain FedAvg under the worst
+    two-colluder attack. Centred clipping is no longer measured here (its runs before the sign rule are kept in
+    BEFORE)."""
+    rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
+    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION]
+    rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION]
 
     def accepted(row, rules="gm"):
-        first = runs.get(key(row.name, 0, rules))
-        return first is not None and not blocked_every_round(first)
+        run = runs.get(key(row.name, 0, rules))
+        return run is not None and not blocked_every_round(run)
 
-    cc_rows = [r for r in rows2 if r.attack in (Attack("alie", 0.0), Attack("min_max_std"))]
-    # The rows centred clipping is for first (seeds 1, 2), then its effect on them (seed 0), then the rest.
-    jobs += [(r, s, "gm") for r in cc_rows if accepted(r) for s in (1, 2)]
-    jobs += [(None, 0, "gm+cc")] + [(r, 0, "gm+cc") for r in cc_rows]
-    jobs += [(r, s, "gm") for r in rows2 if accepted(r) for s in (1, 2)]
-    jobs += [(r, 0, "gm") for r in rows1]
-    jobs += [(r, s, "gm") for r in rows1 if accepted(r) for s in (1, 2)]
-    done2 = [runs[key(r.name, 0, "gm")] for r in rows2 if key(r.name, 0, "gm") in runs]
+    jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in first] + [(None, 1, "gm"), (None, 2, "gm")]
+    jobs += [(r, 0, "gm") for r in rest]
+    jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
+    done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])
-        row = next(r for r in rows2 if r.name == worst["row"])
+        row = next(r for r in rows if r.name == worst["row"])
         jobs += [(None, 0, "fedavg"), (row, 0, "fedavg")]
-    jobs += [(None, s, "gm+cc") for s in (1, 2)] + [(r, s, "gm+cc") for r in cc_rows for s in (1, 2)]
     return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
 
 
@@ -155,15 +165,30 @@ def measure(a) -> None:
     train, test, _ = redteam.load_sites(a.data, names, SIZE["image_size"])
     t_end = time.time() + a.budget_s
     while time.time() < t_end:
-        jobs = plan_jobs(load_runs(a.runs))
-        if not jobs:
+        job = claim(a.runs, plan_jobs(load_runs(a.runs)))
+        if job is None:
             break
-        row, seed, rules = jobs[0]
-        name = key(row.name if row else "honest", seed, rules)
+        (row, seed, rules), name = job
         print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
-        out = play((train, test), row, seed, rules)
-        (a.runs / f"{name}.json").write_text(json.dumps(out, indent=1))
+        try:
+            out = play((train, test), row, seed, rules)
+            (a.runs / f"{name}.json").write_text(json.dumps(out, indent=1))
+        finally:
+            (a.runs / f"{name}.claim").unlink(missing_ok=True)
         print(f"  AUROC {out['auroc']:.3f} in {out['seconds']:.0f} s", flush=True)
+
+
+def claim(folder: Path, jobs: list):
+    """The first job no other worker has claimed ((job, name), its NAME.claim file created), or None: two workers
+    started on one --runs folder (each with its own --data copy) share the queue."""
+    for job in jobs:
+        name = key(job[0].name if job[0] else "honest", job[1], job[2])
+        try:
+            os.close(os.open(folder / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return job, name
+    return None
 
 
 def max_share(run: dict) -> float:
@@ -268,27 +293,68 @@ def attacker_cosines(runs: dict) -> list:
     return [" ".join(out)] if out else []
 
 
-def doc(runs: dict, command: str) -> str:
+def sign_table(runs: dict) -> list:
+    """The sign rule's statistic (each site's sign balance minus the median site's, from the RoundEngine's log line):
+    every honest site of every run, every round, against the attackers' in the attacked rounds."""
+    honest, attackers = [], {}
+    for r in runs.values():
+        if r["rules"] != "gm":
+            continue
+        for rd in r["rounds"]:
+            for s, v in rd["sites"].items():
+                b = v.get("sign_balance")
+                if b is None:
+                    continue
+                if s in r["hostile"] and rd["round"] >= SIZE["attack_from"]:
+                    attackers.setdefault(r["row"], []).append(b)
+                elif s not in r["hostile"]:
+                    honest.append(b)
+    if not honest:
+        return ["No run with the sign rule measured yet."]
+    out = [
+        f"Honest sites (every site of the honest runs, the honest sites of the attacked ones, every round): "
+        f"{len(honest)} (site, round) offsets over {sum(r['rules'] == 'gm' for r in runs.values())} run(s), "
+        f"largest |offset| {max(abs(b) for b in honest):.3f} (TrustPolicy.sign_balance_ok {SIGN_OK} scores 1, "
+        f"sign_balance_bad {SIGN_BAD} scores 0).",
+        "",
+    ]
+    out += [f"- {row}: attackers' offsets {min(v):+.3f} to {max(v):+.3f}" for row, v in sorted(attackers.items())]
+    return out
+
+
+def doc(runs: dict, command: str, before: dict | None = None) -> str:
+    """The page, from the runs with the sign rule (runs) and those measured before it (before, BEFORE's JSON)."""
+    before = before or {}
     honest = {s: runs[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in runs}
-    spread = max(honest.values()) - min(honest.values()) if len(honest) > 1 else float("nan")
-    seconds = sum(r["seconds"] for r in runs.values())
+    old_honest = {s: before[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in before}
+    spread = max(old_honest.values()) - min(old_honest.values()) if len(old_honest) > 1 else float("nan")
+    mine = [r for r in runs.values() if r["rules"] == "gm"]  # fedavg's runs predate the rule, which it does not use
+    seconds = sum(r["seconds"] for r in mine)
     lines = [
         "# Red team: two colluding hospitals of five (issue 28)",
         "",
-        f"Command: `{command}` (each run written to docs/redteam_collusion/*.json as it finished; this page is "
-        "regenerated from them by `python scripts/redteam_collusion.py --doc`). "
-        f"{len(runs)} runs, {seconds:.0f} s of run time in all, under `nice -n 5` on a 2-core CPU shared with "
-        "five other jobs (one run takes ~90 s alone).",
+        f"Command: `{command}` (two workers sharing one queue, each run written to docs/redteam_collusion/*.json "
+        "as it finished; this page is regenerated from them by `python scripts/redteam_collusion.py --doc`). "
+        f"{len(mine)} runs with the sign rule, {seconds:.0f} s of run time in all, under `nice -n 10` on a 2-core "
+        "CPU shared with four other agents' jobs (one run takes ~90 s alone, 5 to 24 min here). The runs measured "
+        f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below.",
         "",
         f"Federation: the red team's default (fedmed-redteam): {SIZE['honest']} honest hospitals and one hostile of "
         f"{SIZE['per_site']} synthetic radiographs each, {SIZE['image_size']} px, {SIZE['rounds']} rounds of one "
         f"local epoch (batch {SIZE['batch_size']}) from a fresh DenseNet-121, geometric median with trust and "
-        f"quarantine, judged by the coordinate median of the sites; global test set of {SIZE['num_test']} images. "
-        f"The attackers are honest in round 1 and attack from round {SIZE['attack_from']}, each knowing the "
-        "round's honest updates (omniscient). Rows '2 colluding' turn honest-3 hostile too: 3 honest of 5.",
+        f"quarantine, judged by the coordinate median of the sites, **HE off**; global test set of "
+        f"{SIZE['num_test']} images. The attackers are honest in round 1 and attack from round "
+        f"{SIZE['attack_from']}, each knowing the round's honest updates (omniscient). Rows '2 colluding' turn "
+        "honest-3 hostile too: 3 honest of 5. No larger federation was measured (not enough CPU in this session).",
         "",
-        "Honest runs (every site honest), final AUROC by training seed: "
-        + ", ".join(f"seed {s} {v:.3f}" for s, v in honest.items())
+        "The sign rule (fedmed.server.robust.sign_balance, since this page's runs): a site whose move's sign balance, "
+        "(#coordinates up - #down) / #moved, lies 0.2 or more from the median site's scores 0 (rejected with the "
+        "reason, then quarantined), 0.1 or less scores 1.",
+        "",
+        "Honest runs (every site honest), final AUROC by training seed, with the sign rule: "
+        + (", ".join(f"seed {s} {v:.3f}" for s, v in honest.items()) or "not measured")
+        + "; before it: "
+        + ", ".join(f"seed {s} {v:.3f}" for s, v in old_honest.items())
         + f". **Honest seed spread at this size: {spread:.3f}** (the issue asks for below 0.03: this size does "
         "not meet it, which is why accepted rows are judged by the *paired* gap, attacking minus honest on the "
         "same seed, averaged over seeds 0, 1, 2, rather than against another seed's run).",
@@ -297,18 +363,31 @@ def doc(runs: dict, command: str) -> str:
         f"suffices: the reason is the criterion), or a mean paired gap of at least -{TOLERANCE} over seeds 0, 1, 2; "
         "never held when an honest hospital is quarantined.",
         "",
-        "| attack | what the server did (seed 0, attacked rounds) | AUROC seed 0 | held |",
-        "|---|---|---|---|",
+        "A rejected row still loses what the attackers' data would have added: with the pair out from round 2 the "
+        "three honest hospitals train alone (seed 0: 0.727 against 0.752 with all five honest, the same for every "
+        "rejected two-colluder row); no rule can give that back.",
+        "",
+        "| attack | what the server did (seed 0, attacked rounds) | AUROC seed 0 | held | before the sign rule |",
+        "|---|---|---|---|---|",
     ]
     verdicts = []
     for n in (2, 1):
         for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == n):
             run = runs.get(key(row.name, 0, "gm"))
             text, held = verdict(runs, row.name)
+            old_text, old_held = verdict(before, row.name)
+            if held is None and old_held is not None and row.attack.kind not in IN_DISTRIBUTION:
+                # Rejected by the direction / distance rules before; the sign rule only adds a reason to reject.
+                text = "not re-run (held before, by rules the sign rule leaves unchanged)"
+                held = old_held
             verdicts.append((row.name, held))
             did = summary(run) if run else "-"
             auc = f"{run['auroc']:.3f}" if run else "-"
-            lines.append(f"| {row.name} | {did} | {auc} | {text} |")
+            if run and 0 in honest:  # a rejected pair's data is lost too: the gap shows what that costs
+                auc += f" ({run['auroc'] - honest[0]:+.3f} vs honest)"
+            old = before.get(key(row.name, 0, "gm"))
+            old_auc = f"AUROC seed 0 {old['auroc']:.3f}; " if old else ""
+            lines.append(f"| {row.name} | {did} | {auc} | {text} | {old_auc}{old_text} |")
     n_held = sum(h is True for _, h in verdicts)
     n_not = [n for n, h in verdicts if h is False]
     n_open = [n for n, h in verdicts if h is None]
@@ -316,25 +395,17 @@ def doc(runs: dict, command: str) -> str:
         "",
         f"**Summary: {n_held} of {len(verdicts)} rows held; {len(n_not)} not held"
         + (f" ({'; '.join(n_not)})" if n_not else "")
-        + f"; {len(n_open)} not measured enough"
+        + f"; {len(n_open)} not measured"
         + (f" ({'; '.join(n_open)})" if n_open else "")
         + ".**",
+        "",
+        "## The sign rule's statistic, measured",
+        "",
+        *sign_table(runs),
     ]
-    captured = [
-        r["row"]
-        for r in runs.values()
-        if r["row"] is not None and r["rules"] == "gm" and r["seed"] == 0 and max_share(r) >= 0.99
-    ]
-    if captured:
-        lines += [
-            "",
-            "Captured: in " + "; ".join(captured) + " the weighted geometric median sat on the attackers' point "
-            "(their weight 1.00 in an attacked round): a point at the centre of nearly orthogonal honest updates is "
-            "their geometric median, so the Weiszfeld weights give it everything, and the rules accepted it.",
-        ]
     fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]
     if fed:
-        lines += ["", "## Plain FedAvg (no trust rule) under the worst two-colluder attack, for contrast", ""]
+        lines += ["", "## Plain FedAvg (no trust rule) under a two-colluder attack, for contrast", ""]
         h = runs.get(key("honest", 0, "fedavg"))
         for r in fed:
             if r["row"] is None:
@@ -344,33 +415,21 @@ def doc(runs: dict, command: str) -> str:
             g = runs.get(key(r["row"], 0, "gm"))
             gm = f"; the defended engine under the same attack: {g['auroc']:.3f}" if g else ""
             lines.append(f"- {r['row']}, seed 0: AUROC {r['auroc']:.3f} (FedAvg honest {ref}{gap}){gm}.")
-    cc_h = {s: runs[key("honest", s, "gm+cc")]["auroc"] for s in SEEDS if key("honest", s, "gm+cc") in runs}
-    lines += ["", "## Centred clipping (JobConfig.centred_clipping, `--centred-clipping`)", ""]
+    cc_h = {s: before[key("honest", s, "gm+cc")]["auroc"] for s in SEEDS if key("honest", s, "gm+cc") in before}
+    lines += ["", "## Centred clipping (JobConfig.centred_clipping), measured before the sign rule", ""]
     if cc_h:
-        cost = [(s, cc_h[s] - honest[s]) for s in SEEDS if s in cc_h and s in honest]
+        cost = [(s, cc_h[s] - old_honest[s]) for s in SEEDS if s in cc_h and s in old_honest]
         lines.append(
             "Cost on the honest run (centred clipping minus the default, same seed): "
             + ", ".join(f"seed {s} {v:+.3f}" for s, v in cost)
             + (f"; mean {np.mean([v for _, v in cost]):+.3f}." if cost else ".")
+            + " It stays opt-in: the sign rule holds the rows it was for without that cost."
         )
         for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
-            if key(row.name, 0, "gm+cc") not in runs:
+            if key(row.name, 0, "gm+cc") not in before:
                 continue
-            text, _ = verdict(runs, row.name, "gm+cc")
-            base, _ = verdict(runs, row.name)
-            run = runs[key(row.name, 0, "gm+cc")]
-            share = max(
-                sum(r["weights"].get(s, 0.0) for s in run["hostile"]) / (sum(r["weights"].values()) or 1.0)
-                for r in attacked_rounds(run)
-            )
-            vs = honest.get(0)
-            vs_text = f", {run['auroc'] - vs:+.3f} against the default's honest run" if vs is not None else ""
-            lines.append(
-                f"- {row.name}: with centred clipping {text} (seed 0: AUROC {run['auroc']:.3f}{vs_text}; the "
-                f"pair's largest share of the combination {share:.2f}); without: {base}."
-            )
-    else:
-        lines.append("Not measured in this session's time (the runs queued after the rows above).")
+            text, _ = verdict(before, row.name, "gm+cc")
+            lines.append(f"- {row.name}: with centred clipping (no sign rule) {text}.")
     honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] != "fedavg"]
     attacked = [
         {
@@ -387,9 +446,8 @@ def doc(runs: dict, command: str) -> str:
         "## The direction rule's thresholds against the coordinate-median reference",
         "",
         "The cosine between each site's move of the classifier layers and the judging reference's (the coordinate "
-        "median of the sites, since issue 28; the thresholds were set against the aggregate), every round, from "
-        "the RoundEngine's per-site log line (recorded in the JSON). Honest runs: "
-        + " ".join(cosine_table(honest_runs)),
+        "median of the sites, since issue 28), every round, from the RoundEngine's per-site log line (recorded in "
+        "the JSON), runs with the sign rule. Honest runs: " + " ".join(cosine_table(honest_runs)),
         "",
         "The honest sites of the attacked runs (the reference then includes the colluders' votes): "
         + " ".join(cosine_table(attacked)),
@@ -409,8 +467,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.doc:
         measure(a)
-    command = "nice -n 5 python scripts/redteam_collusion.py --budget-s 4500"
-    a.out.write_text(doc(load_runs(a.runs), command))
+    command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500 (x2, each with its own --data copy)"
+    a.out.write_text(doc(load_runs(a.runs), command, load_runs(a.runs / BEFORE)))
     return 0
 
 

@@ -23,6 +23,7 @@ TRUST = {
     "quarantine_below": "quarantine_below",
     "readmit_after": "readmit_after",
     "trust_head_cosine_bad": "head_cosine_bad",
+    "trust_sign_balance_bad": "sign_balance_bad",
 }
 
 
@@ -124,6 +125,7 @@ CHANGED = dict(
     quarantine_below=0.4,
     readmit_after=3,
     trust_head_cosine_bad=-0.6,
+    trust_sign_balance_bad=0.3,
     final_model_timeout=30,
     statistics_factor=20.0,
     validation_images=5,
@@ -268,6 +270,8 @@ def test_trust_options_reach_the_controller(tmp_path):
             "3",
             "--trust-head-cosine-bad",
             "-0.6",
+            "--trust-sign-balance-bad",
+            "0.3",
             "--final-model-timeout",
             "30",
             "--statistics-factor",
@@ -286,6 +290,7 @@ def test_trust_options_reach_the_controller(tmp_path):
         "quarantine_below": 0.4,
         "readmit_after": 3,
         "trust_head_cosine_bad": -0.6,
+        "trust_sign_balance_bad": 0.3,
         "final_model_timeout": 30,
         "statistics_factor": 20.0,
         "validation_images": 50,
@@ -307,6 +312,7 @@ def test_centred_clipping_option_reaches_the_round_rules(tmp_path):
     [
         (["--trust-bad-ratio", "1.0"], "need 0 < ok_ratio < bad_ratio"),
         (["--trust-head-cosine-bad", "0.5"], "head_cosine_bad"),
+        (["--trust-sign-balance-bad", "0"], "need 0 < sign_balance_ok < sign_balance_bad"),
         (["--sites", " , "], "sites is empty"),
         (["--min-clients", "5"], r"min_clients must be in 1\.\.3"),
         (["--aggregation", "bulyan"], "unknown aggregation 'bulyan'"),

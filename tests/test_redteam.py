@@ -9,6 +9,7 @@ from fedmed.sim import redteam
 
 ROWS = {r.attack.kind: r for r in redteam.ROWS if r.colluders == 1 and not r.attack.omniscient}
 COLLUSION_ROWS = {r.name: r for r in redteam.COLLUSION_ROWS}
+IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the colluding kinds the sign rule rejects
 # Every round the attacker is rejected or quarantined, with a reason in the database.
 BLOCKED_EVERY_ROUND = {
     "sign_flip": "far outlier",
@@ -149,6 +150,21 @@ def test_two_colluders_never_get_an_honest_hospital_quarantined_nor_hold_the_agg
     assert res.max_weight_share is not None and res.max_weight_share < 0.5, res
     for r in res.server_did.split("; "):
         assert all("(" in part for part in r.split(" / ") if " rejected" in part), r
+    if COLLUSION_ROWS[name].attack.kind in IN_DISTRIBUTION:
+        # Accepted before the sign rule (issue 28); now rejected for their signs, then quarantined.
+        assert res.held and res.how.startswith("rejected"), res
+        assert res.server_did.split("; ")[0].count("signs are skewed") == 2, res.server_did
+
+
+@pytest.mark.parametrize(
+    "name", [r.name for r in redteam.COLLUSION_ROWS if r.colluders == 1 and r.attack.kind in IN_DISTRIBUTION]
+)
+def test_one_in_distribution_attacker_is_rejected_for_its_signs_every_round(name, federation5, tmp_path):
+    # One hostile site of five: before the sign rule ALIE at the paper's z (0.25) became the geometric median.
+    train, test = federation5
+    res = redteam.run_row(COLLUSION_ROWS[name], redteam.Bench(train, test, 2, batch_size=4), 0.5, tmp_path)
+    assert res.honest_quarantined == () and res.held and res.how.startswith("rejected"), res
+    assert "signs are skewed" in res.server_did.split("; ")[0], res.server_did
 
 
 def test_centred_clipping_runs_the_colluding_rows_through_the_bench(federation5, tmp_path):

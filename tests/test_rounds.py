@@ -456,8 +456,9 @@ def test_head_cosine_scores_between_the_bounds():
 
 # -- colluding hospitals (issue 28): 3 honest, nearly orthogonal updates and 2 colluders at one common point ---------
 
+BODY = 20_000  # coordinates of the body: enough for the sign rule (fedmed.server.robust.sign_balance.MIN_MOVED)
 BIG_GLOBAL = {
-    "body.w": np.zeros(400, np.float32),
+    "body.w": np.zeros(BODY, np.float32),
     "class_layers.out.weight": np.zeros((2, 4), np.float32),
     "class_layers.out.bias": np.zeros(2, np.float32),
     "bn.running_mean": np.zeros(3, np.float32),
@@ -467,12 +468,12 @@ BIG_GLOBAL = {
 
 
 def honest_big(i, round_num=0):
-    """An honest hospital: its own direction (nearly orthogonal to the others' in 400 dimensions, norm ~5, as the
+    """An honest hospital: its own direction (nearly orthogonal to the others' in BODY dimensions, norm ~5, as the
     red team's hospitals are) plus per-round noise; its classifier moving roughly with the others'."""
-    own = np.random.default_rng(100 + i).standard_normal(400) * 0.25
+    own = np.random.default_rng(100 + i).standard_normal(BODY) * 5.0 / np.sqrt(BODY)
     rng = np.random.default_rng([i, round_num])
     p = {k: v.copy() for k, v in BIG_GLOBAL.items()}
-    p["body.w"] = (own + 0.05 * rng.standard_normal(400)).astype(np.float32)
+    p["body.w"] = (own + rng.standard_normal(BODY) / np.sqrt(BODY)).astype(np.float32)
     p["class_layers.out.weight"] = (0.5 + 0.3 * rng.standard_normal((2, 4))).astype(np.float32)
     p["class_layers.out.bias"] = (0.5 + 0.3 * rng.standard_normal(2)).astype(np.float32)
     p["bn.running_var"] = np.full(3, 1.0 + 0.01 * i, np.float32)
@@ -490,7 +491,7 @@ def colluders(kind, factor, honest_params, noise=0.0, round_num=0):
     for j in range(2):
         p = {**honest_params[0], **point, "bn.running_var": np.full(3, 1.3 + 0.1 * j, np.float32)}
         if noise:
-            e = np.random.default_rng([77, j, round_num]).standard_normal(400)
+            e = np.random.default_rng([77, j, round_num]).standard_normal(BODY)
             p["body.w"] = (p["body.w"] + noise * 5.0 * e / np.linalg.norm(e)).astype(np.float32)
         out.append(SiteResult(f"c{j}", p, 300))
     return out
@@ -501,6 +502,10 @@ def collusion_round(eng, kind, factor, round_num=0, noise=0.0):
     sites = [SiteResult(f"h{i}", p, 300) for i, p in enumerate(hon)] + colluders(kind, factor, hon, noise, round_num)
     return eng.step(round_num, BIG_GLOBAL, sites, [])
 
+
+# The sign rule off (a balance difference is at most 2): for the tests of the rules it would pre-empt on the
+# in-distribution attacks (near-copies, centred clipping), which must hold on their own.
+SIGNS_OFF = TrustPolicy(sign_balance_ok=2.5, sign_balance_bad=3.0)
 
 COLLUSION_ROWS = [
     ("alie", 0.0),  # the paper's z for 2 of 5 (0.84)
@@ -521,20 +526,18 @@ def test_two_colluders_neither_capture_the_aggregate_nor_get_an_honest_site_quar
         rep = collusion_round(eng, kind, factor, r)
         honest_w = [rep.weights.get(f"h{i}", 0.0) for i in range(3)]
         assert rep.aggregated and min(honest_w) > 0, (r, rep.weights, rep.problem)
-        # Not captured: in the issue the pair held the median with weight 1.0. Counted once, a pair inside the honest
-        # cloud (ALIE, the std rows) keeps under half; a pair that moved the classifier back (IPM, the unit rows)
-        # is rejected, judged against the coordinate median.
-        assert rep.weights["c0"] + rep.weights["c1"] < 0.5, rep.weights
-        if kind == "ipm" or kind.endswith("_unit"):
-            assert rep.weights["c0"] == rep.weights["c1"] == 0.0
+        # Not captured: in the issue the pair held the median with weight 1.0. A pair that moved the classifier back
+        # (IPM, the unit rows) is rejected, judged against the coordinate median; a pair inside the honest cloud
+        # (ALIE, the std rows) by the sign rule (test_two_in_distribution_colluders_are_rejected_...).
+        assert rep.weights["c0"] == rep.weights["c1"] == 0.0, rep.weights
         assert all(status(rep, f"h{i}").status == "accepted" for i in range(3)), [u.reason for u in rep.updates]
     assert not any(eng.is_quarantined(f"h{i}") for i in range(3))
 
 
 @pytest.mark.parametrize("kind,factor", COLLUSION_ROWS)
 def test_with_the_head_hidden_as_under_he_two_colluders_are_counted_once_and_honest_sites_kept(kind, factor):
-    # HE hides the classifier from the server: no direction rule. The copy test, the coordinate-median reference
-    # and the distance rule still hold the pair under half the weight and keep every honest site.
+    # HE hides the classifier from the server: no direction rule. The copy test, the coordinate-median reference,
+    # the distance and sign rules still hold the pair under half the weight and keep every honest site.
     eng = engine(head_layers=())
     for r in range(3):
         rep = collusion_round(eng, kind, factor, r)
@@ -545,7 +548,7 @@ def test_with_the_head_hidden_as_under_he_two_colluders_are_counted_once_and_hon
 
 def test_near_copies_share_one_weight_with_the_reason_and_an_alert():
     # Same trainable parameters, different BatchNorm statistics: no hash matches, the pair is still a copy.
-    rep = collusion_round(engine(), "alie", 1.0)
+    rep = collusion_round(engine(trust=SIGNS_OFF), "alie", 1.0)
     for c in ("c0", "c1"):
         u = status(rep, c)
         assert "near-copy of" in u.reason and "counted once" in u.reason, u.reason
@@ -559,14 +562,14 @@ def test_near_copies_share_one_weight_with_the_reason_and_an_alert():
 
 
 def test_a_near_copy_with_tiny_noise_is_still_a_copy():
-    rep = collusion_round(engine(), "alie", 1.0, noise=0.01)
+    rep = collusion_round(engine(trust=SIGNS_OFF), "alie", 1.0, noise=0.01)
     assert "near-copy of c1" in status(rep, "c0").reason
 
 
 def test_colluders_that_add_noise_each_round_are_found_from_their_summed_moves():
     # Per-round noise of 0.15 x an honest update keeps the pair above the per-round threshold (0.1 x the median
     # nearest-neighbour distance); summed over rounds the noise averages out and the common point adds up.
-    eng = engine()
+    eng = engine(trust=SIGNS_OFF)
     first = collusion_round(eng, "alie", 1.0, 0, noise=0.15)
     assert "near-copy" not in (status(first, "c0").reason or "")
     reasons = [status(collusion_round(eng, "alie", 1.0, r, noise=0.15), "c0").reason or "" for r in range(1, 4)]
@@ -616,7 +619,7 @@ def test_a_round_whose_rules_would_turn_on_half_of_the_sites_is_not_committed():
     assert eng.trust == {}  # nobody scored, nobody quarantined
     assert all(u.aggregation_weight == 0.0 and "not committed" in u.reason for u in rep.updates)
     # One far site of five is a minority verdict: committed, and that site quarantined.
-    far = {**honest_big(5), "body.w": np.full(400, 40.0, np.float32)}
+    far = {**honest_big(5), "body.w": np.full(BODY, 40.0, np.float32)}
     five = [SiteResult(f"h{i}", honest_big(i), 300) for i in range(4)] + [SiteResult("c0", far, 300)]
     eng = engine()
     rep = eng.step(0, BIG_GLOBAL, five, [])
@@ -639,8 +642,9 @@ def one_central_attacker_round(eng, round_num):
 def test_centred_clipping_gives_a_central_attacker_no_more_than_its_count_share():
     # The geometric median rewards the site nearest the centre (Weiszfeld weight ~ 1 / distance): the issue's
     # one-site ALIE got ~2/3. Clipped around the momentum, each site pulls at most its share of the radius.
-    median_w = [one_central_attacker_round(engine(), r).weights["alie"] for r in range(3)]
-    eng = engine(centred_clipping=True)
+    # The sign rule off: it rejects this site outright (test_the_sign_rule_...), and clipping must hold on its own.
+    median_w = [one_central_attacker_round(engine(trust=SIGNS_OFF), r).weights["alie"] for r in range(3)]
+    eng = engine(centred_clipping=True, trust=SIGNS_OFF)
     reps = [one_central_attacker_round(eng, r) for r in range(3)]
     assert min(median_w) > 0.25, median_w
     # Its count share is 0.2; sites clipped in one iteration can leave it a little more in the next.
@@ -664,3 +668,82 @@ def test_centred_clipping_is_refused_with_he():
 
     with pytest.raises(ValueError, match="centred_clipping cannot be used with HE"):
         RoundEngine(RoundRules(min_clients=2, centred_clipping=True), EncryptionSpec(None, (), {}))
+
+
+# -- the sign rule (fedmed.server.robust.sign_balance): in-distribution attacks shift every coordinate the same way ---------
+
+IN_DISTRIBUTION = [("alie", 0.0), ("alie", 1.0), ("min_max_std", 0.0), ("min_sum_std", 0.0)]
+
+
+@pytest.mark.parametrize("head_layers", [("class_layers.out.",), ()], ids=["clear", "head-hidden-as-under-HE"])
+@pytest.mark.parametrize("kind,factor", IN_DISTRIBUTION)
+def test_two_in_distribution_colluders_are_rejected_every_round_by_the_sign_rule(kind, factor, head_layers):
+    # Before the sign rule these pairs sat inside the honest cloud and were accepted (issue 28: -0.026 to -0.037
+    # AUROC). Their common shift is -gamma * std, down in nearly every coordinate: rejected with the reason, in
+    # every round, with the classifier visible or hidden, and no honest hospital ever scored down.
+    eng = engine(head_layers=head_layers)
+    for r in range(3):
+        rep = collusion_round(eng, kind, factor, r)
+        assert rep.aggregated and rep.weights["c0"] == rep.weights["c1"] == 0.0, (r, rep.weights)
+        for c in ("c0", "c1"):
+            u = status(rep, c)
+            assert u.status in ("rejected", "quarantined"), u
+            if r == 0:  # rejected for its signs, then kept out by quarantine
+                assert u.status == "rejected" and "signs are skewed" in u.reason, u.reason
+        assert all(status(rep, f"h{i}").status == "accepted" for i in range(3)), [u.reason for u in rep.updates]
+        assert all(status(rep, f"h{i}").round_score == 1.0 for i in range(3))
+    assert not any(eng.is_quarantined(f"h{i}") for i in range(3))
+    assert eng.is_quarantined("c0") and eng.is_quarantined("c1")
+
+
+def test_one_central_alie_site_at_the_papers_z_is_rejected_by_the_sign_rule():
+    # The issue's worst single site: ALIE at the paper's z for 1 of 5 (0.25) became the geometric median (weight
+    # 1.0). Its shift is the smallest of the in-distribution rows, and still lowers most coordinates.
+    from fedmed.sim.attacks import Attack, craft_colluding
+
+    hon = [honest_big(i) for i in range(4)]
+    evil = {**hon[0], **craft_colluding(hon, BIG_GLOBAL, Attack("alie", 0.0), 1)}
+    sites = [SiteResult(f"h{i}", p, 300) for i, p in enumerate(hon)] + [SiteResult("alie", evil, 300)]
+    without = engine(trust=SIGNS_OFF).step(0, BIG_GLOBAL, sites, [])
+    assert without.weights["alie"] > 0.25  # what the geometric median alone gives it
+    eng = engine()
+    rep = eng.step(0, BIG_GLOBAL, sites, [])
+    assert rep.weights["alie"] == 0.0 and "signs are skewed" in status(rep, "alie").reason
+    assert eng.is_quarantined("alie") and all(status(rep, f"h{i}").status == "accepted" for i in range(4))
+
+
+def test_a_sign_bias_every_honest_site_shares_is_not_held_against_any():
+    # Weight decay (or any common drift) can push every honest move down in most coordinates: the rule scores the
+    # distance to the median site's balance, so a shared bias cancels.
+    sites = []
+    for i in range(5):
+        p = honest_big(i)
+        p["body.w"] = (p["body.w"] - 0.1).astype(np.float32)  # every site: most coordinates down
+        sites.append(SiteResult(f"h{i}", p, 300))
+    eng = engine()
+    rep = eng.step(0, BIG_GLOBAL, sites, [])
+    assert all(u.status == "accepted" and u.round_score == 1.0 for u in rep.updates), [u.reason for u in rep.updates]
+    assert any("sign balance -0.0" in m or "sign balance +0.0" in m for _, m in rep.log), rep.log
+
+
+def test_sign_balance_counts_exactly_and_needs_enough_moved_coordinates():
+    from fedmed.server.robust.sign_balance import MIN_MOVED, balance_offsets, sign_balance
+
+    start = {"a": np.zeros(6, np.float32), "b": np.zeros((2, 2), np.float32)}
+    upd_ = {"a": np.array([1, -1, 0, 2, 3, 0], np.float32), "b": np.array([[1, 0], [-5, 0]], np.float32)}
+    assert sign_balance(upd_, start, ["a", "b"]) == (pytest.approx((4 - 2) / 6), 6)
+    assert sign_balance(start, start, ["a"]) == (0.0, 0)
+    many = {"x": (0.0, MIN_MOVED), "y": (0.5, MIN_MOVED), "z": (-0.05, MIN_MOVED)}
+    assert balance_offsets(many) == pytest.approx({"x": 0.0, "y": 0.5, "z": -0.05})
+    # A toy model's balance is noise (1 / sqrt(n)): the rule stays off.
+    assert balance_offsets({s: (b, MIN_MOVED - 1) for s, (b, _) in many.items()}) == {}
+
+
+def test_sign_rule_thresholds_score_between_the_bounds_and_are_checked():
+    from fedmed.server.robust.trust import round_scores
+
+    policy = TrustPolicy()
+    scores = round_scores({"a": 1.0, "b": 1.0, "c": 1.0}, policy, None, {"a": 0.05, "b": -0.15, "c": 0.3})
+    assert scores["a"][1] == 1.0 and scores["b"][1] == pytest.approx(0.5) and scores["c"][1] == 0.0
+    with pytest.raises(ValueError, match="sign_balance_ok < sign_balance_bad"):
+        TrustPolicy(sign_balance_ok=0.3, sign_balance_bad=0.2)

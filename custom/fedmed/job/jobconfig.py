@@ -161,6 +161,12 @@ class JobConfig:
         "direction rule; between -1 and 0)",
         group=TRUST_GROUP,
     )
+    trust_sign_balance_bad: float = setting(
+        TrustPolicy.sign_balance_bad,
+        "a round whose move's sign balance lies this far or more from the median site's scores 0 (the sign rule, "
+        "fedmed.server.robust.sign_balance; half of it scores 1); above 2 turns the rule off",
+        group=TRUST_GROUP,
+    )
     centred_clipping: bool = setting(
         False,
         "combine the kept sites by centred clipping around the server's momentum (Karimireddy, He and Jaggi 2021; "
@@ -333,7 +339,7 @@ class JobConfig:
         except ValueError as e:
             raise ValueError(
                 f"trust rule (trust_smoothing, trust_ok_ratio, trust_bad_ratio, quarantine_below, "
-                f"readmit_after, trust_head_cosine_bad): {e}"
+                f"readmit_after, trust_head_cosine_bad, trust_sign_balance_bad): {e}"
             ) from None
 
     @property
@@ -354,6 +360,8 @@ class JobConfig:
             quarantine_below=self.quarantine_below,
             readmit_after=self.readmit_after,
             head_cosine_bad=self.trust_head_cosine_bad,
+            sign_balance_ok=self.trust_sign_balance_bad / 2,  # the default's ratio (0.1 / 0.2)
+            sign_balance_bad=self.trust_sign_balance_bad,
         )
 
     def algorithm(self) -> FedAlgorithm:

@@ -219,12 +219,15 @@ class RoundOutcome:
     used_counts: dict = field(default_factory=dict)  # aggregated site -> sample count after the cap
     # site -> fedmed.server.aggregation.head_cosine (empty: not checked)
     head_cosines: dict = field(default_factory=dict)
+    sign_offsets: dict = field(default_factory=dict)  # site -> sign balance minus the median site's (empty: off)
 
 
 @dataclass(frozen=True)
 class DirectionCheck:
     """The direction rule's inputs: the global model the round started from (start) and the classifier layers'
-    names (head_keys); a site whose classifier moved against the judging reference's scores 0."""
+    names (head_keys); a site whose classifier moved against the judging reference's scores 0. Given start, the
+    sign rule (fedmed.server.robust.sign_balance) also judges each site's whole clear move, head or no head (so with HE
+    too), unless the trust policy turns it off."""
 
     start: Mapping[str, np.ndarray] | None
     head_keys: Sequence[str] = ()
@@ -253,7 +256,11 @@ def aggregate_and_score(
     honest sites; the coordinate median stays inside the honest sites' range in every coordinate while hostile
     votes are fewer than half (fedmed.server.robust.collusion.coordinate_median_reference). copies: the round's
     fedmed.server.robust.collusion.CollusionFinding (None = no near-copies): its factors multiply each site's sample count
-    (a near-copy group of m shares one site's weight: 1/m each), its groups vote once."""
+    (a near-copy group of m shares one site's weight: 1/m each), its groups vote once.
+
+    The sign rule (fedmed.server.robust.sign_balance: the omniscient in-distribution attacks, ALIE and Min-Max / Min-Sum
+    inverse-std, lower nearly every coordinate at once) scores every site's move from direction.start by its sign
+    balance's distance to the median site's, once per round (it does not depend on the reference)."""
     from fedmed.server.robust.collusion import coordinate_median_reference
     from fedmed.server.robust.trust import (
         round_scores,  # trust imports nothing from here; keep module load order simple
@@ -263,6 +270,7 @@ def aggregate_and_score(
     reference, head_keys = (direction.start, direction.head_keys) if check_heads else (None, ())
     factors = dict(copies.factors) if copies is not None else {}
     groups = copies.groups if copies is not None else ()
+    signs = sign_offsets_of(updates, direction.start if direction is not None else None, policy)
 
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])
@@ -273,7 +281,7 @@ def aggregate_and_score(
         sites = list(updates)
         dist = dict(zip(sites, thread_map(lambda n: distance(updates[n], judge, keys), sites)))
         cos = {n: head_cosine(u, judge, reference, head_keys) for n, u in updates.items()} if check_heads else {}
-        return res, dist, round_scores(dist, policy, cos), cos
+        return res, dist, round_scores(dist, policy, cos, signs), cos
 
     active = list(active)
     if not active:
@@ -291,4 +299,16 @@ def aggregate_and_score(
     weights.update({n: float(w) for n, w in zip(active, res.site_weights)})
     if res.used_counts is not None:
         used.update({n: float(c) for n, c in zip(active, res.used_counts)})
-    return RoundOutcome(res, weights, dist, scored, excluded, used, cos)
+    return RoundOutcome(res, weights, dist, scored, excluded, used, cos, signs)
+
+
+def sign_offsets_of(updates: Mapping[str, Mapping[str, np.ndarray]], start, policy) -> dict:
+    """site -> sign balance of its clear move from start minus the median site's ({} without a start, with fewer
+    than 3 sites, where a median of two is their mean, or with the rule off: TrustPolicy.sign_balance_bad > 2)."""
+    from fedmed.server.robust.sign_balance import balance_offsets, sign_balance
+
+    if start is None or len(updates) < 3 or getattr(policy, "sign_balance_bad", 3.0) > 2:
+        return {}
+    keys = distance_keys(start)
+    sites = list(updates)
+    return balance_offsets(dict(zip(sites, thread_map(lambda n: sign_balance(updates[n], start, keys), sites))))

@@ -562,14 +562,20 @@ class RoundEngine:
         blocks = {s: ckks.EncryptedLayers.from_wire(r.encrypted) for s, r in valid.items() if weights.get(s, 0.0) > 0}
         return ckks.guarded_weighted_sum(blocks, weights, self.encryption.context)
 
-    def _why_excluded(self, site: str, scored: Mapping, cos: Mapping) -> str:
-        ratio = scored[site][0]
-        if ratio >= self.rules.trust.bad_ratio:
+    def _why_excluded(self, site: str, scored: Mapping, cos: Mapping, signs: Mapping) -> str:
+        ratio, policy = scored[site][0], self.rules.trust
+        if ratio >= policy.bad_ratio:
             return f"far outlier this round: {ratio:.1f}x the median distance to the coordinate median of the sites"
+        if abs(signs.get(site, 0.0)) >= policy.sign_balance_bad:
+            return (
+                f"its move's signs are skewed: sign balance {signs[site]:+.2f} from the median site's (at most "
+                f"{policy.sign_balance_bad} scores 0; honest moves go up and down about equally, a crafted shift "
+                "of every coordinate at once does not)"
+            )
         return (
             "its classifier layers moved against the coordinate median of the sites' this round "
             f"(cosine {cos.get(site, float('nan')):+.2f}, "
-            f"at most {self.rules.trust.head_cosine_bad} scores 0)"
+            f"at most {policy.head_cosine_bad} scores 0)"
         )
 
     def _finish(self, round_num, records, outcome, combined, log, problem, held=None, copies=None) -> RoundReport:
@@ -579,9 +585,10 @@ class RoundEngine:
         alerts: list = []
         weights, used, diagnostics, params = {}, {}, {}, None
         scores = {s: 0.0 for s, u in records.items() if u.status == "rejected"}  # a rejected update scores 0
-        dist, scored, excluded, cos = {}, {}, (), {}
+        dist, scored, excluded, cos, signs = {}, {}, (), {}, {}
         if outcome is not None:
             dist, scored, excluded, cos = outcome.distances, outcome.scored, outcome.excluded, outcome.head_cosines
+            signs = outcome.sign_offsets
             if problem is None:  # a probation round (problem set) commits no weights and no model
                 weights, used = outcome.weights, outcome.used_counts
                 diagnostics, params = dict(outcome.result.diagnostics), outcome.result.params
@@ -589,7 +596,9 @@ class RoundEngine:
                 scores.update({s: sc for s, (_, sc) in scored.items()})
             for s in excluded:
                 left = "would have been left out of" if hold else "left out of"
-                log.append(("warning", f"{s} {left} this round's aggregate: {self._why_excluded(s, scored, cos)}"))
+                log.append(
+                    ("warning", f"{s} {left} this round's aggregate: {self._why_excluded(s, scored, cos, signs)}")
+                )
         was_quarantined = {s for s in scores if self.is_quarantined(s)}
         self.trust, events = update_trust(self.trust, scores, self.rules.trust)
         for site, u in list(records.items()):
@@ -613,7 +622,7 @@ class RoundEngine:
                     f"quarantined (trust {self.trust[site].trust:.3f}): scored, not aggregated",
                 )
             elif status == "accepted" and site in excluded:
-                status, reason = "rejected", self._why_excluded(site, scored, cos)
+                status, reason = "rejected", self._why_excluded(site, scored, cos, signs)
             elif status == "accepted" and (outcome is None or problem is not None):
                 reason = "valid, but the round was not aggregated"
             records[site] = replace(
@@ -628,6 +637,7 @@ class RoundEngine:
             )
             if site in scored:
                 direction = f", head cosine {cos[site]:+.2f}" if site in cos else ""
+                direction += f", sign balance {signs[site]:+.3f}" if site in signs else ""
                 log.append(
                     (
                         "info",

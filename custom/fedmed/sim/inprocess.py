@@ -26,7 +26,14 @@ from fedmed.site.site_round import GlobalModel, Site, Training, as_received, sit
 
 # Aggregation alone: nothing is excluded or quarantined (every valid update is aggregated), for benchmarks that
 # compare aggregators without the trust rule. Screening still runs.
-NO_TRUST = TrustPolicy(ok_ratio=1e12, bad_ratio=1e13, quarantine_below=0.0, quarantine_on_zero=False)
+NO_TRUST = TrustPolicy(
+    ok_ratio=1e12,
+    bad_ratio=1e13,
+    quarantine_below=0.0,
+    quarantine_on_zero=False,
+    sign_balance_ok=2.5,
+    sign_balance_bad=3.0,
+)  # the sign rule off too (a balance difference is at most 2)
 
 
 @dataclass

@@ -9,6 +9,10 @@ from typing import Mapping
 
 import numpy as np
 
+# The sign rule's thresholds (TrustPolicy.sign_balance_ok / _bad), on |balance - the median site's|.
+SIGN_BALANCE_OK = 0.1
+SIGN_BALANCE_BAD = 0.2
+
 
 @dataclass(frozen=True)
 class TrustPolicy:
@@ -33,6 +37,11 @@ class TrustPolicy:
             runs, none below 0), the IPM / unit-direction colluders -0.96 to -0.86, so both thresholds stand
             (head_cosine_ok has little slack on the honest side: a non-IID site a little further off would lose
             part of its score, never all of it above -0.5).
+        sign_balance_ok / sign_balance_bad: the sign rule (fedmed.server.robust.sign_balance). A site's move's sign
+            balance ((#coordinates up - #down) / #moved) that differs from the median site's by at most
+            sign_balance_ok scores 1, by sign_balance_bad or more 0 (linear in between); a round's score is the
+            lowest of the distance, direction and sign scores. sign_balance_bad > 2 turns it off (a difference of
+            two balances is at most 2). Measured on the red team's federation: see docs/redteam_collusion.md.
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
@@ -48,6 +57,8 @@ class TrustPolicy:
     quarantine_on_zero: bool = True
     head_cosine_ok: float = 0.0
     head_cosine_bad: float = -0.5
+    sign_balance_ok: float = SIGN_BALANCE_OK
+    sign_balance_bad: float = SIGN_BALANCE_BAD
 
     def __post_init__(self):
         if not 0 < self.smoothing <= 1:
@@ -62,6 +73,10 @@ class TrustPolicy:
             raise ValueError(f"good_score must be in [0, 1], got {self.good_score}")
         if not 0 <= self.initial_trust <= 1:
             raise ValueError(f"initial_trust must be in [0, 1], got {self.initial_trust}")
+        if not 0 < self.sign_balance_ok < self.sign_balance_bad:
+            raise ValueError(
+                f"need 0 < sign_balance_ok < sign_balance_bad, got {self.sign_balance_ok}, {self.sign_balance_bad}"
+            )
         if not -1 <= self.head_cosine_bad < self.head_cosine_ok <= 1:
             raise ValueError(
                 f"need -1 <= head_cosine_bad < head_cosine_ok <= 1, got {self.head_cosine_bad}, {self.head_cosine_ok}"
@@ -76,11 +91,15 @@ class SiteTrust:
 
 
 def round_scores(
-    distances: Mapping[str, float], policy: TrustPolicy, head_cosines: Mapping[str, float] | None = None
+    distances: Mapping[str, float],
+    policy: TrustPolicy,
+    head_cosines: Mapping[str, float] | None = None,
+    sign_offsets: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """site -> (ratio to the median distance, round score in [0, 1]). Scale-free: multiplying every update's
     distance by the same factor changes nothing. With head_cosines (site -> cosine of its classifier's move with
-    the aggregate's), the score is the lower of the distance score and the direction score."""
+    the reference's), the score is at most the direction score; with sign_offsets (site -> its sign balance minus
+    the median site's, fedmed.server.robust.sign_balance), at most the sign score."""
     if not distances:
         return {}
     values = np.array(list(distances.values()), dtype=np.float64)
@@ -95,6 +114,10 @@ def round_scores(
             cos = float(head_cosines[site])
             direction = (cos - policy.head_cosine_bad) / (policy.head_cosine_ok - policy.head_cosine_bad)
             score = min(score, float(np.clip(direction, 0.0, 1.0)))
+        if sign_offsets and site in sign_offsets:
+            off = abs(float(sign_offsets[site]))
+            signs = (policy.sign_balance_bad - off) / (policy.sign_balance_bad - policy.sign_balance_ok)
+            score = min(score, float(np.clip(signs, 0.0, 1.0)))
         out[site] = (float(ratio), score)
     return out
 
