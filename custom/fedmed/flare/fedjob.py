@@ -37,7 +37,6 @@ from fedmed.jobconfig import RUN_PREFIX, JobConfig
 from fedmed.model import HEAD_PREFIX
 from fedmed.parallel import ENV_SITE_THREADS, simulated_site_threads
 from fedmed.resume import RUNS_DIR
-from fedmed.tasks import get_task
 
 SIMULATOR_JOB_ID = "simulate_job"  # NVFlare's simulator gives every job this id
 
@@ -97,16 +96,7 @@ def add_persistor_and_trainers(
 ) -> None:
     """The server's model persistor (component id "persistor") and each site's FedMedTrainer, as build_job configures
     them; also used by the benchmark that runs the same trainers under NVFlare's own FedAvg."""
-    spec = get_task(config.task)
-    job.to_server(
-        FedMedModelPersistor(
-            num_outputs=spec.num_outputs,
-            initial_weights=config.cross_site_eval_only or config.initial_weights,
-            seed=config.seed,
-            norm=config.norm,
-        ),
-        id="persistor",
-    )
+    job.to_server(FedMedModelPersistor(job=config.to_dict()), id="persistor")
     # The controller's per-round metrics, as TensorBoard event files in the server's run dir (fedmed.flare.live_metrics)
     job.to_server(LiveTBReceiver(), id="tb_receiver")
     for site in config.sites:
