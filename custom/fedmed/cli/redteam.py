@@ -106,7 +106,11 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as dbs:
         for row in tqdm(rows, desc="attacks"):
-            res = redteam.run_row(row, bench, refs[row.he], Path(dbs), a.tolerance, a.extra_seeds)
+            # A folder per row: each record keeps its audit heads file beside it, which a second, new database in
+            # the same folder would read as its own emptied chain (and refuse to write).
+            row_dir = Path(dbs) / f"{row.attack.kind}-{row.colluders}"
+            row_dir.mkdir()
+            res = redteam.run_row(row, bench, refs[row.he], row_dir, a.tolerance, a.extra_seeds)
             tqdm.write(
                 f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
                 f"{res.honest_auroc:.3f} had it stayed honest"
