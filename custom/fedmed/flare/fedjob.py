@@ -54,8 +54,8 @@ def build_job(
     """The job as code, configured by `config` (with `changes`, JobConfig settings by name, applied on top).
 
     The server's workflows are FedMedController (training) then, when the job evaluates across sites,
-    FedMedCrossSiteEval; each takes the job's settings whole (config.to_dict()), the hospitals' Executors the
-    settings marked for sites (config.to_dict(site=True): never the server's database URL).
+    FedMedCrossSiteEval; each takes the job's settings whole (config.to_dict()), as does the model persistor, the
+    hospitals' Executors the settings marked for sites (config.to_dict(site=True): never the server's database URL).
 
     With data_root (simulation) each site's executor is pointed at <data_root>/<site>/fedmed_site.json and the
     server at <data_root>/global_test (unless server_test_set is False: scored as deployed); without it (deployment) sites use their kit's local/fedmed_site.json and the
