@@ -227,7 +227,7 @@ def _job_folder(dest: Path) -> Path:
     """An exported job's server config, as job.py --export-job writes it (the rounds exported_num_rounds reads)."""
     cfg = dest / "cxr_densenet" / "app_server" / "config"
     cfg.mkdir(parents=True)
-    workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"num_rounds": 1}}
+    workflow = {"path": "fedmed.flare.controller.FedMedController", "args": {"job": {"num_rounds": 1}}}
     (cfg / "config_fed_server.json").write_text(json.dumps({"workflows": [workflow]}))
     return dest / "cxr_densenet"
 
@@ -317,7 +317,8 @@ def test_the_admin_commands_start_without_torch_or_scikit_learn():
 
 def test_submit_reads_the_exported_jobs_settings_without_importing_torch(tmp_path):
     # fedmed-submit read the exported job's rounds and run options through JobConfig, importing torch, MONAI and
-    # scikit-learn into the admin's process (9-27 s here); the export's own process now writes JobConfig's defaults
+    # scikit-learn into the admin's process (9-27 s here); the exported Controller's `job` argument holds every
+    # setting, defaults included, read as JSON
     from dataclasses import MISSING, fields
 
     from fedmed.job.jobconfig import JobConfig
@@ -331,10 +332,19 @@ def test_submit_reads_the_exported_jobs_settings_without_importing_torch(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     rounds, args, heavy = json.loads(out.stdout.strip().splitlines()[-1])
     assert rounds == 3 and heavy == []
+    assert [p.name for p in tmp_path.iterdir()] == ["cxr_densenet"]  # the job folder alone: no defaults file beside
     defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
     assert {k: args[k] for k in ("aggregation", "he_layers", "norm", "image_size", "trust_ok_ratio")} == {
         k: defaults[k] for k in ("aggregation", "he_layers", "norm", "image_size", "trust_ok_ratio")
     }
+
+
+def test_a_job_folder_without_the_controllers_settings_is_refused_naming_the_file(tmp_path):
+    cfg = tmp_path / "other" / "app_server" / "config"
+    cfg.mkdir(parents=True)
+    (cfg / "config_fed_server.json").write_text(json.dumps({"workflows": [{"path": "x.FedAvg", "args": {}}]}))
+    with pytest.raises(SubmitError, match=r"config_fed_server\.json has no FedMedController workflow with a `job`"):
+        submit_job.exported_num_rounds(tmp_path / "other")
 
 
 def test_an_admin_whose_role_may_not_submit_is_one_line_naming_the_fix(monkeypatch, tmp_path):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.job.tasks import BRAIN_CLASSES
 from fedmed.store.repository import Repository
 from jobscripts import REPO, load_job_script
@@ -23,7 +24,8 @@ def test_exported_brain_job_configures_the_shared_components_with_its_task(tmp_p
     by_path = {c["path"]: c["args"] for c in server["components"]}
     controller = next(w for w in server["workflows"] if w["path"].endswith("FedMedController"))["args"]["job"]
     assert controller["task"] == "brain_mri" and controller["image_size"] == 96 and controller["num_rounds"] == 2
-    assert by_path["fedmed.flare.persistor.FedMedModelPersistor"]["num_outputs"] == len(BRAIN_CLASSES)
+    persistor = FedMedModelPersistor(**by_path["fedmed.flare.persistor.FedMedModelPersistor"])
+    assert persistor.num_outputs == len(BRAIN_CLASSES)
     clients = list(root.rglob("config_fed_client.json"))
     assert len(clients) == 3
     for path in clients:

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from fedmed.display.console import concise
+from fedmed.display.console import ConciseView, concise
 
 # A kit's log line (the simulator's console drops the logger name and the FL context).
 PREFIX = "2026-11-29 21:14:01,123 - {name} - {level} - [identity=hospital-a, run=simulate_job, peer=server] - "
@@ -66,3 +66,25 @@ def test_child_processes_output_goes_to_the_file_and_the_kept_lines_to_the_conso
     assert full[:3] == ["an earlier run", "noise from this process", "noise from a child"]
     assert "round 1/1 done" in full[3] and "after the block" not in full  # the console is restored after the block
     assert out.stderr == ""
+
+
+def test_a_refusal_reason_reaches_the_console_once_however_many_sites_and_rounds_repeat_it():
+    why = "this site's privacy policy requires DP-SGD, but the job's model uses batch normalisation"
+    lines = [
+        *(
+            PREFIX.format(name="FedMedTrainer", level="ERROR") + f"site {h} refuses this job: {why}"
+            for h in ("hospital-a", "hospital-b")
+        ),
+        *(
+            PREFIX.format(name="FedMedController", level="WARNING") + f"round {r}: {h} refused the round: {why}"
+            for r in (1, 2)
+            for h in ("hospital-a", "hospital-b")
+        ),
+        PREFIX.format(name="FedMedController", level="WARNING") + "round 2: hospital-c refused the round: other",
+    ]
+    view = ConciseView()
+    shown = [s for s in map(view, lines) if s is not None]
+    assert shown == [
+        f"  ERROR FedMedTrainer: site hospital-a refuses this job: {why}",
+        "  WARNING FedMedController: round 2: hospital-c refused the round: other",
+    ]

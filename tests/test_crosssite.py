@@ -512,6 +512,7 @@ def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
     else must look like a run uid, which the exported controller resolves on the server (its kept models)."""
     from fedmed.cli.submit_job import exported_controller_args
     from fedmed.flare.fedjob import job_main
+    from fedmed.flare.persistor import FedMedModelPersistor
     from fedmed.job.jobconfig import JobConfig
     from fedmed.models.network import build_densenet121, state_to_numpy
     from fedmed.models.weights import save_state
@@ -530,11 +531,11 @@ def test_the_job_script_takes_a_model_file_or_a_recorded_run(tmp_path, capsys):
 
     controller, persistor = export("--cross-site-eval-only", str(model))
     assert controller["cross_site_eval_only"] == str(model.resolve()) and controller["cross_site_eval_run"] is None
-    assert persistor["initial_weights"] == str(model.resolve())
+    assert FedMedModelPersistor(**persistor).initial_weights == str(model.resolve())
     controller, persistor = export("--cross-site-eval-only", "3fa2c1", "--cross-site-eval-model", "best")
     assert (controller["cross_site_eval_only"], controller["cross_site_eval_run"]) == (None, "3fa2c1")
     assert controller["cross_site_eval_model"] == "best"
-    assert "initial_weights" not in persistor
+    assert FedMedModelPersistor(**persistor).initial_weights is None  # the Controller resolves the run's model
     for argv, why in (
         (["--cross-site-eval-only", str(tmp_path / "gone.pt")], "no such model file, nor a run uid"),
         (

@@ -399,7 +399,8 @@ def test_dp_sites_report_epsilon_and_a_spent_site_refuses(tiny_hospitals, tmp_pa
 
 @pytest.mark.integration
 def test_a_simulation_every_site_refuses_ends_in_one_line_per_cause_without_a_traceback(tiny_hospitals, tmp_path):
-    # Every hospital's policy demands DP-SGD and the job keeps batch normalisation: no site can take part.
+    # Every hospital's policy demands DP-SGD and the job keeps batch normalisation: each refuses the job (its own
+    # start-up rule, recorded as a refusal, not as a set-up failure) and no site takes part.
     _write_site_configs(tiny_hospitals, privacy={s: {"preset": "moderate"} for s in SITES})
     log = tmp_path / "sim.log"
     try:
@@ -413,7 +414,7 @@ def test_a_simulation_every_site_refuses_ends_in_one_line_per_cause_without_a_tr
     reason = "the job must use norm='group'"
     summary = [line for line in proc.stderr.splitlines() if reason in line]
     assert summary == [
-        next(line for line in summary if line.startswith(", ".join(SITES) + " missing (from round 1): "))
+        next(line for line in summary if line.startswith(", ".join(SITES) + " refused (from round 1): "))
     ]  # one line for the three hospitals, with the fix
     assert summary[0].endswith("fix: submit with -- --norm group")
     assert proc.stdout.count(reason) == 1  # the live view shows the reason once, not once per site and round

@@ -10,6 +10,7 @@ import pytest
 
 from fedmed.flare.controller import FedMedController
 from fedmed.flare.executor import FedMedTrainer
+from fedmed.flare.persistor import FedMedModelPersistor
 from fedmed.job.jobconfig import DEFAULT_SITES, JobConfig
 from fedmed.server.robust.trust import TrustPolicy
 from fedmed.server.rounds import RoundRules, default_min_clients
@@ -92,9 +93,10 @@ def _server_args(root):
 
 
 def _exported(root):
-    """({workflow class: its arguments}, [each site's FedMedTrainer arguments]) of an exported job folder."""
+    """({workflow or component class: its arguments}, [each site's FedMedTrainer arguments]) of an exported job
+    folder."""
     server = json.loads((root / "app_server" / "config" / "config_fed_server.json").read_text())
-    workflows = {w["path"].rsplit(".", 1)[-1]: w["args"] for w in server["workflows"]}
+    workflows = {w["path"].rsplit(".", 1)[-1]: w.get("args", {}) for w in server["workflows"] + server["components"]}
     clients = [json.loads(p.read_text()) for p in sorted(root.rglob("config_fed_client.json"))]
     trainers = [c["executors"][0]["executor"] for c in clients]
     assert {t["path"] for t in trainers} == {"fedmed.flare.executor.FedMedTrainer"}
@@ -170,6 +172,8 @@ def test_every_setting_reaches_the_controller_and_the_executors_of_an_exported_j
     site_names = {f.name for f in dataclasses.fields(JobConfig) if f.metadata.get("site")}
     assert set(workflows["FedMedController"]) == {"job"} and set(workflows["FedMedController"]["job"]) == names
     assert FedMedController(**workflows["FedMedController"]).config == config
+    assert set(workflows["FedMedModelPersistor"]) == {"job"} and set(workflows["FedMedModelPersistor"]["job"]) == names
+    assert FedMedModelPersistor(**workflows["FedMedModelPersistor"]).config == config
     if config.cross_site_eval or config.evaluates_only:
         assert FedMedCrossSiteEval(**workflows["FedMedCrossSiteEval"]).config == config
     else:

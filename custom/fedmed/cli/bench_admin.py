@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,8 @@ kit, user, mode, what, prefix = sys.argv[1:6]
 t1 = time.monotonic()
 if what == "settings":  # what fedmed-submit reads from the exported job in its own process, after the export
     from pathlib import Path
+    if mode == "before":  # it read the settings through JobConfig (torch, MONAI)
+        from fedmed.job.jobconfig import JobConfig  # noqa: F401
     sj.exported_num_rounds(Path(prefix))
     t2 = time.monotonic()
     print("PHASES " + json.dumps({"imports": t1 - t0, "read settings": t2 - t1}))
@@ -145,13 +146,8 @@ def export(dest: Path, extra: list[str]) -> tuple[Path, float]:
 
 
 def measure_settings(job: Path, mode: str) -> dict:
-    """Reading the exported job's rounds in a fresh process: before, through JobConfig (torch, MONAI); after, from
-    the defaults the export wrote beside the job folder."""
-    if mode == "before":
-        with tempfile.TemporaryDirectory() as tmp:
-            bare = Path(tmp) / job.name  # the folder without the export's DEFAULTS_FILE beside it
-            shutil.copytree(job, bare)
-            return _child(Path(tmp), "-", mode, "settings", str(bare))
+    """Reading the exported job's rounds in a fresh process: before, importing JobConfig (torch, MONAI) as
+    fedmed-submit did; after, the exported Controller's `job` argument alone (every setting, as JSON)."""
     return _child(job.parent, "-", mode, "settings", str(job))
 
 
@@ -241,14 +237,13 @@ def write_markdown(out: Path, results: dict, meta: dict) -> None:
         "torch, MONAI and scikit-learn).",
         "- **after**: `fedmed.cli.admin_session.new_admin_session` (NVFlare's config search pointed at the admin "
         "kit instead of walking the current directory, and the login's first retry after 0.1 s instead of 1 s) and "
-        "a 0.5 s poll with the same deadline; the export's own process writes JobConfig's defaults beside the job "
-        "folder, so the admin's process imports no torch.",
+        "a 0.5 s poll with the same deadline; the exported Controller's `job` argument holds every setting, "
+        "defaults included, so the admin's process reads JSON and imports no torch.",
         "",
         *table(results),
         "",
         f"The job export before a submit (`job.py --export-job`, a separate process importing torch and MONAI): "
-        f"{meta['export_s']:.1f} s, the same before and after (it also writes the defaults now, from what it has "
-        "imported already); it is most of a submit's time before the job runs.",
+        f"{meta['export_s']:.1f} s, the same before and after; it is most of a submit's time before the job runs.",
         "",
         "Where the login's time went (before): NVFlare builds its connection after searching for an optional "
         "`comm_config.json` a dozen times, each a walk of the current directory when nothing told it where to "

@@ -177,6 +177,12 @@ def main(argv=None) -> int:
         help="do not time plain and DP-SGD epochs (saves three epochs per timing point)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (1 on a CPU shared with other jobs: 2 OpenMP threads per process there thrash)",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/bench_privacy.md"))
     a = p.parse_args(argv)
     try:
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     if a.per_site < 10 or a.public_images < 30 or a.num_test < 10 or a.timing_images < 1:
         p.error("--per-site and --num-test must be >= 10, --public-images >= 30, --timing-images >= 1")
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     t0 = time.time()
     sites = make_sites(a.data, 3, a.per_site, a.seed, a.num_test)[:3]
     if len(sites) < 3:
@@ -272,6 +278,7 @@ def main(argv=None) -> int:
         "--public-images",
         "--public-epochs",
         "--seed",
+        "--threads",
         "--out",
         "--timing-points",
         "--timing-images",

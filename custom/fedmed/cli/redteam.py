@@ -83,15 +83,6 @@ def main(argv=None) -> int:
     for he in sorted({r.he for r in rows}):
         refs[he] = redteam.honest_references(bench, he=he)
         tqdm.write(f"honest references{' (HE on)' if he else ''}: {refs[he]}")
-    results = []
-    with tempfile.TemporaryDirectory() as dbs:
-        for row in tqdm(rows, desc="attacks"):
-            res = redteam.run_row(row, bench, refs[row.he], Path(dbs), a.tolerance, a.extra_seeds)
-            tqdm.write(
-                f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
-                f"{res.honest_auroc:.3f} had it stayed honest"
-            )
-            results.append(res)
     setup = (
         f"{a.honest} honest hospitals of {a.per_site} synthetic radiographs and one hostile hospital (same kind "
         f"of data; honest until round {a.attack_from}, it attacks from then on: a site that turns hostile; in the "
@@ -111,8 +102,24 @@ def main(argv=None) -> int:
         + "."
     )
     command = "fedmed-redteam " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = redteam.markdown(results, command.strip(), time.time() - t0, setup)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as dbs:
+        for row in tqdm(rows, desc="attacks"):
+            # A folder per row: each record keeps its audit heads file beside it, which a second, new database in
+            # the same folder would read as its own emptied chain (and refuse to write).
+            row_dir = Path(dbs) / f"{row.attack.kind}-{row.colluders}"
+            row_dir.mkdir()
+            res = redteam.run_row(row, bench, refs[row.he], row_dir, a.tolerance, a.extra_seeds)
+            tqdm.write(
+                f"{row.name}: {'held' if res.held else 'NOT HELD'} ({res.how}); AUROC {res.auroc:.3f} vs "
+                f"{res.honest_auroc:.3f} had it stayed honest"
+            )
+            results.append(res)
+            if len(results) < len(rows):  # a run cut short (an hour or more on a shared CPU) still leaves its rows
+                so_far = redteam.markdown(results, command.strip(), time.time() - t0, setup)
+                a.out.write_text(f"**Partial: {len(results)} of {len(rows)} rows so far.**\n\n{so_far}")
+    text = redteam.markdown(results, command.strip(), time.time() - t0, setup)
     a.out.write_text(text)
     print(text)
     return 0 if all(r.held for r in results) else 1

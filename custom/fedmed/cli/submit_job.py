@@ -96,40 +96,11 @@ class JobOutcome:
     not_counted: list = field(default_factory=list)  # (round, site, status, reason) of every site that did not count
 
 
-DEFAULTS_FILE = "fedmed_jobconfig_defaults.json"  # beside the exported job folder: JobConfig's defaults
-# job.py --export-job, then JobConfig's defaults written as JSON by the same process, which has imported them
-# already: the admin's own process then needs neither torch nor MONAI, whose import took 9-27 s here.
-_EXPORT = """
-import json, runpy, sys
-from dataclasses import MISSING, fields
-script, defaults_file = sys.argv[1], sys.argv[2]
-sys.argv = [script, *sys.argv[3:]]
-try:
-    runpy.run_path(script, run_name="__main__")
-except SystemExit as e:
-    if e.code not in (0, None):
-        raise
-from fedmed.job.jobconfig import JobConfig
-defaults = {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
-with open(defaults_file, "w") as out:
-    json.dump(defaults, out, default=str)
-"""
-
-
 def export_job(dest: Path, job_args: list[str]) -> Path:
-    """jobs/cxr_densenet/job.py --export-job: the job folder the admin console takes (it names fedmed classes only),
-    with JobConfig's defaults beside it (DEFAULTS_FILE)."""
+    """jobs/cxr_densenet/job.py --export-job, in its own process (torch, MONAI): the job folder the admin console
+    takes (it names fedmed classes only; its Controller's `job` argument holds every setting)."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _EXPORT,
-            str(JOB_SCRIPT),
-            str(dest / DEFAULTS_FILE),
-            "--export-job",
-            str(dest),
-            *job_args,
-        ],
+        [sys.executable, str(JOB_SCRIPT), "--export-job", str(dest), *job_args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -144,25 +115,17 @@ def export_job(dest: Path, job_args: list[str]) -> Path:
     return folders[0]
 
 
-def _job_defaults(job_folder: Path) -> dict:
-    """JobConfig's defaults: from the export's DEFAULTS_FILE, else (a folder exported otherwise) from JobConfig."""
-    saved = job_folder.parent / DEFAULTS_FILE
-    if saved.is_file():
-        return json.loads(saved.read_text())
-    from dataclasses import MISSING, fields
-
-    from fedmed.job.jobconfig import JobConfig  # torch and MONAI
-
-    return {f.name: f.default for f in fields(JobConfig) if f.default is not MISSING}
-
-
 def exported_controller_args(job_folder: Path) -> dict:
-    """The exported job's settings by name: its FedMedController's `job` argument (JobConfig.to_dict(), every
-    setting; the server checks them again), with JobConfig's defaults from the export (_job_defaults) under it for
-    a folder exported otherwise: the admin's process imports neither torch nor MONAI."""
-    server = json.loads((job_folder / "app_server" / "config" / "config_fed_server.json").read_text())
+    """The exported job's settings by name: its FedMedController's `job` argument (JobConfig.to_dict(): every
+    setting, defaults included; the server checks them again). Read as JSON: the admin's process imports neither
+    torch nor MONAI."""
+    path = job_folder / "app_server" / "config" / "config_fed_server.json"
+    server = json.loads(path.read_text())
     controller = next((w for w in server.get("workflows", []) if w.get("path", "").endswith("FedMedController")), {})
-    return {**_job_defaults(job_folder), **controller.get("args", {}).get("job", {})}
+    job = controller.get("args", {}).get("job")
+    if not isinstance(job, dict):  # not a fedmed job export (or one from before the Controller took `job`)
+        raise SubmitError(f"{path} has no FedMedController workflow with a `job` argument: not a fedmed job export")
+    return job
 
 
 def _decide_in_record(db_url: str, option: str, run: str, purpose: str, decide) -> tuple:

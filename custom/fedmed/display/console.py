@@ -35,10 +35,11 @@ NVFLARE_NOISE = re.compile(
     # ... and NVFlare repeating, after fedmed's own "run <uid> failed: <why>", that the controller raised
     r"|^Traceback \(most recent call last\):$|^Exception in model controller run: |^Aborting current RUN due to "
 )
-# A site that cannot take part says so (the Executor), and the server says it again each round (fedmed.server.rounds):
-# the console shows each reason once.
+# A site that cannot take part, or refuses the job, says so (the Executor), and the server says it again each round
+# (fedmed.server.rounds): the console shows each reason once.
 CANNOT_TAKE_PART = re.compile(
-    r"cannot take part(?: in this job)?: set-up failed(?: at the site)?: (?P<why>.*?)(?:; fix it|$)"
+    r"(?:cannot take part(?: in this job)?: set-up failed(?: at the site)?|refuses this job|refused the round): "
+    r"(?P<why>.*?)(?:; fix it|$)"
 )
 
 
@@ -58,7 +59,8 @@ def concise(line: str) -> Optional[str]:
 
 
 class ConciseView:
-    """concise(), and a reason a site cannot take part shown once, however many sites and rounds repeat it."""
+    """concise(), and a reason a site cannot take part (or refuses) shown once, however many sites and rounds repeat
+    it."""
 
     def __init__(self):
         self._shown: set = set()

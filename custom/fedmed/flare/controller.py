@@ -28,7 +28,7 @@ from nvflare.security.logging import secure_format_exception
 from fedmed.data.loading import load_test
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare import wire
-from fedmed.flare.anchors import open_watch
+from fedmed.flare.anchors import close_watch, open_watch
 from fedmed.flare.best_model import BestModelKeeper
 from fedmed.flare.crosssite_eval import CrossSiteRequest
 from fedmed.flare.live_metrics import LiveMetrics
@@ -162,6 +162,7 @@ class FedMedController(ModelController):
             raise
         finally:
             record.finish(status, best.round, best.score)
+            close_watch(self._anchors)  # the record's connection it held for the job
             self.event(AppEventType.TRAINING_FINISHED)
         if status == "finished":
             self._after_training(run, model, best)

@@ -62,6 +62,26 @@ def running_in_simulator(fl_ctx: FLContext) -> bool:
     return not is_deployed_kit(engine.get_workspace() if engine is not None else None)
 
 
+def site_config_path(site_config: Optional[str], fl_ctx: FLContext) -> Path:
+    """The hospital's fedmed_site.json: the job's (simulator only: FedMedTrainer._refuse_job_settings), else
+    $FEDMED_SITE_CONFIG, else the kit's local/ folder."""
+    if site_config:
+        return Path(site_config)
+    if os.environ.get(C.ENV_SITE_CONFIG):
+        return Path(os.environ[C.ENV_SITE_CONFIG])
+    workspace = fl_ctx.get_engine().get_workspace()
+    return Path(workspace.get_site_config_dir()) / SITE_CONFIG_FILENAME
+
+
+def he_context_path(he_context_file: Optional[str], fl_ctx: FLContext) -> Path:
+    """The hospital's TenSEAL secret context: the job's (simulator only), else the kit's local/, else startup/."""
+    if he_context_file:
+        return Path(he_context_file)
+    workspace = fl_ctx.get_engine().get_workspace()
+    local = Path(workspace.get_site_config_dir()) / ckks.CLIENT_CONTEXT_FILE
+    return local if local.is_file() else Path(workspace.get_file_path_in_startup(ckks.CLIENT_CONTEXT_FILE))
+
+
 class FedMedTrainer(Executor):
     def __init__(
         self,
@@ -153,25 +173,29 @@ class FedMedTrainer(Executor):
                 f"({C.ENV_SITE_CONFIG}), never from a job"
             )
 
-    def _resolve_config_path(self, fl_ctx: FLContext) -> Path:
-        if self.site_config:  # simulator only (_refuse_job_settings)
-            return Path(self.site_config)
-        if os.environ.get(C.ENV_SITE_CONFIG):
-            return Path(os.environ[C.ENV_SITE_CONFIG])
-        workspace = fl_ctx.get_engine().get_workspace()
-        return Path(workspace.get_site_config_dir()) / SITE_CONFIG_FILENAME
-
-    def _he_context_path(self, fl_ctx: FLContext) -> Path:
-        if self.he_context_file:  # simulator only (_refuse_job_settings)
-            return Path(self.he_context_file)
-        workspace = fl_ctx.get_engine().get_workspace()
-        local = Path(workspace.get_site_config_dir()) / ckks.CLIENT_CONTEXT_FILE
-        return local if local.is_file() else Path(workspace.get_file_path_in_startup(ckks.CLIENT_CONTEXT_FILE))
-
     def _setup(self, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
         self._refuse_job_settings(fl_ctx)
-        path = self._resolve_config_path(fl_ctx)
+        path = self._load_site_settings(site, fl_ctx)
+        t0 = time.monotonic()
+        self._load_data(site, fl_ctx)
+        self._model = build_densenet121(self._task.num_outputs, norm=self.config.norm)
+        if self.config.he_layers:
+            self._open_he(site, fl_ctx)
+        self._open_signing(site, fl_ctx)
+        policy, source, self._noise_filters = site_privacy.privacy_policy(self._site, fl_ctx)
+        self._admit_job(site, path, policy, fl_ctx)
+        self._open_privacy(site, policy, source, fl_ctx)
+        self._state = self._site_round_state(site, policy, fl_ctx)
+        self.log_info(
+            fl_ctx,
+            f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
+            f"data, loaded in {time.monotonic() - t0:.1f}s",
+        )
+
+    def _load_site_settings(self, site: str, fl_ctx: FLContext) -> Path:
+        """The hospital's fedmed_site.json (for this client, checked), and its torch threads. Returns its path."""
+        path = site_config_path(self.site_config, fl_ctx)
         self._site = load_site_config(path)
         if self._site.site_name != site:
             raise ValueError(f"{path} is for site {self._site.site_name!r}, but this client is {site!r}")
@@ -179,7 +203,9 @@ class FedMedTrainer(Executor):
         threads = self._site.num_threads or site_torch_threads()
         if threads:
             torch.set_num_threads(threads)
-        t0 = time.monotonic()
+        return path
+
+    def _load_data(self, site: str, fl_ctx: FLContext) -> None:
         self._train_ds, self._val_ds = load_train_val(
             self._site.data, self.config.image_size, self.config.seed, self._task
         )
@@ -192,22 +218,24 @@ class FedMedTrainer(Executor):
                 f"site {site} is configured HOSTILE ({self._site.hostile}) for a robustness "
                 f"rehearsal: its updates are deliberately corrupted",
             )
-        self._model = build_densenet121(self._task.num_outputs, norm=self.config.norm)
-        if self.config.he_layers:
-            ctx_path = self._he_context_path(fl_ctx)
-            self._he = ckks.load_client_context(ctx_path)
-            self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), list(self.config.he_layers))
-            if self._he.key_id is None:
-                self.log_warning(
-                    fl_ctx,
-                    f"no {ckks.KEY_ID_FILE} beside {ctx_path}: the server will refuse this "
-                    "site's encrypted updates; provision with fedmed's HE builder",
-                )
-            self.log_info(
+
+    def _open_he(self, site: str, fl_ctx: FLContext) -> None:
+        ctx_path = he_context_path(self.he_context_file, fl_ctx)
+        self._he = ckks.load_client_context(ctx_path)
+        self._he_names = ckks.resolve_encrypted_names(list(self._model.state_dict()), list(self.config.he_layers))
+        if self._he.key_id is None:
+            self.log_warning(
                 fl_ctx,
-                f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
-                f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}",
+                f"no {ckks.KEY_ID_FILE} beside {ctx_path}: the server will refuse this "
+                "site's encrypted updates; provision with fedmed's HE builder",
             )
+        self.log_info(
+            fl_ctx,
+            f"site {site}: CKKS encryption of {len(self._he_names)} parameter(s) "
+            f"{list(self._he_names)}; key set {str(self._he.key_id)[:12]}",
+        )
+
+    def _open_signing(self, site: str, fl_ctx: FLContext) -> None:
         engine = fl_ctx.get_engine()
         kit_local = Path(engine.get_workspace().get_site_config_dir()) if engine is not None else None
         # A deployed kit that holds its signing key (install makes one) always signs and checks the server's
@@ -220,14 +248,16 @@ class FedMedTrainer(Executor):
             self._sign_keys, self._server_key = wire_sig.load_keys(key_dir)
             if self._sign_keys.site != site:
                 raise ValueError(f"signing key in {key_dir} is {self._sign_keys.site!r}'s, but this client is {site!r}")
-        policy, source, self._noise_filters = site_privacy.privacy_policy(self._site, fl_ctx)
+
+    def _admit_job(self, site: str, path: Path, policy, fl_ctx: FLContext) -> None:
+        """A job the hospital's start-up rules refuse is refused: the site answers each task with the reason."""
         try:
             simulator = running_in_simulator(fl_ctx)
             check_job_for_site(self._site, policy, self.config.norm, where=site, config=str(path), simulator=simulator)
         except JobRefused as e:
-            if policy is None:  # the site stays up and refuses every task of the job with the reason
-                raise SiteSettingsRefused(str(e)) from None
-            raise
+            raise SiteSettingsRefused(str(e)) from None
+
+    def _open_privacy(self, site: str, policy, source: str, fl_ctx: FLContext) -> None:
         if policy is not None or self._noise_filters:
             self._ledger = site_privacy.open_ledger(self._site, self._task, policy, fl_ctx)
             b = self._ledger
@@ -236,18 +266,21 @@ class FedMedTrainer(Executor):
                 f"site {site}: privacy ledger {b.ledger.path}, dataset {b.dataset.digest[:12]} "
                 f"({b.dataset.describe()}): lifetime epsilon {b.lifetime_epsilon():.3f} of {b.lifetime_ceiling}",
             )
-        if policy is not None:
-            self._privacy = SitePrivacy(policy, self._ledger)
-            trained = set_trainable(self._model, self.config.dp_train_layers)  # names a prefix that matches nothing
-            set_trainable(self._model, None)
-            what = "all" if self.config.dp_train_layers is None else f"{list(self.config.dp_train_layers)}:"
-            self.log_info(
-                fl_ctx,
-                f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
-                f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}; trains "
-                f"{what} {len(trained)} parameter tensors",
-            )
-        self._state = site_round.Site(
+        if policy is None:
+            return
+        self._privacy = SitePrivacy(policy, self._ledger)
+        trained = set_trainable(self._model, self.config.dp_train_layers)  # names a prefix that matches nothing
+        set_trainable(self._model, None)
+        what = "all" if self.config.dp_train_layers is None else f"{list(self.config.dp_train_layers)}:"
+        self.log_info(
+            fl_ctx,
+            f"site {site}: DP-SGD on ({source}), ceiling epsilon {policy.epsilon} "
+            f"({policy.preset}), delta {policy.delta}, clip {policy.max_grad_norm}; trains "
+            f"{what} {len(trained)} parameter tensors",
+        )
+
+    def _site_round_state(self, site: str, policy, fl_ctx: FLContext) -> site_round.Site:
+        return site_round.Site(
             name=site,
             task=self._task,
             train=self._train_ds,
@@ -274,11 +307,6 @@ class FedMedTrainer(Executor):
             hostile=self._site.hostile,
             data_synthetic=self._data_synthetic,
             last_receipt=wire_sig.last_receipt(fl_ctx),  # echoed in its first update (fedmed.server.anchors)
-        )
-        self.log_info(
-            fl_ctx,
-            f"site {site}: {len(self._train_ds)} train / {len(self._val_ds)} val images from {self._site.data.format} "
-            f"data, loaded in {time.monotonic() - t0:.1f}s",
         )
 
     def _dp_trainable(self, policy) -> Optional[tuple]:

@@ -33,7 +33,6 @@ from fedmed.flare.site_memory import SITE_MEMORY_ID, SiteMemoryRelease
 from fedmed.job import constants as C
 from fedmed.job.constants import ENV_DB_URL
 from fedmed.job.jobconfig import RUN_PREFIX, JobConfig
-from fedmed.job.tasks import get_task
 from fedmed.models.network import HEAD_PREFIX
 from fedmed.security import ckks
 from fedmed.server.parallel import ENV_SITE_THREADS, simulated_site_threads
@@ -55,8 +54,8 @@ def build_job(
     """The job as code, configured by `config` (with `changes`, JobConfig settings by name, applied on top).
 
     The server's workflows are FedMedController (training) then, when the job evaluates across sites,
-    FedMedCrossSiteEval; each takes the job's settings whole (config.to_dict()), the hospitals' Executors the
-    settings marked for sites (config.to_dict(site=True): never the server's database URL).
+    FedMedCrossSiteEval; each takes the job's settings whole (config.to_dict()), as does the model persistor, the
+    hospitals' Executors the settings marked for sites (config.to_dict(site=True): never the server's database URL).
 
     With data_root (simulation) each site's executor is pointed at <data_root>/<site>/fedmed_site.json and the
     server at <data_root>/global_test (unless server_test_set is False: scored as deployed); without it (deployment) sites use their kit's local/fedmed_site.json and the
@@ -97,16 +96,7 @@ def add_persistor_and_trainers(
 ) -> None:
     """The server's model persistor (component id "persistor") and each site's FedMedTrainer, as build_job configures
     them; also used by the benchmark that runs the same trainers under NVFlare's own FedAvg."""
-    spec = get_task(config.task)
-    job.to_server(
-        FedMedModelPersistor(
-            num_outputs=spec.num_outputs,
-            initial_weights=config.cross_site_eval_only or config.initial_weights,
-            seed=config.seed,
-            norm=config.norm,
-        ),
-        id="persistor",
-    )
+    job.to_server(FedMedModelPersistor(job=config.to_dict()), id="persistor")
     # The controller's per-round metrics, as TensorBoard event files in the server's run dir (fedmed.flare.live_metrics)
     job.to_server(LiveTBReceiver(), id="tb_receiver")
     for site in config.sites:

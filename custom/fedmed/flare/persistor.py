@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
+from fedmed.job.jobconfig import JobConfig
+from fedmed.job.tasks import get_task
 from fedmed.models.network import build_densenet121, load_numpy_state, state_to_numpy
 
 # Re-exported: the controller and executor import them from here.
@@ -20,31 +21,28 @@ BEST_MODEL_FILE = "best_model.pt"
 
 
 class FedMedModelPersistor(ModelPersistor):
-    def __init__(
-        self, num_outputs: int = 14, initial_weights: Optional[str] = None, seed: int = 0, norm: str = "batch"
-    ):
+    def __init__(self, job: dict):
         """Args:
-        num_outputs: classifier outputs (14 findings for chest X-ray).
-        initial_weights: optional path to a torch state dict (e.g. a previous run's best_model.pt) to start from;
-            no weights are ever downloaded.
-        seed: torch seed for a fresh initialisation.
-        norm: DenseNet-121 normalisation, "batch" or "group"; same as the sites'.
+        job: the job's settings, fedmed.job.jobconfig.JobConfig.to_dict() (a JobConfig is taken too), as the Controller
+            takes them. Read here: task (its classifier outputs), norm and seed (a fresh DenseNet-121), and the
+            weights file to start from (cross_site_eval_only, else initial_weights; no weights are ever downloaded).
         """
         super().__init__()
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
-        self.num_outputs = num_outputs
-        self.initial_weights = initial_weights
-        self.seed = seed
-        self.norm = norm
+        config = JobConfig.from_dict(job)  # raises naming a bad or unknown setting
+        self.job = config.to_dict()  # same name as the argument: FedJob serialises attributes by name
+        self.config = config
+        self.num_outputs = get_task(config.task).num_outputs
+        # A model file to evaluate across sites is what the server starts from; a recorded run to evaluate is
+        # resolved by the Controller from its kept models (JobConfig.cross_site_eval_run), not loaded here.
+        self.initial_weights = config.cross_site_eval_only or config.initial_weights
 
     def _model_dir(self, fl_ctx: FLContext) -> Path:
         workspace = fl_ctx.get_engine().get_workspace()
         return Path(workspace.get_app_dir(fl_ctx.get_job_id()))
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        torch.manual_seed(self.seed)
-        model = build_densenet121(self.num_outputs, norm=self.norm)
+        torch.manual_seed(self.config.seed)
+        model = build_densenet121(self.num_outputs, norm=self.config.norm)
         if self.initial_weights:
             path = Path(self.initial_weights)
             if not path.is_file():
