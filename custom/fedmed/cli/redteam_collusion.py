@@ -1,0 +1,476 @@
+"""The colluding-attack red team (issue 28), measured run by run: each run (one attack, one seed, one set of round
+rules) is written to --runs as JSON as soon as it finishes, so a cut run keeps what it measured, and a rerun skips
+what is there. `--doc` regenerates docs/redteam_collusion.md from the JSON alone.
+
+    python scripts/redteam_collusion.py [--runs docs/redteam_collusion] [--budget-s 3600]
+    python scripts/redteam_collusion.py --doc
+
+Order (CPU is scarce; what matters first runs first): the honest run and the two-colluder rows on seed 0; the
+honest runs on seeds 1 and 2; the accepted two-colluder ALIE (paper's z) and Min-Max inverse-std rows on seeds 1
+and 2 (the paired gap), then centred clipping on the honest run and on those two rows (seed 0); the other accepted
+two-colluder rows on seeds 1 and 2; the one-colluder rows likewise; plain FedAvg under the worst two-colluder
+attack; centred clipping on seeds 1 and 2. A row whose attackers are rejected, quarantined or refused
+in every round they attack holds on the reason (one seed); an accepted row needs its paired gap (attackers honest
+vs attacking, same seed) over seeds 0, 1, 2. The federation is the red team's default (fedmed-redteam)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmed.job.tasks import CHEST_XRAY14
+from fedmed.server.robust.trust import TrustPolicy
+from fedmed.sim import redteam
+from fedmed.sim.inprocess import Adversary, FederationPlan, federate
+
+SEEDS = (0, 1, 2)
+SIZE = dict(honest=4, per_site=100, num_test=200, rounds=4, attack_from=2, image_size=64, batch_size=16)
+TOLERANCE = 0.02
+# "site X: distance D (xR median), head cosine +C, sign balance +B, score ..." (RoundEngine's per-site log line)
+LOG_LINE = re.compile(
+    r"site (\S+): distance \S+ \(x([0-9.]+) median\)(?:, head cosine ([+-][0-9.]+))?(?:, sign balance ([+-][0-9.]+))?"
+)
+BLOCKED = ("rejected", "quarantined", "refused")
+
+
+def key(row: str, seed: int, rules: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", f"{rules} {row} s{seed}".lower()).strip("-")
+
+
+def play(data, row, seed: int, rules: str) -> dict:
+    """One federation: row None = every site honest. rules: "gm" (geometric median with trust, the default),
+    "gm+cc" (and centred clipping), "fedavg" (plain FedAvg, no trust rule)."""
+    train, test = data
+    hostile = {} if row is None else {s: row.attack for s in redteam.colluder_sites(row, list(train))}
+    plan = FederationPlan(
+        task=CHEST_XRAY14,
+        rounds=SIZE["rounds"],
+        aggregation="fedavg" if rules == "fedavg" else "geometric_median",
+        use_trust=rules != "fedavg",
+        centred_clipping=rules == "gm+cc",
+        batch_size=SIZE["batch_size"],
+        seed=seed,
+    )
+    rounds = []
+
+    def on_round(report):
+        per_site = {}
+        for level, msg in report.log:
+            m = LOG_LINE.match(msg)
+            if m:
+                per_site[m.group(1)] = {
+                    "distance_ratio": float(m.group(2)),
+                    "head_cosine": float(m.group(3)) if m.group(3) else None,
+                    "sign_balance": float(m.group(4)) if m.group(4) else None,
+                }
+        rounds.append(
+            {
+                "round": report.round_num + 1,
+                "aggregated": report.aggregated,
+                "problem": report.problem,
+                "updates": {u.site: {"status": u.status, "reason": u.reason} for u in report.updates},
+                "weights": {s: float(w) for s, w in report.weights.items()},
+                "alerts": [[a.site, a.kind, a.message[:200]] for a in report.alerts],
+                "sites": per_site,
+            }
+        )
+
+    t0 = time.time()
+    fed = federate(train, test, plan, Adversary(hostile, SIZE["attack_from"] - 1), on_round=on_round)
+    return {
+        "row": None if row is None else row.name,
+        "kind": None if row is None else row.attack.kind,
+        "factor": None if row is None else row.attack.factor,
+        "colluders": 0 if row is None else row.colluders,
+        "hostile": sorted(hostile),
+        "seed": seed,
+        "rules": rules,
+        "auroc": float(fed.auroc),
+        "stopped": fed.stopped,
+        "rounds": rounds,
+        "seconds": time.time() - t0,
+    }
+
+
+def attacked_rounds(run: dict) -> list:
+    return [r for r in run["rounds"] if r["round"] >= SIZE["attack_from"]]
+
+
+def blocked_every_round(run: dict) -> bool:
+    """Every attacked round: every attacker rejected/quarantined/refused with a reason (or the run stopped)."""
+    rounds = attacked_rounds(run)
+    return bool(rounds) and all(
+        all(r["updates"][s]["status"] in BLOCKED and r["updates"][s]["reason"] for s in run["hostile"])
+        for r in rounds
+        if all(s in r["updates"] for s in run["hostile"])
+    )
+
+
+def honest_quarantined(run: dict) -> list:
+    return sorted(
+        {s for r in run["rounds"] for s, u in r["updates"].items() if u["status"] == "quarantined"}
+        - set(run["hostile"])
+    )
+
+
+BEFORE = (
+    "before-sign-rule"  # the runs measured before the sign rule (fedmed.server.robust.sign_balance), kept as measured
+)
+SIGN_OK, SIGN_BAD = TrustPolicy.sign_balance_ok, TrustPolicy.sign_balance_bad
+IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geometric median accepted (issue 28)
+
+
+def plan_jobs(runs: dict) -> list:
+    """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict): the honest run
+    on seed 0 (the sign rule's cost, against the one measured before it), the in-distribution rows the engine
+    accepted before the sign rule (seed 0: a row rejected every round holds on the reason), the honest runs on
+    seeds 1 and 2, the other rows (seed 0), every row still accepted on seeds 1 and 2, plain FedAvg under the worst
+    two-colluder attack. Centred clipping is no longer measured here (its runs before the sign rule are kept in
+    BEFORE)."""
+    rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
+    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION]
+    rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION]
+
+    def accepted(row, rules="gm"):
+        run = runs.get(key(row.name, 0, rules))
+        return run is not None and not blocked_every_round(run)
+
+    jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in first] + [(None, 1, "gm"), (None, 2, "gm")]
+    jobs += [(r, 0, "gm") for r in rest]
+    jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
+    done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
+    if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
+        worst = min(done2, key=lambda x: x["auroc"])
+        row = next(r for r in rows if r.name == worst["row"])
+        jobs += [(None, 0, "fedavg"), (row, 0, "fedavg")]
+    return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
+
+
+def load_runs(folder: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def measure(a) -> None:
+    torch.set_num_threads(1)
+    a.runs.mkdir(parents=True, exist_ok=True)
+    names = redteam.make_sites(a.data, SIZE["honest"], SIZE["per_site"], seed=0, num_test=SIZE["num_test"])
+    train, test, _ = redteam.load_sites(a.data, names, SIZE["image_size"])
+    t_end = time.time() + a.budget_s
+    while time.time() < t_end:
+        job = claim(a.runs, plan_jobs(load_runs(a.runs)))
+        if job is None:
+            break
+        (row, seed, rules), name = job
+        print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
+        try:
+            out = play((train, test), row, seed, rules)
+            (a.runs / f"{name}.json").write_text(json.dumps(out, indent=1))
+        finally:
+            (a.runs / f"{name}.claim").unlink(missing_ok=True)
+        print(f"  AUROC {out['auroc']:.3f} in {out['seconds']:.0f} s", flush=True)
+
+
+def claim(folder: Path, jobs: list):
+    """The first job no other worker has claimed ((job, name), its NAME.claim file created), or None: two workers
+    started on one --runs folder (each with its own --data copy) share the queue."""
+    for job in jobs:
+        name = key(job[0].name if job[0] else "honest", job[1], job[2])
+        try:
+            os.close(os.open(folder / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return job, name
+    return None
+
+
+def max_share(run: dict) -> float:
+    """The attackers' largest share of the aggregate's weight over the attacked rounds."""
+    return max(
+        (sum(r["weights"].get(s, 0.0) for s in run["hostile"]) / (sum(r["weights"].values()) or 1.0))
+        for r in attacked_rounds(run)
+    )
+
+
+def summary(run: dict) -> str:
+    """What the server did with the attackers, per attacked round (seed 0's run)."""
+    out = []
+    for r in attacked_rounds(run):
+        said = []
+        for s in run["hostile"]:
+            u = r["updates"].get(s)
+            if u is None:
+                continue
+            reason = f" ({u['reason'][:150]})" if u["status"] in BLOCKED and u["reason"] else ""
+            said.append(f"{s} {u['status']}{reason}")
+        share = sum(r["weights"].get(s, 0.0) for s in run["hostile"]) / (sum(r["weights"].values()) or 1.0)
+        held = "" if r["aggregated"] else f"; round not committed: {(r['problem'] or '')[:80]}"
+        out.append(f"r{r['round']}: {' / '.join(said)}; attackers' weight {share:.2f}{held}")
+    if run["stopped"]:
+        out.append(f"run stopped: {run['stopped'][:80]}")
+    return "<br>".join(x.replace("|", "/") for x in out)
+
+
+def gaps(runs: dict, row: str, rules: str, honest_rules: str) -> list:
+    """(seed, attacked AUROC minus the same seed's honest AUROC) for every seed measured both ways."""
+    out = []
+    for seed in SEEDS:
+        a, h = runs.get(key(row, seed, rules)), runs.get(key("honest", seed, honest_rules))
+        if a is not None and h is not None:
+            out.append((seed, a["auroc"] - h["auroc"]))
+    return out
+
+
+def verdict(runs: dict, row: str, rules: str = "gm") -> tuple:
+    """(verdict text, held: True / False / None = not measured enough) for one row under these rules."""
+    first = runs.get(key(row, 0, rules))
+    if first is None:
+        return "not run", None
+    quarantined = honest_quarantined(first)
+    if quarantined:
+        return f"**NO**: honest site(s) {', '.join(quarantined)} quarantined", False
+    if blocked_every_round(first):
+        return "yes: rejected with the reason in every round it attacked (seed 0)", True
+    g = gaps(runs, row, rules, rules)
+    text = ", ".join(f"s{s} {v:+.3f}" for s, v in g)
+    if len(g) < len(SEEDS):
+        return f"accepted; paired gaps {text or '-'}: fewer than 3 seeds, not judged", None
+    mean = float(np.mean([v for _, v in g]))
+    if mean >= -TOLERANCE:
+        return f"yes: accepted, mean paired gap {mean:+.3f} ({text})", True
+    return f"**NO**: accepted, mean paired gap {mean:+.3f} ({text}), below -{TOLERANCE}", False
+
+
+def cosine_table(runs: list) -> list:
+    """The honest sites' classifier cosines to the judging reference (the coordinate median of the sites) and
+    their distance ratios, every round of every honest run."""
+    cos = [
+        v["head_cosine"]
+        for r in runs
+        for rd in r["rounds"]
+        for v in rd["sites"].values()
+        if v["head_cosine"] is not None
+    ]
+    ratio = [v["distance_ratio"] for r in runs for rd in r["rounds"] for v in rd["sites"].values()]
+    if not cos:
+        return ["No honest run measured yet."]
+    q = np.percentile(cos, [0, 5, 50]).tolist()
+    return [
+        f"{len(cos)} (site, round) cosines over {len(runs)} run(s): min {q[0]:+.3f}, 5th percentile "
+        f"{q[1]:+.3f}, median {q[2]:+.3f}; {sum(c < TrustPolicy.head_cosine_ok for c in cos)} below head_cosine_ok "
+        f"({TrustPolicy.head_cosine_ok}), {sum(c <= TrustPolicy.head_cosine_bad for c in cos)} at or below "
+        f"head_cosine_bad ({TrustPolicy.head_cosine_bad}). Distance ratios (to the median site's): max "
+        f"{max(ratio):.2f} (TrustPolicy.ok_ratio {TrustPolicy.ok_ratio}, bad_ratio {TrustPolicy.bad_ratio}).",
+    ]
+
+
+def attacker_cosines(runs: dict) -> list:
+    """The colluders' own classifier cosines in the attacked rounds, by whether seed 0 rejected them."""
+    got = {True: [], False: []}
+    for r in runs.values():
+        if r["row"] is None or r["rules"] != "gm" or r["seed"] != 0:
+            continue
+        got[blocked_every_round(r)] += [
+            rd["sites"][s]["head_cosine"]
+            for rd in attacked_rounds(r)
+            for s in r["hostile"]
+            if s in rd["sites"] and rd["sites"][s]["head_cosine"] is not None
+        ]
+    out = []
+    for blocked, what in ((True, "rejected/quarantined"), (False, "accepted")):
+        if got[blocked]:
+            out.append(
+                f"The colluders of the {what} rows (seed 0, attacked rounds): cosines {min(got[blocked]):+.2f} to "
+                f"{max(got[blocked]):+.2f}."
+            )
+    return [" ".join(out)] if out else []
+
+
+def sign_table(runs: dict) -> list:
+    """The sign rule's statistic (each site's sign balance minus the median site's, from the RoundEngine's log line):
+    every honest site of every run, every round, against the attackers' in the attacked rounds."""
+    honest, attackers = [], {}
+    for r in runs.values():
+        if r["rules"] != "gm":
+            continue
+        for rd in r["rounds"]:
+            for s, v in rd["sites"].items():
+                b = v.get("sign_balance")
+                if b is None:
+                    continue
+                if s in r["hostile"] and rd["round"] >= SIZE["attack_from"]:
+                    attackers.setdefault(r["row"], []).append(b)
+                elif s not in r["hostile"]:
+                    honest.append(b)
+    if not honest:
+        return ["No run with the sign rule measured yet."]
+    out = [
+        f"Honest sites (every site of the honest runs, the honest sites of the attacked ones, every round): "
+        f"{len(honest)} (site, round) offsets over {sum(r['rules'] == 'gm' for r in runs.values())} run(s), "
+        f"largest |offset| {max(abs(b) for b in honest):.3f} (TrustPolicy.sign_balance_ok {SIGN_OK} scores 1, "
+        f"sign_balance_bad {SIGN_BAD} scores 0).",
+        "",
+    ]
+    out += [f"- {row}: attackers' offsets {min(v):+.3f} to {max(v):+.3f}" for row, v in sorted(attackers.items())]
+    return out
+
+
+def doc(runs: dict, command: str, before: dict | None = None) -> str:
+    """The page, from the runs with the sign rule (runs) and those measured before it (before, BEFORE's JSON)."""
+    before = before or {}
+    honest = {s: runs[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in runs}
+    old_honest = {s: before[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in before}
+    spread = max(old_honest.values()) - min(old_honest.values()) if len(old_honest) > 1 else float("nan")
+    mine = [r for r in runs.values() if r["rules"] == "gm"]  # fedavg's runs predate the rule, which it does not use
+    seconds = sum(r["seconds"] for r in mine)
+    lines = [
+        "# Red team: two colluding hospitals of five (issue 28)",
+        "",
+        f"Command: `{command}` (two workers sharing one queue, each run written to docs/redteam_collusion/*.json "
+        "as it finished; this page is regenerated from them by `python scripts/redteam_collusion.py --doc`). "
+        f"{len(mine)} runs with the sign rule, {seconds:.0f} s of run time in all, under `nice -n 10` on a 2-core "
+        "CPU shared with four other agents' jobs (one run takes ~90 s alone, 5 to 24 min here). The runs measured "
+        f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below.",
+        "",
+        f"Federation: the red team's default (fedmed-redteam): {SIZE['honest']} honest hospitals and one hostile of "
+        f"{SIZE['per_site']} synthetic radiographs each, {SIZE['image_size']} px, {SIZE['rounds']} rounds of one "
+        f"local epoch (batch {SIZE['batch_size']}) from a fresh DenseNet-121, geometric median with trust and "
+        f"quarantine, judged by the coordinate median of the sites, **HE off**; global test set of "
+        f"{SIZE['num_test']} images. The attackers are honest in round 1 and attack from round "
+        f"{SIZE['attack_from']}, each knowing the round's honest updates (omniscient). Rows '2 colluding' turn "
+        "honest-3 hostile too: 3 honest of 5. No larger federation was measured (not enough CPU in this session).",
+        "",
+        "The sign rule (fedmed.server.robust.sign_balance, since this page's runs): a site whose move's sign balance, "
+        "(#coordinates up - #down) / #moved, lies 0.2 or more from the median site's scores 0 (rejected with the "
+        "reason, then quarantined), 0.1 or less scores 1.",
+        "",
+        "Honest runs (every site honest), final AUROC by training seed, with the sign rule: "
+        + (", ".join(f"seed {s} {v:.3f}" for s, v in honest.items()) or "not measured")
+        + "; before it: "
+        + ", ".join(f"seed {s} {v:.3f}" for s, v in old_honest.items())
+        + f". **Honest seed spread at this size: {spread:.3f}** (the issue asks for below 0.03: this size does "
+        "not meet it, which is why accepted rows are judged by the *paired* gap, attacking minus honest on the "
+        "same seed, averaged over seeds 0, 1, 2, rather than against another seed's run).",
+        "",
+        "Held: the attackers rejected, quarantined or refused with the reason in every round they attack (one seed "
+        f"suffices: the reason is the criterion), or a mean paired gap of at least -{TOLERANCE} over seeds 0, 1, 2; "
+        "never held when an honest hospital is quarantined.",
+        "",
+        "A rejected row still loses what the attackers' data would have added: with the pair out from round 2 the "
+        "three honest hospitals train alone (seed 0: 0.727 against 0.752 with all five honest, the same for every "
+        "rejected two-colluder row); no rule can give that back.",
+        "",
+        "| attack | what the server did (seed 0, attacked rounds) | AUROC seed 0 | held | before the sign rule |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for n in (2, 1):
+        for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == n):
+            run = runs.get(key(row.name, 0, "gm"))
+            text, held = verdict(runs, row.name)
+            old_text, old_held = verdict(before, row.name)
+            if held is None and old_held is not None and row.attack.kind not in IN_DISTRIBUTION:
+                # Rejected by the direction / distance rules before; the sign rule only adds a reason to reject.
+                text = "not re-run (held before, by rules the sign rule leaves unchanged)"
+                held = old_held
+            verdicts.append((row.name, held))
+            did = summary(run) if run else "-"
+            auc = f"{run['auroc']:.3f}" if run else "-"
+            if run and 0 in honest:  # a rejected pair's data is lost too: the gap shows what that costs
+                auc += f" ({run['auroc'] - honest[0]:+.3f} vs honest)"
+            old = before.get(key(row.name, 0, "gm"))
+            old_auc = f"AUROC seed 0 {old['auroc']:.3f}; " if old else ""
+            lines.append(f"| {row.name} | {did} | {auc} | {text} | {old_auc}{old_text} |")
+    n_held = sum(h is True for _, h in verdicts)
+    n_not = [n for n, h in verdicts if h is False]
+    n_open = [n for n, h in verdicts if h is None]
+    lines += [
+        "",
+        f"**Summary: {n_held} of {len(verdicts)} rows held; {len(n_not)} not held"
+        + (f" ({'; '.join(n_not)})" if n_not else "")
+        + f"; {len(n_open)} not measured"
+        + (f" ({'; '.join(n_open)})" if n_open else "")
+        + ".**",
+        "",
+        "## The sign rule's statistic, measured",
+        "",
+        *sign_table(runs),
+    ]
+    fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]
+    if fed:
+        lines += ["", "## Plain FedAvg (no trust rule) under a two-colluder attack, for contrast", ""]
+        h = runs.get(key("honest", 0, "fedavg"))
+        for r in fed:
+            if r["row"] is None:
+                continue
+            ref = f"{h['auroc']:.3f}" if h else "not run"
+            gap = f", gap {r['auroc'] - h['auroc']:+.3f}" if h else ""
+            g = runs.get(key(r["row"], 0, "gm"))
+            gm = f"; the defended engine under the same attack: {g['auroc']:.3f}" if g else ""
+            lines.append(f"- {r['row']}, seed 0: AUROC {r['auroc']:.3f} (FedAvg honest {ref}{gap}){gm}.")
+    cc_h = {s: before[key("honest", s, "gm+cc")]["auroc"] for s in SEEDS if key("honest", s, "gm+cc") in before}
+    lines += ["", "## Centred clipping (JobConfig.centred_clipping), measured before the sign rule", ""]
+    if cc_h:
+        cost = [(s, cc_h[s] - old_honest[s]) for s in SEEDS if s in cc_h and s in old_honest]
+        lines.append(
+            "Cost on the honest run (centred clipping minus the default, same seed): "
+            + ", ".join(f"seed {s} {v:+.3f}" for s, v in cost)
+            + (f"; mean {np.mean([v for _, v in cost]):+.3f}." if cost else ".")
+            + " It stays opt-in: the sign rule holds the rows it was for without that cost."
+        )
+        for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
+            if key(row.name, 0, "gm+cc") not in before:
+                continue
+            text, _ = verdict(before, row.name, "gm+cc")
+            lines.append(f"- {row.name}: with centred clipping (no sign rule) {text}.")
+    honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] != "fedavg"]
+    attacked = [
+        {
+            **r,
+            "rounds": [
+                {**rd, "sites": {s: v for s, v in rd["sites"].items() if s not in r["hostile"]}} for rd in r["rounds"]
+            ],
+        }
+        for r in runs.values()
+        if r["row"] is not None and r["rules"] != "fedavg"
+    ]
+    lines += [
+        "",
+        "## The direction rule's thresholds against the coordinate-median reference",
+        "",
+        "The cosine between each site's move of the classifier layers and the judging reference's (the coordinate "
+        "median of the sites, since issue 28), every round, from the RoundEngine's per-site log line (recorded in "
+        "the JSON), runs with the sign rule. Honest runs: " + " ".join(cosine_table(honest_runs)),
+        "",
+        "The honest sites of the attacked runs (the reference then includes the colluders' votes): "
+        + " ".join(cosine_table(attacked)),
+        "",
+        *attacker_cosines(runs),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/redteam"))
+    p.add_argument("--runs", type=Path, default=Path("docs/redteam_collusion"))
+    p.add_argument("--budget-s", type=float, default=3600.0, help="start no run after this many seconds")
+    p.add_argument("--doc", action="store_true", help="only regenerate the doc from the JSON")
+    p.add_argument("--out", type=Path, default=Path("docs/redteam_collusion.md"))
+    a = p.parse_args(argv)
+    if not a.doc:
+        measure(a)
+    command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500 (x2, each with its own --data copy)"
+    a.out.write_text(doc(load_runs(a.runs), command, load_runs(a.runs / BEFORE)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
