@@ -161,3 +161,74 @@ def test_bench_learning_writes_real_numbers(tmp_path):
         "hospital-c",
     ]
     assert (tmp_path / "data" / "bench_learning.json").stat().st_mtime_ns == stamp
+
+
+def test_round_shards_cover_every_image_once_per_cycle_of_k_rounds():
+    import torch
+
+    from fedmed.cli.bench_learning import RoundClock, RoundShards
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.labels = torch.arange(n)
+            self.reseeded = []
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return torch.zeros(1), self.labels[i]
+
+        def reseed(self, seed):
+            self.reseeded.append(seed)
+
+    base, clock = Images(10), RoundClock()
+    shards = RoundShards(base, 3, clock, seed=7)
+    cycles = []
+    for _ in range(2):
+        seen = []
+        for _ in range(3):
+            seen.append([int(shards[i][1]) for i in range(len(shards))])
+            clock.round += 1
+        assert sorted(len(s) for s in seen) == [3, 3, 4]  # near-equal shares
+        assert sorted(i for s in seen for i in s) == list(range(10)), "one epoch over every image per cycle"
+        cycles.append(seen)
+    assert cycles[0] != cycles[1], "each cycle permutes afresh"
+    shards.reseed(5)
+    assert base.reseeded == [5], "the site's augmentation restart reaches the images"
+    again = RoundShards(base, 3, RoundClock(), seed=7)
+    assert [int(again[i][1]) for i in range(len(again))] == cycles[0][0], "the same seed, the same shares"
+    for k in (0, 11):
+        with pytest.raises(ValueError, match=r"rounds per epoch must be in \[1, 10\]"):
+            RoundShards(base, k, clock, seed=7)
+
+
+def test_parse_arm_takes_rounds_per_epoch_and_names_what_is_wrong():
+    from fedmed.cli.bench_learning import federated_arms, parse_arm
+
+    available = federated_arms(0.01, 0.01)
+    assert parse_arm("fedavg", available) == available["fedavg"]
+    four = parse_arm("gm-fedadam/4", available)
+    assert four.rounds_per_epoch == 4 and four.algorithm == available["gm-fedadam"].algorithm
+    for bad, match in (("fedsgd/4", "unknown arm 'fedsgd'"), ("fedavg/x", "must be an integer"), ("fedavg/0", ">= 1")):
+        with pytest.raises(SystemExit, match=match):
+            parse_arm(bad, available)
+
+
+def test_an_arm_of_k_rounds_per_epoch_runs_k_times_the_rounds_on_a_kth_of_the_images(tmp_path):
+    from fedmed.cli.bench_learning import Arm, HardHospitals, Schedule, make_hospitals, run_arm
+    from fedmed.data.loading import load_test, load_train_val
+    from fedmed.site_config import DataConfig
+    from fedmed.tasks import CHEST_XRAY14
+
+    data = tmp_path / "data"
+    sites = make_hospitals(data, HardHospitals((10, 10), num_test=12, size=64))
+    train = {
+        s: load_train_val(DataConfig("dicom", data / s / "dicom", data / s / "labels.csv"), 32, 0, CHEST_XRAY14)[0]
+        for s in sites
+    }
+    test = load_test(data / "global_test" / "dicom", data / "global_test" / "labels.csv", 32, CHEST_XRAY14)
+    out = run_arm(train, test, Arm("fedavg", rounds_per_epoch=2), 0, Schedule(1, 1e-3, 4), curve=True)
+    assert out["rounds"] == 2 and len(out["curve"]) == 1, "2 rounds make one epoch: one point of the curve"
+    assert out["images_per_round"] == [8, 8], "each round half of the 2 x 8 training images"
+    assert 0.0 <= out["auroc"] <= 1.0
