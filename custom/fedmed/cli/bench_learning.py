@@ -308,13 +308,20 @@ def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
     colors = [c if not a.startswith("gm-") else "tab:olive" for a, c in zip(arms, colors)]
     ax.bar(range(len(arms)), means, yerr=[lo, hi], color=colors, capsize=4)
     ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0.3, 1.0)
+    tops = [m + h for m, h in zip(means, hi)]
+    ax.set_ylim(max(0.0, min(0.45, min(means) - 0.05)), min(1.0, max(tops) + 0.05))
     ax.axhline(0.5, color="k", lw=0.5, ls=":")
+    if CENTRAL in results:  # the target line: within TOLERANCE of centralised
+        target = summary(results[CENTRAL])[0] - TOLERANCE
+        ax.axhline(target, color="tab:blue", lw=0.8, ls="--", label=f"centralised - {TOLERANCE}")
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_ylabel("global test mean AUROC")
     ax.set_title("final model: mean over seeds, whiskers min-max", fontsize=9)
-    for a, c in curves.items():
-        ax2.plot(range(1, len(c) + 1), c, marker="o", ms=3, label=a, ls="--" if a.endswith("alone") else "-")
-    ax2.set_xlabel("epoch (= federated round)")
+    palette = plt.get_cmap("tab20").colors  # more arms than tab10's colours: no two curves alike
+    for i, (a, c) in enumerate(curves.items()):
+        style = dict(color="k", lw=2.2) if a == CENTRAL else dict(color=palette[i % len(palette)], lw=1.3)
+        ax2.plot(range(1, len(c) + 1), c, marker="o", ms=3, label=a, ls="--" if a.endswith("alone") else "-", **style)
+    ax2.set_xlabel("epoch (federated: 1 round, or k rounds for an arm named /k)")
     ax2.set_ylabel("global test mean AUROC")
     ax2.set_title("learning curves, one seed", fontsize=9)
     ax2.xaxis.get_major_locator().set_params(integer=True)
@@ -455,6 +462,11 @@ def main(argv=None) -> int:
                 record["curve_times"][arm] = out["times"]
             bar.update(1)
             tqdm.write(f"seed {seed} {arm}: {out['auroc']:.3f}")
+            # Each arm as it finishes: a run stopped mid-seed still leaves what it measured (not a report).
+            partial = {"seed": seed, "arm": arm, **{k: v for k, v in out.items() if k != "aurocs"}}
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            with a.out.with_suffix(".arms.jsonl").open("a") as f:
+                f.write(json.dumps(partial) + "\n")
         record["seeds"].append(seed)
         record["curve_seed"] = seeds[0] if record["curves"] else None
         record["wall_s"] = [time.time() - t0]
