@@ -232,3 +232,39 @@ def test_an_arm_of_k_rounds_per_epoch_runs_k_times_the_rounds_on_a_kth_of_the_im
     assert out["rounds"] == 2 and len(out["curve"]) == 1, "2 rounds make one epoch: one point of the curve"
     assert out["images_per_round"] == [8, 8], "each round half of the 2 x 8 training images"
     assert 0.0 <= out["auroc"] <= 1.0
+
+
+def test_combine_joins_runs_that_split_the_arms_and_names_a_missing_seed(tmp_path):
+    import json
+    from pathlib import Path
+
+    from fedmed.cli.bench_learning import main
+
+    smoke = json.loads((Path(__file__).parents[1] / "docs" / "bench_learning_smoke.json").read_text())
+
+    def only(record, arms, rename=None):
+        rename = rename or {}
+        out = dict(record, arms=[rename.get(a, a) for a in arms])
+        for key in ("results", "finals", "walls", "curves", "curve_times"):
+            out[key] = {rename.get(a, a): record[key][a] for a in arms if a in record[key]}
+        return out
+
+    base = only(smoke, ["hospital-a alone", "hospital-b alone", "centralised", "fedavg"])
+    extra = only(smoke, ["gm-scaffold"], {"gm-scaffold": "fedavg/8"})  # as a --no-baselines run would write it
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    out = tmp_path / "joined.md"
+    assert main(["--combine", str(tmp_path / "extra.json"), str(tmp_path / "base.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    result = text.split("## Result")[1].split("\n## ")[0]
+    names = re.findall(r"^\| ([a-z0-9/_\- ]+) \| [0-9.]+ \|", result, re.M)
+    assert names == ["hospital-a alone", "hospital-b alone", "centralised", "fedavg", "fedavg/8"], "baselines first"
+    scaffold = smoke["results"]["gm-scaffold"][0]
+    assert re.search(rf"^\| fedavg/8 \| {scaffold:.3f} \|", result, re.M)
+    assert re.search(r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \|$", text, re.M), (
+        "wall"
+    )
+    assert re.search(r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \|$", text, re.M), "its learning curve"
+    (tmp_path / "other_seed.json").write_text(json.dumps({**extra, "seeds": [1]}))
+    with pytest.raises(SystemExit, match="missing: hospital-a alone seed 1, .*fedavg/8 seed 0"):
+        main(["--combine", str(tmp_path / "base.json"), str(tmp_path / "other_seed.json"), "--out", str(out)])

@@ -326,7 +326,8 @@ def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
     ax2.set_title("learning curves, one seed", fontsize=9)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     ax2.axhline(0.5, color="k", lw=0.5, ls=":")
-    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: no curve hidden
+    if curves:
+        ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: no curve hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")  # the rotated arm names and the legend kept whole
     plt.close(fig)
@@ -378,6 +379,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--no-curves", action="store_true", help="skip the per-epoch test scores of the first seed")
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="run only the federated arms (the hospitals alone and centralised come from another run of the same "
+        "settings and seeds, joined with --combine)",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/bench_learning.md"))
     p.add_argument(
         "--combine",
@@ -426,8 +433,9 @@ def main(argv=None) -> int:
     chosen = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else list(available)
     if not chosen:
         raise SystemExit(f"--arms is empty; choose from {list(available)}")
-    arms = {f"{s} alone": ({s: train[s]}, Arm()) for s in sites}
-    arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, Arm())
+    arms = {} if a.no_baselines else {f"{s} alone": ({s: train[s]}, Arm()) for s in sites}
+    if not a.no_baselines:
+        arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, Arm())
     for name in chosen:
         arms[name] = (train, parse_arm(name, available))
     record = {
@@ -474,7 +482,8 @@ def main(argv=None) -> int:
         # Written after every seed: a long run stopped early still leaves the seeds it finished.
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-        write_report(record, a.out)
+        if not a.no_baselines:  # without them there is nothing to compare against: the JSON waits for --combine
+            write_report(record, a.out)
     bar.close()
     return 0
 
@@ -503,6 +512,7 @@ def command(a, seeds, out) -> str:
         + f" --server-lr {a.server_lr} --proximal-mu {a.proximal_mu}"
         + (f" --arms {a.arms}" if a.arms else "")
         + (" --no-curves" if a.no_curves else "")
+        + (" --no-baselines" if a.no_baselines else "")
         + f" --out {out}"
     )
 
@@ -515,23 +525,43 @@ def environment() -> str:
 
 
 def combine(records: list) -> dict:
-    """One record from runs that split the seeds between them (same settings, different seeds)."""
+    """One record from runs of the same settings that split the seeds or the arms between them (e.g. a later run of
+    one more arm with --no-baselines on the same seeds). Every arm must then have every seed exactly once."""
+    records = sorted(records, key=lambda r: CENTRAL not in r["arms"])  # the runs with the baselines first
     first = records[0]
     for r in records[1:]:
-        if r["settings"] != first["settings"] or r["arms"] != first["arms"]:
+        if r["settings"] != first["settings"]:
             raise SystemExit(f"runs with different settings cannot be combined: {first['settings']} vs {r['settings']}")
-    seeds = [s for r in records for s in r["seeds"]]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"the runs repeat seeds: {seeds}")
+    arms, seeds, values = [], [], {}
+    for r in records:
+        walls = r.get("walls", {})
+        for arm in r["arms"]:
+            arms += [arm] if arm not in arms else []
+            for k, seed in enumerate(r["seeds"]):
+                seeds += [seed] if seed not in seeds else []
+                if (arm, seed) in values:
+                    raise SystemExit(f"the runs repeat seeds: seed {seed} of {arm!r} is in more than one run")
+                wall = walls.get(arm, [])
+                values[arm, seed] = (r["results"][arm][k], r["finals"][arm][k], wall[k] if k < len(wall) else None)
+    missing = [f"{arm} seed {seed}" for arm in arms for seed in seeds if (arm, seed) not in values]
+    if missing:
+        raise SystemExit(f"the runs do not cover every arm on every seed; missing: {', '.join(missing)}")
+    baselines = [a for a in arms if a == CENTRAL or a.endswith(" alone")]
+    arms = baselines + [a for a in arms if a not in baselines]  # the hospitals alone and centralised first
     out = dict(first)
-    out["seeds"] = seeds
-    out["results"] = {arm: [v for r in records for v in r["results"][arm]] for arm in first["arms"]}
-    out["finals"] = {arm: [v for r in records for v in r["finals"][arm]] for arm in first["arms"]}
+    out["arms"], out["seeds"] = arms, seeds
+    out["results"] = {arm: [values[arm, s][0] for s in seeds] for arm in arms}
+    out["finals"] = {arm: [values[arm, s][1] for s in seeds] for arm in arms}
+    walls = {arm: [values[arm, s][2] for s in seeds] for arm in arms}
+    out["walls"] = {arm: w for arm, w in walls.items() if None not in w}  # an old run without walls: no wall table
     with_curves = [r for r in records if r["curves"]]
-    out["curves"] = with_curves[0]["curves"] if with_curves else {}
-    out["curve_times"] = with_curves[0].get("curve_times", {}) if with_curves else {}
     out["curve_seed"] = with_curves[0]["curve_seed"] if with_curves else None
-    out["walls"] = {arm: [v for r in records for v in r.get("walls", {}).get(arm, [])] for arm in first["arms"]}
+    out["curves"], out["curve_times"] = {}, {}
+    for r in with_curves:  # every run's curves of that one seed (runs that split the arms)
+        if r["curve_seed"] == out["curve_seed"]:
+            out["curves"].update(r["curves"])
+            out["curve_times"].update(r.get("curve_times", {}))
+    out["curves"] = {a: out["curves"][a] for a in arms if a in out["curves"]}
     out["smoke"] = any(r.get("smoke") for r in records)
     out["commands"] = [c for r in records for c in r["commands"]]
     out["wall_s"] = [w for r in records for w in r["wall_s"]]
