@@ -114,12 +114,15 @@ def parse_arm(name: str, available: dict) -> Arm:
     return replace(available[base], rounds_per_epoch=rounds)
 
 
-def federated_arms(server_lr: float, proximal_mu: float) -> dict:
-    """The federated arms: FedAvg, the geometric median (gm, with the deployed trust rule), and each algorithm on the
-    geometric median's robust aggregate."""
+def federated_arms(server_lr: float, proximal_mu: float, n_sites: int = 3) -> dict:
+    """The federated arms: FedAvg, the geometric median (gm, with the deployed trust rule), each algorithm on the
+    geometric median's robust aggregate, and fedavgm: FedAvg with a server learning rate of n_sites (no momentum):
+    the sites' mean move times the number of sites, about the sum of their moves, as centralised training takes
+    the same steps one after the other in an epoch."""
     gm = "geometric_median"
     return {
         "fedavg": Arm("fedavg"),
+        "fedavgm": Arm("fedavg", FedAlgorithm(ServerOptimizer("fedavgm", lr=float(n_sites), beta1=0.0))),
         gm: Arm(gm),
         "gm-fedadam": Arm(gm, FedAlgorithm(ServerOptimizer("fedadam", lr=server_lr))),
         "gm-fedyogi": Arm(gm, FedAlgorithm(ServerOptimizer("fedyogi", lr=server_lr))),
@@ -429,7 +432,7 @@ def main(argv=None) -> int:
     test = load_test(
         a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14
     )
-    available = federated_arms(a.server_lr, a.proximal_mu)
+    available = federated_arms(a.server_lr, a.proximal_mu, len(sites))
     chosen = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else list(available)
     if not chosen:
         raise SystemExit(f"--arms is empty; choose from {list(available)}")
