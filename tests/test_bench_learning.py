@@ -130,7 +130,7 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     result = text.split("## Result")[1].split("\n## ")[0]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", result, re.M)}
     arms = {"hospital-a alone", "hospital-b alone", "hospital-c alone", "centralised", "fedavg", "geometric_median"}
-    arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold"}  # each algorithm on the robust aggregate
+    arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold", "fedavgm"}  # each algorithm, fedavgm on FedAvg
     assert arms <= set(rows)
     wall = text.split("## Gap to centralised at equal wall time (seed 3)")[1]
     assert all(
