@@ -474,7 +474,7 @@ def main(argv=None) -> int:
             bar.update(1)
             tqdm.write(f"seed {seed} {arm}: {out['auroc']:.3f}")
             # Each arm as it finishes: a run stopped mid-seed still leaves what it measured (not a report).
-            partial = {"seed": seed, "arm": arm, **{k: v for k, v in out.items() if k != "aurocs"}}
+            partial = {"seed": seed, "arm": arm, **out}
             a.out.parent.mkdir(parents=True, exist_ok=True)
             with a.out.with_suffix(".arms.jsonl").open("a") as f:
                 f.write(json.dumps(partial) + "\n")
@@ -673,16 +673,18 @@ def write_report(record: dict, out: Path) -> None:
             f"- {agg}: {m - central:+.3f} vs centralised ({'met' if near else 'missed'}); "
             f"{m - best_alone:+.3f} vs the best hospital alone ({'met' if above else 'missed'})."
         )
-    lines += [
-        "",
-        "## Where a hospital alone falls short",
-        "",
-        "Mean AUROC (over seeds) on the findings common at that hospital and on the findings rare there:",
-        "",
-        "| hospital | findings | alone | centralised | " + " | ".join(federated) + " |",
-        "|---|---|---|---|" + "---|" * len(federated),
-    ]
-    for i, s in enumerate(sites):
+    with_finals = all(record["finals"].get(arm) and all(record["finals"][arm]) for arm in names)
+    if with_finals:  # a record assembled from cut runs' per-arm lines may lack the per-finding scores
+        lines += [
+            "",
+            "## Where a hospital alone falls short",
+            "",
+            "Mean AUROC (over seeds) on the findings common at that hospital and on the findings rare there:",
+            "",
+            "| hospital | findings | alone | centralised | " + " | ".join(federated) + " |",
+            "|---|---|---|---|" + "---|" * len(federated),
+        ]
+    for i, s in enumerate(sites if with_finals else []):
         for j, label in enumerate(("common there", "rare there")):
             row = []
             for arm in (f"{s} alone", CENTRAL, *federated):
