@@ -651,7 +651,21 @@ def write_report(record: dict, out: Path) -> None:
         "every valid update; the geometric median runs with the deployed trust rule.",
         "- The algorithms (fedmed.algorithms), each on the geometric median's robust aggregate (gm-): FedAdam and "
         f"FedYogi at the server (server lr {st.get('server_lr', 0.01)}, beta1 0.9, beta2 0.99, tau 1e-3), FedProx at "
-        f"the sites (mu {st.get('proximal_mu', 0.01)}), SCAFFOLD (control variates at the server and the sites).",
+        f"the sites (mu {st.get('proximal_mu', 0.01)}), SCAFFOLD (control variates at the server and the sites)"
+        + (
+            f"; fedavgm: FedAvg with a server learning rate of {len(sites)} (the number of hospitals, no momentum)."
+            if any(n.split("/")[0] == "fedavgm" for n in names)
+            else "."
+        ),
+        *(
+            [
+                "- An arm named <arm>/k runs k times the rounds, each site training one local epoch over a 1/k share "
+                "of its images per round (a fresh share every round, all its images every k rounds): the same "
+                "total epochs with shorter local work between aggregations."
+            ]
+            if any("/" in n for n in names)
+            else []
+        ),
         f"- Seeds {','.join(map(str, seeds))}: the training seed (model start, shuffling, augmentation); the hospitals "
         f"are the same data (data seed {st['data_seed']}).",
         "",
