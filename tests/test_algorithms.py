@@ -70,6 +70,19 @@ def test_fedyogi_moves_the_second_moment_additively():
     assert np.all(out["w"] < GLOBAL["w"])  # towards the aggregate, which moved down
 
 
+def test_fedavgm_steps_lr_times_the_momentum_of_the_mean_move():
+    opt = FedOpt(ServerOptimizer("fedavgm", lr=2.0, beta1=0.5))
+    agg1 = {**GLOBAL, "w": GLOBAL["w"] - np.float32(0.1), "bn.running_mean": np.full(2, 0.3, np.float32)}
+    out1 = opt.step(GLOBAL, agg1)
+    np.testing.assert_allclose(out1["w"], GLOBAL["w"] - 0.2, atol=1e-6)  # x - lr g: twice the sites' mean move
+    np.testing.assert_array_equal(out1["bn.running_mean"], agg1["bn.running_mean"])
+    g1_w = {**GLOBAL, "w": out1["w"]}
+    out2 = opt.step(g1_w, {**g1_w, "w": out1["w"] - np.float32(0.1)})
+    np.testing.assert_allclose(out2["w"], out1["w"] - 2.0 * (0.5 * 0.1 + 0.1), atol=1e-6)  # m = beta1 m + g
+    plain = FedOpt(ServerOptimizer("fedavgm", lr=1.0, beta1=0.0)).step(GLOBAL, agg1)
+    np.testing.assert_allclose(plain["w"], agg1["w"], atol=1e-6)  # lr 1, no momentum: the aggregate itself
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [({"kind": "adam"}, "must be one of"), ({"lr": 0.0}, "server_lr"), ({"beta2": 1.0}, "server_beta2")],

@@ -130,7 +130,7 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     result = text.split("## Result")[1].split("\n## ")[0]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", result, re.M)}
     arms = {"hospital-a alone", "hospital-b alone", "hospital-c alone", "centralised", "fedavg", "geometric_median"}
-    arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold"}  # each algorithm on the robust aggregate
+    arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold", "fedavgm"}  # each algorithm, fedavgm on FedAvg
     assert arms <= set(rows)
     wall = text.split("## Gap to centralised at equal wall time (seed 3)")[1]
     assert all(
@@ -161,3 +161,110 @@ def test_bench_learning_writes_real_numbers(tmp_path):
         "hospital-c",
     ]
     assert (tmp_path / "data" / "bench_learning.json").stat().st_mtime_ns == stamp
+
+
+def test_round_shards_cover_every_image_once_per_cycle_of_k_rounds():
+    import torch
+
+    from fedmed.cli.bench_learning import RoundClock, RoundShards
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.labels = torch.arange(n)
+            self.reseeded = []
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return torch.zeros(1), self.labels[i]
+
+        def reseed(self, seed):
+            self.reseeded.append(seed)
+
+    base, clock = Images(10), RoundClock()
+    shards = RoundShards(base, 3, clock, seed=7)
+    cycles = []
+    for _ in range(2):
+        seen = []
+        for _ in range(3):
+            seen.append([int(shards[i][1]) for i in range(len(shards))])
+            clock.round += 1
+        assert sorted(len(s) for s in seen) == [3, 3, 4]  # near-equal shares
+        assert sorted(i for s in seen for i in s) == list(range(10)), "one epoch over every image per cycle"
+        cycles.append(seen)
+    assert cycles[0] != cycles[1], "each cycle permutes afresh"
+    shards.reseed(5)
+    assert base.reseeded == [5], "the site's augmentation restart reaches the images"
+    again = RoundShards(base, 3, RoundClock(), seed=7)
+    assert [int(again[i][1]) for i in range(len(again))] == cycles[0][0], "the same seed, the same shares"
+    for k in (0, 11):
+        with pytest.raises(ValueError, match=r"rounds per epoch must be in \[1, 10\]"):
+            RoundShards(base, k, clock, seed=7)
+
+
+def test_parse_arm_takes_rounds_per_epoch_and_names_what_is_wrong():
+    from fedmed.cli.bench_learning import federated_arms, parse_arm
+
+    available = federated_arms(0.01, 0.01)
+    assert parse_arm("fedavg", available) == available["fedavg"]
+    four = parse_arm("gm-fedadam/4", available)
+    assert four.rounds_per_epoch == 4 and four.algorithm == available["gm-fedadam"].algorithm
+    for bad, match in (("fedsgd/4", "unknown arm 'fedsgd'"), ("fedavg/x", "must be an integer"), ("fedavg/0", ">= 1")):
+        with pytest.raises(SystemExit, match=match):
+            parse_arm(bad, available)
+
+
+def test_an_arm_of_k_rounds_per_epoch_runs_k_times_the_rounds_on_a_kth_of_the_images(tmp_path):
+    from fedmed.cli.bench_learning import Arm, HardHospitals, Schedule, make_hospitals, run_arm
+    from fedmed.data.loading import load_test, load_train_val
+    from fedmed.job.tasks import CHEST_XRAY14
+    from fedmed.site.site_config import DataConfig
+
+    data = tmp_path / "data"
+    sites = make_hospitals(data, HardHospitals((10, 10), num_test=12, size=64))
+    train = {
+        s: load_train_val(DataConfig("dicom", data / s / "dicom", data / s / "labels.csv"), 32, 0, CHEST_XRAY14)[0]
+        for s in sites
+    }
+    test = load_test(data / "global_test" / "dicom", data / "global_test" / "labels.csv", 32, CHEST_XRAY14)
+    out = run_arm(train, test, Arm("fedavg", rounds_per_epoch=2), 0, Schedule(1, 1e-3, 4), curve=True)
+    assert out["rounds"] == 2 and len(out["curve"]) == 1, "2 rounds make one epoch: one point of the curve"
+    assert out["images_per_round"] == [8, 8], "each round half of the 2 x 8 training images"
+    assert 0.0 <= out["auroc"] <= 1.0
+
+
+def test_combine_joins_runs_that_split_the_arms_and_names_a_missing_seed(tmp_path):
+    import json
+    from pathlib import Path
+
+    from fedmed.cli.bench_learning import main
+
+    smoke = json.loads((Path(__file__).parents[1] / "docs" / "bench_learning_smoke.json").read_text())
+
+    def only(record, arms, rename=None):
+        rename = rename or {}
+        out = dict(record, arms=[rename.get(a, a) for a in arms])
+        for key in ("results", "finals", "walls", "curves", "curve_times"):
+            out[key] = {rename.get(a, a): record[key][a] for a in arms if a in record[key]}
+        return out
+
+    base = only(smoke, ["hospital-a alone", "hospital-b alone", "centralised", "fedavg"])
+    extra = only(smoke, ["gm-scaffold"], {"gm-scaffold": "fedavg/8"})  # as a --no-baselines run would write it
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    out = tmp_path / "joined.md"
+    assert main(["--combine", str(tmp_path / "extra.json"), str(tmp_path / "base.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    result = text.split("## Result")[1].split("\n## ")[0]
+    names = re.findall(r"^\| ([a-z0-9/_\- ]+) \| [0-9.]+ \|", result, re.M)
+    assert names == ["hospital-a alone", "hospital-b alone", "centralised", "fedavg", "fedavg/8"], "baselines first"
+    scaffold = smoke["results"]["gm-scaffold"][0]
+    assert re.search(rf"^\| fedavg/8 \| {scaffold:.3f} \|", result, re.M)
+    assert re.search(r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \|$", text, re.M), (
+        "wall"
+    )
+    assert re.search(r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \|$", text, re.M), "its learning curve"
+    (tmp_path / "other_seed.json").write_text(json.dumps({**extra, "seeds": [1]}))
+    with pytest.raises(SystemExit, match="missing: hospital-a alone seed 1, .*fedavg/8 seed 0"):
+        main(["--combine", str(tmp_path / "base.json"), str(tmp_path / "other_seed.json"), "--out", str(out)])

@@ -52,18 +52,77 @@ CENTRAL = "centralised"
 
 @dataclass(frozen=True)
 class Arm:
-    """A federated arm: the round's aggregation and the algorithm on top of it (fedmed.learning.algorithms)."""
+    """A federated arm: the round's aggregation and the algorithm on top of it (fedmed.learning.algorithms). rounds_per_epoch
+    k > 1: k times the rounds, each site training on a 1/k share of its images each round (RoundShards), so the total
+    epochs stay the same with shorter local work between aggregations (less client drift)."""
 
     aggregation: str = "fedavg"
     algorithm: FedAlgorithm = field(default_factory=FedAlgorithm)
+    rounds_per_epoch: int = 1
 
 
-def federated_arms(server_lr: float, proximal_mu: float) -> dict:
-    """The federated arms: FedAvg, the geometric median (gm, with the deployed trust rule), and each algorithm on the
-    geometric median's robust aggregate."""
+class RoundClock:
+    """The federation's current round index, advanced by run_arm after each round (the shards read it)."""
+
+    def __init__(self):
+        self.round = 0
+
+
+class RoundShards(torch.utils.data.Dataset):
+    """A site's training set seen a 1/k share per round: every k rounds (a cycle) the images are permuted afresh
+    (seeded by the training seed, the site and the cycle) and cut into k near-equal shares; round r trains on share
+    r mod k, so each cycle of k rounds is one epoch over every image. The site's own round code (fedmed.site.site_round)
+    is unchanged: it trains one local epoch over the dataset it is given, which is this round's share."""
+
+    def __init__(self, base, k: int, clock: RoundClock, seed: int):
+        if k < 1 or k > len(base):
+            raise ValueError(f"rounds per epoch must be in [1, {len(base)}] (the site's images), got {k}")
+        self.base, self.k, self.clock, self.seed = base, k, clock, seed
+        self._cached = (None, None)
+
+    def _share(self) -> np.ndarray:
+        r = self.clock.round
+        if self._cached[0] != r:
+            rng = np.random.default_rng([self.seed, len(self.base), r // self.k])
+            self._cached = (r, np.array_split(rng.permutation(len(self.base)), self.k)[r % self.k])
+        return self._cached[1]
+
+    def __len__(self) -> int:
+        return len(self._share())
+
+    def __getitem__(self, i):
+        return self.base[int(self._share()[i])]
+
+    def reseed(self, seed: int) -> None:
+        if hasattr(self.base, "reseed"):
+            self.base.reseed(seed)
+
+
+def parse_arm(name: str, available: dict) -> Arm:
+    """'<arm>' or '<arm>/<k>' (k rounds per epoch, k >= 1) -> the Arm; SystemExit naming what was wrong."""
+    base, _, k = name.partition("/")
+    if base not in available:
+        raise SystemExit(f"--arms: unknown arm {base!r} in {name!r}; choose from {list(available)} (optionally /K)")
+    if not k:
+        return available[base]
+    try:
+        rounds = int(k)
+    except ValueError:
+        raise SystemExit(f"--arms: {name!r}: rounds per epoch after '/' must be an integer, got {k!r}") from None
+    if rounds < 1:
+        raise SystemExit(f"--arms: {name!r}: rounds per epoch must be >= 1, got {rounds}")
+    return replace(available[base], rounds_per_epoch=rounds)
+
+
+def federated_arms(server_lr: float, proximal_mu: float, n_sites: int = 3) -> dict:
+    """The federated arms: FedAvg, the geometric median (gm, with the deployed trust rule), each algorithm on the
+    geometric median's robust aggregate, and fedavgm: FedAvg with a server learning rate of n_sites (no momentum):
+    the sites' mean move times the number of sites, about the sum of their moves, as centralised training takes
+    the same steps one after the other in an epoch."""
     gm = "geometric_median"
     return {
         "fedavg": Arm("fedavg"),
+        "fedavgm": Arm("fedavg", FedAlgorithm(ServerOptimizer("fedavgm", lr=float(n_sites), beta1=0.0))),
         gm: Arm(gm),
         "gm-fedadam": Arm(gm, FedAlgorithm(ServerOptimizer("fedadam", lr=server_lr))),
         "gm-fedyogi": Arm(gm, FedAlgorithm(ServerOptimizer("fedyogi", lr=server_lr))),
@@ -173,11 +232,16 @@ def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule,
     elapsed training time after every epoch."""
     model = build_densenet121(CHEST_XRAY14.num_outputs)
     points, times = [], []
+    k = arm.rounds_per_epoch
+    clock = RoundClock()
+    if k > 1:
+        train_sets = {s: RoundShards(d, k, clock, seed * 1000 + i) for i, (s, d) in enumerate(train_sets.items())}
     t0, scoring = time.perf_counter(), 0.0
 
     def on_round(report):
         nonlocal scoring
-        if curve and report.aggregated:
+        clock.round += 1
+        if curve and report.aggregated and clock.round % k == 0:  # the curve's points: after each epoch
             t = time.perf_counter()
             times.append(t - t0 - scoring)
             load_numpy_state(model, report.params)
@@ -186,7 +250,7 @@ def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule,
 
     plan = FederationPlan(
         task=CHEST_XRAY14,
-        rounds=schedule.epochs,
+        rounds=schedule.epochs * k,
         aggregation=arm.aggregation,
         use_trust=arm.aggregation == "geometric_median",  # the deployed rule; FedAvg takes every valid update
         lr=schedule.lr,
@@ -201,7 +265,15 @@ def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule,
         raise RuntimeError(f"{arm} over {sorted(train_sets)} stopped: {fed.stopped}")
     load_numpy_state(model, fed.params)
     final = evaluate(model, test_set, CHEST_XRAY14)
-    return {"auroc": final.mean_auroc, "aurocs": final.aurocs, "curve": points, "times": times, "wall": wall}
+    return {
+        "auroc": final.mean_auroc,
+        "aurocs": final.aurocs,
+        "curve": points,
+        "times": times,
+        "wall": wall,
+        "rounds": len(fed.reports),
+        "images_per_round": [sum(rep.used_samples.values()) for rep in fed.reports],
+    }
 
 
 def at_time(times: list, values: list, t: float) -> tuple:
@@ -239,18 +311,26 @@ def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
     colors = [c if not a.startswith("gm-") else "tab:olive" for a, c in zip(arms, colors)]
     ax.bar(range(len(arms)), means, yerr=[lo, hi], color=colors, capsize=4)
     ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0.3, 1.0)
+    tops = [m + h for m, h in zip(means, hi)]
+    ax.set_ylim(max(0.0, min(0.45, min(means) - 0.05)), min(1.0, max(tops) + 0.05))
     ax.axhline(0.5, color="k", lw=0.5, ls=":")
+    if CENTRAL in results:  # the target line: within TOLERANCE of centralised
+        target = summary(results[CENTRAL])[0] - TOLERANCE
+        ax.axhline(target, color="tab:blue", lw=0.8, ls="--", label=f"centralised - {TOLERANCE}")
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_ylabel("global test mean AUROC")
     ax.set_title("final model: mean over seeds, whiskers min-max", fontsize=9)
-    for a, c in curves.items():
-        ax2.plot(range(1, len(c) + 1), c, marker="o", ms=3, label=a, ls="--" if a.endswith("alone") else "-")
-    ax2.set_xlabel("epoch (= federated round)")
+    palette = plt.get_cmap("tab20").colors  # more arms than tab10's colours: no two curves alike
+    for i, (a, c) in enumerate(curves.items()):
+        style = dict(color="k", lw=2.2) if a == CENTRAL else dict(color=palette[i % len(palette)], lw=1.3)
+        ax2.plot(range(1, len(c) + 1), c, marker="o", ms=3, label=a, ls="--" if a.endswith("alone") else "-", **style)
+    ax2.set_xlabel("epoch (federated: 1 round, or k rounds for an arm named /k)")
     ax2.set_ylabel("global test mean AUROC")
     ax2.set_title("learning curves, one seed", fontsize=9)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     ax2.axhline(0.5, color="k", lw=0.5, ls=":")
-    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: no curve hidden
+    if curves:
+        ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: no curve hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")  # the rotated arm names and the legend kept whole
     plt.close(fig)
@@ -302,6 +382,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--no-curves", action="store_true", help="skip the per-epoch test scores of the first seed")
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="run only the federated arms (the hospitals alone and centralised come from another run of the same "
+        "settings and seeds, joined with --combine)",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/bench_learning.md"))
     p.add_argument(
         "--combine",
@@ -346,15 +432,15 @@ def main(argv=None) -> int:
     test = load_test(
         a.data / "global_test" / "dicom", a.data / "global_test" / "labels.csv", a.image_size, CHEST_XRAY14
     )
-    available = federated_arms(a.server_lr, a.proximal_mu)
+    available = federated_arms(a.server_lr, a.proximal_mu, len(sites))
     chosen = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else list(available)
-    unknown = sorted(set(chosen) - set(available))
-    if unknown or not chosen:
-        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(available)}")
-    arms = {f"{s} alone": ({s: train[s]}, Arm()) for s in sites}
-    arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, Arm())
+    if not chosen:
+        raise SystemExit(f"--arms is empty; choose from {list(available)}")
+    arms = {} if a.no_baselines else {f"{s} alone": ({s: train[s]}, Arm()) for s in sites}
+    if not a.no_baselines:
+        arms[CENTRAL] = ({"pooled": pooled([train[s] for s in sites])}, Arm())
     for name in chosen:
-        arms[name] = (train, available[name])
+        arms[name] = (train, parse_arm(name, available))
     record = {
         "settings": {k: getattr(a, k) for k in SETTINGS},
         "commands": [],
@@ -387,6 +473,11 @@ def main(argv=None) -> int:
                 record["curve_times"][arm] = out["times"]
             bar.update(1)
             tqdm.write(f"seed {seed} {arm}: {out['auroc']:.3f}")
+            # Each arm as it finishes: a run stopped mid-seed still leaves what it measured (not a report).
+            partial = {"seed": seed, "arm": arm, **out}
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            with a.out.with_suffix(".arms.jsonl").open("a") as f:
+                f.write(json.dumps(partial) + "\n")
         record["seeds"].append(seed)
         record["curve_seed"] = seeds[0] if record["curves"] else None
         record["wall_s"] = [time.time() - t0]
@@ -394,7 +485,8 @@ def main(argv=None) -> int:
         # Written after every seed: a long run stopped early still leaves the seeds it finished.
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-        write_report(record, a.out)
+        if not a.no_baselines:  # without them there is nothing to compare against: the JSON waits for --combine
+            write_report(record, a.out)
     bar.close()
     return 0
 
@@ -423,6 +515,7 @@ def command(a, seeds, out) -> str:
         + f" --server-lr {a.server_lr} --proximal-mu {a.proximal_mu}"
         + (f" --arms {a.arms}" if a.arms else "")
         + (" --no-curves" if a.no_curves else "")
+        + (" --no-baselines" if a.no_baselines else "")
         + f" --out {out}"
     )
 
@@ -435,23 +528,43 @@ def environment() -> str:
 
 
 def combine(records: list) -> dict:
-    """One record from runs that split the seeds between them (same settings, different seeds)."""
+    """One record from runs of the same settings that split the seeds or the arms between them (e.g. a later run of
+    one more arm with --no-baselines on the same seeds). Every arm must then have every seed exactly once."""
+    records = sorted(records, key=lambda r: CENTRAL not in r["arms"])  # the runs with the baselines first
     first = records[0]
     for r in records[1:]:
-        if r["settings"] != first["settings"] or r["arms"] != first["arms"]:
+        if r["settings"] != first["settings"]:
             raise SystemExit(f"runs with different settings cannot be combined: {first['settings']} vs {r['settings']}")
-    seeds = [s for r in records for s in r["seeds"]]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"the runs repeat seeds: {seeds}")
+    arms, seeds, values = [], [], {}
+    for r in records:
+        walls = r.get("walls", {})
+        for arm in r["arms"]:
+            arms += [arm] if arm not in arms else []
+            for k, seed in enumerate(r["seeds"]):
+                seeds += [seed] if seed not in seeds else []
+                if (arm, seed) in values:
+                    raise SystemExit(f"the runs repeat seeds: seed {seed} of {arm!r} is in more than one run")
+                wall = walls.get(arm, [])
+                values[arm, seed] = (r["results"][arm][k], r["finals"][arm][k], wall[k] if k < len(wall) else None)
+    missing = [f"{arm} seed {seed}" for arm in arms for seed in seeds if (arm, seed) not in values]
+    if missing:
+        raise SystemExit(f"the runs do not cover every arm on every seed; missing: {', '.join(missing)}")
+    baselines = [a for a in arms if a == CENTRAL or a.endswith(" alone")]
+    arms = baselines + [a for a in arms if a not in baselines]  # the hospitals alone and centralised first
     out = dict(first)
-    out["seeds"] = seeds
-    out["results"] = {arm: [v for r in records for v in r["results"][arm]] for arm in first["arms"]}
-    out["finals"] = {arm: [v for r in records for v in r["finals"][arm]] for arm in first["arms"]}
+    out["arms"], out["seeds"] = arms, seeds
+    out["results"] = {arm: [values[arm, s][0] for s in seeds] for arm in arms}
+    out["finals"] = {arm: [values[arm, s][1] for s in seeds] for arm in arms}
+    walls = {arm: [values[arm, s][2] for s in seeds] for arm in arms}
+    out["walls"] = {arm: w for arm, w in walls.items() if None not in w}  # an old run without walls: no wall table
     with_curves = [r for r in records if r["curves"]]
-    out["curves"] = with_curves[0]["curves"] if with_curves else {}
-    out["curve_times"] = with_curves[0].get("curve_times", {}) if with_curves else {}
     out["curve_seed"] = with_curves[0]["curve_seed"] if with_curves else None
-    out["walls"] = {arm: [v for r in records for v in r.get("walls", {}).get(arm, [])] for arm in first["arms"]}
+    out["curves"], out["curve_times"] = {}, {}
+    for r in with_curves:  # every run's curves of that one seed (runs that split the arms)
+        if r["curve_seed"] == out["curve_seed"]:
+            out["curves"].update(r["curves"])
+            out["curve_times"].update(r.get("curve_times", {}))
+    out["curves"] = {a: out["curves"][a] for a in arms if a in out["curves"]}
     out["smoke"] = any(r.get("smoke") for r in records)
     out["commands"] = [c for r in records for c in r["commands"]]
     out["wall_s"] = [w for r in records for w in r["wall_s"]]
@@ -538,7 +651,21 @@ def write_report(record: dict, out: Path) -> None:
         "every valid update; the geometric median runs with the deployed trust rule.",
         "- The algorithms (fedmed.learning.algorithms), each on the geometric median's robust aggregate (gm-): FedAdam and "
         f"FedYogi at the server (server lr {st.get('server_lr', 0.01)}, beta1 0.9, beta2 0.99, tau 1e-3), FedProx at "
-        f"the sites (mu {st.get('proximal_mu', 0.01)}), SCAFFOLD (control variates at the server and the sites).",
+        f"the sites (mu {st.get('proximal_mu', 0.01)}), SCAFFOLD (control variates at the server and the sites)"
+        + (
+            f"; fedavgm: FedAvg with a server learning rate of {len(sites)} (the number of hospitals, no momentum)."
+            if any(n.split("/")[0] == "fedavgm" for n in names)
+            else "."
+        ),
+        *(
+            [
+                "- An arm named <arm>/k runs k times the rounds, each site training one local epoch over a 1/k share "
+                "of its images per round (a fresh share every round, all its images every k rounds): the same "
+                "total epochs with shorter local work between aggregations."
+            ]
+            if any("/" in n for n in names)
+            else []
+        ),
         f"- Seeds {','.join(map(str, seeds))}: the training seed (model start, shuffling, augmentation); the hospitals "
         f"are the same data (data seed {st['data_seed']}).",
         "",
@@ -560,16 +687,18 @@ def write_report(record: dict, out: Path) -> None:
             f"- {agg}: {m - central:+.3f} vs centralised ({'met' if near else 'missed'}); "
             f"{m - best_alone:+.3f} vs the best hospital alone ({'met' if above else 'missed'})."
         )
-    lines += [
-        "",
-        "## Where a hospital alone falls short",
-        "",
-        "Mean AUROC (over seeds) on the findings common at that hospital and on the findings rare there:",
-        "",
-        "| hospital | findings | alone | centralised | " + " | ".join(federated) + " |",
-        "|---|---|---|---|" + "---|" * len(federated),
-    ]
-    for i, s in enumerate(sites):
+    with_finals = all(record["finals"].get(arm) and all(record["finals"][arm]) for arm in names)
+    if with_finals:  # a record assembled from cut runs' per-arm lines may lack the per-finding scores
+        lines += [
+            "",
+            "## Where a hospital alone falls short",
+            "",
+            "Mean AUROC (over seeds) on the findings common at that hospital and on the findings rare there:",
+            "",
+            "| hospital | findings | alone | centralised | " + " | ".join(federated) + " |",
+            "|---|---|---|---|" + "---|" * len(federated),
+        ]
+    for i, s in enumerate(sites if with_finals else []):
         for j, label in enumerate(("common there", "rare there")):
             row = []
             for arm in (f"{s} alone", CENTRAL, *federated):

@@ -227,7 +227,8 @@ class JobConfig:
     server_optimizer: str = setting(
         ServerOptimizer.kind,
         "FedOpt on the robust aggregate (fedmed.learning.algorithms): the aggregate read as a step along global - aggregate, "
-        "with FedAdam's or FedYogi's moments; 'none' takes the aggregate. Not with --resume (the moments are not "
+        "with FedAdam's or FedYogi's moments, or fedavgm's server SGD (momentum server_beta1); 'none' takes the "
+        "aggregate. Not with --resume (the moments are not "
         "kept with the run's model files)",
         choices=SERVER_OPTIMIZERS,
         group=_ALGORITHMS,

@@ -51,7 +51,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi")
+SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedavgm")
 # A site's SCAFFOLD delta is clipped to this many times the round's median delta norm: a hostile delta 1000x the
 # median moves c as much as one this many times it. Not lower: clipping an honest site breaks c = mean(c_i),
 # SCAFFOLD's fixed point (on tests/test_algorithms.py's toy sites, whose curvatures differ 16x, a factor of 3 left the
@@ -67,9 +67,11 @@ def is_weight(name: str, value) -> bool:
 
 @dataclass(frozen=True)
 class ServerOptimizer:
-    """FedOpt settings (Reddi et al. 2021). kind: "none" (the aggregate is the new global model), "fedadam" or
-    "fedyogi". lr: the server learning rate eta; beta1 / beta2: moment decays; tau: adaptivity (the paper's epsilon),
-    also v's starting value tau^2."""
+    """FedOpt settings (Reddi et al. 2021). kind: "none" (the aggregate is the new global model), "fedadam",
+    "fedyogi" or "fedavgm" (server SGD with momentum, Hsu et al. 2019: m = beta1 m + g, x - lr m; lr 1 and beta1 0
+    is the aggregate itself, lr > 1 steps further along the sites' mean move). lr: the server learning rate eta;
+    beta1 / beta2: moment decays (fedavgm: beta1 is its momentum, beta2 and tau unused); tau: adaptivity (the
+    paper's epsilon), also v's starting value tau^2."""
 
     kind: str = "none"
     lr: float = 0.01
@@ -117,6 +119,10 @@ class FedOpt:
                 continue
             x = np.asarray(global_params[name], dtype=np.float64)
             g = x - np.asarray(agg, dtype=np.float64)  # the pseudo-gradient
+            if s.kind == "fedavgm":  # momentum on the raw move: no (1 - beta1) damping, no second moment
+                self.m[name] = m = s.beta1 * self.m.get(name, 0.0) + g
+                out[name] = (x - s.lr * m).astype(np.asarray(agg).dtype)
+                continue
             m = s.beta1 * self.m.get(name, 0.0) + (1 - s.beta1) * g
             v = self.v.get(name, np.full_like(g, s.tau**2))
             g2 = g * g
