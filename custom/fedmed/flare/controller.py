@@ -113,8 +113,7 @@ class FedMedController(ModelController):
             scaffold=c.scaffold,
         )
         self._signer = None  # the server's signing keys, when signatures are on
-        # the sites' ledger heads and receipts (fedmed.server.anchors), opened in _prepare
-        self._anchors = AnchorWatch()
+        self._anchors = AnchorWatch()  # sites' ledger heads and receipts (server/anchors.py), opened in _prepare
         self._site_keys: dict = {}
         self._he_names: tuple = ()
         self._watch = SiteWatch()
@@ -222,8 +221,7 @@ class FedMedController(ModelController):
 
     def _record(self, run: _Run, record) -> None:
         self.event(C.EVENT_BEFORE_RECORD)
-        # with the sites' anchors and their alerts (fedmed.server.anchors)
-        run.record.round(self._anchors.attach(record))
+        run.record.round(self._anchors.attach(record))  # with the sites' anchors and alerts (server/anchors.py)
         self.event(C.EVENT_AFTER_RECORD)
         # The round's buffers (updates, aggregate, saved model) back to the operating system: cycles and glibc
         # keep them resident otherwise, and the server's RSS grew ~35 MB a round (fedmed.server.heap).

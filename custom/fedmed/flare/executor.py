@@ -199,8 +199,7 @@ class FedMedTrainer(Executor):
         self._site = load_site_config(path)
         if self._site.site_name != site:
             raise ValueError(f"{path} is for site {self._site.site_name!r}, but this client is {site!r}")
-        # the site's own setting first (fedmed.server.parallel)
-        threads = self._site.num_threads or site_torch_threads()
+        threads = self._site.num_threads or site_torch_threads()  # the site's own setting first (server/parallel)
         if threads:
             torch.set_num_threads(threads)
         return path
