@@ -1,0 +1,83 @@
+"""The published colluding attacks (issue 28) on tiny hospitals, by one and by two hospitals of five, played through
+the round engine (fedmed.sim.inprocess) and recorded in SQLite as fedmed.cli.redteam_collusion does at full size.
+Here each test checks what the server did and what the database holds; the AUROC comparison needs the full-size run
+(docs/redteam_collusion.md). Its own file (not test_redteam.py's) so the test runner's per-file split puts it beside,
+not after, the single-hospital attacks."""
+
+import pytest
+
+from fedmed.sim import redteam
+
+COLLUSION_ROWS = {r.name: r for r in redteam.COLLUSION_ROWS}
+IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the colluding kinds the sign rule rejects
+
+
+@pytest.fixture(scope="module")
+def federation5(tmp_path_factory):
+    root = tmp_path_factory.mktemp("redteam5")
+    names = redteam.make_sites(root, 4, 12, seed=3, num_test=16, size=64)
+    train, test, _ = redteam.load_sites(root, names, 32)
+    return train, test
+
+
+def test_every_colluding_attack_has_a_row_with_one_and_with_two_colluders():
+    kinds = {(r.attack.kind, r.attack.factor, r.colluders) for r in redteam.COLLUSION_ROWS}
+    for kind, factor in [("alie", 0.0), ("alie", 1.0), ("ipm", 0.5), ("ipm", 100.0)] + [
+        (k, 1.0) for k in ("min_max_unit", "min_max_std", "min_sum_unit", "min_sum_std")
+    ]:
+        assert {(kind, factor, 1), (kind, factor, 2)} <= kinds, (kind, factor)
+    assert redteam.colluder_sites(
+        redteam.COLLUSION_ROWS[-1], ["honest-0", "honest-1", "honest-2", "honest-3", "hostile"]
+    ) == [
+        "hostile",
+        "honest-3",
+    ]
+
+
+@pytest.mark.parametrize("name", [r.name for r in redteam.COLLUSION_ROWS if r.colluders == 2])
+def test_two_colluders_never_get_an_honest_hospital_quarantined_nor_hold_the_aggregate(name, federation5, tmp_path):
+    # Two rounds, the colluders attacking from the first with full knowledge of the honest updates. The AUROC
+    # needs the full-size run (docs/redteam.md); here: no honest site quarantined, the pair never more than half
+    # the aggregate (the issue's capture gave it 1.0), and a rejection always with its reason.
+    train, test = federation5
+    res = redteam.run_row(COLLUSION_ROWS[name], redteam.Bench(train, test, 2, batch_size=4), 0.5, tmp_path)
+    assert res.honest_quarantined == (), res
+    assert res.max_weight_share is not None and res.max_weight_share < 0.5, res
+    for r in res.server_did.split("; "):
+        assert all("(" in part for part in r.split(" / ") if " rejected" in part), r
+    if COLLUSION_ROWS[name].attack.kind in IN_DISTRIBUTION:
+        # Accepted before the sign rule (issue 28); now rejected for their signs, then quarantined.
+        assert res.held and res.how.startswith("rejected"), res
+        assert res.server_did.split("; ")[0].count("signs are skewed") == 2, res.server_did
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        r.name
+        for r in redteam.COLLUSION_ROWS
+        # ALIE at the paper's z (it became the geometric median) and Min-Max's shift; the other lone in-distribution
+        # rows differ only in their factor (test_rounds.py plays all four on synthetic updates, in a second).
+        if r.colluders == 1 and (r.attack.kind, r.attack.factor) in {("alie", 0.0), ("min_max_std", 1.0)}
+    ],
+)
+def test_one_in_distribution_attacker_is_rejected_for_its_signs_every_round(name, federation5, tmp_path):
+    # One hostile site of five: before the sign rule ALIE at the paper's z (0.25) became the geometric median.
+    train, test = federation5
+    res = redteam.run_row(COLLUSION_ROWS[name], redteam.Bench(train, test, 2, batch_size=4), 0.5, tmp_path)
+    assert res.honest_quarantined == () and res.held and res.how.startswith("rejected"), res
+    assert "signs are skewed" in res.server_did.split("; ")[0], res.server_did
+
+
+def test_centred_clipping_runs_the_colluding_rows_through_the_bench(federation5, tmp_path):
+    # The opt-in time-coupled defence on the in-distribution attack it is for (omniscient ALIE, 2 of 5): played
+    # end to end with RoundRules.centred_clipping on, no honest site quarantined and the pair under half the weight.
+    # Its AUROC effect needs the full-size run (docs/redteam_collusion.md).
+    train, test = federation5
+    row = next(
+        r for r in redteam.COLLUSION_ROWS if r.attack.kind == "alie" and r.attack.factor == 0.0 and r.colluders == 2
+    )
+    bench = redteam.Bench(train, test, 2, batch_size=4, centred_clipping=True)
+    assert bench.plan(0).centred_clipping and not redteam.Bench(train, test, 2).plan(0).centred_clipping
+    res = redteam.run_row(row, bench, 0.5, tmp_path)
+    assert res.honest_quarantined == () and res.max_weight_share is not None and res.max_weight_share < 0.5, res
