@@ -432,24 +432,24 @@ class Repository:
             )
         self._append_head(head)
 
+    def _rows_with_site(self, table, run_id: int, first_order) -> list:
+        """(row, site name) pairs of one run's per-site table, ordered by first_order then site."""
+        with self._session() as s:
+            return s.execute(
+                select(table, Site.name)
+                .join(Site, Site.id == table.site_id)
+                .where(table.run_id == run_id)
+                .order_by(first_order, Site.name)
+            ).all()
+
     def cross_site_results(self, run_id: int) -> list[dict]:
         """The run's cross-site table: one dict per (model, site) cell, ordered by model then site."""
-        with self._session() as s:
-            rows = s.execute(
-                select(CrossSiteResult, Site.name)
-                .join(Site, Site.id == CrossSiteResult.site_id)
-                .where(CrossSiteResult.run_id == run_id)
-                .order_by(CrossSiteResult.model, Site.name)
-            ).all()
+        rows = self._rows_with_site(CrossSiteResult, run_id, CrossSiteResult.model)
         return [
             {
                 "model": r.model,
                 "site": name,
-                "status": r.status,
-                "reason": r.reason,
-                "score": r.score,
-                "score_name": r.score_name,
-                "num_samples": r.num_samples,
+                **_columns(r, "status", "reason", "score", "score_name", "num_samples"),
                 "metrics": json.loads(r.metrics_json or "{}"),
                 "model_sha256": r.model_sha256,
             }
@@ -835,25 +835,9 @@ class Repository:
 
     def site_anchors(self, run_id: int) -> list[dict]:
         """Each round's anchors of a run (fedmed.job.records.SiteAnchor as dicts, with the round)."""
-        with self._session() as s:
-            rows = s.execute(
-                select(SiteAnchorRow, Site.name)
-                .join(Site, Site.id == SiteAnchorRow.site_id)
-                .where(SiteAnchorRow.run_id == run_id)
-                .order_by(SiteAnchorRow.round_num, Site.name)
-            ).all()
-        return [
-            {
-                "round": a.round_num,
-                "site": name,
-                "ledger_entries": a.ledger_entries,
-                "ledger_head": a.ledger_head,
-                "lifetime_epsilon": a.lifetime_epsilon,
-                "receipt_entry": a.receipt_entry,
-                "receipt_mac": a.receipt_mac,
-            }
-            for a, name in rows
-        ]
+        rows = self._rows_with_site(SiteAnchorRow, run_id, SiteAnchorRow.round_num)
+        fields = ("ledger_entries", "ledger_head", "lifetime_epsilon", "receipt_entry", "receipt_mac")
+        return [{"round": a.round_num, "site": name, **_columns(a, *fields)} for a, name in rows]
 
     def receipt_problem(self, raw, server_public=None) -> Optional[str]:
         """Why the record does not hold the chain head a site's receipt names (fedmed.store.receipts.receipt_problem),
@@ -1018,34 +1002,24 @@ class Repository:
         return rows
 
     def client_updates(self, run_id: int) -> list[dict]:
-        with self._session() as s:
-            rows = s.execute(
-                select(ClientUpdate, Site.name)
-                .join(Site, Site.id == ClientUpdate.site_id)
-                .where(ClientUpdate.run_id == run_id)
-                .order_by(ClientUpdate.round_num, Site.name)
-            ).all()
-        return [
-            {
-                "round": u.round_num,
-                "site": name,
-                "status": u.status,
-                "reason": u.reason,
-                "num_samples": u.num_samples,
-                "weight_samples": u.weight_samples,
-                "update_norm": u.update_norm,
-                "aggregation_weight": u.aggregation_weight,
-                "val_mean_auroc": u.val_mean_auroc,
-                "val_score": u.val_score,
-                "distance": u.distance,
-                "round_score": u.round_score,
-                "trust": u.trust,
-                "update_sha256": u.update_sha256,
-                "signature": u.signature,
-                "signed_digest": u.signed_digest,
-            }
-            for u, name in rows
-        ]
+        rows = self._rows_with_site(ClientUpdate, run_id, ClientUpdate.round_num)
+        fields = (
+            "status",
+            "reason",
+            "num_samples",
+            "weight_samples",
+            "update_norm",
+            "aggregation_weight",
+            "val_mean_auroc",
+            "val_score",
+            "distance",
+            "round_score",
+            "trust",
+            "update_sha256",
+            "signature",
+            "signed_digest",
+        )
+        return [{"round": u.round_num, "site": name, **_columns(u, *fields)} for u, name in rows]
 
     def round_metrics(self, run_id: int, scope: str) -> dict[int, dict[str, float]]:
         with self._session() as s:
@@ -1060,24 +1034,9 @@ class Repository:
         return out
 
     def privacy_spend(self, run_id: int) -> list[dict]:
-        with self._session() as s:
-            rows = s.execute(
-                select(PrivacySpend, Site.name)
-                .join(Site, Site.id == PrivacySpend.site_id)
-                .where(PrivacySpend.run_id == run_id)
-                .order_by(PrivacySpend.round_num, Site.name)
-            ).all()
-        return [
-            {
-                "round": p.round_num,
-                "site": name,
-                "epsilon": p.epsilon,
-                "delta": p.delta,
-                "epsilon_budget": p.epsilon_budget,
-                "noise_multiplier": p.noise_multiplier,
-            }
-            for p, name in rows
-        ]
+        rows = self._rows_with_site(PrivacySpend, run_id, PrivacySpend.round_num)
+        fields = ("epsilon", "delta", "epsilon_budget", "noise_multiplier")
+        return [{"round": p.round_num, "site": name, **_columns(p, *fields)} for p, name in rows]
 
     def alerts(self, run_id: int) -> list[dict]:
         with self._session() as s:
@@ -1092,17 +1051,20 @@ class Repository:
     def inference_logs(self) -> list[dict]:
         with self._session() as s:
             rows = s.scalars(select(InferenceLog).order_by(InferenceLog.id)).all()
-        return [
-            {
-                "created_at": r.created_at,
-                "study_pseudonym": r.study_pseudonym,
-                "patient_pseudonym": r.patient_pseudonym,
-                "model_sha256": r.model_sha256,
-                "model_version": r.model_version,
-                "num_images": r.num_images,
-                "positive_findings": r.positive_findings,
-                "status": r.status,
-                "message": r.message,
-            }
-            for r in rows
-        ]
+        fields = (
+            "created_at",
+            "study_pseudonym",
+            "patient_pseudonym",
+            "model_sha256",
+            "model_version",
+            "num_images",
+            "positive_findings",
+            "status",
+            "message",
+        )
+        return [_columns(r, *fields) for r in rows]
+
+
+def _columns(row, *names: str) -> dict:
+    """The named attributes of an ORM row, as the dicts the readers of the record take."""
+    return {name: getattr(row, name) for name in names}
