@@ -126,6 +126,14 @@ def federation(tmp_path_factory, tiny_hospitals):
         assert not fed.running()
 
 
+@pytest.fixture
+def federation_up(federation):
+    """The shared federation with the server and every hospital registered: the tests below share one federation
+    for its start-up cost, yet each can run alone (pytest -k) and starts only what is not running already."""
+    federation.start(HOSPITALS, timeout=120, env=THREADS)
+    return federation
+
+
 def _log_has(path: Path, text: str) -> bool:
     return path.is_file() and text in path.read_text(errors="replace")
 
@@ -176,8 +184,8 @@ def test_rogue_kit_and_member_admin_are_refused(federation, tmp_path):
         member.close()
 
 
-def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path):
-    fed = federation
+def test_admin_job_completes_two_rounds_on_three_hospitals(federation_up, tmp_path):
+    fed = federation_up
     job = _export(tmp_path / "job", num_rounds=2, straggler_wait=30, cross_site_eval=True)
     out = submit_and_follow(
         fed.kit(PROJECT_ADMIN),
@@ -228,11 +236,10 @@ def test_admin_job_completes_two_rounds_on_three_hospitals(federation, tmp_path)
     print(f"\nmeasured: {fed.timings}")
 
 
-def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federation, tmp_path):
+def test_user_level_filter_rounds_are_charged_to_each_hospitals_ledger(federation_up, tmp_path):
     from fedmed.privacy.ledger import PrivacyLedger
 
-    fed = federation
-    _ensure_up(fed)
+    fed = federation_up
     job = _export(tmp_path / "job", num_rounds=1, straggler_wait=30)
     meta = json.loads((job / "meta.json").read_text())
     (job / "meta.json").write_text(json.dumps({**meta, "scope": USER_DP_SCOPE}))
@@ -284,9 +291,8 @@ def _patch_executor_args(job: Path, **args) -> Path:
         ("he_context_file", "/tmp/submitter/client_context.tenseal"),
     ],
 )
-def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federation, tmp_path, arg, value):
-    fed = federation
-    _ensure_up(fed)
+def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federation_up, tmp_path, arg, value):
+    fed = federation_up
     job = _patch_executor_args(_export(tmp_path / "job", num_rounds=1, straggler_wait=5), **{arg: value})
     with pytest.raises(JobFailed) as failed:  # the job started, then every hospital refused its round
         submit_and_follow(
@@ -326,10 +332,12 @@ def test_a_job_naming_its_own_site_settings_is_refused_by_every_hospital(federat
         assert any(_log_has(p, f"refuses this job: the job sets {arg}") for p in job_logs)
 
 
-def test_a_hospital_whose_own_config_has_no_privacy_policy_refuses_unless_its_data_is_synthetic(federation, tmp_path):
+def test_a_hospital_whose_own_config_has_no_privacy_policy_refuses_unless_its_data_is_synthetic(
+    federation_up, tmp_path
+):
     # hospital-a's IT edits its installed config by hand: no privacy policy, data not marked synthetic. The job's
     # "rehearsal" scope sets no policy either, so nothing would bound what leaves: the hospital refuses the job.
-    fed = federation
+    fed = federation_up
     cfg_path = fed.kit("hospital-a") / "local" / "fedmed_site.json"
     original = cfg_path.read_text()
     cfg_path.write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "synthetic_rehearsal"}))
@@ -357,19 +365,10 @@ def test_a_hospital_whose_own_config_has_no_privacy_policy_refuses_unless_its_da
     assert ups["hospital-b"]["status"] == ups["hospital-c"]["status"] == "accepted"
 
 
-def _ensure_up(fed) -> None:
-    """Run alone (-k), the scenario starts the federation itself; in the module's order it is already up."""
-    for site in ["server", *HOSPITALS]:
-        if site not in fed.running():
-            fed.start_site(site, env=THREADS)
-    fed.wait_registered(HOSPITALS, timeout=120)
-
-
-def test_a_scope_typo_is_refused_by_every_hospital_and_said_once_at_the_admin(federation, tmp_path):
+def test_a_scope_typo_is_refused_by_every_hospital_and_said_once_at_the_admin(federation_up, tmp_path):
     # `-- --scope rehersal`: NVFlare's deployer at each hospital refuses a scope its privacy.json does not list; the
     # job ends FAILED_TO_RUN and the reason was only in the server kit's log.txt
-    fed = federation
-    _ensure_up(fed)
+    fed = federation_up
     job = _export(tmp_path / "job", num_rounds=1, privacy_scope="rehersal")
     with pytest.raises(SubmitError) as e:
         submit_and_follow(
@@ -381,12 +380,11 @@ def test_a_scope_typo_is_refused_by_every_hospital_and_said_once_at_the_admin(fe
     assert f"{', '.join(HOSPITALS)}: privacy scope 'rehersal' is not allowed; fix: give -- --scope NAME" in text, text
 
 
-def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(federation, tmp_path, capsys):
+def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(federation_up, tmp_path, capsys):
     # hospital-b's IT points the kit's local/fedmed_site.json at data that is not mounted, while the site runs:
     # no restart, the next job reads it. Its set-up fails; it answers the round at once with the reason instead
     # of leaving the server to wait straggler_wait (600 s here) for a site whose job died.
-    fed = federation
-    _ensure_up(fed)
+    fed = federation_up
     cfg_path = fed.kit("hospital-b") / "local" / "fedmed_site.json"
     original = cfg_path.read_text()
     cfg = json.loads(original)
@@ -426,12 +424,13 @@ def test_a_hospital_whose_data_path_is_wrong_is_missing_at_once_with_the_reason(
     print(f"\nmeasured: job with a failing hospital {out.run_seconds:.0f}s (straggler_wait 600 s)")
 
 
-def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_the_straggler_wait(federation, tmp_path):
+def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_the_straggler_wait(
+    federation_up, tmp_path
+):
     # The server kit: heart_beat_timeout HEART_BEAT_TIMEOUT (the fixture's), dead-client grace 10 s
     # (site_configs/server/). The round stops waiting for hospital-c once NVFlare drops it, records why, and later
     # rounds record it missing, not sent.
-    fed = federation
-    _ensure_up(fed)
+    fed = federation_up
     job = _export(tmp_path / "job", num_rounds=3, straggler_wait=600, local_epochs=3)
     session = fed.session()
     repo = Repository(fed.db_url, create_schema=False)
@@ -462,8 +461,8 @@ def test_a_hospital_killed_mid_round_costs_the_round_the_heartbeat_timeout_not_t
     fed.wait_registered(HOSPITALS, timeout=120)
 
 
-def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation, tmp_path):
-    fed = federation
+def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(federation_up, tmp_path):
+    fed = federation_up
     # 3 local epochs: the kill lands while hospital-c trains round 2.
     job = _export(tmp_path / "job", num_rounds=2, straggler_wait=15, local_epochs=3)
     session = fed.session()
@@ -492,11 +491,10 @@ def test_hospital_killed_mid_run_is_recorded_missing_and_the_job_completes(feder
     fed.wait_registered(HOSPITALS, timeout=120)
 
 
-def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federation, tmp_path):
+def test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds(federation_up, tmp_path):
     # NVFlare 2.9 does not resume a job after a server restart; fedmed.flare.recovery closes it on start-up. The
     # hospitals' user-level DP filter charges each round to their ledgers, which the resumption below continues.
-    fed = federation
-    _ensure_up(fed)
+    fed = federation_up
     job = _export(tmp_path / "job", num_rounds=4, straggler_wait=30, privacy_scope=USER_DP_SCOPE)
     session = fed.session()
     repo = Repository(fed.db_url, create_schema=False)
@@ -544,13 +542,13 @@ def _charged_round(fed, job_id: str, wire_round: int) -> bool:
     return False
 
 
-def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twice(federation, tmp_path, capsys):
+def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twice(federation_up, tmp_path, capsys):
     # fedmed-submit --resume: a new NVFlare job continues the same run from round 2's recorded global model.
     from fedmed.cli.submit_job import main as submit_main
     from fedmed.privacy.accounting import epsilon_of
     from fedmed.privacy.ledger import PrivacyLedger
 
-    fed = federation
+    fed = federation_up
     if not hasattr(fed, "interrupted"):
         pytest.skip("needs the interrupted run of test_server_killed_mid_job_ends_the_run_interrupted_with_its_rounds")
     first_job, run_id, uid = fed.interrupted
@@ -611,13 +609,13 @@ def test_the_interrupted_run_resumes_from_round_3_without_spending_any_round_twi
     print(f"\nmeasured: resumed run (export, rounds 3-4, final model) {resumed_s:.0f}s")
 
 
-def test_hospital_it_stops_its_site_without_nvflares_interactive_stop_script(federation):
+def test_hospital_it_stops_its_site_without_nvflares_interactive_stop_script(federation_up):
     # Last: the server keeps listing a stopped hospital until its heartbeat times out (HEART_BEAT_TIMEOUT), so a
     # test after this one would see it "registered" while it is not.
     from fedmed.cli.site import main as site_main
     from fedmed.cli.site import stop_kit
 
-    fed = federation
+    fed = federation_up
     if "hospital-a" not in fed.running():
         fed.start_site("hospital-a", env=THREADS)
     pid = fed.running()["hospital-a"]
@@ -642,7 +640,7 @@ def _kit_files(kits: Path) -> dict:
     }
 
 
-def test_a_hospital_added_to_the_running_federation_trains_in_the_next_job(federation, tmp_path):
+def test_a_hospital_added_to_the_running_federation_trains_in_the_next_job(federation_up, tmp_path):
     # Last: hospital-d stays in the federation. The server keeps running: hospital-d's certificate is signed by the
     # same root CA, and the server reads its public signing key (local/site_keys/) when the next job starts.
     from dataclasses import replace
@@ -650,7 +648,7 @@ def test_a_hospital_added_to_the_running_federation_trains_in_the_next_job(feder
     from fedmed.data.synthetic import DEFAULT_HOSPITALS, generate_hospitals
     from fedmed.paths import SITE_CONFIGS
 
-    fed = federation
+    fed = federation_up
     sites = ["hospital-b", "hospital-c"]  # hospital-a was stopped by its IT in the test before
     for site in ["server", *sites]:
         if site not in fed.running():

@@ -340,14 +340,9 @@ class FedMedTrainer(Executor):
             self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {list(handled)}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
-        if self._refusal is not None:
-            return FLModelUtils.to_shareable(
-                FLModel(metrics={}, meta={C.META_REFUSED: self._refusal, C.META_SITE: site})
-            )
-        if self._unavailable is not None:
-            return FLModelUtils.to_shareable(
-                FLModel(metrics={}, meta={C.META_UNAVAILABLE: self._unavailable, C.META_SITE: site})
-            )
+        for key, why in ((C.META_REFUSED, self._refusal), (C.META_UNAVAILABLE, self._unavailable)):
+            if why is not None:  # the site cannot take part at all; the server records why
+                return FLModelUtils.to_shareable(FLModel(metrics={}, meta={key: why, C.META_SITE: site}))
         if self._state is None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if task_name == AppConstants.TASK_SUBMIT_MODEL:
@@ -367,34 +362,7 @@ class FedMedTrainer(Executor):
                 global_params = site_round.open_global(self._state, offer)
                 fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, global_params, private=True, sticky=False)
                 return self._keep_final_model(site, global_params, global_model, fl_ctx)
-            if self._ledger is not None:  # the site's user-level filter charges its part of the round with this
-                self._ledger.continue_run((global_model.meta or {}).get(C.META_RESUMED_JOBS))  # keys charges to the run
-                fl_ctx.set_prop(
-                    C.CTX_PRIVACY_LEDGER,
-                    {"binding": self._ledger, "round": offer.round_num},
-                    private=True,
-                    sticky=False,
-                )
-            self._continue_run_privacy(site, global_model, fl_ctx)
-            update = site_round.run_round(
-                self._state,
-                offer,
-                should_abort=lambda: abort_signal.triggered,
-                log=lambda message: self.log_info(fl_ctx, message),
-            )
-            if update.refused is not None:  # already logged; the server records the reason
-                return FLModelUtils.to_shareable(FLModel(metrics=update.metrics, meta=update.meta))
-            fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, update.base, private=True, sticky=False)
-            if self._sign_keys is not None:  # the user-level filter re-signs what it changes
-                fl_ctx.set_prop(
-                    C.CTX_SIGNER,
-                    (self._sign_keys, fl_ctx.get_job_id(), offer.round_num, site),
-                    private=True,
-                    sticky=False,
-                )
-            return FLModelUtils.to_shareable(
-                FLModel(params_type=ParamsType.FULL, params=update.params, metrics=update.metrics, meta=update.meta)
-            )
+            return self._train(site, global_model, offer, fl_ctx, abort_signal)
         except signing.SignatureError as e:
             self.log_error(fl_ctx, f"site {site}: refusing the global model: {e}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
@@ -409,6 +377,30 @@ class FedMedTrainer(Executor):
         except Exception as e:
             self.log_exception(fl_ctx, f"site {site}: training failed: {secure_format_exception(e)}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _train(self, site, global_model: FLModel, offer, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """One training round at this site (fedmed.site.site_round), with what the site's filters need set."""
+        if self._ledger is not None:  # the site's user-level filter charges its part of the round with this
+            self._ledger.continue_run((global_model.meta or {}).get(C.META_RESUMED_JOBS))  # keys charges to the run
+            fl_ctx.set_prop(
+                C.CTX_PRIVACY_LEDGER, {"binding": self._ledger, "round": offer.round_num}, private=True, sticky=False
+            )
+        self._continue_run_privacy(site, global_model, fl_ctx)
+        update = site_round.run_round(
+            self._state,
+            offer,
+            should_abort=lambda: abort_signal.triggered,
+            log=lambda message: self.log_info(fl_ctx, message),
+        )
+        if update.refused is not None:  # already logged; the server records the reason
+            return FLModelUtils.to_shareable(FLModel(metrics=update.metrics, meta=update.meta))
+        fl_ctx.set_prop(C.CTX_GLOBAL_PARAMS, update.base, private=True, sticky=False)
+        if self._sign_keys is not None:  # the user-level filter re-signs what it changes
+            signer = (self._sign_keys, fl_ctx.get_job_id(), offer.round_num, site)
+            fl_ctx.set_prop(C.CTX_SIGNER, signer, private=True, sticky=False)
+        return FLModelUtils.to_shareable(
+            FLModel(params_type=ParamsType.FULL, params=update.params, metrics=update.metrics, meta=update.meta)
+        )
 
     def _offer(self, global_model: FLModel, fl_ctx: FLContext) -> site_round.GlobalModel:
         meta = global_model.meta or {}

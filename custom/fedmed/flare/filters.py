@@ -80,31 +80,10 @@ class UpdateNoiseFilter(Filter):
         dxo = from_shareable(shareable)
         if dxo.data_kind == DataKind.METRICS:
             return shareable  # metrics-only replies (a refused round, the final-model acknowledgement)
-        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
-            kind = getattr(dxo.data_kind, "value", dxo.data_kind)
-            return self._refuse(
-                shareable, fl_ctx, f"payload kind {kind!r} cannot be clipped and noised (only WEIGHTS and WEIGHT_DIFF)"
-            )
-        if C.META_ENCRYPTED in (dxo.meta or {}):
-            return self._refuse(
-                shareable,
-                fl_ctx,
-                "the update carries CKKS-encrypted layers, which this filter "
-                "cannot clip or noise; use selective HE or user-level DP, not both",
-            )
-        if not dxo.data:
-            return self._refuse(shareable, fl_ctx, "the update carries no parameters")
-        if dxo.data_kind == DataKind.WEIGHT_DIFF:
-            reference = {k: np.zeros_like(np.asarray(v)) for k, v in dxo.data.items()}  # the data is the delta
-        else:
-            reference = fl_ctx.get_prop(C.CTX_GLOBAL_PARAMS)
-            if reference is None:
-                raise RuntimeError(
-                    "UpdateNoiseFilter: the global model this update started from is unknown; "
-                    "refusing to release an un-noised update (is the site running fedmed's "
-                    "FedMedTrainer?)"
-                )
-            reference = {k: reference[k] for k in dxo.data if k in reference}
+        problem = _why_not_noisable(dxo)
+        if problem is not None:
+            return self._refuse(shareable, fl_ctx, problem)
+        reference = _reference_of(dxo, fl_ctx)
         release = fl_ctx.get_prop(C.CTX_PRIVACY_LEDGER)
         if release is None:
             return self._refuse(
@@ -149,17 +128,51 @@ class UpdateNoiseFilter(Filter):
             f"x{noised.scale:.3f} to {self.clip_norm}, Gaussian noise std {noised.noise_std:.3g}; "
             f"dataset lifetime epsilon now {entry.epsilon_after:.3f}",
         )
-        out = dxo.update_shareable(shareable)
-        if C.META_SIGNATURE in dxo.meta:  # the executor signed the un-noised update: sign what leaves instead
-            signer = fl_ctx.get_prop(C.CTX_SIGNER)
-            if signer is None:
-                raise RuntimeError(
-                    "UpdateNoiseFilter: the update is signed but the signing key is not in the context; "
-                    "refusing to release an update whose signature no longer matches"
-                )
-            keys, job_id, round_num, site = signer
-            model = FLModelUtils.from_shareable(out)
-            sign_result(model, job_id, round_num, site, keys)
-            dxo.set_meta_prop(C.META_SIGNATURE, model.meta[C.META_SIGNATURE])
-            out = dxo.update_shareable(shareable)
+        return _signed_as_released(dxo, shareable, fl_ctx)
+
+
+def _why_not_noisable(dxo) -> Optional[str]:
+    """Why this filter cannot clip and noise the payload, or None when it can."""
+    if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
+        kind = getattr(dxo.data_kind, "value", dxo.data_kind)
+        return f"payload kind {kind!r} cannot be clipped and noised (only WEIGHTS and WEIGHT_DIFF)"
+    if C.META_ENCRYPTED in (dxo.meta or {}):
+        return (
+            "the update carries CKKS-encrypted layers, which this filter "
+            "cannot clip or noise; use selective HE or user-level DP, not both"
+        )
+    if not dxo.data:
+        return "the update carries no parameters"
+    return None
+
+
+def _reference_of(dxo, fl_ctx: FLContext) -> dict:
+    """The parameters the update moved from: zeros for a delta, else the global model the trainer started from."""
+    if dxo.data_kind == DataKind.WEIGHT_DIFF:
+        return {k: np.zeros_like(np.asarray(v)) for k, v in dxo.data.items()}  # the data is the delta
+    reference = fl_ctx.get_prop(C.CTX_GLOBAL_PARAMS)
+    if reference is None:
+        raise RuntimeError(
+            "UpdateNoiseFilter: the global model this update started from is unknown; "
+            "refusing to release an un-noised update (is the site running fedmed's "
+            "FedMedTrainer?)"
+        )
+    return {k: reference[k] for k in dxo.data if k in reference}
+
+
+def _signed_as_released(dxo, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+    """The shareable with the noised update, re-signed when the executor had signed the un-noised one."""
+    out = dxo.update_shareable(shareable)
+    if C.META_SIGNATURE not in dxo.meta:
         return out
+    signer = fl_ctx.get_prop(C.CTX_SIGNER)
+    if signer is None:
+        raise RuntimeError(
+            "UpdateNoiseFilter: the update is signed but the signing key is not in the context; "
+            "refusing to release an update whose signature no longer matches"
+        )
+    keys, job_id, round_num, site = signer
+    model = FLModelUtils.from_shareable(out)
+    sign_result(model, job_id, round_num, site, keys)
+    dxo.set_meta_prop(C.META_SIGNATURE, model.meta[C.META_SIGNATURE])
+    return dxo.update_shareable(shareable)
