@@ -319,7 +319,9 @@ def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
     ax.bar(range(len(arms)), means, yerr=[lo, hi], color=colors, capsize=4)
     ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
     tops = [m + h for m, h in zip(means, hi)]
-    ax.set_ylim(max(0.0, min(0.45, min(means) - 0.05)), min(1.0, max(tops) + 0.05))
+    for i, (m, top) in enumerate(zip(means, tops)):  # the mean written on each bar: the figure reads alone
+        ax.text(i, top + 0.004, f"{m:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(max(0.0, min(0.45, min(means) - 0.05)), min(1.0, max(tops) + 0.06))
     ax.axhline(0.5, color="k", lw=0.5, ls=":")
     if CENTRAL in results:  # the target line: within TOLERANCE of centralised
         target = summary(results[CENTRAL])[0] - TOLERANCE
