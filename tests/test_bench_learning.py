@@ -292,6 +292,22 @@ def test_combine_joins_runs_that_split_the_arms_and_names_a_missing_seed(tmp_pat
     assert re.search(wall_row, text, re.M), "wall, both ways (the smoke record has no CPU times: no CPU table)"
     assert "equal CPU time" not in text
     assert re.search(r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \|$", text, re.M), "its learning curve"
+    assert (
+        main(
+            [
+                "--combine",
+                str(tmp_path / "extra.json"),
+                str(tmp_path / "base.json"),
+                "--arms",
+                "fedavg",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = out.read_text().split("## Result")[1].split("\n## ")[0]
+    assert re.findall(r"^\| ([a-z0-9/_\- ]+) \| [0-9.]+ \|", result, re.M)[-2:] == ["centralised", "fedavg"], "--arms"
     (tmp_path / "other_seed.json").write_text(json.dumps({**extra, "seeds": [1]}))
     with pytest.raises(SystemExit, match="missing: hospital-a alone seed 1, .*fedavg/8 seed 0"):
         main(["--combine", str(tmp_path / "base.json"), str(tmp_path / "other_seed.json"), "--out", str(out)])

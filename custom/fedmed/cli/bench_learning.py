@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--arms",
         help=f"comma-separated federated arms to run (default all: {','.join(FEDERATED)}); the hospitals alone and "
-        "centralised always run",
+        "centralised always run; with --combine: report only these federated arms (and the baselines)",
     )
     p.add_argument(
         "--smoke",
@@ -409,7 +410,8 @@ def main(argv=None) -> int:
     if a.smoke:
         a.per_site, a.num_test, a.epochs, a.seeds, a.image_size, a.batch_size = "8,8", 16, 2, "0", 32, 4
     if a.combine:
-        record = combine([json.loads(path.read_text()) for path in a.combine])
+        keep = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else None
+        record = combine([json.loads(path.read_text()) for path in a.combine], keep)
         write_report(record, a.out)
         return 0
     per_site = parse_ints(a.per_site, "--per-site")
@@ -540,9 +542,9 @@ def environment() -> str:
     )
 
 
-def combine(records: list) -> dict:
+def combine(records: list, keep: Optional[list] = None) -> dict:
     """One record from runs of the same settings that split the seeds or the arms between them (e.g. a later run of
-    one more arm with --no-baselines on the same seeds). Every arm must then have every seed; an arm's seed in more
+    one more arm with --no-baselines on the same seeds); keep: only these federated arms (None: all). Every arm must then have every seed; an arm's seed in more
     than one run must have the same score in each (a rerun of a deterministic arm: reproduced, listed in the record
     and the report), the first run's wall and CPU time kept (give the run whose times should count first)."""
     records = sorted(records, key=lambda r: CENTRAL not in r["arms"])  # the runs with the baselines first
@@ -554,6 +556,8 @@ def combine(records: list) -> dict:
     for r in records:
         walls, cpus = r.get("walls", {}), r.get("cpus", {})
         for arm in r["arms"]:
+            if keep is not None and arm not in keep and arm != CENTRAL and not arm.endswith(" alone"):
+                continue  # --arms with --combine: the baselines and these arms (a run may hold arms of one seed)
             arms += [arm] if arm not in arms else []
             for k, seed in enumerate(r["seeds"]):
                 seeds += [seed] if seed not in seeds else []
