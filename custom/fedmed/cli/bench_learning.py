@@ -590,7 +590,7 @@ def combine(records: list, keep: Optional[list] = None) -> dict:
     walls = {arm: [values[arm, s][2] for s in seeds] for arm in arms}
     out["walls"] = {arm: w for arm, w in walls.items() if None not in w}  # an old run without walls: no wall table
     cpus = {arm: [values[arm, s][3] for s in seeds] for arm in arms}
-    out["cpus"] = {arm: c for arm, c in cpus.items() if None not in c}
+    out["cpus"] = {arm: c for arm, c in cpus.items() if any(v is not None for v in c)}  # None: an older run, no CPU time
     out["reproduced"] = reproduced
     with_curves = [r for r in records if r["curves"]]
     out["curve_seed"] = with_curves[0]["curve_seed"] if with_curves else None
@@ -619,7 +619,7 @@ def equal_wall_time(record: dict, federated: list) -> list:
     lines = []
     for clock, key, curve_key in (("wall", "walls", "curve_times"), ("CPU", "cpus", "curve_cpu_times")):
         times, spent = record.get(curve_key, {}), record.get(key, {})
-        if CENTRAL not in times or not all(spent.get(a) for a in federated):
+        if CENTRAL not in times or not all(spent.get(a) and spent[a][k] is not None for a in (CENTRAL, *federated)):
             continue
         c_time = spent[CENTRAL][k]
         lines += [
