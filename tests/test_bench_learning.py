@@ -172,6 +172,8 @@ def test_bench_learning_writes_real_numbers(tmp_path):
         == 0
     )
     assert "same score to 1e-09 (the first run's times kept): fedavg seed 4." in out.read_text()
+    joined = json.loads(out.with_suffix(".json").read_text())
+    assert joined["reproduced"] == ["fedavg seed 4"] and joined["seeds"] == [3, 4], "the joined record is written"
     changed = {**rerun, "results": {"fedavg": [runs[1]["results"]["fedavg"][0] + 0.01]}}
     (tmp_path / "changed.json").write_text(json.dumps(changed))
     with pytest.raises(SystemExit, match="repeat seeds with different results: seed 4 of 'fedavg'"):

@@ -413,6 +413,7 @@ def main(argv=None) -> int:
         keep = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else None
         record = combine([json.loads(path.read_text()) for path in a.combine], keep)
         write_report(record, a.out)
+        a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))  # the joined record beside its report
         return 0
     per_site = parse_ints(a.per_site, "--per-site")
     seeds = parse_ints(a.seeds, "--seeds")
@@ -590,7 +591,9 @@ def combine(records: list, keep: Optional[list] = None) -> dict:
     walls = {arm: [values[arm, s][2] for s in seeds] for arm in arms}
     out["walls"] = {arm: w for arm, w in walls.items() if None not in w}  # an old run without walls: no wall table
     cpus = {arm: [values[arm, s][3] for s in seeds] for arm in arms}
-    out["cpus"] = {arm: c for arm, c in cpus.items() if any(v is not None for v in c)}  # None: an older run, no CPU time
+    out["cpus"] = {
+        arm: c for arm, c in cpus.items() if any(v is not None for v in c)
+    }  # None: an older run, no CPU time
     out["reproduced"] = reproduced
     with_curves = [r for r in records if r["curves"]]
     out["curve_seed"] = with_curves[0]["curve_seed"] if with_curves else None
