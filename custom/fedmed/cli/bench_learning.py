@@ -1,7 +1,8 @@
 """Benchmark: does federation pay? Each hospital alone, centralised training on the pooled data, FedAvg, the
-geometric median, FedAvgM (fedavgm: a server step of n_sites times the mean move), and on the geometric median's robust
-aggregate FedAdam, FedYogi, FedProx, SCAFFOLD and FedAvgM (fedmed.learning.algorithms), all with the same total epochs, scored on one shared global test set (mean AUROC); the gap to
-centralised at equal epochs and at equal wall time. Writes <out>.md, <out>.json and <out>.png.
+geometric median, FedAvgM (fedavgm: a server step of n_sites times the mean move), and on the geometric median's
+robust aggregate FedAdam, FedYogi, FedProx, SCAFFOLD and FedAvgM (fedmed.learning.algorithms), all with the same
+total epochs, scored on one shared global test set (mean AUROC); the gap to centralised at equal epochs and at equal
+wall and CPU time. Writes <out>.md, <out>.json and <out>.png.
 
     python scripts/bench_learning.py [--epochs 8] [--seeds 0,1,2] [--arms fedavg,gm-scaffold] [--out docs/bench_learning.md]
     python scripts/bench_learning.py --smoke --out docs/bench_learning_smoke.md   # proves it runs; measures nothing
