@@ -112,6 +112,21 @@ def test_the_round_engine_steps_fedadam_from_the_robust_aggregate():
     assert not np.allclose(rep.params["w"], ref.params["w"])
 
 
+def test_the_round_engine_steps_fedavgm_from_the_geometric_median_not_the_mean():
+    """gm-fedavgm: FedAvgM's step scales the robust aggregate's move, so a hostile update the geometric median
+    discounts is not scaled up with it; BatchNorm statistics stay as aggregated."""
+    fedavgm = ServerOptimizer("fedavgm", lr=3.0, beta1=0.0)
+    eng = RoundEngine(RoundRules("geometric_median", min_clients=2, server_optimizer=fedavgm))
+    plain = RoundEngine(RoundRules("geometric_median", min_clients=2))
+    results = [site(f"h{i}", GLOBAL["w"] + 0.01 * (i + 1)) for i in range(3)] + [site("x", GLOBAL["w"] - 50.0)]
+    rep, ref = eng.step(0, GLOBAL, results, []), plain.step(0, GLOBAL, results, [])
+    assert rep.aggregated and rep.diagnostics["server_optimizer"] == {"kind": "fedavgm", "step": 1}
+    moved = ref.params["w"] - GLOBAL["w"]
+    assert np.all((0.005 < np.abs(moved)) & (np.abs(moved) < 0.05)), "the geometric median kept the honest move"
+    np.testing.assert_allclose(rep.params["w"], GLOBAL["w"] + 3.0 * moved, rtol=1e-6)
+    np.testing.assert_array_equal(rep.params["bn.running_var"], ref.params["bn.running_var"])
+
+
 # -- FedProx ---------------------------------------------------------------------------------------------------------
 
 

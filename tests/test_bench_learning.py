@@ -130,13 +130,16 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     result = text.split("## Result")[1].split("\n## ")[0]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_\- ]+) \| ([0-9.]+) \| [0-9.]+ \|", result, re.M)}
     arms = {"hospital-a alone", "hospital-b alone", "hospital-c alone", "centralised", "fedavg", "geometric_median"}
-    arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold", "fedavgm"}  # each algorithm, fedavgm on FedAvg
+    arms |= {"gm-fedadam", "gm-fedyogi", "gm-fedprox", "gm-scaffold", "fedavgm", "gm-fedavgm"}  # each algorithm
     assert arms <= set(rows)
-    wall = text.split("## Gap to centralised at equal wall time (seed 3)")[1]
-    assert all(
-        re.search(rf"^\| {a} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \|$", wall, re.M)
-        for a in ("fedavg", "gm-scaffold")
+    wall, cpu = text.split("## Gap to centralised at equal wall time (seed 3)")[1].split(
+        "## Gap to centralised at equal CPU time (seed 3)"
     )
+    row = r"\| [0-9.]+ \| [0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \|$"
+    for table in (wall, cpu):  # both ways: centralised at the arm's time, the arm at centralised's time
+        assert all(re.search(rf"^\| {a} {row}", table, re.M) for a in ("fedavg", "gm-scaffold", "gm-fedavgm"))
+    run3 = json.loads(first.with_suffix(".json").read_text())
+    assert all(0 < c <= w * 1.5 + 1 for c, w in zip(run3["cpus"]["fedavg"], run3["walls"]["fedavg"])), "one thread"
     assert "SMOKE RUN" not in text
     assert all(0.0 <= float(v) <= 1.0 for v in rows.values())
     runs = [json.loads(p.with_suffix(".json").read_text()) for p in (first, second)]
@@ -147,8 +150,34 @@ def test_bench_learning_writes_real_numbers(tmp_path):
     assert re.search(r"^- fedavg: [+-][0-9.]+ vs centralised \((met|missed)\)", text, re.M)
     assert re.search(r"^\| centralised \| ([0-9.]+) \|$", text, re.M), "a learning curve (of one epoch here)"
     assert out.with_suffix(".png").stat().st_size > 1000
-    with pytest.raises(SystemExit, match="repeat seeds"):
-        main(["--combine", str(first.with_suffix(".json")), str(first.with_suffix(".json")), "--out", str(out)])
+    # A rerun of the same arm and seed must reproduce its score: then it is listed, else refused.
+    rerun = {
+        **runs[1],
+        "commands": ["a rerun"],
+        "arms": ["fedavg"],
+        "results": {"fedavg": runs[1]["results"]["fedavg"]},
+    }
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    assert (
+        main(
+            [
+                "--combine",
+                str(first.with_suffix(".json")),
+                str(second.with_suffix(".json")),
+                str(tmp_path / "rerun.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "same score to 1e-09 (the first run's times kept): fedavg seed 4." in out.read_text()
+    joined = json.loads(out.with_suffix(".json").read_text())
+    assert joined["reproduced"] == ["fedavg seed 4"] and joined["seeds"] == [3, 4], "the joined record is written"
+    changed = {**rerun, "results": {"fedavg": [runs[1]["results"]["fedavg"][0] + 0.01]}}
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="repeat seeds with different results: seed 4 of 'fedavg'"):
+        main(["--combine", str(second.with_suffix(".json")), str(tmp_path / "changed.json"), "--out", str(out)])
     other = {**runs[1], "settings": {**runs[1]["settings"], "epochs": 3}}
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="different settings"):
@@ -261,10 +290,26 @@ def test_combine_joins_runs_that_split_the_arms_and_names_a_missing_seed(tmp_pat
     assert names == ["hospital-a alone", "hospital-b alone", "centralised", "fedavg", "fedavg/8"], "baselines first"
     scaffold = smoke["results"]["gm-scaffold"][0]
     assert re.search(rf"^\| fedavg/8 \| {scaffold:.3f} \|", result, re.M)
-    assert re.search(r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \|$", text, re.M), (
-        "wall"
-    )
+    wall_row = r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \| [0-9.]+( \(ended\))? \| [+-][0-9.]+ \|$"
+    assert re.search(wall_row, text, re.M), "wall, both ways (the smoke record has no CPU times: no CPU table)"
+    assert "equal CPU time" not in text
     assert re.search(r"^\| fedavg/8 \| [0-9.]+ \| [0-9.]+ \|$", text, re.M), "its learning curve"
+    assert (
+        main(
+            [
+                "--combine",
+                str(tmp_path / "extra.json"),
+                str(tmp_path / "base.json"),
+                "--arms",
+                "fedavg",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = out.read_text().split("## Result")[1].split("\n## ")[0]
+    assert re.findall(r"^\| ([a-z0-9/_\- ]+) \| [0-9.]+ \|", result, re.M)[-2:] == ["centralised", "fedavg"], "--arms"
     (tmp_path / "other_seed.json").write_text(json.dumps({**extra, "seeds": [1]}))
     with pytest.raises(SystemExit, match="missing: hospital-a alone seed 1, .*fedavg/8 seed 0"):
         main(["--combine", str(tmp_path / "base.json"), str(tmp_path / "other_seed.json"), "--out", str(out)])

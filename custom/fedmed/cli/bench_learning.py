@@ -1,7 +1,8 @@
 """Benchmark: does federation pay? Each hospital alone, centralised training on the pooled data, FedAvg, the
-geometric median, and on the geometric median's robust aggregate FedAdam, FedYogi, FedProx and SCAFFOLD
-(fedmed.learning.algorithms), all with the same total epochs, scored on one shared global test set (mean AUROC); the gap to
-centralised at equal epochs and at equal wall time. Writes <out>.md, <out>.json and <out>.png.
+geometric median, FedAvgM (fedavgm: a server step of n_sites times the mean move), and on the geometric median's
+robust aggregate FedAdam, FedYogi, FedProx, SCAFFOLD and FedAvgM (fedmed.learning.algorithms), all with the same
+total epochs, scored on one shared global test set (mean AUROC); the gap to centralised at equal epochs and at equal
+wall and CPU time. Writes <out>.md, <out>.json and <out>.png.
 
     python scripts/bench_learning.py [--epochs 8] [--seeds 0,1,2] [--arms fedavg,gm-scaffold] [--out docs/bench_learning.md]
     python scripts/bench_learning.py --smoke --out docs/bench_learning_smoke.md   # proves it runs; measures nothing
@@ -26,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -128,6 +130,7 @@ def federated_arms(server_lr: float, proximal_mu: float, n_sites: int = 3) -> di
         "gm-fedyogi": Arm(gm, FedAlgorithm(ServerOptimizer("fedyogi", lr=server_lr))),
         "gm-fedprox": Arm(gm, FedAlgorithm(proximal_mu=proximal_mu)),
         "gm-scaffold": Arm(gm, FedAlgorithm(scaffold=True)),
+        "gm-fedavgm": Arm(gm, FedAlgorithm(ServerOptimizer("fedavgm", lr=float(n_sites), beta1=0.0))),
     }
 
 
@@ -144,6 +147,7 @@ class Schedule:
 
 
 TOLERANCE = 0.02  # the target: federated within this much mean AUROC of centralised
+REPRODUCED = 1e-9  # two runs of one arm and seed (one torch thread, deterministic) agree to this much AUROC
 
 
 @dataclass(frozen=True)
@@ -231,22 +235,24 @@ def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule,
     runs the sites one after the other; the curve's test scoring left out) and, when asked, its mean AUROC and
     elapsed training time after every epoch."""
     model = build_densenet121(CHEST_XRAY14.num_outputs)
-    points, times = [], []
+    points, times, cpu_times, scoring_cpu = [], [], [], 0.0
     k = arm.rounds_per_epoch
     clock = RoundClock()
     if k > 1:
         train_sets = {s: RoundShards(d, k, clock, seed * 1000 + i) for i, (s, d) in enumerate(train_sets.items())}
-    t0, scoring = time.perf_counter(), 0.0
+    t0, scoring, cpu0 = time.perf_counter(), 0.0, time.process_time()
 
     def on_round(report):
-        nonlocal scoring
+        nonlocal scoring, scoring_cpu
         clock.round += 1
         if curve and report.aggregated and clock.round % k == 0:  # the curve's points: after each epoch
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             times.append(t - t0 - scoring)
+            cpu_times.append(c - cpu0 - scoring_cpu)
             load_numpy_state(model, report.params)
             points.append(evaluate(model, test_set, CHEST_XRAY14).mean_auroc)
             scoring += time.perf_counter() - t
+            scoring_cpu += time.process_time() - c
 
     plan = FederationPlan(
         task=CHEST_XRAY14,
@@ -261,6 +267,7 @@ def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule,
     )
     fed = federate(train_sets, test_set, plan, on_round=on_round)
     wall = time.perf_counter() - t0 - scoring
+    cpu = time.process_time() - cpu0 - scoring_cpu  # one torch thread: the training's CPU time, less load-dependent
     if fed.stopped:
         raise RuntimeError(f"{arm} over {sorted(train_sets)} stopped: {fed.stopped}")
     load_numpy_state(model, fed.params)
@@ -271,6 +278,8 @@ def run_arm(train_sets: dict, test_set, arm: Arm, seed: int, schedule: Schedule,
         "curve": points,
         "times": times,
         "wall": wall,
+        "cpu": cpu,
+        "cpu_times": cpu_times,
         "rounds": len(fed.reports),
         "images_per_round": [sum(rep.used_samples.values()) for rep in fed.reports],
     }
@@ -312,7 +321,9 @@ def plot(arms: list, results: dict, curves: dict, path: Path) -> None:
     ax.bar(range(len(arms)), means, yerr=[lo, hi], color=colors, capsize=4)
     ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
     tops = [m + h for m, h in zip(means, hi)]
-    ax.set_ylim(max(0.0, min(0.45, min(means) - 0.05)), min(1.0, max(tops) + 0.05))
+    for i, (m, top) in enumerate(zip(means, tops)):  # the mean written on each bar: the figure reads alone
+        ax.text(i, top + 0.004, f"{m:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(max(0.0, min(0.45, min(means) - 0.05)), min(1.0, max(tops) + 0.06))
     ax.axhline(0.5, color="k", lw=0.5, ls=":")
     if CENTRAL in results:  # the target line: within TOLERANCE of centralised
         target = summary(results[CENTRAL])[0] - TOLERANCE
@@ -372,7 +383,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--arms",
         help=f"comma-separated federated arms to run (default all: {','.join(FEDERATED)}); the hospitals alone and "
-        "centralised always run",
+        "centralised always run; with --combine: report only these federated arms (and the baselines)",
     )
     p.add_argument(
         "--smoke",
@@ -400,8 +411,10 @@ def main(argv=None) -> int:
     if a.smoke:
         a.per_site, a.num_test, a.epochs, a.seeds, a.image_size, a.batch_size = "8,8", 16, 2, "0", 32, 4
     if a.combine:
-        record = combine([json.loads(path.read_text()) for path in a.combine])
+        keep = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else None
+        record = combine([json.loads(path.read_text()) for path in a.combine], keep)
         write_report(record, a.out)
+        a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))  # the joined record beside its report
         return 0
     per_site = parse_ints(a.per_site, "--per-site")
     seeds = parse_ints(a.seeds, "--seeds")
@@ -455,6 +468,8 @@ def main(argv=None) -> int:
         "curves": {},
         "curve_times": {},
         "walls": {arm: [] for arm in arms},
+        "cpus": {arm: [] for arm in arms},
+        "curve_cpu_times": {},
         "curve_seed": None,
         "wall_s": [0.0],
         "smoke": bool(a.smoke),
@@ -468,9 +483,11 @@ def main(argv=None) -> int:
             record["results"][arm].append(out["auroc"])
             record["finals"][arm].append(out["aurocs"])
             record["walls"][arm].append(out["wall"])
+            record["cpus"][arm].append(out["cpu"])
             if out["curve"]:
                 record["curves"][arm] = out["curve"]
                 record["curve_times"][arm] = out["times"]
+                record["curve_cpu_times"][arm] = out["cpu_times"]
             bar.update(1)
             tqdm.write(f"seed {seed} {arm}: {out['auroc']:.3f}")
             # Each arm as it finishes: a run stopped mid-seed still leaves what it measured (not a report).
@@ -527,25 +544,42 @@ def environment() -> str:
     )
 
 
-def combine(records: list) -> dict:
+def combine(records: list, keep: Optional[list] = None) -> dict:
     """One record from runs of the same settings that split the seeds or the arms between them (e.g. a later run of
-    one more arm with --no-baselines on the same seeds). Every arm must then have every seed exactly once."""
+    one more arm with --no-baselines on the same seeds); keep: only these federated arms (None: all). Every arm must then have every seed; an arm's seed in more
+    than one run must have the same score in each (a rerun of a deterministic arm: reproduced, listed in the record
+    and the report), the first run's wall and CPU time kept (give the run whose times should count first)."""
     records = sorted(records, key=lambda r: CENTRAL not in r["arms"])  # the runs with the baselines first
     first = records[0]
     for r in records[1:]:
         if r["settings"] != first["settings"]:
             raise SystemExit(f"runs with different settings cannot be combined: {first['settings']} vs {r['settings']}")
-    arms, seeds, values = [], [], {}
+    arms, seeds, values, reproduced = [], [], {}, []
     for r in records:
-        walls = r.get("walls", {})
+        walls, cpus = r.get("walls", {}), r.get("cpus", {})
         for arm in r["arms"]:
+            if keep is not None and arm not in keep and arm != CENTRAL and not arm.endswith(" alone"):
+                continue  # --arms with --combine: the baselines and these arms (a run may hold arms of one seed)
             arms += [arm] if arm not in arms else []
             for k, seed in enumerate(r["seeds"]):
                 seeds += [seed] if seed not in seeds else []
+                score = r["results"][arm][k]
                 if (arm, seed) in values:
-                    raise SystemExit(f"the runs repeat seeds: seed {seed} of {arm!r} is in more than one run")
-                wall = walls.get(arm, [])
-                values[arm, seed] = (r["results"][arm][k], r["finals"][arm][k], wall[k] if k < len(wall) else None)
+                    earlier = values[arm, seed][0]
+                    if abs(earlier - score) > REPRODUCED:
+                        raise SystemExit(
+                            f"the runs repeat seeds with different results: seed {seed} of {arm!r} scored "
+                            f"{earlier!r} in one run and {score!r} in another"
+                        )
+                    reproduced.append(f"{arm} seed {seed}")
+                    continue
+                wall, cpu = walls.get(arm, []), cpus.get(arm, [])
+                values[arm, seed] = (
+                    score,
+                    r["finals"][arm][k],
+                    wall[k] if k < len(wall) else None,
+                    cpu[k] if k < len(cpu) else None,
+                )
     missing = [f"{arm} seed {seed}" for arm in arms for seed in seeds if (arm, seed) not in values]
     if missing:
         raise SystemExit(f"the runs do not cover every arm on every seed; missing: {', '.join(missing)}")
@@ -557,13 +591,19 @@ def combine(records: list) -> dict:
     out["finals"] = {arm: [values[arm, s][1] for s in seeds] for arm in arms}
     walls = {arm: [values[arm, s][2] for s in seeds] for arm in arms}
     out["walls"] = {arm: w for arm, w in walls.items() if None not in w}  # an old run without walls: no wall table
+    cpus = {arm: [values[arm, s][3] for s in seeds] for arm in arms}
+    out["cpus"] = {
+        arm: c for arm, c in cpus.items() if any(v is not None for v in c)
+    }  # None: an older run, no CPU time
+    out["reproduced"] = reproduced
     with_curves = [r for r in records if r["curves"]]
     out["curve_seed"] = with_curves[0]["curve_seed"] if with_curves else None
-    out["curves"], out["curve_times"] = {}, {}
-    for r in with_curves:  # every run's curves of that one seed (runs that split the arms)
+    out["curves"], out["curve_times"], out["curve_cpu_times"] = {}, {}, {}
+    for r in reversed(with_curves):  # every run's curves of that one seed (runs that split the arms); the first wins
         if r["curve_seed"] == out["curve_seed"]:
             out["curves"].update(r["curves"])
             out["curve_times"].update(r.get("curve_times", {}))
+            out["curve_cpu_times"].update(r.get("curve_cpu_times", {}))
     out["curves"] = {a: out["curves"][a] for a in arms if a in out["curves"]}
     out["smoke"] = any(r.get("smoke") for r in records)
     out["commands"] = [c for r in records for c in r["commands"]]
@@ -572,31 +612,46 @@ def combine(records: list) -> dict:
 
 
 def equal_wall_time(record: dict, federated: list) -> list:
-    """The gap to centralised at equal wall time: each arm's final score against centralised's learning curve (curve
-    seed) at the training time the arm took, interpolated between epochs."""
-    times, curves, walls = record.get("curve_times", {}), record["curves"], record.get("walls", {})
-    seed = record["curve_seed"]
-    if CENTRAL not in times or seed is None or not all(walls.get(a) for a in federated):
+    """The gap to centralised at equal training time (curve seed), both ways: each arm's final score against
+    centralised's learning curve at the time the arm took, and the arm's own learning curve at centralised's whole
+    time; by wall time and, where the runs recorded it, by CPU time (one torch thread: the work done, which a loaded
+    machine stretches less than the wall)."""
+    curves, seed = record["curves"], record["curve_seed"]
+    if seed is None or CENTRAL not in curves:
         return []
     k = record["seeds"].index(seed)
-    lines = [
-        "",
-        f"## Gap to centralised at equal wall time (seed {seed})",
-        "",
-        "Training wall time of each arm (the in-process federation trains its sites one after the other, as one "
-        "machine would; deployed hospitals train at once, so a federated round's wall there is about its slowest "
-        "site's share), and centralised's score after the same training time, from its learning curve "
-        "(interpolated between epochs; 'ended' where the arm took longer than centralised's whole run):",
-        "",
-        "| arm | wall (s) | its final AUROC | centralised at that time | gap |",
-        "|---|---|---|---|---|",
-    ]
-    c_wall = walls[CENTRAL][k]
-    lines.append(f"| {CENTRAL} | {c_wall:.1f} | {record['results'][CENTRAL][k]:.3f} | - | - |")
-    for arm in federated:
-        wall, final = walls[arm][k], record["results"][arm][k]
-        at, past = at_time(times[CENTRAL], curves[CENTRAL], wall)
-        lines.append(f"| {arm} | {wall:.1f} | {final:.3f} | {at:.3f}{' (ended)' if past else ''} | {final - at:+.3f} |")
+    lines = []
+    for clock, key, curve_key in (("wall", "walls", "curve_times"), ("CPU", "cpus", "curve_cpu_times")):
+        times, spent = record.get(curve_key, {}), record.get(key, {})
+        if CENTRAL not in times or not all(spent.get(a) and spent[a][k] is not None for a in (CENTRAL, *federated)):
+            continue
+        c_time = spent[CENTRAL][k]
+        lines += [
+            "",
+            f"## Gap to centralised at equal {clock} time (seed {seed})",
+            "",
+            f"Training {clock} time of each arm (the in-process federation trains its sites one after the other, as "
+            "one machine would; deployed hospitals train at once, so a federated round's wall there is about its "
+            "slowest site's share; test scoring left out), centralised's score after the same time from its "
+            "learning curve, and the arm's own score at centralised's whole time from the arm's curve (interpolated "
+            "between epochs; 'ended' where the time is past the end of that curve, which then gives its last value):",
+            "",
+            f"| arm | {clock} (s) | its final AUROC | centralised at that time | gap | the arm at centralised's "
+            f"{c_time:.0f} s | gap |",
+            "|---|---|---|---|---|---|---|",
+            f"| {CENTRAL} | {c_time:.1f} | {record['results'][CENTRAL][k]:.3f} | - | - | - | - |",
+        ]
+        c_final = record["results"][CENTRAL][k]
+        for arm in federated:
+            used, final = spent[arm][k], record["results"][arm][k]
+            at, past = at_time(times[CENTRAL], curves[CENTRAL], used)
+            row = f"| {arm} | {used:.1f} | {final:.3f} | {at:.3f}{' (ended)' if past else ''} | {final - at:+.3f} |"
+            if arm in times and arm in curves:
+                own, own_past = at_time(times[arm], curves[arm], c_time)
+                row += f" {own:.3f}{' (ended)' if own_past else ''} | {own - c_final:+.3f} |"
+            else:
+                row += " - | - |"
+            lines.append(row)
     return lines
 
 
@@ -678,6 +733,13 @@ def write_report(record: dict, out: Path) -> None:
         m, sd, lo, hi = summary(results[arm])
         per_seed = ", ".join(f"{v:.3f}" for v in results[arm])
         lines.append(f"| {arm} | {m:.3f} | {sd:.3f} | {lo:.3f} | {hi:.3f} | {m - central:+.3f} | {per_seed} |")
+    if record.get("reproduced"):
+        lines += [
+            "",
+            f"Run twice, by two of the commands, with the same score to {REPRODUCED:g} (the first run's times kept): "
+            + ", ".join(record["reproduced"])
+            + ".",
+        ]
     lines += ["", f"Targets: federated within {TOLERANCE} AUROC of centralised, and above every hospital alone."]
     for agg in federated:
         m = summary(results[agg])[0]
