@@ -71,6 +71,8 @@ def test_config_is_frozen_and_changes_make_a_validated_copy():
         ({"readmit_after": 0}, "readmit_after must be >= 1"),
         ({"statistics_factor": 1.0}, "statistics_factor must be a number > 1"),
         ({"validation_images": -1}, "validation_images must be an integer >= 0"),
+        ({"rounds_per_epoch": 0}, "rounds_per_epoch must be an integer >= 1"),
+        ({"rounds_per_epoch": 4, "local_epochs": 2}, "local_epochs must be 1"),
         ({"he_layers": ["class_layers.out.", ""]}, "he_layers must be a list of non-empty names"),
     ],
 )
@@ -144,9 +146,10 @@ CHANGED = dict(
 )
 
 
-# A server optimiser or SCAFFOLD cannot resume a run (their state is not kept), centred clipping cannot run with HE:
+# A server optimiser or SCAFFOLD cannot resume a run (their state is not kept), centred clipping cannot run with HE,
+# rounds_per_epoch > 1 not with the local_epochs 2 above:
 # changed in a case of their own.
-ALGORITHMS = dict(server_optimizer="fedyogi", scaffold=True, centred_clipping=True)
+ALGORITHMS = dict(server_optimizer="fedyogi", scaffold=True, centred_clipping=True, rounds_per_epoch=4)
 
 
 @pytest.mark.parametrize(

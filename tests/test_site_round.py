@@ -126,3 +126,37 @@ def test_a_site_refuses_a_global_model_that_is_not_usable_and_says_why(tiny_hosp
 def test_a_usable_global_model_passes_the_sites_check(tiny_hospitals):
     site, _ = _site_and_model(tiny_hospitals)  # the freshly initialised model: outputs finite and input-dependent
     site_round.check_usable(site)  # raises GlobalModelRejected otherwise
+
+
+class _CountingReads:
+    """A site's training set that records which images a round reads."""
+
+    def __init__(self, base):
+        self.base, self.read = base, set()
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.read.add(int(i))
+        return self.base[i]
+
+
+def test_a_site_with_rounds_per_epoch_trains_each_round_on_its_share_and_every_image_once_a_cycle(tiny_hospitals):
+    """The job's rounds_per_epoch reaches the site round: with k = 2 each round reads about half the site's images
+    (a different half each round of a cycle) and the two rounds together read every image once."""
+    import dataclasses
+
+    site, params = _site_and_model(tiny_hospitals)
+    site.train = _CountingReads(site.train)
+    half = -(-len(site.train) // 2)  # one batch a round: none dropped
+    site.training = dataclasses.replace(site.training, rounds_per_epoch=2, batch_size=half)
+    seen = []
+    for r in range(2):
+        site.train.read = set()
+        update = site_round.run_round(site, site_round.GlobalModel(params, r, 4))
+        assert update.params is not None, update.meta
+        seen.append(site.train.read)
+    n = len(site.train)
+    assert {len(s) for s in seen} <= {n // 2, n - n // 2} and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(n))

@@ -4,7 +4,7 @@ import torch
 
 from fedmed.data.loading import load_train_val
 from fedmed.job.tasks import CHEST_XRAY14
-from fedmed.learning.training import LocalTraining, TrainingAborted, evaluate, train_epochs
+from fedmed.learning.training import LocalTraining, TrainingAborted, evaluate, round_share, train_epochs
 from fedmed.models.network import build_densenet121, load_numpy_state, state_to_numpy
 from fedmed.site.site_config import DataConfig
 
@@ -78,3 +78,31 @@ def test_training_only_chosen_layers_keeps_the_rest_frozen(site_data):
     moved = {k for k in before if not np.array_equal(before[k], after[k])}
     assert moved == {"features.norm5.weight", "features.norm5.bias", "class_layers.out.weight", "class_layers.out.bias"}
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_round_shares_cover_every_image_once_per_cycle_and_change_between_cycles():
+    cycle = [round_share(10, r, 4, seed=7) for r in range(4)]
+    assert sorted(int(i) for s in cycle for i in s) == list(range(10))  # one epoch over every image
+    assert sorted(len(s) for s in cycle) == [2, 2, 3, 3]
+    again = [round_share(10, r, 4, seed=7) for r in range(4, 8)]
+    assert sorted(int(i) for s in again for i in s) == list(range(10))
+    assert any(not np.array_equal(a, b) for a, b in zip(cycle, again))  # a fresh permutation each cycle
+    assert np.array_equal(round_share(10, 2, 4, seed=7), cycle[2])  # a rerun round sees the same share
+    assert sorted(round_share(10, 5, 1, seed=7).tolist()) == list(range(10))  # k = 1: the whole set each round
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rounds_per_epoch": 0}, "rounds_per_epoch must be an integer >= 1"),
+        ({"rounds_per_epoch": 2, "epochs": 2}, "epochs must be 1"),
+    ],
+)
+def test_bad_round_shares_are_refused_naming_the_setting(changes, message):
+    with pytest.raises(ValueError, match=message):
+        LocalTraining(**changes)
+
+
+def test_a_share_larger_than_the_site_is_refused_naming_the_images():
+    with pytest.raises(ValueError, match=r"rounds_per_epoch must be in \[1, 3\]"):
+        round_share(3, 0, 4, seed=0)

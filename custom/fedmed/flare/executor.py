@@ -294,6 +294,7 @@ class FedMedTrainer(Executor):
                 self._dp_trainable(policy),
                 self.config.proximal_mu,
                 self.config.scaffold,
+                self.config.rounds_per_epoch,
             ),
             val=self._val_ds,
             privacy=self._privacy,

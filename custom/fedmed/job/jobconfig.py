@@ -96,6 +96,12 @@ class JobConfig:
     )
     image_size: int = setting(128, "square input size at the sites and the server", site=True)
     local_epochs: int = setting(1, "each site's local epochs per round", site=True)
+    rounds_per_epoch: int = setting(
+        1,
+        "k > 1: each site trains one epoch over k rounds, a 1/k share of its images each round (shorter local work "
+        "between aggregations; set rounds to k x the epochs; local_epochs must be 1)",
+        site=True,
+    )
     lr: float = setting(
         1e-3, "round 1's Adam learning rate at each site (cosine-decayed to 10% by the last)", site=True
     )
@@ -278,6 +284,7 @@ class JobConfig:
             ("num_rounds", 1),
             ("image_size", 32),
             ("local_epochs", 1),
+            ("rounds_per_epoch", 1),
             ("batch_size", 1),
             ("round_timeout", 0),
             ("straggler_wait", 0),
@@ -288,6 +295,11 @@ class JobConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if self.rounds_per_epoch > 1 and self.local_epochs != 1:
+            raise ValueError(
+                f"rounds_per_epoch {self.rounds_per_epoch} splits one epoch over that many rounds: local_epochs must "
+                f"be 1, got {self.local_epochs}"
+            )
         if not isinstance(self.cross_site_eval, bool):
             raise ValueError(f"cross_site_eval must be true or false, got {self.cross_site_eval!r}")
         if self.cross_site_eval_only is not None:

@@ -36,7 +36,9 @@ class LocalTraining:
     """One round's local training at a site. epochs: passes over the data; lr: Adam's learning rate this round;
     batch_size; seed: shuffling (plain training only: DP-SGD draws its randomness from the OS); trainable:
     parameter-name prefixes trained (None = all; the others stay frozen for the round); total_epochs: the job's local
-    epochs over all its rounds (DP-SGD calibrates its noise once, for all of them)."""
+    epochs over all its rounds (DP-SGD calibrates its noise once, for all of them); rounds_per_epoch: k > 1 trains
+    one epoch over k rounds, a 1/k share of it each round (shorter local work between aggregations: less client
+    drift on non-IID hospitals, docs/bench_learning.md), epochs then 1."""
 
     epochs: int = 1
     lr: float = 1e-3
@@ -44,6 +46,7 @@ class LocalTraining:
     seed: int = 0
     trainable: Optional[tuple] = None
     total_epochs: int = 1
+    rounds_per_epoch: int = 1
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -54,6 +57,34 @@ class LocalTraining:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.trainable is not None:
             object.__setattr__(self, "trainable", tuple(self.trainable))
+        k = self.rounds_per_epoch
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"rounds_per_epoch must be an integer >= 1, got {k!r}")
+        if k > 1 and self.epochs != 1:
+            raise ValueError(
+                f"rounds_per_epoch {k} splits one epoch over {k} rounds: epochs must be 1, got {self.epochs}"
+            )
+
+    def steps_per_round(self, steps_per_epoch: int) -> int:
+        """Optimizer steps one round takes: its epochs, or its 1/rounds_per_epoch share of one epoch."""
+        if self.rounds_per_epoch == 1:
+            return self.epochs * steps_per_epoch
+        return math.ceil(steps_per_epoch / self.rounds_per_epoch)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps over the job's rounds (what DP-SGD calibrates its noise for)."""
+        return (self.total_epochs // self.epochs) * self.steps_per_round(steps_per_epoch)
+
+
+def round_share(n: int, round_num: int, rounds_per_epoch: int, seed: int) -> np.ndarray:
+    """The indices a site trains on in round round_num when one epoch spans rounds_per_epoch rounds: every cycle of
+    k rounds permutes its n images afresh (seeded by seed and the cycle) and cuts them into k near-equal shares, so
+    each cycle is one epoch over every image."""
+    k = rounds_per_epoch
+    if not 1 <= k <= n:
+        raise ValueError(f"rounds_per_epoch must be in [1, {n}] (the site's training images), got {k}")
+    rng = np.random.default_rng([seed, n, round_num // k])
+    return np.array_split(rng.permutation(n), k)[round_num % k]
 
 
 def train_epochs(

@@ -14,6 +14,7 @@ torch 1.8 and does not install beside this torch. What that leaves open is writt
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import warnings
@@ -144,10 +145,13 @@ class SitePrivacy:
         epochs, batch_size = settings.epochs, settings.batch_size
         # Opacus' Poisson loader draws len(loader) = ceil(N / B) batches per epoch at rate 1 / len(loader);
         # calibrate and predict with exactly those numbers, so the ceiling is met at the last round, not overshot.
+        # With rounds_per_epoch k > 1 a round takes a 1/k share of an epoch's steps: still Poisson draws from the
+        # whole dataset at the same rate, so the accountant composes exactly the steps that run (no image is
+        # assumed out of a round it might be drawn in).
         steps_per_epoch = math.ceil(len(dataset) / batch_size)
         sample_rate = 1.0 / steps_per_epoch
-        self.calibrate(sample_rate, settings.total_epochs * steps_per_epoch)
-        steps = epochs * steps_per_epoch
+        self.calibrate(sample_rate, settings.total_steps(steps_per_epoch))
+        steps = settings.steps_per_round(steps_per_epoch)
         this_round = [(float(self.noise_multiplier), sample_rate, steps)]
         # Every check, and the ledger charge, before Opacus or the loader reads a single image.
         eps_after = self.predicted_epsilon(sample_rate, steps)
@@ -167,6 +171,8 @@ class SitePrivacy:
                 details={
                     "max_grad_norm": self.policy.max_grad_norm,
                     "epochs": epochs,
+                    "rounds_per_epoch": settings.rounds_per_epoch,
+                    "steps": steps,
                     "batch_size": batch_size,
                     "dataset_size": len(dataset),
                     "job_epsilon_after": eps_after,
@@ -202,10 +208,14 @@ class SitePrivacy:
             correction.dp_sgd_hook(private_opt)  # chained after the accountant's hook: after clipping and noise
         private_model.train()
         loss = float("nan")
-        for epoch in range(epochs):
-            loss = run_epoch(
-                private_model, private_loader, private_opt, should_abort, f"DP epoch {epoch + 1}", task, correction
-            )
+        if settings.rounds_per_epoch > 1:  # the round's share of an epoch: its first `steps` Poisson draws
+            share = itertools.islice(private_loader, steps)
+            loss = run_epoch(private_model, share, private_opt, should_abort, "DP share of an epoch", task, correction)
+        else:
+            for epoch in range(epochs):
+                loss = run_epoch(
+                    private_model, private_loader, private_opt, should_abort, f"DP epoch {epoch + 1}", task, correction
+                )
         plain = private_model._module
         for p in plain.parameters():  # drop Opacus' per-sample state so the module is a plain one again
             for attr in ("grad_sample", "_forward_counter", "summed_grad"):

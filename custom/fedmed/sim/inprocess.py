@@ -116,6 +116,7 @@ class FederationPlan:
     seed: int = 0
     trainable: Optional[Sequence[str]] = None
     local_epochs: int = 1
+    rounds_per_epoch: int = 1  # k > 1: one epoch over k rounds, a 1/k share each (the job setting)
     he_layers: Optional[Sequence[str]] = None
     data_synthetic: Optional[bool] = None
     algorithm: FedAlgorithm = FedAlgorithm()
@@ -194,6 +195,7 @@ def federate(
         None if trainable is None else tuple(trainable),
         algorithm.proximal_mu,
         algorithm.scaffold,
+        plan.rounds_per_epoch,
     )
     # Each hospital as the Executor builds it (no validation set: the benchmarks score the global model instead).
     sites = {

@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from torch.utils.data import Subset
+
 from fedmed.job import constants as C
 from fedmed.learning import algorithms
-from fedmed.learning.training import LocalTraining, evaluate, round_lr, train_epochs
+from fedmed.learning.training import LocalTraining, evaluate, round_lr, round_share, train_epochs
 from fedmed.models.model_health import COLLAPSED_SPREAD, check_outputs, probe_images
 from fedmed.models.network import load_numpy_state, state_to_numpy
 from fedmed.privacy.dp_sgd import BudgetExceeded
@@ -79,6 +81,7 @@ class Training:
     trainable: Optional[tuple] = None
     proximal_mu: float = 0.0  # FedProx: mu of the proximal term mu/2 ||w - w_global||^2 (0 = off)
     scaffold: bool = False  # SCAFFOLD's control variates (fedmed.learning.algorithms)
+    rounds_per_epoch: int = 1  # k > 1: one epoch over k rounds, a 1/k share each (fedmed.learning.training)
 
 
 @dataclass
@@ -296,7 +299,12 @@ def _train_and_validate(site: Site, offer: GlobalModel, global_params: Mapping, 
         data = copy.copy(site.train)  # the rehearsal's poisoned labels, leaving the shared dataset as it was
         data.labels = site.task.poisoned_labels(site.train.labels)
     privacy_meta = {}
-    settings = LocalTraining(tr.local_epochs, lr, tr.batch_size, seed, tr.trainable, total * tr.local_epochs)
+    settings = LocalTraining(
+        tr.local_epochs, lr, tr.batch_size, seed, tr.trainable, total * tr.local_epochs, tr.rounds_per_epoch
+    )
+    if tr.rounds_per_epoch > 1 and site.privacy is None:  # DP-SGD takes its share as Poisson draws instead
+        share = round_share(len(data), r, tr.rounds_per_epoch, tr.seed + sum(site.name.encode()))
+        data = Subset(data, share.tolist())
     correction = _local_correction(site, global_params, lr, offer.control)
     if site.privacy is not None:
         trained, dp = site.privacy.train_round(
@@ -353,7 +361,7 @@ def _train_and_validate(site: Site, offer: GlobalModel, global_params: Mapping, 
     meta = {
         C.META_NUM_SAMPLES: len(site.train),
         C.META_SITE: site.name,
-        C.META_EPOCHS: tr.local_epochs,
+        C.META_EPOCHS: tr.local_epochs if tr.rounds_per_epoch == 1 else 1 / tr.rounds_per_epoch,
         **privacy_meta,
         **({} if site.data_synthetic is None else {C.META_DATA_SYNTHETIC: site.data_synthetic}),
     }
