@@ -348,7 +348,7 @@ def _train_and_validate(site: Site, offer: GlobalModel, global_params: Mapping, 
         val = evaluate(site.model, site.val, site.task)
         log(
             f"site {site.name} round {r + 1}: val loss {val.loss:.4f} {site.task.score_name} {val.score:.4f} "
-            f"({len(site.train)} samples, lr {lr:.2e}, {time.monotonic() - t0:.0f}s)"
+            f"({_samples(len(data), len(site.train))}, lr {lr:.2e}, {time.monotonic() - t0:.0f}s)"
         )
         metrics.update({C.META_VAL_LOSS: val.loss, C.META_VAL_MEAN_AUROC: val.mean_auroc})
         metrics.update({C.META_VAL_PREFIX + k: v for k, v in val.metrics.items()})
@@ -462,3 +462,8 @@ def as_received(site: str, params, metrics, meta: Mapping) -> SiteResult:
         ledger_head=meta.get(C.META_LEDGER_HEAD),
         receipt=meta.get(C.META_RECEIPT_SEEN),
     )
+
+
+def _samples(trained: int, held: int) -> str:
+    """'240 samples', or '120 of 240 samples' for a round that trained on its share (rounds_per_epoch)."""
+    return f"{held} samples" if trained == held else f"{trained} of {held} samples"
