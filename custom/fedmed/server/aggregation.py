@@ -231,6 +231,9 @@ class DirectionCheck:
 
     start: Mapping[str, np.ndarray] | None
     head_keys: Sequence[str] = ()
+    # site -> (sign balance, coordinates moved) of its move from start, when a pass over the updates already
+    # counted them (fedmed.server.passes.update_pass during screening); the sites missing here are counted again
+    balances: Mapping[str, tuple] | None = None
 
 
 def aggregate_and_score(
@@ -270,7 +273,7 @@ def aggregate_and_score(
     reference, head_keys = (direction.start, direction.head_keys) if check_heads else (None, ())
     factors = dict(copies.factors) if copies is not None else {}
     groups = copies.groups if copies is not None else ()
-    signs = sign_offsets_of(updates, direction.start if direction is not None else None, policy)
+    signs = sign_offsets_of(updates, direction.start if direction is not None else None, policy, direction)
 
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])
@@ -302,13 +305,16 @@ def aggregate_and_score(
     return RoundOutcome(res, weights, dist, scored, excluded, used, cos, signs)
 
 
-def sign_offsets_of(updates: Mapping[str, Mapping[str, np.ndarray]], start, policy) -> dict:
+def sign_offsets_of(updates: Mapping[str, Mapping[str, np.ndarray]], start, policy, direction=None) -> dict:
     """site -> sign balance of its clear move from start minus the median site's ({} without a start, with fewer
-    than 3 sites, where a median of two is their mean, or with the rule off: TrustPolicy.sign_balance_bad > 2)."""
+    than 3 sites, where a median of two is their mean, or with the rule off: TrustPolicy.sign_balance_bad > 2).
+    The balances screening's pass counted (direction.balances) are used as they are; the others counted here."""
     from fedmed.server.robust.sign_balance import balance_offsets, sign_balance
 
     if start is None or len(updates) < 3 or getattr(policy, "sign_balance_bad", 3.0) > 2:
         return {}
+    known = dict(getattr(direction, "balances", None) or {})
     keys = distance_keys(start)
-    sites = list(updates)
-    return balance_offsets(dict(zip(sites, thread_map(lambda n: sign_balance(updates[n], start, keys), sites))))
+    todo = [n for n in updates if n not in known]
+    known.update(zip(todo, thread_map(lambda n: sign_balance(updates[n], start, keys), todo)))
+    return balance_offsets({n: known[n] for n in updates})
