@@ -107,11 +107,28 @@ class UpdatePass:
 
 @dataclass(frozen=True)
 class SketchLayout:
-    """Sampled coordinates to gather during a pass: key -> (sorted offsets in that key, first position in the
-    output), and the output's length (fedmed.server.robust.collusion.UpdateSketch.layout)."""
+    """Sampled coordinates to gather during a pass, split by the pass's chunks once for all the round's updates:
+    key -> {chunk start: (first position in the output, offsets within that chunk)}, and the output's length
+    (fedmed.server.robust.collusion.UpdateSketch.layout)."""
 
-    picks: Mapping[str, tuple]
+    chunks: Mapping[str, dict]
     size: int
+
+    @classmethod
+    def of(cls, picks: Sequence[tuple]) -> "SketchLayout":
+        """picks: (key, sorted offsets within that key), in the output's order."""
+        chunks, first = {}, 0
+        for key, idx in picks:
+            chunk = idx // CHUNK
+            cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), idx.size]
+            per = {}
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                if hi > lo:
+                    start = int(chunk[lo]) * CHUNK
+                    per[start] = (first + lo, idx[lo:hi] - start)
+            chunks[key] = per
+            first += idx.size
+        return cls(chunks, first)
 
 
 def gradual_underflow() -> bool:
@@ -157,7 +174,7 @@ def update_pass(
                 continue
             ref = np.asarray(reference[k]).reshape(-1)
             size = flat.itemsize
-            picks = sketch.picks.get(k) if sketch is not None else None
+            picks = sketch.chunks.get(k) if sketch is not None else None
             finite = True
             for start in range(0, flat.size, CHUNK):
                 h.update(raw[start * size : (start + CHUNK) * size])
@@ -169,10 +186,9 @@ def update_pass(
                 x, y = (d, 0) if exact else (a, b)
                 up += int(np.count_nonzero(x > y))
                 down += int(np.count_nonzero(x < y))
-                if picks is not None:
-                    offsets, first = picks
-                    lo, hi = np.searchsorted(offsets, (start, start + a.size))
-                    out[first + lo : first + hi] = a[offsets[lo:hi] - start]
+                if picks and start in picks:
+                    first, offsets = picks[start]
+                    out[first : first + offsets.size] = a[offsets]
             if not finite and v.dtype.kind == "f" and has_non_finite(v):
                 bad.add(k)
     return UpdatePass(h.hexdigest(), float(np.sqrt(sq)), up, down, frozenset(bad), out)

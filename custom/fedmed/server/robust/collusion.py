@@ -82,11 +82,7 @@ class UpdateSketch:
     def layout(self) -> SketchLayout:
         """The sampled coordinates as fedmed.server.passes.update_pass gathers them during screening's pass (its
         sketch equals values(update), without a second pass over the update)."""
-        picks, first = {}, 0
-        for k, idx in self._picks:
-            picks[k] = (idx, first)
-            first += idx.size
-        return SketchLayout(picks, first)
+        return SketchLayout.of(self._picks)
 
     def values(self, state: Mapping[str, np.ndarray]) -> np.ndarray:
         """The state's values at the sampled coordinates, float64 (each layer gathered, then one cast: the same
