@@ -183,9 +183,10 @@ class CollusionTracker:
         for s, m in moves.items():
             self.history[s] = self.history.get(s, 0.0) + m
             self.rounds[s] = self.rounds.get(s, 0) + 1
-        now = near_copy_clusters(moves, self.ratio)
         long_run = {s: self.history[s] for s in moves if self.rounds[s] >= HISTORY_MIN_ROUNDS}
-        summed = near_copy_clusters(long_run, self.ratio) if len(long_run) >= 3 else Clusters((), {})
+        # the two tests side by side on the server's threads: they were the round's longest serial stretch (issue 30)
+        tests = [moves, long_run] if len(long_run) >= 3 else [moves]
+        now, summed = [*thread_map(lambda v: near_copy_clusters(v, self.ratio), tests), Clusters((), {})][:2]
         return _finding(now, summed, self.ratio)
 
 
