@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import shutil
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -29,14 +32,58 @@ def _tensor(v) -> torch.Tensor:
     return v.detach().cpu() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
 
 
+# (params digest, meta digest) -> (path, its stat signature) of the files save_state wrote last: a server round saves
+# the same model 2-4 times (the global model, the run's round copy, the best model and its run copy), and torch's
+# pickler spent ~0.2 s of CPU on each (issue 30, bench_overhead's profile); a file already written with the same
+# content, still as written, is copied instead.
+_WRITTEN: dict = {}
+_WRITTEN_MAX = 4
+_written_lock = threading.Lock()
+
+
+def _content_key(params: dict, meta: dict) -> Optional[tuple]:
+    """What a model file's content depends on: the parameters' digest and the meta's pickle; None when either cannot
+    be taken (the file is then written, never copied)."""
+    try:
+        return params_sha256(params), hashlib.sha256(pickle.dumps(meta, protocol=4)).hexdigest()
+    except Exception:  # a tensor numpy cannot read, a meta the standard pickler refuses: no reuse, torch.save decides
+        return None
+
+
+def _signature(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def save_state(params: dict, path: Path, meta: Optional[dict] = None) -> None:
     """torch.save a state dict (numpy arrays or tensors) with its meta, atomically: written to a temporary file,
-    then renamed, so a crash never leaves half a model."""
+    then renamed, so a crash never leaves half a model. The same parameters and meta saved again (another name,
+    the same round) are copied from the file written last with them, if it is still as written (same inode, size
+    and modification time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": {k: _tensor(v) for k, v in params.items()}, "meta": dict(meta or {})}, tmp)
+    meta = dict(meta or {})
+    key = _content_key(params, meta)
+    with _written_lock:
+        earlier = _WRITTEN.get(key) if key is not None else None
+    copied = False
+    if earlier is not None:
+        try:
+            if _signature(earlier[0]) == earlier[1]:
+                shutil.copyfile(earlier[0], tmp)
+                copied = True
+        except OSError:  # gone or unreadable: written afresh below
+            pass
+    if not copied:
+        torch.save({"state_dict": {k: _tensor(v) for k, v in params.items()}, "meta": meta}, tmp)
     os.replace(tmp, path)
+    if key is not None:
+        with _written_lock:
+            _WRITTEN.pop(key, None)
+            _WRITTEN[key] = (path, _signature(path))
+            while len(_WRITTEN) > _WRITTEN_MAX:
+                _WRITTEN.pop(next(iter(_WRITTEN)))
 
 
 def load_state(path: Path) -> tuple[dict, dict]:
