@@ -35,8 +35,8 @@ def same(path, params, meta):
 def test_the_same_model_saved_under_another_name_is_copied_and_loads_the_same(tmp_path, monkeypatch):
     calls = serialisations(monkeypatch)
     params, meta = state(0), {"round": 3, "card": {"sites": ["a", "b"]}}
-    save_state(params, tmp_path / "global.pt", meta)
-    save_state(params, tmp_path / "runs" / "round_0003.pt", meta)  # the run's copy of the round
+    save_state(params, tmp_path / "global.pt", meta, reuse=True)
+    save_state(params, tmp_path / "runs" / "round_0003.pt", meta, reuse=True)  # the run's copy of the round
     assert len(calls) == 1
     same(tmp_path / "global.pt", params, meta)
     same(tmp_path / "runs" / "round_0003.pt", params, meta)
@@ -45,11 +45,11 @@ def test_the_same_model_saved_under_another_name_is_copied_and_loads_the_same(tm
 def test_new_parameters_or_meta_are_serialised_afresh(tmp_path, monkeypatch):
     calls = serialisations(monkeypatch)
     params, meta = state(1), {"round": 1}
-    save_state(params, tmp_path / "a.pt", meta)
+    save_state(params, tmp_path / "a.pt", meta, reuse=True)
     moved = {k: v.copy() for k, v in params.items()}
     moved["w"][0, 0] += 1  # one value changed
-    save_state(moved, tmp_path / "b.pt", meta)
-    save_state(params, tmp_path / "c.pt", {"round": 2})  # same parameters, other meta
+    save_state(moved, tmp_path / "b.pt", meta, reuse=True)
+    save_state(params, tmp_path / "c.pt", {"round": 2}, reuse=True)  # same parameters, other meta
     assert len(calls) == 3
     same(tmp_path / "b.pt", moved, meta)
     same(tmp_path / "c.pt", params, {"round": 2})
@@ -58,12 +58,21 @@ def test_new_parameters_or_meta_are_serialised_afresh(tmp_path, monkeypatch):
 def test_a_file_changed_on_disk_since_it_was_written_is_not_copied(tmp_path, monkeypatch):
     calls = serialisations(monkeypatch)
     params, meta = state(2), {"round": 5}
-    save_state(params, tmp_path / "a.pt", meta)
+    save_state(params, tmp_path / "a.pt", meta, reuse=True)
     (tmp_path / "a.pt").write_bytes(b"not a model any more")  # someone else's write
-    save_state(params, tmp_path / "b.pt", meta)
+    save_state(params, tmp_path / "b.pt", meta, reuse=True)
     assert len(calls) == 2
     same(tmp_path / "b.pt", params, meta)
     (tmp_path / "b.pt").unlink()  # gone: written afresh again
-    save_state(params, tmp_path / "c.pt", meta)
+    save_state(params, tmp_path / "c.pt", meta, reuse=True)
     assert len(calls) == 3
     same(tmp_path / "c.pt", params, meta)
+
+
+def test_without_reuse_every_save_is_serialised(tmp_path, monkeypatch):
+    calls = serialisations(monkeypatch)
+    params, meta = state(3), {"round": 1}
+    save_state(params, tmp_path / "a.pt", meta)  # a site saving its one model a round: no digest, no copy
+    save_state(params, tmp_path / "b.pt", meta)
+    assert len(calls) == 2
+    same(tmp_path / "b.pt", params, meta)

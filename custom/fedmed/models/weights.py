@@ -55,16 +55,17 @@ def _signature(path: Path) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def save_state(params: dict, path: Path, meta: Optional[dict] = None) -> None:
+def save_state(params: dict, path: Path, meta: Optional[dict] = None, reuse: bool = False) -> None:
     """torch.save a state dict (numpy arrays or tensors) with its meta, atomically: written to a temporary file,
-    then renamed, so a crash never leaves half a model. The same parameters and meta saved again (another name,
-    the same round) are copied from the file written last with them, if it is still as written (same inode, size
-    and modification time)."""
+    then renamed, so a crash never leaves half a model. reuse (the server, which saves each round's model several
+    times): the same parameters and meta saved again are copied from the file written last with them with reuse,
+    if it is still as written (same inode, size and modification time); it costs a SHA-256 of the parameters per
+    call, so a caller that saves each model once (a site) leaves it off."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     meta = dict(meta or {})
-    key = _content_key(params, meta)
+    key = _content_key(params, meta) if reuse else None
     with _written_lock:
         earlier = _WRITTEN.get(key) if key is not None else None
     copied = False
