@@ -76,3 +76,17 @@ def test_without_reuse_every_save_is_serialised(tmp_path, monkeypatch):
     save_state(params, tmp_path / "b.pt", meta)
     assert len(calls) == 2
     same(tmp_path / "b.pt", params, meta)
+
+
+def test_the_parameter_digest_keeps_its_stream_name_dtype_shape_bytes():
+    # Records of earlier runs hold this digest: the cached header must hash the very bytes str() gave.
+    import hashlib
+
+    from fedmed.models.weights import params_sha256
+
+    params = {"b": np.arange(6, dtype=np.int64).reshape(2, 3), "a": np.ones((2, 2), np.float32).T}
+    h = hashlib.sha256()
+    for k in sorted(params):
+        v = np.ascontiguousarray(params[k])
+        h.update(k.encode() + str(v.dtype).encode() + str(v.shape).encode() + v.tobytes())
+    assert params_sha256(params) == params_sha256(dict(params)) == h.hexdigest()
