@@ -85,3 +85,30 @@ def test_huge_finite_values_whose_sum_overflows_are_not_a_problem():
     reference = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
     huge = {"w": np.full((2, 3), 3e38, np.float32), "b": np.zeros(3, np.float32)}  # float32 sum is inf, values are not
     assert find_update_problem(huge, reference) is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 16, 17, 50])  # the sorting network up to 16, sorting beyond
+def test_median_of_statistics_equals_numpys_median_layer_by_layer(k):
+    # One median over all statistics joined (issue 30) must be the per-layer np.median it replaced, bit for bit.
+    from fedmed.server.aggregation import median_of_statistics
+
+    rng = np.random.default_rng(k)
+    updates = [
+        {
+            "a.running_mean": rng.standard_normal(7).astype(np.float32),
+            "a.running_var": np.exp(rng.standard_normal(7)).astype(np.float32),
+            "a.num_batches_tracked": np.array(int(rng.integers(0, 9)), np.int64),
+            "b.running_mean": rng.standard_normal((2, 3)).astype(np.float64),
+            "b.weight": rng.standard_normal(4).astype(np.float32),  # not a statistic: left out
+        }
+        for _ in range(k)
+    ]
+    updates[0]["a.running_mean"][:2] = 0.5  # ties
+    got = median_of_statistics(updates)
+    assert set(got) == {"a.running_mean", "a.running_var", "a.num_batches_tracked", "b.running_mean"}
+    for key, value in got.items():
+        ref = updates[0][key]
+        med = np.median(np.stack([np.asarray(u[key], np.float64) for u in updates]), axis=0)
+        old = np.rint(med).astype(ref.dtype) if ref.dtype.kind == "i" else med.astype(ref.dtype)
+        assert value.dtype == ref.dtype and value.shape == ref.shape
+        np.testing.assert_array_equal(value, old)

@@ -91,3 +91,76 @@ def test_a_non_finite_value_makes_the_norm_non_finite():
 )
 def test_has_non_finite_matches_the_element_wise_check(values, expected):
     assert has_non_finite(values) == expected == (not np.all(np.isfinite(values)))
+
+
+# -- update_pass: screening's one pass also answers the sign rule, the near-copy sketch and the finiteness test ------
+
+
+def moved_state(rng, reference) -> dict:
+    """An update whose moves include every case the sign count must get right: unmoved coordinates, +0.0 against
+    -0.0, differences that are subnormal in float32, and ordinary moves of both signs."""
+    update = {k: v + np.asarray(rng.normal(0, 0.01, v.shape), v.dtype) for k, v in reference.items()}
+    w = update["conv.weight"].reshape(-1)
+    w[:100] = reference["conv.weight"].reshape(-1)[:100]  # not moved
+    update["fc.bias"][:3] = np.float32(-0.0)
+    reference["fc.bias"][:3] = np.float32(0.0)
+    reference["fc.bias"][3:6] = np.float32(2e-38)
+    update["fc.bias"][3:6] = np.array([1.9e-38, 2.1e-38, 2e-38], np.float32)  # differences below float32's normals
+    return update
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_update_pass_equals_the_separate_passes_it_replaces(seed):
+    from fedmed.server.passes import update_pass
+    from fedmed.server.robust.collusion import UpdateSketch
+    from fedmed.server.robust.sign_balance import sign_balance
+
+    rng = np.random.default_rng(seed)
+    reference = state(rng)
+    update = moved_state(rng, reference)
+    keys = distance_keys(reference)
+    sketch = UpdateSketch(reference, size=1000, seed=seed)
+    done = update_pass(update, reference, keys, sketch.layout())
+    assert done.sha == params_sha256(update)
+    assert (done.sha, done.norm) == hash_and_norm(update, reference, keys)
+    balance, moved = sign_balance(update, reference, keys)
+    assert done.up + done.down == moved and (done.up - done.down) / moved == balance
+    assert done.up > 0 and done.down > 0 and moved < sum(np.asarray(reference[k]).size for k in keys)
+    assert np.array_equal(done.sketch, sketch.values(update)) and done.sketch.size == 1000
+    assert done.non_finite == frozenset()
+
+
+def test_update_pass_counts_signs_by_comparison_where_subnormal_differences_could_be_flushed(monkeypatch):
+    import fedmed.server.passes as passes
+    from fedmed.server.robust.sign_balance import sign_balance
+
+    rng = np.random.default_rng(7)
+    reference = state(rng)
+    update = moved_state(rng, reference)
+    keys = distance_keys(reference)
+    assert passes.gradual_underflow()  # this process keeps IEEE's default: the differences' signs are used
+    exact = passes.update_pass(update, reference, keys)
+    monkeypatch.setattr(passes, "gradual_underflow", lambda: False)
+    compared = passes.update_pass(update, reference, keys)
+    balance, moved = sign_balance(update, reference, keys)
+    assert (exact.up, exact.down) == (compared.up, compared.down)
+    assert compared.up + compared.down == moved and (compared.up - compared.down) / moved == balance
+
+
+def test_update_pass_names_the_layers_find_update_problem_would_reject():
+    from fedmed.server.aggregation import find_update_problem
+    from fedmed.server.passes import update_pass
+
+    rng = np.random.default_rng(8)
+    reference = state(rng)
+    keys = distance_keys(reference)
+    update = {k: v.copy() for k, v in reference.items()}
+    update["conv.weight"][CHUNK // 2 + 3, 0] = np.inf  # a distance key, second chunk
+    update["norm.running_mean"][4] = np.nan  # a statistic (hashed, not in the norm)
+    done = update_pass(update, reference, keys)
+    assert done.non_finite == {"conv.weight", "norm.running_mean"}
+    first = next(k for k in reference if k in done.non_finite)
+    assert find_update_problem(update, reference) == f"parameter {first}: contains NaN or Inf"
+    huge = {k: v.copy() for k, v in reference.items()}
+    huge["conv.weight"][:] = np.float32(3e38)  # finite, but the float32 sums of squares overflow
+    assert update_pass(huge, reference, keys).non_finite == frozenset()

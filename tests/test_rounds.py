@@ -747,3 +747,62 @@ def test_sign_rule_thresholds_score_between_the_bounds_and_are_checked():
     assert scores["a"][1] == 1.0 and scores["b"][1] == pytest.approx(0.5) and scores["c"][1] == 0.0
     with pytest.raises(ValueError, match="sign_balance_ok < sign_balance_bad"):
         TrustPolicy(sign_balance_ok=0.3, sign_balance_bad=0.2)
+
+
+def test_screening_by_one_pass_gives_find_problem_s_reason_for_every_kind_of_bad_update():
+    # RoundEngine screens an update of the right names and shapes by one pass (fedmed.server.passes.update_pass);
+    # its verdict must be find_problem's, in find_problem's order, whatever else is wrong with the update.
+    nan_w = upd(1.0, seed=1)
+    nan_w["w"][2] = np.nan
+    nan_and_metric = upd(1.0, seed=2)
+    nan_and_metric["bn.running_mean"] = np.array([0, np.inf, 0], np.float32)
+    shape_after_nan = {**upd(1.0, seed=3), "w": np.full(8, np.nan, np.float32), "bn.running_var": np.ones(4)}
+    objects = {**upd(1.0, seed=4), "bn.running_mean": np.array([0, 0, 0], object)}
+    sites = [
+        SiteResult("nan", nan_w, 300),
+        SiteResult("nan_metric", nan_and_metric, 300, {"x" * 100: 1.0}),
+        SiteResult("shape", shape_after_nan, 300),
+        SiteResult("bad_var", upd(1.0, seed=5, **{"bn.running_var": np.full(3, -1.0, np.float32)}), 300),
+        SiteResult("objects", objects, 300, {"y" * 100: 1.0}),
+        *honest(3),
+    ]
+    eng = engine()
+    expected = {r.site: eng.find_problem(r, GLOBAL) for r in sites}
+    rep = eng.step(0, GLOBAL, sites, [])
+    for r in sites:
+        u = status(rep, r.site)
+        assert (u.reason if expected[r.site] else u.status) == (expected[r.site] or "accepted"), r.site
+    assert expected["nan"] == "parameter w: contains NaN or Inf"
+    assert expected["nan_metric"] == "parameter bn.running_mean: contains NaN or Inf"
+    assert expected["shape"] == "parameter w: contains NaN or Inf"  # the NaN comes first in the model's order
+    assert "variance must be > 0" in expected["bad_var"]
+    assert "metric name" in expected["objects"]
+
+
+def test_a_round_is_the_same_whether_screening_s_pass_or_the_rules_read_the_signs_and_sketches(monkeypatch):
+    # The sign rule's counts and the near-copy sketches come from screening's one pass (issue 30); reading them in
+    # passes of their own, as before, must give the very same round: weights, distances, scores, reasons, logs.
+    import fedmed.server.rounds as rounds
+    from fedmed.sim.attacks import Attack, craft_colluding
+
+    def play():
+        reports = []
+        eng = engine()
+        for r in range(2):  # two rounds: the summed-moves test reads the history the sketches built
+            hon = [honest_big(i, r) for i in range(4)]
+            evil = {**hon[0], **craft_colluding(hon, BIG_GLOBAL, Attack("alie", 0.0), 1)}
+            copy = {k: v.copy() for k, v in hon[1].items()}
+            copy["body.w"] = copy["body.w"] + np.float32(1e-4)  # a near-copy of h1
+            sites = [SiteResult(f"h{i}", p, 300) for i, p in enumerate(hon)]
+            sites += [SiteResult("alie", evil, 300), SiteResult("copy", copy, 300)]
+            reports.append(eng.step(r, BIG_GLOBAL, sites, []))
+        return reports
+
+    fused = play()
+    monkeypatch.setattr(rounds, "_names_shapes_match", lambda params, reference: False)  # the walk, no extras
+    separate = play()
+    for a, b in zip(fused, separate):
+        assert a.updates == b.updates and a.log == b.log and a.alerts == b.alerts and a.weights == b.weights
+        assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    assert any("signs are skewed" in u.reason for u in fused[0].updates if u.reason)
+    assert any(al.kind == "collusion" for al in fused[0].alerts)

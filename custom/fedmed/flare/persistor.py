@@ -55,10 +55,10 @@ class FedMedModelPersistor(ModelPersistor):
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext):
         path = self._model_dir(fl_ctx) / GLOBAL_MODEL_FILE
-        save_state(model[ModelLearnableKey.WEIGHTS], path, model.get(ModelLearnableKey.META))
+        save_state(model[ModelLearnableKey.WEIGHTS], path, model.get(ModelLearnableKey.META), reuse=True)
         self.log_info(fl_ctx, f"global model saved to {path}")
 
     def save_best(self, params: dict, meta: dict, fl_ctx: FLContext) -> Path:
         path = self._model_dir(fl_ctx) / BEST_MODEL_FILE
-        save_state(params, path, meta)
+        save_state(params, path, meta, reuse=True)
         return path

@@ -245,12 +245,14 @@ class RunRecorder:
         """The run's recent global models, outside the job's folder, for a resumption (fedmed.server.resume)."""
         models_dir = self.models_dir()
         round_num = int(model.meta["round"])
-        save_state(model.params, round_model_path(models_dir, round_num), model.meta)
+        save_state(
+            model.params, round_model_path(models_dir, round_num), model.meta, reuse=True
+        )  # copies the global model file
         for old in stale_round_files(models_dir, round_num):
             old.unlink(missing_ok=True)
 
     def keep_best_model(self, params: dict, meta: dict) -> None:
-        save_state(params, self.models_dir() / BEST_MODEL_FILE, meta)  # a resumption brings it into its job
+        save_state(params, self.models_dir() / BEST_MODEL_FILE, meta, reuse=True)  # a resumption brings it in
 
     def load_run_model(self, recorded, kept: list, job_ids, app_file: str, purpose: str) -> tuple:
         """(path, params, meta) of the first of a run's saved model files whose sha256 is the one its record holds

@@ -60,16 +60,26 @@ def is_statistic(name: str) -> bool:
 
 def median_of_statistics(updates: Sequence[Mapping[str, np.ndarray]]) -> dict:
     """Coordinate-wise median of every BatchNorm statistic across the updates (integers rounded back). With two
-    updates this is their mean; from three on, one site cannot move any coordinate beyond the honest range."""
+    updates this is their mean; from three on, one site cannot move any coordinate beyond the honest range.
 
-    def of(key):
-        ref = np.asarray(updates[0][key])
-        med = np.median(np.stack([np.asarray(u[key], np.float64) for u in updates]), axis=0)
-        return np.rint(med).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else med.astype(ref.dtype)
+    All ~360 statistics layers of an update joined into one float64 row, and one median of those K rows by
+    fedmed.server.robust.collusion's vectorised median (the values np.median(axis=0) gives): a median per layer
+    was ~1,000 small numpy calls, bound by the interpreter (the GIL), not the cores (issue 30)."""
+    from fedmed.server.robust.collusion import _median_rows
 
-    # ~360 small layers: on the server's threads (fedmed.server.parallel)
     keys = [k for k in updates[0] if is_statistic(k)]
-    return dict(zip(keys, thread_map(of, keys)))
+    if not keys:
+        return {}
+    refs = [np.asarray(updates[0][k]) for k in keys]
+    # np.concatenate's cast to float64 is the per-layer cast's (exact for float32, the same rounding for integers)
+    rows = thread_map(lambda u: np.concatenate([np.asarray(u[k]).reshape(-1) for k in keys], dtype=np.float64), updates)
+    med = _median_rows(rows)
+    out, start = {}, 0
+    for key, ref in zip(keys, refs):
+        m = med[start : start + ref.size].reshape(ref.shape)
+        start += ref.size
+        out[key] = np.rint(m).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else m.astype(ref.dtype)
+    return out
 
 
 def check_same_keys_and_shapes(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -231,6 +241,9 @@ class DirectionCheck:
 
     start: Mapping[str, np.ndarray] | None
     head_keys: Sequence[str] = ()
+    # site -> (sign balance, coordinates moved) of its move from start, when a pass over the updates already
+    # counted them (fedmed.server.passes.update_pass during screening); the sites missing here are counted again
+    balances: Mapping[str, tuple] | None = None
 
 
 def aggregate_and_score(
@@ -270,7 +283,7 @@ def aggregate_and_score(
     reference, head_keys = (direction.start, direction.head_keys) if check_heads else (None, ())
     factors = dict(copies.factors) if copies is not None else {}
     groups = copies.groups if copies is not None else ()
-    signs = sign_offsets_of(updates, direction.start if direction is not None else None, policy)
+    signs = sign_offsets_of(updates, direction.start if direction is not None else None, policy, direction)
 
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])
@@ -302,13 +315,16 @@ def aggregate_and_score(
     return RoundOutcome(res, weights, dist, scored, excluded, used, cos, signs)
 
 
-def sign_offsets_of(updates: Mapping[str, Mapping[str, np.ndarray]], start, policy) -> dict:
+def sign_offsets_of(updates: Mapping[str, Mapping[str, np.ndarray]], start, policy, direction=None) -> dict:
     """site -> sign balance of its clear move from start minus the median site's ({} without a start, with fewer
-    than 3 sites, where a median of two is their mean, or with the rule off: TrustPolicy.sign_balance_bad > 2)."""
+    than 3 sites, where a median of two is their mean, or with the rule off: TrustPolicy.sign_balance_bad > 2).
+    The balances screening's pass counted (direction.balances) are used as they are; the others counted here."""
     from fedmed.server.robust.sign_balance import balance_offsets, sign_balance
 
     if start is None or len(updates) < 3 or getattr(policy, "sign_balance_bad", 3.0) > 2:
         return {}
+    known = dict(getattr(direction, "balances", None) or {})
     keys = distance_keys(start)
-    sites = list(updates)
-    return balance_offsets(dict(zip(sites, thread_map(lambda n: sign_balance(updates[n], start, keys), sites))))
+    todo = [n for n in updates if n not in known]
+    known.update(zip(todo, thread_map(lambda n: sign_balance(updates[n], start, keys), todo)))
+    return balance_offsets({n: known[n] for n in updates})

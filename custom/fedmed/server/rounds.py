@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -36,10 +36,11 @@ from fedmed.server.aggregation import (
     get_aggregator,
 )
 from fedmed.server.parallel import thread_map
-from fedmed.server.passes import hash_and_norm
+from fedmed.server.passes import hash_and_norm, update_pass
 from fedmed.server.robust.centred_clipping import centred_clip, committed_move
 from fedmed.server.robust.collusion import NEAR_COPY_RATIO, CollusionTracker
 from fedmed.server.robust.geometric_median import distance_keys
+from fedmed.server.robust.sign_balance import balance_of
 from fedmed.server.robust.trust import SiteTrust, TrustPolicy, update_trust
 from fedmed.server.screening import (
     DEFAULT_STATISTICS_FACTOR,
@@ -189,6 +190,30 @@ class RoundReport:
         return sum(v * n for v, n in pairs) / total if pairs and total > 0 else float("nan")
 
 
+class Examined(NamedTuple):
+    """What screening found of one result (RoundEngine._examine_all): why it is rejected (None: valid), and for a
+    valid update its hash, its distance to the global model, its move's (sign balance, coordinates moved) and its
+    values at the collusion sketch's coordinates (None where not taken: the rules then read the update again)."""
+
+    problem: Optional[str] = None
+    sha: Optional[str] = None
+    norm: Optional[float] = None
+    balance: Optional[tuple] = None
+    sketch: Optional[np.ndarray] = None
+
+
+def _names_shapes_match(params, reference: Mapping[str, np.ndarray]) -> bool:
+    """params has exactly the reference's names, each with its shape, and numbers only (fedmed.server.passes.update_pass
+    can read it)."""
+    if not isinstance(params, Mapping) or params.keys() != reference.keys():
+        return False
+    for k, ref in reference.items():
+        v = np.asarray(params[k])
+        if v.shape != np.shape(ref) or v.dtype.kind not in "biuf":
+            return False
+    return True
+
+
 def finite_or_none(v):
     """float(v) when it is a finite number (not a bool), else None: what a site reports may be anything."""
     try:
@@ -255,16 +280,23 @@ class RoundEngine:
 
     def find_problem(self, r: SiteResult, reference: Mapping[str, np.ndarray]) -> Optional[str]:
         """Why this result cannot be aggregated against the global model's clear part, or None."""
+        return self._find_envelope_problem(r) or (
+            find_update_problem(r.params, reference) or self._find_content_problem(r, reference)
+        )
+
+    def _find_envelope_problem(self, r: SiteResult) -> Optional[str]:
+        """find_problem's checks before the parameters' values: the signature, the count, parameters at all."""
         if r.authentication is not None:
             return f"signature: {r.authentication}"
         problem = find_count_problem(r.claimed_samples)
         if problem:
             return problem
-        if r.params is None:
-            return "no parameters"
+        return "no parameters" if r.params is None else None
+
+    def _find_content_problem(self, r: SiteResult, reference: Mapping[str, np.ndarray]) -> Optional[str]:
+        """find_problem's checks after find_update_problem's (names, shapes, finiteness)."""
         return (
-            find_update_problem(r.params, reference)
-            or find_statistics_problem(r.params, reference, self.rules.statistics_factor)
+            find_statistics_problem(r.params, reference, self.rules.statistics_factor)
             or find_metrics_problem(r.metrics)
             or self._find_encrypted_problem(r)
             or self._find_control_problem(r, reference)
@@ -283,21 +315,36 @@ class RoundEngine:
         return f"SCAFFOLD: {problem}" if problem else None
 
     def _examine_all(self, results: Sequence[SiteResult], reference: Mapping[str, np.ndarray]) -> list:
-        """(problem, update hash, norm) of each result, the per-site work of screening (the checks, a SHA-256 of
-        the update, its distance to the global model), on the server's threads (fedmed.server.parallel): it is most of a
-        round's cost with many sites. The order-dependent rules (replay, copies) stay in _screen. With HE, one
-        thread: the encrypted checks use the one TenSEAL context."""
-        keys = distance_keys(reference)
+        """An Examined per result, the per-site work of screening (the checks, a SHA-256 of the update, its distance
+        to the global model, and what the sign rule and the near-copy test read of it), on the server's threads
+        (fedmed.server.parallel): it is most of a round's cost with many sites. The order-dependent rules (replay,
+        copies) stay in _screen. With HE, one thread: the encrypted checks use the one TenSEAL context.
 
-        def examine(r: SiteResult):
+        One pass over an update whose names and shapes are the global model's (fedmed.server.passes.update_pass)
+        answers find_update_problem's finiteness test too, so find_problem's checks keep their order and their
+        sentences; any other update takes find_problem's own walk."""
+        keys = distance_keys(reference)
+        layout = self._collusion.sketch_for(reference).layout()
+
+        def examine(r: SiteResult) -> Examined:
             if r.unavailable is not None or r.refused is not None:
-                return None, None, None
-            problem = self.find_problem(r, reference)
+                return Examined()
+            problem = self._find_envelope_problem(r)
             if problem is not None:
-                return problem, None, None
-            # one pass: the hash and the norm (fedmed.server.passes)
-            sha, norm = hash_and_norm(r.params, reference, keys)
-            return None, with_ciphertexts(sha, r.encrypted), norm
+                return Examined(problem)
+            if not _names_shapes_match(r.params, reference):  # find_problem's walk names what is wrong
+                problem = find_update_problem(r.params, reference) or self._find_content_problem(r, reference)
+                if problem is not None:
+                    return Examined(problem)
+                sha, norm = hash_and_norm(r.params, reference, keys)
+                return Examined(None, with_ciphertexts(sha, r.encrypted), norm)
+            done = update_pass(r.params, reference, keys, layout)
+            bad = next((k for k in reference if k in done.non_finite), None)
+            problem = f"parameter {bad}: contains NaN or Inf" if bad else self._find_content_problem(r, reference)
+            if problem is not None:
+                return Examined(problem)
+            sha = with_ciphertexts(done.sha, r.encrypted)
+            return Examined(None, sha, done.norm, balance_of(done.up, done.down), done.sketch)
 
         return thread_map(examine, results, 1 if self.encryption is not None else None)
 
@@ -313,8 +360,10 @@ class RoundEngine:
         valid: dict[str, SiteResult] = {}
         records: dict[str, UpdateRecord] = {}
         hashes: dict[str, str] = {}
+        found: dict[str, Examined] = {}  # valid site -> what screening's pass found
         examined = self._examine_all(results, reference)
-        for r, (problem, update_sha, norm) in zip(results, examined):
+        for r, ex in zip(results, examined):
+            problem, update_sha, norm = ex.problem, ex.sha, ex.norm
             privacy = {
                 k: finite_or_none((r.privacy or {}).get(k))
                 for k in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")
@@ -365,6 +414,7 @@ class RoundEngine:
             self._seen[sha] = (r.site, round_num)
             hashes[r.site] = sha
             valid[r.site] = r
+            found[r.site] = ex
             records[r.site] = UpdateRecord(
                 status="accepted",
                 update_norm=norm,
@@ -381,7 +431,7 @@ class RoundEngine:
                 reason = missing_reasons.get(site) or "no result before the round closed"
                 log.append(("warning", f"no result from {site} this round: {reason}"))
                 records[site] = UpdateRecord(site=site, status="missing", reason=reason[:500])
-        return valid, records
+        return valid, records, found
 
     # -- 2.-4. aggregate, combine, score ----------------------------------------------------------------------------
 
@@ -400,7 +450,7 @@ class RoundEngine:
         log: list = []
         if self.rules.scaffold:
             self.control(global_params)  # c exists before the sites' deltas are screened against it (threads)
-        valid, records = self._screen(round_num, results, targets, global_params, log, missing_reasons or {})
+        valid, records, found = self._screen(round_num, results, targets, global_params, log, missing_reasons or {})
         head_keys = [
             k
             for k in sorted(global_params)
@@ -409,8 +459,9 @@ class RoundEngine:
         ]
         if self._validate is not None and len(valid) >= 3:
             self._screen_by_validation(valid, records, log)
-        copies = self._find_near_copies(valid, global_params, records, log)
-        direction = dict(direction=DirectionCheck(global_params, tuple(head_keys)), copies=copies)
+        copies = self._find_near_copies(valid, global_params, records, log, found)
+        balances = {s: f.balance for s, f in found.items() if f.balance is not None}
+        direction = dict(direction=DirectionCheck(global_params, tuple(head_keys), balances), copies=copies)
         combined, outcome = None, None
         while True:
             active = [s for s in valid if not self.is_quarantined(s)]
@@ -502,10 +553,12 @@ class RoundEngine:
         self._momentum = committed_move(params, global_params)
         return replace(outcome, result=replace(outcome.result, params=params, diagnostics=diagnostics), weights=weights)
 
-    def _find_near_copies(self, valid: Mapping[str, SiteResult], reference, records: dict, log: list):
+    def _find_near_copies(self, valid: Mapping[str, SiteResult], reference, records: dict, log: list, found):
         """Near-copy groups among the valid updates (fedmed.server.robust.collusion): each member keeps its status, with
-        the reason recorded, and shares one site's weight with its group."""
-        finding = self._collusion.observe({s: r.params for s, r in valid.items()}, reference)
+        the reason recorded, and shares one site's weight with its group. found: site -> Examined (the sketches
+        screening's pass gathered)."""
+        sampled = {s: found[s].sketch for s in valid if s in found and found[s].sketch is not None}
+        finding = self._collusion.observe({s: r.params for s, r in valid.items()}, reference, sampled)
         for site, reason in finding.reasons.items():
             log.append(("warning", f"update from {site}: {reason}"))
             records[site] = replace(records[site], reason=reason)

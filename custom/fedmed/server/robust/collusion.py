@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedmed.server.parallel import thread_map
+from fedmed.server.passes import SketchLayout
 from fedmed.server.robust.geometric_median import distance_keys, key_groups
 
 SKETCH_SIZE = 1 << 16  # sampled coordinates: distances on 65k of DenseNet-121's 7M agree with the full ones to ~1%
@@ -77,6 +78,11 @@ class UpdateSketch:
         """reference: a state, or its own sampled values (values(reference)), taken once for many updates."""
         base = reference if isinstance(reference, np.ndarray) else self.values(reference)
         return self.values(update) - base if self._picks else np.zeros(0)
+
+    def layout(self) -> SketchLayout:
+        """The sampled coordinates as fedmed.server.passes.update_pass gathers them during screening's pass (its
+        sketch equals values(update), without a second pass over the update)."""
+        return SketchLayout.of(self._picks)
 
     def values(self, state: Mapping[str, np.ndarray]) -> np.ndarray:
         """The state's values at the sampled coordinates, float64 (each layer gathered, then one cast: the same
@@ -149,19 +155,38 @@ class CollusionTracker:
         self.history: dict[str, np.ndarray] = {}  # site -> summed moves
         self.rounds: dict[str, int] = {}  # site -> rounds in that sum
 
-    def observe(self, updates: Mapping[str, Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]):
-        """Fold this round's valid updates into the history and return the CollusionFinding."""
+    def sketch_for(self, reference: Mapping[str, np.ndarray]) -> UpdateSketch:
+        """This job's sketch for models shaped as `reference` (a new one, and a new history, when the model's
+        shape changed)."""
         if self.sketch is None or not self.sketch.fits(reference):
             self.sketch, self.history, self.rounds = UpdateSketch(reference, self.sketch_size), {}, {}
-        base = self.sketch.values(reference)  # once, not once per site
-        sites = list(updates)  # each site's sketch on the server's threads (fedmed.server.parallel): a gather per layer
-        moves = dict(zip(sites, thread_map(lambda s: self.sketch.of(updates[s], base), sites)))
+        return self.sketch
+
+    def observe(
+        self,
+        updates: Mapping[str, Mapping[str, np.ndarray]],
+        reference: Mapping[str, np.ndarray],
+        sampled: Mapping[str, np.ndarray] | None = None,
+    ):
+        """Fold this round's valid updates into the history and return the CollusionFinding. sampled: site -> its
+        update's values at the sketch's coordinates (sketch_for(reference).values(update)), when screening's pass
+        already gathered them (fedmed.server.passes.update_pass); the other sites' are gathered here."""
+        sketch = self.sketch_for(reference)
+        base = sketch.values(reference)  # once, not once per site
+        sampled = sampled or {}
+
+        def move(s):
+            return sampled[s] - base if s in sampled else sketch.of(updates[s], base)
+
+        sites = list(updates)  # the sketches not yet taken on the server's threads (fedmed.server.parallel)
+        moves = dict(zip(sites, thread_map(move, sites) if len(sampled) < len(sites) else map(move, sites)))
         for s, m in moves.items():
             self.history[s] = self.history.get(s, 0.0) + m
             self.rounds[s] = self.rounds.get(s, 0) + 1
-        now = near_copy_clusters(moves, self.ratio)
         long_run = {s: self.history[s] for s in moves if self.rounds[s] >= HISTORY_MIN_ROUNDS}
-        summed = near_copy_clusters(long_run, self.ratio) if len(long_run) >= 3 else Clusters((), {})
+        # the two tests side by side on the server's threads: they were the round's longest serial stretch (issue 30)
+        tests = [moves, long_run] if len(long_run) >= 3 else [moves]
+        now, summed = [*thread_map(lambda v: near_copy_clusters(v, self.ratio), tests), Clusters((), {})][:2]
         return _finding(now, summed, self.ratio)
 
 

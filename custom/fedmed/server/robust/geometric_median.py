@@ -38,10 +38,9 @@ NON_TRAINABLE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 def distance_keys(update: Mapping[str, np.ndarray]) -> list[str]:
     """Parameters that define an update's position: floating-point and not a BatchNorm statistic."""
+    # dtype.kind "f" is np.issubdtype(dtype, np.floating) without its ~10 us (a round asks ~10 times x ~700 layers)
     return [
-        k
-        for k in sorted(update)
-        if np.issubdtype(np.asarray(update[k]).dtype, np.floating) and not k.endswith(NON_TRAINABLE_SUFFIXES)
+        k for k in sorted(update) if np.asarray(update[k]).dtype.kind == "f" and not k.endswith(NON_TRAINABLE_SUFFIXES)
     ]
 
 

@@ -52,6 +52,12 @@ def sign_balance(
             x, y = a[lo : lo + CHUNK], b[lo : lo + CHUNK]
             up += int(np.count_nonzero(x > y))
             down += int(np.count_nonzero(x < y))
+    return balance_of(up, down)
+
+
+def balance_of(up: int, down: int) -> tuple[float, int]:
+    """(balance, #moved) from the counts of coordinates moved up and down (sign_balance's result; also what
+    fedmed.server.passes.update_pass's counts give during screening)."""
     moved = up + down
     return ((up - down) / moved if moved else 0.0), moved
 
