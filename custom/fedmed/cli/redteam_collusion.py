@@ -45,19 +45,22 @@ def key(row: str, seed: int, rules: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", f"{rules} {row} s{seed}".lower()).strip("-")
 
 
-def play(data, row, seed: int, rules: str) -> dict:
+def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
     """One federation: row None = every site honest. rules: "gm" (geometric median with trust, the default),
-    "gm+cc" (and centred clipping), "fedavg" (plain FedAvg, no trust rule)."""
+    "gm+cc" (and centred clipping), "gm+he" (the classifier layers encrypted, redteam.HE_LAYERS, as hospitals run
+    it with HE on: the server never sees them), "fedavg" (plain FedAvg, no trust rule). size: SIZE or a larger
+    federation (--per-site, --rounds, --image-size, --num-test)."""
     train, test = data
     hostile = {} if row is None else {s: row.attack for s in redteam.colluder_sites(row, list(train))}
     plan = FederationPlan(
         task=CHEST_XRAY14,
-        rounds=SIZE["rounds"],
+        rounds=size["rounds"],
         aggregation="fedavg" if rules == "fedavg" else "geometric_median",
         use_trust=rules != "fedavg",
         centred_clipping=rules == "gm+cc",
-        batch_size=SIZE["batch_size"],
+        batch_size=size["batch_size"],
         seed=seed,
+        he_layers=redteam.HE_LAYERS if rules == "gm+he" else None,
     )
     rounds = []
 
@@ -97,6 +100,7 @@ def play(data, row, seed: int, rules: str) -> dict:
         "stopped": fed.stopped,
         "rounds": rounds,
         "seconds": time.time() - t0,
+        "size": size,
     }
 
 
@@ -126,6 +130,10 @@ BEFORE = (
 )
 SIGN_OK, SIGN_BAD = TrustPolicy.sign_balance_ok, TrustPolicy.sign_balance_bad
 IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geometric median accepted (issue 28)
+# The adaptive attackers that know the sign rule (fedmed.sim.attacks.BALANCED), measured right after them.
+ADAPTIVE = ("alie_balanced", "min_max_balanced")
+# With HE on (rules "gm+he"): the two worst two-colluder rows of issue 28 and the adaptive ALIE.
+HE_ROWS = (("min_max_unit", 1.0), ("alie", 0.0), ("alie_balanced", 0.0))
 
 
 def plan_jobs(runs: dict) -> list:
@@ -136,8 +144,8 @@ def plan_jobs(runs: dict) -> list:
     two-colluder attack. Centred clipping is no longer measured here (its runs before the sign rule are kept in
     BEFORE)."""
     rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
-    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION]
-    rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION]
+    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE]
+    rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION + ADAPTIVE]
 
     def accepted(row, rules="gm"):
         run = runs.get(key(row.name, 0, rules))
@@ -145,12 +153,31 @@ def plan_jobs(runs: dict) -> list:
 
     jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in first] + [(None, 1, "gm"), (None, 2, "gm")]
     jobs += [(r, 0, "gm") for r in rest]
+    jobs += [(r, s, "gm") for r in rows if r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)]
+    he = [r for r in rows if r.colluders == 2 and (r.attack.kind, r.attack.factor) in HE_ROWS]
+    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
     done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])
         row = next(r for r in rows if r.name == worst["row"])
         jobs += [(None, 0, "fedavg"), (row, 0, "fedavg")]
+    return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
+
+
+def plan_larger(runs: dict) -> list:
+    """The jobs at a larger size (issue 28 asks for an honest seed spread below 0.03): the honest run on seeds 0, 1,
+    2 (the spread); then, once it is measured, the two in-distribution rows (ALIE at the paper's z, Min-Max
+    inverse-std), the adaptive ALIE and the worst other row (Min-Max unit direction), two colluders, seed 0; every one
+    of them still accepted on seeds 1 and 2."""
+    jobs = [(None, s, "gm") for s in SEEDS]
+    picked = {("alie", 0.0), ("min_max_std", 1.0), ("alie_balanced", 0.0), ("min_max_unit", 1.0)}
+    rows = [r for r in redteam.COLLUSION_ROWS if r.colluders == 2 and (r.attack.kind, r.attack.factor) in picked]
+    jobs += [(r, 0, "gm") for r in rows]
+    for r in rows:
+        run = runs.get(key(r.name, 0, "gm"))
+        if run is not None and not blocked_every_round(run):
+            jobs += [(r, s, "gm") for s in (1, 2)]
     return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
 
 
@@ -161,17 +188,19 @@ def load_runs(folder: Path) -> dict:
 def measure(a) -> None:
     torch.set_num_threads(1)
     a.runs.mkdir(parents=True, exist_ok=True)
-    names = redteam.make_sites(a.data, SIZE["honest"], SIZE["per_site"], seed=0, num_test=SIZE["num_test"])
-    train, test, _ = redteam.load_sites(a.data, names, SIZE["image_size"])
+    size = {**SIZE, "per_site": a.per_site, "rounds": a.rounds, "image_size": a.image_size, "num_test": a.num_test}
+    names = redteam.make_sites(a.data, size["honest"], size["per_site"], seed=0, num_test=size["num_test"])
+    train, test, _ = redteam.load_sites(a.data, names, size["image_size"])
+    plan = plan_jobs if size == SIZE else plan_larger
     t_end = time.time() + a.budget_s
     while time.time() < t_end:
-        job = claim(a.runs, plan_jobs(load_runs(a.runs)))
+        job = claim(a.runs, plan(load_runs(a.runs)))
         if job is None:
             break
         (row, seed, rules), name = job
         print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
         try:
-            out = play((train, test), row, seed, rules)
+            out = play((train, test), row, seed, rules, size)
             (a.runs / f"{name}.json").write_text(json.dumps(out, indent=1))
         finally:
             (a.runs / f"{name}.claim").unlink(missing_ok=True)
@@ -464,7 +493,22 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=3600.0, help="start no run after this many seconds")
     p.add_argument("--doc", action="store_true", help="only regenerate the doc from the JSON")
     p.add_argument("--out", type=Path, default=Path("docs/redteam_collusion.md"))
+    p.add_argument(
+        "--per-site",
+        type=int,
+        default=SIZE["per_site"],
+        help="images per hospital (a larger size: "
+        "give its own --data and --runs, e.g. docs/redteam_collusion/larger-...)",
+    )
+    p.add_argument("--rounds", type=int, default=SIZE["rounds"])
+    p.add_argument("--image-size", type=int, default=SIZE["image_size"])
+    p.add_argument("--num-test", type=int, default=SIZE["num_test"])
     a = p.parse_args(argv)
+    for name in ("per_site", "rounds", "image_size", "num_test"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.rounds < SIZE["attack_from"]:
+        p.error(f"--rounds must be at least {SIZE['attack_from']} (the attackers attack from that round)")
     if not a.doc:
         measure(a)
     command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500 (x2, each with its own --data copy)"
