@@ -153,7 +153,9 @@ def plan_jobs(runs: dict) -> list:
 
     jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in first] + [(None, 1, "gm"), (None, 2, "gm")]
     jobs += [(r, 0, "gm") for r in rest]
-    jobs += [(r, s, "gm") for r in rows if r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)]
+    jobs += [
+        (r, s, "gm") for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)
+    ]
     he = [r for r in rows if r.colluders == 2 and (r.attack.kind, r.attack.factor) in HE_ROWS]
     jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
@@ -351,12 +353,85 @@ def sign_table(runs: dict) -> list:
     return out
 
 
-def doc(runs: dict, command: str, before: dict | None = None) -> str:
-    """The page, from the runs with the sign rule (runs) and those measured before it (before, BEFORE's JSON)."""
+def he_section(runs: dict) -> list:
+    """The two-colluder rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest
+    run with HE on (same seed)."""
+    h = runs.get(key("honest", 0, "gm+he"))
+    out = [
+        "",
+        "## With HE on (the classifier layers encrypted), seed 0",
+        "",
+        f"The classifier layers ({', '.join(redteam.HE_LAYERS)}) encrypted with a fresh CKKS key set, as hospitals "
+        "run with HE on: the server combines them homomorphically with the weights it chose from the clear body and "
+        "never sees them, so the direction rule (the classifier's cosine to the reference) has nothing to judge. "
+        "What it can judge is the clear body: the copy test (near-copies counted once), the distance to the "
+        "coordinate-median reference and the sign rule. The colluders craft the body from the honest sites' clear "
+        "bodies and send their own honestly trained encrypted head (they cannot read the honest heads either); "
+        "what a crafted encrypted head can do is the hospitals' check of the decrypted head (docs/redteam.md, "
+        "'encrypted-head scaling'). Honest run with HE on, seed 0: " + (f"{h['auroc']:.3f}." if h else "not measured."),
+        "",
+    ]
+    for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
+        run = runs.get(key(row.name, 0, "gm+he"))
+        if run is None:
+            continue
+        if honest_quarantined(run):
+            held = f"**NO**: honest site(s) {', '.join(honest_quarantined(run))} quarantined"
+        elif blocked_every_round(run):
+            held = "rejected with the reason in every round it attacked"
+        else:
+            held = "accepted" + (f", seed-0 gap {run['auroc'] - h['auroc']:+.3f} (one seed: not judged)" if h else "")
+        gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest with HE)" if h else ""
+        out.append(f"- **{row.name}**, HE on: AUROC {run['auroc']:.3f}{gap}; {held}. {summary(run)}")
+    return out if len(out) > 6 or h else []
+
+
+def larger_section(folder: Path) -> list:
+    """Each larger federation measured (folder/larger-*/, written by --per-site/--rounds/...): its size, the honest
+    seed spread, the cost of one run and the rows played there."""
+    out = []
+    for sub in sorted(folder.glob("larger-*")):
+        runs = load_runs(sub)
+        if not runs:
+            continue
+        size = next(iter(runs.values()))["size"]
+        honest = {s: runs[key("honest", s, "gm")] for s in SEEDS if key("honest", s, "gm") in runs}
+        spread = max(r["auroc"] for r in honest.values()) - min(r["auroc"] for r in honest.values())
+        out += [
+            "",
+            f"## A larger federation: {size['per_site']} images per hospital, {size['image_size']} px, "
+            f"{size['rounds']} rounds, test set of {size['num_test']} (docs/redteam_collusion/{sub.name}/)",
+            "",
+            "Honest runs: "
+            + ", ".join(f"seed {s} {r['auroc']:.3f} ({r['seconds']:.0f} s)" for s, r in honest.items())
+            + (
+                f". **Honest seed spread: {spread:.3f}** "
+                f"({'below' if spread < 0.03 else 'not below'} the issue's 0.03"
+                + (", from 3 seeds" if len(honest) == 3 else f", from only {len(honest)} seed(s)")
+                + ")."
+                if len(honest) > 1
+                else "."
+            ),
+            "",
+        ]
+        for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
+            run = runs.get(key(row.name, 0, "gm"))
+            if run is None:
+                continue
+            text, _ = verdict(runs, row.name)
+            h = honest.get(0)
+            gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest)" if h else ""
+            out.append(f"- **{row.name}**: AUROC seed 0 {run['auroc']:.3f}{gap}; held: {text}. {summary(run)}")
+    return out
+
+
+def doc(runs: dict, command: str, before: dict | None = None, folder: Path | None = None) -> str:
+    """The page, from the runs with the sign rule (runs) and those measured before it (before, BEFORE's JSON);
+    folder: where the larger federations' runs are (its larger-* subfolders)."""
     before = before or {}
     honest = {s: runs[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in runs}
     old_honest = {s: before[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in before}
-    spread = max(old_honest.values()) - min(old_honest.values()) if len(old_honest) > 1 else float("nan")
+    spread = max(honest.values()) - min(honest.values()) if len(honest) > 1 else float("nan")
     mine = [r for r in runs.values() if r["rules"] == "gm"]  # fedavg's runs predate the rule, which it does not use
     seconds = sum(r["seconds"] for r in mine)
     lines = [
@@ -374,7 +449,8 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         f"quarantine, judged by the coordinate median of the sites, **HE off**; global test set of "
         f"{SIZE['num_test']} images. The attackers are honest in round 1 and attack from round "
         f"{SIZE['attack_from']}, each knowing the round's honest updates (omniscient). Rows '2 colluding' turn "
-        "honest-3 hostile too: 3 honest of 5. No larger federation was measured (not enough CPU in this session).",
+        "honest-3 hostile too: 3 honest of 5. A larger federation (the issue's spread target) and HE on: sections "
+        "below.",
         "",
         "The sign rule (fedmed.server.robust.sign_balance, since this page's runs): a site whose move's sign balance, "
         "(#coordinates up - #down) / #moved, lies 0.2 or more from the median site's scores 0 (rejected with the "
@@ -404,11 +480,9 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == n):
             run = runs.get(key(row.name, 0, "gm"))
             text, held = verdict(runs, row.name)
-            old_text, old_held = verdict(before, row.name)
-            if held is None and old_held is not None and row.attack.kind not in IN_DISTRIBUTION:
-                # Rejected by the direction / distance rules before; the sign rule only adds a reason to reject.
-                text = "not re-run (held before, by rules the sign rule leaves unchanged)"
-                held = old_held
+            old_text, _ = verdict(before, row.name)
+            if row.attack.kind in ADAPTIVE:
+                old_text = "- (an attack on the sign rule: not played before it)"
             verdicts.append((row.name, held))
             did = summary(run) if run else "-"
             auc = f"{run['auroc']:.3f}" if run else "-"
@@ -431,6 +505,15 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         "## The sign rule's statistic, measured",
         "",
         *sign_table(runs),
+        "",
+        "## The adaptive attacker (it knows the sign rule)",
+        "",
+        "fedmed.sim.attacks.sign_balanced_move: the ALIE (paper's z) and Min-Max inverse-std shifts, with each "
+        "coordinate pushed against the honest mean (mean - gamma * sign(mean) * std) and then the shift's sign "
+        "flipped on the fewest, least harmful coordinates that make the move's sign balance equal the median honest "
+        "site's. Its offsets above show what the sign rule sees of it; its rows in the table show what it costs.",
+        *he_section(runs),
+        *(larger_section(folder) if folder is not None else []),
     ]
     fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]
     if fed:
@@ -459,7 +542,7 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
                 continue
             text, _ = verdict(before, row.name, "gm+cc")
             lines.append(f"- {row.name}: with centred clipping (no sign rule) {text}.")
-    honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] != "fedavg"]
+    honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] == "gm"]
     attacked = [
         {
             **r,
@@ -468,7 +551,7 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
             ],
         }
         for r in runs.values()
-        if r["row"] is not None and r["rules"] != "fedavg"
+        if r["row"] is not None and r["rules"] == "gm"
     ]
     lines += [
         "",
@@ -511,8 +594,13 @@ def main(argv=None) -> int:
         p.error(f"--rounds must be at least {SIZE['attack_from']} (the attackers attack from that round)")
     if not a.doc:
         measure(a)
+    if (a.per_site, a.rounds, a.image_size, a.num_test) != tuple(
+        SIZE[k] for k in ("per_site", "rounds", "image_size", "num_test")
+    ):
+        print(f"a larger federation: the page's section comes from {a.runs} when --doc runs on its parent")
+        return 0
     command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500 (x2, each with its own --data copy)"
-    a.out.write_text(doc(load_runs(a.runs), command, load_runs(a.runs / BEFORE)))
+    a.out.write_text(doc(load_runs(a.runs), command, load_runs(a.runs / BEFORE), a.runs))
     return 0
 
 
