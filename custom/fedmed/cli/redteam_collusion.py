@@ -138,13 +138,15 @@ HE_ROWS = (("min_max_unit", 1.0), ("alie", 0.0), ("alie_balanced", 0.0))
 
 def plan_jobs(runs: dict) -> list:
     """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict): the honest run
-    on seed 0 (the sign rule's cost, against the one measured before it), the in-distribution rows the engine
-    accepted before the sign rule (seed 0: a row rejected every round holds on the reason), the honest runs on
-    seeds 1 and 2, the other rows (seed 0), every row still accepted on seeds 1 and 2, plain FedAvg under the worst
-    two-colluder attack. Centred clipping is no longer measured here (its runs before the sign rule are kept in
-    BEFORE)."""
+    on seed 0, the in-distribution rows (seed 0: a row rejected every round holds on the reason) and the
+    two-colluder adaptive rows (the attack on the sign rule), the honest runs on seeds 1 and 2, the other rows
+    (seed 0); the accepted two-colluder adaptive rows on seeds 1 and 2 (their paired gap); the honest run and the
+    two worst HE_ROWS with HE on (seed 0); the one-hostile-site adaptive rows; the adaptive HE row; every row still accepted on seeds 1 and 2;
+    plain FedAvg under the worst two-colluder attack. Centred clipping is no longer measured here (its runs before
+    the sign rule are kept in BEFORE)."""
     rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
-    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE]
+    lone_adaptive = [r for r in rows if r.attack.kind in ADAPTIVE and r.colluders == 1]
+    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE and r not in lone_adaptive]
     rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION + ADAPTIVE]
 
     def accepted(row, rules="gm"):
@@ -157,7 +159,9 @@ def plan_jobs(runs: dict) -> list:
         (r, s, "gm") for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)
     ]
     he = [r for r in rows if r.colluders == 2 and (r.attack.kind, r.attack.factor) in HE_ROWS]
-    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he]
+    he_worst = [r for r in he if r.attack.kind not in ADAPTIVE]
+    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_worst]
+    jobs += [(r, 0, "gm") for r in lone_adaptive] + [(r, 0, "gm+he") for r in he if r not in he_worst]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
     done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
