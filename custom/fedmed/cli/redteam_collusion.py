@@ -159,6 +159,11 @@ def plan_jobs(runs: dict) -> list:
         (r, s, "gm") for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)
     ]
     he = [r for r in rows if r.colluders == 2 and (r.attack.kind, r.attack.factor) in HE_ROWS]
+    # Centred clipping (the existing time-coupled defence) against the worst adaptive pair not held (3 seeds).
+    adaptive = [r for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and verdict(runs, r.name)[1] is False]
+    if adaptive:
+        worst = min(adaptive, key=lambda r: float(np.mean([g for _, g in gaps(runs, r.name, "gm", "gm")])))
+        jobs += [(worst, s, "gm+cc") for s in SEEDS]
     he_worst = [r for r in he if r.attack.kind not in ADAPTIVE]
     jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_worst]
     jobs += [(r, 0, "gm") for r in lone_adaptive] + [(r, 0, "gm+he") for r in he if r not in he_worst]
@@ -546,6 +551,24 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
                 continue
             text, _ = verdict(before, row.name, "gm+cc")
             lines.append(f"- {row.name}: with centred clipping (no sign rule) {text}.")
+    for row in (r for r in redteam.COLLUSION_ROWS if r.attack.kind in ADAPTIVE):
+        cc = {s: runs[key(row.name, s, "gm+cc")]["auroc"] for s in SEEDS if key(row.name, s, "gm+cc") in runs}
+        if not cc:
+            continue
+        vs = [(s, v - honest[s]) for s, v in cc.items() if s in honest]
+        vs_cc = [(s, v - cc_h[s]) for s, v in cc.items() if s in cc_h]
+        lines.append(
+            f"- **{row.name}, with centred clipping and the sign rule (measured now)**: AUROC "
+            + ", ".join(f"s{s} {v:.3f}" for s, v in cc.items())
+            + "; paired gap to the default honest run "
+            + ", ".join(f"s{s} {v:+.3f}" for s, v in vs)
+            + (f" (mean {np.mean([v for _, v in vs]):+.3f})" if vs else "")
+            + "; to the honest run with centred clipping (measured before the sign rule, which scores no honest site "
+            "below 1, so unchanged by it) "
+            + ", ".join(f"s{s} {v:+.3f}" for s, v in vs_cc)
+            + (f" (mean {np.mean([v for _, v in vs_cc]):+.3f})" if vs_cc else "")
+            + "."
+        )
     honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] == "gm"]
     attacked = [
         {

@@ -22,9 +22,13 @@ honest run -0.009 AUROC and held one of the two rows it was measured on; a cap o
 inverse-std site its count share, which already cost -0.03 (the 1-site row accepted at weight 0.20). This rule does
 not change an honest round at all (no honest site is scored down, so the aggregate is the geometric median's).
 
-What it does not hold: an attacker who knows the rule can balance the signs of its shift (e.g. -gamma * std on half
-of the coordinates, +gamma * std on the other half), which also cancels most of the coherent push; such a point is
-only as harmful as its weight in the geometric median allows. See docs/THREAT_MODEL.md.
+What it does not hold: an attacker who knows the rule balances its shift's signs (fedmed.sim.attacks.
+sign_balanced_move: each coordinate pushed against the honest mean, the signs then matched to the median honest
+site's); the rule then sees nothing (offset 0.000). Such a point is bounded only by the other rules: the copy test
+counts the pair once, the geometric median weighs it (0.42 together for two colluders on the red team's federation:
+its central point earns the 1/distance reward back) and the cancelled push limits its harm. Measured
+(docs/redteam_collusion.md): accepted, mean paired gap within the red team's 0.02 over seeds 0-2. See
+docs/THREAT_MODEL.md.
 """
 
 from __future__ import annotations
