@@ -362,6 +362,35 @@ def sign_table(runs: dict) -> list:
     return out
 
 
+def adaptive_lines(runs: dict) -> list:
+    """Per adaptive row: what the engine gave it (weight, distance ratio, status) over its runs, and its gaps."""
+    out = []
+    for row in (r for r in redteam.COLLUSION_ROWS if r.attack.kind in ADAPTIVE):
+        mine = [runs[key(row.name, s, "gm")] for s in SEEDS if key(row.name, s, "gm") in runs]
+        if not mine:
+            continue
+        statuses = sorted({rd["updates"][h]["status"] for r in mine for rd in attacked_rounds(r) for h in r["hostile"]})
+        ratios = [rd["sites"][h]["distance_ratio"] for r in mine for rd in attacked_rounds(r) for h in r["hostile"]]
+        g = gaps(runs, row.name, "gm", "gm")
+        out.append(
+            f"- {row.name}: {', '.join(statuses)} in every attacked round of {len(mine)} run(s); the attackers' "
+            f"weight together at most {max(max_share(r) for r in mine):.2f}; their distance to the reference "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x the median site's; paired gaps "
+            + ", ".join(f"s{s} {v:+.3f}" for s, v in g)
+            + (f" (mean {np.mean([v for _, v in g]):+.3f})" if len(g) > 1 else "")
+            + "."
+        )
+    if out:
+        out += [
+            "",
+            "Held on the mean only: the paired gap is within 0.02 over seeds 0-2, but two of three seeds lie near or "
+            "below -0.02, about what a rejected pair's lost data costs (seed 0: -0.025); nothing in the engine tells "
+            "the balanced point from an honest one, and the honest seed spread at this size (0.095) is what decides "
+            "the verdict.",
+        ]
+    return out
+
+
 def he_section(runs: dict) -> list:
     """The two-colluder rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest
     run with HE on (same seed)."""
@@ -446,10 +475,10 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
     lines = [
         "# Red team: two colluding hospitals of five (issue 28)",
         "",
-        f"Command: `{command}` (two workers sharing one queue, each run written to docs/redteam_collusion/*.json "
+        f"Command: `{command}` (one or two workers sharing one queue, each run written to docs/redteam_collusion/*.json "
         "as it finished; this page is regenerated from them by `python scripts/redteam_collusion.py --doc`). "
         f"{len(mine)} runs with the sign rule, {seconds:.0f} s of run time in all, under `nice -n 10` on a 2-core "
-        "CPU shared with four other agents' jobs (one run takes ~90 s alone, 5 to 24 min here). The runs measured "
+        "CPU shared with four other agents' jobs (one run takes ~90 s alone, 2 to 24 min here). The runs measured "
         f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below.",
         "",
         f"Federation: the red team's default (fedmed-redteam): {SIZE['honest']} honest hospitals and one hostile of "
@@ -521,6 +550,8 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
         "coordinate pushed against the honest mean (mean - gamma * sign(mean) * std) and then the shift's sign "
         "flipped on the fewest, least harmful coordinates that make the move's sign balance equal the median honest "
         "site's. Its offsets above show what the sign rule sees of it; its rows in the table show what it costs.",
+        "",
+        *adaptive_lines(runs),
         *he_section(runs),
         *(larger_section(folder) if folder is not None else []),
     ]
@@ -626,7 +657,7 @@ def main(argv=None) -> int:
     ):
         print(f"a larger federation: the page's section comes from {a.runs} when --doc runs on its parent")
         return 0
-    command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500 (x2, each with its own --data copy)"
+    command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500"
     a.out.write_text(doc(load_runs(a.runs), command, load_runs(a.runs / BEFORE), a.runs))
     return 0
 
