@@ -141,9 +141,9 @@ def plan_jobs(runs: dict) -> list:
     on seed 0, the in-distribution rows (seed 0: a row rejected every round holds on the reason) and the
     two-colluder adaptive rows (the attack on the sign rule), the honest runs on seeds 1 and 2, the other rows
     (seed 0); the accepted two-colluder adaptive rows on seeds 1 and 2 (their paired gap); the honest run and the
-    two worst HE_ROWS with HE on (seed 0); the one-hostile-site adaptive rows; the adaptive HE row; every row still accepted on seeds 1 and 2;
-    plain FedAvg under the worst two-colluder attack. Centred clipping is no longer measured here (its runs before
-    the sign rule are kept in BEFORE)."""
+    two worst HE_ROWS with HE on (seed 0); the one-hostile-site adaptive rows; every row still accepted on
+    seeds 1 and 2; the adaptive HE row; plain FedAvg under the worst two-colluder attack; centred clipping against
+    the worst adaptive pair when it is not held (its runs on the other rows, before the sign rule, are in BEFORE)."""
     rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
     lone_adaptive = [r for r in rows if r.attack.kind in ADAPTIVE and r.colluders == 1]
     first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE and r not in lone_adaptive]
@@ -166,8 +166,9 @@ def plan_jobs(runs: dict) -> list:
         jobs += [(worst, s, "gm+cc") for s in SEEDS]
     he_worst = [r for r in he if r.attack.kind not in ADAPTIVE]
     jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_worst]
-    jobs += [(r, 0, "gm") for r in lone_adaptive] + [(r, 0, "gm+he") for r in he if r not in he_worst]
+    jobs += [(r, 0, "gm") for r in lone_adaptive]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
+    jobs += [(r, 0, "gm+he") for r in he if r not in he_worst]
     done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])
