@@ -140,10 +140,11 @@ def plan_jobs(runs: dict) -> list:
     """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict): the honest run
     on seed 0, the in-distribution rows (seed 0: a row rejected every round holds on the reason) and the
     two-colluder adaptive rows (the attack on the sign rule), the honest runs on seeds 1 and 2, the other rows
-    (seed 0); the accepted two-colluder adaptive rows on seeds 1 and 2 (their paired gap); the honest run and the
+    (seed 0); the accepted two-colluder adaptive rows on seeds 1 and 2 (their paired gap), then, for the worst
+    adaptive pair not held, centred clipping on seeds 0-2; the honest run and the
     two worst HE_ROWS with HE on (seed 0); the one-hostile-site adaptive rows; every row still accepted on
-    seeds 1 and 2; the adaptive HE row; plain FedAvg under the worst two-colluder attack; centred clipping against
-    the worst adaptive pair when it is not held (its runs on the other rows, before the sign rule, are in BEFORE)."""
+    seeds 1 and 2; the adaptive HE row; plain FedAvg under the worst two-colluder attack. Centred clipping's runs on
+    the other rows (before the sign rule) are kept in BEFORE."""
     rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
     lone_adaptive = [r for r in rows if r.attack.kind in ADAPTIVE and r.colluders == 1]
     first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE and r not in lone_adaptive]
