@@ -27,7 +27,8 @@ sign_balanced_move: each coordinate pushed against the honest mean, the signs th
 site's); the rule then sees nothing (offset 0.000). Such a point is bounded only by the other rules: the copy test
 counts the pair once, the geometric median weighs it (0.42 together for two colluders on the red team's federation:
 its central point earns the 1/distance reward back) and the cancelled push limits its harm. Measured
-(docs/redteam_collusion.md): accepted, mean paired gap within the red team's 0.02 over seeds 0-2. See
+(docs/redteam_collusion.md), two colluders of five: accepted every round, mean paired gap -0.006 (ALIE) and -0.003
+(Min-Max) over seeds 0-2, within the red team's 0.02 on the mean, but two of three seeds at -0.020 to -0.029. See
 docs/THREAT_MODEL.md.
 """
 
