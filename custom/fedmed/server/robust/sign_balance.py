@@ -28,8 +28,9 @@ site's); the rule then sees nothing (offset 0.000). Such a point is bounded only
 counts the pair once, the geometric median weighs it (0.42 together for two colluders on the red team's federation:
 its central point earns the 1/distance reward back) and the cancelled push limits its harm. Measured
 (docs/redteam_collusion.md), two colluders of five: accepted every round, mean paired gap -0.006 (ALIE) and -0.003
-(Min-Max) over seeds 0-2, within the red team's 0.02 on the mean, but two of three seeds at -0.020 to -0.029. See
-docs/THREAT_MODEL.md.
+(Min-Max) over seeds 0-2, within the red team's 0.02 on the mean, but two of three seeds at -0.020 to -0.029; one
+adaptive ALIE hospital (z 0.25) sits at 0.25x the median site's distance and becomes the geometric median (weight
+0.996), -0.006 on the mean: bounded by its small shift, not by a rule. See docs/THREAT_MODEL.md.
 """
 
 from __future__ import annotations
