@@ -103,3 +103,16 @@ def test_the_adaptive_pair_balances_its_signs_past_the_sign_rule_and_is_counted_
             assert abs(rd["sites"][s]["sign_balance"]) < TrustPolicy.sign_balance_ok, rd["sites"]
             assert "near-copy of" in (rd["updates"][s]["reason"] or ""), rd["updates"][s]
         assert sum(rd["weights"][s] for s in run["hostile"]) < 0.5, rd["weights"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--rounds", "1"], "--rounds must be at least 2"), (["--per-site", "0"], "--per-site must be at least 1")],
+)
+def test_a_larger_federation_that_cannot_hold_the_attack_is_refused_with_the_reason(args, message, tmp_path, capsys):
+    from fedmed.cli import redteam_collusion as rc
+
+    with pytest.raises(SystemExit):
+        rc.main(["--runs", str(tmp_path), *args])
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
