@@ -502,7 +502,8 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
         + ", ".join(f"seed {s} {v:.3f}" for s, v in old_honest.items())
         + f". **Honest seed spread at this size: {spread:.3f}** (the issue asks for below 0.03: this size does "
         "not meet it, which is why accepted rows are judged by the *paired* gap, attacking minus honest on the "
-        "same seed, averaged over seeds 0, 1, 2, rather than against another seed's run).",
+        "same seed, averaged over seeds 0, 1, 2, rather than against another seed's run; the larger federation at "
+        "the end of this page is measured for that reason).",
         "",
         "Held: the attackers rejected, quarantined or refused with the reason in every round they attack (one seed "
         f"suffices: the reason is the criterion), or a mean paired gap of at least -{TOLERANCE} over seeds 0, 1, 2; "
