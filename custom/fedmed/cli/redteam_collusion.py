@@ -454,6 +454,21 @@ def larger_section(folder: Path) -> list:
             ),
             "",
         ]
+        mine = [
+            v
+            for r in runs.values()
+            for rd in r["rounds"]
+            for st, v in rd["sites"].items()
+            if st not in r["hostile"] and v["sign_balance"] is not None
+        ]
+        if mine:
+            out += [
+                f"The honest sites there (every run, every round, {len(mine)} site-rounds): sign offsets at most "
+                f"{max(abs(v['sign_balance']) for v in mine):.3f} from the median site's, classifier cosines at least "
+                f"{min(v['head_cosine'] for v in mine if v['head_cosine'] is not None):+.2f}, distance ratios at most "
+                f"{max(v['distance_ratio'] for v in mine):.2f}; the thresholds hold at this size too.",
+                "",
+            ]
         for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
             run = runs.get(key(row.name, 0, "gm"))
             if run is None:
