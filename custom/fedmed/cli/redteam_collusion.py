@@ -466,7 +466,9 @@ def larger_section(folder: Path) -> list:
                 f"The honest sites there (every run, every round, {len(mine)} site-rounds): sign offsets at most "
                 f"{max(abs(v['sign_balance']) for v in mine):.3f} from the median site's, classifier cosines at least "
                 f"{min(v['head_cosine'] for v in mine if v['head_cosine'] is not None):+.2f}, distance ratios at most "
-                f"{max(v['distance_ratio'] for v in mine):.2f}; the thresholds hold at this size too.",
+                f"{max(v['distance_ratio'] for v in mine):.2f} (TrustPolicy: sign_balance_ok {SIGN_OK}, head_cosine_ok "
+                f"{TrustPolicy.head_cosine_ok}, ok_ratio {TrustPolicy.ok_ratio}); honest sites quarantined in any run "
+                f"there: {sorted({s for r in runs.values() for s in honest_quarantined(r)}) or 'none'}.",
                 "",
             ]
         for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
