@@ -22,8 +22,8 @@ def federation5(tmp_path_factory):
 
 def test_every_colluding_attack_has_a_row_with_one_and_with_two_colluders():
     kinds = {(r.attack.kind, r.attack.factor, r.colluders) for r in redteam.COLLUSION_ROWS}
-    for kind, factor in [("alie", 0.0), ("alie", 1.0), ("ipm", 0.5), ("ipm", 100.0)] + [
-        (k, 1.0) for k in ("min_max_unit", "min_max_std", "min_sum_unit", "min_sum_std")
+    for kind, factor in [("alie", 0.0), ("alie", 1.0), ("ipm", 0.5), ("ipm", 100.0), ("alie_balanced", 0.0)] + [
+        (k, 1.0) for k in ("min_max_unit", "min_max_std", "min_sum_unit", "min_sum_std", "min_max_balanced")
     ]:
         assert {(kind, factor, 1), (kind, factor, 2)} <= kinds, (kind, factor)
     assert redteam.colluder_sites(
@@ -81,3 +81,38 @@ def test_centred_clipping_runs_the_colluding_rows_through_the_bench(federation5,
     assert bench.plan(0).centred_clipping and not redteam.Bench(train, test, 2).plan(0).centred_clipping
     res = redteam.run_row(row, bench, 0.5, tmp_path)
     assert res.honest_quarantined == () and res.max_weight_share is not None and res.max_weight_share < 0.5, res
+
+
+def test_the_adaptive_pair_balances_its_signs_past_the_sign_rule_and_is_counted_once(federation5):
+    # The attacker that knows the sign rule (fedmed.sim.attacks.sign_balanced_move), through the very function the
+    # full-size red team runs (fedmed.cli.redteam_collusion.play, JSON as recorded): in every attacked round its
+    # sign balance sits within TrustPolicy.sign_balance_ok of the median site's (the rule cannot see it), the pair is
+    # counted once (near-copies) and holds under half the weight, and no honest hospital is quarantined. Its AUROC
+    # cost is measured at full size (docs/redteam_collusion.md).
+    from fedmed.cli import redteam_collusion as rc
+    from fedmed.server.robust.trust import TrustPolicy
+
+    row = COLLUSION_ROWS["adaptive ALIE, paper's z, sign-balanced (2 colluding sites)"]
+    tiny = {**rc.SIZE, "rounds": 3, "batch_size": 4}
+    run = rc.play(federation5, row, 0, "gm", tiny)
+    assert run["hostile"] == ["honest-3", "hostile"] and rc.honest_quarantined(run) == [], run["rounds"]
+    attacked = rc.attacked_rounds(run)
+    assert len(attacked) == 2
+    for rd in attacked:
+        for s in run["hostile"]:
+            assert abs(rd["sites"][s]["sign_balance"]) < TrustPolicy.sign_balance_ok, rd["sites"]
+            assert "near-copy of" in (rd["updates"][s]["reason"] or ""), rd["updates"][s]
+        assert sum(rd["weights"][s] for s in run["hostile"]) < 0.5, rd["weights"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--rounds", "1"], "--rounds must be at least 2"), (["--per-site", "0"], "--per-site must be at least 1")],
+)
+def test_a_larger_federation_that_cannot_hold_the_attack_is_refused_with_the_reason(args, message, tmp_path, capsys):
+    from fedmed.cli import redteam_collusion as rc
+
+    with pytest.raises(SystemExit):
+        rc.main(["--runs", str(tmp_path), *args])
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written

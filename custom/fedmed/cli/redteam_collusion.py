@@ -45,19 +45,22 @@ def key(row: str, seed: int, rules: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", f"{rules} {row} s{seed}".lower()).strip("-")
 
 
-def play(data, row, seed: int, rules: str) -> dict:
+def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
     """One federation: row None = every site honest. rules: "gm" (geometric median with trust, the default),
-    "gm+cc" (and centred clipping), "fedavg" (plain FedAvg, no trust rule)."""
+    "gm+cc" (and centred clipping), "gm+he" (the classifier layers encrypted, redteam.HE_LAYERS, as hospitals run
+    it with HE on: the server never sees them), "fedavg" (plain FedAvg, no trust rule). size: SIZE or a larger
+    federation (--per-site, --rounds, --image-size, --num-test)."""
     train, test = data
     hostile = {} if row is None else {s: row.attack for s in redteam.colluder_sites(row, list(train))}
     plan = FederationPlan(
         task=CHEST_XRAY14,
-        rounds=SIZE["rounds"],
+        rounds=size["rounds"],
         aggregation="fedavg" if rules == "fedavg" else "geometric_median",
         use_trust=rules != "fedavg",
         centred_clipping=rules == "gm+cc",
-        batch_size=SIZE["batch_size"],
+        batch_size=size["batch_size"],
         seed=seed,
+        he_layers=redteam.HE_LAYERS if rules == "gm+he" else None,
     )
     rounds = []
 
@@ -97,6 +100,7 @@ def play(data, row, seed: int, rules: str) -> dict:
         "stopped": fed.stopped,
         "rounds": rounds,
         "seconds": time.time() - t0,
+        "size": size,
     }
 
 
@@ -126,18 +130,25 @@ BEFORE = (
 )
 SIGN_OK, SIGN_BAD = TrustPolicy.sign_balance_ok, TrustPolicy.sign_balance_bad
 IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geometric median accepted (issue 28)
+# The adaptive attackers that know the sign rule (fedmed.sim.attacks.BALANCED), measured right after them.
+ADAPTIVE = ("alie_balanced", "min_max_balanced")
+# With HE on (rules "gm+he"): the two worst two-colluder rows of issue 28 and the adaptive ALIE.
+HE_ROWS = (("min_max_unit", 1.0), ("alie", 0.0), ("alie_balanced", 0.0))
 
 
 def plan_jobs(runs: dict) -> list:
     """The next jobs, in priority order, given what is measured (some depend on seed 0's verdict): the honest run
-    on seed 0 (the sign rule's cost, against the one measured before it), the in-distribution rows the engine
-    accepted before the sign rule (seed 0: a row rejected every round holds on the reason), the honest runs on
-    seeds 1 and 2, the other rows (seed 0), every row still accepted on seeds 1 and 2, plain FedAvg under the worst
-    two-colluder attack. Centred clipping is no longer measured here (its runs before the sign rule are kept in
-    BEFORE)."""
+    on seed 0, the in-distribution rows (seed 0: a row rejected every round holds on the reason) and the
+    two-colluder adaptive rows (the attack on the sign rule), the honest runs on seeds 1 and 2, the other rows
+    (seed 0); the accepted two-colluder adaptive rows on seeds 1 and 2 (their paired gap), then, for the worst
+    adaptive pair not held, centred clipping on seeds 0-2; the honest run and the
+    two worst HE_ROWS with HE on (seed 0); the one-hostile-site adaptive rows; every row still accepted on
+    seeds 1 and 2; the adaptive HE row; plain FedAvg under the worst two-colluder attack. Centred clipping's runs on
+    the other rows (before the sign rule) are kept in BEFORE."""
     rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
-    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION]
-    rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION]
+    lone_adaptive = [r for r in rows if r.attack.kind in ADAPTIVE and r.colluders == 1]
+    first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE and r not in lone_adaptive]
+    rest = [r for r in rows if r.attack.kind not in IN_DISTRIBUTION + ADAPTIVE]
 
     def accepted(row, rules="gm"):
         run = runs.get(key(row.name, 0, rules))
@@ -145,12 +156,41 @@ def plan_jobs(runs: dict) -> list:
 
     jobs = [(None, 0, "gm")] + [(r, 0, "gm") for r in first] + [(None, 1, "gm"), (None, 2, "gm")]
     jobs += [(r, 0, "gm") for r in rest]
+    jobs += [
+        (r, s, "gm") for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)
+    ]
+    he = [r for r in rows if r.colluders == 2 and (r.attack.kind, r.attack.factor) in HE_ROWS]
+    # Centred clipping (the existing time-coupled defence) against the worst adaptive pair not held (3 seeds).
+    adaptive = [r for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and verdict(runs, r.name)[1] is False]
+    if adaptive:
+        worst = min(adaptive, key=lambda r: float(np.mean([g for _, g in gaps(runs, r.name, "gm", "gm")])))
+        jobs += [(worst, s, "gm+cc") for s in SEEDS]
+    he_worst = [r for r in he if r.attack.kind not in ADAPTIVE]
+    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_worst]
+    jobs += [(r, 0, "gm") for r in lone_adaptive]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
+    jobs += [(r, 0, "gm+he") for r in he if r not in he_worst]
     done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])
         row = next(r for r in rows if r.name == worst["row"])
         jobs += [(None, 0, "fedavg"), (row, 0, "fedavg")]
+    return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
+
+
+def plan_larger(runs: dict) -> list:
+    """The jobs at a larger size (issue 28 asks for an honest seed spread below 0.03): the honest run on seeds 0, 1,
+    2 (the spread); then, once it is measured, the two in-distribution rows (ALIE at the paper's z, Min-Max
+    inverse-std), the adaptive ALIE and the worst other row (Min-Max unit direction), two colluders, seed 0; every one
+    of them still accepted on seeds 1 and 2."""
+    jobs = [(None, s, "gm") for s in SEEDS]
+    picked = {("alie", 0.0), ("min_max_std", 1.0), ("alie_balanced", 0.0), ("min_max_unit", 1.0)}
+    rows = [r for r in redteam.COLLUSION_ROWS if r.colluders == 2 and (r.attack.kind, r.attack.factor) in picked]
+    jobs += [(r, 0, "gm") for r in rows]
+    for r in rows:
+        run = runs.get(key(r.name, 0, "gm"))
+        if run is not None and not blocked_every_round(run):
+            jobs += [(r, s, "gm") for s in (1, 2)]
     return [j for j in jobs if key(j[0].name if j[0] else "honest", j[1], j[2]) not in runs]
 
 
@@ -161,17 +201,19 @@ def load_runs(folder: Path) -> dict:
 def measure(a) -> None:
     torch.set_num_threads(1)
     a.runs.mkdir(parents=True, exist_ok=True)
-    names = redteam.make_sites(a.data, SIZE["honest"], SIZE["per_site"], seed=0, num_test=SIZE["num_test"])
-    train, test, _ = redteam.load_sites(a.data, names, SIZE["image_size"])
+    size = {**SIZE, "per_site": a.per_site, "rounds": a.rounds, "image_size": a.image_size, "num_test": a.num_test}
+    names = redteam.make_sites(a.data, size["honest"], size["per_site"], seed=0, num_test=size["num_test"])
+    train, test, _ = redteam.load_sites(a.data, names, size["image_size"])
+    plan = plan_jobs if size == SIZE else plan_larger
     t_end = time.time() + a.budget_s
     while time.time() < t_end:
-        job = claim(a.runs, plan_jobs(load_runs(a.runs)))
+        job = claim(a.runs, plan(load_runs(a.runs)))
         if job is None:
             break
         (row, seed, rules), name = job
         print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
         try:
-            out = play((train, test), row, seed, rules)
+            out = play((train, test), row, seed, rules, size)
             (a.runs / f"{name}.json").write_text(json.dumps(out, indent=1))
         finally:
             (a.runs / f"{name}.claim").unlink(missing_ok=True)
@@ -322,21 +364,140 @@ def sign_table(runs: dict) -> list:
     return out
 
 
-def doc(runs: dict, command: str, before: dict | None = None) -> str:
-    """The page, from the runs with the sign rule (runs) and those measured before it (before, BEFORE's JSON)."""
+def adaptive_lines(runs: dict) -> list:
+    """Per adaptive row: what the engine gave it (weight, distance ratio, status) over its runs, and its gaps."""
+    out = []
+    for row in (r for r in redteam.COLLUSION_ROWS if r.attack.kind in ADAPTIVE):
+        mine = [runs[key(row.name, s, "gm")] for s in SEEDS if key(row.name, s, "gm") in runs]
+        if not mine:
+            continue
+        statuses = sorted({rd["updates"][h]["status"] for r in mine for rd in attacked_rounds(r) for h in r["hostile"]})
+        ratios = [rd["sites"][h]["distance_ratio"] for r in mine for rd in attacked_rounds(r) for h in r["hostile"]]
+        g = gaps(runs, row.name, "gm", "gm")
+        out.append(
+            f"- {row.name}: {', '.join(statuses)} in every attacked round of {len(mine)} run(s); the attackers' "
+            f"weight together at most {max(max_share(r) for r in mine):.2f}; their distance to the reference "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x the median site's; paired gaps "
+            + ", ".join(f"s{s} {v:+.3f}" for s, v in g)
+            + (f" (mean {np.mean([v for _, v in g]):+.3f})" if len(g) > 1 else "")
+            + "."
+        )
+    if out:
+        out += [
+            "",
+            "Held on the mean only: the paired gap is within 0.02 over seeds 0-2, but two of three seeds lie near or "
+            "below -0.02, about what a rejected pair's lost data costs (seed 0: -0.025); nothing in the engine tells "
+            "the balanced point from an honest one, and the honest seed spread at this size (0.095) is what decides "
+            "the verdict.",
+        ]
+    return out
+
+
+def he_section(runs: dict) -> list:
+    """The two-colluder rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest
+    run with HE on (same seed)."""
+    h = runs.get(key("honest", 0, "gm+he"))
+    out = [
+        "",
+        "## With HE on (the classifier layers encrypted), seed 0",
+        "",
+        f"The classifier layers ({', '.join(redteam.HE_LAYERS)}) encrypted with a fresh CKKS key set, as hospitals "
+        "run with HE on: the server combines them homomorphically with the weights it chose from the clear body and "
+        "never sees them, so the direction rule (the classifier's cosine to the reference) has nothing to judge. "
+        "What it can judge is the clear body: the copy test (near-copies counted once), the distance to the "
+        "coordinate-median reference and the sign rule. The colluders craft the body from the honest sites' clear "
+        "bodies and send their own honestly trained encrypted head (they cannot read the honest heads either); "
+        "what a crafted encrypted head can do is the hospitals' check of the decrypted head (docs/redteam.md, "
+        "'encrypted-head scaling'). Honest run with HE on, seed 0: " + (f"{h['auroc']:.3f}." if h else "not measured."),
+        "",
+    ]
+    for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
+        run = runs.get(key(row.name, 0, "gm+he"))
+        if run is None:
+            continue
+        if honest_quarantined(run):
+            held = f"**NO**: honest site(s) {', '.join(honest_quarantined(run))} quarantined"
+        elif blocked_every_round(run):
+            held = "rejected with the reason in every round it attacked"
+        else:
+            held = "accepted" + (f", seed-0 gap {run['auroc'] - h['auroc']:+.3f} (one seed: not judged)" if h else "")
+        gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest with HE)" if h else ""
+        out.append(f"- **{row.name}**, HE on: AUROC {run['auroc']:.3f}{gap}; {held}. {summary(run)}")
+    return out if len(out) > 6 or h else []
+
+
+def larger_section(folder: Path) -> list:
+    """Each larger federation measured (folder/larger-*/, written by --per-site/--rounds/...): its size, the honest
+    seed spread, the cost of one run and the rows played there."""
+    out = []
+    for sub in sorted(folder.glob("larger-*")):
+        runs = load_runs(sub)
+        if not runs:
+            continue
+        size = next(iter(runs.values()))["size"]
+        honest = {s: runs[key("honest", s, "gm")] for s in SEEDS if key("honest", s, "gm") in runs}
+        spread = max(r["auroc"] for r in honest.values()) - min(r["auroc"] for r in honest.values())
+        out += [
+            "",
+            f"## A larger federation: {size['per_site']} images per hospital, {size['image_size']} px, "
+            f"{size['rounds']} rounds, test set of {size['num_test']} (docs/redteam_collusion/{sub.name}/)",
+            "",
+            "Honest runs: "
+            + ", ".join(f"seed {s} {r['auroc']:.3f} ({r['seconds']:.0f} s)" for s, r in honest.items())
+            + (
+                f". **Honest seed spread: {spread:.3f}** "
+                f"({'below' if spread < 0.03 else 'not below'} the issue's 0.03"
+                + (", from 3 seeds" if len(honest) == 3 else f", from only {len(honest)} seed(s)")
+                + ")."
+                if len(honest) > 1
+                else "."
+            ),
+            "",
+        ]
+        mine = [
+            v
+            for r in runs.values()
+            for rd in r["rounds"]
+            for st, v in rd["sites"].items()
+            if st not in r["hostile"] and v["sign_balance"] is not None
+        ]
+        if mine:
+            out += [
+                f"The honest sites there (every run, every round, {len(mine)} site-rounds): sign offsets at most "
+                f"{max(abs(v['sign_balance']) for v in mine):.3f} from the median site's, classifier cosines at least "
+                f"{min(v['head_cosine'] for v in mine if v['head_cosine'] is not None):+.2f}, distance ratios at most "
+                f"{max(v['distance_ratio'] for v in mine):.2f} (TrustPolicy: sign_balance_ok {SIGN_OK}, head_cosine_ok "
+                f"{TrustPolicy.head_cosine_ok}, ok_ratio {TrustPolicy.ok_ratio}); honest sites quarantined in any run "
+                f"there: {sorted({s for r in runs.values() for s in honest_quarantined(r)}) or 'none'}.",
+                "",
+            ]
+        for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
+            run = runs.get(key(row.name, 0, "gm"))
+            if run is None:
+                continue
+            text, _ = verdict(runs, row.name)
+            h = honest.get(0)
+            gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest)" if h else ""
+            out.append(f"- **{row.name}**: AUROC seed 0 {run['auroc']:.3f}{gap}; held: {text}. {summary(run)}")
+    return out
+
+
+def doc(runs: dict, command: str, before: dict | None = None, folder: Path | None = None) -> str:
+    """The page, from the runs with the sign rule (runs) and those measured before it (before, BEFORE's JSON);
+    folder: where the larger federations' runs are (its larger-* subfolders)."""
     before = before or {}
     honest = {s: runs[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in runs}
     old_honest = {s: before[key("honest", s, "gm")]["auroc"] for s in SEEDS if key("honest", s, "gm") in before}
-    spread = max(old_honest.values()) - min(old_honest.values()) if len(old_honest) > 1 else float("nan")
+    spread = max(honest.values()) - min(honest.values()) if len(honest) > 1 else float("nan")
     mine = [r for r in runs.values() if r["rules"] == "gm"]  # fedavg's runs predate the rule, which it does not use
     seconds = sum(r["seconds"] for r in mine)
     lines = [
         "# Red team: two colluding hospitals of five (issue 28)",
         "",
-        f"Command: `{command}` (two workers sharing one queue, each run written to docs/redteam_collusion/*.json "
+        f"Command: `{command}` (one or two workers sharing one queue, each run written to docs/redteam_collusion/*.json "
         "as it finished; this page is regenerated from them by `python scripts/redteam_collusion.py --doc`). "
         f"{len(mine)} runs with the sign rule, {seconds:.0f} s of run time in all, under `nice -n 10` on a 2-core "
-        "CPU shared with four other agents' jobs (one run takes ~90 s alone, 5 to 24 min here). The runs measured "
+        "CPU shared with four other agents' jobs (one run takes ~90 s alone, 2 to 24 min here). The runs measured "
         f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below.",
         "",
         f"Federation: the red team's default (fedmed-redteam): {SIZE['honest']} honest hospitals and one hostile of "
@@ -345,7 +506,8 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         f"quarantine, judged by the coordinate median of the sites, **HE off**; global test set of "
         f"{SIZE['num_test']} images. The attackers are honest in round 1 and attack from round "
         f"{SIZE['attack_from']}, each knowing the round's honest updates (omniscient). Rows '2 colluding' turn "
-        "honest-3 hostile too: 3 honest of 5. No larger federation was measured (not enough CPU in this session).",
+        "honest-3 hostile too: 3 honest of 5. A larger federation (the issue's spread target) and HE on: sections "
+        "below.",
         "",
         "The sign rule (fedmed.server.robust.sign_balance, since this page's runs): a site whose move's sign balance, "
         "(#coordinates up - #down) / #moved, lies 0.2 or more from the median site's scores 0 (rejected with the "
@@ -357,7 +519,8 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         + ", ".join(f"seed {s} {v:.3f}" for s, v in old_honest.items())
         + f". **Honest seed spread at this size: {spread:.3f}** (the issue asks for below 0.03: this size does "
         "not meet it, which is why accepted rows are judged by the *paired* gap, attacking minus honest on the "
-        "same seed, averaged over seeds 0, 1, 2, rather than against another seed's run).",
+        "same seed, averaged over seeds 0, 1, 2, rather than against another seed's run; the larger federation at "
+        "the end of this page is measured for that reason).",
         "",
         "Held: the attackers rejected, quarantined or refused with the reason in every round they attack (one seed "
         f"suffices: the reason is the criterion), or a mean paired gap of at least -{TOLERANCE} over seeds 0, 1, 2; "
@@ -375,11 +538,9 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == n):
             run = runs.get(key(row.name, 0, "gm"))
             text, held = verdict(runs, row.name)
-            old_text, old_held = verdict(before, row.name)
-            if held is None and old_held is not None and row.attack.kind not in IN_DISTRIBUTION:
-                # Rejected by the direction / distance rules before; the sign rule only adds a reason to reject.
-                text = "not re-run (held before, by rules the sign rule leaves unchanged)"
-                held = old_held
+            old_text, _ = verdict(before, row.name)
+            if row.attack.kind in ADAPTIVE:
+                old_text = "- (an attack on the sign rule: not played before it)"
             verdicts.append((row.name, held))
             did = summary(run) if run else "-"
             auc = f"{run['auroc']:.3f}" if run else "-"
@@ -402,6 +563,17 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
         "## The sign rule's statistic, measured",
         "",
         *sign_table(runs),
+        "",
+        "## The adaptive attacker (it knows the sign rule)",
+        "",
+        "fedmed.sim.attacks.sign_balanced_move: the ALIE (paper's z) and Min-Max inverse-std shifts, with each "
+        "coordinate pushed against the honest mean (mean - gamma * sign(mean) * std) and then the shift's sign "
+        "flipped on the fewest, least harmful coordinates that make the move's sign balance equal the median honest "
+        "site's. Its offsets above show what the sign rule sees of it; its rows in the table show what it costs.",
+        "",
+        *adaptive_lines(runs),
+        *he_section(runs),
+        *(larger_section(folder) if folder is not None else []),
     ]
     fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]
     if fed:
@@ -430,7 +602,25 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
                 continue
             text, _ = verdict(before, row.name, "gm+cc")
             lines.append(f"- {row.name}: with centred clipping (no sign rule) {text}.")
-    honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] != "fedavg"]
+    for row in (r for r in redteam.COLLUSION_ROWS if r.attack.kind in ADAPTIVE):
+        cc = {s: runs[key(row.name, s, "gm+cc")]["auroc"] for s in SEEDS if key(row.name, s, "gm+cc") in runs}
+        if not cc:
+            continue
+        vs = [(s, v - honest[s]) for s, v in cc.items() if s in honest]
+        vs_cc = [(s, v - cc_h[s]) for s, v in cc.items() if s in cc_h]
+        lines.append(
+            f"- **{row.name}, with centred clipping and the sign rule (measured now)**: AUROC "
+            + ", ".join(f"s{s} {v:.3f}" for s, v in cc.items())
+            + "; paired gap to the default honest run "
+            + ", ".join(f"s{s} {v:+.3f}" for s, v in vs)
+            + (f" (mean {np.mean([v for _, v in vs]):+.3f})" if vs else "")
+            + "; to the honest run with centred clipping (measured before the sign rule, which scores no honest site "
+            "below 1, so unchanged by it) "
+            + ", ".join(f"s{s} {v:+.3f}" for s, v in vs_cc)
+            + (f" (mean {np.mean([v for _, v in vs_cc]):+.3f})" if vs_cc else "")
+            + "."
+        )
+    honest_runs = [r for r in runs.values() if r["row"] is None and r["rules"] == "gm"]
     attacked = [
         {
             **r,
@@ -439,7 +629,7 @@ def doc(runs: dict, command: str, before: dict | None = None) -> str:
             ],
         }
         for r in runs.values()
-        if r["row"] is not None and r["rules"] != "fedavg"
+        if r["row"] is not None and r["rules"] == "gm"
     ]
     lines += [
         "",
@@ -464,11 +654,31 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=3600.0, help="start no run after this many seconds")
     p.add_argument("--doc", action="store_true", help="only regenerate the doc from the JSON")
     p.add_argument("--out", type=Path, default=Path("docs/redteam_collusion.md"))
+    p.add_argument(
+        "--per-site",
+        type=int,
+        default=SIZE["per_site"],
+        help="images per hospital (a larger size: "
+        "give its own --data and --runs, e.g. docs/redteam_collusion/larger-...)",
+    )
+    p.add_argument("--rounds", type=int, default=SIZE["rounds"])
+    p.add_argument("--image-size", type=int, default=SIZE["image_size"])
+    p.add_argument("--num-test", type=int, default=SIZE["num_test"])
     a = p.parse_args(argv)
+    for name in ("per_site", "rounds", "image_size", "num_test"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.rounds < SIZE["attack_from"]:
+        p.error(f"--rounds must be at least {SIZE['attack_from']} (the attackers attack from that round)")
     if not a.doc:
         measure(a)
-    command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500 (x2, each with its own --data copy)"
-    a.out.write_text(doc(load_runs(a.runs), command, load_runs(a.runs / BEFORE)))
+    if (a.per_site, a.rounds, a.image_size, a.num_test) != tuple(
+        SIZE[k] for k in ("per_site", "rounds", "image_size", "num_test")
+    ):
+        print(f"a larger federation: the page's section comes from {a.runs} when --doc runs on its parent")
+        return 0
+    command = "nice -n 10 python scripts/redteam_collusion.py --budget-s 3500"
+    a.out.write_text(doc(load_runs(a.runs), command, load_runs(a.runs / BEFORE), a.runs))
     return 0
 
 

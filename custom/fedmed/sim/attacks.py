@@ -19,10 +19,13 @@ ATTACKS = ("sign_flip", "scale", "gaussian_noise", "label_flip", "nan", "little_
 # another site's update). The red-team script plays them in-process (fedmed.sim.inprocess, apply_wire_attack); a
 # site's rehearsal config ("hostile" in fedmed_site.json) takes only ATTACKS.
 WIRE_ATTACKS = ("inflate_count", "bn_poison", "he_scale", "he_other_scale", "long_metric", "replay", "copy_site")
+# Adaptive attackers that know the sign rule (fedmed.server.robust.sign_balance): ALIE / Min-Max inverse-std whose
+# shift is sign-balanced (sign_balanced_move). Defined before COLLUDING_ATTACKS, which includes them.
+BALANCED = ("alie_balanced", "min_max_balanced")
 # Omniscient attacks from the robust-aggregation literature: every colluder knows the round's honest updates and
 # all colluders send one common point (each with its own BatchNorm statistics from its own training). Played by
 # fedmed.sim.inprocess after the honest sites have trained (craft_colluding).
-COLLUDING_ATTACKS = ("alie", "min_max_unit", "min_max_std", "min_sum_unit", "min_sum_std", "ipm")
+COLLUDING_ATTACKS = ("alie", "min_max_unit", "min_max_std", "min_sum_unit", "min_sum_std", "ipm") + BALANCED
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Attack:
     kind: one of ATTACKS.
     factor: sign_flip / scale multiply the update by -factor / factor; gaussian_noise uses factor x the update's
         RMS as noise std; little_is_enough shifts by factor (z) standard deviations (Baruch et al. 2019 use z ~ 1);
-        alie: z, where 0 means the paper's z for the federation's size (alie_z); ipm: epsilon.
+        alie / alie_balanced: z, where 0 means the paper's z for the federation's size (alie_z); ipm: epsilon.
     seed: noise seed.
     """
 
@@ -117,18 +120,20 @@ def alie_z(n_sites: int, n_hostile: int) -> float:
     return float(NormalDist().inv_cdf((n_sites - s) / n_sites))
 
 
-def _search_gamma(honest: np.ndarray, mean: np.ndarray, dev: np.ndarray, objective: str) -> float:
+def _search_gamma(honest: np.ndarray, mean: np.ndarray, dev: np.ndarray, objective: str, point=None) -> float:
     """The largest gamma with mean - gamma * dev still inside the honest sites' own spread, by the authors' binary
     search (Shejwalkar and Houmansadr, "Manipulating the Byzantine", NDSS 2021): min_max keeps the largest distance
     to an honest update at most the largest honest pairwise distance; min_sum keeps the sum of squared distances
     at most the largest honest site's. Their search starts at gamma = 10 in their models' units; here it starts at
-    the honest bound over |dev| (scale-free), and halves the step 30 times as theirs does to 1e-5."""
+    the honest bound over |dev| (scale-free), and halves the step 30 times as theirs does to 1e-5. point: gamma ->
+    the crafted move, when it is not mean - gamma * dev (the sign-balanced attack re-chooses its signs per gamma)."""
+    point = point or (lambda gamma: mean - gamma * dev)
     sq = np.sum(honest * honest, axis=1)
     pair = np.maximum(sq[:, None] + sq[None, :] - 2.0 * honest @ honest.T, 0.0)
     bound = float(np.sqrt(pair.max())) if objective == "min_max" else float(pair.sum(axis=1).max())
 
     def fits(gamma):
-        d2 = np.sum((honest - (mean - gamma * dev)) ** 2, axis=1)
+        d2 = np.sum((honest - point(gamma)) ** 2, axis=1)
         return (float(np.sqrt(d2.max())) if objective == "min_max" else float(d2.sum())) <= bound
 
     norm = float(np.linalg.norm(dev))
@@ -153,7 +158,8 @@ def craft_colluding(
     many colluders the federation has (the paper's z depends on it).
     alie: mean - z * std per coordinate (Baruch et al. 2019). min_max_* / min_sum_*: mean - gamma * dev with dev
     the unit vector of the mean (unit) or the per-coordinate std (std, the authors' "inverse std" perturbation),
-    gamma by _search_gamma. ipm: -epsilon * mean (Xie, Koyejo and Gupta, "Fall of Empires", UAI 2019)."""
+    gamma by _search_gamma. ipm: -epsilon * mean (Xie, Koyejo and Gupta, "Fall of Empires", UAI 2019).
+    alie_balanced / min_max_balanced: the same shifts, sign-balanced against the sign rule (sign_balanced_move)."""
     if not attack.omniscient:
         raise ValueError(f"{attack.kind} is not a colluding attack; one of {COLLUDING_ATTACKS}")
     if len(honest) < 2:
@@ -173,6 +179,12 @@ def craft_colluding(
         move = mean - z * std
     elif kind == "ipm":
         move = -attack.factor * mean
+    elif kind in BALANCED:
+        point = sign_balanced_move(x, g)
+        if kind == "alie_balanced":
+            move = point(attack.factor if attack.factor > 0 else alie_z(len(honest) + n_hostile, n_hostile))
+        else:
+            move = point(_search_gamma(x, mean, std, "min_max", point))
     else:
         objective, direction = kind.rsplit("_", 1)
         norm = float(np.linalg.norm(mean))
@@ -184,3 +196,36 @@ def craft_colluding(
         out[k] = (g[start : start + n] + move[start : start + n]).reshape(ref.shape).astype(ref.dtype)
         start += n
     return out
+
+
+def _balance(move: np.ndarray, g: np.ndarray) -> tuple[int, int]:
+    """(#coordinates up, #down) of g + move as sent (float32, as the server's sign rule compares them)."""
+    sent, start = (g + move).astype(np.float32), g.astype(np.float32)
+    return int(np.count_nonzero(sent > start)), int(np.count_nonzero(sent < start))
+
+
+def sign_balanced_move(honest: np.ndarray, g: np.ndarray):
+    """gamma -> mean - gamma * (s * std), the adaptive attacker's move: it knows the sign rule (whose statistic,
+    (#up - #down) / #moved, the plain ALIE / Min-Max inverse-std shift betrays by lowering nearly every coordinate).
+    s_i = sign(mean_i): every coordinate is pushed against the honest mean (the harm: the aggregate's progress
+    undone), so the move goes up about as often as down; then, to match the median honest site's balance exactly
+    (what the server compares against), s is flipped on the fewest coordinates that fix the count, those where the
+    push undoes the least (smallest std_i * |mean_i|) first. honest: the honest moves (sites x coordinates, float64);
+    g: the global model's trainable coordinates."""
+    mean, std = honest.mean(axis=0), honest.std(axis=0)
+    target = float(np.median([(np.sum(x > 0) - np.sum(x < 0)) / max(np.count_nonzero(x), 1) for x in honest]))
+    oppose = np.where(mean >= 0, 1.0, -1.0)
+    order = np.argsort(std * np.abs(mean), kind="stable")  # the cheapest coordinates to give up first
+
+    def point(gamma: float) -> np.ndarray:
+        s = oppose.copy()
+        move = mean - gamma * std * s
+        up, down = _balance(move, g)
+        need = int(round((target * (up + down) - (up - down)) / 2))  # > 0: turn that many downs into ups
+        # A flip turns mean_i - gamma std_i (down, mean_i > 0) into mean_i + gamma std_i (up), or the reverse.
+        flippable = (move < 0) & (mean > 0) if need > 0 else (move > 0) & (mean < 0)
+        chosen = order[flippable[order]][: abs(need)]
+        s[chosen] = -s[chosen]
+        return mean - gamma * std * s
+
+    return point

@@ -71,6 +71,9 @@ COLLUDING = (
     ("Min-Sum, inverse-std direction", Attack("min_sum_std")),
     ("IPM, eps 0.5", Attack("ipm", 0.5)),
     ("IPM, eps 100", Attack("ipm", 100.0)),
+    # Adaptive: they know the sign rule and balance their shift's signs (fedmed.sim.attacks.sign_balanced_move).
+    ("adaptive ALIE, paper's z, sign-balanced", Attack("alie_balanced", 0.0)),
+    ("adaptive Min-Max, inverse-std, sign-balanced", Attack("min_max_balanced")),
 )
 COLLUSION_ROWS = tuple(
     AttackRow(f"{name} ({'1 hostile site' if n == 1 else f'{n} colluding sites'})", attack, colluders=n)

@@ -22,9 +22,15 @@ honest run -0.009 AUROC and held one of the two rows it was measured on; a cap o
 inverse-std site its count share, which already cost -0.03 (the 1-site row accepted at weight 0.20). This rule does
 not change an honest round at all (no honest site is scored down, so the aggregate is the geometric median's).
 
-What it does not hold: an attacker who knows the rule can balance the signs of its shift (e.g. -gamma * std on half
-of the coordinates, +gamma * std on the other half), which also cancels most of the coherent push; such a point is
-only as harmful as its weight in the geometric median allows. See docs/THREAT_MODEL.md.
+What it does not hold: an attacker who knows the rule balances its shift's signs (fedmed.sim.attacks.
+sign_balanced_move: each coordinate pushed against the honest mean, the signs then matched to the median honest
+site's); the rule then sees nothing (offset 0.000). Such a point is bounded only by the other rules: the copy test
+counts the pair once, the geometric median weighs it (0.42 together for two colluders on the red team's federation:
+its central point earns the 1/distance reward back) and the cancelled push limits its harm. Measured
+(docs/redteam_collusion.md), two colluders of five: accepted every round, mean paired gap -0.006 (ALIE) and -0.003
+(Min-Max) over seeds 0-2, within the red team's 0.02 on the mean, but two of three seeds at -0.020 to -0.029; one
+adaptive ALIE hospital (z 0.25) sits at 0.25x the median site's distance and becomes the geometric median (weight
+0.996), -0.006 on the mean: bounded by its small shift, not by a rule. See docs/THREAT_MODEL.md.
 """
 
 from __future__ import annotations
