@@ -170,6 +170,9 @@ def plan_jobs(runs: dict) -> list:
     jobs += [(r, 0, "gm") for r in lone_adaptive]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
     jobs += [(r, 0, "gm+he") for r in he if r not in he_worst]
+    # An HE row accepted on seed 0 is judged as the others: its paired gap over seeds 0-2, against HE-on honest runs.
+    he_accepted = [r for r in he if accepted(r, "gm+he")]
+    jobs += [(x, s, "gm+he") for s in (1, 2) for x in ([None] if he_accepted else []) + he_accepted]
     done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])
@@ -395,11 +398,11 @@ def adaptive_lines(runs: dict) -> list:
 
 def he_section(runs: dict) -> list:
     """The two-colluder rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest
-    run with HE on (same seed)."""
+    run with HE on (same seed); a row accepted there is judged by its paired gap over the seeds measured."""
     h = runs.get(key("honest", 0, "gm+he"))
     out = [
         "",
-        "## With HE on (the classifier layers encrypted), seed 0",
+        "## With HE on (the classifier layers encrypted): seed 0, and seeds 1-2 for a row accepted on seed 0",
         "",
         f"The classifier layers ({', '.join(redteam.HE_LAYERS)}) encrypted with a fresh CKKS key set, as hospitals "
         "run with HE on: the server combines them homomorphically with the weights it chose from the clear body and "
@@ -420,7 +423,7 @@ def he_section(runs: dict) -> list:
         elif blocked_every_round(run):
             held = "rejected with the reason in every round it attacked"
         else:
-            held = "accepted" + (f", seed-0 gap {run['auroc'] - h['auroc']:+.3f} (one seed: not judged)" if h else "")
+            held = verdict(runs, row.name, "gm+he")[0]
         gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest with HE)" if h else ""
         out.append(f"- **{row.name}**, HE on: AUROC {run['auroc']:.3f}{gap}; {held}. {summary(run)}")
     return out if len(out) > 6 or h else []
