@@ -44,7 +44,7 @@ from fedmed.data.synthetic import (
 )
 from fedmed.job.tasks import CHEST_XRAY14
 from fedmed.learning.algorithms import FedAlgorithm, ServerOptimizer
-from fedmed.learning.training import evaluate
+from fedmed.learning.training import evaluate, round_share
 from fedmed.models.network import build_densenet121, load_numpy_state
 from fedmed.sim.inprocess import FederationPlan, federate
 from fedmed.site.site_config import DataConfig
@@ -84,9 +84,8 @@ class RoundShards(torch.utils.data.Dataset):
 
     def _share(self) -> np.ndarray:
         r = self.clock.round
-        if self._cached[0] != r:
-            rng = np.random.default_rng([self.seed, len(self.base), r // self.k])
-            self._cached = (r, np.array_split(rng.permutation(len(self.base)), self.k)[r % self.k])
+        if self._cached[0] != r:  # the job option's shares (rounds_per_epoch), keyed by the bench's round clock
+            self._cached = (r, round_share(len(self.base), r, self.k, self.seed))
         return self._cached[1]
 
     def __len__(self) -> int:
