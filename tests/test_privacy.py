@@ -199,14 +199,14 @@ def test_an_empty_batch_moves_the_weights_by_the_noise_alone():
 
 def test_a_round_that_takes_a_share_of_an_epoch_runs_and_is_charged_that_share_of_the_steps(tiny):
     """rounds_per_epoch 4: each round runs ceil(4 / 4) = 1 of the epoch's 4 Poisson draws (24 images, batch 6), at
-    the epoch's own rate; the accountant holds exactly the steps that ran, and the noise calibrated for the job's 8
-    rounds x 1 step spends the ceiling by its last round."""
+    the epoch's own rate; the accountant holds exactly the steps that ran, and the noise calibrated for the job's 5
+    rounds x 1 step (a cycle and a round of the next) spends the ceiling by its last round."""
     site = SitePrivacy(PrivacyPolicy(epsilon=3.0))
     model = build_densenet121(14, norm="group")
-    settings = LocalTraining(1, 1e-3, 6, total_epochs=8, rounds_per_epoch=4)
-    for _ in range(8):
+    settings = LocalTraining(1, 1e-3, 6, total_epochs=5, rounds_per_epoch=4)
+    for _ in range(5):
         model, info = site.train_round(model, tiny, settings, task=CHEST_XRAY14)
         assert info.steps == 1
-    assert sum(n for _, _, n in site.accountant.history) == 8
+    assert sum(n for _, _, n in site.accountant.history) == 5
     assert {q for _, q, _ in site.accountant.history} == {6 / 24}
     assert info.epsilon == pytest.approx(3.0, rel=0.02) and info.epsilon <= 3.0 * 1.000001
