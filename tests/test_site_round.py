@@ -160,3 +160,20 @@ def test_a_site_with_rounds_per_epoch_trains_each_round_on_its_share_and_every_i
     n = len(site.train)
     assert {len(s) for s in seen} <= {n // 2, n - n // 2} and not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(n))
+
+
+def test_a_site_with_fewer_images_than_rounds_per_epoch_refuses_the_round_with_the_reason(tiny_hospitals):
+    """A job whose rounds_per_epoch exceeds a hospital's training images: that site refuses each round, naming the
+    setting and its image count (recorded by the server as refused), instead of failing inside training."""
+    import dataclasses
+
+    site, params = _site_and_model(tiny_hospitals)
+    k = len(site.train) + 1
+    site.training = dataclasses.replace(site.training, rounds_per_epoch=k)
+    messages = []
+    update = site_round.run_round(site, site_round.GlobalModel(params, 0, 4), log=messages.append)
+    reason = update.meta[C.META_REFUSED]
+    assert update.params is None and f"rounds_per_epoch {k}" in reason and f"({len(site.train)})" in reason
+    assert any("refusing round" in m for m in messages)
+    loaded = site.model.state_dict()  # the global model as offered: nothing was trained on it
+    assert all(np.array_equal(loaded[n].numpy(), np.asarray(params[n])) for n in params)

@@ -235,6 +235,14 @@ def run_round(
         )
         log(f"site {site.name}: refusing round: {reason}")
         return _refusal(site, reason)
+    k, images = site.training.rounds_per_epoch, len(site.train)
+    if k > images:  # a share of under one image a round: refused with the reason, not an exception at the server
+        reason = (
+            f"the job's rounds_per_epoch {k} splits an epoch into more shares than this site has training images "
+            f"({images}); a round would train on nothing"
+        )
+        log(f"site {site.name}: refusing round: {reason}")
+        return _refusal(site, reason)
     if isinstance(offer.receipt, Mapping):
         site.last_receipt = dict(offer.receipt)
     try:
