@@ -112,3 +112,34 @@ def test_median_of_statistics_equals_numpys_median_layer_by_layer(k):
         old = np.rint(med).astype(ref.dtype) if ref.dtype.kind == "i" else med.astype(ref.dtype)
         assert value.dtype == ref.dtype and value.shape == ref.shape
         np.testing.assert_array_equal(value, old)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda w: w.astype(np.complex64),
+        lambda w: w.astype(object),
+        lambda w: np.array(["0.1"] * w.size).reshape(w.shape),
+    ],
+    ids=["complex", "object", "text"],
+)
+def test_an_update_whose_values_are_not_real_numbers_is_rejected_by_the_round_with_the_reason(bad):
+    """A hostile site's update in a dtype no model holds, with the right names and shapes: the round rejects it with
+    the parameter and dtype named (it used to crash the screening pass) and aggregates the honest sites."""
+    from fedmed.server.rounds import RoundEngine, RoundRules, SiteResult
+
+    glob = {"w": np.zeros(2000, np.float32), "b": np.zeros(4, np.float32)}
+    rng = np.random.default_rng(0)
+    sites = [
+        SiteResult(
+            f"h{i}", {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in glob.items()}, 10
+        )
+        for i in range(3)
+    ]
+    hostile = dict(sites[0].params, w=bad(sites[0].params["w"]))
+    assert find_update_problem(hostile, glob).startswith("parameter w: dtype ")
+    engine = RoundEngine(RoundRules(aggregation="geometric_median", min_clients=2))
+    report = engine.step(0, glob, sites + [SiteResult("evil", hostile, 10)], [])
+    evil = next(u for u in report.updates if u.site == "evil")
+    assert evil.status == "rejected" and "is not a real number type" in evil.reason, evil
+    assert {u.site for u in report.updates if u.status == "accepted"} == {"h0", "h1", "h2"}

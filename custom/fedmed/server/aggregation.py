@@ -213,6 +213,9 @@ def find_update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str
         v = np.asarray(update[k])
         if v.shape != np.shape(ref):
             return f"parameter {k}: shape {v.shape}, expected {np.shape(ref)}"
+        if v.dtype.kind not in "biuf":  # complex, text, objects: no model holds them and no pass can read them
+            expected = np.asarray(ref).dtype
+            return f"parameter {k}: dtype {v.dtype} is not a real number type (the global model's is {expected})"
         # dtype.kind "f" is np.issubdtype(dtype, np.floating) without its ~2 us a call (x 600 layers x K sites)
         if v.dtype.kind == "f" and has_non_finite(v):  # one sum, not a boolean array (fedmed.server.passes)
             return f"parameter {k}: contains NaN or Inf"
