@@ -155,12 +155,17 @@ def geometric_median(
     eps: float = 1e-6,
     maxiter: int = 100,
     ftol: float = 1e-10,
+    gram: np.ndarray | None = None,
 ) -> MedianResult:
     """Weighted geometric median of whole updates (all floating-point parameters flattened into one vector).
 
     Non-trainable state (BatchNorm running mean/var, num_batches_tracked) is not part of the distance; it is
     combined with the same final Weiszfeld weights, so a site the median discounts does not steer the statistics
     either.
+
+    gram: the K x K Gram matrix of the updates' distance_keys centred on any one point, when a pass over the
+    updates already formed it (fedmed.server.passes.reference_pass: the round engine's); None forms it here
+    (centred_gram). Distances between convex combinations do not depend on the centre.
     """
     if not updates:
         raise ValueError("cannot aggregate zero updates")
@@ -172,6 +177,11 @@ def geometric_median(
         raise ValueError(f"ftol must be > 0, got {ftol}")
     w = _normalised(weights, len(updates))
     keys = distance_keys(updates[0])
-    gram = centred_gram(updates, w, keys)
+    if gram is None:
+        gram = centred_gram(updates, w, keys)
+    else:
+        gram = np.asarray(gram, np.float64)
+        if gram.shape != (len(updates), len(updates)) or not np.isfinite(gram).all():
+            raise ValueError(f"gram must be a finite {len(updates)} x {len(updates)} matrix, got shape {gram.shape}")
     beta, d, iterations, converged = weiszfeld_on_gram(gram, w, eps, maxiter, ftol)
     return MedianResult(combine(updates, beta), beta, d, iterations, converged)
