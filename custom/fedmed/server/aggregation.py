@@ -86,19 +86,16 @@ def check_same_keys_and_shapes(updates: Sequence[Mapping[str, np.ndarray]]) -> N
     if not updates:
         raise ValueError("cannot aggregate zero updates")
     ref = updates[0]
-    shapes = {k: _shape(v) for k, v in ref.items()}
+    shapes = {k: np.shape(v) for k, v in ref.items()}
+    array = np.ndarray
     for i, u in enumerate(updates[1:], start=1):
         if u.keys() != ref.keys():
             diff = sorted(set(u) ^ set(ref))[:5]
             raise ValueError(f"update {i} has different parameter names than update 0: {diff}")
         for k, v in u.items():
-            if _shape(v) != shapes[k]:
+            # an array's own attribute: np.shape's dispatch cost ~3 us a call, 0.25 s of CPU at 50 x 700 layers
+            if (v.shape if type(v) is array else np.shape(v)) != shapes[k]:
                 raise ValueError(f"update {i}: parameter {k} has shape {np.shape(v)}, update 0 has {shapes[k]}")
-
-
-def _shape(v) -> tuple:
-    # an array's own attribute: np.shape's dispatch cost ~3 us a call, 0.25 s of CPU at 50 sites x 700 layers
-    return v.shape if isinstance(v, np.ndarray) else np.shape(v)
 
 
 def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> AggregationResult:
