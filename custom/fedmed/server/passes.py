@@ -243,6 +243,8 @@ def _group_mean(flat: list, group: Sequence[int]) -> np.ndarray:
 
 def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups) -> tuple:
     """reference_pass over some of the keys, one thread: (reference part, Gram part)."""
+    from fedmed.server.robust.collusion import SORT_NETWORK_MAX, _median_rows  # it imports this module
+
     k = len(updates)
     singles, multi = _votes(k, groups)
     gram = np.zeros((k, k), np.float64)
@@ -256,10 +258,20 @@ def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequen
         dtype = np.result_type(*rows)  # the median's dtype, as _median_rows gives it
         work = np.promote_types(np.result_type(*flat), np.float32)  # the Gram's: float32 for float32 updates
         res = np.empty(ref.size, ref.dtype)
-        block_of = np.empty((min(ref.size, REFERENCE_CHUNK), k), work)
+        few = len(rows) <= SORT_NETWORK_MAX
+        # few votes: sites x coordinates (contiguous copies; its transpose is the block), _median_rows' network
+        block_of = np.empty((k, REFERENCE_CHUNK) if few else (min(ref.size, REFERENCE_CHUNK), k), work)
         sorted_of = np.empty((min(ref.size, REFERENCE_CHUNK), len(rows)), dtype)
         for start in range(0, ref.size, REFERENCE_CHUNK):
             stop = min(ref.size, start + REFERENCE_CHUNK)
+            if few:  # a sort of a few values per coordinate costs more than the network's element-wise passes
+                block = block_of[:, : stop - start]
+                for i, f in enumerate(flat):
+                    block[i] = f[start:stop]
+                med = _median_rows([r[start:stop] for r in rows])
+                res[start:stop] = med
+                gram += _centred_block_gram(block.T, med.astype(work), flat, (start, stop))
+                continue
             block, votes = block_of[: stop - start], sorted_of[: stop - start]
             for i, f in enumerate(flat):  # the one transposing gather of this block: coordinates x sites
                 block[:, i] = f[start:stop]
