@@ -129,14 +129,19 @@ def _normalised(weights: Sequence[float], k: int) -> np.ndarray:
 
 
 def _combine_keys(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray, keys: list[str]) -> dict:
-    acc = {k: np.empty(np.asarray(updates[0][k]).size, np.float64) for k in keys}
+    # Floating-point parameters: each chunk's float64 sum cast straight into the result (the values a float64 copy
+    # of the whole parameter cast afterwards gives, without its allocation and second pass); integers rounded.
+    acc = {}
+    for k in keys:
+        ref = np.asarray(updates[0][k])
+        acc[k] = np.empty(ref.size, ref.dtype if ref.dtype.kind == "f" else np.float64)
     for key, sl, block in _blocks(updates, keys):
         acc[key][sl] = beta @ block
     out = {}
     for key in keys:
         ref = np.asarray(updates[0][key])
         a = acc.pop(key).reshape(ref.shape)
-        out[key] = np.rint(a).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else a.astype(ref.dtype)
+        out[key] = a if ref.dtype.kind == "f" else np.rint(a).astype(ref.dtype)
     return out
 
 
