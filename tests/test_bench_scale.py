@@ -36,6 +36,17 @@ def test_round_engine_part_writes_a_row_per_site_count_and_a_plot(tmp_path):
     assert set(modes) == {"default", "one-thread", "oversubscribed"}
     assert modes["one-thread"][4] == "1.00x" and all(float(r[3]) > 0 for r in modes.values())
     assert out.with_suffix(".png").stat().st_size > 1000
+    # per-phase CPU of the last round of each K: the phases the engine runs, and a step that holds them all
+    phases = {r[0]: r[1:] for r in _rows(text, "| ") if len(r) == 3 and not r[0].startswith("-")}
+    for label in (
+        "screening (checks, SHA-256, norm, signs, sketch, finiteness)",
+        "combine (the median's weighted sum)",
+    ):
+        assert all(float(c.split()[0]) >= 0 for c in phases[label])
+    reference = "reference pass (coordinate median, distances to it, Gram matrix)"
+    steps = [float(c.split()[0].strip("*")) for c in phases["**step**"]]
+    assert all(float(c.split()[0]) >= 0 for c in phases[reference])
+    assert all(step >= float(c.split()[0]) for step, c in zip(steps, phases[reference]))
 
 
 def test_bad_options_are_named(capsys):

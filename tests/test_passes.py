@@ -164,3 +164,150 @@ def test_update_pass_names_the_layers_find_update_problem_would_reject():
     huge = {k: v.copy() for k, v in reference.items()}
     huge["conv.weight"][:] = np.float32(3e38)  # finite, but the float32 sums of squares overflow
     assert update_pass(huge, reference, keys).non_finite == frozenset()
+
+
+# -- reference_pass: the judging reference, the distances to it and the Gram matrix in one blocked pass -----------
+
+
+def cloud(rng, k: int, size: int = 2 * 4096 + 37) -> list:
+    """k float32 updates over two parameters, the larger spanning several of reference_pass's blocks."""
+    return [
+        {
+            "a": rng.standard_normal((size, 1)).astype(np.float32),
+            "b.weight": (0.1 * rng.standard_normal((7, 3))).astype(np.float32),
+        }
+        for _ in range(k)
+    ]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 16, 17, 50, 51])
+@pytest.mark.parametrize("groups", [[], [[0, 1]], [[2, 0], [1]]])
+def test_reference_pass_gives_the_coordinate_median_reference_bit_for_bit(k, groups):
+    from fedmed.server.passes import reference_pass
+    from fedmed.server.robust.collusion import coordinate_median_reference
+
+    groups = [g for g in groups if max(g) < k]
+    rng = np.random.default_rng(k)
+    ups = cloud(rng, k)
+    ups[0]["a"][:50] = 1.5  # ties
+    keys = ["a", "b.weight"]
+    found = reference_pass(ups, keys, groups)
+    want = coordinate_median_reference(ups, keys, groups)
+    for key in keys:
+        assert found.reference[key].dtype == want[key].dtype and found.reference[key].shape == want[key].shape
+        np.testing.assert_array_equal(found.reference[key], want[key])
+    # the Gram matrix is centred on the reference: its diagonal is each update's squared distance to it
+    wanted = [distance(u, want, keys) for u in ups]
+    np.testing.assert_allclose(found.distances, wanted, rtol=1e-6)
+
+
+def pairwise(gram: np.ndarray) -> np.ndarray:
+    d = np.diag(gram)
+    return np.sqrt(np.maximum(d[:, None] + d[None, :] - 2 * gram, 0.0))
+
+
+@pytest.mark.parametrize("far", [0.0, 1e2, 1e4, 1e6])
+def test_reference_pass_gram_gives_float64s_weiszfeld_weights_with_far_outliers(far):
+    """The float32 Gram matrix centred on the coordinate median against the float64 one centred on the mean
+    (fedmed.server.robust.geometric_median.centred_gram): pairwise distances to 1e-5 relative, the Weiszfeld
+    weights to 1e-6 and the median itself to 1e-6 of the honest spread, with two outliers up to 1e6 away (where a
+    float32 Gram centred on the mean lost the honest sites' distances: docs/bench_scale.md)."""
+    from fedmed.server.passes import reference_pass
+    from fedmed.server.robust.geometric_median import centred_gram, geometric_median, weiszfeld_on_gram
+
+    rng = np.random.default_rng(7)
+    ups = cloud(rng, 9)
+    for u, sign in zip(ups[:2], (1, -1)):
+        u["a"] += np.float32(sign * far)
+    keys = ["a", "b.weight"]
+    w = np.full(len(ups), 1 / len(ups))
+    found = reference_pass(ups, keys)
+    exact = centred_gram(ups, w, keys)
+    np.testing.assert_allclose(pairwise(found.gram), pairwise(exact), rtol=1e-5, atol=1e-6 * (1 + far))
+    beta32, *_ = weiszfeld_on_gram(found.gram, w)
+    beta64, *_ = weiszfeld_on_gram(exact, w)
+    np.testing.assert_allclose(beta32, beta64, atol=1e-6)
+    fast, slow = geometric_median(ups, w, gram=found.gram), geometric_median(ups, w)
+    for key in keys:
+        np.testing.assert_allclose(fast.median[key], slow.median[key], atol=1e-6)
+
+
+def test_reference_pass_redoes_a_block_in_float64_where_float32_squares_overflow():
+    from fedmed.server.passes import reference_pass
+
+    rng = np.random.default_rng(8)
+    ups = cloud(rng, 5)
+    ups[3]["a"][5] = np.float32(3e37)  # squared: beyond float32's range
+    ups[4]["a"][9] = np.float32(-3e37)
+    keys = ["a", "b.weight"]
+    found = reference_pass(ups, keys)
+    assert np.isfinite(found.gram).all()
+    x = np.stack([np.concatenate([u[k].reshape(-1).astype(np.float64) for k in keys]) for u in ups])
+    exact = np.array([[np.linalg.norm(a - b) for b in x] for a in x])  # centring on the mean loses the small ones
+    np.testing.assert_allclose(pairwise(found.gram), exact, rtol=1e-6)
+
+
+def test_reference_pass_keeps_float64_updates_in_float64():
+    from fedmed.server.passes import reference_pass
+    from fedmed.server.robust.geometric_median import centred_gram
+
+    rng = np.random.default_rng(9)
+    ups = [{"a": 1e8 + rng.standard_normal(300)} for _ in range(6)]  # a large common offset
+    found = reference_pass(ups, ["a"])
+    assert found.reference["a"].dtype == np.float64
+    np.testing.assert_allclose(pairwise(found.gram), pairwise(centred_gram(ups, np.full(6, 1 / 6), ["a"])), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("groups", "match"), [([[0, 9]], "outside 0..2"), ([[]], "names no update"), ([[-1, 0]], "outside 0..2")]
+)
+def test_reference_pass_refuses_groups_that_name_no_update(groups, match):
+    from fedmed.server.passes import reference_pass
+
+    with pytest.raises(ValueError, match=match):
+        reference_pass(cloud(np.random.default_rng(0), 3, 10), ["a"], groups)
+    with pytest.raises(ValueError, match="zero updates"):
+        reference_pass([], ["a"])
+
+
+def test_geometric_median_refuses_a_gram_of_the_wrong_shape_or_not_finite():
+    from fedmed.server.robust.geometric_median import geometric_median
+
+    ups = cloud(np.random.default_rng(1), 3, 10)
+    with pytest.raises(ValueError, match="finite 3 x 3"):
+        geometric_median(ups, [1, 1, 1], gram=np.eye(2))
+    with pytest.raises(ValueError, match="finite 3 x 3"):
+        geometric_median(ups, [1, 1, 1], gram=np.full((3, 3), np.nan))
+
+
+@pytest.mark.parametrize("kind", ["alie", "min_max_unit", "min_sum_std", "ipm", "alie_balanced"])
+def test_reference_pass_gram_agrees_with_float64_on_colluding_attacks(kind):
+    """The red team's colluding attacks (fedmed.sim.attacks.craft_colluding: 3 colluders at one crafted point, each
+    with a little noise of its own, among 7 honest non-IID-ish sites): the geometric median from reference_pass's
+    Gram matrix against the all-float64 one: Weiszfeld weights within 1e-5 relative (the colluders, 1e-4 apart and
+    carrying most of the weight, are where float32's products lose most: measured 7e-6), the median within 1e-6 of
+    the honest spread (measured: one float32 rounding of the result)."""
+    from fedmed.server.passes import reference_pass
+    from fedmed.server.robust.geometric_median import distance_keys, geometric_median
+    from fedmed.sim.attacks import Attack, craft_colluding
+
+    rng = np.random.default_rng(11)
+    glob = {"a": rng.normal(0, 0.05, (4096 * 2 + 37,)).astype(np.float32), "b": np.zeros((5, 5), np.float32)}
+    drift = {k: rng.normal(0, 0.01, v.shape) for k, v in glob.items()}
+    honest = [
+        {k: (v + drift[k] * (1 + i % 3) + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in glob.items()}
+        for i in range(7)
+    ]
+    point = craft_colluding(honest, glob, Attack(kind, 0.0 if kind.startswith("alie") else 1.0), 3)
+    hostile = [{k: (v + rng.normal(0, 1e-4, v.shape)).astype(np.float32) for k, v in point.items()} for _ in range(3)]
+    ups = honest + hostile
+    keys = distance_keys(glob)
+    w = rng.uniform(1, 3, len(ups))
+    w /= w.sum()
+    found = reference_pass(ups, keys, [[7, 8, 9]])  # the colluders voting once, as the engine counts a near-copy group
+    fast, slow = geometric_median(ups, w, gram=found.gram), geometric_median(ups, w)
+    assert fast.iterations == slow.iterations
+    np.testing.assert_allclose(fast.site_weights, slow.site_weights, rtol=1e-5, atol=1e-7)
+    spread = float(np.std([u["a"] for u in honest]))
+    for key in keys:
+        np.testing.assert_allclose(fast.median[key], slow.median[key], atol=1e-6 * spread)

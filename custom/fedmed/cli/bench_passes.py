@@ -13,6 +13,7 @@ by construction. The digests and norms are checked equal.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 import tracemalloc
@@ -24,10 +25,16 @@ from fedmed.cli.bench_scale import site_updates
 from fedmed.cli.bench_sim import load_average
 from fedmed.models.hashing import model_sha256
 from fedmed.models.network import build_densenet121, state_to_numpy
-from fedmed.server.parallel import limited_blas
-from fedmed.server.passes import has_non_finite, hash_and_norm, squared_distance
-from fedmed.server.robust.collusion import MEDIAN_CHUNK, _median_rows
-from fedmed.server.robust.geometric_median import centred_gram, combine, distance_keys, key_groups
+from fedmed.server.parallel import limited_blas, thread_map
+from fedmed.server.passes import has_non_finite, hash_and_norm, reference_pass, squared_distance
+from fedmed.server.robust.collusion import MEDIAN_CHUNK, _median_rows, coordinate_median_reference
+from fedmed.server.robust.geometric_median import (
+    centred_gram,
+    combine,
+    distance_keys,
+    key_groups,
+    weiszfeld_on_gram,
+)
 
 
 def two_pass_distance(update, center, keys) -> float:
@@ -85,11 +92,98 @@ def judging_median(updates, keys, repeats: int) -> list:
     ]
 
 
+def reference_lines(updates, keys, repeats: int) -> list:
+    """The judging reference, the distances to it and the Gram matrix: three passes before issue 30's fourth pass
+    (coordinate_median_reference, then a distance per update, then centred_gram in float64 centred on the mean)
+    against fedmed.server.passes.reference_pass, interleaved, process CPU seconds on the server's threads as the round
+    engine runs them; the references checked equal, the Weiszfeld weights within 1e-6."""
+    k = len(updates)
+    w = np.full(k, 1.0 / k)
+
+    def separate():
+        ref = coordinate_median_reference(updates, keys)
+        thread_map(lambda u: squared_distance(u, ref, keys), updates)
+        return ref, centred_gram(updates, w, keys)
+
+    def fused():
+        found = reference_pass(updates, keys)
+        return found.reference, found.gram
+
+    times: dict = {"separate": [], "fused": []}
+    for _ in range(repeats):
+        for name, fn in (("separate", separate), ("fused", fused)):
+            c = time.process_time()
+            got = fn()
+            times[name].append(time.process_time() - c)
+            if name == "separate":
+                want = got
+    (ref_a, gram_a), (ref_b, gram_b) = want, got
+    if any(not np.array_equal(ref_a[x], ref_b[x]) for x in keys):
+        raise RuntimeError("reference_pass's reference differs from coordinate_median_reference's")
+    beta_a, beta_b = weiszfeld_on_gram(gram_a, w)[0], weiszfeld_on_gram(gram_b, w)[0]
+    gap = float(np.max(np.abs(beta_a - beta_b)))
+    if gap > 1e-6:
+        raise RuntimeError(f"Weiszfeld weights from reference_pass's Gram differ by {gap:.2g}")
+    a, b = (sorted(times[x])[repeats // 2] for x in ("separate", "fused"))
+    return [
+        "",
+        f"Judging reference + distances to it + Gram matrix of the {k} updates, the server's threads, median of "
+        f"{repeats} interleaved repetitions: three passes (coordinate_median_reference, squared_distance per "
+        f"update, float64 centred_gram) {a:.2f} s CPU; reference_pass {b:.2f} s ({a / b:.2f}x, {a - b:+.2f} s "
+        f"saved). The same reference bit for bit; Weiszfeld weights within {gap:.1e}.",
+    ]
+
+
+def floor_lines(updates, keys) -> list:
+    """What the round's unavoidable work costs on this machine, one core: reading memory, SHA-256, the float32
+    syrk of a (4096 x K) block (the Gram's shape), numpy's sort of K values per coordinate (the median)."""
+    k = len(updates)
+    big = max(keys, key=lambda x: updates[0][x].size)
+    rows = [u[big].reshape(-1) for u in updates]
+    with limited_blas(1):
+        c = time.process_time()
+        for r in rows:
+            float(np.add.reduce(r))
+        read = sum(r.nbytes for r in rows) / (time.process_time() - c)
+        c = time.process_time()
+        for r in rows:
+            hashlib.sha256(r).digest()
+        sha = sum(r.nbytes for r in rows) / (time.process_time() - c)
+        block = np.stack([r[:4096] for r in rows], axis=1)
+        reps = 50
+        c = time.process_time()
+        for _ in range(reps):
+            np.dot(block.T, block)
+        syrk = reps * k * (k + 1) / 2 * 4096 / (time.process_time() - c)  # multiply-adds per second
+        c = time.process_time()
+        for _ in range(reps):
+            np.sort(block, axis=1)
+        sort = reps * 4096 / (time.process_time() - c)  # coordinates per second
+    d = sum(updates[0][x].size for x in keys)
+    total = sum(v.nbytes for u in updates for v in u.values())
+    one_pass, hashing = total / read, total / sha
+    gram, median = k * (k + 1) / 2 * d / syrk, d / sort
+    floor = one_pass * 3 + hashing + gram + median
+    return [
+        "",
+        f"Floor on this machine (one core, process CPU, one BLAS thread; {k} updates of {total / k / 2**20:.1f} MB): "
+        f"reading memory {read / 1e9:.1f} GB/s (one pass over the updates {one_pass:.2f} s); SHA-256 "
+        f"{sha / 1e9:.2f} GB/s ({hashing:.2f} s for every update); float32 syrk of a 4096 x {k} block "
+        f"{syrk / 1e9:.1f} G multiply-adds/s (the Gram matrix's {k * (k + 1) / 2 * d / 1e9:.1f} G: {gram:.2f} s); "
+        f"sorting {k} values per coordinate {sort / 1e6:.1f} M coordinates/s (the median: {median:.2f} s). With "
+        f"three passes (screening, the reference pass, combine): **~{floor:.1f} core-s, {floor / 2:.1f} s on 2 "
+        "cores**, before the interpreter's per-block overheads and the transposing gather.",
+    ]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("/tmp/bench_passes.md"))
+    p.add_argument(
+        "--reference-only", action="store_true", help="only the reference pass against its three passes, and the floor"
+    )
     a = p.parse_args(argv)
     if a.sites < 1 or a.repeats < 1:
         p.error("--sites and --repeats must be >= 1")
@@ -98,6 +192,18 @@ def main(argv=None) -> int:
     drift = {n: rng.normal(0, 0.003, v.shape).astype(v.dtype) for n, v in base.items() if v.dtype.kind == "f"}
     updates = [r.params for r in site_updates(base, a.sites, rng, drift)]
     keys = distance_keys(base)
+    if a.reference_only:
+        load = load_average()
+        lines = [
+            f"Command: `python scripts/bench_passes.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
+            f"{a.sites} DenseNet-121 updates. Load average at the start: {load}."
+        ]
+        lines += reference_lines(updates, keys, a.repeats) + floor_lines(updates, keys)
+        lines.append(f"\nLoad average at the end: {load_average()}.")
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     for u in updates:  # the new path gives the old results
         sha, norm = hash_and_norm(u, base, keys)
         if sha != model_sha256(u) or not np.isclose(norm, two_pass_distance(u, base, keys), rtol=1e-6):

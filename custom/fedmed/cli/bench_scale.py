@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import os
 import pstats
@@ -34,7 +35,8 @@ import tempfile
 import time
 import tracemalloc
 import uuid
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -170,6 +172,53 @@ class EngineRow:
     traced_peak: int = 0  # tracemalloc peak of step + record (allocations made during them)
     aggregated: int = 0
     iterations: int = 0
+    # phase -> (process CPU s, main thread's own CPU s) of one more step (timed_phases), the last round of each K
+    phases: dict = field(default_factory=dict)
+
+
+def phase_points() -> tuple:
+    """(label, owner, attribute) of the functions timed_phases wraps: the step's phases, none nested in another."""
+    from fedmed.server import aggregation
+    from fedmed.server.robust import geometric_median
+
+    return (
+        ("screening (checks, SHA-256, norm, signs, sketch, finiteness)", RoundEngine, "_examine_all"),
+        ("near-copy tests", RoundEngine, "_find_near_copies"),
+        ("reference pass (coordinate median, distances to it, Gram matrix)", aggregation, "reference_pass"),
+        ("Gram matrix on its own (centred_gram: not the engine's path)", geometric_median, "centred_gram"),
+        ("Weiszfeld on the Gram matrix", geometric_median, "weiszfeld_on_gram"),
+        ("combine (the median's weighted sum)", geometric_median, "combine"),
+        ("BatchNorm statistics' median", aggregation, "median_of_statistics"),
+        ("names and shapes check", aggregation, "check_same_keys_and_shapes"),
+    )
+
+
+@contextmanager
+def timed_phases(totals: dict):
+    """While open, each phase_points function adds (process CPU s, its calling thread's CPU s) of every call to
+    totals[label]: the phases run one after another from the step's thread (their own threads inside), so process
+    time is theirs."""
+
+    def timed(fn, label):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            cpu, own = time.process_time(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                was = totals.get(label, (0.0, 0.0))
+                totals[label] = (was[0] + time.process_time() - cpu, was[1] + time.thread_time() - own)
+
+        return wrapper
+
+    saved = [(owner, name, getattr(owner, name)) for _, owner, name in phase_points()]
+    try:
+        for (label, _, _), (owner, name, fn) in zip(phase_points(), saved):
+            setattr(owner, name, timed(fn, label))
+        yield totals
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def reset_peak_rss() -> bool:
@@ -224,6 +273,13 @@ def engine_rounds(base, k: int, rounds: int, seed: int, dbs: Databases, kinds, p
             + ", ".join(f"record {kind} {s:.2f} s" for kind, s in record_s.items())
             + f", traced peak {row.traced_peak / held:.2f}x the updates"
         )
+        if r == rounds - 1:  # per-phase CPU of one more step (the same round, a fresh engine)
+            twin = RoundEngine(engine.rules, trust=dict(engine.trust))
+            with timed_phases({}) as phases:
+                cpu, own = time.process_time(), time.thread_time()
+                twin.step(r, global_params, results, [res.site for res in results])
+                phases["step"] = (time.process_time() - cpu, time.thread_time() - own)
+            row.phases = phases
         if profile and r == rounds - 1:
             twin = RoundEngine(engine.rules, trust=dict(engine.trust))
             prof = cProfile.Profile()
@@ -374,6 +430,36 @@ def main(argv=None) -> int:
     return 0
 
 
+def phase_lines(rows) -> list:
+    """Markdown: the per-phase CPU of the last round of each K (EngineRow.phases)."""
+    timed = [r for r in rows if r.phases]
+    if not timed:
+        return []
+    lines = [
+        "",
+        "Per phase, one more step of the last round of each K (a fresh engine, the same updates; "
+        "`fedmed.cli.bench_scale.timed_phases`): process CPU s, all threads (the step's own thread's CPU s):",
+        "",
+        "| phase | " + " | ".join(f"{r.sites} sites" for r in timed) + " |",
+        "|---" * (1 + len(timed)) + "|",
+    ]
+    labels = [label for label, _, _ in phase_points()]
+    for label in labels:
+        if any(label in r.phases for r in timed):
+            cells = [r.phases.get(label) for r in timed]
+            lines.append(
+                f"| {label} | " + " | ".join("-" if c is None else f"{c[0]:.2f} ({c[1]:.2f})" for c in cells) + " |"
+            )
+    rest = [r.phases["step"][0] - sum(v[0] for k, v in r.phases.items() if k != "step") for r in timed]
+    lines.append(
+        "| the rest (scoring, trust, records, thread start-up) | " + " | ".join(f"{x:.2f}" for x in rest) + " |"
+    )
+    lines.append(
+        "| **step** | " + " | ".join(f"**{r.phases['step'][0]:.2f}** ({r.phases['step'][1]:.2f})" for r in timed) + " |"
+    )
+    return lines
+
+
 def last_rounds(rows) -> dict:
     """K -> the row of its last round (steady state: trust and replay history already there)."""
     out = {}
@@ -463,6 +549,7 @@ def write_document(a, argv, measured: ScaleRun) -> list:
             f"the updates held (target <= 2x: {'met' if r.traced_peak <= r.updates_bytes else 'missed'})."
         )
     lines.append(f"- Plot: [{a.out.with_suffix('.png').name}]({a.out.with_suffix('.png').name}) (time vs sites).")
+    lines += phase_lines(rows)
     if profile_text:
         lines += [
             "",

@@ -27,9 +27,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedmed.server.parallel import limited_blas
+from fedmed.server.parallel import limited_blas, thread_map
+from fedmed.server.robust.geometric_median import key_groups
 
-CHUNK = 1 << 15  # values per chunk: 256 kB of float64, in L2 beside the two float32 slices it is made from
+CHUNK = 1 << 17  # values per chunk: 512 kB of float32 (in L2 after the hash read it); 1 << 15 cost 1.4 ms more per
+# DenseNet-121 update in update_pass (27.3 against 25.9 ms, the per-chunk interpreter overhead; 1 << 16: 26.3)
 
 
 class _Buffers:
@@ -202,3 +204,170 @@ def has_non_finite(values: np.ndarray) -> bool:
         if math.isfinite(values.sum()):  # the method and math.isfinite: no numpy dispatch per layer
             return False
     return not bool(np.all(np.isfinite(values)))
+
+
+REFERENCE_CHUNK = 1 << 12  # coordinates per block of reference_pass: 4k x K float32, 0.8 MB for K = 50, in L2
+# A site farther than this many times the median site's distance from the reference gets its Gram row in float64
+# (reference_pass): its float32 products' error, ~1e-7 of its squared norm, then stays below ~1e-6 of the honest
+# sites' squared distances at the weighted mean Weiszfeld starts from.
+FAR_ROWS = 4.0
+
+
+@dataclass(frozen=True)
+class ReferencePass:
+    """What reference_pass found: the judging reference (key -> the coordinate median of the votes, in the
+    parameter's dtype and shape) and the K x K Gram matrix of the updates centred on it (float64)."""
+
+    reference: dict
+    gram: np.ndarray
+
+    @property
+    def distances(self) -> np.ndarray:
+        """||x_i - reference|| over the keys: the Gram matrix's diagonal (the updates are centred on the reference)."""
+        return np.sqrt(np.maximum(np.diag(self.gram), 0.0))
+
+
+def _votes(k: int, groups: Sequence[Sequence[int]]) -> tuple[list, list]:
+    """(the sites that vote alone, the near-copy groups that vote once each: their members' mean)."""
+    grouped = {i for g in groups for i in g}
+    return [i for i in range(k) if i not in grouped], [list(g) for g in groups]
+
+
+def _group_mean(flat: list, group: Sequence[int]) -> np.ndarray:
+    acc = flat[group[0]].astype(np.float64)
+    for i in group[1:]:
+        acc += flat[i]
+    acc /= len(group)
+    return acc
+
+
+def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups) -> tuple:
+    """reference_pass over some of the keys, one thread: (reference part, Gram part)."""
+    from fedmed.server.robust.collusion import SORT_NETWORK_MAX, _median_rows  # it imports this module
+
+    k = len(updates)
+    singles, multi = _votes(k, groups)
+    gram = np.zeros((k, k), np.float64)
+    out = {}
+    for key in keys:
+        ref = np.asarray(updates[0][key])
+        flat = [np.asarray(u[key]).reshape(-1) for u in updates]
+        # the votes: a group's row is its members' mean, added in float64 in member order then divided (np.mean's
+        # sum over axis 0), cast to the parameter's dtype (coordinate_median_reference's rows)
+        rows = [flat[i] for i in singles] + [_group_mean(flat, g).astype(ref.dtype) for g in multi]
+        dtype = np.result_type(*rows)  # the median's dtype, as _median_rows gives it
+        work = np.promote_types(np.result_type(*flat), np.float32)  # the Gram's: float32 for float32 updates
+        res = np.empty(ref.size, ref.dtype)
+        few = len(rows) <= SORT_NETWORK_MAX
+        # few votes: sites x coordinates (contiguous copies; its transpose is the block), _median_rows' network
+        block_of = np.empty((k, REFERENCE_CHUNK) if few else (min(ref.size, REFERENCE_CHUNK), k), work)
+        sorted_of = np.empty((min(ref.size, REFERENCE_CHUNK), len(rows)), dtype)
+        for start in range(0, ref.size, REFERENCE_CHUNK):
+            stop = min(ref.size, start + REFERENCE_CHUNK)
+            if few:  # a sort of a few values per coordinate costs more than the network's element-wise passes
+                block = block_of[:, : stop - start]
+                for i, f in enumerate(flat):
+                    block[i] = f[start:stop]
+                med = _median_rows([r[start:stop] for r in rows])
+                res[start:stop] = med
+                gram += _centred_block_gram(block.T, med.astype(work), flat, (start, stop))
+                continue
+            block, votes = block_of[: stop - start], sorted_of[: stop - start]
+            for i, f in enumerate(flat):  # the one transposing gather of this block: coordinates x sites
+                block[:, i] = f[start:stop]
+            if not multi and work == dtype:
+                np.copyto(votes, block)
+            else:
+                for j, r in enumerate(rows):
+                    votes[:, j] = r[start:stop]
+            med = _middle(votes)
+            res[start:stop] = med
+            gram += _centred_block_gram(block, med.astype(work), flat, (start, stop))
+        out[key] = res.reshape(ref.shape)
+    return out, gram
+
+
+def _middle(votes: np.ndarray) -> np.ndarray:
+    """Each row's median, sorted in place: the middle value, or for an even count the two middle values added then
+    halved in the rows' dtype (np.median's and fedmed.server.robust.collusion._median_rows' values exactly)."""
+    votes.sort(axis=1)
+    m = votes.shape[1] // 2
+    if votes.shape[1] % 2:
+        return votes[:, m].copy()
+    med = np.add(votes[:, m - 1], votes[:, m])
+    med /= 2
+    return med
+
+
+def _centred_block_gram(block: np.ndarray, med: np.ndarray, flat: list, span: tuple) -> np.ndarray:
+    """block^T block of the block centred on med (in place), as float64. Why float32 for float32 updates: the sgemm
+    is 2.2x the dgemm here and needs no float64 copy of the block (docs/bench_scale.md, fourth pass); centred on the
+    coordinate median, not the mean, so a far outlier does not shift the honest sites' coordinates and their
+    distances keep float32's relative precision. A block whose float32 products are not finite (values near the
+    float32 range) is done again in float64 from the updates."""
+    block -= med[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is redone in float64 below
+        g = block.T @ block
+    if block.dtype == np.float64 or np.isfinite(g).all():
+        return g.astype(np.float64, copy=False)
+    start, stop = span
+    wide = np.stack([f[start:stop].astype(np.float64) for f in flat], axis=1)
+    wide -= med.astype(np.float64)[:, None]
+    return wide.T @ wide
+
+
+def reference_pass(
+    updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups: Sequence[Sequence[int]] = ()
+) -> ReferencePass:
+    """The judging reference and the geometric median's Gram matrix in one blocked pass over the updates (issue 30):
+    per block of coordinates, one transposing gather of the K sites' values; a copy of it sorted gives the
+    coordinate median of the votes (fedmed.server.robust.collusion.coordinate_median_reference's values bit for bit:
+    each near-copy group, indices into updates, votes once with its members' mean); the gather centred on that
+    median gives the block's Gram matrix, whose diagonal is each site's squared distance to the reference. Before,
+    the median, the Gram matrix (centred on the weighted mean, float64) and the distances were three passes.
+
+    Every Weiszfeld iterate is a convex combination of the updates, so the geometric median's distances are the
+    same from a Gram matrix centred on any point (fedmed.server.robust.geometric_median.weiszfeld_on_gram). The
+    keys in key_groups on the server's threads, the groups' Gram parts summed in group order (the same result on
+    any machine)."""
+    if not updates:
+        raise ValueError("cannot take the median of zero updates")
+    k = len(updates)
+    for g in groups:
+        if not g or any(not 0 <= i < k for i in g):
+            raise ValueError(f"near-copy group {list(g)} names no update or one outside 0..{k - 1}")
+    runs = key_groups(updates[0], list(keys))
+    parts = thread_map(lambda part: _reference_of_keys(updates, part, groups), runs)
+    gram = np.zeros((k, k), np.float64)
+    merged: dict = {}
+    for ref, g in parts:
+        merged.update(ref)
+        gram += g
+    reference = {key: merged[key] for key in keys}
+    sq = np.diag(gram)
+    far = np.flatnonzero(sq > FAR_ROWS**2 * np.median(sq)).tolist()
+    if far and any(np.asarray(updates[0][key]).dtype.itemsize < 8 for key in keys):
+        # A far site's float32 products carry errors ~1e-7 of its own (large) norm, which swamp the honest sites'
+        # distances as soon as Weiszfeld weighs it (its first iterate, the weighted mean, weighs every site): its
+        # row and column again in float64, one more pass, only in a round with such a site.
+        rows = sum(thread_map(lambda part: _far_rows(updates, part, reference, far), runs))
+        gram[:, far] = rows
+        gram[far, :] = rows.T
+    return ReferencePass(reference, gram)
+
+
+def _far_rows(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], reference: dict, far: list):
+    """The Gram matrix's columns of the `far` sites over some keys, in float64, the updates centred on reference."""
+    cols = np.zeros((len(updates), len(far)), np.float64)
+    buf = np.empty((REFERENCE_CHUNK, len(updates)), np.float64)
+    for key in keys:
+        flat = [np.asarray(u[key]).reshape(-1) for u in updates]
+        centre = np.asarray(reference[key], np.float64).reshape(-1)
+        for start in range(0, centre.size, REFERENCE_CHUNK):
+            stop = min(centre.size, start + REFERENCE_CHUNK)
+            wide = buf[: stop - start]
+            for i, f in enumerate(flat):
+                wide[:, i] = f[start:stop]
+            wide -= centre[start:stop, None]
+            cols += wide.T @ wide[:, far]
+    return cols

@@ -110,7 +110,8 @@ def _statistics_pass(update: Mapping[str, np.ndarray], reference: Mapping[str, n
     others = [k for k in keys if k not in counters and k not in variances and k not in means]
 
     def joined(state, names):
-        return np.concatenate([np.asarray(state[k]).reshape(-1).astype(np.float64) for k in names]) if names else None
+        # one cast into the float64 result (np.concatenate's dtype), not a float64 copy of each layer first
+        return np.concatenate([np.ravel(state[k]) for k in names], dtype=np.float64) if names else None
 
     if counters and any(np.any(np.asarray(update[k]) < 0) for k in counters):
         return False
@@ -127,12 +128,10 @@ def _statistics_pass(update: Mapping[str, np.ndarray], reference: Mapping[str, n
     if means:
         v, g = joined(update, means), joined(reference, means)
         var = [
-            np.asarray(reference.get(k[: -len("running_mean")] + "running_var", np.ones_like(np.asarray(reference[k]))))
-            .reshape(-1)
-            .astype(np.float64)
+            np.ravel(reference.get(k[: -len("running_mean")] + "running_var", np.ones_like(np.asarray(reference[k]))))
             for k in means
         ]
-        scale = np.sqrt(np.maximum(np.concatenate(var), 1e-12))
+        scale = np.sqrt(np.maximum(np.concatenate(var, dtype=np.float64), 1e-12))
         if float(np.max(np.abs(v - g) / scale)) > factor:
             return False
     return True

@@ -129,14 +129,19 @@ def _normalised(weights: Sequence[float], k: int) -> np.ndarray:
 
 
 def _combine_keys(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray, keys: list[str]) -> dict:
-    acc = {k: np.empty(np.asarray(updates[0][k]).size, np.float64) for k in keys}
+    # Floating-point parameters: each chunk's float64 sum cast straight into the result (the values a float64 copy
+    # of the whole parameter cast afterwards gives, without its allocation and second pass); integers rounded.
+    acc = {}
+    for k in keys:
+        ref = np.asarray(updates[0][k])
+        acc[k] = np.empty(ref.size, ref.dtype if ref.dtype.kind == "f" else np.float64)
     for key, sl, block in _blocks(updates, keys):
         acc[key][sl] = beta @ block
     out = {}
     for key in keys:
         ref = np.asarray(updates[0][key])
         a = acc.pop(key).reshape(ref.shape)
-        out[key] = np.rint(a).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) else a.astype(ref.dtype)
+        out[key] = a if ref.dtype.kind == "f" else np.rint(a).astype(ref.dtype)
     return out
 
 
@@ -155,12 +160,17 @@ def geometric_median(
     eps: float = 1e-6,
     maxiter: int = 100,
     ftol: float = 1e-10,
+    gram: np.ndarray | None = None,
 ) -> MedianResult:
     """Weighted geometric median of whole updates (all floating-point parameters flattened into one vector).
 
     Non-trainable state (BatchNorm running mean/var, num_batches_tracked) is not part of the distance; it is
     combined with the same final Weiszfeld weights, so a site the median discounts does not steer the statistics
     either.
+
+    gram: the K x K Gram matrix of the updates' distance_keys centred on any one point, when a pass over the
+    updates already formed it (fedmed.server.passes.reference_pass: the round engine's); None forms it here
+    (centred_gram). Distances between convex combinations do not depend on the centre.
     """
     if not updates:
         raise ValueError("cannot aggregate zero updates")
@@ -172,6 +182,11 @@ def geometric_median(
         raise ValueError(f"ftol must be > 0, got {ftol}")
     w = _normalised(weights, len(updates))
     keys = distance_keys(updates[0])
-    gram = centred_gram(updates, w, keys)
+    if gram is None:
+        gram = centred_gram(updates, w, keys)
+    else:
+        gram = np.asarray(gram, np.float64)
+        if gram.shape != (len(updates), len(updates)) or not np.isfinite(gram).all():
+            raise ValueError(f"gram must be a finite {len(updates)} x {len(updates)} matrix, got shape {gram.shape}")
     beta, d, iterations, converged = weiszfeld_on_gram(gram, w, eps, maxiter, ftol)
     return MedianResult(combine(updates, beta), beta, d, iterations, converged)
