@@ -37,6 +37,12 @@ from fedmed.cli.bench_sim import command, environment, load_average, make_small_
 from fedmed.job.jobconfig import JobConfig
 from fedmed.models.network import HEAD_PREFIX
 
+# Everything from this line on in docs/bench_overhead.md is hand-written (analysis, profiles, earlier runs): a re-run
+# rewrites the generated part above it and keeps the rest as it is.
+KEEP_MARKER = (
+    "<!-- bench_overhead: generated above, hand-written sections below are kept when the file is regenerated -->"
+)
+
 SETUPS = ("fedavg", "fedmed", "he", "signatures")
 LABELS = {
     "fedavg": "NVFlare FedAvg",
@@ -164,11 +170,26 @@ def main(argv=None) -> int:
         if prof is not None and prof.is_file():
             profile_text = profile_summary(prof)
     lines = document(a, argv, results, profile_text, load_start, time.time() - t0)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
+    write_document(a.out, lines)
     print("\n".join(lines))
     tmp.cleanup()
     return 0
+
+
+def write_document(path: Path, lines: list) -> None:
+    """The generated `lines`, then the marker and the hand-written part of the file already at `path` (from
+    KEEP_MARKER on; none when the file or its marker is missing, and the marker is written so the next run keeps
+    what is added below it)."""
+    kept = KEEP_MARKER + "\n"
+    if path.is_file():
+        text = path.read_text()
+        at = text.find(KEEP_MARKER)
+        if at >= 0:
+            kept = text[at:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n\n" + kept)
+    tmp.replace(path)  # a cut run never leaves the document half written
 
 
 def document(a, argv, results: dict, profile_text: str, load_start: str, seconds: float) -> list:
