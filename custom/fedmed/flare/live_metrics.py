@@ -1,7 +1,7 @@
 """Watching a run while it trains: each recorded round goes to TensorBoard and report.html in the server workspace.
 
     <server run dir>/tb_events/<server name>/   TensorBoard event files (`tensorboard --logdir <run dir>/tb_events`)
-    <server run dir>/report/report.html         fedmed.display.report's page, rewritten after a round, at most every 30 s
+    <server run dir>/report/report.html         fedmed.display.report's page, rewritten after a round, at most every 60 s
 
 The scalars (fedmed.display.live_metrics.round_scalars) travel as NVFlare analytics events (nvflare.apis.analytix), the way
 NVFlare's own widgets stream metrics, to LiveTBReceiver, NVFlare's TBAnalyticsReceiver in the job's server app.
@@ -33,8 +33,9 @@ TB_FOLDER = "tb_events"  # under the job's run dir (NVFlare's default), one sub-
 REPORT_FOLDER = "report"
 # report.html is drawn at most this often (seconds between two drawings' starts; the newest round then) and once more
 # when the run ends: a drawing costs ~0.4 s of server CPU (matplotlib, five figures), as much as the rest of fedmed's
-# round work in bench_overhead's 4.6 s rounds (issue 30); one every 30 s is ~1.4% of one core.
-REPORT_EVERY_S = 30.0
+# round work in bench_overhead's 4.6 s rounds (issue 30); one a minute is ~0.7% of one core. Rounds longer than this
+# (a hospital training on real data) are each drawn, as before.
+REPORT_EVERY_S = 60.0
 
 
 class LiveTBReceiver(TBAnalyticsReceiver):
