@@ -183,7 +183,7 @@ class FedMedController(ModelController):
             return None
         self.event(AppEventType.BEFORE_AGGREGATION)
         run.last_round_sites = [wire.site_of(r) for r in results]
-        site_results = [wire.to_site_result(r, self._verifier(round_num)) for r in results]
+        site_results = wire.to_site_results(results, self._verifier(round_num))
         for alert in self._anchors.check(round_num, site_results)[1]:  # recorded with the round (_record)
             self.error(f"round {round_num + 1}: ALERT {alert.kind} ({alert.site}): {alert.message}")
         answered = {r.site for r in site_results}
