@@ -186,7 +186,7 @@ def test_simulator_two_rounds_three_sites(tiny_hospitals, tmp_path):
         assert ood["calibration"]["data"] == "server global test set, 16 images" and ood["threshold"] > 0
 
     # Watched live: TensorBoard event files in the server's run dir hold every round, as recorded; the report there
-    # was rewritten after each round, and once more at the end with the run's final status.
+    # was drawn after round 1 (then at most every 60 s) and once more at the end with the run's final status.
     run_dir = app.parent
     scalars = _tensorboard_scalars(run_dir / "tb_events")
     assert scalars["global/mean_auroc"] == pytest.approx({r.round_num: r.score for r in rows}, rel=1e-6)

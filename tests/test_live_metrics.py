@@ -142,3 +142,22 @@ def test_reports_are_drawn_off_the_round_and_only_the_newest_waiting_one_is_draw
     assert reports.wait(10) and [str(e) for e in errors] == ["disk full"]
     reports.submit(6)  # and the next round's report is drawn again
     assert reports.wait(10) and drawn == [1, 3, 6]
+
+
+def test_reports_are_drawn_at_most_once_an_interval_and_at_once_when_urgent():
+    import time
+
+    from fedmed.flare.live_metrics import LatestOnly
+
+    drawn, errors = [], []
+    reports = LatestOnly(drawn.append, errors.append, "test-report", min_interval=3600)
+    reports.submit(1)  # the first report is drawn at once
+    deadline = time.monotonic() + 10
+    while drawn != [1] and time.monotonic() < deadline:
+        reports.wait(0.05)
+    assert drawn == [1]
+    reports.submit(2)
+    reports.submit(3)  # within the interval: waiting, only the newest kept
+    assert not reports.wait(0.2) and drawn == [1]  # the thread is waiting out the interval, nothing drawn
+    reports.submit(4, urgent=True)  # the run's end: drawn now, with the newest round
+    assert reports.wait(10) and drawn == [1, 4] and errors == []

@@ -90,3 +90,47 @@ def test_the_parameter_digest_keeps_its_stream_name_dtype_shape_bytes():
         v = np.ascontiguousarray(params[k])
         h.update(k.encode() + str(v.dtype).encode() + str(v.shape).encode() + v.tobytes())
     assert params_sha256(params) == params_sha256(dict(params)) == h.hexdigest()
+
+
+def hashes(monkeypatch) -> list:
+    """Counts the real params_sha256 passes over a model (they still run)."""
+    calls = []
+    real = weights.params_sha256
+
+    def counted(params):
+        calls.append(len(params))
+        return real(params)
+
+    monkeypatch.setattr(weights, "params_sha256", counted)
+    return calls
+
+
+def test_a_remembered_digest_is_the_reuse_key_without_a_second_pass(tmp_path, monkeypatch):
+    params, meta = state(4), {"round": 4}
+    expected = weights.params_sha256(params)
+    saved, hashed = serialisations(monkeypatch), hashes(monkeypatch)
+    assert weights.remember_digest(params) == expected  # the server's one hash a round, for the record
+    save_state(params, tmp_path / "global.pt", meta, reuse=True)
+    save_state(params, tmp_path / "runs" / "round_0004.pt", meta, reuse=True)
+    save_state(params, tmp_path / "best.pt", {**meta, "score": 0.7}, reuse=True)
+    assert len(hashed) == 1 and len(saved) == 2  # one hash (remember_digest); the round copy copied
+    same(tmp_path / "runs" / "round_0004.pt", params, meta)
+    same(tmp_path / "best.pt", params, {**meta, "score": 0.7})
+
+
+def test_a_replaced_array_is_hashed_afresh_and_never_copied_from_the_old_file(tmp_path, monkeypatch):
+    saved, hashed = serialisations(monkeypatch), hashes(monkeypatch)
+    params, meta = state(5), {"round": 5}
+    weights.remember_digest(params)
+    save_state(params, tmp_path / "a.pt", meta, reuse=True)
+    params["w"] = params["w"] + 1  # the dict changed after its digest was taken
+    save_state(params, tmp_path / "b.pt", meta, reuse=True)
+    assert len(hashed) == 2 and len(saved) == 2
+    same(tmp_path / "b.pt", params, meta)
+
+
+def test_only_the_latest_remembered_model_is_held(tmp_path):
+    first, second = state(6), state(7)
+    weights.remember_digest(first)
+    weights.remember_digest(second)
+    assert [held for held, _, _ in weights._KNOWN] == [second]  # an older model's ~28 MB are not kept resident

@@ -76,3 +76,42 @@ def test_the_alert_is_recorded_with_the_round_about_no_site(tmp_path):
 
     assert f"round 1: ALERT {alert.message}" in format_table(repo, run_id).splitlines()  # the admin's table says why
     repo.close()
+
+
+@pytest.mark.parametrize(
+    "break_it, reason",
+    [
+        ("nan_statistics", "outputs are not finite (NaN or infinite) on 2 of 2 probe images"),
+        ("exploding", "outputs are not finite (NaN or infinite) on 2 of 2 probe images"),  # finite weights, inf out
+        ("collapsed", "has collapsed: its outputs are the same for all 2 probe images"),
+    ],
+)
+def test_the_round_scorers_cheaper_check_still_refuses_every_kind_of_unusable_aggregate(break_it, reason):
+    params = _params(None if break_it == "exploding" else break_it)
+    if break_it == "exploding":  # every weight finite, the logits overflow float32
+        key = next(k for k in params if k.startswith("class_layers") and k.endswith("weight"))
+        params[key] = np.full_like(params[key], 3e38)
+        assert all(np.isfinite(v).all() for v in params.values())
+    model = build_densenet121(14)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    problem = RoundScorer(CHEST_XRAY14, SIZE, model).unusable(SimpleNamespace(encrypted=None, params=params))
+    assert reason in problem and "will not be picked as best" in problem
+    # checked in place of the evaluation model's own weights: the model the scoring loads is left as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_round_scorers_check_gives_the_loaded_models_outputs_and_names_a_mismatch():
+    params = _params()
+    model = build_densenet121(14)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+    images = probe_images(SIZE, n=2)
+    from fedmed.flare.round_scoring import _tensors_of
+
+    assert check_outputs(build_densenet121(14), images, _tensors_of(model, params)) == check_outputs(model, images)
+    scorer = RoundScorer(CHEST_XRAY14, SIZE, model)
+    missing = {k: v for k, v in params.items() if not k.endswith("running_var")}
+    with pytest.raises(ValueError, match="model parameters do not match: missing .*running_var"):
+        scorer.unusable(SimpleNamespace(encrypted=None, params=missing))
+    key = next(k for k in params if k.startswith("class_layers") and k.endswith("weight"))
+    with pytest.raises(ValueError, match=f"parameter {key}: shape"):
+        scorer.unusable(SimpleNamespace(encrypted=None, params={**params, key: params[key][:3]}))

@@ -111,3 +111,32 @@ def test_update_noise_filter_signs_what_it_releases(signing_keys, tmp_path):
     assert received.meta[C.META_UPDATE_CLIP_NORM] == 1.0
     assert not np.allclose(received.params["w"], model.params["w"])  # noised after the executor signed
     wire_sig.verify_result(received, "job-1", 2, "hospital-a", signing_keys["hospital-a"].public)
+
+
+def test_updates_verified_on_the_servers_threads_keep_their_order_and_each_verdict(signing_keys):
+    from fedmed.flare.wire import to_site_result, to_site_results
+
+    public = signing_keys["hospital-a"].public
+
+    def verify(result, site):
+        return wire_sig.verify_result(result, "job-1", 2, "hospital-a", public)
+
+    results = []
+    for i in range(5):
+        model = _update()
+        model.params["w"] = model.params["w"] + i
+        wire_sig.sign_result(model, "job-1", 2, "hospital-a", signing_keys["hospital-a"])
+        received = over_the_wire(model)
+        received.meta["client_name"] = f"site-{i}"
+        if i == 3:
+            received.params["w"][0, 0] += 1.0  # changed after signing: refused, the others not
+        results.append(received)
+    together = to_site_results(results, verify)
+    one_by_one = [to_site_result(r, verify) for r in results]
+    assert [r.site for r in together] == [f"site-{i}" for i in range(5)]
+    assert [(r.signature, r.signed_digest, r.authentication) for r in together] == [
+        (r.signature, r.signed_digest, r.authentication) for r in one_by_one
+    ]
+    assert [r.authentication is None for r in together] == [True, True, True, False, True]
+    assert "does not verify" in together[3].authentication
+    assert [r.signature for r in to_site_results(results)] == [None] * 5  # no verifier: nothing checked

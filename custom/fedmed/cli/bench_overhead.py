@@ -37,6 +37,12 @@ from fedmed.cli.bench_sim import command, environment, load_average, make_small_
 from fedmed.job.jobconfig import JobConfig
 from fedmed.models.network import HEAD_PREFIX
 
+# Everything from this line on in docs/bench_overhead.md is hand-written (analysis, profiles, earlier runs): a re-run
+# rewrites the generated part above it and keeps the rest as it is.
+KEEP_MARKER = (
+    "<!-- bench_overhead: generated above, hand-written sections below are kept when the file is regenerated -->"
+)
+
 SETUPS = ("fedavg", "fedmed", "he", "signatures")
 LABELS = {
     "fedavg": "NVFlare FedAvg",
@@ -83,11 +89,26 @@ def build(setup: str, config: JobConfig, data_root: Path, workspace: Path, probe
     return build_job(config, data_root=data_root, server_components={"probes": probes}, server_test_set=False, **extra)
 
 
-def summarise(rounds: list) -> dict:
-    """Medians over the rounds after the first (all rounds when there is only one)."""
+def cpu_split(probe: Path) -> list:
+    """Per round after the first: (server CPU s from the previous round's end to the results, CPU s after them), from
+    the probe's cpu_results and cpu marks (fedmed.flare.probes)."""
+    import json
+
+    lines = [json.loads(x) for x in probe.read_text().splitlines() if x.strip()]
+    return [
+        (x["cpu_results"] - prev["cpu"], x["cpu"] - x["cpu_results"])
+        for prev, x in zip(lines, lines[1:])
+        if "cpu_results" in x
+    ]
+
+
+def summarise(rounds: list, split: list = ()) -> dict:
+    """Medians over the rounds after the first (all rounds when there is only one); split: cpu_split's pairs."""
     steady = rounds[1:] or rounds
     cpu = [r.cpu for r in steady if r.cpu == r.cpu]
     return {
+        "cpu_wait": median([w for w, _ in split]) if split else float("nan"),
+        "cpu_after": median([a for _, a in split]) if split else float("nan"),
         "rounds": len(steady),
         "wall": median([r.wall for r in steady]),
         "wait": median([r.wait for r in steady]),
@@ -158,17 +179,32 @@ def main(argv=None) -> int:
         rounds, seconds = run_probed(job, sites, folder / "workspace", a.threads, probe, folder / "simulation.log")
         if len(rounds) != a.rounds:
             raise RuntimeError(f"{setup}: {len(rounds)} of {a.rounds} rounds measured; see {folder / 'simulation.log'}")
-        results[setup] = (summarise(rounds), rounds, seconds)
+        results[setup] = (summarise(rounds, cpu_split(probe)), rounds, seconds)
         s = results[setup][0]
         tqdm.write(f"{LABELS[setup]}: round {s['wall']:.1f} s, server work {s['work']:.2f} s, CPU {s['cpu']:.2f} s")
         if prof is not None and prof.is_file():
             profile_text = profile_summary(prof)
     lines = document(a, argv, results, profile_text, load_start, time.time() - t0)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
+    write_document(a.out, lines)
     print("\n".join(lines))
     tmp.cleanup()
     return 0
+
+
+def write_document(path: Path, lines: list) -> None:
+    """The generated `lines`, then the marker and the hand-written part of the file already at `path` (from
+    KEEP_MARKER on; none when the file or its marker is missing, and the marker is written so the next run keeps
+    what is added below it)."""
+    kept = KEEP_MARKER + "\n"
+    if path.is_file():
+        text = path.read_text()
+        at = text.find(KEEP_MARKER)
+        if at >= 0:
+            kept = text[at:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n\n" + kept)
+    tmp.replace(path)  # a cut run never leaves the document half written
 
 
 def document(a, argv, results: dict, profile_text: str, load_start: str, seconds: float) -> list:
@@ -185,13 +221,15 @@ def document(a, argv, results: dict, profile_text: str, load_start: str, seconds
         "same FedMedTrainer under each server workflow. Medians over rounds 2 and later. `server work` = round wall "
         "time minus the time the workflow waited for the sites' results (NVFlare's FedAvg aggregates each result "
         "inside that wait, as it arrives); `server CPU` = CPU time of the whole server process over the round (all "
-        "threads); `step` = wire conversion, signature checks and RoundEngine.step; `save` = the persistor writing "
-        "the global model; `record` = the database writes (SQLite, audit chain, journal).",
+        "threads), split in the last column into the part while the workflow waited for the sites (from the previous "
+        "round's end: sending, receiving and deserialising, FedAvg's streamed aggregation, background work such as "
+        "fedmed's live report) and the part after the results came; `step` = wire conversion, signature checks and "
+        "RoundEngine.step; `save` = the persistor writing the global model; `record` = the database writes (SQLite, audit chain, journal).",
         "",
         "| server workflow | round wall s | waiting s | server work s | step / save / record s | server CPU s | "
         "wall vs FedAvg | CPU vs FedAvg | added server work, % of a FedAvg round | added server CPU, % of a FedAvg "
-        "round | server peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "round | server peak RSS MB | server CPU s while waiting / after the results |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setup, (s, _, _) in results.items():
         phases = "-" if setup == "fedavg" else f"{s['step']:.2f} / {s['save']:.2f} / {s['record']:.2f}"
@@ -201,7 +239,8 @@ def document(a, argv, results: dict, profile_text: str, load_start: str, seconds
             f"| {LABELS[setup]} | {s['wall']:.2f} | {s['wait']:.2f} | {s['work']:.2f} | {phases} | {s['cpu']:.2f} | "
             f"{s['wall'] / base['wall']:.2f}x | {s['cpu'] / base['cpu']:.2f}x | "
             f"{'-' if setup == 'fedavg' else f'**{added:+.1f}%**'} | "
-            f"{'-' if setup == 'fedavg' else f'**{added_cpu:+.1f}%**'} | {s['hwm'] / 2**20:.0f} |"
+            f"{'-' if setup == 'fedavg' else f'**{added_cpu:+.1f}%**'} | {s['hwm'] / 2**20:.0f} | "
+            f"{s['cpu_wait']:.2f} / {s['cpu_after']:.2f} |"
         )
     lines += ["", "Every round (wall s / waiting s / server CPU s):", ""]
     for setup, (_, rounds, sim_s) in results.items():

@@ -39,9 +39,10 @@ from fedmed.flare.site_watch import SiteWatch
 from fedmed.job import constants as C
 from fedmed.job.jobconfig import JobConfig
 from fedmed.job.tasks import get_task
-from fedmed.models.hashing import model_sha256
+from fedmed.models.hashing import model_sha256, with_ciphertexts
 from fedmed.models.model_card import META_MODEL_CARD, ModelCardBuilder, card_from_meta
 from fedmed.models.network import build_densenet121, load_numpy_state
+from fedmed.models.weights import remember_digest
 from fedmed.security import ckks, signing
 from fedmed.server.anchors import AnchorWatch
 from fedmed.server.crosssite import quarantine_reasons
@@ -182,7 +183,7 @@ class FedMedController(ModelController):
             return None
         self.event(AppEventType.BEFORE_AGGREGATION)
         run.last_round_sites = [wire.site_of(r) for r in results]
-        site_results = [wire.to_site_result(r, self._verifier(round_num)) for r in results]
+        site_results = wire.to_site_results(results, self._verifier(round_num))
         for alert in self._anchors.check(round_num, site_results)[1]:  # recorded with the round (_record)
             self.error(f"round {round_num + 1}: ALERT {alert.kind} ({alert.site}): {alert.message}")
         answered = {r.site for r in site_results}
@@ -204,7 +205,8 @@ class FedMedController(ModelController):
         # Rounds are numbered from 1 in the record, the model files and the logs; NVFlare's current_round
         # (0-based) stays on the wire, where the sites' schedules and signatures use it.
         model = wire.global_model(report.params, round_num + 1, meta, report.encrypted)
-        sha = model_sha256(model.params, model.meta.get(C.META_ENCRYPTED))
+        # One SHA-256 of the model a round: the record's, and the key save_state's copies reuse (models.weights)
+        sha = with_ciphertexts(remember_digest(model.params), model.meta.get(C.META_ENCRYPTED))
         unusable = run.scorer.unusable(report)
         if unusable is None:
             scored = run.scorer.score(report, site_results)

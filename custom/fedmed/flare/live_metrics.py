@@ -1,18 +1,20 @@
 """Watching a run while it trains: each recorded round goes to TensorBoard and report.html in the server workspace.
 
     <server run dir>/tb_events/<server name>/   TensorBoard event files (`tensorboard --logdir <run dir>/tb_events`)
-    <server run dir>/report/report.html         fedmed.display.report's page, rewritten after every round
+    <server run dir>/report/report.html         fedmed.display.report's page, rewritten after a round, at most every 60 s
 
 The scalars (fedmed.display.live_metrics.round_scalars) travel as NVFlare analytics events (nvflare.apis.analytix), the way
 NVFlare's own widgets stream metrics, to LiveTBReceiver, NVFlare's TBAnalyticsReceiver in the job's server app.
 The report is drawn on a background thread (matplotlib takes about a second a round): the next round starts at
-once, and a report still being drawn when another round ends is followed by one for the newest round only.
+once, and a report still being drawn when another round ends is followed by one for the newest round only; it is
+drawn at most every REPORT_EVERY_S seconds (the newest round then) and once more when the run ends.
 Nothing here may fail or delay a round: an error is logged once per cause and the round goes on.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,6 +31,11 @@ from fedmed.store.repository import RoundRecord
 
 TB_FOLDER = "tb_events"  # under the job's run dir (NVFlare's default), one sub-folder per sender
 REPORT_FOLDER = "report"
+# report.html is drawn at most this often (seconds between two drawings' starts; the newest round then) and once more
+# when the run ends: a drawing costs ~0.4 s of server CPU (matplotlib, five figures), as much as the rest of fedmed's
+# round work in bench_overhead's 4.6 s rounds (issue 30); one a minute is ~0.7% of one core. Rounds longer than this
+# (a hospital training on real data) are each drawn, as before.
+REPORT_EVERY_S = 60.0
 
 
 class LiveTBReceiver(TBAnalyticsReceiver):
@@ -47,17 +54,24 @@ class LiveTBReceiver(TBAnalyticsReceiver):
 
 class LatestOnly:
     """Runs `work(item)` on one background thread for the newest item submitted; items submitted while it works
-    replace each other (only the last is done next). Errors go to on_error; the thread ends when nothing is left."""
+    replace each other (only the last is done next). min_interval: seconds from one work's start to the next's (the
+    newest item waits out the rest; an urgent submit does not). Errors go to on_error; the thread ends when nothing
+    is left."""
 
-    def __init__(self, work: Callable, on_error: Callable[[Exception], None], name: str):
+    def __init__(self, work: Callable, on_error: Callable[[Exception], None], name: str, min_interval: float = 0.0):
         self._work, self._on_error, self._name = work, on_error, name
+        self._min_interval = min_interval
         self._lock = threading.Lock()
         self._pending = None
         self._thread: Optional[threading.Thread] = None
+        self._urgent = threading.Event()
+        self._last_start: Optional[float] = None
 
-    def submit(self, item) -> None:
+    def submit(self, item, urgent: bool = False) -> None:
         with self._lock:
             self._pending = item
+            if urgent:
+                self._urgent.set()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._drain, name=self._name, daemon=True)
                 self._thread.start()
@@ -73,10 +87,17 @@ class LatestOnly:
     def _drain(self) -> None:
         while True:
             with self._lock:
-                item, self._pending = self._pending, None
-                if item is None:
+                if self._pending is None:
                     self._thread = None
                     return
+            if self._last_start is not None:  # wait out the interval (woken at once by an urgent submit)
+                rest = self._min_interval - (time.monotonic() - self._last_start)
+                if rest > 0:
+                    self._urgent.wait(rest)
+            with self._lock:  # only this thread takes items: one is pending
+                item, self._pending = self._pending, None
+                self._urgent.clear()
+            self._last_start = time.monotonic()
             try:
                 self._work(item)
             except Exception as e:
@@ -90,7 +111,7 @@ class LiveMetrics:
     def __init__(self, component: FLComponent):
         self.component = component
         self._warned: set = set()
-        self.reports = LatestOnly(self._write_report, self._report_failed, "fedmed-live-report")
+        self.reports = LatestOnly(self._write_report, self._report_failed, "fedmed-live-report", REPORT_EVERY_S)
         self._last_report = None  # what the last round's report was drawn from
 
     def publish(self, record: RoundRecord, db_url: Optional[str], recorded: bool = True) -> None:
@@ -121,7 +142,7 @@ class LiveMetrics:
         (which NVFlare packs when the job ends) holds it whole and with the run's final status."""
         if self._last_report is None:
             return
-        self.reports.submit(self._last_report)
+        self.reports.submit(self._last_report, urgent=True)
         if not self.reports.wait(timeout):
             self._warn_once("slow", f"report.html still being drawn after {timeout:.0f}s at the run's end")
 

@@ -10,7 +10,8 @@ line per round to `probe_file`, taken inside the server process:
   result as it arrives, inside that wait);
 - t_end: when the round was done (FedAvg: the model saved; fedmed: the model saved, scored and the round recorded);
 - cpu: the server process's CPU time (user + system, every thread: NVFlare's messaging and deserialisation, the
-  workflow, the database) at t_end; rss / hwm: its resident and peak resident memory then (bytes, /proc/self);
+  workflow, the database, fedmed's live report) at t_end, cpu_results at t_results; rss / hwm: its resident and peak
+  resident memory then (bytes, /proc/self);
 - phases (fedmed only): seconds in engine.step with the wire conversion and signature checks before it
   (`step`), in saving the model (`save`) and in database writes (`record`).
 
@@ -51,6 +52,7 @@ class _RoundProbe:
 
     def results(self) -> None:
         self.marks["t_results"] = time.monotonic()
+        self.marks["cpu_results"] = time.process_time()
 
     def add(self, phase: str, seconds: float) -> None:
         if phase in self.phases:

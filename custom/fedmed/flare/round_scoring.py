@@ -8,12 +8,39 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+import numpy as np
+
 from fedmed.job import constants as C
 from fedmed.learning.training import evaluate
 from fedmed.models.model_health import check_outputs, probe_images
 from fedmed.models.network import load_numpy_state
 from fedmed.server.rounds import RoundEngine, RoundReport, finite_or_none
 from fedmed.store.repository import RoundRecord, TrustRecord
+
+# Two probe images tell a collapsed model (the same outputs for both) and a non-finite one (NaN/inf weights reach every
+# output whatever the input) as four did, for half the forward pass (issue 30: the check was ~0.06 s of server CPU a
+# round at 64 px; a forward pass is the only way to see outputs overflow from large finite weights).
+USABILITY_PROBES = 2
+
+
+def _tensors_of(model, params: dict) -> dict:
+    """params as {name: tensor} for check_outputs(params=...): views of the arrays, not copies (loading them into the
+    model cost ~0.02 s a round). Raises naming missing or unexpected parameters and mismatched shapes, as
+    load_numpy_state does: a parameter left out would be silently taken from the model's own."""
+    import torch
+
+    own = model.state_dict()
+    if set(own) != set(params):
+        missing, extra = sorted(set(own) - set(params)), sorted(set(params) - set(own))
+        raise ValueError(f"model parameters do not match: missing {missing[:5]}, unexpected {extra[:5]}")
+    state = {}
+    for k, v in params.items():
+        a = np.asarray(v)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # torch warns on read-only memory
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise ValueError(f"parameter {k}: shape {tuple(t.shape)} != model's {tuple(own[k].shape)}")
+        state[k] = t.to(own[k].dtype)  # no copy when the dtype is already the model's
+    return state
 
 
 @dataclass(frozen=True)
@@ -38,8 +65,8 @@ class RoundScorer:
         probe images, fedmed.models.model_health), or None. HE rounds: the server cannot read the encrypted layers."""
         if report.encrypted is not None:
             return None
-        load_numpy_state(self.eval_model, report.params)
-        return check_outputs(self.eval_model, probe_images(self.image_size)).problem
+        images = probe_images(self.image_size, n=USABILITY_PROBES)
+        return check_outputs(self.eval_model, images, _tensors_of(self.eval_model, report.params)).problem
 
     def score(self, report: RoundReport, site_results: list) -> RoundScore:
         """On the global test set ("global_test"), else the mean of the aggregated sites' validation scores weighted

@@ -8,6 +8,7 @@ from typing import Mapping
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedmed.job import constants as C
+from fedmed.server.parallel import thread_map
 from fedmed.server.rounds import SiteResult
 from fedmed.site.site_round import as_received
 
@@ -30,6 +31,15 @@ def to_site_result(result: FLModel, verify=None) -> SiteResult:
             problem = str(e)[:300]
     received = as_received(site_of(result), result.params, result.metrics, meta)
     return replace(received, signature=signature, signed_digest=digest, authentication=problem)
+
+
+def to_site_results(results: list, verify=None) -> list:
+    """[to_site_result(r, verify) for r in results], in order. With signatures each verification is a SHA-256 pass
+    over a 28 MB update (~18 ms; hashlib releases the GIL), so they run on the server's threads
+    (fedmed.server.parallel): the round waits for the slowest, not the sum."""
+    if verify is None:
+        return [to_site_result(r) for r in results]
+    return thread_map(lambda r: to_site_result(r, verify), results)
 
 
 def _hex(value):

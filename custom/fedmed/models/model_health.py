@@ -48,12 +48,14 @@ def probe_images(image_size: int, in_channels: int = 1, n: int = PROBE_IMAGES, s
     return torch.randn(n, in_channels, image_size, image_size, generator=g)
 
 
-def check_outputs(model: torch.nn.Module, images: torch.Tensor) -> OutputCheck:
+def check_outputs(model: torch.nn.Module, images: torch.Tensor, params: Optional[dict] = None) -> OutputCheck:
     """The model's raw outputs (logits) on images, in eval mode: how many images give a non-finite output, and how
-    much the outputs vary between images."""
+    much the outputs vary between images. params: {name: tensor} for every parameter and buffer, used in place of
+    the model's own without loading them into it (torch.func.functional_call: nothing copied)."""
     model.eval()
     with torch.no_grad():
-        out = model(images).reshape(len(images), -1).double().numpy()
+        raw = model(images) if params is None else torch.func.functional_call(model, params, (images,))
+        out = raw.reshape(len(images), -1).double().numpy()
     finite = np.isfinite(out)
     non_finite = int((~finite.all(axis=1)).sum())
     spread = float(out.std(axis=0).max()) if non_finite == 0 and len(out) > 1 else 0.0

@@ -46,13 +46,41 @@ def _tensor(v) -> torch.Tensor:
 _WRITTEN: dict = {}
 _WRITTEN_MAX = 4
 _written_lock = threading.Lock()
+# Digests a caller already took (remember_digest), so that save_state's reuse key costs no second pass over the model:
+# (the params dict, the ids of its arrays, its params_sha256) of the latest model only: it is held (so an identity check
+# is sound), and holding older ones would keep their ~28 MB resident.
+_KNOWN: list = []
+
+
+def remember_digest(params: dict) -> str:
+    """params_sha256(params), remembered for this very dict: save_state(reuse=True) of it then takes its reuse key from
+    here instead of hashing the parameters again (the server hashes each round's global model once for the record and
+    saves it up to four times). The caller must not change the arrays in place afterwards: a replaced array is noticed
+    (the key is hashed afresh), an array written in place is not."""
+    digest = params_sha256(params)
+    with _written_lock:
+        _KNOWN[:] = [(params, _array_ids(params), digest)]
+    return digest
+
+
+def _array_ids(params: dict) -> tuple:
+    return tuple((k, id(v)) for k, v in params.items())
+
+
+def _known_digest(params: dict) -> Optional[str]:
+    with _written_lock:
+        for held, ids, digest in _KNOWN:
+            if held is params:
+                return digest if ids == _array_ids(params) else None
+    return None
 
 
 def _content_key(params: dict, meta: dict) -> Optional[tuple]:
     """What a model file's content depends on: the parameters' digest and the meta's pickle; None when either cannot
     be taken (the file is then written, never copied)."""
     try:
-        return params_sha256(params), hashlib.sha256(pickle.dumps(meta, protocol=4)).hexdigest()
+        digest = _known_digest(params) or params_sha256(params)
+        return digest, hashlib.sha256(pickle.dumps(meta, protocol=4)).hexdigest()
     except Exception:  # a tensor numpy cannot read, a meta the standard pickler refuses: no reuse, torch.save decides
         return None
 
@@ -67,7 +95,9 @@ def save_state(params: dict, path: Path, meta: Optional[dict] = None, reuse: boo
     then renamed, so a crash never leaves half a model. reuse (the server, which saves each round's model several
     times): the same parameters and meta saved again are copied from the file written last with them with reuse,
     if it is still as written (same inode, size and modification time); it costs a SHA-256 of the parameters per
-    call, so a caller that saves each model once (a site) leaves it off."""
+    call, none for a dict whose digest was remembered (remember_digest), so a caller that saves each model once (a
+    site) leaves it off. A copy, not a hard link: the server's copies (the run's round file outside the job's folder)
+    are there to survive damage to the first file, and copying 28 MB costs ~10 ms."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
