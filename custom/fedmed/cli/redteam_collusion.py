@@ -34,9 +34,11 @@ from fedmed.sim.inprocess import Adversary, FederationPlan, federate
 SEEDS = (0, 1, 2)
 SIZE = dict(honest=4, per_site=100, num_test=200, rounds=4, attack_from=2, image_size=64, batch_size=16)
 TOLERANCE = 0.02
-# "site X: distance D (xR median), head cosine +C, sign balance +B, score ..." (RoundEngine's per-site log line)
+# "site X: distance D (xR median), head cosine +C, sign balance +B, body cosine +O, score ..." (RoundEngine's
+# per-site log line)
 LOG_LINE = re.compile(
     r"site (\S+): distance \S+ \(x([0-9.]+) median\)(?:, head cosine ([+-][0-9.]+))?(?:, sign balance ([+-][0-9.]+))?"
+    r"(?:, body cosine ([+-][0-9.]+))?"
 )
 BLOCKED = ("rejected", "quarantined", "refused")
 
@@ -73,6 +75,7 @@ def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
                     "distance_ratio": float(m.group(2)),
                     "head_cosine": float(m.group(3)) if m.group(3) else None,
                     "sign_balance": float(m.group(4)) if m.group(4) else None,
+                    "body_cosine": float(m.group(5)) if m.group(5) else None,
                 }
         rounds.append(
             {
@@ -132,8 +135,12 @@ SIGN_OK, SIGN_BAD = TrustPolicy.sign_balance_ok, TrustPolicy.sign_balance_bad
 IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geometric median accepted (issue 28)
 # The adaptive attackers that know the sign rule (fedmed.sim.attacks.BALANCED), measured right after them.
 ADAPTIVE = ("alie_balanced", "min_max_balanced")
-# With HE on (rules "gm+he"): the two worst two-colluder rows of issue 28 and the adaptive ALIE.
-HE_ROWS = (("min_max_unit", 1.0), ("alie", 0.0), ("alie_balanced", 0.0))
+# With HE on (rules "gm+he"), first the rows that only the direction rule caught with HE off (the body rule's
+# targets: unit directions and IPM), with 1 and 2 colluders; then the in-distribution ALIE and the adaptive ALIE.
+HE_BODY_ROWS = (("min_max_unit", 1.0), ("min_sum_unit", 1.0), ("ipm", 0.5), ("ipm", 100.0))
+HE_ROWS = HE_BODY_ROWS + (("alie", 0.0), ("alie_balanced", 0.0))
+# The HE-on runs measured before the body rule (fedmed.aggregation.body_cosine), kept as measured.
+BEFORE_BODY = "before-body-rule"
 
 
 def plan_jobs(runs: dict) -> list:
@@ -141,10 +148,11 @@ def plan_jobs(runs: dict) -> list:
     on seed 0, the in-distribution rows (seed 0: a row rejected every round holds on the reason) and the
     two-colluder adaptive rows (the attack on the sign rule), the honest runs on seeds 1 and 2, the other rows
     (seed 0); the accepted two-colluder adaptive rows on seeds 1 and 2 (their paired gap), then, for the worst
-    adaptive pair not held, centred clipping on seeds 0-2; the honest run and the
-    two worst HE_ROWS with HE on (seed 0); the one-hostile-site adaptive rows; every row still accepted on
-    seeds 1 and 2; the adaptive HE row; plain FedAvg under the worst two-colluder attack. Centred clipping's runs on
-    the other rows (before the sign rule) are kept in BEFORE."""
+    adaptive pair not held, centred clipping on seeds 0-2; with HE on, the honest run and the HE_BODY_ROWS (the
+    body rule's targets, two colluders then one; seed 0) and the honest runs on seeds 1 and 2; the one-hostile-site
+    adaptive rows; every row still accepted on seeds 1 and 2 (HE-on body rows too); the other HE_ROWS (seed 0, then
+    seeds 1 and 2 where accepted); plain FedAvg under the worst two-colluder attack. Centred clipping's runs on the
+    other rows (before the sign rule) are kept in BEFORE, the HE-on runs before the body rule in BEFORE_BODY."""
     rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
     lone_adaptive = [r for r in rows if r.attack.kind in ADAPTIVE and r.colluders == 1]
     first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE and r not in lone_adaptive]
@@ -159,20 +167,20 @@ def plan_jobs(runs: dict) -> list:
     jobs += [
         (r, s, "gm") for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)
     ]
-    he = [r for r in rows if r.colluders == 2 and (r.attack.kind, r.attack.factor) in HE_ROWS]
+    he = [r for r in rows if (r.attack.kind, r.attack.factor) in HE_ROWS]
     # Centred clipping (the existing time-coupled defence) against the worst adaptive pair not held (3 seeds).
     adaptive = [r for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and verdict(runs, r.name)[1] is False]
     if adaptive:
         worst = min(adaptive, key=lambda r: float(np.mean([g for _, g in gaps(runs, r.name, "gm", "gm")])))
         jobs += [(worst, s, "gm+cc") for s in SEEDS]
-    he_worst = [r for r in he if r.attack.kind not in ADAPTIVE]
-    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_worst]
+    he_body = [r for r in he if (r.attack.kind, r.attack.factor) in HE_BODY_ROWS]  # two colluders first (rows)
+    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_body] + [(None, s, "gm+he") for s in (1, 2)]
     jobs += [(r, 0, "gm") for r in lone_adaptive]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
-    jobs += [(r, 0, "gm+he") for r in he if r not in he_worst]
     # An HE row accepted on seed 0 is judged as the others: its paired gap over seeds 0-2, against HE-on honest runs.
-    he_accepted = [r for r in he if accepted(r, "gm+he")]
-    jobs += [(x, s, "gm+he") for s in (1, 2) for x in ([None] if he_accepted else []) + he_accepted]
+    jobs += [(r, s, "gm+he") for s in (1, 2) for r in he_body if accepted(r, "gm+he")]
+    jobs += [(r, 0, "gm+he") for r in he if r not in he_body]
+    jobs += [(r, s, "gm+he") for s in (1, 2) for r in he if r not in he_body and accepted(r, "gm+he")]
     done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])

@@ -194,6 +194,18 @@ def head_cosine(
     return float(np.clip(dot / np.sqrt(nu * na), -1.0, 1.0))
 
 
+def body_cosine(norm: float, judge_norm: float, dist: float) -> float:
+    """Cosine between a site's clear move (update - start) and the judging reference's (judge - start), from the
+    three lengths the round already has: the site's move (screening's update_norm), the reference's, and the site's
+    distance to the reference; by the law of cosines, dot = (|u|^2 + |j|^2 - |u - j|^2) / 2. No pass over the
+    updates beyond the one distance pass: with 50 sites a third pass would cost the step ~0.3 s. 1.0 when either
+    move is zero (no evidence either way), as head_cosine."""
+    if norm <= 0 or judge_norm <= 0:
+        return 1.0
+    dot = (norm * norm + judge_norm * judge_norm - dist * dist) / 2.0
+    return float(np.clip(dot / (norm * judge_norm), -1.0, 1.0))
+
+
 def update_norm(
     update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], keys: Sequence[str] | None = None
 ) -> float:
@@ -230,6 +242,9 @@ class RoundOutcome:
     # site -> fedmed.server.aggregation.head_cosine (empty: not checked)
     head_cosines: dict = field(default_factory=dict)
     sign_offsets: dict = field(default_factory=dict)  # site -> sign balance minus the median site's (empty: off)
+    # site -> body_cosine of its clear move with the reference's (empty: no start); scored when body_scored
+    body_cosines: dict = field(default_factory=dict)
+    body_scored: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,13 +252,18 @@ class DirectionCheck:
     """The direction rule's inputs: the global model the round started from (start) and the classifier layers'
     names (head_keys); a site whose classifier moved against the judging reference's scores 0. Given start, the
     sign rule (fedmed.server.robust.sign_balance) also judges each site's whole clear move, head or no head (so with HE
-    too), unless the trust policy turns it off."""
+    too), unless the trust policy turns it off; and the body rule (body_cosine, TrustPolicy.body_cosine_ok / _bad)
+    judges the direction of that whole clear move against the reference's where the classifier cannot be read (no
+    head_keys: HE encrypts it), or always with TrustPolicy.body_cosine_always."""
 
     start: Mapping[str, np.ndarray] | None
     head_keys: Sequence[str] = ()
     # site -> (sign balance, coordinates moved) of its move from start, when a pass over the updates already
     # counted them (fedmed.server.passes.update_pass during screening); the sites missing here are counted again
     balances: Mapping[str, tuple] | None = None
+    # site -> update_norm of its move from start, when screening measured it (the body rule's lengths); the sites
+    # missing here are measured again
+    norms: Mapping[str, float] | None = None
 
 
 def aggregate_and_score(
@@ -285,6 +305,16 @@ def aggregate_and_score(
     groups = copies.groups if copies is not None else ()
     signs = sign_offsets_of(updates, direction.start if direction is not None else None, policy, direction)
 
+    start = direction.start if direction is not None else None
+    norms = body_norms(updates, start, direction)
+    # The body rule scores where the classifier is hidden (or always, by policy); its cosines are kept either way
+    # (the red team's calibration reads them with HE off too).
+    body_scored = (
+        start is not None
+        and policy_body_rule(policy)
+        and (getattr(policy, "body_cosine_always", False) or not check_heads)
+    )
+
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])
         keys = distance_keys(res.params)
@@ -294,25 +324,47 @@ def aggregate_and_score(
         sites = list(updates)
         dist = dict(zip(sites, thread_map(lambda n: distance(updates[n], judge, keys), sites)))
         cos = {n: head_cosine(u, judge, reference, head_keys) for n, u in updates.items()} if check_heads else {}
-        return res, dist, round_scores(dist, policy, cos, signs), cos
+        body = {}
+        if norms:
+            judge_norm = distance(judge, start, keys)
+            body = {n: body_cosine(norms[n], judge_norm, dist[n]) for n in sites}
+        scored = round_scores(dist, policy, cos, signs, body if body_scored else None)
+        return res, dist, scored, cos, body
 
     active = list(active)
     if not active:
         raise ValueError("no active site to aggregate")
-    res, dist, scored, cos = run(active)
+    res, dist, scored, cos, body = run(active)
     # Every active site's count as the cap left it in the first pass; sites kept after exclusion get the final one.
     used = {n: float(c) for n, c in zip(active, res.used_counts)} if res.used_counts is not None else {}
     far = [n for n in active if scored[n][1] == 0.0]
     keep = [n for n in active if n not in far]
     excluded: tuple = ()
     if far and len(keep) >= min_keep:
-        res, dist, scored, cos = run(keep)
+        res, dist, scored, cos, body = run(keep)
         excluded, active = tuple(far), keep
     weights = {n: 0.0 for n in updates}
     weights.update({n: float(w) for n, w in zip(active, res.site_weights)})
     if res.used_counts is not None:
         used.update({n: float(c) for n, c in zip(active, res.used_counts)})
-    return RoundOutcome(res, weights, dist, scored, excluded, used, cos, signs)
+    return RoundOutcome(res, weights, dist, scored, excluded, used, cos, signs, body, body_scored)
+
+
+def policy_body_rule(policy) -> bool:
+    """Whether the policy has the body rule on (TrustPolicy.body_cosine_bad >= -1; a cosine is never below -1)."""
+    return getattr(policy, "body_cosine_bad", -2.0) >= -1.0
+
+
+def body_norms(updates: Mapping[str, Mapping[str, np.ndarray]], start, direction=None) -> dict:
+    """site -> update_norm of its clear move from start, for the body rule ({} without a start). The norms screening
+    measured (direction.norms) are used as they are; the others measured here."""
+    if start is None:
+        return {}
+    known = dict(getattr(direction, "norms", None) or {})
+    keys = distance_keys(start)
+    todo = [n for n in updates if n not in known]
+    known.update(zip(todo, thread_map(lambda n: update_norm(updates[n], start, keys), todo)))
+    return {n: float(known[n]) for n in updates}
 
 
 def sign_offsets_of(updates: Mapping[str, Mapping[str, np.ndarray]], start, policy, direction=None) -> dict:

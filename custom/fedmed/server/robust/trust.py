@@ -12,6 +12,10 @@ import numpy as np
 # The sign rule's thresholds (TrustPolicy.sign_balance_ok / _bad), on |balance - the median site's|.
 SIGN_BALANCE_OK = 0.1
 SIGN_BALANCE_BAD = 0.2
+# The body rule's thresholds (TrustPolicy.body_cosine_ok / _bad), on the cosine of a site's clear move with the
+# reference's; calibrated in TrustPolicy's docstring.
+BODY_COSINE_OK = 0.0
+BODY_COSINE_BAD = -0.3
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ class TrustPolicy:
             sign_balance_ok scores 1, by sign_balance_bad or more 0 (linear in between); a round's score is the
             lowest of the distance, direction and sign scores. sign_balance_bad > 2 turns it off (a difference of
             two balances is at most 2). Measured on the red team's federation: see docs/redteam_collusion.md.
+        body_cosine_ok / body_cosine_bad / body_cosine_always: the body rule, the direction rule on what the
+            server reads in clear. The cosine between a site's whole clear trainable move and the judging
+            reference's (fedmed.server.aggregation.body_cosine) scores 1 at or above body_cosine_ok, 0 at or below
+            body_cosine_bad (linear in between). Scored where the classifier layers are hidden (HE encrypts them,
+            so the direction rule above has nothing to read: issue 28's Min-Max unit pair then went through), or
+            on every round with body_cosine_always; body_cosine_bad < -1 turns it off. CALIBRATION_PENDING
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
@@ -59,6 +69,9 @@ class TrustPolicy:
     head_cosine_bad: float = -0.5
     sign_balance_ok: float = SIGN_BALANCE_OK
     sign_balance_bad: float = SIGN_BALANCE_BAD
+    body_cosine_ok: float = BODY_COSINE_OK
+    body_cosine_bad: float = BODY_COSINE_BAD
+    body_cosine_always: bool = False
 
     def __post_init__(self):
         if not 0 < self.smoothing <= 1:
@@ -76,6 +89,11 @@ class TrustPolicy:
         if not 0 < self.sign_balance_ok < self.sign_balance_bad:
             raise ValueError(
                 f"need 0 < sign_balance_ok < sign_balance_bad, got {self.sign_balance_ok}, {self.sign_balance_bad}"
+            )
+        if not (self.body_cosine_bad < -1 or -1 <= self.body_cosine_bad < self.body_cosine_ok <= 1):
+            raise ValueError(
+                f"need -1 <= body_cosine_bad < body_cosine_ok <= 1 (or body_cosine_bad < -1: off), got "
+                f"{self.body_cosine_bad}, {self.body_cosine_ok}"
             )
         if not -1 <= self.head_cosine_bad < self.head_cosine_ok <= 1:
             raise ValueError(
@@ -95,11 +113,13 @@ def round_scores(
     policy: TrustPolicy,
     head_cosines: Mapping[str, float] | None = None,
     sign_offsets: Mapping[str, float] | None = None,
+    body_cosines: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """site -> (ratio to the median distance, round score in [0, 1]). Scale-free: multiplying every update's
     distance by the same factor changes nothing. With head_cosines (site -> cosine of its classifier's move with
     the reference's), the score is at most the direction score; with sign_offsets (site -> its sign balance minus
-    the median site's, fedmed.server.robust.sign_balance), at most the sign score."""
+    the median site's, fedmed.server.robust.sign_balance), at most the sign score; with body_cosines (site -> cosine
+    of its whole clear move with the reference's, fedmed.server.aggregation.body_cosine), at most the body score."""
     if not distances:
         return {}
     values = np.array(list(distances.values()), dtype=np.float64)
@@ -118,6 +138,11 @@ def round_scores(
             off = abs(float(sign_offsets[site]))
             signs = (policy.sign_balance_bad - off) / (policy.sign_balance_bad - policy.sign_balance_ok)
             score = min(score, float(np.clip(signs, 0.0, 1.0)))
+        if body_cosines and site in body_cosines:
+            body = (float(body_cosines[site]) - policy.body_cosine_bad) / (
+                policy.body_cosine_ok - policy.body_cosine_bad
+            )
+            score = min(score, float(np.clip(body, 0.0, 1.0)))
         out[site] = (float(ratio), score)
     return out
 
