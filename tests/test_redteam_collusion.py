@@ -114,11 +114,17 @@ def test_the_adaptive_pair_balances_its_signs_past_the_sign_rule_and_is_counted_
             assert abs(rd["sites"][s]["sign_balance"]) < TrustPolicy.sign_balance_ok, rd["sites"]
             assert "near-copy of" in (rd["updates"][s]["reason"] or ""), rd["updates"][s]
         assert sum(rd["weights"][s] for s in run["hostile"]) < 0.5, rd["weights"]
+    # The body rule's statistic is logged with the head in clear too (not scored there), and read into the JSON.
+    assert all(-1 <= v["body_cosine"] <= 1 for rd in run["rounds"] for v in rd["sites"].values()), run["rounds"]
 
 
 @pytest.mark.parametrize(
     "args,message",
-    [(["--rounds", "1"], "--rounds must be at least 2"), (["--per-site", "0"], "--per-site must be at least 1")],
+    [
+        (["--rounds", "1"], "--rounds must be at least 2"),
+        (["--per-site", "0"], "--per-site must be at least 1"),
+        (["--remeasure", "gm-honest-s0", "gm-honest-s9"], "no such run ['gm-honest-s9']"),
+    ],
 )
 def test_a_larger_federation_that_cannot_hold_the_attack_is_refused_with_the_reason(args, message, tmp_path, capsys):
     from fedmed.cli import redteam_collusion as rc

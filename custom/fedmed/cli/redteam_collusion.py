@@ -216,9 +216,14 @@ def measure(a) -> None:
     names = redteam.make_sites(a.data, size["honest"], size["per_site"], seed=0, num_test=size["num_test"])
     train, test, _ = redteam.load_sites(a.data, names, size["image_size"])
     plan = plan_jobs if size == SIZE else plan_larger
+    if a.remeasure:  # these runs again, in the order given, each overwriting its JSON (what the code does now)
+        todo = remeasure_jobs(a.remeasure)
+        plan = lambda runs: todo  # noqa: E731 (claim drops each as it goes: the list is consumed below)
     t_end = time.time() + a.budget_s
     while time.time() < t_end:
         job = claim(a.runs, plan(load_runs(a.runs)))
+        if job is not None and a.remeasure:
+            todo.remove(job[0])
         if job is None:
             break
         (row, seed, rules), name = job
@@ -229,6 +234,22 @@ def measure(a) -> None:
         finally:
             (a.runs / f"{name}.claim").unlink(missing_ok=True)
         print(f"  AUROC {out['auroc']:.3f} in {out['seconds']:.0f} s", flush=True)
+
+
+def job_name(job) -> str:
+    return key(job[0].name if job[0] else "honest", job[1], job[2])
+
+
+def remeasure_jobs(names: list) -> list:
+    """The jobs named (their JSON stems, e.g. gm-honest-s0), in that order; an unknown name is an error naming it."""
+    rows = [None, *redteam.COLLUSION_ROWS]
+    known = {
+        job_name(j): j for j in ((r, s, x) for r in rows for s in SEEDS for x in ("gm", "gm+he", "gm+cc", "fedavg"))
+    }
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--remeasure: no such run {unknown}; a run is named as its JSON file, e.g. gm-honest-s0")
+    return [known[n] for n in names]
 
 
 def claim(folder: Path, jobs: list):
@@ -404,10 +425,81 @@ def adaptive_lines(runs: dict) -> list:
     return out
 
 
-def he_section(runs: dict) -> list:
-    """The two-colluder rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest
-    run with HE on (same seed); a row accepted there is judged by its paired gap over the seeds measured."""
+def body_cosines(runs, honest: bool, attacked_only: bool = False) -> list:
+    """Every (site, round) body cosine (the body rule's statistic, from the RoundEngine's per-site log line) of the
+    given runs: the honest sites' (honest=True), or the attackers' in the rounds they attack."""
+    out = []
+    for r in runs:
+        for rd in r["rounds"]:
+            for s, v in rd["sites"].items():
+                if v.get("body_cosine") is None or (s in r["hostile"]) == honest:
+                    continue
+                if not honest and attacked_only and rd["round"] < SIZE["attack_from"]:
+                    continue
+                out.append(v["body_cosine"])
+    return out
+
+
+def body_lines(runs: dict) -> list:
+    """The body rule's statistic measured: the honest sites' body cosines (honest runs with HE on and off, the
+    honest sites of the HE-on attacked runs) against the thresholds, and the attackers' per HE-on row."""
+    ok, bad = TrustPolicy.body_cosine_ok, TrustPolicy.body_cosine_bad
+    out = []
+    groups = [
+        ("honest runs with HE on", [r for r in runs.values() if r["row"] is None and r["rules"] == "gm+he"]),
+        ("honest runs with HE off", [r for r in runs.values() if r["row"] is None and r["rules"] == "gm"]),
+        (
+            "the honest sites of the HE-on attacked runs",
+            [r for r in runs.values() if r["row"] and r["rules"] == "gm+he"],
+        ),
+    ]
+    for what, mine in groups:
+        cos = body_cosines(mine, True)
+        if not cos:
+            continue
+        q = np.quantile(cos, [0.0, 0.05, 0.5])
+        seeds = sorted({r["seed"] for r in mine})
+        out.append(
+            f"- {what} (seeds {', '.join(map(str, seeds))}; {len(mine)} run(s), {len(cos)} (site, round) cosines): "
+            f"min {q[0]:+.3f}, 5th percentile {q[1]:+.3f}, median {q[2]:+.3f}; {sum(c < ok for c in cos)} below "
+            f"body_cosine_ok ({ok}), {sum(c <= bad for c in cos)} at or below body_cosine_bad ({bad})."
+        )
+    for row in redteam.COLLUSION_ROWS:
+        mine = [runs[key(row.name, s, "gm+he")] for s in SEEDS if key(row.name, s, "gm+he") in runs]
+        cos = body_cosines(mine, False, attacked_only=True)
+        if cos:
+            out.append(f"- attackers, {row.name}, HE on: {min(cos):+.3f} to {max(cos):+.3f}")
+    return out
+
+
+def rerun_noise(honest: dict, before: dict) -> list:
+    """The same HE-on honest run measured twice (before the body rule and with it, which scores no honest site
+    below 1 there: body_lines): how far two runs of one seed differ with HE on."""
+    again = {
+        s: (before[key("honest", s, "gm+he")]["auroc"], v)
+        for s, v in honest.items()
+        if key("honest", s, "gm+he") in before
+    }
+    if not again:
+        return []
+    return [
+        "The same honest run with HE on, measured before the body rule and again with it (the body rule scored "
+        "every honest site 1, so the rules were the same): "
+        + ", ".join(f"seed {s} {a:.3f} then {b:.3f}" for s, (a, b) in again.items())
+        + ". CKKS encryption is randomised (fresh key set, fresh noise each run), so HE-on runs of one seed agree "
+        "in round 1 and drift apart from round 2: one HE-on run's AUROC carries that much noise, and the paired "
+        "gaps with HE on are against HE-on honest runs measured with the body rule.",
+        "",
+    ]
+
+
+def he_section(runs: dict, before: dict | None = None) -> list:
+    """The rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest run with HE
+    on (same seed); a row accepted there is judged by its paired gap over seeds 0-2. before: the HE-on runs measured
+    before the body rule (BEFORE_BODY), quoted per row."""
+    before = before or {}
     h = runs.get(key("honest", 0, "gm+he"))
+    hs = {s: runs[key("honest", s, "gm+he")]["auroc"] for s in SEEDS if key("honest", s, "gm+he") in runs}
     out = [
         "",
         "## With HE on (the classifier layers encrypted): seed 0, and seeds 1-2 for a row accepted on seed 0",
@@ -415,26 +507,49 @@ def he_section(runs: dict) -> list:
         f"The classifier layers ({', '.join(redteam.HE_LAYERS)}) encrypted with a fresh CKKS key set, as hospitals "
         "run with HE on: the server combines them homomorphically with the weights it chose from the clear body and "
         "never sees them, so the direction rule (the classifier's cosine to the reference) has nothing to judge. "
-        "What it can judge is the clear body: the copy test (near-copies counted once), the distance to the "
-        "coordinate-median reference and the sign rule. The colluders craft the body from the honest sites' clear "
+        "What it judges is the clear body: the copy test (near-copies counted once), the distance to the "
+        "coordinate-median reference, the sign rule, and the body rule (since these runs): the cosine of each "
+        "site's whole clear move with the reference's (fedmed.server.aggregation.body_cosine) scores 0 at or below "
+        f"TrustPolicy.body_cosine_bad ({TrustPolicy.body_cosine_bad}), 1 at or above body_cosine_ok "
+        f"({TrustPolicy.body_cosine_ok}). The colluders craft the body from the honest sites' clear "
         "bodies and send their own honestly trained encrypted head (they cannot read the honest heads either); "
         "what a crafted encrypted head can do is the hospitals' check of the decrypted head (docs/redteam.md, "
-        "'encrypted-head scaling'). Honest run with HE on, seed 0: " + (f"{h['auroc']:.3f}." if h else "not measured."),
+        "'encrypted-head scaling'). Honest runs with HE on: "
+        + (", ".join(f"seed {s} {v:.3f}" for s, v in hs.items()) or "not measured")
+        + f". The HE-on runs before the body rule are kept in docs/redteam_collusion/{BEFORE_BODY}/.",
         "",
+        *rerun_noise(hs, before),
+        "| attack, HE on | what the server did (seed 0, attacked rounds) | AUROC seed 0 | held | before the body rule |",
+        "|---|---|---|---|---|",
     ]
-    for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
-        run = runs.get(key(row.name, 0, "gm+he"))
-        if run is None:
-            continue
-        if honest_quarantined(run):
-            held = f"**NO**: honest site(s) {', '.join(honest_quarantined(run))} quarantined"
-        elif blocked_every_round(run):
-            held = "rejected with the reason in every round it attacked"
-        else:
-            held = verdict(runs, row.name, "gm+he")[0]
-        gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest with HE)" if h else ""
-        out.append(f"- **{row.name}**, HE on: AUROC {run['auroc']:.3f}{gap}; {held}. {summary(run)}")
-    return out if len(out) > 6 or h else []
+    n_rows, n_held, not_held = 0, 0, []
+    for n in (2, 1):
+        for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == n):
+            run = runs.get(key(row.name, 0, "gm+he"))
+            if run is None:
+                continue
+            text, held = verdict(runs, row.name, "gm+he")
+            n_rows, n_held = n_rows + 1, n_held + (held is True)
+            if held is False:
+                not_held.append(row.name)
+            gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest with HE)" if h else ""
+            old = before.get(key(row.name, 0, "gm+he"))
+            old_text = f"AUROC seed 0 {old['auroc']:.3f}; {verdict(before, row.name, 'gm+he')[0]}" if old else "-"
+            out.append(f"| {row.name} | {summary(run)} | {run['auroc']:.3f}{gap} | {text} | {old_text} |")
+    out += [
+        "",
+        f"**HE on: {n_held} of {n_rows} rows played held**"
+        + (f"; not held: {'; '.join(not_held)}" if not_held else "")
+        + ". The rows not in this table were not played with HE on.",
+        "",
+        "### The body rule's statistic, measured",
+        "",
+        "The cosine of each site's clear move with the coordinate-median reference's, every round, from the "
+        "RoundEngine's per-site log line (logged with HE off too, where it is not scored):",
+        "",
+        *body_lines(runs),
+    ]
+    return out if n_rows or h else []
 
 
 def larger_section(folder: Path) -> list:
@@ -583,7 +698,7 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
         "site's. Its offsets above show what the sign rule sees of it; its rows in the table show what it costs.",
         "",
         *adaptive_lines(runs),
-        *he_section(runs),
+        *he_section(runs, load_runs(folder / BEFORE_BODY) if folder is not None else {}),
         *(larger_section(folder) if folder is not None else []),
     ]
     fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]
@@ -672,6 +787,13 @@ def main(argv=None) -> int:
         help="images per hospital (a larger size: "
         "give its own --data and --runs, e.g. docs/redteam_collusion/larger-...)",
     )
+    p.add_argument(
+        "--remeasure",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="play these runs again (named as their JSON, e.g. gm-honest-s0), overwriting what they measured",
+    )
     p.add_argument("--rounds", type=int, default=SIZE["rounds"])
     p.add_argument("--image-size", type=int, default=SIZE["image_size"])
     p.add_argument("--num-test", type=int, default=SIZE["num_test"])
@@ -681,6 +803,11 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if a.rounds < SIZE["attack_from"]:
         p.error(f"--rounds must be at least {SIZE['attack_from']} (the attackers attack from that round)")
+    if a.remeasure:
+        try:
+            remeasure_jobs(a.remeasure)
+        except ValueError as e:
+            p.error(str(e))
     if not a.doc:
         measure(a)
     if (a.per_site, a.rounds, a.image_size, a.num_test) != tuple(
