@@ -878,3 +878,33 @@ def test_two_sign_balanced_colluders_pass_the_sign_rule_but_stay_a_counted_once_
             assert "near-copy of" in status(rep, c).reason and status(rep, c).weight_samples == 150
         assert all(status(rep, f"h{i}").status == "accepted" for i in range(3)), [u.reason for u in rep.updates]
     assert not any(eng.is_quarantined(s) for s in ("h0", "h1", "h2", "c0", "c1"))
+
+
+def test_vote_cap_hands_the_excess_to_the_others_until_none_is_over():
+    from fedmed.server.aggregation import cap_vote_weights
+
+    w = cap_vote_weights([0.96, 0.01, 0.01, 0.01, 0.01], [1, 1, 1, 1, 1], 2.0)
+    np.testing.assert_allclose(w, [0.4, 0.15, 0.15, 0.15, 0.15])
+    # Water-filling: a site lifted over its cap by the hand-out is capped in turn.
+    w = cap_vote_weights([0.7, 0.28, 0.01, 0.01], [1, 1, 1, 1], 1.5)
+    assert w.sum() == pytest.approx(1.0) and np.all(w <= 0.375 + 1e-12), w
+    np.testing.assert_allclose(cap_vote_weights([0.3, 0.3, 0.4], [1, 1, 1], 2.0), [0.3, 0.3, 0.4])  # none over
+    with pytest.raises(ValueError, match="multiple must be >= 1"):
+        cap_vote_weights([0.5, 0.5], [1, 1], 0.5)
+    with pytest.raises(ValueError, match="vote_share_cap"):
+        TrustPolicy(vote_share_cap=0.9)
+
+
+def test_with_the_vote_cap_a_central_site_gets_no_more_than_its_multiple_of_the_count_share():
+    # A site at the honest sites' mean (what the adaptive ALIE hospital nearly is) is the geometric median's
+    # favourite: nearly all the weight. Capped at 2x its count share (5 equal counts: 0.4), the rest to the others.
+    hon = [honest_big(i) for i in range(4)]
+    centre = {**hon[0], "body.w": np.mean([p["body.w"] for p in hon], axis=0).astype(np.float32)}
+    sites = [SiteResult(f"h{i}", p, 300) for i, p in enumerate(hon)] + [SiteResult("centre", centre, 300)]
+    free = engine().step(0, BIG_GLOBAL, sites, [])
+    assert free.weights["centre"] > 0.9, free.weights
+    rep = engine(trust=TrustPolicy(vote_share_cap=2.0)).step(0, BIG_GLOBAL, sites, [])
+    assert rep.weights["centre"] == pytest.approx(0.4) and all(rep.weights[f"h{i}"] > 0.1 for i in range(4))
+    want = sum(rep.weights[s.site] * s.params["body.w"].astype(np.float64) for s in sites)
+    np.testing.assert_allclose(rep.params["body.w"], want, atol=1e-6)
+    assert "vote_cap" in rep.diagnostics

@@ -34,6 +34,9 @@ from fedmed.sim.inprocess import Adversary, FederationPlan, federate
 SEEDS = (0, 1, 2)
 SIZE = dict(honest=4, per_site=100, num_test=200, rounds=4, attack_from=2, image_size=64, batch_size=16)
 TOLERANCE = 0.02
+# The vote cap tried (rules "gm+cap"): no site above 1.5x its count share (0.3 of 5 equal sites; a near-copy pair
+# counted once, 0.375 together). The honest runs' weights stayed within 0.19-0.21, so it binds only on a favourite.
+VOTE_CAP = 1.5
 # "site X: distance D (xR median), head cosine +C, sign balance +B, body cosine +O, score ..." (RoundEngine's
 # per-site log line)
 LOG_LINE = re.compile(
@@ -49,7 +52,7 @@ def key(row: str, seed: int, rules: str) -> str:
 
 def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
     """One federation: row None = every site honest. rules: "gm" (geometric median with trust, the default),
-    "gm+cc" (and centred clipping), "gm+he" (the classifier layers encrypted, redteam.HE_LAYERS, as hospitals run
+    "gm+cc" (and centred clipping), "gm+cap" (and TrustPolicy.vote_share_cap at VOTE_CAP), "gm+he" (the classifier layers encrypted, redteam.HE_LAYERS, as hospitals run
     it with HE on: the server never sees them), "fedavg" (plain FedAvg, no trust rule). size: SIZE or a larger
     federation (--per-site, --rounds, --image-size, --num-test)."""
     train, test = data
@@ -63,6 +66,7 @@ def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
         batch_size=size["batch_size"],
         seed=seed,
         he_layers=redteam.HE_LAYERS if rules == "gm+he" else None,
+        trust=TrustPolicy(vote_share_cap=VOTE_CAP) if rules == "gm+cap" else None,
     )
     rounds = []
 
@@ -244,7 +248,8 @@ def remeasure_jobs(names: list) -> list:
     """The jobs named (their JSON stems, e.g. gm-honest-s0), in that order; an unknown name is an error naming it."""
     rows = [None, *redteam.COLLUSION_ROWS]
     known = {
-        job_name(j): j for j in ((r, s, x) for r in rows for s in SEEDS for x in ("gm", "gm+he", "gm+cc", "fedavg"))
+        job_name(j): j
+        for j in ((r, s, x) for r in rows for s in SEEDS for x in ("gm", "gm+he", "gm+cc", "gm+cap", "fedavg"))
     }
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -469,6 +474,54 @@ def body_lines(runs: dict) -> list:
         cos = body_cosines(mine, False, attacked_only=True)
         if cos:
             out.append(f"- attackers, {row.name}, HE on: {min(cos):+.3f} to {max(cos):+.3f}")
+    return out
+
+
+def cap_section(runs: dict) -> list:
+    """The vote cap (rules "gm+cap", TrustPolicy.vote_share_cap = VOTE_CAP): the rows played with it, their
+    attackers' largest weight and paired gaps against the honest runs (with the cap where measured, else the
+    default's: the cap leaves a round untouched when no weight is over it, and the honest weights are reported)."""
+    capped = [r for r in runs.values() if r["rules"] == "gm+cap"]
+    if not capped:
+        return []
+    honest = [r for r in runs.values() if r["row"] is None and r["rules"] == "gm"]
+    top = max(
+        (max(rd["weights"].values()) / (sum(rd["weights"].values()) or 1.0)) for r in honest for rd in r["rounds"]
+    )
+    out = [
+        "",
+        f"## The vote cap (TrustPolicy.vote_share_cap = {VOTE_CAP}, opt-in), measured",
+        "",
+        f"No site above {VOTE_CAP}x its count share of the weight (0.3 of five equal sites; a near-copy pair counted "
+        "once 0.375 together), the excess handed to the others in proportion to their weights "
+        "(fedmed.server.aggregation.cap_vote_weights). In the honest runs (HE off, seeds 0-2) no site's weight went "
+        f"above {top:.3f}, so the cap never binds there and leaves those runs as they are (it returns the "
+        "aggregator's result untouched when no weight is over its cap).",
+        "",
+    ]
+    for s_ in SEEDS:
+        h, hc = runs.get(key("honest", s_, "gm")), runs.get(key("honest", s_, "gm+cap"))
+        if h and hc:
+            out.append(f"- honest run, seed {s_}: {hc['auroc']:.3f} with the cap, {h['auroc']:.3f} without.")
+    for row in redteam.COLLUSION_ROWS:
+        mine = {s_: runs[key(row.name, s_, "gm+cap")] for s_ in SEEDS if key(row.name, s_, "gm+cap") in runs}
+        if not mine:
+            continue
+        # against the capped honest run where measured, else the default's (the same run: see above)
+        g = []
+        for s_, r in mine.items():
+            h = runs.get(key("honest", s_, "gm+cap")) or runs.get(key("honest", s_, "gm"))
+            if h:
+                g.append((s_, r["auroc"] - h["auroc"]))
+        before = [g2 for _, g2 in gaps(runs, row.name, "gm", "gm")]
+        out.append(
+            f"- {row.name}, with the cap: attackers' weight together at most {max(max_share(r) for r in mine.values()):.2f}; "
+            "paired gaps "
+            + ", ".join(f"s{s_} {v:+.3f}" for s_, v in g)
+            + (f" (mean {np.mean([v for _, v in g]):+.3f})" if len(g) > 1 else "")
+            + (f"; without the cap: mean {np.mean(before):+.3f} over {len(before)} seed(s)" if before else "")
+            + "."
+        )
     return out
 
 
@@ -699,6 +752,7 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
         "",
         *adaptive_lines(runs),
         *he_section(runs, load_runs(folder / BEFORE_BODY) if folder is not None else {}),
+        *cap_section(runs),
         *(larger_section(folder) if folder is not None else []),
     ]
     fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]

@@ -159,6 +159,44 @@ AGGREGATORS: dict[str, Aggregator] = {
 LINEAR_AGGREGATORS = ("fedavg", "geometric_median", "krum")
 
 
+def cap_vote_weights(weights: Sequence[float], shares: Sequence[float], multiple: float) -> np.ndarray:
+    """Weights (normalised) with none above multiple x its count share (shares normalised), the excess handed to the
+    others in proportion to their weights, repeated until no weight exceeds its cap (water-filling: a weight capped
+    once stays at its cap). multiple >= 1, so the caps sum to at least 1 and the result always sums to 1."""
+    w, sh = np.asarray(weights, np.float64), np.asarray(shares, np.float64)
+    if w.shape != sh.shape or w.ndim != 1 or w.size == 0:
+        raise ValueError(f"need one share per weight, got shapes {w.shape} and {sh.shape}")
+    if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0 or np.any(~np.isfinite(sh)) or np.any(sh < 0):
+        raise ValueError(f"weights and shares must be finite and >= 0 (weights not all 0): {w.tolist()}, {sh.tolist()}")
+    if not multiple >= 1:
+        raise ValueError(f"the vote cap multiple must be >= 1, got {multiple}")
+    w, cap = w / w.sum(), multiple * sh / sh.sum()
+    held = np.zeros(w.size, bool)
+    while np.any(~held & (w > cap * (1 + 1e-12))):
+        held |= w > cap * (1 + 1e-12)
+        w[held] = cap[held]
+        free, rest = ~held, 1.0 - float(cap[held].sum())
+        base = w[free] if w[free].sum() > 0 else sh[free]  # others all at 0: hand the rest out by count
+        w[free] = rest * base / base.sum() if base.sum() > 0 else 0.0
+    return w
+
+
+def cap_votes(
+    res: AggregationResult, updates: Sequence[Mapping[str, np.ndarray]], multiple: float
+) -> AggregationResult:
+    """res with no site above multiple x its count share of the weight (TrustPolicy.vote_share_cap): the trainable
+    parameters recombined with the capped weights (fedmed.server.robust.geometric_median.combine), the statistics as
+    the aggregator took them. Unchanged when no weight is over its cap."""
+    shares = res.used_counts if res.used_counts is not None else np.ones(len(updates))
+    w = cap_vote_weights(res.site_weights, shares, multiple)
+    if np.allclose(w, res.site_weights, rtol=0, atol=1e-12):
+        return res
+    mixed = combine(updates, w)
+    params = {**res.params, **{k: mixed[k] for k in distance_keys(res.params)}}
+    diagnostics = {**res.diagnostics, "vote_cap": f"weights capped at {multiple}x each site's count share"}
+    return AggregationResult(params, w, diagnostics, res.used_counts)
+
+
 def get_aggregator(name: str) -> Aggregator:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation {name!r}; choose one of {sorted(AGGREGATORS)}")
@@ -315,8 +353,12 @@ def aggregate_and_score(
         and (getattr(policy, "body_cosine_always", False) or not check_heads)
     )
 
+    vote_cap = float(getattr(policy, "vote_share_cap", np.inf))
+
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])
+        if np.isfinite(vote_cap) and len(names) >= 3:  # with two sites the weighted mean is used already
+            res = cap_votes(res, [updates[n] for n in names], vote_cap)
         keys = distance_keys(res.params)
         index = {n: i for i, n in enumerate(names)}
         votes = [[index[s] for s in g if s in index] for g in groups]

@@ -52,6 +52,11 @@ class TrustPolicy:
             body_cosine_bad (linear in between). Scored where the classifier layers are hidden (HE encrypts them,
             so the direction rule above has nothing to read: issue 28's Min-Max unit pair then went through), or
             on every round with body_cosine_always; body_cosine_bad < -1 turns it off. CALIBRATION_PENDING
+        vote_share_cap: no site (nor a near-copy group counted once, whose members share one site's count) gets
+            more than this multiple of its count share of the aggregate's weight; the excess goes to the others in
+            proportion to their weights (fedmed.server.aggregation.cap_vote_weights). The geometric median rewards
+            a point near the centre: one adaptive ALIE hospital at 0.25x the median site's distance got 0.996 of
+            the weight (docs/redteam_collusion.md). Off (inf) by default until its honest cost is measured at size.
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
@@ -72,6 +77,7 @@ class TrustPolicy:
     body_cosine_ok: float = BODY_COSINE_OK
     body_cosine_bad: float = BODY_COSINE_BAD
     body_cosine_always: bool = False
+    vote_share_cap: float = float("inf")
 
     def __post_init__(self):
         if not 0 < self.smoothing <= 1:
@@ -90,6 +96,8 @@ class TrustPolicy:
             raise ValueError(
                 f"need 0 < sign_balance_ok < sign_balance_bad, got {self.sign_balance_ok}, {self.sign_balance_bad}"
             )
+        if not self.vote_share_cap >= 1:
+            raise ValueError(f"vote_share_cap must be >= 1 (inf: off), got {self.vote_share_cap}")
         if not (self.body_cosine_bad < -1 or -1 <= self.body_cosine_bad < self.body_cosine_ok <= 1):
             raise ValueError(
                 f"need -1 <= body_cosine_bad < body_cosine_ok <= 1 (or body_cosine_bad < -1: off), got "
