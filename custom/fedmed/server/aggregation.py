@@ -235,9 +235,10 @@ def head_cosine(
 def body_cosine(norm: float, judge_norm: float, dist: float) -> float:
     """Cosine between a site's clear move (update - start) and the judging reference's (judge - start), from the
     three lengths the round already has: the site's move (screening's update_norm), the reference's, and the site's
-    distance to the reference; by the law of cosines, dot = (|u|^2 + |j|^2 - |u - j|^2) / 2. No pass over the
-    updates beyond the one distance pass: with 50 sites a third pass would cost the step ~0.3 s. 1.0 when either
-    move is zero (no evidence either way), as head_cosine."""
+    distance to the reference; by the law of cosines, dot = (|u|^2 + |j|^2 - |u - j|^2) / 2. So the rule reads
+    no update again (a direct dot product would be one more pass over every site's whole model); the lengths are
+    float64 sums, so the subtraction loses precision only when one move is orders of magnitude shorter than the
+    other. 1.0 when either move is zero (no evidence either way), as head_cosine."""
     if norm <= 0 or judge_norm <= 0:
         return 1.0
     dot = (norm * norm + judge_norm * judge_norm - dist * dist) / 2.0
@@ -353,7 +354,9 @@ def aggregate_and_score(
         and (getattr(policy, "body_cosine_always", False) or not check_heads)
     )
 
-    vote_cap = float(getattr(policy, "vote_share_cap", np.inf))
+    # The cap re-weights a weighted sum: only for the aggregators whose result is one (LINEAR_AGGREGATORS).
+    linear = any(aggregate is AGGREGATORS[n] for n in LINEAR_AGGREGATORS)
+    vote_cap = float(getattr(policy, "vote_share_cap", np.inf)) if linear else np.inf
 
     def run(names):
         res = aggregate([updates[n] for n in names], [counts[n] * factors.get(n, 1.0) for n in names])

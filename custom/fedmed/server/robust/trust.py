@@ -56,7 +56,8 @@ class TrustPolicy:
             more than this multiple of its count share of the aggregate's weight; the excess goes to the others in
             proportion to their weights (fedmed.server.aggregation.cap_vote_weights). The geometric median rewards
             a point near the centre: one adaptive ALIE hospital at 0.25x the median site's distance got 0.996 of
-            the weight (docs/redteam_collusion.md). Off (inf) by default until its honest cost is measured at size.
+            the weight (docs/redteam_collusion.md). For the aggregators whose result is a weighted sum
+            (fedmed.server.aggregation.LINEAR_AGGREGATORS). Off (inf) by default until measured at size.
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
