@@ -459,6 +459,7 @@ def body_lines(runs: dict) -> list:
         ),
     ]
     for what, mine in groups:
+        mine = [r for r in mine if body_cosines([r], True)]  # the runs measured since the body cosine is logged
         cos = body_cosines(mine, True)
         if not cos:
             continue
