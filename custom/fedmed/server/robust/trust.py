@@ -51,7 +51,16 @@ class TrustPolicy:
             reference's (fedmed.server.aggregation.body_cosine) scores 1 at or above body_cosine_ok, 0 at or below
             body_cosine_bad (linear in between). Scored where the classifier layers are hidden (HE encrypts them,
             so the direction rule above has nothing to read: issue 28's Min-Max unit pair then went through), or
-            on every round with body_cosine_always; body_cosine_bad < -1 turns it off. CALIBRATION_PENDING
+            on every round with body_cosine_always; body_cosine_bad < -1 turns it off. Calibrated on the red
+            team's federation (5 sites of 100 images, 64 px, 4 rounds; docs/redteam_collusion.md): honest sites'
+            body cosines +0.38 at the lowest (HE on, seeds 0-2, 60 site-rounds: +0.382; HE off: +0.383, the same
+            bodies), +0.40 for the honest sites beside the HE-on attackers (224 site-rounds); the attackers that
+            move against the honest sites (Min-Max / Min-Sum unit direction, IPM 0.5 and 100; 1 or 2 of 5)
+            -0.95 to -0.89; the in-distribution ones (ALIE, adaptive ALIE) +0.57 to +0.91, left to the sign rule
+            and the geometric median. So a score starts to drop 0.38 below the lowest honest cosine and reaches 0
+            at 0.68 below it, 0.59 above the highest such attacker. Not always on by default: with the head in
+            clear the direction rule rejects those attackers already, and the rows with HE off were measured
+            without the body rule scoring.
         vote_share_cap: no site (nor a near-copy group counted once, whose members share one site's count) gets
             more than this multiple of its count share of the aggregate's weight; the excess goes to the others in
             proportion to their weights (fedmed.server.aggregation.cap_vote_weights). The geometric median rewards
