@@ -140,9 +140,11 @@ IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geomet
 # The adaptive attackers that know the sign rule (fedmed.sim.attacks.BALANCED), measured right after them.
 ADAPTIVE = ("alie_balanced", "min_max_balanced")
 # With HE on (rules "gm+he"), first the rows that only the direction rule caught with HE off (the body rule's
-# targets: unit directions and IPM), with 1 and 2 colluders; then the in-distribution ALIE and the adaptive ALIE.
+# targets: unit directions and IPM), with 1 and 2 colluders; then every other row.
 HE_BODY_ROWS = (("min_max_unit", 1.0), ("min_sum_unit", 1.0), ("ipm", 0.5), ("ipm", 100.0))
-HE_ROWS = HE_BODY_ROWS + (("alie", 0.0), ("alie_balanced", 0.0))
+HE_ROWS = HE_BODY_ROWS + tuple(
+    (a.kind, a.factor) for _, a in redteam.COLLUDING if (a.kind, a.factor) not in HE_BODY_ROWS
+)
 # The HE-on runs measured before the body rule (fedmed.aggregation.body_cosine), kept as measured.
 BEFORE_BODY = "before-body-rule"
 
