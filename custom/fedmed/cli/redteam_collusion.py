@@ -680,7 +680,9 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
         "as it finished; this page is regenerated from them by `python scripts/redteam_collusion.py --doc`). "
         f"{len(mine)} runs with the sign rule, {seconds:.0f} s of run time in all, under `nice -n 10` on a 2-core "
         "CPU shared with four other agents' jobs (one run takes ~90 s alone, 2 to 24 min here). The runs measured "
-        f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below.",
+        f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below. "
+        "Runs played again on later code, each overwriting its JSON, by `--remeasure RUN...`: the HE-off honest "
+        "runs (with the body cosine logged) and the vote-cap runs (rules gm+cap).",
         "",
         f"Federation: the red team's default (fedmed-redteam): {SIZE['honest']} honest hospitals and one hostile of "
         f"{SIZE['per_site']} synthetic radiographs each, {SIZE['image_size']} px, {SIZE['rounds']} rounds of one "
