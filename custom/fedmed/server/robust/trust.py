@@ -53,20 +53,23 @@ class TrustPolicy:
             so the direction rule above has nothing to read: issue 28's Min-Max unit pair then went through), or
             on every round with body_cosine_always; body_cosine_bad < -1 turns it off. Calibrated on the red
             team's federation (5 sites of 100 images, 64 px, 4 rounds; docs/redteam_collusion.md): honest sites'
-            body cosines +0.38 at the lowest (HE on, seeds 0-2, 60 site-rounds: +0.382; HE off: +0.383, the same
-            bodies), +0.40 for the honest sites beside the HE-on attackers (224 site-rounds); the attackers that
-            move against the honest sites (Min-Max / Min-Sum unit direction, IPM 0.5 and 100; 1 or 2 of 5)
-            -0.95 to -0.89; the in-distribution ones (ALIE, adaptive ALIE) +0.57 to +0.91, left to the sign rule
-            and the geometric median. So a score starts to drop 0.38 below the lowest honest cosine and reaches 0
-            at 0.68 below it, 0.59 above the highest such attacker. Not always on by default: with the head in
-            clear the direction rule rejects those attackers already, and the rows with HE off were measured
-            without the body rule scoring.
+            body cosines +0.38 at the lowest in the honest runs (seeds 0-2, 60 site-rounds each way: HE on +0.382,
+            HE off +0.381), +0.32 for the honest sites beside the HE-on attackers (392 site-rounds); the attackers
+            that move against the honest sites (Min-Max / Min-Sum unit direction, IPM 0.5 and 100; 1 or 2 of 5)
+            -0.95 to -0.89; the in-distribution ones (ALIE, the inverse-std rows, the adaptive rows) +0.19 to +0.91,
+            left to the sign rule and the geometric median. So a score starts to drop 0.32 below the lowest honest
+            cosine and reaches 0 at 0.62 below it, 0.59 above the highest such attacker. Not always on by
+            default: with the head in clear the direction rule rejects those attackers already, and the rows with
+            HE off were measured without the body rule scoring.
         vote_share_cap: no site (nor a near-copy group counted once, whose members share one site's count) gets
             more than this multiple of its count share of the aggregate's weight; the excess goes to the others in
             proportion to their weights (fedmed.server.aggregation.cap_vote_weights). The geometric median rewards
             a point near the centre: one adaptive ALIE hospital at 0.25x the median site's distance got 0.996 of
             the weight (docs/redteam_collusion.md). For the aggregators whose result is a weighted sum
-            (fedmed.server.aggregation.LINEAR_AGGREGATORS). Off (inf) by default until measured at size.
+            (fedmed.server.aggregation.LINEAR_AGGREGATORS). Measured at 1.5x, HE off, seeds 0-2: it never binds
+            on the honest runs (largest weight 0.207); the lone adaptive ALIE hospital went from 0.996 to 0.30 of
+            the weight (mean paired gap -0.006 -> +0.014), the adaptive pair from 0.42 to 0.375 (no better). Off
+            (inf) by default: no job setting exposes it yet and it was not measured with HE on.
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
