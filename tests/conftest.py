@@ -34,6 +34,29 @@ def tiny_brain_hospitals(tmp_path_factory):
 TASK_HOSPITALS = {"chest_xray14": "tiny_hospitals", "brain_mri": "tiny_brain_hospitals"}
 
 
+def _redteam_hospitals(tmp_path_factory, n_honest: int):
+    """The red team's tiny hospitals (fedmed.sim.redteam.make_sites: n_honest honest ones and the hostile one, 12
+    images each, 32 px, a test set of 16): (train, test)."""
+    from fedmed.sim import redteam
+
+    root = tmp_path_factory.mktemp(f"redteam{n_honest + 1}")
+    names = redteam.make_sites(root, n_honest, 12, seed=3, num_test=16, size=64)
+    train, test, _ = redteam.load_sites(root, names, 32)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def redteam_hospitals(tmp_path_factory):
+    """Four hospitals, one hostile: tests/test_redteam.py's single-attacker rows."""
+    return _redteam_hospitals(tmp_path_factory, 3)
+
+
+@pytest.fixture(scope="module")
+def redteam_hospitals5(tmp_path_factory):
+    """Five hospitals, up to two colluding: tests/test_redteam_collusion.py's rows."""
+    return _redteam_hospitals(tmp_path_factory, 4)
+
+
 @pytest.fixture(params=sorted(TASK_HOSPITALS))
 def task_data(request):
     """(TaskSpec, root of its tiny hospitals): a test using it runs once per task, through the same code paths."""

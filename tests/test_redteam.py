@@ -21,16 +21,8 @@ BLOCKED_EVERY_ROUND = {
 }
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("redteam")
-    names = redteam.make_sites(root, 3, 12, seed=3, num_test=16, size=64)
-    train, test, _ = redteam.load_sites(root, names, 32)
-    return train, test
-
-
-def play(kind, federation, tmp_path):
-    train, test = federation
+def play(kind, redteam_hospitals, tmp_path):
+    train, test = redteam_hospitals
     return redteam.run_row(ROWS[kind], redteam.Bench(train, test, 2, batch_size=4), 0.5, tmp_path)
 
 
@@ -53,8 +45,8 @@ def test_every_attack_the_issue_names_has_a_row():
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKED_EVERY_ROUND))
-def test_attack_is_rejected_every_round_with_the_reason_recorded(kind, federation, tmp_path):
-    res = play(kind, federation, tmp_path)
+def test_attack_is_rejected_every_round_with_the_reason_recorded(kind, redteam_hospitals, tmp_path):
+    res = play(kind, redteam_hospitals, tmp_path)
     assert res.held and res.how.startswith("rejected"), res
     rounds = res.server_did.split("; ")
     assert len(rounds) == 2 and all(" rejected" in r or " quarantined" in r for r in rounds), res.server_did
@@ -62,22 +54,22 @@ def test_attack_is_rejected_every_round_with_the_reason_recorded(kind, federatio
     assert "alert" in res.database and res.database.startswith("r1 rejected"), res.database
 
 
-def test_inflated_count_weighs_no_more_than_an_honest_site(federation, tmp_path):
-    res = play("inflate_count", federation, tmp_path)
+def test_inflated_count_weighs_no_more_than_an_honest_site(redteam_hospitals, tmp_path):
+    res = play("inflate_count", redteam_hospitals, tmp_path)
     assert res.max_count_ratio == 1.0, res  # the x100 claim counted as an honest site's
     assert res.max_weight_ratio is not None and res.max_weight_ratio <= 1.0 + redteam.WEIGHT_SLACK, res
     assert res.server_did == "r1 accepted; r2 accepted"  # its update is honest: only its claim is hostile
 
 
-def test_replay_is_rejected_from_the_second_round(federation, tmp_path):
-    res = play("replay", federation, tmp_path)
+def test_replay_is_rejected_from_the_second_round(redteam_hospitals, tmp_path):
+    res = play("replay", redteam_hospitals, tmp_path)
     r1, r2 = res.server_did.split("; ")[:2]
     assert r1.startswith("r1 accepted") and r2.startswith("r2 rejected") and "replay" in r2
     assert res.held and res.how.startswith("rejected")
 
 
-def test_scaled_encrypted_head_is_refused_by_every_hospital(federation, tmp_path):
-    res = play("he_scale", federation, tmp_path)
+def test_scaled_encrypted_head_is_refused_by_every_hospital(redteam_hospitals, tmp_path):
+    res = play("he_scale", redteam_hospitals, tmp_path)
     # The server cannot see the head: round 1 aggregates it. Every hospital then refuses the decrypted global head.
     assert res.server_did.startswith("r1 accepted"), res.server_did
     assert "hospital refusal" in res.database and "run stopped" in res.server_did
@@ -85,15 +77,15 @@ def test_scaled_encrypted_head_is_refused_by_every_hospital(federation, tmp_path
 
 
 @pytest.mark.parametrize("kind", ["label_flip", "little_is_enough"])
-def test_in_distribution_attacks_weigh_no_more_than_an_honest_site(kind, federation, tmp_path):
+def test_in_distribution_attacks_weigh_no_more_than_an_honest_site(kind, redteam_hospitals, tmp_path):
     # These stay inside the honest spread, so they are bounded rather than rejected: the geometric median gives
     # the attacker at most an honest site's weight, and the full-size run checks the AUROC (docs/redteam.md).
-    res = play(kind, federation, tmp_path)
+    res = play(kind, redteam_hospitals, tmp_path)
     assert res.max_weight_ratio is not None and res.max_weight_ratio <= 1.0 + redteam.WEIGHT_SLACK, res
 
 
-def test_an_accepted_attack_is_judged_against_the_same_federation_with_the_site_honest(federation, tmp_path):
-    train, test = federation
+def test_an_accepted_attack_is_judged_against_the_same_federation_with_the_site_honest(redteam_hospitals, tmp_path):
+    train, test = redteam_hospitals
     bench = redteam.Bench(train, test, 2, attack_from=1, batch_size=4)
     refs = redteam.honest_references(bench)
     assert all(0.0 <= v <= 1.0 for v in (refs.stayed_honest, refs.left, refs.alone)) and refs.spread >= 0

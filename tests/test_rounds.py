@@ -1,6 +1,8 @@
 """Every round rule of fedmed.server.rounds.RoundEngine, without a simulator: screening, capped counts, robust BatchNorm
 statistics, replay and duplicates, trust and quarantine, encrypted blocks (real TenSEAL), and the record."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -536,14 +538,50 @@ def test_two_colluders_neither_capture_the_aggregate_nor_get_an_honest_site_quar
 
 @pytest.mark.parametrize("kind,factor", COLLUSION_ROWS)
 def test_with_the_head_hidden_as_under_he_two_colluders_are_counted_once_and_honest_sites_kept(kind, factor):
-    # HE hides the classifier from the server: no direction rule. The copy test, the coordinate-median reference,
-    # the distance and sign rules still hold the pair under half the weight and keep every honest site.
+    # HE hides the classifier from the server: no head direction rule. The copy test, the coordinate-median
+    # reference, the distance, sign and body rules still hold the pair under half the weight and keep every honest
+    # site; the rows that moved against the honest sites (unit directions, IPM 0.5) are rejected by the body rule
+    # (the direction of the whole clear move), in the round they attack, and stay out.
     eng = engine(head_layers=())
     for r in range(3):
         rep = collusion_round(eng, kind, factor, r)
         assert rep.aggregated and rep.weights["c0"] + rep.weights["c1"] < 0.5, rep.weights
         assert all(status(rep, f"h{i}").status == "accepted" for i in range(3))
+        if kind in ("min_max_unit", "min_sum_unit") or (kind, factor) == ("ipm", 0.5):
+            assert rep.weights["c0"] == rep.weights["c1"] == 0.0, rep.weights
+            want = "its clear layers moved against" if r == 0 else "quarantined"
+            assert all(want in status(rep, c).reason for c in ("c0", "c1")), [u.reason for u in rep.updates]
     assert not any(eng.is_quarantined(f"h{i}") for i in range(3))
+
+
+def test_the_body_cosine_is_the_cosine_of_the_clear_moves_and_its_rule_scores_between_the_bounds():
+    from fedmed.server.aggregation import body_cosine
+    from fedmed.server.robust.trust import round_scores
+
+    rng = np.random.default_rng(3)
+    u, j = rng.standard_normal(100), rng.standard_normal(100)
+    want = float(u @ j / np.linalg.norm(u) / np.linalg.norm(j))
+    got = body_cosine(float(np.linalg.norm(u)), float(np.linalg.norm(j)), float(np.linalg.norm(u - j)))
+    assert got == pytest.approx(want, abs=1e-12)
+    assert body_cosine(0.0, 1.0, 1.0) == 1.0  # a site that did not move: no evidence either way
+    policy = TrustPolicy(body_cosine_ok=0.0, body_cosine_bad=-0.4)
+    scores = round_scores({"a": 1.0, "b": 1.0, "c": 1.0}, policy, body_cosines={"a": 0.3, "b": -0.2, "c": -0.5})
+    assert scores["a"][1] == 1.0 and scores["b"][1] == pytest.approx(0.5) and scores["c"][1] == 0.0
+    with pytest.raises(ValueError, match="body_cosine_bad"):
+        TrustPolicy(body_cosine_ok=-0.5, body_cosine_bad=-0.3)
+    TrustPolicy(body_cosine_bad=-2.0)  # below -1: the rule off
+
+
+def test_the_body_rule_scores_only_where_the_head_is_hidden_unless_asked_always():
+    # With the classifier in clear the head rule judges direction; the body cosines are still logged (the red team
+    # calibrates on them) but not scored, unless TrustPolicy.body_cosine_always.
+    rep = collusion_round(engine(trust=replace(SIGNS_OFF, head_cosine_bad=-1.0, head_cosine_ok=-0.99)), "ipm", 0.5)
+    assert status(rep, "c0").status == "accepted"
+    assert any("body cosine" in m for _, m in rep.log)
+    policy = replace(SIGNS_OFF, head_cosine_bad=-1.0, head_cosine_ok=-0.99, body_cosine_always=True)
+    rep = collusion_round(engine(trust=policy), "ipm", 0.5)
+    assert "its clear layers moved against" in status(rep, "c0").reason
+    assert all(status(rep, f"h{i}").status == "accepted" for i in range(3))
 
 
 def test_near_copies_share_one_weight_with_the_reason_and_an_alert():
@@ -840,3 +878,33 @@ def test_two_sign_balanced_colluders_pass_the_sign_rule_but_stay_a_counted_once_
             assert "near-copy of" in status(rep, c).reason and status(rep, c).weight_samples == 150
         assert all(status(rep, f"h{i}").status == "accepted" for i in range(3)), [u.reason for u in rep.updates]
     assert not any(eng.is_quarantined(s) for s in ("h0", "h1", "h2", "c0", "c1"))
+
+
+def test_vote_cap_hands_the_excess_to_the_others_until_none_is_over():
+    from fedmed.server.aggregation import cap_vote_weights
+
+    w = cap_vote_weights([0.96, 0.01, 0.01, 0.01, 0.01], [1, 1, 1, 1, 1], 2.0)
+    np.testing.assert_allclose(w, [0.4, 0.15, 0.15, 0.15, 0.15])
+    # Water-filling: a site lifted over its cap by the hand-out is capped in turn.
+    w = cap_vote_weights([0.7, 0.28, 0.01, 0.01], [1, 1, 1, 1], 1.5)
+    assert w.sum() == pytest.approx(1.0) and np.all(w <= 0.375 + 1e-12), w
+    np.testing.assert_allclose(cap_vote_weights([0.3, 0.3, 0.4], [1, 1, 1], 2.0), [0.3, 0.3, 0.4])  # none over
+    with pytest.raises(ValueError, match="multiple must be >= 1"):
+        cap_vote_weights([0.5, 0.5], [1, 1], 0.5)
+    with pytest.raises(ValueError, match="vote_share_cap"):
+        TrustPolicy(vote_share_cap=0.9)
+
+
+def test_with_the_vote_cap_a_central_site_gets_no_more_than_its_multiple_of_the_count_share():
+    # A site at the honest sites' mean (what the adaptive ALIE hospital nearly is) is the geometric median's
+    # favourite: nearly all the weight. Capped at 2x its count share (5 equal counts: 0.4), the rest to the others.
+    hon = [honest_big(i) for i in range(4)]
+    centre = {**hon[0], "body.w": np.mean([p["body.w"] for p in hon], axis=0).astype(np.float32)}
+    sites = [SiteResult(f"h{i}", p, 300) for i, p in enumerate(hon)] + [SiteResult("centre", centre, 300)]
+    free = engine().step(0, BIG_GLOBAL, sites, [])
+    assert free.weights["centre"] > 0.9, free.weights
+    rep = engine(trust=TrustPolicy(vote_share_cap=2.0)).step(0, BIG_GLOBAL, sites, [])
+    assert rep.weights["centre"] == pytest.approx(0.4) and all(rep.weights[f"h{i}"] > 0.1 for i in range(4))
+    want = sum(rep.weights[s.site] * s.params["body.w"].astype(np.float64) for s in sites)
+    np.testing.assert_allclose(rep.params["body.w"], want, atol=1e-6)
+    assert "vote_cap" in rep.diagnostics

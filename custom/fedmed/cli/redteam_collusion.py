@@ -34,9 +34,14 @@ from fedmed.sim.inprocess import Adversary, FederationPlan, federate
 SEEDS = (0, 1, 2)
 SIZE = dict(honest=4, per_site=100, num_test=200, rounds=4, attack_from=2, image_size=64, batch_size=16)
 TOLERANCE = 0.02
-# "site X: distance D (xR median), head cosine +C, sign balance +B, score ..." (RoundEngine's per-site log line)
+# The vote cap tried (rules "gm+cap"): no site above 1.5x its count share (0.3 of 5 equal sites; a near-copy pair
+# counted once, 0.375 together). The honest runs' weights stayed within 0.19-0.21, so it binds only on a favourite.
+VOTE_CAP = 1.5
+# "site X: distance D (xR median), head cosine +C, sign balance +B, body cosine +O, score ..." (RoundEngine's
+# per-site log line)
 LOG_LINE = re.compile(
     r"site (\S+): distance \S+ \(x([0-9.]+) median\)(?:, head cosine ([+-][0-9.]+))?(?:, sign balance ([+-][0-9.]+))?"
+    r"(?:, body cosine ([+-][0-9.]+))?"
 )
 BLOCKED = ("rejected", "quarantined", "refused")
 
@@ -47,7 +52,7 @@ def key(row: str, seed: int, rules: str) -> str:
 
 def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
     """One federation: row None = every site honest. rules: "gm" (geometric median with trust, the default),
-    "gm+cc" (and centred clipping), "gm+he" (the classifier layers encrypted, redteam.HE_LAYERS, as hospitals run
+    "gm+cc" (and centred clipping), "gm+cap" (and TrustPolicy.vote_share_cap at VOTE_CAP), "gm+he" (the classifier layers encrypted, redteam.HE_LAYERS, as hospitals run
     it with HE on: the server never sees them), "fedavg" (plain FedAvg, no trust rule). size: SIZE or a larger
     federation (--per-site, --rounds, --image-size, --num-test)."""
     train, test = data
@@ -61,6 +66,7 @@ def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
         batch_size=size["batch_size"],
         seed=seed,
         he_layers=redteam.HE_LAYERS if rules == "gm+he" else None,
+        trust=TrustPolicy(vote_share_cap=VOTE_CAP) if rules == "gm+cap" else None,
     )
     rounds = []
 
@@ -73,6 +79,7 @@ def play(data, row, seed: int, rules: str, size: dict = SIZE) -> dict:
                     "distance_ratio": float(m.group(2)),
                     "head_cosine": float(m.group(3)) if m.group(3) else None,
                     "sign_balance": float(m.group(4)) if m.group(4) else None,
+                    "body_cosine": float(m.group(5)) if m.group(5) else None,
                 }
         rounds.append(
             {
@@ -132,8 +139,14 @@ SIGN_OK, SIGN_BAD = TrustPolicy.sign_balance_ok, TrustPolicy.sign_balance_bad
 IN_DISTRIBUTION = ("alie", "min_max_std", "min_sum_std")  # the kinds the geometric median accepted (issue 28)
 # The adaptive attackers that know the sign rule (fedmed.sim.attacks.BALANCED), measured right after them.
 ADAPTIVE = ("alie_balanced", "min_max_balanced")
-# With HE on (rules "gm+he"): the two worst two-colluder rows of issue 28 and the adaptive ALIE.
-HE_ROWS = (("min_max_unit", 1.0), ("alie", 0.0), ("alie_balanced", 0.0))
+# With HE on (rules "gm+he"), first the rows that only the direction rule caught with HE off (the body rule's
+# targets: unit directions and IPM), with 1 and 2 colluders; then every other row.
+HE_BODY_ROWS = (("min_max_unit", 1.0), ("min_sum_unit", 1.0), ("ipm", 0.5), ("ipm", 100.0))
+HE_ROWS = HE_BODY_ROWS + tuple(
+    (a.kind, a.factor) for _, a in redteam.COLLUDING if (a.kind, a.factor) not in HE_BODY_ROWS
+)
+# The HE-on runs measured before the body rule (fedmed.aggregation.body_cosine), kept as measured.
+BEFORE_BODY = "before-body-rule"
 
 
 def plan_jobs(runs: dict) -> list:
@@ -141,10 +154,11 @@ def plan_jobs(runs: dict) -> list:
     on seed 0, the in-distribution rows (seed 0: a row rejected every round holds on the reason) and the
     two-colluder adaptive rows (the attack on the sign rule), the honest runs on seeds 1 and 2, the other rows
     (seed 0); the accepted two-colluder adaptive rows on seeds 1 and 2 (their paired gap), then, for the worst
-    adaptive pair not held, centred clipping on seeds 0-2; the honest run and the
-    two worst HE_ROWS with HE on (seed 0); the one-hostile-site adaptive rows; every row still accepted on
-    seeds 1 and 2; the adaptive HE row; plain FedAvg under the worst two-colluder attack. Centred clipping's runs on
-    the other rows (before the sign rule) are kept in BEFORE."""
+    adaptive pair not held, centred clipping on seeds 0-2; with HE on, the honest run and the HE_BODY_ROWS (the
+    body rule's targets, two colluders then one; seed 0) and the honest runs on seeds 1 and 2; the one-hostile-site
+    adaptive rows; every row still accepted on seeds 1 and 2 (HE-on body rows too); the other HE_ROWS (seed 0, then
+    seeds 1 and 2 where accepted); plain FedAvg under the worst two-colluder attack. Centred clipping's runs on the
+    other rows (before the sign rule) are kept in BEFORE, the HE-on runs before the body rule in BEFORE_BODY."""
     rows = sorted(redteam.COLLUSION_ROWS, key=lambda r: -r.colluders)
     lone_adaptive = [r for r in rows if r.attack.kind in ADAPTIVE and r.colluders == 1]
     first = [r for r in rows if r.attack.kind in IN_DISTRIBUTION + ADAPTIVE and r not in lone_adaptive]
@@ -159,20 +173,20 @@ def plan_jobs(runs: dict) -> list:
     jobs += [
         (r, s, "gm") for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and accepted(r) for s in (1, 2)
     ]
-    he = [r for r in rows if r.colluders == 2 and (r.attack.kind, r.attack.factor) in HE_ROWS]
+    he = [r for r in rows if (r.attack.kind, r.attack.factor) in HE_ROWS]
     # Centred clipping (the existing time-coupled defence) against the worst adaptive pair not held (3 seeds).
     adaptive = [r for r in rows if r.colluders == 2 and r.attack.kind in ADAPTIVE and verdict(runs, r.name)[1] is False]
     if adaptive:
         worst = min(adaptive, key=lambda r: float(np.mean([g for _, g in gaps(runs, r.name, "gm", "gm")])))
         jobs += [(worst, s, "gm+cc") for s in SEEDS]
-    he_worst = [r for r in he if r.attack.kind not in ADAPTIVE]
-    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_worst]
+    he_body = [r for r in he if (r.attack.kind, r.attack.factor) in HE_BODY_ROWS]  # two colluders first (rows)
+    jobs += [(None, 0, "gm+he")] + [(r, 0, "gm+he") for r in he_body] + [(None, s, "gm+he") for s in (1, 2)]
     jobs += [(r, 0, "gm") for r in lone_adaptive]
     jobs += [(r, s, "gm") for r in rows if accepted(r) for s in (1, 2)]
-    jobs += [(r, 0, "gm+he") for r in he if r not in he_worst]
     # An HE row accepted on seed 0 is judged as the others: its paired gap over seeds 0-2, against HE-on honest runs.
-    he_accepted = [r for r in he if accepted(r, "gm+he")]
-    jobs += [(x, s, "gm+he") for s in (1, 2) for x in ([None] if he_accepted else []) + he_accepted]
+    jobs += [(r, s, "gm+he") for s in (1, 2) for r in he_body if accepted(r, "gm+he")]
+    jobs += [(r, 0, "gm+he") for r in he if r not in he_body]
+    jobs += [(r, s, "gm+he") for s in (1, 2) for r in he if r not in he_body and accepted(r, "gm+he")]
     done2 = [runs[key(r.name, 0, "gm")] for r in rows if r.colluders == 2 and key(r.name, 0, "gm") in runs]
     if done2:  # plain FedAvg under the two-colluder attack that hurt the defended engine most
         worst = min(done2, key=lambda x: x["auroc"])
@@ -208,9 +222,14 @@ def measure(a) -> None:
     names = redteam.make_sites(a.data, size["honest"], size["per_site"], seed=0, num_test=size["num_test"])
     train, test, _ = redteam.load_sites(a.data, names, size["image_size"])
     plan = plan_jobs if size == SIZE else plan_larger
+    if a.remeasure:  # these runs again, in the order given, each overwriting its JSON (what the code does now)
+        todo = remeasure_jobs(a.remeasure)
+        plan = lambda runs: todo  # noqa: E731 (claim drops each as it goes: the list is consumed below)
     t_end = time.time() + a.budget_s
     while time.time() < t_end:
         job = claim(a.runs, plan(load_runs(a.runs)))
+        if job is not None and a.remeasure:
+            todo.remove(job[0])
         if job is None:
             break
         (row, seed, rules), name = job
@@ -221,6 +240,23 @@ def measure(a) -> None:
         finally:
             (a.runs / f"{name}.claim").unlink(missing_ok=True)
         print(f"  AUROC {out['auroc']:.3f} in {out['seconds']:.0f} s", flush=True)
+
+
+def job_name(job) -> str:
+    return key(job[0].name if job[0] else "honest", job[1], job[2])
+
+
+def remeasure_jobs(names: list) -> list:
+    """The jobs named (their JSON stems, e.g. gm-honest-s0), in that order; an unknown name is an error naming it."""
+    rows = [None, *redteam.COLLUSION_ROWS]
+    known = {
+        job_name(j): j
+        for j in ((r, s, x) for r in rows for s in SEEDS for x in ("gm", "gm+he", "gm+cc", "gm+cap", "fedavg"))
+    }
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--remeasure: no such run {unknown}; a run is named as its JSON file, e.g. gm-honest-s0")
+    return [known[n] for n in names]
 
 
 def claim(folder: Path, jobs: list):
@@ -396,10 +432,130 @@ def adaptive_lines(runs: dict) -> list:
     return out
 
 
-def he_section(runs: dict) -> list:
-    """The two-colluder rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest
-    run with HE on (same seed); a row accepted there is judged by its paired gap over the seeds measured."""
+def body_cosines(runs, honest: bool, attacked_only: bool = False) -> list:
+    """Every (site, round) body cosine (the body rule's statistic, from the RoundEngine's per-site log line) of the
+    given runs: the honest sites' (honest=True), or the attackers' in the rounds they attack."""
+    out = []
+    for r in runs:
+        for rd in r["rounds"]:
+            for s, v in rd["sites"].items():
+                if v.get("body_cosine") is None or (s in r["hostile"]) == honest:
+                    continue
+                if not honest and attacked_only and rd["round"] < SIZE["attack_from"]:
+                    continue
+                out.append(v["body_cosine"])
+    return out
+
+
+def body_lines(runs: dict) -> list:
+    """The body rule's statistic measured: the honest sites' body cosines (honest runs with HE on and off, the
+    honest sites of the HE-on attacked runs) against the thresholds, and the attackers' per HE-on row."""
+    ok, bad = TrustPolicy.body_cosine_ok, TrustPolicy.body_cosine_bad
+    out = []
+    groups = [
+        ("honest runs with HE on", [r for r in runs.values() if r["row"] is None and r["rules"] == "gm+he"]),
+        ("honest runs with HE off", [r for r in runs.values() if r["row"] is None and r["rules"] == "gm"]),
+        (
+            "the honest sites of the HE-on attacked runs",
+            [r for r in runs.values() if r["row"] and r["rules"] == "gm+he"],
+        ),
+    ]
+    for what, mine in groups:
+        mine = [r for r in mine if body_cosines([r], True)]  # the runs measured since the body cosine is logged
+        cos = body_cosines(mine, True)
+        if not cos:
+            continue
+        q = np.quantile(cos, [0.0, 0.05, 0.5])
+        seeds = sorted({r["seed"] for r in mine})
+        out.append(
+            f"- {what} (seeds {', '.join(map(str, seeds))}; {len(mine)} run(s), {len(cos)} (site, round) cosines): "
+            f"min {q[0]:+.3f}, 5th percentile {q[1]:+.3f}, median {q[2]:+.3f}; {sum(c < ok for c in cos)} below "
+            f"body_cosine_ok ({ok}), {sum(c <= bad for c in cos)} at or below body_cosine_bad ({bad})."
+        )
+    for row in redteam.COLLUSION_ROWS:
+        mine = [runs[key(row.name, s, "gm+he")] for s in SEEDS if key(row.name, s, "gm+he") in runs]
+        cos = body_cosines(mine, False, attacked_only=True)
+        if cos:
+            out.append(f"- attackers, {row.name}, HE on: {min(cos):+.3f} to {max(cos):+.3f}")
+    return out
+
+
+def cap_section(runs: dict) -> list:
+    """The vote cap (rules "gm+cap", TrustPolicy.vote_share_cap = VOTE_CAP): the rows played with it, their
+    attackers' largest weight and paired gaps against the honest runs (with the cap where measured, else the
+    default's: the cap leaves a round untouched when no weight is over it, and the honest weights are reported)."""
+    capped = [r for r in runs.values() if r["rules"] == "gm+cap"]
+    if not capped:
+        return []
+    honest = [r for r in runs.values() if r["row"] is None and r["rules"] == "gm"]
+    top = max(
+        (max(rd["weights"].values()) / (sum(rd["weights"].values()) or 1.0)) for r in honest for rd in r["rounds"]
+    )
+    out = [
+        "",
+        f"## The vote cap (TrustPolicy.vote_share_cap = {VOTE_CAP}, opt-in), measured",
+        "",
+        f"No site above {VOTE_CAP}x its count share of the weight (0.3 of five equal sites; a near-copy pair counted "
+        "once 0.375 together), the excess handed to the others in proportion to their weights "
+        "(fedmed.server.aggregation.cap_vote_weights). In the honest runs (HE off, seeds 0-2) no site's weight went "
+        f"above {top:.3f}, so the cap never binds there and leaves those runs as they are (it returns the "
+        "aggregator's result untouched when no weight is over its cap).",
+        "",
+    ]
+    for s_ in SEEDS:
+        h, hc = runs.get(key("honest", s_, "gm")), runs.get(key("honest", s_, "gm+cap"))
+        if h and hc:
+            out.append(f"- honest run, seed {s_}: {hc['auroc']:.3f} with the cap, {h['auroc']:.3f} without.")
+    for row in redteam.COLLUSION_ROWS:
+        mine = {s_: runs[key(row.name, s_, "gm+cap")] for s_ in SEEDS if key(row.name, s_, "gm+cap") in runs}
+        if not mine:
+            continue
+        # against the capped honest run where measured, else the default's (the same run: see above)
+        g = []
+        for s_, r in mine.items():
+            h = runs.get(key("honest", s_, "gm+cap")) or runs.get(key("honest", s_, "gm"))
+            if h:
+                g.append((s_, r["auroc"] - h["auroc"]))
+        before = [g2 for _, g2 in gaps(runs, row.name, "gm", "gm")]
+        out.append(
+            f"- {row.name}, with the cap: attackers' weight together at most {max(max_share(r) for r in mine.values()):.2f}; "
+            "paired gaps "
+            + ", ".join(f"s{s_} {v:+.3f}" for s_, v in g)
+            + (f" (mean {np.mean([v for _, v in g]):+.3f})" if len(g) > 1 else "")
+            + (f"; without the cap: mean {np.mean(before):+.3f} over {len(before)} seed(s)" if before else "")
+            + "."
+        )
+    return out
+
+
+def rerun_noise(honest: dict, before: dict) -> list:
+    """The same HE-on honest run measured twice (before the body rule and with it, which scores no honest site
+    below 1 there: body_lines): how far two runs of one seed differ with HE on."""
+    again = {
+        s: (before[key("honest", s, "gm+he")]["auroc"], v)
+        for s, v in honest.items()
+        if key("honest", s, "gm+he") in before
+    }
+    if not again:
+        return []
+    return [
+        "The same honest run with HE on, measured before the body rule and again with it (the body rule scored "
+        "every honest site 1, so the rules were the same): "
+        + ", ".join(f"seed {s} {a:.3f} then {b:.3f}" for s, (a, b) in again.items())
+        + ". CKKS encryption is randomised (fresh key set, fresh noise each run), so HE-on runs of one seed agree "
+        "in round 1 and drift apart from round 2: one HE-on run's AUROC carries that much noise, and the paired "
+        "gaps with HE on are against HE-on honest runs measured with the body rule.",
+        "",
+    ]
+
+
+def he_section(runs: dict, before: dict | None = None) -> list:
+    """The rows played with the classifier layers encrypted (rules "gm+he"), seed 0, against the honest run with HE
+    on (same seed); a row accepted there is judged by its paired gap over seeds 0-2. before: the HE-on runs measured
+    before the body rule (BEFORE_BODY), quoted per row."""
+    before = before or {}
     h = runs.get(key("honest", 0, "gm+he"))
+    hs = {s: runs[key("honest", s, "gm+he")]["auroc"] for s in SEEDS if key("honest", s, "gm+he") in runs}
     out = [
         "",
         "## With HE on (the classifier layers encrypted): seed 0, and seeds 1-2 for a row accepted on seed 0",
@@ -407,26 +563,49 @@ def he_section(runs: dict) -> list:
         f"The classifier layers ({', '.join(redteam.HE_LAYERS)}) encrypted with a fresh CKKS key set, as hospitals "
         "run with HE on: the server combines them homomorphically with the weights it chose from the clear body and "
         "never sees them, so the direction rule (the classifier's cosine to the reference) has nothing to judge. "
-        "What it can judge is the clear body: the copy test (near-copies counted once), the distance to the "
-        "coordinate-median reference and the sign rule. The colluders craft the body from the honest sites' clear "
+        "What it judges is the clear body: the copy test (near-copies counted once), the distance to the "
+        "coordinate-median reference, the sign rule, and the body rule (since these runs): the cosine of each "
+        "site's whole clear move with the reference's (fedmed.server.aggregation.body_cosine) scores 0 at or below "
+        f"TrustPolicy.body_cosine_bad ({TrustPolicy.body_cosine_bad}), 1 at or above body_cosine_ok "
+        f"({TrustPolicy.body_cosine_ok}). The colluders craft the body from the honest sites' clear "
         "bodies and send their own honestly trained encrypted head (they cannot read the honest heads either); "
         "what a crafted encrypted head can do is the hospitals' check of the decrypted head (docs/redteam.md, "
-        "'encrypted-head scaling'). Honest run with HE on, seed 0: " + (f"{h['auroc']:.3f}." if h else "not measured."),
+        "'encrypted-head scaling'). Honest runs with HE on: "
+        + (", ".join(f"seed {s} {v:.3f}" for s, v in hs.items()) or "not measured")
+        + f". The HE-on runs before the body rule are kept in docs/redteam_collusion/{BEFORE_BODY}/.",
         "",
+        *rerun_noise(hs, before),
+        "| attack, HE on | what the server did (seed 0, attacked rounds) | AUROC seed 0 | held | before the body rule |",
+        "|---|---|---|---|---|",
     ]
-    for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == 2):
-        run = runs.get(key(row.name, 0, "gm+he"))
-        if run is None:
-            continue
-        if honest_quarantined(run):
-            held = f"**NO**: honest site(s) {', '.join(honest_quarantined(run))} quarantined"
-        elif blocked_every_round(run):
-            held = "rejected with the reason in every round it attacked"
-        else:
-            held = verdict(runs, row.name, "gm+he")[0]
-        gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest with HE)" if h else ""
-        out.append(f"- **{row.name}**, HE on: AUROC {run['auroc']:.3f}{gap}; {held}. {summary(run)}")
-    return out if len(out) > 6 or h else []
+    n_rows, n_held, not_held = 0, 0, []
+    for n in (2, 1):
+        for row in (r for r in redteam.COLLUSION_ROWS if r.colluders == n):
+            run = runs.get(key(row.name, 0, "gm+he"))
+            if run is None:
+                continue
+            text, held = verdict(runs, row.name, "gm+he")
+            n_rows, n_held = n_rows + 1, n_held + (held is True)
+            if held is False:
+                not_held.append(row.name)
+            gap = f" ({run['auroc'] - h['auroc']:+.3f} vs honest with HE)" if h else ""
+            old = before.get(key(row.name, 0, "gm+he"))
+            old_text = f"AUROC seed 0 {old['auroc']:.3f}; {verdict(before, row.name, 'gm+he')[0]}" if old else "-"
+            out.append(f"| {row.name} | {summary(run)} | {run['auroc']:.3f}{gap} | {text} | {old_text} |")
+    out += [
+        "",
+        f"**HE on: {n_held} of {n_rows} rows played held**"
+        + (f"; not held: {'; '.join(not_held)}" if not_held else "")
+        + ". The rows not in this table were not played with HE on.",
+        "",
+        "### The body rule's statistic, measured",
+        "",
+        "The cosine of each site's clear move with the coordinate-median reference's, every round, from the "
+        "RoundEngine's per-site log line (logged with HE off too, where it is not scored):",
+        "",
+        *body_lines(runs),
+    ]
+    return out if n_rows or h else []
 
 
 def larger_section(folder: Path) -> list:
@@ -501,7 +680,9 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
         "as it finished; this page is regenerated from them by `python scripts/redteam_collusion.py --doc`). "
         f"{len(mine)} runs with the sign rule, {seconds:.0f} s of run time in all, under `nice -n 10` on a 2-core "
         "CPU shared with four other agents' jobs (one run takes ~90 s alone, 2 to 24 min here). The runs measured "
-        f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below.",
+        f"before the sign rule ({len(before)}) are kept in docs/redteam_collusion/{BEFORE}/ and quoted below. "
+        "Runs played again on later code, each overwriting its JSON, by `--remeasure RUN...`: the HE-off honest "
+        "runs (with the body cosine logged) and the vote-cap runs (rules gm+cap).",
         "",
         f"Federation: the red team's default (fedmed-redteam): {SIZE['honest']} honest hospitals and one hostile of "
         f"{SIZE['per_site']} synthetic radiographs each, {SIZE['image_size']} px, {SIZE['rounds']} rounds of one "
@@ -575,7 +756,8 @@ def doc(runs: dict, command: str, before: dict | None = None, folder: Path | Non
         "site's. Its offsets above show what the sign rule sees of it; its rows in the table show what it costs.",
         "",
         *adaptive_lines(runs),
-        *he_section(runs),
+        *he_section(runs, load_runs(folder / BEFORE_BODY) if folder is not None else {}),
+        *cap_section(runs),
         *(larger_section(folder) if folder is not None else []),
     ]
     fed = [r for k, r in runs.items() if r["rules"] == "fedavg"]
@@ -664,6 +846,13 @@ def main(argv=None) -> int:
         help="images per hospital (a larger size: "
         "give its own --data and --runs, e.g. docs/redteam_collusion/larger-...)",
     )
+    p.add_argument(
+        "--remeasure",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="play these runs again (named as their JSON, e.g. gm-honest-s0), overwriting what they measured",
+    )
     p.add_argument("--rounds", type=int, default=SIZE["rounds"])
     p.add_argument("--image-size", type=int, default=SIZE["image_size"])
     p.add_argument("--num-test", type=int, default=SIZE["num_test"])
@@ -673,6 +862,11 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if a.rounds < SIZE["attack_from"]:
         p.error(f"--rounds must be at least {SIZE['attack_from']} (the attackers attack from that round)")
+    if a.remeasure:
+        try:
+            remeasure_jobs(a.remeasure)
+        except ValueError as e:
+            p.error(str(e))
     if not a.doc:
         measure(a)
     if (a.per_site, a.rounds, a.image_size, a.num_test) != tuple(

@@ -164,6 +164,44 @@ AGGREGATORS: dict[str, Aggregator] = {
 LINEAR_AGGREGATORS = ("fedavg", "geometric_median", "krum")
 
 
+def cap_vote_weights(weights: Sequence[float], shares: Sequence[float], multiple: float) -> np.ndarray:
+    """Weights (normalised) with none above multiple x its count share (shares normalised), the excess handed to the
+    others in proportion to their weights, repeated until no weight exceeds its cap (water-filling: a weight capped
+    once stays at its cap). multiple >= 1, so the caps sum to at least 1 and the result always sums to 1."""
+    w, sh = np.asarray(weights, np.float64), np.asarray(shares, np.float64)
+    if w.shape != sh.shape or w.ndim != 1 or w.size == 0:
+        raise ValueError(f"need one share per weight, got shapes {w.shape} and {sh.shape}")
+    if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0 or np.any(~np.isfinite(sh)) or np.any(sh < 0):
+        raise ValueError(f"weights and shares must be finite and >= 0 (weights not all 0): {w.tolist()}, {sh.tolist()}")
+    if not multiple >= 1:
+        raise ValueError(f"the vote cap multiple must be >= 1, got {multiple}")
+    w, cap = w / w.sum(), multiple * sh / sh.sum()
+    held = np.zeros(w.size, bool)
+    while np.any(~held & (w > cap * (1 + 1e-12))):
+        held |= w > cap * (1 + 1e-12)
+        w[held] = cap[held]
+        free, rest = ~held, 1.0 - float(cap[held].sum())
+        base = w[free] if w[free].sum() > 0 else sh[free]  # others all at 0: hand the rest out by count
+        w[free] = rest * base / base.sum() if base.sum() > 0 else 0.0
+    return w
+
+
+def cap_votes(
+    res: AggregationResult, updates: Sequence[Mapping[str, np.ndarray]], multiple: float
+) -> AggregationResult:
+    """res with no site above multiple x its count share of the weight (TrustPolicy.vote_share_cap): the trainable
+    parameters recombined with the capped weights (fedmed.server.robust.geometric_median.combine), the statistics as
+    the aggregator took them. Unchanged when no weight is over its cap."""
+    shares = res.used_counts if res.used_counts is not None else np.ones(len(updates))
+    w = cap_vote_weights(res.site_weights, shares, multiple)
+    if np.allclose(w, res.site_weights, rtol=0, atol=1e-12):
+        return res
+    mixed = combine(updates, w)
+    params = {**res.params, **{k: mixed[k] for k in distance_keys(res.params)}}
+    diagnostics = {**res.diagnostics, "vote_cap": f"weights capped at {multiple}x each site's count share"}
+    return AggregationResult(params, w, diagnostics, res.used_counts)
+
+
 def get_aggregator(name: str) -> Aggregator:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation {name!r}; choose one of {sorted(AGGREGATORS)}")
@@ -197,6 +235,19 @@ def head_cosine(
     if nu <= 0 or na <= 0:
         return 1.0
     return float(np.clip(dot / np.sqrt(nu * na), -1.0, 1.0))
+
+
+def body_cosine(norm: float, judge_norm: float, dist: float) -> float:
+    """Cosine between a site's clear move (update - start) and the judging reference's (judge - start), from the
+    three lengths the round already has: the site's move (screening's update_norm), the reference's, and the site's
+    distance to the reference; by the law of cosines, dot = (|u|^2 + |j|^2 - |u - j|^2) / 2. So the rule reads
+    no update again (a direct dot product would be one more pass over every site's whole model); the lengths are
+    float64 sums, so the subtraction loses precision only when one move is orders of magnitude shorter than the
+    other. 1.0 when either move is zero (no evidence either way), as head_cosine."""
+    if norm <= 0 or judge_norm <= 0:
+        return 1.0
+    dot = (norm * norm + judge_norm * judge_norm - dist * dist) / 2.0
+    return float(np.clip(dot / (norm * judge_norm), -1.0, 1.0))
 
 
 def update_norm(
@@ -238,6 +289,9 @@ class RoundOutcome:
     # site -> fedmed.server.aggregation.head_cosine (empty: not checked)
     head_cosines: dict = field(default_factory=dict)
     sign_offsets: dict = field(default_factory=dict)  # site -> sign balance minus the median site's (empty: off)
+    # site -> body_cosine of its clear move with the reference's (empty: no start); scored when body_scored
+    body_cosines: dict = field(default_factory=dict)
+    body_scored: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,13 +299,18 @@ class DirectionCheck:
     """The direction rule's inputs: the global model the round started from (start) and the classifier layers'
     names (head_keys); a site whose classifier moved against the judging reference's scores 0. Given start, the
     sign rule (fedmed.server.robust.sign_balance) also judges each site's whole clear move, head or no head (so with HE
-    too), unless the trust policy turns it off."""
+    too), unless the trust policy turns it off; and the body rule (body_cosine, TrustPolicy.body_cosine_ok / _bad)
+    judges the direction of that whole clear move against the reference's where the classifier cannot be read (no
+    head_keys: HE encrypts it), or always with TrustPolicy.body_cosine_always."""
 
     start: Mapping[str, np.ndarray] | None
     head_keys: Sequence[str] = ()
     # site -> (sign balance, coordinates moved) of its move from start, when a pass over the updates already
     # counted them (fedmed.server.passes.update_pass during screening); the sites missing here are counted again
     balances: Mapping[str, tuple] | None = None
+    # site -> update_norm of its move from start, when screening measured it (the body rule's lengths); the sites
+    # missing here are measured again
+    norms: Mapping[str, float] | None = None
 
 
 def aggregate_and_score(
@@ -292,6 +351,20 @@ def aggregate_and_score(
     groups = copies.groups if copies is not None else ()
     signs = sign_offsets_of(updates, direction.start if direction is not None else None, policy, direction)
 
+    start = direction.start if direction is not None else None
+    norms = body_norms(updates, start, direction)
+    # The body rule scores where the classifier is hidden (or always, by policy); its cosines are kept either way
+    # (the red team's calibration reads them with HE off too).
+    body_scored = (
+        start is not None
+        and policy_body_rule(policy)
+        and (getattr(policy, "body_cosine_always", False) or not check_heads)
+    )
+
+    # The cap re-weights a weighted sum: only for the aggregators whose result is one (LINEAR_AGGREGATORS).
+    linear = any(aggregate is AGGREGATORS[n] for n in LINEAR_AGGREGATORS)
+    vote_cap = float(getattr(policy, "vote_share_cap", np.inf)) if linear else np.inf
+
     def run(names):
         chosen = [updates[n] for n in names]
         keys = distance_keys(chosen[0])
@@ -303,30 +376,54 @@ def aggregate_and_score(
         judge, gram = found.reference, (found.gram if getattr(aggregate, "takes_gram", False) else None)
         counted = [counts[n] * factors.get(n, 1.0) for n in names]
         res = aggregate(chosen, counted, gram=gram) if gram is not None else aggregate(chosen, counted)
+        if np.isfinite(vote_cap) and len(names) >= 3:  # with two sites the weighted mean is used already
+            res = cap_votes(res, chosen, vote_cap)
         known = dict(zip(names, found.distances.tolist()))
         others = [n for n in updates if n not in known]  # quarantined sites: scored, not in the pass
         known.update(zip(others, thread_map(lambda n: distance(updates[n], judge, keys), others)))
         dist = {n: known[n] for n in updates}
         cos = {n: head_cosine(u, judge, reference, head_keys) for n, u in updates.items()} if check_heads else {}
-        return res, dist, round_scores(dist, policy, cos, signs), cos
+        body = {}
+        if norms:
+            judge_norm = distance(judge, start, keys)
+            body = {n: body_cosine(norms[n], judge_norm, dist[n]) for n in updates}
+        scored = round_scores(dist, policy, cos, signs, body if body_scored else None)
+        return res, dist, scored, cos, body
 
     active = list(active)
     if not active:
         raise ValueError("no active site to aggregate")
-    res, dist, scored, cos = run(active)
+    res, dist, scored, cos, body = run(active)
     # Every active site's count as the cap left it in the first pass; sites kept after exclusion get the final one.
     used = {n: float(c) for n, c in zip(active, res.used_counts)} if res.used_counts is not None else {}
     far = [n for n in active if scored[n][1] == 0.0]
     keep = [n for n in active if n not in far]
     excluded: tuple = ()
     if far and len(keep) >= min_keep:
-        res, dist, scored, cos = run(keep)
+        res, dist, scored, cos, body = run(keep)
         excluded, active = tuple(far), keep
     weights = {n: 0.0 for n in updates}
     weights.update({n: float(w) for n, w in zip(active, res.site_weights)})
     if res.used_counts is not None:
         used.update({n: float(c) for n, c in zip(active, res.used_counts)})
-    return RoundOutcome(res, weights, dist, scored, excluded, used, cos, signs)
+    return RoundOutcome(res, weights, dist, scored, excluded, used, cos, signs, body, body_scored)
+
+
+def policy_body_rule(policy) -> bool:
+    """Whether the policy has the body rule on (TrustPolicy.body_cosine_bad >= -1; a cosine is never below -1)."""
+    return getattr(policy, "body_cosine_bad", -2.0) >= -1.0
+
+
+def body_norms(updates: Mapping[str, Mapping[str, np.ndarray]], start, direction=None) -> dict:
+    """site -> update_norm of its clear move from start, for the body rule ({} without a start). The norms screening
+    measured (direction.norms) are used as they are; the others measured here."""
+    if start is None:
+        return {}
+    known = dict(getattr(direction, "norms", None) or {})
+    keys = distance_keys(start)
+    todo = [n for n in updates if n not in known]
+    known.update(zip(todo, thread_map(lambda n: update_norm(updates[n], start, keys), todo)))
+    return {n: float(known[n]) for n in updates}
 
 
 def sign_offsets_of(updates: Mapping[str, Mapping[str, np.ndarray]], start, policy, direction=None) -> dict:

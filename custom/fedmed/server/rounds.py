@@ -461,7 +461,8 @@ class RoundEngine:
             self._screen_by_validation(valid, records, log)
         copies = self._find_near_copies(valid, global_params, records, log, found)
         balances = {s: f.balance for s, f in found.items() if f.balance is not None}
-        direction = dict(direction=DirectionCheck(global_params, tuple(head_keys), balances), copies=copies)
+        norms = {s: f.norm for s, f in found.items() if f.norm is not None}
+        direction = dict(direction=DirectionCheck(global_params, tuple(head_keys), balances, norms), copies=copies)
         combined, outcome = None, None
         while True:
             active = [s for s in valid if not self.is_quarantined(s)]
@@ -615,8 +616,11 @@ class RoundEngine:
         blocks = {s: ckks.EncryptedLayers.from_wire(r.encrypted) for s, r in valid.items() if weights.get(s, 0.0) > 0}
         return ckks.guarded_weighted_sum(blocks, weights, self.encryption.context)
 
-    def _why_excluded(self, site: str, scored: Mapping, cos: Mapping, signs: Mapping) -> str:
-        ratio, policy = scored[site][0], self.rules.trust
+    def _why_excluded(
+        self, site: str, scored: Mapping, cos: Mapping, signs: Mapping, body: Optional[Mapping] = None
+    ) -> str:
+        """body: the body cosines the round scored (None or {} when the body rule did not score)."""
+        ratio, policy, body = scored[site][0], self.rules.trust, body or {}
         if ratio >= policy.bad_ratio:
             return f"far outlier this round: {ratio:.1f}x the median distance to the coordinate median of the sites"
         if abs(signs.get(site, 0.0)) >= policy.sign_balance_bad:
@@ -624,6 +628,11 @@ class RoundEngine:
                 f"its move's signs are skewed: sign balance {signs[site]:+.2f} from the median site's (at most "
                 f"{policy.sign_balance_bad} scores 0; honest moves go up and down about equally, a crafted shift "
                 "of every coordinate at once does not)"
+            )
+        if site in body and (site not in cos or body[site] <= policy.body_cosine_bad):
+            return (
+                "its clear layers moved against the coordinate median of the sites' this round "
+                f"(cosine {body[site]:+.2f}, at most {policy.body_cosine_bad} scores 0)"
             )
         return (
             "its classifier layers moved against the coordinate median of the sites' this round "
@@ -638,10 +647,11 @@ class RoundEngine:
         alerts: list = []
         weights, used, diagnostics, params = {}, {}, {}, None
         scores = {s: 0.0 for s, u in records.items() if u.status == "rejected"}  # a rejected update scores 0
-        dist, scored, excluded, cos, signs = {}, {}, (), {}, {}
+        dist, scored, excluded, cos, signs, body, judged_body = {}, {}, (), {}, {}, {}, {}
         if outcome is not None:
             dist, scored, excluded, cos = outcome.distances, outcome.scored, outcome.excluded, outcome.head_cosines
-            signs = outcome.sign_offsets
+            signs, body = outcome.sign_offsets, outcome.body_cosines
+            judged_body = body if outcome.body_scored else {}
             if problem is None:  # a probation round (problem set) commits no weights and no model
                 weights, used = outcome.weights, outcome.used_counts
                 diagnostics, params = dict(outcome.result.diagnostics), outcome.result.params
@@ -650,7 +660,10 @@ class RoundEngine:
             for s in excluded:
                 left = "would have been left out of" if hold else "left out of"
                 log.append(
-                    ("warning", f"{s} {left} this round's aggregate: {self._why_excluded(s, scored, cos, signs)}")
+                    (
+                        "warning",
+                        f"{s} {left} this round's aggregate: {self._why_excluded(s, scored, cos, signs, judged_body)}",
+                    )
                 )
         was_quarantined = {s for s in scores if self.is_quarantined(s)}
         self.trust, events = update_trust(self.trust, scores, self.rules.trust)
@@ -675,7 +688,7 @@ class RoundEngine:
                     f"quarantined (trust {self.trust[site].trust:.3f}): scored, not aggregated",
                 )
             elif status == "accepted" and site in excluded:
-                status, reason = "rejected", self._why_excluded(site, scored, cos, signs)
+                status, reason = "rejected", self._why_excluded(site, scored, cos, signs, judged_body)
             elif status == "accepted" and (outcome is None or problem is not None):
                 reason = "valid, but the round was not aggregated"
             records[site] = replace(
@@ -691,6 +704,7 @@ class RoundEngine:
             if site in scored:
                 direction = f", head cosine {cos[site]:+.2f}" if site in cos else ""
                 direction += f", sign balance {signs[site]:+.3f}" if site in signs else ""
+                direction += f", body cosine {body[site]:+.3f}" if site in body else ""
                 log.append(
                     (
                         "info",

@@ -120,6 +120,7 @@ class FederationPlan:
     he_layers: Optional[Sequence[str]] = None
     data_synthetic: Optional[bool] = None
     algorithm: FedAlgorithm = FedAlgorithm()
+    trust: Optional[TrustPolicy] = None  # with use_trust: these thresholds (None: the default TrustPolicy())
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def federate(
     rules = RoundRules(
         aggregation=aggregation,
         min_clients=plan.min_clients,
-        trust=TrustPolicy() if plan.use_trust else NO_TRUST,
+        trust=(plan.trust or TrustPolicy()) if plan.use_trust else NO_TRUST,
         centred_clipping=plan.centred_clipping,
         server_optimizer=algorithm.server_optimizer,
         scaffold=algorithm.scaffold,

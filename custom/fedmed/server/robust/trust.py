@@ -12,6 +12,10 @@ import numpy as np
 # The sign rule's thresholds (TrustPolicy.sign_balance_ok / _bad), on |balance - the median site's|.
 SIGN_BALANCE_OK = 0.1
 SIGN_BALANCE_BAD = 0.2
+# The body rule's thresholds (TrustPolicy.body_cosine_ok / _bad), on the cosine of a site's clear move with the
+# reference's; calibrated in TrustPolicy's docstring.
+BODY_COSINE_OK = 0.0
+BODY_COSINE_BAD = -0.3
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,30 @@ class TrustPolicy:
             sign_balance_ok scores 1, by sign_balance_bad or more 0 (linear in between); a round's score is the
             lowest of the distance, direction and sign scores. sign_balance_bad > 2 turns it off (a difference of
             two balances is at most 2). Measured on the red team's federation: see docs/redteam_collusion.md.
+        body_cosine_ok / body_cosine_bad / body_cosine_always: the body rule, the direction rule on what the
+            server reads in clear. The cosine between a site's whole clear trainable move and the judging
+            reference's (fedmed.server.aggregation.body_cosine) scores 1 at or above body_cosine_ok, 0 at or below
+            body_cosine_bad (linear in between). Scored where the classifier layers are hidden (HE encrypts them,
+            so the direction rule above has nothing to read: issue 28's Min-Max unit pair then went through), or
+            on every round with body_cosine_always; body_cosine_bad < -1 turns it off. Calibrated on the red
+            team's federation (5 sites of 100 images, 64 px, 4 rounds; docs/redteam_collusion.md): honest sites'
+            body cosines +0.38 at the lowest in the honest runs (seeds 0-2, 60 site-rounds each way: HE on +0.382,
+            HE off +0.381), +0.32 for the honest sites beside the HE-on attackers (392 site-rounds); the attackers
+            that move against the honest sites (Min-Max / Min-Sum unit direction, IPM 0.5 and 100; 1 or 2 of 5)
+            -0.95 to -0.89; the in-distribution ones (ALIE, the inverse-std rows, the adaptive rows) +0.19 to +0.91,
+            left to the sign rule and the geometric median. So a score starts to drop 0.32 below the lowest honest
+            cosine and reaches 0 at 0.62 below it, 0.59 above the highest such attacker. Not always on by
+            default: with the head in clear the direction rule rejects those attackers already, and the rows with
+            HE off were measured without the body rule scoring.
+        vote_share_cap: no site (nor a near-copy group counted once, whose members share one site's count) gets
+            more than this multiple of its count share of the aggregate's weight; the excess goes to the others in
+            proportion to their weights (fedmed.server.aggregation.cap_vote_weights). The geometric median rewards
+            a point near the centre: one adaptive ALIE hospital at 0.25x the median site's distance got 0.996 of
+            the weight (docs/redteam_collusion.md). For the aggregators whose result is a weighted sum
+            (fedmed.server.aggregation.LINEAR_AGGREGATORS). Measured at 1.5x, HE off, seeds 0-2: it never binds
+            on the honest runs (largest weight 0.207); the lone adaptive ALIE hospital went from 0.996 to 0.30 of
+            the weight (mean paired gap -0.006 -> +0.014), the adaptive pair from 0.42 to 0.375 (no better). Off
+            (inf) by default: no job setting exposes it yet and it was not measured with HE on.
         quarantine_on_zero: a round scoring 0 (a rejected update, or one at or beyond bad_ratio) quarantines at
             once, whatever the running trust: with the moving average alone, a site starting at trust 1 needs two
             clearly hostile rounds before it falls below 0.5, and it is aggregated in between.
@@ -59,6 +87,10 @@ class TrustPolicy:
     head_cosine_bad: float = -0.5
     sign_balance_ok: float = SIGN_BALANCE_OK
     sign_balance_bad: float = SIGN_BALANCE_BAD
+    body_cosine_ok: float = BODY_COSINE_OK
+    body_cosine_bad: float = BODY_COSINE_BAD
+    body_cosine_always: bool = False
+    vote_share_cap: float = float("inf")
 
     def __post_init__(self):
         if not 0 < self.smoothing <= 1:
@@ -76,6 +108,13 @@ class TrustPolicy:
         if not 0 < self.sign_balance_ok < self.sign_balance_bad:
             raise ValueError(
                 f"need 0 < sign_balance_ok < sign_balance_bad, got {self.sign_balance_ok}, {self.sign_balance_bad}"
+            )
+        if not self.vote_share_cap >= 1:
+            raise ValueError(f"vote_share_cap must be >= 1 (inf: off), got {self.vote_share_cap}")
+        if not (self.body_cosine_bad < -1 or -1 <= self.body_cosine_bad < self.body_cosine_ok <= 1):
+            raise ValueError(
+                f"need -1 <= body_cosine_bad < body_cosine_ok <= 1 (or body_cosine_bad < -1: off), got "
+                f"{self.body_cosine_bad}, {self.body_cosine_ok}"
             )
         if not -1 <= self.head_cosine_bad < self.head_cosine_ok <= 1:
             raise ValueError(
@@ -95,11 +134,13 @@ def round_scores(
     policy: TrustPolicy,
     head_cosines: Mapping[str, float] | None = None,
     sign_offsets: Mapping[str, float] | None = None,
+    body_cosines: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """site -> (ratio to the median distance, round score in [0, 1]). Scale-free: multiplying every update's
     distance by the same factor changes nothing. With head_cosines (site -> cosine of its classifier's move with
     the reference's), the score is at most the direction score; with sign_offsets (site -> its sign balance minus
-    the median site's, fedmed.server.robust.sign_balance), at most the sign score."""
+    the median site's, fedmed.server.robust.sign_balance), at most the sign score; with body_cosines (site -> cosine
+    of its whole clear move with the reference's, fedmed.server.aggregation.body_cosine), at most the body score."""
     if not distances:
         return {}
     values = np.array(list(distances.values()), dtype=np.float64)
@@ -118,6 +159,11 @@ def round_scores(
             off = abs(float(sign_offsets[site]))
             signs = (policy.sign_balance_bad - off) / (policy.sign_balance_bad - policy.sign_balance_ok)
             score = min(score, float(np.clip(signs, 0.0, 1.0)))
+        if body_cosines and site in body_cosines:
+            body = (float(body_cosines[site]) - policy.body_cosine_bad) / (
+                policy.body_cosine_ok - policy.body_cosine_bad
+            )
+            score = min(score, float(np.clip(body, 0.0, 1.0)))
         out[site] = (float(ratio), score)
     return out
 
