@@ -247,6 +247,25 @@ def test_reference_pass_redoes_a_block_in_float64_where_float32_squares_overflow
     np.testing.assert_allclose(pairwise(found.gram), exact, rtol=1e-6)
 
 
+def test_reference_pass_takes_the_sorted_path_for_keys_the_network_does_not_take():
+    """A float16 parameter (the compiled network takes float32 and float64) beside float32 ones: the same reference
+    as coordinate_median_reference, bit for bit, and the Gram's distances."""
+    from fedmed.server.passes import reference_pass
+    from fedmed.server.robust.collusion import coordinate_median_reference
+
+    rng = np.random.default_rng(12)
+    ups = cloud(rng, 6)
+    for u in ups:
+        u["h"] = rng.standard_normal(5000).astype(np.float16)
+    keys = ["a", "b.weight", "h"]
+    found = reference_pass(ups, keys, [[1, 4]])
+    want = coordinate_median_reference(ups, keys, [[1, 4]])
+    for key in keys:
+        assert found.reference[key].dtype == want[key].dtype
+        np.testing.assert_array_equal(found.reference[key], want[key])
+    np.testing.assert_allclose(found.distances, [distance(u, want, keys) for u in ups], rtol=1e-5)
+
+
 def test_reference_pass_keeps_float64_updates_in_float64():
     from fedmed.server.passes import reference_pass
     from fedmed.server.robust.geometric_median import centred_gram

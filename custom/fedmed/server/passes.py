@@ -27,6 +27,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from fedmed.server.median_network import NETWORK_DTYPES, middle_of_rows
 from fedmed.server.parallel import limited_blas, thread_map
 from fedmed.server.robust.geometric_median import key_groups
 
@@ -242,7 +243,69 @@ def _group_mean(flat: list, group: Sequence[int]) -> np.ndarray:
 
 
 def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups) -> tuple:
-    """reference_pass over some of the keys, one thread: (reference part, Gram part)."""
+    """reference_pass over some of the keys, one thread: (reference part, Gram part). Per block of coordinates, the
+    k updates' values are copied as k rows (one memcpy each, no transpose), the votes' copy of them reordered in
+    place by fedmed.server.median_network (the coordinate median), and the rows centred on it give the block's
+    Gram part (one syrk). Keys whose votes are not float32 / float64 take _reference_of_keys_sorted."""
+    k = len(updates)
+    singles, multi = _votes(k, groups)
+    gram = np.zeros((k, k), np.float64)
+    out = {}
+    width = REFERENCE_CHUNK
+    other = []
+    for key in keys:
+        ref = np.asarray(updates[0][key])
+        flat = [np.asarray(u[key]).reshape(-1) for u in updates]
+        # the votes: a group's row is its members' mean, added in float64 in member order then divided (np.mean's
+        # sum over axis 0), cast to the parameter's dtype (coordinate_median_reference's rows)
+        rows = [flat[i] for i in singles] + [_group_mean(flat, g).astype(ref.dtype) for g in multi]
+        dtype = np.result_type(*rows)  # the median's dtype, as _median_rows gives it
+        work = np.promote_types(np.result_type(*flat), np.float32)  # the Gram's: float32 for float32 updates
+        if dtype not in NETWORK_DTYPES:
+            other.append(key)
+            continue
+        n = ref.size
+        res = np.empty(n, ref.dtype)
+        w = min(n, width)
+        block_of, votes_of = np.empty((k, w), work), np.empty((len(rows), w), dtype)
+        for start in range(0, n, w):
+            stop = min(n, start + w)
+            block = block_of if stop - start == w else np.empty((k, stop - start), work)
+            votes = votes_of if stop - start == w else np.empty((len(rows), stop - start), dtype)
+            for i, f in enumerate(flat):
+                block[i] = f[start:stop]
+            if not multi and work == dtype:
+                np.copyto(votes, block)
+            else:
+                for j, r in enumerate(rows):
+                    votes[j] = r[start:stop]
+            med = middle_of_rows(votes)
+            res[start:stop] = med
+            gram += _centred_rows_gram(block, med.astype(work, copy=False), flat, (start, stop))
+        out[key] = res.reshape(ref.shape)
+    if other:
+        ref_part, gram_part = _reference_of_keys_sorted(updates, other, groups)
+        out.update(ref_part)
+        gram += gram_part
+    return out, gram
+
+
+def _centred_rows_gram(block: np.ndarray, med: np.ndarray, flat: list, span: tuple) -> np.ndarray:
+    """block block^T of the (k, n) rows centred on med (in place), as float64: _centred_block_gram for rows."""
+    block -= med
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is redone in float64 below
+        g = block @ block.T
+    if block.dtype == np.float64 or np.isfinite(g).all():
+        return g.astype(np.float64, copy=False)
+    start, stop = span
+    wide = np.stack([f[start:stop].astype(np.float64) for f in flat])
+    wide -= med.astype(np.float64)
+    return wide @ wide.T
+
+
+def _reference_of_keys_sorted(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups) -> tuple:
+    """_reference_of_keys for votes of other dtypes (e.g. float16): coordinates x sites blocks, sorted, as before
+    the median network."""
     from fedmed.server.robust.collusion import SORT_NETWORK_MAX, _median_rows  # it imports this module
 
     k = len(updates)
@@ -320,8 +383,8 @@ def reference_pass(
     updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups: Sequence[Sequence[int]] = ()
 ) -> ReferencePass:
     """The judging reference and the geometric median's Gram matrix in one blocked pass over the updates (issue 30):
-    per block of coordinates, one transposing gather of the K sites' values; a copy of it sorted gives the
-    coordinate median of the votes (fedmed.server.robust.collusion.coordinate_median_reference's values bit for bit:
+    per block of coordinates, the K sites' values copied as K rows; a copy of them put through a selection network
+    (fedmed.server.median_network) gives the coordinate median of the votes (fedmed.server.robust.collusion.coordinate_median_reference's values bit for bit:
     each near-copy group, indices into updates, votes once with its members' mean); the gather centred on that
     median gives the block's Gram matrix, whose diagonal is each site's squared distance to the reference. Before,
     the median, the Gram matrix (centred on the weighted mean, float64) and the distances were three passes.
@@ -359,15 +422,15 @@ def reference_pass(
 def _far_rows(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], reference: dict, far: list):
     """The Gram matrix's columns of the `far` sites over some keys, in float64, the updates centred on reference."""
     cols = np.zeros((len(updates), len(far)), np.float64)
-    buf = np.empty((REFERENCE_CHUNK, len(updates)), np.float64)
+    buf = np.empty((len(updates), REFERENCE_CHUNK), np.float64)
     for key in keys:
         flat = [np.asarray(u[key]).reshape(-1) for u in updates]
         centre = np.asarray(reference[key], np.float64).reshape(-1)
         for start in range(0, centre.size, REFERENCE_CHUNK):
             stop = min(centre.size, start + REFERENCE_CHUNK)
-            wide = buf[: stop - start]
+            wide = buf[:, : stop - start]
             for i, f in enumerate(flat):
-                wide[:, i] = f[start:stop]
-            wide -= centre[start:stop, None]
-            cols += wide.T @ wide[:, far]
+                wide[i] = f[start:stop]
+            wide -= centre[start:stop]
+            cols += wide @ wide[far].T
     return cols

@@ -1,0 +1,52 @@
+"""fedmed.server.median_network: the compiled selection network gives np.median's values exactly."""
+
+import numpy as np
+import pytest
+
+from fedmed.server.median_network import batcher_comparators, median_comparators, middle_of_rows
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 16, 17, 33, 50, 64, 101])
+def test_batcher_network_sorts_every_zero_one_input_of_small_sizes_and_random_rows(k):
+    """A comparator network sorts everything iff it sorts every 0-1 input (Knuth's 0-1 principle): all of them up to
+    k = 16, random ones beyond, and random real rows."""
+    pairs = batcher_comparators(k)
+    rng = np.random.default_rng(k)
+    if k <= 16:
+        bits = ((np.arange(2**k)[None, :] >> np.arange(k)[:, None]) & 1).astype(np.float64)
+    else:
+        bits = rng.integers(0, 2, (k, 4000)).astype(np.float64)
+    for rows in (bits, rng.standard_normal((k, 500))):
+        r = rows.copy()
+        for lo, hi in pairs:
+            a, b = np.minimum(r[lo], r[hi]), np.maximum(r[lo], r[hi])
+            r[lo], r[hi] = a, b
+        assert np.array_equal(r, np.sort(rows, axis=0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 10, 16, 17, 49, 50, 51, 100])
+def test_middle_of_rows_is_np_median_exactly(k, dtype):
+    rng = np.random.default_rng(100 + k)
+    rows = rng.standard_normal((k, 3001)).astype(dtype) * np.logspace(-30, 30, 3001).astype(dtype)
+    rows[:, :40] = np.round(rows[:, :40] * 0)  # ties (all zero)
+    rows[:, 40:80] = rng.integers(-2, 3, (k, 40))  # ties among a few values
+    rows[0, 80:100] = np.finfo(dtype).max  # extremes: an even count's two middle values still add finitely
+    got = middle_of_rows(rows.copy())
+    want = np.median(rows, axis=0)
+    assert got.dtype == dtype
+    assert np.array_equal(got, want.astype(dtype))
+
+
+def test_pruned_network_keeps_what_the_middle_depends_on():
+    assert len(median_comparators(50)) < len(batcher_comparators(50))
+    assert len(median_comparators(1)) == 0
+    with pytest.raises(ValueError, match="median of 0 rows"):
+        median_comparators(0)
+
+
+def test_middle_of_rows_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="float16"):
+        middle_of_rows(np.zeros((3, 4), np.float16))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        middle_of_rows(np.zeros((4, 3), np.float32).T)
