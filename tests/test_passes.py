@@ -130,6 +130,25 @@ def test_update_pass_equals_the_separate_passes_it_replaces(seed):
     assert done.non_finite == frozenset()
 
 
+def test_update_pass_takes_numpy_chunks_for_dtypes_the_kernel_does_not_take():
+    """A float16 distance key beside float32 ones: the same digest, distance and signs as the formulas."""
+    from fedmed.server.passes import CHUNK, update_pass
+
+    rng = np.random.default_rng(5)
+    reference = {"a.weight": rng.standard_normal(CHUNK + 9).astype(np.float16), "b.weight": np.ones(7, np.float32)}
+    update = {
+        "a.weight": (reference["a.weight"] + np.float16(0.01)).astype(np.float16),
+        "b.weight": np.zeros(7, np.float32),
+    }
+    update["a.weight"][:5] = reference["a.weight"][:5]
+    done = update_pass(update, reference, ["a.weight", "b.weight"])
+    assert done.sha == params_sha256(update)
+    want = sum(float(np.sum((update[k].astype(np.float64) - reference[k].astype(np.float64)) ** 2)) for k in update)
+    assert done.norm == pytest.approx(np.sqrt(want), rel=1e-6)
+    assert done.up == int(np.count_nonzero(update["a.weight"] > reference["a.weight"]))
+    assert done.down == int(np.count_nonzero(update["a.weight"] < reference["a.weight"])) + 7
+
+
 def test_update_pass_counts_signs_by_comparison_where_subnormal_differences_could_be_flushed(monkeypatch):
     import fedmed.server.passes as passes
     from fedmed.server.robust.sign_balance import sign_balance

@@ -27,7 +27,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedmed.server.median_network import NETWORK_DTYPES, middle_of_rows
+from fedmed.server.kernels import KERNEL_DTYPES, middle_of_rows, move_stats
 from fedmed.server.parallel import limited_blas, thread_map
 from fedmed.server.robust.geometric_median import key_groups
 
@@ -148,19 +148,18 @@ def update_pass(
     keys: Sequence[str],
     sketch: Optional[SketchLayout] = None,
 ) -> UpdatePass:
-    """Everything screening and the round's rules read of one update, in one pass over it, chunk by chunk in cache:
+    """Everything screening and the round's rules read of one update, in one pass over each parameter:
     - its SHA-256, byte for byte params_sha256's (the same stream: name, dtype, shape, the array's bytes), so
       records stay comparable with earlier rounds and runs;
-    - its distance to the reference over `keys` (update_norm; the same chunk sums as squared_distance);
-    - the signs of its move on `keys` (the sign rule's counts: the difference's sign is the comparison's);
-    - which floating-point parameters hold a NaN or an Inf: a distance key whose float32 chunk sums of squares were
-      all finite has none (a NaN or Inf makes the difference, hence the sum, non-finite); any other is looked at;
+    - its distance to the reference over `keys` (update_norm: squares and sums in float64, one compiled read per
+      float32 / float64 key, fedmed.server.kernels.move_stats; float32 chunk sums for other dtypes);
+    - the signs of its move on `keys` (the sign rule's counts: the values compared);
+    - which floating-point parameters hold a NaN or an Inf: a distance key whose sum of squares was finite has none
+      (a NaN or Inf makes the difference, hence the sum, non-finite); any other is looked at;
     - with `sketch`, its values at the collusion sketch's coordinates.
     Call it on an update whose names and shapes are the reference's (fedmed.server.aggregation.find_update_problem)."""
     h = hashlib.sha256()
     wanted = set(keys)
-    bufs = _Buffers()
-    exact = gradual_underflow()
     sq, up, down, bad = 0.0, 0, 0, set()
     out = np.empty(sketch.size, np.float64) if sketch is not None else None
     with limited_blas(1), np.errstate(over="ignore", invalid="ignore"):  # a float32 overflow is redone in float64
@@ -175,26 +174,44 @@ def update_pass(
                 if v.dtype.kind == "f" and has_non_finite(v):
                     bad.add(k)
                 continue
-            ref = np.asarray(reference[k]).reshape(-1)
-            size = flat.itemsize
+            ref = np.ascontiguousarray(reference[k]).reshape(-1)
             picks = sketch.chunks.get(k) if sketch is not None else None
-            finite = True
-            for start in range(0, flat.size, CHUNK):
-                h.update(raw[start * size : (start + CHUNK) * size])
-                a, b = flat[start : start + CHUNK], ref[start : start + CHUNK]
-                chunk_sq, d = bufs.sq_diff_kept(a, b)
-                sq += chunk_sq
-                finite = finite and math.isfinite(chunk_sq)
-                # the difference's sign, or (flush-to-zero could hide a tiny move) the values compared
-                x, y = (d, 0) if exact else (a, b)
-                up += int(np.count_nonzero(x > y))
-                down += int(np.count_nonzero(x < y))
-                if picks and start in picks:
-                    first, offsets = picks[start]
-                    out[first : first + offsets.size] = a[offsets]
+            if flat.dtype in KERNEL_DTYPES and ref.dtype in KERNEL_DTYPES:
+                h.update(raw)
+                key_sq, key_up, key_down = move_stats(flat, ref)  # one compiled read of both (fedmed.server.kernels)
+                sq, up, down = sq + key_sq, up + key_up, down + key_down
+                finite = math.isfinite(key_sq)
+                for start, (first, offsets) in (picks or {}).items():
+                    out[first : first + offsets.size] = flat[start + offsets]
+            else:  # other dtypes (e.g. float16): numpy, chunk by chunk
+                key_sq, key_up, key_down, finite = _chunked_move(flat, ref, h, picks, out)
+                sq, up, down = sq + key_sq, up + key_up, down + key_down
             if not finite and v.dtype.kind == "f" and has_non_finite(v):
                 bad.add(k)
     return UpdatePass(h.hexdigest(), float(np.sqrt(sq)), up, down, frozenset(bad), out)
+
+
+def _chunked_move(flat: np.ndarray, ref: np.ndarray, h, picks: Optional[dict], out: Optional[np.ndarray]) -> tuple:
+    """update_pass's work on one distance key of a dtype the compiled kernel does not take, chunk by chunk in cache
+    with numpy: hashes the key's bytes into h, gathers its sketch picks into out; returns (sum of squared moves,
+    coordinates above, below, whether every chunk's sum was finite)."""
+    bufs, exact = _Buffers(), gradual_underflow()
+    raw, size = flat.view(np.uint8), flat.itemsize
+    sq, up, down, finite = 0.0, 0, 0, True
+    for start in range(0, flat.size, CHUNK):
+        h.update(raw[start * size : (start + CHUNK) * size])
+        a, b = flat[start : start + CHUNK], ref[start : start + CHUNK]
+        chunk_sq, d = bufs.sq_diff_kept(a, b)
+        sq += chunk_sq
+        finite = finite and math.isfinite(chunk_sq)
+        # the difference's sign, or (flush-to-zero could hide a tiny move) the values compared
+        x, y = (d, 0) if exact else (a, b)
+        up += int(np.count_nonzero(x > y))
+        down += int(np.count_nonzero(x < y))
+        if picks and start in picks:
+            first, offsets = picks[start]
+            out[first : first + offsets.size] = a[offsets]
+    return sq, up, down, finite
 
 
 def has_non_finite(values: np.ndarray) -> bool:
@@ -245,7 +262,7 @@ def _group_mean(flat: list, group: Sequence[int]) -> np.ndarray:
 def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups) -> tuple:
     """reference_pass over some of the keys, one thread: (reference part, Gram part). Per block of coordinates, the
     k updates' values are copied as k rows (one memcpy each, no transpose), the votes' copy of them reordered in
-    place by fedmed.server.median_network (the coordinate median), and the rows centred on it give the block's
+    place by fedmed.server.kernels (the coordinate median), and the rows centred on it give the block's
     Gram part (one syrk). Keys whose votes are not float32 / float64 take _reference_of_keys_sorted."""
     k = len(updates)
     singles, multi = _votes(k, groups)
@@ -261,7 +278,7 @@ def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequen
         rows = [flat[i] for i in singles] + [_group_mean(flat, g).astype(ref.dtype) for g in multi]
         dtype = np.result_type(*rows)  # the median's dtype, as _median_rows gives it
         work = np.promote_types(np.result_type(*flat), np.float32)  # the Gram's: float32 for float32 updates
-        if dtype not in NETWORK_DTYPES:
+        if dtype not in KERNEL_DTYPES:
             other.append(key)
             continue
         n = ref.size
@@ -384,7 +401,7 @@ def reference_pass(
 ) -> ReferencePass:
     """The judging reference and the geometric median's Gram matrix in one blocked pass over the updates (issue 30):
     per block of coordinates, the K sites' values copied as K rows; a copy of them put through a selection network
-    (fedmed.server.median_network) gives the coordinate median of the votes (fedmed.server.robust.collusion.coordinate_median_reference's values bit for bit:
+    (fedmed.server.kernels) gives the coordinate median of the votes (fedmed.server.robust.collusion.coordinate_median_reference's values bit for bit:
     each near-copy group, indices into updates, votes once with its members' mean); the gather centred on that
     median gives the block's Gram matrix, whose diagonal is each site's squared distance to the reference. Before,
     the median, the Gram matrix (centred on the weighted mean, float64) and the distances were three passes.

@@ -1,9 +1,9 @@
-"""fedmed.server.median_network: the compiled selection network gives np.median's values exactly."""
+"""fedmed.server.kernels: the compiled selection network gives np.median's values exactly."""
 
 import numpy as np
 import pytest
 
-from fedmed.server.median_network import batcher_comparators, median_comparators, middle_of_rows
+from fedmed.server.kernels import batcher_comparators, median_comparators, middle_of_rows
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 16, 17, 33, 50, 64, 101])
@@ -50,3 +50,41 @@ def test_middle_of_rows_refuses_what_it_cannot_take():
         middle_of_rows(np.zeros((3, 4), np.float16))
     with pytest.raises(ValueError, match="C-contiguous"):
         middle_of_rows(np.zeros((4, 3), np.float32).T)
+
+
+@pytest.mark.parametrize(
+    ("a_dtype", "b_dtype"), [(np.float32, np.float32), (np.float64, np.float64), (np.float32, np.float64)]
+)
+def test_move_stats_is_the_float64_formula(a_dtype, b_dtype):
+    from fedmed.server.kernels import move_stats
+
+    rng = np.random.default_rng(3)
+    b = (rng.standard_normal(100_003) * np.logspace(-20, 20, 100_003)).astype(b_dtype)
+    a = (b + rng.standard_normal(b.size) * 1e-3).astype(a_dtype)
+    a[:100] = b[:100]  # unmoved coordinates count as neither up nor down
+    b[:100] = a[:100]  # (exactly equal where the dtypes differ)
+    sq, up, down = move_stats(a, b)
+    d = a.astype(np.float64) - b.astype(np.float64)
+    assert sq == pytest.approx(float(d @ d), rel=1e-12)
+    assert (up, down) == (int(np.count_nonzero(a > b)), int(np.count_nonzero(a < b)))
+    assert up + down <= b.size - 100
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_move_stats_sum_is_non_finite_exactly_when_a_value_is(bad):
+    from fedmed.server.kernels import move_stats
+
+    b = np.zeros(1000, np.float32)
+    a = np.full(1000, np.finfo(np.float32).max, np.float32)  # finite: its float64 squares do not overflow
+    assert np.isfinite(move_stats(a, b)[0])
+    a[517] = bad
+    assert not np.isfinite(move_stats(a, b)[0])
+
+
+def test_move_stats_refuses_what_it_cannot_take():
+    from fedmed.server.kernels import move_stats
+
+    with pytest.raises(ValueError, match="one size"):
+        move_stats(np.zeros(3, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="float16"):
+        move_stats(np.zeros(3, np.float16), np.zeros(3, np.float32))
