@@ -88,3 +88,31 @@ def test_move_stats_refuses_what_it_cannot_take():
         move_stats(np.zeros(3, np.float32), np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="float16"):
         move_stats(np.zeros(3, np.float16), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_rows_is_the_float64_sum_cast_once(dtype):
+    from fedmed.server.kernels import weighted_rows
+
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((7, 5003)).astype(dtype)
+    beta = rng.uniform(0, 1, 7)
+    beta /= beta.sum()
+    out = np.empty(5003, dtype)
+    weighted_rows(rows[:, :5003], beta, out)
+    want = np.zeros(5003, np.float64)
+    for b, r in zip(beta, rows):
+        want += b * r.astype(np.float64)
+    assert np.array_equal(out, want.astype(dtype))
+    part = np.empty(100, dtype)
+    weighted_rows(rows[:, 50:150], beta, part)  # a block of a wider buffer: rows not adjacent in memory
+    assert np.array_equal(part, want[50:150].astype(dtype))
+
+
+def test_weighted_rows_refuses_mismatched_shapes_and_dtypes():
+    from fedmed.server.kernels import weighted_rows
+
+    with pytest.raises(ValueError, match="weights"):
+        weighted_rows(np.zeros((3, 4), np.float32), np.ones(2), np.empty(4, np.float32))
+    with pytest.raises(ValueError, match="int64 rows"):
+        weighted_rows(np.zeros((3, 4), np.int64), np.ones(3), np.empty(4, np.float32))

@@ -73,6 +73,32 @@ def move_stats(update: np.ndarray, reference: np.ndarray) -> tuple[float, int, i
     return float(sq), int(up), int(down)
 
 
+@numba.njit(cache=True, nogil=True)
+def _weighted_rows(rows, beta, acc, out):  # pragma: no cover - compiled; tested through weighted_rows
+    n = rows.shape[1]
+    for j in range(n):
+        acc[j] = 0.0
+    for i in range(rows.shape[0]):
+        w = beta[i]
+        row = rows[i]
+        for j in range(n):
+            acc[j] += w * np.float64(row[j])
+    for j in range(n):
+        out[j] = acc[j]
+
+
+def weighted_rows(rows: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = sum_i beta[i] * rows[i], each coordinate's terms added in float64 in row order, then cast to out's
+    dtype (the geometric median's combine: fedmed.server.robust.geometric_median.combine). rows: (k, n) float32 /
+    float64 with contiguous rows; beta: k float64 weights; out: n values of a float dtype."""
+    k, n = rows.shape
+    if rows.dtype not in KERNEL_DTYPES or out.dtype not in KERNEL_DTYPES or rows.strides[1] != rows.itemsize:
+        raise ValueError(f"weighted_rows takes float32/float64 rows, got {rows.dtype} rows into {out.dtype}")
+    if beta.shape != (k,) or out.shape != (n,):
+        raise ValueError(f"weighted_rows: {beta.shape} weights and {out.shape} out for {rows.shape} rows")
+    _weighted_rows(rows, np.asarray(beta, np.float64), np.empty(n, np.float64), out)
+
+
 @lru_cache(maxsize=256)
 def median_comparators(k: int) -> np.ndarray:
     """batcher_comparators(k) less the comparators the middle row(s) do not depend on (walked backwards from the

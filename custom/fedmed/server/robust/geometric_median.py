@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedmed.server.kernels import KERNEL_DTYPES, weighted_rows
 from fedmed.server.parallel import thread_map
 
 CHUNK = 1 << 14  # coordinates per pass chunk: K x 16k float64 = 2 MB for K = 16, cache-sized (measured fastest)
@@ -131,11 +132,17 @@ def _normalised(weights: Sequence[float], k: int) -> np.ndarray:
 def _combine_keys(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray, keys: list[str]) -> dict:
     # Floating-point parameters: each chunk's float64 sum cast straight into the result (the values a float64 copy
     # of the whole parameter cast afterwards gives, without its allocation and second pass); integers rounded.
-    acc = {}
+    # float32 / float64 parameters: the K rows copied as they are and summed by a compiled loop (no float64 copy of
+    # the block, ~2x less CPU: fedmed.server.kernels.weighted_rows); other dtypes through float64 blocks and BLAS.
+    acc, other = {}, []
     for k in keys:
         ref = np.asarray(updates[0][k])
         acc[k] = np.empty(ref.size, ref.dtype if ref.dtype.kind == "f" else np.float64)
-    for key, sl, block in _blocks(updates, keys):
+        if ref.dtype in KERNEL_DTYPES and all(np.asarray(u[k]).dtype == ref.dtype for u in updates):
+            _combine_rows(updates, beta, k, acc[k])
+        else:
+            other.append(k)
+    for key, sl, block in _blocks(updates, other):
         acc[key][sl] = beta @ block
     out = {}
     for key in keys:
@@ -143,6 +150,18 @@ def _combine_keys(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray,
         a = acc.pop(key).reshape(ref.shape)
         out[key] = a if ref.dtype.kind == "f" else np.rint(a).astype(ref.dtype)
     return out
+
+
+def _combine_rows(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray, key: str, out: np.ndarray) -> None:
+    flat = [np.asarray(u[key]).reshape(-1) for u in updates]
+    n = out.size
+    buf = np.empty((len(flat), min(n, CHUNK)), flat[0].dtype)
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        block = buf[:, : stop - start]
+        for row, f in zip(block, flat):
+            row[:] = f[start:stop]
+        weighted_rows(block, beta, out[start:stop])
 
 
 def combine(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray, threads: int | None = None) -> dict:
