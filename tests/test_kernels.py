@@ -116,3 +116,29 @@ def test_weighted_rows_refuses_mismatched_shapes_and_dtypes():
         weighted_rows(np.zeros((3, 4), np.float32), np.ones(2), np.empty(4, np.float32))
     with pytest.raises(ValueError, match="int64 rows"):
         weighted_rows(np.zeros((3, 4), np.int64), np.ones(3), np.empty(4, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_centred_gram_centres_in_place_and_adds_float64_products(dtype):
+    from fedmed.server.kernels import add_centred_gram
+
+    rng = np.random.default_rng(6)
+    rows = (rng.standard_normal((4, 40_000)) * 1e3).astype(dtype)
+    rows[1, :10] = dtype(3e37)  # float32 squares beyond float32's range stay finite in float64
+    centre = np.median(rows, axis=0).astype(dtype)
+    centred = rows - centre
+    gram = np.ones((4, 4))
+    add_centred_gram(rows, centre, gram)
+    assert np.array_equal(rows, centred)
+    wide = centred.astype(np.float64)
+    np.testing.assert_allclose(gram, 1 + wide @ wide.T, rtol=1e-12)
+    assert np.array_equal(gram, gram.T)
+
+
+def test_add_centred_gram_refuses_mismatched_arrays():
+    from fedmed.server.kernels import add_centred_gram
+
+    with pytest.raises(ValueError, match="centre"):
+        add_centred_gram(np.zeros((2, 5), np.float32), np.zeros(4, np.float32), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="float64"):
+        add_centred_gram(np.zeros((2, 5), np.float32), np.zeros(5, np.float64), np.zeros((2, 2)))

@@ -225,8 +225,9 @@ def pairwise(gram: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(d[:, None] + d[None, :] - 2 * gram, 0.0))
 
 
+@pytest.mark.parametrize("k", [5, 9])  # the compiled float64 Gram (up to SMALL_GRAM_SITES) and BLAS's float32 one
 @pytest.mark.parametrize("far", [0.0, 1e2, 1e4, 1e6])
-def test_reference_pass_gram_gives_float64s_weiszfeld_weights_with_far_outliers(far):
+def test_reference_pass_gram_gives_float64s_weiszfeld_weights_with_far_outliers(far, k):
     """The float32 Gram matrix centred on the coordinate median against the float64 one centred on the mean
     (fedmed.server.robust.geometric_median.centred_gram): pairwise distances to 1e-5 relative, the Weiszfeld
     weights to 1e-6 and the median itself to 1e-6 of the honest spread, with two outliers up to 1e6 away (where a
@@ -235,7 +236,7 @@ def test_reference_pass_gram_gives_float64s_weiszfeld_weights_with_far_outliers(
     from fedmed.server.robust.geometric_median import centred_gram, geometric_median, weiszfeld_on_gram
 
     rng = np.random.default_rng(7)
-    ups = cloud(rng, 9)
+    ups = cloud(rng, k)
     for u, sign in zip(ups[:2], (1, -1)):
         u["a"] += np.float32(sign * far)
     keys = ["a", "b.weight"]

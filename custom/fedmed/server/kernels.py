@@ -99,6 +99,38 @@ def weighted_rows(rows: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
     _weighted_rows(rows, np.asarray(beta, np.float64), np.empty(n, np.float64), out)
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _add_centred_gram(rows, centre, gram):  # pragma: no cover - compiled; tested through add_centred_gram
+    k, n = rows.shape
+    for i in range(k):
+        row = rows[i]
+        for j in range(n):
+            row[j] -= centre[j]
+    for a in range(k):
+        ra = rows[a]
+        for b in range(a, k):
+            rb = rows[b]
+            s = 0.0
+            for j in range(n):
+                s += np.float64(ra[j]) * np.float64(rb[j])  # reassociated: float64 lanes
+            gram[a, b] += s
+            if b != a:
+                gram[b, a] += s
+
+
+def add_centred_gram(rows: np.ndarray, centre: np.ndarray, gram: np.ndarray) -> None:
+    """rows -= centre (in place, in the rows' dtype), then gram += rows rows^T with float64 products and sums: the
+    reference pass's Gram part for a few sites (fedmed.server.passes.SMALL_GRAM_SITES), where BLAS's per-call cost
+    outweighs its speed and float64 sums let a block be as wide as wanted. rows: (k, n) float32 / float64 with
+    contiguous rows; centre: n values of the rows' dtype; gram: (k, k) float64."""
+    k, n = rows.shape
+    if rows.dtype not in KERNEL_DTYPES or centre.dtype != rows.dtype or rows.strides[1] != rows.itemsize:
+        raise ValueError(f"add_centred_gram takes float32/float64 rows and centre, got {rows.dtype}, {centre.dtype}")
+    if centre.shape != (n,) or gram.shape != (k, k) or gram.dtype != np.float64:
+        raise ValueError(f"add_centred_gram: {centre.shape} centre, {gram.dtype} {gram.shape} gram for {rows.shape}")
+    _add_centred_gram(rows, centre, gram)
+
+
 @lru_cache(maxsize=256)
 def median_comparators(k: int) -> np.ndarray:
     """batcher_comparators(k) less the comparators the middle row(s) do not depend on (walked backwards from the

@@ -27,7 +27,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedmed.server.kernels import KERNEL_DTYPES, middle_of_rows, move_stats
+from fedmed.server.kernels import KERNEL_DTYPES, add_centred_gram, middle_of_rows, move_stats
 from fedmed.server.parallel import limited_blas, thread_map
 from fedmed.server.robust.geometric_median import key_groups
 
@@ -229,6 +229,11 @@ REFERENCE_CHUNK = 1 << 12  # coordinates per block of reference_pass: 4k x K flo
 # (reference_pass): its float32 products' error, ~1e-7 of its squared norm, then stays below ~1e-6 of the honest
 # sites' squared distances at the weighted mean Weiszfeld starts from.
 FAR_ROWS = 4.0
+# Up to this many sites the Gram part of a block is summed by a compiled float64 loop (fedmed.server.kernels.
+# add_centred_gram) over blocks SMALL_GRAM_WIDTH wide: BLAS's sgemm per 4k block cost ~25 us a call at 3 sites,
+# ~0.05 s a DenseNet-121 round; its products grow as k^2 and BLAS wins beyond a few sites.
+SMALL_GRAM_SITES = 8
+SMALL_GRAM_WIDTH = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,8 @@ def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequen
     singles, multi = _votes(k, groups)
     gram = np.zeros((k, k), np.float64)
     out = {}
-    width = REFERENCE_CHUNK
+    small = k <= SMALL_GRAM_SITES
+    width = SMALL_GRAM_WIDTH if small else REFERENCE_CHUNK  # float32 sums of BLAS's products: 4k values at most
     other = []
     for key in keys:
         ref = np.asarray(updates[0][key])
@@ -298,7 +304,10 @@ def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequen
                     votes[j] = r[start:stop]
             med = middle_of_rows(votes)
             res[start:stop] = med
-            gram += _centred_rows_gram(block, med.astype(work, copy=False), flat, (start, stop))
+            if small:
+                add_centred_gram(block, med.astype(work, copy=False), gram)
+            else:
+                gram += _centred_rows_gram(block, med.astype(work, copy=False), flat, (start, stop))
         out[key] = res.reshape(ref.shape)
     if other:
         ref_part, gram_part = _reference_of_keys_sorted(updates, other, groups)
