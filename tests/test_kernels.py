@@ -142,3 +142,27 @@ def test_add_centred_gram_refuses_mismatched_arrays():
         add_centred_gram(np.zeros((2, 5), np.float32), np.zeros(4, np.float32), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="float64"):
         add_centred_gram(np.zeros((2, 5), np.float32), np.zeros(5, np.float64), np.zeros((2, 2)))
+
+
+def test_kernels_compile_without_a_disk_cache_where_numba_has_nowhere_to_write_one(monkeypatch):
+    """numba refuses cache=True at decoration when neither the source's folder nor a user cache folder is writable
+    (a read-only install; this test runs as a user who can write both, so numba's refusal is reproduced here by its
+    own message): the kernel is then compiled without a cache and still works."""
+    import numba
+
+    from fedmed.server import kernels
+
+    real = numba.njit
+
+    def refusing(*args, **options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file '/ro/kernels.py'")
+        return real(*args, **options)
+
+    monkeypatch.setattr(numba, "njit", refusing)
+
+    @kernels._compiled()
+    def double(x):
+        return 2 * x
+
+    assert double(21) == 42

@@ -24,6 +24,21 @@ from functools import lru_cache
 import numba
 import numpy as np
 
+
+def _compiled(**options):
+    """numba.njit with its on-disk cache where one can be written (beside this file, else the user's cache folder);
+    without it where neither can (a read-only install with no writable home: numba refuses cache=True there at
+    import, and the kernels then compile once per process, ~0.5 s, instead of failing the server's start)."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+            return numba.njit(cache=False, nogil=True, **options)(fn)
+
+    return wrap
+
+
 # dtypes the compiled kernels take; any other takes the caller's numpy path
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -45,7 +60,7 @@ def batcher_comparators(k: int) -> list[tuple[int, int]]:
     return pairs
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@_compiled(fastmath={"reassoc", "contract"})
 def _move_stats(update, reference):  # pragma: no cover - compiled; tested through move_stats
     sq = 0.0
     up = 0
@@ -73,7 +88,7 @@ def move_stats(update: np.ndarray, reference: np.ndarray) -> tuple[float, int, i
     return float(sq), int(up), int(down)
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled()
 def _weighted_rows(rows, beta, acc, out):  # pragma: no cover - compiled; tested through weighted_rows
     n = rows.shape[1]
     for j in range(n):
@@ -99,7 +114,7 @@ def weighted_rows(rows: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
     _weighted_rows(rows, np.asarray(beta, np.float64), np.empty(n, np.float64), out)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@_compiled(fastmath={"reassoc", "contract"})
 def _add_centred_gram(rows, centre, gram):  # pragma: no cover - compiled; tested through add_centred_gram
     k, n = rows.shape
     for i in range(k):
@@ -146,7 +161,7 @@ def median_comparators(k: int) -> np.ndarray:
     return np.array(kept[::-1], np.int64).reshape(-1, 2)
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled()
 def _compare_exchange(rows, pairs):  # pragma: no cover - compiled; tested through middle_of_rows
     n = rows.shape[1]
     for c in range(pairs.shape[0]):
