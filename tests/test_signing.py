@@ -304,3 +304,10 @@ def test_the_signed_digest_reads_the_parameters_through_the_digest_the_server_re
     assert signing.global_model_digest("j", 1, hashed) == signing.global_model_digest("j", 1, params)
     with pytest.raises(ValueError, match="parameter names must be strings"):
         signing.hash_params({1: np.zeros(2)})
+
+
+def test_the_signing_module_loads_without_torch():
+    """fedmed-signing-keys and the digests need no torch (its import alone takes ~2 s)."""
+    code = "import sys, fedmed.security.signing; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr

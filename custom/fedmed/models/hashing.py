@@ -17,11 +17,11 @@ from typing import Mapping, Optional
 import blake3
 import numpy as np
 
-from fedmed.models.weights import params_sha256
-
 
 def model_sha256(params: Mapping[str, np.ndarray], encrypted_block=None) -> str:
     """Hash of the clear parameters, extended with the ciphertexts when some layers are encrypted."""
+    from fedmed.models.weights import params_sha256  # torch: not for the digests below (signing loads without it)
+
     return with_ciphertexts(params_sha256(params), encrypted_block)
 
 
