@@ -60,7 +60,8 @@ tables = {}
 with engine.connect() as c:
     rev = c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     assert rev == "0012", rev
-    for name, t in meta.tables.items():
+    for t in meta.sorted_tables:  # parents first: the loader inserts in this order
+        name = t.name
         if name == "alembic_version":
             continue
         rows = [dict(r._mapping) for r in c.execute(select(t).order_by(*t.primary_key.columns))]
