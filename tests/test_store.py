@@ -82,6 +82,8 @@ def test_writes_are_idempotent(repo):
 def test_bad_status_and_url_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="status must be one of"):
         UpdateRecord("h", "maybe")
+    with pytest.raises(ValueError, match="update of h: one digest per update"):
+        UpdateRecord("h", "accepted", update_sha256="a" * 64, update_blake3="b" * 64)
     with pytest.raises(ValueError, match="dialect://"):
         Repository(str(tmp_path / "x.db"))
     monkeypatch.delenv("FEDMED_DB_URL", raising=False)

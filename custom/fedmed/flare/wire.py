@@ -39,7 +39,7 @@ def to_site_result(result: FLModel, verify=None) -> SiteResult:
 
 def to_site_results(results: list, verify=None) -> list:
     """[to_site_result(r, verify) for r in results], in order. With signatures each verification is a BLAKE3 pass
-    over a 28 MB update (~6 ms; the blake3 module releases the GIL on large inputs), so they run on the server's
+    over a 28 MB update (~10 ms of CPU; the blake3 module releases the GIL on large inputs), so they run on the server's
     threads (fedmed.server.parallel): the round waits for the slowest, not the sum."""
     if verify is None:
         return [to_site_result(r) for r in results]

@@ -56,6 +56,11 @@ class UpdateRecord:
     def __post_init__(self):
         if self.status not in UPDATE_STATUSES:
             raise ValueError(f"status must be one of {UPDATE_STATUSES}, got {self.status!r}")
+        if self.update_sha256 is not None and self.update_blake3 is not None:
+            raise ValueError(
+                f"update of {self.site}: one digest per update, update_blake3 (since revision 0013) or update_sha256 "
+                "(records written before), not both"
+            )
 
 
 @dataclass(frozen=True)
