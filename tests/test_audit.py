@@ -1,5 +1,6 @@
 """An insider with write access to the database (but not the audit key) tries to rewrite the record."""
 
+import json
 import os
 import stat
 import subprocess
@@ -750,3 +751,76 @@ def test_a_heads_file_deleted_for_good_still_refuses_the_next_write(recorded, db
     recorded.audit_settings().heads_file.unlink()
     with pytest.raises(RecordTampered, match="heads file .* is missing"):
         Repository(db_url).record_alert("run-1", "dead_letter", "a line")
+
+
+def _blake3_round(n):
+    """A round as the server records it since revision 0013: each update's BLAKE3 in update_blake3, no SHA-256."""
+    import blake3
+
+    def digest(site):
+        return blake3.blake3(f"{site}:{n}".encode()).hexdigest()
+
+    return RoundRecord(
+        n,
+        (
+            UpdateRecord("hospital-a", "accepted", 100, update_norm=1.2, update_blake3=digest("a"), trust=0.9),
+            UpdateRecord("hospital-b", "rejected", 80, reason="replay", update_blake3=digest("b"), trust=0.5),
+        ),
+        score=0.6,
+        score_name="mean_auroc",
+        score_source="site_validation",
+    )
+
+
+@pytest.mark.parametrize(
+    "which, sql",
+    [
+        ("old", "UPDATE client_updates SET update_sha256 = NULL WHERE id = :i"),  # blanked
+        ("old", "UPDATE client_updates SET update_blake3 = update_sha256, update_sha256 = NULL WHERE id = :i"),
+        ("old", "UPDATE client_updates SET update_blake3 = update_sha256 WHERE id = :i"),  # a second digest added
+        ("new", "UPDATE client_updates SET update_blake3 = NULL WHERE id = :i"),  # blanked
+        ("new", "UPDATE client_updates SET update_sha256 = update_blake3, update_blake3 = NULL WHERE id = :i"),
+        (
+            "new",
+            "UPDATE client_updates SET update_blake3 = (SELECT MIN(update_sha256) FROM client_updates) WHERE id = :i",
+        ),
+    ],
+    ids=["old-blanked", "old-moved", "old-doubled", "new-blanked", "new-moved", "new-replaced"],
+)
+def test_update_digests_from_before_and_after_blake3_verify_and_a_moved_or_blanked_one_is_named(
+    db_url, tmp_path, which, sql
+):
+    """A record written by SHA-256 (tests/data/record_0012.json, fedmed before revision 0013) upgrades and goes on with
+    BLAKE3 rows: both verify, each round entry naming its digests as written; an insider who blanks either column,
+    moves a digest to the other, or adds one is named."""
+    from test_store import RECORD_0012, load_record
+
+    key, heads = load_record(db_url, tmp_path, RECORD_0012, "0012")
+    repo = Repository(db_url, audit_key=key, heads_file=heads)  # migrates to 0013: no row changes, none re-vouched
+    try:
+        assert repo.verify_audit() is None
+        repo.start_run("new-run", "demo", "job-new", "geometric_median", 2, {})
+        for n in (1, 2):
+            repo.record_round("new-run", _blake3_round(n))
+        assert repo.verify_audit() is None
+        old = repo.client_updates(repo.run_id_for_job("job-old"))
+        new = repo.client_updates(repo.run_id_for_job("job-new"))
+        assert all(len(u["update_sha256"]) == 64 and u["update_blake3"] is None for u in old)
+        assert all(u["update_sha256"] is None and len(u["update_blake3"]) == 64 for u in new)
+        entries = _exec(repo, "SELECT payload_json FROM audit_log WHERE action = 'record_round' ORDER BY id")
+        rounds = [json.loads(payload) for payload in entries.scalars()]
+        named = {(p["run"], p["round"]): [u[3] for u in p["updates"]] for p in rounds}
+        assert named[("old-run", 2)] == [u["update_sha256"] for u in old if u["round"] == 2]  # as written
+        assert named[("new-run", 2)] == [f"blake3:{u['update_blake3']}" for u in new if u["round"] == 2]
+        target = _exec(
+            repo,
+            "SELECT cu.id FROM client_updates cu JOIN runs r ON r.id = cu.run_id JOIN sites s ON s.id = cu.site_id "
+            "WHERE r.uid = :run AND cu.round_num = 2 AND s.name = 'hospital-a'",
+            run=f"{which}-run",
+        ).scalar()
+        _exec(repo, sql, i=target)
+        problem = repo.verify_audit()
+        assert (problem.table, problem.row_id) == ("client_updates", target)
+        assert f"{which}-run, 2, hospital-a" in problem.reason and "edited" in problem.reason
+    finally:
+        repo.close()

@@ -89,9 +89,10 @@ def test_he_run_matches_plain_run_and_server_never_holds_the_key(tiny_hospitals,
         for k in HEAD:
             np.testing.assert_allclose(copies[site][k], decrypted[k], atol=1e-6)
 
-    # Every update was accepted, with the hash of its ciphertexts recorded.
+    # Every update was accepted, with the hash of its ciphertexts recorded (BLAKE3 since revision 0013).
     ups = he_repo.client_updates(he_run)
-    assert len(ups) == 6 and all(u["status"] == "accepted" and u["update_sha256"] for u in ups)
+    assert len(ups) == 6 and all(u["status"] == "accepted" and len(u["update_blake3"]) == 64 for u in ups)
+    assert all(u["update_sha256"] is None for u in ups)
 
     # Same training with HE as without, to within CKKS noise: final global test AUROC within 0.01.
     plain = torch.load(_server_app(tmp_path / "plain") / "global_model.pt", weights_only=True)["state_dict"]

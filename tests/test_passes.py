@@ -1,10 +1,11 @@
 """fedmed.server.passes: the one-pass kernels give the results of the passes they replace (same digest; distances equal to
 1e-6 relative, the float32 chunks' rounding)."""
 
+import blake3
 import numpy as np
 import pytest
 
-from fedmed.models.weights import params_sha256
+from fedmed.models.hashing import params_blake3
 from fedmed.server.aggregation import distance, update_norm
 from fedmed.server.passes import CHUNK, has_non_finite, hash_and_norm, squared_distance
 from fedmed.server.robust.geometric_median import distance_keys
@@ -38,7 +39,7 @@ def test_hash_and_norm_equal_the_separate_hash_and_norm(seed):
     keys = distance_keys(reference)
     assert "norm.running_mean" not in keys and "conv.weight" in keys
     sha, norm = hash_and_norm(update, reference, keys)
-    assert sha == params_sha256(update)  # byte for byte the digest stored in earlier records
+    assert sha == params_blake3(update)  # the digest signature verification takes of the same arrays
     assert norm == pytest.approx(old_distance(update, reference, keys), rel=1e-6)
     assert norm == pytest.approx(update_norm(update, reference, keys), rel=1e-6)
 
@@ -50,7 +51,32 @@ def test_the_hash_sees_every_parameter_and_the_norm_only_the_distance_keys():
     update["norm.running_mean"] = update["norm.running_mean"] + 5  # a statistic moved: hash changes, norm does not
     sha, norm = hash_and_norm(update, reference, distance_keys(reference))
     assert norm == 0.0
-    assert sha != params_sha256(reference) and sha == params_sha256(update)
+    assert sha != params_blake3(reference) and sha == params_blake3(update)
+
+
+def test_the_update_digest_is_blake3_over_the_stream_params_sha256_hashes():
+    rng = np.random.default_rng(5)
+    update = state(rng)
+    h = blake3.blake3()
+    for k in sorted(update):  # each name, str(dtype), str(shape), the C-order bytes (model files' stream)
+        v = np.ascontiguousarray(update[k])
+        h.update(k.encode() + str(v.dtype).encode() + str(v.shape).encode() + v.tobytes())
+    assert hash_and_norm(update, update, distance_keys(update))[0] == params_blake3(update) == h.hexdigest()
+
+
+def test_update_pass_given_the_digest_takes_it_and_finds_the_rest_as_before():
+    from fedmed.server.passes import update_pass
+
+    rng = np.random.default_rng(6)
+    reference = state(rng)
+    update = moved_state(rng, reference)
+    keys = distance_keys(reference)
+    hashed = update_pass(update, reference, keys)
+    known = update_pass(update, reference, keys, digest="ab" * 32)  # whatever the caller took is what is reported
+    assert known.sha == "ab" * 32 and hashed.sha == params_blake3(update)
+    assert (known.norm, known.up, known.down, known.non_finite) == (hashed.norm, hashed.up, hashed.down, frozenset())
+    with pytest.raises(ValueError, match="64 hex characters"):
+        update_pass(update, reference, keys, digest="abc")
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])  # tiny, ordinary and huge parameter values
@@ -121,7 +147,7 @@ def test_update_pass_equals_the_separate_passes_it_replaces(seed):
     keys = distance_keys(reference)
     sketch = UpdateSketch(reference, size=1000, seed=seed)
     done = update_pass(update, reference, keys, sketch.layout())
-    assert done.sha == params_sha256(update)
+    assert done.sha == params_blake3(update)
     assert (done.sha, done.norm) == hash_and_norm(update, reference, keys)
     balance, moved = sign_balance(update, reference, keys)
     assert done.up + done.down == moved and (done.up - done.down) / moved == balance
@@ -142,7 +168,7 @@ def test_update_pass_takes_numpy_chunks_for_dtypes_the_kernel_does_not_take():
     }
     update["a.weight"][:5] = reference["a.weight"][:5]
     done = update_pass(update, reference, ["a.weight", "b.weight"])
-    assert done.sha == params_sha256(update)
+    assert done.sha == params_blake3(update)
     want = sum(float(np.sum((update[k].astype(np.float64) - reference[k].astype(np.float64)) ** 2)) for k in update)
     assert done.norm == pytest.approx(np.sqrt(want), rel=1e-6)
     assert done.up == int(np.count_nonzero(update["a.weight"] > reference["a.weight"]))

@@ -364,6 +364,59 @@ def test_unsigned_forged_and_wrong_site_updates_are_rejected_and_the_signature_i
     assert "public signing key" in by["evil"].reason
 
 
+def test_a_verified_update_is_hashed_once_and_recorded_by_the_blake3_its_signature_covers(tmp_path, monkeypatch):
+    """With signatures on, the BLAKE3 that verification took of the parameters (the stream the record holds, of the same
+    arrays) is the one screening records: the round engine hashes no update bytes again. The bytes screening's hasher
+    is fed are counted on the real blake3 hasher; without a verifier it hashes every update, to the same digests."""
+    import blake3 as real
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    import fedmed.server.passes as passes
+    from fedmed.flare import signatures as wire_sig
+    from fedmed.flare.wire import to_site_result
+    from fedmed.models.hashing import params_blake3
+    from fedmed.security import signing
+
+    keys = {s: signing.load_site_keys(_keys(tmp_path, s)) for s in ("h0", "h1", "h2")}
+    fed = {"bytes": 0}
+
+    class Counting:
+        def __init__(self):
+            self.h = real.blake3()
+
+        def update(self, data):
+            fed["bytes"] += memoryview(data).nbytes
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(passes, "blake3", type("blake3_module", (), {"blake3": Counting}))
+
+    def models():
+        out = []
+        for i, site in enumerate(keys):
+            m = FLModel(params=upd(1.0, seed=i), metrics={"val_accuracy": 0.5}, meta={"num_samples": 300})
+            wire_sig.sign_result(m, "job", 0, site, keys[site])
+            m.meta["client_name"] = site
+            out.append(m)
+        return out
+
+    def verify(result, site):
+        return wire_sig.verify_result(result, "job", 0, site, keys[site].public)
+
+    received = [to_site_result(m, verify) for m in models()]
+    assert all(r.params_blake3 == params_blake3(r.params) for r in received)
+    signed = engine().step(0, GLOBAL, received, [])
+    assert fed["bytes"] == 0
+    unsigned = engine().step(0, GLOBAL, [to_site_result(m) for m in models()], [])
+    assert fed["bytes"] >= 3 * sum(v.nbytes for v in upd(1.0, seed=0).values())
+    for rep in (signed, unsigned):
+        assert [(u.status, u.update_blake3, u.update_sha256) for u in rep.updates] == [
+            ("accepted", r.params_blake3, None) for r in received
+        ]
+
+
 def _keys(tmp_path, site):
     from fedmed.security import signing
 

@@ -226,3 +226,88 @@ def test_the_key_commands_generate_export_and_install(tmp_path):
     assert wrong.returncode == 1 and "is the key of 'hospital-a', not 'server'" in wrong.stderr
     again = run("generate", hosp, "hospital-a")
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def _format_1(domain: bytes, fields: list) -> bytes:
+    """The digest sites signed before BLAKE3 (format 1): SHA-256 over the same length-prefixed fields, each array's
+    raw bytes in place of their BLAKE3."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    for b in [domain, *fields]:
+        h.update(struct.pack(">Q", len(b)) + b)
+    return h.digest()
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _format_1_update_digest(a: dict) -> bytes:
+    names = sorted(a["params"])
+    arrays = [np.ascontiguousarray(a["params"][n]) for n in names]
+    enc = a["encrypted_block"]
+    head = {"job_id": a["job_id"], "round": a["round_num"], "site": a["site"], "num_samples": a["num_samples"]}
+    return _format_1(
+        b"fedmed-update/1",
+        [
+            _canonical({**head, "metrics": a["metrics"], "privacy": a["privacy"]}),
+            _canonical([[n, x.dtype.str, list(x.shape)] for n, x in zip(names, arrays)]),
+            *(x.reshape(-1).view(np.uint8).tobytes() for x in arrays),
+            _canonical({"names": enc["names"], "shapes": enc["shapes"], "key_id": enc["key_id"]}),
+            _canonical(len(enc["chunks"])),
+            *enc["chunks"],
+        ],
+    )
+
+
+def test_a_signature_over_an_old_format_digest_never_verifies_as_the_new_one(keys, monkeypatch):
+    """Format 1 (SHA-256, domain fedmed-update/1) is what sites signed before; the pinned value is what that code gave
+    for this update (commit 139cc06). A signature over it, or over BLAKE3 under the old domain, fails the server's
+    format-2 check."""
+    old = _format_1_update_digest(_update())
+    assert old.hex() == "65ecf30b248f806bca8f007f4aed6a53ab24f96aa365a80e2b1055b52065f49d"
+    new = signing.update_digest(**_update())
+    assert signing.DOMAIN_UPDATE == b"fedmed-update/2" and new != old
+    with pytest.raises(SignatureError, match="Ed25519 and ML-DSA-65 signature of hospital-a does not verify"):
+        signing.verify(new, signing.sign(old, keys["hospital-a"]), keys["hospital-a"].public)
+    monkeypatch.setattr(signing, "DOMAIN_UPDATE", b"fedmed-update/1")
+    old_domain = signing.update_digest(**_update())  # BLAKE3, the new layout, the old domain
+    monkeypatch.undo()
+    assert old_domain not in (new, old)
+    with pytest.raises(SignatureError, match="does not verify"):
+        signing.verify(new, signing.sign(old_domain, keys["hospital-a"]), keys["hospital-a"].public)
+    params = _update()["params"]
+    old_global = bytes.fromhex("522befd6202b4ab00991a9c75a7d6b3723c888b7f54951deed6fa78a6c4ea0e8")  # format 1
+    with pytest.raises(SignatureError, match="global model was altered"):
+        signing.verify_global_model(
+            signing.global_model_digest("job-1", 3, params),
+            signing.sign_global_model(old_global, keys["server"]),
+            keys["server"].public,
+        )
+
+
+def test_the_signed_digest_reads_the_parameters_through_the_digest_the_server_records():
+    """hash_params once serves both: its BLAKE3 is the recorded one (params_blake3, screening's update_pass), and the
+    update digest built from it equals the one built from the arrays."""
+    from fedmed.models.hashing import params_blake3
+    from fedmed.server.passes import update_pass
+    from fedmed.server.robust.geometric_median import distance_keys
+
+    args = _update()
+    params = args["params"]
+    hashed = signing.hash_params(params)
+    zero = {k: np.zeros_like(v) for k, v in params.items()}
+    assert hashed.blake3 == params_blake3(params) == update_pass(params, zero, distance_keys(zero)).sha
+    assert signing.update_digest(**{**args, "params": hashed}) == signing.update_digest(**args)
+    assert signing.global_model_digest("j", 1, hashed) == signing.global_model_digest("j", 1, params)
+    with pytest.raises(ValueError, match="parameter names must be strings"):
+        signing.hash_params({1: np.zeros(2)})
+
+
+def test_the_signing_module_loads_without_torch():
+    """fedmed-signing-keys and the digests need no torch (its import alone takes ~2 s)."""
+    code = "import sys, fedmed.security.signing; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr

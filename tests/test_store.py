@@ -10,6 +10,7 @@ import pytest
 from fedmed.store.repository import Repository, RoundRecord, UpdateRecord, resolve_db_url
 
 RECORD_0008 = Path(__file__).parent / "data" / "record_0008.json"
+RECORD_0012 = Path(__file__).parent / "data" / "record_0012.json"  # update digests by SHA-256 (before 0013)
 
 
 @pytest.fixture
@@ -81,6 +82,8 @@ def test_writes_are_idempotent(repo):
 def test_bad_status_and_url_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="status must be one of"):
         UpdateRecord("h", "maybe")
+    with pytest.raises(ValueError, match="update of h: one digest per update"):
+        UpdateRecord("h", "accepted", update_sha256="a" * 64, update_blake3="b" * 64)
     with pytest.raises(ValueError, match="dialect://"):
         Repository(str(tmp_path / "x.db"))
     monkeypatch.delenv("FEDMED_DB_URL", raising=False)
@@ -197,7 +200,7 @@ def test_mark_interrupted_picks_the_best_round_by_the_tasks_score_not_its_auroc(
 
 
 def _typed(table, row: dict) -> dict:
-    """A JSON row of the 0008 record as the column types want it (datetimes in UTC, booleans)."""
+    """A JSON row of a recorded fixture as the column types want it (datetimes in UTC, booleans)."""
     from sqlalchemy import Boolean, DateTime
 
     out = {}
@@ -214,13 +217,19 @@ def _typed(table, row: dict) -> dict:
 def _load_record_0008(db_url: str, tmp_path: Path, tamper=None):
     """A database at Alembic revision 0008 holding the record fedmed wrote before rounds counted from 1 (three runs,
     a keyed audit chain, its heads file): tests/data/record_0008.json. Returns (audit key, heads file)."""
+    return load_record(db_url, tmp_path, RECORD_0008, "0008", tamper)
+
+
+def load_record(db_url: str, tmp_path: Path, fixture: Path, revision: str, tamper=None):
+    """A database at Alembic `revision` holding the record an earlier fedmed wrote (tables, keyed audit chain, heads
+    file) as `fixture` keeps it. Returns (audit key, heads file)."""
     from sqlalchemy import MetaData, create_engine, text
 
     from fedmed.store.migrate import upgrade
 
-    data = json.loads(RECORD_0008.read_text())
+    data = json.loads(fixture.read_text())
     engine = create_engine(db_url)
-    upgrade(engine, "0008")
+    upgrade(engine, revision)
     meta = MetaData()
     meta.reflect(engine)
     with engine.begin() as conn:

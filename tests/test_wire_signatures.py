@@ -11,6 +11,7 @@ from conftest import over_the_wire
 from fedmed.flare import signatures as wire_sig
 from fedmed.flare.filters import UpdateNoiseFilter
 from fedmed.job import constants as C
+from fedmed.models import hashing
 from fedmed.security import signing
 from fedmed.security.signing import SignatureError
 
@@ -39,8 +40,11 @@ def test_a_signed_update_survives_the_wire_and_verifies(signing_keys):
     model = _update()
     wire_sig.sign_result(model, "job-1", 2, "hospital-a", signing_keys["hospital-a"])
     received = over_the_wire(model)
-    sig, digest = wire_sig.verify_result(received, "job-1", 2, "hospital-a", signing_keys["hospital-a"].public)
+    sig, digest, params_blake3 = wire_sig.verify_result(
+        received, "job-1", 2, "hospital-a", signing_keys["hospital-a"].public
+    )
     assert sig == model.meta[C.META_SIGNATURE] and len(sig) == signing.SIGNATURE_BYTES
+    assert params_blake3 == hashing.params_blake3(received.params)  # what screening records, not hashed again
     assert signing.verify(digest, sig, signing_keys["hospital-a"].public) is None  # what audit_verify re-checks offline
 
 
@@ -115,6 +119,7 @@ def test_update_noise_filter_signs_what_it_releases(signing_keys, tmp_path):
 
 def test_updates_verified_on_the_servers_threads_keep_their_order_and_each_verdict(signing_keys):
     from fedmed.flare.wire import to_site_result, to_site_results
+    from fedmed.models.hashing import params_blake3
 
     public = signing_keys["hospital-a"].public
 
@@ -138,5 +143,8 @@ def test_updates_verified_on_the_servers_threads_keep_their_order_and_each_verdi
         (r.signature, r.signed_digest, r.authentication) for r in one_by_one
     ]
     assert [r.authentication is None for r in together] == [True, True, True, False, True]
+    assert [r.params_blake3 for r in together] == [
+        None if i == 3 else params_blake3(results[i].params) for i in range(5)
+    ]
     assert "does not verify" in together[3].authentication
     assert [r.signature for r in to_site_results(results)] == [None] * 5  # no verifier: nothing checked

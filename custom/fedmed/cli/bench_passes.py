@@ -2,8 +2,8 @@
 
     python scripts/bench_passes.py [--sites 20] [--repeats 3] [--out /tmp/bench_passes.md]
 
-K DenseNet-121 updates (bench_scale's generator). For each update, `before` = model_sha256 then the two-pass
-distance (a float64 copy of each parameter's difference, then a dot), `after` = fedmed.server.passes.hash_and_norm; the
+K DenseNet-121 updates (bench_scale's generator). For each update, `before` = model_sha256 (SHA-256) then the two-pass
+distance (a float64 copy of each parameter's difference, then a dot), `after` = fedmed.server.passes.hash_and_norm (BLAKE3); the
 distance to another state (the aggregate's pass) by both formulas; and the screening's finiteness check. Process CPU seconds per update (steadier than
 wall time on a shared machine), under one BLAS thread (what fedmed.server.parallel gives each server thread on 2 cores) and
 under the BLAS library's default pool; the tracemalloc peak of one update's pass; bytes of memory traffic per value
@@ -23,7 +23,7 @@ import numpy as np
 
 from fedmed.cli.bench_scale import site_updates
 from fedmed.cli.bench_sim import load_average
-from fedmed.models.hashing import model_sha256
+from fedmed.models.hashing import model_sha256, params_blake3
 from fedmed.models.network import build_densenet121, state_to_numpy
 from fedmed.server.kernels import middle_of_rows
 from fedmed.server.parallel import limited_blas, thread_map
@@ -215,8 +215,8 @@ def main(argv=None) -> int:
         return 0
     for u in updates:  # the new path gives the old results
         sha, norm = hash_and_norm(u, base, keys)
-        if sha != model_sha256(u) or not np.isclose(norm, two_pass_distance(u, base, keys), rtol=1e-6):
-            raise RuntimeError("hash_and_norm differs from model_sha256 + the two-pass distance")
+        if sha != params_blake3(u) or not np.isclose(norm, two_pass_distance(u, base, keys), rtol=1e-6):
+            raise RuntimeError("hash_and_norm differs from params_blake3 + the two-pass distance")
     paths = {
         "finiteness before: float64 sum": lambda u: [
             np.isfinite(np.sum(v, dtype=np.float64)) for v in u.values() if v.dtype.kind == "f"

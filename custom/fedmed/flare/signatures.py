@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from nvflare.app_common.abstract.fl_model import FLModel
 
@@ -37,15 +37,24 @@ def sign_result(model: FLModel, job_id: str, round_num: int, site: str, keys: si
     model.meta[C.META_SIGNATURE] = signing.sign(result_digest(model, job_id, round_num, site), keys)
 
 
-def verify_result(
-    model: FLModel, job_id: str, round_num: int, site: str, public: signing.PublicKeys
-) -> tuple[bytes, bytes]:
-    """Server side: raises fedmed.security.signing.SignatureError (a ValueError) naming the reason, else returns (signature,
-    digest) to store with the update (UpdateRecord.signature / signed_digest, as hex)."""
+class Verified(NamedTuple):
+    """What the server keeps of a verified update: the signature and the digest it covers (UpdateRecord.signature /
+    signed_digest, as hex), and the BLAKE3 of the clear parameters that digest was built from
+    (fedmed.models.hashing.params_blake3 of model.params): screening records it instead of hashing the update again."""
+
+    signature: bytes
+    digest: bytes
+    params_blake3: str
+
+
+def verify_result(model: FLModel, job_id: str, round_num: int, site: str, public: signing.PublicKeys) -> Verified:
+    """Server side: raises fedmed.security.signing.SignatureError (a ValueError) naming the reason, else returns what
+    to keep (Verified)."""
     sig = (model.meta or {}).get(C.META_SIGNATURE)
-    digest = result_digest(model, job_id, round_num, site)
+    hashed = signing.hash_params(model.params or {})  # one pass over the update, for the signature and the record
+    digest = update_digest(hashed, model.metrics, model.meta, job_id, round_num, site)
     signing.verify(digest, sig, public)
-    return sig, digest
+    return Verified(sig, digest, hashed.blake3)
 
 
 def global_digest(model: FLModel, job_id: str, round_num: int) -> bytes:

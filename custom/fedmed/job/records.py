@@ -35,7 +35,8 @@ class UpdateRecord:
     reason: Optional[str] = None
     weight_samples: Optional[float] = None  # the count after the cap (fedmed.server.aggregation.capped_counts)
     update_norm: Optional[float] = None
-    update_sha256: Optional[str] = None
+    update_sha256: Optional[str] = None  # records written before BLAKE3 (old rows, journal lines): kept as they were
+    update_blake3: Optional[str] = None  # the update's digest (fedmed.models.hashing.update_blake3), new records
     aggregation_weight: Optional[float] = None
     distance: Optional[float] = None
     round_score: Optional[float] = None
@@ -55,6 +56,11 @@ class UpdateRecord:
     def __post_init__(self):
         if self.status not in UPDATE_STATUSES:
             raise ValueError(f"status must be one of {UPDATE_STATUSES}, got {self.status!r}")
+        if self.update_sha256 is not None and self.update_blake3 is not None:
+            raise ValueError(
+                f"update of {self.site}: one digest per update, update_blake3 (since revision 0013) or update_sha256 "
+                "(records written before), not both"
+            )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,11 @@
 
 mTLS authenticates a connection; it leaves nothing a third party can check later. Each hospital signs a digest of
 what it sends (job, round, site, the canonical bytes of every parameter, the CKKS-encrypted chunks, the claimed
-sample count, metrics and privacy spend); the server signs each global model it sends. ML-DSA-65 (FIPS 204) guards
+sample count, metrics and privacy spend); the server signs each global model it sends. Digests are BLAKE3 (format
+2, domains `fedmed-update/2` and `fedmed-global-model/2`; format 1 was SHA-256 under `/1` domains, and no format-1
+digest can stand for a format-2 one): the parameters enter as their BLAKE3 over the stream the server records for
+each update (fedmed.models.hashing.params_blake3), so verifying a signature also gives the server that record's
+digest, and it hashes each update once. ML-DSA-65 (FIPS 204) guards
 against a future quantum forger, Ed25519 against a flaw in the young ML-DSA implementations: a forger must break
 both. Both come from `cryptography` (OpenSSL), which is constant-time, unlike pure-Python ML-DSA.
 
@@ -27,11 +31,14 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
+import blake3
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
+
+from fedmed.models.hashing import params_blake3_bytes
 
 ALGORITHM = "ml-dsa-65+ed25519"
 MAGIC = b"FMS1"
@@ -42,6 +49,8 @@ SERVER_KEY_FILE = "server_signing.pub"
 PUBLIC_FORMAT = "fedmed-signing-public/1"
 PURPOSE_UPDATE = b"update"
 PURPOSE_GLOBAL = b"global-model"
+DOMAIN_UPDATE = b"fedmed-update/2"  # /1: the SHA-256 format, never verified as this one
+DOMAIN_GLOBAL = b"fedmed-global-model/2"
 ED25519_SIG = 64
 MLDSA65_SIG = 3309
 FINGERPRINT = 32
@@ -242,10 +251,10 @@ def load_public_keys_dir(folder: Path) -> dict[str, PublicKeys]:
 
 
 class _Digest:
-    """SHA-256 over length-prefixed fields: no two different inputs give the same byte stream."""
+    """BLAKE3 (32 bytes) over length-prefixed fields: no two different inputs give the same byte stream."""
 
     def __init__(self, domain: bytes):
-        self.h = hashlib.sha256()
+        self.h = blake3.blake3()
         self.bytes(domain)
 
     def bytes(self, b) -> None:
@@ -271,8 +280,23 @@ def _jsonable(o):
     raise TypeError(f"cannot sign a value of type {type(o).__name__}")
 
 
-def _params(d: _Digest, params: Mapping) -> None:
-    """One JSON header (sorted names, dtype with byte order, shape), then each array's raw C-order bytes."""
+@dataclass(frozen=True)
+class HashedParams:
+    """A parameter dict as the digests read it, hashed once (hash_params): its header (sorted names, dtype with byte
+    order, shape) and the BLAKE3 of its bytes (fedmed.models.hashing.params_blake3_bytes). The header fixes every
+    name, dtype and shape, so the bytes that stream holds for each array are determined: one digest, one content."""
+
+    header: tuple
+    digest: bytes
+
+    @property
+    def blake3(self) -> str:
+        """The digest as the server records the update's clear part (client_updates.update_blake3, before any
+        ciphertexts: fedmed.models.hashing.update_blake3)."""
+        return self.digest.hex()
+
+
+def hash_params(params: Mapping) -> HashedParams:
     names = sorted(params)
     if not all(isinstance(n, str) for n in names):
         raise ValueError("parameter names must be strings")
@@ -280,9 +304,15 @@ def _params(d: _Digest, params: Mapping) -> None:
     for n, a in zip(names, arrays):
         if a.dtype.hasobject:
             raise ValueError(f"parameter {n!r} has dtype object: only numeric arrays can be signed")
-    d.json([[n, a.dtype.str, list(a.shape)] for n, a in zip(names, arrays)])
-    for a in arrays:
-        d.bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    header = tuple((n, a.dtype.str, tuple(a.shape)) for n, a in zip(names, arrays))
+    return HashedParams(header, params_blake3_bytes(dict(zip(names, arrays))))
+
+
+def _params(d: _Digest, params: Union[Mapping, HashedParams]) -> None:
+    """One JSON header (sorted names, dtype with byte order, shape), then the BLAKE3 of the arrays' bytes."""
+    hashed = params if isinstance(params, HashedParams) else hash_params(params)
+    d.json([[n, dtype, list(shape)] for n, dtype, shape in hashed.header])
+    d.bytes(hashed.digest)
 
 
 def _encrypted(d: _Digest, block: Optional[Mapping]) -> None:
@@ -310,15 +340,16 @@ def update_digest(
     job_id: str,
     round_num: int,
     site: str,
-    params: Mapping,
+    params: Union[Mapping, HashedParams],
     encrypted_block: Optional[Mapping],
     num_samples: int,
     metrics: Optional[Mapping],
     privacy: Optional[Mapping],
 ) -> bytes:
-    """32-byte digest of one site's update. params: name -> array (the plaintext part); encrypted_block: the CKKS
-    block as sent (EncryptedLayers.to_wire()) or None; metrics: name -> number; privacy: e.g. epsilon, delta."""
-    d = _Digest(b"fedmed-update/1")
+    """32-byte digest of one site's update. params: name -> array (the plaintext part), or hash_params of it (the
+    server keeps that for its record); encrypted_block: the CKKS block as sent (EncryptedLayers.to_wire()) or None;
+    metrics: name -> number; privacy: e.g. epsilon, delta."""
+    d = _Digest(DOMAIN_UPDATE)
     d.json(
         {
             "job_id": str(job_id),
@@ -335,10 +366,10 @@ def update_digest(
 
 
 def global_model_digest(
-    job_id: str, round_num: int, params: Mapping, encrypted_block: Optional[Mapping] = None
+    job_id: str, round_num: int, params: Union[Mapping, HashedParams], encrypted_block: Optional[Mapping] = None
 ) -> bytes:
     """32-byte digest of the global model the server sends for a round."""
-    d = _Digest(b"fedmed-global-model/1")
+    d = _Digest(DOMAIN_GLOBAL)
     d.json({"job_id": str(job_id), "round": int(round_num)})
     _params(d, params)
     _encrypted(d, encrypted_block)

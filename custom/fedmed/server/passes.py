@@ -19,14 +19,15 @@ Inside those threads their own limit holds (cores // threads: 1 on 2 cores; fedm
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping, Optional, Sequence
 
+import blake3
 import numpy as np
 
+from fedmed.models.hashing import KnownDigest
 from fedmed.server.kernels import KERNEL_DTYPES, add_centred_gram, middle_of_rows, move_stats
 from fedmed.server.parallel import limited_blas, thread_map
 from fedmed.server.robust.geometric_median import key_groups
@@ -87,7 +88,7 @@ def _header(dtype: np.dtype, shape: tuple) -> bytes:
 def hash_and_norm(
     params: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], keys: Sequence[str]
 ) -> tuple[str, float]:
-    """(fedmed.models.weights.params_sha256(params), fedmed.server.aggregation.update_norm(params, reference, keys)) in one pass
+    """(fedmed.models.hashing.params_blake3(params), fedmed.server.aggregation.update_norm(params, reference, keys)) in one pass
     (update_pass, without its extras)."""
     done = update_pass(params, reference, keys)
     return done.sha, done.norm
@@ -147,10 +148,11 @@ def update_pass(
     reference: Mapping[str, np.ndarray],
     keys: Sequence[str],
     sketch: Optional[SketchLayout] = None,
+    digest: Optional[str] = None,
 ) -> UpdatePass:
     """Everything screening and the round's rules read of one update, in one pass over each parameter:
-    - its SHA-256, byte for byte params_sha256's (the same stream: name, dtype, shape, the array's bytes), so
-      records stay comparable with earlier rounds and runs;
+    - its BLAKE3 (fedmed.models.hashing.params_blake3: params_sha256's stream, name, dtype, shape, the array's
+      bytes), or `digest`, that hash of these very arrays taken already (signature verification): not taken twice;
     - its distance to the reference over `keys` (update_norm: squares and sums in float64, one compiled read per
       float32 / float64 key, fedmed.server.kernels.move_stats; float32 chunk sums for other dtypes);
     - the signs of its move on `keys` (the sign rule's counts: the values compared);
@@ -158,7 +160,7 @@ def update_pass(
       (a NaN or Inf makes the difference, hence the sum, non-finite); any other is looked at;
     - with `sketch`, its values at the collusion sketch's coordinates.
     Call it on an update whose names and shapes are the reference's (fedmed.server.aggregation.find_update_problem)."""
-    h = hashlib.sha256()
+    h = KnownDigest(digest) if digest is not None else blake3.blake3()
     wanted = set(keys)
     sq, up, down, bad = 0.0, 0, 0, set()
     out = np.empty(sketch.size, np.float64) if sketch is not None else None

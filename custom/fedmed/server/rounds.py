@@ -27,7 +27,7 @@ import numpy as np
 
 from fedmed.job.records import AlertRecord, UpdateRecord
 from fedmed.learning.algorithms import FedOpt, ScaffoldServer, ServerOptimizer, find_control_problem, is_weight
-from fedmed.models.hashing import with_ciphertexts
+from fedmed.models.hashing import update_blake3
 from fedmed.server.aggregation import (
     LINEAR_AGGREGATORS,
     DirectionCheck,
@@ -64,6 +64,9 @@ class SiteResult:
     unavailable: Optional[str] = None  # the site cannot take part in this job at all (its set-up failed): why
     signature: Optional[str] = None  # hex signature of the update (fedmed.security.signing), kept with the record
     signed_digest: Optional[str] = None  # hex digest the server computed and verified the signature over
+    # BLAKE3 of `params` (fedmed.models.hashing.params_blake3) as the adapter took it to verify the signature, from
+    # these very arrays: screening records it instead of hashing the update again. Set by the server, never the site.
+    params_blake3: Optional[str] = None
     authentication: Optional[str] = None  # why the signature failed (set by the adapter that verified it)
     data_synthetic: Optional[bool] = None  # the site says it trained on synthetic data (for the model card only)
     control_delta: object = (
@@ -315,7 +318,7 @@ class RoundEngine:
         return f"SCAFFOLD: {problem}" if problem else None
 
     def _examine_all(self, results: Sequence[SiteResult], reference: Mapping[str, np.ndarray]) -> list:
-        """An Examined per result, the per-site work of screening (the checks, a SHA-256 of the update, its distance
+        """An Examined per result, the per-site work of screening (the checks, a BLAKE3 of the update, its distance
         to the global model, and what the sign rule and the near-copy test read of it), on the server's threads
         (fedmed.server.parallel): it is most of a round's cost with many sites. The order-dependent rules (replay,
         copies) stay in _screen. With HE, one thread: the encrypted checks use the one TenSEAL context.
@@ -337,13 +340,13 @@ class RoundEngine:
                 if problem is not None:
                     return Examined(problem)
                 sha, norm = hash_and_norm(r.params, reference, keys)
-                return Examined(None, with_ciphertexts(sha, r.encrypted), norm)
-            done = update_pass(r.params, reference, keys, layout)
+                return Examined(None, update_blake3(sha, r.encrypted), norm)
+            done = update_pass(r.params, reference, keys, layout, r.params_blake3)
             bad = next((k for k in reference if k in done.non_finite), None)
             problem = f"parameter {bad}: contains NaN or Inf" if bad else self._find_content_problem(r, reference)
             if problem is not None:
                 return Examined(problem)
-            sha = with_ciphertexts(done.sha, r.encrypted)
+            sha = update_blake3(done.sha, r.encrypted)
             return Examined(None, sha, done.norm, balance_of(done.up, done.down), done.sketch)
 
         return thread_map(examine, results, 1 if self.encryption is not None else None)
@@ -409,7 +412,7 @@ class RoundEngine:
                     )
             if reason:
                 log.append(("warning", f"update from {r.site} rejected: {reason}"))
-                records[r.site] = UpdateRecord(status="rejected", reason=reason, update_sha256=sha, **common)
+                records[r.site] = UpdateRecord(status="rejected", reason=reason, update_blake3=sha, **common)
                 continue
             self._seen[sha] = (r.site, round_num)
             hashes[r.site] = sha
@@ -418,7 +421,7 @@ class RoundEngine:
             records[r.site] = UpdateRecord(
                 status="accepted",
                 update_norm=norm,
-                update_sha256=sha,
+                update_blake3=sha,
                 **privacy,
                 train_loss=finite_or_none(metrics.get("train_loss")),
                 val_loss=finite_or_none(metrics.get("val_loss")),

@@ -246,6 +246,9 @@ _TABLES = {
     "site_anchors": (SiteAnchorRow, True, ("round_num", "site")),
 }
 ROUND_TABLES = ("rounds", "client_updates", "privacy_spend", "round_metrics", "alerts", "site_anchors")
+# Columns added to a covered table after rows were already chained, NULL in those rows: hashed only where set, so an
+# earlier row hashes as it did (no migration entry), while a later row's value, blanked or moved, changes its hash.
+LATE_COLUMNS = {"client_updates": ("update_blake3",)}  # revision 0013
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,9 @@ def table_rows(
     out = []
     for r in s.execute(q.order_by(model.id)).mappings():
         values = {k: v for k, v in r.items() if not k.startswith("_")}
+        for column in LATE_COLUMNS.get(table, ()):
+            if values[column] is None:
+                del values[column]
         if form is not None:
             values = form(table, values)
         ident = {**values, "id": r["_id"]}

@@ -96,7 +96,9 @@ class ClientUpdate(Base):
     num_samples: Mapped[int] = mapped_column(Integer, default=0)  # as the site claimed it
     weight_samples: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # after the cap: what weighed
     update_norm: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
-    update_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    update_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)  # rows written before revision 0013
+    # The update's BLAKE3 (fedmed.models.hashing.update_blake3), from revision 0013 on: update_sha256 is then NULL.
+    update_blake3: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     aggregation_weight: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     distance: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # to this round's aggregate
     round_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # this round's trust score

@@ -136,6 +136,12 @@ def _metrics_problem(metrics: dict, where: str) -> None:
         raise ValueError(f"{where}: {problem}")
 
 
+def _update_digest(u: UpdateRecord) -> Optional[str]:
+    """An update's digest as a record_round entry names it: the SHA-256 hex as before revision 0013 (so the entries of
+    earlier records read as they were written), a BLAKE3 one prefixed with its name (no reader takes it for SHA-256)."""
+    return f"blake3:{u.update_blake3}" if u.update_blake3 is not None else u.update_sha256
+
+
 def _aware(t: dt.datetime) -> dt.datetime:
     """SQLite hands back naive UTC, PostgreSQL aware: comparable either way."""
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
@@ -296,6 +302,7 @@ class Repository:
                         weight_samples=u.weight_samples,
                         update_norm=u.update_norm,
                         update_sha256=u.update_sha256,
+                        update_blake3=u.update_blake3,
                         aggregation_weight=u.aggregation_weight,
                         distance=u.distance,
                         round_score=u.round_score,
@@ -378,7 +385,7 @@ class Repository:
                     "round": record.round_num,
                     "replaced": replaced is not None,
                     "global_model_sha256": record.global_model_sha256,
-                    "updates": [[u.site, u.status, u.num_samples, u.update_sha256, u.trust] for u in record.updates],
+                    "updates": [[u.site, u.status, u.num_samples, _update_digest(u), u.trust] for u in record.updates],
                     # Each site's trust state after the round (site_trust is rewritten every round: the keyed chain
                     # keeps what it was, so a later edit that un-quarantines a site can be found).
                     "trust": [[t.site, t.trust, t.quarantined, t.good_streak] for t in record.trust],
@@ -1016,6 +1023,7 @@ class Repository:
             "round_score",
             "trust",
             "update_sha256",
+            "update_blake3",
             "signature",
             "signed_digest",
         )
