@@ -182,7 +182,7 @@ def phase_points() -> tuple:
     from fedmed.server.robust import geometric_median
 
     return (
-        ("screening (checks, SHA-256, norm, signs, sketch, finiteness)", RoundEngine, "_examine_all"),
+        ("screening (checks, BLAKE3, norm, signs, sketch, finiteness)", RoundEngine, "_examine_all"),
         ("near-copy tests", RoundEngine, "_find_near_copies"),
         ("reference pass (coordinate median, distances to it, Gram matrix)", aggregation, "reference_pass"),
         ("Gram matrix on its own (centred_gram: not the engine's path)", geometric_median, "centred_gram"),
