@@ -39,7 +39,7 @@ def test_round_engine_part_writes_a_row_per_site_count_and_a_plot(tmp_path):
     # per-phase CPU of the last round of each K: the phases the engine runs, and a step that holds them all
     phases = {r[0]: r[1:] for r in _rows(text, "| ") if len(r) == 3 and not r[0].startswith("-")}
     for label in (
-        "screening (checks, SHA-256, norm, signs, sketch, finiteness)",
+        "screening (checks, BLAKE3, norm, signs, sketch, finiteness)",
         "combine (the median's weighted sum)",
     ):
         assert all(float(c.split()[0]) >= 0 for c in phases[label])
