@@ -166,3 +166,13 @@ def test_kernels_compile_without_a_disk_cache_where_numba_has_nowhere_to_write_o
         return 2 * x
 
     assert double(21) == 42
+
+
+def test_warm_up_loads_every_kernel_for_both_dtypes():
+    from fedmed.server import kernels
+
+    kernels._warm = False
+    kernels.warm_up()
+    assert kernels._warm
+    for fn in (kernels._compare_exchange, kernels._move_stats, kernels._weighted_rows, kernels._add_centred_gram):
+        assert {str(sig[0].dtype) for sig in fn.signatures} == {"float32", "float64"}

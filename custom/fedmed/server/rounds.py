@@ -28,6 +28,7 @@ import numpy as np
 from fedmed.job.records import AlertRecord, UpdateRecord
 from fedmed.learning.algorithms import FedOpt, ScaffoldServer, ServerOptimizer, find_control_problem, is_weight
 from fedmed.models.hashing import update_blake3
+from fedmed.server import kernels
 from fedmed.server.aggregation import (
     LINEAR_AGGREGATORS,
     DirectionCheck,
@@ -237,6 +238,7 @@ class RoundEngine:
     ):
         """validate(params) -> score: the server's own validation of a clear model (None: no such set, or HE on,
         where the server cannot read the head)."""
+        kernels.warm_up()  # numba's start-up at the job's start, not in round 1 (fedmed.server.kernels)
         if encryption is not None:
             check_encryption_compatible(rules.aggregation)
             if rules.centred_clipping:
