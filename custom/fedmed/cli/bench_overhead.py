@@ -1,6 +1,6 @@
 """Benchmark: what does fedmed's server cost over stock NVFlare?
 
-    python scripts/bench_overhead.py                               # 3 hospitals, 7 rounds, all four set-ups
+    python scripts/bench_overhead.py                               # 3 hospitals, 7 rounds, all four set-ups, twice (ABBA)
     python scripts/bench_overhead.py --profile                     # and cProfile fedmed's server workflow
     python scripts/bench_overhead.py --quick --out /tmp/o.md       # tiny, what the test runs
 
@@ -104,7 +104,14 @@ def cpu_split(probe: Path) -> list:
 
 def summarise(rounds: list, split: list = ()) -> dict:
     """Medians over the rounds after the first (all rounds when there is only one); split: cpu_split's pairs."""
-    steady = rounds[1:] or rounds
+    return summarise_runs([(rounds, split)])
+
+
+def summarise_runs(runs: list) -> dict:
+    """summarise over several runs of one set-up, pooled: (rounds, cpu_split pairs) each; every run's first round
+    left out (it builds the sites' models)."""
+    steady = [r for rounds, _ in runs for r in (rounds[1:] or rounds)]
+    split = [pair for _, pairs in runs for pair in pairs]
     cpu = [r.cpu for r in steady if r.cpu == r.cpu]
     return {
         "cpu_wait": median([w for w, _ in split]) if split else float("nan"),
@@ -117,7 +124,7 @@ def summarise(rounds: list, split: list = ()) -> dict:
         "step": median([r.phases.get("step", 0.0) for r in steady]),
         "save": median([r.phases.get("save", 0.0) for r in steady]),
         "record": median([r.phases.get("record", 0.0) for r in steady]),
-        "hwm": max(r.hwm for r in rounds),
+        "hwm": max(r.hwm for rounds, _ in runs for r in rounds),
     }
 
 
@@ -142,24 +149,36 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="cProfile the fedmed server workflow (fedmed set-up)")
     p.add_argument("--work", type=Path, help="data, databases and simulator workspaces (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--passes",
+        type=int,
+        help="run the set-ups this many times, every other pass in reverse order (ABBA), and pool their rounds "
+        "(default 2; 1 with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny run for the test: 2 hospitals, 2 rounds, 32 px")
     p.add_argument("--out", type=Path, default=Path("docs/bench_overhead.md"))
     a = p.parse_args(argv)
     if a.quick:
         a.sites, a.rounds, a.per_site, a.image_size, a.threads = 2, 2, 5, 32, 2
+    a.passes = a.passes if a.passes is not None else (1 if a.quick else 2)
     if a.setups[0] != "fedavg" or len(set(a.setups)) != len(a.setups):
         p.error("--setups must start with fedavg (the baseline every ratio is taken against) and name each once")
-    if a.sites < 2 or a.rounds < 1 or a.per_site < 4:
-        p.error("--sites must be >= 2, --rounds >= 1, --per-site >= 4")
+    if a.sites < 2 or a.rounds < 1 or a.per_site < 4 or a.passes < 1:
+        p.error("--sites must be >= 2, --rounds >= 1, --per-site >= 4, --passes >= 1")
     load_start = load_average()
     t0 = time.time()
     tmp = tempfile.TemporaryDirectory(prefix="bench_overhead-")
     work = (a.work or Path(tmp.name)).resolve()
     data = work / "hospitals"
     sites = make_small_hospitals(data, a.sites, a.per_site, a.seed, max(64, a.image_size))
-    results, profile_text = {}, ""
-    for setup in tqdm(a.setups, desc="server workflows"):
-        folder = work / setup
+    # Every other pass in reverse order (fedavg, fedmed, he, signatures, signatures, he, fedmed, fedavg): a machine
+    # that drifts over the run (other jobs, heat, the page cache) weighs on every set-up alike. One pass measured
+    # signatures at +12.3% server CPU when they ran last and +5.8% when they ran right after FedAvg.
+    order = [(setup, n) for n in range(a.passes) for setup in (a.setups if n % 2 == 0 else a.setups[::-1])]
+    runs: dict = {setup: [] for setup in a.setups}
+    profile_text = ""
+    for setup, n in tqdm(order, desc="server workflows"):
+        folder = work / (setup if n == 0 else f"{setup}-{n + 1}")
         if folder.exists():
             import shutil
 
@@ -176,16 +195,22 @@ def main(argv=None) -> int:
             db_url=f"sqlite:///{folder / 'fedmed.db'}",
         )
         probe = folder / "probe.jsonl"
-        prof = folder / "server.prof" if a.profile and setup == "fedmed" else None
+        prof = folder / "server.prof" if a.profile and setup == "fedmed" and n == 0 else None
         job = build(setup, config, data, folder / "workspace", probe, prof)
         rounds, seconds = run_probed(job, sites, folder / "workspace", a.threads, probe, folder / "simulation.log")
         if len(rounds) != a.rounds:
             raise RuntimeError(f"{setup}: {len(rounds)} of {a.rounds} rounds measured; see {folder / 'simulation.log'}")
-        results[setup] = (summarise(rounds, cpu_split(probe)), rounds, seconds)
-        s = results[setup][0]
-        tqdm.write(f"{LABELS[setup]}: round {s['wall']:.1f} s, server work {s['work']:.2f} s, CPU {s['cpu']:.2f} s")
+        runs[setup].append((rounds, cpu_split(probe), seconds))
+        s = summarise(rounds, cpu_split(probe))
+        tqdm.write(
+            f"{LABELS[setup]} (pass {n + 1}): round {s['wall']:.1f} s, server work {s['work']:.2f} s, CPU {s['cpu']:.2f} s"
+        )
         if prof is not None and prof.is_file():
             profile_text = profile_summary(prof)
+    results = {
+        setup: (summarise_runs([(r, sp) for r, sp, _ in done]), [(r, sec) for r, _, sec in done])
+        for setup, done in runs.items()
+    }
     lines = document(a, argv, results, profile_text, load_start, time.time() - t0)
     write_document(a.out, lines)
     print("\n".join(lines))
@@ -220,7 +245,9 @@ def document(a, argv, results: dict, profile_text: str, load_start: str, seconds
         "",
         f"{a.sites} synthetic hospitals ({a.per_site} images each, {a.image_size} px, batch {a.batch_size}, one "
         f"local epoch, DenseNet-121), {a.rounds} rounds, NVFlare's simulator with {a.threads} site(s) at once; the "
-        "same FedMedTrainer under each server workflow. Medians over rounds 2 and later. `server work` = round wall "
+        f"same FedMedTrainer under each server workflow, each run {a.passes} time(s), every other pass in reverse order "
+        "(ABBA: a machine that drifts over the run weighs on every set-up alike). Medians over rounds 2 and later of "
+        "every run of a set-up, pooled. `server work` = round wall "
         "time minus the time the workflow waited for the sites' results (NVFlare's FedAvg aggregates each result "
         "inside that wait, as it arrives); `server CPU` = CPU time of the whole server process over the round (all "
         "threads), split in the last column into the part while the workflow waited for the sites (from the previous "
@@ -233,7 +260,7 @@ def document(a, argv, results: dict, profile_text: str, load_start: str, seconds
         "round | server peak RSS MB | server CPU s while waiting / after the results |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for setup, (s, _, _) in results.items():
+    for setup, (s, _) in results.items():
         phases = "-" if setup == "fedavg" else f"{s['step']:.2f} / {s['save']:.2f} / {s['record']:.2f}"
         added = 100 * (s["work"] - base["work"]) / base["wall"]
         added_cpu = 100 * (s["cpu"] - base["cpu"]) / base["wall"]
@@ -245,11 +272,12 @@ def document(a, argv, results: dict, profile_text: str, load_start: str, seconds
             f"{s['cpu_wait']:.2f} / {s['cpu_after']:.2f} |"
         )
     lines += ["", "Every round (wall s / waiting s / server CPU s):", ""]
-    for setup, (_, rounds, sim_s) in results.items():
-        per = "; ".join(
-            f"{r.round}: {r.wall:.1f} / {r.wait:.1f} / {'-' if r.cpu != r.cpu else f'{r.cpu:.1f}'}" for r in rounds
-        )
-        lines.append(f"- {LABELS[setup]} ({sim_s:.0f} s whole simulation): {per}")
+    for setup, (_, done) in results.items():
+        for n, (rounds, sim_s) in enumerate(done):
+            per = "; ".join(
+                f"{r.round}: {r.wall:.1f} / {r.wait:.1f} / {'-' if r.cpu != r.cpu else f'{r.cpu:.1f}'}" for r in rounds
+            )
+            lines.append(f"- {LABELS[setup]}, pass {n + 1} ({sim_s:.0f} s whole simulation): {per}")
     if "fedmed" in results:
         s = results["fedmed"][0]
         added = 100 * (s["work"] - base["work"]) / base["wall"]
