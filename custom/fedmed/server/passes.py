@@ -266,6 +266,17 @@ def _group_mean(flat: list, group: Sequence[int]) -> np.ndarray:
     return acc
 
 
+def _key_votes(updates: Sequence[Mapping[str, np.ndarray]], key: str, singles: list, multi: list) -> tuple:
+    """One key's (first update's array, every update flat, the votes' rows, the median's dtype, the Gram's dtype).
+    The votes: a group's row is its members' mean, added in float64 in member order then divided (np.mean's sum
+    over axis 0), cast to the parameter's dtype (coordinate_median_reference's rows). The median's dtype is
+    _median_rows'; the Gram's is float32 for float32 updates."""
+    ref = np.asarray(updates[0][key])
+    flat = [np.asarray(u[key]).reshape(-1) for u in updates]
+    rows = [flat[i] for i in singles] + [_group_mean(flat, g).astype(ref.dtype) for g in multi]
+    return ref, flat, rows, np.result_type(*rows), np.promote_types(np.result_type(*flat), np.float32)
+
+
 def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str], groups) -> tuple:
     """reference_pass over some of the keys, one thread: (reference part, Gram part). Per block of coordinates, the
     k updates' values are copied as k rows (one memcpy each, no transpose), the votes' copy of them reordered in
@@ -279,13 +290,7 @@ def _reference_of_keys(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequen
     width = SMALL_GRAM_WIDTH if small else REFERENCE_CHUNK  # float32 sums of BLAS's products: 4k values at most
     other = []
     for key in keys:
-        ref = np.asarray(updates[0][key])
-        flat = [np.asarray(u[key]).reshape(-1) for u in updates]
-        # the votes: a group's row is its members' mean, added in float64 in member order then divided (np.mean's
-        # sum over axis 0), cast to the parameter's dtype (coordinate_median_reference's rows)
-        rows = [flat[i] for i in singles] + [_group_mean(flat, g).astype(ref.dtype) for g in multi]
-        dtype = np.result_type(*rows)  # the median's dtype, as _median_rows gives it
-        work = np.promote_types(np.result_type(*flat), np.float32)  # the Gram's: float32 for float32 updates
+        ref, flat, rows, dtype, work = _key_votes(updates, key, singles, multi)
         if dtype not in KERNEL_DTYPES:
             other.append(key)
             continue
@@ -341,13 +346,7 @@ def _reference_of_keys_sorted(updates: Sequence[Mapping[str, np.ndarray]], keys:
     gram = np.zeros((k, k), np.float64)
     out = {}
     for key in keys:
-        ref = np.asarray(updates[0][key])
-        flat = [np.asarray(u[key]).reshape(-1) for u in updates]
-        # the votes: a group's row is its members' mean, added in float64 in member order then divided (np.mean's
-        # sum over axis 0), cast to the parameter's dtype (coordinate_median_reference's rows)
-        rows = [flat[i] for i in singles] + [_group_mean(flat, g).astype(ref.dtype) for g in multi]
-        dtype = np.result_type(*rows)  # the median's dtype, as _median_rows gives it
-        work = np.promote_types(np.result_type(*flat), np.float32)  # the Gram's: float32 for float32 updates
+        ref, flat, rows, dtype, work = _key_votes(updates, key, singles, multi)
         res = np.empty(ref.size, ref.dtype)
         few = len(rows) <= SORT_NETWORK_MAX
         # few votes: sites x coordinates (contiguous copies; its transpose is the block), _median_rows' network
