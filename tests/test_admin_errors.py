@@ -309,7 +309,7 @@ def test_the_admin_commands_start_without_torch_or_scikit_learn():
     # fedmed.job.tasks) and JobConfig, which neither command uses; now 1.4 s there
     code = (
         "import sys, fedmed.cli.federation, fedmed.cli.submit_job; "
-        "print(sorted(m for m in ('torch', 'sklearn', 'monai', 'scipy') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'sklearn', 'monai', 'scipy', 'numba') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.strip() == "[]"

@@ -17,7 +17,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fedmed.server.kernels import KERNEL_DTYPES, weighted_rows
 from fedmed.server.parallel import thread_map
 
 CHUNK = 1 << 14  # coordinates per pass chunk: K x 16k float64 = 2 MB for K = 16, cache-sized (measured fastest)
@@ -134,6 +133,9 @@ def _combine_keys(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray,
     # of the whole parameter cast afterwards gives, without its allocation and second pass); integers rounded.
     # float32 / float64 parameters: the K rows copied as they are and summed by a compiled loop (no float64 copy of
     # the block, ~2x less CPU: fedmed.server.kernels.weighted_rows); other dtypes through float64 blocks and BLAS.
+    # imported here: the admin commands reach this module (fedmed.sim) and must not load numba (and scipy) to start
+    from fedmed.server.kernels import KERNEL_DTYPES
+
     acc, other = {}, []
     for k in keys:
         ref = np.asarray(updates[0][k])
@@ -153,6 +155,8 @@ def _combine_keys(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray,
 
 
 def _combine_rows(updates: Sequence[Mapping[str, np.ndarray]], beta: np.ndarray, key: str, out: np.ndarray) -> None:
+    from fedmed.server.kernels import weighted_rows  # see _combine_keys
+
     flat = [np.asarray(u[key]).reshape(-1) for u in updates]
     n = out.size
     buf = np.empty((len(flat), min(n, CHUNK)), flat[0].dtype)
