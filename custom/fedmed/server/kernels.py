@@ -19,24 +19,48 @@ for float32 and float64 (cache=True keeps the machine code beside this file: ~0.
 
 from __future__ import annotations
 
+import functools
+import threading
 from functools import lru_cache
 
-import numba
 import numpy as np
 
 
+class _Compiled:
+    """fn compiled by numba at its first call. Why not at import: the hospitals' processes import this module (the
+    site round shares the server's result types) and never run a kernel; numba would cost each ~0.25 s and ~55 MB
+    there. numba.njit with its on-disk cache where one can be written (beside this file, else the user's cache
+    folder); without it where neither can (a read-only install with no writable home: numba refuses cache=True
+    there, and the kernels then compile once per process, ~0.5 s, instead of failing)."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, fn, options: dict):
+        self.fn, self.options, self._dispatcher = fn, options, None
+        functools.update_wrapper(self, fn)
+
+    def dispatcher(self):
+        if self._dispatcher is None:
+            with self._lock:
+                if self._dispatcher is None:
+                    import numba
+
+                    try:
+                        self._dispatcher = numba.njit(cache=True, nogil=True, **self.options)(self.fn)
+                    except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+                        self._dispatcher = numba.njit(cache=False, nogil=True, **self.options)(self.fn)
+        return self._dispatcher
+
+    def __call__(self, *args):
+        return self.dispatcher()(*args)
+
+    @property
+    def signatures(self) -> list:
+        return self.dispatcher().signatures
+
+
 def _compiled(**options):
-    """numba.njit with its on-disk cache where one can be written (beside this file, else the user's cache folder);
-    without it where neither can (a read-only install with no writable home: numba refuses cache=True there at
-    import, and the kernels then compile once per process, ~0.5 s, instead of failing the server's start)."""
-
-    def wrap(fn):
-        try:
-            return numba.njit(cache=True, nogil=True, **options)(fn)
-        except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
-            return numba.njit(cache=False, nogil=True, **options)(fn)
-
-    return wrap
+    return lambda fn: _Compiled(fn, options)
 
 
 # dtypes the compiled kernels take; any other takes the caller's numpy path
