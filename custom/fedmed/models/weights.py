@@ -9,30 +9,18 @@ import os
 import pickle
 import shutil
 import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from fedmed.models.hashing import feed_params
+
 
 def params_sha256(params: dict) -> str:
     """Order-independent content hash of a parameter dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for k in sorted(params):
-        v = np.ascontiguousarray(params[k])
-        h.update(k.encode())
-        h.update(_header(v.dtype, v.shape))
-        h.update(v.reshape(-1).view(np.uint8))  # the array's own bytes, without a 28 MB copy per update
-    return h.hexdigest()
-
-
-@lru_cache(maxsize=4096)
-def _header(dtype: np.dtype, shape: tuple) -> bytes:
-    """str(dtype) + str(shape), the bytes hashed before each array: str of a dtype costs ~20 us, and the server hashes
-    each round's ~700 layers several times (the record's digest, save_state's reuse key)."""
-    return str(dtype).encode() + str(shape).encode()
+    return feed_params(hashlib.sha256(), params).hexdigest()
 
 
 def _tensor(v) -> torch.Tensor:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Mapping, Optional, Sequence
 
 import blake3
 import numpy as np
 
-from fedmed.models.hashing import KnownDigest
+from fedmed.models.hashing import KnownDigest, stream_header
 from fedmed.server.kernels import KERNEL_DTYPES, add_centred_gram, middle_of_rows, move_stats
 from fedmed.server.parallel import limited_blas, thread_map
 from fedmed.server.robust.geometric_median import key_groups
@@ -76,13 +75,6 @@ def squared_distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.n
             for start in range(0, a.size, CHUNK):
                 sq += bufs.sq_diff(a[start : start + CHUNK], b[start : start + CHUNK])
     return sq
-
-
-@lru_cache(maxsize=4096)
-def _header(dtype: np.dtype, shape: tuple) -> bytes:
-    """str(dtype) + str(shape) as params_sha256 hashes them (two updates feed the hash the same bytes): str of a dtype
-    costs ~20 us, and a model's ~600 layers share a few hundred (dtype, shape) pairs across all the sites."""
-    return str(dtype).encode() + str(shape).encode()
 
 
 def hash_and_norm(
@@ -168,7 +160,7 @@ def update_pass(
         for k in sorted(params):
             v = np.ascontiguousarray(params[k])
             h.update(k.encode())
-            h.update(_header(v.dtype, v.shape))
+            h.update(stream_header(v.dtype, v.shape))
             flat = v.reshape(-1)
             raw = flat.view(np.uint8)
             if k not in wanted:
